@@ -1,0 +1,184 @@
+// FP8 e4m3 casts with fine-grained scales (DeepGEMM's layout): device code only, no torch.
+//
+// Both kernels compute, for each group g of values, amax = max(max|x|, 1e-4),
+// q = fp8_e4m3(x * (448 / amax)) (round to nearest even), scale = amax / 448; the exact
+// order of operations of python_ref.fp8, so every backend produces the same bits.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+namespace dskernels::fp8_cast {
+
+constexpr int kGroupSize = 128;   // 1x128 activation groups, 128x128 weight blocks
+constexpr float kFp8Max = 448.f;  // largest finite e4m3 value
+constexpr float kAmaxFloor = 1e-4f;
+constexpr int kThreads = 256;
+
+struct PerTokenCastParams {
+  const void* x;  // [m, k], unit stride along k, rows 16-byte aligned
+  int64_t x_row_stride;
+  uint8_t* out;  // [m, k] e4m3 bytes
+  int64_t out_row_stride;
+  float* scale;  // [m, k / 128], any strides
+  int64_t scale_row_stride, scale_col_stride;
+  int m, groups_per_row;
+};
+
+struct PerBlockCastParams {
+  const void* w;  // [n, k], unit stride along k, rows 16-byte aligned
+  int64_t w_row_stride;
+  uint8_t* out;  // [n, k] e4m3 bytes
+  int64_t out_row_stride;
+  float* scale;  // [ceil(n / 128), k / 128], any strides
+  int64_t scale_row_stride, scale_col_stride;
+  int n;
+};
+
+// One 16-byte vector of T, converted to fp32.
+template <typename T>
+struct Vec16 {
+  static constexpr int kSize = 16 / sizeof(T);
+  float v[kSize];
+
+  __device__ __forceinline__ void load(const T* src) {
+    // Streaming load: each byte is read once, keep it out of L1.
+    uint4 raw = __ldcs(reinterpret_cast<const uint4*>(src));
+    const T* elems = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kSize; ++i) v[i] = to_float(elems[i]);
+  }
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kSize; ++i) v[i] = 0.f;
+  }
+  __device__ __forceinline__ float abs_max() const {
+    float m = 0.f;
+#pragma unroll
+    for (int i = 0; i < kSize; ++i) m = fmaxf(m, fabsf(v[i]));
+    return m;
+  }
+  // Writes kSize e4m3 bytes (8 or 4: one 8- or 4-byte store).
+  __device__ __forceinline__ void store_fp8(uint8_t* dst, float mul) const {
+    uint16_t pairs[kSize / 2];
+#pragma unroll
+    for (int i = 0; i < kSize / 2; ++i)
+      pairs[i] = __nv_cvt_float2_to_fp8x2(make_float2(v[2 * i] * mul, v[2 * i + 1] * mul),
+                                          __NV_SATFINITE, __NV_E4M3);
+    if constexpr (kSize == 8) {
+      *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(pairs);
+    } else {
+      static_assert(kSize == 4, "16-byte vectors of 2- or 4-byte elements");
+      *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(pairs);
+    }
+  }
+
+ private:
+  static __device__ __forceinline__ float to_float(float x) { return x; }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+};
+
+// Max over groups of kLanes consecutive lanes (kLanes a power of two <= 32). All 32 lanes of the
+// warp must call it.
+template <int kLanes>
+__device__ __forceinline__ float group_max(float x) {
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2)
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+// One pass over x: each group of kLanes threads owns one 1x128 group per step, and each thread
+// issues kUnroll independent 16-byte loads before it reduces, to keep enough bytes in flight to
+// saturate HBM.
+template <typename T, int kUnroll>
+__global__ void __launch_bounds__(kThreads) per_token_cast_to_fp8_kernel(PerTokenCastParams p) {
+  using V = Vec16<T>;
+  constexpr int kLanes = kGroupSize / V::kSize;  // threads per 128-wide group
+  constexpr int kGroupsPerStep = kThreads / kLanes;
+  constexpr int kGroupsPerBlock = kGroupsPerStep * kUnroll;
+
+  const int64_t num_groups = int64_t(p.m) * p.groups_per_row;
+  const int lane = threadIdx.x % kLanes;
+  const T* x = static_cast<const T*>(p.x);
+
+  // The loop bound is uniform across the block, so every lane reaches the shuffles.
+  for (int64_t base = int64_t(blockIdx.x) * kGroupsPerBlock; base < num_groups;
+       base += int64_t(gridDim.x) * kGroupsPerBlock) {
+    V vec[kUnroll];
+    int64_t group[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      group[u] = base + u * kGroupsPerStep + threadIdx.x / kLanes;
+      if (group[u] < num_groups) {
+        const int64_t row = group[u] / p.groups_per_row;
+        const int64_t col = (group[u] % p.groups_per_row) * kGroupSize + lane * V::kSize;
+        vec[u].load(x + row * p.x_row_stride + col);
+      } else {
+        vec[u].zero();
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const float amax = fmaxf(group_max<kLanes>(vec[u].abs_max()), kAmaxFloor);
+      if (group[u] >= num_groups) continue;
+      const int64_t row = group[u] / p.groups_per_row;
+      const int64_t col_group = group[u] % p.groups_per_row;
+      vec[u].store_fp8(p.out + row * p.out_row_stride + col_group * kGroupSize + lane * V::kSize,
+                       kFp8Max / amax);
+      if (lane == 0)
+        p.scale[row * p.scale_row_stride + col_group * p.scale_col_stride] = amax / kFp8Max;
+    }
+  }
+}
+
+// One CTA per 128x128 block of w (grid: [ceil(n / 128), k / 128]); the block stays in registers
+// between the amax reduction and the cast, so w is read once.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) per_block_cast_to_fp8_kernel(PerBlockCastParams p) {
+  using V = Vec16<T>;
+  constexpr int kLanes = kGroupSize / V::kSize;  // threads per 128-wide row
+  constexpr int kRowsPerStep = kThreads / kLanes;
+  constexpr int kSteps = kGroupSize / kRowsPerStep;
+  constexpr int kWarps = kThreads / 32;
+
+  const int lane = threadIdx.x % kLanes;
+  const int64_t row0 = int64_t(blockIdx.x) * kGroupSize + threadIdx.x / kLanes;
+  const int64_t col = int64_t(blockIdx.y) * kGroupSize + lane * V::kSize;
+  const T* w = static_cast<const T*>(p.w);
+
+  V vec[kSteps];
+  float amax = 0.f;
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    const int64_t row = row0 + s * kRowsPerStep;
+    if (row < p.n) {
+      vec[s].load(w + row * p.w_row_stride + col);
+      amax = fmaxf(amax, vec[s].abs_max());
+    }
+  }
+
+  __shared__ float warp_max[kWarps];
+  amax = group_max<32>(amax);
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
+  __syncthreads();
+  amax = warp_max[0];
+#pragma unroll
+  for (int i = 1; i < kWarps; ++i) amax = fmaxf(amax, warp_max[i]);
+  amax = fmaxf(amax, kAmaxFloor);
+
+  const float mul = kFp8Max / amax;
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    const int64_t row = row0 + s * kRowsPerStep;
+    if (row < p.n) vec[s].store_fp8(p.out + row * p.out_row_stride + col, mul);
+  }
+  if (threadIdx.x == 0)
+    p.scale[blockIdx.x * p.scale_row_stride + blockIdx.y * p.scale_col_stride] = amax / kFp8Max;
+}
+
+}  // namespace dskernels::fp8_cast

@@ -1,0 +1,35 @@
+// The one TORCH_LIBRARY(dskernels, m): every schema of the library, the contract at a glance.
+//
+// Public ops (the names of ../shared/API.md) get their CPU (reference), CUDA (backend choice)
+// and fake kernels from Python (dskernels/ops/*.py). Ops whose name starts with `_sm90_` are the
+// raw Hopper kernels, registered under the CUDA key by csrc/<family>/*.cu and called only by the
+// Python dispatcher after it has validated the inputs and allocated the outputs.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import dskernels._C` loads this shared object; the registrations below run as it loads.
+// No pybind11: the module is empty and the ops are reached through torch.ops.dskernels.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(dskernels, m) {
+  // Fake (meta) kernels live in Python: tell torch where to find them.
+  m.set_python_module("dskernels.ops");
+
+  // ---- FP8 casts (API.md section 2) ----
+  m.def("per_token_cast_to_fp8(Tensor x) -> (Tensor, Tensor)");
+  m.def("per_block_cast_to_fp8(Tensor w) -> (Tensor, Tensor)");
+  m.def("_sm90_per_token_cast_to_fp8(Tensor x, Tensor(a!) x_fp8, Tensor(b!) x_scale) -> ()");
+  m.def("_sm90_per_block_cast_to_fp8(Tensor w, Tensor(a!) w_fp8, Tensor(b!) w_scale) -> ()");
+
+  // "cuda" when the Hopper kernels were compiled into this build, "cpu" otherwise.
+  m.def("_build_info() -> str", []() -> std::string {
+#ifdef DSKERNELS_WITH_CUDA
+    return "cuda";
+#else
+    return "cpu";
+#endif
+  });
+}

@@ -1,0 +1,25 @@
+"""dskernels: DeepSeek-V3 kernels for Hopper as PyTorch custom ops (torch.ops.dskernels).
+
+The public contract is docs/API.md; every op runs on the sm90 CUDA kernel, Triton or the
+pure-PyTorch reference (see `backend`)."""
+
+try:
+    from dskernels import _C  # noqa: F401  (loads the schemas and the CUDA kernels)
+except ImportError as e:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "dskernels._C is not built. Build it with `pip install --no-build-isolation -e .` "
+        "(see README.md); a CUDA toolkit is optional.") from e
+
+from dskernels import ops  # noqa: E402,F401  (registers the Python kernels)
+from dskernels._backend import available_backends, backend, current_backend  # noqa: E402
+from dskernels.ops.fp8 import per_block_cast_to_fp8, per_token_cast_to_fp8  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "backend",
+    "current_backend",
+    "per_block_cast_to_fp8",
+    "per_token_cast_to_fp8",
+]

@@ -1,0 +1,131 @@
+"""Backend choice: which implementation of an op runs.
+
+`auto` (the default) runs the sm90 CUDA kernel on Hopper, the Triton kernel on other CUDA GPUs (or
+where the op has no CUDA kernel yet) and the pure-PyTorch reference on CPU tensors. A backend can be
+forced with `with dskernels.backend("ref" | "triton" | "cuda"):` or with the environment variable
+DSKERNELS_BACKEND; the context manager wins. With TRITON_INTERPRET=1 (set before triton is first
+imported) the Triton backend also runs on CPU tensors, through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "ref", "triton", "cuda")
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dskernels_backend", default=None)
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Runs the ops inside the `with` block on backend `name` ("auto", "ref", "triton", "cuda")."""
+    token = _forced.set(_check_name(name, "dskernels.backend"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def current_backend() -> str:
+    """The backend asked for: the innermost `dskernels.backend(...)`, else DSKERNELS_BACKEND, else auto."""
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    return _check_name(os.environ.get("DSKERNELS_BACKEND", "auto") or "auto", "DSKERNELS_BACKEND")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def cuda_kernels_built() -> bool:
+    """Whether dskernels._C was compiled with the sm_90a kernels (needs nvcc at build time)."""
+    from dskernels import _C  # noqa: F401
+
+    return torch.ops.dskernels._build_info() == "cuda"
+
+
+@functools.cache
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def is_hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and _is_sm90(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def available_backends() -> list[str]:
+    """The backends that can run here: "ref" always; "triton" with a CUDA GPU or TRITON_INTERPRET=1;
+    "cuda" when the sm_90a kernels were built and a Hopper GPU is visible."""
+    found = ["ref"]
+    if triton_installed() and (torch.cuda.is_available() or triton_interpret()):
+        found.append("triton")
+    if cuda_kernels_built() and torch.cuda.is_available():
+        if any(_is_sm90(i) for i in range(torch.cuda.device_count())):
+            found.append("cuda")
+    return found
+
+
+def select_backend(op: str, device: torch.device, *, has_cuda: bool, has_triton: bool) -> str:
+    """The backend that runs `op` on tensors of `device`; raises if the forced one cannot."""
+    asked = current_backend()
+    if asked == "ref" or device.type not in ("cpu", "cuda"):
+        return "ref"
+    if device.type == "cpu":
+        if asked == "auto":
+            return "ref"
+        if asked == "cuda":
+            raise ValueError(f"{op}: the 'cuda' backend needs CUDA tensors, got tensors on {device}")
+        _require_triton(op, has_triton)
+        if not triton_interpret():
+            raise RuntimeError(
+                f"{op}: the 'triton' backend runs on CPU tensors only under Triton's interpreter; "
+                "set TRITON_INTERPRET=1 before triton is imported")
+        return "triton"
+    if asked == "triton":
+        _require_triton(op, has_triton)
+        return "triton"
+    cuda_ready = has_cuda and cuda_kernels_built() and is_hopper(device)
+    if asked == "cuda":
+        if not has_cuda:
+            raise NotImplementedError(f"{op}: no CUDA kernel yet; use the 'triton' or 'ref' backend")
+        if not cuda_kernels_built():
+            raise RuntimeError(f"{op}: dskernels was built without nvcc, so its CUDA kernels are missing; "
+                               "rebuild with CUDA_HOME set")
+        if not cuda_ready:
+            raise RuntimeError(f"{op}: the CUDA kernels need a Hopper (sm_90) GPU, got "
+                               f"{torch.cuda.get_device_name(device)}")
+        return "cuda"
+    if cuda_ready:
+        return "cuda"
+    if has_triton and triton_installed():
+        return "triton"
+    return "ref"
+
+
+def _require_triton(op: str, has_triton: bool) -> None:
+    if not has_triton:
+        raise NotImplementedError(f"{op}: no Triton kernel; use the 'ref' backend")
+    if not triton_installed():
+        raise RuntimeError(f"{op}: the 'triton' backend needs the triton package")

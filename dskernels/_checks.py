@@ -1,0 +1,31 @@
+"""Input checks shared by every op: each message names the argument, what was expected and what came."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Iterable[torch.dtype] | None = None,
+                 device: torch.device | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name}: expected dtype {_dtype_names(dtypes)}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (where the other inputs are), got {t.device}")
+    return t
+
+
+def check_multiple(name: str, value: int, factor: int, what: str) -> None:
+    if value % factor != 0:
+        raise ValueError(f"{name}: expected {what} to be a multiple of {factor}, got {value}")

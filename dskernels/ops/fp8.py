@@ -1,0 +1,104 @@
+"""FP8 casts with fine-grained scales (API.md section 2; DeepGEMM's `per_token_cast_to_fp8` and
+`per_block_cast_to_fp8`)."""
+
+from __future__ import annotations
+
+import torch
+
+import python_ref
+from dskernels._backend import select_backend
+from dskernels._checks import check_multiple, check_tensor
+
+FP8 = torch.float8_e4m3fn
+GROUP_SIZE = 128
+_SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Casts activations to FP8 e4m3 with one scale per row per 128 columns.
+
+    Args:
+        x: [m, k] bfloat16, float16 or float32, k % 128 == 0, any device, any row stride.
+
+    Returns:
+        x_fp8: [m, k] torch.float8_e4m3fn, contiguous.
+        x_scale: [m, k / 128] float32, row-major, with
+            x_scale[i, j] = max(max(|x[i, 128j : 128j + 128]|), 1e-4) / 448 and
+            x_fp8 = round_to_nearest_even(x * (448 / amax)), so x ~= x_fp8.float() * x_scale
+            (each scale broadcast over its 128 columns).
+
+    Raises TypeError / ValueError naming the argument for a wrong dtype, rank or k.
+    """
+    return torch.ops.dskernels.per_token_cast_to_fp8(x)
+
+
+def per_block_cast_to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Casts weights to FP8 e4m3 with one scale per 128x128 block.
+
+    Args:
+        w: [n, k] bfloat16, float16 or float32, k % 128 == 0 (n may be anything >= 0).
+
+    Returns:
+        w_fp8: [n, k] torch.float8_e4m3fn, contiguous.
+        w_scale: [ceil(n / 128), k / 128] float32, row-major; block (i, j) covers rows
+            128i .. min(128i + 128, n) - 1 and columns 128j .. 128j + 127, its amax taken over
+            the rows that exist; same rounding and scale rule as per_token_cast_to_fp8.
+    """
+    return torch.ops.dskernels.per_block_cast_to_fp8(w)
+
+
+def _check_source(name: str, t: torch.Tensor) -> None:
+    check_tensor(name, t, ndim=2, dtypes=_SOURCE_DTYPES)
+    check_multiple(name, t.shape[1], GROUP_SIZE, "the last dimension (k)")
+
+
+def _vectorizable(t: torch.Tensor) -> torch.Tensor:
+    """The CUDA and Triton kernels read whole rows with 16-byte loads: unit stride, aligned rows."""
+    if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        return t.contiguous() if not t.is_contiguous() else t.clone()
+    return t
+
+
+def _cast(op: str, src: torch.Tensor, scale_rows: int, ref, triton_kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = select_backend(op, src.device, has_cuda=True, has_triton=True)
+    if backend == "ref":
+        return ref(src)
+    src = _vectorizable(src)
+    out = torch.empty(src.shape, dtype=FP8, device=src.device)
+    scale = torch.empty(scale_rows, src.shape[1] // GROUP_SIZE, dtype=torch.float32, device=src.device)
+    if backend == "cuda":
+        getattr(torch.ops.dskernels, f"_sm90_{op}")(src, out, scale)
+    else:
+        from dskernels.triton import fp8_cast
+
+        getattr(fp8_cast, triton_kernel)(src, out, scale)
+    return out, scale
+
+
+@torch.library.register_kernel("dskernels::per_token_cast_to_fp8", ("cpu", "cuda"))
+def _per_token_cast_to_fp8(x):
+    _check_source("x", x)
+    return _cast("per_token_cast_to_fp8", x, x.shape[0], python_ref.per_token_cast_to_fp8,
+                 "per_token_cast_to_fp8")
+
+
+@torch.library.register_kernel("dskernels::per_block_cast_to_fp8", ("cpu", "cuda"))
+def _per_block_cast_to_fp8(w):
+    _check_source("w", w)
+    return _cast("per_block_cast_to_fp8", w, -(-w.shape[0] // GROUP_SIZE),
+                 python_ref.per_block_cast_to_fp8, "per_block_cast_to_fp8")
+
+
+@torch.library.register_fake("dskernels::per_token_cast_to_fp8")
+def _per_token_cast_to_fp8_fake(x):
+    _check_source("x", x)
+    m, k = x.shape
+    return x.new_empty(m, k, dtype=FP8), x.new_empty(m, k // GROUP_SIZE, dtype=torch.float32)
+
+
+@torch.library.register_fake("dskernels::per_block_cast_to_fp8")
+def _per_block_cast_to_fp8_fake(w):
+    _check_source("w", w)
+    n, k = w.shape
+    return (w.new_empty(n, k, dtype=FP8),
+            w.new_empty((n + GROUP_SIZE - 1) // GROUP_SIZE, k // GROUP_SIZE, dtype=torch.float32))

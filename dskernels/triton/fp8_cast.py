@@ -1,0 +1,64 @@
+"""Triton FP8 casts: the math of python_ref.fp8, bit for bit (div_rn is the correctly rounded
+division; Triton's plain `/` on fp32 is an approximate one on NVIDIA GPUs; round_to_e4m3 is the
+rounding the interpreter gets wrong)."""
+
+import torch
+import triton
+import triton.language as tl
+
+from dskernels.triton.fp8_math import round_to_e4m3
+
+GROUP_SIZE = 128
+
+
+@triton.jit
+def _per_token_cast_kernel(x_ptr, out_ptr, scale_ptr, m, stride_xm, stride_om, stride_sm, stride_sg,
+                           BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
+    # One program: BLOCK_M rows x one 128-wide group.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    group = tl.program_id(1)
+    cols = group * GROUP + tl.arange(0, GROUP)
+    row_ok = rows < m
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
+    q = x * tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)[:, None]
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], round_to_e4m3(q).to(tl.float8e4nv),
+             mask=row_ok[:, None])
+    tl.store(scale_ptr + rows.to(tl.int64) * stride_sm + group * stride_sg,
+             tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=row_ok)
+
+
+@triton.jit
+def _per_block_cast_kernel(w_ptr, out_ptr, scale_ptr, n, stride_wn, stride_on, stride_sn, stride_sk,
+                           BLOCK: tl.constexpr):
+    # One program: one 128x128 block (the last row-block may be partial).
+    block_n = tl.program_id(0)
+    block_k = tl.program_id(1)
+    rows = block_n * BLOCK + tl.arange(0, BLOCK)
+    cols = block_k * BLOCK + tl.arange(0, BLOCK)
+    row_ok = (rows < n)[:, None]
+    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :], mask=row_ok,
+                other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), 1e-4)
+    q = w * tl.math.div_rn(448.0, amax)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_on + cols[None, :], round_to_e4m3(q).to(tl.float8e4nv),
+             mask=row_ok)
+    tl.store(scale_ptr + block_n * stride_sn + block_k * stride_sk, tl.math.div_rn(amax, 448.0))
+
+
+def per_token_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
+    m, k = x.shape
+    assert x.stride(1) == 1 and out.stride(1) == 1
+    block_m = 8
+    grid = (triton.cdiv(m, block_m), k // GROUP_SIZE)
+    _per_token_cast_kernel[grid](x, out, scale, m, x.stride(0), out.stride(0), scale.stride(0),
+                                 scale.stride(1), BLOCK_M=block_m, GROUP=GROUP_SIZE, num_warps=4)
+
+
+def per_block_cast_to_fp8(w: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
+    n, k = w.shape
+    assert w.stride(1) == 1 and out.stride(1) == 1
+    grid = (triton.cdiv(n, GROUP_SIZE), k // GROUP_SIZE)
+    _per_block_cast_kernel[grid](w, out, scale, n, w.stride(0), out.stride(0), scale.stride(0),
+                                 scale.stride(1), BLOCK=GROUP_SIZE, num_warps=8)

@@ -1,0 +1,44 @@
+"""FP8 e4m3 casts with DeepGEMM's fine-grained scales.
+
+For each group (1x128 for activations, 128x128 for weights):
+    amax  = max(max |x|, 1e-4)
+    q     = fp8_e4m3(x * (448 / amax))    round to nearest even
+    scale = amax / 448                    so x ~= q.float() * scale
+`448 / amax` is one correctly rounded fp32 division (not reciprocal-then-multiply, which is what
+`448.0 / tensor` does in PyTorch), so every backend can reproduce the bits exactly.
+"""
+
+import torch
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+GROUP_SIZE = 128
+AMAX_FLOOR = 1e-4
+
+
+def _quantize(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """x fp32, amax broadcastable to x and already floored."""
+    multiplier = torch.full_like(amax, FP8_MAX) / amax
+    return (x * multiplier).to(torch.float8_e4m3fn)
+
+
+def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [m, k] (k % 128 == 0) -> (fp8 [m, k], fp32 scales [m, k / 128])."""
+    m, k = x.shape
+    groups = x.float().reshape(m, k // GROUP_SIZE, GROUP_SIZE)
+    amax = groups.abs().amax(dim=2, keepdim=True).clamp(min=AMAX_FLOOR)
+    return _quantize(groups, amax).reshape(m, k), (amax / FP8_MAX).reshape(m, k // GROUP_SIZE)
+
+
+def per_block_cast_to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [n, k] (k % 128 == 0) -> (fp8 [n, k], fp32 scales [ceil(n / 128), k / 128]).
+
+    The last block of rows may be partial: its amax is taken over the rows that exist.
+    """
+    n, k = w.shape
+    n_blocks = -(-n // GROUP_SIZE)
+    padded = w.new_zeros(n_blocks * GROUP_SIZE, k, dtype=torch.float32)
+    padded[:n] = w.float()
+    blocks = padded.reshape(n_blocks, GROUP_SIZE, k // GROUP_SIZE, GROUP_SIZE)
+    amax = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=AMAX_FLOOR)
+    q = _quantize(blocks, amax).reshape(n_blocks * GROUP_SIZE, k)[:n]
+    return q.contiguous(), (amax / FP8_MAX).reshape(n_blocks, k // GROUP_SIZE)
