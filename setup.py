@@ -43,7 +43,8 @@ def with_cuda():
 
 def extension():
     cxx_flags = ["-O3", "-std=c++20"]
-    sources = [os.path.relpath(os.path.join(ROOT, "csrc", "torch_bindings.cpp"), ROOT)]
+    # csrc/**/*.cpp: host C++ (schemas, CPU kernels), always built; csrc/**/*.cu: CUDA kernels.
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     if not with_cuda():
         return cpp_extension.CppExtension(
             "dskernels._C", sources, extra_compile_args={"cxx": cxx_flags})

@@ -15,15 +15,30 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(dskernels, m) {
-  // Fake (meta) kernels live in Python: tell torch where to find them.
-  m.set_python_module("dskernels.ops");
+  // Each family's fake (meta) kernels live in its Python module: set_python_module before a
+  // family's defs tells torch where to find them.
 
   // ---- FP8 casts (API.md section 2) ----
+  m.set_python_module("dskernels.ops.fp8");
   m.def("per_token_cast_to_fp8(Tensor x) -> (Tensor, Tensor)");
   m.def("per_block_cast_to_fp8(Tensor w) -> (Tensor, Tensor)");
   m.def("_sm90_per_token_cast_to_fp8(Tensor x, Tensor(a!) x_fp8, Tensor(b!) x_scale) -> ()");
   m.def("_sm90_per_block_cast_to_fp8(Tensor w, Tensor(a!) w_fp8, Tensor(b!) w_scale) -> ()");
 
+  // ---- MLA decode (API.md section 1) ----
+  m.set_python_module("dskernels.ops.mla");
+
+  // ---- FP8 GEMMs (API.md section 2) ----
+  m.set_python_module("dskernels.ops.gemm");
+
+  // ---- Expert-parallel dispatch/combine (API.md section 3) ----
+  m.set_python_module("dskernels.ops.ep");
+
+  // ---- Pipeline schedules (API.md section 4) ----
+  m.set_python_module("dskernels.ops.pipeline");
+
+  // ---- Build information ----
+  m.set_python_module("dskernels.ops");
   // "cuda" when the Hopper kernels were compiled into this build, "cpu" otherwise.
   m.def("_build_info() -> str", []() -> std::string {
 #ifdef DSKERNELS_WITH_CUDA

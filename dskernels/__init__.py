@@ -3,11 +3,13 @@
 The public contract is docs/API.md; every op runs on the sm90 CUDA kernel, Triton or the
 pure-PyTorch reference (see `backend`)."""
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from dskernels import _C  # noqa: F401  (loads the schemas and the CUDA kernels)
 except ImportError as e:  # pragma: no cover - only on a broken install
     raise ImportError(
-        "dskernels._C is not built. Build it with `pip install --no-build-isolation -e .` "
+        f"dskernels._C could not be loaded ({e}). Build it with `bash scripts/build.sh` "
         "(see README.md); a CUDA toolkit is optional.") from e
 
 from dskernels import ops  # noqa: E402,F401  (registers the Python kernels)

@@ -1,0 +1,64 @@
+"""FP8 casts: memory-bound, so GB/s against the copy bandwidth is the number that matters.
+
+Bytes: the source read once, the fp8 values and fp32 scales written once (no FLOPs counted).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import dskernels
+import python_ref
+from benchmarks.common import Case
+
+
+def _same_bits(outputs, expected):
+    for name, actual, wanted in zip(("fp8", "scale"), outputs, expected):
+        a = actual.cpu()
+        w = wanted.cpu()
+        if a.dtype == torch.float8_e4m3fn:
+            a, w = a.view(torch.uint8), w.view(torch.uint8)
+        if a.shape != w.shape or not torch.equal(a, w):
+            bad = (a != w).sum().item() if a.shape == w.shape else "shape"
+            return f"{name}: {bad} values differ from python_ref"
+    return None
+
+
+def _case(op_name, op, ref, rows, k, dtype, scale_rows):
+    element = torch.empty((), dtype=dtype).element_size()
+    moved = rows * k * (element + 1) + scale_rows * (k // 128) * 4
+
+    def make_inputs(device):
+        return (torch.randn(rows, k, device=device).to(dtype),)
+
+    compiled_ref = None
+
+    def torch_compile_peer(x):
+        nonlocal compiled_ref
+        if compiled_ref is None:
+            compiled_ref = torch.compile(ref)
+        return compiled_ref(x)
+
+    return Case(
+        op=op_name, params={"m" if op_name.startswith("per_token") else "n": rows, "k": k,
+                            "dtype": str(dtype).removeprefix("torch.")},
+        make_inputs=make_inputs, run=op, reference=ref, check=_same_bits, flops=0.0, bytes=moved,
+        peers={"torch": ref, "torch.compile": torch_compile_peer})
+
+
+def cases(quick: bool, device: str) -> list[Case]:
+    if device == "cpu":
+        token_shapes, block_shapes = [(61, 384)], [(130, 256)]
+    elif quick:
+        token_shapes, block_shapes = [(8192, 7168)], [(7168, 2048)]
+    else:
+        token_shapes = [(128, 7168), (4096, 7168), (8192, 7168), (8192, 2048), (32768, 7168)]
+        block_shapes = [(2112, 7168), (7168, 2048), (24576, 1536), (4096, 7168)]
+    found = []
+    for m, k in token_shapes:
+        found.append(_case("per_token_cast_to_fp8", dskernels.per_token_cast_to_fp8,
+                           python_ref.per_token_cast_to_fp8, m, k, torch.bfloat16, m))
+    for n, k in block_shapes:
+        found.append(_case("per_block_cast_to_fp8", dskernels.per_block_cast_to_fp8,
+                           python_ref.per_block_cast_to_fp8, n, k, torch.bfloat16, -(-n // 128)))
+    return found

@@ -1,0 +1,30 @@
+"""What a benchmark family declares: its cases. benchmarks/run.py does the rest.
+
+A family is a module benchmarks/bench_<family>.py with a function
+
+    def cases(quick: bool, device: str) -> list[Case]
+
+returning the shapes to run: on "cuda" the shapes the issues name (fewer with quick), on "cpu"
+tiny ones that check every backend against the oracle through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Case:
+    op: str                                  # the registered op name (torch.ops.dskernels.<op>)
+    params: dict[str, Any]                   # the shape, as recorded in the JSON results
+    make_inputs: Callable[[str], tuple]      # device -> the arguments of run/reference/peers
+    run: Callable[..., Any]                  # runs the op on the backend run.py has forced
+    reference: Callable[..., Any]            # python_ref's answer for the same inputs
+    check: Callable[[Any, Any], str | None]  # (outputs, expected) -> None if right, else why not
+    flops: float                             # as the anchor library counts them (say so where defined)
+    bytes: float                             # bytes the op must move at least, as the anchor counts them
+    peers: dict[str, Callable[..., Any]] = field(default_factory=dict)  # timed on GPU only
+    backends: tuple[str, ...] = ("ref", "triton", "cuda")  # the backends that implement the op
+    compute_dtype: str = "bf16"              # which matmul ceiling bounds it: "bf16" or "fp8"

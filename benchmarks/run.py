@@ -1,0 +1,192 @@
+"""Runs the benchmark families (benchmarks/bench_<family>.py) and reports them.
+
+    python benchmarks/run.py [--ops fp8_cast,mla] [--quick] [--json results.json]
+
+On a GPU: measures the two ceilings first (device-to-device copy bandwidth, 8192^3 bf16 and fp8
+matmul rates), then times every case on every backend that runs here (L2 flushed, median of CUDA
+event timings) beside its peers (PyTorch eager and torch.compile of the same math), and prints
+
+    op | backend | shape | us | TFLOPS | GB/s | % of roofline | x peer
+
+where % of roofline = the time the ceilings allow / the measured time, and x peer = the fastest
+peer's time / ours. Without a GPU it runs each op on tiny shapes through every backend available
+(the reference, Triton's interpreter), checks it against the oracle and reports CPU times only:
+throughput needs a Hopper GPU. Every output is checked against python_ref; the exit status is 1
+if any is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import traceback
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton kernels are defined
+
+import dskernels  # noqa: E402
+from dskernels.testing import bench  # noqa: E402
+
+
+def families() -> list[str]:
+    return sorted(os.path.basename(p)[len("bench_"):-3]
+                  for p in glob.glob(os.path.join(ROOT, "benchmarks", "bench_*.py")))
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def shape_text(params: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
+
+
+class Report:
+    COLUMNS = ("op", "backend", "shape", "us", "TFLOPS", "GB/s", "% roofline", "x peer")
+
+    def __init__(self):
+        self.rows: list[tuple[str, ...]] = []
+
+    def add(self, *cells):
+        self.rows.append(tuple(str(c) for c in cells))
+        print(" | ".join(self.rows[-1]), flush=True)
+
+    def table(self) -> str:
+        widths = [max(len(r[i]) for r in [self.COLUMNS, *self.rows]) for i in range(len(self.COLUMNS))]
+        lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [self.COLUMNS, *self.rows]]
+        lines.insert(1, "-+-".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", default="", help="comma-separated families or op names (default: all); "
+                        f"families: {', '.join(families())}")
+    parser.add_argument("--quick", action="store_true", help="one or two shapes per op")
+    parser.add_argument("--json", default=None, help="write one record per op, backend and shape here")
+    parser.add_argument("--backends", default="", help="comma-separated subset of ref,triton,cuda")
+    args = parser.parse_args()
+
+    wanted = {w for w in args.ops.split(",") if w}  # family names or op names
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    available = dskernels.available_backends()
+    if args.backends:
+        available = [b for b in available if b in args.backends.split(",")]
+    device_name = torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()})"
+    meta = {"device": device_name, "git_sha": git_sha(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat()}
+    print(f"dskernels benchmarks on {device_name}; backends: {', '.join(available)}; "
+          f"torch {torch.__version__}; git {meta['git_sha']}")
+
+    ceilings = {}
+    if on_gpu:
+        ceilings = {"copy_gbps": bench.measure_copy_gbps(), "bf16_tflops": bench.measure_matmul_tflops(),
+                    "fp8_tflops": bench.measure_fp8_matmul_tflops()}
+        print(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, bf16 matmul {ceilings['bf16_tflops']:.0f} "
+              f"TFLOPS, fp8 matmul {ceilings['fp8_tflops'] or float('nan'):.0f} TFLOPS")
+    else:
+        print("no GPU: checking every backend against the oracle on tiny shapes and reporting CPU times; "
+              "TFLOPS, GB/s and roofline figures need a Hopper GPU (run scripts/gpu_check.sh there)")
+
+    report, records, failures = Report(), [], []
+    for family in families():
+        module = importlib.import_module(f"benchmarks.bench_{family}")
+        for case in module.cases(args.quick, device):
+            if wanted and family not in wanted and case.op not in wanted:
+                continue
+            run_case(case, device, available, ceilings, meta, report, records, failures)
+
+    print()
+    print(report.table())
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"meta": {**meta, "ceilings": ceilings}, "records": records}, f, indent=1)
+        print(f"wrote {len(records)} records to {args.json}")
+    if failures:
+        print(f"\n{len(failures)} WRONG OR FAILED:\n  " + "\n  ".join(failures))
+        return 1
+    if not records:
+        print("no benchmark case matched --ops/--backends")
+        return 1
+    return 0
+
+
+def run_case(case, device, available, ceilings, meta, report, records, failures):
+    shape = shape_text(case.params)
+    inputs = case.make_inputs(device)
+    expected = case.reference(*inputs)
+    our_ms = {}
+    for backend in [b for b in ("ref", "triton", "cuda") if b in available and b in case.backends]:
+        try:
+            with dskernels.backend(backend):
+                problem = case.check(case.run(*inputs), expected)
+                timer = bench.bench_gpu if device == "cuda" else bench.bench_cpu
+                ms = timer(lambda: case.run(*inputs))
+        except Exception as e:  # report and go on: one broken backend must not hide the others
+            traceback.print_exc()
+            problem = f"raised {type(e).__name__}: {e}"
+            ms = float("nan")
+        if problem:
+            failures.append(f"{case.op} [{backend}] {shape}: {problem}")
+        our_ms[backend] = ms
+        records.append(record(case, backend, ms, ceilings, meta, problem))
+
+    peer_ms = {}
+    if device == "cuda":
+        for name, peer in case.peers.items():
+            try:
+                peer_ms[name] = bench.bench_gpu(lambda: peer(*inputs))
+            except Exception as e:  # a peer that cannot run this shape is reported, not fatal
+                print(f"peer {name} failed on {case.op} {shape}: {type(e).__name__}: {e}")
+                continue
+            records.append(record(case, f"peer:{name}", peer_ms[name], ceilings, meta, None))
+    best_peer = min(peer_ms.values(), default=None)
+
+    for backend, ms in our_ms.items():
+        rec = next(r for r in records if r["op"] == case.op and r["backend"] == backend and r["params"] == case.params)
+        rec["x_peer"] = best_peer / ms if best_peer and ms == ms else None
+        status = "WRONG " if rec["error"] else ""
+        report.add(case.op, status + backend, shape, f"{ms * 1e3:.1f}", fmt(rec["tflops"]), fmt(rec["gbps"]),
+                   fmt(rec["roofline"] and 100 * rec["roofline"]), fmt(rec["x_peer"], "{:.2f}x"))
+    for name, ms in peer_ms.items():
+        rec = records[[i for i, r in enumerate(records) if r["backend"] == f"peer:{name}"][-1]]
+        report.add(case.op, f"peer:{name}", shape, f"{ms * 1e3:.1f}", fmt(rec["tflops"]), fmt(rec["gbps"]),
+                   fmt(rec["roofline"] and 100 * rec["roofline"]), "1.00x" if ms == best_peer else "")
+
+
+def record(case, backend, ms, ceilings, meta, error):
+    throughput = ceilings and ms == ms and ms > 0
+    tflops = case.flops / ms / 1e9 if throughput and case.flops else None
+    gbps = case.bytes / ms / 1e6 if throughput else None
+    roofline = None
+    if throughput:
+        peak = ceilings["fp8_tflops"] if case.compute_dtype == "fp8" and ceilings["fp8_tflops"] else ceilings["bf16_tflops"]
+        bound_ms = max(case.flops / (peak * 1e9), case.bytes / (ceilings["copy_gbps"] * 1e6))
+        roofline = bound_ms / ms
+    return {"op": case.op, "backend": backend, "device": meta["device"], "params": case.params,
+            "ms": ms, "tflops": tflops, "gbps": gbps, "roofline": roofline, "x_peer": None,
+            "error": error, "git_sha": meta["git_sha"], "torch": meta["torch"], "date": meta["date"]}
+
+
+def fmt(value, pattern="{:.1f}"):
+    return "-" if value is None else pattern.format(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

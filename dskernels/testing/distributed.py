@@ -1,0 +1,54 @@
+"""Spawns a torch.distributed process group on this machine (2 to N local ranks).
+
+    def body(rank, world_size, x):            # a module-level function (it is pickled)
+        ...uses torch.distributed...
+    run_distributed(body, 4, x, backend="gloo", timeout_s=120)
+
+Every rank joins over TCP on 127.0.0.1 at a free port. A rank that raises makes the call raise
+(with that rank's traceback); a run that does not finish in `timeout_s` is killed and raises
+TimeoutError naming the ranks still alive, instead of hanging the caller.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, body, world_size, port, backend, timeout_s, args):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores shared by all ranks
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        body(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(body, world_size: int, *args, backend: str = "gloo", timeout_s: float = 120.0) -> None:
+    """Runs body(rank, world_size, *args) on world_size spawned ranks; see the module docstring."""
+    if world_size < 1:
+        raise ValueError(f"world_size: expected at least 1, got {world_size}")
+    context = mp.start_processes(
+        _rank_main, args=(body, world_size, free_port(), backend, timeout_s, args),
+        nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=0.5):  # raises ProcessRaisedException if a rank failed
+        if time.monotonic() > deadline:
+            alive = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
+            for p in context.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"run_distributed: ranks {alive} of {world_size} still running after "
+                               f"{timeout_s:.0f} s (a collective waiting for a peer that never came?)")

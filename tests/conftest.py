@@ -1,0 +1,48 @@
+"""Test harness: Triton's interpreter where there is no GPU, the `gpu` marker, backend fixtures."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before the first Triton kernel is defined (dskernels imports them lazily).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import dskernels  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one; run on the device)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; runs on the device (scripts/gpu_check.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def backend_device(name: str) -> str:
+    """The device a backend is tested on here: CUDA when there is a GPU, else CPU."""
+    if name == "cuda":
+        return "cuda"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# On a machine with a GPU every backend runs on CUDA tensors, so `pytest -m gpu` selects them all.
+_ON_GPU = [pytest.mark.gpu] if torch.cuda.is_available() else []
+
+
+@pytest.fixture(params=[pytest.param("ref", marks=_ON_GPU), pytest.param("triton", marks=_ON_GPU),
+                        pytest.param("cuda", marks=pytest.mark.gpu)])
+def backend(request):
+    """Runs the test once per backend that works here (each forced), yielding (name, device)."""
+    name = request.param
+    if name not in dskernels.available_backends():
+        pytest.skip(f"backend {name!r} is not available here (available: {dskernels.available_backends()})")
+    with dskernels.backend(name):
+        yield name, backend_device(name)

@@ -1,0 +1,133 @@
+"""per_token_cast_to_fp8 / per_block_cast_to_fp8 on every backend against python_ref."""
+
+import pytest
+import torch
+
+import dskernels
+import python_ref
+
+SOURCE_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def random_source(rows, k, dtype, device, *, pad_cols=0):
+    """Random values over several magnitudes (so groups have very different scales), optionally as
+    a view with NaN-poisoned padding columns that the kernels must not read."""
+    base = torch.randn(rows, k + pad_cols, device=device)
+    base *= torch.logspace(-3, 3, rows, device=device).unsqueeze(1)
+    base[:, k:] = float("nan")
+    return base.to(dtype)[:, :k]
+
+
+def assert_same_bits(actual, expected):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if actual.dtype == torch.float8_e4m3fn:
+        actual, expected = actual.view(torch.uint8), expected.view(torch.uint8)
+    mismatch = (actual.cpu() != expected.cpu()).sum().item()
+    assert mismatch == 0, f"{mismatch} of {actual.numel()} values differ"
+
+
+@pytest.mark.parametrize("dtype", SOURCE_DTYPES)
+@pytest.mark.parametrize("m,k", [(1, 128), (7, 256), (61, 384), (130, 128)])
+def test_per_token_cast_matches_oracle(backend, dtype, m, k):
+    _, device = backend
+    x = random_source(m, k, dtype, device, pad_cols=128)  # row stride k + 128: a strided view
+    x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x)
+    ref_fp8, ref_scale = python_ref.per_token_cast_to_fp8(x.cpu())
+    assert x_fp8.device == x.device and x_fp8.is_contiguous()
+    assert x_scale.shape == (m, k // 128) and x_scale.dtype == torch.float32
+    # Same operations in the same order everywhere: bit-exact, not merely close.
+    assert_same_bits(x_fp8, ref_fp8)
+    assert_same_bits(x_scale, ref_scale)
+
+
+@pytest.mark.parametrize("dtype", SOURCE_DTYPES)
+@pytest.mark.parametrize("n,k", [(1, 128), (61, 256), (128, 128), (130, 384), (257, 128)])
+def test_per_block_cast_matches_oracle(backend, dtype, n, k):
+    _, device = backend
+    w = random_source(n, k, dtype, device, pad_cols=16)
+    w_fp8, w_scale = dskernels.per_block_cast_to_fp8(w)
+    ref_fp8, ref_scale = python_ref.per_block_cast_to_fp8(w.cpu())
+    assert w_scale.shape == ((n + 127) // 128, k // 128)
+    assert_same_bits(w_fp8, ref_fp8)
+    assert_same_bits(w_scale, ref_scale)
+
+
+def test_oracle_definition():
+    """The oracle itself against the rule written in API.md, one group by hand."""
+    x = torch.tensor([[3.0, -7.0] + [0.5] * 126])
+    x_fp8, x_scale = python_ref.per_token_cast_to_fp8(x)
+    assert x_scale.item() == pytest.approx(7.0 / 448.0, rel=1e-7)
+    assert x_fp8[0, 1].float().item() == -448.0  # the amax element maps to the top of the range
+    dequant = x_fp8.float() * x_scale
+    # e4m3 keeps 3 mantissa bits: relative error of round-to-nearest at most 2^-4.
+    assert torch.all((dequant - x).abs() <= x.abs() * 2**-4)
+    tiny_fp8, tiny_scale = python_ref.per_token_cast_to_fp8(torch.zeros(1, 128))
+    assert tiny_scale.item() == pytest.approx(1e-4 / 448.0) and tiny_fp8.float().abs().max() == 0
+
+
+def test_dequantized_error_bound(backend):
+    _, device = backend
+    x = random_source(33, 512, torch.float32, device)
+    x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x)
+    dequant = x_fp8.float() * x_scale.repeat_interleave(128, dim=1)
+    # Half an e4m3 ulp: 2^-4 relative for normals, plus the subnormal spacing 2^-9 * scale.
+    bound = x.abs() * 2**-4 + x_scale.repeat_interleave(128, dim=1) * 2**-10
+    assert torch.all((dequant - x).abs() <= bound)
+
+
+def test_empty_inputs(backend):
+    _, device = backend
+    x_fp8, x_scale = dskernels.per_token_cast_to_fp8(torch.empty(0, 256, device=device))
+    assert x_fp8.shape == (0, 256) and x_scale.shape == (0, 2)
+    w_fp8, w_scale = dskernels.per_block_cast_to_fp8(torch.empty(0, 128, device=device))
+    assert w_fp8.shape == (0, 128) and w_scale.shape == (0, 1)
+
+
+@pytest.mark.parametrize("op", [dskernels.per_token_cast_to_fp8, dskernels.per_block_cast_to_fp8])
+@pytest.mark.parametrize("bad,error,words", [
+    (torch.randn(4, 100), ValueError, ["multiple of 128", "100"]),
+    (torch.randn(4, 128).to(torch.int32), TypeError, ["dtype", "int32"]),
+    (torch.randn(2, 4, 128), ValueError, ["2 dimensions", "(2, 4, 128)"]),
+    (torch.randn(128), ValueError, ["2 dimensions"]),
+])
+def test_bad_input_is_named(op, bad, error, words):
+    name = "x" if op is dskernels.per_token_cast_to_fp8 else "w"
+    with pytest.raises(error) as info:
+        op(bad)
+    message = str(info.value)
+    assert message.startswith(f"{name}:"), message
+    for word in words:
+        assert word in message
+
+
+def test_opcheck():
+    x = random_source(7, 256, torch.bfloat16, "cpu")
+    torch.library.opcheck(torch.ops.dskernels.per_token_cast_to_fp8, (x,))
+    torch.library.opcheck(torch.ops.dskernels.per_block_cast_to_fp8, (x,))
+
+
+def test_torch_compile_fullgraph():
+    def quantize_both(x, w):
+        x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x)
+        w_fp8, w_scale = dskernels.per_block_cast_to_fp8(w)
+        return x_fp8.float() * x_scale.repeat_interleave(128, 1), w_fp8, w_scale
+
+    compiled = torch.compile(quantize_both, fullgraph=True, backend="aot_eager")
+    x = random_source(5, 256, torch.bfloat16, "cpu")
+    w = random_source(130, 256, torch.bfloat16, "cpu")
+    for actual, expected in zip(compiled(x, w), quantize_both(x, w)):
+        assert_same_bits(actual, expected)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture():
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    dskernels.per_token_cast_to_fp8(x)  # warm up (Triton compile, lazy init) outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    ref_fp8, ref_scale = python_ref.per_token_cast_to_fp8(x.cpu())
+    assert_same_bits(x_fp8, ref_fp8)
+    assert_same_bits(x_scale, ref_scale)
