@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Everything one device call should do (../shared/GPU.md): build against the device's torch, run
+# the GPU tests and the CPU suite, benchmark, sanitize, and leave logs and results under $OUT.
+#   run(command="bash scripts/gpu_check.sh", carry=[".whl"])
+# Knobs: QUICK=1 (one shape per op), SKIP_TESTS=1, SKIP_BENCH=1, SKIP_SANITIZER=1, BENCH_OPS=fp8_cast,mla
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+status=0
+step() { echo; echo "== $1 ($(date +%T))"; }
+
+step "environment"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+step "CUTLASS headers from the carried wheel"
+if ! python -c "import cutlass_library" 2>/dev/null; then
+  ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1 || { echo "carry .whl (nvidia-cutlass wheel): see ../shared/GPU.md"; exit 1; }
+  python -m pip install -q --no-index --no-deps --target /tmp/dskernels-wheels .whl/*.whl
+  export PYTHONPATH="/tmp/dskernels-wheels${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+step "build"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+python setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+grep -i "spill" "$OUT/build.log" | grep -v " 0 bytes spill" | head -20 || true
+so=$(python -c "import dskernels._C as c; print(c.__file__)")
+cuobjdump --list-elf "$so" | tee "$OUT/elf.txt"
+cuobjdump -sass "$so" > "$OUT/sass.txt" 2>&1 || true
+echo "SASS instruction mix: $(grep -c -E 'QGMMA' "$OUT/sass.txt") QGMMA, $(grep -c -E 'HGMMA' "$OUT/sass.txt") HGMMA, $(grep -c 'UTMALDG' "$OUT/sass.txt") UTMALDG"
+python -c "import dskernels; print('backends:', dskernels.available_backends())"
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  step "GPU tests"
+  timeout 1200 python -m pytest tests -q -m gpu -p no:cacheprovider -x --tb=short > "$OUT/pytest_gpu.log" 2>&1 || status=1
+  tail -30 "$OUT/pytest_gpu.log"
+  step "CPU-side tests (not gpu-marked)"
+  timeout 900 python -m pytest tests -q -m "not gpu" -p no:cacheprovider --tb=short > "$OUT/pytest_cpu.log" 2>&1 || status=1
+  tail -15 "$OUT/pytest_cpu.log"
+fi
+
+if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
+  for tool in memcheck racecheck; do
+    step "compute-sanitizer $tool"
+    timeout 600 compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 9 \
+      python scripts/sanitize_cases.py > "$OUT/sanitizer_$tool.log" 2>&1 || status=1
+    tail -5 "$OUT/sanitizer_$tool.log"
+  done
+fi
+
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  step "benchmarks"
+  bench_args=(--json "$OUT/results.json")
+  [ "${QUICK:-0}" = 1 ] && bench_args+=(--quick)
+  [ -n "${BENCH_OPS:-}" ] && bench_args+=(--ops "$BENCH_OPS")
+  timeout 1500 python benchmarks/run.py "${bench_args[@]}" > "$OUT/bench.log" 2>&1 || status=1
+  sed -n '/^op /,$p' "$OUT/bench.log"
+fi
+step "done (status $status); logs in $OUT"
+exit $status

@@ -1,0 +1,66 @@
+"""Regenerates the performance table of README.md from benchmarks/results/*.json.
+
+    python scripts/perf_table.py          # rewrite the table between the README's markers
+    python scripts/perf_table.py --check  # exit 1 if the README's table is stale (CI runs this)
+
+The results files are what `python benchmarks/run.py --json ...` wrote on a GPU; the table is
+never typed by hand.
+"""
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+
+
+def fmt(value, pattern):
+    return "-" if value is None else pattern.format(value)
+
+
+def table() -> str:
+    files = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json")))
+    rows = []
+    for path in files:
+        with open(path) as f:
+            data = json.load(f)
+        meta = data["meta"]
+        for r in data["records"]:
+            if r["backend"].startswith("peer:") and r["backend"] != "peer:torch":
+                continue
+            shape = " ".join(f"{k}={v}" for k, v in r["params"].items())
+            rows.append(f"| {r['op']} | {shape} | {r['backend']} | {r['ms'] * 1e3:.1f} | "
+                        f"{fmt(r['tflops'], '{:.0f}')} | {fmt(r['gbps'], '{:.0f}')} | "
+                        f"{fmt(r['roofline'] and 100 * r['roofline'], '{:.0f}%')} | "
+                        f"{fmt(r.get('x_peer'), '{:.2f}x')} | {meta['device']} | {meta['git_sha']} |")
+    if not rows:
+        return ("No GPU results recorded yet: run `bash scripts/gpu_check.sh` on a Hopper GPU and commit its "
+                "results.json as benchmarks/results/<device>.json.")
+    header = ("| op | shape | backend | us | TFLOPS | GB/s | roofline | x peer | device | git |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
+    return header + "\n" + "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    readme_path = os.path.join(ROOT, "README.md")
+    readme = open(readme_path).read()
+    begin, end = readme.index(START) + len(START), readme.index(END)
+    updated = readme[:begin] + "\n" + table() + "\n" + readme[end:]
+    if args.check:
+        if updated != readme:
+            print("README.md's performance table is stale: run python scripts/perf_table.py")
+            return 1
+        return 0
+    with open(readme_path, "w") as f:
+        f.write(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Backend choice, the build, and the shared test helpers."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dskernels
+from dskernels import _backend
+from dskernels.testing import calc_diff, run_distributed
+
+
+def test_available_backends_here():
+    found = dskernels.available_backends()
+    assert found[0] == "ref"
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        assert "triton" in found
+    if not torch.cuda.is_available():
+        assert "cuda" not in found
+
+
+def test_context_manager_nests_and_restores():
+    assert dskernels.current_backend() == os.environ.get("DSKERNELS_BACKEND", "auto")
+    with dskernels.backend("triton"):
+        with dskernels.backend("ref"):
+            assert dskernels.current_backend() == "ref"
+        assert dskernels.current_backend() == "triton"
+    assert dskernels.current_backend() == os.environ.get("DSKERNELS_BACKEND", "auto")
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv("DSKERNELS_BACKEND", "ref")
+    assert dskernels.current_backend() == "ref"
+    with dskernels.backend("triton"):  # the context manager wins
+        assert dskernels.current_backend() == "triton"
+    monkeypatch.setenv("DSKERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="DSKERNELS_BACKEND: expected one of auto, ref, triton, cuda, got 'fast'"):
+        dskernels.current_backend()
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="dskernels.backend: expected one of"):
+        with dskernels.backend("cudnn"):
+            pass
+
+
+def test_selection_rules_on_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    select = _backend.select_backend
+    assert select("op", cpu, has_cuda=True, has_triton=True) == "ref"  # auto on CPU
+    with dskernels.backend("cuda"), pytest.raises(ValueError, match="op: the 'cuda' backend needs CUDA tensors"):
+        select("op", cpu, has_cuda=True, has_triton=True)
+    with dskernels.backend("triton"):
+        with pytest.raises(NotImplementedError, match="op: no Triton kernel"):
+            select("op", cpu, has_cuda=False, has_triton=False)
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            select("op", cpu, has_cuda=False, has_triton=True)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert select("op", cpu, has_cuda=False, has_triton=True) == "triton"
+
+
+def test_forced_backend_reaches_the_op():
+    """The op really runs the forced backend: a CPU tensor under 'cuda' must be refused."""
+    x = torch.randn(2, 128)
+    with dskernels.backend("cuda"), pytest.raises(ValueError, match="per_token_cast_to_fp8: the 'cuda' backend"):
+        dskernels.per_token_cast_to_fp8(x)
+
+
+@pytest.mark.gpu
+def test_auto_picks_cuda_on_hopper():
+    device = torch.device("cuda")
+    expected = "cuda" if (_backend.cuda_kernels_built() and _backend.is_hopper(device)) else "triton"
+    assert _backend.select_backend("op", device, has_cuda=True, has_triton=True) == expected
+    assert _backend.select_backend("op", device, has_cuda=False, has_triton=True) == "triton"
+
+
+def test_every_schema_has_python_kernels():
+    """Each public op (no leading underscore) has CPU and CUDA kernels and a fake kernel."""
+    import re
+
+    source = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "torch_bindings.cpp")).read()
+    names = [n for n in re.findall(r'm\.def\("(\w+)\(', source) if not n.startswith("_")]
+    assert "per_token_cast_to_fp8" in names
+    for name in names:
+        for key in ("CPU", "CUDA", "Meta"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dskernels::{name}", key), (name, key)
+
+
+def test_import_without_triton_interpret_in_a_fresh_process():
+    """Importing dskernels must not need a GPU, triton's interpreter or a CUDA build."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import dskernels; print(dskernels.available_backends())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ref" in out.stdout
+
+
+def test_calc_diff():
+    x = torch.randn(64, 64)
+    assert calc_diff(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert calc_diff(x, -x) == pytest.approx(2.0)
+    assert calc_diff(x, x * (1 + 1e-3)) < 1e-6
+
+
+def _all_reduce_body(rank, world_size, offset):
+    t = torch.tensor([float(rank + offset)])
+    dist.all_reduce(t)
+    assert t.item() == sum(range(world_size)) + offset * world_size
+
+
+def _failing_body(rank, world_size):
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+
+
+def _hanging_body(rank, world_size):
+    if rank == 0:
+        dist.barrier()  # rank 1 never joins
+
+
+def test_run_distributed_gloo():
+    run_distributed(_all_reduce_body, 2, 10)
+
+
+def test_run_distributed_reports_a_failing_rank():
+    with pytest.raises(Exception, match="rank 1 fails on purpose"):
+        run_distributed(_failing_body, 2)
+
+
+def test_run_distributed_times_out_instead_of_hanging():
+    with pytest.raises((TimeoutError, Exception), match="still running|timed out|Timeout|closed"):
+        run_distributed(_hanging_body, 2, timeout_s=15)
