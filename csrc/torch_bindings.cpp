@@ -33,6 +33,9 @@ TORCH_LIBRARY(dskernels, m) {
 
   // ---- Expert-parallel dispatch/combine (API.md section 3) ----
   m.set_python_module("dskernels.ops.ep");
+  m.def("ep_get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks) -> (Tensor, Tensor, Tensor)");
+  m.def("_sm90_ep_get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks, "
+        "Tensor(a!) num_tokens_per_rank, Tensor(b!) num_tokens_per_expert, Tensor(c!) is_token_in_rank) -> ()");
 
   // ---- Pipeline schedules (API.md section 4) ----
   m.set_python_module("dskernels.ops.pipeline");

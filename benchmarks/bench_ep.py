@@ -1,0 +1,231 @@
+"""Expert-parallel dispatch/combine: the single-process kernels, and a model of the network part.
+
+Kernels (`cases`, driven by benchmarks/run.py): all memory-bound, so GB/s against the copy
+bandwidth is the figure of merit. Bytes are counted as read + written once:
+  - ep_get_dispatch_layout: topk_idx read (T*K*8), is_token_in_rank (T*R) and the counts written;
+  - ep_pack (dispatch's fused gather of FP8 rows into the send buffer): 2 * S * row bytes, S =
+    (token, destination rank) pairs, row = H fp8 bytes + H/128 fp32 scales (16-byte aligned);
+  - ep_combine_reduce (combine's fused gather-sum back to token order): S*H*2 read + T*H*2 written.
+Shapes: DeepEP's settings (4096 tokens, hidden 7168, top-8 of 256 experts, 8 ranks) on CUDA.
+
+The network part cannot be measured on one GPU, so `main()` prints an analytic model (see
+`traffic_model`): bytes each rank sends for EP8/16/32/64 under DeepEP's routing settings, the time
+that takes at a given link bandwidth, beside the bandwidths DeepEP publishes.
+
+    python benchmarks/bench_ep.py [--nvlink-gbps 160] [--rdma-gbps 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import Case  # noqa: E402
+from python_ref import ep as ref_ep  # noqa: E402
+
+HIDDEN = 7168
+GPUS_PER_NODE = 8
+
+
+def _routing(num_tokens, num_topk, num_experts, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(num_tokens, num_experts, generator=g).topk(num_topk, dim=1).indices.to(device)
+
+
+def _same(actual, expected):
+    actual = actual if isinstance(actual, tuple) else (actual,)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for i, (a, w) in enumerate(zip(actual, expected)):
+        a, w = a.cpu(), w.cpu()
+        if a.dtype == torch.float8_e4m3fn:
+            a, w = a.view(torch.uint8), w.view(torch.uint8)
+        if a.shape != w.shape or not torch.equal(a, w):
+            return f"output {i}: differs from python_ref"
+    return None
+
+
+def _layout_case(num_tokens, num_topk, num_experts, num_ranks):
+    from dskernels.ops.ep import _has_cuda_layout_kernel, ep_get_dispatch_layout
+
+    moved = num_tokens * num_topk * 8 + num_tokens * num_ranks + 4 * (num_experts + num_ranks)
+    return Case(op="ep_get_dispatch_layout",
+                params={"T": num_tokens, "K": num_topk, "E": num_experts, "R": num_ranks},
+                make_inputs=lambda device: (_routing(num_tokens, num_topk, num_experts, device=device),),
+                run=lambda t: ep_get_dispatch_layout(t, num_experts, num_ranks),
+                reference=lambda t: ref_ep.get_dispatch_layout(t.cpu(), num_experts, num_ranks),
+                check=_same, flops=0.0, bytes=moved,
+                backends=("ref", "triton", "cuda") if _has_cuda_layout_kernel() else ("ref", "triton"))
+
+
+def _send_plan(num_tokens, num_topk, num_experts, num_ranks, device):
+    topk = _routing(num_tokens, num_topk, num_experts, device="cpu")
+    in_rank = ref_ep.get_dispatch_layout(topk, num_experts, num_ranks)[2]
+    dest_token = in_rank.t().nonzero()
+    combine_index = torch.full((num_ranks, num_tokens), -1, dtype=torch.int64)
+    combine_index[dest_token[:, 0], dest_token[:, 1]] = torch.arange(dest_token.shape[0])
+    return dest_token[:, 1].contiguous().to(device), combine_index.t().contiguous().to(device)
+
+
+def _pack_case(num_tokens, hidden, num_topk, num_experts, num_ranks):
+    """The dispatch send buffer: rows of (fp8 x | fp32 scales) packed as int32 words."""
+    from dskernels.ops.ep import copy_rows
+
+    row_bytes = hidden + -(-(hidden // 128 * 4) // 16) * 16
+    sends = None
+
+    def make_inputs(device):
+        nonlocal sends
+        src_idx, _ = _send_plan(num_tokens, num_topk, num_experts, num_ranks, device)
+        sends = src_idx.shape[0]
+        g = torch.Generator().manual_seed(1)
+        rows = torch.randint(-2**31, 2**31 - 1, (num_tokens, row_bytes // 4), generator=g, dtype=torch.int32)
+        return rows.to(device), src_idx
+
+    def run(rows, src_idx):
+        out = torch.empty(src_idx.shape[0], rows.shape[1], dtype=rows.dtype, device=rows.device)
+        copy_rows(rows, src_idx, out, None)
+        return out
+
+    def reference(rows, src_idx):
+        return rows.cpu()[src_idx.cpu()]
+
+    make_inputs("cpu")  # to know S for the byte count
+    return Case(op="ep_pack", params={"T": num_tokens, "H": hidden, "K": num_topk, "E": num_experts,
+                                      "R": num_ranks, "S": sends, "row_bytes": row_bytes},
+                make_inputs=make_inputs, run=run, reference=reference, check=_same, flops=0.0,
+                bytes=2.0 * sends * row_bytes, peers={"torch index_select": lambda r, i: r.index_select(0, i)},
+                backends=("ref", "triton"))
+
+
+def _combine_case(num_tokens, hidden, num_topk, num_experts, num_ranks):
+    from dskernels.ops.ep import gather_reduce
+
+    src_idx, index = _send_plan(num_tokens, num_topk, num_experts, num_ranks, "cpu")
+    sends = src_idx.shape[0]
+
+    def make_inputs(device):
+        g = torch.Generator().manual_seed(2)
+        y = torch.randn(sends, hidden, generator=g).to(torch.bfloat16)
+        return y.to(device), index.to(device)
+
+    def run(y, idx):
+        out = torch.empty(idx.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
+        gather_reduce(y, idx, None, out)
+        return out
+
+    def reference(y, idx):
+        out = torch.empty(idx.shape[0], y.shape[1], dtype=y.dtype)
+        ref_ep.gather_reduce(y.cpu(), idx.cpu(), None, out)
+        return out
+
+    def torch_peer(y, idx):  # the same math in eager PyTorch: gather, mask, sum
+        rows = y[idx.clamp(min=0)].float() * (idx >= 0)[..., None]
+        return rows.sum(1).to(y.dtype)
+
+    return Case(op="ep_combine_reduce", params={"T": num_tokens, "H": hidden, "R": num_ranks, "S": sends},
+                make_inputs=make_inputs, run=run, reference=reference, check=_same, flops=0.0,
+                bytes=2.0 * (sends + num_tokens) * hidden, peers={"torch": torch_peer},
+                backends=("ref", "triton"))
+
+
+def cases(quick: bool, device: str) -> list[Case]:
+    if device == "cpu":
+        return [_layout_case(61, 8, 64, 8), _pack_case(37, 256, 4, 32, 4), _combine_case(37, 256, 4, 32, 4)]
+    found = [_layout_case(4096, 8, 256, 8), _pack_case(4096, HIDDEN, 8, 256, 8),
+             _combine_case(4096, HIDDEN, 8, 256, 8)]
+    if not quick:
+        found += [_layout_case(4096, 8, 256, 64), _layout_case(128, 8, 256, 8),
+                  _pack_case(128, HIDDEN, 8, 256, 8), _combine_case(128, HIDDEN, 8, 256, 8)]
+    return found
+
+
+# ---- the analytic model of the all-to-all ----
+
+# DeepEP's published normal-kernel bottleneck bandwidths (GB/s; dispatch, combine), from the DeepEP
+# README's normal-kernel table (the V1 table, kept in its docs/legacy.md after V2): H800 (~160 GB/s
+# NVLink) with ConnectX-7 400 Gb/s InfiniBand (~50 GB/s), 4096 tokens per batch, hidden 7168,
+# top-4 groups, top-8 experts, FP8 dispatch and BF16 combine. EP8 is NVLink, the rest RDMA.
+DEEPEP_NORMAL_GBPS = {8: (153, 158), 16: (43, 43), 32: (58, 57), 64: (51, 50)}
+
+
+def _p_hit(pool: int, own: int, k: int) -> float:
+    """P(a set of `own` experts gets at least one of k drawn without replacement from `pool`)."""
+    if pool - own < k:
+        return 1.0
+    return 1.0 - math.comb(pool - own, k) / math.comb(pool, k)
+
+
+def traffic_model(ep: int, num_tokens: int = 4096, hidden: int = HIDDEN, num_topk: int = 8,
+                  num_experts: int = 256, topk_groups: int = 4) -> dict:
+    """Expected bytes one rank sends in a dispatch (received is the same, by symmetry).
+
+    Routing as DeepEP benchmarks it: experts grouped by node (8 GPUs per node); each token picks
+    min(topk_groups, nodes) nodes, then top-K experts uniformly among those nodes' experts.
+    - dest_ranks: E[ranks holding >= 1 of a token's experts] (ours and DeepEP's NVLink traffic:
+      one copy per destination rank); dest_nodes: E[nodes hit] (DeepEP's RDMA traffic: one copy
+      per remote node, forwarded over NVLink inside it).
+    - dispatch row: FP8 hidden + fp32 scale per 128 (DeepEP counts the same, `(1 + 4/128) H`);
+      combine row: BF16 hidden (2H).
+    - ours_bytes: what this library sends over the inter-node link (torch.distributed all-to-all
+      sends per destination rank, so a token reaching 3 ranks of a remote node crosses 3 times).
+    """
+    nodes = max(1, ep // GPUS_PER_NODE)
+    chosen = min(topk_groups, nodes)
+    pool = num_experts * chosen // nodes
+    per_rank = num_experts // ep
+    ranks_in_pool = pool // per_rank
+    dest_ranks = ranks_in_pool * _p_hit(pool, per_rank, num_topk)
+    dest_nodes = chosen * _p_hit(pool, num_experts // nodes, num_topk)
+    dispatch_row = hidden * (1 + 4 / 128)
+    combine_row = hidden * 2
+    if nodes == 1:  # NVLink all-to-all: every remote rank counts
+        remote_ranks = dest_ranks * (ep - 1) / ep
+        deepep_copies = remote_ranks
+    else:  # the inter-node link is the bottleneck: copies leaving the node
+        remote_ranks = dest_ranks * (nodes - 1) / nodes
+        deepep_copies = dest_nodes * (nodes - 1) / nodes
+    return {"ep": ep, "nodes": nodes, "dest_ranks": dest_ranks, "dest_nodes": dest_nodes,
+            "ours_dispatch_bytes": num_tokens * remote_ranks * dispatch_row,
+            "ours_combine_bytes": num_tokens * remote_ranks * combine_row,
+            "deepep_dispatch_bytes": num_tokens * deepep_copies * dispatch_row,
+            "deepep_combine_bytes": num_tokens * deepep_copies * combine_row}
+
+
+def model_table(nvlink_gbps: float = 160.0, rdma_gbps: float = 50.0) -> str:
+    head = ("EP | nodes | ranks/token | nodes/token | link | ours dispatch MB | ours t_disp us | ours combine MB | "
+            "ours t_comb us | DeepEP disp MB | DeepEP published GB/s (disp, comb) | DeepEP t_disp us | DeepEP t_comb us")
+    lines = [head, "-" * len(head)]
+    for ep in (8, 16, 32, 64):
+        m = traffic_model(ep)
+        link = nvlink_gbps if m["nodes"] == 1 else rdma_gbps
+        pub_d, pub_c = DEEPEP_NORMAL_GBPS[ep]
+        lines.append(" | ".join([
+            f"{ep}", f"{m['nodes']}", f"{m['dest_ranks']:.2f}", f"{m['dest_nodes']:.2f}",
+            f"{'NVLink' if m['nodes'] == 1 else 'RDMA'} {link:.0f} GB/s",
+            f"{m['ours_dispatch_bytes'] / 1e6:.1f}", f"{m['ours_dispatch_bytes'] / link / 1e3:.0f}",
+            f"{m['ours_combine_bytes'] / 1e6:.1f}", f"{m['ours_combine_bytes'] / link / 1e3:.0f}",
+            f"{m['deepep_dispatch_bytes'] / 1e6:.1f}", f"{pub_d}, {pub_c}",
+            f"{m['deepep_dispatch_bytes'] / pub_d / 1e3:.0f}", f"{m['deepep_combine_bytes'] / pub_c / 1e3:.0f}"]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nvlink-gbps", type=float, default=160.0, help="per-GPU NVLink bandwidth (H800: ~160)")
+    parser.add_argument("--rdma-gbps", type=float, default=50.0, help="per-GPU NIC bandwidth (CX7 400 Gb/s: ~50)")
+    args = parser.parse_args()
+    print("Per-rank all-to-all traffic, 4096 tokens, hidden 7168, top-8 of 256 experts, top-4 node groups;\n"
+          "FP8 dispatch ((1 + 4/128) H bytes per copy), BF16 combine (2H). 'ours' = this library over\n"
+          "torch.distributed (one copy per destination rank); 'DeepEP' = one copy per remote node over RDMA\n"
+          "(NVLink forwarding inside the node), timed at DeepEP's published bandwidths (H800, CX7; README).\n")
+    print(model_table(args.nvlink_gbps, args.rdma_gbps))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,582 @@
+"""`Buffer`: DeepEP's dispatch/combine API (API.md section 3) on torch.distributed collectives.
+
+How a dispatch moves data (docs/ep.md has the byte counts):
+  1. layout: `ep_get_dispatch_layout` (unless given) -> is_token_in_rank [T, R];
+  2. count exchange: one small all_to_all of [R, 1 + num_local_experts] int64 (tokens for rank r,
+     then tokens per expert of r), the only host synchronization (split sizes are host ints);
+  3. pack: the rows (x | x scales | topk_idx | topk_weights) of every (token, destination rank)
+     pair, destination-major and in token order, are copied by one fused gather kernel per
+     payload into one byte buffer [S, row_bytes] (each payload 16-byte aligned within a row);
+  4. one all_to_all_single of that buffer: each token crosses once per destination rank;
+  5. unpack: the receive buffer is split back into contiguous tensors; topk ids become local.
+Combine sends the rows back in the same order (reverse split sizes) and one gather-reduce kernel
+sums, for every token, the rows the ranks returned (fp32, rank order) in token order.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dskernels.ep.events import EventOverlap, StreamScope, capture
+from dskernels.ops.ep import copy_rows, ep_get_dispatch_layout, gather_reduce
+
+_ALIGN = 16  # bytes: each payload starts 16-byte aligned within a packed row (vector loads)
+_FP8 = torch.float8_e4m3fn
+
+
+@dataclass
+class DispatchHandle:
+    """The routing of one dispatch, reused by combine and by cached dispatch. Opaque to users."""
+    num_tokens: int                 # T on this rank
+    send_src_idx: torch.Tensor      # [S] int64: token of each sent row (destination-major, token order)
+    send_splits: list[int]          # rows sent to each rank
+    recv_splits: list[int]          # rows received from each rank
+    combine_index: torch.Tensor     # [T, R] int64: row of the combine receive buffer, -1 if not sent
+    is_token_in_rank: torch.Tensor  # [T, R] bool
+    num_recv_tokens: int            # N
+    num_out_rows: int               # max(N, num_worst_tokens): rows of recv_x
+
+
+@dataclass
+class LowLatencyHandle:
+    route: DispatchHandle
+    num_max_dispatch_tokens_per_rank: int
+    num_experts: int
+    hidden: int
+    slot_of_entry: torch.Tensor     # [M] int64: flat [L * cap] slot of each received (row, k) entry
+    back_send_splits: list[int]     # entries returned to each source rank
+    back_recv_splits: list[int]     # entries coming back from each destination rank
+    entry_index: torch.Tensor       # [T, K] int64: row of the combine receive buffer, -1 if none
+
+
+class EPCommError(RuntimeError):
+    """A collective failed: a peer is gone, or did not join in time."""
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[T, ...] -> contiguous [T, bytes] uint8 view."""
+    t = t.contiguous()
+    return t.view(torch.uint8).reshape(t.shape[0], math.prod(t.shape[1:]) * t.element_size())
+
+
+class Buffer:
+    """Expert-parallel communication buffer (DeepEP's `deep_ep.Buffer`) for process group `group`.
+
+    `num_nvl_bytes`, `num_rdma_bytes` and `low_latency_mode` are accepted for drop-in
+    compatibility; this implementation allocates per call over the group's collectives (gloo for
+    CPU tensors, NCCL for CUDA tensors), so any sizes work. `timeout_s` bounds every wait for peers
+    (default: the group's own timeout); a peer that is gone or late raises `TimeoutError` /
+    `EPCommError` naming the operation instead of hanging.
+    """
+
+    num_sms = 20
+
+    def __init__(self, group: dist.ProcessGroup | None = None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24, allow_nvlink_for_low_latency_mode=True,
+                 explicitly_destroy: bool = False, timeout_s: float | None = None, **_unused):
+        if not dist.is_initialized():
+            raise RuntimeError("Buffer: torch.distributed is not initialized (call init_process_group first)")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.group_size = dist.get_world_size(self.group)
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.timeout_s = timeout_s
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    # ---- DeepEP compatibility helpers ----
+    @staticmethod
+    def set_num_sms(num_sms: int) -> None:
+        Buffer.num_sms = num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        return capture()
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """Bytes DeepEP would reserve: two (send, receive) slabs of bf16 rows per expert slot."""
+        per_token = hidden * 2 + 16
+        return 2 * 2 * num_max_dispatch_tokens_per_rank * num_experts * per_token
+
+    def destroy(self) -> None:
+        self._streams.clear()
+
+    def _comm_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    # ---- collectives with bounded waits ----
+    def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str) -> None:
+        try:
+            work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
+            if self.timeout_s is not None:
+                work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+            else:
+                work.wait()
+        except (RuntimeError, dist.DistBackendError) as e:
+            text = str(e)
+            late = any(w in text.lower() for w in ("timeout", "timed out"))
+            message = (f"dskernels.ep.Buffer.{what}: rank {self.rank} of {self.group_size} "
+                       + (f"waited longer than {self.timeout_s if self.timeout_s is not None else 'the group timeout'}"
+                          " s for its peers" if late else "lost its peers")
+                       + " in all_to_all (a peer rank is gone, crashed, or did not call the same op); "
+                       f"backend said: {text.splitlines()[0] if text else type(e).__name__}")
+            raise (TimeoutError(message) if late else EPCommError(message)) from e
+
+    def _exchange_counts(self, send: torch.Tensor, what: str) -> torch.Tensor:
+        """send [R, c] int64 (row r for rank r) -> [R, c] (row s from rank s), on the host."""
+        recv = torch.empty_like(send)
+        self._all_to_all(recv, send.contiguous(), None, None, what)
+        return recv.cpu()
+
+    # ---- payload packing ----
+    @staticmethod
+    def _layout(widths: list[int]) -> tuple[torch.dtype, list[int], int]:
+        """Word dtype, per-payload word offsets and row words for payloads of `widths` bytes."""
+        word = torch.int32 if all(w % 4 == 0 for w in widths) else torch.uint8
+        size = 4 if word == torch.int32 else 1
+        offsets, at = [], 0
+        for w in widths:
+            offsets.append(at // size)
+            at += -(-w // _ALIGN) * _ALIGN
+        return word, offsets, max(at, _ALIGN) // size
+
+    def _send(self, payloads: list[torch.Tensor], src_idx: torch.Tensor | None, num_send: int,
+              send_splits: list[int], recv_splits: list[int], what: str):
+        """Packs rows src_idx of every payload into one buffer, exchanges it, returns the receive
+        buffer and the views of each payload in it ([N, bytes] uint8 -> caller reinterprets)."""
+        rows = [_rows(p) for p in payloads]
+        widths = [r.shape[1] for r in rows]
+        word, offsets, row_words = self._layout(widths)
+        size = torch.empty((), dtype=word).element_size()
+        device = payloads[0].device
+        send = torch.empty(num_send, row_words, dtype=word, device=device)
+        for r, off, w in zip(rows, offsets, widths):
+            copy_rows(r.view(word), src_idx, send[:, off: off + w // size], None, num_send)
+        recv = torch.empty(sum(recv_splits), row_words, dtype=word, device=device)
+        self._all_to_all(recv, send, recv_splits, send_splits, what)
+        return [recv[:, off: off + w // size] for off, w in zip(offsets, widths)], word
+
+    @staticmethod
+    def _as(view: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A [N, words] view of a packed payload -> [N, *like.shape[1:]] of like.dtype (a view)."""
+        return view.view(torch.uint8).view(like.dtype).reshape(view.shape[0], *like.shape[1:])
+
+    def _unpack(self, views, likes, num_out_rows: int, fills) -> list[torch.Tensor]:
+        outs = []
+        for view, like, fill in zip(views, likes, fills):
+            n = view.shape[0]
+            out = torch.empty(num_out_rows, view.shape[1], dtype=view.dtype, device=view.device)
+            copy_rows(view, None, out, None, n)
+            out = out.view(torch.uint8).view(like.dtype).reshape(num_out_rows, *like.shape[1:])
+            if num_out_rows > n:
+                out[n:] = fill
+            outs.append(out)
+        return outs
+
+    def _route_forward(self, handle: DispatchHandle, payloads: list[torch.Tensor], fills, what: str):
+        views, _ = self._send(payloads, handle.send_src_idx, handle.send_src_idx.shape[0], handle.send_splits,
+                              handle.recv_splits, what)
+        return self._unpack(views, payloads, handle.num_out_rows, fills)
+
+    def _route_backward(self, handle: DispatchHandle, payloads: list[torch.Tensor], what: str):
+        """Rows received by dispatch -> their sum per source token (rank order), [T, ...] each."""
+        payloads = [p[: handle.num_recv_tokens] for p in payloads]
+        views, _ = self._send(payloads, None, handle.num_recv_tokens, handle.recv_splits, handle.send_splits, what)
+        outs = []
+        for view, like in zip(views, payloads):
+            y = self._as(view, like).reshape(view.shape[0], -1) if view.shape[0] else \
+                torch.empty(0, math.prod(like.shape[1:]), dtype=like.dtype, device=like.device)
+            out = torch.empty(handle.num_tokens, y.shape[1], dtype=like.dtype, device=like.device)
+            gather_reduce(y, handle.combine_index, None, out)
+            outs.append(out.reshape(handle.num_tokens, *like.shape[1:]))
+        return outs
+
+    # ---- validation ----
+    def _check_topk(self, topk_idx, num_tokens: int | None, num_experts: int | None, what: str) -> None:
+        if not isinstance(topk_idx, torch.Tensor):
+            raise TypeError(f"topk_idx: expected a torch.Tensor, got {type(topk_idx).__name__}")
+        if topk_idx.dtype != torch.int64:
+            raise TypeError(f"topk_idx: expected dtype int64, got {topk_idx.dtype}")
+        if topk_idx.dim() != 2:
+            raise ValueError(f"topk_idx: expected 2 dimensions [num_tokens, num_topk], got shape {tuple(topk_idx.shape)}")
+        if num_tokens is not None and topk_idx.shape[0] != num_tokens:
+            raise ValueError(f"topk_idx: expected {num_tokens} rows (one per row of x), got {topk_idx.shape[0]}")
+        if num_experts is not None:
+            self._check_num_experts(num_experts)
+            if topk_idx.numel():
+                low, high = int(topk_idx.min()), int(topk_idx.max())
+                if low < -1 or high >= num_experts:
+                    raise ValueError(f"topk_idx: expected expert ids in [-1, {num_experts}), got values in "
+                                     f"[{low}, {high}]")
+
+    def _check_num_experts(self, num_experts) -> None:
+        if not isinstance(num_experts, int) or num_experts < 1 or num_experts % self.group_size:
+            raise ValueError(f"num_experts: expected a positive multiple of the number of ranks "
+                             f"({self.group_size}), got {num_experts}")
+
+    @staticmethod
+    def _check_weights(topk_weights, topk_idx) -> None:
+        if topk_weights is None:
+            return
+        if not isinstance(topk_weights, torch.Tensor):
+            raise TypeError(f"topk_weights: expected a torch.Tensor, got {type(topk_weights).__name__}")
+        if topk_weights.dtype != torch.float32:
+            raise TypeError(f"topk_weights: expected dtype float32, got {topk_weights.dtype}")
+        if topk_idx is not None and topk_weights.shape != topk_idx.shape:
+            raise ValueError(f"topk_weights: expected shape {tuple(topk_idx.shape)} (that of topk_idx), "
+                             f"got {tuple(topk_weights.shape)}")
+
+    @staticmethod
+    def _check_x(x) -> int:
+        """x or (x_fp8, x_scales); returns T."""
+        if isinstance(x, tuple):
+            if len(x) != 2:
+                raise ValueError(f"x: expected a tensor or a tuple (fp8 [T, H], fp32 scales [T, H/128]), got a "
+                                 f"tuple of {len(x)}")
+            data, scales = x
+            if not isinstance(data, torch.Tensor) or data.dtype != _FP8 or data.dim() != 2:
+                raise TypeError(f"x[0]: expected a float8_e4m3fn tensor [T, H], got "
+                                f"{getattr(data, 'dtype', type(data).__name__)} {tuple(getattr(data, 'shape', ()))}")
+            if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.dim() != 2 \
+                    or scales.shape[0] != data.shape[0]:
+                raise TypeError(f"x[1]: expected float32 scales [{data.shape[0]}, H/128], got "
+                                f"{getattr(scales, 'dtype', type(scales).__name__)} "
+                                f"{tuple(getattr(scales, 'shape', ()))}")
+            return data.shape[0]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor or a (fp8, scales) tuple, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"x: expected 2 dimensions [num_tokens, hidden], got shape {tuple(x.shape)}")
+        return x.shape[0]
+
+    # ---- the API ----
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event=None,
+                            async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """-> (num_tokens_per_rank int32 [R], None (one node: no RDMA ranks), num_tokens_per_expert int32 [E],
+        is_token_in_rank bool [T, R], event)."""
+        self._check_topk(topk_idx, None, num_experts, "get_dispatch_layout")
+        with StreamScope(self, topk_idx.device, previous_event, async_finish, allocate_on_comm_stream) as scope:
+            per_rank, per_expert, in_rank = ep_get_dispatch_layout(topk_idx, num_experts, self.group_size)
+            event = scope.finish((per_rank, per_expert, in_rank))
+        return per_rank, None, per_expert, in_rank, event
+
+    def dispatch(self, x, handle: DispatchHandle | None = None, num_tokens_per_rank=None,
+                 num_tokens_per_rdma_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
+                 topk_idx=None, topk_weights=None, expert_alignment: int = 1, num_worst_tokens: int = 0,
+                 config=None, previous_event=None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False, num_experts: int | None = None):
+        """Sends each token once to every rank holding one of its experts.
+
+        Args:
+            x: [T, H] tensor (bf16/fp16/fp32; differentiable), or a tuple (fp8 [T, H], fp32 scales
+                [T, H/128]) that travels byte for byte.
+            handle: from an earlier dispatch: repeat its routing (no layout or topk arguments).
+            num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: get_dispatch_layout's
+                outputs, or None with num_experts=E given (then computed here).
+            topk_idx: int64 [T, K], -1 for no expert. topk_weights: fp32 [T, K] (optional).
+            expert_alignment: each per-expert receive count is rounded up to a multiple of it.
+            num_worst_tokens: if > 0, recv tensors get exactly that many rows (fixed shapes for
+                CUDA graphs; rows past the received ones: x 0, topk_idx -1, weights 0); raises if
+                more tokens arrive.
+
+        Returns:
+            recv_x [N, H] (or a tuple), source rank 0's tokens first, each source in token order;
+            recv_topk_idx int64 [N, K] local expert ids, -1 for experts on other ranks;
+            recv_topk_weights fp32 [N, K], 0 where recv_topk_idx is -1 (None without weights);
+            num_recv_tokens_per_expert_list: python list of num_local_experts ints (aligned);
+            handle; event (EventOverlap).
+            Cached dispatch returns (recv_x, None, None, None, handle, event).
+        """
+        num_tokens = self._check_x(x)
+        device = (x[0] if isinstance(x, tuple) else x).device
+        if expert_alignment < 1:
+            raise ValueError(f"expert_alignment: expected at least 1, got {expert_alignment}")
+        with StreamScope(self, device, previous_event, async_finish, allocate_on_comm_stream) as scope:
+            if handle is not None:
+                if not isinstance(handle, DispatchHandle):
+                    raise TypeError(f"handle: expected the handle returned by dispatch, got {type(handle).__name__}")
+                if num_tokens != handle.num_tokens:
+                    raise ValueError(f"x: expected {handle.num_tokens} rows (those of the handle's dispatch), "
+                                     f"got {num_tokens}")
+                recv_x = self._dispatch_payload(x, handle, "dispatch (cached)")
+                event = scope.finish(recv_x if isinstance(recv_x, tuple) else (recv_x,))
+                return recv_x, None, None, None, handle, event
+
+            if topk_idx is None:
+                raise ValueError("topk_idx: expected an int64 [T, K] tensor (or a handle for cached dispatch), got None")
+            if num_experts is None and num_tokens_per_expert is not None:
+                num_experts = num_tokens_per_expert.shape[0]
+            if num_experts is None:
+                raise ValueError("num_experts: expected an int (or the layout arguments num_tokens_per_rank, "
+                                 "is_token_in_rank, num_tokens_per_expert), got None")
+            self._check_topk(topk_idx, num_tokens, num_experts, "dispatch")
+            self._check_weights(topk_weights, topk_idx)
+            if is_token_in_rank is None or num_tokens_per_expert is None or num_tokens_per_rank is None:
+                num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = ep_get_dispatch_layout(
+                    topk_idx, num_experts, self.group_size)
+            elif tuple(is_token_in_rank.shape) != (num_tokens, self.group_size):
+                raise ValueError(f"is_token_in_rank: expected shape ({num_tokens}, {self.group_size}), got "
+                                 f"{tuple(is_token_in_rank.shape)}")
+            handle, per_expert = self._plan(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
+                                            num_experts, num_worst_tokens, device)
+            counts = [-(-c // expert_alignment) * expert_alignment for c in per_expert]
+
+            payload = [x] if not isinstance(x, tuple) else list(x)
+            payload += [topk_idx] + ([topk_weights] if topk_weights is not None else [])
+            outs = self._route(handle, payload)
+            recv_x = tuple(outs[:2]) if isinstance(x, tuple) else outs[0]
+            rest = outs[2:] if isinstance(x, tuple) else outs[1:]
+            num_local = num_experts // self.group_size
+            base = self.rank * num_local
+            global_idx = rest[0]
+            here = (global_idx >= base) & (global_idx < base + num_local)
+            recv_topk_idx = torch.where(here, global_idx - base, -1)
+            recv_topk_weights = None
+            if topk_weights is not None:
+                recv_topk_weights = torch.where(here, rest[1], torch.zeros((), device=device))
+            tensors = (recv_x if isinstance(recv_x, tuple) else (recv_x,)) + (recv_topk_idx,)
+            event = scope.finish(tensors + ((recv_topk_weights,) if recv_topk_weights is not None else ()))
+        return recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event
+
+    def _plan(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts, num_worst_tokens,
+              device) -> tuple[DispatchHandle, list[int]]:
+        """Count exchange and the send order; the one host synchronization of a dispatch."""
+        R = self.group_size
+        num_tokens = is_token_in_rank.shape[0]
+        send = torch.cat([num_tokens_per_rank.to(torch.int64).reshape(R, 1),
+                          num_tokens_per_expert.to(torch.int64).reshape(R, num_experts // R)], dim=1)
+        recv = self._exchange_counts(send, "dispatch (count exchange)")
+        recv_splits = recv[:, 0].tolist()
+        per_expert = recv[:, 1:].sum(dim=0).tolist()
+        # Destination-major, token order within a destination: nonzero of the transpose is sorted so.
+        dest_token = is_token_in_rank.t().nonzero()
+        send_src_idx = dest_token[:, 1].contiguous()
+        send_splits = num_tokens_per_rank.to(torch.int64).cpu().tolist()
+        combine_index = torch.full((R, num_tokens), -1, dtype=torch.int64, device=device)
+        combine_index[dest_token[:, 0], dest_token[:, 1]] = torch.arange(dest_token.shape[0], device=device)
+        num_recv = sum(recv_splits)
+        if num_worst_tokens and num_recv > num_worst_tokens:
+            raise ValueError(f"num_worst_tokens: expected at least the {num_recv} tokens rank {self.rank} "
+                             f"receives, got {num_worst_tokens}")
+        handle = DispatchHandle(num_tokens, send_src_idx, send_splits, recv_splits, combine_index.t().contiguous(),
+                                is_token_in_rank, num_recv, max(num_recv, num_worst_tokens))
+        return handle, per_expert
+
+    def _route(self, handle: DispatchHandle, payload: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Dispatch of `payload` ([T, ...] each) along `handle`; differentiable in float payloads."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in payload):
+            return list(_Dispatch.apply(self, handle, *payload))
+        return self._route_forward(handle, payload, [_fill(p) for p in payload], "dispatch")
+
+    def _dispatch_payload(self, x, handle: DispatchHandle, what: str):
+        if isinstance(x, tuple):
+            return tuple(self._route_forward(handle, list(x), [0, 0], what))
+        return self._route(handle, [x])[0]
+
+    def combine(self, x, handle: DispatchHandle, topk_weights=None, bias=None, config=None, previous_event=None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Returns each token's received rows back to its source rank, summed (unweighted).
+
+        Args:
+            x: [N, H] (or [num_worst_tokens, H]) rows in dispatch's receive order.
+            handle: the dispatch's handle. topk_weights: fp32 [N, K] or None.
+
+        Returns:
+            combined_x [T, H] (x's dtype): combined_x[t] = sum over the ranks r that received t of
+            the row r returned for t (fp32 sum in rank order); 0 for a token sent nowhere.
+            combined_topk_weights fp32 [T, K] the same sum of weight rows (None without weights).
+            event.
+        """
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle: expected the handle returned by dispatch, got {type(handle).__name__}")
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < handle.num_recv_tokens:
+            raise ValueError(f"x: expected a [{handle.num_recv_tokens}, H] tensor (the rows dispatch delivered), "
+                             f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if topk_weights is not None:
+            self._check_weights(topk_weights, None)
+            if topk_weights.shape[0] < handle.num_recv_tokens:
+                raise ValueError(f"topk_weights: expected {handle.num_recv_tokens} rows, got {topk_weights.shape[0]}")
+        with StreamScope(self, x.device, previous_event, async_finish, allocate_on_comm_stream) as scope:
+            payload = [x] + ([topk_weights] if topk_weights is not None else [])
+            if torch.is_grad_enabled() and any(p.requires_grad for p in payload):
+                outs = list(_Combine.apply(self, handle, *payload))
+            else:
+                outs = self._route_backward(handle, payload, "combine")
+            if bias is not None:
+                for b in (bias if isinstance(bias, tuple) else (bias,)):
+                    if b is not None:
+                        outs[0] = outs[0] + b
+            event = scope.finish(tuple(outs))
+        return outs[0], (outs[1] if topk_weights is not None else None), event
+
+    # ---- low latency ----
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats=None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False):
+        """Dispatch into the masked per-expert layout the masked grouped GEMM reads.
+
+        Args:
+            x: bf16 [T, H] (H % 128 == 0 with use_fp8), T <= num_max_dispatch_tokens_per_rank.
+            topk_idx: int64 [T, K], -1 for no expert.
+
+        Returns:
+            recv_x: [L, num_max_dispatch_tokens_per_rank * R, H] bf16, or with use_fp8 a tuple
+                (fp8 [L, cap, H], fp32 scales [L, cap, H/128]) from dskernels.per_token_cast_to_fp8
+                (cast once per token before the send); expert l's rows are [0, recv_count[l]), in
+                source rank order then token order; rows past recv_count are unspecified.
+            recv_count: int32 [L]; handle; event; hook (a no-op callable: data is ready on return).
+        """
+        if round_scale or use_ue8m0:
+            raise NotImplementedError("low_latency_dispatch: round_scale / use_ue8m0 are not implemented")
+        num_tokens = self._check_x(x)
+        self._check_topk(topk_idx, num_tokens, num_experts, "low_latency_dispatch")
+        if num_tokens > num_max_dispatch_tokens_per_rank:
+            raise ValueError(f"x: expected at most num_max_dispatch_tokens_per_rank="
+                             f"{num_max_dispatch_tokens_per_rank} rows, got {num_tokens}")
+        if topk_idx.numel():
+            per_expert_entries = torch.bincount(topk_idx[topk_idx >= 0], minlength=num_experts)
+            if int(per_expert_entries.max()) > num_max_dispatch_tokens_per_rank:
+                raise ValueError("topk_idx: an expert is named more than num_max_dispatch_tokens_per_rank "
+                                 f"({num_max_dispatch_tokens_per_rank}) times by this rank's tokens")
+        R, device = self.group_size, x.device
+        num_local = num_experts // R
+        cap = num_max_dispatch_tokens_per_rank * R
+        with StreamScope(self, device, None, async_finish, False) as scope:
+            per_rank, per_expert, in_rank = ep_get_dispatch_layout(topk_idx, num_experts, R)
+            route, _ = self._plan(in_rank, per_rank, per_expert, num_experts, 0, device)
+            if use_fp8:
+                from dskernels.ops.fp8 import per_token_cast_to_fp8
+
+                payload = list(per_token_cast_to_fp8(x))
+            else:
+                payload = [x]
+            views, _ = self._send(payload + [topk_idx], route.send_src_idx, route.send_src_idx.shape[0],
+                                  route.send_splits, route.recv_splits, "low_latency_dispatch")
+            # Received (row, k) entries with an expert here, ordered by expert, then source, then token.
+            global_idx = self._as(views[-1], topk_idx)
+            base = self.rank * num_local
+            local = torch.where((global_idx >= base) & (global_idx < base + num_local), global_idx - base, -1)
+            flat = local.reshape(-1)
+            entry = (flat >= 0).nonzero().squeeze(1)         # (row, k) order: the combine's return order
+            experts = flat[entry]
+            recv_count = torch.bincount(experts, minlength=num_local)
+            order = torch.sort(experts, stable=True).indices
+            start = torch.cumsum(recv_count, 0) - recv_count
+            position = torch.empty_like(order)
+            position[order] = torch.arange(order.shape[0], device=device) - start[experts[order]]
+            slot = experts * cap + position
+            rows = entry // max(topk_idx.shape[1], 1)
+            outs = []
+            for view, like in zip(views[:-1], payload):
+                width = view.shape[1]
+                out = torch.empty(num_local * cap, width, dtype=view.dtype, device=device)
+                copy_rows(view, rows, out, slot, rows.shape[0])
+                outs.append(out.view(torch.uint8).view(like.dtype).reshape(num_local, cap, *like.shape[1:]))
+            # Entries per source: what goes back to each source rank in combine.
+            source_of_row = torch.repeat_interleave(torch.arange(R, device=device),
+                                                    torch.tensor(route.recv_splits, device=device))
+            back_send = torch.bincount(source_of_row[rows], minlength=R).cpu().tolist()
+            # On this (source) side: entries sorted by (destination rank, token, k).
+            valid = topk_idx >= 0
+            dest = torch.where(valid, topk_idx // num_local, R)
+            K = topk_idx.shape[1]
+            key = (dest * num_tokens * K + torch.arange(num_tokens * K, device=device).reshape(num_tokens, K))
+            key = key.reshape(-1)[valid.reshape(-1)]
+            entry_index = torch.full((num_tokens * K,), -1, dtype=torch.int64, device=device)
+            positions = torch.empty_like(key)
+            positions[torch.argsort(key)] = torch.arange(key.shape[0], device=device)
+            entry_index[valid.reshape(-1)] = positions
+            back_recv = torch.bincount(dest[valid], minlength=R).cpu().tolist()
+            handle = LowLatencyHandle(route, num_max_dispatch_tokens_per_rank, num_experts, x.shape[1], slot,
+                                      back_send, back_recv, entry_index.reshape(num_tokens, K))
+            recv_count = recv_count.to(torch.int32)
+            if cumulative_local_expert_recv_stats is not None:
+                cumulative_local_expert_recv_stats += recv_count
+            recv_x = tuple(outs) if use_fp8 else outs[0]
+            event = scope.finish(tuple(outs) + (recv_count,))
+        return recv_x, recv_count, handle, event, (lambda: None)
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                            handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
+                            async_finish: bool = False, return_recv_hook: bool = False, out=None):
+        """x [L, cap, H] (bf16) expert outputs in low_latency_dispatch's layout ->
+        combined_x [T, H]: combined_x[t] = sum_k topk_weights[t, k] * x[expert, row of t] (fp32 sum in
+        k order); returns (combined_x, event, hook)."""
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle: expected the handle returned by low_latency_dispatch, got {type(handle).__name__}")
+        num_tokens = handle.route.num_tokens
+        self._check_topk(topk_idx, num_tokens, None, "low_latency_combine")
+        self._check_weights(topk_weights, topk_idx)
+        num_local = handle.num_experts // self.group_size
+        cap = handle.num_max_dispatch_tokens_per_rank * self.group_size
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != (num_local, cap):
+            raise ValueError(f"x: expected shape ({num_local}, {cap}, H), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        with StreamScope(self, x.device, None, async_finish, False) as scope:
+            flat = x.reshape(num_local * cap, x.shape[2])
+            back = self._send([flat], handle.slot_of_entry, handle.slot_of_entry.shape[0], handle.back_send_splits,
+                              handle.back_recv_splits, "low_latency_combine")[0][0]
+            y = self._as(back, flat)
+            combined = out if out is not None else torch.empty(num_tokens, x.shape[2], dtype=x.dtype, device=x.device)
+            gather_reduce(y, handle.entry_index, topk_weights.contiguous(), combined)
+            event = scope.finish((combined,))
+        return combined, event, (lambda: None)
+
+
+def _fill(p: torch.Tensor):
+    return -1 if p.dtype == torch.int64 else 0
+
+
+class _Dispatch(torch.autograd.Function):
+    """dispatch's backward is combine (the gradient of a row copy is the sum of the copies' gradients)."""
+
+    @staticmethod
+    def forward(ctx, buffer, handle, *payload):
+        ctx.buffer, ctx.handle = buffer, handle
+        ctx.float_mask = [p.is_floating_point() for p in payload]
+        outs = buffer._route_forward(handle, list(payload), [_fill(p) for p in payload], "dispatch")
+        ctx.out_meta = [(o.shape, o.dtype) for o in outs]
+        ctx.mark_non_differentiable(*[o for o, f in zip(outs, ctx.float_mask) if not f])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        idx = [i for i, f in enumerate(ctx.float_mask) if f]
+        sends = [grads[i] if grads[i] is not None else
+                 torch.zeros(ctx.out_meta[i][0], dtype=ctx.out_meta[i][1], device=ctx.handle.combine_index.device)
+                 for i in idx]
+        reduced = ctx.buffer._route_backward(ctx.handle, sends, "dispatch backward (combine)")
+        result = [None] * len(ctx.float_mask)
+        for i, r in zip(idx, reduced):
+            result[i] = r
+        return (None, None, *result)
+
+
+class _Combine(torch.autograd.Function):
+    """combine's backward is a cached dispatch of the output gradient."""
+
+    @staticmethod
+    def forward(ctx, buffer, handle, *payload):
+        ctx.buffer, ctx.handle = buffer, handle
+        ctx.shapes = [p.shape for p in payload]
+        return tuple(buffer._route_backward(handle, list(payload), "combine"))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = [g if g is not None else torch.zeros(ctx.handle.num_tokens, *s[1:], device=ctx.handle.combine_index.device)
+                 for g, s in zip(grads, ctx.shapes)]
+        outs = ctx.buffer._route_forward(ctx.handle, grads, [0] * len(grads), "combine backward (dispatch)")
+        outs = [o[: s[0]] if o.shape[0] >= s[0] else torch.cat([o, o.new_zeros(s[0] - o.shape[0], *s[1:])])
+                for o, s in zip(outs, ctx.shapes)]
+        return (None, None, *outs)

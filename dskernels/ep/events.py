@@ -1,0 +1,92 @@
+"""DeepEP-style stream/event plumbing: `EventOverlap` and the communication stream.
+
+On CUDA, an op called with `async_finish=True` (or a `previous_event`) runs on the Buffer's
+communication stream: that stream first waits for `previous_event` (else for the caller's current
+stream), the op's kernels and collectives run there, and the returned `EventOverlap` records its
+end; `event.current_stream_wait()` makes the caller's stream wait for it. Without `async_finish` the
+caller's stream waits before the op returns. On CPU tensors everything is synchronous and the event
+is a no-op (DeepEP has no CPU path; this keeps user code identical).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class EventOverlap:
+    """A CUDA event (or nothing) plus tensors to keep alive until it has been waited on.
+
+    `with event:` waits on exit, as DeepEP's EventOverlap does (for overlap-then-join code)."""
+
+    def __init__(self, event: torch.cuda.Event | None = None, extra_tensors: tuple | None = None):
+        self.event = event
+        self.extra_tensors = extra_tensors
+
+    def current_stream_wait(self) -> None:
+        """Makes the current CUDA stream wait for the op; a no-op on CPU."""
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.current_stream_wait()
+        return False
+
+
+def capture(device: torch.device | None = None) -> EventOverlap:
+    """An event recorded on the current stream now (DeepEP's `Buffer.capture()`); no-op on CPU."""
+    if device is not None and device.type != "cuda" or not torch.cuda.is_available():
+        return EventOverlap()
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream())
+    return EventOverlap(event)
+
+
+class StreamScope:
+    """Runs a Buffer op on the comm stream when asked (see the module docstring)."""
+
+    def __init__(self, comm_stream_owner, device: torch.device, previous_event: EventOverlap | None,
+                 async_finish: bool, allocate_on_comm_stream: bool):
+        self.use_stream = device.type == "cuda" and (async_finish or previous_event is not None
+                                                     or allocate_on_comm_stream)
+        self.device = device
+        self.previous_event = previous_event
+        self.async_finish = async_finish
+        self.owner = comm_stream_owner
+        self.event = EventOverlap()
+        self._ctx = contextlib.nullcontext()
+
+    def __enter__(self):
+        if self.use_stream:
+            self.caller = torch.cuda.current_stream(self.device)
+            stream = self.owner._comm_stream(self.device)
+            if self.previous_event is not None and self.previous_event.event is not None:
+                stream.wait_event(self.previous_event.event)
+            else:
+                stream.wait_stream(self.caller)
+            self._ctx = torch.cuda.stream(stream)
+            self._ctx.__enter__()
+        return self
+
+    def finish(self, tensors) -> EventOverlap:
+        """Records the end of the op; keeps `tensors` valid for the caller's stream."""
+        if not self.use_stream:
+            return EventOverlap()
+        stream = torch.cuda.current_stream(self.device)
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.is_cuda:
+                t.record_stream(self.caller)
+        event = torch.cuda.Event()
+        event.record(stream)
+        self.event = EventOverlap(event, tuple(t for t in tensors if isinstance(t, torch.Tensor)))
+        return self.event
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        if self.use_stream and not self.async_finish and self.event.event is not None:
+            self.event.current_stream_wait()
+        return False

@@ -1,0 +1,109 @@
+"""Expert-parallel dispatch layout (API.md section 3; DeepEP's `Buffer.get_dispatch_layout`) and the
+two row movers `dskernels.ep.Buffer` packs and unpacks its all-to-all payloads with.
+
+Only `ep_get_dispatch_layout` is a registered op; `copy_rows` / `gather_reduce` are internal
+(their shapes depend on the routing the Buffer computes) but pick a backend the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dskernels._backend import select_backend
+from dskernels._checks import check_tensor
+from python_ref import ep as ref_ep
+
+
+def ep_get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which tokens go to which rank, and how many tokens each expert gets.
+
+    Args:
+        topk_idx: [T, K] int64 expert ids in [0, num_experts), -1 for "no expert".
+        num_experts: E, a multiple of num_ranks; expert e lives on rank e // (E // R).
+        num_ranks: R >= 1.
+
+    Returns:
+        num_tokens_per_rank: [R] int32, tokens with at least one expert on rank r.
+        num_tokens_per_expert: [E] int32, tokens that name expert e (a repeated id counts once).
+        is_token_in_rank: [T, R] bool.
+
+    Runs without a host synchronization on CUDA (ids are not range-checked there; the CPU kernel
+    checks them).
+    """
+    return torch.ops.dskernels.ep_get_dispatch_layout(topk_idx, num_experts, num_ranks)
+
+
+def _check_layout_args(topk_idx, num_experts, num_ranks) -> None:
+    check_tensor("topk_idx", topk_idx, ndim=2, dtypes=(torch.int64,))
+    if num_ranks < 1:
+        raise ValueError(f"num_ranks: expected at least 1, got {num_ranks}")
+    if num_experts < 1 or num_experts % num_ranks:
+        raise ValueError(f"num_experts: expected a positive multiple of the number of ranks ({num_ranks}), "
+                         f"got {num_experts}")
+
+
+@torch.library.register_kernel("dskernels::ep_get_dispatch_layout", ("cpu", "cuda"))
+def _ep_get_dispatch_layout(topk_idx, num_experts, num_ranks):
+    _check_layout_args(topk_idx, num_experts, num_ranks)
+    device = topk_idx.device
+    backend = select_backend("ep_get_dispatch_layout", device, has_cuda=_has_cuda_layout_kernel(),
+                             has_triton=True)
+    if device.type == "cpu" and topk_idx.numel():
+        low, high = int(topk_idx.min()), int(topk_idx.max())
+        if low < -1 or high >= num_experts:
+            raise ValueError(f"topk_idx: expected expert ids in [-1, {num_experts}), got values in [{low}, {high}]")
+    if backend == "ref":
+        return ref_ep.get_dispatch_layout(topk_idx, num_experts, num_ranks)
+    if topk_idx.stride(1) != 1:
+        topk_idx = topk_idx.contiguous()
+    per_rank = torch.zeros(num_ranks, dtype=torch.int32, device=device)
+    per_expert = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    in_rank = torch.empty(topk_idx.shape[0], num_ranks, dtype=torch.bool, device=device)
+    if backend == "cuda":
+        torch.ops.dskernels._sm90_ep_get_dispatch_layout(topk_idx, num_experts, num_ranks, per_rank, per_expert,
+                                                         in_rank)
+    else:
+        from dskernels.triton import ep as triton_ep
+
+        triton_ep.get_dispatch_layout(topk_idx, num_experts, num_ranks, per_rank, per_expert, in_rank)
+    return per_rank, per_expert, in_rank
+
+
+@torch.library.register_fake("dskernels::ep_get_dispatch_layout")
+def _ep_get_dispatch_layout_fake(topk_idx, num_experts, num_ranks):
+    _check_layout_args(topk_idx, num_experts, num_ranks)
+    return (topk_idx.new_empty(num_ranks, dtype=torch.int32), topk_idx.new_empty(num_experts, dtype=torch.int32),
+            topk_idx.new_empty(topk_idx.shape[0], num_ranks, dtype=torch.bool))
+
+
+def _has_cuda_layout_kernel() -> bool:
+    # The schema is always there; the CUDA kernel only in builds with nvcc (csrc/ep/).
+    return torch._C._dispatch_has_kernel_for_dispatch_key("dskernels::_sm90_ep_get_dispatch_layout", "CUDA")
+
+
+def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor, dst_idx: torch.Tensor | None,
+              num_rows: int | None = None) -> None:
+    """dst[dst_idx[i]] = src[src_idx[i]] for i < num_rows (None: the identity). 2-D, same dtype, unit
+    last stride, any row stride: packs a rank's send buffer (a gather) and fills the low-latency
+    per-expert layout (a scatter) in one pass over the payload."""
+    if num_rows is None:
+        num_rows = (src_idx if src_idx is not None else dst_idx if dst_idx is not None else src).shape[0]
+    if select_backend("ep_copy_rows", src.device, has_cuda=False, has_triton=True) == "ref":
+        ref_ep.copy_rows(src[:num_rows] if src_idx is None else src, None if src_idx is None else src_idx[:num_rows],
+                         dst, None if dst_idx is None else dst_idx[:num_rows])
+        return
+    from dskernels.triton import ep as triton_ep
+
+    triton_ep.copy_rows(src, src_idx, dst, dst_idx, num_rows)
+
+
+def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out[t] = sum_j weights[t, j] * y[index[t, j]] with index -1 skipped, fp32 sum in j order: the
+    combine's fused un-permute and reduction back to token order."""
+    if select_backend("ep_gather_reduce", y.device, has_cuda=False, has_triton=True) == "ref":
+        ref_ep.gather_reduce(y, index, weights, out)
+        return
+    from dskernels.triton import ep as triton_ep
+
+    triton_ep.gather_reduce(y, index, weights, out)

@@ -1,0 +1,121 @@
+"""Triton kernels of the expert-parallel family: the dispatch layout and the two row movers the
+Buffer packs and unpacks its all-to-all payloads with (python_ref.ep defines all three)."""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _layout_kernel(topk_ptr, per_rank_ptr, per_expert_ptr, in_rank_ptr, num_tokens, num_topk,
+                   num_experts, num_ranks, experts_per_rank, stride_t,
+                   BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    # One program: BLOCK_T tokens. Counts are integer atomics, so the result is deterministic.
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ks = tl.arange(0, BLOCK_K)
+    ranks = tl.arange(0, BLOCK_R)
+    token_ok = tokens < num_tokens
+    in_block = token_ok[:, None] & (ks[None, :] < num_topk)
+    expert = tl.load(topk_ptr + tokens[:, None].to(tl.int64) * stride_t + ks[None, :], mask=in_block, other=-1)
+    valid = in_block & (expert >= 0) & (expert < num_experts)
+    # A token naming an expert twice counts once: drop an entry equal to an earlier one.
+    same = (expert[:, :, None] == expert[:, None, :]) & (ks[None, None, :] < ks[None, :, None])
+    repeated = tl.max(same.to(tl.int32), axis=2) > 0
+    first = valid & (repeated == 0)
+    tl.atomic_add(per_expert_ptr + tl.where(first, expert, 0), tl.full(expert.shape, 1, tl.int32), mask=first)
+    owner = tl.where(valid, expert // experts_per_rank, -1)
+    hit = tl.max((owner[:, :, None] == ranks[None, None, :]).to(tl.int32), axis=1)  # [BLOCK_T, BLOCK_R]
+    rank_ok = ranks < num_ranks
+    tl.store(in_rank_ptr + tokens[:, None].to(tl.int64) * num_ranks + ranks[None, :], hit.to(tl.int8),
+             mask=token_ok[:, None] & rank_ok[None, :])
+    tl.atomic_add(per_rank_ptr + ranks, tl.sum(hit, axis=0), mask=rank_ok)
+
+
+def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, per_rank: torch.Tensor,
+                        per_expert: torch.Tensor, in_rank: torch.Tensor) -> None:
+    """Fills per_rank int32 [R] and per_expert int32 [E] (both zeroed here) and in_rank bool [T, R]."""
+    num_tokens, num_topk = topk_idx.shape
+    per_rank.zero_()
+    per_expert.zero_()
+    if num_tokens == 0:
+        return
+    block_k = triton.next_power_of_2(max(num_topk, 1))
+    block_r = triton.next_power_of_2(num_ranks)
+    block_t = max(1, min(64, 8192 // (block_k * block_r)))
+    grid = (triton.cdiv(num_tokens, block_t),)
+    _layout_kernel[grid](topk_idx, per_rank, per_expert, in_rank.view(torch.int8), num_tokens, num_topk,
+                         num_experts, num_ranks, num_experts // num_ranks, topk_idx.stride(0),
+                         BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
+
+
+@triton.jit
+def _copy_rows_kernel(src_ptr, src_idx_ptr, dst_ptr, dst_idx_ptr, num_cols, stride_src, stride_dst,
+                      HAS_SRC_IDX: tl.constexpr, HAS_DST_IDX: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One program: one row x BLOCK_C words; the whole payload of a token moves in one pass.
+    row = tl.program_id(0)
+    src_row = tl.load(src_idx_ptr + row).to(tl.int64) if HAS_SRC_IDX else row.to(tl.int64)
+    dst_row = tl.load(dst_idx_ptr + row).to(tl.int64) if HAS_DST_IDX else row.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < num_cols
+    values = tl.load(src_ptr + src_row * stride_src + cols, mask=ok)
+    tl.store(dst_ptr + dst_row * stride_dst + cols, values, mask=ok)
+
+
+def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor, dst_idx: torch.Tensor | None,
+              num_rows: int) -> None:
+    """dst[dst_idx[i]] = src[src_idx[i]] for i < num_rows; 2-D tensors of one dtype, unit last stride."""
+    num_cols = src.shape[1]
+    if num_rows == 0 or num_cols == 0:
+        return
+    assert src.stride(1) == 1 and dst.stride(1) == 1 and src.dtype == dst.dtype
+    block_c = min(triton.next_power_of_2(num_cols), 4096 // src.element_size())
+    grid = (num_rows, triton.cdiv(num_cols, block_c))
+    _copy_rows_kernel[grid](src, src if src_idx is None else src_idx, dst, dst if dst_idx is None else dst_idx,
+                            num_cols, src.stride(0), dst.stride(0), HAS_SRC_IDX=src_idx is not None,
+                            HAS_DST_IDX=dst_idx is not None, BLOCK_C=block_c, num_warps=4)
+
+
+@triton.jit
+def _round_to_bf16(x):
+    # fp32 -> bf16, round to nearest even, by hand: Triton's interpreter truncates in .to(bf16)
+    # (the GPU path rounds correctly either way; NaN and inf keep their class).
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _gather_reduce_kernel(y_ptr, index_ptr, weights_ptr, out_ptr, num_j, num_cols, stride_y, stride_index,
+                          stride_weights, stride_out, HAS_WEIGHTS: tl.constexpr, OUT_BF16: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    # One program: one output row x BLOCK_C columns; j in order, fp32 sum (as python_ref).
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < num_cols
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for j in range(num_j):
+        src = tl.load(index_ptr + row * stride_index + j).to(tl.int64)
+        values = tl.load(y_ptr + tl.maximum(src, 0) * stride_y + cols, mask=ok & (src >= 0), other=0.0)
+        values = values.to(tl.float32)
+        if HAS_WEIGHTS:
+            values = values * tl.load(weights_ptr + row * stride_weights + j).to(tl.float32)
+        acc += values
+    if OUT_BF16:
+        out = _round_to_bf16(acc)
+    else:
+        out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_out + cols, out, mask=ok)
+
+
+def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out[t] = sum_j weights[t, j] * y[index[t, j]], index -1 skipped (python_ref.ep.gather_reduce)."""
+    num_rows, num_cols = out.shape
+    if num_rows == 0 or num_cols == 0:
+        return
+    assert y.stride(1) == 1 and out.stride(1) == 1
+    block_c = min(triton.next_power_of_2(num_cols), 1024)
+    grid = (num_rows, triton.cdiv(num_cols, block_c))
+    _gather_reduce_kernel[grid](y, index, y if weights is None else weights, out, index.shape[1], num_cols,
+                                y.stride(0), index.stride(0), 0 if weights is None else weights.stride(0),
+                                out.stride(0), HAS_WEIGHTS=weights is not None, OUT_BF16=out.dtype == torch.bfloat16,
+                                BLOCK_C=block_c, num_warps=4)

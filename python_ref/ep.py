@@ -1,0 +1,98 @@
+"""Expert-parallel dispatch/combine oracles (API.md section 3; DeepEP's Buffer semantics).
+
+Experts are split evenly and contiguously over R ranks: expert e lives on rank e // (E // R) as
+local expert e % (E // R). `topk_idx` is int64 [T, K] with -1 meaning "no expert".
+
+    get_dispatch_layout(topk_idx, E, R):
+        is_token_in_rank[t, r]   = any_k topk_idx[t, k] is an expert of rank r
+        num_tokens_per_rank[r]   = sum_t is_token_in_rank[t, r]
+        num_tokens_per_expert[e] = number of tokens t with e in topk_idx[t, :]   (a token that
+                                   names e twice counts once)
+
+The row movers the Buffer is built from (the Triton kernels reproduce them bit for bit):
+    copy_rows(src, src_idx, dst, dst_idx):     dst[dst_idx[i]] = src[src_idx[i]]
+    gather_reduce(y, index, weights, out):     out[t] = sum_j weights[t, j] * y[index[t, j]],
+                                               j ascending, fp32 accumulation, index -1 skipped
+
+`dispatch_oracle` is what rank `rank` must receive, written from every rank's inputs at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_idx int64 [T, K] -> (num_tokens_per_rank int32 [R], num_tokens_per_expert int32 [E],
+    is_token_in_rank bool [T, R])."""
+    num_tokens = topk_idx.shape[0]
+    valid = topk_idx >= 0
+    # One-hot over experts, then "any" over k: duplicates within a token count once.
+    token_has_expert = torch.zeros(num_tokens, num_experts + 1, dtype=torch.bool, device=topk_idx.device)
+    token_has_expert.scatter_(1, torch.where(valid, topk_idx, num_experts), True)
+    token_has_expert = token_has_expert[:, :num_experts]
+    is_token_in_rank = token_has_expert.reshape(num_tokens, num_ranks, num_experts // num_ranks).any(dim=2)
+    return (is_token_in_rank.sum(dim=0, dtype=torch.int32),
+            token_has_expert.sum(dim=0, dtype=torch.int32),
+            is_token_in_rank)
+
+
+def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor,
+              dst_idx: torch.Tensor | None) -> None:
+    """dst[dst_idx[i], :] = src[src_idx[i], :] for every i (None means the identity)."""
+    rows = src if src_idx is None else src[src_idx]
+    if dst_idx is None:
+        dst[: rows.shape[0]] = rows
+    else:
+        dst[dst_idx] = rows
+
+
+def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None,
+                  out: torch.Tensor) -> None:
+    """out[t] = sum_j weights[t, j] * y[index[t, j]] (weights 1 when None), skipping index -1;
+    the sum runs over j in order in fp32 and is rounded once to out's dtype."""
+    acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    if y.shape[0] == 0:  # nothing arrived: every index is -1
+        out.copy_(acc)
+        return
+    for j in range(index.shape[1]):
+        valid = index[:, j] >= 0
+        rows = y[index[:, j].clamp(min=0)].float()
+        if weights is not None:
+            rows = rows * weights[:, j : j + 1].float()
+        acc += torch.where(valid[:, None], rows, torch.zeros((), device=out.device))
+    out.copy_(acc)
+
+
+def local_topk(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, rank: int,
+               num_local_experts: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Global ids -> local ids of `rank` (-1 for experts elsewhere); weights 0 where -1."""
+    base = rank * num_local_experts
+    here = (topk_idx >= base) & (topk_idx < base + num_local_experts)
+    local = torch.where(here, topk_idx - base, -1)
+    if topk_weights is None:
+        return local, None
+    return local, torch.where(here, topk_weights, torch.zeros((), dtype=topk_weights.dtype))
+
+
+def dispatch_oracle(xs: list, topk_idxs: list[torch.Tensor], topk_weights: list[torch.Tensor],
+                    num_experts: int, rank: int, expert_alignment: int = 1):
+    """What `rank` receives from Buffer.dispatch when source rank s holds xs[s], topk_idxs[s],
+    topk_weights[s]: (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list).
+    xs[s] may be a tuple (fp8, scales); recv_x is then a tuple too."""
+    num_ranks = len(topk_idxs)
+    num_local = num_experts // num_ranks
+    picks = [get_dispatch_layout(t, num_experts, num_ranks)[2][:, rank] for t in topk_idxs]
+
+    def rows(tensors):
+        return torch.cat([t[p] for t, p in zip(tensors, picks)])
+
+    if isinstance(xs[0], tuple):
+        recv_x = tuple(rows([x[i] for x in xs]) for i in range(len(xs[0])))
+    else:
+        recv_x = rows(xs)
+    recv_idx, recv_w = local_topk(rows(topk_idxs), rows(topk_weights), rank, num_local)
+    counts = [int(((recv_idx == e).any(dim=1)).sum()) for e in range(num_local)]
+    counts = [-(-c // expert_alignment) * expert_alignment for c in counts]
+    return recv_x, recv_idx, recv_w, counts

@@ -1,0 +1,236 @@
+"""dskernels.ep.Buffer across spawned gloo ranks (2 and 4) against python_ref.ep.dispatch_oracle.
+
+Spawning is the slow part on a small CI machine, so each spawned run checks many things: every rank
+draws every rank's inputs from one seed, so each can compute its own oracle locally.
+"""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dskernels
+from dskernels.ep import Buffer, EventOverlap
+from dskernels.testing import run_distributed
+from python_ref import ep as ref_ep
+
+HIDDEN = 256
+
+
+def _inputs(world, num_tokens, num_topk, num_experts, seed, *, avoid_last_rank=False):
+    """Every rank's (x bf16, topk_idx, topk_weights): distinct experts per token, some -1 entries,
+    one token per rank with no expert at all; rank s has num_tokens + s tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    usable = num_experts - (num_experts // world if avoid_last_rank else 0)
+    for s in range(world):
+        t = num_tokens + s
+        x = torch.randn(t, HIDDEN, generator=g).to(torch.bfloat16)
+        topk = torch.rand(t, usable, generator=g).topk(min(num_topk, usable), dim=1).indices
+        topk[torch.rand(topk.shape, generator=g) < 0.25] = -1
+        topk[t // 3] = -1  # a token that goes nowhere
+        w = torch.rand(topk.shape, generator=g)
+        out.append((x, topk, w))
+    return out
+
+
+def _same(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
+    if a.dtype == torch.float8_e4m3fn:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    assert torch.equal(a, b), f"{what}: {(a != b).sum().item()} values differ"
+
+
+def _raises(error, words, fn):
+    try:
+        fn()
+    except error as e:
+        for w in words:
+            assert w in str(e), f"{w!r} not in {e}"
+        return
+    raise AssertionError(f"expected {error} with {words}")
+
+
+def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank=False):
+    num_local = num_experts // world
+    data = _inputs(world, 13, 4, num_experts, seed, avoid_last_rank=avoid_last_rank)
+    x, topk, w = data[rank]
+    xs, topks, ws = [d[0] for d in data], [d[1] for d in data], [d[2] for d in data]
+
+    # Layout against the oracle.
+    per_rank, rdma, per_expert, in_rank, event = buf.get_dispatch_layout(topk, num_experts)
+    assert rdma is None and isinstance(event, EventOverlap)
+    for got, want in zip((per_rank, per_expert, in_rank), ref_ep.get_dispatch_layout(topk, num_experts, world)):
+        _same(got, want, "layout")
+
+    # Dispatch with the layout given, expert_alignment 4.
+    recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=topk, topk_weights=w, expert_alignment=4)
+    event.current_stream_wait()
+    want_x, want_idx, want_w, want_counts = ref_ep.dispatch_oracle(xs, topks, ws, num_experts, rank, 4)
+    _same(recv_x, want_x, "recv_x")
+    _same(recv_idx, want_idx, "recv_topk_idx")
+    _same(recv_w, want_w, "recv_topk_weights")
+    assert counts == want_counts and all(c % 4 == 0 for c in counts) and len(counts) == num_local
+    assert torch.all(recv_idx.ge(-1) & recv_idx.lt(num_local))
+    assert torch.all(recv_w[recv_idx < 0] == 0)
+    if avoid_last_rank and rank == world - 1:
+        assert recv_x.shape == (0, HIDDEN) and counts == [0] * num_local
+
+    # The same with only num_experts (layout computed inside), and without weights.
+    recv_x2, recv_idx2, recv_w2, counts2, _, _ = buf.dispatch(x, topk_idx=topk, num_experts=num_experts)
+    _same(recv_x2, want_x, "recv_x (num_experts only)")
+    _same(recv_idx2, want_idx, "recv_topk_idx (num_experts only)")
+    assert recv_w2 is None and counts2 == ref_ep.dispatch_oracle(xs, topks, ws, num_experts, rank)[3]
+
+    # Combine: each token comes back once per rank it went to; weights come back whole.
+    combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+    hits = in_rank.sum(1, dtype=torch.float32)[:, None]
+    _same(combined, (x.float() * hits).to(torch.bfloat16), "combine(dispatch(x))")
+    _same(combined_w, torch.where(topk >= 0, w, 0.0), "combined topk_weights")
+
+    # Cached dispatch: same routing, new payload.
+    x_new = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + rank)).to(torch.bfloat16)
+    xs_new = [torch.randn(d[0].shape, generator=torch.Generator().manual_seed(seed + s)).to(torch.bfloat16)
+              for s, d in enumerate(data)]
+    cached = buf.dispatch(x_new, handle=handle)
+    _same(cached[0], ref_ep.dispatch_oracle(xs_new, topks, ws, num_experts, rank)[0], "cached recv_x")
+    assert cached[1] is None and cached[2] is None and cached[3] is None
+
+    # FP8 payload: bytes and scales arrive unchanged (random bytes, NaN patterns included).
+    gen = torch.Generator().manual_seed(seed + 100)
+    fp8s = [(torch.randint(0, 256, (d[0].shape[0], HIDDEN), generator=gen, dtype=torch.uint8).view(torch.float8_e4m3fn),
+             torch.rand(d[0].shape[0], HIDDEN // 128, generator=gen)) for d in data]
+    recv_fp8, recv_idx3, _, counts3, handle3, _ = buf.dispatch(fp8s[rank], topk_idx=topk, num_experts=num_experts)
+    want_fp8 = ref_ep.dispatch_oracle(fp8s, topks, ws, num_experts, rank)[0]
+    assert isinstance(recv_fp8, tuple)
+    _same(recv_fp8[0], want_fp8[0], "fp8 payload")
+    _same(recv_fp8[1], want_fp8[1], "fp8 scales")
+    cached_fp8 = buf.dispatch(fp8s[rank], handle=handle3)[0]
+    _same(cached_fp8[0], want_fp8[0], "cached fp8 payload")
+
+    # Fixed-size output (num_worst_tokens): padded rows are x 0, ids -1, weights 0.
+    worst = want_x.shape[0] + 5
+    px, pidx, pw, _, phandle, _ = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=num_experts,
+                                               num_worst_tokens=worst)
+    assert px.shape == (worst, HIDDEN) and pidx.shape[0] == worst
+    n = want_x.shape[0]
+    _same(px[:n], want_x, "padded recv_x")
+    assert torch.all(px[n:] == 0) and torch.all(pidx[n:] == -1) and torch.all(pw[n:] == 0)
+    combined_p, _, _ = buf.combine(px, phandle)
+    _same(combined_p, combined, "combine of padded rows")
+
+    # Autograd: d/dx 0.5 |dispatch(x)|^2 = x * hits; d/dy <combine(y), x> = dispatch(x).
+    xg = x.float().requires_grad_()
+    wg = w.clone().requires_grad_()
+    rx, _, rw, _, h, _ = buf.dispatch(xg, topk_idx=topk, topk_weights=wg, num_experts=num_experts)
+    (0.5 * rx.pow(2).sum() + rw.sum()).backward()
+    torch.testing.assert_close(xg.grad, x.float() * hits, rtol=0, atol=0)
+    _same(wg.grad, (topk >= 0).float(), "grad of topk_weights")
+    y = rx.detach().clone().requires_grad_()
+    out, _, _ = buf.combine(y, h)
+    (out * x.float()).sum().backward()
+    _same(y.grad, rx.detach(), "grad of combine")
+
+    # Low latency, bf16: the per-expert layout, then a weighted combine with identity experts.
+    max_tokens = 16
+    ll_x, ll_count, ll_handle, ll_event, hook = buf.low_latency_dispatch(x, topk, max_tokens, num_experts,
+                                                                         use_fp8=False)
+    hook()
+    cap = max_tokens * world
+    assert ll_x.shape == (num_local, cap, HIDDEN) and ll_count.dtype == torch.int32
+    for local in range(num_local):
+        e = rank * num_local + local
+        want_rows = torch.cat([xs[s][(topks[s] == e).any(1)] for s in range(world)])
+        assert ll_count[local].item() == want_rows.shape[0]
+        _same(ll_x[local, : want_rows.shape[0]], want_rows, f"low-latency rows of expert {e}")
+    ll_out, _, _ = buf.low_latency_combine(ll_x, topk, w, ll_handle)
+    want_ll = x.float() * torch.where(topk >= 0, w, 0.0).sum(1, keepdim=True)
+    torch.testing.assert_close(ll_out.float(), want_ll, rtol=1e-2, atol=1e-2)
+    assert torch.all(ll_out[(topk < 0).all(1)] == 0)
+
+    # Low latency with the FP8 cast fused into the send: the bytes of per_token_cast_to_fp8.
+    (f8, sc), f8_count, f8_handle, _, _ = buf.low_latency_dispatch(x, topk, max_tokens, num_experts, use_fp8=True)
+    assert sc.shape == (num_local, cap, HIDDEN // 128)
+    casts = [dskernels.per_token_cast_to_fp8(xs[s]) for s in range(world)]
+    for local in range(num_local):
+        e = rank * num_local + local
+        pick = [(topks[s] == e).any(1) for s in range(world)]
+        n_e = f8_count[local].item()
+        _same(f8[local, :n_e], torch.cat([casts[s][0][pick[s]] for s in range(world)]), "ll fp8")
+        _same(sc[local, :n_e], torch.cat([casts[s][1][pick[s]] for s in range(world)]), "ll scales")
+    deq = (f8.float() * sc.repeat_interleave(128, dim=2)).to(torch.bfloat16)
+    ll_out8, _, _ = buf.low_latency_combine(deq, topk, w, f8_handle)
+    torch.testing.assert_close(ll_out8.float(), want_ll, rtol=0.1, atol=0.1)
+
+
+def _check_bad_inputs(buf, world):
+    x = torch.randn(5, HIDDEN).to(torch.bfloat16)
+    topk = torch.zeros(5, 2, dtype=torch.int64)
+    _raises(TypeError, ["topk_idx:", "int64", "int32"],
+            lambda: buf.dispatch(x, topk_idx=topk.int(), num_experts=4 * world))
+    _raises(ValueError, ["topk_idx:", "2 dimensions", "(10,)"],
+            lambda: buf.dispatch(x, topk_idx=topk.reshape(-1), num_experts=4 * world))
+    _raises(ValueError, ["num_experts:", f"({world})", str(4 * world + 1)],
+            lambda: buf.dispatch(x, topk_idx=topk, num_experts=4 * world + 1))
+    _raises(ValueError, ["num_experts:", str(4 * world + 1)], lambda: buf.get_dispatch_layout(topk, 4 * world + 1))
+    _raises(ValueError, ["topk_idx:", "5 rows", "4"], lambda: buf.dispatch(x, topk_idx=topk[:4], num_experts=4 * world))
+    _raises(ValueError, ["topk_idx:", f"[-1, {4 * world})"],
+            lambda: buf.dispatch(x, topk_idx=topk + 4 * world, num_experts=4 * world))
+    _raises(ValueError, ["topk_weights:", "(5, 2)", "(5, 3)"],
+            lambda: buf.dispatch(x, topk_idx=topk, topk_weights=torch.rand(5, 3), num_experts=4 * world))
+    _raises(ValueError, ["x:", "at most", "4"], lambda: buf.low_latency_dispatch(x, topk, 4, 4 * world))
+    _raises(TypeError, ["x[1]:", "float32"],
+            lambda: buf.dispatch((x.to(torch.float8_e4m3fn), torch.rand(5, 2).half()), topk_idx=topk,
+                                 num_experts=4 * world))
+
+
+def _body(rank, world, seed):
+    torch.manual_seed(seed)
+    buf = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20)
+    assert buf.rank == rank and buf.group_size == world
+    num_experts = 8 if world <= 4 else 2 * world
+    _check_dispatch_combine(buf, rank, world, num_experts, seed)
+    _check_dispatch_combine(buf, rank, world, num_experts, seed + 1, avoid_last_rank=True)  # last rank gets none
+    _check_bad_inputs(buf, world)
+    # async_finish/previous_event are accepted on CPU; the event is a no-op.
+    _, _, _, _, event = buf.get_dispatch_layout(torch.zeros(3, 1, dtype=torch.int64), num_experts,
+                                                previous_event=Buffer.capture(), async_finish=True)
+    with event:
+        pass
+    # A rank with no tokens at all.
+    empty = buf.dispatch(torch.empty(0, HIDDEN).to(torch.bfloat16), topk_idx=torch.empty(0, 2, dtype=torch.int64),
+                         num_experts=num_experts) if rank == 0 else \
+        buf.dispatch(torch.ones(3, HIDDEN).to(torch.bfloat16), topk_idx=torch.zeros(3, 2, dtype=torch.int64),
+                     num_experts=num_experts)
+    combined, _, _ = buf.combine(empty[0], empty[4])
+    if rank == 0:
+        assert empty[0].shape[0] == 3 * (world - 1) and combined.shape == (0, HIDDEN)
+    else:
+        assert empty[0].shape == (0, HIDDEN) and torch.all(combined == 1)
+
+
+def _timeout_body(rank, world):
+    import datetime
+
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=3))
+    buf = Buffer(group, timeout_s=1.5)
+    if rank == 0:
+        begin = time.monotonic()
+        _raises((TimeoutError, RuntimeError), ["dskernels.ep.Buffer.dispatch", "rank 0 of 2", "peer"],
+                lambda: buf.dispatch(torch.ones(2, 128), topk_idx=torch.ones(2, 1, dtype=torch.int64),
+                                     num_experts=2))
+        assert time.monotonic() - begin < 30
+    else:
+        time.sleep(6)  # "gone": never joins the dispatch
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_buffer_distributed(world):
+    run_distributed(_body, world, 1234 + world, timeout_s=240)
+
+
+def test_buffer_peer_gone_times_out():
+    run_distributed(_timeout_body, 2, timeout_s=60)

@@ -1,0 +1,127 @@
+"""ep_get_dispatch_layout and the Buffer's row movers on every backend against python_ref (one process)."""
+
+import pytest
+import torch
+
+import dskernels
+from dskernels.ops.ep import copy_rows, ep_get_dispatch_layout, gather_reduce
+from python_ref import ep as ref_ep
+
+
+def random_topk(num_tokens, num_topk, num_experts, *, device="cpu", seed=0, none_rate=0.2):
+    """Distinct experts per token (as a router gives), some entries -1 and some rows all -1."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(num_tokens, num_experts, generator=g)
+    topk = scores.topk(min(num_topk, num_experts), dim=1).indices
+    topk[torch.rand(topk.shape, generator=g) < none_rate] = -1
+    if num_tokens > 2:
+        topk[num_tokens // 2] = -1
+    return topk.to(device)
+
+
+@pytest.mark.parametrize("T,K,E,R", [(1, 1, 1, 1), (61, 8, 256, 8), (123, 6, 48, 4), (7, 3, 12, 3),
+                                     (130, 8, 64, 64), (0, 8, 16, 2), (33, 9, 40, 5)])
+def test_layout_matches_oracle(backend, T, K, E, R):
+    _, device = backend
+    topk = random_topk(T, K, E, device=device, seed=T + K)
+    got = ep_get_dispatch_layout(topk, E, R)
+    want = ref_ep.get_dispatch_layout(topk.cpu(), E, R)
+    for name, a, b in zip(("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a.cpu(), b), name
+
+
+def test_layout_repeated_expert_counts_once(backend):
+    _, device = backend
+    topk = torch.tensor([[3, 3, -1, 5], [-1, -1, -1, -1], [0, 7, 3, 7]], device=device)
+    per_rank, per_expert, in_rank = ep_get_dispatch_layout(topk, 8, 2)
+    assert per_expert.cpu().tolist() == [1, 0, 0, 2, 0, 1, 0, 1]
+    assert in_rank.cpu().tolist() == [[True, True], [False, False], [True, True]]
+    assert per_rank.cpu().tolist() == [2, 2]
+
+
+def test_layout_strided_input(backend):
+    _, device = backend
+    wide = random_topk(40, 16, 32, device=device, seed=3)
+    topk = wide[:, ::2]  # not contiguous
+    got = ep_get_dispatch_layout(topk, 32, 4)
+    for a, b in zip(got, ref_ep.get_dispatch_layout(topk.cpu().contiguous(), 32, 4)):
+        assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.parametrize("dtype,cols", [(torch.int32, 37), (torch.uint8, 5), (torch.bfloat16, 300)])
+def test_copy_rows_gather_and_scatter(backend, dtype, cols):
+    _, device = backend
+    src = torch.randint(0, 100, (11, cols + 3), dtype=torch.int32).to(dtype).to(device)[:, :cols]
+    src_idx = torch.tensor([4, 0, 10, 4, 7], device=device)
+    dst_idx = torch.tensor([2, 6, 0, 5, 3], device=device)
+    dst = torch.full((8, cols), 99, dtype=torch.int32).to(dtype).to(device)
+    want = dst.cpu().clone()
+    ref_ep.copy_rows(src.cpu(), src_idx.cpu(), want, dst_idx.cpu())
+    copy_rows(src, src_idx, dst, dst_idx)
+    assert torch.equal(dst.cpu(), want)
+    dst2 = torch.zeros(5, cols, dtype=dtype, device=device)
+    copy_rows(src, src_idx, dst2, None)
+    assert torch.equal(dst2.cpu(), src.cpu()[src_idx.cpu()])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gather_reduce(backend, dtype, weighted):
+    _, device = backend
+    y = torch.randn(9, 200).to(dtype).to(device)
+    y[8] = float("nan")  # never indexed: must not leak
+    index = torch.tensor([[0, -1, 3], [2, 7, 1], [-1, -1, -1], [5, 5, 0]], device=device)
+    weights = torch.rand(4, 3, device=device) if weighted else None
+    out = torch.empty(4, 200, dtype=dtype, device=device)
+    gather_reduce(y, index, weights, out)
+    want = torch.empty(4, 200, dtype=dtype)
+    ref_ep.gather_reduce(y.cpu(), index.cpu(), None if weights is None else weights.cpu(), want)
+    if weighted and device == "cuda":  # the GPU may fuse multiply-add: one rounding fewer
+        torch.testing.assert_close(out.cpu(), want)
+    else:
+        assert torch.equal(out.cpu(), want)
+    assert torch.all(out[2] == 0)
+
+
+@pytest.mark.parametrize("bad,error,words", [
+    ((torch.zeros(4, 2, dtype=torch.int32), 8, 2), TypeError, ["topk_idx:", "int64", "int32"]),
+    ((torch.zeros(4, dtype=torch.int64), 8, 2), ValueError, ["topk_idx:", "2 dimensions", "(4,)"]),
+    ((torch.zeros(4, 2, dtype=torch.int64), 9, 2), ValueError, ["num_experts:", "multiple", "2", "9"]),
+    ((torch.zeros(4, 2, dtype=torch.int64), 8, 0), ValueError, ["num_ranks:", "0"]),
+    ((torch.full((4, 2), 8, dtype=torch.int64), 8, 2), ValueError, ["topk_idx:", "[-1, 8)", "8"]),
+])
+def test_layout_bad_input_is_named(bad, error, words):
+    with pytest.raises(error) as info:
+        ep_get_dispatch_layout(*bad)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_layout_opcheck():
+    topk = random_topk(29, 4, 16, seed=1)
+    torch.library.opcheck(torch.ops.dskernels.ep_get_dispatch_layout, (topk, 16, 4))
+
+
+def test_layout_torch_compile_fullgraph():
+    def routed(topk):
+        per_rank, per_expert, in_rank = ep_get_dispatch_layout(topk, 32, 4)
+        return per_rank * 2, per_expert, in_rank.sum(1)
+
+    compiled = torch.compile(routed, fullgraph=True, backend="aot_eager")
+    topk = random_topk(45, 6, 32, seed=2)
+    for a, b in zip(compiled(topk), routed(topk)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_layout_cuda_graph_capture():
+    topk = random_topk(512, 8, 256, device="cuda", seed=5)
+    ep_get_dispatch_layout(topk, 256, 8)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ep_get_dispatch_layout(topk, 256, 8)
+    topk.copy_(random_topk(512, 8, 256, device="cuda", seed=6))
+    graph.replay()
+    for a, b in zip(out, ref_ep.get_dispatch_layout(topk.cpu(), 256, 8)):
+        assert torch.equal(a.cpu(), b)
