@@ -30,6 +30,12 @@ TORCH_LIBRARY(dskernels, m) {
 
   // ---- FP8 GEMMs (API.md section 2) ----
   m.set_python_module("dskernels.ops.gemm");
+  // out[m, n] (bf16) = dequant(a, sa) @ dequant(b, sb).T; (a, sa) and (b, sb) are the API's tuples.
+  m.def("gemm_fp8_fp8_bf16_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out) -> ()");
+  m.def("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(Tensor a, Tensor sa, Tensor b, Tensor sb, "
+        "Tensor(a!) out, Tensor m_indices) -> ()");
+  m.def("m_grouped_gemm_fp8_fp8_bf16_nt_masked(Tensor a, Tensor sa, Tensor b, Tensor sb, "
+        "Tensor(a!) out, Tensor masked_m, int expected_m) -> ()");
 
   // ---- Expert-parallel dispatch/combine (API.md section 3) ----
   m.set_python_module("dskernels.ops.ep");

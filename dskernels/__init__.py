@@ -15,6 +15,15 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 from dskernels import ops  # noqa: E402,F401  (registers the Python kernels)
 from dskernels._backend import available_backends, backend, current_backend  # noqa: E402
 from dskernels.ops.fp8 import per_block_cast_to_fp8, per_token_cast_to_fp8  # noqa: E402
+from dskernels.ops.gemm import (  # noqa: E402
+    fp8_gemm_nt,
+    gemm_fp8_fp8_bf16_nt,
+    get_col_major_tma_aligned_tensor,
+    m_grouped_fp8_gemm_nt_contiguous,
+    m_grouped_fp8_gemm_nt_masked,
+    m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
+    m_grouped_gemm_fp8_fp8_bf16_nt_masked,
+)
 
 __version__ = "0.1.0"
 
@@ -22,6 +31,13 @@ __all__ = [
     "available_backends",
     "backend",
     "current_backend",
+    "fp8_gemm_nt",
+    "gemm_fp8_fp8_bf16_nt",
+    "get_col_major_tma_aligned_tensor",
+    "m_grouped_fp8_gemm_nt_contiguous",
+    "m_grouped_fp8_gemm_nt_masked",
+    "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
+    "m_grouped_gemm_fp8_fp8_bf16_nt_masked",
     "per_block_cast_to_fp8",
     "per_token_cast_to_fp8",
 ]

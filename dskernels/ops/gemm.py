@@ -1,0 +1,253 @@
+"""FP8 block-scaled GEMMs (API.md section 2; DeepGEMM's `gemm_fp8_fp8_bf16_nt`,
+`m_grouped_gemm_fp8_fp8_bf16_nt_contiguous` and `m_grouped_gemm_fp8_fp8_bf16_nt_masked`, their
+newer names `fp8_gemm_nt`, `m_grouped_fp8_gemm_nt_contiguous`, `m_grouped_fp8_gemm_nt_masked`, and
+`get_col_major_tma_aligned_tensor`).
+
+The math, layouts and tuning knobs are in docs/gemm.md; python_ref/gemm.py is the definition.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dskernels._backend import select_backend
+from dskernels._checks import check_multiple, check_tensor
+from python_ref import gemm as ref
+
+FP8 = torch.float8_e4m3fn
+GROUP_SIZE = 128
+
+
+# ---- public functions ----
+
+def gemm_fp8_fp8_bf16_nt(lhs: tuple[torch.Tensor, torch.Tensor], rhs: tuple[torch.Tensor, torch.Tensor],
+                         out: torch.Tensor) -> None:
+    """out = dequant(lhs) @ dequant(rhs).T in bf16, accumulated in fp32 ("nt": rhs is [n, k]).
+
+    Args:
+        lhs: (a, sa), e.g. from per_token_cast_to_fp8:
+            a: [m, k] torch.float8_e4m3fn, k % 128 == 0, any strides.
+            sa: [m, k / 128] float32, one scale per row per 128 columns, any strides (row-major
+                as our casts return it, or DeepGEMM's column-major TMA-aligned layout from
+                get_col_major_tma_aligned_tensor). dequant(a)[i, c] = a[i, c] * sa[i, c // 128].
+        rhs: (b, sb), e.g. from per_block_cast_to_fp8:
+            b: [n, k] torch.float8_e4m3fn (any n >= 0, any strides).
+            sb: [ceil(n / 128), k / 128] float32, one scale per 128x128 block, any strides.
+                dequant(b)[j, c] = b[j, c] * sb[j // 128, c // 128].
+        out: [m, n] bfloat16 on the same device, any strides; overwritten.
+
+    Returns None. Raises TypeError / ValueError naming the argument (a, sa, b, sb, out) for a
+    wrong dtype, rank, device or shape, or k not a multiple of 128.
+    """
+    a, sa = _unpack("lhs", lhs)
+    b, sb = _unpack("rhs", rhs)
+    torch.ops.dskernels.gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out)
+
+
+def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs: tuple[torch.Tensor, torch.Tensor],
+                                              rhs: tuple[torch.Tensor, torch.Tensor],
+                                              out: torch.Tensor, m_indices: torch.Tensor) -> None:
+    """Grouped GEMM over rows stacked by group (MoE prefill): out[i] = dequant(a)[i] @ dequant(b[g]).T
+    with g = m_indices[i].
+
+    Args:
+        lhs: (a, sa): a [M, k] torch.float8_e4m3fn, k % 128 == 0; sa [M, k / 128] float32
+            (1x128 scales, any strides).
+        rhs: (b, sb): b [G, n, k] torch.float8_e4m3fn, one weight matrix per group;
+            sb [G, ceil(n / 128), k / 128] float32 (128x128 scales, any strides).
+        out: [M, n] bfloat16, overwritten on the rows that belong to a group.
+        m_indices: [M] int32 on the same device: the group of each row, -1 for padding rows.
+            Rows of one group form one contiguous segment. DeepGEMM's layout (each segment padded
+            to a multiple of 128 rows with -1 rows) and unaligned segments both work; groups may
+            be empty. Output rows whose index is -1 (or outside [0, G)) are left unspecified.
+
+    Returns None. Reads m_indices on the device (no host sync on the Triton path).
+    """
+    a, sa = _unpack("lhs", lhs)
+    b, sb = _unpack("rhs", rhs)
+    torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, out, m_indices)
+
+
+def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: tuple[torch.Tensor, torch.Tensor],
+                                          rhs: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor,
+                                          masked_m: torch.Tensor, expected_m: int) -> None:
+    """Batched GEMM with a per-group row count read on the device (MoE decode, CUDA graphs):
+    out[g, i] = dequant(a)[g, i] @ dequant(b[g]).T for i < masked_m[g].
+
+    Args:
+        lhs: (a, sa): a [G, m_max, k] torch.float8_e4m3fn, k % 128 == 0;
+            sa [G, m_max, k / 128] float32 (1x128 scales, any strides).
+        rhs: (b, sb): b [G, n, k] torch.float8_e4m3fn; sb [G, ceil(n / 128), k / 128] float32.
+        out: [G, m_max, n] bfloat16; rows i >= masked_m[g] are left unspecified.
+        masked_m: [G] int32 on the same device: the valid rows of each group (clamped to
+            [0, m_max]). Never read on the host, so the call can be captured in a CUDA graph and
+            replayed with new counts.
+        expected_m: python int, the expected rows per group: a tuning hint only.
+
+    Returns None.
+    """
+    a, sa = _unpack("lhs", lhs)
+    b, sb = _unpack("rhs", rhs)
+    _check_expected_m(expected_m)
+    torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m)
+
+
+def fp8_gemm_nt(lhs, rhs, out) -> None:
+    """DeepGEMM's newer name for gemm_fp8_fp8_bf16_nt: the same arguments and result."""
+    gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+
+
+def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, out, m_indices) -> None:
+    """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_contiguous: the same arguments."""
+    m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
+
+
+def m_grouped_fp8_gemm_nt_masked(lhs, rhs, out, masked_m, expected_m) -> None:
+    """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_masked: the same arguments."""
+    m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m)
+
+
+def get_tma_aligned_size(x: int, element_size: int) -> int:
+    """x rounded up so that x elements of element_size bytes fill whole 16-byte TMA units."""
+    alignment = 16 // element_size
+    return (x + alignment - 1) // alignment * alignment
+
+
+def get_col_major_tma_aligned_tensor(x: torch.Tensor) -> torch.Tensor:
+    """DeepGEMM's scale layout: the same values as x ([m, c] or [G, m, c]) in a column-major
+    layout whose columns start on 16-byte boundaries: strides (1, m') or (c * m', 1, m'), with
+    m' = m rounded up to a multiple of 16 / element_size (4 for fp32 scales).
+
+    Returns x itself when it already has that layout, else a new tensor. Our kernels accept any
+    strides, so this exists for compatibility with code written for DeepGEMM.
+    """
+    check_tensor("x", x)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x: expected 2 or 3 dimensions, got shape {tuple(x.shape)}")
+    m, cols = x.shape[-2], x.shape[-1]
+    aligned_m = get_tma_aligned_size(m, x.element_size())
+    squeeze = x.dim() == 2
+    batched = x.unsqueeze(0) if squeeze else x
+    if batched.stride(1) == 1 and batched.stride(2) == aligned_m and (
+            batched.shape[0] == 1 or batched.stride(0) == aligned_m * cols):
+        return x
+    aligned = torch.empty(batched.shape[0], cols, aligned_m, dtype=x.dtype, device=x.device).transpose(1, 2)
+    aligned[:, :m, :] = batched
+    aligned = aligned[:, :m, :]
+    return aligned.squeeze(0) if squeeze else aligned
+
+
+# ---- validation (shared by the real and fake kernels) ----
+
+def _unpack(name, pair):
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        got = f"{type(pair).__name__} of length {len(pair)}" if isinstance(pair, (tuple, list)) else type(pair).__name__
+        raise TypeError(f"{name}: expected a tuple (fp8 tensor, fp32 scales), got {got}")
+    return pair
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: tuple, why: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {tuple(expected)} ({why}), got {tuple(t.shape)}")
+
+
+def _check_operands(a, sa, b, sb, out, *, grouped_a: bool, grouped_b: bool):
+    """a [(G,) m, k], sa, b [(G,) n, k], sb, out [(G,) m, n]; returns (groups or None, m, n, k)."""
+    check_tensor("a", a, ndim=3 if grouped_a else 2, dtypes=(FP8,))
+    device = a.device
+    m, k = a.shape[-2], a.shape[-1]
+    check_multiple("a", k, GROUP_SIZE, "the last dimension (k)")
+    check_tensor("b", b, ndim=3 if grouped_b else 2, dtypes=(FP8,), device=device)
+    if b.shape[-1] != k:
+        raise ValueError(f"b: expected k = {k} (the last dimension of a) as its last dimension, "
+                         f"got shape {tuple(b.shape)}")
+    n = b.shape[-2]
+    groups = b.shape[0] if grouped_b else None
+    if grouped_a and a.shape[0] != groups:
+        raise ValueError(f"a: expected {groups} groups (the first dimension of b) as its first dimension, "
+                         f"got shape {tuple(a.shape)}")
+    check_tensor("sa", sa, dtypes=(torch.float32,), device=device)
+    _check_shape("sa", sa, (*a.shape[:-1], k // GROUP_SIZE), "one scale per row per 128 columns of a")
+    check_tensor("sb", sb, dtypes=(torch.float32,), device=device)
+    _check_shape("sb", sb, (*b.shape[:-2], (n + GROUP_SIZE - 1) // GROUP_SIZE, k // GROUP_SIZE),
+                 "one scale per 128x128 block of b")
+    check_tensor("out", out, dtypes=(torch.bfloat16,), device=device)
+    _check_shape("out", out, (*a.shape[:-1], n), "a's rows by b's rows")
+    return groups, m, n, k
+
+
+def _check_dense(a, sa, b, sb, out):
+    _check_operands(a, sa, b, sb, out, grouped_a=False, grouped_b=False)
+
+
+def _check_contiguous(a, sa, b, sb, out, m_indices):
+    _, m, _, _ = _check_operands(a, sa, b, sb, out, grouped_a=False, grouped_b=True)
+    check_tensor("m_indices", m_indices, ndim=1, dtypes=(torch.int32,), device=a.device)
+    _check_shape("m_indices", m_indices, (m,), "one group id per row of a")
+
+
+def _check_masked(a, sa, b, sb, out, masked_m, expected_m):
+    groups, _, _, _ = _check_operands(a, sa, b, sb, out, grouped_a=True, grouped_b=True)
+    check_tensor("masked_m", masked_m, ndim=1, dtypes=(torch.int32,), device=a.device)
+    _check_shape("masked_m", masked_m, (groups,), "one row count per group")
+    _check_expected_m(expected_m)
+
+
+def _check_expected_m(expected_m) -> None:
+    if isinstance(expected_m, bool) or not isinstance(expected_m, (int, torch.SymInt)):
+        raise TypeError(f"expected_m: expected a python int, got {type(expected_m).__name__}")
+
+
+# ---- registered kernels ----
+
+def _backend(op: str, device: torch.device) -> str:
+    # The sm90 CUDA GEMMs are issue 9; until then CUDA tensors run on Triton.
+    return select_backend(op, device, has_cuda=False, has_triton=True)
+
+
+@torch.library.register_kernel("dskernels::gemm_fp8_fp8_bf16_nt", ("cpu", "cuda"))
+def _gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out):
+    _check_dense(a, sa, b, sb, out)
+    if _backend("gemm_fp8_fp8_bf16_nt", a.device) == "ref":
+        out.copy_(ref.gemm_fp8_fp8_bf16_nt(a, sa, b, sb))
+        return
+    from dskernels.triton import gemm as triton_gemm
+
+    triton_gemm.gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out)
+
+
+@torch.library.register_kernel("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", ("cpu", "cuda"))
+def _m_grouped_contiguous(a, sa, b, sb, out, m_indices):
+    _check_contiguous(a, sa, b, sb, out, m_indices)
+    if _backend("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", a.device) == "ref":
+        out.copy_(ref.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, m_indices))
+        return
+    from dskernels.triton import gemm as triton_gemm
+
+    triton_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, out, m_indices)
+
+
+@torch.library.register_kernel("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_masked", ("cpu", "cuda"))
+def _m_grouped_masked(a, sa, b, sb, out, masked_m, expected_m):
+    _check_masked(a, sa, b, sb, out, masked_m, expected_m)
+    if _backend("m_grouped_gemm_fp8_fp8_bf16_nt_masked", a.device) == "ref":
+        out.copy_(ref.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, masked_m))
+        return
+    from dskernels.triton import gemm as triton_gemm
+
+    triton_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m)
+
+
+@torch.library.register_fake("dskernels::gemm_fp8_fp8_bf16_nt")
+def _gemm_fp8_fp8_bf16_nt_fake(a, sa, b, sb, out):
+    _check_dense(a, sa, b, sb, out)
+
+
+@torch.library.register_fake("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_contiguous")
+def _m_grouped_contiguous_fake(a, sa, b, sb, out, m_indices):
+    _check_contiguous(a, sa, b, sb, out, m_indices)
+
+
+@torch.library.register_fake("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_masked")
+def _m_grouped_masked_fake(a, sa, b, sb, out, masked_m, expected_m):
+    _check_masked(a, sa, b, sb, out, masked_m, expected_m)

@@ -1,0 +1,267 @@
+"""Triton FP8 block-scaled GEMMs: out = bf16(sum over 128-wide K blocks of sa * sb * (a @ b.T)).
+
+Per K block the FP8 tensor-core dot accumulates into a fresh fp32 tile, which is then scaled by
+the 1x128 activation scales (one per row) and the 128x128 weight scales (one per column, gathered
+as sb[col // 128], so BLOCK_N may span several weight blocks and n need not be a multiple of 128)
+and added to the fp32 accumulator: DeepGEMM's "promotion" math, so the results agree with the
+dequantize-then-multiply oracle up to fp32 rounding before the final bf16 rounding.
+
+Three kernels share that K loop (`_scaled_tile`):
+- dense: one program per (BLOCK_M, BLOCK_N) tile, tiles visited in GROUP_M-row bands so that
+  consecutive programs reuse the same b tiles from L2;
+- contiguous grouped: the same grid over the M rows; each program reads its rows' m_indices on
+  the device and walks the runs of equal group ids inside its tile (one run per tile in
+  DeepGEMM's 128-aligned layout, a few at the edges of unaligned segments); runs of -1 (or of an id
+  outside [0, G)) do no work. No host sync, no precomputed map to launch;
+- masked grouped: a (tiles, G) grid; each program reads masked_m[g] on the device and does no
+  K-loop work when its tile starts at or beyond it. CUDA-graph safe.
+
+Every tensor is addressed through its strides, so scales may be row-major (our casts) or
+DeepGEMM's column-major TMA-aligned layout, and a, b, out may be strided views.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+GROUP_SIZE = 128  # the K (and n) width of one scale
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """fp32 -> the nearest bf16 value (ties to even), as fp32, so `.to(tl.bfloat16)` is exact.
+
+    Only under the interpreter: it truncates fp32 -> bf16 casts (1.0 + 3 * 2^-8 -> 1.0078 instead of
+    1.0156); GPUs round to nearest even in the conversion instruction itself.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 == 0xFFFF0000
+    return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Program id -> (tile row, tile column), walking GROUP_M tile rows per band for L2 reuse."""
+    per_band = GROUP_M * num_pid_n
+    band = pid // per_band
+    first_m = band * GROUP_M
+    band_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_band) % band_m
+    pid_n = (pid % per_band) // band_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
+                 stride_am, stride_ak, stride_sam, stride_sak,
+                 stride_bn, stride_bk, stride_sbn, stride_sbk,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum over K blocks kb < k_blocks of sa[rows, kb] * sb[cols // 128, kb] * (a @ b.T)[kb]."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + cols[None, :].to(tl.int64) * stride_bn + ks[:, None] * stride_bk
+    sa_ptrs = sa_ptr + rows.to(tl.int64) * stride_sam
+    sb_ptrs = sb_ptr + (cols // BLOCK_K).to(tl.int64) * stride_sbn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, k_blocks):
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+        sa = tl.load(sa_ptrs, mask=row_ok, other=0.0)
+        sb = tl.load(sb_ptrs, mask=col_ok, other=0.0)
+        # A fresh fp32 tile per K block, promoted with its scales (DeepGEMM's math): Hopper's FP8
+        # MMA accumulates with fewer than fp32's bits, so long K chains must not stay inside it.
+        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+        sa_ptrs += stride_sak
+        sb_ptrs += stride_sbk
+    return acc
+
+
+@triton.jit
+def _store_bf16(out_ptr, acc, rows, cols, mask, stride_om, stride_on, ROUND_BF16: tl.constexpr):
+    if ROUND_BF16:
+        acc = _round_to_bf16(acc)
+    ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :].to(tl.int64) * stride_on
+    tl.store(ptrs, acc.to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
+def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
+                 stride_am, stride_ak, stride_sam, stride_sak,
+                 stride_bn, stride_bk, stride_sbn, stride_sbk, stride_om, stride_on, m_bucket,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr):
+    num_pid_m = tl.cdiv(m, BLOCK_M)
+    num_pid_n = tl.cdiv(n, BLOCK_N)
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < m
+    col_ok = cols < n
+    acc = _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
+                       stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
+                       stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K)
+    _store_bf16(out_ptr, acc, rows, cols, row_ok[:, None] & col_ok[None, :], stride_om, stride_on, ROUND_BF16)
+
+
+@triton.jit
+def _contiguous_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, idx_ptr, m, n, k_blocks, groups,
+                       stride_am, stride_ak, stride_sam, stride_sak,
+                       stride_bg, stride_bn, stride_bk, stride_sbg, stride_sbn, stride_sbk,
+                       stride_om, stride_on, stride_idx, m_bucket,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr):
+    num_pid_m = tl.cdiv(m, BLOCK_M)
+    num_pid_n = tl.cdiv(n, BLOCK_N)
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+    offs = tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + offs
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n
+    group_of_row = tl.load(idx_ptr + rows.to(tl.int64) * stride_idx, mask=rows < m, other=-1)
+    # Walk the runs of equal group ids in this tile; rows of one run share one b[g].
+    start = pid_m * 0
+    while start < BLOCK_M:
+        group = tl.sum(tl.where(offs == start, group_of_row, 0))
+        end = tl.min(tl.where((offs > start) & (group_of_row != group), offs, BLOCK_M))
+        valid = (group >= 0) & (group < groups)
+        run = (offs >= start) & (offs < end) & (rows < m) & valid
+        safe_group = tl.where(valid, group, 0).to(tl.int64)
+        acc = _scaled_tile(a_ptr, sa_ptr, b_ptr + safe_group * stride_bg, sb_ptr + safe_group * stride_sbg,
+                           rows, cols, run, col_ok, tl.where(valid, k_blocks, 0),
+                           stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
+                           stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K)
+        _store_bf16(out_ptr, acc, rows, cols, run[:, None] & col_ok[None, :], stride_om, stride_on, ROUND_BF16)
+        start = end
+
+
+@triton.jit
+def _masked_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, masked_m_ptr, m_max, n, k_blocks,
+                   stride_ag, stride_am, stride_ak, stride_sag, stride_sam, stride_sak,
+                   stride_bg, stride_bn, stride_bk, stride_sbg, stride_sbn, stride_sbk,
+                   stride_og, stride_om, stride_on, m_bucket,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr):
+    group = tl.program_id(1).to(tl.int64)
+    num_pid_m = tl.cdiv(m_max, BLOCK_M)
+    num_pid_n = tl.cdiv(n, BLOCK_N)
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+    rows_here = tl.minimum(tl.maximum(tl.load(masked_m_ptr + group), 0), m_max)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < rows_here
+    col_ok = cols < n
+    # Tiles past masked_m[g] run no K block (no early return: one code path for every Triton).
+    active = pid_m * BLOCK_M < rows_here
+    acc = _scaled_tile(a_ptr + group * stride_ag, sa_ptr + group * stride_sag, b_ptr + group * stride_bg,
+                       sb_ptr + group * stride_sbg, rows, cols, row_ok, col_ok, tl.where(active, k_blocks, 0),
+                       stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
+                       stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K)
+    _store_bf16(out_ptr + group * stride_og, acc, rows, cols, row_ok[:, None] & col_ok[None, :],
+                stride_om, stride_on, ROUND_BF16)
+
+
+# ---- block sizes ----
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Under the interpreter every program is numpy work: small fixed tiles keep the CPU tests fast.
+_INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=2)
+
+
+def _gpu_configs(max_block_m: int) -> list[triton.Config]:
+    """Candidate tiles for Hopper-class GPUs (BLOCK_K is fixed at 128, the scale width)."""
+    shapes = [(128, 256, 3, 8), (128, 128, 4, 8), (128, 128, 4, 4), (64, 256, 3, 8), (64, 128, 4, 4),
+              (128, 64, 4, 4), (64, 64, 5, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
+            for bm, bn, stages, warps in shapes if bm <= max_block_m]
+
+
+def _heuristic_config(m_hint: int, n: int) -> dict:
+    """Without autotuning (DSKERNELS_GEMM_AUTOTUNE=0): small-M decode shapes get 64-row tiles."""
+    if m_hint <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_stages=4, num_warps=4)
+    return dict(BLOCK_M=128, BLOCK_N=128 if n <= 4096 else 256, GROUP_M=8,
+                num_stages=4 if n <= 4096 else 3, num_warps=8)
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("DSKERNELS_GEMM_AUTOTUNE", "1") != "0"
+
+
+@functools.cache
+def _tuned(kernel_name: str, max_block_m: int):
+    kernel = globals()[kernel_name]
+    # Keyed on the M bucket (next power of two, capped), so new batch sizes rarely retune.
+    return triton.autotune(configs=_gpu_configs(max_block_m), key=["m_bucket", "n", "k_blocks"])(kernel)
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), 4096)
+
+
+def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, max_block_m: int = 256) -> None:
+    kernel = globals()[kernel_name]
+    if _interpret():
+        meta = dict(_INTERPRETER_CONFIG, BLOCK_K=GROUP_SIZE, ROUND_BF16=True)
+        kernel[grid_fn(meta)](*args, **meta)
+    elif _autotune_enabled():
+        _tuned(kernel_name, max_block_m)[grid_fn](*args, BLOCK_K=GROUP_SIZE, ROUND_BF16=False)
+    else:
+        meta = dict(_heuristic_config(m_hint, n), BLOCK_K=GROUP_SIZE, ROUND_BF16=False)
+        meta["BLOCK_M"] = min(meta["BLOCK_M"], max_block_m)
+        kernel[grid_fn(meta)](*args, **meta)
+
+
+# ---- launchers (inputs already validated by dskernels.ops.gemm) ----
+
+def gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out) -> None:
+    m, k = a.shape
+    n = b.shape[0]
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        out.zero_()
+        return
+    args = (a, sa, b, sb, out, m, n, k // GROUP_SIZE,
+            *a.stride(), *sa.stride(), *b.stride(), *sb.stride(), *out.stride(), _m_bucket(m))
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _launch("_gemm_kernel", grid, args, m, n)
+
+
+def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, out, m_indices) -> None:
+    m, k = a.shape
+    groups, n, _ = b.shape
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        out.zero_()
+        return
+    args = (a, sa, b, sb, out, m_indices, m, n, k // GROUP_SIZE, groups,
+            *a.stride(), *sa.stride(), *b.stride(), *sb.stride(), *out.stride(), m_indices.stride(0), _m_bucket(m))
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    # At most 128 rows per tile: in DeepGEMM's 128-aligned layout every tile then holds one group.
+    _launch("_contiguous_kernel", grid, args, m, n, max_block_m=128)
+
+
+def m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m: int) -> None:
+    groups, m_max, k = a.shape
+    n = b.shape[1]
+    if groups == 0 or m_max == 0 or n == 0:
+        return
+    if k == 0:
+        out.zero_()
+        return
+    m_hint = max(1, min(expected_m, m_max))  # the tuning hint, as in DeepGEMM
+    args = (a, sa, b, sb, out, masked_m, m_max, n, k // GROUP_SIZE,
+            *a.stride(), *sa.stride(), *b.stride(), *sb.stride(), *out.stride(), _m_bucket(m_hint))
+    grid = lambda meta: (triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
+    _launch("_masked_kernel", grid, args, m_hint, n)

@@ -1,0 +1,58 @@
+"""FP8 block-scaled GEMMs (DeepGEMM's `*_fp8_fp8_bf16_nt`): dequantize, multiply in fp32, round.
+
+    dequant(a, sa)[i, k] = a[i, k].float() * sa[i, k // 128]            1x128 activation scales
+    dequant(b, sb)[j, k] = b[j, k].float() * sb[j // 128, k // 128]     128x128 weight scales
+    out = bf16(dequant(a, sa) @ dequant(b, sb).T)                         "nt": b is [n, k]
+
+The kernels apply the scales per 128-wide K block instead (DeepGEMM's promotion), which is the same
+sum in another order: results agree to fp32 rounding before the final bf16 rounding.
+"""
+
+import torch
+
+GROUP_SIZE = 128
+
+
+def dequantize_activations(a: torch.Tensor, sa: torch.Tensor) -> torch.Tensor:
+    """a [..., m, k] fp8, sa [..., m, k / 128] fp32 -> [..., m, k] fp32."""
+    return a.float() * sa.float().repeat_interleave(GROUP_SIZE, dim=-1)
+
+
+def dequantize_weights(b: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+    """b [..., n, k] fp8, sb [..., ceil(n / 128), k / 128] fp32 -> [..., n, k] fp32."""
+    n = b.shape[-2]
+    expanded = sb.float().repeat_interleave(GROUP_SIZE, dim=-2)[..., :n, :]
+    return b.float() * expanded.repeat_interleave(GROUP_SIZE, dim=-1)
+
+
+def gemm_fp8_fp8_bf16_nt(a, sa, b, sb) -> torch.Tensor:
+    """a [m, k], sa [m, k/128], b [n, k], sb [ceil(n/128), k/128] -> out [m, n] bf16."""
+    return (dequantize_activations(a, sa) @ dequantize_weights(b, sb).T).to(torch.bfloat16)
+
+
+def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, m_indices) -> torch.Tensor:
+    """a [M, k], sa [M, k/128], b [G, n, k], sb [G, ceil(n/128), k/128], m_indices int [M] ->
+    out [M, n] bf16; row i uses group m_indices[i]; rows with m_indices -1 come back as zeros."""
+    m_total, n = a.shape[0], b.shape[1]
+    out = torch.zeros(m_total, n, dtype=torch.bfloat16, device=a.device)
+    lhs = dequantize_activations(a, sa)
+    rhs = dequantize_weights(b, sb)
+    indices = m_indices.long()
+    for group in range(b.shape[0]):
+        rows = (indices == group).nonzero().squeeze(1)
+        if rows.numel():
+            out[rows] = (lhs[rows] @ rhs[group].T).to(torch.bfloat16)
+    return out
+
+
+def m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, masked_m) -> torch.Tensor:
+    """a [G, m_max, k], sa [G, m_max, k/128], b [G, n, k], sb [G, ceil(n/128), k/128],
+    masked_m int [G] -> out [G, m_max, n] bf16; rows >= masked_m[g] come back as zeros."""
+    groups, m_max, _ = a.shape
+    out = torch.zeros(groups, m_max, b.shape[1], dtype=torch.bfloat16, device=a.device)
+    lhs = dequantize_activations(a, sa)
+    rhs = dequantize_weights(b, sb)
+    for group, rows in enumerate(masked_m.tolist()):
+        rows = max(0, min(rows, m_max))
+        out[group, :rows] = (lhs[group, :rows] @ rhs[group].T).to(torch.bfloat16)
+    return out

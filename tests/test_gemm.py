@@ -1,0 +1,420 @@
+"""FP8 block-scaled GEMMs (dense, contiguous grouped, masked grouped) on every backend against
+python_ref.gemm, with DeepGEMM's calc_diff bound and a tighter one derived from the math."""
+
+import pytest
+import torch
+
+import dskernels
+import python_ref
+from dskernels.testing import calc_diff
+from python_ref import gemm as ref
+
+K = 256  # two K blocks: the per-block promotion is exercised, the interpreter stays fast
+FP8_NAN = 0x7F  # float8_e4m3fn NaN (Triton's interpreter decodes it as 480 in tl.dot: still loud)
+
+
+# ---- inputs ----
+
+def quantized_pair(rows, k, device, *, per_block: bool, scale_layout: str):
+    """Random values whose magnitude varies by up to 4x per row (activations) or per 128-row block
+    (weights), the scales' granularity, cast as our casts do; scales in the asked layout. The
+    spread stays small so that DeepGEMM's statistical calc_diff bound keeps its sample size."""
+    groups = -(-rows // 128) if per_block else rows
+    magnitude = 2 ** (torch.rand(groups, device=device) * 2 - 1)
+    if per_block:
+        magnitude = magnitude.repeat_interleave(128)[:rows]
+    x = torch.randn(rows, k, device=device) * magnitude.unsqueeze(1)
+    cast = python_ref.per_block_cast_to_fp8 if per_block else python_ref.per_token_cast_to_fp8
+    q, s = cast(x.cpu())
+    q, s = q.to(device), s.to(device)
+    if scale_layout == "tma":
+        s = dskernels.get_col_major_tma_aligned_tensor(s)
+        assert s.stride(0) == 1
+    return x, q, s
+
+
+def grouped_weights(groups, n, k, device, scale_layout):
+    ws, bs, sbs = [], [], []
+    for _ in range(groups):
+        w, b, sb = quantized_pair(n, k, device, per_block=True, scale_layout="row")
+        ws.append(w), bs.append(b), sbs.append(sb)
+    sb = torch.stack(sbs)
+    if scale_layout == "tma":
+        sb = dskernels.get_col_major_tma_aligned_tensor(sb)
+    return torch.stack(ws), torch.stack(bs), sb
+
+
+def poison_rows(q, s, rows):
+    """NaN into the fp8 values and the scales of rows the result must not depend on."""
+    q.view(torch.uint8)[rows] = FP8_NAN
+    s[rows] = float("nan")
+
+
+def empty_out(*shape, device):
+    return torch.full(shape, float("nan"), dtype=torch.bfloat16, device=device)
+
+
+# ---- the two bounds ----
+
+def assert_close_to_oracle(out, a, sa, b, sb):
+    """out [m, n] against the dequantized product in fp64, a bound derived from the math:
+
+    every backend computes the same dequantized sum in fp32 (in another order: per 128-wide K block,
+    then scaled) and rounds it once to bf16. bf16 keeps 8 significant bits, so the rounding error is
+    at most 2^-8 |d|; fp32 summation of k products adds at most ~(k + 8) 2^-24 sum |terms| for each
+    of the two orders. With relative error e per element, calc_diff = sum (x-y)^2 / sum (x^2+y^2)
+    <= e^2 / 2 = 2^-17; we allow 2^-16 for the fp32 part (DeepGEMM's bound is 1e-3, ~65x looser).
+    """
+    assert out.dtype == torch.bfloat16
+    out = out.double().cpu()
+    deq_a = ref.dequantize_activations(a.cpu(), sa.cpu()).double()
+    deq_b = ref.dequantize_weights(b.cpu(), sb.cpu()).double()
+    exact = deq_a @ deq_b.T
+    assert calc_diff(out, exact) < 2**-16
+    k = a.shape[-1]
+    bound = exact.abs() * 2**-8 + 2 * (k + 8) * 2**-24 * (deq_a.abs() @ deq_b.abs().T)
+    excess = (out - exact).abs() - bound
+    assert excess.max() <= 0, f"{(excess > 0).sum().item()} elements off by more than the bound"
+
+
+def assert_close_to_bf16_product(pairs):
+    """DeepGEMM's check over all (out, x, w) of one test: calc_diff against bf16(x) @ bf16(w).T.
+
+    FP8 quantization alone puts calc_diff near 7e-4 for any k (measured: mean 6.9e-4 over 200 draws,
+    python_ref, k=256): the 1e-3 bound is a statistical one and holds with margin only over enough
+    outputs (the max over 200 draws of 8320 outputs was 8.1e-4, of 64 outputs 1.6e-3). Below 8192
+    outputs we allow 3e-3; the tight bound above is what pins the kernels down element by element.
+    """
+    outs = torch.cat([out.double().cpu().flatten() for out, _, _ in pairs])
+    products = torch.cat([(x.cpu().bfloat16().double() @ w.cpu().bfloat16().double().T).flatten()
+                          for _, x, w in pairs])
+    limit = 1e-3 if outs.numel() >= 8192 else 3e-3
+    assert calc_diff(outs, products) < limit
+
+
+# ---- dense ----
+
+@pytest.mark.parametrize("scale_layout", ["row", "tma"])
+@pytest.mark.parametrize("m,n", [(1, 200), (7, 129), (130, 200), (130, 64)])
+def test_gemm_dense(backend, m, n, scale_layout):
+    _, device = backend
+    x, a, sa = quantized_pair(m, K, device, per_block=False, scale_layout=scale_layout)
+    w, b, sb = quantized_pair(n, K, device, per_block=True, scale_layout=scale_layout)
+    out = empty_out(m, n, device=device)
+    assert dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out) is None
+    assert_close_to_oracle(out, a, sa, b, sb)
+    assert_close_to_bf16_product([(out, x, w)])
+
+
+def test_gemm_dense_strided_views(backend):
+    """a, b as column slices of NaN-padded buffers, out as a slice of a NaN buffer: nothing past
+    the views is read or written."""
+    _, device = backend
+    m, n = 33, 150
+    x, a, sa = quantized_pair(m, K, device, per_block=False, scale_layout="row")
+    w, b, sb = quantized_pair(n, K, device, per_block=True, scale_layout="row")
+    a_wide = torch.full((m, K + 128), FP8_NAN, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+    a_wide[:, 64:64 + K] = a
+    b_wide = torch.full((n, K + 128), FP8_NAN, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+    b_wide[:, :K] = b
+    out_wide = empty_out(m, n + 10, device=device)
+    dskernels.gemm_fp8_fp8_bf16_nt((a_wide[:, 64:64 + K], sa), (b_wide[:, :K], sb), out_wide[:, 5:5 + n])
+    assert_close_to_oracle(out_wide[:, 5:5 + n], a, sa, b, sb)
+    assert out_wide[:, :5].isnan().all() and out_wide[:, 5 + n:].isnan().all()
+
+
+def test_gemm_dense_k128_and_empty(backend):
+    _, device = backend
+    x, a, sa = quantized_pair(5, 128, device, per_block=False, scale_layout="row")
+    w, b, sb = quantized_pair(17, 128, device, per_block=True, scale_layout="row")
+    out = empty_out(5, 17, device=device)
+    dskernels.fp8_gemm_nt((a, sa), (b, sb), out)
+    assert_close_to_oracle(out, a, sa, b, sb)
+    empty = empty_out(0, 17, device=device)
+    dskernels.gemm_fp8_fp8_bf16_nt((a[:0], sa[:0]), (b, sb), empty)
+    assert empty.shape == (0, 17)
+
+
+# ---- contiguous grouped ----
+
+def contiguous_layout(sizes, aligned: bool, device):
+    """Row ranges and m_indices for groups of `sizes` rows, in a shuffled group order (segments
+    need not be sorted); aligned: DeepGEMM's layout, each segment padded to 128 rows with -1."""
+    order = [2, 0, 3, 1][:len(sizes)] if len(sizes) == 4 else list(range(len(sizes)))
+    indices, ranges, row = [], {}, 0
+    for g in order:
+        size = sizes[g]
+        padded = -(-size // 128) * 128 if aligned else size
+        indices += [g] * size + [-1] * (padded - size)
+        ranges[g] = (row, row + size)
+        row += padded
+    if not aligned:
+        indices += [-1] * 3  # trailing padding rows also happen with unaligned layouts
+    return torch.tensor(indices, dtype=torch.int32, device=device), ranges
+
+
+@pytest.mark.parametrize("scale_layout", ["row", "tma"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned128", "unaligned"])
+def test_m_grouped_contiguous(backend, aligned, scale_layout):
+    _, device = backend
+    sizes = [7, 0, 130, 1]  # group 1 is empty
+    n = 144
+    m_indices, ranges = contiguous_layout(sizes, aligned, device)
+    total = m_indices.numel()
+    x, a, sa = quantized_pair(total, K, device, per_block=False, scale_layout="row")
+    poison_rows(a, sa, m_indices == -1)
+    if scale_layout == "tma":
+        sa = dskernels.get_col_major_tma_aligned_tensor(sa)
+    w, b, sb = grouped_weights(len(sizes), n, K, device, scale_layout)
+    out = empty_out(total, n, device=device)
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)
+    pairs = []
+    for g, (lo, hi) in ranges.items():
+        if hi > lo:
+            assert_close_to_oracle(out[lo:hi], a[lo:hi], sa[lo:hi], b[g], sb[g])
+            pairs.append((out[lo:hi], x[lo:hi], w[g]))
+    assert_close_to_bf16_product(pairs)
+
+
+def test_m_grouped_contiguous_matches_oracle_function(backend):
+    """The python_ref oracle on the valid rows; group ids outside [0, G) never index b."""
+    _, device = backend
+    m_indices = torch.tensor([1] * 20 + [0] * 40 + [-1] * 4 + [7] * 5, dtype=torch.int32, device=device)
+    _, a, sa = quantized_pair(m_indices.numel(), K, device, per_block=False, scale_layout="row")
+    _, b, sb = grouped_weights(2, 40, K, device, "row")
+    out = empty_out(m_indices.numel(), 40, device=device)
+    dskernels.m_grouped_fp8_gemm_nt_contiguous((a, sa), (b, sb), out, m_indices)
+    expected = ref.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, m_indices)
+    valid = (m_indices >= 0) & (m_indices < 2)
+    assert calc_diff(out[valid], expected[valid]) < 2**-16
+
+
+# ---- masked grouped ----
+
+@pytest.mark.parametrize("scale_layout", ["row", "tma"])
+def test_m_grouped_masked(backend, scale_layout):
+    _, device = backend
+    masked = [7, 0, 130, 1]
+    groups, m_max, n = len(masked), 130, 136
+    x, a, sa = quantized_pair(groups * m_max, K, device, per_block=False, scale_layout="row")
+    x, a, sa = x.view(groups, m_max, K), a.view(groups, m_max, K), sa.view(groups, m_max, K // 128)
+    for g, rows in enumerate(masked):
+        poison_rows(a[g], sa[g], slice(rows, None))
+    if scale_layout == "tma":
+        sa = dskernels.get_col_major_tma_aligned_tensor(sa)
+    w, b, sb = grouped_weights(groups, n, K, device, scale_layout)
+    out = empty_out(groups, m_max, n, device=device)
+    masked_m = torch.tensor(masked, dtype=torch.int32, device=device)
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 32)
+    pairs = []
+    for g, rows in enumerate(masked):
+        if rows:
+            assert_close_to_oracle(out[g, :rows], a[g, :rows], sa[g, :rows], b[g], sb[g])
+            pairs.append((out[g, :rows], x[g, :rows], w[g]))
+    assert_close_to_bf16_product(pairs)
+    # The newer name, same arguments.
+    out2 = empty_out(groups, m_max, n, device=device)
+    dskernels.m_grouped_fp8_gemm_nt_masked((a, sa), (b, sb), out2, masked_m, 32)
+    for g, rows in enumerate(masked):
+        assert torch.equal(out2[g, :rows], out[g, :rows])
+
+
+# ---- layout helper ----
+
+def test_get_col_major_tma_aligned_tensor():
+    s = torch.randn(130, 3)
+    aligned = dskernels.get_col_major_tma_aligned_tensor(s)
+    assert aligned.shape == s.shape and aligned.stride() == (1, 132) and torch.equal(aligned, s)
+    assert dskernels.get_col_major_tma_aligned_tensor(aligned) is aligned
+    s3 = torch.randn(4, 7, 2)
+    aligned3 = dskernels.get_col_major_tma_aligned_tensor(s3)
+    assert aligned3.stride() == (16, 1, 8) and torch.equal(aligned3, s3)
+    assert dskernels.get_col_major_tma_aligned_tensor(aligned3) is aligned3
+    with pytest.raises(ValueError, match="^x: expected 2 or 3 dimensions"):
+        dskernels.get_col_major_tma_aligned_tensor(torch.randn(5))
+
+
+# ---- bad inputs ----
+
+def _dense_args(m=4, n=8, k=K):
+    a = torch.randn(m, k).to(torch.float8_e4m3fn)
+    b = torch.randn(n, k).to(torch.float8_e4m3fn)
+    return dict(a=a, sa=torch.rand(m, k // 128), b=b, sb=torch.rand(-(-n // 128), k // 128),
+                out=torch.empty(m, n, dtype=torch.bfloat16))
+
+
+def _grouped_args(groups=3, m=4, n=8, k=K, masked=False):
+    shape_a = (groups, m, k) if masked else (m, k)
+    return dict(a=torch.randn(shape_a).to(torch.float8_e4m3fn), sa=torch.rand(*shape_a[:-1], k // 128),
+                b=torch.randn(groups, n, k).to(torch.float8_e4m3fn), sb=torch.rand(groups, 1, k // 128),
+                out=torch.empty(*shape_a[:-1], n, dtype=torch.bfloat16))
+
+
+def _call(kind, args, **extra):
+    args = {**args, **extra}
+    lhs, rhs = (args.pop("a"), args.pop("sa")), (args.pop("b"), args.pop("sb"))
+    if kind == "dense":
+        dskernels.gemm_fp8_fp8_bf16_nt(lhs, rhs, args["out"])
+    elif kind == "contiguous":
+        m_indices = args.get("m_indices", torch.zeros(lhs[0].shape[0], dtype=torch.int32))
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, args["out"], m_indices)
+    else:
+        masked_m = args.get("masked_m", torch.ones(rhs[0].shape[0], dtype=torch.int32))
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, args["out"], masked_m, args.get("expected_m", 4))
+
+
+BAD = [
+    ("dense", dict(_dense_args(k=200), sa=torch.rand(4, 1), sb=torch.rand(1, 1)), ValueError,
+     "a:", ["multiple of 128", "200"]),
+    ("dense", dict(_dense_args(), a=torch.randn(4, K, dtype=torch.bfloat16)), TypeError, "a:",
+     ["float8_e4m3fn", "bfloat16"]),
+    ("dense", dict(_dense_args(), sa=torch.rand(4, 1)), ValueError, "sa:", ["(4, 2)", "(4, 1)"]),
+    ("dense", dict(_dense_args(), sa=torch.rand(4, 2).bfloat16()), TypeError, "sa:", ["float32"]),
+    ("dense", dict(_dense_args(), b=torch.randn(8, 384).to(torch.float8_e4m3fn)), ValueError, "b:",
+     ["256", "(8, 384)"]),
+    ("dense", dict(_dense_args(), sb=torch.rand(2, 2)), ValueError, "sb:", ["(1, 2)", "(2, 2)"]),
+    ("dense", dict(_dense_args(), out=torch.empty(4, 8)), TypeError, "out:", ["bfloat16", "float32"]),
+    ("dense", dict(_dense_args(), out=torch.empty(8, 4, dtype=torch.bfloat16)), ValueError, "out:",
+     ["(4, 8)", "(8, 4)"]),
+    ("contiguous", dict(_grouped_args(), m_indices=torch.zeros(4, dtype=torch.int64)), TypeError,
+     "m_indices:", ["int32", "int64"]),
+    ("contiguous", dict(_grouped_args(), m_indices=torch.zeros(5, dtype=torch.int32)), ValueError,
+     "m_indices:", ["(4,)", "(5,)"]),
+    ("contiguous", dict(_grouped_args(), sb=torch.rand(3, 2, 2)), ValueError, "sb:", ["(3, 1, 2)"]),
+    ("contiguous", dict(_grouped_args(), b=torch.randn(8, K).to(torch.float8_e4m3fn)), ValueError, "b:",
+     ["3 dimensions", "(8, 256)"]),
+    ("masked", dict(_grouped_args(masked=True), masked_m=torch.ones(3, dtype=torch.int64)), TypeError,
+     "masked_m:", ["int32", "int64"]),
+    ("masked", dict(_grouped_args(masked=True), masked_m=torch.ones(2, dtype=torch.int32)), ValueError,
+     "masked_m:", ["(3,)", "(2,)"]),
+    ("masked", dict(_grouped_args(masked=True), a=torch.randn(2, 4, K).to(torch.float8_e4m3fn)), ValueError,
+     "a:", ["3 groups", "(2, 4, 256)"]),
+    ("masked", dict(_grouped_args(masked=True), sa=torch.rand(3, 4, 3)), ValueError, "sa:", ["(3, 4, 2)"]),
+    ("masked", dict(_grouped_args(masked=True), expected_m=4.5), TypeError, "expected_m:", ["int", "float"]),
+]
+
+
+@pytest.mark.parametrize("kind,args,error,name,words", BAD, ids=[f"{b[0]}-{b[3]}{i}" for i, b in enumerate(BAD)])
+def test_bad_input_is_named(kind, args, error, name, words):
+    with pytest.raises(error) as info:
+        _call(kind, args)
+    message = str(info.value)
+    assert message.startswith(name), message
+    for word in words:
+        assert word in message, message
+
+
+def test_tuple_arguments_are_checked():
+    args = _dense_args()
+    with pytest.raises(TypeError, match="^lhs: expected a tuple"):
+        dskernels.gemm_fp8_fp8_bf16_nt(args["a"], (args["b"], args["sb"]), args["out"])
+    with pytest.raises(TypeError, match="^rhs: expected a tuple"):
+        dskernels.gemm_fp8_fp8_bf16_nt((args["a"], args["sa"]), (args["b"],), args["out"])
+
+
+# ---- torch.library / torch.compile ----
+
+def _sample(masked=False):
+    _, a, sa = quantized_pair(3 * 7 if masked else 9, K, "cpu", per_block=False, scale_layout="row")
+    _, b, sb = grouped_weights(3, 20, K, "cpu", "row")
+    if masked:
+        a, sa = a.view(3, 7, K), sa.view(3, 7, K // 128)
+    return a, sa, b, sb
+
+
+# test_schema compares arguments before and after with torch.allclose, which has no fp8 kernel on
+# CPU (torch 2.14); test_mutations_follow_schema checks what it would have.
+OPCHECK_UTILS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _op_samples():
+    a, sa, b, sb = _sample()
+    m_indices = torch.tensor([0, 0, 2, 2, 2, -1, 1, 1, 1], dtype=torch.int32)
+    a3, sa3, _, _ = _sample(masked=True)
+    masked_m = torch.tensor([3, 0, 7], dtype=torch.int32)
+    return [
+        (torch.ops.dskernels.gemm_fp8_fp8_bf16_nt, (a, sa, b[0], sb[0], torch.zeros(9, 20, dtype=torch.bfloat16))),
+        (torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
+         (a, sa, b, sb, torch.zeros(9, 20, dtype=torch.bfloat16), m_indices)),
+        (torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked,
+         (a3, sa3, b, sb, torch.zeros(3, 7, 20, dtype=torch.bfloat16), masked_m, 4)),
+    ]
+
+
+def test_opcheck():
+    for op, args in _op_samples():
+        torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
+
+
+def test_mutations_follow_schema(backend):
+    """Only `out` (the schema's Tensor(a!)) changes; the other arguments keep their bits."""
+    _, device = backend
+    for op, args in _op_samples():
+        args = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in args)
+        before = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
+        op(*args)
+        for i, (old, new) in enumerate(zip(before, args)):
+            if not isinstance(old, torch.Tensor):
+                continue
+            same = torch.equal(old.view(torch.uint8) if old.dtype == torch.float8_e4m3fn else old,
+                               new.view(torch.uint8) if new.dtype == torch.float8_e4m3fn else new)
+            assert same == (i != 4), f"{op}: argument {i} {'unchanged' if same else 'changed'}"
+
+
+def test_torch_compile_fullgraph():
+    def all_three(a, sa, b, sb, m_indices, a3, sa3, masked_m):
+        dense = torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16)
+        dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b[0], sb[0]), dense)
+        contiguous = torch.zeros(a.shape[0], b.shape[1], dtype=torch.bfloat16)
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), contiguous, m_indices)
+        masked = torch.zeros(a3.shape[0], a3.shape[1], b.shape[1], dtype=torch.bfloat16)
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a3, sa3), (b, sb), masked, masked_m, 4)
+        return dense.float() * 2, contiguous, masked
+
+    a, sa, b, sb = _sample()
+    a3, sa3, _, _ = _sample(masked=True)
+    m_indices = torch.tensor([0, 0, 2, 2, 2, -1, 1, 1, 1], dtype=torch.int32)
+    masked_m = torch.tensor([3, 0, 7], dtype=torch.int32)
+    args = (a, sa, b, sb, m_indices, a3, sa3, masked_m)
+    compiled = torch.compile(all_three, fullgraph=True, backend="aot_eager")
+    for actual, expected in zip(compiled(*args), all_three(*args)):
+        assert torch.equal(actual, expected)
+
+
+# ---- GPU only ----
+
+@pytest.mark.gpu
+def test_masked_cuda_graph_replay_with_new_counts():
+    groups, m_max, n, k = 4, 64, 256, 512
+    _, a, sa = quantized_pair(groups * m_max, k, "cuda", per_block=False, scale_layout="row")
+    a, sa = a.view(groups, m_max, k), sa.view(groups, m_max, k // 128)
+    _, b, sb = grouped_weights(groups, n, k, "cuda", "row")
+    out = torch.zeros(groups, m_max, n, dtype=torch.bfloat16, device="cuda")
+    masked_m = torch.tensor([5, 0, 64, 17], dtype=torch.int32, device="cuda")
+    with dskernels.backend("triton"):
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 32)  # warm-up
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 32)
+    for counts in ([5, 0, 64, 17], [64, 3, 0, 1]):
+        masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        expected = ref.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, masked_m)
+        for g, rows in enumerate(counts):
+            assert calc_diff(out[g, :rows], expected[g, :rows]) < 2**-16
+            assert not out[g, :rows].isnan().any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (4096, 7168, 2048), (129, 24576, 1536)])
+def test_triton_deepgemm_shapes(m, n, k):
+    """The autotuned GPU path on DeepGEMM's shapes (block sizes the interpreter never runs)."""
+    x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
+    w, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
+    out = empty_out(m, n, device="cuda")
+    with dskernels.backend("triton"):
+        dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+    assert_close_to_oracle(out, a, sa, b, sb)
+    assert_close_to_bf16_product([(out, x, w)])
