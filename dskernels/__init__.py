@@ -24,6 +24,7 @@ from dskernels.ops.gemm import (  # noqa: E402
     m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
     m_grouped_gemm_fp8_fp8_bf16_nt_masked,
 )
+from dskernels.ops.mla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,8 @@ __all__ = [
     "m_grouped_fp8_gemm_nt_masked",
     "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
     "m_grouped_gemm_fp8_fp8_bf16_nt_masked",
+    "flash_mla_with_kvcache",
+    "get_mla_metadata",
     "per_block_cast_to_fp8",
     "per_token_cast_to_fp8",
 ]

@@ -1,0 +1,286 @@
+"""MLA decode over a paged KV cache (API.md section 1; FlashMLA's `get_mla_metadata` and
+`flash_mla_with_kvcache`). The math is python_ref/mla.py; the split plan is `split_plan` below."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import python_ref.mla
+from dskernels._backend import select_backend
+from dskernels._checks import check_multiple, check_tensor
+
+FP8 = torch.float8_e4m3fn
+METADATA_SIZE = 8        # ints per partition row of tile_scheduler_metadata
+BLOCK_TOKENS = 64        # split points fall on multiples of this many keys (FlashMLA's block_n)
+FIXED_OVERHEAD_BLOCKS = 5  # cost of starting a sequence (Q load, epilogue), in key blocks (FlashMLA's value)
+TILE_ROWS = 64           # query rows (tokens x heads of one kv head) per tile, as in the kernels
+CPU_SM_COUNT = 8         # partitions on CPU tensors: fixed, so the fake kernel knows the shape
+_Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int,
+                     num_heads_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plans how the decode kernel splits the keys of a batch over the GPU's SMs.
+
+    Computed on the device with tensor ops only (no host synchronization), so it can be captured
+    in a CUDA graph together with `flash_mla_with_kvcache` and replayed with new lengths.
+
+    Args:
+        cache_seqlens: [b] int32, the number of cached tokens of each sequence (0 allowed).
+        num_q_tokens_per_head_k: query rows that share one kv head: s_q * h_q // h_kv
+            (FlashMLA's name; for V3, h_kv = 1, it is s_q * h_q).
+        num_heads_k: h_kv, the number of kv heads.
+
+    Returns:
+        tile_scheduler_metadata: [num_parts, 8] int32 on cache_seqlens' device. num_parts =
+            max(1, sm_count // (num_heads_k * ceil(num_q_tokens_per_head_k / 64))), where
+            sm_count is the CUDA device's SM count, or 8 (`CPU_SM_COUNT`) for CPU tensors; it
+            depends on the shapes only, never on the lengths. Row p describes partition p:
+            [begin_idx, begin_token, end_idx, end_token, begin_split, 0, 0, 0]: it processes keys
+            [begin_token, ...) of sequence begin_idx, every key of the sequences in between, and
+            keys [..., end_token) of sequence end_idx (inclusive index); begin_split is the split
+            number (within its sequence) of its first piece. An idle partition has
+            begin_idx = b, end_idx = b - 1.
+        num_splits: [b + 1] int32, an exclusive prefix sum: sequence i is cut into
+            num_splits[i + 1] - num_splits[i] splits (0 for an empty sequence), whose partial
+            results occupy slots num_splits[i] ... of the combine buffers. Starts at 0 and never
+            decreases; num_splits[b] <= b + num_parts - 1.
+
+    The plan: every sequence costs ceil(n / 64) key blocks plus 5 blocks of fixed overhead; the
+    concatenated costs are cut into num_parts equal slices (FlashMLA's balancing), so a long
+    sequence is spread over many SMs and many short ones share one.
+    """
+    return torch.ops.dskernels.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+
+
+def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+                           cache_seqlens: torch.Tensor, head_dim_v: int,
+                           tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor,
+                           softmax_scale: float | None = None, causal: bool = False,
+                           k_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head latent attention decode over a paged KV cache (FlashMLA's API).
+
+    Args:
+        q: [b, s_q, h_q, d] bfloat16 or float16 (float32 too; on the Triton path its dots are
+            IEEE fp32). d = 576 for DeepSeek-V3 (512 latent + 64 rope); any d % 16 == 0 works.
+            The last dimension must have unit stride (other strides are free).
+        k_cache: [num_pages, page_size, h_kv, d], q's dtype or torch.float8_e4m3fn (then
+            k_scale is required). Token t of sequence i is k_cache[block_table[i, t // page_size],
+            t % page_size]. V is k_cache[..., :head_dim_v]: MLA keeps one latent per token.
+            Unit stride in the last dimension; page_size may be anything >= 1.
+        block_table: [b, max_pages_per_seq] int32, page ids of each sequence; entries past a
+            sequence's last page are never read (they may hold anything).
+        cache_seqlens: [b] int32, cached tokens per sequence, 0 <= n <= max_pages_per_seq *
+            page_size (checked on the reference; the Triton kernel ignores keys past the table).
+        head_dim_v: dv, the value width, 1 <= dv <= d (512 for V3).
+        tile_scheduler_metadata, num_splits: from `get_mla_metadata(cache_seqlens,
+            s_q * h_q // h_kv, h_kv)` for the same batch (the lengths may have changed since only
+            if the metadata was recomputed, e.g. inside the same CUDA graph).
+        softmax_scale: scale of q.k, default d ** -0.5.
+        causal: False: every query of sequence i sees keys [0, cache_seqlens[i]). True: query
+            token j sees keys [0, cache_seqlens[i] - s_q + j + 1) (the queries are the last s_q
+            cached tokens: speculative / MTP decode).
+        k_scale: [1] (or scalar) float32 for an fp8 cache: key = k_cache.float() * k_scale.
+
+    Returns:
+        out: [b, s_q, h_q, head_dim_v] in q's dtype, softmax(scale * q K^T) V with query head h
+            reading kv head h // (h_q // h_kv).
+        lse: [b, h_q, s_q] float32, natural log of the sum of exp(scaled scores).
+        A query that sees no key (empty sequence, or causal with cache_seqlens[i] < s_q) gets
+        out = 0 and lse = +inf.
+
+    Raises TypeError / ValueError whose message starts with the argument's name for wrong
+    shapes, dtypes or devices.
+    """
+    return torch.ops.dskernels.flash_mla_with_kvcache(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+        softmax_scale, causal, k_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# The split plan
+# ---------------------------------------------------------------------------------------------
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).multi_processor_count
+    return CPU_SM_COUNT
+
+
+def num_partitions(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
+    """FlashMLA's num_sm_parts: one partition per group of SMs that covers all kv heads and all
+    64-row tiles of queries, so the decode grid (parts x kv heads x tiles) fills the GPU once."""
+    tiles = -(-num_q_tokens_per_head_k // TILE_ROWS)
+    return max(1, sm_count(device) // (num_heads_k * tiles))
+
+
+def split_plan(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The metadata of get_mla_metadata, from tensor ops on cache_seqlens' device (no sync).
+
+    Positions on one line: sequence i occupies [start_i, start_i + cost_i) with cost_i =
+    FIXED_OVERHEAD_BLOCKS + blocks_i, its key blocks at the end of that range (from key_i =
+    start_i + overhead). Partition p takes positions [p * P, (p + 1) * P), P = ceil(total /
+    num_parts). The cuts inside a sequence's key blocks are the multiples of P in (key_i, key_i +
+    blocks_i), which gives each sequence's split count and each partition's first split number.
+    """
+    device = cache_seqlens.device
+    b = cache_seqlens.shape[0]
+    meta = torch.zeros(num_parts, METADATA_SIZE, dtype=torch.int32, device=device)
+    if b == 0:
+        meta[:, 0] = 0
+        meta[:, 2] = -1
+        return meta, torch.zeros(1, dtype=torch.int32, device=device)
+    lengths = cache_seqlens.long().clamp(min=0)
+    blocks = (lengths + BLOCK_TOKENS - 1) // BLOCK_TOKENS
+    ends = torch.cumsum(blocks + FIXED_OVERHEAD_BLOCKS, 0)               # exclusive end of each sequence
+    key_start = ends - blocks                                            # first key-block position
+    total = ends[-1:]                                                    # [1], stays on the device
+    per_part = torch.clamp((total + num_parts - 1) // num_parts, min=1)  # P
+    parts = torch.arange(num_parts, device=device)
+    first = parts * per_part                                             # [num_parts]
+    last = torch.minimum(first + per_part, total) - 1                    # inclusive
+    idle = first >= total
+    begin_idx = torch.searchsorted(ends, first, right=True).clamp(max=b - 1)
+    end_idx = torch.searchsorted(ends, last.clamp(min=0), right=True).clamp(max=b - 1)
+    begin_block = (first - key_start[begin_idx]).clamp(min=0).minimum(blocks[begin_idx])
+    end_block = (last + 1 - key_start[end_idx]).clamp(min=0).minimum(blocks[end_idx])
+    begin_split = (parts - key_start[begin_idx] // per_part).clamp(min=0)
+    meta[:, 0] = torch.where(idle, b, begin_idx).int()
+    meta[:, 1] = (begin_block * BLOCK_TOKENS).int()
+    meta[:, 2] = torch.where(idle, b - 1, end_idx).int()
+    meta[:, 3] = torch.minimum(end_block * BLOCK_TOKENS, lengths[end_idx]).int()
+    meta[:, 4] = torch.where(idle, 0, begin_split).int()
+    splits = torch.where(blocks > 0, (key_start + blocks - 1) // per_part - key_start // per_part + 1, 0)
+    num_splits = torch.zeros(b + 1, dtype=torch.int32, device=device)
+    num_splits[1:] = torch.cumsum(splits, 0).int()
+    return meta, num_splits
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def _check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k) -> None:
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,))
+    _check_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k, 1)
+    _check_int("num_heads_k", num_heads_k, 1)
+
+
+def _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                       num_splits, softmax_scale, causal, k_scale) -> None:
+    check_tensor("q", q, ndim=4, dtypes=_Q_DTYPES)
+    b, s_q, h_q, d = q.shape
+    device = q.device
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype, FP8), device=device)
+    check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=device)
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
+    check_tensor("tile_scheduler_metadata", tile_scheduler_metadata, ndim=2, dtypes=(torch.int32,), device=device)
+    check_tensor("num_splits", num_splits, ndim=1, dtypes=(torch.int32,), device=device)
+    check_multiple("q", d, 16, "the head dimension d (last dimension)")
+    if s_q < 1:
+        raise ValueError(f"q: expected s_q (dimension 1) >= 1, got shape {tuple(q.shape)}")
+    _, page_size, h_kv, d_k = k_cache.shape
+    if d_k != d:
+        raise ValueError(f"k_cache: expected head dimension {d} (q's d), got shape {tuple(k_cache.shape)}")
+    if page_size < 1 or h_kv < 1:
+        raise ValueError(f"k_cache: expected page_size >= 1 and h_kv >= 1, got shape {tuple(k_cache.shape)}")
+    if h_q % h_kv:
+        raise ValueError(f"q: expected h_q to be a multiple of h_kv = {h_kv} (k_cache dimension 2), got h_q = {h_q}")
+    if k_cache.stride(3) != 1 and k_cache.numel() > 0:
+        raise ValueError(f"k_cache: expected unit stride in the last dimension, got strides {k_cache.stride()}")
+    _check_int("head_dim_v", head_dim_v, 1)
+    if head_dim_v > d:
+        raise ValueError(f"head_dim_v: expected at most d = {d}, got {head_dim_v}")
+    if block_table.shape[0] != b:
+        raise ValueError(f"block_table: expected {b} rows (q's batch), got shape {tuple(block_table.shape)}")
+    if cache_seqlens.shape[0] != b:
+        raise ValueError(f"cache_seqlens: expected shape ({b},) (q's batch), got {tuple(cache_seqlens.shape)}")
+    if tile_scheduler_metadata.shape[1] != METADATA_SIZE or tile_scheduler_metadata.shape[0] < 1:
+        raise ValueError(f"tile_scheduler_metadata: expected shape (num_parts >= 1, {METADATA_SIZE}) from "
+                         f"get_mla_metadata, got {tuple(tile_scheduler_metadata.shape)}")
+    if num_splits.shape[0] != b + 1:
+        raise ValueError(f"num_splits: expected shape ({b + 1},) (batch + 1) from get_mla_metadata, "
+                         f"got {tuple(num_splits.shape)}")
+    if softmax_scale is not None and not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale: expected a finite float or None, got {softmax_scale}")
+    if k_cache.dtype == FP8:
+        if k_scale is None:
+            raise ValueError("k_scale: expected a float32 tensor of one element for the float8_e4m3fn "
+                             "k_cache, got None")
+        check_tensor("k_scale", k_scale, dtypes=(torch.float32,), device=device)
+        if k_scale.numel() != 1:
+            raise ValueError(f"k_scale: expected one element, got shape {tuple(k_scale.shape)}")
+    elif k_scale is not None:
+        raise ValueError(f"k_scale: expected None for a {k_cache.dtype} k_cache (only an fp8 cache has a "
+                         f"scale), got a tensor of shape {tuple(k_scale.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered kernels
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.register_kernel("dskernels::get_mla_metadata", ("cpu", "cuda"))
+def _get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
+    _check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+    # Tensor ops on the device on every backend: the plan is a schedule, not math to check.
+    parts = num_partitions(cache_seqlens.device, num_q_tokens_per_head_k, num_heads_k)
+    return split_plan(cache_seqlens, parts)
+
+
+@torch.library.register_fake("dskernels::get_mla_metadata")
+def _get_mla_metadata_fake(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
+    _check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+    parts = num_partitions(cache_seqlens.device, num_q_tokens_per_head_k, num_heads_k)
+    b = cache_seqlens.shape[0]
+    return (cache_seqlens.new_empty(parts, METADATA_SIZE, dtype=torch.int32),
+            cache_seqlens.new_empty(b + 1, dtype=torch.int32))
+
+
+def _new_outputs(q, head_dim_v):
+    b, s_q, h_q, _ = q.shape
+    return (q.new_empty(b, s_q, h_q, head_dim_v),
+            q.new_empty(b, h_q, s_q, dtype=torch.float32))
+
+
+@torch.library.register_kernel("dskernels::flash_mla_with_kvcache", ("cpu", "cuda"))
+def _flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                            num_splits, softmax_scale=None, causal=False, k_scale=None):
+    _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                       num_splits, softmax_scale, causal, k_scale)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    backend = select_backend("flash_mla_with_kvcache", q.device, has_cuda=False, has_triton=True)
+    if backend == "ref":
+        return python_ref.mla.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
+                                                     scale, causal, k_scale)
+    from dskernels.triton import mla as triton_mla
+
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+    out, lse = _new_outputs(q, head_dim_v)
+    triton_mla.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens.contiguous(), head_dim_v,
+                                      tile_scheduler_metadata.contiguous(), num_splits.contiguous(), scale,
+                                      causal, k_scale, out, lse, block_n=BLOCK_TOKENS)
+    return out, lse
+
+
+@torch.library.register_fake("dskernels::flash_mla_with_kvcache")
+def _flash_mla_with_kvcache_fake(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                                 num_splits, softmax_scale=None, causal=False, k_scale=None):
+    _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                       num_splits, softmax_scale, causal, k_scale)
+    return _new_outputs(q, head_dim_v)

@@ -1,0 +1,227 @@
+"""Triton MLA decode: split-KV flash-decoding over a paged cache, then a combine pass.
+
+Work split (see dskernels/ops/mla.py `split_plan` and docs/mla.md): the metadata cuts the
+concatenated key blocks of all sequences into `num_parts` equal slices. Program (part, kv head,
+m-tile) walks its slice: for every sequence in it, one online-softmax pass over the keys of the
+slice. A sequence that lies in one slice only (num_splits[i + 1] - num_splits[i] == 1) is written
+straight to `out`/`lse`; the other ones leave a normalized partial output and its log2-LSE per
+split, which `_mla_combine_kernel` merges.
+
+Tile: the rows of one program are (query token, query head) pairs of one kv head, s_q * h_q / h_kv
+of them (V3: h_kv = 1, so every head and MTP token shares each key load). The head dimension is
+split in the V part [0, dv) (padded to a power of two; the same registers serve as V for P @ V, so
+the latent is read once) and the rest [dv, d) (the rope part for V3).
+
+FP8 e4m3 caches: keys are loaded as fp8 and widened to q's dtype (exact: every e4m3 value is a
+bf16 and an fp16 value); the per-tensor scale multiplies the scores and the output instead of
+every key element.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+METADATA_STRIDE = 8  # ints per partition in tile_scheduler_metadata
+
+
+@triton.jit
+def _mla_decode_splitkv_kernel(
+        q_ptr, k_ptr, block_table_ptr, seqlens_ptr, meta_ptr, num_splits_ptr, k_scale_ptr,
+        out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr,
+        qk_scale_log2, s_q, heads_per_kv, d, dv, page_size, max_pages,
+        stride_qb, stride_qs, stride_qh,
+        stride_kp, stride_kt, stride_kh,
+        stride_bt,
+        stride_ob, stride_os, stride_oh,
+        stride_lb, stride_lh,
+        stride_acc_split, stride_acc_row,
+        stride_lacc_split,
+        CAUSAL: tl.constexpr, IS_FP8: tl.constexpr, FP32_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr):
+    part = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < s_q * heads_per_kv
+    token = rows // heads_per_kv                      # query token j of each row
+    head = kv_head * heads_per_kv + rows % heads_per_kv
+    dv_offs = tl.arange(0, BLOCK_DV)
+    dv_ok = dv_offs < dv
+    dr_offs = dv + tl.arange(0, BLOCK_DR)
+    dr_ok = dr_offs < d
+
+    meta = meta_ptr + part * 8
+    begin_idx = tl.load(meta + 0)
+    begin_tok = tl.load(meta + 1)
+    end_idx = tl.load(meta + 2)
+    end_tok = tl.load(meta + 3)
+    begin_split = tl.load(meta + 4)
+
+    k_scale = 1.0
+    if IS_FP8:
+        k_scale = tl.load(k_scale_ptr).to(tl.float32)
+    scale = qk_scale_log2 * k_scale
+
+    for i in range(begin_idx, end_idx + 1):
+        seqlen = tl.load(seqlens_ptr + i)
+        lo = tl.where(i == begin_idx, begin_tok, 0)
+        hi = tl.where(i == end_idx, end_tok, seqlen)
+        split = tl.where(i == begin_idx, begin_split, 0)
+        split_base = tl.load(num_splits_ptr + i)
+        n_split = tl.load(num_splits_ptr + i + 1) - split_base
+        if lo < hi:
+            q_rows = q_ptr + i * stride_qb + token * stride_qs + head * stride_qh
+            q_v = tl.load(q_rows[:, None] + dv_offs[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+            q_r = tl.load(q_rows[:, None] + dr_offs[None, :], mask=row_ok[:, None] & dr_ok[None, :], other=0.0)
+            if FP32_DOT:
+                q_v = q_v.to(tl.float32)
+                q_r = q_r.to(tl.float32)
+            if CAUSAL:
+                limit = seqlen - s_q + token + 1
+            else:
+                limit = tl.zeros([BLOCK_M], dtype=tl.int32) + seqlen
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+            for start in range(lo, hi, BLOCK_N):
+                keys = start + tl.arange(0, BLOCK_N)
+                page_idx = keys // page_size
+                key_ok = (keys < hi) & (page_idx < max_pages)  # never read past the block table
+                page = tl.load(block_table_ptr + i * stride_bt + page_idx, mask=key_ok, other=0)
+                k_rows = k_ptr + page.to(tl.int64) * stride_kp + (keys % page_size) * stride_kt + kv_head * stride_kh
+                k_v = tl.load(k_rows[:, None] + dv_offs[None, :], mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+                k_r = tl.load(k_rows[:, None] + dr_offs[None, :], mask=key_ok[:, None] & dr_ok[None, :], other=0.0)
+                if IS_FP8 or FP32_DOT:
+                    k_v = k_v.to(tl.float32).to(q_v.dtype)
+                    k_r = k_r.to(tl.float32).to(q_v.dtype)
+                if FP32_DOT:
+                    s = tl.dot(q_v, tl.trans(k_v), input_precision="ieee")
+                    s += tl.dot(q_r, tl.trans(k_r), input_precision="ieee")
+                else:
+                    s = tl.dot(q_v, tl.trans(k_v))
+                    s += tl.dot(q_r, tl.trans(k_r))
+                s = s * scale
+                visible = key_ok[None, :] & (keys[None, :] < limit[:, None])
+                s = tl.where(visible, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_safe)
+                p = tl.math.exp2(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if FP32_DOT:
+                    acc = acc * alpha[:, None] + tl.dot(p, k_v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(k_v.dtype), k_v)
+                m_i = m_new
+            seen = l_i > 0.0
+            o = tl.where(seen[:, None], acc * k_scale / tl.where(seen, l_i, 1.0)[:, None], 0.0)
+            lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+            if n_split == 1:
+                o_ptrs = out_ptr + i * stride_ob + token * stride_os + head * stride_oh
+                tl.store(o_ptrs[:, None] + dv_offs[None, :], o.to(out_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & dv_ok[None, :])
+                lse = tl.where(seen, lse2 * 0.6931471805599453, float("inf"))
+                tl.store(lse_ptr + i * stride_lb + head * stride_lh + token, lse, mask=row_ok)
+            else:
+                flat = head * s_q + token
+                slot = (split_base + split).to(tl.int64)
+                tl.store(out_acc_ptr + slot * stride_acc_split + flat[:, None] * stride_acc_row + dv_offs[None, :],
+                         o, mask=row_ok[:, None] & dv_ok[None, :])
+                tl.store(lse_acc_ptr + slot * stride_lacc_split + flat, lse2, mask=row_ok)
+
+
+@triton.jit
+def _mla_combine_kernel(out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr, num_splits_ptr,
+                        s_q, h_q, dv,
+                        stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                        stride_acc_split, stride_acc_row, stride_lacc_split,
+                        BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    i = tl.program_id(0)
+    flat = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # row = head * s_q + token
+    row_ok = flat < h_q * s_q
+    head = flat // s_q
+    token = flat % s_q
+    dv_offs = tl.arange(0, BLOCK_DV)
+    dv_ok = dv_offs < dv
+    split_base = tl.load(num_splits_ptr + i)
+    n_split = tl.load(num_splits_ptr + i + 1) - split_base
+    if n_split != 1:  # one split: the decode kernel wrote out/lse itself
+        m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        for k in range(0, n_split):
+            part_lse = tl.load(lse_acc_ptr + (split_base + k).to(tl.int64) * stride_lacc_split + flat,
+                               mask=row_ok, other=float("-inf"))
+            m = tl.maximum(m, part_lse)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+        for k in range(0, n_split):
+            slot = (split_base + k).to(tl.int64)
+            part_lse = tl.load(lse_acc_ptr + slot * stride_lacc_split + flat, mask=row_ok, other=float("-inf"))
+            w = tl.math.exp2(part_lse - m_safe)
+            part = tl.load(out_acc_ptr + slot * stride_acc_split + flat[:, None] * stride_acc_row + dv_offs[None, :],
+                           mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+            total += w
+            acc += w[:, None] * part
+        seen = total > 0.0
+        o = tl.where(seen[:, None], acc / tl.where(seen, total, 1.0)[:, None], 0.0)
+        lse = tl.where(seen, (m_safe + tl.math.log2(tl.where(seen, total, 1.0))) * 0.6931471805599453,
+                       float("inf"))
+        o_ptrs = out_ptr + i.to(tl.int64) * stride_ob + token * stride_os + head * stride_oh
+        tl.store(o_ptrs[:, None] + dv_offs[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & dv_ok[None, :])
+        tl.store(lse_ptr + i.to(tl.int64) * stride_lb + head * stride_lh + token, lse, mask=row_ok)
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(triton.next_power_of_2(max(n, 1)), floor)
+
+
+def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                           num_splits, softmax_scale, causal, k_scale, out, lse, *, block_n: int) -> None:
+    """Fills out [b, s_q, h_q, dv] and lse [b, h_q, s_q] (both preallocated, contiguous).
+
+    q's last dimension and k_cache's last dimension must have unit stride; block_n must divide the
+    metadata's block granularity (the split points are multiples of it)."""
+    b, s_q, h_q, d = q.shape
+    _, page_size, h_kv, _ = k_cache.shape
+    heads_per_kv = h_q // h_kv
+    rows = s_q * heads_per_kv
+    num_parts = tile_scheduler_metadata.shape[0]
+    if b == 0:
+        return
+    is_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    # One tile row per (query token, head) of a kv head; 64 rows is FlashMLA's tile height too.
+    block_m = min(_pow2(rows), 64)
+    block_dv = _pow2(head_dim_v)
+    block_dr = _pow2(d - head_dim_v)
+    # Partial outputs: at most one split per sequence plus one per cut between partitions.
+    max_splits = b + num_parts
+    out_acc = torch.empty(max_splits, h_q * s_q, head_dim_v, dtype=torch.float32, device=q.device)
+    lse_acc = torch.empty(max_splits, h_q * s_q, dtype=torch.float32, device=q.device)
+    k_scale_arg = k_scale if is_fp8 else lse_acc  # any pointer; unread unless IS_FP8
+    # fp32 operands and IEEE dots for fp32 q, and for bf16 under the interpreter, whose tl.dot reads
+    # bf16 operands as garbage (triton 3.8: products off by 1e10); fp16 keeps the GPU's path there.
+    fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+    grid = (num_parts, h_kv, triton.cdiv(rows, block_m))
+    big = block_m * block_dv >= 64 * 256
+    _mla_decode_splitkv_kernel[grid](
+        q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, k_scale_arg,
+        out, lse, out_acc, lse_acc,
+        softmax_scale * LOG2E, s_q, heads_per_kv, d, head_dim_v, page_size, block_table.shape[1],
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_table.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        out_acc.stride(0), out_acc.stride(1), lse_acc.stride(0),
+        CAUSAL=causal, IS_FP8=is_fp8, FP32_DOT=fp32_dot,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv, BLOCK_DR=block_dr,
+        num_warps=8 if big else 4, num_stages=1)
+    block_r = max(1, min(16, 4096 // block_dv))
+    _mla_combine_kernel[(b, triton.cdiv(h_q * s_q, block_r))](
+        out, lse, out_acc, lse_acc, num_splits, s_q, h_q, head_dim_v,
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        out_acc.stride(0), out_acc.stride(1), lse_acc.stride(0),
+        BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=4)

@@ -1,0 +1,69 @@
+"""MLA decode over a paged KV cache (FlashMLA's `flash_mla_with_kvcache`), written for clarity.
+
+For sequence i, query token j (0 <= j < s_q) and query head h (kv head g = h // (h_q // h_kv)):
+
+    K_i       = the first cache_seqlens[i] tokens of sequence i, gathered page by page through
+                block_table[i] (token t lives at k_cache[block_table[i, t // page], t % page])
+    V_i       = K_i[..., :head_dim_v]                   (MLA: V is the latent part of K)
+    visible   = keys [0, n_i)                           causal=False
+                keys [0, n_i - s_q + j + 1)             causal=True (queries are the last s_q tokens)
+    score_t   = softmax_scale * <q[i, j, h], K_i[t, g]>  for visible t
+    lse       = log(sum_t exp(score_t))                 natural log
+    out       = sum_t exp(score_t - lse) * V_i[t, g]
+    no visible key: out = 0, lse = +inf
+
+An fp8 cache is dequantized first: k = k_cache.float() * k_scale. Everything is computed in fp32;
+`out` is then rounded to q's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def gather_sequence(k_cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached tokens of one sequence: [length, h_kv, d], in the cache's dtype."""
+    page_size = k_cache.shape[1]
+    num_pages = -(-length // page_size)
+    pages = block_table_row[:num_pages].long()
+    return k_cache[pages].reshape(num_pages * page_size, *k_cache.shape[2:])[:length]
+
+
+def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+                           cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float | None = None,
+                           causal: bool = False, k_scale: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [b, s_q, h_q, d], k_cache [num_pages, page_size, h_kv, d] -> (out [b, s_q, h_q, dv] in q's
+    dtype, lse fp32 [b, h_q, s_q]). See the module docstring for the math."""
+    b, s_q, h_q, d = q.shape
+    h_kv = k_cache.shape[2]
+    group = h_q // h_kv
+    if softmax_scale is None:
+        softmax_scale = d ** -0.5
+    out = torch.zeros(b, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h_q, s_q), math.inf, dtype=torch.float32, device=q.device)
+    lengths = cache_seqlens.tolist()
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    for i, n in enumerate(lengths):
+        if n < 0 or n > capacity:
+            raise ValueError(f"cache_seqlens: expected values in [0, {capacity}] (block_table has "
+                             f"{block_table.shape[1]} pages of {k_cache.shape[1]}), got {n} for sequence {i}")
+        keys = gather_sequence(k_cache, block_table[i], n).float()
+        if k_scale is not None:
+            keys = keys * k_scale.float().reshape(())
+        keys = keys.repeat_interleave(group, dim=1)                       # [n, h_q, d]
+        values = keys[..., :head_dim_v]
+        scores = torch.einsum("jhd,thd->hjt", q[i].float(), keys) * softmax_scale  # [h_q, s_q, n]
+        t = torch.arange(n, device=q.device)
+        j = torch.arange(s_q, device=q.device)
+        limit = n - s_q + j + 1 if causal else torch.full_like(j, n)
+        visible = t[None, :] < limit[:, None]                             # [s_q, n]
+        scores = scores.masked_fill(~visible, -math.inf)
+        seq_lse = torch.logsumexp(scores, dim=-1)                         # [h_q, s_q], -inf if none
+        seen = torch.isfinite(seq_lse)
+        probs = torch.exp(scores - torch.where(seen, seq_lse, 0.0)[..., None])
+        out[i] = torch.einsum("hjt,thd->jhd", probs, values)
+        lse[i] = torch.where(seen, seq_lse, math.inf)
+    return out.to(q.dtype), lse

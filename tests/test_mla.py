@@ -1,0 +1,336 @@
+"""get_mla_metadata / flash_mla_with_kvcache on every backend against python_ref.mla.
+
+CI runs the Triton kernels through the interpreter, so the shapes are tiny (d = 64, dv = 48: a
+V part of 48 padded to 64 plus a 16-wide "rope" part, the same split as V3's 512 + 64)."""
+
+import math
+
+import pytest
+import torch
+
+import dskernels
+import python_ref.mla
+from dskernels.ops import mla as mla_ops
+
+FP8 = torch.float8_e4m3fn
+HUGE_PAGE = 2**31 - 1  # unused block-table slots: any read of one would fault or hit garbage
+
+# Tolerances derived from the math, per q dtype. Both sides round out to q's dtype (up to 1 ulp
+# apart: 2^-7 relative for bf16, 2^-10 for fp16); the kernel also rounds the softmax weights to
+# q's dtype before P @ V (2^-9 / 2^-12 relative each, at most that times max|V| after summing a
+# convex combination), and accumulates in fp32 (negligible at these sizes). LSE is fp32 only.
+TOLERANCES = {
+    torch.bfloat16: dict(rtol=2**-7, atol_per_v=2**-8),
+    torch.float16: dict(rtol=2**-10, atol_per_v=2**-11),
+    torch.float32: dict(rtol=1e-5, atol_per_v=1e-5),
+}
+LSE_ATOL = 1e-4
+
+
+def make_inputs(lengths, s_q, h_q, h_kv, page_size, dtype, cache_dtype, *, d=64, dv=48, device="cpu",
+                seed=0, spare_slots=2, spare_pages=3):
+    """A paged cache with the pages of each sequence scattered at random, NaN in every cache slot
+    no sequence owns (unused pages and the tail of each last page) and HUGE_PAGE in unused
+    block-table slots."""
+    gen = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    pages_per_seq = [-(-n // page_size) for n in lengths]
+    max_pages = max(pages_per_seq, default=0) + spare_slots
+    num_pages = sum(pages_per_seq) + spare_pages
+    order = torch.randperm(num_pages, generator=gen)
+    block_table = torch.full((b, max_pages), HUGE_PAGE, dtype=torch.int32)
+    cache = torch.full((num_pages, page_size, h_kv, d), math.nan)
+    used = 0
+    for i, (n, pages) in enumerate(zip(lengths, pages_per_seq)):
+        ids = order[used:used + pages]
+        used += pages
+        block_table[i, :pages] = ids.int()
+        for t in range(n):
+            cache[ids[t // page_size], t % page_size] = torch.randn(h_kv, d, generator=gen)
+    k_scale = None
+    if cache_dtype == FP8:
+        k_scale = torch.tensor([0.0625])
+        k_cache = (cache / k_scale).to(FP8)
+    else:
+        k_cache = cache.to(cache_dtype)
+    q = torch.randn(b, s_q, h_q, d, generator=gen).to(dtype)
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    args = [q, k_cache, block_table, cache_seqlens]
+    args = [t.to(device) for t in args]
+    return (*args, dv, None if k_scale is None else k_scale.to(device))
+
+
+def run_op(q, k_cache, block_table, cache_seqlens, dv, k_scale, causal, softmax_scale=None):
+    h_q, h_kv = q.shape[2], k_cache.shape[2]
+    meta, splits = dskernels.get_mla_metadata(cache_seqlens, q.shape[1] * h_q // h_kv, h_kv)
+    return dskernels.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, dv, meta, splits,
+                                            softmax_scale=softmax_scale, causal=causal, k_scale=k_scale)
+
+
+def assert_matches_oracle(out, lse, q, k_cache, block_table, cache_seqlens, dv, k_scale, causal,
+                          softmax_scale=None):
+    ref_out, ref_lse = python_ref.mla.flash_mla_with_kvcache(
+        q.cpu(), k_cache.cpu(), block_table.cpu(), cache_seqlens.cpu(), dv, softmax_scale, causal,
+        None if k_scale is None else k_scale.cpu())
+    b, s_q, h_q, _ = q.shape
+    assert out.shape == (b, s_q, h_q, dv) and out.dtype == q.dtype
+    assert lse.shape == (b, h_q, s_q) and lse.dtype == torch.float32
+    out, lse = out.cpu().float(), lse.cpu()
+    ref_out = ref_out.float()
+    assert not out.isnan().any(), "NaN in out: a poisoned cache slot or block-table entry was read"
+    tol = TOLERANCES[q.dtype]
+    vmax = 1.0
+    if k_cache.numel():
+        values = k_cache[..., :dv].cpu().float()
+        values = values[values.isfinite()]
+        if values.numel():
+            vmax = values.abs().max().item() * (1.0 if k_scale is None else k_scale.item())
+    torch.testing.assert_close(out, ref_out, rtol=tol["rtol"], atol=tol["atol_per_v"] * vmax)
+    assert torch.equal(lse.isinf(), ref_lse.isinf()), "queries that see no key must get lse = +inf"
+    assert (lse[lse.isinf()] > 0).all()
+    finite = ref_lse.isfinite()
+    torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=1e-5, atol=LSE_ATOL)
+    assert (out[ref_lse.permute(0, 2, 1).isinf()] == 0).all(), "a query with no key must get out = 0"
+
+
+# Every value of every axis appears; the full cross product would take too long on the interpreter.
+# (lengths, s_q, h_q, h_kv, page_size, cache dtype, causal)
+GRID = [
+    ([70, 0, 5, 200], 1, 4, 1, 16, torch.bfloat16, False),
+    ([70, 0, 5, 200], 1, 4, 1, 16, torch.bfloat16, True),
+    ([1, 130, 0], 2, 4, 2, 1, torch.bfloat16, True),
+    ([64, 61, 122, 3], 3, 2, 1, 61, torch.float16, True),
+    ([0, 0], 2, 2, 2, 64, torch.bfloat16, False),
+    ([300], 1, 8, 2, 64, FP8, False),
+    ([45, 2, 190], 3, 4, 2, 61, FP8, True),
+    ([17, 129], 2, 1, 1, 1, torch.float16, False),
+    ([250, 1, 0, 64, 65], 1, 16, 1, 64, torch.bfloat16, True),
+    ([33, 97], 2, 6, 2, 16, FP8, False),
+]
+
+
+@pytest.mark.parametrize("lengths,s_q,h_q,h_kv,page_size,cache_dtype,causal", GRID)
+def test_decode_matches_oracle(backend, lengths, s_q, h_q, h_kv, page_size, cache_dtype, causal):
+    _, device = backend
+    dtype = torch.float16 if cache_dtype == torch.float16 else torch.bfloat16
+    inputs = make_inputs(lengths, s_q, h_q, h_kv, page_size, dtype, cache_dtype, device=device,
+                         seed=len(lengths) * 7 + s_q)
+    out, lse = run_op(*inputs, causal)
+    assert_matches_oracle(out, lse, *inputs, causal)
+
+
+def test_decode_odd_head_dims_and_scale(backend):
+    """d == dv (no rope part), a non-default softmax_scale and fp32 queries."""
+    _, device = backend
+    inputs = make_inputs([90, 7], 2, 2, 1, 16, torch.float32, torch.float32, d=32, dv=32, device=device)
+    out, lse = run_op(*inputs, True, softmax_scale=0.3)
+    assert_matches_oracle(out, lse, *inputs, True, softmax_scale=0.3)
+
+
+def test_oracle_definition():
+    """python_ref against the formulas of API.md on one sequence of two keys, by hand."""
+    d, dv = 16, 8
+    keys = torch.randn(2, d)
+    q = torch.randn(1, 2, 1, d)
+    k_cache = torch.full((3, 1, 1, d), math.nan)
+    k_cache[2, 0, 0] = keys[0]
+    k_cache[0, 0, 0] = keys[1]
+    block_table = torch.tensor([[2, 0, HUGE_PAGE]], dtype=torch.int32)
+    lens = torch.tensor([2], dtype=torch.int32)
+    out, lse = python_ref.mla.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, 0.5, causal=True)
+    # Token 0 (causal) sees key 0 only; token 1 sees both.
+    s0 = 0.5 * q[0, 0, 0] @ keys[0]
+    torch.testing.assert_close(lse[0, 0, 0], s0)
+    torch.testing.assert_close(out[0, 0, 0], keys[0, :dv])
+    s = 0.5 * keys @ q[0, 1, 0]
+    torch.testing.assert_close(lse[0, 0, 1], torch.logsumexp(s, 0))
+    torch.testing.assert_close(out[0, 1, 0], torch.softmax(s, 0) @ keys[:, :dv])
+    out, lse = python_ref.mla.flash_mla_with_kvcache(q, k_cache, block_table, lens * 0, dv)
+    assert (out == 0).all() and (lse == math.inf).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The split plan
+# ---------------------------------------------------------------------------------------------
+
+def simulate_plan(meta, num_splits, lengths):
+    """Walks the plan as the kernel does: returns, per sequence, the list of (split, first key,
+    end key) pieces."""
+    b = len(lengths)
+    pieces = [[] for _ in range(b)]
+    for begin_idx, begin_tok, end_idx, end_tok, begin_split, *_ in meta.tolist():
+        for i in range(begin_idx, end_idx + 1):
+            lo = begin_tok if i == begin_idx else 0
+            hi = end_tok if i == end_idx else lengths[i]
+            if lo < hi:
+                pieces[i].append((begin_split if i == begin_idx else 0, lo, hi))
+    return pieces
+
+
+@pytest.mark.parametrize("lengths,q_rows,h_kv", [
+    ([0], 1, 1), ([5], 16, 1), ([0, 0, 0], 2, 2), ([4096] * 4, 128, 1),
+    ([1, 70000, 3, 0, 129, 64, 65], 16, 1), (list(range(0, 3000, 37)), 32, 2), ([10] * 300, 64, 1),
+])
+def test_split_plan_covers_every_key_once(lengths, q_rows, h_kv):
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    meta, num_splits = dskernels.get_mla_metadata(lens, q_rows, h_kv)
+    b = len(lengths)
+    parts = mla_ops.num_partitions(lens.device, q_rows, h_kv)
+    assert meta.shape == (parts, 8) and meta.dtype == torch.int32
+    assert num_splits.shape == (b + 1,) and num_splits.dtype == torch.int32
+    splits = num_splits.tolist()
+    assert splits[0] == 0 and all(x <= y for x, y in zip(splits, splits[1:]))
+    assert splits[-1] <= b + parts - 1
+    pieces = simulate_plan(meta, num_splits, lengths)
+    for i, n in enumerate(lengths):
+        got = sorted(pieces[i])
+        assert [s for s, _, _ in got] == list(range(splits[i + 1] - splits[i])), (i, got)
+        covered = [t for _, lo, hi in got for t in (lo, hi)]
+        if n == 0:
+            assert got == []
+        else:  # contiguous pieces from 0 to n, cut on block boundaries
+            assert covered[0] == 0 and covered[-1] == n
+            assert all(covered[k] == covered[k + 1] for k in range(1, len(covered) - 1, 2))
+            assert all(lo % mla_ops.BLOCK_TOKENS == 0 for _, lo, _ in got)
+
+
+def test_split_plan_balances_uneven_lengths():
+    """A long sequence beside short ones is spread over the partitions: no partition gets more
+    than its even share of the work (key blocks plus the fixed overhead of each sequence)."""
+    lengths = [100000, 10, 10, 10, 0, 5000]
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    parts = 132
+    meta, num_splits = mla_ops.split_plan(lens, parts)
+    blocks = [-(-n // 64) for n in lengths]
+    share = -(-(sum(blocks) + mla_ops.FIXED_OVERHEAD_BLOCKS * len(lengths)) // parts)
+    for row in meta.tolist():
+        work = 0
+        for i in range(row[0], row[2] + 1):
+            lo = row[1] if i == row[0] else 0
+            hi = row[3] if i == row[2] else lengths[i]
+            work += -(-max(hi - lo, 0) // 64)
+        assert work <= share, (row, work, share)
+    pieces = simulate_plan(meta, num_splits, lengths)
+    assert len(pieces[0]) >= 120  # the long sequence is cut across (almost) every partition
+
+
+def test_metadata_shape_depends_only_on_batch():
+    a, sa = dskernels.get_mla_metadata(torch.tensor([0, 0, 0], dtype=torch.int32), 16, 1)
+    b, sb = dskernels.get_mla_metadata(torch.tensor([9000, 1, 77], dtype=torch.int32), 16, 1)
+    assert a.shape == b.shape and sa.shape == sb.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation, opcheck, torch.compile, CUDA graphs
+# ---------------------------------------------------------------------------------------------
+
+def _good_args():
+    q, k_cache, block_table, lens, dv, _ = make_inputs([20, 3], 1, 2, 1, 16, torch.bfloat16, torch.bfloat16)
+    meta, splits = dskernels.get_mla_metadata(lens, 2, 1)
+    return dict(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=lens, head_dim_v=dv,
+                tile_scheduler_metadata=meta, num_splits=splits)
+
+
+BAD = [
+    ("q", lambda a: a["q"][0], ValueError, ["4 dimensions"]),
+    ("q", lambda a: a["q"].to(torch.int32), TypeError, ["dtype", "int32"]),
+    ("q", lambda a: a["q"][..., :40], ValueError, ["multiple of 16", "40"]),
+    ("k_cache", lambda a: a["k_cache"].expand(-1, -1, 3, -1).contiguous(), ValueError, ["h_kv = 3", "h_q = 2"]),
+    ("k_cache", lambda a: a["k_cache"].half(), TypeError, ["dtype", "float16"]),
+    ("k_cache", lambda a: a["k_cache"][..., :48].contiguous(), ValueError, ["64", "48"]),
+    ("k_cache", lambda a: a["k_cache"].to(FP8), ValueError, ["k_scale"]),
+    ("head_dim_v", lambda a: 80, ValueError, ["64", "80"]),
+    ("block_table", lambda a: a["block_table"].long(), TypeError, ["int32", "int64"]),
+    ("block_table", lambda a: a["block_table"][:1], ValueError, ["2 rows"]),
+    ("cache_seqlens", lambda a: a["cache_seqlens"].long(), TypeError, ["int32", "int64"]),
+    ("cache_seqlens", lambda a: a["cache_seqlens"][:1], ValueError, ["(2,)", "(1,)"]),
+    ("num_splits", lambda a: a["num_splits"][:2], ValueError, ["(3,)", "(2,)"]),
+    ("tile_scheduler_metadata", lambda a: a["tile_scheduler_metadata"][:, :4], ValueError, ["8"]),
+]
+
+
+@pytest.mark.parametrize("name,mutate,error,words", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_is_named(name, mutate, error, words):
+    args = _good_args()
+    args[name] = mutate(args)
+    if name == "k_cache" and args[name].dtype == FP8:
+        name = "k_scale"
+    if name == "k_cache" and args[name].shape[2] == 3:
+        name = "q"  # h_q % h_kv is reported against q
+    with pytest.raises(error) as info:
+        dskernels.flash_mla_with_kvcache(**args)
+    message = str(info.value)
+    assert message.startswith(f"{name}:"), message
+    for word in words:
+        assert word in message, message
+
+
+def test_bad_metadata_args_are_named():
+    lens = torch.tensor([3], dtype=torch.int32)
+    with pytest.raises(TypeError, match="^cache_seqlens:.*int64"):
+        dskernels.get_mla_metadata(lens.long(), 1, 1)
+    with pytest.raises(ValueError, match="^num_heads_k:.*>= 1.*0"):
+        dskernels.get_mla_metadata(lens, 1, 0)
+    with pytest.raises(ValueError, match="^num_q_tokens_per_head_k:"):
+        dskernels.get_mla_metadata(lens, 0, 1)
+    args = _good_args()
+    with pytest.raises(ValueError, match="^k_scale:.*None"):
+        dskernels.flash_mla_with_kvcache(**args, k_scale=torch.ones(1))
+    with pytest.raises(ValueError, match="^cache_seqlens:.*100"):  # past the block table (oracle)
+        args["cache_seqlens"] = torch.tensor([100, 3], dtype=torch.int32)
+        with dskernels.backend("ref"):
+            dskernels.flash_mla_with_kvcache(**args)
+
+
+def test_opcheck():
+    args = _good_args()
+    lens = args["cache_seqlens"]
+    torch.library.opcheck(torch.ops.dskernels.get_mla_metadata, (lens, 2, 1))
+    positional = tuple(args.values())
+    torch.library.opcheck(torch.ops.dskernels.flash_mla_with_kvcache, positional)
+    q, k_cache, block_table, lens, dv, k_scale = make_inputs([20, 0], 2, 2, 1, 16, torch.bfloat16, FP8)
+    meta, splits = dskernels.get_mla_metadata(lens, 4, 1)
+    torch.library.opcheck(torch.ops.dskernels.flash_mla_with_kvcache,
+                          (q, k_cache, block_table, lens, dv, meta, splits),
+                          {"softmax_scale": 0.2, "causal": True, "k_scale": k_scale},
+                          # test_schema compares inputs before/after with allclose, which torch
+                          # does not implement for float8 on CPU; the bf16 call above covers it.
+                          test_utils=("test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph():
+    def decode(q, k_cache, block_table, lens):
+        meta, splits = dskernels.get_mla_metadata(lens, q.shape[1] * q.shape[2], 1)
+        out, lse = dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, 48, meta, splits, causal=True)
+        return out.float() * 2, lse
+
+    q, k_cache, block_table, lens, dv, _ = make_inputs([37, 0, 5], 2, 4, 1, 16, torch.bfloat16, torch.bfloat16)
+    compiled = torch.compile(decode, fullgraph=True, backend="aot_eager")
+    for actual, expected in zip(compiled(q, k_cache, block_table, lens), decode(q, k_cache, block_table, lens)):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+def test_cuda_graph_replay_with_new_lengths(cache_dtype):
+    lengths = [1000, 0, 37, 4000]
+    q, k_cache, block_table, lens, dv, k_scale = make_inputs(
+        lengths, 2, 16, 1, 64, torch.bfloat16, cache_dtype, d=576, dv=512, device="cuda", spare_slots=8)
+
+    def step():
+        meta, splits = dskernels.get_mla_metadata(lens, q.shape[1] * q.shape[2], 1)
+        return dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, splits,
+                                                causal=True, k_scale=k_scale)
+
+    step()  # compile the Triton kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    # New lengths of the same batch (still within each sequence's pages) and new queries.
+    lens.copy_(torch.tensor([999, 0, 20, 3871], dtype=torch.int32))
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_matches_oracle(out, lse, q, k_cache, block_table, lens, dv, k_scale, True)
