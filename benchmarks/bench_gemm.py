@@ -1,0 +1,176 @@
+"""FP8 block-scaled GEMMs: compute-bound at DeepGEMM's shapes, so TFLOPS against the FP8 ceiling.
+
+Counted as DeepGEMM's tests count them: FLOPs = 2 * m * n * k (valid rows only for the masked
+GEMM), bytes = m * k + k * n (per group) + 2 * m * n, plus the fp32 scales, which DeepGEMM leaves
+out (m * k / 128 + ceil(n / 128) * k / 128 per group, 4 bytes each).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+import dskernels
+import python_ref
+from benchmarks.common import Case
+from dskernels.testing import calc_diff
+from python_ref import gemm as ref
+
+# DeepGEMM's grid (its tests/test_core.py); cpu: tiny shapes for the interpreter.
+DENSE_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+GROUPED_NK = [(4096, 7168), (7168, 2048)]
+
+
+def _cast_pair(rows, k, device, per_block, groups=None):
+    x = torch.randn(*((groups,) if groups else ()), rows, k, device=device, dtype=torch.bfloat16)
+    cast = dskernels.per_block_cast_to_fp8 if per_block else dskernels.per_token_cast_to_fp8
+    if groups is None:
+        return x, *cast(x)
+    pairs = [cast(x[g]) for g in range(groups)]
+    return x, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def _check(out, expected):
+    """expected: python_ref's bf16 answer, NaN on rows whose output is unspecified. Both sides round
+    the same fp32 sum to bf16 (relative error <= 2^-8 each), so calc_diff <= (2^-7)^2 / 2 = 2^-15."""
+    out, expected = out.float().cpu(), expected.float().cpu()
+    valid = ~expected.isnan()
+    if out.shape != expected.shape:
+        return f"shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
+    diff = calc_diff(out[valid], expected[valid])
+    return None if diff < 2**-15 else f"calc_diff {diff:.2e} against python_ref (bound 2^-15)"
+
+
+def _bytes(rows, n, k, groups=1):
+    n_blocks = -(-n // 128)
+    return rows * k + groups * k * n + 2 * rows * n + 4 * (rows * k // 128 + groups * n_blocks * k // 128)
+
+
+def _scaled_mm_peer():
+    """torch._scaled_mm with (1x128, 128x128) scales, where this torch and GPU have it. The scale
+    layout it wants has changed between releases, so the first call tries the known ones."""
+    chosen = {}
+
+    def run(a, sa, b, sb, out, *rest):
+        key = (a.data_ptr(), b.data_ptr())
+        if key not in chosen:
+            errors = []
+            for scale_a, scale_b in ((sa.t().contiguous().t(), sb.t().contiguous()),
+                                     (sa.t().contiguous().t(), sb.t()), (sa, sb.t())):
+                try:
+                    torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+                    chosen[key] = (scale_a, scale_b)
+                    break
+                except (RuntimeError, TypeError, ValueError) as e:
+                    errors.append(str(e).splitlines()[0])
+            else:
+                raise RuntimeError("no blockwise scale layout accepted: " + " | ".join(errors))
+        scale_a, scale_b = chosen[key]
+        return torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+
+    return run
+
+
+def _bf16_mm_peer(shape_a, shape_b, batched=False):
+    """A bf16 torch.mm (or bmm) of the same shape: the non-FP8 baseline."""
+    cache = {}
+
+    def run(*_):
+        if not cache:
+            cache["a"] = torch.randn(shape_a, device="cuda", dtype=torch.bfloat16)
+            cache["b"] = torch.randn(shape_b, device="cuda", dtype=torch.bfloat16)
+        return torch.bmm(cache["a"], cache["b"]) if batched else torch.mm(cache["a"], cache["b"])
+
+    return run
+
+
+def _dense_case(m, n, k, device):
+    def make_inputs(dev):
+        _, a, sa = _cast_pair(m, k, dev, per_block=False)
+        _, b, sb = _cast_pair(n, k, dev, per_block=True)
+        return a, sa, b, sb, torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+
+    def run(a, sa, b, sb, out):
+        dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+        return out
+
+    peers = {}
+    if device == "cuda":
+        peers = {"torch._scaled_mm": _scaled_mm_peer(), "torch.mm bf16": _bf16_mm_peer((m, k), (k, n))}
+    return Case(op="gemm_fp8_fp8_bf16_nt", params={"m": m, "n": n, "k": k}, make_inputs=make_inputs, run=run,
+                reference=lambda a, sa, b, sb, out: ref.gemm_fp8_fp8_bf16_nt(a, sa, b, sb), check=_check,
+                flops=2 * m * n * k, bytes=_bytes(m, n, k), peers=peers, backends=("ref", "triton"),
+                compute_dtype="fp8")
+
+
+def _contiguous_case(groups, m_per_group, n, k, device):
+    m = groups * m_per_group
+
+    def make_inputs(dev):
+        _, a, sa = _cast_pair(m, k, dev, per_block=False)
+        _, b, sb = _cast_pair(n, k, dev, per_block=True, groups=groups)
+        m_indices = torch.arange(groups, device=dev, dtype=torch.int32).repeat_interleave(m_per_group)
+        return a, sa, b, sb, torch.empty(m, n, device=dev, dtype=torch.bfloat16), m_indices
+
+    def run(a, sa, b, sb, out, m_indices):
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)
+        return out
+
+    def reference(a, sa, b, sb, out, m_indices):
+        expected = ref.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, m_indices)
+        expected[m_indices < 0] = float("nan")
+        return expected
+
+    peers = {"torch.mm bf16": _bf16_mm_peer((m, k), (k, n))} if device == "cuda" else {}
+    return Case(op="m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
+                params={"groups": groups, "m_per_group": m_per_group, "n": n, "k": k},
+                make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * m * n * k,
+                bytes=_bytes(m, n, k, groups), peers=peers, backends=("ref", "triton"), compute_dtype="fp8")
+
+
+def _masked_case(groups, expected_m, n, k, device, m_max):
+    # DeepGEMM draws each group's rows around expected_m (0.7x to 1.3x); fixed here per shape.
+    rng = random.Random(groups * 7919 + expected_m)
+    counts = [min(m_max, int(expected_m * rng.uniform(0.7, 1.3))) for _ in range(groups)]
+    valid = sum(counts)
+
+    def make_inputs(dev):
+        _, a, sa = _cast_pair(m_max, k, dev, per_block=False, groups=groups)
+        _, b, sb = _cast_pair(n, k, dev, per_block=True, groups=groups)
+        masked_m = torch.tensor(counts, device=dev, dtype=torch.int32)
+        return a, sa, b, sb, torch.empty(groups, m_max, n, device=dev, dtype=torch.bfloat16), masked_m
+
+    def run(a, sa, b, sb, out, masked_m):
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, expected_m)
+        return out
+
+    def reference(a, sa, b, sb, out, masked_m):
+        expected = ref.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, masked_m)
+        for g, rows in enumerate(counts):
+            expected[g, rows:] = float("nan")
+        return expected
+
+    peers = {}
+    if device == "cuda":
+        peers = {"torch.bmm bf16": _bf16_mm_peer((groups, expected_m, k), (groups, k, n), batched=True)}
+    return Case(op="m_grouped_gemm_fp8_fp8_bf16_nt_masked",
+                params={"groups": groups, "expected_m": expected_m, "m_max": m_max, "n": n, "k": k},
+                make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * valid * n * k,
+                bytes=_bytes(valid, n, k, groups), peers=peers, backends=("ref", "triton"), compute_dtype="fp8")
+
+
+def cases(quick: bool, device: str) -> list[Case]:
+    if device == "cpu":
+        return [_dense_case(7, 200, 256, device), _dense_case(130, 144, 256, device),
+                _contiguous_case(3, 64, 144, 256, device), _masked_case(2, 40, 144, 256, device, m_max=64)]
+    found = []
+    dense_m = [4096] if quick else [64, 128, 4096]
+    dense_nk = DENSE_NK[:2] if quick else DENSE_NK
+    found += [_dense_case(m, n, k, device) for m in dense_m for n, k in dense_nk]
+    for groups, m_per_group in ([(4, 8192)] if quick else [(4, 8192), (8, 4096)]):
+        found += [_contiguous_case(groups, m_per_group, n, k, device) for n, k in GROUPED_NK]
+    for groups, expected_m in ([(4, 256)] if quick else [(1, 1024), (2, 512), (4, 256)]):
+        # m_max = 4096 as DeepGEMM's masked test allocates it.
+        found += [_masked_case(groups, expected_m, n, k, device, m_max=4096) for n, k in GROUPED_NK]
+    return found
