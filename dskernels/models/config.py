@@ -1,0 +1,163 @@
+"""`DeepseekV3Config`: the fields of Hugging Face's `DeepseekV3Config` that one decoder layer needs.
+
+Field names are Hugging Face's (config.json of deepseek-ai/DeepSeek-V3), so
+`DeepseekV3Config(**json.load(open("config.json")))` works; unknown keys are kept in `extra`.
+RoPE parameters come either as transformers 5.x `rope_parameters` (a dict that holds rope_theta)
+or as 4.x / checkpoint `rope_scaling` + `rope_theta`; both are normalized into `rope_parameters`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DeepseekV3Config:
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    num_key_value_heads: int | None = 128
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    routed_scaling_factor: float = 2.5
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    qk_nope_head_dim: int = 128
+    n_group: int = 8
+    topk_group: int = 4
+    num_experts_per_tok: int = 8
+    first_k_dense_replace: int = 3
+    norm_topk_prob: bool = True
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 163840
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None       # 4.x / checkpoint spelling; folded into rope_parameters
+    rope_parameters: dict | None = None    # 5.x spelling: {"rope_type", "rope_theta", "factor", ...}
+    rope_interleave: bool = True
+    attention_bias: bool = False
+    quantization_config: dict | None = None  # the FP8 checkpoint's {"weight_block_size": [128, 128], ...}
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __init__(self, **kwargs):
+        names = {f.name for f in dataclasses.fields(self)}
+        for f in dataclasses.fields(self):
+            if f.default is not dataclasses.MISSING:
+                setattr(self, f.name, f.default)
+            else:
+                setattr(self, f.name, f.default_factory())
+        for key, value in kwargs.items():
+            if key in names:
+                setattr(self, key, value)
+            elif key == "num_local_experts":  # transformers' attribute_map alias
+                self.n_routed_experts = value
+            else:
+                self.extra[key] = value
+        self.__post_init__()
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        params = dict(self.rope_parameters or self.rope_scaling or {})
+        if "type" in params and "rope_type" not in params:
+            params["rope_type"] = params.pop("type")
+        params.setdefault("rope_type", "default")
+        params.setdefault("rope_theta", self.rope_theta)
+        self.rope_theta = params["rope_theta"]
+        if params["rope_type"] == "yarn":
+            params.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+        self.rope_parameters = params
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(f"n_routed_experts: expected a multiple of n_group={self.n_group}, "
+                             f"got {self.n_routed_experts}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim: expected an even number, got {self.qk_rope_head_dim}")
+
+    # ---- derived sizes ----
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_cache_dim(self) -> int:
+        """Per-token width of the latent cache: kv_lora_rank (normalized latent) + rope dims."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """qk_head_dim ** -0.5, times mscale**2 for YaRN with mscale_all_dim (as HF / DeepSeek)."""
+        scale = self.qk_head_dim ** -0.5
+        p = self.rope_parameters
+        if p.get("rope_type", "default") != "default" and p.get("mscale_all_dim"):
+            factor = p["factor"]
+            if factor > 1:
+                m = 0.1 * p["mscale_all_dim"] * math.log(factor) + 1.0
+                scale = scale * m * m
+        return scale
+
+    # ---- conversions ----
+    @classmethod
+    def from_hf(cls, hf_config) -> DeepseekV3Config:
+        """From a transformers DeepseekV3Config (4.x or 5.x), a dict, or a config.json path."""
+        if isinstance(hf_config, str):
+            import json
+            with open(hf_config) as f:
+                hf_config = json.load(f)
+        if not isinstance(hf_config, dict):
+            hf_config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else vars(hf_config)
+        kwargs = {k: v for k, v in hf_config.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        if hf_config.get("rope_parameters"):
+            kwargs.pop("rope_scaling", None)
+        kwargs.pop("extra", None)
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict:
+        """Keyword arguments for transformers' DeepseekV3Config (5.x `rope_parameters` spelling)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("extra", "rope_scaling", "rope_theta", "quantization_config")}
+        out["rope_parameters"] = dict(self.rope_parameters)
+        return out
+
+    # ---- presets ----
+    @classmethod
+    def deepseek_v3_671b(cls, **overrides) -> DeepseekV3Config:
+        """deepseek-ai/DeepSeek-V3 (and -V3-0324 / R1): config.json's values."""
+        base = dict(
+            vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+            num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
+            n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
+            qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4,
+            num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True, hidden_act="silu",
+            max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000,
+            rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                          "original_max_position_embeddings": 4096, "type": "yarn"},
+            attention_bias=False,
+            quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                 "weight_block_size": [128, 128]})
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def tiny(cls, **overrides) -> DeepseekV3Config:
+        """A small model with every path of the real one (q LoRA, grouped routing, shared expert,
+        YaRN with mscale) whose matrix sizes stay multiples of 128, so the FP8 path works too."""
+        base = dict(
+            vocab_size=1000, hidden_size=256, intermediate_size=256, moe_intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+            n_routed_experts=16, routed_scaling_factor=2.5, kv_lora_rank=128, q_lora_rank=128,
+            qk_rope_head_dim=32, v_head_dim=32, qk_nope_head_dim=32, n_group=4, topk_group=2,
+            num_experts_per_tok=4, first_k_dense_replace=1, norm_topk_prob=True, hidden_act="silu",
+            max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000,
+            rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                          "original_max_position_embeddings": 4096, "type": "yarn"},
+            attention_bias=False)
+        base.update(overrides)
+        return cls(**base)

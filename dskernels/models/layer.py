@@ -1,0 +1,208 @@
+"""`DeepseekV3DecoderLayer`: pre-norm MLA + (dense MLP | MoE), loading Hugging Face weights."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from dskernels.models.attention import MLAttention
+from dskernels.models.config import DeepseekV3Config
+from dskernels.models.linear import BLOCK, FP8, MLP, Linear, RMSNorm, dequantize_block_fp8
+from dskernels.models.moe import MoE
+
+_LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.*)$")
+_EXPERT_KEY = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.activation_scale)$")
+
+
+class DeepseekV3DecoderLayer(nn.Module):
+    """One DeepSeek-V3 decoder layer (API.md section 5).
+
+    Args:
+        cfg: DeepseekV3Config.
+        layer_idx: the MoE replaces the dense MLP when layer_idx >= cfg.first_k_dense_replace.
+        dtype: compute dtype of activations and float weights (bf16 by default; fp32 works, and is
+            what the tests compare with transformers in). FP8 weights stay FP8 (see load_hf_state_dict).
+        device: where the weights live.
+        ep_buffer: a `dskernels.ep.Buffer`: this rank then holds experts
+            [rank * E/R, (rank + 1) * E/R) and each MoE call dispatches its tokens to the ranks that
+            hold their experts and combines the results (attention and shared experts stay local).
+
+    Forward: `layer(x, positions)` or `layer(x, positions, kv_cache=, block_table=, cache_seqlens=)`,
+    see `forward`.
+    """
+
+    def __init__(self, cfg: DeepseekV3Config, layer_idx: int, *, dtype: torch.dtype = torch.bfloat16,
+                 device=None, ep_buffer=None):
+        super().__init__()
+        self.cfg, self.layer_idx, self.dtype = cfg, layer_idx, dtype
+        self.is_moe = layer_idx >= cfg.first_k_dense_replace
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = MLAttention(cfg, dtype, device)
+        if self.is_moe:
+            self.mlp = MoE(cfg, dtype, device, ep_buffer)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor | None = None,
+                block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, S, hidden] (the layer's dtype), positions int64 [B, S] (rope positions).
+
+        Without kv_cache: causal attention over the S tokens. With kv_cache
+        [num_pages, page_size, 1, kv_lora_rank + qk_rope_head_dim] (the layer's dtype),
+        block_table int32 [B, max_pages] and cache_seqlens int32 [B]: the latents of the S tokens
+        are written at slots cache_seqlens[b] .. + S - 1 of sequence b, and token j attends over
+        slots [0, cache_seqlens[b] + j + 1) with flash_mla_with_kvcache. cache_seqlens is not
+        modified. Returns [B, S, hidden]."""
+        if x.dim() != 3 or x.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"x: expected [B, S, {self.cfg.hidden_size}], got {list(x.shape)}")
+        if tuple(positions.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"positions: expected shape {list(x.shape[:2])}, got {list(positions.shape)}")
+        h = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, block_table, cache_seqlens)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    # ---- weights ----
+    def load_hf_state_dict(self, state_dict: dict, fp8: bool | None = None, strict: bool = True) -> None:
+        """Loads Hugging Face weights of this layer.
+
+        Keys: a DeepseekV3DecoderLayer's own (`self_attn.q_a_proj.weight`, ...) or a whole model's
+        (`model.layers.{i}.…`; other layers' keys are skipped). Experts as transformers 4.x / the
+        checkpoint files name them (`mlp.experts.{e}.gate_proj.weight`, ...) or 5.x fused
+        (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]). The FP8 checkpoint
+        format is used as is: float8_e4m3fn `weight` plus fp32 `weight_scale_inv` per 128x128 block
+        (5.x fused: `gate_up_proj_scale_inv`, `down_proj_scale_inv`).
+
+        fp8: None keeps each weight's format, True quantizes float weights to FP8 (128x128 blocks),
+        False dequantizes FP8 weights to the layer's dtype. Norms, the router and the score bias stay
+        float. strict: raise on missing or unexpected keys."""
+        sd = {}
+        for key, value in state_dict.items():
+            m = _LAYER_KEY.match(key)
+            if m:
+                if int(m.group(1)) != self.layer_idx:
+                    continue
+                key = m.group(2)
+            if not _IGNORED.search(key):
+                sd[key] = value
+        used: set[str] = set()
+
+        def take(key):
+            if key not in sd:
+                if strict:
+                    raise KeyError(f"state_dict: missing {key!r} for layer {self.layer_idx}")
+                return None
+            used.add(key)
+            return sd[key]
+
+        def take_opt(key):
+            if key in sd:
+                used.add(key)
+                return sd[key]
+            return None
+
+        device = self.input_layernorm.weight.device
+
+        def norm(module: RMSNorm, key):
+            w = take(key)
+            if w is not None:
+                module.weight = w.to(device=device, dtype=self.dtype).clone()
+
+        def linear(module: Linear, prefix):
+            w = take(prefix + ".weight")
+            if w is not None:
+                module.set_weight(w, take_opt(prefix + ".weight_scale_inv"), self.dtype, fp8)
+
+        norm(self.input_layernorm, "input_layernorm.weight")
+        norm(self.post_attention_layernorm, "post_attention_layernorm.weight")
+        attn = self.self_attn
+        names = ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+        names += ["q_a_proj", "q_b_proj"] if self.cfg.q_lora_rank else ["q_proj"]
+        for name in names:
+            linear(getattr(attn, name), f"self_attn.{name}")
+        if self.cfg.q_lora_rank:
+            norm(attn.q_a_layernorm, "self_attn.q_a_layernorm.weight")
+        norm(attn.kv_a_layernorm, "self_attn.kv_a_layernorm.weight")
+        attn.w_uk = attn.w_uv = None
+        if not self.is_moe:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                linear(getattr(self.mlp, name), f"mlp.{name}")
+        else:
+            moe = self.mlp
+            w = take("mlp.gate.weight")
+            if w is not None:
+                moe.gate_weight = w.to(device=device, dtype=torch.float32).clone()
+            b = take_opt("mlp.gate.e_score_correction_bias")
+            if b is not None:
+                moe.e_score_correction_bias = b.to(device=device, dtype=torch.float32).clone()
+            if moe.shared_experts is not None:
+                for name in ("gate_proj", "up_proj", "down_proj"):
+                    linear(getattr(moe.shared_experts, name), f"mlp.shared_experts.{name}")
+            self._load_experts(sd, used, fp8, strict)
+        unexpected = sorted(set(sd) - used)
+        if strict and unexpected:
+            raise KeyError(f"state_dict: unexpected keys for layer {self.layer_idx}: {unexpected[:8]}"
+                           f"{' ...' if len(unexpected) > 8 else ''}")
+
+    def _load_experts(self, sd: dict, used: set, fp8: bool | None, strict: bool) -> None:
+        moe, cfg = self.mlp, self.cfg
+        experts = moe.experts
+        lo, hi = moe.first_expert, moe.first_expert + moe.num_local_experts
+        inter = cfg.moe_intermediate_size
+        if "mlp.experts.gate_up_proj" in sd:  # transformers 5.x: fused over all experts
+            used.update(k for k in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                                    "mlp.experts.gate_up_proj_scale_inv", "mlp.experts.down_proj_scale_inv")
+                        if k in sd)
+            gate_up = sd["mlp.experts.gate_up_proj"][lo:hi]
+            down = sd["mlp.experts.down_proj"][lo:hi]
+            gate_up_s = sd.get("mlp.experts.gate_up_proj_scale_inv")
+            down_s = sd.get("mlp.experts.down_proj_scale_inv")
+            gate_up_s = gate_up_s[lo:hi] if gate_up_s is not None else None
+            down_s = down_s[lo:hi] if down_s is not None else None
+        else:  # 4.x / checkpoint files: one module per expert; other ranks' experts are skipped
+            for key in sd:
+                m = _EXPERT_KEY.match(key)
+                if m and not lo <= int(m.group(1)) < hi:
+                    used.add(key)
+            parts = {}
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                ws, ss = [], []
+                for e in range(lo, hi):
+                    prefix = f"mlp.experts.{e}.{name}"
+                    if prefix + ".weight" not in sd:
+                        if strict:
+                            raise KeyError(f"state_dict: missing {prefix + '.weight'!r} for layer {self.layer_idx}")
+                        return
+                    used.add(prefix + ".weight")
+                    ws.append(sd[prefix + ".weight"])
+                    if prefix + ".weight_scale_inv" in sd:
+                        used.add(prefix + ".weight_scale_inv")
+                        ss.append(sd[prefix + ".weight_scale_inv"])
+                parts[name] = (torch.stack(ws), torch.stack(ss) if ss else None)
+            (g, gs), (u, us), (down, down_s) = parts["gate_proj"], parts["up_proj"], parts["down_proj"]
+            if g.dtype == FP8 and inter % BLOCK:  # gate and up blocks would straddle: go through float
+                g, u, gs, us = dequantize_block_fp8(g, gs), dequantize_block_fp8(u, us), None, None
+            gate_up = torch.cat([g, u], dim=1)
+            gate_up_s = torch.cat([gs, us], dim=1) if gs is not None else None
+        experts.gate_up_proj, experts.gate_up_proj_scale_inv = self._expert_weights(gate_up, gate_up_s, fp8)
+        experts.down_proj, experts.down_proj_scale_inv = self._expert_weights(down, down_s, fp8)
+
+    def _expert_weights(self, w: torch.Tensor, scale: torch.Tensor | None, fp8: bool | None):
+        import dskernels
+        device = self.input_layernorm.weight.device
+        if w.dtype == FP8 and scale is None:
+            raise ValueError("state_dict: FP8 expert weights need their *_scale_inv block scales")
+        want_fp8 = (w.dtype == FP8) if fp8 is None else fp8
+        if want_fp8:
+            if w.shape[-1] % BLOCK:
+                raise ValueError(f"fp8: expert GEMMs need k % {BLOCK} == 0, got k={w.shape[-1]}")
+            if w.dtype != FP8:
+                pairs = [dskernels.per_block_cast_to_fp8(e.to(device=device, dtype=torch.bfloat16).contiguous())
+                         for e in w]
+                w, scale = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+            return w.to(device).contiguous(), scale.to(device=device, dtype=torch.float32).contiguous()
+        if w.dtype == FP8:
+            w = dequantize_block_fp8(w, scale, self.dtype)
+        return w.to(device=device, dtype=self.dtype).contiguous(), None

@@ -1,0 +1,109 @@
+"""The building blocks shared by attention and the MLPs: RMSNorm, a linear layer that runs either
+on float weights (F.linear) or on FP8 weights with 128x128 block scales (the checkpoint's
+weight + weight_scale_inv) through our casts and `gemm_fp8_fp8_bf16_nt`, and the SwiGLU MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dskernels
+
+FP8 = torch.float8_e4m3fn
+BLOCK = 128  # the checkpoint's weight_block_size and our ops' scale granularity
+
+
+class RMSNorm(nn.Module):
+    """HF's DeepseekV3RMSNorm: normalize in fp32, round to the input dtype, then scale."""
+
+    def __init__(self, dim: int, eps: float, dtype=None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def dequantize_block_fp8(w: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """w [..., n, k] fp8, scale [..., ceil(n/128), ceil(k/128)] -> w * scale per 128x128 block."""
+    n, k = w.shape[-2:]
+    s = scale.float().repeat_interleave(BLOCK, dim=-2)[..., :n, :].repeat_interleave(BLOCK, dim=-1)[..., :k]
+    return (w.float() * s).to(dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ W.T (no bias: V3 has attention_bias=False).
+
+    Float: `weight` [n, k] in the layer's dtype. FP8: `weight` [n, k] float8_e4m3fn and
+    `weight_scale_inv` [ceil(n/128), k/128] fp32 (the checkpoint's names and meaning: dequantized
+    = weight * scale); x is cast per token (1x128) with `per_token_cast_to_fp8` and multiplied by
+    `gemm_fp8_fp8_bf16_nt` into bf16, which is then cast to x's dtype."""
+
+    def __init__(self, in_features: int, out_features: int, dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.register_buffer("weight_scale_inv", None)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.weight.dtype == FP8
+
+    def set_weight(self, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, fp8: bool | None):
+        """Loads a float weight or an FP8 (weight, scale) pair; fp8=True quantizes a float weight,
+        fp8=False dequantizes an FP8 one, None keeps the checkpoint's format."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight: expected [{self.out_features}, {self.in_features}], got {list(weight.shape)}")
+        device = self.weight.device
+        if weight.dtype == FP8 and scale is None:
+            raise ValueError("weight_scale_inv: an FP8 weight needs its 128x128 block scales")
+        if fp8 is None:
+            fp8 = weight.dtype == FP8
+        if fp8 and self.in_features % BLOCK:
+            raise ValueError(f"fp8: in_features must be a multiple of {BLOCK} for the FP8 GEMM, "
+                             f"got {self.in_features}")
+        if fp8 and weight.dtype != FP8:
+            weight, scale = dskernels.per_block_cast_to_fp8(weight.to(device=device, dtype=torch.bfloat16).contiguous())
+        elif not fp8 and weight.dtype == FP8:
+            weight, scale = dequantize_block_fp8(weight, scale, dtype), None
+        if fp8:
+            self.weight = weight.to(device).contiguous()
+            self.weight_scale_inv = scale.to(device=device, dtype=torch.float32).contiguous()
+        else:
+            self.weight = weight.to(device=device, dtype=dtype).contiguous()
+            self.weight_scale_inv = None
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        if self.is_fp8:
+            return dequantize_block_fp8(self.weight, self.weight_scale_inv, dtype)
+        return self.weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_fp8:
+            return F.linear(x, self.weight)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype not in (torch.bfloat16, torch.float32):
+            x2 = x2.to(torch.bfloat16)
+        out = torch.empty(x2.shape[0], self.out_features, dtype=torch.bfloat16, device=x.device)
+        if x2.shape[0]:
+            xq = dskernels.per_token_cast_to_fp8(x2.contiguous())
+            dskernels.gemm_fp8_fp8_bf16_nt(xq, (self.weight, self.weight_scale_inv), out)
+        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); the dense layers' MLP and the shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int, dtype=None, device=None):
+        super().__init__()
+        self.gate_proj = Linear(hidden, intermediate, dtype, device)
+        self.up_proj = Linear(hidden, intermediate, dtype, device)
+        self.down_proj = Linear(intermediate, hidden, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

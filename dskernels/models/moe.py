@@ -1,0 +1,161 @@
+"""DeepSeek-V3's mixture of experts: the router, the routed experts as grouped GEMMs, the shared
+experts, and expert parallelism through `dskernels.ep.Buffer`.
+
+Router (HF's DeepseekV3TopkRouter, in fp32): s = sigmoid(x W_gate^T); selection uses
+s + e_score_correction_bias: the n_group groups are ranked by the sum of their top-2 biased scores,
+the best topk_group kept, and the top num_experts_per_tok experts chosen among them; the weights are
+the unbiased s of the chosen experts, normalized to sum 1 (norm_topk_prob), times
+routed_scaling_factor.
+
+Experts: the (token, expert) pairs are sorted by expert (no host sync: argsort, not nonzero), so
+each expert's rows form one contiguous segment, and each of the two GEMMs is one grouped GEMM over
+[num_local_experts, n, k] weights: `m_grouped_gemm_fp8_fp8_bf16_nt_contiguous` for FP8 weights
+(activations cast 1x128 by `per_token_cast_to_fp8`), `torch._grouped_mm` for float weights (API.md
+has no bf16 grouped GEMM; a per-expert loop where _grouped_mm is missing). Rows of -1 (experts on
+other ranks) are carried as padding rows and masked out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dskernels
+from dskernels.models.config import DeepseekV3Config
+from dskernels.models.linear import FP8, MLP
+
+_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, cfg: DeepseekV3Config):
+    """x [T, H] -> (topk_idx int64 [T, K], topk_weights fp32 [T, K]); HF's math, see the module doc."""
+    num_experts, groups = cfg.n_routed_experts, cfg.n_group
+    scores = F.linear(x.float(), gate_weight.float()).sigmoid()
+    biased = scores + bias.float()
+    group_scores = biased.view(-1, groups, num_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
+    expert_mask = group_mask.unsqueeze(-1).expand(-1, groups, num_experts // groups).reshape(-1, num_experts)
+    topk_idx = biased.masked_fill(~expert_mask, float("-inf")).topk(cfg.num_experts_per_tok, dim=-1,
+                                                                     sorted=False)[1]
+    weights = scores.gather(1, topk_idx)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return topk_idx, weights * cfg.routed_scaling_factor
+
+
+def _grouped_float(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows [offsets[g-1], offsets[g]) of x times w[g].T; rows past offsets[-1] unspecified."""
+    if _GROUPED_MM and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        try:
+            return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
+        except (RuntimeError, NotImplementedError):
+            pass
+    out = x.new_zeros(x.shape[0], w.shape[1])
+    start = 0
+    for g, n in enumerate(counts.tolist()):  # host sync: fallback only
+        if n:
+            out[start:start + n] = x[start:start + n] @ w[g].T
+        start += n
+    return out
+
+
+class Experts(nn.Module):
+    """num_local_experts SwiGLU experts stored fused as HF 5.x does: gate_up_proj [L, 2I, H]
+    (gate rows first) and down_proj [L, H, I]; FP8: float8_e4m3fn plus *_scale_inv with one fp32 per
+    128x128 block ([L, 2I/128, H/128] and [L, H/128, I/128])."""
+
+    def __init__(self, num_local_experts: int, hidden: int, intermediate: int, dtype=None, device=None):
+        super().__init__()
+        self.num_local_experts, self.hidden, self.intermediate = num_local_experts, hidden, intermediate
+        self.register_buffer("gate_up_proj", torch.empty(num_local_experts, 2 * intermediate, hidden,
+                                                         dtype=dtype, device=device))
+        self.register_buffer("down_proj", torch.empty(num_local_experts, hidden, intermediate, dtype=dtype,
+                                                      device=device))
+        self.register_buffer("gate_up_proj_scale_inv", None)
+        self.register_buffer("down_proj_scale_inv", None)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.gate_up_proj.dtype == FP8
+
+    def _gemm(self, x, w, scale, m_indices, offsets, counts) -> torch.Tensor:
+        if scale is None:
+            return _grouped_float(x, w, offsets, counts)
+        a, sa = x if isinstance(x, tuple) else dskernels.per_token_cast_to_fp8(x.contiguous())
+        out = torch.empty(a.shape[0], w.shape[1], dtype=torch.bfloat16, device=a.device)
+        if a.shape[0]:
+            dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (w, scale), out, m_indices)
+        return out
+
+    def forward(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """x [N, H] (or an FP8 (x, scales) pair), topk_idx int64 [N, K] local expert ids or -1,
+        topk_weights fp32 [N, K] -> sum_k topk_weights[t, k] * expert_k(x[t]), [N, H] in out_dtype."""
+        num_tokens, k = topk_idx.shape
+        experts = self.num_local_experts
+        flat = topk_idx.reshape(-1)
+        key = torch.where(flat >= 0, flat, experts)          # -1 sorts last, as padding rows
+        order = torch.argsort(key, stable=True)
+        sorted_key = key[order]
+        valid = sorted_key < experts
+        m_indices = torch.where(valid, sorted_key, -1).to(torch.int32)
+        counts = torch.bincount(key, minlength=experts + 1)[:experts]
+        offsets = counts.cumsum(0).to(torch.int32)
+        token = order // k
+        xs = tuple(t[token] for t in x) if isinstance(x, tuple) else x[token]
+        if not self.is_fp8 and isinstance(xs, tuple):
+            raise TypeError("x: FP8 activations need FP8 expert weights")
+        if not self.is_fp8:
+            xs = xs.to(self.gate_up_proj.dtype)
+        h = self._gemm(xs, self.gate_up_proj, self.gate_up_proj_scale_inv, m_indices, offsets, counts)
+        gate, up = h.split(self.intermediate, dim=-1)
+        if self.is_fp8:
+            act = F.silu(gate.float()) * up.float()           # cast to FP8 straight from fp32
+        else:
+            act = F.silu(gate) * up
+        y = self._gemm(act, self.down_proj, self.down_proj_scale_inv, m_indices, offsets, counts)
+        weights = topk_weights.reshape(-1)[order]
+        y = torch.where(valid[:, None], y.float() * weights[:, None], 0.0)
+        out = torch.zeros(num_tokens, self.hidden, dtype=torch.float32, device=y.device)
+        return out.index_add_(0, token, y).to(out_dtype)
+
+
+class MoE(nn.Module):
+    """Routed experts (this rank's share with an EP buffer) plus the shared experts."""
+
+    def __init__(self, cfg: DeepseekV3Config, dtype=None, device=None, ep_buffer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.ep_buffer = ep_buffer
+        self.num_ranks = ep_buffer.group_size if ep_buffer is not None else 1
+        self.rank = ep_buffer.rank if ep_buffer is not None else 0
+        if cfg.n_routed_experts % self.num_ranks:
+            raise ValueError(f"ep_buffer: n_routed_experts={cfg.n_routed_experts} is not divisible by the "
+                             f"{self.num_ranks} ranks of the group")
+        self.num_local_experts = cfg.n_routed_experts // self.num_ranks
+        self.first_expert = self.rank * self.num_local_experts
+        # the router runs in fp32 (HF's math); its weight is kept in fp32 whatever the layer's dtype
+        self.register_buffer("gate_weight", torch.empty(cfg.n_routed_experts, cfg.hidden_size,
+                                                        dtype=torch.float32, device=device))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, device=device))
+        self.experts = Experts(self.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype, device)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, device)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        topk_idx, topk_weights = route(x2, self.gate_weight, self.e_score_correction_bias, self.cfg)
+        if self.ep_buffer is None:
+            routed = self.experts(x2, topk_idx, topk_weights, x.dtype)
+        else:
+            # FP8 experts: send the 1x128-cast tokens (half the bytes; the first GEMM takes them as is)
+            payload = dskernels.per_token_cast_to_fp8(x2.contiguous()) if self.experts.is_fp8 else x2
+            recv_x, recv_idx, recv_weights, _, handle, _ = self.ep_buffer.dispatch(
+                payload, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=self.cfg.n_routed_experts)
+            y = self.experts(recv_x, recv_idx, recv_weights, x.dtype)
+            routed, _, _ = self.ep_buffer.combine(y, handle)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(x2)
+        return routed.reshape(shape)

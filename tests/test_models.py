@@ -1,0 +1,305 @@
+"""dskernels.models against transformers' DeepseekV3DecoderLayer on random weights (tiny config
+with every path: q LoRA, YaRN with mscale at widely spread positions, grouped routing with a
+negative score bias, a shared expert), in fp32 for the float paths."""
+
+import re
+
+import pytest
+import torch
+
+import dskernels
+from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer, route
+from dskernels.models.linear import dequantize_block_fp8
+from dskernels.testing import run_distributed
+
+transformers = pytest.importorskip("transformers")
+hf = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+
+TOL = 1e-4  # fp32: the absorbed decode reorders sums, prefill uses SDPA; both far inside this
+
+
+def hf_config(cfg: DeepseekV3Config):
+    config = transformers.DeepseekV3Config(**cfg.to_hf_dict())
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
+    return config
+
+
+def make_reference(cfg: DeepseekV3Config, layer_idx: int, seed: int = 0):
+    """transformers' layer in fp32 with random weights (norms around 1, a negative score bias)."""
+    torch.manual_seed(seed)
+    ref = hf.DeepseekV3DecoderLayer(hf_config(cfg), layer_idx).float().eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+        if layer_idx >= cfg.first_k_dense_replace:
+            ref.mlp.gate.e_score_correction_bias.copy_(-0.2 * torch.rand(cfg.n_routed_experts))
+    return ref
+
+
+def reference_forward(ref, cfg, x, positions):
+    """HF layer over all tokens of x with a causal mask."""
+    s = x.shape[1]
+    rotary = hf.DeepseekV3RotaryEmbedding(hf_config(cfg))
+    mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        return ref(x, attention_mask=mask, position_ids=positions, position_embeddings=rotary(x, positions))
+
+
+def per_expert_names(state_dict, cfg):
+    """transformers 5.x fused experts -> 4.x / checkpoint per-expert names."""
+    out = {}
+    for key, value in state_dict.items():
+        if key == "mlp.experts.gate_up_proj":
+            gate, up = value.split(cfg.moe_intermediate_size, dim=1)
+            for e in range(value.shape[0]):
+                out[f"mlp.experts.{e}.gate_proj.weight"] = gate[e]
+                out[f"mlp.experts.{e}.up_proj.weight"] = up[e]
+        elif key == "mlp.experts.down_proj":
+            for e in range(value.shape[0]):
+                out[f"mlp.experts.{e}.down_proj.weight"] = value[e]
+        else:
+            out[key] = value
+    return out
+
+
+def spread_positions(b, s, seed=1):
+    """Each sequence starts somewhere in [0, 150000): far past original_max_position_embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 150000, (b, 1), generator=g) + torch.arange(s)
+
+
+CONFIGS = {
+    "v3": DeepseekV3Config.tiny(),
+    "rotate_half": DeepseekV3Config.tiny(rope_interleave=False),
+    "no_q_lora": DeepseekV3Config.tiny(q_lora_rank=None, rope_scaling=None, n_group=1, topk_group=1),
+}
+
+
+# ---- config ----
+
+def test_config_from_hf_and_presets():
+    v3 = DeepseekV3Config.deepseek_v3_671b()
+    assert (v3.hidden_size, v3.num_attention_heads, v3.n_routed_experts, v3.kv_cache_dim) == (7168, 128, 256, 576)
+    assert v3.rope_parameters["rope_type"] == "yarn" and v3.rope_parameters["factor"] == 40
+    ours = DeepseekV3Config.from_hf(hf_config(v3))
+    for name in ("hidden_size", "q_lora_rank", "kv_lora_rank", "n_group", "topk_group", "routed_scaling_factor",
+                 "first_k_dense_replace", "rope_interleave", "max_position_embeddings"):
+        assert getattr(ours, name) == getattr(v3, name), name
+    assert ours.rope_parameters == v3.rope_parameters
+    # transformers 4.x / config.json spelling: rope_scaling + rope_theta, "type"
+    legacy = DeepseekV3Config.from_hf({"hidden_size": 7168, "rope_theta": 10000, "num_local_experts": 256,
+                                       "rope_scaling": {"type": "yarn", "factor": 40, "mscale": 1.0,
+                                                        "mscale_all_dim": 1.0,
+                                                        "original_max_position_embeddings": 4096}})
+    assert legacy.rope_parameters["rope_type"] == "yarn" and legacy.rope_parameters["rope_theta"] == 10000
+    ref_scale = hf.yarn_apply_mscale(hf_config(v3).rope_parameters, v3.qk_head_dim ** -0.5)
+    assert v3.softmax_scale == pytest.approx(ref_scale, rel=1e-12)
+
+
+# ---- float paths against transformers ----
+
+@pytest.mark.parametrize("variant", list(CONFIGS))
+@pytest.mark.parametrize("layer_idx", [0, 1], ids=["dense", "moe"])
+def test_prefill_matches_transformers(variant, layer_idx):
+    cfg = CONFIGS[variant]
+    ref = make_reference(cfg, layer_idx)
+    x = torch.randn(2, 9, cfg.hidden_size)
+    positions = spread_positions(2, 9)
+    expected = reference_forward(ref, cfg, x, positions)
+    layer = DeepseekV3DecoderLayer(cfg, layer_idx, dtype=torch.float32)
+    layer.load_hf_state_dict(ref.state_dict())
+    with torch.no_grad():
+        got = layer(x, positions)
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("names", ["fused", "per_expert", "model_prefix"])
+def test_load_hf_names(names):
+    cfg = CONFIGS["v3"]
+    ref = make_reference(cfg, 1, seed=3)
+    sd = ref.state_dict()
+    if names != "fused":
+        sd = per_expert_names(sd, cfg)
+    if names == "model_prefix":  # a whole checkpoint's keys: other layers' are skipped
+        sd = {f"model.layers.1.{k}": v for k, v in sd.items()} | {"model.layers.0.mlp.gate_proj.weight": torch.ones(1)}
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
+    layer.load_hf_state_dict(sd)
+    torch.testing.assert_close(layer.mlp.experts.gate_up_proj, ref.mlp.experts.gate_up_proj, atol=0, rtol=0)
+    torch.testing.assert_close(layer.mlp.experts.down_proj, ref.mlp.experts.down_proj, atol=0, rtol=0)
+    with pytest.raises(KeyError, match="missing"):
+        DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32).load_hf_state_dict(
+            {k: v for k, v in sd.items() if "kv_b_proj" not in k})
+    with pytest.raises(KeyError, match="unexpected"):
+        DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32).load_hf_state_dict(
+            {**sd, "mlp.experts.typo": torch.ones(1)})
+
+
+def paged_cache(cfg, num_pages, page_size, batch, pages_per_seq, dtype=torch.float32, seed=5):
+    """A NaN-poisoned cache and a shuffled block table whose unused entries are huge ids."""
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.full((num_pages, page_size, 1, cfg.kv_cache_dim), float("nan"), dtype=dtype)
+    table = torch.randperm(num_pages, generator=g)[:batch * pages_per_seq].view(batch, pages_per_seq)
+    return cache, table.to(torch.int32).contiguous()
+
+
+@pytest.mark.parametrize("variant", ["v3", "rotate_half"])
+@pytest.mark.parametrize("layer_idx", [0, 1], ids=["dense", "moe"])
+def test_prefill_then_decode_through_paged_cache(variant, layer_idx):
+    """Sequences of different lengths prefilled one by one into a paged cache (page size 5), then
+    decoded together: 2 tokens at once (MTP-style causal), then 1; each output equals the HF layer
+    run over the whole sequence."""
+    cfg = CONFIGS[variant]
+    ref = make_reference(cfg, layer_idx, seed=7)
+    layer = DeepseekV3DecoderLayer(cfg, layer_idx, dtype=torch.float32)
+    layer.load_hf_state_dict(ref.state_dict())
+    prompt_lens, total = [6, 3], 9
+    x = torch.randn(2, total, cfg.hidden_size)
+    positions = spread_positions(2, total, seed=2)
+    cache, table = paged_cache(cfg, num_pages=9, page_size=5, batch=2, pages_per_seq=3)
+    got = [[None] * total for _ in range(2)]
+    with torch.no_grad():
+        for b, n in enumerate(prompt_lens):  # prefill, one sequence at a time
+            y = layer(x[b:b + 1, :n], positions[b:b + 1, :n], kv_cache=cache, block_table=table[b:b + 1],
+                      cache_seqlens=torch.zeros(1, dtype=torch.int32))
+            for j in range(n):
+                got[b][j] = y[0, j]
+        lens = torch.tensor(prompt_lens, dtype=torch.int32)
+        for step in (2, 1):  # decode both sequences together
+            idx = lens.long()[:, None] + torch.arange(step)
+            xs = torch.stack([x[b, idx[b]] for b in range(2)])
+            ps = torch.stack([positions[b, idx[b]] for b in range(2)])
+            before = lens.clone()
+            y = layer(xs, ps, kv_cache=cache, block_table=table, cache_seqlens=lens)
+            assert torch.equal(lens, before)  # not advanced by the layer
+            for b in range(2):
+                for j in range(step):
+                    got[b][int(idx[b, j])] = y[b, j]
+            lens += step
+    for b in range(2):
+        n = int(lens[b])
+        expected = reference_forward(ref, cfg, x[b:b + 1, :n], positions[b:b + 1, :n])[0]
+        torch.testing.assert_close(torch.stack(got[b][:n]), expected, atol=TOL, rtol=TOL)
+
+
+def test_bad_inputs():
+    cfg = CONFIGS["v3"]
+    layer = DeepseekV3DecoderLayer(cfg, 0, dtype=torch.float32)
+    layer.load_hf_state_dict(make_reference(cfg, 0).state_dict())
+    x, positions = torch.randn(1, 2, cfg.hidden_size), torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="kv_cache"):
+        layer(x, positions, kv_cache=torch.zeros(4, 16, 1, 100), block_table=torch.zeros(1, 1, dtype=torch.int32),
+              cache_seqlens=torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="positions"):
+        layer(x, positions[:, :1])
+    with pytest.raises(ValueError, match="x"):
+        layer(torch.randn(1, 2, 7), positions)
+
+
+# ---- FP8 checkpoint ----
+
+def fp8_checkpoint(state_dict):
+    """What the FP8 checkpoint holds: every projection as float8_e4m3fn weight + weight_scale_inv
+    (128x128 blocks); norms, router and bias stay float. Also returns the dequantized weights."""
+    fp8, dequant = {}, {}
+    for key, value in state_dict.items():
+        if key.endswith("proj.weight") or key.endswith("proj_with_mqa.weight"):
+            w, s = dskernels.per_block_cast_to_fp8(value.contiguous())
+            fp8[key], fp8[key[:-len("weight")] + "weight_scale_inv"] = w, s
+            dequant[key] = dequantize_block_fp8(w, s)
+        else:
+            fp8[key] = dequant[key] = value
+    return fp8, dequant
+
+
+# One FP8 GEMM with 1x128 activation casts is ~2.6% off in relative L2 (e4m3 keeps 3 mantissa
+# bits: DeepGEMM's calc_diff < 1e-3 allows ~4.5%); a block chains three or four of them (measured
+# here: 4-6%).
+FP8_TOL = 0.08
+
+
+def rel_error(got, expected):
+    return ((got.float() - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("layer_idx", [0, 1], ids=["dense", "moe"])
+def test_fp8_checkpoint_path(layer_idx):
+    """FP8 weights as the checkpoint stores them, bf16 activations cast 1x128 into our FP8 GEMMs,
+    against the same math in fp32 on the dequantized weights. The attention block (prefill and
+    paged decode) and the MLP block are compared on the same inputs; the whole layer too for the
+    dense layer (in the MoE layer a few-percent change of the router's input may swap a near-tied
+    expert, which is no error of the FP8 path)."""
+    cfg = CONFIGS["v3"]
+    ref = make_reference(cfg, layer_idx, seed=11)
+    fp8_sd, dequant_sd = fp8_checkpoint(per_expert_names(ref.state_dict(), cfg))
+    layer = DeepseekV3DecoderLayer(cfg, layer_idx, dtype=torch.bfloat16)
+    layer.load_hf_state_dict(fp8_sd)
+    assert layer.self_attn.q_b_proj.weight.dtype == torch.float8_e4m3fn
+    if layer_idx:
+        assert layer.mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    ref_layer = DeepseekV3DecoderLayer(cfg, layer_idx, dtype=torch.float32)
+    ref_layer.load_hf_state_dict(dequant_sd)
+    x = torch.randn(2, 8, cfg.hidden_size).bfloat16()
+    positions = spread_positions(2, 8, seed=4)
+
+    def attention(model, x, **cache):
+        return model.self_attn(model.input_layernorm(x), positions[:, :x.shape[1]] if not cache else
+                               cache.pop("positions"), **cache)
+
+    with torch.no_grad():
+        expected = attention(ref_layer, x.float())
+        assert rel_error(attention(layer, x), expected) < FP8_TOL
+        cache, table = paged_cache(cfg, 8, 4, 2, 4, dtype=torch.bfloat16)
+        lens = torch.zeros(2, dtype=torch.int32)
+        y1 = attention(layer, x[:, :5], positions=positions[:, :5], kv_cache=cache, block_table=table,
+                       cache_seqlens=lens)
+        y2 = attention(layer, x[:, 5:], positions=positions[:, 5:], kv_cache=cache, block_table=table,
+                       cache_seqlens=lens + 5)
+        assert rel_error(torch.cat([y1, y2], 1), expected) < FP8_TOL
+        h = torch.randn(16, cfg.hidden_size).bfloat16()
+        if layer_idx:  # same input, same routing: the router runs in fp32 on fp32 weights
+            ours = route(h, layer.mlp.gate_weight, layer.mlp.e_score_correction_bias, cfg)[0]
+            theirs = route(h.float(), ref_layer.mlp.gate_weight,
+                                            ref_layer.mlp.e_score_correction_bias, cfg)[0]
+            assert torch.equal(ours.sort(1)[0], theirs.sort(1)[0])
+        assert rel_error(layer.mlp(h), ref_layer.mlp(h.float())) < FP8_TOL
+        if not layer_idx:
+            assert rel_error(layer(x, positions), ref_layer(x.float(), positions)) < FP8_TOL
+
+
+# ---- expert parallelism ----
+
+def _ep_body(rank, world_size, cfg, state_dicts, x, positions, expected):
+    import torch.distributed as dist
+
+    from dskernels.ep import Buffer
+    buffer = Buffer(dist.group.WORLD)
+    for name, dtype in (("float", torch.float32), ("fp8", torch.bfloat16)):
+        layer = DeepseekV3DecoderLayer(cfg, 1, dtype=dtype, ep_buffer=buffer)
+        layer.load_hf_state_dict(state_dicts[name])
+        assert layer.mlp.experts.gate_up_proj.shape[0] == cfg.n_routed_experts // world_size
+        mine = slice(rank, rank + 1)  # each rank runs its own sequence
+        with torch.no_grad():
+            got = layer(x[mine].to(dtype), positions[mine])
+        tol = TOL if name == "float" else 2e-2
+        torch.testing.assert_close(got.float(), expected[name][mine].float(), atol=tol, rtol=tol)
+
+
+def test_expert_parallel_two_ranks_equals_single_process():
+    cfg = CONFIGS["v3"]
+    ref = make_reference(cfg, 1, seed=13)
+    float_sd = ref.state_dict()
+    fp8_sd, _ = fp8_checkpoint(per_expert_names(float_sd, cfg))
+    x = torch.randn(2, 6, cfg.hidden_size)
+    positions = spread_positions(2, 6, seed=6)
+    expected = {}
+    for name, sd, dtype in (("float", float_sd, torch.float32), ("fp8", fp8_sd, torch.bfloat16)):
+        layer = DeepseekV3DecoderLayer(cfg, 1, dtype=dtype)
+        layer.load_hf_state_dict(sd)
+        with torch.no_grad():
+            expected[name] = layer(x.to(dtype), positions)
+    run_distributed(_ep_body, 2, cfg, {"float": float_sd, "fp8": fp8_sd}, x, positions,
+                                      expected)
