@@ -1,0 +1,441 @@
+"""DualPipe and DualPipeV runtimes: execute the schedules of `schedule` with torch.distributed.
+
+Same constructor and `step` contract as deepseek-ai/DualPipe, but:
+- one executor, driven by the action list of `schedule.dualpipe` / `schedule.dualpipev`, so what
+  runs is exactly what the validator and simulator checked;
+- any device and backend (gloo on CPU, NCCL on CUDA): the P2P buffers live on the device of the
+  tensor being sent or of the module's first parameter;
+- no global state: shapes and dtypes travel with the data (a small int64 header before each
+  message), the weight-gradient store is per instance;
+- P2P with `torch.distributed.batch_isend_irecv`, each message under a tag unique to its (kind,
+  stage, chunk, tensor), so sends never wait and a receive blocks only when its action needs the
+  data (deadlock-free whenever `schedule.validate` accepts the order).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dskernels.pipeline import schedule as _schedule
+from dskernels.pipeline.weight_grad import WeightGradStore
+
+__all__ = ["DualPipe", "DualPipeV", "set_p2p_tensor_shapes", "set_p2p_tensor_dtype"]
+
+_compat_shapes: list | None = None
+_compat_dtype: torch.dtype | None = None
+
+
+def set_p2p_tensor_shapes(shapes) -> None:
+    """DualPipe compatibility: accepted and recorded, not needed (shapes travel with the data)."""
+    global _compat_shapes
+    _compat_shapes = list(shapes)
+
+
+def set_p2p_tensor_dtype(dtype: torch.dtype) -> None:
+    """DualPipe compatibility: accepted and recorded, not needed (dtypes travel with the data)."""
+    global _compat_dtype
+    _compat_dtype = dtype
+
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+           torch.bool, torch.int8, torch.uint8, torch.int16, torch.float8_e4m3fn, torch.float8_e5m2]
+_HEADER = 64          # int64 words per header
+_MAX_DIMS = 6
+_MAX_TENSORS = (_HEADER - 1) // (2 + _MAX_DIMS)
+_TAG_SLOTS = _MAX_TENSORS + 1
+
+
+def _scatter(inputs, num_chunks, dim):
+    """Splits each tensor of `inputs` into num_chunks chunks along dim: list of tuples."""
+    if not inputs:
+        return [() for _ in range(num_chunks)]
+    parts = []
+    for t in inputs:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"inputs: expected tensors, got {type(t).__name__}")
+        if t.shape[dim] < num_chunks:
+            raise ValueError(f"inputs: dimension {dim} has {t.shape[dim]} rows, fewer than "
+                             f"num_chunks={num_chunks}")
+        parts.append(t.tensor_split(num_chunks, dim))
+    return [tuple(p[i] for p in parts) for i in range(num_chunks)]
+
+
+def _as_tuple(x):
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    return tuple(x)
+
+
+class _Runtime(nn.Module):
+    _KIND = ""  # "dualpipe" or "dualpipev"
+
+    def __init__(self, modules: tuple[nn.Module, nn.Module], batch_dim: int = 0,
+                 process_group: dist.ProcessGroup | None = None, rank_mapping: list[int] | None = None):
+        super().__init__()
+        if len(modules) != 2:
+            raise ValueError(f"modules: expected two modules (one per stage of this rank), got {len(modules)}")
+        self.module = nn.ModuleList(modules)
+        self.overlapped_forward_backward = hasattr(type(self.module[0]), "overlapped_forward_backward")
+        self.batch_dim = batch_dim
+        self.group = process_group or dist.distributed_c10d._get_default_group()
+        self.num_ranks = self.group.size()
+        self.rank_mapping = list(rank_mapping) if rank_mapping is not None else list(range(self.num_ranks))
+        if sorted(self.rank_mapping) != list(range(self.num_ranks)):
+            raise ValueError(f"rank_mapping: expected a permutation of 0..{self.num_ranks - 1}, "
+                             f"got {self.rank_mapping}")
+        self.group_rank = self.group.rank()
+        self.rank = self.rank_mapping.index(self.group_rank)
+        self.weight_grad_store = WeightGradStore()
+        P = self.num_ranks
+        self.local_stages = {self.rank: 0, 2 * P - 1 - self.rank: 1}  # stage -> index in self.module
+
+    # -- layout of the two pipelines (subclasses) --
+    def _chains(self) -> list[list[int]]:
+        raise NotImplementedError
+
+    def _order(self, num_chunks: int) -> list[list[str]]:
+        return _schedule.generate(self._KIND, self.num_ranks, num_chunks)
+
+    def _stage_rank(self, stage: int) -> int:
+        P = self.num_ranks
+        return stage if stage < P else 2 * P - 1 - stage
+
+    def _peer(self, pipeline_rank: int) -> int:
+        return dist.get_global_rank(self.group, self.rank_mapping[pipeline_rank])
+
+    def _device(self):
+        for p in self.module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    # -- P2P --
+    def _tag(self, kind: int, stage: int, mb: int, slot: int) -> int:
+        return ((kind * 2 * self.num_ranks + stage) * self._num_chunks + mb) * _TAG_SLOTS + slot
+
+    def _send(self, kind: int, stage: int, mb: int, tensors, dst_stage: int):
+        """Sends tensors (None allowed) of (stage, mb) to the rank of dst_stage, or stashes them."""
+        dst = self._stage_rank(dst_stage)
+        if dst == self.rank:
+            self._local[(kind, stage, mb)] = [None if t is None else t.detach() for t in tensors]
+            return
+        if len(tensors) > _MAX_TENSORS:
+            raise ValueError(f"pipeline: at most {_MAX_TENSORS} tensors per message, got {len(tensors)}")
+        header = torch.full((_HEADER,), -2, dtype=torch.int64)
+        header[0] = len(tensors)
+        payload = []
+        for i, t in enumerate(tensors):
+            base = 1 + i * (2 + _MAX_DIMS)
+            if t is None:
+                header[base] = -1
+                continue
+            if t.dim() > _MAX_DIMS or t.dtype not in _DTYPES:
+                raise ValueError(f"pipeline: cannot send a {t.dim()}-d {t.dtype} tensor "
+                                 f"(at most {_MAX_DIMS} dims, dtypes {_DTYPES})")
+            header[base] = _DTYPES.index(t.dtype)
+            header[base + 1] = t.dim()
+            header[base + 2: base + 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+            payload.append((i, t.detach().contiguous()))
+        device = payload[0][1].device if payload else self._device()
+        peer = self._peer(dst)
+        ops = [dist.P2POp(dist.isend, header.to(device), peer, self.group, self._tag(kind, stage, mb, 0))]
+        ops += [dist.P2POp(dist.isend, t, peer, self.group, self._tag(kind, stage, mb, 1 + i)) for i, t in payload]
+        self._pending_sends.append((dist.batch_isend_irecv(ops), ops))
+
+    def _post_header(self, kind, stage, mb, src):
+        header = torch.empty(_HEADER, dtype=torch.int64, device=self._device())
+        op = dist.P2POp(dist.irecv, header, self._peer(src), self.group, self._tag(kind, stage, mb, 0))
+        return header, dist.batch_isend_irecv([op])
+
+    def _post_all_headers(self, actions):
+        """Posts the header receives of every message this rank will get, in one batch, so a
+        header has usually arrived by the time its action needs it (one latency per message
+        instead of two)."""
+        prev, nxt = self._neighbours
+        wanted = []
+        for action in actions:
+            for stage, kind, mb in _schedule.parse_action(action):
+                if kind == "F" and stage in prev and self._stage_rank(prev[stage]) != self.rank:
+                    wanted.append((0, prev[stage], mb, self._stage_rank(prev[stage])))
+                elif kind in "BI" and stage in nxt and self._stage_rank(nxt[stage]) != self.rank:
+                    wanted.append((1, nxt[stage], mb, self._stage_rank(nxt[stage])))
+        if not wanted:
+            return
+        headers = [torch.empty(_HEADER, dtype=torch.int64, device=self._device()) for _ in wanted]
+        ops = [dist.P2POp(dist.irecv, h, self._peer(src), self.group, self._tag(k, s, m, 0))
+               for h, (k, s, m, src) in zip(headers, wanted)]
+        works = dist.batch_isend_irecv(ops)
+        if len(works) != len(ops):  # a coalesced batch: one work for all
+            works = [works[-1]] * len(ops) if works else [None] * len(ops)
+        for h, w, (k, s, m, _) in zip(headers, works, wanted):
+            self._posted_headers[(k, s, m)] = (h, [w] if w is not None else [])
+
+    def _recv(self, kind: int, stage: int, mb: int, src_stage: int):
+        """Receives what (src_stage's rank) sent for (kind, stage, mb)."""
+        src = self._stage_rank(src_stage)
+        if src == self.rank:
+            return self._local.pop((kind, stage, mb))
+        peer = self._peer(src)
+        device = self._device()
+        header, works = self._posted_headers.pop((kind, stage, mb), (None, None))
+        if header is None:
+            header, works = self._post_header(kind, stage, mb, src)
+        for work in works:
+            work.wait()
+        h = header.tolist()
+        out, ops = [], []
+        for i in range(int(h[0])):
+            base = 1 + i * (2 + _MAX_DIMS)
+            if h[base] < 0:
+                out.append(None)
+                continue
+            shape = h[base + 2: base + 2 + int(h[base + 1])]
+            t = torch.empty(shape, dtype=_DTYPES[int(h[base])], device=device)
+            out.append(t)
+            ops.append(dist.P2POp(dist.irecv, t, peer, self.group, self._tag(kind, stage, mb, 1 + i)))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        return out
+
+    # -- compute --
+    def _forward_inputs(self, stage, mb):
+        prev, _ = self._neighbours
+        if stage not in prev:
+            return tuple(self._input_chunks[stage][mb])
+        received = self._recv(0, prev[stage], mb, prev[stage])
+        return tuple(t.requires_grad_() if t.is_floating_point() else t for t in received)
+
+    def _labels_of(self, stage, mb):
+        return tuple(self._label_chunks[stage][mb]) if stage in self._label_chunks else ()
+
+    def _post_forward(self, stage, mb, inputs, outputs, loss):
+        _, nxt = self._neighbours
+        self._inputs[(stage, mb)] = inputs
+        outputs = _as_tuple(outputs)
+        if stage in nxt:
+            self._outputs[(stage, mb)] = outputs
+            self._send(0, stage, mb, outputs, nxt[stage])
+        else:
+            if self.criterion is not None:
+                self._losses[(stage, mb)] = loss
+                self._loss_values[(stage, mb)] = loss.detach()
+            if self.return_outputs:
+                self._final_outputs[(stage, mb)] = tuple(o.detach() for o in outputs)
+
+    def _forward(self, stage, mb):
+        inputs = self._forward_inputs(stage, mb)
+        module = self.module[self.local_stages[stage]]
+        outputs = _as_tuple(module(*inputs))
+        loss = None
+        if stage in self._tails and self.criterion is not None:
+            loss = self.criterion(*outputs, *self._labels_of(stage, mb))
+        self._post_forward(stage, mb, inputs, outputs, loss)
+
+    def _backward_operands(self, stage, mb):
+        """(loss, outputs, output_grads) for the backward of (stage, mb)."""
+        _, nxt = self._neighbours
+        if stage not in nxt:
+            return self._losses.pop((stage, mb)), [], []
+        outputs = self._outputs.pop((stage, mb))
+        grads = self._recv(1, nxt[stage], mb, nxt[stage])
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+        return None, [o for o, _ in pairs], [g for _, g in pairs]
+
+    def _post_backward(self, stage, mb):
+        prev, _ = self._neighbours
+        inputs = self._inputs.pop((stage, mb))
+        if stage in prev:
+            self._send(1, stage, mb, [t.grad if isinstance(t, torch.Tensor) else None for t in inputs],
+                       prev[stage])
+
+    @staticmethod
+    def _run_backward(loss, outputs, output_grads):
+        if loss is not None:
+            loss.backward()
+        elif outputs:
+            torch.autograd.backward(outputs, grad_tensors=output_grads)
+
+    def _backward(self, stage, mb, zero_bubble):
+        loss, outputs, grads = self._backward_operands(stage, mb)
+        if zero_bubble:
+            with self.weight_grad_store.activate():
+                self._run_backward(loss, outputs, grads)
+            self.weight_grad_store.flush()
+        else:
+            self._run_backward(loss, outputs, grads)
+        self._post_backward(stage, mb)
+
+    def _forward_backward(self, fstage, fmb, bstage, bmb):
+        if not self.overlapped_forward_backward:
+            self._forward(fstage, fmb)
+            self._backward(bstage, bmb, zero_bubble=False)
+            return
+        inputs0 = self._forward_inputs(fstage, fmb)
+        is_tail0 = fstage in self._tails and self.criterion is not None
+        loss1, outputs1, grads1 = self._backward_operands(bstage, bmb)
+        outputs0, loss0 = type(self.module[0]).overlapped_forward_backward(
+            self.module[self.local_stages[fstage]], inputs0,
+            self.criterion if is_tail0 else None, list(self._labels_of(fstage, fmb)) if is_tail0 else [],
+            self.module[self.local_stages[bstage]], loss1, outputs1, grads1)
+        self._post_forward(fstage, fmb, inputs0, outputs0, loss0)
+        self._post_backward(bstage, bmb)
+
+    # -- step --
+    def _split_inputs(self, inputs, labels, num_chunks) -> tuple[dict, dict]:
+        """{head stage: chunks} and {tail stage: label chunks} for this rank (subclasses)."""
+        raise NotImplementedError
+
+    def step(self, *inputs, num_chunks: int = 0, criterion=None, labels: list | tuple = [],
+             return_outputs: bool = False) -> tuple[torch.Tensor | None, Any]:
+        """Runs one pipelined forward (and backward, when grad mode is on) over num_chunks chunks.
+
+        inputs / labels: given on the ranks that hold a pipeline's first / last stage (others
+        pass nothing); split into chunks along batch_dim. criterion(*outputs, *labels) -> the loss
+        of one chunk; each chunk's loss is back-propagated separately (gradients accumulate in
+        .grad, as in DualPipe). Returns (loss, outputs): on a rank with a last stage the chunks'
+        losses stacked [chunks] (detached) and, with return_outputs, that stage's outputs
+        concatenated along batch_dim; (None, None) elsewhere."""
+        order = self._order(num_chunks)  # raises ValueError for an impossible num_chunks
+        self._num_chunks = num_chunks
+        chains = self._chains()
+        self._neighbours = _schedule._neighbours(chains)
+        self._tails = {c[-1] for c in chains}
+        self.criterion = criterion
+        self.return_outputs = return_outputs
+        self._input_chunks, self._label_chunks = self._split_inputs(inputs, labels, num_chunks)
+        self._inputs, self._outputs, self._losses, self._final_outputs = {}, {}, {}, {}
+        self._loss_values = {}
+        self._local, self._pending_sends, self._posted_headers = {}, [], {}
+        self.weight_grad_store.clear()
+        forward_only = not torch.is_grad_enabled()
+        actions = order[self.rank]
+        if forward_only:
+            actions = [f"{s}F{m}" for a in actions for s, k, m in _schedule.parse_action(a) if k == "F"]
+        try:
+            self._post_all_headers(actions)
+            for action in actions:
+                subs = _schedule.parse_action(action)
+                if len(subs) == 2:
+                    (fs, _, fm), (bs, _, bm) = subs
+                    self._forward_backward(fs, fm, bs, bm)
+                    continue
+                stage, kind, mb = subs[0]
+                if kind == "F":
+                    self._forward(stage, mb)
+                elif kind in "BI":
+                    self._backward(stage, mb, zero_bubble=(kind == "I"))
+                else:
+                    self.weight_grad_store.pop()
+            for works, _ in self._pending_sends:
+                for work in works:
+                    work.wait()
+            if self._posted_headers:
+                raise RuntimeError(f"pipeline: messages never received: {sorted(self._posted_headers)}")
+        finally:
+            self._pending_sends = []
+        if not self.weight_grad_store.empty():
+            raise RuntimeError("pipeline: weight gradients left deferred after the step")
+        tails_here = sorted(s for s in self._tails if s in self.local_stages)
+        loss, outputs = None, None
+        if tails_here:
+            stage = tails_here[0]
+            if criterion is not None:
+                loss = torch.stack([self._loss_values[(stage, m)]
+                                    for m in range(self._chunks_per_pipeline(num_chunks))])
+            if return_outputs:
+                parts = [self._final_outputs[(stage, m)] for m in range(self._chunks_per_pipeline(num_chunks))]
+                cat = [torch.cat([p[i] for p in parts], dim=self.batch_dim) for i in range(len(parts[0]))]
+                outputs = cat[0] if len(cat) == 1 else tuple(cat)
+        self._inputs = self._outputs = self._losses = self._final_outputs = self._local = {}
+        self._loss_values = {}
+        self._input_chunks = self._label_chunks = {}
+        return loss, outputs
+
+    def _chunks_per_pipeline(self, num_chunks):
+        return num_chunks
+
+
+class DualPipeV(_Runtime):
+    """DualPipeV: the model cut into 2P stages laid out as a V over P ranks; rank r holds stages
+    r (modules[0]) and 2P-1-r (modules[1]). Inputs and labels are given on rank 0, which also
+    returns the loss and outputs. Requires num_chunks >= 2P."""
+
+    _KIND = "dualpipev"
+
+    def _chains(self):
+        return [list(range(2 * self.num_ranks))]
+
+    def _split_inputs(self, inputs, labels, num_chunks):
+        heads, tails = {}, {}
+        if self.rank == 0:
+            heads[0] = _scatter(inputs, num_chunks, self.batch_dim)
+            tails[2 * self.num_ranks - 1] = _scatter(tuple(labels), num_chunks, self.batch_dim)
+        return heads, tails
+
+
+class DualPipe(_Runtime):
+    """DualPipe: two copies of a P-stage model run in opposite directions over P ranks (P even);
+    rank r holds stage r of the forward-direction copy (modules[0]) and stage r of the reverse
+    copy, fed from rank P-1 (modules[1], the same layer as modules[0] of rank P-1-r).
+
+    Rank 0's inputs go through the forward direction and end on rank P-1, whose labels they use;
+    rank P-1's inputs go the other way and end on rank 0. Each of those ranks passes half of the
+    batch (num_chunks / 2 chunks) and returns the losses of the direction that ends on it.
+    After step, `sync_mirrored_grads()` sums the gradients of the two copies of each layer
+    (the gradient-sync pairs: rank r's modules[0] with rank P-1-r's modules[1])."""
+
+    _KIND = "dualpipe"
+
+    def _chains(self):
+        P = self.num_ranks
+        return [list(range(P)), list(range(P, 2 * P))]
+
+    def _chunks_per_pipeline(self, num_chunks):
+        return num_chunks // 2
+
+    def _split_inputs(self, inputs, labels, num_chunks):
+        P, half = self.num_ranks, num_chunks // 2
+        heads, tails = {}, {}
+        if self.rank == 0:
+            heads[0] = _scatter(inputs, half, self.batch_dim)
+            tails[2 * P - 1] = _scatter(tuple(labels), half, self.batch_dim)
+        if self.rank == P - 1:
+            heads[P] = _scatter(inputs, half, self.batch_dim)
+            tails[P - 1] = _scatter(tuple(labels), half, self.batch_dim)
+        return heads, tails
+
+    @staticmethod
+    def grad_sync_pairs(num_ranks: int) -> list[tuple[int, int]]:
+        """(rank, rank) pairs whose modules[0] / modules[1] hold the same layer."""
+        return [(r, num_ranks - 1 - r) for r in range(num_ranks // 2)]
+
+    def sync_mirrored_grads(self) -> None:
+        """modules[0].grad += peer's modules[1].grad and vice versa, with the peer P-1-r."""
+        peer = self._peer(self.num_ranks - 1 - self.rank)
+        mine0 = [p for p in self.module[0].parameters() if p.grad is not None]
+        mine1 = [p for p in self.module[1].parameters() if p.grad is not None]
+        if len(mine0) != len(mine1):
+            raise RuntimeError("sync_mirrored_grads: modules[0] and modules[1] have different parameters with grads")
+        flat0 = torch.cat([p.grad.reshape(-1) for p in mine0]) if mine0 else None
+        flat1 = torch.cat([p.grad.reshape(-1) for p in mine1]) if mine1 else None
+        if flat0 is None:
+            return
+        got0, got1 = torch.empty_like(flat1), torch.empty_like(flat0)  # peer's modules[0], [1]
+        ops = [dist.P2POp(dist.isend, flat0, peer, self.group, 0), dist.P2POp(dist.isend, flat1, peer, self.group, 1),
+               dist.P2POp(dist.irecv, got0, peer, self.group, 0), dist.P2POp(dist.irecv, got1, peer, self.group, 1)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        offset = 0
+        for p in mine0:
+            n = p.numel()
+            p.grad += got1[offset:offset + n].view_as(p.grad)
+            offset += n
+        offset = 0
+        for p in mine1:
+            n = p.numel()
+            p.grad += got0[offset:offset + n].view_as(p.grad)
+            offset += n

@@ -1,0 +1,125 @@
+"""Zero-bubble weight-gradient deferral: a per-runtime WeightGradStore and a Linear that uses it.
+
+During an I action (input gradient only) the runtime makes its store the active one; a `Linear`
+whose backward runs then computes the input gradient at once and puts a closure computing its
+weight (and bias) gradient into the store. `flush()` after the backward groups those closures as
+one chunk's W; the matching W action `pop()`s and runs them, in FIFO order (DualPipe's
+WeightGradStore, but one per runtime instead of class-level state).
+
+Modules without a deferrable Linear still work: their weight gradients are simply computed during
+the I action, and the W action has nothing to run.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["WeightGradStore", "Linear"]
+
+
+class WeightGradStore:
+    """FIFO of deferred weight-gradient work, one group per I action."""
+
+    _active: WeightGradStore | None = None  # the store of the I action now running, if any
+
+    def __init__(self):
+        self.enabled = False
+        self.cache: list[Callable[[], None]] = []
+        self.funcs_queue: queue.Queue = queue.Queue()
+
+    @classmethod
+    def current(cls) -> WeightGradStore | None:
+        """The store that takes deferred work right now (None outside an I action)."""
+        store = cls._active
+        return store if store is not None and store.enabled else None
+
+    def put(self, func: Callable[[], None]) -> None:
+        self.cache.append(func)
+
+    def flush(self) -> None:
+        """Closes the group of work put since the last flush (one chunk's W)."""
+        self.funcs_queue.put(self.cache)
+        self.cache = []
+
+    def pop(self) -> None:
+        """Runs the oldest group."""
+        if self.funcs_queue.empty():
+            raise RuntimeError("WeightGradStore.pop: no deferred weight gradient to run "
+                               "(a W action without its I?)")
+        for func in self.funcs_queue.get():
+            func()
+
+    def clear(self) -> None:
+        self.cache = []
+        self.funcs_queue = queue.Queue()
+
+    def empty(self) -> bool:
+        return not self.cache and self.funcs_queue.empty()
+
+    def activate(self):
+        """Context manager: deferral on, this store active, for the duration of one backward."""
+        store = self
+
+        class _Scope:
+            def __enter__(self):
+                self.previous = WeightGradStore._active
+                WeightGradStore._active = store
+                store.enabled = True
+                return store
+
+            def __exit__(self, *exc):
+                store.enabled = False
+                WeightGradStore._active = self.previous
+                return False
+
+        return _Scope()
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad += grad
+
+
+class _DeferrableLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.bias = bias
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        bias = ctx.bias
+
+        def weight_grad():
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            _accumulate(weight, g2.t() @ x.reshape(-1, x.shape[-1]))
+            if bias is not None:
+                _accumulate(bias, g2.sum(0))
+
+        store = WeightGradStore.current()
+        if store is not None:
+            store.put(weight_grad)
+        else:
+            weight_grad()
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose weight gradient is deferred to the W action when run inside a pipeline
+    runtime's I action (it writes `.grad` itself, outside autograd's accumulation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return F.linear(x, self.weight, self.bias)
+        return _DeferrableLinearFn.apply(x, self.weight, self.bias)

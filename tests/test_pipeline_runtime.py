@@ -1,0 +1,171 @@
+"""DualPipe / DualPipeV runtimes end to end on gloo (2 and 4 ranks): loss, outputs and every
+gradient against the same model run unpipelined, chunk by chunk."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dskernels.pipeline import DualPipe, DualPipeV, Linear, WeightGradStore
+from dskernels.pipeline import set_p2p_tensor_dtype, set_p2p_tensor_shapes
+from dskernels.testing import run_distributed
+
+D = 6
+
+
+class Block(nn.Module):
+    """A deferrable Linear (its weight gradient goes through the W actions) and a plain one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = Linear(D, D, dtype=torch.float64)
+        self.b = nn.Linear(D, D, dtype=torch.float64)
+
+    def forward(self, x):
+        return x + self.b(torch.tanh(self.a(x)))
+
+
+class HookBlock(Block):
+    calls = 0
+
+    @classmethod
+    def overlapped_forward_backward(cls, module0, inputs0, criterion0, labels0, module1, loss1,
+                                    outputs1, output_grads1):
+        cls.calls += 1
+        outputs0 = module0(*inputs0)
+        outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else outputs0
+        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
+        if loss1 is not None:
+            loss1.backward()
+        else:
+            torch.autograd.backward(outputs1, grad_tensors=output_grads1)
+        return outputs0, loss0
+
+
+def criterion(out, label):
+    return ((out - label) ** 2).mean()
+
+
+def reference(blocks, x, labels, num_chunks):
+    """Per-chunk loss and backward through the whole model (grads accumulate in blocks)."""
+    losses, outs = [], []
+    for xc, lc in zip(x.tensor_split(num_chunks), labels.tensor_split(num_chunks)):
+        h = xc
+        for m in blocks:
+            h = m(h)
+        loss = criterion(h, lc)
+        loss.backward()
+        losses.append(loss.detach())
+        outs.append(h.detach())
+    return torch.stack(losses), torch.cat(outs)
+
+
+def assert_grads(local, ref):
+    for (name, p), q in zip(local.named_parameters(), ref.parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def check_dualpipev(rank, P, num_chunks, block_cls, seed):
+    torch.manual_seed(seed)
+    blocks = [block_cls() for _ in range(2 * P)]
+    x = torch.randn(num_chunks * 3, D, dtype=torch.float64)
+    labels = torch.randn(num_chunks * 3, D, dtype=torch.float64)
+    ref = copy.deepcopy(blocks)
+    loss_ref, out_ref = reference(ref, x, labels, num_chunks)
+    pipe = DualPipeV((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[2 * P - 1 - rank])))
+    if rank == 0:
+        loss, out = pipe.step(x, num_chunks=num_chunks, criterion=criterion, labels=[labels],
+                              return_outputs=True)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-14)
+    else:
+        loss, out = pipe.step(num_chunks=num_chunks)
+        assert loss is None and out is None
+    assert_grads(pipe.module[0], ref[rank])
+    assert_grads(pipe.module[1], ref[2 * P - 1 - rank])
+    assert pipe.weight_grad_store.empty()
+
+    # forward only (no_grad): same losses, no gradients touched
+    pipe.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        if rank == 0:
+            loss, _ = pipe.step(x, num_chunks=num_chunks, criterion=criterion, labels=[labels])
+            torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-14)
+        else:
+            pipe.step(num_chunks=num_chunks)
+    assert all(p.grad is None for p in pipe.parameters())
+
+
+def check_dualpipe(rank, P, num_chunks, block_cls, seed):
+    torch.manual_seed(seed)
+    blocks = [block_cls() for _ in range(P)]
+    x = torch.randn(num_chunks * 2, D, dtype=torch.float64)
+    labels = torch.randn(num_chunks * 2, D, dtype=torch.float64)
+    ref = copy.deepcopy(blocks)
+    loss_ref, out_ref = reference(ref, x, labels, num_chunks)
+    pipe = DualPipe((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[P - 1 - rank])))
+    x0, x1 = x.tensor_split(2)
+    l0, l1 = labels.tensor_split(2)
+    o0, o1 = out_ref.tensor_split(2)
+    half = num_chunks // 2
+    if rank == 0:  # feeds direction 0, ends direction 1 (fed from rank P-1 with the second half)
+        loss, out = pipe.step(x0, num_chunks=num_chunks, criterion=criterion, labels=[l1], return_outputs=True)
+        torch.testing.assert_close(loss, loss_ref[half:], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(out, o1, rtol=1e-12, atol=1e-14)
+    elif rank == P - 1:
+        loss, out = pipe.step(x1, num_chunks=num_chunks, criterion=criterion, labels=[l0], return_outputs=True)
+        torch.testing.assert_close(loss, loss_ref[:half], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(out, o0, rtol=1e-12, atol=1e-14)
+    else:
+        loss, out = pipe.step(num_chunks=num_chunks)
+        assert loss is None and out is None
+    pipe.sync_mirrored_grads()
+    assert_grads(pipe.module[0], ref[rank])
+    assert_grads(pipe.module[1], ref[P - 1 - rank])
+
+
+def _body(rank, world_size):
+    torch.set_num_threads(1)
+    set_p2p_tensor_shapes([(1, D)])   # compatibility no-ops
+    set_p2p_tensor_dtype(torch.float64)
+    P = world_size
+    check_dualpipev(rank, P, 2 * P + 3, HookBlock, seed=2)
+    assert HookBlock.calls > 0
+    check_dualpipe(rank, P, 2 * P, Block, seed=3)
+    if P == 2:  # the other block kind and chunk counts; bad chunk counts
+        check_dualpipev(rank, P, 2 * P, Block, seed=1)
+        check_dualpipe(rank, P, 2 * P + 4, HookBlock, seed=4)
+        pipe = DualPipeV((Block(), Block()))
+        with pytest.raises(ValueError, match="N \\(chunks\\) must be >= 2\\*P"):
+            pipe.step(num_chunks=2 * P - 1)
+        with pytest.raises(ValueError, match="must be even"):
+            DualPipe((Block(), Block())).step(num_chunks=2 * P + 1)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_runtimes_match_unpipelined(world_size):
+    run_distributed(_body, world_size, timeout_s=170)
+
+
+def test_weight_grad_store_defers_linear():
+    torch.manual_seed(0)
+    lin = Linear(4, 3, dtype=torch.float64)
+    ref = nn.Linear(4, 3, dtype=torch.float64)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    store = WeightGradStore()
+    with store.activate():
+        lin(x).square().sum().backward()
+    store.flush()
+    assert lin.weight.grad is None and x.grad is not None  # input grad now, weight grad deferred
+    store.pop()
+    ref(xr).square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(lin.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad)
+    assert store.empty() and WeightGradStore.current() is None
+    with pytest.raises(RuntimeError, match="no deferred"):
+        store.pop()

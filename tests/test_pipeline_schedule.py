@@ -1,0 +1,218 @@
+"""Schedule generators, validator, simulator and renderer (dskernels.pipeline.schedule)."""
+
+import json
+
+import pytest
+
+from dskernels.pipeline import schedule as S
+
+
+# ---- golden schedules ------------------------------------------------------------------------
+
+def test_golden_dualpipev_2_4():
+    # Matches torch's ScheduleDualPipeV(P=2, N=4) (checked against torch below as well).
+    assert S.dualpipev(2, 4) == [
+        ["0F0", "0F1", "0F2", "3F0", "3I0", "3W0", "3F1", "(0F3;3B1)OVERLAP_F_B", "(3F2;0B0)OVERLAP_F_B",
+         "3B2", "(3F3;0B1)OVERLAP_F_B", "3B3", "0I2", "0W2", "0I3", "0W3"],
+        ["1F0", "2F0", "1F1", "2F1", "1F2", "2B0", "(2F2;1B0)OVERLAP_F_B", "(1F3;2B1)OVERLAP_F_B",
+         "(2F3;1B1)OVERLAP_F_B", "2B2", "1B2", "2I3", "1I3", "2W3", "1W3"],
+    ]
+
+
+def test_golden_dualpipe_2_4():
+    # P=2: each rank is its own "half"; rank 1 starts the reverse pipeline (stages 2, 3).
+    assert S.dualpipe(2, 4) == [
+        ["0F0", "3F0", "0F1", "3B0", "(3F1;0B0)OVERLAP_F_B", "3B1", "0I1", "0W1"],
+        ["2F0", "1F0", "2F1", "1B0", "(1F1;2B0)OVERLAP_F_B", "1B1", "2I1", "2W1"],
+    ]
+
+
+def test_golden_dualpipe_4_8_rank0():
+    # Rank 0 of DualPipe's 4-rank figure (8 chunks): warm-up, zero-bubble I/W, overlapped steady state.
+    assert S.dualpipe(4, 8)[0] == [
+        "0F0", "0F1", "0F2", "7F0", "7I0", "7W0", "7F1", "(0F3;7B1)OVERLAP_F_B", "(7F2;0B0)OVERLAP_F_B",
+        "7B2", "(7F3;0B1)OVERLAP_F_B", "7B3", "0I2", "0W2", "0I3", "0W3"]
+
+
+def test_golden_1f1b_and_zb1p():
+    assert S.one_f_one_b(3, 4) == [
+        ["0F0", "0F1", "0F2", "0B0", "0F3", "0B1", "0B2", "0B3"],
+        ["1F0", "1F1", "1B0", "1F2", "1B1", "1F3", "1B2", "1B3"],
+        ["2F0", "2B0", "2F1", "2B1", "2F2", "2B2", "2F3", "2B3"],
+    ]
+    z = S.zb1p(3, 4)
+    assert z[2][:3] == ["2F0", "2I0", "2W0"] or z[2][:2] == ["2F0", "2I0"]
+    assert sorted(a for a in z[0] if "W" in a) == ["0W0", "0W1", "0W2", "0W3"]
+
+
+# ---- properties over many (P, N) -------------------------------------------------------------
+
+DUAL_V = [(P, N) for P in range(1, 9) for N in range(2 * P, 2 * P + 9)]
+DUAL = [(P, N) for P in range(2, 13, 2) for N in range(2 * P, 2 * P + 13, 2)]
+SINGLE = [(P, N) for P in range(1, 9) for N in (1, 2, 3, P, 2 * P + 1, 3 * P)]
+
+
+def _counts(order):
+    out = {}
+    for acts in order:
+        for a in acts:
+            for s, k, m in S.parse_action(a):
+                out[(s, k, m)] = out.get((s, k, m), 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("kind,cases", [("dualpipev", DUAL_V), ("dualpipe", DUAL),
+                                        ("1f1b", SINGLE), ("zb1p", SINGLE)])
+def test_valid_over_many_sizes(kind, cases):
+    for P, N in cases:
+        order = S.generate(kind, P, N)
+        assert S.validate(order), (kind, P, N)
+        assert len(order) == P
+        per_pipe = N // 2 if kind == "dualpipe" else N
+        stages = 2 * P if kind.startswith("dualpipe") else P
+        counts = _counts(order)
+        for s in range(stages):
+            for m in range(per_pipe):
+                assert counts[(s, "F", m)] == 1
+                assert counts.get((s, "B", m), 0) + counts.get((s, "I", m), 0) == 1
+                assert counts.get((s, "I", m), 0) == counts.get((s, "W", m), 0)
+        assert not any(m >= per_pipe for (_, _, m) in counts)
+        if kind.startswith("dualpipe"):  # rank r holds stages r and 2P-1-r
+            for r, acts in enumerate(order):
+                assert {s for a in acts for s, _, _ in S.parse_action(a)} == {r, 2 * P - 1 - r}
+
+
+def test_bad_sizes_name_the_constraint():
+    with pytest.raises(ValueError, match=r"N \(chunks\) must be >= 2\*P = 8"):
+        S.dualpipev(4, 7)
+    with pytest.raises(ValueError, match=r"P \(ranks\) must be even"):
+        S.dualpipe(3, 12)
+    with pytest.raises(ValueError, match=r"N \(chunks\) must be even"):
+        S.dualpipe(4, 9)
+    with pytest.raises(ValueError, match=r"N \(chunks\) must be >= 2\*P = 8"):
+        S.dualpipe(4, 6)
+    with pytest.raises(ValueError, match="P: expected at least 1"):
+        S.one_f_one_b(0, 4)
+    with pytest.raises(ValueError, match="N: expected at least 1"):
+        S.zb1p(2, 0)
+    with pytest.raises(TypeError, match="P: expected an int"):
+        S.dualpipev(2.0, 4)
+    with pytest.raises(ValueError, match="kind"):
+        S.generate("gpipe", 2, 4)
+
+
+def test_validate_rejects_broken_orders():
+    good = [list(r) for r in S.one_f_one_b(2, 2)]
+    with pytest.raises(ValueError, match="expected one F"):
+        S.validate([good[0] + ["0F1"], good[1]])
+    with pytest.raises(ValueError, match="one B, or one I and one W"):
+        S.validate([[a for a in good[0] if a != "0B1"], good[1]])
+    with pytest.raises(ValueError, match="deadlock"):
+        # rank 1 wants chunk 1's forward before rank 0 sends it, while rank 0 waits for B0
+        S.validate([["0F0", "0B0", "0F1", "0B1"], ["1F0", "1F1", "1B0", "1B1"]][::1] and
+                   [["0F0", "0B0", "0F1", "0B1"], ["1F1", "1F0", "1B0", "1B1"]])
+    with pytest.raises(ValueError, match="deadlock"):
+        S.validate([["0F0", "0W0", "0I0"], ["1F0", "1B0"]])
+    with pytest.raises(ValueError, match="action"):
+        S.validate([["0X0"]])
+    with pytest.raises(ValueError, match="one rank"):
+        S.validate([["0F0", "0B0"], ["0F0", "0B0"]])
+
+
+# ---- torch's ScheduleDualPipeV ---------------------------------------------------------------
+
+def _torch_dualpipev(P, N):
+    """torch's ScheduleDualPipeV.pipeline_order, computed without a process group: the per-rank
+    generator only reads the group size and the number of micro-batches."""
+    schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+    if not hasattr(schedules, "ScheduleDualPipeV"):
+        pytest.skip("this torch has no ScheduleDualPipeV")
+    sched = schedules.ScheduleDualPipeV.__new__(schedules.ScheduleDualPipeV)
+    sched.pp_group_size = P
+    sched._n_microbatches = N
+    return [[str(a) for a in sched._calculate_single_rank_operations(r)] for r in range(P)]
+
+
+@pytest.mark.parametrize("P", range(1, 9))
+def test_dualpipev_equals_torch(P):
+    for N in range(2 * P, 2 * P + 10):
+        assert S.dualpipev(P, N) == _torch_dualpipev(P, N), (P, N)
+
+
+def test_dualpipev_parses_with_torch_action():
+    schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+    for acts in S.dualpipev(3, 7):
+        for a in acts:
+            assert str(schedules._Action.from_str(a)) == a
+
+
+# ---- simulator vs the published formulas ------------------------------------------------------
+
+@pytest.mark.parametrize("P", [2, 4, 6, 8, 16])
+@pytest.mark.parametrize("F,B,W,FB", [(1, 2, 1, 3), (1, 2, 1, 2.5), (1, 2, 1, 2), (1.5, 3, 1.5, 4), (1, 2, 1, None)])
+def test_dualpipe_bubble_formula(P, F, B, W, FB):
+    # DualPipe README: bubble (PP/2-1)(F&B + B - 3W); activations PP+1. Exact in the simulator
+    # for W = F = B/2 and any overlap F&B <= F+B (other ratios: docs/pipeline.md).
+    for N in (2 * P, 3 * P, 4 * P + 2):
+        if N % 2:
+            continue
+        r = S.simulate(S.dualpipe(P, N), F=F, B=B, W=W, FB=FB)
+        fb = F + B if FB is None else FB
+        assert max(r.idle) == pytest.approx((P / 2 - 1) * (fb + B - 3 * W)), (P, N)
+        assert max(r.peak_activations) == P + 1
+        assert all(b + i == pytest.approx(r.makespan) for b, i in zip(r.busy, r.idle))
+
+
+@pytest.mark.parametrize("P", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("F,B", [(1, 2), (1.5, 2.5), (1, 1)])
+def test_1f1b_bubble_formula(P, F, B):
+    for N in (1, P, 2 * P + 3):
+        r = S.simulate(S.one_f_one_b(P, N), F=F, B=B, W=0.5 * F)
+        assert max(r.idle) == pytest.approx((P - 1) * (F + B))
+        assert r.makespan == pytest.approx(N * (F + B) + (P - 1) * (F + B))
+        assert r.peak_activations == [min(P - k, N) for k in range(P)]
+
+
+@pytest.mark.parametrize("P", [1, 2, 3, 4, 8, 16])
+def test_zb1p_bubble_formula(P):
+    # ZB1P (ZB-H1): (PP-1)(F+B-2W) with F = W = B/2 (the paper's unit costs), same activations as 1F1B.
+    for N in (P, 2 * P, 3 * P + 1):
+        r = S.simulate(S.zb1p(P, N), F=1, B=2, W=1)
+        assert max(r.idle) == pytest.approx((P - 1) * (1 + 2 - 2 * 1))
+        assert max(r.peak_activations) == P
+        assert max(r.peak_deferred_w) <= P
+
+
+def test_simulator_comm_and_overlap():
+    base = S.simulate(S.one_f_one_b(4, 8))
+    slow = S.simulate(S.one_f_one_b(4, 8), comm=0.5)
+    assert slow.makespan > base.makespan
+    # at least the (P-1) hops forward and back of the first chunk each pay comm
+    assert slow.makespan >= base.makespan + 2 * 3 * 0.5
+    dp = S.simulate(S.dualpipe(4, 16), FB=2.0)      # overlap hides a third of F+B
+    dp0 = S.simulate(S.dualpipe(4, 16))
+    assert dp.makespan < dp0.makespan
+    with pytest.raises(ValueError, match="W <= B"):
+        S.simulate(S.one_f_one_b(2, 2), B=1, W=2)
+
+
+def test_simulate_infers_dualpipe_from_plain_lists():
+    order = S.dualpipe(4, 8)
+    plain = [list(r) for r in order]
+    assert S.simulate(plain).makespan == S.simulate(order).makespan
+    plainv = [list(r) for r in S.dualpipev(4, 8)]
+    assert S.simulate(plainv).makespan == S.simulate(S.dualpipev(4, 8)).makespan
+
+
+def test_render(tmp_path):
+    paths = S.render(S.dualpipe(4, 8), str(tmp_path / "dualpipe.png"))
+    trace = json.loads((tmp_path / "dualpipe.json").read_text())
+    names = [e["name"] for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(names) == sum(len(r) for r in S.dualpipe(4, 8))
+    assert str(tmp_path / "dualpipe.json") in paths
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    png = tmp_path / "dualpipe.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
