@@ -135,6 +135,38 @@ def test_gemm_dense_k128_and_empty(backend):
     assert empty.shape == (0, 17)
 
 
+def random_fp8_bytes(rows, k, device):
+    """Every finite e4m3 value (subnormals, +-0, 448) is equally likely: raw random bytes, NaN excluded."""
+    finite = torch.tensor([v for v in range(256) if v & 0x7F != 0x7F], dtype=torch.uint8)
+    return finite[torch.randint(0, finite.numel(), (rows, k))].to(device).view(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("fp8_dot", ["native", "widened"])
+def test_gemm_dense_every_fp8_value(backend, fp8_dot, monkeypatch):
+    """Random bit patterns with unit-ish scales: no value of the format is decoded wrongly, on the
+    FP8 tensor-core path and on the path for GPUs without FP8 MMA (bytes widened to fp16)."""
+    name, device = backend
+    if fp8_dot == "widened":
+        if name != "triton":
+            pytest.skip("the widened path is the Triton kernel's")
+        monkeypatch.setenv("DSKERNELS_GEMM_FP8_DOT", "0")
+    m, n = 19, 136
+    a, b = random_fp8_bytes(m, K, device), random_fp8_bytes(n, K, device)
+    sa = torch.rand(m, K // 128, device=device) + 0.5
+    sb = torch.rand(2, K // 128, device=device) + 0.5
+    out = empty_out(m, n, device=device)
+    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+    assert_close_to_oracle(out, a, sa, b, sb)
+    if fp8_dot == "widened":
+        _, a3, sa3 = quantized_pair(2 * 9, K, device, per_block=False, scale_layout="row")
+        out3 = empty_out(2, 9, n, device=device)
+        masked_m = torch.tensor([9, 4], dtype=torch.int32, device=device)
+        bb, sbb = torch.stack([b, b]), torch.stack([sb, sb])
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a3.view(2, 9, K), sa3.view(2, 9, 2)), (bb, sbb), out3,
+                                                        masked_m, 9)
+        assert_close_to_oracle(out3[1, :4], a3[9:13], sa3[9:13], b, sb)
+
+
 # ---- contiguous grouped ----
 
 def contiguous_layout(sizes, aligned: bool, device):

@@ -45,6 +45,19 @@ def _round_to_bf16(x):
 
 
 @triton.jit
+def _e4m3_bits_to_fp16(bits):
+    """uint8 float8_e4m3fn bits -> the same value in fp16 (exact: e4m3 is a subset of fp16).
+
+    For GPUs without FP8 MMA (before sm_89), which cannot even hold fp8e4nv values. The bits moved
+    into fp16's fields read as 2^-8 times the value (subnormals included: fp16's grid is finer), so
+    one exact multiplication by 256 restores it. NaN (0x7F) is not preserved.
+    """
+    b = bits.to(tl.int16)
+    half = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
+    return half * 256.0
+
+
+@triton.jit
 def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Program id -> (tile row, tile column), walking GROUP_M tile rows per band for L2 reuse."""
     per_band = GROUP_M * num_pid_n
@@ -60,7 +73,7 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
                  stride_am, stride_ak, stride_sam, stride_sak,
                  stride_bn, stride_bk, stride_sbn, stride_sbk,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_DOT: tl.constexpr):
     """sum over K blocks kb < k_blocks of sa[rows, kb] * sb[cols // 128, kb] * (a @ b.T)[kb]."""
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
@@ -69,8 +82,12 @@ def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blo
     sb_ptrs = sb_ptr + (cols // BLOCK_K).to(tl.int64) * stride_sbn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, k_blocks):
-        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-        b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+        if FP8_DOT:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+        else:  # a and b arrive as uint8 views
+            a = _e4m3_bits_to_fp16(tl.load(a_ptrs, mask=row_ok[:, None], other=0))
+            b = _e4m3_bits_to_fp16(tl.load(b_ptrs, mask=col_ok[None, :], other=0))
         sa = tl.load(sa_ptrs, mask=row_ok, other=0.0)
         sb = tl.load(sb_ptrs, mask=col_ok, other=0.0)
         # A fresh fp32 tile per K block, promoted with its scales (DeepGEMM's math): Hopper's FP8
@@ -96,7 +113,7 @@ def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
                  stride_am, stride_ak, stride_sam, stride_sak,
                  stride_bn, stride_bk, stride_sbn, stride_sbk, stride_om, stride_on, m_bucket,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr):
+                 GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr):
     num_pid_m = tl.cdiv(m, BLOCK_M)
     num_pid_n = tl.cdiv(n, BLOCK_N)
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
@@ -106,7 +123,7 @@ def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
     col_ok = cols < n
     acc = _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
                        stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
-                       stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K)
+                       stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT)
     _store_bf16(out_ptr, acc, rows, cols, row_ok[:, None] & col_ok[None, :], stride_om, stride_on, ROUND_BF16)
 
 
@@ -116,7 +133,7 @@ def _contiguous_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, idx_ptr, m, n, k_b
                        stride_bg, stride_bn, stride_bk, stride_sbg, stride_sbn, stride_sbk,
                        stride_om, stride_on, stride_idx, m_bucket,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr):
+                       GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr):
     num_pid_m = tl.cdiv(m, BLOCK_M)
     num_pid_n = tl.cdiv(n, BLOCK_N)
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
@@ -136,7 +153,7 @@ def _contiguous_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, idx_ptr, m, n, k_b
         acc = _scaled_tile(a_ptr, sa_ptr, b_ptr + safe_group * stride_bg, sb_ptr + safe_group * stride_sbg,
                            rows, cols, run, col_ok, tl.where(valid, k_blocks, 0),
                            stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
-                           stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K)
+                           stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT)
         _store_bf16(out_ptr, acc, rows, cols, run[:, None] & col_ok[None, :], stride_om, stride_on, ROUND_BF16)
         start = end
 
@@ -147,7 +164,7 @@ def _masked_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, masked_m_ptr, m_max, n
                    stride_bg, stride_bn, stride_bk, stride_sbg, stride_sbn, stride_sbk,
                    stride_og, stride_om, stride_on, m_bucket,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr):
+                   GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr):
     group = tl.program_id(1).to(tl.int64)
     num_pid_m = tl.cdiv(m_max, BLOCK_M)
     num_pid_n = tl.cdiv(n, BLOCK_N)
@@ -162,7 +179,7 @@ def _masked_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, masked_m_ptr, m_max, n
     acc = _scaled_tile(a_ptr + group * stride_ag, sa_ptr + group * stride_sag, b_ptr + group * stride_bg,
                        sb_ptr + group * stride_sbg, rows, cols, row_ok, col_ok, tl.where(active, k_blocks, 0),
                        stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
-                       stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K)
+                       stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT)
     _store_bf16(out_ptr + group * stride_og, acc, rows, cols, row_ok[:, None] & col_ok[None, :],
                 stride_om, stride_on, ROUND_BF16)
 
@@ -208,15 +225,30 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 4096)
 
 
-def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, max_block_m: int = 256) -> None:
+def native_fp8_dot(device: torch.device) -> bool:
+    """FP8 tensor-core dots need sm_89+; elsewhere (or with DSKERNELS_GEMM_FP8_DOT=0) the kernels
+    read the fp8 bytes and widen them to fp16 exactly before an fp16 dot (same products, fp32 sums)."""
+    if os.environ.get("DSKERNELS_GEMM_FP8_DOT", "1") == "0":
+        return False
+    return _interpret() or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    fp8_dot = native_fp8_dot(a.device)
+    return (a, b, True) if fp8_dot else (a.view(torch.uint8), b.view(torch.uint8), False)
+
+
+def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_dot: bool,
+            max_block_m: int = 256) -> None:
     kernel = globals()[kernel_name]
+    fixed = dict(BLOCK_K=GROUP_SIZE, ROUND_BF16=_interpret(), FP8_DOT=fp8_dot)
     if _interpret():
-        meta = dict(_INTERPRETER_CONFIG, BLOCK_K=GROUP_SIZE, ROUND_BF16=True)
+        meta = dict(_INTERPRETER_CONFIG, **fixed)
         kernel[grid_fn(meta)](*args, **meta)
     elif _autotune_enabled():
-        _tuned(kernel_name, max_block_m)[grid_fn](*args, BLOCK_K=GROUP_SIZE, ROUND_BF16=False)
+        _tuned(kernel_name, max_block_m)[grid_fn](*args, **fixed)
     else:
-        meta = dict(_heuristic_config(m_hint, n), BLOCK_K=GROUP_SIZE, ROUND_BF16=False)
+        meta = dict(_heuristic_config(m_hint, n), **fixed)
         meta["BLOCK_M"] = min(meta["BLOCK_M"], max_block_m)
         kernel[grid_fn(meta)](*args, **meta)
 
@@ -231,10 +263,11 @@ def gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out) -> None:
     if k == 0:
         out.zero_()
         return
-    args = (a, sa, b, sb, out, m, n, k // GROUP_SIZE,
+    a_op, b_op, fp8_dot = _operands(a, b)
+    args = (a_op, sa, b_op, sb, out, m, n, k // GROUP_SIZE,
             *a.stride(), *sa.stride(), *b.stride(), *sb.stride(), *out.stride(), _m_bucket(m))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _launch("_gemm_kernel", grid, args, m, n)
+    _launch("_gemm_kernel", grid, args, m, n, fp8_dot=fp8_dot)
 
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, out, m_indices) -> None:
@@ -245,11 +278,12 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, out, m_indices) -> N
     if k == 0:
         out.zero_()
         return
-    args = (a, sa, b, sb, out, m_indices, m, n, k // GROUP_SIZE, groups,
+    a_op, b_op, fp8_dot = _operands(a, b)
+    args = (a_op, sa, b_op, sb, out, m_indices, m, n, k // GROUP_SIZE, groups,
             *a.stride(), *sa.stride(), *b.stride(), *sb.stride(), *out.stride(), m_indices.stride(0), _m_bucket(m))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     # At most 128 rows per tile: in DeepGEMM's 128-aligned layout every tile then holds one group.
-    _launch("_contiguous_kernel", grid, args, m, n, max_block_m=128)
+    _launch("_contiguous_kernel", grid, args, m, n, fp8_dot=fp8_dot, max_block_m=128)
 
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m: int) -> None:
@@ -261,7 +295,8 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_
         out.zero_()
         return
     m_hint = max(1, min(expected_m, m_max))  # the tuning hint, as in DeepGEMM
-    args = (a, sa, b, sb, out, masked_m, m_max, n, k // GROUP_SIZE,
+    a_op, b_op, fp8_dot = _operands(a, b)
+    args = (a_op, sa, b_op, sb, out, masked_m, m_max, n, k // GROUP_SIZE,
             *a.stride(), *sa.stride(), *b.stride(), *sb.stride(), *out.stride(), _m_bucket(m_hint))
     grid = lambda meta: (triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
-    _launch("_masked_kernel", grid, args, m_hint, n)
+    _launch("_masked_kernel", grid, args, m_hint, n, fp8_dot=fp8_dot)
