@@ -135,6 +135,32 @@ def test_gemm_dense_k128_and_empty(backend):
     assert empty.shape == (0, 17)
 
 
+def test_triton_tiles_spanning_scale_blocks(backend, monkeypatch):
+    """BLOCK_N = 256 (a GPU tile size) under the interpreter: one tile covers two 128-row weight
+    scale blocks and the next a partial third (n = 300), in all three kernels."""
+    name, device = backend
+    if name != "triton":
+        pytest.skip("tile sizes are the Triton kernel's")
+    from dskernels.triton import gemm as triton_gemm
+
+    monkeypatch.setattr(triton_gemm, "_INTERPRETER_CONFIG", dict(BLOCK_M=16, BLOCK_N=256, GROUP_M=1))
+    m, n = 20, 300
+    x, a, sa = quantized_pair(m, K, device, per_block=False, scale_layout="tma")
+    w, b, sb = quantized_pair(n, K, device, per_block=True, scale_layout="row")
+    out = empty_out(m, n, device=device)
+    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+    assert_close_to_oracle(out, a, sa, b, sb)
+    m_indices = torch.tensor([1] * 5 + [-1] * 3 + [0] * 12, dtype=torch.int32, device=device)
+    bb, sbb = torch.stack([b, b.flip(0)]), torch.stack([sb, sb])
+    out = empty_out(m, n, device=device)
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (bb, sbb), out, m_indices)
+    assert_close_to_oracle(out[8:], a[8:], sa[8:], b, sb)
+    out3 = empty_out(2, 10, n, device=device)
+    masked_m = torch.tensor([10, 3], dtype=torch.int32, device=device)
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a.view(2, 10, K), sa.view(2, 10, 2)), (bb, sbb), out3, masked_m, 8)
+    assert_close_to_oracle(out3[0], a[:10], sa[:10], b, sb)
+
+
 def random_fp8_bytes(rows, k, device):
     """Every finite e4m3 value (subnormals, +-0, 448) is equally likely: raw random bytes, NaN excluded."""
     finite = torch.tensor([v for v in range(256) if v & 0x7F != 0x7F], dtype=torch.uint8)
