@@ -53,9 +53,10 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         keys = gather_sequence(k_cache, block_table[i], n).float()
         if k_scale is not None:
             keys = keys * k_scale.float().reshape(())
-        keys = keys.repeat_interleave(group, dim=1)                       # [n, h_q, d]
-        values = keys[..., :head_dim_v]
-        scores = torch.einsum("jhd,thd->hjt", q[i].float(), keys) * softmax_scale  # [h_q, s_q, n]
+        values = keys[..., :head_dim_v]                                   # [n, h_kv, dv]
+        # Query head h = g * group + r reads kv head g.
+        queries = q[i].float().reshape(s_q, h_kv, group, d)
+        scores = torch.einsum("jgrd,tgd->grjt", queries, keys).reshape(h_q, s_q, n) * softmax_scale
         t = torch.arange(n, device=q.device)
         j = torch.arange(s_q, device=q.device)
         limit = n - s_q + j + 1 if causal else torch.full_like(j, n)
@@ -64,6 +65,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         seq_lse = torch.logsumexp(scores, dim=-1)                         # [h_q, s_q], -inf if none
         seen = torch.isfinite(seq_lse)
         probs = torch.exp(scores - torch.where(seen, seq_lse, 0.0)[..., None])
-        out[i] = torch.einsum("hjt,thd->jhd", probs, values)
+        out[i] = torch.einsum("grjt,tgd->jgrd", probs.reshape(h_kv, group, s_q, n), values).reshape(
+            s_q, h_q, head_dim_v)
         lse[i] = torch.where(seen, seq_lse, math.inf)
     return out.to(q.dtype), lse

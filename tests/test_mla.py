@@ -106,6 +106,7 @@ GRID = [
     ([17, 129], 2, 1, 1, 1, torch.float16, False),
     ([250, 1, 0, 64, 65], 1, 16, 1, 64, torch.bfloat16, True),
     ([33, 97], 2, 6, 2, 16, FP8, False),
+    ([1000, 3], 3, 32, 1, 64, torch.bfloat16, True),  # 96 rows: two row tiles; 16 key blocks cut in splits
 ]
 
 
@@ -123,6 +124,10 @@ def test_decode_odd_head_dims_and_scale(backend):
     """d == dv (no rope part), a non-default softmax_scale and fp32 queries."""
     _, device = backend
     inputs = make_inputs([90, 7], 2, 2, 1, 16, torch.float32, torch.float32, d=32, dv=32, device=device)
+    q = inputs[0]
+    strided = torch.stack([q, torch.full_like(q, math.nan)], dim=3).flatten(2, 3)[:, :, ::2]  # head stride 2d
+    assert strided.stride(2) == 2 * q.shape[3] and torch.equal(strided, q)
+    inputs = (strided, *inputs[1:])
     out, lse = run_op(*inputs, True, softmax_scale=0.3)
     assert_matches_oracle(out, lse, *inputs, True, softmax_scale=0.3)
 

@@ -15,7 +15,7 @@ FP8 = torch.float8_e4m3fn
 METADATA_SIZE = 8        # ints per partition row of tile_scheduler_metadata
 BLOCK_TOKENS = 64        # split points fall on multiples of this many keys (FlashMLA's block_n)
 FIXED_OVERHEAD_BLOCKS = 5  # cost of starting a sequence (Q load, epilogue), in key blocks (FlashMLA's value)
-TILE_ROWS = 64           # query rows (tokens x heads of one kv head) per tile, as in the kernels
+TILE_ROWS = 32           # query rows (tokens x heads of one kv head) per tile (the GPU kernel's, d=576)
 CPU_SM_COUNT = 8         # partitions on CPU tensors: fixed, so the fake kernel knows the shape
 _Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -39,7 +39,7 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int,
 
     Returns:
         tile_scheduler_metadata: [num_parts, 8] int32 on cache_seqlens' device. num_parts =
-            max(1, sm_count // (num_heads_k * ceil(num_q_tokens_per_head_k / 64))), where
+            max(1, sm_count // (num_heads_k * ceil(num_q_tokens_per_head_k / 32))), where
             sm_count is the CUDA device's SM count, or 8 (`CPU_SM_COUNT`) for CPU tensors; it
             depends on the shapes only, never on the lengths. Row p describes partition p:
             [begin_idx, begin_token, end_idx, end_token, begin_split, 0, 0, 0]: it processes keys
@@ -116,7 +116,8 @@ def sm_count(device: torch.device) -> int:
 
 def num_partitions(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
     """FlashMLA's num_sm_parts: one partition per group of SMs that covers all kv heads and all
-    64-row tiles of queries, so the decode grid (parts x kv heads x tiles) fills the GPU once."""
+    row tiles of queries, so the decode grid (parts x kv heads x tiles) fills the GPU about once.
+    FlashMLA's tiles have 64 rows; the Triton kernel's have 32 (16 when s_q * h_q / h_kv <= 16)."""
     tiles = -(-num_q_tokens_per_head_k // TILE_ROWS)
     return max(1, sm_count(device) // (num_heads_k * tiles))
 
@@ -274,7 +275,7 @@ def _flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, 
     out, lse = _new_outputs(q, head_dim_v)
     triton_mla.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens.contiguous(), head_dim_v,
                                       tile_scheduler_metadata.contiguous(), num_splits.contiguous(), scale,
-                                      causal, k_scale, out, lse, block_n=BLOCK_TOKENS)
+                                      causal, k_scale, out, lse)
     return out, lse
 
 

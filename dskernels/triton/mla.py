@@ -31,7 +31,7 @@ METADATA_STRIDE = 8  # ints per partition in tile_scheduler_metadata
 def _mla_decode_splitkv_kernel(
         q_ptr, k_ptr, block_table_ptr, seqlens_ptr, meta_ptr, num_splits_ptr, k_scale_ptr,
         out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr,
-        qk_scale_log2, s_q, heads_per_kv, d, dv, page_size, max_pages,
+        qk_scale_log2, s_q, heads_per_kv, page_size, max_pages,
         stride_qb, stride_qs, stride_qh,
         stride_kp, stride_kt, stride_kh,
         stride_bt,
@@ -40,6 +40,7 @@ def _mla_decode_splitkv_kernel(
         stride_acc_split, stride_acc_row,
         stride_lacc_split,
         CAUSAL: tl.constexpr, IS_FP8: tl.constexpr, FP32_DOT: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr):
     part = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -48,9 +49,9 @@ def _mla_decode_splitkv_kernel(
     token = rows // heads_per_kv                      # query token j of each row
     head = kv_head * heads_per_kv + rows % heads_per_kv
     dv_offs = tl.arange(0, BLOCK_DV)
-    dv_ok = dv_offs < dv
-    dr_offs = dv + tl.arange(0, BLOCK_DR)
-    dr_ok = dr_offs < d
+    dv_ok = dv_offs < HEAD_DIM_V
+    dr_offs = HEAD_DIM_V + tl.arange(0, BLOCK_DR)
+    dr_ok = dr_offs < HEAD_DIM
 
     meta = meta_ptr + part * 8
     begin_idx = tl.load(meta + 0)
@@ -91,8 +92,18 @@ def _mla_decode_splitkv_kernel(
                 key_ok = (keys < hi) & (page_idx < max_pages)  # never read past the block table
                 page = tl.load(block_table_ptr + i * stride_bt + page_idx, mask=key_ok, other=0)
                 k_rows = k_ptr + page.to(tl.int64) * stride_kp + (keys % page_size) * stride_kt + kv_head * stride_kh
-                k_v = tl.load(k_rows[:, None] + dv_offs[None, :], mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
-                k_r = tl.load(k_rows[:, None] + dr_offs[None, :], mask=key_ok[:, None] & dr_ok[None, :], other=0.0)
+                # Head-dim masks only where the dims are padded: a mask that varies along the row
+                # blocks 16-byte vector loads (ptxas then spilled 400+ bytes at d=576, sm_90a).
+                if BLOCK_DV == HEAD_DIM_V:
+                    k_v = tl.load(k_rows[:, None] + dv_offs[None, :], mask=key_ok[:, None], other=0.0)
+                else:
+                    k_v = tl.load(k_rows[:, None] + dv_offs[None, :], mask=key_ok[:, None] & dv_ok[None, :],
+                                  other=0.0)
+                if BLOCK_DR == HEAD_DIM - HEAD_DIM_V:
+                    k_r = tl.load(k_rows[:, None] + dr_offs[None, :], mask=key_ok[:, None], other=0.0)
+                else:
+                    k_r = tl.load(k_rows[:, None] + dr_offs[None, :], mask=key_ok[:, None] & dr_ok[None, :],
+                                  other=0.0)
                 if IS_FP8 or FP32_DOT:
                     k_v = k_v.to(tl.float32).to(q_v.dtype)
                     k_r = k_r.to(tl.float32).to(q_v.dtype)
@@ -178,12 +189,27 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(triton.next_power_of_2(max(n, 1)), floor)
 
 
+def tile_config(rows: int, block_dv: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) of the decode kernel.
+
+    BLOCK_N must divide the metadata's 64-key granularity (splits start on multiples of 64).
+    d = 576 / dv = 512 on sm_90a (ptxas -v of the kernel compiled for a launch-like signature,
+    no GPU run yet, 2026-11-23): 16x32 tiles with 8 warps and 2 stages use 189 registers and do
+    not spill (cp.async double buffering); 32x32 spills 48 bytes; 4 warps or 64-row tiles spill
+    hundreds of bytes. Timings on a GPU are still to be done (see docs/mla.md).
+    """
+    if device.type == "cpu":  # the interpreter: few, big tiles (its cost is per operation)
+        return min(_pow2(rows), 64), 64, 4, 1
+    if block_dv >= 256:
+        return (16 if rows <= 16 else 32), 32, 8, 2
+    return min(_pow2(rows), 64), 64, 4, 2
+
+
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                           num_splits, softmax_scale, causal, k_scale, out, lse, *, block_n: int) -> None:
+                           num_splits, softmax_scale, causal, k_scale, out, lse) -> None:
     """Fills out [b, s_q, h_q, dv] and lse [b, h_q, s_q] (both preallocated, contiguous).
 
-    q's last dimension and k_cache's last dimension must have unit stride; block_n must divide the
-    metadata's block granularity (the split points are multiples of it)."""
+    q's last dimension and k_cache's last dimension must have unit stride."""
     b, s_q, h_q, d = q.shape
     _, page_size, h_kv, _ = k_cache.shape
     heads_per_kv = h_q // h_kv
@@ -192,10 +218,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     if b == 0:
         return
     is_fp8 = k_cache.dtype == torch.float8_e4m3fn
-    # One tile row per (query token, head) of a kv head; 64 rows is FlashMLA's tile height too.
-    block_m = min(_pow2(rows), 64)
     block_dv = _pow2(head_dim_v)
     block_dr = _pow2(d - head_dim_v)
+    block_m, block_n, num_warps, num_stages = tile_config(rows, block_dv, q.device)
     # Partial outputs: at most one split per sequence plus one per cut between partitions.
     max_splits = b + num_parts
     out_acc = torch.empty(max_splits, h_q * s_q, head_dim_v, dtype=torch.float32, device=q.device)
@@ -205,20 +230,19 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     # bf16 operands as garbage (triton 3.8: products off by 1e10); fp16 keeps the GPU's path there.
     fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
     grid = (num_parts, h_kv, triton.cdiv(rows, block_m))
-    big = block_m * block_dv >= 64 * 256
     _mla_decode_splitkv_kernel[grid](
         q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, k_scale_arg,
         out, lse, out_acc, lse_acc,
-        softmax_scale * LOG2E, s_q, heads_per_kv, d, head_dim_v, page_size, block_table.shape[1],
+        softmax_scale * LOG2E, s_q, heads_per_kv, page_size, block_table.shape[1],
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         out_acc.stride(0), out_acc.stride(1), lse_acc.stride(0),
-        CAUSAL=causal, IS_FP8=is_fp8, FP32_DOT=fp32_dot,
+        CAUSAL=causal, IS_FP8=is_fp8, FP32_DOT=fp32_dot, HEAD_DIM=d, HEAD_DIM_V=head_dim_v,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv, BLOCK_DR=block_dr,
-        num_warps=8 if big else 4, num_stages=1)
+        num_warps=num_warps, num_stages=num_stages)
     block_r = max(1, min(16, 4096 // block_dv))
     _mla_combine_kernel[(b, triton.cdiv(h_q * s_q, block_r))](
         out, lse, out_acc, lse_acc, num_splits, s_q, h_q, head_dim_v,

@@ -1,0 +1,136 @@
+"""MLA decode (flash_mla_with_kvcache) on FlashMLA's benchmark shapes.
+
+Counted as FlashMLA's tests/test_flash_mla.py counts them, with total = sum of the lengths:
+    FLOPs = 2 * s_q * h_q * (d + dv) * total          (= b*h_q*s_q*(2d + 2dv)*seqlen for fixed lengths)
+    bytes = (total * h_kv * d + b * s_q * h_q * d + b * s_q * h_q * dv) * element size
+i.e. the KV cache read once, q read once, out written once (LSE and the split buffers not counted).
+The metadata is computed once per case, outside the timed region (as FlashMLA does).
+
+Peer: a batched PyTorch decode (gather every page of the block table, masked softmax in fp32, two
+bf16 matmuls), not the per-sequence oracle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import dskernels
+import python_ref.mla
+from benchmarks.common import Case
+
+FP8 = torch.float8_e4m3fn
+
+
+def torch_batched_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                         num_splits, causal=False, k_scale=None):
+    """The plain PyTorch way: pad every sequence to the block table's width."""
+    b, s_q, h_q, d = q.shape
+    num_pages, page_size, h_kv, _ = k_cache.shape
+    group = h_q // h_kv
+    keys = k_cache[block_table.long().clamp(0, num_pages - 1)]          # [b, pages, page, h_kv, d]
+    keys = keys.reshape(b, -1, h_kv, d).transpose(1, 2)                  # [b, h_kv, L, d]
+    if k_cache.dtype == FP8:
+        keys = (keys.float() * k_scale).to(q.dtype)
+    queries = q.reshape(b, s_q, h_kv, group, d).permute(0, 2, 1, 3, 4).reshape(b, h_kv, s_q * group, d)
+    scores = torch.matmul(queries, keys.transpose(2, 3)).float() * d ** -0.5  # [b, h_kv, s_q*group, L]
+    t = torch.arange(keys.shape[2], device=q.device)
+    j = torch.arange(s_q, device=q.device).repeat_interleave(group)
+    limit = cache_seqlens[:, None].long() - (s_q - 1 - j[None, :] if causal else 0)  # [b, s_q*group]
+    scores = scores.masked_fill(t[None, None, None, :] >= limit[:, None, :, None], -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num_(0.0)
+    out = torch.matmul(probs.to(q.dtype), keys[..., :head_dim_v])      # [b, h_kv, s_q*group, dv]
+    out = out.reshape(b, h_kv, s_q, group, head_dim_v).permute(0, 2, 1, 3, 4).reshape(b, s_q, h_q, head_dim_v)
+    lse = lse.reshape(b, h_kv, s_q, group).permute(0, 1, 3, 2).reshape(b, h_q, s_q)
+    return out, lse.masked_fill(lse == -math.inf, math.inf)
+
+
+def _check(outputs, expected):
+    out, lse = (t.cpu() for t in outputs)
+    ref_out, ref_lse = (t.cpu() for t in expected)
+    if out.shape != ref_out.shape or lse.shape != ref_lse.shape:
+        return f"shape {tuple(out.shape)}/{tuple(lse.shape)}, expected {tuple(ref_out.shape)}/{tuple(ref_lse.shape)}"
+    if not torch.equal(lse.isinf(), ref_lse.isinf()):
+        return "lse: +inf (no visible key) in different places than python_ref"
+    finite = ref_lse.isfinite()
+    lse_err = (lse[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
+    if not lse_err <= 1e-3:
+        return f"lse: max error {lse_err:.3g} > 1e-3"
+    # bf16 out: 1 ulp (2^-7 relative) from the final rounding, 2^-8 * max|V| from rounding P to bf16.
+    err = (out.float() - ref_out.float()).abs()
+    bound = ref_out.float().abs() * 2**-7 + 2**-8 * ref_out.float().abs().max().clamp(min=1.0)
+    if not torch.all(err <= bound):
+        return f"out: max error {err.max().item():.3g} beyond the bf16 bound"
+    return None
+
+
+def _lengths(b, seqlen, varlen, seed):
+    if not varlen:
+        return [seqlen] * b
+    gen = torch.Generator().manual_seed(seed)
+    # FlashMLA's varlen benchmark: normal around the mean, std mean / 2.
+    lengths = torch.normal(float(seqlen), seqlen / 2, (b,), generator=gen).clamp(1, 2 * seqlen).int()
+    return lengths.tolist()
+
+
+def _case(b, s_q, h_q, h_kv, d, dv, seqlen, varlen, page_size, cache_dtype, causal, seed=0):
+    lengths = _lengths(b, seqlen, varlen, seed)
+    total = sum(lengths)
+    element = torch.empty((), dtype=cache_dtype).element_size()
+    flops = 2.0 * s_q * h_q * (d + dv) * total
+    moved = float(total * h_kv * d * element + b * s_q * h_q * (d + dv) * 2)
+
+    def make_inputs(device):
+        gen = torch.Generator().manual_seed(seed + 1)
+        pages_per_seq = [-(-n // page_size) for n in lengths]
+        max_pages = max(pages_per_seq)
+        num_pages = sum(pages_per_seq)
+        order = torch.randperm(num_pages, generator=gen).int()
+        block_table = torch.zeros(b, max_pages, dtype=torch.int32)
+        used = 0
+        for i, pages in enumerate(pages_per_seq):
+            block_table[i, :pages] = order[used:used + pages]
+            used += pages
+        cache = torch.randn(num_pages, page_size, h_kv, d, generator=gen)
+        k_scale = None
+        if cache_dtype == FP8:
+            k_scale = torch.tensor([1 / 64.0], device=device)
+            k_cache = (cache * 64).to(FP8).to(device)
+        else:
+            k_cache = cache.to(cache_dtype).to(device)
+        q = torch.randn(b, s_q, h_q, d, generator=gen).to(torch.bfloat16).to(device)
+        lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+        meta, splits = dskernels.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv)
+        return q, k_cache, block_table.to(device), lens, dv, meta, splits, causal, k_scale
+
+    def run(q, k_cache, block_table, lens, dv, meta, splits, causal, k_scale):
+        return dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, splits,
+                                                causal=causal, k_scale=k_scale)
+
+    def reference(q, k_cache, block_table, lens, dv, meta, splits, causal, k_scale):
+        return python_ref.mla.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, None, causal, k_scale)
+
+    params = {"b": b, "s_q": s_q, "h_q": h_q, "h_kv": h_kv, "d": d, "dv": dv, "seqlen": seqlen,
+              "varlen": varlen, "page": page_size, "cache": str(cache_dtype).removeprefix("torch."),
+              "causal": causal}
+    return Case(op="flash_mla_with_kvcache", params=params, make_inputs=make_inputs, run=run,
+                reference=reference, check=_check, flops=flops, bytes=moved,
+                peers={"torch": torch_batched_decode}, backends=("ref", "triton"))
+
+
+def cases(quick: bool, device: str) -> list[Case]:
+    if device == "cpu":
+        return [_case(3, 2, 4, 1, 64, 48, 70, True, 16, torch.bfloat16, True),
+                _case(2, 1, 4, 2, 64, 48, 90, False, 61, FP8, False)]
+    if quick:
+        shapes = [(1, 16, 4096, False), (1, 16, 4096, True), (2, 128, 4096, False)]
+    else:
+        shapes = [(s_q, h_q, seqlen, varlen) for s_q in (1, 2) for h_q in (16, 32, 64, 128)
+                  for seqlen in (1024, 4096, 16384) for varlen in (False, True)]
+    found = [_case(128, s_q, h_q, 1, 576, 512, seqlen, varlen, 64, torch.bfloat16, s_q > 1)
+             for s_q, h_q, seqlen, varlen in shapes]
+    if not quick:
+        found.append(_case(128, 1, 16, 1, 576, 512, 4096, False, 64, FP8, False))
+    return found
