@@ -104,8 +104,9 @@ def test_config_from_hf_and_presets():
                                                         "mscale_all_dim": 1.0,
                                                         "original_max_position_embeddings": 4096}})
     assert legacy.rope_parameters["rope_type"] == "yarn" and legacy.rope_parameters["rope_theta"] == 10000
-    ref_scale = hf_module().yarn_apply_mscale(hf_config(v3).rope_parameters, v3.qk_head_dim ** -0.5)
-    assert v3.softmax_scale == pytest.approx(ref_scale, rel=1e-12)
+    tiny = CONFIGS["v3"]  # the checkpoint's YaRN parameters: HF scales the softmax by mscale**2
+    assert tiny.softmax_scale == pytest.approx(hf_module().DeepseekV3Attention(hf_config(tiny), 0).scaling, rel=1e-12)
+    assert tiny.softmax_scale > tiny.qk_head_dim ** -0.5
 
 
 # ---- float paths against transformers ----
@@ -197,6 +198,25 @@ def test_prefill_then_decode_through_paged_cache(variant, backend, layer_idx):
         n = int(lens[b])
         expected = reference_forward(ref, cfg, x[b:b + 1, :n], positions[b:b + 1, :n])[0]
         torch.testing.assert_close(torch.stack(got[b][:n]), expected, atol=TOL, rtol=TOL)
+
+
+def test_plain_torch_oracle_matches_transformers():
+    """python_ref/models.py (the benchmark's plain-PyTorch peer and its check) is HF's math too."""
+    from python_ref.models import decoder_layer
+    cfg = CONFIGS["v3"]
+    for layer_idx in (0, 1):
+        ref = make_reference(cfg, layer_idx, seed=17)
+        x, positions = torch.randn(2, 7, cfg.hidden_size), spread_positions(2, 7, seed=8)
+        with torch.no_grad():
+            first, past = decoder_layer(ref.state_dict(), cfg, layer_idx, x[:, :4], positions[:, :4])
+            rest, _ = decoder_layer(ref.state_dict(), cfg, layer_idx, x[:, 4:], positions[:, 4:], past)
+        torch.testing.assert_close(torch.cat([first, rest], 1), reference_forward(ref, cfg, x, positions),
+                                   atol=TOL, rtol=TOL)
+        ours = DeepseekV3DecoderLayer(cfg, layer_idx, dtype=torch.float32)
+        ours.load_hf_state_dict(ref.state_dict())
+        round_trip = ours.hf_state_dict()
+        assert set(round_trip) == set(ref.state_dict())
+        assert all(torch.equal(round_trip[k], v) for k, v in ref.state_dict().items())
 
 
 def test_bad_inputs():

@@ -65,6 +65,27 @@ class DeepseekV3DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
     # ---- weights ----
+    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict:
+        """This layer's weights under Hugging Face 5.x names (fused experts), FP8 ones dequantized to
+        dtype (default: the layer's); float weights already in dtype are returned without a copy.
+        With an EP buffer only this rank's experts are in it."""
+        dtype = dtype or self.dtype
+        out = {"input_layernorm.weight": self.input_layernorm.weight.to(dtype),
+               "post_attention_layernorm.weight": self.post_attention_layernorm.weight.to(dtype)}
+        for name, module in self.named_modules():
+            if isinstance(module, Linear):
+                out[f"{name}.weight"] = module.dequantized(dtype)
+            elif isinstance(module, RMSNorm) and name.startswith("self_attn."):
+                out[f"{name}.weight"] = module.weight.to(dtype)
+        if self.is_moe:
+            experts = self.mlp.experts
+            for name in ("gate_up_proj", "down_proj"):
+                w, s = getattr(experts, name), getattr(experts, f"{name}_scale_inv")
+                out[f"mlp.experts.{name}"] = dequantize_block_fp8(w, s, dtype) if s is not None else w.to(dtype)
+            out["mlp.gate.weight"] = self.mlp.gate_weight
+            out["mlp.gate.e_score_correction_bias"] = self.mlp.e_score_correction_bias
+        return out
+
     def load_hf_state_dict(self, state_dict: dict, fp8: bool | None = None, strict: bool = True) -> None:
         """Loads Hugging Face weights of this layer.
 

@@ -30,6 +30,11 @@ class RMSNorm(nn.Module):
 
 def dequantize_block_fp8(w: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """w [..., n, k] fp8, scale [..., ceil(n/128), ceil(k/128)] -> w * scale per 128x128 block."""
+    if w.dim() > 2:  # one matrix at a time: 256 experts' fp32 temporaries would not fit anywhere
+        out = torch.empty(w.shape, dtype=dtype, device=w.device)
+        for i in range(w.shape[0]):
+            out[i] = dequantize_block_fp8(w[i], scale[i], dtype)
+        return out
     n, k = w.shape[-2:]
     s = scale.float().repeat_interleave(BLOCK, dim=-2)[..., :n, :].repeat_interleave(BLOCK, dim=-1)[..., :k]
     return (w.float() * s).to(dtype)

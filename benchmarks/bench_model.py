@@ -1,0 +1,271 @@
+"""One DeepSeek-V3 decoder layer (dskernels.models) at the real dimensions: decode-step latency
+for batch 1..128 at context 4096 and prefill throughput, ours (FP8 checkpoint weights, and bf16
+weights) against the same layer in plain PyTorch (python_ref/models.py: transformers' algorithm,
+which re-expands the latent cache through kv_b_proj every step and loops over experts).
+
+    python benchmarks/run.py --ops model           # the Case grid, checked and timed
+    python benchmarks/bench_model.py [--quick]     # on the GPU: the latency / tokens-per-s table
+
+On CPU, cases() returns the tiny config checked against the oracle (fp32, 1e-4) through every
+backend here; the real layer needs ~40 GB of GPU memory (FP8 and bf16 copies of 256 experts).
+
+Counting (per token, as one would for a dense GEMM, 2 FLOPs per multiply-add): every projection
+with its real width (q_a, q_b, kv_a, o_proj, W_UK and W_UV absorbed into q / the output, router,
+8 routed + 1 shared expert); attention 2 * heads * context * (576 + 512) (FlashMLA's count).
+Bytes: the weights that must be read once (attention and shared weights, and min(256, 8B) experts:
+an upper bound on the experts a batch touches) plus the latent cache read once (FlashMLA's count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import sys
+
+import torch
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dskernels  # noqa: E402
+from benchmarks.common import Case  # noqa: E402
+from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer  # noqa: E402
+from python_ref import models as ref_models  # noqa: E402
+
+CONTEXT = 4096
+PAGE = 64
+
+
+def random_checkpoint(cfg: DeepseekV3Config, layer_idx: int, device: str, fp8: bool, seed: int = 0) -> dict:
+    """A random layer in the FP8 checkpoint's format (float8_e4m3fn weight + fp32 weight_scale_inv
+    per 128x128 block; experts under 5.x fused names) or in bf16, generated on the device one
+    matrix at a time. Projections have unit-variance outputs (scale k**-0.5), norms are 1."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    sd = {}
+
+    def matrix(n, k):
+        w = torch.randn(n, k, generator=g, device=device)
+        return w.clamp(-448, 448).to(torch.float8_e4m3fn) if fp8 else (w * k ** -0.5).to(torch.bfloat16)
+
+    def scales(n, k):
+        return torch.full((math.ceil(n / 128), math.ceil(k / 128)), k ** -0.5, device=device)
+
+    def linear(name, n, k):
+        sd[f"{name}.weight"] = matrix(n, k)
+        if fp8:
+            sd[f"{name}.weight_scale_inv"] = scales(n, k)
+
+    def experts(name, n, k):
+        count = cfg.n_routed_experts
+        w = torch.empty(count, n, k, device=device, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16)
+        for e in range(count):
+            w[e] = matrix(n, k)
+        sd[f"mlp.experts.{name}"] = w
+        if fp8:
+            sd[f"mlp.experts.{name}_scale_inv"] = scales(n, k).expand(count, -1, -1).contiguous()
+
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    ones = functools.partial(torch.ones, device=device, dtype=torch.bfloat16)
+    sd["input_layernorm.weight"] = ones(h)
+    sd["post_attention_layernorm.weight"] = ones(h)
+    sd["self_attn.kv_a_layernorm.weight"] = ones(cfg.kv_lora_rank)
+    if cfg.q_lora_rank:
+        linear("self_attn.q_a_proj", cfg.q_lora_rank, h)
+        sd["self_attn.q_a_layernorm.weight"] = ones(cfg.q_lora_rank)
+        linear("self_attn.q_b_proj", heads * cfg.qk_head_dim, cfg.q_lora_rank)
+    else:
+        linear("self_attn.q_proj", heads * cfg.qk_head_dim, h)
+    linear("self_attn.kv_a_proj_with_mqa", cfg.kv_cache_dim, h)
+    linear("self_attn.kv_b_proj", heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+    linear("self_attn.o_proj", h, heads * cfg.v_head_dim)
+    if layer_idx < cfg.first_k_dense_replace:
+        for name, n, k in (("gate_proj", cfg.intermediate_size, h), ("up_proj", cfg.intermediate_size, h),
+                           ("down_proj", h, cfg.intermediate_size)):
+            linear(f"mlp.{name}", n, k)
+        return sd
+    inter = cfg.moe_intermediate_size
+    sd["mlp.gate.weight"] = torch.randn(cfg.n_routed_experts, h, generator=g, device=device) * h ** -0.5
+    sd["mlp.gate.e_score_correction_bias"] = -0.05 * torch.rand(cfg.n_routed_experts, generator=g, device=device)
+    shared = inter * cfg.n_shared_experts
+    for name, n, k in (("gate_proj", shared, h), ("up_proj", shared, h), ("down_proj", h, shared)):
+        linear(f"mlp.shared_experts.{name}", n, k)
+    experts("gate_up_proj", 2 * inter, h)
+    experts("down_proj", h, inter)
+    return sd
+
+
+def _config(name: str) -> DeepseekV3Config:
+    return DeepseekV3Config.deepseek_v3_671b() if name == "v3" else DeepseekV3Config.tiny()
+
+
+@functools.lru_cache(maxsize=2)
+def _checkpoint(config: str, layer_idx: int, device: str, fp8: bool) -> dict:
+    return random_checkpoint(_config(config), layer_idx, device, fp8)
+
+
+@functools.lru_cache(maxsize=4)
+def build(config: str, layer_idx: int, device: str, fp8: bool):
+    """(our layer, the plain-PyTorch weights). On the GPU one FP8 checkpoint serves both of our
+    layers (fp8=True keeps it as is, sharing its memory; fp8=False dequantizes it to bf16) and the
+    peer runs on the bf16 layer's weights, so all three compute with the same values (~35 GB in all
+    at the real size). On CPU: fp32 layers from a bf16 checkpoint."""
+    if device == "cpu":
+        layer = DeepseekV3DecoderLayer(_config(config), layer_idx, dtype=torch.float32, device=device)
+        layer.load_hf_state_dict(_checkpoint(config, layer_idx, device, False))
+        return layer, layer.hf_state_dict()
+    layer = DeepseekV3DecoderLayer(_config(config), layer_idx, dtype=torch.bfloat16, device=device)
+    layer.load_hf_state_dict(_checkpoint(config, layer_idx, device, True), fp8=fp8)
+    return layer, (build(config, layer_idx, device, False)[1] if fp8 else layer.hf_state_dict())
+
+
+def _flops_bytes(cfg, layer_idx, tokens, context, batch, weight_bytes):
+    h, heads, r = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
+    attn_w = h * (cfg.q_lora_rank or 0) + (cfg.q_lora_rank or h) * heads * cfg.qk_head_dim \
+        + h * cfg.kv_cache_dim + r * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) + heads * cfg.v_head_dim * h
+    if layer_idx < cfg.first_k_dense_replace:
+        mlp_active = mlp_read = 3 * h * cfg.intermediate_size
+    else:
+        expert = 3 * h * cfg.moe_intermediate_size
+        mlp_active = (cfg.num_experts_per_tok + cfg.n_shared_experts) * expert + h * cfg.n_routed_experts
+        mlp_read = (min(cfg.n_routed_experts, cfg.num_experts_per_tok * tokens) + cfg.n_shared_experts) * expert
+    flops = 2 * tokens * (attn_w + mlp_active) + 2 * tokens * heads * context * (cfg.kv_cache_dim + r)
+    cache = batch * context * cfg.kv_cache_dim * 2
+    return float(flops), float((attn_w + mlp_read) * weight_bytes + cache)
+
+
+def _rel_l2(limit):
+    def check(out, expected):
+        err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
+        return None if err <= limit else f"relative L2 error {err:.2e} > {limit:.0e} against python_ref.models"
+    return check
+
+
+def decode_case(config: str, layer_idx: int, batch: int, context: int, fp8: bool, device: str) -> Case:
+    def make_inputs(dev):
+        layer, weights = build(config, layer_idx, dev, fp8)
+        cfg = layer.cfg
+        g = torch.Generator(device=dev).manual_seed(1)
+        pages_per_seq = -(-(context + 1) // PAGE)
+        cache = torch.randn(batch * pages_per_seq, PAGE, 1, cfg.kv_cache_dim, generator=g, device=dev).to(layer.dtype)
+        table = torch.randperm(batch * pages_per_seq, generator=g, device=dev).view(batch, pages_per_seq).int()
+        lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
+        x = torch.randn(batch, 1, cfg.hidden_size, generator=g, device=dev).to(layer.dtype)
+        positions = torch.full((batch, 1), context, dtype=torch.long, device=dev)
+        return layer, weights, x, positions, cache, table, lens
+
+    def run(layer, weights, x, positions, cache, table, lens):
+        with torch.no_grad():
+            return layer(x, positions, kv_cache=cache, block_table=table, cache_seqlens=lens)
+
+    def past_of(layer, cache, table, lens, rows):
+        cfg = layer.cfg
+        latent = cache[table[rows].long()].flatten(1, 2)[:, :context, 0]   # [b, context, d]
+        return latent[..., :cfg.kv_lora_rank], latent[..., cfg.kv_lora_rank:]
+
+    def plain_torch(layer, weights, x, positions, cache, table, lens):
+        """transformers' way: the whole batch at once, the latent history expanded per head."""
+        with torch.no_grad():
+            rows = torch.arange(batch, device=x.device)
+            return ref_models.decoder_layer(weights, layer.cfg, layer_idx, x, positions,
+                                            past_of(layer, cache, table, lens, rows))[0]
+
+    def reference(layer, weights, x, positions, cache, table, lens):
+        """The oracle one sequence at a time (bounded memory at batch 128)."""
+        with torch.no_grad():
+            outs = [ref_models.decoder_layer(weights, layer.cfg, layer_idx, x[b:b + 1], positions[b:b + 1],
+                                             past_of(layer, cache, table, lens, slice(b, b + 1)))[0]
+                    for b in range(batch)]
+        return torch.cat(outs)
+
+    cfg = _config(config)
+    flops, moved = _flops_bytes(cfg, layer_idx, batch, context, batch, 1 if fp8 else 2)
+    # fp32 on CPU: the same math to rounding; bf16/FP8 on GPU: activation casts (and, rarely, a
+    # near-tied expert chosen differently) make this a sanity bound only; tests/test_models.py
+    # holds the accuracy checks.
+    limit = 1e-4 if device == "cpu" else 0.2
+    return Case(op="deepseek_v3_layer_decode",
+                params={"config": config, "layer": "moe" if layer_idx >= cfg.first_k_dense_replace else "dense",
+                        "weights": "fp8" if fp8 else "bf16" if device != "cpu" else "fp32",
+                        "batch": batch, "context": context},
+                make_inputs=make_inputs, run=run, reference=reference, check=_rel_l2(limit), flops=flops,
+                bytes=moved, peers={"torch": plain_torch} if device != "cpu" else {},
+                backends=("ref", "triton") if device == "cpu" else ("triton", "cuda"),
+                compute_dtype="fp8" if fp8 else "bf16")
+
+
+def prefill_case(config: str, layer_idx: int, batch: int, tokens: int, fp8: bool, device: str) -> Case:
+    def make_inputs(dev):
+        layer, weights = build(config, layer_idx, dev, fp8)
+        g = torch.Generator(device=dev).manual_seed(2)
+        x = torch.randn(batch, tokens, layer.cfg.hidden_size, generator=g, device=dev).to(layer.dtype)
+        positions = torch.arange(tokens, device=dev).expand(batch, tokens).contiguous()
+        return layer, weights, x, positions
+
+    def run(layer, weights, x, positions):
+        with torch.no_grad():
+            return layer(x, positions)
+
+    def plain_torch(layer, weights, x, positions):
+        with torch.no_grad():
+            return ref_models.decoder_layer(weights, layer.cfg, layer_idx, x, positions)[0]
+
+    cfg = _config(config)
+    flops, moved = _flops_bytes(cfg, layer_idx, batch * tokens, tokens / 2, 0, 1 if fp8 else 2)
+    return Case(op="deepseek_v3_layer_prefill",
+                params={"config": config, "layer": "moe" if layer_idx >= cfg.first_k_dense_replace else "dense",
+                        "weights": "fp8" if fp8 else "bf16" if device != "cpu" else "fp32",
+                        "batch": batch, "tokens": tokens},
+                make_inputs=make_inputs, run=run, reference=plain_torch,
+                check=_rel_l2(1e-4 if device == "cpu" else 0.2), flops=flops, bytes=moved,
+                peers={"torch": plain_torch} if device != "cpu" else {},
+                backends=("ref", "triton") if device == "cpu" else ("triton", "cuda"),
+                compute_dtype="fp8" if fp8 else "bf16")
+
+
+def cases(quick: bool, device: str) -> list[Case]:
+    if device == "cpu":  # the tiny model: every path checked against the oracle in fp32
+        return [decode_case("tiny", 1, 3, 37, False, device), decode_case("tiny", 0, 2, 20, False, device),
+                prefill_case("tiny", 1, 2, 23, False, device)]
+    batches = [1, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 128]
+    found = [decode_case("v3", 3, b, CONTEXT, fp8, device) for fp8 in (True, False) for b in batches]
+    found += [prefill_case("v3", 3, 1, CONTEXT, fp8, device) for fp8 in (True, False)]
+    return found
+
+
+def main() -> int:
+    """The GPU table: decode-step latency per batch and prefill tokens/s, ours vs plain PyTorch."""
+    from dskernels.testing import bench
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    timer = bench.bench_gpu if device == "cuda" else bench.bench_cpu
+    print(f"DeepSeek-V3 layer on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
+          f"torch {torch.__version__}, backends {dskernels.available_backends()}")
+    print("case | shape | ours us | plain torch us | speedup | ours tokens/s | check")
+    status = 0
+    for case in cases(args.quick, device):
+        inputs = case.make_inputs(device)
+        problem = case.check(case.run(*inputs), case.reference(*inputs))
+        status |= problem is not None
+        ours = timer(lambda: case.run(*inputs))
+        peer = case.peers.get("torch")
+        try:
+            theirs = timer(lambda: peer(*inputs)) if peer else float("nan")
+        except torch.OutOfMemoryError:
+            theirs = float("nan")
+        tokens = case.params["batch"] * case.params.get("tokens", 1)
+        print(f"{case.op.removeprefix('deepseek_v3_layer_')} | "
+              + " ".join(f"{k}={v}" for k, v in case.params.items())
+              + f" | {ours * 1e3:.0f} | {theirs * 1e3:.0f} | {theirs / ours:.2f}x | {tokens / ours * 1e3:.0f} | "
+              + (problem or "ok"), flush=True)
+        del inputs
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
