@@ -79,7 +79,14 @@ def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blo
     a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
     b_ptrs = b_ptr + cols[None, :].to(tl.int64) * stride_bn + ks[:, None] * stride_bk
     sa_ptrs = sa_ptr + rows.to(tl.int64) * stride_sam
-    sb_ptrs = sb_ptr + (cols // BLOCK_K).to(tl.int64) * stride_sbn
+    # Weight scales: a tile of BLOCK_N <= 128 columns lies inside one 128-row weight block (BLOCK_N
+    # divides 128), one of 256 spans two (the second may lie past n): one or two scalar loads per K
+    # block instead of a per-column gather, which costs registers (128 x 128 tile, 8 warps: 255
+    # registers with the gather, 176 without; ptxas sm_90a through Triton 3.8, 2026-11-23).
+    tl.static_assert(BLOCK_N <= 2 * BLOCK_K)
+    first_block = tl.min(cols) // BLOCK_K
+    second_ok = tl.max(tl.where(col_ok, cols, -1)) >= (first_block + 1) * BLOCK_K
+    sb_ptrs = sb_ptr + first_block.to(tl.int64) * stride_sbn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, k_blocks):
         if FP8_DOT:
@@ -89,10 +96,15 @@ def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blo
             a = _e4m3_bits_to_fp16(tl.load(a_ptrs, mask=row_ok[:, None], other=0))
             b = _e4m3_bits_to_fp16(tl.load(b_ptrs, mask=col_ok[None, :], other=0))
         sa = tl.load(sa_ptrs, mask=row_ok, other=0.0)
-        sb = tl.load(sb_ptrs, mask=col_ok, other=0.0)
         # A fresh fp32 tile per K block, promoted with its scales (DeepGEMM's math): Hopper's FP8
         # MMA accumulates with fewer than fp32's bits, so long K chains must not stay inside it.
-        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        if BLOCK_N <= BLOCK_K:
+            acc += tl.dot(a, b) * (sa * tl.load(sb_ptrs))[:, None]
+        else:
+            sb0 = tl.load(sb_ptrs)
+            sb1 = tl.load(sb_ptrs + stride_sbn, mask=second_ok, other=0.0)
+            sb = tl.where(tl.arange(0, BLOCK_N) < BLOCK_K, sb0, sb1)
+            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
         sa_ptrs += stride_sak
@@ -195,19 +207,22 @@ _INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=2)
 
 
 def _gpu_configs(max_block_m: int) -> list[triton.Config]:
-    """Candidate tiles for Hopper-class GPUs (BLOCK_K is fixed at 128, the scale width)."""
-    shapes = [(128, 256, 3, 8), (128, 128, 4, 8), (128, 128, 4, 4), (64, 256, 3, 8), (64, 128, 4, 4),
+    """Candidate tiles for Hopper-class GPUs (BLOCK_K is fixed at 128, the scale width).
+
+    No 128 x 256 (8 warps) or 128 x 128 (4 warps): the accumulator and each K block's product are
+    both fp32 tiles in registers, and those spill (ptxas sm_90a through Triton 3.8, 2026-11-23).
+    """
+    shapes = [(128, 128, 4, 8), (128, 128, 3, 8), (128, 128, 5, 8), (64, 256, 3, 8), (64, 128, 4, 4),
               (128, 64, 4, 4), (64, 64, 5, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
             for bm, bn, stages, warps in shapes if bm <= max_block_m]
 
 
-def _heuristic_config(m_hint: int, n: int) -> dict:
+def _heuristic_config(m_hint: int, n: int) -> dict:  # noqa: ARG001  (n: room for per-shape rules)
     """Without autotuning (DSKERNELS_GEMM_AUTOTUNE=0): small-M decode shapes get 64-row tiles."""
     if m_hint <= 64:
         return dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_stages=4, num_warps=4)
-    return dict(BLOCK_M=128, BLOCK_N=128 if n <= 4096 else 256, GROUP_M=8,
-                num_stages=4 if n <= 4096 else 3, num_warps=8)
+    return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_stages=4, num_warps=8)
 
 
 def _autotune_enabled() -> bool:
