@@ -67,14 +67,16 @@ def assert_grads(local, ref):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def check_dualpipev(rank, P, num_chunks, block_cls, seed):
+def check_dualpipev(group_rank, P, num_chunks, block_cls, seed, rank_mapping=None):
+    rank = rank_mapping.index(group_rank) if rank_mapping else group_rank  # pipeline rank
     torch.manual_seed(seed)
     blocks = [block_cls() for _ in range(2 * P)]
     x = torch.randn(num_chunks * 3, D, dtype=torch.float64)
     labels = torch.randn(num_chunks * 3, D, dtype=torch.float64)
     ref = copy.deepcopy(blocks)
     loss_ref, out_ref = reference(ref, x, labels, num_chunks)
-    pipe = DualPipeV((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[2 * P - 1 - rank])))
+    pipe = DualPipeV((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[2 * P - 1 - rank])),
+                     rank_mapping=rank_mapping)
     if rank == 0:
         loss, out = pipe.step(x, num_chunks=num_chunks, criterion=criterion, labels=[labels],
                               return_outputs=True)
@@ -134,8 +136,13 @@ def _body(rank, world_size):
     check_dualpipev(rank, P, 2 * P + 3, HookBlock, seed=2)
     assert HookBlock.calls > 0
     check_dualpipe(rank, P, 2 * P, Block, seed=3)
-    if P == 2:  # the other block kind and chunk counts; bad chunk counts
-        check_dualpipev(rank, P, 2 * P, Block, seed=1)
+    if P == 2:  # the other block kind and chunk counts, a rank mapping, the NCCL path; bad chunk counts
+        check_dualpipev(rank, P, 2 * P, Block, seed=1, rank_mapping=[1, 0])
+        DualPipeV._FORCE_SIDE_GROUP = True  # P2P through a side gloo group, staged via the host
+        try:
+            check_dualpipev(rank, P, 2 * P + 1, Block, seed=5)
+        finally:
+            DualPipeV._FORCE_SIDE_GROUP = False
         check_dualpipe(rank, P, 2 * P + 4, HookBlock, seed=4)
         pipe = DualPipeV((Block(), Block()))
         with pytest.raises(ValueError, match="N \\(chunks\\) must be >= 2\\*P"):

@@ -72,6 +72,7 @@ def _as_tuple(x):
 
 class _Runtime(nn.Module):
     _KIND = ""  # "dualpipe" or "dualpipev"
+    _FORCE_SIDE_GROUP = False  # tests: use the gloo side group (the NCCL path) on gloo too
 
     def __init__(self, modules: tuple[nn.Module, nn.Module], batch_dim: int = 0,
                  process_group: dist.ProcessGroup | None = None, rank_mapping: list[int] | None = None):
@@ -90,6 +91,15 @@ class _Runtime(nn.Module):
         self.group_rank = self.group.rank()
         self.rank = self.rank_mapping.index(self.group_rank)
         self.weight_grad_store = WeightGradStore()
+        # Messages are matched by tag. NCCL ignores tags (it matches P2P in issue order per peer,
+        # and our per-peer send and receive orders differ), so there the P2P goes through a
+        # gloo group over the same ranks, staged through host memory: correct, not fast.
+        self._p2p_group = self.group
+        self._p2p_device = None  # None: the tensors' own device
+        if self._FORCE_SIDE_GROUP or dist.get_backend(self.group) not in ("gloo", "mpi"):
+            ranks = [dist.get_global_rank(self.group, i) for i in range(self.num_ranks)]
+            self._p2p_group = dist.new_group(ranks=ranks, backend="gloo")
+            self._p2p_device = torch.device("cpu")
         P = self.num_ranks
         self.local_stages = {self.rank: 0, 2 * P - 1 - self.rank: 1}  # stage -> index in self.module
 
@@ -138,16 +148,22 @@ class _Runtime(nn.Module):
             header[base] = _DTYPES.index(t.dtype)
             header[base + 1] = t.dim()
             header[base + 2: base + 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-            payload.append((i, t.detach().contiguous()))
-        device = payload[0][1].device if payload else self._device()
-        peer = self._peer(dst)
-        ops = [dist.P2POp(dist.isend, header.to(device), peer, self.group, self._tag(kind, stage, mb, 0))]
-        ops += [dist.P2POp(dist.isend, t, peer, self.group, self._tag(kind, stage, mb, 1 + i)) for i, t in payload]
+            t = t.detach()
+            if self._p2p_device is not None:
+                t = t.to(self._p2p_device)
+            payload.append((i, t.contiguous()))
+        device = payload[0][1].device if payload else self._comm_device()
+        peer, group = self._peer(dst), self._p2p_group
+        ops = [dist.P2POp(dist.isend, header.to(device), peer, group, self._tag(kind, stage, mb, 0))]
+        ops += [dist.P2POp(dist.isend, t, peer, group, self._tag(kind, stage, mb, 1 + i)) for i, t in payload]
         self._pending_sends.append((dist.batch_isend_irecv(ops), ops))
 
+    def _comm_device(self):
+        return self._p2p_device if self._p2p_device is not None else self._device()
+
     def _post_header(self, kind, stage, mb, src):
-        header = torch.empty(_HEADER, dtype=torch.int64, device=self._device())
-        op = dist.P2POp(dist.irecv, header, self._peer(src), self.group, self._tag(kind, stage, mb, 0))
+        header = torch.empty(_HEADER, dtype=torch.int64, device=self._comm_device())
+        op = dist.P2POp(dist.irecv, header, self._peer(src), self._p2p_group, self._tag(kind, stage, mb, 0))
         return header, dist.batch_isend_irecv([op])
 
     def _post_all_headers(self, actions):
@@ -164,8 +180,8 @@ class _Runtime(nn.Module):
                     wanted.append((1, nxt[stage], mb, self._stage_rank(nxt[stage])))
         if not wanted:
             return
-        headers = [torch.empty(_HEADER, dtype=torch.int64, device=self._device()) for _ in wanted]
-        ops = [dist.P2POp(dist.irecv, h, self._peer(src), self.group, self._tag(k, s, m, 0))
+        headers = [torch.empty(_HEADER, dtype=torch.int64, device=self._comm_device()) for _ in wanted]
+        ops = [dist.P2POp(dist.irecv, h, self._peer(src), self._p2p_group, self._tag(k, s, m, 0))
                for h, (k, s, m, src) in zip(headers, wanted)]
         works = dist.batch_isend_irecv(ops)
         if len(works) != len(ops):  # a coalesced batch: one work for all
@@ -179,7 +195,7 @@ class _Runtime(nn.Module):
         if src == self.rank:
             return self._local.pop((kind, stage, mb))
         peer = self._peer(src)
-        device = self._device()
+        device = self._comm_device()
         header, works = self._posted_headers.pop((kind, stage, mb), (None, None))
         if header is None:
             header, works = self._post_header(kind, stage, mb, src)
@@ -195,10 +211,12 @@ class _Runtime(nn.Module):
             shape = h[base + 2: base + 2 + int(h[base + 1])]
             t = torch.empty(shape, dtype=_DTYPES[int(h[base])], device=device)
             out.append(t)
-            ops.append(dist.P2POp(dist.irecv, t, peer, self.group, self._tag(kind, stage, mb, 1 + i)))
+            ops.append(dist.P2POp(dist.irecv, t, peer, self._p2p_group, self._tag(kind, stage, mb, 1 + i)))
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
+        if self._p2p_device is not None:
+            out = [None if t is None else t.to(self._device()) for t in out]
         return out
 
     # -- compute --
