@@ -100,7 +100,9 @@ class Experts(nn.Module):
         sorted_key = key[order]
         valid = sorted_key < experts
         m_indices = torch.where(valid, sorted_key, -1).to(torch.int32)
-        counts = torch.bincount(key, minlength=experts + 1)[:experts]
+        # scatter_add, not bincount: bincount on CUDA reads max(key) on the host
+        counts = torch.zeros(experts + 1, dtype=torch.int64, device=key.device).scatter_add_(
+            0, key, torch.ones_like(key))[:experts]
         offsets = counts.cumsum(0).to(torch.int32)
         token = order // k
         xs = tuple(t[token] for t in x) if isinstance(x, tuple) else x[token]
