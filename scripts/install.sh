@@ -8,7 +8,8 @@ pip() { python -m pip "$@" --disable-pip-version-check -q; }
 if ! python -c "import torch" 2>/dev/null; then
   pip install "torch==${DSKERNELS_TORCH_VERSION:-2.14.1}"
 fi
-pip install -r requirements.txt
+# requirements-dev.txt = requirements.txt plus what the tests compare against (transformers).
+pip install -r requirements-dev.txt
 # CUTLASS/CuTe headers only: the package's own Python dependencies are not needed.
 python -c "import cutlass_library" 2>/dev/null || pip install --no-deps "nvidia-cutlass==4.2.0.0"
 if ! command -v ccache >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
