@@ -1,9 +1,9 @@
 """Triton FP8 block-scaled GEMMs: out = bf16(sum over 128-wide K blocks of sa * sb * (a @ b.T)).
 
 Per K block the FP8 tensor-core dot accumulates into a fresh fp32 tile, which is then scaled by
-the 1x128 activation scales (one per row) and the 128x128 weight scales (one per column, gathered
-as sb[col // 128], so BLOCK_N may span several weight blocks and n need not be a multiple of 128)
-and added to the fp32 accumulator: DeepGEMM's "promotion" math, so the results agree with the
+the 1x128 activation scales (one per row) and the 128x128 weight scales (one per column: a tile
+of up to 128 columns has one, a tile of 256 two; n need not be a multiple of 128) and added to
+the fp32 accumulator: DeepGEMM's "promotion" math, so the results agree with the
 dequantize-then-multiply oracle up to fp32 rounding before the final bf16 rounding.
 
 Three kernels share that K loop (`_scaled_tile`):
