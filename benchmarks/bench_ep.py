@@ -3,8 +3,9 @@
 Kernels (`cases`, driven by benchmarks/run.py): all memory-bound, so GB/s against the copy
 bandwidth is the figure of merit. Bytes are counted as read + written once:
   - ep_get_dispatch_layout: topk_idx read (T*K*8), is_token_in_rank (T*R) and the counts written;
-  - ep_pack (dispatch's fused gather of FP8 rows into the send buffer): 2 * S * row bytes, S =
-    (token, destination rank) pairs, row = H fp8 bytes + H/128 fp32 scales (16-byte aligned);
+  - ep_pack (dispatch's one-launch gather into the send buffer): 2 * S * payload bytes, S =
+    (token, destination rank) pairs, payload = H fp8 bytes + H/128 fp32 scales + K int64 ids +
+    K fp32 weights (alignment padding not counted);
   - ep_combine_reduce (combine's fused gather-sum back to token order): S*H*2 read + T*H*2 written.
 Shapes: DeepEP's settings (4096 tokens, hidden 7168, top-8 of 256 experts, 8 ranks) on CUDA.
 
@@ -73,33 +74,51 @@ def _send_plan(num_tokens, num_topk, num_experts, num_ranks, device):
 
 
 def _pack_case(num_tokens, hidden, num_topk, num_experts, num_ranks):
-    """The dispatch send buffer: rows of (fp8 x | fp32 scales) packed as int32 words."""
-    from dskernels.ops.ep import copy_rows
+    """The dispatch send buffer: (fp8 x | fp32 scales | int64 topk ids | fp32 weights) of every
+    (token, destination) pair, as int32 words, 16-byte aligned fields: Buffer.dispatch's pack."""
+    from dskernels.ops.ep import pack_rows
 
-    row_bytes = hidden + -(-(hidden // 128 * 4) // 16) * 16
-    sends = None
+    words = [hidden // 4, hidden // 128, 2 * num_topk, num_topk]
+    offsets, at = [], 0
+    for w in words:
+        offsets.append(at)
+        at += -(-w // 4) * 4
+    row_bytes = 4 * at
+    src_idx_cpu, _ = _send_plan(num_tokens, num_topk, num_experts, num_ranks, "cpu")
+    sends = src_idx_cpu.shape[0]
 
     def make_inputs(device):
-        nonlocal sends
-        src_idx, _ = _send_plan(num_tokens, num_topk, num_experts, num_ranks, device)
-        sends = src_idx.shape[0]
         g = torch.Generator().manual_seed(1)
-        rows = torch.randint(-2**31, 2**31 - 1, (num_tokens, row_bytes // 4), generator=g, dtype=torch.int32)
-        return rows.to(device), src_idx
+        segments = [torch.randint(-2**31, 2**31 - 1, (num_tokens, w), generator=g, dtype=torch.int32).to(device)
+                    for w in words]
+        return (*segments, src_idx_cpu.to(device))
 
-    def run(rows, src_idx):
-        out = torch.empty(src_idx.shape[0], rows.shape[1], dtype=rows.dtype, device=rows.device)
-        copy_rows(rows, src_idx, out, None)
+    def run(*args):
+        *segments, src_idx = args
+        out = torch.empty(src_idx.shape[0], at, dtype=torch.int32, device=src_idx.device)
+        pack_rows(segments, offsets, src_idx, out)
         return out
 
-    def reference(rows, src_idx):
-        return rows.cpu()[src_idx.cpu()]
+    def reference(*args):
+        *segments, src_idx = args
+        out = torch.zeros(src_idx.shape[0], at, dtype=torch.int32)
+        ref_ep.pack_rows([s.cpu() for s in segments], offsets, src_idx.cpu(), out)
+        return out
 
-    make_inputs("cpu")  # to know S for the byte count
+    def check(actual, expected):  # padding words between fields are never written: compare fields only
+        for off, w in zip(offsets, words):
+            if not torch.equal(actual[:, off: off + w].cpu(), expected[:, off: off + w]):
+                return f"field at word {off} differs from python_ref"
+        return None
+
+    def torch_peer(*args):  # what eager PyTorch needs: one index_select per field, then a cat
+        *segments, src_idx = args
+        return torch.cat([s.index_select(0, src_idx) for s in segments], dim=1)
+
     return Case(op="ep_pack", params={"T": num_tokens, "H": hidden, "K": num_topk, "E": num_experts,
                                       "R": num_ranks, "S": sends, "row_bytes": row_bytes},
-                make_inputs=make_inputs, run=run, reference=reference, check=_same, flops=0.0,
-                bytes=2.0 * sends * row_bytes, peers={"torch index_select": lambda r, i: r.index_select(0, i)},
+                make_inputs=make_inputs, run=run, reference=reference, check=check, flops=0.0,
+                bytes=2.0 * sends * 4 * sum(words), peers={"torch index_select+cat": torch_peer},
                 backends=("ref", "triton"))
 
 

@@ -11,6 +11,7 @@ local expert e % (E // R). `topk_idx` is int64 [T, K] with -1 meaning "no expert
 
 The row movers the Buffer is built from (the Triton kernels reproduce them bit for bit):
     copy_rows(src, src_idx, dst, dst_idx):     dst[dst_idx[i]] = src[src_idx[i]]
+    pack_rows(segments, offsets, src_idx, dst): dst[i, offsets[j]:...] = segments[j][src_idx[i]]
     gather_reduce(y, index, weights, out):     out[t] = sum_j weights[t, j] * y[index[t, j]],
                                                j ascending, fp32 accumulation, index -1 skipped
 
@@ -46,6 +47,15 @@ def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor
         dst[: rows.shape[0]] = rows
     else:
         dst[dst_idx] = rows
+
+
+def pack_rows(segments: list[torch.Tensor], offsets: list[int], src_idx: torch.Tensor | None,
+              dst: torch.Tensor) -> None:
+    """dst[i, offsets[j] : offsets[j] + segments[j].shape[1]] = segments[j][src_idx[i]] for every row i
+    of dst (None: the identity): the packed send buffer, every payload of a row side by side."""
+    for seg, off in zip(segments, offsets):
+        rows = seg if src_idx is None else seg[src_idx]
+        dst[:, off: off + seg.shape[1]] = rows[: dst.shape[0]]
 
 
 def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None,

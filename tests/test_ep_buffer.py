@@ -36,6 +36,7 @@ def _inputs(world, num_tokens, num_topk, num_experts, seed, *, avoid_last_rank=F
 
 
 def _same(a, b, what):
+    a, b = a.cpu(), b.cpu()
     assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
     if a.dtype == torch.float8_e4m3fn:
         a, b = a.view(torch.uint8), b.view(torch.uint8)
@@ -52,16 +53,17 @@ def _raises(error, words, fn):
     raise AssertionError(f"expected {error} with {words}")
 
 
-def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank=False):
+def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank=False, device="cpu"):
     num_local = num_experts // world
     data = _inputs(world, 13, 4, num_experts, seed, avoid_last_rank=avoid_last_rank)
-    x, topk, w = data[rank]
+    x_c, topk_c, w_c = data[rank]  # CPU copies for the expectations
+    x, topk, w = (t.to(device) for t in data[rank])
     xs, topks, ws = [d[0] for d in data], [d[1] for d in data], [d[2] for d in data]
 
     # Layout against the oracle.
     per_rank, rdma, per_expert, in_rank, event = buf.get_dispatch_layout(topk, num_experts)
     assert rdma is None and isinstance(event, EventOverlap)
-    for got, want in zip((per_rank, per_expert, in_rank), ref_ep.get_dispatch_layout(topk, num_experts, world)):
+    for got, want in zip((per_rank, per_expert, in_rank), ref_ep.get_dispatch_layout(topk_c, num_experts, world)):
         _same(got, want, "layout")
 
     # Dispatch with the layout given, expert_alignment 4.
@@ -87,12 +89,12 @@ def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank
 
     # Combine: each token comes back once per rank it went to; weights come back whole.
     combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
-    hits = in_rank.sum(1, dtype=torch.float32)[:, None]
-    _same(combined, (x.float() * hits).to(torch.bfloat16), "combine(dispatch(x))")
-    _same(combined_w, torch.where(topk >= 0, w, 0.0), "combined topk_weights")
+    hits = in_rank.cpu().sum(1, dtype=torch.float32)[:, None]
+    _same(combined, (x_c.float() * hits).to(torch.bfloat16), "combine(dispatch(x))")
+    _same(combined_w, torch.where(topk_c >= 0, w_c, 0.0), "combined topk_weights")
 
     # Cached dispatch: same routing, new payload.
-    x_new = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + rank)).to(torch.bfloat16)
+    x_new = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + rank)).to(torch.bfloat16).to(device)
     xs_new = [torch.randn(d[0].shape, generator=torch.Generator().manual_seed(seed + s)).to(torch.bfloat16)
               for s, d in enumerate(data)]
     cached = buf.dispatch(x_new, handle=handle)
@@ -103,12 +105,13 @@ def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank
     gen = torch.Generator().manual_seed(seed + 100)
     fp8s = [(torch.randint(0, 256, (d[0].shape[0], HIDDEN), generator=gen, dtype=torch.uint8).view(torch.float8_e4m3fn),
              torch.rand(d[0].shape[0], HIDDEN // 128, generator=gen)) for d in data]
-    recv_fp8, recv_idx3, _, counts3, handle3, _ = buf.dispatch(fp8s[rank], topk_idx=topk, num_experts=num_experts)
+    fp8_here = tuple(t.to(device) for t in fp8s[rank])
+    recv_fp8, recv_idx3, _, counts3, handle3, _ = buf.dispatch(fp8_here, topk_idx=topk, num_experts=num_experts)
     want_fp8 = ref_ep.dispatch_oracle(fp8s, topks, ws, num_experts, rank)[0]
     assert isinstance(recv_fp8, tuple)
     _same(recv_fp8[0], want_fp8[0], "fp8 payload")
     _same(recv_fp8[1], want_fp8[1], "fp8 scales")
-    cached_fp8 = buf.dispatch(fp8s[rank], handle=handle3)[0]
+    cached_fp8 = buf.dispatch(fp8_here, handle=handle3)[0]
     _same(cached_fp8[0], want_fp8[0], "cached fp8 payload")
 
     # Fixed-size output (num_worst_tokens): padded rows are x 0, ids -1, weights 0.
@@ -127,8 +130,8 @@ def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank
     wg = w.clone().requires_grad_()
     rx, _, rw, _, h, _ = buf.dispatch(xg, topk_idx=topk, topk_weights=wg, num_experts=num_experts)
     (0.5 * rx.pow(2).sum() + rw.sum()).backward()
-    torch.testing.assert_close(xg.grad, x.float() * hits, rtol=0, atol=0)
-    _same(wg.grad, (topk >= 0).float(), "grad of topk_weights")
+    torch.testing.assert_close(xg.grad.cpu(), x_c.float() * hits, rtol=0, atol=0)
+    _same(wg.grad, (topk_c >= 0).float(), "grad of topk_weights")
     y = rx.detach().clone().requires_grad_()
     out, _, _ = buf.combine(y, h)
     (out * x.float()).sum().backward()
@@ -147,8 +150,8 @@ def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank
         assert ll_count[local].item() == want_rows.shape[0]
         _same(ll_x[local, : want_rows.shape[0]], want_rows, f"low-latency rows of expert {e}")
     ll_out, _, _ = buf.low_latency_combine(ll_x, topk, w, ll_handle)
-    want_ll = x.float() * torch.where(topk >= 0, w, 0.0).sum(1, keepdim=True)
-    torch.testing.assert_close(ll_out.float(), want_ll, rtol=1e-2, atol=1e-2)
+    want_ll = x_c.float() * torch.where(topk_c >= 0, w_c, 0.0).sum(1, keepdim=True)
+    torch.testing.assert_close(ll_out.float().cpu(), want_ll, rtol=1e-2, atol=1e-2)
     assert torch.all(ll_out[(topk < 0).all(1)] == 0)
 
     # Low latency with the FP8 cast fused into the send: the bytes of per_token_cast_to_fp8.
@@ -163,7 +166,7 @@ def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank
         _same(sc[local, :n_e], torch.cat([casts[s][1][pick[s]] for s in range(world)]), "ll scales")
     deq = (f8.float() * sc.repeat_interleave(128, dim=2)).to(torch.bfloat16)
     ll_out8, _, _ = buf.low_latency_combine(deq, topk, w, f8_handle)
-    torch.testing.assert_close(ll_out8.float(), want_ll, rtol=0.1, atol=0.1)
+    torch.testing.assert_close(ll_out8.float().cpu(), want_ll, rtol=0.1, atol=0.1)
 
 
 def _check_bad_inputs(buf, world):
@@ -230,6 +233,40 @@ def _timeout_body(rank, world):
                                      num_experts=2))
         assert time.monotonic() - begin < 25  # the first op call imports torch._dynamo: seconds on CI
     dist.barrier()  # rank 1 never joins the dispatch: it waits here for rank 0 to give up
+
+
+def _body_triton(rank, world, seed):
+    with dskernels.backend("triton"):  # the Triton pack/reduce kernels under the interpreter
+        _check_dispatch_combine(Buffer(dist.group.WORLD), rank, world, 8, seed)
+
+
+def _body_gpu(rank, world, seed):
+    torch.cuda.set_device(rank)
+    buf = Buffer(dist.group.WORLD)
+    _check_dispatch_combine(buf, rank, world, 8, seed, device="cuda")
+    # Streams: async_finish runs on the comm stream; previous_event orders it after the caller's work.
+    topk = torch.randint(-1, 8, (64, 4), device="cuda")
+    x = torch.randn(64, HIDDEN, device="cuda").to(torch.bfloat16)
+    _, _, _, _, event = buf.get_dispatch_layout(topk, 8, previous_event=Buffer.capture(), async_finish=True)
+    event.current_stream_wait()
+    recv_x, _, _, _, handle, event = buf.dispatch(x, topk_idx=topk, num_experts=8, async_finish=True,
+                                                  previous_event=Buffer.capture())
+    event.current_stream_wait()
+    combined, _, event = buf.combine(recv_x, handle, async_finish=True)
+    event.current_stream_wait()
+    hits = (topk >= 0).any(1, keepdim=True).float()  # one rank: a token goes there or nowhere
+    torch.testing.assert_close(combined.float(), x.float() * hits, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo carries CPU tensors: Triton runs on them only "
+                    "under the interpreter (the GPU machine runs test_buffer_nccl_world1 instead)")
+def test_buffer_distributed_triton_kernels():
+    run_distributed(_body_triton, 2, 99, timeout_s=240)
+
+
+@pytest.mark.gpu
+def test_buffer_nccl_world1():
+    run_distributed(_body_gpu, 1, 7, backend="nccl", timeout_s=240)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dskernels
-from dskernels.ops.ep import copy_rows, ep_get_dispatch_layout, gather_reduce
+from dskernels.ops.ep import copy_rows, ep_get_dispatch_layout, gather_reduce, pack_rows
 from python_ref import ep as ref_ep
 
 
@@ -63,6 +63,25 @@ def test_copy_rows_gather_and_scatter(backend, dtype, cols):
     dst2 = torch.zeros(5, cols, dtype=dtype, device=device)
     copy_rows(src, src_idx, dst2, None)
     assert torch.equal(dst2.cpu(), src.cpu()[src_idx.cpu()])
+
+
+@pytest.mark.parametrize("num_segments", [1, 2, 4])
+def test_pack_rows(backend, num_segments):
+    _, device = backend
+    widths = [1800, 56, 16, 8][:num_segments]  # fp8 x (7200 B), scales, topk ids, weights as int32 words
+    segments = [torch.randint(-2**31, 2**31 - 1, (13, w + 4), dtype=torch.int32).to(device)[:, :w] for w in widths]
+    offsets, at = [], 0
+    for w in widths:
+        offsets.append(at)
+        at += -(-w // 4) * 4
+    src_idx = torch.tensor([12, 0, 5, 5, 7, 1, 12], device=device)
+    dst = torch.full((9, at), -7, dtype=torch.int32, device=device)  # 2 rows more than packed
+    pack_rows(segments, offsets, src_idx, dst, 7)
+    want = torch.full((9, at), -7, dtype=torch.int32)
+    ref_ep.pack_rows([s.cpu() for s in segments], offsets, src_idx.cpu(), want[:7])
+    assert torch.equal(dst.cpu(), want)
+    for seg, off in zip(segments, offsets):
+        assert torch.equal(dst[:7, off: off + seg.shape[1]].cpu(), seg.cpu()[src_idx.cpu()])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

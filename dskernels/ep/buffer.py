@@ -5,8 +5,8 @@ How a dispatch moves data (docs/ep.md has the byte counts):
   2. count exchange: one small all_to_all of [R, 1 + num_local_experts] int64 (tokens for rank r,
      then tokens per expert of r), the only host synchronization (split sizes are host ints);
   3. pack: the rows (x | x scales | topk_idx | topk_weights) of every (token, destination rank)
-     pair, destination-major and in token order, are copied by one fused gather kernel per
-     payload into one byte buffer [S, row_bytes] (each payload 16-byte aligned within a row);
+     pair, destination-major and in token order, are gathered by one kernel launch (pack_rows)
+     into one buffer [S, row_bytes] (each payload 16-byte aligned within a row);
   4. one all_to_all_single of that buffer: each token crosses once per destination rank;
   5. unpack: the receive buffer is split back into contiguous tensors; topk ids become local.
 Combine sends the rows back in the same order (reverse split sizes) and one gather-reduce kernel
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from dskernels.ep.events import EventOverlap, StreamScope, capture
-from dskernels.ops.ep import copy_rows, ep_get_dispatch_layout, gather_reduce
+from dskernels.ops.ep import copy_rows, ep_get_dispatch_layout, gather_reduce, pack_rows
 
 _ALIGN = 16  # bytes: each payload starts 16-byte aligned within a packed row (vector loads)
 _FP8 = torch.float8_e4m3fn
@@ -173,8 +173,7 @@ class Buffer:
         size = torch.empty((), dtype=word).element_size()
         device = payloads[0].device
         send = torch.empty(num_send, row_words, dtype=word, device=device)
-        for r, off, w in zip(rows, offsets, widths):
-            copy_rows(r.view(word), src_idx, send[:, off: off + w // size], None, num_send)
+        pack_rows([r.view(word) for r in rows], offsets, src_idx, send, num_send)
         recv = torch.empty(sum(recv_splits), row_words, dtype=word, device=device)
         self._all_to_all(recv, send, recv_splits, send_splits, what)
         return [recv[:, off: off + w // size] for off, w in zip(offsets, widths)], word

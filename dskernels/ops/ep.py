@@ -98,6 +98,21 @@ def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor
     triton_ep.copy_rows(src, src_idx, dst, dst_idx, num_rows)
 
 
+def pack_rows(segments: list[torch.Tensor], offsets: list[int], src_idx: torch.Tensor | None, dst: torch.Tensor,
+              num_rows: int | None = None) -> None:
+    """dst[i, offsets[j] : offsets[j] + w_j] = segments[j][src_idx[i]] for i < num_rows: a rank's whole
+    send buffer (x | scales | topk ids | weights of each (token, destination) pair) in one launch.
+    Up to 4 segments, all of dst's dtype (the Buffer views every payload as int32 words)."""
+    if num_rows is None:
+        num_rows = dst.shape[0]
+    if select_backend("ep_pack_rows", dst.device, has_cuda=False, has_triton=True) == "ref":
+        ref_ep.pack_rows(segments, offsets, None if src_idx is None else src_idx[:num_rows], dst[:num_rows])
+        return
+    from dskernels.triton import ep as triton_ep
+
+    triton_ep.pack_rows(segments, offsets, src_idx, dst, num_rows)
+
+
 def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
     """out[t] = sum_j weights[t, j] * y[index[t, j]] with index -1 skipped, fp32 sum in j order: the
     combine's fused un-permute and reduction back to token order."""

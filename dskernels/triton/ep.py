@@ -48,17 +48,32 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
                          BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
 
 
+def _vec(element_size: int, *tensors_and_strides) -> int:
+    """Elements per 16 bytes when every base address and row stride allows 16-byte accesses, else 1.
+    Passed as a tl.multiple_of hint: Triton only infers divisibility by 16 elements for int
+    arguments, and packed rows (e.g. 7392 bytes) are 16-byte but not 64-byte multiples."""
+    vec = max(1, 16 // element_size)
+    for item in tensors_and_strides:
+        value = item.data_ptr() if isinstance(item, torch.Tensor) else item * element_size
+        if value % 16:
+            return 1
+    return vec
+
+
 @triton.jit
-def _copy_rows_kernel(src_ptr, src_idx_ptr, dst_ptr, dst_idx_ptr, num_cols, stride_src, stride_dst,
-                      HAS_SRC_IDX: tl.constexpr, HAS_DST_IDX: tl.constexpr, BLOCK_C: tl.constexpr):
+def _copy_rows_kernel(src_ptr, src_idx_ptr, dst_ptr, dst_idx_ptr, stride_src, stride_dst, NUM_COLS: tl.constexpr,
+                      HAS_SRC_IDX: tl.constexpr, HAS_DST_IDX: tl.constexpr, VEC: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
     # One program: one row x BLOCK_C words; the whole payload of a token moves in one pass.
     row = tl.program_id(0)
     src_row = tl.load(src_idx_ptr + row).to(tl.int64) if HAS_SRC_IDX else row.to(tl.int64)
     dst_row = tl.load(dst_idx_ptr + row).to(tl.int64) if HAS_DST_IDX else row.to(tl.int64)
+    src_start = tl.multiple_of(src_row * stride_src, VEC)
+    dst_start = tl.multiple_of(dst_row * stride_dst, VEC)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = cols < num_cols
-    values = tl.load(src_ptr + src_row * stride_src + cols, mask=ok)
-    tl.store(dst_ptr + dst_row * stride_dst + cols, values, mask=ok)
+    ok = cols < NUM_COLS
+    values = tl.load(src_ptr + src_start + cols, mask=ok)
+    tl.store(dst_ptr + dst_start + cols, values, mask=ok)
 
 
 def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor, dst_idx: torch.Tensor | None,
@@ -70,9 +85,64 @@ def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor
     assert src.stride(1) == 1 and dst.stride(1) == 1 and src.dtype == dst.dtype
     block_c = min(triton.next_power_of_2(num_cols), 4096 // src.element_size())
     grid = (num_rows, triton.cdiv(num_cols, block_c))
+    vec = _vec(src.element_size(), src, dst, src.stride(0), dst.stride(0))
     _copy_rows_kernel[grid](src, src if src_idx is None else src_idx, dst, dst if dst_idx is None else dst_idx,
-                            num_cols, src.stride(0), dst.stride(0), HAS_SRC_IDX=src_idx is not None,
-                            HAS_DST_IDX=dst_idx is not None, BLOCK_C=block_c, num_warps=4)
+                            src.stride(0), dst.stride(0), NUM_COLS=num_cols, HAS_SRC_IDX=src_idx is not None,
+                            HAS_DST_IDX=dst_idx is not None, VEC=vec, BLOCK_C=block_c, num_warps=4)
+
+
+@triton.jit
+def _pack_segment(src_ptr, stride_src, src_row, dst_ptr, dst_start, WIDTH: tl.constexpr, OFFSET: tl.constexpr,
+                  VEC: tl.constexpr, BLOCK_C: tl.constexpr):
+    start = tl.multiple_of(src_row * stride_src, VEC)
+    for c in tl.static_range(0, WIDTH, BLOCK_C):
+        cols = c + tl.arange(0, BLOCK_C)
+        ok = cols < WIDTH
+        tl.store(dst_ptr + dst_start + OFFSET + cols, tl.load(src_ptr + start + cols, mask=ok), mask=ok)
+
+
+@triton.jit
+def _pack_rows_kernel(dst_ptr, stride_dst, src_idx_ptr,
+                      src0, stride0, src1, stride1, src2, stride2, src3, stride3,
+                      W0: tl.constexpr, O0: tl.constexpr, W1: tl.constexpr, O1: tl.constexpr,
+                      W2: tl.constexpr, O2: tl.constexpr, W3: tl.constexpr, O3: tl.constexpr,
+                      HAS_SRC_IDX: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One program: one packed row = every payload of one (token, destination) pair, one launch.
+    row = tl.program_id(0)
+    src_row = tl.load(src_idx_ptr + row).to(tl.int64) if HAS_SRC_IDX else row.to(tl.int64)
+    dst_start = tl.multiple_of(row.to(tl.int64) * stride_dst, VEC)
+    if W0 > 0:
+        _pack_segment(src0, stride0, src_row, dst_ptr, dst_start, W0, O0, VEC, BLOCK_C)
+    if W1 > 0:
+        _pack_segment(src1, stride1, src_row, dst_ptr, dst_start, W1, O1, VEC, BLOCK_C)
+    if W2 > 0:
+        _pack_segment(src2, stride2, src_row, dst_ptr, dst_start, W2, O2, VEC, BLOCK_C)
+    if W3 > 0:
+        _pack_segment(src3, stride3, src_row, dst_ptr, dst_start, W3, O3, VEC, BLOCK_C)
+
+
+def pack_rows(segments: list[torch.Tensor], offsets: list[int], src_idx: torch.Tensor | None, dst: torch.Tensor,
+              num_rows: int) -> None:
+    """dst[i, offsets[j] : offsets[j] + w_j] = segments[j][src_idx[i]] (python_ref.ep.pack_rows), up to 4
+    segments of dst's dtype, in one launch."""
+    assert 1 <= len(segments) <= 4 and dst.stride(1) == 1
+    if num_rows == 0:
+        return
+    args, widths, vec_items = [], [], [dst, dst.stride(0)]
+    for seg, off in zip(segments, offsets):
+        assert seg.dtype == dst.dtype and seg.stride(1) == 1
+        args += [seg, seg.stride(0)]
+        widths += [seg.shape[1], off]
+        vec_items += [seg, seg.stride(0), off]
+    for _ in range(4 - len(segments)):
+        args += [dst, 0]
+        widths += [0, 0]
+    vec = _vec(dst.element_size(), *vec_items)
+    W0, O0, W1, O1, W2, O2, W3, O3 = widths
+    block_c = min(triton.next_power_of_2(max(widths[0::2])), 4096 // dst.element_size())
+    _pack_rows_kernel[(num_rows,)](dst, dst.stride(0), dst if src_idx is None else src_idx, *args,
+                                   W0=W0, O0=O0, W1=W1, O1=O1, W2=W2, O2=O2, W3=W3, O3=O3,
+                                   HAS_SRC_IDX=src_idx is not None, VEC=vec, BLOCK_C=block_c, num_warps=4)
 
 
 @triton.jit
@@ -87,7 +157,7 @@ def _round_to_bf16(x):
 @triton.jit
 def _gather_reduce_kernel(y_ptr, index_ptr, weights_ptr, out_ptr, num_j, num_cols, stride_y, stride_index,
                           stride_weights, stride_out, HAS_WEIGHTS: tl.constexpr, OUT_BF16: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+                          VEC: tl.constexpr, BLOCK_C: tl.constexpr):
     # One program: one output row x BLOCK_C columns; j in order, fp32 sum (as python_ref).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -95,7 +165,8 @@ def _gather_reduce_kernel(y_ptr, index_ptr, weights_ptr, out_ptr, num_j, num_col
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for j in range(num_j):
         src = tl.load(index_ptr + row * stride_index + j).to(tl.int64)
-        values = tl.load(y_ptr + tl.maximum(src, 0) * stride_y + cols, mask=ok & (src >= 0), other=0.0)
+        start = tl.multiple_of(tl.maximum(src, 0) * stride_y, VEC)
+        values = tl.load(y_ptr + start + cols, mask=ok & (src >= 0), other=0.0)
         values = values.to(tl.float32)
         if HAS_WEIGHTS:
             values = values * tl.load(weights_ptr + row * stride_weights + j).to(tl.float32)
@@ -104,7 +175,7 @@ def _gather_reduce_kernel(y_ptr, index_ptr, weights_ptr, out_ptr, num_j, num_col
         out = _round_to_bf16(acc)
     else:
         out = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * stride_out + cols, out, mask=ok)
+    tl.store(out_ptr + tl.multiple_of(row * stride_out, VEC) + cols, out, mask=ok)
 
 
 def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -115,7 +186,8 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
     assert y.stride(1) == 1 and out.stride(1) == 1
     block_c = min(triton.next_power_of_2(num_cols), 1024)
     grid = (num_rows, triton.cdiv(num_cols, block_c))
+    vec = _vec(y.element_size(), y, out, y.stride(0), out.stride(0)) if y.dtype == out.dtype else 1
     _gather_reduce_kernel[grid](y, index, y if weights is None else weights, out, index.shape[1], num_cols,
                                 y.stride(0), index.stride(0), 0 if weights is None else weights.stride(0),
                                 out.stride(0), HAS_WEIGHTS=weights is not None, OUT_BF16=out.dtype == torch.bfloat16,
-                                BLOCK_C=block_c, num_warps=4)
+                                VEC=vec, BLOCK_C=block_c, num_warps=4)
