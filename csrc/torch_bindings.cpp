@@ -50,6 +50,9 @@ TORCH_LIBRARY(dskernels, m) {
 
   // ---- Pipeline schedules (API.md section 4) ----
   m.set_python_module("dskernels.ops.pipeline");
+  // kind: "dualpipe" | "dualpipev" | "1f1b" | "zb1p"; returns int32 [A, 6] rows
+  // (rank, kind, stage, mb, stage2, mb2), layout documented in csrc/pipeline/schedule.cpp.
+  m.def("dualpipe_schedule(str kind, int P, int N) -> Tensor");
 
   // ---- Build information ----
   m.set_python_module("dskernels.ops");

@@ -147,6 +147,9 @@ def _body(rank, world_size):
         pipe = DualPipeV((Block(), Block()))
         with pytest.raises(ValueError, match="N \\(chunks\\) must be >= 2\\*P"):
             pipe.step(num_chunks=2 * P - 1)
+        if rank == 0:
+            with pytest.raises(ValueError, match="criterion: required"):
+                pipe.step(torch.zeros(8, D, dtype=torch.float64), num_chunks=4)
         with pytest.raises(ValueError, match="must be even"):
             DualPipe((Block(), Block())).step(num_chunks=2 * P + 1)
 

@@ -322,6 +322,9 @@ class _Runtime(nn.Module):
         chains = self._chains()
         self._neighbours = _schedule._neighbours(chains)
         self._tails = {c[-1] for c in chains}
+        if criterion is None and torch.is_grad_enabled() and self._tails & set(self.local_stages):
+            raise ValueError("criterion: required on a rank holding a last stage in a training step "
+                             "(grad mode on); run under torch.no_grad() for forward only")
         self.criterion = criterion
         self.return_outputs = return_outputs
         self._input_chunks, self._label_chunks = self._split_inputs(inputs, labels, num_chunks)
