@@ -39,7 +39,7 @@ def _mla_decode_splitkv_kernel(
         stride_lb, stride_lh,
         stride_acc_split, stride_acc_row,
         stride_lacc_split,
-        CAUSAL: tl.constexpr, IS_FP8: tl.constexpr, FP32_DOT: tl.constexpr,
+        CAUSAL: tl.constexpr, IS_FP8: tl.constexpr, FP32_DOT: tl.constexpr, SAME_PAGE: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr):
     part = tl.program_id(0)
@@ -90,8 +90,18 @@ def _mla_decode_splitkv_kernel(
                 keys = start + tl.arange(0, BLOCK_N)
                 page_idx = keys // page_size
                 key_ok = (keys < hi) & (page_idx < max_pages)  # never read past the block table
-                page = tl.load(block_table_ptr + i * stride_bt + page_idx, mask=key_ok, other=0)
-                k_rows = k_ptr + page.to(tl.int64) * stride_kp + (keys % page_size) * stride_kt + kv_head * stride_kh
+                if SAME_PAGE:
+                    # start is a multiple of BLOCK_N, which divides page_size: one page per tile,
+                    # one block-table load, and rows at a constant stride.
+                    first_page = start // page_size
+                    page = tl.load(block_table_ptr + i * stride_bt + first_page, mask=first_page < max_pages,
+                                   other=0)
+                    k_rows = (k_ptr + page.to(tl.int64) * stride_kp + kv_head * stride_kh
+                              + (keys - first_page * page_size) * stride_kt)
+                else:
+                    page = tl.load(block_table_ptr + i * stride_bt + page_idx, mask=key_ok, other=0)
+                    k_rows = (k_ptr + page.to(tl.int64) * stride_kp + (keys % page_size) * stride_kt
+                              + kv_head * stride_kh)
                 # Head-dim masks only where the dims are padded: a mask that varies along the row
                 # blocks 16-byte vector loads (ptxas then spilled 400+ bytes at d=576, sm_90a).
                 if BLOCK_DV == HEAD_DIM_V:
@@ -240,7 +250,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         out_acc.stride(0), out_acc.stride(1), lse_acc.stride(0),
-        CAUSAL=causal, IS_FP8=is_fp8, FP32_DOT=fp32_dot, HEAD_DIM=d, HEAD_DIM_V=head_dim_v,
+        CAUSAL=causal, IS_FP8=is_fp8, FP32_DOT=fp32_dot, SAME_PAGE=page_size % block_n == 0, HEAD_DIM=d, HEAD_DIM_V=head_dim_v,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv, BLOCK_DR=block_dr,
         num_warps=num_warps, num_stages=num_stages)
     block_r = max(1, min(16, 4096 // block_dv))
