@@ -3,6 +3,7 @@ with every path: q LoRA, YaRN with mscale at widely spread positions, grouped ro
 negative score bias, a shared expert), in fp32 for the float paths."""
 
 import importlib.util
+import itertools
 
 import pytest
 import torch
@@ -313,15 +314,18 @@ def _ep_body(rank, world_size, cfg, state_dicts, x, positions, expected):
 
     from dskernels.ep import Buffer
     buffer = Buffer(dist.group.WORLD)
-    for name, dtype in (("float", torch.float32), ("fp8", torch.bfloat16)):
-        layer = DeepseekV3DecoderLayer(cfg, 1, dtype=dtype, ep_buffer=buffer)
+    for (name, dtype), low_latency in itertools.product((("float", torch.float32), ("fp8", torch.bfloat16)),
+                                                        (None, 8)):
+        # low_latency=8: the 6 tokens per rank go through low_latency_dispatch and the masked GEMM
+        layer = DeepseekV3DecoderLayer(cfg, 1, dtype=dtype, ep_buffer=buffer, ep_low_latency_tokens=low_latency)
         layer.load_hf_state_dict(state_dicts[name])
         assert layer.mlp.experts.gate_up_proj.shape[0] == cfg.n_routed_experts // world_size
         mine = slice(rank, rank + 1)  # each rank runs its own sequence
         with torch.no_grad():
             got = layer(x[mine].to(dtype), positions[mine])
         tol = TOL if name == "float" else 2e-2
-        torch.testing.assert_close(got.float(), expected[name][mine].float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(got.float(), expected[name][mine].float(), atol=tol, rtol=tol,
+                                   msg=lambda m: f"{name} low_latency={low_latency}: {m}")
 
 
 def test_expert_parallel_two_ranks_equals_single_process():

@@ -29,13 +29,16 @@ class DeepseekV3DecoderLayer(nn.Module):
         ep_buffer: a `dskernels.ep.Buffer`: this rank then holds experts
             [rank * E/R, (rank + 1) * E/R) and each MoE call dispatches its tokens to the ranks that
             hold their experts and combines the results (attention and shared experts stay local).
+        ep_low_latency_tokens: with ep_buffer, calls with at most this many tokens per rank (decode)
+            use the buffer's low-latency dispatch/combine (DeepEP's num_max_dispatch_tokens_per_rank)
+            and the masked grouped GEMM; larger calls use the normal dispatch.
 
     Forward: `layer(x, positions)` or `layer(x, positions, kv_cache=, block_table=, cache_seqlens=)`,
     see `forward`.
     """
 
     def __init__(self, cfg: DeepseekV3Config, layer_idx: int, *, dtype: torch.dtype = torch.bfloat16,
-                 device=None, ep_buffer=None):
+                 device=None, ep_buffer=None, ep_low_latency_tokens: int | None = None):
         super().__init__()
         self.cfg, self.layer_idx, self.dtype = cfg, layer_idx, dtype
         self.is_moe = layer_idx >= cfg.first_k_dense_replace
@@ -43,7 +46,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.self_attn = MLAttention(cfg, dtype, device)
         if self.is_moe:
-            self.mlp = MoE(cfg, dtype, device, ep_buffer)
+            self.mlp = MoE(cfg, dtype, device, ep_buffer, ep_low_latency_tokens)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
 

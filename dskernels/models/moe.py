@@ -123,13 +123,45 @@ class Experts(nn.Module):
         return out.index_add_(0, token, y).to(out_dtype)
 
 
+    def forward_masked(self, x, counts: torch.Tensor, expected_m: int, out_dtype: torch.dtype) -> torch.Tensor:
+        """The low-latency layout: x [L, M, H] (or an FP8 (x, scales [L, M, H/128]) pair), expert l's
+        tokens in rows [0, counts[l]) -> unweighted expert outputs [L, M, H] in out_dtype (rows past
+        counts unspecified). FP8: `m_grouped_gemm_fp8_fp8_bf16_nt_masked` (counts stay on the device);
+        float: a batched matmul over all M rows."""
+        if not self.is_fp8:
+            if isinstance(x, tuple):
+                raise TypeError("x: FP8 activations need FP8 expert weights")
+            h = torch.bmm(x.to(self.gate_up_proj.dtype), self.gate_up_proj.transpose(1, 2))
+            gate, up = h.split(self.intermediate, dim=-1)
+            return torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2)).to(out_dtype)
+        a, sa = x if isinstance(x, tuple) else self._cast3d(x)
+        experts, rows, _ = a.shape
+        h = torch.empty(experts, rows, 2 * self.intermediate, dtype=torch.bfloat16, device=a.device)
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (self.gate_up_proj, self.gate_up_proj_scale_inv),
+                                                        h, counts, expected_m)
+        gate, up = h.split(self.intermediate, dim=-1)
+        act = self._cast3d(F.silu(gate.float()) * up.float())
+        y = torch.empty(experts, rows, self.hidden, dtype=torch.bfloat16, device=a.device)
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(act, (self.down_proj, self.down_proj_scale_inv), y, counts,
+                                                        expected_m)
+        return y.to(out_dtype)
+
+    @staticmethod
+    def _cast3d(x: torch.Tensor):
+        experts, rows, k = x.shape
+        a, sa = dskernels.per_token_cast_to_fp8(x.reshape(experts * rows, k).contiguous())
+        return a.view(experts, rows, k), sa.view(experts, rows, -1)
+
+
 class MoE(nn.Module):
     """Routed experts (this rank's share with an EP buffer) plus the shared experts."""
 
-    def __init__(self, cfg: DeepseekV3Config, dtype=None, device=None, ep_buffer=None):
+    def __init__(self, cfg: DeepseekV3Config, dtype=None, device=None, ep_buffer=None,
+                 ep_low_latency_tokens: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.ep_buffer = ep_buffer
+        self.ep_low_latency_tokens = ep_low_latency_tokens
         self.num_ranks = ep_buffer.group_size if ep_buffer is not None else 1
         self.rank = ep_buffer.rank if ep_buffer is not None else 0
         if cfg.n_routed_experts % self.num_ranks:
@@ -151,6 +183,18 @@ class MoE(nn.Module):
         topk_idx, topk_weights = route(x2, self.gate_weight, self.e_score_correction_bias, self.cfg)
         if self.ep_buffer is None:
             routed = self.experts(x2, topk_idx, topk_weights, x.dtype)
+        elif self.ep_low_latency_tokens is not None and x2.shape[0] <= self.ep_low_latency_tokens:
+            # decode: DeepEP's low-latency kernels into the per-expert masked layout (the tokens are
+            # cast to FP8 before the send when the experts are FP8), weighted sum in the combine
+            num_experts = self.cfg.n_routed_experts
+            recv_x, recv_count, handle, _, hook = self.ep_buffer.low_latency_dispatch(
+                x2.contiguous(), topk_idx, self.ep_low_latency_tokens, num_experts, use_fp8=self.experts.is_fp8)
+            hook()
+            expected_m = max(1, self.ep_low_latency_tokens * self.num_ranks * self.cfg.num_experts_per_tok
+                             // num_experts)
+            y = self.experts.forward_masked(recv_x, recv_count, expected_m, x.dtype)
+            routed, _, hook = self.ep_buffer.low_latency_combine(y, topk_idx, topk_weights, handle)
+            hook()
         else:
             # FP8 experts: send the 1x128-cast tokens (half the bytes; the first GEMM takes them as is)
             payload = dskernels.per_token_cast_to_fp8(x2.contiguous()) if self.experts.is_fp8 else x2
