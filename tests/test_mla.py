@@ -134,6 +134,16 @@ def test_decode_odd_head_dims_and_scale(backend):
     assert_matches_oracle(out, lse, *inputs, True, softmax_scale=0.3)
 
 
+def test_empty_batch(backend):
+    _, device = backend
+    q, k_cache, block_table, lens, dv, _ = make_inputs([], 2, 4, 1, 16, torch.bfloat16, torch.bfloat16,
+                                                       device=device)
+    meta, splits = dskernels.get_mla_metadata(lens, 8, 1)
+    assert splits.tolist() == [0] and (meta[:, 0] == 0).all() and (meta[:, 2] == -1).all()
+    out, lse = dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, splits)
+    assert out.shape == (0, 2, 4, dv) and lse.shape == (0, 4, 2)
+
+
 def test_oracle_definition():
     """python_ref against the formulas of API.md on one sequence of two keys, by hand."""
     d, dv = 16, 8
