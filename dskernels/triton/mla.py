@@ -31,7 +31,7 @@ METADATA_STRIDE = 8  # ints per partition in tile_scheduler_metadata
 def _mla_decode_splitkv_kernel(
         q_ptr, k_ptr, block_table_ptr, seqlens_ptr, meta_ptr, num_splits_ptr, k_scale_ptr,
         out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr,
-        qk_scale_log2, s_q, heads_per_kv, page_size, max_pages,
+        qk_scale_log2, batch, s_q, heads_per_kv, page_size, max_pages, max_slots,
         stride_qb, stride_qs, stride_qh,
         stride_kp, stride_kt, stride_kh,
         stride_bt,
@@ -65,10 +65,12 @@ def _mla_decode_splitkv_kernel(
         k_scale = tl.load(k_scale_ptr).to(tl.float32)
     scale = qk_scale_log2 * k_scale
 
-    for i in range(begin_idx, end_idx + 1):
+    # Clamped so that metadata from other lengths (a caller's bug) gives wrong numbers, never a
+    # read or write out of bounds.
+    for i in range(tl.maximum(begin_idx, 0), tl.minimum(end_idx, batch - 1) + 1):
         seqlen = tl.load(seqlens_ptr + i)
-        lo = tl.where(i == begin_idx, begin_tok, 0)
-        hi = tl.where(i == end_idx, end_tok, seqlen)
+        lo = tl.maximum(tl.where(i == begin_idx, begin_tok, 0), 0)
+        hi = tl.minimum(tl.where(i == end_idx, end_tok, seqlen), seqlen)
         split = tl.where(i == begin_idx, begin_split, 0)
         split_base = tl.load(num_splits_ptr + i)
         n_split = tl.load(num_splits_ptr + i + 1) - split_base
@@ -148,14 +150,15 @@ def _mla_decode_splitkv_kernel(
             else:
                 flat = head * s_q + token
                 slot = (split_base + split).to(tl.int64)
+                slot_ok = (slot >= 0) & (slot < max_slots)
                 tl.store(out_acc_ptr + slot * stride_acc_split + flat[:, None] * stride_acc_row + dv_offs[None, :],
-                         o, mask=row_ok[:, None] & dv_ok[None, :])
-                tl.store(lse_acc_ptr + slot * stride_lacc_split + flat, lse2, mask=row_ok)
+                         o, mask=row_ok[:, None] & dv_ok[None, :] & slot_ok)
+                tl.store(lse_acc_ptr + slot * stride_lacc_split + flat, lse2, mask=row_ok & slot_ok)
 
 
 @triton.jit
 def _mla_combine_kernel(out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr, num_splits_ptr,
-                        s_q, h_q, dv,
+                        s_q, h_q, dv, max_slots,
                         stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                         stride_acc_split, stride_acc_row, stride_lacc_split,
                         BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -166,8 +169,8 @@ def _mla_combine_kernel(out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr, num_splits_p
     token = flat % s_q
     dv_offs = tl.arange(0, BLOCK_DV)
     dv_ok = dv_offs < dv
-    split_base = tl.load(num_splits_ptr + i)
-    n_split = tl.load(num_splits_ptr + i + 1) - split_base
+    split_base = tl.maximum(tl.load(num_splits_ptr + i), 0)
+    n_split = tl.minimum(tl.load(num_splits_ptr + i + 1), max_slots) - split_base
     if n_split != 1:  # one split: the decode kernel wrote out/lse itself
         m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
         for k in range(0, n_split):
@@ -243,7 +246,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     _mla_decode_splitkv_kernel[grid](
         q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, k_scale_arg,
         out, lse, out_acc, lse_acc,
-        softmax_scale * LOG2E, s_q, heads_per_kv, page_size, block_table.shape[1],
+        softmax_scale * LOG2E, b, s_q, heads_per_kv, page_size, block_table.shape[1], max_splits,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0),
@@ -255,7 +258,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         num_warps=num_warps, num_stages=num_stages)
     block_r = max(1, min(16, 4096 // block_dv))
     _mla_combine_kernel[(b, triton.cdiv(h_q * s_q, block_r))](
-        out, lse, out_acc, lse_acc, num_splits, s_q, h_q, head_dim_v,
+        out, lse, out_acc, lse_acc, num_splits, s_q, h_q, head_dim_v, max_splits,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         out_acc.stride(0), out_acc.stride(1), lse_acc.stride(0),
         BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=4)
