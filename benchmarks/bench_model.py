@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import math
 import os
 import sys
@@ -120,6 +121,38 @@ def build(config: str, layer_idx: int, device: str, fp8: bool):
     return layer, (build(config, layer_idx, device, False)[1] if fp8 else layer.hf_state_dict())
 
 
+@functools.lru_cache(maxsize=2)
+def hf_layer(config: str, layer_idx: int, device: str):
+    """transformers' DeepseekV3DecoderLayer on the bf16 (CPU: fp32) weights of our float layer,
+    sharing their memory, with its defaults for loaded models (sdpa attention, grouped_mm experts);
+    None where transformers is not installed."""
+    if importlib.util.find_spec("transformers") is None:
+        return None
+    from transformers import DeepseekV3Config as HFConfig
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+    layer, weights = build(config, layer_idx, device, False)
+    hf_cfg = HFConfig(**layer.cfg.to_hf_dict())
+    hf_cfg._attn_implementation, hf_cfg._experts_implementation = "sdpa", "grouped_mm"
+    with torch.device("meta"):
+        module = hf.DeepseekV3DecoderLayer(hf_cfg, layer_idx)
+    module.load_state_dict(weights, assign=True)
+    return module.eval(), hf.DeepseekV3RotaryEmbedding(hf_cfg).to(device), hf_cfg
+
+
+def transformers_step(config, layer_idx, x, positions, past=None):
+    """One call of HF's layer: a DynamicCache holding `past` (latent [B, T, r], k_rope [B, T, rope])
+    gets the new tokens appended (torch.cat, as in HF generation), then attention over all of it."""
+    from transformers import DynamicCache
+    module, rotary, hf_cfg = hf_layer(config, layer_idx, x.device.type)
+    cache = None
+    if past is not None:
+        cache = DynamicCache(config=hf_cfg)
+        cache.update(past[0][:, None], past[1][:, None], layer_idx)
+    with torch.no_grad():
+        return module(x, position_ids=positions, past_key_values=cache, use_cache=past is not None,
+                      position_embeddings=rotary(x, positions))
+
+
 def _flops_bytes(cfg, layer_idx, tokens, context, batch, weight_bytes):
     h, heads, r = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
     attn_w = h * (cfg.q_lora_rank or 0) + (cfg.q_lora_rank or h) * heads * cfg.qk_head_dim \
@@ -159,17 +192,28 @@ def decode_case(config: str, layer_idx: int, batch: int, context: int, fp8: bool
         with torch.no_grad():
             return layer(x, positions, kv_cache=cache, block_table=table, cache_seqlens=lens)
 
+    history = {}
+
     def past_of(layer, cache, table, lens, rows):
-        cfg = layer.cfg
-        latent = cache[table[rows].long()].flatten(1, 2)[:, :context, 0]   # [b, context, d]
-        return latent[..., :cfg.kv_lora_rank], latent[..., cfg.kv_lora_rank:]
+        """The context's cached latents as contiguous [b, context, r] and [b, context, rope] (the
+        peers' own cache layout; gathered once, outside their timing)."""
+        key = (id(cache), str(rows))
+        if key not in history:
+            history.clear()
+            cfg = layer.cfg
+            latent = cache[table[rows].long()].flatten(1, 2)[:, :context, 0]   # [b, context, d]
+            history[key] = (latent[..., :cfg.kv_lora_rank].contiguous(), latent[..., cfg.kv_lora_rank:].contiguous())
+        return history[key]
 
     def plain_torch(layer, weights, x, positions, cache, table, lens):
-        """transformers' way: the whole batch at once, the latent history expanded per head."""
+        """transformers' algorithm: the whole batch at once, the latent history expanded per head."""
         with torch.no_grad():
-            rows = torch.arange(batch, device=x.device)
             return ref_models.decoder_layer(weights, layer.cfg, layer_idx, x, positions,
-                                            past_of(layer, cache, table, lens, rows))[0]
+                                            past_of(layer, cache, table, lens, slice(None)))[0]
+
+    def transformers_peer(layer, weights, x, positions, cache, table, lens):
+        return transformers_step(config, layer_idx, x.to(weights["mlp.experts.down_proj"].dtype), positions,
+                                 past_of(layer, cache, table, lens, slice(None)))
 
     def reference(layer, weights, x, positions, cache, table, lens):
         """The oracle one sequence at a time (bounded memory at batch 128)."""
@@ -190,9 +234,18 @@ def decode_case(config: str, layer_idx: int, batch: int, context: int, fp8: bool
                         "weights": "fp8" if fp8 else "bf16" if device != "cpu" else "fp32",
                         "batch": batch, "context": context},
                 make_inputs=make_inputs, run=run, reference=reference, check=_rel_l2(limit), flops=flops,
-                bytes=moved, peers={"torch": plain_torch} if device != "cpu" else {},
+                bytes=moved, peers=_peers(device, plain_torch, transformers_peer),
                 backends=("ref", "triton") if device == "cpu" else ("triton", "cuda"),
                 compute_dtype="fp8" if fp8 else "bf16")
+
+
+def _peers(device, plain_torch, transformers_peer) -> dict:
+    if device == "cpu":
+        return {}
+    peers = {"torch": plain_torch}
+    if importlib.util.find_spec("transformers") is not None:
+        peers["transformers"] = transformers_peer
+    return peers
 
 
 def prefill_case(config: str, layer_idx: int, batch: int, tokens: int, fp8: bool, device: str) -> Case:
@@ -211,6 +264,9 @@ def prefill_case(config: str, layer_idx: int, batch: int, tokens: int, fp8: bool
         with torch.no_grad():
             return ref_models.decoder_layer(weights, layer.cfg, layer_idx, x, positions)[0]
 
+    def transformers_peer(layer, weights, x, positions):
+        return transformers_step(config, layer_idx, x.to(weights["mlp.experts.down_proj"].dtype), positions)
+
     cfg = _config(config)
     flops, moved = _flops_bytes(cfg, layer_idx, batch * tokens, tokens / 2, 0, 1 if fp8 else 2)
     return Case(op="deepseek_v3_layer_prefill",
@@ -219,7 +275,7 @@ def prefill_case(config: str, layer_idx: int, batch: int, tokens: int, fp8: bool
                         "batch": batch, "tokens": tokens},
                 make_inputs=make_inputs, run=run, reference=plain_torch,
                 check=_rel_l2(1e-4 if device == "cpu" else 0.2), flops=flops, bytes=moved,
-                peers={"torch": plain_torch} if device != "cpu" else {},
+                peers=_peers(device, plain_torch, transformers_peer),
                 backends=("ref", "triton") if device == "cpu" else ("triton", "cuda"),
                 compute_dtype="fp8" if fp8 else "bf16")
 
@@ -244,23 +300,26 @@ def main() -> int:
     timer = bench.bench_gpu if device == "cuda" else bench.bench_cpu
     print(f"DeepSeek-V3 layer on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, backends {dskernels.available_backends()}")
-    print("case | shape | ours us | plain torch us | speedup | ours tokens/s | check")
+    print("case | shape | ours us | plain torch us | transformers us | speedup vs fastest | ours tokens/s | check")
     status = 0
     for case in cases(args.quick, device):
         inputs = case.make_inputs(device)
         problem = case.check(case.run(*inputs), case.reference(*inputs))
         status |= problem is not None
         ours = timer(lambda: case.run(*inputs))
-        peer = case.peers.get("torch")
-        try:
-            theirs = timer(lambda: peer(*inputs)) if peer else float("nan")
-        except torch.OutOfMemoryError:
-            theirs = float("nan")
+        theirs = {}
+        for name in ("torch", "transformers"):
+            peer = case.peers.get(name)
+            try:
+                theirs[name] = timer(lambda: peer(*inputs)) if peer else float("nan")
+            except torch.OutOfMemoryError:  # the expanded cache of a large batch
+                theirs[name] = float("nan")
+        fastest = min((t for t in theirs.values() if t == t), default=float("nan"))
         tokens = case.params["batch"] * case.params.get("tokens", 1)
         print(f"{case.op.removeprefix('deepseek_v3_layer_')} | "
               + " ".join(f"{k}={v}" for k, v in case.params.items())
-              + f" | {ours * 1e3:.0f} | {theirs * 1e3:.0f} | {theirs / ours:.2f}x | {tokens / ours * 1e3:.0f} | "
-              + (problem or "ok"), flush=True)
+              + f" | {ours * 1e3:.0f} | {theirs['torch'] * 1e3:.0f} | {theirs['transformers'] * 1e3:.0f} | "
+              + f"{fastest / ours:.2f}x | {tokens / ours * 1e3:.0f} | " + (problem or "ok"), flush=True)
         del inputs
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -135,7 +135,8 @@ def test_load_hf_names(names):
     if names != "fused":
         sd = per_expert_names(sd, cfg)
     if names == "model_prefix":  # a whole checkpoint's keys: other layers' are skipped
-        sd = {f"model.layers.1.{k}": v for k, v in sd.items()} | {"model.layers.0.mlp.gate_proj.weight": torch.ones(1)}
+        sd = {f"model.layers.1.{k}": v for k, v in sd.items()} | {"model.layers.0.mlp.gate_proj.weight": torch.ones(1),
+                                                                   "model.layers.1.eh_proj.weight": torch.ones(1)}
     layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
     layer.load_hf_state_dict(sd)
     torch.testing.assert_close(layer.mlp.experts.gate_up_proj, ref.mlp.experts.gate_up_proj, atol=0, rtol=0)
@@ -232,6 +233,11 @@ def test_bad_inputs():
         layer(x, positions[:, :1])
     with pytest.raises(ValueError, match="x"):
         layer(torch.randn(1, 2, 7), positions)
+    with pytest.raises(TypeError, match="x: expected the layer's dtype"):
+        layer(x.bfloat16(), positions)
+    with pytest.raises(TypeError, match="kv_cache"):
+        layer(x, positions, kv_cache=torch.zeros(4, 16, 1, cfg.kv_cache_dim, dtype=torch.bfloat16),
+              block_table=torch.zeros(1, 1, dtype=torch.int32), cache_seqlens=torch.zeros(1, dtype=torch.int32))
 
 
 # ---- FP8 checkpoint ----

@@ -14,7 +14,8 @@ from dskernels.models.moe import MoE
 
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.*)$")
 _EXPERT_KEY = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.activation_scale)$")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.activation_scale)$"
+                      r"|^(embed_tokens|enorm|hnorm|eh_proj|shared_head)\.")  # the MTP layer's extra modules
 
 
 class DeepseekV3DecoderLayer(nn.Module):
@@ -62,6 +63,10 @@ class DeepseekV3DecoderLayer(nn.Module):
         modified. Returns [B, S, hidden]."""
         if x.dim() != 3 or x.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"x: expected [B, S, {self.cfg.hidden_size}], got {list(x.shape)}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x: expected the layer's dtype {self.dtype}, got {x.dtype}")
+        if kv_cache is not None and kv_cache.dtype != self.dtype:
+            raise TypeError(f"kv_cache: expected the layer's dtype {self.dtype}, got {kv_cache.dtype}")
         if tuple(positions.shape) != tuple(x.shape[:2]):
             raise ValueError(f"positions: expected shape {list(x.shape[:2])}, got {list(positions.shape)}")
         h = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, block_table, cache_seqlens)
