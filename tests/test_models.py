@@ -150,7 +150,7 @@ def test_load_hf_names(names):
 
 
 def paged_cache(cfg, num_pages, page_size, batch, pages_per_seq, dtype=torch.float32, seed=5):
-    """A NaN-poisoned cache and a shuffled block table whose unused entries are huge ids."""
+    """A NaN-poisoned cache and a block table of shuffled pages."""
     g = torch.Generator().manual_seed(seed)
     cache = torch.full((num_pages, page_size, 1, cfg.kv_cache_dim), float("nan"), dtype=dtype)
     table = torch.randperm(num_pages, generator=g)[:batch * pages_per_seq].view(batch, pages_per_seq)
@@ -177,6 +177,7 @@ def test_prefill_then_decode_through_paged_cache(variant, backend, layer_idx):
     x = torch.randn(2, total, cfg.hidden_size)
     positions = spread_positions(2, total, seed=2)
     cache, table = paged_cache(cfg, num_pages=9, page_size=5, batch=2, pages_per_seq=3)
+    table[:, 2] = 2 ** 30  # 9 tokens at most: the third page is never reached, so never read
     got = [[None] * total for _ in range(2)]
     with torch.no_grad(), forced_backend(backend):
         for b, n in enumerate(prompt_lens):  # prefill, one sequence at a time
