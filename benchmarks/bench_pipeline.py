@@ -8,8 +8,9 @@ benchmarks/run.py skips it); `main()` prints
 1. for PP in {4, 8, 16}: bubble (simulated, and the published formula), parameter copies and
    peak activations of 1F1B, ZB1P, DualPipe and DualPipeV. Costs: F = W = 1, B = 2 and an
    overlapped F&B of 2.5 (the overlap hiding half of a forward); chunks = 4 PP (DualPipe
-   counts both directions). The activation column is in chunks of one stage of the schedule's
-   own split (DualPipeV's stages are half as deep, so its P* ... entries hold half the layers).
+   counts both directions). Everything in units of a 1F1B stage (1/PP of the model): DualPipeV,
+   whose 2 PP stages are half as deep, is simulated with half the costs and half the activation
+   per chunk.
 2. wall time per training step on CPU with gloo: dskernels' DualPipeV against
    torch.distributed.pipelining's ScheduleDualPipeV on the same MLP stages (same chunks).
 """
@@ -40,17 +41,23 @@ def cases(quick: bool = False, device: str = "cpu") -> list:
 
 
 def table(costs=COSTS) -> list[tuple]:
+    """(PP, method, bubble, formula, params, peak activations, makespan) per schedule.
+
+    Units are those of a 1F1B stage (1/PP of the model) throughout: DualPipeV cuts the model into
+    2 PP stages, so it is simulated with half the costs and its activations (chunks of half a
+    stage) are halved."""
     F, B, W, FB = costs["F"], costs["B"], costs["W"], costs["FB"]
+    half = {k: v / 2 for k, v in costs.items()}
     rows = []
     for P in (4, 8, 16):
         N = 4 * P
-        for name, order, formula, params in (
-                ("1F1B", S.one_f_one_b(P, N), (P - 1) * (F + B), "1x"),
-                ("ZB1P", S.zb1p(P, N), (P - 1) * (F + B - 2 * W), "1x"),
-                ("DualPipe", S.dualpipe(P, N), (P / 2 - 1) * (FB + B - 3 * W), "2x"),
-                ("DualPipeV", S.dualpipev(P, N), None, "1x")):
-            r = S.simulate(order, **costs)
-            rows.append((P, name, r.bubble, formula, params, max(r.peak_activations), r.makespan))
+        for name, order, formula, params, c, act_scale in (
+                ("1F1B", S.one_f_one_b(P, N), (P - 1) * (F + B), "1x", costs, 1),
+                ("ZB1P", S.zb1p(P, N), (P - 1) * (F + B - 2 * W), "1x", costs, 1),
+                ("DualPipe", S.dualpipe(P, N), (P / 2 - 1) * (FB + B - 3 * W), "2x", costs, 1),
+                ("DualPipeV", S.dualpipev(P, N), None, "1x", half, 0.5)):
+            r = S.simulate(order, **c)
+            rows.append((P, name, r.bubble, formula, params, max(r.peak_activations) * act_scale, r.makespan))
     return rows
 
 
@@ -96,20 +103,21 @@ def _wall_body(rank, world_size, dim, chunks, steps, result_path):
                 m[i] = new
         return m
 
-    times = {}
-    ours = DualPipeV((deferrable(stages[rank]), deferrable(stages[2 * P - 1 - rank])))
-    samples = []
-    for _ in range(steps + 1):
-        dist.barrier()
-        t0 = time.perf_counter()
+    def ours_step():
         if rank == 0:
             ours.step(x, num_chunks=chunks, criterion=mse, labels=[y])
         else:
             ours.step(num_chunks=chunks)
-        dist.barrier()
-        samples.append(time.perf_counter() - t0)
-    times["dskernels DualPipeV"] = statistics.median(samples[1:])
 
+    def torch_step():
+        if rank == 0:
+            sched.step(x, target=y, losses=[])
+        else:
+            sched.step()
+
+    ours = DualPipeV((deferrable(stages[rank]), deferrable(stages[2 * P - 1 - rank])))
+    runners = {"dskernels DualPipeV": ours_step}
+    times = {}
     try:
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import ScheduleDualPipeV
@@ -117,19 +125,24 @@ def _wall_body(rank, world_size, dim, chunks, steps, result_path):
         pstages = [PipelineStage(m, s, 2 * P, torch.device("cpu"))
                    for m, s in zip(local, (rank, 2 * P - 1 - rank))]
         sched = ScheduleDualPipeV(pstages, chunks, loss_fn=mse)
-        samples = []
-        for _ in range(steps + 1):
-            dist.barrier()
-            t0 = time.perf_counter()
-            if rank == 0:
-                sched.step(x, target=y, losses=[])
-            else:
-                sched.step()
-            dist.barrier()
-            samples.append(time.perf_counter() - t0)
-        times["torch ScheduleDualPipeV"] = statistics.median(samples[1:])
+        runners["torch ScheduleDualPipeV"] = torch_step
     except Exception as e:  # report, do not hide ours
         times["torch ScheduleDualPipeV"] = f"failed: {type(e).__name__}: {e}"
+    # Interleaved rounds, so load from other processes hits both alike; wall and rank 0's CPU.
+    samples = {name: ([], []) for name in runners}
+    for run in runners.values():
+        run()  # warm-up (torch's schedule infers shapes on its first step)
+    for _ in range(steps):
+        for name, run in runners.items():
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            run()
+            cpu = time.process_time() - c0
+            dist.barrier()
+            samples[name][0].append(time.perf_counter() - t0)
+            samples[name][1].append(cpu)
+    for name, (wall, cpu) in samples.items():
+        times[name] = (statistics.median(wall), statistics.median(cpu))
     if rank == 0:
         import json
         with open(result_path, "w") as f:
@@ -159,9 +172,11 @@ def main(argv=None) -> int:
     print_table()
     if not args.no_wall:
         print(f"\nwall time per step, CPU/gloo, {args.ranks} ranks, {args.chunks} chunks of 16 rows, "
-              f"2 x Linear({args.dim}) per stage, median of {args.steps}:")
+              f"2 x Linear({args.dim}) per stage, median of {args.steps} interleaved rounds:")
         for name, t in wall_time(args.ranks, args.dim, args.chunks, args.steps).items():
-            print(f"  {name}: " + (f"{t * 1e3:.1f} ms" if isinstance(t, float) else t))
+            print(f"  {name}: " + (f"wall {t[0] * 1e3:.1f} ms, rank 0 CPU {t[1] * 1e3:.1f} ms"
+                                   if isinstance(t, list) else t))
+        print(f"  (load average after: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     return 0
 
 

@@ -108,7 +108,10 @@ class _Runtime(nn.Module):
         raise NotImplementedError
 
     def _order(self, num_chunks: int) -> list[list[str]]:
-        return _schedule.generate(self._KIND, self.num_ranks, num_chunks)
+        cache = self.__dict__.setdefault("_order_cache", {})
+        if num_chunks not in cache:
+            cache[num_chunks] = _schedule.generate(self._KIND, self.num_ranks, num_chunks)
+        return cache[num_chunks]
 
     def _stage_rank(self, stage: int) -> int:
         P = self.num_ranks
@@ -168,8 +171,8 @@ class _Runtime(nn.Module):
 
     def _post_all_headers(self, actions):
         """Posts the header receives of every message this rank will get, in one batch, so a
-        header has usually arrived by the time its action needs it (one latency per message
-        instead of two)."""
+        header has usually arrived (and `_progress` has posted its payload) by the time its
+        action needs it."""
         prev, nxt = self._neighbours
         wanted = []
         for action in actions:
@@ -183,24 +186,13 @@ class _Runtime(nn.Module):
         headers = [torch.empty(_HEADER, dtype=torch.int64, device=self._comm_device()) for _ in wanted]
         ops = [dist.P2POp(dist.irecv, h, self._peer(src), self._p2p_group, self._tag(k, s, m, 0))
                for h, (k, s, m, src) in zip(headers, wanted)]
-        works = dist.batch_isend_irecv(ops)
-        if len(works) != len(ops):  # a coalesced batch: one work for all
-            works = [works[-1]] * len(ops) if works else [None] * len(ops)
-        for h, w, (k, s, m, _) in zip(headers, works, wanted):
-            self._posted_headers[(k, s, m)] = (h, [w] if w is not None else [])
+        works = dist.batch_isend_irecv(ops)  # gloo: one work per receive
+        for h, w, (k, s, m, src) in zip(headers, works, wanted, strict=True):
+            self._posted_headers[(k, s, m)] = (h, [w], self._peer(src))
 
-    def _recv(self, kind: int, stage: int, mb: int, src_stage: int):
-        """Receives what (src_stage's rank) sent for (kind, stage, mb)."""
-        src = self._stage_rank(src_stage)
-        if src == self.rank:
-            return self._local.pop((kind, stage, mb))
-        peer = self._peer(src)
-        device = self._comm_device()
-        header, works = self._posted_headers.pop((kind, stage, mb), (None, None))
-        if header is None:
-            header, works = self._post_header(kind, stage, mb, src)
-        for work in works:
-            work.wait()
+    def _post_payload(self, key, header, peer):
+        """Posts the payload receives a received header announces: (tensors, works)."""
+        kind, stage, mb = key
         h = header.tolist()
         out, ops = [], []
         for i in range(int(h[0])):
@@ -209,12 +201,38 @@ class _Runtime(nn.Module):
                 out.append(None)
                 continue
             shape = h[base + 2: base + 2 + int(h[base + 1])]
-            t = torch.empty(shape, dtype=_DTYPES[int(h[base])], device=device)
+            t = torch.empty(shape, dtype=_DTYPES[int(h[base])], device=self._comm_device())
             out.append(t)
             ops.append(dist.P2POp(dist.irecv, t, peer, self._p2p_group, self._tag(kind, stage, mb, 1 + i)))
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
+        return out, (dist.batch_isend_irecv(ops) if ops else [])
+
+    def _progress(self):
+        """Posts the payload receives of every header that has arrived, so the data moves while
+        this rank computes instead of when the action that needs it starts."""
+        for key in [k for k, (_, works, _) in self._posted_headers.items()
+                    if all(w.is_completed() for w in works)]:
+            header, works, peer = self._posted_headers.pop(key)
+            for work in works:
                 work.wait()
+            self._posted_payloads[key] = self._post_payload(key, header, peer)
+
+    def _recv(self, kind: int, stage: int, mb: int, src_stage: int):
+        """Receives what (src_stage's rank) sent for (kind, stage, mb)."""
+        src = self._stage_rank(src_stage)
+        if src == self.rank:
+            return self._local.pop((kind, stage, mb))
+        key = (kind, stage, mb)
+        if key not in self._posted_payloads:
+            header, works, peer = self._posted_headers.pop(key, (None, None, None))
+            if header is None:
+                header, works = self._post_header(kind, stage, mb, src)
+                peer = self._peer(src)
+            for work in works:
+                work.wait()
+            self._posted_payloads[key] = self._post_payload(key, header, peer)
+        out, works = self._posted_payloads.pop(key)
+        for work in works:
+            work.wait()
         if self._p2p_device is not None:
             out = [None if t is None else t.to(self._device()) for t in out]
         return out
@@ -330,7 +348,7 @@ class _Runtime(nn.Module):
         self._input_chunks, self._label_chunks = self._split_inputs(inputs, labels, num_chunks)
         self._inputs, self._outputs, self._losses, self._final_outputs = {}, {}, {}, {}
         self._loss_values = {}
-        self._local, self._pending_sends, self._posted_headers = {}, [], {}
+        self._local, self._pending_sends, self._posted_headers, self._posted_payloads = {}, [], {}, {}
         self.weight_grad_store.clear()
         forward_only = not torch.is_grad_enabled()
         actions = order[self.rank]
@@ -343,6 +361,7 @@ class _Runtime(nn.Module):
                 if len(subs) == 2:
                     (fs, _, fm), (bs, _, bm) = subs
                     self._forward_backward(fs, fm, bs, bm)
+                    self._progress()
                     continue
                 stage, kind, mb = subs[0]
                 if kind == "F":
@@ -351,11 +370,13 @@ class _Runtime(nn.Module):
                     self._backward(stage, mb, zero_bubble=(kind == "I"))
                 else:
                     self.weight_grad_store.pop()
+                self._progress()
             for works, _ in self._pending_sends:
                 for work in works:
                     work.wait()
-            if self._posted_headers:
-                raise RuntimeError(f"pipeline: messages never received: {sorted(self._posted_headers)}")
+            if self._posted_headers or self._posted_payloads:
+                raise RuntimeError("pipeline: messages never received: "
+                                   f"{sorted(self._posted_headers) + sorted(self._posted_payloads)}")
         finally:
             self._pending_sends = []
         if not self.weight_grad_store.empty():
