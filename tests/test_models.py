@@ -75,6 +75,18 @@ def per_expert_names(state_dict, cfg):
     return out
 
 
+def fused_names(state_dict, cfg):
+    """4.x / checkpoint per-expert names -> transformers 5.x fused experts."""
+    out = {k: v for k, v in state_dict.items() if not k.startswith("mlp.experts.")}
+    if any(k.startswith("mlp.experts.") for k in state_dict):
+        experts = range(cfg.n_routed_experts)
+        out["mlp.experts.gate_up_proj"] = torch.stack([
+            torch.cat([state_dict[f"mlp.experts.{e}.gate_proj.weight"], state_dict[f"mlp.experts.{e}.up_proj.weight"]])
+            for e in experts])
+        out["mlp.experts.down_proj"] = torch.stack([state_dict[f"mlp.experts.{e}.down_proj.weight"] for e in experts])
+    return out
+
+
 def spread_positions(b, s, seed=1):
     """Each sequence starts somewhere in [0, 150000): far past original_max_position_embeddings."""
     g = torch.Generator().manual_seed(seed)
@@ -271,47 +283,43 @@ def rel_error(got, expected):
                          ids=["dense-ref", "moe-ref", "moe-triton"])
 def test_fp8_checkpoint_path(layer_idx, backend):
     """FP8 weights as the checkpoint stores them, bf16 activations cast 1x128 into our FP8 GEMMs,
-    against the same math in fp32 on the dequantized weights. The attention block (prefill and
-    paged decode) and the MLP block are compared on the same inputs; the whole layer too for the
-    dense layer (in the MoE layer a few-percent change of the router's input may swap a near-tied
-    expert, which is no error of the FP8 path)."""
+    against transformers' modules in fp32 on the dequantized weights. The attention block (prefill
+    and paged decode) and the MLP block are compared on the same inputs; the whole layer too for
+    the dense layer (in the MoE layer a few-percent change of the router's input may swap a
+    near-tied expert, which is no error of the FP8 path)."""
     cfg = CONFIGS["v3"]
-    ref = make_reference(cfg, layer_idx, seed=11)
-    fp8_sd, dequant_sd = fp8_checkpoint(per_expert_names(ref.state_dict(), cfg))
+    fp8_sd, dequant_sd = fp8_checkpoint(per_expert_names(make_reference(cfg, layer_idx, seed=11).state_dict(), cfg))
     layer = DeepseekV3DecoderLayer(cfg, layer_idx, dtype=torch.bfloat16)
     layer.load_hf_state_dict(fp8_sd)
     assert layer.self_attn.q_b_proj.weight.dtype == torch.float8_e4m3fn
     if layer_idx:
         assert layer.mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
-    ref_layer = DeepseekV3DecoderLayer(cfg, layer_idx, dtype=torch.float32)
-    ref_layer.load_hf_state_dict(dequant_sd)
+    ref = hf_module().DeepseekV3DecoderLayer(hf_config(cfg), layer_idx).float().eval()
+    ref.load_state_dict(fused_names(dequant_sd, cfg))
     x = torch.randn(2, 8, cfg.hidden_size).bfloat16()
     positions = spread_positions(2, 8, seed=4)
-
-    def attention(model, x, **cache):
-        return model.self_attn(model.input_layernorm(x), positions[:, :x.shape[1]] if not cache else
-                               cache.pop("positions"), **cache)
-
     with torch.no_grad():
-        expected = attention(ref_layer, x.float())
+        rotary = hf_module().DeepseekV3RotaryEmbedding(hf_config(cfg))(x.float(), positions)
+        mask = torch.full((8, 8), float("-inf")).triu(1)[None, None]
+        expected = ref.self_attn(ref.input_layernorm(x.float()), position_embeddings=rotary, attention_mask=mask)[0]
     with torch.no_grad(), forced_backend(backend):
-        assert rel_error(attention(layer, x), expected) < FP8_TOL
+        def attention(x, positions, **cache):
+            return layer.self_attn(layer.input_layernorm(x), positions, **cache)
+
+        assert rel_error(attention(x, positions), expected) < FP8_TOL
         cache, table = paged_cache(cfg, 8, 4, 2, 4, dtype=torch.bfloat16)
         lens = torch.zeros(2, dtype=torch.int32)
-        y1 = attention(layer, x[:, :5], positions=positions[:, :5], kv_cache=cache, block_table=table,
-                       cache_seqlens=lens)
-        y2 = attention(layer, x[:, 5:], positions=positions[:, 5:], kv_cache=cache, block_table=table,
-                       cache_seqlens=lens + 5)
+        y1 = attention(x[:, :5], positions[:, :5], kv_cache=cache, block_table=table, cache_seqlens=lens)
+        y2 = attention(x[:, 5:], positions[:, 5:], kv_cache=cache, block_table=table, cache_seqlens=lens + 5)
         assert rel_error(torch.cat([y1, y2], 1), expected) < FP8_TOL
-        h = torch.randn(16, cfg.hidden_size).bfloat16()
-        if layer_idx:  # same input, same routing: the router runs in fp32 on fp32 weights
-            ours = route(h, layer.mlp.gate_weight, layer.mlp.e_score_correction_bias, cfg)[0]
-            theirs = route(h.float(), ref_layer.mlp.gate_weight,
-                                            ref_layer.mlp.e_score_correction_bias, cfg)[0]
+        h = torch.randn(1, 16, cfg.hidden_size).bfloat16()
+        if layer_idx:  # same input, same routing: both routers run in fp32 on the same fp32 weights
+            ours = route(h[0], layer.mlp.gate_weight, layer.mlp.e_score_correction_bias, cfg)[0]
+            theirs = ref.mlp.gate(h[0].float())[2]
             assert torch.equal(ours.sort(1)[0], theirs.sort(1)[0])
-        assert rel_error(layer.mlp(h), ref_layer.mlp(h.float())) < FP8_TOL
+        assert rel_error(layer.mlp(h), ref.mlp(h.float())) < FP8_TOL
         if not layer_idx:
-            assert rel_error(layer(x, positions), ref_layer(x.float(), positions)) < FP8_TOL
+            assert rel_error(layer(x, positions), reference_forward(ref, cfg, x.float(), positions)) < FP8_TOL
 
 
 # ---- expert parallelism ----
