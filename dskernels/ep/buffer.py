@@ -109,6 +109,18 @@ class Buffer:
         per_token = hidden * 2 + 16
         return 2 * 2 * num_max_dispatch_tokens_per_rank * num_experts * per_token
 
+    @staticmethod
+    def get_dispatch_config(num_ranks: int):
+        """DeepEP's tuned kernel config; None here (the collectives need none)."""
+        return None
+
+    @staticmethod
+    def get_combine_config(num_ranks: int):
+        return None
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Nothing to clean: low-latency buffers are allocated per call."""
+
     def destroy(self) -> None:
         self._streams.clear()
 

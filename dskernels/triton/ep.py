@@ -106,19 +106,20 @@ def _pack_rows_kernel(dst_ptr, stride_dst, src_idx_ptr,
                       src0, stride0, src1, stride1, src2, stride2, src3, stride3,
                       W0: tl.constexpr, O0: tl.constexpr, W1: tl.constexpr, O1: tl.constexpr,
                       W2: tl.constexpr, O2: tl.constexpr, W3: tl.constexpr, O3: tl.constexpr,
-                      HAS_SRC_IDX: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr):
+                      B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+                      HAS_SRC_IDX: tl.constexpr, VEC: tl.constexpr):
     # One program: one packed row = every payload of one (token, destination) pair, one launch.
     row = tl.program_id(0)
     src_row = tl.load(src_idx_ptr + row).to(tl.int64) if HAS_SRC_IDX else row.to(tl.int64)
     dst_start = tl.multiple_of(row.to(tl.int64) * stride_dst, VEC)
     if W0 > 0:
-        _pack_segment(src0, stride0, src_row, dst_ptr, dst_start, W0, O0, VEC, BLOCK_C)
+        _pack_segment(src0, stride0, src_row, dst_ptr, dst_start, W0, O0, VEC, B0)
     if W1 > 0:
-        _pack_segment(src1, stride1, src_row, dst_ptr, dst_start, W1, O1, VEC, BLOCK_C)
+        _pack_segment(src1, stride1, src_row, dst_ptr, dst_start, W1, O1, VEC, B1)
     if W2 > 0:
-        _pack_segment(src2, stride2, src_row, dst_ptr, dst_start, W2, O2, VEC, BLOCK_C)
+        _pack_segment(src2, stride2, src_row, dst_ptr, dst_start, W2, O2, VEC, B2)
     if W3 > 0:
-        _pack_segment(src3, stride3, src_row, dst_ptr, dst_start, W3, O3, VEC, BLOCK_C)
+        _pack_segment(src3, stride3, src_row, dst_ptr, dst_start, W3, O3, VEC, B3)
 
 
 def pack_rows(segments: list[torch.Tensor], offsets: list[int], src_idx: torch.Tensor | None, dst: torch.Tensor,
@@ -139,10 +140,12 @@ def pack_rows(segments: list[torch.Tensor], offsets: list[int], src_idx: torch.T
         widths += [0, 0]
     vec = _vec(dst.element_size(), *vec_items)
     W0, O0, W1, O1, W2, O2, W3, O3 = widths
-    block_c = min(triton.next_power_of_2(max(widths[0::2])), 4096 // dst.element_size())
+    # Per-segment block: a 4 KB chunk of the hidden row per step, small fields without idle lanes.
+    B0, B1, B2, B3 = (min(triton.next_power_of_2(max(w, 1)), 4096 // dst.element_size()) for w in widths[0::2])
     _pack_rows_kernel[(num_rows,)](dst, dst.stride(0), dst if src_idx is None else src_idx, *args,
                                    W0=W0, O0=O0, W1=W1, O1=O1, W2=W2, O2=O2, W3=W3, O3=O3,
-                                   HAS_SRC_IDX=src_idx is not None, VEC=vec, BLOCK_C=block_c, num_warps=4)
+                                   B0=B0, B1=B1, B2=B2, B3=B3, HAS_SRC_IDX=src_idx is not None, VEC=vec,
+                                   num_warps=4)
 
 
 @triton.jit
