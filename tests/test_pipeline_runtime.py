@@ -43,6 +43,17 @@ class HookBlock(Block):
         return outputs0, loss0
 
 
+class TupleBlock(Block):
+    """Two outputs: the activation and an int64 position tensor passed along (no gradient)."""
+
+    def forward(self, x, pos):
+        return super().forward(x) * (1 + 0.01 * pos.unsqueeze(-1)), pos
+
+
+def tuple_criterion(out, pos, label):
+    return ((out - label) ** 2).mean() + 0 * pos.sum()
+
+
 def criterion(out, label):
     return ((out - label) ** 2).mean()
 
@@ -128,6 +139,35 @@ def check_dualpipe(rank, P, num_chunks, block_cls, seed):
     assert_grads(pipe.module[1], ref[P - 1 - rank])
 
 
+def check_tuple_dualpipev(rank, P, num_chunks, seed):
+    """Multi-tensor messages (an int64 tensor whose gradient is None) and uneven chunks."""
+    torch.manual_seed(seed)
+    blocks = [TupleBlock() for _ in range(2 * P)]
+    rows = num_chunks * 2 + 1  # tensor_split: the first chunk gets one more row
+    x = torch.randn(rows, D, dtype=torch.float64)
+    pos = torch.randint(0, 5, (rows,))
+    labels = torch.randn(rows, D, dtype=torch.float64)
+    ref = copy.deepcopy(blocks)
+    losses = []
+    for xc, pc, lc in zip(x.tensor_split(num_chunks), pos.tensor_split(num_chunks), labels.tensor_split(num_chunks)):
+        h = (xc, pc)
+        for m in ref:
+            h = m(*h)
+        loss = tuple_criterion(*h, lc)
+        loss.backward()
+        losses.append(loss.detach())
+    pipe = DualPipeV((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[2 * P - 1 - rank])))
+    if rank == 0:
+        loss, out = pipe.step(x, pos, num_chunks=num_chunks, criterion=tuple_criterion, labels=[labels],
+                              return_outputs=True)
+        torch.testing.assert_close(loss, torch.stack(losses), rtol=1e-12, atol=1e-14)
+        assert isinstance(out, tuple) and torch.equal(out[1], pos)
+    else:
+        pipe.step(num_chunks=num_chunks)
+    assert_grads(pipe.module[0], ref[rank])
+    assert_grads(pipe.module[1], ref[2 * P - 1 - rank])
+
+
 def _body(rank, world_size):
     torch.set_num_threads(1)
     set_p2p_tensor_shapes([(1, D)])   # compatibility no-ops
@@ -144,6 +184,7 @@ def _body(rank, world_size):
         finally:
             DualPipeV._FORCE_SIDE_GROUP = False
         check_dualpipe(rank, P, 2 * P + 4, HookBlock, seed=4)
+        check_tuple_dualpipev(rank, P, 2 * P + 1, seed=6)
         pipe = DualPipeV((Block(), Block()))
         with pytest.raises(ValueError, match="N \\(chunks\\) must be >= 2\\*P"):
             pipe.step(num_chunks=2 * P - 1)
@@ -157,6 +198,47 @@ def _body(rank, world_size):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_runtimes_match_unpipelined(world_size):
     run_distributed(_body, world_size, timeout_s=170)
+
+
+class DualPipeStyleLinearFn(torch.autograd.Function):
+    """Written against DualPipe's class-level WeightGradStore API (its example's LinearFunc)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+
+        def grad_weight_fn():
+            g = grad_out.t() @ x
+            weight.grad = g if weight.grad is None else weight.grad + g
+
+        if WeightGradStore.enabled:
+            WeightGradStore.put(grad_weight_fn)
+        else:
+            grad_weight_fn()
+        return grad_out @ weight, None
+
+
+def test_weight_grad_store_class_level_api():
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert not WeightGradStore.enabled
+    with pytest.raises(RuntimeError, match="no active store"):
+        WeightGradStore.put(lambda: None)
+    store = WeightGradStore()
+    with store.activate():
+        assert WeightGradStore.enabled
+        DualPipeStyleLinearFn.apply(x, w).sum().backward()
+    store.flush()
+    assert w.grad is None
+    store.pop()
+    torch.testing.assert_close(w.grad, torch.ones(5, 3, dtype=torch.float64).t() @ x.detach())
+    DualPipeStyleLinearFn.apply(x, w).sum().backward()  # no active store: computed at once
+    torch.testing.assert_close(w.grad, 2 * torch.ones(5, 3, dtype=torch.float64).t() @ x.detach())
 
 
 def test_weight_grad_store_defers_linear():

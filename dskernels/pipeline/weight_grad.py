@@ -22,8 +22,40 @@ from torch import nn
 __all__ = ["WeightGradStore", "Linear"]
 
 
-class WeightGradStore:
-    """FIFO of deferred weight-gradient work, one group per I action."""
+class _StoreMeta(type):
+    @property
+    def enabled(cls) -> bool:
+        """Class-level `WeightGradStore.enabled` (DualPipe's API): is an I action deferring now?"""
+        return cls.current() is not None
+
+
+class _ActiveOrBound:
+    """A method that, called on the class (DualPipe's class-level API, e.g.
+    `WeightGradStore.put(fn)` in a user's autograd Function), acts on the active store."""
+
+    def __init__(self, func):
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj, cls):
+        if obj is not None:
+            return self.func.__get__(obj, cls)
+        func = self.func
+
+        def on_active(*args, **kwargs):
+            store = cls._active
+            if store is None:
+                raise RuntimeError(f"WeightGradStore.{func.__name__}: no active store (called "
+                                   "outside a pipeline runtime's I action)")
+            return func(store, *args, **kwargs)
+        return on_active
+
+
+class WeightGradStore(metaclass=_StoreMeta):
+    """FIFO of deferred weight-gradient work, one group per I action.
+
+    Each runtime owns one. DualPipe's class-level calls still work inside an I action:
+    `WeightGradStore.enabled` and `WeightGradStore.put(fn)` reach the active runtime's store."""
 
     _active: WeightGradStore | None = None  # the store of the I action now running, if any
 
@@ -38,14 +70,17 @@ class WeightGradStore:
         store = cls._active
         return store if store is not None and store.enabled else None
 
+    @_ActiveOrBound
     def put(self, func: Callable[[], None]) -> None:
         self.cache.append(func)
 
+    @_ActiveOrBound
     def flush(self) -> None:
         """Closes the group of work put since the last flush (one chunk's W)."""
         self.funcs_queue.put(self.cache)
         self.cache = []
 
+    @_ActiveOrBound
     def pop(self) -> None:
         """Runs the oldest group."""
         if self.funcs_queue.empty():
