@@ -137,6 +137,16 @@ def check_dualpipe(rank, P, num_chunks, block_cls, seed):
     pipe.sync_mirrored_grads()
     assert_grads(pipe.module[0], ref[rank])
     assert_grads(pipe.module[1], ref[P - 1 - rank])
+    assert DualPipe.grad_sync_pairs(P) == [(r, P - 1 - r) for r in range(P // 2)]
+
+    with torch.no_grad():  # forward only: the same losses in both directions
+        if rank in (0, P - 1):
+            loss, _ = pipe.step(x0 if rank == 0 else x1, num_chunks=num_chunks, criterion=criterion,
+                                labels=[l1 if rank == 0 else l0])
+            torch.testing.assert_close(loss, loss_ref[half:] if rank == 0 else loss_ref[:half],
+                                       rtol=1e-12, atol=1e-14)
+        else:
+            pipe.step(num_chunks=num_chunks)
 
 
 def check_tuple_dualpipev(rank, P, num_chunks, seed):
