@@ -219,6 +219,16 @@ def _body(rank, world, seed):
         assert empty[0].shape[0] == 3 * (world - 1) and combined.shape == (0, HIDDEN)
     else:
         assert empty[0].shape == (0, HIDDEN) and torch.all(combined == 1)
+    # The same in low-latency mode: rank 0 sends nothing, every other rank sends 3 tokens to expert 0.
+    tokens = 0 if rank == 0 else 3
+    ll_x, ll_count, ll_handle, _, _ = buf.low_latency_dispatch(
+        torch.ones(tokens, HIDDEN).to(torch.bfloat16), torch.zeros(tokens, 2, dtype=torch.int64).fill_(-1)
+        if rank == 0 else torch.tensor([[0, -1]] * 3, dtype=torch.int64), 4, num_experts, use_fp8=False)
+    assert ll_count.tolist() == ([3 * (world - 1)] + [0] * (num_experts // world - 1) if rank == 0
+                                 else [0] * (num_experts // world))
+    ll_out, _, _ = buf.low_latency_combine(ll_x, torch.tensor([[0, -1]] * tokens, dtype=torch.int64).reshape(tokens, 2),
+                                           torch.full((tokens, 2), 0.5), ll_handle)
+    assert ll_out.shape == (tokens, HIDDEN) and torch.all(ll_out == 0.5)
 
 
 def _timeout_body(rank, world):
