@@ -178,6 +178,29 @@ def check_tuple_dualpipev(rank, P, num_chunks, seed):
     assert_grads(pipe.module[1], ref[2 * P - 1 - rank])
 
 
+def check_repeated_steps(rank, P, num_chunks, seed):
+    """Later steps reuse the message layouts of the first (one flat message each); a changed
+    batch size falls back to a header. Every step must still match the reference."""
+    torch.manual_seed(seed)
+    blocks = [Block() for _ in range(2 * P)]
+    pipe = DualPipeV((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[2 * P - 1 - rank])))
+    for rows in (num_chunks * 2, num_chunks * 2, num_chunks * 3 + 1, num_chunks * 3 + 1):
+        x = torch.randn(rows, D, dtype=torch.float64)
+        labels = torch.randn(rows, D, dtype=torch.float64)
+        ref = copy.deepcopy(blocks)
+        loss_ref, _ = reference(ref, x, labels, num_chunks)
+        pipe.zero_grad(set_to_none=True)
+        if rank == 0:
+            loss, _ = pipe.step(x, num_chunks=num_chunks, criterion=criterion, labels=[labels])
+            torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-14)
+        else:
+            pipe.step(num_chunks=num_chunks)
+        assert_grads(pipe.module[0], ref[rank])
+        assert_grads(pipe.module[1], ref[2 * P - 1 - rank])
+    # steps 2 and 4 took the one-message path, step 3 saw the layout change
+    assert pipe.fast_messages > 0 and pipe.layout_changes > 0
+
+
 def _body(rank, world_size):
     torch.set_num_threads(1)
     set_p2p_tensor_shapes([(1, D)])   # compatibility no-ops
@@ -195,6 +218,7 @@ def _body(rank, world_size):
             DualPipeV._FORCE_SIDE_GROUP = False
         check_dualpipe(rank, P, 2 * P + 4, HookBlock, seed=4)
         check_tuple_dualpipev(rank, P, 2 * P + 1, seed=6)
+        check_repeated_steps(rank, P, 2 * P, seed=7)
         pipe = DualPipeV((Block(), Block()))
         with pytest.raises(ValueError, match="N \\(chunks\\) must be >= 2\\*P"):
             pipe.step(num_chunks=2 * P - 1)
