@@ -108,9 +108,8 @@ def test_validate_rejects_broken_orders():
     with pytest.raises(ValueError, match="one B, or one I and one W"):
         S.validate([[a for a in good[0] if a != "0B1"], good[1]])
     with pytest.raises(ValueError, match="deadlock"):
-        # rank 1 wants chunk 1's forward before rank 0 sends it, while rank 0 waits for B0
-        S.validate([["0F0", "0B0", "0F1", "0B1"], ["1F0", "1F1", "1B0", "1B1"]][::1] and
-                   [["0F0", "0B0", "0F1", "0B1"], ["1F1", "1F0", "1B0", "1B1"]])
+        # rank 1 wants chunk 1's forward first; rank 0 sends it only after B0, which needs rank 1
+        S.validate([["0F0", "0B0", "0F1", "0B1"], ["1F1", "1F0", "1B0", "1B1"]])
     with pytest.raises(ValueError, match="deadlock"):
         S.validate([["0F0", "0W0", "0I0"], ["1F0", "1B0"]])
     with pytest.raises(ValueError, match="action"):
