@@ -1,6 +1,6 @@
 """dskernels: DeepSeek-V3 kernels for Hopper as PyTorch custom ops (torch.ops.dskernels).
 
-The public contract is docs/API.md; every op runs on the sm90 CUDA kernel, Triton or the
+The public contract is docs/api.md; every op runs on the sm90 CUDA kernel, Triton or the
 pure-PyTorch reference (see `backend`)."""
 
 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
