@@ -26,9 +26,16 @@ def _cast_pair(rows, k, device, per_block, groups=None):
     x = torch.randn(*((groups,) if groups else ()), rows, k, device=device, dtype=torch.bfloat16)
     cast = dskernels.per_block_cast_to_fp8 if per_block else dskernels.per_token_cast_to_fp8
     if groups is None:
-        return x, *cast(x)
-    pairs = [cast(x[g]) for g in range(groups)]
-    return x, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        q, s = cast(x)
+    else:
+        pairs = [cast(x[g]) for g in range(groups)]
+        q, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    # Scales in the layouts the sm90 CUDA kernels read, so that no backend times a per-call layout
+    # conversion: DeepGEMM's column-major TMA-aligned activation scales (what its benchmark passes),
+    # weight scales transposed once as at load time. Triton and the reference read any strides.
+    if per_block:
+        return x, q, s.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return x, q, dskernels.get_col_major_tma_aligned_tensor(s)
 
 
 def _check(out, expected):
@@ -100,7 +107,7 @@ def _dense_case(m, n, k, device):
         peers = {"torch._scaled_mm": _scaled_mm_peer(), "torch.mm bf16": _bf16_mm_peer((m, k), (k, n))}
     return Case(op="gemm_fp8_fp8_bf16_nt", params={"m": m, "n": n, "k": k}, make_inputs=make_inputs, run=run,
                 reference=lambda a, sa, b, sb, out: ref.gemm_fp8_fp8_bf16_nt(a, sa, b, sb), check=_check,
-                flops=2 * m * n * k, bytes=_bytes(m, n, k), peers=peers, backends=("ref", "triton"),
+                flops=2 * m * n * k, bytes=_bytes(m, n, k), peers=peers, backends=("ref", "triton", "cuda"),
                 compute_dtype="fp8")
 
 
@@ -126,7 +133,7 @@ def _contiguous_case(groups, m_per_group, n, k, device):
     return Case(op="m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
                 params={"groups": groups, "m_per_group": m_per_group, "n": n, "k": k},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * m * n * k,
-                bytes=_bytes(m, n, k, groups), peers=peers, backends=("ref", "triton"), compute_dtype="fp8")
+                bytes=_bytes(m, n, k, groups), peers=peers, backends=("ref", "triton", "cuda"), compute_dtype="fp8")
 
 
 def _masked_case(groups, expected_m, n, k, device, m_max):
@@ -157,7 +164,7 @@ def _masked_case(groups, expected_m, n, k, device, m_max):
     return Case(op="m_grouped_gemm_fp8_fp8_bf16_nt_masked",
                 params={"groups": groups, "expected_m": expected_m, "m_max": m_max, "n": n, "k": k},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * valid * n * k,
-                bytes=_bytes(valid, n, k, groups), peers=peers, backends=("ref", "triton"), compute_dtype="fp8")
+                bytes=_bytes(valid, n, k, groups), peers=peers, backends=("ref", "triton", "cuda"), compute_dtype="fp8")
 
 
 def cases(quick: bool, device: str) -> list[Case]:

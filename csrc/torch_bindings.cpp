@@ -41,6 +41,14 @@ TORCH_LIBRARY(dskernels, m) {
         "Tensor(a!) out, Tensor m_indices) -> ()");
   m.def("m_grouped_gemm_fp8_fp8_bf16_nt_masked(Tensor a, Tensor sa, Tensor b, Tensor sb, "
         "Tensor(a!) out, Tensor masked_m, int expected_m) -> ()");
+  // Raw sm90 kernels (csrc/gemm/): sa column-major ([.., m, k/128] with unit row stride; the dense
+  // kernel also needs DeepGEMM's TMA alignment), sb with unit stride along the n blocks, a, b and
+  // out with 16-byte aligned rows. dskernels/ops/gemm.py converts and checks before calling.
+  m.def("_sm90_gemm_fp8_fp8_bf16_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out) -> ()");
+  m.def("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(Tensor a, Tensor sa, Tensor b, Tensor sb, "
+        "Tensor(a!) out, Tensor m_indices) -> ()");
+  m.def("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked(Tensor a, Tensor sa, Tensor b, Tensor sb, "
+        "Tensor(a!) out, Tensor masked_m, int expected_m) -> ()");
 
   // ---- Expert-parallel dispatch/combine (API.md section 3) ----
   m.set_python_module("dskernels.ops.ep");

@@ -21,7 +21,24 @@ def fp8_casts():
     dskernels.per_block_cast_to_fp8(torch.randn(130, 256, device="cuda"))
 
 
-CASES = [fp8_casts]
+def fp8_gemms():
+    """Dense, contiguous and masked grouped GEMMs (the sm90 CUDA kernels under the cuda backend):
+    odd n (padded out buffer), one-row and empty groups, unaligned contiguous segments."""
+    k, n = 256, 129
+    a, sa = dskernels.per_token_cast_to_fp8(torch.randn(61, k, device="cuda"))
+    b, sb = dskernels.per_block_cast_to_fp8(torch.randn(n, k, device="cuda"))
+    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), torch.empty(61, n, device="cuda", dtype=torch.bfloat16))
+    bb, sbb = torch.stack([b, b, b]), torch.stack([sb, sb, sb])
+    m_indices = torch.tensor([2] * 30 + [-1] * 3 + [0] * 27 + [-1], dtype=torch.int32, device="cuda")
+    out = torch.empty(61, n, device="cuda", dtype=torch.bfloat16)
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (bb, sbb), out, m_indices)
+    a3, sa3 = a[:60].reshape(3, 20, k), sa[:60].reshape(3, 20, k // 128)
+    masked_m = torch.tensor([20, 0, 1], dtype=torch.int32, device="cuda")
+    out3 = torch.empty(3, 20, n, device="cuda", dtype=torch.bfloat16)
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a3, sa3), (bb, sbb), out3, masked_m, 8)
+
+
+CASES = [fp8_casts, fp8_gemms]
 
 if __name__ == "__main__":
     for backend in [b for b in ("cuda", "triton") if b in dskernels.available_backends()]:

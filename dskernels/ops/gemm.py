@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dskernels._backend import select_backend
+from dskernels._backend import current_backend, select_backend
 from dskernels._checks import check_multiple, check_tensor
 from python_ref import gemm as ref
 
@@ -200,16 +200,77 @@ def _check_expected_m(expected_m) -> None:
 
 # ---- registered kernels ----
 
+# The sm90 CUDA GEMMs (csrc/gemm/, issue 9) compile in CI but have not run on a GPU yet. Until they
+# pass tests/test_gemm_sm90.py (and compute-sanitizer) on a Hopper GPU, `auto` keeps CUDA tensors on
+# Triton and only `dskernels.backend("cuda")` runs them. Flip to True after that on-device validation.
+_CUDA_GEMM_VERIFIED = False
+
+
 def _backend(op: str, device: torch.device) -> str:
-    # The sm90 CUDA GEMMs are issue 9; until then CUDA tensors run on Triton.
-    return select_backend(op, device, has_cuda=False, has_triton=True)
+    has_cuda = _CUDA_GEMM_VERIFIED or current_backend() == "cuda"
+    return select_backend(op, device, has_cuda=has_cuda, has_triton=True)
+
+
+# ---- the sm90 CUDA kernels' operand layouts (docs/gemm.md, "The sm90 CUDA path") ----
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """Unit last stride, other strides and the base 16-byte aligned (what TMA needs)."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    return all(size <= 1 or stride * t.element_size() % 16 == 0
+               for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
+
+
+def _cuda_operand(t: torch.Tensor) -> torch.Tensor:
+    return t if _tma_ready(t) else t.contiguous()
+
+
+def _cuda_sa(sa: torch.Tensor) -> torch.Tensor:
+    """CUTLASS's sm90 collectives read activation scales column-major (unit stride along the rows);
+    the dense kernel loads them with TMA, so also DeepGEMM's 16-byte aligned columns. Our casts
+    return row-major scales: this is one small copy (m * k / 128 floats) per call."""
+    aligned = get_col_major_tma_aligned_tensor(sa)
+    if aligned.numel() and aligned.data_ptr() % 16:
+        aligned = get_col_major_tma_aligned_tensor(sa.clone())
+    return aligned
+
+
+def _cuda_sb(sb: torch.Tensor) -> torch.Tensor:
+    """Weight scales with unit stride along the 128-row blocks of b ([.., k/128, n/128] in memory);
+    a copy of ceil(n/128) * k/128 floats per group when they come row-major."""
+    if sb.shape[-2] <= 1 or sb.stride(-2) == 1:
+        return sb
+    return sb.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _cuda_out(out: torch.Tensor):
+    """(buffer the kernel writes, whether to copy it into out): TMA stores need 16-byte aligned
+    rows, so an out whose row stride is not a multiple of 8 (odd n, contiguous) goes through a
+    padded buffer."""
+    if _tma_ready(out):
+        return out, False
+    n = out.shape[-1]
+    padded = torch.empty(*out.shape[:-1], (n + 7) // 8 * 8, dtype=out.dtype, device=out.device)
+    return padded[..., :n], True
+
+
+def _run_cuda(op, a, sa, b, sb, out, *rest):
+    target, copy_back = _cuda_out(out)
+    sa = _cuda_sa(sa)
+    getattr(torch.ops.dskernels, op)(_cuda_operand(a), sa, _cuda_operand(b), _cuda_sb(sb), target, *rest)
+    if copy_back:
+        out.copy_(target)
 
 
 @torch.library.register_kernel("dskernels::gemm_fp8_fp8_bf16_nt", ("cpu", "cuda"))
 def _gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out):
     _check_dense(a, sa, b, sb, out)
-    if _backend("gemm_fp8_fp8_bf16_nt", a.device) == "ref":
+    chosen = _backend("gemm_fp8_fp8_bf16_nt", a.device)
+    if chosen == "ref":
         out.copy_(ref.gemm_fp8_fp8_bf16_nt(a, sa, b, sb))
+        return
+    if chosen == "cuda":
+        _run_cuda("_sm90_gemm_fp8_fp8_bf16_nt", a, sa, b, sb, out)
         return
     from dskernels.triton import gemm as triton_gemm
 
@@ -219,8 +280,12 @@ def _gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out):
 @torch.library.register_kernel("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", ("cpu", "cuda"))
 def _m_grouped_contiguous(a, sa, b, sb, out, m_indices):
     _check_contiguous(a, sa, b, sb, out, m_indices)
-    if _backend("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", a.device) == "ref":
+    chosen = _backend("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", a.device)
+    if chosen == "ref":
         out.copy_(ref.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, m_indices))
+        return
+    if chosen == "cuda":
+        _run_cuda("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", a, sa, b, sb, out, m_indices)
         return
     from dskernels.triton import gemm as triton_gemm
 
@@ -230,8 +295,12 @@ def _m_grouped_contiguous(a, sa, b, sb, out, m_indices):
 @torch.library.register_kernel("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_masked", ("cpu", "cuda"))
 def _m_grouped_masked(a, sa, b, sb, out, masked_m, expected_m):
     _check_masked(a, sa, b, sb, out, masked_m, expected_m)
-    if _backend("m_grouped_gemm_fp8_fp8_bf16_nt_masked", a.device) == "ref":
+    chosen = _backend("m_grouped_gemm_fp8_fp8_bf16_nt_masked", a.device)
+    if chosen == "ref":
         out.copy_(ref.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, masked_m))
+        return
+    if chosen == "cuda":
+        _run_cuda("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked", a, sa, b, sb, out, masked_m, expected_m)
         return
     from dskernels.triton import gemm as triton_gemm
 

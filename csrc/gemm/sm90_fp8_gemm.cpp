@@ -1,0 +1,240 @@
+// Host launchers of the sm90 FP8 GEMMs: check the inputs (messages name the tensor), fill the
+// plain problem structs, allocate the workspace from torch's caching allocator and run on the
+// current stream. The CUTLASS instantiations live in sm90_fp8_gemm_{dense,grouped}.cu, which never
+// see a torch header; this file never sees a CUTLASS one (a host compiler builds it in seconds).
+// dskernels/ops/gemm.py validates the public arguments and converts the scale layouts first; the
+// checks here guard the raw `_sm90_*` ops against direct calls.
+// Only c10/cuda and ATen/core: ATen/cuda's headers need cuBLAS and cuSPARSE, which CI lacks.
+#ifdef DSKERNELS_WITH_CUDA
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "dskernels/sm90_fp8_gemm.h"
+
+namespace dskernels {
+namespace {
+
+using fp8_gemm::DenseProblem;
+using fp8_gemm::GroupedProblem;
+
+constexpr int64_t kScaleBlock = 128;
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// An operand read or written by TMA: unit stride along the last dimension, the other strides and
+// the base address 16-byte aligned.
+void check_tma_operand(const at::Tensor& t, const char* name, int64_t ndim, at::ScalarType dtype,
+                       const at::Device& device) {
+  TORCH_CHECK(t.device() == device, name, ": expected a tensor on ", device, ", got ", t.device());
+  TORCH_CHECK(t.dim() == ndim, name, ": expected ", ndim, " dimensions, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) <= 1, name,
+              ": expected unit stride in the last dimension, got strides ", t.strides());
+  for (int64_t d = 0; d + 1 < ndim; ++d) {
+    TORCH_CHECK(t.size(d) <= 1 || (t.stride(d) * t.element_size()) % 16 == 0, name,
+                ": TMA needs 16-byte aligned strides, got strides ", t.strides(), " for ", t.element_size(),
+                "-byte elements (for the bf16 out: a row stride that is a multiple of 8)");
+  }
+  TORCH_CHECK(t.numel() == 0 || aligned16(t), name, ": TMA needs a 16-byte aligned base address");
+}
+
+// sa: a's shape with k -> k / 128, fp32, unit stride along the rows; `tma`: the dense kernel's
+// TMA load also needs a 16-byte aligned base and K-block and group strides that are multiples of 4.
+void check_sa(const at::Tensor& sa, const at::Tensor& a, bool tma) {
+  std::vector<int64_t> expected(a.sizes().begin(), a.sizes().end());
+  expected.back() = a.size(-1) / kScaleBlock;
+  TORCH_CHECK(sa.device() == a.device() && sa.scalar_type() == at::kFloat && sa.sizes() == at::IntArrayRef(expected),
+              "sa: expected float32 ", at::IntArrayRef(expected), " on ", a.device(), ", got ", sa.scalar_type(), " ",
+              sa.sizes(), " on ", sa.device());
+  TORCH_CHECK(sa.size(-2) <= 1 || sa.stride(-2) == 1,
+              "sa: expected unit stride along the rows (column-major scales, as "
+              "get_col_major_tma_aligned_tensor returns them), got strides ", sa.strides());
+  TORCH_CHECK(sa.stride(-1) <= INT32_MAX, "sa: strides must fit in int32, got ", sa.strides());
+  if (tma) {
+    TORCH_CHECK((sa.size(-1) <= 1 || sa.stride(-1) % 4 == 0) && (sa.numel() == 0 || aligned16(sa)),
+                "sa: the dense kernel loads the scales with TMA: expected a 16-byte aligned base and a "
+                "K-block stride that is a multiple of 4 (get_col_major_tma_aligned_tensor), got strides ",
+                sa.strides());
+  }
+}
+
+// sb: [(G,) ceil(n / 128), k / 128] fp32 with unit stride along the n blocks.
+void check_sb(const at::Tensor& sb, const at::Tensor& b) {
+  std::vector<int64_t> expected(b.sizes().begin(), b.sizes().end());
+  expected[expected.size() - 2] = (b.size(-2) + kScaleBlock - 1) / kScaleBlock;
+  expected.back() = b.size(-1) / kScaleBlock;
+  TORCH_CHECK(sb.device() == b.device() && sb.scalar_type() == at::kFloat && sb.sizes() == at::IntArrayRef(expected),
+              "sb: expected float32 ", at::IntArrayRef(expected), " on ", b.device(), ", got ", sb.scalar_type(), " ",
+              sb.sizes(), " on ", sb.device());
+  TORCH_CHECK(sb.size(-2) <= 1 || sb.stride(-2) == 1,
+              "sb: expected unit stride along the 128-row blocks of b (sb.t().contiguous().t()), got strides ",
+              sb.strides());
+  TORCH_CHECK(sb.stride(-1) <= INT32_MAX, "sb: strides must fit in int32, got ", sb.strides());
+}
+
+void check_k(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.size(-1) % kScaleBlock == 0, "a: expected k (the last dimension) to be a multiple of 128, got ",
+              a.size(-1));
+  TORCH_CHECK(b.size(-1) == a.size(-1), "b: expected k = ", a.size(-1), " as its last dimension, got shape ",
+              b.sizes());
+  TORCH_CHECK(a.size(-2) <= INT32_MAX && b.size(-2) <= INT32_MAX && a.size(-1) <= INT32_MAX,
+              "a, b: m, n and k must fit in int32");
+}
+
+int sm_count(int device) {
+  static int counts[64] = {};
+  if (device < 0 || device >= 64) return 132;
+  if (counts[device] == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+  }
+  return counts[device];
+}
+
+c10::DataPtr workspace(size_t bytes) {
+  // Stream-ordered: releasing it after the asynchronous launch is safe on the current stream.
+  return c10::cuda::CUDACachingAllocator::get()->allocate(bytes > 0 ? bytes : 16);
+}
+
+void gemm_fp8_fp8_bf16_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
+                          const at::Tensor& out) {
+  TORCH_CHECK(a.is_cuda(), "a: expected a CUDA tensor, got device ", a.device());
+  check_tma_operand(a, "a", 2, at::kFloat8_e4m3fn, a.device());
+  check_tma_operand(b, "b", 2, at::kFloat8_e4m3fn, a.device());
+  check_k(a, b);
+  check_sa(sa, a, /*tma=*/true);
+  check_sb(sb, b);
+  check_tma_operand(out, "out", 2, at::kBFloat16, a.device());
+  TORCH_CHECK(out.size(0) == a.size(0) && out.size(1) == b.size(0), "out: expected shape [", a.size(0), ", ",
+              b.size(0), "], got ", out.sizes());
+  if (a.size(0) == 0 || b.size(0) == 0) return;
+  const c10::cuda::OptionalCUDAGuard guard(a.device());
+
+  DenseProblem p{};
+  p.a = a.data_ptr();
+  p.a_row_stride = a.stride(0);
+  p.sa = sa.data_ptr<float>();
+  p.sa_k_stride = static_cast<int32_t>(sa.stride(1));
+  p.b = b.data_ptr();
+  p.b_row_stride = b.stride(0);
+  p.sb = sb.data_ptr<float>();
+  p.sb_k_stride = static_cast<int32_t>(sb.stride(1));
+  p.out = out.data_ptr();
+  p.out_row_stride = out.stride(0);
+  p.m = static_cast<int32_t>(a.size(0));
+  p.n = static_cast<int32_t>(b.size(0));
+  p.k = static_cast<int32_t>(a.size(1));
+  p.device = a.get_device();
+  p.sm_count = sm_count(p.device);
+  const c10::DataPtr ws = workspace(fp8_gemm::dense_workspace_bytes(p));
+  const char* error = fp8_gemm::run_dense(p, ws.get(), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(error == nullptr, "_sm90_gemm_fp8_fp8_bf16_nt: ", error);
+}
+
+void fill_grouped(GroupedProblem& p, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
+                  const at::Tensor& out) {
+  p.sa = sa.data_ptr<float>();
+  p.sa_k_stride = static_cast<int32_t>(sa.stride(-1));
+  p.b = b.data_ptr();
+  p.b_group_stride = b.stride(0);
+  p.b_row_stride = b.stride(1);
+  p.sb = sb.data_ptr<float>();
+  p.sb_group_stride = sb.stride(0);
+  p.sb_k_stride = static_cast<int32_t>(sb.stride(2));
+  p.out = out.data_ptr();
+  p.groups = static_cast<int32_t>(b.size(0));
+  p.n = static_cast<int32_t>(b.size(1));
+  p.k = static_cast<int32_t>(b.size(2));
+  p.device = b.get_device();
+  p.sm_count = sm_count(p.device);
+}
+
+void run_grouped(const GroupedProblem& p, const char* op) {
+  const c10::DataPtr ws = workspace(fp8_gemm::grouped_workspace_bytes(p));
+  const char* error = fp8_gemm::run_grouped(p, ws.get(), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(error == nullptr, op, ": ", error);
+}
+
+void check_group_ids(const at::Tensor& ids, const char* name, const at::Tensor& a, int64_t expected) {
+  TORCH_CHECK(ids.device() == a.device() && ids.scalar_type() == at::kInt && ids.dim() == 1 && ids.size(0) == expected,
+              name, ": expected int32 [", expected, "] on ", a.device(), ", got ", ids.scalar_type(), " ", ids.sizes(),
+              " on ", ids.device());
+}
+
+void m_grouped_masked(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
+                      const at::Tensor& out, const at::Tensor& masked_m, int64_t expected_m) {
+  (void)expected_m;  // a tuning hint; one tile shape for now
+  TORCH_CHECK(a.is_cuda(), "a: expected a CUDA tensor, got device ", a.device());
+  check_tma_operand(a, "a", 3, at::kFloat8_e4m3fn, a.device());
+  check_tma_operand(b, "b", 3, at::kFloat8_e4m3fn, a.device());
+  check_k(a, b);
+  TORCH_CHECK(a.size(0) == b.size(0), "a: expected ", b.size(0), " groups (b's first dimension), got shape ", a.sizes());
+  check_sa(sa, a, /*tma=*/false);
+  check_sb(sb, b);
+  check_tma_operand(out, "out", 3, at::kBFloat16, a.device());
+  TORCH_CHECK(out.size(0) == a.size(0) && out.size(1) == a.size(1) && out.size(2) == b.size(1), "out: expected shape [",
+              a.size(0), ", ", a.size(1), ", ", b.size(1), "], got ", out.sizes());
+  check_group_ids(masked_m, "masked_m", a, a.size(0));
+  TORCH_CHECK(a.size(0) <= INT32_MAX, "a: too many groups");
+  if (a.size(0) == 0 || a.size(1) == 0 || b.size(1) == 0) return;
+  const c10::cuda::OptionalCUDAGuard guard(a.device());
+  const at::Tensor counts = masked_m.contiguous();
+
+  GroupedProblem p{};
+  p.a = a.data_ptr();
+  p.a_group_stride = a.stride(0);
+  p.a_row_stride = a.stride(1);
+  p.sa_group_stride = sa.stride(0);
+  p.out_group_stride = out.stride(0);
+  p.out_row_stride = out.stride(1);
+  p.m_max = static_cast<int32_t>(a.size(1));
+  p.masked_m = counts.data_ptr<int32_t>();
+  fill_grouped(p, sa, b, sb, out);
+  run_grouped(p, "_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked");
+}
+
+void m_grouped_contiguous(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
+                          const at::Tensor& out, const at::Tensor& m_indices) {
+  TORCH_CHECK(a.is_cuda(), "a: expected a CUDA tensor, got device ", a.device());
+  check_tma_operand(a, "a", 2, at::kFloat8_e4m3fn, a.device());
+  check_tma_operand(b, "b", 3, at::kFloat8_e4m3fn, a.device());
+  check_k(a, b);
+  check_sa(sa, a, /*tma=*/false);
+  check_sb(sb, b);
+  check_tma_operand(out, "out", 2, at::kBFloat16, a.device());
+  TORCH_CHECK(out.size(0) == a.size(0) && out.size(1) == b.size(1), "out: expected shape [", a.size(0), ", ",
+              b.size(1), "], got ", out.sizes());
+  check_group_ids(m_indices, "m_indices", a, a.size(0));
+  TORCH_CHECK(b.size(0) <= INT32_MAX, "b: too many groups");
+  if (a.size(0) == 0 || b.size(0) == 0 || b.size(1) == 0) return;
+  const c10::cuda::OptionalCUDAGuard guard(a.device());
+  const at::Tensor ids = m_indices.contiguous();
+
+  GroupedProblem p{};
+  p.a = a.data_ptr();
+  p.a_row_stride = a.stride(0);
+  p.out_row_stride = out.stride(0);
+  p.m_max = static_cast<int32_t>(a.size(0));
+  p.m_indices = ids.data_ptr<int32_t>();
+  fill_grouped(p, sa, b, sb, out);
+  run_grouped(p, "_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_contiguous");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dskernels, CUDA, m) {
+  m.impl("_sm90_gemm_fp8_fp8_bf16_nt", &gemm_fp8_fp8_bf16_nt);
+  m.impl("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked", &m_grouped_masked);
+  m.impl("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", &m_grouped_contiguous);
+}
+
+}  // namespace dskernels
+
+#endif  // DSKERNELS_WITH_CUDA

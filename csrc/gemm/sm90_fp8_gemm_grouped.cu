@@ -1,0 +1,105 @@
+// M-grouped FP8 block-scaled GEMMs on Hopper: the one instantiation of CUTLASS's ptr-array kernel
+// (fp8_gemm::grouped::Gemm), shared by the masked and the contiguous layouts. No torch headers;
+// the launcher is csrc/gemm/sm90_fp8_gemm.cpp.
+//
+// Per call, on the stream: (contiguous only) a memset and find_segments_kernel turn m_indices into
+// per-group row ranges; fill_grouped_args_kernel writes each group's shape, pointers, strides and
+// scale layouts into the workspace; the persistent grouped kernel reads them there. Nothing comes
+// back to the host, so both layouts can be captured in a CUDA graph.
+//
+// NDEBUG: see sm90_fp8_gemm_dense.cu (device asserts serialize the wgmma pipeline).
+#ifndef NDEBUG
+#define NDEBUG
+#endif
+
+#include <algorithm>
+
+#include "dskernels/sm90_fp8_gemm.h"
+#include "dskernels/sm90_fp8_gemm_grouped.cuh"
+
+namespace dskernels::fp8_gemm {
+namespace {
+
+// The workspace: the per-group arrays (each 16-byte aligned), then CUTLASS's own workspace.
+struct Carve {
+  size_t offsets[13] = {};
+  size_t args_bytes = 0;
+};
+
+Carve carve(int64_t groups) {
+  const size_t sizes[13] = {sizeof(grouped::Shape3), sizeof(void*), sizeof(void*), sizeof(void*), sizeof(void*),
+                            sizeof(void*), sizeof(grouped::StrideA), sizeof(grouped::StrideB),
+                            sizeof(grouped::StrideD), sizeof(LayoutSFA), sizeof(LayoutSFB), sizeof(int32_t),
+                            sizeof(int32_t)};
+  Carve c;
+  for (int i = 0; i < 13; ++i) {
+    c.offsets[i] = c.args_bytes;
+    c.args_bytes += (sizes[i] * groups + 15) / 16 * 16;
+  }
+  c.args_bytes = (c.args_bytes + 255) / 256 * 256;  // CUTLASS keeps TMA descriptors (64-byte aligned) after
+  return c;
+}
+
+GroupedArgs args_at(void* workspace, const Carve& c) {
+  char* base = static_cast<char*>(workspace);
+  GroupedArgs a;
+  a.shapes = reinterpret_cast<grouped::Shape3*>(base + c.offsets[0]);
+  a.ptr_a = reinterpret_cast<const ElementA**>(base + c.offsets[1]);
+  a.ptr_b = reinterpret_cast<const ElementB**>(base + c.offsets[2]);
+  a.ptr_sfa = reinterpret_cast<const float**>(base + c.offsets[3]);
+  a.ptr_sfb = reinterpret_cast<const float**>(base + c.offsets[4]);
+  a.ptr_d = reinterpret_cast<ElementD**>(base + c.offsets[5]);
+  a.stride_a = reinterpret_cast<grouped::StrideA*>(base + c.offsets[6]);
+  a.stride_b = reinterpret_cast<grouped::StrideB*>(base + c.offsets[7]);
+  a.stride_d = reinterpret_cast<grouped::StrideD*>(base + c.offsets[8]);
+  a.layout_sfa = reinterpret_cast<LayoutSFA*>(base + c.offsets[9]);
+  a.layout_sfb = reinterpret_cast<LayoutSFB*>(base + c.offsets[10]);
+  a.seg_start = reinterpret_cast<int32_t*>(base + c.offsets[11]);
+  a.seg_end = reinterpret_cast<int32_t*>(base + c.offsets[12]);
+  return a;
+}
+
+grouped::Gemm::Arguments grouped_arguments(const GroupedProblem& p, const GroupedArgs& a) {
+  cutlass::KernelHardwareInfo hw_info;
+  hw_info.device_id = p.device;
+  hw_info.sm_count = p.sm_count;
+  grouped::Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGrouped,
+      // No host problem shapes: one persistent CTA per SM, and the group tile scheduler reads the
+      // shapes from the device array (groups with 0 rows have no tiles and are skipped).
+      {p.groups, a.shapes, nullptr},
+      {a.ptr_a, a.stride_a, a.ptr_b, a.stride_b, a.ptr_sfa, a.layout_sfa, a.ptr_sfb, a.layout_sfb},
+      {{}, nullptr, nullptr, a.ptr_d, a.stride_d},
+      hw_info};
+  args.epilogue.thread.alpha = 1.f;
+  args.epilogue.thread.beta = 0.f;
+  return args;
+}
+
+}  // namespace
+
+size_t grouped_workspace_bytes(const GroupedProblem& p) {
+  const Carve c = carve(p.groups);
+  return c.args_bytes + grouped::Gemm::get_workspace_size(grouped_arguments(p, GroupedArgs{}));
+}
+
+const char* run_grouped(const GroupedProblem& p, void* workspace, cudaStream_t stream) {
+  const Carve c = carve(p.groups);
+  const GroupedArgs a = args_at(workspace, c);
+  if (p.masked_m == nullptr) {
+    // seg_start = 0x7f7f7f7f (past any row), seg_end = 0: a group with no rows stays empty.
+    cudaMemsetAsync(a.seg_start, 0x7f, sizeof(int32_t) * p.groups, stream);
+    cudaMemsetAsync(a.seg_end, 0, sizeof(int32_t) * p.groups, stream);
+    constexpr int kThreads = 256;
+    const int blocks = static_cast<int>(std::min<int64_t>((p.m_max + kThreads - 1) / kThreads, 4L * p.sm_count));
+    find_segments_kernel<<<std::max(blocks, 1), kThreads, 0, stream>>>(p.m_indices, p.m_max, p.groups, a.seg_start,
+                                                                      a.seg_end);
+  }
+  constexpr int kThreads = 128;
+  fill_grouped_args_kernel<<<(p.groups + kThreads - 1) / kThreads, kThreads, 0, stream>>>(p, a);
+  const cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess) return cudaGetErrorString(error);
+  return run_gemm<grouped::Gemm>(grouped_arguments(p, a), static_cast<char*>(workspace) + c.args_bytes, stream);
+}
+
+}  // namespace dskernels::fp8_gemm

@@ -1,0 +1,100 @@
+// FP8 block-scaled GEMMs on Hopper, built from CUTLASS's sm90 warp-specialized collectives
+// (device code and CUTLASS types only, no torch).
+//
+// out[m, n] (bf16) = sum over 128-wide K blocks kb of
+//     (a[m, kb] @ b[n, kb].T) * sa[m, kb] * sb[n / 128, kb]
+// a [m, k] e4m3 K-major, b [n, k] e4m3 K-major ("nt"), fp32 scales: 1x128 for a, 128x128 for b.
+//
+// Mainloop: CUTLASS's FP8 blockwise-scaling collective (DeepGEMM's promotion: each K block's
+// wgmma result lands in a fresh fp32 fragment that is scaled and added to the fp32 accumulator on
+// the CUDA cores, since Hopper's FP8 MMA accumulates with fewer bits than fp32). A producer warp
+// issues TMA loads for a and b into a multi-stage mbarrier pipeline; two consumer warp groups
+// (cooperative schedule) share each 128 x 128 tile. Epilogue: TMA store of bf16, no C operand.
+//
+// Scale layouts CUTLASS's sm90 collectives accept (both "MN-major"; see docs/gemm.md):
+//   sa: unit stride along m, any stride along the K blocks. The dense kernel loads it with TMA
+//       (128 scales per tile >= CUTLASS's threshold of 32), so its K-block stride and base address
+//       must be 16-byte aligned: DeepGEMM's column-major TMA-aligned layout. The grouped kernel
+//       loads it with cp.async (4 bytes each), so only the unit m stride is required there.
+//   sb: unit stride along the n blocks, any stride along the K blocks (cp.async).
+#pragma once
+
+#include <cstdint>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/detail/blockwise_scale_layout.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/dispatch_policy.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+
+namespace dskernels::fp8_gemm {
+
+using namespace cute;
+
+constexpr int kScaleBlock = 128;  // 1x128 activation scales, 128x128 weight scales
+
+using ElementA = cutlass::float_e4m3_t;
+using ElementB = cutlass::float_e4m3_t;
+using ElementD = cutlass::bfloat16_t;
+using ElementAccumulator = float;  // also the scale type: CUTLASS requires them to match
+using LayoutA = cutlass::layout::RowMajor;     // a [m, k], K-major
+using LayoutB = cutlass::layout::ColumnMajor;  // b [n, k], K-major ("nt")
+using LayoutD = cutlass::layout::RowMajor;     // out [m, n]
+constexpr int kAlignmentA = 16;  // elements: TMA needs 16-byte aligned rows
+constexpr int kAlignmentB = 16;
+constexpr int kAlignmentD = 8;
+
+using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, kScaleBlock, kScaleBlock,
+                                                              GMMA::Major::MN, GMMA::Major::MN>;
+using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
+using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
+
+// 128 x 128 x 128 tiles (one scale block in N and K per tile, so every tile reads one sb value per
+// K block), one CTA per cluster. Tuning (BLOCK_N not a power of two, 2-CTA multicast, pingpong
+// for small m) is issue 9's on-device work; each choice is a new instantiation file.
+using TileShape = Shape<_128, _128, _128>;
+using ClusterShape = Shape<_1, _1, _1>;
+
+// The scale layouts the collectives read, from explicit strides (in elements):
+//   SFA: rows scales along m (stride 1), kblocks along K (stride k_stride), l batches (l_stride).
+//   SFB: ceil(n / 128) scales along n (stride 1), kblocks along K (stride k_stride).
+// The logical shape is in elements of the operand ((1 x rows) x (128 x kblocks)), stride 0 inside
+// a scale block: that is how the collective maps an operand coordinate to its scale.
+CUTE_HOST_DEVICE LayoutSFA make_layout_sfa(int32_t rows, int32_t kblocks, int32_t k_stride,
+                                           int32_t l = 1, int32_t l_stride = 0) {
+  return LayoutSFA{make_shape(make_shape(Int<1>{}, rows), make_shape(Int<kScaleBlock>{}, kblocks), l),
+                   make_stride(make_stride(Int<0>{}, Int<1>{}), make_stride(Int<0>{}, k_stride), l_stride)};
+}
+
+CUTE_HOST_DEVICE LayoutSFB make_layout_sfb(int32_t n, int32_t kblocks, int32_t k_stride,
+                                           int32_t l = 1, int32_t l_stride = 0) {
+  const int32_t nblocks = (n + kScaleBlock - 1) / kScaleBlock;
+  return LayoutSFB{make_shape(make_shape(Int<kScaleBlock>{}, nblocks), make_shape(Int<kScaleBlock>{}, kblocks), l),
+                   make_stride(make_stride(Int<0>{}, Int<1>{}), make_stride(Int<0>{}, k_stride), l_stride)};
+}
+
+
+// Runs a CUTLASS GemmUniversalAdapter; nullptr on success, else CUTLASS's or CUDA's message.
+// can_implement: CUTLASS's own check, which also wants the contiguous extent of every TMA operand
+// to be a multiple of 16 bytes (m % 4 for sa, n % 8 for out). TMA itself only needs 16-byte
+// strides and base addresses (the launchers check those) and clips or zero-fills the rest, so the
+// dense launcher runs the check only where those extents are aligned.
+template <class Gemm>
+const char* run_gemm(const typename Gemm::Arguments& args, void* workspace, cudaStream_t stream,
+                     bool can_implement = true) {
+  Gemm gemm;
+  cutlass::Status status = can_implement ? gemm.can_implement(args) : cutlass::Status::kSuccess;
+  if (status != cutlass::Status::kSuccess) return cutlassGetStatusString(status);
+  status = gemm.initialize(args, workspace, stream);
+  if (status != cutlass::Status::kSuccess) return cutlassGetStatusString(status);
+  status = gemm.run(stream);
+  if (status != cutlass::Status::kSuccess) return cutlassGetStatusString(status);
+  const cudaError_t error = cudaGetLastError();
+  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+}
+
+}  // namespace dskernels::fp8_gemm

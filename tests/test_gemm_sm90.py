@@ -1,0 +1,267 @@
+"""The sm90 CUDA FP8 GEMMs (csrc/gemm/, issue 9): every variant under dskernels.backend("cuda")
+against python_ref.gemm with tests/test_gemm.py's bounds (GPU), plus the registration, the `auto`
+gate and the Python layer's layout conversions (CPU)."""
+
+import pytest
+import torch
+
+import dskernels
+from dskernels import _backend
+from dskernels.ops import gemm as gemm_ops
+from test_gemm import (FP8_NAN, assert_close_to_bf16_product, assert_close_to_oracle, contiguous_layout,
+                       empty_out, grouped_weights, poison_rows, quantized_pair)
+
+RAW_OPS = {
+    "_sm90_gemm_fp8_fp8_bf16_nt": "Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out",
+    "_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_contiguous": "Tensor(a!) out, Tensor m_indices",
+    "_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked": "Tensor(a!) out, Tensor masked_m, int expected_m",
+}
+PUBLIC_OPS = ["gemm_fp8_fp8_bf16_nt", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
+              "m_grouped_gemm_fp8_fp8_bf16_nt_masked"]
+
+
+# ---- CPU: registration, gate, layouts ----
+
+@pytest.mark.parametrize("name", sorted(RAW_OPS))
+def test_raw_op_schema(name):
+    schema = str(getattr(torch.ops.dskernels, name).default._schema)
+    assert schema.startswith(f"dskernels::{name}(") and schema.endswith("-> ()"), schema
+    assert RAW_OPS[name] in schema, schema
+
+
+@pytest.mark.parametrize("op", PUBLIC_OPS)
+def test_auto_does_not_pick_the_unverified_cuda_kernels(op, monkeypatch):
+    """On a Hopper GPU with the kernels built, `auto` stays on Triton until _CUDA_GEMM_VERIFIED
+    flips; a forced "cuda" runs them (that is how the GPU tests below reach them)."""
+    monkeypatch.setattr(_backend, "cuda_kernels_built", lambda: True)
+    monkeypatch.setattr(_backend, "is_hopper", lambda device: True)
+    monkeypatch.setattr(_backend, "triton_installed", lambda: True)
+    hopper = torch.device("cuda", 0)
+    with dskernels.backend("auto"):
+        assert gemm_ops._backend(op, hopper) == ("cuda" if gemm_ops._CUDA_GEMM_VERIFIED else "triton")
+    with dskernels.backend("cuda"):
+        assert gemm_ops._backend(op, hopper) == "cuda"
+    monkeypatch.setattr(gemm_ops, "_CUDA_GEMM_VERIFIED", False)
+    with dskernels.backend("auto"):
+        assert gemm_ops._backend(op, hopper) == "triton"
+
+
+def test_cuda_layout_conversions():
+    """What the Python layer hands the kernels: column-major TMA-aligned sa, sb with unit stride
+    along the n blocks, a padded out buffer where out's rows are not 16-byte aligned."""
+    sa = torch.randn(130, 3)
+    col = gemm_ops._cuda_sa(sa)
+    assert col.stride() == (1, 132) and torch.equal(col, sa)
+    assert gemm_ops._cuda_sa(col) is col
+    sa3 = torch.randn(2, 5, 2)
+    assert gemm_ops._cuda_sa(sa3).stride() == (16, 1, 8)
+
+    sb = torch.randn(3, 4)
+    t = gemm_ops._cuda_sb(sb)
+    assert t.stride() == (1, 3) and torch.equal(t, sb)
+    assert gemm_ops._cuda_sb(t) is t
+    one_block = torch.randn(1, 4)
+    assert gemm_ops._cuda_sb(one_block) is one_block
+    sb3 = torch.randn(2, 3, 4)
+    assert gemm_ops._cuda_sb(sb3).stride()[1:] == (1, 3)
+
+    out = torch.empty(5, 16, dtype=torch.bfloat16)
+    assert gemm_ops._cuda_out(out) == (out, False)
+    odd = torch.empty(5, 129, dtype=torch.bfloat16)
+    target, copy_back = gemm_ops._cuda_out(odd)
+    assert copy_back and target.shape == (5, 129) and target.stride() == (136, 1)
+    odd3 = torch.empty(2, 3, 13, dtype=torch.bfloat16)
+    target3, copy_back3 = gemm_ops._cuda_out(odd3)
+    assert copy_back3 and target3.stride() == (48, 16, 1)
+
+    a = torch.empty(4, 384, dtype=torch.uint8)[:, 8:264]  # rows 8 bytes off 16-byte alignment
+    assert not gemm_ops._tma_ready(a)
+    assert gemm_ops._cuda_operand(a).is_contiguous()
+
+
+# ---- GPU: every variant on the cuda backend ----
+
+@pytest.fixture
+def cuda_backend():
+    if "cuda" not in dskernels.available_backends():
+        pytest.skip(f"the sm90 CUDA kernels are not available here ({dskernels.available_backends()})")
+    with dskernels.backend("cuda"):
+        yield "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale_layout", ["row", "tma"])
+@pytest.mark.parametrize("m,n,k", [(1, 200, 256), (7, 129, 256), (130, 200, 256), (130, 64, 128),
+                                   (256, 384, 1024), (61, 123, 512)])
+def test_dense(cuda_backend, m, n, k, scale_layout):
+    x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout=scale_layout)
+    w, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout=scale_layout)
+    out = empty_out(m, n, device="cuda")
+    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+    assert_close_to_oracle(out, a, sa, b, sb)
+    assert_close_to_bf16_product([(out, x, w)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (128, 24576, 1536), (4096, 7168, 2048), (129, 4096, 7168)])
+def test_dense_deepgemm_shapes(cuda_backend, m, n, k):
+    x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
+    w, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
+    out = empty_out(m, n, device="cuda")
+    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+    assert_close_to_oracle(out, a, sa, b, sb)
+    assert_close_to_bf16_product([(out, x, w)])
+
+
+@pytest.mark.gpu
+def test_dense_strided_views_and_poisoned_padding(cuda_backend):
+    """a, b as column slices of NaN-padded buffers; out a slice of a NaN buffer with an odd,
+    unaligned row stride (the padded-buffer fallback): nothing outside the views is read or written."""
+    m, n, k = 33, 150, 256
+    x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="row")
+    w, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
+    a_wide = torch.full((m, k + 128), FP8_NAN, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    a_wide[:, 64:64 + k] = a
+    b_wide = torch.full((n, k + 128), FP8_NAN, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    b_wide[:, :k] = b
+    out_wide = empty_out(m, n + 11, device="cuda")
+    dskernels.gemm_fp8_fp8_bf16_nt((a_wide[:, 64:64 + k], sa), (b_wide[:, :k], sb), out_wide[:, 5:5 + n])
+    assert_close_to_oracle(out_wide[:, 5:5 + n], a, sa, b, sb)
+    assert out_wide[:, :5].isnan().all() and out_wide[:, 5 + n:].isnan().all()
+
+
+@pytest.mark.gpu
+def test_dense_raw_op_rejects_bad_layouts(cuda_backend):
+    """The raw op's own checks (for callers that skip the Python layer) name the tensor."""
+    m, n, k = 8, 64, 256
+    _, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="row")
+    _, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
+    out = empty_out(m, n, device="cuda")
+    raw = torch.ops.dskernels._sm90_gemm_fp8_fp8_bf16_nt
+    with pytest.raises(RuntimeError, match="sa: expected unit stride along the rows"):
+        raw(a, sa, b, sb, out)
+    sa_col = dskernels.get_col_major_tma_aligned_tensor(sa)
+    with pytest.raises(RuntimeError, match="out: TMA needs 16-byte aligned strides"):
+        raw(a, sa_col, b, sb, empty_out(m, n + 3, device="cuda")[:, :n])
+    raw(a, sa_col, b, sb, out)
+    assert_close_to_oracle(out, a, sa, b, sb)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale_layout", ["row", "tma"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned128", "unaligned"])
+@pytest.mark.parametrize("n", [144, 129])
+def test_contiguous(cuda_backend, aligned, scale_layout, n):
+    sizes = [7, 0, 130, 1]  # group 1 is empty; group 3 has one row
+    m_indices, ranges = contiguous_layout(sizes, aligned, "cuda")
+    total = m_indices.numel()
+    x, a, sa = quantized_pair(total, 256, "cuda", per_block=False, scale_layout="row")
+    poison_rows(a, sa, m_indices == -1)
+    if scale_layout == "tma":
+        sa = dskernels.get_col_major_tma_aligned_tensor(sa)
+    w, b, sb = grouped_weights(len(sizes), n, 256, "cuda", scale_layout)
+    out = empty_out(total, n, device="cuda")
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)
+    pairs = []
+    for g, (lo, hi) in ranges.items():
+        if hi > lo:
+            assert_close_to_oracle(out[lo:hi], a[lo:hi], sa[lo:hi], b[g], sb[g])
+            pairs.append((out[lo:hi], x[lo:hi], w[g]))
+    assert_close_to_bf16_product(pairs)
+
+
+@pytest.mark.gpu
+def test_contiguous_deepgemm_shape(cuda_backend):
+    groups, m_per_group, n, k = 4, 1024, 4096, 7168
+    m_indices = torch.arange(groups, dtype=torch.int32, device="cuda").repeat_interleave(m_per_group)
+    x, a, sa = quantized_pair(groups * m_per_group, k, "cuda", per_block=False, scale_layout="tma")
+    w, b, sb = grouped_weights(groups, n, k, "cuda", "row")
+    out = empty_out(groups * m_per_group, n, device="cuda")
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)
+    for g in range(groups):
+        rows = slice(g * m_per_group, (g + 1) * m_per_group)
+        assert_close_to_oracle(out[rows], a[rows], sa[rows], b[g], sb[g])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale_layout", ["row", "tma"])
+@pytest.mark.parametrize("n", [136, 129])
+def test_masked(cuda_backend, scale_layout, n):
+    masked = [7, 0, 130, 1]  # an empty group, a full one (m_max), one row
+    groups, m_max, k = len(masked), 130, 256
+    x, a, sa = quantized_pair(groups * m_max, k, "cuda", per_block=False, scale_layout="row")
+    x, a, sa = x.view(groups, m_max, k), a.view(groups, m_max, k), sa.view(groups, m_max, k // 128)
+    for g, rows in enumerate(masked):
+        poison_rows(a[g], sa[g], slice(rows, None))
+    if scale_layout == "tma":
+        sa = dskernels.get_col_major_tma_aligned_tensor(sa)
+    w, b, sb = grouped_weights(groups, n, k, "cuda", scale_layout)
+    out = empty_out(groups, m_max, n, device="cuda")
+    masked_m = torch.tensor(masked, dtype=torch.int32, device="cuda")
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 32)
+    pairs = []
+    for g, rows in enumerate(masked):
+        if rows:
+            assert_close_to_oracle(out[g, :rows], a[g, :rows], sa[g, :rows], b[g], sb[g])
+            pairs.append((out[g, :rows], x[g, :rows], w[g]))
+    assert_close_to_bf16_product(pairs)
+
+
+@pytest.mark.gpu
+def test_masked_counts_beyond_m_max_are_clamped(cuda_backend):
+    groups, m_max, n, k = 2, 20, 64, 128
+    _, a, sa = quantized_pair(groups * m_max, k, "cuda", per_block=False, scale_layout="row")
+    a, sa = a.view(groups, m_max, k), sa.view(groups, m_max, 1)
+    _, b, sb = grouped_weights(groups, n, k, "cuda", "row")
+    out = empty_out(groups, m_max, n, device="cuda")
+    masked_m = torch.tensor([1000, -5], dtype=torch.int32, device="cuda")
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 20)
+    assert_close_to_oracle(out[0], a[0], sa[0], b[0], sb[0])
+
+
+@pytest.mark.gpu
+def test_masked_cuda_graph_replay_with_new_counts(cuda_backend):
+    """No host sync: masked_m is read on the device, so a captured call replays with new counts."""
+    groups, m_max, n, k = 4, 64, 256, 512
+    _, a, sa = quantized_pair(groups * m_max, k, "cuda", per_block=False, scale_layout="row")
+    a, sa = a.view(groups, m_max, k), sa.view(groups, m_max, k // 128)
+    sa = dskernels.get_col_major_tma_aligned_tensor(sa)  # no conversion copy inside the graph
+    _, b, sb = grouped_weights(groups, n, k, "cuda", "row")
+    sb = gemm_ops._cuda_sb(sb)
+    out = torch.zeros(groups, m_max, n, dtype=torch.bfloat16, device="cuda")
+    masked_m = torch.tensor([5, 0, 64, 17], dtype=torch.int32, device="cuda")
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 32)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 32)
+    for counts in ([5, 0, 64, 17], [64, 3, 0, 1]):
+        masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        for g, rows in enumerate(counts):
+            if rows:
+                assert_close_to_oracle(out[g, :rows], a[g, :rows], sa[g, :rows], b[g], sb[g])
+
+
+@pytest.mark.gpu
+def test_contiguous_cuda_graph_replay_with_new_indices(cuda_backend):
+    n, k = 128, 256
+    sizes = [40, 0, 90]
+    m_indices, _ = contiguous_layout(sizes, True, "cuda")
+    _, a, sa = quantized_pair(m_indices.numel(), k, "cuda", per_block=False, scale_layout="tma")
+    _, b, sb = grouped_weights(len(sizes), n, k, "cuda", "row")
+    sb = gemm_ops._cuda_sb(sb)
+    out = empty_out(m_indices.numel(), n, device="cuda")
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)
+    new_indices, ranges = contiguous_layout([100, 30, 0], True, "cuda")
+    assert new_indices.numel() == m_indices.numel()
+    m_indices.copy_(new_indices)
+    graph.replay()
+    for g, (lo, hi) in ranges.items():
+        if hi > lo:
+            assert_close_to_oracle(out[lo:hi], a[lo:hi], sa[lo:hi], b[g], sb[g])
