@@ -121,7 +121,8 @@ void gemm_fp8_fp8_bf16_nt(const at::Tensor& a, const at::Tensor& sa, const at::T
   p.a = a.data_ptr();
   p.a_row_stride = a.stride(0);
   p.sa = sa.data_ptr<float>();
-  p.sa_k_stride = static_cast<int32_t>(sa.stride(1));
+  // With one K block the stride is never stepped: give TMA a 16-byte multiple whatever it is.
+  p.sa_k_stride = static_cast<int32_t>(sa.size(1) <= 1 ? (a.size(0) + 3) / 4 * 4 : sa.stride(1));
   p.b = b.data_ptr();
   p.b_row_stride = b.stride(0);
   p.sb = sb.data_ptr<float>();
