@@ -87,8 +87,13 @@ def available_backends() -> list[str]:
     return found
 
 
-def select_backend(op: str, device: torch.device, *, has_cuda: bool, has_triton: bool) -> str:
-    """The backend that runs `op` on tensors of `device`; raises if the forced one cannot."""
+def select_backend(op: str, device: torch.device, *, has_cuda: bool, has_triton: bool,
+                   cuda_verified: bool = True) -> str:
+    """The backend that runs `op` on tensors of `device`; raises if the forced one cannot.
+
+    cuda_verified=False keeps `auto` off a CUDA kernel that has been compiled but not yet checked
+    on a GPU; forcing the "cuda" backend still runs it (that is how the device tests reach it).
+    """
     asked = current_backend()
     if asked == "ref" or device.type not in ("cpu", "cuda"):
         return "ref"
@@ -117,7 +122,7 @@ def select_backend(op: str, device: torch.device, *, has_cuda: bool, has_triton:
             raise RuntimeError(f"{op}: the CUDA kernels need a Hopper (sm_90) GPU, got "
                                f"{torch.cuda.get_device_name(device)}")
         return "cuda"
-    if cuda_ready:
+    if cuda_ready and cuda_verified:
         return "cuda"
     if has_triton and triton_installed():
         return "triton"

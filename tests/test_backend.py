@@ -138,3 +138,14 @@ def test_run_distributed_times_out_instead_of_hanging():
     with pytest.raises(TimeoutError, match=r"ranks \[.*1\] of 2 still running after 10 s"):
         run_distributed(_hanging_body, 2, timeout_s=10)
     assert time.monotonic() - begin < 60
+
+
+@pytest.mark.gpu
+def test_unverified_cuda_kernels_are_not_auto():
+    """A CUDA kernel not yet checked on a GPU runs only when forced (never picked by auto)."""
+    device = torch.device("cuda")
+    if not (torch.cuda.is_available() and _backend.cuda_kernels_built() and _backend.is_hopper(device)):
+        pytest.skip("needs a Hopper GPU and the CUDA build to tell cuda from triton")
+    assert _backend.select_backend("op", device, has_cuda=True, has_triton=True, cuda_verified=False) == "triton"
+    with dskernels.backend("cuda"):
+        assert _backend.select_backend("op", device, has_cuda=True, has_triton=True, cuda_verified=False) == "cuda"

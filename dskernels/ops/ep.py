@@ -47,8 +47,10 @@ def _check_layout_args(topk_idx, num_experts, num_ranks) -> None:
 def _ep_get_dispatch_layout(topk_idx, num_experts, num_ranks):
     _check_layout_args(topk_idx, num_experts, num_ranks)
     device = topk_idx.device
+    # The sm90 layout kernel compiles but has not run on a GPU yet: `auto` stays on Triton until a
+    # device session checks it (tests/test_ep_layout.py under the cuda backend).
     backend = select_backend("ep_get_dispatch_layout", device, has_cuda=_has_cuda_layout_kernel(),
-                             has_triton=True)
+                             has_triton=True, cuda_verified=False)
     if device.type == "cpu" and topk_idx.numel():
         low, high = int(topk_idx.min()), int(topk_idx.max())
         if low < -1 or high >= num_experts:

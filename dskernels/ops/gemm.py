@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dskernels._backend import current_backend, select_backend
+from dskernels._backend import select_backend
 from dskernels._checks import check_multiple, check_tensor
 from python_ref import gemm as ref
 
@@ -207,8 +207,7 @@ _CUDA_GEMM_VERIFIED = False
 
 
 def _backend(op: str, device: torch.device) -> str:
-    has_cuda = _CUDA_GEMM_VERIFIED or current_backend() == "cuda"
-    return select_backend(op, device, has_cuda=has_cuda, has_triton=True)
+    return select_backend(op, device, has_cuda=True, has_triton=True, cuda_verified=_CUDA_GEMM_VERIFIED)
 
 
 # ---- the sm90 CUDA kernels' operand layouts (docs/gemm.md, "The sm90 CUDA path") ----
