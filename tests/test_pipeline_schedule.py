@@ -150,8 +150,8 @@ def test_dualpipev_parses_with_torch_action():
 @pytest.mark.parametrize("P", [2, 4, 6, 8, 16])
 @pytest.mark.parametrize("F,B,W,FB", [(1, 2, 1, 3), (1, 2, 1, 2.5), (1, 2, 1, 2), (1.5, 3, 1.5, 4), (1, 2, 1, None)])
 def test_dualpipe_bubble_formula(P, F, B, W, FB):
-    # DualPipe README: bubble (PP/2-1)(F&B + B - 3W); activations PP+1. Exact in the simulator
-    # for W = F = B/2 and any overlap F&B <= F+B (other ratios: docs/pipeline.md).
+    # DualPipe README: bubble (PP/2-1)(F&B + B - 3W); activations PP+1. These are the README's unit
+    # costs (F = B - W = W); the exact region is checked below (docs/pipeline.md).
     for N in (2 * P, 3 * P, 4 * P + 2):
         if N % 2:
             continue
@@ -160,6 +160,59 @@ def test_dualpipe_bubble_formula(P, F, B, W, FB):
         assert max(r.idle) == pytest.approx((P / 2 - 1) * (fb + B - 3 * W)), (P, N)
         assert max(r.peak_activations) == P + 1
         assert all(b + i == pytest.approx(r.makespan) for b, i in zip(r.busy, r.idle))
+
+
+def _dualpipe_gap(order, F, W, FB):
+    """Simulated bubble minus (PP/2-1)(F&B + B - 3W) at B = F + W (input-gradient part = F)."""
+    B = F + W
+    P = len(order)
+    return S.simulate(order, F=F, B=B, W=W, FB=FB).bubble - (P / 2 - 1) * (FB + B - 3 * W)
+
+
+@pytest.mark.parametrize("P", [2, 4, 6, 8, 10, 16])
+def test_dualpipe_bubble_formula_exact_region(P):
+    # The formula holds exactly on the whole region  B - W = F,  0 <= W <= F,  B <= F&B <= F + B.
+    # Proof per (P, N): with comm = 0 every event time is a max over dependency chains of sums of
+    # costs (max-plus), so the bubble max_r(makespan - busy_r) is a convex function of the costs,
+    # positively homogeneous; the formula is linear. At fixed F the region is the parallelogram
+    # (W, F&B) in {(0, F), (0, 2F), (F, 2F), (F, 3F)}: a convex function <= 0 at its corners and
+    # == 0 at its centre (F/2, 2F) is == 0 on all of it.
+    for N in sorted({2 * P, 2 * P + 2, 3 * P + (3 * P) % 2, 4 * P + 6}):
+        order = S.dualpipe(P, N)
+        for F in (1.0, 2.5):
+            corners = [(0.0, F), (0.0, 2 * F), (F, 2 * F), (F, 3 * F)]
+            for W, FB in corners + [(F / 2, 2 * F)] + [(0.25 * F, 1.5 * F), (0.75 * F, 2.5 * F)]:
+                assert _dualpipe_gap(order, F, W, FB) == pytest.approx(0.0, abs=1e-9), (P, N, F, W, FB)
+
+
+def test_dualpipe_bubble_formula_needs_input_grad_equal_to_forward():
+    # W = F alone is not enough: the formula writes the input-gradient time B - W where the chain
+    # it counts has F (docs/pipeline.md), so it is exact only when B - W = F. P = 8, N = 32
+    # (docs/pipeline.md's table): (F, B, W, F&B) -> simulated bubble, formula.
+    order = S.dualpipe(8, 32)
+    for (F, B, W, FB), sim, formula in [((1, 3, 1, 3), 8, 9), ((1.5, 3.5, 1.5, 4), 7.5, 9),
+                                        ((2, 3, 2, 5), 12, 6), ((1, 1.5, 1, 2.5), 6, 3),
+                                        ((1, 3, 1, 4), 11, 12)]:
+        r = S.simulate(order, F=F, B=B, W=W, FB=FB)
+        assert r.bubble == pytest.approx(sim) and 3 * (FB + B - 3 * W) == pytest.approx(formula)
+    # ... and outside W <= F or B <= F&B <= F + B it fails even with B - W = F.
+    assert _dualpipe_gap(order, F=1.0, W=1.5, FB=3.0) != pytest.approx(0.0)
+    assert _dualpipe_gap(order, F=1.0, W=0.5, FB=1.25) != pytest.approx(0.0)
+    assert _dualpipe_gap(order, F=1.0, W=0.5, FB=3.0) != pytest.approx(0.0)
+
+
+def test_dualpipe_bubble_chain_lower_bound():
+    # For any costs, the bubble is at least (PP/2-1)(F + F&B - 2W), which is the published formula
+    # when B - W = F (the middle rank's wait for chunk 0, its cooldown waits and the step's tail).
+    import random
+    rng = random.Random(0)
+    for _ in range(60):
+        P = rng.choice([2, 4, 6, 8, 12])
+        N = 2 * P + 2 * rng.randrange(4)
+        F, B = rng.uniform(0.1, 3), rng.uniform(0.1, 4)
+        W, FB = rng.uniform(0, B), rng.uniform(0, F + B + 2)
+        r = S.simulate(S.dualpipe(P, N), F=F, B=B, W=W, FB=FB)
+        assert r.bubble >= (P / 2 - 1) * (F + FB - 2 * W) - 1e-9, (P, N, F, B, W, FB)
 
 
 @pytest.mark.parametrize("P", [1, 2, 3, 4, 8, 16])
