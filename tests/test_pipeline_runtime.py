@@ -5,10 +5,11 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dskernels.pipeline import DualPipe, DualPipeV, Linear, WeightGradStore
-from dskernels.pipeline import set_p2p_tensor_dtype, set_p2p_tensor_shapes
+from dskernels.pipeline import schedule, set_p2p_tensor_dtype, set_p2p_tensor_shapes
 from dskernels.testing import run_distributed
 
 D = 6
@@ -178,44 +179,75 @@ def check_tuple_dualpipev(rank, P, num_chunks, seed):
     assert_grads(pipe.module[1], ref[2 * P - 1 - rank])
 
 
-def check_repeated_steps(rank, P, num_chunks, seed):
+def check_repeated_steps(rank, P, num_chunks, seed, runtime=DualPipeV, block_cls=Block):
     """Later steps reuse the message layouts of the first (one flat message each); a changed
     batch size falls back to a header. Every step must still match the reference."""
     torch.manual_seed(seed)
-    blocks = [Block() for _ in range(2 * P)]
-    pipe = DualPipeV((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[2 * P - 1 - rank])))
-    for rows in (num_chunks * 2, num_chunks * 2, num_chunks * 3 + 1, num_chunks * 3 + 1):
+    dual = runtime is DualPipe
+    S = P if dual else 2 * P
+    blocks = [block_cls() for _ in range(S)]
+    pipe = runtime((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[S - 1 - rank])))
+    half = num_chunks // 2
+    for rows in (num_chunks * 2, num_chunks * 2, num_chunks * 3 + 2, num_chunks * 3 + 2):
         x = torch.randn(rows, D, dtype=torch.float64)
         labels = torch.randn(rows, D, dtype=torch.float64)
         ref = copy.deepcopy(blocks)
         loss_ref, _ = reference(ref, x, labels, num_chunks)
         pipe.zero_grad(set_to_none=True)
-        if rank == 0:
+        if dual and rank in (0, P - 1):  # rank 0 feeds the first half, rank P-1 the second
+            cut = [sum(c.shape[0] for c in x.tensor_split(num_chunks)[:half])]
+            xs, ls = x.tensor_split(cut), labels.tensor_split(cut)
+            mine, theirs = (0, 1) if rank == 0 else (1, 0)
+            loss, _ = pipe.step(xs[mine], num_chunks=num_chunks, criterion=criterion, labels=[ls[theirs]])
+            torch.testing.assert_close(loss, loss_ref[half:] if rank == 0 else loss_ref[:half],
+                                       rtol=1e-12, atol=1e-14)
+        elif not dual and rank == 0:
             loss, _ = pipe.step(x, num_chunks=num_chunks, criterion=criterion, labels=[labels])
             torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-14)
         else:
             pipe.step(num_chunks=num_chunks)
+        if dual:
+            pipe.sync_mirrored_grads()
         assert_grads(pipe.module[0], ref[rank])
-        assert_grads(pipe.module[1], ref[2 * P - 1 - rank])
+        assert_grads(pipe.module[1], ref[S - 1 - rank])
     # steps 2 and 4 took the one-message path, step 3 saw the layout change
     assert pipe.fast_messages > 0 and pipe.layout_changes > 0
 
 
+def _strip_tags(counter):
+    """dist.batch_isend_irecv with every tag forced to 0: gloo then matches sends and receives
+    between two ranks by issue order alone, as NCCL does, so an order mismatch between the two
+    sides shows (a size error, a hang, or wrong data) instead of being hidden by tags."""
+    original = dist.batch_isend_irecv
+
+    def batch_isend_irecv(ops):
+        for op in ops:
+            op.tag = 0
+        counter[0] += len(ops)
+        return original(ops)
+
+    return batch_isend_irecv
+
+
 def _body(rank, world_size):
     torch.set_num_threads(1)
+    counter = [0]
+    dist.batch_isend_irecv = _strip_tags(counter)  # this spawned process only
+    _checks(rank, world_size)
+    assert counter[0] > 0  # the runtimes' P2P went through the tag-free wrapper
+
+
+def _checks(rank, world_size):
     set_p2p_tensor_shapes([(1, D)])   # compatibility no-ops
     set_p2p_tensor_dtype(torch.float64)
     P = world_size
     check_dualpipev(rank, P, 2 * P + 3, HookBlock, seed=2)
     assert HookBlock.calls > 0
     check_dualpipe(rank, P, 2 * P, Block, seed=3)
+    check_repeated_steps(rank, P, 2 * P, seed=8, runtime=DualPipe, block_cls=HookBlock)
     if P == 2:  # the other block kind and chunk counts, a rank mapping, the NCCL path; bad chunk counts
         check_dualpipev(rank, P, 2 * P, Block, seed=1, rank_mapping=[1, 0])
-        DualPipeV._FORCE_SIDE_GROUP = True  # P2P through a side gloo group, staged via the host
-        try:
-            check_dualpipev(rank, P, 2 * P + 1, Block, seed=5)
-        finally:
-            DualPipeV._FORCE_SIDE_GROUP = False
+        check_dualpipev(rank, P, 2 * P + 1, Block, seed=5)
         check_dualpipe(rank, P, 2 * P + 4, HookBlock, seed=4)
         check_tuple_dualpipev(rank, P, 2 * P + 1, seed=6)
         check_repeated_steps(rank, P, 2 * P, seed=7)
@@ -232,6 +264,54 @@ def _body(rank, world_size):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_runtimes_match_unpipelined(world_size):
     run_distributed(_body, world_size, timeout_s=170)
+
+
+def _plans(cls, P, N, forward_only=False):
+    """Every rank's program (_plan) without a process group."""
+    order = schedule.generate(cls._KIND, P, N)
+    if forward_only:
+        order = [[f"{s}F{m}" for a in acts for s, k, m in schedule.parse_action(a) if k == "F"]
+                 for acts in order]
+    plans = []
+    for rank in range(P):
+        pipe = cls.__new__(cls)
+        nn.Module.__init__(pipe)
+        pipe.num_ranks, pipe.rank = P, rank
+        pipe._neighbours = schedule._neighbours(pipe._chains())
+        plans.append(pipe._plan(order))
+    return pipe, plans
+
+
+@pytest.mark.parametrize("cls", [DualPipeV, DualPipe])
+def test_exchange_plan_pairs_up(cls):
+    """The NCCL-safety of the P2P, checked on the plans of all ranks: every exchange a rank posts
+    has the mirror exchange on each peer it talks to, at the same boundary, with the same
+    messages in the same order (so matching by issue order per pair is right and no batch waits
+    for one posted later), and every message arrives before the action that needs it."""
+    for P in (2, 4, 6, 8):
+        for N in range(2 * P, 4 * P + 3):
+            if cls is DualPipe and N % 2:
+                continue
+            for forward_only in (False, True):
+                pipe, plans = _plans(cls, P, N, forward_only)
+                exchanges = {}
+                for rank, plan in enumerate(plans):
+                    boundaries = [e[3] for e in plan if e[0] == "x"]
+                    assert boundaries == sorted(set(boundaries))
+                    exchanges.update({(rank, e[3]): (e[1], e[2]) for e in plan if e[0] == "x"})
+                    arrived = set()
+                    for e in plan:
+                        if e[0] == "x":
+                            arrived |= {k for _, k in e[2]}
+                        else:
+                            for _, k in pipe._messages(e[1], rank)[1]:
+                                arrived.remove(k)  # KeyError: needed before it arrives
+                    assert not arrived
+                for (rank, t), (sends, recvs) in exchanges.items():
+                    for peer in {p for p, _ in sends + recvs}:
+                        p_sends, p_recvs = exchanges[(peer, t)]
+                        assert [k for d, k in sends if d == peer] == [k for s, k in p_recvs if s == rank]
+                        assert [k for s, k in recvs if s == peer] == [k for d, k in p_sends if d == rank]
 
 
 class DualPipeStyleLinearFn(torch.autograd.Function):

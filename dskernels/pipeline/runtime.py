@@ -7,9 +7,10 @@ Same constructor and `step` contract as deepseek-ai/DualPipe, but:
   tensor being sent or of the module's first parameter;
 - no global state: shapes and dtypes travel with the data (a small int64 header before each
   message), the weight-gradient store is per instance;
-- P2P with `torch.distributed.batch_isend_irecv`, each message under a tag unique to its (kind,
-  stage, chunk, tensor), so sends never wait and a receive blocks only when its action needs the
-  data (deadlock-free whenever `schedule.validate` accepts the order).
+- P2P with `torch.distributed.batch_isend_irecv` and no tags, in an exchange plan derived from
+  the schedule (`_plan`): each message is sent and received at the same slot boundary on both
+  ranks, in the same order, so matching in issue order per pair (NCCL, which ignores tags) is
+  correct and no batch waits for one posted later; the same code runs on every backend.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.in
 _HEADER = 64          # int64 words per header
 _MAX_DIMS = 6
 _MAX_TENSORS = (_HEADER - 1) // (2 + _MAX_DIMS)
-_TAG_SLOTS = _MAX_TENSORS + 1
 
 
 def _scatter(inputs, num_chunks, dim):
@@ -120,8 +120,6 @@ def _unpack(meta, buf):
 
 class _Runtime(nn.Module):
     _KIND = ""  # "dualpipe" or "dualpipev"
-    _WINDOW = 4  # flat receives posted ahead of need
-    _FORCE_SIDE_GROUP = False  # tests: use the gloo side group (the NCCL path) on gloo too
 
     def __init__(self, modules: tuple[nn.Module, nn.Module], batch_dim: int = 0,
                  process_group: dist.ProcessGroup | None = None, rank_mapping: list[int] | None = None):
@@ -142,15 +140,6 @@ class _Runtime(nn.Module):
         self.weight_grad_store = WeightGradStore()
         self.fast_messages = 0   # messages received in one flat P2P (layout known from a past step)
         self.layout_changes = 0  # messages whose layout differed from the cached one
-        # Messages are matched by tag. NCCL ignores tags (it matches P2P in issue order per peer,
-        # and our per-peer send and receive orders differ), so there the P2P goes through a
-        # gloo group over the same ranks, staged through host memory: correct, not fast.
-        self._p2p_group = self.group
-        self._p2p_device = None  # None: the tensors' own device
-        if self._FORCE_SIDE_GROUP or dist.get_backend(self.group) not in ("gloo", "mpi"):
-            ranks = [dist.get_global_rank(self.group, i) for i in range(self.num_ranks)]
-            self._p2p_group = dist.new_group(ranks=ranks, backend="gloo")
-            self._p2p_device = torch.device("cpu")
         P = self.num_ranks
         self.local_stages = {self.rank: 0, 2 * P - 1 - self.rank: 1}  # stage -> index in self.module
 
@@ -177,29 +166,93 @@ class _Runtime(nn.Module):
         return torch.device("cpu")
 
     # -- P2P --
-    def _tag(self, kind: int, stage: int, mb: int, slot: int) -> int:
-        return ((kind * 2 * self.num_ranks + stage) * self._num_chunks + mb) * _TAG_SLOTS + slot
+    # Communication plan (NCCL-safe, no tags): the schedule is laid out on a global clock, one
+    # action per rank per slot, each as early as its inputs allow. A message produced in slot t
+    # is exchanged at boundary t+1, before slot t+1, by both its sender and its receiver. At a
+    # boundary each rank posts one batch per phase: phase 0 carries each message's flat buffer
+    # (layout cached from an earlier step) or its header (no layout yet); a header is followed
+    # by its tensors in the next phase, a flat buffer flagged "layout changed" by a header and
+    # the tensors in the next two. Within a batch, messages go in (peer, kind, stage, chunk)
+    # order on both sides. So every batch a rank posts to a peer has exactly the matching batch
+    # on the peer, posted at the same (boundary, phase), in the same op order: sends and receives
+    # match by issue order per pair (NCCL ignores tags), and since all ranks post their batches
+    # in the same (boundary, phase) order, a batch never waits on one posted later (no deadlock
+    # on a backend whose P2P runs in issue order on one stream).
+    def _messages(self, action: str, rank: int):
+        """(sends [(dst rank, key)], needs [(src rank, key)]) of one action on `rank`, remote only."""
+        prev, nxt = self._neighbours
+        sends, needs = [], []
+        for stage, kind, mb in _schedule.parse_action(action):
+            if kind == "F":
+                if stage in nxt:
+                    sends.append((self._stage_rank(nxt[stage]), (0, stage, mb)))
+                if stage in prev:
+                    needs.append((self._stage_rank(prev[stage]), (0, prev[stage], mb)))
+            elif kind in "BI":
+                if stage in prev:
+                    sends.append((self._stage_rank(prev[stage]), (1, stage, mb)))
+                if stage in nxt:
+                    needs.append((self._stage_rank(nxt[stage]), (1, nxt[stage], mb)))
+        return ([(d, k) for d, k in sends if d != rank], [(s, k) for s, k in needs if s != rank])
+
+    def _plan(self, order) -> list[tuple]:
+        """This rank's program in run order: ("x", sends, recvs, boundary) exchanges (sends and
+        recvs as sorted [(peer pipeline rank, key)]) and ("a", action)."""
+        P = len(order)
+        produced: dict = {}  # key -> slot
+        pos, t, slots = [0] * P, 0, [[] for _ in range(P)]
+        while any(pos[r] < len(order[r]) for r in range(P)):
+            moved = False
+            for r in range(P):
+                if pos[r] == len(order[r]):
+                    continue
+                sends, needs = self._messages(order[r][pos[r]], r)
+                if all(produced.get(k, t) < t for _, k in needs):
+                    for d, k in sends:
+                        produced[k] = t
+                    slots[r].append(t)
+                    pos[r] += 1
+                    moved = True
+            if not moved:
+                raise RuntimeError(f"pipeline: the schedule cannot progress (stuck at {pos})")
+            t += 1
+        me, events = self.rank, {}
+        for r in range(P):
+            for action, slot in zip(order[r], slots[r]):
+                for d, k in self._messages(action, r)[0]:
+                    if me in (r, d):
+                        x = events.setdefault((slot + 1, 0), ("x", [], [], slot + 1))
+                        (x[1] if r == me else x[2]).append((d if r == me else r, k))
+        for action, slot in zip(order[me], slots[me]):
+            events[(slot, 1)] = ("a", action)
+        program = [events[k] for k in sorted(events)]
+        for e in program:
+            if e[0] == "x":
+                e[1].sort(), e[2].sort()
+        return program
 
     def _send(self, kind: int, stage: int, mb: int, tensors, dst_stage: int):
-        """Sends tensors (None allowed) of (stage, mb) to the rank of dst_stage, or stashes them."""
+        """Hands tensors (None allowed) of (stage, mb) to the rank of dst_stage: in memory on the
+        same rank, else at the next exchange."""
         dst = self._stage_rank(dst_stage)
         if dst == self.rank:
             self._local[(kind, stage, mb)] = [None if t is None else t.detach() for t in tensors]
             return
         if len(tensors) > _MAX_TENSORS:
             raise ValueError(f"pipeline: at most {_MAX_TENSORS} tensors per message, got {len(tensors)}")
-        key = (kind, stage, mb)
+        self._outbox[(kind, stage, mb)] = list(tensors)
+
+    def _send_phases(self, key, tensors) -> list[list[torch.Tensor]]:
+        """The buffers of one outgoing message, per phase."""
         meta = _meta(tensors)
         cached = self._sent_meta.get(key)
+        device = next((t.device for t in tensors if t is not None), self._device())
+        phases = []
         if cached is not None:
-            # The receiver expects last step's layout in one flat message; a flag says whether
-            # it holds the data or whether a header and payload follow (the layout changed).
             same = meta == cached
-            flat = _pack(cached, tensors if same else None, self._p2p_device)
-            op = dist.P2POp(dist.isend, flat, self._peer(dst), self._p2p_group, self._tag(kind + 2, stage, mb, 0))
-            self._pending_sends.append((dist.batch_isend_irecv([op]), [op]))
+            phases.append([_pack(cached, tensors if same else None, device)])
             if same:
-                return
+                return phases
         self._sent_meta[key] = meta
         header = torch.full((_HEADER,), -2, dtype=torch.int64)
         header[0] = len(tensors)
@@ -215,122 +268,61 @@ class _Runtime(nn.Module):
             header[base] = _DTYPES.index(t.dtype)
             header[base + 1] = t.dim()
             header[base + 2: base + 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-            t = t.detach()
-            if self._p2p_device is not None:
-                t = t.to(self._p2p_device)
-            payload.append((i, t.contiguous()))
-        device = payload[0][1].device if payload else self._comm_device()
-        peer, group = self._peer(dst), self._p2p_group
-        ops = [dist.P2POp(dist.isend, header.to(device), peer, group, self._tag(kind, stage, mb, 0))]
-        ops += [dist.P2POp(dist.isend, t, peer, group, self._tag(kind, stage, mb, 1 + i)) for i, t in payload]
-        self._pending_sends.append((dist.batch_isend_irecv(ops), ops))
+            payload.append(t.detach().contiguous())
+        return phases + [[header.to(device)], payload]
 
-    def _comm_device(self):
-        return self._p2p_device if self._p2p_device is not None else self._device()
-
-    def _post_header(self, kind, stage, mb, src):
-        header = torch.empty(_HEADER, dtype=torch.int64, device=self._comm_device())
-        op = dist.P2POp(dist.irecv, header, self._peer(src), self._p2p_group, self._tag(kind, stage, mb, 0))
-        return header, dist.batch_isend_irecv([op])
-
-    def _post_all_headers(self, actions):
-        """Posts the header receives of every message this rank will get, in one batch, so a
-        header has usually arrived (and `_progress` has posted its payload) by the time its
-        action needs it."""
-        prev, nxt = self._neighbours
-        wanted = []
-        for action in actions:
-            for stage, kind, mb in _schedule.parse_action(action):
-                if kind == "F" and stage in prev and self._stage_rank(prev[stage]) != self.rank:
-                    wanted.append((0, prev[stage], mb, self._stage_rank(prev[stage])))
-                elif kind in "BI" and stage in nxt and self._stage_rank(nxt[stage]) != self.rank:
-                    wanted.append((1, nxt[stage], mb, self._stage_rank(nxt[stage])))
-        self._flat_queue = [((k, s, m), self._peer(src)) for k, s, m, src in wanted if (k, s, m) in self._recv_meta]
-        self._top_up()
-        wanted = [w for w in wanted if w[:3] not in self._recv_meta]
-        if not wanted:
-            return
-        headers = [torch.empty(_HEADER, dtype=torch.int64, device=self._comm_device()) for _ in wanted]
-        ops = [dist.P2POp(dist.irecv, h, self._peer(src), self._p2p_group, self._tag(k, s, m, 0))
-               for h, (k, s, m, src) in zip(headers, wanted)]
-        works = dist.batch_isend_irecv(ops)  # gloo: one work per receive
-        for h, w, (k, s, m, src) in zip(headers, works, wanted, strict=True):
-            self._posted_headers[(k, s, m)] = (h, [w], self._peer(src))
-
-    def _post_payload(self, key, header, peer):
-        """Posts the payload receives a received header announces: (tensors, works)."""
-        kind, stage, mb = key
-        h = header.tolist()
-        out, ops = [], []
-        for i in range(int(h[0])):
-            base = 1 + i * (2 + _MAX_DIMS)
-            if h[base] < 0:
-                out.append(None)
-                continue
-            shape = h[base + 2: base + 2 + int(h[base + 1])]
-            t = torch.empty(shape, dtype=_DTYPES[int(h[base])], device=self._comm_device())
-            out.append(t)
-            ops.append(dist.P2POp(dist.irecv, t, peer, self._p2p_group, self._tag(kind, stage, mb, 1 + i)))
-        return out, (dist.batch_isend_irecv(ops) if ops else [])
-
-    def _progress(self):
-        """Posts the payload receives of every header that has arrived, so the data moves while
-        this rank computes instead of when the action that needs it starts."""
-        self._top_up()
-        for key in [k for k, (_, works, _) in self._posted_headers.items()
-                    if all(w.is_completed() for w in works)]:
-            header, works, peer = self._posted_headers.pop(key)
-            for work in works:
-                work.wait()
-            self._posted_payloads[key] = self._post_payload(key, header, peer)
-
-    def _top_up(self, key=None):
-        """Keeps up to _WINDOW flat receives posted ahead, in the order the actions need them
-        (all at once would hold a step's worth of activations); `key` is posted in any case."""
-        while self._flat_queue and (len(self._posted_flat) < self._WINDOW or key not in self._posted_flat):
-            k, peer = self._flat_queue.pop(0)
-            buf = torch.empty(_flat_bytes(self._recv_meta[k]), dtype=torch.uint8, device=self._comm_device())
-            op = dist.P2POp(dist.irecv, buf, peer, self._p2p_group, self._tag(k[0] + 2, k[1], k[2], 0))
-            self._posted_flat[k] = (buf, dist.batch_isend_irecv([op]))
-            if key is None and len(self._posted_flat) >= self._WINDOW:
-                break
+    def _exchange(self, sends, recvs):
+        """Posts one boundary's messages, phase by phase (see the plan above), and waits for
+        them; received tensors go to self._arrived."""
+        out = [(d, self._send_phases(k, self._outbox.pop(k))) for d, k in sends]
+        dev = self._device()
+        state = {}  # key -> (src, "flat" | "header" | "payload", buffers)
+        for src, k in recvs:
+            if k in self._recv_meta:
+                state[k] = (src, "flat", [torch.empty(_flat_bytes(self._recv_meta[k]), dtype=torch.uint8, device=dev)])
+            else:
+                state[k] = (src, "header", [torch.empty(_HEADER, dtype=torch.int64, device=dev)])
+        phase = 0
+        while state or any(phase < len(p) for _, p in out):
+            ops = [dist.P2POp(dist.isend, t, self._peer(d), self.group)
+                   for d, p in out if phase < len(p) for t in p[phase]]
+            incoming = sorted(state.items(), key=lambda kv: (kv[1][0], kv[0]))
+            ops += [dist.P2POp(dist.irecv, t, self._peer(src), self.group)
+                    for _, (src, _, bufs) in incoming for t in bufs if t is not None]
+            if ops:
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+            for k, (src, what, bufs) in incoming:
+                if what == "flat" and int(bufs[0][:8].view(torch.int64)[0]) == 0:
+                    self.fast_messages += 1
+                    self._arrived[k] = _unpack(self._recv_meta[k], bufs[0])
+                    del state[k]
+                elif what == "flat":  # the layout changed: a header and the tensors follow
+                    del self._recv_meta[k]
+                    self.layout_changes += 1
+                    state[k] = (src, "header", [torch.empty(_HEADER, dtype=torch.int64, device=dev)])
+                elif what == "header":
+                    h = bufs[0].tolist()
+                    tensors = []
+                    for i in range(int(h[0])):
+                        base = 1 + i * (2 + _MAX_DIMS)
+                        tensors.append(None if h[base] < 0 else torch.empty(
+                            h[base + 2: base + 2 + int(h[base + 1])], dtype=_DTYPES[int(h[base])], device=dev))
+                    state[k] = (src, "payload", tensors)
+                else:
+                    self._recv_meta[k] = _meta(bufs)
+                    self._arrived[k] = bufs
+                    del state[k]
+            phase += 1
 
     def _recv(self, kind: int, stage: int, mb: int, src_stage: int):
-        """Receives what (src_stage's rank) sent for (kind, stage, mb)."""
-        src = self._stage_rank(src_stage)
-        if src == self.rank:
+        """What (src_stage's rank) sent for (kind, stage, mb): received at an earlier exchange."""
+        if self._stage_rank(src_stage) == self.rank:
             return self._local.pop((kind, stage, mb))
         key = (kind, stage, mb)
-        if key in self._recv_meta:  # fast path: one flat message in last step's layout
-            if key not in self._posted_flat:
-                self._top_up(key)
-            buf, works = self._posted_flat.pop(key)
-            for work in works:
-                work.wait()
-            self._top_up()
-            self.fast_messages += int(buf[:8].view(torch.int64)[0]) == 0
-            if int(buf[:8].view(torch.int64)[0]) == 0:
-                out = _unpack(self._recv_meta[key], buf)
-                if self._p2p_device is not None:
-                    out = [None if t is None else t.to(self._device()) for t in out]
-                return out
-            del self._recv_meta[key]  # the layout changed: header and payload follow
-            self.layout_changes += 1
-        if key not in self._posted_payloads:
-            header, works, peer = self._posted_headers.pop(key, (None, None, None))
-            if header is None:
-                header, works = self._post_header(kind, stage, mb, src)
-                peer = self._peer(src)
-            for work in works:
-                work.wait()
-            self._posted_payloads[key] = self._post_payload(key, header, peer)
-        out, works = self._posted_payloads.pop(key)
-        for work in works:
-            work.wait()
-        self._recv_meta[key] = _meta(out)
-        if self._p2p_device is not None:
-            out = [None if t is None else t.to(self._device()) for t in out]
-        return out
+        if key not in self._arrived:
+            raise RuntimeError(f"pipeline: message {key} needed before the exchange that brings it")
+        return self._arrived.pop(key)
 
     # -- compute --
     def _forward_inputs(self, stage, mb):
@@ -443,23 +435,26 @@ class _Runtime(nn.Module):
         self._input_chunks, self._label_chunks = self._split_inputs(inputs, labels, num_chunks)
         self._inputs, self._outputs, self._losses, self._final_outputs = {}, {}, {}, {}
         self._loss_values = {}
-        self._local, self._pending_sends, self._posted_headers, self._posted_payloads = {}, [], {}, {}
-        self._posted_flat, self._flat_queue = {}, []
+        self._local, self._outbox, self._arrived = {}, {}, {}
         if getattr(self, "_meta_chunks", None) != num_chunks:  # layouts are cached per chunk count
             self._sent_meta, self._recv_meta, self._meta_chunks = {}, {}, num_chunks
         self.weight_grad_store.clear()
         forward_only = not torch.is_grad_enabled()
-        actions = order[self.rank]
         if forward_only:
-            actions = [f"{s}F{m}" for a in actions for s, k, m in _schedule.parse_action(a) if k == "F"]
+            order = [[f"{s}F{m}" for a in acts for s, k, m in _schedule.parse_action(a) if k == "F"]
+                     for acts in order]
+        plans = self.__dict__.setdefault("_plans", {})
+        if (num_chunks, forward_only) not in plans:
+            plans[(num_chunks, forward_only)] = self._plan(order)
         try:
-            self._post_all_headers(actions)
-            for action in actions:
-                subs = _schedule.parse_action(action)
+            for event in plans[(num_chunks, forward_only)]:
+                if event[0] == "x":
+                    self._exchange(event[1], event[2])
+                    continue
+                subs = _schedule.parse_action(event[1])
                 if len(subs) == 2:
                     (fs, _, fm), (bs, _, bm) = subs
                     self._forward_backward(fs, fm, bs, bm)
-                    self._progress()
                     continue
                 stage, kind, mb = subs[0]
                 if kind == "F":
@@ -468,15 +463,11 @@ class _Runtime(nn.Module):
                     self._backward(stage, mb, zero_bubble=(kind == "I"))
                 else:
                     self.weight_grad_store.pop()
-                self._progress()
-            for works, _ in self._pending_sends:
-                for work in works:
-                    work.wait()
-            left = [*self._posted_headers, *self._posted_payloads, *self._posted_flat, *self._flat_queue]
+            left = [*self._outbox, *self._arrived]
             if left:
                 raise RuntimeError(f"pipeline: messages never received: {left}")
         finally:
-            self._pending_sends = []
+            self._outbox, self._arrived = {}, {}
         if not self.weight_grad_store.empty():
             raise RuntimeError("pipeline: weight gradients left deferred after the step")
         tails_here = sorted(s for s in self._tails if s in self.local_stages)
@@ -565,8 +556,9 @@ class DualPipe(_Runtime):
         if flat0 is None:
             return
         got0, got1 = torch.empty_like(flat1), torch.empty_like(flat0)  # peer's modules[0], [1]
-        ops = [dist.P2POp(dist.isend, flat0, peer, self.group, 0), dist.P2POp(dist.isend, flat1, peer, self.group, 1),
-               dist.P2POp(dist.irecv, got0, peer, self.group, 0), dist.P2POp(dist.irecv, got1, peer, self.group, 1)]
+        # the peer sends its flat0, flat1 in this order and receives ours in the same order
+        ops = [dist.P2POp(dist.isend, flat0, peer, self.group), dist.P2POp(dist.isend, flat1, peer, self.group),
+               dist.P2POp(dist.irecv, got0, peer, self.group), dist.P2POp(dist.irecv, got1, peer, self.group)]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
         offset = 0
