@@ -131,7 +131,7 @@ def run_case(case, device, available, ceilings, meta, report, records, failures)
     shape = shape_text(case.params)
     inputs = case.make_inputs(device)
     expected = case.reference(*inputs)
-    our_ms = {}
+    ours = {}  # backend -> its record
     for backend in [b for b in ("ref", "triton", "cuda") if b in available and b in case.backends]:
         try:
             with dskernels.backend(backend):
@@ -144,30 +144,29 @@ def run_case(case, device, available, ceilings, meta, report, records, failures)
             ms = float("nan")
         if problem:
             failures.append(f"{case.op} [{backend}] {shape}: {problem}")
-        our_ms[backend] = ms
-        records.append(record(case, backend, ms, ceilings, meta, problem))
+        ours[backend] = record(case, backend, ms, ceilings, meta, problem)
 
-    peer_ms = {}
+    peers = {}  # peer name -> its record
     if device == "cuda":
         for name, peer in case.peers.items():
             try:
-                peer_ms[name] = bench.bench_gpu(lambda: peer(*inputs))
+                ms = bench.bench_gpu(lambda: peer(*inputs))
             except Exception as e:  # a peer that cannot run this shape is reported, not fatal
                 print(f"peer {name} failed on {case.op} {shape}: {type(e).__name__}: {e}")
                 continue
-            records.append(record(case, f"peer:{name}", peer_ms[name], ceilings, meta, None))
-    best_peer = min(peer_ms.values(), default=None)
+            peers[name] = record(case, f"peer:{name}", ms, ceilings, meta, None)
+    best_peer_ms = min((r["ms"] for r in peers.values()), default=None)
 
-    for backend, ms in our_ms.items():
-        rec = next(r for r in records if r["op"] == case.op and r["backend"] == backend and r["params"] == case.params)
-        rec["x_peer"] = best_peer / ms if best_peer and ms == ms else None
-        status = "WRONG " if rec["error"] else ""
-        report.add(case.op, status + backend, shape, f"{ms * 1e3:.1f}", fmt(rec["tflops"]), fmt(rec["gbps"]),
-                   fmt(rec["roofline"] and 100 * rec["roofline"]), fmt(rec["x_peer"], "{:.2f}x"))
-    for name, ms in peer_ms.items():
-        rec = records[[i for i, r in enumerate(records) if r["backend"] == f"peer:{name}"][-1]]
-        report.add(case.op, f"peer:{name}", shape, f"{ms * 1e3:.1f}", fmt(rec["tflops"]), fmt(rec["gbps"]),
-                   fmt(rec["roofline"] and 100 * rec["roofline"]), "1.00x" if ms == best_peer else "")
+    for rec in ours.values():
+        ms = rec["ms"]
+        rec["x_peer"] = best_peer_ms / ms if best_peer_ms and ms == ms else None
+    for rec in [*ours.values(), *peers.values()]:
+        label = ("WRONG " if rec["error"] else "") + rec["backend"]
+        x_peer = fmt(rec["x_peer"], "{:.2f}x") if not rec["backend"].startswith("peer:") else (
+            "1.00x" if rec["ms"] == best_peer_ms else "")
+        report.add(case.op, label, shape, f"{rec['ms'] * 1e3:.1f}", fmt(rec["tflops"]), fmt(rec["gbps"]),
+                   fmt(rec["roofline"] and 100 * rec["roofline"]), x_peer)
+        records.append(rec)
 
 
 def record(case, backend, ms, ceilings, meta, error):

@@ -1,0 +1,21 @@
+"""The main job, `python benchmarks/run.py`, on this machine: every family's cases run on every
+backend available and agree with the oracle (on CPU: tiny shapes, Triton through its interpreter)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_run_py_checks_every_family(tmp_path):
+    results = tmp_path / "results.json"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--json", str(results)],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    records = json.loads(results.read_text())["records"]
+    assert {"per_token_cast_to_fp8", "gemm_fp8_fp8_bf16_nt", "flash_mla_with_kvcache",
+            "ep_get_dispatch_layout"} <= {r["op"] for r in records}
+    assert all(r["error"] is None for r in records)
+    assert "op" in out.stdout and "backend" in out.stdout
