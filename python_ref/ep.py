@@ -10,11 +10,13 @@ local expert e % (E // R). `topk_idx` is int64 [T, K] with -1 meaning "no expert
                                    names e twice counts once)
 
 The row movers the Buffer is built from (the Triton kernels reproduce them bit for bit):
-    copy_rows(src, src_idx, dst, dst_idx):     dst[dst_idx[i]] = src[src_idx[i]]
+    copy_rows(src, src_idx, dst, dst_idx):     dst[dst_idx[i]] = src[src_idx[i]], i skipped where
+                                               an index is negative
     pack_rows(segments, offsets, src_idx, dst): dst[i, offsets[j]:...] = segments[j][src_idx[i]]
     gather_reduce(y, index, weights, out):     out[t] = sum_j weights[t, j] * y[index[t, j]],
                                                j ascending, fp32 accumulation, index -1 skipped
 
+`low_latency_slots` is the low-latency receiver's placement (fixed shapes, no host sync).
 `dispatch_oracle` is what rank `rank` must receive, written from every rank's inputs at once.
 """
 
@@ -41,12 +43,26 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
 
 def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor,
               dst_idx: torch.Tensor | None) -> None:
-    """dst[dst_idx[i], :] = src[src_idx[i], :] for every i (None means the identity)."""
-    rows = src if src_idx is None else src[src_idx]
-    if dst_idx is None:
-        dst[: rows.shape[0]] = rows
-    else:
-        dst[dst_idx] = rows
+    """dst[dst_idx[i], :] = src[src_idx[i], :] for every i (None means the identity); an i with a
+    negative src_idx[i] or dst_idx[i] is skipped (its dst row keeps its value)."""
+    if src_idx is None and dst_idx is None:
+        dst[: src.shape[0]] = src
+        return
+    num = (src_idx if src_idx is not None else dst_idx).shape[0]
+    if num == 0 or src.shape[0] == 0:  # nothing to read: every index must be a skip
+        return
+    # Fixed shapes only (no boolean masks): skipped rows write into one spare row past the end.
+    skip = torch.zeros(num, dtype=torch.bool, device=dst.device)
+    if src_idx is not None:
+        skip |= src_idx < 0
+    if dst_idx is not None:
+        skip |= dst_idx < 0
+    rows = src[:num] if src_idx is None else src[src_idx.clamp(min=0)]
+    target = torch.arange(num, device=dst.device) if dst_idx is None else dst_idx
+    target = torch.where(skip, dst.shape[0], target)
+    spare = torch.cat([dst, dst.new_empty((1, *dst.shape[1:]))])
+    spare[target] = rows
+    dst.copy_(spare[: dst.shape[0]])
 
 
 def pack_rows(segments: list[torch.Tensor], offsets: list[int], src_idx: torch.Tensor | None,
@@ -73,6 +89,34 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
             rows = rows * weights[:, j : j + 1].float()
         acc += torch.where(valid[:, None], rows, torch.zeros((), device=out.device))
     out.copy_(acc)
+
+
+def low_latency_slots(ids: torch.Tensor, base: int, num_local: int, cap: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the low-latency receiver puts each received (row, k) entry, from the global expert ids
+    `ids` int64 [N, K] of the N = R * M received rows (row s * M + t: token t of source s; rows
+    that carry no token name no expert). Experts base .. base + num_local - 1 are local.
+
+    Returns (write_slot [N * K], return_slot [N * K], recv_count int32 [num_local]):
+        return_slot[n * K + k] = l * cap + p if ids[n, k] is local expert l and row n is the
+            p-th row (from 0, in row order) naming l; else -1;
+        write_slot: return_slot, but -1 where an earlier k of the same row names the same
+            expert (a token is written once per expert);
+        recv_count[l] = rows naming local expert l.
+    Fixed shapes only (a one-hot of (row, expert) and its running sum): no host synchronization.
+    """
+    num_rows, num_topk = ids.shape
+    local = torch.where((ids >= base) & (ids < base + num_local), ids - base, -1)
+    hit = torch.zeros(num_rows, num_local + 1, dtype=torch.int32, device=ids.device)
+    hit.scatter_(1, torch.where(local >= 0, local, num_local), 1)
+    running = torch.cumsum(hit[:, :num_local], dim=0)                      # inclusive, row order
+    recv_count = (running[-1] if num_rows else running.new_zeros(num_local)).to(torch.int32)
+    position = torch.gather(running, 1, local.clamp(min=0)) - 1
+    return_slot = torch.where(local >= 0, local * cap + position, -1)
+    earlier = torch.ones(num_topk, num_topk, dtype=torch.bool, device=ids.device).tril(-1)
+    repeat = ((local[:, :, None] == local[:, None, :]) & earlier).any(dim=2)
+    write_slot = torch.where(repeat, -1, return_slot)
+    return write_slot.reshape(-1), return_slot.reshape(-1), recv_count
 
 
 def local_topk(topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, rank: int,

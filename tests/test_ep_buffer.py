@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import dskernels
 from dskernels.ep import Buffer, EventOverlap
-from dskernels.testing import run_distributed
+from dskernels.testing import HostSyncError, no_host_sync, run_distributed
 from python_ref import ep as ref_ep
 
 HIDDEN = 256
@@ -139,8 +139,10 @@ def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank
 
     # Low latency, bf16: the per-expert layout, then a weighted combine with identity experts.
     max_tokens = 16
-    ll_x, ll_count, ll_handle, ll_event, hook = buf.low_latency_dispatch(x, topk, max_tokens, num_experts,
-                                                                         use_fp8=False)
+    # The low-latency calls run under no_host_sync: not one host read of a device value.
+    with no_host_sync():
+        ll_x, ll_count, ll_handle, ll_event, hook = buf.low_latency_dispatch(x, topk, max_tokens, num_experts,
+                                                                             use_fp8=False)
     hook()
     cap = max_tokens * world
     assert ll_x.shape == (num_local, cap, HIDDEN) and ll_count.dtype == torch.int32
@@ -149,13 +151,16 @@ def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank
         want_rows = torch.cat([xs[s][(topks[s] == e).any(1)] for s in range(world)])
         assert ll_count[local].item() == want_rows.shape[0]
         _same(ll_x[local, : want_rows.shape[0]], want_rows, f"low-latency rows of expert {e}")
-    ll_out, _, _ = buf.low_latency_combine(ll_x, topk, w, ll_handle)
+    with no_host_sync():
+        ll_out, _, _ = buf.low_latency_combine(ll_x, topk, w, ll_handle)
     want_ll = x_c.float() * torch.where(topk_c >= 0, w_c, 0.0).sum(1, keepdim=True)
     torch.testing.assert_close(ll_out.float().cpu(), want_ll, rtol=1e-2, atol=1e-2)
     assert torch.all(ll_out[(topk < 0).all(1)] == 0)
 
     # Low latency with the FP8 cast fused into the send: the bytes of per_token_cast_to_fp8.
-    (f8, sc), f8_count, f8_handle, _, _ = buf.low_latency_dispatch(x, topk, max_tokens, num_experts, use_fp8=True)
+    with no_host_sync():
+        (f8, sc), f8_count, f8_handle, _, _ = buf.low_latency_dispatch(x, topk, max_tokens, num_experts,
+                                                                       use_fp8=True)
     assert sc.shape == (num_local, cap, HIDDEN // 128)
     casts = [dskernels.per_token_cast_to_fp8(xs[s]) for s in range(world)]
     for local in range(num_local):
@@ -165,8 +170,45 @@ def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank
         _same(f8[local, :n_e], torch.cat([casts[s][0][pick[s]] for s in range(world)]), "ll fp8")
         _same(sc[local, :n_e], torch.cat([casts[s][1][pick[s]] for s in range(world)]), "ll scales")
     deq = (f8.float() * sc.repeat_interleave(128, dim=2)).to(torch.bfloat16)
-    ll_out8, _, _ = buf.low_latency_combine(deq, topk, w, f8_handle)
+    with no_host_sync():
+        ll_out8, _, _ = buf.low_latency_combine(deq, topk, w, f8_handle)
     torch.testing.assert_close(ll_out8.float().cpu(), want_ll, rtol=0.1, atol=0.1)
+
+
+def _weighted_sum(x, topk, w):
+    """The low-latency combine of identity experts: fp32 sum over k in order, rounded once."""
+    acc = torch.zeros(x.shape, dtype=torch.float32)
+    for k in range(topk.shape[1]):
+        acc += torch.where(topk[:, k: k + 1] >= 0, x.float() * w[:, k: k + 1], 0.0)
+    return acc.to(x.dtype)
+
+
+def _check_low_latency_sync_free(buf, rank, world, num_experts, seed):
+    """Low latency under no_host_sync (which is shown to catch the normal dispatch's host reads),
+    with a token naming one expert twice, T different per rank and M > T (empty rows in each block)."""
+    num_local = num_experts // world
+    data = _inputs(world, 5, 3, num_experts, seed)
+    for s, (_, topk, _) in enumerate(data):
+        topk[2, 1] = topk[2, 0] = s % num_experts  # token 2 names one expert twice
+    x, topk, w = data[rank]
+    max_tokens = 9  # > T on every rank: rows past T in each block carry no token
+    with no_host_sync():
+        _raises(HostSyncError, ["no_host_sync"], lambda: buf.dispatch(x, topk_idx=topk, num_experts=num_experts))
+        ll_x, count, handle, _, _ = buf.low_latency_dispatch(x, topk, max_tokens, num_experts, use_fp8=False)
+        stats = torch.zeros(num_local, dtype=torch.int32)
+        _, count8, handle8, _, _ = buf.low_latency_dispatch(x, topk, max_tokens, num_experts, use_fp8=True,
+                                                            cumulative_local_expert_recv_stats=stats)
+        out, _, _ = buf.low_latency_combine(ll_x, topk, w, handle)
+        fresh = torch.empty_like(out)
+        out2, _, _ = buf.low_latency_combine(ll_x, topk, w, handle8, out=fresh)
+    for local in range(num_local):
+        e = rank * num_local + local
+        want = torch.cat([d[0][(d[1] == e).any(1)] for d in data])  # a repeated expert: one row
+        assert count[local].item() == want.shape[0] == count8[local].item() == stats[local].item()
+        _same(ll_x[local, : want.shape[0]], want, f"low-latency rows of expert {e} (repeated ids)")
+    _same(out, _weighted_sum(x, topk, w), "low-latency combine (both weights of a repeated expert)")
+    assert out2.data_ptr() == fresh.data_ptr()
+    _same(out2, out, "low-latency combine into out=")
 
 
 def _check_bad_inputs(buf, world):
@@ -185,6 +227,12 @@ def _check_bad_inputs(buf, world):
     _raises(ValueError, ["topk_weights:", "(5, 2)", "(5, 3)"],
             lambda: buf.dispatch(x, topk_idx=topk, topk_weights=torch.rand(5, 3), num_experts=4 * world))
     _raises(ValueError, ["x:", "at most", "4"], lambda: buf.low_latency_dispatch(x, topk, 4, 4 * world))
+    _raises(ValueError, ["num_max_dispatch_tokens_per_rank:", "positive", "0"],
+            lambda: buf.low_latency_dispatch(x, topk, 0, 4 * world))
+    _raises(RuntimeError, ["topk_idx:", f"[-1, {4 * world})"],
+            lambda: buf.low_latency_dispatch(x, topk + 4 * world, 8, 4 * world))
+    _raises(ValueError, ["num_experts:", str(4 * world + 1)],
+            lambda: buf.low_latency_dispatch(x, topk, 8, 4 * world + 1))
     _raises(TypeError, ["x[1]:", "float32"],
             lambda: buf.dispatch((x.to(torch.float8_e4m3fn), torch.rand(5, 2).half()), topk_idx=topk,
                                  num_experts=4 * world))
@@ -197,6 +245,7 @@ def _body(rank, world, seed):
     num_experts = 8 if world <= 4 else 2 * world
     _check_dispatch_combine(buf, rank, world, num_experts, seed)
     _check_dispatch_combine(buf, rank, world, num_experts, seed + 1, avoid_last_rank=True)  # last rank gets none
+    _check_low_latency_sync_free(buf, rank, world, num_experts, seed + 2)
     _check_bad_inputs(buf, world)
     # async_finish/previous_event are accepted on CPU; the event is a no-op.
     _, _, _, _, event = buf.get_dispatch_layout(torch.zeros(3, 1, dtype=torch.int64), num_experts,
@@ -221,13 +270,13 @@ def _body(rank, world, seed):
         assert empty[0].shape == (0, HIDDEN) and torch.all(combined == 1)
     # The same in low-latency mode: rank 0 sends nothing, every other rank sends 3 tokens to expert 0.
     tokens = 0 if rank == 0 else 3
-    ll_x, ll_count, ll_handle, _, _ = buf.low_latency_dispatch(
-        torch.ones(tokens, HIDDEN).to(torch.bfloat16), torch.zeros(tokens, 2, dtype=torch.int64).fill_(-1)
-        if rank == 0 else torch.tensor([[0, -1]] * 3, dtype=torch.int64), 4, num_experts, use_fp8=False)
+    ll_topk = torch.tensor([[0, -1]] * tokens, dtype=torch.int64).reshape(tokens, 2)
+    with no_host_sync():
+        ll_x, ll_count, ll_handle, _, _ = buf.low_latency_dispatch(torch.ones(tokens, HIDDEN).to(torch.bfloat16),
+                                                                   ll_topk, 4, num_experts, use_fp8=False)
+        ll_out, _, _ = buf.low_latency_combine(ll_x, ll_topk, torch.full((tokens, 2), 0.5), ll_handle)
     assert ll_count.tolist() == ([3 * (world - 1)] + [0] * (num_experts // world - 1) if rank == 0
                                  else [0] * (num_experts // world))
-    ll_out, _, _ = buf.low_latency_combine(ll_x, torch.tensor([[0, -1]] * tokens, dtype=torch.int64).reshape(tokens, 2),
-                                           torch.full((tokens, 2), 0.5), ll_handle)
     assert ll_out.shape == (tokens, HIDDEN) and torch.all(ll_out == 0.5)
 
 
@@ -266,6 +315,72 @@ def _body_gpu(rank, world, seed):
     event.current_stream_wait()
     hits = (topk >= 0).any(1, keepdim=True).float()  # one rank: a token goes there or nowhere
     torch.testing.assert_close(combined.float(), x.float() * hits, rtol=0, atol=0)
+
+
+def _body_gpu_graph(rank, world, seed):
+    """Low-latency dispatch + combine under sync debug mode "error", then captured in a CUDA graph and
+    replayed on new routings: each replay must equal an eager run (same kernels, same order)."""
+    torch.cuda.set_device(rank)
+    buf = Buffer(dist.group.WORLD)
+    num_tokens, num_topk, num_experts, max_tokens = 13, 4, 8, 16
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw():
+        x = torch.randn(num_tokens, HIDDEN, generator=gen).to(torch.bfloat16)
+        topk = torch.rand(num_tokens, num_experts, generator=gen).topk(num_topk, dim=1).indices
+        topk[torch.rand(topk.shape, generator=gen) < 0.25] = -1
+        topk[num_tokens // 3] = -1
+        return x.cuda(), topk.cuda(), torch.rand(topk.shape, generator=gen).cuda()
+
+    static = draw()
+
+    def step():
+        x, topk, w = static
+        (f8, sc), count, handle, _, _ = buf.low_latency_dispatch(x, topk, max_tokens, num_experts, use_fp8=True)
+        deq = (f8.float().unflatten(2, (-1, 128)) * sc[..., None]).flatten(2).to(torch.bfloat16)  # identity experts
+        out, _, _ = buf.low_latency_combine(deq, topk, w, handle)
+        return count, deq, out
+
+    side = torch.cuda.Stream()  # warm-up (Triton compiles, NCCL communicator) off the capture stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with no_host_sync():
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the NCCL watchdog thread's event queries must not void this thread's capture.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            captured = step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    for _ in range(3):
+        for buf_t, new in zip(static, draw()):
+            buf_t.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        count, deq, out = (t.clone() for t in captured)
+        want_count, want_deq, want_out = step()
+        _same(count, want_count, "replayed recv_count")
+        for local in range(num_experts):
+            n = want_count[local].item()
+            _same(deq[local, :n], want_deq[local, :n], "replayed recv rows")
+        _same(out, want_out, "replayed combine")
+        x, topk, w = static
+        torch.testing.assert_close(out.float(), _weighted_sum(x.cpu(), topk.cpu(), w.cpu()).float().cuda(),
+                                   rtol=0.1, atol=0.1)
+
+
+@pytest.mark.gpu
+def test_low_latency_cuda_graph():
+    run_distributed(_body_gpu_graph, 1, 11, backend="nccl", timeout_s=240)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo carries CPU tensors: Triton runs on them only "

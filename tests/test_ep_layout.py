@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dskernels
-from dskernels.ops.ep import copy_rows, ep_get_dispatch_layout, gather_reduce, pack_rows
+from dskernels.ops.ep import copy_rows, ep_get_dispatch_layout, gather_reduce, low_latency_slots, pack_rows
 from python_ref import ep as ref_ep
 
 
@@ -63,6 +63,56 @@ def test_copy_rows_gather_and_scatter(backend, dtype, cols):
     dst2 = torch.zeros(5, cols, dtype=dtype, device=device)
     copy_rows(src, src_idx, dst2, None)
     assert torch.equal(dst2.cpu(), src.cpu()[src_idx.cpu()])
+
+
+def test_copy_rows_negative_index_skips(backend):
+    """-1 in src_idx or dst_idx skips the row (the low-latency path's fixed-size grids): the dst row
+    keeps its value, nothing else moves."""
+    _, device = backend
+    src = torch.randint(0, 1000, (6, 13), dtype=torch.int32).to(device)
+    src_idx = torch.tensor([3, -1, 0, 5, 2, 1], device=device)
+    dst_idx = torch.tensor([7, 0, -1, 2, -1, 4], device=device)
+    dst = torch.full((8, 13), -99, dtype=torch.int32, device=device)
+    want = dst.cpu().clone()
+    for s, d in zip(src_idx.tolist(), dst_idx.tolist()):
+        if s >= 0 and d >= 0:
+            want[d] = src.cpu()[s]
+    copy_rows(src, src_idx, dst, dst_idx)
+    assert torch.equal(dst.cpu(), want)
+    gathered = torch.full((6, 13), -99, dtype=torch.int32, device=device)
+    copy_rows(src, src_idx, gathered, None)  # gather only: -1 sources leave their row alone
+    want = torch.where(src_idx.cpu()[:, None] >= 0, src.cpu()[src_idx.cpu().clamp(min=0)], -99)
+    assert torch.equal(gathered.cpu(), want)
+    copy_rows(src[:0], torch.full((4,), -1, device=device), dst, torch.full((4,), -1, device=device))
+
+
+@pytest.mark.parametrize("rows,topk,num_local,base", [(61, 8, 4, 8), (300, 3, 5, 0), (7, 1, 1, 2)])
+def test_low_latency_slots(backend, rows, topk, num_local, base):
+    """Each row's position within each local expert (row order), repeats written once, counts: a
+    plain loop says what python_ref.ep.low_latency_slots must return; every backend must match."""
+    _, device = backend
+    g = torch.Generator().manual_seed(rows)
+    ids = torch.randint(-1, base + 2 * num_local, (rows, topk + 2), generator=g)[:, 1: topk + 1]  # strided
+    ids[rows // 2, :] = -1
+    if topk > 1:
+        ids[1, 1] = ids[1, 0] = base  # a repeated local expert
+    cap = rows
+    want_write, want_return = [-1] * (rows * topk), [-1] * (rows * topk)
+    count = [0] * num_local
+    for n in range(rows):
+        seen = set()
+        for k in range(topk):
+            e = int(ids[n, k]) - base
+            if 0 <= e < num_local:
+                want_return[n * topk + k] = e * cap + count[e]  # rows before n that name e
+                if e not in seen:
+                    want_write[n * topk + k] = e * cap + count[e]
+                    seen.add(e)
+        for e in seen:
+            count[e] += 1
+    got = low_latency_slots(ids.to(device), base, num_local, cap)
+    assert got[0].tolist() == want_write and got[1].tolist() == want_return
+    assert got[2].dtype == torch.int32 and got[2].tolist() == count
 
 
 @pytest.mark.parametrize("num_segments", [1, 2, 4])

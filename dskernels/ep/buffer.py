@@ -11,6 +11,10 @@ How a dispatch moves data (docs/ep.md has the byte counts):
   5. unpack: the receive buffer is split back into contiguous tensors; topk ids become local.
 Combine sends the rows back in the same order (reverse split sizes) and one gather-reduce kernel
 sums, for every token, the rows the ranks returned (fp32, rank order) in token order.
+
+The low-latency calls use fixed-size slots instead (a block of num_max_dispatch_tokens_per_rank
+rows per rank pair, equal splits, device-side index math): no host synchronization, so they can
+be captured in a CUDA graph (docs/ep.md, "Low latency").
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from dskernels.ep.events import EventOverlap, StreamScope, capture
-from dskernels.ops.ep import copy_rows, ep_get_dispatch_layout, gather_reduce, pack_rows
+from dskernels.ops.ep import copy_rows, ep_get_dispatch_layout, gather_reduce, low_latency_slots, pack_rows
 
 _ALIGN = 16  # bytes: each payload starts 16-byte aligned within a packed row (vector loads)
 _FP8 = torch.float8_e4m3fn
@@ -46,14 +50,14 @@ class DispatchHandle:
 
 @dataclass
 class LowLatencyHandle:
-    route: DispatchHandle
+    """The routing of one low-latency dispatch (device tensors of fixed shape only). Opaque."""
+    num_tokens: int                 # T on this rank
     num_max_dispatch_tokens_per_rank: int
     num_experts: int
     hidden: int
-    slot_of_entry: torch.Tensor     # [M] int64: flat [L * cap] slot of each received (row, k) entry
-    back_send_splits: list[int]     # entries returned to each source rank
-    back_recv_splits: list[int]     # entries coming back from each destination rank
-    entry_index: torch.Tensor       # [T, K] int64: row of the combine receive buffer, -1 if none
+    num_topk: int
+    return_slot: torch.Tensor       # [R * M * K] int64: [L * cap] row of each received (source, token, k), -1: none
+    combine_index: torch.Tensor     # [T, K] int64: row of (t, k) in combine's receive buffer [R * M * K], -1: none
 
 
 class EPCommError(RuntimeError):
@@ -130,12 +134,16 @@ class Buffer:
         return self._streams[device]
 
     # ---- collectives with bounded waits ----
-    def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str) -> None:
+    def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str,
+                    poll: bool = True) -> None:
         # A monitored wait: gloo's own timeout does not reliably fire while a peer is alive but absent
         # (measured: a 3 s group timeout still waited 6 s, until the peer exited). On CUDA tensors
-        # the wait is only monitored when timeout_s is given (polling blocks the host).
-        timeout = self.timeout_s if self.timeout_s is not None else (
-            _DEFAULT_CPU_TIMEOUT_S if out.device.type == "cpu" else None)
+        # the wait is only monitored when timeout_s is given and poll is set (polling blocks the
+        # host on the device, so the low-latency path never polls CUDA work).
+        on_cpu = out.device.type == "cpu"
+        timeout = self.timeout_s if self.timeout_s is not None else (_DEFAULT_CPU_TIMEOUT_S if on_cpu else None)
+        if not (poll or on_cpu):
+            timeout = None
         try:
             work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
             if timeout is not None:
@@ -444,87 +452,107 @@ class Buffer:
         return outs[0], (outs[1] if topk_weights is not None else None), event
 
     # ---- low latency ----
+    # Fixed-size slots, so no call reads a device value on the host (CUDA-graph capturable):
+    # every rank sends every rank a block of M = num_max_dispatch_tokens_per_rank rows, row t of
+    # each block carrying token t (x | scales | topk ids; rows t >= T name no expert). The exchange is
+    # an all_to_all with equal splits; each receiver finds its rows from the ids in them and places
+    # them with cumsum/gather index math. Combine returns a block of M * K entry rows per rank.
+
+    def _check_low_latency(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts) -> int:
+        """Shape checks (the host knows these) and an asynchronous range check of the ids; returns T."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor [T, H], got {type(x).__name__}")
+        num_tokens = self._check_x(x)
+        self._check_num_experts(num_experts)
+        self._check_topk(topk_idx, num_tokens, None, "low_latency_dispatch")
+        if topk_idx.device != x.device:
+            raise ValueError(f"topk_idx: expected device {x.device} (that of x), got {topk_idx.device}")
+        M = num_max_dispatch_tokens_per_rank
+        if not isinstance(M, int) or isinstance(M, bool) or M < 1:
+            raise ValueError(f"num_max_dispatch_tokens_per_rank: expected a positive int, got {M!r}")
+        if num_tokens > M:
+            raise ValueError(f"x: expected at most num_max_dispatch_tokens_per_rank={M} rows, got {num_tokens}")
+        if topk_idx.numel():
+            # Checked on the device: a host check would wait for it. CPU tensors raise here; on CUDA
+            # a bad id is a device-side assert (ids outside [0, E) are never used as indices).
+            torch._assert_async(((topk_idx >= -1) & (topk_idx < num_experts)).all(),
+                                f"topk_idx: expected expert ids in [-1, {num_experts})")
+        return num_tokens
+
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, cumulative_local_expert_recv_stats=None, use_fp8: bool = True,
                              round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
                              return_recv_hook: bool = False):
-        """Dispatch into the masked per-expert layout the masked grouped GEMM reads.
+        """Dispatch into the masked per-expert layout the masked grouped GEMM reads, without any host
+        synchronization (capturable in a CUDA graph; shapes depend only on the arguments' shapes).
 
         Args:
-            x: bf16 [T, H] (H % 128 == 0 with use_fp8), T <= num_max_dispatch_tokens_per_rank.
-            topk_idx: int64 [T, K], -1 for no expert.
+            x: bf16 [T, H] (H % 128 == 0 with use_fp8), T <= num_max_dispatch_tokens_per_rank = M.
+            topk_idx: int64 [T, K], expert ids in [-1, num_experts), -1 for no expert. The range is
+                checked on the device (torch._assert_async): RuntimeError naming topk_idx for CPU
+                tensors, a device-side assert on CUDA.
+
+        Each rank sends every rank (itself included) one fixed block of M rows over one equal-split
+        all_to_all: R * M rows of (x or fp8 x + scales, K int64 ids) per rank, whatever the routing.
+        So M, H, K and use_fp8 must be the same on every rank (they fix the block; as in DeepEP, a
+        mismatch fails or hangs the collective), while T may differ.
 
         Returns:
-            recv_x: [L, num_max_dispatch_tokens_per_rank * R, H] bf16, or with use_fp8 a tuple
-                (fp8 [L, cap, H], fp32 scales [L, cap, H/128]) from dskernels.per_token_cast_to_fp8
-                (cast once per token before the send); expert l's rows are [0, recv_count[l]), in
-                source rank order then token order; rows past recv_count are unspecified.
-            recv_count: int32 [L]; handle; event; hook (a no-op callable: data is ready on return).
+            recv_x: [L, M * R, H] bf16, or with use_fp8 a tuple (fp8 [L, M * R, H], fp32 scales
+                [L, M * R, H/128]) from dskernels.per_token_cast_to_fp8 (cast once per token before
+                the send); expert l's rows are [0, recv_count[l]), in source rank order then token
+                order, one row per token (a token naming an expert twice is received once); rows past
+                recv_count are not written.
+            recv_count: int32 [L] on the device; handle; event; hook (a no-op callable: data is
+                ready on return).
         """
         if round_scale or use_ue8m0:
             raise NotImplementedError("low_latency_dispatch: round_scale / use_ue8m0 are not implemented")
-        num_tokens = self._check_x(x)
-        self._check_topk(topk_idx, num_tokens, num_experts, "low_latency_dispatch")
-        if num_tokens > num_max_dispatch_tokens_per_rank:
-            raise ValueError(f"x: expected at most num_max_dispatch_tokens_per_rank="
-                             f"{num_max_dispatch_tokens_per_rank} rows, got {num_tokens}")
-        if topk_idx.numel():
-            per_expert_entries = torch.bincount(topk_idx[topk_idx >= 0], minlength=num_experts)
-            if int(per_expert_entries.max()) > num_max_dispatch_tokens_per_rank:
-                raise ValueError("topk_idx: an expert is named more than num_max_dispatch_tokens_per_rank "
-                                 f"({num_max_dispatch_tokens_per_rank}) times by this rank's tokens")
-        R, device = self.group_size, x.device
+        num_tokens = self._check_low_latency(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts)
+        R, M, K, device = self.group_size, num_max_dispatch_tokens_per_rank, topk_idx.shape[1], x.device
         num_local = num_experts // R
-        cap = num_max_dispatch_tokens_per_rank * R
+        cap = M * R
         with StreamScope(self, device, None, async_finish, False) as scope:
-            per_rank, per_expert, in_rank = ep_get_dispatch_layout(topk_idx, num_experts, R)
-            route, _ = self._plan(in_rank, per_rank, per_expert, num_experts, 0, device)
             if use_fp8:
                 from dskernels.ops.fp8 import per_token_cast_to_fp8
 
                 payload = list(per_token_cast_to_fp8(x))
             else:
                 payload = [x]
-            views, _ = self._send(payload + [topk_idx], route.send_src_idx, route.send_src_idx.shape[0],
-                                  route.send_splits, route.recv_splits, "low_latency_dispatch")
-            # Received (row, k) entries with an expert here, ordered by expert, then source, then token.
-            global_idx = self._as(views[-1], topk_idx)
-            base = self.rank * num_local
-            local = torch.where((global_idx >= base) & (global_idx < base + num_local), global_idx - base, -1)
-            flat = local.reshape(-1)
-            entry = (flat >= 0).nonzero().squeeze(1)         # (row, k) order: the combine's return order
-            experts = flat[entry]
-            recv_count = torch.bincount(experts, minlength=num_local)
-            order = torch.sort(experts, stable=True).indices
-            start = torch.cumsum(recv_count, 0) - recv_count
-            position = torch.empty_like(order)
-            position[order] = torch.arange(order.shape[0], device=device) - start[experts[order]]
-            slot = experts * cap + position
-            rows = entry // max(topk_idx.shape[1], 1)
+            rows = [_rows(p) for p in payload + [topk_idx]]
+            word, offsets, row_words = self._layout([r.shape[1] for r in rows])
+            size = torch.empty((), dtype=word).element_size()
+            # Token t is row t of every destination's block; the receiver reads the ids to see which
+            # rows are its own. Rows past T carry ids -1 (all bits set) and no payload.
+            send = torch.empty(R, M, row_words, dtype=word, device=device)
+            for r, off in zip(rows, offsets):
+                send[:, :num_tokens, off: off + r.shape[1] // size] = r.view(word)
+            id_off, id_words = offsets[-1], rows[-1].shape[1] // size
+            send[:, num_tokens:, id_off: id_off + id_words] = -1 if word == torch.int32 else 255
+            recv = torch.empty_like(send).reshape(R * M, row_words)
+            self._all_to_all(recv, send.reshape(R * M, row_words), None, None, "low_latency_dispatch", poll=False)
+
+            # recv row s * M + t is token t of source s. Each (row, k) entry naming a local expert
+            # gets its slot: the row's position within that expert in (source, token) order, so
+            # expert l fills [0, recv_count[l]) in source rank order then token order; a repeated
+            # expert in one row is written once (write_slot -1 for the repeats).
+            ids = self._as(recv[:, id_off: id_off + id_words], topk_idx)
+            write_slot, return_slot, recv_count = low_latency_slots(ids, self.rank * num_local, num_local, cap)
+            entry_row = torch.arange(R * M * K, device=device) // max(K, 1)
             outs = []
-            for view, like in zip(views[:-1], payload):
-                width = view.shape[1]
-                out = torch.empty(num_local * cap, width, dtype=view.dtype, device=device)
-                copy_rows(view, rows, out, slot, rows.shape[0])
+            for off, r, like in zip(offsets, rows, payload):
+                width = r.shape[1] // size
+                out = torch.empty(num_local * cap, width, dtype=word, device=device)
+                copy_rows(recv[:, off: off + width], entry_row, out, write_slot, R * M * K)
                 outs.append(out.view(torch.uint8).view(like.dtype).reshape(num_local, cap, *like.shape[1:]))
-            # Entries per source: what goes back to each source rank in combine.
-            source_of_row = torch.repeat_interleave(torch.arange(R, device=device),
-                                                    torch.tensor(route.recv_splits, device=device))
-            back_send = torch.bincount(source_of_row[rows], minlength=R).cpu().tolist()
-            # On this (source) side: entries sorted by (destination rank, token, k).
-            valid = topk_idx >= 0
-            dest = torch.where(valid, topk_idx // num_local, R)
-            K = topk_idx.shape[1]
-            key = (dest * num_tokens * K + torch.arange(num_tokens * K, device=device).reshape(num_tokens, K))
-            key = key.reshape(-1)[valid.reshape(-1)]
-            entry_index = torch.full((num_tokens * K,), -1, dtype=torch.int64, device=device)
-            positions = torch.empty_like(key)
-            positions[torch.argsort(key)] = torch.arange(key.shape[0], device=device)
-            entry_index[valid.reshape(-1)] = positions
-            back_recv = torch.bincount(dest[valid], minlength=R).cpu().tolist()
-            handle = LowLatencyHandle(route, num_max_dispatch_tokens_per_rank, num_experts, x.shape[1], slot,
-                                      back_send, back_recv, entry_index.reshape(num_tokens, K))
-            recv_count = recv_count.to(torch.int32)
+
+            # Source side: entry (t, k) comes back in block owner(k) of combine's receive buffer,
+            # at row t * K + k of that block (ids outside [0, E) never index anything).
+            valid = (topk_idx >= 0) & (topk_idx < num_experts)
+            owner = torch.where(valid, topk_idx, 0) // num_local
+            entry = torch.arange(num_tokens * K, device=device).reshape(num_tokens, K)
+            combine_index = torch.where(valid, owner * (M * K) + entry, -1)
+            handle = LowLatencyHandle(num_tokens, M, num_experts, x.shape[1], K, return_slot, combine_index)
             if cumulative_local_expert_recv_stats is not None:
                 cumulative_local_expert_recv_stats += recv_count
             recv_x = tuple(outs) if use_fp8 else outs[0]
@@ -536,24 +564,41 @@ class Buffer:
                             async_finish: bool = False, return_recv_hook: bool = False, out=None):
         """x [L, cap, H] (bf16) expert outputs in low_latency_dispatch's layout ->
         combined_x [T, H]: combined_x[t] = sum_k topk_weights[t, k] * x[expert, row of t] (fp32 sum in
-        k order); returns (combined_x, event, hook)."""
+        k order, rounded once; 0 for a token with no expert); returns (combined_x, event, hook).
+
+        No host synchronization: each rank returns to every rank a block of M * K entry rows (row
+        t * K + k: the output for that source's (t, k), unused where (t, k) names no expert here)
+        over one equal-split all_to_all, then one gather-reduce kernel sums them in token order.
+        `topk_idx` must be the dispatch's (only its shape is checked); `out` [T, H] is optional.
+        """
         if not isinstance(handle, LowLatencyHandle):
             raise TypeError(f"handle: expected the handle returned by low_latency_dispatch, got {type(handle).__name__}")
-        num_tokens = handle.route.num_tokens
+        R, M, K = self.group_size, handle.num_max_dispatch_tokens_per_rank, handle.num_topk
+        num_tokens = handle.num_tokens
         self._check_topk(topk_idx, num_tokens, None, "low_latency_combine")
+        if topk_idx.shape[1] != K:
+            raise ValueError(f"topk_idx: expected {K} columns (those of the dispatch), got {topk_idx.shape[1]}")
         self._check_weights(topk_weights, topk_idx)
-        num_local = handle.num_experts // self.group_size
-        cap = handle.num_max_dispatch_tokens_per_rank * self.group_size
+        num_local = handle.num_experts // R
+        cap = M * R
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != (num_local, cap):
             raise ValueError(f"x: expected shape ({num_local}, {cap}, H), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        hidden = x.shape[2]
+        if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (num_tokens, hidden)
+                                or out.dtype != x.dtype or out.device != x.device):
+            got = (f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor)
+                   else type(out).__name__)
+            raise ValueError(f"out: expected a {x.dtype} tensor of shape ({num_tokens}, {hidden}) on {x.device}, "
+                             f"got {got}")
         with StreamScope(self, x.device, None, async_finish, False) as scope:
-            flat = x.reshape(num_local * cap, x.shape[2])
-            back = self._send([flat], handle.slot_of_entry, handle.slot_of_entry.shape[0], handle.back_send_splits,
-                              handle.back_recv_splits, "low_latency_combine")[0][0]
-            y = self._as(back, flat)
-            combined = out if out is not None else torch.empty(num_tokens, x.shape[2], dtype=x.dtype, device=x.device)
-            gather_reduce(y, handle.entry_index, topk_weights.contiguous(), combined)
+            flat = x.reshape(num_local * cap, hidden)
+            send = torch.empty(R * M * K, hidden, dtype=x.dtype, device=x.device)
+            copy_rows(flat, handle.return_slot, send, None, R * M * K)   # -1: no expert here, row unused
+            recv = torch.empty_like(send)
+            self._all_to_all(recv, send, None, None, "low_latency_combine", poll=False)
+            combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+            gather_reduce(recv, handle.combine_index, topk_weights.contiguous(), combined)
             event = scope.finish((combined,))
         return combined, event, (lambda: None)
 

@@ -1,7 +1,8 @@
 """Expert-parallel dispatch layout (API.md section 3; DeepEP's `Buffer.get_dispatch_layout`) and the
 two row movers `dskernels.ep.Buffer` packs and unpacks its all-to-all payloads with.
 
-Only `ep_get_dispatch_layout` is a registered op; `copy_rows` / `gather_reduce` are internal
+Only `ep_get_dispatch_layout` is a registered op; `copy_rows` / `gather_reduce` /
+`low_latency_slots` are internal
 (their shapes depend on the routing the Buffer computes) but pick a backend the same way.
 """
 
@@ -86,9 +87,11 @@ def _has_cuda_layout_kernel() -> bool:
 
 def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor, dst_idx: torch.Tensor | None,
               num_rows: int | None = None) -> None:
-    """dst[dst_idx[i]] = src[src_idx[i]] for i < num_rows (None: the identity). 2-D, same dtype, unit
-    last stride, any row stride: packs a rank's send buffer (a gather) and fills the low-latency
-    per-expert layout (a scatter) in one pass over the payload."""
+    """dst[dst_idx[i]] = src[src_idx[i]] for i < num_rows (None: the identity); an i whose src_idx or
+    dst_idx is negative is skipped (its dst row is not written). 2-D, same dtype, unit last stride,
+    any row stride: unpacks receive buffers and fills the low-latency per-expert layout (a scatter)
+    in one pass over the payload. The skip lets the low-latency path launch fixed-size grids (no
+    host read of how many rows are valid)."""
     if num_rows is None:
         num_rows = (src_idx if src_idx is not None else dst_idx if dst_idx is not None else src).shape[0]
     if select_backend("ep_copy_rows", src.device, has_cuda=False, has_triton=True) == "ref":
@@ -124,3 +127,15 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
     from dskernels.triton import ep as triton_ep
 
     triton_ep.gather_reduce(y, index, weights, out)
+
+
+def low_latency_slots(ids: torch.Tensor, base: int, num_local: int, cap: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The low-latency receiver's placement of every received (row, k) entry: (write_slot [N * K],
+    return_slot [N * K] int64, recv_count int32 [num_local]); python_ref.ep.low_latency_slots has
+    the definition. One Triton launch instead of about ten torch ops; no host synchronization."""
+    if select_backend("ep_low_latency_slots", ids.device, has_cuda=False, has_triton=True) == "ref":
+        return ref_ep.low_latency_slots(ids, base, num_local, cap)
+    from dskernels.triton import ep as triton_ep
+
+    return triton_ep.low_latency_slots(ids, base, num_local, cap)

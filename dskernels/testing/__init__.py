@@ -2,5 +2,6 @@
 
 from dskernels.testing.distributed import run_distributed
 from dskernels.testing.numeric import calc_diff
+from dskernels.testing.sync import HostSyncError, no_host_sync
 
-__all__ = ["calc_diff", "run_distributed"]
+__all__ = ["HostSyncError", "calc_diff", "no_host_sync", "run_distributed"]

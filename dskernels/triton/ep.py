@@ -1,5 +1,6 @@
-"""Triton kernels of the expert-parallel family: the dispatch layout and the two row movers the
-Buffer packs and unpacks its all-to-all payloads with (python_ref.ep defines all three)."""
+"""Triton kernels of the expert-parallel family: the dispatch layout, the row movers the Buffer
+packs and unpacks its all-to-all payloads with, and the low-latency receiver's slot placement
+(python_ref.ep defines them all)."""
 
 import torch
 import triton
@@ -68,17 +69,19 @@ def _copy_rows_kernel(src_ptr, src_idx_ptr, dst_ptr, dst_idx_ptr, stride_src, st
     row = tl.program_id(0)
     src_row = tl.load(src_idx_ptr + row).to(tl.int64) if HAS_SRC_IDX else row.to(tl.int64)
     dst_row = tl.load(dst_idx_ptr + row).to(tl.int64) if HAS_DST_IDX else row.to(tl.int64)
-    src_start = tl.multiple_of(src_row * stride_src, VEC)
-    dst_start = tl.multiple_of(dst_row * stride_dst, VEC)
+    src_start = tl.multiple_of(tl.maximum(src_row, 0) * stride_src, VEC)
+    dst_start = tl.multiple_of(tl.maximum(dst_row, 0) * stride_dst, VEC)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = cols < NUM_COLS
+    # A negative index skips the row: fixed-size grids (no host sync) with unused entries.
+    ok = (cols < NUM_COLS) & (src_row >= 0) & (dst_row >= 0)
     values = tl.load(src_ptr + src_start + cols, mask=ok)
     tl.store(dst_ptr + dst_start + cols, values, mask=ok)
 
 
 def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor, dst_idx: torch.Tensor | None,
               num_rows: int) -> None:
-    """dst[dst_idx[i]] = src[src_idx[i]] for i < num_rows; 2-D tensors of one dtype, unit last stride."""
+    """dst[dst_idx[i]] = src[src_idx[i]] for i < num_rows, skipping i where an index is negative; 2-D
+    tensors of one dtype, unit last stride."""
     num_cols = src.shape[1]
     if num_rows == 0 or num_cols == 0:
         return
@@ -194,3 +197,52 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
                                 y.stride(0), index.stride(0), 0 if weights is None else weights.stride(0),
                                 out.stride(0), HAS_WEIGHTS=weights is not None, OUT_BF16=out.dtype == torch.bfloat16,
                                 VEC=vec, BLOCK_C=block_c, num_warps=4)
+
+
+@triton.jit
+def _low_latency_slots_kernel(ids_ptr, stride_row, write_ptr, return_ptr, count_ptr, num_rows, num_topk, base,
+                              num_local, cap, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One program: one local expert, scanning all rows in order with a running count (a row's
+    # position within the expert), so no cross-program scan is needed. Program 0 also writes -1
+    # for the entries that name no local expert; every entry is written by exactly one program.
+    expert = tl.program_id(0)
+    ks = tl.arange(0, BLOCK_K)
+    carry = tl.full([], 0, tl.int32)
+    for start in range(0, num_rows, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        ok = (rows < num_rows)[:, None] & (ks < num_topk)[None, :]
+        ids = tl.load(ids_ptr + rows[:, None].to(tl.int64) * stride_row + ks[None, :], mask=ok, other=-1)
+        here = ok & (ids >= base) & (ids < base + num_local)
+        mine = here & (ids - base == expert)
+        hit = tl.max(mine.to(tl.int32), axis=1)
+        position = carry + tl.cumsum(hit, axis=0) - 1
+        slot = (expert.to(tl.int64) * cap + position.to(tl.int64))[:, None] + tl.zeros([BLOCK_R, BLOCK_K], tl.int64)
+        first_k = tl.min(tl.where(mine, ks[None, :], BLOCK_K), axis=1)
+        write = tl.where(ks[None, :] == first_k[:, None], slot, -1)
+        offsets = rows[:, None].to(tl.int64) * num_topk + ks[None, :]
+        tl.store(return_ptr + offsets, slot, mask=mine)
+        tl.store(write_ptr + offsets, write, mask=mine)
+        none = ok & (here == 0) & (expert == 0)
+        minus = tl.full([BLOCK_R, BLOCK_K], -1, tl.int64)
+        tl.store(return_ptr + offsets, minus, mask=none)
+        tl.store(write_ptr + offsets, minus, mask=none)
+        carry += tl.sum(hit, axis=0)
+    tl.store(count_ptr + expert, carry)
+
+
+def low_latency_slots(ids: torch.Tensor, base: int, num_local: int, cap: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """python_ref.ep.low_latency_slots in one launch (ids int64 [N, K], unit last stride)."""
+    num_rows, num_topk = ids.shape
+    write_slot = torch.empty(num_rows * num_topk, dtype=torch.int64, device=ids.device)
+    return_slot = torch.empty_like(write_slot)
+    recv_count = torch.empty(num_local, dtype=torch.int32, device=ids.device)
+    if num_rows == 0 or num_topk == 0:
+        return write_slot, return_slot, recv_count.zero_()
+    assert ids.stride(1) == 1
+    block_k = triton.next_power_of_2(num_topk)
+    block_r = max(1, min(256, 4096 // block_k))
+    _low_latency_slots_kernel[(num_local,)](ids, ids.stride(0), write_slot, return_slot, recv_count, num_rows,
+                                            num_topk, base, num_local, cap, BLOCK_R=block_r, BLOCK_K=block_k,
+                                            num_warps=4)
+    return write_slot, return_slot, recv_count
