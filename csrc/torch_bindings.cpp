@@ -32,6 +32,13 @@ TORCH_LIBRARY(dskernels, m) {
   m.def("flash_mla_with_kvcache(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, "
         "int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, float? softmax_scale=None, "
         "bool causal=False, Tensor? k_scale=None) -> (Tensor, Tensor)");
+  // Raw sm90 kernels (csrc/mla/): d = 576, dv = 512, bf16/fp16 q, 16-byte aligned rows of q and
+  // k_cache; the metadata's shape (num_parts) is chosen by the caller.
+  m.def("_sm90_get_mla_metadata(Tensor cache_seqlens, Tensor(a!) tile_scheduler_metadata, "
+        "Tensor(b!) num_splits) -> ()");
+  m.def("_sm90_flash_mla_with_kvcache(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, "
+        "Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal, Tensor? k_scale, "
+        "Tensor(a!) out, Tensor(b!) lse) -> ()");
 
   // ---- FP8 GEMMs (API.md section 2) ----
   m.set_python_module("dskernels.ops.gemm");

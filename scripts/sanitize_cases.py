@@ -38,7 +38,23 @@ def fp8_gemms():
     dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a3, sa3), (bb, sbb), out3, masked_m, 8)
 
 
-CASES = [fp8_casts, fp8_gemms]
+def mla_decode():
+    """V3-shaped decode (d = 576, dv = 512): a TMA-path cache (page 64, a partial last block, an
+    empty sequence), an fp8 cache with odd pages (register path), causal MTP rows over two tiles."""
+    b, s_q, h_q = 3, 3, 24  # 72 rows: two 64-row tiles, the second nearly empty
+    lens = torch.tensor([130, 0, 70], dtype=torch.int32, device="cuda")
+    q = torch.randn(b, s_q, h_q, 576, device="cuda", dtype=torch.bfloat16)
+    for page, dtype in ((64, torch.bfloat16), (61, torch.float8_e4m3fn)):
+        pages = -(-130 // page)
+        block_table = torch.arange(b * pages, dtype=torch.int32, device="cuda").reshape(b, pages)
+        k_cache = torch.randn(b * pages, page, 1, 576, device="cuda").to(dtype)
+        k_scale = torch.ones(1, device="cuda") if dtype == torch.float8_e4m3fn else None
+        meta, splits = dskernels.get_mla_metadata(lens, s_q * h_q, 1)
+        dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, 512, meta, splits, causal=True,
+                                         k_scale=k_scale)
+
+
+CASES = [fp8_casts, fp8_gemms, mla_decode]
 
 if __name__ == "__main__":
     for backend in [b for b in ("cuda", "triton") if b in dskernels.available_backends()]:

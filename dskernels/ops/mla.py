@@ -8,14 +8,20 @@ import math
 import torch
 
 import python_ref.mla
-from dskernels._backend import select_backend
+from dskernels._backend import cuda_kernels_built, current_backend, is_hopper, select_backend
 from dskernels._checks import check_multiple, check_tensor
 
 FP8 = torch.float8_e4m3fn
 METADATA_SIZE = 8        # ints per partition row of tile_scheduler_metadata
 BLOCK_TOKENS = 64        # split points fall on multiples of this many keys (FlashMLA's block_n)
 FIXED_OVERHEAD_BLOCKS = 5  # cost of starting a sequence (Q load, epilogue), in key blocks (FlashMLA's value)
-TILE_ROWS = 32           # query rows (tokens x heads of one kv head) per tile (the GPU kernel's, d=576)
+TILE_ROWS = 32           # query rows (tokens x heads of one kv head) per tile of the Triton kernel (d=576)
+SM90_TILE_ROWS = 64      # ... and of the sm90 CUDA kernel
+SM90_HEAD_DIM, SM90_HEAD_DIM_V = 576, 512  # the one shape the sm90 kernel is built for (V3's)
+# The sm90 kernels (csrc/mla/) compile in CI but have not run on a GPU yet: `auto` keeps using
+# Triton (and the tensor-op split plan) until tests/test_mla_sm90.py passes on the device. Forcing
+# the "cuda" backend runs them.
+_CUDA_MLA_VERIFIED = False
 CPU_SM_COUNT = 8         # partitions on CPU tensors: fixed, so the fake kernel knows the shape
 _Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -114,11 +120,21 @@ def sm_count(device: torch.device) -> int:
     return CPU_SM_COUNT
 
 
+def _sm90_runs(device: torch.device) -> bool:
+    """Whether the sm90 CUDA kernels serve this device under the current backend choice."""
+    if device.type != "cuda" or not cuda_kernels_built() or not is_hopper(device):
+        return False
+    asked = current_backend()
+    return asked == "cuda" or (asked == "auto" and _CUDA_MLA_VERIFIED)
+
+
 def num_partitions(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
     """FlashMLA's num_sm_parts: one partition per group of SMs that covers all kv heads and all
     row tiles of queries, so the decode grid (parts x kv heads x tiles) fills the GPU about once.
-    FlashMLA's tiles have 64 rows; the Triton kernel's have 32 (16 when s_q * h_q / h_kv <= 16)."""
-    tiles = -(-num_q_tokens_per_head_k // TILE_ROWS)
+    Tiles have 64 rows in the sm90 kernel (FlashMLA's), 32 in the Triton kernel (16 when
+    s_q * h_q / h_kv <= 16). Any partition count works with either kernel; this one fills the GPU."""
+    rows = SM90_TILE_ROWS if _sm90_runs(device) else TILE_ROWS
+    tiles = -(-num_q_tokens_per_head_k // rows)
     return max(1, sm_count(device) // (num_heads_k * tiles))
 
 
@@ -237,8 +253,15 @@ def _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_
 @torch.library.register_kernel("dskernels::get_mla_metadata", ("cpu", "cuda"))
 def _get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
     _check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
-    # Tensor ops on the device on every backend: the plan is a schedule, not math to check.
-    parts = num_partitions(cache_seqlens.device, num_q_tokens_per_head_k, num_heads_k)
+    device = cache_seqlens.device
+    parts = num_partitions(device, num_q_tokens_per_head_k, num_heads_k)
+    if device.type == "cuda" and select_backend("get_mla_metadata", device, has_cuda=True, has_triton=True,
+                                                cuda_verified=_CUDA_MLA_VERIFIED) == "cuda":
+        meta = torch.empty(parts, METADATA_SIZE, dtype=torch.int32, device=device)
+        num_splits = torch.empty(cache_seqlens.shape[0] + 1, dtype=torch.int32, device=device)
+        torch.ops.dskernels._sm90_get_mla_metadata(cache_seqlens.contiguous(), meta, num_splits)
+        return meta, num_splits
+    # Elsewhere: tensor ops on the device (the plan is a schedule, not math to check).
     return split_plan(cache_seqlens, parts)
 
 
@@ -249,6 +272,22 @@ def _get_mla_metadata_fake(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
     b = cache_seqlens.shape[0]
     return (cache_seqlens.new_empty(parts, METADATA_SIZE, dtype=torch.int32),
             cache_seqlens.new_empty(b + 1, dtype=torch.int32))
+
+
+def sm90_unsupported(q: torch.Tensor, k_cache: torch.Tensor, head_dim_v: int) -> str | None:
+    """Why the sm90 kernel cannot take these (validated) inputs, or None if it can."""
+    if q.shape[-1] != SM90_HEAD_DIM or head_dim_v != SM90_HEAD_DIM_V:
+        return (f"is built for d = {SM90_HEAD_DIM}, dv = {SM90_HEAD_DIM_V} (DeepSeek-V3), "
+                f"got d = {q.shape[-1]}, dv = {head_dim_v}")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"takes bfloat16 or float16 queries, got {q.dtype}"
+    h_kv = k_cache.shape[2]
+    if h_kv > 65535 or -(-q.shape[1] * (q.shape[2] // h_kv) // SM90_TILE_ROWS) > 65535:
+        return f"supports at most 65535 kv heads and row tiles, got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}"
+    element = k_cache.element_size()
+    if k_cache.data_ptr() % 16 or any(k_cache.stride(i) * element % 16 for i in range(3) if k_cache.shape[i] > 1):
+        return f"needs 16-byte aligned cache rows, got strides {k_cache.stride()} of {k_cache.dtype}"
+    return None
 
 
 def _new_outputs(q, head_dim_v):
@@ -263,7 +302,21 @@ def _flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, 
     _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                        num_splits, softmax_scale, causal, k_scale)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    backend = select_backend("flash_mla_with_kvcache", q.device, has_cuda=False, has_triton=True)
+    unsupported = sm90_unsupported(q, k_cache, head_dim_v)
+    if unsupported and q.device.type == "cuda" and current_backend() == "cuda":
+        raise NotImplementedError(f"flash_mla_with_kvcache: the sm90 CUDA kernel {unsupported}; "
+                                  "use the 'triton' or 'ref' backend")
+    backend = select_backend("flash_mla_with_kvcache", q.device, has_cuda=unsupported is None, has_triton=True,
+                             cuda_verified=_CUDA_MLA_VERIFIED)
+    if backend == "cuda":
+        if any(q.stride(i) % 8 for i in range(3)) or q.data_ptr() % 16:
+            q = q.contiguous()  # the kernel reads 16-byte pieces of each q row
+        block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+        out, lse = _new_outputs(q, head_dim_v)
+        torch.ops.dskernels._sm90_flash_mla_with_kvcache(
+            q, k_cache, block_table, cache_seqlens.contiguous(), tile_scheduler_metadata.contiguous(),
+            num_splits.contiguous(), scale, causal, k_scale, out, lse)
+        return out, lse
     if backend == "ref":
         return python_ref.mla.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                                      scale, causal, k_scale)

@@ -1,0 +1,659 @@
+// MLA decode on Hopper (FlashMLA's job) for DeepSeek-V3's shape: d = 576 (512 latent + 64 rope),
+// dv = 512, V = the first 512 columns of K. Device code only, no torch.
+//
+// One CTA = (64-row query tile, kv head, partition of the split plan). The 64 rows are
+// (query token, query head) pairs of one kv head, s_q * h_q / h_kv of them in all, so every head
+// and MTP token that shares a kv head reads each key block once. The CTA walks the sequences of
+// its partition (tile_scheduler_metadata) in 64-key blocks with an online softmax.
+//
+// Warp groups (384 threads):
+//   producer (WG0, 72 registers): fills the Q tile once per sequence and the K tile of each key
+//     block into a two-stage ring: TMA (one thread, nine 64x64 boxes) for full blocks of a 16-bit
+//     cache whose page size is a multiple of 64; otherwise every thread loads 16-byte pieces through
+//     registers (any page size, zero rows past the sequence, fp8 e4m3 widened exactly to q's type)
+//     and stores them in the same swizzled layout.
+//   softmax (WG1, 216 registers): S = Q K^T (36 x wgmma 64x64x16 from shared memory), masks,
+//     online softmax in the log2 domain, P to registers (bf16/fp16) and to shared memory, then
+//     O[:, 0:256] += P V[:, 0:256] (wgmma 64x256x16, P from registers).
+//   second half (WG2, 216 registers): O[:, 256:512] += P V[:, 256:512] with P and the row rescale
+//     factors taken from shared memory. It overlaps WG1's QK^T and softmax of the next block.
+//
+// Shared memory (all tiles 128-byte swizzled, the layout TMA's SWIZZLE_128B writes and wgmma's
+// descriptors read): Q [9 chunks][64 rows][128 B], two K stages of the same shape, P [64][128 B].
+// A key block's rows are K-major for S = Q K^T; the same bytes are the MN-major B operand of P V.
+//
+// FP8 caches: keys are widened e4m3 -> q's type exactly (every e4m3 value is a bf16 and an fp16
+// value); k_scale multiplies the scores and the final output instead of every key.
+//
+// Output: a sequence that lies in one split is written to out (q's type) and lse (natural log)
+// directly; a split one writes its normalized partial output and log2-LSE to out_acc/lse_acc
+// (slot num_splits[i] + split), which the combine kernel merges. Same buffers and format as the
+// Triton path (dskernels/triton/mla.py).
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "cute/arch/copy_sm90_tma.hpp"
+#include "cute/arch/mma_sm90_desc.hpp"
+#include "cute/arch/mma_sm90_gmma.hpp"
+#include "cutlass/arch/barrier.h"
+#include "cutlass/arch/reg_reconfig.h"
+#include "dskernels/sm90_mla_decode.h"
+
+namespace dskernels::mla {
+
+struct alignas(1024) SharedStorage {
+  uint8_t q[kTileBytes];
+  uint8_t kv[2][kTileBytes];
+  uint8_t p[kChunkBytes];
+  float row_alpha[kBlockM];           // WG1 -> WG2: rescale of O for the current block
+  float row_final[kBlockM];           // WG1 -> WG2: k_scale / l at the end of a sequence (0: no key)
+  const uint8_t* row_src[kBlockN];    // producer: global address of each row it loads (null: zeros)
+  uint64_t q_full, q_empty, p_full, p_empty;
+  uint64_t kv_full[2], kv_empty[2];
+};
+static_assert(sizeof(SharedStorage) <= 227 * 1024, "more shared memory than an sm90 CTA can have");
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------------
+
+template <typename Element>
+struct Mma;
+
+template <>
+struct Mma<__nv_bfloat16> {
+  using QK = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using PVReg = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
+  using PVSmem = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
+  static __device__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ uint32_t pack_exact(__half2_raw h) {  // fp8-widened values: exact in bf16
+    float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
+    return pack(f.x, f.y);
+  }
+};
+
+template <>
+struct Mma<__half> {
+  using QK = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using PVReg = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
+  using PVSmem = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
+  static __device__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ uint32_t pack_exact(__half2_raw h) { return *reinterpret_cast<uint32_t*>(&h); }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// wgmma shared-memory descriptors for 128-byte swizzled tiles (PTX ISA "matrix descriptor").
+// K-major (rows of 128 B): SBO = 1024 B between 8-row groups, LBO unused.
+__device__ __forceinline__ uint64_t desc_k_major(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+// MN-major (the N dimension along the 128-byte rows): LBO = 8192 B between 64-column regions,
+// SBO = 1024 B between groups of 8 K rows.
+__device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(kChunkBytes >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+
+// Byte offset of 16-byte piece `piece` (0..71) of row `row` in a swizzled 64 x 576 tile.
+__device__ __forceinline__ uint32_t swizzled_offset(int row, int piece) {
+  return (piece >> 3) * kChunkBytes + row * 128 + (((piece & 7) ^ (row & 7)) << 4);
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint4 load_nc(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void store_shared(uint32_t addr, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+}
+
+template <typename Array, size_t... I>
+__device__ __forceinline__ void fence_all(Array& a, std::index_sequence<I...>) {
+  (cute::warpgroup_fence_operand(a[I]), ...);
+}
+
+template <typename Op, size_t... I>
+__device__ __forceinline__ void mma_ss(uint64_t da, uint64_t db, float* d, bool accumulate, std::index_sequence<I...>) {
+  Op::fma(da, db, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
+}
+
+template <typename Op, size_t... I>
+__device__ __forceinline__ void mma_rs(const uint32_t* a, uint64_t db, float* d, std::index_sequence<I...>) {
+  Op::fma(a[0], a[1], a[2], a[3], db, d[I]..., cute::SM90::GMMA::ScaleOut::One);
+}
+
+// One sequence's share of a partition: keys [lo, hi) of sequence i, split number `split`.
+struct WorkItem {
+  int i, lo, hi, split;
+};
+
+// Walks the sequences of partition `part` exactly as the Triton kernel does; every role of the CTA
+// calls it with the same arguments, so they agree on the sequence of items and key blocks.
+template <typename Fn>
+__device__ __forceinline__ void for_each_item(const DecodeParams& p, int part, Fn&& fn) {
+  const int* meta = p.meta + part * kMetaInts;
+  const int begin_idx = meta[0], begin_tok = meta[1], end_idx = meta[2], end_tok = meta[3], begin_split = meta[4];
+  // Clamped: metadata from other lengths gives wrong numbers, never an out-of-bounds access.
+  const int first = max(begin_idx, 0), last = min(end_idx, p.batch - 1);
+  for (int i = first; i <= last; ++i) {
+    const int seqlen = p.seqlens[i];
+    const int lo = max(i == begin_idx ? begin_tok : 0, 0);
+    const int hi = min(i == end_idx ? end_tok : seqlen, seqlen);
+    if (lo < hi) fn(WorkItem{i, lo, hi, i == begin_idx ? begin_split : 0});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Producer
+// ---------------------------------------------------------------------------------------------
+
+// Loads the 64 rows named in smem.row_src (null: zeros), `kRowPieces` 16-byte pieces per row,
+// `kBatch` loads in flight per thread; consecutive threads take consecutive pieces (coalesced).
+// `store(row, piece, value)` puts each piece into the swizzled tile.
+template <int kRowPieces, int kBatch, typename Store>
+__device__ __forceinline__ void copy_rows(const SharedStorage& smem, int tid, Store&& store) {
+  constexpr int kTotal = kBlockN * kRowPieces;
+  static_assert(kTotal % (kBatch * 128) == 0);
+#pragma unroll 1
+  for (int base = 0; base < kTotal; base += kBatch * 128) {
+    uint4 v[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int idx = base + j * 128 + tid;
+      const uint8_t* src = smem.row_src[idx / kRowPieces];
+      v[j] = src != nullptr ? load_nc(src + (idx % kRowPieces) * 16) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int idx = base + j * 128 + tid;
+      store(idx / kRowPieces, idx % kRowPieces, v[j]);
+    }
+  }
+}
+
+// 16-bit rows (1152 bytes: 72 pieces), stored as they are.
+__device__ __forceinline__ void copy_rows_16bit(const SharedStorage& smem, uint32_t tile, int tid) {
+  copy_rows<kPieces, kLoadBatch>(smem, tid, [&](int row, int piece, uint4 v) {
+    store_shared(tile + swizzled_offset(row, piece), v);
+  });
+}
+
+// fp8 rows (576 bytes: 36 pieces), each piece widened to two 16-bit pieces.
+template <typename Element>
+__device__ __forceinline__ void copy_rows_fp8(const SharedStorage& smem, uint32_t tile, int tid) {
+  copy_rows<kHeadDim / 16, 6>(smem, tid, [&](int row, int piece, uint4 v) {
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+    uint32_t wide[8];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      wide[2 * w] = Mma<Element>::pack_exact(
+          __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] & 0xFFFF), __NV_E4M3));
+      wide[2 * w + 1] = Mma<Element>::pack_exact(
+          __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] >> 16), __NV_E4M3));
+    }
+    store_shared(tile + swizzled_offset(row, 2 * piece), make_uint4(wide[0], wide[1], wide[2], wide[3]));
+    store_shared(tile + swizzled_offset(row, 2 * piece + 1), make_uint4(wide[4], wide[5], wide[6], wide[7]));
+  });
+}
+
+template <typename Element, bool kFp8>
+__device__ void producer(const DecodeParams& p, const CUtensorMap* tmap, SharedStorage& smem, int part, int kv_head,
+                         int m_tile, int tid) {
+  const uint8_t* q_base = static_cast<const uint8_t*>(p.q);
+  const uint8_t* k_base = static_cast<const uint8_t*>(p.k_cache);
+  constexpr int kKElem = kFp8 ? 1 : 2;
+  int item_count = 0, block_count = 0;
+  for_each_item(p, part, [&](const WorkItem& w) {
+    // Q tile: rows (token, head) of this kv head; rows past s_q * h_q / h_kv are zeros.
+    cutlass::arch::ClusterBarrier::wait(&smem.q_empty, (item_count & 1) ^ 1);
+    cutlass::arch::NamedBarrier::sync(128, kBarProducer);  // everyone is done with row_src
+    if (tid < kBlockM) {
+      const int r = m_tile * kBlockM + tid;
+      const uint8_t* src = nullptr;
+      if (r < p.rows) {
+        const int token = r / p.heads_per_kv, head = kv_head * p.heads_per_kv + r % p.heads_per_kv;
+        src = q_base + (w.i * p.q_stride_b + token * p.q_stride_s + head * p.q_stride_h) * 2;
+      }
+      smem.row_src[tid] = src;
+    }
+    cutlass::arch::NamedBarrier::sync(128, kBarProducer);
+    copy_rows_16bit(smem, smem_addr(smem.q), tid);
+    cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma reads
+    cutlass::arch::ClusterBarrier::arrive(&smem.q_full);
+    ++item_count;
+
+    const int* table = p.block_table + w.i * p.bt_stride;
+    for (int start = w.lo; start < w.hi; start += kBlockN, ++block_count) {
+      const int stage = block_count & 1;
+      cutlass::arch::ClusterBarrier::wait(&smem.kv_empty[stage], ((block_count >> 1) & 1) ^ 1);
+      const int page_idx = start / p.page_size;
+      const bool whole = start + kBlockN <= w.hi && start % kBlockN == 0 && page_idx < p.max_pages;
+      if (!kFp8 && p.use_tma && whole) {
+        // One page holds the whole block (page_size % 64 == 0): nine 64 x 64 boxes.
+        if (tid == 0) {
+          const int page = table[page_idx];
+          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.kv_full[stage], kTileBytes);
+#pragma unroll 1
+          for (int c = 0; c < kChunks; ++c) {
+            cute::SM90_TMA_LOAD_4D::copy(tmap, &smem.kv_full[stage], 0 /* no cache hint */,
+                                         smem.kv[stage] + c * kChunkBytes, c * kChunkCols, kv_head,
+                                         start % p.page_size, page);
+          }
+        } else {
+          cutlass::arch::ClusterBarrier::arrive(&smem.kv_full[stage]);
+        }
+        continue;
+      }
+      cutlass::arch::NamedBarrier::sync(128, kBarProducer);
+      if (tid < kBlockN) {
+        const int key = start + tid;
+        const int pi = key / p.page_size;
+        const uint8_t* src = nullptr;
+        if (key < w.hi && pi < p.max_pages) {
+          const int page = table[pi];
+          if (page >= 0 && page < p.num_pages) {
+            src = k_base + (int64_t(page) * p.k_stride_page + int64_t(key % p.page_size) * p.k_stride_tok +
+                            int64_t(kv_head) * p.k_stride_head) * kKElem;
+          }
+        }
+        smem.row_src[tid] = src;
+      }
+      cutlass::arch::NamedBarrier::sync(128, kBarProducer);
+      if constexpr (kFp8) {
+        copy_rows_fp8<Element>(smem, smem_addr(smem.kv[stage]), tid);
+      } else {
+        copy_rows_16bit(smem, smem_addr(smem.kv[stage]), tid);
+      }
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::ClusterBarrier::arrive(&smem.kv_full[stage]);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumers
+// ---------------------------------------------------------------------------------------------
+
+// Accumulator layout of a 64 x N wgmma (per thread, warp w of the group, lane l, q = l % 4):
+// element 4j + e holds row r0 = 16w + l/4 (e < 2) or r0 + 8 (e >= 2), column 8j + 2q + (e & 1).
+
+// Writes this thread's part of a 64 x 256 half of O (already scaled) for rows r0 and r0 + 8.
+template <typename Element>
+__device__ __forceinline__ void store_output(const DecodeParams& p, const WorkItem& w, const float* o, int col0,
+                                             int kv_head, int m_tile, int r0, int q4, bool split_out, float final0,
+                                             float final1) {
+  const int slot = p.num_splits[w.i] + w.split;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = m_tile * kBlockM + r0 + half * 8;
+    if (r >= p.rows) continue;
+    const int token = r / p.heads_per_kv, head = kv_head * p.heads_per_kv + r % p.heads_per_kv;
+    const float f = half ? final1 : final0;
+    if (split_out) {
+      if (slot < 0 || slot >= p.max_slots) continue;
+      float* dst = p.out_acc + (int64_t(slot) * p.h_q * p.s_q + head * p.s_q + token) * kHeadDimV + col0 + 2 * q4;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * half] * f, o[4 * j + 2 * half + 1] * f);
+      }
+    } else {
+      Element* dst = static_cast<Element*>(p.out) + w.i * p.o_stride_b + token * p.o_stride_s + head * p.o_stride_h +
+                     col0 + 2 * q4;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        *reinterpret_cast<uint32_t*>(dst + 8 * j) = Mma<Element>::pack(o[4 * j + 2 * half] * f, o[4 * j + 2 * half + 1] * f);
+      }
+    }
+  }
+}
+
+template <typename Element, bool kFp8>
+__device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int part, int kv_head, int m_tile, int tid) {
+  using MmaT = Mma<Element>;
+  const int warp = tid / 32, lane = tid % 32, q4 = lane % 4;
+  const int r0 = warp * 16 + lane / 4;  // and r0 + 8
+  const float k_scale = kFp8 ? *p.k_scale : 1.0f;
+  const float scale = p.scale_log2 * k_scale;
+  const uint32_t q_tile = smem_addr(smem.q);
+  const uint32_t p_tile = smem_addr(smem.p);
+  // Query token of each of the thread's two rows (causal limit: seqlen - s_q + token + 1).
+  int token[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = m_tile * kBlockM + r0 + 8 * h;
+    token[h] = r < p.rows ? r / p.heads_per_kv : p.s_q - 1;
+  }
+  int item_count = 0, block_count = 0;
+  for_each_item(p, part, [&](const WorkItem& w) {
+    const int seqlen = p.seqlens[w.i];
+    int limit[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) limit[h] = min(w.hi, p.causal ? seqlen - p.s_q + token[h] + 1 : seqlen);
+    float o[128];
+#pragma unroll
+    for (int k = 0; k < 128; ++k) o[k] = 0.0f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+
+    cutlass::arch::ClusterBarrier::wait(&smem.q_full, item_count & 1);
+    for (int start = w.lo; start < w.hi; start += kBlockN, ++block_count) {
+      const int stage = block_count & 1;
+      const uint32_t kv_tile = smem_addr(smem.kv[stage]);
+      cutlass::arch::ClusterBarrier::wait(&smem.kv_full[stage], (block_count >> 1) & 1);
+
+      float s[32];
+      fence_all(s, std::make_index_sequence<32>{});
+      cute::warpgroup_arrive();
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          mma_ss<typename MmaT::QK>(desc_k_major(q_tile + c * kChunkBytes + kk * 32),
+                                    desc_k_major(kv_tile + c * kChunkBytes + kk * 32), s, c > 0 || kk > 0,
+                                    std::make_index_sequence<32>{});
+        }
+      }
+      cute::warpgroup_commit_batch();
+      cute::warpgroup_wait<0>();
+      fence_all(s, std::make_index_sequence<32>{});
+      if (start + kBlockN >= w.hi) cutlass::arch::ClusterBarrier::arrive(&smem.q_empty);  // last use of Q
+
+      // Scale, mask, online softmax (log2 domain). Four lanes share a row: reduce over xor 1, 2.
+      float alpha[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int visible = limit[h] - start;  // keys [start, start + visible) of the block
+        float row_max = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& x = s[4 * j + 2 * h + e];
+            x = 8 * j + 2 * q4 + e < visible ? x * scale : -INFINITY;
+            row_max = fmaxf(row_max, x);
+          }
+        }
+        row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 1));
+        row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 2));
+        const float m_new = fmaxf(m_run[h], row_max);
+        const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
+        alpha[h] = fast_exp2(m_run[h] - m_safe);
+        float row_sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& x = s[4 * j + 2 * h + e];
+            x = fast_exp2(x - m_safe);
+            row_sum += x;
+          }
+        }
+        l_run[h] = l_run[h] * alpha[h] + row_sum;  // this thread's columns; reduced at the end
+        m_run[h] = m_new;
+      }
+
+      // P in registers, laid out as the A operand of the 64x256x16 wgmma (k-step kk: keys 16kk..).
+      uint32_t pa[16];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        pa[4 * kk + 0] = MmaT::pack(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[4 * kk + 1] = MmaT::pack(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[4 * kk + 2] = MmaT::pack(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[4 * kk + 3] = MmaT::pack(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+      // Hand P and the rescale factors to WG2 (its previous block must be done with them).
+      cutlass::arch::ClusterBarrier::wait(&smem.p_empty, (block_count & 1) ^ 1);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = r0 + 8 * h;
+          const uint32_t addr = p_tile + r * 128 + ((j ^ (r & 7)) << 4) + 4 * q4;
+          asm volatile("st.shared.u32 [%0], %1;" :: "r"(addr), "r"(pa[4 * (j / 2) + 2 * (j % 2) + h]));
+        }
+      }
+      if (q4 == 0) {
+        smem.row_alpha[r0] = alpha[0];
+        smem.row_alpha[r0 + 8] = alpha[1];
+      }
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::ClusterBarrier::arrive(&smem.p_full);
+
+      // O[:, 0:256] = alpha * O + P V[:, 0:256]
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        o[4 * j + 0] *= alpha[0];
+        o[4 * j + 1] *= alpha[0];
+        o[4 * j + 2] *= alpha[1];
+        o[4 * j + 3] *= alpha[1];
+      }
+      fence_all(o, std::make_index_sequence<128>{});
+      fence_all(pa, std::make_index_sequence<16>{});
+      cute::warpgroup_arrive();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        mma_rs<typename MmaT::PVReg>(pa + 4 * kk, desc_mn_major(kv_tile + kk * 2048), o,
+                                     std::make_index_sequence<128>{});
+      }
+      cute::warpgroup_commit_batch();
+      cute::warpgroup_wait<0>();
+      fence_all(o, std::make_index_sequence<128>{});
+      fence_all(pa, std::make_index_sequence<16>{});
+      cutlass::arch::ClusterBarrier::arrive(&smem.kv_empty[stage]);
+    }
+    ++item_count;
+
+    // Epilogue: full row sums, the final factor for both halves, LSE.
+    float final_factor[2], lse2[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float l = l_run[h];
+      l += __shfl_xor_sync(0xffffffff, l, 1);
+      l += __shfl_xor_sync(0xffffffff, l, 2);
+      const bool seen = l > 0.0f;
+      final_factor[h] = seen ? k_scale / l : 0.0f;
+      lse2[h] = seen ? m_run[h] + __log2f(l) : -INFINITY;
+    }
+    if (q4 == 0) {
+      smem.row_final[r0] = final_factor[0];
+      smem.row_final[r0 + 8] = final_factor[1];
+    }
+    cutlass::arch::NamedBarrier::sync(256, kBarConsumers);
+    const bool split_out = p.num_splits[w.i + 1] - p.num_splits[w.i] != 1;
+    store_output<Element>(p, w, o, 0, kv_head, m_tile, r0, q4, split_out, final_factor[0], final_factor[1]);
+    if (q4 == 0) {
+      const int slot = p.num_splits[w.i] + w.split;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = m_tile * kBlockM + r0 + 8 * h;
+        if (r >= p.rows) continue;
+        const int tok = r / p.heads_per_kv, head = kv_head * p.heads_per_kv + r % p.heads_per_kv;
+        if (split_out) {
+          if (slot >= 0 && slot < p.max_slots) p.lse_acc[int64_t(slot) * p.h_q * p.s_q + head * p.s_q + tok] = lse2[h];
+        } else {
+          p.lse[w.i * p.lse_stride_b + head * p.lse_stride_h + tok] = lse2[h] == -INFINITY ? INFINITY : lse2[h] * kLn2;
+        }
+      }
+    }
+  });
+}
+
+template <typename Element>
+__device__ void second_half_group(const DecodeParams& p, SharedStorage& smem, int part, int kv_head, int m_tile,
+                                  int tid) {
+  using MmaT = Mma<Element>;
+  const int warp = tid / 32, lane = tid % 32, q4 = lane % 4;
+  const int r0 = warp * 16 + lane / 4;
+  const uint32_t p_tile = smem_addr(smem.p);
+  int block_count = 0;
+  for_each_item(p, part, [&](const WorkItem& w) {
+    float o[128];
+#pragma unroll
+    for (int k = 0; k < 128; ++k) o[k] = 0.0f;
+    for (int start = w.lo; start < w.hi; start += kBlockN, ++block_count) {
+      const int stage = block_count & 1;
+      const uint32_t kv_tile = smem_addr(smem.kv[stage]);
+      cutlass::arch::ClusterBarrier::wait(&smem.kv_full[stage], (block_count >> 1) & 1);
+      cutlass::arch::ClusterBarrier::wait(&smem.p_full, block_count & 1);
+      const float alpha0 = smem.row_alpha[r0], alpha1 = smem.row_alpha[r0 + 8];
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        o[4 * j + 0] *= alpha0;
+        o[4 * j + 1] *= alpha0;
+        o[4 * j + 2] *= alpha1;
+        o[4 * j + 3] *= alpha1;
+      }
+      fence_all(o, std::make_index_sequence<128>{});
+      cute::warpgroup_arrive();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        mma_ss<typename MmaT::PVSmem>(desc_k_major(p_tile + kk * 32),
+                                      desc_mn_major(kv_tile + 4 * kChunkBytes + kk * 2048), o, true,
+                                      std::make_index_sequence<128>{});
+      }
+      cute::warpgroup_commit_batch();
+      cute::warpgroup_wait<0>();
+      fence_all(o, std::make_index_sequence<128>{});
+      cutlass::arch::ClusterBarrier::arrive(&smem.p_empty);
+      cutlass::arch::ClusterBarrier::arrive(&smem.kv_empty[stage]);
+    }
+    cutlass::arch::NamedBarrier::sync(256, kBarConsumers);
+    const float f0 = smem.row_final[r0], f1 = smem.row_final[r0 + 8];
+    const bool split_out = p.num_splits[w.i + 1] - p.num_splits[w.i] != 1;
+    store_output<Element>(p, w, o, 256, kv_head, m_tile, r0, q4, split_out, f0, f1);
+  });
+}
+
+// grid (row tiles, h_kv, num_parts): the row tiles of one partition and kv head run side by side,
+// so the second tile's key reads mostly hit L2.
+template <typename Element, bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1)
+    decode_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
+  const int m_tile = blockIdx.x, kv_head = blockIdx.y, part = blockIdx.z;
+  const int group = threadIdx.x / 128, tid = threadIdx.x % 128;
+
+  if (threadIdx.x == 0) {
+    cutlass::arch::ClusterBarrier::init(&smem.q_full, 128);
+    cutlass::arch::ClusterBarrier::init(&smem.q_empty, 128);
+    cutlass::arch::ClusterBarrier::init(&smem.p_full, 128);
+    cutlass::arch::ClusterBarrier::init(&smem.p_empty, 128);
+    for (int s = 0; s < 2; ++s) {
+      cutlass::arch::ClusterBarrier::init(&smem.kv_full[s], 128);
+      cutlass::arch::ClusterBarrier::init(&smem.kv_empty[s], 256);
+    }
+    cutlass::arch::fence_barrier_init();
+    if (p.use_tma) cute::prefetch_tma_descriptor(&tmap);
+  }
+  __syncthreads();
+
+  if (group == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    producer<Element, kFp8>(p, &tmap, smem, part, kv_head, m_tile, tid);
+  } else if (group == 1) {
+    cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+    softmax_group<Element, kFp8>(p, smem, part, kv_head, m_tile, tid);
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+    second_half_group<Element>(p, smem, part, kv_head, m_tile, tid);
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine: merge the partial outputs of split sequences (one warp per (head, token) row).
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kCombineWarps = 4;
+
+template <typename Element>
+__global__ void __launch_bounds__(kCombineWarps * 32)
+    combine_kernel(const __grid_constant__ CombineParams p) {
+  const int i = blockIdx.x;
+  const int flat = blockIdx.y * kCombineWarps + threadIdx.x / 32;  // head * s_q + token
+  const int lane = threadIdx.x % 32;
+  if (flat >= p.h_q * p.s_q) return;
+  const int base = max(p.num_splits[i], 0);
+  const int n = min(p.num_splits[i + 1], p.max_slots) - base;
+  if (n == 1) return;  // the decode kernel wrote this sequence itself
+  const int64_t rows = int64_t(p.h_q) * p.s_q;
+  float m = -INFINITY;
+  for (int k = 0; k < n; ++k) m = fmaxf(m, p.lse_acc[(base + k) * rows + flat]);
+  const float m_safe = m == -INFINITY ? 0.0f : m;
+  float total = 0.0f;
+  float4 acc[4] = {};
+  for (int k = 0; k < n; ++k) {
+    const float wgt = exp2f(p.lse_acc[(base + k) * rows + flat] - m_safe);
+    total += wgt;
+    const float4* src = reinterpret_cast<const float4*>(p.out_acc + ((base + k) * rows + flat) * kHeadDimV);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const float4 v = src[c * 32 + lane];
+      acc[c].x += wgt * v.x;
+      acc[c].y += wgt * v.y;
+      acc[c].z += wgt * v.z;
+      acc[c].w += wgt * v.w;
+    }
+  }
+  const bool seen = total > 0.0f;
+  const float inv = seen ? 1.0f / total : 0.0f;
+  const int head = flat / p.s_q, token = flat % p.s_q;
+  Element* dst = static_cast<Element*>(p.out) + i * p.o_stride_b + token * p.o_stride_s + head * p.o_stride_h;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int col = (c * 32 + lane) * 4;
+    uint2 packed = make_uint2(Mma<Element>::pack(acc[c].x * inv, acc[c].y * inv),
+                              Mma<Element>::pack(acc[c].z * inv, acc[c].w * inv));
+    *reinterpret_cast<uint2*>(dst + col) = packed;
+  }
+  if (lane == 0) {
+    p.lse[i * p.lse_stride_b + head * p.lse_stride_h + token] = seen ? (m_safe + log2f(total)) * kLn2 : INFINITY;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers (explicitly instantiated per element type in csrc/mla/sm90_mla_decode_*.cu)
+// ---------------------------------------------------------------------------------------------
+
+template <typename Element, bool kFp8>
+void launch_decode(const DecodeParams& p, const CUtensorMap& tmap, int num_parts, int h_kv, cudaStream_t stream) {
+  auto kernel = decode_kernel<Element, kFp8>;
+  constexpr int kSmem = sizeof(SharedStorage);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  const dim3 grid((p.rows + kBlockM - 1) / kBlockM, h_kv, num_parts);
+  kernel<<<grid, kThreads, kSmem, stream>>>(p, tmap);
+}
+
+template <typename Element>
+void launch_combine(const CombineParams& p, int batch, cudaStream_t stream) {
+  const dim3 grid(batch, (p.h_q * p.s_q + kCombineWarps - 1) / kCombineWarps);
+  combine_kernel<Element><<<grid, kCombineWarps * 32, 0, stream>>>(p);
+}
+
+}  // namespace dskernels::mla

@@ -1,0 +1,83 @@
+// Interface of the sm90 MLA decode kernels (csrc/include/dskernels/sm90_mla_decode.cuh): shapes,
+// parameter structs and launchers. No CUTLASS and no torch here, so the torch-facing launcher
+// (csrc/mla/sm90_mla.cu) compiles without the kernel templates.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dskernels::mla {
+
+constexpr int kHeadDim = 576;
+constexpr int kHeadDimV = 512;
+constexpr int kBlockM = 64;               // query rows per CTA
+constexpr int kBlockN = 64;               // keys per block; split points are multiples of it
+constexpr int kChunkCols = 64;            // 16-bit elements per 128-byte swizzled row
+constexpr int kChunks = kHeadDim / kChunkCols;        // 9
+constexpr int kChunkBytes = kBlockN * 128;            // one [64 rows][128 B] region
+constexpr int kTileBytes = kChunks * kChunkBytes;     // 72 KiB: a 64 x 576 16-bit tile
+constexpr int kPieces = kHeadDim * 2 / 16;            // 16-byte pieces per 16-bit row: 72
+constexpr int kThreads = 384;
+constexpr int kProducerRegs = 72;
+constexpr int kConsumerRegs = 216;
+constexpr int kMetaInts = 8;
+constexpr int kLoadBatch = 9;             // 16-byte loads in flight per producer thread (36 per block)
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Named barriers (0 is __syncthreads).
+constexpr int kBarProducer = 1;           // the producer warp group
+constexpr int kBarConsumers = 2;          // WG1 + WG2 at the end of a sequence
+
+struct DecodeParams {
+  const void* q;              // [b, s_q, h_q, 576]
+  const void* k_cache;        // [num_pages, page_size, h_kv, 576]
+  const int* block_table;     // [b, max_pages]
+  const int* seqlens;         // [b]
+  const int* meta;            // [num_parts, 8]
+  const int* num_splits;      // [b + 1]
+  const float* k_scale;       // [1], fp8 caches only
+  void* out;                  // [b, s_q, h_q, 512], q's type
+  float* lse;                 // [b, h_q, s_q]
+  float* out_acc;             // [max_slots, h_q * s_q, 512]
+  float* lse_acc;             // [max_slots, h_q * s_q], log2 domain
+  int64_t q_stride_b, q_stride_s, q_stride_h;                 // elements
+  int64_t k_stride_page, k_stride_tok, k_stride_head;         // elements of the cache
+  int64_t bt_stride;
+  int64_t o_stride_b, o_stride_s, o_stride_h;
+  int64_t lse_stride_b, lse_stride_h;
+  int batch, s_q, h_q, heads_per_kv, rows;                    // rows = s_q * heads_per_kv
+  int num_pages, page_size, max_pages, max_slots;
+  float scale_log2;           // softmax_scale * log2(e)
+  bool causal;
+  bool use_tma;               // 16-bit cache, page_size % 64 == 0, TMA-compatible strides
+};
+
+struct CombineParams {
+  void* out;
+  float* lse;
+  const float* out_acc;
+  const float* lse_acc;
+  const int* num_splits;
+  int64_t o_stride_b, o_stride_s, o_stride_h, lse_stride_b, lse_stride_h;
+  int s_q, h_q, max_slots;
+};
+
+struct MetadataParams {
+  const int* seqlens;
+  int* meta;                  // [num_parts, 8]
+  int* num_splits;            // [b + 1]
+  int64_t* ends;              // [b] scratch
+  int batch, num_parts;
+};
+
+// Launchers (the stream's device must be current). decode: grid (row tiles, h_kv, num_parts),
+// sizeof(SharedStorage) bytes of dynamic shared memory. `tmap` is only read when p.use_tma.
+template <typename Element, bool kFp8>
+void launch_decode(const DecodeParams& p, const CUtensorMap& tmap, int num_parts, int h_kv, cudaStream_t stream);
+template <typename Element>
+void launch_combine(const CombineParams& p, int batch, cudaStream_t stream);
+void launch_metadata(const MetadataParams& p, cudaStream_t stream);  // csrc/mla/sm90_mla.cu
+
+}  // namespace dskernels::mla

@@ -1,0 +1,229 @@
+"""The sm90 CUDA MLA decode (csrc/mla/) against python_ref.mla, on the device only.
+
+The decode grid follows FlashMLA's test (b, s_q, seqlen, h_q, h_kv, varlen, causal, cache dtype):
+every (b, s_q, seqlen, h_q) combination runs, and the other axes cycle through their values so
+each appears with each of the others. Caches are NaN everywhere no sequence owns (unused pages,
+tails of last pages) and unused block-table slots hold a huge page id, so reading anything outside
+a sequence shows up as NaN or a fault. The oracle runs on the GPU in fp32.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import dskernels
+import python_ref.mla
+from dskernels.ops import mla as mla_ops
+
+pytestmark = pytest.mark.gpu
+
+FP8 = torch.float8_e4m3fn
+D, DV = 576, 512
+HUGE_PAGE = 2**31 - 1
+# out: both sides round to q's dtype (1 ulp: 2^-7 / 2^-10 relative) and the kernel rounds the
+# softmax weights to q's dtype before P @ V (2^-8 / 2^-11 of max|V| after the convex sum). LSE is
+# fp32 with exp2/log2 approximations (a few ulp) over up to 8192 terms.
+TOLERANCES = {torch.bfloat16: (2**-7, 2**-8), torch.float16: (2**-10, 2**-11)}
+LSE_RTOL, LSE_ATOL = 1e-5, 1e-4
+
+
+def _need_cuda_backend():
+    if "cuda" not in dskernels.available_backends():
+        pytest.skip("the sm90 kernels need a Hopper GPU and a CUDA build of dskernels")
+
+
+def make_cache(lengths, h_kv, page_size, cache_dtype, *, seed, d_alloc=D, spare_slots=2):
+    """k_cache [pages, page_size, h_kv, D] (a view of a d_alloc-wide buffer when d_alloc > D),
+    block_table, k_scale; generated on the GPU."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    b = len(lengths)
+    pages_per_seq = [-(-n // page_size) for n in lengths]
+    num_pages = sum(pages_per_seq) + 3
+    max_pages = max(pages_per_seq, default=0) + spare_slots
+    order = torch.randperm(num_pages, generator=gen, device="cuda").int()
+    block_table = torch.full((b, max_pages), HUGE_PAGE, dtype=torch.int32, device="cuda")
+    owned = torch.zeros(num_pages, page_size, dtype=torch.bool, device="cuda")
+    used = 0
+    for i, (n, pages) in enumerate(zip(lengths, pages_per_seq)):
+        ids = order[used:used + pages]
+        used += pages
+        block_table[i, :pages] = ids
+        t = torch.arange(n, device="cuda")
+        owned[ids[t // page_size].long(), t % page_size] = True
+    cache = torch.randn(num_pages, page_size, h_kv, d_alloc, generator=gen, device="cuda")
+    cache[~owned] = math.nan
+    k_scale = None
+    if cache_dtype == FP8:
+        k_scale = torch.tensor([0.0625], device="cuda")
+        cache = (cache / k_scale).to(FP8)
+    else:
+        cache = cache.to(cache_dtype)
+    return cache[..., :D], block_table, k_scale
+
+
+def decode(q, k_cache, block_table, lens, k_scale, causal, softmax_scale=None):
+    h_q, h_kv = q.shape[2], k_cache.shape[2]
+    meta, splits = dskernels.get_mla_metadata(lens, q.shape[1] * h_q // h_kv, h_kv)
+    return dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, meta, splits,
+                                            softmax_scale=softmax_scale, causal=causal, k_scale=k_scale)
+
+
+def check(out, lse, q, k_cache, block_table, lens, k_scale, causal, softmax_scale=None):
+    ref_out, ref_lse = python_ref.mla.flash_mla_with_kvcache(
+        q.float(), k_cache, block_table, lens, DV, softmax_scale, causal, k_scale)
+    assert out.shape == ref_out.shape and out.dtype == q.dtype and lse.shape == ref_lse.shape
+    assert not out.isnan().any(), "NaN in out: a poisoned cache slot or block-table entry was read"
+    rtol, atol_per_v = TOLERANCES[q.dtype]
+    values = k_cache[..., :DV].float()
+    vmax = values[values.isfinite()].abs().max().item() if values.isfinite().any() else 1.0
+    vmax *= 1.0 if k_scale is None else k_scale.item()
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=rtol, atol=atol_per_v * vmax)
+    assert torch.equal(lse.isinf(), ref_lse.isinf()), "queries that see no key must get lse = +inf"
+    assert (lse[lse.isinf()] > 0).all()
+    finite = ref_lse.isfinite()
+    torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=LSE_RTOL, atol=LSE_ATOL)
+    assert (out.float()[ref_lse.permute(0, 2, 1).isinf()] == 0).all()
+
+
+def _lengths(b, seqlen, varlen, gen):
+    if not varlen:
+        return [seqlen] * b
+    # FlashMLA's varlen: normal around the mean (std mean / 2), at least 1; plus an empty one.
+    lengths = torch.normal(float(seqlen), seqlen / 2, (b,), generator=gen).clamp(1, 2 * seqlen).int().tolist()
+    if b > 1:
+        lengths[b // 2] = 0
+    return lengths
+
+
+def _grid():
+    cases = []
+    cycle = itertools.cycle(itertools.product([1, 2], [False, True], [False, True], [torch.bfloat16, FP8]))
+    for b, s_q, seqlen, h_q in itertools.product([1, 2, 6, 64], [1, 2, 4], [20, 140, 4096], [1, 16, 64, 128]):
+        h_kv, varlen, causal, cache_dtype = next(cycle)
+        if h_q == 1:
+            h_kv = 1
+        if b * seqlen > 64 * 4096 // 2 and s_q > 1 and h_q < 64:
+            continue  # keep the run short: the largest memory-bound shapes are covered at s_q = 1
+        cases.append(pytest.param(b, s_q, seqlen, h_q, h_kv, varlen, causal, cache_dtype,
+                                  id=f"b{b}-sq{s_q}-n{seqlen}-hq{h_q}-hkv{h_kv}-{'var' if varlen else 'fix'}-"
+                                     f"{'causal' if causal else 'full'}-{str(cache_dtype)[6:]}"))
+    return cases
+
+
+@pytest.mark.parametrize("b,s_q,seqlen,h_q,h_kv,varlen,causal,cache_dtype", _grid())
+def test_decode_grid(b, s_q, seqlen, h_q, h_kv, varlen, causal, cache_dtype):
+    _need_cuda_backend()
+    gen = torch.Generator().manual_seed(b * 1000 + seqlen + s_q)
+    lengths = _lengths(b, seqlen, varlen, gen)
+    k_cache, block_table, k_scale = make_cache(lengths, h_kv, 64, cache_dtype, seed=b + s_q + h_q)
+    q = torch.randn(b, s_q, h_q, D, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    with dskernels.backend("cuda"):
+        out, lse = decode(q, k_cache, block_table, lens, k_scale, causal)
+    check(out, lse, q, k_cache, block_table, lens, k_scale, causal)
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 61, 64, 128])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, FP8])
+def test_any_page_size_and_strided_cache(page_size, cache_dtype):
+    """Odd pages take the register path, multiples of 64 the TMA path (with a padded row stride)."""
+    _need_cuda_backend()
+    lengths = [300, 1, 0, 130, 64]
+    k_cache, block_table, k_scale = make_cache(lengths, 2, page_size, cache_dtype, seed=page_size, d_alloc=640)
+    q_dtype = torch.float16 if cache_dtype == torch.float16 else torch.bfloat16
+    q = torch.randn(len(lengths), 2, 20, D, device="cuda").to(q_dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    with dskernels.backend("cuda"):
+        out, lse = decode(q, k_cache, block_table, lens, k_scale, True, softmax_scale=0.05)
+    check(out, lse, q, k_cache, block_table, lens, k_scale, True, softmax_scale=0.05)
+
+
+@pytest.mark.parametrize("h_q,s_q", [(64, 1), (65, 1), (32, 3), (128, 2), (16, 5)])
+def test_rows_across_tiles(h_q, s_q):
+    """s_q * h_q / h_kv rows that fill 64-row tiles exactly, cross a multiple of 64, or leave a
+    nearly empty last tile; strided q (a view with a wider head stride)."""
+    _need_cuda_backend()
+    lengths = [1000, 7, 2049]
+    k_cache, block_table, k_scale = make_cache(lengths, 1, 64, torch.bfloat16, seed=h_q)
+    q = torch.randn(len(lengths), s_q, h_q, 2 * D, device="cuda").to(torch.bfloat16)[..., :D]
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    with dskernels.backend("cuda"):
+        out, lse = decode(q, k_cache, block_table, lens, k_scale, s_q > 1)
+    check(out, lse, q, k_cache, block_table, lens, k_scale, s_q > 1)
+
+
+@pytest.mark.parametrize("lengths", [[0], [0, 0, 5], [1] * 300, [8192, 1, 3000] + [0] * 40, list(range(0, 5000, 3))])
+def test_metadata_kernel_equals_split_plan(lengths):
+    """The device kernel reproduces mla_ops.split_plan bit for bit, for several partition counts
+    (batches beyond one CTA's 1024 threads included)."""
+    _need_cuda_backend()
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    for parts in (1, 7, 66, 132):
+        meta = torch.full((parts, 8), -7, dtype=torch.int32, device="cuda")
+        splits = torch.full((len(lengths) + 1,), -7, dtype=torch.int32, device="cuda")
+        torch.ops.dskernels._sm90_get_mla_metadata(lens, meta, splits)
+        ref_meta, ref_splits = mla_ops.split_plan(lens, parts)
+        assert torch.equal(meta, ref_meta), (parts, meta, ref_meta)
+        assert torch.equal(splits, ref_splits), parts
+
+
+def test_metadata_is_64_row_tiles_under_cuda():
+    _need_cuda_backend()
+    lens = torch.tensor([100, 200], dtype=torch.int32, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    with dskernels.backend("cuda"):
+        meta, _ = dskernels.get_mla_metadata(lens, 128, 1)
+    assert meta.shape == (max(1, sms // 2), 8)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+def test_cuda_graph_replay_with_new_lengths(cache_dtype):
+    _need_cuda_backend()
+    lengths = [1000, 0, 37, 4000]
+    k_cache, block_table, k_scale = make_cache(lengths, 1, 64, cache_dtype, seed=3, spare_slots=8)
+    q = torch.randn(len(lengths), 2, 16, D, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    with dskernels.backend("cuda"):
+        decode(q, k_cache, block_table, lens, k_scale, True)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, lse = decode(q, k_cache, block_table, lens, k_scale, True)
+    lens.copy_(torch.tensor([999, 0, 20, 3871], dtype=torch.int32))
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(out, lse, q, k_cache, block_table, lens, k_scale, True)
+
+
+def test_unsupported_shapes_name_the_reason():
+    _need_cuda_backend()
+    q = torch.randn(1, 1, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k_cache = torch.randn(2, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
+    block_table = torch.zeros(1, 2, dtype=torch.int32, device="cuda")
+    lens = torch.tensor([20], dtype=torch.int32, device="cuda")
+    with dskernels.backend("cuda"), pytest.raises(NotImplementedError, match="d = 576"):
+        meta, splits = dskernels.get_mla_metadata(lens, 4, 1)
+        dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, 48, meta, splits)
+
+
+def test_raw_op_rejects_bad_inputs():
+    _need_cuda_backend()
+    k_cache, block_table, _ = make_cache([100], 1, 64, torch.bfloat16, seed=0)
+    lens = torch.tensor([100], dtype=torch.int32, device="cuda")
+    meta, splits = mla_ops.split_plan(lens, 4)
+    q = torch.randn(1, 1, 16, D, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, 1, 16, DV, device="cuda", dtype=torch.bfloat16)
+    lse = torch.empty(1, 16, 1, device="cuda")
+    raw = torch.ops.dskernels._sm90_flash_mla_with_kvcache
+    with pytest.raises(RuntimeError, match="k_scale"):
+        raw(q, k_cache, block_table, lens, meta, splits, 0.1, False, torch.ones(1, device="cuda"), out, lse)
+    with pytest.raises(RuntimeError, match="^q:"):
+        raw(q[..., :512], k_cache, block_table, lens, meta, splits, 0.1, False, None, out, lse)
+    with pytest.raises(RuntimeError, match="out:"):
+        raw(q, k_cache, block_table, lens, meta, splits, 0.1, False, None, out[..., :256], lse)
+    misaligned = torch.empty(1, 1, 16, D + 1, device="cuda", dtype=torch.bfloat16)[..., 1:]
+    with pytest.raises(RuntimeError, match="16-byte"):
+        raw(misaligned, k_cache, block_table, lens, meta, splits, 0.1, False, None, out, lse)
