@@ -17,6 +17,17 @@ if [ "$built" = "cuda" ]; then
   echo "$elfs"
   echo "$elfs" | grep -q "sm_90a" || { echo "FAIL: $so has no sm_90a code"; exit 1; }
   echo "ok: sm_90a code in $so"
+  # The MLA decode kernels' ptxas report: no spills, and no serialized wgmma (C7515: an operand
+  # fence or register write inside an open wgmma stage silently costs a large share of the speed).
+  cutlass_inc=$(python -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))')
+  for src in csrc/mla/sm90_mla_decode_*.cu; do
+    report=$("$CUDA_HOME/bin/nvcc" -std=c++20 -O3 -gencode arch=compute_90a,code=sm_90a -Icsrc/include -I"$cutlass_inc" \
+             --expt-relaxed-constexpr --expt-extended-lambda -Xptxas=-v -c "$src" -o /dev/null 2>&1)
+    if echo "$report" | grep -q "C7515\|[1-9][0-9]* bytes spill"; then
+      echo "$report" | grep "C7515\|spill"; echo "FAIL: $src: serialized wgmma or register spills"; exit 1
+    fi
+  done
+  echo "ok: the MLA decode kernels neither spill nor serialize wgmma"
 else
   echo "note: extension built without CUDA (no nvcc); skipping the sm_90a check"
 fi

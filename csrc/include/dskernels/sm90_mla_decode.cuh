@@ -332,6 +332,25 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const WorkIt
   }
 }
 
+// S = Q K^T for one key block (36 wgmma 64x64x16, both operands K-major in shared memory);
+// committed, not waited for.
+template <typename MmaT>
+// No operand fence on s here: in the pipelined loop P V is still in flight, and an instruction
+// defining wgmma registers inside an open wgmma stage makes ptxas serialize every wgmma (C7515).
+__device__ __forceinline__ void issue_qk(uint32_t q_tile, uint32_t kv_tile, float* s) {
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      mma_ss<typename MmaT::QK>(desc_k_major(q_tile + c * kChunkBytes + kk * 32),
+                                desc_k_major(kv_tile + c * kChunkBytes + kk * 32), s, c > 0 || kk > 0,
+                                std::make_index_sequence<32>{});
+    }
+  }
+  cute::warpgroup_commit_batch();
+}
+
 template <typename Element, bool kFp8>
 __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int part, int kv_head, int m_tile, int tid) {
   using MmaT = Mma<Element>;
@@ -359,27 +378,25 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
     for (int k = 0; k < 128; ++k) o[k] = 0.0f;
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
 
+    // Software pipeline: block i+1's QK^T is issued right behind block i's P V, so the tensor
+    // cores never wait for this warp group between them; wgmma.wait_group 0 at the top of an
+    // iteration then covers both (S of block i, and the P V that read the previous stage).
     cutlass::arch::ClusterBarrier::wait(&smem.q_full, item_count & 1);
+    float s[32];
+    uint32_t pa[16];  // P as the A operand of P V (k-step kk: keys 16kk..16kk+15)
+    fence_all(o, std::make_index_sequence<128>{});  // O's zeros are written before any wgmma stage opens
+    fence_all(s, std::make_index_sequence<32>{});
+    cutlass::arch::ClusterBarrier::wait(&smem.kv_full[block_count & 1], (block_count >> 1) & 1);
+    issue_qk<MmaT>(q_tile, smem_addr(smem.kv[block_count & 1]), s);
     for (int start = w.lo; start < w.hi; start += kBlockN, ++block_count) {
       const int stage = block_count & 1;
       const uint32_t kv_tile = smem_addr(smem.kv[stage]);
-      cutlass::arch::ClusterBarrier::wait(&smem.kv_full[stage], (block_count >> 1) & 1);
-
-      float s[32];
-      fence_all(s, std::make_index_sequence<32>{});
-      cute::warpgroup_arrive();
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          mma_ss<typename MmaT::QK>(desc_k_major(q_tile + c * kChunkBytes + kk * 32),
-                                    desc_k_major(kv_tile + c * kChunkBytes + kk * 32), s, c > 0 || kk > 0,
-                                    std::make_index_sequence<32>{});
-        }
-      }
-      cute::warpgroup_commit_batch();
       cute::warpgroup_wait<0>();
+      // Pin the registers the finished wgmmas wrote or read: nothing may move across the wait.
       fence_all(s, std::make_index_sequence<32>{});
+      fence_all(o, std::make_index_sequence<128>{});
+      fence_all(pa, std::make_index_sequence<16>{});
+      if (start > w.lo) cutlass::arch::ClusterBarrier::arrive(&smem.kv_empty[stage ^ 1]);  // its P V is done
       if (start + kBlockN >= w.hi) cutlass::arch::ClusterBarrier::arrive(&smem.q_empty);  // last use of Q
 
       // Scale, mask, online softmax (log2 domain). Four lanes share a row: reduce over xor 1, 2.
@@ -416,8 +433,7 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
         m_run[h] = m_new;
       }
 
-      // P in registers, laid out as the A operand of the 64x256x16 wgmma (k-step kk: keys 16kk..).
-      uint32_t pa[16];
+      // P in registers, laid out as the A operand of the 64x256x16 wgmma.
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         pa[4 * kk + 0] = MmaT::pack(s[8 * kk + 0], s[8 * kk + 1]);
@@ -460,11 +476,16 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
                                      std::make_index_sequence<128>{});
       }
       cute::warpgroup_commit_batch();
-      cute::warpgroup_wait<0>();
-      fence_all(o, std::make_index_sequence<128>{});
-      fence_all(pa, std::make_index_sequence<16>{});
-      cutlass::arch::ClusterBarrier::arrive(&smem.kv_empty[stage]);
+      if (start + kBlockN < w.hi) {
+        const int next = block_count + 1;
+        cutlass::arch::ClusterBarrier::wait(&smem.kv_full[next & 1], (next >> 1) & 1);
+        issue_qk<MmaT>(q_tile, smem_addr(smem.kv[next & 1]), s);
+      }
     }
+    cute::warpgroup_wait<0>();
+    fence_all(o, std::make_index_sequence<128>{});
+    fence_all(pa, std::make_index_sequence<16>{});
+    cutlass::arch::ClusterBarrier::arrive(&smem.kv_empty[(block_count - 1) & 1]);
     ++item_count;
 
     // Epilogue: full row sums, the final factor for both halves, LSE.
