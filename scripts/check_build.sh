@@ -28,6 +28,12 @@ if [ "$built" = "cuda" ]; then
     fi
   done
   echo "ok: the MLA decode kernels neither spill nor serialize wgmma"
+  # Their hand-encoded wgmma descriptors against CuTe's builder (a host program; CuTe prints a
+  # harmless "cast_smem_ptr_to_uint not supported" on the host, filtered out).
+  "$CUDA_HOME/bin/nvcc" -std=c++20 -Icsrc/include -I"$cutlass_inc" --expt-relaxed-constexpr --expt-extended-lambda \
+    scripts/check_gmma_desc.cu -o build-cmake-gmma-desc
+  ./build-cmake-gmma-desc | grep -v "cast_smem_ptr_to_uint" || { echo "FAIL: wgmma descriptors differ from CuTe's"; exit 1; }
+  rm -f build-cmake-gmma-desc
 else
   echo "note: extension built without CUDA (no nvcc); skipping the sm_90a check"
 fi

@@ -99,13 +99,14 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 
 // wgmma shared-memory descriptors for 128-byte swizzled tiles (PTX ISA "matrix descriptor").
-// K-major (rows of 128 B): SBO = 1024 B between 8-row groups, LBO unused.
-__device__ __forceinline__ uint64_t desc_k_major(uint32_t addr) {
+// K-major (rows of 128 B): SBO = 1024 B between 8-row groups, LBO unused. Both encodings are
+// checked against CuTe's make_gmma_desc on these layouts by scripts/check_gmma_desc.cu (CI).
+__host__ __device__ __forceinline__ uint64_t desc_k_major(uint32_t addr) {
   return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
 // MN-major (the N dimension along the 128-byte rows): LBO = 8192 B between 64-column regions,
 // SBO = 1024 B between groups of 8 K rows.
-__device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr) {
+__host__ __device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr) {
   return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(kChunkBytes >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
          (uint64_t(1) << 62);
 }

@@ -1,0 +1,90 @@
+// Host-side check (CI, scripts/check_build.sh) of what the sm90 MLA decode kernel assumes about
+// wgmma, against CuTe's own tables:
+//  - the shared-memory descriptors it encodes by hand equal what make_gmma_desc builds for the same
+//    layouts (CuTe also static-asserts that each layout is canonical, so a layout the hardware
+//    cannot read fails to compile here);
+//  - its register mappings: the fp32 accumulator of a 64xN wgmma (element 4j + e of a thread) and
+//    the register A operand of a 64x16 k-step (bf16 value v of a thread), against CuTe's CLayout
+//    and ALayout.
+#include <cstdio>
+
+#include "cute/atom/mma_traits_sm90_gmma.hpp"
+#include "cute/tensor.hpp"
+#include "dskernels/sm90_mla_decode.cuh"
+
+using namespace cute;
+using dskernels::mla::kChunkBytes;
+
+// The start address is not comparable on the host (CuTe cannot convert a host pointer to a shared
+// address); compare every other field.
+bool same_fields(uint64_t ours, GmmaDescriptor cute_desc, const char* what) {
+  GmmaDescriptor mine;
+  mine.desc_ = ours;
+  const bool ok = mine.bitfield.leading_byte_offset_ == cute_desc.bitfield.leading_byte_offset_ &&
+                  mine.bitfield.stride_byte_offset_ == cute_desc.bitfield.stride_byte_offset_ &&
+                  mine.bitfield.base_offset_ == cute_desc.bitfield.base_offset_ &&
+                  mine.bitfield.layout_type_ == cute_desc.bitfield.layout_type_;
+  std::printf("%s %s: LBO %d SBO %d layout %d (CuTe: LBO %d SBO %d layout %d)\n", ok ? "ok:" : "FAIL:", what,
+              int(mine.bitfield.leading_byte_offset_), int(mine.bitfield.stride_byte_offset_),
+              int(mine.bitfield.layout_type_), int(cute_desc.bitfield.leading_byte_offset_),
+              int(cute_desc.bitfield.stride_byte_offset_), int(cute_desc.bitfield.layout_type_));
+  return ok;
+}
+
+// Accumulator element 4j + e of thread t: row 16 (t / 32) + (t % 32) / 4 + 8 (e / 2), column
+// 8 j + 2 (t % 4) + e % 2 (the kernel's masking, softmax and output stores use this).
+bool accumulator_mapping_matches() {
+  using Traits = MMA_Traits<SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<SM90::GMMA::Major::K, SM90::GMMA::Major::K>>;
+  auto c = typename Traits::CLayout{};  // (thread, value) -> m + 64 n
+  for (int t = 0; t < 128; ++t) {
+    for (int v = 0; v < 32; ++v) {
+      const int idx = c(t, v), m = idx % 64, n = idx / 64;
+      const int lane = t % 32, j = v / 4, e = v % 4;
+      if (m != 16 * (t / 32) + lane / 4 + 8 * (e / 2) || n != 8 * j + 2 * (lane % 4) + e % 2) {
+        std::printf("FAIL: accumulator (thread %d, value %d) is (%d, %d) in CuTe\n", t, v, m, n);
+        return false;
+      }
+    }
+  }
+  std::printf("ok: 64xN accumulator mapping\n");
+  return true;
+}
+
+// A from registers, bf16 value v of thread t (register v / 2): row 16 (t / 32) + (t % 32) / 4 +
+// 8 ((v / 2) % 2), column 2 (t % 4) + v % 2 + 8 (v / 4): so P's accumulator pairs pack straight in.
+bool register_a_mapping_matches() {
+  using Traits = MMA_Traits<SM90::GMMA::MMA_64x256x16_F32BF16BF16_RS<SM90::GMMA::Major::K, SM90::GMMA::Major::MN>>;
+  auto a = typename Traits::ALayout{};  // (thread, value) -> m + 64 k
+  for (int t = 0; t < 128; ++t) {
+    for (int v = 0; v < 8; ++v) {
+      const int idx = a(t, v), m = idx % 64, k = idx / 64;
+      const int lane = t % 32;
+      if (m != 16 * (t / 32) + lane / 4 + 8 * ((v / 2) % 2) || k != 2 * (lane % 4) + v % 2 + 8 * (v / 4)) {
+        std::printf("FAIL: register A (thread %d, value %d) is (%d, %d) in CuTe\n", t, v, m, k);
+        return false;
+      }
+    }
+  }
+  std::printf("ok: register A operand mapping\n");
+  return true;
+}
+
+int main() {
+  using T = cutlass::bfloat16_t;
+  alignas(1024) static T tile[dskernels::mla::kTileBytes / 2];
+  constexpr int kRegion = kChunkBytes / 2;  // elements between 64-column regions
+  // Q, K and P as K-major operands of one k-step: (64 rows, 16 columns), rows 128 B apart.
+  auto k_major = make_tensor(make_smem_ptr(tile), make_composed_layout(Swizzle<3, 4, 3>{}, smem_ptr_flag_bits<16>{},
+                                                                       Layout<Shape<_64, _16>, Stride<_64, _1>>{}));
+  // V (the key tile) as the MN-major B operand of P V: (256 columns, 16 keys); column n in region
+  // n / 64, key k at k * 64 elements within its region.
+  auto mn_major = make_tensor(
+      make_smem_ptr(tile),
+      make_composed_layout(Swizzle<3, 4, 3>{}, smem_ptr_flag_bits<16>{},
+                           Layout<Shape<Shape<_64, _4>, Shape<_8, _2>>, Stride<Stride<_1, Int<kRegion>>, Stride<_64, _512>>>{}));
+  const bool ok = same_fields(dskernels::mla::desc_k_major(0), SM90::GMMA::make_gmma_desc<SM90::GMMA::Major::K>(k_major),
+                              "K-major (Q K^T operands, P)") &
+                  same_fields(dskernels::mla::desc_mn_major(0),
+                              SM90::GMMA::make_gmma_desc<SM90::GMMA::Major::MN>(mn_major), "MN-major (V of P V)");
+  return ok & accumulator_mapping_matches() & register_a_mapping_matches() ? 0 : 1;
+}
