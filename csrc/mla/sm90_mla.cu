@@ -124,8 +124,7 @@ void run(const mla::DecodeParams& p, const CUtensorMap& tmap, bool fp8, int num_
     mla::launch_decode<Element, false>(p, tmap, num_parts, h_kv, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  mla::launch_combine<Element>(c, p.batch, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(mla::launch_combine<Element>(c, p.batch, stream));
 }
 
 void flash_mla_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_table,

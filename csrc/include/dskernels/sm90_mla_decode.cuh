@@ -594,6 +594,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (p.use_tma) cute::prefetch_tma_descriptor(&tmap);
   }
   __syncthreads();
+  // Programmatic dependent launch: the combine grid may be scheduled now; it still waits
+  // (griddepcontrol.wait) until this grid has finished and its writes are visible.
+  asm volatile("griddepcontrol.launch_dependents;");
 
   if (group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
@@ -617,6 +620,8 @@ constexpr int kCombineWarps = 4;
 template <typename Element>
 __global__ void __launch_bounds__(kCombineWarps * 32)
     combine_kernel(const __grid_constant__ CombineParams p) {
+  // Launched as a programmatic dependent of the decode grid: wait for its results.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   const int i = blockIdx.x;
   const int flat = blockIdx.y * kCombineWarps + threadIdx.x / 32;  // head * s_q + token
   const int lane = threadIdx.x % 32;
@@ -673,9 +678,19 @@ void launch_decode(const DecodeParams& p, const CUtensorMap& tmap, int num_parts
 }
 
 template <typename Element>
-void launch_combine(const CombineParams& p, int batch, cudaStream_t stream) {
+cudaError_t launch_combine(const CombineParams& p, int batch, cudaStream_t stream) {
   const dim3 grid(batch, (p.h_q * p.s_q + kCombineWarps - 1) / kCombineWarps);
-  combine_kernel<Element><<<grid, kCombineWarps * 32, 0, stream>>>(p);
+  // Programmatic dependent launch (sm90): the combine's launch overlaps the decode's tail.
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(kCombineWarps * 32);
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, combine_kernel<Element>, p);
 }
 
 }  // namespace dskernels::mla

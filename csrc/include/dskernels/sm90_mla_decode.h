@@ -77,7 +77,7 @@ struct MetadataParams {
 template <typename Element, bool kFp8>
 void launch_decode(const DecodeParams& p, const CUtensorMap& tmap, int num_parts, int h_kv, cudaStream_t stream);
 template <typename Element>
-void launch_combine(const CombineParams& p, int batch, cudaStream_t stream);
+cudaError_t launch_combine(const CombineParams& p, int batch, cudaStream_t stream);
 void launch_metadata(const MetadataParams& p, cudaStream_t stream);  // csrc/mla/sm90_mla.cu
 
 }  // namespace dskernels::mla
