@@ -116,6 +116,26 @@ __device__ __forceinline__ uint32_t swizzled_offset(int row, int piece) {
   return (piece >> 3) * kChunkBytes + row * 128 + (((piece & 7) ^ (row & 7)) << 4);
 }
 
+// An mbarrier wait that traps after kWaitTimeoutNs instead of spinning forever: a handshake bug
+// then fails the launch ("unspecified launch failure") instead of hanging the process. No printf:
+// a call here makes ptxas spill the consumers' accumulators around it (measured: 860 bytes). The
+// clock is read only once the first try_wait (itself a bounded hardware wait) has failed.
+constexpr uint64_t kWaitTimeoutNs = 10'000'000'000ull;
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ void barrier_wait(const uint64_t* bar, uint32_t phase) {
+  if (cutlass::arch::ClusterBarrier::try_wait(bar, phase)) return;
+  const uint64_t start = global_ns();
+  while (!cutlass::arch::ClusterBarrier::try_wait(bar, phase)) {
+    if (global_ns() - start > kWaitTimeoutNs) __trap();
+  }
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -231,7 +251,7 @@ __device__ void producer(const DecodeParams& p, const CUtensorMap* tmap, SharedS
   int item_count = 0, block_count = 0;
   for_each_item(p, part, [&](const WorkItem& w) {
     // Q tile: rows (token, head) of this kv head; rows past s_q * h_q / h_kv are zeros.
-    cutlass::arch::ClusterBarrier::wait(&smem.q_empty, (item_count & 1) ^ 1);
+    barrier_wait(&smem.q_empty, (item_count & 1) ^ 1);
     cutlass::arch::NamedBarrier::sync(128, kBarProducer);  // everyone is done with row_src
     if (tid < kBlockM) {
       const int r = m_tile * kBlockM + tid;
@@ -251,7 +271,7 @@ __device__ void producer(const DecodeParams& p, const CUtensorMap* tmap, SharedS
     const int* table = p.block_table + w.i * p.bt_stride;
     for (int start = w.lo; start < w.hi; start += kBlockN, ++block_count) {
       const int stage = block_count & 1;
-      cutlass::arch::ClusterBarrier::wait(&smem.kv_empty[stage], ((block_count >> 1) & 1) ^ 1);
+      barrier_wait(&smem.kv_empty[stage], ((block_count >> 1) & 1) ^ 1);
       const int page_idx = start / p.page_size;
       const bool whole = start + kBlockN <= w.hi && start % kBlockN == 0 && page_idx < p.max_pages;
       if (!kFp8 && p.use_tma && whole) {
@@ -382,12 +402,12 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
     // Software pipeline: block i+1's QK^T is issued right behind block i's P V, so the tensor
     // cores never wait for this warp group between them; wgmma.wait_group 0 at the top of an
     // iteration then covers both (S of block i, and the P V that read the previous stage).
-    cutlass::arch::ClusterBarrier::wait(&smem.q_full, item_count & 1);
+    barrier_wait(&smem.q_full, item_count & 1);
     float s[32];
     uint32_t pa[16];  // P as the A operand of P V (k-step kk: keys 16kk..16kk+15)
     fence_all(o, std::make_index_sequence<128>{});  // O's zeros are written before any wgmma stage opens
     fence_all(s, std::make_index_sequence<32>{});
-    cutlass::arch::ClusterBarrier::wait(&smem.kv_full[block_count & 1], (block_count >> 1) & 1);
+    barrier_wait(&smem.kv_full[block_count & 1], (block_count >> 1) & 1);
     issue_qk<MmaT>(q_tile, smem_addr(smem.kv[block_count & 1]), s);
     for (int start = w.lo; start < w.hi; start += kBlockN, ++block_count) {
       const int stage = block_count & 1;
@@ -443,7 +463,7 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
         pa[4 * kk + 3] = MmaT::pack(s[8 * kk + 6], s[8 * kk + 7]);
       }
       // Hand P and the rescale factors to WG2 (its previous block must be done with them).
-      cutlass::arch::ClusterBarrier::wait(&smem.p_empty, (block_count & 1) ^ 1);
+      barrier_wait(&smem.p_empty, (block_count & 1) ^ 1);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
 #pragma unroll
@@ -479,7 +499,7 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
       cute::warpgroup_commit_batch();
       if (start + kBlockN < w.hi) {
         const int next = block_count + 1;
-        cutlass::arch::ClusterBarrier::wait(&smem.kv_full[next & 1], (next >> 1) & 1);
+        barrier_wait(&smem.kv_full[next & 1], (next >> 1) & 1);
         issue_qk<MmaT>(q_tile, smem_addr(smem.kv[next & 1]), s);
       }
     }
@@ -539,8 +559,8 @@ __device__ void second_half_group(const DecodeParams& p, SharedStorage& smem, in
     for (int start = w.lo; start < w.hi; start += kBlockN, ++block_count) {
       const int stage = block_count & 1;
       const uint32_t kv_tile = smem_addr(smem.kv[stage]);
-      cutlass::arch::ClusterBarrier::wait(&smem.kv_full[stage], (block_count >> 1) & 1);
-      cutlass::arch::ClusterBarrier::wait(&smem.p_full, block_count & 1);
+      barrier_wait(&smem.kv_full[stage], (block_count >> 1) & 1);
+      barrier_wait(&smem.p_full, block_count & 1);
       const float alpha0 = smem.row_alpha[r0], alpha1 = smem.row_alpha[r0 + 8];
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
