@@ -7,15 +7,15 @@
 // its partition (tile_scheduler_metadata) in 64-key blocks with an online softmax.
 //
 // Warp groups (384 threads):
-//   producer (WG0, 72 registers): fills the Q tile once per sequence and the K tile of each key
+//   producer (WG0, 88 registers): fills the Q tile once per sequence and the K tile of each key
 //     block into a two-stage ring: TMA (one thread, nine 64x64 boxes) for full blocks of a 16-bit
 //     cache whose page size is a multiple of 64; otherwise every thread loads 16-byte pieces through
 //     registers (any page size, zero rows past the sequence, fp8 e4m3 widened exactly to q's type)
 //     and stores them in the same swizzled layout.
-//   softmax (WG1, 216 registers): S = Q K^T (36 x wgmma 64x64x16 from shared memory), masks,
+//   softmax (WG1, 208 registers): S = Q K^T (36 x wgmma 64x64x16 from shared memory), masks,
 //     online softmax in the log2 domain, P to registers (bf16/fp16) and to shared memory, then
 //     O[:, 0:256] += P V[:, 0:256] (wgmma 64x256x16, P from registers).
-//   second half (WG2, 216 registers): O[:, 256:512] += P V[:, 256:512] with P and the row rescale
+//   second half (WG2, 208 registers): O[:, 256:512] += P V[:, 256:512] with P and the row rescale
 //     factors taken from shared memory. It overlaps WG1's QK^T and softmax of the next block.
 //
 // Shared memory (all tiles 128-byte swizzled, the layout TMA's SWIZZLE_128B writes and wgmma's
@@ -227,7 +227,7 @@ __device__ __forceinline__ void copy_rows_16bit(const SharedStorage& smem, uint3
 // fp8 rows (576 bytes: 36 pieces), each piece widened to two 16-bit pieces.
 template <typename Element>
 __device__ __forceinline__ void copy_rows_fp8(const SharedStorage& smem, uint32_t tile, int tid) {
-  copy_rows<kHeadDim / 16, 6>(smem, tid, [&](int row, int piece, uint4 v) {
+  copy_rows<kHeadDim / 16, 9>(smem, tid, [&](int row, int piece, uint4 v) {
     const uint32_t words[4] = {v.x, v.y, v.z, v.w};
     uint32_t wide[8];
 #pragma unroll

@@ -20,10 +20,10 @@ constexpr int kChunkBytes = kBlockN * 128;            // one [64 rows][128 B] re
 constexpr int kTileBytes = kChunks * kChunkBytes;     // 72 KiB: a 64 x 576 16-bit tile
 constexpr int kPieces = kHeadDim * 2 / 16;            // 16-byte pieces per 16-bit row: 72
 constexpr int kThreads = 384;
-constexpr int kProducerRegs = 72;
-constexpr int kConsumerRegs = 216;
+constexpr int kProducerRegs = 88;
+constexpr int kConsumerRegs = 208;
 constexpr int kMetaInts = 8;
-constexpr int kLoadBatch = 9;             // 16-byte loads in flight per producer thread (36 per block)
+constexpr int kLoadBatch = 12;            // 16-byte loads in flight per producer thread (36 per 16-bit block)
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Named barriers (0 is __syncthreads).
