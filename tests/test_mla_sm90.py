@@ -140,10 +140,11 @@ def test_any_page_size_and_strided_cache(page_size, cache_dtype):
     check(out, lse, q, k_cache, block_table, lens, k_scale, True, softmax_scale=0.05)
 
 
-@pytest.mark.parametrize("h_q,s_q", [(64, 1), (65, 1), (32, 3), (128, 2), (16, 5)])
+@pytest.mark.parametrize("h_q,s_q", [(64, 1), (65, 1), (32, 3), (128, 2), (16, 5), (64, 3)])
 def test_rows_across_tiles(h_q, s_q):
     """s_q * h_q / h_kv rows that fill 64-row tiles exactly, cross a multiple of 64, or leave a
-    nearly empty last tile; strided q (a view with a wider head stride)."""
+    nearly empty last tile; two or more tiles run as 2-CTA clusters sharing the key blocks by
+    multicast (three tiles: a padding CTA with no rows); strided q (a wider head stride)."""
     _need_cuda_backend()
     lengths = [1000, 7, 2049]
     k_cache, block_table, k_scale = make_cache(lengths, 1, 64, torch.bfloat16, seed=h_q)

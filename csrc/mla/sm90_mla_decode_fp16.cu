@@ -5,8 +5,8 @@
 
 namespace dskernels::mla {
 
-template void launch_decode<__half, false>(const DecodeParams&, const CUtensorMap&, int, int, cudaStream_t);
-template void launch_decode<__half, true>(const DecodeParams&, const CUtensorMap&, int, int, cudaStream_t);
+template cudaError_t launch_decode<__half, false>(const DecodeParams&, const CUtensorMap&, int, int, cudaStream_t);
+template cudaError_t launch_decode<__half, true>(const DecodeParams&, const CUtensorMap&, int, int, cudaStream_t);
 template cudaError_t launch_combine<__half>(const CombineParams&, int, cudaStream_t);
 
 }  // namespace dskernels::mla

@@ -131,10 +131,14 @@ def _sm90_runs(device: torch.device) -> bool:
 def num_partitions(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
     """FlashMLA's num_sm_parts: one partition per group of SMs that covers all kv heads and all
     row tiles of queries, so the decode grid (parts x kv heads x tiles) fills the GPU about once.
-    Tiles have 64 rows in the sm90 kernel (FlashMLA's), 32 in the Triton kernel (16 when
-    s_q * h_q / h_kv <= 16). Any partition count works with either kernel; this one fills the GPU."""
-    rows = SM90_TILE_ROWS if _sm90_runs(device) else TILE_ROWS
-    tiles = -(-num_q_tokens_per_head_k // rows)
+    Tiles have 64 rows in the sm90 kernel (FlashMLA's; an odd count above one is padded to pairs,
+    its 2-CTA clusters), 32 in the Triton kernel (16 when s_q * h_q / h_kv <= 16). Any partition
+    count works with either kernel; this one fills the GPU."""
+    if _sm90_runs(device):
+        tiles = -(-num_q_tokens_per_head_k // SM90_TILE_ROWS)
+        tiles += tiles % 2 if tiles > 1 else 0  # 2-CTA clusters over the row tiles (TMA path)
+    else:
+        tiles = -(-num_q_tokens_per_head_k // TILE_ROWS)
     return max(1, sm_count(device) // (num_heads_k * tiles))
 
 

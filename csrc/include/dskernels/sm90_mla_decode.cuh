@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "cute/arch/cluster_sm90.hpp"
 #include "cute/arch/copy_sm90_tma.hpp"
 #include "cute/arch/mma_sm90_desc.hpp"
 #include "cute/arch/mma_sm90_gmma.hpp"
@@ -133,6 +134,21 @@ __device__ __forceinline__ void barrier_wait(const uint64_t* bar, uint32_t phase
   const uint64_t start = global_ns();
   while (!cutlass::arch::ClusterBarrier::try_wait(bar, phase)) {
     if (global_ns() - start > kWaitTimeoutNs) __trap();
+  }
+}
+
+// A consumer warp gives key stage `bar` back: one arrival per warp (its wgmmas that read the
+// stage have been waited for by every lane), on the barrier of every CTA of the cluster, since
+// with multicast each CTA's producer writes into both CTAs' tiles.
+template <int kCluster>
+__device__ __forceinline__ void release_stage(uint64_t* bar) {
+  __syncwarp();
+  if (threadIdx.x % 32 != 0) return;
+  if constexpr (kCluster == 1) {
+    cutlass::arch::ClusterBarrier::arrive(bar);
+  } else {
+#pragma unroll
+    for (int c = 0; c < kCluster; ++c) cutlass::arch::ClusterBarrier::arrive(bar, c, 1);
   }
 }
 
@@ -242,9 +258,10 @@ __device__ __forceinline__ void copy_rows_fp8(const SharedStorage& smem, uint32_
   });
 }
 
-template <typename Element, bool kFp8>
+template <typename Element, bool kFp8, int kCluster>
 __device__ void producer(const DecodeParams& p, const CUtensorMap* tmap, SharedStorage& smem, int part, int kv_head,
                          int m_tile, int tid) {
+  [[maybe_unused]] const int cluster_rank = kCluster > 1 ? int(cute::block_rank_in_cluster()) : 0;
   const uint8_t* q_base = static_cast<const uint8_t*>(p.q);
   const uint8_t* k_base = static_cast<const uint8_t*>(p.k_cache);
   constexpr int kKElem = kFp8 ? 1 : 2;
@@ -275,15 +292,23 @@ __device__ void producer(const DecodeParams& p, const CUtensorMap* tmap, SharedS
       const int page_idx = start / p.page_size;
       const bool whole = start + kBlockN <= w.hi && start % kBlockN == 0 && page_idx < p.max_pages;
       if (!kFp8 && p.use_tma && whole) {
-        // One page holds the whole block (page_size % 64 == 0): nine 64 x 64 boxes.
+        // One page holds the whole block (page_size % 64 == 0): nine 64 x 64 boxes. In a cluster
+        // each CTA loads every kCluster-th box and multicasts it to all, so the key block crosses
+        // from L2 once for all the row tiles; each CTA still expects the whole tile's bytes.
         if (tid == 0) {
           const int page = table[page_idx];
           cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.kv_full[stage], kTileBytes);
 #pragma unroll 1
           for (int c = 0; c < kChunks; ++c) {
-            cute::SM90_TMA_LOAD_4D::copy(tmap, &smem.kv_full[stage], 0 /* no cache hint */,
-                                         smem.kv[stage] + c * kChunkBytes, c * kChunkCols, kv_head,
-                                         start % p.page_size, page);
+            if constexpr (kCluster == 1) {
+              cute::SM90_TMA_LOAD_4D::copy(tmap, &smem.kv_full[stage], 0 /* no cache hint */,
+                                           smem.kv[stage] + c * kChunkBytes, c * kChunkCols, kv_head,
+                                           start % p.page_size, page);
+            } else if (c % kCluster == cluster_rank) {
+              cute::SM90_TMA_LOAD_MULTICAST_4D::copy(tmap, &smem.kv_full[stage], uint16_t((1 << kCluster) - 1), 0,
+                                                     smem.kv[stage] + c * kChunkBytes, c * kChunkCols, kv_head,
+                                                     start % p.page_size, page);
+            }
           }
         } else {
           cutlass::arch::ClusterBarrier::arrive(&smem.kv_full[stage]);
@@ -372,7 +397,7 @@ __device__ __forceinline__ void issue_qk(uint32_t q_tile, uint32_t kv_tile, floa
   cute::warpgroup_commit_batch();
 }
 
-template <typename Element, bool kFp8>
+template <typename Element, bool kFp8, int kCluster>
 __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int part, int kv_head, int m_tile, int tid) {
   using MmaT = Mma<Element>;
   const int warp = tid / 32, lane = tid % 32, q4 = lane % 4;
@@ -417,7 +442,7 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
       fence_all(s, std::make_index_sequence<32>{});
       fence_all(o, std::make_index_sequence<128>{});
       fence_all(pa, std::make_index_sequence<16>{});
-      if (start > w.lo) cutlass::arch::ClusterBarrier::arrive(&smem.kv_empty[stage ^ 1]);  // its P V is done
+      if (start > w.lo) release_stage<kCluster>(&smem.kv_empty[stage ^ 1]);  // its P V is done
       if (start + kBlockN >= w.hi) cutlass::arch::ClusterBarrier::arrive(&smem.q_empty);  // last use of Q
 
       // Scale, mask, online softmax (log2 domain). Four lanes share a row: reduce over xor 1, 2.
@@ -506,7 +531,7 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
     cute::warpgroup_wait<0>();
     fence_all(o, std::make_index_sequence<128>{});
     fence_all(pa, std::make_index_sequence<16>{});
-    cutlass::arch::ClusterBarrier::arrive(&smem.kv_empty[(block_count - 1) & 1]);
+    release_stage<kCluster>(&smem.kv_empty[(block_count - 1) & 1]);
     ++item_count;
 
     // Epilogue: full row sums, the final factor for both halves, LSE.
@@ -544,7 +569,7 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
   });
 }
 
-template <typename Element>
+template <typename Element, int kCluster>
 __device__ void second_half_group(const DecodeParams& p, SharedStorage& smem, int part, int kv_head, int m_tile,
                                   int tid) {
   using MmaT = Mma<Element>;
@@ -581,7 +606,7 @@ __device__ void second_half_group(const DecodeParams& p, SharedStorage& smem, in
       cute::warpgroup_wait<0>();
       fence_all(o, std::make_index_sequence<128>{});
       cutlass::arch::ClusterBarrier::arrive(&smem.p_empty);
-      cutlass::arch::ClusterBarrier::arrive(&smem.kv_empty[stage]);
+      release_stage<kCluster>(&smem.kv_empty[stage]);
     }
     cutlass::arch::NamedBarrier::sync(256, kBarConsumers);
     const float f0 = smem.row_final[r0], f1 = smem.row_final[r0 + 8];
@@ -590,9 +615,11 @@ __device__ void second_half_group(const DecodeParams& p, SharedStorage& smem, in
   });
 }
 
-// grid (row tiles, h_kv, num_parts): the row tiles of one partition and kv head run side by side,
-// so the second tile's key reads mostly hit L2.
-template <typename Element, bool kFp8>
+// grid (row tiles, h_kv, num_parts): the row tiles of one partition and kv head run side by side.
+// kCluster = 2 (16-bit caches on the TMA path, two or more row tiles): pairs of row tiles form a
+// cluster and share every key block through TMA multicast, so crossing a multiple of 64 rows does
+// not double the key traffic per SM (grid.x is rounded up to even; a padding tile has no rows).
+template <typename Element, bool kFp8, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -608,25 +635,34 @@ __global__ void __launch_bounds__(kThreads, 1)
     cutlass::arch::ClusterBarrier::init(&smem.p_empty, 128);
     for (int s = 0; s < 2; ++s) {
       cutlass::arch::ClusterBarrier::init(&smem.kv_full[s], 128);
-      cutlass::arch::ClusterBarrier::init(&smem.kv_empty[s], 256);
+      cutlass::arch::ClusterBarrier::init(&smem.kv_empty[s], 8 * kCluster);  // consumer warps of the cluster
     }
     cutlass::arch::fence_barrier_init();
     if (p.use_tma) cute::prefetch_tma_descriptor(&tmap);
   }
-  __syncthreads();
+  if constexpr (kCluster > 1) {  // no multicast or remote arrive before the peer's barriers exist
+    cute::cluster_arrive_relaxed();
+    cute::cluster_wait();
+  } else {
+    __syncthreads();
+  }
   // Programmatic dependent launch: the combine grid may be scheduled now; it still waits
   // (griddepcontrol.wait) until this grid has finished and its writes are visible.
   asm volatile("griddepcontrol.launch_dependents;");
 
   if (group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    producer<Element, kFp8>(p, &tmap, smem, part, kv_head, m_tile, tid);
+    producer<Element, kFp8, kCluster>(p, &tmap, smem, part, kv_head, m_tile, tid);
   } else if (group == 1) {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-    softmax_group<Element, kFp8>(p, smem, part, kv_head, m_tile, tid);
+    softmax_group<Element, kFp8, kCluster>(p, smem, part, kv_head, m_tile, tid);
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-    second_half_group<Element>(p, smem, part, kv_head, m_tile, tid);
+    second_half_group<Element, kCluster>(p, smem, part, kv_head, m_tile, tid);
+  }
+  if constexpr (kCluster > 1) {  // stay until the peer can no longer multicast into or arrive on us
+    cute::cluster_arrive();
+    cute::cluster_wait();
   }
 #endif
 }
@@ -689,12 +725,31 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
 // ---------------------------------------------------------------------------------------------
 
 template <typename Element, bool kFp8>
-void launch_decode(const DecodeParams& p, const CUtensorMap& tmap, int num_parts, int h_kv, cudaStream_t stream) {
-  auto kernel = decode_kernel<Element, kFp8>;
+cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& tmap, int num_parts, int h_kv,
+                          cudaStream_t stream) {
   constexpr int kSmem = sizeof(SharedStorage);
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  const dim3 grid((p.rows + kBlockM - 1) / kBlockM, h_kv, num_parts);
-  kernel<<<grid, kThreads, kSmem, stream>>>(p, tmap);
+  const int tiles = (p.rows + kBlockM - 1) / kBlockM;
+  cudaLaunchAttribute attribute{};
+  cudaLaunchConfig_t config{};
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kSmem;
+  config.stream = stream;
+  auto launch = [&](auto kernel, int cluster) {
+    cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (error != cudaSuccess) return error;
+    config.gridDim = dim3((tiles + cluster - 1) / cluster * cluster, h_kv, num_parts);
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = cluster;
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, kernel, p, tmap);
+  };
+  if constexpr (!kFp8) {
+    if (p.use_tma && tiles >= 2) return launch(decode_kernel<Element, false, 2>, 2);
+  }
+  return launch(decode_kernel<Element, kFp8, 1>, 1);
 }
 
 template <typename Element>

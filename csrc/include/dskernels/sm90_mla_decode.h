@@ -73,9 +73,11 @@ struct MetadataParams {
 };
 
 // Launchers (the stream's device must be current). decode: grid (row tiles, h_kv, num_parts),
-// sizeof(SharedStorage) bytes of dynamic shared memory. `tmap` is only read when p.use_tma.
+// sizeof(SharedStorage) bytes of dynamic shared memory, 2-CTA clusters over the row tiles when the
+// TMA path serves two or more tiles. `tmap` is only read when p.use_tma.
 template <typename Element, bool kFp8>
-void launch_decode(const DecodeParams& p, const CUtensorMap& tmap, int num_parts, int h_kv, cudaStream_t stream);
+cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& tmap, int num_parts, int h_kv,
+                          cudaStream_t stream);
 template <typename Element>
 cudaError_t launch_combine(const CombineParams& p, int batch, cudaStream_t stream);
 void launch_metadata(const MetadataParams& p, cudaStream_t stream);  // csrc/mla/sm90_mla.cu
