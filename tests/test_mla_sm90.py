@@ -228,3 +228,24 @@ def test_raw_op_rejects_bad_inputs():
     misaligned = torch.empty(1, 1, 16, D + 1, device="cuda", dtype=torch.bfloat16)[..., 1:]
     with pytest.raises(RuntimeError, match="16-byte"):
         raw(misaligned, k_cache, block_table, lens, meta, splits, 0.1, False, None, out, lse)
+
+
+def test_opcheck_under_cuda_backend():
+    """Schemas, fake kernels and the raw ops' declared mutations, with the sm90 kernels running."""
+    _need_cuda_backend()
+    lengths = [130, 0, 7]
+    # bf16 and no NaN poison: opcheck's schema test compares inputs before and after with allclose.
+    k_cache, block_table, k_scale = make_cache(lengths, 1, 64, torch.bfloat16, seed=5)
+    k_cache = torch.nan_to_num(k_cache)
+    q = torch.randn(len(lengths), 2, 40, D, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    with dskernels.backend("cuda"):
+        torch.library.opcheck(torch.ops.dskernels.get_mla_metadata, (lens, 80, 1))
+        meta, splits = dskernels.get_mla_metadata(lens, 80, 1)
+        torch.library.opcheck(torch.ops.dskernels.flash_mla_with_kvcache,
+                              (q, k_cache, block_table, lens, DV, meta, splits),
+                              {"causal": True, "k_scale": k_scale})
+        out = torch.empty(len(lengths), 2, 40, DV, device="cuda", dtype=torch.bfloat16)
+        lse = torch.empty(len(lengths), 40, 2, device="cuda")
+        torch.library.opcheck(torch.ops.dskernels._sm90_flash_mla_with_kvcache,
+                              (q, k_cache, block_table, lens, meta, splits, 0.04, True, k_scale, out, lse))
