@@ -11,8 +11,10 @@ Experts: the (token, expert) pairs are sorted by expert (no host sync: argsort, 
 each expert's rows form one contiguous segment, and each of the two GEMMs is one grouped GEMM over
 [num_local_experts, n, k] weights: `m_grouped_gemm_fp8_fp8_bf16_nt_contiguous` for FP8 weights
 (activations cast 1x128 by `per_token_cast_to_fp8`), `torch._grouped_mm` for float weights (API.md
-has no bf16 grouped GEMM; a per-expert loop where _grouped_mm is missing). Rows of -1 (experts on
-other ranks) are carried as padding rows and masked out.
+has no bf16 grouped GEMM; a per-expert loop where _grouped_mm is missing; under torch.compile both
+run inside the opaque op `dskernels::_moe_grouped_mm_float`). Rows of -1 (experts on other ranks)
+are carried as padding rows and masked out. Every shape depends on the token count only, so the
+layer without EP traces into one graph and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, cfg: D
     return topk_idx, weights * cfg.routed_scaling_factor
 
 
-def _grouped_float(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _grouped_float_eager(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows [offsets[g-1], offsets[g]) of x times w[g].T; rows past offsets[-1] unspecified."""
     if _GROUPED_MM and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
         try:
@@ -54,11 +56,41 @@ def _grouped_float(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, coun
             pass
     out = x.new_zeros(x.shape[0], w.shape[1])
     start = 0
-    for g, n in enumerate(counts.tolist()):  # host sync: fallback only
-        if n:
-            out[start:start + n] = x[start:start + n] @ w[g].T
-        start += n
+    for g, end in enumerate(offsets.tolist()):  # host sync: fallback only
+        if end > start:
+            out[start:end] = x[start:end] @ w[g].T
+        start = end
     return out
+
+
+def _check_grouped_float(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> None:
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
+        raise ValueError(f"x, w: expected [M, K] and [G, N, K], got {list(x.shape)} and {list(w.shape)}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"w: expected x's dtype {x.dtype}, got {w.dtype}")
+    if offsets.dtype != torch.int32 or tuple(offsets.shape) != (w.shape[0],):
+        raise ValueError(f"offsets: expected int32 [{w.shape[0]}], got {offsets.dtype} {list(offsets.shape)}")
+
+
+# The float expert GEMM as an opaque op for torch.compile: the output is [M, N] whatever the
+# routing, but neither path traces (the meta of torch._grouped_mm takes bf16 only, while the CPU
+# kernel also runs fp32; the per-expert fallback reads the offsets on the host).
+@torch.library.custom_op("dskernels::_moe_grouped_mm_float", mutates_args=())
+def _moe_grouped_mm_float(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    _check_grouped_float(x, w, offsets)
+    return _grouped_float_eager(x, w, offsets)
+
+
+@_moe_grouped_mm_float.register_fake
+def _(x, w, offsets):
+    _check_grouped_float(x, w, offsets)
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+def _grouped_float(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _moe_grouped_mm_float(x, w, offsets)
+    return _grouped_float_eager(x, w, offsets)  # eager: same code, without the op's dispatch cost
 
 
 class Experts(nn.Module):
@@ -80,9 +112,9 @@ class Experts(nn.Module):
     def is_fp8(self) -> bool:
         return self.gate_up_proj.dtype == FP8
 
-    def _gemm(self, x, w, scale, m_indices, offsets, counts) -> torch.Tensor:
+    def _gemm(self, x, w, scale, m_indices, offsets) -> torch.Tensor:
         if scale is None:
-            return _grouped_float(x, w, offsets, counts)
+            return _grouped_float(x, w, offsets)
         a, sa = x if isinstance(x, tuple) else dskernels.per_token_cast_to_fp8(x.contiguous())
         out = torch.empty(a.shape[0], w.shape[1], dtype=torch.bfloat16, device=a.device)
         if a.shape[0]:
@@ -110,13 +142,13 @@ class Experts(nn.Module):
             raise TypeError("x: FP8 activations need FP8 expert weights")
         if not self.is_fp8:
             xs = xs.to(self.gate_up_proj.dtype)
-        h = self._gemm(xs, self.gate_up_proj, self.gate_up_proj_scale_inv, m_indices, offsets, counts)
+        h = self._gemm(xs, self.gate_up_proj, self.gate_up_proj_scale_inv, m_indices, offsets)
         gate, up = h.split(self.intermediate, dim=-1)
         if self.is_fp8:
             act = F.silu(gate.float()) * up.float()           # cast to FP8 straight from fp32
         else:
             act = F.silu(gate) * up
-        y = self._gemm(act, self.down_proj, self.down_proj_scale_inv, m_indices, offsets, counts)
+        y = self._gemm(act, self.down_proj, self.down_proj_scale_inv, m_indices, offsets)
         weights = topk_weights.reshape(-1)[order]
         y = torch.where(valid[:, None], y.float() * weights[:, None], 0.0)
         out = torch.zeros(num_tokens, self.hidden, dtype=torch.float32, device=y.device)
@@ -183,7 +215,18 @@ class MoE(nn.Module):
         topk_idx, topk_weights = route(x2, self.gate_weight, self.e_score_correction_bias, self.cfg)
         if self.ep_buffer is None:
             routed = self.experts(x2, topk_idx, topk_weights, x.dtype)
-        elif self.ep_low_latency_tokens is not None and x2.shape[0] <= self.ep_low_latency_tokens:
+        else:
+            routed = self._routed_ep(x2, topk_idx, topk_weights)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(x2)
+        return routed.reshape(shape)
+
+    # torch.compile runs this part eagerly, between graphs: the buffer's exchanges
+    # are asynchronous torch.distributed calls waited on with a host-side deadline, and the normal
+    # dispatch sizes its receive buffers from counts read on the host.
+    @torch.compiler.disable(reason="expert parallelism: torch.distributed exchanges through dskernels.ep.Buffer")
+    def _routed_ep(self, x2: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if self.ep_low_latency_tokens is not None and x2.shape[0] <= self.ep_low_latency_tokens:
             # decode: DeepEP's low-latency kernels into the per-expert masked layout (the tokens are
             # cast to FP8 before the send when the experts are FP8), weighted sum in the combine
             num_experts = self.cfg.n_routed_experts
@@ -192,16 +235,14 @@ class MoE(nn.Module):
             hook()
             expected_m = max(1, self.ep_low_latency_tokens * self.num_ranks * self.cfg.num_experts_per_tok
                              // num_experts)
-            y = self.experts.forward_masked(recv_x, recv_count, expected_m, x.dtype)
+            y = self.experts.forward_masked(recv_x, recv_count, expected_m, x2.dtype)
             routed, _, hook = self.ep_buffer.low_latency_combine(y, topk_idx, topk_weights, handle)
             hook()
-        else:
-            # FP8 experts: send the 1x128-cast tokens (half the bytes; the first GEMM takes them as is)
-            payload = dskernels.per_token_cast_to_fp8(x2.contiguous()) if self.experts.is_fp8 else x2
-            recv_x, recv_idx, recv_weights, _, handle, _ = self.ep_buffer.dispatch(
-                payload, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=self.cfg.n_routed_experts)
-            y = self.experts(recv_x, recv_idx, recv_weights, x.dtype)
-            routed, _, _ = self.ep_buffer.combine(y, handle)
-        if self.shared_experts is not None:
-            routed = routed + self.shared_experts(x2)
-        return routed.reshape(shape)
+            return routed
+        # FP8 experts: send the 1x128-cast tokens (half the bytes; the first GEMM takes them as is)
+        payload = dskernels.per_token_cast_to_fp8(x2.contiguous()) if self.experts.is_fp8 else x2
+        recv_x, recv_idx, recv_weights, _, handle, _ = self.ep_buffer.dispatch(
+            payload, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=self.cfg.n_routed_experts)
+        y = self.experts(recv_x, recv_idx, recv_weights, x2.dtype)
+        routed, _, _ = self.ep_buffer.combine(y, handle)
+        return routed

@@ -1,0 +1,144 @@
+"""torch.compile of DeepseekV3DecoderLayer: the compiled layer equals the eager one, as one graph
+(fullgraph=True) per input shape, for prefill from scratch and for steps through the paged cache,
+dense and MoE, fp32 / bf16 / FP8 weights. The expert-parallel layer compiles with graph breaks
+around its torch.distributed exchanges. Weights are random (no transformers needed: the eager
+layer is checked against transformers in tests/test_models.py)."""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import dskernels
+from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer
+from dskernels.testing import run_distributed
+
+CFG = DeepseekV3Config.tiny()
+PAGE_SIZE = 5
+
+
+def make_layer(layer_idx: int, weights: str, seed: int = 0, **kwargs) -> DeepseekV3DecoderLayer:
+    """weights: "fp32" (fp32 layer), "bf16" (bf16 layer and weights), "fp8" (bf16 layer, FP8
+    128x128-block weights)."""
+    dtype = torch.float32 if weights == "fp32" else torch.bfloat16
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    # names and shapes of an empty layer holding every expert (with EP each rank takes its share)
+    for name, t in DeepseekV3DecoderLayer(CFG, layer_idx, dtype=dtype).hf_state_dict(torch.float32).items():
+        if name.endswith("norm.weight"):
+            sd[name] = 1 + 0.1 * torch.randn(t.shape, generator=g)
+        elif name.endswith("e_score_correction_bias"):
+            sd[name] = -0.2 * torch.rand(t.shape, generator=g)
+        else:
+            sd[name] = torch.randn(t.shape, generator=g) * t.shape[-1] ** -0.5
+    layer = DeepseekV3DecoderLayer(CFG, layer_idx, dtype=dtype, **kwargs)
+    layer.load_hf_state_dict(sd, fp8=weights == "fp8")
+    return layer
+
+
+def steps(dtype, seed=1):
+    """(x, positions, cache kwargs or None) of each call: prefill from scratch (S=7), then through a
+    paged cache holding other latents: a 4-token chunk at lens [0, 3], then two 1-token decode steps
+    (the second must reuse the first one's graph)."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randperm(8, generator=g)[:6].view(2, 3).to(torch.int32)
+    out = [(torch.randn(2, 7, CFG.hidden_size, generator=g).to(dtype),
+            torch.randint(0, 150000, (2, 1), generator=g) + torch.arange(7), None)]
+    for s, lens in ((4, [0, 3]), (1, [4, 7]), (1, [5, 8])):
+        out.append((torch.randn(2, s, CFG.hidden_size, generator=g).to(dtype),
+                    torch.tensor(lens)[:, None] + torch.arange(s),
+                    dict(block_table=table, cache_seqlens=torch.tensor(lens, dtype=torch.int32))))
+    return out
+
+
+def new_cache(dtype, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, PAGE_SIZE, 1, CFG.kv_cache_dim, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "fp8"])
+@pytest.mark.parametrize("layer_idx", [0, 1], ids=["dense", "moe"])
+def test_compiled_layer_equals_eager(layer_idx, weights):
+    """aot_eager runs the same kernels as eager mode, so the results are bit-identical; the compiled
+    layer runs first, so it also traces the first cached call's absorption of W_UK / W_UV."""
+    torch._dynamo.reset()
+    layer = make_layer(layer_idx, weights)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=False)
+    dtype = layer.dtype
+    cache_c, cache_e = new_cache(dtype), new_cache(dtype)
+    with torch.no_grad():
+        for i, (x, positions, paged) in enumerate(steps(dtype)):
+            if paged is None:
+                got, want = compiled(x, positions), layer(x, positions)
+            else:
+                got = compiled(x, positions, kv_cache=cache_c, **paged)
+                want = layer(x, positions, kv_cache=cache_e, **paged)
+            torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"call {i}: {m}")
+            torch.testing.assert_close(cache_c, cache_e, atol=0, rtol=0, msg=lambda m: f"cache after call {i}: {m}")
+    # one graph each: prefill, the 4-token chunk, the 1-token step (new lengths are data, not guards)
+    assert counter.frame_count == 3
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_moe_float_experts_op(weights):
+    """The float expert GEMM's op (opaque to torch.compile: _grouped_mm's meta takes bf16 only)."""
+    from dskernels.models.moe import _moe_grouped_mm_float
+    dtype = torch.float32 if weights == "fp32" else torch.bfloat16
+    x, w = torch.randn(13, 128, dtype=dtype), torch.randn(3, 64, 128, dtype=dtype)
+    # rows past the last offset are unspecified (padding), so opcheck gets offsets that cover all rows
+    torch.library.opcheck(_moe_grouped_mm_float, (x, w, torch.tensor([5, 5, 13], dtype=torch.int32)))
+    offsets = torch.tensor([5, 5, 11], dtype=torch.int32)  # an empty group; rows 11, 12 are padding
+    out = _moe_grouped_mm_float(x, w, offsets)
+    assert out.shape == (13, 64)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    for g, (lo, hi) in enumerate(((0, 5), (5, 5), (5, 11))):
+        torch.testing.assert_close(out[lo:hi], x[lo:hi] @ w[g].T, **tol)
+    with pytest.raises(ValueError, match="offsets"):
+        _moe_grouped_mm_float(x, w, offsets.long())
+    with pytest.raises(TypeError, match="w:"):
+        _moe_grouped_mm_float(x, w.double(), offsets)
+
+
+def test_inductor_moe_decode_step():
+    """inductor on CPU (C++ codegen) for one MoE decode step: fused fp32 arithmetic, so equal to
+    eager within fp32 rounding."""
+    torch._dynamo.reset()
+    layer = make_layer(1, "fp32", seed=3)
+    x, positions, paged = steps(torch.float32, seed=4)[2]
+    cache_c, cache_e = new_cache(torch.float32), new_cache(torch.float32)
+    compiled = torch.compile(layer, backend="inductor", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        want = layer(x, positions, kv_cache=cache_e, **paged)
+        got = compiled(x, positions, kv_cache=cache_c, **paged)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(cache_c, cache_e, atol=2e-5, rtol=2e-5)
+
+
+# ---- expert parallelism: compiles with graph breaks ----
+
+def _ep_body(rank, world_size, weights):
+    import torch.distributed as dist
+
+    from dskernels.ep import Buffer
+    buffer = Buffer(dist.group.WORLD)
+    for low_latency in (None, 8):  # 6 tokens per rank: normal dispatch, then the low-latency path
+        torch._dynamo.reset()
+        layer = make_layer(1, weights, ep_buffer=buffer, ep_low_latency_tokens=low_latency)
+        x, positions, _ = steps(layer.dtype, seed=10 + rank)[0]
+        x, positions = x[:, :3], positions[:, :3]
+        with torch.no_grad():
+            want = layer(x, positions)
+            counter = CompileCounterWithBackend("aot_eager")
+            got = torch.compile(layer, backend=counter, dynamic=False)(x, positions)
+            torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"low_latency={low_latency}: {m}")
+            # the exchange runs eagerly; Dynamo resumes each enclosing frame after it: attention |
+            # router || shared expert | residual
+            assert counter.frame_count == 4, counter.frame_count
+            with pytest.raises(torch._dynamo.exc.Unsupported, match="disable"):
+                torch._dynamo.reset()
+                torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False)(x, positions)
+
+
+def test_expert_parallel_compiles_with_graph_breaks():
+    run_distributed(_ep_body, 2, "fp32")  # FP8 experts change nothing about the breaks
