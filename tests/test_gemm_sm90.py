@@ -89,10 +89,14 @@ def cuda_backend():
         yield "cuda"
 
 
+# The dense launcher runs 64-row pingpong tiles for m <= 64 and 128-row cooperative tiles above
+# (fp8_gemm::pick_tile_m, docs/gemm.md "Configs"): the m values straddle that boundary, and each
+# config meets one tile edge (m = 64, 128), a partial last tile (63, 65, 130) and a single row.
 @pytest.mark.gpu
 @pytest.mark.parametrize("scale_layout", ["row", "tma"])
-@pytest.mark.parametrize("m,n,k", [(1, 200, 256), (7, 129, 256), (130, 200, 256), (130, 64, 128),
-                                   (256, 384, 1024), (61, 123, 512)])
+@pytest.mark.parametrize("m,n,k", [(1, 200, 256), (7, 129, 256), (61, 123, 512), (63, 256, 384), (64, 200, 256),
+                                   (65, 200, 256), (128, 136, 256), (130, 200, 256), (130, 64, 128),
+                                   (256, 384, 1024)])
 def test_dense(cuda_backend, m, n, k, scale_layout):
     x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout=scale_layout)
     w, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout=scale_layout)
@@ -103,7 +107,8 @@ def test_dense(cuda_backend, m, n, k, scale_layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (128, 24576, 1536), (4096, 7168, 2048), (129, 4096, 7168)])
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 7168), (64, 2112, 7168), (65, 2112, 7168), (128, 24576, 1536),
+                                   (4096, 7168, 2048), (129, 4096, 7168)])
 def test_dense_deepgemm_shapes(cuda_backend, m, n, k):
     x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
     w, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
@@ -183,12 +188,10 @@ def test_contiguous_deepgemm_shape(cuda_backend):
         assert_close_to_oracle(out[rows], a[rows], sa[rows], b[g], sb[g])
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("scale_layout", ["row", "tma"])
-@pytest.mark.parametrize("n", [136, 129])
-def test_masked(cuda_backend, scale_layout, n):
-    masked = [7, 0, 130, 1]  # an empty group, a full one (m_max), one row
-    groups, m_max, k = len(masked), 130, 256
+def run_masked_against_oracle(masked, m_max, n, k, scale_layout, expected_m):
+    """One masked call with the given per-group counts; rows past masked_m are NaN-poisoned and
+    must not reach a valid row; every valid row is checked against the oracle and the bf16 product."""
+    groups = len(masked)
     x, a, sa = quantized_pair(groups * m_max, k, "cuda", per_block=False, scale_layout="row")
     x, a, sa = x.view(groups, m_max, k), a.view(groups, m_max, k), sa.view(groups, m_max, k // 128)
     for g, rows in enumerate(masked):
@@ -198,13 +201,32 @@ def test_masked(cuda_backend, scale_layout, n):
     w, b, sb = grouped_weights(groups, n, k, "cuda", scale_layout)
     out = empty_out(groups, m_max, n, device="cuda")
     masked_m = torch.tensor(masked, dtype=torch.int32, device="cuda")
-    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 32)
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, expected_m)
     pairs = []
     for g, rows in enumerate(masked):
         if rows:
             assert_close_to_oracle(out[g, :rows], a[g, :rows], sa[g, :rows], b[g], sb[g])
             pairs.append((out[g, :rows], x[g, :rows], w[g]))
     assert_close_to_bf16_product(pairs)
+
+
+# expected_m picks the masked kernel's config (<= 64: 64-row pingpong tiles, else 128-row) but is
+# only a hint: both configs must compute every row below masked_m, whatever the hint says.
+@pytest.mark.gpu
+@pytest.mark.parametrize("expected_m", [32, 256], ids=["tile64", "tile128"])
+@pytest.mark.parametrize("scale_layout", ["row", "tma"])
+@pytest.mark.parametrize("n", [136, 129])
+def test_masked(cuda_backend, scale_layout, n, expected_m):
+    # an empty group, a full one (m_max), one row
+    run_masked_against_oracle([7, 0, 130, 1], 130, n, 256, scale_layout, expected_m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("expected_m", [1, 16, 64, 65, 4096])
+def test_masked_decode_small_expected_m(cuda_backend, expected_m):
+    """Decode-like masked call (DeepGEMM's masked layout: many experts, a few tokens each, m_max
+    padded beyond them) with counts on both sides of the 64-row tile, under both configs."""
+    run_masked_against_oracle([1, 0, 63, 64, 65, 17, 128, 3], 192, 512, 1024, "tma", expected_m)
 
 
 @pytest.mark.gpu
@@ -220,7 +242,8 @@ def test_masked_counts_beyond_m_max_are_clamped(cuda_backend):
 
 
 @pytest.mark.gpu
-def test_masked_cuda_graph_replay_with_new_counts(cuda_backend):
+@pytest.mark.parametrize("expected_m", [32, 256], ids=["tile64", "tile128"])
+def test_masked_cuda_graph_replay_with_new_counts(cuda_backend, expected_m):
     """No host sync: masked_m is read on the device, so a captured call replays with new counts."""
     groups, m_max, n, k = 4, 64, 256, 512
     _, a, sa = quantized_pair(groups * m_max, k, "cuda", per_block=False, scale_layout="row")
@@ -230,11 +253,11 @@ def test_masked_cuda_graph_replay_with_new_counts(cuda_backend):
     sb = gemm_ops._cuda_sb(sb)
     out = torch.zeros(groups, m_max, n, dtype=torch.bfloat16, device="cuda")
     masked_m = torch.tensor([5, 0, 64, 17], dtype=torch.int32, device="cuda")
-    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 32)  # warm-up
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, expected_m)  # warm-up
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 32)
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, expected_m)
     for counts in ([5, 0, 64, 17], [64, 3, 0, 1]):
         masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
         out.fill_(float("nan"))

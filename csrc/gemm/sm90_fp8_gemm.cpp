@@ -1,7 +1,9 @@
 // Host launchers of the sm90 FP8 GEMMs: check the inputs (messages name the tensor), fill the
 // plain problem structs, allocate the workspace from torch's caching allocator and run on the
-// current stream. The CUTLASS instantiations live in sm90_fp8_gemm_{dense,grouped}.cu, which never
-// see a torch header; this file never sees a CUTLASS one (a host compiler builds it in seconds).
+// current stream, with the tile configuration picked from the problem (fp8_gemm::pick_tile_m: 64-row
+// tiles for dense m <= 64 and masked expected_m <= 64). The CUTLASS instantiations live in
+// sm90_fp8_gemm_{dense,grouped}{,_m64}.cu, which never see a torch header; this file never sees a
+// CUTLASS one (a host compiler builds it in seconds).
 // dskernels/ops/gemm.py validates the public arguments and converts the scale layouts first; the
 // checks here guard the raw `_sm90_*` ops against direct calls.
 // Only c10/cuda and ATen/core: ATen/cuda's headers need cuBLAS and cuSPARSE, which CI lacks.
@@ -134,6 +136,7 @@ void gemm_fp8_fp8_bf16_nt(const at::Tensor& a, const at::Tensor& sa, const at::T
   p.k = static_cast<int32_t>(a.size(1));
   p.device = a.get_device();
   p.sm_count = sm_count(p.device);
+  p.tile_m = fp8_gemm::pick_tile_m(p.m);
   const c10::DataPtr ws = workspace(fp8_gemm::dense_workspace_bytes(p));
   const char* error = fp8_gemm::run_dense(p, ws.get(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(error == nullptr, "_sm90_gemm_fp8_fp8_bf16_nt: ", error);
@@ -171,7 +174,6 @@ void check_group_ids(const at::Tensor& ids, const char* name, const at::Tensor& 
 
 void m_grouped_masked(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
                       const at::Tensor& out, const at::Tensor& masked_m, int64_t expected_m) {
-  (void)expected_m;  // a tuning hint; one tile shape for now
   TORCH_CHECK(a.is_cuda(), "a: expected a CUDA tensor, got device ", a.device());
   check_tma_operand(a, "a", 3, at::kFloat8_e4m3fn, a.device());
   check_tma_operand(b, "b", 3, at::kFloat8_e4m3fn, a.device());
@@ -197,6 +199,9 @@ void m_grouped_masked(const at::Tensor& a, const at::Tensor& sa, const at::Tenso
   p.out_row_stride = out.stride(1);
   p.m_max = static_cast<int32_t>(a.size(1));
   p.masked_m = counts.data_ptr<int32_t>();
+  // expected_m is only a hint (masked_m stays on the device): any value is correct, it only picks
+  // the tile configuration. Non-positive values mean "unknown": the 128-row tiles.
+  p.tile_m = expected_m > 0 ? fp8_gemm::pick_tile_m(expected_m) : fp8_gemm::TileM::k128;
   fill_grouped(p, sa, b, sb, out);
   run_grouped(p, "_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked");
 }
@@ -224,6 +229,8 @@ void m_grouped_contiguous(const at::Tensor& a, const at::Tensor& sa, const at::T
   p.out_row_stride = out.stride(0);
   p.m_max = static_cast<int32_t>(a.size(0));
   p.m_indices = ids.data_ptr<int32_t>();
+  // Segment sizes are only on the device; DeepGEMM-style callers align them to 128 rows.
+  p.tile_m = fp8_gemm::TileM::k128;
   fill_grouped(p, sa, b, sb, out);
   run_grouped(p, "_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_contiguous");
 }

@@ -1,11 +1,12 @@
-// M-grouped FP8 block-scaled GEMMs on Hopper: the one instantiation of CUTLASS's ptr-array kernel
-// (fp8_gemm::grouped::Gemm), shared by the masked and the contiguous layouts. No torch headers;
-// the launcher is csrc/gemm/sm90_fp8_gemm.cpp.
+// M-grouped FP8 block-scaled GEMMs on Hopper: the 128-row instantiation of CUTLASS's ptr-array
+// kernel (fp8_gemm::grouped::M128), shared by the masked and the contiguous layouts, and the entry
+// points of both configs (the 64-row one, for masked calls with expected_m <= 64, is instantiated
+// in sm90_fp8_gemm_grouped_m64.cu). No torch headers; the launcher is csrc/gemm/sm90_fp8_gemm.cpp.
 //
 // Per call, on the stream: (contiguous only) a memset and find_segments_kernel turn m_indices into
 // per-group row ranges; fill_grouped_args_kernel writes each group's shape, pointers, strides and
-// scale layouts into the workspace; the persistent grouped kernel reads them there. Nothing comes
-// back to the host, so both layouts can be captured in a CUDA graph.
+// scale layouts into the workspace; the persistent grouped kernel (either config) reads them there.
+// Nothing comes back to the host, so both layouts can be captured in a CUDA graph.
 //
 // NDEBUG: see sm90_fp8_gemm_dense.cu (device asserts serialize the wgmma pipeline).
 #ifndef NDEBUG
@@ -16,6 +17,7 @@
 
 #include "dskernels/sm90_fp8_gemm.h"
 #include "dskernels/sm90_fp8_gemm_grouped.cuh"
+#include "dskernels/sm90_fp8_gemm_grouped_fill.cuh"
 
 namespace dskernels::fp8_gemm {
 namespace {
@@ -59,28 +61,13 @@ GroupedArgs args_at(void* workspace, const Carve& c) {
   return a;
 }
 
-grouped::Gemm::Arguments grouped_arguments(const GroupedProblem& p, const GroupedArgs& a) {
-  cutlass::KernelHardwareInfo hw_info;
-  hw_info.device_id = p.device;
-  hw_info.sm_count = p.sm_count;
-  grouped::Gemm::Arguments args{
-      cutlass::gemm::GemmUniversalMode::kGrouped,
-      // No host problem shapes: one persistent CTA per SM, and the group tile scheduler reads the
-      // shapes from the device array (groups with 0 rows have no tiles and are skipped).
-      {p.groups, a.shapes, nullptr},
-      {a.ptr_a, a.stride_a, a.ptr_b, a.stride_b, a.ptr_sfa, a.layout_sfa, a.ptr_sfb, a.layout_sfb},
-      {{}, nullptr, nullptr, a.ptr_d, a.stride_d},
-      hw_info};
-  args.epilogue.thread.alpha = 1.f;
-  args.epilogue.thread.beta = 0.f;
-  return args;
-}
-
 }  // namespace
 
 size_t grouped_workspace_bytes(const GroupedProblem& p) {
   const Carve c = carve(p.groups);
-  return c.args_bytes + grouped::Gemm::get_workspace_size(grouped_arguments(p, GroupedArgs{}));
+  if (p.tile_m == TileM::k64) return c.args_bytes + grouped::m64_workspace_bytes(p);
+  using Gemm = grouped::M128::Gemm;
+  return c.args_bytes + Gemm::get_workspace_size(grouped::arguments<Gemm>(p, GroupedArgs{}));
 }
 
 const char* run_grouped(const GroupedProblem& p, void* workspace, cudaStream_t stream) {
@@ -99,7 +86,9 @@ const char* run_grouped(const GroupedProblem& p, void* workspace, cudaStream_t s
   fill_grouped_args_kernel<<<(p.groups + kThreads - 1) / kThreads, kThreads, 0, stream>>>(p, a);
   const cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) return cudaGetErrorString(error);
-  return run_gemm<grouped::Gemm>(grouped_arguments(p, a), static_cast<char*>(workspace) + c.args_bytes, stream);
+  void* cutlass_workspace = static_cast<char*>(workspace) + c.args_bytes;
+  if (p.tile_m == TileM::k64) return grouped::run_m64(p, a, cutlass_workspace, stream);
+  return run_gemm<grouped::M128::Gemm>(grouped::arguments<grouped::M128::Gemm>(p, a), cutlass_workspace, stream);
 }
 
 }  // namespace dskernels::fp8_gemm

@@ -82,7 +82,9 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: tuple[torch.Tensor, torch.Tensor]
         masked_m: [G] int32 on the same device: the valid rows of each group (clamped to
             [0, m_max]). Never read on the host, so the call can be captured in a CUDA graph and
             replayed with new counts.
-        expected_m: python int, the expected rows per group: a tuning hint only.
+        expected_m: python int, the expected rows per group: a tuning hint only, never a
+            bound (any value gives the same result). The sm90 CUDA kernels use 64-row tiles when
+            1 <= expected_m <= 64, else 128-row tiles (docs/gemm.md, "Configs").
 
     Returns None.
     """

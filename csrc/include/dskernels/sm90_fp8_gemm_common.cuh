@@ -9,11 +9,12 @@
 // wgmma result lands in a fresh fp32 fragment that is scaled and added to the fp32 accumulator on
 // the CUDA cores, since Hopper's FP8 MMA accumulates with fewer bits than fp32). A producer warp
 // issues TMA loads for a and b into a multi-stage mbarrier pipeline; two consumer warp groups
-// (cooperative schedule) share each 128 x 128 tile. Epilogue: TMA store of bf16, no C operand.
+// either share each 128 x 128 tile (cooperative) or take turns on 64 x 128 tiles (pingpong, small
+// m). Epilogue: TMA store of bf16, no C operand.
 //
 // Scale layouts CUTLASS's sm90 collectives accept (both "MN-major"; see docs/gemm.md):
 //   sa: unit stride along m, any stride along the K blocks. The dense kernel loads it with TMA
-//       (128 scales per tile >= CUTLASS's threshold of 32), so its K-block stride and base address
+//       (64 or 128 scales per tile >= CUTLASS's threshold of 32), so its K-block stride and base address
 //       must be 16-byte aligned: DeepGEMM's column-major TMA-aligned layout. The grouped kernel
 //       loads it with cp.async (4 bytes each), so only the unit m stride is required there.
 //   sb: unit stride along the n blocks, any stride along the K blocks (cp.async).
@@ -53,10 +54,16 @@ using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, kScaleBlock, kS
 using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
 using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
 
-// 128 x 128 x 128 tiles (one scale block in N and K per tile, so every tile reads one sb value per
-// K block), one CTA per cluster. Tuning (BLOCK_N not a power of two, 2-CTA multicast, pingpong
-// for small m) is issue 9's on-device work; each choice is a new instantiation file.
+// Two tile configurations, each instantiated in its own .cu file (docs/gemm.md, "Configs"):
+//   TileShape:    128 x 128 x 128, cooperative (two consumer warp groups split each tile's rows);
+//   TileShapeM64:  64 x 128 x 128, pingpong (each consumer warp group owns a whole tile, and the
+//                  two alternate so one's epilogue and scale promotion overlap the other's wgmma),
+//                  for m <= 64, where a 128-row tile would compute half zero rows.
+// Both keep one scale block in N and K per tile (every tile reads one sb value per K block: the
+// collective static_asserts that the scale granularity divides the tile) and one CTA per cluster.
+// Further tuning (BLOCK_N not a power of two, 2-CTA multicast) is issue 9's on-device work.
 using TileShape = Shape<_128, _128, _128>;
+using TileShapeM64 = Shape<_64, _128, _128>;
 using ClusterShape = Shape<_1, _1, _1>;
 
 // The scale layouts the collectives read, from explicit strides (in elements):

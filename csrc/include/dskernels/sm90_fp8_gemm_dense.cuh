@@ -1,6 +1,9 @@
-// The dense FP8 block-scaled GEMM's CUTLASS types (instantiated in csrc/gemm/sm90_fp8_gemm_dense.cu).
+// The dense FP8 block-scaled GEMM's CUTLASS types, one Config per tile shape, each instantiated in
+// its own file: dense::M128 in csrc/gemm/sm90_fp8_gemm_dense.cu, dense::M64 in
+// csrc/gemm/sm90_fp8_gemm_dense_m64.cu (including this header instantiates nothing by itself).
 #pragma once
 
+#include "dskernels/sm90_fp8_gemm.h"
 #include "dskernels/sm90_fp8_gemm_common.cuh"
 
 namespace dskernels::fp8_gemm {
@@ -8,27 +11,75 @@ namespace dskernels::fp8_gemm {
 // ---- dense: one problem (m, n, k, 1), persistent tile scheduler ----
 namespace dense {
 
-using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, ElementAccumulator, ElementAccumulator,
-    void, LayoutD, kAlignmentD,  // no C operand: out = acc
-    ElementD, LayoutD, kAlignmentD, cutlass::epilogue::TmaWarpSpecializedCooperative,
-    cutlass::epilogue::fusion::LinearCombination<ElementD, ElementAccumulator, void>>::CollectiveOp;
+template <class TileShape_, class KernelSchedule, class EpilogueSchedule>
+struct Config {
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape_, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, ElementAccumulator, ElementAccumulator,
+      void, LayoutD, kAlignmentD,  // no C operand: out = acc
+      ElementD, LayoutD, kAlignmentD, EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<ElementD, ElementAccumulator, void>>::CollectiveOp;
 
-using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, cute::tuple<LayoutA, LayoutSFA>,
-    kAlignmentA, ElementB, cute::tuple<LayoutB, LayoutSFB>, kAlignmentB, ElementAccumulator, TileShape,
-    ClusterShape,
-    cutlass::gemm::collective::StageCountAutoCarveout<
-        static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
-    cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8Blockwise>::CollectiveOp;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, cute::tuple<LayoutA, LayoutSFA>,
+      kAlignmentA, ElementB, cute::tuple<LayoutB, LayoutSFB>, kAlignmentB, ElementAccumulator, TileShape_,
+      ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<
+          static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
 
-using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                    CollectiveEpilogue>;
-using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-using StrideA = typename Kernel::StrideA;
-using StrideB = typename Kernel::StrideB;
-using StrideD = typename Kernel::StrideD;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+// 128-row tiles, two consumer warp groups per tile.
+using M128 = Config<TileShape, cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8Blockwise,
+                    cutlass::epilogue::TmaWarpSpecializedCooperative>;
+// 64-row tiles, the two consumer warp groups on alternate tiles (m <= 64: pick_tile_m).
+using M64 = Config<TileShapeM64, cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8Blockwise,
+                   cutlass::epilogue::TmaWarpSpecialized>;
+
+template <class Gemm>
+typename Gemm::Arguments arguments(const DenseProblem& p) {
+  using Kernel = typename Gemm::GemmKernel;
+  typename Kernel::StrideA stride_a{};
+  get<0>(stride_a) = p.a_row_stride;
+  get<2>(stride_a) = p.a_row_stride * p.m;
+  typename Kernel::StrideB stride_b{};
+  get<0>(stride_b) = p.b_row_stride;
+  get<2>(stride_b) = p.b_row_stride * p.n;
+  typename Kernel::StrideD stride_d{};
+  get<0>(stride_d) = p.out_row_stride;
+  get<2>(stride_d) = p.out_row_stride * p.m;
+  const int32_t kblocks = p.k / kScaleBlock;
+
+  cutlass::KernelHardwareInfo hw_info;
+  hw_info.device_id = p.device;
+  hw_info.sm_count = p.sm_count;
+  typename Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      {p.m, p.n, p.k, 1},
+      {static_cast<const ElementA*>(p.a), stride_a, static_cast<const ElementB*>(p.b), stride_b, p.sa,
+       make_layout_sfa(p.m, kblocks, p.sa_k_stride), p.sb, make_layout_sfb(p.n, kblocks, p.sb_k_stride)},
+      {{}, nullptr, stride_d, static_cast<ElementD*>(p.out), stride_d},
+      hw_info};
+  args.epilogue.thread.alpha = 1.f;
+  args.epilogue.thread.beta = 0.f;
+  return args;
+}
+
+template <class Gemm>
+size_t workspace_bytes(const DenseProblem& p) {
+  return Gemm::get_workspace_size(arguments<Gemm>(p));
+}
+
+template <class Gemm>
+const char* run(const DenseProblem& p, void* workspace, cudaStream_t stream) {
+  // run_gemm's can_implement note: CUTLASS's extent check is stricter than TMA for odd m and n.
+  const bool aligned_extents = p.m % 4 == 0 && p.n % 8 == 0;
+  return run_gemm<Gemm>(arguments<Gemm>(p), workspace, stream, aligned_extents);
+}
 
 }  // namespace dense
 

@@ -1,5 +1,7 @@
-// The grouped (ptr-array) FP8 block-scaled GEMM's CUTLASS types and the small kernels that fill
-// its per-group arguments on the device (instantiated in csrc/gemm/sm90_fp8_gemm_grouped.cu).
+// The grouped (ptr-array) FP8 block-scaled GEMM's CUTLASS types, one Config per tile shape
+// (grouped::M128 instantiated in csrc/gemm/sm90_fp8_gemm_grouped.cu, grouped::M64 in
+// sm90_fp8_gemm_grouped_m64.cu), and the per-group argument arrays both read. The kernels that fill
+// those arrays are in sm90_fp8_gemm_grouped_fill.cuh (one translation unit includes them).
 #pragma once
 
 #include "cutlass/gemm/group_array_problem_shape.hpp"
@@ -13,26 +15,38 @@ namespace grouped {
 
 using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (m, n, k) per group
 
-using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, ElementAccumulator, ElementAccumulator,
-    void, LayoutD*, kAlignmentD, ElementD, LayoutD*, kAlignmentD,
-    cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-    cutlass::epilogue::fusion::LinearCombination<ElementD, ElementAccumulator, void>>::CollectiveOp;
+template <class TileShape_, class KernelSchedule, class EpilogueSchedule>
+struct Config {
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape_, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, ElementAccumulator, ElementAccumulator,
+      void, LayoutD*, kAlignmentD, ElementD, LayoutD*, kAlignmentD, EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<ElementD, ElementAccumulator, void>>::CollectiveOp;
 
-using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, cute::tuple<LayoutA*, LayoutSFA*>,
-    kAlignmentA, ElementB, cute::tuple<LayoutB*, LayoutSFB*>, kAlignmentB, ElementAccumulator,
-    TileShape, ClusterShape,
-    cutlass::gemm::collective::StageCountAutoCarveout<
-        static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
-    cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise>::CollectiveOp;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, cute::tuple<LayoutA*, LayoutSFA*>,
+      kAlignmentA, ElementB, cute::tuple<LayoutB*, LayoutSFB*>, kAlignmentB, ElementAccumulator,
+      TileShape_, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<
+          static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
 
-using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
-using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-using StrideA = typename Kernel::InternalStrideA;
-using StrideB = typename Kernel::InternalStrideB;
-using StrideD = typename Kernel::InternalStrideD;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+// 128-row cooperative tiles (csrc/gemm/sm90_fp8_gemm_grouped.cu): contiguous, and masked with
+// expected_m > 64.
+using M128 = Config<TileShape, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
+                    cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+// 64-row pingpong tiles (csrc/gemm/sm90_fp8_gemm_grouped_m64.cu): masked with expected_m <= 64.
+using M64 = Config<TileShapeM64, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8Blockwise,
+                   cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
+
+// The per-group argument types (the same for both configs: the m64 file static_asserts it).
+using StrideA = typename M128::Kernel::InternalStrideA;
+using StrideB = typename M128::Kernel::InternalStrideB;
+using StrideD = typename M128::Kernel::InternalStrideD;
 using Shape3 = typename ProblemShape::UnderlyingProblemShape;
 
 }  // namespace grouped
@@ -56,51 +70,32 @@ struct GroupedArgs {  // device arrays of `groups` entries each, read by the ptr
   int32_t* seg_end;    // contiguous only: one past the last row (0 when absent)
 };
 
-// Contiguous layout: the [start, end) row range of each group from m_indices. Rows of one group
-// form one segment (API.md), so only a segment's first and last rows write; the atomics only make
-// a broken input (a group split in two) span both parts instead of racing. seg_start must be
-// preset to a large value and seg_end to 0 (run_grouped memsets 0x7f and 0x00 bytes).
-__global__ void find_segments_kernel(const int32_t* __restrict__ m_indices, int32_t m, int32_t groups,
-                                     int32_t* seg_start, int32_t* seg_end) {
-  for (int32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < m; i += gridDim.x * blockDim.x) {
-    const int32_t g = m_indices[i];
-    if (g < 0 || g >= groups) continue;  // -1: padding row, never computed
-    if (i == 0 || m_indices[i - 1] != g) atomicMin(seg_start + g, i);
-    if (i == m - 1 || m_indices[i + 1] != g) atomicMax(seg_end + g, i + 1);
-  }
+namespace grouped {
+
+// The CUTLASS arguments of one config over the per-group arrays (filled on the device first).
+template <class Gemm>
+typename Gemm::Arguments arguments(const GroupedProblem& p, const GroupedArgs& a) {
+  cutlass::KernelHardwareInfo hw_info;
+  hw_info.device_id = p.device;
+  hw_info.sm_count = p.sm_count;
+  typename Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGrouped,
+      // No host problem shapes: one persistent CTA per SM, and the group tile scheduler reads the
+      // shapes from the device array (groups with 0 rows have no tiles and are skipped).
+      {p.groups, a.shapes, nullptr},
+      {a.ptr_a, a.stride_a, a.ptr_b, a.stride_b, a.ptr_sfa, a.layout_sfa, a.ptr_sfb, a.layout_sfb},
+      {{}, nullptr, nullptr, a.ptr_d, a.stride_d},
+      hw_info};
+  args.epilogue.thread.alpha = 1.f;
+  args.epilogue.thread.beta = 0.f;
+  return args;
 }
 
-// One thread per group: problem shape, pointers, strides and scale layouts of that group.
-__global__ void fill_grouped_args_kernel(GroupedProblem p, GroupedArgs args) {
-  const int32_t g = blockIdx.x * blockDim.x + threadIdx.x;
-  if (g >= p.groups) return;
-  int32_t rows, row0;
-  if (p.masked_m != nullptr) {
-    rows = min(max(p.masked_m[g], 0), p.m_max);
-    row0 = 0;
-  } else {
-    const int32_t start = args.seg_start[g], end = args.seg_end[g];
-    rows = end > start ? end - start : 0;
-    row0 = rows > 0 ? start : 0;
-  }
-  const int32_t kblocks = p.k / kScaleBlock;
-  args.shapes[g] = grouped::Shape3{rows, p.n, p.k};
-  args.ptr_a[g] = static_cast<const ElementA*>(p.a) + g * p.a_group_stride + int64_t(row0) * p.a_row_stride;
-  args.ptr_b[g] = static_cast<const ElementB*>(p.b) + g * p.b_group_stride;
-  args.ptr_sfa[g] = p.sa + g * p.sa_group_stride + row0;
-  args.ptr_sfb[g] = p.sb + g * p.sb_group_stride;
-  args.ptr_d[g] = static_cast<ElementD*>(p.out) + g * p.out_group_stride + int64_t(row0) * p.out_row_stride;
-  grouped::StrideA stride_a{};
-  get<0>(stride_a) = p.a_row_stride;
-  args.stride_a[g] = stride_a;
-  grouped::StrideB stride_b{};
-  get<0>(stride_b) = p.b_row_stride;
-  args.stride_b[g] = stride_b;
-  grouped::StrideD stride_d{};
-  get<0>(stride_d) = p.out_row_stride;
-  args.stride_d[g] = stride_d;
-  args.layout_sfa[g] = make_layout_sfa(rows, kblocks, p.sa_k_stride);
-  args.layout_sfb[g] = make_layout_sfb(p.n, kblocks, p.sb_k_stride);
-}
+// The 64-row config's entry points (csrc/gemm/sm90_fp8_gemm_grouped_m64.cu), called by run_grouped
+// and grouped_workspace_bytes after the per-group arrays are in place.
+size_t m64_workspace_bytes(const GroupedProblem& p);
+const char* run_m64(const GroupedProblem& p, const GroupedArgs& a, void* workspace, cudaStream_t stream);
+
+}  // namespace grouped
 
 }  // namespace dskernels::fp8_gemm
