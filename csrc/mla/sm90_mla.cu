@@ -118,8 +118,9 @@ bool make_cache_tensor_map(const at::Tensor& k_cache, CUtensorMap* tmap) {
 template <typename Element>
 void run(const mla::DecodeParams& p, const CUtensorMap& tmap, bool fp8, int num_parts, int h_kv,
          const mla::CombineParams& c, cudaStream_t stream) {
-  C10_CUDA_CHECK(fp8 ? mla::launch_decode<Element, true>(p, tmap, num_parts, h_kv, stream)
-                     : mla::launch_decode<Element, false>(p, tmap, num_parts, h_kv, stream));
+  const cudaError_t launched = fp8 ? mla::launch_decode<Element, true>(p, tmap, num_parts, h_kv, stream)
+                                   : mla::launch_decode<Element, false>(p, tmap, num_parts, h_kv, stream);
+  C10_CUDA_CHECK(launched);
   C10_CUDA_CHECK(mla::launch_combine<Element>(c, p.batch, stream));
 }
 
