@@ -155,6 +155,20 @@ def test_rows_across_tiles(h_q, s_q):
     check(out, lse, q, k_cache, block_table, lens, k_scale, s_q > 1)
 
 
+@pytest.mark.parametrize("switch", ["DSKERNELS_MLA_NO_TMA", "DSKERNELS_MLA_NO_CLUSTER"])
+def test_bring_up_switches(switch, monkeypatch):
+    """The register path on whole page-64 blocks, and single-CTA row tiles, give the same answers."""
+    _need_cuda_backend()
+    monkeypatch.setenv(switch, "1")
+    lengths = [700, 0, 129]
+    k_cache, block_table, k_scale = make_cache(lengths, 1, 64, torch.bfloat16, seed=11)
+    q = torch.randn(len(lengths), 2, 48, D, device="cuda").to(torch.bfloat16)  # 96 rows: two tiles
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    with dskernels.backend("cuda"):
+        out, lse = decode(q, k_cache, block_table, lens, k_scale, True)
+    check(out, lse, q, k_cache, block_table, lens, k_scale, True)
+
+
 @pytest.mark.parametrize("lengths", [[0], [0, 0, 5], [1] * 300, [8192, 1, 3000] + [0] * 40, list(range(0, 5000, 3))])
 def test_metadata_kernel_equals_split_plan(lengths):
     """The device kernel reproduces mla_ops.split_plan bit for bit, for several partition counts

@@ -13,7 +13,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <optional>
+#include <string>
 
 #include "dskernels/sm90_mla_decode.h"
 #include "dskernels/sm90_mla_metadata.cuh"
@@ -32,6 +34,11 @@ namespace {
 using mla::kHeadDim;
 using mla::kHeadDimV;
 using mla::kMetaInts;
+
+bool env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::string(value) == "1";
+}
 
 c10::DataPtr workspace(size_t bytes) {
   return c10::cuda::CUDACachingAllocator::get()->allocate(bytes > 0 ? bytes : 16);
@@ -221,8 +228,12 @@ void flash_mla_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache, cons
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   p.causal = causal;
 
+  // Bring-up switches (docs/mla.md), read per call: DSKERNELS_MLA_NO_TMA=1 sends every block
+  // through the register path, DSKERNELS_MLA_NO_CLUSTER=1 runs one CTA per row tile.
   CUtensorMap tmap{};
-  p.use_tma = !fp8 && page_size % mla::kBlockN == 0 && make_cache_tensor_map(k_cache, &tmap);
+  p.use_tma = !env_flag("DSKERNELS_MLA_NO_TMA") && !fp8 && page_size % mla::kBlockN == 0 &&
+              make_cache_tensor_map(k_cache, &tmap);
+  p.use_cluster = !env_flag("DSKERNELS_MLA_NO_CLUSTER");
 
   mla::CombineParams c{};
   c.out = out.data_ptr();

@@ -747,7 +747,7 @@ cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& tmap, int nu
     return cudaLaunchKernelEx(&config, kernel, p, tmap);
   };
   if constexpr (!kFp8) {
-    if (p.use_tma && tiles >= 2) return launch(decode_kernel<Element, false, 2>, 2);
+    if (p.use_tma && p.use_cluster && tiles >= 2) return launch(decode_kernel<Element, false, 2>, 2);
   }
   return launch(decode_kernel<Element, kFp8, 1>, 1);
 }

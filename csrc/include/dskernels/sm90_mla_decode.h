@@ -52,6 +52,7 @@ struct DecodeParams {
   float scale_log2;           // softmax_scale * log2(e)
   bool causal;
   bool use_tma;               // 16-bit cache, page_size % 64 == 0, TMA-compatible strides
+  bool use_cluster;           // 2-CTA multicast clusters when the TMA path serves >= 2 row tiles
 };
 
 struct CombineParams {
