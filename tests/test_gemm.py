@@ -210,19 +210,16 @@ def contiguous_layout(sizes, aligned: bool, device):
     return torch.tensor(indices, dtype=torch.int32, device=device), ranges
 
 
-@pytest.mark.parametrize("scale_layout", ["row", "tma"])
-@pytest.mark.parametrize("aligned", [True, False], ids=["aligned128", "unaligned"])
-def test_m_grouped_contiguous(backend, aligned, scale_layout):
-    _, device = backend
-    sizes = [7, 0, 130, 1]  # group 1 is empty
-    n = 144
+def run_contiguous_against_oracle(sizes, aligned, scale_layout, n, k, device):
+    """One contiguous grouped GEMM (poisoned padding rows) checked group by group against the
+    oracle and, together, against the bf16 product. Shared with tests/test_gemm_sm90.py."""
     m_indices, ranges = contiguous_layout(sizes, aligned, device)
     total = m_indices.numel()
-    x, a, sa = quantized_pair(total, K, device, per_block=False, scale_layout="row")
+    x, a, sa = quantized_pair(total, k, device, per_block=False, scale_layout="row")
     poison_rows(a, sa, m_indices == -1)
     if scale_layout == "tma":
         sa = dskernels.get_col_major_tma_aligned_tensor(sa)
-    w, b, sb = grouped_weights(len(sizes), n, K, device, scale_layout)
+    w, b, sb = grouped_weights(len(sizes), n, k, device, scale_layout)
     out = empty_out(total, n, device=device)
     dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)
     pairs = []
@@ -231,6 +228,13 @@ def test_m_grouped_contiguous(backend, aligned, scale_layout):
             assert_close_to_oracle(out[lo:hi], a[lo:hi], sa[lo:hi], b[g], sb[g])
             pairs.append((out[lo:hi], x[lo:hi], w[g]))
     assert_close_to_bf16_product(pairs)
+
+
+@pytest.mark.parametrize("scale_layout", ["row", "tma"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned128", "unaligned"])
+def test_m_grouped_contiguous(backend, aligned, scale_layout):
+    _, device = backend
+    run_contiguous_against_oracle([7, 0, 130, 1], aligned, scale_layout, 144, K, device)  # group 1 is empty
 
 
 def test_m_grouped_contiguous_matches_oracle_function(backend):

@@ -9,7 +9,7 @@ import dskernels
 from dskernels import _backend
 from dskernels.ops import gemm as gemm_ops
 from test_gemm import (FP8_NAN, assert_close_to_bf16_product, assert_close_to_oracle, contiguous_layout,
-                       empty_out, grouped_weights, poison_rows, quantized_pair)
+                       empty_out, grouped_weights, poison_rows, quantized_pair, run_contiguous_against_oracle)
 
 RAW_OPS = {
     "_sm90_gemm_fp8_fp8_bf16_nt": "Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out",
@@ -157,22 +157,8 @@ def test_dense_raw_op_rejects_bad_layouts(cuda_backend):
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned128", "unaligned"])
 @pytest.mark.parametrize("n", [144, 129])
 def test_contiguous(cuda_backend, aligned, scale_layout, n):
-    sizes = [7, 0, 130, 1]  # group 1 is empty; group 3 has one row
-    m_indices, ranges = contiguous_layout(sizes, aligned, "cuda")
-    total = m_indices.numel()
-    x, a, sa = quantized_pair(total, 256, "cuda", per_block=False, scale_layout="row")
-    poison_rows(a, sa, m_indices == -1)
-    if scale_layout == "tma":
-        sa = dskernels.get_col_major_tma_aligned_tensor(sa)
-    w, b, sb = grouped_weights(len(sizes), n, 256, "cuda", scale_layout)
-    out = empty_out(total, n, device="cuda")
-    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)
-    pairs = []
-    for g, (lo, hi) in ranges.items():
-        if hi > lo:
-            assert_close_to_oracle(out[lo:hi], a[lo:hi], sa[lo:hi], b[g], sb[g])
-            pairs.append((out[lo:hi], x[lo:hi], w[g]))
-    assert_close_to_bf16_product(pairs)
+    # group 1 is empty; group 3 has one row
+    run_contiguous_against_oracle([7, 0, 130, 1], aligned, scale_layout, n, 256, "cuda")
 
 
 @pytest.mark.gpu
