@@ -114,16 +114,7 @@ def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank
     cached_fp8 = buf.dispatch(fp8_here, handle=handle3)[0]
     _same(cached_fp8[0], want_fp8[0], "cached fp8 payload")
 
-    # Fixed-size output (num_worst_tokens): padded rows are x 0, ids -1, weights 0.
-    worst = want_x.shape[0] + 5
-    px, pidx, pw, _, phandle, _ = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=num_experts,
-                                               num_worst_tokens=worst)
-    assert px.shape == (worst, HIDDEN) and pidx.shape[0] == worst
-    n = want_x.shape[0]
-    _same(px[:n], want_x, "padded recv_x")
-    assert torch.all(px[n:] == 0) and torch.all(pidx[n:] == -1) and torch.all(pw[n:] == 0)
-    combined_p, _, _ = buf.combine(px, phandle)
-    _same(combined_p, combined, "combine of padded rows")
+    _check_fixed_block(buf, rank, world, num_experts, seed + 50, avoid_last_rank, device)
 
     # Autograd: d/dx 0.5 |dispatch(x)|^2 = x * hits; d/dy <combine(y), x> = dispatch(x).
     xg = x.float().requires_grad_()
@@ -173,6 +164,68 @@ def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank
     with no_host_sync():
         ll_out8, _, _ = buf.low_latency_combine(deq, topk, w, f8_handle)
     torch.testing.assert_close(ll_out8.float().cpu(), want_ll, rtol=0.1, atol=0.1)
+
+
+def _check_fixed_block(buf, rank, world, num_experts, seed, avoid_last_rank=False, device="cpu"):
+    """dispatch/combine with num_worst_tokens (DeepEP's CUDA-graph mode) under no_host_sync: the same
+    rows as the oracle, padded (x 0, ids -1, weights 0), an empty per-expert list; combine, cached
+    dispatch, FP8 and autograd through the fixed blocks. Every rank has the same T here (the mode
+    requires it)."""
+    data = [(x[:11], topk[:11], w[:11])
+            for x, topk, w in _inputs(world, 11, 4, num_experts, seed, avoid_last_rank=avoid_last_rank)]
+    xs, topks, ws = [d[0] for d in data], [d[1] for d in data], [d[2] for d in data]
+    x_c, topk_c, w_c = data[rank]
+    x, topk, w = (t.to(device) for t in data[rank])
+    want_x, want_idx, want_w, _ = ref_ep.dispatch_oracle(xs, topks, ws, num_experts, rank)
+    n = want_x.shape[0]
+    worst = 11 * world + 3  # more than any rank can receive
+    with no_host_sync():
+        px, pidx, pw, counts, handle, _ = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=num_experts,
+                                                       num_worst_tokens=worst)
+        combined, combined_w, _ = buf.combine(px, handle, topk_weights=pw)
+    assert counts == [] and px.shape == (worst, HIDDEN) and pidx.shape == pw.shape == (worst, 4)
+    _same(px[:n], want_x, "fixed-block recv_x")
+    _same(pidx[:n], want_idx, "fixed-block recv_topk_idx")
+    _same(pw[:n], want_w, "fixed-block recv_topk_weights")
+    assert torch.all(px[n:] == 0) and torch.all(pidx[n:] == -1) and torch.all(pw[n:] == 0)
+    hits = torch.stack([(topk_c >= 0) & (topk_c // (num_experts // world) == r) for r in range(world)], 2).any(1)
+    _same(combined, (x_c.float() * hits.sum(1, dtype=torch.float32)[:, None]).to(torch.bfloat16),
+          "fixed-block combine(dispatch(x))")
+    _same(combined_w, torch.where(topk_c >= 0, w_c, 0.0), "fixed-block combined topk_weights")
+
+    # Cached dispatch and an FP8 payload through the same fixed blocks.
+    gen = torch.Generator().manual_seed(seed + 1)
+    fp8s = [(torch.randint(0, 256, (11, HIDDEN), generator=gen, dtype=torch.uint8).view(torch.float8_e4m3fn),
+             torch.rand(11, HIDDEN // 128, generator=gen)) for _ in range(world)]
+    fp8_here = tuple(t.to(device) for t in fp8s[rank])
+    with no_host_sync():
+        cached = buf.dispatch(fp8_here, handle=handle)[0]
+    want_fp8 = ref_ep.dispatch_oracle(fp8s, topks, ws, num_experts, rank)[0]
+    _same(cached[0][:n], want_fp8[0], "fixed-block cached fp8 payload")
+    _same(cached[1][:n], want_fp8[1], "fixed-block cached fp8 scales")
+    assert torch.all(cached[0][n:].view(torch.uint8) == 0) and torch.all(cached[1][n:] == 0)
+
+    # Autograd: d/dx 0.5 |dispatch(x)|^2 = x * hits; d/dy <combine(y), x> = dispatch(x).
+    xg = x.float().requires_grad_()
+    rx, _, _, _, h, _ = buf.dispatch(xg, topk_idx=topk, num_experts=num_experts, num_worst_tokens=worst)
+    (0.5 * rx.pow(2).sum()).backward()
+    torch.testing.assert_close(xg.grad.cpu(), x_c.float() * hits.sum(1, dtype=torch.float32)[:, None], rtol=0, atol=0)
+    y = rx.detach().clone().requires_grad_()
+    out, _, _ = buf.combine(y, h)
+    (out * x.float()).sum().backward()
+    _same(y.grad, rx.detach(), "fixed-block grad of combine")
+
+    # Every rank must send the same T; too small a num_worst_tokens is caught (on every rank here).
+    # (On CPU these raise on every rank at once, after the count exchange, so the group stays usable;
+    # a rank that did not raise would wait in the payload exchange until its timeout.)
+    if device == "cpu" and world > 1:
+        _raises(RuntimeError, ["x:", "same number of tokens", f"rank {rank} has {11 + rank}"],
+                lambda: buf.dispatch(x_c.repeat(2, 1)[: 11 + rank], topk_idx=topk_c.repeat(2, 1)[: 11 + rank],
+                                     num_experts=num_experts, num_worst_tokens=worst))
+    received = [ref_ep.dispatch_oracle(xs, topks, ws, num_experts, r)[0].shape[0] for r in range(world)]
+    if device == "cpu" and min(received) > 1:
+        _raises(RuntimeError, ["num_worst_tokens:", "expected at least", "got 1"],
+                lambda: buf.dispatch(x_c, topk_idx=topk_c, num_experts=num_experts, num_worst_tokens=1))
 
 
 def _weighted_sum(x, topk, w):
@@ -318,8 +371,9 @@ def _body_gpu(rank, world, seed):
 
 
 def _body_gpu_graph(rank, world, seed):
-    """Low-latency dispatch + combine under sync debug mode "error", then captured in a CUDA graph and
-    replayed on new routings: each replay must equal an eager run (same kernels, same order)."""
+    """Low-latency dispatch + combine and the normal ones with num_worst_tokens under sync debug mode
+    "error", then captured in a CUDA graph and replayed on new routings: each replay must equal an
+    eager run (same kernels, same order)."""
     torch.cuda.set_device(rank)
     buf = Buffer(dist.group.WORLD)
     num_tokens, num_topk, num_experts, max_tokens = 13, 4, 8, 16
@@ -339,7 +393,10 @@ def _body_gpu_graph(rank, world, seed):
         (f8, sc), count, handle, _, _ = buf.low_latency_dispatch(x, topk, max_tokens, num_experts, use_fp8=True)
         deq = (f8.float().unflatten(2, (-1, 128)) * sc[..., None]).flatten(2).to(torch.bfloat16)  # identity experts
         out, _, _ = buf.low_latency_combine(deq, topk, w, handle)
-        return count, deq, out
+        rx, _, rw, _, fixed_handle, _ = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=num_experts,
+                                                     num_worst_tokens=num_tokens * world)
+        combined, combined_w, _ = buf.combine(rx, fixed_handle, topk_weights=rw)
+        return count, deq, out, rx, combined, combined_w
 
     side = torch.cuda.Stream()  # warm-up (Triton compiles, NCCL communicator) off the capture stream
     side.wait_stream(torch.cuda.current_stream())
@@ -366,20 +423,25 @@ def _body_gpu_graph(rank, world, seed):
             buf_t.copy_(new)
         graph.replay()
         torch.cuda.synchronize()
-        count, deq, out = (t.clone() for t in captured)
-        want_count, want_deq, want_out = step()
+        count, deq, out, rx, combined, combined_w = (t.clone() for t in captured)
+        want_count, want_deq, want_out, want_rx, want_combined, want_combined_w = step()
         _same(count, want_count, "replayed recv_count")
         for local in range(num_experts):
             n = want_count[local].item()
             _same(deq[local, :n], want_deq[local, :n], "replayed recv rows")
         _same(out, want_out, "replayed combine")
+        _same(rx, want_rx, "replayed fixed-block dispatch")
+        _same(combined, want_combined, "replayed fixed-block combine")
+        _same(combined_w, want_combined_w, "replayed fixed-block combined weights")
         x, topk, w = static
+        hit = (topk >= 0).any(1, keepdim=True)  # one rank: a token goes here or nowhere
+        _same(combined, torch.where(hit, x, 0), "fixed-block combine(dispatch(x))")
         torch.testing.assert_close(out.float(), _weighted_sum(x.cpu(), topk.cpu(), w.cpu()).float().cuda(),
                                    rtol=0.1, atol=0.1)
 
 
 @pytest.mark.gpu
-def test_low_latency_cuda_graph():
+def test_sync_free_calls_cuda_graph():
     run_distributed(_body_gpu_graph, 1, 11, backend="nccl", timeout_s=240)
 
 

@@ -12,6 +12,10 @@ How a dispatch moves data (docs/ep.md has the byte counts):
 Combine sends the rows back in the same order (reverse split sizes) and one gather-reduce kernel
 sums, for every token, the rows the ranks returned (fp32, rank order) in token order.
 
+With `num_worst_tokens` (DeepEP's CUDA-graph mode) the splits are fixed instead: every rank sends
+every rank a block of T rows (T equal on all ranks), the counts stay on the device and place the
+received rows; no host synchronization, at the price of R * T rows per rank on the wire.
+
 The low-latency calls use fixed-size slots instead (a block of num_max_dispatch_tokens_per_rank
 rows per rank pair, equal splits, device-side index math): no host synchronization, so they can
 be captured in a CUDA graph (docs/ep.md, "Low latency").
@@ -44,8 +48,13 @@ class DispatchHandle:
     recv_splits: list[int]          # rows received from each rank
     combine_index: torch.Tensor     # [T, R] int64: row of the combine receive buffer, -1 if not sent
     is_token_in_rank: torch.Tensor  # [T, R] bool
-    num_recv_tokens: int            # N
-    num_out_rows: int               # max(N, num_worst_tokens): rows of recv_x
+    num_recv_tokens: int            # N (num_worst_tokens in fixed-block mode, where N stays on the device)
+    num_out_rows: int               # rows of recv_x: N, or num_worst_tokens in fixed-block mode
+    # Fixed-block mode (num_worst_tokens > 0): every rank pair exchanges `block` = T rows (equal
+    # splits, no host read of the counts); recv_index [R * block] is the recv_x row of each received
+    # block row, -1 for the rows past what the source sent.
+    block: int = 0
+    recv_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -184,7 +193,7 @@ class Buffer:
         return word, offsets, max(at, _ALIGN) // size
 
     def _send(self, payloads: list[torch.Tensor], src_idx: torch.Tensor | None, num_send: int,
-              send_splits: list[int], recv_splits: list[int], what: str):
+              send_splits: list[int], recv_splits: list[int], what: str, poll: bool = True):
         """Packs rows src_idx of every payload into one buffer, exchanges it, returns the receive
         buffer and the views of each payload in it ([N, bytes] uint8 -> caller reinterprets)."""
         rows = [_rows(p) for p in payloads]
@@ -195,7 +204,7 @@ class Buffer:
         send = torch.empty(num_send, row_words, dtype=word, device=device)
         pack_rows([r.view(word) for r in rows], offsets, src_idx, send, num_send)
         recv = torch.empty(sum(recv_splits), row_words, dtype=word, device=device)
-        self._all_to_all(recv, send, recv_splits, send_splits, what)
+        self._all_to_all(recv, send, recv_splits, send_splits, what, poll=poll)
         return [recv[:, off: off + w // size] for off, w in zip(offsets, widths)], word
 
     @staticmethod
@@ -203,27 +212,38 @@ class Buffer:
         """A [N, words] view of a packed payload -> [N, *like.shape[1:]] of like.dtype (a view)."""
         return view.view(torch.uint8).view(like.dtype).reshape(view.shape[0], *like.shape[1:])
 
-    def _unpack(self, views, likes, num_out_rows: int, fills) -> list[torch.Tensor]:
+    def _unpack(self, views, likes, num_out_rows: int, fills, recv_index=None) -> list[torch.Tensor]:
+        """Receive-buffer views -> [num_out_rows, ...] tensors: rows in order, or (fixed-block mode)
+        scattered to recv_index; rows nothing lands in hold `fill`."""
         outs = []
         for view, like, fill in zip(views, likes, fills):
             n = view.shape[0]
             out = torch.empty(num_out_rows, view.shape[1], dtype=view.dtype, device=view.device)
-            copy_rows(view, None, out, None, n)
-            out = out.view(torch.uint8).view(like.dtype).reshape(num_out_rows, *like.shape[1:])
-            if num_out_rows > n:
-                out[n:] = fill
-            outs.append(out)
+            typed = out.view(torch.uint8).view(like.dtype).reshape(num_out_rows, *like.shape[1:])
+            if recv_index is not None:
+                out.zero_() if fill == 0 else typed.fill_(fill)
+                copy_rows(view, None, out, recv_index, n)
+            else:
+                copy_rows(view, None, out, None, n)
+                if num_out_rows > n:
+                    typed[n:] = fill
+            outs.append(typed)
         return outs
 
     def _route_forward(self, handle: DispatchHandle, payloads: list[torch.Tensor], fills, what: str):
         views, _ = self._send(payloads, handle.send_src_idx, handle.send_src_idx.shape[0], handle.send_splits,
-                              handle.recv_splits, what)
-        return self._unpack(views, payloads, handle.num_out_rows, fills)
+                              handle.recv_splits, what, poll=not handle.block)
+        return self._unpack(views, payloads, handle.num_out_rows, fills, handle.recv_index)
 
     def _route_backward(self, handle: DispatchHandle, payloads: list[torch.Tensor], what: str):
         """Rows received by dispatch -> their sum per source token (rank order), [T, ...] each."""
         payloads = [p[: handle.num_recv_tokens] for p in payloads]
-        views, _ = self._send(payloads, None, handle.num_recv_tokens, handle.recv_splits, handle.send_splits, what)
+        if handle.block:  # block row (s, i) returns recv_x row recv_index[s, i]; filler rows send row 0
+            views, _ = self._send(payloads, handle.recv_index.clamp(min=0), handle.recv_index.shape[0],
+                                  handle.recv_splits, handle.send_splits, what, poll=False)
+        else:
+            views, _ = self._send(payloads, None, handle.num_recv_tokens, handle.recv_splits, handle.send_splits,
+                                  what)
         outs = []
         for view, like in zip(views, payloads):
             y = self._as(view, like).reshape(view.shape[0], -1) if view.shape[0] else \
@@ -317,15 +337,21 @@ class Buffer:
                 outputs, or None with num_experts=E given (then computed here).
             topk_idx: int64 [T, K], -1 for no expert. topk_weights: fp32 [T, K] (optional).
             expert_alignment: each per-expert receive count is rounded up to a multiple of it.
-            num_worst_tokens: if > 0, recv tensors get exactly that many rows (fixed shapes for
-                CUDA graphs; rows past the received ones: x 0, topk_idx -1, weights 0); raises if
-                more tokens arrive.
+            num_worst_tokens: if > 0, DeepEP's CUDA-graph mode: recv tensors get exactly that many
+                rows (rows past the received ones: x 0, topk_idx -1, weights 0), nothing is read on
+                the host (capturable), and num_recv_tokens_per_expert_list is [] (as in DeepEP).
+                Every rank must dispatch the same number of tokens T (each rank pair exchanges a
+                block of T rows: R * T rows per rank on the wire, against the routed count
+                otherwise). Checked on the device: a different T on some rank, more tokens arriving
+                than num_worst_tokens or an expert id out of range raise RuntimeError for CPU
+                tensors and trip a device-side assert on CUDA.
 
         Returns:
             recv_x [N, H] (or a tuple), source rank 0's tokens first, each source in token order;
             recv_topk_idx int64 [N, K] local expert ids, -1 for experts on other ranks;
             recv_topk_weights fp32 [N, K], 0 where recv_topk_idx is -1 (None without weights);
-            num_recv_tokens_per_expert_list: python list of num_local_experts ints (aligned);
+            num_recv_tokens_per_expert_list: python list of num_local_experts ints (aligned; [] with
+                num_worst_tokens);
             handle; event (EventOverlap).
             Cached dispatch returns (recv_x, None, None, None, handle, event).
         """
@@ -351,7 +377,13 @@ class Buffer:
             if num_experts is None:
                 raise ValueError("num_experts: expected an int (or the layout arguments num_tokens_per_rank, "
                                  "is_token_in_rank, num_tokens_per_expert), got None")
-            self._check_topk(topk_idx, num_tokens, num_experts, "dispatch")
+            if num_worst_tokens:
+                # Fixed-block mode reads nothing on the host: the id range is checked on the device.
+                self._check_topk(topk_idx, num_tokens, None, "dispatch")
+                self._check_num_experts(num_experts)
+                self._assert_ids_async(topk_idx, num_experts)
+            else:
+                self._check_topk(topk_idx, num_tokens, num_experts, "dispatch")
             self._check_weights(topk_weights, topk_idx)
             if is_token_in_rank is None or num_tokens_per_expert is None or num_tokens_per_rank is None:
                 num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = ep_get_dispatch_layout(
@@ -359,9 +391,14 @@ class Buffer:
             elif tuple(is_token_in_rank.shape) != (num_tokens, self.group_size):
                 raise ValueError(f"is_token_in_rank: expected shape ({num_tokens}, {self.group_size}), got "
                                  f"{tuple(is_token_in_rank.shape)}")
-            handle, per_expert = self._plan(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
-                                            num_experts, num_worst_tokens, device)
-            counts = [-(-c // expert_alignment) * expert_alignment for c in per_expert]
+            if num_worst_tokens:
+                # As DeepEP: no per-expert list in this mode (it would need the host).
+                handle, counts = self._plan_fixed(is_token_in_rank, num_tokens_per_rank, num_worst_tokens,
+                                                  device), []
+            else:
+                handle, per_expert = self._plan(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
+                                                num_experts, device)
+                counts = [-(-c // expert_alignment) * expert_alignment for c in per_expert]
 
             payload = [x] if not isinstance(x, tuple) else list(x)
             payload += [topk_idx] + ([topk_weights] if topk_weights is not None else [])
@@ -380,7 +417,7 @@ class Buffer:
             event = scope.finish(tensors + ((recv_topk_weights,) if recv_topk_weights is not None else ()))
         return recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event
 
-    def _plan(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts, num_worst_tokens,
+    def _plan(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts,
               device) -> tuple[DispatchHandle, list[int]]:
         """Count exchange and the send order; the one host synchronization of a dispatch."""
         R = self.group_size
@@ -397,12 +434,43 @@ class Buffer:
         combine_index = torch.full((R, num_tokens), -1, dtype=torch.int64, device=device)
         combine_index[dest_token[:, 0], dest_token[:, 1]] = torch.arange(dest_token.shape[0], device=device)
         num_recv = sum(recv_splits)
-        if num_worst_tokens and num_recv > num_worst_tokens:
-            raise ValueError(f"num_worst_tokens: expected at least the {num_recv} tokens rank {self.rank} "
-                             f"receives, got {num_worst_tokens}")
         handle = DispatchHandle(num_tokens, send_src_idx, send_splits, recv_splits, combine_index.t().contiguous(),
-                                is_token_in_rank, num_recv, max(num_recv, num_worst_tokens))
+                                is_token_in_rank, num_recv, num_recv)
         return handle, per_expert
+
+    def _plan_fixed(self, is_token_in_rank, num_tokens_per_rank, num_worst_tokens: int, device) -> DispatchHandle:
+        """The fixed-block routing (num_worst_tokens > 0) from device tensors only.
+
+        Each rank sends each rank a block of T rows: first the tokens that go there, in token order,
+        then filler rows the receiver ignores. The count exchange (also on the device) tells the
+        receiver how many rows of each block are real; they land in recv_x in source order.
+        """
+        R, T = self.group_size, is_token_in_rank.shape[0]
+        send = torch.cat([num_tokens_per_rank.to(torch.int64).reshape(R, 1),
+                          torch.full((R, 1), T, dtype=torch.int64, device=device)], dim=1)
+        recv = torch.empty_like(send)
+        self._all_to_all(recv, send, None, None, "dispatch (count exchange)", poll=False)
+        from_source = recv[:, 0]
+        # Checked on the device (CPU tensors raise here; on CUDA a device-side assert): a block size
+        # every rank agrees on is what makes the splits fixed.
+        torch._assert_async((recv[:, 1] == T).all(),
+                            f"x: with num_worst_tokens every rank must dispatch the same number of tokens "
+                            f"(rank {self.rank} has {T})")
+        torch._assert_async(from_source.sum() <= num_worst_tokens,
+                            f"num_worst_tokens: expected at least the number of tokens rank {self.rank} "
+                            f"receives, got {num_worst_tokens}")
+
+        to_rank = is_token_in_rank.t()  # [R, T]
+        # A stable sort of "not for r" lists r's tokens first, in token order.
+        send_src_idx = torch.sort((~to_rank).to(torch.uint8), dim=1, stable=True).indices.reshape(-1)
+        block_row = torch.arange(R, device=device)[:, None] * T + to_rank.to(torch.int64).cumsum(dim=1) - 1
+        combine_index = torch.where(to_rank, block_row, -1).t().contiguous()
+        row = torch.arange(T, device=device)[None, :]
+        first = from_source.cumsum(dim=0)[:, None] - from_source[:, None]
+        recv_index = torch.where(row < from_source[:, None], first + row, -1).reshape(-1)
+        recv_index = torch.where(recv_index < num_worst_tokens, recv_index, -1)  # never write past recv_x
+        return DispatchHandle(T, send_src_idx, [T] * R, [T] * R, combine_index, is_token_in_rank,
+                              num_worst_tokens, num_worst_tokens, block=T, recv_index=recv_index)
 
     def _route(self, handle: DispatchHandle, payload: list[torch.Tensor]) -> list[torch.Tensor]:
         """Dispatch of `payload` ([T, ...] each) along `handle`; differentiable in float payloads."""
@@ -472,12 +540,17 @@ class Buffer:
             raise ValueError(f"num_max_dispatch_tokens_per_rank: expected a positive int, got {M!r}")
         if num_tokens > M:
             raise ValueError(f"x: expected at most num_max_dispatch_tokens_per_rank={M} rows, got {num_tokens}")
+        self._assert_ids_async(topk_idx, num_experts)
+        return num_tokens
+
+    @staticmethod
+    def _assert_ids_async(topk_idx, num_experts: int) -> None:
+        """The id range, checked on the device: a host check would wait for it. CPU tensors raise
+        RuntimeError here; on CUDA a bad id is a device-side assert (ids outside [-1, E) are never
+        used as indices)."""
         if topk_idx.numel():
-            # Checked on the device: a host check would wait for it. CPU tensors raise here; on CUDA
-            # a bad id is a device-side assert (ids outside [0, E) are never used as indices).
             torch._assert_async(((topk_idx >= -1) & (topk_idx < num_experts)).all(),
                                 f"topk_idx: expected expert ids in [-1, {num_experts})")
-        return num_tokens
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, cumulative_local_expert_recv_stats=None, use_fp8: bool = True,
