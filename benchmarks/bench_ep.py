@@ -193,6 +193,9 @@ def traffic_model(ep: int, num_tokens: int = 4096, hidden: int = HIDDEN, num_top
       combine row: BF16 hidden (2H).
     - ours_bytes: what this library sends over the inter-node link (torch.distributed all-to-all
       sends per destination rank, so a token reaching 3 ranks of a remote node crosses 3 times).
+    - ours_fixed_dispatch_bytes: the same with num_worst_tokens (host-sync free, CUDA-graph mode):
+      a block of num_tokens rows to every other rank (every rank off the node, across nodes),
+      whatever the routing.
     """
     nodes = max(1, ep // GPUS_PER_NODE)
     chosen = min(topk_groups, nodes)
@@ -206,11 +209,14 @@ def traffic_model(ep: int, num_tokens: int = 4096, hidden: int = HIDDEN, num_top
     if nodes == 1:  # NVLink all-to-all: every remote rank counts
         remote_ranks = dest_ranks * (ep - 1) / ep
         deepep_copies = remote_ranks
+        fixed_copies = ep - 1
     else:  # the inter-node link is the bottleneck: copies leaving the node
         remote_ranks = dest_ranks * (nodes - 1) / nodes
         deepep_copies = dest_nodes * (nodes - 1) / nodes
+        fixed_copies = ep * (nodes - 1) / nodes
     return {"ep": ep, "nodes": nodes, "dest_ranks": dest_ranks, "dest_nodes": dest_nodes,
             "ours_dispatch_bytes": num_tokens * remote_ranks * dispatch_row,
+            "ours_fixed_dispatch_bytes": num_tokens * fixed_copies * dispatch_row,
             "ours_combine_bytes": num_tokens * remote_ranks * combine_row,
             "deepep_dispatch_bytes": num_tokens * deepep_copies * dispatch_row,
             "deepep_combine_bytes": num_tokens * deepep_copies * combine_row}
@@ -218,7 +224,8 @@ def traffic_model(ep: int, num_tokens: int = 4096, hidden: int = HIDDEN, num_top
 
 def model_table(nvlink_gbps: float = 160.0, rdma_gbps: float = 50.0) -> str:
     head = ("EP | nodes | ranks/token | nodes/token | link | ours dispatch MB | ours t_disp us | ours combine MB | "
-            "ours t_comb us | DeepEP disp MB | DeepEP published GB/s (disp, comb) | DeepEP t_disp us | DeepEP t_comb us")
+            "ours t_comb us | ours fixed-block disp MB | DeepEP disp MB | DeepEP published GB/s (disp, comb) | "
+            "DeepEP t_disp us | DeepEP t_comb us")
     lines = [head, "-" * len(head)]
     for ep in (8, 16, 32, 64):
         m = traffic_model(ep)
@@ -229,6 +236,7 @@ def model_table(nvlink_gbps: float = 160.0, rdma_gbps: float = 50.0) -> str:
             f"{'NVLink' if m['nodes'] == 1 else 'RDMA'} {link:.0f} GB/s",
             f"{m['ours_dispatch_bytes'] / 1e6:.1f}", f"{m['ours_dispatch_bytes'] / link / 1e3:.0f}",
             f"{m['ours_combine_bytes'] / 1e6:.1f}", f"{m['ours_combine_bytes'] / link / 1e3:.0f}",
+            f"{m['ours_fixed_dispatch_bytes'] / 1e6:.1f}",
             f"{m['deepep_dispatch_bytes'] / 1e6:.1f}", f"{pub_d}, {pub_c}",
             f"{m['deepep_dispatch_bytes'] / pub_d / 1e3:.0f}", f"{m['deepep_combine_bytes'] / pub_c / 1e3:.0f}"]))
     return "\n".join(lines)
@@ -241,7 +249,8 @@ def main() -> None:
     args = parser.parse_args()
     print("Per-rank all-to-all traffic, 4096 tokens, hidden 7168, top-8 of 256 experts, top-4 node groups;\n"
           "FP8 dispatch ((1 + 4/128) H bytes per copy), BF16 combine (2H). 'ours' = this library over\n"
-          "torch.distributed (one copy per destination rank); 'DeepEP' = one copy per remote node over RDMA\n"
+          "torch.distributed (one copy per destination rank; 'fixed-block' = dispatch with num_worst_tokens,\n"
+          "a block of every token to every rank); 'DeepEP' = one copy per remote node over RDMA\n"
           "(NVLink forwarding inside the node), timed at DeepEP's published bandwidths (H800, CX7; README).\n")
     print(model_table(args.nvlink_gbps, args.rdma_gbps))
 
