@@ -228,11 +228,16 @@ def _check_fixed_block(buf, rank, world, num_experts, seed, avoid_last_rank=Fals
                 lambda: buf.dispatch(x_c, topk_idx=topk_c, num_experts=num_experts, num_worst_tokens=1))
 
 
-def _weighted_sum(x, topk, w):
-    """The low-latency combine of identity experts: fp32 sum over k in order, rounded once."""
+def _weighted_sum(x, topk, w, num_local, world):
+    """The low-latency combine of identity experts: on each rank r, the fp32 sum over k in order of
+    the terms of r's experts (the partial r returns); the partials added in rank order; rounded once."""
     acc = torch.zeros(x.shape, dtype=torch.float32)
-    for k in range(topk.shape[1]):
-        acc += torch.where(topk[:, k: k + 1] >= 0, x.float() * w[:, k: k + 1], 0.0)
+    for r in range(world):
+        partial = torch.zeros(x.shape, dtype=torch.float32)
+        for k in range(topk.shape[1]):
+            mine = (topk[:, k: k + 1] >= 0) & (topk[:, k: k + 1] // num_local == r)
+            partial += torch.where(mine, x.float() * w[:, k: k + 1], 0.0)
+        acc += partial
     return acc.to(x.dtype)
 
 
@@ -259,7 +264,7 @@ def _check_low_latency_sync_free(buf, rank, world, num_experts, seed):
         want = torch.cat([d[0][(d[1] == e).any(1)] for d in data])  # a repeated expert: one row
         assert count[local].item() == want.shape[0] == count8[local].item() == stats[local].item()
         _same(ll_x[local, : want.shape[0]], want, f"low-latency rows of expert {e} (repeated ids)")
-    _same(out, _weighted_sum(x, topk, w), "low-latency combine (both weights of a repeated expert)")
+    _same(out, _weighted_sum(x, topk, w, num_local, world), "low-latency combine (both weights of a repeated expert)")
     assert out2.data_ptr() == fresh.data_ptr()
     _same(out2, out, "low-latency combine into out=")
 
@@ -436,7 +441,7 @@ def _body_gpu_graph(rank, world, seed):
         x, topk, w = static
         hit = (topk >= 0).any(1, keepdim=True)  # one rank: a token goes here or nowhere
         _same(combined, torch.where(hit, x, 0), "fixed-block combine(dispatch(x))")
-        torch.testing.assert_close(out.float(), _weighted_sum(x.cpu(), topk.cpu(), w.cpu()).float().cuda(),
+        torch.testing.assert_close(out.float(), _weighted_sum(x.cpu(), topk.cpu(), w.cpu(), num_experts, 1).float().cuda(),
                                    rtol=0.1, atol=0.1)
 
 

@@ -134,17 +134,20 @@ def test_pack_rows(backend, num_segments):
         assert torch.equal(dst[:7, off: off + seg.shape[1]].cpu(), seg.cpu()[src_idx.cpu()])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+# (y, out) dtypes: the low-latency combine reduces bf16 expert rows into fp32 partials, then those
+# into bf16 tokens.
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                             (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_gather_reduce(backend, dtype, weighted):
+def test_gather_reduce(backend, dtype, out_dtype, weighted):
     _, device = backend
     y = torch.randn(9, 200).to(dtype).to(device)
     y[8] = float("nan")  # never indexed: must not leak
     index = torch.tensor([[0, -1, 3], [2, 7, 1], [-1, -1, -1], [5, 5, 0]], device=device)
     weights = torch.rand(4, 3, device=device) if weighted else None
-    out = torch.empty(4, 200, dtype=dtype, device=device)
+    out = torch.empty(4, 200, dtype=out_dtype, device=device)
     gather_reduce(y, index, weights, out)
-    want = torch.empty(4, 200, dtype=dtype)
+    want = torch.empty(4, 200, dtype=out_dtype)
     ref_ep.gather_reduce(y.cpu(), index.cpu(), None if weights is None else weights.cpu(), want)
     if weighted and device == "cuda":  # the GPU may fuse multiply-add: one rounding fewer
         torch.testing.assert_close(out.cpu(), want)

@@ -65,8 +65,9 @@ class LowLatencyHandle:
     num_experts: int
     hidden: int
     num_topk: int
-    return_slot: torch.Tensor       # [R * M * K] int64: [L * cap] row of each received (source, token, k), -1: none
-    combine_index: torch.Tensor     # [T, K] int64: row of (t, k) in combine's receive buffer [R * M * K], -1: none
+    return_slot: torch.Tensor       # [R * M, K] int64: [L * cap] row of each received (source, token, k), -1: none
+    combine_index: torch.Tensor     # [T, R] int64: row of t's partial sum from rank r in combine's receive
+                                    # buffer [R * M] (r * M + t), -1 where t has no expert on r
 
 
 class EPCommError(RuntimeError):
@@ -524,7 +525,7 @@ class Buffer:
     # every rank sends every rank a block of M = num_max_dispatch_tokens_per_rank rows, row t of
     # each block carrying token t (x | scales | topk ids; rows t >= T name no expert). The exchange is
     # an all_to_all with equal splits; each receiver finds its rows from the ids in them and places
-    # them with cumsum/gather index math. Combine returns a block of M * K entry rows per rank.
+    # them with cumsum/gather index math. Combine returns a block of M fp32 partial sums per rank.
 
     def _check_low_latency(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts) -> int:
         """Shape checks (the host knows these) and an asynchronous range check of the ids; returns T."""
@@ -619,13 +620,15 @@ class Buffer:
                 copy_rows(recv[:, off: off + width], entry_row, out, write_slot, R * M * K)
                 outs.append(out.view(torch.uint8).view(like.dtype).reshape(num_local, cap, *like.shape[1:]))
 
-            # Source side: entry (t, k) comes back in block owner(k) of combine's receive buffer,
-            # at row t * K + k of that block (ids outside [0, E) never index anything).
+            # Source side: rank r returns token t's partial sum (over t's experts on r) in row
+            # r * M + t of combine's receive buffer (ids outside [0, E) never index anything).
             valid = (topk_idx >= 0) & (topk_idx < num_experts)
-            owner = torch.where(valid, topk_idx, 0) // num_local
-            entry = torch.arange(num_tokens * K, device=device).reshape(num_tokens, K)
-            combine_index = torch.where(valid, owner * (M * K) + entry, -1)
-            handle = LowLatencyHandle(num_tokens, M, num_experts, x.shape[1], K, return_slot, combine_index)
+            owner = torch.where(valid, topk_idx // num_local, -1)
+            ranks = torch.arange(R, device=device)
+            on_rank = (owner[:, :, None] == ranks).any(dim=1)  # [T, R]
+            combine_index = torch.where(on_rank, ranks * M + torch.arange(num_tokens, device=device)[:, None], -1)
+            handle = LowLatencyHandle(num_tokens, M, num_experts, x.shape[1], K, return_slot.reshape(R * M, K),
+                                      combine_index)
             if cumulative_local_expert_recv_stats is not None:
                 cumulative_local_expert_recv_stats += recv_count
             recv_x = tuple(outs) if use_fp8 else outs[0]
@@ -636,12 +639,15 @@ class Buffer:
                             handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
                             async_finish: bool = False, return_recv_hook: bool = False, out=None):
         """x [L, cap, H] (bf16) expert outputs in low_latency_dispatch's layout ->
-        combined_x [T, H]: combined_x[t] = sum_k topk_weights[t, k] * x[expert, row of t] (fp32 sum in
-        k order, rounded once; 0 for a token with no expert); returns (combined_x, event, hook).
+        combined_x [T, H]: combined_x[t] = sum_k topk_weights[t, k] * x[expert, row of t] (0 for a token
+        with no expert); returns (combined_x, event, hook). The sum is fp32 throughout, rounded once:
+        per rank r, the terms of t's experts on r in k order (that rank's partial sum), then the
+        partials in rank order.
 
-        No host synchronization: each rank returns to every rank a block of M * K entry rows (row
-        t * K + k: the output for that source's (t, k), unused where (t, k) names no expert here)
-        over one equal-split all_to_all, then one gather-reduce kernel sums them in token order.
+        No host synchronization: two equal-split all_to_alls. First every rank sends its weights
+        [M, K] fp32 to every rank; then each rank reduces, for every (source, token), the weighted
+        outputs of its own experts into one fp32 row (gather_reduce) and returns R blocks of M such
+        rows; the source's gather_reduce adds the partials of the ranks its token visited.
         `topk_idx` must be the dispatch's (only its shape is checked); `out` [T, H] is optional.
         """
         if not isinstance(handle, LowLatencyHandle):
@@ -665,13 +671,18 @@ class Buffer:
             raise ValueError(f"out: expected a {x.dtype} tensor of shape ({num_tokens}, {hidden}) on {x.device}, "
                              f"got {got}")
         with StreamScope(self, x.device, None, async_finish, False) as scope:
-            flat = x.reshape(num_local * cap, hidden)
-            send = torch.empty(R * M * K, hidden, dtype=x.dtype, device=x.device)
-            copy_rows(flat, handle.return_slot, send, None, R * M * K)   # -1: no expert here, row unused
-            recv = torch.empty_like(send)
-            self._all_to_all(recv, send, None, None, "low_latency_combine", poll=False)
+            # Every rank gets every rank's weights (rows past T: unused, their ids were -1).
+            send_w = torch.zeros(R, M, K, dtype=torch.float32, device=x.device)
+            send_w[:, :num_tokens] = topk_weights
+            recv_w = torch.empty_like(send_w)
+            self._all_to_all(recv_w, send_w, None, None, "low_latency_combine (weights)", poll=False)
+            # Row s * M + t: sum over t's experts here of weight * output, 0 if it has none here.
+            partial = torch.empty(R * M, hidden, dtype=torch.float32, device=x.device)
+            gather_reduce(x.reshape(num_local * cap, hidden), handle.return_slot, recv_w.reshape(R * M, K), partial)
+            recv = torch.empty_like(partial)
+            self._all_to_all(recv, partial, None, None, "low_latency_combine", poll=False)
             combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
-            gather_reduce(recv, handle.combine_index, topk_weights.contiguous(), combined)
+            gather_reduce(recv, handle.combine_index, None, combined)
             event = scope.finish((combined,))
         return combined, event, (lambda: None)
 

@@ -163,7 +163,7 @@ def _round_to_bf16(x):
 @triton.jit
 def _gather_reduce_kernel(y_ptr, index_ptr, weights_ptr, out_ptr, num_j, num_cols, stride_y, stride_index,
                           stride_weights, stride_out, HAS_WEIGHTS: tl.constexpr, OUT_BF16: tl.constexpr,
-                          VEC: tl.constexpr, BLOCK_C: tl.constexpr):
+                          VEC_Y: tl.constexpr, VEC_OUT: tl.constexpr, BLOCK_C: tl.constexpr):
     # One program: one output row x BLOCK_C columns; j in order, fp32 sum (as python_ref).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -171,7 +171,7 @@ def _gather_reduce_kernel(y_ptr, index_ptr, weights_ptr, out_ptr, num_j, num_col
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for j in range(num_j):
         src = tl.load(index_ptr + row * stride_index + j).to(tl.int64)
-        start = tl.multiple_of(tl.maximum(src, 0) * stride_y, VEC)
+        start = tl.multiple_of(tl.maximum(src, 0) * stride_y, VEC_Y)
         values = tl.load(y_ptr + start + cols, mask=ok & (src >= 0), other=0.0)
         values = values.to(tl.float32)
         if HAS_WEIGHTS:
@@ -181,7 +181,7 @@ def _gather_reduce_kernel(y_ptr, index_ptr, weights_ptr, out_ptr, num_j, num_col
         out = _round_to_bf16(acc)
     else:
         out = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + tl.multiple_of(row * stride_out, VEC) + cols, out, mask=ok)
+    tl.store(out_ptr + tl.multiple_of(row * stride_out, VEC_OUT) + cols, out, mask=ok)
 
 
 def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -192,11 +192,12 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
     assert y.stride(1) == 1 and out.stride(1) == 1
     block_c = min(triton.next_power_of_2(num_cols), 1024)
     grid = (num_rows, triton.cdiv(num_cols, block_c))
-    vec = _vec(y.element_size(), y, out, y.stride(0), out.stride(0)) if y.dtype == out.dtype else 1
+    # y and out may differ in dtype (the low-latency combine reduces bf16 rows into fp32 partials).
     _gather_reduce_kernel[grid](y, index, y if weights is None else weights, out, index.shape[1], num_cols,
                                 y.stride(0), index.stride(0), 0 if weights is None else weights.stride(0),
                                 out.stride(0), HAS_WEIGHTS=weights is not None, OUT_BF16=out.dtype == torch.bfloat16,
-                                VEC=vec, BLOCK_C=block_c, num_warps=4)
+                                VEC_Y=_vec(y.element_size(), y, y.stride(0)),
+                                VEC_OUT=_vec(out.element_size(), out, out.stride(0)), BLOCK_C=block_c, num_warps=4)
 
 
 @triton.jit
