@@ -64,6 +64,12 @@ def test_cuda_layout_conversions():
     assert gemm_ops._cuda_sb(one_block) is one_block
     sb3 = torch.randn(2, 3, 4)
     assert gemm_ops._cuda_sb(sb3).stride()[1:] == (1, 3)
+    # unit stride along the blocks but a padded K-block stride: the grouped collective reads each
+    # group's sb packed (K-block stride ceil(n / 128)), so this is copied too
+    padded = torch.randn(4, 5).t()[:3]
+    assert padded.stride() == (1, 5)
+    packed = gemm_ops._cuda_sb(padded)
+    assert packed.stride() == (1, 3) and torch.equal(packed, padded)
 
     out = torch.empty(5, 16, dtype=torch.bfloat16)
     assert gemm_ops._cuda_out(out) == (out, False)

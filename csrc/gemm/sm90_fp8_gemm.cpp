@@ -68,8 +68,10 @@ void check_sa(const at::Tensor& sa, const at::Tensor& a, bool tma) {
   }
 }
 
-// sb: [(G,) ceil(n / 128), k / 128] fp32 with unit stride along the n blocks.
-void check_sb(const at::Tensor& sb, const at::Tensor& b) {
+// sb: [(G,) ceil(n / 128), k / 128] fp32 with unit stride along the n blocks. `packed` (grouped):
+// CUTLASS's ptr-array collective reads each group's sb with a K-block stride of ceil(n / 128)
+// whatever layout it is given (see GroupedArgs in sm90_fp8_gemm_grouped.cuh).
+void check_sb(const at::Tensor& sb, const at::Tensor& b, bool packed) {
   std::vector<int64_t> expected(b.sizes().begin(), b.sizes().end());
   expected[expected.size() - 2] = (b.size(-2) + kScaleBlock - 1) / kScaleBlock;
   expected.back() = b.size(-1) / kScaleBlock;
@@ -80,6 +82,9 @@ void check_sb(const at::Tensor& sb, const at::Tensor& b) {
               "sb: expected unit stride along the 128-row blocks of b (sb.t().contiguous().t()), got strides ",
               sb.strides());
   TORCH_CHECK(sb.stride(-1) <= INT32_MAX, "sb: strides must fit in int32, got ", sb.strides());
+  TORCH_CHECK(!packed || sb.size(-1) <= 1 || sb.stride(-1) == sb.size(-2),
+              "sb: the grouped kernels read each group's scales packed: expected a K-block stride of ceil(n / 128) = ",
+              sb.size(-2), " (sb.transpose(-1, -2).contiguous().transpose(-1, -2)), got strides ", sb.strides());
 }
 
 void check_k(const at::Tensor& a, const at::Tensor& b) {
@@ -112,7 +117,7 @@ void gemm_fp8_fp8_bf16_nt(const at::Tensor& a, const at::Tensor& sa, const at::T
   check_tma_operand(b, "b", 2, at::kFloat8_e4m3fn, a.device());
   check_k(a, b);
   check_sa(sa, a, /*tma=*/true);
-  check_sb(sb, b);
+  check_sb(sb, b, /*packed=*/false);
   check_tma_operand(out, "out", 2, at::kBFloat16, a.device());
   TORCH_CHECK(out.size(0) == a.size(0) && out.size(1) == b.size(0), "out: expected shape [", a.size(0), ", ",
               b.size(0), "], got ", out.sizes());
@@ -180,7 +185,7 @@ void m_grouped_masked(const at::Tensor& a, const at::Tensor& sa, const at::Tenso
   check_k(a, b);
   TORCH_CHECK(a.size(0) == b.size(0), "a: expected ", b.size(0), " groups (b's first dimension), got shape ", a.sizes());
   check_sa(sa, a, /*tma=*/false);
-  check_sb(sb, b);
+  check_sb(sb, b, /*packed=*/true);
   check_tma_operand(out, "out", 3, at::kBFloat16, a.device());
   TORCH_CHECK(out.size(0) == a.size(0) && out.size(1) == a.size(1) && out.size(2) == b.size(1), "out: expected shape [",
               a.size(0), ", ", a.size(1), ", ", b.size(1), "], got ", out.sizes());
@@ -213,7 +218,7 @@ void m_grouped_contiguous(const at::Tensor& a, const at::Tensor& sa, const at::T
   check_tma_operand(b, "b", 3, at::kFloat8_e4m3fn, a.device());
   check_k(a, b);
   check_sa(sa, a, /*tma=*/false);
-  check_sb(sb, b);
+  check_sb(sb, b, /*packed=*/true);
   check_tma_operand(out, "out", 2, at::kBFloat16, a.device());
   TORCH_CHECK(out.size(0) == a.size(0) && out.size(1) == b.size(1), "out: expected shape [", a.size(0), ", ",
               b.size(1), "], got ", out.sizes());

@@ -4,7 +4,8 @@
 // in sm90_fp8_gemm_grouped_m64.cu). No torch headers; the launcher is csrc/gemm/sm90_fp8_gemm.cpp.
 //
 // Per call, on the stream: (contiguous only) a memset and find_segments_kernel turn m_indices into
-// per-group row ranges; fill_grouped_args_kernel writes each group's shape, pointers, strides and
+// per-group row ranges; pack_sfa_kernel copies sa into the packed per-group layout the collective
+// reads (GroupedArgs); fill_grouped_args_kernel writes each group's shape, pointers, strides and
 // scale layouts into the workspace; the persistent grouped kernel (either config) reads them there.
 // Nothing comes back to the host, so both layouts can be captured in a CUDA graph.
 //
@@ -22,21 +23,25 @@
 namespace dskernels::fp8_gemm {
 namespace {
 
-// The workspace: the per-group arrays (each 16-byte aligned), then CUTLASS's own workspace.
+// The workspace: the per-group arrays and the packed sa (each 16-byte aligned), then CUTLASS's own
+// workspace.
 struct Carve {
-  size_t offsets[13] = {};
+  size_t offsets[14] = {};
   size_t args_bytes = 0;
 };
 
-Carve carve(int64_t groups) {
-  const size_t sizes[13] = {sizeof(grouped::Shape3), sizeof(void*), sizeof(void*), sizeof(void*), sizeof(void*),
-                            sizeof(void*), sizeof(grouped::StrideA), sizeof(grouped::StrideB),
-                            sizeof(grouped::StrideD), sizeof(LayoutSFA), sizeof(LayoutSFB), sizeof(int32_t),
-                            sizeof(int32_t)};
+Carve carve(const GroupedProblem& p) {
+  const size_t groups = static_cast<size_t>(p.groups);
+  const size_t sizes[14] = {sizeof(grouped::Shape3) * groups, sizeof(void*) * groups, sizeof(void*) * groups,
+                            sizeof(void*) * groups, sizeof(void*) * groups, sizeof(void*) * groups,
+                            sizeof(grouped::StrideA) * groups, sizeof(grouped::StrideB) * groups,
+                            sizeof(grouped::StrideD) * groups, sizeof(LayoutSFA) * groups,
+                            sizeof(LayoutSFB) * groups, sizeof(int32_t) * groups, sizeof(int32_t) * groups,
+                            sizeof(float) * static_cast<size_t>(grouped_sfa_packed_floats(p))};
   Carve c;
-  for (int i = 0; i < 13; ++i) {
+  for (int i = 0; i < 14; ++i) {
     c.offsets[i] = c.args_bytes;
-    c.args_bytes += (sizes[i] * groups + 15) / 16 * 16;
+    c.args_bytes += (sizes[i] + 15) / 16 * 16;
   }
   c.args_bytes = (c.args_bytes + 255) / 256 * 256;  // CUTLASS keeps TMA descriptors (64-byte aligned) after
   return c;
@@ -58,20 +63,21 @@ GroupedArgs args_at(void* workspace, const Carve& c) {
   a.layout_sfb = reinterpret_cast<LayoutSFB*>(base + c.offsets[10]);
   a.seg_start = reinterpret_cast<int32_t*>(base + c.offsets[11]);
   a.seg_end = reinterpret_cast<int32_t*>(base + c.offsets[12]);
+  a.sfa_packed = reinterpret_cast<float*>(base + c.offsets[13]);
   return a;
 }
 
 }  // namespace
 
 size_t grouped_workspace_bytes(const GroupedProblem& p) {
-  const Carve c = carve(p.groups);
+  const Carve c = carve(p);
   if (p.tile_m == TileM::k64) return c.args_bytes + grouped::m64_workspace_bytes(p);
   using Gemm = grouped::M128::Gemm;
   return c.args_bytes + Gemm::get_workspace_size(grouped::arguments<Gemm>(p, GroupedArgs{}));
 }
 
 const char* run_grouped(const GroupedProblem& p, void* workspace, cudaStream_t stream) {
-  const Carve c = carve(p.groups);
+  const Carve c = carve(p);
   const GroupedArgs a = args_at(workspace, c);
   if (p.masked_m == nullptr) {
     // seg_start = 0x7f7f7f7f (past any row), seg_end = 0: a group with no rows stays empty.
@@ -81,6 +87,13 @@ const char* run_grouped(const GroupedProblem& p, void* workspace, cudaStream_t s
     const int blocks = static_cast<int>(std::min<int64_t>((p.m_max + kThreads - 1) / kThreads, 4L * p.sm_count));
     find_segments_kernel<<<std::max(blocks, 1), kThreads, 0, stream>>>(p.m_indices, p.m_max, p.groups, a.seg_start,
                                                                       a.seg_end);
+  }
+  {
+    // After find_segments_kernel (stream order): the contiguous packing reads seg_start / seg_end.
+    constexpr int kThreads = 256;
+    const int64_t total = grouped_sfa_packed_floats(p);
+    const int blocks = static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, 4L * p.sm_count));
+    pack_sfa_kernel<<<std::max(blocks, 1), kThreads, 0, stream>>>(p, a);
   }
   constexpr int kThreads = 128;
   fill_grouped_args_kernel<<<(p.groups + kThreads - 1) / kThreads, kThreads, 0, stream>>>(p, a);

@@ -237,9 +237,12 @@ def _cuda_sa(sa: torch.Tensor) -> torch.Tensor:
 
 
 def _cuda_sb(sb: torch.Tensor) -> torch.Tensor:
-    """Weight scales with unit stride along the 128-row blocks of b ([.., k/128, n/128] in memory);
-    a copy of ceil(n/128) * k/128 floats per group when they come row-major."""
-    if sb.shape[-2] <= 1 or sb.stride(-2) == 1:
+    """Weight scales with unit stride along the 128-row blocks of b and a K-block stride of exactly
+    ceil(n/128) ([.., k/128, n/128] packed in memory: CUTLASS's grouped collective reads them that
+    way whatever strides it is given); a copy of ceil(n/128) * k/128 floats per group when they
+    come row-major."""
+    blocks, kblocks = sb.shape[-2], sb.shape[-1]
+    if (blocks <= 1 or sb.stride(-2) == 1) and (kblocks <= 1 or sb.stride(-1) == blocks):
         return sb
     return sb.transpose(-1, -2).contiguous().transpose(-1, -2)
 

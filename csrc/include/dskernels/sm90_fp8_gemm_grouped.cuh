@@ -54,6 +54,12 @@ using Shape3 = typename ProblemShape::UnderlyingProblemShape;
 
 // ---- per-group arguments, filled on the device (no host sync: masked_m and m_indices stay there) ----
 
+// CUTLASS 4.2's ptr-array blockwise collective ignores layout_SFA / layout_SFB: its load_init
+// rebuilds both from the group's problem shape (ScaleConfig::tile_atom_to_shape_SFA/SFB), i.e. it
+// reads group g's scales packed: sa at ptr_sfa[g][kb * m_g + row], sb at ptr_sfb[g][kb * ceil(n /
+// 128) + n_block]. m_g changes per call on the device, so pack_sfa_kernel copies sa into that
+// layout (sfa_packed) every call; sb must come with a K-block stride of exactly ceil(n / 128)
+// (checked by the launcher). The layout arrays are still filled, with the packed layouts.
 struct GroupedArgs {  // device arrays of `groups` entries each, read by the ptr-array kernel
   grouped::Shape3* shapes;
   const ElementA** ptr_a;
@@ -68,7 +74,14 @@ struct GroupedArgs {  // device arrays of `groups` entries each, read by the ptr
   LayoutSFB* layout_sfb;
   int32_t* seg_start;  // contiguous only: first row of each group (0x7f7f7f7f when absent)
   int32_t* seg_end;    // contiguous only: one past the last row (0 when absent)
+  float* sfa_packed;   // sa repacked per group (grouped_sfa_packed_floats(p) floats)
 };
+
+// Floats in the packed sa: group g's kblocks * m_g scales start at g * m_max * kblocks (masked) or
+// at seg_start[g] * kblocks (contiguous: segments are disjoint row ranges).
+CUTE_HOST_DEVICE int64_t grouped_sfa_packed_floats(const GroupedProblem& p) {
+  return (p.masked_m != nullptr ? int64_t(p.groups) : 1) * int64_t(p.m_max) * (p.k / kScaleBlock);
+}
 
 namespace grouped {
 

@@ -21,6 +21,36 @@ __global__ void find_segments_kernel(const int32_t* __restrict__ m_indices, int3
   }
 }
 
+// sa into the packed per-group layout the ptr-array collective reads (GroupedArgs): one thread
+// per (row, K block) of sa, rows fastest (sa has unit stride along the rows, so reads coalesce).
+// Only rows inside a group are copied: masked rows >= m_g and rows whose id is not a group stay
+// unread (the tests poison them), and the kernel never loads scales past m_g.
+__global__ void pack_sfa_kernel(GroupedProblem p, GroupedArgs args) {
+  const int32_t kblocks = p.k / kScaleBlock;
+  const int64_t total = grouped_sfa_packed_floats(p);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t slab = i / p.m_max;  // masked: g * kblocks + kb; contiguous: kb
+    const int32_t r = static_cast<int32_t>(i % p.m_max);
+    int32_t g, kb, row0, rows;
+    if (p.masked_m != nullptr) {
+      g = static_cast<int32_t>(slab / kblocks);
+      kb = static_cast<int32_t>(slab % kblocks);
+      rows = min(max(p.masked_m[g], 0), p.m_max);
+      row0 = 0;
+      if (r >= rows) continue;
+    } else {
+      g = p.m_indices[r];
+      kb = static_cast<int32_t>(slab);
+      if (g < 0 || g >= p.groups) continue;
+      row0 = args.seg_start[g];
+      rows = args.seg_end[g] - row0;  // r has id g, so row0 <= r < seg_end[g]
+    }
+    const int64_t group_base = p.masked_m != nullptr ? int64_t(g) * p.m_max * kblocks : int64_t(row0) * kblocks;
+    args.sfa_packed[group_base + int64_t(kb) * rows + (r - row0)] =
+        p.sa[g * p.sa_group_stride + int64_t(kb) * p.sa_k_stride + r];
+  }
+}
+
 // One thread per group: problem shape, pointers, strides and scale layouts of that group.
 __global__ void fill_grouped_args_kernel(GroupedProblem p, GroupedArgs args) {
   const int32_t g = blockIdx.x * blockDim.x + threadIdx.x;
@@ -38,7 +68,8 @@ __global__ void fill_grouped_args_kernel(GroupedProblem p, GroupedArgs args) {
   args.shapes[g] = grouped::Shape3{rows, p.n, p.k};
   args.ptr_a[g] = static_cast<const ElementA*>(p.a) + g * p.a_group_stride + int64_t(row0) * p.a_row_stride;
   args.ptr_b[g] = static_cast<const ElementB*>(p.b) + g * p.b_group_stride;
-  args.ptr_sfa[g] = p.sa + g * p.sa_group_stride + row0;
+  // The packed sa (pack_sfa_kernel); contiguous groups start at row0 * kblocks.
+  args.ptr_sfa[g] = args.sfa_packed + (p.masked_m != nullptr ? int64_t(g) * p.m_max : int64_t(row0)) * kblocks;
   args.ptr_sfb[g] = p.sb + g * p.sb_group_stride;
   args.ptr_d[g] = static_cast<ElementD*>(p.out) + g * p.out_group_stride + int64_t(row0) * p.out_row_stride;
   grouped::StrideA stride_a{};
@@ -50,8 +81,9 @@ __global__ void fill_grouped_args_kernel(GroupedProblem p, GroupedArgs args) {
   grouped::StrideD stride_d{};
   get<0>(stride_d) = p.out_row_stride;
   args.stride_d[g] = stride_d;
-  args.layout_sfa[g] = make_layout_sfa(rows, kblocks, p.sa_k_stride);
-  args.layout_sfb[g] = make_layout_sfb(p.n, kblocks, p.sb_k_stride);
+  // What the collective reads (it rebuilds these itself; see GroupedArgs).
+  args.layout_sfa[g] = make_layout_sfa(rows, kblocks, rows);
+  args.layout_sfb[g] = make_layout_sfb(p.n, kblocks, (p.n + kScaleBlock - 1) / kScaleBlock);
 }
 
 }  // namespace dskernels::fp8_gemm
