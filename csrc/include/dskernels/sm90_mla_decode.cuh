@@ -54,7 +54,9 @@ struct alignas(1024) SharedStorage {
   uint8_t kv[2][kTileBytes];
   uint8_t p[kChunkBytes];
   float row_alpha[kBlockM];           // WG1 -> WG2: rescale of O for the current block
-  float row_final[kBlockM];           // WG1 -> WG2: k_scale / l at the end of a sequence (0: no key)
+  // WG1 -> WG2: k_scale / l at the end of a sequence (0: no key), by item parity: after the
+  // kBarConsumers barrier WG1 may finish a one-block item and write again before WG2 has read.
+  float row_final[2][kBlockM];
   const uint8_t* row_src[kBlockN];    // producer: global address of each row it loads (null: zeros)
   uint64_t q_full, q_empty, p_full, p_empty;
   uint64_t kv_full[2], kv_empty[2];
@@ -532,7 +534,6 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
     fence_all(o, std::make_index_sequence<128>{});
     fence_all(pa, std::make_index_sequence<16>{});
     release_stage<kCluster>(&smem.kv_empty[(block_count - 1) & 1]);
-    ++item_count;
 
     // Epilogue: full row sums, the final factor for both halves, LSE.
     float final_factor[2], lse2[2];
@@ -546,10 +547,11 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
       lse2[h] = seen ? m_run[h] + __log2f(l) : -INFINITY;
     }
     if (q4 == 0) {
-      smem.row_final[r0] = final_factor[0];
-      smem.row_final[r0 + 8] = final_factor[1];
+      smem.row_final[item_count & 1][r0] = final_factor[0];
+      smem.row_final[item_count & 1][r0 + 8] = final_factor[1];
     }
     cutlass::arch::NamedBarrier::sync(256, kBarConsumers);
+    ++item_count;
     const bool split_out = p.num_splits[w.i + 1] - p.num_splits[w.i] != 1;
     store_output<Element>(p, w, o, 0, kv_head, m_tile, r0, q4, split_out, final_factor[0], final_factor[1]);
     if (q4 == 0) {
@@ -576,7 +578,7 @@ __device__ void second_half_group(const DecodeParams& p, SharedStorage& smem, in
   const int warp = tid / 32, lane = tid % 32, q4 = lane % 4;
   const int r0 = warp * 16 + lane / 4;
   const uint32_t p_tile = smem_addr(smem.p);
-  int block_count = 0;
+  int item_count = 0, block_count = 0;
   for_each_item(p, part, [&](const WorkItem& w) {
     float o[128];
 #pragma unroll
@@ -609,7 +611,8 @@ __device__ void second_half_group(const DecodeParams& p, SharedStorage& smem, in
       release_stage<kCluster>(&smem.kv_empty[stage]);
     }
     cutlass::arch::NamedBarrier::sync(256, kBarConsumers);
-    const float f0 = smem.row_final[r0], f1 = smem.row_final[r0 + 8];
+    const float f0 = smem.row_final[item_count & 1][r0], f1 = smem.row_final[item_count & 1][r0 + 8];
+    ++item_count;
     const bool split_out = p.num_splits[w.i + 1] - p.num_splits[w.i] != 1;
     store_output<Element>(p, w, o, 256, kv_head, m_tile, r0, q4, split_out, f0, f1);
   });
