@@ -100,8 +100,8 @@ def cuda_backend():
 # config meets one tile edge (m = 64, 128), a partial last tile (63, 65, 130) and a single row.
 @pytest.mark.gpu
 @pytest.mark.parametrize("scale_layout", ["row", "tma"])
-@pytest.mark.parametrize("m,n,k", [(1, 200, 256), (7, 129, 256), (61, 123, 512), (63, 256, 384), (64, 200, 256),
-                                   (65, 200, 256), (128, 136, 256), (130, 200, 256), (130, 64, 128),
+@pytest.mark.parametrize("m,n,k", [(1, 200, 256), (1, 123, 256), (7, 129, 256), (61, 123, 512), (63, 256, 384),
+                                   (64, 200, 256), (65, 200, 256), (128, 136, 256), (130, 200, 256), (130, 64, 128),
                                    (256, 384, 1024)])
 def test_dense(cuda_backend, m, n, k, scale_layout):
     x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout=scale_layout)
@@ -156,6 +156,27 @@ def test_dense_raw_op_rejects_bad_layouts(cuda_backend):
         raw(a, sa_col, b, sb, empty_out(m, n + 3, device="cuda")[:, :n])
     raw(a, sa_col, b, sb, out)
     assert_close_to_oracle(out, a, sa, b, sb)
+
+
+@pytest.mark.gpu
+def test_k0_is_an_empty_sum(cuda_backend):
+    """k = 0 passes the k % 128 check; CUTLASS's mainloop would wait forever for a first K tile."""
+    fp8, dev = torch.float8_e4m3fn, "cuda"
+    a, sa = torch.empty(5, 0, dtype=fp8, device=dev), torch.empty(5, 0, device=dev)
+    b, sb = torch.empty(7, 0, dtype=fp8, device=dev), torch.empty(1, 0, device=dev)
+    out = empty_out(5, 7, device=dev)
+    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+    assert (out == 0).all()
+    bg, sbg = torch.empty(2, 7, 0, dtype=fp8, device=dev), torch.empty(2, 1, 0, device=dev)
+    out = empty_out(5, 7, device=dev)
+    m_indices = torch.tensor([0, 0, 1, 1, -1], dtype=torch.int32, device=dev)
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (bg, sbg), out, m_indices)
+    assert (out[:4] == 0).all()
+    out = empty_out(2, 3, 7, device=dev)
+    masked_m = torch.tensor([3, 1], dtype=torch.int32, device=dev)
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a[:3].expand(2, 3, 0), sa[:3].expand(2, 3, 0)), (bg, sbg),
+                                                    out, masked_m, 3)
+    assert (out[0] == 0).all() and (out[1, :1] == 0).all()
 
 
 @pytest.mark.gpu

@@ -68,6 +68,15 @@ void check_sa(const at::Tensor& sa, const at::Tensor& a, bool tma) {
   }
 }
 
+// The row stride given to TMA (in elements): a dimension of size 1 is never stepped, but TMA still
+// wants its stride to be a multiple of 16 bytes (check_tma_operand skips such dimensions), so give
+// it the last dimension rounded up to 16 bytes (e.g. out [1, 123] with row stride 123).
+int64_t tma_row_stride(const at::Tensor& t) {
+  if (t.size(-2) > 1) return t.stride(-2);
+  const int64_t per16 = 16 / t.element_size();
+  return (t.size(-1) + per16 - 1) / per16 * per16;
+}
+
 // sb: [(G,) ceil(n / 128), k / 128] fp32 with unit stride along the n blocks. `packed` (grouped):
 // CUTLASS's ptr-array collective reads each group's sb with a K-block stride of ceil(n / 128)
 // whatever layout it is given (see GroupedArgs in sm90_fp8_gemm_grouped.cuh).
@@ -123,19 +132,23 @@ void gemm_fp8_fp8_bf16_nt(const at::Tensor& a, const at::Tensor& sa, const at::T
               b.size(0), "], got ", out.sizes());
   if (a.size(0) == 0 || b.size(0) == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(a.device());
+  if (a.size(1) == 0) {  // k = 0: an empty sum (CUTLASS's mainloop would wait for a first K tile)
+    out.zero_();
+    return;
+  }
 
   DenseProblem p{};
   p.a = a.data_ptr();
-  p.a_row_stride = a.stride(0);
+  p.a_row_stride = tma_row_stride(a);
   p.sa = sa.data_ptr<float>();
   // With one K block the stride is never stepped: give TMA a 16-byte multiple whatever it is.
   p.sa_k_stride = static_cast<int32_t>(sa.size(1) <= 1 ? (a.size(0) + 3) / 4 * 4 : sa.stride(1));
   p.b = b.data_ptr();
-  p.b_row_stride = b.stride(0);
+  p.b_row_stride = tma_row_stride(b);
   p.sb = sb.data_ptr<float>();
   p.sb_k_stride = static_cast<int32_t>(sb.stride(1));
   p.out = out.data_ptr();
-  p.out_row_stride = out.stride(0);
+  p.out_row_stride = tma_row_stride(out);
   p.m = static_cast<int32_t>(a.size(0));
   p.n = static_cast<int32_t>(b.size(0));
   p.k = static_cast<int32_t>(a.size(1));
@@ -153,7 +166,7 @@ void fill_grouped(GroupedProblem& p, const at::Tensor& sa, const at::Tensor& b, 
   p.sa_k_stride = static_cast<int32_t>(sa.stride(-1));
   p.b = b.data_ptr();
   p.b_group_stride = b.stride(0);
-  p.b_row_stride = b.stride(1);
+  p.b_row_stride = tma_row_stride(b);
   p.sb = sb.data_ptr<float>();
   p.sb_group_stride = sb.stride(0);
   p.sb_k_stride = static_cast<int32_t>(sb.stride(2));
@@ -193,15 +206,19 @@ void m_grouped_masked(const at::Tensor& a, const at::Tensor& sa, const at::Tenso
   TORCH_CHECK(a.size(0) <= INT32_MAX, "a: too many groups");
   if (a.size(0) == 0 || a.size(1) == 0 || b.size(1) == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(a.device());
+  if (a.size(2) == 0) {  // k = 0: an empty sum (CUTLASS's mainloop would wait for a first K tile)
+    out.zero_();
+    return;
+  }
   const at::Tensor counts = masked_m.contiguous();
 
   GroupedProblem p{};
   p.a = a.data_ptr();
   p.a_group_stride = a.stride(0);
-  p.a_row_stride = a.stride(1);
+  p.a_row_stride = tma_row_stride(a);
   p.sa_group_stride = sa.stride(0);
   p.out_group_stride = out.stride(0);
-  p.out_row_stride = out.stride(1);
+  p.out_row_stride = tma_row_stride(out);
   p.m_max = static_cast<int32_t>(a.size(1));
   p.masked_m = counts.data_ptr<int32_t>();
   // expected_m is only a hint (masked_m stays on the device): any value is correct, it only picks
@@ -226,12 +243,16 @@ void m_grouped_contiguous(const at::Tensor& a, const at::Tensor& sa, const at::T
   TORCH_CHECK(b.size(0) <= INT32_MAX, "b: too many groups");
   if (a.size(0) == 0 || b.size(0) == 0 || b.size(1) == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(a.device());
+  if (a.size(1) == 0) {  // k = 0: an empty sum (CUTLASS's mainloop would wait for a first K tile)
+    out.zero_();
+    return;
+  }
   const at::Tensor ids = m_indices.contiguous();
 
   GroupedProblem p{};
   p.a = a.data_ptr();
-  p.a_row_stride = a.stride(0);
-  p.out_row_stride = out.stride(0);
+  p.a_row_stride = tma_row_stride(a);
+  p.out_row_stride = tma_row_stride(out);
   p.m_max = static_cast<int32_t>(a.size(0));
   p.m_indices = ids.data_ptr<int32_t>();
   // Segment sizes are only on the device; DeepGEMM-style callers align them to 128 rows.

@@ -259,6 +259,9 @@ def _cuda_out(out: torch.Tensor):
 
 
 def _run_cuda(op, a, sa, b, sb, out, *rest):
+    if a.shape[-1] == 0:  # k = 0: an empty sum (the kernels need at least one K block)
+        out.zero_()
+        return
     target, copy_back = _cuda_out(out)
     sa = _cuda_sa(sa)
     getattr(torch.ops.dskernels, op)(_cuda_operand(a), sa, _cuda_operand(b), _cuda_sb(sb), target, *rest)
