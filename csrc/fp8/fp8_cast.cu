@@ -42,6 +42,9 @@ void check_outputs(const at::Tensor& src, const at::Tensor& out, const at::Tenso
                   out.stride(1) == 1,
               "out: expected float8_e4m3fn ", src.sizes(), " with unit last stride, got ",
               out.scalar_type(), " ", out.sizes());
+  // Each thread stores 4 or 8 fp8 bytes at once (Vec16::store_fp8).
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 8 == 0 && (out.size(0) <= 1 || out.stride(0) % 8 == 0),
+              "out: expected an 8-byte aligned base and row stride, got strides ", out.strides());
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 2 &&
                   scale.size(0) == scale_rows && scale.size(1) == src.size(1) / kGroupSize,
               "scale: expected float32 [", scale_rows, ", ", src.size(1) / kGroupSize, "], got ",
