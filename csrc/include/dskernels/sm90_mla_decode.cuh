@@ -40,6 +40,7 @@
 #include <utility>
 
 #include "cute/arch/cluster_sm90.hpp"
+#include "cute/arch/copy_sm90_desc.hpp"
 #include "cute/arch/copy_sm90_tma.hpp"
 #include "cute/arch/mma_sm90_desc.hpp"
 #include "cute/arch/mma_sm90_gmma.hpp"
@@ -298,16 +299,19 @@ __device__ void producer(const DecodeParams& p, const CUtensorMap* tmap, SharedS
         // each CTA loads every kCluster-th box and multicasts it to all, so the key block crosses
         // from L2 once for all the row tiles; each CTA still expects the whole tile's bytes.
         if (tid == 0) {
+          // The operand is an L2 cache policy (createpolicy's encoding; CuTe passes EVICT_NORMAL):
+          // 0 is no documented policy.
+          constexpr uint64_t kEvictNormal = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
           const int page = table[page_idx];
           cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.kv_full[stage], kTileBytes);
 #pragma unroll 1
           for (int c = 0; c < kChunks; ++c) {
             if constexpr (kCluster == 1) {
-              cute::SM90_TMA_LOAD_4D::copy(tmap, &smem.kv_full[stage], 0 /* no cache hint */,
+              cute::SM90_TMA_LOAD_4D::copy(tmap, &smem.kv_full[stage], kEvictNormal,
                                            smem.kv[stage] + c * kChunkBytes, c * kChunkCols, kv_head,
                                            start % p.page_size, page);
             } else if (c % kCluster == cluster_rank) {
-              cute::SM90_TMA_LOAD_MULTICAST_4D::copy(tmap, &smem.kv_full[stage], uint16_t((1 << kCluster) - 1), 0,
+              cute::SM90_TMA_LOAD_MULTICAST_4D::copy(tmap, &smem.kv_full[stage], uint16_t((1 << kCluster) - 1), kEvictNormal,
                                                      smem.kv[stage] + c * kChunkBytes, c * kChunkCols, kv_head,
                                                      start % p.page_size, page);
             }
