@@ -5,7 +5,9 @@
 //    cannot read fails to compile here);
 //  - its register mappings: the fp32 accumulator of a 64xN wgmma (element 4j + e of a thread) and
 //    the register A operand of a 64x16 k-step (bf16 value v of a thread), against CuTe's CLayout
-//    and ALayout.
+//    and ALayout;
+//  - the swizzled byte offsets its generic stores use (Q, register-path keys, P), against CuTe's
+//    SW128 K-major tile.
 #include <cstdio>
 
 #include "cute/atom/mma_traits_sm90_gmma.hpp"
@@ -69,6 +71,29 @@ bool register_a_mapping_matches() {
   return true;
 }
 
+// The byte offset the producer (Q, register-path keys) and WG1 (P) store each 16-byte piece at
+// equals CuTe's 128-byte-swizzled K-major atom tiled to 64 x 576, the layout the descriptors
+// above read (and TMA's SWIZZLE_128B writes for a 1024-byte aligned box).
+bool swizzled_offset_matches() {
+  using T = cutlass::bfloat16_t;
+  alignas(1024) static T tile[dskernels::mla::kTileBytes / 2];
+  auto full = make_tensor(make_smem_ptr(tile), tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                                             Shape<_64, Int<dskernels::mla::kHeadDim>>{}));
+  for (int row = 0; row < 64; ++row) {
+    for (int piece = 0; piece < dskernels::mla::kPieces; ++piece) {
+      const auto cute_offset = reinterpret_cast<const char*>(raw_pointer_cast(&full(row, 8 * piece))) -
+                               reinterpret_cast<const char*>(tile);
+      if (cute_offset != dskernels::mla::swizzled_offset(row, piece)) {
+        std::printf("FAIL: piece %d of row %d at byte %u, CuTe puts it at %ld\n", piece, row,
+                    dskernels::mla::swizzled_offset(row, piece), long(cute_offset));
+        return false;
+      }
+    }
+  }
+  std::printf("ok: swizzled_offset equals CuTe's SW128 K-major tile\n");
+  return true;
+}
+
 int main() {
   using T = cutlass::bfloat16_t;
   alignas(1024) static T tile[dskernels::mla::kTileBytes / 2];
@@ -86,5 +111,5 @@ int main() {
                               "K-major (Q K^T operands, P)") &
                   same_fields(dskernels::mla::desc_mn_major(0),
                               SM90::GMMA::make_gmma_desc<SM90::GMMA::Major::MN>(mn_major), "MN-major (V of P V)");
-  return ok & accumulator_mapping_matches() & register_a_mapping_matches() ? 0 : 1;
+  return ok & accumulator_mapping_matches() & register_a_mapping_matches() & swizzled_offset_matches() ? 0 : 1;
 }

@@ -115,8 +115,9 @@ __host__ __device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr) {
          (uint64_t(1) << 62);
 }
 
-// Byte offset of 16-byte piece `piece` (0..71) of row `row` in a swizzled 64 x 576 tile.
-__device__ __forceinline__ uint32_t swizzled_offset(int row, int piece) {
+// Byte offset of 16-byte piece `piece` (0..71) of row `row` in a swizzled 64 x 576 tile (checked
+// against CuTe's SW128 K-major atom tiled to 64 x 576 by scripts/check_gmma_desc.cu).
+__host__ __device__ __forceinline__ uint32_t swizzled_offset(int row, int piece) {
   return (piece >> 3) * kChunkBytes + row * 128 + (((piece & 7) ^ (row & 7)) << 4);
 }
 
@@ -500,7 +501,7 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int r = r0 + 8 * h;
-          const uint32_t addr = p_tile + r * 128 + ((j ^ (r & 7)) << 4) + 4 * q4;
+          const uint32_t addr = p_tile + swizzled_offset(r, j) + 4 * q4;
           asm volatile("st.shared.u32 [%0], %1;" :: "r"(addr), "r"(pa[4 * (j / 2) + 2 * (j % 2) + h]));
         }
       }
