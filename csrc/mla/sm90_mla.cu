@@ -104,22 +104,38 @@ bool make_cache_tensor_map(const at::Tensor& k_cache, CUtensorMap* tmap) {
     }
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
-  if (encode == nullptr) return false;
+  if (encode == nullptr) {
+    TORCH_WARN_ONCE("flash_mla_with_kvcache: the driver has no cuTensorMapEncodeTiled; the sm90 kernel loads "
+                    "every key block through registers instead of TMA");
+    return false;
+  }
   const int64_t elem = k_cache.element_size();
-  // A dimension of size 1 may carry any stride; TMA wants multiples of 16 bytes everywhere.
-  auto stride_bytes = [&](int dim) -> cuuint64_t {
-    return k_cache.size(dim) <= 1 ? cuuint64_t(16) : cuuint64_t(k_cache.stride(dim) * elem);
-  };
   const cuuint64_t dims[4] = {cuuint64_t(kHeadDim), cuuint64_t(k_cache.size(2)), cuuint64_t(k_cache.size(1)),
                               cuuint64_t(k_cache.size(0))};
-  const cuuint64_t strides[3] = {stride_bytes(2), stride_bytes(1), stride_bytes(0)};
+  // A dimension of size 1 may carry any stride (torch does not normalize it); give it the packed
+  // stride (inner stride x inner extent: a multiple of 16 bytes, and never below the inner extent,
+  // as the driver's documentation asks) rather than an arbitrary one. h_kv = 1 (V3) takes this.
+  cuuint64_t strides[3];
+  cuuint64_t inner = cuuint64_t(kHeadDim * elem);  // the packed stride of dimension 1
+  for (int i = 0; i < 3; ++i) {
+    const int dim = 2 - i;  // the torch dimension of TMA dimension i + 1
+    strides[i] = k_cache.size(dim) <= 1 ? inner : cuuint64_t(k_cache.stride(dim) * elem);
+    inner = strides[i] * dims[i + 1];
+  }
   const cuuint32_t box[4] = {64, 1, 64, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   const CUtensorMapDataType dtype =
       k_cache.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return encode(tmap, dtype, 4, k_cache.data_ptr(), dims, strides, box, element_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  const CUresult result = encode(tmap, dtype, 4, k_cache.data_ptr(), dims, strides, box, element_strides,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  // Loud, not silent: a refused descriptor would otherwise hide the TMA path from every test.
+  if (result != CUDA_SUCCESS) {
+    TORCH_WARN_ONCE("flash_mla_with_kvcache: cuTensorMapEncodeTiled refused the cache (error ", int(result),
+                    ", shape ", k_cache.sizes(), ", strides ", k_cache.strides(),
+                    "); the sm90 kernel loads every key block through registers instead of TMA");
+  }
+  return result == CUDA_SUCCESS;
 }
 
 template <typename Element>
