@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one device call should do (../shared/GPU.md): build against the device's torch, run
 # the GPU tests and the CPU suite, benchmark, sanitize, and leave logs and results under $OUT.
-#   run(command="bash scripts/gpu_check.sh", carry=[".whl"])
+#   run(command="bash scripts/gpu_check.sh", carry=[".whl"])   (add ".prebuilt" after scripts/prebuild_device.sh)
 # Knobs: QUICK=1 (one shape per op), SKIP_TESTS=1, SKIP_BENCH=1, SKIP_SANITIZER=1, BENCH_OPS=fp8_cast,mla,
 #        GPU_TESTS="tests/test_mla_sm90.py ..." (default: every tests/test_*.py), TEST_TIMEOUT=240 (s per file),
 #        SKIP_CPU_TESTS=1, SANITIZER_TIMEOUT=180, BENCH_TIMEOUT=540. One device call is capped at 600 s:
@@ -27,8 +27,19 @@ fi
 step "build"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-python setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
-grep -i "spill" "$OUT/build.log" | grep -v " 0 bytes spill" | head -20 || true
+# A library from scripts/prebuild_device.sh (carried as .prebuilt) replaces the build when its stamp
+# (source hash, Python tag, torch version) is this machine's and it imports.
+prebuilt=0
+if [ -f .prebuilt/stamp.txt ] && ls .prebuilt/_C*.so >/dev/null 2>&1; then
+  if python scripts/prebuilt_stamp.py | diff - .prebuilt/stamp.txt; then
+    cp .prebuilt/_C*.so dskernels/ && python -c "import dskernels._C" && prebuilt=1 || rm -f dskernels/_C*.so
+  fi
+  [ $prebuilt = 1 ] && echo "using the prebuilt library" || echo "prebuilt library not usable here: building"
+fi
+if [ $prebuilt = 0 ]; then
+  python setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+  grep -i "spill" "$OUT/build.log" | grep -v " 0 bytes spill" | head -20 || true
+fi
 so=$(python -c "import dskernels._C as c; print(c.__file__)")
 cuobjdump --list-elf "$so" | tee "$OUT/elf.txt"
 cuobjdump -sass "$so" > "$OUT/sass.txt" 2>&1 || true

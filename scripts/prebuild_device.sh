@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Builds dskernels._C here for the device machine's Python and torch (../shared/GPU.md: Python 3.12,
+# torch 2.11 CUDA 13.0), so device calls can skip the build: a lent machine is released after a
+# short idle time and a fresh one would otherwise rebuild on every call, out of the 30-minute budget.
+#   bash scripts/prebuild_device.sh          # -> .prebuilt/ (git-ignored); then
+#   run(command="bash scripts/gpu_check.sh", carry=[".whl", ".prebuilt"])
+# gpu_check.sh uses the carried library only if its stamp matches the device (source hash, Python
+# tag, torch version) and it imports; otherwise it builds as before.
+# Knobs: DEVICE_PYTHON (python3.12), DEVICE_TORCH (2.11.0), PREBUILD_DIR (/tmp/dskernels-prebuild).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+py="${DEVICE_PYTHON:-}"
+if [ -z "$py" ]; then  # pyenv keeps versions off PATH unless selected
+  py=$(ls -d "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1 || true)
+  py="${py:-python3.12}"
+fi
+torch_version="${DEVICE_TORCH:-2.11.0}"
+work="${PREBUILD_DIR:-/tmp/dskernels-prebuild}"
+venv="$work/venv-$($py -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')-torch$torch_version"
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$py" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==$torch_version" numpy ninja setuptools
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "nvidia-cutlass==4.2.0.0"
+fi
+
+# Build from a copy of the sources (the checkout's own build stays for this machine's Python).
+src="$work/src"
+rm -rf "$src" && mkdir -p "$src"
+cp -r setup.py csrc dskernels python_ref scripts "$src/"
+find "$src" -name '*.so' -delete
+(
+  cd "$src"
+  export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
+  export MAX_JOBS="${MAX_JOBS:-$(nproc)}" CCACHE_BASEDIR="$src"
+  "$venv/bin/python" setup.py -q build_ext --inplace > "$work/build.log" 2>&1 || { tail -40 "$work/build.log"; exit 1; }
+)
+so=$(ls "$src"/dskernels/_C*.so)
+mkdir -p "$root/.prebuilt"
+rm -f "$root"/.prebuilt/_C*.so
+cp "$so" "$root/.prebuilt/"
+"$venv/bin/python" scripts/prebuilt_stamp.py "$src" > "$root/.prebuilt/stamp.txt"
+echo "prebuilt $(basename "$so") ($(du -h "$so" | cut -f1)); stamp:"
+cat "$root/.prebuilt/stamp.txt"
