@@ -24,6 +24,12 @@ if [ "$built" = "cuda" ]; then
     scripts/check_gmma_desc.cu -o build-cmake-gmma-desc
   ./build-cmake-gmma-desc | grep -v "cast_smem_ptr_to_uint" || { echo "FAIL: wgmma descriptors differ from CuTe's"; exit 1; }
   rm -f build-cmake-gmma-desc
+  # The grouped FP8 GEMMs' packed scales against the layouts CUTLASS's ptr-array collective rebuilds
+  # (it ignores the ones it is given); a host program, ~25 s to compile.
+  "$CUDA_HOME/bin/nvcc" -std=c++20 -Icsrc/include -I"$cutlass_inc" --expt-relaxed-constexpr --expt-extended-lambda \
+    scripts/check_gemm_scale_layout.cu -o build-cmake-gemm-scale-layout
+  ./build-cmake-gemm-scale-layout || { echo "FAIL: grouped GEMM scale layouts differ from CUTLASS's"; exit 1; }
+  rm -f build-cmake-gemm-scale-layout
 else
   echo "note: extension built without CUDA (no nvcc); skipping the sm_90a check"
 fi
