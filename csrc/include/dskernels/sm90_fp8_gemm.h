@@ -9,7 +9,9 @@
 //   sa [m, k / 128] fp32: unit stride along m ("MN-major", CUTLASS's only sm90 scale layout).
 //       Dense: loaded with TMA, so also a 16-byte aligned base and a K-block stride that is a
 //       multiple of 4 (DeepGEMM's column-major TMA-aligned layout).
-//   sb [ceil(n / 128), k / 128] fp32: unit stride along the n blocks.
+//   sb [ceil(n / 128), k / 128] fp32: unit stride along the n blocks; grouped: a K-block stride of
+//       exactly ceil(n / 128) (CUTLASS's ptr-array collective assumes packed scales; the grouped
+//       path repacks sa itself, see sm90_fp8_gemm_grouped.cuh).
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -16,8 +16,10 @@
 //   sa: unit stride along m, any stride along the K blocks. The dense kernel loads it with TMA
 //       (64 or 128 scales per tile >= CUTLASS's threshold of 32), so its K-block stride and base address
 //       must be 16-byte aligned: DeepGEMM's column-major TMA-aligned layout. The grouped kernel
-//       loads it with cp.async (4 bytes each), so only the unit m stride is required there.
-//   sb: unit stride along the n blocks, any stride along the K blocks (cp.async).
+//       loads it with cp.async (4 bytes each) from a packed per-group copy (pack_sfa_kernel: its
+//       collective ignores the layouts it is given, see GroupedArgs), so any K-block stride works.
+//   sb: unit stride along the n blocks (cp.async). Dense: any stride along the K blocks; grouped:
+//       exactly ceil(n / 128) (the packed layout the grouped collective assumes).
 #pragma once
 
 #include <cstdint>
