@@ -91,8 +91,10 @@ const char* run_grouped(const GroupedProblem& p, void* workspace, cudaStream_t s
   {
     // After find_segments_kernel (stream order): the contiguous packing reads seg_start / seg_end.
     constexpr int kThreads = 256;
-    const int64_t total = grouped_sfa_packed_floats(p);
-    const int blocks = static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, 4L * p.sm_count));
+    const int64_t kblocks = p.k / kScaleBlock;
+    const int64_t work =  // masked: a block per (group, K block); contiguous: a thread per scale
+        p.masked_m != nullptr ? p.groups * kblocks : (int64_t(p.m_max) * kblocks + kThreads - 1) / kThreads;
+    const int blocks = static_cast<int>(std::min<int64_t>(work, 4L * p.sm_count));
     pack_sfa_kernel<<<std::max(blocks, 1), kThreads, 0, stream>>>(p, a);
   }
   constexpr int kThreads = 128;

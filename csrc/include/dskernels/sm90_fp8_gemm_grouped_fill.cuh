@@ -21,33 +21,32 @@ __global__ void find_segments_kernel(const int32_t* __restrict__ m_indices, int3
   }
 }
 
-// sa into the packed per-group layout the ptr-array collective reads (GroupedArgs): one thread
-// per (row, K block) of sa, rows fastest (sa has unit stride along the rows, so reads coalesce).
-// Only rows inside a group are copied: masked rows >= m_g and rows whose id is not a group stay
-// unread (the tests poison them), and the kernel never loads scales past m_g.
+// sa into the packed per-group layout the ptr-array collective reads (GroupedArgs), rows fastest
+// (sa has unit stride along the rows, so reads coalesce). Only rows inside a group are copied:
+// masked rows >= m_g and rows whose id is not a group stay unread (the tests poison them), and the
+// GEMM never loads scales past m_g.
+// Masked: one (group, K block) column per block iteration, its threads over the m_g rows only (a
+// decode call with m_max = 4096 and a few rows per group then costs a few rows, not m_max).
+// Contiguous: one thread per (row, K block) of sa.
 __global__ void pack_sfa_kernel(GroupedProblem p, GroupedArgs args) {
   const int32_t kblocks = p.k / kScaleBlock;
-  const int64_t total = grouped_sfa_packed_floats(p);
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t slab = i / p.m_max;  // masked: g * kblocks + kb; contiguous: kb
-    const int32_t r = static_cast<int32_t>(i % p.m_max);
-    int32_t g, kb, row0, rows;
-    if (p.masked_m != nullptr) {
-      g = static_cast<int32_t>(slab / kblocks);
-      kb = static_cast<int32_t>(slab % kblocks);
-      rows = min(max(p.masked_m[g], 0), p.m_max);
-      row0 = 0;
-      if (r >= rows) continue;
-    } else {
-      g = p.m_indices[r];
-      kb = static_cast<int32_t>(slab);
-      if (g < 0 || g >= p.groups) continue;
-      row0 = args.seg_start[g];
-      rows = args.seg_end[g] - row0;  // r has id g, so row0 <= r < seg_end[g]
+  if (p.masked_m != nullptr) {
+    for (int64_t column = blockIdx.x; column < int64_t(p.groups) * kblocks; column += gridDim.x) {
+      const int32_t g = static_cast<int32_t>(column / kblocks), kb = static_cast<int32_t>(column % kblocks);
+      const int32_t rows = min(max(p.masked_m[g], 0), p.m_max);
+      const float* src = p.sa + g * p.sa_group_stride + int64_t(kb) * p.sa_k_stride;
+      float* dst = args.sfa_packed + int64_t(g) * p.m_max * kblocks + int64_t(kb) * rows;
+      for (int32_t r = threadIdx.x; r < rows; r += blockDim.x) dst[r] = src[r];
     }
-    const int64_t group_base = p.masked_m != nullptr ? int64_t(g) * p.m_max * kblocks : int64_t(row0) * kblocks;
-    args.sfa_packed[group_base + int64_t(kb) * rows + (r - row0)] =
-        p.sa[g * p.sa_group_stride + int64_t(kb) * p.sa_k_stride + r];
+    return;
+  }
+  const int64_t total = int64_t(p.m_max) * kblocks;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int32_t kb = static_cast<int32_t>(i / p.m_max), r = static_cast<int32_t>(i % p.m_max);
+    const int32_t g = p.m_indices[r];
+    if (g < 0 || g >= p.groups) continue;
+    const int32_t row0 = args.seg_start[g], rows = args.seg_end[g] - row0;  // r has id g: row0 <= r < end
+    args.sfa_packed[int64_t(row0) * kblocks + int64_t(kb) * rows + (r - row0)] = p.sa[int64_t(kb) * p.sa_k_stride + r];
   }
 }
 
