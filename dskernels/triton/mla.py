@@ -206,10 +206,11 @@ def tile_config(rows: int, block_dv: int, device: torch.device) -> tuple[int, in
     """(BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) of the decode kernel.
 
     BLOCK_N must divide the metadata's 64-key granularity (splits start on multiples of 64).
-    d = 576 / dv = 512 on sm_90a (ptxas -v of the kernel compiled for a launch-like signature,
-    no GPU run yet, 2026-11-23): 16x32 tiles with 8 warps and 2 stages use 189 registers and do
-    not spill (cp.async double buffering); 32x32 spills 48 bytes; 4 warps or 64-row tiles spill
-    hundreds of bytes. Timings on a GPU are still to be done (see docs/mla.md).
+    d = 576 / dv = 512 on sm_90a (scripts/check_triton_sm90.py, CI: the launch's own specialization
+    compiled ahead of time, Triton 3.6 and 3.8, no GPU run yet): 16x32 tiles with 8 warps and 2
+    stages use 171-240 registers and do not spill; 32x32 tiles use 255 and spill 0-28 bytes
+    (accepted: half the key-block reads for h_q >= 32); 4 warps or 64-row tiles spill hundreds of
+    bytes. Timings on a GPU are still to be done (see docs/mla.md).
     """
     if device.type == "cpu":  # the interpreter: few, big tiles (its cost is per operation)
         return min(_pow2(rows), 64), 64, 4, 1

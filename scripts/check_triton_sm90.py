@@ -1,0 +1,232 @@
+"""Compiles every Triton kernel for sm_90a the way the GPU paths launch it, without a GPU.
+
+CI runs the Triton kernels only under the interpreter, which accepts things the compiler does not
+(and the GPU paths pick other tile sizes than the interpreter's). Here the real launch wrappers run
+on meta tensors with `JITFunction.run` replaced by an ahead-of-time `triton.compile` for
+GPUTarget("cuda", 90): every (kernel, specialization) a GPU call would build is compiled, its PTX
+goes through ptxas -v, and the check fails on a compile error, a register spill (beyond the few
+bytes ALLOWED_SPILL_BYTES names), or more shared memory than an H100 block can have. Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches,
+page sizes on and off the key-block grid, causal), the three FP8 GEMMs with every autotuning
+candidate and the heuristic tiles, the FP8 casts and the EP row movers.
+
+    python scripts/check_triton_sm90.py [-v]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # the compiler, not the interpreter
+os.environ["DSKERNELS_GEMM_AUTOTUNE"] = "0"  # candidates are compiled one by one below
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.backends.nvidia  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TARGET = GPUTarget("cuda", 90, 64)
+BACKEND = make_backend(TARGET)
+MAX_SHARED_BYTES = 232448  # per block on an H100 (227 KB opt-in)
+# Spills tolerated, per kernel. MLA decode's 32-row tiles (rows > 16: h_q >= 32 or s_q > 1) sit at
+# 255 registers and spill 0-28 bytes depending on the path and the Triton version (3.6 and 3.8
+# measured); 16-row tiles do not spill but read every key block twice as often.
+ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 64}
+PTXAS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
+
+class Compiler:
+    """Stands in for JITFunction.run: compiles for sm_90a and records what ptxas reports."""
+
+    def __init__(self, verbose: bool):
+        self.verbose = verbose
+        self.seen: dict[tuple, dict] = {}
+        self.context = ""
+
+    def run(self, fn: JITFunction, *args, grid=None, warmup=False, **kwargs):  # noqa: ARG002
+        # Triton's own binder: the same specialization (16-byte divisibility of pointers and ints,
+        # constexprs) and options a launch on the device would compute. Meta tensors report
+        # data_ptr() 0, i.e. aligned, as the caching allocator's blocks are.
+        binder = create_function_from_signature(fn.signature, fn.params, BACKEND)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(BACKEND, kwargs, bound, specialization, options)
+        key = (fn.fn.__name__, str(signature), str(constexprs), str(attrs), str(options))
+        if key in self.seen:
+            return None
+        begin = time.time()
+        named = {name: value for (name, value), param in zip(bound.items(), fn.params) if param.is_constexpr}
+        record = {"kernel": fn.fn.__name__, "context": self.context,
+                  "options": {"num_warps": options.num_warps, "num_stages": options.num_stages},
+                  "constexprs": {k: v for k, v in named.items() if not isinstance(v, bool) or v}}
+        try:
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
+                                      options=options.__dict__)
+            record.update(self._ptxas(compiled.asm["ptx"]), shared=compiled.metadata.shared)
+        except Exception as e:  # noqa: BLE001  (reported, then the check fails)
+            record["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        record["seconds"] = time.time() - begin
+        self.seen[key] = record
+        if self.verbose:
+            print(_line(record), flush=True)
+        return None
+
+    @staticmethod
+    def _ptxas(ptx: str) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            out = subprocess.run([PTXAS, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True, check=True).stderr
+        regs = re.search(r"Used (\d+) registers", out)
+        spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", out)]
+        return {"registers": int(regs.group(1)) if regs else -1, "spill_bytes": max(spills, default=0)}
+
+
+def _bad(r: dict) -> bool:
+    return ("error" in r or r["spill_bytes"] > ALLOWED_SPILL_BYTES.get(r["kernel"], 0)
+            or r["shared"] > MAX_SHARED_BYTES)
+
+
+def _line(r: dict) -> str:
+    shape = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.isupper())
+    opts = ",".join(f"{k}={v}" for k, v in r["options"].items())
+    if "error" in r:
+        return f"FAIL {r['kernel']} [{r['context']}] {shape} {opts}: {r['error']}"
+    bad = _bad(r)
+    return (f"{'FAIL' if bad else 'ok  '} {r['kernel']} [{r['context']}] {shape} {opts}: {r['registers']} regs, "
+            f"{r['spill_bytes']} B spilled, {r['shared']} B shared, {r['seconds']:.1f} s")
+
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def mla_cases(compiler: Compiler) -> None:
+    from dskernels.triton import mla as triton_mla
+
+    d, dv = 576, 512
+    for h_q, s_q, cache_dtype, page, causal in [(16, 1, torch.bfloat16, 64, False), (128, 2, torch.bfloat16, 64, True),
+                                                (16, 1, torch.float8_e4m3fn, 64, False), (64, 1, torch.float16, 61, True),
+                                                (128, 1, torch.bfloat16, 1, False)]:
+        compiler.context = f"mla h_q={h_q} s_q={s_q} {str(cache_dtype)[6:]} page={page}"
+        q_dtype = torch.float16 if cache_dtype == torch.float16 else torch.bfloat16
+        b, parts = 4, 8
+        triton_mla.flash_mla_with_kvcache(
+            _meta(b, s_q, h_q, d, dtype=q_dtype), _meta(10, page, 1, d, dtype=cache_dtype),
+            _meta(b, 5, dtype=torch.int32), _meta(b, dtype=torch.int32), dv, _meta(parts, 8, dtype=torch.int32),
+            _meta(b + 1, dtype=torch.int32), d ** -0.5, causal,
+            _meta(1, dtype=torch.float32) if cache_dtype == torch.float8_e4m3fn else None,
+            _meta(b, s_q, h_q, dv, dtype=q_dtype), _meta(b, h_q, s_q, dtype=torch.float32))
+
+
+def gemm_cases(compiler: Compiler) -> None:
+    from dskernels.triton import gemm as triton_gemm
+
+    torch.cuda.get_device_capability = lambda *_: (9, 0)  # native FP8 dots, as on an H100
+    n, k, groups = 4096, 7168, 4
+    f8 = torch.float8_e4m3fn
+
+    def dense(m):
+        triton_gemm.gemm_fp8_fp8_bf16_nt(_meta(m, k, dtype=f8), _meta(m, k // 128, dtype=torch.float32),
+                                         _meta(n, k, dtype=f8), _meta(n // 128, k // 128, dtype=torch.float32),
+                                         _meta(m, n))
+
+    def contiguous(m):
+        triton_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(
+            _meta(m, k, dtype=f8), _meta(m, k // 128, dtype=torch.float32), _meta(groups, n, k, dtype=f8),
+            _meta(groups, n // 128, k // 128, dtype=torch.float32), _meta(m, n), _meta(m, dtype=torch.int32))
+
+    def masked(m):
+        triton_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_masked(
+            _meta(groups, m, k, dtype=f8), _meta(groups, m, k // 128, dtype=torch.float32),
+            _meta(groups, n, k, dtype=f8), _meta(groups, n // 128, k // 128, dtype=torch.float32),
+            _meta(groups, m, n), _meta(groups, dtype=torch.int32), m)
+
+    heuristic = triton_gemm._heuristic_config
+    for name, call, max_block_m in [("dense", dense, 256), ("contiguous", contiguous, 128), ("masked", masked, 256)]:
+        compiler.context = f"gemm {name}, heuristic"
+        for m in (64, 4096):
+            call(m)
+        for config in triton_gemm._gpu_configs(max_block_m):  # the autotuning candidates
+            compiler.context = f"gemm {name}, autotune candidate"
+            meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
+            triton_gemm._heuristic_config = lambda *_, meta=meta: dict(meta)
+            try:
+                call(4096)
+            finally:
+                triton_gemm._heuristic_config = heuristic
+
+
+def cast_cases(compiler: Compiler) -> None:
+    from dskernels.triton import fp8_cast as triton_cast
+
+    compiler.context = "fp8 casts"
+    m, k = 4096, 7168
+    triton_cast.per_token_cast_to_fp8(_meta(m, k), _meta(m, k, dtype=torch.float8_e4m3fn),
+                                      _meta(m, k // 128, dtype=torch.float32))
+    triton_cast.per_block_cast_to_fp8(_meta(m, k), _meta(m, k, dtype=torch.float8_e4m3fn),
+                                      _meta(m // 128, k // 128, dtype=torch.float32))
+
+
+def ep_cases(compiler: Compiler) -> None:
+    from dskernels.triton import ep as triton_ep
+
+    compiler.context = "ep"
+    tokens, hidden, topk, experts, ranks = 4096, 7168, 8, 256, 8
+    idx = _meta(tokens, topk, dtype=torch.int64)
+    triton_ep.get_dispatch_layout(idx, experts, ranks, _meta(ranks, dtype=torch.int32),
+                                  _meta(experts, dtype=torch.int32), _meta(tokens, ranks, dtype=torch.bool))
+    rows = _meta(tokens, hidden // 4 + 4, dtype=torch.int32)  # fp8 x + scales + ids as int32 words
+    triton_ep.copy_rows(rows, _meta(tokens, dtype=torch.int64), _meta(tokens, hidden // 4 + 4, dtype=torch.int32),
+                        _meta(tokens, dtype=torch.int64), tokens)
+    segments = [_meta(tokens, hidden // 4, dtype=torch.int32), _meta(tokens, hidden // 128, dtype=torch.int32),
+                _meta(tokens, 2 * topk, dtype=torch.int32), _meta(tokens, topk, dtype=torch.int32)]
+    offsets, at = [], 0
+    for s in segments:
+        offsets.append(at)
+        at += -(-s.shape[1] // 4) * 4
+    triton_ep.pack_rows(segments, offsets, _meta(tokens, dtype=torch.int64), _meta(tokens, at, dtype=torch.int32),
+                        tokens)
+    for y_dtype, out_dtype, weighted in [(torch.bfloat16, torch.bfloat16, False), (torch.bfloat16, torch.float32, True),
+                                         (torch.float32, torch.bfloat16, False)]:
+        triton_ep.gather_reduce(_meta(tokens, hidden, dtype=y_dtype), _meta(tokens, ranks, dtype=torch.int64),
+                                _meta(tokens, ranks, dtype=torch.float32) if weighted else None,
+                                _meta(tokens, hidden, dtype=out_dtype))
+    triton_ep.low_latency_slots(_meta(ranks * 128, topk, dtype=torch.int64), 0, experts // ranks, 128 * ranks)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="one line per compiled kernel as it finishes")
+    args = parser.parse_args()
+    compiler = Compiler(args.verbose)
+    original = JITFunction.run
+    JITFunction.run = lambda fn, *a, **kw: compiler.run(fn, *a, **kw)
+    begin = time.time()
+    try:
+        for cases in (mla_cases, gemm_cases, cast_cases, ep_cases):
+            cases(compiler)
+    finally:
+        JITFunction.run = original
+    records = list(compiler.seen.values())
+    failed = [r for r in records if _bad(r)]
+    if not args.verbose:
+        for r in records:
+            print(_line(r))
+    print(f"{len(records)} kernel specializations compiled for sm_90a (triton {triton.__version__}) in "
+          f"{time.time() - begin:.0f} s; {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
