@@ -197,7 +197,8 @@ void flash_mla_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache, cons
   check_rows_aligned(q, "q");
   check_rows_aligned(k_cache, "k_cache");
   TORCH_CHECK(b <= INT32_MAX && s_q * h_q <= INT32_MAX && k_cache.size(0) <= INT32_MAX && page_size <= INT32_MAX &&
-                  block_table.size(1) <= INT32_MAX && s_q * (h_q / h_kv) <= 65535 * mla::kBlockM,
+                  block_table.size(1) <= INT32_MAX && s_q * (h_q / h_kv) <= 65535 * mla::kBlockM &&
+                  s_q * h_q <= 65535 * mla::kCombineWarps,  // grid.y of the decode and of the combine
               "q: too large for the sm90 kernel, got shape ", q.sizes());
   if (b == 0) return;
 

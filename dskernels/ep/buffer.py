@@ -222,7 +222,7 @@ class Buffer:
             out = torch.empty(num_out_rows, view.shape[1], dtype=view.dtype, device=view.device)
             typed = out.view(torch.uint8).view(like.dtype).reshape(num_out_rows, *like.shape[1:])
             if recv_index is not None:
-                out.zero_() if fill == 0 else typed.fill_(fill)
+                typed.fill_(fill)
                 copy_rows(view, None, out, recv_index, n)
             else:
                 copy_rows(view, None, out, None, n)

@@ -679,8 +679,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Combine: merge the partial outputs of split sequences (one warp per (head, token) row).
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kCombineWarps = 4;
-
 template <typename Element>
 __global__ void __launch_bounds__(kCombineWarps * 32)
     combine_kernel(const __grid_constant__ CombineParams p) {

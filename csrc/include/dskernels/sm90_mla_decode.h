@@ -20,6 +20,7 @@ constexpr int kChunkBytes = kBlockN * 128;            // one [64 rows][128 B] re
 constexpr int kTileBytes = kChunks * kChunkBytes;     // 72 KiB: a 64 x 576 16-bit tile
 constexpr int kPieces = kHeadDim * 2 / 16;            // 16-byte pieces per 16-bit row: 72
 constexpr int kThreads = 384;
+constexpr int kCombineWarps = 4;         // combine kernel: a warp per (head, token) row
 constexpr int kProducerRegs = 88;
 constexpr int kConsumerRegs = 208;
 constexpr int kMetaInts = 8;
