@@ -65,6 +65,36 @@ def test_oracle_definition():
     assert tiny_scale.item() == pytest.approx(1e-4 / 448.0) and tiny_fp8.float().abs().max() == 0
 
 
+def _same_with_nan(actual, expected, what):
+    """Equal values, NaN where the reference has NaN (its sign and payload bits aside)."""
+    actual, expected = actual.cpu().float(), expected.float()
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN positions differ"
+    keep = ~expected.isnan()
+    assert torch.equal(actual[keep], expected[keep]), f"{what}: values differ"
+
+
+@pytest.mark.parametrize("dtype", SOURCE_DTYPES)
+def test_nan_makes_its_group_nan(backend, dtype):
+    # A NaN in a group gives that group a NaN scale and NaN values, as the reference does, on every
+    # backend (a plain max would skip it on a GPU: a finite scale, and 448 in place of the NaN).
+    _, device = backend
+    x = random_source(9, 384, dtype, device)
+    x[2, 130] = float("nan")
+    x[7, 0] = float("nan")
+    got, got_scale = dskernels.per_token_cast_to_fp8(x)
+    want, want_scale = python_ref.per_token_cast_to_fp8(x.cpu())
+    assert want_scale.isnan().sum() == 2 and want.float().isnan().sum() == 256
+    _same_with_nan(got_scale, want_scale, "per-token scales")
+    _same_with_nan(got, want, "per-token values")
+    w = random_source(130, 256, dtype, device)
+    w[129, 200] = float("nan")  # in the partial last row block
+    got, got_scale = dskernels.per_block_cast_to_fp8(w)
+    want, want_scale = python_ref.per_block_cast_to_fp8(w.cpu())
+    assert want_scale.isnan().sum() == 1
+    _same_with_nan(got_scale, want_scale, "per-block scales")
+    _same_with_nan(got, want, "per-block values")
+
+
 def test_dequantized_error_bound(backend):
     _, device = backend
     x = random_source(33, 512, torch.float32, device)

@@ -1,12 +1,14 @@
 """Triton FP8 casts: the math of python_ref.fp8, bit for bit (div_rn is the correctly rounded
 division; Triton's plain `/` on fp32 is an approximate one on NVIDIA GPUs; round_to_e4m3 is the
-rounding the interpreter gets wrong)."""
+rounding the interpreter gets wrong). A NaN makes its group's scale and values NaN, as in the
+reference (max_nan: the GPU's plain max and min skip NaN; cast_to_e4m3 keeps NaN, which the
+interpreter's fp8 cast does not)."""
 
 import torch
 import triton
 import triton.language as tl
 
-from dskernels.triton.fp8_math import round_to_e4m3
+from dskernels.triton.fp8_math import cast_to_e4m3, max_nan
 
 GROUP_SIZE = 128
 
@@ -21,9 +23,9 @@ def _per_token_cast_kernel(x_ptr, out_ptr, scale_ptr, m, stride_xm, stride_om, s
     row_ok = rows < m
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
+    amax = tl.maximum(max_nan(tl.abs(x), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)
     q = x * tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)[:, None]
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], round_to_e4m3(q).to(tl.float8e4nv),
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], cast_to_e4m3(q),
              mask=row_ok[:, None])
     tl.store(scale_ptr + rows.to(tl.int64) * stride_sm + group * stride_sg,
              tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=row_ok)
@@ -40,9 +42,9 @@ def _per_block_cast_kernel(w_ptr, out_ptr, scale_ptr, n, stride_wn, stride_on, s
     row_ok = (rows < n)[:, None]
     w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :], mask=row_ok,
                 other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), 1e-4)
+    amax = tl.maximum(max_nan(max_nan(tl.abs(w), 1), 0), 1e-4, propagate_nan=tl.PropagateNan.ALL)
     q = w * tl.math.div_rn(448.0, amax)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_on + cols[None, :], round_to_e4m3(q).to(tl.float8e4nv),
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_on + cols[None, :], cast_to_e4m3(q),
              mask=row_ok)
     tl.store(scale_ptr + block_n * stride_sn + block_k * stride_sk, tl.math.div_rn(amax, 448.0))
 

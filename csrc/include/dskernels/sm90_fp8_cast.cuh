@@ -2,7 +2,9 @@
 //
 // Both kernels compute, for each group g of values, amax = max(max|x|, 1e-4),
 // q = fp8_e4m3(x * (448 / amax)) (round to nearest even), scale = amax / 448; the exact
-// order of operations of python_ref.fp8, so every backend produces the same bits.
+// order of operations of python_ref.fp8, so every backend produces the same bits. A NaN in a
+// group makes its amax, its scale and all its values NaN, as in the reference (max_nan, not fmaxf,
+// which would drop the NaN and hand out a finite scale).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,6 +19,13 @@ constexpr int kGroupSize = 128;   // 1x128 activation groups, 128x128 weight blo
 constexpr float kFp8Max = 448.f;  // largest finite e4m3 value
 constexpr float kAmaxFloor = 1e-4f;
 constexpr int kThreads = 256;
+
+// max that returns NaN when either operand is NaN (PTX max.NaN, sm_80+).
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
 
 struct PerTokenCastParams {
   const void* x;  // [m, k], unit stride along k, rows 16-byte aligned
@@ -58,7 +67,7 @@ struct Vec16 {
   __device__ __forceinline__ float abs_max() const {
     float m = 0.f;
 #pragma unroll
-    for (int i = 0; i < kSize; ++i) m = fmaxf(m, fabsf(v[i]));
+    for (int i = 0; i < kSize; ++i) m = max_nan(m, fabsf(v[i]));
     return m;
   }
   // Writes kSize e4m3 bytes (8 or 4: one 8- or 4-byte store).
@@ -88,7 +97,7 @@ template <int kLanes>
 __device__ __forceinline__ float group_max(float x) {
 #pragma unroll
   for (int offset = kLanes / 2; offset > 0; offset /= 2)
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+    x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
 }
 
@@ -124,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) per_token_cast_to_fp8_kernel(PerToke
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const float amax = fmaxf(group_max<kLanes>(vec[u].abs_max()), kAmaxFloor);
+      const float amax = max_nan(group_max<kLanes>(vec[u].abs_max()), kAmaxFloor);
       if (group[u] >= num_groups) continue;
       const int64_t row = group[u] / p.groups_per_row;
       const int64_t col_group = group[u] % p.groups_per_row;
@@ -158,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) per_block_cast_to_fp8_kernel(PerBloc
     const int64_t row = row0 + s * kRowsPerStep;
     if (row < p.n) {
       vec[s].load(w + row * p.w_row_stride + col);
-      amax = fmaxf(amax, vec[s].abs_max());
+      amax = max_nan(amax, vec[s].abs_max());
     }
   }
 
@@ -168,8 +177,8 @@ __global__ void __launch_bounds__(kThreads) per_block_cast_to_fp8_kernel(PerBloc
   __syncthreads();
   amax = warp_max[0];
 #pragma unroll
-  for (int i = 1; i < kWarps; ++i) amax = fmaxf(amax, warp_max[i]);
-  amax = fmaxf(amax, kAmaxFloor);
+  for (int i = 1; i < kWarps; ++i) amax = max_nan(amax, warp_max[i]);
+  amax = max_nan(amax, kAmaxFloor);
 
   const float mul = kFp8Max / amax;
 #pragma unroll
