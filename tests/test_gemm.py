@@ -190,6 +190,10 @@ def test_gemm_dense_every_fp8_value(backend, fp8_dot, monkeypatch):
         dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a3.view(2, 9, K), sa3.view(2, 9, 2)), (bb, sbb), out3,
                                                         masked_m, 9)
         assert_close_to_oracle(out3[1, :4], a3[9:13], sa3[9:13], b, sb)
+        # A NaN byte (either sign) makes its output row NaN, as the dequantized product does.
+        a[3, 5], a[11, 200] = (torch.tensor([0x7F, 0xFF], dtype=torch.uint8).view(torch.float8_e4m3fn)).to(device)
+        dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+        assert out[[3, 11]].isnan().all() and not out[[0, 4, 12]].isnan().any()
 
 
 # ---- contiguous grouped ----

@@ -50,11 +50,12 @@ def _e4m3_bits_to_fp16(bits):
 
     For GPUs without FP8 MMA (before sm_89), which cannot even hold fp8e4nv values. The bits moved
     into fp16's fields read as 2^-8 times the value (subnormals included: fp16's grid is finer), so
-    one exact multiplication by 256 restores it. NaN (0x7F) is not preserved.
+    one exact multiplication by 256 restores it. The NaN bytes (0x7F, 0xFF) would read as 480:
+    they become NaN explicitly.
     """
     b = bits.to(tl.int16)
     half = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
-    return half * 256.0
+    return tl.where((b & 0x7F) == 0x7F, float("nan"), half * 256.0).to(tl.float16)
 
 
 @triton.jit
