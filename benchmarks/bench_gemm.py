@@ -20,6 +20,11 @@ from python_ref import gemm as ref
 # DeepGEMM's grid (its tests/test_core.py); cpu: tiny shapes for the interpreter.
 DENSE_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 GROUPED_NK = [(4096, 7168), (7168, 2048)]
+# The sm90 kernels' configs (docs/gemm.md "Configs"), each also timed forced: the plain "cuda" row
+# is the selection rule's pick, the cuda[...] rows are what the rule chooses among.
+DENSE_CONFIG_VARIANTS = {name: {"DSKERNELS_GEMM_DENSE_CONFIG": name}
+                         for name in ("m64", "m128", "m128_multicast", "m128_streamk")}
+GROUPED_CONFIG_VARIANTS = {name: {"DSKERNELS_GEMM_GROUPED_CONFIG": name} for name in ("m64", "m128", "m128_multicast")}
 
 
 def _cast_pair(rows, k, device, per_block, groups=None):
@@ -108,7 +113,7 @@ def _dense_case(m, n, k, device):
     return Case(op="gemm_fp8_fp8_bf16_nt", params={"m": m, "n": n, "k": k}, make_inputs=make_inputs, run=run,
                 reference=lambda a, sa, b, sb, out: ref.gemm_fp8_fp8_bf16_nt(a, sa, b, sb), check=_check,
                 flops=2 * m * n * k, bytes=_bytes(m, n, k), peers=peers, backends=("ref", "triton", "cuda"),
-                compute_dtype="fp8")
+                compute_dtype="fp8", cuda_variants=DENSE_CONFIG_VARIANTS)
 
 
 def _contiguous_case(groups, m_per_group, n, k, device):
@@ -133,7 +138,8 @@ def _contiguous_case(groups, m_per_group, n, k, device):
     return Case(op="m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
                 params={"groups": groups, "m_per_group": m_per_group, "n": n, "k": k},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * m * n * k,
-                bytes=_bytes(m, n, k, groups), peers=peers, backends=("ref", "triton", "cuda"), compute_dtype="fp8")
+                bytes=_bytes(m, n, k, groups), peers=peers, backends=("ref", "triton", "cuda"), compute_dtype="fp8",
+                cuda_variants=GROUPED_CONFIG_VARIANTS)
 
 
 def _masked_case(groups, expected_m, n, k, device, m_max):
@@ -164,7 +170,8 @@ def _masked_case(groups, expected_m, n, k, device, m_max):
     return Case(op="m_grouped_gemm_fp8_fp8_bf16_nt_masked",
                 params={"groups": groups, "expected_m": expected_m, "m_max": m_max, "n": n, "k": k},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * valid * n * k,
-                bytes=_bytes(valid, n, k, groups), peers=peers, backends=("ref", "triton", "cuda"), compute_dtype="fp8")
+                bytes=_bytes(valid, n, k, groups), peers=peers, backends=("ref", "triton", "cuda"), compute_dtype="fp8",
+                cuda_variants=GROUPED_CONFIG_VARIANTS)
 
 
 def cases(quick: bool, device: str) -> list[Case]:

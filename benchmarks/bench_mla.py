@@ -23,6 +23,10 @@ from benchmarks.common import Case
 
 FP8 = torch.float8_e4m3fn
 
+# The sm90 kernel's bring-up switches (docs/mla.md), timed beside the default path: how much the
+# TMA page loads and the 2-CTA clusters each bring.
+MLA_CUDA_VARIANTS = {"no_tma": {"DSKERNELS_MLA_NO_TMA": "1"}, "no_cluster": {"DSKERNELS_MLA_NO_CLUSTER": "1"}}
+
 
 def torch_batched_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, causal=False, k_scale=None):
     """The plain PyTorch way: pad every sequence to the block table's width."""
@@ -123,7 +127,8 @@ def _case(b, s_q, h_q, h_kv, d, dv, seqlen, varlen, page_size, cache_dtype, caus
     return Case(op="flash_mla_with_kvcache", params=params, make_inputs=make_inputs, run=run,
                 reference=reference, check=_check, flops=flops, bytes=moved,
                 peers={"torch": torch_batched_decode},
-                backends=("ref", "triton", "cuda") if (d, dv) == (576, 512) else ("ref", "triton"))
+                backends=("ref", "triton", "cuda") if (d, dv) == (576, 512) else ("ref", "triton"),
+                cuda_variants=MLA_CUDA_VARIANTS)
 
 
 def cases(quick: bool, device: str) -> list[Case]:

@@ -18,6 +18,7 @@ if any is wrong.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import glob
 import importlib
@@ -131,10 +132,13 @@ def run_case(case, device, available, ceilings, meta, report, records, failures)
     shape = shape_text(case.params)
     inputs = case.make_inputs(device)
     expected = case.reference(*inputs)
-    ours = {}  # backend -> its record
-    for backend in [b for b in ("ref", "triton", "cuda") if b in available and b in case.backends]:
+    ours = {}  # backend (or "cuda[variant]") -> its record
+    runs = [(b, b, {}) for b in ("ref", "triton", "cuda") if b in available and b in case.backends]
+    if "cuda" in available and "cuda" in case.backends:
+        runs += [("cuda", f"cuda[{label}]", env) for label, env in case.cuda_variants.items()]
+    for backend, label, env in runs:
         try:
-            with dskernels.backend(backend):
+            with dskernels.backend(backend), environment(env):
                 problem = case.check(case.run(*inputs), expected)
                 timer = bench.bench_gpu if device == "cuda" else bench.bench_cpu
                 ms = timer(lambda: case.run(*inputs))
@@ -143,8 +147,8 @@ def run_case(case, device, available, ceilings, meta, report, records, failures)
             problem = f"raised {type(e).__name__}: {e}"
             ms = float("nan")
         if problem:
-            failures.append(f"{case.op} [{backend}] {shape}: {problem}")
-        ours[backend] = record(case, backend, ms, ceilings, meta, problem)
+            failures.append(f"{case.op} [{label}] {shape}: {problem}")
+        ours[label] = record(case, label, ms, ceilings, meta, problem)
 
     peers = {}  # peer name -> its record
     if device == "cuda":
@@ -167,6 +171,21 @@ def run_case(case, device, available, ceilings, meta, report, records, failures)
         report.add(case.op, label, shape, f"{rec['ms'] * 1e3:.1f}", fmt(rec["tflops"]), fmt(rec["gbps"]),
                    fmt(rec["roofline"] and 100 * rec["roofline"]), x_peer)
         records.append(rec)
+
+
+@contextlib.contextmanager
+def environment(overrides):
+    """Sets the given environment variables for the duration (the kernels read them per call)."""
+    saved = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def record(case, backend, ms, ceilings, meta, error):

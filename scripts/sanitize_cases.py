@@ -21,13 +21,34 @@ def fp8_casts():
     dskernels.per_block_cast_to_fp8(torch.randn(130, 256, device="cuda"))
 
 
+# The sm90 GEMM configs (docs/gemm.md "Configs"): each forced once, so every instantiation is checked.
+DENSE_CONFIGS = ("m64", "m128", "m128_multicast", "m128_streamk")
+GROUPED_CONFIGS = ("m64", "m128", "m128_multicast")
+
+
 def fp8_gemms():
-    """Dense, contiguous and masked grouped GEMMs (the sm90 CUDA kernels under the cuda backend):
-    odd n (padded out buffer), one-row and empty groups, unaligned contiguous segments."""
-    k, n = 256, 129
+    """Dense, contiguous and masked grouped GEMMs (the sm90 CUDA kernels under the cuda backend),
+    each config forced in turn: odd n (padded out buffer; 3 N tiles, so a multicast cluster's last
+    CTA has no tile), one-row and empty groups, unaligned contiguous segments, and a dense call
+    with enough K blocks (8) for stream-K to split tiles between SMs."""
+    k, n = 256, 300
     a, sa = dskernels.per_token_cast_to_fp8(torch.randn(61, k, device="cuda"))
     b, sb = dskernels.per_block_cast_to_fp8(torch.randn(n, k, device="cuda"))
-    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), torch.empty(61, n, device="cuda", dtype=torch.bfloat16))
+    a_long, sa_long = dskernels.per_token_cast_to_fp8(torch.randn(61, 1024, device="cuda"))
+    b_long, sb_long = dskernels.per_block_cast_to_fp8(torch.randn(n, 1024, device="cuda"))
+    for config in DENSE_CONFIGS:
+        os.environ["DSKERNELS_GEMM_DENSE_CONFIG"] = config
+        dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), torch.empty(61, n, device="cuda", dtype=torch.bfloat16))
+        dskernels.gemm_fp8_fp8_bf16_nt((a_long, sa_long), (b_long, sb_long),
+                                       torch.empty(61, n, device="cuda", dtype=torch.bfloat16))
+    os.environ.pop("DSKERNELS_GEMM_DENSE_CONFIG")
+    for config in GROUPED_CONFIGS:
+        os.environ["DSKERNELS_GEMM_GROUPED_CONFIG"] = config
+        grouped_gemms(a, sa, b, sb, k, n)
+    os.environ.pop("DSKERNELS_GEMM_GROUPED_CONFIG")
+
+
+def grouped_gemms(a, sa, b, sb, k, n):
     bb, sbb = torch.stack([b, b, b]), torch.stack([sb, sb, sb])
     m_indices = torch.tensor([2] * 30 + [-1] * 3 + [0] * 27 + [-1], dtype=torch.int32, device="cuda")
     out = torch.empty(61, n, device="cuda", dtype=torch.bfloat16)

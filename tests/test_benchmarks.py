@@ -19,3 +19,16 @@ def test_run_py_checks_every_family(tmp_path):
             "ep_get_dispatch_layout"} <= {r["op"] for r in records}
     assert all(r["error"] is None for r in records)
     assert "op" in out.stdout and "backend" in out.stdout
+
+
+def test_variant_environment_is_restored(monkeypatch):
+    """run.py forces a cuda variant's configuration through environment variables for the duration
+    of its timing only: an unset variable is removed again, a set one gets its value back."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.run import environment
+
+    monkeypatch.delenv("DSKERNELS_GEMM_DENSE_CONFIG", raising=False)
+    monkeypatch.setenv("DSKERNELS_MLA_NO_TMA", "0")
+    with environment({"DSKERNELS_GEMM_DENSE_CONFIG": "m64", "DSKERNELS_MLA_NO_TMA": "1"}):
+        assert os.environ["DSKERNELS_GEMM_DENSE_CONFIG"] == "m64" and os.environ["DSKERNELS_MLA_NO_TMA"] == "1"
+    assert "DSKERNELS_GEMM_DENSE_CONFIG" not in os.environ and os.environ["DSKERNELS_MLA_NO_TMA"] == "0"

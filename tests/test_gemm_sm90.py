@@ -18,6 +18,12 @@ RAW_OPS = {
 }
 PUBLIC_OPS = ["gemm_fp8_fp8_bf16_nt", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
               "m_grouped_gemm_fp8_fp8_bf16_nt_masked"]
+# The dense kernel's configs (fp8_gemm::DenseConfig, docs/gemm.md "Configs"), forced one at a time
+# through DSKERNELS_GEMM_DENSE_CONFIG; "auto" is the selection rule.
+DENSE_CONFIGS = ["auto", "m64", "m128", "m128_multicast", "m128_streamk"]
+GROUPED_CONFIGS = ["auto", "m64", "m128", "m128_multicast"]  # DSKERNELS_GEMM_GROUPED_CONFIG
+cuda_built = pytest.mark.skipif(torch.ops.dskernels._build_info() != "cuda",
+                                reason="the CUDA kernels are not compiled into this build")
 
 
 # ---- CPU: registration, gate, layouts ----
@@ -44,6 +50,55 @@ def test_auto_does_not_pick_the_unverified_cuda_kernels(op, monkeypatch):
     monkeypatch.setattr(gemm_ops, "_CUDA_GEMM_VERIFIED", False)
     with dskernels.backend("auto"):
         assert gemm_ops._backend(op, hopper) == "triton"
+
+
+def dense_config(m, n, k, sm_count=132):
+    return torch.ops.dskernels._sm90_gemm_dense_config(m, n, k, sm_count)
+
+
+@cuda_built
+def test_dense_config_rule(monkeypatch):
+    """pick_dense_config on an H100's 132 SMs (docs/gemm.md "Configs"): stream-K where the
+    data-parallel grid idles more than 10% of the SM time and K has >= 8 blocks, then 64-row tiles
+    for m <= 64, 1 x 2 multicast clusters for an even count of N tiles, plain 128-row tiles."""
+    monkeypatch.delenv("DSKERNELS_GEMM_DENSE_CONFIG", raising=False)
+    assert dense_config(4096, 7168, 7168) == "m128_multicast"  # 1792 tiles: 13.6 of 14 waves
+    assert dense_config(4096, 4096, 7168) == "m128_multicast"  # 1024 tiles: 7.8 of 8 waves
+    assert dense_config(4096, 2112, 7168) == "m128_streamk"    # 544 tiles: 4.1 of 5 waves
+    assert dense_config(4096, 4224, 7168) == "m128"            # 1056 tiles (8 waves), 33 N tiles
+    assert dense_config(64, 7168, 7168) == "m128_streamk"      # 56 tiles on 132 SMs
+    assert dense_config(64, 7168, 896) == "m64"                # 7 K blocks: too short to split
+    assert dense_config(1, 32768, 512) == "m64"                # 256 tiles: 1.9 of 2 waves
+    assert dense_config(128, 24576, 1536) == "m128_streamk"    # 192 tiles: 1.45 of 2 waves
+    assert dense_config(4096, 32768, 512) == "m128_multicast"  # 8192 tiles: 62.1 of 63 waves
+    assert dense_config(4096, 7168, 7168, sm_count=114) == "m128_multicast"  # H100 PCIe: 15.7 of 16
+    # forced: any valid name wins over the rule; anything else is an error naming the variable
+    monkeypatch.setenv("DSKERNELS_GEMM_DENSE_CONFIG", "m64")
+    assert dense_config(4096, 7168, 7168) == "m64"
+    monkeypatch.setenv("DSKERNELS_GEMM_DENSE_CONFIG", "auto")
+    assert dense_config(64, 7168, 896) == "m64"
+    monkeypatch.setenv("DSKERNELS_GEMM_DENSE_CONFIG", "m256")
+    with pytest.raises(RuntimeError, match="DSKERNELS_GEMM_DENSE_CONFIG: expected one of auto, m64, m128, "
+                                           "m128_multicast, m128_streamk, got 'm256'"):
+        dense_config(4096, 7168, 7168)
+
+
+@cuda_built
+def test_grouped_config_rule(monkeypatch):
+    """pick_grouped_config: 64-row tiles for 1..64 expected rows per group (masked expected_m),
+    else multicast clusters for an even count of N tiles, else plain 128-row tiles; rows <= 0
+    (unknown, as for contiguous calls) never pick the 64-row tiles."""
+    monkeypatch.delenv("DSKERNELS_GEMM_GROUPED_CONFIG", raising=False)
+    config = torch.ops.dskernels._sm90_gemm_grouped_config
+    assert config(1, 4096) == config(64, 7168) == "m64"
+    assert config(65, 4096) == config(0, 7168) == config(-1, 4096) == "m128_multicast"
+    assert config(256, 2112) == config(0, 2112) == "m128"  # 17 N tiles
+    monkeypatch.setenv("DSKERNELS_GEMM_GROUPED_CONFIG", "m128")
+    assert config(1, 4096) == "m128"
+    monkeypatch.setenv("DSKERNELS_GEMM_GROUPED_CONFIG", "m128_streamk")
+    with pytest.raises(RuntimeError, match="DSKERNELS_GEMM_GROUPED_CONFIG: expected one of auto, m64, m128, "
+                                           "m128_multicast, got 'm128_streamk'"):
+        config(1, 4096)
 
 
 def test_cuda_layout_conversions():
@@ -95,15 +150,21 @@ def cuda_backend():
         yield "cuda"
 
 
-# The dense launcher runs 64-row pingpong tiles for m <= 64 and 128-row cooperative tiles above
-# (fp8_gemm::pick_tile_m, docs/gemm.md "Configs"): the m values straddle that boundary, and each
-# config meets one tile edge (m = 64, 128), a partial last tile (63, 65, 130) and a single row.
+@pytest.fixture(params=DENSE_CONFIGS)
+def dense_config_forced(request, monkeypatch):
+    monkeypatch.setenv("DSKERNELS_GEMM_DENSE_CONFIG", request.param)
+    return request.param
+
+
+# Every dense config on every shape (dense_config_forced): the m values meet a tile edge (m = 64,
+# 128), partial last tiles (63, 65, 130) and single rows; n gives one, odd and even counts of N
+# tiles (the multicast clusters' last column idles for an odd count); k one to eight K blocks.
 @pytest.mark.gpu
 @pytest.mark.parametrize("scale_layout", ["row", "tma"])
 @pytest.mark.parametrize("m,n,k", [(1, 200, 256), (1, 123, 256), (7, 129, 256), (61, 123, 512), (63, 256, 384),
                                    (64, 200, 256), (65, 200, 256), (128, 136, 256), (130, 200, 256), (130, 64, 128),
                                    (256, 384, 1024)])
-def test_dense(cuda_backend, m, n, k, scale_layout):
+def test_dense(cuda_backend, dense_config_forced, m, n, k, scale_layout):
     x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout=scale_layout)
     w, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout=scale_layout)
     out = empty_out(m, n, device="cuda")
@@ -114,8 +175,8 @@ def test_dense(cuda_backend, m, n, k, scale_layout):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 7168), (64, 2112, 7168), (65, 2112, 7168), (128, 24576, 1536),
-                                   (4096, 7168, 2048), (129, 4096, 7168)])
-def test_dense_deepgemm_shapes(cuda_backend, m, n, k):
+                                   (4096, 7168, 2048), (129, 4096, 7168), (4096, 2112, 7168)])
+def test_dense_deepgemm_shapes(cuda_backend, dense_config_forced, m, n, k):
     x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
     w, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
     out = empty_out(m, n, device="cuda")
@@ -179,17 +240,25 @@ def test_k0_is_an_empty_sum(cuda_backend):
     assert (out[0] == 0).all() and (out[1, :1] == 0).all()
 
 
+@pytest.fixture(params=GROUPED_CONFIGS)
+def grouped_config_forced(request, monkeypatch):
+    monkeypatch.setenv("DSKERNELS_GEMM_GROUPED_CONFIG", request.param)
+    return request.param
+
+
+# Every grouped test below runs under each grouped config forced (grouped_config_forced) and the
+# rule: n = 300 gives an odd count of N tiles (the multicast clusters' last column half idles).
 @pytest.mark.gpu
 @pytest.mark.parametrize("scale_layout", ["row", "tma"])
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned128", "unaligned"])
-@pytest.mark.parametrize("n", [144, 129])
-def test_contiguous(cuda_backend, aligned, scale_layout, n):
+@pytest.mark.parametrize("n", [144, 129, 300])
+def test_contiguous(cuda_backend, grouped_config_forced, aligned, scale_layout, n):
     # group 1 is empty; group 3 has one row
     run_contiguous_against_oracle([7, 0, 130, 1], aligned, scale_layout, n, 256, "cuda")
 
 
 @pytest.mark.gpu
-def test_contiguous_deepgemm_shape(cuda_backend):
+def test_contiguous_deepgemm_shape(cuda_backend, grouped_config_forced):
     groups, m_per_group, n, k = 4, 1024, 4096, 7168
     m_indices = torch.arange(groups, dtype=torch.int32, device="cuda").repeat_interleave(m_per_group)
     x, a, sa = quantized_pair(groups * m_per_group, k, "cuda", per_block=False, scale_layout="tma")
@@ -223,22 +292,22 @@ def run_masked_against_oracle(masked, m_max, n, k, scale_layout, expected_m):
     assert_close_to_bf16_product(pairs)
 
 
-# expected_m picks the masked kernel's config (<= 64: 64-row pingpong tiles, else 128-row) but is
-# only a hint: both configs must compute every row below masked_m, whatever the hint says.
+# expected_m picks the masked kernel's config under "auto" (<= 64: 64-row pingpong tiles) but is
+# only a hint: every config must compute every row below masked_m, whatever the hint says.
 @pytest.mark.gpu
 @pytest.mark.parametrize("expected_m", [32, 256], ids=["tile64", "tile128"])
 @pytest.mark.parametrize("scale_layout", ["row", "tma"])
-@pytest.mark.parametrize("n", [136, 129])
-def test_masked(cuda_backend, scale_layout, n, expected_m):
+@pytest.mark.parametrize("n", [136, 129, 300])
+def test_masked(cuda_backend, grouped_config_forced, scale_layout, n, expected_m):
     # an empty group, a full one (m_max), one row
     run_masked_against_oracle([7, 0, 130, 1], 130, n, 256, scale_layout, expected_m)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("expected_m", [1, 16, 64, 65, 4096])
-def test_masked_decode_small_expected_m(cuda_backend, expected_m):
+def test_masked_decode_small_expected_m(cuda_backend, grouped_config_forced, expected_m):
     """Decode-like masked call (DeepGEMM's masked layout: many experts, a few tokens each, m_max
-    padded beyond them) with counts on both sides of the 64-row tile, under both configs."""
+    padded beyond them) with counts on both sides of the 64-row tile, under every config."""
     run_masked_against_oracle([1, 0, 63, 64, 65, 17, 128, 3], 192, 512, 1024, "tma", expected_m)
 
 
@@ -255,7 +324,7 @@ def test_masked_counts_beyond_m_max_are_clamped(cuda_backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("expected_m", [32, 256], ids=["tile64", "tile128"])
+@pytest.mark.parametrize("expected_m", [32, 256], ids=["tile64", "tile128"])  # m64, m128_multicast
 def test_masked_cuda_graph_replay_with_new_counts(cuda_backend, expected_m):
     """No host sync: masked_m is read on the device, so a captured call replays with new counts."""
     groups, m_max, n, k = 4, 64, 256, 512
@@ -278,6 +347,31 @@ def test_masked_cuda_graph_replay_with_new_counts(cuda_backend, expected_m):
         for g, rows in enumerate(counts):
             if rows:
                 assert_close_to_oracle(out[g, :rows], a[g, :rows], sa[g, :rows], b[g], sb[g])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["m128_streamk", "m128_multicast"])
+def test_dense_cuda_graph_replay_with_new_inputs(cuda_backend, monkeypatch, config):
+    """Stream-K zeroes its reduction flags with a memset inside the call, and the multicast config
+    launches clusters: both must capture and replay (new values in the same buffers)."""
+    monkeypatch.setenv("DSKERNELS_GEMM_DENSE_CONFIG", config)
+    m, n, k = 130, 2112, 1024
+    _, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
+    _, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
+    sb = gemm_ops._cuda_sb(sb)
+    out = empty_out(m, n, device="cuda")
+    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+    for _ in range(2):  # twice: the flags the first replay leaves behind must not leak into the next
+        _, a_new, sa_new = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
+        a.copy_(a_new)
+        sa.copy_(sa_new)
+        out.fill_(float("nan"))
+        graph.replay()
+        assert_close_to_oracle(out, a, sa, b, sb)
 
 
 @pytest.mark.gpu

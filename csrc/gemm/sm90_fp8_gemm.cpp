@@ -1,9 +1,9 @@
 // Host launchers of the sm90 FP8 GEMMs: check the inputs (messages name the tensor), fill the
 // plain problem structs, allocate the workspace from torch's caching allocator and run on the
-// current stream, with the tile configuration picked from the problem (fp8_gemm::pick_tile_m: 64-row
-// tiles for dense m <= 64 and masked expected_m <= 64). The CUTLASS instantiations live in
-// sm90_fp8_gemm_{dense,grouped}{,_m64}.cu, which never see a torch header; this file never sees a
-// CUTLASS one (a host compiler builds it in seconds).
+// current stream, with the configuration picked from the problem (fp8_gemm::pick_dense_config and
+// pick_grouped_config, overridden by DSKERNELS_GEMM_{DENSE,GROUPED}_CONFIG). The
+// CUTLASS instantiations live in sm90_fp8_gemm_{dense,grouped}*.cu, which never see a torch header;
+// this file never sees a CUTLASS one (a host compiler builds it in seconds).
 // dskernels/ops/gemm.py validates the public arguments and converts the scale layouts first; the
 // checks here guard the raw `_sm90_*` ops against direct calls.
 // Only c10/cuda and ATen/core: ATen/cuda's headers need cuBLAS and cuSPARSE, which CI lacks.
@@ -17,6 +17,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "dskernels/sm90_fp8_gemm.h"
@@ -114,6 +117,45 @@ int sm_count(int device) {
   return counts[device];
 }
 
+// A config forced through an environment variable (read per call, so tests and benchmarks can
+// force each one): its index among the n names, or -1 when the variable is unset, empty or "auto".
+template <class Config>
+int forced_config(const char* variable, int n, const char* (*name)(Config)) {
+  const char* forced = std::getenv(variable);
+  if (forced == nullptr || forced[0] == '\0' || std::strcmp(forced, "auto") == 0) return -1;
+  std::string names = "auto";
+  for (int i = 0; i < n; ++i) {
+    if (std::strcmp(forced, name(static_cast<Config>(i))) == 0) return i;
+    names += std::string(", ") + name(static_cast<Config>(i));
+  }
+  TORCH_CHECK(false, variable, ": expected one of ", names, ", got '", forced, "'");
+}
+
+fp8_gemm::DenseConfig dense_config(int64_t m, int64_t n, int64_t k, int64_t sm_count) {
+  const int forced = forced_config("DSKERNELS_GEMM_DENSE_CONFIG", fp8_gemm::kDenseConfigs, fp8_gemm::dense_config_name);
+  return forced >= 0 ? static_cast<fp8_gemm::DenseConfig>(forced) : fp8_gemm::pick_dense_config(m, n, k, sm_count);
+}
+
+fp8_gemm::GroupedConfig grouped_config(int64_t rows_per_group, int64_t n) {
+  const int forced =
+      forced_config("DSKERNELS_GEMM_GROUPED_CONFIG", fp8_gemm::kGroupedConfigs, fp8_gemm::grouped_config_name);
+  return forced >= 0 ? static_cast<fp8_gemm::GroupedConfig>(forced) : fp8_gemm::pick_grouped_config(rows_per_group, n);
+}
+
+// The configs the launchers would run (benchmarks print them; a CPU test pins the rules): dense
+// for (m, n, k) on sm_count SMs; grouped for rows_per_group (the masked expected_m, <= 0 when
+// unknown: contiguous) and n.
+std::string gemm_dense_config(int64_t m, int64_t n, int64_t k, int64_t sm_count) {
+  TORCH_CHECK(m >= 0 && n >= 0 && k >= 0 && sm_count > 0, "_sm90_gemm_dense_config: expected m, n, k >= 0 and ",
+              "sm_count > 0, got ", m, ", ", n, ", ", k, ", ", sm_count);
+  return fp8_gemm::dense_config_name(dense_config(m, n, k, sm_count));
+}
+
+std::string gemm_grouped_config(int64_t rows_per_group, int64_t n) {
+  TORCH_CHECK(n >= 0, "_sm90_gemm_grouped_config: expected n >= 0, got ", n);
+  return fp8_gemm::grouped_config_name(grouped_config(rows_per_group, n));
+}
+
 c10::DataPtr workspace(size_t bytes) {
   // Stream-ordered: releasing it after the asynchronous launch is safe on the current stream.
   return c10::cuda::CUDACachingAllocator::get()->allocate(bytes > 0 ? bytes : 16);
@@ -154,7 +196,7 @@ void gemm_fp8_fp8_bf16_nt(const at::Tensor& a, const at::Tensor& sa, const at::T
   p.k = static_cast<int32_t>(a.size(1));
   p.device = a.get_device();
   p.sm_count = sm_count(p.device);
-  p.tile_m = fp8_gemm::pick_tile_m(p.m);
+  p.config = dense_config(p.m, p.n, p.k, p.sm_count);
   const c10::DataPtr ws = workspace(fp8_gemm::dense_workspace_bytes(p));
   const char* error = fp8_gemm::run_dense(p, ws.get(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(error == nullptr, "_sm90_gemm_fp8_fp8_bf16_nt: ", error);
@@ -222,8 +264,8 @@ void m_grouped_masked(const at::Tensor& a, const at::Tensor& sa, const at::Tenso
   p.m_max = static_cast<int32_t>(a.size(1));
   p.masked_m = counts.data_ptr<int32_t>();
   // expected_m is only a hint (masked_m stays on the device): any value is correct, it only picks
-  // the tile configuration. Non-positive values mean "unknown": the 128-row tiles.
-  p.tile_m = expected_m > 0 ? fp8_gemm::pick_tile_m(expected_m) : fp8_gemm::TileM::k128;
+  // the configuration. Non-positive values mean "unknown".
+  p.config = grouped_config(expected_m, b.size(1));
   fill_grouped(p, sa, b, sb, out);
   run_grouped(p, "_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked");
 }
@@ -256,7 +298,7 @@ void m_grouped_contiguous(const at::Tensor& a, const at::Tensor& sa, const at::T
   p.m_max = static_cast<int32_t>(a.size(0));
   p.m_indices = ids.data_ptr<int32_t>();
   // Segment sizes are only on the device; DeepGEMM-style callers align them to 128 rows.
-  p.tile_m = fp8_gemm::TileM::k128;
+  p.config = grouped_config(/*rows_per_group=*/0, b.size(1));
   fill_grouped(p, sa, b, sb, out);
   run_grouped(p, "_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_contiguous");
 }
@@ -267,6 +309,12 @@ TORCH_LIBRARY_IMPL(dskernels, CUDA, m) {
   m.impl("_sm90_gemm_fp8_fp8_bf16_nt", &gemm_fp8_fp8_bf16_nt);
   m.impl("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked", &m_grouped_masked);
   m.impl("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", &m_grouped_contiguous);
+}
+
+// No tensor arguments: CompositeExplicitAutograd serves every device (no GPU needed to ask).
+TORCH_LIBRARY_IMPL(dskernels, CompositeExplicitAutograd, m) {
+  m.impl("_sm90_gemm_dense_config", &gemm_dense_config);
+  m.impl("_sm90_gemm_grouped_config", &gemm_grouped_config);
 }
 
 }  // namespace dskernels

@@ -1,4 +1,4 @@
-// Dense FP8 block-scaled GEMM on Hopper, 64-row pingpong tiles (m <= 64, pick_tile_m): the
+// Dense FP8 block-scaled GEMM on Hopper, 64-row pingpong tiles (small m, pick_dense_config): the
 // instantiation of fp8_gemm::dense::M64. Same collective, arguments and layouts as the 128-row
 // config (sm90_fp8_gemm_dense.cu); only the tile shape and the kernel / epilogue schedules differ.
 //

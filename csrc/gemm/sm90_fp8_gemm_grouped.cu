@@ -1,12 +1,11 @@
 // M-grouped FP8 block-scaled GEMMs on Hopper: the 128-row instantiation of CUTLASS's ptr-array
 // kernel (fp8_gemm::grouped::M128), shared by the masked and the contiguous layouts, and the entry
-// points of both configs (the 64-row one, for masked calls with expected_m <= 64, is instantiated
-// in sm90_fp8_gemm_grouped_m64.cu). No torch headers; the launcher is csrc/gemm/sm90_fp8_gemm.cpp.
+// points of every config (the others are instantiated in sm90_fp8_gemm_grouped_{m64,multicast}.cu). No torch headers; the launcher is csrc/gemm/sm90_fp8_gemm.cpp.
 //
 // Per call, on the stream: (contiguous only) a memset and find_segments_kernel turn m_indices into
 // per-group row ranges; pack_sfa_kernel copies sa into the packed per-group layout the collective
 // reads (GroupedArgs); fill_grouped_args_kernel writes each group's shape, pointers, strides and
-// scale layouts into the workspace; the persistent grouped kernel (either config) reads them there.
+// scale layouts into the workspace; the persistent grouped kernel (any config) reads them there.
 // Nothing comes back to the host, so both layouts can be captured in a CUDA graph.
 //
 // NDEBUG: see sm90_fp8_gemm_dense.cu (device asserts serialize the wgmma pipeline).
@@ -71,7 +70,8 @@ GroupedArgs args_at(void* workspace, const Carve& c) {
 
 size_t grouped_workspace_bytes(const GroupedProblem& p) {
   const Carve c = carve(p);
-  if (p.tile_m == TileM::k64) return c.args_bytes + grouped::m64_workspace_bytes(p);
+  if (p.config == GroupedConfig::kM64) return c.args_bytes + grouped::m64_workspace_bytes(p);
+  if (p.config == GroupedConfig::kM128Multicast) return c.args_bytes + grouped::multicast_workspace_bytes(p);
   using Gemm = grouped::M128::Gemm;
   return c.args_bytes + Gemm::get_workspace_size(grouped::arguments<Gemm>(p, GroupedArgs{}));
 }
@@ -102,7 +102,8 @@ const char* run_grouped(const GroupedProblem& p, void* workspace, cudaStream_t s
   const cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) return cudaGetErrorString(error);
   void* cutlass_workspace = static_cast<char*>(workspace) + c.args_bytes;
-  if (p.tile_m == TileM::k64) return grouped::run_m64(p, a, cutlass_workspace, stream);
+  if (p.config == GroupedConfig::kM64) return grouped::run_m64(p, a, cutlass_workspace, stream);
+  if (p.config == GroupedConfig::kM128Multicast) return grouped::run_multicast(p, a, cutlass_workspace, stream);
   return run_gemm<grouped::M128::Gemm>(grouped::arguments<grouped::M128::Gemm>(p, a), cutlass_workspace, stream);
 }
 

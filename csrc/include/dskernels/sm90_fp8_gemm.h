@@ -21,15 +21,78 @@
 
 namespace dskernels::fp8_gemm {
 
-// The tile configurations (docs/gemm.md, "Configs"): 128-row cooperative tiles, or 64-row pingpong
-// tiles for small m, where a 128-row tile would spend half its tensor work on rows past m.
-enum class TileM : int32_t { k128 = 128, k64 = 64 };
+// The dense kernel's configurations, one instantiation file each (docs/gemm.md, "Configs"):
+//   kM64:          64 x 128 pingpong tiles, persistent (csrc/gemm/sm90_fp8_gemm_dense_m64.cu);
+//   kM128:         128 x 128 cooperative tiles, persistent (sm90_fp8_gemm_dense.cu);
+//   kM128Multicast: kM128 in 1 x 2 clusters: the two CTAs of a cluster compute neighbouring N tiles
+//                  of the same rows, so each A tile is loaded once by TMA multicast into both
+//                  (halves A's L2-to-SM traffic; sm90_fp8_gemm_dense_multicast.cu);
+//   kM128StreamK:  kM128 with CUTLASS's stream-K scheduler: when the output tiles fill the SMs badly
+//                  (few tiles, or a last wave mostly idle), the K loops of the leftover tiles are
+//                  split over all SMs and the partial sums reduced through the workspace
+//                  (sm90_fp8_gemm_dense_streamk.cu).
+enum class DenseConfig : int32_t { kM64 = 0, kM128 = 1, kM128Multicast = 2, kM128StreamK = 3 };
+constexpr int kDenseConfigs = 4;
 
-// The selection rule, a starting point until it is tuned on an H100: 64-row tiles when the rows per
-// problem (dense: m; masked grouped: expected_m) fit one of them. Beyond 64 rows, 128-row tiles
-// read b half as often per output row; where that stops paying (grid fill at m = 65..256 and small
-// n) is what the device must measure.
-inline TileM pick_tile_m(int64_t rows) { return rows <= 64 ? TileM::k64 : TileM::k128; }
+// The names DSKERNELS_GEMM_DENSE_CONFIG accepts and the benchmarks print.
+inline const char* dense_config_name(DenseConfig c) {
+  switch (c) {
+    case DenseConfig::kM64: return "m64";
+    case DenseConfig::kM128: return "m128";
+    case DenseConfig::kM128Multicast: return "m128_multicast";
+    case DenseConfig::kM128StreamK: return "m128_streamk";
+  }
+  return "?";
+}
+
+// The fraction of the SMs' time a data-parallel schedule keeps busy: tiles / (waves * SMs).
+inline double wave_efficiency(int64_t tiles, int64_t sm_count) {
+  const int64_t waves = (tiles + sm_count - 1) / sm_count;
+  return waves > 0 ? static_cast<double>(tiles) / static_cast<double>(waves * sm_count) : 1.0;
+}
+
+// The dense selection rule (not yet measured; issue 9's device sweep times every config):
+// - a data-parallel grid that leaves more than 10% of the SM time idle (fewer tiles than SMs, as
+//   for every m <= 128 with V3's n; or a ragged last wave, as m = 4096, n = 2112: 544 tiles, 4.1
+//   waves on 132 SMs) with a K loop long enough to split (>= 8 blocks): stream-K;
+// - else m <= 64: 64-row tiles;
+// - else an even number of N tiles: 1 x 2 multicast clusters (an odd count would leave a CTA of
+//   the last cluster column idle);
+// - else plain 128-row tiles.
+inline DenseConfig pick_dense_config(int64_t m, int64_t n, int64_t k, int64_t sm_count) {
+  const int64_t tile_m = m <= 64 ? 64 : 128;
+  const int64_t n_tiles = (n + 127) / 128;
+  const int64_t tiles = (m + tile_m - 1) / tile_m * n_tiles;
+  if (k / 128 >= 8 && wave_efficiency(tiles, sm_count) < 0.9) return DenseConfig::kM128StreamK;
+  if (m <= 64) return DenseConfig::kM64;
+  return n_tiles % 2 == 0 ? DenseConfig::kM128Multicast : DenseConfig::kM128;
+}
+
+// The grouped kernels' configurations (one ptr-array instantiation each; docs/gemm.md, "Configs"):
+//   kM64:           64 x 128 pingpong tiles (sm90_fp8_gemm_grouped_m64.cu);
+//   kM128:          128 x 128 cooperative tiles (sm90_fp8_gemm_grouped.cu);
+//   kM128Multicast: kM128 in 1 x 2 clusters, A multicast (sm90_fp8_gemm_grouped_multicast.cu).
+// CUTLASS's grouped tile scheduler has no stream-K.
+enum class GroupedConfig : int32_t { kM64 = 0, kM128 = 1, kM128Multicast = 2 };
+constexpr int kGroupedConfigs = 3;
+
+inline const char* grouped_config_name(GroupedConfig c) {
+  switch (c) {
+    case GroupedConfig::kM64: return "m64";
+    case GroupedConfig::kM128: return "m128";
+    case GroupedConfig::kM128Multicast: return "m128_multicast";
+  }
+  return "?";
+}
+
+// The grouped rule (not yet measured): rows_per_group is the masked call's expected_m, or <= 0
+// when unknown (contiguous: the segment sizes are only on the device, and DeepGEMM-style callers
+// align them to 128 rows). 64-row tiles when 1..64 rows are expected (decode: a few tokens per
+// expert); else multicast clusters for an even count of N tiles (as the dense rule), else kM128.
+inline GroupedConfig pick_grouped_config(int64_t rows_per_group, int64_t n) {
+  if (rows_per_group > 0 && rows_per_group <= 64) return GroupedConfig::kM64;
+  return (n + 127) / 128 % 2 == 0 ? GroupedConfig::kM128Multicast : GroupedConfig::kM128;
+}
 
 struct DenseProblem {
   const void* a;  // e4m3 [m, k]
@@ -44,7 +107,7 @@ struct DenseProblem {
   int64_t out_row_stride;
   int32_t m, n, k;
   int device, sm_count;
-  TileM tile_m;  // which instantiation runs (pick_tile_m(m))
+  DenseConfig config;  // which instantiation runs (pick_dense_config, or DSKERNELS_GEMM_DENSE_CONFIG)
 };
 
 // Masked (masked_m != nullptr): group g is rows [0, clamp(masked_m[g], 0, m_max)) of a[g].
@@ -67,25 +130,39 @@ struct GroupedProblem {
   const int32_t* masked_m;
   const int32_t* m_indices;
   int device, sm_count;
-  TileM tile_m;  // which instantiation runs (masked: pick_tile_m(expected_m); contiguous: k128)
+  GroupedConfig config;  // which instantiation runs (pick_grouped_config, or DSKERNELS_GEMM_GROUPED_CONFIG)
 };
 
 // Each returns nullptr on success, else a static message. The workspace (device memory, 16-byte
 // aligned, of the size the *_workspace_bytes function gives) is only used by the stream's work.
-// The grouped functions follow p.tile_m themselves (csrc/gemm/sm90_fp8_gemm_grouped.cu); the dense
-// ones are one pair per instantiation file, chosen by the inline dispatchers below.
-size_t dense_m128_workspace_bytes(const DenseProblem& p);
-const char* run_dense_m128(const DenseProblem& p, void* workspace, cudaStream_t stream);
+// The grouped functions follow p.config themselves (csrc/gemm/sm90_fp8_gemm_grouped.cu); the dense
+// ones are one pair per instantiation file, chosen by the dispatchers below.
 size_t dense_m64_workspace_bytes(const DenseProblem& p);
 const char* run_dense_m64(const DenseProblem& p, void* workspace, cudaStream_t stream);
+size_t dense_m128_workspace_bytes(const DenseProblem& p);
+const char* run_dense_m128(const DenseProblem& p, void* workspace, cudaStream_t stream);
+size_t dense_multicast_workspace_bytes(const DenseProblem& p);
+const char* run_dense_multicast(const DenseProblem& p, void* workspace, cudaStream_t stream);
+size_t dense_streamk_workspace_bytes(const DenseProblem& p);
+const char* run_dense_streamk(const DenseProblem& p, void* workspace, cudaStream_t stream);
 size_t grouped_workspace_bytes(const GroupedProblem& p);
 const char* run_grouped(const GroupedProblem& p, void* workspace, cudaStream_t stream);
 
 inline size_t dense_workspace_bytes(const DenseProblem& p) {
-  return p.tile_m == TileM::k64 ? dense_m64_workspace_bytes(p) : dense_m128_workspace_bytes(p);
+  switch (p.config) {
+    case DenseConfig::kM64: return dense_m64_workspace_bytes(p);
+    case DenseConfig::kM128Multicast: return dense_multicast_workspace_bytes(p);
+    case DenseConfig::kM128StreamK: return dense_streamk_workspace_bytes(p);
+    default: return dense_m128_workspace_bytes(p);
+  }
 }
 inline const char* run_dense(const DenseProblem& p, void* workspace, cudaStream_t stream) {
-  return p.tile_m == TileM::k64 ? run_dense_m64(p, workspace, stream) : run_dense_m128(p, workspace, stream);
+  switch (p.config) {
+    case DenseConfig::kM64: return run_dense_m64(p, workspace, stream);
+    case DenseConfig::kM128Multicast: return run_dense_multicast(p, workspace, stream);
+    case DenseConfig::kM128StreamK: return run_dense_streamk(p, workspace, stream);
+    default: return run_dense_m128(p, workspace, stream);
+  }
 }
 
 }  // namespace dskernels::fp8_gemm

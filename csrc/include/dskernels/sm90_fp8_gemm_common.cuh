@@ -56,17 +56,18 @@ using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, kScaleBlock, kS
 using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
 using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
 
-// Two tile configurations, each instantiated in its own .cu file (docs/gemm.md, "Configs"):
+// Two tile shapes (docs/gemm.md, "Configs"):
 //   TileShape:    128 x 128 x 128, cooperative (two consumer warp groups split each tile's rows);
 //   TileShapeM64:  64 x 128 x 128, pingpong (each consumer warp group owns a whole tile, and the
 //                  two alternate so one's epilogue and scale promotion overlap the other's wgmma),
-//                  for m <= 64, where a 128-row tile would compute half zero rows.
+//                  for small m, where a 128-row tile would compute half zero rows.
 // Both keep one scale block in N and K per tile (every tile reads one sb value per K block: the
-// collective static_asserts that the scale granularity divides the tile) and one CTA per cluster.
-// Further tuning (BLOCK_N not a power of two, 2-CTA multicast) is issue 9's on-device work.
+// collective static_asserts that the scale granularity divides the tile). Clusters: one CTA, or
+// 1 x 2 (the dense multicast config). BLOCK_N not a power of two is not built (docs/gemm.md).
 using TileShape = Shape<_128, _128, _128>;
 using TileShapeM64 = Shape<_64, _128, _128>;
 using ClusterShape = Shape<_1, _1, _1>;
+using ClusterShapeMulticast = Shape<_1, _2, _1>;
 
 // The scale layouts the collectives read, from explicit strides (in elements):
 //   SFA: rows scales along m (stride 1), kblocks along K (stride k_stride).

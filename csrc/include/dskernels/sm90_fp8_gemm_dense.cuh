@@ -1,6 +1,8 @@
-// The dense FP8 block-scaled GEMM's CUTLASS types, one Config per tile shape, each instantiated in
-// its own file: dense::M128 in csrc/gemm/sm90_fp8_gemm_dense.cu, dense::M64 in
-// csrc/gemm/sm90_fp8_gemm_dense_m64.cu (including this header instantiates nothing by itself).
+// The dense FP8 block-scaled GEMM's CUTLASS types, one Config per fp8_gemm::DenseConfig, each
+// instantiated in its own file: dense::M128 in csrc/gemm/sm90_fp8_gemm_dense.cu, dense::M64 in
+// sm90_fp8_gemm_dense_m64.cu, dense::M128Multicast in sm90_fp8_gemm_dense_multicast.cu,
+// dense::M128StreamK in sm90_fp8_gemm_dense_streamk.cu (including this header instantiates nothing
+// by itself).
 #pragma once
 
 #include "dskernels/sm90_fp8_gemm.h"
@@ -11,10 +13,12 @@ namespace dskernels::fp8_gemm {
 // ---- dense: one problem (m, n, k, 1), persistent tile scheduler ----
 namespace dense {
 
-template <class TileShape_, class KernelSchedule, class EpilogueSchedule>
+// TileScheduler: void is CUTLASS's persistent data-parallel scheduler.
+template <class TileShape_, class KernelSchedule, class EpilogueSchedule, class ClusterShape_ = ClusterShape,
+          class TileScheduler = void>
 struct Config {
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape_, ClusterShape,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape_, ClusterShape_,
       cutlass::epilogue::collective::EpilogueTileAuto, ElementAccumulator, ElementAccumulator,
       void, LayoutD, kAlignmentD,  // no C operand: out = acc
       ElementD, LayoutD, kAlignmentD, EpilogueSchedule,
@@ -23,22 +27,30 @@ struct Config {
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, cute::tuple<LayoutA, LayoutSFA>,
       kAlignmentA, ElementB, cute::tuple<LayoutB, LayoutSFB>, kAlignmentB, ElementAccumulator, TileShape_,
-      ClusterShape,
+      ClusterShape_,
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
       KernelSchedule>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue>;
+                                                      CollectiveEpilogue, TileScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
 // 128-row tiles, two consumer warp groups per tile.
 using M128 = Config<TileShape, cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8Blockwise,
                     cutlass::epilogue::TmaWarpSpecializedCooperative>;
-// 64-row tiles, the two consumer warp groups on alternate tiles (m <= 64: pick_tile_m).
+// 64-row tiles, the two consumer warp groups on alternate tiles (small m).
 using M64 = Config<TileShapeM64, cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8Blockwise,
                    cutlass::epilogue::TmaWarpSpecialized>;
+// M128 in 1 x 2 clusters: the collective builder picks TMA multicast for A (shared along the
+// cluster's N extent); b stays per CTA.
+using M128Multicast = Config<TileShape, cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8Blockwise,
+                             cutlass::epilogue::TmaWarpSpecializedCooperative, ClusterShapeMulticast>;
+// M128 with the stream-K scheduler (CUTLASS supports it for the cooperative kernel only).
+using M128StreamK = Config<TileShape, cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8Blockwise,
+                           cutlass::epilogue::TmaWarpSpecializedCooperative, ClusterShape,
+                           cutlass::gemm::StreamKScheduler>;
 
 template <class Gemm>
 typename Gemm::Arguments arguments(const DenseProblem& p) {

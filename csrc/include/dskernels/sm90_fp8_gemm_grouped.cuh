@@ -1,6 +1,7 @@
-// The grouped (ptr-array) FP8 block-scaled GEMM's CUTLASS types, one Config per tile shape
-// (grouped::M128 instantiated in csrc/gemm/sm90_fp8_gemm_grouped.cu, grouped::M64 in
-// sm90_fp8_gemm_grouped_m64.cu), and the per-group argument arrays both read. The kernels that fill
+// The grouped (ptr-array) FP8 block-scaled GEMM's CUTLASS types, one Config per
+// fp8_gemm::GroupedConfig (grouped::M128 instantiated in csrc/gemm/sm90_fp8_gemm_grouped.cu,
+// grouped::M64 in sm90_fp8_gemm_grouped_m64.cu, grouped::M128Multicast in
+// sm90_fp8_gemm_grouped_multicast.cu), and the per-group argument arrays all read. The kernels that fill
 // those arrays are in sm90_fp8_gemm_grouped_fill.cuh (one translation unit includes them).
 #pragma once
 
@@ -15,10 +16,10 @@ namespace grouped {
 
 using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (m, n, k) per group
 
-template <class TileShape_, class KernelSchedule, class EpilogueSchedule>
+template <class TileShape_, class KernelSchedule, class EpilogueSchedule, class ClusterShape_ = ClusterShape>
 struct Config {
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape_, ClusterShape,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape_, ClusterShape_,
       cutlass::epilogue::collective::EpilogueTileAuto, ElementAccumulator, ElementAccumulator,
       void, LayoutD*, kAlignmentD, ElementD, LayoutD*, kAlignmentD, EpilogueSchedule,
       cutlass::epilogue::fusion::LinearCombination<ElementD, ElementAccumulator, void>>::CollectiveOp;
@@ -26,7 +27,7 @@ struct Config {
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, cute::tuple<LayoutA*, LayoutSFA*>,
       kAlignmentA, ElementB, cute::tuple<LayoutB*, LayoutSFB*>, kAlignmentB, ElementAccumulator,
-      TileShape_, ClusterShape,
+      TileShape_, ClusterShape_,
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
       KernelSchedule>::CollectiveOp;
@@ -35,15 +36,18 @@ struct Config {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-// 128-row cooperative tiles (csrc/gemm/sm90_fp8_gemm_grouped.cu): contiguous, and masked with
-// expected_m > 64.
+// 128-row cooperative tiles (csrc/gemm/sm90_fp8_gemm_grouped.cu).
 using M128 = Config<TileShape, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
                     cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
-// 64-row pingpong tiles (csrc/gemm/sm90_fp8_gemm_grouped_m64.cu): masked with expected_m <= 64.
+// 64-row pingpong tiles (csrc/gemm/sm90_fp8_gemm_grouped_m64.cu).
 using M64 = Config<TileShapeM64, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8Blockwise,
                    cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
+// M128 in 1 x 2 clusters, A multicast (csrc/gemm/sm90_fp8_gemm_grouped_multicast.cu): the group
+// scheduler hands a cluster two neighbouring N tiles of one group.
+using M128Multicast = Config<TileShape, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise,
+                             cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative, ClusterShapeMulticast>;
 
-// The per-group argument types (the same for both configs: the m64 file static_asserts it).
+// The per-group argument types (the same for every config: the other files static_assert it).
 using StrideA = typename M128::Kernel::InternalStrideA;
 using StrideB = typename M128::Kernel::InternalStrideB;
 using StrideD = typename M128::Kernel::InternalStrideD;
@@ -104,10 +108,12 @@ typename Gemm::Arguments arguments(const GroupedProblem& p, const GroupedArgs& a
   return args;
 }
 
-// The 64-row config's entry points (csrc/gemm/sm90_fp8_gemm_grouped_m64.cu), called by run_grouped
-// and grouped_workspace_bytes after the per-group arrays are in place.
+// The other configs' entry points (csrc/gemm/sm90_fp8_gemm_grouped_{m64,multicast}.cu), called by
+// run_grouped and grouped_workspace_bytes after the per-group arrays are in place.
 size_t m64_workspace_bytes(const GroupedProblem& p);
 const char* run_m64(const GroupedProblem& p, const GroupedArgs& a, void* workspace, cudaStream_t stream);
+size_t multicast_workspace_bytes(const GroupedProblem& p);
+const char* run_multicast(const GroupedProblem& p, const GroupedArgs& a, void* workspace, cudaStream_t stream);
 
 }  // namespace grouped
 
