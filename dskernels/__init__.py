@@ -19,10 +19,12 @@ from dskernels.ops.gemm import (  # noqa: E402
     fp8_gemm_nt,
     gemm_fp8_fp8_bf16_nt,
     get_col_major_tma_aligned_tensor,
+    get_num_sms,
     m_grouped_fp8_gemm_nt_contiguous,
     m_grouped_fp8_gemm_nt_masked,
     m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
     m_grouped_gemm_fp8_fp8_bf16_nt_masked,
+    set_num_sms,
 )
 from dskernels.ops.mla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 
@@ -35,6 +37,7 @@ __all__ = [
     "fp8_gemm_nt",
     "gemm_fp8_fp8_bf16_nt",
     "get_col_major_tma_aligned_tensor",
+    "get_num_sms",
     "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked",
     "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
@@ -43,4 +46,5 @@ __all__ = [
     "get_mla_metadata",
     "per_block_cast_to_fp8",
     "per_token_cast_to_fp8",
+    "set_num_sms",
 ]

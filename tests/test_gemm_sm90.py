@@ -72,6 +72,7 @@ def test_dense_config_rule(monkeypatch):
     assert dense_config(128, 24576, 1536) == "m128_streamk"    # 192 tiles: 1.45 of 2 waves
     assert dense_config(4096, 32768, 512) == "m128_multicast"  # 8192 tiles: 62.1 of 63 waves
     assert dense_config(4096, 7168, 7168, sm_count=114) == "m128_multicast"  # H100 PCIe: 15.7 of 16
+    assert dense_config(4096, 4096, 512, sm_count=1) == "m128"  # set_num_sms(1): no 2-CTA cluster fits
     # forced: any valid name wins over the rule; anything else is an error naming the variable
     monkeypatch.setenv("DSKERNELS_GEMM_DENSE_CONFIG", "m64")
     assert dense_config(4096, 7168, 7168) == "m64"
@@ -89,16 +90,51 @@ def test_grouped_config_rule(monkeypatch):
     else multicast clusters for an even count of N tiles, else plain 128-row tiles; rows <= 0
     (unknown, as for contiguous calls) never pick the 64-row tiles."""
     monkeypatch.delenv("DSKERNELS_GEMM_GROUPED_CONFIG", raising=False)
-    config = torch.ops.dskernels._sm90_gemm_grouped_config
+    def config(rows, n, sm_count=132):
+        return torch.ops.dskernels._sm90_gemm_grouped_config(rows, n, sm_count)
+
     assert config(1, 4096) == config(64, 7168) == "m64"
     assert config(65, 4096) == config(0, 7168) == config(-1, 4096) == "m128_multicast"
     assert config(256, 2112) == config(0, 2112) == "m128"  # 17 N tiles
+    assert config(256, 4096, sm_count=1) == "m128"  # set_num_sms(1): no room for a 2-CTA cluster
     monkeypatch.setenv("DSKERNELS_GEMM_GROUPED_CONFIG", "m128")
     assert config(1, 4096) == "m128"
     monkeypatch.setenv("DSKERNELS_GEMM_GROUPED_CONFIG", "m128_streamk")
     with pytest.raises(RuntimeError, match="DSKERNELS_GEMM_GROUPED_CONFIG: expected one of auto, m64, m128, "
                                            "m128_multicast, got 'm128_streamk'"):
         config(1, 4096)
+
+
+@pytest.fixture
+def restore_num_sms():
+    yield
+    dskernels.set_num_sms(None)
+
+
+def test_set_num_sms(restore_num_sms):
+    """DeepGEMM's knob: a positive int limits the sm90 GEMMs' SMs, None gives them all back;
+    anything else is refused by name."""
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="num_sms: expected a positive int or None"):
+            dskernels.set_num_sms(bad)
+    dskernels.set_num_sms(17)
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).multi_processor_count
+        assert dskernels.get_num_sms() == min(17, total)
+        dskernels.set_num_sms(None)
+        assert dskernels.get_num_sms() == total
+    else:
+        assert dskernels.get_num_sms() == 17
+        dskernels.set_num_sms(None)
+        with pytest.raises(RuntimeError, match="no CUDA device here"):
+            dskernels.get_num_sms()
+
+
+@cuda_built
+def test_raw_set_num_sms_rejects_negative_counts():
+    with pytest.raises(RuntimeError, match="num_sms: expected a positive count"):
+        torch.ops.dskernels._sm90_gemm_set_num_sms(-1)
+    torch.ops.dskernels._sm90_gemm_set_num_sms(0)  # all SMs
 
 
 def test_cuda_layout_conversions():
@@ -183,6 +219,24 @@ def test_dense_deepgemm_shapes(cuda_backend, dense_config_forced, m, n, k):
     dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
     assert_close_to_oracle(out, a, sa, b, sb)
     assert_close_to_bf16_product([(out, x, w)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_sms", [1, 7])
+def test_num_sms_limit(cuda_backend, dense_config_forced, restore_num_sms, num_sms):
+    """Persistent grids of 1 or 7 CTAs, fewer than the tiles: every dense config and the grouped
+    kernels stay exact. The multicast configs round an odd count down to whole 2-CTA clusters
+    (CUTLASS's grid must hold whole clusters) and run one cluster when forced under a limit of 1."""
+    dskernels.set_num_sms(num_sms)
+    assert dskernels.get_num_sms() == num_sms
+    m, n, k = 300, 520, 1024
+    x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
+    w, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
+    out = empty_out(m, n, device="cuda")
+    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+    assert_close_to_oracle(out, a, sa, b, sb)
+    run_contiguous_against_oracle([7, 0, 130, 1], False, "tma", n, 256, "cuda")
+    run_masked_against_oracle([7, 0, 130, 1], 130, n, 256, "tma", 32)
 
 
 @pytest.mark.gpu

@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -108,13 +109,24 @@ void check_k(const at::Tensor& a, const at::Tensor& b) {
               "a, b: m, n and k must fit in int32");
 }
 
+// The SMs the GEMMs may use (dskernels.set_num_sms, DeepGEMM's knob; 0: all of them): the
+// persistent grids get at most this many CTAs, leaving the other SMs to kernels that overlap the
+// GEMM (communication). Read at each launch.
+std::atomic<int64_t> num_sms_limit{0};
+
+void gemm_set_num_sms(int64_t num_sms) {
+  TORCH_CHECK(num_sms >= 0, "num_sms: expected a positive count (or 0 for all SMs), got ", num_sms);
+  num_sms_limit.store(num_sms, std::memory_order_relaxed);
+}
+
 int sm_count(int device) {
   static int counts[64] = {};
   if (device < 0 || device >= 64) return 132;
   if (counts[device] == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
   }
-  return counts[device];
+  const int64_t limit = num_sms_limit.load(std::memory_order_relaxed);
+  return limit > 0 && limit < counts[device] ? static_cast<int>(limit) : counts[device];
 }
 
 // A config forced through an environment variable (read per call, so tests and benchmarks can
@@ -136,24 +148,26 @@ fp8_gemm::DenseConfig dense_config(int64_t m, int64_t n, int64_t k, int64_t sm_c
   return forced >= 0 ? static_cast<fp8_gemm::DenseConfig>(forced) : fp8_gemm::pick_dense_config(m, n, k, sm_count);
 }
 
-fp8_gemm::GroupedConfig grouped_config(int64_t rows_per_group, int64_t n) {
+fp8_gemm::GroupedConfig grouped_config(int64_t rows_per_group, int64_t n, int64_t sm_count) {
   const int forced =
       forced_config("DSKERNELS_GEMM_GROUPED_CONFIG", fp8_gemm::kGroupedConfigs, fp8_gemm::grouped_config_name);
-  return forced >= 0 ? static_cast<fp8_gemm::GroupedConfig>(forced) : fp8_gemm::pick_grouped_config(rows_per_group, n);
+  return forced >= 0 ? static_cast<fp8_gemm::GroupedConfig>(forced)
+                     : fp8_gemm::pick_grouped_config(rows_per_group, n, sm_count);
 }
 
 // The configs the launchers would run (benchmarks print them; a CPU test pins the rules): dense
 // for (m, n, k) on sm_count SMs; grouped for rows_per_group (the masked expected_m, <= 0 when
-// unknown: contiguous) and n.
+// unknown: contiguous), n and sm_count.
 std::string gemm_dense_config(int64_t m, int64_t n, int64_t k, int64_t sm_count) {
   TORCH_CHECK(m >= 0 && n >= 0 && k >= 0 && sm_count > 0, "_sm90_gemm_dense_config: expected m, n, k >= 0 and ",
               "sm_count > 0, got ", m, ", ", n, ", ", k, ", ", sm_count);
   return fp8_gemm::dense_config_name(dense_config(m, n, k, sm_count));
 }
 
-std::string gemm_grouped_config(int64_t rows_per_group, int64_t n) {
-  TORCH_CHECK(n >= 0, "_sm90_gemm_grouped_config: expected n >= 0, got ", n);
-  return fp8_gemm::grouped_config_name(grouped_config(rows_per_group, n));
+std::string gemm_grouped_config(int64_t rows_per_group, int64_t n, int64_t sm_count) {
+  TORCH_CHECK(n >= 0 && sm_count > 0, "_sm90_gemm_grouped_config: expected n >= 0 and sm_count > 0, got ", n, ", ",
+              sm_count);
+  return fp8_gemm::grouped_config_name(grouped_config(rows_per_group, n, sm_count));
 }
 
 c10::DataPtr workspace(size_t bytes) {
@@ -265,7 +279,7 @@ void m_grouped_masked(const at::Tensor& a, const at::Tensor& sa, const at::Tenso
   p.masked_m = counts.data_ptr<int32_t>();
   // expected_m is only a hint (masked_m stays on the device): any value is correct, it only picks
   // the configuration. Non-positive values mean "unknown".
-  p.config = grouped_config(expected_m, b.size(1));
+  p.config = grouped_config(expected_m, b.size(1), sm_count(a.get_device()));
   fill_grouped(p, sa, b, sb, out);
   run_grouped(p, "_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked");
 }
@@ -298,7 +312,7 @@ void m_grouped_contiguous(const at::Tensor& a, const at::Tensor& sa, const at::T
   p.m_max = static_cast<int32_t>(a.size(0));
   p.m_indices = ids.data_ptr<int32_t>();
   // Segment sizes are only on the device; DeepGEMM-style callers align them to 128 rows.
-  p.config = grouped_config(/*rows_per_group=*/0, b.size(1));
+  p.config = grouped_config(/*rows_per_group=*/0, b.size(1), sm_count(a.get_device()));
   fill_grouped(p, sa, b, sb, out);
   run_grouped(p, "_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_contiguous");
 }
@@ -315,6 +329,7 @@ TORCH_LIBRARY_IMPL(dskernels, CUDA, m) {
 TORCH_LIBRARY_IMPL(dskernels, CompositeExplicitAutograd, m) {
   m.impl("_sm90_gemm_dense_config", &gemm_dense_config);
   m.impl("_sm90_gemm_grouped_config", &gemm_grouped_config);
+  m.impl("_sm90_gemm_set_num_sms", &gemm_set_num_sms);
 }
 
 }  // namespace dskernels

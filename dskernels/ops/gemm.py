@@ -1,7 +1,7 @@
 """FP8 block-scaled GEMMs (API.md section 2; DeepGEMM's `gemm_fp8_fp8_bf16_nt`,
 `m_grouped_gemm_fp8_fp8_bf16_nt_contiguous` and `m_grouped_gemm_fp8_fp8_bf16_nt_masked`, their
 newer names `fp8_gemm_nt`, `m_grouped_fp8_gemm_nt_contiguous`, `m_grouped_fp8_gemm_nt_masked`, and
-`get_col_major_tma_aligned_tensor`).
+`get_col_major_tma_aligned_tensor`), and DeepGEMM's `set_num_sms` / `get_num_sms`.
 
 The math, layouts and tuning knobs are in docs/gemm.md; python_ref/gemm.py is the definition.
 """
@@ -16,6 +16,7 @@ from python_ref import gemm as ref
 
 FP8 = torch.float8_e4m3fn
 GROUP_SIZE = 128
+_num_sms: int | None = None  # set_num_sms: the SM limit of the sm90 GEMMs (None: all)
 
 
 # ---- public functions ----
@@ -107,6 +108,31 @@ def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, out, m_indices) -> None:
 def m_grouped_fp8_gemm_nt_masked(lhs, rhs, out, masked_m, expected_m) -> None:
     """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_masked: the same arguments."""
     m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m)
+
+
+def set_num_sms(num_sms: int | None) -> None:
+    """Limits the SMs the sm90 CUDA GEMMs use, as DeepGEMM's set_num_sms does: their persistent
+    grids get at most num_sms CTAs, leaving the other SMs to kernels that run beside them (an
+    all-to-all overlapped with the experts' GEMMs). None: every SM again. Process-wide, read at
+    each launch (a CUDA graph keeps the value it was captured with). The Triton GEMMs launch one
+    program per output tile and leave the sharing to the hardware, so they are not affected."""
+    if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
+        raise ValueError(f"num_sms: expected a positive int or None, got {num_sms!r}")
+    global _num_sms
+    _num_sms = num_sms
+    if torch.ops.dskernels._build_info() == "cuda":
+        torch.ops.dskernels._sm90_gemm_set_num_sms(num_sms or 0)
+
+
+def get_num_sms(device: torch.device | int | None = None) -> int:
+    """The SMs the sm90 CUDA GEMMs use on device (default: the current CUDA device): the device's
+    count, or less after set_num_sms."""
+    if not torch.cuda.is_available():
+        if _num_sms is None:
+            raise RuntimeError("get_num_sms: no CUDA device here, and no limit set with set_num_sms")
+        return _num_sms
+    total = torch.cuda.get_device_properties(device).multi_processor_count
+    return total if _num_sms is None else min(total, _num_sms)
 
 
 def get_tma_aligned_size(x: int, element_size: int) -> int:

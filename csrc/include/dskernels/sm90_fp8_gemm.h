@@ -56,8 +56,8 @@ inline double wave_efficiency(int64_t tiles, int64_t sm_count) {
 //   for every m <= 128 with V3's n; or a ragged last wave, as m = 4096, n = 2112: 544 tiles, 4.1
 //   waves on 132 SMs) with a K loop long enough to split (>= 8 blocks): stream-K;
 // - else m <= 64: 64-row tiles;
-// - else an even number of N tiles: 1 x 2 multicast clusters (an odd count would leave a CTA of
-//   the last cluster column idle);
+// - else an even number of N tiles and at least 2 SMs: 1 x 2 multicast clusters (an odd count
+//   would leave a CTA of the last cluster column idle; 2 SMs: one cluster, see set_num_sms);
 // - else plain 128-row tiles.
 inline DenseConfig pick_dense_config(int64_t m, int64_t n, int64_t k, int64_t sm_count) {
   const int64_t tile_m = m <= 64 ? 64 : 128;
@@ -65,7 +65,7 @@ inline DenseConfig pick_dense_config(int64_t m, int64_t n, int64_t k, int64_t sm
   const int64_t tiles = (m + tile_m - 1) / tile_m * n_tiles;
   if (k / 128 >= 8 && wave_efficiency(tiles, sm_count) < 0.9) return DenseConfig::kM128StreamK;
   if (m <= 64) return DenseConfig::kM64;
-  return n_tiles % 2 == 0 ? DenseConfig::kM128Multicast : DenseConfig::kM128;
+  return n_tiles % 2 == 0 && sm_count >= 2 ? DenseConfig::kM128Multicast : DenseConfig::kM128;
 }
 
 // The grouped kernels' configurations (one ptr-array instantiation each; docs/gemm.md, "Configs"):
@@ -88,10 +88,11 @@ inline const char* grouped_config_name(GroupedConfig c) {
 // The grouped rule (not yet measured): rows_per_group is the masked call's expected_m, or <= 0
 // when unknown (contiguous: the segment sizes are only on the device, and DeepGEMM-style callers
 // align them to 128 rows). 64-row tiles when 1..64 rows are expected (decode: a few tokens per
-// expert); else multicast clusters for an even count of N tiles (as the dense rule), else kM128.
-inline GroupedConfig pick_grouped_config(int64_t rows_per_group, int64_t n) {
+// expert); else multicast clusters for an even count of N tiles and at least 2 SMs (as the dense
+// rule), else kM128.
+inline GroupedConfig pick_grouped_config(int64_t rows_per_group, int64_t n, int64_t sm_count) {
   if (rows_per_group > 0 && rows_per_group <= 64) return GroupedConfig::kM64;
-  return (n + 127) / 128 % 2 == 0 ? GroupedConfig::kM128Multicast : GroupedConfig::kM128;
+  return (n + 127) / 128 % 2 == 0 && sm_count >= 2 ? GroupedConfig::kM128Multicast : GroupedConfig::kM128;
 }
 
 struct DenseProblem {

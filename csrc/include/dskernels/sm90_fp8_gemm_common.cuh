@@ -91,6 +91,15 @@ CUTE_HOST_DEVICE LayoutSFB make_layout_sfb(int32_t n, int32_t kblocks, int32_t k
 }
 
 
+// The SM count a config's persistent grid is sized from. CUTLASS assumes it holds whole clusters
+// (an odd count, possible under dskernels.set_num_sms, would give a grid that is no multiple of a
+// 1 x 2 cluster and fail to launch): rounded down to whole clusters, at least one.
+template <class Gemm>
+int cluster_aligned_sm_count(int sm_count) {
+  constexpr int kClusterSize = cute::size(typename Gemm::GemmKernel::ClusterShape{});
+  return sm_count < kClusterSize ? kClusterSize : sm_count / kClusterSize * kClusterSize;
+}
+
 // Runs a CUTLASS GemmUniversalAdapter; nullptr on success, else CUTLASS's or CUDA's message.
 // can_implement: CUTLASS's own check, which also wants the contiguous extent of every TMA operand
 // to be a multiple of 16 bytes (m % 4 for sa, n % 8 for out). TMA itself only needs 16-byte
