@@ -4,8 +4,14 @@ Never asks for a GPU: nvcc (found through CUDA_HOME, or on PATH) is enough to co
 kernels. Without a toolkit, or with DSKERNELS_CPU_ONLY=1, only csrc/torch_bindings.cpp is built:
 the ops then run on the reference and Triton backends.
 
+The CUDA sources are compiled for sm_90a only, whatever TORCH_CUDA_ARCH_LIST says (wgmma and
+setmaxnreg need the `a` target; a list such as "8.0;9.0" would otherwise fail in ptxas).
+
+Build against the torch you run with: `pip install --no-build-isolation .` (an isolated build
+compiles against whatever torch the index has, and the library then fails to load).
+
 Knobs (environment):
-  TORCH_CUDA_ARCH_LIST  defaults to 9.0a (wgmma and setmaxnreg need the `a` target)
+  CUTLASS_HOME          a CUTLASS checkout (else the headers of the nvidia-cutlass package)
   MAX_JOBS              parallel compile jobs (ninja)
   DSKERNELS_CPU_ONLY=1  skip the CUDA sources
 """
@@ -15,23 +21,35 @@ import os
 
 from setuptools import find_packages, setup
 
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
-
-from torch.utils import cpp_extension  # noqa: E402  (reads TORCH_CUDA_ARCH_LIST at import)
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def cutlass_include_dirs():
-    """CUTLASS/CuTe headers: CUTLASS_HOME if set, else the nvidia-cutlass package."""
+# The CUTLASS release the kernels are written and checked against (scripts/install.sh installs it).
+CUTLASS_PACKAGE = "nvidia-cutlass==4.2.0.0"
+
+
+def cutlass_include_dir():
+    """CUTLASS/CuTe headers: CUTLASS_HOME if set, else the nvidia-cutlass package; a clear error
+    when neither has them (the CUDA build cannot go on without them)."""
     home = os.environ.get("CUTLASS_HOME")
     if home:
-        return [os.path.join(home, "include")]
-    try:
-        import cutlass_library
-    except ImportError:
-        return []
-    return [os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")]
+        include = os.path.join(home, "include")
+    else:
+        try:
+            import cutlass_library
+        except ImportError:
+            cutlass_library = None
+        include = (os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+                   if cutlass_library else None)
+    if include is None or not os.path.exists(os.path.join(include, "cute", "tensor.hpp")):
+        raise RuntimeError(
+            f"dskernels: the CUDA kernels need the CUTLASS/CuTe headers, not found "
+            f"({'CUTLASS_HOME=' + home if home else 'no nvidia-cutlass package'}). Install them with "
+            f"`pip install --no-deps {CUTLASS_PACKAGE}`, or set CUTLASS_HOME to a CUTLASS checkout, or "
+            f"build without the CUDA kernels (DSKERNELS_CPU_ONLY=1: Triton and the reference only).")
+    return include
 
 
 def with_cuda():
@@ -50,8 +68,10 @@ def extension():
             "dskernels._C", sources, extra_compile_args={"cxx": cxx_flags})
 
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
-    include_dirs = [os.path.join(ROOT, "csrc", "include")] + cutlass_include_dirs()
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), cutlass_include_dir()]
     nvcc_flags = [
+        # An explicit arch flag also tells torch's BuildExtension to add none from TORCH_CUDA_ARCH_LIST.
+        "-gencode=arch=compute_90a,code=sm_90a",
         "-O3",
         "-std=c++20",
         "-lineinfo",
@@ -74,6 +94,7 @@ setup(
     description="DeepSeek-V3 kernels for Hopper: MLA decode, FP8 GEMMs, EP dispatch/combine, DualPipe",
     packages=find_packages(include=["dskernels", "dskernels.*", "python_ref", "python_ref.*"]),
     python_requires=">=3.10",
+    install_requires=["torch"],  # and its Triton; pip keeps the torch already installed
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

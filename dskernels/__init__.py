@@ -3,14 +3,20 @@
 The public contract is docs/api.md; every op runs on the sm90 CUDA kernel, Triton or the
 pure-PyTorch reference (see `backend`)."""
 
-import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+import torch  # (loads libc10/libtorch, which _C links against)
 
 try:
     from dskernels import _C  # noqa: F401  (loads the schemas and the CUDA kernels)
 except ImportError as e:  # pragma: no cover - only on a broken install
+    # An undefined symbol almost always means a build against another torch (pip's isolated
+    # build environment fetches its own): the C++ ABI differs between torch releases.
+    other_torch = "undefined symbol" in str(e)
     raise ImportError(
-        f"dskernels._C could not be loaded ({e}). Build it with `bash scripts/build.sh` "
-        "(see README.md); a CUDA toolkit is optional.") from e
+        f"dskernels._C could not be loaded ({e}). "
+        + (f"It was built against another torch than this one ({torch.__version__}): rebuild it "
+           "against the installed torch with `pip install --no-build-isolation -e .` or `bash scripts/build.sh`."
+           if other_torch else
+           "Build it with `bash scripts/build.sh` (see README.md); a CUDA toolkit is optional.")) from e
 
 from dskernels import ops  # noqa: E402,F401  (registers the Python kernels)
 from dskernels._backend import available_backends, backend, current_backend  # noqa: E402

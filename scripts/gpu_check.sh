@@ -52,7 +52,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   step "GPU tests (per file, ${TEST_TIMEOUT:-240} s each)"
   : > "$OUT/pytest_gpu.log"
   for f in ${GPU_TESTS:-tests/test_*.py}; do
-    timeout -s KILL "${TEST_TIMEOUT:-240}" python -m pytest "$f" -q -m gpu -p no:cacheprovider -x --tb=short \
+    timeout -s KILL "${TEST_TIMEOUT:-240}" python -m pytest "$f" -q -m gpu -p no:cacheprovider --maxfail=5 --tb=short \
       > "$OUT/pytest_gpu_$(basename "$f" .py).log" 2>&1
     rc=$?
     [ $rc -eq 5 ] && continue  # no gpu-marked tests in this file
