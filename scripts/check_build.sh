@@ -31,6 +31,12 @@ if [ "$built" = "cuda" ]; then
     scripts/check_gemm_scale_layout.cu -o build-cmake-gemm-scale-layout
   ./build-cmake-gemm-scale-layout || { echo "FAIL: grouped GEMM scale layouts differ from CUTLASS's"; exit 1; }
   rm -f build-cmake-gemm-scale-layout
+  # The GEMMs' persistent grids hold whole clusters within every set_num_sms limit (a host program
+  # over CUTLASS's grid functions, ~3 s to compile).
+  "$CUDA_HOME/bin/nvcc" -std=c++20 -Icsrc/include -I"$cutlass_inc" --expt-relaxed-constexpr \
+    scripts/check_gemm_grid.cu -o build-cmake-gemm-grid
+  ./build-cmake-gemm-grid || { echo "FAIL: a GEMM grid does not hold whole clusters (or the rounding is obsolete)"; exit 1; }
+  rm -f build-cmake-gemm-grid
 else
   echo "note: extension built without CUDA (no nvcc); skipping the sm_90a check"
 fi

@@ -95,6 +95,14 @@ inline GroupedConfig pick_grouped_config(int64_t rows_per_group, int64_t n, int6
   return (n + 127) / 128 % 2 == 0 && sm_count >= 2 ? GroupedConfig::kM128Multicast : GroupedConfig::kM128;
 }
 
+// The SM count a persistent grid of clusters of cluster_size CTAs is sized from. CUTLASS assumes
+// the count holds whole clusters: an odd one (possible under dskernels.set_num_sms) gives a grid
+// that is no multiple of a 1 x 2 cluster, which fails to launch (scripts/check_gemm_grid.cu). So:
+// rounded down to whole clusters, at least one.
+inline int cluster_aligned_sm_count(int sm_count, int cluster_size) {
+  return sm_count < cluster_size ? cluster_size : sm_count / cluster_size * cluster_size;
+}
+
 struct DenseProblem {
   const void* a;  // e4m3 [m, k]
   int64_t a_row_stride;

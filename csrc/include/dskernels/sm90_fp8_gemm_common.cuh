@@ -33,6 +33,7 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "dskernels/sm90_fp8_gemm.h"
 
 namespace dskernels::fp8_gemm {
 
@@ -91,13 +92,10 @@ CUTE_HOST_DEVICE LayoutSFB make_layout_sfb(int32_t n, int32_t kblocks, int32_t k
 }
 
 
-// The SM count a config's persistent grid is sized from. CUTLASS assumes it holds whole clusters
-// (an odd count, possible under dskernels.set_num_sms, would give a grid that is no multiple of a
-// 1 x 2 cluster and fail to launch): rounded down to whole clusters, at least one.
+// The SM count a config's persistent grid is sized from (cluster_aligned_sm_count).
 template <class Gemm>
-int cluster_aligned_sm_count(int sm_count) {
-  constexpr int kClusterSize = cute::size(typename Gemm::GemmKernel::ClusterShape{});
-  return sm_count < kClusterSize ? kClusterSize : sm_count / kClusterSize * kClusterSize;
+int grid_sm_count(int sm_count) {
+  return cluster_aligned_sm_count(sm_count, cute::size(typename Gemm::GemmKernel::ClusterShape{}));
 }
 
 // Runs a CUTLASS GemmUniversalAdapter; nullptr on success, else CUTLASS's or CUDA's message.

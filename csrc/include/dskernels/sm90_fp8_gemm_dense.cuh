@@ -68,7 +68,7 @@ typename Gemm::Arguments arguments(const DenseProblem& p) {
 
   cutlass::KernelHardwareInfo hw_info;
   hw_info.device_id = p.device;
-  hw_info.sm_count = cluster_aligned_sm_count<Gemm>(p.sm_count);
+  hw_info.sm_count = grid_sm_count<Gemm>(p.sm_count);
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
       {p.m, p.n, p.k, 1},

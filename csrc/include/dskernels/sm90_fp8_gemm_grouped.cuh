@@ -94,7 +94,7 @@ template <class Gemm>
 typename Gemm::Arguments arguments(const GroupedProblem& p, const GroupedArgs& a) {
   cutlass::KernelHardwareInfo hw_info;
   hw_info.device_id = p.device;
-  hw_info.sm_count = cluster_aligned_sm_count<Gemm>(p.sm_count);
+  hw_info.sm_count = grid_sm_count<Gemm>(p.sm_count);
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGrouped,
       // No host problem shapes: one persistent CTA per SM, and the group tile scheduler reads the
