@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import dskernels
 import python_ref
+from dskernels.triton.fp8_math import e4m3_bits, native_fp8
 
 SOURCE_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -93,6 +96,48 @@ def test_nan_makes_its_group_nan(backend, dtype):
     assert want_scale.isnan().sum() == 1
     _same_with_nan(got_scale, want_scale, "per-block scales")
     _same_with_nan(got, want, "per-block values")
+
+
+@triton.jit
+def _e4m3_bits_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(out_ptr + offs, e4m3_bits(tl.load(x_ptr + offs, mask=ok, other=0.0)), mask=ok)
+
+
+def test_e4m3_bits_rounds_like_torch(backend):
+    """The Triton casts' own fp32 -> e4m3 bits (integer arithmetic, for GPUs without an fp8 type):
+    every e4m3 value, every tie between neighbours (to even) and the fp32 values just beside each
+    tie give torch's bits; past 448 they saturate (torch gives NaN from 464 on), NaN gives 0x7F."""
+    name, device = backend
+    if name != "triton":
+        pytest.skip("e4m3_bits is the Triton kernels' helper")
+    values = torch.arange(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448, ascending
+    ties = (values[1:] + values[:-1]) / 2
+    x = torch.cat([values, ties, torch.nextafter(ties, torch.tensor(1e9)), torch.nextafter(ties, torch.tensor(0.0)),
+                   torch.tensor([2.0**-11, 1e-30, 463.9, 464.0])])
+    x = torch.cat([x, -x, torch.tensor([500.0, -1e30, float("inf"), float("nan")])])
+    out = torch.empty(x.numel(), dtype=torch.uint8, device=device)
+    _e4m3_bits_kernel[(triton.cdiv(x.numel(), 256),)](x.to(device), out, x.numel(), BLOCK=256)
+    out = out.cpu()
+    finite = x.abs() <= 464
+    assert torch.equal(out[finite], x[finite].to(torch.float8_e4m3fn).view(torch.uint8))
+    assert out[~finite].tolist() == [0x7E, 0xFE, 0x7E, 0x7F]
+
+
+def test_native_fp8_rule(monkeypatch):
+    """Triton kernels read fp8 as fp8 only where Triton has the type (sm_89+, the interpreter)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    device = torch.device("cuda", 0)
+    for capability, native in [((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True), ((10, 0), True)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_, c=capability: c)
+        assert native_fp8(device) == native, capability
+    monkeypatch.setenv("DSKERNELS_TRITON_NATIVE_FP8", "0")
+    assert not native_fp8(device)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not native_fp8(device)
+    monkeypatch.delenv("DSKERNELS_TRITON_NATIVE_FP8")
+    assert native_fp8(device)
 
 
 def test_dequantized_error_bound(backend):

@@ -174,7 +174,7 @@ def test_gemm_dense_every_fp8_value(backend, fp8_dot, monkeypatch):
     if fp8_dot == "widened":
         if name != "triton":
             pytest.skip("the widened path is the Triton kernel's")
-        monkeypatch.setenv("DSKERNELS_GEMM_FP8_DOT", "0")
+        monkeypatch.setenv("DSKERNELS_TRITON_NATIVE_FP8", "0")
     m, n = 19, 136
     a, b = random_fp8_bytes(m, K, device), random_fp8_bytes(n, K, device)
     sa = torch.rand(m, K // 128, device=device) + 0.5

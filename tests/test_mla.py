@@ -129,6 +129,20 @@ def test_decode_matches_oracle(backend, lengths, s_q, h_q, h_kv, page_size, cach
     assert_matches_oracle(out, lse, *inputs, causal)
 
 
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+def test_decode_fp8_cache_as_bytes(backend, q_dtype, monkeypatch):
+    """The path for GPUs whose Triton has no e4m3 type (before sm_89): the cache read as bytes and
+    widened in integer arithmetic (e4m3_bits_to_fp16, checked on every byte value by
+    tests/test_gemm.py::test_gemm_dense_every_fp8_value)."""
+    name, device = backend
+    if name != "triton":
+        pytest.skip("the byte path is the Triton kernel's")
+    monkeypatch.setenv("DSKERNELS_TRITON_NATIVE_FP8", "0")
+    inputs = make_inputs([45, 2, 190], 3, 4, 2, 61, q_dtype, FP8, device=device, seed=5)
+    out, lse = run_op(*inputs, True)
+    assert_matches_oracle(out, lse, *inputs, True)
+
+
 def test_decode_odd_head_dims_and_scale(backend):
     """d == dv (no rope part), a non-default softmax_scale and fp32 queries."""
     name, device = backend

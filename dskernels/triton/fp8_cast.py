@@ -1,14 +1,14 @@
 """Triton FP8 casts: the math of python_ref.fp8, bit for bit (div_rn is the correctly rounded
 division; Triton's plain `/` on fp32 is an approximate one on NVIDIA GPUs; round_to_e4m3 is the
 rounding the interpreter gets wrong). A NaN makes its group's scale and values NaN, as in the
-reference (max_nan: the GPU's plain max and min skip NaN; cast_to_e4m3 keeps NaN, which the
-interpreter's fp8 cast does not)."""
+reference (max_nan: the GPU's plain max and min skip NaN). The fp8 output is written as the bits
+e4m3_bits computes, through a uint8 view: no fp8 type in the kernels, so they run on any GPU."""
 
 import torch
 import triton
 import triton.language as tl
 
-from dskernels.triton.fp8_math import cast_to_e4m3, max_nan
+from dskernels.triton.fp8_math import e4m3_bits, max_nan
 
 GROUP_SIZE = 128
 
@@ -25,7 +25,7 @@ def _per_token_cast_kernel(x_ptr, out_ptr, scale_ptr, m, stride_xm, stride_om, s
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
     amax = tl.maximum(max_nan(tl.abs(x), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)
     q = x * tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)[:, None]
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], cast_to_e4m3(q),
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], e4m3_bits(q),
              mask=row_ok[:, None])
     tl.store(scale_ptr + rows.to(tl.int64) * stride_sm + group * stride_sg,
              tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=row_ok)
@@ -44,7 +44,7 @@ def _per_block_cast_kernel(w_ptr, out_ptr, scale_ptr, n, stride_wn, stride_on, s
                 other=0.0).to(tl.float32)
     amax = tl.maximum(max_nan(max_nan(tl.abs(w), 1), 0), 1e-4, propagate_nan=tl.PropagateNan.ALL)
     q = w * tl.math.div_rn(448.0, amax)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_on + cols[None, :], cast_to_e4m3(q),
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_on + cols[None, :], e4m3_bits(q),
              mask=row_ok)
     tl.store(scale_ptr + block_n * stride_sn + block_k * stride_sk, tl.math.div_rn(amax, 448.0))
 
@@ -54,7 +54,7 @@ def per_token_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tenso
     assert x.stride(1) == 1 and out.stride(1) == 1
     block_m = 8
     grid = (triton.cdiv(m, block_m), k // GROUP_SIZE)
-    _per_token_cast_kernel[grid](x, out, scale, m, x.stride(0), out.stride(0), scale.stride(0),
+    _per_token_cast_kernel[grid](x, out.view(torch.uint8), scale, m, x.stride(0), out.stride(0), scale.stride(0),
                                  scale.stride(1), BLOCK_M=block_m, GROUP=GROUP_SIZE, num_warps=4)
 
 
@@ -62,5 +62,5 @@ def per_block_cast_to_fp8(w: torch.Tensor, out: torch.Tensor, scale: torch.Tenso
     n, k = w.shape
     assert w.stride(1) == 1 and out.stride(1) == 1
     grid = (triton.cdiv(n, GROUP_SIZE), k // GROUP_SIZE)
-    _per_block_cast_kernel[grid](w, out, scale, n, w.stride(0), out.stride(0), scale.stride(0),
+    _per_block_cast_kernel[grid](w, out.view(torch.uint8), scale, n, w.stride(0), out.stride(0), scale.stride(0),
                                  scale.stride(1), BLOCK=GROUP_SIZE, num_warps=8)

@@ -1,16 +1,36 @@
-"""FP8 helpers shared by the Triton kernels."""
+"""FP8 helpers shared by the Triton kernels.
 
+Triton has float8_e4m3fn (fp8e4nv) only on sm_89 and newer; on older GPUs (an A100) a kernel that
+names the type does not compile. So the casts always write e4m3 bits computed in integer
+arithmetic, and the kernels that read fp8 take the bytes as uint8 and widen them themselves where
+`native_fp8` says the type is missing.
+"""
+
+import os
+
+import torch
 import triton
 import triton.language as tl
+
+
+def native_fp8(device: torch.device) -> bool:
+    """Whether Triton has float8_e4m3fn on `device` (sm_89+, and the interpreter);
+    DSKERNELS_TRITON_NATIVE_FP8=0 makes every kernel take the byte path (to test it anywhere)."""
+    if os.environ.get("DSKERNELS_TRITON_NATIVE_FP8", "1") == "0":
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 @triton.jit
 def round_to_e4m3(x):
     """fp32 -> the nearest float8_e4m3fn value (ties to even, saturating at +-448, NaN kept), as fp32.
 
-    The cast `.to(tl.float8e4nv)` of the result is then exact. We round ourselves because Triton's
+    e4m3_bits then only moves fields. We round ourselves (not with Triton's fp8 cast) because the
     interpreter (the CPU path CI tests) rounds fp8 casts half-up and drops the carry into the
-    exponent (124.3 -> 64); on GPUs this costs a few ALU ops in memory-bound kernels.
+    exponent (124.3 -> 64), and GPUs before sm_89 have no such cast; on GPUs this costs a few ALU
+    ops in memory-bound kernels.
     """
     bits = x.to(tl.int32, bitcast=True)
     # NaN stays NaN (the GPU's plain min would turn it into 448); the steps below keep it NaN.
@@ -39,8 +59,26 @@ def max_nan(x, axis):
 
 
 @triton.jit
-def cast_to_e4m3(x):
-    """fp32 -> float8_e4m3fn: round_to_e4m3, then the (then exact) cast; NaN -> the e4m3 NaN, which
-    the interpreter's cast does not give (it returns 384)."""
-    bits = round_to_e4m3(x).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    return tl.where(x != x, 0x7F, bits).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+def e4m3_bits(x):
+    """fp32 -> the bits (uint8) of the nearest float8_e4m3fn: round_to_e4m3, then the fields moved
+    by integer arithmetic (no fp8 type: any GPU). NaN -> 0x7F, as torch's cast gives."""
+    bits = round_to_e4m3(x).to(tl.int32, bitcast=True)
+    exponent = (bits >> 23) & 0xFF
+    normal = ((exponent - 120) << 3) | ((bits >> 20) & 7)  # fp32 bias 127, e4m3 bias 7
+    # Below 2^-6 (fp32 exponent 121) e4m3 is subnormal: the value is k * 2^-9, k < 8, exactly.
+    subnormal = ((bits & 0x7FFFFFFF).to(tl.float32, bitcast=True) * 512.0).to(tl.int32)
+    code = tl.where(exponent >= 121, normal, subnormal) | ((bits >> 24) & 0x80)
+    return tl.where(x != x, 0x7F, code).to(tl.uint8)
+
+
+@triton.jit
+def e4m3_bits_to_fp16(bits):
+    """uint8 float8_e4m3fn bits -> the same value in fp16 (exact: e4m3 is a subset of fp16).
+
+    For GPUs without the fp8 type (see native_fp8). The bits moved into fp16's fields read as 2^-8
+    times the value (subnormals included: fp16's grid is finer), so one exact multiplication by 256
+    restores it. The NaN bytes (0x7F, 0xFF) would read as 480: they become NaN explicitly.
+    """
+    b = bits.to(tl.int16)
+    half = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
+    return tl.where((b & 0x7F) == 0x7F, float("nan"), half * 256.0).to(tl.float16)

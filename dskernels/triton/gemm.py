@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
+
 GROUP_SIZE = 128  # the K (and n) width of one scale
 
 
@@ -42,20 +44,6 @@ def _round_to_bf16(x):
     bits = x.to(tl.int32, bitcast=True)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 == 0xFFFF0000
     return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _e4m3_bits_to_fp16(bits):
-    """uint8 float8_e4m3fn bits -> the same value in fp16 (exact: e4m3 is a subset of fp16).
-
-    For GPUs without FP8 MMA (before sm_89), which cannot even hold fp8e4nv values. The bits moved
-    into fp16's fields read as 2^-8 times the value (subnormals included: fp16's grid is finer), so
-    one exact multiplication by 256 restores it. The NaN bytes (0x7F, 0xFF) would read as 480:
-    they become NaN explicitly.
-    """
-    b = bits.to(tl.int16)
-    half = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
-    return tl.where((b & 0x7F) == 0x7F, float("nan"), half * 256.0).to(tl.float16)
 
 
 @triton.jit
@@ -94,8 +82,8 @@ def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blo
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
         else:  # a and b arrive as uint8 views
-            a = _e4m3_bits_to_fp16(tl.load(a_ptrs, mask=row_ok[:, None], other=0))
-            b = _e4m3_bits_to_fp16(tl.load(b_ptrs, mask=col_ok[None, :], other=0))
+            a = e4m3_bits_to_fp16(tl.load(a_ptrs, mask=row_ok[:, None], other=0))
+            b = e4m3_bits_to_fp16(tl.load(b_ptrs, mask=col_ok[None, :], other=0))
         sa = tl.load(sa_ptrs, mask=row_ok, other=0.0)
         # A fresh fp32 tile per K block, promoted with its scales (DeepGEMM's math): Hopper's FP8
         # MMA accumulates with fewer than fp32's bits, so long K chains must not stay inside it.
@@ -241,16 +229,10 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 4096)
 
 
-def native_fp8_dot(device: torch.device) -> bool:
-    """FP8 tensor-core dots need sm_89+; elsewhere (or with DSKERNELS_GEMM_FP8_DOT=0) the kernels
-    read the fp8 bytes and widen them to fp16 exactly before an fp16 dot (same products, fp32 sums)."""
-    if os.environ.get("DSKERNELS_GEMM_FP8_DOT", "1") == "0":
-        return False
-    return _interpret() or torch.cuda.get_device_capability(device) >= (8, 9)
-
-
 def _operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    fp8_dot = native_fp8_dot(a.device)
+    """FP8 tensor-core dots where Triton has the fp8 type (sm_89+); elsewhere the kernels read the
+    fp8 bytes and widen them to fp16 exactly before an fp16 dot (same products, fp32 sums)."""
+    fp8_dot = native_fp8(a.device)
     return (a, b, True) if fp8_dot else (a.view(torch.uint8), b.view(torch.uint8), False)
 
 

@@ -14,7 +14,8 @@ the latent is read once) and the rest [dv, d) (the rope part for V3).
 
 FP8 e4m3 caches: keys are loaded as fp8 and widened to q's dtype (exact: every e4m3 value is a
 bf16 and an fp16 value); the per-tensor scale multiplies the scores and the output instead of
-every key element.
+every key element. On GPUs whose Triton has no fp8 type (before sm_89) the keys are read as bytes
+and widened by e4m3_bits_to_fp16 (FP8_BYTES).
 """
 
 import os
@@ -22,6 +23,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
 
 LOG2E = 1.4426950408889634
 METADATA_STRIDE = 8  # ints per partition in tile_scheduler_metadata
@@ -39,7 +42,8 @@ def _mla_decode_splitkv_kernel(
         stride_lb, stride_lh,
         stride_acc_split, stride_acc_row,
         stride_lacc_split,
-        CAUSAL: tl.constexpr, IS_FP8: tl.constexpr, FP32_DOT: tl.constexpr, SAME_PAGE: tl.constexpr,
+        CAUSAL: tl.constexpr, IS_FP8: tl.constexpr, FP8_BYTES: tl.constexpr, FP32_DOT: tl.constexpr,
+        SAME_PAGE: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr):
     part = tl.program_id(0)
@@ -116,7 +120,10 @@ def _mla_decode_splitkv_kernel(
                 else:
                     k_r = tl.load(k_rows[:, None] + dr_offs[None, :], mask=key_ok[:, None] & dr_ok[None, :],
                                   other=0.0)
-                if IS_FP8 or FP32_DOT:
+                if FP8_BYTES:
+                    k_v = e4m3_bits_to_fp16(k_v).to(q_v.dtype)
+                    k_r = e4m3_bits_to_fp16(k_r).to(q_v.dtype)
+                elif IS_FP8 or FP32_DOT:
                     k_v = k_v.to(tl.float32).to(q_v.dtype)
                     k_r = k_r.to(tl.float32).to(q_v.dtype)
                 if FP32_DOT:
@@ -206,7 +213,7 @@ def tile_config(rows: int, block_dv: int, device: torch.device) -> tuple[int, in
     """(BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) of the decode kernel.
 
     BLOCK_N must divide the metadata's 64-key granularity (splits start on multiples of 64).
-    d = 576 / dv = 512 on sm_90a (scripts/check_triton_sm90.py, CI: the launch's own specialization
+    d = 576 / dv = 512 on sm_90a (scripts/check_triton_compile.py, CI: the launch's own specialization
     compiled ahead of time, Triton 3.6 and 3.8, no GPU run yet): 16x32 tiles with 8 warps and 2
     stages use 171-240 registers and do not spill; 32x32 tiles use 255 and spill 0-28 bytes
     (accepted: half the key-block reads for h_q >= 32); 4 warps or 64-row tiles spill hundreds of
@@ -232,6 +239,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     if b == 0:
         return
     is_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    fp8_bytes = is_fp8 and not native_fp8(q.device)
     block_dv = _pow2(head_dim_v)
     block_dr = _pow2(d - head_dim_v)
     block_m, block_n, num_warps, num_stages = tile_config(rows, block_dv, q.device)
@@ -245,7 +253,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
     grid = (num_parts, h_kv, triton.cdiv(rows, block_m))
     _mla_decode_splitkv_kernel[grid](
-        q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, k_scale_arg,
+        q, k_cache.view(torch.uint8) if fp8_bytes else k_cache, block_table, cache_seqlens,
+        tile_scheduler_metadata, num_splits, k_scale_arg,
         out, lse, out_acc, lse_acc,
         softmax_scale * LOG2E, b, s_q, heads_per_kv, page_size, block_table.shape[1], max_splits,
         q.stride(0), q.stride(1), q.stride(2),
@@ -254,7 +263,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         out_acc.stride(0), out_acc.stride(1), lse_acc.stride(0),
-        CAUSAL=causal, IS_FP8=is_fp8, FP32_DOT=fp32_dot, SAME_PAGE=page_size % block_n == 0, HEAD_DIM=d, HEAD_DIM_V=head_dim_v,
+        CAUSAL=causal, IS_FP8=is_fp8, FP8_BYTES=fp8_bytes, FP32_DOT=fp32_dot, SAME_PAGE=page_size % block_n == 0,
+        HEAD_DIM=d, HEAD_DIM_V=head_dim_v,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv, BLOCK_DR=block_dr,
         num_warps=num_warps, num_stages=num_stages)
     block_r = max(1, min(16, 4096 // block_dv))

@@ -1,15 +1,20 @@
-"""Compiles every Triton kernel for sm_90a the way the GPU paths launch it, without a GPU.
+"""Compiles every Triton kernel for sm_90a, sm_89 and sm_80 the way the GPU paths launch it, without a GPU.
 
 CI runs the Triton kernels only under the interpreter, which accepts things the compiler does not
 (and the GPU paths pick other tile sizes than the interpreter's). Here the real launch wrappers run
-on meta tensors with `JITFunction.run` replaced by an ahead-of-time `triton.compile` for
-GPUTarget("cuda", 90): every (kernel, specialization) a GPU call would build is compiled, its PTX
-goes through ptxas -v, and the check fails on a compile error, a register spill (beyond the few
-bytes ALLOWED_SPILL_BYTES names), or more shared memory than an H100 block can have. Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches,
-page sizes on and off the key-block grid, causal), the three FP8 GEMMs with every autotuning
-candidate and the heuristic tiles, the FP8 casts and the EP row movers.
+on meta tensors with `JITFunction.run` replaced by an ahead-of-time `triton.compile` for each
+target: every (kernel, specialization) a GPU call would build is compiled, its PTX goes through
+ptxas -v, and the check fails on a compile error or more shared memory than a block of that GPU can
+have. On sm_90a (Hopper, the GPU we tune for) a register spill fails it too, beyond the few bytes
+ALLOWED_SPILL_BYTES names, and a GEMM or MLA kernel without tensor-core instructions
+(wgmma.mma_async on Hopper for the GEMMs, mma.sync for MLA's 16/32-row tiles) fails it as well.
+sm_89 (L40S, RTX 4090) and sm_80 (A100) are the GPUs the Triton path serves where no CUDA kernel
+runs: on sm_80 Triton has no fp8 e4m3 type, so a kernel that names it does not compile there.
+Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
+grid, causal), the three FP8 GEMMs with every autotuning candidate and the heuristic tiles, the FP8
+casts and the EP row movers.
 
-    python scripts/check_triton_sm90.py [-v]
+    python scripts/check_triton_compile.py [-v] [--targets 90a,89,80]
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 os.environ.pop("TRITON_INTERPRET", None)  # the compiler, not the interpreter
 os.environ["DSKERNELS_GEMM_AUTOTUNE"] = "0"  # candidates are compiled one by one below
@@ -35,19 +41,41 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-TARGET = GPUTarget("cuda", 90, 64)
-BACKEND = make_backend(TARGET)
-MAX_SHARED_BYTES = 232448  # per block on an H100 (227 KB opt-in)
-# Spills tolerated, per kernel. MLA decode's 32-row tiles (rows > 16: h_q >= 32 or s_q > 1) sit at
-# 255 registers and spill 0-28 bytes depending on the path and the Triton version (3.6 and 3.8
-# measured); 16-row tiles do not spill but read every key block twice as often.
+
+@dataclass(frozen=True)
+class Target:
+    name: str                # as in --targets
+    capability: tuple[int, int]
+    ptxas_arch: str
+    max_shared_bytes: int    # per block, opt-in maximum (CUDA programming guide, compute capabilities)
+    strict: bool             # spills and missing tensor-core instructions fail the check too
+
+    @property
+    def gpu_target(self) -> GPUTarget:
+        return GPUTarget("cuda", self.capability[0] * 10 + self.capability[1], 64 if self.capability >= (9, 0) else 32)
+
+
+TARGETS = {
+    "90a": Target("90a", (9, 0), "sm_90a", 232448, True),   # H100 / H200: 227 KB
+    "89": Target("89", (8, 9), "sm_89", 101376, False),     # L40S, RTX 4090: 99 KB
+    "80": Target("80", (8, 0), "sm_80", 166912, False),     # A100: 163 KB
+}
+# Spills tolerated on sm_90a, per kernel. MLA decode's 32-row tiles (rows > 16: h_q >= 32 or s_q > 1)
+# sit at 255 registers and spill 0-28 bytes depending on the path and the Triton version (3.6 and
+# 3.8 measured); 16-row tiles do not spill but read every key block twice as often.
 ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 64}
+# The tensor-core instruction each kernel must contain on sm_90a (PTX), absent which it would run
+# at a fraction of the speed: wgmma for the GEMMs; MLA's 16/32-row tiles are below wgmma's 64 rows.
+REQUIRED_PTX = {"_gemm_kernel": "wgmma.mma_async", "_contiguous_kernel": "wgmma.mma_async",
+                "_masked_kernel": "wgmma.mma_async", "_mla_decode_splitkv_kernel": "mma.sync"}
 PTXAS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
 
 class Compiler:
-    """Stands in for JITFunction.run: compiles for sm_90a and records what ptxas reports."""
+    """Stands in for JITFunction.run: compiles for one target and records what ptxas reports."""
 
-    def __init__(self, verbose: bool):
+    def __init__(self, target: Target, verbose: bool):
+        self.target = target
+        self.backend = make_backend(target.gpu_target)
         self.verbose = verbose
         self.seen: dict[tuple, dict] = {}
         self.context = ""
@@ -56,21 +84,24 @@ class Compiler:
         # Triton's own binder: the same specialization (16-byte divisibility of pointers and ints,
         # constexprs) and options a launch on the device would compute. Meta tensors report
         # data_ptr() 0, i.e. aligned, as the caching allocator's blocks are.
-        binder = create_function_from_signature(fn.signature, fn.params, BACKEND)
+        binder = create_function_from_signature(fn.signature, fn.params, self.backend)
         bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = fn._pack_args(BACKEND, kwargs, bound, specialization, options)
+        options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound, specialization, options)
         key = (fn.fn.__name__, str(signature), str(constexprs), str(attrs), str(options))
         if key in self.seen:
             return None
         begin = time.time()
         named = {name: value for (name, value), param in zip(bound.items(), fn.params) if param.is_constexpr}
-        record = {"kernel": fn.fn.__name__, "context": self.context,
+        record = {"kernel": fn.fn.__name__, "context": self.context, "target": self.target,
                   "options": {"num_warps": options.num_warps, "num_stages": options.num_stages},
                   "constexprs": {k: v for k, v in named.items() if not isinstance(v, bool) or v}}
         try:
-            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=self.target.gpu_target,
                                       options=options.__dict__)
-            record.update(self._ptxas(compiled.asm["ptx"]), shared=compiled.metadata.shared)
+            ptx = compiled.asm["ptx"]
+            record.update(self._ptxas(ptx), shared=compiled.metadata.shared)
+            required = REQUIRED_PTX.get(record["kernel"])
+            record["tensor_cores"] = required is None or required in ptx
         except Exception as e:  # noqa: BLE001  (reported, then the check fails)
             record["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         record["seconds"] = time.time() - begin
@@ -79,32 +110,41 @@ class Compiler:
             print(_line(record), flush=True)
         return None
 
-    @staticmethod
-    def _ptxas(ptx: str) -> dict:
+    def _ptxas(self, ptx: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "k.ptx")
             with open(path, "w") as f:
                 f.write(ptx)
-            out = subprocess.run([PTXAS, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+            out = subprocess.run([PTXAS, f"-arch={self.target.ptxas_arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
                                  capture_output=True, text=True, check=True).stderr
         regs = re.search(r"Used (\d+) registers", out)
         spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", out)]
         return {"registers": int(regs.group(1)) if regs else -1, "spill_bytes": max(spills, default=0)}
 
 
+def _dropped(r: dict) -> bool:
+    """An autotuning candidate over the GPU's shared memory: Triton's autotuner catches the launch's
+    OutOfResources and never picks it (as long as another candidate fits: checked in main)."""
+    return "autotune" in r["context"] and "error" not in r and r["shared"] > r["target"].max_shared_bytes
+
+
 def _bad(r: dict) -> bool:
-    return ("error" in r or r["spill_bytes"] > ALLOWED_SPILL_BYTES.get(r["kernel"], 0)
-            or r["shared"] > MAX_SHARED_BYTES)
+    if "error" in r or (r["shared"] > r["target"].max_shared_bytes and not _dropped(r)):
+        return True
+    return r["target"].strict and (r["spill_bytes"] > ALLOWED_SPILL_BYTES.get(r["kernel"], 0) or not r["tensor_cores"])
 
 
 def _line(r: dict) -> str:
     shape = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.isupper())
     opts = ",".join(f"{k}={v}" for k, v in r["options"].items())
+    where = f"sm_{r['target'].name} {r['kernel']} [{r['context']}] {shape} {opts}"
     if "error" in r:
-        return f"FAIL {r['kernel']} [{r['context']}] {shape} {opts}: {r['error']}"
-    bad = _bad(r)
-    return (f"{'FAIL' if bad else 'ok  '} {r['kernel']} [{r['context']}] {shape} {opts}: {r['registers']} regs, "
-            f"{r['spill_bytes']} B spilled, {r['shared']} B shared, {r['seconds']:.1f} s")
+        return f"FAIL {where}: {r['error']}"
+    missing = "" if r["tensor_cores"] or not r["target"].strict else f", no {REQUIRED_PTX[r['kernel']]}"
+    if _dropped(r):
+        missing += " (over this GPU's shared memory: the autotuner drops it)"
+    return (f"{'FAIL' if _bad(r) else 'ok  '} {where}: {r['registers']} regs, {r['spill_bytes']} B spilled, "
+            f"{r['shared']} B shared{missing}, {r['seconds']:.1f} s")
 
 
 def _meta(*shape, dtype=torch.bfloat16):
@@ -132,7 +172,6 @@ def mla_cases(compiler: Compiler) -> None:
 def gemm_cases(compiler: Compiler) -> None:
     from dskernels.triton import gemm as triton_gemm
 
-    torch.cuda.get_device_capability = lambda *_: (9, 0)  # native FP8 dots, as on an H100
     n, k, groups = 4096, 7168, 4
     f8 = torch.float8_e4m3fn
 
@@ -208,23 +247,33 @@ def ep_cases(compiler: Compiler) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per compiled kernel as it finishes")
+    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
     args = parser.parse_args()
-    compiler = Compiler(args.verbose)
     original = JITFunction.run
-    JITFunction.run = lambda fn, *a, **kw: compiler.run(fn, *a, **kw)
     begin = time.time()
-    try:
-        for cases in (mla_cases, gemm_cases, cast_cases, ep_cases):
-            cases(compiler)
-    finally:
-        JITFunction.run = original
-    records = list(compiler.seen.values())
+    records = []
+    for name in args.targets.split(","):
+        compiler = Compiler(TARGETS[name], args.verbose)
+        # The launchers ask the device's capability (the fp8 path: native e4m3 on sm_89+, bytes before).
+        torch.cuda.get_device_capability = lambda *_, c=compiler: c.target.capability
+        JITFunction.run = lambda fn, *a, c=compiler, **kw: c.run(fn, *a, **kw)
+        try:
+            for cases in (mla_cases, gemm_cases, cast_cases, ep_cases):
+                cases(compiler)
+        finally:
+            JITFunction.run = original
+        records += compiler.seen.values()
     failed = [r for r in records if _bad(r)]
     if not args.verbose:
         for r in records:
             print(_line(r))
-    print(f"{len(records)} kernel specializations compiled for sm_90a (triton {triton.__version__}) in "
-          f"{time.time() - begin:.0f} s; {len(failed)} failed")
+    candidates = {(r["target"].name, r["kernel"]) for r in records if "autotune" in r["context"]}
+    for target, kernel in sorted(candidates - {(r["target"].name, r["kernel"]) for r in records
+                                               if "autotune" in r["context"] and not _dropped(r)}):
+        print(f"FAIL sm_{target} {kernel}: no autotuning candidate fits this GPU's shared memory")
+        failed.append(kernel)
+    print(f"{len(records)} kernel specializations compiled for sm_{', sm_'.join(args.targets.split(','))} "
+          f"(triton {triton.__version__}) in {time.time() - begin:.0f} s; {len(failed)} failed")
     return 1 if failed else 0
 
 
