@@ -157,6 +157,7 @@ def mla_cases(compiler: Compiler) -> None:
     d, dv = 576, 512
     for h_q, s_q, cache_dtype, page, causal in [(16, 1, torch.bfloat16, 64, False), (128, 2, torch.bfloat16, 64, True),
                                                 (16, 1, torch.float8_e4m3fn, 64, False), (64, 1, torch.float16, 61, True),
+                                                (128, 2, torch.float8_e4m3fn, 64, True),
                                                 (128, 1, torch.bfloat16, 1, False)]:
         compiler.context = f"mla h_q={h_q} s_q={s_q} {str(cache_dtype)[6:]} page={page}"
         q_dtype = torch.float16 if cache_dtype == torch.float16 else torch.bfloat16

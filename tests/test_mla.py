@@ -129,15 +129,18 @@ def test_decode_matches_oracle(backend, lengths, s_q, h_q, h_kv, page_size, cach
     assert_matches_oracle(out, lse, *inputs, causal)
 
 
+@pytest.mark.parametrize("fp8_path", ["native", "bytes"])
 @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
-def test_decode_fp8_cache_as_bytes(backend, q_dtype, monkeypatch):
-    """The path for GPUs whose Triton has no e4m3 type (before sm_89): the cache read as bytes and
-    widened in integer arithmetic (e4m3_bits_to_fp16, checked on every byte value by
-    tests/test_gemm.py::test_gemm_dense_every_fp8_value)."""
+def test_decode_fp8_cache_paths(backend, q_dtype, fp8_path, monkeypatch):
+    """The Triton kernel's fp8 paths: native e4m3 loads (with fp16 queries: the separate P @ V
+    load; bf16 ones take the fp32 dots under the interpreter), and the path for GPUs whose Triton
+    has no e4m3 type (before sm_89): the cache read as bytes and widened in integer arithmetic
+    (e4m3_bits_to_fp16, checked on every byte value by tests/test_gemm.py)."""
     name, device = backend
     if name != "triton":
-        pytest.skip("the byte path is the Triton kernel's")
-    monkeypatch.setenv("DSKERNELS_TRITON_NATIVE_FP8", "0")
+        pytest.skip("these paths are the Triton kernel's")
+    if fp8_path == "bytes":
+        monkeypatch.setenv("DSKERNELS_TRITON_NATIVE_FP8", "0")
     inputs = make_inputs([45, 2, 190], 3, 4, 2, 61, q_dtype, FP8, device=device, seed=5)
     out, lse = run_op(*inputs, True)
     assert_matches_oracle(out, lse, *inputs, True)

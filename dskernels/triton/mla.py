@@ -110,22 +110,34 @@ def _mla_decode_splitkv_kernel(
                               + kv_head * stride_kh)
                 # Head-dim masks only where the dims are padded: a mask that varies along the row
                 # blocks 16-byte vector loads (ptxas then spilled 400+ bytes at d=576, sm_90a).
-                if BLOCK_DV == HEAD_DIM_V:
-                    k_v = tl.load(k_rows[:, None] + dv_offs[None, :], mask=key_ok[:, None], other=0.0)
-                else:
-                    k_v = tl.load(k_rows[:, None] + dv_offs[None, :], mask=key_ok[:, None] & dv_ok[None, :],
-                                  other=0.0)
-                if BLOCK_DR == HEAD_DIM - HEAD_DIM_V:
-                    k_r = tl.load(k_rows[:, None] + dr_offs[None, :], mask=key_ok[:, None], other=0.0)
-                else:
-                    k_r = tl.load(k_rows[:, None] + dr_offs[None, :], mask=key_ok[:, None] & dr_ok[None, :],
-                                  other=0.0)
+                v_mask = key_ok[:, None]
+                if BLOCK_DV != HEAD_DIM_V:
+                    v_mask = v_mask & dv_ok[None, :]
+                r_mask = key_ok[:, None]
+                if BLOCK_DR != HEAD_DIM - HEAD_DIM_V:
+                    r_mask = r_mask & dr_ok[None, :]
+                k_v = tl.load(k_rows[:, None] + dv_offs[None, :], mask=v_mask, other=0.0)
+                k_r = tl.load(k_rows[:, None] + dr_offs[None, :], mask=r_mask, other=0.0)
+                # k_pv: the V part as the operand of P @ V.
                 if FP8_BYTES:
                     k_v = e4m3_bits_to_fp16(k_v).to(q_v.dtype)
                     k_r = e4m3_bits_to_fp16(k_r).to(q_v.dtype)
+                    k_pv = k_v
+                elif IS_FP8 and not FP32_DOT:
+                    # One fp8 tile in shared memory cannot feed both dots (P @ V reads it transposed,
+                    # and ldmatrix has no transposed 8-bit form), so Triton would load it without
+                    # cp.async pipelining; a second load for P @ V (an L2 hit: the first brought it
+                    # in) keeps both pipelined for 512 more L2 bytes per key (PTX, sm_90a, triton 3.8).
+                    k_pv = tl.load(k_rows[:, None] + dv_offs[None, :], mask=v_mask, other=0.0,
+                                   eviction_policy="evict_first").to(tl.float32).to(q_v.dtype)
+                    k_v = k_v.to(tl.float32).to(q_v.dtype)
+                    k_r = k_r.to(tl.float32).to(q_v.dtype)
                 elif IS_FP8 or FP32_DOT:
                     k_v = k_v.to(tl.float32).to(q_v.dtype)
                     k_r = k_r.to(tl.float32).to(q_v.dtype)
+                    k_pv = k_v
+                else:
+                    k_pv = k_v
                 if FP32_DOT:
                     s = tl.dot(q_v, tl.trans(k_v), input_precision="ieee")
                     s += tl.dot(q_r, tl.trans(k_r), input_precision="ieee")
@@ -141,9 +153,9 @@ def _mla_decode_splitkv_kernel(
                 p = tl.math.exp2(s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 if FP32_DOT:
-                    acc = acc * alpha[:, None] + tl.dot(p, k_v, input_precision="ieee")
+                    acc = acc * alpha[:, None] + tl.dot(p, k_pv, input_precision="ieee")
                 else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(k_v.dtype), k_v)
+                    acc = acc * alpha[:, None] + tl.dot(p.to(k_pv.dtype), k_pv)
                 m_i = m_new
             seen = l_i > 0.0
             o = tl.where(seen[:, None], acc * k_scale / tl.where(seen, l_i, 1.0)[:, None], 0.0)
