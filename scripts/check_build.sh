@@ -2,7 +2,7 @@
 # Checks what CI can of the builds (no GPU here):
 #  1. the extension that setup.py built holds sm_90a code (when built with CUDA);
 #  2. CMakeLists.txt builds the same sources into a library that registers the same ops;
-#  3. the Triton kernels compile for sm_90a, sm_89 and sm_80 (scripts/check_triton_compile.py).
+#  3. the Triton kernels compile for sm_90a, sm_100a, sm_89 and sm_80 (scripts/check_triton_compile.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -70,7 +70,7 @@ if [ "$built" = "cuda" ]; then
   fi
   echo "ok: $(grep -c 'Compiling entry function' build-cmake.log) kernels compiled: no spills, no serialized wgmma"
 fi
-# 3. every Triton kernel compiles for sm_90a, sm_89 and sm_80 the way the GPU paths launch it (CI
+# 3. every Triton kernel compiles for sm_90a, sm_100a, sm_89 and sm_80 the way the GPU paths launch it (CI
 #    runs Triton only through the interpreter): no compile errors or shared-memory overruns; on
 #    sm_90a no spills and tensor-core instructions where they belong.
 python scripts/check_triton_compile.py > build-triton.log 2>&1 || { grep -v "^ok" build-triton.log; exit 1; }

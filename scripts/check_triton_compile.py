@@ -1,4 +1,4 @@
-"""Compiles every Triton kernel for sm_90a, sm_89 and sm_80 the way the GPU paths launch it, without a GPU.
+"""Compiles every Triton kernel for sm_90a, sm_100a, sm_89 and sm_80 as the GPU paths launch it, without a GPU.
 
 CI runs the Triton kernels only under the interpreter, which accepts things the compiler does not
 (and the GPU paths pick other tile sizes than the interpreter's). Here the real launch wrappers run
@@ -8,13 +8,14 @@ ptxas -v, and the check fails on a compile error or more shared memory than a bl
 have. On sm_90a (Hopper, the GPU we tune for) a register spill fails it too, beyond the few bytes
 ALLOWED_SPILL_BYTES names, and a GEMM or MLA kernel without tensor-core instructions
 (wgmma.mma_async on Hopper for the GEMMs, mma.sync for MLA's 16/32-row tiles) fails it as well.
-sm_89 (L40S, RTX 4090) and sm_80 (A100) are the GPUs the Triton path serves where no CUDA kernel
-runs: on sm_80 Triton has no fp8 e4m3 type, so a kernel that names it does not compile there.
+sm_100a (B200), sm_89 (L40S, RTX 4090) and sm_80 (A100) are GPUs the Triton path serves, where no
+CUDA kernel of ours runs: on sm_80 Triton has no fp8 e4m3 type, so a kernel that names it does not
+compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
 grid, causal), the three FP8 GEMMs with every autotuning candidate and the heuristic tiles, the FP8
 casts and the EP row movers.
 
-    python scripts/check_triton_compile.py [-v] [--targets 90a,89,80]
+    python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ class Target:
 
 
 TARGETS = {
-    "90a": Target("90a", (9, 0), "sm_90a", 232448, True),   # H100 / H200: 227 KB
-    "89": Target("89", (8, 9), "sm_89", 101376, False),     # L40S, RTX 4090: 99 KB
-    "80": Target("80", (8, 0), "sm_80", 166912, False),     # A100: 163 KB
+    "90a": Target("90a", (9, 0), "sm_90a", 232448, True),      # H100 / H200: 227 KB
+    "100": Target("100", (10, 0), "sm_100a", 232448, False),  # B200: 227 KB
+    "89": Target("89", (8, 9), "sm_89", 101376, False),        # L40S, RTX 4090: 99 KB
+    "80": Target("80", (8, 0), "sm_80", 166912, False),        # A100: 163 KB
 }
 # Spills tolerated on sm_90a, per kernel. MLA decode's 32-row tiles (rows > 16: h_q >= 32 or s_q > 1)
 # sit at 255 registers and spill 0-28 bytes depending on the path and the Triton version (3.6 and
@@ -68,7 +70,7 @@ ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 64}
 # at a fraction of the speed: wgmma for the GEMMs; MLA's 16/32-row tiles are below wgmma's 64 rows.
 REQUIRED_PTX = {"_gemm_kernel": "wgmma.mma_async", "_contiguous_kernel": "wgmma.mma_async",
                 "_masked_kernel": "wgmma.mma_async", "_mla_decode_splitkv_kernel": "mma.sync"}
-PTXAS = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
+PTXAS_DIR = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
 
 class Compiler:
     """Stands in for JITFunction.run: compiles for one target and records what ptxas reports."""
@@ -115,7 +117,11 @@ class Compiler:
             path = os.path.join(tmp, "k.ptx")
             with open(path, "w") as f:
                 f.write(ptx)
-            out = subprocess.run([PTXAS, f"-arch={self.target.ptxas_arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+            # Triton ships a newer ptxas for Blackwell beside the one for older GPUs.
+            ptxas = os.path.join(PTXAS_DIR, "ptxas-blackwell" if self.target.capability >= (10, 0) else "ptxas")
+            if not os.path.exists(ptxas):
+                ptxas = os.path.join(PTXAS_DIR, "ptxas")
+            out = subprocess.run([ptxas, f"-arch={self.target.ptxas_arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
                                  capture_output=True, text=True, check=True).stderr
         regs = re.search(r"Used (\d+) registers", out)
         spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", out)]
@@ -137,12 +143,14 @@ def _bad(r: dict) -> bool:
 def _line(r: dict) -> str:
     shape = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.isupper())
     opts = ",".join(f"{k}={v}" for k, v in r["options"].items())
-    where = f"sm_{r['target'].name} {r['kernel']} [{r['context']}] {shape} {opts}"
+    where = f"{r['target'].ptxas_arch} {r['kernel']} [{r['context']}] {shape} {opts}"
     if "error" in r:
         return f"FAIL {where}: {r['error']}"
     missing = "" if r["tensor_cores"] or not r["target"].strict else f", no {REQUIRED_PTX[r['kernel']]}"
     if _dropped(r):
         missing += " (over this GPU's shared memory: the autotuner drops it)"
+    elif r["shared"] > r["target"].max_shared_bytes:
+        missing += f" (more than this GPU's {r['target'].max_shared_bytes})"
     return (f"{'FAIL' if _bad(r) else 'ok  '} {where}: {r['registers']} regs, {r['spill_bytes']} B spilled, "
             f"{r['shared']} B shared{missing}, {r['seconds']:.1f} s")
 
@@ -271,9 +279,10 @@ def main() -> int:
     candidates = {(r["target"].name, r["kernel"]) for r in records if "autotune" in r["context"]}
     for target, kernel in sorted(candidates - {(r["target"].name, r["kernel"]) for r in records
                                                if "autotune" in r["context"] and not _dropped(r)}):
-        print(f"FAIL sm_{target} {kernel}: no autotuning candidate fits this GPU's shared memory")
+        print(f"FAIL {TARGETS[target].ptxas_arch} {kernel}: no autotuning candidate fits this GPU's shared memory")
         failed.append(kernel)
-    print(f"{len(records)} kernel specializations compiled for sm_{', sm_'.join(args.targets.split(','))} "
+    print(f"{len(records)} kernel specializations compiled for "
+          f"{', '.join(TARGETS[t].ptxas_arch for t in args.targets.split(','))} "
           f"(triton {triton.__version__}) in {time.time() - begin:.0f} s; {len(failed)} failed")
     return 1 if failed else 0
 
