@@ -8,6 +8,11 @@ if not torch.cuda.is_available():
     # Must be set before the first Triton kernel is defined (dskernels imports them lazily).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Triton GEMMs take the heuristic tiles in tests: autotuning would time 7 candidates for every new
+# shape, minutes of a short device session. Every candidate is checked on the GPU by
+# tests/test_gemm.py::test_triton_every_gpu_config; test_triton_deepgemm_shapes autotunes.
+os.environ.setdefault("DSKERNELS_GEMM_AUTOTUNE", "0")
+
 import pytest  # noqa: E402
 
 import dskernels  # noqa: E402

@@ -475,8 +475,9 @@ def test_masked_cuda_graph_replay_with_new_counts():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (4096, 7168, 2048), (129, 24576, 1536)])
-def test_triton_deepgemm_shapes(m, n, k):
+def test_triton_deepgemm_shapes(m, n, k, monkeypatch):
     """The autotuned GPU path on DeepGEMM's shapes (block sizes the interpreter never runs)."""
+    monkeypatch.setenv("DSKERNELS_GEMM_AUTOTUNE", "1")  # tests/conftest.py turns it off elsewhere
     x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
     w, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
     out = empty_out(m, n, device="cuda")
@@ -484,3 +485,41 @@ def test_triton_deepgemm_shapes(m, n, k):
         dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
     assert_close_to_oracle(out, a, sa, b, sb)
     assert_close_to_bf16_product([(out, x, w)])
+
+
+def _triton_gpu_configs():
+    from dskernels.triton.gemm import _gpu_configs
+
+    return [pytest.param(c, id=f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}-s{c.num_stages}-w{c.num_warps}")
+            for c in _gpu_configs(256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", _triton_gpu_configs())
+def test_triton_every_gpu_config(config, monkeypatch):
+    """Each autotuning candidate, forced, in all three kernels on odd shapes: the autotuner may pick
+    any of them, and the output of the ones it does not pick is never looked at."""
+    from dskernels.triton import gemm as triton_gemm
+
+    meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
+    monkeypatch.setattr(triton_gemm, "_heuristic_config", lambda *_: dict(meta))
+    m, n, k = 203, 300, 384
+    x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
+    _, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
+    bb, sbb = torch.stack([b, b.flip(0)]), torch.stack([sb, sb])
+    with dskernels.backend("triton"):
+        out = empty_out(m, n, device="cuda")
+        dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+        assert_close_to_oracle(out, a, sa, b, sb)
+        # Unaligned segments: group 1 for rows 0..69, padding 70..99, group 0 from 100 on.
+        m_indices = torch.tensor([1] * 70 + [-1] * 30 + [0] * (m - 100), dtype=torch.int32, device="cuda")
+        out = empty_out(m, n, device="cuda")
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (bb, sbb), out, m_indices)
+        assert_close_to_oracle(out[100:], a[100:], sa[100:], b, sb)
+        assert_close_to_oracle(out[:70], a[:70], sa[:70], b.flip(0), sb)
+        out3 = empty_out(2, 100, n, device="cuda")
+        masked_m = torch.tensor([100, 37], dtype=torch.int32, device="cuda")
+        a3, sa3 = a[:200].reshape(2, 100, k), sa[:200].reshape(2, 100, k // 128)
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a3, sa3), (bb, sbb), out3, masked_m, 100)
+        assert_close_to_oracle(out3[0], a[:100], sa[:100], b, sb)
+        assert_close_to_oracle(out3[1, :37], a[100:137], sa[100:137], b.flip(0), sb)
