@@ -26,6 +26,10 @@ FP8 = torch.float8_e4m3fn
 # The sm90 kernel's bring-up switches (docs/mla.md), timed beside the default path: how much the
 # TMA page loads and the 2-CTA clusters each bring.
 MLA_CUDA_VARIANTS = {"no_tma": {"DSKERNELS_MLA_NO_TMA": "1"}, "no_cluster": {"DSKERNELS_MLA_NO_CLUSTER": "1"}}
+# The Triton kernel's tile (dskernels/triton/mla.py tile_config; BLOCK_M 0 = the default rule's):
+# one key buffer (the stage count before 2026-12-03), three buffers, 64-key blocks.
+MLA_TRITON_VARIANTS = {name: {"DSKERNELS_MLA_TRITON_TILE": tile} for name, tile in
+                       [("one_buffer", "0,32,8,2"), ("three_buffers", "0,32,8,7"), ("keys64", "0,64,8,5")]}
 
 
 def torch_batched_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, causal=False, k_scale=None):
@@ -128,7 +132,8 @@ def _case(b, s_q, h_q, h_kv, d, dv, seqlen, varlen, page_size, cache_dtype, caus
                 reference=reference, check=_check, flops=flops, bytes=moved,
                 peers={"torch": torch_batched_decode},
                 backends=("ref", "triton", "cuda") if (d, dv) == (576, 512) else ("ref", "triton"),
-                cuda_variants=MLA_CUDA_VARIANTS)
+                cuda_variants=MLA_CUDA_VARIANTS,
+                triton_variants=MLA_TRITON_VARIANTS if (d, dv) == (576, 512) else {})
 
 
 def cases(quick: bool, device: str) -> list[Case]:

@@ -28,6 +28,8 @@ class Case:
     peers: dict[str, Callable[..., Any]] = field(default_factory=dict)  # timed on GPU only
     backends: tuple[str, ...] = ("ref", "triton", "cuda")  # the backends that implement the op
     compute_dtype: str = "bf16"              # which matmul ceiling bounds it: "bf16" or "fp8"
-    # Configurations of the cuda backend, each forced through environment variables (label ->
-    # {variable: value}), timed and checked like a backend and recorded as "cuda[label]".
+    # Configurations of the cuda (triton) backend, each forced through environment variables
+    # (label -> {variable: value}), timed and checked like a backend and recorded as "cuda[label]"
+    # ("triton[label]"): one device run then answers the tuning questions.
     cuda_variants: dict[str, dict[str, str]] = field(default_factory=dict)
+    triton_variants: dict[str, dict[str, str]] = field(default_factory=dict)

@@ -134,8 +134,9 @@ def run_case(case, device, available, ceilings, meta, report, records, failures)
     expected = case.reference(*inputs)
     ours = {}  # backend (or "cuda[variant]") -> its record
     runs = [(b, b, {}) for b in ("ref", "triton", "cuda") if b in available and b in case.backends]
-    if "cuda" in available and "cuda" in case.backends:
-        runs += [("cuda", f"cuda[{label}]", env) for label, env in case.cuda_variants.items()]
+    for backend, variants in (("triton", case.triton_variants), ("cuda", case.cuda_variants)):
+        if backend in available and backend in case.backends and device == "cuda":
+            runs += [(backend, f"{backend}[{label}]", env) for label, env in variants.items()]
     for backend, label, env in runs:
         try:
             with dskernels.backend(backend), environment(env):

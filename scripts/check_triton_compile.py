@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 os.environ.pop("TRITON_INTERPRET", None)  # the compiler, not the interpreter
 os.environ["DSKERNELS_GEMM_AUTOTUNE"] = "0"  # candidates are compiled one by one below
@@ -263,8 +264,11 @@ def main() -> int:
     records = []
     for name in args.targets.split(","):
         compiler = Compiler(TARGETS[name], args.verbose)
-        # The launchers ask the device's capability (the fp8 path: native e4m3 on sm_89+, bytes before).
+        # The launchers ask the device's capability (the fp8 path: native e4m3 on sm_89+, bytes before)
+        # and its shared memory (MLA decode's stage count).
         torch.cuda.get_device_capability = lambda *_, c=compiler: c.target.capability
+        torch.cuda.get_device_properties = lambda *_, c=compiler: SimpleNamespace(
+            shared_memory_per_block_optin=c.target.max_shared_bytes, shared_memory_per_block=49152)
         JITFunction.run = lambda fn, *a, c=compiler, **kw: c.run(fn, *a, **kw)
         try:
             for cases in (mla_cases, gemm_cases, cast_cases, ep_cases):

@@ -237,6 +237,30 @@ def test_split_plan_covers_every_key_once(lengths, q_rows, h_kv):
             assert all(lo % mla_ops.BLOCK_TOKENS == 0 for _, lo, _ in got)
 
 
+def test_triton_tile_rule(monkeypatch):
+    """GPU tiles of the Triton kernel (no GPU needed: the rule reads the device's shared memory):
+    double-buffered keys (5 stages, see DOUBLE_BUFFER_STAGES) where they fit, else one buffer;
+    DSKERNELS_MLA_TRITON_TILE overrides, and a malformed value is named."""
+    from types import SimpleNamespace
+
+    from dskernels.triton.mla import tile_config
+
+    cuda = torch.device("cuda", 0)
+    for shared, rows, expected in [(232448, 16, (16, 32, 8, 5)), (232448, 256, (32, 32, 8, 5)),
+                                   (101376, 16, (16, 32, 8, 5)), (101376, 32, (32, 32, 8, 2))]:
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda *_, s=shared: SimpleNamespace(shared_memory_per_block_optin=s))
+        assert tile_config(rows, 512, 64, cuda) == expected, (shared, rows)
+    assert tile_config(5, 64, 16, cuda) == (16, 64, 4, 5)  # small heads (these tests' d = 64)
+    monkeypatch.setenv("DSKERNELS_MLA_TRITON_TILE", "0,64,8,3")
+    assert tile_config(32, 512, 64, cuda) == (32, 64, 8, 3)
+    assert tile_config(32, 512, 64, torch.device("cpu")) == (32, 64, 4, 1)  # the interpreter's own
+    for bad in ["16,32,8", "16,48,8,2", "12,32,8,2", "16,32,3,2", "a,b,c,d"]:
+        monkeypatch.setenv("DSKERNELS_MLA_TRITON_TILE", bad)
+        with pytest.raises(ValueError, match="DSKERNELS_MLA_TRITON_TILE"):
+            tile_config(32, 512, 64, cuda)
+
+
 def test_split_plan_balances_uneven_lengths():
     """A long sequence beside short ones is spread over the partitions: no partition gets more
     than its even share of the work (key blocks plus the fixed overhead of each sequence)."""

@@ -221,21 +221,70 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(triton.next_power_of_2(max(n, 1)), floor)
 
 
-def tile_config(rows: int, block_dv: int, device: torch.device) -> tuple[int, int, int, int]:
+TILE_ENV = "DSKERNELS_MLA_TRITON_TILE"
+
+
+def _forced_tile() -> tuple[int, int, int, int] | None:
+    """DSKERNELS_MLA_TRITON_TILE="BLOCK_M,BLOCK_N,num_warps,num_stages" (GPU launches; BLOCK_M 0:
+    the default rule's): for tuning on the device (benchmarks/bench_mla.py times such variants
+    beside the default)."""
+    text = os.environ.get(TILE_ENV, "")
+    if not text:
+        return None
+    try:
+        block_m, block_n, warps, stages = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{TILE_ENV}: expected 'BLOCK_M,BLOCK_N,num_warps,num_stages' (four integers), "
+                         f"got {text!r}") from None
+    pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
+    # BLOCK_N must divide 64: partitions start on multiples of 64 keys (split_plan).
+    if not ((block_m == 0 or pow2(block_m) and block_m >= 16) and pow2(block_n) and 16 <= block_n <= 64 and warps in (1, 2, 4, 8, 16)
+            and stages >= 1):
+        raise ValueError(f"{TILE_ENV}: expected BLOCK_M 0 or a power of two >= 16, BLOCK_N in (16, 32, 64), "
+                         f"num_warps in (1, 2, 4, 8, 16), num_stages >= 1; got {text!r}")
+    return block_m, block_n, warps, stages
+
+
+# Stages: the block-table load in front of every key load is a second level of indirection, and
+# Triton's pipeliner splits num_stages over the levels: 2 stages gave one key buffer whose next copy
+# was issued after its last use and waited for at once (no overlap at all); 5 give two buffers, so
+# the copy of key block i + 1 runs under the math of block i (TTGIR, sm_90a, triton 3.8).
+DOUBLE_BUFFER_STAGES = 5
+
+
+def _shared_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", None)  # older torch builds lack it
+    return limit if limit is not None else props.shared_memory_per_block
+
+
+def tile_config(rows: int, block_dv: int, block_dr: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) of the decode kernel.
 
     BLOCK_N must divide the metadata's 64-key granularity (splits start on multiples of 64).
     d = 576 / dv = 512 on sm_90a (scripts/check_triton_compile.py, CI: the launch's own specialization
-    compiled ahead of time, Triton 3.6 and 3.8, no GPU run yet): 16x32 tiles with 8 warps and 2
-    stages use 171-240 registers and do not spill; 32x32 tiles use 255 and spill 0-28 bytes
+    compiled ahead of time, Triton 3.6 and 3.8, no GPU run yet): 16x32 tiles with 8 warps and 5
+    stages use 160-255 registers and do not spill; 32x32 tiles use 255 and spill 0-40 bytes
     (accepted: half the key-block reads for h_q >= 32); 4 warps or 64-row tiles spill hundreds of
-    bytes. Timings on a GPU are still to be done (see docs/mla.md).
+    bytes. Double-buffered keys where they fit the GPU's shared memory (not a 99 KB one with 32-row
+    tiles), else one buffer. Timings on a GPU are still to be done (see docs/mla.md);
+    DSKERNELS_MLA_TRITON_TILE forces another tile there.
     """
     if device.type == "cpu":  # the interpreter: few, big tiles (its cost is per operation)
         return min(_pow2(rows), 64), 64, 4, 1
     if block_dv >= 256:
-        return (16 if rows <= 16 else 32), 32, 8, 2
-    return min(_pow2(rows), 64), 64, 4, 2
+        block_m, block_n, warps = (16 if rows <= 16 else 32), 32, 8
+    else:
+        block_m, block_n, warps = min(_pow2(rows), 64), 64, 4
+    # Shared memory at 2 bytes per element: the Q tile, and two key buffers (an fp8 cache's second
+    # V load for P @ V makes its two about as big); 8 KB for the rest (measured: 1-3 KB).
+    width = block_dv + block_dr
+    double_buffered = block_m * width * 2 + 2 * block_n * width * 2 + 8192
+    tile = block_m, block_n, warps, DOUBLE_BUFFER_STAGES if double_buffered <= _shared_limit(device) else 2
+    forced = _forced_tile()
+    if forced is not None:
+        tile = (forced[0] or tile[0], *forced[1:])
+    return tile
 
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
@@ -254,7 +303,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     fp8_bytes = is_fp8 and not native_fp8(q.device)
     block_dv = _pow2(head_dim_v)
     block_dr = _pow2(d - head_dim_v)
-    block_m, block_n, num_warps, num_stages = tile_config(rows, block_dv, q.device)
+    block_m, block_n, num_warps, num_stages = tile_config(rows, block_dv, block_dr, q.device)
     # Partial outputs: at most one split per sequence plus one per cut between partitions.
     max_splits = b + num_parts
     out_acc = torch.empty(max_splits, h_q * s_q, head_dim_v, dtype=torch.float32, device=q.device)
