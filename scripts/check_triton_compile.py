@@ -7,7 +7,8 @@ target: every (kernel, specialization) a GPU call would build is compiled, its P
 ptxas -v, and the check fails on a compile error or more shared memory than a block of that GPU can
 have. On sm_90a (Hopper, the GPU we tune for) a register spill fails it too, beyond the few bytes
 ALLOWED_SPILL_BYTES names, and a GEMM or MLA kernel without tensor-core instructions
-(wgmma.mma_async on Hopper for the GEMMs, mma.sync for MLA's 16/32-row tiles) fails it as well.
+(wgmma.mma_async on Hopper for the GEMMs, mma.sync for MLA's 16/32-row tiles) or whose main loop
+has a single shared-memory buffer (no load overlapping the math; PIPELINED) fails it as well.
 sm_100a (B200), sm_89 (L40S, RTX 4090) and sm_80 (A100) are GPUs the Triton path serves, where no
 CUDA kernel of ours runs: on sm_80 Triton has no fp8 e4m3 type, so a kernel that names it does not
 compile there.
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 os.environ.pop("TRITON_INTERPRET", None)  # the compiler, not the interpreter
+for knob in ("DSKERNELS_MLA_TRITON_TILE", "DSKERNELS_TRITON_NATIVE_FP8"):  # the defaults' launches
+    os.environ.pop(knob, None)
 os.environ["DSKERNELS_GEMM_AUTOTUNE"] = "0"  # candidates are compiled one by one below
 
 import torch  # noqa: E402
@@ -69,6 +72,11 @@ TARGETS = {
 ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 64}
 # The tensor-core instruction each kernel must contain on sm_90a (PTX), absent which it would run
 # at a fraction of the speed: wgmma for the GEMMs; MLA's 16/32-row tiles are below wgmma's 64 rows.
+# The kernels whose main loop must stream its tiles through at least two shared-memory buffers
+# (Triton's cp.async pipelining), checked on sm_90a in the TTGIR: with one buffer the next copy
+# waits for the last read of the current tile and no load overlaps the math (MLA decode had that
+# with 2 stages, the block-table indirection taking one: dskernels/triton/mla.py).
+PIPELINED = {"_gemm_kernel", "_contiguous_kernel", "_masked_kernel", "_mla_decode_splitkv_kernel"}
 REQUIRED_PTX = {"_gemm_kernel": "wgmma.mma_async", "_contiguous_kernel": "wgmma.mma_async",
                 "_masked_kernel": "wgmma.mma_async", "_mla_decode_splitkv_kernel": "mma.sync"}
 PTXAS_DIR = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
@@ -105,6 +113,9 @@ class Compiler:
             record.update(self._ptxas(ptx), shared=compiled.metadata.shared)
             required = REQUIRED_PTX.get(record["kernel"])
             record["tensor_cores"] = required is None or required in ptx
+            # Multi-buffered tiles: local_alloc of memdesc<N x rows x cols x ...> with N buffers.
+            record["buffers"] = max((int(n) for n in re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x",
+                                                                compiled.asm["ttgir"])), default=0)
         except Exception as e:  # noqa: BLE001  (reported, then the check fails)
             record["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         record["seconds"] = time.time() - begin
@@ -138,7 +149,8 @@ def _dropped(r: dict) -> bool:
 def _bad(r: dict) -> bool:
     if "error" in r or (r["shared"] > r["target"].max_shared_bytes and not _dropped(r)):
         return True
-    return r["target"].strict and (r["spill_bytes"] > ALLOWED_SPILL_BYTES.get(r["kernel"], 0) or not r["tensor_cores"])
+    return r["target"].strict and (r["spill_bytes"] > ALLOWED_SPILL_BYTES.get(r["kernel"], 0) or not r["tensor_cores"]
+                                   or (r["kernel"] in PIPELINED and r["buffers"] < 2))
 
 
 def _line(r: dict) -> str:
@@ -148,6 +160,8 @@ def _line(r: dict) -> str:
     if "error" in r:
         return f"FAIL {where}: {r['error']}"
     missing = "" if r["tensor_cores"] or not r["target"].strict else f", no {REQUIRED_PTX[r['kernel']]}"
+    if r["kernel"] in PIPELINED:
+        missing += f", {r['buffers']} buffer{'s' if r['buffers'] != 1 else ''}"
     if _dropped(r):
         missing += " (over this GPU's shared memory: the autotuner drops it)"
     elif r["shared"] > r["target"].max_shared_bytes:
