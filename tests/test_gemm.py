@@ -504,7 +504,7 @@ def test_triton_every_gpu_config(config, monkeypatch):
     meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
     monkeypatch.setattr(triton_gemm, "_heuristic_config", lambda *_: dict(meta))
     m, n, k = 203, 300, 384
-    x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
+    _, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
     _, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
     bb, sbb = torch.stack([b, b.flip(0)]), torch.stack([sb, sb])
     with dskernels.backend("triton"):
