@@ -13,7 +13,7 @@ sm_100a (B200), sm_89 (L40S, RTX 4090) and sm_80 (A100) are GPUs the Triton path
 CUDA kernel of ours runs: on sm_80 Triton has no fp8 e4m3 type, so a kernel that names it does not
 compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
-grid, causal), the three FP8 GEMMs with every autotuning candidate and the heuristic tiles, the FP8
+grid, causal) and the small heads its GPU tests launch, the three FP8 GEMMs with every autotuning candidate and the heuristic tiles, the FP8
 casts and the EP row movers.
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
@@ -178,12 +178,13 @@ def _meta(*shape, dtype=torch.bfloat16):
 def mla_cases(compiler: Compiler) -> None:
     from dskernels.triton import mla as triton_mla
 
-    d, dv = 576, 512
-    for h_q, s_q, cache_dtype, page, causal in [(16, 1, torch.bfloat16, 64, False), (128, 2, torch.bfloat16, 64, True),
-                                                (16, 1, torch.float8_e4m3fn, 64, False), (64, 1, torch.float16, 61, True),
-                                                (128, 2, torch.float8_e4m3fn, 64, True),
-                                                (128, 1, torch.bfloat16, 1, False)]:
-        compiler.context = f"mla h_q={h_q} s_q={s_q} {str(cache_dtype)[6:]} page={page}"
+    # V3's heads, and the small ones the GPU runs of tests/test_mla.py launch (d = 64, dv = 48).
+    for d, dv, h_q, s_q, cache_dtype, page, causal in [
+            (576, 512, 16, 1, torch.bfloat16, 64, False), (576, 512, 128, 2, torch.bfloat16, 64, True),
+            (576, 512, 16, 1, torch.float8_e4m3fn, 64, False), (576, 512, 64, 1, torch.float16, 61, True),
+            (576, 512, 128, 2, torch.float8_e4m3fn, 64, True), (576, 512, 128, 1, torch.bfloat16, 1, False),
+            (64, 48, 4, 3, torch.float16, 61, True), (64, 48, 4, 1, torch.float8_e4m3fn, 16, False)]:
+        compiler.context = f"mla d={d} h_q={h_q} s_q={s_q} {str(cache_dtype)[6:]} page={page}"
         q_dtype = torch.float16 if cache_dtype == torch.float16 else torch.bfloat16
         b, parts = 4, 8
         triton_mla.flash_mla_with_kvcache(
