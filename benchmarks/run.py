@@ -75,14 +75,13 @@ class Report:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", default="", help="comma-separated families or op names (default: all); "
+    parser.add_argument("--ops", default="", help="comma-separated families or op names, run in that order (default: all); "
                         f"families: {', '.join(families())}")
     parser.add_argument("--quick", action="store_true", help="one or two shapes per op")
     parser.add_argument("--json", default=None, help="write one record per op, backend and shape here")
     parser.add_argument("--backends", default="", help="comma-separated subset of ref,triton,cuda")
     args = parser.parse_args()
 
-    wanted = {w for w in args.ops.split(",") if w}  # family names or op names
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     available = dskernels.available_backends()
@@ -105,19 +104,15 @@ def main() -> int:
               "TFLOPS, GB/s and roofline figures need a Hopper GPU (run scripts/gpu_check.sh there)")
 
     report, records, failures = Report(), [], []
-    for family in families():
-        module = importlib.import_module(f"benchmarks.bench_{family}")
-        for case in module.cases(args.quick, device):
-            if wanted and family not in wanted and case.op not in wanted:
-                continue
-            run_case(case, device, available, ceilings, meta, report, records, failures)
+    for _family, case in selected_cases(args.ops, args.quick, device):
+        run_case(case, device, available, ceilings, meta, report, records, failures)
+        if args.json:  # after every case: a run stopped at a device call's time limit keeps what it measured
+            write_json(args.json, meta, ceilings, records)
 
     print()
     print(report.table())
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"meta": {**meta, "ceilings": ceilings}, "records": records}, f, indent=1)
+        write_json(args.json, meta, ceilings, records)
         print(f"wrote {len(records)} records to {args.json}")
     if failures:
         print(f"\n{len(failures)} WRONG OR FAILED:\n  " + "\n  ".join(failures))
@@ -126,6 +121,28 @@ def main() -> int:
         print("no benchmark case matched --ops/--backends")
         return 1
     return 0
+
+
+def selected_cases(ops: str, quick: bool, device: str):
+    """(family, case) pairs matching --ops (family or op names), in the order --ops names them
+    (the first things named run first, for a device call with little time); all when empty."""
+    wanted = [w for w in ops.split(",") if w]
+    picked = []
+    for family in families():
+        module = importlib.import_module(f"benchmarks.bench_{family}")
+        for case in module.cases(quick, device):
+            ranks = [i for i, w in enumerate(wanted) if w in (family, case.op)]
+            if ranks or not wanted:
+                picked.append((min(ranks, default=0), family, case))
+    picked.sort(key=lambda item: item[0])  # stable: within one name, the family's own order
+    return [(family, case) for _, family, case in picked]
+
+
+def write_json(path, meta, ceilings, records):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".part", "w") as f:
+        json.dump({"meta": {**meta, "ceilings": ceilings}, "records": records}, f, indent=1)
+    os.replace(path + ".part", path)
 
 
 def run_case(case, device, available, ceilings, meta, report, records, failures):

@@ -1,20 +1,39 @@
 #!/usr/bin/env bash
-# Everything one device call should do (../shared/GPU.md): build against the device's torch, run
-# the GPU tests and the CPU suite, benchmark, sanitize, and leave logs and results under $OUT.
-#   run(command="bash scripts/gpu_check.sh", carry=[".whl"])   (add ".prebuilt" after scripts/prebuild_device.sh)
-# Knobs: QUICK=1 (one shape per op), SKIP_TESTS=1, SKIP_BENCH=1, SKIP_SANITIZER=1, BENCH_OPS=fp8_cast,mla,
-#        GPU_TESTS="tests/test_mla_sm90.py ..." (default: every tests/test_*.py), TEST_TIMEOUT=240 (s per file),
-#        SKIP_CPU_TESTS=1, SANITIZER_TIMEOUT=180, BENCH_TIMEOUT=540. One device call is capped at 600 s:
-#        split a first bring-up into build+GPU tests, then sanitizers, then benchmarks.
+# Everything a device call should do (../shared/GPU.md): use or build the library against the
+# device's torch, run the GPU tests, benchmark, sanitize, and bring back logs and results.
+#   run(command="bash scripts/gpu_check.sh", carry=[".whl", ".prebuilt"], timeout_s=600)
+# A session has 15 minutes of device time, the machine's start included, and one call at most 600 s.
+# So the script works to a deadline (DEADLINE seconds after it starts, default 570) and spends it
+# in order of value: STEPS (default tests,bench,sanitizer), each step capped by its own budget and
+# by the time left, the GPU tests ordered so that the never-run sm90 kernels go first. Whatever a
+# step had finished when its time ran out is kept.
+# Only 8 files come back from $OUT, so it holds three: summary.log (this script's output),
+# results.json (the benchmark records, rewritten after every case) and logs.tgz (every log,
+# repacked after every step: tar xzf logs.tgz).
+# Knobs: DEADLINE=570, STEPS=tests,bench,sanitizer, TESTS_BUDGET=330 (s for all test files),
+#        TEST_TIMEOUT=150 (s per file), GPU_TESTS="tests/test_mla_sm90.py ..." (default: every
+#        tests/test_*.py, sm90 first), CPU_TESTS=1 (also the not-gpu suite, for the device's
+#        torch/triton versions), BENCH_OPS=mla,gemm (families or ops, run in that order),
+#        QUICK=1 (default; 0 for the full grid), BENCH_BUDGET (s; default all that is left),
+#        SANITIZER_BUDGET=120 (s per tool).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
-mkdir -p "$OUT"
+LOGS="${LOGS:-/tmp/dskernels-gpu-logs}"
+rm -rf "$LOGS" && mkdir -p "$OUT" "$LOGS"
+exec > >(tee "$OUT/summary.log") 2>&1
+DEADLINE="${DEADLINE:-570}"
+RESERVE=15  # seconds kept back for packing the logs
 status=0
-step() { echo; echo "== $1 ($(date +%T))"; }
+step() { echo; echo "== $1 ($(date +%T), $(left) s left)"; }
+left() { echo $((DEADLINE - SECONDS)); }
+# budget N: N seconds, or less where the deadline (minus the reserve) comes first; 0 when it has passed
+budget() { local b=$(( $(left) - RESERVE )); (( b > $1 )) && b=$1; (( b < 0 )) && b=0; echo $b; }
+pack() { tar czf "$OUT/logs.tgz.part" -C "$LOGS" . && mv "$OUT/logs.tgz.part" "$OUT/logs.tgz"; }
+wants() { [[ ",${STEPS:-tests,bench,sanitizer}," == *",$1,"* ]]; }
 
 step "environment"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$LOGS/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
 step "CUTLASS headers from the carried wheel"
@@ -26,7 +45,7 @@ fi
 
 step "build"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}" PYTHONUNBUFFERED=1
 # A library from scripts/prebuild_device.sh (carried as .prebuilt) replaces the build when its stamp
 # (source hash, Python tag, torch version) is this machine's and it imports.
 prebuilt=0
@@ -37,55 +56,70 @@ if [ -f .prebuilt/stamp.txt ] && ls .prebuilt/_C*.so >/dev/null 2>&1; then
   [ $prebuilt = 1 ] && echo "using the prebuilt library" || echo "prebuilt library not usable here: building"
 fi
 if [ $prebuilt = 0 ]; then
-  python setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
-  grep -i "spill" "$OUT/build.log" | grep -v " 0 bytes spill" | head -20 || true
+  python setup.py -q build_ext --inplace > "$LOGS/build.log" 2>&1 || { tail -60 "$LOGS/build.log"; pack; exit 1; }
+  grep -i "spill" "$LOGS/build.log" | grep -v " 0 bytes spill" | head -20 || true
 fi
 so=$(python -c "import dskernels._C as c; print(c.__file__)")
-cuobjdump --list-elf "$so" | tee "$OUT/elf.txt"
-cuobjdump -sass "$so" > "$OUT/sass.txt" 2>&1 || true
-echo "SASS instruction mix: $(grep -c -E 'QGMMA' "$OUT/sass.txt") QGMMA, $(grep -c -E 'HGMMA' "$OUT/sass.txt") HGMMA, $(grep -c 'UTMALDG' "$OUT/sass.txt") UTMALDG"
+cuobjdump --list-elf "$so" > "$LOGS/elf.txt"
+cuobjdump -sass "$so" > "$LOGS/sass.txt" 2>&1 || true
+echo "SASS instruction mix: $(grep -c -E 'QGMMA' "$LOGS/sass.txt") QGMMA, $(grep -c -E 'HGMMA' "$LOGS/sass.txt") HGMMA, $(grep -c 'UTMALDG' "$LOGS/sass.txt") UTMALDG"
 python -c "import dskernels; print('backends:', dskernels.available_backends())"
+pack
 
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  # One pytest per file, killed after TEST_TIMEOUT seconds: a kernel that hangs (or traps and
-  # leaves a dead context) costs its own file, not the whole device call.
-  step "GPU tests (per file, ${TEST_TIMEOUT:-240} s each)"
-  : > "$OUT/pytest_gpu.log"
-  for f in ${GPU_TESTS:-tests/test_*.py}; do
-    timeout -s KILL "${TEST_TIMEOUT:-240}" python -m pytest "$f" -q -m gpu -p no:cacheprovider --maxfail=5 --tb=short \
-      > "$OUT/pytest_gpu_$(basename "$f" .py).log" 2>&1
+if wants tests; then
+  # One pytest per file, killed at its timeout: a kernel that hangs (or traps and leaves a dead
+  # context) costs its own file, not the whole call. The never-run sm90 kernels go first.
+  tests_end=$((SECONDS + $(budget "${TESTS_BUDGET:-330}")))
+  step "GPU tests ($((tests_end - SECONDS)) s in all, ${TEST_TIMEOUT:-150} s per file at most)"
+  first="tests/test_mla_sm90.py tests/test_gemm_sm90.py tests/test_fp8_cast.py tests/test_ep_layout.py tests/test_mla.py tests/test_gemm.py"
+  files="${GPU_TESTS:-$first $(ls tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
+  for f in $files; do
+    name=$(basename "$f" .py)
+    t=$((tests_end - SECONDS)); (( t > ${TEST_TIMEOUT:-150} )) && t=${TEST_TIMEOUT:-150}
+    if (( t < 10 )); then echo "$f: not run (the tests' time is spent)" | tee -a "$LOGS/pytest_gpu.log"; status=1; continue; fi
+    timeout -s KILL "$t" python -m pytest "$f" -q -m gpu -p no:cacheprovider --maxfail=5 --tb=short -rfE \
+      --junitxml="$LOGS/junit_$name.xml" > "$LOGS/pytest_gpu_$name.log" 2>&1
     rc=$?
     [ $rc -eq 5 ] && continue  # no gpu-marked tests in this file
     [ $rc -ne 0 ] && status=1
-    echo "$f: rc $rc: $(tail -1 "$OUT/pytest_gpu_$(basename "$f" .py).log")" | tee -a "$OUT/pytest_gpu.log"
+    verdict=$(tail -1 "$LOGS/pytest_gpu_$name.log"); [ $rc -eq 137 ] && verdict="killed after $t s"
+    echo "$f: rc $rc: $verdict" | tee -a "$LOGS/pytest_gpu.log"
   done
-  if [ "${SKIP_CPU_TESTS:-0}" != 1 ]; then  # the device's torch/triton versions differ from CI's
+  grep -h -E '^(FAILED|ERROR) ' "$LOGS"/pytest_gpu_*.log | head -40
+  if [ "${CPU_TESTS:-0}" = 1 ]; then  # the device's torch/triton versions differ from CI's
     step "CPU-side tests (not gpu-marked)"
     # Triton 3.6's interpreter fails on numpy >= 2.4 ("only 0-dimensional arrays can be converted
     # to Python scalars" at a loop over a runtime bound); seen off-device with torch 2.11 + triton
     # 3.6, where numpy 2.2 passes all CPU tests. Such failures here are the interpreter's, not ours.
     python -c "import numpy; print('numpy', numpy.__version__)"
-    timeout -s KILL 300 python -m pytest tests -q -m "not gpu" -p no:cacheprovider --tb=short > "$OUT/pytest_cpu.log" 2>&1 || status=1
-    tail -15 "$OUT/pytest_cpu.log"
+    timeout -s KILL "$(budget 300)" python -m pytest tests -q -m "not gpu" -p no:cacheprovider --tb=short \
+      > "$LOGS/pytest_cpu.log" 2>&1 || status=1
+    tail -15 "$LOGS/pytest_cpu.log"
   fi
+  pack
 fi
 
-if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
-  for tool in memcheck racecheck; do
-    step "compute-sanitizer $tool"
-    timeout -s KILL "${SANITIZER_TIMEOUT:-180}" compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 9 \
-      python scripts/sanitize_cases.py > "$OUT/sanitizer_$tool.log" 2>&1 || status=1
-    tail -5 "$OUT/sanitizer_$tool.log"
-  done
-fi
-
-if [ "${SKIP_BENCH:-0}" != 1 ]; then
+if wants bench; then
   step "benchmarks"
-  bench_args=(--json "$OUT/results.json")
-  [ "${QUICK:-0}" = 1 ] && bench_args+=(--quick)
-  [ -n "${BENCH_OPS:-}" ] && bench_args+=(--ops "$BENCH_OPS")
-  timeout -s KILL "${BENCH_TIMEOUT:-540}" python benchmarks/run.py "${bench_args[@]}" > "$OUT/bench.log" 2>&1 || status=1
-  sed -n '/^op /,$p' "$OUT/bench.log"
+  bench_args=(--json "$OUT/results.json" --ops "${BENCH_OPS:-mla,gemm,fp8_cast,ep,model}")
+  [ "${QUICK:-1}" = 1 ] && bench_args+=(--quick)
+  timeout -s KILL "$(budget "${BENCH_BUDGET:-100000}")" python benchmarks/run.py "${bench_args[@]}" > "$LOGS/bench.log" 2>&1 || status=1
+  sed -n '/^op /,$p' "$LOGS/bench.log"
+  [ -f "$OUT/results.json" ] && ! grep -q '^op ' "$LOGS/bench.log" && {
+    echo "benchmarks stopped at their time limit; the cases done so far:"; grep -F ' | ' "$LOGS/bench.log"; }
+  pack
 fi
-step "done (status $status); logs in $OUT"
+
+if wants sanitizer; then
+  for tool in memcheck racecheck; do
+    t=$(budget "${SANITIZER_BUDGET:-120}")
+    if (( t < 20 )); then echo "compute-sanitizer $tool: not run (no time left)"; continue; fi
+    step "compute-sanitizer $tool ($t s at most)"
+    timeout -s KILL "$t" compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 9 \
+      python scripts/sanitize_cases.py > "$LOGS/sanitizer_$tool.log" 2>&1 || status=1
+    tail -5 "$LOGS/sanitizer_$tool.log"
+  done
+  pack
+fi
+step "done (status $status): $OUT holds summary.log, results.json, logs.tgz"
 exit $status

@@ -32,3 +32,16 @@ def test_variant_environment_is_restored(monkeypatch):
     with environment({"DSKERNELS_GEMM_DENSE_CONFIG": "m64", "DSKERNELS_MLA_NO_TMA": "1"}):
         assert os.environ["DSKERNELS_GEMM_DENSE_CONFIG"] == "m64" and os.environ["DSKERNELS_MLA_NO_TMA"] == "1"
     assert "DSKERNELS_GEMM_DENSE_CONFIG" not in os.environ and os.environ["DSKERNELS_MLA_NO_TMA"] == "0"
+
+
+def test_ops_run_in_the_order_named():
+    """A device call short of time names what matters first in --ops (scripts/gpu_check.sh):
+    run.py keeps that order, by family or op name, and takes everything when --ops is empty."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.run import selected_cases
+
+    named = [(family, case.op) for family, case in selected_cases("mla,per_block_cast_to_fp8,gemm", True, "cpu")]
+    order = [family for family, _ in named]
+    assert order == sorted(order, key=["mla", "fp8_cast", "gemm"].index) and set(order) == {"mla", "fp8_cast", "gemm"}
+    assert {op for family, op in named if family == "fp8_cast"} == {"per_block_cast_to_fp8"}
+    assert {"mla", "fp8_cast", "gemm", "ep", "model"} <= {family for family, _ in selected_cases("", True, "cpu")}
