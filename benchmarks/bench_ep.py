@@ -6,7 +6,11 @@ bandwidth is the figure of merit. Bytes are counted as read + written once:
   - ep_pack (dispatch's one-launch gather into the send buffer): 2 * S * payload bytes, S =
     (token, destination rank) pairs, payload = H fp8 bytes + H/128 fp32 scales + K int64 ids +
     K fp32 weights (alignment padding not counted);
-  - ep_combine_reduce (combine's fused gather-sum back to token order): S*H*2 read + T*H*2 written.
+  - ep_combine_reduce (combine's fused gather-sum back to token order): S*H*2 read + T*H*2 written;
+  - ep_low_latency_send (low_latency_dispatch's send blocks, FP8 cast fused): M*H*2 read, and for
+    each of the P (token, rank) pairs that carry a payload H fp8 + H/128 fp32 scale bytes written,
+    plus R*M*K int64 ids written. Decode shape: M = 128 tokens per rank (DeepEP's low-latency
+    benchmark), the same routing.
 Shapes: DeepEP's settings (4096 tokens, hidden 7168, top-8 of 256 experts, 8 ranks) on CUDA.
 
 The network part cannot be measured on one GPU, so `main()` prints an analytic model (see
@@ -153,11 +157,51 @@ def _combine_case(num_tokens, hidden, num_topk, num_experts, num_ranks):
                 backends=("ref", "triton"))
 
 
+def _low_latency_send_case(max_tokens, hidden, num_topk, num_experts, num_ranks):
+    """low_latency_dispatch's send blocks, FP8: x read once, cast, and written to the blocks of the
+    ranks that hold one of each token's experts, plus every row's ids in every block (M = T rows)."""
+    from dskernels.ops.ep import low_latency_send
+
+    offsets = [0, hidden, hidden + -(-(hidden // 32) // 16) * 16]
+    row_bytes = offsets[2] + -(-8 * num_topk // 16) * 16
+    topk = _routing(max_tokens, num_topk, num_experts, seed=3)
+    pairs = int(ref_ep.get_dispatch_layout(topk, num_experts, num_ranks)[2].sum())  # (token, rank) payloads
+
+    def make_inputs(device):
+        g = torch.Generator().manual_seed(3)
+        return torch.randn(max_tokens, hidden, generator=g).to(torch.bfloat16).to(device), topk.to(device)
+
+    def blocks(device):  # poisoned the same way for every run, so unwritten bytes compare equal
+        return torch.full((num_ranks, max_tokens, row_bytes), 0xA5, dtype=torch.uint8, device=device)
+
+    def run(x, idx):
+        send = blocks(x.device)
+        low_latency_send(x, idx, num_experts, True, send, offsets)
+        return send
+
+    def reference(x, idx):
+        send = blocks("cpu")
+        ref_ep.low_latency_send(x.cpu(), idx.cpu(), num_experts, True, send, offsets)
+        return send
+
+    def torch_peer(x, idx):  # the reference's torch ops on the GPU: cast, then a masked copy per field
+        send = torch.empty(num_ranks, max_tokens, row_bytes, dtype=torch.uint8, device=x.device)
+        ref_ep.low_latency_send(x, idx, num_experts, True, send, offsets)
+        return send
+
+    moved = max_tokens * hidden * 2 + pairs * (hidden + hidden // 32) + num_ranks * max_tokens * 8 * num_topk
+    return Case(op="ep_low_latency_send", params={"M": max_tokens, "H": hidden, "K": num_topk, "E": num_experts,
+                                                  "R": num_ranks, "pairs": pairs, "fp8": True},
+                make_inputs=make_inputs, run=run, reference=reference, check=_same, flops=0.0, bytes=float(moved),
+                peers={"torch": torch_peer}, backends=("ref", "triton"))
+
+
 def cases(quick: bool, device: str) -> list[Case]:
     if device == "cpu":
-        return [_layout_case(61, 8, 64, 8), _pack_case(37, 256, 4, 32, 4), _combine_case(37, 256, 4, 32, 4)]
+        return [_layout_case(61, 8, 64, 8), _pack_case(37, 256, 4, 32, 4), _combine_case(37, 256, 4, 32, 4),
+                _low_latency_send_case(9, 384, 3, 12, 3)]
     found = [_layout_case(4096, 8, 256, 8), _pack_case(4096, HIDDEN, 8, 256, 8),
-             _combine_case(4096, HIDDEN, 8, 256, 8)]
+             _combine_case(4096, HIDDEN, 8, 256, 8), _low_latency_send_case(128, HIDDEN, 8, 256, 8)]
     if not quick:
         found += [_layout_case(4096, 8, 256, 64), _layout_case(128, 8, 256, 8),
                   _pack_case(128, HIDDEN, 8, 256, 8), _combine_case(128, HIDDEN, 8, 256, 8)]

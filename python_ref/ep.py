@@ -16,7 +16,8 @@ The row movers the Buffer is built from (the Triton kernels reproduce them bit f
     gather_reduce(y, index, weights, out):     out[t] = sum_j weights[t, j] * y[index[t, j]],
                                                j ascending, fp32 accumulation, index -1 skipped
 
-`low_latency_slots` is the low-latency receiver's placement (fixed shapes, no host sync).
+`low_latency_send` fills the low-latency sender's fixed blocks (the FP8 cast fused in) and
+`low_latency_slots` is the receiver's placement (fixed shapes, no host sync).
 `dispatch_oracle` is what rank `rank` must receive, written from every rank's inputs at once.
 """
 
@@ -89,6 +90,31 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
             rows = rows * weights[:, j : j + 1].float()
         acc += torch.where(valid[:, None], rows, torch.zeros((), device=out.device))
     out.copy_(acc)
+
+
+def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, use_fp8: bool,
+                     send: torch.Tensor, offsets: list[int]) -> None:
+    """The low-latency sender's buffer send uint8 [R, M, row_bytes]: block r goes to rank r, its row t
+    carries token t (T = x.shape[0] <= M). Fields at the byte offsets `offsets`: (fp8 x, fp32 scales,
+    int64 ids) with use_fp8, the cast being per_token_cast_to_fp8's; else (x's bytes, int64 ids).
+        ids of row t in every block:   topk_idx[t], or -1 (all bits set) for t >= T;
+        payload of row t in block r:   written iff t < T and t has an expert on rank r; the
+                                       receiver reads no other row's payload, so the rest of the
+                                       buffer is left as it was (bytes not sent to anyone useful)."""
+    from python_ref.fp8 import per_token_cast_to_fp8
+
+    num_ranks, block_rows, _ = send.shape
+    num_tokens, num_topk = topk_idx.shape
+    payloads = list(per_token_cast_to_fp8(x)) if use_fp8 else [x]
+    ids = torch.full((block_rows, num_topk), -1, dtype=torch.int64, device=send.device)
+    ids[:num_tokens] = topk_idx
+    at = offsets[-1]
+    send[:, :, at: at + 8 * num_topk] = ids.view(torch.uint8)
+    to_rank = get_dispatch_layout(topk_idx, num_experts, num_ranks)[2].t()[:, :, None]  # [R, T, 1]
+    for payload, at in zip(payloads, offsets):
+        data = payload.contiguous().view(torch.uint8).reshape(num_tokens, payload.shape[1] * payload.element_size())
+        field = send[:, :num_tokens, at: at + data.shape[1]]
+        field.copy_(torch.where(to_rank, data, field))
 
 
 def low_latency_slots(ids: torch.Tensor, base: int, num_local: int, cap: int

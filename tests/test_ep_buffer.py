@@ -291,6 +291,10 @@ def _check_bad_inputs(buf, world):
             lambda: buf.low_latency_dispatch(x, topk + 4 * world, 8, 4 * world))
     _raises(ValueError, ["num_experts:", str(4 * world + 1)],
             lambda: buf.low_latency_dispatch(x, topk, 8, 4 * world + 1))
+    _raises(ValueError, ["x:", "use_fp8", "128", "200"],
+            lambda: buf.low_latency_dispatch(torch.randn(5, 200), topk, 8, 4 * world, use_fp8=True))
+    _raises(ValueError, ["x:", "use_fp8", "torch.int32"],
+            lambda: buf.low_latency_dispatch(torch.ones(5, 128, dtype=torch.int32), topk, 8, 4 * world))
     _raises(TypeError, ["x[1]:", "float32"],
             lambda: buf.dispatch((x.to(torch.float8_e4m3fn), torch.rand(5, 2).half()), topk_idx=topk,
                                  num_experts=4 * world))

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 import dskernels
-from dskernels.ops.ep import copy_rows, ep_get_dispatch_layout, gather_reduce, low_latency_slots, pack_rows
+from dskernels.ops.ep import (_mover_backend, copy_rows, ep_get_dispatch_layout, gather_reduce, low_latency_send,
+                              low_latency_slots, pack_rows)
 from python_ref import ep as ref_ep
+from python_ref.fp8 import per_token_cast_to_fp8
 
 
 def random_topk(num_tokens, num_topk, num_experts, *, device="cpu", seed=0, none_rate=0.2):
@@ -49,9 +51,26 @@ def test_layout_strided_input(backend):
         assert torch.equal(a.cpu(), b)
 
 
+def mover_device(backend):
+    """The row movers have no CUDA kernel (Triton is their GPU path, tested in the triton case)."""
+    name, device = backend
+    if name == "cuda":
+        pytest.skip("the row movers have no CUDA kernel; a forced cuda backend runs their Triton kernels")
+    return device
+
+
+def test_movers_run_triton_under_a_forced_cuda_backend():
+    """A user forcing "cuda" for the public ops still gets working Buffer calls: the movers take
+    their Triton kernels on CUDA tensors (and still refuse CPU tensors, as every op does)."""
+    with dskernels.backend("cuda"):
+        assert _mover_backend("ep_copy_rows", torch.device("cuda")) == "triton"
+        with pytest.raises(ValueError, match="ep_copy_rows: the 'cuda' backend needs CUDA tensors"):
+            _mover_backend("ep_copy_rows", torch.device("cpu"))
+
+
 @pytest.mark.parametrize("dtype,cols", [(torch.int32, 37), (torch.uint8, 5), (torch.bfloat16, 300)])
 def test_copy_rows_gather_and_scatter(backend, dtype, cols):
-    _, device = backend
+    device = mover_device(backend)
     src = torch.randint(0, 100, (11, cols + 3), dtype=torch.int32).to(dtype).to(device)[:, :cols]
     src_idx = torch.tensor([4, 0, 10, 4, 7], device=device)
     dst_idx = torch.tensor([2, 6, 0, 5, 3], device=device)
@@ -68,7 +87,7 @@ def test_copy_rows_gather_and_scatter(backend, dtype, cols):
 def test_copy_rows_negative_index_skips(backend):
     """-1 in src_idx or dst_idx skips the row (the low-latency path's fixed-size grids): the dst row
     keeps its value, nothing else moves."""
-    _, device = backend
+    device = mover_device(backend)
     src = torch.randint(0, 1000, (6, 13), dtype=torch.int32).to(device)
     src_idx = torch.tensor([3, -1, 0, 5, 2, 1], device=device)
     dst_idx = torch.tensor([7, 0, -1, 2, -1, 4], device=device)
@@ -90,7 +109,7 @@ def test_copy_rows_negative_index_skips(backend):
 def test_low_latency_slots(backend, rows, topk, num_local, base):
     """Each row's position within each local expert (row order), repeats written once, counts: a
     plain loop says what python_ref.ep.low_latency_slots must return; every backend must match."""
-    _, device = backend
+    device = mover_device(backend)
     g = torch.Generator().manual_seed(rows)
     ids = torch.randint(-1, base + 2 * num_local, (rows, topk + 2), generator=g)[:, 1: topk + 1]  # strided
     ids[rows // 2, :] = -1
@@ -117,7 +136,7 @@ def test_low_latency_slots(backend, rows, topk, num_local, base):
 
 @pytest.mark.parametrize("num_segments", [1, 2, 4])
 def test_pack_rows(backend, num_segments):
-    _, device = backend
+    device = mover_device(backend)
     widths = [1800, 56, 16, 8][:num_segments]  # fp8 x (7200 B), scales, topk ids, weights as int32 words
     segments = [torch.randint(-2**31, 2**31 - 1, (13, w + 4), dtype=torch.int32).to(device)[:, :w] for w in widths]
     offsets, at = [], 0
@@ -140,7 +159,7 @@ def test_pack_rows(backend, num_segments):
                                              (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_gather_reduce(backend, dtype, out_dtype, weighted):
-    _, device = backend
+    device = mover_device(backend)
     y = torch.randn(9, 200).to(dtype).to(device)
     y[8] = float("nan")  # never indexed: must not leak
     index = torch.tensor([[0, -1, 3], [2, 7, 1], [-1, -1, -1], [5, 5, 0]], device=device)
@@ -197,3 +216,54 @@ def test_layout_cuda_graph_capture():
     graph.replay()
     for a, b in zip(out, ref_ep.get_dispatch_layout(topk.cpu(), 256, 8)):
         assert torch.equal(a.cpu(), b)
+
+
+def _send_offsets(widths):
+    """Byte offsets of fields of `widths` bytes, each 16-byte aligned (the Buffer's row layout)."""
+    offsets, at = [], 0
+    for w in widths:
+        offsets.append(at)
+        at += -(-w // 16) * 16
+    return offsets, max(at, 16)
+
+
+@pytest.mark.parametrize("use_fp8,dtype,T,M,H,K,E,R", [
+    (True, torch.bfloat16, 7, 9, 384, 3, 12, 3),     # rows past T, tokens with no expert
+    (True, torch.float32, 5, 5, 1152, 2, 8, 4),      # 9 groups: a partial chunk of groups
+    (True, torch.float16, 0, 4, 128, 2, 4, 2),       # no tokens: ids only
+    (False, torch.bfloat16, 6, 8, 200, 4, 16, 2),    # bf16 payload, H not a multiple of 128
+    (False, torch.float32, 3, 3, 33, 1, 1, 1),       # one rank, one expert
+])
+def test_low_latency_send(backend, use_fp8, dtype, T, M, H, K, E, R):
+    """The low-latency send blocks (python_ref.ep.low_latency_send) on every backend, byte for byte
+    over the whole poisoned buffer: what must not be written keeps the poison. Checked against the
+    definition too: ids (-1 past T) in every block, the payload (per_token_cast_to_fp8's bytes with
+    use_fp8) only in the blocks of ranks that hold one of the token's experts."""
+    device = mover_device(backend)
+    g = torch.Generator().manual_seed(T * 100 + H)
+    x = (torch.randn(T, H, generator=g) * 300).to(dtype)
+    if T > 1 and use_fp8:
+        x[1, 130] = float("nan")  # one group's scale and values become NaN, the others stay finite
+        x[0, :128] = 0            # an all-zero group: the 1e-4 floor
+    topk = torch.randint(-1, E, (T, K), generator=g)
+    if T > 2:
+        topk[2] = -1  # a token that goes nowhere
+    widths = ([H, 4 * (H // 128)] if use_fp8 else [H * x.element_size()]) + [8 * K]
+    offsets, row_bytes = _send_offsets(widths)
+    poison = torch.randint(0, 256, (R, M, row_bytes), generator=g, dtype=torch.uint8)
+    send = poison.clone().to(device)
+    low_latency_send(x.to(device), topk.to(device), E, use_fp8, send, offsets)
+    want = poison.clone()
+    ref_ep.low_latency_send(x, topk, E, use_fp8, want, offsets)
+    assert torch.equal(send.cpu(), want)
+
+    payloads = [t.view(torch.uint8).reshape(T, t.shape[1] * t.element_size())
+                for t in (per_token_cast_to_fp8(x) if use_fp8 else [x])]
+    for r in range(R):
+        for t in range(M):
+            ids = want[r, t, offsets[-1]: offsets[-1] + 8 * K].view(torch.int64)
+            assert ids.tolist() == (topk[t].tolist() if t < T else [-1] * K)
+            goes = t < T and any(0 <= e < E and e // (E // R) == r for e in topk[t].tolist())
+            for payload, at in zip(payloads, offsets):
+                field = want[r, t, at: at + payload.shape[1]]
+                assert torch.equal(field, payload[t] if goes else poison[r, t, at: at + payload.shape[1]]), (r, t)

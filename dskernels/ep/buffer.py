@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from dskernels.ep.events import EventOverlap, StreamScope, capture
-from dskernels.ops.ep import copy_rows, ep_get_dispatch_layout, gather_reduce, low_latency_slots, pack_rows
+from dskernels.ops.ep import (copy_rows, ep_get_dispatch_layout, gather_reduce, low_latency_send, low_latency_slots,
+                              pack_rows)
 
 _ALIGN = 16  # bytes: each payload starts 16-byte aligned within a packed row (vector loads)
 _FP8 = torch.float8_e4m3fn
@@ -573,8 +574,8 @@ class Buffer:
 
         Returns:
             recv_x: [L, M * R, H] bf16, or with use_fp8 a tuple (fp8 [L, M * R, H], fp32 scales
-                [L, M * R, H/128]) from dskernels.per_token_cast_to_fp8 (cast once per token before
-                the send); expert l's rows are [0, recv_count[l]), in source rank order then token
+                [L, M * R, H/128]), the bytes dskernels.per_token_cast_to_fp8 gives (the cast is
+                fused into the send: once per token); expert l's rows are [0, recv_count[l]), in source rank order then token
                 order, one row per token (a token naming an expert twice is received once); rows past
                 recv_count are not written.
             recv_count: int32 [L] on the device; handle; event; hook (a no-op callable: data is
@@ -586,23 +587,25 @@ class Buffer:
         R, M, K, device = self.group_size, num_max_dispatch_tokens_per_rank, topk_idx.shape[1], x.device
         num_local = num_experts // R
         cap = M * R
+        hidden = x.shape[1]
+        if use_fp8 and (x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or hidden % 128):
+            raise ValueError(f"x: use_fp8 casts groups of 128 columns of a bfloat16, float16 or float32 tensor, got "
+                             f"{x.dtype} with {hidden} columns")
+        # The received payloads' types: (fp8 x, fp32 scales) or x (empty: only dtype and width matter).
+        payload = ([x.new_empty(0, hidden, dtype=_FP8), x.new_empty(0, hidden // 128, dtype=torch.float32)]
+                   if use_fp8 else [x[:0]])
         with StreamScope(self, device, None, async_finish, False) as scope:
-            if use_fp8:
-                from dskernels.ops.fp8 import per_token_cast_to_fp8
-
-                payload = list(per_token_cast_to_fp8(x))
-            else:
-                payload = [x]
-            rows = [_rows(p) for p in payload + [topk_idx]]
-            word, offsets, row_words = self._layout([r.shape[1] for r in rows])
+            widths = [p.shape[1] * p.element_size() for p in payload] + [K * topk_idx.element_size()]
+            word, offsets, row_words = self._layout(widths)
             size = torch.empty((), dtype=word).element_size()
             # Token t is row t of every destination's block; the receiver reads the ids to see which
-            # rows are its own. Rows past T carry ids -1 (all bits set) and no payload.
+            # rows are its own. Rows past T carry ids -1 (all bits set) and no payload; a token's
+            # payload (cast to fp8 on the way, one read of x) goes only to the ranks holding one of its
+            # experts, as only they read it. One launch.
             send = torch.empty(R, M, row_words, dtype=word, device=device)
-            for r, off in zip(rows, offsets):
-                send[:, :num_tokens, off: off + r.shape[1] // size] = r.view(word)
-            id_off, id_words = offsets[-1], rows[-1].shape[1] // size
-            send[:, num_tokens:, id_off: id_off + id_words] = -1 if word == torch.int32 else 255
+            low_latency_send(x, topk_idx, num_experts, use_fp8, send.view(torch.uint8).reshape(R, M, row_words * size),
+                             [off * size for off in offsets])
+            id_off, id_words = offsets[-1], widths[-1] // size
             recv = torch.empty_like(send).reshape(R * M, row_words)
             self._all_to_all(recv, send.reshape(R * M, row_words), None, None, "low_latency_dispatch", poll=False)
 
@@ -614,8 +617,8 @@ class Buffer:
             write_slot, return_slot, recv_count = low_latency_slots(ids, self.rank * num_local, num_local, cap)
             entry_row = torch.arange(R * M * K, device=device) // max(K, 1)
             outs = []
-            for off, r, like in zip(offsets, rows, payload):
-                width = r.shape[1] // size
+            for off, field_bytes, like in zip(offsets, widths, payload):
+                width = field_bytes // size
                 out = torch.empty(num_local * cap, width, dtype=word, device=device)
                 copy_rows(recv[:, off: off + width], entry_row, out, write_slot, R * M * K)
                 outs.append(out.view(torch.uint8).view(like.dtype).reshape(num_local, cap, *like.shape[1:]))

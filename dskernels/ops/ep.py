@@ -1,8 +1,8 @@
 """Expert-parallel dispatch layout (API.md section 3; DeepEP's `Buffer.get_dispatch_layout`) and the
 two row movers `dskernels.ep.Buffer` packs and unpacks its all-to-all payloads with.
 
-Only `ep_get_dispatch_layout` is a registered op; `copy_rows` / `gather_reduce` /
-`low_latency_slots` are internal
+Only `ep_get_dispatch_layout` is a registered op; `copy_rows` / `pack_rows` / `gather_reduce` /
+`low_latency_send` / `low_latency_slots` are internal
 (their shapes depend on the routing the Buffer computes) but pick a backend the same way.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dskernels._backend import select_backend
+from dskernels._backend import current_backend, select_backend, triton_installed
 from dskernels._checks import check_tensor
 from python_ref import ep as ref_ep
 
@@ -90,6 +90,14 @@ def _has_cuda_layout_kernel() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("dskernels::_sm90_ep_get_dispatch_layout", "CUDA")
 
 
+def _mover_backend(op: str, device: torch.device) -> str:
+    """The Buffer's row movers have no CUDA kernel: Triton is their GPU path. A forced "cuda"
+    backend (set for the public ops) runs them on Triton rather than failing inside Buffer calls."""
+    if current_backend() == "cuda" and device.type == "cuda" and triton_installed():
+        return "triton"
+    return select_backend(op, device, has_cuda=False, has_triton=True)
+
+
 def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor, dst_idx: torch.Tensor | None,
               num_rows: int | None = None) -> None:
     """dst[dst_idx[i]] = src[src_idx[i]] for i < num_rows (None: the identity); an i whose src_idx or
@@ -99,7 +107,7 @@ def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor
     host read of how many rows are valid)."""
     if num_rows is None:
         num_rows = (src_idx if src_idx is not None else dst_idx if dst_idx is not None else src).shape[0]
-    if select_backend("ep_copy_rows", src.device, has_cuda=False, has_triton=True) == "ref":
+    if _mover_backend("ep_copy_rows", src.device) == "ref":
         ref_ep.copy_rows(src[:num_rows] if src_idx is None else src, None if src_idx is None else src_idx[:num_rows],
                          dst, None if dst_idx is None else dst_idx[:num_rows])
         return
@@ -115,7 +123,7 @@ def pack_rows(segments: list[torch.Tensor], offsets: list[int], src_idx: torch.T
     Up to 4 segments, all of dst's dtype (the Buffer views every payload as int32 words)."""
     if num_rows is None:
         num_rows = dst.shape[0]
-    if select_backend("ep_pack_rows", dst.device, has_cuda=False, has_triton=True) == "ref":
+    if _mover_backend("ep_pack_rows", dst.device) == "ref":
         ref_ep.pack_rows(segments, offsets, None if src_idx is None else src_idx[:num_rows], dst[:num_rows])
         return
     from dskernels.triton import ep as triton_ep
@@ -126,7 +134,7 @@ def pack_rows(segments: list[torch.Tensor], offsets: list[int], src_idx: torch.T
 def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
     """out[t] = sum_j weights[t, j] * y[index[t, j]] with index -1 skipped, fp32 sum in j order: the
     combine's fused un-permute and reduction back to token order."""
-    if select_backend("ep_gather_reduce", y.device, has_cuda=False, has_triton=True) == "ref":
+    if _mover_backend("ep_gather_reduce", y.device) == "ref":
         ref_ep.gather_reduce(y, index, weights, out)
         return
     from dskernels.triton import ep as triton_ep
@@ -134,12 +142,28 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
     triton_ep.gather_reduce(y, index, weights, out)
 
 
+def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, use_fp8: bool, send: torch.Tensor,
+                     offsets: list[int]) -> None:
+    """Fills the low-latency dispatch's send buffer `send` uint8 [R, M, row_bytes] (python_ref.ep.low_latency_send
+    has the definition): row t of every rank's block gets token t's expert ids (-1 past the T tokens),
+    and, in the blocks of the ranks holding one of its experts, its payload: x's bytes, or with
+    use_fp8 x cast to fp8 with per-128 scales exactly as per_token_cast_to_fp8 casts it. One Triton
+    launch reads x once (the cast fused into the send, as DeepEP does), instead of a cast, a
+    broadcast copy per field and a fill."""
+    if _mover_backend("ep_low_latency_send", send.device) == "ref":
+        ref_ep.low_latency_send(x, topk_idx, num_experts, use_fp8, send, offsets)
+        return
+    from dskernels.triton import ep as triton_ep
+
+    triton_ep.low_latency_send(x.contiguous(), topk_idx.contiguous(), num_experts, use_fp8, send, offsets)
+
+
 def low_latency_slots(ids: torch.Tensor, base: int, num_local: int, cap: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The low-latency receiver's placement of every received (row, k) entry: (write_slot [N * K],
     return_slot [N * K] int64, recv_count int32 [num_local]); python_ref.ep.low_latency_slots has
     the definition. One Triton launch instead of about ten torch ops; no host synchronization."""
-    if select_backend("ep_low_latency_slots", ids.device, has_cuda=False, has_triton=True) == "ref":
+    if _mover_backend("ep_low_latency_slots", ids.device) == "ref":
         return ref_ep.low_latency_slots(ids, base, num_local, cap)
     from dskernels.triton import ep as triton_ep
 

@@ -1,10 +1,12 @@
 """Triton kernels of the expert-parallel family: the dispatch layout, the row movers the Buffer
-packs and unpacks its all-to-all payloads with, and the low-latency receiver's slot placement
-(python_ref.ep defines them all)."""
+packs and unpacks its all-to-all payloads with, the low-latency sender's block fill (FP8 cast
+fused in) and the receiver's slot placement (python_ref.ep defines them all)."""
 
 import torch
 import triton
 import triton.language as tl
+
+from dskernels.triton.fp8_math import e4m3_bits, max_nan
 
 
 @triton.jit
@@ -247,3 +249,68 @@ def low_latency_slots(ids: torch.Tensor, base: int, num_local: int, cap: int
                                             num_topk, base, num_local, cap, BLOCK_R=block_r, BLOCK_K=block_k,
                                             num_warps=4)
     return write_slot, return_slot, recv_count
+
+
+@triton.jit
+def _low_latency_send_kernel(x_ptr, stride_x, topk_ptr, stride_topk, send_u8, send_f32, send_i64, num_tokens,
+                             num_topk, num_ranks, experts_per_rank, num_experts, block_rows, row_bytes,
+                             X_OFF: tl.constexpr, SCALE_OFF: tl.constexpr, IDS_OFF: tl.constexpr,
+                             X_WIDTH: tl.constexpr, USE_FP8: tl.constexpr, GROUPS: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One program: row t of every block, one chunk of the payload (GROUPS x 128 elements cast to
+    # fp8, or BLOCK_C bytes of x). x is read once and cast once; the result is stored only into
+    # the blocks of ranks holding one of t's experts (the others never read it). The chunk-0
+    # program writes t's ids (-1 past the tokens) into every block.
+    t = tl.program_id(0)
+    chunk = tl.program_id(1)
+    is_token = t < num_tokens
+    ks = tl.arange(0, BLOCK_K)
+    ids = tl.load(topk_ptr + t.to(tl.int64) * stride_topk + ks, mask=is_token & (ks < num_topk), other=-1)
+    owner = tl.where((ids >= 0) & (ids < num_experts), ids // experts_per_rank, -1)
+    x_row = x_ptr + t.to(tl.int64) * stride_x
+    if USE_FP8:
+        groups = chunk * GROUPS + tl.arange(0, GROUPS)
+        cols = groups[:, None] * 128 + tl.arange(0, 128)[None, :]
+        ok = (groups < X_WIDTH // 128)[:, None] & is_token
+        x = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+        # per_token_cast_to_fp8's math (dskernels/triton/fp8_cast.py), bit for bit
+        amax = tl.maximum(max_nan(tl.abs(x), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)
+        payload = e4m3_bits(x * tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)[:, None])
+        scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    else:
+        cols = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = (cols < X_WIDTH) & is_token
+        payload = tl.load(x_row + cols, mask=ok)
+    for r in range(num_ranks):
+        row = (r * block_rows + t).to(tl.int64) * row_bytes  # byte offset of the row in `send`
+        tl.store(send_i64 + row // 8 + IDS_OFF // 8 + ks, ids, mask=(ks < num_topk) & (chunk == 0))
+        to_rank = tl.max((owner == r).to(tl.int32), axis=0) > 0
+        tl.store(send_u8 + row + X_OFF + cols, payload, mask=ok & to_rank)
+        if USE_FP8:
+            tl.store(send_f32 + row // 4 + SCALE_OFF // 4 + groups, scale,
+                     mask=(groups < X_WIDTH // 128) & is_token & to_rank)
+
+
+def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, use_fp8: bool, send: torch.Tensor,
+                     offsets: list[int]) -> None:
+    """python_ref.ep.low_latency_send in one launch: x [T, H] (unit last stride), topk_idx int64 [T, K]
+    (unit last stride), send uint8 [R, M, row_bytes] contiguous, byte offsets 16-aligned."""
+    num_ranks, block_rows, row_bytes = send.shape
+    num_tokens, num_topk = topk_idx.shape
+    assert x.stride(1) == 1 and topk_idx.stride(1) == 1 and send.is_contiguous() and row_bytes % 16 == 0
+    if use_fp8:
+        x_arg, width = x, x.shape[1]
+        groups = min(triton.next_power_of_2(max(width // 128, 1)), 8)  # 1024 elements a program
+        chunks, block_c = triton.cdiv(width // 128, groups), 1
+    else:  # the payload is x's bytes
+        x_arg, width = x.view(torch.uint8), x.shape[1] * x.element_size()
+        block_c = min(triton.next_power_of_2(max(width, 1)), 4096)
+        chunks, groups = triton.cdiv(width, block_c), 1
+    scale_off = offsets[1] if use_fp8 else 0
+    if num_tokens == 0:  # only the ids (all -1) are written: valid pointers stand in for x and topk_idx
+        x_arg, topk_idx = send, send.view(torch.int64)
+    _low_latency_send_kernel[(block_rows, max(chunks, 1))](
+        x_arg, x_arg.stride(0), topk_idx, topk_idx.stride(0), send, send.view(torch.float32),
+        send.view(torch.int64), num_tokens, num_topk, num_ranks, num_experts // num_ranks, num_experts, block_rows,
+        row_bytes, X_OFF=offsets[0], SCALE_OFF=scale_off, IDS_OFF=offsets[-1], X_WIDTH=width, USE_FP8=use_fp8,
+        GROUPS=groups, BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(max(num_topk, 1)), num_warps=4)
