@@ -4,8 +4,9 @@ For each group (1x128 for activations, 128x128 for weights):
     amax  = max(max |x|, 1e-4)
     q     = fp8_e4m3(x * (448 / amax))    round to nearest even
     scale = amax / 448                    so x ~= q.float() * scale
-`448 / amax` is one correctly rounded fp32 division (not reciprocal-then-multiply, which is what
-`448.0 / tensor` does in PyTorch), so every backend can reproduce the bits exactly.
+Both divisions are correctly rounded fp32 divisions of two tensors, on every device (PyTorch's
+`448.0 / tensor` is a reciprocal then a product, and on CUDA `tensor / 448.0` is a product by
+1/448), so every backend, this oracle on a GPU included, can reproduce the bits exactly.
 """
 
 import torch
@@ -13,6 +14,12 @@ import torch
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 GROUP_SIZE = 128
 AMAX_FLOOR = 1e-4
+
+
+def _scale(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448, correctly rounded on every device: PyTorch's CUDA division by a Python scalar
+    multiplies by its reciprocal instead (a different last bit for about half the values)."""
+    return amax / torch.full_like(amax, FP8_MAX)
 
 
 def _quantize(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
@@ -26,7 +33,7 @@ def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     groups = x.float().reshape(m, k // GROUP_SIZE, GROUP_SIZE)
     amax = groups.abs().amax(dim=2, keepdim=True).clamp(min=AMAX_FLOOR)
-    return _quantize(groups, amax).reshape(m, k), (amax / FP8_MAX).reshape(m, k // GROUP_SIZE)
+    return _quantize(groups, amax).reshape(m, k), _scale(amax).reshape(m, k // GROUP_SIZE)
 
 
 def per_block_cast_to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,4 +48,4 @@ def per_block_cast_to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = padded.reshape(n_blocks, GROUP_SIZE, k // GROUP_SIZE, GROUP_SIZE)
     amax = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=AMAX_FLOOR)
     q = _quantize(blocks, amax).reshape(n_blocks * GROUP_SIZE, k)[:n]
-    return q.contiguous(), (amax / FP8_MAX).reshape(n_blocks, k // GROUP_SIZE)
+    return q.contiguous(), _scale(amax).reshape(n_blocks, k // GROUP_SIZE)

@@ -67,8 +67,9 @@ TARGETS = {
     "80": Target("80", (8, 0), "sm_80", 166912, False),        # A100: 163 KB
 }
 # Spills tolerated on sm_90a, per kernel. MLA decode's 32-row tiles (rows > 16: h_q >= 32 or s_q > 1)
-# sit at 255 registers and spill 0-40 bytes depending on the path and the Triton version (3.6 and
-# 3.8 measured); 16-row tiles do not spill but read every key block twice as often.
+# sit at 255 registers and spill 0-48 bytes with triton 3.8 (CI's); 16-row tiles do not spill but
+# read every key block twice as often. Triton 3.6 (the lent GPU's) spills 108 bytes in one of them,
+# the fp8-cache causal tile (h_q=128, s_q=2), so this check fails there on that tile alone.
 ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 64}
 # The tensor-core instruction each kernel must contain on sm_90a (PTX), absent which it would run
 # at a fraction of the speed: wgmma for the GEMMs; MLA's 16/32-row tiles are below wgmma's 64 rows.

@@ -10,6 +10,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# The Triton GEMMs' autotuning would time 7 candidates per shape under the sanitizer: minutes.
+os.environ.setdefault("DSKERNELS_GEMM_AUTOTUNE", "0")
+
 import torch  # noqa: E402
 
 import dskernels  # noqa: E402

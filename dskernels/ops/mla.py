@@ -313,7 +313,7 @@ def _flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, 
     backend = select_backend("flash_mla_with_kvcache", q.device, has_cuda=unsupported is None, has_triton=True,
                              cuda_verified=_CUDA_MLA_VERIFIED)
     if backend == "cuda":
-        if any(q.stride(i) % 8 for i in range(3)) or q.data_ptr() % 16:
+        if q.stride(3) != 1 or any(q.stride(i) % 8 for i in range(3)) or q.data_ptr() % 16:
             q = q.contiguous()  # the kernel reads 16-byte pieces of each q row
         block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
         out, lse = _new_outputs(q, head_dim_v)
