@@ -80,6 +80,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one or two shapes per op")
     parser.add_argument("--json", default=None, help="write one record per op, backend and shape here")
     parser.add_argument("--backends", default="", help="comma-separated subset of ref,triton,cuda")
+    parser.add_argument("--no-cuda", default="", help="families or ops whose cuda backend is not run (their "
+                        "GPU tests failed: scripts/gpu_check.sh fills it in)")
     args = parser.parse_args()
 
     on_gpu = torch.cuda.is_available()
@@ -104,8 +106,10 @@ def main() -> int:
               "TFLOPS, GB/s and roofline figures need a Hopper GPU (run scripts/gpu_check.sh there)")
 
     report, records, failures = Report(), [], []
-    for _family, case in selected_cases(args.ops, args.quick, device):
-        run_case(case, device, available, ceilings, meta, report, records, failures)
+    no_cuda = {w for w in args.no_cuda.split(",") if w}
+    for family, case in selected_cases(args.ops, args.quick, device):
+        run_case(case, device, available, ceilings, meta, report, records, failures,
+                 no_cuda=bool(no_cuda & {family, case.op}))
         if args.json:  # after every case: a run stopped at a device call's time limit keeps what it measured
             write_json(args.json, meta, ceilings, records)
 
@@ -145,25 +149,50 @@ def write_json(path, meta, ceilings, records):
     os.replace(path + ".part", path)
 
 
-def run_case(case, device, available, ceilings, meta, report, records, failures):
+def run_case(case, device, available, ceilings, meta, report, records, failures, no_cuda=False):
     shape = shape_text(case.params)
-    inputs = case.make_inputs(device)
-    expected = case.reference(*inputs)
-    ours = {}  # backend (or "cuda[variant]") -> its record
-    runs = [(b, b, {}) for b in ("ref", "triton", "cuda") if b in available and b in case.backends]
+    try:
+        inputs = case.make_inputs(device)
+        expected = case.reference(*inputs)
+    except Exception as e:  # a case that cannot be set up is reported; the next cases still run
+        traceback.print_exc()
+        failures.append(f"{case.op} {shape}: inputs or reference raised {type(e).__name__}: {e}")
+        return
+    backends = [b for b in ("ref", "triton", "cuda") if b in available and b in case.backends]
+    if no_cuda and "cuda" in backends:  # its GPU tests failed: a fault would end the whole run
+        backends.remove("cuda")
+        print(f"{case.op} {shape}: cuda backend skipped (--no-cuda)")
+    runs = [(b, b, {}) for b in backends]
     for backend, variants in (("triton", case.triton_variants), ("cuda", case.cuda_variants)):
-        if backend in available and backend in case.backends and device == "cuda":
+        if backend in backends and device == "cuda":
             runs += [(backend, f"{backend}[{label}]", env) for label, env in variants.items()]
+
+    # Every backend is checked before any is timed, and each checked output is poisoned before the
+    # next runs: the next run's outputs reuse that memory (the caching allocator's freed blocks, or
+    # the same `out` argument), so a kernel that writes nothing cannot pass on what an earlier,
+    # correct run left there. (Timed runs would leave correct outputs behind again.)
+    problems = {}
     for backend, label, env in runs:
         try:
             with dskernels.backend(backend), environment(env):
-                problem = case.check(case.run(*inputs), expected)
-                timer = bench.bench_gpu if device == "cuda" else bench.bench_cpu
-                ms = timer(lambda: case.run(*inputs))
+                result = case.run(*inputs)
+                problems[label] = case.check(result, expected)
+                poison(result)
+                del result
         except Exception as e:  # report and go on: one broken backend must not hide the others
             traceback.print_exc()
-            problem = f"raised {type(e).__name__}: {e}"
-            ms = float("nan")
+            problems[label] = f"raised {type(e).__name__}: {e}"
+    ours = {}  # backend (or "cuda[variant]") -> its record
+    timer = bench.bench_gpu if device == "cuda" else bench.bench_cpu
+    for backend, label, env in runs:
+        problem, ms = problems[label], float("nan")
+        if not (problem or "").startswith("raised"):
+            try:
+                with dskernels.backend(backend), environment(env):
+                    ms = timer(lambda: case.run(*inputs))
+            except Exception as e:
+                traceback.print_exc()
+                problem = f"raised {type(e).__name__} when timed: {e}"
         if problem:
             failures.append(f"{case.op} [{label}] {shape}: {problem}")
         ours[label] = record(case, label, ms, ceilings, meta, problem)
@@ -189,6 +218,23 @@ def run_case(case, device, available, ceilings, meta, report, records, failures)
         report.add(case.op, label, shape, f"{rec['ms'] * 1e3:.1f}", fmt(rec["tflops"]), fmt(rec["gbps"]),
                    fmt(rec["roofline"] and 100 * rec["roofline"]), x_peer)
         records.append(rec)
+
+
+def poison(result) -> None:
+    """Overwrites a checked output (tensors, also inside tuples and lists): NaN in floating tensors,
+    every flag flipped in bool ones, an unlikely pattern in the rest (fp8 and integer tensors)."""
+    if isinstance(result, (tuple, list)):
+        for item in result:
+            poison(item)
+    elif isinstance(result, torch.Tensor) and result.numel():
+        if result.dtype == torch.bool:
+            result.logical_not_()
+        elif result.element_size() == 1:
+            result.view(torch.uint8).fill_(0xA5)
+        elif result.is_floating_point():
+            result.fill_(float("nan"))
+        else:
+            result.fill_(torch.iinfo(result.dtype).max // 3)
 
 
 @contextlib.contextmanager

@@ -45,3 +45,30 @@ def test_ops_run_in_the_order_named():
     assert order == sorted(order, key=["mla", "fp8_cast", "gemm"].index) and set(order) == {"mla", "fp8_cast", "gemm"}
     assert {op for family, op in named if family == "fp8_cast"} == {"per_block_cast_to_fp8"}
     assert {"mla", "fp8_cast", "gemm", "ep", "model"} <= {family for family, _ in selected_cases("", True, "cpu")}
+
+
+def test_a_run_that_writes_nothing_is_caught():
+    """Every backend is checked before any is timed, and each checked output is poisoned: a kernel
+    that leaves its output alone cannot pass on what the previous backend wrote there (here the
+    shared `out` argument, as the GEMM cases pass it)."""
+    import torch
+
+    import dskernels
+
+    sys.path.insert(0, ROOT)
+    from benchmarks.common import Case
+    from benchmarks.run import Report, run_case
+
+    def run(x, out):
+        if dskernels.current_backend() == "ref":
+            out.copy_(x * 2)
+        return out
+
+    case = Case(op="double", params={"n": 4}, make_inputs=lambda device: (torch.arange(4.0), torch.empty(4)),
+                run=run, reference=lambda x, out: x * 2,
+                check=lambda got, want: None if torch.equal(got, want) else "differs",
+                flops=0.0, bytes=32.0, backends=("ref", "triton"))
+    failures = []
+    run_case(case, "cpu", ["ref", "triton"], {}, {"device": "cpu", "git_sha": "-", "torch": "-", "date": "-"},
+             Report(), [], failures)
+    assert failures == ["double [triton] n=4: differs"]
