@@ -51,3 +51,18 @@ def backend(request):
         pytest.skip(f"backend {name!r} is not available here (available: {dskernels.available_backends()})")
     with dskernels.backend(name):
         yield name, backend_device(name)
+
+
+@pytest.fixture(autouse=True)
+def garbage_in_free_gpu_memory():
+    """On a GPU, before every test: the caching allocator's free memory is refilled with 0xFF bytes
+    (NaN in every float type, fp8 included; -1 in integers). Otherwise an output a kernel never
+    writes would read as the last test's output of the same size, which for parametrized tests is
+    the same result from another backend: a kernel that writes nothing would pass."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        large = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").fill_(0xFF)  # the large-block pool
+        small = [torch.empty(1 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # blocks up to 1 MB
+                 for _ in range(64)]
+        del large, small
+    yield
