@@ -75,8 +75,8 @@ class Report:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", default="", help="comma-separated families or op names, run in that order (default: all); "
-                        f"families: {', '.join(families())}")
+    parser.add_argument("--ops", default="", help="comma-separated families or op names, run in that order "
+                        f"(default: all); families: {', '.join(families())}")
     parser.add_argument("--quick", action="store_true", help="one or two shapes per op")
     parser.add_argument("--json", default=None, help="write one record per op, backend and shape here")
     parser.add_argument("--backends", default="", help="comma-separated subset of ref,triton,cuda")

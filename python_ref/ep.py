@@ -98,9 +98,9 @@ def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, 
     carries token t (T = x.shape[0] <= M). Fields at the byte offsets `offsets`: (fp8 x, fp32 scales,
     int64 ids) with use_fp8, the cast being per_token_cast_to_fp8's; else (x's bytes, int64 ids).
         ids of row t in every block:   topk_idx[t], or -1 (all bits set) for t >= T;
-        payload of row t in block r:   written iff t < T and t has an expert on rank r; the
-                                       receiver reads no other row's payload, so the rest of the
-                                       buffer is left as it was (bytes not sent to anyone useful)."""
+        payload of row t in block r:   written iff t < T and t has an expert on rank r (the
+                                       receiver reads no other row's payload); the other payload
+                                       bytes are left as they were."""
     from python_ref.fp8 import per_token_cast_to_fp8
 
     num_ranks, block_rows, _ = send.shape

@@ -270,9 +270,10 @@ def ep_cases(compiler: Compiler) -> None:
                                 _meta(tokens, hidden, dtype=out_dtype))
     triton_ep.low_latency_slots(_meta(ranks * 128, topk, dtype=torch.int64), 0, experts // ranks, 128 * ranks)
     # The low-latency send blocks (decode: M = 128 rows per rank pair): fp8 x | scales | ids, or bf16 x | ids.
-    for use_fp8, offsets, row_bytes in [(True, [0, hidden, hidden + 224], hidden + 288), (False, [0, 2 * hidden], 2 * hidden + 64)]:
-        triton_ep.low_latency_send(_meta(128, hidden, dtype=torch.bfloat16), _meta(128, topk, dtype=torch.int64), experts,
-                                   use_fp8, _meta(ranks, 128, row_bytes, dtype=torch.uint8), offsets)
+    for use_fp8, offsets, row_bytes in [(True, [0, hidden, hidden + 224], hidden + 288),
+                                        (False, [0, 2 * hidden], 2 * hidden + 64)]:
+        triton_ep.low_latency_send(_meta(128, hidden, dtype=torch.bfloat16), _meta(128, topk, dtype=torch.int64),
+                                   experts, use_fp8, _meta(ranks, 128, row_bytes, dtype=torch.uint8), offsets)
 
 
 def main() -> int:

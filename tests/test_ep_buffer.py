@@ -449,8 +449,6 @@ def _body_gpu_graph(rank, world, seed):
                                    rtol=0.1, atol=0.1)
 
 
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo carries CPU tensors: Triton runs on them only "
                     "under the interpreter (the GPU machine runs test_buffer_nccl_world1 instead)")
 def test_buffer_distributed_triton_kernels():

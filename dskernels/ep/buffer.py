@@ -575,9 +575,9 @@ class Buffer:
         Returns:
             recv_x: [L, M * R, H] bf16, or with use_fp8 a tuple (fp8 [L, M * R, H], fp32 scales
                 [L, M * R, H/128]), the bytes dskernels.per_token_cast_to_fp8 gives (the cast is
-                fused into the send: once per token); expert l's rows are [0, recv_count[l]), in source rank order then token
-                order, one row per token (a token naming an expert twice is received once); rows past
-                recv_count are not written.
+                fused into the send: once per token); expert l's rows are [0, recv_count[l]), in
+                source rank order then token order, one row per token (a token naming an expert
+                twice is received once); rows past recv_count are not written.
             recv_count: int32 [L] on the device; handle; event; hook (a no-op callable: data is
                 ready on return).
         """
