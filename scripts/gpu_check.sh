@@ -24,6 +24,8 @@ OUT="${OUT:-$PWD/gpu_out}"
 LOGS="${LOGS:-/tmp/dskernels-gpu-logs}"
 rm -rf "$LOGS" && mkdir -p "$OUT" "$LOGS"
 exec > >(tee "$OUT/summary.log") 2>&1
+tee_pid=$!
+trap 'exec >&- 2>&-; wait "$tee_pid"' EXIT  # summary.log complete before the call returns
 DEADLINE="${DEADLINE:-570}"
 RESERVE=15  # seconds kept back for packing the logs
 status=0
