@@ -37,6 +37,10 @@ pack() { tar czf "$OUT/logs.tgz.part" -C "$LOGS" . && mv "$OUT/logs.tgz.part" "$
 wants() { [[ ",${STEPS:-tests,bench,sanitizer}," == *",$1,"* ]]; }
 
 step "environment"
+if ! command -v python >/dev/null; then  # the device image names its interpreter python3
+  mkdir -p /tmp/dskernels-bin && ln -sf "$(command -v python3)" /tmp/dskernels-bin/python
+  export PATH="/tmp/dskernels-bin:$PATH"
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$LOGS/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
@@ -55,7 +59,8 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}" PYTHONUNBUFFERED=1
 prebuilt=0
 if [ -f .prebuilt/stamp.txt ] && ls .prebuilt/_C*.so >/dev/null 2>&1; then
   if python scripts/prebuilt_stamp.py | diff - .prebuilt/stamp.txt; then
-    cp .prebuilt/_C*.so dskernels/ && python -c "import dskernels._C" && prebuilt=1 || rm -f dskernels/_C*.so
+    lib=$(basename .prebuilt/_C*.so)
+    cp ".prebuilt/$lib" dskernels/ && python -c "import dskernels._C" && prebuilt=1 || rm -f "dskernels/$lib"
   fi
   [ $prebuilt = 1 ] && echo "using the prebuilt library" || echo "prebuilt library not usable here: building"
 fi
