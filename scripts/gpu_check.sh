@@ -11,8 +11,8 @@
 # results.json (the benchmark records, rewritten after every case) and logs.tgz (every log,
 # repacked after every step: tar xzf logs.tgz).
 # Knobs: DEADLINE=570, STEPS=tests,bench,sanitizer, TESTS_BUDGET=330 (s for all test files),
-#        TEST_TIMEOUT=150 (s per file), GPU_TESTS="tests/test_mla_sm90.py ..." (default: every
-#        tests/test_*.py, sm90 first), CPU_TESTS=1 (also the not-gpu suite, for the device's
+#        TEST_TIMEOUT=150 (s per file), GPU_TESTS="tests/test_mla_sm90.py ..." (default: the files
+#        with gpu-selected tests, sm90 first), CPU_TESTS=1 (also the not-gpu suite, for the device's
 #        torch/triton versions), BENCH_OPS=mla,gemm (families or ops, run in that order),
 #        QUICK=1 (default; 0 for the full grid), BENCH_BUDGET (s; default all that is left),
 #        NO_CUDA=mla,gemm (families benchmarked without their cuda backend; by default those whose
