@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels.triton.fp8_math import e4m3_bits, max_nan
+from dskernels.triton.fp8_math import cast_groups
 
 
 @triton.jit
@@ -273,10 +273,7 @@ def _low_latency_send_kernel(x_ptr, stride_x, topk_ptr, stride_topk, send_u8, se
         cols = groups[:, None] * 128 + tl.arange(0, 128)[None, :]
         ok = (groups < X_WIDTH // 128)[:, None] & is_token
         x = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
-        # per_token_cast_to_fp8's math (dskernels/triton/fp8_cast.py), bit for bit
-        amax = tl.maximum(max_nan(tl.abs(x), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)
-        payload = e4m3_bits(x * tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)[:, None])
-        scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+        payload, scale = cast_groups(x)  # per_token_cast_to_fp8's math, bit for bit
     else:
         cols = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = (cols < X_WIDTH) & is_token

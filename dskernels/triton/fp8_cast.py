@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels.triton.fp8_math import e4m3_bits, max_nan
+from dskernels.triton.fp8_math import cast_groups, e4m3_bits, max_nan
 
 GROUP_SIZE = 128
 
@@ -23,12 +23,9 @@ def _per_token_cast_kernel(x_ptr, out_ptr, scale_ptr, m, stride_xm, stride_om, s
     row_ok = rows < m
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    amax = tl.maximum(max_nan(tl.abs(x), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)
-    q = x * tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)[:, None]
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], e4m3_bits(q),
-             mask=row_ok[:, None])
-    tl.store(scale_ptr + rows.to(tl.int64) * stride_sm + group * stride_sg,
-             tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=row_ok)
+    bits, scale = cast_groups(x)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], bits, mask=row_ok[:, None])
+    tl.store(scale_ptr + rows.to(tl.int64) * stride_sm + group * stride_sg, scale, mask=row_ok)
 
 
 @triton.jit

@@ -72,6 +72,15 @@ def e4m3_bits(x):
 
 
 @triton.jit
+def cast_groups(x):
+    """fp32 [groups, 128] -> (e4m3 bits [groups, 128], fp32 scales [groups]): per_token_cast_to_fp8's
+    math bit for bit (amax floored at 1e-4, NaN kept; div_rn: Triton's plain `/` is approximate)."""
+    amax = tl.maximum(max_nan(tl.abs(x), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)
+    bits = e4m3_bits(x * tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)[:, None])
+    return bits, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+
+
+@triton.jit
 def e4m3_bits_to_fp16(bits):
     """uint8 float8_e4m3fn bits -> the same value in fp16 (exact: e4m3 is a subset of fp16).
 
