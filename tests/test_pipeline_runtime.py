@@ -80,7 +80,7 @@ def assert_grads(local, ref):
 
 
 def check_dualpipev(group_rank, P, num_chunks, block_cls, seed, rank_mapping=None):
-    rank = rank_mapping.index(group_rank) if rank_mapping else group_rank  # pipeline rank
+    rank = rank_mapping[group_rank] if rank_mapping else group_rank  # pipeline rank (DualPipe's convention)
     torch.manual_seed(seed)
     blocks = [block_cls() for _ in range(2 * P)]
     x = torch.randn(num_chunks * 3, D, dtype=torch.float64)
@@ -112,14 +112,15 @@ def check_dualpipev(group_rank, P, num_chunks, block_cls, seed, rank_mapping=Non
     assert all(p.grad is None for p in pipe.parameters())
 
 
-def check_dualpipe(rank, P, num_chunks, block_cls, seed):
+def check_dualpipe(group_rank, P, num_chunks, block_cls, seed, rank_mapping=None):
+    rank = rank_mapping[group_rank] if rank_mapping else group_rank
     torch.manual_seed(seed)
     blocks = [block_cls() for _ in range(P)]
     x = torch.randn(num_chunks * 2, D, dtype=torch.float64)
     labels = torch.randn(num_chunks * 2, D, dtype=torch.float64)
     ref = copy.deepcopy(blocks)
     loss_ref, out_ref = reference(ref, x, labels, num_chunks)
-    pipe = DualPipe((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[P - 1 - rank])))
+    pipe = DualPipe((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[P - 1 - rank])), rank_mapping=rank_mapping)
     x0, x1 = x.tensor_split(2)
     l0, l1 = labels.tensor_split(2)
     o0, o1 = out_ref.tensor_split(2)
@@ -245,6 +246,9 @@ def _checks(rank, world_size):
     assert HookBlock.calls > 0
     check_dualpipe(rank, P, 2 * P, Block, seed=3)
     check_repeated_steps(rank, P, 2 * P, seed=8, runtime=DualPipe, block_cls=HookBlock)
+    if P == 4:  # mappings that are not their own inverse: rank_mapping[group rank] = pipeline rank
+        check_dualpipev(rank, P, 2 * P, Block, seed=9, rank_mapping=[1, 2, 3, 0])
+        check_dualpipe(rank, P, 2 * P, Block, seed=10, rank_mapping=[2, 0, 3, 1])
     if P == 2:  # the other block kind and chunk counts, a rank mapping, the NCCL path; bad chunk counts
         check_dualpipev(rank, P, 2 * P, Block, seed=1, rank_mapping=[1, 0])
         check_dualpipev(rank, P, 2 * P + 1, Block, seed=5)

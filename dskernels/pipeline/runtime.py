@@ -135,8 +135,10 @@ class _Runtime(nn.Module):
         if sorted(self.rank_mapping) != list(range(self.num_ranks)):
             raise ValueError(f"rank_mapping: expected a permutation of 0..{self.num_ranks - 1}, "
                              f"got {self.rank_mapping}")
+        # DualPipe's convention: rank_mapping[group rank] is that process's pipeline rank.
         self.group_rank = self.group.rank()
-        self.rank = self.rank_mapping.index(self.group_rank)
+        self.rank = self.rank_mapping[self.group_rank]
+        self._group_rank_of = sorted(range(self.num_ranks), key=self.rank_mapping.__getitem__)
         self.weight_grad_store = WeightGradStore()
         self.fast_messages = 0   # messages received in one flat P2P (layout known from a past step)
         self.layout_changes = 0  # messages whose layout differed from the cached one
@@ -158,7 +160,7 @@ class _Runtime(nn.Module):
         return stage if stage < P else 2 * P - 1 - stage
 
     def _peer(self, pipeline_rank: int) -> int:
-        return dist.get_global_rank(self.group, self.rank_mapping[pipeline_rank])
+        return dist.get_global_rank(self.group, self._group_rank_of[pipeline_rank])
 
     def _device(self):
         for p in self.module.parameters():
