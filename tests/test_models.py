@@ -139,6 +139,47 @@ def test_prefill_matches_transformers(variant, layer_idx):
     torch.testing.assert_close(got, expected, atol=TOL, rtol=TOL)
 
 
+def test_dtype_follows_module_casts():
+    """`.float()` / `.to(dtype)` change the layer's compute dtype, as for any nn.Module; FP8 weights,
+    their fp32 scales and the rope frequencies are left as they are (a cast would turn FP8 weights
+    into their unscaled values)."""
+    cfg = CONFIGS["v3"]
+    sd = make_reference(cfg, 1, seed=2).state_dict()
+    x = torch.randn(1, 5, cfg.hidden_size)
+    positions = spread_positions(1, 5)
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
+    layer.load_hf_state_dict(sd)
+    cast = DeepseekV3DecoderLayer(cfg, 1)  # bf16
+    cast.load_hf_state_dict(sd)
+    with pytest.raises(TypeError, match="x: expected the layer's dtype torch.bfloat16"):
+        cast(x, positions)
+    cast.float()
+    assert cast.dtype == torch.float32
+    with torch.no_grad():  # the weights went through bf16: within its rounding of the float layer
+        assert rel_error(cast(x, positions), layer(x, positions)) < 2**-6
+
+    checkpoint = fp8_checkpoint(per_expert_names(sd, cfg))[0]
+    fp8 = DeepseekV3DecoderLayer(cfg, 1)
+    fp8.load_hf_state_dict(checkpoint)
+    fp8.to(torch.float16).float()
+    q_b, experts = fp8.self_attn.q_b_proj, fp8.mlp.experts
+    assert fp8.dtype == torch.float32
+    assert q_b.weight.dtype == experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    assert q_b.weight_scale_inv.dtype == experts.down_proj_scale_inv.dtype == torch.float32
+    assert fp8.self_attn.inv_freq.dtype == torch.float32
+    # Against a float32 layer holding the same weights as they went through the casts: the norms
+    # through bf16 (the layer's dtype) and fp16, the router's fp32 weight and bias through fp16.
+    def as_cast(key, value):
+        if "layernorm" in key:
+            return value.bfloat16().half().float()
+        return value.half().float() if key.startswith("mlp.gate.") else value
+    through_casts = {k: as_cast(k, v) for k, v in checkpoint.items()}
+    fp8_float = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
+    fp8_float.load_hf_state_dict(through_casts)
+    with torch.no_grad():
+        torch.testing.assert_close(fp8(x, positions), fp8_float(x, positions), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("names", ["fused", "per_expert", "model_prefix"])
 def test_load_hf_names(names):
     cfg = CONFIGS["v3"]

@@ -21,7 +21,7 @@ from torch import nn
 
 import dskernels
 from dskernels.models.config import DeepseekV3Config
-from dskernels.models.linear import Linear, RMSNorm
+from dskernels.models.linear import Linear, RMSNorm, device_moves_only
 from dskernels.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 _LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
@@ -47,6 +47,9 @@ class MLAttention(nn.Module):
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.softmax_scale = cfg.softmax_scale
         self.w_uk = self.w_uv = None  # absorbed up-projections, built from kv_b_proj on first cached call
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(device_moves_only(fn, lambda t: t is self.inv_freq), recurse)  # rope stays fp32
 
     def absorb(self, dtype: torch.dtype) -> None:
         """W_UK [h, nope, r] and W_UV [h, v, r] from kv_b_proj (dequantized for an FP8 checkpoint, as

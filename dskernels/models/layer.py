@@ -41,7 +41,7 @@ class DeepseekV3DecoderLayer(nn.Module):
     def __init__(self, cfg: DeepseekV3Config, layer_idx: int, *, dtype: torch.dtype = torch.bfloat16,
                  device=None, ep_buffer=None, ep_low_latency_tokens: int | None = None):
         super().__init__()
-        self.cfg, self.layer_idx, self.dtype = cfg, layer_idx, dtype
+        self.cfg, self.layer_idx = cfg, layer_idx
         self.is_moe = layer_idx >= cfg.first_k_dense_replace
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
@@ -50,6 +50,11 @@ class DeepseekV3DecoderLayer(nn.Module):
             self.mlp = MoE(cfg, dtype, device, ep_buffer, ep_low_latency_tokens)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: the norms' (so `.float()` / `.to(torch.bfloat16)` change it)."""
+        return self.input_layernorm.weight.dtype
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor | None = None,
                 block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None) -> torch.Tensor:

@@ -40,6 +40,20 @@ def dequantize_block_fp8(w: torch.Tensor, scale: torch.Tensor, dtype=torch.float
     return (w.float() * s).to(dtype)
 
 
+def device_moves_only(fn, exempt):
+    """`fn` as nn.Module._apply passes it, applied to the tensors for which exempt(t) holds only as
+    the device move it makes: a module cast (.float(), .to(torch.bfloat16)) must not turn FP8 weights
+    into their unscaled values, round their fp32 scales or the rope frequencies. Other fns (and
+    other tensors) apply as they are."""
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        if exempt(t):
+            target = fn(t.new_empty(0))
+            if target.dtype != t.dtype:
+                return t.to(target.device)
+        return fn(t)
+    return apply
+
+
 class Linear(nn.Module):
     """y = x @ W.T (no bias: V3 has attention_bias=False).
 
@@ -57,6 +71,10 @@ class Linear(nn.Module):
     @property
     def is_fp8(self) -> bool:
         return self.weight.dtype == FP8
+
+    def _apply(self, fn, recurse=True):
+        fp8 = self.is_fp8
+        return super()._apply(device_moves_only(fn, lambda t: fp8), recurse)
 
     def set_weight(self, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, fp8: bool | None):
         """Loads a float weight or an FP8 (weight, scale) pair; fp8=True quantizes a float weight,

@@ -25,7 +25,7 @@ from torch import nn
 
 import dskernels
 from dskernels.models.config import DeepseekV3Config
-from dskernels.models.linear import FP8, MLP
+from dskernels.models.linear import FP8, MLP, device_moves_only
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -111,6 +111,10 @@ class Experts(nn.Module):
     @property
     def is_fp8(self) -> bool:
         return self.gate_up_proj.dtype == FP8
+
+    def _apply(self, fn, recurse=True):
+        fp8 = self.is_fp8
+        return super()._apply(device_moves_only(fn, lambda t: fp8), recurse)
 
     def _gemm(self, x, w, scale, m_indices, offsets) -> torch.Tensor:
         if scale is None:
