@@ -392,6 +392,28 @@ def test_tuple_arguments_are_checked():
         dskernels.gemm_fp8_fp8_bf16_nt((args["a"], args["sa"]), (args["b"],), args["out"])
 
 
+def test_deepgemm_options_of_the_newer_names():
+    """DeepGEMM's trailing options are accepted where they mean nothing here and refused where
+    they would ask for what is not done."""
+    args = _dense_args()
+    lhs, rhs = (args["a"], args["sa"]), (args["b"], args["sb"])
+    expected = args["out"].clone()
+    dskernels.gemm_fp8_fp8_bf16_nt(lhs, rhs, expected)
+    out = torch.full_like(expected, float("nan"))
+    dskernels.fp8_gemm_nt(lhs, rhs, out, None, (1, 128, 128), "nk", True)
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="^recipe: only \\(1, 128, 128\\)"):
+        dskernels.fp8_gemm_nt(lhs, rhs, out, recipe=(1, 1, 128))
+    with pytest.raises(NotImplementedError, match="^c: accumulating"):
+        dskernels.fp8_gemm_nt(lhs, rhs, out, c=out.float())
+    m_indices = torch.zeros(out.shape[0], dtype=torch.int32)
+    dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, (args["b"][None], args["sb"][None]), out, m_indices,
+                                               recipe=None, compiled_dims="nk", disable_ue8m0_cast=False)
+    assert torch.equal(out, expected)
+    assert dskernels.get_m_alignment_for_contiguous_layout() == 128
+    assert dskernels.get_tma_aligned_size(130, 4) == 132
+
+
 # ---- torch.library / torch.compile ----
 
 def _sample(masked=False):

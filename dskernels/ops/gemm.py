@@ -95,19 +95,44 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: tuple[torch.Tensor, torch.Tensor]
     torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m)
 
 
-def fp8_gemm_nt(lhs, rhs, out) -> None:
-    """DeepGEMM's newer name for gemm_fp8_fp8_bf16_nt: the same arguments and result."""
+def _deepgemm_options(recipe, c=None) -> None:
+    """The options of DeepGEMM's newer entry points: compiled_dims (a JIT hint) and
+    disable_ue8m0_cast (Blackwell's packed scales) mean nothing here; recipe must be ours."""
+    if recipe is not None and tuple(recipe) != (1, 128, 128):
+        raise ValueError(f"recipe: only (1, 128, 128) (1x128 activation, 128x128 weight scales) is "
+                         f"supported, got {recipe!r}")
+    if c is not None:
+        raise NotImplementedError("c: accumulating into the output (d = a @ b.T + c, fp32 d) is not "
+                                  "supported; the output is bf16 and overwritten")
+
+
+def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False) -> None:
+    """DeepGEMM's newer name for gemm_fp8_fp8_bf16_nt: the same arguments and result, plus
+    DeepGEMM's trailing options (see _deepgemm_options)."""
+    _deepgemm_options(recipe, c)
     gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
 
 
-def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, out, m_indices) -> None:
-    """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_contiguous: the same arguments."""
+def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, out, m_indices, recipe=None, compiled_dims="nk",
+                                     disable_ue8m0_cast=False) -> None:
+    """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_contiguous: the same arguments,
+    plus DeepGEMM's trailing options."""
+    _deepgemm_options(recipe)
     m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
 
 
-def m_grouped_fp8_gemm_nt_masked(lhs, rhs, out, masked_m, expected_m) -> None:
-    """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_masked: the same arguments."""
+def m_grouped_fp8_gemm_nt_masked(lhs, rhs, out, masked_m, expected_m, recipe=None, compiled_dims="nk",
+                                 disable_ue8m0_cast=False) -> None:
+    """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_masked: the same arguments, plus
+    DeepGEMM's trailing options."""
+    _deepgemm_options(recipe)
     m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m)
+
+
+def get_m_alignment_for_contiguous_layout() -> int:
+    """DeepGEMM's row alignment of contiguous-layout segments (128). Our grouped GEMMs accept
+    unaligned segments too; callers that pad to it get DeepGEMM's layout."""
+    return 128
 
 
 def set_num_sms(num_sms: int | None) -> None:
