@@ -26,6 +26,14 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Iterable[torc
     return t
 
 
+def check_no_overlap(name: str, out: torch.Tensor) -> None:
+    """An output whose elements share memory (an expanded view) would be written by several
+    programs at once: a race on a GPU, whatever the last write was elsewhere."""
+    if torch._debug_has_internal_overlap(out) == 1:  # 1: overlaps (0: does not, 2: cannot tell)
+        raise ValueError(f"{name}: expected an output whose elements do not share memory, got strides "
+                         f"{tuple(out.stride())} for shape {tuple(out.shape)} (an expanded view?)")
+
+
 def check_multiple(name: str, value: int, factor: int, what: str) -> None:
     if value % factor != 0:
         raise ValueError(f"{name}: expected {what} to be a multiple of {factor}, got {value}")

@@ -25,7 +25,10 @@ def _scale(amax: torch.Tensor) -> torch.Tensor:
 def _quantize(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """x fp32, amax broadcastable to x and already floored."""
     multiplier = torch.full_like(amax, FP8_MAX) / amax
-    return (x * multiplier).to(torch.float8_e4m3fn)
+    q = x * multiplier
+    # inf * 0 (a group holding +-inf) gives the CPU's default NaN, which is negative on x86: one
+    # NaN byte (0x7F) on every device and backend instead.
+    return torch.where(q.isnan(), torch.nan, q).to(torch.float8_e4m3fn)
 
 
 def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

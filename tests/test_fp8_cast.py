@@ -84,9 +84,12 @@ def test_nan_makes_its_group_nan(backend, dtype):
     x = random_source(9, 384, dtype, device)
     x[2, 130] = float("nan")
     x[7, 0] = float("nan")
+    x[4, 300], x[5, 1] = float("inf"), -float("inf")  # scale inf: the inf becomes NaN, the rest 0
     got, got_scale = dskernels.per_token_cast_to_fp8(x)
     want, want_scale = python_ref.per_token_cast_to_fp8(x.cpu())
-    assert want_scale.isnan().sum() == 2 and want.float().isnan().sum() == 256
+    assert want_scale.isnan().sum() == 2 and want.float().isnan().sum() == 258
+    assert want_scale.isinf().sum() == 2 and want[5, 1].float().isnan() and (want[5, 2:128].float() == 0).all()
+    assert (want.view(torch.uint8)[want.float().isnan()] == 0x7F).all()  # one NaN byte
     _same_with_nan(got_scale, want_scale, "per-token scales")
     _same_with_nan(got, want, "per-token values")
     w = random_source(130, 256, dtype, device)

@@ -284,7 +284,9 @@ def test_m_grouped_masked(backend, scale_layout):
         sa = dskernels.get_col_major_tma_aligned_tensor(sa)
     w, b, sb = grouped_weights(groups, n, K, device, scale_layout)
     out = empty_out(groups, m_max, n, device=device)
-    masked_m = torch.tensor(masked, dtype=torch.int32, device=device)
+    # masked_m as a strided view (a column of per-expert counts), its neighbours poisoned
+    counts = torch.tensor([[rows, -1] for rows in masked], dtype=torch.int32, device=device)
+    masked_m = counts[:, 0]
     dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (b, sb), out, masked_m, 32)
     pairs = []
     for g, rows in enumerate(masked):
@@ -356,6 +358,8 @@ BAD = [
     ("dense", dict(_dense_args(), out=torch.empty(4, 8)), TypeError, "out:", ["bfloat16", "float32"]),
     ("dense", dict(_dense_args(), out=torch.empty(8, 4, dtype=torch.bfloat16)), ValueError, "out:",
      ["(4, 8)", "(8, 4)"]),
+    ("dense", dict(_dense_args(), out=torch.empty(1, 8, dtype=torch.bfloat16).expand(4, 8)), ValueError, "out:",
+     ["share memory", "(0, 1)"]),
     ("contiguous", dict(_grouped_args(), m_indices=torch.zeros(4, dtype=torch.int64)), TypeError,
      "m_indices:", ["int32", "int64"]),
     ("contiguous", dict(_grouped_args(), m_indices=torch.zeros(5, dtype=torch.int32)), ValueError,

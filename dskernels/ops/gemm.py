@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from dskernels._backend import select_backend
-from dskernels._checks import check_multiple, check_tensor
+from dskernels._checks import check_multiple, check_no_overlap, check_tensor
 from python_ref import gemm as ref
 
 FP8 = torch.float8_e4m3fn
@@ -226,6 +226,7 @@ def _check_operands(a, sa, b, sb, out, *, grouped_a: bool, grouped_b: bool):
                  "one scale per 128x128 block of b")
     check_tensor("out", out, dtypes=(torch.bfloat16,), device=device)
     _check_shape("out", out, (*a.shape[:-1], n), "a's rows by b's rows")
+    check_no_overlap("out", out)
     return groups, m, n, k
 
 

@@ -163,14 +163,14 @@ def _contiguous_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, idx_ptr, m, n, k_b
 def _masked_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, masked_m_ptr, m_max, n, k_blocks,
                    stride_ag, stride_am, stride_ak, stride_sag, stride_sam, stride_sak,
                    stride_bg, stride_bn, stride_bk, stride_sbg, stride_sbn, stride_sbk,
-                   stride_og, stride_om, stride_on, m_bucket,
+                   stride_og, stride_om, stride_on, stride_mm, m_bucket,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr):
     group = tl.program_id(1).to(tl.int64)
     num_pid_m = tl.cdiv(m_max, BLOCK_M)
     num_pid_n = tl.cdiv(n, BLOCK_N)
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-    rows_here = tl.minimum(tl.maximum(tl.load(masked_m_ptr + group), 0), m_max)
+    rows_here = tl.minimum(tl.maximum(tl.load(masked_m_ptr + group * stride_mm), 0), m_max)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < rows_here
@@ -295,6 +295,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_
     m_hint = max(1, min(expected_m, m_max))  # the tuning hint, as in DeepGEMM
     a_op, b_op, fp8_dot = _operands(a, b)
     args = (a_op, sa, b_op, sb, out, masked_m, m_max, n, k // GROUP_SIZE,
-            *a.stride(), *sa.stride(), *b.stride(), *sb.stride(), *out.stride(), _m_bucket(m_hint))
+            *a.stride(), *sa.stride(), *b.stride(), *sb.stride(), *out.stride(), masked_m.stride(0),
+            _m_bucket(m_hint))
     grid = lambda meta: (triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
     _launch("_masked_kernel", grid, args, m_hint, n, fp8_dot=fp8_dot)
