@@ -1,6 +1,7 @@
 """FP8 block-scaled GEMMs (dense, contiguous grouped, masked grouped) on every backend against
 python_ref.gemm, with DeepGEMM's calc_diff bound and a tighter one derived from the math."""
 
+import numpy
 import pytest
 import torch
 
@@ -414,6 +415,10 @@ def test_deepgemm_options_of_the_newer_names():
     dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, (args["b"][None], args["sb"][None]), out, m_indices,
                                                recipe=None, compiled_dims="nk", disable_ue8m0_cast=False)
     assert torch.equal(out, expected)
+    g = _grouped_args(masked=True)
+    masked_m = torch.tensor([4, 0, 2], dtype=torch.int32)
+    dskernels.m_grouped_fp8_gemm_nt_masked((g["a"], g["sa"]), (g["b"], g["sb"]), g["out"], masked_m,
+                                           numpy.int64(4), recipe=(1, 128, 128))  # a numpy int too
     assert dskernels.get_m_alignment_for_contiguous_layout() == 128
     assert dskernels.get_tma_aligned_size(130, 4) == 132
 

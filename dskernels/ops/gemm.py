@@ -8,6 +8,8 @@ The math, layouts and tuning knobs are in docs/gemm.md; python_ref/gemm.py is th
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from dskernels._backend import select_backend
@@ -83,7 +85,7 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: tuple[torch.Tensor, torch.Tensor]
         masked_m: [G] int32 on the same device: the valid rows of each group (clamped to
             [0, m_max]). Never read on the host, so the call can be captured in a CUDA graph and
             replayed with new counts.
-        expected_m: python int, the expected rows per group: a tuning hint only, never a
+        expected_m: int (python or numpy), the expected rows per group: a tuning hint only, never a
             bound (any value gives the same result). The sm90 CUDA kernels use 64-row tiles when
             1 <= expected_m <= 64, else 128-row tiles (docs/gemm.md, "Configs").
 
@@ -91,6 +93,8 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: tuple[torch.Tensor, torch.Tensor]
     """
     a, sa = _unpack("lhs", lhs)
     b, sb = _unpack("rhs", rhs)
+    if hasattr(expected_m, "__index__") and not isinstance(expected_m, (bool, torch.SymInt, torch.Tensor)):
+        expected_m = operator.index(expected_m)  # a numpy integer, as DeepGEMM's binding takes it
     _check_expected_m(expected_m)
     torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m)
 
