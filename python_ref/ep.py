@@ -78,16 +78,17 @@ def pack_rows(segments: list[torch.Tensor], offsets: list[int], src_idx: torch.T
 def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None,
                   out: torch.Tensor) -> None:
     """out[t] = sum_j weights[t, j] * y[index[t, j]] (weights 1 when None), skipping index -1;
-    the sum runs over j in order in fp32 and is rounded once to out's dtype."""
-    acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    the sum runs over j in order in fp32 (fp64 for fp64 rows) and is rounded once to out's dtype."""
+    acc_dtype = torch.float64 if torch.float64 in (y.dtype, out.dtype) else torch.float32
+    acc = torch.zeros(out.shape, dtype=acc_dtype, device=out.device)
     if y.shape[0] == 0:  # nothing arrived: every index is -1
         out.copy_(acc)
         return
     for j in range(index.shape[1]):
         valid = index[:, j] >= 0
-        rows = y[index[:, j].clamp(min=0)].float()
+        rows = y[index[:, j].clamp(min=0)].to(acc_dtype)
         if weights is not None:
-            rows = rows * weights[:, j : j + 1].float()
+            rows = rows * weights[:, j : j + 1].to(acc_dtype)
         acc += torch.where(valid[:, None], rows, torch.zeros((), device=out.device))
     out.copy_(acc)
 
@@ -112,7 +113,8 @@ def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, 
     send[:, :, at: at + 8 * num_topk] = ids.view(torch.uint8)
     to_rank = get_dispatch_layout(topk_idx, num_experts, num_ranks)[2].t()[:, :, None]  # [R, T, 1]
     for payload, at in zip(payloads, offsets):
-        data = payload.contiguous().view(torch.uint8).reshape(num_tokens, payload.shape[1] * payload.element_size())
+        row_bytes = payload.shape[1] * payload.element_size()
+        data = payload.contiguous().reshape(-1).view(torch.uint8).reshape(num_tokens, row_bytes)
         field = send[:, :num_tokens, at: at + data.shape[1]]
         field.copy_(torch.where(to_rank, data, field))
 

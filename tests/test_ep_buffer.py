@@ -6,6 +6,7 @@ draws every rank's inputs from one seed, so each can compute its own oracle loca
 
 import time
 
+import numpy
 import pytest
 import torch
 import torch.distributed as dist
@@ -300,6 +301,43 @@ def _check_bad_inputs(buf, world):
                                  num_experts=4 * world))
 
 
+def _check_edge_routing(buf, rank, world, num_experts):
+    """Top-1 routing where every rank but 0 receives nothing ([N, 1] tensors are contiguous with any
+    last stride), fixed blocks with no token anywhere, fp64 sums (gradcheck), argument types."""
+    # (equal T on every rank: gradcheck calls the ops once per element, all ranks must call alike)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    topk = torch.zeros(x.shape[0], 1, dtype=torch.int64)
+    w = torch.rand(x.shape[0], 1, dtype=torch.float32).requires_grad_()
+    rx, _, rw, _, handle, _ = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=num_experts)
+    assert rx.shape[0] == (4 * world if rank == 0 else 0)
+    out, out_w, _ = buf.combine(rx, handle, topk_weights=rw)
+    assert torch.equal(out, x) and torch.equal(out_w, w)  # each token reached one rank: sums are exact
+    out_w.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    # fp64 all the way (combine sums in fp64 for fp64 rows): the ops' derivatives, numerically.
+    xg = x.clone().requires_grad_()
+    torch.autograd.gradcheck(lambda t: buf.combine(buf.dispatch(t, handle=handle)[0], handle)[0], (xg,))
+
+    # Fixed blocks with T = 0 on every rank.
+    none = torch.empty(0, 1, dtype=torch.int64)
+    px, _, _, _, fixed, _ = buf.dispatch(torch.empty(0, 8).requires_grad_(), topk_idx=none, num_experts=num_experts,
+                                         num_worst_tokens=4)
+    back, _, _ = buf.combine(px, fixed)
+    assert px.shape == (4, 8) and back.shape == (0, 8)
+    back.sum().backward()
+
+    _raises(TypeError, ["num_experts:", "python int", "numpy.int64"],
+            lambda: buf.dispatch(x, topk_idx=topk, num_experts=numpy.int64(num_experts)))
+    _raises(TypeError, ["expert_alignment:", "python int", "NoneType"],
+            lambda: buf.dispatch(x, topk_idx=topk, num_experts=num_experts, expert_alignment=None))
+    _raises(ValueError, ["topk_idx:", "num_topk >= 1", "(5, 0)"],
+            lambda: buf.dispatch(torch.ones(5, 8), topk_idx=torch.empty(5, 0, dtype=torch.int64),
+                                 num_experts=num_experts))
+    with no_host_sync():
+        ll_x, _, ll_handle, _, _ = buf.low_latency_dispatch(x.float(), topk, 8, num_experts, use_fp8=False)
+    _raises(TypeError, ["topk_weights:", "None"], lambda: buf.low_latency_combine(ll_x, topk, None, ll_handle))
+
+
 def _body(rank, world, seed):
     torch.manual_seed(seed)
     buf = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20)
@@ -309,6 +347,7 @@ def _body(rank, world, seed):
     _check_dispatch_combine(buf, rank, world, num_experts, seed + 1, avoid_last_rank=True)  # last rank gets none
     _check_low_latency_sync_free(buf, rank, world, num_experts, seed + 2)
     _check_bad_inputs(buf, world)
+    _check_edge_routing(buf, rank, world, num_experts)
     # async_finish/previous_event are accepted on CPU; the event is a no-op.
     _, _, _, _, event = buf.get_dispatch_layout(torch.zeros(3, 1, dtype=torch.int64), num_experts,
                                                 previous_event=Buffer.capture(), async_finish=True)
@@ -358,7 +397,9 @@ def _timeout_body(rank, world):
 
 def _body_triton(rank, world, seed):
     with dskernels.backend("triton"):  # the Triton pack/reduce kernels under the interpreter
-        _check_dispatch_combine(Buffer(dist.group.WORLD), rank, world, 8, seed)
+        buf = Buffer(dist.group.WORLD)
+        _check_dispatch_combine(buf, rank, world, 8, seed)
+        _check_edge_routing(buf, rank, world, 8)
 
 
 def _body_gpu(rank, world, seed):

@@ -75,10 +75,16 @@ class EPCommError(RuntimeError):
     """A collective failed: a peer is gone, or did not join in time."""
 
 
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a python int, got {type(value).__module__}.{type(value).__name__} "
+                        f"{value!r}")
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[T, ...] -> contiguous [T, bytes] uint8 view."""
-    t = t.contiguous()
-    return t.view(torch.uint8).reshape(t.shape[0], math.prod(t.shape[1:]) * t.element_size())
+    t = t.contiguous()  # flattened first: [N, 1] or [0, K] count as contiguous with any last stride
+    return t.reshape(-1).view(torch.uint8).reshape(t.shape[0], math.prod(t.shape[1:]) * t.element_size())
 
 
 class Buffer:
@@ -234,13 +240,14 @@ class Buffer:
 
     def _route_forward(self, handle: DispatchHandle, payloads: list[torch.Tensor], fills, what: str):
         views, _ = self._send(payloads, handle.send_src_idx, handle.send_src_idx.shape[0], handle.send_splits,
-                              handle.recv_splits, what, poll=not handle.block)
+                              handle.recv_splits, what, poll=handle.recv_index is None)
         return self._unpack(views, payloads, handle.num_out_rows, fills, handle.recv_index)
 
     def _route_backward(self, handle: DispatchHandle, payloads: list[torch.Tensor], what: str):
         """Rows received by dispatch -> their sum per source token (rank order), [T, ...] each."""
         payloads = [p[: handle.num_recv_tokens] for p in payloads]
-        if handle.block:  # block row (s, i) returns recv_x row recv_index[s, i]; filler rows send row 0
+        if handle.recv_index is not None:  # fixed blocks: block row (s, i) returns recv_x row recv_index[s, i]
+            # (filler rows send row 0)
             views, _ = self._send(payloads, handle.recv_index.clamp(min=0), handle.recv_index.shape[0],
                                   handle.recv_splits, handle.send_splits, what, poll=False)
         else:
@@ -261,8 +268,9 @@ class Buffer:
             raise TypeError(f"topk_idx: expected a torch.Tensor, got {type(topk_idx).__name__}")
         if topk_idx.dtype != torch.int64:
             raise TypeError(f"topk_idx: expected dtype int64, got {topk_idx.dtype}")
-        if topk_idx.dim() != 2:
-            raise ValueError(f"topk_idx: expected 2 dimensions [num_tokens, num_topk], got shape {tuple(topk_idx.shape)}")
+        if topk_idx.dim() != 2 or topk_idx.shape[1] == 0:
+            raise ValueError(f"topk_idx: expected 2 dimensions [num_tokens, num_topk], num_topk >= 1, got shape "
+                             f"{tuple(topk_idx.shape)}")
         if num_tokens is not None and topk_idx.shape[0] != num_tokens:
             raise ValueError(f"topk_idx: expected {num_tokens} rows (one per row of x), got {topk_idx.shape[0]}")
         if num_experts is not None:
@@ -274,7 +282,8 @@ class Buffer:
                                      f"[{low}, {high}]")
 
     def _check_num_experts(self, num_experts) -> None:
-        if not isinstance(num_experts, int) or num_experts < 1 or num_experts % self.group_size:
+        _check_int("num_experts", num_experts)
+        if num_experts < 1 or num_experts % self.group_size:
             raise ValueError(f"num_experts: expected a positive multiple of the number of ranks "
                              f"({self.group_size}), got {num_experts}")
 
@@ -359,6 +368,7 @@ class Buffer:
         """
         num_tokens = self._check_x(x)
         device = (x[0] if isinstance(x, tuple) else x).device
+        _check_int("expert_alignment", expert_alignment)
         if expert_alignment < 1:
             raise ValueError(f"expert_alignment: expected at least 1, got {expert_alignment}")
         with StreamScope(self, device, previous_event, async_finish, allocate_on_comm_stream) as scope:
@@ -538,7 +548,8 @@ class Buffer:
         if topk_idx.device != x.device:
             raise ValueError(f"topk_idx: expected device {x.device} (that of x), got {topk_idx.device}")
         M = num_max_dispatch_tokens_per_rank
-        if not isinstance(M, int) or isinstance(M, bool) or M < 1:
+        _check_int("num_max_dispatch_tokens_per_rank", M)
+        if M < 1:
             raise ValueError(f"num_max_dispatch_tokens_per_rank: expected a positive int, got {M!r}")
         if num_tokens > M:
             raise ValueError(f"x: expected at most num_max_dispatch_tokens_per_rank={M} rows, got {num_tokens}")
@@ -660,6 +671,8 @@ class Buffer:
         self._check_topk(topk_idx, num_tokens, None, "low_latency_combine")
         if topk_idx.shape[1] != K:
             raise ValueError(f"topk_idx: expected {K} columns (those of the dispatch), got {topk_idx.shape[1]}")
+        if topk_weights is None:
+            raise TypeError("topk_weights: expected the float32 [T, K] weights of the combine, got None")
         self._check_weights(topk_weights, topk_idx)
         num_local = handle.num_experts // R
         cap = M * R

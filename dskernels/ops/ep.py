@@ -155,7 +155,12 @@ def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, 
         return
     from dskernels.triton import ep as triton_ep
 
-    triton_ep.low_latency_send(x.contiguous(), topk_idx.contiguous(), num_experts, use_fp8, send, offsets)
+    triton_ep.low_latency_send(_dense(x), _dense(topk_idx), num_experts, use_fp8, send, offsets)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t with row-major strides (torch calls [N, 1] and [0, K] contiguous whatever their last stride)."""
+    return t.contiguous().reshape(-1).view(t.shape)
 
 
 def low_latency_slots(ids: torch.Tensor, base: int, num_local: int, cap: int

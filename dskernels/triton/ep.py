@@ -165,19 +165,20 @@ def _round_to_bf16(x):
 @triton.jit
 def _gather_reduce_kernel(y_ptr, index_ptr, weights_ptr, out_ptr, num_j, num_cols, stride_y, stride_index,
                           stride_weights, stride_out, HAS_WEIGHTS: tl.constexpr, OUT_BF16: tl.constexpr,
-                          VEC_Y: tl.constexpr, VEC_OUT: tl.constexpr, BLOCK_C: tl.constexpr):
-    # One program: one output row x BLOCK_C columns; j in order, fp32 sum (as python_ref).
+                          ACC: tl.constexpr, VEC_Y: tl.constexpr, VEC_OUT: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One program: one output row x BLOCK_C columns; j in order, fp32 sum (fp64 for fp64 rows), as
+    # python_ref.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < num_cols
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_C], dtype=ACC)
     for j in range(num_j):
         src = tl.load(index_ptr + row * stride_index + j).to(tl.int64)
         start = tl.multiple_of(tl.maximum(src, 0) * stride_y, VEC_Y)
         values = tl.load(y_ptr + start + cols, mask=ok & (src >= 0), other=0.0)
-        values = values.to(tl.float32)
+        values = values.to(ACC)
         if HAS_WEIGHTS:
-            values = values * tl.load(weights_ptr + row * stride_weights + j).to(tl.float32)
+            values = values * tl.load(weights_ptr + row * stride_weights + j).to(ACC)
         acc += values
     if OUT_BF16:
         out = _round_to_bf16(acc)
@@ -198,6 +199,7 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
     _gather_reduce_kernel[grid](y, index, y if weights is None else weights, out, index.shape[1], num_cols,
                                 y.stride(0), index.stride(0), 0 if weights is None else weights.stride(0),
                                 out.stride(0), HAS_WEIGHTS=weights is not None, OUT_BF16=out.dtype == torch.bfloat16,
+                                ACC=tl.float64 if torch.float64 in (y.dtype, out.dtype) else tl.float32,
                                 VEC_Y=_vec(y.element_size(), y, y.stride(0)),
                                 VEC_OUT=_vec(out.element_size(), out, out.stride(0)), BLOCK_C=block_c, num_warps=4)
 
