@@ -50,6 +50,10 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         if n < 0 or n > capacity:
             raise ValueError(f"cache_seqlens: expected values in [0, {capacity}] (block_table has "
                              f"{block_table.shape[1]} pages of {k_cache.shape[1]}), got {n} for sequence {i}")
+        pages = block_table[i, : -(-n // k_cache.shape[1])]
+        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]):
+            raise ValueError(f"block_table: sequence {i} (length {n}) names pages outside the cache's "
+                             f"{k_cache.shape[0]}: {pages.tolist()}")
         keys = gather_sequence(k_cache, block_table[i], n).float()
         if k_scale is not None:
             keys = keys * k_scale.float().reshape(())

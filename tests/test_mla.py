@@ -17,8 +17,9 @@ HUGE_PAGE = 2**31 - 1  # unused block-table slots: any read of one would fault o
 
 # Tolerances derived from the math, per q dtype. Both sides round out to q's dtype (up to 1 ulp
 # apart: 2^-7 relative for bf16, 2^-10 for fp16); the kernel also rounds the softmax weights to
-# q's dtype before P @ V (2^-9 / 2^-12 relative each, at most that times max|V| after summing a
-# convex combination), and accumulates in fp32 (negligible at these sizes). LSE is fp32 only.
+# q's dtype before P @ V (half an ulp, 2^-8 / 2^-11 relative each, so at most that times max|V|
+# after summing a convex combination), and accumulates in fp32 (negligible at these sizes). LSE is
+# fp32 only.
 TOLERANCES = {
     torch.bfloat16: dict(rtol=2**-7, atol_per_v=2**-8),
     torch.float16: dict(rtol=2**-10, atol_per_v=2**-11),
@@ -343,10 +344,31 @@ def test_bad_metadata_args_are_named():
     args = _good_args()
     with pytest.raises(ValueError, match="^k_scale:.*None"):
         dskernels.flash_mla_with_kvcache(**args, k_scale=torch.ones(1))
+    with pytest.raises(TypeError, match="^head_dim_v:.*bool"):
+        dskernels.flash_mla_with_kvcache(**{**args, "head_dim_v": True})
     with pytest.raises(ValueError, match="^cache_seqlens:.*100"):  # past the block table (oracle)
         args["cache_seqlens"] = torch.tensor([100, 3], dtype=torch.int32)
         with dskernels.backend("ref"):
             dskernels.flash_mla_with_kvcache(**args)
+
+
+def test_pages_outside_the_cache_are_never_read(backend):
+    """A length that reaches block-table slots past a sequence's pages (here filled with 2^31 - 1):
+    the reference names block_table; Triton drops the keys from the first page outside the cache on
+    instead of reading there (a fault on a GPU), so here it computes the sequence over its valid
+    pages."""
+    name, device = backend
+    skip_cuda_backend(name)
+    q, k_cache, block_table, lens, dv, _ = make_inputs([20, 16], 1, 2, 1, 16, torch.bfloat16, torch.bfloat16,
+                                                       device=device)
+    bad = torch.tensor([20, 40], dtype=torch.int32, device=device)  # sequence 1 owns one full page of 16
+    if name == "ref":
+        with pytest.raises(ValueError, match="^block_table: sequence 1 .*2147483647"):
+            run_op(q, k_cache, block_table, bad, dv, None, False)
+        return
+    out, lse = run_op(q, k_cache, block_table, bad, dv, None, False)
+    assert_matches_oracle(out, lse, q, k_cache, block_table, torch.tensor([20, 16], dtype=torch.int32), dv,
+                          None, False)
 
 
 def test_opcheck():

@@ -104,6 +104,8 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     Raises TypeError / ValueError whose message starts with the argument's name for wrong
     shapes, dtypes or devices.
     """
+    if isinstance(head_dim_v, bool):  # checked here: the op's schema would pass it on as an int
+        raise TypeError("head_dim_v: expected an int, got bool")
     return torch.ops.dskernels.flash_mla_with_kvcache(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
         softmax_scale, causal, k_scale)

@@ -28,13 +28,16 @@ from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
 
 LOG2E = 1.4426950408889634
 METADATA_STRIDE = 8  # ints per partition in tile_scheduler_metadata
+# Block-table entries checked per step before a sequence's key loop (with 16, 64 or 128, ptxas
+# spilled 64-148 bytes more in the 32-row d = 576 tiles on sm_90a; 32 leaves them as they were).
+PAGE_SCAN = tl.constexpr(32)
 
 
 @triton.jit
 def _mla_decode_splitkv_kernel(
         q_ptr, k_ptr, block_table_ptr, seqlens_ptr, meta_ptr, num_splits_ptr, k_scale_ptr,
         out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr,
-        qk_scale_log2, batch, s_q, heads_per_kv, page_size, max_pages, max_slots,
+        qk_scale_log2, batch, s_q, heads_per_kv, page_size, max_pages, num_pages, max_slots,
         stride_qb, stride_qs, stride_qh,
         stride_kp, stride_kt, stride_kh,
         stride_bt,
@@ -79,6 +82,15 @@ def _mla_decode_splitkv_kernel(
         split_base = tl.load(num_splits_ptr + i)
         n_split = tl.load(num_splits_ptr + i + 1) - split_base
         if lo < hi:
+            # Keys from the first page id outside the cache on (a bad table or length) are dropped,
+            # found before the key loop: a load mask on the loaded ids made Triton pipeline the key
+            # loads into 4 buffers, past an sm_89's shared memory.
+            for first in range(lo // page_size, (hi - 1) // page_size + 1, PAGE_SCAN):
+                idx = first + tl.arange(0, PAGE_SCAN)
+                in_range = (idx <= (hi - 1) // page_size) & (idx < max_pages)
+                ids = tl.load(block_table_ptr + i * stride_bt + idx, mask=in_range, other=0)
+                bad = in_range & ((ids < 0) | (ids >= num_pages))
+                hi = tl.minimum(hi, tl.min(tl.where(bad, idx, max_pages)) * page_size)
             q_rows = q_ptr + i * stride_qb + token * stride_qs + head * stride_qh
             q_v = tl.load(q_rows[:, None] + dv_offs[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
             q_r = tl.load(q_rows[:, None] + dr_offs[None, :], mask=row_ok[:, None] & dr_ok[None, :], other=0.0)
@@ -317,7 +329,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         q, k_cache.view(torch.uint8) if fp8_bytes else k_cache, block_table, cache_seqlens,
         tile_scheduler_metadata, num_splits, k_scale_arg,
         out, lse, out_acc, lse_acc,
-        softmax_scale * LOG2E, b, s_q, heads_per_kv, page_size, block_table.shape[1], max_splits,
+        softmax_scale * LOG2E, b, s_q, heads_per_kv, page_size, block_table.shape[1], k_cache.shape[0], max_splits,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0),
