@@ -43,7 +43,7 @@ def make_reference(cfg: DeepseekV3Config, layer_idx: int, seed: int = 0):
             if "norm" in name:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
-                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+                p.copy_(torch.randn_like(p) * max(p.shape[-1], 1) ** -0.5)
         if layer_idx >= cfg.first_k_dense_replace:
             ref.mlp.gate.e_score_correction_bias.copy_(-0.2 * torch.rand(cfg.n_routed_experts))
     return ref
@@ -112,11 +112,18 @@ def test_config_from_hf_and_presets():
         assert getattr(ours, name) == getattr(v3, name), name
     assert ours.rope_parameters == v3.rope_parameters
     # transformers 4.x / config.json spelling: rope_scaling + rope_theta, "type"
-    legacy = DeepseekV3Config.from_hf({"hidden_size": 7168, "rope_theta": 10000, "num_local_experts": 256,
+    legacy = DeepseekV3Config.from_hf({"hidden_size": 7168, "rope_theta": 10000, "num_local_experts": 64,
                                        "rope_scaling": {"type": "yarn", "factor": 40, "mscale": 1.0,
                                                         "mscale_all_dim": 1.0,
                                                         "original_max_position_embeddings": 4096}})
     assert legacy.rope_parameters["rope_type"] == "yarn" and legacy.rope_parameters["rope_theta"] == 10000
+    assert legacy.n_routed_experts == 64  # transformers' alias
+    from transformers import DeepseekV3Config as HFConfig
+    assert DeepseekV3Config().max_position_embeddings == HFConfig().max_position_embeddings  # defaults agree
+    with pytest.raises(ValueError, match="^hidden_act: only 'silu'"):
+        DeepseekV3Config.tiny(hidden_act="gelu")
+    with pytest.raises(ValueError, match="^attention_bias:"):
+        DeepseekV3Config.tiny(attention_bias=True)
     tiny = CONFIGS["v3"]  # the checkpoint's YaRN parameters: HF scales the softmax by mscale**2
     assert tiny.softmax_scale == pytest.approx(hf_module().DeepseekV3Attention(hf_config(tiny), 0).scaling, rel=1e-12)
     assert tiny.softmax_scale > tiny.qk_head_dim ** -0.5
@@ -275,6 +282,32 @@ def test_plain_torch_oracle_matches_transformers():
         assert all(torch.equal(round_trip[k], v) for k, v in ref.state_dict().items())
 
 
+def test_no_shared_experts():
+    """n_shared_experts = 0: transformers keeps an empty shared-experts module; its weights load
+    (strictly) and come back."""
+    cfg = DeepseekV3Config.tiny(n_shared_experts=0)
+    ref = make_reference(cfg, 1, seed=21)
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
+    layer.load_hf_state_dict(ref.state_dict())
+    x, positions = torch.randn(2, 5, cfg.hidden_size), spread_positions(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, positions), reference_forward(ref, cfg, x, positions), atol=TOL, rtol=TOL)
+    ref.load_state_dict(layer.hf_state_dict(), strict=True)
+
+
+def test_bad_weights_are_named():
+    cfg = CONFIGS["v3"]
+    sd = make_reference(cfg, 1).state_dict()
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
+    for key, bad in (("input_layernorm.weight", torch.ones(1)), ("mlp.gate.e_score_correction_bias", torch.ones(1)),
+                     ("mlp.gate.weight", torch.ones(3, cfg.hidden_size)),
+                     ("mlp.experts.down_proj", sd["mlp.experts.down_proj"][:, :, :7])):
+        with pytest.raises(ValueError, match=f"^state_dict: '{key}' of layer 1: expected shape"):
+            layer.load_hf_state_dict({**sd, key: bad})
+    with pytest.raises(KeyError, match="missing 'mlp.experts.down_proj'"):
+        layer.load_hf_state_dict({k: v for k, v in sd.items() if k != "mlp.experts.down_proj"})
+
+
 def test_bad_inputs():
     cfg = CONFIGS["v3"]
     layer = DeepseekV3DecoderLayer(cfg, 0, dtype=torch.float32)
@@ -292,6 +325,14 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="kv_cache"):
         layer(x, positions, kv_cache=torch.zeros(4, 16, 1, cfg.kv_cache_dim, dtype=torch.bfloat16),
               block_table=torch.zeros(1, 1, dtype=torch.int32), cache_seqlens=torch.zeros(1, dtype=torch.int32))
+    no_tokens = layer(x[:, :0], positions[:, :0], kv_cache=torch.zeros(4, 16, 1, cfg.kv_cache_dim),
+                      block_table=torch.zeros(1, 1, dtype=torch.int32), cache_seqlens=torch.zeros(1, dtype=torch.int32))
+    assert no_tokens.shape == (1, 0, cfg.hidden_size)
+    odd = DeepseekV3Config.tiny(kv_lora_rank=40, qk_rope_head_dim=12)  # a latent cache 52 wide
+    with pytest.raises(ValueError, match="^kv_cache: the paged path needs .* multiple of 16.*52"):
+        DeepseekV3DecoderLayer(odd, 0, dtype=torch.float32)(
+            x, positions, kv_cache=torch.zeros(4, 16, 1, 52), block_table=torch.zeros(1, 1, dtype=torch.int32),
+            cache_seqlens=torch.zeros(1, dtype=torch.int32))
 
 
 # ---- FP8 checkpoint ----

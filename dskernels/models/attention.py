@@ -110,6 +110,11 @@ class MLAttention(nn.Module):
         if tuple(block_table.shape[:1]) != (b,) or tuple(cache_seqlens.shape) != (b,):
             raise ValueError(f"block_table, cache_seqlens: expected batch {b}, got {list(block_table.shape)} "
                              f"and {list(cache_seqlens.shape)}")
+        if d % 16:
+            raise ValueError(f"kv_cache: the paged path needs kv_lora_rank + qk_rope_head_dim to be a multiple "
+                             f"of 16 (flash_mla_with_kvcache's head dimension), got {d}")
+        if s == 0:
+            return q_nope.new_zeros(b, 0, h, cfg.v_head_dim)
         if self.w_uk is None or self.w_uk.dtype != q_nope.dtype or self.w_uk.device != q_nope.device:
             self.absorb(q_nope.dtype)
         # 1. write [latent | k_rope] of the new tokens at slots lens[b] .. lens[b] + s - 1 (no host sync)

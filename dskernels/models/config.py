@@ -37,7 +37,7 @@ class DeepseekV3Config:
     first_k_dense_replace: int = 3
     norm_topk_prob: bool = True
     hidden_act: str = "silu"
-    max_position_embeddings: int = 163840
+    max_position_embeddings: int = 4096    # transformers' default (the 671B preset: 163840)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None       # 4.x / checkpoint spelling; folded into rope_parameters
@@ -80,6 +80,10 @@ class DeepseekV3Config:
                              f"got {self.n_routed_experts}")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim: expected an even number, got {self.qk_rope_head_dim}")
+        if self.hidden_act != "silu":  # the experts' SwiGLU and the dense MLP are written with silu
+            raise ValueError(f"hidden_act: only 'silu' (DeepSeek-V3's) is supported, got {self.hidden_act!r}")
+        if self.attention_bias:
+            raise ValueError("attention_bias: projections with biases are not supported (DeepSeek-V3 has none)")
 
     # ---- derived sizes ----
     @property
@@ -113,7 +117,8 @@ class DeepseekV3Config:
                 hf_config = json.load(f)
         if not isinstance(hf_config, dict):
             hf_config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else vars(hf_config)
-        kwargs = {k: v for k, v in hf_config.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        names = {f.name for f in dataclasses.fields(cls)} | {"num_local_experts"}  # (the alias of n_routed_experts)
+        kwargs = {k: v for k, v in hf_config.items() if k in names}
         if hf_config.get("rope_parameters"):
             kwargs.pop("rope_scaling", None)
         kwargs.pop("extra", None)

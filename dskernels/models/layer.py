@@ -97,6 +97,10 @@ class DeepseekV3DecoderLayer(nn.Module):
                 out[f"mlp.experts.{name}"] = dequantize_block_fp8(w, s, dtype) if s is not None else w.to(dtype)
             out["mlp.gate.weight"] = self.mlp.gate_weight
             out["mlp.gate.e_score_correction_bias"] = self.mlp.e_score_correction_bias
+            if self.mlp.shared_experts is None:  # transformers keeps the module, 0 wide
+                hidden, device = self.cfg.hidden_size, self.input_layernorm.weight.device
+                for name, shape in (("gate_proj", (0, hidden)), ("up_proj", (0, hidden)), ("down_proj", (hidden, 0))):
+                    out[f"mlp.shared_experts.{name}.weight"] = torch.empty(shape, dtype=dtype, device=device)
         return out
 
     def load_hf_state_dict(self, state_dict: dict, fp8: bool | None = None, strict: bool = True) -> None:
@@ -111,7 +115,9 @@ class DeepseekV3DecoderLayer(nn.Module):
 
         fp8: None keeps each weight's format, True quantizes float weights to FP8 (128x128 blocks),
         False dequantizes FP8 weights to the layer's dtype. Norms, the router and the score bias stay
-        float. strict: raise on missing or unexpected keys."""
+        float. strict: raise on missing or unexpected keys (without it, what is there is loaded, but
+        the routed experts only when all of this layer's are there). A tensor of the wrong shape
+        raises ValueError naming its key."""
         sd = {}
         for key, value in state_dict.items():
             m = _LAYER_KEY.match(key)
@@ -123,12 +129,15 @@ class DeepseekV3DecoderLayer(nn.Module):
                 sd[key] = value
         used: set[str] = set()
 
-        def take(key):
+        def take(key, shape=None):
             if key not in sd:
                 if strict:
                     raise KeyError(f"state_dict: missing {key!r} for layer {self.layer_idx}")
                 return None
             used.add(key)
+            if shape is not None and tuple(sd[key].shape) != tuple(shape):
+                raise ValueError(f"state_dict: {key!r} of layer {self.layer_idx}: expected shape {tuple(shape)}, "
+                                 f"got {tuple(sd[key].shape)}")
             return sd[key]
 
         def take_opt(key):
@@ -140,7 +149,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         device = self.input_layernorm.weight.device
 
         def norm(module: RMSNorm, key):
-            w = take(key)
+            w = take(key, module.weight.shape)
             if w is not None:
                 module.weight = w.to(device=device, dtype=self.dtype).clone()
 
@@ -165,15 +174,20 @@ class DeepseekV3DecoderLayer(nn.Module):
                 linear(getattr(self.mlp, name), f"mlp.{name}")
         else:
             moe = self.mlp
-            w = take("mlp.gate.weight")
+            w = take("mlp.gate.weight", moe.gate_weight.shape)
             if w is not None:
                 moe.gate_weight = w.to(device=device, dtype=torch.float32).clone()
             b = take_opt("mlp.gate.e_score_correction_bias")
             if b is not None:
+                if tuple(b.shape) != tuple(moe.e_score_correction_bias.shape):
+                    raise ValueError(f"state_dict: 'mlp.gate.e_score_correction_bias' of layer {self.layer_idx}: "
+                                     f"expected shape {tuple(moe.e_score_correction_bias.shape)}, got {tuple(b.shape)}")
                 moe.e_score_correction_bias = b.to(device=device, dtype=torch.float32).clone()
             if moe.shared_experts is not None:
                 for name in ("gate_proj", "up_proj", "down_proj"):
                     linear(getattr(moe.shared_experts, name), f"mlp.shared_experts.{name}")
+            else:  # n_shared_experts = 0: transformers still saves the (empty) module
+                used.update(k for k in sd if k.startswith("mlp.shared_experts.") and sd[k].numel() == 0)
             self._load_experts(sd, used, fp8, strict)
         unexpected = sorted(set(sd) - used)
         if strict and unexpected:
@@ -185,10 +199,19 @@ class DeepseekV3DecoderLayer(nn.Module):
         experts = moe.experts
         lo, hi = moe.first_expert, moe.first_expert + moe.num_local_experts
         inter = cfg.moe_intermediate_size
-        if "mlp.experts.gate_up_proj" in sd:  # transformers 5.x: fused over all experts
+        if "mlp.experts.gate_up_proj" in sd or "mlp.experts.down_proj" in sd:  # transformers 5.x: fused
             used.update(k for k in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj",
                                     "mlp.experts.gate_up_proj_scale_inv", "mlp.experts.down_proj_scale_inv")
                         if k in sd)
+            for key, shape in (("mlp.experts.gate_up_proj", (cfg.n_routed_experts, 2 * inter, cfg.hidden_size)),
+                               ("mlp.experts.down_proj", (cfg.n_routed_experts, cfg.hidden_size, inter))):
+                if key not in sd:
+                    if strict:
+                        raise KeyError(f"state_dict: missing {key!r} for layer {self.layer_idx}")
+                    return
+                if tuple(sd[key].shape) != shape:
+                    raise ValueError(f"state_dict: {key!r} of layer {self.layer_idx}: expected shape {shape}, "
+                                     f"got {tuple(sd[key].shape)}")
             gate_up = sd["mlp.experts.gate_up_proj"][lo:hi]
             down = sd["mlp.experts.down_proj"][lo:hi]
             gate_up_s = sd.get("mlp.experts.gate_up_proj_scale_inv")
@@ -210,6 +233,10 @@ class DeepseekV3DecoderLayer(nn.Module):
                             raise KeyError(f"state_dict: missing {prefix + '.weight'!r} for layer {self.layer_idx}")
                         return
                     used.add(prefix + ".weight")
+                    shape = (cfg.hidden_size, inter) if name == "down_proj" else (inter, cfg.hidden_size)
+                    if tuple(sd[prefix + ".weight"].shape) != shape:
+                        raise ValueError(f"state_dict: {prefix + '.weight'!r} of layer {self.layer_idx}: expected "
+                                         f"shape {shape}, got {tuple(sd[prefix + '.weight'].shape)}")
                     ws.append(sd[prefix + ".weight"])
                     if prefix + ".weight_scale_inv" in sd:
                         used.add(prefix + ".weight_scale_inv")
