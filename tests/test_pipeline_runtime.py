@@ -59,6 +59,20 @@ def criterion(out, label):
     return ((out - label) ** 2).mean()
 
 
+class RoutedBlock(nn.Module):
+    """MoE-like: which of two parameters a chunk uses depends on its data, so the two copies of a
+    layer in DualPipe can hold gradients for different parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(D, D, dtype=torch.float64)
+        self.p = nn.Parameter(1 + 0.1 * torch.randn(D, dtype=torch.float64))
+        self.q = nn.Parameter(1 + 0.1 * torch.randn(D, dtype=torch.float64))
+
+    def forward(self, x):
+        return (x + torch.tanh(self.a(x))) * (self.p if x.mean() > 0 else self.q)
+
+
 def reference(blocks, x, labels, num_chunks):
     """Per-chunk loss and backward through the whole model (grads accumulate in blocks)."""
     losses, outs = [], []
@@ -246,6 +260,10 @@ def _checks(rank, world_size):
     assert HookBlock.calls > 0
     check_dualpipe(rank, P, 2 * P, Block, seed=3)
     check_repeated_steps(rank, P, 2 * P, seed=8, runtime=DualPipe, block_cls=HookBlock)
+    check_dualpipe_routed(rank, P)
+    # The hook only where both modules are of its class (as DualPipe decides).
+    assert not DualPipeV((HookBlock(), Block())).overlapped_forward_backward
+    assert DualPipeV((HookBlock(), HookBlock())).overlapped_forward_backward
     if P == 4:  # mappings that are not their own inverse: rank_mapping[group rank] = pipeline rank
         check_dualpipev(rank, P, 2 * P, Block, seed=9, rank_mapping=[1, 2, 3, 0])
         check_dualpipe(rank, P, 2 * P, Block, seed=10, rank_mapping=[2, 0, 3, 1])
@@ -263,6 +281,43 @@ def _checks(rank, world_size):
                 pipe.step(torch.zeros(8, D, dtype=torch.float64), num_chunks=4)
         with pytest.raises(ValueError, match="must be even"):
             DualPipe((Block(), Block())).step(num_chunks=2 * P + 1)
+
+
+def check_dualpipe_routed(rank, P):
+    """sync_mirrored_grads when the copies of a layer got gradients for different parameters
+    (positive inputs one way use p, negative ones the other way use q); labels as a bare tensor."""
+    torch.manual_seed(12)
+    blocks = [RoutedBlock() for _ in range(P)]
+    x = torch.cat([torch.randn(2 * P, D, dtype=torch.float64) + 5, torch.randn(2 * P, D, dtype=torch.float64) - 5])
+    labels = torch.randn(4 * P, D, dtype=torch.float64)
+    ref = copy.deepcopy(blocks)
+    reference(ref, x, labels, 2 * P)
+    pipe = DualPipe((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[P - 1 - rank])))
+    x0, x1 = x.tensor_split(2)
+    l0, l1 = labels.tensor_split(2)
+    if rank == 0:
+        pipe.step(x0, num_chunks=2 * P, criterion=criterion, labels=l1)
+    elif rank == P - 1:
+        pipe.step(x1, num_chunks=2 * P, criterion=criterion, labels=l0)
+    else:
+        pipe.step(num_chunks=2 * P)
+    pipe.sync_mirrored_grads()
+    assert_grads(pipe.module[0], ref[rank])
+    assert_grads(pipe.module[1], ref[P - 1 - rank])
+
+
+def test_local_pieces():
+    """Without a process group: a frozen bias of the deferrable Linear gets no gradient; None
+    inputs and a bare label tensor chunk as DualPipe's scatter does; class-level clear()."""
+    from dskernels.pipeline.runtime import _scatter
+    layer = Linear(D, D, dtype=torch.float64)
+    layer.bias.requires_grad_(False)
+    layer(torch.randn(3, D, dtype=torch.float64)).sum().backward()
+    assert layer.weight.grad is not None and layer.bias.grad is None
+    x = torch.arange(8.0)
+    assert [(c[0].tolist(), c[1]) for c in _scatter((x, None), 2, 0)] == [([0, 1, 2, 3], None), ([4, 5, 6, 7], None)]
+    assert [c[0].tolist() for c in _scatter(x, 2, 0)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    WeightGradStore.clear()  # DualPipe's class-level call: no store is active, nothing to clear
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -50,13 +50,19 @@ _MAX_TENSORS = (_HEADER - 1) // (2 + _MAX_DIMS)
 
 
 def _scatter(inputs, num_chunks, dim):
-    """Splits each tensor of `inputs` into num_chunks chunks along dim: list of tuples."""
+    """Splits each tensor of `inputs` (a tensor or a sequence of tensors and Nones) into num_chunks
+    chunks along dim: list of tuples; a None is None in every chunk (as DualPipe's scatter)."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
     if not inputs:
         return [() for _ in range(num_chunks)]
     parts = []
     for t in inputs:
+        if t is None:
+            parts.append([None] * num_chunks)
+            continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"inputs: expected tensors, got {type(t).__name__}")
+            raise TypeError(f"inputs: expected tensors (or None), got {type(t).__name__}")
         if t.shape[dim] < num_chunks:
             raise ValueError(f"inputs: dimension {dim} has {t.shape[dim]} rows, fewer than "
                              f"num_chunks={num_chunks}")
@@ -127,7 +133,8 @@ class _Runtime(nn.Module):
         if len(modules) != 2:
             raise ValueError(f"modules: expected two modules (one per stage of this rank), got {len(modules)}")
         self.module = nn.ModuleList(modules)
-        self.overlapped_forward_backward = hasattr(type(self.module[0]), "overlapped_forward_backward")
+        self.overlapped_forward_backward = (type(modules[0]) is type(modules[1])  # as DualPipe decides it
+                                            and hasattr(type(modules[0]), "overlapped_forward_backward"))
         self.batch_dim = batch_dim
         self.group = process_group or dist.distributed_c10d._get_default_group()
         self.num_ranks = self.group.size()
@@ -506,7 +513,7 @@ class DualPipeV(_Runtime):
         heads, tails = {}, {}
         if self.rank == 0:
             heads[0] = _scatter(inputs, num_chunks, self.batch_dim)
-            tails[2 * self.num_ranks - 1] = _scatter(tuple(labels), num_chunks, self.batch_dim)
+            tails[2 * self.num_ranks - 1] = _scatter(labels, num_chunks, self.batch_dim)
         return heads, tails
 
 
@@ -535,10 +542,10 @@ class DualPipe(_Runtime):
         heads, tails = {}, {}
         if self.rank == 0:
             heads[0] = _scatter(inputs, half, self.batch_dim)
-            tails[2 * P - 1] = _scatter(tuple(labels), half, self.batch_dim)
+            tails[2 * P - 1] = _scatter(labels, half, self.batch_dim)
         if self.rank == P - 1:
             heads[P] = _scatter(inputs, half, self.batch_dim)
-            tails[P - 1] = _scatter(tuple(labels), half, self.batch_dim)
+            tails[P - 1] = _scatter(labels, half, self.batch_dim)
         return heads, tails
 
     @staticmethod
@@ -547,29 +554,41 @@ class DualPipe(_Runtime):
         return [(r, num_ranks - 1 - r) for r in range(num_ranks // 2)]
 
     def sync_mirrored_grads(self) -> None:
-        """modules[0].grad += peer's modules[1].grad and vice versa, with the peer P-1-r."""
+        """Both copies of each layer (rank r's modules[0], rank P-1-r's modules[1]) end with the sum
+        of their gradients. A gradient that is None on one copy counts as zeros; one that is None on
+        both stays None. Both ranks of a pair must call it."""
         peer = self._peer(self.num_ranks - 1 - self.rank)
-        mine0 = [p for p in self.module[0].parameters() if p.grad is not None]
-        mine1 = [p for p in self.module[1].parameters() if p.grad is not None]
-        if len(mine0) != len(mine1):
-            raise RuntimeError("sync_mirrored_grads: modules[0] and modules[1] have different parameters with grads")
-        flat0 = torch.cat([p.grad.reshape(-1) for p in mine0]) if mine0 else None
-        flat1 = torch.cat([p.grad.reshape(-1) for p in mine1]) if mine1 else None
-        if flat0 is None:
-            return
-        got0, got1 = torch.empty_like(flat1), torch.empty_like(flat0)  # peer's modules[0], [1]
-        # the peer sends its flat0, flat1 in this order and receives ours in the same order
-        ops = [dist.P2POp(dist.isend, flat0, peer, self.group), dist.P2POp(dist.isend, flat1, peer, self.group),
-               dist.P2POp(dist.irecv, got0, peer, self.group), dist.P2POp(dist.irecv, got1, peer, self.group)]
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-        offset = 0
-        for p in mine0:
-            n = p.numel()
-            p.grad += got1[offset:offset + n].view_as(p.grad)
-            offset += n
-        offset = 0
-        for p in mine1:
-            n = p.numel()
-            p.grad += got0[offset:offset + n].view_as(p.grad)
-            offset += n
+        mine = [list(self.module[0].parameters()), list(self.module[1].parameters())]
+        device = self._device()
+
+        def exchange(sends):
+            """sends: [item of modules[0], item of modules[1], ...] -> the peer's, in the same order
+            (its modules[0] item is shaped like this rank's modules[1] one, and so on)."""
+            recvs = [torch.empty_like(sends[i ^ 1]) for i in range(len(sends))]
+            ops = [dist.P2POp(dist.isend, t, peer, self.group) for t in sends]
+            ops += [dist.P2POp(dist.irecv, t, peer, self.group) for t in recvs]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+            return recvs
+
+        sizes = [torch.tensor([len(ps), sum(p.numel() for p in ps)], device=device) for ps in mine]
+        peer0, peer1 = exchange(sizes)
+        if not (torch.equal(sizes[1], peer0) and torch.equal(sizes[0], peer1)):
+            raise RuntimeError(f"sync_mirrored_grads: the copies of a layer differ between ranks {self.group_rank} "
+                               f"and its peer: (parameters, elements) {sizes[0].tolist()} / {sizes[1].tolist()} "
+                               f"here, {peer1.tolist()} / {peer0.tolist()} there")
+        has = [torch.tensor([p.grad is not None for p in ps], dtype=torch.uint8, device=device) for ps in mine]
+        grads = [torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+                 if ps else torch.zeros(0, device=device) for ps in mine]
+        peer_has0, peer_has1, peer_grads0, peer_grads1 = exchange(has + grads)
+        for ps, has, grads in ((mine[1], peer_has0, peer_grads0), (mine[0], peer_has1, peer_grads1)):
+            offset = 0
+            for p, present in zip(ps, has.tolist()):
+                n = p.numel()
+                if present:
+                    g = grads[offset:offset + n].view_as(p).to(p.dtype)
+                    if p.grad is None:
+                        p.grad = g.clone()
+                    else:
+                        p.grad += g
+                offset += n

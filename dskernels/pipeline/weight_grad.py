@@ -33,18 +33,20 @@ class _ActiveOrBound:
     """A method that, called on the class (DualPipe's class-level API, e.g.
     `WeightGradStore.put(fn)` in a user's autograd Function), acts on the active store."""
 
-    def __init__(self, func):
-        self.func = func
+    def __init__(self, func, idle_ok: bool = False):
+        self.func, self.idle_ok = func, idle_ok  # idle_ok: a class-level call with no active store does nothing
         self.__doc__ = func.__doc__
 
     def __get__(self, obj, cls):
         if obj is not None:
             return self.func.__get__(obj, cls)
-        func = self.func
+        func, idle_ok = self.func, self.idle_ok
 
         def on_active(*args, **kwargs):
             store = cls._active
             if store is None:
+                if idle_ok:
+                    return None
                 raise RuntimeError(f"WeightGradStore.{func.__name__}: no active store (called "
                                    "outside a pipeline runtime's I action)")
             return func(store, *args, **kwargs)
@@ -89,6 +91,7 @@ class WeightGradStore(metaclass=_StoreMeta):
         for func in self.funcs_queue.get():
             func()
 
+    @lambda f: _ActiveOrBound(f, idle_ok=True)  # class level: each runtime clears its own at every step
     def clear(self) -> None:
         self.cache = []
         self.funcs_queue = queue.Queue()
@@ -135,10 +138,12 @@ class _DeferrableLinearFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         bias = ctx.bias
 
+        need_bias = bias is not None and ctx.needs_input_grad[2]  # a frozen bias gets no .grad
+
         def weight_grad():
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
             _accumulate(weight, g2.t() @ x.reshape(-1, x.shape[-1]))
-            if bias is not None:
+            if need_bias:
                 _accumulate(bias, g2.sum(0))
 
         store = WeightGradStore.current()
