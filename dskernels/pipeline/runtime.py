@@ -581,12 +581,12 @@ class DualPipe(_Runtime):
         grads = [torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
                  if ps else torch.zeros(0, device=device) for ps in mine]
         peer_has0, peer_has1, peer_grads0, peer_grads1 = exchange(has + grads)
-        for ps, has, grads in ((mine[1], peer_has0, peer_grads0), (mine[0], peer_has1, peer_grads1)):
+        for ps, their_has, their_grads in ((mine[1], peer_has0, peer_grads0), (mine[0], peer_has1, peer_grads1)):
             offset = 0
-            for p, present in zip(ps, has.tolist()):
+            for p, present in zip(ps, their_has.tolist()):
                 n = p.numel()
                 if present:
-                    g = grads[offset:offset + n].view_as(p).to(p.dtype)
+                    g = their_grads[offset:offset + n].view_as(p).to(p.dtype)
                     if p.grad is None:
                         p.grad = g.clone()
                     else:
