@@ -86,12 +86,20 @@ def main() -> int:
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
+    # A misspelt name must not silently skip a family (--ops) or let a failed kernel run (--no-cuda).
+    names = {w for family in families() for w in (family, *(c.op for c in _family_cases(family, args.quick, device)))}
+    for flag, value, known in (("--ops", args.ops, names), ("--no-cuda", args.no_cuda, names),
+                               ("--backends", args.backends, {"ref", "triton", "cuda"})):
+        unknown = sorted(set(_words(value)) - known)
+        if unknown:
+            print(f"{flag}: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            return 2
     available = dskernels.available_backends()
     if args.backends:
-        available = [b for b in available if b in args.backends.split(",")]
+        available = [b for b in available if b in _words(args.backends)]
     device_name = torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()})"
     meta = {"device": device_name, "git_sha": git_sha(), "torch": torch.__version__,
-            "date": datetime.date.today().isoformat()}
+            "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv])}
     print(f"dskernels benchmarks on {device_name}; backends: {', '.join(available)}; "
           f"torch {torch.__version__}; git {meta['git_sha']}")
 
@@ -106,7 +114,7 @@ def main() -> int:
               "TFLOPS, GB/s and roofline figures need a Hopper GPU (run scripts/gpu_check.sh there)")
 
     report, records, failures = Report(), [], []
-    no_cuda = {w for w in args.no_cuda.split(",") if w}
+    no_cuda = set(_words(args.no_cuda))
     for family, case in selected_cases(args.ops, args.quick, device):
         run_case(case, device, available, ceilings, meta, report, records, failures,
                  no_cuda=bool(no_cuda & {family, case.op}))
@@ -127,14 +135,21 @@ def main() -> int:
     return 0
 
 
+def _words(value: str) -> list[str]:
+    return [w.strip() for w in value.split(",") if w.strip()]
+
+
+def _family_cases(family: str, quick: bool, device: str):
+    return importlib.import_module(f"benchmarks.bench_{family}").cases(quick, device)
+
+
 def selected_cases(ops: str, quick: bool, device: str):
     """(family, case) pairs matching --ops (family or op names), in the order --ops names them
     (the first things named run first, for a device call with little time); all when empty."""
-    wanted = [w for w in ops.split(",") if w]
+    wanted = _words(ops)
     picked = []
     for family in families():
-        module = importlib.import_module(f"benchmarks.bench_{family}")
-        for case in module.cases(quick, device):
+        for case in _family_cases(family, quick, device):
             ranks = [i for i, w in enumerate(wanted) if w in (family, case.op)]
             if ranks or not wanted:
                 picked.append((min(ranks, default=0), family, case))
@@ -144,8 +159,9 @@ def selected_cases(ops: str, quick: bool, device: str):
 
 def write_json(path, meta, ceilings, records):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    strict = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()} for r in records]  # NaN: null
     with open(path + ".part", "w") as f:
-        json.dump({"meta": {**meta, "ceilings": ceilings}, "records": records}, f, indent=1)
+        json.dump({"meta": {**meta, "ceilings": ceilings}, "records": strict}, f, indent=1)
     os.replace(path + ".part", path)
 
 
@@ -171,31 +187,17 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
     # next runs: the next run's outputs reuse that memory (the caching allocator's freed blocks, or
     # the same `out` argument), so a kernel that writes nothing cannot pass on what an earlier,
     # correct run left there. (Timed runs would leave correct outputs behind again.)
-    problems = {}
-    for backend, label, env in runs:
-        try:
-            with dskernels.backend(backend), environment(env):
-                result = case.run(*inputs)
-                problems[label] = case.check(result, expected)
-                poison(result)
-                del result
-        except Exception as e:  # report and go on: one broken backend must not hide the others
-            traceback.print_exc()
-            problems[label] = f"raised {type(e).__name__}: {e}"
-    ours = {}  # backend (or "cuda[variant]") -> its record
+    # CUDA kernels come last, checked and timed after every other backend: a fault there (a never-run
+    # kernel) ends the process's CUDA context, and must not take the Triton and reference numbers.
+    problems, ours = {}, {}  # ours: backend (or "cuda[variant]") -> its record
     timer = bench.bench_gpu if device == "cuda" else bench.bench_cpu
-    for backend, label, env in runs:
-        problem, ms = problems[label], float("nan")
-        if not (problem or "").startswith("raised"):
-            try:
-                with dskernels.backend(backend), environment(env):
-                    ms = timer(lambda: case.run(*inputs))
-            except Exception as e:
-                traceback.print_exc()
-                problem = f"raised {type(e).__name__} when timed: {e}"
-        if problem:
-            failures.append(f"{case.op} [{label}] {shape}: {problem}")
-        ours[label] = record(case, label, ms, ceilings, meta, problem)
+    others, cuda_runs = [r for r in runs if r[0] != "cuda"], [r for r in runs if r[0] == "cuda"]
+    check_and_time(case, others, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape)
+    if others and cuda_runs and not (problems[others[0][1]] or "").startswith("raised"):
+        # The timed runs left correct outputs behind: one more run, poisoned, before the cuda checks.
+        with dskernels.backend(others[0][0]), environment(others[0][2]):
+            poison(case.run(*inputs))
+    check_and_time(case, cuda_runs, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape)
 
     peers = {}  # peer name -> its record
     if device == "cuda":
@@ -218,6 +220,32 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
         report.add(case.op, label, shape, f"{rec['ms'] * 1e3:.1f}", fmt(rec["tflops"]), fmt(rec["gbps"]),
                    fmt(rec["roofline"] and 100 * rec["roofline"]), x_peer)
         records.append(rec)
+
+
+def check_and_time(case, runs, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape):
+    """Checks every run of `runs`, then times those that did not raise; fills problems and ours."""
+    for backend, label, env in runs:
+        try:
+            with dskernels.backend(backend), environment(env):
+                result = case.run(*inputs)
+                problems[label] = case.check(result, expected)
+                poison(result)
+                del result
+        except Exception as e:  # report and go on: one broken backend must not hide the others
+            traceback.print_exc()
+            problems[label] = f"raised {type(e).__name__}: {e}"
+    for backend, label, env in runs:
+        problem, ms = problems[label], float("nan")
+        if not (problem or "").startswith("raised"):
+            try:
+                with dskernels.backend(backend), environment(env):
+                    ms = timer(lambda: case.run(*inputs))
+            except Exception as e:
+                traceback.print_exc()
+                problem = f"raised {type(e).__name__} when timed: {e}"
+        if problem:
+            failures.append(f"{case.op} [{label}] {shape}: {problem}")
+        ours[label] = record(case, label, ms, ceilings, meta, problem)
 
 
 def poison(result) -> None:

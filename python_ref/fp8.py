@@ -34,7 +34,7 @@ def _quantize(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
 def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [m, k] (k % 128 == 0) -> (fp8 [m, k], fp32 scales [m, k / 128])."""
     m, k = x.shape
-    groups = x.float().reshape(m, k // GROUP_SIZE, GROUP_SIZE)
+    groups = x.float().contiguous().reshape(m, k // GROUP_SIZE, GROUP_SIZE)  # row-major out, as the fake kernel says
     amax = groups.abs().amax(dim=2, keepdim=True).clamp(min=AMAX_FLOOR)
     return _quantize(groups, amax).reshape(m, k), _scale(amax).reshape(m, k // GROUP_SIZE)
 

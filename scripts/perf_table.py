@@ -4,7 +4,8 @@
     python scripts/perf_table.py --check  # exit 1 if the README's table is stale (CI runs this)
 
 The results files are what `python benchmarks/run.py --json ...` wrote on a GPU; the table is
-never typed by hand.
+never typed by hand. Records that failed their check or raised, the reference backend's, and CPU
+runs are left out.
 """
 
 import argparse
@@ -28,9 +29,13 @@ def table() -> str:
         with open(path) as f:
             data = json.load(f)
         meta = data["meta"]
+        if not meta.get("ceilings"):  # a CPU run (no ceilings measured): interpreter times, not performance
+            continue
         for r in data["records"]:
             if r["backend"].startswith("peer:") and r["backend"] != "peer:torch":
                 continue
+            if r.get("error") or r["ms"] is None or r["ms"] != r["ms"] or r["backend"] == "ref":
+                continue  # wrong or failed (its failure is in the run's log), or the oracle itself
             shape = " ".join(f"{k}={v}" for k, v in r["params"].items())
             rows.append(f"| {r['op']} | {shape} | {r['backend']} | {r['ms'] * 1e3:.1f} | "
                         f"{fmt(r['tflops'], '{:.0f}')} | {fmt(r['gbps'], '{:.0f}')} | "

@@ -149,3 +149,14 @@ def test_unverified_cuda_kernels_are_not_auto():
     assert _backend.select_backend("op", device, has_cuda=True, has_triton=True, cuda_verified=False) == "triton"
     with dskernels.backend("cuda"):
         assert _backend.select_backend("op", device, has_cuda=True, has_triton=True, cuda_verified=False) == "cuda"
+
+
+def test_no_host_sync_flags_device_reads_only():
+    """A copy to the CPU of a CPU tensor reads nothing from a device: not flagged (the layer's rope
+    moves its CPU frequencies to the positions' device); a host read of a value is."""
+    from dskernels.testing import HostSyncError, no_host_sync
+    with no_host_sync():
+        torch.ones(3).to("cpu")
+    with pytest.raises(HostSyncError):
+        with no_host_sync():
+            torch.ones(3).sum().item()

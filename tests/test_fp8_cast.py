@@ -182,6 +182,9 @@ def test_opcheck():
     x = random_source(7, 256, torch.bfloat16, "cpu")
     torch.library.opcheck(torch.ops.dskernels.per_token_cast_to_fp8, (x,))
     torch.library.opcheck(torch.ops.dskernels.per_block_cast_to_fp8, (x,))
+    column_major = random_source(256, 6, torch.bfloat16, "cpu").t()  # outputs row-major all the same
+    torch.library.opcheck(torch.ops.dskernels.per_token_cast_to_fp8, (column_major,))
+    assert dskernels.per_token_cast_to_fp8(column_major)[0].is_contiguous()
 
 
 def test_torch_compile_fullgraph():

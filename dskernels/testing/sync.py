@@ -79,7 +79,7 @@ def no_host_sync():
         return tensor_setitem(self, index, value)
 
     def to(self, *args, **kwargs):
-        if any(_is_cpu(a) for a in args) or _is_cpu(kwargs.get("device")):
+        if self.device.type != "cpu" and (any(_is_cpu(a) for a in args) or _is_cpu(kwargs.get("device"))):
             _fail("Tensor.to('cpu')")
         return tensor_to(self, *args, **kwargs)
 
