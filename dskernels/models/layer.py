@@ -18,6 +18,12 @@ _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.activation_scale)$"
                       r"|^(embed_tokens|enorm|hnorm|eh_proj|shared_head)\.")  # the MTP layer's extra modules
 
 
+def _check_weight_shape(key: str, value: torch.Tensor, shape, layer_idx: int) -> None:
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"state_dict: {key!r} of layer {layer_idx}: expected shape {tuple(shape)}, "
+                         f"got {tuple(value.shape)}")
+
+
 class DeepseekV3DecoderLayer(nn.Module):
     """One DeepSeek-V3 decoder layer (API.md section 5).
 
@@ -135,9 +141,8 @@ class DeepseekV3DecoderLayer(nn.Module):
                     raise KeyError(f"state_dict: missing {key!r} for layer {self.layer_idx}")
                 return None
             used.add(key)
-            if shape is not None and tuple(sd[key].shape) != tuple(shape):
-                raise ValueError(f"state_dict: {key!r} of layer {self.layer_idx}: expected shape {tuple(shape)}, "
-                                 f"got {tuple(sd[key].shape)}")
+            if shape is not None:
+                _check_weight_shape(key, sd[key], shape, self.layer_idx)
             return sd[key]
 
         def take_opt(key):
@@ -179,9 +184,8 @@ class DeepseekV3DecoderLayer(nn.Module):
                 moe.gate_weight = w.to(device=device, dtype=torch.float32).clone()
             b = take_opt("mlp.gate.e_score_correction_bias")
             if b is not None:
-                if tuple(b.shape) != tuple(moe.e_score_correction_bias.shape):
-                    raise ValueError(f"state_dict: 'mlp.gate.e_score_correction_bias' of layer {self.layer_idx}: "
-                                     f"expected shape {tuple(moe.e_score_correction_bias.shape)}, got {tuple(b.shape)}")
+                _check_weight_shape("mlp.gate.e_score_correction_bias", b, moe.e_score_correction_bias.shape,
+                                    self.layer_idx)
                 moe.e_score_correction_bias = b.to(device=device, dtype=torch.float32).clone()
             if moe.shared_experts is not None:
                 for name in ("gate_proj", "up_proj", "down_proj"):
@@ -209,9 +213,7 @@ class DeepseekV3DecoderLayer(nn.Module):
                     if strict:
                         raise KeyError(f"state_dict: missing {key!r} for layer {self.layer_idx}")
                     return
-                if tuple(sd[key].shape) != shape:
-                    raise ValueError(f"state_dict: {key!r} of layer {self.layer_idx}: expected shape {shape}, "
-                                     f"got {tuple(sd[key].shape)}")
+                _check_weight_shape(key, sd[key], shape, self.layer_idx)
             gate_up = sd["mlp.experts.gate_up_proj"][lo:hi]
             down = sd["mlp.experts.down_proj"][lo:hi]
             gate_up_s = sd.get("mlp.experts.gate_up_proj_scale_inv")
@@ -234,9 +236,7 @@ class DeepseekV3DecoderLayer(nn.Module):
                         return
                     used.add(prefix + ".weight")
                     shape = (cfg.hidden_size, inter) if name == "down_proj" else (inter, cfg.hidden_size)
-                    if tuple(sd[prefix + ".weight"].shape) != shape:
-                        raise ValueError(f"state_dict: {prefix + '.weight'!r} of layer {self.layer_idx}: expected "
-                                         f"shape {shape}, got {tuple(sd[prefix + '.weight'].shape)}")
+                    _check_weight_shape(prefix + ".weight", sd[prefix + ".weight"], shape, self.layer_idx)
                     ws.append(sd[prefix + ".weight"])
                     if prefix + ".weight_scale_inv" in sd:
                         used.add(prefix + ".weight_scale_inv")
