@@ -11,7 +11,9 @@ backend here; the real layer needs ~40 GB of GPU memory (FP8 and bf16 copies of 
 
 Counting (per token, as one would for a dense GEMM, 2 FLOPs per multiply-add): every projection
 with its real width (q_a, q_b, kv_a, o_proj, W_UK and W_UV absorbed into q / the output, router,
-8 routed + 1 shared expert); attention 2 * heads * context * (576 + 512) (FlashMLA's count).
+8 routed + 1 shared expert); attention 2 * heads * context * (576 + 512) in decode (the absorbed
+latent path, FlashMLA's count) and 2 * heads * (tokens / 2) * (192 + 128) in prefill (per-head keys
+and values from kv_b_proj, causal: half the square).
 Bytes: the weights that must be read once (attention and shared weights, and min(256, 8B) experts:
 an upper bound on the experts a batch touches) plus the latent cache read once (FlashMLA's count).
 """
@@ -153,8 +155,11 @@ def transformers_step(config, layer_idx, x, positions, past=None):
                       position_embeddings=rotary(x, positions))
 
 
-def _flops_bytes(cfg, layer_idx, tokens, context, batch, weight_bytes):
+def _flops_bytes(cfg, layer_idx, tokens, context, batch, weight_bytes, prefill=False):
     h, heads, r = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
+    # Decode attends over the latent cache (576-wide keys, 512-wide values); prefill expands the
+    # new tokens' latents per head and runs SDPA on (qk_head_dim, v_head_dim).
+    attn_width = cfg.qk_head_dim + cfg.v_head_dim if prefill else cfg.kv_cache_dim + r
     attn_w = h * (cfg.q_lora_rank or 0) + (cfg.q_lora_rank or h) * heads * cfg.qk_head_dim \
         + h * cfg.kv_cache_dim + r * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) + heads * cfg.v_head_dim * h
     if layer_idx < cfg.first_k_dense_replace:
@@ -163,7 +168,7 @@ def _flops_bytes(cfg, layer_idx, tokens, context, batch, weight_bytes):
         expert = 3 * h * cfg.moe_intermediate_size
         mlp_active = (cfg.num_experts_per_tok + cfg.n_shared_experts) * expert + h * cfg.n_routed_experts
         mlp_read = (min(cfg.n_routed_experts, cfg.num_experts_per_tok * tokens) + cfg.n_shared_experts) * expert
-    flops = 2 * tokens * (attn_w + mlp_active) + 2 * tokens * heads * context * (cfg.kv_cache_dim + r)
+    flops = 2 * tokens * (attn_w + mlp_active) + 2 * tokens * heads * context * attn_width
     cache = batch * context * cfg.kv_cache_dim * 2
     return float(flops), float((attn_w + mlp_read) * weight_bytes + cache)
 
@@ -268,7 +273,7 @@ def prefill_case(config: str, layer_idx: int, batch: int, tokens: int, fp8: bool
         return transformers_step(config, layer_idx, x.to(weights["mlp.experts.down_proj"].dtype), positions)
 
     cfg = _config(config)
-    flops, moved = _flops_bytes(cfg, layer_idx, batch * tokens, tokens / 2, 0, 1 if fp8 else 2)
+    flops, moved = _flops_bytes(cfg, layer_idx, batch * tokens, tokens / 2, 0, 1 if fp8 else 2, prefill=True)
     return Case(op="deepseek_v3_layer_prefill",
                 params={"config": config, "layer": "moe" if layer_idx >= cfg.first_k_dense_replace else "dense",
                         "weights": "fp8" if fp8 else "bf16" if device != "cpu" else "fp32",

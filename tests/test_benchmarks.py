@@ -72,3 +72,25 @@ def test_a_run_that_writes_nothing_is_caught():
     run_case(case, "cpu", ["ref", "triton"], {}, {"device": "cpu", "git_sha": "-", "torch": "-", "date": "-"},
              Report(), [], failures)
     assert failures == ["double [triton] n=4: differs"]
+
+
+def test_model_prefill_flops_match_the_operations_run():
+    """bench_model's FLOP count for a dense layer's prefill equals what torch's FLOP counter sees
+    in the tiny layer (SDPA's math path computes the whole causal square, so the count is taken
+    with context = tokens here; the benchmark uses tokens / 2, the useful half)."""
+    sys.path.insert(0, ROOT)
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.bench_model import _flops_bytes
+    from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer
+
+    cfg = DeepseekV3Config.tiny()
+    assert cfg.first_k_dense_replace >= 1  # layer 0 is dense: no custom ops the counter cannot see
+    layer = DeepseekV3DecoderLayer(cfg, 0).float()
+    batch, tokens = 2, 7
+    x = torch.randn(batch, tokens, cfg.hidden_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        layer(x, torch.arange(tokens).expand(batch, tokens))
+    flops, _ = _flops_bytes(cfg, 0, batch * tokens, tokens, 0, 4, prefill=True)
+    assert flops == counter.get_total_flops()
