@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import dskernels
-from dskernels.ep import Buffer, EventOverlap
+from dskernels.ep import Buffer, EPCommError, EventOverlap
 from dskernels.testing import HostSyncError, no_host_sync, run_distributed
 from python_ref import ep as ref_ep
 
@@ -386,6 +386,11 @@ def _timeout_body(rank, world):
 
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=30))
     buf = Buffer(group, timeout_s=1.5)
+    # An error raised here before any exchange (splits that do not add up) keeps the backend's words
+    # and is not called a timeout.
+    _raises(EPCommError, ["dskernels.ep.Buffer.dispatch", f"rank {rank} of 2", "failed in all_to_all",
+                          "backend said: Split sizes"],
+            lambda: buf._all_to_all(torch.empty(3), torch.empty(2), [1, 1], [1, 1], "dispatch"))
     if rank == 0:
         begin = time.monotonic()
         _raises(TimeoutError, ["dskernels.ep.Buffer.dispatch", "rank 0 of 2", "longer than 1.5 s", "peer"],

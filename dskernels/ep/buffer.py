@@ -177,8 +177,9 @@ class Buffer:
             text = str(e)
             late = any(w in text.lower() for w in ("timeout", "timed out"))
             message = (f"dskernels.ep.Buffer.{what}: rank {self.rank} of {self.group_size} "
-                       + ("waited longer than the group timeout for its peers" if late else "lost its peers")
-                       + " in all_to_all (a peer rank is gone, crashed, or did not call the same op); "
+                       + ("waited longer than the group timeout for its peers" if late else "failed")
+                       + " in all_to_all (most often a peer rank is gone, crashed, or did not call the same "
+                       "op; the backend's words below say if the cause is local); "
                        f"backend said: {text.splitlines()[0] if text else type(e).__name__}")
             raise (TimeoutError(message) if late else EPCommError(message)) from e
 
