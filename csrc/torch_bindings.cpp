@@ -27,7 +27,9 @@ TORCH_LIBRARY(dskernels, m) {
 
   // ---- MLA decode (API.md section 1) ----
   m.set_python_module("dskernels.ops.mla");
-  m.def("get_mla_metadata(Tensor cache_seqlens, int num_q_tokens_per_head_k, int num_heads_k) "
+  // SymInt: under torch.compile(dynamic=True) the row count (s_q * h_q) stays symbolic, so a new s_q
+  // does not recompile.
+  m.def("get_mla_metadata(Tensor cache_seqlens, SymInt num_q_tokens_per_head_k, SymInt num_heads_k) "
         "-> (Tensor, Tensor)");
   m.def("flash_mla_with_kvcache(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, "
         "int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, float? softmax_scale=None, "

@@ -400,6 +400,24 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
+def test_torch_compile_dynamic_row_count_does_not_recompile():
+    """get_mla_metadata's row count is a SymInt: a compiled decode with dynamic shapes serves every
+    s_q from one graph (an int schema specialized it and recompiled per s_q * h_q)."""
+    from torch._dynamo.testing import CompileCounter
+
+    def decode(q, k_cache, block_table, lens):
+        meta, splits = dskernels.get_mla_metadata(lens, q.shape[1] * q.shape[2], 1)
+        return dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, 48, meta, splits, causal=True)
+
+    counter = CompileCounter()
+    compiled = torch.compile(decode, fullgraph=True, backend=counter, dynamic=True)
+    for s_q in (2, 3, 5, 40):  # 40 x 4 rows: several Triton row tiles, so a smaller num_parts
+        q, k_cache, block_table, lens, _, _ = make_inputs([37, 0, 5], s_q, 4, 1, 16, torch.bfloat16, torch.bfloat16)
+        for actual, expected in zip(compiled(q, k_cache, block_table, lens), decode(q, k_cache, block_table, lens)):
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert counter.frame_count == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("s_q,h_q,cache_dtype", [(1, 16, torch.bfloat16), (2, 128, torch.bfloat16),
                                                  (1, 64, FP8), (2, 32, torch.float16)])

@@ -138,10 +138,12 @@ def num_partitions(device: torch.device, num_q_tokens_per_head_k: int, num_heads
     count works with either kernel; this one fills the GPU."""
     if _sm90_runs(device):
         tiles = -(-num_q_tokens_per_head_k // SM90_TILE_ROWS)
-        tiles += tiles % 2 if tiles > 1 else 0  # 2-CTA clusters over the row tiles (TMA path)
+        # 2-CTA clusters over the row tiles (TMA path): an odd count above one is padded to pairs.
+        tiles = torch.sym_ite(tiles > 1, 2 * (-(-tiles // 2)), tiles)
     else:
         tiles = -(-num_q_tokens_per_head_k // TILE_ROWS)
-    return max(1, sm_count(device) // (num_heads_k * tiles))
+    # sym_max/sym_ite: with symbolic sizes (torch.compile) the count stays an expression, no guard.
+    return torch.sym_max(1, sm_count(device) // (num_heads_k * tiles))
 
 
 def split_plan(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +193,7 @@ def split_plan(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
 # ---------------------------------------------------------------------------------------------
 
 def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
