@@ -174,6 +174,10 @@ def test_cuda_layout_conversions():
     a = torch.empty(4, 384, dtype=torch.uint8)[:, 8:264]  # rows 8 bytes off 16-byte alignment
     assert not gemm_ops._tma_ready(a)
     assert gemm_ops._cuda_operand(a).is_contiguous()
+    shifted = torch.arange(4 * 256 + 16, dtype=torch.uint8)[8:8 + 4 * 256].view(4, 256)  # contiguous, base 8 bytes off
+    assert shifted.is_contiguous() and not gemm_ops._tma_ready(shifted)
+    moved = gemm_ops._cuda_operand(shifted)
+    assert gemm_ops._tma_ready(moved) and torch.equal(moved, shifted)
 
 
 # ---- GPU: every variant on the cuda backend ----
@@ -292,6 +296,26 @@ def test_k0_is_an_empty_sum(cuda_backend):
     dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a[:3].expand(2, 3, 0), sa[:3].expand(2, 3, 0)), (bg, sbg),
                                                     out, masked_m, 3)
     assert (out[0] == 0).all() and (out[1, :1] == 0).all()
+
+
+@pytest.mark.gpu
+def test_empty_outputs_and_misaligned_operands(cuda_backend):
+    """n = 0 or m = 0 writes nothing (empty tensors carry strides TMA would refuse), and operands at
+    a base address 8 bytes off 16-byte alignment are copied rather than refused."""
+    fp8, dev = torch.float8_e4m3fn, "cuda"
+    _, a, sa = quantized_pair(5, 256, dev, per_block=False, scale_layout="row")
+    _, b, sb = quantized_pair(7, 256, dev, per_block=True, scale_layout="row")
+    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b[:0], sb[:0]), empty_out(5, 0, device=dev))
+    dskernels.gemm_fp8_fp8_bf16_nt((a[:0], sa[:0]), (b, sb), empty_out(0, 7, device=dev))
+    bg, sbg = b[None].expand(2, 7, 256), sb[None].expand(2, *sb.shape)
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a[None, :0].expand(2, 0, 256), sa[None, :0].expand(2, 0, 2)),
+                                                    (bg, sbg), empty_out(2, 0, 7, device=dev),
+                                                    torch.zeros(2, dtype=torch.int32, device=dev), 1)
+    shifted = torch.empty(5 * 256 + 16, dtype=torch.uint8, device=dev)[8:8 + 5 * 256].view(fp8).view(5, 256)
+    shifted.copy_(a)
+    out = empty_out(5, 7, device=dev)
+    dskernels.gemm_fp8_fp8_bf16_nt((shifted, sa), (b, sb), out)
+    assert_close_to_oracle(out, a, sa, b, sb)
 
 
 @pytest.fixture(params=GROUPED_CONFIGS)

@@ -279,7 +279,11 @@ def _tma_ready(t: torch.Tensor) -> bool:
 
 
 def _cuda_operand(t: torch.Tensor) -> torch.Tensor:
-    return t if _tma_ready(t) else t.contiguous()
+    if _tma_ready(t):
+        return t
+    # A contiguous view at a misaligned offset stays itself under contiguous(): clone it then.
+    packed = t.contiguous()
+    return packed if _tma_ready(packed) else t.clone(memory_format=torch.contiguous_format)
 
 
 def _cuda_sa(sa: torch.Tensor) -> torch.Tensor:
@@ -315,6 +319,8 @@ def _cuda_out(out: torch.Tensor):
 
 
 def _run_cuda(op, a, sa, b, sb, out, *rest):
+    if out.numel() == 0:  # m = 0, n = 0 or no groups: nothing to write (TMA takes no empty tensor)
+        return
     if a.shape[-1] == 0:  # k = 0: an empty sum (the kernels need at least one K block)
         out.zero_()
         return
