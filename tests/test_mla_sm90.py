@@ -140,6 +140,30 @@ def test_any_page_size_and_strided_cache(page_size, cache_dtype):
     check(out, lse, q, k_cache, block_table, lens, k_scale, True, softmax_scale=0.05)
 
 
+@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+def test_keys_outside_the_cache_add_nothing(page_size, cache_dtype):
+    """A page id outside the cache inside a sequence, or a length that reaches unused block-table
+    slots, breaks the contract (the reference raises). The kernel masks those keys out of the
+    softmax: the result is the attention over the sequence's valid pages (non-causal attention
+    does not depend on the order of the keys). Page 64 takes the TMA path for whole blocks (an
+    out-of-bounds box is zero-filled), 16 the register path."""
+    _need_cuda_backend()
+    k_cache, block_table, k_scale = make_cache([128, 256], 1, page_size, cache_dtype, seed=page_size)
+    q = torch.randn(2, 1, 16, D, device="cuda").to(torch.bfloat16)
+    pages = 256 // page_size
+    bad_table = block_table.clone()
+    bad_table[1, 1] = -5  # sequence 1's second page
+    bad_lens = torch.tensor([200, 256], dtype=torch.int32, device="cuda")  # 0 reaches HUGE_PAGE slots
+    with dskernels.backend("cuda"):
+        out, lse = decode(q, k_cache, bad_table, bad_lens, k_scale, False)
+    clean_table = block_table.clone()
+    clean_table[1, 1:pages - 1] = block_table[1, 2:pages]
+    clean_table[1, pages - 1] = HUGE_PAGE
+    clean_lens = torch.tensor([128, 256 - page_size], dtype=torch.int32, device="cuda")
+    check(out, lse, q, k_cache, clean_table, clean_lens, k_scale, False)
+
+
 @pytest.mark.parametrize("h_q,s_q", [(64, 1), (65, 1), (32, 3), (128, 2), (16, 5), (64, 3)])
 def test_rows_across_tiles(h_q, s_q):
     """s_q * h_q / h_kv rows that fill 64-row tiles exactly, cross a multiple of 64, or leave a

@@ -36,6 +36,7 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include <climits>
 #include <cstdint>
 #include <utility>
 
@@ -59,6 +60,10 @@ struct alignas(1024) SharedStorage {
   // kBarConsumers barrier WG1 may finish a one-block item and write again before WG2 has read.
   float row_final[2][kBlockM];
   const uint8_t* row_src[kBlockN];    // producer: global address of each row it loads (null: zeros)
+  // producer -> WG1, per stage: bit j set when key j of the block lies on a page inside the cache.
+  // A page id outside it breaks the contract (the reference raises); its keys are masked out here,
+  // not scored as the zeros the loads leave.
+  uint64_t kv_valid[2];
   uint64_t q_full, q_empty, p_full, p_empty;
   uint64_t kv_full[2], kv_empty[2];
 };
@@ -204,7 +209,8 @@ __device__ __forceinline__ void for_each_item(const DecodeParams& p, int part, F
   for (int i = first; i <= last; ++i) {
     const int seqlen = p.seqlens[i];
     const int lo = max(i == begin_idx ? begin_tok : 0, 0);
-    const int hi = min(i == end_idx ? end_tok : seqlen, seqlen);
+    // The last bound keeps `start += kBlockN` from overflowing for a garbage length near INT_MAX.
+    const int hi = min(min(i == end_idx ? end_tok : seqlen, seqlen), INT_MAX - kBlockN + 1);
     if (lo < hi) fn(WorkItem{i, lo, hi, i == begin_idx ? begin_split : 0});
   }
 }
@@ -304,6 +310,7 @@ __device__ void producer(const DecodeParams& p, const CUtensorMap* tmap, SharedS
           // 0 is no documented policy.
           constexpr uint64_t kEvictNormal = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
           const int page = table[page_idx];
+          smem.kv_valid[stage] = page >= 0 && page < p.num_pages ? ~uint64_t(0) : uint64_t(0);
           cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.kv_full[stage], kTileBytes);
 #pragma unroll 1
           for (int c = 0; c < kChunks; ++c) {
@@ -335,6 +342,9 @@ __device__ void producer(const DecodeParams& p, const CUtensorMap* tmap, SharedS
           }
         }
         smem.row_src[tid] = src;
+        // Rows past hi are null too; the consumer masks them by length anyway.
+        const uint32_t loaded = __ballot_sync(0xffffffff, src != nullptr);
+        if (tid % 32 == 0) reinterpret_cast<uint32_t*>(&smem.kv_valid[stage])[tid / 32] = loaded;
       }
       cutlass::arch::NamedBarrier::sync(128, kBarProducer);
       if constexpr (kFp8) {
@@ -453,6 +463,8 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
       if (start + kBlockN >= w.hi) cutlass::arch::ClusterBarrier::arrive(&smem.q_empty);  // last use of Q
 
       // Scale, mask, online softmax (log2 domain). Four lanes share a row: reduce over xor 1, 2.
+      // The stage stays ours until the next iteration releases it, so its kv_valid is current.
+      const uint64_t valid = smem.kv_valid[stage] >> (2 * q4);
       float alpha[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -463,7 +475,7 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float& x = s[4 * j + 2 * h + e];
-            x = 8 * j + 2 * q4 + e < visible ? x * scale : -INFINITY;
+            x = 8 * j + 2 * q4 + e < visible && (valid >> (8 * j + e)) & 1 ? x * scale : -INFINITY;
             row_max = fmaxf(row_max, x);
           }
         }
