@@ -13,7 +13,7 @@ compiles against whatever torch the index has, and the library then fails to loa
 Knobs (environment):
   CUTLASS_HOME          a CUTLASS checkout (else the headers of the nvidia-cutlass package)
   MAX_JOBS              parallel compile jobs (ninja)
-  DSKERNELS_CPU_ONLY=1  skip the CUDA sources
+  DSKERNELS_CPU_ONLY=1  skip the CUDA sources (also true/yes; 0, false, no or unset: build them)
 """
 
 import glob
@@ -52,11 +52,28 @@ def cutlass_include_dir():
     return include
 
 
+def cpu_only() -> bool:
+    value = os.environ.get("DSKERNELS_CPU_ONLY", "").strip().lower()
+    if value not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise RuntimeError(f"DSKERNELS_CPU_ONLY: expected 1/0 (or true/false, yes/no), got {value!r}")
+    return value in ("1", "true", "yes")
+
+
 def with_cuda():
-    if os.environ.get("DSKERNELS_CPU_ONLY") == "1":
+    if cpu_only():
         return False
-    return cpp_extension.CUDA_HOME is not None and os.path.exists(
-        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    home = cpp_extension.CUDA_HOME
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return False
+    # torch guesses CUDA_HOME from the first nvcc on PATH; a wrapper script there gives a root
+    # without the toolkit's headers, and the compile then fails deep inside torch's headers.
+    if not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        raise RuntimeError(
+            f"dskernels: CUDA_HOME={home}{'' if os.environ.get('CUDA_HOME') else ' (torch guessed it from the nvcc on PATH)'} "
+            "has no include/cuda_runtime.h, "
+            "so it is not a CUDA toolkit root. Set CUDA_HOME to the toolkit (usually /usr/local/cuda), or "
+            "build without the CUDA kernels with DSKERNELS_CPU_ONLY=1.")
+    return True
 
 
 def extension():

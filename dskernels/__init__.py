@@ -11,6 +11,9 @@ except ImportError as e:  # pragma: no cover - only on a broken install
     # An undefined symbol almost always means a build against another torch (pip's isolated
     # build environment fetches its own): the C++ ABI differs between torch releases.
     other_torch = "undefined symbol" in str(e)
+    if "cannot import name '_C'" in str(e):  # Python calls this a circular import; it is a missing build
+        raise ImportError("dskernels._C is not built: run `bash scripts/build.sh` (or scripts/install.sh) in the "
+                          "checkout; a CUDA toolkit is optional (README.md, 'Building')") from e
     raise ImportError(
         f"dskernels._C could not be loaded ({e}). "
         + (f"It was built against another torch than this one ({torch.__version__}): rebuild it "

@@ -116,8 +116,9 @@ def select_backend(op: str, device: torch.device, *, has_cuda: bool, has_triton:
         if not has_cuda:
             raise NotImplementedError(f"{op}: no CUDA kernel yet; use the 'triton' or 'ref' backend")
         if not cuda_kernels_built():
-            raise RuntimeError(f"{op}: dskernels was built without nvcc, so its CUDA kernels are missing; "
-                               "rebuild with CUDA_HOME set")
+            raise RuntimeError(f"{op}: dskernels was built without its CUDA kernels (no CUDA toolkit found, or "
+                               "DSKERNELS_CPU_ONLY set); rebuild with CUDA_HOME naming the toolkit and "
+                               "DSKERNELS_CPU_ONLY unset")
         if not cuda_ready:
             raise RuntimeError(f"{op}: the CUDA kernels need a Hopper (sm_90) GPU, got "
                                f"{torch.cuda.get_device_name(device)}")

@@ -13,6 +13,9 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 # ccache keys on absolute paths unless told the tree's root: lets a fresh clone (CI) hit the cache.
 export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$PWD}"
-echo "building dskernels._C (CUDA_HOME=${CUDA_HOME:-none}, arch ${TORCH_CUDA_ARCH_LIST}, ${MAX_JOBS} jobs)"
+case "${DSKERNELS_CPU_ONLY:-}" in
+  1|true|TRUE|True|yes|YES|Yes) echo "building dskernels._C, CPU only (DSKERNELS_CPU_ONLY): schemas, no CUDA kernels" ;;
+  *) echo "building dskernels._C (CUDA_HOME=${CUDA_HOME:-none}, arch ${TORCH_CUDA_ARCH_LIST}, ${MAX_JOBS} jobs)" ;;
+esac
 flock "${TMPDIR:-/tmp}/dskernels-build.lock" \
   python -m pip install --no-build-isolation --no-deps -e . -q
