@@ -301,6 +301,8 @@ def test_bad_weights_are_named():
     layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
     for key, bad in (("input_layernorm.weight", torch.ones(1)), ("mlp.gate.e_score_correction_bias", torch.ones(1)),
                      ("mlp.gate.weight", torch.ones(3, cfg.hidden_size)),
+                     ("self_attn.kv_b_proj.weight", sd["self_attn.kv_b_proj.weight"][:, :-1]),
+                     ("self_attn.o_proj.weight_scale_inv", torch.ones(1, 1)),
                      ("mlp.experts.down_proj", sd["mlp.experts.down_proj"][:, :, :7])):
         with pytest.raises(ValueError, match=f"^state_dict: '{key}' of layer 1: expected shape"):
             layer.load_hf_state_dict({**sd, key: bad})

@@ -159,9 +159,14 @@ class DeepseekV3DecoderLayer(nn.Module):
                 module.weight = w.to(device=device, dtype=self.dtype).clone()
 
         def linear(module: Linear, prefix):
-            w = take(prefix + ".weight")
+            w = take(prefix + ".weight", (module.out_features, module.in_features))
             if w is not None:
-                module.set_weight(w, take_opt(prefix + ".weight_scale_inv"), self.dtype, fp8)
+                scale = take_opt(prefix + ".weight_scale_inv")
+                if scale is not None:  # 128 x 128 blocks
+                    _check_weight_shape(prefix + ".weight_scale_inv", scale,
+                                        (-(-module.out_features // 128), -(-module.in_features // 128)),
+                                        self.layer_idx)
+                module.set_weight(w, scale, self.dtype, fp8)
 
         norm(self.input_layernorm, "input_layernorm.weight")
         norm(self.post_attention_layernorm, "post_attention_layernorm.weight")
