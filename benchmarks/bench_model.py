@@ -324,10 +324,12 @@ def main() -> int:
                 theirs[name] = float("nan")
         fastest = min((t for t in theirs.values() if t == t), default=float("nan"))
         tokens = case.params["batch"] * case.params.get("tokens", 1)
+        peer_us = [f"{t * 1e3:.0f}" if t == t else "-" for t in (theirs["torch"], theirs["transformers"])]
+        speedup = f"{fastest / ours:.2f}x" if fastest == fastest else "-"  # NaN: no peer ran
         print(f"{case.op.removeprefix('deepseek_v3_layer_')} | "
               + " ".join(f"{k}={v}" for k, v in case.params.items())
-              + f" | {ours * 1e3:.0f} | {theirs['torch'] * 1e3:.0f} | {theirs['transformers'] * 1e3:.0f} | "
-              + f"{fastest / ours:.2f}x | {tokens / ours * 1e3:.0f} | " + (problem or "ok"), flush=True)
+              + f" | {ours * 1e3:.0f} | {peer_us[0]} | {peer_us[1]} | {speedup} | {tokens / ours * 1e3:.0f} | "
+              + (problem or "ok"), flush=True)
         del inputs
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -76,7 +76,8 @@ class Report:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", default="", help="comma-separated families or op names, run in that order "
-                        f"(default: all); families: {', '.join(families())}")
+                        f"(default: all); families: {', '.join(f for f in families() if f != 'pipeline')} "
+                        "(pipeline's schedule table: python benchmarks/bench_pipeline.py)")
     parser.add_argument("--quick", action="store_true", help="one or two shapes per op")
     parser.add_argument("--json", default=None, help="write one record per op, backend and shape here")
     parser.add_argument("--backends", default="", help="comma-separated subset of ref,triton,cuda")
@@ -87,12 +88,16 @@ def main() -> int:
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     # A misspelt name must not silently skip a family (--ops) or let a failed kernel run (--no-cuda).
-    names = {w for family in families() for w in (family, *(c.op for c in _family_cases(family, args.quick, device)))}
+    cases_by_family = {family: _family_cases(family, args.quick, device) for family in families()}
+    names = {w for family, cases in cases_by_family.items() if cases for w in (family, *(c.op for c in cases))}
     for flag, value, known in (("--ops", args.ops, names), ("--no-cuda", args.no_cuda, names),
                                ("--backends", args.backends, {"ref", "triton", "cuda"})):
         unknown = sorted(set(_words(value)) - known)
         if unknown:
-            print(f"{flag}: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            # A family without per-op cases (pipeline: schedules, not kernels) has its own script.
+            hints = "".join(f"; {w} has no per-op cases: run python benchmarks/bench_{w}.py"
+                            for w in unknown if w in cases_by_family)
+            print(f"{flag}: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}{hints}")
             return 2
     available = dskernels.available_backends()
     if args.backends:
