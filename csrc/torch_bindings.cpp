@@ -48,8 +48,9 @@ TORCH_LIBRARY(dskernels, m) {
   m.def("gemm_fp8_fp8_bf16_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out) -> ()");
   m.def("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(Tensor a, Tensor sa, Tensor b, Tensor sb, "
         "Tensor(a!) out, Tensor m_indices) -> ()");
+  // SymInt expected_m: a hint computed from a batch size stays symbolic under torch.compile.
   m.def("m_grouped_gemm_fp8_fp8_bf16_nt_masked(Tensor a, Tensor sa, Tensor b, Tensor sb, "
-        "Tensor(a!) out, Tensor masked_m, int expected_m) -> ()");
+        "Tensor(a!) out, Tensor masked_m, SymInt expected_m) -> ()");
   // Raw sm90 kernels (csrc/gemm/): sa column-major ([.., m, k/128] with unit row stride; the dense
   // kernel also needs DeepGEMM's TMA alignment), sb with unit stride along the n blocks, a, b and
   // out with 16-byte aligned rows. dskernels/ops/gemm.py converts and checks before calling.

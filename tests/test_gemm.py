@@ -492,6 +492,26 @@ def test_torch_compile_fullgraph():
         assert torch.equal(actual, expected)
 
 
+def test_torch_compile_dynamic_expected_m_does_not_recompile():
+    """expected_m computed from the batch (as serving code does) stays symbolic: the schema takes a
+    SymInt and the numpy-integer conversion leaves symbolic ints alone (both specialized it)."""
+    from torch._dynamo.testing import CompileCounter
+
+    def masked_gemm(a3, sa3, b, sb, masked_m):
+        out = torch.zeros(a3.shape[0], a3.shape[1], b.shape[1], dtype=torch.bfloat16)
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a3, sa3), (b, sb), out, masked_m, a3.shape[1])
+        return out
+
+    counter = CompileCounter()
+    compiled = torch.compile(masked_gemm, fullgraph=True, backend=counter, dynamic=True)
+    _, _, b, sb = _sample()
+    a3, sa3, _, _ = _sample(masked=True)
+    for m in (4, 5, 6):  # views of the 7-row sample: same strides, no size equal to another
+        args = (a3[:, :m], sa3[:, :m], b, sb, torch.tensor([m, 0, m - 1], dtype=torch.int32))
+        assert torch.equal(compiled(*args), masked_gemm(*args))
+    assert counter.frame_count == 1
+
+
 # ---- GPU only ----
 
 @pytest.mark.gpu
