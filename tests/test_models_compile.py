@@ -80,6 +80,31 @@ def test_compiled_layer_equals_eager(layer_idx, weights):
     assert counter.frame_count == 3
 
 
+def test_dynamic_shapes_serve_every_batch_from_one_graph():
+    """Under torch.compile(dynamic=True) a decode step through the paged cache keeps one graph for
+    every batch size and token count (MTP): nothing in the layer or its ops specializes on them.
+    (The first call absorbs W_UK / W_UV and the second traces once more without that.)"""
+    torch._dynamo.reset()
+    layer = make_layer(1, "fp8")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i, (b, s) in enumerate(((2, 2), (3, 2), (4, 3), (5, 2), (3, 4))):
+            cache = torch.randn(4 * b, PAGE_SIZE, 1, CFG.kv_cache_dim, generator=g).to(layer.dtype)
+            cache_eager = cache.clone()
+            table = torch.randperm(4 * b, generator=g)[:3 * b].view(b, 3).to(torch.int32)
+            lens = torch.randint(0, 8, (b,), generator=g).to(torch.int32)
+            x = torch.randn(b, s, CFG.hidden_size, generator=g).to(layer.dtype)
+            positions = lens.long()[:, None] + torch.arange(s)
+            got = compiled(x, positions, kv_cache=cache, block_table=table, cache_seqlens=lens)
+            want = layer(x, positions, kv_cache=cache_eager, block_table=table, cache_seqlens=lens)
+            torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"call {i}: {m}")
+            if i == 1:
+                graphs = counter.frame_count
+    assert counter.frame_count == graphs
+
+
 @pytest.mark.parametrize("weights", ["fp32", "bf16"])
 def test_moe_float_experts_op(weights):
     """The float expert GEMM's op (opaque to torch.compile: _grouped_mm's meta takes bf16 only)."""
