@@ -140,9 +140,10 @@ def test_any_page_size_and_strided_cache(page_size, cache_dtype):
     check(out, lse, q, k_cache, block_table, lens, k_scale, True, softmax_scale=0.05)
 
 
+@pytest.mark.parametrize("h_q", [16, 128])  # 128: two row tiles, a 2-CTA cluster sharing the key blocks
 @pytest.mark.parametrize("page_size", [16, 64])
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
-def test_keys_outside_the_cache_add_nothing(page_size, cache_dtype):
+def test_keys_outside_the_cache_add_nothing(page_size, cache_dtype, h_q):
     """A page id outside the cache inside a sequence, or a length that reaches unused block-table
     slots, breaks the contract (the reference raises). The kernel masks those keys out of the
     softmax: the result is the attention over the sequence's valid pages (non-causal attention
@@ -150,7 +151,7 @@ def test_keys_outside_the_cache_add_nothing(page_size, cache_dtype):
     out-of-bounds box is zero-filled), 16 the register path."""
     _need_cuda_backend()
     k_cache, block_table, k_scale = make_cache([128, 256], 1, page_size, cache_dtype, seed=page_size)
-    q = torch.randn(2, 1, 16, D, device="cuda").to(torch.bfloat16)
+    q = torch.randn(2, 1, h_q, D, device="cuda").to(torch.bfloat16)
     pages = 256 // page_size
     bad_table = block_table.clone()
     bad_table[1, 1] = -5  # sequence 1's second page
