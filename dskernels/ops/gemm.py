@@ -94,8 +94,9 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: tuple[torch.Tensor, torch.Tensor]
     a, sa = _unpack("lhs", lhs)
     b, sb = _unpack("rhs", rhs)
     # A numpy integer, as DeepGEMM's binding takes it. (Under torch.compile a symbolic int counts as
-    # an int here, and must stay symbolic: operator.index would specialize it.)
-    if hasattr(expected_m, "__index__") and not isinstance(expected_m, (int, torch.SymInt, torch.Tensor)):
+    # an int here, and must stay symbolic: operator.index would specialize it. isinstance first:
+    # torch 2.11's dynamo cannot trace hasattr on a symbolic int.)
+    if not isinstance(expected_m, (int, torch.SymInt, torch.Tensor)) and hasattr(expected_m, "__index__"):
         expected_m = operator.index(expected_m)
     _check_expected_m(expected_m)
     torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m)
