@@ -45,6 +45,7 @@ def _check_layout_args(topk_idx, num_experts, num_ranks) -> None:
 
 
 @torch.library.register_kernel("dskernels::ep_get_dispatch_layout", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _ep_get_dispatch_layout(topk_idx, num_experts, num_ranks):
     _check_layout_args(topk_idx, num_experts, num_ranks)
     device = topk_idx.device

@@ -79,6 +79,7 @@ def _cast(op: str, src: torch.Tensor, scale_rows: int, ref, triton_kernel: str) 
 
 
 @torch.library.register_kernel("dskernels::per_token_cast_to_fp8", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _per_token_cast_to_fp8(x):
     _check_source("x", x)
     return _cast("per_token_cast_to_fp8", x, x.shape[0], python_ref.per_token_cast_to_fp8,
@@ -86,6 +87,7 @@ def _per_token_cast_to_fp8(x):
 
 
 @torch.library.register_kernel("dskernels::per_block_cast_to_fp8", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _per_block_cast_to_fp8(w):
     _check_source("w", w)
     return _cast("per_block_cast_to_fp8", w, -(-w.shape[0] // GROUP_SIZE),

@@ -335,6 +335,7 @@ def _run_cuda(op, a, sa, b, sb, out, *rest):
 
 
 @torch.library.register_kernel("dskernels::gemm_fp8_fp8_bf16_nt", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out):
     _check_dense(a, sa, b, sb, out)
     chosen = _backend("gemm_fp8_fp8_bf16_nt", a.device)
@@ -350,6 +351,7 @@ def _gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out):
 
 
 @torch.library.register_kernel("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _m_grouped_contiguous(a, sa, b, sb, out, m_indices):
     _check_contiguous(a, sa, b, sb, out, m_indices)
     chosen = _backend("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", a.device)
@@ -365,6 +367,7 @@ def _m_grouped_contiguous(a, sa, b, sb, out, m_indices):
 
 
 @torch.library.register_kernel("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_masked", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _m_grouped_masked(a, sa, b, sb, out, masked_m, expected_m):
     _check_masked(a, sa, b, sb, out, masked_m, expected_m)
     chosen = _backend("m_grouped_gemm_fp8_fp8_bf16_nt_masked", a.device)

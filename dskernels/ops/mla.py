@@ -259,6 +259,7 @@ def _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.register_kernel("dskernels::get_mla_metadata", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
     _check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
     device = cache_seqlens.device
@@ -305,6 +306,7 @@ def _new_outputs(q, head_dim_v):
 
 
 @torch.library.register_kernel("dskernels::flash_mla_with_kvcache", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                             num_splits, softmax_scale=None, causal=False, k_scale=None):
     _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
