@@ -3,6 +3,9 @@
 Counted as DeepGEMM's tests count them: FLOPs = 2 * m * n * k (valid rows only for the masked
 GEMM), bytes = m * k + k * n (per group) + 2 * m * n, plus the fp32 scales, which DeepGEMM leaves
 out (m * k / 128 + ceil(n / 128) * k / 128 per group, 4 bytes each).
+
+The weight-gradient form of fp8_gemm_nt (per-row scales on both operands, fp32 out = c + a @ b.T)
+moves m * k + n * k bytes of operands, their scales, and c read and out written in fp32 (8 * m * n).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from python_ref import gemm as ref
 # DeepGEMM's grid (its tests/test_core.py); cpu: tiny shapes for the interpreter.
 DENSE_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 GROUPED_NK = [(4096, 7168), (7168, 2048)]
+# Weight gradients dW [out, in] = dY.T @ X over 4096 tokens (k) for V3's projections.
+WGRAD_MNK = [(2112, 7168, 4096), (7168, 2048, 4096), (24576, 1536, 4096)]
 # The sm90 kernels' configs (docs/gemm.md "Configs"), each also timed forced: the plain "cuda" row
 # is the selection rule's pick, the cuda[...] rows are what the rule chooses among.
 DENSE_CONFIG_VARIANTS = {name: {"DSKERNELS_GEMM_DENSE_CONFIG": name}
@@ -44,7 +49,8 @@ def _cast_pair(rows, k, device, per_block, groups=None):
 
 def _check(out, expected):
     """expected: python_ref's bf16 answer, NaN on rows whose output is unspecified. Both sides round
-    the same fp32 sum to bf16 (relative error <= 2^-8 each), so calc_diff <= (2^-7)^2 / 2 = 2^-15."""
+    the same fp32 sum to bf16 (relative error <= 2^-8 each), so calc_diff <= (2^-7)^2 / 2 = 2^-15
+    (fp32 outputs, the weight-gradient case, differ by the summation order only: far below).""" 
     if out.shape != expected.shape:
         return f"shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
     # On out's device, without boolean indexing: these outputs reach 235 M elements, minutes on a CPU.
@@ -116,6 +122,29 @@ def _dense_case(m, n, k, device):
                 compute_dtype="fp8", cuda_variants=DENSE_CONFIG_VARIANTS)
 
 
+def _weight_gradient_case(m, n, k, device):
+    def make_inputs(dev):
+        _, a, sa = _cast_pair(m, k, dev, per_block=False)  # dY.T, cast per token along k
+        _, b, sb = _cast_pair(n, k, dev, per_block=False)  # X.T, likewise
+        c = torch.randn(m, n, device=dev)  # the gradient accumulated so far
+        return a, sa, b, sb, torch.empty(m, n, device=dev), c
+
+    def run(a, sa, b, sb, out, c):
+        # c apart from out, so that every timed call adds to the same values (the call copies c into
+        # out first, as DeepGEMM does; c = out would skip that copy)
+        dskernels.fp8_gemm_nt((a, sa), (b, sb), out, c=c)
+        return out
+
+    peers = {}
+    if device == "cuda":
+        peers = {"torch._scaled_mm": _scaled_mm_peer(), "torch.mm bf16": _bf16_mm_peer((m, k), (k, n))}
+    scale_bytes = 4 * (m + n) * k // 128
+    return Case(op="fp8_gemm_nt", params={"m": m, "n": n, "k": k, "variant": "wgrad"}, make_inputs=make_inputs,
+                run=run, reference=lambda a, sa, b, sb, out, c: ref.fp8_gemm_nt(a, sa, b, sb, torch.float32, c),
+                check=_check, flops=2 * m * n * k, bytes=m * k + n * k + scale_bytes + 8 * m * n, peers=peers,
+                backends=("ref", "triton"), compute_dtype="fp8")
+
+
 def _contiguous_case(groups, m_per_group, n, k, device):
     m = groups * m_per_group
 
@@ -177,11 +206,13 @@ def _masked_case(groups, expected_m, n, k, device, m_max):
 def cases(quick: bool, device: str) -> list[Case]:
     if device == "cpu":
         return [_dense_case(7, 200, 256, device), _dense_case(130, 144, 256, device),
+                _weight_gradient_case(7, 200, 256, device),
                 _contiguous_case(3, 64, 144, 256, device), _masked_case(2, 40, 144, 256, device, m_max=64)]
     found = []
     dense_m = [4096] if quick else [64, 128, 4096]
     dense_nk = DENSE_NK[:2] if quick else DENSE_NK
     found += [_dense_case(m, n, k, device) for m in dense_m for n, k in dense_nk]
+    found += [_weight_gradient_case(m, n, k, device) for m, n, k in (WGRAD_MNK[:1] if quick else WGRAD_MNK)]
     for groups, m_per_group in ([(4, 8192)] if quick else [(4, 8192), (8, 4096)]):
         found += [_contiguous_case(groups, m_per_group, n, k, device) for n, k in GROUPED_NK]
     for groups, expected_m in ([(4, 256)] if quick else [(1, 1024), (2, 512), (4, 256)]):

@@ -46,6 +46,10 @@ TORCH_LIBRARY(dskernels, m) {
   m.set_python_module("dskernels.ops.gemm");
   // out[m, n] (bf16) = dequant(a, sa) @ dequant(b, sb).T; (a, sa) and (b, sb) are the API's tuples.
   m.def("gemm_fp8_fp8_bf16_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out) -> ()");
+  // DeepGEMM's general dense form, D = C + A @ B.T: out bf16 or fp32, sb per 128x128 block or per
+  // row of b (1x128, recipe (1, 1, 128): both operands activations, as in a weight gradient);
+  // accumulate adds to out's values (the public fp8_gemm_nt copies c there first).
+  m.def("fp8_gemm_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out, bool accumulate) -> ()");
   m.def("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(Tensor a, Tensor sa, Tensor b, Tensor sb, "
         "Tensor(a!) out, Tensor m_indices) -> ()");
   // SymInt expected_m: a hint computed from a batch size stays symbolic under torch.compile.

@@ -6,7 +6,7 @@ One module per family: fp8 (casts), gemm, mla, ep, models (the whole decoder lay
 
 from python_ref.ep import get_dispatch_layout
 from python_ref.fp8 import FP8_MAX, GROUP_SIZE, per_block_cast_to_fp8, per_token_cast_to_fp8
-from python_ref.gemm import (gemm_fp8_fp8_bf16_nt, m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
+from python_ref.gemm import (fp8_gemm_nt, gemm_fp8_fp8_bf16_nt, m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
                              m_grouped_gemm_fp8_fp8_bf16_nt_masked)
 from python_ref.mla import flash_mla_with_kvcache
 
@@ -14,6 +14,7 @@ __all__ = [
     "FP8_MAX",
     "GROUP_SIZE",
     "flash_mla_with_kvcache",
+    "fp8_gemm_nt",
     "gemm_fp8_fp8_bf16_nt",
     "get_dispatch_layout",
     "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",

@@ -4,6 +4,9 @@
     dequant(b, sb)[j, k] = b[j, k].float() * sb[j // 128, k // 128]     128x128 weight scales
     out = bf16(dequant(a, sa) @ dequant(b, sb).T)                         "nt": b is [n, k]
 
+fp8_gemm_nt is DeepGEMM's general form D = C + A @ B.T (fp32 or bf16 D; B's scales per 128x128
+block or, for a weight gradient where both operands are activations, per row).
+
 The kernels apply the scales per 128-wide K block instead (DeepGEMM's promotion), which is the same
 sum in another order: results agree to fp32 rounding before the final bf16 rounding.
 """
@@ -23,6 +26,23 @@ def dequantize_weights(b: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
     n = b.shape[-2]
     expanded = sb.float().repeat_interleave(GROUP_SIZE, dim=-2)[..., :n, :]
     return b.float() * expanded.repeat_interleave(GROUP_SIZE, dim=-1)
+
+
+def dequantize_rhs(b: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+    """b [n, k] fp8 with sb per 128x128 block ([ceil(n/128), k/128]) or per row ([n, k/128], the
+    1x128 scales of an activation) -> [n, k] fp32. (For n = 1 the two shapes, and values, agree.)"""
+    if sb.shape[-2] == b.shape[-2]:
+        return dequantize_activations(b, sb)
+    return dequantize_weights(b, sb)
+
+
+def fp8_gemm_nt(a, sa, b, sb, out_dtype: torch.dtype, c=None) -> torch.Tensor:
+    """DeepGEMM's D = C + A @ B.T: a [m, k], sa [m, k/128], b [n, k] with sb per 128x128 block or per
+    row, c [m, n] or None -> [m, n] in out_dtype; the sum in fp32, rounded once."""
+    d = dequantize_activations(a, sa) @ dequantize_rhs(b, sb).T
+    if c is not None:
+        d = d + c.float()
+    return d.to(out_dtype)
 
 
 def gemm_fp8_fp8_bf16_nt(a, sa, b, sb) -> torch.Tensor:

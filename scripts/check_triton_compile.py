@@ -14,7 +14,7 @@ CUDA kernel of ours runs: on sm_80 Triton has no fp8 e4m3 type, so a kernel that
 compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
 grid, causal) and the small heads its GPU tests launch, the three FP8 GEMMs with every autotuning candidate and the heuristic tiles, the FP8
-casts and the EP row movers.
+casts and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one.)
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
 """
@@ -218,12 +218,18 @@ def gemm_cases(compiler: Compiler) -> None:
             _meta(groups, n, k, dtype=f8), _meta(groups, n // 128, k // 128, dtype=torch.float32),
             _meta(groups, m, n), _meta(groups, dtype=torch.int32), m)
 
+    def weight_gradient(m):  # fp8_gemm_nt's other variant: per-row b scales, accumulating into fp32
+        triton_gemm.fp8_gemm_nt(_meta(m, k, dtype=f8), _meta(m, k // 128, dtype=torch.float32),
+                                _meta(n, k, dtype=f8), _meta(n, k // 128, dtype=torch.float32),
+                                _meta(m, n, dtype=torch.float32), accumulate=True)
+
     heuristic = triton_gemm._heuristic_config
-    for name, call, max_block_m in [("dense", dense, 256), ("contiguous", contiguous, 128), ("masked", masked, 256)]:
+    for name, call, max_block_m in [("dense", dense, 256), ("contiguous", contiguous, 128), ("masked", masked, 256),
+                                    ("weight gradient", weight_gradient, 256)]:
         compiler.context = f"gemm {name}, heuristic"
         for m in (64, 4096):
             call(m)
-        for config in triton_gemm._gpu_configs(max_block_m):  # the autotuning candidates
+        for config in triton_gemm._gpu_configs(max_block_m, call is weight_gradient):  # the autotuning candidates
             compiler.context = f"gemm {name}, autotune candidate"
             meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
             triton_gemm._heuristic_config = lambda *_, meta=meta: dict(meta)

@@ -102,22 +102,51 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: tuple[torch.Tensor, torch.Tensor]
     torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m)
 
 
-def _deepgemm_options(recipe, c=None) -> None:
+BLOCK_RECIPE = (1, 128, 128)  # DeepGEMM's recipe names: (1x128 a scales, 128x128 b scales)
+ROW_RECIPE = (1, 1, 128)  # 1x128 scales on both operands
+
+
+def _deepgemm_options(recipe, allowed=(BLOCK_RECIPE,)) -> None:
     """The options of DeepGEMM's newer entry points: compiled_dims (a JIT hint) and
     disable_ue8m0_cast (Blackwell's packed scales) mean nothing here; recipe must be ours."""
-    if recipe is not None and tuple(recipe) != (1, 128, 128):
-        raise ValueError(f"recipe: only (1, 128, 128) (1x128 activation, 128x128 weight scales) is "
-                         f"supported, got {recipe!r}")
-    if c is not None:
-        raise NotImplementedError("c: accumulating into the output (d = a @ b.T + c, fp32 d) is not "
-                                  "supported; the output is bf16 and overwritten")
+    if recipe is not None and tuple(recipe) not in allowed:
+        names = " or ".join(str(r) for r in allowed)
+        raise ValueError(f"recipe: only {names} (the a and b scales' granularity: 1x128 rows, 128x128 "
+                         f"blocks) is supported here, got {recipe!r}")
 
 
 def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False) -> None:
-    """DeepGEMM's newer name for gemm_fp8_fp8_bf16_nt: the same arguments and result, plus
-    DeepGEMM's trailing options (see _deepgemm_options)."""
-    _deepgemm_options(recipe, c)
-    gemm_fp8_fp8_bf16_nt(lhs, rhs, out)
+    """DeepGEMM's general dense GEMM, out = c + dequant(lhs) @ dequant(rhs).T: gemm_fp8_fp8_bf16_nt
+    when out is bf16, c is None and rhs has 128x128 block scales, and also:
+
+    Args:
+        lhs: (a, sa) as for gemm_fp8_fp8_bf16_nt: a [m, k] fp8, sa [m, k / 128] fp32.
+        rhs: (b, sb): b [n, k] fp8; sb [ceil(n / 128), k / 128] fp32 (128x128 blocks, recipe
+            (1, 128, 128)) or [n, k / 128] (1x128 per row, recipe (1, 1, 128): b is an activation
+            or a gradient too, as in a weight gradient dy.T @ x). Any strides.
+        out: [m, n] bfloat16 or float32, any strides.
+        c: None (out is overwritten) or [m, n] of out's dtype, added in fp32 before the one rounding
+            to out's dtype; c may be out itself (accumulate in place: DeepGEMM's wgrad use).
+        recipe: None (read from sb's shape), (1, 128, 128) or (1, 1, 128); checked against sb.
+        compiled_dims, disable_ue8m0_cast: DeepGEMM's JIT and Blackwell options, ignored.
+
+    Returns None. The sm90 CUDA kernel covers the bf16, block-scaled, non-accumulating case; the
+    others run on Triton (any CUDA GPU) or the reference (CPU).
+    """
+    _deepgemm_options(recipe, (BLOCK_RECIPE, ROW_RECIPE))
+    a, sa = _unpack("lhs", lhs)
+    b, sb = _unpack("rhs", rhs)
+    sb_per_row = _check_general(a, sa, b, sb, out, overlap=False)  # before out is written with c
+    if recipe is not None and b.shape[0] > 1 and sb_per_row != (tuple(recipe) == ROW_RECIPE):
+        per = "row of b per 128 columns" if tuple(recipe) == ROW_RECIPE else "128x128 block of b"
+        raise ValueError(f"sb: recipe {tuple(recipe)} means one scale per {per}, got shape {tuple(sb.shape)} "
+                         f"for b of shape {tuple(b.shape)}")
+    if c is not None:
+        check_tensor("c", c, dtypes=(out.dtype,), device=out.device)
+        _check_shape("c", c, tuple(out.shape), "out's shape")
+        if c is not out:
+            out.copy_(c)  # DeepGEMM's rule too: the kernel adds to out
+    torch.ops.dskernels.fp8_gemm_nt(a, sa, b, sb, out, c is not None)
 
 
 def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, out, m_indices, recipe=None, compiled_dims="nk",
@@ -211,8 +240,11 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple, why: str) -> None:
         raise ValueError(f"{name}: expected shape {tuple(expected)} ({why}), got {tuple(t.shape)}")
 
 
-def _check_operands(a, sa, b, sb, out, *, grouped_a: bool, grouped_b: bool):
-    """a [(G,) m, k], sa, b [(G,) n, k], sb, out [(G,) m, n]; returns (groups or None, m, n, k)."""
+def _check_operands(a, sa, b, sb, out, *, grouped_a: bool, grouped_b: bool, general: bool = False,
+                    overlap: bool = True):
+    """a [(G,) m, k], sa, b [(G,) n, k], sb, out [(G,) m, n]; returns (groups or None, m, n, k).
+    general (fp8_gemm_nt): sb may also be [n, k / 128] and out float32. overlap=False leaves out's
+    self-overlap to the op (a check torch.compile cannot trace outside one)."""
     check_tensor("a", a, ndim=3 if grouped_a else 2, dtypes=(FP8,))
     device = a.device
     m, k = a.shape[-2], a.shape[-1]
@@ -229,16 +261,28 @@ def _check_operands(a, sa, b, sb, out, *, grouped_a: bool, grouped_b: bool):
     check_tensor("sa", sa, dtypes=(torch.float32,), device=device)
     _check_shape("sa", sa, (*a.shape[:-1], k // GROUP_SIZE), "one scale per row per 128 columns of a")
     check_tensor("sb", sb, dtypes=(torch.float32,), device=device)
-    _check_shape("sb", sb, (*b.shape[:-2], (n + GROUP_SIZE - 1) // GROUP_SIZE, k // GROUP_SIZE),
-                 "one scale per 128x128 block of b")
-    check_tensor("out", out, dtypes=(torch.bfloat16,), device=device)
+    if not (general and tuple(sb.shape) == (n, k // GROUP_SIZE)):
+        _check_shape("sb", sb, (*b.shape[:-2], (n + GROUP_SIZE - 1) // GROUP_SIZE, k // GROUP_SIZE),
+                     "one scale per 128x128 block of b" + (f", or ({n}, {k // GROUP_SIZE}): one per row of b "
+                                                           "per 128 columns" if general else ""))
+    check_tensor("out", out, dtypes=(torch.bfloat16, torch.float32) if general else (torch.bfloat16,),
+                 device=device)
     _check_shape("out", out, (*a.shape[:-1], n), "a's rows by b's rows")
-    check_no_overlap("out", out)
+    if overlap:
+        check_no_overlap("out", out)
     return groups, m, n, k
 
 
 def _check_dense(a, sa, b, sb, out):
     _check_operands(a, sa, b, sb, out, grouped_a=False, grouped_b=False)
+
+
+def _check_general(a, sa, b, sb, out, overlap: bool = True) -> bool:
+    """fp8_gemm_nt's operands; returns whether sb holds one scale per row of b (n > 1: for n = 1
+    the two layouts are the same)."""
+    _, _, n, k = _check_operands(a, sa, b, sb, out, grouped_a=False, grouped_b=False, general=True,
+                                 overlap=overlap)
+    return n > 1 and tuple(sb.shape) == (n, k // GROUP_SIZE)
 
 
 def _check_contiguous(a, sa, b, sb, out, m_indices):
@@ -338,6 +382,10 @@ def _run_cuda(op, a, sa, b, sb, out, *rest):
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out):
     _check_dense(a, sa, b, sb, out)
+    _run_dense(a, sa, b, sb, out)
+
+
+def _run_dense(a, sa, b, sb, out):
     chosen = _backend("gemm_fp8_fp8_bf16_nt", a.device)
     if chosen == "ref":
         out.copy_(ref.gemm_fp8_fp8_bf16_nt(a, sa, b, sb))
@@ -348,6 +396,23 @@ def _gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out):
     from dskernels.triton import gemm as triton_gemm
 
     triton_gemm.gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out)
+
+
+@torch.library.register_kernel("dskernels::fp8_gemm_nt", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+def _fp8_gemm_nt(a, sa, b, sb, out, accumulate):
+    sb_per_row = _check_general(a, sa, b, sb, out)
+    if out.dtype == torch.bfloat16 and not accumulate and not sb_per_row:
+        _run_dense(a, sa, b, sb, out)  # gemm_fp8_fp8_bf16_nt, with its sm90 CUDA kernel
+        return
+    chosen = select_backend("fp8_gemm_nt (fp32 out, accumulate or per-row sb)", a.device, has_cuda=False,
+                            has_triton=True)
+    if chosen == "ref":
+        out.copy_(ref.fp8_gemm_nt(a, sa, b, sb, out.dtype, c=out if accumulate else None))
+        return
+    from dskernels.triton import gemm as triton_gemm
+
+    triton_gemm.fp8_gemm_nt(a, sa, b, sb, out, accumulate)
 
 
 @torch.library.register_kernel("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", ("cpu", "cuda"))
@@ -385,6 +450,11 @@ def _m_grouped_masked(a, sa, b, sb, out, masked_m, expected_m):
 @torch.library.register_fake("dskernels::gemm_fp8_fp8_bf16_nt")
 def _gemm_fp8_fp8_bf16_nt_fake(a, sa, b, sb, out):
     _check_dense(a, sa, b, sb, out)
+
+
+@torch.library.register_fake("dskernels::fp8_gemm_nt")
+def _fp8_gemm_nt_fake(a, sa, b, sb, out, accumulate):
+    _check_general(a, sa, b, sb, out)
 
 
 @torch.library.register_fake("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_contiguous")

@@ -8,7 +8,8 @@ dequantize-then-multiply oracle up to fp32 rounding before the final bf16 roundi
 
 Three kernels share that K loop (`_scaled_tile`):
 - dense: one program per (BLOCK_M, BLOCK_N) tile, tiles visited in GROUP_M-row bands so that
-  consecutive programs reuse the same b tiles from L2;
+  consecutive programs reuse the same b tiles from L2; also fp8_gemm_nt's general form (per-row b
+  scales, fp32 out, adding to out: compile-time switches);
 - contiguous grouped: the same grid over the M rows; each program reads its rows' m_indices on
   the device and walks the runs of equal group ids inside its tile (one run per tile in
   DeepGEMM's 128-aligned layout, a few at the edges of unaligned segments); runs of -1 (or of an id
@@ -62,8 +63,10 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
                  stride_am, stride_ak, stride_sam, stride_sak,
                  stride_bn, stride_bk, stride_sbn, stride_sbk,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_DOT: tl.constexpr):
-    """sum over K blocks kb < k_blocks of sa[rows, kb] * sb[cols // 128, kb] * (a @ b.T)[kb]."""
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_DOT: tl.constexpr,
+                 SB_PER_ROW: tl.constexpr):
+    """sum over K blocks kb < k_blocks of sa[rows, kb] * sb[cols // 128, kb] * (a @ b.T)[kb]
+    (SB_PER_ROW: sb[cols, kb], b's 1x128 scales when b is an activation too)."""
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
     b_ptrs = b_ptr + cols[None, :].to(tl.int64) * stride_bn + ks[:, None] * stride_bk
@@ -76,6 +79,7 @@ def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blo
     first_block = tl.min(cols) // BLOCK_K
     second_ok = tl.max(tl.where(col_ok, cols, -1)) >= (first_block + 1) * BLOCK_K
     sb_ptrs = sb_ptr + first_block.to(tl.int64) * stride_sbn
+    sb_row_ptrs = sb_ptr + cols.to(tl.int64) * stride_sbn  # SB_PER_ROW only
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, k_blocks):
         if FP8_DOT:
@@ -87,7 +91,10 @@ def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blo
         sa = tl.load(sa_ptrs, mask=row_ok, other=0.0)
         # A fresh fp32 tile per K block, promoted with its scales (DeepGEMM's math): Hopper's FP8
         # MMA accumulates with fewer than fp32's bits, so long K chains must not stay inside it.
-        if BLOCK_N <= BLOCK_K:
+        if SB_PER_ROW:
+            sb = tl.load(sb_row_ptrs, mask=col_ok, other=0.0)
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        elif BLOCK_N <= BLOCK_K:
             acc += tl.dot(a, b) * (sa * tl.load(sb_ptrs))[:, None]
         else:
             sb0 = tl.load(sb_ptrs)
@@ -98,15 +105,29 @@ def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blo
         b_ptrs += BLOCK_K * stride_bk
         sa_ptrs += stride_sak
         sb_ptrs += stride_sbk
+        if SB_PER_ROW:
+            sb_row_ptrs += stride_sbk
     return acc
 
 
 @triton.jit
 def _store_bf16(out_ptr, acc, rows, cols, mask, stride_om, stride_on, ROUND_BF16: tl.constexpr):
-    if ROUND_BF16:
-        acc = _round_to_bf16(acc)
+    _store(out_ptr, acc, rows, cols, mask, stride_om, stride_on, ROUND_BF16, False, False)
+
+
+@triton.jit
+def _store(out_ptr, acc, rows, cols, mask, stride_om, stride_on, ROUND_BF16: tl.constexpr,
+           OUT_FP32: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """out = acc (ACCUMULATE: out + acc, summed in fp32), rounded once to out's dtype."""
     ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :].to(tl.int64) * stride_on
-    tl.store(ptrs, acc.to(tl.bfloat16), mask=mask)
+    if ACCUMULATE:
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if OUT_FP32:
+        tl.store(ptrs, acc, mask=mask)
+    else:
+        if ROUND_BF16:
+            acc = _round_to_bf16(acc)
+        tl.store(ptrs, acc.to(tl.bfloat16), mask=mask)
 
 
 @triton.jit
@@ -114,7 +135,8 @@ def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
                  stride_am, stride_ak, stride_sam, stride_sak,
                  stride_bn, stride_bk, stride_sbn, stride_sbk, stride_om, stride_on, m_bucket,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr):
+                 GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr,
+                 SB_PER_ROW: tl.constexpr, OUT_FP32: tl.constexpr, ACCUMULATE: tl.constexpr):
     num_pid_m = tl.cdiv(m, BLOCK_M)
     num_pid_n = tl.cdiv(n, BLOCK_N)
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
@@ -124,8 +146,9 @@ def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
     col_ok = cols < n
     acc = _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
                        stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
-                       stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT)
-    _store_bf16(out_ptr, acc, rows, cols, row_ok[:, None] & col_ok[None, :], stride_om, stride_on, ROUND_BF16)
+                       stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, SB_PER_ROW)
+    _store(out_ptr, acc, rows, cols, row_ok[:, None] & col_ok[None, :], stride_om, stride_on, ROUND_BF16,
+           OUT_FP32, ACCUMULATE)
 
 
 @triton.jit
@@ -154,7 +177,7 @@ def _contiguous_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, idx_ptr, m, n, k_b
         acc = _scaled_tile(a_ptr, sa_ptr, b_ptr + safe_group * stride_bg, sb_ptr + safe_group * stride_sbg,
                            rows, cols, run, col_ok, tl.where(valid, k_blocks, 0),
                            stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
-                           stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT)
+                           stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, False)
         _store_bf16(out_ptr, acc, rows, cols, run[:, None] & col_ok[None, :], stride_om, stride_on, ROUND_BF16)
         start = end
 
@@ -180,7 +203,7 @@ def _masked_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, masked_m_ptr, m_max, n
     acc = _scaled_tile(a_ptr + group * stride_ag, sa_ptr + group * stride_sag, b_ptr + group * stride_bg,
                        sb_ptr + group * stride_sbg, rows, cols, row_ok, col_ok, tl.where(active, k_blocks, 0),
                        stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
-                       stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT)
+                       stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, False)
     _store_bf16(out_ptr + group * stride_og, acc, rows, cols, row_ok[:, None] & col_ok[None, :],
                 stride_om, stride_on, ROUND_BF16)
 
@@ -195,22 +218,26 @@ def _interpret() -> bool:
 _INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=2)
 
 
-def _gpu_configs(max_block_m: int) -> list[triton.Config]:
+def _gpu_configs(max_block_m: int, sb_per_row: bool = False) -> list[triton.Config]:
     """Candidate tiles for Hopper-class GPUs (BLOCK_K is fixed at 128, the scale width).
 
     No 128 x 256 (8 warps) or 128 x 128 (4 warps): the accumulator and each K block's product are
     both fp32 tiles in registers, and those spill (ptxas sm_90a through Triton 3.8, 2026-11-23).
+    With per-row b scales (sb_per_row) no 128 x 128 at all: each thread also holds the scales of its
+    32 accumulator columns, and 8 warps spill 12-36 bytes (same ptxas, 2026-12-03).
     """
     shapes = [(128, 128, 4, 8), (128, 128, 3, 8), (128, 128, 5, 8), (64, 256, 3, 8), (64, 128, 4, 4),
               (128, 64, 4, 4), (64, 64, 5, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
-            for bm, bn, stages, warps in shapes if bm <= max_block_m]
+            for bm, bn, stages, warps in shapes if bm <= max_block_m and not (sb_per_row and bm == bn == 128)]
 
 
-def _heuristic_config(m_hint: int, n: int) -> dict:  # noqa: ARG001  (n: room for per-shape rules)
+def _heuristic_config(m_hint: int, n: int, sb_per_row: bool = False) -> dict:  # noqa: ARG001  (n: for later rules)
     """Without autotuning (DSKERNELS_GEMM_AUTOTUNE=0): small-M decode shapes get 64-row tiles."""
     if m_hint <= 64:
         return dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_stages=4, num_warps=4)
+    if sb_per_row:  # 128 x 128 spills there (_gpu_configs)
+        return dict(BLOCK_M=64, BLOCK_N=256, GROUP_M=8, num_stages=3, num_warps=8)
     return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_stages=4, num_warps=8)
 
 
@@ -219,10 +246,14 @@ def _autotune_enabled() -> bool:
 
 
 @functools.cache
-def _tuned(kernel_name: str, max_block_m: int):
+def _tuned(kernel_name: str, max_block_m: int, accumulate: bool = False, sb_per_row: bool = False):
     kernel = globals()[kernel_name]
-    # Keyed on the M bucket (next power of two, capped), so new batch sizes rarely retune.
-    return triton.autotune(configs=_gpu_configs(max_block_m), key=["m_bucket", "n", "k_blocks"])(kernel)
+    # Keyed on the M bucket (next power of two, capped), so new batch sizes rarely retune; the dense
+    # kernel's variants (names not in a kernel's arguments are left out of its key) tune apart.
+    key = ["m_bucket", "n", "k_blocks", "SB_PER_ROW", "OUT_FP32", "ACCUMULATE"]
+    # A kernel that adds to out runs once per candidate while tuning: out is put back after each.
+    restore = ["out_ptr"] if accumulate else None
+    return triton.autotune(configs=_gpu_configs(max_block_m, sb_per_row), key=key, restore_value=restore)(kernel)
 
 
 def _m_bucket(m: int) -> int:
@@ -237,16 +268,18 @@ def _operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_dot: bool,
-            max_block_m: int = 256) -> None:
+            max_block_m: int = 256, **variant) -> None:
+    """variant: the dense kernel's SB_PER_ROW, OUT_FP32 and ACCUMULATE flags."""
     kernel = globals()[kernel_name]
-    fixed = dict(BLOCK_K=GROUP_SIZE, ROUND_BF16=_interpret(), FP8_DOT=fp8_dot)
+    fixed = dict(BLOCK_K=GROUP_SIZE, ROUND_BF16=_interpret(), FP8_DOT=fp8_dot, **variant)
+    sb_per_row = variant.get("SB_PER_ROW", False)
     if _interpret():
         meta = dict(_INTERPRETER_CONFIG, **fixed)
         kernel[grid_fn(meta)](*args, **meta)
     elif _autotune_enabled():
-        _tuned(kernel_name, max_block_m)[grid_fn](*args, **fixed)
+        _tuned(kernel_name, max_block_m, variant.get("ACCUMULATE", False), sb_per_row)[grid_fn](*args, **fixed)
     else:
-        meta = dict(_heuristic_config(m_hint, n), **fixed)
+        meta = dict(_heuristic_config(m_hint, n, sb_per_row), **fixed)
         meta["BLOCK_M"] = min(meta["BLOCK_M"], max_block_m)
         kernel[grid_fn(meta)](*args, **meta)
 
@@ -254,18 +287,28 @@ def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_
 # ---- launchers (inputs already validated by dskernels.ops.gemm) ----
 
 def gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out) -> None:
+    fp8_gemm_nt(a, sa, b, sb, out, accumulate=False)
+
+
+def fp8_gemm_nt(a, sa, b, sb, out, accumulate: bool) -> None:
+    """out (bf16 or fp32) = (out if accumulate else 0) + a @ b.T; sb per 128x128 block of b or per
+    row of b ([n, k / 128])."""
     m, k = a.shape
     n = b.shape[0]
     if m == 0 or n == 0:
         return
     if k == 0:
-        out.zero_()
+        if not accumulate:
+            out.zero_()
         return
     a_op, b_op, fp8_dot = _operands(a, b)
     args = (a_op, sa, b_op, sb, out, m, n, k // GROUP_SIZE,
             *a.stride(), *sa.stride(), *b.stride(), *sb.stride(), *out.stride(), _m_bucket(m))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _launch("_gemm_kernel", grid, args, m, n, fp8_dot=fp8_dot)
+    # n = 1: one scale either way (the per-block path reads it once per K block).
+    sb_per_row = n > 1 and sb.shape[0] == n
+    _launch("_gemm_kernel", grid, args, m, n, fp8_dot=fp8_dot, SB_PER_ROW=sb_per_row,
+            OUT_FP32=out.dtype == torch.float32, ACCUMULATE=accumulate)
 
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, out, m_indices) -> None:
