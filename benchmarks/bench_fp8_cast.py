@@ -5,6 +5,8 @@ Bytes: the source read once, the fp8 values and fp32 scales written once (no FLO
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import dskernels
@@ -24,8 +26,10 @@ def _same_bits(outputs, expected):
     return None
 
 
-def _case(op_name, op, ref, rows, k, dtype, scale_rows, compile_peer=True):
+def _case(op_name, op, ref, rows, k, dtype, scale_rows, compile_peer=True, round_scale=False):
     element = torch.empty((), dtype=dtype).element_size()
+    if round_scale:  # power-of-two (UE8M0) scales: the same bytes, a few more integer ops per group
+        op, ref = functools.partial(op, round_scale=True), functools.partial(ref, round_scale=True)
     moved = rows * k * (element + 1) + scale_rows * (k // 128) * 4
 
     def make_inputs(device):
@@ -41,7 +45,7 @@ def _case(op_name, op, ref, rows, k, dtype, scale_rows, compile_peer=True):
 
     return Case(
         op=op_name, params={"m" if op_name.startswith("per_token") else "n": rows, "k": k,
-                            "dtype": str(dtype).removeprefix("torch.")},
+                            "dtype": str(dtype).removeprefix("torch."), **({"ue8m0": True} if round_scale else {})},
         make_inputs=make_inputs, run=op, reference=ref, check=_same_bits, flops=0.0, bytes=moved,
         peers={"torch": ref, **({"torch.compile": torch_compile_peer} if compile_peer else {})})
 
@@ -58,6 +62,9 @@ def cases(quick: bool, device: str) -> list[Case]:
     for m, k in token_shapes:
         found.append(_case("per_token_cast_to_fp8", dskernels.per_token_cast_to_fp8,
                            python_ref.per_token_cast_to_fp8, m, k, torch.bfloat16, m, not quick))
+    m, k = token_shapes[-1 if device == "cpu" else 0]
+    found.append(_case("per_token_cast_to_fp8", dskernels.per_token_cast_to_fp8, python_ref.per_token_cast_to_fp8,
+                       m, k, torch.bfloat16, m, not quick, round_scale=True))
     for n, k in block_shapes:
         found.append(_case("per_block_cast_to_fp8", dskernels.per_block_cast_to_fp8,
                            python_ref.per_block_cast_to_fp8, n, k, torch.bfloat16, -(-n // 128), not quick))

@@ -20,10 +20,11 @@ TORCH_LIBRARY(dskernels, m) {
 
   // ---- FP8 casts (API.md section 2) ----
   m.set_python_module("dskernels.ops.fp8");
-  m.def("per_token_cast_to_fp8(Tensor x) -> (Tensor, Tensor)");
-  m.def("per_block_cast_to_fp8(Tensor w) -> (Tensor, Tensor)");
-  m.def("_sm90_per_token_cast_to_fp8(Tensor x, Tensor(a!) x_fp8, Tensor(b!) x_scale) -> ()");
-  m.def("_sm90_per_block_cast_to_fp8(Tensor w, Tensor(a!) w_fp8, Tensor(b!) w_scale) -> ()");
+  // round_scale: scales rounded up to powers of two (UE8M0, DeepSeek-V3.1's "scale_fmt": "ue8m0").
+  m.def("per_token_cast_to_fp8(Tensor x, bool round_scale=False) -> (Tensor, Tensor)");
+  m.def("per_block_cast_to_fp8(Tensor w, bool round_scale=False) -> (Tensor, Tensor)");
+  m.def("_sm90_per_token_cast_to_fp8(Tensor x, Tensor(a!) x_fp8, Tensor(b!) x_scale, bool round_scale) -> ()");
+  m.def("_sm90_per_block_cast_to_fp8(Tensor w, Tensor(a!) w_fp8, Tensor(b!) w_scale, bool round_scale) -> ()");
 
   // ---- MLA decode (API.md section 1) ----
   m.set_python_module("dskernels.ops.mla");

@@ -94,10 +94,11 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
 
 
 def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, use_fp8: bool,
-                     send: torch.Tensor, offsets: list[int]) -> None:
+                     send: torch.Tensor, offsets: list[int], round_scale: bool = False) -> None:
     """The low-latency sender's buffer send uint8 [R, M, row_bytes]: block r goes to rank r, its row t
     carries token t (T = x.shape[0] <= M). Fields at the byte offsets `offsets`: (fp8 x, fp32 scales,
-    int64 ids) with use_fp8, the cast being per_token_cast_to_fp8's; else (x's bytes, int64 ids).
+    int64 ids) with use_fp8, the cast being per_token_cast_to_fp8's (with round_scale); else (x's
+    bytes, int64 ids).
         ids of row t in every block:   topk_idx[t], or -1 (all bits set) for t >= T;
         payload of row t in block r:   written iff t < T and t has an expert on rank r (the
                                        receiver reads no other row's payload); the other payload
@@ -106,7 +107,7 @@ def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, 
 
     num_ranks, block_rows, _ = send.shape
     num_tokens, num_topk = topk_idx.shape
-    payloads = list(per_token_cast_to_fp8(x)) if use_fp8 else [x]
+    payloads = list(per_token_cast_to_fp8(x, round_scale)) if use_fp8 else [x]
     ids = torch.full((block_rows, num_topk), -1, dtype=torch.int64, device=send.device)
     ids[:num_tokens] = topk_idx
     at = offsets[-1]

@@ -7,6 +7,11 @@ For each group (1x128 for activations, 128x128 for weights):
 Both divisions are correctly rounded fp32 divisions of two tensors, on every device (PyTorch's
 `448.0 / tensor` is a reciprocal then a product, and on CUDA `tensor / 448.0` is a product by
 1/448), so every backend, this oracle on a GPU included, can reproduce the bits exactly.
+
+round_scale=True (DeepSeek-V3.1's "scale_fmt": "ue8m0", DeepEP's round_scale) rounds each scale
+up to a power of two, so it is exactly representable as an 8-bit exponent (UE8M0):
+    scale = 2^ceil(log2(amax / 448))      (amax / 448 correctly rounded first, as above)
+    q     = fp8_e4m3(x * (1 / scale))     1 / scale and the product are exact; |q| <= 448
 """
 
 import torch
@@ -22,24 +27,40 @@ def _scale(amax: torch.Tensor) -> torch.Tensor:
     return amax / torch.full_like(amax, FP8_MAX)
 
 
-def _quantize(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """x fp32, amax broadcastable to x and already floored."""
-    multiplier = torch.full_like(amax, FP8_MAX) / amax
+def ceil_to_power_of_two(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= scale, for positive fp32 scales (NaN and inf kept): in the bits,
+    a nonzero mantissa carries into the exponent and is then dropped."""
+    bits = scale.view(torch.int32)
+    rounded = ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+    return torch.where(scale.isnan(), scale, rounded)
+
+
+def _scales(amax: torch.Tensor, round_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the multiplier x is scaled by before rounding to fp8, the scale returned) for a floored amax."""
+    if round_scale:
+        scale = ceil_to_power_of_two(_scale(amax))
+        return torch.ones_like(scale) / scale, scale  # exact: a power of two
+    return torch.full_like(amax, FP8_MAX) / amax, _scale(amax)
+
+
+def _quantize(x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """x fp32, multiplier broadcastable to x."""
     q = x * multiplier
     # inf * 0 (a group holding +-inf) gives the CPU's default NaN, which is negative on x86: one
     # NaN byte (0x7F) on every device and backend instead.
     return torch.where(q.isnan(), torch.nan, q).to(torch.float8_e4m3fn)
 
 
-def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [m, k] (k % 128 == 0) -> (fp8 [m, k], fp32 scales [m, k / 128])."""
     m, k = x.shape
     groups = x.float().contiguous().reshape(m, k // GROUP_SIZE, GROUP_SIZE)  # row-major out, as the fake kernel says
     amax = groups.abs().amax(dim=2, keepdim=True).clamp(min=AMAX_FLOOR)
-    return _quantize(groups, amax).reshape(m, k), _scale(amax).reshape(m, k // GROUP_SIZE)
+    multiplier, scale = _scales(amax, round_scale)
+    return _quantize(groups, multiplier).reshape(m, k), scale.reshape(m, k // GROUP_SIZE)
 
 
-def per_block_cast_to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def per_block_cast_to_fp8(w: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """w [n, k] (k % 128 == 0) -> (fp8 [n, k], fp32 scales [ceil(n / 128), k / 128]).
 
     The last block of rows may be partial: its amax is taken over the rows that exist.
@@ -50,5 +71,6 @@ def per_block_cast_to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     padded[:n] = w.float()
     blocks = padded.reshape(n_blocks, GROUP_SIZE, k // GROUP_SIZE, GROUP_SIZE)
     amax = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=AMAX_FLOOR)
-    q = _quantize(blocks, amax).reshape(n_blocks * GROUP_SIZE, k)[:n]
-    return q.contiguous(), _scale(amax).reshape(n_blocks, k // GROUP_SIZE)
+    multiplier, scale = _scales(amax, round_scale)
+    q = _quantize(blocks, multiplier).reshape(n_blocks * GROUP_SIZE, k)[:n]
+    return q.contiguous(), scale.reshape(n_blocks, k // GROUP_SIZE)

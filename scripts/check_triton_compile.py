@@ -244,10 +244,11 @@ def cast_cases(compiler: Compiler) -> None:
 
     compiler.context = "fp8 casts"
     m, k = 4096, 7168
-    triton_cast.per_token_cast_to_fp8(_meta(m, k), _meta(m, k, dtype=torch.float8_e4m3fn),
-                                      _meta(m, k // 128, dtype=torch.float32))
-    triton_cast.per_block_cast_to_fp8(_meta(m, k), _meta(m, k, dtype=torch.float8_e4m3fn),
-                                      _meta(m // 128, k // 128, dtype=torch.float32))
+    for round_scale in (False, True):  # plain and power-of-two (UE8M0) scales
+        triton_cast.per_token_cast_to_fp8(_meta(m, k), _meta(m, k, dtype=torch.float8_e4m3fn),
+                                          _meta(m, k // 128, dtype=torch.float32), round_scale)
+        triton_cast.per_block_cast_to_fp8(_meta(m, k), _meta(m, k, dtype=torch.float8_e4m3fn),
+                                          _meta(m // 128, k // 128, dtype=torch.float32), round_scale)
 
 
 def ep_cases(compiler: Compiler) -> None:
@@ -276,10 +277,12 @@ def ep_cases(compiler: Compiler) -> None:
                                 _meta(tokens, hidden, dtype=out_dtype))
     triton_ep.low_latency_slots(_meta(ranks * 128, topk, dtype=torch.int64), 0, experts // ranks, 128 * ranks)
     # The low-latency send blocks (decode: M = 128 rows per rank pair): fp8 x | scales | ids, or bf16 x | ids.
-    for use_fp8, offsets, row_bytes in [(True, [0, hidden, hidden + 224], hidden + 288),
-                                        (False, [0, 2 * hidden], 2 * hidden + 64)]:
+    for use_fp8, offsets, row_bytes, round_scale in [(True, [0, hidden, hidden + 224], hidden + 288, False),
+                                                     (True, [0, hidden, hidden + 224], hidden + 288, True),
+                                                     (False, [0, 2 * hidden], 2 * hidden + 64, False)]:
         triton_ep.low_latency_send(_meta(128, hidden, dtype=torch.bfloat16), _meta(128, topk, dtype=torch.int64),
-                                   experts, use_fp8, _meta(ranks, 128, row_bytes, dtype=torch.uint8), offsets)
+                                   experts, use_fp8, _meta(ranks, 128, row_bytes, dtype=torch.uint8), offsets,
+                                   round_scale)
 
 
 def main() -> int:

@@ -149,18 +149,20 @@ def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank
     torch.testing.assert_close(ll_out.float().cpu(), want_ll, rtol=1e-2, atol=1e-2)
     assert torch.all(ll_out[(topk < 0).all(1)] == 0)
 
-    # Low latency with the FP8 cast fused into the send: the bytes of per_token_cast_to_fp8.
-    with no_host_sync():
-        (f8, sc), f8_count, f8_handle, _, _ = buf.low_latency_dispatch(x, topk, max_tokens, num_experts,
-                                                                       use_fp8=True)
-    assert sc.shape == (num_local, cap, HIDDEN // 128)
-    casts = [dskernels.per_token_cast_to_fp8(xs[s]) for s in range(world)]
-    for local in range(num_local):
-        e = rank * num_local + local
-        pick = [(topks[s] == e).any(1) for s in range(world)]
-        n_e = f8_count[local].item()
-        _same(f8[local, :n_e], torch.cat([casts[s][0][pick[s]] for s in range(world)]), "ll fp8")
-        _same(sc[local, :n_e], torch.cat([casts[s][1][pick[s]] for s in range(world)]), "ll scales")
+    # Low latency with the FP8 cast fused into the send: the bytes of per_token_cast_to_fp8, with
+    # plain and with power-of-two scales (DeepEP's round_scale).
+    for round_scale in (True, False):  # the plain one's outputs feed the combine below
+        with no_host_sync():
+            (f8, sc), f8_count, f8_handle, _, _ = buf.low_latency_dispatch(x, topk, max_tokens, num_experts,
+                                                                           use_fp8=True, round_scale=round_scale)
+        assert sc.shape == (num_local, cap, HIDDEN // 128)
+        casts = [dskernels.per_token_cast_to_fp8(xs[s], round_scale=round_scale) for s in range(world)]
+        for local in range(num_local):
+            e = rank * num_local + local
+            pick = [(topks[s] == e).any(1) for s in range(world)]
+            n_e = f8_count[local].item()
+            _same(f8[local, :n_e], torch.cat([casts[s][0][pick[s]] for s in range(world)]), "ll fp8")
+            _same(sc[local, :n_e], torch.cat([casts[s][1][pick[s]] for s in range(world)]), "ll scales")
     deq = (f8.float() * sc.repeat_interleave(128, dim=2)).to(torch.bfloat16)
     with no_host_sync():
         ll_out8, _, _ = buf.low_latency_combine(deq, topk, w, f8_handle)
@@ -294,6 +296,10 @@ def _check_bad_inputs(buf, world):
             lambda: buf.low_latency_dispatch(x, topk, 8, 4 * world + 1))
     _raises(ValueError, ["x:", "use_fp8", "128", "200"],
             lambda: buf.low_latency_dispatch(torch.randn(5, 200), topk, 8, 4 * world, use_fp8=True))
+    _raises(ValueError, ["round_scale:", "use_fp8=True"],
+            lambda: buf.low_latency_dispatch(x, topk, 8, 4 * world, use_fp8=False, round_scale=True))
+    _raises(NotImplementedError, ["use_ue8m0:", "round_scale=True"],
+            lambda: buf.low_latency_dispatch(x, topk, 8, 4 * world, round_scale=True, use_ue8m0=True))
     _raises(ValueError, ["x:", "use_fp8", "torch.int32"],
             lambda: buf.low_latency_dispatch(torch.ones(5, 128, dtype=torch.int32), topk, 8, 4 * world))
     _raises(TypeError, ["x[1]:", "float32"],

@@ -10,6 +10,10 @@ import python_ref
 from dskernels.triton.fp8_math import e4m3_bits, native_fp8
 
 SOURCE_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# Power-of-two (UE8M0) scales on one source dtype: the rounding happens after the fp32 conversion
+# (the interpreter takes seconds per per-block case).
+DTYPES_AND_SCALE_FORMATS = ([pytest.param(d, False, id=f"{str(d)[6:]}") for d in SOURCE_DTYPES]
+                            + [pytest.param(torch.bfloat16, True, id="bfloat16-ue8m0")])
 
 
 def random_source(rows, k, dtype, device, *, pad_cols=0):
@@ -29,13 +33,13 @@ def assert_same_bits(actual, expected):
     assert mismatch == 0, f"{mismatch} of {actual.numel()} values differ"
 
 
-@pytest.mark.parametrize("dtype", SOURCE_DTYPES)
+@pytest.mark.parametrize("dtype,round_scale", DTYPES_AND_SCALE_FORMATS)
 @pytest.mark.parametrize("m,k", [(1, 128), (7, 256), (61, 384), (130, 128)])
-def test_per_token_cast_matches_oracle(backend, dtype, m, k):
+def test_per_token_cast_matches_oracle(backend, dtype, m, k, round_scale):
     _, device = backend
     x = random_source(m, k, dtype, device, pad_cols=128)  # row stride k + 128: a strided view
-    x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x)
-    ref_fp8, ref_scale = python_ref.per_token_cast_to_fp8(x.cpu())
+    x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x, round_scale=round_scale)
+    ref_fp8, ref_scale = python_ref.per_token_cast_to_fp8(x.cpu(), round_scale)
     assert x_fp8.device == x.device and x_fp8.is_contiguous()
     assert x_scale.shape == (m, k // 128) and x_scale.dtype == torch.float32
     # Same operations in the same order everywhere: bit-exact, not merely close.
@@ -43,13 +47,13 @@ def test_per_token_cast_matches_oracle(backend, dtype, m, k):
     assert_same_bits(x_scale, ref_scale)
 
 
-@pytest.mark.parametrize("dtype", SOURCE_DTYPES)
+@pytest.mark.parametrize("dtype,round_scale", DTYPES_AND_SCALE_FORMATS)
 @pytest.mark.parametrize("n,k", [(1, 128), (61, 256), (128, 128), (130, 384), (257, 128)])
-def test_per_block_cast_matches_oracle(backend, dtype, n, k):
+def test_per_block_cast_matches_oracle(backend, dtype, n, k, round_scale):
     _, device = backend
     w = random_source(n, k, dtype, device, pad_cols=16)
-    w_fp8, w_scale = dskernels.per_block_cast_to_fp8(w)
-    ref_fp8, ref_scale = python_ref.per_block_cast_to_fp8(w.cpu())
+    w_fp8, w_scale = dskernels.per_block_cast_to_fp8(w, round_scale=round_scale)
+    ref_fp8, ref_scale = python_ref.per_block_cast_to_fp8(w.cpu(), round_scale)
     assert w_scale.shape == ((n + 127) // 128, k // 128)
     assert_same_bits(w_fp8, ref_fp8)
     assert_same_bits(w_scale, ref_scale)
@@ -68,6 +72,19 @@ def test_oracle_definition():
     assert tiny_scale.item() == pytest.approx(1e-4 / 448.0) and tiny_fp8.float().abs().max() == 0
 
 
+def test_oracle_definition_round_scale():
+    """UE8M0 scales by hand: amax / 448 rounded up to a power of two, kept when it is one already."""
+    x = torch.tensor([[8.0, -3.0] + [0.5] * 126, [7.0] + [1.0] * 127])
+    x_fp8, x_scale = python_ref.per_token_cast_to_fp8(x, round_scale=True)
+    assert x_scale[0].item() == 2**-5 and x_fp8[0, 0].float().item() == 256.0  # 8 / 448 -> 1/32
+    assert x_scale[1].item() == 2**-6 and x_fp8[1, 0].float().item() == 448.0  # 7 / 448 = 1/64 exactly
+    assert torch.equal(x_fp8[0, 1:].float(), x[0, 1:] * 32)  # powers of two: every value exact here
+    tiny_fp8, tiny_scale = python_ref.per_token_cast_to_fp8(torch.zeros(1, 128), round_scale=True)
+    assert tiny_scale.item() == 2**-22 and tiny_fp8.float().abs().max() == 0  # 1e-4 / 448 = 2.2e-7
+    w_fp8, w_scale = python_ref.per_block_cast_to_fp8(torch.full((3, 128), 96.0), round_scale=True)
+    assert w_scale.item() == 0.25 and (w_fp8.float() == 384.0).all()  # 96 / 448 -> 1/4
+
+
 def _same_with_nan(actual, expected, what):
     """Equal values, NaN where the reference has NaN (its sign and payload bits aside)."""
     actual, expected = actual.cpu().float(), expected.float()
@@ -76,8 +93,8 @@ def _same_with_nan(actual, expected, what):
     assert torch.equal(actual[keep], expected[keep]), f"{what}: values differ"
 
 
-@pytest.mark.parametrize("dtype", SOURCE_DTYPES)
-def test_nan_makes_its_group_nan(backend, dtype):
+@pytest.mark.parametrize("dtype,round_scale", DTYPES_AND_SCALE_FORMATS)
+def test_nan_makes_its_group_nan(backend, dtype, round_scale):
     # A NaN in a group gives that group a NaN scale and NaN values, as the reference does, on every
     # backend (a plain max would skip it on a GPU: a finite scale, and 448 in place of the NaN).
     _, device = backend
@@ -85,8 +102,8 @@ def test_nan_makes_its_group_nan(backend, dtype):
     x[2, 130] = float("nan")
     x[7, 0] = float("nan")
     x[4, 300], x[5, 1] = float("inf"), -float("inf")  # scale inf: the inf becomes NaN, the rest 0
-    got, got_scale = dskernels.per_token_cast_to_fp8(x)
-    want, want_scale = python_ref.per_token_cast_to_fp8(x.cpu())
+    got, got_scale = dskernels.per_token_cast_to_fp8(x, round_scale=round_scale)
+    want, want_scale = python_ref.per_token_cast_to_fp8(x.cpu(), round_scale)
     assert want_scale.isnan().sum() == 2 and want.float().isnan().sum() == 258
     assert want_scale.isinf().sum() == 2 and want[5, 1].float().isnan() and (want[5, 2:128].float() == 0).all()
     assert (want.view(torch.uint8)[want.float().isnan()] == 0x7F).all()  # one NaN byte
@@ -94,8 +111,8 @@ def test_nan_makes_its_group_nan(backend, dtype):
     _same_with_nan(got, want, "per-token values")
     w = random_source(130, 256, dtype, device)
     w[129, 200] = float("nan")  # in the partial last row block
-    got, got_scale = dskernels.per_block_cast_to_fp8(w)
-    want, want_scale = python_ref.per_block_cast_to_fp8(w.cpu())
+    got, got_scale = dskernels.per_block_cast_to_fp8(w, round_scale=round_scale)
+    want, want_scale = python_ref.per_block_cast_to_fp8(w.cpu(), round_scale)
     assert want_scale.isnan().sum() == 1
     _same_with_nan(got_scale, want_scale, "per-block scales")
     _same_with_nan(got, want, "per-block values")
@@ -143,10 +160,15 @@ def test_native_fp8_rule(monkeypatch):
     assert native_fp8(device)
 
 
-def test_dequantized_error_bound(backend):
+@pytest.mark.parametrize("round_scale", [False, True], ids=["scale", "ue8m0"])
+def test_dequantized_error_bound(backend, round_scale):
     _, device = backend
     x = random_source(33, 512, torch.float32, device)
-    x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x)
+    x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x, round_scale=round_scale)
+    if round_scale:  # powers of two, at most 2x the plain scale (the values use half the fp8 range at worst)
+        assert torch.equal(x_scale, python_ref.fp8.ceil_to_power_of_two(x_scale))
+        plain = x.reshape(33, 4, 128).abs().amax(-1).clamp(min=1e-4) / 448
+        assert ((x_scale >= plain) & (x_scale < 2 * plain)).all()
     dequant = x_fp8.float() * x_scale.repeat_interleave(128, dim=1)
     # Half an e4m3 ulp: 2^-4 relative for normals, plus the subnormal spacing 2^-9 * scale.
     bound = x.abs() * 2**-4 + x_scale.repeat_interleave(128, dim=1) * 2**-10
@@ -169,6 +191,8 @@ def test_empty_inputs(backend):
     (torch.randn(128), ValueError, ["2 dimensions"]),
 ])
 def test_bad_input_is_named(op, bad, error, words):
+    with pytest.raises(TypeError, match="^round_scale: expected a bool, got str"):
+        op(torch.randn(4, 128), round_scale="ue8m0")
     name = "x" if op is dskernels.per_token_cast_to_fp8 else "w"
     with pytest.raises(error) as info:
         op(bad)
@@ -182,6 +206,8 @@ def test_opcheck():
     x = random_source(7, 256, torch.bfloat16, "cpu")
     torch.library.opcheck(torch.ops.dskernels.per_token_cast_to_fp8, (x,))
     torch.library.opcheck(torch.ops.dskernels.per_block_cast_to_fp8, (x,))
+    torch.library.opcheck(torch.ops.dskernels.per_token_cast_to_fp8, (x, True))
+    torch.library.opcheck(torch.ops.dskernels.per_block_cast_to_fp8, (x, True))
     column_major = random_source(256, 6, torch.bfloat16, "cpu").t()  # outputs row-major all the same
     torch.library.opcheck(torch.ops.dskernels.per_token_cast_to_fp8, (column_major,))
     assert dskernels.per_token_cast_to_fp8(column_major)[0].is_contiguous()
@@ -190,7 +216,7 @@ def test_opcheck():
 def test_torch_compile_fullgraph():
     def quantize_both(x, w):
         x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x)
-        w_fp8, w_scale = dskernels.per_block_cast_to_fp8(w)
+        w_fp8, w_scale = dskernels.per_block_cast_to_fp8(w, round_scale=True)
         return x_fp8.float() * x_scale.repeat_interleave(128, 1), w_fp8, w_scale
 
     compiled = torch.compile(quantize_both, fullgraph=True, backend="aot_eager")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dskernels
+import python_ref
 from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer, route
 from dskernels.models.linear import dequantize_block_fp8
 from dskernels.testing import run_distributed
@@ -404,6 +405,33 @@ def test_fp8_checkpoint_path(layer_idx, backend):
         assert rel_error(layer.mlp(h), ref.mlp(h.float())) < FP8_TOL
         if not layer_idx:
             assert rel_error(layer(x, positions), reference_forward(ref, cfg, x.float(), positions)) < FP8_TOL
+
+
+def test_ue8m0_scale_format():
+    """DeepSeek-V3.1's checkpoints ("scale_fmt": "ue8m0"): every activation cast of the layer takes
+    power-of-two scales (round_scale), as do float weights quantized on load; the MoE block stays
+    within FP8_TOL of transformers' on the dequantized weights."""
+    cfg = DeepseekV3Config.tiny(quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3",
+                                                     "quant_method": "fp8", "scale_fmt": "ue8m0",
+                                                     "weight_block_size": [128, 128]})
+    assert cfg.fp8_round_scale and not CONFIGS["v3"].fp8_round_scale
+    float_sd = per_expert_names(make_reference(cfg, 1, seed=12).state_dict(), cfg)
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16)
+    layer.load_hf_state_dict(float_sd, fp8=True)  # quantized here, with power-of-two block scales
+    for scale in (layer.self_attn.o_proj.weight_scale_inv, layer.mlp.experts.down_proj_scale_inv):
+        assert torch.equal(scale, python_ref.fp8.ceil_to_power_of_two(scale))
+    o_proj = layer.self_attn.o_proj
+    x = torch.randn(5, o_proj.in_features).bfloat16()
+    expected = torch.empty(5, o_proj.out_features, dtype=torch.bfloat16)
+    dskernels.gemm_fp8_fp8_bf16_nt(dskernels.per_token_cast_to_fp8(x, round_scale=True),
+                                   (o_proj.weight, o_proj.weight_scale_inv), expected)
+    with torch.no_grad():
+        assert torch.equal(o_proj(x), expected)
+    ref = hf_module().DeepseekV3DecoderLayer(hf_config(cfg), 1).float().eval()
+    ref.load_state_dict(layer.hf_state_dict(torch.float32))  # the dequantized weights
+    h = torch.randn(1, 16, cfg.hidden_size).bfloat16()
+    with torch.no_grad():
+        assert rel_error(layer.mlp(h), ref.mlp(h.float())) < FP8_TOL
 
 
 # ---- expert parallelism ----

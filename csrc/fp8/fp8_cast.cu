@@ -60,7 +60,8 @@ void dispatch_source_dtype(at::ScalarType dtype, F&& launch) {
   }
 }
 
-void per_token_cast_to_fp8(const at::Tensor& x, const at::Tensor& x_fp8, const at::Tensor& x_scale) {
+void per_token_cast_to_fp8(const at::Tensor& x, const at::Tensor& x_fp8, const at::Tensor& x_scale,
+                           bool round_scale) {
   check_source(x, "x");
   check_outputs(x, x_fp8, x_scale, x.size(0));
   TORCH_CHECK(x.size(0) <= INT32_MAX, "x: at most 2^31 - 1 rows");
@@ -77,6 +78,7 @@ void per_token_cast_to_fp8(const at::Tensor& x, const at::Tensor& x_fp8, const a
   p.scale_col_stride = x_scale.stride(1);
   p.m = static_cast<int>(x.size(0));
   p.groups_per_row = static_cast<int>(x.size(1) / kGroupSize);
+  p.round_scale = round_scale;
 
   constexpr int kUnroll = 4;
   const int64_t num_groups = x.size(0) * p.groups_per_row;
@@ -95,7 +97,8 @@ void per_token_cast_to_fp8(const at::Tensor& x, const at::Tensor& x_fp8, const a
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void per_block_cast_to_fp8(const at::Tensor& w, const at::Tensor& w_fp8, const at::Tensor& w_scale) {
+void per_block_cast_to_fp8(const at::Tensor& w, const at::Tensor& w_fp8, const at::Tensor& w_scale,
+                           bool round_scale) {
   check_source(w, "w");
   const int64_t block_rows = (w.size(0) + kGroupSize - 1) / kGroupSize;
   check_outputs(w, w_fp8, w_scale, block_rows);
@@ -113,6 +116,7 @@ void per_block_cast_to_fp8(const at::Tensor& w, const at::Tensor& w_fp8, const a
   p.scale_row_stride = w_scale.stride(0);
   p.scale_col_stride = w_scale.stride(1);
   p.n = static_cast<int>(w.size(0));
+  p.round_scale = round_scale;
 
   const dim3 grid(static_cast<unsigned>(block_rows), static_cast<unsigned>(w.size(1) / kGroupSize));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

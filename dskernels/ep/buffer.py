@@ -586,15 +586,20 @@ class Buffer:
 
         Returns:
             recv_x: [L, M * R, H] bf16, or with use_fp8 a tuple (fp8 [L, M * R, H], fp32 scales
-                [L, M * R, H/128]), the bytes dskernels.per_token_cast_to_fp8 gives (the cast is
-                fused into the send: once per token); expert l's rows are [0, recv_count[l]), in
-                source rank order then token order, one row per token (a token naming an expert
-                twice is received once); rows past recv_count are not written.
+                [L, M * R, H/128]), the bytes dskernels.per_token_cast_to_fp8(x, round_scale) gives
+                (the cast is fused into the send: once per token; round_scale: power-of-two scales);
+                expert l's rows are [0, recv_count[l]), in source rank order then token order, one
+                row per token (a token naming an expert twice is received once); rows past
+                recv_count are not written.
             recv_count: int32 [L] on the device; handle; event; hook (a no-op callable: data is
                 ready on return).
         """
-        if round_scale or use_ue8m0:
-            raise NotImplementedError("low_latency_dispatch: round_scale / use_ue8m0 are not implemented")
+        if use_ue8m0:
+            raise NotImplementedError("use_ue8m0: scales packed as 8-bit exponents are for Blackwell's "
+                                      "GEMMs; dskernels's GEMMs read fp32 scales: round_scale=True gives "
+                                      "them as powers of two")
+        if round_scale and not use_fp8:
+            raise ValueError("round_scale: rounds the FP8 cast's scales, so it needs use_fp8=True")
         num_tokens = self._check_low_latency(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts)
         R, M, K, device = self.group_size, num_max_dispatch_tokens_per_rank, topk_idx.shape[1], x.device
         num_local = num_experts // R
@@ -616,7 +621,7 @@ class Buffer:
             # experts, as only they read it. One launch.
             send = torch.empty(R, M, row_words, dtype=word, device=device)
             low_latency_send(x, topk_idx, num_experts, use_fp8, send.view(torch.uint8).reshape(R, M, row_words * size),
-                             [off * size for off in offsets])
+                             [off * size for off in offsets], round_scale)
             id_off, id_words = offsets[-1], widths[-1] // size
             recv = torch.empty_like(send).reshape(R * M, row_words)
             self._all_to_all(recv, send.reshape(R * M, row_words), None, None, "low_latency_dispatch", poll=False)

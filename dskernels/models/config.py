@@ -87,6 +87,13 @@ class DeepseekV3Config:
 
     # ---- derived sizes ----
     @property
+    def fp8_round_scale(self) -> bool:
+        """The checkpoint's FP8 scales are powers of two (DeepSeek-V3.1's quantization_config
+        "scale_fmt": "ue8m0"): activations are then cast with power-of-two scales too, as
+        DeepSeek's inference code does (per_token_cast_to_fp8(x, round_scale=True))."""
+        return (self.quantization_config or {}).get("scale_fmt") == "ue8m0"
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 

@@ -10,7 +10,7 @@ from torch import nn
 from dskernels.models.attention import MLAttention
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.linear import BLOCK, FP8, MLP, Linear, RMSNorm, dequantize_block_fp8
-from dskernels.models.moe import MoE
+from dskernels.models.moe import Experts, MoE
 
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.*)$")
 _EXPERT_KEY = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
@@ -56,6 +56,9 @@ class DeepseekV3DecoderLayer(nn.Module):
             self.mlp = MoE(cfg, dtype, device, ep_buffer, ep_low_latency_tokens)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+        for module in self.modules():  # every FP8 cast of the layer follows the checkpoint's scale format
+            if isinstance(module, (Linear, Experts)):
+                module.round_scale = cfg.fp8_round_scale
 
     @property
     def dtype(self) -> torch.dtype:
@@ -265,8 +268,8 @@ class DeepseekV3DecoderLayer(nn.Module):
             if w.shape[-1] % BLOCK:
                 raise ValueError(f"fp8: expert GEMMs need k % {BLOCK} == 0, got k={w.shape[-1]}")
             if w.dtype != FP8:
-                pairs = [dskernels.per_block_cast_to_fp8(e.to(device=device, dtype=torch.bfloat16).contiguous())
-                         for e in w]
+                pairs = [dskernels.per_block_cast_to_fp8(e.to(device=device, dtype=torch.bfloat16).contiguous(),
+                                                         round_scale=self.cfg.fp8_round_scale) for e in w]
                 w, scale = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
             return w.to(device).contiguous(), scale.to(device=device, dtype=torch.float32).contiguous()
         if w.dtype == FP8:

@@ -60,11 +60,13 @@ class Linear(nn.Module):
     Float: `weight` [n, k] in the layer's dtype. FP8: `weight` [n, k] float8_e4m3fn and
     `weight_scale_inv` [ceil(n/128), k/128] fp32 (the checkpoint's names and meaning: dequantized
     = weight * scale); x is cast per token (1x128) with `per_token_cast_to_fp8` and multiplied by
-    `gemm_fp8_fp8_bf16_nt` into bf16, which is then cast to x's dtype."""
+    `gemm_fp8_fp8_bf16_nt` into bf16, which is then cast to x's dtype. round_scale: power-of-two
+    FP8 scales for those casts and for float weights quantized here (config.fp8_round_scale)."""
 
     def __init__(self, in_features: int, out_features: int, dtype=None, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.round_scale = False
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
         self.register_buffer("weight_scale_inv", None)
 
@@ -90,7 +92,8 @@ class Linear(nn.Module):
             raise ValueError(f"fp8: in_features must be a multiple of {BLOCK} for the FP8 GEMM, "
                              f"got {self.in_features}")
         if fp8 and weight.dtype != FP8:
-            weight, scale = dskernels.per_block_cast_to_fp8(weight.to(device=device, dtype=torch.bfloat16).contiguous())
+            weight, scale = dskernels.per_block_cast_to_fp8(weight.to(device=device, dtype=torch.bfloat16).contiguous(),
+                                                            round_scale=self.round_scale)
         elif not fp8 and weight.dtype == FP8:
             weight, scale = dequantize_block_fp8(weight, scale, dtype), None
         if fp8:
@@ -114,7 +117,7 @@ class Linear(nn.Module):
             x2 = x2.to(torch.bfloat16)
         out = torch.empty(x2.shape[0], self.out_features, dtype=torch.bfloat16, device=x.device)
         if x2.shape[0]:
-            xq = dskernels.per_token_cast_to_fp8(x2.contiguous())
+            xq = dskernels.per_token_cast_to_fp8(x2.contiguous(), round_scale=self.round_scale)
             dskernels.gemm_fp8_fp8_bf16_nt(xq, (self.weight, self.weight_scale_inv), out)
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 

@@ -96,11 +96,13 @@ def _grouped_float(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
 class Experts(nn.Module):
     """num_local_experts SwiGLU experts stored fused as HF 5.x does: gate_up_proj [L, 2I, H]
     (gate rows first) and down_proj [L, H, I]; FP8: float8_e4m3fn plus *_scale_inv with one fp32 per
-    128x128 block ([L, 2I/128, H/128] and [L, H/128, I/128])."""
+    128x128 block ([L, 2I/128, H/128] and [L, H/128, I/128]). round_scale: power-of-two scales for
+    the activation casts (config.fp8_round_scale)."""
 
     def __init__(self, num_local_experts: int, hidden: int, intermediate: int, dtype=None, device=None):
         super().__init__()
         self.num_local_experts, self.hidden, self.intermediate = num_local_experts, hidden, intermediate
+        self.round_scale = False
         self.register_buffer("gate_up_proj", torch.empty(num_local_experts, 2 * intermediate, hidden,
                                                          dtype=dtype, device=device))
         self.register_buffer("down_proj", torch.empty(num_local_experts, hidden, intermediate, dtype=dtype,
@@ -119,7 +121,7 @@ class Experts(nn.Module):
     def _gemm(self, x, w, scale, m_indices, offsets) -> torch.Tensor:
         if scale is None:
             return _grouped_float(x, w, offsets)
-        a, sa = x if isinstance(x, tuple) else dskernels.per_token_cast_to_fp8(x.contiguous())
+        a, sa = x if isinstance(x, tuple) else dskernels.per_token_cast_to_fp8(x.contiguous(), self.round_scale)
         out = torch.empty(a.shape[0], w.shape[1], dtype=torch.bfloat16, device=a.device)
         if a.shape[0]:
             dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (w, scale), out, m_indices)
@@ -182,10 +184,9 @@ class Experts(nn.Module):
                                                         expected_m)
         return y.to(out_dtype)
 
-    @staticmethod
-    def _cast3d(x: torch.Tensor):
+    def _cast3d(self, x: torch.Tensor):
         experts, rows, k = x.shape
-        a, sa = dskernels.per_token_cast_to_fp8(x.reshape(experts * rows, k).contiguous())
+        a, sa = dskernels.per_token_cast_to_fp8(x.reshape(experts * rows, k).contiguous(), self.round_scale)
         return a.view(experts, rows, k), sa.view(experts, rows, -1)
 
 
@@ -235,7 +236,8 @@ class MoE(nn.Module):
             # cast to FP8 before the send when the experts are FP8), weighted sum in the combine
             num_experts = self.cfg.n_routed_experts
             recv_x, recv_count, handle, _, hook = self.ep_buffer.low_latency_dispatch(
-                x2.contiguous(), topk_idx, self.ep_low_latency_tokens, num_experts, use_fp8=self.experts.is_fp8)
+                x2.contiguous(), topk_idx, self.ep_low_latency_tokens, num_experts, use_fp8=self.experts.is_fp8,
+                round_scale=self.experts.is_fp8 and self.experts.round_scale)
             hook()
             expected_m = max(1, self.ep_low_latency_tokens * self.num_ranks * self.cfg.num_experts_per_tok
                              // num_experts)
@@ -244,7 +246,8 @@ class MoE(nn.Module):
             hook()
             return routed
         # FP8 experts: send the 1x128-cast tokens (half the bytes; the first GEMM takes them as is)
-        payload = dskernels.per_token_cast_to_fp8(x2.contiguous()) if self.experts.is_fp8 else x2
+        payload = (dskernels.per_token_cast_to_fp8(x2.contiguous(), self.experts.round_scale) if self.experts.is_fp8
+                   else x2)
         recv_x, recv_idx, recv_weights, _, handle, _ = self.ep_buffer.dispatch(
             payload, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=self.cfg.n_routed_experts)
         y = self.experts(recv_x, recv_idx, recv_weights, x2.dtype)

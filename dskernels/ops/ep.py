@@ -144,19 +144,20 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
 
 
 def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, use_fp8: bool, send: torch.Tensor,
-                     offsets: list[int]) -> None:
+                     offsets: list[int], round_scale: bool = False) -> None:
     """Fills the low-latency dispatch's send buffer `send` uint8 [R, M, row_bytes] (python_ref.ep.low_latency_send
     has the definition): row t of every rank's block gets token t's expert ids (-1 past the T tokens),
     and, in the blocks of the ranks holding one of its experts, its payload: x's bytes, or with
-    use_fp8 x cast to fp8 with per-128 scales exactly as per_token_cast_to_fp8 casts it. One Triton
+    use_fp8 x cast to fp8 with per-128 scales exactly as per_token_cast_to_fp8 casts it (round_scale:
+    power-of-two scales). One Triton
     launch reads x once (the cast fused into the send, as DeepEP does), instead of a cast, a
     broadcast copy per field and a fill."""
     if _mover_backend("ep_low_latency_send", send.device) == "ref":
-        ref_ep.low_latency_send(x, topk_idx, num_experts, use_fp8, send, offsets)
+        ref_ep.low_latency_send(x, topk_idx, num_experts, use_fp8, send, offsets, round_scale)
         return
     from dskernels.triton import ep as triton_ep
 
-    triton_ep.low_latency_send(_dense(x), _dense(topk_idx), num_experts, use_fp8, send, offsets)
+    triton_ep.low_latency_send(_dense(x), _dense(topk_idx), num_experts, use_fp8, send, offsets, round_scale)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:

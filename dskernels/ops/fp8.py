@@ -17,11 +17,14 @@ _CUDA_CAST_VERIFIED = False
 _SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Casts activations to FP8 e4m3 with one scale per row per 128 columns.
 
     Args:
         x: [m, k] bfloat16, float16 or float32, k % 128 == 0, any device, any row stride.
+        round_scale: round each scale up to a power of two (UE8M0 scales: DeepSeek-V3.1's
+            checkpoints, "scale_fmt": "ue8m0"; DeepEP's round_scale; DeepGEMM's use_ue8m0 casts):
+            x_scale = 2^ceil(log2(amax / 448)), x_fp8 = round_to_nearest_even(x * (1 / x_scale)).
 
     Returns:
         x_fp8: [m, k] torch.float8_e4m3fn, contiguous.
@@ -32,14 +35,16 @@ def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Raises TypeError / ValueError naming the argument for a wrong dtype, rank or k.
     """
-    return torch.ops.dskernels.per_token_cast_to_fp8(x)
+    _check_flag("round_scale", round_scale)
+    return torch.ops.dskernels.per_token_cast_to_fp8(x, round_scale)
 
 
-def per_block_cast_to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def per_block_cast_to_fp8(w: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Casts weights to FP8 e4m3 with one scale per 128x128 block.
 
     Args:
         w: [n, k] bfloat16, float16 or float32, k % 128 == 0 (n may be anything >= 0).
+        round_scale: power-of-two scales, as for per_token_cast_to_fp8.
 
     Returns:
         w_fp8: [n, k] torch.float8_e4m3fn, contiguous.
@@ -47,7 +52,13 @@ def per_block_cast_to_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             128i .. min(128i + 128, n) - 1 and columns 128j .. 128j + 127, its amax taken over
             the rows that exist; same rounding and scale rule as per_token_cast_to_fp8.
     """
-    return torch.ops.dskernels.per_block_cast_to_fp8(w)
+    _check_flag("round_scale", round_scale)
+    return torch.ops.dskernels.per_block_cast_to_fp8(w, round_scale)
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
 
 
 def _check_source(name: str, t: torch.Tensor) -> None:
@@ -62,47 +73,48 @@ def _vectorizable(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _cast(op: str, src: torch.Tensor, scale_rows: int, ref, triton_kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _cast(op: str, src: torch.Tensor, scale_rows: int, ref, triton_kernel: str,
+          round_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
     backend = select_backend(op, src.device, has_cuda=True, has_triton=True, cuda_verified=_CUDA_CAST_VERIFIED)
     if backend == "ref":
-        return ref(src)
+        return ref(src, round_scale)
     src = _vectorizable(src)
     out = torch.empty(src.shape, dtype=FP8, device=src.device)
     scale = torch.empty(scale_rows, src.shape[1] // GROUP_SIZE, dtype=torch.float32, device=src.device)
     if backend == "cuda":
-        getattr(torch.ops.dskernels, f"_sm90_{op}")(src, out, scale)
+        getattr(torch.ops.dskernels, f"_sm90_{op}")(src, out, scale, round_scale)
     else:
         from dskernels.triton import fp8_cast
 
-        getattr(fp8_cast, triton_kernel)(src, out, scale)
+        getattr(fp8_cast, triton_kernel)(src, out, scale, round_scale)
     return out, scale
 
 
 @torch.library.register_kernel("dskernels::per_token_cast_to_fp8", ("cpu", "cuda"))
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
-def _per_token_cast_to_fp8(x):
+def _per_token_cast_to_fp8(x, round_scale=False):
     _check_source("x", x)
     return _cast("per_token_cast_to_fp8", x, x.shape[0], python_ref.per_token_cast_to_fp8,
-                 "per_token_cast_to_fp8")
+                 "per_token_cast_to_fp8", round_scale)
 
 
 @torch.library.register_kernel("dskernels::per_block_cast_to_fp8", ("cpu", "cuda"))
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
-def _per_block_cast_to_fp8(w):
+def _per_block_cast_to_fp8(w, round_scale=False):
     _check_source("w", w)
     return _cast("per_block_cast_to_fp8", w, -(-w.shape[0] // GROUP_SIZE),
-                 python_ref.per_block_cast_to_fp8, "per_block_cast_to_fp8")
+                 python_ref.per_block_cast_to_fp8, "per_block_cast_to_fp8", round_scale)
 
 
 @torch.library.register_fake("dskernels::per_token_cast_to_fp8")
-def _per_token_cast_to_fp8_fake(x):
+def _per_token_cast_to_fp8_fake(x, round_scale=False):
     _check_source("x", x)
     m, k = x.shape
     return x.new_empty(m, k, dtype=FP8), x.new_empty(m, k // GROUP_SIZE, dtype=torch.float32)
 
 
 @torch.library.register_fake("dskernels::per_block_cast_to_fp8")
-def _per_block_cast_to_fp8_fake(w):
+def _per_block_cast_to_fp8_fake(w, round_scale=False):
     _check_source("w", w)
     n, k = w.shape
     return (w.new_empty(n, k, dtype=FP8),

@@ -257,8 +257,8 @@ def low_latency_slots(ids: torch.Tensor, base: int, num_local: int, cap: int
 def _low_latency_send_kernel(x_ptr, stride_x, topk_ptr, stride_topk, send_u8, send_f32, send_i64, num_tokens,
                              num_topk, num_ranks, experts_per_rank, num_experts, block_rows, row_bytes,
                              X_OFF: tl.constexpr, SCALE_OFF: tl.constexpr, IDS_OFF: tl.constexpr,
-                             X_WIDTH: tl.constexpr, USE_FP8: tl.constexpr, GROUPS: tl.constexpr,
-                             BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                             X_WIDTH: tl.constexpr, USE_FP8: tl.constexpr, ROUND_SCALE: tl.constexpr,
+                             GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     # One program: row t of every block, one chunk of the payload (GROUPS x 128 elements cast to
     # fp8, or BLOCK_C bytes of x). x is read once and cast once; the result is stored only into
     # the blocks of ranks holding one of t's experts (the others never read it). The chunk-0
@@ -275,7 +275,7 @@ def _low_latency_send_kernel(x_ptr, stride_x, topk_ptr, stride_topk, send_u8, se
         cols = groups[:, None] * 128 + tl.arange(0, 128)[None, :]
         ok = (groups < X_WIDTH // 128)[:, None] & is_token
         x = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
-        payload, scale = cast_groups(x)  # per_token_cast_to_fp8's math, bit for bit
+        payload, scale = cast_groups(x, ROUND_SCALE)  # per_token_cast_to_fp8's math, bit for bit
     else:
         cols = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = (cols < X_WIDTH) & is_token
@@ -291,7 +291,7 @@ def _low_latency_send_kernel(x_ptr, stride_x, topk_ptr, stride_topk, send_u8, se
 
 
 def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, use_fp8: bool, send: torch.Tensor,
-                     offsets: list[int]) -> None:
+                     offsets: list[int], round_scale: bool = False) -> None:
     """python_ref.ep.low_latency_send in one launch: x [T, H] (unit last stride), topk_idx int64 [T, K]
     (unit last stride), send uint8 [R, M, row_bytes] contiguous, byte offsets 16-aligned."""
     num_ranks, block_rows, row_bytes = send.shape
@@ -312,4 +312,5 @@ def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, 
         x_arg, x_arg.stride(0), topk_idx, topk_idx.stride(0), send, send.view(torch.float32),
         send.view(torch.int64), num_tokens, num_topk, num_ranks, num_experts // num_ranks, num_experts, block_rows,
         row_bytes, X_OFF=offsets[0], SCALE_OFF=scale_off, IDS_OFF=offsets[-1], X_WIDTH=width, USE_FP8=use_fp8,
-        GROUPS=groups, BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(max(num_topk, 1)), num_warps=4)
+        ROUND_SCALE=round_scale and use_fp8, GROUPS=groups, BLOCK_C=block_c,
+        BLOCK_K=triton.next_power_of_2(max(num_topk, 1)), num_warps=4)

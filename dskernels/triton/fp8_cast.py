@@ -8,14 +8,14 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels.triton.fp8_math import cast_groups, e4m3_bits, max_nan
+from dskernels.triton.fp8_math import cast_groups, e4m3_bits, max_nan, scales_of
 
 GROUP_SIZE = 128
 
 
 @triton.jit
 def _per_token_cast_kernel(x_ptr, out_ptr, scale_ptr, m, stride_xm, stride_om, stride_sm, stride_sg,
-                           BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
+                           BLOCK_M: tl.constexpr, GROUP: tl.constexpr, ROUND_SCALE: tl.constexpr):
     # One program: BLOCK_M rows x one 128-wide group.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     group = tl.program_id(1)
@@ -23,14 +23,14 @@ def _per_token_cast_kernel(x_ptr, out_ptr, scale_ptr, m, stride_xm, stride_om, s
     row_ok = rows < m
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    bits, scale = cast_groups(x)
+    bits, scale = cast_groups(x, ROUND_SCALE)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], bits, mask=row_ok[:, None])
     tl.store(scale_ptr + rows.to(tl.int64) * stride_sm + group * stride_sg, scale, mask=row_ok)
 
 
 @triton.jit
 def _per_block_cast_kernel(w_ptr, out_ptr, scale_ptr, n, stride_wn, stride_on, stride_sn, stride_sk,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, ROUND_SCALE: tl.constexpr):
     # One program: one 128x128 block (the last row-block may be partial).
     block_n = tl.program_id(0)
     block_k = tl.program_id(1)
@@ -40,24 +40,25 @@ def _per_block_cast_kernel(w_ptr, out_ptr, scale_ptr, n, stride_wn, stride_on, s
     w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :], mask=row_ok,
                 other=0.0).to(tl.float32)
     amax = tl.maximum(max_nan(max_nan(tl.abs(w), 1), 0), 1e-4, propagate_nan=tl.PropagateNan.ALL)
-    q = w * tl.math.div_rn(448.0, amax)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_on + cols[None, :], e4m3_bits(q),
+    multiplier, scale = scales_of(amax, ROUND_SCALE)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_on + cols[None, :], e4m3_bits(w * multiplier),
              mask=row_ok)
-    tl.store(scale_ptr + block_n * stride_sn + block_k * stride_sk, tl.math.div_rn(amax, 448.0))
+    tl.store(scale_ptr + block_n * stride_sn + block_k * stride_sk, scale)
 
 
-def per_token_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
+def per_token_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, round_scale: bool = False) -> None:
     m, k = x.shape
     assert x.stride(1) == 1 and out.stride(1) == 1
     block_m = 8
     grid = (triton.cdiv(m, block_m), k // GROUP_SIZE)
     _per_token_cast_kernel[grid](x, out.view(torch.uint8), scale, m, x.stride(0), out.stride(0), scale.stride(0),
-                                 scale.stride(1), BLOCK_M=block_m, GROUP=GROUP_SIZE, num_warps=4)
+                                 scale.stride(1), BLOCK_M=block_m, GROUP=GROUP_SIZE, ROUND_SCALE=round_scale,
+                                 num_warps=4)
 
 
-def per_block_cast_to_fp8(w: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
+def per_block_cast_to_fp8(w: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, round_scale: bool = False) -> None:
     n, k = w.shape
     assert w.stride(1) == 1 and out.stride(1) == 1
     grid = (triton.cdiv(n, GROUP_SIZE), k // GROUP_SIZE)
     _per_block_cast_kernel[grid](w, out.view(torch.uint8), scale, n, w.stride(0), out.stride(0), scale.stride(0),
-                                 scale.stride(1), BLOCK=GROUP_SIZE, num_warps=8)
+                                 scale.stride(1), BLOCK=GROUP_SIZE, ROUND_SCALE=round_scale, num_warps=8)

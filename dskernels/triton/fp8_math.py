@@ -72,12 +72,34 @@ def e4m3_bits(x):
 
 
 @triton.jit
-def cast_groups(x):
+def ceil_to_power_of_two(scale):
+    """python_ref.fp8.ceil_to_power_of_two: the smallest power of two >= a positive fp32 (NaN and
+    inf kept), by carrying a nonzero mantissa into the exponent."""
+    bits = scale.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.where(scale != scale, scale, rounded)
+
+
+@triton.jit
+def scales_of(amax, ROUND_SCALE: tl.constexpr):
+    """python_ref.fp8._scales: (multiplier, scale) for a floored amax; div_rn because Triton's plain
+    `/` is approximate. ROUND_SCALE: the scale rounded up to a power of two (UE8M0)."""
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    if ROUND_SCALE:
+        scale = ceil_to_power_of_two(scale)
+        multiplier = tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), scale)
+    else:
+        multiplier = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
+    return multiplier, scale
+
+
+@triton.jit
+def cast_groups(x, ROUND_SCALE: tl.constexpr):
     """fp32 [groups, 128] -> (e4m3 bits [groups, 128], fp32 scales [groups]): per_token_cast_to_fp8's
-    math bit for bit (amax floored at 1e-4, NaN kept; div_rn: Triton's plain `/` is approximate)."""
+    math bit for bit (amax floored at 1e-4, NaN kept)."""
     amax = tl.maximum(max_nan(tl.abs(x), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)
-    bits = e4m3_bits(x * tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)[:, None])
-    return bits, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    multiplier, scale = scales_of(amax, ROUND_SCALE)
+    return e4m3_bits(x * multiplier[:, None]), scale
 
 
 @triton.jit

@@ -5,6 +5,8 @@
 // order of operations of python_ref.fp8, so every backend produces the same bits. A NaN in a
 // group makes its amax, its scale and all its values NaN, as in the reference (max_nan, not fmaxf,
 // which would drop the NaN and hand out a finite scale).
+// round_scale (UE8M0 scales, DeepSeek-V3.1's "scale_fmt": "ue8m0"): scale = amax / 448 rounded up
+// to a power of two, q = fp8_e4m3(x * (1 / scale)), both factors exact.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -27,6 +29,19 @@ __device__ __forceinline__ float max_nan(float a, float b) {
   return r;
 }
 
+// python_ref.fp8._scales: the multiplier x is scaled by before the cast, and the scale stored.
+struct GroupScale {
+  float multiplier, scale;
+};
+__device__ __forceinline__ GroupScale group_scale(float amax, bool round_scale) {
+  const float scale = amax / kFp8Max;  // nvcc's default -prec-div=true: correctly rounded
+  if (!round_scale) return {kFp8Max / amax, scale};
+  // The smallest power of two >= scale: a nonzero mantissa carries into the exponent. NaN stays NaN.
+  const float rounded =
+      isnan(scale) ? scale : __uint_as_float((__float_as_uint(scale) + 0x7FFFFFu) & 0x7F800000u);
+  return {1.f / rounded, rounded};
+}
+
 struct PerTokenCastParams {
   const void* x;  // [m, k], unit stride along k, rows 16-byte aligned
   int64_t x_row_stride;
@@ -35,6 +50,7 @@ struct PerTokenCastParams {
   float* scale;  // [m, k / 128], any strides
   int64_t scale_row_stride, scale_col_stride;
   int m, groups_per_row;
+  bool round_scale;
 };
 
 struct PerBlockCastParams {
@@ -45,6 +61,7 @@ struct PerBlockCastParams {
   float* scale;  // [ceil(n / 128), k / 128], any strides
   int64_t scale_row_stride, scale_col_stride;
   int n;
+  bool round_scale;
 };
 
 // One 16-byte vector of T, converted to fp32.
@@ -137,10 +154,10 @@ __global__ void __launch_bounds__(kThreads) per_token_cast_to_fp8_kernel(PerToke
       if (group[u] >= num_groups) continue;
       const int64_t row = group[u] / p.groups_per_row;
       const int64_t col_group = group[u] % p.groups_per_row;
+      const GroupScale gs = group_scale(amax, p.round_scale);
       vec[u].store_fp8(p.out + row * p.out_row_stride + col_group * kGroupSize + lane * V::kSize,
-                       kFp8Max / amax);
-      if (lane == 0)
-        p.scale[row * p.scale_row_stride + col_group * p.scale_col_stride] = amax / kFp8Max;
+                       gs.multiplier);
+      if (lane == 0) p.scale[row * p.scale_row_stride + col_group * p.scale_col_stride] = gs.scale;
     }
   }
 }
@@ -180,14 +197,13 @@ __global__ void __launch_bounds__(kThreads) per_block_cast_to_fp8_kernel(PerBloc
   for (int i = 1; i < kWarps; ++i) amax = max_nan(amax, warp_max[i]);
   amax = max_nan(amax, kAmaxFloor);
 
-  const float mul = kFp8Max / amax;
+  const GroupScale gs = group_scale(amax, p.round_scale);
 #pragma unroll
   for (int s = 0; s < kSteps; ++s) {
     const int64_t row = row0 + s * kRowsPerStep;
-    if (row < p.n) vec[s].store_fp8(p.out + row * p.out_row_stride + col, mul);
+    if (row < p.n) vec[s].store_fp8(p.out + row * p.out_row_stride + col, gs.multiplier);
   }
-  if (threadIdx.x == 0)
-    p.scale[blockIdx.x * p.scale_row_stride + blockIdx.y * p.scale_col_stride] = amax / kFp8Max;
+  if (threadIdx.x == 0) p.scale[blockIdx.x * p.scale_row_stride + blockIdx.y * p.scale_col_stride] = gs.scale;
 }
 
 }  // namespace dskernels::fp8_cast
