@@ -154,70 +154,6 @@ def test_gemm_dense_k128_and_empty(backend):
     assert empty.shape == (0, 17)
 
 
-# ---- fp8_gemm_nt's general form: D = C + A @ B.T, fp32 D, per-row B scales ----
-
-def row_scaled_pair(rows, k, device):
-    """An activation-like operand for b: 1x128 scales, one per row per 128 columns."""
-    return quantized_pair(rows, k, device, per_block=False, scale_layout="row")
-
-
-GENERAL = [  # (out dtype, b's scales, c): every case the sm90 CUDA kernel does not cover, and the one it does
-    ("float32", "row", "separate"), ("float32", "row", "in_place"), ("float32", "block", None),
-    ("float32", "block", "in_place"), ("bfloat16", "row", None), ("bfloat16", "block", "separate"),
-    ("bfloat16", "block", None),
-]
-
-
-@pytest.mark.parametrize("out_dtype,sb_kind,c_kind", GENERAL, ids=["-".join(map(str, g)) for g in GENERAL])
-@pytest.mark.parametrize("m,n", [(1, 200), (7, 129), (130, 64)])
-def test_fp8_gemm_nt_general(backend, m, n, out_dtype, sb_kind, c_kind):
-    name, device = backend
-    out_dtype = getattr(torch, out_dtype)
-    x, a, sa = quantized_pair(m, K, device, per_block=False, scale_layout="tma")
-    if sb_kind == "row":
-        w, b, sb = row_scaled_pair(n, K, device)
-    else:
-        w, b, sb = quantized_pair(n, K, device, per_block=True, scale_layout="tma")
-    # c of the product's size, so that neither term hides the other's errors
-    c = (torch.randn(m, n, device=device) * (x @ w.T).std()).to(out_dtype) if c_kind else None
-    out = c.clone() if c_kind == "in_place" else torch.full((m, n), float("nan"), dtype=out_dtype, device=device)
-    general = out_dtype == torch.float32 or sb_kind == "row" or c_kind is not None
-    if name == "cuda" and general:
-        with pytest.raises(NotImplementedError, match="^fp8_gemm_nt .*no CUDA kernel yet"):
-            dskernels.fp8_gemm_nt((a, sa), (b, sb), out, c=out if c_kind == "in_place" else c)
-        return
-    dskernels.fp8_gemm_nt((a, sa), (b, sb), out, c=out if c_kind == "in_place" else c)
-    assert out.dtype == out_dtype
-    assert_close_to_oracle(out, a, sa, b, sb, c)
-    if c is None:
-        assert_close_to_bf16_product([(out, x, w)])
-
-
-def test_fp8_gemm_nt_recipes_and_empty_k(backend):
-    """An explicit recipe picks nothing (sb's shape does) but must agree with it; k = 0 leaves
-    out = c (or zeros); n = 1 reads its one scale either way."""
-    name, device = backend
-    if name == "cuda":
-        pytest.skip("the general form runs on Triton and the reference (test_fp8_gemm_nt_general checks the refusal)")
-    _, a, sa = quantized_pair(9, K, device, per_block=False, scale_layout="row")
-    _, b, sb = row_scaled_pair(30, K, device)
-    out = torch.empty(9, 30, device=device)
-    dskernels.fp8_gemm_nt((a, sa), (b, sb), out, recipe=(1, 1, 128))
-    assert_close_to_oracle(out, a, sa, b, sb)
-    with pytest.raises(ValueError, match=r"^sb: recipe \(1, 128, 128\) means one scale per 128x128 block"):
-        dskernels.fp8_gemm_nt((a, sa), (b, sb), out, recipe=(1, 128, 128))
-    c = torch.randn(9, 30, device=device)
-    empty_k = torch.full((9, 30), float("nan"), device=device)
-    dskernels.fp8_gemm_nt((a[:, :0], sa[:, :0]), (b[:, :0], sb[:, :0]), empty_k, c=c)
-    assert torch.equal(empty_k, c)
-    dskernels.fp8_gemm_nt((a[:, :0], sa[:, :0]), (b[:, :0], sb[:, :0]), empty_k)
-    assert not empty_k.any()
-    one = torch.empty(9, 1, device=device)
-    for recipe in ((1, 1, 128), (1, 128, 128)):
-        dskernels.fp8_gemm_nt((a, sa), (b[:1], sb[:1]), one, recipe=recipe)
-        assert_close_to_oracle(one, a, sa, b[:1], sb[:1])
-
-
 def test_triton_tiles_spanning_scale_blocks(backend, monkeypatch):
     """BLOCK_N = 256 (a GPU tile size) under the interpreter: one tile covers two 128-row weight
     scale blocks and the next a partial third (n = 300), in all three kernels."""
@@ -472,14 +408,6 @@ def test_bad_input_is_named(kind, args, error, name, words):
         assert word in message, message
 
 
-def test_fp8_gemm_nt_checks_operands_before_writing_c():
-    args = _dense_args()
-    out = torch.zeros(4, 8)
-    with pytest.raises(ValueError, match="^sa:"):
-        dskernels.fp8_gemm_nt((args["a"], args["sa"][:, :1]), (args["b"], args["sb"]), out, c=torch.ones(4, 8))
-    assert not out.any()
-
-
 def test_tuple_arguments_are_checked():
     args = _dense_args()
     with pytest.raises(TypeError, match="^lhs: expected a tuple"):
@@ -533,10 +461,8 @@ def _op_samples():
     m_indices = torch.tensor([0, 0, 2, 2, 2, -1, 1, 1, 1], dtype=torch.int32)
     a3, sa3, _, _ = _sample(masked=True)
     masked_m = torch.tensor([3, 0, 7], dtype=torch.int32)
-    _, b_row, sb_row = row_scaled_pair(20, K, "cpu")
     return [
         (torch.ops.dskernels.gemm_fp8_fp8_bf16_nt, (a, sa, b[0], sb[0], torch.zeros(9, 20, dtype=torch.bfloat16))),
-        (torch.ops.dskernels.fp8_gemm_nt, (a, sa, b_row, sb_row, torch.randn(9, 20), True)),
         (torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
          (a, sa, b, sb, torch.zeros(9, 20, dtype=torch.bfloat16), m_indices)),
         (torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked,
@@ -582,24 +508,6 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(all_three, fullgraph=True, backend="aot_eager")
     for actual, expected in zip(compiled(*args), all_three(*args)):
         assert torch.equal(actual, expected)
-
-
-def test_fp8_gemm_nt_torch_compile_fullgraph():
-    """The weight-gradient pattern: accumulate into an fp32 gradient in place, and c from elsewhere."""
-    def wgrad_step(a, sa, b, sb, grad):
-        dskernels.fp8_gemm_nt((a, sa), (b, sb), grad, c=grad)
-        fresh = torch.empty_like(grad)
-        dskernels.fp8_gemm_nt((a, sa), (b, sb), fresh, c=grad * 0.5, recipe=(1, 1, 128))
-        return fresh
-
-    _, a, sa = quantized_pair(9, K, "cpu", per_block=False, scale_layout="row")
-    _, b, sb = row_scaled_pair(20, K, "cpu")
-    grad = torch.randn(9, 20)
-    eager_grad, compiled_grad = grad.clone(), grad.clone()
-    expected = wgrad_step(a, sa, b, sb, eager_grad)
-    actual = torch.compile(wgrad_step, fullgraph=True, backend="aot_eager")(a, sa, b, sb, compiled_grad)
-    assert torch.equal(actual, expected) and torch.equal(compiled_grad, eager_grad)
-    assert not torch.equal(eager_grad, grad)
 
 
 def test_torch_compile_dynamic_expected_m_does_not_recompile():
@@ -701,28 +609,3 @@ def test_triton_every_gpu_config(config, monkeypatch):
         dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a3, sa3), (bb, sbb), out3, masked_m, 100)
         assert_close_to_oracle(out3[0], a[:100], sa[:100], b, sb)
         assert_close_to_oracle(out3[1, :37], a[100:137], sa[100:137], b.flip(0), sb)
-        # fp8_gemm_nt's per-row b scales (one per column of a 256-wide tile) into an fp32 sum, with
-        # the candidates that variant tunes over
-        if config.kwargs not in [c.kwargs for c in triton_gemm._gpu_configs(256, sb_per_row=True)]:
-            return
-        _, b_row, sb_row = row_scaled_pair(n, k, "cuda")
-        c = torch.randn(m, n, device="cuda")
-        out32 = c.clone()
-        dskernels.fp8_gemm_nt((a, sa), (b_row, sb_row), out32, c=out32)
-        assert_close_to_oracle(out32, a, sa, b_row, sb_row, c)
-
-
-@pytest.mark.gpu
-def test_triton_autotuned_accumulate_adds_once(monkeypatch):
-    """Autotuning runs a kernel once per candidate: one that adds to out must find out put back
-    each time (the product is added once, not seven times), and its tuning is kept apart from the
-    plain kernel's."""
-    monkeypatch.setenv("DSKERNELS_GEMM_AUTOTUNE", "1")
-    m, n, k = 512, 384, 1024  # a (hidden x hidden) weight gradient over k tokens, at a small size
-    _, a, sa = row_scaled_pair(m, k, "cuda")
-    _, b, sb = row_scaled_pair(n, k, "cuda")
-    c = torch.randn(m, n, device="cuda")
-    grad = c.clone()
-    with dskernels.backend("triton"):
-        dskernels.fp8_gemm_nt((a, sa), (b, sb), grad, c=grad)
-    assert_close_to_oracle(grad, a, sa, b, sb, c)
