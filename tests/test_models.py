@@ -415,6 +415,8 @@ def test_ue8m0_scale_format():
                                                      "quant_method": "fp8", "scale_fmt": "ue8m0",
                                                      "weight_block_size": [128, 128]})
     assert cfg.fp8_round_scale and not CONFIGS["v3"].fp8_round_scale
+    # a V3.1 config.json's quantization_config comes through from_hf
+    assert DeepseekV3Config.from_hf({**cfg.to_hf_dict(), "quantization_config": cfg.quantization_config}).fp8_round_scale
     float_sd = per_expert_names(make_reference(cfg, 1, seed=12).state_dict(), cfg)
     layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16)
     layer.load_hf_state_dict(float_sd, fp8=True)  # quantized here, with power-of-two block scales
