@@ -5,7 +5,8 @@ GEMM), bytes = m * k + k * n (per group) + 2 * m * n, plus the fp32 scales, whic
 out (m * k / 128 + ceil(n / 128) * k / 128 per group, 4 bytes each).
 
 The weight-gradient form of fp8_gemm_nt (per-row scales on both operands, fp32 out = c + a @ b.T)
-moves m * k + n * k bytes of operands, their scales, and c read and out written in fp32 (8 * m * n).
+moves m * k + n * k bytes of operands, their scales, and c read and out written in fp32 (8 * m * n;
+the timed call also copies c into out first, as DeepGEMM does for a c apart from out: not counted).
 """
 
 from __future__ import annotations

@@ -73,12 +73,27 @@ def test_fp8_gemm_nt_recipes_and_empty_k(backend):
         assert_close_to_oracle(one, a, sa, b[:1], sb[:1])
 
 
-def test_fp8_gemm_nt_checks_operands_before_writing_c():
+def test_fp8_gemm_nt_refuses_before_writing_c():
+    """c is copied into out before the op adds to it: every refusal comes first, out untouched; a c
+    that overlaps out only in part is refused by name, a view of all of out is out itself."""
     args = _dense_args()
+    lhs, rhs = (args["a"], args["sa"]), (args["b"], args["sb"])
     out = torch.zeros(4, 8)
     with pytest.raises(ValueError, match="^sa:"):
-        dskernels.fp8_gemm_nt((args["a"], args["sa"][:, :1]), (args["b"], args["sb"]), out, c=torch.ones(4, 8))
+        dskernels.fp8_gemm_nt((args["a"], args["sa"][:, :1]), rhs, out, c=torch.ones(4, 8))
+    with dskernels.backend("cuda"), pytest.raises(ValueError, match="'cuda' backend needs CUDA tensors"):
+        dskernels.fp8_gemm_nt(lhs, rhs, out, c=torch.ones(4, 8))
     assert not out.any()
+    rows = torch.zeros(6, 8)
+    with pytest.raises(ValueError, match="^c: expected out itself or a tensor that shares no memory with out"):
+        dskernels.fp8_gemm_nt(lhs, rhs, rows[:4], c=rows[2:])
+    with pytest.raises(ValueError, match="^out: expected an output whose elements do not share memory"):
+        dskernels.fp8_gemm_nt(lhs, rhs, torch.zeros(1, 8).expand(4, 8), c=torch.ones(4, 8))
+    assert not rows.any()
+    c = torch.randn(4, 8)
+    out = c.clone()
+    dskernels.fp8_gemm_nt(lhs, rhs, out, c=out[:])
+    assert_close_to_oracle(out, *lhs, *rhs, c)
 
 
 # ---- torch.library / torch.compile ----

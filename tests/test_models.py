@@ -340,13 +340,14 @@ def test_bad_inputs():
 
 # ---- FP8 checkpoint ----
 
-def fp8_checkpoint(state_dict):
+def fp8_checkpoint(state_dict, round_scale=False):
     """What the FP8 checkpoint holds: every projection as float8_e4m3fn weight + weight_scale_inv
-    (128x128 blocks); norms, router and bias stay float. Also returns the dequantized weights."""
+    (128x128 blocks; powers of two with round_scale, as DeepSeek-V3.1's); norms, router and bias
+    stay float. Also returns the dequantized weights."""
     fp8, dequant = {}, {}
     for key, value in state_dict.items():
         if key.endswith("proj.weight") or key.endswith("proj_with_mqa.weight"):
-            w, s = dskernels.per_block_cast_to_fp8(value.contiguous())
+            w, s = dskernels.per_block_cast_to_fp8(value.contiguous(), round_scale=round_scale)
             fp8[key], fp8[key[:-len("weight")] + "weight_scale_inv"] = w, s
             dequant[key] = dequantize_block_fp8(w, s)
         else:
@@ -407,33 +408,88 @@ def test_fp8_checkpoint_path(layer_idx, backend):
             assert rel_error(layer(x, positions), reference_forward(ref, cfg, x.float(), positions)) < FP8_TOL
 
 
-def test_ue8m0_scale_format():
-    """DeepSeek-V3.1's checkpoints ("scale_fmt": "ue8m0"): every activation cast of the layer takes
-    power-of-two scales (round_scale), as do float weights quantized on load; the MoE block stays
-    within FP8_TOL of transformers' on the dequantized weights."""
-    cfg = DeepseekV3Config.tiny(quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3",
-                                                     "quant_method": "fp8", "scale_fmt": "ue8m0",
-                                                     "weight_block_size": [128, 128]})
+UE8M0 = DeepseekV3Config.tiny(quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3",
+                                                  "quant_method": "fp8", "scale_fmt": "ue8m0",
+                                                  "weight_block_size": [128, 128]})
+
+
+def _record_round_scale(monkeypatch, calls):
+    """Wraps the two casts where the model calls them (dskernels.<cast>), recording round_scale."""
+    for name in ("per_token_cast_to_fp8", "per_block_cast_to_fp8"):
+        def recorded(x, round_scale=False, _cast=getattr(dskernels, name), _name=name):
+            calls.append((_name, round_scale))
+            return _cast(x, round_scale=round_scale)
+        monkeypatch.setattr(dskernels, name, recorded)
+
+
+def _power_of_two_scales(layer) -> bool:
+    scales = [t for name, t in layer.named_buffers() if name.endswith("scale_inv")]
+    return bool(scales) and all(torch.equal(s, python_ref.fp8.ceil_to_power_of_two(s)) for s in scales)
+
+
+def test_ue8m0_scale_format(monkeypatch):
+    """DeepSeek-V3.1's checkpoints ("scale_fmt": "ue8m0"): every cast of the layer, on load and in the
+    forward, takes power-of-two scales (round_scale), every weight scale is a power of two, and the
+    MoE block stays within FP8_TOL of transformers' on the dequantized weights."""
+    cfg = UE8M0
     assert cfg.fp8_round_scale and not CONFIGS["v3"].fp8_round_scale
     # a V3.1 config.json's quantization_config comes through from_hf
     assert DeepseekV3Config.from_hf({**cfg.to_hf_dict(), "quantization_config": cfg.quantization_config}).fp8_round_scale
     float_sd = per_expert_names(make_reference(cfg, 1, seed=12).state_dict(), cfg)
+    calls = []
+    _record_round_scale(monkeypatch, calls)
     layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16)
-    layer.load_hf_state_dict(float_sd, fp8=True)  # quantized here, with power-of-two block scales
-    for scale in (layer.self_attn.o_proj.weight_scale_inv, layer.mlp.experts.down_proj_scale_inv):
-        assert torch.equal(scale, python_ref.fp8.ceil_to_power_of_two(scale))
-    o_proj = layer.self_attn.o_proj
-    x = torch.randn(5, o_proj.in_features).bfloat16()
-    expected = torch.empty(5, o_proj.out_features, dtype=torch.bfloat16)
-    dskernels.gemm_fp8_fp8_bf16_nt(dskernels.per_token_cast_to_fp8(x, round_scale=True),
-                                   (o_proj.weight, o_proj.weight_scale_inv), expected)
+    layer.load_hf_state_dict(float_sd, fp8=True)  # quantized here
+    assert _power_of_two_scales(layer)
+    x = torch.randn(2, 6, cfg.hidden_size).bfloat16()
     with torch.no_grad():
-        assert torch.equal(o_proj(x), expected)
+        layer(x, spread_positions(2, 6))
+        o_proj, h = layer.self_attn.o_proj, torch.randn(5, layer.self_attn.o_proj.in_features).bfloat16()
+        expected = torch.empty(5, o_proj.out_features, dtype=torch.bfloat16)
+        dskernels.gemm_fp8_fp8_bf16_nt(python_ref.per_token_cast_to_fp8(h, round_scale=True),
+                                       (o_proj.weight, o_proj.weight_scale_inv), expected)
+        assert torch.equal(o_proj(h), expected)
+    names = {name for name, _ in calls}
+    assert names == {"per_token_cast_to_fp8", "per_block_cast_to_fp8"} and all(flag for _, flag in calls), calls
     ref = hf_module().DeepseekV3DecoderLayer(hf_config(cfg), 1).float().eval()
     ref.load_state_dict(layer.hf_state_dict(torch.float32))  # the dequantized weights
     h = torch.randn(1, 16, cfg.hidden_size).bfloat16()
     with torch.no_grad():
         assert rel_error(layer.mlp(h), ref.mlp(h.float())) < FP8_TOL
+
+
+def _ue8m0_ep_body(rank, world_size, cfg, state_dict, x, positions):
+    """With an EP buffer: the FP8 payload of the normal dispatch and the cast fused into the
+    low-latency dispatch take power-of-two scales too."""
+    import torch.distributed as dist
+
+    from dskernels.ep import Buffer
+    calls = []
+    real_cast, real_ll = dskernels.per_token_cast_to_fp8, Buffer.low_latency_dispatch
+
+    def cast(t, round_scale=False):
+        calls.append(("cast", round_scale))
+        return real_cast(t, round_scale=round_scale)
+
+    def low_latency_dispatch(self, *args, **kwargs):
+        calls.append(("ll", kwargs.get("round_scale")))
+        return real_ll(self, *args, **kwargs)
+
+    dskernels.per_token_cast_to_fp8, Buffer.low_latency_dispatch = cast, low_latency_dispatch  # this rank's process only
+    buffer = Buffer(dist.group.WORLD)
+    for low_latency in (None, 8):
+        layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, ep_buffer=buffer, ep_low_latency_tokens=low_latency)
+        layer.load_hf_state_dict(state_dict)
+        with torch.no_grad():
+            layer(x, positions)
+    assert ("ll", True) in calls and all(flag for _, flag in calls), calls
+
+
+def test_ue8m0_scale_format_with_expert_parallelism():
+    fp8_sd, _ = fp8_checkpoint(per_expert_names(make_reference(UE8M0, 1, seed=13).state_dict(), UE8M0),
+                               round_scale=True)
+    x = torch.randn(1, 6, UE8M0.hidden_size).bfloat16()
+    run_distributed(_ue8m0_ep_body, 1, UE8M0, fp8_sd, x, spread_positions(1, 6))
 
 
 # ---- expert parallelism ----

@@ -144,6 +144,13 @@ def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_
     if c is not None:
         check_tensor("c", c, dtypes=(out.dtype,), device=out.device)
         _check_shape("c", c, tuple(out.shape), "out's shape")
+        if not torch.compiler.is_compiling():  # eager: every refusal before out is written (the op checks again)
+            check_no_overlap("out", out)
+            same_view = c.data_ptr() == out.data_ptr() and c.stride() == out.stride()  # c = out[:] is out
+            if not same_view and torch._C._overlaps(c, out):
+                raise ValueError("c: expected out itself or a tensor that shares no memory with out, got one "
+                                 f"that overlaps it (strides {tuple(c.stride())}, out's {tuple(out.stride())})")
+            _general_backend(a.device)
         if c is not out:
             out.copy_(c)  # DeepGEMM's rule too: the kernel adds to out
     torch.ops.dskernels.fp8_gemm_nt(a, sa, b, sb, out, c is not None)
@@ -398,6 +405,12 @@ def _run_dense(a, sa, b, sb, out):
     triton_gemm.gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out)
 
 
+def _general_backend(device: torch.device) -> str:
+    """Where fp8_gemm_nt's general form runs (no sm90 CUDA kernel for it); raises if it cannot."""
+    return select_backend("fp8_gemm_nt (fp32 out, accumulate or per-row sb)", device, has_cuda=False,
+                          has_triton=True)
+
+
 @torch.library.register_kernel("dskernels::fp8_gemm_nt", ("cpu", "cuda"))
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _fp8_gemm_nt(a, sa, b, sb, out, accumulate):
@@ -405,8 +418,7 @@ def _fp8_gemm_nt(a, sa, b, sb, out, accumulate):
     if out.dtype == torch.bfloat16 and not accumulate and not sb_per_row:
         _run_dense(a, sa, b, sb, out)  # gemm_fp8_fp8_bf16_nt, with its sm90 CUDA kernel
         return
-    chosen = select_backend("fp8_gemm_nt (fp32 out, accumulate or per-row sb)", a.device, has_cuda=False,
-                            has_triton=True)
+    chosen = _general_backend(a.device)
     if chosen == "ref":
         out.copy_(ref.fp8_gemm_nt(a, sa, b, sb, out.dtype, c=out if accumulate else None))
         return
