@@ -434,7 +434,8 @@ def test_ue8m0_scale_format(monkeypatch):
     cfg = UE8M0
     assert cfg.fp8_round_scale and not CONFIGS["v3"].fp8_round_scale
     # a V3.1 config.json's quantization_config comes through from_hf
-    assert DeepseekV3Config.from_hf({**cfg.to_hf_dict(), "quantization_config": cfg.quantization_config}).fp8_round_scale
+    v3_1 = {**cfg.to_hf_dict(), "quantization_config": cfg.quantization_config}
+    assert DeepseekV3Config.from_hf(v3_1).fp8_round_scale
     float_sd = per_expert_names(make_reference(cfg, 1, seed=12).state_dict(), cfg)
     calls = []
     _record_round_scale(monkeypatch, calls)
@@ -475,10 +476,12 @@ def _ue8m0_ep_body(rank, world_size, cfg, state_dict, x, positions):
         calls.append(("ll", kwargs.get("round_scale")))
         return real_ll(self, *args, **kwargs)
 
-    dskernels.per_token_cast_to_fp8, Buffer.low_latency_dispatch = cast, low_latency_dispatch  # this rank's process only
+    # (this rank's process only)
+    dskernels.per_token_cast_to_fp8, Buffer.low_latency_dispatch = cast, low_latency_dispatch
     buffer = Buffer(dist.group.WORLD)
     for low_latency in (None, 8):
-        layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, ep_buffer=buffer, ep_low_latency_tokens=low_latency)
+        layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, ep_buffer=buffer,
+                                       ep_low_latency_tokens=low_latency)
         layer.load_hf_state_dict(state_dict)
         with torch.no_grad():
             layer(x, positions)
