@@ -85,6 +85,15 @@ def test_oracle_definition_round_scale():
     assert w_scale.item() == 0.25 and (w_fp8.float() == 384.0).all()  # 96 / 448 -> 1/4
 
 
+def test_deepgemm_keywords():
+    """DeepGEMM's helper spells round_scale use_ue8m0 (and takes gran_k): the same casts."""
+    x = random_source(3, 256, torch.bfloat16, "cpu")
+    for op in (dskernels.per_token_cast_to_fp8, dskernels.per_block_cast_to_fp8):
+        for flag in (False, True):
+            for got, want in zip(op(x, use_ue8m0=flag, gran_k=128), op(x, round_scale=flag)):
+                assert_same_bits(got, want)
+
+
 def _same_with_nan(actual, expected, what):
     """Equal values, NaN where the reference has NaN (its sign and payload bits aside)."""
     actual, expected = actual.cpu().float(), expected.float()
@@ -193,6 +202,8 @@ def test_empty_inputs(backend):
 def test_bad_input_is_named(op, bad, error, words):
     with pytest.raises(TypeError, match="^round_scale: expected a bool, got str"):
         op(torch.randn(4, 128), round_scale="ue8m0")
+    with pytest.raises(ValueError, match="^gran_k: only 128"):
+        op(torch.randn(4, 128), gran_k=32)
     name = "x" if op is dskernels.per_token_cast_to_fp8 else "w"
     with pytest.raises(error) as info:
         op(bad)

@@ -439,6 +439,21 @@ def test_deepgemm_options_of_the_newer_names():
                                            numpy.int64(4), recipe=(1, 128, 128))  # a numpy int too
     assert dskernels.get_m_alignment_for_contiguous_layout() == 128
     assert dskernels.get_tma_aligned_size(130, 4) == 132
+    # DeepGEMM's newer and legacy names, and its per-operand recipe keywords
+    assert dskernels.get_mk_alignment_for_contiguous_layout() == 128
+    assert dskernels.get_mn_major_tma_aligned_tensor is dskernels.get_col_major_tma_aligned_tensor
+    out = torch.full_like(expected, float("nan"))
+    dskernels.fp8_gemm_nt(lhs, rhs, out, recipe_a=(1, 128), recipe_b=(128, 128))
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="^recipe_a, recipe_b: only"):
+        dskernels.fp8_gemm_nt(lhs, rhs, out, recipe_a=(1, 32), recipe_b=(128, 128))
+    with pytest.raises(ValueError, match="^recipe: \\(1, 1, 128\\) disagrees"):
+        dskernels.fp8_gemm_nt(lhs, rhs, out, recipe=(1, 1, 128), recipe_a=(1, 128), recipe_b=(128, 128))
+    out3 = torch.full_like(g["out"], float("nan"))
+    dskernels.fp8_m_grouped_gemm_nt_masked((g["a"], g["sa"]), (g["b"], g["sb"]), out3, masked_m, 4,
+                                           recipe_a=(1, 128), recipe_b=(128, 128))
+    for group, rows in enumerate(masked_m.tolist()):
+        assert torch.equal(out3[group, :rows], g["out"][group, :rows])
 
 
 # ---- torch.library / torch.compile ----

@@ -61,6 +61,9 @@ def test_fp8_gemm_nt_recipes_and_empty_k(backend):
     assert_close_to_oracle(out, a, sa, b, sb)
     with pytest.raises(ValueError, match=r"^sb: recipe \(1, 128, 128\) means one scale per 128x128 block"):
         dskernels.fp8_gemm_nt((a, sa), (b, sb), out, recipe=(1, 128, 128))
+    again = torch.empty_like(out)
+    dskernels.fp8_gemm_nt((a, sa), (b, sb), again, recipe_a=(1, 128), recipe_b=(1, 128))  # DeepGEMM's newer spelling
+    assert torch.equal(again, out)
     c = torch.randn(9, 30, device=device)
     empty_k = torch.full((9, 30), float("nan"), device=device)
     dskernels.fp8_gemm_nt((a[:, :0], sa[:, :0]), (b[:, :0], sb[:, :0]), empty_k, c=c)

@@ -17,7 +17,8 @@ _CUDA_CAST_VERIFIED = False
 _SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False, *, use_ue8m0: bool | None = None,
+                          gran_k: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Casts activations to FP8 e4m3 with one scale per row per 128 columns.
 
     Args:
@@ -25,6 +26,8 @@ def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[t
         round_scale: round each scale up to a power of two (UE8M0 scales: DeepSeek-V3.1's
             checkpoints, "scale_fmt": "ue8m0"; DeepEP's round_scale; DeepGEMM's use_ue8m0 casts):
             x_scale = 2^ceil(log2(amax / 448)), x_fp8 = round_to_nearest_even(x * (1 / x_scale)).
+        use_ue8m0, gran_k: DeepGEMM's helper's keywords: use_ue8m0 is round_scale (fp32 scales
+            here, never packed), gran_k must be 128.
 
     Returns:
         x_fp8: [m, k] torch.float8_e4m3fn, contiguous.
@@ -35,16 +38,17 @@ def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[t
 
     Raises TypeError / ValueError naming the argument for a wrong dtype, rank or k.
     """
-    _check_flag("round_scale", round_scale)
+    round_scale = _deepgemm_keywords(round_scale, use_ue8m0, gran_k)
     return torch.ops.dskernels.per_token_cast_to_fp8(x, round_scale)
 
 
-def per_block_cast_to_fp8(w: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def per_block_cast_to_fp8(w: torch.Tensor, round_scale: bool = False, *, use_ue8m0: bool | None = None,
+                          gran_k: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Casts weights to FP8 e4m3 with one scale per 128x128 block.
 
     Args:
         w: [n, k] bfloat16, float16 or float32, k % 128 == 0 (n may be anything >= 0).
-        round_scale: power-of-two scales, as for per_token_cast_to_fp8.
+        round_scale: power-of-two scales, as for per_token_cast_to_fp8 (use_ue8m0, gran_k too).
 
     Returns:
         w_fp8: [n, k] torch.float8_e4m3fn, contiguous.
@@ -52,13 +56,24 @@ def per_block_cast_to_fp8(w: torch.Tensor, round_scale: bool = False) -> tuple[t
             128i .. min(128i + 128, n) - 1 and columns 128j .. 128j + 127, its amax taken over
             the rows that exist; same rounding and scale rule as per_token_cast_to_fp8.
     """
-    _check_flag("round_scale", round_scale)
+    round_scale = _deepgemm_keywords(round_scale, use_ue8m0, gran_k)
     return torch.ops.dskernels.per_block_cast_to_fp8(w, round_scale)
 
 
 def _check_flag(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+
+
+def _deepgemm_keywords(round_scale, use_ue8m0, gran_k) -> bool:
+    """round_scale, from it or from DeepGEMM's use_ue8m0 (the same rounding); gran_k must be 128."""
+    _check_flag("round_scale", round_scale)
+    if use_ue8m0 is not None:
+        _check_flag("use_ue8m0", use_ue8m0)
+        round_scale = round_scale or use_ue8m0
+    if gran_k != GROUP_SIZE:
+        raise ValueError(f"gran_k: only {GROUP_SIZE} (1x128 and 128x128 groups) is supported, got {gran_k!r}")
+    return round_scale
 
 
 def _check_source(name: str, t: torch.Tensor) -> None:

@@ -106,16 +106,30 @@ BLOCK_RECIPE = (1, 128, 128)  # DeepGEMM's recipe names: (1x128 a scales, 128x12
 ROW_RECIPE = (1, 1, 128)  # 1x128 scales on both operands
 
 
-def _deepgemm_options(recipe, allowed=(BLOCK_RECIPE,)) -> None:
+def _deepgemm_options(recipe, allowed=(BLOCK_RECIPE,), recipe_a=None, recipe_b=None):
     """The options of DeepGEMM's newer entry points: compiled_dims (a JIT hint) and
-    disable_ue8m0_cast (Blackwell's packed scales) mean nothing here; recipe must be ours."""
+    disable_ue8m0_cast (Blackwell's packed scales) mean nothing here; recipe must be ours, or
+    recipe_a (gran_m, gran_k) with recipe_b (gran_n, gran_k), DeepGEMM's per-operand spelling of
+    the same. Returns the recipe asked for (None: read from sb's shape)."""
+    if recipe_a is not None or recipe_b is not None:
+        split = (tuple(recipe_a) if recipe_a is not None else (1, 128),
+                 tuple(recipe_b) if recipe_b is not None else None)
+        if split[0] != (1, 128) or split[1] not in (None, (128, 128), (1, 128)):
+            raise ValueError(f"recipe_a, recipe_b: only (1, 128) for a and (128, 128) or (1, 128) for b are "
+                             f"supported here, got {recipe_a!r} and {recipe_b!r}")
+        joined = None if split[1] is None else (1, *split[1])
+        if recipe is not None and joined is not None and tuple(recipe) != joined:
+            raise ValueError(f"recipe: {recipe!r} disagrees with recipe_a {recipe_a!r} and recipe_b {recipe_b!r}")
+        recipe = recipe if joined is None else joined
     if recipe is not None and tuple(recipe) not in allowed:
         names = " or ".join(str(r) for r in allowed)
         raise ValueError(f"recipe: only {names} (the a and b scales' granularity: 1x128 rows, 128x128 "
                          f"blocks) is supported here, got {recipe!r}")
+    return recipe
 
 
-def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False) -> None:
+def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
+                recipe_a=None, recipe_b=None) -> None:
     """DeepGEMM's general dense GEMM, out = c + dequant(lhs) @ dequant(rhs).T: gemm_fp8_fp8_bf16_nt
     when out is bf16, c is None and rhs has 128x128 block scales, and also:
 
@@ -128,12 +142,14 @@ def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_
         c: None (out is overwritten) or [m, n] of out's dtype, added in fp32 before the one rounding
             to out's dtype; c may be out itself (accumulate in place: DeepGEMM's wgrad use).
         recipe: None (read from sb's shape), (1, 128, 128) or (1, 1, 128); checked against sb.
+            Or DeepGEMM's newer per-operand spelling, keyword only: recipe_a (1, 128) and recipe_b
+            (128, 128) or (1, 128).
         compiled_dims, disable_ue8m0_cast: DeepGEMM's JIT and Blackwell options, ignored.
 
     Returns None. The sm90 CUDA kernel covers the bf16, block-scaled, non-accumulating case; the
     others run on Triton (any CUDA GPU) or the reference (CPU).
     """
-    _deepgemm_options(recipe, (BLOCK_RECIPE, ROW_RECIPE))
+    recipe = _deepgemm_options(recipe, (BLOCK_RECIPE, ROW_RECIPE), recipe_a, recipe_b)
     a, sa = _unpack("lhs", lhs)
     b, sb = _unpack("rhs", rhs)
     sb_per_row = _check_general(a, sa, b, sb, out, overlap=False)  # before out is written with c
@@ -157,25 +173,31 @@ def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_
 
 
 def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, out, m_indices, recipe=None, compiled_dims="nk",
-                                     disable_ue8m0_cast=False) -> None:
+                                     disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None) -> None:
     """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_contiguous: the same arguments,
-    plus DeepGEMM's trailing options."""
-    _deepgemm_options(recipe)
+    plus DeepGEMM's trailing options (block-scaled b only)."""
+    _deepgemm_options(recipe, recipe_a=recipe_a, recipe_b=recipe_b)
     m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
 
 
 def m_grouped_fp8_gemm_nt_masked(lhs, rhs, out, masked_m, expected_m, recipe=None, compiled_dims="nk",
-                                 disable_ue8m0_cast=False) -> None:
+                                 disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None) -> None:
     """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_masked: the same arguments, plus
-    DeepGEMM's trailing options."""
-    _deepgemm_options(recipe)
+    DeepGEMM's trailing options (block-scaled b only)."""
+    _deepgemm_options(recipe, recipe_a=recipe_a, recipe_b=recipe_b)
     m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m)
+
+
+fp8_m_grouped_gemm_nt_masked = m_grouped_fp8_gemm_nt_masked  # DeepGEMM's legacy name (sglang imports it)
 
 
 def get_m_alignment_for_contiguous_layout() -> int:
     """DeepGEMM's row alignment of contiguous-layout segments (128). Our grouped GEMMs accept
     unaligned segments too; callers that pad to it get DeepGEMM's layout."""
     return 128
+
+
+get_mk_alignment_for_contiguous_layout = get_m_alignment_for_contiguous_layout  # DeepGEMM's newer name
 
 
 def set_num_sms(num_sms: int | None) -> None:
@@ -231,6 +253,9 @@ def get_col_major_tma_aligned_tensor(x: torch.Tensor) -> torch.Tensor:
     aligned[:, :m, :] = batched
     aligned = aligned[:, :m, :]
     return aligned.squeeze(0) if squeeze else aligned
+
+
+get_mn_major_tma_aligned_tensor = get_col_major_tma_aligned_tensor  # DeepGEMM's newer name
 
 
 # ---- validation (shared by the real and fake kernels) ----
