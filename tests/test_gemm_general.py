@@ -154,6 +154,17 @@ def _weight_gradient_configs():
             for c in _gpu_configs(256, sb_per_row=True)]
 
 
+def _accumulate_in_place_on_gpu(m, n, k):
+    """grad [m, n] fp32 += a @ b.T on Triton, both operands with per-row scales (TMA-aligned for a)."""
+    _, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
+    _, b, sb = row_scaled_pair(n, k, "cuda")
+    c = torch.randn(m, n, device="cuda")
+    grad = c.clone()
+    with dskernels.backend("triton"):
+        dskernels.fp8_gemm_nt((a, sa), (b, sb), grad, c=grad)
+    assert_close_to_oracle(grad, a, sa, b, sb, c)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", _weight_gradient_configs())
 def test_triton_every_weight_gradient_config(config, monkeypatch):
@@ -163,14 +174,7 @@ def test_triton_every_weight_gradient_config(config, monkeypatch):
 
     meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
     monkeypatch.setattr(triton_gemm, "_heuristic_config", lambda *_: dict(meta))
-    m, n, k = 203, 300, 384
-    _, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
-    _, b, sb = row_scaled_pair(n, k, "cuda")
-    c = torch.randn(m, n, device="cuda")
-    out = c.clone()
-    with dskernels.backend("triton"):
-        dskernels.fp8_gemm_nt((a, sa), (b, sb), out, c=out)
-    assert_close_to_oracle(out, a, sa, b, sb, c)
+    _accumulate_in_place_on_gpu(203, 300, 384)
 
 
 @pytest.mark.gpu
@@ -179,11 +183,4 @@ def test_triton_autotuned_accumulate_adds_once(monkeypatch):
     each time (the product is added once, not five times), and its tuning is kept apart from the
     plain kernel's."""
     monkeypatch.setenv("DSKERNELS_GEMM_AUTOTUNE", "1")
-    m, n, k = 512, 384, 1024  # a (hidden x hidden) weight gradient over k tokens, at a small size
-    _, a, sa = row_scaled_pair(m, k, "cuda")
-    _, b, sb = row_scaled_pair(n, k, "cuda")
-    c = torch.randn(m, n, device="cuda")
-    grad = c.clone()
-    with dskernels.backend("triton"):
-        dskernels.fp8_gemm_nt((a, sa), (b, sb), grad, c=grad)
-    assert_close_to_oracle(grad, a, sa, b, sb, c)
+    _accumulate_in_place_on_gpu(512, 384, 1024)  # a weight gradient over k tokens, at a small size
