@@ -9,6 +9,15 @@ Triton kernel's 32), outside the timed region (as FlashMLA does).
 
 Peer: a batched PyTorch decode (gather every page of the block table, masked softmax in fp32, two
 bf16 matmuls), not the per-sequence oracle.
+
+Sparse MLA (DeepSeek-V3.2; flash_mla_sparse_decode / flash_mla_sparse_fwd), counted per listed
+entry, with rows = b * s_q (decode) or s_q (prefill):
+    FLOPs = 2 * rows * h_q * topk * (d + dv)
+    bytes = rows * h_kv * topk * (bytes per cached token: 656 in V3.2's FP8 layout, 2 d in bf16)
+            + rows * h_q * (d + dv) * 2
+i.e. every listed token read once per query row (rows that share a token read it again) and the
+list itself not counted. Peer: PyTorch gathers the listed rows (dequantizing the FP8 ones), masks
+and runs two bf16 matmuls.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import torch
 
 import dskernels
 import python_ref.mla
+import python_ref.mla_sparse
 from benchmarks.common import Case
 
 FP8 = torch.float8_e4m3fn
@@ -136,10 +146,97 @@ def _case(b, s_q, h_q, h_kv, d, dv, seqlen, varlen, page_size, cache_dtype, caus
                 triton_variants=MLA_TRITON_VARIANTS if (d, dv) == (576, 512) else {})
 
 
+def torch_sparse(q, kv, indices, sm_scale, dv, fp8, rows_per_kv_list=1):
+    """The plain PyTorch way: gather every listed row (q [R, h_q, d], kv [S, h_kv, width],
+    indices [R, h_kv, topk]), dequantize, masked softmax in fp32, two bf16 matmuls."""
+    rows, h_q, d = q.shape
+    num_slots, h_kv, _ = kv.shape
+    valid = (indices >= 0) & (indices < num_slots)
+    rows_kv = kv[indices.long().clamp(0, max(num_slots - 1, 0)), torch.arange(h_kv, device=q.device)[None, :, None]]
+    keys = (python_ref.mla_sparse.dequantize_sparse_kv_cache(rows_kv) if fp8 else rows_kv).to(q.dtype)
+    queries = q.reshape(rows, h_kv, h_q // h_kv, d)
+    scores = torch.matmul(queries, keys.transpose(2, 3)).float() * sm_scale           # [R, h_kv, group, topk]
+    scores = scores.masked_fill(~valid[:, :, None, :], -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num_(0.0)
+    out = torch.matmul(probs.to(q.dtype), keys[..., :dv]).reshape(rows, h_q, dv)
+    return out, lse.reshape(rows, h_q).masked_fill(lse.reshape(rows, h_q) == -math.inf, math.inf)
+
+
+def _sparse_lists(rows, h_kv, topk, num_slots, gen):
+    """Distinct slots per list (as an indexer's top-k gives), a few -1 holes."""
+    idx = torch.argsort(torch.rand(rows * h_kv, num_slots, generator=gen), dim=1)[:, :topk].int()
+    idx[torch.rand(idx.shape, generator=gen) < 0.01] = -1
+    return idx.reshape(rows, h_kv, topk)
+
+
+def _sparse_decode_case(b, s_q, h_q, topk, seqlen, fp8, d=576, dv=512, page_size=64, seed=0):
+    rows = b * s_q
+    token_bytes = python_ref.mla_sparse.FP8_TOKEN_BYTES if fp8 else 2 * d
+    flops = 2.0 * rows * h_q * topk * (d + dv)
+    moved = float(rows * topk * token_bytes + rows * h_q * (d + dv) * 2)
+
+    def make_inputs(device):
+        gen = torch.Generator().manual_seed(seed + 2)
+        num_pages = b * -(-seqlen // page_size)
+        values = torch.randn(num_pages, page_size, 1, d, generator=gen)
+        k_cache = python_ref.mla_sparse.quantize_sparse_kv_cache(values) if fp8 else values.to(torch.bfloat16)
+        q = torch.randn(b, s_q, h_q, d, generator=gen).to(torch.bfloat16)
+        # Each sequence lists slots of its own pages (the block table already applied).
+        local = _sparse_lists(b, 1, topk, seqlen, gen).reshape(b, 1, topk)
+        first = (torch.arange(b) * -(-seqlen // page_size) * page_size).int()[:, None, None]
+        indices = torch.where(local >= 0, local + first, -1).expand(b, s_q, topk).contiguous()
+        return q.to(device), k_cache.to(device), indices.to(device), dv, fp8
+
+    def run(q, k_cache, indices, dv, fp8):
+        return dskernels.flash_mla_sparse_decode(q, k_cache, indices, dv, is_fp8_kvcache=fp8)
+
+    def reference(q, k_cache, indices, dv, fp8):
+        return python_ref.mla_sparse.flash_mla_sparse_decode(q, k_cache, indices, dv, None, fp8)
+
+    def peer(q, k_cache, indices, dv, fp8):
+        flat = k_cache.reshape(-1, 1, k_cache.shape[-1])
+        out, lse = torch_sparse(q.reshape(rows, h_q, d), flat, indices.reshape(rows, 1, topk), d ** -0.5, dv, fp8)
+        return out.reshape(b, s_q, h_q, dv), lse.reshape(b, s_q, h_q).transpose(1, 2)
+
+    params = {"b": b, "s_q": s_q, "h_q": h_q, "h_kv": 1, "d": d, "dv": dv, "topk": topk, "seqlen": seqlen,
+              "page": page_size, "cache": "fp8_v32" if fp8 else "bfloat16"}
+    return Case(op="flash_mla_sparse_decode", params=params, make_inputs=make_inputs, run=run,
+                reference=reference, check=_check, flops=flops, bytes=moved, peers={"torch": peer},
+                backends=("ref", "triton"))
+
+
+def _sparse_prefill_case(s_q, s_kv, h_q, topk, d=576, dv=512, seed=0):
+    flops = 2.0 * s_q * h_q * topk * (d + dv)
+    moved = float(s_q * topk * d * 2 + s_q * h_q * (d + dv) * 2)
+
+    def make_inputs(device):
+        gen = torch.Generator().manual_seed(seed + 3)
+        q = torch.randn(s_q, h_q, d, generator=gen).to(torch.bfloat16)
+        kv = torch.randn(s_kv, 1, d, generator=gen).to(torch.bfloat16)
+        return q.to(device), kv.to(device), _sparse_lists(s_q, 1, topk, s_kv, gen).to(device), d ** -0.5, dv
+
+    def run(q, kv, indices, sm_scale, dv):
+        return dskernels.flash_mla_sparse_fwd(q, kv, indices, sm_scale, dv)[::2]  # (out, lse)
+
+    def reference(q, kv, indices, sm_scale, dv):
+        return python_ref.mla_sparse.flash_mla_sparse_fwd(q, kv, indices, sm_scale, dv)[::2]
+
+    def peer(q, kv, indices, sm_scale, dv):
+        return torch_sparse(q, kv, indices, sm_scale, dv, False)
+
+    params = {"s_q": s_q, "s_kv": s_kv, "h_q": h_q, "h_kv": 1, "d": d, "dv": dv, "topk": topk}
+    return Case(op="flash_mla_sparse_fwd", params=params, make_inputs=make_inputs, run=run,
+                reference=reference, check=_check, flops=flops, bytes=moved, peers={"torch": peer},
+                backends=("ref", "triton"))
+
+
 def cases(quick: bool, device: str) -> list[Case]:
     if device == "cpu":
         return [_case(3, 2, 4, 1, 64, 48, 70, True, 16, torch.bfloat16, True),
-                _case(2, 1, 4, 2, 64, 48, 90, False, 61, FP8, False)]
+                _case(2, 1, 4, 2, 64, 48, 90, False, 61, FP8, False),
+                _sparse_decode_case(2, 2, 4, 40, 100, False, d=64, dv=48, page_size=16),
+                _sparse_prefill_case(3, 50, 4, 24, d=64, dv=48)]
     if quick:  # the issue's two targets (memory-bound and compute-bound) and a varlen batch
         shapes = [(1, 16, 4096, False), (1, 16, 4096, True), (2, 128, 4096, False)]
     else:
@@ -150,4 +247,8 @@ def cases(quick: bool, device: str) -> list[Case]:
     found.append(_case(128, 1, 16, 1, 576, 512, 4096, False, 64, FP8, False))
     if not quick:  # page sizes off the TMA path
         found += [_case(128, 1, 16, 1, 576, 512, 4096, False, page, torch.bfloat16, False) for page in (16, 61)]
+    # DeepSeek-V3.2 (DSA): top-2048 lists over an FP8 cache; 128 heads (one rank of a
+    # data-parallel attention deployment) and 16 (TP8); then the prefill kernel.
+    found += [_sparse_decode_case(128, 1, 128, 2048, 8192, True), _sparse_decode_case(64, 2, 16, 2048, 8192, True)]
+    found.append(_sparse_prefill_case(512, 8192, 128, 2048))
     return found

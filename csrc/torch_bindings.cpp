@@ -43,6 +43,15 @@ TORCH_LIBRARY(dskernels, m) {
         "Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal, Tensor? k_scale, "
         "Tensor(a!) out, Tensor(b!) lse) -> ()");
 
+  m.set_python_module("dskernels.ops.mla_sparse");
+  // Sparse MLA (DeepSeek-V3.2's DSA; FlashMLA's sparse decode and flash_mla_sparse_fwd): each
+  // query token attends to its own top-k cached tokens, named by indices into the flat cache.
+  m.def("flash_mla_sparse_decode(Tensor q, Tensor k_cache, Tensor indices, int head_dim_v, "
+        "float? softmax_scale=None, bool is_fp8_kvcache=False, Tensor? topk_length=None, "
+        "Tensor? attn_sink=None) -> (Tensor, Tensor)");
+  m.def("flash_mla_sparse_fwd(Tensor q, Tensor kv, Tensor indices, float sm_scale, int d_v=512, "
+        "Tensor? attn_sink=None, Tensor? topk_length=None) -> (Tensor, Tensor, Tensor)");
+
   // ---- FP8 GEMMs (API.md section 2) ----
   m.set_python_module("dskernels.ops.gemm");
   // out[m, n] (bf16) = dequant(a, sa) @ dequant(b, sb).T; (a, sa) and (b, sb) are the API's tuples.

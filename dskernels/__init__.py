@@ -41,6 +41,8 @@ from dskernels.ops.gemm import (  # noqa: E402
     set_num_sms,
 )
 from dskernels.ops.mla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
+from dskernels.ops.mla_sparse import (dequantize_sparse_kv_cache, flash_mla_sparse_decode,  # noqa: E402
+                                      flash_mla_sparse_fwd, quantize_sparse_kv_cache)
 
 __version__ = "0.1.0"
 
@@ -48,6 +50,9 @@ __all__ = [
     "available_backends",
     "backend",
     "current_backend",
+    "dequantize_sparse_kv_cache",
+    "flash_mla_sparse_decode",
+    "flash_mla_sparse_fwd",
     "fp8_gemm_nt",
     "fp8_m_grouped_gemm_nt_masked",
     "gemm_fp8_fp8_bf16_nt",
@@ -65,5 +70,6 @@ __all__ = [
     "get_mla_metadata",
     "per_block_cast_to_fp8",
     "per_token_cast_to_fp8",
+    "quantize_sparse_kv_cache",
     "set_num_sms",
 ]

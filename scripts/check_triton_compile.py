@@ -13,7 +13,7 @@ sm_100a (B200), sm_89 (L40S, RTX 4090) and sm_80 (A100) are GPUs the Triton path
 CUDA kernel of ours runs: on sm_80 Triton has no fp8 e4m3 type, so a kernel that names it does not
 compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
-grid, causal) and the small heads its GPU tests launch, the three FP8 GEMMs with every autotuning candidate and the heuristic tiles, the FP8
+grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16, prefill), the three FP8 GEMMs with every autotuning candidate and the heuristic tiles, the FP8
 casts and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one.)
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
@@ -74,12 +74,13 @@ ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 64}
 # The tensor-core instruction each kernel must contain on sm_90a (PTX), absent which it would run
 # at a fraction of the speed: wgmma for the GEMMs; MLA's 16/32-row tiles are below wgmma's 64 rows.
 REQUIRED_PTX = {"_gemm_kernel": "wgmma.mma_async", "_contiguous_kernel": "wgmma.mma_async",
-                "_masked_kernel": "wgmma.mma_async", "_mla_decode_splitkv_kernel": "mma.sync"}
+                "_masked_kernel": "wgmma.mma_async", "_mla_decode_splitkv_kernel": "mma.sync",
+                "_sparse_mla_kernel": "mma.sync"}
 # The kernels whose main loop must stream its tiles through at least two shared-memory buffers
 # (Triton's cp.async pipelining), checked on sm_90a in the TTGIR: with one buffer the next copy
 # waits for the last read of the current tile and no load overlaps the math (MLA decode had that
 # with 2 stages, the block-table indirection taking one: dskernels/triton/mla.py).
-PIPELINED = {"_gemm_kernel", "_contiguous_kernel", "_masked_kernel", "_mla_decode_splitkv_kernel"}
+PIPELINED = {"_gemm_kernel", "_contiguous_kernel", "_masked_kernel", "_mla_decode_splitkv_kernel", "_sparse_mla_kernel"}
 PTXAS_DIR = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
 
 
@@ -196,6 +197,24 @@ def mla_cases(compiler: Compiler) -> None:
             _meta(b, s_q, h_q, dv, dtype=q_dtype), _meta(b, h_q, s_q, dtype=torch.float32))
 
 
+def mla_sparse_cases(compiler: Compiler) -> None:
+    from dskernels.triton import mla_sparse as triton_sparse
+
+    # DeepSeek-V3.2: decode over the FP8 cache (16 and 128 heads, MTP), over a bf16 cache, prefill;
+    # and the small heads of tests/test_mla_sparse.py's GPU runs (d = 64, dv = 48).
+    for d, dv, h_q, s_q, fp8, prefill in [(576, 512, 16, 1, True, False), (576, 512, 128, 2, True, False),
+                                          (576, 512, 64, 1, False, False), (576, 512, 128, 1, False, True),
+                                          (64, 48, 16, 2, False, False), (64, 48, 8, 1, False, True)]:
+        compiler.context = (f"mla_sparse d={d} h_q={h_q} s_q={s_q} {'fp8_v32' if fp8 else 'bf16'}"
+                            f"{' prefill' if prefill else ''}")
+        rows, topk = 4 * s_q, 2048
+        kv = _meta(10, 64, 1, 656 if fp8 else d, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16)
+        triton_sparse.sparse_mla(
+            _meta(rows, h_q, d), kv, _meta(rows, 1, topk, dtype=torch.int32), _meta(rows, dtype=torch.int32),
+            _meta(h_q, dtype=torch.float32), d ** -0.5, dv, 64, 640, fp8, _meta(rows, h_q, dv),
+            _meta(rows, 1, h_q, dtype=torch.float32), 1, _meta(rows, h_q, dtype=torch.float32) if prefill else None)
+
+
 def gemm_cases(compiler: Compiler) -> None:
     from dskernels.triton import gemm as triton_gemm
 
@@ -299,10 +318,11 @@ def main() -> int:
         # and its shared memory (MLA decode's stage count).
         torch.cuda.get_device_capability = lambda *_, c=compiler: c.target.capability
         torch.cuda.get_device_properties = lambda *_, c=compiler: SimpleNamespace(
-            shared_memory_per_block_optin=c.target.max_shared_bytes, shared_memory_per_block=49152)
+            shared_memory_per_block_optin=c.target.max_shared_bytes, shared_memory_per_block=49152,
+            multi_processor_count=132)
         JITFunction.run = lambda fn, *a, c=compiler, **kw: c.run(fn, *a, **kw)
         try:
-            for cases in (mla_cases, gemm_cases, cast_cases, ep_cases):
+            for cases in (mla_cases, mla_sparse_cases, gemm_cases, cast_cases, ep_cases):
                 cases(compiler)
         finally:
             JITFunction.run = original

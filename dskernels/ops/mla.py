@@ -69,7 +69,9 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                            cache_seqlens: torch.Tensor, head_dim_v: int,
                            tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor,
                            softmax_scale: float | None = None, causal: bool = False,
-                           k_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           k_scale: torch.Tensor | None = None, *, is_fp8_kvcache: bool = False,
+                           indices: torch.Tensor | None = None, topk_length: torch.Tensor | None = None,
+                           attn_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-head latent attention decode over a paged KV cache (FlashMLA's API).
 
     Args:
@@ -101,11 +103,32 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         A query that sees no key (empty sequence, or causal with cache_seqlens[i] < s_q) gets
         out = 0 and lse = +inf.
 
+    Sparse attention (DeepSeek-V3.2, FlashMLA's keywords): with `indices` [b, s_q, topk] int32
+    each query token attends only to the cache slots it lists (slot = page * page_size + offset;
+    block_table, cache_seqlens and the metadata are then not read and may be None), optionally
+    with `topk_length`, `attn_sink` and V3.2's FP8 cache (`is_fp8_kvcache`): this is
+    `flash_mla_sparse_decode` (dskernels/ops/mla_sparse.py), whose docstring has the details.
+    causal and k_scale do not apply there.
+
     Raises TypeError / ValueError whose message starts with the argument's name for wrong
     shapes, dtypes or devices.
     """
     if isinstance(head_dim_v, bool):  # checked here: the op's schema would pass it on as an int
         raise TypeError("head_dim_v: expected an int, got bool")
+    if indices is not None:
+        if causal:
+            raise ValueError("causal: sparse attention (indices given) has no causal mask: the indices say "
+                             "what each query sees")
+        if k_scale is not None:
+            raise ValueError("k_scale: sparse attention reads V3.2's FP8 layout (is_fp8_kvcache=True), whose "
+                             "scales are in the cache; expected None")
+        return torch.ops.dskernels.flash_mla_sparse_decode(q, k_cache, indices, head_dim_v, softmax_scale,
+                                                           is_fp8_kvcache, topk_length, attn_sink)
+    if is_fp8_kvcache or topk_length is not None or attn_sink is not None:
+        given = [name for name, value in (("is_fp8_kvcache", is_fp8_kvcache), ("topk_length", topk_length),
+                                          ("attn_sink", attn_sink)) if value is not None and value is not False]
+        raise ValueError(f"{given[0]}: applies to sparse attention only (pass indices); dense decode reads an "
+                         "fp8 cache with a per-tensor k_scale")
     return torch.ops.dskernels.flash_mla_with_kvcache(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
         softmax_scale, causal, k_scale)

@@ -34,6 +34,23 @@ PAGE_SCAN = tl.constexpr(32)
 
 
 @triton.jit
+def online_softmax_step(s, m_i, l_i, acc, v, FP32_DOT: tl.constexpr):
+    """Folds one block of log2-scaled scores s [M, N] (-inf: masked) and its values v [N, DV] into
+    the running max m_i, sum l_i and unnormalized output acc; a row with nothing seen keeps
+    m_i = -inf, l_i = 0, acc = 0. Returns (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if FP32_DOT:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _mla_decode_splitkv_kernel(
         q_ptr, k_ptr, block_table_ptr, seqlens_ptr, meta_ptr, num_splits_ptr, k_scale_ptr,
         out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr,
@@ -159,16 +176,7 @@ def _mla_decode_splitkv_kernel(
                 s = s * scale
                 visible = key_ok[None, :] & (keys[None, :] < limit[:, None])
                 s = tl.where(visible, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.math.exp2(m_i - m_safe)
-                p = tl.math.exp2(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                if FP32_DOT:
-                    acc = acc * alpha[:, None] + tl.dot(p, k_pv, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(k_pv.dtype), k_pv)
-                m_i = m_new
+                m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, k_pv, FP32_DOT)
             seen = l_i > 0.0
             o = tl.where(seen[:, None], acc * k_scale / tl.where(seen, l_i, 1.0)[:, None], 0.0)
             lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))

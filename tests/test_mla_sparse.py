@@ -1,0 +1,385 @@
+"""Sparse MLA (DeepSeek-V3.2): flash_mla_sparse_decode / flash_mla_sparse_fwd on every backend
+against python_ref.mla_sparse, and V3.2's FP8 cache layout.
+
+Poison: every cache slot no valid list entry names holds NaN (in the FP8 layout: NaN latent bytes
+and NaN scales), the lists hold -1, other negative ids, ids past the cache and repeats, and the
+entries past topk_length point at poisoned slots. A kernel that reads any of them returns NaN."""
+
+import math
+
+import pytest
+import torch
+
+import dskernels
+import python_ref.mla_sparse as ref
+from test_mla import LSE_ATOL, TOLERANCES
+
+FP8 = torch.float8_e4m3fn
+HUGE = 2**31 - 1
+
+
+def skip_cuda_backend(name):
+    if name == "cuda":
+        pytest.skip("no sm90 CUDA kernel for sparse MLA yet: auto runs the Triton kernel on CUDA tensors")
+
+
+def make_lists(rows, topk, num_slots, gen, lengths=None):
+    """[rows, topk] int32 slot lists: mostly real slots (with repeats), some -1, other negatives and
+    ids past the cache."""
+    idx = torch.randint(0, num_slots, (rows, topk), generator=gen, dtype=torch.int32)
+    kind = torch.randint(0, 10, (rows, topk), generator=gen)
+    idx[kind == 0] = -1
+    idx[kind == 1] = -7
+    idx[kind == 2] = num_slots
+    idx[kind == 3] = HUGE
+    return idx
+
+
+def poison_unlisted(cache_rows: torch.Tensor, lists: torch.Tensor, num_slots: int, fp8: bool) -> None:
+    """NaN in every slot (row of cache_rows [num_slots, h_kv, width]) that no valid entry names."""
+    used = torch.zeros(num_slots, dtype=torch.bool)
+    valid = lists[(lists >= 0) & (lists < num_slots)].long()
+    used[valid] = True
+    if fp8:
+        raw = cache_rows.view(torch.uint8)
+        raw[~used, :, :ref.FP8_SCALE_OFFSET] = 0x7F                     # e4m3 NaN
+        raw[~used, :, ref.FP8_SCALE_OFFSET:ref.FP8_ROPE_OFFSET] = 0xFF  # fp32 NaN scales
+    else:
+        cache_rows[~used] = math.nan
+
+
+def decode_inputs(b, s_q, h_q, h_kv, page_size, num_pages, topk, dtype, fp8, *, d=64, dv=48, lengths=False,
+                  sink=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if fp8:
+        d, dv = ref.FP8_HEAD_DIM, ref.FP8_NOPE_DIM
+    num_slots = num_pages * page_size
+    values = torch.randn(num_pages, page_size, h_kv, d, generator=gen)
+    k_cache = ref.quantize_sparse_kv_cache(values) if fp8 else values.to(dtype)
+    q = torch.randn(b, s_q, h_q, d, generator=gen).to(dtype)
+    indices = make_lists(b * s_q, topk, num_slots, gen).reshape(b, s_q, topk)
+    topk_length = None
+    if lengths:
+        topk_length = torch.randint(0, topk + 1, (b,), generator=gen, dtype=torch.int32)
+        topk_length[0] = 0  # a sequence that sees nothing
+        if b > 1:
+            topk_length[1] = topk + 5  # more than listed: all of them
+        # Entries past a sequence's length name slots nobody else lists: they get poisoned below.
+        cut = torch.arange(topk)[None, None, :] >= topk_length.long()[:, None, None]
+        indices = torch.where(cut, num_slots - 1, indices)
+        live = torch.where(cut, -1, indices)
+    else:
+        live = indices
+    poison_unlisted(k_cache.view(num_slots, h_kv, -1), live.reshape(-1), num_slots, fp8)
+    attn_sink = None
+    if sink:
+        attn_sink = torch.randn(h_q, generator=gen)
+        attn_sink[0] = math.inf   # this head's out must be 0
+        attn_sink[-1] = -math.inf  # and this one's unaffected
+    return q, k_cache, indices, dv, fp8, topk_length, attn_sink
+
+
+def vmax_of(k_cache, dv, fp8):
+    values = ref.dequantize_sparse_kv_cache(k_cache) if fp8 else k_cache.float()
+    values = values[..., :dv]
+    values = values[values.isfinite()]
+    return values.abs().max().item() if values.numel() else 1.0
+
+
+def assert_close_to(out, lse, ref_out, ref_lse, dtype, vmax, max_logits=None, ref_max=None):
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    out, lse = out.cpu().float(), lse.cpu()
+    assert not out.isnan().any(), "NaN in out: a poisoned slot was read"
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, ref_out.float(), rtol=tol["rtol"], atol=tol["atol_per_v"] * vmax)
+    assert torch.equal(lse.isinf(), ref_lse.isinf()), "queries with no valid index must get lse = +inf"
+    assert (lse[lse.isinf()] > 0).all()
+    finite = ref_lse.isfinite()
+    torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=1e-5, atol=LSE_ATOL)
+    if max_logits is not None:
+        max_logits = max_logits.cpu()
+        assert torch.equal(max_logits.isneginf(), ref_max.isneginf())
+        seen = ref_max.isfinite()
+        torch.testing.assert_close(max_logits[seen], ref_max[seen], rtol=1e-5, atol=LSE_ATOL)
+
+
+# (b, s_q, h_q, h_kv, page_size, num_pages, topk, q dtype, fp8 cache, topk_length, attn_sink)
+DECODE_GRID = [
+    (2, 1, 4, 1, 16, 5, 70, torch.bfloat16, False, False, False),
+    (3, 2, 4, 2, 1, 61, 33, torch.bfloat16, False, True, True),
+    (1, 3, 16, 1, 61, 2, 130, torch.float16, False, True, False),   # 130 entries: split over 3 blocks
+    (4, 1, 2, 1, 64, 3, 5, torch.float16, False, False, True),
+    (2, 1, 16, 1, 3, 7, 64, torch.bfloat16, True, True, True),      # V3.2's FP8 layout, d = 576
+    (1, 2, 32, 1, 64, 2, 100, torch.bfloat16, True, False, False),
+    (2, 1, 8, 1, 16, 2, 0, torch.bfloat16, False, False, True),      # topk = 0: nothing to see
+]
+
+
+@pytest.mark.parametrize("b,s_q,h_q,h_kv,page_size,num_pages,topk,dtype,fp8,lengths,sink", DECODE_GRID)
+def test_sparse_decode_matches_oracle(backend, b, s_q, h_q, h_kv, page_size, num_pages, topk, dtype, fp8, lengths,
+                                      sink):
+    name, device = backend
+    skip_cuda_backend(name)
+    inputs = decode_inputs(b, s_q, h_q, h_kv, page_size, num_pages, topk, dtype, fp8, lengths=lengths, sink=sink,
+                           seed=b * 31 + topk)
+    q, k_cache, indices, dv, _, topk_length, attn_sink = inputs
+    moved = [t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs]
+    out, lse = dskernels.flash_mla_sparse_decode(*moved[:4], is_fp8_kvcache=fp8, topk_length=moved[5],
+                                                 attn_sink=moved[6])
+    assert out.shape == (b, s_q, h_q, dv) and lse.shape == (b, h_q, s_q)
+    ref_out, ref_lse = ref.flash_mla_sparse_decode(q, k_cache, indices, dv, None, fp8, topk_length, attn_sink)
+    assert_close_to(out, lse, ref_out, ref_lse, dtype, vmax_of(k_cache, dv, fp8))
+    if sink:
+        assert (out[:, :, 0].float() == 0).all(), "attn_sink = +inf must zero the head's output"
+
+
+# (s_q, s_kv, h_q, h_kv, topk, q dtype, topk_length, attn_sink)
+PREFILL_GRID = [
+    (5, 40, 4, 1, 24, torch.bfloat16, False, False),
+    (3, 61, 8, 2, 70, torch.float16, True, True),
+    (1, 1, 2, 1, 3, torch.bfloat16, True, False),
+    (4, 0, 4, 2, 8, torch.bfloat16, False, True),                  # an empty kv: every list is invalid
+    (2, 33, 16, 1, 200, torch.bfloat16, False, True),               # 200 entries: split
+]
+
+
+@pytest.mark.parametrize("s_q,s_kv,h_q,h_kv,topk,dtype,lengths,sink", PREFILL_GRID)
+def test_sparse_prefill_matches_oracle(backend, s_q, s_kv, h_q, h_kv, topk, dtype, lengths, sink):
+    name, device = backend
+    skip_cuda_backend(name)
+    gen = torch.Generator().manual_seed(s_q * 13 + topk)
+    d, dv = 64, 48
+    kv = torch.randn(s_kv, h_kv, d, generator=gen).to(dtype)
+    q = torch.randn(s_q, h_q, d, generator=gen).to(dtype)
+    indices = make_lists(s_q * h_kv, topk, max(s_kv, 1), gen).reshape(s_q, h_kv, topk)
+    if s_kv == 0:
+        indices[...] = 0  # slot 0 does not exist either
+    topk_length = torch.randint(0, topk + 1, (s_q,), generator=gen, dtype=torch.int32) if lengths else None
+    live = indices
+    if topk_length is not None:
+        live = torch.where(torch.arange(topk)[None, None, :] >= topk_length.long()[:, None, None], -1, indices)
+    if s_kv:
+        poison_unlisted(kv, live.reshape(-1), s_kv, False)
+    attn_sink = torch.randn(h_q, generator=gen) if sink else None
+    scale = 0.3
+    out, max_logits, lse = dskernels.flash_mla_sparse_fwd(
+        q.to(device), kv.to(device), indices.to(device), scale, dv,
+        None if attn_sink is None else attn_sink.to(device), None if topk_length is None else topk_length.to(device))
+    assert out.shape == (s_q, h_q, dv) and max_logits.shape == (s_q, h_q) and lse.shape == (s_q, h_q)
+    ref_out, ref_max, ref_lse = ref.flash_mla_sparse_fwd(q, kv, indices, scale, dv, attn_sink, topk_length)
+    vmax = vmax_of(kv, dv, False) if s_kv else 1.0
+    assert_close_to(out, lse, ref_out, ref_lse, dtype, vmax, max_logits, ref_max)
+
+
+def test_through_flash_mla_with_kvcache(backend):
+    """FlashMLA's spelling: flash_mla_with_kvcache(..., indices=..., is_fp8_kvcache=True); the block
+    table, lengths and metadata are not read (None allowed)."""
+    name, device = backend
+    skip_cuda_backend(name)
+    q, k_cache, indices, dv, fp8, topk_length, attn_sink = [
+        t.to(device) if isinstance(t, torch.Tensor) else t
+        for t in decode_inputs(2, 1, 16, 1, 64, 2, 40, torch.bfloat16, True, lengths=True, sink=True, seed=5)]
+    out, lse = dskernels.flash_mla_with_kvcache(q, k_cache, None, None, dv, None, None, is_fp8_kvcache=True,
+                                                indices=indices, topk_length=topk_length, attn_sink=attn_sink)
+    expected = dskernels.flash_mla_sparse_decode(q, k_cache, indices, dv, is_fp8_kvcache=True,
+                                                 topk_length=topk_length, attn_sink=attn_sink)
+    assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+
+
+def test_backend_choice_on_cpu():
+    """auto on CPU tensors is the reference, as for every op."""
+    q, k_cache, indices, dv, fp8, topk_length, attn_sink = decode_inputs(1, 1, 4, 1, 16, 2, 8, torch.bfloat16, False)
+    out, lse = dskernels.flash_mla_sparse_decode(q, k_cache, indices, dv)
+    ref_out, ref_lse = ref.flash_mla_sparse_decode(q, k_cache, indices, dv)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# The FP8 layout
+# ---------------------------------------------------------------------------------------------
+
+def test_fp8_layout_bytes():
+    """656 bytes per token: e4m3 latent, 4 fp32 power-of-two scales (>= amax / 448, floored at
+    1e-4, the smallest such power), bf16 rope; dequantize inverts it exactly on representable data."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 1, 576, generator=gen) * torch.tensor([1e-7, 1.0, 300.0])[:, None, None, None]
+    x[0, 0, 0, :128] = 0.0
+    cache = ref.quantize_sparse_kv_cache(x.to(torch.bfloat16))
+    assert cache.shape == (3, 5, 1, 656) and cache.dtype == FP8
+    raw = cache.view(torch.uint8).reshape(-1, 656)
+    tiles = x.reshape(-1, 576)[:, :512].to(torch.bfloat16).float().reshape(-1, 4, 128)
+    scales = raw[:, 512:528].contiguous().view(torch.float32)
+    needed = (tiles.abs().amax(dim=2) / 448).clamp(min=1e-4)
+    mantissa, _ = torch.frexp(scales)
+    assert (mantissa == 0.5).all(), "scales must be powers of two (UE8M0)"
+    assert (scales >= needed).all() and (scales / 2 < needed).all()
+    nope = raw[:, :512].contiguous().view(FP8).float().reshape(-1, 4, 128)
+    torch.testing.assert_close(nope * scales[..., None], tiles, rtol=2**-4, atol=scales.max().item() * 2**-9)
+    rope = raw[:, 528:].contiguous().view(torch.bfloat16)
+    assert torch.equal(rope, x.reshape(-1, 576)[:, 512:].to(torch.bfloat16))
+    back = ref.dequantize_sparse_kv_cache(cache)
+    assert torch.equal(ref.quantize_sparse_kv_cache(back).view(torch.uint8), cache.view(torch.uint8))
+    assert torch.equal(dskernels.quantize_sparse_kv_cache(x).view(torch.uint8),
+                       ref.quantize_sparse_kv_cache(x).view(torch.uint8))
+
+
+def test_fp8_padded_pages(backend):
+    """FlashMLA's test caches pad every page by one token (page stride (page_size + 1) * 656)."""
+    name, device = backend
+    skip_cuda_backend(name)
+    gen = torch.Generator().manual_seed(9)
+    values = torch.randn(3, 8, 1, 576, generator=gen)
+    padded = torch.empty(3, 9, 1, 656, dtype=FP8)
+    padded.view(torch.uint8).fill_(0x7F)
+    padded[:, :8] = ref.quantize_sparse_kv_cache(values)
+    k_cache = padded[:, :8]
+    q = torch.randn(2, 1, 16, 576, generator=gen).to(torch.bfloat16)
+    indices = torch.randint(0, 24, (2, 1, 20), generator=gen, dtype=torch.int32)
+    out, lse = dskernels.flash_mla_sparse_decode(q.to(device), k_cache.to(device), indices.to(device), 512,
+                                                 is_fp8_kvcache=True)
+    ref_out, ref_lse = ref.flash_mla_sparse_decode(q, k_cache, indices, 512, None, True)
+    assert_close_to(out, lse, ref_out, ref_lse, torch.bfloat16, vmax_of(k_cache, 512, True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation, opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+def _decode_args():
+    q, k_cache, indices, dv, fp8, _, _ = decode_inputs(1, 2, 4, 1, 16, 2, 8, torch.bfloat16, False)
+    return q, k_cache, indices, dv
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda a: a.update(indices=a["indices"].long()), TypeError, "indices"),
+    (lambda a: a.update(indices=a["indices"][:, :1]), ValueError, "indices"),
+    (lambda a: a.update(head_dim_v=200), ValueError, "head_dim_v"),
+    (lambda a: a.update(head_dim_v=True), TypeError, "head_dim_v"),
+    (lambda a: a.update(k_cache=a["k_cache"].half()), TypeError, "k_cache"),
+    (lambda a: a.update(is_fp8_kvcache=True), TypeError, "k_cache"),
+    (lambda a: a.update(topk_length=torch.zeros(3, dtype=torch.int32)), ValueError, "topk_length"),
+    (lambda a: a.update(attn_sink=torch.zeros(4, dtype=torch.float16)), TypeError, "attn_sink"),
+    (lambda a: a.update(softmax_scale=math.inf), ValueError, "softmax_scale"),
+    (lambda a: a.update(q=a["q"][..., :40]), ValueError, "q"),
+])
+def test_decode_validation(change, exc, match):
+    q, k_cache, indices, dv = _decode_args()
+    args = dict(q=q, k_cache=k_cache, indices=indices, head_dim_v=dv)
+    change(args)
+    with pytest.raises(exc, match=match):
+        dskernels.flash_mla_sparse_decode(**args)
+
+
+def test_fp8_layout_validation():
+    q = torch.randn(1, 1, 4, 576, dtype=torch.bfloat16)
+    indices = torch.zeros(1, 1, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="k_cache.*656"):
+        dskernels.flash_mla_sparse_decode(q, torch.zeros(2, 4, 1, 576, dtype=FP8), indices, 512, is_fp8_kvcache=True)
+    with pytest.raises(ValueError, match="head_dim_v"):
+        dskernels.flash_mla_sparse_decode(q, torch.zeros(2, 4, 1, 656, dtype=FP8), indices, 448, is_fp8_kvcache=True)
+    with pytest.raises(ValueError, match="k_cache.*aligned"):
+        misaligned = torch.zeros(2, 4, 1, 657, dtype=FP8)[..., 1:]
+        dskernels.flash_mla_sparse_decode(q, misaligned, indices, 512, is_fp8_kvcache=True)
+
+
+def test_flash_mla_with_kvcache_sparse_keywords_validation():
+    q, k_cache, indices, dv = _decode_args()
+    with pytest.raises(ValueError, match="causal"):
+        dskernels.flash_mla_with_kvcache(q, k_cache, None, None, dv, None, None, causal=True, indices=indices)
+    with pytest.raises(ValueError, match="attn_sink"):
+        dskernels.flash_mla_with_kvcache(q, k_cache, None, None, dv, None, None, attn_sink=torch.zeros(4))
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda a: a.update(sm_scale=None), TypeError, "sm_scale"),
+    (lambda a: a.update(indices=a["indices"][:, :1]), ValueError, "indices"),
+    (lambda a: a.update(kv=a["kv"].float()), TypeError, "kv"),
+    (lambda a: a.update(kv=a["kv"][:, :, :32]), ValueError, "kv"),
+    (lambda a: a.update(d_v=65), ValueError, "d_v"),
+    (lambda a: a.update(topk_length=torch.zeros(2, dtype=torch.int64)), TypeError, "topk_length"),
+])
+def test_prefill_validation(change, exc, match):
+    args = dict(q=torch.randn(3, 4, 64, dtype=torch.bfloat16), kv=torch.randn(9, 2, 64, dtype=torch.bfloat16),
+                indices=torch.zeros(3, 2, 5, dtype=torch.int32), sm_scale=0.1, d_v=48)
+    change(args)
+    with pytest.raises(exc, match=match):
+        dskernels.flash_mla_sparse_fwd(**args)
+
+
+def test_opcheck():
+    q, k_cache, indices, dv, fp8, topk_length, attn_sink = decode_inputs(2, 1, 4, 1, 16, 2, 8, torch.bfloat16, False,
+                                                                         lengths=True, sink=True)
+    k_cache = torch.nan_to_num(k_cache)  # opcheck compares runs, NaN != NaN
+    torch.library.opcheck(torch.ops.dskernels.flash_mla_sparse_decode,
+                          (q, k_cache, indices, dv, None, False, topk_length, attn_sink))
+    kv = torch.randn(9, 2, 64, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.dskernels.flash_mla_sparse_fwd,
+                          (torch.randn(3, 4, 64, dtype=torch.bfloat16), kv, torch.randint(-1, 9, (3, 2, 5),
+                                                                                          dtype=torch.int32), 0.2, 48))
+
+
+def test_torch_compile_fullgraph():
+    q, k_cache, indices, dv, _, topk_length, attn_sink = decode_inputs(2, 1, 4, 1, 16, 2, 8, torch.bfloat16, False,
+                                                                       lengths=True, sink=True)
+
+    def step(q, k_cache, indices, topk_length, attn_sink):
+        out, lse = dskernels.flash_mla_with_kvcache(q, k_cache, None, None, dv, None, None, indices=indices,
+                                                    topk_length=topk_length, attn_sink=attn_sink)
+        return out.float() * 2, lse
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for actual, expected in zip(compiled(q, k_cache, indices, topk_length, attn_sink),
+                                step(q, k_cache, indices, topk_length, attn_sink)):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# On the GPU: V3.2's shapes, and a CUDA graph
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_q", [16, 128])
+def test_v32_decode_shapes_on_gpu(h_q):
+    """DeepSeek-V3.2 decode: top-2048 of an FP8 cache of 64-token pages, 16 (TP8) or 128 heads (two
+    and more head tiles), MTP s_q = 2."""
+    inputs = decode_inputs(4, 2, h_q, 1, 64, 160, 2048, torch.bfloat16, True, lengths=True, sink=True, seed=h_q)
+    q, k_cache, indices, dv, _, topk_length, attn_sink = inputs
+    out, lse = dskernels.flash_mla_sparse_decode(q.cuda(), k_cache.cuda(), indices.cuda(), dv, is_fp8_kvcache=True,
+                                                 topk_length=topk_length.cuda(), attn_sink=attn_sink.cuda())
+    ref_out, ref_lse = ref.flash_mla_sparse_decode(q, k_cache, indices, dv, None, True, topk_length, attn_sink)
+    assert_close_to(out, lse, ref_out, ref_lse, torch.bfloat16, vmax_of(k_cache, dv, True))
+
+
+@pytest.mark.gpu
+def test_v32_prefill_shapes_on_gpu():
+    gen = torch.Generator().manual_seed(1)
+    s_q, s_kv, h_q, topk = 64, 4096, 64, 2048
+    q = torch.randn(s_q, h_q, 576, generator=gen).to(torch.bfloat16)
+    kv = torch.randn(s_kv, 1, 576, generator=gen).to(torch.bfloat16)
+    indices = make_lists(s_q, topk, s_kv, gen).reshape(s_q, 1, topk)
+    out, max_logits, lse = dskernels.flash_mla_sparse_fwd(q.cuda(), kv.cuda(), indices.cuda(), 576 ** -0.5)
+    ref_out, ref_max, ref_lse = ref.flash_mla_sparse_fwd(q, kv, indices, 576 ** -0.5)
+    assert_close_to(out, lse, ref_out, ref_lse, torch.bfloat16, vmax_of(kv, 512, False), max_logits, ref_max)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_with_new_indices():
+    """No host synchronization: the decode is captured once and replayed with new lists and lengths."""
+    inputs = decode_inputs(2, 1, 16, 1, 64, 8, 256, torch.bfloat16, True, lengths=True, seed=4)
+    q, k_cache, indices, dv, _, topk_length, _ = [t.cuda() if isinstance(t, torch.Tensor) else t for t in inputs]
+
+    def step():
+        return dskernels.flash_mla_sparse_decode(q, k_cache, indices, dv, is_fp8_kvcache=True, topk_length=topk_length)
+
+    step()  # compile the Triton kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    # New lists: the sequences swap theirs (only listed slots are unpoisoned).
+    indices.copy_(indices.flip(0))
+    topk_length.copy_(topk_length.flip(0))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out, ref_lse = ref.flash_mla_sparse_decode(q.cpu(), k_cache.cpu(), indices.cpu(), dv, None, True,
+                                                   topk_length.cpu())
+    assert_close_to(out, lse, ref_out, ref_lse, torch.bfloat16, vmax_of(k_cache.cpu(), dv, True))
