@@ -215,7 +215,7 @@ def split_plan(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
 # Validation
 # ---------------------------------------------------------------------------------------------
 
-def _check_int(name: str, value, minimum: int) -> None:
+def check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if value < minimum:
@@ -224,8 +224,24 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 def _check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k) -> None:
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,))
-    _check_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k, 1)
-    _check_int("num_heads_k", num_heads_k, 1)
+    check_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k, 1)
+    check_int("num_heads_k", num_heads_k, 1)
+
+
+def check_cache_heads(q, k_cache, head_dim_v) -> None:
+    """The page and head geometry of a [num_pages, page_size, h_kv, row] cache against q [.., h_q, d]
+    (the dense and the sparse decode share it)."""
+    _, page_size, h_kv, _ = k_cache.shape
+    h_q, d = q.shape[-2:]
+    if page_size < 1 or h_kv < 1:
+        raise ValueError(f"k_cache: expected page_size >= 1 and h_kv >= 1, got shape {tuple(k_cache.shape)}")
+    if h_q % h_kv:
+        raise ValueError(f"q: expected h_q to be a multiple of h_kv = {h_kv} (k_cache dimension 2), got h_q = {h_q}")
+    if k_cache.stride(3) != 1 and k_cache.numel() > 0:
+        raise ValueError(f"k_cache: expected unit stride in the last dimension, got strides {k_cache.stride()}")
+    check_int("head_dim_v", head_dim_v, 1)
+    if head_dim_v > d:
+        raise ValueError(f"head_dim_v: expected at most d = {d}, got {head_dim_v}")
 
 
 def _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
@@ -241,18 +257,9 @@ def _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_
     check_multiple("q", d, 16, "the head dimension d (last dimension)")
     if s_q < 1:
         raise ValueError(f"q: expected s_q (dimension 1) >= 1, got shape {tuple(q.shape)}")
-    _, page_size, h_kv, d_k = k_cache.shape
-    if d_k != d:
+    if k_cache.shape[3] != d:
         raise ValueError(f"k_cache: expected head dimension {d} (q's d), got shape {tuple(k_cache.shape)}")
-    if page_size < 1 or h_kv < 1:
-        raise ValueError(f"k_cache: expected page_size >= 1 and h_kv >= 1, got shape {tuple(k_cache.shape)}")
-    if h_q % h_kv:
-        raise ValueError(f"q: expected h_q to be a multiple of h_kv = {h_kv} (k_cache dimension 2), got h_q = {h_q}")
-    if k_cache.stride(3) != 1 and k_cache.numel() > 0:
-        raise ValueError(f"k_cache: expected unit stride in the last dimension, got strides {k_cache.stride()}")
-    _check_int("head_dim_v", head_dim_v, 1)
-    if head_dim_v > d:
-        raise ValueError(f"head_dim_v: expected at most d = {d}, got {head_dim_v}")
+    check_cache_heads(q, k_cache, head_dim_v)
     if block_table.shape[0] != b:
         raise ValueError(f"block_table: expected {b} rows (q's batch), got shape {tuple(block_table.shape)}")
     if cache_seqlens.shape[0] != b:

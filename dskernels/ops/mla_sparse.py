@@ -16,6 +16,7 @@ import torch
 import python_ref.mla_sparse as ref
 from dskernels._backend import select_backend
 from dskernels._checks import check_multiple, check_tensor
+from dskernels.ops.mla import check_cache_heads, check_int
 
 FP8 = torch.float8_e4m3fn
 _Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -92,13 +93,6 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
 # Validation
 # ---------------------------------------------------------------------------------------------
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-
-
 def _check_scale(name: str, value, required: bool) -> None:
     if value is None and not required:
         return
@@ -152,16 +146,7 @@ def _check_decode_args(q, k_cache, indices, head_dim_v, softmax_scale, is_fp8_kv
         check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=device)
         if k_cache.shape[3] != d:
             raise ValueError(f"k_cache: expected head dimension {d} (q's d), got shape {tuple(k_cache.shape)}")
-    _, page_size, h_kv, _ = k_cache.shape
-    if page_size < 1 or h_kv < 1:
-        raise ValueError(f"k_cache: expected page_size >= 1 and h_kv >= 1, got shape {tuple(k_cache.shape)}")
-    if h_q % h_kv:
-        raise ValueError(f"q: expected h_q to be a multiple of h_kv = {h_kv} (k_cache dimension 2), got h_q = {h_q}")
-    if k_cache.stride(3) != 1 and k_cache.numel() > 0:
-        raise ValueError(f"k_cache: expected unit stride in the last dimension, got strides {k_cache.stride()}")
-    _check_int("head_dim_v", head_dim_v, 1)
-    if head_dim_v > d:
-        raise ValueError(f"head_dim_v: expected at most d = {d}, got {head_dim_v}")
+    check_cache_heads(q, k_cache, head_dim_v)
     check_tensor("indices", indices, ndim=3, dtypes=(torch.int32,), device=device)
     if tuple(indices.shape[:2]) != (b, s_q):
         raise ValueError(f"indices: expected shape ({b}, {s_q}, topk) (q's batch and s_q), got {tuple(indices.shape)}")
@@ -186,7 +171,7 @@ def _check_prefill_args(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
         raise ValueError(f"indices: expected shape ({s_q}, {h_kv}, topk) (q's tokens, kv's heads), "
                          f"got {tuple(indices.shape)}")
     _check_scale("sm_scale", sm_scale, required=True)
-    _check_int("d_v", d_v, 1)
+    check_int("d_v", d_v, 1)
     if d_v > d:
         raise ValueError(f"d_v: expected at most d = {d}, got {d_v}")
     _check_extras(topk_length, attn_sink, s_q, "query token", h_q, device)
