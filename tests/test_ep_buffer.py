@@ -262,6 +262,10 @@ def _check_low_latency_sync_free(buf, rank, world, num_experts, seed):
         out, _, _ = buf.low_latency_combine(ll_x, topk, w, handle)
         fresh = torch.empty_like(out)
         out2, _, _ = buf.low_latency_combine(ll_x, topk, w, handle8, out=fresh)
+        # DeepEP's zero-copy spelling: the outputs written into the buffer the Buffer hands out.
+        staged = buf.get_next_low_latency_combine_buffer(handle)
+        staged.copy_(ll_x)
+        out3, _, _ = buf.low_latency_combine(staged, topk, w, handle, zero_copy=True)
     for local in range(num_local):
         e = rank * num_local + local
         want = torch.cat([d[0][(d[1] == e).any(1)] for d in data])  # a repeated expert: one row
@@ -270,6 +274,8 @@ def _check_low_latency_sync_free(buf, rank, world, num_experts, seed):
     _same(out, _weighted_sum(x, topk, w, num_local, world), "low-latency combine (both weights of a repeated expert)")
     assert out2.data_ptr() == fresh.data_ptr()
     _same(out2, out, "low-latency combine into out=")
+    assert staged.shape == ll_x.shape and staged.dtype == torch.bfloat16
+    _same(out3, out, "low-latency combine from get_next_low_latency_combine_buffer (zero_copy)")
 
 
 def _check_bad_inputs(buf, world):

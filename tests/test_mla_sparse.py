@@ -186,6 +186,18 @@ def test_through_flash_mla_with_kvcache(backend):
     assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
 
 
+def test_flashmla_metadata_call_for_sparse():
+    """vLLM-style FlashMLA calls pass the sparse arguments to get_mla_metadata; its result is then
+    handed to the sparse decode, which does not need it."""
+    q, k_cache, indices, dv, fp8, _, _ = decode_inputs(2, 1, 16, 1, 64, 2, 40, torch.bfloat16, True)
+    lens = torch.tensor([64, 100], dtype=torch.int32)
+    meta, splits = dskernels.get_mla_metadata(lens, 16, 1, 16, True, 40)
+    out, lse = dskernels.flash_mla_with_kvcache(q, k_cache, None, lens, dv, meta, splits, is_fp8_kvcache=True,
+                                                indices=indices)
+    ref_out, ref_lse = ref.flash_mla_sparse_decode(q, k_cache, indices, dv, None, True)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
 def test_backend_choice_on_cpu():
     """auto on CPU tensors is the reference, as for every op."""
     q, k_cache, indices, dv, fp8, topk_length, attn_sink = decode_inputs(1, 1, 4, 1, 16, 2, 8, torch.bfloat16, False)

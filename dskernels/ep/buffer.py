@@ -139,6 +139,17 @@ class Buffer:
     def get_combine_config(num_ranks: int):
         return None
 
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """DeepEP's zero-copy combine input: a bf16 [num_local_experts, num_ranks * M, hidden] tensor
+        for the expert outputs, then passed as low_latency_combine's x (zero_copy=True or not: the
+        combine reads x where it is either way). A new tensor per call here (DeepEP hands out views
+        of its registered buffer)."""
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle: expected the handle returned by low_latency_dispatch, got {type(handle).__name__}")
+        R = self.group_size
+        return torch.empty(handle.num_experts // R, R * handle.num_max_dispatch_tokens_per_rank, handle.hidden,
+                           dtype=torch.bfloat16, device=handle.return_slot.device)
+
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Nothing to clean: low-latency buffers are allocated per call."""
 

@@ -30,8 +30,9 @@ _Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Public functions
 # ---------------------------------------------------------------------------------------------
 
-def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int,
-                     num_heads_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int,
+                     num_heads_q: int | None = None, is_fp8_kvcache: bool = False,
+                     topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plans how the decode kernel splits the keys of a batch over the GPU's SMs.
 
     Computed on the device with tensor ops only (no host synchronization), so it can be captured
@@ -61,6 +62,10 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int,
     The plan: every sequence costs ceil(n / 64) key blocks plus 5 blocks of fixed overhead; the
     concatenated costs are cut into num_parts equal slices (FlashMLA's balancing), so a long
     sequence is spread over many SMs and many short ones share one.
+
+    num_heads_q, is_fp8_kvcache and topk are FlashMLA's arguments for its sparse kernels, accepted
+    for drop-in use and not needed here: the sparse decode (flash_mla_with_kvcache with indices)
+    plans its own splits from the shapes and does not read this metadata.
     """
     return torch.ops.dskernels.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
 
