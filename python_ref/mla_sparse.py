@@ -7,7 +7,8 @@ head h (kv head g = h // (h_q // h_kv)) and list position k < topk:
     valid_k   = 0 <= indices[r, g, k] < num_slots and k < topk_length[r] (if given)
     score_k   = sm_scale * <q[r, h], kv[indices[r, g, k], g]>     for valid k (a repeated index
                                                                    counts as often as it is listed)
-    lse       = log(sum_k exp(score_k))          natural log; +inf if no k is valid
+    lse       = log(sum_k exp(score_k))          natural log; +inf if no k is valid (a NaN score,
+                                                 from NaN in q or in a listed row, gives NaN)
     max_logit = max_k score_k                    -inf if no k is valid
     out       = sum_k exp(score_k - lse) * kv[indices[r, g, k], g, :d_v]    0 if no k is valid
     attn_sink (fp32 [h_q], optional): out *= 1 / (1 + exp(attn_sink[h] - lse)), i.e. one more
@@ -102,7 +103,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     scores = scores.masked_fill(~valid[:, :, None, :], -math.inf)
     lse = torch.logsumexp(scores, dim=-1)                                    # -inf where nothing is valid
     max_logits = scores.amax(dim=-1) if topk else torch.full_like(lse, -math.inf)
-    seen = torch.isfinite(lse)
+    seen = lse != -math.inf  # a NaN score stays NaN (in out and lse), not "nothing valid"
     probs = torch.exp(scores - torch.where(seen, lse, 0.0)[..., None])
     out = torch.einsum("rgjk,rgkd->rgjd", probs, gathered[..., :d_v])
     out = torch.where(seen[..., None], out, 0.0).reshape(rows, h_q, d_v)
@@ -110,8 +111,8 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     if attn_sink is not None:
         # exp(lse) / (exp(lse) + exp(sink)); sink = +inf gives 0, -inf gives 1.
         keep = torch.sigmoid(lse - attn_sink.float()[None, :])
-        out = out * torch.where(torch.isfinite(lse), keep, 0.0)[..., None]
-    return out, max_logits.reshape(rows, h_q), torch.where(torch.isfinite(lse), lse, math.inf)
+        out = out * torch.where(lse != -math.inf, keep, 0.0)[..., None]
+    return out, max_logits.reshape(rows, h_q), torch.where(lse == -math.inf, math.inf, lse)
 
 
 def flash_mla_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor, head_dim_v: int,

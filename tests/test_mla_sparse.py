@@ -89,7 +89,8 @@ def vmax_of(k_cache, dv, fp8):
 def assert_close_to(out, lse, ref_out, ref_lse, dtype, vmax, max_logits=None, ref_max=None):
     assert out.dtype == dtype and lse.dtype == torch.float32
     out, lse = out.cpu().float(), lse.cpu()
-    assert not out.isnan().any(), "NaN in out: a poisoned slot was read"
+    # A poisoned slot read shows as NaN (out and lse) since NaN scores propagate.
+    assert not out.isnan().any() and not lse.isnan().any(), "NaN in out or lse: a poisoned slot was read"
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(out, ref_out.float(), rtol=tol["rtol"], atol=tol["atol_per_v"] * vmax)
     assert torch.equal(lse.isinf(), ref_lse.isinf()), "queries with no valid index must get lse = +inf"
@@ -112,6 +113,7 @@ DECODE_GRID = [
     (2, 1, 16, 1, 3, 7, 64, torch.bfloat16, True, True, True),      # V3.2's FP8 layout, d = 576
     (1, 2, 32, 1, 64, 2, 100, torch.bfloat16, True, False, False),
     (2, 1, 8, 1, 16, 2, 0, torch.bfloat16, False, False, True),      # topk = 0: nothing to see
+    (1, 1, 80, 1, 16, 12, 150, torch.bfloat16, False, True, True),   # two head tiles; a split list with a sink
 ]
 
 
@@ -161,6 +163,8 @@ def test_sparse_prefill_matches_oracle(backend, s_q, s_kv, h_q, h_kv, topk, dtyp
     if s_kv:
         poison_unlisted(kv, live.reshape(-1), s_kv, False)
     attn_sink = torch.randn(h_q, generator=gen) if sink else None
+    if sink:
+        attn_sink[0], attn_sink[-1] = math.inf, -math.inf
     scale = 0.3
     out, max_logits, lse = dskernels.flash_mla_sparse_fwd(
         q.to(device), kv.to(device), indices.to(device), scale, dv,
@@ -233,6 +237,42 @@ def test_fp8_layout_bytes():
     assert torch.equal(ref.quantize_sparse_kv_cache(back).view(torch.uint8), cache.view(torch.uint8))
     assert torch.equal(dskernels.quantize_sparse_kv_cache(x).view(torch.uint8),
                        ref.quantize_sparse_kv_cache(x).view(torch.uint8))
+
+
+def test_fp8_byte_path(backend, monkeypatch):
+    """The FP8 layout read as bytes and widened in integer arithmetic: the path for GPUs whose
+    Triton has no e4m3 type (before sm_89), forced here."""
+    name, device = backend
+    skip_cuda_backend(name)
+    monkeypatch.setenv("DSKERNELS_TRITON_NATIVE_FP8", "0")
+    q, k_cache, indices, dv, fp8, topk_length, attn_sink = decode_inputs(2, 2, 16, 1, 16, 4, 48, torch.bfloat16, True,
+                                                                         lengths=True, seed=6)
+    out, lse = dskernels.flash_mla_sparse_decode(q.to(device), k_cache.to(device), indices.to(device), dv,
+                                                 is_fp8_kvcache=True, topk_length=topk_length.to(device))
+    ref_out, ref_lse = ref.flash_mla_sparse_decode(q, k_cache, indices, dv, None, True, topk_length)
+    assert_close_to(out, lse, ref_out, ref_lse, torch.bfloat16, vmax_of(k_cache, dv, True))
+
+
+def test_nan_in_a_listed_row_is_not_hidden(backend):
+    """A NaN in a row a query lists makes that query's out and lse NaN (on every backend), rather
+    than being reported as "nothing to see" (lse = +inf, out = 0)."""
+    name, device = backend
+    skip_cuda_backend(name)
+    q, k_cache, indices, dv, _, _, _ = decode_inputs(2, 1, 4, 1, 16, 3, 20, torch.bfloat16, False, seed=7)
+    num_slots = 3 * 16
+    mine = {v for v in indices[0].flatten().tolist() if 0 <= v < num_slots}
+    slot = min(mine - set(indices[1].flatten().tolist()))  # listed by sequence 0 only
+    k_cache.view(-1, 1, k_cache.shape[-1])[slot] = math.nan
+    out, lse = dskernels.flash_mla_sparse_decode(q.to(device), k_cache.to(device), indices.to(device), dv)
+    assert out[0].isnan().all() and lse[0].isnan().all()
+    assert not out[1].isnan().any() and not lse[1].isnan().any()
+
+
+def test_fp16_queries_with_the_fp8_cache_are_refused():
+    q = torch.randn(1, 1, 4, 576, dtype=torch.float16)
+    with pytest.raises(TypeError, match="q: .*float16"):
+        dskernels.flash_mla_sparse_decode(q, torch.zeros(2, 4, 1, 656, dtype=FP8), torch.zeros(1, 1, 4, dtype=torch.int32),
+                                          512, is_fp8_kvcache=True)
 
 
 def test_fp8_padded_pages(backend):
@@ -330,6 +370,18 @@ def test_opcheck():
                                                                                           dtype=torch.int32), 0.2, 48))
 
 
+def test_opcheck_fp8_cache():
+    q, k_cache, indices, dv, fp8, topk_length, _ = decode_inputs(2, 1, 16, 1, 16, 2, 8, torch.bfloat16, True,
+                                                                 lengths=True)
+    raw = k_cache.view(torch.uint8).clone()
+    raw[..., :512] = torch.where(raw[..., :512] == 0x7F, 0, raw[..., :512])  # no NaN: opcheck compares runs
+    raw[..., 512:528].view(torch.float32).nan_to_num_(0.0)
+    for cache in (raw.view(FP8), raw):  # float8_e4m3fn or uint8 bytes
+        torch.library.opcheck(torch.ops.dskernels.flash_mla_sparse_decode,
+                              (q, cache, indices, dv, None, True, topk_length, None),
+                              test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 def test_torch_compile_fullgraph():
     q, k_cache, indices, dv, _, topk_length, attn_sink = decode_inputs(2, 1, 4, 1, 16, 2, 8, torch.bfloat16, False,
                                                                        lengths=True, sink=True)
@@ -342,6 +394,16 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for actual, expected in zip(compiled(q, k_cache, indices, topk_length, attn_sink),
                                 step(q, k_cache, indices, topk_length, attn_sink)):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+    # V3.2's FP8 cache too (its fake kernel must not ask for an address).
+    q8, cache8, indices8, _, _, lengths8, _ = decode_inputs(2, 1, 16, 1, 16, 2, 8, torch.bfloat16, True, lengths=True)
+
+    def step8(q, k_cache, indices, topk_length):
+        return dskernels.flash_mla_sparse_decode(q, k_cache, indices, 512, is_fp8_kvcache=True,
+                                                 topk_length=topk_length)
+
+    compiled8 = torch.compile(step8, fullgraph=True, backend="aot_eager")
+    for actual, expected in zip(compiled8(q8, cache8, indices8, lengths8), step8(q8, cache8, indices8, lengths8)):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
 
 

@@ -35,7 +35,8 @@ def flash_mla_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: tor
     """Sparse MLA decode: each query token attends to its own top-k tokens of a paged cache.
 
     Args:
-        q: [b, s_q, h_q, d] bfloat16 or float16 (float32 too), unit stride in the last dimension.
+        q: [b, s_q, h_q, d] bfloat16 or float16 (float32 too; not float16 with the FP8 cache),
+            unit stride in the last dimension.
         k_cache: [num_pages, page_size, h_kv, d] in q's dtype, or with is_fp8_kvcache V3.2's FP8
             layout [num_pages, page_size, h_kv, 656] (float8_e4m3fn or uint8 bytes; d = 576,
             head_dim_v = 512): per token 512 e4m3 latent values, 4 float32 scales (one per 128
@@ -53,7 +54,8 @@ def flash_mla_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: tor
 
     Returns:
         out: [b, s_q, h_q, dv] in q's dtype; lse: [b, h_q, s_q] float32, the natural log of the
-        sum of exp(scaled scores). A query with no valid index gets out = 0 and lse = +inf.
+        sum of exp(scaled scores). A query with no valid index gets out = 0 and lse = +inf; one
+        whose scores hold NaN (a NaN in q or in a listed cache row) gets NaN in both.
     """
     if isinstance(head_dim_v, bool):
         raise TypeError("head_dim_v: expected an int, got bool")
@@ -138,8 +140,11 @@ def _check_decode_args(q, k_cache, indices, head_dim_v, softmax_scale, is_fp8_kv
         if head_dim_v != ref.FP8_NOPE_DIM:
             raise ValueError(f"head_dim_v: expected {ref.FP8_NOPE_DIM} (the latent part) with is_fp8_kvcache, "
                              f"got {head_dim_v}")
-        if k_cache.numel() and (k_cache.data_ptr() % 16 or any(k_cache.stride(i) % 16 for i in range(3)
-                                                                   if k_cache.shape[i] > 1)):
+        if q.dtype == torch.float16:
+            # The dequantized latent (fp8 x scale) and the bf16 rope can exceed fp16's range.
+            raise TypeError("q: expected bfloat16 or float32 with is_fp8_kvcache (the cache's values are "
+                            "dequantized to q's dtype; fp16 overflows past 65504), got torch.float16")
+        if any(k_cache.stride(i) % 16 for i in range(3) if k_cache.shape[i] > 1):
             raise ValueError(f"k_cache: expected 16-byte aligned token rows in the FP8 layout (its scales are "
                              f"float32), got strides {k_cache.stride()}")
     else:
@@ -190,8 +195,13 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 def _flash_mla_sparse_decode(q, k_cache, indices, head_dim_v, softmax_scale=None, is_fp8_kvcache=False,
                              topk_length=None, attn_sink=None):
     _check_decode_args(q, k_cache, indices, head_dim_v, softmax_scale, is_fp8_kvcache, topk_length, attn_sink)
+    if is_fp8_kvcache and k_cache.numel() and k_cache.data_ptr() % 16:  # not in the fake: no data there
+        raise ValueError(f"k_cache: expected a 16-byte aligned start in the FP8 layout, got address "
+                         f"{k_cache.data_ptr():#x}")
     b, s_q, h_q, d = q.shape
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
+    topk_length = None if topk_length is None else topk_length.contiguous()  # the kernels index them flat
+    attn_sink = None if attn_sink is None else attn_sink.contiguous()
     backend = select_backend("flash_mla_sparse_decode", q.device, has_cuda=False, has_triton=True)
     if backend == "ref":
         return ref.flash_mla_sparse_decode(q, k_cache, indices, head_dim_v, scale, is_fp8_kvcache, topk_length,
@@ -221,6 +231,8 @@ def _flash_mla_sparse_decode_fake(q, k_cache, indices, head_dim_v, softmax_scale
 @torch.no_grad()
 def _flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None):
     _check_prefill_args(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
+    topk_length = None if topk_length is None else topk_length.contiguous()
+    attn_sink = None if attn_sink is None else attn_sink.contiguous()
     backend = select_backend("flash_mla_sparse_fwd", q.device, has_cuda=False, has_triton=True)
     if backend == "ref":
         return ref.flash_mla_sparse_fwd(q, kv, indices, float(sm_scale), d_v, attn_sink, topk_length)

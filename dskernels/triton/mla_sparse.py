@@ -132,7 +132,7 @@ def _sparse_mla_kernel(
         s = tl.where(ok[None, :], s * qk_scale_log2, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, k_v, FP32_DOT)
 
-    seen = l_i > 0.0
+    seen = l_i != 0.0  # NaN counts as seen: a NaN score comes out as NaN, not as "no key"
     o = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     if SPLIT:
@@ -177,7 +177,7 @@ def _sparse_mla_combine_kernel(
                        mask=head_ok[:, None] & dv_ok[None, :], other=0.0)
         total += w
         acc += w[:, None] * part
-    seen = total > 0.0
+    seen = total != 0.0
     o = tl.where(seen[:, None], acc / tl.where(seen, total, 1.0)[:, None], 0.0)
     lse = (m_safe + tl.math.log2(tl.where(seen, total, 1.0))) * LN2
     _store_result(o, lse, max_logit * LN2, seen, out_ptr, lse_ptr, max_ptr, sink_ptr, row, head, head_ok, dv_offs,
