@@ -82,6 +82,14 @@ TORCH_LIBRARY(dskernels, m) {
   // The SMs the sm90 GEMMs' persistent grids may use from now on (0: all); dskernels.set_num_sms.
   m.def("_sm90_gemm_set_num_sms(int num_sms) -> ()");
 
+  // ---- DeepSeek-V3.2's indexer logits (DeepGEMM's fp8_mqa_logits / fp8_paged_mqa_logits) ----
+  m.set_python_module("dskernels.ops.indexer");
+  // logits[i, t] = sum_h weights[i, h] * relu(q[i, h] . k[t] * k_scale[t]), -inf for unseen keys.
+  m.def("fp8_mqa_logits(Tensor q, Tensor k, Tensor k_scale, Tensor weights, Tensor cu_seqlen_ks, "
+        "Tensor cu_seqlen_ke, bool clean_logits=True, SymInt max_seqlen_k=0) -> Tensor");
+  m.def("fp8_paged_mqa_logits(Tensor q, Tensor kv_cache, Tensor weights, Tensor context_lens, "
+        "Tensor block_table, SymInt max_context_len, bool clean_logits=False) -> Tensor");
+
   // ---- Expert-parallel dispatch/combine (API.md section 3) ----
   m.set_python_module("dskernels.ops.ep");
   m.def("ep_get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks) -> (Tensor, Tensor, Tensor)");

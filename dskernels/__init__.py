@@ -40,6 +40,8 @@ from dskernels.ops.gemm import (  # noqa: E402
     m_grouped_gemm_fp8_fp8_bf16_nt_masked,
     set_num_sms,
 )
+from dskernels.ops.indexer import (fp8_mqa_logits, fp8_paged_mqa_logits, get_paged_mqa_logits_metadata,  # noqa: E402
+                                   paged_k_cache_cast_to_fp8, per_custom_dims_cast_to_fp8)
 from dskernels.ops.mla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 from dskernels.ops.mla_sparse import (dequantize_sparse_kv_cache, flash_mla_sparse_decode,  # noqa: E402
                                       flash_mla_sparse_fwd, quantize_sparse_kv_cache)
@@ -55,6 +57,8 @@ __all__ = [
     "flash_mla_sparse_fwd",
     "fp8_gemm_nt",
     "fp8_m_grouped_gemm_nt_masked",
+    "fp8_mqa_logits",
+    "fp8_paged_mqa_logits",
     "gemm_fp8_fp8_bf16_nt",
     "get_col_major_tma_aligned_tensor",
     "get_m_alignment_for_contiguous_layout",
@@ -68,6 +72,9 @@ __all__ = [
     "m_grouped_gemm_fp8_fp8_bf16_nt_masked",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
+    "get_paged_mqa_logits_metadata",
+    "paged_k_cache_cast_to_fp8",
+    "per_custom_dims_cast_to_fp8",
     "per_block_cast_to_fp8",
     "per_token_cast_to_fp8",
     "quantize_sparse_kv_cache",

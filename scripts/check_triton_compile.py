@@ -13,7 +13,7 @@ sm_100a (B200), sm_89 (L40S, RTX 4090) and sm_80 (A100) are GPUs the Triton path
 CUDA kernel of ours runs: on sm_80 Triton has no fp8 e4m3 type, so a kernel that names it does not
 compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
-grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16, prefill), the three FP8 GEMMs with every autotuning candidate and the heuristic tiles, the FP8
+grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16, prefill), V3.2's indexer logits (prefill, compressed, paged), the three FP8 GEMMs with every autotuning candidate and the heuristic tiles, the FP8
 casts and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one.)
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
@@ -75,7 +75,9 @@ ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 64}
 # at a fraction of the speed: wgmma for the GEMMs; MLA's 16/32-row tiles are below wgmma's 64 rows.
 REQUIRED_PTX = {"_gemm_kernel": "wgmma.mma_async", "_contiguous_kernel": "wgmma.mma_async",
                 "_masked_kernel": "wgmma.mma_async", "_mla_decode_splitkv_kernel": "mma.sync",
-                "_sparse_mla_kernel": "mma.sync"}
+                "_sparse_mla_kernel": "mma.sync",
+                # the indexer: wgmma at V3.2's 64 heads (128-row tiles), mma.sync for the tests' 16-row ones
+                "_mqa_logits_kernel": "mma", "_paged_mqa_logits_kernel": "mma"}
 # The kernels whose main loop must stream its tiles through at least two shared-memory buffers
 # (Triton's cp.async pipelining), checked on sm_90a in the TTGIR: with one buffer the next copy
 # waits for the last read of the current tile and no load overlaps the math (MLA decode had that
@@ -215,6 +217,27 @@ def mla_sparse_cases(compiler: Compiler) -> None:
             _meta(rows, 1, h_q, dtype=torch.float32), 1, _meta(rows, h_q, dtype=torch.float32) if prefill else None)
 
 
+def indexer_cases(compiler: Compiler) -> None:
+    from dskernels.triton import indexer as triton_indexer
+
+    # V3.2's indexer (64 heads of 128) and the small heads of tests/test_indexer.py's GPU runs.
+    fp8, f32, i32 = torch.float8_e4m3fn, torch.float32, torch.int32
+    for heads, dim in [(64, 128), (4, 32)]:
+        for compressed in (0, 256):
+            compiler.context = f"indexer mqa h={heads} d={dim}{' compressed' if compressed else ''}"
+            m, n = 64, 4096
+            triton_indexer.mqa_logits(_meta(m, heads, dim, dtype=fp8), _meta(n, dim, dtype=fp8), _meta(n, dtype=f32),
+                                      _meta(m, heads, dtype=f32), _meta(m, dtype=i32), _meta(m, dtype=i32), compressed,
+                                      _meta(m, compressed or n, dtype=f32))
+        for next_n, lens_2d in [(1, False), (2, True)]:
+            compiler.context = f"indexer paged h={heads} d={dim} next_n={next_n}"
+            b = 8
+            triton_indexer.paged_mqa_logits(
+                _meta(b, next_n, heads, dim, dtype=fp8), _meta(100, 64, 1, dim + 4, dtype=torch.uint8),
+                _meta(b * next_n, heads, dtype=f32), _meta(b, next_n, dtype=i32) if lens_2d else _meta(b, dtype=i32),
+                _meta(b, 64, dtype=i32), _meta(b * next_n, 4096, dtype=f32))
+
+
 def gemm_cases(compiler: Compiler) -> None:
     from dskernels.triton import gemm as triton_gemm
 
@@ -322,7 +345,7 @@ def main() -> int:
             multi_processor_count=132)
         JITFunction.run = lambda fn, *a, c=compiler, **kw: c.run(fn, *a, **kw)
         try:
-            for cases in (mla_cases, mla_sparse_cases, gemm_cases, cast_cases, ep_cases):
+            for cases in (mla_cases, mla_sparse_cases, indexer_cases, gemm_cases, cast_cases, ep_cases):
                 cases(compiler)
         finally:
             JITFunction.run = original

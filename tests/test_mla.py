@@ -28,19 +28,14 @@ TOLERANCES = {
 LSE_ATOL = 1e-4
 
 
-def make_inputs(lengths, s_q, h_q, h_kv, page_size, dtype, cache_dtype, *, d=64, dv=48, device="cpu",
-                seed=0, spare_slots=2, spare_pages=3):
-    """A paged cache with the pages of each sequence scattered at random, NaN in every cache slot
-    no sequence owns (unused pages and the tail of each last page) and HUGE_PAGE in unused
-    block-table slots."""
-    gen = torch.Generator().manual_seed(seed)
-    b = len(lengths)
+def scattered_pages(lengths, page_size, gen, spare_slots=2, spare_pages=3):
+    """Pages of each sequence at random places of a cache with spare_pages more: (block_table [b,
+    max pages + spare_slots] int32 with HUGE_PAGE in unused slots, owned [num_pages, page_size]:
+    the slots some sequence's tokens occupy)."""
     pages_per_seq = [-(-n // page_size) for n in lengths]
-    max_pages = max(pages_per_seq, default=0) + spare_slots
     num_pages = sum(pages_per_seq) + spare_pages
     order = torch.randperm(num_pages, generator=gen)
-    block_table = torch.full((b, max_pages), HUGE_PAGE, dtype=torch.int32)
-    cache = torch.randn(num_pages, page_size, h_kv, d, generator=gen)
+    block_table = torch.full((len(lengths), max(pages_per_seq, default=0) + spare_slots), HUGE_PAGE, dtype=torch.int32)
     owned = torch.zeros(num_pages, page_size, dtype=torch.bool)
     used = 0
     for i, (n, pages) in enumerate(zip(lengths, pages_per_seq)):
@@ -49,6 +44,18 @@ def make_inputs(lengths, s_q, h_q, h_kv, page_size, dtype, cache_dtype, *, d=64,
         block_table[i, :pages] = ids.int()
         t = torch.arange(n)
         owned[ids[t // page_size], t % page_size] = True
+    return block_table, owned
+
+
+def make_inputs(lengths, s_q, h_q, h_kv, page_size, dtype, cache_dtype, *, d=64, dv=48, device="cpu",
+                seed=0, spare_slots=2, spare_pages=3):
+    """A paged cache with the pages of each sequence scattered at random, NaN in every cache slot
+    no sequence owns (unused pages and the tail of each last page) and HUGE_PAGE in unused
+    block-table slots."""
+    gen = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    block_table, owned = scattered_pages(lengths, page_size, gen, spare_slots, spare_pages)
+    cache = torch.randn(owned.shape[0], page_size, h_kv, d, generator=gen)
     cache[~owned] = math.nan
     k_scale = None
     if cache_dtype == FP8:

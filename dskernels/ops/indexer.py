@@ -1,0 +1,225 @@
+"""DeepSeek-V3.2's lightning indexer logits: DeepGEMM's `fp8_mqa_logits` (prefill) and
+`fp8_paged_mqa_logits` (decode over a paged FP8 key cache), with its helpers
+`get_paged_mqa_logits_metadata` and `per_custom_dims_cast_to_fp8`. The math and the cache layout
+are python_ref/indexer.py; the Triton kernels dskernels/triton/indexer.py. No sm90 CUDA kernel yet:
+`auto` runs Triton on CUDA tensors and the reference on CPU tensors.
+
+Their top-k (`torch.topk(logits, 2048)`) is the `indices` of the sparse MLA decode
+(dskernels/ops/mla_sparse.py), once mapped through the block table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import python_ref.indexer as ref
+from dskernels._backend import select_backend
+from dskernels._checks import check_multiple, check_tensor
+from dskernels.ops.mla import check_int
+
+FP8 = torch.float8_e4m3fn
+per_custom_dims_cast_to_fp8 = ref.per_custom_dims_cast_to_fp8
+paged_k_cache_cast_to_fp8 = ref.paged_k_cache_cast_to_fp8
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor,
+                   cu_seqlen_ks: torch.Tensor, cu_seqlen_ke: torch.Tensor, clean_logits: bool = True,
+                   max_seqlen_k: int = 0) -> torch.Tensor:
+    """The indexer's prefill logits (DeepGEMM's `fp8_mqa_logits`).
+
+    Args:
+        q: [M, H, D] float8_e4m3fn queries (unit last stride; no scale: fold it into weights).
+        kv: (k [N, D] float8_e4m3fn, k_scale [N] float32): key t is k[t] * k_scale[t]
+            (`per_custom_dims_cast_to_fp8(k, (0,))` makes it).
+        weights: [M, H] float32, the per-(query, head) weights.
+        cu_seqlen_ks, cu_seqlen_ke: [M] int32: query i sees keys [ks[i], ke[i]) (clamped to
+            [0, N); empty if ks >= ke).
+        clean_logits: DeepGEMM leaves unseen positions unwritten when False; here they are -inf
+            either way.
+        max_seqlen_k: 0, or the compressed layout's width: out[i, c] is key ks[i] + c.
+
+    Returns:
+        logits: float32 [M, N] (or [M, max_seqlen_k]): sum_h weights[i, h] * relu(q[i, h] . key t),
+        -inf for keys query i does not see.
+    """
+    if not isinstance(kv, (tuple, list)) or len(kv) != 2:
+        raise TypeError(f"kv: expected a tuple (k float8_e4m3fn [N, D], k_scale float32 [N]), got {type(kv).__name__}")
+    if isinstance(max_seqlen_k, bool):
+        raise TypeError("max_seqlen_k: expected an int, got bool")
+    return torch.ops.dskernels.fp8_mqa_logits(q, kv[0], kv[1], weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits,
+                                               max_seqlen_k)
+
+
+def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
+                         context_lens: torch.Tensor, block_table: torch.Tensor, schedule_meta,
+                         max_context_len: int, clean_logits: bool = False) -> torch.Tensor:
+    """The indexer's decode logits over a paged FP8 key cache (DeepGEMM's `fp8_paged_mqa_logits`).
+
+    Args:
+        q: [B, next_n, H, D] float8_e4m3fn (next_n query tokens per sequence: MTP).
+        kv_cache: [num_pages, page_size, 1, D + 4] uint8 (or float8_e4m3fn) in DeepGEMM's layout:
+            each page holds page_size rows of D e4m3 bytes, then page_size float32 scales
+            (`paged_k_cache_cast_to_fp8` writes it). Each page contiguous; pages 4-byte aligned.
+        weights: [B * next_n, H] float32.
+        context_lens: [B] int32 (row j of sequence b sees keys [0, context_lens[b] - next_n + j + 1))
+            or [B, next_n] int32 (row j sees [0, context_lens[b, j])).
+        block_table: [B, max_pages] int32: key t of sequence b is in page block_table[b, t //
+            page_size]. Entries past the keys a sequence's rows see are never read; a key on a page
+            id outside the cache gets -inf.
+        schedule_meta: `get_paged_mqa_logits_metadata`'s plan, for drop-in use; not read (the Triton
+            kernel's grid covers every (sequence, key block) pair).
+        max_context_len: the width of the result.
+        clean_logits: as in fp8_mqa_logits (-inf for unseen keys either way).
+
+    Returns:
+        logits: float32 [B * next_n, max_context_len].
+    """
+    if isinstance(max_context_len, bool):
+        raise TypeError("max_context_len: expected an int, got bool")
+    return torch.ops.dskernels.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table,
+                                                     max_context_len, clean_logits)
+
+
+def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num_sms: int | None = None
+                                  ) -> torch.Tensor:
+    """DeepGEMM's schedule for `fp8_paged_mqa_logits`, computed on the device without a host sync.
+
+    Called as DeepGEMM's (context_lens, block_kv, num_sms) or its older (context_lens, num_sms) (then
+    block_kv = 64). The key blocks of block_kv keys of all sequences, in order, are cut into num_sms
+    equal shares; returns int32 [num_sms + 1, 2]: row s = (sequence, key block within it) where
+    share s starts, row num_sms the end. dskernels's kernel does not need it (see
+    fp8_paged_mqa_logits).
+    """
+    if num_sms is None:
+        block_kv, num_sms = 64, block_kv
+    check_tensor("context_lens", context_lens, dtypes=(torch.int32,))
+    if context_lens.dim() not in (1, 2) or (context_lens.dim() == 2 and context_lens.shape[1] < 1):
+        raise ValueError(f"context_lens: expected [B] or [B, next_n >= 1], got shape {tuple(context_lens.shape)}")
+    check_int("block_kv", block_kv, 1)
+    check_int("num_sms", num_sms, 1)
+    lens = context_lens if context_lens.dim() == 1 else context_lens.amax(dim=1)
+    blocks = (lens.long().clamp(min=0) + block_kv - 1) // block_kv
+    ends = torch.cumsum(blocks, 0)
+    total = ends[-1:] if ends.numel() else blocks.new_zeros(1)
+    per_share = (total + num_sms - 1) // num_sms
+    start = torch.minimum(torch.arange(num_sms + 1, device=lens.device) * per_share, total)
+    seq = torch.searchsorted(ends, start, right=True)                 # b: past the last sequence
+    first_block = torch.cat([ends - blocks, total])[seq]              # where sequence seq's blocks start
+    return torch.stack([seq, start - first_block], dim=1).int()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+def _check_fp8(name: str, t, ndim: int, device=None) -> None:
+    check_tensor(name, t, ndim=ndim, dtypes=(FP8,), device=device)
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected unit stride in the last dimension, got strides {t.stride()}")
+
+
+def _check_weights(weights, rows: int, heads: int, device) -> None:
+    check_tensor("weights", weights, ndim=2, dtypes=(torch.float32,), device=device)
+    if tuple(weights.shape) != (rows, heads):
+        raise ValueError(f"weights: expected shape ({rows}, {heads}), got {tuple(weights.shape)}")
+
+
+def _check_mqa_args(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits, max_seqlen_k):
+    _check_fp8("q", q, 3)
+    m, heads, dim = q.shape
+    device = q.device
+    check_multiple("q", dim, 16, "the head dimension D (last dimension)")
+    _check_fp8("k", k, 2, device)
+    if k.shape[1] != dim:
+        raise ValueError(f"k: expected shape (N, {dim}) (q's D), got {tuple(k.shape)}")
+    check_tensor("k_scale", k_scale, ndim=1, dtypes=(torch.float32,), device=device)
+    if k_scale.shape[0] != k.shape[0]:
+        raise ValueError(f"k_scale: expected shape ({k.shape[0]},) (one per key), got {tuple(k_scale.shape)}")
+    _check_weights(weights, m, heads, device)
+    for name, t in (("cu_seqlen_ks", cu_seqlen_ks), ("cu_seqlen_ke", cu_seqlen_ke)):
+        check_tensor(name, t, ndim=1, dtypes=(torch.int32,), device=device)
+        if t.shape[0] != m:
+            raise ValueError(f"{name}: expected shape ({m},) (one per query), got {tuple(t.shape)}")
+    check_int("max_seqlen_k", max_seqlen_k, 0)
+
+
+def _check_paged_args(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits):
+    _check_fp8("q", q, 4)
+    b, next_n, heads, dim = q.shape
+    device = q.device
+    check_multiple("q", dim, 16, "the head dimension D (last dimension)")
+    if next_n < 1:
+        raise ValueError(f"q: expected next_n (dimension 1) >= 1, got shape {tuple(q.shape)}")
+    check_tensor("kv_cache", kv_cache, ndim=4, dtypes=(torch.uint8, FP8), device=device)
+    num_pages, page_size, kv_heads, row = kv_cache.shape
+    if kv_heads != 1 or row != dim + 4 or page_size < 1:
+        raise ValueError(f"kv_cache: expected shape (num_pages, page_size >= 1, 1, {dim + 4}) (D e4m3 bytes and "
+                         f"one float32 scale per key), got {tuple(kv_cache.shape)}")
+    if kv_cache.stride(3) != 1 or (page_size > 1 and kv_cache.stride(1) != row) or (num_pages > 1 and
+                                                                                    kv_cache.stride(0) % 4):
+        raise ValueError(f"kv_cache: expected every page contiguous and 4-byte aligned (its scales are float32), "
+                         f"got strides {kv_cache.stride()}")
+    _check_weights(weights, b * next_n, heads, device)
+    check_tensor("context_lens", context_lens, dtypes=(torch.int32,), device=device)
+    if tuple(context_lens.shape) not in ((b,), (b, next_n)):
+        raise ValueError(f"context_lens: expected shape ({b},) or ({b}, {next_n}), got {tuple(context_lens.shape)}")
+    check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=device)
+    if block_table.shape[0] != b:
+        raise ValueError(f"block_table: expected {b} rows (q's batch), got shape {tuple(block_table.shape)}")
+    check_int("max_context_len", max_context_len, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered kernels
+# ---------------------------------------------------------------------------------------------
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.register_kernel("dskernels::fp8_mqa_logits", ("cpu", "cuda"))
+@torch.no_grad()
+def _fp8_mqa_logits(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits=True, max_seqlen_k=0):
+    _check_mqa_args(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits, max_seqlen_k)
+    backend = select_backend("fp8_mqa_logits", q.device, has_cuda=False, has_triton=True)
+    if backend == "ref":
+        return ref.fp8_mqa_logits(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits, max_seqlen_k)
+    from dskernels.triton import indexer as triton_indexer
+
+    out = q.new_empty(q.shape[0], max_seqlen_k if max_seqlen_k > 0 else k.shape[0], dtype=torch.float32)
+    triton_indexer.mqa_logits(q, k, k_scale, weights, cu_seqlen_ks.contiguous(), cu_seqlen_ke.contiguous(),
+                              max_seqlen_k, out)
+    return out
+
+
+@torch.library.register_fake("dskernels::fp8_mqa_logits")
+def _fp8_mqa_logits_fake(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits=True, max_seqlen_k=0):
+    _check_mqa_args(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits, max_seqlen_k)
+    return q.new_empty(q.shape[0], max_seqlen_k if max_seqlen_k > 0 else k.shape[0], dtype=torch.float32)
+
+
+@torch.library.register_kernel("dskernels::fp8_paged_mqa_logits", ("cpu", "cuda"))
+@torch.no_grad()
+def _fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits=False):
+    _check_paged_args(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits)
+    if kv_cache.data_ptr() % 4:  # here, not in the fake: a fake tensor has no address
+        raise ValueError(f"kv_cache: expected a 4-byte aligned start (its scales are float32), got address "
+                         f"{kv_cache.data_ptr():#x}")
+    backend = select_backend("fp8_paged_mqa_logits", q.device, has_cuda=False, has_triton=True)
+    if backend == "ref":
+        return ref.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits)
+    from dskernels.triton import indexer as triton_indexer
+
+    out = q.new_empty(q.shape[0] * q.shape[1], max_context_len, dtype=torch.float32)
+    triton_indexer.paged_mqa_logits(q, kv_cache, weights, context_lens, _unit_last(block_table), out)
+    return out
+
+
+@torch.library.register_fake("dskernels::fp8_paged_mqa_logits")
+def _fp8_paged_mqa_logits_fake(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits=False):
+    _check_paged_args(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits)
+    return q.new_empty(q.shape[0] * q.shape[1], max_context_len, dtype=torch.float32)

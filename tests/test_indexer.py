@@ -1,0 +1,301 @@
+"""DeepSeek-V3.2's indexer logits: fp8_mqa_logits / fp8_paged_mqa_logits on every backend against
+python_ref.indexer, and the helpers (per_custom_dims_cast_to_fp8, paged_k_cache_cast_to_fp8,
+get_paged_mqa_logits_metadata).
+
+Poison: keys no query sees hold NaN (e4m3 NaN bytes and NaN scales), unused block-table slots
+2^31 - 1 (test_mla.scattered_pages): a kernel that reads any of them returns NaN or faults.
+
+Tolerance from the math: each logit is sum_h w_h relu(scale_t * sum_d q_hd k_td); the kernel's
+products are exact (e4m3 x e4m3 fits fp32) and its fp32 sums over D and H and two products round
+at most (D + H + 2) times by 2^-24 relative to the same sum of absolute values, `magnitude` below.
+Hopper's fp8 tensor cores accumulate with fewer bits (DeepGEMM's README: about 14), so on a GPU the
+bound is 2^-12 of the magnitude instead."""
+
+import math
+
+import pytest
+import torch
+
+import dskernels
+import python_ref.indexer as ref
+from test_mla import scattered_pages
+
+FP8 = torch.float8_e4m3fn
+
+
+def skip_cuda_backend(name):
+    if name == "cuda":
+        pytest.skip("no sm90 CUDA kernel for the indexer logits yet: auto runs the Triton kernel on CUDA tensors")
+
+
+def magnitude(q, keys, weights):
+    """sum_h |w| * sum_d |q| |k| in float64: q [M, H, D] (values), keys [N, D] (scaled), weights [M, H]."""
+    return torch.einsum("mhd,nd,mh->mn", q.float().double().abs(), keys.double().abs(), weights.double().abs())
+
+
+def assert_logits_close(out, expected, mag, dim, heads):
+    out = out.cpu()
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    assert not out.isnan().any(), "NaN in the logits: a poisoned key was read"
+    assert torch.equal(out.isneginf(), expected.isneginf()), "-inf (unseen keys) in different places"
+    seen = expected.isfinite()
+    rel = 2.0**-12 if out.device.type == "cuda" else (dim + heads + 2) * 2.0**-24
+    bound = rel * mag[seen] + 1e-30
+    err = (out[seen].double() - expected[seen].double()).abs()
+    assert torch.all(err <= bound), f"max error {err.max().item():.3g} beyond the bound {bound.max().item():.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8_mqa_logits
+# ---------------------------------------------------------------------------------------------
+
+def mqa_inputs(m, n, heads, dim, seed, compressed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(m, heads, dim, generator=gen).to(FP8)
+    k, k_scale = ref.per_custom_dims_cast_to_fp8(torch.randn(n, dim, generator=gen) * 3, (0,))
+    weights = torch.randn(m, heads, generator=gen)
+    ks = torch.randint(-3, n, (m,), generator=gen, dtype=torch.int32)
+    ke = (ks + torch.randint(-2, n // 2 + 2, (m,), generator=gen, dtype=torch.int32)).clamp(max=n + 5).int()
+    ks[0], ke[0] = 0, n             # a row that sees everything
+    if m > 1:
+        ks[1], ke[1] = 5, 5         # and one that sees nothing
+    seen = torch.zeros(n, dtype=torch.bool)
+    cols = torch.arange(n)
+    for lo, hi in zip(ks.tolist(), ke.tolist()):
+        seen |= (cols >= lo) & (cols < hi)
+    k.view(torch.uint8)[~seen] = 0x7F
+    k_scale[~seen] = math.nan
+    return q, k, k_scale, weights, ks, ke
+
+
+# (M, N, H, D, max_seqlen_k)
+MQA_GRID = [(5, 70, 4, 32, 0), (3, 100, 64, 128, 0), (7, 33, 6, 48, 0), (4, 90, 3, 16, 40), (2, 20, 8, 32, 64),
+            (1, 1, 1, 16, 0)]
+
+
+@pytest.mark.parametrize("m,n,heads,dim,max_seqlen_k", MQA_GRID)
+def test_mqa_logits_matches_oracle(backend, m, n, heads, dim, max_seqlen_k):
+    name, device = backend
+    skip_cuda_backend(name)
+    q, k, k_scale, weights, ks, ke = mqa_inputs(m, n, heads, dim, seed=m * 11 + n)
+    out = dskernels.fp8_mqa_logits(q.to(device), (k.to(device), k_scale.to(device)), weights.to(device),
+                                   ks.to(device), ke.to(device), clean_logits=max_seqlen_k == 0,
+                                   max_seqlen_k=max_seqlen_k)
+    expected = ref.fp8_mqa_logits(q, k, k_scale, weights, ks, ke, True, max_seqlen_k)
+    keys = torch.nan_to_num(k.float() * k_scale[:, None], nan=0.0)
+    mag = magnitude(q, keys, weights)
+    if max_seqlen_k:
+        idx = (ks.long()[:, None] + torch.arange(max_seqlen_k)).clamp(0, n - 1)
+        mag = torch.gather(mag, 1, idx)
+    assert_logits_close(out, expected, mag, dim, heads)
+
+
+def test_mqa_logits_definition():
+    """The oracle itself, on one hand-checkable entry: relu per head, then the weighted sum."""
+    q = torch.tensor([[[1.0, 2.0], [1.0, -2.0]]]).repeat(1, 1, 8).to(FP8)                # M=1, H=2, D=16
+    k = torch.tensor([[1.0, 1.0]]).repeat(1, 8).to(FP8)                                   # N=1
+    out = ref.fp8_mqa_logits(q, k, torch.tensor([0.5]), torch.tensor([[2.0, 3.0]]), torch.tensor([0], dtype=torch.int32),
+                             torch.tensor([1], dtype=torch.int32))
+    assert out.item() == 2.0 * (24 * 0.5) + 3.0 * 0.0  # head 1's score -8 * 0.5 is cut by relu
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8_paged_mqa_logits
+# ---------------------------------------------------------------------------------------------
+
+def paged_inputs(lengths, next_n, heads, dim, page_size, seed, lens_2d=False):
+    """DeepGEMM's paged layout with each sequence's pages scattered; NaN keys in every slot no row
+    sees (unused pages, the tail of each last page), 2^31 - 1 in unused block-table slots."""
+    gen = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    block_table, owned = scattered_pages(lengths, page_size, gen, spare_slots=2, spare_pages=2)
+    num_pages = owned.shape[0]
+    kv_cache = ref.paged_k_cache_cast_to_fp8(torch.randn(num_pages, page_size, 1, dim, generator=gen) * 2)
+    raw = kv_cache.view(num_pages, page_size * (dim + 4))
+    values = raw[:, :page_size * dim].view(num_pages, page_size, dim)
+    scales = raw[:, page_size * dim:].view(torch.float32)
+    values[~owned] = 0x7F
+    scales[~owned] = math.nan
+    q = torch.randn(b, next_n, heads, dim, generator=gen).to(FP8)
+    weights = torch.randn(b * next_n, heads, generator=gen)
+    context_lens = torch.tensor(lengths, dtype=torch.int32)
+    if lens_2d:  # row j sees a prefix of its own, the last row the whole sequence
+        context_lens = (context_lens[:, None] * torch.rand(b, next_n, generator=gen)).int()
+        context_lens[:, -1] = torch.tensor(lengths, dtype=torch.int32)
+    return q, kv_cache, weights, context_lens, block_table
+
+
+# (lengths, next_n, H, D, page size, 2-d lengths, max_context_len)
+PAGED_GRID = [
+    ([70, 1, 130], 1, 4, 32, 16, False, 140),
+    ([64, 0, 61, 3], 2, 8, 16, 61, False, 80),     # an empty sequence; lengths < next_n
+    ([200, 17], 3, 6, 48, 1, True, 230),
+    ([150, 90], 2, 64, 128, 64, False, 100),        # V3.2's heads; max_context_len cuts the first
+    ([33, 96, 5], 1, 3, 32, 16, True, 96),
+]
+
+
+@pytest.mark.parametrize("lengths,next_n,heads,dim,page_size,lens_2d,max_len", PAGED_GRID)
+def test_paged_mqa_logits_matches_oracle(backend, lengths, next_n, heads, dim, page_size, lens_2d, max_len):
+    name, device = backend
+    skip_cuda_backend(name)
+    q, kv_cache, weights, context_lens, block_table = paged_inputs(lengths, next_n, heads, dim, page_size,
+                                                                    seed=len(lengths) + next_n, lens_2d=lens_2d)
+    meta = dskernels.get_paged_mqa_logits_metadata(context_lens.to(device), page_size, 4)
+    out = dskernels.fp8_paged_mqa_logits(q.to(device), kv_cache.to(device), weights.to(device),
+                                         context_lens.to(device), block_table.to(device), meta, max_len,
+                                         clean_logits=True)
+    expected = ref.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_len)
+    # The magnitude per (row, key) through the block table (unowned slots count 0).
+    keys = torch.nan_to_num(ref.paged_k_cache_dequantize(kv_cache, dim), nan=0.0)
+    mag = torch.zeros(expected.shape, dtype=torch.float64)
+    for i in range(len(lengths)):
+        width = min(block_table.shape[1] * page_size, max_len)
+        pages = block_table[i, : -(-width // page_size)].clamp(max=kv_cache.shape[0] - 1).long()
+        seq_keys = keys[pages].reshape(-1, dim)[:width]
+        mag[i * next_n:(i + 1) * next_n, :width] = magnitude(q[i], seq_keys, weights[i * next_n:(i + 1) * next_n])
+    assert_logits_close(out, expected, mag, dim, heads)
+
+
+def test_paged_layout_bytes():
+    """Per page: page_size rows of D e4m3 bytes, then page_size float32 scales (DeepGEMM's layout)."""
+    gen = torch.Generator().manual_seed(2)
+    k = torch.randn(3, 5, 1, 32, generator=gen)
+    cache = dskernels.paged_k_cache_cast_to_fp8(k)
+    assert cache.shape == (3, 5, 1, 36) and cache.dtype == torch.uint8
+    page = cache[1].reshape(-1)
+    scales = page[5 * 32:].view(torch.float32)
+    torch.testing.assert_close(scales, k[1, :, 0].abs().amax(dim=1) / 448)
+    values = page[:5 * 32].view(FP8).float().reshape(5, 32)
+    torch.testing.assert_close(values * scales[:, None], k[1, :, 0], rtol=2**-4, atol=1e-3)
+
+
+def test_per_custom_dims_cast_to_fp8():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 40, generator=gen)
+    x[2] = 0.0
+    fp8, scale = dskernels.per_custom_dims_cast_to_fp8(x, (0,), False)
+    assert fp8.shape == x.shape and fp8.dtype == FP8 and scale.shape == (6,)
+    torch.testing.assert_close(scale, x.abs().amax(dim=1).clamp(min=1e-4) / 448)
+    assert (fp8.float().abs().amax(dim=1)[scale > 1e-4 / 448] == 448).all()
+    _, pow2 = dskernels.per_custom_dims_cast_to_fp8(x, (0,), True)
+    assert (torch.frexp(pow2)[0] == 0.5).all() and (pow2 >= scale).all() and (pow2 < 2 * scale).all()
+    _, per_col = dskernels.per_custom_dims_cast_to_fp8(x, (-1,))
+    assert per_col.shape == (40,)
+
+
+def test_paged_metadata():
+    """A device plan from tensor ops: num_sms + 1 rows of (sequence, block), ordered, equal shares,
+    ending past the last sequence; both of DeepGEMM's call forms."""
+    lens = torch.tensor([130, 0, 64, 1, 500], dtype=torch.int32)
+    meta = dskernels.get_paged_mqa_logits_metadata(lens, 64, 4)
+    assert meta.shape == (5, 2) and meta.dtype == torch.int32
+    blocks = [3, 0, 1, 1, 8]  # 13 key blocks: shares of 4
+    starts = [sum(blocks[:s]) + blk for s, blk in meta.tolist()]
+    assert starts == [0, 4, 8, 12, 13] and meta[-1].tolist() == [5, 0]
+    assert torch.equal(dskernels.get_paged_mqa_logits_metadata(lens, 4), meta)
+    assert dskernels.get_paged_mqa_logits_metadata(torch.zeros(0, dtype=torch.int32), 64, 2).tolist() == [[0, 0]] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation, opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda a: a.update(q=a["q"].float()), TypeError, "q"),
+    (lambda a: a.update(kv=a["kv"][0]), TypeError, "kv"),
+    (lambda a: a.update(kv=(a["kv"][0][:, :16], a["kv"][1])), ValueError, "k"),
+    (lambda a: a.update(kv=(a["kv"][0], a["kv"][1][:3])), ValueError, "k_scale"),
+    (lambda a: a.update(weights=a["weights"][:, :2]), ValueError, "weights"),
+    (lambda a: a.update(cu_seqlen_ks=a["cu_seqlen_ks"].long()), TypeError, "cu_seqlen_ks"),
+    (lambda a: a.update(cu_seqlen_ke=a["cu_seqlen_ke"][:2]), ValueError, "cu_seqlen_ke"),
+    (lambda a: a.update(max_seqlen_k=-1), ValueError, "max_seqlen_k"),
+])
+def test_mqa_validation(change, exc, match):
+    q, k, k_scale, weights, ks, ke = mqa_inputs(5, 70, 4, 32, seed=1)
+    args = dict(q=q, kv=(k, k_scale), weights=weights, cu_seqlen_ks=ks, cu_seqlen_ke=ke)
+    change(args)
+    with pytest.raises(exc, match=match):
+        dskernels.fp8_mqa_logits(**args)
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda a: a.update(kv_cache=a["kv_cache"][..., :-1]), ValueError, "kv_cache"),
+    (lambda a: a.update(kv_cache=a["kv_cache"].float()), TypeError, "kv_cache"),
+    (lambda a: a.update(weights=a["weights"][:1]), ValueError, "weights"),
+    (lambda a: a.update(context_lens=a["context_lens"][:1]), ValueError, "context_lens"),
+    (lambda a: a.update(block_table=a["block_table"].long()), TypeError, "block_table"),
+    (lambda a: a.update(max_context_len=True), TypeError, "max_context_len"),
+])
+def test_paged_validation(change, exc, match):
+    q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 1, 4, 32, 16, seed=1)
+    args = dict(q=q, kv_cache=kv_cache, weights=weights, context_lens=context_lens, block_table=block_table,
+                schedule_meta=None, max_context_len=32)
+    change(args)
+    with pytest.raises(exc, match=match):
+        dskernels.fp8_paged_mqa_logits(**args)
+
+
+# test_schema compares the inputs with allclose, which fp8 tensors lack (as in tests/test_gemm.py);
+# the ops mutate nothing (their schemas say so), checked by the CPU runs comparing against the oracle.
+OPCHECK_UTILS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def test_opcheck():
+    q, k, k_scale, weights, ks, ke = mqa_inputs(3, 40, 4, 32, seed=4)
+    k_scale = torch.nan_to_num(k_scale)
+    torch.library.opcheck(torch.ops.dskernels.fp8_mqa_logits, (q, k, k_scale, weights, ks, ke, True, 0),
+                          test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.dskernels.fp8_mqa_logits, (q, k, k_scale, weights, ks, ke, False, 16),
+                          test_utils=OPCHECK_UTILS)
+    q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 2, 4, 32, 16, seed=2)
+    kv_cache = torch.where(kv_cache == 0x7F, 0, kv_cache)  # no NaN: opcheck compares runs
+    raw = kv_cache.view(kv_cache.shape[0], -1)
+    raw[:, 16 * 32:].view(torch.float32).nan_to_num_(0.0)
+    torch.library.opcheck(torch.ops.dskernels.fp8_paged_mqa_logits,
+                          (q, kv_cache, weights, context_lens, block_table.clamp(max=kv_cache.shape[0] - 1), 32, True),
+                          test_utils=OPCHECK_UTILS)
+
+
+def test_torch_compile_fullgraph():
+    q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 2, 4, 32, 16, seed=3)
+
+    def top_keys(q, kv_cache, weights, context_lens, block_table):
+        logits = dskernels.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, None, 24, True)
+        return logits.topk(4, dim=1).indices
+
+    compiled = torch.compile(top_keys, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(q, kv_cache, weights, context_lens, block_table),
+                       top_keys(q, kv_cache, weights, context_lens, block_table))
+
+
+# ---------------------------------------------------------------------------------------------
+# On the GPU: V3.2's shapes
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_v32_mqa_shapes_on_gpu():
+    q, k, k_scale, weights, ks, ke = mqa_inputs(256, 4096, 64, 128, seed=7)
+    out = dskernels.fp8_mqa_logits(q.cuda(), (k.cuda(), k_scale.cuda()), weights.cuda(), ks.cuda(), ke.cuda())
+    expected = ref.fp8_mqa_logits(q, k, k_scale, weights, ks, ke)
+    keys = torch.nan_to_num(k.float() * k_scale[:, None], nan=0.0)
+    assert_logits_close(out, expected, magnitude(q, keys, weights), 128, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("next_n", [1, 2])
+def test_v32_paged_shapes_on_gpu(next_n):
+    gen = torch.Generator().manual_seed(next_n)
+    lengths = torch.randint(1500, 4000, (8,), generator=gen).tolist()
+    q, kv_cache, weights, context_lens, block_table = paged_inputs(lengths, next_n, 64, 128, 64, seed=next_n)
+    meta = dskernels.get_paged_mqa_logits_metadata(context_lens.cuda(), 64, 132)
+    out = dskernels.fp8_paged_mqa_logits(q.cuda(), kv_cache.cuda(), weights.cuda(), context_lens.cuda(),
+                                         block_table.cuda(), meta, 4096, clean_logits=True)
+    expected = ref.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, 4096)
+    keys = torch.nan_to_num(ref.paged_k_cache_dequantize(kv_cache, 128), nan=0.0)
+    mag = torch.zeros(expected.shape, dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        pages = block_table[i, : -(-n // 64)].long()
+        mag[i * next_n:(i + 1) * next_n, :n] = magnitude(q[i], keys[pages].reshape(-1, 128)[:n],
+                                                         weights[i * next_n:(i + 1) * next_n])
+    assert_logits_close(out, expected, mag, 128, 64)
