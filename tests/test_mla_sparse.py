@@ -12,7 +12,7 @@ import torch
 
 import dskernels
 import python_ref.mla_sparse as ref
-from test_mla import LSE_ATOL, TOLERANCES
+from test_mla import LSE_ATOL, TOLERANCES, make_inputs
 
 FP8 = torch.float8_e4m3fn
 HUGE = 2**31 - 1
@@ -200,6 +200,30 @@ def test_flashmla_metadata_call_for_sparse():
                                                 indices=indices)
     ref_out, ref_lse = ref.flash_mla_sparse_decode(q, k_cache, indices, dv, None, True)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+def test_all_tokens_listed_equals_dense_decode(backend):
+    """Listing every cached token of a sequence (logical position -> slot through the block table,
+    as a V3.2 caller maps its indexer's top-k) gives the dense decode's answer."""
+    name, device = backend
+    skip_cuda_backend(name)
+    lengths, page_size = [70, 0, 33], 16
+    q, k_cache, block_table, lens, dv, _ = make_inputs(lengths, 2, 4, 1, page_size, torch.bfloat16, torch.bfloat16,
+                                                       seed=3)
+    k_cache = torch.nan_to_num(k_cache)  # the dense inputs poison unowned slots: the lists name none of them
+    topk = max(lengths) + 6
+    pos = torch.arange(topk)
+    slots = block_table.long().gather(1, (pos // page_size).clamp(max=block_table.shape[1] - 1)[None].expand(3, -1))
+    indices = torch.where(pos < lens[:, None], slots * page_size + pos % page_size, -1).int()
+    indices = indices[:, None, :].expand(-1, 2, -1).contiguous()        # both query tokens list them all
+    args = [t.to(device) for t in (q, k_cache, block_table, lens)]
+    meta, splits = dskernels.get_mla_metadata(args[3], 2 * 4, 1)
+    dense = dskernels.flash_mla_with_kvcache(*args, dv, meta, splits)
+    sparse = dskernels.flash_mla_with_kvcache(args[0], args[1], None, None, dv, None, None, indices=indices.to(device))
+    torch.testing.assert_close(sparse[1].cpu(), dense[1].cpu(), rtol=1e-5, atol=LSE_ATOL)
+    tol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(sparse[0].cpu().float(), dense[0].cpu().float(), rtol=tol["rtol"],
+                               atol=tol["atol_per_v"] * k_cache.float().abs().max().item())
 
 
 def test_backend_choice_on_cpu():
