@@ -137,7 +137,7 @@ if wants bench; then
     [ -n "$no_cuda" ] && no_cuda+="model"  # the layer's cuda backend runs the kernels above
     [ -n "$no_cuda" ] && echo "cuda backend not benchmarked for: $no_cuda (its GPU tests failed or did not finish)"
   fi
-  bench_args=(--json "$OUT/results.json" --ops "${BENCH_OPS:-mla,gemm,fp8_cast,ep,model}" --no-cuda "${NO_CUDA:-$no_cuda}")
+  bench_args=(--json "$OUT/results.json" --ops "${BENCH_OPS:-mla,gemm,fp8_cast,ep,model,indexer}" --no-cuda "${NO_CUDA:-$no_cuda}")
   [ "${QUICK:-1}" = 1 ] && bench_args+=(--quick)
   timeout -s KILL "$(budget "${BENCH_BUDGET:-100000}")" python benchmarks/run.py "${bench_args[@]}" > "$LOGS/bench.log" 2>&1 || status=1
   sed -n '/^op /,$p' "$LOGS/bench.log"
