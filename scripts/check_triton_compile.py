@@ -222,7 +222,7 @@ def indexer_cases(compiler: Compiler) -> None:
 
     # V3.2's indexer (64 heads of 128) and the small heads of tests/test_indexer.py's GPU runs.
     fp8, f32, i32 = torch.float8_e4m3fn, torch.float32, torch.int32
-    for heads, dim in [(64, 128), (4, 32)]:
+    for heads, dim in [(64, 128), (4, 32), (4, 16)]:
         for compressed in (0, 256):
             compiler.context = f"indexer mqa h={heads} d={dim}{' compressed' if compressed else ''}"
             m, n = 64, 4096

@@ -2,8 +2,10 @@
 python_ref.indexer, and the helpers (per_custom_dims_cast_to_fp8, paged_k_cache_cast_to_fp8,
 get_paged_mqa_logits_metadata).
 
-Poison: keys no query sees hold NaN (e4m3 NaN bytes and NaN scales), unused block-table slots
-2^31 - 1 (test_mla.scattered_pages): a kernel that reads any of them returns NaN or faults.
+Poison: keys no query sees hold NaN (e4m3 NaN bytes and NaN scales) and unused block-table slots
+2^31 - 1 (test_mla.scattered_pages): none may leak into a logit a query sees (a NaN key read for a
+column every row masks stays invisible: that costs bandwidth, not correctness). Windows past the
+last key (ke > N) and block tables shorter than the lengths would read out of bounds.
 
 Tolerance from the math: each logit is sum_h w_h relu(scale_t * sum_d q_hd k_td); the kernel's
 products are exact (e4m3 x e4m3 fits fp32) and its fp32 sums over D and H and two products round
@@ -18,7 +20,7 @@ import torch
 
 import dskernels
 import python_ref.indexer as ref
-from test_mla import scattered_pages
+from test_mla import HUGE_PAGE, scattered_pages
 
 FP8 = torch.float8_e4m3fn
 
@@ -58,7 +60,9 @@ def mqa_inputs(m, n, heads, dim, seed, compressed=0):
     ke = (ks + torch.randint(-2, n // 2 + 2, (m,), generator=gen, dtype=torch.int32)).clamp(max=n + 5).int()
     ks[0], ke[0] = 0, n             # a row that sees everything
     if m > 1:
-        ks[1], ke[1] = 5, 5         # and one that sees nothing
+        ks[1], ke[1] = 5, 5         # one that sees nothing
+    if m > 2:
+        ks[2], ke[2] = max(n - 3, 0), n + 4  # and a window past the last key
     seen = torch.zeros(n, dtype=torch.bool)
     cols = torch.arange(n)
     for lo, hi in zip(ks.tolist(), ke.tolist()):
@@ -157,6 +161,65 @@ def test_paged_mqa_logits_matches_oracle(backend, lengths, next_n, heads, dim, p
     assert_logits_close(out, expected, mag, dim, heads)
 
 
+def test_strided_inputs(backend):
+    """Weights, scales, windows and lengths in any strides (transposed, expanded, column views)."""
+    name, device = backend
+    skip_cuda_backend(name)
+    q, k, k_scale, weights, ks, ke = mqa_inputs(5, 70, 4, 32, seed=8)
+    k_scale = torch.nan_to_num(k_scale, nan=1.0)
+    shared_scale = k_scale[:1].expand(70)
+    weights_t = weights.t().contiguous().t()
+    windows = torch.stack([ks, ke], dim=1)
+    out = dskernels.fp8_mqa_logits(q.to(device), (k.to(device), shared_scale.to(device)), weights_t.to(device),
+                                   windows[:, 0].to(device), windows[:, 1].to(device))
+    expected = ref.fp8_mqa_logits(q, k, shared_scale, weights, ks, ke)
+    keys = torch.nan_to_num(k.float() * shared_scale[:, None], nan=0.0)
+    assert_logits_close(out, expected, magnitude(q, keys, weights), 32, 4)
+
+    q, kv_cache, weights, context_lens, block_table = paged_inputs([40, 70], 2, 4, 32, 16, seed=9, lens_2d=True)
+    lens_t = context_lens.t().contiguous().t()          # [B, next_n] with strides (1, B)
+    weights_t = weights.t().contiguous().t()
+    table = torch.stack([block_table, block_table], dim=2)[..., 0]  # the same ids at stride 2
+    out = dskernels.fp8_paged_mqa_logits(q.to(device), kv_cache.to(device), weights_t.to(device), lens_t.to(device),
+                                         table.to(device), None, 80, True)
+    expected = ref.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, 80)
+    assert torch.equal(out.cpu().isneginf(), expected.isneginf())
+    seen = expected.isfinite()
+    torch.testing.assert_close(out.cpu()[seen], expected[seen], rtol=1e-5, atol=1e-4)
+
+
+def test_paged_keys_past_the_table_and_bad_pages(backend):
+    """Lengths past what the block table holds: those keys are -inf on both backends. A page id
+    outside the cache inside a sequence's range: the reference raises; the Triton kernel gives its
+    keys -inf and reads nothing there."""
+    name, device = backend
+    skip_cuda_backend(name)
+    q, kv_cache, weights, context_lens, block_table = paged_inputs([30, 20], 1, 4, 32, 16, seed=10)
+    short = block_table[:, :2].contiguous()             # 32 keys of room
+    lens = torch.tensor([60, 20], dtype=torch.int32)    # sequence 0 claims 60
+    out = dskernels.fp8_paged_mqa_logits(q.to(device), kv_cache.to(device), weights.to(device), lens.to(device),
+                                         short.to(device), None, 64, True)
+    expected = ref.fp8_paged_mqa_logits(q, kv_cache, weights, lens, short, 64)
+    assert expected[0, 32:].isneginf().all() and torch.equal(out.cpu().isneginf(), expected.isneginf())
+    seen = expected.isfinite()
+    torch.testing.assert_close(out.cpu()[seen], expected[seen], rtol=1e-5, atol=1e-4)
+    if name == "ref":
+        bad = short.clone()
+        bad[0, 1] = kv_cache.shape[0]
+        with pytest.raises(ValueError, match="block_table"):
+            dskernels.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, bad, None, 32, True)
+        return
+    bad = short.clone()
+    bad[0, 1] = HUGE_PAGE                               # keys 16..29 of sequence 0
+    out = dskernels.fp8_paged_mqa_logits(q.to(device), kv_cache.to(device), weights.to(device),
+                                         context_lens.to(device), bad.to(device), None, 32, True)
+    expected = ref.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, short, 32)
+    expected[0, 16:] = -math.inf
+    assert torch.equal(out.cpu().isneginf(), expected.isneginf())
+    seen = expected.isfinite()
+    torch.testing.assert_close(out.cpu()[seen], expected[seen], rtol=1e-5, atol=1e-4)
+
+
 def test_paged_layout_bytes():
     """Per page: page_size rows of D e4m3 bytes, then page_size float32 scales (DeepGEMM's layout)."""
     gen = torch.Generator().manual_seed(2)
@@ -190,9 +253,11 @@ def test_paged_metadata():
     lens = torch.tensor([130, 0, 64, 1, 500], dtype=torch.int32)
     meta = dskernels.get_paged_mqa_logits_metadata(lens, 64, 4)
     assert meta.shape == (5, 2) and meta.dtype == torch.int32
-    blocks = [3, 0, 1, 1, 8]  # 13 key blocks: shares of 4
+    blocks = [3, 0, 1, 1, 8]  # 13 key blocks over 4 SMs: shares 4, 3, 3, 3
     starts = [sum(blocks[:s]) + blk for s, blk in meta.tolist()]
-    assert starts == [0, 4, 8, 12, 13] and meta[-1].tolist() == [5, 0]
+    assert starts == [0, 4, 7, 10, 13] and meta[-1].tolist() == [5, 0]
+    lens_2d = torch.stack([lens // 2, lens], dim=1)  # the last column counts
+    assert torch.equal(dskernels.get_paged_mqa_logits_metadata(lens_2d, 64, 4), meta)
     assert torch.equal(dskernels.get_paged_mqa_logits_metadata(lens, 4), meta)
     assert dskernels.get_paged_mqa_logits_metadata(torch.zeros(0, dtype=torch.int32), 64, 2).tolist() == [[0, 0]] * 3
 
@@ -241,7 +306,9 @@ def test_paged_validation(change, exc, match):
 OPCHECK_UTILS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-def test_opcheck():
+def test_opcheck(backend):
+    name, _ = backend
+    skip_cuda_backend(name)
     q, k, k_scale, weights, ks, ke = mqa_inputs(3, 40, 4, 32, seed=4)
     k_scale = torch.nan_to_num(k_scale)
     torch.library.opcheck(torch.ops.dskernels.fp8_mqa_logits, (q, k, k_scale, weights, ks, ke, True, 0),
@@ -257,7 +324,9 @@ def test_opcheck():
                           test_utils=OPCHECK_UTILS)
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(backend):
+    name, _ = backend
+    skip_cuda_backend(name)
     q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 2, 4, 32, 16, seed=3)
 
     def top_keys(q, kv_cache, weights, context_lens, block_table):

@@ -86,13 +86,15 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
 
 def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num_sms: int | None = None
                                   ) -> torch.Tensor:
-    """DeepGEMM's schedule for `fp8_paged_mqa_logits`, computed on the device without a host sync.
+    """A balanced schedule for `fp8_paged_mqa_logits`, computed on the device without a host sync.
 
     Called as DeepGEMM's (context_lens, block_kv, num_sms) or its older (context_lens, num_sms) (then
-    block_kv = 64). The key blocks of block_kv keys of all sequences, in order, are cut into num_sms
-    equal shares; returns int32 [num_sms + 1, 2]: row s = (sequence, key block within it) where
-    share s starts, row num_sms the end. dskernels's kernel does not need it (see
-    fp8_paged_mqa_logits).
+    block_kv = 64). The key blocks (block_kv keys) of all sequences, in order, are cut into num_sms
+    shares that differ by at most one block (share s starts at s * q + min(s, r) for total = q *
+    num_sms + r); returns int32 [num_sms + 1, 2]: row s = (sequence, key block within it) where
+    share s starts, row num_sms the end. A [B, next_n] context_lens counts its last column (the row
+    that sees the most). Same shape and idea as DeepGEMM's plan, not its exact split (DeepGEMM's
+    kernel reads its own); dskernels's kernel does not read it (see fp8_paged_mqa_logits).
     """
     if num_sms is None:
         block_kv, num_sms = 64, block_kv
@@ -101,12 +103,13 @@ def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num
         raise ValueError(f"context_lens: expected [B] or [B, next_n >= 1], got shape {tuple(context_lens.shape)}")
     check_int("block_kv", block_kv, 1)
     check_int("num_sms", num_sms, 1)
-    lens = context_lens if context_lens.dim() == 1 else context_lens.amax(dim=1)
+    lens = context_lens if context_lens.dim() == 1 else context_lens[:, -1]
     blocks = (lens.long().clamp(min=0) + block_kv - 1) // block_kv
     ends = torch.cumsum(blocks, 0)
     total = ends[-1:] if ends.numel() else blocks.new_zeros(1)
-    per_share = (total + num_sms - 1) // num_sms
-    start = torch.minimum(torch.arange(num_sms + 1, device=lens.device) * per_share, total)
+    share, extra = total // num_sms, total % num_sms
+    s = torch.arange(num_sms + 1, device=lens.device)
+    start = s * share + torch.minimum(s, extra)
     seq = torch.searchsorted(ends, start, right=True)                 # b: past the last sequence
     first_block = torch.cat([ends - blocks, total])[seq]              # where sequence seq's blocks start
     return torch.stack([seq, start - first_block], dim=1).int()

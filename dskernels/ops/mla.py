@@ -223,6 +223,9 @@ def split_plan(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
 def check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if isinstance(value, torch.SymInt):  # a compare would guard (fails on data-dependent sizes)
+        torch._check(value >= minimum, lambda: f"{name}: expected an int >= {minimum}, got {value}")
+        return
     if value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
 

@@ -56,14 +56,17 @@ def _mqa_logits_kernel(
         stride_qm, stride_qh, stride_kn, stride_ks, stride_wm, stride_wh, stride_om,
         COMPRESSED: tl.constexpr, FP8_BYTES: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # One grid axis (CUDA caps the others at 65535): key blocks inner, so neighbours share q rows.
+    pid_m = tl.program_id(0) // tl.cdiv(out_cols, BLOCK_N)
+    pid_n = tl.program_id(0) % tl.cdiv(out_cols, BLOCK_N)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < m
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < out_cols
     lo = tl.maximum(tl.load(start_ptr + rows, mask=row_ok, other=0), 0)
     hi = tl.minimum(tl.load(end_ptr + rows, mask=row_ok, other=0), n)
     if COMPRESSED:  # one row per tile: column c is key ks + c
-        keys = tl.load(start_ptr + tl.program_id(0)) + cols
+        keys = tl.load(start_ptr + pid_m) + cols
     else:
         keys = cols
     visible = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None]) & col_ok[None, :] & row_ok[:, None]
@@ -71,7 +74,7 @@ def _mqa_logits_kernel(
     if tl.max(tl.max(visible.to(tl.int32), axis=1), axis=0) > 0:
         key_ok = tl.max(visible.to(tl.int32), axis=0) > 0  # keys some row sees: in [0, n)
         flat = tl.arange(0, BLOCK_M * BLOCK_H)
-        q_row = tl.program_id(0) * BLOCK_M + flat // BLOCK_H
+        q_row = pid_m * BLOCK_M + flat // BLOCK_H
         head = flat % BLOCK_H
         rh_ok = (q_row < m) & (head < num_heads)
         d = tl.arange(0, BLOCK_D)
@@ -96,14 +99,15 @@ def _paged_mqa_logits_kernel(
         stride_om,
         LENS_2D: tl.constexpr, FP8_BYTES: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
+    b = (tl.program_id(0) // tl.cdiv(max_context_len, BLOCK_N)).to(tl.int64)  # one grid axis, as above
+    pid_n = tl.program_id(0) % tl.cdiv(max_context_len, BLOCK_N)
     j = tl.arange(0, BLOCK_R)  # the sequence's query rows (MTP tokens)
     row_ok = j < next_n
     if LENS_2D:
         limit = tl.load(lens_ptr + b * stride_lb + j * stride_ln, mask=row_ok, other=0)
     else:
-        limit = tl.load(lens_ptr + b * stride_lb) - next_n + 1 + j
-    keys = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        limit = tl.maximum(tl.load(lens_ptr + b * stride_lb), 0) - next_n + 1 + j  # no int32 wrap
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = keys < max_context_len
     visible = (keys[None, :] < limit[:, None]) & col_ok[None, :] & row_ok[:, None]
     logits = tl.full([BLOCK_R, BLOCK_N], float("-inf"), dtype=tl.float32)
@@ -132,6 +136,9 @@ def _paged_mqa_logits_kernel(
         logits = tl.where(visible, acc, float("-inf"))
     tl.store(out_ptr + (b * next_n + j)[:, None] * stride_om + keys[None, :], logits,
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+MIN_DOT_K = 32  # Triton's fp8 tl.dot wants K >= 32 (sm_89 / sm_90a, triton 3.8): D = 16 is padded (masked)
 
 
 def _pow2(n: int, floor: int = 1) -> int:
@@ -163,14 +170,14 @@ def mqa_logits(q, k, k_scale, weights, ks, ke, max_seqlen_k, out) -> None:
     block_m = 1 if compressed else max(1, (64 if q.device.type == "cpu" else 128) // block_h)
     block_h = max(block_h, 16 // block_m)  # tl.dot wants 16 rows
     block_n = 64
-    grid = (triton.cdiv(m, block_m), triton.cdiv(out.shape[1], block_n))
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(out.shape[1], block_n),)
     _mqa_logits_kernel[grid](
         _as_fp8(q, fp8_bytes), _as_fp8(k, fp8_bytes), k_scale, weights, ks, ke, out,
         m, n, heads, out.shape[1],
         q.stride(0), q.stride(1), k.stride(0), k_scale.stride(0), weights.stride(0), weights.stride(1),
         out.stride(0),
         COMPRESSED=compressed, FP8_BYTES=fp8_bytes, FP32_DOT=fp32_dot, HEAD_DIM=dim,
-        BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=_pow2(dim, 16),
+        BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=_pow2(dim, MIN_DOT_K),
         num_warps=4, num_stages=3)
 
 
@@ -187,7 +194,7 @@ def paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, out) -> No
     block_h = max(_pow2(heads), 16 // block_r)
     block_n = 64
     lens_2d = context_lens.dim() == 2
-    grid = (b, triton.cdiv(out.shape[1], block_n))
+    grid = (b * triton.cdiv(out.shape[1], block_n),)
     _paged_mqa_logits_kernel[grid](
         _as_fp8(q, fp8_bytes), _as_fp8(kv_cache, fp8_bytes), weights, context_lens, block_table, out,
         next_n, heads, page_size, num_pages, block_table.shape[1], out.shape[1],
@@ -195,5 +202,5 @@ def paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, out) -> No
         context_lens.stride(0), context_lens.stride(1) if lens_2d else 0, block_table.stride(0),
         out.stride(0),
         LENS_2D=lens_2d, FP8_BYTES=fp8_bytes, FP32_DOT=fp32_dot, HEAD_DIM=dim,
-        BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=_pow2(dim, 16),
+        BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=_pow2(dim, MIN_DOT_K),
         num_warps=4, num_stages=3)
