@@ -15,3 +15,4 @@ def test_readme_example_runs():
         exec(compile(block, "README.md", "exec"), scope)
     assert scope["o"].shape == (2, 1, 16, 512) and scope["lse"].shape == (2, 16, 1)
     assert scope["out"].isfinite().all()
+    assert scope["o_sparse"].shape == (2, 1, 16, 512) and scope["o_sparse"].isfinite().all()
