@@ -124,6 +124,14 @@ class DeepseekV3Config:
                 hf_config = json.load(f)
         if not isinstance(hf_config, dict):
             hf_config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else vars(hf_config)
+        if hf_config.get("index_topk") is not None or hf_config.get("model_type") == "deepseek_v32":
+            # V3.2 attends to its indexer's top-k tokens; V3's dense attention equals that only while a
+            # context fits in index_topk, so building a V3 layer for it would be silently wrong beyond.
+            raise NotImplementedError(
+                f"hf_config: a DeepSeek-V3.2 config (model_type {hf_config.get('model_type')!r}, index_topk "
+                f"{hf_config.get('index_topk')}) needs its sparse-attention indexer, which dskernels.models "
+                "does not build yet; the kernels are there (dskernels.fp8_paged_mqa_logits, "
+                "flash_mla_with_kvcache(indices=...))")
         names = {f.name for f in dataclasses.fields(cls)} | {"num_local_experts"}  # (the alias of n_routed_experts)
         kwargs = {k: v for k, v in hf_config.items() if k in names}
         if hf_config.get("rope_parameters"):
