@@ -125,7 +125,8 @@ def _paged_case(b, next_n, heads, dim, avg_len, page_size, seed=0):
 def cases(quick: bool, device: str) -> list[Case]:
     if device == "cpu":
         return [_mqa_case(6, 70, 4, 32), _paged_case(3, 2, 4, 32, 60, 16)]
-    found = [_mqa_case(2048, 8192, 64, 128), _paged_case(64, 1, 64, 128, 8192, 64), _paged_case(64, 2, 64, 128, 8192, 64)]
+    found = [_mqa_case(2048, 8192, 64, 128), _paged_case(64, 1, 64, 128, 8192, 64),
+             _paged_case(64, 2, 64, 128, 8192, 64)]
     if not quick:
         found += [_mqa_case(4096, 8192, 64, 128), _paged_case(128, 1, 64, 128, 32768, 64),
                   _paged_case(64, 1, 64, 128, 8192, 32)]

@@ -13,8 +13,9 @@ sm_100a (B200), sm_89 (L40S, RTX 4090) and sm_80 (A100) are GPUs the Triton path
 CUDA kernel of ours runs: on sm_80 Triton has no fp8 e4m3 type, so a kernel that names it does not
 compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
-grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16, prefill), V3.2's indexer logits (prefill, compressed, paged), the three FP8 GEMMs with every autotuning candidate and the heuristic tiles, the FP8
-casts and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one.)
+grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16,
+prefill), V3.2's indexer logits (prefill, compressed, paged; D = 16 to 128), the three FP8 GEMMs
+with every autotuning candidate and the heuristic tiles, the FP8 casts and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one.)
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
 """

@@ -98,8 +98,8 @@ def test_mqa_logits_definition():
     """The oracle itself, on one hand-checkable entry: relu per head, then the weighted sum."""
     q = torch.tensor([[[1.0, 2.0], [1.0, -2.0]]]).repeat(1, 1, 8).to(FP8)                # M=1, H=2, D=16
     k = torch.tensor([[1.0, 1.0]]).repeat(1, 8).to(FP8)                                   # N=1
-    out = ref.fp8_mqa_logits(q, k, torch.tensor([0.5]), torch.tensor([[2.0, 3.0]]), torch.tensor([0], dtype=torch.int32),
-                             torch.tensor([1], dtype=torch.int32))
+    out = ref.fp8_mqa_logits(q, k, torch.tensor([0.5]), torch.tensor([[2.0, 3.0]]),
+                             torch.tensor([0], dtype=torch.int32), torch.tensor([1], dtype=torch.int32))
     assert out.item() == 2.0 * (24 * 0.5) + 3.0 * 0.0  # head 1's score -8 * 0.5 is cut by relu
 
 

@@ -295,8 +295,8 @@ def test_nan_in_a_listed_row_is_not_hidden(backend):
 def test_fp16_queries_with_the_fp8_cache_are_refused():
     q = torch.randn(1, 1, 4, 576, dtype=torch.float16)
     with pytest.raises(TypeError, match="q: .*float16"):
-        dskernels.flash_mla_sparse_decode(q, torch.zeros(2, 4, 1, 656, dtype=FP8), torch.zeros(1, 1, 4, dtype=torch.int32),
-                                          512, is_fp8_kvcache=True)
+        dskernels.flash_mla_sparse_decode(q, torch.zeros(2, 4, 1, 656, dtype=FP8),
+                                          torch.zeros(1, 1, 4, dtype=torch.int32), 512, is_fp8_kvcache=True)
 
 
 def test_fp8_padded_pages(backend):

@@ -227,9 +227,10 @@ def num_splits_for(work: int, topk: int, block_n: int, device: torch.device) -> 
 def sparse_mla(q, kv, indices, topk_length, attn_sink, sm_scale, head_dim_v, page_size, num_slots, fp8_v32,
                out, lse, lse_div, max_logits=None) -> None:
     """q [R, h_q, d] (unit last stride), kv [num_pages, page_size, h_kv, row] (row: d elements, or
-    656 bytes with fp8_v32) holding num_slots valid slots, indices [R, h_kv, topk] (any strides but a unit last one; stride 0 over
-    h_kv shares a list), topk_length [R // rows_per_len] or None; writes out [R, h_q, dv] (row-major
-    view), lse at (r // lse_div, r % lse_div, h) of a 3-d view, max_logits [R, h_q] if given."""
+    656 bytes with fp8_v32) holding num_slots valid slots, indices [R, h_kv, topk] (any strides but
+    a unit last one; stride 0 over h_kv shares a list), topk_length [R // rows_per_len] or None
+    (contiguous, as attn_sink); writes out [R, h_q, dv] (row-major view), lse at (r // lse_div,
+    r % lse_div, h) of a 3-d view, max_logits [R, h_q] if given."""
     rows, h_q, d = q.shape
     h_kv = kv.shape[2]
     topk = indices.shape[2]
