@@ -220,6 +220,16 @@ def test_paged_keys_past_the_table_and_bad_pages(backend):
     torch.testing.assert_close(out.cpu()[seen], expected[seen], rtol=1e-5, atol=1e-4)
 
 
+def test_newer_deepgemm_query_pair():
+    """Newer DeepGEMM passes q as (values, None) (its FP4 form carries scales: refused by name)."""
+    q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 1, 4, 32, 16, seed=11)
+    plain = dskernels.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, None, 32, True)
+    paired = dskernels.fp8_paged_mqa_logits((q, None), kv_cache, weights, context_lens, block_table, None, 32, True)
+    assert torch.equal(plain, paired)
+    with pytest.raises(NotImplementedError, match="^q: "):
+        dskernels.fp8_paged_mqa_logits((q, torch.ones(1)), kv_cache, weights, context_lens, block_table, None, 32)
+
+
 def test_paged_layout_bytes():
     """Per page: page_size rows of D e4m3 bytes, then page_size float32 scales (DeepGEMM's layout)."""
     gen = torch.Generator().manual_seed(2)

@@ -26,13 +26,25 @@ paged_k_cache_cast_to_fp8 = ref.paged_k_cache_cast_to_fp8
 # Public functions
 # ---------------------------------------------------------------------------------------------
 
+def _plain_q(q):
+    """Newer DeepGEMM passes q as (values, scales or None) (FP4 queries carry scales): the FP8 form
+    (q, None) is taken; scaled queries are not implemented."""
+    if isinstance(q, (tuple, list)):
+        if len(q) != 2 or q[1] is not None:
+            raise NotImplementedError("q: a (values, scales) pair is DeepGEMM's FP4 query form; dskernels takes "
+                                      "float8_e4m3fn q (or (q, None))")
+        return q[0]
+    return q
+
+
 def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor,
                    cu_seqlen_ks: torch.Tensor, cu_seqlen_ke: torch.Tensor, clean_logits: bool = True,
                    max_seqlen_k: int = 0) -> torch.Tensor:
     """The indexer's prefill logits (DeepGEMM's `fp8_mqa_logits`).
 
     Args:
-        q: [M, H, D] float8_e4m3fn queries (unit last stride; no scale: fold it into weights).
+        q: [M, H, D] float8_e4m3fn queries (unit last stride; no scale: fold it into weights), or
+            newer DeepGEMM's spelling (q, None).
         kv: (k [N, D] float8_e4m3fn, k_scale [N] float32): key t is k[t] * k_scale[t]
             (`per_custom_dims_cast_to_fp8(k, (0,))` makes it).
         weights: [M, H] float32, the per-(query, head) weights.
@@ -46,6 +58,7 @@ def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weigh
         logits: float32 [M, N] (or [M, max_seqlen_k]): sum_h weights[i, h] * relu(q[i, h] . key t),
         -inf for keys query i does not see.
     """
+    q = _plain_q(q)
     if not isinstance(kv, (tuple, list)) or len(kv) != 2:
         raise TypeError(f"kv: expected a tuple (k float8_e4m3fn [N, D], k_scale float32 [N]), got {type(kv).__name__}")
     if isinstance(max_seqlen_k, bool):
@@ -60,7 +73,7 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     """The indexer's decode logits over a paged FP8 key cache (DeepGEMM's `fp8_paged_mqa_logits`).
 
     Args:
-        q: [B, next_n, H, D] float8_e4m3fn (next_n query tokens per sequence: MTP).
+        q: [B, next_n, H, D] float8_e4m3fn (next_n query tokens per sequence: MTP), or (q, None).
         kv_cache: [num_pages, page_size, 1, D + 4] uint8 (or float8_e4m3fn) in DeepGEMM's layout:
             each page holds page_size rows of D e4m3 bytes, then page_size float32 scales
             (`paged_k_cache_cast_to_fp8` writes it). Each page contiguous; pages 4-byte aligned.
@@ -78,6 +91,7 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     Returns:
         logits: float32 [B * next_n, max_context_len].
     """
+    q = _plain_q(q)
     if isinstance(max_context_len, bool):
         raise TypeError("max_context_len: expected an int, got bool")
     return torch.ops.dskernels.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table,
