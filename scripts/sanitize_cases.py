@@ -78,7 +78,27 @@ def mla_decode():
                                          k_scale=k_scale)
 
 
-CASES = [fp8_casts, fp8_gemms, mla_decode]
+def deepseek_v32():
+    """DeepSeek-V3.2's Triton kernels (no CUDA kernel: skipped under the cuda backend): sparse decode
+    over the FP8 cache with padded pages, lists holding -1 and ids past the cache, lengths, a sink
+    and a split list; the paged indexer logits with 2-d lengths and a table shorter than them."""
+    if dskernels.current_backend() == "cuda":
+        return
+    padded = torch.zeros(5, 65, 1, 656, device="cuda", dtype=torch.float8_e4m3fn)
+    padded[:, :64] = dskernels.quantize_sparse_kv_cache(torch.randn(5, 64, 1, 576, device="cuda"))
+    q = torch.randn(2, 2, 24, 576, device="cuda", dtype=torch.bfloat16)
+    indices = torch.randint(-1, 5 * 64 + 9, (2, 2, 300), dtype=torch.int32, device="cuda")
+    dskernels.flash_mla_sparse_decode(q, padded[:, :64], indices, 512, is_fp8_kvcache=True,
+                                      topk_length=torch.tensor([300, 77], dtype=torch.int32, device="cuda"),
+                                      attn_sink=torch.randn(24, device="cuda"))
+    cache = dskernels.paged_k_cache_cast_to_fp8(torch.randn(9, 64, 1, 128, device="cuda"))
+    q8 = torch.randn(3, 2, 64, 128, device="cuda").to(torch.float8_e4m3fn)
+    lens = torch.tensor([[100, 130], [0, 1], [60, 200]], dtype=torch.int32, device="cuda")
+    table = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]], dtype=torch.int32, device="cuda")
+    dskernels.fp8_paged_mqa_logits(q8, cache, torch.randn(6, 64, device="cuda"), lens, table, None, 250, True)
+
+
+CASES = [fp8_casts, fp8_gemms, mla_decode, deepseek_v32]
 
 if __name__ == "__main__":
     for backend in [b for b in ("cuda", "triton") if b in dskernels.available_backends()]:
