@@ -34,6 +34,24 @@ PAGE_SCAN = tl.constexpr(32)
 
 
 @triton.jit
+def load_key_rows(k_rows, key_ok, dv_offs, dv_ok, dr_offs, dr_ok, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr):
+    """The V part [N, BLOCK_DV] (with its load mask) and the rest [N, BLOCK_DR] of the key rows at
+    k_rows (pointers to row starts); rows with key_ok False read as 0. Head-dim masks only where
+    the dims are padded: a mask that varies along the row blocks 16-byte vector loads (ptxas then
+    spilled 400+ bytes at d=576, sm_90a)."""
+    v_mask = key_ok[:, None]
+    if BLOCK_DV != HEAD_DIM_V:
+        v_mask = v_mask & dv_ok[None, :]
+    r_mask = key_ok[:, None]
+    if BLOCK_DR != HEAD_DIM - HEAD_DIM_V:
+        r_mask = r_mask & dr_ok[None, :]
+    k_v = tl.load(k_rows[:, None] + dv_offs[None, :], mask=v_mask, other=0.0)
+    k_r = tl.load(k_rows[:, None] + dr_offs[None, :], mask=r_mask, other=0.0)
+    return k_v, v_mask, k_r
+
+
+@triton.jit
 def online_softmax_step(s, m_i, l_i, acc, v, FP32_DOT: tl.constexpr):
     """Folds one block of log2-scaled scores s [M, N] (-inf: masked) and its values v [N, DV] into
     the running max m_i, sum l_i and unnormalized output acc; a row with nothing seen keeps
@@ -137,16 +155,8 @@ def _mla_decode_splitkv_kernel(
                     page = tl.load(block_table_ptr + i * stride_bt + page_idx, mask=key_ok, other=0)
                     k_rows = (k_ptr + page.to(tl.int64) * stride_kp + (keys % page_size) * stride_kt
                               + kv_head * stride_kh)
-                # Head-dim masks only where the dims are padded: a mask that varies along the row
-                # blocks 16-byte vector loads (ptxas then spilled 400+ bytes at d=576, sm_90a).
-                v_mask = key_ok[:, None]
-                if BLOCK_DV != HEAD_DIM_V:
-                    v_mask = v_mask & dv_ok[None, :]
-                r_mask = key_ok[:, None]
-                if BLOCK_DR != HEAD_DIM - HEAD_DIM_V:
-                    r_mask = r_mask & dr_ok[None, :]
-                k_v = tl.load(k_rows[:, None] + dv_offs[None, :], mask=v_mask, other=0.0)
-                k_r = tl.load(k_rows[:, None] + dr_offs[None, :], mask=r_mask, other=0.0)
+                k_v, v_mask, k_r = load_key_rows(k_rows, key_ok, dv_offs, dv_ok, dr_offs, dr_ok, HEAD_DIM,
+                                                 HEAD_DIM_V, BLOCK_DV, BLOCK_DR)
                 # k_pv: the V part as the operand of P @ V.
                 if FP8_BYTES:
                     k_v = e4m3_bits_to_fp16(k_v).to(q_v.dtype)

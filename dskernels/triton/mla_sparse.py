@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
-from dskernels.triton.mla import DOUBLE_BUFFER_STAGES, _shared_limit, online_softmax_step
+from dskernels.triton.mla import DOUBLE_BUFFER_STAGES, _shared_limit, load_key_rows, online_softmax_step
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # read inside the kernels
@@ -114,15 +114,10 @@ def _sparse_mla_kernel(
             k_r = tl.load((k_rows + 528).to(tl.pointer_type(tl.bfloat16))[:, None] + tl.arange(0, BLOCK_DR)[None, :],
                           mask=ok[:, None], other=0.0).to(q_v.dtype)
         else:
-            # Head-dim masks only where the dims are padded (a varying mask blocks vector loads).
-            v_mask = ok[:, None]
-            if BLOCK_DV != HEAD_DIM_V:
-                v_mask = v_mask & dv_ok[None, :]
-            r_mask = ok[:, None]
-            if BLOCK_DR != HEAD_DIM - HEAD_DIM_V:
-                r_mask = r_mask & dr_ok[None, :]
-            k_v = tl.load(k_rows[:, None] + dv_offs[None, :], mask=v_mask, other=0.0).to(q_v.dtype)
-            k_r = tl.load(k_rows[:, None] + dr_offs[None, :], mask=r_mask, other=0.0).to(q_v.dtype)
+            k_v, _, k_r = load_key_rows(k_rows, ok, dv_offs, dv_ok, dr_offs, dr_ok, HEAD_DIM, HEAD_DIM_V, BLOCK_DV,
+                                        BLOCK_DR)
+            k_v = k_v.to(q_v.dtype)
+            k_r = k_r.to(q_v.dtype)
         if FP32_DOT:
             s = tl.dot(q_v, tl.trans(k_v), input_precision="ieee")
             s += tl.dot(q_r, tl.trans(k_r), input_precision="ieee")
