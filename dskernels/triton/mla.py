@@ -52,6 +52,18 @@ def load_key_rows(k_rows, key_ok, dv_offs, dv_ok, dr_offs, dr_ok, HEAD_DIM: tl.c
 
 
 @triton.jit
+def latent_scores(q_v, q_r, k_v, k_r, FP32_DOT: tl.constexpr):
+    """q . k over both parts of the head dimension (the V part, then the rest): [M, N] fp32."""
+    if FP32_DOT:
+        s = tl.dot(q_v, tl.trans(k_v), input_precision="ieee")
+        s += tl.dot(q_r, tl.trans(k_r), input_precision="ieee")
+    else:
+        s = tl.dot(q_v, tl.trans(k_v))
+        s += tl.dot(q_r, tl.trans(k_r))
+    return s
+
+
+@triton.jit
 def online_softmax_step(s, m_i, l_i, acc, v, FP32_DOT: tl.constexpr):
     """Folds one block of log2-scaled scores s [M, N] (-inf: masked) and its values v [N, DV] into
     the running max m_i, sum l_i and unnormalized output acc; a row with nothing seen keeps
@@ -177,13 +189,7 @@ def _mla_decode_splitkv_kernel(
                     k_pv = k_v
                 else:
                     k_pv = k_v
-                if FP32_DOT:
-                    s = tl.dot(q_v, tl.trans(k_v), input_precision="ieee")
-                    s += tl.dot(q_r, tl.trans(k_r), input_precision="ieee")
-                else:
-                    s = tl.dot(q_v, tl.trans(k_v))
-                    s += tl.dot(q_r, tl.trans(k_r))
-                s = s * scale
+                s = latent_scores(q_v, q_r, k_v, k_r, FP32_DOT) * scale
                 visible = key_ok[None, :] & (keys[None, :] < limit[:, None])
                 s = tl.where(visible, s, float("-inf"))
                 m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, k_pv, FP32_DOT)

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
-from dskernels.triton.mla import DOUBLE_BUFFER_STAGES, _shared_limit, load_key_rows, online_softmax_step
+from dskernels.triton.mla import (DOUBLE_BUFFER_STAGES, _shared_limit, latent_scores, load_key_rows,
+                                  online_softmax_step)
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # read inside the kernels
@@ -118,13 +119,7 @@ def _sparse_mla_kernel(
                                         BLOCK_DR)
             k_v = k_v.to(q_v.dtype)
             k_r = k_r.to(q_v.dtype)
-        if FP32_DOT:
-            s = tl.dot(q_v, tl.trans(k_v), input_precision="ieee")
-            s += tl.dot(q_r, tl.trans(k_r), input_precision="ieee")
-        else:
-            s = tl.dot(q_v, tl.trans(k_v))
-            s += tl.dot(q_r, tl.trans(k_r))
-        s = tl.where(ok[None, :], s * qk_scale_log2, float("-inf"))
+        s = tl.where(ok[None, :], latent_scores(q_v, q_r, k_v, k_r, FP32_DOT) * qk_scale_log2, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, k_v, FP32_DOT)
 
     seen = l_i != 0.0  # NaN counts as seen: a NaN score comes out as NaN, not as "no key"
