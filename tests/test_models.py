@@ -123,9 +123,9 @@ def test_config_from_hf_and_presets():
     assert DeepseekV3Config().max_position_embeddings == HFConfig().max_position_embeddings  # defaults agree
     with pytest.raises(ValueError, match="^hidden_act: only 'silu'"):
         DeepseekV3Config.tiny(hidden_act="gelu")
-    # A V3.2 config (sparse attention over its indexer's top-k) is refused, not built as dense V3.
-    with pytest.raises(NotImplementedError, match="^hf_config: a DeepSeek-V3.2 config"):
-        DeepseekV3Config.from_hf({**hf_config(v3).to_dict(), "model_type": "deepseek_v32", "index_topk": 2048})
+    # A V3.2 config keeps its indexer (sparse attention over the top-k; tests/test_models_v32.py)
+    assert DeepseekV3Config.from_hf({**hf_config(v3).to_dict(), "model_type": "deepseek_v32",
+                                     "index_topk": 2048}).index_topk == 2048
     with pytest.raises(ValueError, match="^attention_bias:"):
         DeepseekV3Config.tiny(attention_bias=True)
     tiny = CONFIGS["v3"]  # the checkpoint's YaRN parameters: HF scales the softmax by mscale**2

@@ -11,6 +11,11 @@ Two ways to compute the same attention:
   up-projections (q_nope W_UK into the latent space, the output latent through W_UV) and attend with
   `flash_mla_with_kvcache` (one kv head of d = kv_lora_rank + rope, dv = kv_lora_rank), which never
   expands the cache: DeepSeek's "absorb" mode and FlashMLA's layout.
+
+DeepSeek-V3.2 (cfg.index_topk set): the indexer (models/indexer.py) picks the tokens each query
+attends to, and attention runs in the absorbed form over those only: `flash_mla_sparse_fwd` over the
+new tokens' latents without a cache, `flash_mla_sparse_decode` over the paged cache (which may then
+also be V3.2's FP8 layout, 656 bytes per token).
 """
 
 from __future__ import annotations
@@ -21,14 +26,18 @@ from torch import nn
 
 import dskernels
 from dskernels.models.config import DeepseekV3Config
+from dskernels.models.indexer import Indexer
 from dskernels.models.linear import Linear, RMSNorm, device_moves_only
 from dskernels.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 _LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 
 
+_FP8_CACHE_BYTES = 656  # V3.2's FP8 latent cache: 512 e4m3, 4 fp32 tile scales, 64 bf16 rope values per token
+
+
 class MLAttention(nn.Module):
-    def __init__(self, cfg: DeepseekV3Config, dtype=None, device=None):
+    def __init__(self, cfg: DeepseekV3Config, dtype=None, device=None, index_fp8: bool = True):
         super().__init__()
         self.cfg = cfg
         self.num_heads = h = cfg.num_attention_heads
@@ -47,6 +56,7 @@ class MLAttention(nn.Module):
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.softmax_scale = cfg.softmax_scale
         self.w_uk = self.w_uv = None  # absorbed up-projections, built from kv_b_proj on first cached call
+        self.indexer = Indexer(cfg, dtype, device, index_fp8) if cfg.index_topk is not None else None
 
     def _apply(self, fn, recurse=True):
         return super()._apply(device_moves_only(fn, lambda t: t is self.inv_freq), recurse)  # rope stays fp32
@@ -63,8 +73,10 @@ class MLAttention(nn.Module):
     def _project(self, x: torch.Tensor, positions: torch.Tensor):
         cfg = self.cfg
         b, s, _ = x.shape
+        q_resid = None
         if cfg.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_resid = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(q_resid)
         else:
             q = self.q_proj(x)
         q = q.view(b, s, self.num_heads, cfg.qk_head_dim)
@@ -74,16 +86,44 @@ class MLAttention(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_factor, x.dtype)
         q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)
         k_rope = apply_rope(k_rope, cos, sin, cfg.rope_interleave)
-        return q_nope, q_rope, latent, k_rope
+        return q_nope, q_rope, latent, k_rope, q_resid, cos, sin
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor | None = None,
-                block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        q_nope, q_rope, latent, k_rope = self._project(x, positions)
+                block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
+                index_cache: torch.Tensor | None = None) -> torch.Tensor:
+        q_nope, q_rope, latent, k_rope, q_resid, cos, sin = self._project(x, positions)
+        if index_cache is not None and (self.indexer is None or kv_cache is None):
+            raise ValueError("index_cache: only a DeepSeek-V3.2 layer (config index_topk) reads one, "
+                             "beside its kv_cache")
         if kv_cache is None:
-            out = self._attend_new_tokens(q_nope, q_rope, latent, k_rope)
+            if self.indexer is None:
+                out = self._attend_new_tokens(q_nope, q_rope, latent, k_rope)
+            else:
+                selected = self.indexer.select_new_tokens(x, q_resid, cos, sin)
+                out = self._attend_selected_new_tokens(q_nope, q_rope, latent, k_rope, selected)
         else:
-            out = self._attend_paged(q_nope, q_rope, latent, k_rope, kv_cache, block_table, cache_seqlens)
+            out = self._attend_paged(q_nope, q_rope, latent, k_rope, kv_cache, block_table, cache_seqlens,
+                                     index_cache, (x, q_resid, cos, sin))
         return self.o_proj(out.flatten(2))
+
+    def _absorbed_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
+        """[q_nope W_UK | q_rope]: scores against [latent | k_rope] equal q_nope . k_nope + q_rope . k_rope."""
+        if self.w_uk is None or self.w_uk.dtype != q_nope.dtype or self.w_uk.device != q_nope.device:
+            self.absorb(q_nope.dtype)
+        return torch.cat([torch.einsum("bshn,hnc->bshc", q_nope, self.w_uk), q_rope], dim=-1)
+
+    def _attend_selected_new_tokens(self, q_nope, q_rope, latent, k_rope, selected) -> torch.Tensor:
+        """V3.2 without a cache: token i of sequence b attends to the positions selected[b, i] (-1:
+        none) among the S new tokens, with flash_mla_sparse_fwd over the batch's latents."""
+        cfg = self.cfg
+        b, s, h, _ = q_nope.shape
+        q = self._absorbed_query(q_nope, q_rope).reshape(b * s, h, cfg.kv_cache_dim)
+        kv = torch.cat([latent, k_rope], dim=-1).reshape(b * s, 1, cfg.kv_cache_dim)
+        first = (torch.arange(b, device=selected.device, dtype=torch.int32) * s)[:, None, None]
+        indices = torch.where(selected >= 0, selected + first, -1).reshape(b * s, 1, -1)
+        out, _, _ = dskernels.flash_mla_sparse_fwd(q.contiguous(), kv, indices, self.softmax_scale,
+                                                   d_v=cfg.kv_lora_rank)
+        return torch.einsum("bshc,hvc->bshv", out.view(b, s, h, cfg.kv_lora_rank).to(q_nope.dtype), self.w_uv)
 
     def _attend_new_tokens(self, q_nope, q_rope, latent, k_rope) -> torch.Tensor:
         cfg = self.cfg
@@ -96,15 +136,23 @@ class MLAttention(nn.Module):
                                              is_causal=True, scale=self.softmax_scale)
         return out.transpose(1, 2)  # [b, s, h, v]
 
-    def _attend_paged(self, q_nope, q_rope, latent, k_rope, kv_cache, block_table, cache_seqlens) -> torch.Tensor:
+    def _attend_paged(self, q_nope, q_rope, latent, k_rope, kv_cache, block_table, cache_seqlens,
+                      index_cache, indexer_inputs) -> torch.Tensor:
         cfg = self.cfg
         b, s, h, _ = q_nope.shape
         d = cfg.kv_cache_dim
         if block_table is None or cache_seqlens is None:
             raise ValueError("block_table, cache_seqlens: required with kv_cache")
-        if kv_cache.dim() != 4 or kv_cache.shape[2] != 1 or kv_cache.shape[3] != d:
-            raise ValueError(f"kv_cache: expected [num_pages, page_size, 1, {d}] (kv_lora_rank + "
-                             f"qk_rope_head_dim), got {list(kv_cache.shape)}")
+        fp8_cache = kv_cache.dtype in (torch.uint8, torch.float8_e4m3fn)
+        width = _FP8_CACHE_BYTES if fp8_cache else d
+        if fp8_cache and (self.indexer is None or (cfg.kv_lora_rank, cfg.qk_rope_head_dim) != (512, 64)):
+            raise ValueError(f"kv_cache: the FP8 layout ({_FP8_CACHE_BYTES} bytes per token) is DeepSeek-V3.2's "
+                             f"(kv_lora_rank 512, qk_rope_head_dim 64, sparse attention); got a {kv_cache.dtype} "
+                             f"cache for kv_lora_rank {cfg.kv_lora_rank}, qk_rope_head_dim {cfg.qk_rope_head_dim}"
+                             f"{'' if self.indexer is not None else ', dense attention'}")
+        if kv_cache.dim() != 4 or kv_cache.shape[2] != 1 or kv_cache.shape[3] != width:
+            what = f"{_FP8_CACHE_BYTES} (V3.2's FP8 layout)" if fp8_cache else f"{d} (kv_lora_rank + qk_rope_head_dim)"
+            raise ValueError(f"kv_cache: expected [num_pages, page_size, 1, {what}], got {list(kv_cache.shape)}")
         if not kv_cache.is_contiguous():
             raise ValueError("kv_cache: expected a contiguous tensor (written in place)")
         if tuple(block_table.shape[:1]) != (b,) or tuple(cache_seqlens.shape) != (b,):
@@ -113,24 +161,51 @@ class MLAttention(nn.Module):
         if d % 16:
             raise ValueError(f"kv_cache: the paged path needs kv_lora_rank + qk_rope_head_dim to be a multiple "
                              f"of 16 (flash_mla_with_kvcache's head dimension), got {d}")
+        page_size = kv_cache.shape[1]
+        if self.indexer is not None:
+            self._check_index_cache(index_cache, page_size, q_nope.dtype)
         if s == 0:
             return q_nope.new_zeros(b, 0, h, cfg.v_head_dim)
-        if self.w_uk is None or self.w_uk.dtype != q_nope.dtype or self.w_uk.device != q_nope.device:
-            self.absorb(q_nope.dtype)
         # 1. write [latent | k_rope] of the new tokens at slots lens[b] .. lens[b] + s - 1 (no host sync)
-        page_size = kv_cache.shape[1]
         slots = cache_seqlens.long()[:, None] + torch.arange(s, device=kv_cache.device)
         pages = block_table.long().gather(1, slots // page_size)
         flat = (pages * page_size + slots % page_size).reshape(-1)
-        new = torch.cat([latent, k_rope], dim=-1).reshape(b * s, d).to(kv_cache.dtype)
-        kv_cache.view(-1, d).index_copy_(0, flat, new)
+        new = torch.cat([latent, k_rope], dim=-1).reshape(b * s, d)
+        if fp8_cache:
+            kv_cache.view(torch.uint8).view(-1, width)[flat] = dskernels.quantize_sparse_kv_cache(new).view(torch.uint8)
+        else:
+            kv_cache.view(-1, d).index_copy_(0, flat, new.to(kv_cache.dtype))
         # 2. absorbed query: q_nope W_UK lives in the latent space, so scores = q_lat . latent + q_rope . k_rope
-        q_latent = torch.einsum("bshn,hnc->bshc", q_nope, self.w_uk)
-        q = torch.cat([q_latent, q_rope], dim=-1).to(kv_cache.dtype)
+        q = self._absorbed_query(q_nope, q_rope)
         seqlens = (cache_seqlens + s).to(torch.int32)
-        metadata, num_splits = dskernels.get_mla_metadata(seqlens, s * h, 1)
-        out, _ = dskernels.flash_mla_with_kvcache(q, kv_cache, block_table, seqlens, cfg.kv_lora_rank,
-                                                  metadata, num_splits, softmax_scale=self.softmax_scale,
-                                                  causal=True)
+        if self.indexer is None:
+            metadata, num_splits = dskernels.get_mla_metadata(seqlens, s * h, 1)
+            out, _ = dskernels.flash_mla_with_kvcache(q.to(kv_cache.dtype), kv_cache, block_table, seqlens,
+                                                      cfg.kv_lora_rank, metadata, num_splits,
+                                                      softmax_scale=self.softmax_scale, causal=True)
+        else:  # V3.2: the indexer's positions (causal by construction) become cache slots
+            selected = self.indexer.select_paged(*indexer_inputs, index_cache, block_table, cache_seqlens, flat)
+            page = block_table.long().gather(1, (selected.long().clamp(min=0) // page_size).view(b, -1))
+            cache_slots = page.view(selected.shape) * page_size + selected % page_size
+            indices = torch.where(selected >= 0, cache_slots, -1).to(torch.int32)
+            out, _ = dskernels.flash_mla_sparse_decode(q.contiguous(), kv_cache, indices, cfg.kv_lora_rank,
+                                                       self.softmax_scale, fp8_cache)
         # 3. the output latent through W_UV gives each head's value vector
         return torch.einsum("bshc,hvc->bshv", out.to(q_nope.dtype), self.w_uv)
+
+    def _check_index_cache(self, index_cache, page_size: int, dtype: torch.dtype) -> None:
+        indexer = self.indexer
+        if index_cache is None:
+            raise ValueError("index_cache: a DeepSeek-V3.2 layer needs its indexer's key cache with kv_cache")
+        want = (torch.uint8, torch.float8_e4m3fn) if indexer.fp8 else (dtype,)
+        layout = (f"{indexer.head_dim} e4m3 bytes + a 4-byte scale per token, DeepGEMM's paged layout"
+                  if indexer.fp8 else f"index_head_dim {indexer.head_dim} values per token")
+        if index_cache.dtype not in want:
+            raise TypeError(f"index_cache: expected {' or '.join(str(t) for t in want)} ({layout}), "
+                            f"got {index_cache.dtype}")
+        if (index_cache.dim() != 4 or index_cache.shape[1] != page_size or index_cache.shape[2] != 1
+                or index_cache.shape[3] != indexer.cache_width):
+            raise ValueError(f"index_cache: expected [num_pages, {page_size} (kv_cache's page size), 1, "
+                             f"{indexer.cache_width}] ({layout}), got {list(index_cache.shape)}")
+        if not index_cache.is_contiguous():
+            raise ValueError("index_cache: expected a contiguous tensor (written in place)")

@@ -1,6 +1,6 @@
 """`DeepseekV3Config`: the fields of Hugging Face's `DeepseekV3Config` that one decoder layer needs.
 
-Field names are Hugging Face's (config.json of deepseek-ai/DeepSeek-V3), so
+Field names are Hugging Face's (config.json of deepseek-ai/DeepSeek-V3 and -V3.2), so
 `DeepseekV3Config(**json.load(open("config.json")))` works; unknown keys are kept in `extra`.
 RoPE parameters come either as transformers 5.x `rope_parameters` (a dict that holds rope_theta)
 or as 4.x / checkpoint `rope_scaling` + `rope_theta`; both are normalized into `rope_parameters`.
@@ -45,6 +45,12 @@ class DeepseekV3Config:
     rope_interleave: bool = True
     attention_bias: bool = False
     quantization_config: dict | None = None  # the FP8 checkpoint's {"weight_block_size": [128, 128], ...}
+    mlp_layer_types: list | None = None    # transformers 5.x V3.2: "dense" / "sparse" per layer
+    # DeepSeek-V3.2's sparse attention (DSA): with index_topk set, each layer's lightning indexer picks
+    # the index_topk cached tokens every query attends to (None: V3's dense attention).
+    index_topk: int | None = None
+    index_head_dim: int = 128
+    index_n_heads: int = 64
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __init__(self, **kwargs):
@@ -84,6 +90,27 @@ class DeepseekV3Config:
             raise ValueError(f"hidden_act: only 'silu' (DeepSeek-V3's) is supported, got {self.hidden_act!r}")
         if self.attention_bias:
             raise ValueError("attention_bias: projections with biases are not supported (DeepSeek-V3 has none)")
+        if self.index_topk is not None:
+            if isinstance(self.index_topk, bool) or not isinstance(self.index_topk, int) or self.index_topk < 1:
+                raise ValueError(f"index_topk: expected a positive int (or None for dense attention), "
+                                 f"got {self.index_topk!r}")
+            if not self.q_lora_rank:
+                raise ValueError("q_lora_rank: DeepSeek-V3.2's indexer reads the q LoRA latent, expected a rank, "
+                                 f"got {self.q_lora_rank!r}")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                raise ValueError(f"index_head_dim: expected at least qk_rope_head_dim={self.qk_rope_head_dim} "
+                                 f"(the indexer ropes its first dims), got {self.index_head_dim}")
+        if self.mlp_layer_types is not None and any(t not in ("dense", "sparse") for t in self.mlp_layer_types):
+            raise ValueError(f"mlp_layer_types: expected 'dense' or 'sparse' per layer, got {self.mlp_layer_types}")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """transformers' rule: mlp_layer_types[layer_idx] when given, else layer_idx >= first_k_dense_replace."""
+        if self.mlp_layer_types is not None:
+            if not 0 <= layer_idx < len(self.mlp_layer_types):
+                raise ValueError(f"layer_idx: expected 0 <= layer_idx < {len(self.mlp_layer_types)} "
+                                 f"(mlp_layer_types' length), got {layer_idx}")
+            return self.mlp_layer_types[layer_idx] == "sparse"
+        return layer_idx >= self.first_k_dense_replace
 
     # ---- derived sizes ----
     @property
@@ -117,21 +144,14 @@ class DeepseekV3Config:
     # ---- conversions ----
     @classmethod
     def from_hf(cls, hf_config) -> DeepseekV3Config:
-        """From a transformers DeepseekV3Config (4.x or 5.x), a dict, or a config.json path."""
+        """From a transformers DeepseekV3Config or DeepseekV32Config (4.x or 5.x), a dict, or a
+        config.json path. A V3.2 config (index_topk) gives layers with the sparse-attention indexer."""
         if isinstance(hf_config, str):
             import json
             with open(hf_config) as f:
                 hf_config = json.load(f)
         if not isinstance(hf_config, dict):
             hf_config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else vars(hf_config)
-        if hf_config.get("index_topk") is not None or hf_config.get("model_type") == "deepseek_v32":
-            # V3.2 attends to its indexer's top-k tokens; V3's dense attention equals that only while a
-            # context fits in index_topk, so building a V3 layer for it would be silently wrong beyond.
-            raise NotImplementedError(
-                f"hf_config: a DeepSeek-V3.2 config (model_type {hf_config.get('model_type')!r}, index_topk "
-                f"{hf_config.get('index_topk')}) needs its sparse-attention indexer, which dskernels.models "
-                "does not build yet; the kernels are there (dskernels.fp8_paged_mqa_logits, "
-                "flash_mla_with_kvcache(indices=...))")
         names = {f.name for f in dataclasses.fields(cls)} | {"num_local_experts"}  # (the alias of n_routed_experts)
         kwargs = {k: v for k, v in hf_config.items() if k in names}
         if hf_config.get("rope_parameters"):
@@ -140,9 +160,16 @@ class DeepseekV3Config:
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict:
-        """Keyword arguments for transformers' DeepseekV3Config (5.x `rope_parameters` spelling)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("extra", "rope_scaling", "rope_theta", "quantization_config")}
+        """Keyword arguments for transformers' DeepseekV3Config, or DeepseekV32Config when index_topk
+        is set (5.x `rope_parameters` spelling)."""
+        skip = {"extra", "rope_scaling", "rope_theta", "quantization_config"}
+        if self.index_topk is None:
+            skip |= {"index_topk", "index_head_dim", "index_n_heads"}
+        else:
+            skip.add("rope_interleave")  # V3.2's attention always interleaves; its config has no such field
+        if self.mlp_layer_types is None:
+            skip.add("mlp_layer_types")
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         out["rope_parameters"] = dict(self.rope_parameters)
         return out
 
@@ -164,6 +191,16 @@ class DeepseekV3Config:
                                  "weight_block_size": [128, 128]})
         base.update(overrides)
         return cls(**base)
+
+    @classmethod
+    def deepseek_v32_671b(cls, **overrides) -> DeepseekV3Config:
+        """deepseek-ai/DeepSeek-V3.2(-Exp): V3's sizes plus the indexer (64 heads of 128, top-2048)
+        and V3.1's power-of-two (ue8m0) FP8 scales."""
+        base = dict(index_topk=2048, index_head_dim=128, index_n_heads=64,
+                    quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                         "scale_fmt": "ue8m0", "weight_block_size": [128, 128]})
+        base.update(overrides)
+        return cls.deepseek_v3_671b(**base)
 
     @classmethod
     def tiny(cls, **overrides) -> DeepseekV3Config:

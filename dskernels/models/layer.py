@@ -9,6 +9,7 @@ from torch import nn
 
 from dskernels.models.attention import MLAttention
 from dskernels.models.config import DeepseekV3Config
+from dskernels.models.indexer import LayerNorm
 from dskernels.models.linear import BLOCK, FP8, MLP, Linear, RMSNorm, dequantize_block_fp8
 from dskernels.models.moe import Experts, MoE
 
@@ -29,7 +30,8 @@ class DeepseekV3DecoderLayer(nn.Module):
 
     Args:
         cfg: DeepseekV3Config.
-        layer_idx: the MoE replaces the dense MLP when layer_idx >= cfg.first_k_dense_replace.
+        layer_idx: the MoE replaces the dense MLP when layer_idx >= cfg.first_k_dense_replace (or
+            where cfg.mlp_layer_types says "sparse").
         dtype: compute dtype of activations and float weights (bf16 by default; fp32 works, and is
             what the tests compare with transformers in). FP8 weights stay FP8 (see load_hf_state_dict).
         device: where the weights live.
@@ -39,19 +41,23 @@ class DeepseekV3DecoderLayer(nn.Module):
         ep_low_latency_tokens: with ep_buffer, calls with at most this many tokens per rank (decode)
             use the buffer's low-latency dispatch/combine (DeepEP's num_max_dispatch_tokens_per_rank)
             and the masked grouped GEMM; larger calls use the normal dispatch.
+        index_fp8: DeepSeek-V3.2 configs only (index_topk set): the indexer scores in FP8 as
+            DeepSeek's inference code does (Hadamard-rotated q and k cast to FP8, DeepGEMM's
+            fp8_mqa_logits / fp8_paged_mqa_logits; its key cache in DeepGEMM's paged FP8 layout),
+            or with False in fp32 over keys cached in the layer's dtype, as transformers does.
 
     Forward: `layer(x, positions)` or `layer(x, positions, kv_cache=, block_table=, cache_seqlens=)`,
     see `forward`.
     """
 
     def __init__(self, cfg: DeepseekV3Config, layer_idx: int, *, dtype: torch.dtype = torch.bfloat16,
-                 device=None, ep_buffer=None, ep_low_latency_tokens: int | None = None):
+                 device=None, ep_buffer=None, ep_low_latency_tokens: int | None = None, index_fp8: bool = True):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
-        self.is_moe = layer_idx >= cfg.first_k_dense_replace
+        self.is_moe = cfg.is_moe_layer(layer_idx)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = MLAttention(cfg, dtype, device)
+        self.self_attn = MLAttention(cfg, dtype, device, index_fp8)
         if self.is_moe:
             self.mlp = MoE(cfg, dtype, device, ep_buffer, ep_low_latency_tokens)
         else:
@@ -66,7 +72,8 @@ class DeepseekV3DecoderLayer(nn.Module):
         return self.input_layernorm.weight.dtype
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor | None = None,
-                block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
+                index_cache: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, S, hidden] (the layer's dtype), positions int64 [B, S] (rope positions).
 
         Without kv_cache: causal attention over the S tokens. With kv_cache
@@ -74,16 +81,26 @@ class DeepseekV3DecoderLayer(nn.Module):
         block_table int32 [B, max_pages] and cache_seqlens int32 [B]: the latents of the S tokens
         are written at slots cache_seqlens[b] .. + S - 1 of sequence b, and token j attends over
         slots [0, cache_seqlens[b] + j + 1) with flash_mla_with_kvcache. cache_seqlens is not
-        modified. Returns [B, S, hidden]."""
+        modified. Returns [B, S, hidden].
+
+        DeepSeek-V3.2 (cfg.index_topk): token j attends to the index_topk of those slots its
+        indexer scores highest (all of them while they are fewer). With kv_cache it also needs
+        index_cache [num_pages, page_size, 1, W] under the same block table: the indexer's keys,
+        W = index_head_dim + 4 bytes (uint8, DeepGEMM's paged FP8 layout) with index_fp8, else
+        index_head_dim values in the layer's dtype. kv_cache may then also be V3.2's FP8 latent
+        cache: uint8 [num_pages, page_size, 1, 656] (FlashMLA's layout, kv_lora_rank 512 + rope 64)."""
         if x.dim() != 3 or x.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"x: expected [B, S, {self.cfg.hidden_size}], got {list(x.shape)}")
         if x.dtype != self.dtype:
             raise TypeError(f"x: expected the layer's dtype {self.dtype}, got {x.dtype}")
         if kv_cache is not None and kv_cache.dtype != self.dtype:
-            raise TypeError(f"kv_cache: expected the layer's dtype {self.dtype}, got {kv_cache.dtype}")
+            if self.cfg.index_topk is None or kv_cache.dtype not in (torch.uint8, FP8):
+                raise TypeError(f"kv_cache: expected the layer's dtype {self.dtype}"
+                                f"{'' if self.cfg.index_topk is None else ' or uint8 (the FP8 layout)'}, "
+                                f"got {kv_cache.dtype}")
         if tuple(positions.shape) != tuple(x.shape[:2]):
             raise ValueError(f"positions: expected shape {list(x.shape[:2])}, got {list(positions.shape)}")
-        h = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, block_table, cache_seqlens)
+        h = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, block_table, cache_seqlens, index_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     # ---- weights ----
@@ -99,6 +116,8 @@ class DeepseekV3DecoderLayer(nn.Module):
                 out[f"{name}.weight"] = module.dequantized(dtype)
             elif isinstance(module, RMSNorm) and name.startswith("self_attn."):
                 out[f"{name}.weight"] = module.weight.to(dtype)
+            elif isinstance(module, LayerNorm):  # the V3.2 indexer's k_norm
+                out[f"{name}.weight"], out[f"{name}.bias"] = module.weight.to(dtype), module.bias.to(dtype)
         if self.is_moe:
             experts = self.mlp.experts
             for name in ("gate_up_proj", "down_proj"):
@@ -156,7 +175,7 @@ class DeepseekV3DecoderLayer(nn.Module):
 
         device = self.input_layernorm.weight.device
 
-        def norm(module: RMSNorm, key):
+        def norm(module: RMSNorm | LayerNorm, key):
             w = take(key, module.weight.shape)
             if w is not None:
                 module.weight = w.to(device=device, dtype=self.dtype).clone()
@@ -182,6 +201,13 @@ class DeepseekV3DecoderLayer(nn.Module):
             norm(attn.q_a_layernorm, "self_attn.q_a_layernorm.weight")
         norm(attn.kv_a_layernorm, "self_attn.kv_a_layernorm.weight")
         attn.w_uk = attn.w_uv = None
+        if attn.indexer is not None:  # DeepSeek-V3.2
+            for name in ("wq_b", "wk", "weights_proj"):
+                linear(getattr(attn.indexer, name), f"self_attn.indexer.{name}")
+            norm(attn.indexer.k_norm, "self_attn.indexer.k_norm.weight")
+            bias = take("self_attn.indexer.k_norm.bias", attn.indexer.k_norm.bias.shape)
+            if bias is not None:
+                attn.indexer.k_norm.bias = bias.to(device=device, dtype=self.dtype).clone()
         if not self.is_moe:
             for name in ("gate_proj", "up_proj", "down_proj"):
                 linear(getattr(self.mlp, name), f"mlp.{name}")

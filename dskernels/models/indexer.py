@@ -1,0 +1,170 @@
+"""DeepSeek-V3.2's lightning indexer: which index_topk tokens each query attends to (DSA).
+
+Projections (HF names, under `self_attn.indexer.`): q = wq_b(q_resid) per head [rope | rest]
+(q_resid is the attention's q_a_layernorm(q_a_proj(x))), one key k = k_norm(wk(x)) shared by all
+heads (k_norm is a LayerNorm with bias), both roped on their first qk_rope_head_dim dims with
+rotate_half pairs (unlike MLA's interleaved pairs), and per-head weights w = weights_proj(x) in fp32.
+
+    score(query, key t) = sum_h w_h * n_heads**-0.5 * relu(q_h . k_t * index_head_dim**-0.5)
+
+over the keys the query may see (causal); the top index_topk scores are kept.
+
+Two ways to score:
+- fp8 (DeepSeek's inference code and the production path): q and k go through a normalized
+  Hadamard rotation (dot products unchanged, outliers spread so that FP8 loses less), are cast to
+  FP8 (q one scale per token and head, folded into the weights; k one per token) and scored by
+  `fp8_mqa_logits` (over the new tokens) or `fp8_paged_mqa_logits` (over a paged key cache in
+  DeepGEMM's layout: per page the e4m3 rows, then the fp32 scales);
+- float (transformers' DeepseekV32Indexer): fp32 dot products, keys cached in the layer's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dskernels
+from dskernels.models.config import DeepseekV3Config
+from dskernels.models.linear import Linear
+from dskernels.models.rope import apply_rope
+
+_K_NORM_EPS = 1e-6  # HF: nn.LayerNorm(index_head_dim, eps=1e-6)
+
+
+def hadamard_matrix(n: int) -> torch.Tensor:
+    """Sylvester's n x n Hadamard matrix over sqrt(n) (orthonormal, symmetric); n a power of two."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"index_head_dim: the FP8 indexer's Hadamard rotation needs a power of two, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n ** 0.5
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias, computed in fp32 (DeepSeek's inference code), output in x's dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype=None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(dim, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.zeros(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: DeepseekV3Config, dtype=None, device=None, fp8: bool = True):
+        super().__init__()
+        self.cfg, self.fp8 = cfg, fp8
+        self.num_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.wq_b = Linear(cfg.q_lora_rank, self.num_heads * self.head_dim, dtype, device)
+        self.wk = Linear(cfg.hidden_size, self.head_dim, dtype, device)
+        self.k_norm = LayerNorm(self.head_dim, _K_NORM_EPS, dtype, device)
+        self.weights_proj = Linear(cfg.hidden_size, self.num_heads, dtype, device)
+        # sum_h w_h relu(q.k s) with s = D**-0.5 > 0 equals sum_h (w_h s) relu(q.k): both factors go in the weights
+        self.weight_scale = self.num_heads ** -0.5 * self.head_dim ** -0.5
+        self.hadamard = hadamard_matrix(self.head_dim).to(device) if fp8 else None
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if self.hadamard is not None:  # a plain attribute (no state dict entry), always fp32
+            self.hadamard = fn(self.hadamard).float()
+        return module
+
+    @property
+    def cache_width(self) -> int:
+        """Per-token width of the key cache: D e4m3 bytes + a 4-byte scale (fp8), else D values."""
+        return self.head_dim + 4 if self.fp8 else self.head_dim
+
+    # ---- projections ----
+    def project(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, S, hidden], q_resid [B, S, q_lora_rank], cos/sin [B, S, rope/2] ->
+        q [B, S, H, D], k [B, S, D] (x's dtype, roped, rotated for fp8) and weights [B, S, H] fp32
+        (the head weights times n_heads**-0.5 * D**-0.5)."""
+        b, s, _ = x.shape
+        rope = self.cfg.qk_rope_head_dim
+        q = self.wq_b(q_resid).view(b, s, self.num_heads, self.head_dim)
+        k = self.k_norm(self.wk(x))
+        q = torch.cat([apply_rope(q[..., :rope], cos, sin, interleave=False), q[..., rope:]], dim=-1)
+        k = torch.cat([apply_rope(k[..., :rope], cos, sin, interleave=False), k[..., rope:]], dim=-1)
+        if self.fp8:
+            q = (q.float() @ self.hadamard).to(q.dtype)
+            k = (k.float() @ self.hadamard).to(k.dtype)
+        if self.weights_proj.is_fp8:
+            weights = self.weights_proj(x).float()
+        else:  # transformers keeps weights_proj in fp32
+            weights = F.linear(x.float(), self.weights_proj.weight.float())
+        return q, k, weights * self.weight_scale
+
+    def _cast_query(self, q: torch.Tensor, weights: torch.Tensor):
+        """q [M, H, D] -> FP8 q (one scale per token and head) and the weights with that scale folded in."""
+        q8, q_scale = dskernels.per_custom_dims_cast_to_fp8(q, (0, 1), self.cfg.fp8_round_scale)
+        return q8, weights * q_scale
+
+    # ---- selection ----
+    def select_new_tokens(self, x, q_resid, cos, sin) -> torch.Tensor:
+        """Causal selection among the S tokens of x (prefill from scratch): int32 [B, S, topk]
+        positions in the sequence (topk = min(index_topk, S)), -1 where a query sees fewer tokens."""
+        q, k, weights = self.project(x, q_resid, cos, sin)
+        b, s = x.shape[:2]
+        if self.fp8:
+            q8, weights = self._cast_query(q.reshape(b * s, self.num_heads, self.head_dim), weights.reshape(b * s, -1))
+            k8, k_scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(b * s, self.head_dim), (0,),
+                                                                self.cfg.fp8_round_scale)
+            row = torch.arange(b * s, device=x.device, dtype=torch.int32)
+            starts = row - row % s  # query i of sequence j sees keys [j s, i + 1) of the flattened batch
+            logits = dskernels.fp8_mqa_logits(q8, (k8, k_scale), weights, starts, row + 1, True, s)
+            logits = logits.view(b, s, s)
+        else:
+            scores = torch.einsum("bshd,btd->bsht", q.float(), k.float()).clamp(min=0)
+            logits = torch.einsum("bsht,bsh->bst", scores, weights)
+            causal = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
+            logits = logits.masked_fill(causal, float("-inf"))
+        return self._top(logits)
+
+    def select_paged(self, x, q_resid, cos, sin, index_cache: torch.Tensor, block_table: torch.Tensor,
+                     cache_seqlens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Writes the S new keys at `slots` (flat cache slots [B * S]) of index_cache, then selects
+        for token j of sequence b among positions [0, cache_seqlens[b] + j + 1): int32 [B, S, topk]
+        positions (topk = min(index_topk, the block table's capacity)), -1 past what a query sees.
+        No host sync: the logits span the whole block table; positions past a sequence are -inf."""
+        q, k, weights = self.project(x, q_resid, cos, sin)
+        b, s = x.shape[:2]
+        page_size = index_cache.shape[1]
+        capacity = block_table.shape[1] * page_size
+        context = (cache_seqlens + s).to(torch.int32)
+        if self.fp8:
+            k8, k_scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(b * s, self.head_dim), (0,),
+                                                                self.cfg.fp8_round_scale)
+            pages = index_cache.view(torch.uint8).view(index_cache.shape[0], page_size * self.cache_width)
+            keys = pages[:, :page_size * self.head_dim].view(-1, page_size, self.head_dim)
+            scales = pages[:, page_size * self.head_dim:].view(-1, page_size, 4)
+            keys[slots // page_size, slots % page_size] = k8.view(torch.uint8)
+            scales[slots // page_size, slots % page_size] = k_scale.view(torch.uint8).view(-1, 4)
+            q8, weights = self._cast_query(q.reshape(b * s, self.num_heads, self.head_dim), weights.reshape(b * s, -1))
+            num_sms = (torch.cuda.get_device_properties(x.device).multi_processor_count
+                       if x.device.type == "cuda" else 1)
+            schedule = dskernels.get_paged_mqa_logits_metadata(context, page_size, num_sms)
+            logits = dskernels.fp8_paged_mqa_logits(q8.view(b, s, self.num_heads, self.head_dim), index_cache,
+                                                    weights, context, block_table, schedule, capacity, True)
+            logits = logits.view(b, s, capacity)
+        else:
+            flat = index_cache.view(-1, self.head_dim)
+            flat.index_copy_(0, slots, k.reshape(b * s, self.head_dim).to(index_cache.dtype))
+            positions = torch.arange(capacity, device=x.device)
+            table = block_table.long().clamp(0, index_cache.shape[0] - 1)  # entries past a sequence: masked below
+            keys = flat[(table.gather(1, (positions // page_size).expand(b, -1)) * page_size
+                         + positions % page_size)]                                  # [B, capacity, D]
+            scores = torch.einsum("bshd,btd->bsht", q.float(), keys.float()).clamp(min=0)
+            logits = torch.einsum("bsht,bsh->bst", scores, weights)
+            seen = cache_seqlens.long()[:, None, None] + torch.arange(1, s + 1, device=x.device)[:, None]
+            logits = logits.masked_fill(positions >= seen, float("-inf"))
+        return self._top(logits)
+
+    def _top(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, S, T] (-inf: not seen) -> int32 [B, S, min(index_topk, T)] positions, -1 for -inf."""
+        values, positions = logits.topk(min(self.cfg.index_topk, logits.shape[-1]), dim=-1)
+        return torch.where(values == float("-inf"), -1, positions).to(torch.int32)

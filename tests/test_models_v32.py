@@ -1,0 +1,338 @@
+"""DeepSeek-V3.2 layers (config index_topk: MLA over the indexer's top-k tokens) against
+transformers' DeepseekV32DecoderLayer on random weights, in fp32.
+
+The float indexer is transformers' math, so the whole layer must match (selection included). The
+FP8 indexer (DeepSeek's inference path) may pick a different token where two scores are within
+FP8 rounding of each other, so it is checked in two parts: its logits against the exact scores of
+the same queries and keys within the bound FP8 rounding allows, and the layer against
+transformers made to attend where our indexer selected."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import dskernels
+from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                reason="needs transformers (pip install -r requirements-dev.txt)")
+
+TOL = 1e-4
+# top-4 of up to 9 tokens: most queries attend to a strict subset of what they may see. 16 indexer
+# heads: with few, every head's relu is 0 for some keys often enough that exact ties (score 0) decide
+# the selection, and topk breaks ties in no specified order
+CFG = DeepseekV3Config.tiny(index_topk=4, index_head_dim=64, index_n_heads=16)
+# V3.2's latent widths (512 + 64: the FP8 latent cache's layout), small elsewhere
+WIDE = DeepseekV3Config.tiny(index_topk=4, index_head_dim=64, index_n_heads=16, kv_lora_rank=512,
+                             qk_rope_head_dim=64, num_attention_heads=2, num_key_value_heads=2)
+
+
+def hf_module():
+    from transformers.models.deepseek_v32 import modeling_deepseek_v32
+    return modeling_deepseek_v32
+
+
+def hf_config(cfg: DeepseekV3Config):
+    from transformers import DeepseekV32Config
+    config = DeepseekV32Config(**cfg.to_hf_dict())
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
+    return config
+
+
+def make_reference(cfg: DeepseekV3Config, layer_idx: int, seed: int = 0):
+    """transformers' layer in fp32 with random weights (norm weights around 1, k_norm's bias small,
+    a negative score bias)."""
+    torch.manual_seed(seed)
+    ref = hf_module().DeepseekV32DecoderLayer(hf_config(cfg), layer_idx).float().eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("norm.bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * max(p.shape[-1], 1) ** -0.5)
+        if cfg.is_moe_layer(layer_idx):
+            ref.mlp.gate.e_score_correction_bias.copy_(-0.2 * torch.rand(cfg.n_routed_experts))
+    return ref
+
+
+def reference_forward(ref, cfg, x, positions, selected=None):
+    """HF's layer over all tokens of x with a causal mask. selected [B, S, k] (positions, -1 none):
+    HF's attention then attends there instead of where its own indexer would."""
+    b, s = x.shape[:2]
+    rotary = hf_module().DeepseekV32RotaryEmbedding(hf_config(cfg))
+    mask = torch.full((s, s), float("-inf")).triu(1)[None, None].expand(b, 1, s, s)
+    if selected is not None:  # -1 -> a repeat of the query's own position (always selected: the top score)
+        chosen = torch.where(selected >= 0, selected, selected.max(-1, keepdim=True).values)
+        ref.self_attn.indexer.forward = lambda *args, **kwargs: chosen
+    try:
+        with torch.no_grad():
+            return ref(x, attention_mask=mask, position_ids=positions, position_embeddings=rotary(x, positions))
+    finally:
+        ref.self_attn.indexer.__dict__.pop("forward", None)
+
+
+def spread_positions(b, s, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 150000, (b, 1), generator=g) + torch.arange(s)
+
+
+def forced_backend(name):
+    if name not in dskernels.available_backends():
+        pytest.skip(f"backend {name!r} is not available here")
+    return dskernels.backend(name)
+
+
+def make_layer(cfg, layer_idx, ref, index_fp8, dtype=torch.float32):
+    layer = DeepseekV3DecoderLayer(cfg, layer_idx, dtype=dtype, index_fp8=index_fp8)
+    layer.load_hf_state_dict(ref.state_dict())
+    return layer
+
+
+def record_selection(layer, name):
+    """Wraps layer.self_attn.indexer.<name> (select_new_tokens / select_paged): the positions it returns."""
+    calls = []
+    original = getattr(layer.self_attn.indexer, name)
+
+    def recorded(*args, **kwargs):
+        calls.append(original(*args, **kwargs))
+        return calls[-1]
+    setattr(layer.self_attn.indexer, name, recorded)
+    return calls
+
+
+def paged_caches(cfg, layer, num_pages, page_size, batch, pages_per_seq, fp8_latents=False, seed=5):
+    """NaN-poisoned latent and indexer caches (0xFF bytes: NaN in e4m3 and fp32 alike) under a
+    block table of shuffled pages."""
+    g = torch.Generator().manual_seed(seed)
+    if fp8_latents:
+        cache = torch.full((num_pages, page_size, 1, 656), 0xFF, dtype=torch.uint8)
+    else:
+        cache = torch.full((num_pages, page_size, 1, cfg.kv_cache_dim), float("nan"))
+    indexer = layer.self_attn.indexer
+    if indexer.fp8:
+        index_cache = torch.full((num_pages, page_size, 1, indexer.cache_width), 0xFF, dtype=torch.uint8)
+    else:
+        index_cache = torch.full((num_pages, page_size, 1, indexer.cache_width), float("nan"))
+    table = torch.randperm(num_pages, generator=g)[:batch * pages_per_seq].view(batch, pages_per_seq)
+    return cache, index_cache, table.to(torch.int32).contiguous()
+
+
+# ---- config ----
+
+def test_config_from_hf_and_presets():
+    v32 = DeepseekV3Config.deepseek_v32_671b()
+    assert (v32.index_topk, v32.index_head_dim, v32.index_n_heads, v32.kv_cache_dim) == (2048, 128, 64, 576)
+    assert v32.fp8_round_scale  # V3.1's power-of-two scales
+    ours = DeepseekV3Config.from_hf(hf_config(v32))
+    for name in ("index_topk", "index_head_dim", "index_n_heads", "hidden_size", "q_lora_rank", "n_group",
+                 "first_k_dense_replace", "max_position_embeddings"):
+        assert getattr(ours, name) == getattr(v32, name), name
+    assert ours.rope_parameters == v32.rope_parameters and ours.rope_interleave  # V3.2's MLA interleaves
+    assert ours.mlp_layer_types[:4] == ["dense", "dense", "dense", "sparse"]
+    assert [ours.is_moe_layer(i) for i in (0, 2, 3, 60)] == [False, False, True, True]
+    assert DeepseekV3Config.from_hf(DeepseekV3Config.deepseek_v3_671b().to_hf_dict()).index_topk is None
+    mixed = DeepseekV3Config.tiny(mlp_layer_types=["sparse", "dense"])
+    assert [mixed.is_moe_layer(i) for i in (0, 1)] == [True, False]
+    assert DeepseekV3DecoderLayer(mixed, 0, dtype=torch.float32).is_moe
+    with pytest.raises(ValueError, match="^layer_idx: expected 0 <= layer_idx < 2"):
+        mixed.is_moe_layer(2)
+    with pytest.raises(ValueError, match="^mlp_layer_types:"):
+        DeepseekV3Config.tiny(mlp_layer_types=["moe"])
+    with pytest.raises(ValueError, match="^index_topk:"):
+        DeepseekV3Config.tiny(index_topk=0)
+    with pytest.raises(ValueError, match="^q_lora_rank: DeepSeek-V3.2's indexer"):
+        DeepseekV3Config.tiny(index_topk=8, q_lora_rank=None)
+    with pytest.raises(ValueError, match="^index_head_dim: expected at least qk_rope_head_dim=32"):
+        DeepseekV3Config.tiny(index_topk=8, index_head_dim=16)
+    with pytest.raises(ValueError, match="^index_head_dim: the FP8 indexer's Hadamard rotation needs a power of two"):
+        DeepseekV3DecoderLayer(DeepseekV3Config.tiny(index_topk=8, index_head_dim=96), 0)
+
+
+def test_state_dict_round_trip():
+    """The indexer's weights load under HF's names (self_attn.indexer.*) and come back unchanged."""
+    ref = make_reference(CFG, 1, seed=3)
+    layer = make_layer(CFG, 1, ref, index_fp8=True)
+    back = layer.hf_state_dict()
+    assert set(back) == set(ref.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
+    with pytest.raises(KeyError, match="missing 'self_attn.indexer.k_norm.bias'"):
+        layer.load_hf_state_dict({k: v for k, v in ref.state_dict().items() if k != "self_attn.indexer.k_norm.bias"})
+    with pytest.raises(ValueError, match="^state_dict: 'self_attn.indexer.wk.weight' of layer 1: expected shape"):
+        layer.load_hf_state_dict({**ref.state_dict(), "self_attn.indexer.wk.weight": torch.ones(3, 3)})
+
+
+# ---- the float indexer: transformers' math, selection included ----
+
+@pytest.mark.parametrize("layer_idx", [0, 1], ids=["dense", "moe"])
+def test_prefill_matches_transformers(layer_idx):
+    ref = make_reference(CFG, layer_idx)
+    x, positions = torch.randn(2, 9, CFG.hidden_size), spread_positions(2, 9)
+    layer = make_layer(CFG, layer_idx, ref, index_fp8=False)
+    selections = record_selection(layer, "select_new_tokens")
+    with torch.no_grad():
+        got = layer(x, positions)
+    torch.testing.assert_close(got, reference_forward(ref, CFG, x, positions), atol=TOL, rtol=TOL)
+    (selected,) = selections
+    assert selected.shape == (2, 9, 4)
+    assert ((selected >= 0).sum(-1) == torch.arange(1, 10).clamp(max=4)).all()  # top-4 of what each sees
+    # the sparse mask matters: attending to everything each token sees gives another output
+    dense = make_layer(DeepseekV3Config.tiny(index_topk=9, index_head_dim=64, index_n_heads=16), layer_idx, ref, False)
+    with torch.no_grad():
+        assert (dense(x, positions) - got).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("layer_idx", [0, 1], ids=["dense", "moe"])
+def test_prefill_then_decode_through_paged_cache(backend, layer_idx):
+    """Two sequences prefilled one by one into NaN-poisoned paged caches (page size 5), then
+    decoded together (2 tokens at once, then 1); every output equals HF's layer over the whole
+    sequence, whose indexer sees the same tokens."""
+    ref = make_reference(CFG, layer_idx, seed=7)
+    layer = make_layer(CFG, layer_idx, ref, index_fp8=False)
+    got = decode_through_cache(layer, CFG, backend, seed=2)
+    for b, (x, positions, y) in enumerate(got):
+        torch.testing.assert_close(y, reference_forward(ref, CFG, x, positions)[0], atol=TOL, rtol=TOL)
+
+
+def decode_through_cache(layer, cfg, backend, seed, fp8_latents=False, selections=None):
+    """Prefills [6, 3] tokens, decodes 2 then 1 token per sequence; returns per sequence
+    (x [1, n, hidden], positions [1, n], the layer's outputs [n, hidden])."""
+    prompt_lens, total = [6, 3], 9
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, total, cfg.hidden_size, generator=g)
+    positions = spread_positions(2, total, seed=seed)
+    cache, index_cache, table = paged_caches(cfg, layer, num_pages=9, page_size=5, batch=2, pages_per_seq=3,
+                                             fp8_latents=fp8_latents)
+    table[:, 2] = 2 ** 30  # 9 tokens at most: the third page is never reached, so never read
+    got = [[None] * total for _ in range(2)]
+    kwargs = dict(kv_cache=cache, index_cache=index_cache)
+    with torch.no_grad(), forced_backend(backend):
+        for b, n in enumerate(prompt_lens):
+            y = layer(x[b:b + 1, :n], positions[b:b + 1, :n], block_table=table[b:b + 1],
+                      cache_seqlens=torch.zeros(1, dtype=torch.int32), **kwargs)
+            got[b][:n] = list(y[0])
+        lens = torch.tensor(prompt_lens, dtype=torch.int32)
+        for step in (2, 1):
+            idx = lens.long()[:, None] + torch.arange(step)
+            xs = torch.stack([x[b, idx[b]] for b in range(2)])
+            ps = torch.stack([positions[b, idx[b]] for b in range(2)])
+            y = layer(xs, ps, block_table=table, cache_seqlens=lens, **kwargs)
+            for b in range(2):
+                for j in range(step):
+                    got[b][int(idx[b, j])] = y[b, j]
+            lens = lens + step
+    return [(x[b:b + 1, :int(lens[b])], positions[b:b + 1, :int(lens[b])], torch.stack(got[b][:int(lens[b])]))
+            for b in range(2)]
+
+
+# ---- the FP8 indexer ----
+
+def selections_per_sequence(calls, prompt_lens=(6, 3)):
+    """select_paged's outputs of decode_through_cache -> per sequence [n, k] (positions, -1 none)."""
+    rows = [[calls[0][0, j] for j in range(prompt_lens[0])], [calls[1][0, j] for j in range(prompt_lens[1])]]
+    for call in calls[2:]:
+        for b in range(2):
+            rows[b].extend(call[b, j] for j in range(call.shape[1]))
+    return [torch.stack(r) for r in rows]
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_fp8_indexer_layer_attends_where_it_selects(backend):
+    """With the FP8 indexer, prefill from scratch and decode through the FP8 key cache: each output
+    equals HF's layer attending where ours selected."""
+    ref = make_reference(CFG, 1, seed=9)
+    layer = make_layer(CFG, 1, ref, index_fp8=True)
+    prefill_calls = record_selection(layer, "select_new_tokens")
+    x, positions = torch.randn(2, 9, CFG.hidden_size), spread_positions(2, 9, seed=3)
+    with torch.no_grad(), forced_backend(backend):
+        got = layer(x, positions)
+    torch.testing.assert_close(got, reference_forward(ref, CFG, x, positions, prefill_calls[0]), atol=TOL, rtol=TOL)
+    paged_calls = record_selection(layer, "select_paged")
+    per_sequence = decode_through_cache(layer, CFG, backend, seed=4)
+    for (x, positions, y), selected in zip(per_sequence, selections_per_sequence(paged_calls)):
+        torch.testing.assert_close(y, reference_forward(ref, CFG, x, positions, selected[None])[0],
+                                   atol=TOL, rtol=TOL)
+
+
+def test_fp8_indexer_logits_within_rounding_of_exact_scores():
+    """The FP8 logits (prefill: fp8_mqa_logits; paged: fp8_paged_mqa_logits over the cached FP8 keys)
+    differ from the exact scores of the same rotated q and k by at most what e4m3 rounding allows:
+    each of q and k is off by <= 2**-4 relative (3 mantissa bits) plus subnormal steps, so
+    |error| <= sum_h |w_h| (2 * 2**-4 + 2**-8) sum_d |q_hd k_d| + a subnormal floor. Unseen
+    positions are -inf in both."""
+    ref = make_reference(CFG, 0, seed=13)
+    layer = make_layer(CFG, 0, ref, index_fp8=True)
+    indexer = layer.self_attn.indexer
+    logits_seen, inputs_seen = [], []
+    top, project = indexer._top, indexer.project
+    indexer._top = lambda logits: (logits_seen.append(logits), top(logits))[1]
+    indexer.project = lambda *a: (inputs_seen.append(project(*a)), inputs_seen[-1])[1]
+    x, positions = torch.randn(2, 9, CFG.hidden_size), spread_positions(2, 9, seed=6)
+    cache, index_cache, table = paged_caches(CFG, layer, num_pages=6, page_size=4, batch=2, pages_per_seq=3)
+    with torch.no_grad():
+        layer(x, positions)
+        layer(x[:, :7], positions[:, :7], kv_cache=cache, index_cache=index_cache, block_table=table,
+              cache_seqlens=torch.zeros(2, dtype=torch.int32))
+        layer(x[:, 7:], positions[:, 7:], kv_cache=cache, index_cache=index_cache, block_table=table,
+              cache_seqlens=torch.full((2,), 7, dtype=torch.int32))
+    keys_so_far = inputs_seen[1][1]
+    for n, (logits, (q, k, w)) in enumerate(zip(logits_seen, inputs_seen)):
+        if n == 2:  # the decode step scores against the keys cached by the call before
+            k = torch.cat([keys_so_far, k], dim=1)
+        s, t = q.shape[1], k.shape[1]
+        seen = torch.arange(t)[None, :] <= torch.arange(t - s, t)[:, None]          # [s, t]
+        dots = torch.einsum("bshd,btd->bsht", q.double(), k.double())
+        exact = torch.einsum("bsht,bsh->bst", dots.clamp(min=0), w.double())
+        bound = torch.einsum("bsht,bsh->bst", torch.einsum("bshd,btd->bsht", q.double().abs(), k.double().abs()),
+                             w.double().abs()) * (2 * 2 ** -4 + 2 ** -8) + 1e-6
+        got = logits[..., :t].double()
+        assert torch.equal(torch.isinf(got), ~seen.expand_as(got)), n
+        assert (logits[..., t:] == float("-inf")).all()  # past the sequence: the block table's spare room
+        err = (got - exact).abs()[seen.expand_as(got)]
+        assert (err <= bound[seen.expand_as(got)]).all(), (n, (err / bound[seen.expand_as(got)]).max())
+        assert err.max() > 0  # it did go through FP8
+
+
+# ---- V3.2's FP8 latent cache ----
+
+def test_fp8_latent_cache():
+    """Decode through V3.2's FP8 latent cache (656 bytes per token: e4m3 latents with a power-of-two
+    scale per 128 values, bf16 rope): within FP8 rounding of HF's layer. e4m3 keeps 3 mantissa bits
+    (<= 6.25% per latent value, ~2% rms); scores and values both carry it."""
+    ref = make_reference(WIDE, 0, seed=15)
+    layer = make_layer(WIDE, 0, ref, index_fp8=False)  # transformers' selection: the same tokens
+    attention_only = []
+    for x, positions, y in decode_through_cache(layer, WIDE, "ref", seed=6, fp8_latents=True):
+        expected = reference_forward(ref, WIDE, x, positions)[0]
+        attention_only.append(((y - expected).norm() / (expected - x[0]).norm()).item())
+    assert max(attention_only) < 0.05, attention_only
+
+
+# ---- bad input ----
+
+def test_bad_inputs():
+    ref = make_reference(CFG, 0, seed=1)
+    layer = make_layer(CFG, 0, ref, index_fp8=True)
+    x, positions = torch.randn(1, 2, CFG.hidden_size), torch.zeros(1, 2, dtype=torch.long)
+    cache, index_cache, table = paged_caches(CFG, layer, 4, 4, 1, 2)
+    lens = torch.zeros(1, dtype=torch.int32)
+    call = dict(kv_cache=cache, block_table=table, cache_seqlens=lens)
+    with pytest.raises(ValueError, match="^index_cache: a DeepSeek-V3.2 layer needs"):
+        layer(x, positions, **call)
+    with pytest.raises(TypeError, match=r"^index_cache: expected torch.uint8 or torch.float8_e4m3fn \(64 e4m3"):
+        layer(x, positions, index_cache=torch.zeros(4, 4, 1, 68), **call)
+    with pytest.raises(ValueError, match=r"^index_cache: expected \[num_pages, 4 \(kv_cache's page size\), 1, 68\]"):
+        layer(x, positions, index_cache=index_cache[:, :2].contiguous(), **call)
+    with pytest.raises(ValueError, match="^index_cache: only a DeepSeek-V3.2 layer"):
+        layer(x, positions, index_cache=index_cache)
+    with pytest.raises(ValueError, match="^kv_cache: the FP8 layout .* kv_lora_rank 128"):
+        layer(x, positions, index_cache=index_cache, **{**call, "kv_cache": torch.zeros(4, 4, 1, 656, dtype=torch.uint8)})
+    v3 = DeepseekV3Config.tiny()
+    with pytest.raises(ValueError, match="^index_cache: only a DeepSeek-V3.2 layer"):
+        DeepseekV3DecoderLayer(v3, 0, dtype=torch.float32)(x, positions, index_cache=index_cache, **call)
+    with pytest.raises(TypeError, match="^kv_cache: expected the layer's dtype torch.float32, got torch.uint8"):
+        DeepseekV3DecoderLayer(v3, 0, dtype=torch.float32)(x, positions, **{**call, "kv_cache": cache.byte()})
