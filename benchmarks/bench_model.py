@@ -2,6 +2,8 @@
 for batch 1..128 at context 4096 and prefill throughput, ours (FP8 checkpoint weights, and bf16
 weights) against the same layer in plain PyTorch (python_ref/models.py: transformers' algorithm,
 which re-expands the latent cache through kv_b_proj every step and loops over experts).
+DeepSeek-V3.2's layer too (config v32: FP8 weights, the FP8 indexer, V3.2's FP8 latent cache and
+DeepGEMM's FP8 key pages) at contexts 4096 and 32768, where its top-2048 attention departs from V3.
 
     python benchmarks/run.py --ops model           # the Case grid, checked and timed
     python benchmarks/bench_model.py [--quick]     # on the GPU: the latency / tokens-per-s table
@@ -36,8 +38,10 @@ import dskernels  # noqa: E402
 from benchmarks.common import Case  # noqa: E402
 from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer  # noqa: E402
 from python_ref import models as ref_models  # noqa: E402
+from python_ref.indexer import paged_k_cache_dequantize  # noqa: E402
 
 CONTEXT = 4096
+LONG_CONTEXT = 32768  # V3.2 reads 2048 of these latents per query, and indexes all of them
 PAGE = 64
 
 
@@ -83,7 +87,14 @@ def random_checkpoint(cfg: DeepseekV3Config, layer_idx: int, device: str, fp8: b
     linear("self_attn.kv_a_proj_with_mqa", cfg.kv_cache_dim, h)
     linear("self_attn.kv_b_proj", heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
     linear("self_attn.o_proj", h, heads * cfg.v_head_dim)
-    if layer_idx < cfg.first_k_dense_replace:
+    if cfg.index_topk is not None:  # V3.2's indexer (weights_proj stays bf16, as in the checkpoint)
+        linear("self_attn.indexer.wq_b", cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank)
+        linear("self_attn.indexer.wk", cfg.index_head_dim, h)
+        sd["self_attn.indexer.k_norm.weight"] = ones(cfg.index_head_dim)
+        sd["self_attn.indexer.k_norm.bias"] = torch.zeros(cfg.index_head_dim, device=device, dtype=torch.bfloat16)
+        sd["self_attn.indexer.weights_proj.weight"] = (
+            torch.randn(cfg.index_n_heads, h, generator=g, device=device) * h ** -0.5).to(torch.bfloat16)
+    if not cfg.is_moe_layer(layer_idx):
         for name, n, k in (("gate_proj", cfg.intermediate_size, h), ("up_proj", cfg.intermediate_size, h),
                            ("down_proj", h, cfg.intermediate_size)):
             linear(f"mlp.{name}", n, k)
@@ -100,7 +111,11 @@ def random_checkpoint(cfg: DeepseekV3Config, layer_idx: int, device: str, fp8: b
 
 
 def _config(name: str) -> DeepseekV3Config:
-    return DeepseekV3Config.deepseek_v3_671b() if name == "v3" else DeepseekV3Config.tiny()
+    """v3 / v32: the 671B models' layers; tiny / tiny32: the test model (tiny32 with V3.2's indexer,
+    top-16 of 16 heads x 64)."""
+    return {"v3": DeepseekV3Config.deepseek_v3_671b, "v32": DeepseekV3Config.deepseek_v32_671b,
+            "tiny": DeepseekV3Config.tiny,
+            "tiny32": lambda: DeepseekV3Config.tiny(index_topk=16, index_head_dim=64, index_n_heads=16)}[name]()
 
 
 @functools.lru_cache(maxsize=2)
@@ -113,9 +128,11 @@ def build(config: str, layer_idx: int, device: str, fp8: bool):
     """(our layer, the plain-PyTorch weights). On the GPU one FP8 checkpoint serves both of our
     layers (fp8=True keeps it as is, sharing its memory; fp8=False dequantizes it to bf16) and the
     peer runs on the bf16 layer's weights, so all three compute with the same values (~35 GB in all
-    at the real size). On CPU: fp32 layers from a bf16 checkpoint."""
+    at the real size). On CPU: fp32 layers from a bf16 checkpoint (V3.2: with transformers' fp32
+    indexer, whose selection the oracle shares exactly; the GPU layers score in FP8)."""
     if device == "cpu":
-        layer = DeepseekV3DecoderLayer(_config(config), layer_idx, dtype=torch.float32, device=device)
+        layer = DeepseekV3DecoderLayer(_config(config), layer_idx, dtype=torch.float32, device=device,
+                                       index_fp8=False)
         layer.load_hf_state_dict(_checkpoint(config, layer_idx, device, False))
         return layer, layer.hf_state_dict()
     layer = DeepseekV3DecoderLayer(_config(config), layer_idx, dtype=torch.bfloat16, device=device)
@@ -156,20 +173,30 @@ def transformers_step(config, layer_idx, x, positions, past=None):
 
 
 def _flops_bytes(cfg, layer_idx, tokens, context, batch, weight_bytes, prefill=False):
+    """context: keys per query (decode: the cache length; prefill: the mean causal length, tokens / 2).
+    V3.2 attends to min(index_topk, context) of them in the absorbed form (decode and prefill alike),
+    reads those latents from its FP8 cache (656 bytes per token) and scores the whole context with
+    the indexer (2 * index_n_heads * index_head_dim per key, its cache read once in decode)."""
     h, heads, r = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
+    sparse = cfg.index_topk is not None
     # Decode attends over the latent cache (576-wide keys, 512-wide values); prefill expands the
     # new tokens' latents per head and runs SDPA on (qk_head_dim, v_head_dim).
-    attn_width = cfg.qk_head_dim + cfg.v_head_dim if prefill else cfg.kv_cache_dim + r
+    attn_width = cfg.qk_head_dim + cfg.v_head_dim if prefill and not sparse else cfg.kv_cache_dim + r
     attn_w = h * (cfg.q_lora_rank or 0) + (cfg.q_lora_rank or h) * heads * cfg.qk_head_dim \
         + h * cfg.kv_cache_dim + r * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) + heads * cfg.v_head_dim * h
-    if layer_idx < cfg.first_k_dense_replace:
+    attended, index_flops = context, 0
+    if sparse:
+        attn_w += cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim + h * (cfg.index_head_dim + cfg.index_n_heads)
+        attended = min(cfg.index_topk, context)
+        index_flops = 2 * tokens * cfg.index_n_heads * cfg.index_head_dim * context
+    if not cfg.is_moe_layer(layer_idx):
         mlp_active = mlp_read = 3 * h * cfg.intermediate_size
     else:
         expert = 3 * h * cfg.moe_intermediate_size
         mlp_active = (cfg.num_experts_per_tok + cfg.n_shared_experts) * expert + h * cfg.n_routed_experts
         mlp_read = (min(cfg.n_routed_experts, cfg.num_experts_per_tok * tokens) + cfg.n_shared_experts) * expert
-    flops = 2 * tokens * (attn_w + mlp_active) + 2 * tokens * heads * context * attn_width
-    cache = batch * context * cfg.kv_cache_dim * 2
+    flops = 2 * tokens * (attn_w + mlp_active) + 2 * tokens * heads * attended * attn_width + index_flops
+    cache = batch * (attended * 656 + context * (cfg.index_head_dim + 4)) if sparse else batch * context * cfg.kv_cache_dim * 2
     return float(flops), float((attn_w + mlp_read) * weight_bytes + cache)
 
 
@@ -186,69 +213,93 @@ def decode_case(config: str, layer_idx: int, batch: int, context: int, fp8: bool
         cfg = layer.cfg
         g = torch.Generator(device=dev).manual_seed(1)
         pages_per_seq = -(-(context + 1) // PAGE)
-        cache = torch.randn(batch * pages_per_seq, PAGE, 1, cfg.kv_cache_dim, generator=g, device=dev).to(layer.dtype)
-        table = torch.randperm(batch * pages_per_seq, generator=g, device=dev).view(batch, pages_per_seq).int()
+        pages = batch * pages_per_seq
+        cache = torch.randn(pages, PAGE, 1, cfg.kv_cache_dim, generator=g, device=dev).to(layer.dtype)
+        index_cache = None
+        if cfg.index_topk is not None:
+            indexer = layer.self_attn.indexer
+            keys = torch.randn(pages, PAGE, 1, indexer.head_dim, generator=g, device=dev)  # LayerNorm'd: ~unit
+            if indexer.fp8:  # V3.2's FP8 caches (the latents' 656-byte layout, DeepGEMM's key pages)
+                cache = dskernels.quantize_sparse_kv_cache(cache)
+                index_cache = dskernels.paged_k_cache_cast_to_fp8(keys)  # keys as the indexer stores them: rotated
+            else:
+                index_cache = keys.to(layer.dtype)
+        table = torch.randperm(pages, generator=g, device=dev).view(batch, pages_per_seq).int()
         lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
         x = torch.randn(batch, 1, cfg.hidden_size, generator=g, device=dev).to(layer.dtype)
         positions = torch.full((batch, 1), context, dtype=torch.long, device=dev)
-        return layer, weights, x, positions, cache, table, lens
+        return layer, weights, x, positions, (cache, index_cache), table, lens
 
-    def run(layer, weights, x, positions, cache, table, lens):
+    def run(layer, weights, x, positions, caches, table, lens):
         with torch.no_grad():
-            return layer(x, positions, kv_cache=cache, block_table=table, cache_seqlens=lens)
+            return layer(x, positions, kv_cache=caches[0], index_cache=caches[1], block_table=table,
+                         cache_seqlens=lens)
 
     history = {}
 
-    def past_of(layer, cache, table, lens, rows):
+    def past_of(layer, caches, table, lens, rows):
         """The context's cached latents as contiguous [b, context, r] and [b, context, rope] (the
-        peers' own cache layout; gathered once, outside their timing)."""
-        key = (id(cache), str(rows))
+        peers' own cache layout; gathered once, outside their timing), for V3.2 also its indexer
+        keys [b, context, index_head_dim] (FP8 caches dequantized, the keys rotated back)."""
+        key = (id(caches[0]), str(rows))
         if key not in history:
             history.clear()
-            cfg = layer.cfg
-            latent = cache[table[rows].long()].flatten(1, 2)[:, :context, 0]   # [b, context, d]
+            cfg, (cache, index_cache) = layer.cfg, caches
+            pages = table[rows].long()
+            latent = cache[pages].flatten(1, 2)[:, :context, 0]   # [b, context, d]
+            if latent.dtype == torch.uint8:
+                latent = dskernels.dequantize_sparse_kv_cache(latent).to(layer.dtype)
             history[key] = (latent[..., :cfg.kv_lora_rank].contiguous(), latent[..., cfg.kv_lora_rank:].contiguous())
+            if index_cache is not None:
+                indexer = layer.self_attn.indexer
+                if indexer.fp8:
+                    keys = paged_k_cache_dequantize(index_cache, indexer.head_dim).float() @ indexer.hadamard.T
+                else:
+                    keys = index_cache[:, :, 0]
+                history[key] += (keys[pages].flatten(1, 2)[:, :context].to(layer.dtype).contiguous(),)
         return history[key]
 
-    def plain_torch(layer, weights, x, positions, cache, table, lens):
+    def plain_torch(layer, weights, x, positions, caches, table, lens):
         """transformers' algorithm: the whole batch at once, the latent history expanded per head."""
         with torch.no_grad():
             return ref_models.decoder_layer(weights, layer.cfg, layer_idx, x, positions,
-                                            past_of(layer, cache, table, lens, slice(None)))[0]
+                                            past_of(layer, caches, table, lens, slice(None)))[0]
 
-    def transformers_peer(layer, weights, x, positions, cache, table, lens):
+    def transformers_peer(layer, weights, x, positions, caches, table, lens):
         return transformers_step(config, layer_idx, x.to(weights["mlp.experts.down_proj"].dtype), positions,
-                                 past_of(layer, cache, table, lens, slice(None)))
+                                 past_of(layer, caches, table, lens, slice(None)))
 
-    def reference(layer, weights, x, positions, cache, table, lens):
+    def reference(layer, weights, x, positions, caches, table, lens):
         """The oracle one sequence at a time (bounded memory at batch 128)."""
         with torch.no_grad():
             outs = [ref_models.decoder_layer(weights, layer.cfg, layer_idx, x[b:b + 1], positions[b:b + 1],
-                                             past_of(layer, cache, table, lens, slice(b, b + 1)))[0]
+                                             past_of(layer, caches, table, lens, slice(b, b + 1)))[0]
                     for b in range(batch)]
         return torch.cat(outs)
 
     cfg = _config(config)
     flops, moved = _flops_bytes(cfg, layer_idx, batch, context, batch, 1 if fp8 else 2)
     # fp32 on CPU: the same math to rounding; bf16/FP8 on GPU: activation casts (and, rarely, a
-    # near-tied expert chosen differently) make this a sanity bound only; tests/test_models.py
-    # holds the accuracy checks.
+    # near-tied expert chosen differently; V3.2: a near-tied token the FP8 indexer ranks otherwise)
+    # make this a sanity bound only; tests/test_models*.py hold the accuracy checks.
     limit = 1e-4 if device == "cpu" else 0.2
     return Case(op="deepseek_v3_layer_decode",
-                params={"config": config, "layer": "moe" if layer_idx >= cfg.first_k_dense_replace else "dense",
+                params={"config": config, "layer": "moe" if cfg.is_moe_layer(layer_idx) else "dense",
                         "weights": "fp8" if fp8 else "bf16" if device != "cpu" else "fp32",
                         "batch": batch, "context": context},
                 make_inputs=make_inputs, run=run, reference=reference, check=_rel_l2(limit), flops=flops,
-                bytes=moved, peers=_peers(device, plain_torch, transformers_peer),
+                bytes=moved, peers=_peers(device, cfg, plain_torch, transformers_peer),
                 backends=("ref", "triton") if device == "cpu" else ("triton", "cuda"),
                 compute_dtype="fp8" if fp8 else "bf16")
 
 
-def _peers(device, plain_torch, transformers_peer) -> dict:
+def _peers(device, cfg, plain_torch, transformers_peer) -> dict:
+    """Plain PyTorch, and transformers' V3 layer (not its V3.2 one: its indexer cache lives in
+    transformers' own Cache classes, which this benchmark does not build)."""
     if device == "cpu":
         return {}
     peers = {"torch": plain_torch}
-    if importlib.util.find_spec("transformers") is not None:
+    if importlib.util.find_spec("transformers") is not None and cfg.index_topk is None:
         peers["transformers"] = transformers_peer
     return peers
 
@@ -275,12 +326,12 @@ def prefill_case(config: str, layer_idx: int, batch: int, tokens: int, fp8: bool
     cfg = _config(config)
     flops, moved = _flops_bytes(cfg, layer_idx, batch * tokens, tokens / 2, 0, 1 if fp8 else 2, prefill=True)
     return Case(op="deepseek_v3_layer_prefill",
-                params={"config": config, "layer": "moe" if layer_idx >= cfg.first_k_dense_replace else "dense",
+                params={"config": config, "layer": "moe" if cfg.is_moe_layer(layer_idx) else "dense",
                         "weights": "fp8" if fp8 else "bf16" if device != "cpu" else "fp32",
                         "batch": batch, "tokens": tokens},
                 make_inputs=make_inputs, run=run, reference=plain_torch,
                 check=_rel_l2(1e-4 if device == "cpu" else 0.2), flops=flops, bytes=moved,
-                peers=_peers(device, plain_torch, transformers_peer),
+                peers=_peers(device, cfg, plain_torch, transformers_peer),
                 backends=("ref", "triton") if device == "cpu" else ("triton", "cuda"),
                 compute_dtype="fp8" if fp8 else "bf16")
 
@@ -288,13 +339,18 @@ def prefill_case(config: str, layer_idx: int, batch: int, tokens: int, fp8: bool
 def cases(quick: bool, device: str) -> list[Case]:
     if device == "cpu":  # the tiny model: every path checked against the oracle in fp32
         return [decode_case("tiny", 1, 3, 37, False, device), decode_case("tiny", 0, 2, 20, False, device),
-                prefill_case("tiny", 1, 2, 23, False, device)]
+                prefill_case("tiny", 1, 2, 23, False, device), decode_case("tiny32", 1, 3, 37, False, device),
+                prefill_case("tiny32", 0, 2, 23, False, device)]
     if quick:  # a short device call: the FP8 layer only (each new GEMM shape autotunes 7 tiles)
         return [decode_case("v3", 3, b, CONTEXT, True, device) for b in (1, 64)] + \
-            [prefill_case("v3", 3, 1, CONTEXT, True, device)]
+            [prefill_case("v3", 3, 1, CONTEXT, True, device), decode_case("v32", 3, 64, LONG_CONTEXT, True, device)]
     batches = [1, 2, 4, 8, 16, 32, 64, 128]
     found = [decode_case("v3", 3, b, CONTEXT, fp8, device) for fp8 in (True, False) for b in batches]
     found += [prefill_case("v3", 3, 1, CONTEXT, fp8, device) for fp8 in (True, False)]
+    # V3.2 (top-2048 sparse attention, FP8 caches): where it departs from V3, at long contexts
+    found += [decode_case("v32", 3, b, context, True, device) for context in (CONTEXT, LONG_CONTEXT)
+              for b in (1, 32, 128)]
+    found += [prefill_case("v32", 3, 1, CONTEXT, True, device)]
     return found
 
 
@@ -306,7 +362,7 @@ def main() -> int:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     timer = bench.bench_gpu if device == "cuda" else bench.bench_cpu
-    print(f"DeepSeek-V3 layer on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
+    print(f"DeepSeek-V3 / V3.2 layer on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, backends {dskernels.available_backends()}")
     print("case | shape | ours us | plain torch us | transformers us | speedup vs fastest | ours tokens/s | check")
     status = 0

@@ -8,6 +8,8 @@ of benchmarks/bench_model.py. It computes what transformers' DeepseekV3DecoderLa
 
 Attention always takes the expanded (non-absorbed) form: the cached latents of earlier tokens are
 projected through kv_b_proj into per-head keys and values every call, as transformers' cache does.
+DeepSeek-V3.2 (cfg.index_topk set): transformers' DeepseekV32Indexer in fp32 (see index_scores)
+keeps the index_topk best-scored tokens of those each query sees; attention is masked to them.
 Weights are a dict with Hugging Face 5.x names (fused experts), float.
 """
 
@@ -24,14 +26,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, cfg) -> torch.Tensor:
-    """x [B, S, heads, d]: pairs (x_2i, x_2i+1) (rope_interleave) or (x_i, x_i+d/2) rotated by
-    position * inv_freq_i; the output is [rotated firsts | rotated seconds] either way."""
+def rope(x: torch.Tensor, positions: torch.Tensor, cfg, interleave: bool | None = None) -> torch.Tensor:
+    """x [B, S, heads, d]: pairs (x_2i, x_2i+1) (interleave, default cfg.rope_interleave) or
+    (x_i, x_i+d/2) rotated by position * inv_freq_i; the output is [rotated firsts | rotated
+    seconds] either way."""
     inv_freq, factor = rope_inv_freq(cfg.rope_parameters, cfg.qk_rope_head_dim, cfg.max_position_embeddings)
     angle = positions[..., None].float() * inv_freq.to(x.device)
     cos = (angle.cos() * factor).to(x.dtype)[:, :, None]
     sin = (angle.sin() * factor).to(x.dtype)[:, :, None]
-    if cfg.rope_interleave:
+    if cfg.rope_interleave if interleave is None else interleave:
         a, b = x[..., 0::2], x[..., 1::2]
     else:
         a, b = x.chunk(2, dim=-1)
@@ -59,18 +62,40 @@ def swiglu(x, gate, up, down):
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
+def index_scores(w: dict, cfg, h: torch.Tensor, q_resid: torch.Tensor, positions: torch.Tensor,
+                 past_keys: torch.Tensor | None = None):
+    """DeepSeek-V3.2's indexer as transformers computes it: q = wq_b(q_resid) per head, one key
+    k = LayerNorm(wk(h)), both roped (rotate_half pairs) on their first qk_rope_head_dim dims;
+    score[s, t] = sum_h weights_proj(h)[h] * n_heads**-0.5 * relu(q_h . k_t * index_head_dim**-0.5).
+    Returns (scores fp32 [B, S, T + S] over the past keys [B, T, D] and the new ones, the keys)."""
+    b, s, _ = h.shape
+    heads, dim, rope_dim = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
+    q = F.linear(q_resid, w["self_attn.indexer.wq_b.weight"]).view(b, s, heads, dim)
+    k = F.layer_norm(F.linear(h, w["self_attn.indexer.wk.weight"]).float(), (dim,),
+                     w["self_attn.indexer.k_norm.weight"].float(), w["self_attn.indexer.k_norm.bias"].float(),
+                     1e-6).to(h.dtype)
+    q = torch.cat([rope(q[..., :rope_dim], positions, cfg, interleave=False), q[..., rope_dim:]], dim=-1)
+    k = torch.cat([rope(k[:, :, None, :rope_dim], positions, cfg, interleave=False)[:, :, 0], k[..., rope_dim:]], -1)
+    if past_keys is not None:
+        k = torch.cat([past_keys, k], 1)
+    weights = F.linear(h.float(), w["self_attn.indexer.weights_proj.weight"].float()) * heads ** -0.5
+    dots = torch.einsum("bshd,btd->bsht", q.float(), k.float()) * dim ** -0.5
+    return torch.einsum("bsht,bsh->bst", dots.clamp(min=0), weights), k
+
+
 def decoder_layer(w: dict, cfg, layer_idx: int, x: torch.Tensor, positions: torch.Tensor,
-                  past: tuple[torch.Tensor, torch.Tensor] | None = None):
+                  past: tuple[torch.Tensor, ...] | None = None):
     """x [B, S, H], positions [B, S]; past = (latent [B, T, kv_lora_rank], k_rope [B, T, rope]) of
-    T earlier tokens (normalized, roped: what a latent cache holds) or None.
-    Returns (y [B, S, H], (latent, k_rope) of the T + S tokens). Token j sees the T past tokens
-    and new tokens 0..j."""
+    T earlier tokens (normalized, roped: what a latent cache holds), plus for V3.2 their indexer
+    keys [B, T, index_head_dim] (roped), or None.
+    Returns (y [B, S, H], the same tuple for the T + S tokens). Token j sees the T past tokens
+    and new tokens 0..j (V3.2: the index_topk of those its indexer scores highest)."""
     b, s, _ = x.shape
     heads, nope, rope_dim, vd = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     h = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
     if cfg.q_lora_rank:
-        q = F.linear(rms_norm(F.linear(h, w["self_attn.q_a_proj.weight"]), w["self_attn.q_a_layernorm.weight"], 1e-6),
-                     w["self_attn.q_b_proj.weight"])
+        q_resid = rms_norm(F.linear(h, w["self_attn.q_a_proj.weight"]), w["self_attn.q_a_layernorm.weight"], 1e-6)
+        q = F.linear(q_resid, w["self_attn.q_b_proj.weight"])
     else:
         q = F.linear(h, w["self_attn.q_proj.weight"])
     q = q.view(b, s, heads, nope + rope_dim)
@@ -80,20 +105,26 @@ def decoder_layer(w: dict, cfg, layer_idx: int, x: torch.Tensor, positions: torc
     k_rope = rope(kv[..., None, cfg.kv_lora_rank:], positions, cfg)[:, :, 0]
     if past is not None:
         latent, k_rope = torch.cat([past[0], latent], 1), torch.cat([past[1], k_rope], 1)
+    cached = (latent, k_rope)
     t = latent.shape[1]
     kv = F.linear(latent, w["self_attn.kv_b_proj.weight"]).view(b, t, heads, nope + vd)
     k = torch.cat([kv[..., :nope], k_rope[:, :, None].expand(b, t, heads, rope_dim)], dim=-1)
     v = kv[..., nope:]
     scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) * cfg.softmax_scale
     visible = torch.arange(t, device=x.device)[None, :] <= (t - s + torch.arange(s, device=x.device))[:, None]
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    visible = visible.expand(b, s, t)
+    if cfg.index_topk is not None:  # V3.2: only the indexer's top-k of what each query sees
+        index, keys = index_scores(w, cfg, h, q_resid, positions, past[2] if past is not None else None)
+        top = index.masked_fill(~visible, float("-inf")).topk(min(cfg.index_topk, t), dim=-1).indices
+        visible = visible & torch.zeros_like(visible).scatter_(-1, top, True)
+        cached += (keys,)
+    probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
     attn = torch.einsum("bhst,bthd->bshd", probs, v.float()).to(x.dtype).reshape(b, s, heads * vd)
     x = x + F.linear(attn, w["self_attn.o_proj.weight"])
 
     h = rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
-    if layer_idx < cfg.first_k_dense_replace:
-        return x + swiglu(h, w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"]), \
-            (latent, k_rope)
+    if not cfg.is_moe_layer(layer_idx):
+        return x + swiglu(h, w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"]), cached
     flat = h.reshape(b * s, -1)
     idx, weights = route(flat, w["mlp.gate.weight"], w["mlp.gate.e_score_correction_bias"], cfg)
     out = torch.zeros_like(flat, dtype=torch.float32)
@@ -107,4 +138,4 @@ def decoder_layer(w: dict, cfg, layer_idx: int, x: torch.Tensor, positions: torc
     if cfg.n_shared_experts:
         out = out + swiglu(flat, w["mlp.shared_experts.gate_proj.weight"], w["mlp.shared_experts.up_proj.weight"],
                            w["mlp.shared_experts.down_proj.weight"])
-    return x + out.view(b, s, -1), (latent, k_rope)
+    return x + out.view(b, s, -1), cached

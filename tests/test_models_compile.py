@@ -80,6 +80,41 @@ def test_compiled_layer_equals_eager(layer_idx, weights):
     assert counter.frame_count == 3
 
 
+V32 = DeepseekV3Config.tiny(index_topk=4, index_head_dim=64, index_n_heads=16)
+
+
+@pytest.mark.parametrize("index_fp8,weights", [(True, "bf16"), (False, "fp32")], ids=["fp8-indexer", "fp32-indexer"])
+def test_compiled_v32_layer_equals_eager(index_fp8, weights):
+    """DeepSeek-V3.2 (the indexer's top-4 of up to 9 tokens): one graph per input shape for prefill
+    and for steps through the latent and indexer caches, bit-identical to eager, caches included."""
+    torch._dynamo.reset()
+    dtype = torch.float32 if weights == "fp32" else torch.bfloat16
+    g = torch.Generator().manual_seed(5)
+    sd = {name: (1 + 0.1 * torch.randn(t.shape, generator=g)) if name.endswith("norm.weight")
+          else torch.randn(t.shape, generator=g) * t.shape[-1] ** -0.5
+          for name, t in DeepseekV3DecoderLayer(V32, 1, dtype=dtype).hf_state_dict(torch.float32).items()}
+    layer = DeepseekV3DecoderLayer(V32, 1, dtype=dtype, index_fp8=index_fp8)
+    layer.load_hf_state_dict(sd)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=False)
+    width = layer.self_attn.indexer.cache_width
+    first = (torch.randn(8, PAGE_SIZE, 1, V32.kv_cache_dim, generator=g).to(dtype),
+             torch.zeros(8, PAGE_SIZE, 1, width, dtype=torch.uint8 if index_fp8 else dtype))
+    caches = [first, tuple(c.clone() for c in first)]
+    with torch.no_grad():
+        for i, (x, positions, paged) in enumerate(steps(dtype)):
+            if paged is None:
+                got, want = compiled(x, positions), layer(x, positions)
+            else:
+                (kv_c, index_c), (kv_e, index_e) = caches
+                got = compiled(x, positions, kv_cache=kv_c, index_cache=index_c, **paged)
+                want = layer(x, positions, kv_cache=kv_e, index_cache=index_e, **paged)
+            torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"call {i}: {m}")
+            for c, e in zip(*caches):
+                assert torch.equal(c, e), f"cache after call {i}"
+    assert counter.frame_count == 3
+
+
 def test_dynamic_shapes_serve_every_batch_from_one_graph():
     """Under torch.compile(dynamic=True) a decode step through the paged cache keeps one graph for
     every batch size and token count (MTP): nothing in the layer or its ops specializes on them.

@@ -185,6 +185,21 @@ def test_prefill_matches_transformers(layer_idx):
         assert (dense(x, positions) - got).abs().max() > 1e-2
 
 
+def test_plain_torch_oracle_matches_transformers():
+    """python_ref/models.py's V3.2 path (the benchmark's plain-PyTorch peer and check), continued
+    from a past that holds the indexer keys, is transformers' math too."""
+    from python_ref.models import decoder_layer
+    for layer_idx in (0, 1):
+        ref = make_reference(CFG, layer_idx, seed=17)
+        x, positions = torch.randn(2, 9, CFG.hidden_size), spread_positions(2, 9, seed=8)
+        with torch.no_grad():
+            first, past = decoder_layer(ref.state_dict(), CFG, layer_idx, x[:, :5], positions[:, :5])
+            rest, past = decoder_layer(ref.state_dict(), CFG, layer_idx, x[:, 5:], positions[:, 5:], past)
+        assert [t.shape[1] for t in past] == [9, 9, 9] and past[2].shape[-1] == CFG.index_head_dim
+        torch.testing.assert_close(torch.cat([first, rest], 1), reference_forward(ref, CFG, x, positions),
+                                   atol=TOL, rtol=TOL)
+
+
 @pytest.mark.parametrize("backend", ["ref", "triton"])
 @pytest.mark.parametrize("layer_idx", [0, 1], ids=["dense", "moe"])
 def test_prefill_then_decode_through_paged_cache(backend, layer_idx):
