@@ -351,3 +351,17 @@ def test_bad_inputs():
         DeepseekV3DecoderLayer(v3, 0, dtype=torch.float32)(x, positions, index_cache=index_cache, **call)
     with pytest.raises(TypeError, match="^kv_cache: expected the layer's dtype torch.float32, got torch.uint8"):
         DeepseekV3DecoderLayer(v3, 0, dtype=torch.float32)(x, positions, **{**call, "kv_cache": cache.byte()})
+
+
+@pytest.mark.parametrize("index_fp8", [True, False], ids=["fp8-indexer", "fp32-indexer"])
+def test_no_tokens(index_fp8):
+    """Empty batches and empty calls give empty outputs, with and without the caches."""
+    layer = make_layer(CFG, 0, make_reference(CFG, 0, seed=2), index_fp8=index_fp8)
+    cache, index_cache, table = paged_caches(CFG, layer, 4, 4, 2, 2)
+    with torch.no_grad():
+        for b, s in ((2, 0), (0, 3)):
+            x, positions = torch.randn(b, s, CFG.hidden_size), torch.zeros(b, s, dtype=torch.long)
+            assert layer(x, positions).shape == (b, s, CFG.hidden_size)
+        y = layer(torch.randn(2, 0, CFG.hidden_size), torch.zeros(2, 0, dtype=torch.long), kv_cache=cache,
+                  index_cache=index_cache, block_table=table, cache_seqlens=torch.zeros(2, dtype=torch.int32))
+        assert y.shape == (2, 0, CFG.hidden_size)

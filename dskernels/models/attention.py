@@ -98,6 +98,8 @@ class MLAttention(nn.Module):
         if kv_cache is None:
             if self.indexer is None:
                 out = self._attend_new_tokens(q_nope, q_rope, latent, k_rope)
+            elif q_nope.numel() == 0:  # no tokens: nothing to select from or attend to
+                out = q_nope.new_zeros(*q_nope.shape[:3], self.cfg.v_head_dim)
             else:
                 selected = self.indexer.select_new_tokens(x, q_resid, cos, sin)
                 out = self._attend_selected_new_tokens(q_nope, q_rope, latent, k_rope, selected)
@@ -120,7 +122,7 @@ class MLAttention(nn.Module):
         q = self._absorbed_query(q_nope, q_rope).reshape(b * s, h, cfg.kv_cache_dim)
         kv = torch.cat([latent, k_rope], dim=-1).reshape(b * s, 1, cfg.kv_cache_dim)
         first = (torch.arange(b, device=selected.device, dtype=torch.int32) * s)[:, None, None]
-        indices = torch.where(selected >= 0, selected + first, -1).reshape(b * s, 1, -1)
+        indices = torch.where(selected >= 0, selected + first, -1).reshape(b * s, 1, selected.shape[-1])
         out, _, _ = dskernels.flash_mla_sparse_fwd(q.contiguous(), kv, indices, self.softmax_scale,
                                                    d_v=cfg.kv_lora_rank)
         return torch.einsum("bshc,hvc->bshv", out.view(b, s, h, cfg.kv_lora_rank).to(q_nope.dtype), self.w_uv)

@@ -26,7 +26,7 @@ from torch import nn
 
 import dskernels
 from dskernels.models.config import DeepseekV3Config
-from dskernels.models.linear import Linear
+from dskernels.models.linear import Linear, device_moves_only
 from dskernels.models.rope import apply_rope
 
 _K_NORM_EPS = 1e-6  # HF: nn.LayerNorm(index_head_dim, eps=1e-6)
@@ -70,8 +70,8 @@ class Indexer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
-        if self.hadamard is not None:  # a plain attribute (no state dict entry), always fp32
-            self.hadamard = fn(self.hadamard).float()
+        if self.hadamard is not None:  # a plain attribute (no state dict entry): moves, stays exact fp32
+            self.hadamard = device_moves_only(fn, lambda t: True)(self.hadamard)
         return module
 
     @property
@@ -111,7 +111,7 @@ class Indexer(nn.Module):
         q, k, weights = self.project(x, q_resid, cos, sin)
         b, s = x.shape[:2]
         if self.fp8:
-            q8, weights = self._cast_query(q.reshape(b * s, self.num_heads, self.head_dim), weights.reshape(b * s, -1))
+            q8, weights = self._cast_query(q.reshape(b * s, self.num_heads, self.head_dim), weights.reshape(b * s, self.num_heads))
             k8, k_scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(b * s, self.head_dim), (0,),
                                                                 self.cfg.fp8_round_scale)
             row = torch.arange(b * s, device=x.device, dtype=torch.int32)
@@ -144,7 +144,7 @@ class Indexer(nn.Module):
             scales = pages[:, page_size * self.head_dim:].view(-1, page_size, 4)
             keys[slots // page_size, slots % page_size] = k8.view(torch.uint8)
             scales[slots // page_size, slots % page_size] = k_scale.view(torch.uint8).view(-1, 4)
-            q8, weights = self._cast_query(q.reshape(b * s, self.num_heads, self.head_dim), weights.reshape(b * s, -1))
+            q8, weights = self._cast_query(q.reshape(b * s, self.num_heads, self.head_dim), weights.reshape(b * s, self.num_heads))
             num_sms = (torch.cuda.get_device_properties(x.device).multi_processor_count
                        if x.device.type == "cuda" else 1)
             schedule = dskernels.get_paged_mqa_logits_metadata(context, page_size, num_sms)
