@@ -126,7 +126,7 @@ def flash_mla_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: tor
     num_pages, page_size, h_kv = k_cache.shape[:3]
     kv = dequantize_sparse_kv_cache(k_cache) if is_fp8_kvcache else k_cache.float()
     kv = kv.reshape(num_pages * page_size, h_kv, d)
-    flat_idx = indices.reshape(b * s_q, 1, -1).expand(-1, h_kv, -1)
+    flat_idx = indices.reshape(b * s_q, 1, indices.shape[2]).expand(-1, h_kv, -1)
     lengths = None if topk_length is None else topk_length.repeat_interleave(s_q)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     out, _, lse = sparse_attention(q.reshape(b * s_q, h_q, d), kv, flat_idx, scale, head_dim_v, lengths, attn_sink)

@@ -292,6 +292,23 @@ def test_nan_in_a_listed_row_is_not_hidden(backend):
     assert not out[1].isnan().any() and not lse[1].isnan().any()
 
 
+def test_empty_batches_and_lists(backend):
+    """No sequences, no queries, or empty lists: empty outputs, or out 0 and lse +inf (nothing seen)."""
+    name, device = backend
+    skip_cuda_backend(name)
+    cache = torch.randn(4, 4, 1, 576, dtype=torch.bfloat16, device=device)
+    out, lse = dskernels.flash_mla_sparse_decode(torch.randn(0, 1, 4, 576, dtype=torch.bfloat16, device=device),
+                                                 cache, torch.zeros(0, 1, 8, dtype=torch.int32, device=device), 512)
+    assert out.shape == (0, 1, 4, 512) and lse.shape == (0, 4, 1)
+    out, max_logits, lse = dskernels.flash_mla_sparse_fwd(
+        torch.randn(0, 4, 576, dtype=torch.bfloat16, device=device), cache.view(16, 1, 576),
+        torch.zeros(0, 1, 8, dtype=torch.int32, device=device), 0.1)
+    assert out.shape == (0, 4, 512) and max_logits.shape == lse.shape == (0, 4)
+    out, lse = dskernels.flash_mla_sparse_decode(torch.randn(2, 1, 4, 576, dtype=torch.bfloat16, device=device),
+                                                 cache, torch.zeros(2, 1, 0, dtype=torch.int32, device=device), 512)
+    assert (out == 0).all() and (lse == math.inf).all()
+
+
 def test_fp16_queries_with_the_fp8_cache_are_refused():
     q = torch.randn(1, 1, 4, 576, dtype=torch.float16)
     with pytest.raises(TypeError, match="q: .*float16"):

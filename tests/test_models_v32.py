@@ -65,7 +65,7 @@ def reference_forward(ref, cfg, x, positions, selected=None):
     b, s = x.shape[:2]
     rotary = hf_module().DeepseekV32RotaryEmbedding(hf_config(cfg))
     mask = torch.full((s, s), float("-inf")).triu(1)[None, None].expand(b, 1, s, s)
-    if selected is not None:  # -1 -> a repeat of the query's own position (always selected: the top score)
+    if selected is not None:  # -1 -> a repeat of a selected position (marking it twice changes nothing)
         chosen = torch.where(selected >= 0, selected, selected.max(-1, keepdim=True).values)
         ref.self_attn.indexer.forward = lambda *args, **kwargs: chosen
     try:
@@ -148,17 +148,24 @@ def test_config_from_hf_and_presets():
         DeepseekV3Config.tiny(index_topk=8, q_lora_rank=None)
     with pytest.raises(ValueError, match="^index_head_dim: expected at least qk_rope_head_dim=32"):
         DeepseekV3Config.tiny(index_topk=8, index_head_dim=16)
+    with pytest.raises(ValueError, match="^rope_interleave: DeepSeek-V3.2's attention always ropes interleaved"):
+        DeepseekV3Config.tiny(index_topk=8, rope_interleave=False)
     with pytest.raises(ValueError, match="^index_head_dim: the FP8 indexer's Hadamard rotation needs a power of two"):
         DeepseekV3DecoderLayer(DeepseekV3Config.tiny(index_topk=8, index_head_dim=96), 0)
 
 
 def test_state_dict_round_trip():
-    """The indexer's weights load under HF's names (self_attn.indexer.*) and come back unchanged."""
+    """The indexer's weights load under HF's names (self_attn.indexer.*) and come back unchanged;
+    quantizing on load (fp8=True) makes wq_b and wk FP8 and keeps the head weights float."""
     ref = make_reference(CFG, 1, seed=3)
     layer = make_layer(CFG, 1, ref, index_fp8=True)
     back = layer.hf_state_dict()
     assert set(back) == set(ref.state_dict())
     assert all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
+    quantized = DeepseekV3DecoderLayer(CFG, 1, dtype=torch.bfloat16)
+    quantized.load_hf_state_dict(ref.state_dict(), fp8=True)
+    indexer = quantized.self_attn.indexer
+    assert indexer.wq_b.is_fp8 and indexer.wk.is_fp8 and not indexer.weights_proj.is_fp8
     with pytest.raises(KeyError, match="missing 'self_attn.indexer.k_norm.bias'"):
         layer.load_hf_state_dict({k: v for k, v in ref.state_dict().items() if k != "self_attn.indexer.k_norm.bias"})
     with pytest.raises(ValueError, match="^state_dict: 'self_attn.indexer.wk.weight' of layer 1: expected shape"):
@@ -275,17 +282,23 @@ def test_fp8_indexer_layer_attends_where_it_selects(backend):
 
 def test_fp8_indexer_logits_within_rounding_of_exact_scores():
     """The FP8 logits (prefill: fp8_mqa_logits; paged: fp8_paged_mqa_logits over the cached FP8 keys)
-    differ from the exact scores of the same rotated q and k by at most what e4m3 rounding allows:
-    each of q and k is off by <= 2**-4 relative (3 mantissa bits) plus subnormal steps, so
-    |error| <= sum_h |w_h| (2 * 2**-4 + 2**-8) sum_d |q_hd k_d| + a subnormal floor. Unseen
-    positions are -inf in both."""
+    differ from the exact scores (transformers' math: the float indexer's q and k, not rotated) by
+    at most what e4m3 rounding of the rotated q and k allows: each is off by <= 2**-4 relative (3
+    mantissa bits) plus subnormal steps, so |error| <= sum_h |w_h| (2 * 2**-4 + 2**-8)
+    sum_d |q_hd k_d| (rotated) + a subnormal floor. Unseen positions are -inf in both."""
     ref = make_reference(CFG, 0, seed=13)
     layer = make_layer(CFG, 0, ref, index_fp8=True)
+    exact_indexer = make_layer(CFG, 0, ref, index_fp8=False).self_attn.indexer
     indexer = layer.self_attn.indexer
-    logits_seen, inputs_seen = [], []
+    logits_seen, inputs_seen, exact_seen = [], [], []
     top, project = indexer._top, indexer.project
     indexer._top = lambda logits: (logits_seen.append(logits), top(logits))[1]
-    indexer.project = lambda *a: (inputs_seen.append(project(*a)), inputs_seen[-1])[1]
+
+    def recorded_project(*args):
+        exact_seen.append(exact_indexer.project(*args))
+        inputs_seen.append(project(*args))
+        return inputs_seen[-1]
+    indexer.project = recorded_project
     x, positions = torch.randn(2, 9, CFG.hidden_size), spread_positions(2, 9, seed=6)
     cache, index_cache, table = paged_caches(CFG, layer, num_pages=6, page_size=4, batch=2, pages_per_seq=3)
     with torch.no_grad():
@@ -294,14 +307,13 @@ def test_fp8_indexer_logits_within_rounding_of_exact_scores():
               cache_seqlens=torch.zeros(2, dtype=torch.int32))
         layer(x[:, 7:], positions[:, 7:], kv_cache=cache, index_cache=index_cache, block_table=table,
               cache_seqlens=torch.full((2,), 7, dtype=torch.int32))
-    keys_so_far = inputs_seen[1][1]
-    for n, (logits, (q, k, w)) in enumerate(zip(logits_seen, inputs_seen)):
+    for n, (logits, (q, k, w), (q_exact, k_exact, w_exact)) in enumerate(zip(logits_seen, inputs_seen, exact_seen)):
         if n == 2:  # the decode step scores against the keys cached by the call before
-            k = torch.cat([keys_so_far, k], dim=1)
+            k, k_exact = torch.cat([inputs_seen[1][1], k], dim=1), torch.cat([exact_seen[1][1], k_exact], dim=1)
         s, t = q.shape[1], k.shape[1]
         seen = torch.arange(t)[None, :] <= torch.arange(t - s, t)[:, None]          # [s, t]
-        dots = torch.einsum("bshd,btd->bsht", q.double(), k.double())
-        exact = torch.einsum("bsht,bsh->bst", dots.clamp(min=0), w.double())
+        dots = torch.einsum("bshd,btd->bsht", q_exact.double(), k_exact.double())
+        exact = torch.einsum("bsht,bsh->bst", dots.clamp(min=0), w_exact.double())
         bound = torch.einsum("bsht,bsh->bst", torch.einsum("bshd,btd->bsht", q.double().abs(), k.double().abs()),
                              w.double().abs()) * (2 * 2 ** -4 + 2 ** -8) + 1e-6
         got = logits[..., :t].double()
@@ -340,10 +352,16 @@ def test_bad_inputs():
         layer(x, positions, **call)
     with pytest.raises(TypeError, match=r"^index_cache: expected torch.uint8 or torch.float8_e4m3fn \(64 e4m3"):
         layer(x, positions, index_cache=torch.zeros(4, 4, 1, 68), **call)
-    with pytest.raises(ValueError, match=r"^index_cache: expected \[num_pages, 4 \(kv_cache's page size\), 1, 68\]"):
+    with pytest.raises(ValueError, match=r"^index_cache: expected \[4, 4, 1, 68\] \(kv_cache's pages and page size"):
         layer(x, positions, index_cache=index_cache[:, :2].contiguous(), **call)
+    with pytest.raises(ValueError, match=r"^index_cache: expected \[4, 4, 1, 68\] \(kv_cache's pages"):
+        layer(x, positions, index_cache=index_cache[:2].contiguous(), **call)  # fewer pages than kv_cache
     with pytest.raises(ValueError, match="^index_cache: only a DeepSeek-V3.2 layer"):
         layer(x, positions, index_cache=index_cache)
+    wide = DeepseekV3DecoderLayer(WIDE, 0, dtype=torch.float16)
+    with pytest.raises(TypeError, match="^kv_cache: V3.2's FP8 layout needs a bfloat16 or float32 layer"):
+        wide(x.half(), positions, kv_cache=torch.zeros(4, 4, 1, 656, dtype=torch.uint8), block_table=table,
+             cache_seqlens=lens, index_cache=torch.zeros(4, 4, 1, 68, dtype=torch.uint8))
     with pytest.raises(ValueError, match="^kv_cache: the FP8 layout .* kv_lora_rank 128"):
         layer(x, positions, index_cache=index_cache, **{**call, "kv_cache": torch.zeros(4, 4, 1, 656, dtype=torch.uint8)})
     v3 = DeepseekV3Config.tiny()
@@ -362,6 +380,44 @@ def test_no_tokens(index_fp8):
         for b, s in ((2, 0), (0, 3)):
             x, positions = torch.randn(b, s, CFG.hidden_size), torch.zeros(b, s, dtype=torch.long)
             assert layer(x, positions).shape == (b, s, CFG.hidden_size)
-        y = layer(torch.randn(2, 0, CFG.hidden_size), torch.zeros(2, 0, dtype=torch.long), kv_cache=cache,
-                  index_cache=index_cache, block_table=table, cache_seqlens=torch.zeros(2, dtype=torch.int32))
-        assert y.shape == (2, 0, CFG.hidden_size)
+        for b, s in ((2, 0), (0, 1)):
+            y = layer(torch.randn(b, s, CFG.hidden_size), torch.zeros(b, s, dtype=torch.long), kv_cache=cache,
+                      index_cache=index_cache, block_table=table[:b], cache_seqlens=torch.zeros(b, dtype=torch.int32))
+            assert y.shape == (b, s, CFG.hidden_size)
+
+
+@pytest.mark.parametrize("index_fp8", [True, False], ids=["fp8-indexer", "fp32-indexer"])
+def test_long_prompts_are_scored_in_query_chunks(monkeypatch, index_fp8):
+    """With room for one query's scores at a time, prefill and paged selection go query chunk by
+    chunk (each chunk's causal window its own) and select what the unchunked indexer selects."""
+    import dskernels.models.indexer as indexer_module
+    ref = make_reference(CFG, 0, seed=19)
+    runs = []
+    for budget in (indexer_module._SCORE_BUDGET, 1):
+        monkeypatch.setattr(indexer_module, "_SCORE_BUDGET", budget)
+        layer = make_layer(CFG, 0, ref, index_fp8=index_fp8)
+        prefill_calls, paged_calls = record_selection(layer, "select_new_tokens"), record_selection(layer, "select_paged")
+        x, positions = torch.randn(2, 9, CFG.hidden_size, generator=torch.Generator().manual_seed(3)), spread_positions(2, 9)
+        with torch.no_grad():
+            layer(x, positions)
+        decode_through_cache(layer, CFG, "ref", seed=8)
+        runs.append(prefill_calls + paged_calls)
+    assert len(runs[0]) == len(runs[1]) == 5
+    for chunked, whole in zip(runs[1], runs[0]):
+        assert torch.equal(chunked, whole)
+
+
+def test_built_on_the_meta_device():
+    """A layer built on the meta device, materialized with to_empty() and loaded equals one built
+    normally: the tensors outside the state dict (rope frequencies, the indexer's Hadamard matrix)
+    are rebuilt, not left uninitialized."""
+    ref = make_reference(CFG, 0, seed=23)
+    with torch.device("meta"):
+        layer = DeepseekV3DecoderLayer(CFG, 0, dtype=torch.float32)
+    layer = layer.to_empty(device="cpu")
+    layer.load_hf_state_dict(ref.state_dict())
+    normal = make_layer(CFG, 0, ref, index_fp8=True)
+    assert torch.equal(layer.self_attn.indexer.hadamard, normal.self_attn.indexer.hadamard)
+    x, positions = torch.randn(1, 6, CFG.hidden_size), spread_positions(1, 6)
+    with torch.no_grad():
+        assert torch.equal(layer(x, positions), normal(x, positions))

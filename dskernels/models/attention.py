@@ -59,7 +59,12 @@ class MLAttention(nn.Module):
         self.indexer = Indexer(cfg, dtype, device, index_fp8) if cfg.index_topk is not None else None
 
     def _apply(self, fn, recurse=True):
-        return super()._apply(device_moves_only(fn, lambda t: t is self.inv_freq), recurse)  # rope stays fp32
+        module = super()._apply(device_moves_only(fn, lambda t: t is self.inv_freq), recurse)  # rope stays fp32
+        # not in the state dict: recomputed where it went, so to_empty() of a meta-built layer leaves it exact
+        inv_freq, _ = rope_inv_freq(self.cfg.rope_parameters, self.cfg.qk_rope_head_dim,
+                                    self.cfg.max_position_embeddings)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return module
 
     def absorb(self, dtype: torch.dtype) -> None:
         """W_UK [h, nope, r] and W_UV [h, v, r] from kv_b_proj (dequantized for an FP8 checkpoint, as
@@ -163,9 +168,12 @@ class MLAttention(nn.Module):
         if d % 16:
             raise ValueError(f"kv_cache: the paged path needs kv_lora_rank + qk_rope_head_dim to be a multiple "
                              f"of 16 (flash_mla_with_kvcache's head dimension), got {d}")
+        if fp8_cache and q_nope.dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"kv_cache: V3.2's FP8 layout needs a bfloat16 or float32 layer (its dequantized "
+                            f"latents pass float16's range), got a {q_nope.dtype} layer")
         page_size = kv_cache.shape[1]
         if self.indexer is not None:
-            self._check_index_cache(index_cache, page_size, q_nope.dtype)
+            self._check_index_cache(index_cache, kv_cache.shape[0], page_size, q_nope.dtype)
         if s == 0:
             return q_nope.new_zeros(b, 0, h, cfg.v_head_dim)
         # 1. write [latent | k_rope] of the new tokens at slots lens[b] .. lens[b] + s - 1 (no host sync)
@@ -187,7 +195,7 @@ class MLAttention(nn.Module):
                                                       softmax_scale=self.softmax_scale, causal=True)
         else:  # V3.2: the indexer's positions (causal by construction) become cache slots
             selected = self.indexer.select_paged(*indexer_inputs, index_cache, block_table, cache_seqlens, flat)
-            page = block_table.long().gather(1, (selected.long().clamp(min=0) // page_size).view(b, -1))
+            page = block_table.long().gather(1, (selected.long().clamp(min=0) // page_size).flatten(1))
             cache_slots = page.view(selected.shape) * page_size + selected % page_size
             indices = torch.where(selected >= 0, cache_slots, -1).to(torch.int32)
             out, _ = dskernels.flash_mla_sparse_decode(q.contiguous(), kv_cache, indices, cfg.kv_lora_rank,
@@ -195,7 +203,7 @@ class MLAttention(nn.Module):
         # 3. the output latent through W_UV gives each head's value vector
         return torch.einsum("bshc,hvc->bshv", out.to(q_nope.dtype), self.w_uv)
 
-    def _check_index_cache(self, index_cache, page_size: int, dtype: torch.dtype) -> None:
+    def _check_index_cache(self, index_cache, num_pages: int, page_size: int, dtype: torch.dtype) -> None:
         indexer = self.indexer
         if index_cache is None:
             raise ValueError("index_cache: a DeepSeek-V3.2 layer needs its indexer's key cache with kv_cache")
@@ -205,9 +213,9 @@ class MLAttention(nn.Module):
         if index_cache.dtype not in want:
             raise TypeError(f"index_cache: expected {' or '.join(str(t) for t in want)} ({layout}), "
                             f"got {index_cache.dtype}")
-        if (index_cache.dim() != 4 or index_cache.shape[1] != page_size or index_cache.shape[2] != 1
-                or index_cache.shape[3] != indexer.cache_width):
-            raise ValueError(f"index_cache: expected [num_pages, {page_size} (kv_cache's page size), 1, "
-                             f"{indexer.cache_width}] ({layout}), got {list(index_cache.shape)}")
+        if tuple(index_cache.shape) != (num_pages, page_size, 1, indexer.cache_width):
+            raise ValueError(f"index_cache: expected [{num_pages}, {page_size}, 1, {indexer.cache_width}] (kv_cache's "
+                             f"pages and page size: one block table indexes both; {layout}), "
+                             f"got {list(index_cache.shape)}")
         if not index_cache.is_contiguous():
             raise ValueError("index_cache: expected a contiguous tensor (written in place)")

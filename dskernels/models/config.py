@@ -97,6 +97,9 @@ class DeepseekV3Config:
             if not self.q_lora_rank:
                 raise ValueError("q_lora_rank: DeepSeek-V3.2's indexer reads the q LoRA latent, expected a rank, "
                                  f"got {self.q_lora_rank!r}")
+            if not self.rope_interleave:
+                raise ValueError("rope_interleave: DeepSeek-V3.2's attention always ropes interleaved pairs "
+                                 "(transformers' V3.2 has no such option), expected True")
             if self.index_head_dim < self.qk_rope_head_dim:
                 raise ValueError(f"index_head_dim: expected at least qk_rope_head_dim={self.qk_rope_head_dim} "
                                  f"(the indexer ropes its first dims), got {self.index_head_dim}")

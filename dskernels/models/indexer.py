@@ -26,10 +26,18 @@ from torch import nn
 
 import dskernels
 from dskernels.models.config import DeepseekV3Config
-from dskernels.models.linear import Linear, device_moves_only
+from dskernels.models.linear import Linear
 from dskernels.models.rope import apply_rope
 
 _K_NORM_EPS = 1e-6  # HF: nn.LayerNorm(index_head_dim, eps=1e-6)
+# fp32 scores held at once (256 MiB): a long prompt is scored a chunk of its queries at a time
+_SCORE_BUDGET = 1 << 26
+
+
+def _query_chunks(s: int, per_query: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges covering the S queries, each holding at most _SCORE_BUDGET scores (one query at least)."""
+    step = max(1, _SCORE_BUDGET // max(1, per_query))
+    return [(lo, min(s, lo + step)) for lo in range(0, s, step)]
 
 
 def hadamard_matrix(n: int) -> torch.Tensor:
@@ -70,8 +78,9 @@ class Indexer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
-        if self.hadamard is not None:  # a plain attribute (no state dict entry): moves, stays exact fp32
-            self.hadamard = device_moves_only(fn, lambda t: True)(self.hadamard)
+        if self.hadamard is not None:  # not in the state dict: rebuilt where fn moves it (exact fp32, also
+            device = fn(self.hadamard.new_empty(0)).device  # after to_empty() of a meta-built layer)
+            self.hadamard = hadamard_matrix(self.head_dim).to(device)
         return module
 
     @property
@@ -110,20 +119,27 @@ class Indexer(nn.Module):
         positions in the sequence (topk = min(index_topk, S)), -1 where a query sees fewer tokens."""
         q, k, weights = self.project(x, q_resid, cos, sin)
         b, s = x.shape[:2]
+        heads, dim = self.num_heads, self.head_dim
+        first = torch.arange(b, device=x.device, dtype=torch.int32)[:, None] * s  # each sequence's first key
         if self.fp8:
-            q8, weights = self._cast_query(q.reshape(b * s, self.num_heads, self.head_dim), weights.reshape(b * s, self.num_heads))
-            k8, k_scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(b * s, self.head_dim), (0,),
-                                                                self.cfg.fp8_round_scale)
-            row = torch.arange(b * s, device=x.device, dtype=torch.int32)
-            starts = row - row % s  # query i of sequence j sees keys [j s, i + 1) of the flattened batch
-            logits = dskernels.fp8_mqa_logits(q8, (k8, k_scale), weights, starts, row + 1, True, s)
-            logits = logits.view(b, s, s)
-        else:
-            scores = torch.einsum("bshd,btd->bsht", q.float(), k.float()).clamp(min=0)
-            logits = torch.einsum("bsht,bsh->bst", scores, weights)
-            causal = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
-            logits = logits.masked_fill(causal, float("-inf"))
-        return self._top(logits)
+            q8, weights = self._cast_query(q.reshape(b * s, heads, dim), weights.reshape(b * s, heads))
+            q8, weights = q8.view(b, s, heads, dim), weights.view(b, s, heads)
+            k8, k_scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(b * s, dim), (0,), self.cfg.fp8_round_scale)
+        selected = []
+        for lo, hi in _query_chunks(s, b * s * (1 if self.fp8 else heads)):
+            if self.fp8:  # query j of sequence i sees keys [i s, i s + j] of the flattened batch
+                ends = first + torch.arange(lo + 1, hi + 1, device=x.device, dtype=torch.int32)
+                logits = dskernels.fp8_mqa_logits(q8[:, lo:hi].reshape(-1, heads, dim), (k8, k_scale),
+                                                  weights[:, lo:hi].reshape(-1, heads),
+                                                  first.expand(b, hi - lo).reshape(-1), ends.reshape(-1), True, s)
+                logits = logits.view(b, hi - lo, s)
+            else:
+                scores = torch.einsum("bshd,btd->bsht", q[:, lo:hi].float(), k.float()).clamp(min=0)
+                logits = torch.einsum("bsht,bsh->bst", scores, weights[:, lo:hi])
+                unseen = torch.arange(s, device=x.device) > torch.arange(lo, hi, device=x.device)[:, None]
+                logits = logits.masked_fill(unseen, float("-inf"))
+            selected.append(self._top(logits))
+        return torch.cat(selected, dim=1)
 
     def select_paged(self, x, q_resid, cos, sin, index_cache: torch.Tensor, block_table: torch.Tensor,
                      cache_seqlens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -133,36 +149,42 @@ class Indexer(nn.Module):
         No host sync: the logits span the whole block table; positions past a sequence are -inf."""
         q, k, weights = self.project(x, q_resid, cos, sin)
         b, s = x.shape[:2]
+        heads, dim = self.num_heads, self.head_dim
         page_size = index_cache.shape[1]
         capacity = block_table.shape[1] * page_size
-        context = (cache_seqlens + s).to(torch.int32)
         if self.fp8:
-            k8, k_scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(b * s, self.head_dim), (0,),
-                                                                self.cfg.fp8_round_scale)
+            k8, k_scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(b * s, dim), (0,), self.cfg.fp8_round_scale)
             pages = index_cache.view(torch.uint8).view(index_cache.shape[0], page_size * self.cache_width)
-            keys = pages[:, :page_size * self.head_dim].view(-1, page_size, self.head_dim)
-            scales = pages[:, page_size * self.head_dim:].view(-1, page_size, 4)
+            keys = pages[:, :page_size * dim].view(-1, page_size, dim)
+            scales = pages[:, page_size * dim:].view(-1, page_size, 4)
             keys[slots // page_size, slots % page_size] = k8.view(torch.uint8)
             scales[slots // page_size, slots % page_size] = k_scale.view(torch.uint8).view(-1, 4)
-            q8, weights = self._cast_query(q.reshape(b * s, self.num_heads, self.head_dim), weights.reshape(b * s, self.num_heads))
-            num_sms = (torch.cuda.get_device_properties(x.device).multi_processor_count
-                       if x.device.type == "cuda" else 1)
-            schedule = dskernels.get_paged_mqa_logits_metadata(context, page_size, num_sms)
-            logits = dskernels.fp8_paged_mqa_logits(q8.view(b, s, self.num_heads, self.head_dim), index_cache,
-                                                    weights, context, block_table, schedule, capacity, True)
-            logits = logits.view(b, s, capacity)
+            q8, weights = self._cast_query(q.reshape(b * s, heads, dim), weights.reshape(b * s, heads))
+            q8, weights = q8.view(b, s, heads, dim), weights.view(b, s, heads)
+            num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         else:
-            flat = index_cache.view(-1, self.head_dim)
-            flat.index_copy_(0, slots, k.reshape(b * s, self.head_dim).to(index_cache.dtype))
+            flat = index_cache.view(-1, dim)
+            flat.index_copy_(0, slots, k.reshape(b * s, dim).to(index_cache.dtype))
             positions = torch.arange(capacity, device=x.device)
             table = block_table.long().clamp(0, index_cache.shape[0] - 1)  # entries past a sequence: masked below
             keys = flat[(table.gather(1, (positions // page_size).expand(b, -1)) * page_size
                          + positions % page_size)]                                  # [B, capacity, D]
-            scores = torch.einsum("bshd,btd->bsht", q.float(), keys.float()).clamp(min=0)
-            logits = torch.einsum("bsht,bsh->bst", scores, weights)
-            seen = cache_seqlens.long()[:, None, None] + torch.arange(1, s + 1, device=x.device)[:, None]
-            logits = logits.masked_fill(positions >= seen, float("-inf"))
-        return self._top(logits)
+        selected = []
+        for lo, hi in _query_chunks(s, b * capacity * (1 if self.fp8 else heads)):
+            if self.fp8:  # row j of the chunk sees [0, context - (hi - lo) + j + 1): causal
+                context = (cache_seqlens + hi).to(torch.int32)
+                schedule = dskernels.get_paged_mqa_logits_metadata(context, page_size, num_sms)
+                logits = dskernels.fp8_paged_mqa_logits(q8[:, lo:hi].contiguous(), index_cache,
+                                                        weights[:, lo:hi].reshape(-1, heads), context, block_table,
+                                                        schedule, capacity, True)
+                logits = logits.view(b, hi - lo, capacity)
+            else:
+                scores = torch.einsum("bshd,btd->bsht", q[:, lo:hi].float(), keys.float()).clamp(min=0)
+                logits = torch.einsum("bsht,bsh->bst", scores, weights[:, lo:hi])
+                seen = cache_seqlens.long()[:, None, None] + torch.arange(lo + 1, hi + 1, device=x.device)[:, None]
+                logits = logits.masked_fill(positions >= seen, float("-inf"))
+            selected.append(self._top(logits))
+        return torch.cat(selected, dim=1)
 
     def _top(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, S, T] (-inf: not seen) -> int32 [B, S, min(index_topk, T)] positions, -1 for -inf."""

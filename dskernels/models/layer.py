@@ -96,8 +96,8 @@ class DeepseekV3DecoderLayer(nn.Module):
         if kv_cache is not None and kv_cache.dtype != self.dtype:
             if self.cfg.index_topk is None or kv_cache.dtype not in (torch.uint8, FP8):
                 raise TypeError(f"kv_cache: expected the layer's dtype {self.dtype}"
-                                f"{'' if self.cfg.index_topk is None else ' or uint8 (the FP8 layout)'}, "
-                                f"got {kv_cache.dtype}")
+                                f"{'' if self.cfg.index_topk is None else ' (or uint8 / float8_e4m3fn: the FP8 layout)'}"
+                                f", got {kv_cache.dtype}")
         if tuple(positions.shape) != tuple(x.shape[:2]):
             raise ValueError(f"positions: expected shape {list(x.shape[:2])}, got {list(positions.shape)}")
         h = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, block_table, cache_seqlens, index_cache)
@@ -180,7 +180,7 @@ class DeepseekV3DecoderLayer(nn.Module):
             if w is not None:
                 module.weight = w.to(device=device, dtype=self.dtype).clone()
 
-        def linear(module: Linear, prefix):
+        def linear(module: Linear, prefix, fp8=fp8):
             w = take(prefix + ".weight", (module.out_features, module.in_features))
             if w is not None:
                 scale = take_opt(prefix + ".weight_scale_inv")
@@ -202,8 +202,10 @@ class DeepseekV3DecoderLayer(nn.Module):
         norm(attn.kv_a_layernorm, "self_attn.kv_a_layernorm.weight")
         attn.w_uk = attn.w_uv = None
         if attn.indexer is not None:  # DeepSeek-V3.2
-            for name in ("wq_b", "wk", "weights_proj"):
+            for name in ("wq_b", "wk"):
                 linear(getattr(attn.indexer, name), f"self_attn.indexer.{name}")
+            # the head weights stay float as the checkpoint has them (DeepSeek and transformers score in fp32)
+            linear(attn.indexer.weights_proj, "self_attn.indexer.weights_proj", fp8=False if fp8 is False else None)
             norm(attn.indexer.k_norm, "self_attn.indexer.k_norm.weight")
             bias = take("self_attn.indexer.k_norm.bias", attn.indexer.k_norm.bias.shape)
             if bias is not None:
