@@ -343,7 +343,7 @@ def cases(quick: bool, device: str) -> list[Case]:
                 prefill_case("tiny32", 0, 2, 23, False, device)]
     if quick:  # a short device call: the FP8 layer only (each new GEMM shape autotunes 7 tiles)
         return [decode_case("v3", 3, b, CONTEXT, True, device) for b in (1, 64)] + \
-            [prefill_case("v3", 3, 1, CONTEXT, True, device), decode_case("v32", 3, 64, LONG_CONTEXT, True, device)]
+            [prefill_case("v3", 3, 1, CONTEXT, True, device)]
     batches = [1, 2, 4, 8, 16, 32, 64, 128]
     found = [decode_case("v3", 3, b, CONTEXT, fp8, device) for fp8 in (True, False) for b in batches]
     found += [prefill_case("v3", 3, 1, CONTEXT, fp8, device) for fp8 in (True, False)]
