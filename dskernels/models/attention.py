@@ -31,8 +31,6 @@ from dskernels.models.linear import Linear, RMSNorm, device_moves_only
 from dskernels.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 _LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
-
-
 _FP8_CACHE_BYTES = 656  # V3.2's FP8 latent cache: 512 e4m3, 4 fp32 tile scales, 64 bf16 rope values per token
 
 

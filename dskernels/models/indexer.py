@@ -64,6 +64,9 @@ class LayerNorm(nn.Module):
 
 
 class Indexer(nn.Module):
+    """The indexer of one V3.2 attention layer: projections, scoring (fp8 or float, see the module
+    docstring) and top-k selection, prefill from scratch or over its paged key cache."""
+
     def __init__(self, cfg: DeepseekV3Config, dtype=None, device=None, fp8: bool = True):
         super().__init__()
         self.cfg, self.fp8 = cfg, fp8
