@@ -421,3 +421,38 @@ def test_built_on_the_meta_device():
     x, positions = torch.randn(1, 6, CFG.hidden_size), spread_positions(1, 6)
     with torch.no_grad():
         assert torch.equal(layer(x, positions), normal(x, positions))
+
+
+def _ep_body(rank, world_size, state_dict, x, positions, expected):
+    """Each rank runs its own sequence (prefill, then a step through its own caches) with half of
+    the experts; the FP8 indexer and low-latency dispatch (8 tokens per rank at most) included."""
+    import torch.distributed as dist
+
+    from dskernels.ep import Buffer
+    buffer = Buffer(dist.group.WORLD)
+    mine = slice(rank, rank + 1)
+    for low_latency in (None, 8):
+        layer = DeepseekV3DecoderLayer(CFG, 1, dtype=torch.float32, ep_buffer=buffer, ep_low_latency_tokens=low_latency)
+        layer.load_hf_state_dict(state_dict)
+        assert layer.mlp.experts.gate_up_proj.shape[0] == CFG.n_routed_experts // world_size
+        cache, index_cache, table = paged_caches(CFG, layer, 4, 4, 1, 2)
+        with torch.no_grad():
+            prefill = layer(x[mine, :6], positions[mine, :6])
+            cached = layer(x[mine, :6], positions[mine, :6], kv_cache=cache, index_cache=index_cache,
+                           block_table=table, cache_seqlens=torch.zeros(1, dtype=torch.int32))
+            step = layer(x[mine, 6:], positions[mine, 6:], kv_cache=cache, index_cache=index_cache,
+                         block_table=table, cache_seqlens=torch.full((1,), 6, dtype=torch.int32))
+        for name, got, want in (("prefill", prefill, expected[mine, :6]), ("cached", cached, expected[mine, :6]),
+                                ("step", step, expected[mine, 6:])):
+            torch.testing.assert_close(got, want, atol=TOL, rtol=TOL,
+                                       msg=lambda m: f"{name} low_latency={low_latency}: {m}")
+
+
+def test_expert_parallel_two_ranks_equals_single_process():
+    from dskernels.testing import run_distributed
+    ref = make_reference(CFG, 1, seed=25)
+    x, positions = torch.randn(2, 7, CFG.hidden_size), spread_positions(2, 7, seed=9)
+    layer = make_layer(CFG, 1, ref, index_fp8=True)
+    with torch.no_grad():
+        expected = layer(x, positions)
+    run_distributed(_ep_body, 2, ref.state_dict(), x, positions, expected)
