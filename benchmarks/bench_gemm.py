@@ -7,6 +7,9 @@ out (m * k / 128 + ceil(n / 128) * k / 128 per group, 4 bytes each).
 The weight-gradient form of fp8_gemm_nt (per-row scales on both operands, fp32 out = c + a @ b.T)
 moves m * k + n * k bytes of operands, their scales, and c read and out written in fp32 (8 * m * n;
 the timed call also copies c into out first, as DeepGEMM does for a c apart from out: not counted).
+The K-grouped weight gradient (one [m, n] fp32 gradient per expert, k = the expert's tokens)
+accumulates in place, so each timed call first restores the gradients it adds to: that copy is
+timed and counted (16 * m * n per group with the kernel's own read and write).
 """
 
 from __future__ import annotations
@@ -146,6 +149,38 @@ def _weight_gradient_case(m, n, k, device):
                 backends=("ref", "triton"), compute_dtype="fp8")
 
 
+def _k_grouped_case(groups, k_per_group, m, n, device):
+    """MoE weight gradients: dW_g [m, n] += dY_g.T @ X_g over each expert's k_per_group tokens."""
+    batch_sizes = [k_per_group] * groups
+
+    def make_inputs(dev):
+        def operand(rows):
+            pairs = [_cast_pair(rows, k_per_group, dev, per_block=False)[1:] for _ in range(groups)]
+            return (torch.cat([q.reshape(-1) for q, _ in pairs]),
+                    torch.cat([s.T for _, s in pairs]).contiguous())  # [sum(k_g / 128), rows]
+        (a, sa), (b, sb) = operand(m), operand(n)
+        start = torch.randn(groups, m, n, device=dev)  # the gradients accumulated so far
+        return a, sa, b, sb, start, torch.empty_like(start)
+
+    def run(a, sa, b, sb, start, out):
+        # out accumulates in place: every call starts again from the same gradients (the copy is timed)
+        out.copy_(start)
+        dskernels.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), out, batch_sizes)
+        return out
+
+    def reference(a, sa, b, sb, start, out):
+        return ref.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a, sa, b, sb, start, batch_sizes)
+
+    peers = {"torch.bmm bf16": _bf16_mm_peer((groups, m, k_per_group), (groups, k_per_group, n), batched=True)} \
+        if device == "cuda" else {}
+    k = groups * k_per_group
+    return Case(op="k_grouped_wgrad_gemm_fp8_fp8_fp32_nt",
+                params={"groups": groups, "k_per_group": k_per_group, "m": m, "n": n},
+                make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * m * n * k,
+                bytes=(m + n) * k + 4 * (m + n) * k // 128 + 16 * groups * m * n, peers=peers,
+                backends=("ref", "triton"), compute_dtype="fp8")
+
+
 def _contiguous_case(groups, m_per_group, n, k, device):
     m = groups * m_per_group
 
@@ -207,7 +242,7 @@ def _masked_case(groups, expected_m, n, k, device, m_max):
 def cases(quick: bool, device: str) -> list[Case]:
     if device == "cpu":
         return [_dense_case(7, 200, 256, device), _dense_case(130, 144, 256, device),
-                _weight_gradient_case(7, 200, 256, device),
+                _weight_gradient_case(7, 200, 256, device), _k_grouped_case(3, 128, 7, 200, device),
                 _contiguous_case(3, 64, 144, 256, device), _masked_case(2, 40, 144, 256, device, m_max=64)]
     found = []
     dense_m = [4096] if quick else [64, 128, 4096]
@@ -220,4 +255,6 @@ def cases(quick: bool, device: str) -> list[Case]:
         found += [_masked_case(groups, expected_m, n, k, device, m_max=4096) for n, k in GROUPED_NK]
     # Last: the issues' targets are the cases above (a short device run may end before this one).
     found += [_weight_gradient_case(m, n, k, device) for m, n, k in (WGRAD_MNK[:1] if quick else WGRAD_MNK)]
+    if not quick:  # V3's experts: gate_up (4096 x 7168) and down (7168 x 2048), 8 experts of 4096 tokens
+        found += [_k_grouped_case(8, 4096, m, n, device) for m, n in ((4096, 7168), (7168, 2048))]
     return found

@@ -45,6 +45,22 @@ def fp8_gemm_nt(a, sa, b, sb, out_dtype: torch.dtype, c=None) -> torch.Tensor:
     return d.to(out_dtype)
 
 
+def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a, sa, b, sb, out, batch_sizes) -> torch.Tensor:
+    """DeepGEMM's K-grouped weight gradient: a / b hold the groups' [m, k_g] / [n, k_g] blocks one
+    after another, sa / sb [sum(k_g / 128), m or n] their 1x128 scales transposed; returns
+    out [G, m, n] + (A_g @ B_g.T per group) in fp32."""
+    groups, m, n = out.shape
+    a, b = a.reshape(-1), b.reshape(-1)
+    result, first = out.float().clone(), 0
+    for g, k in enumerate(batch_sizes):
+        blocks = slice(first // 128, (first + k) // 128)
+        lhs = dequantize_activations(a[m * first:m * (first + k)].view(m, k), sa[blocks].T)
+        rhs = dequantize_activations(b[n * first:n * (first + k)].view(n, k), sb[blocks].T)
+        result[g] += lhs @ rhs.T
+        first += k
+    return result
+
+
 def gemm_fp8_fp8_bf16_nt(a, sa, b, sb) -> torch.Tensor:
     """a [m, k], sa [m, k/128], b [n, k], sb [ceil(n/128), k/128] -> out [m, n] bf16."""
     return (dequantize_activations(a, sa) @ dequantize_weights(b, sb).T).to(torch.bfloat16)

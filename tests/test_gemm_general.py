@@ -184,3 +184,77 @@ def test_triton_autotuned_accumulate_adds_once(monkeypatch):
     plain kernel's."""
     monkeypatch.setenv("DSKERNELS_GEMM_AUTOTUNE", "1")
     _accumulate_in_place_on_gpu(512, 384, 1024)  # a weight gradient over k tokens, at a small size
+
+
+# ---- K-grouped weight gradients (DeepGEMM's k_grouped_wgrad_gemm_fp8_fp8_fp32_nt) ----
+
+def k_grouped_operands(batch_sizes, rows, device):
+    """The groups' [rows, k_g] blocks cast 1x128 along k, flattened one after another, and their
+    scales transposed and stacked: [sum(k_g / 128), rows]. Also each group's (block, scales)."""
+    parts = []
+    for k in batch_sizes:
+        if k:
+            _, q, s = quantized_pair(rows, k, device, per_block=False, scale_layout="row")
+        else:
+            q = torch.empty(rows, 0, dtype=torch.float8_e4m3fn, device=device)
+            s = torch.empty(rows, 0, device=device)
+        parts.append((q, s))
+    flat = torch.cat([q.reshape(-1) for q, _ in parts])
+    scales = torch.cat([s.T for _, s in parts]).contiguous()
+    return flat, scales, parts
+
+
+@pytest.mark.parametrize("m,n", [(7, 200), (130, 64)])
+def test_k_grouped_wgrad(backend, m, n):
+    """out[g] += A_g @ B_g.T per group, with test_gemm.py's bound per group against the dequantized
+    product plus the gradient accumulated before; an empty group leaves its gradient alone."""
+    name, device = backend
+    batch_sizes = [256, 0, 128, 384]
+    a, sa, a_parts = k_grouped_operands(batch_sizes, m, device)
+    b, sb, b_parts = k_grouped_operands(batch_sizes, n, device)
+    before = torch.randn(len(batch_sizes), m, n, device=device) * 10
+    out = before.clone()
+    if name == "cuda":
+        with pytest.raises(NotImplementedError, match="^fp8_gemm_nt .*no CUDA kernel yet"):
+            dskernels.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), out, batch_sizes)
+        return
+    dskernels.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), out, batch_sizes)
+    for g, k in enumerate(batch_sizes):
+        if k == 0:
+            assert torch.equal(out[g], before[g])
+        else:
+            (qa, s_a), (qb, s_b) = a_parts[g], b_parts[g]
+            assert_close_to_oracle(out[g], qa, s_a, qb, s_b, c=before[g])
+    import python_ref.gemm as ref
+    expected = ref.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a, sa, b, sb, before, batch_sizes)
+    torch.testing.assert_close(out, expected, atol=1e-3, rtol=1e-5)
+
+
+def test_k_grouped_wgrad_validation_and_compile():
+    batch_sizes = [128, 256]
+    a, sa, _ = k_grouped_operands(batch_sizes, 5, "cpu")
+    b, sb, _ = k_grouped_operands(batch_sizes, 3, "cpu")
+    out = torch.zeros(2, 5, 3)
+    call = dskernels.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt
+    with pytest.raises(ValueError, match="^batch_sizes: expected multiples of 128 .* got 100 for group 1"):
+        call((a, sa), (b, sb), out, [128, 100])
+    with pytest.raises(ValueError, match="^batch_sizes: expected 2 sizes"):
+        call((a, sa), (b, sb), out, [384])
+    with pytest.raises(TypeError, match="^batch_sizes: expected a list of python ints"):
+        call((a, sa), (b, sb), out, torch.tensor(batch_sizes))
+    with pytest.raises(ValueError, match=r"^a: expected a contiguous tensor of 5 \* sum\(batch_sizes\) = 1920"):
+        call((a[:-5], sa), (b, sb), out, batch_sizes)
+    with pytest.raises(ValueError, match=r"^sb: expected shape \(3, 3\)"):
+        call((a, sa), (b, sb[:2]), out, batch_sizes)
+    with pytest.raises(TypeError, match="^out: "):
+        call((a, sa), (b, sb), out.bfloat16(), batch_sizes)
+    expected = out.clone()
+    call((a, sa), (b, sb), expected, batch_sizes)
+
+    def step(a, sa, b, sb, out):
+        call((a, sa), (b, sb), out, batch_sizes)
+        return out
+
+    torch._dynamo.reset()
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(a, sa, b, sb, torch.zeros(2, 5, 3))
+    assert torch.equal(got, expected)

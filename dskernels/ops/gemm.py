@@ -172,6 +172,58 @@ def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_
     torch.ops.dskernels.fp8_gemm_nt(a, sa, b, sb, out, c is not None)
 
 
+def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs: tuple[torch.Tensor, torch.Tensor], rhs: tuple[torch.Tensor, torch.Tensor],
+                                         out: torch.Tensor, batch_sizes: list[int]) -> None:
+    """DeepGEMM's K-grouped weight gradient (its sm90 API): out[g] += A_g @ B_g.T in fp32 for the
+    groups of a MoE backward, where group g contracts over its own k_g = batch_sizes[g] tokens.
+
+    Args:
+        lhs: (a, sa): a float8_e4m3fn holding the groups' A_g [m, k_g] one after another, each
+            row-major (m * sum(k_g) elements; any shape, contiguous); sa float32
+            [sum(k_g / 128), m]: group g's rows off_g .. off_g + k_g / 128 - 1 are A_g's 1x128
+            scales transposed (row j: the scales of columns 128 j .. 128 j + 127 of every row).
+        rhs: (b, sb) likewise for B_g [n, k_g], sb [sum(k_g / 128), n] (1x128 scales: B_g is an
+            activation too, the layer's input as X_g.T).
+        out: float32 [G, m, n], accumulated in place (G = len(batch_sizes)).
+        batch_sizes: k_g per group, python ints, each a multiple of 128 (DeepGEMM's alignment for
+            grouped layouts; 0 leaves out[g] as it is).
+
+    Each group is one `fp8_gemm_nt` call with c = out[g] (fp32 partial sums promoted per 128-wide
+    K block, as there), so any backend that runs fp8_gemm_nt's accumulating form runs this.
+    """
+    a, sa = _unpack("lhs", lhs)
+    b, sb = _unpack("rhs", rhs)
+    if not isinstance(batch_sizes, (list, tuple)) or any(isinstance(k, bool) or not isinstance(k, int)
+                                                        for k in batch_sizes):
+        raise TypeError(f"batch_sizes: expected a list of python ints (k per group), got {batch_sizes!r}")
+    check_tensor("out", out, ndim=3, dtypes=(torch.float32,))
+    groups, m, n = out.shape
+    if len(batch_sizes) != groups:
+        raise ValueError(f"batch_sizes: expected {groups} sizes (out's groups), got {len(batch_sizes)}")
+    for g, k in enumerate(batch_sizes):
+        if k < 0 or k % GROUP_SIZE:
+            raise ValueError(f"batch_sizes: expected multiples of {GROUP_SIZE} (pad each group's tokens), "
+                             f"got {k} for group {g}")
+    total = sum(batch_sizes)
+    for name, t, scales, rows in (("a", a, sa, m), ("b", b, sb, n)):
+        check_tensor(name, t, dtypes=(FP8,), device=out.device)
+        if t.numel() != rows * total or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor of {rows} * sum(batch_sizes) = {rows * total} "
+                             f"elements (the groups' [{rows}, k_g] blocks one after another), got shape "
+                             f"{tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}")
+        check_tensor(f"s{name}", scales, dtypes=(torch.float32,), device=out.device)
+        _check_shape(f"s{name}", scales, (total // GROUP_SIZE, rows),
+                     "one row per 128 tokens of every group, one column per row of " + name)
+    a, b = a.reshape(-1), b.reshape(-1)
+    first = 0
+    for g, k in enumerate(batch_sizes):
+        blocks = slice(first // GROUP_SIZE, (first + k) // GROUP_SIZE)
+        dst = out[g]  # c is dst itself: accumulated in place, no copy of c into out
+        fp8_gemm_nt((a[m * first:m * (first + k)].view(m, k), sa[blocks].T),
+                    (b[n * first:n * (first + k)].view(n, k), sb[blocks].T), dst, c=dst, recipe=ROW_RECIPE)
+        first += k
+
+
 def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, out, m_indices, recipe=None, compiled_dims="nk",
                                      disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None) -> None:
     """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_contiguous: the same arguments,
