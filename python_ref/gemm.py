@@ -47,17 +47,20 @@ def fp8_gemm_nt(a, sa, b, sb, out_dtype: torch.dtype, c=None) -> torch.Tensor:
 
 def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a, sa, b, sb, out, batch_sizes) -> torch.Tensor:
     """DeepGEMM's K-grouped weight gradient: a / b hold the groups' [m, k_g] / [n, k_g] blocks one
-    after another, sa / sb [sum(k_g / 128), m or n] their 1x128 scales transposed; returns
+    after another, sa / sb [sum(ceil(k_g / 128)), m or n] their 1x128 scales transposed; returns
     out [G, m, n] + (A_g @ B_g.T per group) in fp32."""
     groups, m, n = out.shape
     a, b = a.reshape(-1), b.reshape(-1)
-    result, first = out.float().clone(), 0
+    result, first, first_block = out.float().clone(), 0, 0
     for g, k in enumerate(batch_sizes):
-        blocks = slice(first // 128, (first + k) // 128)
-        lhs = dequantize_activations(a[m * first:m * (first + k)].view(m, k), sa[blocks].T)
-        rhs = dequantize_activations(b[n * first:n * (first + k)].view(n, k), sb[blocks].T)
+        blocks = -(-k // GROUP_SIZE)
+        rows = slice(first_block, first_block + blocks)
+        scale_a = sa[rows].T.float().repeat_interleave(GROUP_SIZE, dim=-1)[:, :k]
+        scale_b = sb[rows].T.float().repeat_interleave(GROUP_SIZE, dim=-1)[:, :k]
+        lhs = a[m * first:m * (first + k)].view(m, k).float() * scale_a
+        rhs = b[n * first:n * (first + k)].view(n, k).float() * scale_b
         result[g] += lhs @ rhs.T
-        first += k
+        first, first_block = first + k, first_block + blocks
     return result
 
 

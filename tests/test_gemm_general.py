@@ -143,6 +143,14 @@ def test_torch_compile_fullgraph():
     actual = torch.compile(wgrad_step, fullgraph=True, backend="aot_eager")(a, sa, b, sb, compiled_grad)
     assert torch.equal(actual, expected) and torch.equal(compiled_grad, eager_grad)
     assert not torch.equal(eager_grad, grad)
+    # a new k recompiles with k symbolic (dynamo's automatic dynamic shapes): the recipe check holds
+    torch._dynamo.reset()
+    compiled = torch.compile(wgrad_step, fullgraph=True, backend="aot_eager")
+    for k in (128, 256, 384):
+        _, a, sa = quantized_pair(9, k, "cpu", per_block=False, scale_layout="row")
+        _, b, sb = row_scaled_pair(20, k, "cpu")
+        eager_grad, compiled_grad = grad.clone(), grad.clone()
+        assert torch.equal(compiled(a, sa, b, sb, compiled_grad), wgrad_step(a, sa, b, sb, eager_grad)), k
 
 
 # ---- GPU only ----
@@ -193,23 +201,32 @@ def k_grouped_operands(batch_sizes, rows, device):
     scales transposed and stacked: [sum(k_g / 128), rows]. Also each group's (block, scales)."""
     parts = []
     for k in batch_sizes:
-        if k:
-            _, q, s = quantized_pair(rows, k, device, per_block=False, scale_layout="row")
+        if k:  # cast over whole 128-column blocks, keep k columns (and every started block's scale)
+            _, q, s = quantized_pair(rows, -(-k // 128) * 128, device, per_block=False, scale_layout="row")
+            q = q[:, :k].contiguous()
         else:
             q = torch.empty(rows, 0, dtype=torch.float8_e4m3fn, device=device)
             s = torch.empty(rows, 0, device=device)
         parts.append((q, s))
     flat = torch.cat([q.reshape(-1) for q, _ in parts])
-    scales = torch.cat([s.T for _, s in parts]).contiguous()
+    scales = torch.cat([s.T for _, s in parts]).contiguous()  # [sum(ceil(k_g / 128)), rows]
     return flat, scales, parts
+
+
+def padded_to_blocks(q, s):
+    """[rows, k] fp8 and its [rows, ceil(k / 128)] scales as the aligned operands they equal: zeros to
+    the next multiple of 128 columns."""
+    pad = s.shape[1] * 128 - q.shape[1]
+    return torch.nn.functional.pad(q.view(torch.uint8), (0, pad)).view(torch.float8_e4m3fn), s
 
 
 @pytest.mark.parametrize("m,n", [(7, 200), (130, 64)])
 def test_k_grouped_wgrad(backend, m, n):
     """out[g] += A_g @ B_g.T per group, with test_gemm.py's bound per group against the dequantized
-    product plus the gradient accumulated before; an empty group leaves its gradient alone."""
+    product plus the gradient accumulated before; an empty group leaves its gradient alone; a group
+    of 200 tokens (not a multiple of 128) counts its 200 columns only."""
     name, device = backend
-    batch_sizes = [256, 0, 128, 384]
+    batch_sizes = [256, 0, 200, 384]
     a, sa, a_parts = k_grouped_operands(batch_sizes, m, device)
     b, sb, b_parts = k_grouped_operands(batch_sizes, n, device)
     before = torch.randn(len(batch_sizes), m, n, device=device) * 10
@@ -223,38 +240,49 @@ def test_k_grouped_wgrad(backend, m, n):
         if k == 0:
             assert torch.equal(out[g], before[g])
         else:
-            (qa, s_a), (qb, s_b) = a_parts[g], b_parts[g]
+            (qa, s_a), (qb, s_b) = padded_to_blocks(*a_parts[g]), padded_to_blocks(*b_parts[g])
             assert_close_to_oracle(out[g], qa, s_a, qb, s_b, c=before[g])
     import python_ref.gemm as ref
     expected = ref.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a, sa, b, sb, before, batch_sizes)
     torch.testing.assert_close(out, expected, atol=1e-3, rtol=1e-5)
 
 
-def test_k_grouped_wgrad_validation_and_compile():
+def test_k_grouped_wgrad_validation_spare_room_and_compile():
     batch_sizes = [128, 256]
     a, sa, _ = k_grouped_operands(batch_sizes, 5, "cpu")
     b, sb, _ = k_grouped_operands(batch_sizes, 3, "cpu")
     out = torch.zeros(2, 5, 3)
     call = dskernels.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt
-    with pytest.raises(ValueError, match="^batch_sizes: expected multiples of 128 .* got 100 for group 1"):
-        call((a, sa), (b, sb), out, [128, 100])
+    with pytest.raises(ValueError, match="^batch_sizes: expected sizes >= 0, got -128 for group 1"):
+        call((a, sa), (b, sb), out, [512, -128])
     with pytest.raises(ValueError, match="^batch_sizes: expected 2 sizes"):
         call((a, sa), (b, sb), out, [384])
-    with pytest.raises(TypeError, match="^batch_sizes: expected a list of python ints"):
-        call((a, sa), (b, sb), out, torch.tensor(batch_sizes))
-    with pytest.raises(ValueError, match=r"^a: expected a contiguous tensor of 5 \* sum\(batch_sizes\) = 1920"):
+    with pytest.raises(TypeError, match="^batch_sizes: expected a list of ints"):
+        call((a, sa), (b, sb), out, [128.0, 256])
+    with pytest.raises(ValueError, match=r"^a: expected a contiguous tensor of at least 5 \* sum\(batch_sizes\) = 1920"):
         call((a[:-5], sa), (b, sb), out, batch_sizes)
+    with pytest.raises(ValueError, match="^out: "):  # groups sharing memory
+        call((a, sa), (b, sb), torch.zeros(1, 5, 3).expand(2, 5, 3), batch_sizes)
     with pytest.raises(ValueError, match=r"^sb: expected shape \(3, 3\)"):
         call((a, sa), (b, sb[:2]), out, batch_sizes)
     with pytest.raises(TypeError, match="^out: "):
         call((a, sa), (b, sb), out.bfloat16(), batch_sizes)
+    spare = torch.cat([a, a[:7]])  # room past the groups (a preallocated buffer) is not read
     expected = out.clone()
     call((a, sa), (b, sb), expected, batch_sizes)
+    also = out.clone()
+    call((spare, sa), (b, sb), also, batch_sizes)
+    assert torch.equal(also, expected)
 
-    def step(a, sa, b, sb, out):
-        call((a, sa), (b, sb), out, batch_sizes)
+    def step(a, sa, b, sb, out, sizes):
+        call((a, sa), (b, sb), out, sizes)
         return out
 
+    # MoE routing changes the sizes every step: the compiled call follows (sizes turn symbolic)
     torch._dynamo.reset()
-    got = torch.compile(step, backend="aot_eager", fullgraph=True)(a, sa, b, sb, torch.zeros(2, 5, 3))
-    assert torch.equal(got, expected)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for sizes in ([128, 256], [256, 128], [200, 184]):
+        a, sa, _ = k_grouped_operands(sizes, 5, "cpu")
+        b, sb, _ = k_grouped_operands(sizes, 3, "cpu")
+        want = step(a, sa, b, sb, torch.zeros(2, 5, 3), sizes)
+        assert torch.equal(compiled(a, sa, b, sb, torch.zeros(2, 5, 3), sizes), want), sizes

@@ -153,7 +153,9 @@ def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_
     a, sa = _unpack("lhs", lhs)
     b, sb = _unpack("rhs", rhs)
     sb_per_row = _check_general(a, sa, b, sb, out, overlap=False)  # before out is written with c
-    if recipe is not None and b.shape[0] > 1 and sb_per_row != (tuple(recipe) == ROW_RECIPE):
+    # `if` on sb_per_row, not a comparison of it with a python bool: under torch.compile with
+    # symbolic shapes that comparison fails inside dynamo
+    if recipe is not None and b.shape[0] > 1 and (not sb_per_row if tuple(recipe) == ROW_RECIPE else sb_per_row):
         per = "row of b per 128 columns" if tuple(recipe) == ROW_RECIPE else "128x128 block of b"
         raise ValueError(f"sb: recipe {tuple(recipe)} means one scale per {per}, got shape {tuple(sb.shape)} "
                          f"for b of shape {tuple(b.shape)}")
@@ -179,49 +181,56 @@ def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs: tuple[torch.Tensor, torch.Tensor],
 
     Args:
         lhs: (a, sa): a float8_e4m3fn holding the groups' A_g [m, k_g] one after another, each
-            row-major (m * sum(k_g) elements; any shape, contiguous); sa float32
-            [sum(k_g / 128), m]: group g's rows off_g .. off_g + k_g / 128 - 1 are A_g's 1x128
+            row-major (at least m * sum(k_g) elements, contiguous, any shape; the rest unread); sa
+            float32 [sum(ceil(k_g / 128)), m]: group g's ceil(k_g / 128) rows are A_g's 1x128
             scales transposed (row j: the scales of columns 128 j .. 128 j + 127 of every row).
-        rhs: (b, sb) likewise for B_g [n, k_g], sb [sum(k_g / 128), n] (1x128 scales: B_g is an
-            activation too, the layer's input as X_g.T).
+        rhs: (b, sb) likewise for B_g [n, k_g], sb [sum(ceil(k_g / 128)), n] (1x128 scales: B_g is
+            an activation too, the layer's input as X_g.T).
         out: float32 [G, m, n], accumulated in place (G = len(batch_sizes)).
-        batch_sizes: k_g per group, python ints, each a multiple of 128 (DeepGEMM's alignment for
-            grouped layouts; 0 leaves out[g] as it is).
+        batch_sizes: k_g >= 0 per group (ints; 0 leaves out[g] as it is).
 
     Each group is one `fp8_gemm_nt` call with c = out[g] (fp32 partial sums promoted per 128-wide
-    K block, as there), so any backend that runs fp8_gemm_nt's accumulating form runs this.
+    K block, as there), so any backend that runs fp8_gemm_nt's accumulating form runs this. A
+    group whose k_g is not a multiple of 128 is first copied into zero-padded operands.
     """
     a, sa = _unpack("lhs", lhs)
     b, sb = _unpack("rhs", rhs)
-    if not isinstance(batch_sizes, (list, tuple)) or any(isinstance(k, bool) or not isinstance(k, int)
-                                                        for k in batch_sizes):
-        raise TypeError(f"batch_sizes: expected a list of python ints (k per group), got {batch_sizes!r}")
+    try:
+        batch_sizes = [operator.index(k) for k in batch_sizes]
+    except TypeError:
+        raise TypeError(f"batch_sizes: expected a list of ints (k per group), got {batch_sizes!r}") from None
     check_tensor("out", out, ndim=3, dtypes=(torch.float32,))
+    if not torch.compiler.is_compiling():  # groups sharing memory (not traceable; each op checks its own out)
+        check_no_overlap("out", out)
     groups, m, n = out.shape
     if len(batch_sizes) != groups:
         raise ValueError(f"batch_sizes: expected {groups} sizes (out's groups), got {len(batch_sizes)}")
     for g, k in enumerate(batch_sizes):
-        if k < 0 or k % GROUP_SIZE:
-            raise ValueError(f"batch_sizes: expected multiples of {GROUP_SIZE} (pad each group's tokens), "
-                             f"got {k} for group {g}")
+        if k < 0:
+            raise ValueError(f"batch_sizes: expected sizes >= 0, got {k} for group {g}")
     total = sum(batch_sizes)
+    total_blocks = sum(-(-k // GROUP_SIZE) for k in batch_sizes)
     for name, t, scales, rows in (("a", a, sa, m), ("b", b, sb, n)):
         check_tensor(name, t, dtypes=(FP8,), device=out.device)
-        if t.numel() != rows * total or not t.is_contiguous():
-            raise ValueError(f"{name}: expected a contiguous tensor of {rows} * sum(batch_sizes) = {rows * total} "
-                             f"elements (the groups' [{rows}, k_g] blocks one after another), got shape "
-                             f"{tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}")
+        if t.numel() < rows * total or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor of at least {rows} * sum(batch_sizes) = "
+                             f"{rows * total} elements (the groups' [{rows}, k_g] blocks one after another), got "
+                             f"shape {tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}")
         check_tensor(f"s{name}", scales, dtypes=(torch.float32,), device=out.device)
-        _check_shape(f"s{name}", scales, (total // GROUP_SIZE, rows),
-                     "one row per 128 tokens of every group, one column per row of " + name)
+        _check_shape(f"s{name}", scales, (total_blocks, rows),
+                     "one row per 128 tokens (started) of every group, one column per row of " + name)
     a, b = a.reshape(-1), b.reshape(-1)
-    first = 0
+    first = first_block = 0
     for g, k in enumerate(batch_sizes):
-        blocks = slice(first // GROUP_SIZE, (first + k) // GROUP_SIZE)
+        blocks = -(-k // GROUP_SIZE)
+        a_g, b_g = a[m * first:m * (first + k)].view(m, k), b[n * first:n * (first + k)].view(n, k)
+        if k % GROUP_SIZE:  # the kernels read whole 128-wide K blocks: zeros past k_g add nothing
+            a_g, b_g = (torch.nn.functional.pad(t.view(torch.uint8), (0, blocks * GROUP_SIZE - k)).view(FP8)
+                        for t in (a_g, b_g))
+        rows = slice(first_block, first_block + blocks)
         dst = out[g]  # c is dst itself: accumulated in place, no copy of c into out
-        fp8_gemm_nt((a[m * first:m * (first + k)].view(m, k), sa[blocks].T),
-                    (b[n * first:n * (first + k)].view(n, k), sb[blocks].T), dst, c=dst, recipe=ROW_RECIPE)
-        first += k
+        fp8_gemm_nt((a_g, sa[rows].T), (b_g, sb[rows].T), dst, c=dst, recipe=ROW_RECIPE)
+        first, first_block = first + k, first_block + blocks
 
 
 def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, out, m_indices, recipe=None, compiled_dims="nk",
