@@ -149,12 +149,19 @@ def _weight_gradient_case(m, n, k, device):
                 backends=("ref", "triton"), compute_dtype="fp8")
 
 
-def _k_grouped_case(groups, k_per_group, m, n, device):
-    """MoE weight gradients: dW_g [m, n] += dY_g.T @ X_g over each expert's k_per_group tokens."""
+def _k_grouped_case(groups, k_per_group, m, n, device, layout="nt"):
+    """MoE weight gradients: dW_g [m, n] += dY_g.T @ X_g over each expert's k_per_group tokens, one
+    launch for all experts. layout "nt": DeepGEMM's sm90 API (k_grouped_wgrad_gemm_fp8_fp8_fp32_nt,
+    each group's operands transposed to [rows, k_g]); "tn": k_grouped_fp8_gemm_tn_contiguous,
+    straight from the token-major activations [tokens, rows]."""
     batch_sizes = [k_per_group] * groups
+    tokens = groups * k_per_group
 
     def make_inputs(dev):
         def operand(rows):
+            if layout == "tn":  # per-channel cast along the tokens: [tokens, rows], scales [tokens / 128, rows]
+                _, q, s = _cast_pair(rows, tokens, dev, per_block=False)
+                return q.T.contiguous(), s.T.contiguous()
             pairs = [_cast_pair(rows, k_per_group, dev, per_block=False)[1:] for _ in range(groups)]
             return (torch.cat([q.reshape(-1) for q, _ in pairs]),
                     torch.cat([s.T for _, s in pairs]).contiguous())  # [sum(k_g / 128), rows]
@@ -165,19 +172,21 @@ def _k_grouped_case(groups, k_per_group, m, n, device):
     def run(a, sa, b, sb, start, out):
         # out accumulates in place: every call starts again from the same gradients (the copy is timed)
         out.copy_(start)
-        dskernels.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), out, batch_sizes)
+        if layout == "tn":
+            dskernels.k_grouped_fp8_gemm_tn_contiguous((a, sa), (b, sb), out, batch_sizes, c=out)
+        else:
+            dskernels.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), out, batch_sizes)
         return out
 
     def reference(a, sa, b, sb, start, out):
-        return ref.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a, sa, b, sb, start, batch_sizes)
+        return ref.k_grouped_fp8_gemm(a, sa, b, sb, batch_sizes, k_major=layout == "nt", c=start)
 
     peers = {"torch.bmm bf16": _bf16_mm_peer((groups, m, k_per_group), (groups, k_per_group, n), batched=True)} \
         if device == "cuda" else {}
-    k = groups * k_per_group
-    return Case(op="k_grouped_wgrad_gemm_fp8_fp8_fp32_nt",
-                params={"groups": groups, "k_per_group": k_per_group, "m": m, "n": n},
-                make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * m * n * k,
-                bytes=(m + n) * k + 4 * (m + n) * k // 128 + 16 * groups * m * n, peers=peers,
+    op = "k_grouped_fp8_gemm_tn_contiguous" if layout == "tn" else "k_grouped_wgrad_gemm_fp8_fp8_fp32_nt"
+    return Case(op=op, params={"groups": groups, "k_per_group": k_per_group, "m": m, "n": n},
+                make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * m * n * tokens,
+                bytes=(m + n) * tokens + 4 * (m + n) * tokens // 128 + 16 * groups * m * n, peers=peers,
                 backends=("ref", "triton"), compute_dtype="fp8")
 
 
@@ -243,6 +252,7 @@ def cases(quick: bool, device: str) -> list[Case]:
     if device == "cpu":
         return [_dense_case(7, 200, 256, device), _dense_case(130, 144, 256, device),
                 _weight_gradient_case(7, 200, 256, device), _k_grouped_case(3, 128, 7, 200, device),
+                _k_grouped_case(3, 128, 7, 200, device, layout="tn"),
                 _contiguous_case(3, 64, 144, 256, device), _masked_case(2, 40, 144, 256, device, m_max=64)]
     found = []
     dense_m = [4096] if quick else [64, 128, 4096]
@@ -256,5 +266,6 @@ def cases(quick: bool, device: str) -> list[Case]:
     # Last: the issues' targets are the cases above (a short device run may end before this one).
     found += [_weight_gradient_case(m, n, k, device) for m, n, k in (WGRAD_MNK[:1] if quick else WGRAD_MNK)]
     if not quick:  # V3's experts: gate_up (4096 x 7168) and down (7168 x 2048), 8 experts of 4096 tokens
-        found += [_k_grouped_case(8, 4096, m, n, device) for m, n in ((4096, 7168), (7168, 2048))]
+        found += [_k_grouped_case(8, 4096, m, n, device, layout) for m, n in ((4096, 7168), (7168, 2048))
+                  for layout in ("nt", "tn")]
     return found

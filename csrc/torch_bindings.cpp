@@ -65,6 +65,12 @@ TORCH_LIBRARY(dskernels, m) {
   // SymInt expected_m: a hint computed from a batch size stays symbolic under torch.compile.
   m.def("m_grouped_gemm_fp8_fp8_bf16_nt_masked(Tensor a, Tensor sa, Tensor b, Tensor sb, "
         "Tensor(a!) out, Tensor masked_m, SymInt expected_m) -> ()");
+  // K-grouped (MoE weight gradients): out[g] (+)= A_g @ B_g.T over group g's ks[g] tokens, 1x128
+  // scales on both operands (sa [sum(ceil(ks / 128)), m], sb likewise with n). k_major: a and b
+  // hold each group's [m, k_g] / [n, k_g] row-major one after another (DeepGEMM's "nt"); else
+  // they are [tokens, m] / [tokens, n] (its "tn"). ks_tensor: ks on out's device (int32), or None.
+  m.def("k_grouped_fp8_gemm(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out, SymInt[] ks, "
+        "Tensor? ks_tensor, bool k_major, bool accumulate) -> ()");
   // Raw sm90 kernels (csrc/gemm/): sa column-major ([.., m, k/128] with unit row stride; the dense
   // kernel also needs DeepGEMM's TMA alignment), sb with unit stride along the n blocks, a, b and
   // out with 16-byte aligned rows. dskernels/ops/gemm.py converts and checks before calling.

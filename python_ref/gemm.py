@@ -45,23 +45,41 @@ def fp8_gemm_nt(a, sa, b, sb, out_dtype: torch.dtype, c=None) -> torch.Tensor:
     return d.to(out_dtype)
 
 
-def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a, sa, b, sb, out, batch_sizes) -> torch.Tensor:
-    """DeepGEMM's K-grouped weight gradient: a / b hold the groups' [m, k_g] / [n, k_g] blocks one
-    after another, sa / sb [sum(ceil(k_g / 128)), m or n] their 1x128 scales transposed; returns
-    out [G, m, n] + (A_g @ B_g.T per group) in fp32."""
-    groups, m, n = out.shape
-    a, b = a.reshape(-1), b.reshape(-1)
-    result, first, first_block = out.float().clone(), 0, 0
-    for g, k in enumerate(batch_sizes):
+def k_grouped_fp8_gemm(a, sa, b, sb, ks, k_major: bool, c=None) -> torch.Tensor:
+    """K-grouped GEMM (MoE weight gradients): per group g, over its own k_g = ks[g] tokens,
+    A_g [m, k_g] @ B_g.T [k_g, n], plus c[g] if given; returns [G, m, n] fp32.
+
+    Group g owns tokens first_g = sum(ks[:g]) .. first_g + k_g and scale rows
+    sum(ceil(ks[:g] / 128)) .. + ceil(k_g / 128) of sa [blocks, m] and sb [blocks, n] (1x128 scales:
+    scale row j covers the group's tokens 128 j .. 128 j + 127). k_major (DeepGEMM's "nt"): a is
+    flat, A_g the [m, k_g] row-major block at element m * first_g; else a is [tokens, m] and A_g
+    its rows first_g .. first_g + k_g transposed (DeepGEMM's "tn"). b likewise with n.
+    """
+    m, n = sa.shape[1], sb.shape[1]
+    result = torch.zeros(len(ks), m, n, device=sa.device) if c is None else c.float().clone()
+
+    def group_operand(x, scales, rows, first, first_block, k):
         blocks = -(-k // GROUP_SIZE)
-        rows = slice(first_block, first_block + blocks)
-        scale_a = sa[rows].T.float().repeat_interleave(GROUP_SIZE, dim=-1)[:, :k]
-        scale_b = sb[rows].T.float().repeat_interleave(GROUP_SIZE, dim=-1)[:, :k]
-        lhs = a[m * first:m * (first + k)].view(m, k).float() * scale_a
-        rhs = b[n * first:n * (first + k)].view(n, k).float() * scale_b
+        if k_major:
+            values = x.reshape(-1)[rows * first:rows * (first + k)].view(rows, k)
+        else:
+            values = x[first:first + k].T
+        expanded = scales[first_block:first_block + blocks].T.float().repeat_interleave(GROUP_SIZE, dim=-1)
+        return values.float() * expanded[:, :k]
+
+    first = first_block = 0
+    for g, k in enumerate(ks):
+        k = int(k)
+        lhs = group_operand(a, sa, m, first, first_block, k)
+        rhs = group_operand(b, sb, n, first, first_block, k)
         result[g] += lhs @ rhs.T
-        first, first_block = first + k, first_block + blocks
+        first, first_block = first + k, first_block + -(-k // GROUP_SIZE)
     return result
+
+
+def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a, sa, b, sb, out, batch_sizes) -> torch.Tensor:
+    """DeepGEMM's sm90 K-grouped weight gradient: the k_major layout above, added to out."""
+    return k_grouped_fp8_gemm(a, sa, b, sb, batch_sizes, k_major=True, c=out)
 
 
 def gemm_fp8_fp8_bf16_nt(a, sa, b, sb) -> torch.Tensor:

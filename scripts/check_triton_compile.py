@@ -15,7 +15,7 @@ compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
 grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16,
 prefill), V3.2's indexer logits (prefill, compressed, paged; D = 16 to 128), the three FP8 GEMMs
-with every autotuning candidate and the heuristic tiles, the FP8 casts and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one.)
+with every autotuning candidate and the heuristic tiles, the FP8 casts and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts.)
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
 """
@@ -75,7 +75,7 @@ ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 64}
 # The tensor-core instruction each kernel must contain on sm_90a (PTX), absent which it would run
 # at a fraction of the speed: wgmma for the GEMMs; MLA's 16/32-row tiles are below wgmma's 64 rows.
 REQUIRED_PTX = {"_gemm_kernel": "wgmma.mma_async", "_contiguous_kernel": "wgmma.mma_async",
-                "_masked_kernel": "wgmma.mma_async", "_mla_decode_splitkv_kernel": "mma.sync",
+                "_masked_kernel": "wgmma.mma_async", "_k_grouped_kernel": "wgmma.mma_async", "_mla_decode_splitkv_kernel": "mma.sync",
                 "_sparse_mla_kernel": "mma.sync",
                 # the indexer: wgmma at V3.2's 64 heads (128-row tiles), mma.sync for the tests' 16-row ones
                 "_mqa_logits_kernel": "mma", "_paged_mqa_logits_kernel": "mma"}
@@ -83,7 +83,8 @@ REQUIRED_PTX = {"_gemm_kernel": "wgmma.mma_async", "_contiguous_kernel": "wgmma.
 # (Triton's cp.async pipelining), checked on sm_90a in the TTGIR: with one buffer the next copy
 # waits for the last read of the current tile and no load overlaps the math (MLA decode had that
 # with 2 stages, the block-table indirection taking one: dskernels/triton/mla.py).
-PIPELINED = {"_gemm_kernel", "_contiguous_kernel", "_masked_kernel", "_mla_decode_splitkv_kernel", "_sparse_mla_kernel"}
+PIPELINED = {"_gemm_kernel", "_contiguous_kernel", "_masked_kernel", "_k_grouped_kernel", "_mla_decode_splitkv_kernel",
+             "_sparse_mla_kernel"}
 PTXAS_DIR = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
 
 
@@ -266,13 +267,35 @@ def gemm_cases(compiler: Compiler) -> None:
                                 _meta(n, k, dtype=f8), _meta(n, k // 128, dtype=torch.float32),
                                 _meta(m, n, dtype=torch.float32), accumulate=True)
 
+    def k_grouped(m, k_major, per_group=4096):  # MoE weight gradients, 4 experts' tokens, either layout
+        tokens = groups * per_group
+        operand = (lambda rows: _meta(rows * tokens, dtype=f8)) if k_major else (lambda rows: _meta(tokens, rows, dtype=f8))
+        blocks = groups * -(-per_group // 128)
+        triton_gemm.k_grouped_fp8_gemm(operand(m), _meta(blocks, m, dtype=torch.float32), operand(n),
+                                       _meta(blocks, n, dtype=torch.float32), _meta(groups, m, n, dtype=torch.float32),
+                                       [per_group] * groups, _meta(groups, dtype=torch.int32), k_major, True)
+
+    def k_grouped_nt(m):
+        k_grouped(m, True)
+
+    def k_grouped_tn(m):
+        k_grouped(m, False)
+
+    def k_grouped_unaligned(m):  # tn groups of any size (nt ones are padded to multiples of 16 first)
+        k_grouped(m, False, per_group=4001)
+
     heuristic = triton_gemm._heuristic_config
+    per_row = (weight_gradient, k_grouped_nt, k_grouped_tn)
     for name, call, max_block_m in [("dense", dense, 256), ("contiguous", contiguous, 128), ("masked", masked, 256),
-                                    ("weight gradient", weight_gradient, 256)]:
+                                    ("weight gradient", weight_gradient, 256), ("k-grouped nt", k_grouped_nt, 256),
+                                    ("k-grouped tn", k_grouped_tn, 256),
+                                    ("k-grouped unaligned", k_grouped_unaligned, 256)]:
         compiler.context = f"gemm {name}, heuristic"
         for m in (64, 4096):
             call(m)
-        for config in triton_gemm._gpu_configs(max_block_m, call is weight_gradient):  # the autotuning candidates
+        if call is k_grouped_unaligned:
+            continue
+        for config in triton_gemm._gpu_configs(max_block_m, call in per_row):  # the autotuning candidates
             compiler.context = f"gemm {name}, autotune candidate"
             meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
             triton_gemm._heuristic_config = lambda *_, meta=meta: dict(meta)

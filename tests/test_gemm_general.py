@@ -232,7 +232,7 @@ def test_k_grouped_wgrad(backend, m, n):
     before = torch.randn(len(batch_sizes), m, n, device=device) * 10
     out = before.clone()
     if name == "cuda":
-        with pytest.raises(NotImplementedError, match="^fp8_gemm_nt .*no CUDA kernel yet"):
+        with pytest.raises(NotImplementedError, match="^k_grouped_fp8_gemm: no CUDA kernel yet"):
             dskernels.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), out, batch_sizes)
         return
     dskernels.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), out, batch_sizes)
@@ -286,3 +286,224 @@ def test_k_grouped_wgrad_validation_spare_room_and_compile():
         b, sb, _ = k_grouped_operands(sizes, 3, "cpu")
         want = step(a, sa, b, sb, torch.zeros(2, 5, 3), sizes)
         assert torch.equal(compiled(a, sa, b, sb, torch.zeros(2, 5, 3), sizes), want), sizes
+
+
+# ---- DeepGEMM's newer K-grouped names: k_grouped_fp8_gemm_{nt,tn}_contiguous ----
+
+POISON = 0x7F  # NaN as an e4m3fn byte: any read of padding shows in the result
+
+
+def grouped_layout(ks, rows, layout, device, spare=3):
+    """The groups' A_g [rows, k_g] (k_grouped_operands) in DeepGEMM's two layouts, with poisoned
+    room past the groups: "nt" flat data and scales [rows, blocks] (DeepGEMM passes sf.T); "tn" data
+    [tokens, rows] as a strided view into a wider poisoned buffer, scales [blocks, rows]."""
+    flat, scales, parts = k_grouped_operands(ks, rows, device)
+    if layout == "nt":
+        data = torch.cat([flat.view(torch.uint8), torch.full((spare,), POISON, dtype=torch.uint8, device=device)])
+        return (data.view(torch.float8_e4m3fn), scales.T), parts
+    tokens = sum(ks)
+    wide = torch.full((tokens + spare, rows + 5), POISON, dtype=torch.uint8, device=device)
+    if tokens:
+        wide[:tokens, :rows] = torch.cat([q.T for q, _ in parts if q.shape[1]]).view(torch.uint8)
+    return (wide.view(torch.float8_e4m3fn)[:, :rows], scales), parts
+
+
+K_GROUPED = [("nt", "float32", "in_place"), ("tn", "float32", None), ("tn", "float32", "separate"),
+             ("nt", "bfloat16", None), ("tn", "bfloat16", "in_place")]
+
+
+@pytest.mark.parametrize("layout,out_dtype,c_kind", K_GROUPED, ids=["-".join(map(str, g)) for g in K_GROUPED])
+@pytest.mark.parametrize("device_sizes", [False, True], ids=["ks", "ks_tensor"])
+def test_k_grouped_fp8_gemm(backend, layout, out_dtype, c_kind, device_sizes):
+    """d[g] = c[g] + A_g @ B_g.T per group in both layouts, each group against test_gemm.py's bound
+    (from the math) on the dequantized product; groups of 0, 37 and 200 tokens (partial blocks),
+    odd m and n, poisoned room past the operands, with and without ks on the device."""
+    name, device = backend
+    ks, m, n = [256, 0, 37, 200], 7, 130
+    (a, sa), a_parts = grouped_layout(ks, m, layout, device)
+    (b, sb), b_parts = grouped_layout(ks, n, layout, device)
+    out_dtype = getattr(torch, out_dtype)
+    c = (torch.randn(len(ks), m, n, device=device) * 8).to(out_dtype) if c_kind else None
+    d = c.clone() if c_kind == "in_place" else torch.full((len(ks), m, n), float("nan"), dtype=out_dtype, device=device)
+    ks_tensor = torch.tensor(ks, dtype=torch.int32, device=device) if device_sizes else None
+    call = getattr(dskernels, f"k_grouped_fp8_gemm_{layout}_contiguous")
+    c_arg = d if c_kind == "in_place" else c
+    if name == "cuda":
+        before = d.clone()
+        with pytest.raises(NotImplementedError, match="^k_grouped_fp8_gemm: no CUDA kernel yet"):
+            call((a, sa), (b, sb), d, ks, ks_tensor, c=c_arg)
+        assert torch.equal(d.isnan(), before.isnan()) and torch.equal(d.nan_to_num(), before.nan_to_num())  # refused first
+        return
+    call((a, sa), (b, sb), d, ks, ks_tensor, c=c_arg)
+    for g, k in enumerate(ks):
+        if k == 0:  # an empty sum: c, or zeros
+            assert torch.equal(d[g], c[g] if c is not None else torch.zeros_like(d[g]))
+            continue
+        (qa, s_a), (qb, s_b) = padded_to_blocks(*a_parts[g]), padded_to_blocks(*b_parts[g])
+        assert_close_to_oracle(d[g], qa, s_a, qb, s_b, c=None if c is None else c[g])
+
+
+def test_k_grouped_fp8_gemm_sizes_tensor_cannot_reach_past_the_operands(backend, monkeypatch):
+    """ks_tensor must equal ks. One that disagrees is cut at the operands' ends (the host's sum(ks)
+    tokens and scale rows), never read past them: claiming 300 + 300 tokens of 168 gives group 0
+    all 168 (the blocks line up) and group 1 none; 1 + 167 would reach a third scale row, of two,
+    and poisoned fp32 scales there (NaN) would show. (The kernel reading token-major operands
+    itself: on Hopper the launcher would copy them, up to sum(ks), first.)"""
+    monkeypatch.setenv("DSKERNELS_GEMM_TOKEN_MAJOR", "direct")
+    name, device = backend
+    if name == "cuda":
+        pytest.skip("no CUDA kernel (test_k_grouped_fp8_gemm checks the refusal)")
+    ks = [128, 40]
+    (a, sa), _ = grouped_layout(ks, 5, "tn", device, spare=300)
+    (b, sb), _ = grouped_layout(ks, 3, "tn", device, spare=300)
+    a, b = a[:168], b[:168]
+    d = torch.full((2, 5, 3), float("nan"), device=device)
+    dskernels.k_grouped_fp8_gemm_tn_contiguous((a, sa), (b, sb), d, ks, torch.tensor([300, 300], dtype=torch.int32))
+    if name == "triton":  # the reference reads ks (the oracle): only the kernel reads ks_tensor (directly here)
+        import python_ref.gemm as ref
+        torch.testing.assert_close(d[0], ref.k_grouped_fp8_gemm(a, sa, b, sb, [168], k_major=False)[0],
+                                   atol=1e-3, rtol=1e-5)
+        assert torch.equal(d[1], torch.zeros_like(d[1]))
+        poisoned = [torch.full((3, rows), float("nan"), device=device) for rows in (5, 3)]
+        poisoned[0][:2], poisoned[1][:2] = sa, sb
+        dskernels.k_grouped_fp8_gemm_tn_contiguous((a, poisoned[0][:2]), (b, poisoned[1][:2]), d, ks,
+                                                   torch.tensor([1, 167], dtype=torch.int32))
+        assert torch.isfinite(d).all()
+
+
+@pytest.mark.parametrize("layout", ["nt", "tn"])
+def test_k_grouped_fp8_gemm_k_major_copies(layout, monkeypatch):
+    """The launcher's copies into the K-major layout with rows of k_g rounded up to 16 (zeros
+    after): token-major operands on Hopper (DSKERNELS_GEMM_TOKEN_MAJOR=transpose forces it here)
+    and K-major groups of any k_g; with ks_tensor rounded to match on the device."""
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("DSKERNELS_GEMM_TOKEN_MAJOR", "transpose")
+    ks, m, n = [40, 0, 128, 129], 6, 70
+    (a, sa), a_parts = grouped_layout(ks, m, layout, "cpu")
+    (b, sb), b_parts = grouped_layout(ks, n, layout, "cpu")
+    c = torch.randn(len(ks), m, n) * 8
+    d = c.clone()
+    with dskernels.backend("triton"):
+        getattr(dskernels, f"k_grouped_fp8_gemm_{layout}_contiguous")(
+            (a, sa), (b, sb), d, ks, torch.tensor(ks, dtype=torch.int32), c=d)
+    for g, k in enumerate(ks):
+        (qa, s_a), (qb, s_b) = padded_to_blocks(*a_parts[g]), padded_to_blocks(*b_parts[g])
+        assert_close_to_oracle(d[g], qa, s_a, qb, s_b, c=c[g])
+
+
+def test_k_grouped_fp8_gemm_validation():
+    ks = [128, 40]
+    (a, sa), _ = grouped_layout(ks, 5, "tn", "cpu")
+    (b, sb), _ = grouped_layout(ks, 3, "tn", "cpu")
+    (an, san), _ = grouped_layout(ks, 5, "nt", "cpu")
+    (bn, sbn), _ = grouped_layout(ks, 3, "nt", "cpu")
+    d = torch.zeros(2, 5, 3)
+    tn, nt = dskernels.k_grouped_fp8_gemm_tn_contiguous, dskernels.k_grouped_fp8_gemm_nt_contiguous
+    with pytest.raises(ValueError, match=r"^a: expected shape \(>= 168, 5\)"):
+        tn((a[:100], sa), (b, sb), d, ks)
+    with pytest.raises(ValueError, match=r"^sb: expected shape \(2, 3\)"):
+        tn((a, sa), (b, sb[:1]), d, ks)
+    with pytest.raises(ValueError, match=r"^sa: expected shape \(5, 2\)"):  # nt: DeepGEMM's sf.T
+        nt((an, san.T), (bn, sbn), d, ks)
+    with pytest.raises(ValueError, match=r"^b: expected a contiguous tensor of at least 3 \* sum\(ks\) = 504"):
+        nt((an, san), (bn[:100], sbn), d, ks)
+    with pytest.raises(TypeError, match="^ks_tensor: expected dtype int32"):
+        tn((a, sa), (b, sb), d, ks, torch.tensor(ks))
+    with pytest.raises(ValueError, match=r"^ks_tensor: expected shape \(2,\)"):
+        tn((a, sa), (b, sb), d, ks, torch.tensor([128, 40, 0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="^ks: expected 2 sizes"):
+        tn((a, sa), (b, sb), d, [168])
+    with pytest.raises(ValueError, match="^ks: expected sizes >= 0, got -40 for group 1"):
+        tn((a, sa), (b, sb), d, [208, -40])
+    with pytest.raises(ValueError, match=r"^recipe: only \(1, 1, 128\)"):
+        tn((a, sa), (b, sb), d, ks, recipe=(1, 128, 128))
+    with pytest.raises(TypeError, match="^c: expected dtype float32"):
+        tn((a, sa), (b, sb), d, ks, c=d.bfloat16())
+    memory = torch.zeros(31)
+    with pytest.raises(ValueError, match="^c: expected out itself or a tensor that shares no memory"):
+        tn((a, sa), (b, sb), memory[:30].view(2, 5, 3), ks, c=memory[1:].view(2, 5, 3))
+    with pytest.raises(TypeError, match="^out: expected dtype float32 or bfloat16"):
+        tn((a, sa), (b, sb), d.half(), ks)
+    with pytest.raises(TypeError, match="^a: expected a tuple"):
+        tn(a, (b, sb), d, ks)
+
+
+def _k_grouped_sample(device="cpu"):
+    ks = [128, 0, 40]
+    (a, sa), _ = grouped_layout(ks, 5, "tn", device)
+    (b, sb), _ = grouped_layout(ks, 3, "tn", device)
+    return a, sa, b, sb, torch.zeros(3, 5, 3, device=device), ks
+
+
+def test_k_grouped_opcheck():
+    a, sa, b, sb, d, ks = _k_grouped_sample()
+    an, san = grouped_layout(ks, 5, "nt", "cpu")[0]
+    bn, sbn = grouped_layout(ks, 3, "nt", "cpu")[0]
+    samples = [(a, sa, b, sb, d, ks, None, False, False),
+               (an, san.T, bn, sbn.T, d.clone(), ks, torch.tensor(ks, dtype=torch.int32), True, True)]
+    for args in samples:
+        torch.library.opcheck(torch.ops.dskernels.k_grouped_fp8_gemm.default, args, test_utils=OPCHECK_UTILS)
+
+
+def test_k_grouped_torch_compile_follows_sizes():
+    """MoE routing changes the sizes every step: the compiled tn call follows them (fullgraph)."""
+    def step(a, sa, b, sb, d, ks, ks_tensor):
+        dskernels.k_grouped_fp8_gemm_tn_contiguous((a, sa), (b, sb), d, ks, ks_tensor, c=d)
+        return d
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for ks in ([128, 256], [256, 128], [200, 184]):
+        (a, sa), _ = grouped_layout(ks, 5, "tn", "cpu")
+        (b, sb), _ = grouped_layout(ks, 3, "tn", "cpu")
+        ks_tensor = torch.tensor(ks, dtype=torch.int32)
+        want = step(a, sa, b, sb, torch.ones(2, 5, 3), ks, ks_tensor)
+        assert torch.equal(compiled(a, sa, b, sb, torch.ones(2, 5, 3), ks, ks_tensor), want), ks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", _weight_gradient_configs())
+@pytest.mark.parametrize("layout", ["nt", "tn"])
+def test_triton_k_grouped_every_config(config, layout, monkeypatch):
+    """Each autotuning candidate, forced, on both layouts: 256-token, unaligned (131) and empty
+    groups, m and n not multiples of the tile, accumulated in place in fp32."""
+    from dskernels.triton import gemm as triton_gemm
+
+    meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
+    monkeypatch.setattr(triton_gemm, "_heuristic_config", lambda *_: dict(meta))
+    monkeypatch.setenv("DSKERNELS_GEMM_AUTOTUNE", "0")
+    ks, m, n = [256, 131, 0, 384], 200, 300
+    (a, sa), a_parts = grouped_layout(ks, m, layout, "cuda")
+    (b, sb), b_parts = grouped_layout(ks, n, layout, "cuda")
+    c = torch.randn(len(ks), m, n, device="cuda")
+    d = c.clone()
+    with dskernels.backend("triton"):
+        getattr(dskernels, f"k_grouped_fp8_gemm_{layout}_contiguous")((a, sa), (b, sb), d, ks, c=d)
+    for g, k in enumerate(ks):
+        if k == 0:
+            assert torch.equal(d[g], c[g])
+        else:
+            (qa, s_a), (qb, s_b) = padded_to_blocks(*a_parts[g]), padded_to_blocks(*b_parts[g])
+            assert_close_to_oracle(d[g], qa, s_a, qb, s_b, c=c[g])
+
+
+@pytest.mark.gpu
+def test_k_grouped_cuda_graph():
+    """Captured with ks only (the sizes then come from fills inside the graph) and with ks_tensor
+    (its values read at replay): replays equal eager calls."""
+    ks = [256, 40, 0]
+    (a, sa), _ = grouped_layout(ks, 64, "tn", "cuda")
+    (b, sb), _ = grouped_layout(ks, 96, "tn", "cuda")
+    ks_tensor = torch.tensor(ks, dtype=torch.int32, device="cuda")
+    for sizes in (None, ks_tensor):
+        eager = torch.zeros(3, 64, 96, device="cuda")
+        with dskernels.backend("triton"):
+            dskernels.k_grouped_fp8_gemm_tn_contiguous((a, sa), (b, sb), eager, ks, sizes)  # warm-up too
+            d = torch.full_like(eager, float("nan"))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                dskernels.k_grouped_fp8_gemm_tn_contiguous((a, sa), (b, sb), d, ks, sizes)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(d, eager)

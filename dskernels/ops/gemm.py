@@ -159,19 +159,28 @@ def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_
         per = "row of b per 128 columns" if tuple(recipe) == ROW_RECIPE else "128x128 block of b"
         raise ValueError(f"sb: recipe {tuple(recipe)} means one scale per {per}, got shape {tuple(sb.shape)} "
                          f"for b of shape {tuple(b.shape)}")
+    _check_c(c, out)
     if c is not None:
-        check_tensor("c", c, dtypes=(out.dtype,), device=out.device)
-        _check_shape("c", c, tuple(out.shape), "out's shape")
-        if not torch.compiler.is_compiling():  # eager: every refusal before out is written (the op checks again)
-            check_no_overlap("out", out)
-            same_view = c.data_ptr() == out.data_ptr() and c.stride() == out.stride()  # c = out[:] is out
-            if not same_view and torch._C._overlaps(c, out):
-                raise ValueError("c: expected out itself or a tensor that shares no memory with out, got one "
-                                 f"that overlaps it (strides {tuple(c.stride())}, out's {tuple(out.stride())})")
-            _general_backend(a.device)
+        if not torch.compiler.is_compiling():
+            _general_backend(a.device)  # eager: every refusal before out is written
         if c is not out:
             out.copy_(c)  # DeepGEMM's rule too: the kernel adds to out
     torch.ops.dskernels.fp8_gemm_nt(a, sa, b, sb, out, c is not None)
+
+
+def _check_c(c, out) -> None:
+    """c (added to the product) is None, out itself, or a tensor of out's shape and dtype that
+    shares no memory with it. Eager calls check before out is written (the op checks out again)."""
+    if c is None:
+        return
+    check_tensor("c", c, dtypes=(out.dtype,), device=out.device)
+    _check_shape("c", c, tuple(out.shape), "out's shape")
+    if not torch.compiler.is_compiling():
+        check_no_overlap("out", out)
+        same_view = c.data_ptr() == out.data_ptr() and c.stride() == out.stride()  # c = out[:] is out
+        if not same_view and torch._C._overlaps(c, out):
+            raise ValueError("c: expected out itself or a tensor that shares no memory with out, got one "
+                             f"that overlaps it (strides {tuple(c.stride())}, out's {tuple(out.stride())})")
 
 
 def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs: tuple[torch.Tensor, torch.Tensor], rhs: tuple[torch.Tensor, torch.Tensor],
@@ -187,50 +196,79 @@ def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs: tuple[torch.Tensor, torch.Tensor],
         rhs: (b, sb) likewise for B_g [n, k_g], sb [sum(ceil(k_g / 128)), n] (1x128 scales: B_g is
             an activation too, the layer's input as X_g.T).
         out: float32 [G, m, n], accumulated in place (G = len(batch_sizes)).
-        batch_sizes: k_g >= 0 per group (ints; 0 leaves out[g] as it is).
+        batch_sizes: k_g >= 0 per group (ints; 0 leaves out[g] as it is), any k_g (a last
+            partial block of 128 counts its k_g columns only).
 
-    Each group is one `fp8_gemm_nt` call with c = out[g] (fp32 partial sums promoted per 128-wide
-    K block, as there), so any backend that runs fp8_gemm_nt's accumulating form runs this. A
-    group whose k_g is not a multiple of 128 is first copied into zero-padded operands.
+    One launch for every group (k_grouped_fp8_gemm_nt_contiguous's kernel), fp32 partial sums
+    promoted per 128-wide K block as in fp8_gemm_nt. batch_sizes reach the device by one
+    asynchronous copy (no host sync).
     """
     a, sa = _unpack("lhs", lhs)
     b, sb = _unpack("rhs", rhs)
+    _k_grouped(a, sa, b, sb, out, batch_sizes, None, out, k_major=True, sizes_name="batch_sizes",
+               dtypes=(torch.float32,))
+
+
+def k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, ks_tensor=None, c=None, recipe=ROW_RECIPE,
+                                     compiled_dims="mn") -> None:
+    """DeepGEMM's K-grouped GEMM, K-major layout: d[g] = c[g] + A_g @ B_g.T over group g's own
+    k_g = ks[g] tokens (MoE weight gradients), one launch for every group.
+
+    Args:
+        a: (data, scales): data float8_e4m3fn holding each group's A_g [m, k_g] row-major one after
+            another (contiguous, at least m * sum(ks) elements, any shape); scales float32
+            [m, sum(ceil(k_g / 128))] (DeepGEMM passes the per-channel cast's scales transposed;
+            any strides): group g's columns are A_g's 1x128 scales, column j covering its tokens
+            128 j .. 128 j + 127.
+        b: (data, scales) likewise for B_g [n, k_g], scales [n, sum(ceil(k_g / 128))].
+        d: [G, m, n] float32 (or bfloat16: the sum in fp32, rounded once).
+        ks: k_g >= 0 per group (python ints; any k_g, a last partial block counts its k_g tokens).
+        ks_tensor: ks as int32 [G] on d's device, read by the kernel (DeepGEMM's argument); must
+            equal ks. None: made from ks by one asynchronous copy.
+        c: None (d = the product; an empty group gives zeros), d itself (accumulate in place) or a
+            [G, m, n] tensor of d's dtype sharing no memory with d.
+        recipe: (1, 1, 128) only (1x128 scales on both operands). compiled_dims: ignored.
+    """
+    _deepgemm_options(recipe, (ROW_RECIPE,))
+    (a, sa), (b, sb) = _unpack("a", a), _unpack("b", b)
+    check_tensor("sa", sa, ndim=2)
+    check_tensor("sb", sb, ndim=2)
+    _k_grouped(a, sa.T, b, sb.T, d, ks, ks_tensor, c, k_major=True, scales_transposed=True)
+
+
+def k_grouped_fp8_gemm_tn_contiguous(a, b, d, ks, ks_tensor=None, c=None, recipe=ROW_RECIPE,
+                                     compiled_dims="mn") -> None:
+    """DeepGEMM's K-grouped GEMM, token-major layout: d[g] = c[g] + A_g @ B_g.T where A_g is rows
+    sum(ks[:g]) .. + ks[g] of a [tokens, m], transposed: the weight gradient dy_g.T @ x_g straight
+    from the activations as the forward pass stored them (no transposing copy). DeepGEMM has this
+    form on sm100 only; here it runs wherever Triton does.
+
+    Args:
+        a: (data, scales): data float8_e4m3fn [>= sum(ks), m], any strides (rows past sum(ks)
+            unread); scales float32 [sum(ceil(k_g / 128)), m], any strides: group g's rows are its
+            per-channel 128x1 scales (row j covers the group's tokens 128 j .. 128 j + 127).
+        b: (data, scales) likewise with n.
+        d, ks, ks_tensor, c, recipe, compiled_dims: as for k_grouped_fp8_gemm_nt_contiguous.
+    """
+    _deepgemm_options(recipe, (ROW_RECIPE,))
+    (a, sa), (b, sb) = _unpack("a", a), _unpack("b", b)
+    _k_grouped(a, sa, b, sb, d, ks, ks_tensor, c, k_major=False)
+
+
+def _k_grouped(a, sa, b, sb, out, ks, ks_tensor, c, *, k_major: bool, sizes_name: str = "ks",
+               dtypes=(torch.float32, torch.bfloat16), scales_transposed: bool = False) -> None:
     try:
-        batch_sizes = [operator.index(k) for k in batch_sizes]
+        ks = [operator.index(k) for k in ks]
     except TypeError:
-        raise TypeError(f"batch_sizes: expected a list of ints (k per group), got {batch_sizes!r}") from None
-    check_tensor("out", out, ndim=3, dtypes=(torch.float32,))
-    if not torch.compiler.is_compiling():  # groups sharing memory (not traceable; each op checks its own out)
-        check_no_overlap("out", out)
-    groups, m, n = out.shape
-    if len(batch_sizes) != groups:
-        raise ValueError(f"batch_sizes: expected {groups} sizes (out's groups), got {len(batch_sizes)}")
-    for g, k in enumerate(batch_sizes):
-        if k < 0:
-            raise ValueError(f"batch_sizes: expected sizes >= 0, got {k} for group {g}")
-    total = sum(batch_sizes)
-    total_blocks = sum(-(-k // GROUP_SIZE) for k in batch_sizes)
-    for name, t, scales, rows in (("a", a, sa, m), ("b", b, sb, n)):
-        check_tensor(name, t, dtypes=(FP8,), device=out.device)
-        if t.numel() < rows * total or not t.is_contiguous():
-            raise ValueError(f"{name}: expected a contiguous tensor of at least {rows} * sum(batch_sizes) = "
-                             f"{rows * total} elements (the groups' [{rows}, k_g] blocks one after another), got "
-                             f"shape {tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}")
-        check_tensor(f"s{name}", scales, dtypes=(torch.float32,), device=out.device)
-        _check_shape(f"s{name}", scales, (total_blocks, rows),
-                     "one row per 128 tokens (started) of every group, one column per row of " + name)
-    a, b = a.reshape(-1), b.reshape(-1)
-    first = first_block = 0
-    for g, k in enumerate(batch_sizes):
-        blocks = -(-k // GROUP_SIZE)
-        a_g, b_g = a[m * first:m * (first + k)].view(m, k), b[n * first:n * (first + k)].view(n, k)
-        if k % GROUP_SIZE:  # the kernels read whole 128-wide K blocks: zeros past k_g add nothing
-            a_g, b_g = (torch.nn.functional.pad(t.view(torch.uint8), (0, blocks * GROUP_SIZE - k)).view(FP8)
-                        for t in (a_g, b_g))
-        rows = slice(first_block, first_block + blocks)
-        dst = out[g]  # c is dst itself: accumulated in place, no copy of c into out
-        fp8_gemm_nt((a_g, sa[rows].T), (b_g, sb[rows].T), dst, c=dst, recipe=ROW_RECIPE)
-        first, first_block = first + k, first_block + blocks
+        raise TypeError(f"{sizes_name}: expected a list of ints (k per group), got {ks!r}") from None
+    _check_k_grouped(a, sa, b, sb, out, ks, ks_tensor, k_major, sizes_name=sizes_name, dtypes=dtypes,
+                     overlap=not torch.compiler.is_compiling(), scales_transposed=scales_transposed)
+    _check_c(c, out)
+    if c is not None and c is not out:
+        if not torch.compiler.is_compiling():
+            _k_grouped_backend(out.device)  # eager: every refusal before out is written
+        out.copy_(c)
+    torch.ops.dskernels.k_grouped_fp8_gemm(a, sa, b, sb, out, ks, ks_tensor, k_major, c is not None)
 
 
 def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, out, m_indices, recipe=None, compiled_dims="nk",
@@ -394,6 +432,39 @@ def _check_masked(a, sa, b, sb, out, masked_m, expected_m):
 def _check_expected_m(expected_m) -> None:
     if isinstance(expected_m, bool) or not isinstance(expected_m, (int, torch.SymInt)):
         raise TypeError(f"expected_m: expected a python int, got {type(expected_m).__name__}")
+
+
+def _check_k_grouped(a, sa, b, sb, out, ks, ks_tensor, k_major: bool, *, sizes_name: str = "ks",
+                     dtypes=(torch.float32, torch.bfloat16), overlap: bool = True,
+                     scales_transposed: bool = False) -> None:
+    """The K-grouped GEMM's operands (k_grouped_fp8_gemm in csrc/torch_bindings.cpp)."""
+    check_tensor("out", out, ndim=3, dtypes=dtypes)
+    if overlap:
+        check_no_overlap("out", out)
+    groups, m, n = out.shape
+    if len(ks) != groups:
+        raise ValueError(f"{sizes_name}: expected {groups} sizes (out's groups), got {len(ks)}")
+    for g, k in enumerate(ks):
+        if k < 0:
+            raise ValueError(f"{sizes_name}: expected sizes >= 0, got {k} for group {g}")
+    total = sum(ks)
+    total_blocks = sum((k + GROUP_SIZE - 1) // GROUP_SIZE for k in ks)
+    for name, t, scales, rows in (("a", a, sa, m), ("b", b, sb, n)):
+        check_tensor(name, t, dtypes=(FP8,), device=out.device)
+        if k_major and (t.numel() < rows * total or not t.is_contiguous()):
+            raise ValueError(f"{name}: expected a contiguous tensor of at least {rows} * sum({sizes_name}) = "
+                             f"{rows * total} elements (the groups' [{rows}, k_g] blocks one after another), got "
+                             f"shape {tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}")
+        if not k_major and (t.dim() != 2 or t.shape[1] != rows or t.shape[0] < total):
+            raise ValueError(f"{name}: expected shape (>= {total}, {rows}) (the groups' sum({sizes_name}) tokens "
+                             f"by out's {'m' if name == 'a' else 'n'}), got {tuple(t.shape)}")
+        check_tensor(f"s{name}", scales, ndim=2, dtypes=(torch.float32,), device=out.device)
+        expected = (rows, total_blocks) if scales_transposed else (total_blocks, rows)
+        _check_shape(f"s{name}", scales.T if scales_transposed else scales, expected,
+                     f"one 1x128 scale per row of {name} per 128 tokens (started) of every group")
+    if ks_tensor is not None:
+        check_tensor("ks_tensor", ks_tensor, ndim=1, dtypes=(torch.int32,), device=out.device)
+        _check_shape("ks_tensor", ks_tensor, (groups,), f"{sizes_name} on the device, one size per group")
 
 
 # ---- registered kernels ----
@@ -563,3 +634,43 @@ def _m_grouped_contiguous_fake(a, sa, b, sb, out, m_indices):
 @torch.library.register_fake("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_masked")
 def _m_grouped_masked_fake(a, sa, b, sb, out, masked_m, expected_m):
     _check_masked(a, sa, b, sb, out, masked_m, expected_m)
+
+
+@torch.library.register_kernel("dskernels::k_grouped_fp8_gemm", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+def _k_grouped_fp8_gemm(a, sa, b, sb, out, ks, ks_tensor, k_major, accumulate):
+    _check_k_grouped(a, sa, b, sb, out, ks, ks_tensor, k_major)
+    chosen = _k_grouped_backend(a.device)
+    if chosen == "ref":
+        out.copy_(ref.k_grouped_fp8_gemm(a, sa, b, sb, ks, k_major, c=out if accumulate else None))
+        return
+    from dskernels.triton import gemm as triton_gemm
+
+    if ks_tensor is None:
+        ks_tensor = _sizes_on_device(ks, out.device)
+    triton_gemm.k_grouped_fp8_gemm(a.reshape(-1) if k_major else a, sa, b.reshape(-1) if k_major else b, sb, out,
+                                   ks, ks_tensor, k_major, accumulate)
+
+
+def _k_grouped_backend(device: torch.device) -> str:
+    return select_backend("k_grouped_fp8_gemm", device, has_cuda=False, has_triton=True)
+
+
+def _sizes_on_device(ks: list[int], device: torch.device) -> torch.Tensor:
+    """ks as int32 on device without a host sync: an asynchronous copy from pinned memory (the
+    caching host allocator keeps it until the copy is done), or, while a CUDA graph is being
+    captured, one fill per group (graph nodes that replay; no host memory to keep alive)."""
+    host = torch.tensor(ks, dtype=torch.int32)
+    if device.type != "cuda":
+        return host.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        sizes = torch.empty(len(ks), dtype=torch.int32, device=device)
+        for g, k in enumerate(ks):
+            sizes[g].fill_(k)
+        return sizes
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+@torch.library.register_fake("dskernels::k_grouped_fp8_gemm")
+def _k_grouped_fp8_gemm_fake(a, sa, b, sb, out, ks, ks_tensor, k_major, accumulate):
+    _check_k_grouped(a, sa, b, sb, out, ks, ks_tensor, k_major)

@@ -60,13 +60,23 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _tile(m, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output rows and columns (swizzled tile order) and which of them exist."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, cols, rows < m, cols < n
+
+
+@triton.jit
 def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
                  stride_am, stride_ak, stride_sam, stride_sak,
                  stride_bn, stride_bk, stride_sbn, stride_sbk,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_DOT: tl.constexpr,
-                 SB_PER_ROW: tl.constexpr):
+                 SB_PER_ROW: tl.constexpr, k_valid=0, MASK_K: tl.constexpr = False):
     """sum over K blocks kb < k_blocks of sa[rows, kb] * sb[cols // 128, kb] * (a @ b.T)[kb]
-    (SB_PER_ROW: sb[cols, kb], b's 1x128 scales when b is an activation too)."""
+    (SB_PER_ROW: sb[cols, kb], b's 1x128 scales when b is an activation too; MASK_K: only the first
+    k_valid columns of a and b are read, the rest of the last block counts as zeros)."""
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
     b_ptrs = b_ptr + cols[None, :].to(tl.int64) * stride_bn + ks[:, None] * stride_bk
@@ -81,13 +91,21 @@ def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blo
     sb_ptrs = sb_ptr + first_block.to(tl.int64) * stride_sbn
     sb_row_ptrs = sb_ptr + cols.to(tl.int64) * stride_sbn  # SB_PER_ROW only
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_left = k_valid
     for _ in range(0, k_blocks):
+        if MASK_K:
+            a_mask = row_ok[:, None] & (ks[None, :] < k_left)
+            b_mask = col_ok[None, :] & (ks[:, None] < k_left)
+            k_left -= BLOCK_K
+        else:
+            a_mask = row_ok[:, None]
+            b_mask = col_ok[None, :]
         if FP8_DOT:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         else:  # a and b arrive as uint8 views
-            a = e4m3_bits_to_fp16(tl.load(a_ptrs, mask=row_ok[:, None], other=0))
-            b = e4m3_bits_to_fp16(tl.load(b_ptrs, mask=col_ok[None, :], other=0))
+            a = e4m3_bits_to_fp16(tl.load(a_ptrs, mask=a_mask, other=0))
+            b = e4m3_bits_to_fp16(tl.load(b_ptrs, mask=b_mask, other=0))
         sa = tl.load(sa_ptrs, mask=row_ok, other=0.0)
         # A fresh fp32 tile per K block, promoted with its scales (DeepGEMM's math): Hopper's FP8
         # MMA accumulates with fewer than fp32's bits, so long K chains must not stay inside it.
@@ -137,13 +155,7 @@ def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr,
                  SB_PER_ROW: tl.constexpr, OUT_FP32: tl.constexpr, ACCUMULATE: tl.constexpr):
-    num_pid_m = tl.cdiv(m, BLOCK_M)
-    num_pid_n = tl.cdiv(n, BLOCK_N)
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < m
-    col_ok = cols < n
+    rows, cols, row_ok, col_ok = _tile(m, n, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
                        stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
                        stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, SB_PER_ROW)
@@ -208,6 +220,52 @@ def _masked_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, masked_m_ptr, m_max, n
                 stride_om, stride_on, ROUND_BF16)
 
 
+@triton.jit
+def _k_grouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, ks_ptr, m, n, groups, total_k, total_blocks,
+                      stride_at, stride_bt, stride_sab, stride_sam, stride_sbb, stride_sbn,
+                      stride_og, stride_om, stride_on, stride_ks, m_bucket, k_blocks,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr,
+                      SB_PER_ROW: tl.constexpr, OUT_FP32: tl.constexpr, ACCUMULATE: tl.constexpr,
+                      K_MAJOR: tl.constexpr, BLOCK_G: tl.constexpr):
+    """out[g] (+)= A_g @ B_g.T over group g's own k_g = ks[g] tokens; grid (tiles of [m, n], groups).
+
+    Group g starts at token sum(ks[:g]) and at scale row sum(ceil(ks[:g] / 128)), both summed here
+    from ks on the device. K_MAJOR: A_g is [m, k_g] row-major at a + m * start (DeepGEMM's "nt"
+    K-grouped layout; every k_g a multiple of 16, so rows start on 16-byte boundaries and load as
+    wide vectors); else a is [tokens, m] with unit stride along m and A_g its rows start .. start +
+    k_g, transposed ("tn": the activations as the forward pass left them, any k_g). B likewise
+    with n. A group's last K block is masked past k_g. Groups reaching past total_k tokens or
+    total_blocks scale rows (a ks tensor that disagrees with the host's sizes) are cut there:
+    never a read outside the operands.
+    """
+    tl.static_assert(SB_PER_ROW)  # both operands are activations: 1x128 scales per row
+    group = tl.program_id(1)
+    offs_g = tl.arange(0, BLOCK_G)
+    sizes = tl.maximum(tl.load(ks_ptr + offs_g * stride_ks, mask=offs_g < groups, other=0), 0).to(tl.int64)
+    before = offs_g < group
+    start = tl.sum(tl.where(before, sizes, 0))
+    first_block = tl.sum(tl.where(before, (sizes + BLOCK_K - 1) // BLOCK_K, 0))
+    k_here = tl.maximum(tl.minimum(tl.sum(tl.where(offs_g == group, sizes, 0)), total_k - start), 0)
+    blocks = tl.maximum(tl.minimum((k_here + BLOCK_K - 1) // BLOCK_K, total_blocks - first_block), 0)
+    if K_MAJOR:  # every size a multiple of 16 (the launcher sees to it): 16-byte aligned rows
+        k_here = tl.multiple_of(k_here, 16)
+        start = tl.multiple_of(start, 16)
+    rows, cols, row_ok, col_ok = _tile(m, n, BLOCK_M, BLOCK_N, GROUP_M)
+    if K_MAJOR:
+        a_group, a_row, a_tok = a_ptr + start * m, k_here, 1
+        b_group, b_row, b_tok = b_ptr + start * n, k_here, 1
+    else:  # unit stride along m (and n), known here: contiguous tiles, wide loads
+        a_group, a_row, a_tok = a_ptr + start * stride_at, 1, stride_at
+        b_group, b_row, b_tok = b_ptr + start * stride_bt, 1, stride_bt
+    acc = _scaled_tile(a_group, sa_ptr + first_block * stride_sab, b_group, sb_ptr + first_block * stride_sbb,
+                       rows, cols, row_ok, col_ok, blocks, a_row, a_tok, stride_sam, stride_sab,
+                       b_row, b_tok, stride_sbn, stride_sbb, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, True,
+                       k_here, True)
+    _store(out_ptr + group.to(tl.int64) * stride_og, acc, rows, cols, row_ok[:, None] & col_ok[None, :],
+           stride_om, stride_on, ROUND_BF16, OUT_FP32, ACCUMULATE)
+
+
 # ---- block sizes ----
 
 def _interpret() -> bool:
@@ -250,7 +308,7 @@ def _tuned(kernel_name: str, max_block_m: int, accumulate: bool = False, sb_per_
     kernel = globals()[kernel_name]
     # Keyed on the M bucket (next power of two, capped), so new batch sizes rarely retune; the dense
     # kernel's variants (names not in a kernel's arguments are left out of its key) tune apart.
-    key = ["m_bucket", "n", "k_blocks", "SB_PER_ROW", "OUT_FP32", "ACCUMULATE"]
+    key = ["m_bucket", "n", "k_blocks", "SB_PER_ROW", "OUT_FP32", "ACCUMULATE", "K_MAJOR"]
     # A kernel that adds to out runs once per candidate while tuning: out is put back after each.
     restore = ["out_ptr"] if accumulate else None
     return triton.autotune(configs=_gpu_configs(max_block_m, sb_per_row), key=key, restore_value=restore)(kernel)
@@ -269,7 +327,8 @@ def _operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_dot: bool,
             max_block_m: int = 256, **variant) -> None:
-    """variant: the dense kernel's SB_PER_ROW, OUT_FP32 and ACCUMULATE flags."""
+    """variant: the dense and K-grouped kernels' SB_PER_ROW, OUT_FP32 and ACCUMULATE flags (and
+    the K-grouped kernel's own)."""
     kernel = globals()[kernel_name]
     fixed = dict(BLOCK_K=GROUP_SIZE, ROUND_BF16=_interpret(), FP8_DOT=fp8_dot, **variant)
     sb_per_row = variant.get("SB_PER_ROW", False)
@@ -342,3 +401,65 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_
             _m_bucket(m_hint))
     grid = lambda meta: (triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
     _launch("_masked_kernel", grid, args, m_hint, n, fp8_dot=fp8_dot)
+
+
+def k_grouped_fp8_gemm(a, sa, b, sb, out, ks: list[int], ks_tensor, k_major: bool, accumulate: bool) -> None:
+    """out[g] (bf16 or fp32) = (out[g] if accumulate else 0) + A_g @ B_g.T, one GEMM launch for
+    every group (layouts: _k_grouped_kernel; sa [blocks, m] and sb [blocks, n] in any strides;
+    k_major: a and b flat, else [tokens, m] and [tokens, n])."""
+    groups, m, n = out.shape
+    if groups == 0 or m == 0 or n == 0:
+        return
+    if not k_major and not _token_major_direct(out.device):
+        # Hopper's FP8 wgmma reads K-major tiles only: token-major ones would go through registers,
+        # unpipelined (scripts/check_triton_compile.py shows no multi-buffering). One transposing copy
+        # per group into the K-major layout instead, then the pipelined kernel.
+        a, b = (_k_major_groups(t, rows, ks, token_major=True) for t, rows in ((a, m), (b, n)))
+        k_major, ks, ks_tensor = True, _rounded_sizes(ks), (ks_tensor + 15) // 16 * 16
+    elif k_major and any(k % 16 for k in ks):
+        # Rows of k_g bytes would start anywhere: one byte per load, no pipelining (and spills). Each
+        # group is copied once into rows of k_g rounded up to 16, zeros after (adding nothing); the
+        # scale rows stay as they are (ceil(k_g / 128) blocks either way).
+        a, b = (_k_major_groups(t, rows, ks, token_major=False) for t, rows in ((a, m), (b, n)))
+        ks, ks_tensor = _rounded_sizes(ks), (ks_tensor + 15) // 16 * 16
+    if not k_major:  # the kernel assumes unit stride along m and n
+        a, b = (t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous() for t in (a, b))
+    a_op, b_op, fp8_dot = _operands(a, b)
+    total_k = sum(ks)
+    k_bucket = min(triton.next_power_of_2(max(total_k // groups // GROUP_SIZE, 1)), 64)
+    args = (a_op, sa, b_op, sb, out, ks_tensor, m, n, groups, total_k, sa.shape[0],
+            0 if k_major else a.stride(0), 0 if k_major else b.stride(0), *sa.stride(), *sb.stride(),
+            *out.stride(), ks_tensor.stride(0), _m_bucket(m), k_bucket)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
+    _launch("_k_grouped_kernel", grid, args, m, n, fp8_dot=fp8_dot, SB_PER_ROW=True,
+            OUT_FP32=out.dtype == torch.float32, ACCUMULATE=accumulate, K_MAJOR=k_major,
+            BLOCK_G=triton.next_power_of_2(groups))
+
+
+def _token_major_direct(device: torch.device) -> bool:
+    """Whether the kernel reads token-major operands itself: under the interpreter and on
+    Blackwell (whose tensor cores take MN-major FP8 tiles from shared memory); elsewhere the
+    launcher transposes them first. DSKERNELS_GEMM_TOKEN_MAJOR=direct or =transpose forces either."""
+    forced = os.environ.get("DSKERNELS_GEMM_TOKEN_MAJOR", "")
+    if forced in ("direct", "transpose"):
+        return forced == "direct"
+    return _interpret() or torch.cuda.get_device_capability(device) >= (10, 0)
+
+
+def _rounded_sizes(ks: list[int]) -> list[int]:
+    return [-(-k // 16) * 16 for k in ks]
+
+
+def _k_major_groups(t: torch.Tensor, rows: int, ks: list[int], token_major: bool) -> torch.Tensor:
+    """The groups' A_g [rows, k_g] one after another, each row widened to k_g rounded up to 16 with
+    zeros (adding nothing), flat: from the flat K-major layout or from token-major [tokens, rows]."""
+    widths = _rounded_sizes(ks)
+    packed = torch.empty(rows * sum(widths), dtype=torch.uint8, device=t.device)
+    source = t.view(torch.uint8)
+    first = first_packed = 0
+    for k, width in zip(ks, widths):
+        block = packed[rows * first_packed:rows * (first_packed + width)].view(rows, width)
+        block[:, :k] = source[first:first + k].T if token_major else source[rows * first:rows * (first + k)].view(rows, k)
+        block[:, k:] = 0
+        first, first_packed = first + k, first_packed + width
+    return packed.view(t.dtype)
