@@ -68,4 +68,26 @@ def cases(quick: bool, device: str) -> list[Case]:
     for n, k in block_shapes:
         found.append(_case("per_block_cast_to_fp8", dskernels.per_block_cast_to_fp8,
                            python_ref.per_block_cast_to_fp8, n, k, torch.bfloat16, -(-n // 128), not quick))
+    if not quick:  # the K-grouped weight gradient's operands: 8 experts' tokens, token-major
+        found += [_channel_case(ks, h) for ks, h in
+                  ([([40, 0, 88], 72)] if device == "cpu" else [([4096] * 8, 7168), ([3000, 5192] * 4, 2048)])]
     return found
+
+
+def _channel_case(ks, h):
+    """per_channel_cast_to_fp8 over groups of tokens: one scale per column per 128 tokens of each."""
+    tokens = sum(ks)
+    blocks = sum(-(-k // 128) for k in ks)
+
+    def make_inputs(device):
+        return torch.randn(tokens, h, device=device).to(torch.bfloat16), torch.tensor(ks, dtype=torch.int32, device=device)
+
+    def run(x, ks_tensor):
+        return dskernels.per_channel_cast_to_fp8(x, ks, ks_tensor)
+
+    def reference(x, ks_tensor):
+        return python_ref.per_channel_cast_to_fp8(x, ks)
+
+    return Case(op="per_channel_cast_to_fp8", params={"tokens": tokens, "groups": len(ks), "h": h, "dtype": "bfloat16"},
+                make_inputs=make_inputs, run=run, reference=reference, check=_same_bits, flops=0.0,
+                bytes=tokens * h * 3 + blocks * h * 4, peers={"torch": reference})

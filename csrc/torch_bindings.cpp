@@ -23,6 +23,10 @@ TORCH_LIBRARY(dskernels, m) {
   // round_scale: scales rounded up to powers of two (UE8M0, DeepSeek-V3.1's "scale_fmt": "ue8m0").
   m.def("per_token_cast_to_fp8(Tensor x, bool round_scale=False) -> (Tensor, Tensor)");
   m.def("per_block_cast_to_fp8(Tensor w, bool round_scale=False) -> (Tensor, Tensor)");
+  // x [tokens, h] -> fp8 [tokens, h] and one scale per column per 128 tokens of each group of ks
+  // (None: one group): [sum(ceil(ks / 128)), h], the K-grouped GEMMs' token-major operands.
+  m.def("per_channel_cast_to_fp8(Tensor x, SymInt[]? ks=None, Tensor? ks_tensor=None, bool round_scale=False) "
+        "-> (Tensor, Tensor)");
   m.def("_sm90_per_token_cast_to_fp8(Tensor x, Tensor(a!) x_fp8, Tensor(b!) x_scale, bool round_scale) -> ()");
   m.def("_sm90_per_block_cast_to_fp8(Tensor w, Tensor(a!) w_fp8, Tensor(b!) w_scale, bool round_scale) -> ()");
 

@@ -74,3 +74,25 @@ def per_block_cast_to_fp8(w: torch.Tensor, round_scale: bool = False) -> tuple[t
     multiplier, scale = _scales(amax, round_scale)
     q = _quantize(blocks, multiplier).reshape(n_blocks * GROUP_SIZE, k)[:n]
     return q.contiguous(), scale.reshape(n_blocks, k // GROUP_SIZE)
+
+
+def per_channel_cast_to_fp8(x: torch.Tensor, ks=None, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [tokens, h] -> (fp8 [tokens, h], fp32 scales [sum(ceil(k_g / 128)), h]): one scale per
+    column per 128 tokens, the tokens split into groups of ks (None: one group of all of them),
+    each group's first token starting a new 128-token block. A group's last block may be partial:
+    its amax is taken over the tokens that exist."""
+    tokens, h = x.shape
+    ks = [tokens] if ks is None else [int(k) for k in ks]
+    values, scales, first = [], [], 0
+    for k in ks:
+        blocks = -(-k // GROUP_SIZE)
+        padded = x.new_zeros(blocks * GROUP_SIZE, h, dtype=torch.float32)
+        padded[:k] = x[first:first + k].float()
+        grouped = padded.reshape(blocks, GROUP_SIZE, h)
+        amax = grouped.abs().amax(dim=1, keepdim=True).clamp(min=AMAX_FLOOR)
+        multiplier, scale = _scales(amax, round_scale)
+        values.append(_quantize(grouped, multiplier).reshape(blocks * GROUP_SIZE, h)[:k])
+        scales.append(scale.reshape(blocks, h))
+        first += k
+    empty = x.new_empty(0, h, dtype=torch.float32)
+    return (torch.cat([empty.to(torch.float8_e4m3fn), *values]).contiguous(), torch.cat([empty, *scales]))

@@ -15,7 +15,7 @@ compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
 grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16,
 prefill), V3.2's indexer logits (prefill, compressed, paged; D = 16 to 128), the three FP8 GEMMs
-with every autotuning candidate and the heuristic tiles, the FP8 casts and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts.)
+with every autotuning candidate and the heuristic tiles, the FP8 casts (per-channel too) and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts.)
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
 """
@@ -315,6 +315,9 @@ def cast_cases(compiler: Compiler) -> None:
                                           _meta(m, k // 128, dtype=torch.float32), round_scale)
         triton_cast.per_block_cast_to_fp8(_meta(m, k), _meta(m, k, dtype=torch.float8_e4m3fn),
                                           _meta(m // 128, k // 128, dtype=torch.float32), round_scale)
+        triton_cast.per_channel_cast_to_fp8(_meta(m, k), _meta(m, k, dtype=torch.float8_e4m3fn),  # 8 groups
+                                            _meta(m // 128, k, dtype=torch.float32), _meta(8, dtype=torch.int32),
+                                            round_scale)
 
 
 def ep_cases(compiler: Compiler) -> None:

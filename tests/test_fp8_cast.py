@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch._dynamo.testing
 import triton
 import triton.language as tl
 
@@ -249,3 +250,102 @@ def test_cuda_graph_capture():
     ref_fp8, ref_scale = python_ref.per_token_cast_to_fp8(x.cpu())
     assert_same_bits(x_fp8, ref_fp8)
     assert_same_bits(x_scale, ref_scale)
+
+
+# ---- per_channel_cast_to_fp8: 128 tokens x 1 column per scale, per group of tokens ----
+
+CHANNEL_CASES = [  # (ks, tokens, h, source dtype, power-of-two scales, ks_tensor given)
+    (None, 130, 70, torch.bfloat16, False, False), ([128, 0, 37, 200, 1], 366, 5, torch.bfloat16, False, True),
+    ([128, 0, 37, 200, 1], 366, 5, torch.float32, True, False), ([0, 256], 256, 129, torch.float16, False, True)]
+
+
+@pytest.mark.parametrize("ks,tokens,h,dtype,round_scale,device_sizes", CHANNEL_CASES,
+                         ids=["one-group", "groups-ks_tensor", "groups-fp32-ue8m0", "empty-first-fp16"])
+def test_per_channel_cast_matches_oracle(backend, ks, tokens, h, dtype, round_scale, device_sizes):
+    """Bit for bit against the oracle: odd widths, a strided source with NaN-poisoned padding
+    columns, groups of 0, 1, 37 (partial blocks), 128 and 200 tokens."""
+    _, device = backend
+    x = random_source(tokens, h, dtype, device, pad_cols=8)
+    ks_tensor = torch.tensor(ks, dtype=torch.int32, device=device) if device_sizes else None
+    x_fp8, x_scale = dskernels.per_channel_cast_to_fp8(x, ks, ks_tensor, round_scale=round_scale)
+    ref_fp8, ref_scale = python_ref.per_channel_cast_to_fp8(x.cpu(), ks, round_scale)
+    blocks = sum(-(-k // 128) for k in (ks or [tokens]))
+    assert x_fp8.is_contiguous() and x_scale.shape == (blocks, h) and x_scale.dtype == torch.float32
+    assert_same_bits(x_fp8, ref_fp8)
+    assert_same_bits(x_scale, ref_scale)
+
+
+def test_per_channel_oracle_definition():
+    """The oracle is the per-token cast of the transpose, one group at a time (each group's first
+    token starting a block; a partial block's amax over the tokens it has)."""
+    x = random_source(300, 6, torch.float32, "cpu")
+    ks = [40, 260]
+    q, s = python_ref.per_channel_cast_to_fp8(x, ks)
+    first = 0
+    for k, rows in zip(ks, ([0], [1, 2, 3])):
+        padded = torch.zeros(6, -(-k // 128) * 128)
+        padded[:, :k] = x[first:first + k].T
+        q_g, s_g = python_ref.per_token_cast_to_fp8(padded)
+        assert_same_bits(q[first:first + k], q_g[:, :k].T.contiguous())
+        assert_same_bits(s[rows], s_g.T.contiguous())
+        first += k
+
+
+def test_per_channel_sizes_tensor_cannot_reach_past_x(backend):
+    """ks_tensor must equal ks; one claiming 300 + 300 tokens of 168 is cut at x's end: the
+    NaN-poisoned rows after x (x is a view into a longer buffer) are never read, and here the
+    blocks happen to line up with the true groups, so the result is the oracle's."""
+    _, device = backend
+    buffer = torch.full((400, 9), float("nan"), device=device)
+    buffer[:168] = random_source(168, 9, torch.float32, device)
+    x = buffer[:168]
+    x_fp8, x_scale = dskernels.per_channel_cast_to_fp8(x, [128, 40], torch.tensor([300, 300], dtype=torch.int32,
+                                                                                    device=device))
+    ref_fp8, ref_scale = python_ref.per_channel_cast_to_fp8(x.cpu(), [128, 40])
+    assert_same_bits(x_fp8, ref_fp8)
+    assert_same_bits(x_scale, ref_scale)
+
+
+def test_per_channel_bad_input_is_named():
+    x = torch.randn(168, 8)
+    cases = [((x, [128, 41]), ValueError, "^ks: expected sizes summing to x's 168 tokens, got 169"),
+             ((x, [208, -40]), ValueError, "^ks: expected sizes >= 0, got -40 for group 1"),
+             ((x, [128.0, 40]), TypeError, "^ks: expected a list of ints"),
+             ((x, None, torch.tensor([168], dtype=torch.int32)), ValueError, "^ks_tensor: expected None when ks"),
+             ((x, [128, 40], torch.tensor([128, 40])), TypeError, "^ks_tensor: expected dtype int32"),
+             ((x, [128, 40], torch.tensor([168], dtype=torch.int32)), ValueError, r"^ks_tensor: expected shape \(2,\)"),
+             ((x.int(),), TypeError, "^x: expected dtype"), ((x[None],), ValueError, "^x: expected 2 dimensions")]
+    for args, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            dskernels.per_channel_cast_to_fp8(*args)
+
+
+def test_per_channel_opcheck_and_compile():
+    x = random_source(200, 5, torch.bfloat16, "cpu")
+    ks = [72, 0, 128]
+    torch.library.opcheck(torch.ops.dskernels.per_channel_cast_to_fp8, (x,))
+    torch.library.opcheck(torch.ops.dskernels.per_channel_cast_to_fp8, (x, ks, torch.tensor(ks, dtype=torch.int32), True))
+
+    def cast(x, ks):  # the experts' token counts change every step: they stay symbolic
+        return dskernels.per_channel_cast_to_fp8(x, ks)
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(cast, fullgraph=True, backend=counter)
+    for i in range(10):  # more patterns than torch.compile's 8 recompiles; none 0 or 1 (specialized)
+        ks = [72 + i, 100 - 2 * i, 28 + i]
+        for actual, expected in zip(compiled(x, ks), cast(x, ks)):
+            assert_same_bits(actual, expected)
+    assert counter.frame_count <= 2, counter.frame_count
+
+
+def test_per_channel_nan_makes_its_block_nan(backend):
+    """A NaN makes its (128-token block, column) scale and values NaN, and nothing else."""
+    _, device = backend
+    x = random_source(200, 3, torch.float32, device)
+    x[150, 1] = float("nan")  # group 1 (tokens 72..199), its block 0 (72..199 is one block), column 1
+    x_fp8, x_scale = dskernels.per_channel_cast_to_fp8(x, [72, 128])
+    nan = x_scale.isnan()
+    assert nan[1, 1] and nan.sum() == 1
+    values_nan = x_fp8.float().isnan()
+    assert values_nan[72:, 1].all() and values_nan.sum() == 128

@@ -3,8 +3,11 @@ c added or accumulated in place, B's scales per 128x128 block or per row (recipe
 every backend against python_ref, with test_gemm.py's bounds. A file of its own so that its GPU
 run (new Triton variants to compile) has its own time limit in scripts/gpu_check.sh."""
 
+import os
+
 import pytest
 import torch
+import torch._dynamo.testing
 
 import dskernels
 from test_gemm import (K, OPCHECK_UTILS, _dense_args, assert_close_to_bf16_product, assert_close_to_oracle,
@@ -278,14 +281,17 @@ def test_k_grouped_wgrad_validation_spare_room_and_compile():
         call((a, sa), (b, sb), out, sizes)
         return out
 
-    # MoE routing changes the sizes every step: the compiled call follows (sizes turn symbolic)
+    # MoE routing changes the sizes every step: the compiled call follows (sizes stay symbolic:
+    # two compiles, static then dynamic, for any number of patterns)
     torch._dynamo.reset()
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    for sizes in ([128, 256], [256, 128], [200, 184]):
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for sizes in CHANGING_SIZES:
         a, sa, _ = k_grouped_operands(sizes, 5, "cpu")
         b, sb, _ = k_grouped_operands(sizes, 3, "cpu")
         want = step(a, sa, b, sb, torch.zeros(2, 5, 3), sizes)
         assert torch.equal(compiled(a, sa, b, sb, torch.zeros(2, 5, 3), sizes), want), sizes
+    assert counter.frame_count <= 2, counter.frame_count
 
 
 # ---- DeepGEMM's newer K-grouped names: k_grouped_fp8_gemm_{nt,tn}_contiguous ----
@@ -308,16 +314,21 @@ def grouped_layout(ks, rows, layout, device, spare=3):
     return (wide.view(torch.float8_e4m3fn)[:, :rows], scales), parts
 
 
-K_GROUPED = [("nt", "float32", "in_place"), ("tn", "float32", None), ("tn", "float32", "separate"),
-             ("nt", "bfloat16", None), ("tn", "bfloat16", "in_place")]
+K_GROUPED = [("nt", "float32", "in_place", "native"), ("tn", "float32", None, "native"),
+             ("tn", "float32", "separate", "native"), ("nt", "bfloat16", None, "native"),
+             ("tn", "bfloat16", "in_place", "native"), ("nt", "float32", None, "bytes"), ("tn", "float32", None, "bytes")]
 
 
-@pytest.mark.parametrize("layout,out_dtype,c_kind", K_GROUPED, ids=["-".join(map(str, g)) for g in K_GROUPED])
+@pytest.mark.parametrize("layout,out_dtype,c_kind,fp8_path", K_GROUPED, ids=["-".join(map(str, g)) for g in K_GROUPED])
 @pytest.mark.parametrize("device_sizes", [False, True], ids=["ks", "ks_tensor"])
-def test_k_grouped_fp8_gemm(backend, layout, out_dtype, c_kind, device_sizes):
+def test_k_grouped_fp8_gemm(backend, layout, out_dtype, c_kind, fp8_path, device_sizes, monkeypatch):
     """d[g] = c[g] + A_g @ B_g.T per group in both layouts, each group against test_gemm.py's bound
     (from the math) on the dequantized product; groups of 0, 37 and 200 tokens (partial blocks),
-    odd m and n, poisoned room past the operands, with and without ks on the device."""
+    odd m and n, poisoned room past the operands, with and without ks on the device. The "bytes"
+    cases take the fp8-as-bytes path (GPUs before sm_89), where the poison byte 0x7F reads as NaN
+    (the interpreter's fp8 type reads it as 480): a read past a group shows there."""
+    if fp8_path == "bytes":
+        monkeypatch.setenv("DSKERNELS_TRITON_NATIVE_FP8", "0")
     name, device = backend
     ks, m, n = [256, 0, 37, 200], 7, 130
     (a, sa), a_parts = grouped_layout(ks, m, layout, device)
@@ -351,6 +362,8 @@ def test_k_grouped_fp8_gemm_sizes_tensor_cannot_reach_past_the_operands(backend,
     itself: on Hopper the launcher would copy them, up to sum(ks), first.)"""
     monkeypatch.setenv("DSKERNELS_GEMM_TOKEN_MAJOR", "direct")
     name, device = backend
+    if device == "cpu":  # the interpreter reads 0x7F as 480; the byte path makes it NaN (test_gemm.py)
+        monkeypatch.setenv("DSKERNELS_TRITON_NATIVE_FP8", "0")
     if name == "cuda":
         pytest.skip("no CUDA kernel (test_k_grouped_fp8_gemm checks the refusal)")
     ks = [128, 40]
@@ -358,7 +371,8 @@ def test_k_grouped_fp8_gemm_sizes_tensor_cannot_reach_past_the_operands(backend,
     (b, sb), _ = grouped_layout(ks, 3, "tn", device, spare=300)
     a, b = a[:168], b[:168]
     d = torch.full((2, 5, 3), float("nan"), device=device)
-    dskernels.k_grouped_fp8_gemm_tn_contiguous((a, sa), (b, sb), d, ks, torch.tensor([300, 300], dtype=torch.int32))
+    dskernels.k_grouped_fp8_gemm_tn_contiguous((a, sa), (b, sb), d, ks, torch.tensor([300, 300], dtype=torch.int32,
+                                                                                      device=device))
     if name == "triton":  # the reference reads ks (the oracle): only the kernel reads ks_tensor (directly here)
         import python_ref.gemm as ref
         torch.testing.assert_close(d[0], ref.k_grouped_fp8_gemm(a, sa, b, sb, [168], k_major=False)[0],
@@ -367,8 +381,14 @@ def test_k_grouped_fp8_gemm_sizes_tensor_cannot_reach_past_the_operands(backend,
         poisoned = [torch.full((3, rows), float("nan"), device=device) for rows in (5, 3)]
         poisoned[0][:2], poisoned[1][:2] = sa, sb
         dskernels.k_grouped_fp8_gemm_tn_contiguous((a, poisoned[0][:2]), (b, poisoned[1][:2]), d, ks,
-                                                   torch.tensor([1, 167], dtype=torch.int32))
+                                                   torch.tensor([1, 167], dtype=torch.int32, device=device))
         assert torch.isfinite(d).all()
+        # A negative size counts as none: every token falls to group 1
+        dskernels.k_grouped_fp8_gemm_tn_contiguous((a, sa), (b, sb), d, ks,
+                                                   torch.tensor([-100, 268], dtype=torch.int32, device=device))
+        assert torch.equal(d[0], torch.zeros_like(d[0]))
+        torch.testing.assert_close(d[1], ref.k_grouped_fp8_gemm(a, sa, b, sb, [168], k_major=False)[0],
+                                   atol=1e-3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["nt", "tn"])
@@ -376,9 +396,13 @@ def test_k_grouped_fp8_gemm_k_major_copies(layout, monkeypatch):
     """The launcher's copies into the K-major layout with rows of k_g rounded up to 16 (zeros
     after): token-major operands on Hopper (DSKERNELS_GEMM_TOKEN_MAJOR=transpose forces it here)
     and K-major groups of any k_g; with ks_tensor rounded to match on the device."""
-    if "triton" not in dskernels.available_backends():
-        pytest.skip("needs TRITON_INTERPRET=1")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors on Triton: needs TRITON_INTERPRET=1 (the GPU tests cover the GPU)")
+    from dskernels.triton import gemm as triton_gemm
+
     monkeypatch.setenv("DSKERNELS_GEMM_TOKEN_MAJOR", "transpose")
+    copy, copies = triton_gemm._k_major_groups, []
+    monkeypatch.setattr(triton_gemm, "_k_major_groups", lambda *args, **kw: copies.append(kw) or copy(*args, **kw))
     ks, m, n = [40, 0, 128, 129], 6, 70
     (a, sa), a_parts = grouped_layout(ks, m, layout, "cpu")
     (b, sb), b_parts = grouped_layout(ks, n, layout, "cpu")
@@ -387,9 +411,58 @@ def test_k_grouped_fp8_gemm_k_major_copies(layout, monkeypatch):
     with dskernels.backend("triton"):
         getattr(dskernels, f"k_grouped_fp8_gemm_{layout}_contiguous")(
             (a, sa), (b, sb), d, ks, torch.tensor(ks, dtype=torch.int32), c=d)
+    assert [kw["token_major"] for kw in copies] == [layout == "tn"] * 2  # one copy per operand
     for g, k in enumerate(ks):
         (qa, s_a), (qb, s_b) = padded_to_blocks(*a_parts[g]), padded_to_blocks(*b_parts[g])
         assert_close_to_oracle(d[g], qa, s_a, qb, s_b, c=c[g])
+
+
+@pytest.mark.parametrize("path", ["direct", "transpose"])
+def test_k_grouped_tn_any_strides(backend, path, monkeypatch):
+    """Token-major operands stored column-major (unit stride along the tokens), and scales
+    likewise: the same result as the row-major ones, on both token-major paths."""
+    monkeypatch.setenv("DSKERNELS_GEMM_TOKEN_MAJOR", path)
+    name, device = backend
+    if name == "cuda":
+        pytest.skip("no CUDA kernel (test_k_grouped_fp8_gemm checks the refusal)")
+    ks, m, n = [130, 0, 40], 6, 33
+    (a, sa), a_parts = grouped_layout(ks, m, "tn", device)
+    (b, sb), b_parts = grouped_layout(ks, n, "tn", device)
+    column_major = [t.T.contiguous().T for t in (a[:170], sa, b[:170], sb)]
+    assert column_major[0].stride() == (1, 170)
+    d = torch.full((3, m, n), float("nan"), device=device)
+    dskernels.k_grouped_fp8_gemm_tn_contiguous(tuple(column_major[:2]), tuple(column_major[2:]), d, ks)
+    for g, k in enumerate(ks):
+        if k:
+            (qa, s_a), (qb, s_b) = padded_to_blocks(*a_parts[g]), padded_to_blocks(*b_parts[g])
+            assert_close_to_oracle(d[g], qa, s_a, qb, s_b)
+
+
+def test_k_grouped_tn_from_per_channel_casts(backend):
+    """The MoE weight gradient end to end, as training runs it: token-major activations x and
+    output gradients dy, cast per channel per expert (per_channel_cast_to_fp8), then
+    dW_g = dy_g.T @ x_g by the tn K-grouped GEMM: each within DeepGEMM's calc_diff < 1e-3 of the
+    product of the unquantized operands."""
+    from dskernels.testing import calc_diff
+
+    name, device = backend
+    if name == "cuda":
+        pytest.skip("no CUDA kernel (test_k_grouped_fp8_gemm checks the refusal)")
+    ks, m, n = [200, 0, 131, 64], 24, 40
+    ks_tensor = torch.tensor(ks, dtype=torch.int32, device=device)
+    dy = torch.randn(sum(ks), m, device=device, dtype=torch.bfloat16)
+    x = torch.randn(sum(ks), n, device=device, dtype=torch.bfloat16)
+    grad = torch.full((len(ks), m, n), float("nan"), device=device)
+    dskernels.k_grouped_fp8_gemm_tn_contiguous(dskernels.per_channel_cast_to_fp8(dy, ks, ks_tensor),
+                                               dskernels.per_channel_cast_to_fp8(x, ks, ks_tensor), grad, ks, ks_tensor)
+    first = 0
+    for g, k in enumerate(ks):
+        exact = dy[first:first + k].double().T @ x[first:first + k].double()
+        if k == 0:
+            assert torch.equal(grad[g], torch.zeros_like(grad[g]))
+        else:
+            assert calc_diff(grad[g], exact) < 1e-3, g
+        first += k
 
 
 def test_k_grouped_fp8_gemm_validation():
@@ -421,10 +494,23 @@ def test_k_grouped_fp8_gemm_validation():
     with pytest.raises(TypeError, match="^c: expected dtype float32"):
         tn((a, sa), (b, sb), d, ks, c=d.bfloat16())
     memory = torch.zeros(31)
-    with pytest.raises(ValueError, match="^c: expected out itself or a tensor that shares no memory"):
+    with pytest.raises(ValueError, match="^c: expected d itself or a tensor that shares no memory"):
         tn((a, sa), (b, sb), memory[:30].view(2, 5, 3), ks, c=memory[1:].view(2, 5, 3))
-    with pytest.raises(TypeError, match="^out: expected dtype float32 or bfloat16"):
+    with pytest.raises(TypeError, match="^d: expected dtype float32 or bfloat16"):
         tn((a, sa), (b, sb), d.half(), ks)
+    with pytest.raises(ValueError, match=r"^a: expected shape \(>= 168, 5\)"):  # one token short
+        tn((a[:167], sa), (b, sb), d, ks)
+    tn((a[:168], sa), (b[:168], sb), d, ks)  # exactly enough
+    with pytest.raises(ValueError, match="^ks: expected 2 sizes"):  # the op itself checks too (and its fake)
+        torch.ops.dskernels.k_grouped_fp8_gemm(a, sa, b, sb, d, [168], None, False, False)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (a, sa, b, sb, d)]
+        with pytest.raises(ValueError, match=r"^sa: expected shape \(2, 5\)"):
+            torch.ops.dskernels.k_grouped_fp8_gemm(fakes[0], fakes[1][:1], *fakes[2:], ks, None, False, False)
+    c, before = torch.randn(2, 5, 3), d.clone()
+    with dskernels.backend("cuda"), pytest.raises(ValueError, match="needs CUDA tensors"):
+        tn((a, sa), (b, sb), d, ks, c=c)  # refused before c is copied into d
+    assert torch.equal(d, before)
     with pytest.raises(TypeError, match="^a: expected a tuple"):
         tn(a, (b, sb), d, ks)
 
@@ -446,34 +532,32 @@ def test_k_grouped_opcheck():
         torch.library.opcheck(torch.ops.dskernels.k_grouped_fp8_gemm.default, args, test_utils=OPCHECK_UTILS)
 
 
+# Sizes for the compile tests: none 0 or 1 (torch.compile specializes those), all different.
+CHANGING_SIZES = [[128 + 16 * i, 256 - 8 * i] for i in range(10)] + [[200, 184], [130, 77]]
+
+
 def test_k_grouped_torch_compile_follows_sizes():
-    """MoE routing changes the sizes every step: the compiled tn call follows them (fullgraph)."""
+    """MoE routing changes the sizes every step: the compiled tn call follows them (fullgraph) and
+    compiles at most twice (static, then dynamic), however many size patterns come (more than
+    torch.compile's limit of 8 recompiles)."""
     def step(a, sa, b, sb, d, ks, ks_tensor):
         dskernels.k_grouped_fp8_gemm_tn_contiguous((a, sa), (b, sb), d, ks, ks_tensor, c=d)
         return d
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    for ks in ([128, 256], [256, 128], [200, 184]):
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for ks in CHANGING_SIZES:
         (a, sa), _ = grouped_layout(ks, 5, "tn", "cpu")
         (b, sb), _ = grouped_layout(ks, 3, "tn", "cpu")
         ks_tensor = torch.tensor(ks, dtype=torch.int32)
         want = step(a, sa, b, sb, torch.ones(2, 5, 3), ks, ks_tensor)
         assert torch.equal(compiled(a, sa, b, sb, torch.ones(2, 5, 3), ks, ks_tensor), want), ks
+    assert counter.frame_count <= 2, counter.frame_count
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("config", _weight_gradient_configs())
-@pytest.mark.parametrize("layout", ["nt", "tn"])
-def test_triton_k_grouped_every_config(config, layout, monkeypatch):
-    """Each autotuning candidate, forced, on both layouts: 256-token, unaligned (131) and empty
-    groups, m and n not multiples of the tile, accumulated in place in fp32."""
-    from dskernels.triton import gemm as triton_gemm
-
-    meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
-    monkeypatch.setattr(triton_gemm, "_heuristic_config", lambda *_: dict(meta))
-    monkeypatch.setenv("DSKERNELS_GEMM_AUTOTUNE", "0")
-    ks, m, n = [256, 131, 0, 384], 200, 300
+def _k_grouped_on_gpu(layout, ks, m, n):
+    """d += A_g @ B_g.T on Triton, CUDA tensors, against the oracle per group (empty ones unchanged)."""
     (a, sa), a_parts = grouped_layout(ks, m, layout, "cuda")
     (b, sb), b_parts = grouped_layout(ks, n, layout, "cuda")
     c = torch.randn(len(ks), m, n, device="cuda")
@@ -489,9 +573,35 @@ def test_triton_k_grouped_every_config(config, layout, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("config", _weight_gradient_configs())
+@pytest.mark.parametrize("mode", ["nt-aligned", "tn-direct"])
+def test_triton_k_grouped_every_config(config, mode, monkeypatch):
+    """Each autotuning candidate, forced, on the kernel's two layouts as it reads them: K-major
+    groups of multiples of 16 tokens (DeepGEMM's layout, read in place with the alignment hints)
+    and token-major operands read directly (sm_100's path, forced here); 256-, 144-, 384-token and
+    empty groups, m and n not multiples of the tile, accumulated in place in fp32."""
+    from dskernels.triton import gemm as triton_gemm
+
+    meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
+    monkeypatch.setattr(triton_gemm, "_heuristic_config", lambda *_: dict(meta))
+    monkeypatch.setenv("DSKERNELS_GEMM_AUTOTUNE", "0")
+    monkeypatch.setenv("DSKERNELS_GEMM_TOKEN_MAJOR", "direct")
+    _k_grouped_on_gpu(mode[:2], [256, 0, 144, 384], 200, 300)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nt", "tn"])
+def test_triton_k_grouped_copies(layout):
+    """The launcher's copies into 16-aligned K-major rows on the GPU (Hopper's default for
+    token-major operands; K-major groups of 131 tokens), with the autotuner choosing."""
+    _k_grouped_on_gpu(layout, [256, 131, 0, 384], 200, 300)
+
+
+@pytest.mark.gpu
 def test_k_grouped_cuda_graph():
-    """Captured with ks only (the sizes then come from fills inside the graph) and with ks_tensor
-    (its values read at replay): replays equal eager calls."""
+    """Captured with ks only (the sizes then come from fills inside the graph) and with ks_tensor:
+    replays equal eager calls. (The sizes are those of the capture: the launcher plans its copies
+    with ks on the host.)"""
     ks = [256, 40, 0]
     (a, sa), _ = grouped_layout(ks, 64, "tn", "cuda")
     (b, sb), _ = grouped_layout(ks, 96, "tn", "cuda")

@@ -8,6 +8,7 @@ import torch
 import python_ref
 from dskernels._backend import select_backend
 from dskernels._checks import check_multiple, check_tensor
+from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 
 FP8 = torch.float8_e4m3fn
 GROUP_SIZE = 128
@@ -58,6 +59,50 @@ def per_block_cast_to_fp8(w: torch.Tensor, round_scale: bool = False, *, use_ue8
     """
     round_scale = _deepgemm_keywords(round_scale, use_ue8m0, gran_k)
     return torch.ops.dskernels.per_block_cast_to_fp8(w, round_scale)
+
+
+def per_channel_cast_to_fp8(x: torch.Tensor, ks=None, ks_tensor: torch.Tensor | None = None,
+                            round_scale: bool = False, *, use_ue8m0: bool | None = None,
+                            gran_k: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Casts token-major activations (or gradients) to FP8 e4m3 with one scale per column per 128
+    tokens, optionally per group of tokens: the operands of the K-grouped weight-gradient GEMM
+    (k_grouped_fp8_gemm_tn_contiguous), cast straight from the [tokens, h] layout the forward pass
+    stored, with no transposing copy.
+
+    Args:
+        x: [tokens, h] bfloat16, float16 or float32, any h, any row stride.
+        ks: None (one group of all the tokens) or a list of python ints >= 0 summing to tokens: the
+            groups (experts' tokens, one after another). Each group's first token starts a new
+            128-token scale block; its last block may be partial (amax over the tokens it has).
+        ks_tensor: ks as int32 [G] on x's device (the kernel reads it; must equal ks), or None
+            (made from ks by one asynchronous copy). Only with ks.
+        round_scale: power-of-two (UE8M0) scales, as for per_token_cast_to_fp8 (use_ue8m0, gran_k:
+            DeepGEMM's helper keywords, gran_k 128 only).
+
+    Returns:
+        x_fp8: [tokens, h] torch.float8_e4m3fn, contiguous.
+        x_scale: [sum(ceil(k_g / 128)), h] float32, row-major: row j of group g's rows holds, per
+            column c, max(max |x[t, c]|, 1e-4) / 448 over that block's tokens t, and
+            x ~= x_fp8.float() * x_scale (each scale broadcast over its block's tokens).
+    """
+    round_scale = _deepgemm_keywords(round_scale, use_ue8m0, gran_k)
+    if ks is not None:
+        ks = as_sizes("ks", ks)
+    return torch.ops.dskernels.per_channel_cast_to_fp8(x, ks, ks_tensor, round_scale)
+
+
+def _check_channel_cast(x, ks, ks_tensor) -> int:
+    """per_channel_cast_to_fp8's arguments; returns the number of scale rows."""
+    check_tensor("x", x, ndim=2, dtypes=_SOURCE_DTYPES)
+    if ks is None:
+        if ks_tensor is not None:
+            raise ValueError("ks_tensor: expected None when ks is None (one group of every token)")
+        return (x.shape[0] + GROUP_SIZE - 1) // GROUP_SIZE
+    check_sizes("ks", ks)
+    if sum(ks) != x.shape[0]:
+        raise ValueError(f"ks: expected sizes summing to x's {x.shape[0]} tokens, got {sum(ks)}")
+    check_sizes_tensor(ks_tensor, len(ks), x.device)
+    return sum((k + GROUP_SIZE - 1) // GROUP_SIZE for k in ks)
 
 
 def _check_flag(name: str, value) -> None:
@@ -134,3 +179,28 @@ def _per_block_cast_to_fp8_fake(w, round_scale=False):
     n, k = w.shape
     return (w.new_empty(n, k, dtype=FP8),
             w.new_empty((n + GROUP_SIZE - 1) // GROUP_SIZE, k // GROUP_SIZE, dtype=torch.float32))
+
+
+@torch.library.register_kernel("dskernels::per_channel_cast_to_fp8", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+def _per_channel_cast_to_fp8(x, ks=None, ks_tensor=None, round_scale=False):
+    blocks = _check_channel_cast(x, ks, ks_tensor)
+    backend = select_backend("per_channel_cast_to_fp8", x.device, has_cuda=False, has_triton=True)
+    if backend == "ref":
+        return python_ref.per_channel_cast_to_fp8(x, ks, round_scale)
+    from dskernels.triton import fp8_cast
+
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        x = x.contiguous()
+    out = torch.empty(x.shape, dtype=FP8, device=x.device)
+    scale = torch.empty(blocks, x.shape[1], dtype=torch.float32, device=x.device)
+    if ks_tensor is None:
+        ks_tensor = sizes_on_device([x.shape[0]] if ks is None else ks, x.device)
+    fp8_cast.per_channel_cast_to_fp8(x, out, scale, ks_tensor, round_scale)
+    return out, scale
+
+
+@torch.library.register_fake("dskernels::per_channel_cast_to_fp8")
+def _per_channel_cast_to_fp8_fake(x, ks=None, ks_tensor=None, round_scale=False):
+    blocks = _check_channel_cast(x, ks, ks_tensor)
+    return x.new_empty(x.shape, dtype=FP8), x.new_empty(blocks, x.shape[1], dtype=torch.float32)

@@ -14,6 +14,7 @@ import torch
 
 from dskernels._backend import select_backend
 from dskernels._checks import check_multiple, check_no_overlap, check_tensor
+from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from python_ref import gemm as ref
 
 FP8 = torch.float8_e4m3fn
@@ -168,19 +169,20 @@ def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_
     torch.ops.dskernels.fp8_gemm_nt(a, sa, b, sb, out, c is not None)
 
 
-def _check_c(c, out) -> None:
+def _check_c(c, out, out_name: str = "out") -> None:
     """c (added to the product) is None, out itself, or a tensor of out's shape and dtype that
-    shares no memory with it. Eager calls check before out is written (the op checks out again)."""
+    shares no memory with it. Eager calls check before out is written (the op checks out again).
+    out_name: what the caller calls out (DeepGEMM's newer entries: d)."""
     if c is None:
         return
     check_tensor("c", c, dtypes=(out.dtype,), device=out.device)
-    _check_shape("c", c, tuple(out.shape), "out's shape")
+    _check_shape("c", c, tuple(out.shape), f"{out_name}'s shape")
     if not torch.compiler.is_compiling():
-        check_no_overlap("out", out)
+        check_no_overlap(out_name, out)
         same_view = c.data_ptr() == out.data_ptr() and c.stride() == out.stride()  # c = out[:] is out
         if not same_view and torch._C._overlaps(c, out):
-            raise ValueError("c: expected out itself or a tensor that shares no memory with out, got one "
-                             f"that overlaps it (strides {tuple(c.stride())}, out's {tuple(out.stride())})")
+            raise ValueError(f"c: expected {out_name} itself or a tensor that shares no memory with {out_name}, got "
+                             f"one that overlaps it (strides {tuple(c.stride())}, {out_name}'s {tuple(out.stride())})")
 
 
 def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs: tuple[torch.Tensor, torch.Tensor], rhs: tuple[torch.Tensor, torch.Tensor],
@@ -206,7 +208,7 @@ def k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(lhs: tuple[torch.Tensor, torch.Tensor],
     a, sa = _unpack("lhs", lhs)
     b, sb = _unpack("rhs", rhs)
     _k_grouped(a, sa, b, sb, out, batch_sizes, None, out, k_major=True, sizes_name="batch_sizes",
-               dtypes=(torch.float32,))
+               dtypes=(torch.float32,), out_name="out")
 
 
 def k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, ks_tensor=None, c=None, recipe=ROW_RECIPE,
@@ -256,14 +258,12 @@ def k_grouped_fp8_gemm_tn_contiguous(a, b, d, ks, ks_tensor=None, c=None, recipe
 
 
 def _k_grouped(a, sa, b, sb, out, ks, ks_tensor, c, *, k_major: bool, sizes_name: str = "ks",
-               dtypes=(torch.float32, torch.bfloat16), scales_transposed: bool = False) -> None:
-    try:
-        ks = [operator.index(k) for k in ks]
-    except TypeError:
-        raise TypeError(f"{sizes_name}: expected a list of ints (k per group), got {ks!r}") from None
+               dtypes=(torch.float32, torch.bfloat16), scales_transposed: bool = False, out_name: str = "d") -> None:
+    ks = as_sizes(sizes_name, ks)
     _check_k_grouped(a, sa, b, sb, out, ks, ks_tensor, k_major, sizes_name=sizes_name, dtypes=dtypes,
-                     overlap=not torch.compiler.is_compiling(), scales_transposed=scales_transposed)
-    _check_c(c, out)
+                     overlap=not torch.compiler.is_compiling(), scales_transposed=scales_transposed,
+                     out_name=out_name)
+    _check_c(c, out, out_name)
     if c is not None and c is not out:
         if not torch.compiler.is_compiling():
             _k_grouped_backend(out.device)  # eager: every refusal before out is written
@@ -436,17 +436,13 @@ def _check_expected_m(expected_m) -> None:
 
 def _check_k_grouped(a, sa, b, sb, out, ks, ks_tensor, k_major: bool, *, sizes_name: str = "ks",
                      dtypes=(torch.float32, torch.bfloat16), overlap: bool = True,
-                     scales_transposed: bool = False) -> None:
+                     scales_transposed: bool = False, out_name: str = "out") -> None:
     """The K-grouped GEMM's operands (k_grouped_fp8_gemm in csrc/torch_bindings.cpp)."""
-    check_tensor("out", out, ndim=3, dtypes=dtypes)
+    check_tensor(out_name, out, ndim=3, dtypes=dtypes)
     if overlap:
-        check_no_overlap("out", out)
+        check_no_overlap(out_name, out)
     groups, m, n = out.shape
-    if len(ks) != groups:
-        raise ValueError(f"{sizes_name}: expected {groups} sizes (out's groups), got {len(ks)}")
-    for g, k in enumerate(ks):
-        if k < 0:
-            raise ValueError(f"{sizes_name}: expected sizes >= 0, got {k} for group {g}")
+    check_sizes(sizes_name, ks, groups, f"{out_name}'s groups")
     total = sum(ks)
     total_blocks = sum((k + GROUP_SIZE - 1) // GROUP_SIZE for k in ks)
     for name, t, scales, rows in (("a", a, sa, m), ("b", b, sb, n)):
@@ -457,14 +453,12 @@ def _check_k_grouped(a, sa, b, sb, out, ks, ks_tensor, k_major: bool, *, sizes_n
                              f"shape {tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}")
         if not k_major and (t.dim() != 2 or t.shape[1] != rows or t.shape[0] < total):
             raise ValueError(f"{name}: expected shape (>= {total}, {rows}) (the groups' sum({sizes_name}) tokens "
-                             f"by out's {'m' if name == 'a' else 'n'}), got {tuple(t.shape)}")
+                             f"by {out_name}'s {'m' if name == 'a' else 'n'}), got {tuple(t.shape)}")
         check_tensor(f"s{name}", scales, ndim=2, dtypes=(torch.float32,), device=out.device)
         expected = (rows, total_blocks) if scales_transposed else (total_blocks, rows)
         _check_shape(f"s{name}", scales.T if scales_transposed else scales, expected,
                      f"one 1x128 scale per row of {name} per 128 tokens (started) of every group")
-    if ks_tensor is not None:
-        check_tensor("ks_tensor", ks_tensor, ndim=1, dtypes=(torch.int32,), device=out.device)
-        _check_shape("ks_tensor", ks_tensor, (groups,), f"{sizes_name} on the device, one size per group")
+    check_sizes_tensor(ks_tensor, groups, out.device, sizes_name)
 
 
 # ---- registered kernels ----
@@ -647,28 +641,13 @@ def _k_grouped_fp8_gemm(a, sa, b, sb, out, ks, ks_tensor, k_major, accumulate):
     from dskernels.triton import gemm as triton_gemm
 
     if ks_tensor is None:
-        ks_tensor = _sizes_on_device(ks, out.device)
+        ks_tensor = sizes_on_device(ks, out.device)
     triton_gemm.k_grouped_fp8_gemm(a.reshape(-1) if k_major else a, sa, b.reshape(-1) if k_major else b, sb, out,
                                    ks, ks_tensor, k_major, accumulate)
 
 
 def _k_grouped_backend(device: torch.device) -> str:
     return select_backend("k_grouped_fp8_gemm", device, has_cuda=False, has_triton=True)
-
-
-def _sizes_on_device(ks: list[int], device: torch.device) -> torch.Tensor:
-    """ks as int32 on device without a host sync: an asynchronous copy from pinned memory (the
-    caching host allocator keeps it until the copy is done), or, while a CUDA graph is being
-    captured, one fill per group (graph nodes that replay; no host memory to keep alive)."""
-    host = torch.tensor(ks, dtype=torch.int32)
-    if device.type != "cuda":
-        return host.to(device)
-    if torch.cuda.is_current_stream_capturing():
-        sizes = torch.empty(len(ks), dtype=torch.int32, device=device)
-        for g, k in enumerate(ks):
-            sizes[g].fill_(k)
-        return sizes
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 @torch.library.register_fake("dskernels::k_grouped_fp8_gemm")

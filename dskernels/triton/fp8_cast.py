@@ -46,6 +46,35 @@ def _per_block_cast_kernel(w_ptr, out_ptr, scale_ptr, n, stride_wn, stride_on, s
     tl.store(scale_ptr + block_n * stride_sn + block_k * stride_sk, scale)
 
 
+@triton.jit
+def _per_channel_cast_kernel(x_ptr, out_ptr, scale_ptr, ks_ptr, tokens, h, groups,
+                             stride_xt, stride_ot, stride_sb, stride_ks,
+                             BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, GROUP: tl.constexpr,
+                             ROUND_SCALE: tl.constexpr):
+    # One program: one 128-token scale block (of the group that holds it) x BLOCK_H columns. The
+    # block's group, first token and length come from ks on the device; a ks tensor that claims
+    # more tokens than x has is cut at x's end (never a read or write past it).
+    block = tl.program_id(0)
+    offs_g = tl.arange(0, BLOCK_G)
+    sizes = tl.maximum(tl.load(ks_ptr + offs_g * stride_ks, mask=offs_g < groups, other=0), 0).to(tl.int64)
+    group_blocks = (sizes + GROUP - 1) // GROUP
+    blocks_end = tl.cumsum(group_blocks, 0)
+    holds = (blocks_end - group_blocks <= block) & (block < blocks_end)  # at most one group
+    local = block - tl.sum(tl.where(holds, blocks_end - group_blocks, 0))
+    first = tl.sum(tl.where(holds, tl.cumsum(sizes, 0) - sizes, 0)) + local * GROUP
+    count = tl.minimum(tl.sum(tl.where(holds, sizes, 0)) - local * GROUP, tokens - first)
+    offs_t = tl.arange(0, GROUP)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < h
+    mask = (offs_t < count)[:, None] & col_ok[None, :]
+    rows = (first + offs_t).to(tl.int64)
+    x = tl.load(x_ptr + rows[:, None] * stride_xt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(max_nan(tl.abs(x), 0), 1e-4, propagate_nan=tl.PropagateNan.ALL)
+    multiplier, scale = scales_of(amax, ROUND_SCALE)
+    tl.store(out_ptr + rows[:, None] * stride_ot + cols[None, :], e4m3_bits(x * multiplier[None, :]), mask=mask)
+    tl.store(scale_ptr + block.to(tl.int64) * stride_sb + cols, scale, mask=col_ok)
+
+
 def per_token_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, round_scale: bool = False) -> None:
     m, k = x.shape
     assert x.stride(1) == 1 and out.stride(1) == 1
@@ -62,3 +91,21 @@ def per_block_cast_to_fp8(w: torch.Tensor, out: torch.Tensor, scale: torch.Tenso
     grid = (triton.cdiv(n, GROUP_SIZE), k // GROUP_SIZE)
     _per_block_cast_kernel[grid](w, out.view(torch.uint8), scale, n, w.stride(0), out.stride(0), scale.stride(0),
                                  scale.stride(1), BLOCK=GROUP_SIZE, ROUND_SCALE=round_scale, num_warps=8)
+
+
+def per_channel_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, ks_tensor: torch.Tensor,
+                            round_scale: bool = False) -> None:
+    """x [tokens, h] (unit stride along h) -> out (fp8 [tokens, h]) and scale ([blocks, h], one row
+    per 128-token block of each group of ks_tensor, blocks = the host's sum(ceil(k_g / 128)))."""
+    tokens, h = x.shape
+    blocks = scale.shape[0]
+    if blocks == 0 or h == 0:
+        return
+    assert x.stride(1) == 1 and out.stride(1) == 1 and scale.stride(1) == 1
+    block_h = 64
+    groups = ks_tensor.shape[0]
+    grid = (blocks, triton.cdiv(h, block_h))
+    _per_channel_cast_kernel[grid](x, out.view(torch.uint8), scale, ks_tensor, tokens, h, groups, x.stride(0),
+                                   out.stride(0), scale.stride(0), ks_tensor.stride(0), BLOCK_H=block_h,
+                                   BLOCK_G=triton.next_power_of_2(groups), GROUP=GROUP_SIZE,
+                                   ROUND_SCALE=round_scale, num_warps=8)

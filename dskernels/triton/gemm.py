@@ -231,11 +231,11 @@ def _k_grouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, ks_ptr, m, n, group
     """out[g] (+)= A_g @ B_g.T over group g's own k_g = ks[g] tokens; grid (tiles of [m, n], groups).
 
     Group g starts at token sum(ks[:g]) and at scale row sum(ceil(ks[:g] / 128)), both summed here
-    from ks on the device. K_MAJOR: A_g is [m, k_g] row-major at a + m * start (DeepGEMM's "nt"
-    K-grouped layout; every k_g a multiple of 16, so rows start on 16-byte boundaries and load as
-    wide vectors); else a is [tokens, m] with unit stride along m and A_g its rows start .. start +
-    k_g, transposed ("tn": the activations as the forward pass left them, any k_g). B likewise
-    with n. A group's last K block is masked past k_g. Groups reaching past total_k tokens or
+    from ks on the device. K_MAJOR: A_g is [m, k_g'] row-major at a + m * start, k_g' = k_g rounded
+    up to 16 (DeepGEMM's "nt" K-grouped layout, rows 16-byte aligned: wide loads; the launcher
+    copies groups of other sizes into it); else a is [tokens, m] with unit stride along m and A_g
+    its rows start .. start + k_g, transposed ("tn": the activations as the forward pass left
+    them, any k_g). B likewise with n. A group's last K block is masked past k_g. Groups reaching past total_k tokens or
     total_blocks scale rows (a ks tensor that disagrees with the host's sizes) are cut there:
     never a read outside the operands.
     """
@@ -243,12 +243,14 @@ def _k_grouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, ks_ptr, m, n, group
     group = tl.program_id(1)
     offs_g = tl.arange(0, BLOCK_G)
     sizes = tl.maximum(tl.load(ks_ptr + offs_g * stride_ks, mask=offs_g < groups, other=0), 0).to(tl.int64)
+    if K_MAJOR:  # rows of k_g rounded up to 16 (the launcher's layout; what the hints below say)
+        sizes = (sizes + 15) // 16 * 16
     before = offs_g < group
     start = tl.sum(tl.where(before, sizes, 0))
     first_block = tl.sum(tl.where(before, (sizes + BLOCK_K - 1) // BLOCK_K, 0))
     k_here = tl.maximum(tl.minimum(tl.sum(tl.where(offs_g == group, sizes, 0)), total_k - start), 0)
     blocks = tl.maximum(tl.minimum((k_here + BLOCK_K - 1) // BLOCK_K, total_blocks - first_block), 0)
-    if K_MAJOR:  # every size a multiple of 16 (the launcher sees to it): 16-byte aligned rows
+    if K_MAJOR:  # every size a multiple of 16, even from a ks tensor that disagrees: 16-byte aligned rows
         k_here = tl.multiple_of(k_here, 16)
         start = tl.multiple_of(start, 16)
     rows, cols, row_ok, col_ok = _tile(m, n, BLOCK_M, BLOCK_N, GROUP_M)
@@ -415,13 +417,13 @@ def k_grouped_fp8_gemm(a, sa, b, sb, out, ks: list[int], ks_tensor, k_major: boo
         # unpipelined (scripts/check_triton_compile.py shows no multi-buffering). One transposing copy
         # per group into the K-major layout instead, then the pipelined kernel.
         a, b = (_k_major_groups(t, rows, ks, token_major=True) for t, rows in ((a, m), (b, n)))
-        k_major, ks, ks_tensor = True, _rounded_sizes(ks), (ks_tensor + 15) // 16 * 16
+        k_major, ks = True, _rounded_sizes(ks)  # the kernel rounds ks_tensor likewise
     elif k_major and any(k % 16 for k in ks):
         # Rows of k_g bytes would start anywhere: one byte per load, no pipelining (and spills). Each
         # group is copied once into rows of k_g rounded up to 16, zeros after (adding nothing); the
         # scale rows stay as they are (ceil(k_g / 128) blocks either way).
         a, b = (_k_major_groups(t, rows, ks, token_major=False) for t, rows in ((a, m), (b, n)))
-        ks, ks_tensor = _rounded_sizes(ks), (ks_tensor + 15) // 16 * 16
+        ks = _rounded_sizes(ks)
     if not k_major:  # the kernel assumes unit stride along m and n
         a, b = (t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous() for t in (a, b))
     a_op, b_op, fp8_dot = _operands(a, b)
@@ -437,13 +439,16 @@ def k_grouped_fp8_gemm(a, sa, b, sb, out, ks: list[int], ks_tensor, k_major: boo
 
 
 def _token_major_direct(device: torch.device) -> bool:
-    """Whether the kernel reads token-major operands itself: under the interpreter and on
-    Blackwell (whose tensor cores take MN-major FP8 tiles from shared memory); elsewhere the
-    launcher transposes them first. DSKERNELS_GEMM_TOKEN_MAJOR=direct or =transpose forces either."""
+    """Whether the kernel reads token-major operands itself: under the interpreter and on sm_100
+    (B200: its tcgen05 tensor cores take MN-major FP8 tiles from shared memory; pipelined there
+    per scripts/check_triton_compile.py); elsewhere the launcher transposes them first.
+    DSKERNELS_GEMM_TOKEN_MAJOR=direct or =transpose forces either."""
     forced = os.environ.get("DSKERNELS_GEMM_TOKEN_MAJOR", "")
-    if forced in ("direct", "transpose"):
+    if forced:
+        if forced not in ("direct", "transpose"):
+            raise ValueError(f"DSKERNELS_GEMM_TOKEN_MAJOR: expected 'direct' or 'transpose', got {forced!r}")
         return forced == "direct"
-    return _interpret() or torch.cuda.get_device_capability(device) >= (10, 0)
+    return _interpret() or torch.cuda.get_device_capability(device)[0] == 10
 
 
 def _rounded_sizes(ks: list[int]) -> list[int]:
