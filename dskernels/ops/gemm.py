@@ -242,8 +242,9 @@ def k_grouped_fp8_gemm_tn_contiguous(a, b, d, ks, ks_tensor=None, c=None, recipe
                                      compiled_dims="mn") -> None:
     """DeepGEMM's K-grouped GEMM, token-major layout: d[g] = c[g] + A_g @ B_g.T where A_g is rows
     sum(ks[:g]) .. + ks[g] of a [tokens, m], transposed: the weight gradient dy_g.T @ x_g straight
-    from the activations as the forward pass stored them (no transposing copy). DeepGEMM has this
-    form on sm100 only; here it runs wherever Triton does.
+    from the activations as the forward pass stored them (cast by per_channel_cast_to_fp8; the
+    caller makes no transposing copy: on Hopper the launcher makes one, docs/gemm.md). DeepGEMM
+    has this form on sm100 only; here it runs wherever Triton does.
 
     Args:
         a: (data, scales): data float8_e4m3fn [>= sum(ks), m], any strides (rows past sum(ks)

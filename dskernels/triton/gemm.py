@@ -235,9 +235,10 @@ def _k_grouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, ks_ptr, m, n, group
     up to 16 (DeepGEMM's "nt" K-grouped layout, rows 16-byte aligned: wide loads; the launcher
     copies groups of other sizes into it); else a is [tokens, m] with unit stride along m and A_g
     its rows start .. start + k_g, transposed ("tn": the activations as the forward pass left
-    them, any k_g). B likewise with n. A group's last K block is masked past k_g. Groups reaching past total_k tokens or
-    total_blocks scale rows (a ks tensor that disagrees with the host's sizes) are cut there:
-    never a read outside the operands.
+    them, any k_g). B likewise with n. A group's last K block is masked past k_g. A ks tensor
+    that disagrees with the host's sizes cannot make a read outside the operands: negative sizes
+    count as 0, K-major ones are rounded up to 16 here (so the alignment hints hold), and groups
+    reaching past total_k tokens or total_blocks scale rows are cut there.
     """
     tl.static_assert(SB_PER_ROW)  # both operands are activations: 1x128 scales per row
     group = tl.program_id(1)
@@ -464,7 +465,10 @@ def _k_major_groups(t: torch.Tensor, rows: int, ks: list[int], token_major: bool
     first = first_packed = 0
     for k, width in zip(ks, widths):
         block = packed[rows * first_packed:rows * (first_packed + width)].view(rows, width)
-        block[:, :k] = source[first:first + k].T if token_major else source[rows * first:rows * (first + k)].view(rows, k)
+        if token_major:
+            block[:, :k] = source[first:first + k].T
+        else:
+            block[:, :k] = source[rows * first:rows * (first + k)].view(rows, k)
         block[:, k:] = 0
         first, first_packed = first + k, first_packed + width
     return packed.view(t.dtype)
