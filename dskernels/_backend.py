@@ -135,3 +135,14 @@ def _require_triton(op: str, has_triton: bool) -> None:
         raise NotImplementedError(f"{op}: no Triton kernel; use the 'ref' backend")
     if not triton_installed():
         raise RuntimeError(f"{op}: the 'triton' backend needs the triton package")
+
+
+def env_choice(name: str, choices: tuple[str, ...]) -> str | None:
+    """The value of the environment knob `name` (None when unset or empty); raises on a value not
+    in choices, so a typo is an error rather than the default."""
+    value = os.environ.get(name, "")
+    if not value:
+        return None
+    if value not in choices:
+        raise ValueError(f"{name}: expected {' or '.join(repr(c) for c in choices)}, got {value!r}")
+    return value

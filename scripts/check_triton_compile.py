@@ -315,9 +315,10 @@ def cast_cases(compiler: Compiler) -> None:
                                           _meta(m, k // 128, dtype=torch.float32), round_scale)
         triton_cast.per_block_cast_to_fp8(_meta(m, k), _meta(m, k, dtype=torch.float8_e4m3fn),
                                           _meta(m // 128, k // 128, dtype=torch.float32), round_scale)
-        triton_cast.per_channel_cast_to_fp8(_meta(m, k), _meta(m, k, dtype=torch.float8_e4m3fn),  # 8 groups
-                                            _meta(m // 128, k, dtype=torch.float32), _meta(8, dtype=torch.int32),
-                                            round_scale)
+        for groups in (1, 8):  # ks=None (one group) and 8 experts
+            triton_cast.per_channel_cast_to_fp8(_meta(m, k), _meta(m, k, dtype=torch.float8_e4m3fn),
+                                                _meta(m // 128, k, dtype=torch.float32),
+                                                _meta(groups, dtype=torch.int32), round_scale)
 
 
 def ep_cases(compiler: Compiler) -> None:

@@ -264,9 +264,14 @@ CHANNEL_CASES = [  # (ks, tokens, h, source dtype, power-of-two scales, ks_tenso
 def test_per_channel_cast_matches_oracle(backend, ks, tokens, h, dtype, round_scale, device_sizes):
     """Bit for bit against the oracle: odd widths, a strided source with NaN-poisoned padding
     columns, groups of 0, 1, 37 (partial blocks), 128 and 200 tokens."""
-    _, device = backend
+    name, device = backend
     x = random_source(tokens, h, dtype, device, pad_cols=8)
+    x[:, h // 2] = 0  # an all-zero column: its scales are the floor, 1e-4 / 448
     ks_tensor = torch.tensor(ks, dtype=torch.int32, device=device) if device_sizes else None
+    if name == "cuda":
+        with pytest.raises(NotImplementedError, match="^per_channel_cast_to_fp8: no CUDA kernel yet"):
+            dskernels.per_channel_cast_to_fp8(x, ks, ks_tensor, round_scale=round_scale)
+        return
     x_fp8, x_scale = dskernels.per_channel_cast_to_fp8(x, ks, ks_tensor, round_scale=round_scale)
     ref_fp8, ref_scale = python_ref.per_channel_cast_to_fp8(x.cpu(), ks, round_scale)
     blocks = sum(-(-k // 128) for k in (ks or [tokens]))
@@ -279,8 +284,10 @@ def test_per_channel_oracle_definition():
     """The oracle is the per-token cast of the transpose, one group at a time (each group's first
     token starting a block; a partial block's amax over the tokens it has)."""
     x = random_source(300, 6, torch.float32, "cpu")
+    x[:40, 3] = 0
     ks = [40, 260]
     q, s = python_ref.per_channel_cast_to_fp8(x, ks)
+    assert s[0, 3].item() == pytest.approx(1e-4 / 448)  # the floor of an all-zero block
     first = 0
     for k, rows in zip(ks, ([0], [1, 2, 3])):
         padded = torch.zeros(6, -(-k // 128) * 128)
@@ -291,19 +298,34 @@ def test_per_channel_oracle_definition():
         first += k
 
 
-def test_per_channel_sizes_tensor_cannot_reach_past_x(backend):
-    """ks_tensor must equal ks; one claiming 300 + 300 tokens of 168 is cut at x's end: the
-    NaN-poisoned rows after x (x is a view into a longer buffer) are never read, and here the
-    blocks happen to line up with the true groups, so the result is the oracle's."""
-    _, device = backend
-    buffer = torch.full((400, 9), float("nan"), device=device)
-    buffer[:168] = random_source(168, 9, torch.float32, device)
-    x = buffer[:168]
-    x_fp8, x_scale = dskernels.per_channel_cast_to_fp8(x, [128, 40], torch.tensor([300, 300], dtype=torch.int32,
-                                                                                    device=device))
+@pytest.mark.parametrize("claimed", [[300, 300], [-200, 368]], ids=["too-many", "negative"])
+def test_per_channel_sizes_tensor_cannot_reach_past_x(backend, claimed):
+    """ks_tensor must equal ks; one claiming 300 + 300 tokens of 168 is cut at x's end, a negative
+    size counts as 0: the NaN-poisoned rows before and after x (a view into a longer buffer) are
+    never read, and here the blocks happen to line up with the true groups, so the result is the
+    oracle's. (The ks_tensor is strided, too.)"""
+    name, device = backend
+    if name == "cuda":
+        pytest.skip("no CUDA kernel (test_per_channel_cast_matches_oracle checks the refusal)")
+    buffer = torch.full((700, 9), float("nan"), device=device)
+    buffer[300:468] = random_source(168, 9, torch.float32, device)
+    x = buffer[300:468]
+    strided = torch.tensor([claimed[0], 0, claimed[1], 0], dtype=torch.int32, device=device)[::2]
+    x_fp8, x_scale = dskernels.per_channel_cast_to_fp8(x, [128, 40], strided)
     ref_fp8, ref_scale = python_ref.per_channel_cast_to_fp8(x.cpu(), [128, 40])
     assert_same_bits(x_fp8, ref_fp8)
     assert_same_bits(x_scale, ref_scale)
+
+
+def test_per_channel_any_strides(backend):
+    """Column-major sources and a strided single column give the contiguous source's bits."""
+    name, device = backend
+    if name == "cuda":
+        pytest.skip("no CUDA kernel (test_per_channel_cast_matches_oracle checks the refusal)")
+    x = random_source(200, 7, torch.bfloat16, device)
+    for source in (x.T.contiguous().T, x[:, 3:4], torch.stack([x[:, 2], x[:, 2]], dim=1)[:, ::2]):
+        assert_same_bits(dskernels.per_channel_cast_to_fp8(source, [72, 128])[0],
+                         python_ref.per_channel_cast_to_fp8(source.cpu().contiguous(), [72, 128])[0])
 
 
 def test_per_channel_bad_input_is_named():
@@ -314,6 +336,8 @@ def test_per_channel_bad_input_is_named():
              ((x, None, torch.tensor([168], dtype=torch.int32)), ValueError, "^ks_tensor: expected None when ks"),
              ((x, [128, 40], torch.tensor([128, 40])), TypeError, "^ks_tensor: expected dtype int32"),
              ((x, [128, 40], torch.tensor([168], dtype=torch.int32)), ValueError, r"^ks_tensor: expected shape \(2,\)"),
+             ((x, [128, 40], torch.tensor([128, 40], dtype=torch.int32, device="meta")), ValueError,
+              "^ks_tensor: expected a tensor on cpu"), ((x, [True, 167]), TypeError, "^ks: expected a list of ints"),
              ((x.int(),), TypeError, "^x: expected dtype"), ((x[None],), ValueError, "^x: expected 2 dimensions")]
     for args, error, pattern in cases:
         with pytest.raises(error, match=pattern):
@@ -322,7 +346,7 @@ def test_per_channel_bad_input_is_named():
 
 def test_per_channel_opcheck_and_compile():
     x = random_source(200, 5, torch.bfloat16, "cpu")
-    ks = [72, 0, 128]
+    ks = [72, 64, 64]  # 3 scale rows, where one group of 200 tokens would have 2: the fake must count per group
     torch.library.opcheck(torch.ops.dskernels.per_channel_cast_to_fp8, (x,))
     torch.library.opcheck(torch.ops.dskernels.per_channel_cast_to_fp8, (x, ks, torch.tensor(ks, dtype=torch.int32), True))
 
@@ -341,7 +365,9 @@ def test_per_channel_opcheck_and_compile():
 
 def test_per_channel_nan_makes_its_block_nan(backend):
     """A NaN makes its (128-token block, column) scale and values NaN, and nothing else."""
-    _, device = backend
+    name, device = backend
+    if name == "cuda":
+        pytest.skip("no CUDA kernel (test_per_channel_cast_matches_oracle checks the refusal)")
     x = random_source(200, 3, torch.float32, device)
     x[150, 1] = float("nan")  # group 1 (tokens 72..199), its block 0 (72..199 is one block), column 1
     x_fp8, x_scale = dskernels.per_channel_cast_to_fp8(x, [72, 128])

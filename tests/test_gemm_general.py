@@ -511,6 +511,12 @@ def test_k_grouped_fp8_gemm_validation():
     with dskernels.backend("cuda"), pytest.raises(ValueError, match="needs CUDA tensors"):
         tn((a, sa), (b, sb), d, ks, c=c)  # refused before c is copied into d
     assert torch.equal(d, before)
+    with pytest.MonkeyPatch.context() as patch:  # a knob's typo raises on every path, before d is written
+        patch.setenv("DSKERNELS_GEMM_TOKEN_MAJOR", "Direct")
+        for layout_call, operands in ((tn, ((a, sa), (b, sb))), (nt, ((an, san), (bn, sbn)))):
+            with pytest.raises(ValueError, match="^DSKERNELS_GEMM_TOKEN_MAJOR: expected 'direct' or 'transpose'"):
+                layout_call(*operands, d, ks, c=c)
+            assert torch.equal(d, before)
     with pytest.raises(TypeError, match="^a: expected a tuple"):
         tn(a, (b, sb), d, ks)
 

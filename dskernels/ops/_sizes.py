@@ -16,6 +16,8 @@ def as_sizes(name: str, ks) -> list:
     if torch.compiler.is_compiling():
         return list(ks)
     try:
+        if any(isinstance(k, bool) for k in ks):
+            raise TypeError
         return [operator.index(k) for k in ks]
     except TypeError:
         raise TypeError(f"{name}: expected a list of ints (tokens per group), got {ks!r}") from None

@@ -75,7 +75,9 @@ def per_channel_cast_to_fp8(x: torch.Tensor, ks=None, ks_tensor: torch.Tensor | 
             groups (experts' tokens, one after another). Each group's first token starts a new
             128-token scale block; its last block may be partial (amax over the tokens it has).
         ks_tensor: ks as int32 [G] on x's device (the kernel reads it; must equal ks), or None
-            (made from ks by one asynchronous copy). Only with ks.
+            (made from ks by one asynchronous copy). Only with ks. One that disagrees never makes
+            a read or write outside x and the outputs, but rows of x_fp8 that its blocks do not
+            cover are left unwritten.
         round_scale: power-of-two (UE8M0) scales, as for per_token_cast_to_fp8 (use_ue8m0, gran_k:
             DeepGEMM's helper keywords, gran_k 128 only).
 

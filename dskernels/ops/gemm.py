@@ -12,7 +12,7 @@ import operator
 
 import torch
 
-from dskernels._backend import select_backend
+from dskernels._backend import env_choice, select_backend
 from dskernels._checks import check_multiple, check_no_overlap, check_tensor
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from python_ref import gemm as ref
@@ -265,6 +265,7 @@ def _k_grouped(a, sa, b, sb, out, ks, ks_tensor, c, *, k_major: bool, sizes_name
                      overlap=not torch.compiler.is_compiling(), scales_transposed=scales_transposed,
                      out_name=out_name)
     _check_c(c, out, out_name)
+    env_choice("DSKERNELS_GEMM_TOKEN_MAJOR", ("direct", "transpose"))  # a typo raises here, on every path
     if c is not None and c is not out:
         if not torch.compiler.is_compiling():
             _k_grouped_backend(out.device)  # eager: every refusal before out is written

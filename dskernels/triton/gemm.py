@@ -30,9 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
+from dskernels._backend import env_choice
 from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
 
 GROUP_SIZE = 128  # the K (and n) width of one scale
+TOKEN_MAJOR_KNOB = "DSKERNELS_GEMM_TOKEN_MAJOR"  # _token_major_direct
 
 
 @triton.jit
@@ -444,10 +446,8 @@ def _token_major_direct(device: torch.device) -> bool:
     (B200: its tcgen05 tensor cores take MN-major FP8 tiles from shared memory; pipelined there
     per scripts/check_triton_compile.py); elsewhere the launcher transposes them first.
     DSKERNELS_GEMM_TOKEN_MAJOR=direct or =transpose forces either."""
-    forced = os.environ.get("DSKERNELS_GEMM_TOKEN_MAJOR", "")
+    forced = env_choice(TOKEN_MAJOR_KNOB, ("direct", "transpose"))
     if forced:
-        if forced not in ("direct", "transpose"):
-            raise ValueError(f"DSKERNELS_GEMM_TOKEN_MAJOR: expected 'direct' or 'transpose', got {forced!r}")
         return forced == "direct"
     return _interpret() or torch.cuda.get_device_capability(device)[0] == 10
 
