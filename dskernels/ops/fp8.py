@@ -70,7 +70,7 @@ def per_channel_cast_to_fp8(x: torch.Tensor, ks=None, ks_tensor: torch.Tensor | 
     stored, with no transposing copy.
 
     Args:
-        x: [tokens, h] bfloat16, float16 or float32, any h, any row stride.
+        x: [tokens, h] bfloat16, float16 or float32, any h, any strides.
         ks: None (one group of all the tokens) or a list of python ints >= 0 summing to tokens: the
             groups (experts' tokens, one after another). Each group's first token starts a new
             128-token scale block; its last block may be partial (amax over the tokens it has).
