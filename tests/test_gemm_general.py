@@ -599,7 +599,8 @@ def test_triton_k_grouped_every_config(config, mode, monkeypatch):
 @pytest.mark.parametrize("layout", ["nt", "tn"])
 def test_triton_k_grouped_copies(layout):
     """The launcher's copies into 16-aligned K-major rows on the GPU (Hopper's default for
-    token-major operands; K-major groups of 131 tokens), with the autotuner choosing."""
+    token-major operands; K-major groups of 131 tokens), with the heuristic tile (tests run without
+    autotuning: tests/conftest.py)."""
     _k_grouped_on_gpu(layout, [256, 131, 0, 384], 200, 300)
 
 
