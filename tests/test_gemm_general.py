@@ -223,6 +223,17 @@ def padded_to_blocks(q, s):
     return torch.nn.functional.pad(q.view(torch.uint8), (0, pad)).view(torch.float8_e4m3fn), s
 
 
+def assert_groups_close(out, before, ks, a_parts, b_parts):
+    """Per group: an empty one left as before was, the others within test_gemm.py's bound of the
+    dequantized product plus before[g]."""
+    for g, k in enumerate(ks):
+        if k == 0:
+            assert torch.equal(out[g], before[g])
+        else:
+            (qa, s_a), (qb, s_b) = padded_to_blocks(*a_parts[g]), padded_to_blocks(*b_parts[g])
+            assert_close_to_oracle(out[g], qa, s_a, qb, s_b, c=before[g])
+
+
 @pytest.mark.parametrize("m,n", [(7, 200), (130, 64)])
 def test_k_grouped_wgrad(backend, m, n):
     """out[g] += A_g @ B_g.T per group, with test_gemm.py's bound per group against the dequantized
@@ -239,12 +250,7 @@ def test_k_grouped_wgrad(backend, m, n):
             dskernels.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), out, batch_sizes)
         return
     dskernels.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), out, batch_sizes)
-    for g, k in enumerate(batch_sizes):
-        if k == 0:
-            assert torch.equal(out[g], before[g])
-        else:
-            (qa, s_a), (qb, s_b) = padded_to_blocks(*a_parts[g]), padded_to_blocks(*b_parts[g])
-            assert_close_to_oracle(out[g], qa, s_a, qb, s_b, c=before[g])
+    assert_groups_close(out, before, batch_sizes, a_parts, b_parts)
     import python_ref.gemm as ref
     expected = ref.k_grouped_wgrad_gemm_fp8_fp8_fp32_nt(a, sa, b, sb, before, batch_sizes)
     torch.testing.assert_close(out, expected, atol=1e-3, rtol=1e-5)
@@ -570,12 +576,7 @@ def _k_grouped_on_gpu(layout, ks, m, n):
     d = c.clone()
     with dskernels.backend("triton"):
         getattr(dskernels, f"k_grouped_fp8_gemm_{layout}_contiguous")((a, sa), (b, sb), d, ks, c=d)
-    for g, k in enumerate(ks):
-        if k == 0:
-            assert torch.equal(d[g], c[g])
-        else:
-            (qa, s_a), (qb, s_b) = padded_to_blocks(*a_parts[g]), padded_to_blocks(*b_parts[g])
-            assert_close_to_oracle(d[g], qa, s_a, qb, s_b, c=c[g])
+    assert_groups_close(d, c, ks, a_parts, b_parts)
 
 
 @pytest.mark.gpu
