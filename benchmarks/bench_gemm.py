@@ -10,6 +10,10 @@ the timed call also copies c into out first, as DeepGEMM does for a c apart from
 The K-grouped weight gradient (one [m, n] fp32 gradient per expert, k = the expert's tokens)
 accumulates in place, so each timed call first restores the gradients it adds to: that copy is
 timed and counted (16 * m * n per group with the kernel's own read and write).
+
+DeepGEMM's bf16 grouped GEMMs (compute_dtype bf16): 2 bytes per operand and output element (valid
+rows only for the masked one), fp32 gradients for the K-grouped one; peers torch._grouped_mm
+(CUTLASS, sm90+) and a bf16 bmm.
 """
 
 from __future__ import annotations
@@ -248,12 +252,118 @@ def _masked_case(groups, expected_m, n, k, device, m_max):
                 cuda_variants=GROUPED_CONFIG_VARIANTS)
 
 
+def _grouped_mm_peer(how):
+    """torch._grouped_mm (CUTLASS grouped bf16 GEMMs, sm90+) on the same operands: the strongest
+    bf16 grouped peer in torch. how(inputs) -> its (mat_a, mat_b, offs)."""
+    def run(*inputs):
+        mat_a, mat_b, offs = how(*inputs)
+        return torch._grouped_mm(mat_a, mat_b, offs=offs)
+    return run
+
+
+def _bf16_contiguous_case(groups, m_per_group, n, k, device, psum=False):
+    """bf16 experts, rows stacked by expert: per-row ids, or DeepGEMM's psum ends (each group
+    starting at a multiple of 128: gaps of no group when m_per_group is not one)."""
+    stride = -(-m_per_group // 128) * 128 if psum else m_per_group
+    m = groups * stride
+    owner = torch.full((groups, stride), -1, dtype=torch.int32)
+    owner[:, :m_per_group] = torch.arange(groups, dtype=torch.int32)[:, None]
+    owner = owner.flatten()
+    ends = [g * stride + m_per_group for g in range(groups)]
+
+    def make_inputs(dev):
+        a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(groups, n, k, device=dev, dtype=torch.bfloat16)
+        layout = torch.tensor(ends, dtype=torch.int32, device=dev) if psum else owner.to(dev)
+        return a, b, torch.empty(m, n, device=dev, dtype=torch.bfloat16), layout
+
+    def run(a, b, d, layout):
+        dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b, d, layout, use_psum_layout=psum)
+        return d
+
+    def reference(a, b, d, layout):
+        expected = ref.grouped_rows(a, b, owner.to(a.device))
+        expected[owner < 0] = float("nan")  # rows of no group: unspecified
+        return expected
+
+    peers = {}
+    if device == "cuda":
+        def grouped_mm_operands(a, b, d, layout):  # gaps count as rows of the group before them
+            offs = torch.arange(1, groups + 1, device=a.device, dtype=torch.int32) * stride
+            return a, b.transpose(1, 2), offs
+        peers = {"torch._grouped_mm": _grouped_mm_peer(grouped_mm_operands),
+                 "torch.mm bf16": _bf16_mm_peer((m, k), (k, n))}
+    return Case(op="m_grouped_bf16_gemm_nt_contiguous",
+                params={"groups": groups, "m_per_group": m_per_group, "n": n, "k": k, "psum": psum},
+                make_inputs=make_inputs, run=run, reference=reference, check=_check,
+                flops=2 * groups * m_per_group * n * k,
+                bytes=2 * (groups * m_per_group * (k + n) + groups * n * k), peers=peers, backends=("ref", "triton"))
+
+
+def _bf16_masked_case(groups, expected_m, n, k, device, m_max):
+    rng = random.Random(groups * 7919 + expected_m)
+    counts = [min(m_max, int(expected_m * rng.uniform(0.7, 1.3))) for _ in range(groups)]
+    valid = sum(counts)
+
+    def make_inputs(dev):
+        a = torch.randn(groups, m_max, k, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(groups, n, k, device=dev, dtype=torch.bfloat16)
+        masked_m = torch.tensor(counts, device=dev, dtype=torch.int32)
+        return a, b, torch.empty(groups, m_max, n, device=dev, dtype=torch.bfloat16), masked_m
+
+    def run(a, b, d, masked_m):
+        dskernels.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m)
+        return d
+
+    def reference(a, b, d, masked_m):
+        expected = ref.masked_rows(a, b, masked_m)
+        for g, rows in enumerate(counts):
+            expected[g, rows:] = float("nan")
+        return expected
+
+    peers = {}
+    if device == "cuda":  # a batched matmul over every row: what the model's float path did
+        peers = {"torch.bmm bf16 (all rows)": lambda a, b, d, masked_m: torch.bmm(a, b.transpose(1, 2)),
+                 "torch.bmm bf16": _bf16_mm_peer((groups, expected_m, k), (groups, k, n), batched=True)}
+    return Case(op="m_grouped_bf16_gemm_nt_masked",
+                params={"groups": groups, "expected_m": expected_m, "m_max": m_max, "n": n, "k": k},
+                make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * valid * n * k,
+                bytes=2 * (valid * k + groups * n * k + valid * n), peers=peers, backends=("ref", "triton"))
+
+
+def _bf16_k_grouped_case(groups, k_per_group, m, n, device):
+    """bf16 MoE weight gradients dW_g [m, n] (fp32) = dY_g.T @ X_g from token-major activations."""
+    ks = [k_per_group] * groups
+    tokens = groups * k_per_group
+
+    def make_inputs(dev):
+        a = torch.randn(tokens, m, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(tokens, n, device=dev, dtype=torch.bfloat16)
+        ks_tensor = torch.tensor(ks, device=dev, dtype=torch.int32)
+        return a, b, torch.empty(groups, m, n, device=dev), ks_tensor, ks_tensor.cumsum(0, dtype=torch.int32)
+
+    def run(a, b, d, ks_tensor, ends):
+        dskernels.k_grouped_bf16_gemm_tn_contiguous(a, b, d, ks, ks_tensor)
+        return d
+
+    peers = {}
+    if device == "cuda":
+        peers = {"torch._grouped_mm": _grouped_mm_peer(lambda a, b, d, ks_tensor, ends: (a.T, b, ends))}
+    return Case(op="k_grouped_bf16_gemm_tn_contiguous", params={"groups": groups, "k_per_group": k_per_group,
+                                                                "m": m, "n": n},
+                make_inputs=make_inputs, run=run, reference=lambda a, b, d, *_: ref.k_grouped_bf16_gemm(a, b, ks),
+                check=_check, flops=2 * m * n * tokens, bytes=2 * (m + n) * tokens + 4 * groups * m * n, peers=peers,
+                backends=("ref", "triton"))
+
+
 def cases(quick: bool, device: str) -> list[Case]:
     if device == "cpu":
         return [_dense_case(7, 200, 256, device), _dense_case(130, 144, 256, device),
                 _weight_gradient_case(7, 200, 256, device), _k_grouped_case(3, 128, 7, 200, device),
                 _k_grouped_case(3, 128, 7, 200, device, layout="tn"),
-                _contiguous_case(3, 64, 144, 256, device), _masked_case(2, 40, 144, 256, device, m_max=64)]
+                _contiguous_case(3, 64, 144, 256, device), _masked_case(2, 40, 144, 256, device, m_max=64),
+                _bf16_contiguous_case(3, 64, 144, 200, device, psum=True), _bf16_masked_case(2, 40, 144, 200, device, 64),
+                _bf16_k_grouped_case(3, 100, 7, 200, device)]
     found = []
     dense_m = [4096] if quick else [64, 128, 4096]
     dense_nk = DENSE_NK[:2] if quick else DENSE_NK
@@ -268,4 +378,9 @@ def cases(quick: bool, device: str) -> list[Case]:
     if not quick:  # V3's experts: gate_up (4096 x 7168) and down (7168 x 2048), 8 experts of 4096 tokens
         found += [_k_grouped_case(8, 4096, m, n, device, layout) for m, n in ((4096, 7168), (7168, 2048))
                   for layout in ("nt", "tn")]
+        # DeepGEMM's bf16 family at the FP8 grouped shapes: experts kept in bf16, and their gradients
+        found += [_bf16_contiguous_case(4, 8192, n, k, device, psum) for n, k in GROUPED_NK for psum in (False, True)]
+        found += [_bf16_masked_case(groups, expected_m, n, k, device, m_max=4096)
+                  for groups, expected_m in ((1, 1024), (4, 256)) for n, k in GROUPED_NK]
+        found += [_bf16_k_grouped_case(8, 4096, m, n, device) for m, n in ((4096, 7168), (7168, 2048))]
     return found

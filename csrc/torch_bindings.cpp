@@ -64,8 +64,12 @@ TORCH_LIBRARY(dskernels, m) {
   // row of b (1x128, recipe (1, 1, 128): both operands activations, as in a weight gradient);
   // accumulate adds to out's values (the public fp8_gemm_nt copies c there first).
   m.def("fp8_gemm_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out, bool accumulate) -> ()");
+  // m_indices: one group id per row (-1: none), or with use_psum_layout DeepGEMM's [G] cumulative
+  // row ends (group g owns rows align(ends[g-1], 128) .. ends[g] - 1). ensure_zero_padding: rows in
+  // no group are written as zeros; expected_m: rows per group, a tuning hint (0: unknown).
   m.def("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(Tensor a, Tensor sa, Tensor b, Tensor sb, "
-        "Tensor(a!) out, Tensor m_indices) -> ()");
+        "Tensor(a!) out, Tensor m_indices, bool use_psum_layout=False, bool ensure_zero_padding=False, "
+        "SymInt expected_m=0) -> ()");
   // SymInt expected_m: a hint computed from a batch size stays symbolic under torch.compile.
   m.def("m_grouped_gemm_fp8_fp8_bf16_nt_masked(Tensor a, Tensor sa, Tensor b, Tensor sb, "
         "Tensor(a!) out, Tensor masked_m, SymInt expected_m) -> ()");
@@ -91,6 +95,18 @@ TORCH_LIBRARY(dskernels, m) {
   m.def("_sm90_gemm_grouped_config(int rows_per_group, int n, int sm_count) -> str");
   // The SMs the sm90 GEMMs' persistent grids may use from now on (0: all); dskernels.set_num_sms.
   m.def("_sm90_gemm_set_num_sms(int num_sms) -> ()");
+
+  // ---- DeepGEMM's bf16 grouped GEMMs (no scales; the dense ones are cuBLAS's, through torch) ----
+  m.set_python_module("dskernels.ops.gemm_bf16");
+  // out[i] (bf16) = a[i] @ b[g].T for the rows i of group g; b [G, n, k] in any strides (the "nn"
+  // form passes b [G, k, n] transposed). grouped_layout and the flags as in the FP8 contiguous op.
+  m.def("m_grouped_bf16_gemm_nt_contiguous(Tensor a, Tensor b, Tensor(a!) out, Tensor grouped_layout, "
+        "bool use_psum_layout=False, bool ensure_zero_padding=False, SymInt expected_m=0) -> ()");
+  m.def("m_grouped_bf16_gemm_nt_masked(Tensor a, Tensor b, Tensor(a!) out, Tensor masked_m, "
+        "SymInt expected_m) -> ()");
+  // out[g] (fp32 or bf16) (+)= a[tokens of g].T @ b[tokens of g]: a [tokens, m], b [tokens, n].
+  m.def("k_grouped_bf16_gemm_tn_contiguous(Tensor a, Tensor b, Tensor(a!) out, SymInt[] ks, Tensor? ks_tensor, "
+        "bool accumulate) -> ()");
 
   // ---- DeepSeek-V3.2's indexer logits (DeepGEMM's fp8_mqa_logits / fp8_paged_mqa_logits) ----
   m.set_python_module("dskernels.ops.indexer");

@@ -43,6 +43,16 @@ from dskernels.ops.gemm import (  # noqa: E402
     m_grouped_gemm_fp8_fp8_bf16_nt_masked,
     set_num_sms,
 )
+from dskernels.ops.gemm_bf16 import (  # noqa: E402
+    bf16_gemm_nn,
+    bf16_gemm_nt,
+    bf16_gemm_tn,
+    bf16_gemm_tt,
+    k_grouped_bf16_gemm_tn_contiguous,
+    m_grouped_bf16_gemm_nn_contiguous,
+    m_grouped_bf16_gemm_nt_contiguous,
+    m_grouped_bf16_gemm_nt_masked,
+)
 from dskernels.ops.indexer import (fp8_mqa_logits, fp8_paged_mqa_logits, get_paged_mqa_logits_metadata,  # noqa: E402
                                    paged_k_cache_cast_to_fp8, per_custom_dims_cast_to_fp8)
 from dskernels.ops.mla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
@@ -54,6 +64,10 @@ __version__ = "0.1.0"
 __all__ = [
     "available_backends",
     "backend",
+    "bf16_gemm_nn",
+    "bf16_gemm_nt",
+    "bf16_gemm_tn",
+    "bf16_gemm_tt",
     "current_backend",
     "dequantize_sparse_kv_cache",
     "flash_mla_sparse_decode",
@@ -69,9 +83,13 @@ __all__ = [
     "get_mn_major_tma_aligned_tensor",
     "get_num_sms",
     "get_tma_aligned_size",
+    "k_grouped_bf16_gemm_tn_contiguous",
     "k_grouped_fp8_gemm_nt_contiguous",
     "k_grouped_fp8_gemm_tn_contiguous",
     "k_grouped_wgrad_gemm_fp8_fp8_fp32_nt",
+    "m_grouped_bf16_gemm_nn_contiguous",
+    "m_grouped_bf16_gemm_nt_contiguous",
+    "m_grouped_bf16_gemm_nt_masked",
     "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked",
     "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",

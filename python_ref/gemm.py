@@ -9,6 +9,9 @@ block or, for a weight gradient where both operands are activations, per row).
 
 The kernels apply the scales per 128-wide K block instead (DeepGEMM's promotion), which is the same
 sum in another order: results agree to fp32 rounding before the final bf16 rounding.
+
+DeepGEMM's bf16 GEMMs are the same products without scales (grouped_rows, masked_rows,
+bf16_gemm_nt, k_grouped_bf16_gemm); psum_to_m_indices defines its psum contiguous layout.
 """
 
 import torch
@@ -90,26 +93,74 @@ def gemm_fp8_fp8_bf16_nt(a, sa, b, sb) -> torch.Tensor:
 def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, m_indices) -> torch.Tensor:
     """a [M, k], sa [M, k/128], b [G, n, k], sb [G, ceil(n/128), k/128], m_indices int [M] ->
     out [M, n] bf16; row i uses group m_indices[i]; rows with m_indices -1 come back as zeros."""
-    m_total, n = a.shape[0], b.shape[1]
-    out = torch.zeros(m_total, n, dtype=torch.bfloat16, device=a.device)
-    lhs = dequantize_activations(a, sa)
-    rhs = dequantize_weights(b, sb)
-    indices = m_indices.long()
-    for group in range(b.shape[0]):
-        rows = (indices == group).nonzero().squeeze(1)
-        if rows.numel():
-            out[rows] = (lhs[rows] @ rhs[group].T).to(torch.bfloat16)
-    return out
+    return grouped_rows(dequantize_activations(a, sa), dequantize_weights(b, sb), m_indices)
 
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, masked_m) -> torch.Tensor:
     """a [G, m_max, k], sa [G, m_max, k/128], b [G, n, k], sb [G, ceil(n/128), k/128],
     masked_m int [G] -> out [G, m_max, n] bf16; rows >= masked_m[g] come back as zeros."""
-    groups, m_max, _ = a.shape
-    out = torch.zeros(groups, m_max, b.shape[1], dtype=torch.bfloat16, device=a.device)
-    lhs = dequantize_activations(a, sa)
-    rhs = dequantize_weights(b, sb)
+    return masked_rows(dequantize_activations(a, sa), dequantize_weights(b, sb), masked_m)
+
+
+def grouped_rows(lhs: torch.Tensor, rhs: torch.Tensor, m_indices: torch.Tensor) -> torch.Tensor:
+    """lhs [M, k], rhs [G, n, k] (any float dtype), m_indices int [M] -> [M, n] bf16: row i is
+    lhs[i] @ rhs[m_indices[i]].T summed in fp32; rows of no group (-1, or outside [0, G)) are zeros."""
+    out = torch.zeros(lhs.shape[0], rhs.shape[1], dtype=torch.bfloat16, device=lhs.device)
+    indices = m_indices.long()
+    for group in range(rhs.shape[0]):
+        rows = (indices == group).nonzero().squeeze(1)
+        if rows.numel():
+            out[rows] = (lhs[rows].float() @ rhs[group].float().T).to(torch.bfloat16)
+    return out
+
+
+def masked_rows(lhs: torch.Tensor, rhs: torch.Tensor, masked_m: torch.Tensor) -> torch.Tensor:
+    """lhs [G, m_max, k], rhs [G, n, k], masked_m int [G] -> [G, m_max, n] bf16: the first
+    masked_m[g] rows (clamped to [0, m_max]) of group g, in fp32; the others zeros."""
+    groups, m_max, _ = lhs.shape
+    out = torch.zeros(groups, m_max, rhs.shape[1], dtype=torch.bfloat16, device=lhs.device)
     for group, rows in enumerate(masked_m.tolist()):
         rows = max(0, min(rows, m_max))
-        out[group, :rows] = (lhs[group, :rows] @ rhs[group].T).to(torch.bfloat16)
+        out[group, :rows] = (lhs[group, :rows].float() @ rhs[group].float().T).to(torch.bfloat16)
     return out
+
+
+def psum_to_m_indices(grouped_layout: torch.Tensor, m: int) -> torch.Tensor:
+    """DeepGEMM's psum contiguous layout -> one group id per row (int32 [m], -1 for no group).
+
+    grouped_layout int [G] holds cumulative row ends: group g owns rows align(ends[g - 1], 128) ..
+    ends[g] - 1 (group 0 from row 0), so each group starts at a multiple of 128 and the rows between
+    a group's end and the next start (or past the last end) belong to none. Tensor ops only: on a
+    GPU no host sync.
+    """
+    ends = grouped_layout.long().clamp(min=0)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    starts = (starts + GROUP_SIZE - 1) // GROUP_SIZE * GROUP_SIZE
+    rows = torch.arange(m, device=grouped_layout.device)
+    # The owner of a row: the last group starting at or before it (empty groups share their start
+    # with the next one), if the row lies before that group's end.
+    owner = (torch.searchsorted(starts, rows, right=True) - 1).clamp(min=0)
+    inside = rows < ends[owner] if len(ends) else torch.zeros_like(rows, dtype=torch.bool)
+    return torch.where(inside, owner, -1).to(torch.int32)
+
+
+def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, c=None) -> torch.Tensor:
+    """DeepGEMM's bf16 D = C + A @ B.T: a [m, k], b [n, k], c [m, n] or None -> [m, n] in out_dtype,
+    summed in fp32 and rounded once."""
+    d = a.float() @ b.float().T
+    if c is not None:
+        d = d + c.float()
+    return d.to(out_dtype)
+
+
+def k_grouped_bf16_gemm(a: torch.Tensor, b: torch.Tensor, ks, c=None) -> torch.Tensor:
+    """DeepGEMM's bf16 K-grouped "tn" GEMM: a [tokens, m], b [tokens, n]; group g owns tokens
+    sum(ks[:g]) .. + ks[g]; returns [G, m, n] fp32 with out[g] = (c[g] or 0) + A_g.T @ B_g."""
+    m, n = a.shape[1], b.shape[1]
+    result = torch.zeros(len(ks), m, n, device=a.device) if c is None else c.float().clone()
+    first = 0
+    for g, k in enumerate(ks):
+        k = int(k)
+        result[g] += a[first:first + k].float().T @ b[first:first + k].float()
+        first += k
+    return result

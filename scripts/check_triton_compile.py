@@ -15,7 +15,7 @@ compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
 grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16,
 prefill), V3.2's indexer logits (prefill, compressed, paged; D = 16 to 128), the three FP8 GEMMs
-with every autotuning candidate and the heuristic tiles, the FP8 casts (per-channel too) and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts.)
+with every autotuning candidate and the heuristic tiles, the FP8 casts (per-channel too) and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels.)
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
 """
@@ -284,18 +284,48 @@ def gemm_cases(compiler: Compiler) -> None:
     def k_grouped_unaligned(m):  # tn groups of any size (nt ones are padded to multiples of 16 first)
         k_grouped(m, False, per_group=4001)
 
+    def contiguous_psum(m):  # DeepGEMM's psum layout: [G] cumulative ends, zero padding
+        triton_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(
+            _meta(m, k, dtype=f8), _meta(m, k // 128, dtype=torch.float32), _meta(groups, n, k, dtype=f8),
+            _meta(groups, n // 128, k // 128, dtype=torch.float32), _meta(m, n), _meta(groups, dtype=torch.int32),
+            psum=True, zero_pad=True)
+
+    def bf16_contiguous(m):  # the bf16 GEMMs: the same kernels without scales
+        triton_gemm.m_grouped_bf16_gemm_contiguous(_meta(m, k), _meta(groups, n, k), _meta(m, n),
+                                                   _meta(m, dtype=torch.int32), False, False, 0)
+
+    def bf16_contiguous_nn(m):  # b [G, k, n] read transposed: MN-major tiles (bf16 wgmma takes them)
+        triton_gemm.m_grouped_bf16_gemm_contiguous(_meta(m, k), _meta(groups, k, n).transpose(1, 2), _meta(m, n),
+                                                   _meta(groups, dtype=torch.int32), True, False, 0)
+
+    def bf16_masked(m):
+        triton_gemm.m_grouped_bf16_gemm_masked(_meta(groups, m, k), _meta(groups, n, k), _meta(groups, m, n),
+                                               _meta(groups, dtype=torch.int32), m)
+
+    def bf16_k_grouped(m, per_group=4096):
+        tokens = groups * per_group
+        triton_gemm.k_grouped_bf16_gemm(_meta(tokens, m), _meta(tokens, n), _meta(groups, m, n, dtype=torch.float32),
+                                        [per_group] * groups, _meta(groups, dtype=torch.int32), True)
+
     heuristic = triton_gemm._heuristic_config
     per_row = (weight_gradient, k_grouped_nt, k_grouped_tn)
+    bf16 = (bf16_contiguous, bf16_contiguous_nn, bf16_masked, bf16_k_grouped)
     for name, call, max_block_m in [("dense", dense, 256), ("contiguous", contiguous, 128), ("masked", masked, 256),
+                                    ("contiguous psum", contiguous_psum, 128),
                                     ("weight gradient", weight_gradient, 256), ("k-grouped nt", k_grouped_nt, 256),
                                     ("k-grouped tn", k_grouped_tn, 256),
-                                    ("k-grouped unaligned", k_grouped_unaligned, 256)]:
+                                    ("k-grouped unaligned", k_grouped_unaligned, 256),
+                                    ("bf16 contiguous", bf16_contiguous, 128),
+                                    ("bf16 contiguous nn psum", bf16_contiguous_nn, 128),
+                                    ("bf16 masked", bf16_masked, 256), ("bf16 k-grouped tn", bf16_k_grouped, 256)]:
         compiler.context = f"gemm {name}, heuristic"
         for m in (64, 4096):
             call(m)
         if call is k_grouped_unaligned:
             continue
-        for config in triton_gemm._gpu_configs(max_block_m, call in per_row):  # the autotuning candidates
+        configs = (triton_gemm._bf16_gpu_configs(max_block_m, call is not bf16_masked) if call in bf16
+                   else triton_gemm._gpu_configs(max_block_m, call in per_row))
+        for config in configs:  # the autotuning candidates
             compiler.context = f"gemm {name}, autotune candidate"
             meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
             triton_gemm._heuristic_config = lambda *_, meta=meta: dict(meta)

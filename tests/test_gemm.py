@@ -248,6 +248,12 @@ def run_contiguous_against_oracle(sizes, aligned, scale_layout, n, k, device):
     w, b, sb = grouped_weights(len(sizes), n, k, device, scale_layout)
     out = empty_out(total, n, device=device)
     dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)
+    assert_segments_close(out, ranges, x, a, sa, w, b, sb)
+
+
+def assert_segments_close(out, ranges, x, a, sa, w, b, sb):
+    """Each group's rows {g: (first, end)} of a contiguous grouped GEMM against the oracle, and all
+    of them together against the bf16 product."""
     pairs = []
     for g, (lo, hi) in ranges.items():
         if hi > lo:
@@ -275,6 +281,69 @@ def test_m_grouped_contiguous_matches_oracle_function(backend):
     valid = (m_indices >= 0) & (m_indices < 2)
     # Both sides round to bf16 (2^-8 relative each): calc_diff <= (2^-7)^2 / 2.
     assert calc_diff(out[valid], expected[valid]) < 2**-15
+
+
+def psum_layout(sizes, device, tail: int = 40):
+    """DeepGEMM's psum layout for groups of `sizes` rows: each group starts at the previous end
+    rounded up to 128; returns (ends int32 [G], {g: (first, end)}, total rows with `tail` rows past
+    the last group's 128-aligned end, which belong to no group either)."""
+    ends, ranges, end = [], {}, 0
+    for g, size in enumerate(sizes):
+        first = -(-end // 128) * 128
+        end = first + size
+        ends.append(end)
+        ranges[g] = (first, end)
+    return torch.tensor(ends, dtype=torch.int32, device=device), ranges, -(-end // 128) * 128 + tail
+
+
+def test_psum_to_m_indices():
+    """The oracle's reading of the psum layout, by hand: [37, 0, 130, 0] -> rows 0..36 group 0,
+    37..127 none, group 1 empty, 128..257 group 2, the rest none (group 3 empty too)."""
+    ends, ranges, total = psum_layout([37, 0, 130, 0], "cpu")
+    assert ends.tolist() == [37, 128, 258, 384] and total == 424
+    expected = torch.full((total,), -1, dtype=torch.int32)
+    expected[:37], expected[128:258] = 0, 2
+    assert torch.equal(ref.psum_to_m_indices(ends, total), expected)
+    assert ranges[1] == (128, 128) and ranges[3] == (384, 384)
+
+
+@pytest.mark.parametrize("zero_pad", [False, True], ids=["as_is", "zero_padding"])
+def test_m_grouped_contiguous_psum_layout(backend, zero_pad):
+    """DeepGEMM's psum layout (DeepEP v2's receive layout): [G] cumulative ends read on the device,
+    gaps between groups and the tail poisoned; each group against the oracle; the rows of no group
+    hold zeros with ensure_zero_padding (else they are unspecified: Triton leaves them as they were,
+    -inf here, where a row computed from the poison would be NaN)."""
+    name, device = backend
+    sizes = [7, 0, 130, 1]
+    ends, ranges, total = psum_layout(sizes, device)
+    owner = ref.psum_to_m_indices(ends, total)
+    x, a, sa = quantized_pair(total, K, device, per_block=False, scale_layout="row")
+    poison_rows(a, sa, owner == -1)
+    w, b, sb = grouped_weights(len(sizes), 144, K, device, "tma")
+    out = torch.full((total, 144), float("-inf"), dtype=torch.bfloat16, device=device)
+    dskernels.m_grouped_fp8_gemm_nt_contiguous((a, sa), (b, sb), out, ends, use_psum_layout=True,
+                                               ensure_zero_padding=zero_pad, expected_m_for_psum_layout=64)
+    assert_segments_close(out, ranges, x, a, sa, w, b, sb)
+    if zero_pad:
+        assert not out[owner == -1].any()
+    elif name == "triton":  # rows of no group are not written
+        assert (out[owner == -1] == float("-inf")).all()
+
+
+def test_psum_options_are_checked():
+    g = _grouped_args()
+    lhs, rhs = (g["a"], g["sa"]), (g["b"], g["sb"])
+    ends = torch.tensor([4, 4, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^m_indices: expected shape \(3,\) \(use_psum_layout"):
+        dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, g["out"], ends[:2], use_psum_layout=True)
+    with pytest.raises(ValueError, match="^expected_m_for_psum_layout: only with use_psum_layout=True"):
+        dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, g["out"], torch.zeros(4, dtype=torch.int32),
+                                                   expected_m_for_psum_layout=4)
+    with pytest.raises(ValueError, match="^expected_m_for_psum_layout: expected a positive"):
+        dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, g["out"], ends, use_psum_layout=True,
+                                                   expected_m_for_psum_layout=0)
+    with pytest.raises(TypeError, match="^use_psum_layout: expected a bool"):
+        dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, g["out"], ends, use_psum_layout=1)
 
 
 # ---- masked grouped ----
@@ -482,6 +551,9 @@ def _op_samples():
          (a, sa, b, sb, torch.zeros(9, 20, dtype=torch.bfloat16), m_indices)),
         (torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked,
          (a3, sa3, b, sb, torch.zeros(3, 7, 20, dtype=torch.bfloat16), masked_m, 4)),
+        (torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,  # psum: group 0 rows 0..4, 1 and 2
+         (a, sa, b, sb, torch.zeros(9, 20, dtype=torch.bfloat16),  # empty (from row 128), rows 5..8 none
+          torch.tensor([5, 128, 128], dtype=torch.int32), True, True, 4)),
     ]
 
 
@@ -491,9 +563,13 @@ def test_opcheck():
 
 
 def test_mutations_follow_schema(backend):
-    """Only `out` (the schema's Tensor(a!)) changes; the other arguments keep their bits."""
-    _, device = backend
-    for op, args in _op_samples():
+    assert_only_output_changes(_op_samples(), 4, backend[1])
+
+
+def assert_only_output_changes(samples, out_index, device):
+    """Only the output (the schema's Tensor(a!), argument out_index) changes; the other arguments
+    keep their bits (fp8 compared as bytes)."""
+    for op, args in samples:
         args = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in args)
         before = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
         op(*args)
@@ -502,7 +578,7 @@ def test_mutations_follow_schema(backend):
                 continue
             same = torch.equal(old.view(torch.uint8) if old.dtype == torch.float8_e4m3fn else old,
                                new.view(torch.uint8) if new.dtype == torch.float8_e4m3fn else new)
-            assert same == (i != 4), f"{op}: argument {i} {'unchanged' if same else 'changed'}"
+            assert same == (i != out_index), f"{op}: argument {i} {'unchanged' if same else 'changed'}"
 
 
 def test_torch_compile_fullgraph():

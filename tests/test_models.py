@@ -430,6 +430,32 @@ def _power_of_two_scales(layer) -> bool:
     return bool(scales) and all(torch.equal(s, python_ref.fp8.ceil_to_power_of_two(s)) for s in scales)
 
 
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_bf16_experts_masked_layout_computes_the_valid_rows(backend):
+    """The low-latency (masked) layout with bf16 expert weights goes through
+    m_grouped_bf16_gemm_nt_masked: the rows below each expert's count equal the float computation
+    on the same weights, within bf16 rounding (h and the activation are bf16: 2^-8 relative each);
+    rows past the counts (NaN here) are never read."""
+    from dskernels.models.moe import Experts
+
+    torch.manual_seed(5)
+    experts = Experts(3, 64, 32, dtype=torch.bfloat16)
+    experts.gate_up_proj.copy_(torch.randn(3, 64, 64) * 0.2)
+    experts.down_proj.copy_(torch.randn(3, 64, 32) * 0.2)
+    x = torch.randn(3, 5, 64).bfloat16()
+    counts = torch.tensor([2, 0, 5], dtype=torch.int32)
+    for g, rows in enumerate(counts.tolist()):
+        x[g, rows:] = float("nan")
+    if backend == "triton" and "triton" not in dskernels.available_backends():
+        pytest.skip("no Triton here")
+    with dskernels.backend(backend):
+        got = experts.forward_masked(x, counts, 4, torch.float32)
+    gate, up = (x.float() @ experts.gate_up_proj.float().transpose(1, 2)).split(32, dim=-1)
+    expected = (torch.nn.functional.silu(gate) * up) @ experts.down_proj.float().transpose(1, 2)
+    for g, rows in enumerate(counts.tolist()):
+        torch.testing.assert_close(got[g, :rows], expected[g, :rows], atol=2e-2, rtol=2e-2)
+
+
 def test_ue8m0_scale_format(monkeypatch):
     """DeepSeek-V3.1's checkpoints ("scale_fmt": "ue8m0"): every cast of the layer, on load and in the
     forward, takes power-of-two scales (round_scale), every weight scale is a power of two, and the

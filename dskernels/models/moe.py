@@ -164,11 +164,14 @@ class Experts(nn.Module):
     def forward_masked(self, x, counts: torch.Tensor, expected_m: int, out_dtype: torch.dtype) -> torch.Tensor:
         """The low-latency layout: x [L, M, H] (or an FP8 (x, scales [L, M, H/128]) pair), expert l's
         tokens in rows [0, counts[l]) -> unweighted expert outputs [L, M, H] in out_dtype (rows past
-        counts unspecified). FP8: `m_grouped_gemm_fp8_fp8_bf16_nt_masked` (counts stay on the device);
-        float: a batched matmul over all M rows."""
+        counts unspecified). Counts stay on the device. FP8: `m_grouped_gemm_fp8_fp8_bf16_nt_masked`;
+        bf16: `m_grouped_bf16_gemm_nt_masked` (the valid rows only); other float weights: a batched
+        matmul over all M rows."""
+        if not self.is_fp8 and isinstance(x, tuple):
+            raise TypeError("x: FP8 activations need FP8 expert weights")
+        if self.gate_up_proj.dtype == torch.bfloat16:
+            return self._masked_bf16(x.to(torch.bfloat16), counts, expected_m).to(out_dtype)
         if not self.is_fp8:
-            if isinstance(x, tuple):
-                raise TypeError("x: FP8 activations need FP8 expert weights")
             h = torch.bmm(x.to(self.gate_up_proj.dtype), self.gate_up_proj.transpose(1, 2))
             gate, up = h.split(self.intermediate, dim=-1)
             return torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2)).to(out_dtype)
@@ -183,6 +186,15 @@ class Experts(nn.Module):
         dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(act, (self.down_proj, self.down_proj_scale_inv), y, counts,
                                                         expected_m)
         return y.to(out_dtype)
+
+    def _masked_bf16(self, x: torch.Tensor, counts: torch.Tensor, expected_m: int) -> torch.Tensor:
+        experts, rows, _ = x.shape
+        h = torch.empty(experts, rows, 2 * self.intermediate, dtype=torch.bfloat16, device=x.device)
+        dskernels.m_grouped_bf16_gemm_nt_masked(x, self.gate_up_proj, h, counts, expected_m)
+        gate, up = h.split(self.intermediate, dim=-1)
+        y = torch.empty(experts, rows, self.hidden, dtype=torch.bfloat16, device=x.device)
+        dskernels.m_grouped_bf16_gemm_nt_masked(F.silu(gate) * up, self.down_proj, y, counts, expected_m)
+        return y
 
     def _cast3d(self, x: torch.Tensor):
         experts, rows, k = x.shape

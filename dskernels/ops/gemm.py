@@ -274,11 +274,45 @@ def _k_grouped(a, sa, b, sb, out, ks, ks_tensor, c, *, k_major: bool, sizes_name
 
 
 def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, out, m_indices, recipe=None, compiled_dims="nk",
-                                     disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None) -> None:
+                                     disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None,
+                                     use_psum_layout=False, ensure_zero_padding=False,
+                                     expected_m_for_psum_layout=None) -> None:
     """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_contiguous: the same arguments,
-    plus DeepGEMM's trailing options (block-scaled b only)."""
+    plus DeepGEMM's trailing options (block-scaled b only) and its psum layout:
+
+    Args:
+        m_indices: DeepGEMM's grouped_layout: one group id per row ([M] int32, -1 for none), or
+            with use_psum_layout=True one cumulative row end per group ([G] int32, read on the
+            device): group g owns rows align(ends[g - 1], 128) .. ends[g] - 1 (group 0 from row 0),
+            the rows between a group's end and the next 128-aligned start, and any past the last
+            end, belong to none (DeepEP v2's receive layout; python_ref.gemm.psum_to_m_indices).
+        ensure_zero_padding: write zeros into the rows of no group (else they are left unspecified).
+        expected_m_for_psum_layout: rows per group to tune for (psum layout only; a hint).
+    """
     _deepgemm_options(recipe, recipe_a=recipe_a, recipe_b=recipe_b)
-    m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(lhs, rhs, out, m_indices)
+    expected_m = psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout)
+    a, sa = _unpack("lhs", lhs)
+    b, sb = _unpack("rhs", rhs)
+    torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout,
+                                                                  ensure_zero_padding, expected_m)
+
+
+def psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout) -> int:
+    """Checks DeepGEMM's contiguous-layout options; returns the op's expected_m hint (0: none)."""
+    for name, flag in (("use_psum_layout", use_psum_layout), ("ensure_zero_padding", ensure_zero_padding)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    if expected_m_for_psum_layout is None:
+        return 0
+    if not use_psum_layout:
+        raise ValueError("expected_m_for_psum_layout: only with use_psum_layout=True (DeepGEMM's rule), got "
+                         f"{expected_m_for_psum_layout!r} with the per-row layout")
+    if isinstance(expected_m_for_psum_layout, bool) or not isinstance(expected_m_for_psum_layout, (int, torch.SymInt)):
+        raise TypeError(f"expected_m_for_psum_layout: expected a python int, got "
+                        f"{type(expected_m_for_psum_layout).__name__}")
+    if expected_m_for_psum_layout < 1:
+        raise ValueError(f"expected_m_for_psum_layout: expected a positive row count, got {expected_m_for_psum_layout}")
+    return expected_m_for_psum_layout
 
 
 def m_grouped_fp8_gemm_nt_masked(lhs, rhs, out, masked_m, expected_m, recipe=None, compiled_dims="nk",
@@ -418,10 +452,19 @@ def _check_general(a, sa, b, sb, out, overlap: bool = True) -> bool:
     return n > 1 and tuple(sb.shape) == (n, k // GROUP_SIZE)
 
 
-def _check_contiguous(a, sa, b, sb, out, m_indices):
-    _, m, _, _ = _check_operands(a, sa, b, sb, out, grouped_a=False, grouped_b=True)
-    check_tensor("m_indices", m_indices, ndim=1, dtypes=(torch.int32,), device=a.device)
-    _check_shape("m_indices", m_indices, (m,), "one group id per row of a")
+def _check_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout=False, expected_m=0):
+    groups, m, _, _ = _check_operands(a, sa, b, sb, out, grouped_a=False, grouped_b=True)
+    check_grouped_layout("m_indices", m_indices, a.device, m, groups, use_psum_layout, expected_m)
+
+
+def check_grouped_layout(name: str, layout, device, m: int, groups: int, use_psum_layout: bool, expected_m) -> None:
+    """A contiguous grouped GEMM's layout: [m] group ids, or (psum) [G] cumulative row ends."""
+    check_tensor(name, layout, ndim=1, dtypes=(torch.int32,), device=device)
+    if use_psum_layout:
+        _check_shape(name, layout, (groups,), "use_psum_layout: one cumulative row end per group")
+    else:
+        _check_shape(name, layout, (m,), "one group id per row of a")
+    _check_expected_m(expected_m)
 
 
 def _check_masked(a, sa, b, sb, out, masked_m, expected_m):
@@ -582,18 +625,23 @@ def _fp8_gemm_nt(a, sa, b, sb, out, accumulate):
 
 @torch.library.register_kernel("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", ("cpu", "cuda"))
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
-def _m_grouped_contiguous(a, sa, b, sb, out, m_indices):
-    _check_contiguous(a, sa, b, sb, out, m_indices)
+def _m_grouped_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout=False, ensure_zero_padding=False,
+                          expected_m=0):
+    _check_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout, expected_m)
     chosen = _backend("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", a.device)
-    if chosen == "ref":
-        out.copy_(ref.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, m_indices))
-        return
-    if chosen == "cuda":
-        _run_cuda("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", a, sa, b, sb, out, m_indices)
-        return
-    from dskernels.triton import gemm as triton_gemm
+    if chosen == "triton":  # reads either layout itself
+        from dskernels.triton import gemm as triton_gemm
 
-    triton_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, out, m_indices)
+        triton_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout,
+                                                              ensure_zero_padding, expected_m)
+        return
+    rows = ref.psum_to_m_indices(m_indices, a.shape[0]) if use_psum_layout else m_indices
+    if chosen == "ref":  # rows of no group come back as zeros
+        out.copy_(ref.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, rows))
+        return
+    _run_cuda("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", a, sa, b, sb, out, rows)
+    if ensure_zero_padding:
+        out.masked_fill_(((rows < 0) | (rows >= b.shape[0]))[:, None], 0)
 
 
 @torch.library.register_kernel("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_masked", ("cpu", "cuda"))
@@ -623,8 +671,9 @@ def _fp8_gemm_nt_fake(a, sa, b, sb, out, accumulate):
 
 
 @torch.library.register_fake("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_contiguous")
-def _m_grouped_contiguous_fake(a, sa, b, sb, out, m_indices):
-    _check_contiguous(a, sa, b, sb, out, m_indices)
+def _m_grouped_contiguous_fake(a, sa, b, sb, out, m_indices, use_psum_layout=False, ensure_zero_padding=False,
+                               expected_m=0):
+    _check_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout, expected_m)
 
 
 @torch.library.register_fake("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_masked")

@@ -14,8 +14,13 @@ Three kernels share that K loop (`_scaled_tile`):
   the device and walks the runs of equal group ids inside its tile (one run per tile in
   DeepGEMM's 128-aligned layout, a few at the edges of unaligned segments); runs of -1 (or of an id
   outside [0, G)) do no work. No host sync, no precomputed map to launch;
+  DeepGEMM's psum layout (one cumulative row end per group, groups starting at multiples of 128)
+  is read the same way: each tile finds its group among the G ends;
 - masked grouped: a (tiles, G) grid; each program reads masked_m[g] on the device and does no
   K-loop work when its tile starts at or beyond it. CUDA-graph safe.
+
+The grouped kernels also run DeepGEMM's bf16 GEMMs (SCALED=False): the same grids and group
+logic around a plain bf16 dot with one fp32 accumulator (`_dot_tile`, any k).
 
 Every tensor is addressed through its strides, so scales may be row-major (our casts) or
 DeepGEMM's column-major TMA-aligned layout, and a, b, out may be strided views.
@@ -131,6 +136,46 @@ def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blo
 
 
 @triton.jit
+def _dot_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, k, stride_am, stride_ak, stride_bn, stride_bk,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRETED: tl.constexpr):
+    """a[rows, :k] @ b[cols, :k].T in fp32 for 16-bit operands (the bf16 GEMMs): one accumulator
+    for the whole K loop (no scales to promote by), any k (columns past it load as zeros).
+    INTERPRETED: Triton's interpreter, whose tl.dot reads bf16 operands as garbage (3.8: products
+    off by 1e10); the operands widen exactly to fp32 for an IEEE fp32 dot there."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + cols[None, :].to(tl.int64) * stride_bn + ks[:, None] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & (ks[None, :] < k - k0), other=0.0)
+        b = tl.load(b_ptrs, mask=col_ok[None, :] & (ks[:, None] < k - k0), other=0.0)
+        if INTERPRETED:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _psum_groups(ends_ptr, rows, first_row, groups, stride_ends, BLOCK_G: tl.constexpr):
+    """The group of each row in DeepGEMM's psum layout, -1 for rows in no group: group g owns rows
+    align(ends[g - 1], 128) .. ends[g] - 1 (ends cumulative, read on the device). Every group starts
+    at a multiple of 128 and a tile of rows at a multiple of BLOCK_M, which divides 128: the tile's
+    rows all lie between two group starts, in the group of its first row (the last group starting
+    at or before it: empty groups share their start with the next one)."""
+    offs_g = tl.arange(0, BLOCK_G)
+    in_range = offs_g < groups
+    ends = tl.load(ends_ptr + offs_g * stride_ends, mask=in_range, other=0)
+    prev_ends = tl.maximum(tl.load(ends_ptr + (offs_g - 1) * stride_ends, mask=in_range & (offs_g > 0), other=0), 0)
+    starts = (prev_ends + 127) // 128 * 128
+    group = tl.max(tl.where(in_range & (starts <= first_row), offs_g, 0))
+    end = tl.sum(tl.where(offs_g == group, ends, 0))
+    return tl.where(rows < end, group, -1)
+
+
+@triton.jit
 def _store_bf16(out_ptr, acc, rows, cols, mask, stride_om, stride_on, ROUND_BF16: tl.constexpr):
     _store(out_ptr, acc, rows, cols, mask, stride_om, stride_on, ROUND_BF16, False, False)
 
@@ -166,12 +211,15 @@ def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
 
 
 @triton.jit
-def _contiguous_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, idx_ptr, m, n, k_blocks, groups,
+def _contiguous_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, idx_ptr, m, n, k, k_blocks, groups,
                        stride_am, stride_ak, stride_sam, stride_sak,
                        stride_bg, stride_bn, stride_bk, stride_sbg, stride_sbn, stride_sbk,
                        stride_om, stride_on, stride_idx, m_bucket,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr):
+                       GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr,
+                       SCALED: tl.constexpr, PSUM: tl.constexpr, ZERO_PAD: tl.constexpr, BLOCK_G: tl.constexpr):
+    """SCALED: FP8 with scales (_scaled_tile), else bf16 (_dot_tile). idx: one group id per row,
+    or (PSUM) the groups' cumulative row ends (_psum_groups). ZERO_PAD: rows in no group get zeros."""
     num_pid_m = tl.cdiv(m, BLOCK_M)
     num_pid_n = tl.cdiv(n, BLOCK_N)
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
@@ -179,30 +227,43 @@ def _contiguous_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, idx_ptr, m, n, k_b
     rows = pid_m * BLOCK_M + offs
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n
-    group_of_row = tl.load(idx_ptr + rows.to(tl.int64) * stride_idx, mask=rows < m, other=-1)
+    if PSUM:
+        tl.static_assert(128 % BLOCK_M == 0)  # a tile never straddles a group start
+        group_of_row = _psum_groups(idx_ptr, rows, pid_m * BLOCK_M, groups, stride_idx, BLOCK_G)
+    else:
+        group_of_row = tl.load(idx_ptr + rows.to(tl.int64) * stride_idx, mask=rows < m, other=-1)
     # Walk the runs of equal group ids in this tile; rows of one run share one b[g].
     start = pid_m * 0
     while start < BLOCK_M:
         group = tl.sum(tl.where(offs == start, group_of_row, 0))
         end = tl.min(tl.where((offs > start) & (group_of_row != group), offs, BLOCK_M))
         valid = (group >= 0) & (group < groups)
-        run = (offs >= start) & (offs < end) & (rows < m) & valid
+        in_run = (offs >= start) & (offs < end) & (rows < m)
+        run = in_run & valid
         safe_group = tl.where(valid, group, 0).to(tl.int64)
-        acc = _scaled_tile(a_ptr, sa_ptr, b_ptr + safe_group * stride_bg, sb_ptr + safe_group * stride_sbg,
-                           rows, cols, run, col_ok, tl.where(valid, k_blocks, 0),
-                           stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
-                           stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, False)
-        _store_bf16(out_ptr, acc, rows, cols, run[:, None] & col_ok[None, :], stride_om, stride_on, ROUND_BF16)
+        if SCALED:
+            acc = _scaled_tile(a_ptr, sa_ptr, b_ptr + safe_group * stride_bg, sb_ptr + safe_group * stride_sbg,
+                               rows, cols, run, col_ok, tl.where(valid, k_blocks, 0),
+                               stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
+                               stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, False)
+        else:
+            acc = _dot_tile(a_ptr, b_ptr + safe_group * stride_bg, rows, cols, run, col_ok, tl.where(valid, k, 0),
+                            stride_am, stride_ak, stride_bn, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K,
+                            ROUND_BF16)  # ROUND_BF16: the interpreter
+        # A run in no group did no K-loop work: its acc is zeros, stored when ZERO_PAD asks for them.
+        stored = in_run if ZERO_PAD else run
+        _store_bf16(out_ptr, acc, rows, cols, stored[:, None] & col_ok[None, :], stride_om, stride_on, ROUND_BF16)
         start = end
 
 
 @triton.jit
-def _masked_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, masked_m_ptr, m_max, n, k_blocks,
+def _masked_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, masked_m_ptr, m_max, n, k, k_blocks,
                    stride_ag, stride_am, stride_ak, stride_sag, stride_sam, stride_sak,
                    stride_bg, stride_bn, stride_bk, stride_sbg, stride_sbn, stride_sbk,
                    stride_og, stride_om, stride_on, stride_mm, m_bucket,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr):
+                   GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr,
+                   SCALED: tl.constexpr):
     group = tl.program_id(1).to(tl.int64)
     num_pid_m = tl.cdiv(m_max, BLOCK_M)
     num_pid_n = tl.cdiv(n, BLOCK_N)
@@ -214,10 +275,15 @@ def _masked_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, masked_m_ptr, m_max, n
     col_ok = cols < n
     # Tiles past masked_m[g] run no K block (no early return: one code path for every Triton).
     active = pid_m * BLOCK_M < rows_here
-    acc = _scaled_tile(a_ptr + group * stride_ag, sa_ptr + group * stride_sag, b_ptr + group * stride_bg,
-                       sb_ptr + group * stride_sbg, rows, cols, row_ok, col_ok, tl.where(active, k_blocks, 0),
-                       stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
-                       stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, False)
+    if SCALED:
+        acc = _scaled_tile(a_ptr + group * stride_ag, sa_ptr + group * stride_sag, b_ptr + group * stride_bg,
+                           sb_ptr + group * stride_sbg, rows, cols, row_ok, col_ok, tl.where(active, k_blocks, 0),
+                           stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
+                           stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, False)
+    else:
+        acc = _dot_tile(a_ptr + group * stride_ag, b_ptr + group * stride_bg, rows, cols, row_ok, col_ok,
+                        tl.where(active, k, 0), stride_am, stride_ak, stride_bn, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K,
+                        ROUND_BF16)  # ROUND_BF16: the interpreter
     _store_bf16(out_ptr + group * stride_og, acc, rows, cols, row_ok[:, None] & col_ok[None, :],
                 stride_om, stride_on, ROUND_BF16)
 
@@ -229,8 +295,9 @@ def _k_grouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, ks_ptr, m, n, group
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr,
                       SB_PER_ROW: tl.constexpr, OUT_FP32: tl.constexpr, ACCUMULATE: tl.constexpr,
-                      K_MAJOR: tl.constexpr, BLOCK_G: tl.constexpr):
+                      K_MAJOR: tl.constexpr, BLOCK_G: tl.constexpr, SCALED: tl.constexpr):
     """out[g] (+)= A_g @ B_g.T over group g's own k_g = ks[g] tokens; grid (tiles of [m, n], groups).
+    SCALED: FP8 with 1x128 scales; else bf16 (token-major only, the scale arguments unread).
 
     Group g starts at token sum(ks[:g]) and at scale row sum(ceil(ks[:g] / 128)), both summed here
     from ks on the device. K_MAJOR: A_g is [m, k_g'] row-major at a + m * start, k_g' = k_g rounded
@@ -263,10 +330,14 @@ def _k_grouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, ks_ptr, m, n, group
     else:  # unit stride along m (and n), known here: contiguous tiles, wide loads
         a_group, a_row, a_tok = a_ptr + start * stride_at, 1, stride_at
         b_group, b_row, b_tok = b_ptr + start * stride_bt, 1, stride_bt
-    acc = _scaled_tile(a_group, sa_ptr + first_block * stride_sab, b_group, sb_ptr + first_block * stride_sbb,
-                       rows, cols, row_ok, col_ok, blocks, a_row, a_tok, stride_sam, stride_sab,
-                       b_row, b_tok, stride_sbn, stride_sbb, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, True,
-                       k_here, True)
+    if SCALED:
+        acc = _scaled_tile(a_group, sa_ptr + first_block * stride_sab, b_group, sb_ptr + first_block * stride_sbb,
+                           rows, cols, row_ok, col_ok, blocks, a_row, a_tok, stride_sam, stride_sab,
+                           b_row, b_tok, stride_sbn, stride_sbb, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, True,
+                           k_here, True)
+    else:
+        acc = _dot_tile(a_group, b_group, rows, cols, row_ok, col_ok, k_here, a_row, a_tok, b_row, b_tok,
+                        BLOCK_M, BLOCK_N, BLOCK_K, ROUND_BF16)  # ROUND_BF16: the interpreter
     _store(out_ptr + group.to(tl.int64) * stride_og, acc, rows, cols, row_ok[:, None] & col_ok[None, :],
            stride_om, stride_on, ROUND_BF16, OUT_FP32, ACCUMULATE)
 
@@ -295,8 +366,34 @@ def _gpu_configs(max_block_m: int, sb_per_row: bool = False) -> list[triton.Conf
             for bm, bn, stages, warps in shapes if bm <= max_block_m and not (sb_per_row and bm == bn == 128)]
 
 
-def _heuristic_config(m_hint: int, n: int, sb_per_row: bool = False) -> dict:  # noqa: ARG001  (n: for later rules)
-    """Without autotuning (DSKERNELS_GEMM_AUTOTUNE=0): small-M decode shapes get 64-row tiles."""
+# The bf16 kernels whose code around the dot holds more live values (the contiguous kernel's run
+# walk, the K-grouped kernel's group sums and fp32 accumulate-store): 128 accumulator registers per
+# thread spill there (80-330 bytes), 64 do not (ptxas sm_90a through Triton 3.8, 2026-12-04).
+_BF16_LEAN_KERNELS = ("_contiguous_kernel", "_k_grouped_kernel")
+
+
+def _bf16_gpu_configs(max_block_m: int, lean: bool = False) -> list[triton.Config]:
+    """Candidate tiles of the bf16 grouped GEMMs (BLOCK_K 64: 128 bytes of a row, one swizzle span).
+    One fp32 accumulator (no per-block product tile as in FP8), so the masked kernel fits 128 x 256
+    in 8 warps (128 registers of it per thread); lean: at most 64 per thread (_BF16_LEAN_KERNELS)."""
+    shapes = [(128, 256, 3, 8), (128, 128, 4, 8), (128, 128, 4, 4), (64, 256, 4, 8), (64, 128, 4, 4),
+              (128, 64, 4, 4), (64, 64, 5, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=stages,
+                          num_warps=warps)
+            for bm, bn, stages, warps in shapes
+            if bm <= max_block_m and not (lean and bm * bn > 64 * 32 * warps)]
+
+
+def _heuristic_config(m_hint: int, n: int, sb_per_row: bool = False, scaled: bool = True,  # noqa: ARG001
+                      lean: bool = False) -> dict:
+    """Without autotuning (DSKERNELS_GEMM_AUTOTUNE=0): small-M decode shapes get 64-row tiles.
+    (n: for later rules; scaled=False: the bf16 kernels, lean as in _bf16_gpu_configs.)"""
+    if not scaled:
+        if m_hint <= 64:
+            return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_stages=4, num_warps=4)
+        if lean:
+            return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_stages=4, num_warps=8)
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_stages=3, num_warps=8)
     if m_hint <= 64:
         return dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_stages=4, num_warps=4)
     if sb_per_row:  # 128 x 128 spills there (_gpu_configs)
@@ -309,14 +406,17 @@ def _autotune_enabled() -> bool:
 
 
 @functools.cache
-def _tuned(kernel_name: str, max_block_m: int, accumulate: bool = False, sb_per_row: bool = False):
+def _tuned(kernel_name: str, max_block_m: int, accumulate: bool = False, sb_per_row: bool = False,
+           scaled: bool = True):
     kernel = globals()[kernel_name]
     # Keyed on the M bucket (next power of two, capped), so new batch sizes rarely retune; the dense
     # kernel's variants (names not in a kernel's arguments are left out of its key) tune apart.
-    key = ["m_bucket", "n", "k_blocks", "SB_PER_ROW", "OUT_FP32", "ACCUMULATE", "K_MAJOR"]
+    key = ["m_bucket", "n", "k_blocks", "SB_PER_ROW", "OUT_FP32", "ACCUMULATE", "K_MAJOR", "PSUM"]
     # A kernel that adds to out runs once per candidate while tuning: out is put back after each.
     restore = ["out_ptr"] if accumulate else None
-    return triton.autotune(configs=_gpu_configs(max_block_m, sb_per_row), key=key, restore_value=restore)(kernel)
+    configs = (_gpu_configs(max_block_m, sb_per_row) if scaled
+               else _bf16_gpu_configs(max_block_m, kernel_name in _BF16_LEAN_KERNELS))
+    return triton.autotune(configs=configs, key=key, restore_value=restore)(kernel)
 
 
 def _m_bucket(m: int) -> int:
@@ -332,18 +432,22 @@ def _operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_dot: bool,
             max_block_m: int = 256, **variant) -> None:
-    """variant: the dense and K-grouped kernels' SB_PER_ROW, OUT_FP32 and ACCUMULATE flags (and
-    the K-grouped kernel's own)."""
+    """variant: the kernels' compile-time switches (SCALED: FP8 with scales, BLOCK_K 128, the
+    default; False: bf16, BLOCK_K from the config; the dense and K-grouped kernels' SB_PER_ROW,
+    OUT_FP32 and ACCUMULATE; the grouped kernels' own)."""
     kernel = globals()[kernel_name]
-    fixed = dict(BLOCK_K=GROUP_SIZE, ROUND_BF16=_interpret(), FP8_DOT=fp8_dot, **variant)
+    scaled = variant.get("SCALED", True)  # passed on only by the kernels that have the switch
+    fixed = dict(ROUND_BF16=_interpret(), FP8_DOT=fp8_dot, **variant)
+    if scaled:
+        fixed["BLOCK_K"] = GROUP_SIZE
     sb_per_row = variant.get("SB_PER_ROW", False)
     if _interpret():
-        meta = dict(_INTERPRETER_CONFIG, **fixed)
+        meta = dict(_INTERPRETER_CONFIG, **({} if scaled else {"BLOCK_K": 32}), **fixed)
         kernel[grid_fn(meta)](*args, **meta)
     elif _autotune_enabled():
-        _tuned(kernel_name, max_block_m, variant.get("ACCUMULATE", False), sb_per_row)[grid_fn](*args, **fixed)
+        _tuned(kernel_name, max_block_m, variant.get("ACCUMULATE", False), sb_per_row, scaled)[grid_fn](*args, **fixed)
     else:
-        meta = dict(_heuristic_config(m_hint, n, sb_per_row), **fixed)
+        meta = dict(_heuristic_config(m_hint, n, sb_per_row, scaled, kernel_name in _BF16_LEAN_KERNELS), **fixed)
         meta["BLOCK_M"] = min(meta["BLOCK_M"], max_block_m)
         kernel[grid_fn(meta)](*args, **meta)
 
@@ -375,7 +479,19 @@ def fp8_gemm_nt(a, sa, b, sb, out, accumulate: bool) -> None:
             OUT_FP32=out.dtype == torch.float32, ACCUMULATE=accumulate)
 
 
-def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, out, m_indices) -> None:
+def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, out, m_indices, psum: bool = False,
+                                              zero_pad: bool = False, m_hint: int = 0) -> None:
+    """m_indices: one group id per row, or (psum) the groups' cumulative row ends; m_hint: the
+    expected rows per group (0: unknown, the whole M)."""
+    _contiguous(a, sa, b, sb, out, m_indices, psum, zero_pad, m_hint, scaled=True)
+
+
+def m_grouped_bf16_gemm_contiguous(a, b, out, grouped_layout, psum: bool, zero_pad: bool, m_hint: int) -> None:
+    """out[i] = a[i] @ b[g].T for the rows i of group g (bf16 operands, b [G, n, k] any strides)."""
+    _contiguous(a, None, b, None, out, grouped_layout, psum, zero_pad, m_hint, scaled=False)
+
+
+def _contiguous(a, sa, b, sb, out, layout, psum: bool, zero_pad: bool, m_hint: int, *, scaled: bool) -> None:
     m, k = a.shape
     groups, n, _ = b.shape
     if m == 0 or n == 0:
@@ -383,15 +499,31 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, out, m_indices) -> N
     if k == 0:
         out.zero_()
         return
-    a_op, b_op, fp8_dot = _operands(a, b)
-    args = (a_op, sa, b_op, sb, out, m_indices, m, n, k // GROUP_SIZE, groups,
-            *a.stride(), *sa.stride(), *b.stride(), *sb.stride(), *out.stride(), m_indices.stride(0), _m_bucket(m))
+    if scaled:
+        a_op, b_op, fp8_dot = _operands(a, b)
+        scale_args = (sa, sb, *sa.stride(), *sb.stride())
+    else:
+        a_op, b_op, fp8_dot = a, b, False
+        scale_args = (a, a, 0, 0, 0, 0, 0)  # unread
+    sa_op, sb_op, stride_sam, stride_sak, *stride_sb = scale_args
+    args = (a_op, sa_op, b_op, sb_op, out, layout, m, n, k, k // GROUP_SIZE, groups,
+            *a.stride(), stride_sam, stride_sak, *b.stride(), *stride_sb, *out.stride(), layout.stride(0),
+            _m_bucket(m_hint if m_hint > 0 else m))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    # At most 128 rows per tile: in DeepGEMM's 128-aligned layout every tile then holds one group.
-    _launch("_contiguous_kernel", grid, args, m, n, fp8_dot=fp8_dot, max_block_m=128)
+    # At most 128 rows per tile: in DeepGEMM's 128-aligned layouts every tile then holds one group.
+    _launch("_contiguous_kernel", grid, args, m_hint if m_hint > 0 else m, n, fp8_dot=fp8_dot, max_block_m=128,
+            SCALED=scaled, PSUM=psum, ZERO_PAD=zero_pad, BLOCK_G=triton.next_power_of_2(max(groups, 1)) if psum else 1)
 
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m: int) -> None:
+    _masked(a, sa, b, sb, out, masked_m, expected_m, scaled=True)
+
+
+def m_grouped_bf16_gemm_masked(a, b, out, masked_m, expected_m: int) -> None:
+    _masked(a, None, b, None, out, masked_m, expected_m, scaled=False)
+
+
+def _masked(a, sa, b, sb, out, masked_m, expected_m: int, *, scaled: bool) -> None:
     groups, m_max, k = a.shape
     n = b.shape[1]
     if groups == 0 or m_max == 0 or n == 0:
@@ -400,12 +532,17 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_
         out.zero_()
         return
     m_hint = max(1, min(expected_m, m_max))  # the tuning hint, as in DeepGEMM
-    a_op, b_op, fp8_dot = _operands(a, b)
-    args = (a_op, sa, b_op, sb, out, masked_m, m_max, n, k // GROUP_SIZE,
-            *a.stride(), *sa.stride(), *b.stride(), *sb.stride(), *out.stride(), masked_m.stride(0),
+    if scaled:
+        a_op, b_op, fp8_dot = _operands(a, b)
+        sa_args, sb_args = (sa, *sa.stride()), (sb, *sb.stride())
+    else:
+        a_op, b_op, fp8_dot = a, b, False
+        sa_args, sb_args = (a, 0, 0, 0), (a, 0, 0, 0)  # unread
+    args = (a_op, sa_args[0], b_op, sb_args[0], out, masked_m, m_max, n, k, k // GROUP_SIZE,
+            *a.stride(), *sa_args[1:], *b.stride(), *sb_args[1:], *out.stride(), masked_m.stride(0),
             _m_bucket(m_hint))
     grid = lambda meta: (triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
-    _launch("_masked_kernel", grid, args, m_hint, n, fp8_dot=fp8_dot)
+    _launch("_masked_kernel", grid, args, m_hint, n, fp8_dot=fp8_dot, SCALED=scaled)
 
 
 def k_grouped_fp8_gemm(a, sa, b, sb, out, ks: list[int], ks_tensor, k_major: bool, accumulate: bool) -> None:
@@ -438,7 +575,25 @@ def k_grouped_fp8_gemm(a, sa, b, sb, out, ks: list[int], ks_tensor, k_major: boo
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
     _launch("_k_grouped_kernel", grid, args, m, n, fp8_dot=fp8_dot, SB_PER_ROW=True,
             OUT_FP32=out.dtype == torch.float32, ACCUMULATE=accumulate, K_MAJOR=k_major,
-            BLOCK_G=triton.next_power_of_2(groups))
+            BLOCK_G=triton.next_power_of_2(groups), SCALED=True)
+
+
+def k_grouped_bf16_gemm(a, b, out, ks: list[int], ks_tensor, accumulate: bool) -> None:
+    """out[g] (bf16 or fp32) = (out[g] if accumulate else 0) + a[rows of g].T @ b[rows of g]: bf16
+    a [tokens, m] and b [tokens, n], read token-major as they are (Hopper's bf16 wgmma takes
+    MN-major tiles from shared memory: no transposing copy, unlike FP8)."""
+    groups, m, n = out.shape
+    if groups == 0 or m == 0 or n == 0:
+        return
+    a, b = (t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous() for t in (a, b))
+    total_k = sum(ks)
+    k_bucket = min(triton.next_power_of_2(max(total_k // groups // GROUP_SIZE, 1)), 64)
+    args = (a, a, b, a, out, ks_tensor, m, n, groups, total_k, 0, a.stride(0), b.stride(0), 0, 0, 0, 0,
+            *out.stride(), ks_tensor.stride(0), _m_bucket(m), k_bucket)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
+    _launch("_k_grouped_kernel", grid, args, m, n, fp8_dot=False, SB_PER_ROW=True,
+            OUT_FP32=out.dtype == torch.float32, ACCUMULATE=accumulate, K_MAJOR=False,
+            BLOCK_G=triton.next_power_of_2(groups), SCALED=False)
 
 
 def _token_major_direct(device: torch.device) -> bool:

@@ -1,0 +1,271 @@
+"""DeepGEMM's bf16 GEMMs: `bf16_gemm_{nt,nn,tn,tt}` (dense), `m_grouped_bf16_gemm_{nt,nn}_contiguous`,
+`m_grouped_bf16_gemm_nt_masked` and `k_grouped_bf16_gemm_tn_contiguous` (MoE experts in bf16 and
+their weight gradients), with DeepGEMM's arguments.
+
+The dense ones are cuBLAS's job, as in DeepGEMM (which calls cuBLASLt for them by default): they
+run torch's matmul with fp32 accumulation. The grouped ones are registered ops on the FP8 grouped
+GEMMs' Triton kernels without the scales (dskernels/triton/gemm.py), with python_ref/gemm.py as
+the oracle. Layout letters as in DeepGEMM: "n" is row-major [rows, k] for a and [n, k] for b
+(K-major), "t" its transpose. docs/gemm.md, "bf16 GEMMs".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dskernels._backend import current_backend, select_backend
+from dskernels._checks import check_no_overlap, check_tensor
+from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
+from dskernels.ops.gemm import _check_c, _check_expected_m, _check_shape, check_grouped_layout, psum_options
+from python_ref import gemm as ref
+
+BF16 = torch.bfloat16
+
+
+# ---- public functions ----
+
+def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None,
+                 compiled_dims: str = "nk") -> None:
+    """d = c + a @ b.T, summed in fp32 and rounded once to d's dtype.
+
+    Args:
+        a: [m, k] bfloat16, any strides.
+        b: [n, k] bfloat16, any strides.
+        d: [m, n] bfloat16 or float32 on a's device, overwritten.
+        c: None, d itself (accumulate in place) or an [m, n] tensor of d's dtype sharing no memory
+            with d.
+        compiled_dims: DeepGEMM's JIT hint, ignored.
+
+    On a GPU this is cuBLAS (torch.mm / addmm); on CPU, or with backend("ref"), the reference.
+    """
+    _check_dense(a, b, d)
+    _check_c(c, d, "d")
+    if d.device.type != "cuda" or current_backend() == "ref":
+        d.copy_(ref.bf16_gemm_nt(a, b, d.dtype, c))
+        return
+    if d.dtype == BF16:  # cuBLAS reads c, sums in fp32, rounds once
+        if c is None:
+            torch.mm(a, b.T, out=d)
+        elif c is d:
+            d.addmm_(a, b.T)
+        else:
+            torch.addmm(c, a, b.T, out=d)
+        return
+    product = torch.mm(a, b.T, out_dtype=torch.float32)
+    if c is None:
+        d.copy_(product)
+    else:
+        torch.add(c, product, out=d)
+
+
+def bf16_gemm_nn(a, b, d, c=None, compiled_dims: str = "nk") -> None:
+    """d = c + a @ b with b [k, n] (a [m, k]); otherwise as bf16_gemm_nt."""
+    _check_2d("b", b)
+    bf16_gemm_nt(a, b.T, d, c, compiled_dims)
+
+
+def bf16_gemm_tn(a, b, d, c=None, compiled_dims: str = "nk") -> None:
+    """d = c + a.T @ b with a [k, m] and b [k, n] (a weight gradient); otherwise as bf16_gemm_nt."""
+    _check_2d("a", a)
+    _check_2d("b", b)
+    bf16_gemm_nt(a.T, b.T, d, c, compiled_dims)
+
+
+def bf16_gemm_tt(a, b, d, c=None, compiled_dims: str = "nk") -> None:
+    """d = c + a.T @ b.T with a [k, m] and b [n, k]; otherwise as bf16_gemm_nt."""
+    _check_2d("a", a)
+    bf16_gemm_nt(a.T, b, d, c, compiled_dims)
+
+
+def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
+                                      grouped_layout: torch.Tensor, compiled_dims: str = "nk",
+                                      use_psum_layout: bool = False, ensure_zero_padding: bool = False,
+                                      expected_m_for_psum_layout: int | None = None) -> None:
+    """Grouped GEMM over rows stacked by group (MoE experts in bf16): d[i] = a[i] @ b[g].T for the
+    rows i of group g, summed in fp32.
+
+    Args:
+        a: [M, k] bfloat16 (any strides).
+        b: [G, n, k] bfloat16, one weight per group (any strides).
+        d: [M, n] bfloat16; rows of no group are left unspecified, or zeros with ensure_zero_padding.
+        grouped_layout: int32 on a's device, read there (no host sync): one group id per row
+            ([M], -1 for none; segments aligned to 128 rows or not), or with use_psum_layout one
+            cumulative row end per group ([G]; group g owns rows align(ends[g - 1], 128) ..
+            ends[g] - 1), exactly as for m_grouped_fp8_gemm_nt_contiguous.
+        compiled_dims: ignored. expected_m_for_psum_layout: rows per group to tune for (a hint).
+    """
+    expected_m = psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout)
+    torch.ops.dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b, d, grouped_layout, use_psum_layout,
+                                                          ensure_zero_padding, expected_m)
+
+
+def m_grouped_bf16_gemm_nn_contiguous(a, b, d, grouped_layout, compiled_dims: str = "nk",
+                                      use_psum_layout: bool = False, ensure_zero_padding: bool = False) -> None:
+    """As m_grouped_bf16_gemm_nt_contiguous with b [G, k, n] (d[i] = a[i] @ b[g]: the input
+    gradient of the experts, from the same weights)."""
+    check_tensor("b", b, ndim=3)
+    m_grouped_bf16_gemm_nt_contiguous(a, b.transpose(1, 2), d, grouped_layout, compiled_dims, use_psum_layout,
+                                      ensure_zero_padding)
+
+
+def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor,
+                                  expected_m: int, compiled_dims: str = "nk") -> None:
+    """Batched GEMM with a per-group row count read on the device (MoE decode in bf16, CUDA graphs):
+    d[g, i] = a[g, i] @ b[g].T for i < masked_m[g].
+
+    Args:
+        a: [G, m_max, k] bfloat16; b: [G, n, k] bfloat16 (any strides).
+        d: [G, m_max, n] bfloat16; rows i >= masked_m[g] are left unspecified.
+        masked_m: [G] int32 on a's device (clamped to [0, m_max]), never read on the host.
+        expected_m: expected rows per group, a tuning hint only. compiled_dims: ignored.
+    """
+    _check_expected_m(expected_m)
+    torch.ops.dskernels.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m)
+
+
+def k_grouped_bf16_gemm_tn_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks,
+                                      ks_tensor: torch.Tensor | None = None, c: torch.Tensor | None = None,
+                                      compiled_dims: str = "mn") -> None:
+    """K-grouped GEMM (MoE weight gradients in bf16): d[g] = c[g] + A_g.T @ B_g, where A_g is rows
+    sum(ks[:g]) .. + ks[g] of a [tokens, m] and B_g those of b [tokens, n]: dW_g = dY_g.T @ X_g from
+    the token-major activations, one launch for every group.
+
+    Args:
+        a: [>= sum(ks), m] bfloat16, b: [>= sum(ks), n] bfloat16 (rows past sum(ks) unread).
+        d: [G, m, n] float32 or bfloat16 (the sum in fp32, rounded once).
+        ks: tokens per group (python ints >= 0; any sizes).
+        ks_tensor: ks as int32 [G] on d's device (DeepGEMM's grouped_layout), must equal ks; None:
+            one asynchronous copy of ks.
+        c: None (d = the product; an empty group gives zeros), d itself (accumulate) or a [G, m, n]
+            tensor of d's dtype sharing no memory with d. compiled_dims: ignored.
+    """
+    ks = as_sizes("ks", ks)
+    _check_k_grouped(a, b, d, ks, ks_tensor, overlap=not torch.compiler.is_compiling())
+    _check_c(c, d, "d")
+    if c is not None and c is not d:
+        d.copy_(c)
+    torch.ops.dskernels.k_grouped_bf16_gemm_tn_contiguous(a, b, d, ks, ks_tensor, c is not None)
+
+
+# ---- validation (shared by the real and fake kernels) ----
+
+def _check_2d(name: str, t) -> None:
+    check_tensor(name, t, ndim=2)
+
+
+def _check_dense(a, b, d) -> None:
+    check_tensor("a", a, ndim=2, dtypes=(BF16,))
+    check_tensor("b", b, ndim=2, dtypes=(BF16,), device=a.device)
+    if b.shape[1] != a.shape[1]:
+        raise ValueError(f"b: expected k = {a.shape[1]} (a's columns) as its contraction dimension, got shape "
+                         f"{tuple(b.shape)}")
+    check_tensor("d", d, ndim=2, dtypes=(BF16, torch.float32), device=a.device)
+    _check_shape("d", d, (a.shape[0], b.shape[0]), "a's rows by b's rows")
+    if not torch.compiler.is_compiling():
+        check_no_overlap("d", d)
+
+
+def _check_grouped(a, b, out, *, grouped_a: bool) -> tuple[int, int, int]:
+    """a [(G,) m, k], b [G, n, k], out [(G,) m, n], all bf16; returns (G, m, n)."""
+    check_tensor("a", a, ndim=3 if grouped_a else 2, dtypes=(BF16,))
+    check_tensor("b", b, ndim=3, dtypes=(BF16,), device=a.device)
+    groups, n, k = b.shape
+    if k != a.shape[-1]:
+        raise ValueError(f"b: expected k = {a.shape[-1]} (the last dimension of a) as its last dimension, "
+                         f"got shape {tuple(b.shape)}")
+    if grouped_a and a.shape[0] != groups:
+        raise ValueError(f"a: expected {groups} groups (the first dimension of b) as its first dimension, "
+                         f"got shape {tuple(a.shape)}")
+    check_tensor("d", out, dtypes=(BF16,), device=a.device)
+    _check_shape("d", out, (*a.shape[:-1], n), "a's rows by b's rows")
+    if not torch.compiler.is_compiling():
+        check_no_overlap("d", out)
+    return groups, a.shape[-2], n
+
+
+def _check_contiguous(a, b, out, grouped_layout, use_psum_layout, expected_m) -> None:
+    groups, m, _ = _check_grouped(a, b, out, grouped_a=False)
+    check_grouped_layout("grouped_layout", grouped_layout, a.device, m, groups, use_psum_layout, expected_m)
+
+
+def _check_masked(a, b, out, masked_m, expected_m) -> None:
+    groups, _, _ = _check_grouped(a, b, out, grouped_a=True)
+    check_tensor("masked_m", masked_m, ndim=1, dtypes=(torch.int32,), device=a.device)
+    _check_shape("masked_m", masked_m, (groups,), "one row count per group")
+    _check_expected_m(expected_m)
+
+
+def _check_k_grouped(a, b, out, ks, ks_tensor, overlap: bool = True) -> None:
+    check_tensor("d", out, ndim=3, dtypes=(torch.float32, BF16))
+    if overlap:
+        check_no_overlap("d", out)
+    groups, m, n = out.shape
+    check_sizes("ks", ks, groups, "d's groups")
+    total = sum(ks)
+    for name, t, cols in (("a", a, m), ("b", b, n)):
+        check_tensor(name, t, ndim=2, dtypes=(BF16,), device=out.device)
+        if t.shape[1] != cols or t.shape[0] < total:
+            raise ValueError(f"{name}: expected shape (>= {total}, {cols}) (the groups' sum(ks) tokens by d's "
+                             f"{'m' if name == 'a' else 'n'}), got {tuple(t.shape)}")
+    check_sizes_tensor(ks_tensor, groups, out.device)
+
+
+# ---- registered kernels ----
+
+def _backend(op: str, device: torch.device) -> str:
+    return select_backend(op, device, has_cuda=False, has_triton=True)
+
+
+@torch.library.register_kernel("dskernels::m_grouped_bf16_gemm_nt_contiguous", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+def _contiguous(a, b, out, grouped_layout, use_psum_layout=False, ensure_zero_padding=False, expected_m=0):
+    _check_contiguous(a, b, out, grouped_layout, use_psum_layout, expected_m)
+    if _backend("m_grouped_bf16_gemm_nt_contiguous", a.device) == "ref":
+        rows = ref.psum_to_m_indices(grouped_layout, a.shape[0]) if use_psum_layout else grouped_layout
+        out.copy_(ref.grouped_rows(a, b, rows))  # rows of no group: zeros
+        return
+    from dskernels.triton import gemm as triton_gemm
+
+    triton_gemm.m_grouped_bf16_gemm_contiguous(a, b, out, grouped_layout, use_psum_layout, ensure_zero_padding,
+                                               expected_m)
+
+
+@torch.library.register_fake("dskernels::m_grouped_bf16_gemm_nt_contiguous")
+def _contiguous_fake(a, b, out, grouped_layout, use_psum_layout=False, ensure_zero_padding=False, expected_m=0):
+    _check_contiguous(a, b, out, grouped_layout, use_psum_layout, expected_m)
+
+
+@torch.library.register_kernel("dskernels::m_grouped_bf16_gemm_nt_masked", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+def _masked(a, b, out, masked_m, expected_m):
+    _check_masked(a, b, out, masked_m, expected_m)
+    if _backend("m_grouped_bf16_gemm_nt_masked", a.device) == "ref":
+        out.copy_(ref.masked_rows(a, b, masked_m))
+        return
+    from dskernels.triton import gemm as triton_gemm
+
+    triton_gemm.m_grouped_bf16_gemm_masked(a, b, out, masked_m, expected_m)
+
+
+@torch.library.register_fake("dskernels::m_grouped_bf16_gemm_nt_masked")
+def _masked_fake(a, b, out, masked_m, expected_m):
+    _check_masked(a, b, out, masked_m, expected_m)
+
+
+@torch.library.register_kernel("dskernels::k_grouped_bf16_gemm_tn_contiguous", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+def _k_grouped(a, b, out, ks, ks_tensor, accumulate):
+    _check_k_grouped(a, b, out, ks, ks_tensor)
+    if _backend("k_grouped_bf16_gemm_tn_contiguous", a.device) == "ref":
+        out.copy_(ref.k_grouped_bf16_gemm(a, b, ks, c=out if accumulate else None))
+        return
+    from dskernels.triton import gemm as triton_gemm
+
+    if ks_tensor is None:
+        ks_tensor = sizes_on_device(ks, out.device)
+    triton_gemm.k_grouped_bf16_gemm(a, b, out, ks, ks_tensor, accumulate)
+
+
+@torch.library.register_fake("dskernels::k_grouped_bf16_gemm_tn_contiguous")
+def _k_grouped_fake(a, b, out, ks, ks_tensor, accumulate):
+    _check_k_grouped(a, b, out, ks, ks_tensor)
