@@ -25,7 +25,10 @@ from dskernels import ops  # noqa: E402,F401  (registers the Python kernels)
 from dskernels._backend import available_backends, backend, current_backend  # noqa: E402
 from dskernels.ops.fp8 import per_block_cast_to_fp8, per_channel_cast_to_fp8, per_token_cast_to_fp8  # noqa: E402
 from dskernels.ops.gemm import (  # noqa: E402
+    fp8_gemm_nn,
     fp8_gemm_nt,
+    fp8_gemm_tn,
+    fp8_gemm_tt,
     fp8_m_grouped_gemm_nt_masked,
     gemm_fp8_fp8_bf16_nt,
     get_col_major_tma_aligned_tensor,
@@ -37,6 +40,7 @@ from dskernels.ops.gemm import (  # noqa: E402
     k_grouped_fp8_gemm_nt_contiguous,
     k_grouped_fp8_gemm_tn_contiguous,
     k_grouped_wgrad_gemm_fp8_fp8_fp32_nt,
+    m_grouped_fp8_gemm_nn_contiguous,
     m_grouped_fp8_gemm_nt_contiguous,
     m_grouped_fp8_gemm_nt_masked,
     m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
@@ -72,7 +76,10 @@ __all__ = [
     "dequantize_sparse_kv_cache",
     "flash_mla_sparse_decode",
     "flash_mla_sparse_fwd",
+    "fp8_gemm_nn",
     "fp8_gemm_nt",
+    "fp8_gemm_tn",
+    "fp8_gemm_tt",
     "fp8_m_grouped_gemm_nt_masked",
     "fp8_mqa_logits",
     "fp8_paged_mqa_logits",
@@ -90,6 +97,7 @@ __all__ = [
     "m_grouped_bf16_gemm_nn_contiguous",
     "m_grouped_bf16_gemm_nt_contiguous",
     "m_grouped_bf16_gemm_nt_masked",
+    "m_grouped_fp8_gemm_nn_contiguous",
     "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked",
     "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",

@@ -11,6 +11,17 @@ from python_ref import gemm as ref
 from test_gemm import OPCHECK_UTILS, assert_only_output_changes, contiguous_layout, psum_layout
 
 BF16 = torch.bfloat16
+_ON_GPU = [pytest.mark.gpu] if torch.cuda.is_available() else []
+
+
+@pytest.fixture(params=[pytest.param("ref", marks=_ON_GPU), pytest.param("triton", marks=_ON_GPU)])
+def backend(request):
+    """conftest's backend fixture without "cuda": the grouped bf16 GEMMs have no CUDA kernel (the
+    auto backend runs Triton on every GPU; test_cuda_backend_is_refused_by_name checks the refusal)."""
+    if request.param not in dskernels.available_backends():
+        pytest.skip(f"backend {request.param!r} is not available here")
+    with dskernels.backend(request.param):
+        yield request.param, device_here()
 
 
 def device_here() -> str:
@@ -51,8 +62,10 @@ LAYOUTS = {  # name: (a's shape from (m, k), b's shape from (n, k), how a and b 
 @pytest.mark.parametrize("c_kind", [None, "separate", "in_place"])
 @pytest.mark.parametrize("out_dtype", [BF16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_bf16_gemm_dense(layout, out_dtype, c_kind):
+def test_bf16_gemm_dense(layout, out_dtype, c_kind, monkeypatch):
     device = device_here()
+    # cuBLAS may otherwise round split-K partial sums to bf16 (torch's default allows it; docs/gemm.md)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
     m, n, k = 7, 129, 200
     shape_a, shape_b, as_mk, as_nk = LAYOUTS[layout]
     a, b = bf16_randn(*shape_a(m, k), device=device), bf16_randn(*shape_b(n, k), device=device)
@@ -216,6 +229,15 @@ def test_bad_input_is_named():
         dskernels.k_grouped_bf16_gemm_tn_contiguous(tokens, tokens, out, [5, 5], torch.ones(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="^d: expected an output whose elements do not share memory"):
         dskernels.k_grouped_bf16_gemm_tn_contiguous(tokens, tokens, torch.empty(1, 4, 4).expand(2, 4, 4), [5, 5])
+
+
+@pytest.mark.gpu
+def test_cuda_backend_is_refused_by_name():
+    a, b = bf16_randn(4, 16, device="cuda"), bf16_randn(2, 8, 16, device="cuda")
+    d = torch.empty(4, 8, dtype=BF16, device="cuda")
+    with dskernels.backend("cuda"), pytest.raises(NotImplementedError,
+                                                  match="^m_grouped_bf16_gemm_nt_contiguous: no CUDA kernel yet"):
+        dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b, d, torch.zeros(4, dtype=torch.int32, device="cuda"))
 
 
 # ---- torch.library / torch.compile ----

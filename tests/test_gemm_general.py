@@ -11,7 +11,7 @@ import torch._dynamo.testing
 
 import dskernels
 from test_gemm import (K, OPCHECK_UTILS, _dense_args, assert_close_to_bf16_product, assert_close_to_oracle,
-                       quantized_pair)
+                       grouped_weights, quantized_pair)
 
 
 def row_scaled_pair(rows, k, device):
@@ -100,6 +100,64 @@ def test_fp8_gemm_nt_refuses_before_writing_c():
     out = c.clone()
     dskernels.fp8_gemm_nt(lhs, rhs, out, c=out[:])
     assert_close_to_oracle(out, *lhs, *rhs, c)
+
+
+# ---- DeepGEMM's other layouts: fp8_gemm_{nn,tn,tt}, m_grouped_fp8_gemm_nn_contiguous ----
+
+def k_outer(pair):
+    """An operand and its scales as the "t"/"n" layouts hold them: [k, rows] and [k / 128, rows'],
+    each contiguous (DeepGEMM's tests pass them so)."""
+    return tuple(t.T.contiguous() for t in pair)
+
+
+@pytest.mark.parametrize("path", ["direct", "transpose"])
+@pytest.mark.parametrize("layout", ["nn", "tn", "tt"])
+def test_fp8_gemm_other_layouts(backend, layout, path, monkeypatch):
+    """out = A @ B with A given [k, m] ("t") and/or B given [k, n] ("n"), scales transposed with
+    them, on each backend; path: the Triton kernel reads the MN-major views itself (the interpreter,
+    sm_100) or the launcher copies them K-major first (Hopper), forced here by the knob."""
+    name, device = backend
+    monkeypatch.setenv("DSKERNELS_GEMM_TOKEN_MAJOR", path)
+    m, n = 7, 129
+    x, a, sa = quantized_pair(m, K, device, per_block=False, scale_layout="row")
+    w, b, sb = quantized_pair(n, K, device, per_block=True, scale_layout="row")
+    lhs = k_outer((a, sa)) if layout[0] == "t" else (a, sa)
+    rhs = k_outer((b, sb)) if layout[1] == "n" else (b, sb)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
+    getattr(dskernels, f"fp8_gemm_{layout}")(lhs, rhs, out)
+    assert_close_to_oracle(out, a, sa, b, sb)
+    assert_close_to_bf16_product([(out, x, w)])
+    if name != "cuda":  # the general form too: fp32 out accumulating into c
+        c = torch.randn(m, n, device=device)
+        acc = c.clone()
+        getattr(dskernels, f"fp8_gemm_{layout}")(lhs, rhs, acc, c=acc)
+        assert_close_to_oracle(acc, a, sa, b, sb, c)
+
+
+def test_m_grouped_nn_contiguous(backend):
+    """b [G, k, n] with sb [G, k / 128, ceil(n / 128)]: the nt form of their transposes."""
+    _, device = backend
+    m_indices = torch.tensor([1] * 20 + [-1] * 3 + [0] * 9, dtype=torch.int32, device=device)
+    x, a, sa = quantized_pair(m_indices.numel(), K, device, per_block=False, scale_layout="row")
+    w, b, sb = grouped_weights(2, 136, K, device, "row")
+    out = torch.full((m_indices.numel(), 136), float("nan"), dtype=torch.bfloat16, device=device)
+    dskernels.m_grouped_fp8_gemm_nn_contiguous((a, sa), (b.transpose(1, 2).contiguous(),
+                                                         sb.transpose(1, 2).contiguous()), out, m_indices)
+    for g, rows in ((1, slice(0, 20)), (0, slice(23, 32))):
+        assert_close_to_oracle(out[rows], a[rows], sa[rows], b[g], sb[g])
+
+
+def test_other_layouts_name_the_contraction_dimension():
+    _, a, sa = quantized_pair(4, K, "cpu", per_block=False, scale_layout="row")
+    _, b, sb = quantized_pair(8, 2 * K, "cpu", per_block=True, scale_layout="row")
+    out = torch.empty(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^b: expected k = 256 as dimension 0 \(this layout holds b as \[\.\., k, rows\]\), "
+                                         r"got shape \(512, 8\)"):
+        dskernels.fp8_gemm_nn((a, sa), k_outer((b, sb)), out)
+    with pytest.raises(ValueError, match="^sa: expected a tensor of at least 2 dimensions"):
+        dskernels.fp8_gemm_tn((a.T, sa[:, 0]), (b, sb), out)
+    with pytest.raises(TypeError, match="^rhs: expected a tuple"):
+        dskernels.fp8_gemm_nn((a, sa), b, out)
 
 
 # ---- torch.library / torch.compile ----

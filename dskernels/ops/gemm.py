@@ -169,6 +169,51 @@ def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_
     torch.ops.dskernels.fp8_gemm_nt(a, sa, b, sb, out, c is not None)
 
 
+def fp8_gemm_nn(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
+                recipe_a=None, recipe_b=None) -> None:
+    """DeepGEMM's fp8_gemm_nn: out = c + A @ B with rhs = (b [k, n], sb [k / 128, ceil(n / 128)]
+    per 128x128 block, or [k / 128, n] per column per 128 rows), i.e. fp8_gemm_nt of (b.T, sb.T)
+    (DeepGEMM's own definition). Other arguments as fp8_gemm_nt; shapes in its error messages are
+    the nt form's (b.T). On Hopper the Triton path first copies b K-major (one pass over b: its FP8
+    wgmma reads K-major tiles only); the sm90 CUDA path does the same."""
+    a, _ = _unpack("lhs", lhs)
+    fp8_gemm_nt(lhs, _transposed("rhs", rhs, a.shape[-1] if isinstance(a, torch.Tensor) else None, "b"),
+                out, c, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
+
+
+def fp8_gemm_tn(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
+                recipe_a=None, recipe_b=None) -> None:
+    """DeepGEMM's fp8_gemm_tn: out = c + A.T @ B with lhs = (a [k, m], sa [k / 128, m]) and rhs =
+    (b [k, n], sb [k / 128, ceil(n / 128)] or [k / 128, n]): fp8_gemm_nt of (a.T, sa.T), (b.T, sb.T),
+    e.g. a weight gradient from two token-major operands. As fp8_gemm_nn otherwise."""
+    a, sa = _transposed("lhs", lhs, None, "a")
+    fp8_gemm_nt((a, sa), _transposed("rhs", rhs, a.shape[-1], "b"), out, c, recipe, compiled_dims,
+                disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
+
+
+def fp8_gemm_tt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
+                recipe_a=None, recipe_b=None) -> None:
+    """DeepGEMM's fp8_gemm_tt: out = c + A.T @ B.T with lhs = (a [k, m], sa [k / 128, m]) and rhs as
+    for fp8_gemm_nt: fp8_gemm_nt of (a.T, sa.T), rhs. As fp8_gemm_nn otherwise."""
+    fp8_gemm_nt(_transposed("lhs", lhs, None, "a"), rhs, out, c, recipe, compiled_dims, disable_ue8m0_cast,
+                recipe_a=recipe_a, recipe_b=recipe_b)
+
+
+def _transposed(name: str, pair, k, operand: str):
+    """(t, s) of an operand held K-outer ([.., k, rows]: a "t" a or an "n" b in DeepGEMM's letters),
+    as the nt form's view (the last two dimensions swapped). k: the contraction length the other
+    operand fixes (None: not known yet), checked against t's dimension -2."""
+    t, s = _unpack(name, pair)
+    for label, x in ((operand, t), (f"s{operand}", s)):
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ValueError(f"{label}: expected a tensor of at least 2 dimensions (k first in this layout), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if k is not None and t.shape[-2] != k:
+        raise ValueError(f"{operand}: expected k = {k} as dimension {t.dim() - 2} (this layout holds "
+                         f"{operand} as [.., k, rows]), got shape {tuple(t.shape)}")
+    return t.transpose(-1, -2), s.transpose(-1, -2)
+
+
 def _check_c(c, out, out_name: str = "out") -> None:
     """c (added to the product) is None, out itself, or a tensor of out's shape and dtype that
     shares no memory with it. Eager calls check before out is written (the op checks out again).
@@ -324,6 +369,21 @@ def m_grouped_fp8_gemm_nt_masked(lhs, rhs, out, masked_m, expected_m, recipe=Non
 
 
 fp8_m_grouped_gemm_nt_masked = m_grouped_fp8_gemm_nt_masked  # DeepGEMM's legacy name (sglang imports it)
+
+
+def m_grouped_fp8_gemm_nn_contiguous(lhs, rhs, out, m_indices, recipe=None, compiled_dims="nk",
+                                     disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None,
+                                     use_psum_layout=False, ensure_zero_padding=False) -> None:
+    """DeepGEMM's m_grouped_fp8_gemm_nn_contiguous: as m_grouped_fp8_gemm_nt_contiguous with rhs =
+    (b [G, k, n], sb [G, k / 128, ceil(n / 128)]): row i is A[i] @ B[g] (the experts' input gradient
+    from the forward weights' transposed copy), i.e. the nt form of (b, sb) with the last two
+    dimensions swapped. On Hopper the Triton and CUDA paths copy b K-major first."""
+    a, _ = _unpack("lhs", lhs)
+    m_grouped_fp8_gemm_nt_contiguous(lhs, _transposed("rhs", rhs, a.shape[-1] if isinstance(a, torch.Tensor) else None,
+                                                      "b"),
+                                     out, m_indices, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a,
+                                     recipe_b=recipe_b, use_psum_layout=use_psum_layout,
+                                     ensure_zero_padding=ensure_zero_padding)
 
 
 def get_m_alignment_for_contiguous_layout() -> int:

@@ -36,7 +36,10 @@ def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Ten
             with d.
         compiled_dims: DeepGEMM's JIT hint, ignored.
 
-    On a GPU this is cuBLAS (torch.mm / addmm); on CPU, or with backend("ref"), the reference.
+    On a GPU this is cuBLAS (torch.mm / addmm) as torch configures it: with torch's default
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True a bf16 d may come from
+    split-K partial sums rounded to bf16; set it False for fp32 sums throughout. On CPU, or with
+    backend("ref"), the reference.
     """
     _check_dense(a, b, d)
     _check_c(c, d, "d")

@@ -425,7 +425,12 @@ def _m_bucket(m: int) -> int:
 
 def _operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """FP8 tensor-core dots where Triton has the fp8 type (sm_89+); elsewhere the kernels read the
-    fp8 bytes and widen them to fp16 exactly before an fp16 dot (same products, fp32 sums)."""
+    fp8 bytes and widen them to fp16 exactly before an fp16 dot (same products, fp32 sums).
+    Where the kernels do not read MN-major FP8 tiles themselves (_token_major_direct: Hopper's FP8
+    wgmma takes K-major tiles only, others go through registers unpipelined), an operand whose K
+    stride is not 1 (fp8_gemm_nn/tn/tt's transposed views) is first copied K-major: one pass."""
+    if not _token_major_direct(a.device):
+        a, b = (t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in (a, b))
     fp8_dot = native_fp8(a.device)
     return (a, b, True) if fp8_dot else (a.view(torch.uint8), b.view(torch.uint8), False)
 
@@ -471,7 +476,7 @@ def fp8_gemm_nt(a, sa, b, sb, out, accumulate: bool) -> None:
         return
     a_op, b_op, fp8_dot = _operands(a, b)
     args = (a_op, sa, b_op, sb, out, m, n, k // GROUP_SIZE,
-            *a.stride(), *sa.stride(), *b.stride(), *sb.stride(), *out.stride(), _m_bucket(m))
+            *a_op.stride(), *sa.stride(), *b_op.stride(), *sb.stride(), *out.stride(), _m_bucket(m))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     # n = 1: one scale either way (the per-block path reads it once per K block).
     sb_per_row = n > 1 and sb.shape[0] == n
@@ -507,7 +512,7 @@ def _contiguous(a, sa, b, sb, out, layout, psum: bool, zero_pad: bool, m_hint: i
         scale_args = (a, a, 0, 0, 0, 0, 0)  # unread
     sa_op, sb_op, stride_sam, stride_sak, *stride_sb = scale_args
     args = (a_op, sa_op, b_op, sb_op, out, layout, m, n, k, k // GROUP_SIZE, groups,
-            *a.stride(), stride_sam, stride_sak, *b.stride(), *stride_sb, *out.stride(), layout.stride(0),
+            *a_op.stride(), stride_sam, stride_sak, *b_op.stride(), *stride_sb, *out.stride(), layout.stride(0),
             _m_bucket(m_hint if m_hint > 0 else m))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     # At most 128 rows per tile: in DeepGEMM's 128-aligned layouts every tile then holds one group.
@@ -539,7 +544,7 @@ def _masked(a, sa, b, sb, out, masked_m, expected_m: int, *, scaled: bool) -> No
         a_op, b_op, fp8_dot = a, b, False
         sa_args, sb_args = (a, 0, 0, 0), (a, 0, 0, 0)  # unread
     args = (a_op, sa_args[0], b_op, sb_args[0], out, masked_m, m_max, n, k, k // GROUP_SIZE,
-            *a.stride(), *sa_args[1:], *b.stride(), *sb_args[1:], *out.stride(), masked_m.stride(0),
+            *a_op.stride(), *sa_args[1:], *b_op.stride(), *sb_args[1:], *out.stride(), masked_m.stride(0),
             _m_bucket(m_hint))
     grid = lambda meta: (triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
     _launch("_masked_kernel", grid, args, m_hint, n, fp8_dot=fp8_dot, SCALED=scaled)
@@ -570,7 +575,7 @@ def k_grouped_fp8_gemm(a, sa, b, sb, out, ks: list[int], ks_tensor, k_major: boo
     total_k = sum(ks)
     k_bucket = min(triton.next_power_of_2(max(total_k // groups // GROUP_SIZE, 1)), 64)
     args = (a_op, sa, b_op, sb, out, ks_tensor, m, n, groups, total_k, sa.shape[0],
-            0 if k_major else a.stride(0), 0 if k_major else b.stride(0), *sa.stride(), *sb.stride(),
+            0 if k_major else a_op.stride(0), 0 if k_major else b_op.stride(0), *sa.stride(), *sb.stride(),
             *out.stride(), ks_tensor.stride(0), _m_bucket(m), k_bucket)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
     _launch("_k_grouped_kernel", grid, args, m, n, fp8_dot=fp8_dot, SB_PER_ROW=True,
@@ -597,9 +602,10 @@ def k_grouped_bf16_gemm(a, b, out, ks: list[int], ks_tensor, accumulate: bool) -
 
 
 def _token_major_direct(device: torch.device) -> bool:
-    """Whether the kernel reads token-major operands itself: under the interpreter and on sm_100
-    (B200: its tcgen05 tensor cores take MN-major FP8 tiles from shared memory; pipelined there
-    per scripts/check_triton_compile.py); elsewhere the launcher transposes them first.
+    """Whether the kernels read MN-major FP8 operands (token-major in the K-grouped GEMMs, the
+    transposed views of fp8_gemm_nn/tn/tt) themselves: under the interpreter and on sm_100 (B200:
+    its tcgen05 tensor cores take MN-major FP8 tiles from shared memory; pipelined there per
+    scripts/check_triton_compile.py); elsewhere the launchers copy them K-major first.
     DSKERNELS_GEMM_TOKEN_MAJOR=direct or =transpose forces either."""
     forced = env_choice(TOKEN_MAJOR_KNOB, ("direct", "transpose"))
     if forced:
