@@ -131,7 +131,8 @@ def psum_to_m_indices(grouped_layout: torch.Tensor, m: int) -> torch.Tensor:
     grouped_layout int [G] holds cumulative row ends: group g owns rows align(ends[g - 1], 128) ..
     ends[g] - 1 (group 0 from row 0), so each group starts at a multiple of 128 and the rows between
     a group's end and the next start (or past the last end) belong to none. Tensor ops only: on a
-    GPU no host sync.
+    GPU no host sync. The ends must not decrease; for ends that do, the rows' groups here (and in
+    the kernels, which may differ) are unspecified.
     """
     ends = grouped_layout.long().clamp(min=0)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])

@@ -150,18 +150,20 @@ def test_m_grouped_nn_contiguous_and_strided_operands(backend):
 # ---- masked grouped ----
 
 def test_m_grouped_masked(backend):
-    _, device = backend
+    name, device = backend
     masked, m_max, n, k = [7, 0, 130, 1], 130, 72, 200
     a = bf16_randn(len(masked), m_max, k, device=device)
     for g, rows in enumerate(masked):
         a[g, rows:] = float("nan")
     b = bf16_randn(len(masked), n, k, device=device)
-    d = torch.full((len(masked), m_max, n), float("nan"), dtype=BF16, device=device)
+    d = torch.full((len(masked), m_max, n), float("-inf"), dtype=BF16, device=device)
     counts = torch.tensor([[rows, -1] for rows in masked], dtype=torch.int32, device=device)  # a strided view
     dskernels.m_grouped_bf16_gemm_nt_masked(a, b, d, counts[:, 0], 32)
     for g, rows in enumerate(masked):
         if rows:
             assert_close_to_product(d[g, :rows], a[g, :rows], b[g])
+        if name == "triton":  # rows past masked_m are neither computed (they would be NaN) nor written
+            assert (d[g, rows:] == float("-inf")).all()
 
 
 # ---- K-grouped (weight gradients) ----
@@ -229,6 +231,16 @@ def test_bad_input_is_named():
         dskernels.k_grouped_bf16_gemm_tn_contiguous(tokens, tokens, out, [5, 5], torch.ones(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="^d: expected an output whose elements do not share memory"):
         dskernels.k_grouped_bf16_gemm_tn_contiguous(tokens, tokens, torch.empty(1, 4, 4).expand(2, 4, 4), [5, 5])
+    # an output sharing memory with an operand (same dtype: an in-place call) is refused
+    square = bf16_randn(8, 8, device="cpu")
+    with pytest.raises(ValueError, match="^d: expected an output that shares no memory with a"):
+        dskernels.m_grouped_bf16_gemm_nt_contiguous(square, bf16_randn(1, 8, 8, device="cpu"), square,
+                                                    torch.zeros(8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="^d: expected an output that shares no memory with b"):
+        dskernels.m_grouped_bf16_gemm_nt_masked(bf16_randn(1, 8, 8, device="cpu"), square[None], square[None],
+                                                torch.ones(1, dtype=torch.int32), 8)
+    with pytest.raises(ValueError, match="^d: expected an output that shares no memory with a"):
+        dskernels.bf16_gemm_nt(square, bf16_randn(8, 8, device="cpu"), square)
 
 
 @pytest.mark.gpu

@@ -267,6 +267,54 @@ def test_prefill_then_decode_through_paged_cache(variant, backend, layer_idx):
         torch.testing.assert_close(torch.stack(got[b][:n]), expected, atol=TOL, rtol=TOL)
 
 
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_fp8_kv_cache_for_dense_attention(backend):
+    """V3's attention with a float8_e4m3fn paged cache and a per-tensor scale: prefill 5 tokens,
+    then decode 2 at once (MTP-style), against the same attention on a float32 cache (itself equal
+    to HF's layer: test_prefill_then_decode_through_paged_cache).
+
+    Bound: e4m3 keeps 3 fraction bits, so each stored value is off by up to 2^-4 of itself, about
+    uniformly: an RMS of 2^-4 / sqrt(3) = 3.6%. The output is a convex mix of the stored values
+    (then the up-projection), so its relative RMS error is about that (measured 3.65% at scales
+    0.25 and 1, 3.3% at 0.05); we allow 2^-4. A scale applied on one side only (a factor 4 here)
+    is off by 75%."""
+    cfg = CONFIGS["v3"]
+    ref = make_reference(cfg, 0, seed=7)
+    layer = DeepseekV3DecoderLayer(cfg, 0, dtype=torch.float32)
+    layer.load_hf_state_dict(ref.state_dict())
+    x = layer.input_layernorm(torch.randn(2, 7, cfg.hidden_size))
+    positions = spread_positions(2, 7, seed=2)
+    outputs = {}
+    with torch.no_grad(), forced_backend(backend):
+        for kind in ("float", "fp8"):
+            cache, table = paged_cache(cfg, num_pages=6, page_size=5, batch=2, pages_per_seq=2)
+            scale = None
+            if kind == "fp8":
+                cache = torch.full(cache.shape, float("nan")).to(torch.float8_e4m3fn)
+                scale = torch.tensor([0.25])
+            lens = torch.zeros(2, dtype=torch.int32)
+            prefill = layer.self_attn(x[:, :5], positions[:, :5], cache, table, lens, kv_cache_scale=scale)
+            decode = layer.self_attn(x[:, 5:], positions[:, 5:], cache, table, lens + 5, kv_cache_scale=scale)
+            outputs[kind] = torch.cat([prefill, decode], dim=1)
+            if kind == "fp8":  # the cache holds latent / 0.25 (unwritten slots stay NaN)
+                assert cache.float().nan_to_num(0).abs().max() > 8
+    error = (outputs["fp8"] - outputs["float"]).pow(2).mean().sqrt() / outputs["float"].pow(2).mean().sqrt()
+    assert error < 2**-4, f"relative RMS error {error:.4f}"
+
+
+def test_fp8_kv_cache_scale_is_checked():
+    cfg = CONFIGS["v3"]
+    layer = DeepseekV3DecoderLayer(cfg, 0, dtype=torch.float32)
+    x, positions = torch.randn(1, 2, cfg.hidden_size), spread_positions(1, 2, seed=1)
+    cache, table = paged_cache(cfg, num_pages=2, page_size=4, batch=1, pages_per_seq=2)
+    lens = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="^kv_cache_scale: only with a float8_e4m3fn kv_cache"):
+        layer(x, positions, kv_cache=cache, block_table=table, cache_seqlens=lens, kv_cache_scale=torch.ones(1))
+    fp8 = cache.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="^kv_cache_scale: expected a float32 tensor of one element"):
+        layer(x, positions, kv_cache=fp8, block_table=table, cache_seqlens=lens, kv_cache_scale=torch.ones(2))
+
+
 def test_plain_torch_oracle_matches_transformers():
     """python_ref/models.py (the benchmark's plain-PyTorch peer and its check) is HF's math too."""
     from python_ref.models import decoder_layer
@@ -431,7 +479,7 @@ def _power_of_two_scales(layer) -> bool:
 
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])
-def test_bf16_experts_masked_layout_computes_the_valid_rows(backend):
+def test_bf16_experts_masked_layout_computes_the_valid_rows(backend, monkeypatch):
     """The low-latency (masked) layout with bf16 expert weights goes through
     m_grouped_bf16_gemm_nt_masked: the rows below each expert's count equal the float computation
     on the same weights, within bf16 rounding (h and the activation are bf16: 2^-8 relative each);
@@ -448,8 +496,17 @@ def test_bf16_experts_masked_layout_computes_the_valid_rows(backend):
         x[g, rows:] = float("nan")
     if backend == "triton" and "triton" not in dskernels.available_backends():
         pytest.skip("no Triton here")
+    calls = []
+    real = dskernels.m_grouped_bf16_gemm_nt_masked
+
+    def spy(*args):
+        calls.append(args[3])
+        return real(*args)
+
+    monkeypatch.setattr(dskernels, "m_grouped_bf16_gemm_nt_masked", spy)
     with dskernels.backend(backend):
         got = experts.forward_masked(x, counts, 4, torch.float32)
+    assert len(calls) == 2 and all(c is counts for c in calls)  # both GEMMs, counts read on the device
     gate, up = (x.float() @ experts.gate_up_proj.float().transpose(1, 2)).split(32, dim=-1)
     expected = (torch.nn.functional.silu(gate) * up) @ experts.down_proj.float().transpose(1, 2)
     for g, rows in enumerate(counts.tolist()):

@@ -31,6 +31,7 @@ from dskernels.models.linear import Linear, RMSNorm, device_moves_only
 from dskernels.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 _LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
+FP8 = torch.float8_e4m3fn
 _FP8_CACHE_BYTES = 656  # V3.2's FP8 latent cache: 512 e4m3, 4 fp32 tile scales, 64 bf16 rope values per token
 
 
@@ -93,11 +94,14 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor | None = None,
                 block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
-                index_cache: torch.Tensor | None = None) -> torch.Tensor:
+                index_cache: torch.Tensor | None = None, kv_cache_scale: torch.Tensor | None = None) -> torch.Tensor:
         q_nope, q_rope, latent, k_rope, q_resid, cos, sin = self._project(x, positions)
         if index_cache is not None and (self.indexer is None or kv_cache is None):
             raise ValueError("index_cache: only a DeepSeek-V3.2 layer (config index_topk) reads one, "
                              "beside its kv_cache")
+        if kv_cache_scale is not None and (kv_cache is None or kv_cache.dtype != FP8 or self.indexer is not None):
+            raise ValueError("kv_cache_scale: only with a float8_e4m3fn kv_cache of a dense-attention (V3) layer "
+                             "(its per-tensor scale; V3.2's FP8 layout carries its own scales)")
         if kv_cache is None:
             if self.indexer is None:
                 out = self._attend_new_tokens(q_nope, q_rope, latent, k_rope)
@@ -108,8 +112,21 @@ class MLAttention(nn.Module):
                 out = self._attend_selected_new_tokens(q_nope, q_rope, latent, k_rope, selected)
         else:
             out = self._attend_paged(q_nope, q_rope, latent, k_rope, kv_cache, block_table, cache_seqlens,
-                                     index_cache, (x, q_resid, cos, sin))
+                                     index_cache, (x, q_resid, cos, sin), kv_cache_scale)
         return self.o_proj(out.flatten(2))
+
+    @staticmethod
+    def _check_kv_cache_scale(scale, device) -> torch.Tensor:
+        """A dense FP8 cache's per-tensor scale (dequantized = fp8 * scale): float32, one element on
+        the cache's device; None means 1.0 (as serving engines default it without calibration)."""
+        if scale is None:
+            return torch.ones(1, dtype=torch.float32, device=device)
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() != 1 \
+                or scale.device != device:
+            got = (f"{scale.dtype} of shape {tuple(scale.shape)} on {scale.device}" if isinstance(scale, torch.Tensor)
+                   else type(scale).__name__)
+            raise ValueError(f"kv_cache_scale: expected a float32 tensor of one element on {device}, got {got}")
+        return scale.reshape(1)
 
     def _absorbed_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
         """[q_nope W_UK | q_rope]: scores against [latent | k_rope] equal q_nope . k_nope + q_rope . k_rope."""
@@ -142,13 +159,16 @@ class MLAttention(nn.Module):
         return out.transpose(1, 2)  # [b, s, h, v]
 
     def _attend_paged(self, q_nope, q_rope, latent, k_rope, kv_cache, block_table, cache_seqlens,
-                      index_cache, indexer_inputs) -> torch.Tensor:
+                      index_cache, indexer_inputs, kv_cache_scale=None) -> torch.Tensor:
         cfg = self.cfg
         b, s, h, _ = q_nope.shape
         d = cfg.kv_cache_dim
         if block_table is None or cache_seqlens is None:
             raise ValueError("block_table, cache_seqlens: required with kv_cache")
-        fp8_cache = kv_cache.dtype in (torch.uint8, torch.float8_e4m3fn)
+        # V3 (dense attention): a float8_e4m3fn cache of d values per token with one per-tensor scale
+        # (flash_mla_with_kvcache's k_scale); V3.2: its own 656-byte FP8 layout (fp8_cache).
+        dense_fp8 = self.indexer is None and kv_cache.dtype == FP8
+        fp8_cache = kv_cache.dtype in (torch.uint8, FP8) and not dense_fp8
         width = _FP8_CACHE_BYTES if fp8_cache else d
         if fp8_cache and (self.indexer is None or (cfg.kv_lora_rank, cfg.qk_rope_head_dim) != (512, 64)):
             raise ValueError(f"kv_cache: the FP8 layout ({_FP8_CACHE_BYTES} bytes per token) is DeepSeek-V3.2's "
@@ -181,6 +201,11 @@ class MLAttention(nn.Module):
         new = torch.cat([latent, k_rope], dim=-1).reshape(b * s, d)
         if fp8_cache:
             kv_cache.view(torch.uint8).view(-1, width)[flat] = dskernels.quantize_sparse_kv_cache(new).view(torch.uint8)
+        elif dense_fp8:
+            kv_cache_scale = self._check_kv_cache_scale(kv_cache_scale, kv_cache.device)
+            # e4m3 saturates at 448: a latent past 448 * scale is clamped rather than made NaN
+            values = (new.float() / kv_cache_scale).clamp(-448, 448).to(FP8)
+            kv_cache.view(torch.uint8).view(-1, d).index_copy_(0, flat, values.view(torch.uint8))
         else:
             kv_cache.view(-1, d).index_copy_(0, flat, new.to(kv_cache.dtype))
         # 2. absorbed query: q_nope W_UK lives in the latent space, so scores = q_lat . latent + q_rope . k_rope
@@ -188,9 +213,10 @@ class MLAttention(nn.Module):
         seqlens = (cache_seqlens + s).to(torch.int32)
         if self.indexer is None:
             metadata, num_splits = dskernels.get_mla_metadata(seqlens, s * h, 1)
-            out, _ = dskernels.flash_mla_with_kvcache(q.to(kv_cache.dtype), kv_cache, block_table, seqlens,
-                                                      cfg.kv_lora_rank, metadata, num_splits,
-                                                      softmax_scale=self.softmax_scale, causal=True)
+            out, _ = dskernels.flash_mla_with_kvcache(q if dense_fp8 else q.to(kv_cache.dtype), kv_cache, block_table,
+                                                      seqlens, cfg.kv_lora_rank, metadata, num_splits,
+                                                      softmax_scale=self.softmax_scale, causal=True,
+                                                      k_scale=kv_cache_scale if dense_fp8 else None)
         else:  # V3.2: the indexer's positions (causal by construction) become cache slots
             selected = self.indexer.select_paged(*indexer_inputs, index_cache, block_table, cache_seqlens, flat)
             page = block_table.long().gather(1, (selected.long().clamp(min=0) // page_size).flatten(1))

@@ -73,7 +73,7 @@ class DeepseekV3DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor | None = None,
                 block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
-                index_cache: torch.Tensor | None = None) -> torch.Tensor:
+                index_cache: torch.Tensor | None = None, kv_cache_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, S, hidden] (the layer's dtype), positions int64 [B, S] (rope positions).
 
         Without kv_cache: causal attention over the S tokens. With kv_cache
@@ -88,19 +88,25 @@ class DeepseekV3DecoderLayer(nn.Module):
         index_cache [num_pages, page_size, 1, W] under the same block table: the indexer's keys,
         W = index_head_dim + 4 bytes (uint8, DeepGEMM's paged FP8 layout) with index_fp8, else
         index_head_dim values in the layer's dtype. kv_cache may then also be V3.2's FP8 latent
-        cache: uint8 [num_pages, page_size, 1, 656] (FlashMLA's layout, kv_lora_rank 512 + rope 64)."""
+        cache: uint8 [num_pages, page_size, 1, 656] (FlashMLA's layout, kv_lora_rank 512 + rope 64).
+
+        FP8 KV cache for dense attention (V3): kv_cache may be float8_e4m3fn of the same shape, with
+        kv_cache_scale a float32 tensor of one element (None: 1.0): the latents are stored as
+        clamp(value / scale, -448, 448) in e4m3 and flash_mla_with_kvcache dequantizes them with
+        k_scale = scale, at half a bf16 cache's memory and bytes read per decode step."""
         if x.dim() != 3 or x.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"x: expected [B, S, {self.cfg.hidden_size}], got {list(x.shape)}")
         if x.dtype != self.dtype:
             raise TypeError(f"x: expected the layer's dtype {self.dtype}, got {x.dtype}")
-        if kv_cache is not None and kv_cache.dtype != self.dtype:
-            if self.cfg.index_topk is None or kv_cache.dtype not in (torch.uint8, FP8):
-                raise TypeError(f"kv_cache: expected the layer's dtype {self.dtype}"
-                                f"{'' if self.cfg.index_topk is None else ' (or uint8 / float8_e4m3fn: the FP8 layout)'}"
+        if kv_cache is not None and kv_cache.dtype not in (self.dtype, FP8):
+            if self.cfg.index_topk is None or kv_cache.dtype != torch.uint8:
+                raise TypeError(f"kv_cache: expected the layer's dtype {self.dtype} or float8_e4m3fn"
+                                f"{'' if self.cfg.index_topk is None else ' (or uint8: the FP8 layout)'}"
                                 f", got {kv_cache.dtype}")
         if tuple(positions.shape) != tuple(x.shape[:2]):
             raise ValueError(f"positions: expected shape {list(x.shape[:2])}, got {list(positions.shape)}")
-        h = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, block_table, cache_seqlens, index_cache)
+        h = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, block_table, cache_seqlens, index_cache,
+                               kv_cache_scale)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     # ---- weights ----

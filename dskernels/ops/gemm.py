@@ -331,6 +331,7 @@ def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, out, m_indices, recipe=None, comp
             device): group g owns rows align(ends[g - 1], 128) .. ends[g] - 1 (group 0 from row 0),
             the rows between a group's end and the next 128-aligned start, and any past the last
             end, belong to none (DeepEP v2's receive layout; python_ref.gemm.psum_to_m_indices).
+            The ends must not decrease (else the rows' groups are unspecified, reads stay inside).
         ensure_zero_padding: write zeros into the rows of no group (else they are left unspecified).
         expected_m_for_psum_layout: rows per group to tune for (psum layout only; a hint).
     """

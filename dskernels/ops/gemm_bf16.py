@@ -26,7 +26,7 @@ BF16 = torch.bfloat16
 
 def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None,
                  compiled_dims: str = "nk") -> None:
-    """d = c + a @ b.T, summed in fp32 and rounded once to d's dtype.
+    """d = c + a @ b.T, summed in fp32 and rounded once to d's dtype (cuBLAS: see below).
 
     Args:
         a: [m, k] bfloat16, any strides.
@@ -165,7 +165,18 @@ def _check_dense(a, b, d) -> None:
     check_tensor("d", d, ndim=2, dtypes=(BF16, torch.float32), device=a.device)
     _check_shape("d", d, (a.shape[0], b.shape[0]), "a's rows by b's rows")
     if not torch.compiler.is_compiling():
-        check_no_overlap("d", d)
+        _check_output_apart("d", d, a, b)
+
+
+def _check_output_apart(name: str, out, *inputs) -> None:
+    """out's elements are distinct and share no memory with an input: bf16 operands and outputs
+    have one dtype, so an in-place call is easy to write, and output tiles would overwrite rows
+    other tiles still read (eager only: torch.compile cannot trace the test)."""
+    check_no_overlap(name, out)
+    for input_name, t in zip("ab", inputs):
+        if torch._C._overlaps(out, t):
+            raise ValueError(f"{name}: expected an output that shares no memory with {input_name} (the GEMM reads "
+                             f"{input_name} while it writes {name}), got overlapping tensors")
 
 
 def _check_grouped(a, b, out, *, grouped_a: bool) -> tuple[int, int, int]:
@@ -182,7 +193,7 @@ def _check_grouped(a, b, out, *, grouped_a: bool) -> tuple[int, int, int]:
     check_tensor("d", out, dtypes=(BF16,), device=a.device)
     _check_shape("d", out, (*a.shape[:-1], n), "a's rows by b's rows")
     if not torch.compiler.is_compiling():
-        check_no_overlap("d", out)
+        _check_output_apart("d", out, a, b)
     return groups, a.shape[-2], n
 
 
@@ -200,8 +211,6 @@ def _check_masked(a, b, out, masked_m, expected_m) -> None:
 
 def _check_k_grouped(a, b, out, ks, ks_tensor, overlap: bool = True) -> None:
     check_tensor("d", out, ndim=3, dtypes=(torch.float32, BF16))
-    if overlap:
-        check_no_overlap("d", out)
     groups, m, n = out.shape
     check_sizes("ks", ks, groups, "d's groups")
     total = sum(ks)
@@ -211,6 +220,8 @@ def _check_k_grouped(a, b, out, ks, ks_tensor, overlap: bool = True) -> None:
             raise ValueError(f"{name}: expected shape (>= {total}, {cols}) (the groups' sum(ks) tokens by d's "
                              f"{'m' if name == 'a' else 'n'}), got {tuple(t.shape)}")
     check_sizes_tensor(ks_tensor, groups, out.device)
+    if overlap:
+        _check_output_apart("d", out, a, b)
 
 
 # ---- registered kernels ----

@@ -164,11 +164,13 @@ def _psum_groups(ends_ptr, rows, first_row, groups, stride_ends, BLOCK_G: tl.con
     align(ends[g - 1], 128) .. ends[g] - 1 (ends cumulative, read on the device). Every group starts
     at a multiple of 128 and a tile of rows at a multiple of BLOCK_M, which divides 128: the tile's
     rows all lie between two group starts, in the group of its first row (the last group starting
-    at or before it: empty groups share their start with the next one)."""
+    at or before it: empty groups share their start with the next one). Ends that decrease are no
+    layout: the rows then go to some group or none, never outside the tensors."""
     offs_g = tl.arange(0, BLOCK_G)
     in_range = offs_g < groups
-    ends = tl.load(ends_ptr + offs_g * stride_ends, mask=in_range, other=0)
-    prev_ends = tl.maximum(tl.load(ends_ptr + (offs_g - 1) * stride_ends, mask=in_range & (offs_g > 0), other=0), 0)
+    ends = tl.load(ends_ptr + offs_g * stride_ends, mask=in_range, other=0).to(tl.int64)
+    prev_ends = tl.maximum(tl.load(ends_ptr + (offs_g - 1) * stride_ends, mask=in_range & (offs_g > 0),
+                                   other=0).to(tl.int64), 0)  # int64: an end near 2^31 must not wrap
     starts = (prev_ends + 127) // 128 * 128
     group = tl.max(tl.where(in_range & (starts <= first_row), offs_g, 0))
     end = tl.sum(tl.where(offs_g == group, ends, 0))
