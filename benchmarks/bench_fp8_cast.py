@@ -71,23 +71,51 @@ def cases(quick: bool, device: str) -> list[Case]:
     if not quick:  # the K-grouped weight gradient's operands: 8 experts' tokens, token-major
         found += [_channel_case(ks, h) for ks, h in
                   ([([40, 0, 88], 72)] if device == "cpu" else [([4096] * 8, 7168), ([3000, 5192] * 4, 2048)])]
+    # V3's experts (I = 2048): SwiGLU + cast of a prefill's 8192 rows, and the masked decode layout
+    found += [_silu_and_mul_case(rows, inter, masked) for rows, inter, masked in
+              ([(37, 256, False), (20, 256, True)] if device == "cpu" else [(8192, 2048, False), (256, 2048, True)])]
     return found
 
 
-def _channel_case(ks, h):
-    """per_channel_cast_to_fp8 over groups of tokens: one scale per column per 128 tokens of each."""
-    tokens = sum(ks)
-    blocks = sum(-(-k // 128) for k in ks)
+def _silu_and_mul_case(rows, inter, masked, groups=8):
+    """silu_and_mul_cast_to_fp8: x [rows, 2I] bf16 (masked: [8, rows, 2I], 70% of each expert's rows
+    valid) -> fp8 [.., I] + scales, against the unfused torch ops (silu, mul, cast: python_ref) and
+    torch.compile of them. Bytes: the valid rows' x read, their fp8 values and scales written."""
+    shape = (groups, rows, 2 * inter) if masked else (rows, 2 * inter)
+    counts = [int(rows * 0.7)] * groups if masked else None
+    valid = sum(counts) if masked else rows
 
     def make_inputs(device):
-        return torch.randn(tokens, h, device=device).to(torch.bfloat16), torch.tensor(ks, dtype=torch.int32, device=device)
+        x = torch.randn(*shape, device=device).to(torch.bfloat16)
+        return x, (torch.tensor(counts, dtype=torch.int32, device=device) if masked else None)
 
-    def run(x, ks_tensor):
-        return dskernels.per_channel_cast_to_fp8(x, ks, ks_tensor)
+    def run(x, masked_m):
+        return dskernels.silu_and_mul_cast_to_fp8(x, masked_m)
 
-    def reference(x, ks_tensor):
-        return python_ref.per_channel_cast_to_fp8(x, ks)
+    def reference(x, masked_m):  # every row (those past masked_m are unspecified, and not checked)
+        return python_ref.silu_and_mul_cast_to_fp8(x)
 
-    return Case(op="per_channel_cast_to_fp8", params={"tokens": tokens, "groups": len(ks), "h": h, "dtype": "bfloat16"},
-                make_inputs=make_inputs, run=run, reference=reference, check=_same_bits, flops=0.0,
-                bytes=tokens * h * 3 + blocks * h * 4, peers={"torch": reference})
+    compiled = None
+
+    def torch_compile_peer(x, masked_m):
+        nonlocal compiled
+        compiled = compiled or torch.compile(python_ref.silu_and_mul_cast_to_fp8)
+        return compiled(x)
+
+    def dequantized(fp8, scale):
+        return fp8.float() * scale.repeat_interleave(128, dim=-1), scale.repeat_interleave(128, dim=-1)
+
+    def check(outputs, expected):
+        """Within one e4m3 step of python_ref (a GPU's exponential may move silu's last bit)."""
+        (value, _), (ref_value, ref_scale) = dequantized(*outputs), (dequantized(*(t.to(outputs[0].device)
+                                                                                  for t in expected)))
+        if masked:
+            keep = torch.arange(rows, device=value.device)[None, :] < torch.tensor(counts, device=value.device)[:, None]
+            value, ref_value, ref_scale = value[keep], ref_value[keep], ref_scale[keep]
+        off = ((value - ref_value).abs() > 2**-3 * ref_value.abs() + 2**-9 * ref_scale).sum().item()
+        return None if off == 0 else f"{off} values more than one e4m3 step from python_ref"
+
+    return Case(op="silu_and_mul_cast_to_fp8", params={"rows": rows, "I": inter, "masked": masked},
+                make_inputs=make_inputs, run=run, reference=reference, check=check, flops=0.0,
+                bytes=valid * (4 * inter + inter + 4 * inter // 128),
+                peers={"torch": reference, "torch.compile": torch_compile_peer})

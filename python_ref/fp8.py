@@ -96,3 +96,13 @@ def per_channel_cast_to_fp8(x: torch.Tensor, ks=None, round_scale: bool = False)
         first += k
     empty = x.new_empty(0, h, dtype=torch.float32)
     return (torch.cat([empty.to(torch.float8_e4m3fn), *values]).contiguous(), torch.cat([empty, *scales]))
+
+
+def silu_and_mul_cast_to_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A SwiGLU expert's activation cast for its down projection: x [..., 2I] holds [gate | up]
+    (I % 128 == 0); act = silu(gate) * up in fp32, then per_token_cast_to_fp8(act) ->
+    (fp8 [..., I], fp32 scales [..., I / 128])."""
+    gate, up = x.float().chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate) * up
+    q, s = per_token_cast_to_fp8(act.reshape(-1, act.shape[-1]), round_scale)
+    return q.reshape(act.shape), s.reshape(*act.shape[:-1], -1)

@@ -15,7 +15,7 @@ compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
 grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16,
 prefill), V3.2's indexer logits (prefill, compressed, paged; D = 16 to 128), the three FP8 GEMMs
-with every autotuning candidate and the heuristic tiles, the FP8 casts (per-channel too) and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels.)
+with every autotuning candidate and the heuristic tiles, the FP8 casts (per-channel and SwiGLU-fused too) and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels.)
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
 """
@@ -349,6 +349,12 @@ def cast_cases(compiler: Compiler) -> None:
             triton_cast.per_channel_cast_to_fp8(_meta(m, k), _meta(m, k, dtype=torch.float8_e4m3fn),
                                                 _meta(m // 128, k, dtype=torch.float32),
                                                 _meta(groups, dtype=torch.int32), round_scale)
+        for masked in (False, True):  # SwiGLU + cast of V3's experts (I = 2048), contiguous and masked
+            groups, rows, inter = (8, 512, 2048) if masked else (1, m, 2048)
+            triton_cast.silu_and_mul_cast_to_fp8(_meta(groups, rows, 2 * inter),
+                                                 _meta(groups, rows, inter, dtype=torch.float8_e4m3fn),
+                                                 _meta(groups, rows, inter // 128, dtype=torch.float32),
+                                                 _meta(groups, dtype=torch.int32) if masked else None, round_scale)
 
 
 def ep_cases(compiler: Compiler) -> None:

@@ -375,3 +375,79 @@ def test_per_channel_nan_makes_its_block_nan(backend):
     assert nan[1, 1] and nan.sum() == 1
     values_nan = x_fp8.float().isnan()
     assert values_nan[72:, 1].all() and values_nan.sum() == 128
+
+
+# ---- silu_and_mul_cast_to_fp8: a SwiGLU expert's activation, cast in the same pass ----
+
+def assert_silu_and_mul_cast(x, act_fp8, act_scale, rows=None, round_scale=False):
+    """Against the exact activation silu(gate) * up (fp64): each value within e4m3's rounding of
+    it (2^-4 relative, or half the smallest subnormal step, 2^-10, times the scale), the scales
+    within a few fp32 ulps of the oracle's (a GPU's exponential may move silu's last bits, and
+    with them an amax; a power-of-two scale moves only if amax / 448 sits on a power of two). rows:
+    the rows of each group to check (masked layout)."""
+    _, ref_scale = python_ref.silu_and_mul_cast_to_fp8(x.cpu(), round_scale)
+    gate, up = x.cpu().double().chunk(2, dim=-1)
+    act = gate * torch.sigmoid(gate) * up
+    deq = act_fp8.cpu().double() * act_scale.cpu().double().repeat_interleave(128, dim=-1)
+    scale = act_scale.cpu().double().repeat_interleave(128, dim=-1)
+    ok = (deq - act).abs() <= 2**-4 * act.abs() + 2**-10 * scale + 2**-20 * act.abs()
+    scale_ok = (act_scale.cpu().double() - ref_scale.double()).abs() <= 2**-20 * ref_scale.double()
+    if rows is not None:
+        valid = torch.arange(x.shape[1])[None, :] < torch.tensor(rows)[:, None]
+        ok, scale_ok = ok[valid], scale_ok[valid]
+    assert ok.all(), f"{(~ok).sum().item()} values off"
+    assert scale_ok.all(), f"{(~scale_ok).sum().item()} scales off"
+
+
+@pytest.mark.parametrize("dtype,round_scale", DTYPES_AND_SCALE_FORMATS)
+def test_silu_and_mul_cast(backend, dtype, round_scale):
+    """The contiguous layout [M, 2I] (a strided view with NaN padding) and the masked one
+    [G, M, 2I] with rows past masked_m NaN-poisoned (skipped); on the reference backend bit for
+    bit per_token_cast_to_fp8 of the fp32 activation (its definition)."""
+    name, device = backend
+    x = random_source(37, 512, dtype, device, pad_cols=16)
+    masked = torch.randn(3, 20, 256, device=device).to(dtype)
+    counts = [5, 0, 20]
+    for g, rows in enumerate(counts):
+        masked[g, rows:] = float("nan")
+    masked_m = torch.tensor(counts, dtype=torch.int32, device=device)
+    if name == "cuda":
+        with pytest.raises(NotImplementedError, match="^silu_and_mul_cast_to_fp8: no CUDA kernel yet"):
+            dskernels.silu_and_mul_cast_to_fp8(x)
+        return
+    act_fp8, act_scale = dskernels.silu_and_mul_cast_to_fp8(x, round_scale=round_scale)
+    assert act_fp8.shape == (37, 256) and act_scale.shape == (37, 2) and act_fp8.is_contiguous()
+    assert_silu_and_mul_cast(x, act_fp8, act_scale, round_scale=round_scale)
+    if name == "ref":
+        gate, up = x.float().chunk(2, dim=-1)
+        expected = python_ref.per_token_cast_to_fp8(torch.nn.functional.silu(gate) * up, round_scale)
+        assert_same_bits(act_fp8, expected[0])
+        assert_same_bits(act_scale, expected[1])
+    masked_fp8, masked_scale = dskernels.silu_and_mul_cast_to_fp8(masked, masked_m)
+    assert masked_fp8.shape == (3, 20, 128) and masked_scale.shape == (3, 20, 1)
+    assert_silu_and_mul_cast(masked, masked_fp8, masked_scale, rows=counts)
+
+
+def test_silu_and_mul_cast_bad_input_opcheck_and_compile():
+    x = torch.randn(4, 256)
+    with pytest.raises(ValueError, match=r"^x: expected the last dimension \(2I: gate and up, I % 128 == 0\) to be a "
+                                         r"multiple of 256, got 128"):
+        dskernels.silu_and_mul_cast_to_fp8(x[:, :128])
+    with pytest.raises(ValueError, match=r"^x: expected \[M, 2I\] or \[G, M, 2I\], got shape \(256,\)"):
+        dskernels.silu_and_mul_cast_to_fp8(x[0])
+    with pytest.raises(ValueError, match="^masked_m: only with a 3-dimensional x"):
+        dskernels.silu_and_mul_cast_to_fp8(x, torch.ones(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"^masked_m: expected shape \(2,\)"):
+        dskernels.silu_and_mul_cast_to_fp8(x.view(2, 2, 256), torch.ones(3, dtype=torch.int32))
+    with pytest.raises(TypeError, match="^masked_m: expected dtype int32"):
+        dskernels.silu_and_mul_cast_to_fp8(x.view(2, 2, 256), torch.ones(2))
+    with pytest.raises(TypeError, match="^x: expected dtype bfloat16 or float16 or float32"):
+        dskernels.silu_and_mul_cast_to_fp8(x.double())
+    with pytest.raises(TypeError, match="^round_scale: expected a bool"):
+        dskernels.silu_and_mul_cast_to_fp8(x, round_scale=1)
+    masked_m = torch.tensor([1, 2], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.dskernels.silu_and_mul_cast_to_fp8, (x.bfloat16(),))
+    torch.library.opcheck(torch.ops.dskernels.silu_and_mul_cast_to_fp8, (x.view(2, 2, 256), masked_m, True))
+    compiled = torch.compile(dskernels.silu_and_mul_cast_to_fp8, fullgraph=True, backend="aot_eager")
+    for actual, expected in zip(compiled(x), dskernels.silu_and_mul_cast_to_fp8(x)):
+        assert_same_bits(actual, expected)

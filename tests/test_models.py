@@ -3,6 +3,7 @@ with every path: q LoRA, YaRN with mscale at widely spread positions, grouped ro
 negative score bias, a shared expert), in fp32 for the float paths."""
 
 import importlib.util
+import inspect
 import itertools
 
 import pytest
@@ -465,11 +466,13 @@ UE8M0 = DeepseekV3Config.tiny(quantization_config={"activation_scheme": "dynamic
 
 
 def _record_round_scale(monkeypatch, calls):
-    """Wraps the two casts where the model calls them (dskernels.<cast>), recording round_scale."""
-    for name in ("per_token_cast_to_fp8", "per_block_cast_to_fp8"):
-        def recorded(x, round_scale=False, _cast=getattr(dskernels, name), _name=name):
-            calls.append((_name, round_scale))
-            return _cast(x, round_scale=round_scale)
+    """Wraps the casts where the model calls them (dskernels.<cast>), recording round_scale."""
+    for name in ("per_token_cast_to_fp8", "per_block_cast_to_fp8", "silu_and_mul_cast_to_fp8"):
+        def recorded(*args, _cast=getattr(dskernels, name), _name=name, **kwargs):
+            bound = inspect.signature(_cast).bind(*args, **kwargs)
+            bound.apply_defaults()
+            calls.append((_name, bound.arguments["round_scale"]))
+            return _cast(*args, **kwargs)
         monkeypatch.setattr(dskernels, name, recorded)
 
 
@@ -537,7 +540,8 @@ def test_ue8m0_scale_format(monkeypatch):
                                        (o_proj.weight, o_proj.weight_scale_inv), expected)
         assert torch.equal(o_proj(h), expected)
     names = {name for name, _ in calls}
-    assert names == {"per_token_cast_to_fp8", "per_block_cast_to_fp8"} and all(flag for _, flag in calls), calls
+    assert names == {"per_token_cast_to_fp8", "per_block_cast_to_fp8", "silu_and_mul_cast_to_fp8"} \
+        and all(flag for _, flag in calls), calls
     ref = hf_module().DeepseekV3DecoderLayer(hf_config(cfg), 1).float().eval()
     ref.load_state_dict(layer.hf_state_dict(torch.float32))  # the dequantized weights
     h = torch.randn(1, 16, cfg.hidden_size).bfloat16()

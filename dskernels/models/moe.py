@@ -149,10 +149,10 @@ class Experts(nn.Module):
         if not self.is_fp8:
             xs = xs.to(self.gate_up_proj.dtype)
         h = self._gemm(xs, self.gate_up_proj, self.gate_up_proj_scale_inv, m_indices, offsets)
-        gate, up = h.split(self.intermediate, dim=-1)
-        if self.is_fp8:
-            act = F.silu(gate.float()) * up.float()           # cast to FP8 straight from fp32
+        if self.is_fp8:  # SwiGLU in fp32 and the FP8 cast in one pass
+            act = dskernels.silu_and_mul_cast_to_fp8(h, round_scale=self.round_scale)
         else:
+            gate, up = h.split(self.intermediate, dim=-1)
             act = F.silu(gate) * up
         y = self._gemm(act, self.down_proj, self.down_proj_scale_inv, m_indices, offsets)
         weights = topk_weights.reshape(-1)[order]
@@ -180,8 +180,7 @@ class Experts(nn.Module):
         h = torch.empty(experts, rows, 2 * self.intermediate, dtype=torch.bfloat16, device=a.device)
         dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (self.gate_up_proj, self.gate_up_proj_scale_inv),
                                                         h, counts, expected_m)
-        gate, up = h.split(self.intermediate, dim=-1)
-        act = self._cast3d(F.silu(gate.float()) * up.float())
+        act = dskernels.silu_and_mul_cast_to_fp8(h, counts, self.round_scale)  # rows past counts skipped
         y = torch.empty(experts, rows, self.hidden, dtype=torch.bfloat16, device=a.device)
         dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(act, (self.down_proj, self.down_proj_scale_inv), y, counts,
                                                         expected_m)

@@ -93,6 +93,73 @@ def per_channel_cast_to_fp8(x: torch.Tensor, ks=None, ks_tensor: torch.Tensor | 
     return torch.ops.dskernels.per_channel_cast_to_fp8(x, ks, ks_tensor, round_scale)
 
 
+def silu_and_mul_cast_to_fp8(x: torch.Tensor, masked_m: torch.Tensor | None = None,
+                             round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A SwiGLU expert's activation, cast for its down projection, in one pass: x holds the gate
+    and up projections side by side ([gate | up], as the fused gate_up GEMM writes them), and
+    the result is per_token_cast_to_fp8(silu(gate) * up) with the product in fp32: no fp32
+    intermediate in memory, one read of x and one write of the FP8 values and scales.
+
+    Args:
+        x: [M, 2I] (contiguous layout) or [G, M, 2I] (masked layout), bfloat16, float16 or
+            float32, I % 128 == 0, any strides.
+        masked_m: None, or int32 [G] on x's device with a 3-dimensional x: only the rows
+            i < masked_m[g] of group g are computed (read and written on the device: CUDA-graph
+            safe), the others are left unspecified, as the masked grouped GEMM leaves them.
+        round_scale: power-of-two (UE8M0) scales, as for per_token_cast_to_fp8.
+
+    Returns:
+        act_fp8: [..., I] torch.float8_e4m3fn and act_scale: [..., I / 128] float32, row-major:
+        per_token_cast_to_fp8's output for act = silu(gate) * up (up to the last bit of silu's
+        exponential on a GPU).
+    """
+    _check_flag("round_scale", round_scale)
+    return torch.ops.dskernels.silu_and_mul_cast_to_fp8(x, masked_m, round_scale)
+
+
+def _check_silu_and_mul(x, masked_m) -> None:
+    check_tensor("x", x, dtypes=_SOURCE_DTYPES)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x: expected [M, 2I] or [G, M, 2I], got shape {tuple(x.shape)}")
+    check_multiple("x", x.shape[-1], 2 * GROUP_SIZE, "the last dimension (2I: gate and up, I % 128 == 0)")
+    if masked_m is not None:
+        if x.dim() != 3:
+            raise ValueError(f"masked_m: only with a 3-dimensional x [G, M, 2I], got x of shape {tuple(x.shape)}")
+        check_tensor("masked_m", masked_m, ndim=1, dtypes=(torch.int32,), device=x.device)
+        if masked_m.shape[0] != x.shape[0]:
+            raise ValueError(f"masked_m: expected shape ({x.shape[0]},) (one row count per group of x), got "
+                             f"{tuple(masked_m.shape)}")
+
+
+def _silu_and_mul_outputs(x):
+    half = x.shape[-1] // 2
+    return (x.new_empty(*x.shape[:-1], half, dtype=FP8),
+            x.new_empty(*x.shape[:-1], half // GROUP_SIZE, dtype=torch.float32))
+
+
+@torch.library.register_kernel("dskernels::silu_and_mul_cast_to_fp8", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+def _silu_and_mul_cast_to_fp8(x, masked_m=None, round_scale=False):
+    _check_silu_and_mul(x, masked_m)
+    backend = select_backend("silu_and_mul_cast_to_fp8", x.device, has_cuda=False, has_triton=True)
+    if backend == "ref":  # every row (those past masked_m are unspecified)
+        return python_ref.silu_and_mul_cast_to_fp8(x, round_scale)
+    from dskernels.triton import fp8_cast
+
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out, scale = _silu_and_mul_outputs(x)
+    batched = (lambda t: t) if x.dim() == 3 else (lambda t: t.unsqueeze(0))
+    fp8_cast.silu_and_mul_cast_to_fp8(batched(x), batched(out), batched(scale), masked_m, round_scale)
+    return out, scale
+
+
+@torch.library.register_fake("dskernels::silu_and_mul_cast_to_fp8")
+def _silu_and_mul_cast_to_fp8_fake(x, masked_m=None, round_scale=False):
+    _check_silu_and_mul(x, masked_m)
+    return _silu_and_mul_outputs(x)
+
+
 def _check_channel_cast(x, ks, ks_tensor) -> int:
     """per_channel_cast_to_fp8's arguments; returns the number of scale rows."""
     check_tensor("x", x, ndim=2, dtypes=_SOURCE_DTYPES)

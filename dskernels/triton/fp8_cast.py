@@ -75,6 +75,47 @@ def _per_channel_cast_kernel(x_ptr, out_ptr, scale_ptr, ks_ptr, tokens, h, group
     tl.store(scale_ptr + block.to(tl.int64) * stride_sb + cols, scale, mask=col_ok)
 
 
+@triton.jit
+def _silu_and_mul_cast_kernel(x_ptr, out_ptr, scale_ptr, masked_m_ptr, m, half,
+                              stride_xg, stride_xm, stride_og, stride_om, stride_sg, stride_sm, stride_mm,
+                              BLOCK_M: tl.constexpr, GROUP: tl.constexpr, ROUND_SCALE: tl.constexpr,
+                              MASKED: tl.constexpr):
+    # One program: BLOCK_M rows x one 128-wide group of the output, of batch entry program_id(2);
+    # gate at columns c, up at half + c. MASKED: the rows past masked_m[g] are skipped (not read,
+    # not written), as the masked grouped GEMM leaves them.
+    batch = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    group = tl.program_id(1)
+    cols = group * GROUP + tl.arange(0, GROUP)
+    rows_here = m
+    if MASKED:
+        rows_here = tl.minimum(tl.maximum(tl.load(masked_m_ptr + batch * stride_mm), 0), m)
+    row_ok = (rows < rows_here)[:, None]
+    x_rows = x_ptr + batch * stride_xg + rows[:, None].to(tl.int64) * stride_xm
+    gate = tl.load(x_rows + cols[None, :], mask=row_ok, other=0.0).to(tl.float32)
+    up = tl.load(x_rows + half + cols[None, :], mask=row_ok, other=0.0).to(tl.float32)
+    act = gate * tl.sigmoid(gate) * up
+    bits, scale = cast_groups(act, ROUND_SCALE)
+    tl.store(out_ptr + batch * stride_og + rows[:, None].to(tl.int64) * stride_om + cols[None, :], bits, mask=row_ok)
+    tl.store(scale_ptr + batch * stride_sg + rows.to(tl.int64) * stride_sm + group, scale, mask=rows < rows_here)
+
+
+def silu_and_mul_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, masked_m, round_scale: bool) -> None:
+    """x [G, M, 2I] (unit stride along the columns) -> out fp8 [G, M, I], scale [G, M, I / 128]."""
+    groups, m, width = x.shape
+    half = width // 2
+    if groups == 0 or m == 0 or half == 0:
+        return
+    assert x.stride(2) == 1 and out.stride(2) == 1 and scale.stride(2) == 1
+    block_m = 8
+    grid = (triton.cdiv(m, block_m), half // GROUP_SIZE, groups)
+    _silu_and_mul_cast_kernel[grid](x, out.view(torch.uint8), scale, x if masked_m is None else masked_m, m, half,
+                                    x.stride(0), x.stride(1), out.stride(0), out.stride(1), scale.stride(0),
+                                    scale.stride(1), 0 if masked_m is None else masked_m.stride(0),
+                                    BLOCK_M=block_m, GROUP=GROUP_SIZE, ROUND_SCALE=round_scale,
+                                    MASKED=masked_m is not None, num_warps=4)
+
+
 def per_token_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, round_scale: bool = False) -> None:
     m, k = x.shape
     assert x.stride(1) == 1 and out.stride(1) == 1
