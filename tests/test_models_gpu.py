@@ -77,6 +77,26 @@ def test_fp8_decode_step_in_a_cuda_graph():
     replays_equal_eager(step, x, positions, lens, ([7, 1, 120, 160], [0, 63, 64, 190]))
 
 
+def test_fp8_kv_cache_decode_step_in_a_cuda_graph():
+    """V3 with an FP8 KV cache (float8_e4m3fn, kv_cache_scale): the decode step (quantizing write,
+    flash_mla_with_kvcache with k_scale) captured once and replayed with new tokens and lengths
+    equals the eager step; the default scale (None: a 1.0 made on the device) captures too."""
+    layer = make_layer(0, fp8=False, seed=2)
+    batch, page, pages = 4, 64, 3
+    cache = torch.randn(batch * pages, page, 1, CFG.kv_cache_dim, device="cuda").to(torch.float8_e4m3fn)
+    table = torch.arange(batch * pages, device="cuda").view(batch, pages).int()
+    x = torch.randn(batch, 1, CFG.hidden_size, device="cuda").bfloat16()
+    positions = torch.full((batch, 1), 100, device="cuda")
+    lens = torch.tensor([5, 64, 100, 150], dtype=torch.int32, device="cuda")
+    for scale in (torch.tensor([0.5], device="cuda"), None):
+        def step():
+            with torch.no_grad():
+                return layer(x, positions, kv_cache=cache, block_table=table, cache_seqlens=lens,
+                             kv_cache_scale=scale)
+
+        replays_equal_eager(step, x, positions, lens, ([7, 1, 120, 160], [0, 63, 64, 190]))
+
+
 def replays_equal_eager(step, x, positions, lens, new_lens_list):
     """Captures step() in a CUDA graph (after two warm-up calls: absorbed weights, Triton
     compilation / autotuning), then for each new lengths: new tokens at positions = lens, one
