@@ -47,6 +47,7 @@ from dskernels.ops.gemm import (  # noqa: E402
     m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
     m_grouped_gemm_fp8_fp8_bf16_nt_masked,
     set_num_sms,
+    transform_sf_into_required_layout,
 )
 from dskernels.ops.gemm_bf16 import (  # noqa: E402
     bf16_gemm_nn,
@@ -114,4 +115,5 @@ __all__ = [
     "quantize_sparse_kv_cache",
     "set_num_sms",
     "silu_and_mul_cast_to_fp8",
+    "transform_sf_into_required_layout",
 ]

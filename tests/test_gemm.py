@@ -525,6 +525,25 @@ def test_deepgemm_options_of_the_newer_names():
         assert torch.equal(out3[group, :rows], g["out"][group, :rows])
 
 
+def test_transform_sf_into_required_layout():
+    """DeepGEMM's load-time helper: same values; 1x128 scales MN-major TMA-aligned, 128x128 as given;
+    shapes and recipes checked by name."""
+    sa = torch.rand(130, 2)
+    out = dskernels.transform_sf_into_required_layout(sa, 130, 256, (1, 128, 128), is_sfa=True)
+    assert torch.equal(out, sa) and out.stride() == (1, 132)
+    sb = torch.rand(3, 2, 2)
+    assert dskernels.transform_sf_into_required_layout(sb, 200, 256, (1, 128, 128), num_groups=3) is sb
+    per_row = dskernels.transform_sf_into_required_layout(torch.rand(7, 2), 7, 256, (1, 1, 128))  # sfb, 1x128
+    assert per_row.stride() == (1, 8)
+    assert dskernels.transform_sf_into_required_layout(sb, 200, 256, (128, 128), 3, disable_ue8m0_cast=True) is sb
+    with pytest.raises(ValueError, match=r"^sf: expected shape \(3, 3, 2\) \(num_groups x ceil\(mn / 128\)"):
+        dskernels.transform_sf_into_required_layout(sb, 300, 256, (1, 128, 128), num_groups=3)
+    with pytest.raises(ValueError, match="^recipe: only 1x128 and 128x128 scales exist here, got 1x32"):
+        dskernels.transform_sf_into_required_layout(sa, 130, 256, (1, 128, 32), is_sfa=True)
+    with pytest.raises(TypeError, match="^sf: expected dtype float32, got torch.int32"):
+        dskernels.transform_sf_into_required_layout(sa.int(), 130, 256, (1, 128, 128), is_sfa=True)
+
+
 # ---- torch.library / torch.compile ----
 
 def _sample(masked=False):

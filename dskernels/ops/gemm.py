@@ -454,6 +454,36 @@ def get_col_major_tma_aligned_tensor(x: torch.Tensor) -> torch.Tensor:
 get_mn_major_tma_aligned_tensor = get_col_major_tma_aligned_tensor  # DeepGEMM's newer name
 
 
+def transform_sf_into_required_layout(sf: torch.Tensor, mn: int, k: int, recipe, num_groups: int | None = None,
+                                      is_sfa: bool | None = False, disable_ue8m0_cast: bool = False) -> torch.Tensor:
+    """DeepGEMM's scale-layout helper (serving engines call it once per weight at load time), as
+    its sm90 build does it for fp32 scales: 1x128 scales (sfa, or sfb with recipe (1, 1, 128)) come
+    back MN-major and TMA-aligned (get_col_major_tma_aligned_tensor), 128x128 weight scales as they
+    are. The values never change, and our GEMMs read any strides, so the result is only a layout.
+
+    Args:
+        sf: float32 [(num_groups,) ceil(mn / gran_mn), ceil(k / gran_k)].
+        mn, k: the operand's rows and columns. recipe: (gran_m, gran_n, gran_k), or DeepGEMM's
+            per-operand (gran_mn, gran_k). is_sfa: sf belongs to a (gran_m) rather than b (gran_n).
+        disable_ue8m0_cast: Blackwell's packed UE8M0 scales: never made here (fp32 stays fp32).
+    """
+    check_tensor("sf", sf, dtypes=(torch.float32,))
+    recipe = tuple(recipe)
+    if len(recipe) == 3:
+        gran = (recipe[0] if is_sfa else recipe[1], recipe[2])
+    elif len(recipe) == 2:
+        gran = recipe
+    else:
+        raise ValueError(f"recipe: expected (gran_m, gran_n, gran_k) or (gran_mn, gran_k), got {recipe!r}")
+    if gran not in ((1, GROUP_SIZE), (GROUP_SIZE, GROUP_SIZE)):
+        raise ValueError(f"recipe: only 1x128 and 128x128 scales exist here, got {gran[0]}x{gran[1]} for "
+                         f"{'sfa' if is_sfa else 'sfb'} (recipe {recipe!r})")
+    expected = ((num_groups,) if num_groups is not None else ()) + (-(-mn // gran[0]), -(-k // gran[1]))
+    _check_shape("sf", sf, expected, f"{'' if num_groups is None else 'num_groups x '}ceil(mn / {gran[0]}) x "
+                                     f"ceil(k / {gran[1]}) scales")
+    return get_col_major_tma_aligned_tensor(sf) if gran[0] == 1 else sf
+
+
 # ---- validation (shared by the real and fake kernels) ----
 
 def _unpack(name, pair):
