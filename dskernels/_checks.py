@@ -37,3 +37,24 @@ def check_no_overlap(name: str, out: torch.Tensor) -> None:
 def check_multiple(name: str, value: int, factor: int, what: str) -> None:
     if value % factor != 0:
         raise ValueError(f"{name}: expected {what} to be a multiple of {factor}, got {value}")
+
+
+def may_share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether writing a could change b: the same storage, intersecting byte ranges, and torch's
+    overlap test not ruling it out (it answers "may" for any non-dense view; the byte ranges settle
+    the common case of disjoint slices of one buffer)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    try:
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return False
+    except RuntimeError:  # fake or functional tensors (tracing): no memory to compare; the real call checks
+        return False
+
+    def extent(t):
+        first = t.storage_offset() * t.element_size()
+        span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if stride > 0)
+        return first, first + (span + 1) * t.element_size()
+
+    (a_lo, a_hi), (b_lo, b_hi) = extent(a), extent(b)
+    return a_lo < b_hi and b_lo < a_hi and bool(torch._C._overlaps(a, b))

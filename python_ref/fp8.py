@@ -104,5 +104,5 @@ def silu_and_mul_cast_to_fp8(x: torch.Tensor, round_scale: bool = False) -> tupl
     (fp8 [..., I], fp32 scales [..., I / 128])."""
     gate, up = x.float().chunk(2, dim=-1)
     act = torch.nn.functional.silu(gate) * up
-    q, s = per_token_cast_to_fp8(act.reshape(-1, act.shape[-1]), round_scale)
-    return q.reshape(act.shape), s.reshape(*act.shape[:-1], -1)
+    q, s = per_token_cast_to_fp8(act.reshape(act.shape[:-1].numel(), act.shape[-1]), round_scale)
+    return q.reshape(act.shape), s.reshape(*act.shape[:-1], act.shape[-1] // GROUP_SIZE)

@@ -284,6 +284,11 @@ def gemm_cases(compiler: Compiler) -> None:
     def k_grouped_unaligned(m):  # tn groups of any size (nt ones are padded to multiples of 16 first)
         k_grouped(m, False, per_group=4001)
 
+    def dense_nn(m):  # fp8_gemm_nn's b.T view: read MN-major on sm_100, copied K-major elsewhere
+        triton_gemm.gemm_fp8_fp8_bf16_nt(_meta(m, k, dtype=f8), _meta(m, k // 128, dtype=torch.float32),
+                                         _meta(k, n, dtype=f8).T, _meta(k // 128, n // 128, dtype=torch.float32).T,
+                                         _meta(m, n))
+
     def contiguous_psum(m):  # DeepGEMM's psum layout: [G] cumulative ends, zero padding
         triton_gemm.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(
             _meta(m, k, dtype=f8), _meta(m, k // 128, dtype=torch.float32), _meta(groups, n, k, dtype=f8),
@@ -310,7 +315,8 @@ def gemm_cases(compiler: Compiler) -> None:
     heuristic = triton_gemm._heuristic_config
     per_row = (weight_gradient, k_grouped_nt, k_grouped_tn)
     bf16 = (bf16_contiguous, bf16_contiguous_nn, bf16_masked, bf16_k_grouped)
-    for name, call, max_block_m in [("dense", dense, 256), ("contiguous", contiguous, 128), ("masked", masked, 256),
+    for name, call, max_block_m in [("dense", dense, 256), ("dense nn", dense_nn, 256),
+                                    ("contiguous", contiguous, 128), ("masked", masked, 256),
                                     ("contiguous psum", contiguous_psum, 128),
                                     ("weight gradient", weight_gradient, 256), ("k-grouped nt", k_grouped_nt, 256),
                                     ("k-grouped tn", k_grouped_tn, 256),

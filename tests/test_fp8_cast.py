@@ -428,6 +428,30 @@ def test_silu_and_mul_cast(backend, dtype, round_scale):
     assert_silu_and_mul_cast(masked, masked_fp8, masked_scale, rows=counts)
 
 
+def test_silu_and_mul_cast_masked_rows_untouched_and_empty_inputs(backend):
+    """The Triton kernel neither reads nor writes rows past masked_m (outputs preset to a sentinel
+    keep it there: the op's own outputs are new tensors, so its launcher is called directly), and
+    every backend takes zero rows, zero groups and zero columns."""
+    name, device = backend
+    if name == "cuda":
+        pytest.skip("no CUDA kernel (test_silu_and_mul_cast checks the refusal)")
+    for shape in ((0, 256), (4, 0), (2, 0, 256), (0, 3, 256)):
+        fp8, scale = dskernels.silu_and_mul_cast_to_fp8(torch.zeros(shape, device=device))
+        assert fp8.shape == (*shape[:-1], shape[-1] // 2) and scale.shape == (*shape[:-1], shape[-1] // 256)
+    if name != "triton":
+        return
+    from dskernels.triton import fp8_cast
+
+    x = torch.randn(3, 20, 256, device=device)
+    counts = [5, 0, 20]
+    out = torch.full((3, 20, 128), 0x55, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+    scale = torch.full((3, 20, 1), -7.0, device=device)
+    fp8_cast.silu_and_mul_cast_to_fp8(x, out, scale, torch.tensor(counts, dtype=torch.int32, device=device), False)
+    for g, rows in enumerate(counts):
+        assert (out[g, rows:].view(torch.uint8) == 0x55).all() and (scale[g, rows:] == -7).all()
+        assert (scale[g, :rows] > 0).all()
+
+
 def test_silu_and_mul_cast_bad_input_opcheck_and_compile():
     x = torch.randn(4, 256)
     with pytest.raises(ValueError, match=r"^x: expected the last dimension \(2I: gate and up, I % 128 == 0\) to be a "

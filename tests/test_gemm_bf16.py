@@ -62,10 +62,13 @@ LAYOUTS = {  # name: (a's shape from (m, k), b's shape from (n, k), how a and b 
 @pytest.mark.parametrize("c_kind", [None, "separate", "in_place"])
 @pytest.mark.parametrize("out_dtype", [BF16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_bf16_gemm_dense(layout, out_dtype, c_kind, monkeypatch):
+def test_bf16_gemm_dense(layout, out_dtype, c_kind, request):
     device = device_here()
-    # cuBLAS may otherwise round split-K partial sums to bf16 (torch's default allows it; docs/gemm.md)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
+    if device == "cuda":  # cuBLAS may otherwise round split-K partial sums to bf16 (torch's default; docs/gemm.md)
+        matmul = torch.backends.cuda.matmul
+        previous = matmul.allow_bf16_reduced_precision_reduction
+        matmul.allow_bf16_reduced_precision_reduction = False
+        request.addfinalizer(lambda: setattr(matmul, "allow_bf16_reduced_precision_reduction", previous))
     m, n, k = 7, 129, 200
     shape_a, shape_b, as_mk, as_nk = LAYOUTS[layout]
     a, b = bf16_randn(*shape_a(m, k), device=device), bf16_randn(*shape_b(n, k), device=device)

@@ -118,6 +118,10 @@ def test_fp8_gemm_other_layouts(backend, layout, path, monkeypatch):
     sm_100) or the launcher copies them K-major first (Hopper), forced here by the knob."""
     name, device = backend
     monkeypatch.setenv("DSKERNELS_GEMM_TOKEN_MAJOR", path)
+    if name == "triton":  # what the kernels receive: K-major copies on the transpose path
+        from dskernels.triton import gemm as triton_gemm
+        seen, real = [], triton_gemm._operands
+        monkeypatch.setattr(triton_gemm, "_operands", lambda a, b: seen.append(real(a, b)) or seen[-1])
     m, n = 7, 129
     x, a, sa = quantized_pair(m, K, device, per_block=False, scale_layout="row")
     w, b, sb = quantized_pair(n, K, device, per_block=True, scale_layout="row")
@@ -127,6 +131,9 @@ def test_fp8_gemm_other_layouts(backend, layout, path, monkeypatch):
     getattr(dskernels, f"fp8_gemm_{layout}")(lhs, rhs, out)
     assert_close_to_oracle(out, a, sa, b, sb)
     assert_close_to_bf16_product([(out, x, w)])
+    if name == "triton":
+        k_strides = [t.stride(-1) for t in seen[0][:2]]
+        assert k_strides == [1, 1] if path == "transpose" else k_strides != [1, 1], k_strides
     if name != "cuda":  # the general form too: fp32 out accumulating into c
         c = torch.randn(m, n, device=device)
         acc = c.clone()
@@ -154,6 +161,8 @@ def test_other_layouts_name_the_contraction_dimension():
     with pytest.raises(ValueError, match=r"^b: expected k = 256 as dimension 0 \(this layout holds b as \[\.\., k, rows\]\), "
                                          r"got shape \(512, 8\)"):
         dskernels.fp8_gemm_nn((a, sa), k_outer((b, sb)), out)
+    with pytest.raises(ValueError, match=r"^b: expected k = 256 \(a's first dimension in this layout\)"):
+        dskernels.fp8_gemm_tt(k_outer((a, sa)), (b, sb), out)
     with pytest.raises(ValueError, match="^sa: expected a tensor of at least 2 dimensions"):
         dskernels.fp8_gemm_tn((a.T, sa[:, 0]), (b, sb), out)
     with pytest.raises(TypeError, match="^rhs: expected a tuple"):

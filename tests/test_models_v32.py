@@ -367,7 +367,8 @@ def test_bad_inputs():
     v3 = DeepseekV3Config.tiny()
     with pytest.raises(ValueError, match="^index_cache: only a DeepSeek-V3.2 layer"):
         DeepseekV3DecoderLayer(v3, 0, dtype=torch.float32)(x, positions, index_cache=index_cache, **call)
-    with pytest.raises(TypeError, match="^kv_cache: expected the layer's dtype torch.float32 or float8_e4m3fn, got torch.uint8"):
+    with pytest.raises(TypeError, match=r"^kv_cache: expected the layer's dtype torch.float32 or float8_e4m3fn "
+                                        r"\(an FP8 cache with kv_cache_scale\), got torch.uint8"):
         DeepseekV3DecoderLayer(v3, 0, dtype=torch.float32)(x, positions, **{**call, "kv_cache": cache.byte()})
 
 

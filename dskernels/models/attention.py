@@ -118,14 +118,16 @@ class MLAttention(nn.Module):
     @staticmethod
     def _check_kv_cache_scale(scale, device) -> torch.Tensor:
         """A dense FP8 cache's per-tensor scale (dequantized = fp8 * scale): float32, one element on
-        the cache's device; None means 1.0 (as serving engines default it without calibration)."""
+        the cache's device; None means 1.0 (as serving engines default it without calibration). It
+        must be positive and finite, which is not checked (that would read it on the host)."""
         if scale is None:
             return torch.ones(1, dtype=torch.float32, device=device)
-        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() != 1 \
-                or scale.device != device:
-            got = (f"{scale.dtype} of shape {tuple(scale.shape)} on {scale.device}" if isinstance(scale, torch.Tensor)
-                   else type(scale).__name__)
-            raise ValueError(f"kv_cache_scale: expected a float32 tensor of one element on {device}, got {got}")
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+            got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
+            raise TypeError(f"kv_cache_scale: expected a float32 tensor, got {got}")
+        if scale.numel() != 1 or scale.device != device:
+            raise ValueError(f"kv_cache_scale: expected one element on {device} (the cache's device), got shape "
+                             f"{tuple(scale.shape)} on {scale.device}")
         return scale.reshape(1)
 
     def _absorbed_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
@@ -169,6 +171,8 @@ class MLAttention(nn.Module):
         # (flash_mla_with_kvcache's k_scale); V3.2: its own 656-byte FP8 layout (fp8_cache).
         dense_fp8 = self.indexer is None and kv_cache.dtype == FP8
         fp8_cache = kv_cache.dtype in (torch.uint8, FP8) and not dense_fp8
+        if dense_fp8:  # checked before any early return
+            kv_cache_scale = self._check_kv_cache_scale(kv_cache_scale, kv_cache.device)
         width = _FP8_CACHE_BYTES if fp8_cache else d
         if fp8_cache and (self.indexer is None or (cfg.kv_lora_rank, cfg.qk_rope_head_dim) != (512, 64)):
             raise ValueError(f"kv_cache: the FP8 layout ({_FP8_CACHE_BYTES} bytes per token) is DeepSeek-V3.2's "
@@ -202,7 +206,6 @@ class MLAttention(nn.Module):
         if fp8_cache:
             kv_cache.view(torch.uint8).view(-1, width)[flat] = dskernels.quantize_sparse_kv_cache(new).view(torch.uint8)
         elif dense_fp8:
-            kv_cache_scale = self._check_kv_cache_scale(kv_cache_scale, kv_cache.device)
             # e4m3 saturates at 448: a latent past 448 * scale is clamped rather than made NaN
             values = (new.float() / kv_cache_scale).clamp(-448, 448).to(FP8)
             kv_cache.view(torch.uint8).view(-1, d).index_copy_(0, flat, values.view(torch.uint8))

@@ -91,7 +91,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         cache: uint8 [num_pages, page_size, 1, 656] (FlashMLA's layout, kv_lora_rank 512 + rope 64).
 
         FP8 KV cache for dense attention (V3): kv_cache may be float8_e4m3fn of the same shape, with
-        kv_cache_scale a float32 tensor of one element (None: 1.0): the latents are stored as
+        kv_cache_scale a float32 tensor of one element, positive and finite (None: 1.0): the latents are stored as
         clamp(value / scale, -448, 448) in e4m3 and flash_mla_with_kvcache dequantizes them with
         k_scale = scale, at half a bf16 cache's memory and bytes read per decode step."""
         if x.dim() != 3 or x.shape[-1] != self.cfg.hidden_size:
@@ -100,9 +100,9 @@ class DeepseekV3DecoderLayer(nn.Module):
             raise TypeError(f"x: expected the layer's dtype {self.dtype}, got {x.dtype}")
         if kv_cache is not None and kv_cache.dtype not in (self.dtype, FP8):
             if self.cfg.index_topk is None or kv_cache.dtype != torch.uint8:
-                raise TypeError(f"kv_cache: expected the layer's dtype {self.dtype} or float8_e4m3fn"
-                                f"{'' if self.cfg.index_topk is None else ' (or uint8: the FP8 layout)'}"
-                                f", got {kv_cache.dtype}")
+                fp8 = (" or float8_e4m3fn (an FP8 cache with kv_cache_scale)" if self.cfg.index_topk is None
+                       else " (or uint8 / float8_e4m3fn: V3.2's 656-byte FP8 layout)")
+                raise TypeError(f"kv_cache: expected the layer's dtype {self.dtype}{fp8}, got {kv_cache.dtype}")
         if tuple(positions.shape) != tuple(x.shape[:2]):
             raise ValueError(f"positions: expected shape {list(x.shape[:2])}, got {list(positions.shape)}")
         h = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, block_table, cache_seqlens, index_cache,

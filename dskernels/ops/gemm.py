@@ -13,7 +13,7 @@ import operator
 import torch
 
 from dskernels._backend import env_choice, select_backend
-from dskernels._checks import check_multiple, check_no_overlap, check_tensor
+from dskernels._checks import check_multiple, check_no_overlap, check_tensor, may_share_memory
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from python_ref import gemm as ref
 
@@ -195,8 +195,12 @@ def fp8_gemm_tt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_
                 recipe_a=None, recipe_b=None) -> None:
     """DeepGEMM's fp8_gemm_tt: out = c + A.T @ B.T with lhs = (a [k, m], sa [k / 128, m]) and rhs as
     for fp8_gemm_nt: fp8_gemm_nt of (a.T, sa.T), rhs. As fp8_gemm_nn otherwise."""
-    fp8_gemm_nt(_transposed("lhs", lhs, None, "a"), rhs, out, c, recipe, compiled_dims, disable_ue8m0_cast,
-                recipe_a=recipe_a, recipe_b=recipe_b)
+    a, sa = _transposed("lhs", lhs, None, "a")
+    b, _ = _unpack("rhs", rhs)
+    if isinstance(b, torch.Tensor) and b.dim() == 2 and b.shape[-1] != a.shape[-1]:
+        raise ValueError(f"b: expected k = {a.shape[-1]} (a's first dimension in this layout) as its last "
+                         f"dimension, got shape {tuple(b.shape)}")
+    fp8_gemm_nt((a, sa), rhs, out, c, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
 
 
 def _transposed(name: str, pair, k, operand: str):
@@ -225,7 +229,7 @@ def _check_c(c, out, out_name: str = "out") -> None:
     if not torch.compiler.is_compiling():
         check_no_overlap(out_name, out)
         same_view = c.data_ptr() == out.data_ptr() and c.stride() == out.stride()  # c = out[:] is out
-        if not same_view and torch._C._overlaps(c, out):
+        if not same_view and may_share_memory(c, out):
             raise ValueError(f"c: expected {out_name} itself or a tensor that shares no memory with {out_name}, got "
                              f"one that overlaps it (strides {tuple(c.stride())}, {out_name}'s {tuple(out.stride())})")
 
