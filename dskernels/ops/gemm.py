@@ -175,7 +175,8 @@ def fp8_gemm_nn(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_
     per 128x128 block, or [k / 128, n] per column per 128 rows), i.e. fp8_gemm_nt of (b.T, sb.T)
     (DeepGEMM's own definition). Other arguments as fp8_gemm_nt; shapes in its error messages are
     the nt form's (b.T). On Hopper the Triton path first copies b K-major (one pass over b: its FP8
-    wgmma reads K-major tiles only); the sm90 CUDA path does the same."""
+    wgmma reads K-major tiles only); the sm90 CUDA path does the same. For a weight used across
+    calls, make that copy once and call fp8_gemm_nt."""
     a, _ = _unpack("lhs", lhs)
     fp8_gemm_nt(lhs, _transposed("rhs", rhs, a.shape[-1] if isinstance(a, torch.Tensor) else None, "b"),
                 out, c, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
@@ -382,7 +383,9 @@ def m_grouped_fp8_gemm_nn_contiguous(lhs, rhs, out, m_indices, recipe=None, comp
     """DeepGEMM's m_grouped_fp8_gemm_nn_contiguous: as m_grouped_fp8_gemm_nt_contiguous with rhs =
     (b [G, k, n], sb [G, k / 128, ceil(n / 128)]): row i is A[i] @ B[g] (the experts' input gradient
     from the forward weights' transposed copy), i.e. the nt form of (b, sb) with the last two
-    dimensions swapped. On Hopper the Triton and CUDA paths copy b K-major first."""
+    dimensions swapped. On Hopper the Triton and CUDA paths copy b K-major first, on every call: for
+    weights used across calls (all G experts' b, gigabytes for V3), make that copy once
+    (b.transpose(1, 2).contiguous()) and call m_grouped_fp8_gemm_nt_contiguous instead."""
     a, _ = _unpack("lhs", lhs)
     m_grouped_fp8_gemm_nt_contiguous(lhs, _transposed("rhs", rhs, a.shape[-1] if isinstance(a, torch.Tensor) else None,
                                                       "b"),
