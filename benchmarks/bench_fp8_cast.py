@@ -74,6 +74,7 @@ def cases(quick: bool, device: str) -> list[Case]:
     # V3's experts (I = 2048): SwiGLU + cast of a prefill's 8192 rows, and the masked decode layout
     found += [_silu_and_mul_case(rows, inter, masked) for rows, inter, masked in
               ([(37, 256, False), (20, 256, True)] if device == "cpu" else [(8192, 2048, False), (256, 2048, True)])]
+    found += [_silu_and_mul_bf16_case(*((20, 256) if device == "cpu" else (256, 2048)), groups=8)]
     return found
 
 
@@ -119,3 +120,29 @@ def _silu_and_mul_case(rows, inter, masked, groups=8):
                 make_inputs=make_inputs, run=run, reference=reference, check=check, flops=0.0,
                 bytes=valid * (4 * inter + inter + 4 * inter // 128),
                 peers={"torch": reference, "torch.compile": torch_compile_peer})
+
+
+def _silu_and_mul_bf16_case(rows, inter, groups):
+    """silu_and_mul in the masked layout (bf16 experts' decode): [8, rows, 2I] bf16, 70% valid;
+    bytes: the valid rows' x read (4I bytes) and activation written (2I)."""
+    counts = [int(rows * 0.7)] * groups
+
+    def make_inputs(device):
+        return (torch.randn(groups, rows, 2 * inter, device=device).to(torch.bfloat16),
+                torch.tensor(counts, dtype=torch.int32, device=device))
+
+    def run(x, masked_m):
+        return dskernels.silu_and_mul(x, masked_m)
+
+    def reference(x, masked_m):  # every row; the unfused ops a bf16 expert ran before
+        return python_ref.silu_and_mul(x)
+
+    def check(out, expected):  # valid rows within one bf16 rounding (fp32 math inside on both sides)
+        keep = torch.arange(rows, device=out.device)[None, :] < torch.tensor(counts, device=out.device)[:, None]
+        got, want = out[keep].float(), expected.to(out.device)[keep].float()
+        off = ((got - want).abs() > 2**-7 * want.abs() + 2**-30).sum().item()
+        return None if off == 0 else f"{off} values more than a bf16 rounding from python_ref"
+
+    return Case(op="silu_and_mul", params={"rows": rows, "I": inter, "masked": True}, make_inputs=make_inputs,
+                run=run, reference=reference, check=check, flops=0.0, bytes=sum(counts) * 6 * inter,
+                peers={"torch": reference})

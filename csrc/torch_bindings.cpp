@@ -30,6 +30,8 @@ TORCH_LIBRARY(dskernels, m) {
   // x [..., 2I] = [gate | up] -> per_token_cast_to_fp8(silu(gate) * up) in one pass: fp8 [..., I] and
   // scales [..., I/128]. masked_m [G] (x [G, M, 2I]): only rows < masked_m[g] are written.
   m.def("silu_and_mul_cast_to_fp8(Tensor x, Tensor? masked_m=None, bool round_scale=False) -> (Tensor, Tensor)");
+  // The same activation without the cast: [..., I] in x's dtype (bf16 experts), any I.
+  m.def("silu_and_mul(Tensor x, Tensor? masked_m=None) -> Tensor");
   m.def("_sm90_per_token_cast_to_fp8(Tensor x, Tensor(a!) x_fp8, Tensor(b!) x_scale, bool round_scale) -> ()");
   m.def("_sm90_per_block_cast_to_fp8(Tensor w, Tensor(a!) w_fp8, Tensor(b!) w_scale, bool round_scale) -> ()");
 

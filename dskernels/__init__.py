@@ -24,7 +24,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 from dskernels import ops  # noqa: E402,F401  (registers the Python kernels)
 from dskernels._backend import available_backends, backend, current_backend  # noqa: E402
 from dskernels.ops.fp8 import (per_block_cast_to_fp8, per_channel_cast_to_fp8, per_token_cast_to_fp8,  # noqa: E402
-                               silu_and_mul_cast_to_fp8)
+                               silu_and_mul, silu_and_mul_cast_to_fp8)
 from dskernels.ops.gemm import (  # noqa: E402
     fp8_gemm_nn,
     fp8_gemm_nt,
@@ -114,6 +114,7 @@ __all__ = [
     "per_token_cast_to_fp8",
     "quantize_sparse_kv_cache",
     "set_num_sms",
+    "silu_and_mul",
     "silu_and_mul_cast_to_fp8",
     "transform_sf_into_required_layout",
 ]

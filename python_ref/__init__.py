@@ -6,7 +6,7 @@ One module per family: fp8 (casts), gemm, mla, ep, models (the whole decoder lay
 
 from python_ref.ep import get_dispatch_layout
 from python_ref.fp8 import (FP8_MAX, GROUP_SIZE, per_block_cast_to_fp8, per_channel_cast_to_fp8, per_token_cast_to_fp8,
-                            silu_and_mul_cast_to_fp8)
+                            silu_and_mul, silu_and_mul_cast_to_fp8)
 from python_ref.gemm import (fp8_gemm_nt, gemm_fp8_fp8_bf16_nt, m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
                              m_grouped_gemm_fp8_fp8_bf16_nt_masked)
 from python_ref.mla import flash_mla_with_kvcache
@@ -23,5 +23,6 @@ __all__ = [
     "per_block_cast_to_fp8",
     "per_channel_cast_to_fp8",
     "per_token_cast_to_fp8",
+    "silu_and_mul",
     "silu_and_mul_cast_to_fp8",
 ]

@@ -98,6 +98,13 @@ def per_channel_cast_to_fp8(x: torch.Tensor, ks=None, round_scale: bool = False)
     return (torch.cat([empty.to(torch.float8_e4m3fn), *values]).contiguous(), torch.cat([empty, *scales]))
 
 
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation: x [..., 2I] holds [gate | up]; silu(gate) * up computed in fp32 and
+    rounded once to x's dtype -> [..., I]."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
 def silu_and_mul_cast_to_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A SwiGLU expert's activation cast for its down projection: x [..., 2I] holds [gate | up]
     (I % 128 == 0); act = silu(gate) * up in fp32, then per_token_cast_to_fp8(act) ->

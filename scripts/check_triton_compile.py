@@ -361,6 +361,9 @@ def cast_cases(compiler: Compiler) -> None:
                                                  _meta(groups, rows, inter, dtype=torch.float8_e4m3fn),
                                                  _meta(groups, rows, inter // 128, dtype=torch.float32),
                                                  _meta(groups, dtype=torch.int32) if masked else None, round_scale)
+            if not round_scale:  # the same activation without the cast (bf16 experts)
+                triton_cast.silu_and_mul(_meta(groups, rows, 2 * inter), _meta(groups, rows, inter),
+                                         _meta(groups, dtype=torch.int32) if masked else None)
 
 
 def ep_cases(compiler: Compiler) -> None:

@@ -475,3 +475,59 @@ def test_silu_and_mul_cast_bad_input_opcheck_and_compile():
     compiled = torch.compile(dskernels.silu_and_mul_cast_to_fp8, fullgraph=True, backend="aot_eager")
     for actual, expected in zip(compiled(x), dskernels.silu_and_mul_cast_to_fp8(x)):
         assert_same_bits(actual, expected)
+
+
+# ---- silu_and_mul: the same activation without the cast (float experts) ----
+
+@pytest.mark.parametrize("dtype", SOURCE_DTYPES, ids=lambda d: str(d)[6:])
+def test_silu_and_mul(backend, dtype):
+    """Any I (200 here: a partial last column block), strided NaN-padded source, the masked layout
+    with poisoned rows; within one rounding to the dtype of the exact activation (fp32 math inside,
+    a GPU's exponential may move its last fp32 bit)."""
+    name, device = backend
+    x = torch.randn(37, 416, device=device) * 3  # values (and products) well inside fp16's range
+    x[:, 400:] = float("nan")
+    x = x.to(dtype)[:, :400]
+    masked = torch.randn(3, 20, 400, device=device).to(dtype)
+    counts = [5, 0, 20]
+    for g, rows in enumerate(counts):
+        masked[g, rows:] = float("nan")
+    if name == "cuda":
+        with pytest.raises(NotImplementedError, match="^silu_and_mul: no CUDA kernel yet"):
+            dskernels.silu_and_mul(x)
+        return
+    rounding = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-24}[dtype]
+
+    def assert_close_to_exact(out, source, rows=None):
+        gate, up = source.cpu().double().chunk(2, dim=-1)
+        exact = gate * torch.sigmoid(gate) * up
+        # half an ulp of the dtype (fp16's subnormal step 2^-24 near zero), plus fp32's own error
+        ok = (out.cpu().double() - exact).abs() <= (rounding + 2**-20) * exact.abs() + 2**-25
+        if rows is not None:
+            ok = ok[torch.arange(source.shape[1])[None, :] < torch.tensor(rows)[:, None]]
+        assert ok.all(), f"{(~ok).sum().item()} values off"
+
+    out = dskernels.silu_and_mul(x)
+    assert out.shape == (37, 200) and out.dtype == dtype
+    assert_close_to_exact(out, x)
+    out = dskernels.silu_and_mul(masked, torch.tensor(counts, dtype=torch.int32, device=device))
+    assert out.shape == (3, 20, 200)
+    assert_close_to_exact(out, masked, counts)
+    if name == "triton":  # rows past masked_m neither read nor written (the launcher, with a sentinel)
+        from dskernels.triton import fp8_cast
+        sentinel = torch.full((3, 20, 200), -7.0, device=device).to(dtype)
+        fp8_cast.silu_and_mul(masked, sentinel, torch.tensor(counts, dtype=torch.int32, device=device))
+        for g, rows in enumerate(counts):
+            assert (sentinel[g, rows:] == -7).all() and (sentinel[g, :rows] != -7).all()
+
+
+def test_silu_and_mul_bad_input_opcheck_and_compile():
+    x = torch.randn(4, 6)
+    with pytest.raises(ValueError, match=r"^x: expected the last dimension \(2I: gate and up\) to be a multiple of 2"):
+        dskernels.silu_and_mul(x[:, :5])
+    with pytest.raises(ValueError, match=r"^masked_m: expected shape \(2,\)"):
+        dskernels.silu_and_mul(x.view(2, 2, 6), torch.ones(3, dtype=torch.int32))
+    torch.library.opcheck(torch.ops.dskernels.silu_and_mul, (x.bfloat16(),))
+    torch.library.opcheck(torch.ops.dskernels.silu_and_mul, (x.view(2, 2, 6), torch.tensor([1, 2], dtype=torch.int32)))
+    compiled = torch.compile(dskernels.silu_and_mul, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), dskernels.silu_and_mul(x))

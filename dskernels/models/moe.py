@@ -20,7 +20,6 @@ layer without EP traces into one graph and can be captured in a CUDA graph.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import dskernels
@@ -33,7 +32,7 @@ _GROUPED_MM = hasattr(torch, "_grouped_mm")
 def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, cfg: DeepseekV3Config):
     """x [T, H] -> (topk_idx int64 [T, K], topk_weights fp32 [T, K]); HF's math, see the module doc."""
     num_experts, groups = cfg.n_routed_experts, cfg.n_group
-    scores = F.linear(x.float(), gate_weight.float()).sigmoid()
+    scores = torch.nn.functional.linear(x.float(), gate_weight.float()).sigmoid()
     biased = scores + bias.float()
     group_scores = biased.view(-1, groups, num_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
     group_idx = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
@@ -152,8 +151,7 @@ class Experts(nn.Module):
         if self.is_fp8:  # SwiGLU in fp32 and the FP8 cast in one pass
             act = dskernels.silu_and_mul_cast_to_fp8(h, round_scale=self.round_scale)
         else:
-            gate, up = h.split(self.intermediate, dim=-1)
-            act = F.silu(gate) * up
+            act = dskernels.silu_and_mul(h)
         y = self._gemm(act, self.down_proj, self.down_proj_scale_inv, m_indices, offsets)
         weights = topk_weights.reshape(-1)[order]
         y = torch.where(valid[:, None], y.float() * weights[:, None], 0.0)
@@ -173,8 +171,7 @@ class Experts(nn.Module):
             return self._masked_bf16(x.to(torch.bfloat16), counts, expected_m).to(out_dtype)
         if not self.is_fp8:
             h = torch.bmm(x.to(self.gate_up_proj.dtype), self.gate_up_proj.transpose(1, 2))
-            gate, up = h.split(self.intermediate, dim=-1)
-            return torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2)).to(out_dtype)
+            return torch.bmm(dskernels.silu_and_mul(h), self.down_proj.transpose(1, 2)).to(out_dtype)
         a, sa = x if isinstance(x, tuple) else self._cast3d(x)
         experts, rows, _ = a.shape
         h = torch.empty(experts, rows, 2 * self.intermediate, dtype=torch.bfloat16, device=a.device)
@@ -190,9 +187,9 @@ class Experts(nn.Module):
         experts, rows, _ = x.shape
         h = torch.empty(experts, rows, 2 * self.intermediate, dtype=torch.bfloat16, device=x.device)
         dskernels.m_grouped_bf16_gemm_nt_masked(x, self.gate_up_proj, h, counts, expected_m)
-        gate, up = h.split(self.intermediate, dim=-1)
         y = torch.empty(experts, rows, self.hidden, dtype=torch.bfloat16, device=x.device)
-        dskernels.m_grouped_bf16_gemm_nt_masked(F.silu(gate) * up, self.down_proj, y, counts, expected_m)
+        dskernels.m_grouped_bf16_gemm_nt_masked(dskernels.silu_and_mul(h, counts), self.down_proj, y, counts,
+                                                expected_m)
         return y
 
     def _cast3d(self, x: torch.Tensor):

@@ -117,11 +117,22 @@ def silu_and_mul_cast_to_fp8(x: torch.Tensor, masked_m: torch.Tensor | None = No
     return torch.ops.dskernels.silu_and_mul_cast_to_fp8(x, masked_m, round_scale)
 
 
-def _check_silu_and_mul(x, masked_m) -> None:
+def silu_and_mul(x: torch.Tensor, masked_m: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU's activation for float experts: x = [gate | up] ([M, 2I] or [G, M, 2I], bfloat16,
+    float16 or float32, any I, any strides) -> silu(gate) * up in x's dtype ([.., I]), computed in
+    fp32 and rounded once, in one pass. masked_m as for silu_and_mul_cast_to_fp8: only each group's
+    first masked_m[g] rows are computed (the masked layout's valid rows; the others unspecified)."""
+    return torch.ops.dskernels.silu_and_mul(x, masked_m)
+
+
+def _check_silu_and_mul(x, masked_m, cast: bool = True) -> None:
     check_tensor("x", x, dtypes=_SOURCE_DTYPES)
     if x.dim() not in (2, 3):
         raise ValueError(f"x: expected [M, 2I] or [G, M, 2I], got shape {tuple(x.shape)}")
-    check_multiple("x", x.shape[-1], 2 * GROUP_SIZE, "the last dimension (2I: gate and up, I % 128 == 0)")
+    if cast:
+        check_multiple("x", x.shape[-1], 2 * GROUP_SIZE, "the last dimension (2I: gate and up, I % 128 == 0)")
+    else:
+        check_multiple("x", x.shape[-1], 2, "the last dimension (2I: gate and up)")
     if masked_m is not None:
         if x.dim() != 3:
             raise ValueError(f"masked_m: only with a 3-dimensional x [G, M, 2I], got x of shape {tuple(x.shape)}")
@@ -158,6 +169,28 @@ def _silu_and_mul_cast_to_fp8(x, masked_m=None, round_scale=False):
 def _silu_and_mul_cast_to_fp8_fake(x, masked_m=None, round_scale=False):
     _check_silu_and_mul(x, masked_m)
     return _silu_and_mul_outputs(x)
+
+
+@torch.library.register_kernel("dskernels::silu_and_mul", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+def _silu_and_mul(x, masked_m=None):
+    _check_silu_and_mul(x, masked_m, cast=False)
+    if select_backend("silu_and_mul", x.device, has_cuda=False, has_triton=True) == "ref":
+        return python_ref.silu_and_mul(x)  # every row (those past masked_m are unspecified)
+    from dskernels.triton import fp8_cast
+
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+    batched = (lambda t: t) if x.dim() == 3 else (lambda t: t.unsqueeze(0))
+    fp8_cast.silu_and_mul(batched(x), batched(out), masked_m)
+    return out
+
+
+@torch.library.register_fake("dskernels::silu_and_mul")
+def _silu_and_mul_fake(x, masked_m=None):
+    _check_silu_and_mul(x, masked_m, cast=False)
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
 
 def _check_channel_cast(x, ks, ks_tensor) -> int:

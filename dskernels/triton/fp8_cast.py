@@ -4,11 +4,13 @@ rounding the interpreter gets wrong). A NaN makes its group's scale and values N
 reference (max_nan: the GPU's plain max and min skip NaN). The fp8 output is written as the bits
 e4m3_bits computes, through a uint8 view: no fp8 type in the kernels, so they run on any GPU."""
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from dskernels.triton.fp8_math import cast_groups, e4m3_bits, max_nan, scales_of
+from dskernels.triton.fp8_math import cast_groups, e4m3_bits, max_nan, round_to_bf16, scales_of
 
 GROUP_SIZE = 128
 
@@ -76,13 +78,14 @@ def _per_channel_cast_kernel(x_ptr, out_ptr, scale_ptr, ks_ptr, tokens, h, group
 
 
 @triton.jit
-def _silu_and_mul_cast_kernel(x_ptr, out_ptr, scale_ptr, masked_m_ptr, m, half,
-                              stride_xg, stride_xm, stride_og, stride_om, stride_sg, stride_sm, stride_mm,
-                              BLOCK_M: tl.constexpr, GROUP: tl.constexpr, ROUND_SCALE: tl.constexpr,
-                              MASKED: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, scale_ptr, masked_m_ptr, m, half,
+                         stride_xg, stride_xm, stride_og, stride_om, stride_sg, stride_sm, stride_mm,
+                         BLOCK_M: tl.constexpr, GROUP: tl.constexpr, ROUND_SCALE: tl.constexpr,
+                         MASKED: tl.constexpr, CAST: tl.constexpr, ROUND_BF16: tl.constexpr):
     # One program: BLOCK_M rows x one 128-wide group of the output, of batch entry program_id(2);
     # gate at columns c, up at half + c. MASKED: the rows past masked_m[g] are skipped (not read,
-    # not written), as the masked grouped GEMM leaves them.
+    # not written), as the masked grouped GEMM leaves them. CAST: per_token_cast_to_fp8 of the
+    # activation (half % 128 == 0); else the activation itself in out's dtype (any half).
     batch = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     group = tl.program_id(1)
@@ -90,30 +93,47 @@ def _silu_and_mul_cast_kernel(x_ptr, out_ptr, scale_ptr, masked_m_ptr, m, half,
     rows_here = m
     if MASKED:
         rows_here = tl.minimum(tl.maximum(tl.load(masked_m_ptr + batch * stride_mm), 0), m)
-    row_ok = (rows < rows_here)[:, None]
+    mask = (rows < rows_here)[:, None] & (cols < half)[None, :]
     x_rows = x_ptr + batch * stride_xg + rows[:, None].to(tl.int64) * stride_xm
-    gate = tl.load(x_rows + cols[None, :], mask=row_ok, other=0.0).to(tl.float32)
-    up = tl.load(x_rows + half + cols[None, :], mask=row_ok, other=0.0).to(tl.float32)
+    gate = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_rows + half + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     act = gate * tl.sigmoid(gate) * up
-    bits, scale = cast_groups(act, ROUND_SCALE)
-    tl.store(out_ptr + batch * stride_og + rows[:, None].to(tl.int64) * stride_om + cols[None, :], bits, mask=row_ok)
-    tl.store(scale_ptr + batch * stride_sg + rows.to(tl.int64) * stride_sm + group, scale, mask=rows < rows_here)
+    out_ptrs = out_ptr + batch * stride_og + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    if CAST:
+        bits, scale = cast_groups(act, ROUND_SCALE)
+        tl.store(out_ptrs, bits, mask=mask)
+        tl.store(scale_ptr + batch * stride_sg + rows.to(tl.int64) * stride_sm + group, scale, mask=rows < rows_here)
+    else:
+        if ROUND_BF16:  # the interpreter truncates fp32 -> bf16; GPUs round in the conversion
+            act = round_to_bf16(act)
+        tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, masked_m, round_scale: bool) -> None:
     """x [G, M, 2I] (unit stride along the columns) -> out fp8 [G, M, I], scale [G, M, I / 128]."""
+    _silu_and_mul(x, out.view(torch.uint8), scale, masked_m, round_scale, cast=True)
+
+
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor, masked_m) -> None:
+    """x [G, M, 2I] (unit stride along the columns) -> out [G, M, I] in its own dtype."""
+    _silu_and_mul(x, out, None, masked_m, False, cast=False)
+
+
+def _silu_and_mul(x, out, scale, masked_m, round_scale: bool, cast: bool) -> None:
     groups, m, width = x.shape
     half = width // 2
     if groups == 0 or m == 0 or half == 0:
         return
-    assert x.stride(2) == 1 and out.stride(2) == 1 and scale.stride(2) == 1
+    assert x.stride(2) == 1 and out.stride(2) == 1 and (scale is None or scale.stride(2) == 1)
     block_m = 8
-    grid = (triton.cdiv(m, block_m), half // GROUP_SIZE, groups)
-    _silu_and_mul_cast_kernel[grid](x, out.view(torch.uint8), scale, x if masked_m is None else masked_m, m, half,
-                                    x.stride(0), x.stride(1), out.stride(0), out.stride(1), scale.stride(0),
-                                    scale.stride(1), 0 if masked_m is None else masked_m.stride(0),
-                                    BLOCK_M=block_m, GROUP=GROUP_SIZE, ROUND_SCALE=round_scale,
-                                    MASKED=masked_m is not None, num_warps=4)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(half, GROUP_SIZE), groups)
+    scale_args = (scale, scale.stride(0), scale.stride(1)) if cast else (out, 0, 0)  # (unread without cast)
+    _silu_and_mul_kernel[grid](x, out, scale_args[0], x if masked_m is None else masked_m, m, half,
+                               x.stride(0), x.stride(1), out.stride(0), out.stride(1), *scale_args[1:],
+                               0 if masked_m is None else masked_m.stride(0), BLOCK_M=block_m, GROUP=GROUP_SIZE,
+                               ROUND_SCALE=round_scale, MASKED=masked_m is not None, CAST=cast,
+                               ROUND_BF16=out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+                               num_warps=4)
 
 
 def per_token_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, round_scale: bool = False) -> None:

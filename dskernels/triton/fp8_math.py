@@ -113,3 +113,15 @@ def e4m3_bits_to_fp16(bits):
     b = bits.to(tl.int16)
     half = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
     return tl.where((b & 0x7F) == 0x7F, float("nan"), half * 256.0).to(tl.float16)
+
+
+@triton.jit
+def round_to_bf16(x):
+    """fp32 -> the nearest bf16 value (ties to even), as fp32, so `.to(tl.bfloat16)` is exact.
+
+    Only under the interpreter: it truncates fp32 -> bf16 casts (1.0 + 3 * 2^-8 -> 1.0078 instead of
+    1.0156); GPUs round to nearest even in the conversion instruction itself.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 == 0xFFFF0000
+    return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))

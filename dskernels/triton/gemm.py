@@ -36,22 +36,10 @@ import triton
 import triton.language as tl
 
 from dskernels._backend import env_choice
-from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
+from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8, round_to_bf16
 
 GROUP_SIZE = 128  # the K (and n) width of one scale
 TOKEN_MAJOR_KNOB = "DSKERNELS_GEMM_TOKEN_MAJOR"  # _token_major_direct
-
-
-@triton.jit
-def _round_to_bf16(x):
-    """fp32 -> the nearest bf16 value (ties to even), as fp32, so `.to(tl.bfloat16)` is exact.
-
-    Only under the interpreter: it truncates fp32 -> bf16 casts (1.0 + 3 * 2^-8 -> 1.0078 instead of
-    1.0156); GPUs round to nearest even in the conversion instruction itself.
-    """
-    bits = x.to(tl.int32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 == 0xFFFF0000
-    return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -193,7 +181,7 @@ def _store(out_ptr, acc, rows, cols, mask, stride_om, stride_on, ROUND_BF16: tl.
         tl.store(ptrs, acc, mask=mask)
     else:
         if ROUND_BF16:
-            acc = _round_to_bf16(acc)
+            acc = round_to_bf16(acc)
         tl.store(ptrs, acc.to(tl.bfloat16), mask=mask)
 
 
