@@ -293,8 +293,9 @@ def decode_case(config: str, layer_idx: int, batch: int, context: int, fp8: bool
     # fp32 on CPU: the same math to rounding; bf16/FP8 on GPU: activation casts (and, rarely, a
     # near-tied expert chosen differently; V3.2: a near-tied token the FP8 indexer ranks otherwise)
     # make this a sanity bound only; tests/test_models*.py hold the accuracy checks. An FP8 cache
-    # also holds the new token's own latent in e4m3, which the oracle keeps exact: 5e-2 on CPU.
-    limit = (5e-2 if kv_fp8 else 1e-4) if device == "cpu" else 0.2
+    # also holds the new token's own latent in e4m3, which the oracle keeps exact: 1e-2 on CPU
+    # (measured 0.3%; a scale left out of the new token's write gives 3% to 25%).
+    limit = (1e-2 if kv_fp8 else 1e-4) if device == "cpu" else 0.2
     return Case(op="deepseek_v3_layer_decode",
                 params={"config": config, "layer": "moe" if cfg.is_moe_layer(layer_idx) else "dense",
                         "weights": "fp8" if fp8 else "bf16" if device != "cpu" else "fp32",
@@ -351,7 +352,8 @@ def prefill_case(config: str, layer_idx: int, batch: int, tokens: int, fp8: bool
 def cases(quick: bool, device: str) -> list[Case]:
     if device == "cpu":  # the tiny model: every path checked against the oracle in fp32
         return [decode_case("tiny", 1, 3, 37, False, device), decode_case("tiny", 0, 2, 20, False, device),
-                decode_case("tiny", 0, 2, 20, False, device, kv_fp8=True),
+                decode_case("tiny", 0, 2, 20, False, device, kv_fp8=True),  # dense: an MoE layer's routing
+                # would amplify the cache's rounding past any useful bound (one flipped expert: 36%)
                 prefill_case("tiny", 1, 2, 23, False, device), decode_case("tiny32", 1, 3, 37, False, device),
                 prefill_case("tiny32", 0, 2, 23, False, device)]
     if quick:  # a short device call: the FP8 layer only (each new GEMM shape autotunes 7 tiles)

@@ -469,6 +469,43 @@ UE8M0 = DeepseekV3Config.tiny(quantization_config={"activation_scheme": "dynamic
                                                   "weight_block_size": [128, 128]})
 
 
+def test_float_experts_keep_gradients_and_float64():
+    """The fused SwiGLU op is an inference kernel: where a gradient must flow (float weights, x
+    requiring grad) and for float64 (which the op does not take) the experts use torch's ops, so
+    backward reaches x and a float64 layer runs; without grad the op's output is the same math."""
+    from dskernels.models.moe import Experts
+
+    torch.manual_seed(3)
+    experts = Experts(3, 64, 32, dtype=torch.float32)
+    experts.gate_up_proj.copy_(torch.randn(3, 64, 64) * 0.2)
+    experts.down_proj.copy_(torch.randn(3, 64, 32) * 0.2)
+    x = torch.randn(5, 64, requires_grad=True)
+    topk_idx = torch.tensor([[0, 2], [1, -1], [2, 0], [0, 1], [-1, -1]])
+    weights = torch.rand(5, 2)
+    y = experts(x, topk_idx, weights, torch.float32)
+    y.square().sum().backward()
+    # the same experts in plain torch, one (token, expert) pair at a time: the gradient to match
+    x_ref = x.detach().clone().requires_grad_()
+    rows = []
+    for t in range(5):
+        row = torch.zeros(64)
+        for j, e in enumerate(topk_idx[t].tolist()):
+            if e >= 0:
+                gate, up = (experts.gate_up_proj[e] @ x_ref[t]).split(32)
+                row = row + weights[t, j] * (experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up))
+        rows.append(row)
+    torch.stack(rows).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-4)  # token 4 (no expert): zeros
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, topk_idx, weights, torch.float32), y, atol=1e-5, rtol=1e-5)
+    experts64 = Experts(3, 64, 32, dtype=torch.float64)
+    experts64.gate_up_proj.copy_(experts.gate_up_proj)
+    experts64.down_proj.copy_(experts.down_proj)
+    with torch.no_grad():
+        y64 = experts64(x.double(), topk_idx, weights, torch.float64)
+    torch.testing.assert_close(y64, y.double(), atol=1e-4, rtol=1e-4)
+
+
 def _record_round_scale(monkeypatch, calls):
     """Wraps the casts where the model calls them (dskernels.<cast>), recording round_scale."""
     for name in ("per_token_cast_to_fp8", "per_block_cast_to_fp8", "silu_and_mul_cast_to_fp8"):

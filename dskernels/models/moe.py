@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import dskernels
+from dskernels._backend import current_backend
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.linear import FP8, MLP, device_moves_only
 
@@ -92,6 +93,27 @@ def _grouped_float(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     return _grouped_float_eager(x, w, offsets)  # eager: same code, without the op's dispatch cost
 
 
+def _fused_swiglu() -> bool:
+    """The fused SwiGLU ops (silu_and_mul, its FP8-cast form) and the bf16 masked GEMM have no CUDA
+    kernel; under a forced "cuda" backend, which runs CUDA kernels only, the layer takes torch's
+    ops (and per_token_cast_to_fp8, which has one) instead."""
+    return current_backend() != "cuda"
+
+
+def _needs_grad(t) -> bool:
+    return torch.is_grad_enabled() and isinstance(t, torch.Tensor) and t.requires_grad
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of h = [gate | up] for float experts: the fused op (fp32 inside, one pass),
+    or torch's ops where a gradient must flow (the ops are inference kernels), for dtypes the op
+    does not take (float64), or under a forced "cuda" backend (_fused_swiglu)."""
+    if _needs_grad(h) or h.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not _fused_swiglu():
+        gate, up = h.split(h.shape[-1] // 2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    return dskernels.silu_and_mul(h)
+
+
 class Experts(nn.Module):
     """num_local_experts SwiGLU experts stored fused as HF 5.x does: gate_up_proj [L, 2I, H]
     (gate rows first) and down_proj [L, H, I]; FP8: float8_e4m3fn plus *_scale_inv with one fp32 per
@@ -147,11 +169,16 @@ class Experts(nn.Module):
             raise TypeError("x: FP8 activations need FP8 expert weights")
         if not self.is_fp8:
             xs = xs.to(self.gate_up_proj.dtype)
+            if _needs_grad(xs):  # torch._grouped_mm leaves rows past the last offset unspecified in its
+                xs = torch.where(valid[:, None], xs, 0)  # backward too: no gradient from padding rows
         h = self._gemm(xs, self.gate_up_proj, self.gate_up_proj_scale_inv, m_indices, offsets)
-        if self.is_fp8:  # SwiGLU in fp32 and the FP8 cast in one pass
+        if self.is_fp8 and _fused_swiglu():  # SwiGLU in fp32 and the FP8 cast in one pass
             act = dskernels.silu_and_mul_cast_to_fp8(h, round_scale=self.round_scale)
+        elif self.is_fp8:  # cast by _gemm straight from fp32
+            gate, up = h.float().split(self.intermediate, dim=-1)
+            act = torch.nn.functional.silu(gate) * up
         else:
-            act = dskernels.silu_and_mul(h)
+            act = _swiglu(h)
         y = self._gemm(act, self.down_proj, self.down_proj_scale_inv, m_indices, offsets)
         weights = topk_weights.reshape(-1)[order]
         y = torch.where(valid[:, None], y.float() * weights[:, None], 0.0)
@@ -167,17 +194,21 @@ class Experts(nn.Module):
         matmul over all M rows."""
         if not self.is_fp8 and isinstance(x, tuple):
             raise TypeError("x: FP8 activations need FP8 expert weights")
-        if self.gate_up_proj.dtype == torch.bfloat16:
+        if self.gate_up_proj.dtype == torch.bfloat16 and _fused_swiglu() and not _needs_grad(x):
             return self._masked_bf16(x.to(torch.bfloat16), counts, expected_m).to(out_dtype)
         if not self.is_fp8:
             h = torch.bmm(x.to(self.gate_up_proj.dtype), self.gate_up_proj.transpose(1, 2))
-            return torch.bmm(dskernels.silu_and_mul(h), self.down_proj.transpose(1, 2)).to(out_dtype)
+            return torch.bmm(_swiglu(h), self.down_proj.transpose(1, 2)).to(out_dtype)
         a, sa = x if isinstance(x, tuple) else self._cast3d(x)
         experts, rows, _ = a.shape
         h = torch.empty(experts, rows, 2 * self.intermediate, dtype=torch.bfloat16, device=a.device)
         dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (self.gate_up_proj, self.gate_up_proj_scale_inv),
                                                         h, counts, expected_m)
-        act = dskernels.silu_and_mul_cast_to_fp8(h, counts, self.round_scale)  # rows past counts skipped
+        if _fused_swiglu():
+            act = dskernels.silu_and_mul_cast_to_fp8(h, counts, self.round_scale)  # rows past counts skipped
+        else:
+            gate, up = h.float().split(self.intermediate, dim=-1)
+            act = self._cast3d(torch.nn.functional.silu(gate) * up)
         y = torch.empty(experts, rows, self.hidden, dtype=torch.bfloat16, device=a.device)
         dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(act, (self.down_proj, self.down_proj_scale_inv), y, counts,
                                                         expected_m)
