@@ -20,6 +20,7 @@ layer without EP traces into one graph and can be captured in a CUDA graph.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import dskernels
@@ -33,7 +34,7 @@ _GROUPED_MM = hasattr(torch, "_grouped_mm")
 def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, cfg: DeepseekV3Config):
     """x [T, H] -> (topk_idx int64 [T, K], topk_weights fp32 [T, K]); HF's math, see the module doc."""
     num_experts, groups = cfg.n_routed_experts, cfg.n_group
-    scores = torch.nn.functional.linear(x.float(), gate_weight.float()).sigmoid()
+    scores = F.linear(x.float(), gate_weight.float()).sigmoid()
     biased = scores + bias.float()
     group_scores = biased.view(-1, groups, num_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
     group_idx = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
@@ -110,7 +111,7 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
     does not take (float64), or under a forced "cuda" backend (_fused_swiglu)."""
     if _needs_grad(h) or h.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not _fused_swiglu():
         gate, up = h.split(h.shape[-1] // 2, dim=-1)
-        return torch.nn.functional.silu(gate) * up
+        return F.silu(gate) * up
     return dskernels.silu_and_mul(h)
 
 
@@ -176,7 +177,7 @@ class Experts(nn.Module):
             act = dskernels.silu_and_mul_cast_to_fp8(h, round_scale=self.round_scale)
         elif self.is_fp8:  # cast by _gemm straight from fp32
             gate, up = h.float().split(self.intermediate, dim=-1)
-            act = torch.nn.functional.silu(gate) * up
+            act = F.silu(gate) * up
         else:
             act = _swiglu(h)
         y = self._gemm(act, self.down_proj, self.down_proj_scale_inv, m_indices, offsets)
@@ -208,7 +209,7 @@ class Experts(nn.Module):
             act = dskernels.silu_and_mul_cast_to_fp8(h, counts, self.round_scale)  # rows past counts skipped
         else:
             gate, up = h.float().split(self.intermediate, dim=-1)
-            act = self._cast3d(torch.nn.functional.silu(gate) * up)
+            act = self._cast3d(F.silu(gate) * up)
         y = torch.empty(experts, rows, self.hidden, dtype=torch.bfloat16, device=a.device)
         dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(act, (self.down_proj, self.down_proj_scale_inv), y, counts,
                                                         expected_m)
