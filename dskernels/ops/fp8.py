@@ -152,17 +152,25 @@ def _silu_and_mul_outputs(x):
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _silu_and_mul_cast_to_fp8(x, masked_m=None, round_scale=False):
     _check_silu_and_mul(x, masked_m)
-    backend = select_backend("silu_and_mul_cast_to_fp8", x.device, has_cuda=False, has_triton=True)
-    if backend == "ref":  # every row (those past masked_m are unspecified)
-        return python_ref.silu_and_mul_cast_to_fp8(x, round_scale)
+    return _run_silu_and_mul("silu_and_mul_cast_to_fp8", x, masked_m, round_scale, cast=True)
+
+
+def _run_silu_and_mul(op: str, x, masked_m, round_scale: bool, cast: bool):
+    """Both SwiGLU ops: the reference (every row: those past masked_m are unspecified) or the Triton
+    kernel, on a 3-dimensional view of x with unit column stride."""
+    if select_backend(op, x.device, has_cuda=False, has_triton=True) == "ref":
+        return python_ref.silu_and_mul_cast_to_fp8(x, round_scale) if cast else python_ref.silu_and_mul(x)
     from dskernels.triton import fp8_cast
 
     if x.stride(-1) != 1:
         x = x.contiguous()
-    out, scale = _silu_and_mul_outputs(x)
-    batched = (lambda t: t) if x.dim() == 3 else (lambda t: t.unsqueeze(0))
-    fp8_cast.silu_and_mul_cast_to_fp8(batched(x), batched(out), batched(scale), masked_m, round_scale)
-    return out, scale
+    outputs = _silu_and_mul_outputs(x) if cast else (x.new_empty(*x.shape[:-1], x.shape[-1] // 2),)
+    batched = [t if x.dim() == 3 else t.unsqueeze(0) for t in (x, *outputs)]
+    if cast:
+        fp8_cast.silu_and_mul_cast_to_fp8(*batched, masked_m, round_scale)
+        return outputs
+    fp8_cast.silu_and_mul(*batched, masked_m)
+    return outputs[0]
 
 
 @torch.library.register_fake("dskernels::silu_and_mul_cast_to_fp8")
@@ -175,16 +183,7 @@ def _silu_and_mul_cast_to_fp8_fake(x, masked_m=None, round_scale=False):
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _silu_and_mul(x, masked_m=None):
     _check_silu_and_mul(x, masked_m, cast=False)
-    if select_backend("silu_and_mul", x.device, has_cuda=False, has_triton=True) == "ref":
-        return python_ref.silu_and_mul(x)  # every row (those past masked_m are unspecified)
-    from dskernels.triton import fp8_cast
-
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    out = x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
-    batched = (lambda t: t) if x.dim() == 3 else (lambda t: t.unsqueeze(0))
-    fp8_cast.silu_and_mul(batched(x), batched(out), masked_m)
-    return out
+    return _run_silu_and_mul("silu_and_mul", x, masked_m, False, cast=False)
 
 
 @torch.library.register_fake("dskernels::silu_and_mul")
