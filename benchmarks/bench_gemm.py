@@ -368,6 +368,8 @@ def cases(quick: bool, device: str) -> list[Case]:
     dense_m = [4096] if quick else [64, 128, 4096]
     dense_nk = DENSE_NK[:2] if quick else DENSE_NK
     found += [_dense_case(m, n, k, device) for m in dense_m for n, k in dense_nk]
+    if quick:  # one decode shape: 17 output tiles of 64 x 128, where Triton splits K
+        found.append(_dense_case(64, *DENSE_NK[0], device))
     for groups, m_per_group in ([(4, 8192)] if quick else [(4, 8192), (8, 4096)]):
         found += [_contiguous_case(groups, m_per_group, n, k, device) for n, k in GROUPED_NK]
     for groups, expected_m in ([(4, 256)] if quick else [(1, 1024), (2, 512), (4, 256)]):

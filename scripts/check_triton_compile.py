@@ -245,6 +245,9 @@ def gemm_cases(compiler: Compiler) -> None:
 
     n, k, groups = 4096, 7168, 4
     f8 = torch.float8_e4m3fn
+    # An H100's SMs for the meta tensors' launches: m = 64 then splits the dense kernel along K (32
+    # to 64 output tiles), m = 4096 does not; both variants are compiled for every candidate.
+    triton_gemm.NO_DEVICE_SMS = 132
 
     def dense(m):
         triton_gemm.gemm_fp8_fp8_bf16_nt(_meta(m, k, dtype=f8), _meta(m, k // 128, dtype=torch.float32),
@@ -314,6 +317,7 @@ def gemm_cases(compiler: Compiler) -> None:
 
     heuristic = triton_gemm._heuristic_config
     per_row = (weight_gradient, k_grouped_nt, k_grouped_tn)
+    split_k = (dense, dense_nn, weight_gradient)  # fp8_gemm_nt's kernel
     bf16 = (bf16_contiguous, bf16_contiguous_nn, bf16_masked, bf16_k_grouped)
     for name, call, max_block_m in [("dense", dense, 256), ("dense nn", dense_nn, 256),
                                     ("contiguous", contiguous, 128), ("masked", masked, 256),
@@ -336,7 +340,8 @@ def gemm_cases(compiler: Compiler) -> None:
             meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
             triton_gemm._heuristic_config = lambda *_, meta=meta: dict(meta)
             try:
-                call(4096)
+                for m in (64, 4096) if call in split_k else (4096,):
+                    call(m)
             finally:
                 triton_gemm._heuristic_config = heuristic
 

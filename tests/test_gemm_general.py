@@ -10,8 +10,8 @@ import torch
 import torch._dynamo.testing
 
 import dskernels
-from test_gemm import (K, OPCHECK_UTILS, _dense_args, assert_close_to_bf16_product, assert_close_to_oracle,
-                       grouped_weights, quantized_pair)
+from test_gemm import (K, OPCHECK_UTILS, _dense_args, _triton_gpu_configs, assert_close_to_bf16_product,
+                       assert_close_to_oracle, grouped_weights, quantized_pair)
 
 
 def row_scaled_pair(rows, k, device):
@@ -223,6 +223,59 @@ def test_torch_compile_fullgraph():
         assert torch.equal(compiled(a, sa, b, sb, compiled_grad), wgrad_step(a, sa, b, sb, eager_grad)), k
 
 
+# ---- split-K: the dense kernel on few output tiles ----
+
+SPLITS = [(7, 129, 13, 16), (40, 64, 9, 64)]  # (m, n, K blocks, SMs): 3 uneven and 2 even K ranges
+_ON_GPU = [pytest.mark.gpu] if torch.cuda.is_available() else []  # -m gpu selects it on the device
+
+
+@pytest.mark.parametrize("out_dtype,sb_kind,c_kind", GENERAL, ids=["-".join(map(str, g)) for g in GENERAL])
+@pytest.mark.parametrize("m,n,k_blocks,sms", [pytest.param(*case, marks=_ON_GPU) for case in SPLITS])
+def test_triton_split_k(m, n, k_blocks, sms, out_dtype, sb_kind, c_kind, monkeypatch):
+    """fp8_gemm_nt with its K blocks split over programs, as where its output tiles fill few of the
+    GPU's SMs (here 13 blocks in ranges of 4, 4 and 5, or 9 in 4 and 5): within the oracle's bounds
+    in every variant (a lost or twice-counted partial is a third or half of the sum, an added c
+    counted once), and the arrival counters it was given are zero again afterwards."""
+    from dskernels.triton import gemm as triton_gemm
+
+    on_gpu = torch.cuda.is_available()  # the device's own SM count there, and the heuristic 64 x 128 tile
+    monkeypatch.setattr(triton_gemm, "NO_DEVICE_SMS", sms)
+    counters, arrivals = [], triton_gemm._arrival_counters
+    monkeypatch.setattr(triton_gemm, "_arrival_counters",
+                        lambda *args: counters.append(arrivals(*args)) or counters[-1])
+    splits = []
+    count = triton_gemm._SplitK.count
+    monkeypatch.setattr(triton_gemm._SplitK, "count", lambda self, meta: splits.append(count(self, meta)) or splits[-1])
+    device = "cuda" if on_gpu else "cpu"
+    out_dtype = getattr(torch, out_dtype)
+    k = k_blocks * 128
+    x, a, sa = quantized_pair(m, k, device, per_block=False, scale_layout="tma")
+    w, b, sb = (row_scaled_pair(n, k, device) if sb_kind == "row"
+                else quantized_pair(n, k, device, per_block=True, scale_layout="tma"))
+    c = (torch.randn(m, n, device=device) * (x @ w.T).std()).to(out_dtype) if c_kind else None
+    out = c.clone() if c_kind == "in_place" else torch.full((m, n), float("nan"), dtype=out_dtype, device=device)
+    with dskernels.backend("triton"):
+        dskernels.fp8_gemm_nt((a, sa), (b, sb), out, c=out if c_kind == "in_place" else c)
+    assert max(splits) == (2 if n == 64 else 3) and len(counters) == 1
+    assert not counters[0].any()
+    assert_close_to_oracle(out, a, sa, b, sb, c)
+
+
+def test_split_count():
+    """_split_count on V3's decode GEMMs, 132 SMs (H100 SXM): split where few 64 x 128 tiles fill
+    the SMs, at most MIN_SPLIT_BLOCKS K blocks a split; never where the tiles fill half of them."""
+    from dskernels.triton.gemm import MIN_SPLIT_BLOCKS, _split_count
+
+    assert _split_count(64, 2112, 56, 64, 128, 132) == 7  # 17 tiles: 7 splits of 8 blocks, 119 programs
+    assert _split_count(64, 7168, 16, 64, 128, 132) == 2  # o_proj-like: 56 tiles, 16 K blocks
+    assert _split_count(1, 576, 56, 64, 128, 132) == 14  # 5 tiles: the K blocks bound it (56 / 4)
+    assert _split_count(64, 4096, 7, 64, 128, 132) == 7 // MIN_SPLIT_BLOCKS
+    assert _split_count(64, 24576, 12, 64, 128, 132) == 1  # 192 tiles
+    assert _split_count(4096, 7168, 56, 128, 128, 132) == 1
+    assert _split_count(64, 2112, 3, 64, 128, 132) == 1  # too few K blocks to split
+    assert _split_count(64, 2112, 56, 64, 128, 0) == 1  # no GPU
+
+
 # ---- GPU only ----
 
 def _weight_gradient_configs():
@@ -262,6 +315,51 @@ def test_triton_autotuned_accumulate_adds_once(monkeypatch):
     plain kernel's."""
     monkeypatch.setenv("DSKERNELS_GEMM_AUTOTUNE", "1")
     _accumulate_in_place_on_gpu(512, 384, 1024)  # a weight gradient over k tokens, at a small size
+
+
+def _split_k_on_gpu(m, n, k):
+    """Triton's bf16 fp8_gemm_nt on the GPU at a shape it splits along K, against the oracle."""
+    _, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
+    _, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    with dskernels.backend("triton"):
+        dskernels.fp8_gemm_nt((a, sa), (b, sb), out)
+    assert_close_to_oracle(out, a, sa, b, sb)
+    return a, sa, b, sb, out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", _triton_gpu_configs())
+def test_triton_every_config_split_k(config, monkeypatch):
+    """Each autotuning tile, forced, with its K blocks split (m = 37, n = 300 is 2 to 10 tiles of
+    them, 13 K blocks in 3 ranges): the reduction and its counters at every tile shape and warp
+    count; the cached counters are zero again after it."""
+    from dskernels.triton import gemm as triton_gemm
+
+    meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
+    monkeypatch.setattr(triton_gemm, "_heuristic_config", lambda *_: dict(meta))
+    splits = []
+    count = triton_gemm._SplitK.count
+    monkeypatch.setattr(triton_gemm._SplitK, "count", lambda self, meta: splits.append(count(self, meta)) or splits[-1])
+    _split_k_on_gpu(37, 300, 13 * 128)
+    assert max(splits) == 3
+    assert not any(counters.any() for counters in triton_gemm._ARRIVALS.values())
+
+
+@pytest.mark.gpu
+def test_triton_split_k_cuda_graph():
+    """The split kernel captured in a CUDA graph (its counters then a fill node of the graph) and
+    replayed on new activations: each replay's output is the new product."""
+    a, sa, b, sb, out = _split_k_on_gpu(5, 576, 56 * 128)
+    graph = torch.cuda.CUDAGraph()
+    with dskernels.backend("triton"), torch.cuda.graph(graph):
+        dskernels.fp8_gemm_nt((a, sa), (b, sb), out)
+    for _ in range(2):
+        _, new_a, new_sa = quantized_pair(5, 56 * 128, "cuda", per_block=False, scale_layout="tma")
+        a.copy_(new_a), sa.copy_(new_sa)
+        out.fill_(float("nan"))
+        graph.replay()
+        assert_close_to_oracle(out, a, sa, b, sb)
 
 
 # ---- K-grouped weight gradients (DeepGEMM's k_grouped_wgrad_gemm_fp8_fp8_fp32_nt) ----

@@ -189,15 +189,55 @@ def _store(out_ptr, acc, rows, cols, mask, stride_om, stride_on, ROUND_BF16: tl.
 def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
                  stride_am, stride_ak, stride_sam, stride_sak,
                  stride_bn, stride_bk, stride_sbn, stride_sbk, stride_om, stride_on, m_bucket,
+                 partial_ptr, arrived_ptr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr,
-                 SB_PER_ROW: tl.constexpr, OUT_FP32: tl.constexpr, ACCUMULATE: tl.constexpr):
+                 SB_PER_ROW: tl.constexpr, OUT_FP32: tl.constexpr, ACCUMULATE: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
+    """SPLIT_K: grid axis 1 cuts the K blocks into contiguous ranges (_split_count); see _split_k_sum."""
     rows, cols, row_ok, col_ok = _tile(m, n, BLOCK_M, BLOCK_N, GROUP_M)
+    mask = row_ok[:, None] & col_ok[None, :]
+    if SPLIT_K:
+        split = tl.program_id(1)
+        first = (split * k_blocks // tl.num_programs(1)).to(tl.int64)
+        k_blocks = (split + 1) * k_blocks // tl.num_programs(1) - first
+        a_ptr += first * BLOCK_K * stride_ak
+        b_ptr += first * BLOCK_K * stride_bk
+        sa_ptr += first * stride_sak
+        sb_ptr += first * stride_sbk
     acc = _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
                        stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
                        stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, SB_PER_ROW)
-    _store(out_ptr, acc, rows, cols, row_ok[:, None] & col_ok[None, :], stride_om, stride_on, ROUND_BF16,
-           OUT_FP32, ACCUMULATE)
+    if SPLIT_K:
+        acc, last = _split_k_sum(acc, partial_ptr, arrived_ptr, rows, cols, mask, m, n)
+        if last:
+            _store(out_ptr, acc, rows, cols, mask, stride_om, stride_on, ROUND_BF16, OUT_FP32, ACCUMULATE)
+    else:
+        _store(out_ptr, acc, rows, cols, mask, stride_om, stride_on, ROUND_BF16, OUT_FP32, ACCUMULATE)
+
+
+@triton.jit
+def _split_k_sum(acc, partial_ptr, arrived_ptr, rows, cols, mask, m, n):
+    """Split-K reduction without a second launch or a nondeterministic sum: every split of a tile
+    writes its fp32 partial to partial_ptr[split, m, n] and counts itself in arrived_ptr[tile]; the
+    last to arrive adds the partials in split order (the same sum whichever split is last) and
+    returns (sum, True) to store it, and puts the counter back to 0 for the next launch. Others
+    return (acc, False). The barrier orders all threads' partial stores before the counting atomic
+    (acq_rel, GPU scope: it publishes them and, for the last, acquires the others'); the partials
+    are read through L2 (.cg), never from a stale L1 line."""
+    tile = tl.program_id(0)
+    offsets = rows[:, None].to(tl.int64) * n + cols[None, :]
+    tl.store(partial_ptr + tl.program_id(1).to(tl.int64) * m * n + offsets, acc, mask=mask)
+    tl.debug_barrier()
+    last = tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1
+    if last:
+        tl.debug_barrier()
+        acc = tl.zeros_like(acc)
+        for split in range(0, tl.num_programs(1)):
+            acc += tl.load(partial_ptr + split * m.to(tl.int64) * n + offsets, mask=mask, other=0.0,
+                           cache_modifier=".cg")
+        tl.store(arrived_ptr + tile, 0)
+    return acc, last
 
 
 @triton.jit
@@ -406,7 +446,20 @@ def _tuned(kernel_name: str, max_block_m: int, accumulate: bool = False, sb_per_
     restore = ["out_ptr"] if accumulate else None
     configs = (_gpu_configs(max_block_m, sb_per_row) if scaled
                else _bf16_gpu_configs(max_block_m, kernel_name in _BF16_LEAN_KERNELS))
-    return triton.autotune(configs=configs, key=key, restore_value=restore)(kernel)
+    prune = None
+    if kernel_name == "_gemm_kernel":  # every tile also split along K, where _split_count splits it
+        configs = [triton.Config(dict(c.kwargs, SPLIT_K=split), num_stages=c.num_stages, num_warps=c.num_warps)
+                   for split in (False, True) for c in configs]
+        prune = {"early_config_prune": _prune_unsplit}
+    return triton.autotune(configs=configs, key=key, restore_value=restore, prune_configs_by=prune)(kernel)
+
+
+def _prune_unsplit(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
+    """The dense kernel's candidates without the split ones that would not split this shape."""
+    sms = _sm_count(named_args["out_ptr"].device)
+    return [c for c in configs if not c.kwargs["SPLIT_K"] or
+            _split_count(named_args["m"], named_args["n"], named_args["k_blocks"], c.kwargs["BLOCK_M"],
+                         c.kwargs["BLOCK_N"], sms) > 1]
 
 
 def _m_bucket(m: int) -> int:
@@ -426,10 +479,11 @@ def _operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_dot: bool,
-            max_block_m: int = 256, **variant) -> None:
+            max_block_m: int = 256, split_k: _SplitK | None = None, **variant) -> None:
     """variant: the kernels' compile-time switches (SCALED: FP8 with scales, BLOCK_K 128, the
     default; False: bf16, BLOCK_K from the config; the dense and K-grouped kernels' SB_PER_ROW,
-    OUT_FP32 and ACCUMULATE; the grouped kernels' own)."""
+    OUT_FP32 and ACCUMULATE; the grouped kernels' own). split_k: the dense kernel's K splits, whose
+    workspace is appended to args once the candidate tiles are known."""
     kernel = globals()[kernel_name]
     scaled = variant.get("SCALED", True)  # passed on only by the kernels that have the switch
     fixed = dict(ROUND_BF16=_interpret(), FP8_DOT=fp8_dot, **variant)
@@ -438,13 +492,91 @@ def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_
     sb_per_row = variant.get("SB_PER_ROW", False)
     if _interpret():
         meta = dict(_INTERPRETER_CONFIG, **({} if scaled else {"BLOCK_K": 32}), **fixed)
-        kernel[grid_fn(meta)](*args, **meta)
     elif _autotune_enabled():
-        _tuned(kernel_name, max_block_m, variant.get("ACCUMULATE", False), sb_per_row, scaled)[grid_fn](*args, **fixed)
+        tuned = _tuned(kernel_name, max_block_m, variant.get("ACCUMULATE", False), sb_per_row, scaled)
+        if split_k is not None:
+            args += split_k.workspace([c.kwargs for c in tuned.configs])
+        tuned[grid_fn](*args, **fixed)
+        return
     else:
         meta = dict(_heuristic_config(m_hint, n, sb_per_row, scaled, kernel_name in _BF16_LEAN_KERNELS), **fixed)
         meta["BLOCK_M"] = min(meta["BLOCK_M"], max_block_m)
-        kernel[grid_fn(meta)](*args, **meta)
+    if split_k is not None:
+        meta["SPLIT_K"] = split_k.count(dict(meta, SPLIT_K=True)) > 1
+        args += split_k.workspace([meta])
+    kernel[grid_fn(meta)](*args, **meta)
+
+
+# ---- split-K: the dense kernel on shapes of few output tiles (decode) ----
+
+MAX_SPLITS = 16
+MIN_SPLIT_BLOCKS = 4  # K blocks per split, enough to fill the 3-5 stage pipelines
+# The SMs assumed for tensors on no GPU (the interpreter, the sm_90a compile check on meta tensors):
+# 0, no split, unless a test or the compile check sets it.
+NO_DEVICE_SMS = 0
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return NO_DEVICE_SMS
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split_count(m: int, n: int, k_blocks: int, block_m: int, block_n: int, sms: int) -> int:
+    """K splits of the dense kernel: none while its output tiles fill at least half the SMs (decode
+    GEMMs fill a few: m = 64, n = 2112 is 17 tiles of 64 x 128 for 132 SMs, each reading 56 K
+    blocks); else as many as fill the SMs once, each of at least MIN_SPLIT_BLOCKS K blocks."""
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    if 2 * tiles > sms:
+        return 1
+    return max(1, min(sms // tiles, k_blocks // MIN_SPLIT_BLOCKS, MAX_SPLITS))
+
+
+class _SplitK:
+    """One dense call's K splits (the SPLIT_K grid axis) and their workspace."""
+
+    def __init__(self, m: int, n: int, k_blocks: int, out: torch.Tensor):
+        self.m, self.n, self.k_blocks, self.out = m, n, k_blocks, out
+        self.sms = _sm_count(out.device)
+
+    def count(self, meta: dict) -> int:
+        if not meta["SPLIT_K"]:
+            return 1
+        return _split_count(self.m, self.n, self.k_blocks, meta["BLOCK_M"], meta["BLOCK_N"], self.sms)
+
+    def workspace(self, metas: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(partials, arrival counters) large enough for any of the candidate tiles metas (out
+        itself twice, never read, where none splits)."""
+        used = [(self.count(meta), triton.cdiv(self.m, meta["BLOCK_M"]) * triton.cdiv(self.n, meta["BLOCK_N"]))
+                for meta in metas]
+        used = [(splits, tiles) for splits, tiles in used if splits > 1]
+        if not used:
+            return self.out, self.out
+        partials = torch.empty(max(s for s, _ in used) * self.m * self.n, dtype=torch.float32,
+                               device=self.out.device)
+        return partials, _arrival_counters(self.out.device, max(t for _, t in used))
+
+
+_ARRIVALS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, size: int) -> torch.Tensor:
+    """At least size zeroed int32 counters, which the split-K kernel leaves zeroed (_split_k_sum).
+    Kept per (device, stream), as torch keeps cuBLAS workspaces: kernels on one stream run one after
+    another. While a CUDA graph is captured, fresh ones per call (a fill node in the graph): graphs
+    captured on one stream may replay side by side on others."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(size, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    counters = _ARRIVALS.get(key)
+    if counters is None or counters.numel() < size:
+        counters = _ARRIVALS[key] = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+    return counters
 
 
 # ---- launchers (inputs already validated by dskernels.ops.gemm) ----
@@ -467,10 +599,12 @@ def fp8_gemm_nt(a, sa, b, sb, out, accumulate: bool) -> None:
     a_op, b_op, fp8_dot = _operands(a, b)
     args = (a_op, sa, b_op, sb, out, m, n, k // GROUP_SIZE,
             *a_op.stride(), *sa.stride(), *b_op.stride(), *sb.stride(), *out.stride(), _m_bucket(m))
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    split_k = _SplitK(m, n, k // GROUP_SIZE, out)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+                         split_k.count(meta))
     # n = 1: one scale either way (the per-block path reads it once per K block).
     sb_per_row = n > 1 and sb.shape[0] == n
-    _launch("_gemm_kernel", grid, args, m, n, fp8_dot=fp8_dot, SB_PER_ROW=sb_per_row,
+    _launch("_gemm_kernel", grid, args, m, n, fp8_dot=fp8_dot, split_k=split_k, SB_PER_ROW=sb_per_row,
             OUT_FP32=out.dtype == torch.float32, ACCUMULATE=accumulate)
 
 
