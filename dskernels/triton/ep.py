@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels.triton.fp8_math import cast_groups
+from dskernels.triton.fp8_math import cast_groups, round_to_bf16
 
 
 @triton.jit
@@ -154,15 +154,6 @@ def pack_rows(segments: list[torch.Tensor], offsets: list[int], src_idx: torch.T
 
 
 @triton.jit
-def _round_to_bf16(x):
-    # fp32 -> bf16, round to nearest even, by hand: Triton's interpreter truncates in .to(bf16)
-    # (the GPU path rounds correctly either way; NaN and inf keep their class).
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
 def _gather_reduce_kernel(y_ptr, index_ptr, weights_ptr, out_ptr, num_j, num_cols, stride_y, stride_index,
                           stride_weights, stride_out, HAS_WEIGHTS: tl.constexpr, OUT_BF16: tl.constexpr,
                           ACC: tl.constexpr, VEC_Y: tl.constexpr, VEC_OUT: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -181,7 +172,7 @@ def _gather_reduce_kernel(y_ptr, index_ptr, weights_ptr, out_ptr, num_j, num_col
             values = values * tl.load(weights_ptr + row * stride_weights + j).to(ACC)
         acc += values
     if OUT_BF16:
-        out = _round_to_bf16(acc)
+        out = round_to_bf16(acc).to(tl.bfloat16)  # by hand: the interpreter truncates in .to(bf16)
     else:
         out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + tl.multiple_of(row * stride_out, VEC_OUT) + cols, out, mask=ok)

@@ -234,7 +234,7 @@ def _split_k_sum(acc, partial_ptr, arrived_ptr, rows, cols, mask, m, n):
         tl.debug_barrier()
         acc = tl.zeros_like(acc)
         for split in range(0, tl.num_programs(1)):
-            acc += tl.load(partial_ptr + split * m.to(tl.int64) * n + offsets, mask=mask, other=0.0,
+            acc += tl.load(partial_ptr + split.to(tl.int64) * m * n + offsets, mask=mask, other=0.0,
                            cache_modifier=".cg")
         tl.store(arrived_ptr + tile, 0)
     return acc, last
