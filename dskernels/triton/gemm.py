@@ -233,9 +233,9 @@ def _split_k_sum(acc, partial_ptr, arrived_ptr, rows, cols, mask, m, n):
     if last:
         tl.debug_barrier()
         acc = tl.zeros_like(acc)
-        for split in range(0, tl.num_programs(1)):
-            acc += tl.load(partial_ptr + split.to(tl.int64) * m * n + offsets, mask=mask, other=0.0,
-                           cache_modifier=".cg")
+        for _ in range(0, tl.num_programs(1)):
+            acc += tl.load(partial_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            partial_ptr += m * n  # int32 is enough: a split shape has at most sms / 2 tiles of 128 x 256
         tl.store(arrived_ptr + tile, 0)
     return acc, last
 
