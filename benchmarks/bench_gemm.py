@@ -252,6 +252,33 @@ def _masked_case(groups, expected_m, n, k, device, m_max):
                 cuda_variants=GROUPED_CONFIG_VARIANTS)
 
 
+def _fp8_einsum_case(expr, batch, heads, device, latent=512, head_dim=128):
+    """MLA's absorbed projections with FP8 weights: "bhd,hdr->bhr" (the query through W_UK into the
+    latent space) or "bhr,hdr->bhd" (the attention output through W_UV), V3's 128 heads of 128 and a
+    512-wide latent; the peer is the bf16 batched product the model runs today (torch.bmm)."""
+    into_latent = expr == "bhd,hdr->bhr"
+    k, n = (head_dim, latent) if into_latent else (latent, head_dim)
+
+    def make_inputs(dev):
+        _, a, sa = _cast_pair(heads, k, dev, per_block=False, groups=batch)  # [batch, heads, k]
+        _, w, sw = _cast_pair(head_dim, latent, dev, per_block=True, groups=heads)  # [heads, d, r]
+        return a, sa, w, sw, torch.empty(batch, heads, n, device=dev, dtype=torch.bfloat16)
+
+    def run(a, sa, w, sw, out):
+        dskernels.fp8_einsum(expr, (a, sa), (w, sw), out)
+        return out
+
+    peers = {}
+    if device == "cuda":
+        peers = {"torch.bmm bf16": _bf16_mm_peer((heads, batch, k), (heads, k, n), batched=True)}
+    scale_bytes = 4 * (batch * heads * k // 128 + heads * -(-head_dim // 128) * -(-latent // 128))
+    return Case(op="fp8_einsum", params={"expr": expr, "b": batch, "h": heads, "k": k, "n": n}, make_inputs=make_inputs,
+                run=run, reference=lambda a, sa, w, sw, out: ref.fp8_einsum(expr, a, sa, w, sw, torch.bfloat16),
+                check=_check, flops=2 * batch * heads * k * n,
+                bytes=batch * heads * k + heads * head_dim * latent + 2 * batch * heads * n + scale_bytes,
+                peers=peers, backends=("ref", "triton", "cuda"), compute_dtype="fp8")
+
+
 def _grouped_mm_peer(how):
     """torch._grouped_mm (CUTLASS grouped bf16 GEMMs, sm90+) on the same operands: the strongest
     bf16 grouped peer in torch. how(inputs) -> its (mat_a, mat_b, offs)."""
@@ -363,7 +390,8 @@ def cases(quick: bool, device: str) -> list[Case]:
                 _k_grouped_case(3, 128, 7, 200, device, layout="tn"),
                 _contiguous_case(3, 64, 144, 256, device), _masked_case(2, 40, 144, 256, device, m_max=64),
                 _bf16_contiguous_case(3, 64, 144, 200, device, psum=True), _bf16_masked_case(2, 40, 144, 200, device, 64),
-                _bf16_k_grouped_case(3, 100, 7, 200, device)]
+                _bf16_k_grouped_case(3, 100, 7, 200, device),
+                _fp8_einsum_case("bhd,hdr->bhr", 3, 2, device, latent=256), _fp8_einsum_case("bhr,hdr->bhd", 3, 2, device)]
     found = []
     dense_m = [4096] if quick else [64, 128, 4096]
     dense_nk = DENSE_NK[:2] if quick else DENSE_NK
@@ -377,6 +405,8 @@ def cases(quick: bool, device: str) -> list[Case]:
         found += [_masked_case(groups, expected_m, n, k, device, m_max=4096) for n, k in GROUPED_NK]
     # Last: the issues' targets are the cases above (a short device run may end before this one).
     found += [_weight_gradient_case(m, n, k, device) for m, n, k in (WGRAD_MNK[:1] if quick else WGRAD_MNK)]
+    if not quick:  # MLA's absorbed projections with FP8 weights at decode batch 128
+        found += [_fp8_einsum_case(expr, 128, 128, device) for expr in ("bhd,hdr->bhr", "bhr,hdr->bhd")]
     if not quick:  # V3's experts: gate_up (4096 x 7168) and down (7168 x 2048), 8 experts of 4096 tokens
         found += [_k_grouped_case(8, 4096, m, n, device, layout) for m, n in ((4096, 7168), (7168, 2048))
                   for layout in ("nt", "tn")]

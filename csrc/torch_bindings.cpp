@@ -69,6 +69,9 @@ TORCH_LIBRARY(dskernels, m) {
   // row of b (1x128, recipe (1, 1, 128): both operands activations, as in a weight gradient);
   // accumulate adds to out's values (the public fp8_gemm_nt copies c there first).
   m.def("fp8_gemm_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out, bool accumulate) -> ()");
+  // fp8_gemm_nt per batch (fp8_einsum): a [B, m, k], b [B, n, k], out [B, m, n], sb per 128x128
+  // block or per row of each b[g]; any strides.
+  m.def("fp8_bmm_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out, bool accumulate) -> ()");
   // m_indices: one group id per row (-1: none), or with use_psum_layout DeepGEMM's [G] cumulative
   // row ends (group g owns rows align(ends[g-1], 128) .. ends[g] - 1). ensure_zero_padding: rows in
   // no group are written as zeros; expected_m: rows per group, a tuning hint (0: unknown).

@@ -23,6 +23,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 
 from dskernels import ops  # noqa: E402,F401  (registers the Python kernels)
 from dskernels._backend import available_backends, backend, current_backend  # noqa: E402
+from dskernels.ops.einsum import einsum, fp8_einsum  # noqa: E402
 from dskernels.ops.fp8 import (per_block_cast_to_fp8, per_channel_cast_to_fp8, per_token_cast_to_fp8,  # noqa: E402
                                silu_and_mul, silu_and_mul_cast_to_fp8)
 from dskernels.ops.gemm import (  # noqa: E402
@@ -76,8 +77,10 @@ __all__ = [
     "bf16_gemm_tt",
     "current_backend",
     "dequantize_sparse_kv_cache",
+    "einsum",
     "flash_mla_sparse_decode",
     "flash_mla_sparse_fwd",
+    "fp8_einsum",
     "fp8_gemm_nn",
     "fp8_gemm_nt",
     "fp8_gemm_tn",

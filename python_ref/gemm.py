@@ -12,6 +12,8 @@ sum in another order: results agree to fp32 rounding before the final bf16 round
 
 DeepGEMM's bf16 GEMMs are the same products without scales (grouped_rows, masked_rows,
 bf16_gemm_nt, k_grouped_bf16_gemm); psum_to_m_indices defines its psum contiguous layout.
+einsum and fp8_einsum are DeepGEMM's batched GEMMs named by einsum expressions (MLA's absorbed
+projections and their weight gradient), written with torch.einsum over the dequantized operands.
 """
 
 import torch
@@ -165,3 +167,40 @@ def k_grouped_bf16_gemm(a: torch.Tensor, b: torch.Tensor, ks, c=None) -> torch.T
         result[g] += a[first:first + k].float().T @ b[first:first + k].float()
         first += k
     return result
+
+
+def fp8_bmm_nt(a, sa, b, sb, out_dtype: torch.dtype, c=None) -> torch.Tensor:
+    """fp8_gemm_nt per batch: a [B, m, k], sa [B, m, k/128], b [B, n, k] with sb per 128x128 block
+    ([B, ceil(n/128), k/128]) or per row ([B, n, k/128]), c [B, m, n] or None -> [B, m, n]."""
+    d = dequantize_activations(a, sa) @ dequantize_rhs(b, sb).transpose(-1, -2)
+    if c is not None:
+        d = d + c.float()
+    return d.to(out_dtype)
+
+
+def dequantize_blocks(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """t (fp8) times its scales s, each scale covering one element along the dimensions where s has
+    t's size and 128 elements (the last block: what is left) along the others."""
+    scales = s.float()
+    for dim, (size, blocks) in enumerate(zip(t.shape, s.shape)):
+        if blocks != size:
+            scales = scales.repeat_interleave(GROUP_SIZE, dim=dim).narrow(dim, 0, size)
+    return t.float() * scales
+
+
+def fp8_einsum(expr: str, a, sa, b, sb, out_dtype: torch.dtype, c=None) -> torch.Tensor:
+    """DeepGEMM's fp8_einsum: torch.einsum(expr) of the dequantized operands in fp32 (+ c), rounded
+    once to out_dtype. Scales as dequantize_blocks reads them (the contracted dimension and, for
+    128x128-scaled b, its other non-batch dimension in blocks of 128)."""
+    d = torch.einsum(expr, dequantize_blocks(a, sa), dequantize_blocks(b, sb))
+    if c is not None:
+        d = d + c.float()
+    return d.to(out_dtype)
+
+
+def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, c=None) -> torch.Tensor:
+    """DeepGEMM's bf16 einsum: torch.einsum(expr) in fp32 (+ c), rounded once to out_dtype."""
+    d = torch.einsum(expr, a.float(), b.float())
+    if c is not None:
+        d = d + c.float()
+    return d.to(out_dtype)

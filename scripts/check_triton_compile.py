@@ -15,7 +15,7 @@ compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
 grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16,
 prefill), V3.2's indexer logits (prefill, compressed, paged; D = 16 to 128), the three FP8 GEMMs
-with every autotuning candidate and the heuristic tiles, the FP8 casts (per-channel and SwiGLU-fused too) and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels.)
+with every autotuning candidate and the heuristic tiles, the FP8 casts (per-channel and SwiGLU-fused too) and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels; fp8_einsum's general batched form on the masked kernel.)
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
 """
@@ -270,6 +270,11 @@ def gemm_cases(compiler: Compiler) -> None:
                                 _meta(n, k, dtype=f8), _meta(n, k // 128, dtype=torch.float32),
                                 _meta(m, n, dtype=torch.float32), accumulate=True)
 
+    def bmm_general(m):  # fp8_einsum's weight gradient: the masked kernel, per-row b scales, adding to fp32
+        triton_gemm.fp8_bmm_nt(_meta(groups, m, k, dtype=f8), _meta(groups, m, k // 128, dtype=torch.float32),
+                               _meta(groups, n, k, dtype=f8), _meta(groups, n, k // 128, dtype=torch.float32),
+                               _meta(groups, m, n, dtype=torch.float32), accumulate=True)
+
     def k_grouped(m, k_major, per_group=4096):  # MoE weight gradients, 4 experts' tokens, either layout
         tokens = groups * per_group
         operand = (lambda rows: _meta(rows * tokens, dtype=f8)) if k_major else (lambda rows: _meta(tokens, rows, dtype=f8))
@@ -316,13 +321,14 @@ def gemm_cases(compiler: Compiler) -> None:
                                         [per_group] * groups, _meta(groups, dtype=torch.int32), True)
 
     heuristic = triton_gemm._heuristic_config
-    per_row = (weight_gradient, k_grouped_nt, k_grouped_tn)
+    per_row = (weight_gradient, k_grouped_nt, k_grouped_tn, bmm_general)
     split_k = (dense, dense_nn, weight_gradient)  # fp8_gemm_nt's kernel
     bf16 = (bf16_contiguous, bf16_contiguous_nn, bf16_masked, bf16_k_grouped)
     for name, call, max_block_m in [("dense", dense, 256), ("dense nn", dense_nn, 256),
                                     ("contiguous", contiguous, 128), ("masked", masked, 256),
                                     ("contiguous psum", contiguous_psum, 128),
-                                    ("weight gradient", weight_gradient, 256), ("k-grouped nt", k_grouped_nt, 256),
+                                    ("weight gradient", weight_gradient, 256), ("bmm general", bmm_general, 256),
+                                    ("k-grouped nt", k_grouped_nt, 256),
                                     ("k-grouped tn", k_grouped_tn, 256),
                                     ("k-grouped unaligned", k_grouped_unaligned, 256),
                                     ("bf16 contiguous", bf16_contiguous, 128),

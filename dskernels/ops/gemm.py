@@ -526,10 +526,10 @@ def _check_operands(a, sa, b, sb, out, *, grouped_a: bool, grouped_b: bool, gene
     check_tensor("sa", sa, dtypes=(torch.float32,), device=device)
     _check_shape("sa", sa, (*a.shape[:-1], k // GROUP_SIZE), "one scale per row per 128 columns of a")
     check_tensor("sb", sb, dtypes=(torch.float32,), device=device)
-    if not (general and tuple(sb.shape) == (n, k // GROUP_SIZE)):
+    if not (general and tuple(sb.shape) == (*b.shape[:-2], n, k // GROUP_SIZE)):
         _check_shape("sb", sb, (*b.shape[:-2], (n + GROUP_SIZE - 1) // GROUP_SIZE, k // GROUP_SIZE),
-                     "one scale per 128x128 block of b" + (f", or ({n}, {k // GROUP_SIZE}): one per row of b "
-                                                           "per 128 columns" if general else ""))
+                     "one scale per 128x128 block of b" + (f", or {(*b.shape[:-2], n, k // GROUP_SIZE)}: one per "
+                                                           "row of b per 128 columns" if general else ""))
     check_tensor("out", out, dtypes=(torch.bfloat16, torch.float32) if general else (torch.bfloat16,),
                  device=device)
     _check_shape("out", out, (*a.shape[:-1], n), "a's rows by b's rows")
@@ -548,6 +548,12 @@ def _check_general(a, sa, b, sb, out, overlap: bool = True) -> bool:
     _, _, n, k = _check_operands(a, sa, b, sb, out, grouped_a=False, grouped_b=False, general=True,
                                  overlap=overlap)
     return n > 1 and tuple(sb.shape) == (n, k // GROUP_SIZE)
+
+
+def _check_batched(a, sa, b, sb, out) -> bool:
+    """fp8_bmm_nt's operands (fp8_gemm_nt's per batch); returns whether sb is per row of b."""
+    _, _, n, k = _check_operands(a, sa, b, sb, out, grouped_a=True, grouped_b=True, general=True)
+    return n > 1 and tuple(sb.shape) == (b.shape[0], n, k // GROUP_SIZE)
 
 
 def _check_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout=False, expected_m=0):
@@ -721,6 +727,25 @@ def _fp8_gemm_nt(a, sa, b, sb, out, accumulate):
     triton_gemm.fp8_gemm_nt(a, sa, b, sb, out, accumulate)
 
 
+@torch.library.register_kernel("dskernels::fp8_bmm_nt", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+def _fp8_bmm_nt(a, sa, b, sb, out, accumulate):
+    sb_per_row = _check_batched(a, sa, b, sb, out)
+    if out.dtype == torch.bfloat16 and not accumulate and not sb_per_row:
+        # The masked grouped GEMM with every row valid (and its sm90 CUDA kernel).
+        masked_m = torch.full((a.shape[0],), a.shape[1], dtype=torch.int32, device=a.device)
+        _run_masked(a, sa, b, sb, out, masked_m, a.shape[1])
+        return
+    chosen = select_backend("fp8_bmm_nt (fp32 out, accumulate or per-row sb)", a.device, has_cuda=False,
+                            has_triton=True)
+    if chosen == "ref":
+        out.copy_(ref.fp8_bmm_nt(a, sa, b, sb, out.dtype, c=out if accumulate else None))
+        return
+    from dskernels.triton import gemm as triton_gemm
+
+    triton_gemm.fp8_bmm_nt(a, sa, b, sb, out, accumulate)
+
+
 @torch.library.register_kernel("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", ("cpu", "cuda"))
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _m_grouped_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout=False, ensure_zero_padding=False,
@@ -746,6 +771,10 @@ def _m_grouped_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout=False, e
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _m_grouped_masked(a, sa, b, sb, out, masked_m, expected_m):
     _check_masked(a, sa, b, sb, out, masked_m, expected_m)
+    _run_masked(a, sa, b, sb, out, masked_m, expected_m)
+
+
+def _run_masked(a, sa, b, sb, out, masked_m, expected_m):
     chosen = _backend("m_grouped_gemm_fp8_fp8_bf16_nt_masked", a.device)
     if chosen == "ref":
         out.copy_(ref.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, masked_m))
@@ -766,6 +795,11 @@ def _gemm_fp8_fp8_bf16_nt_fake(a, sa, b, sb, out):
 @torch.library.register_fake("dskernels::fp8_gemm_nt")
 def _fp8_gemm_nt_fake(a, sa, b, sb, out, accumulate):
     _check_general(a, sa, b, sb, out)
+
+
+@torch.library.register_fake("dskernels::fp8_bmm_nt")
+def _fp8_bmm_nt_fake(a, sa, b, sb, out, accumulate):
+    _check_batched(a, sa, b, sb, out)
 
 
 @torch.library.register_fake("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_contiguous")

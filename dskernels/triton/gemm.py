@@ -293,7 +293,9 @@ def _masked_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, masked_m_ptr, m_max, n
                    stride_og, stride_om, stride_on, stride_mm, m_bucket,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr,
-                   SCALED: tl.constexpr):
+                   SCALED: tl.constexpr, SB_PER_ROW: tl.constexpr = False, OUT_FP32: tl.constexpr = False,
+                   ACCUMULATE: tl.constexpr = False):
+    """SB_PER_ROW, OUT_FP32, ACCUMULATE as in the dense kernel (fp8_bmm_nt's general form)."""
     group = tl.program_id(1).to(tl.int64)
     num_pid_m = tl.cdiv(m_max, BLOCK_M)
     num_pid_n = tl.cdiv(n, BLOCK_N)
@@ -309,13 +311,13 @@ def _masked_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, masked_m_ptr, m_max, n
         acc = _scaled_tile(a_ptr + group * stride_ag, sa_ptr + group * stride_sag, b_ptr + group * stride_bg,
                            sb_ptr + group * stride_sbg, rows, cols, row_ok, col_ok, tl.where(active, k_blocks, 0),
                            stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
-                           stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, False)
+                           stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, SB_PER_ROW)
     else:
         acc = _dot_tile(a_ptr + group * stride_ag, b_ptr + group * stride_bg, rows, cols, row_ok, col_ok,
                         tl.where(active, k, 0), stride_am, stride_ak, stride_bn, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K,
                         ROUND_BF16)  # ROUND_BF16: the interpreter
-    _store_bf16(out_ptr + group * stride_og, acc, rows, cols, row_ok[:, None] & col_ok[None, :],
-                stride_om, stride_on, ROUND_BF16)
+    _store(out_ptr + group * stride_og, acc, rows, cols, row_ok[:, None] & col_ok[None, :],
+           stride_om, stride_on, ROUND_BF16, OUT_FP32, ACCUMULATE)
 
 
 @triton.jit
@@ -652,13 +654,25 @@ def m_grouped_bf16_gemm_masked(a, b, out, masked_m, expected_m: int) -> None:
     _masked(a, None, b, None, out, masked_m, expected_m, scaled=False)
 
 
-def _masked(a, sa, b, sb, out, masked_m, expected_m: int, *, scaled: bool) -> None:
+def fp8_bmm_nt(a, sa, b, sb, out, accumulate: bool) -> None:
+    """Batched fp8_gemm_nt (fp8_einsum): out[g] (bf16 or fp32) = (out[g] if accumulate else 0) +
+    a[g] @ b[g].T, sb per 128x128 block or per row of b[g]: the masked kernel with every row valid."""
+    groups, m = a.shape[:2]
+    masked_m = torch.full((groups,), m, dtype=torch.int32, device=a.device)
+    sb_per_row = b.shape[1] > 1 and sb.shape[1] == b.shape[1]
+    _masked(a, sa, b, sb, out, masked_m, m, scaled=True, SB_PER_ROW=sb_per_row,
+            OUT_FP32=out.dtype == torch.float32, ACCUMULATE=accumulate)
+
+
+def _masked(a, sa, b, sb, out, masked_m, expected_m: int, *, scaled: bool, **general) -> None:
+    """general: fp8_bmm_nt's SB_PER_ROW, OUT_FP32 and ACCUMULATE (bf16 written over, by default)."""
     groups, m_max, k = a.shape
     n = b.shape[1]
     if groups == 0 or m_max == 0 or n == 0:
         return
     if k == 0:
-        out.zero_()
+        if not general.get("ACCUMULATE"):
+            out.zero_()
         return
     m_hint = max(1, min(expected_m, m_max))  # the tuning hint, as in DeepGEMM
     if scaled:
@@ -671,7 +685,7 @@ def _masked(a, sa, b, sb, out, masked_m, expected_m: int, *, scaled: bool) -> No
             *a_op.stride(), *sa_args[1:], *b_op.stride(), *sb_args[1:], *out.stride(), masked_m.stride(0),
             _m_bucket(m_hint))
     grid = lambda meta: (triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
-    _launch("_masked_kernel", grid, args, m_hint, n, fp8_dot=fp8_dot, SCALED=scaled)
+    _launch("_masked_kernel", grid, args, m_hint, n, fp8_dot=fp8_dot, SCALED=scaled, **general)
 
 
 def k_grouped_fp8_gemm(a, sa, b, sb, out, ks: list[int], ks_tensor, k_major: bool, accumulate: bool) -> None:
