@@ -245,7 +245,7 @@ def gemm_cases(compiler: Compiler) -> None:
 
     n, k, groups = 4096, 7168, 4
     f8 = torch.float8_e4m3fn
-    # An H100's SMs for the meta tensors' launches: m = 64 then splits the dense kernel along K (32
+    # An H100's SMs for the meta tensors' launches: m = 64 then splits the dense kernel along K (16
     # to 64 output tiles), m = 4096 does not; both variants are compiled for every candidate.
     triton_gemm.NO_DEVICE_SMS = 132
 

@@ -261,9 +261,42 @@ def test_triton_split_k(m, n, k_blocks, sms, out_dtype, sb_kind, c_kind, monkeyp
     assert_close_to_oracle(out, a, sa, b, sb, c)
 
 
+def test_split_candidate_that_does_not_split(monkeypatch):
+    """A split candidate chosen by the autotuner at one m and run at another m of its key where it
+    gives one K range: the kernel then writes out directly, never the workspace it was not given
+    (out itself in both places). Simulated here: the launcher decides to split, the grid has one."""
+    from dskernels.triton import gemm as triton_gemm
+
+    counts = iter([2])
+    monkeypatch.setattr(triton_gemm._SplitK, "count", lambda self, meta: next(counts, 1))
+    _, a, sa = quantized_pair(7, 9 * 128, "cpu", per_block=False, scale_layout="tma")
+    _, b, sb = quantized_pair(129, 9 * 128, "cpu", per_block=True, scale_layout="row")
+    for out_dtype, c in ((torch.bfloat16, None), (torch.float32, torch.randn(7, 129))):
+        counts = iter([2])
+        out = c.clone() if c is not None else torch.full((7, 129), float("nan"), dtype=out_dtype)
+        with dskernels.backend("triton"):
+            dskernels.fp8_gemm_nt((a, sa), (b, sb), out, c=out if c is not None else None)
+        assert_close_to_oracle(out, a, sa, b, sb, c)
+
+
+def test_split_key_follows_the_split_counts(monkeypatch):
+    """The autotuning key's split counts: equal where every tile shape splits alike (m = 33 and 64,
+    one row of tiles either way), different where the M bucket does not fix them (m = 160, 256)."""
+    from dskernels.triton import gemm as triton_gemm
+
+    monkeypatch.setattr(triton_gemm, "NO_DEVICE_SMS", 132)
+    metas = [dict(c.kwargs, SPLIT_K=True) for c in triton_gemm._gpu_configs(256)]
+
+    def key(m):
+        return triton_gemm._SplitK(m, 2112, 56, torch.empty(0)).key(metas)
+
+    assert key(33) == key(64) != key(128)
+    assert key(160) != key(256)
+
+
 def test_split_count():
     """_split_count on V3's decode GEMMs, 132 SMs (H100 SXM): split where few 64 x 128 tiles fill
-    the SMs, at most MIN_SPLIT_BLOCKS K blocks a split; never where the tiles fill half of them."""
+    the SMs, at least MIN_SPLIT_BLOCKS K blocks a split; never where the tiles fill more than half."""
     from dskernels.triton.gemm import MIN_SPLIT_BLOCKS, _split_count
 
     assert _split_count(64, 2112, 56, 64, 128, 132) == 7  # 17 tiles: 7 splits of 8 blocks, 119 programs
@@ -331,7 +364,7 @@ def _split_k_on_gpu(m, n, k):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", _triton_gpu_configs())
 def test_triton_every_config_split_k(config, monkeypatch):
-    """Each autotuning tile, forced, with its K blocks split (m = 37, n = 300 is 2 to 10 tiles of
+    """Each autotuning tile, forced, with its K blocks split (m = 37, n = 300 is 2 to 5 tiles of
     them, 13 K blocks in 3 ranges): the reduction and its counters at every tile shape and warp
     count; the cached counters are zero again after it."""
     from dskernels.triton import gemm as triton_gemm

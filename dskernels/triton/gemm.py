@@ -185,16 +185,18 @@ def _store(out_ptr, acc, rows, cols, mask, stride_om, stride_on, ROUND_BF16: tl.
         tl.store(ptrs, acc.to(tl.bfloat16), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_key"])
 def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
                  stride_am, stride_ak, stride_sam, stride_sak,
                  stride_bn, stride_bk, stride_sbn, stride_sbk, stride_om, stride_on, m_bucket,
-                 partial_ptr, arrived_ptr,
+                 split_key, partial_ptr, arrived_ptr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr,
                  SB_PER_ROW: tl.constexpr, OUT_FP32: tl.constexpr, ACCUMULATE: tl.constexpr,
                  SPLIT_K: tl.constexpr):
-    """SPLIT_K: grid axis 1 cuts the K blocks into contiguous ranges (_split_count); see _split_k_sum."""
+    """SPLIT_K: grid axis 1 cuts the K blocks into contiguous ranges (_split_count); see _split_k_sum.
+    One range (a split candidate run at a size it does not split) goes straight to out, without the
+    workspace (then out itself twice, not sized for it). split_key: the autotuning key's split counts."""
     rows, cols, row_ok, col_ok = _tile(m, n, BLOCK_M, BLOCK_N, GROUP_M)
     mask = row_ok[:, None] & col_ok[None, :]
     if SPLIT_K:
@@ -209,7 +211,9 @@ def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
                        stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
                        stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, SB_PER_ROW)
     if SPLIT_K:
-        acc, last = _split_k_sum(acc, partial_ptr, arrived_ptr, rows, cols, mask, m, n)
+        last = tl.program_id(1) == 0  # the only range, unless there are more
+        if tl.num_programs(1) > 1:
+            acc, last = _split_k_sum(acc, partial_ptr, arrived_ptr, rows, cols, mask, m, n)
         if last:
             _store(out_ptr, acc, rows, cols, mask, stride_om, stride_on, ROUND_BF16, OUT_FP32, ACCUMULATE)
     else:
@@ -443,7 +447,8 @@ def _tuned(kernel_name: str, max_block_m: int, accumulate: bool = False, sb_per_
     kernel = globals()[kernel_name]
     # Keyed on the M bucket (next power of two, capped), so new batch sizes rarely retune; the dense
     # kernel's variants (names not in a kernel's arguments are left out of its key) tune apart.
-    key = ["m_bucket", "n", "k_blocks", "SB_PER_ROW", "OUT_FP32", "ACCUMULATE", "K_MAJOR", "PSUM"]
+    # split_key: the dense kernel's K splits per tile at this m, which the M bucket does not fix.
+    key = ["m_bucket", "n", "k_blocks", "split_key", "SB_PER_ROW", "OUT_FP32", "ACCUMULATE", "K_MAJOR", "PSUM"]
     # A kernel that adds to out runs once per candidate while tuning: out is put back after each.
     restore = ["out_ptr"] if accumulate else None
     configs = (_gpu_configs(max_block_m, sb_per_row) if scaled
@@ -497,7 +502,8 @@ def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_
     elif _autotune_enabled():
         tuned = _tuned(kernel_name, max_block_m, variant.get("ACCUMULATE", False), sb_per_row, scaled)
         if split_k is not None:
-            args += split_k.workspace([c.kwargs for c in tuned.configs])
+            metas = [c.kwargs for c in tuned.configs]
+            args += (split_k.key(metas), *split_k.workspace(metas))
         tuned[grid_fn](*args, **fixed)
         return
     else:
@@ -505,7 +511,7 @@ def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_
         meta["BLOCK_M"] = min(meta["BLOCK_M"], max_block_m)
     if split_k is not None:
         meta["SPLIT_K"] = split_k.count(dict(meta, SPLIT_K=True)) > 1
-        args += split_k.workspace([meta])
+        args += (0, *split_k.workspace([meta]))  # (no autotuning key)
     kernel[grid_fn(meta)](*args, **meta)
 
 
@@ -530,7 +536,7 @@ def _cuda_sm_count(index: int) -> int:
 
 
 def _split_count(m: int, n: int, k_blocks: int, block_m: int, block_n: int, sms: int) -> int:
-    """K splits of the dense kernel: none while its output tiles fill at least half the SMs (decode
+    """K splits of the dense kernel: none while its output tiles fill more than half the SMs (decode
     GEMMs fill a few: m = 64, n = 2112 is 17 tiles of 64 x 128 for 132 SMs, each reading 56 K
     blocks); else as many as fill the SMs once, each of at least MIN_SPLIT_BLOCKS K blocks."""
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
@@ -550,6 +556,16 @@ class _SplitK:
         if not meta["SPLIT_K"]:
             return 1
         return _split_count(self.m, self.n, self.k_blocks, meta["BLOCK_M"], meta["BLOCK_N"], self.sms)
+
+    def key(self, metas: list[dict]) -> int:
+        """The split counts of the candidate tiles metas, one 5-bit digit per tile shape (at most
+        MAX_SPLITS = 16 each; five shapes stay below 2^31): the autotuner retunes where they change.
+        Within an M bucket they can: 64 x 128 tiles split m = 160, n = 2112 but not m = 256."""
+        shapes = sorted({(meta["BLOCK_M"], meta["BLOCK_N"]) for meta in metas if meta["SPLIT_K"]})
+        key = 0
+        for block_m, block_n in shapes:
+            key = key * 32 + self.count(dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=True))
+        return key
 
     def workspace(self, metas: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """(partials, arrival counters) large enough for any of the candidate tiles metas (out
