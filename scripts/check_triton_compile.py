@@ -270,10 +270,20 @@ def gemm_cases(compiler: Compiler) -> None:
                                 _meta(n, k, dtype=f8), _meta(n, k // 128, dtype=torch.float32),
                                 _meta(m, n, dtype=torch.float32), accumulate=True)
 
-    def bmm_general(m):  # fp8_einsum's weight gradient: the masked kernel, per-row b scales, adding to fp32
+    def bmm(m, per_row, out_dtype, accumulate):  # fp8_einsum's general form on the masked kernel
         triton_gemm.fp8_bmm_nt(_meta(groups, m, k, dtype=f8), _meta(groups, m, k // 128, dtype=torch.float32),
-                               _meta(groups, n, k, dtype=f8), _meta(groups, n, k // 128, dtype=torch.float32),
-                               _meta(groups, m, n, dtype=torch.float32), accumulate=True)
+                               _meta(groups, n, k, dtype=f8),
+                               _meta(groups, n if per_row else n // 128, k // 128, dtype=torch.float32),
+                               _meta(groups, m, n, dtype=out_dtype), accumulate=accumulate)
+
+    def bmm_general(m):  # MLA's weight gradient: per-row b scales, adding to fp32
+        bmm(m, True, torch.float32, True)
+
+    def bmm_fp32_blocks(m):  # 128x128 b scales into fp32 (a 256-wide tile reads two scale rows)
+        bmm(m, False, torch.float32, False)
+
+    def bmm_bf16_rows(m):  # per-row b scales into bf16
+        bmm(m, True, torch.bfloat16, False)
 
     def k_grouped(m, k_major, per_group=4096):  # MoE weight gradients, 4 experts' tokens, either layout
         tokens = groups * per_group
@@ -321,13 +331,14 @@ def gemm_cases(compiler: Compiler) -> None:
                                         [per_group] * groups, _meta(groups, dtype=torch.int32), True)
 
     heuristic = triton_gemm._heuristic_config
-    per_row = (weight_gradient, k_grouped_nt, k_grouped_tn, bmm_general)
+    per_row = (weight_gradient, k_grouped_nt, k_grouped_tn, bmm_general, bmm_bf16_rows)
     split_k = (dense, dense_nn, weight_gradient)  # fp8_gemm_nt's kernel
     bf16 = (bf16_contiguous, bf16_contiguous_nn, bf16_masked, bf16_k_grouped)
     for name, call, max_block_m in [("dense", dense, 256), ("dense nn", dense_nn, 256),
                                     ("contiguous", contiguous, 128), ("masked", masked, 256),
                                     ("contiguous psum", contiguous_psum, 128),
                                     ("weight gradient", weight_gradient, 256), ("bmm general", bmm_general, 256),
+                                    ("bmm fp32 blocks", bmm_fp32_blocks, 256), ("bmm bf16 rows", bmm_bf16_rows, 256),
                                     ("k-grouped nt", k_grouped_nt, 256),
                                     ("k-grouped tn", k_grouped_tn, 256),
                                     ("k-grouped unaligned", k_grouped_unaligned, 256),

@@ -21,6 +21,7 @@ FP8_EXPRESSIONS = [  # (expr, sizes, recipe): DeepGEMM's three, then ones only t
     ("bhd,bhr->hdr", dict(b=128, h=2, d=40, r=130), (1, 128, 128)),
     ("kmh,hnk->nhm", dict(k=128, m=9, h=2, n=33), (1, 128, 128)),   # every operand permuted
     ("mk,nk->mn", dict(m=7, n=65, k=256), (1, 128, 128)),           # no batch letter
+    ("bhr,hdr->bhd", dict(b=1, h=1, r=128, d=1), (1, 128, 128)),    # every size 1, one K block
 ]
 CASES = [(d, c) for d in ("bfloat16", "float32") for c in (None, "separate", "in_place")]
 
@@ -76,12 +77,14 @@ def test_fp8_einsum(backend, expr, sizes, recipe, d_dtype, c_kind):
     d_dtype = getattr(torch, d_dtype)
     d_shape = tuple(sizes[x] for x in d_word)
     exact = python_ref.gemm.fp8_einsum(expr, a, sa, b, sb, torch.float32)
-    c = (torch.randn(d_shape, device=device) * exact.std()).to(d_dtype) if c_kind else None
+    c = (torch.randn(d_shape, device=device) * exact.pow(2).mean().sqrt()).to(d_dtype) if c_kind else None  # RMS-sized
     d = c.clone() if c_kind == "in_place" else torch.full(d_shape, float("nan"), dtype=d_dtype, device=device)
     general = d_dtype == torch.float32 or recipe[1] == 1 or c is not None
     if name == "cuda" and general:
+        before = d.clone()
         with pytest.raises(NotImplementedError, match="^fp8_bmm_nt .*no CUDA kernel yet"):
             dskernels.fp8_einsum(expr, (a, sa), (b, sb), d, c=d if c_kind == "in_place" else c, recipe=recipe)
+        assert torch.equal(d.isnan(), before.isnan()) and torch.equal(d.nan_to_num(), before.nan_to_num())
         return
     dskernels.fp8_einsum(expr, (a, sa), (b, sb), d, c=d if c_kind == "in_place" else c, recipe=recipe)
     assert d.dtype == d_dtype and d.shape == d_shape
@@ -128,36 +131,90 @@ def _fp8_sample(device="cpu"):
 
 
 def test_fp8_einsum_validation():
-    """Each refusal names the argument (or the letter) and what was expected, before d is written."""
+    """Each refusal names the argument (or the letter) and what was expected, before d is written
+    (d holds 7s, c ones: a copy of c into d, or a kernel's output, would show)."""
     a, sa, b, sb = _fp8_sample()
-    d = torch.zeros(3, 2, 20, dtype=torch.bfloat16)
+    d = torch.full((3, 2, 20), 7.0, dtype=torch.bfloat16)
     bad = [
         (dict(expr="bhr,hdr"), ValueError, "expr: expected 'a_letters,b_letters->d_letters'"),
         (dict(expr="bhh,hdr->bhd"), ValueError, "expr: expected distinct letters for a"),
         (dict(expr="bhr,hdr->bhq"), ValueError, "expr: every letter must name"),
         (dict(expr="bhr,hdr->bd"), ValueError, "d: expected a 2-d tensor|d: expected 2 dim"),
         (dict(expr="bhrq,hdr->bhd"), ValueError, "a: expected a 4-d tensor|a: expected 4 dim"),
-        (dict(d=torch.zeros(3, 3, 20, dtype=torch.bfloat16)), ValueError, "expected 'h' = 2"),
+        (dict(d=torch.full((3, 3, 20), 7.0, dtype=torch.bfloat16)), ValueError, "expected 'h' = 2"),
         (dict(a=(a[..., :128], sa)), ValueError, "expected 'r' = 128"),
         (dict(a=(a[..., :100], sa[..., :1]), b=(b[..., :100], sb[..., :1])), ValueError, "multiple of 128"),
-        (dict(a=(a, sa[..., :1])), ValueError, r"sx: expected shape \(3, 2, 2\)"),
-        (dict(b=(b, sb.expand(2, 20, 2))), ValueError, r"sy: expected shape \(2, 1, 2\) \(recipe \(1, 128, 128\)"),
-        (dict(recipe=(1, 1, 128)), ValueError, r"sy: expected shape \(2, 20, 2\)"),
+        (dict(a=(a, sa[..., :1])), ValueError, r"sa: expected shape \(3, 2, 2\)"),
+        (dict(b=(b, sb.expand(2, 20, 2))), ValueError, r"sb: expected shape \(2, 1, 2\) \(recipe \(1, 128, 128\)"),
+        (dict(recipe=(1, 1, 128)), ValueError, r"sb: expected shape \(2, 20, 2\)"),
         (dict(recipe=(128, 128, 128)), ValueError, "recipe: expected"),
         (dict(a=(a.float(), sa)), TypeError, "a: expected dtype"),
-        (dict(d=torch.zeros(3, 2, 20, dtype=torch.float16)), TypeError, "d: expected dtype"),
+        (dict(d=torch.full((3, 2, 20), 7.0, dtype=torch.float16)), TypeError, "d: expected dtype"),
         (dict(expr="xhr,hdr,y->xhd"), ValueError, "expr: expected"),
         (dict(expr="bhr,hdr->bhrd"), ValueError, "expr: fp8_einsum takes one contracted"),
         (dict(a=a), TypeError, "a: expected a tuple"),
-        (dict(c=torch.zeros(3, 2, 20)), TypeError, "c: expected dtype"),
+        (dict(c=torch.ones(3, 2, 20)), TypeError, "c: expected dtype"),
+        (dict(d=torch.full((3, 1, 20), 7.0, dtype=torch.bfloat16).expand(3, 2, 20)), ValueError, "d: "),
+        (dict(expr="bhé,hdé->bhd"), ValueError, "expr: expected distinct letters"),
     ]
     for change, error, message in bad:
         args = dict(expr="bhr,hdr->bhd", a=(a, sa), b=(b, sb), d=d, recipe=(1, 128, 128)) | change
         if args["expr"] == "bhr,hdr->bhrd":
-            args["d"] = torch.zeros(3, 2, 256, 20, dtype=torch.bfloat16)
+            args["d"] = torch.full((3, 2, 256, 20), 7.0, dtype=torch.bfloat16)
         with pytest.raises(error, match=message):
             dskernels.fp8_einsum(args["expr"], args["a"], args["b"], args["d"], c=args.get("c"), recipe=args["recipe"])
-        assert not args["d"].any()
+        assert (args["d"] == 7).all()
+    # c with a backend that has no kernel for the accumulating form: refused before c is copied to d
+    with dskernels.backend("cuda"), pytest.raises((NotImplementedError, ValueError), match="fp8_bmm_nt"):
+        dskernels.fp8_einsum("bhr,hdr->bhd", (a, sa), (b, sb), d, c=torch.ones_like(d))
+    assert (d == 7).all()
+
+
+def test_fp8_einsum_refuses_batches_past_the_grid():
+    """A batch letter of more than 65535 batches (CUDA's second grid dimension) is refused by name."""
+    a = torch.zeros(65536, 1, 128, dtype=torch.float8_e4m3fn)
+    scales = torch.ones(65536, 1, 1)
+    d = torch.zeros(65536, 1, 1, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="expr: the batch letter 't' names 65536 batches"):
+        dskernels.fp8_einsum("tmk,tnk->tmn", (a, scales), (a, scales), d)
+
+
+def test_fp8_einsum_empty():
+    """A zero-sized batch, row or column dimension: nothing to compute, d stays as it is (empty)."""
+    for sizes in (dict(b=0, h=2, r=128, d=20), dict(b=3, h=0, r=128, d=20), dict(b=3, h=2, r=128, d=0)):
+        a, sa = quantized("bhr", sizes, "cpu", k_letter="r")
+        b, sb = quantized("hdr", sizes, "cpu", k_letter="r", block_letter="d")
+        d = torch.empty(sizes["b"], sizes["h"], sizes["d"], dtype=torch.bfloat16)
+        for backend in ("ref", "triton"):
+            with dskernels.backend(backend):
+                dskernels.fp8_einsum("bhr,hdr->bhd", (a, sa), (b, sb), d)
+
+
+def test_einsum_gpu_path_emulated(monkeypatch):
+    """einsum's GPU path (_einsum_bmm: permute, reshape, one torch.bmm) with torch.bmm emulated in
+    fp64 on CPU: every expression of test_einsum, each d dtype and c form, equals the oracle."""
+    from dskernels.ops import einsum as einsum_module
+
+    def bmm(x, y, out_dtype=None):
+        assert x.dim() == y.dim() == 3 and x.dtype == y.dtype == torch.bfloat16
+        return torch.matmul(x.double(), y.double()).to(out_dtype or x.dtype)
+
+    monkeypatch.setattr(torch, "bmm", bmm)
+    for expr, sizes in BF16_EXPRESSIONS:
+        a_word, rest = expr.split(",")
+        b_word, d_word = rest.split("->")
+        a = torch.randn(tuple(sizes[x] for x in a_word)).bfloat16()
+        b = torch.randn(tuple(sizes[x] for x in b_word)).bfloat16()
+        roles = einsum_module._parse(expr, (a, b, torch.empty(tuple(sizes[x] for x in d_word))), ("a", "b", "d"))
+        for d_dtype, c_kind in CASES:
+            d_dtype = getattr(torch, d_dtype)
+            d_shape = tuple(sizes[x] for x in d_word)
+            c = torch.randn(d_shape).to(d_dtype) if c_kind else None
+            d = c.clone() if c_kind == "in_place" else torch.full(d_shape, float("nan"), dtype=d_dtype)
+            einsum_module._einsum_bmm(roles, a, b, d, d if c_kind == "in_place" else c)
+            expected = python_ref.gemm.einsum(expr, a, b, torch.float64, c)
+            assert torch.allclose(d.double(), expected, rtol=2**-7 if d_dtype == torch.bfloat16 else 1e-6,
+                                  atol=1e-5), (expr, d_dtype, c_kind)
 
 
 def test_einsum_validation():

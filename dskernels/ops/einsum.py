@@ -15,15 +15,17 @@ reshaped) into one batched GEMM, as torch.einsum does. docs/gemm.md, "einsum".
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
 from dskernels._backend import current_backend, select_backend
-from dskernels._checks import check_tensor
+from dskernels._checks import check_no_overlap, check_tensor
 from dskernels.ops.gemm import BLOCK_RECIPE, FP8, GROUP_SIZE, ROW_RECIPE, _check_c, _unpack
 from python_ref import gemm as ref
 
 BF16 = torch.bfloat16
+MAX_BATCH = 65535  # fp8_einsum's batches: grid dimension 1 of the masked kernels (CUDA's limit)
 
 
 def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None) -> None:
@@ -45,10 +47,17 @@ def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torc
     for name, t in (("a", a), ("b", b)):
         check_tensor(name, t, dtypes=(BF16,), device=d.device)
     check_tensor("d", d, dtypes=(BF16, torch.float32))
+    if not torch.compiler.is_compiling():  # (the op checks again, traceably)
+        check_no_overlap("d", d)
     _check_c(c, d, "d")
     if d.device.type != "cuda" or current_backend() == "ref":
         d.copy_(ref.einsum(expr, a, b, d.dtype, c))
         return
+    _einsum_bmm(roles, a, b, d, c)
+
+
+def _einsum_bmm(roles, a, b, d, c) -> None:
+    """einsum's GPU path: one torch.bmm (cuBLAS) over the operands permuted and reshaped by role."""
     lhs, rhs, view = _as_bmm(roles, a, b, d)
     batch, m, n, k = (math.prod(roles["sizes"][x] for x in roles[role]) for role in ("batch", "m", "n", "k"))
     lhs, rhs = lhs.reshape(batch, m, k), rhs.reshape(batch, n, k).transpose(1, 2)  # several letters: a copy
@@ -71,52 +80,59 @@ def fp8_einsum(expr: str, a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.T
         expr: "a_letters,b_letters->d_letters" with one contracted letter, at most one batch letter
             and one row (a, d) and one column (b, d) letter, e.g. "bhr,hdr->bhd" (r contracted, h
             the batch), "bhd,hdr->bhr" or "bhd,bhr->hdr".
-        a: (x, sx): x float8_e4m3fn with one dimension per letter; sx float32 of x's shape with the
+        a: (a, sa): a float8_e4m3fn with one dimension per letter; sa float32 of a's shape with the
             contracted dimension k in blocks of 128 (k / 128; k must be a multiple of 128): 1x128
             scales along k.
-        b: (y, sy): y float8_e4m3fn; sy float32 of y's shape with k / 128 and, with recipe
+        b: (b, sb): b float8_e4m3fn; sb float32 of b's shape with k / 128 and, with recipe
             (1, 128, 128), its column dimension n in blocks of 128 (ceil(n / 128): 128x128 blocks,
-            a weight); with (1, 1, 128) n itself (1x128 scales, y an activation too).
+            a weight); with (1, 1, 128) n itself (1x128 scales, b an activation too). The batch
+            letter (optional) may name at most 65535 batches (a grid dimension of the kernels).
         d: bfloat16 or float32, with d_letters' sizes, overwritten; c as for einsum.
-        recipe: (1, 128, 128) (DeepGEMM's default) or (1, 1, 128), checked against sy's shape.
+        recipe: (1, 128, 128) (DeepGEMM's default) or (1, 1, 128), checked against sb's shape.
 
     Any strides. Runs as one batched GEMM (fp8_bmm_nt): on the masked grouped GEMM's kernels for a
     bf16 d with 128x128 b scales and no c, on Triton (any CUDA GPU) or the reference (CPU) for the
     rest. An operand whose contracted dimension is not its last is copied K-major first on Hopper
     (its FP8 wgmma reads K-major tiles only), as for fp8_gemm_nn.
     """
-    x, sx = _unpack("a", a)
-    y, sy = _unpack("b", b)
-    roles = _parse(expr, (x, y, d), ("a", "b", "d"))
+    a, sa = _unpack("a", a)
+    b, sb = _unpack("b", b)
+    roles = _parse(expr, (a, b, d), ("a", "b", "d"))
     if len(roles["k"]) != 1 or len(roles["m"]) != 1 or len(roles["n"]) != 1 or len(roles["batch"]) > 1:
         raise ValueError(f"expr: fp8_einsum takes one contracted, one row (a and d), one column (b and d) and at "
                          f"most one batch letter (a, b and d), got {expr!r}")
     if recipe is None or tuple(recipe) not in (BLOCK_RECIPE, ROW_RECIPE):
         raise ValueError(f"recipe: expected {BLOCK_RECIPE} (128x128 scales on b) or {ROW_RECIPE} (1x128 on b), "
                          f"got {recipe!r}")
-    for name, t in (("a", x), ("b", y)):
+    for name, t in (("a", a), ("b", b)):
         check_tensor(name, t, dtypes=(FP8,), device=d.device)
     check_tensor("d", d, dtypes=(BF16, torch.float32))
+    if not torch.compiler.is_compiling():  # (the op checks again, traceably)
+        check_no_overlap("d", d)
+    for letter in roles["batch"]:
+        if roles["sizes"][letter] > MAX_BATCH:
+            raise ValueError(f"expr: the batch letter {letter!r} names {roles['sizes'][letter]} batches, more than "
+                             f"the {MAX_BATCH} the kernels' grid holds; make it a row letter of a and d instead")
     (k_letter,), (n_letter,) = roles["k"], roles["n"]
-    k = x.shape[roles["a"].index(k_letter)]
+    k = a.shape[roles["a"].index(k_letter)]
     if k % GROUP_SIZE:
         raise ValueError(f"a: expected the contracted dimension {k_letter!r} to be a multiple of {GROUP_SIZE} "
                          f"(its scales cover 128 elements each), got {k}")
     blocks = {k_letter: k // GROUP_SIZE}
-    _check_scales("sx", sx, x, roles["a"], blocks, "1x128 scales along the contracted dimension", d.device)
+    _check_scales("sa", sa, a, roles["a"], blocks, "1x128 scales along the contracted dimension", d.device)
     if tuple(recipe) == BLOCK_RECIPE:
-        blocks[n_letter] = math.ceil(y.shape[roles["b"].index(n_letter)] / GROUP_SIZE)
+        blocks[n_letter] = math.ceil(b.shape[roles["b"].index(n_letter)] / GROUP_SIZE)
         what = f"recipe {BLOCK_RECIPE}: 128x128 blocks of b over {k_letter!r} and {n_letter!r}"
     else:
         what = f"recipe {ROW_RECIPE}: 1x128 scales along {k_letter!r}"
-    _check_scales("sy", sy, y, roles["b"], blocks, what, d.device)
+    _check_scales("sb", sb, b, roles["b"], blocks, what, d.device)
     _check_c(c, d, "d")
-    lhs, rhs, view = _as_bmm(roles, x, y, d)
-    scales_a, scales_b, _ = _as_bmm(roles, sx, sy, d)
+    lhs, rhs, view = _as_bmm(roles, a, b, d)
+    scales_a, scales_b, _ = _as_bmm(roles, sa, sb, d)
     if c is not None:
-        if not torch.compiler.is_compiling() and (d.dtype != BF16 or tuple(recipe) == ROW_RECIPE):
+        if not torch.compiler.is_compiling():  # eager: every refusal before d is written (c: the general form)
             select_backend("fp8_bmm_nt (fp32 out, accumulate or per-row sb)", d.device, has_cuda=False,
-                           has_triton=True)  # eager: every refusal before d is written
+                           has_triton=True)
         if c is not d:
             d.copy_(c)  # the kernel adds to d
     torch.ops.dskernels.fp8_bmm_nt(lhs, scales_a, rhs, scales_b, view(d), c is not None)
@@ -135,7 +151,7 @@ def _parse(expr, tensors, names) -> dict:
     sizes = {}
     for name, t in zip(names, tensors):
         word = letters[name]
-        if not word.isalpha() or len(set(word)) != len(word):
+        if not re.fullmatch("[a-zA-Z]*", word) or len(set(word)) != len(word):
             raise ValueError(f"expr: expected distinct letters for {name}, got {word!r} in {expr!r}")
         check_tensor(name, t, ndim=len(word))
         for letter, size in zip(word, t.shape):
