@@ -61,6 +61,26 @@ def grouped_gemms(a, sa, b, sb, k, n):
     out3 = torch.empty(3, 20, n, device="cuda", dtype=torch.bfloat16)
     dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a3, sa3), (bb, sbb), out3, masked_m, 8)
 
+    if dskernels.current_backend() == "triton":
+        split_k_and_einsum()
+
+
+def split_k_and_einsum():
+    """Triton only: the dense kernel split along K into uneven ranges (9 K blocks over 2 ranges per
+    tile, the fp32 accumulating form with per-row scales too), and fp8_einsum's general form on the
+    masked kernel (MLA's weight gradient: per-row scales, fp32 adding, operands copied K-major)."""
+    a9, sa9 = dskernels.per_token_cast_to_fp8(torch.randn(61, 9 * 128, device="cuda"))
+    b9, sb9 = dskernels.per_block_cast_to_fp8(torch.randn(300, 9 * 128, device="cuda"))
+    dskernels.fp8_gemm_nt((a9, sa9), (b9, sb9), torch.empty(61, 300, device="cuda", dtype=torch.bfloat16))
+    rows9, srows9 = dskernels.per_token_cast_to_fp8(torch.randn(300, 9 * 128, device="cuda"))
+    grad = torch.zeros(61, 300, device="cuda")
+    dskernels.fp8_gemm_nt((a9, sa9), (rows9, srows9), grad, c=grad)
+    x, sx = dskernels.per_channel_cast_to_fp8(torch.randn(256, 3 * 40, device="cuda", dtype=torch.bfloat16))
+    y, sy = dskernels.per_channel_cast_to_fp8(torch.randn(256, 3 * 70, device="cuda", dtype=torch.bfloat16))
+    weight_grad = torch.zeros(3, 40, 70, device="cuda")
+    dskernels.fp8_einsum("bhd,bhr->hdr", (x.view(256, 3, 40), sx.view(2, 3, 40)), (y.view(256, 3, 70), sy.view(2, 3, 70)),
+                         weight_grad, c=weight_grad, recipe=(1, 1, 128))
+
 
 def mla_decode():
     """V3-shaped decode (d = 576, dv = 512): a TMA-path cache (page 64, a partial last block, an
