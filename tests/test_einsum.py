@@ -275,3 +275,21 @@ def test_triton_every_general_bmm_config(config, monkeypatch):
     with dskernels.backend("triton"):
         dskernels.fp8_einsum("bhd,bhr->hdr", (x, sx), (y, sy), grad, c=grad, recipe=(1, 1, 128))
     assert_close(grad, "bhd,bhr->hdr", x, sx, y, sy, c)
+
+
+def test_fp8_einsum_weight_gradient_from_per_channel_casts(backend):
+    """MLA's weight gradient as training code would feed it: per_channel_cast_to_fp8 of the
+    token-major [b, h * d] and [b, h * r] activations, viewed per head, straight into fp8_einsum."""
+    name, device = backend
+    if name == "cuda":
+        pytest.skip("the accumulating form runs on Triton and the reference (test_fp8_einsum checks the refusal)")
+    b, h, d_dim, r = 256, 3, 40, 70
+    x = torch.randn(b, h * d_dim, device=device, dtype=torch.bfloat16)
+    y = torch.randn(b, h * r, device=device, dtype=torch.bfloat16)
+    (qx, sx), (qy, sy) = dskernels.per_channel_cast_to_fp8(x), dskernels.per_channel_cast_to_fp8(y)
+    a, sa = qx.view(b, h, d_dim), sx.view(b // 128, h, d_dim)
+    bb, sb = qy.view(b, h, r), sy.view(b // 128, h, r)
+    grad = torch.randn(h, d_dim, r, device=device)
+    c = grad.clone()
+    dskernels.fp8_einsum("bhd,bhr->hdr", (a, sa), (bb, sb), grad, c=grad, recipe=(1, 1, 128))
+    assert_close(grad, "bhd,bhr->hdr", a, sa, bb, sb, c)
