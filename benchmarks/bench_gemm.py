@@ -261,7 +261,13 @@ def _fp8_einsum_case(expr, batch, heads, device, latent=512, head_dim=128):
 
     def make_inputs(dev):
         _, a, sa = _cast_pair(heads, k, dev, per_block=False, groups=batch)  # [batch, heads, k]
-        _, w, sw = _cast_pair(head_dim, latent, dev, per_block=True, groups=heads)  # [heads, d, r]
+        # Each weight K-major in memory, as a caller keeps it (docs/gemm.md): [h, d, r] for W_UV,
+        # [h, r, d] for W_UK, passed as its [h, d, r] view (else each call would copy it K-major).
+        if into_latent:
+            _, w, sw = _cast_pair(latent, head_dim, dev, per_block=True, groups=heads)
+            w, sw = w.transpose(1, 2), sw.transpose(1, 2)
+        else:
+            _, w, sw = _cast_pair(head_dim, latent, dev, per_block=True, groups=heads)
         return a, sa, w, sw, torch.empty(batch, heads, n, device=dev, dtype=torch.bfloat16)
 
     def run(a, sa, w, sw, out):

@@ -61,14 +61,13 @@ def grouped_gemms(a, sa, b, sb, k, n):
     out3 = torch.empty(3, 20, n, device="cuda", dtype=torch.bfloat16)
     dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a3, sa3), (bb, sbb), out3, masked_m, 8)
 
-    if dskernels.current_backend() == "triton":
-        split_k_and_einsum()
-
 
 def split_k_and_einsum():
-    """Triton only: the dense kernel split along K into uneven ranges (9 K blocks over 2 ranges per
+    """Triton only (no CUDA kernel for the split or the general forms): the dense kernel split along K into uneven ranges (9 K blocks over 2 ranges per
     tile, the fp32 accumulating form with per-row scales too), and fp8_einsum's general form on the
     masked kernel (MLA's weight gradient: per-row scales, fp32 adding, operands copied K-major)."""
+    if dskernels.current_backend() != "triton":
+        return
     a9, sa9 = dskernels.per_token_cast_to_fp8(torch.randn(61, 9 * 128, device="cuda"))
     b9, sb9 = dskernels.per_block_cast_to_fp8(torch.randn(300, 9 * 128, device="cuda"))
     dskernels.fp8_gemm_nt((a9, sa9), (b9, sb9), torch.empty(61, 300, device="cuda", dtype=torch.bfloat16))
@@ -118,7 +117,7 @@ def deepseek_v32():
     dskernels.fp8_paged_mqa_logits(q8, cache, torch.randn(6, 64, device="cuda"), lens, table, None, 250, True)
 
 
-CASES = [fp8_casts, fp8_gemms, mla_decode, deepseek_v32]
+CASES = [fp8_casts, fp8_gemms, split_k_and_einsum, mla_decode, deepseek_v32]
 
 if __name__ == "__main__":
     for backend in [b for b in ("cuda", "triton") if b in dskernels.available_backends()]:

@@ -14,6 +14,9 @@ from test_gemm import (K, OPCHECK_UTILS, _dense_args, _triton_gpu_configs, asser
                        assert_close_to_oracle, grouped_weights, quantized_pair)
 
 
+_ON_GPU = [pytest.mark.gpu] if torch.cuda.is_available() else []  # -m gpu selects these on the device
+
+
 def row_scaled_pair(rows, k, device):
     """An activation-like operand for b: 1x128 scales, one per row per 128 columns."""
     return quantized_pair(rows, k, device, per_block=False, scale_layout="row")
@@ -226,7 +229,6 @@ def test_torch_compile_fullgraph():
 # ---- split-K: the dense kernel on few output tiles ----
 
 SPLITS = [(7, 129, 13, 16), (40, 64, 9, 64)]  # (m, n, K blocks, SMs): 3 uneven and 2 even K ranges
-_ON_GPU = [pytest.mark.gpu] if torch.cuda.is_available() else []  # -m gpu selects it on the device
 
 
 @pytest.mark.parametrize("out_dtype,sb_kind,c_kind", GENERAL, ids=["-".join(map(str, g)) for g in GENERAL])
@@ -261,19 +263,20 @@ def test_triton_split_k(m, n, k_blocks, sms, out_dtype, sb_kind, c_kind, monkeyp
     assert_close_to_oracle(out, a, sa, b, sb, c)
 
 
-def test_split_candidate_that_does_not_split(monkeypatch):
-    """A split candidate chosen by the autotuner at one m and run at another m of its key where it
-    gives one K range: the kernel then writes out directly, never the workspace it was not given
-    (out itself in both places). Simulated here: the launcher decides to split, the grid has one."""
+@pytest.mark.parametrize("device", [pytest.param("cuda" if torch.cuda.is_available() else "cpu", marks=_ON_GPU)])
+def test_split_candidate_that_does_not_split(device, monkeypatch):
+    """The kernel's guard for a split candidate that meets one K range (the autotuning key's split
+    counts and the pruning keep that from happening): it writes out directly, never the workspace,
+    which is then empty. Simulated: the launcher decides to split, the grid has one range."""
     from dskernels.triton import gemm as triton_gemm
 
     counts = iter([2])
     monkeypatch.setattr(triton_gemm._SplitK, "count", lambda self, meta: next(counts, 1))
-    _, a, sa = quantized_pair(7, 9 * 128, "cpu", per_block=False, scale_layout="tma")
-    _, b, sb = quantized_pair(129, 9 * 128, "cpu", per_block=True, scale_layout="row")
-    for out_dtype, c in ((torch.bfloat16, None), (torch.float32, torch.randn(7, 129))):
+    _, a, sa = quantized_pair(7, 9 * 128, device, per_block=False, scale_layout="tma")
+    _, b, sb = quantized_pair(129, 9 * 128, device, per_block=True, scale_layout="row")
+    for out_dtype, c in ((torch.bfloat16, None), (torch.float32, torch.randn(7, 129, device=device))):
         counts = iter([2])
-        out = c.clone() if c is not None else torch.full((7, 129), float("nan"), dtype=out_dtype)
+        out = c.clone() if c is not None else torch.full((7, 129), float("nan"), dtype=out_dtype, device=device)
         with dskernels.backend("triton"):
             dskernels.fp8_gemm_nt((a, sa), (b, sb), out, c=out if c is not None else None)
         assert_close_to_oracle(out, a, sa, b, sb, c)

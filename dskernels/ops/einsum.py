@@ -19,9 +19,9 @@ import re
 
 import torch
 
-from dskernels._backend import current_backend, select_backend
+from dskernels._backend import current_backend
 from dskernels._checks import check_no_overlap, check_tensor
-from dskernels.ops.gemm import BLOCK_RECIPE, FP8, GROUP_SIZE, ROW_RECIPE, _check_c, _unpack
+from dskernels.ops.gemm import BLOCK_RECIPE, FP8, GROUP_SIZE, ROW_RECIPE, _check_c, _general_backend, _unpack
 from python_ref import gemm as ref
 
 BF16 = torch.bfloat16
@@ -131,8 +131,7 @@ def fp8_einsum(expr: str, a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.T
     scales_a, scales_b, _ = _as_bmm(roles, sa, sb, d)
     if c is not None:
         if not torch.compiler.is_compiling():  # eager: every refusal before d is written (c: the general form)
-            select_backend("fp8_bmm_nt (fp32 out, accumulate or per-row sb)", d.device, has_cuda=False,
-                           has_triton=True)
+            _general_backend(d.device, "fp8_bmm_nt")
         if c is not d:
             d.copy_(c)  # the kernel adds to d
     torch.ops.dskernels.fp8_bmm_nt(lhs, scales_a, rhs, scales_b, view(d), c is not None)

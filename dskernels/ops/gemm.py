@@ -705,10 +705,10 @@ def _run_dense(a, sa, b, sb, out):
     triton_gemm.gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out)
 
 
-def _general_backend(device: torch.device) -> str:
-    """Where fp8_gemm_nt's general form runs (no sm90 CUDA kernel for it); raises if it cannot."""
-    return select_backend("fp8_gemm_nt (fp32 out, accumulate or per-row sb)", device, has_cuda=False,
-                          has_triton=True)
+def _general_backend(device: torch.device, op: str = "fp8_gemm_nt") -> str:
+    """Where fp8_gemm_nt's (or fp8_bmm_nt's) general form runs (no sm90 CUDA kernel for it); raises
+    if it cannot."""
+    return select_backend(f"{op} (fp32 out, accumulate or per-row sb)", device, has_cuda=False, has_triton=True)
 
 
 @torch.library.register_kernel("dskernels::fp8_gemm_nt", ("cpu", "cuda"))
@@ -736,8 +736,7 @@ def _fp8_bmm_nt(a, sa, b, sb, out, accumulate):
         masked_m = torch.full((a.shape[0],), a.shape[1], dtype=torch.int32, device=a.device)
         _run_masked(a, sa, b, sb, out, masked_m, a.shape[1])
         return
-    chosen = select_backend("fp8_bmm_nt (fp32 out, accumulate or per-row sb)", a.device, has_cuda=False,
-                            has_triton=True)
+    chosen = _general_backend(a.device, "fp8_bmm_nt")
     if chosen == "ref":
         out.copy_(ref.fp8_bmm_nt(a, sa, b, sb, out.dtype, c=out if accumulate else None))
         return

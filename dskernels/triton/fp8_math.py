@@ -119,8 +119,9 @@ def e4m3_bits_to_fp16(bits):
 def round_to_bf16(x):
     """fp32 -> the nearest bf16 value (ties to even), as fp32, so `.to(tl.bfloat16)` is exact.
 
-    Only under the interpreter: it truncates fp32 -> bf16 casts (1.0 + 3 * 2^-8 -> 1.0078 instead of
-    1.0156); GPUs round to nearest even in the conversion instruction itself.
+    Needed only under the interpreter: it truncates fp32 -> bf16 casts (1.0 + 3 * 2^-8 -> 1.0078
+    instead of 1.0156); GPUs round to nearest even in the conversion instruction itself (the GEMM
+    epilogues apply it under the interpreter only; EP's combine everywhere, for the same result).
     """
     bits = x.to(tl.int32, bitcast=True)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 == 0xFFFF0000

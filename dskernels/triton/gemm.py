@@ -195,8 +195,9 @@ def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
                  SB_PER_ROW: tl.constexpr, OUT_FP32: tl.constexpr, ACCUMULATE: tl.constexpr,
                  SPLIT_K: tl.constexpr):
     """SPLIT_K: grid axis 1 cuts the K blocks into contiguous ranges (_split_count); see _split_k_sum.
-    One range (a split candidate run at a size it does not split) goes straight to out, without the
-    workspace (then out itself twice, not sized for it). split_key: the autotuning key's split counts."""
+    One range goes straight to out, without the workspace (then empty): a guard only, since the
+    autotuning key holds the split counts (split_key) and split candidates that would run one range
+    are pruned."""
     rows, cols, row_ok, col_ok = _tile(m, n, BLOCK_M, BLOCK_N, GROUP_M)
     mask = row_ok[:, None] & col_ok[None, :]
     if SPLIT_K:
@@ -568,13 +569,14 @@ class _SplitK:
         return key
 
     def workspace(self, metas: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(partials, arrival counters) large enough for any of the candidate tiles metas (out
-        itself twice, never read, where none splits)."""
+        """(partials, arrival counters) large enough for any of the candidate tiles metas (empty,
+        never read, where none splits: of the dtypes the split kernel is compiled for)."""
         used = [(self.count(meta), triton.cdiv(self.m, meta["BLOCK_M"]) * triton.cdiv(self.n, meta["BLOCK_N"]))
                 for meta in metas]
         used = [(splits, tiles) for splits, tiles in used if splits > 1]
         if not used:
-            return self.out, self.out
+            return (torch.empty(0, dtype=torch.float32, device=self.out.device),
+                    torch.empty(0, dtype=torch.int32, device=self.out.device))
         partials = torch.empty(max(s for s, _ in used) * self.m * self.n, dtype=torch.float32,
                                device=self.out.device)
         return partials, _arrival_counters(self.out.device, max(t for _, t in used))
