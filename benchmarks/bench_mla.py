@@ -37,9 +37,11 @@ FP8 = torch.float8_e4m3fn
 # TMA page loads and the 2-CTA clusters each bring.
 MLA_CUDA_VARIANTS = {"no_tma": {"DSKERNELS_MLA_NO_TMA": "1"}, "no_cluster": {"DSKERNELS_MLA_NO_CLUSTER": "1"}}
 # The Triton kernel's tile (dskernels/triton/mla.py tile_config; BLOCK_M 0 = the default rule's):
-# one key buffer (the stage count before 2026-12-03), three buffers, 64-key blocks.
+# one key buffer (the stage count before 2026-12-03), three buffers, 64-key blocks, and 16-key
+# blocks (no spills in 32-row tiles under Triton 3.6, the lent GPU's, where 32 keys spill 16-112 B).
 MLA_TRITON_VARIANTS = {name: {"DSKERNELS_MLA_TRITON_TILE": tile} for name, tile in
-                       [("one_buffer", "0,32,8,2"), ("three_buffers", "0,32,8,7"), ("keys64", "0,64,8,5")]}
+                       [("one_buffer", "0,32,8,2"), ("three_buffers", "0,32,8,7"), ("keys64", "0,64,8,5"),
+                        ("keys16", "0,16,8,5")]}
 
 
 def torch_batched_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, causal=False, k_scale=None):
