@@ -47,7 +47,7 @@ def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torc
     for name, t in (("a", a), ("b", b)):
         check_tensor(name, t, dtypes=(BF16,), device=d.device)
     check_tensor("d", d, dtypes=(BF16, torch.float32))
-    if not torch.compiler.is_compiling():  # (the op checks again, traceably)
+    if not torch.compiler.is_compiling():  # eager (not traceable); compiled, torch's copy_ into d refuses it
         check_no_overlap("d", d)
     _check_c(c, d, "d")
     if d.device.type != "cuda" or current_backend() == "ref":
