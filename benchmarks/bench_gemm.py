@@ -397,7 +397,8 @@ def cases(quick: bool, device: str) -> list[Case]:
                 _contiguous_case(3, 64, 144, 256, device), _masked_case(2, 40, 144, 256, device, m_max=64),
                 _bf16_contiguous_case(3, 64, 144, 200, device, psum=True), _bf16_masked_case(2, 40, 144, 200, device, 64),
                 _bf16_k_grouped_case(3, 100, 7, 200, device),
-                _fp8_einsum_case("bhd,hdr->bhr", 3, 2, device, latent=256), _fp8_einsum_case("bhr,hdr->bhd", 3, 2, device)]
+                _fp8_einsum_case("bhd,hdr->bhr", 3, 2, device, latent=256),
+                _fp8_einsum_case("bhr,hdr->bhd", 3, 2, device)]
     found = []
     dense_m = [4096] if quick else [64, 128, 4096]
     dense_nk = DENSE_NK[:2] if quick else DENSE_NK

@@ -63,9 +63,10 @@ def grouped_gemms(a, sa, b, sb, k, n):
 
 
 def split_k_and_einsum():
-    """Triton only (no CUDA kernel for the split or the general forms): the dense kernel split along K into uneven ranges (9 K blocks over 2 ranges per
-    tile, the fp32 accumulating form with per-row scales too), and fp8_einsum's general form on the
-    masked kernel (MLA's weight gradient: per-row scales, fp32 adding, operands copied K-major)."""
+    """Triton only (no CUDA kernel for the split or the general forms): the dense kernel split along
+    K into uneven ranges (9 K blocks over 2 ranges per tile, the fp32 accumulating form with per-row
+    scales too), and fp8_einsum's general form on the masked kernel (MLA's weight gradient: per-row
+    scales, fp32 adding, operands copied K-major)."""
     if dskernels.current_backend() != "triton":
         return
     a9, sa9 = dskernels.per_token_cast_to_fp8(torch.randn(61, 9 * 128, device="cuda"))
@@ -77,8 +78,8 @@ def split_k_and_einsum():
     x, sx = dskernels.per_channel_cast_to_fp8(torch.randn(256, 3 * 40, device="cuda", dtype=torch.bfloat16))
     y, sy = dskernels.per_channel_cast_to_fp8(torch.randn(256, 3 * 70, device="cuda", dtype=torch.bfloat16))
     weight_grad = torch.zeros(3, 40, 70, device="cuda")
-    dskernels.fp8_einsum("bhd,bhr->hdr", (x.view(256, 3, 40), sx.view(2, 3, 40)), (y.view(256, 3, 70), sy.view(2, 3, 70)),
-                         weight_grad, c=weight_grad, recipe=(1, 1, 128))
+    dskernels.fp8_einsum("bhd,bhr->hdr", (x.view(256, 3, 40), sx.view(2, 3, 40)),
+                         (y.view(256, 3, 70), sy.view(2, 3, 70)), weight_grad, c=weight_grad, recipe=(1, 1, 128))
 
 
 def mla_decode():
