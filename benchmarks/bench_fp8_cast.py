@@ -119,7 +119,8 @@ def _silu_and_mul_case(rows, inter, masked, groups=8):
     return Case(op="silu_and_mul_cast_to_fp8", params={"rows": rows, "I": inter, "masked": masked},
                 make_inputs=make_inputs, run=run, reference=reference, check=check, flops=0.0,
                 bytes=valid * (4 * inter + inter + 4 * inter // 128),
-                peers={"torch": reference, "torch.compile": torch_compile_peer})
+                peers={"torch": reference, "torch.compile": torch_compile_peer},
+                backends=("ref", "triton"))  # no CUDA kernel for the fused SwiGLU casts
 
 
 def _silu_and_mul_bf16_case(rows, inter, groups):
@@ -145,4 +146,4 @@ def _silu_and_mul_bf16_case(rows, inter, groups):
 
     return Case(op="silu_and_mul", params={"rows": rows, "I": inter, "masked": True}, make_inputs=make_inputs,
                 run=run, reference=reference, check=check, flops=0.0, bytes=sum(counts) * 6 * inter,
-                peers={"torch": reference})
+                peers={"torch": reference}, backends=("ref", "triton"))

@@ -73,27 +73,50 @@ def _bytes(rows, n, k, groups=1):
     return rows * k + groups * k * n + 2 * rows * n + 4 * (rows * k // 128 + groups * n_blocks * k // 128)
 
 
+def _padded_rows(t: torch.Tensor) -> torch.Tensor:
+    """t [r, c] with its row stride rounded up to a multiple of 4 (cuBLASLt's blockwise scales)."""
+    buf = t.new_empty(t.shape[0], -(-t.shape[1] // 4) * 4)
+    buf[:, :t.shape[1]] = t
+    return buf[:, :t.shape[1]]
+
+
 def _scaled_mm_peer():
-    """torch._scaled_mm with (1x128, 128x128) scales, where this torch and GPU have it. The scale
-    layout it wants has changed between releases, so the first call tries the known ones."""
+    """torch's blockwise-scaled FP8 matmul with (1x128, 128x128) scales, where this torch and GPU
+    have it. The entry point and the scale layouts it wants have changed between releases (the H200
+    run's torch 2.11 refused the three plain layouts), so the first call tries the known ones:
+    sa [m, k/128] with unit stride along m and sb as [k/128, n/128], each with and without strides
+    padded to multiples of 4; torch.nn.functional.scaled_mm (with its scale recipes) first."""
     chosen = {}
+
+    def candidates(a, sa, b, sb):
+        a_mn = sa.t().contiguous().t()
+        layouts = [(_padded_rows(sa.t()).t(), _padded_rows(sb.t())), (a_mn, sb.t().contiguous()),
+                   (a_mn, sb.t()), (sa, sb.t())]
+        functional = getattr(torch.nn.functional, "scaled_mm", None)
+        if functional is not None:
+            recipe = torch.nn.functional.ScalingType
+            for scale_a, scale_b in layouts[:2]:
+                yield lambda scale_a=scale_a, scale_b=scale_b: functional(
+                    a, b.t(), scale_a, recipe.BlockWise1x128, scale_b, recipe.BlockWise128x128,
+                    output_dtype=torch.bfloat16)
+        for scale_a, scale_b in layouts:
+            yield lambda scale_a=scale_a, scale_b=scale_b: torch._scaled_mm(
+                a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
 
     def run(a, sa, b, sb, out, *rest):
         key = (a.data_ptr(), b.data_ptr())
         if key not in chosen:
             errors = []
-            for scale_a, scale_b in ((sa.t().contiguous().t(), sb.t().contiguous()),
-                                     (sa.t().contiguous().t(), sb.t()), (sa, sb.t())):
+            for call in candidates(a, sa, b, sb):
                 try:
-                    torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
-                    chosen[key] = (scale_a, scale_b)
+                    call()
+                    chosen[key] = call
                     break
-                except (RuntimeError, TypeError, ValueError) as e:
-                    errors.append(str(e).splitlines()[0])
+                except (RuntimeError, TypeError, ValueError, AttributeError) as e:
+                    errors.append(str(e).splitlines()[0][:120])
             else:
                 raise RuntimeError("no blockwise scale layout accepted: " + " | ".join(errors))
-        scale_a, scale_b = chosen[key]
-        return torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+        return chosen[key]()
 
     return run
 

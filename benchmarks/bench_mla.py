@@ -37,11 +37,11 @@ FP8 = torch.float8_e4m3fn
 # TMA page loads and the 2-CTA clusters each bring.
 MLA_CUDA_VARIANTS = {"no_tma": {"DSKERNELS_MLA_NO_TMA": "1"}, "no_cluster": {"DSKERNELS_MLA_NO_CLUSTER": "1"}}
 # The Triton kernel's tile (dskernels/triton/mla.py tile_config; BLOCK_M 0 = the default rule's):
-# one key buffer (the stage count before 2026-12-03), three buffers, 64-key blocks, and 16-key
-# blocks (no spills in 32-row tiles under Triton 3.6, the lent GPU's, where 32 keys spill 16-112 B).
+# 32-key blocks (the default until an H200 measured 64 keys 1.4x faster, 2026-12-04), 64 keys in
+# one buffer, and 64 keys over 16 warps (twice the registers per tile: do the spills matter?).
+# (Dropped after that run: 32 keys in one or three buffers, 16 keys; all slower.)
 MLA_TRITON_VARIANTS = {name: {"DSKERNELS_MLA_TRITON_TILE": tile} for name, tile in
-                       [("one_buffer", "0,32,8,2"), ("three_buffers", "0,32,8,7"), ("keys64", "0,64,8,5"),
-                        ("keys16", "0,16,8,5")]}
+                       [("keys32", "0,32,8,5"), ("keys64_one_buffer", "0,64,8,2"), ("keys64_16_warps", "0,64,16,5")]}
 
 
 def torch_batched_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, causal=False, k_scale=None):

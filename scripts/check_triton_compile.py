@@ -67,11 +67,12 @@ TARGETS = {
     "89": Target("89", (8, 9), "sm_89", 101376, False),        # L40S, RTX 4090: 99 KB
     "80": Target("80", (8, 0), "sm_80", 166912, False),        # A100: 163 KB
 }
-# Spills tolerated on sm_90a, per kernel. MLA decode's 32-row tiles (rows > 16: h_q >= 32 or s_q > 1)
-# sit at 255 registers and spill 0-48 bytes with triton 3.8 (CI's); 16-row tiles do not spill but
-# read every key block twice as often. Triton 3.6 (the lent GPU's) spills 108 bytes in one of them,
-# the fp8-cache causal tile (h_q=128, s_q=2), so this check fails there on that tile alone.
-ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 64}
+# Spills tolerated on sm_90a, per kernel. MLA decode's 64-key tiles sit at 255 registers and spill
+# up to 260 bytes with triton 3.8 (CI's; 32-row fp8-cache causal tile), yet on an H200 (triton 3.6)
+# they ran 1.38x-1.44x faster than the spill-free 32-key tiles on every decode case
+# (benchmarks/results/nvidia-h200.json, the triton[keys64] rows): the spills stay in L1. The bound
+# catches a tile that spills far more than that measured one.
+ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 320}
 # The tensor-core instruction each kernel must contain on sm_90a (PTX), absent which it would run
 # at a fraction of the speed: wgmma for the GEMMs; MLA's 16/32-row tiles are below wgmma's 64 rows.
 REQUIRED_PTX = {"_gemm_kernel": "wgmma.mma_async", "_contiguous_kernel": "wgmma.mma_async",

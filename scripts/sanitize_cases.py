@@ -18,6 +18,13 @@ import torch  # noqa: E402
 import dskernels  # noqa: E402
 
 
+def checked(label):
+    """Waits for the launches so far and names them: a tool's report printed above this line
+    belongs to them (the sanitizers report no kernel names for CUTLASS's inlined collectives)."""
+    torch.cuda.synchronize()
+    print(f"  checked {label}", flush=True)
+
+
 def fp8_casts():
     x = torch.randn(61, 384, device="cuda", dtype=torch.bfloat16)
     dskernels.per_token_cast_to_fp8(x)
@@ -44,10 +51,12 @@ def fp8_gemms():
         dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), torch.empty(61, n, device="cuda", dtype=torch.bfloat16))
         dskernels.gemm_fp8_fp8_bf16_nt((a_long, sa_long), (b_long, sb_long),
                                        torch.empty(61, n, device="cuda", dtype=torch.bfloat16))
+        checked(f"dense gemm, config {config}")
     os.environ.pop("DSKERNELS_GEMM_DENSE_CONFIG")
     for config in GROUPED_CONFIGS:
         os.environ["DSKERNELS_GEMM_GROUPED_CONFIG"] = config
         grouped_gemms(a, sa, b, sb, k, n)
+        checked(f"grouped gemms, config {config}")
     os.environ.pop("DSKERNELS_GEMM_GROUPED_CONFIG")
 
 
@@ -126,4 +135,4 @@ if __name__ == "__main__":
             for case in CASES:
                 case()
                 torch.cuda.synchronize()
-                print(f"ran {case.__name__} on {backend}")
+                print(f"ran {case.__name__} on {backend}", flush=True)

@@ -58,15 +58,16 @@ def dense_config(m, n, k, sm_count=132):
 
 @cuda_built
 def test_dense_config_rule(monkeypatch):
-    """pick_dense_config on an H100's 132 SMs (docs/gemm.md "Configs"): stream-K where the
-    data-parallel grid idles more than 10% of the SM time and K has >= 8 blocks, then 64-row tiles
-    for m <= 64, 1 x 2 multicast clusters for an even count of N tiles, plain 128-row tiles."""
+    """pick_dense_config on an H100's 132 SMs (docs/gemm.md "Configs"): 64-row tiles for m <= 64,
+    then stream-K where the data-parallel grid idles more than 10% of the SM time and K has >= 8
+    blocks, then 1 x 2 multicast clusters for an even count of N tiles, plain 128-row tiles."""
     monkeypatch.delenv("DSKERNELS_GEMM_DENSE_CONFIG", raising=False)
     assert dense_config(4096, 7168, 7168) == "m128_multicast"  # 1792 tiles: 13.6 of 14 waves
     assert dense_config(4096, 4096, 7168) == "m128_multicast"  # 1024 tiles: 7.8 of 8 waves
     assert dense_config(4096, 2112, 7168) == "m128_streamk"    # 544 tiles: 4.1 of 5 waves
     assert dense_config(4096, 4224, 7168) == "m128"            # 1056 tiles (8 waves), 33 N tiles
-    assert dense_config(64, 7168, 7168) == "m128_streamk"      # 56 tiles on 132 SMs
+    assert dense_config(64, 7168, 7168) == "m64"               # 56 tiles on 132 SMs, yet m64
+    assert dense_config(65, 7168, 7168) == "m128_streamk"      # 56 tiles on 132 SMs
     assert dense_config(64, 7168, 896) == "m64"                # 7 K blocks: too short to split
     assert dense_config(1, 32768, 512) == "m64"                # 256 tiles: 1.9 of 2 waves
     assert dense_config(128, 24576, 1536) == "m128_streamk"    # 192 tiles: 1.45 of 2 waves

@@ -248,13 +248,14 @@ def test_split_plan_covers_every_key_once(lengths, q_rows, h_kv):
 def test_triton_tile_rule(monkeypatch):
     """GPU tiles of the Triton kernel (no GPU needed: the rule reads the device's shared memory):
     double-buffered keys (5 stages, see DOUBLE_BUFFER_STAGES) where they fit, else one buffer;
+    64-key blocks where two fit (the H200's measured best), else 32;
     DSKERNELS_MLA_TRITON_TILE overrides, and a malformed value is named."""
     from types import SimpleNamespace
 
     from dskernels.triton.mla import tile_config
 
     cuda = torch.device("cuda", 0)
-    for shared, rows, expected in [(232448, 16, (16, 32, 8, 5)), (232448, 256, (32, 32, 8, 5)),
+    for shared, rows, expected in [(232448, 16, (16, 64, 8, 5)), (232448, 256, (32, 64, 8, 5)),
                                    (101376, 16, (16, 32, 8, 5)), (101376, 32, (32, 32, 8, 2))]:
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda *_, s=shared: SimpleNamespace(shared_memory_per_block_optin=s))

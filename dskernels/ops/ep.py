@@ -49,10 +49,9 @@ def _check_layout_args(topk_idx, num_experts, num_ranks) -> None:
 def _ep_get_dispatch_layout(topk_idx, num_experts, num_ranks):
     _check_layout_args(topk_idx, num_experts, num_ranks)
     device = topk_idx.device
-    # The sm90 layout kernel compiles but has not run on a GPU yet: `auto` stays on Triton until a
-    # device session checks it (tests/test_ep_layout.py under the cuda backend).
+    # The sm90 layout kernel passed tests/test_ep_layout.py on an H200 (2026-12-04): `auto` runs it.
     backend = select_backend("ep_get_dispatch_layout", device, has_cuda=_has_cuda_layout_kernel(),
-                             has_triton=True, cuda_verified=False)
+                             has_triton=True, cuda_verified=True)
     if device.type == "cpu" and topk_idx.numel():
         # _assert_async on a CPU tensor checks now, and reads nothing through Python, so callers that
         # run under dskernels.testing.no_host_sync (it stands for CUDA) are not flagged for it.

@@ -612,10 +612,10 @@ def _check_k_grouped(a, sa, b, sb, out, ks, ks_tensor, k_major: bool, *, sizes_n
 
 # ---- registered kernels ----
 
-# The sm90 CUDA GEMMs (csrc/gemm/, issue 9) compile in CI but have not run on a GPU yet. Until they
-# pass tests/test_gemm_sm90.py (and compute-sanitizer) on a Hopper GPU, `auto` keeps CUDA tensors on
-# Triton and only `dskernels.backend("cuda")` runs them. Flip to True after that on-device validation.
-_CUDA_GEMM_VERIFIED = False
+# The sm90 CUDA GEMMs (csrc/gemm/, issue 9) passed tests/test_gemm_sm90.py and compute-sanitizer's
+# memcheck on an H200 (2026-12-04; racecheck's one report, in CUTLASS's scale loads, is in issue 9's
+# notes), so `auto` runs them on Hopper. False would keep `auto` on Triton.
+_CUDA_GEMM_VERIFIED = True
 
 
 def _backend(op: str, device: torch.device) -> str:

@@ -18,10 +18,9 @@ FIXED_OVERHEAD_BLOCKS = 5  # cost of starting a sequence (Q load, epilogue), in 
 TILE_ROWS = 32           # query rows (tokens x heads of one kv head) per tile of the Triton kernel (d=576)
 SM90_TILE_ROWS = 64      # ... and of the sm90 CUDA kernel
 SM90_HEAD_DIM, SM90_HEAD_DIM_V = 576, 512  # the one shape the sm90 kernel is built for (V3's)
-# The sm90 kernels (csrc/mla/) compile in CI but have not run on a GPU yet: `auto` keeps using
-# Triton (and the tensor-op split plan) until tests/test_mla_sm90.py passes on the device. Forcing
-# the "cuda" backend runs them.
-_CUDA_MLA_VERIFIED = False
+# The sm90 kernels (csrc/mla/) passed tests/test_mla_sm90.py and compute-sanitizer on an H200
+# (2026-12-04): `auto` runs them (and their split plan) on Hopper. False would keep Triton.
+_CUDA_MLA_VERIFIED = True
 CPU_SM_COUNT = 8         # partitions on CPU tensors: fixed, so the fake kernel knows the shape
 _Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

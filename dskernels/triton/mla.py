@@ -303,20 +303,22 @@ def tile_config(rows: int, block_dv: int, block_dr: int, device: torch.device) -
     stages use 160-255 registers and do not spill; 32x32 tiles use 255 and spill 0-40 bytes
     (accepted: half the key-block reads for h_q >= 32); 4 warps or 64-row tiles spill hundreds of
     bytes. Double-buffered keys where they fit the GPU's shared memory (not a 99 KB one with 32-row
-    tiles), else one buffer. Timings on a GPU are still to be done (see docs/mla.md);
-    DSKERNELS_MLA_TRITON_TILE forces another tile there.
+    tiles), else one buffer. Keys: 64 per block where two such buffers fit (measured on an H200,
+    benchmarks/bench_mla.py: 1.38x-1.44x the 32-key tile on every decode case, bf16 and fp8 caches,
+    h_q 16 and 128, despite the spills), else 32. DSKERNELS_MLA_TRITON_TILE forces another tile.
     """
     if device.type == "cpu":  # the interpreter: few, big tiles (its cost is per operation)
         return min(_pow2(rows), 64), 64, 4, 1
-    if block_dv >= 256:
-        block_m, block_n, warps = (16 if rows <= 16 else 32), 32, 8
-    else:
-        block_m, block_n, warps = min(_pow2(rows), 64), 64, 4
     # Shared memory at 2 bytes per element: the Q tile, and two key buffers (an fp8 cache's second
     # V load for P @ V makes its two about as big); 8 KB for the rest (measured: 1-3 KB).
     width = block_dv + block_dr
-    double_buffered = block_m * width * 2 + 2 * block_n * width * 2 + 8192
-    tile = block_m, block_n, warps, DOUBLE_BUFFER_STAGES if double_buffered <= _shared_limit(device) else 2
+    fits_two_buffers = lambda m, n: m * width * 2 + 2 * n * width * 2 + 8192 <= _shared_limit(device)  # noqa: E731
+    if block_dv >= 256:
+        block_m, warps = (16 if rows <= 16 else 32), 8
+        block_n = 64 if fits_two_buffers(block_m, 64) else 32
+    else:
+        block_m, block_n, warps = min(_pow2(rows), 64), 64, 4
+    tile = block_m, block_n, warps, DOUBLE_BUFFER_STAGES if fits_two_buffers(block_m, block_n) else 2
     forced = _forced_tile()
     if forced is not None:
         tile = (forced[0] or tile[0], *forced[1:])

@@ -51,20 +51,21 @@ inline double wave_efficiency(int64_t tiles, int64_t sm_count) {
   return waves > 0 ? static_cast<double>(tiles) / static_cast<double>(waves * sm_count) : 1.0;
 }
 
-// The dense selection rule (not yet measured; issue 9's device sweep times every config):
+// The dense selection rule (issue 9's device sweep, H200, 2026-12-04, benchmarks/bench_gemm.py):
+// - m <= 64: 64-row tiles, even where few tiles leave SMs idle (m = 64, n = 2112, k = 7168: 21.7 us,
+//   stream-K 28.0 us: its 128-row tiles do twice the MMA work and add a fixup pass);
 // - a data-parallel grid that leaves more than 10% of the SM time idle (fewer tiles than SMs, as
 //   for every m <= 128 with V3's n; or a ragged last wave, as m = 4096, n = 2112: 544 tiles, 4.1
-//   waves on 132 SMs) with a K loop long enough to split (>= 8 blocks): stream-K;
-// - else m <= 64: 64-row tiles;
+//   waves on 132 SMs) with a K loop long enough to split (>= 8 blocks): stream-K (that shape:
+//   108 us, 128-row tiles 116 us);
 // - else an even number of N tiles and at least 2 SMs: 1 x 2 multicast clusters (an odd count
 //   would leave a CTA of the last cluster column idle; 2 SMs: one cluster, see set_num_sms);
 // - else plain 128-row tiles.
 inline DenseConfig pick_dense_config(int64_t m, int64_t n, int64_t k, int64_t sm_count) {
-  const int64_t tile_m = m <= 64 ? 64 : 128;
-  const int64_t n_tiles = (n + 127) / 128;
-  const int64_t tiles = (m + tile_m - 1) / tile_m * n_tiles;
-  if (k / 128 >= 8 && wave_efficiency(tiles, sm_count) < 0.9) return DenseConfig::kM128StreamK;
   if (m <= 64) return DenseConfig::kM64;
+  const int64_t n_tiles = (n + 127) / 128;
+  const int64_t tiles = (m + 127) / 128 * n_tiles;
+  if (k / 128 >= 8 && wave_efficiency(tiles, sm_count) < 0.9) return DenseConfig::kM128StreamK;
   return n_tiles % 2 == 0 && sm_count >= 2 ? DenseConfig::kM128Multicast : DenseConfig::kM128;
 }
 
