@@ -35,7 +35,7 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dskernels  # noqa: E402
-from benchmarks.common import Case  # noqa: E402
+from benchmarks.common import GRAPH_VARIANTS, Case, graph_or_eager  # noqa: E402
 from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer  # noqa: E402
 from python_ref import models as ref_models  # noqa: E402
 from python_ref.indexer import paged_k_cache_dequantize  # noqa: E402
@@ -207,33 +207,6 @@ def _rel_l2(limit):
     return check
 
 
-# The decode step replayed from a CUDA graph (as servers run it), timed beside the eager step as
-# "triton[graph]" / "cuda[graph]": the difference is the host's launch cost. The first H200 run
-# (2026-12-04) had the eager layer at batch 1 2.4x slower than transformers', with about 0.4 ms of
-# GPU work to do: a host-bound step, which this variant measures.
-GRAPH_ENV = "DSKERNELS_BENCH_CUDA_GRAPH"
-GRAPH_VARIANTS = {"graph": {GRAPH_ENV: "1"}}
-
-
-def replayed(step, inputs, graphs: dict):
-    """step(*inputs) captured once per backend into a CUDA graph (after a warm-up call on a side
-    stream, as torch.cuda.graphs asks), then replayed: returns the graph's own output tensor."""
-    key = (dskernels.current_backend(), id(inputs[0]))
-    if key not in graphs:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step(*inputs)  # compiles and autotunes outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step(*inputs)
-        graphs[key] = graph, out
-    graph, out = graphs[key]
-    graph.replay()
-    return out
-
-
 def decode_case(config: str, layer_idx: int, batch: int, context: int, fp8: bool, device: str,
                 kv_fp8: bool = False) -> Case:
     """kv_fp8: V3 with a float8_e4m3fn latent cache and a per-tensor scale (kv_cache_scale); the
@@ -269,13 +242,9 @@ def decode_case(config: str, layer_idx: int, batch: int, context: int, fp8: bool
             return layer(x, positions, kv_cache=caches[0], index_cache=caches[1], block_table=table,
                          cache_seqlens=lens, kv_cache_scale=caches[2])
 
-    graphs = {}
-
-    def run(*inputs):
-        if os.environ.get(GRAPH_ENV) == "1" and inputs[2].is_cuda:
-            return replayed(step, inputs, graphs)
-        return step(*inputs)
-
+    # The step replayed from a CUDA graph too, as servers run it: the first H200 run (2026-12-04)
+    # had the eager layer at batch 1 2.4x slower than transformers', with ~0.14 ms of bytes to move.
+    run = graph_or_eager(step)
     history = {}
 
     def past_of(layer, caches, table, lens, rows):

@@ -10,6 +10,7 @@ tiny ones that check every backend against the oracle through Triton's interpret
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,3 +34,43 @@ class Case:
     # ("triton[label]"): one device run then answers the tuning questions.
     cuda_variants: dict[str, dict[str, str]] = field(default_factory=dict)
     triton_variants: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+# A variant that times a case's run replayed from a CUDA graph (as servers run decode steps), beside
+# the eager run: the difference is the host's cost (argument checks, launches), which eager timing
+# includes wherever it exceeds the GPU time. A case opts in with run=graph_or_eager(run) and
+# GRAPH_VARIANTS among its triton_variants / cuda_variants ("triton[graph]", "cuda[graph]" rows).
+GRAPH_ENV = "DSKERNELS_BENCH_CUDA_GRAPH"
+GRAPH_VARIANTS = {"graph": {GRAPH_ENV: "1"}}
+
+
+def graph_or_eager(step: Callable[..., Any]) -> Callable[..., Any]:
+    """run(*inputs): step(*inputs), or under GRAPH_ENV=1 on CUDA inputs the replay of a graph of it
+    captured once per (backend, inputs) after a warm-up call on a side stream (compiles and
+    autotuning stay outside the capture). Returns the graph's own output tensors."""
+    import torch
+
+    import dskernels
+
+    graphs = {}
+
+    def run(*inputs):
+        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+        if os.environ.get(GRAPH_ENV) != "1" or not tensors or not tensors[0].is_cuda:
+            return step(*inputs)
+        key = (dskernels.current_backend(), *(id(t) for t in inputs))
+        if key not in graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step(*inputs)
+            graphs[key] = graph, out
+        graph, out = graphs[key]
+        graph.replay()
+        return out
+
+    return run
