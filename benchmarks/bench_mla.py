@@ -35,7 +35,7 @@ FP8 = torch.float8_e4m3fn
 
 # The sm90 kernel's bring-up switches (docs/mla.md), timed beside the default path: how much the
 # TMA page loads and the 2-CTA clusters each bring.
-MLA_CUDA_VARIANTS = {"no_tma": {"DSKERNELS_MLA_NO_TMA": "1"}, "no_cluster": {"DSKERNELS_MLA_NO_CLUSTER": "1"}}
+MLA_CUDA_VARIANTS = {"no_tma": {"DSKERNELS_MLA_NO_TMA": "1"}, "cluster": {"DSKERNELS_MLA_CLUSTER": "1"}}
 # The Triton kernel's tile (dskernels/triton/mla.py tile_config; BLOCK_M 0 = the default rule's):
 # 32-key blocks (the default until an H200 measured 64 keys 1.4x faster, 2026-12-04), 64 keys in
 # one buffer, and 64 keys over 16 warps (twice the registers per tile: do the spills matter?).

@@ -93,7 +93,8 @@ def split_k_and_einsum():
 
 def mla_decode():
     """V3-shaped decode (d = 576, dv = 512): a TMA-path cache (page 64, a partial last block, an
-    empty sequence), an fp8 cache with odd pages (register path), causal MTP rows over two tiles."""
+    empty sequence), an fp8 cache with odd pages (register path), causal MTP rows over two tiles;
+    the TMA case once more with the opt-in 2-CTA clusters."""
     b, s_q, h_q = 3, 3, 24  # 72 rows: two 64-row tiles, the second nearly empty
     lens = torch.tensor([130, 0, 70], dtype=torch.int32, device="cuda")
     q = torch.randn(b, s_q, h_q, 576, device="cuda", dtype=torch.bfloat16)
@@ -105,6 +106,10 @@ def mla_decode():
         meta, splits = dskernels.get_mla_metadata(lens, s_q * h_q, 1)
         dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, 512, meta, splits, causal=True,
                                          k_scale=k_scale)
+        if page == 64:
+            os.environ["DSKERNELS_MLA_CLUSTER"] = "1"
+            dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, 512, meta, splits, causal=True)
+            os.environ.pop("DSKERNELS_MLA_CLUSTER")
 
 
 def deepseek_v32():

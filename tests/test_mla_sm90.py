@@ -165,12 +165,15 @@ def test_keys_outside_the_cache_add_nothing(page_size, cache_dtype, h_q):
     check(out, lse, q, k_cache, clean_table, clean_lens, k_scale, False)
 
 
+@pytest.mark.parametrize("clusters", [False, True])
 @pytest.mark.parametrize("h_q,s_q", [(64, 1), (65, 1), (32, 3), (128, 2), (16, 5), (64, 3)])
-def test_rows_across_tiles(h_q, s_q):
+def test_rows_across_tiles(h_q, s_q, clusters, monkeypatch):
     """s_q * h_q / h_kv rows that fill 64-row tiles exactly, cross a multiple of 64, or leave a
-    nearly empty last tile; two or more tiles run as 2-CTA clusters sharing the key blocks by
-    multicast (three tiles: a padding CTA with no rows); strided q (a wider head stride)."""
+    nearly empty last tile; one CTA per tile, and (DSKERNELS_MLA_CLUSTER) two or more tiles as
+    2-CTA clusters sharing the key blocks by multicast (three tiles: a padding CTA with no rows);
+    strided q (a wider head stride)."""
     _need_cuda_backend()
+    monkeypatch.setenv("DSKERNELS_MLA_CLUSTER", "1" if clusters else "0")
     lengths = [1000, 7, 2049]
     k_cache, block_table, k_scale = make_cache(lengths, 1, 64, torch.bfloat16, seed=h_q)
     q = torch.randn(len(lengths), s_q, h_q, 2 * D, device="cuda").to(torch.bfloat16)[..., :D]
@@ -180,9 +183,9 @@ def test_rows_across_tiles(h_q, s_q):
     check(out, lse, q, k_cache, block_table, lens, k_scale, s_q > 1)
 
 
-@pytest.mark.parametrize("switch", ["DSKERNELS_MLA_NO_TMA", "DSKERNELS_MLA_NO_CLUSTER"])
+@pytest.mark.parametrize("switch", ["DSKERNELS_MLA_NO_TMA", "DSKERNELS_MLA_CLUSTER"])
 def test_bring_up_switches(switch, monkeypatch):
-    """The register path on whole page-64 blocks, and single-CTA row tiles, give the same answers."""
+    """The register path on whole page-64 blocks, and 2-CTA clusters, give the same answers."""
     _need_cuda_backend()
     monkeypatch.setenv(switch, "1")
     lengths = [700, 0, 129]

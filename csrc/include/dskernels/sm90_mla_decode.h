@@ -53,7 +53,7 @@ struct DecodeParams {
   float scale_log2;           // softmax_scale * log2(e)
   bool causal;
   bool use_tma;               // 16-bit cache, page_size % 64 == 0, TMA-compatible strides
-  bool use_cluster;           // 2-CTA multicast clusters when the TMA path serves >= 2 row tiles
+  bool use_cluster;           // 2-CTA multicast clusters when the TMA path serves >= 2 row tiles (opt-in)
 };
 
 struct CombineParams {
@@ -75,8 +75,8 @@ struct MetadataParams {
 };
 
 // Launchers (the stream's device must be current). decode: grid (row tiles, h_kv, num_parts),
-// sizeof(SharedStorage) bytes of dynamic shared memory, 2-CTA clusters over the row tiles when the
-// TMA path serves two or more tiles. `tmap` is only read when p.use_tma.
+// sizeof(SharedStorage) bytes of dynamic shared memory, 2-CTA clusters over the row tiles when
+// p.use_cluster is set and the TMA path serves two or more tiles. `tmap` is only read when p.use_tma.
 template <typename Element, bool kFp8>
 cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& tmap, int num_parts, int h_kv,
                           cudaStream_t stream);
