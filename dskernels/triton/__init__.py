@@ -1,2 +1,14 @@
 """Triton kernels, one module per family. Imported lazily by dskernels.ops, so that TRITON_INTERPRET
 set by a test harness before the first op call still takes effect."""
+
+
+# Host-side arithmetic for grids and block sizes. triton.cdiv and triton.next_power_of_2 are
+# ConstexprFunctions since Triton 3.7 (usable inside kernels too), and on the host each call costs
+# ~7 us of argument unwrapping: a dozen of them were half of a decode-size GEMM's Python time.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for 0), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import cast_groups, round_to_bf16
 
 
@@ -42,10 +43,10 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
     per_expert.zero_()
     if num_tokens == 0:
         return
-    block_k = triton.next_power_of_2(max(num_topk, 1))
-    block_r = triton.next_power_of_2(num_ranks)
+    block_k = next_power_of_2(max(num_topk, 1))
+    block_r = next_power_of_2(num_ranks)
     block_t = max(1, min(64, 8192 // (block_k * block_r)))
-    grid = (triton.cdiv(num_tokens, block_t),)
+    grid = (cdiv(num_tokens, block_t),)
     _layout_kernel[grid](topk_idx, per_rank, per_expert, in_rank.view(torch.int8), num_tokens, num_topk,
                          num_experts, num_ranks, num_experts // num_ranks, topk_idx.stride(0),
                          BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
@@ -88,8 +89,8 @@ def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor
     if num_rows == 0 or num_cols == 0:
         return
     assert src.stride(1) == 1 and dst.stride(1) == 1 and src.dtype == dst.dtype
-    block_c = min(triton.next_power_of_2(num_cols), 4096 // src.element_size())
-    grid = (num_rows, triton.cdiv(num_cols, block_c))
+    block_c = min(next_power_of_2(num_cols), 4096 // src.element_size())
+    grid = (num_rows, cdiv(num_cols, block_c))
     vec = _vec(src.element_size(), src, dst, src.stride(0), dst.stride(0))
     _copy_rows_kernel[grid](src, src if src_idx is None else src_idx, dst, dst if dst_idx is None else dst_idx,
                             src.stride(0), dst.stride(0), NUM_COLS=num_cols, HAS_SRC_IDX=src_idx is not None,
@@ -146,7 +147,7 @@ def pack_rows(segments: list[torch.Tensor], offsets: list[int], src_idx: torch.T
     vec = _vec(dst.element_size(), *vec_items)
     W0, O0, W1, O1, W2, O2, W3, O3 = widths
     # Per-segment block: a 4 KB chunk of the hidden row per step, small fields without idle lanes.
-    B0, B1, B2, B3 = (min(triton.next_power_of_2(max(w, 1)), 4096 // dst.element_size()) for w in widths[0::2])
+    B0, B1, B2, B3 = (min(next_power_of_2(max(w, 1)), 4096 // dst.element_size()) for w in widths[0::2])
     _pack_rows_kernel[(num_rows,)](dst, dst.stride(0), dst if src_idx is None else src_idx, *args,
                                    W0=W0, O0=O0, W1=W1, O1=O1, W2=W2, O2=O2, W3=W3, O3=O3,
                                    B0=B0, B1=B1, B2=B2, B3=B3, HAS_SRC_IDX=src_idx is not None, VEC=vec,
@@ -184,8 +185,8 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
     if num_rows == 0 or num_cols == 0:
         return
     assert y.stride(1) == 1 and out.stride(1) == 1
-    block_c = min(triton.next_power_of_2(num_cols), 1024)
-    grid = (num_rows, triton.cdiv(num_cols, block_c))
+    block_c = min(next_power_of_2(num_cols), 1024)
+    grid = (num_rows, cdiv(num_cols, block_c))
     # y and out may differ in dtype (the low-latency combine reduces bf16 rows into fp32 partials).
     _gather_reduce_kernel[grid](y, index, y if weights is None else weights, out, index.shape[1], num_cols,
                                 y.stride(0), index.stride(0), 0 if weights is None else weights.stride(0),
@@ -236,7 +237,7 @@ def low_latency_slots(ids: torch.Tensor, base: int, num_local: int, cap: int
     if num_rows == 0 or num_topk == 0:
         return write_slot, return_slot, recv_count.zero_()
     assert ids.stride(1) == 1
-    block_k = triton.next_power_of_2(num_topk)
+    block_k = next_power_of_2(num_topk)
     block_r = max(1, min(256, 4096 // block_k))
     _low_latency_slots_kernel[(num_local,)](ids, ids.stride(0), write_slot, return_slot, recv_count, num_rows,
                                             num_topk, base, num_local, cap, BLOCK_R=block_r, BLOCK_K=block_k,
@@ -290,12 +291,12 @@ def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, 
     assert x.stride(1) == 1 and topk_idx.stride(1) == 1 and send.is_contiguous() and row_bytes % 16 == 0
     if use_fp8:
         x_arg, width = x, x.shape[1]
-        groups = min(triton.next_power_of_2(max(width // 128, 1)), 8)  # 1024 elements a program
-        chunks, block_c = triton.cdiv(width // 128, groups), 1
+        groups = min(next_power_of_2(max(width // 128, 1)), 8)  # 1024 elements a program
+        chunks, block_c = cdiv(width // 128, groups), 1
     else:  # the payload is x's bytes
         x_arg, width = x.view(torch.uint8), x.shape[1] * x.element_size()
-        block_c = min(triton.next_power_of_2(max(width, 1)), 4096)
-        chunks, groups = triton.cdiv(width, block_c), 1
+        block_c = min(next_power_of_2(max(width, 1)), 4096)
+        chunks, groups = cdiv(width, block_c), 1
     scale_off = offsets[1] if use_fp8 else 0
     if num_tokens == 0:  # only the ids (all -1) are written: valid pointers stand in for x and topk_idx
         x_arg, topk_idx = send, send.view(torch.int64)
@@ -304,4 +305,4 @@ def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, 
         send.view(torch.int64), num_tokens, num_topk, num_ranks, num_experts // num_ranks, num_experts, block_rows,
         row_bytes, X_OFF=offsets[0], SCALE_OFF=scale_off, IDS_OFF=offsets[-1], X_WIDTH=width, USE_FP8=use_fp8,
         ROUND_SCALE=round_scale and use_fp8, GROUPS=groups, BLOCK_C=block_c,
-        BLOCK_K=triton.next_power_of_2(max(num_topk, 1)), num_warps=4)
+        BLOCK_K=next_power_of_2(max(num_topk, 1)), num_warps=4)

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import cast_groups, e4m3_bits, max_nan, round_to_bf16, scales_of
 
 GROUP_SIZE = 128
@@ -126,7 +127,7 @@ def _silu_and_mul(x, out, scale, masked_m, round_scale: bool, cast: bool) -> Non
         return
     assert x.stride(2) == 1 and out.stride(2) == 1 and (scale is None or scale.stride(2) == 1)
     block_m = 8
-    grid = (triton.cdiv(m, block_m), triton.cdiv(half, GROUP_SIZE), groups)
+    grid = (cdiv(m, block_m), cdiv(half, GROUP_SIZE), groups)
     scale_args = (scale, scale.stride(0), scale.stride(1)) if cast else (out, 0, 0)  # (unread without cast)
     _silu_and_mul_kernel[grid](x, out, scale_args[0], x if masked_m is None else masked_m, m, half,
                                x.stride(0), x.stride(1), out.stride(0), out.stride(1), *scale_args[1:],
@@ -140,7 +141,7 @@ def per_token_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tenso
     m, k = x.shape
     assert x.stride(1) == 1 and out.stride(1) == 1
     block_m = 8
-    grid = (triton.cdiv(m, block_m), k // GROUP_SIZE)
+    grid = (cdiv(m, block_m), k // GROUP_SIZE)
     _per_token_cast_kernel[grid](x, out.view(torch.uint8), scale, m, x.stride(0), out.stride(0), scale.stride(0),
                                  scale.stride(1), BLOCK_M=block_m, GROUP=GROUP_SIZE, ROUND_SCALE=round_scale,
                                  num_warps=4)
@@ -149,7 +150,7 @@ def per_token_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tenso
 def per_block_cast_to_fp8(w: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, round_scale: bool = False) -> None:
     n, k = w.shape
     assert w.stride(1) == 1 and out.stride(1) == 1
-    grid = (triton.cdiv(n, GROUP_SIZE), k // GROUP_SIZE)
+    grid = (cdiv(n, GROUP_SIZE), k // GROUP_SIZE)
     _per_block_cast_kernel[grid](w, out.view(torch.uint8), scale, n, w.stride(0), out.stride(0), scale.stride(0),
                                  scale.stride(1), BLOCK=GROUP_SIZE, ROUND_SCALE=round_scale, num_warps=8)
 
@@ -165,8 +166,8 @@ def per_channel_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Ten
     assert (x.stride(1) == 1 or h == 1) and out.stride(1) == 1 and scale.stride(1) == 1  # the kernel assumes it
     block_h = 64
     groups = ks_tensor.shape[0]
-    grid = (blocks, triton.cdiv(h, block_h))
+    grid = (blocks, cdiv(h, block_h))
     _per_channel_cast_kernel[grid](x, out.view(torch.uint8), scale, ks_tensor, tokens, h, groups, x.stride(0),
                                    out.stride(0), scale.stride(0), ks_tensor.stride(0), BLOCK_H=block_h,
-                                   BLOCK_G=triton.next_power_of_2(groups), GROUP=GROUP_SIZE,
+                                   BLOCK_G=next_power_of_2(groups), GROUP=GROUP_SIZE,
                                    ROUND_SCALE=round_scale, num_warps=8)

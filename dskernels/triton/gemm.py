@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from dskernels._backend import env_choice
+from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8, round_to_bf16
 
 GROUP_SIZE = 128  # the K (and n) width of one scale
@@ -471,7 +472,7 @@ def _prune_unsplit(configs: list[triton.Config], named_args: dict, **_) -> list[
 
 
 def _m_bucket(m: int) -> int:
-    return min(triton.next_power_of_2(max(m, 1)), 4096)
+    return min(next_power_of_2(max(m, 1)), 4096)
 
 
 def _operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -540,7 +541,7 @@ def _split_count(m: int, n: int, k_blocks: int, block_m: int, block_n: int, sms:
     """K splits of the dense kernel: none while its output tiles fill more than half the SMs (decode
     GEMMs fill a few: m = 64, n = 2112 is 17 tiles of 64 x 128 for 132 SMs, each reading 56 K
     blocks); else as many as fill the SMs once, each of at least MIN_SPLIT_BLOCKS K blocks."""
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    tiles = cdiv(m, block_m) * cdiv(n, block_n)
     if 2 * tiles > sms:
         return 1
     return max(1, min(sms // tiles, k_blocks // MIN_SPLIT_BLOCKS, MAX_SPLITS))
@@ -571,7 +572,7 @@ class _SplitK:
     def workspace(self, metas: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """(partials, arrival counters) large enough for any of the candidate tiles metas (empty,
         never read, where none splits: of the dtypes the split kernel is compiled for)."""
-        used = [(self.count(meta), triton.cdiv(self.m, meta["BLOCK_M"]) * triton.cdiv(self.n, meta["BLOCK_N"]))
+        used = [(self.count(meta), cdiv(self.m, meta["BLOCK_M"]) * cdiv(self.n, meta["BLOCK_N"]))
                 for meta in metas]
         used = [(splits, tiles) for splits, tiles in used if splits > 1]
         if not used:
@@ -620,7 +621,7 @@ def fp8_gemm_nt(a, sa, b, sb, out, accumulate: bool) -> None:
     args = (a_op, sa, b_op, sb, out, m, n, k // GROUP_SIZE,
             *a_op.stride(), *sa.stride(), *b_op.stride(), *sb.stride(), *out.stride(), _m_bucket(m))
     split_k = _SplitK(m, n, k // GROUP_SIZE, out)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),  # noqa: E731
                          split_k.count(meta))
     # n = 1: one scale either way (the per-block path reads it once per K block).
     sb_per_row = n > 1 and sb.shape[0] == n
@@ -658,10 +659,10 @@ def _contiguous(a, sa, b, sb, out, layout, psum: bool, zero_pad: bool, m_hint: i
     args = (a_op, sa_op, b_op, sb_op, out, layout, m, n, k, k // GROUP_SIZE, groups,
             *a_op.stride(), stride_sam, stride_sak, *b_op.stride(), *stride_sb, *out.stride(), layout.stride(0),
             _m_bucket(m_hint if m_hint > 0 else m))
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     # At most 128 rows per tile: in DeepGEMM's 128-aligned layouts every tile then holds one group.
     _launch("_contiguous_kernel", grid, args, m_hint if m_hint > 0 else m, n, fp8_dot=fp8_dot, max_block_m=128,
-            SCALED=scaled, PSUM=psum, ZERO_PAD=zero_pad, BLOCK_G=triton.next_power_of_2(max(groups, 1)) if psum else 1)
+            SCALED=scaled, PSUM=psum, ZERO_PAD=zero_pad, BLOCK_G=next_power_of_2(max(groups, 1)) if psum else 1)
 
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m: int) -> None:
@@ -702,7 +703,7 @@ def _masked(a, sa, b, sb, out, masked_m, expected_m: int, *, scaled: bool, **gen
     args = (a_op, sa_args[0], b_op, sb_args[0], out, masked_m, m_max, n, k, k // GROUP_SIZE,
             *a_op.stride(), *sa_args[1:], *b_op.stride(), *sb_args[1:], *out.stride(), masked_m.stride(0),
             _m_bucket(m_hint))
-    grid = lambda meta: (triton.cdiv(m_max, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
+    grid = lambda meta: (cdiv(m_max, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
     _launch("_masked_kernel", grid, args, m_hint, n, fp8_dot=fp8_dot, SCALED=scaled, **general)
 
 
@@ -729,14 +730,14 @@ def k_grouped_fp8_gemm(a, sa, b, sb, out, ks: list[int], ks_tensor, k_major: boo
         a, b = (t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous() for t in (a, b))
     a_op, b_op, fp8_dot = _operands(a, b)
     total_k = sum(ks)
-    k_bucket = min(triton.next_power_of_2(max(total_k // groups // GROUP_SIZE, 1)), 64)
+    k_bucket = min(next_power_of_2(max(total_k // groups // GROUP_SIZE, 1)), 64)
     args = (a_op, sa, b_op, sb, out, ks_tensor, m, n, groups, total_k, sa.shape[0],
             0 if k_major else a_op.stride(0), 0 if k_major else b_op.stride(0), *sa.stride(), *sb.stride(),
             *out.stride(), ks_tensor.stride(0), _m_bucket(m), k_bucket)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
     _launch("_k_grouped_kernel", grid, args, m, n, fp8_dot=fp8_dot, SB_PER_ROW=True,
             OUT_FP32=out.dtype == torch.float32, ACCUMULATE=accumulate, K_MAJOR=k_major,
-            BLOCK_G=triton.next_power_of_2(groups), SCALED=True)
+            BLOCK_G=next_power_of_2(groups), SCALED=True)
 
 
 def k_grouped_bf16_gemm(a, b, out, ks: list[int], ks_tensor, accumulate: bool) -> None:
@@ -748,13 +749,13 @@ def k_grouped_bf16_gemm(a, b, out, ks: list[int], ks_tensor, accumulate: bool) -
         return
     a, b = (t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous() for t in (a, b))
     total_k = sum(ks)
-    k_bucket = min(triton.next_power_of_2(max(total_k // groups // GROUP_SIZE, 1)), 64)
+    k_bucket = min(next_power_of_2(max(total_k // groups // GROUP_SIZE, 1)), 64)
     args = (a, a, b, a, out, ks_tensor, m, n, groups, total_k, 0, a.stride(0), b.stride(0), 0, 0, 0, 0,
             *out.stride(), ks_tensor.stride(0), _m_bucket(m), k_bucket)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), groups)  # noqa: E731
     _launch("_k_grouped_kernel", grid, args, m, n, fp8_dot=False, SB_PER_ROW=True,
             OUT_FP32=out.dtype == torch.float32, ACCUMULATE=accumulate, K_MAJOR=False,
-            BLOCK_G=triton.next_power_of_2(groups), SCALED=False)
+            BLOCK_G=next_power_of_2(groups), SCALED=False)
 
 
 def _token_major_direct(device: torch.device) -> bool:

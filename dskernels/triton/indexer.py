@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
 
 
@@ -142,7 +143,7 @@ MIN_DOT_K = 32  # Triton's fp8 tl.dot wants K >= 32 (sm_89 / sm_90a, triton 3.8)
 
 
 def _pow2(n: int, floor: int = 1) -> int:
-    return max(triton.next_power_of_2(max(n, 1)), floor)
+    return max(next_power_of_2(max(n, 1)), floor)
 
 
 def _flags(device: torch.device) -> tuple[bool, bool]:
@@ -170,7 +171,7 @@ def mqa_logits(q, k, k_scale, weights, ks, ke, max_seqlen_k, out) -> None:
     block_m = 1 if compressed else max(1, (64 if q.device.type == "cpu" else 128) // block_h)
     block_h = max(block_h, 16 // block_m)  # tl.dot wants 16 rows
     block_n = 64
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(out.shape[1], block_n),)
+    grid = (cdiv(m, block_m) * cdiv(out.shape[1], block_n),)
     _mqa_logits_kernel[grid](
         _as_fp8(q, fp8_bytes), _as_fp8(k, fp8_bytes), k_scale, weights, ks, ke, out,
         m, n, heads, out.shape[1],
@@ -194,7 +195,7 @@ def paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, out) -> No
     block_h = max(_pow2(heads), 16 // block_r)
     block_n = 64
     lens_2d = context_lens.dim() == 2
-    grid = (b * triton.cdiv(out.shape[1], block_n),)
+    grid = (b * cdiv(out.shape[1], block_n),)
     _paged_mqa_logits_kernel[grid](
         _as_fp8(q, fp8_bytes), _as_fp8(kv_cache, fp8_bytes), weights, context_lens, block_table, out,
         next_n, heads, page_size, num_pages, block_table.shape[1], out.shape[1],

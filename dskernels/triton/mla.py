@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
 
 LOG2E = 1.4426950408889634
@@ -254,7 +255,7 @@ def _mla_combine_kernel(out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr, num_splits_p
 
 
 def _pow2(n: int, floor: int = 16) -> int:
-    return max(triton.next_power_of_2(max(n, 1)), floor)
+    return max(next_power_of_2(max(n, 1)), floor)
 
 
 TILE_ENV = "DSKERNELS_MLA_TRITON_TILE"
@@ -350,7 +351,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     # fp32 operands and IEEE dots for fp32 q, and for bf16 under the interpreter, whose tl.dot reads
     # bf16 operands as garbage (triton 3.8: products off by 1e10); fp16 keeps the GPU's path there.
     fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
-    grid = (num_parts, h_kv, triton.cdiv(rows, block_m))
+    grid = (num_parts, h_kv, cdiv(rows, block_m))
     _mla_decode_splitkv_kernel[grid](
         q, k_cache.view(torch.uint8) if fp8_bytes else k_cache, block_table, cache_seqlens,
         tile_scheduler_metadata, num_splits, k_scale_arg,
@@ -367,7 +368,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv, BLOCK_DR=block_dr,
         num_warps=num_warps, num_stages=num_stages)
     block_r = max(1, min(16, 4096 // block_dv))
-    _mla_combine_kernel[(b, triton.cdiv(h_q * s_q, block_r))](
+    _mla_combine_kernel[(b, cdiv(h_q * s_q, block_r))](
         out, lse, out_acc, lse_acc, num_splits, s_q, h_q, head_dim_v, max_splits,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         out_acc.stride(0), out_acc.stride(1), lse_acc.stride(0),

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
 from dskernels.triton.mla import (DOUBLE_BUFFER_STAGES, _shared_limit, latent_scores, load_key_rows,
                                   online_softmax_step)
@@ -176,7 +177,7 @@ def _sparse_mla_combine_kernel(
 
 
 def _pow2(n: int, floor: int = 16) -> int:
-    return max(triton.next_power_of_2(max(n, 1)), floor)
+    return max(next_power_of_2(max(n, 1)), floor)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -210,8 +211,8 @@ def tile_config(heads_per_kv: int, block_dv: int, fp8_v32: bool, device: torch.d
 
 def num_splits_for(work: int, topk: int, block_n: int, device: torch.device) -> int:
     """Splits of each list: enough programs to fill the GPU about twice, at least one block each."""
-    blocks = max(1, triton.cdiv(topk, block_n))
-    return max(1, min(blocks, triton.cdiv(2 * _sm_count(device), max(work, 1))))
+    blocks = max(1, cdiv(topk, block_n))
+    return max(1, min(blocks, cdiv(2 * _sm_count(device), max(work, 1))))
 
 
 def sparse_mla(q, kv, indices, topk_length, attn_sink, sm_scale, head_dim_v, page_size, num_slots, fp8_v32,
@@ -231,10 +232,10 @@ def sparse_mla(q, kv, indices, topk_length, attn_sink, sm_scale, head_dim_v, pag
     block_dv = 512 if fp8_v32 else _pow2(head_dim_v)
     block_dr = 64 if fp8_v32 else _pow2(d - head_dim_v)
     block_h, block_n, num_warps, num_stages = tile_config(heads_per_kv, block_dv, fp8_v32, q.device)
-    head_tiles = triton.cdiv(heads_per_kv, block_h)
+    head_tiles = cdiv(heads_per_kv, block_h)
     splits = num_splits_for(rows * h_kv * head_tiles, topk, block_n, q.device)
-    chunk = triton.cdiv(triton.cdiv(max(topk, 1), splits), block_n) * block_n
-    splits = triton.cdiv(max(topk, 1), chunk)
+    chunk = cdiv(cdiv(max(topk, 1), splits), block_n) * block_n
+    splits = cdiv(max(topk, 1), chunk)
     split = splits > 1
     if split:
         out_acc = torch.empty(splits, rows * h_q, head_dim_v, dtype=torch.float32, device=q.device)
@@ -269,7 +270,7 @@ def sparse_mla(q, kv, indices, topk_length, attn_sink, sm_scale, head_dim_v, pag
         num_warps=num_warps, num_stages=num_stages)
     if split:
         block_r = max(1, min(16, 4096 // block_dv))
-        _sparse_mla_combine_kernel[(rows, triton.cdiv(h_q, block_r))](
+        _sparse_mla_combine_kernel[(rows, cdiv(h_q, block_r))](
             out, lse, max_arg, sink_arg, out_acc, stat_acc,
             h_q, head_dim_v, splits, lse_div,
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), lse.stride(2),
