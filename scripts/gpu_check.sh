@@ -134,10 +134,11 @@ if wants bench; then
   no_cuda=""
   if wants tests; then
     cuda_broken test_mla_sm90 || cuda_broken test_mla && no_cuda+="mla,"
-    cuda_broken test_gemm_sm90 || cuda_broken test_gemm && no_cuda+="gemm,"
+    cuda_broken test_gemm_sm90 || cuda_broken test_gemm || cuda_broken test_gemm_general && no_cuda+="gemm,"
     cuda_broken test_fp8_cast && no_cuda+="fp8_cast,"
     cuda_broken test_ep_layout && no_cuda+="ep,"
-    [ -n "$no_cuda" ] && no_cuda+="model"  # the layer's cuda backend runs the kernels above
+    cuda_broken test_models_gpu && no_cuda+="model,"
+    [ -n "$no_cuda" ] && [[ "$no_cuda" != *model* ]] && no_cuda+="model"  # the layer runs the kernels above
     [ -n "$no_cuda" ] && echo "cuda backend not benchmarked for: $no_cuda (its GPU tests failed or did not finish)"
   fi
   bench_args=(--json "$OUT/results.json" --ops "${BENCH_OPS:-mla,gemm,fp8_cast,ep,model,indexer}" --no-cuda "${NO_CUDA:-$no_cuda}")

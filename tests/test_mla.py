@@ -261,6 +261,15 @@ def test_triton_tile_rule(monkeypatch):
                             lambda *_, s=shared: SimpleNamespace(shared_memory_per_block_optin=s))
         assert tile_config(rows, 512, 64, cuda) == expected, (shared, rows)
     assert tile_config(5, 64, 16, cuda) == (16, 64, 4, 5)  # small heads (these tests' d = 64)
+    # fp32 operands (4 bytes): 64-key buffers do not fit twice, 32-key ones do
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda *_: SimpleNamespace(shared_memory_per_block_optin=232448))
+    assert tile_config(16, 512, 64, cuda, 4) == (16, 32, 8, 5)
+    assert tile_config(32, 512, 64, cuda, 4) == (32, 32, 8, 5)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",  # an sm_89's 99 KB: one 16-key buffer
+                        lambda *_: SimpleNamespace(shared_memory_per_block_optin=101376))
+    assert tile_config(16, 512, 64, cuda, 4) == (16, 16, 8, 2)
+    assert tile_config(32, 512, 64, cuda, 4) == (16, 16, 8, 2)
     monkeypatch.setenv("DSKERNELS_MLA_TRITON_TILE", "0,64,8,3")
     assert tile_config(32, 512, 64, cuda) == (32, 64, 8, 3)
     assert tile_config(32, 512, 64, torch.device("cpu")) == (32, 64, 4, 1)  # the interpreter's own

@@ -50,7 +50,9 @@ def _ep_get_dispatch_layout(topk_idx, num_experts, num_ranks):
     _check_layout_args(topk_idx, num_experts, num_ranks)
     device = topk_idx.device
     # The sm90 layout kernel passed tests/test_ep_layout.py on an H200 (2026-12-04): `auto` runs it.
-    backend = select_backend("ep_get_dispatch_layout", device, has_cuda=_has_cuda_layout_kernel(),
+    # Its counters live in shared memory: (num_experts + num_ranks) ints, at most 12288.
+    backend = select_backend("ep_get_dispatch_layout", device,
+                             has_cuda=_has_cuda_layout_kernel() and num_experts + num_ranks <= 12 * 1024,
                              has_triton=True, cuda_verified=True)
     if device.type == "cpu" and topk_idx.numel():
         # _assert_async on a CPU tensor checks now, and reads nothing through Python, so callers that

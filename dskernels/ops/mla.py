@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -18,6 +19,7 @@ FIXED_OVERHEAD_BLOCKS = 5  # cost of starting a sequence (Q load, epilogue), in 
 TILE_ROWS = 32           # query rows (tokens x heads of one kv head) per tile of the Triton kernel (d=576)
 SM90_TILE_ROWS = 64      # ... and of the sm90 CUDA kernel
 SM90_HEAD_DIM, SM90_HEAD_DIM_V = 576, 512  # the one shape the sm90 kernel is built for (V3's)
+SM90_COMBINE_ROWS_PER_CTA = 4  # the sm90 combine kernel's warps per CTA (mla::kCombineWarps)
 # The sm90 kernels (csrc/mla/) passed tests/test_mla_sm90.py and compute-sanitizer on an H200
 # (2026-12-04): `auto` runs them (and their split plan) on Hopper. False would keep Triton.
 _CUDA_MLA_VERIFIED = True
@@ -160,13 +162,13 @@ def _sm90_runs(device: torch.device) -> bool:
 def num_partitions(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
     """FlashMLA's num_sm_parts: one partition per group of SMs that covers all kv heads and all
     row tiles of queries, so the decode grid (parts x kv heads x tiles) fills the GPU about once.
-    Tiles have 64 rows in the sm90 kernel (FlashMLA's; an odd count above one is padded to pairs,
-    its 2-CTA clusters), 32 in the Triton kernel (16 when s_q * h_q / h_kv <= 16). Any partition
+    Tiles have 64 rows in the sm90 kernel (FlashMLA's; with its opt-in 2-CTA clusters,
+    DSKERNELS_MLA_CLUSTER=1, an odd count above one is padded to pairs), 32 in the Triton kernel (16 when s_q * h_q / h_kv <= 16). Any partition
     count works with either kernel; this one fills the GPU."""
     if _sm90_runs(device):
         tiles = -(-num_q_tokens_per_head_k // SM90_TILE_ROWS)
-        # 2-CTA clusters over the row tiles (TMA path): an odd count above one is padded to pairs.
-        tiles = torch.sym_ite(tiles > 1, 2 * (-(-tiles // 2)), tiles)
+        if os.environ.get("DSKERNELS_MLA_CLUSTER") == "1":  # 2-CTA clusters: tiles padded to pairs
+            tiles = torch.sym_ite(tiles > 1, 2 * (-(-tiles // 2)), tiles)
     else:
         tiles = -(-num_q_tokens_per_head_k // TILE_ROWS)
     # sym_max/sym_ite: with symbolic sizes (torch.compile) the count stays an expression, no guard.
@@ -328,8 +330,10 @@ def sm90_unsupported(q: torch.Tensor, k_cache: torch.Tensor, head_dim_v: int) ->
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"takes bfloat16 or float16 queries, got {q.dtype}"
     h_kv = k_cache.shape[2]
-    if h_kv > 65535 or -(-q.shape[1] * (q.shape[2] // h_kv) // SM90_TILE_ROWS) > 65535:
-        return f"supports at most 65535 kv heads and row tiles, got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}"
+    if (h_kv > 65535 or -(-q.shape[1] * (q.shape[2] // h_kv) // SM90_TILE_ROWS) > 65535
+            or q.shape[1] * q.shape[2] > 65535 * SM90_COMBINE_ROWS_PER_CTA):  # the decode's and the combine's grid.y
+        return (f"supports at most 65535 kv heads and row tiles, and {65535 * SM90_COMBINE_ROWS_PER_CTA} "
+                f"s_q x h_q rows, got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
     element = k_cache.element_size()
     if k_cache.data_ptr() % 16 or any(k_cache.stride(i) * element % 16 for i in range(3) if k_cache.shape[i] > 1):
         return f"needs 16-byte aligned cache rows, got strides {k_cache.stride()} of {k_cache.dtype}"
@@ -358,6 +362,8 @@ def _flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, 
     if backend == "cuda":
         if q.stride(3) != 1 or any(q.stride(i) % 8 for i in range(3)) or q.data_ptr() % 16:
             q = q.contiguous()  # the kernel reads 16-byte pieces of each q row
+            if q.data_ptr() % 16:  # a contiguous view at a misaligned offset stays itself
+                q = q.clone()
         block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
         out, lse = _new_outputs(q, head_dim_v)
         torch.ops.dskernels._sm90_flash_mla_with_kvcache(

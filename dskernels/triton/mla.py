@@ -295,31 +295,35 @@ def _shared_limit(device: torch.device) -> int:
     return limit if limit is not None else props.shared_memory_per_block
 
 
-def tile_config(rows: int, block_dv: int, block_dr: int, device: torch.device) -> tuple[int, int, int, int]:
+def tile_config(rows: int, block_dv: int, block_dr: int, device: torch.device,
+                element_bytes: int = 2) -> tuple[int, int, int, int]:
     """(BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) of the decode kernel.
 
     BLOCK_N must divide the metadata's 64-key granularity (splits start on multiples of 64).
-    d = 576 / dv = 512 on sm_90a (scripts/check_triton_compile.py, CI: the launch's own specialization
-    compiled ahead of time, Triton 3.6 and 3.8, no GPU run yet): 16x32 tiles with 8 warps and 5
-    stages use 160-255 registers and do not spill; 32x32 tiles use 255 and spill 0-40 bytes
-    (accepted: half the key-block reads for h_q >= 32); 4 warps or 64-row tiles spill hundreds of
-    bytes. Double-buffered keys where they fit the GPU's shared memory (not a 99 KB one with 32-row
-    tiles), else one buffer. Keys: 64 per block where two such buffers fit (measured on an H200,
-    benchmarks/bench_mla.py: 1.38x-1.44x the 32-key tile on every decode case, bf16 and fp8 caches,
-    h_q 16 and 128, despite the spills), else 32. DSKERNELS_MLA_TRITON_TILE forces another tile.
+    d = 576 / dv = 512: 16 or 32 query rows, 8 warps (4 warps or 64-row tiles spill hundreds of
+    bytes, scripts/check_triton_compile.py); keys double-buffered where they fit the GPU's shared
+    memory, else one buffer; 64 keys per block where two such buffers fit, else 32. The 64-key
+    tiles sit at 255 registers and spill up to 260 bytes (triton 3.8), yet on an H200
+    (benchmarks/bench_mla.py, 2026-12-04) ran 1.38x-1.44x faster than the spill-free 32-key ones
+    on every decode case, bf16 and fp8 caches, h_q 16 and 128. DSKERNELS_MLA_TRITON_TILE forces
+    another tile.
     """
     if device.type == "cpu":  # the interpreter: few, big tiles (its cost is per operation)
         return min(_pow2(rows), 64), 64, 4, 1
-    # Shared memory at 2 bytes per element: the Q tile, and two key buffers (an fp8 cache's second
-    # V load for P @ V makes its two about as big); 8 KB for the rest (measured: 1-3 KB).
-    width = block_dv + block_dr
-    fits_two_buffers = lambda m, n: m * width * 2 + 2 * n * width * 2 + 8192 <= _shared_limit(device)  # noqa: E731
+    # Shared memory at element_bytes per element (2; 4 where q or the cache is fp32, whose operands
+    # stay fp32): the Q tile, and two key buffers (an fp8 cache's second V load for P @ V makes its
+    # two about as big); 8 KB for the rest (measured: 1-3 KB).
+    row = (block_dv + block_dr) * element_bytes
+    fits = lambda m, n, buffers: m * row + buffers * n * row + 8192 <= _shared_limit(device)  # noqa: E731
     if block_dv >= 256:
-        block_m, warps = (16 if rows <= 16 else 32), 8
-        block_n = 64 if fits_two_buffers(block_m, 64) else 32
+        # The first that fits: 64 keys twice, 32 keys twice, 32 once, 16 once; then 16 query rows.
+        options = [(m, n, buffers) for m in dict.fromkeys((16 if rows <= 16 else 32, 16))
+                   for n, buffers in ((64, 2), (32, 2), (32, 1), (16, 1))]
+        block_m, block_n, buffers = next((o for o in options if fits(*o)), options[-1])
+        tile = block_m, block_n, 8, DOUBLE_BUFFER_STAGES if buffers == 2 else 2
     else:
-        block_m, block_n, warps = min(_pow2(rows), 64), 64, 4
-    tile = block_m, block_n, warps, DOUBLE_BUFFER_STAGES if fits_two_buffers(block_m, block_n) else 2
+        block_m, block_n = min(_pow2(rows), 64), 64
+        tile = block_m, block_n, 4, DOUBLE_BUFFER_STAGES if fits(block_m, block_n, 2) else 2
     forced = _forced_tile()
     if forced is not None:
         tile = (forced[0] or tile[0], *forced[1:])
@@ -342,7 +346,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     fp8_bytes = is_fp8 and not native_fp8(q.device)
     block_dv = _pow2(head_dim_v)
     block_dr = _pow2(d - head_dim_v)
-    block_m, block_n, num_warps, num_stages = tile_config(rows, block_dv, block_dr, q.device)
+    wide = q.dtype == torch.float32 or k_cache.dtype == torch.float32
+    block_m, block_n, num_warps, num_stages = tile_config(rows, block_dv, block_dr, q.device, 4 if wide else 2)
     # Partial outputs: at most one split per sequence plus one per cut between partitions.
     max_splits = b + num_parts
     out_acc = torch.empty(max_splits, h_q * s_q, head_dim_v, dtype=torch.float32, device=q.device)
