@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks what CI can of the builds (no GPU here):
-#  1. the extension that setup.py built holds sm_90a code (when built with CUDA);
+#  1. the extension that setup.py built holds sm_90a code (when built with CUDA), and its
+#     memory-bound kernels keep their loads in flight (scripts/check_sass.py);
 #  2. CMakeLists.txt builds the same sources into a library that registers the same ops;
 #  3. the Triton kernels compile for sm_90a, sm_100a, sm_89 and sm_80 (scripts/check_triton_compile.py).
 set -euo pipefail
@@ -37,6 +38,8 @@ if [ "$built" = "cuda" ]; then
     scripts/check_gemm_grid.cu -o build-cmake-gemm-grid
   ./build-cmake-gemm-grid || { echo "FAIL: a GEMM grid does not hold whole clusters (or the rounding is obsolete)"; exit 1; }
   rm -f build-cmake-gemm-grid
+  # Memory-bound kernels keep several loads in flight per thread (read off the SASS).
+  python scripts/check_sass.py "$so"
 else
   echo "note: extension built without CUDA (no nvcc); skipping the sm_90a check"
 fi

@@ -8,7 +8,7 @@ import triton.language as tl
 
 import dskernels
 import python_ref
-from dskernels.triton.fp8_math import e4m3_bits, native_fp8
+from dskernels.triton.fp8_math import native_fp8, native_fp8_cast, to_e4m3_bits
 
 SOURCE_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # Power-of-two (UE8M0) scales on one source dtype: the rounding happens after the fp32 conversion
@@ -129,26 +129,30 @@ def test_nan_makes_its_group_nan(backend, dtype, round_scale):
 
 
 @triton.jit
-def _e4m3_bits_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _e4m3_bits_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, NATIVE: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    tl.store(out_ptr + offs, e4m3_bits(tl.load(x_ptr + offs, mask=ok, other=0.0)), mask=ok)
+    tl.store(out_ptr + offs, to_e4m3_bits(tl.load(x_ptr + offs, mask=ok, other=0.0), NATIVE), mask=ok)
 
 
-def test_e4m3_bits_rounds_like_torch(backend):
-    """The Triton casts' own fp32 -> e4m3 bits (integer arithmetic, for GPUs without an fp8 type):
-    every e4m3 value, every tie between neighbours (to even) and the fp32 values just beside each
-    tie give torch's bits; past 448 they saturate (torch gives NaN from 464 on), NaN gives 0x7F."""
+@pytest.mark.parametrize("native", [False, True], ids=["integer", "native"])
+def test_e4m3_bits_rounds_like_torch(backend, native):
+    """The Triton casts' fp32 -> e4m3 bits, both ways: integer arithmetic (e4m3_bits: the
+    interpreter, GPUs without an fp8 type) and the GPU's own conversion (native_fp8_cast): every
+    e4m3 value, every tie between neighbours (to even) and the fp32 values just beside each tie give
+    torch's bits; past 448 they saturate (torch gives NaN from 464 on), NaN gives 0x7F."""
     name, device = backend
     if name != "triton":
-        pytest.skip("e4m3_bits is the Triton kernels' helper")
+        pytest.skip("to_e4m3_bits is the Triton kernels' helper")
+    if native and not native_fp8_cast(torch.device(device)):
+        pytest.skip("the GPU's e4m3 conversion: sm_89+ GPUs only (the interpreter's rounds wrongly)")
     values = torch.arange(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448, ascending
     ties = (values[1:] + values[:-1]) / 2
     x = torch.cat([values, ties, torch.nextafter(ties, torch.tensor(1e9)), torch.nextafter(ties, torch.tensor(0.0)),
                    torch.tensor([2.0**-11, 1e-30, 463.9, 464.0])])
     x = torch.cat([x, -x, torch.tensor([500.0, -1e30, float("inf"), float("nan")])])
     out = torch.empty(x.numel(), dtype=torch.uint8, device=device)
-    _e4m3_bits_kernel[(triton.cdiv(x.numel(), 256),)](x.to(device), out, x.numel(), BLOCK=256)
+    _e4m3_bits_kernel[(triton.cdiv(x.numel(), 256),)](x.to(device), out, x.numel(), BLOCK=256, NATIVE=native)
     out = out.cpu()
     finite = x.abs() <= 464
     assert torch.equal(out[finite], x[finite].to(torch.float8_e4m3fn).view(torch.uint8))
@@ -168,6 +172,12 @@ def test_native_fp8_rule(monkeypatch):
     assert not native_fp8(device)
     monkeypatch.delenv("DSKERNELS_TRITON_NATIVE_FP8")
     assert native_fp8(device)
+    # The casts round with the GPU's conversion on the same GPUs, never under the interpreter.
+    assert not native_fp8_cast(device)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    for capability, native in [((8, 0), False), ((8, 9), True), ((9, 0), True)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_, c=capability: c)
+        assert native_fp8_cast(device) == native, capability
 
 
 @pytest.mark.parametrize("round_scale", [False, True], ids=["scale", "ue8m0"])

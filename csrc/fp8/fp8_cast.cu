@@ -64,7 +64,8 @@ void per_token_cast_to_fp8(const at::Tensor& x, const at::Tensor& x_fp8, const a
                            bool round_scale) {
   check_source(x, "x");
   check_outputs(x, x_fp8, x_scale, x.size(0));
-  TORCH_CHECK(x.size(0) <= INT32_MAX, "x: at most 2^31 - 1 rows");
+  TORCH_CHECK(x.size(0) * (x.size(1) / kGroupSize) <= INT32_MAX, "x: at most 2^31 - 1 groups of 128 values, got shape ",
+              x.sizes());
   if (x.numel() == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(x.device());
 

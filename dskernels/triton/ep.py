@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from dskernels.triton import cdiv, next_power_of_2
-from dskernels.triton.fp8_math import cast_groups, round_to_bf16
+from dskernels.triton.fp8_math import cast_groups, native_fp8_cast, round_to_bf16
 
 
 @triton.jit
@@ -250,7 +250,8 @@ def _low_latency_send_kernel(x_ptr, stride_x, topk_ptr, stride_topk, send_u8, se
                              num_topk, num_ranks, experts_per_rank, num_experts, block_rows, row_bytes,
                              X_OFF: tl.constexpr, SCALE_OFF: tl.constexpr, IDS_OFF: tl.constexpr,
                              X_WIDTH: tl.constexpr, USE_FP8: tl.constexpr, ROUND_SCALE: tl.constexpr,
-                             GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                             GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                             NATIVE: tl.constexpr):
     # One program: row t of every block, one chunk of the payload (GROUPS x 128 elements cast to
     # fp8, or BLOCK_C bytes of x). x is read once and cast once; the result is stored only into
     # the blocks of ranks holding one of t's experts (the others never read it). The chunk-0
@@ -267,7 +268,7 @@ def _low_latency_send_kernel(x_ptr, stride_x, topk_ptr, stride_topk, send_u8, se
         cols = groups[:, None] * 128 + tl.arange(0, 128)[None, :]
         ok = (groups < X_WIDTH // 128)[:, None] & is_token
         x = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
-        payload, scale = cast_groups(x, ROUND_SCALE)  # per_token_cast_to_fp8's math, bit for bit
+        payload, scale = cast_groups(x, ROUND_SCALE, NATIVE)  # per_token_cast_to_fp8's math, bit for bit
     else:
         cols = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = (cols < X_WIDTH) & is_token
@@ -305,4 +306,4 @@ def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, 
         send.view(torch.int64), num_tokens, num_topk, num_ranks, num_experts // num_ranks, num_experts, block_rows,
         row_bytes, X_OFF=offsets[0], SCALE_OFF=scale_off, IDS_OFF=offsets[-1], X_WIDTH=width, USE_FP8=use_fp8,
         ROUND_SCALE=round_scale and use_fp8, GROUPS=groups, BLOCK_C=block_c,
-        BLOCK_K=next_power_of_2(max(num_topk, 1)), num_warps=4)
+        BLOCK_K=next_power_of_2(max(num_topk, 1)), NATIVE=use_fp8 and native_fp8_cast(send.device), num_warps=4)

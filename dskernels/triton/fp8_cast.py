@@ -1,8 +1,14 @@
 """Triton FP8 casts: the math of python_ref.fp8, bit for bit (div_rn is the correctly rounded
 division; Triton's plain `/` on fp32 is an approximate one on NVIDIA GPUs; round_to_e4m3 is the
 rounding the interpreter gets wrong). A NaN makes its group's scale and values NaN, as in the
-reference (max_nan: the GPU's plain max and min skip NaN). The fp8 output is written as the bits
-e4m3_bits computes, through a uint8 view: no fp8 type in the kernels, so they run on any GPU."""
+reference (max_nan: the GPU's plain max and min skip NaN). The fp8 output is written through a
+uint8 view, as the bits of the GPU's own e4m3 conversion on sm_89+ (NATIVE: native_fp8_cast) or of
+e4m3_bits elsewhere, so the kernels run on any GPU.
+
+Tiles: 32 rows x 128 columns (per-token, SwiGLU) or 128 x 128 (per-block) per program, so each
+thread has 4 (SwiGLU: 8) or 8 16-byte loads in flight: the loads of a program are issued together,
+and the bytes in flight per SM, not the instruction count, bound these kernels once the rounding
+is the hardware's."""
 
 import os
 
@@ -11,14 +17,16 @@ import triton
 import triton.language as tl
 
 from dskernels.triton import cdiv, next_power_of_2
-from dskernels.triton.fp8_math import cast_groups, e4m3_bits, max_nan, round_to_bf16, scales_of
+from dskernels.triton.fp8_math import cast_groups, max_nan, native_fp8_cast, round_to_bf16, scales_of, to_e4m3_bits
 
 GROUP_SIZE = 128
+BLOCK_ROWS = 32  # rows per program of the per-token and SwiGLU casts
 
 
 @triton.jit
 def _per_token_cast_kernel(x_ptr, out_ptr, scale_ptr, m, stride_xm, stride_om, stride_sm, stride_sg,
-                           BLOCK_M: tl.constexpr, GROUP: tl.constexpr, ROUND_SCALE: tl.constexpr):
+                           BLOCK_M: tl.constexpr, GROUP: tl.constexpr, ROUND_SCALE: tl.constexpr,
+                           NATIVE: tl.constexpr):
     # One program: BLOCK_M rows x one 128-wide group.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     group = tl.program_id(1)
@@ -26,14 +34,14 @@ def _per_token_cast_kernel(x_ptr, out_ptr, scale_ptr, m, stride_xm, stride_om, s
     row_ok = rows < m
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    bits, scale = cast_groups(x, ROUND_SCALE)
+    bits, scale = cast_groups(x, ROUND_SCALE, NATIVE)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], bits, mask=row_ok[:, None])
     tl.store(scale_ptr + rows.to(tl.int64) * stride_sm + group * stride_sg, scale, mask=row_ok)
 
 
 @triton.jit
 def _per_block_cast_kernel(w_ptr, out_ptr, scale_ptr, n, stride_wn, stride_on, stride_sn, stride_sk,
-                           BLOCK: tl.constexpr, ROUND_SCALE: tl.constexpr):
+                           BLOCK: tl.constexpr, ROUND_SCALE: tl.constexpr, NATIVE: tl.constexpr):
     # One program: one 128x128 block (the last row-block may be partial).
     block_n = tl.program_id(0)
     block_k = tl.program_id(1)
@@ -44,7 +52,7 @@ def _per_block_cast_kernel(w_ptr, out_ptr, scale_ptr, n, stride_wn, stride_on, s
                 other=0.0).to(tl.float32)
     amax = tl.maximum(max_nan(max_nan(tl.abs(w), 1), 0), 1e-4, propagate_nan=tl.PropagateNan.ALL)
     multiplier, scale = scales_of(amax, ROUND_SCALE)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_on + cols[None, :], e4m3_bits(w * multiplier),
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_on + cols[None, :], to_e4m3_bits(w * multiplier, NATIVE),
              mask=row_ok)
     tl.store(scale_ptr + block_n * stride_sn + block_k * stride_sk, scale)
 
@@ -53,7 +61,7 @@ def _per_block_cast_kernel(w_ptr, out_ptr, scale_ptr, n, stride_wn, stride_on, s
 def _per_channel_cast_kernel(x_ptr, out_ptr, scale_ptr, ks_ptr, tokens, h, groups,
                              stride_xt, stride_ot, stride_sb, stride_ks,
                              BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, GROUP: tl.constexpr,
-                             ROUND_SCALE: tl.constexpr):
+                             ROUND_SCALE: tl.constexpr, NATIVE: tl.constexpr):
     # One program: one 128-token scale block (of the group that holds it) x BLOCK_H columns. The
     # block's group, first token and length come from ks on the device; a ks tensor that claims
     # more tokens than x has is cut at x's end (never a read or write past it).
@@ -74,7 +82,7 @@ def _per_channel_cast_kernel(x_ptr, out_ptr, scale_ptr, ks_ptr, tokens, h, group
     x = tl.load(x_ptr + rows[:, None] * stride_xt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.maximum(max_nan(tl.abs(x), 0), 1e-4, propagate_nan=tl.PropagateNan.ALL)
     multiplier, scale = scales_of(amax, ROUND_SCALE)
-    tl.store(out_ptr + rows[:, None] * stride_ot + cols[None, :], e4m3_bits(x * multiplier[None, :]), mask=mask)
+    tl.store(out_ptr + rows[:, None] * stride_ot + cols[None, :], to_e4m3_bits(x * multiplier[None, :], NATIVE), mask=mask)
     tl.store(scale_ptr + block.to(tl.int64) * stride_sb + cols, scale, mask=col_ok)
 
 
@@ -82,7 +90,8 @@ def _per_channel_cast_kernel(x_ptr, out_ptr, scale_ptr, ks_ptr, tokens, h, group
 def _silu_and_mul_kernel(x_ptr, out_ptr, scale_ptr, masked_m_ptr, m, half,
                          stride_xg, stride_xm, stride_og, stride_om, stride_sg, stride_sm, stride_mm,
                          BLOCK_M: tl.constexpr, GROUP: tl.constexpr, ROUND_SCALE: tl.constexpr,
-                         MASKED: tl.constexpr, CAST: tl.constexpr, ROUND_BF16: tl.constexpr):
+                         MASKED: tl.constexpr, CAST: tl.constexpr, ROUND_BF16: tl.constexpr,
+                         NATIVE: tl.constexpr):
     # One program: BLOCK_M rows x one 128-wide group of the output, of batch entry program_id(2);
     # gate at columns c, up at half + c. MASKED: the rows past masked_m[g] are skipped (not read,
     # not written), as the masked grouped GEMM leaves them. CAST: per_token_cast_to_fp8 of the
@@ -101,7 +110,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, scale_ptr, masked_m_ptr, m, half,
     act = gate * tl.sigmoid(gate) * up
     out_ptrs = out_ptr + batch * stride_og + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
     if CAST:
-        bits, scale = cast_groups(act, ROUND_SCALE)
+        bits, scale = cast_groups(act, ROUND_SCALE, NATIVE)
         tl.store(out_ptrs, bits, mask=mask)
         tl.store(scale_ptr + batch * stride_sg + rows.to(tl.int64) * stride_sm + group, scale, mask=rows < rows_here)
     else:
@@ -126,25 +135,23 @@ def _silu_and_mul(x, out, scale, masked_m, round_scale: bool, cast: bool) -> Non
     if groups == 0 or m == 0 or half == 0:
         return
     assert x.stride(2) == 1 and out.stride(2) == 1 and (scale is None or scale.stride(2) == 1)
-    block_m = 8
-    grid = (cdiv(m, block_m), cdiv(half, GROUP_SIZE), groups)
+    grid = (cdiv(m, BLOCK_ROWS), cdiv(half, GROUP_SIZE), groups)
     scale_args = (scale, scale.stride(0), scale.stride(1)) if cast else (out, 0, 0)  # (unread without cast)
     _silu_and_mul_kernel[grid](x, out, scale_args[0], x if masked_m is None else masked_m, m, half,
                                x.stride(0), x.stride(1), out.stride(0), out.stride(1), *scale_args[1:],
-                               0 if masked_m is None else masked_m.stride(0), BLOCK_M=block_m, GROUP=GROUP_SIZE,
+                               0 if masked_m is None else masked_m.stride(0), BLOCK_M=BLOCK_ROWS, GROUP=GROUP_SIZE,
                                ROUND_SCALE=round_scale, MASKED=masked_m is not None, CAST=cast,
                                ROUND_BF16=out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-                               num_warps=4)
+                               NATIVE=cast and native_fp8_cast(x.device), num_warps=4)
 
 
 def per_token_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, round_scale: bool = False) -> None:
     m, k = x.shape
     assert x.stride(1) == 1 and out.stride(1) == 1
-    block_m = 8
-    grid = (cdiv(m, block_m), k // GROUP_SIZE)
+    grid = (cdiv(m, BLOCK_ROWS), k // GROUP_SIZE)
     _per_token_cast_kernel[grid](x, out.view(torch.uint8), scale, m, x.stride(0), out.stride(0), scale.stride(0),
-                                 scale.stride(1), BLOCK_M=block_m, GROUP=GROUP_SIZE, ROUND_SCALE=round_scale,
-                                 num_warps=4)
+                                 scale.stride(1), BLOCK_M=BLOCK_ROWS, GROUP=GROUP_SIZE, ROUND_SCALE=round_scale,
+                                 NATIVE=native_fp8_cast(x.device), num_warps=4)
 
 
 def per_block_cast_to_fp8(w: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, round_scale: bool = False) -> None:
@@ -152,7 +159,8 @@ def per_block_cast_to_fp8(w: torch.Tensor, out: torch.Tensor, scale: torch.Tenso
     assert w.stride(1) == 1 and out.stride(1) == 1
     grid = (cdiv(n, GROUP_SIZE), k // GROUP_SIZE)
     _per_block_cast_kernel[grid](w, out.view(torch.uint8), scale, n, w.stride(0), out.stride(0), scale.stride(0),
-                                 scale.stride(1), BLOCK=GROUP_SIZE, ROUND_SCALE=round_scale, num_warps=8)
+                                 scale.stride(1), BLOCK=GROUP_SIZE, ROUND_SCALE=round_scale,
+                                 NATIVE=native_fp8_cast(w.device), num_warps=8)
 
 
 def per_channel_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, ks_tensor: torch.Tensor,
@@ -170,4 +178,4 @@ def per_channel_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Ten
     _per_channel_cast_kernel[grid](x, out.view(torch.uint8), scale, ks_tensor, tokens, h, groups, x.stride(0),
                                    out.stride(0), scale.stride(0), ks_tensor.stride(0), BLOCK_H=block_h,
                                    BLOCK_G=next_power_of_2(groups), GROUP=GROUP_SIZE,
-                                   ROUND_SCALE=round_scale, num_warps=8)
+                                   ROUND_SCALE=round_scale, NATIVE=native_fp8_cast(x.device), num_warps=8)

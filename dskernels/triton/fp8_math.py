@@ -1,9 +1,10 @@
 """FP8 helpers shared by the Triton kernels.
 
 Triton has float8_e4m3fn (fp8e4nv) only on sm_89 and newer; on older GPUs (an A100) a kernel that
-names the type does not compile. So the casts always write e4m3 bits computed in integer
-arithmetic, and the kernels that read fp8 take the bytes as uint8 and widen them themselves where
-`native_fp8` says the type is missing.
+names the type does not compile. So the casts write e4m3 bits through uint8 views: rounded by the
+GPU's conversion where it has one (`native_fp8_cast`), else computed in integer arithmetic (older
+GPUs and the interpreter); and the kernels that read fp8 take the bytes as uint8 and widen them
+themselves where `native_fp8` says the type is missing.
 """
 
 import os
@@ -21,6 +22,15 @@ def native_fp8(device: torch.device) -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True
     return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def native_fp8_cast(device: torch.device) -> bool:
+    """Whether the casts may round to e4m3 with the GPU's own conversion (`cvt.rn.satfinite.e4m3x2.f32`
+    on sm_89+: ties to even, saturating at +-448, NaN -> 0x7F, the bits of python_ref's cast, as the
+    sm90 CUDA casts' tests show) instead of round_to_e4m3's ~35 integer and float operations per
+    value, which made the Triton casts ALU-bound. Never under the interpreter (its fp8 cast rounds
+    wrongly) nor with DSKERNELS_TRITON_NATIVE_FP8=0."""
+    return os.environ.get("TRITON_INTERPRET", "0") != "1" and native_fp8(device)
 
 
 @triton.jit
@@ -72,6 +82,15 @@ def e4m3_bits(x):
 
 
 @triton.jit
+def to_e4m3_bits(x, NATIVE: tl.constexpr):
+    """fp32 -> e4m3 bits (uint8): the GPU's conversion where native_fp8_cast allows it, else
+    e4m3_bits; the same bits either way."""
+    if NATIVE:
+        return x.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return e4m3_bits(x)
+
+
+@triton.jit
 def ceil_to_power_of_two(scale):
     """python_ref.fp8.ceil_to_power_of_two: the smallest power of two >= a positive fp32 (NaN and
     inf kept), by carrying a nonzero mantissa into the exponent."""
@@ -94,12 +113,12 @@ def scales_of(amax, ROUND_SCALE: tl.constexpr):
 
 
 @triton.jit
-def cast_groups(x, ROUND_SCALE: tl.constexpr):
+def cast_groups(x, ROUND_SCALE: tl.constexpr, NATIVE: tl.constexpr):
     """fp32 [groups, 128] -> (e4m3 bits [groups, 128], fp32 scales [groups]): per_token_cast_to_fp8's
-    math bit for bit (amax floored at 1e-4, NaN kept)."""
+    math bit for bit (amax floored at 1e-4, NaN kept). NATIVE: native_fp8_cast."""
     amax = tl.maximum(max_nan(tl.abs(x), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)
     multiplier, scale = scales_of(amax, ROUND_SCALE)
-    return e4m3_bits(x * multiplier[:, None]), scale
+    return to_e4m3_bits(x * multiplier[:, None], NATIVE), scale
 
 
 @triton.jit
