@@ -11,7 +11,7 @@
 # results.json (the benchmark records, rewritten after every case) and logs.tgz (every log,
 # repacked after every step: tar xzf logs.tgz).
 # Knobs: DEADLINE=570, STEPS=tests,bench,sanitizer, TESTS_BUDGET=330 (s for all test files),
-#        TEST_TIMEOUT=150 (s per file), GPU_TESTS="tests/test_mla_sm90.py ..." (default: the files
+#        TEST_TIMEOUT=150 (s per file), TEST_JOBS=4 (test files run at once), GPU_TESTS="tests/test_mla_sm90.py ..." (default: the files
 #        with gpu-selected tests, never-run ones first), CPU_TESTS=1 (also the not-gpu suite, for the device's
 #        torch/triton versions), BENCH_OPS=mla,gemm (families or ops, run in that order),
 #        QUICK=1 (default; 0 for the full grid), BENCH_BUDGET (s; default all that is left),
@@ -90,18 +90,27 @@ tests/test_mla_sm90.py tests/test_gemm_sm90.py tests/test_fp8_cast.py tests/test
   [ -n "$with_gpu" ] || with_gpu=$(ls tests/test_*.py)  # collection failed: every file, each reports why
   files="${GPU_TESTS:-$(tr ' ' '\n' <<< "$first" | grep -F -x -f <(echo "$with_gpu"))
 $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
-  for f in $files; do
-    name=$(basename "$f" .py)
-    t=$((tests_end - SECONDS)); (( t > ${TEST_TIMEOUT:-150} )) && t=${TEST_TIMEOUT:-150}
-    if (( t < 10 )); then echo "$f: not run (the tests' time is spent)" | tee -a "$LOGS/pytest_gpu.log"; status=1; continue; fi
-    timeout -s KILL "$t" python -m pytest "$f" -q -m gpu -p no:cacheprovider --maxfail=5 --tb=short -rfE \
+  # TEST_JOBS files at a time: a test file's time is mostly the host's (imports, Triton's compiles,
+  # one core each) and the GPU has room for several; the first device run spent ~240 s on ten
+  # files one after another. Each process has its own CUDA context, so a fault stays in its file.
+  run_file() {  # run_file FILE TIMEOUT -> one verdict line in pytest_gpu.log (none without gpu tests)
+    local name rc verdict
+    name=$(basename "$1" .py)
+    timeout -s KILL "$2" python -m pytest "$1" -q -m gpu -p no:cacheprovider --maxfail=5 --tb=short -rfE \
       --junitxml="$LOGS/junit_$name.xml" > "$LOGS/pytest_gpu_$name.log" 2>&1
     rc=$?
-    [ $rc -eq 5 ] && continue  # no gpu-marked tests in this file
-    [ $rc -ne 0 ] && status=1
-    verdict=$(tail -1 "$LOGS/pytest_gpu_$name.log"); [ $rc -eq 137 ] && verdict="killed after $t s"
-    echo "$f: rc $rc: $verdict" | tee -a "$LOGS/pytest_gpu.log"
+    [ $rc -eq 5 ] && return  # no gpu-marked tests in this file
+    verdict=$(tail -1 "$LOGS/pytest_gpu_$name.log"); [ $rc -eq 137 ] && verdict="killed after $2 s"
+    echo "$1: rc $rc: $verdict" | tee -a "$LOGS/pytest_gpu.log"
+  }
+  for f in $files; do
+    while (( $(jobs -rp | wc -l) >= ${TEST_JOBS:-4} )); do wait -n; done
+    t=$((tests_end - SECONDS)); (( t > ${TEST_TIMEOUT:-150} )) && t=${TEST_TIMEOUT:-150}
+    if (( t < 10 )); then echo "$f: not run (the tests' time is spent)" | tee -a "$LOGS/pytest_gpu.log"; continue; fi
+    run_file "$f" "$t" &
   done
+  wait
+  grep -q -v ": rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && status=1
   grep -h -E '^(FAILED|ERROR) ' "$LOGS"/pytest_gpu_*.log | head -40
   if [ "${CPU_TESTS:-0}" = 1 ]; then  # the device's torch/triton versions differ from CI's
     step "CPU-side tests (not gpu-marked)"
