@@ -8,7 +8,9 @@ ptxas -v, and the check fails on a compile error or more shared memory than a bl
 have. On sm_90a (Hopper, the GPU we tune for) a register spill fails it too, beyond the few bytes
 ALLOWED_SPILL_BYTES names, and a GEMM or MLA kernel without tensor-core instructions
 (wgmma.mma_async on Hopper for the GEMMs, mma.sync for MLA's 16/32-row tiles) or whose main loop
-has a single shared-memory buffer (no load overlapping the math; PIPELINED) fails it as well.
+has a single shared-memory buffer (no load overlapping the math; PIPELINED) fails it as well. On
+every target, an fp8 cast compiled with NATIVE (the hardware e4m3 rounding) must round in one
+step (`cvt.rn.satfinite.e4m3x2.f32`; Triton goes through fp16 on sm_89, which rounds twice).
 sm_100a (B200), sm_89 (L40S, RTX 4090) and sm_80 (A100) are GPUs the Triton path serves, where no
 CUDA kernel of ours runs: on sm_80 Triton has no fp8 e4m3 type, so a kernel that names it does not
 compile there.
@@ -121,6 +123,10 @@ class Compiler:
             record.update(self._ptxas(ptx), shared=compiled.metadata.shared)
             required = REQUIRED_PTX.get(record["kernel"])
             record["tensor_cores"] = required is None or required in ptx
+            # NATIVE fp8 casts (native_fp8_cast): the one-step conversion, never Triton's fp16 detour
+            # (sm_89's cvt.rz.f16.f32 first: a double rounding that changes the bits).
+            record["native_cvt"] = not named.get("NATIVE") or (
+                "cvt.rn.satfinite.e4m3x2.f32" in ptx and "cvt.rz.f16.f32" not in ptx)
             # Multi-buffered tiles: local_alloc of memdesc<N x rows x cols x ...> with N buffers.
             record["buffers"] = max((int(n) for n in re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x",
                                                                 compiled.asm["ttgir"])), default=0)
@@ -155,7 +161,7 @@ def _dropped(r: dict) -> bool:
 
 
 def _bad(r: dict) -> bool:
-    if "error" in r or (r["shared"] > r["target"].max_shared_bytes and not _dropped(r)):
+    if "error" in r or (r["shared"] > r["target"].max_shared_bytes and not _dropped(r)) or not r["native_cvt"]:
         return True
     # fp32 operands (FP32_DOT: IEEE dots, fp32 q or cache) are the exact path, not a fast one: only
     # the compile and the shared memory are checked there.
@@ -171,6 +177,8 @@ def _line(r: dict) -> str:
     if "error" in r:
         return f"FAIL {where}: {r['error']}"
     notes = "" if r["tensor_cores"] or not r["target"].strict else f", no {REQUIRED_PTX[r['kernel']]}"
+    if not r["native_cvt"]:
+        notes += ", NATIVE without a one-step cvt.rn.satfinite.e4m3x2.f32"
     if r["kernel"] in PIPELINED:
         notes += f", {r['buffers']} buffer{'s' if r['buffers'] != 1 else ''}"
     if _dropped(r):

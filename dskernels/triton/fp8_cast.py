@@ -2,13 +2,13 @@
 division; Triton's plain `/` on fp32 is an approximate one on NVIDIA GPUs; round_to_e4m3 is the
 rounding the interpreter gets wrong). A NaN makes its group's scale and values NaN, as in the
 reference (max_nan: the GPU's plain max and min skip NaN). The fp8 output is written through a
-uint8 view, as the bits of the GPU's own e4m3 conversion on sm_89+ (NATIVE: native_fp8_cast) or of
+uint8 view, as the bits of the GPU's own e4m3 conversion on sm_90+ (NATIVE: native_fp8_cast) or of
 e4m3_bits elsewhere, so the kernels run on any GPU.
 
-Tiles: 32 rows x 128 columns (per-token, SwiGLU) or 128 x 128 (per-block) per program, so each
-thread has 4 (SwiGLU: 8) or 8 16-byte loads in flight: the loads of a program are issued together,
-and the bytes in flight per SM, not the instruction count, bound these kernels once the rounding
-is the hardware's."""
+Tiles: 32 rows x 128 columns (per-token, SwiGLU) or 128 x 128 (per-block) per program: each thread
+issues 4 (SwiGLU 8, per-block 8) 16-byte loads, of which 4 (SwiGLU 5, per-block 8) are in flight at
+once on sm_90a (triton 3.8's SASS), so the bytes in flight per SM, not the instruction count, bound
+these kernels once the rounding is the hardware's."""
 
 import os
 

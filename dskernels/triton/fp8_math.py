@@ -2,8 +2,8 @@
 
 Triton has float8_e4m3fn (fp8e4nv) only on sm_89 and newer; on older GPUs (an A100) a kernel that
 names the type does not compile. So the casts write e4m3 bits through uint8 views: rounded by the
-GPU's conversion where it has one (`native_fp8_cast`), else computed in integer arithmetic (older
-GPUs and the interpreter); and the kernels that read fp8 take the bytes as uint8 and widen them
+GPU's conversion on sm_90+ (`native_fp8_cast`), else computed in integer arithmetic (older GPUs and
+the interpreter); and the kernels that read fp8 take the bytes as uint8 and widen them
 themselves where `native_fp8` says the type is missing.
 """
 
@@ -25,22 +25,25 @@ def native_fp8(device: torch.device) -> bool:
 
 
 def native_fp8_cast(device: torch.device) -> bool:
-    """Whether the casts may round to e4m3 with the GPU's own conversion (`cvt.rn.satfinite.e4m3x2.f32`
-    on sm_89+: ties to even, saturating at +-448, NaN -> 0x7F, the bits of python_ref's cast, as the
-    sm90 CUDA casts' tests show) instead of round_to_e4m3's ~35 integer and float operations per
-    value, which made the Triton casts ALU-bound. Never under the interpreter (its fp8 cast rounds
-    wrongly) nor with DSKERNELS_TRITON_NATIVE_FP8=0."""
-    return os.environ.get("TRITON_INTERPRET", "0") != "1" and native_fp8(device)
+    """Whether the casts may round to e4m3 with the GPU's own conversion (`cvt.rn.satfinite.e4m3x2.f32`:
+    ties to even, saturating at +-448, NaN -> 0x7F, the bits of python_ref's cast, as the sm90 CUDA
+    casts' tests show) instead of round_to_e4m3's ~35 integer and float operations per value, which
+    made the Triton casts ALU-bound. sm_90+ only: for sm_89 Triton (3.8) converts through fp16
+    rounded toward zero first (`cvt.rz.f16.f32`), a double rounding that moves values just above a
+    tie. Never under the interpreter (its fp8 cast rounds wrongly) nor with DSKERNELS_TRITON_NATIVE_FP8=0;
+    scripts/check_triton_compile.py checks the instruction in every NATIVE kernel."""
+    return (os.environ.get("TRITON_INTERPRET", "0") != "1" and native_fp8(device)
+            and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 @triton.jit
 def round_to_e4m3(x):
     """fp32 -> the nearest float8_e4m3fn value (ties to even, saturating at +-448, NaN kept), as fp32.
 
-    e4m3_bits then only moves fields. We round ourselves (not with Triton's fp8 cast) because the
-    interpreter (the CPU path CI tests) rounds fp8 casts half-up and drops the carry into the
-    exponent (124.3 -> 64), and GPUs before sm_89 have no such cast; on GPUs this costs a few ALU
-    ops in memory-bound kernels.
+    e4m3_bits then only moves fields. The interpreter (the CPU path CI tests) needs it: its fp8
+    cast rounds half-up and drops the carry into the exponent (124.3 -> 64); so do GPUs before
+    sm_89 (no such cast) and sm_89 (Triton's cast rounds twice there). sm_90+ GPUs use the hardware
+    conversion instead (native_fp8_cast): this costs ~35 ALU ops per value.
     """
     bits = x.to(tl.int32, bitcast=True)
     # NaN stays NaN (the GPU's plain min would turn it into 448); the steps below keep it NaN.
