@@ -17,7 +17,8 @@
 #        QUICK=1 (default; 0 for the full grid), BENCH_BUDGET (s; default all that is left),
 #        NO_CUDA=mla,gemm (families benchmarked without their cuda backend; by default those whose
 #        CUDA tests failed in this call),
-#        SANITIZER_BUDGET=120 (s per tool).
+#        SANITIZER_BUDGET=120 (s per tool), DSKERNELS_BENCH_MLA_FP8_TMA=1 (the `cuda[fp8_tma]` MLA
+#        rows; set by the script itself when tests/test_mla_sm90_fp8_tma.py passed in this call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -81,10 +82,10 @@ if wants tests; then
   tests_end=$((SECONDS + $(budget "${TESTS_BUDGET:-330}")))
   step "GPU tests ($((tests_end - SECONDS)) s in all, ${TEST_TIMEOUT:-150} s per file at most)"
   # Only the files that hold gpu-selected tests (one collection instead of a pytest start per file).
-  # The files the first device run (H200, 2026-12-04) did not reach go first; the sm90 files, which
-  # passed there, next.
+  # The files the first device run (H200, 2026-12-04) did not reach go first, then those whose
+  # kernels changed since (the fp8 MLA TMA path, the casts); the sm90 files, which passed there, next.
   first="tests/test_gemm_general.py tests/test_indexer.py tests/test_mla_sparse.py tests/test_models_gpu.py
-tests/test_mla_sm90.py tests/test_gemm_sm90.py tests/test_fp8_cast.py tests/test_ep_layout.py tests/test_mla.py tests/test_gemm.py"
+tests/test_mla_sm90_fp8_tma.py tests/test_fp8_cast.py tests/test_mla_sm90.py tests/test_gemm_sm90.py tests/test_ep_layout.py tests/test_mla.py tests/test_gemm.py"
   with_gpu=$(timeout 120 python -m pytest tests -m gpu --collect-only -q -p no:cacheprovider 2>/dev/null \
              | sed -n 's|^\(tests/[^:]*\.py\)::.*|\1|p' | sort -u)
   [ -n "$with_gpu" ] || with_gpu=$(ls tests/test_*.py)  # collection failed: every file, each reports why
@@ -147,6 +148,9 @@ if wants bench; then
     cuda_broken test_fp8_cast && no_cuda+="fp8_cast,"
     cuda_broken test_ep_layout && no_cuda+="ep,"
     cuda_broken test_models_gpu && no_cuda+="model,"
+    # The opt-in fp8 TMA path of the sm90 MLA decode gets its `cuda[fp8_tma]` rows only once its
+    # own tests passed here (benchmarks/bench_mla.py).
+    grep -q "^tests/test_mla_sm90_fp8_tma.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_BENCH_MLA_FP8_TMA=1
     [ -n "$no_cuda" ] && [[ "$no_cuda" != *model* ]] && no_cuda+="model"  # the layer runs the kernels above
     [ -n "$no_cuda" ] && echo "cuda backend not benchmarked for: $no_cuda (its GPU tests failed or did not finish)"
   fi

@@ -94,7 +94,8 @@ def split_k_and_einsum():
 def mla_decode():
     """V3-shaped decode (d = 576, dv = 512): a TMA-path cache (page 64, a partial last block, an
     empty sequence), an fp8 cache with odd pages (register path), causal MTP rows over two tiles;
-    the TMA case once more with the opt-in 2-CTA clusters."""
+    the TMA case once more with the opt-in 2-CTA clusters, and as an fp8 cache with the opt-in fp8
+    TMA path (raw blocks widened in place)."""
     b, s_q, h_q = 3, 3, 24  # 72 rows: two 64-row tiles, the second nearly empty
     lens = torch.tensor([130, 0, 70], dtype=torch.int32, device="cuda")
     q = torch.randn(b, s_q, h_q, 576, device="cuda", dtype=torch.bfloat16)
@@ -110,6 +111,10 @@ def mla_decode():
             os.environ["DSKERNELS_MLA_CLUSTER"] = "1"
             dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, 512, meta, splits, causal=True)
             os.environ.pop("DSKERNELS_MLA_CLUSTER")
+            os.environ["DSKERNELS_MLA_FP8_TMA"] = "1"
+            dskernels.flash_mla_with_kvcache(q, k_cache.to(torch.float8_e4m3fn), block_table, lens, 512, meta, splits,
+                                             causal=True, k_scale=torch.ones(1, device="cuda"))
+            os.environ.pop("DSKERNELS_MLA_FP8_TMA")
 
 
 def deepseek_v32():

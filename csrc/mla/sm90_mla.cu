@@ -91,8 +91,9 @@ void get_mla_metadata(const at::Tensor& cache_seqlens, const at::Tensor& meta, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The cache as a 4-D TMA tensor (d, h_kv, page_size, num_pages), 64 x 1 x 64 x 1 boxes, 128-byte
-// swizzle. False (then the kernel loads every block through registers) if the driver refuses it.
+// The cache as a 4-D TMA tensor (d, h_kv, page_size, num_pages), 64 x 1 x 64 x 1 boxes: 16-bit
+// caches 128-byte swizzled (the wgmma layout itself), fp8 ones unswizzled (the raw tile the kernel
+// widens). False (then the kernel loads every block through registers) if the driver refuses it.
 bool make_cache_tensor_map(const at::Tensor& k_cache, CUtensorMap* tmap) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
     void* fn = nullptr;
@@ -124,10 +125,12 @@ bool make_cache_tensor_map(const at::Tensor& k_cache, CUtensorMap* tmap) {
   }
   const cuuint32_t box[4] = {64, 1, 64, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  const CUtensorMapDataType dtype =
-      k_cache.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
+  const CUtensorMapDataType dtype = fp8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+                                    : k_cache.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                             : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const CUresult result = encode(tmap, dtype, 4, k_cache.data_ptr(), dims, strides, box, element_strides,
-                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, fp8 ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B,
                                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   // Loud, not silent: a refused descriptor would otherwise hide the TMA path from every test.
   if (result != CUDA_SUCCESS) {
@@ -247,10 +250,12 @@ void flash_mla_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache, cons
 
   // Switches (docs/mla.md), read per call: DSKERNELS_MLA_NO_TMA=1 sends every block through the
   // register path; DSKERNELS_MLA_CLUSTER=1 runs two or more row tiles as 2-CTA clusters sharing the
-  // key blocks by multicast (off by default: 13% slower at h_q = 128, s_q = 2 on an H200).
+  // key blocks by multicast (off by default: 13% slower at h_q = 128, s_q = 2 on an H200);
+  // DSKERNELS_MLA_FP8_TMA=1 loads an fp8 cache's whole blocks by TMA and widens them in place
+  // (opt-in: written off the device, not yet run on a GPU).
   CUtensorMap tmap{};
-  p.use_tma = !env_flag("DSKERNELS_MLA_NO_TMA") && !fp8 && page_size % mla::kBlockN == 0 &&
-              make_cache_tensor_map(k_cache, &tmap);
+  p.use_tma = !env_flag("DSKERNELS_MLA_NO_TMA") && (!fp8 || env_flag("DSKERNELS_MLA_FP8_TMA")) &&
+              page_size % mla::kBlockN == 0 && make_cache_tensor_map(k_cache, &tmap);
   p.use_cluster = env_flag("DSKERNELS_MLA_CLUSTER");
 
   mla::CombineParams c{};

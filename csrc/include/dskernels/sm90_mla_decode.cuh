@@ -11,7 +11,9 @@
 //     block into a two-stage ring: TMA (one thread, nine 64x64 boxes) for full blocks of a 16-bit
 //     cache whose page size is a multiple of 64; otherwise every thread loads 16-byte pieces through
 //     registers (any page size, zero rows past the sequence, fp8 e4m3 widened exactly to q's type)
-//     and stores them in the same swizzled layout.
+//     and stores them in the same swizzled layout. FP8 caches with DSKERNELS_MLA_FP8_TMA=1 (opt-in
+//     until timed on a GPU): full blocks come raw by TMA into the upper half of the stage and are
+//     widened there in place (widen_fp8_tile).
 //   softmax (WG1, 208 registers): S = Q K^T (36 x wgmma 64x64x16 from shared memory), masks,
 //     online softmax in the log2 domain, P to registers (bf16/fp16) and to shared memory, then
 //     O[:, 0:256] += P V[:, 0:256] (wgmma 64x256x16, P from registers).
@@ -66,6 +68,7 @@ struct alignas(1024) SharedStorage {
   uint64_t kv_valid[2];
   uint64_t q_full, q_empty, p_full, p_empty;
   uint64_t kv_full[2], kv_empty[2];
+  uint64_t kv_raw[2];  // fp8 TMA path: the raw tile of the stage has landed (tx bytes)
 };
 static_assert(sizeof(SharedStorage) <= 227 * 1024, "more shared memory than an sm90 CTA can have");
 
@@ -178,6 +181,12 @@ __device__ __forceinline__ void store_shared(uint32_t addr, uint4 v) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
 }
 
+__device__ __forceinline__ uint4 load_shared(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+
 template <typename Array, size_t... I>
 __device__ __forceinline__ void fence_all(Array& a, std::index_sequence<I...>) {
   (cute::warpgroup_fence_operand(a[I]), ...);
@@ -250,22 +259,49 @@ __device__ __forceinline__ void copy_rows_16bit(const SharedStorage& smem, uint3
   });
 }
 
+// Widens fp8 piece `piece` (16 e4m3 values, 0..35) of row `row` to Element and stores it as the
+// two 16-bit pieces 2 * piece, 2 * piece + 1 of the swizzled tile.
+template <typename Element>
+__device__ __forceinline__ void store_widened(uint32_t tile, int row, int piece, uint4 v) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  uint32_t wide[8];
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    wide[2 * w] = Mma<Element>::pack_exact(
+        __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] & 0xFFFF), __NV_E4M3));
+    wide[2 * w + 1] = Mma<Element>::pack_exact(
+        __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] >> 16), __NV_E4M3));
+  }
+  store_shared(tile + swizzled_offset(row, 2 * piece), make_uint4(wide[0], wide[1], wide[2], wide[3]));
+  store_shared(tile + swizzled_offset(row, 2 * piece + 1), make_uint4(wide[4], wide[5], wide[6], wide[7]));
+}
+
 // fp8 rows (576 bytes: 36 pieces), each piece widened to two 16-bit pieces.
 template <typename Element>
 __device__ __forceinline__ void copy_rows_fp8(const SharedStorage& smem, uint32_t tile, int tid) {
-  copy_rows<kHeadDim / 16, 9>(smem, tid, [&](int row, int piece, uint4 v) {
-    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-    uint32_t wide[8];
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      wide[2 * w] = Mma<Element>::pack_exact(
-          __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] & 0xFFFF), __NV_E4M3));
-      wide[2 * w + 1] = Mma<Element>::pack_exact(
-          __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(words[w] >> 16), __NV_E4M3));
-    }
-    store_shared(tile + swizzled_offset(row, 2 * piece), make_uint4(wide[0], wide[1], wide[2], wide[3]));
-    store_shared(tile + swizzled_offset(row, 2 * piece + 1), make_uint4(wide[4], wide[5], wide[6], wide[7]));
-  });
+  copy_rows<kHeadDim / 16, 9>(smem, tid, [&](int row, int piece, uint4 v) { store_widened<Element>(tile, row, piece, v); });
+}
+
+// The fp8 TMA path: TMA put the block's raw tile, [9 chunks][64 rows][64 B] (chunk c: columns
+// 64c..64c+63), at kRawOffset inside the stage; the producer widens it in place into the 16-bit
+// swizzled tile. Output chunk c ([8 KiB c, 8 KiB (c + 1))) overlaps raw chunks 2c - 9 and 2c - 8,
+// never one after c: so chunk by chunk, every thread reads its raw pieces of chunk c, then (from
+// the first overlapping chunk, 4, on) the warp group syncs, and only then writes output chunk c.
+// Each thread takes fp8 piece tid % 4 of rows tid / 4 and 32 + tid / 4 (conflict-free 16-byte reads).
+template <typename Element>
+__device__ __forceinline__ void widen_fp8_tile(uint32_t tile, int tid) {
+  static_assert(kRawOffset == 9 * kRawChunkBytes && kChunkBytes == 2 * kRawChunkBytes,
+                "the overlap rule above assumes the raw tile in the upper half of the stage");
+#pragma unroll 1
+  for (int c = 0; c < kChunks; ++c) {
+    const uint32_t raw = tile + kRawOffset + c * kRawChunkBytes;
+    const uint4 lo = load_shared(raw + tid * 16);
+    const uint4 hi = load_shared(raw + (128 + tid) * 16);
+    if (c >= 4) cutlass::arch::NamedBarrier::sync(128, kBarProducer);
+    const int piece = 4 * c + tid % 4;
+    store_widened<Element>(tile, tid / 4, piece, lo);
+    store_widened<Element>(tile, 32 + tid / 4, piece, hi);
+  }
 }
 
 template <typename Element, bool kFp8, int kCluster>
@@ -276,6 +312,7 @@ __device__ void producer(const DecodeParams& p, const CUtensorMap* tmap, SharedS
   const uint8_t* k_base = static_cast<const uint8_t*>(p.k_cache);
   constexpr int kKElem = kFp8 ? 1 : 2;
   int item_count = 0, block_count = 0;
+  uint32_t raw_phases = 0;  // fp8 TMA path: bit s is the next phase of stage s's kv_raw barrier
   for_each_item(p, part, [&](const WorkItem& w) {
     // Q tile: rows (token, head) of this kv head; rows past s_q * h_q / h_kv are zeros.
     barrier_wait(&smem.q_empty, (item_count & 1) ^ 1);
@@ -301,6 +338,29 @@ __device__ void producer(const DecodeParams& p, const CUtensorMap* tmap, SharedS
       barrier_wait(&smem.kv_empty[stage], ((block_count >> 1) & 1) ^ 1);
       const int page_idx = start / p.page_size;
       const bool whole = start + kBlockN <= w.hi && start % kBlockN == 0 && page_idx < p.max_pages;
+      if (kFp8 && p.use_tma && whole) {
+        // The raw block (nine 64-byte x 64-row boxes, 36 KiB: twice the register path's bytes in
+        // flight, none of its registers) into the upper half of the stage, widened there in place.
+        constexpr uint64_t kEvictNormal = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+        const uint32_t tile = smem_addr(smem.kv[stage]);
+        if (tid == 0) {
+          const int page = table[page_idx];
+          smem.kv_valid[stage] = page >= 0 && page < p.num_pages ? ~uint64_t(0) : uint64_t(0);
+          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.kv_raw[stage], kTileBytes / 2);
+#pragma unroll 1
+          for (int c = 0; c < kChunks; ++c) {
+            cute::SM90_TMA_LOAD_4D::copy(tmap, &smem.kv_raw[stage], kEvictNormal,
+                                         smem.kv[stage] + kRawOffset + c * kRawChunkBytes, c * kChunkCols, kv_head,
+                                         start % p.page_size, page);
+          }
+        }
+        barrier_wait(&smem.kv_raw[stage], (raw_phases >> stage) & 1);
+        raw_phases ^= 1u << stage;
+        widen_fp8_tile<Element>(tile, tid);
+        cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma reads
+        cutlass::arch::ClusterBarrier::arrive(&smem.kv_full[stage]);
+        continue;
+      }
       if (!kFp8 && p.use_tma && whole) {
         // One page holds the whole block (page_size % 64 == 0): nine 64 x 64 boxes. In a cluster
         // each CTA loads every kCluster-th box and multicasts it to all, so the key block crosses
@@ -656,6 +716,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < 2; ++s) {
       cutlass::arch::ClusterBarrier::init(&smem.kv_full[s], 128);
       cutlass::arch::ClusterBarrier::init(&smem.kv_empty[s], 8 * kCluster);  // consumer warps of the cluster
+      cutlass::arch::ClusterBarrier::init(&smem.kv_raw[s], 1);
     }
     cutlass::arch::fence_barrier_init();
     if (p.use_tma) cute::prefetch_tma_descriptor(&tmap);

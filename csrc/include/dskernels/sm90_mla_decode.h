@@ -24,6 +24,8 @@ constexpr int kCombineWarps = 4;         // combine kernel: a warp per (head, to
 constexpr int kProducerRegs = 88;
 constexpr int kConsumerRegs = 208;
 constexpr int kMetaInts = 8;
+constexpr int kRawOffset = kTileBytes / 2;          // fp8 TMA path: the raw 64 x 576-byte tile, upper half
+constexpr int kRawChunkBytes = kBlockN * kChunkCols; // one raw [64 rows][64 B] box: 4 KiB
 constexpr int kLoadBatch = 12;            // 16-byte loads in flight per producer thread (36 per 16-bit block)
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -52,7 +54,8 @@ struct DecodeParams {
   int num_pages, page_size, max_pages, max_slots;
   float scale_log2;           // softmax_scale * log2(e)
   bool causal;
-  bool use_tma;               // 16-bit cache, page_size % 64 == 0, TMA-compatible strides
+  bool use_tma;               // page_size % 64 == 0, TMA-compatible strides; a 16-bit cache, or an fp8
+                              // one with DSKERNELS_MLA_FP8_TMA=1 (its raw tile widened in place)
   bool use_cluster;           // 2-CTA multicast clusters when the TMA path serves >= 2 row tiles (opt-in)
 };
 
