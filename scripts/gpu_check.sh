@@ -17,8 +17,9 @@
 #        QUICK=1 (default; 0 for the full grid), BENCH_BUDGET (s; default all that is left),
 #        NO_CUDA=mla,gemm (families benchmarked without their cuda backend; by default those whose
 #        CUDA tests failed in this call),
-#        SANITIZER_BUDGET=120 (s per tool), DSKERNELS_BENCH_MLA_FP8_TMA=1 (the `cuda[fp8_tma]` MLA
-#        rows; set by the script itself when tests/test_mla_sm90_fp8_tma.py passed in this call).
+#        SANITIZER_BUDGET=120 (s per tool), DSKERNELS_MLA_FP8_TMA_TESTED=1 (the `cuda[fp8_tma]` MLA
+#        rows and that path's sanitizer case; set by the script itself when
+#        tests/test_mla_sm90_fp8_tma.py passed in this call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -112,6 +113,9 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
   done
   wait
   grep -q -v ": rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && status=1
+  # The opt-in fp8 TMA path of the sm90 MLA decode is benchmarked (`cuda[fp8_tma]` rows) and
+  # sanitized only once its own tests passed here (benchmarks/bench_mla.py, scripts/sanitize_cases.py).
+  grep -q "^tests/test_mla_sm90_fp8_tma.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_MLA_FP8_TMA_TESTED=1
   grep -h -E '^(FAILED|ERROR) ' "$LOGS"/pytest_gpu_*.log | head -40
   if [ "${CPU_TESTS:-0}" = 1 ]; then  # the device's torch/triton versions differ from CI's
     step "CPU-side tests (not gpu-marked)"
@@ -148,9 +152,6 @@ if wants bench; then
     cuda_broken test_fp8_cast && no_cuda+="fp8_cast,"
     cuda_broken test_ep_layout && no_cuda+="ep,"
     cuda_broken test_models_gpu && no_cuda+="model,"
-    # The opt-in fp8 TMA path of the sm90 MLA decode gets its `cuda[fp8_tma]` rows only once its
-    # own tests passed here (benchmarks/bench_mla.py).
-    grep -q "^tests/test_mla_sm90_fp8_tma.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_BENCH_MLA_FP8_TMA=1
     [ -n "$no_cuda" ] && [[ "$no_cuda" != *model* ]] && no_cuda+="model"  # the layer runs the kernels above
     [ -n "$no_cuda" ] && echo "cuda backend not benchmarked for: $no_cuda (its GPU tests failed or did not finish)"
   fi

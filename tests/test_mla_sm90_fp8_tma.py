@@ -20,6 +20,9 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(autouse=True)
 def fp8_tma(monkeypatch):
     monkeypatch.setenv("DSKERNELS_MLA_FP8_TMA", "1")
+    # A tensor map the driver refuses would otherwise fall back to the register path silently (one
+    # warning per process): these tests would then pass without running the TMA path.
+    monkeypatch.setenv("DSKERNELS_MLA_REQUIRE_TMA", "1")
 
 
 # (page size, cache row width in bytes, h_q, s_q, causal): pages of one and of several blocks,
@@ -80,5 +83,6 @@ def test_fp8_tma_equals_register_path(monkeypatch):
     with dskernels.backend("cuda"):
         out, lse = decode(q, k_cache, block_table, lens, k_scale, False)
         monkeypatch.setenv("DSKERNELS_MLA_FP8_TMA", "0")
+        monkeypatch.setenv("DSKERNELS_MLA_REQUIRE_TMA", "0")
         ref_out, ref_lse = decode(q, k_cache, block_table, lens, k_scale, False)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)

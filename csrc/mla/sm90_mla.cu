@@ -252,10 +252,15 @@ void flash_mla_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache, cons
   // register path; DSKERNELS_MLA_CLUSTER=1 runs two or more row tiles as 2-CTA clusters sharing the
   // key blocks by multicast (off by default: 13% slower at h_q = 128, s_q = 2 on an H200);
   // DSKERNELS_MLA_FP8_TMA=1 loads an fp8 cache's whole blocks by TMA and widens them in place
-  // (opt-in: written off the device, not yet run on a GPU).
+  // (opt-in: written off the device, not yet run on a GPU); DSKERNELS_MLA_REQUIRE_TMA=1 makes a
+  // tensor map the driver refuses an error instead of the register path (tests, benchmark variants).
   CUtensorMap tmap{};
-  p.use_tma = !env_flag("DSKERNELS_MLA_NO_TMA") && (!fp8 || env_flag("DSKERNELS_MLA_FP8_TMA")) &&
-              page_size % mla::kBlockN == 0 && make_cache_tensor_map(k_cache, &tmap);
+  const bool want_tma = !env_flag("DSKERNELS_MLA_NO_TMA") && (!fp8 || env_flag("DSKERNELS_MLA_FP8_TMA")) &&
+                        page_size % mla::kBlockN == 0;
+  p.use_tma = want_tma && make_cache_tensor_map(k_cache, &tmap);
+  TORCH_CHECK(p.use_tma || !want_tma || !env_flag("DSKERNELS_MLA_REQUIRE_TMA"),
+              "flash_mla_with_kvcache: DSKERNELS_MLA_REQUIRE_TMA=1, but the driver refused the cache's tensor map "
+              "(shape ", k_cache.sizes(), ", strides ", k_cache.strides(), ", ", k_cache.scalar_type(), ")");
   p.use_cluster = env_flag("DSKERNELS_MLA_CLUSTER");
 
   mla::CombineParams c{};
