@@ -60,6 +60,27 @@ def test_per_block_cast_matches_oracle(backend, dtype, n, k, round_scale):
     assert_same_bits(w_scale, ref_scale)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+def test_large_casts_match_oracle(backend, dtype):
+    """Shapes past one grid-stride pass of the CUDA per-token kernel (at most 8 CTAs per SM, 64
+    groups of 128 per CTA and pass: 131 072 groups here, more than two passes on 132 SMs) and per-block
+    casts of a whole weight with a partial last row block; strided rows."""
+    name, device = backend
+    if device == "cpu":
+        pytest.skip("the device-sized shapes: the interpreter would take minutes")
+    x = random_source(4097, 4096, dtype, device, pad_cols=128)
+    x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x)
+    ref_fp8, ref_scale = python_ref.per_token_cast_to_fp8(x.cpu())
+    assert_same_bits(x_fp8, ref_fp8)
+    assert_same_bits(x_scale, ref_scale)
+    w = random_source(2100, 7168, dtype, device, pad_cols=16)
+    w_fp8, w_scale = dskernels.per_block_cast_to_fp8(w, round_scale=True)
+    ref_fp8, ref_scale = python_ref.per_block_cast_to_fp8(w.cpu(), True)
+    assert_same_bits(w_fp8, ref_fp8)
+    assert_same_bits(w_scale, ref_scale)
+
+
 def test_oracle_definition():
     """The oracle itself against the rule written in API.md, one group by hand."""
     x = torch.tensor([[3.0, -7.0] + [0.5] * 126])
