@@ -82,24 +82,31 @@ def _padded_rows(t: torch.Tensor) -> torch.Tensor:
 
 def _scaled_mm_peer():
     """torch's blockwise-scaled FP8 matmul with (1x128, 128x128) scales, where this torch and GPU
-    have it. The entry point and the scale layouts it wants have changed between releases (the H200
-    run's torch 2.11 refused the three plain layouts), so the first call tries the known ones:
-    sa [m, k/128] with unit stride along m and sb as [k/128, n/128], each with and without strides
-    padded to multiples of 4; torch.nn.functional.scaled_mm (with its scale recipes) first."""
+    have it. The entry point and the scale layouts it wants have changed between releases, so the
+    first call tries the known ones and keeps the first accepted: scale_a [m, k/128] with unit
+    stride along m; scale_b [k/128, n/128] with unit stride along k (the transpose of a row-major
+    [n/128, k/128]: what torch checks on b.t()); each with and without its outer stride padded to a
+    multiple of 4 (newer releases), torch.nn.functional.scaled_mm (scale recipes) first. 1x128
+    scales on b too (the weight-gradient case): scale_b [k/128, n] with unit stride along n. The
+    H200 run's torch 2.11 refused every 128x128 layout tried then: they were built from the
+    column-major sb that _cast_pair passes, not from the row-major one torch checks for."""
     chosen = {}
 
     def candidates(a, sa, b, sb):
-        a_mn = sa.t().contiguous().t()
-        layouts = [(_padded_rows(sa.t()).t(), _padded_rows(sb.t())), (a_mn, sb.t().contiguous()),
-                   (a_mn, sb.t()), (sa, sb.t())]
+        per_row_b = sb.shape[0] == b.shape[0]  # the weight-gradient case: 1x128 scales on both
+        sb_rows = sb.contiguous()  # [n/128, k/128] (or [n, k/128]), unit stride along k
+        scales_a = [sa.t().contiguous().t(), _padded_rows(sa.t()).t()]
+        scales_b = ([sb.t().contiguous(), _padded_rows(sb.t())] if per_row_b
+                    else [sb_rows.t(), _padded_rows(sb_rows).t()])
+        pairs = [(scale_a, scale_b) for scale_b in scales_b for scale_a in scales_a]
         functional = getattr(torch.nn.functional, "scaled_mm", None)
         if functional is not None:
             recipe = torch.nn.functional.ScalingType
-            for scale_a, scale_b in layouts[:2]:
+            recipe_b = recipe.BlockWise1x128 if per_row_b else recipe.BlockWise128x128
+            for scale_a, scale_b in pairs:
                 yield lambda scale_a=scale_a, scale_b=scale_b: functional(
-                    a, b.t(), scale_a, recipe.BlockWise1x128, scale_b, recipe.BlockWise128x128,
-                    output_dtype=torch.bfloat16)
-        for scale_a, scale_b in layouts:
+                    a, b.t(), scale_a, recipe.BlockWise1x128, scale_b, recipe_b, output_dtype=torch.bfloat16)
+        for scale_a, scale_b in pairs:
             yield lambda scale_a=scale_a, scale_b=scale_b: torch._scaled_mm(
                 a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
 

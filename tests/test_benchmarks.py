@@ -94,3 +94,51 @@ def test_model_prefill_flops_match_the_operations_run():
         layer(x, torch.arange(tokens).expand(batch, tokens))
     flops, _ = _flops_bytes(cfg, 0, batch * tokens, tokens, 0, 4, prefill=True)
     assert flops == counter.get_total_flops()
+
+
+def _torch_blockwise_layout_check(newer: bool):
+    """A stand-in for torch._scaled_mm's scale-layout check on sm90 (ATen ScaledBlas.cpp,
+    get_joint_scaling): (1x128, 128x128) and (1x128, 1x128), scale_b checked transposed against
+    b.t(). newer: the 128x128 scales' outer stride rounded up to a multiple of 4."""
+    def blockwise_1x128(t, scale):
+        rows, blocks = t.shape[0], -(-t.shape[1] // 128)
+        return tuple(scale.shape) == (rows, blocks) and (scale.stride(0) == 1 or rows <= 1) \
+            and (scale.stride(1) == rows or blocks <= 1)
+
+    def blockwise_128x128(t, scale):
+        rows, blocks = -(-t.shape[0] // 128), -(-t.shape[1] // 128)
+        outer = -(-blocks // 4) * 4 if newer else blocks
+        return tuple(scale.shape) == (rows, blocks) and (scale.stride(0) == outer or rows <= 1) \
+            and (scale.stride(1) == 1 or blocks <= 1)
+
+    def scaled_mm(a, b, scale_a, scale_b, out_dtype):
+        if not blockwise_1x128(a, scale_a) or not (blockwise_128x128(b.t(), scale_b.t())
+                                                   or blockwise_1x128(b.t(), scale_b.t())):
+            raise RuntimeError("Invalid scaling configuration.")
+        return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
+
+    return scaled_mm
+
+
+def test_scaled_mm_peer_finds_the_layout_torch_checks(monkeypatch):
+    """The bench's torch._scaled_mm peer from the scales the GEMM cases pass (column-major sb,
+    TMA-aligned sa), against both releases' checks: the H200 run's peer tried none that passed."""
+    import pytest
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_gemm
+
+    monkeypatch.delattr(torch.nn.functional, "scaled_mm", raising=False)
+    for newer in (False, True):
+        monkeypatch.setattr(torch, "_scaled_mm", _torch_blockwise_layout_check(newer))
+        for m, n, k, per_block in ((64, 2112, 7168, True), (200, 300, 640, True), (256, 384, 512, False)):
+            _, a, sa = bench_gemm._cast_pair(m, k, "cpu", per_block=False)
+            _, b, sb = bench_gemm._cast_pair(n, k, "cpu", per_block=per_block)
+            peer = bench_gemm._scaled_mm_peer()
+            assert peer(a, sa, b, sb, None).shape == (m, n)
+    monkeypatch.setattr(torch, "_scaled_mm", _torch_blockwise_layout_check(True))
+    _, a, sa = bench_gemm._cast_pair(64, 256, "cpu", per_block=False)
+    _, b, sb = bench_gemm._cast_pair(128, 256, "cpu", per_block=True)
+    with pytest.raises(RuntimeError, match="no blockwise scale layout accepted"):
+        bench_gemm._scaled_mm_peer()(a, sa[:, :1], b, sb, None)
