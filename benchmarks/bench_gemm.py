@@ -33,9 +33,11 @@ GROUPED_NK = [(4096, 7168), (7168, 2048)]
 # Weight gradients dW [out, in] = dY.T @ X over 4096 tokens (k) for V3's projections.
 WGRAD_MNK = [(2112, 7168, 4096), (7168, 2048, 4096), (24576, 1536, 4096)]
 # The sm90 kernels' configs (docs/gemm.md "Configs"), each also timed forced: the plain "cuda" row
-# is the selection rule's pick, the cuda[...] rows are what the rule chooses among.
+# is the selection rule's pick, the cuda[...] rows are what the rule chooses among (m64_splitk at
+# decode sizes only: it is for m <= 64, and a forced one at m = 4096 would not split).
 DENSE_CONFIG_VARIANTS = {name: {"DSKERNELS_GEMM_DENSE_CONFIG": name}
-                         for name in ("m64", "m128", "m128_multicast", "m128_streamk")}
+                         for name in ("m64", "m128", "m128_multicast", "m128_streamk", "m64_splitk")}
+SMALL_M_ONLY = ("m64_splitk",)
 GROUPED_CONFIG_VARIANTS = {name: {"DSKERNELS_GEMM_GROUPED_CONFIG": name} for name in ("m64", "m128", "m128_multicast")}
 
 
@@ -161,7 +163,9 @@ def _dense_case(m, n, k, device):
                 run=graph_or_eager(step),
                 reference=lambda a, sa, b, sb, out: ref.gemm_fp8_fp8_bf16_nt(a, sa, b, sb), check=_check,
                 flops=2 * m * n * k, bytes=_bytes(m, n, k), peers=peers, backends=("ref", "triton", "cuda"),
-                compute_dtype="fp8", cuda_variants={**DENSE_CONFIG_VARIANTS, **graph}, triton_variants=graph)
+                compute_dtype="fp8", triton_variants=graph,
+                cuda_variants={**{name: env for name, env in DENSE_CONFIG_VARIANTS.items()
+                                  if m <= 128 or name not in SMALL_M_ONLY}, **graph})
 
 
 def _weight_gradient_case(m, n, k, device):

@@ -96,10 +96,12 @@ TORCH_LIBRARY(dskernels, m) {
   m.def("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked(Tensor a, Tensor sa, Tensor b, Tensor sb, "
         "Tensor(a!) out, Tensor masked_m, int expected_m) -> ()");
   // The config the dense kernel runs for (m, n, k) on sm_count SMs: "m64", "m128",
-  // "m128_multicast" or "m128_streamk"; the grouped kernels' for rows_per_group (masked: expected_m;
+  // "m128_multicast", "m128_streamk" or "m64_splitk" (with _sm90_gemm_dense_splits runs of K, used
+  // when that config runs); the grouped kernels' for rows_per_group (masked: expected_m;
   // <= 0: unknown, as contiguous), n and sm_count: "m64", "m128" or "m128_multicast". When set,
   // DSKERNELS_GEMM_DENSE_CONFIG / DSKERNELS_GEMM_GROUPED_CONFIG win (docs/gemm.md, "Configs").
   m.def("_sm90_gemm_dense_config(int m, int n, int k, int sm_count) -> str");
+  m.def("_sm90_gemm_dense_splits(int m, int n, int k, int sm_count) -> int");
   m.def("_sm90_gemm_grouped_config(int rows_per_group, int n, int sm_count) -> str");
   // The SMs the sm90 GEMMs' persistent grids may use from now on (0: all); dskernels.set_num_sms.
   m.def("_sm90_gemm_set_num_sms(int num_sms) -> ()");

@@ -32,7 +32,7 @@ def fp8_casts():
 
 
 # The sm90 GEMM configs (docs/gemm.md "Configs"): each forced once, so every instantiation is checked.
-DENSE_CONFIGS = ("m64", "m128", "m128_multicast", "m128_streamk")
+DENSE_CONFIGS = ("m64", "m128", "m128_multicast", "m128_streamk", "m64_splitk")
 GROUPED_CONFIGS = ("m64", "m128", "m128_multicast")
 
 

@@ -20,7 +20,7 @@ PUBLIC_OPS = ["gemm_fp8_fp8_bf16_nt", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous
               "m_grouped_gemm_fp8_fp8_bf16_nt_masked"]
 # The dense kernel's configs (fp8_gemm::DenseConfig, docs/gemm.md "Configs"), forced one at a time
 # through DSKERNELS_GEMM_DENSE_CONFIG; "auto" is the selection rule.
-DENSE_CONFIGS = ["auto", "m64", "m128", "m128_multicast", "m128_streamk"]
+DENSE_CONFIGS = ["auto", "m64", "m128", "m128_multicast", "m128_streamk", "m64_splitk"]
 GROUPED_CONFIGS = ["auto", "m64", "m128", "m128_multicast"]  # DSKERNELS_GEMM_GROUPED_CONFIG
 cuda_built = pytest.mark.skipif(torch.ops.dskernels._build_info() != "cuda",
                                 reason="the CUDA kernels are not compiled into this build")
@@ -81,8 +81,30 @@ def test_dense_config_rule(monkeypatch):
     assert dense_config(64, 7168, 896) == "m64"
     monkeypatch.setenv("DSKERNELS_GEMM_DENSE_CONFIG", "m256")
     with pytest.raises(RuntimeError, match="DSKERNELS_GEMM_DENSE_CONFIG: expected one of auto, m64, m128, "
-                                           "m128_multicast, m128_streamk, got 'm256'"):
+                                           "m128_multicast, m128_streamk, m64_splitk, got 'm256'"):
         dense_config(4096, 7168, 7168)
+
+
+@cuda_built
+def test_dense_split_count_rule():
+    """fp8_gemm::dense_splits (the m64_splitk config): the most equal runs of >= 4 K blocks, at most
+    16, whose 64 x 128 tiles fit in one wave of the SMs; 1 where none does."""
+    def splits(m, n, k, sm_count=132):
+        return torch.ops.dskernels._sm90_gemm_dense_splits(m, n, k, sm_count)
+
+    assert splits(64, 2112, 7168) == 7    # 17 tiles, 56 K blocks: 7 runs of 8 (119 CTAs)
+    assert splits(1, 576, 7168) == 14     # kv_a: 5 tiles, runs of 4 (70 CTAs)
+    assert splits(1, 1536, 7168) == 8     # q_a: 12 tiles (96 CTAs)
+    assert splits(1, 7168, 16384) == 2    # o_proj: 56 tiles (112 CTAs)
+    assert splits(1, 24576, 1536) == 1    # q_b: 192 tiles, more than one wave already
+    assert splits(65, 2112, 7168) == 2    # two row tiles: 34 tiles
+    assert splits(1, 128, 8 * 128) == 2   # runs of at least 4 K blocks
+    assert splits(1, 128, 7 * 128) == 1   # 7 K blocks: no equal runs of 4
+    assert splits(1, 128, 1024 * 128) == 16  # at most 16
+    assert splits(64, 2112, 7168, sm_count=16) == 1  # set_num_sms: 17 tiles already fill 16 SMs
+    assert splits(64, 2112, 0) == 1  # k = 0: no K blocks to split
+    with pytest.raises(RuntimeError, match="_sm90_gemm_dense_splits: expected m, n, k >= 0"):
+        splits(-1, 2112, 7168)
 
 
 @cuda_built
@@ -224,6 +246,30 @@ def test_dense_deepgemm_shapes(cuda_backend, dense_config_forced, m, n, k):
     dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
     assert_close_to_oracle(out, a, sa, b, sb)
     assert_close_to_bf16_product([(out, x, w)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(1, 123, 1024), (7, 129, 2048), (61, 200, 4096), (64, 2112, 7168),
+                                   (33, 576, 7168), (2, 1536, 7168), (100, 300, 2048)])
+def test_dense_split_k(cuda_backend, monkeypatch, m, n, k):
+    """m64_splitk where it really splits (2 to 14 runs of K): exact against the oracle, in NaN-padded
+    strided views, and the same bits on a second call (the runs are summed in a fixed order)."""
+    monkeypatch.setenv("DSKERNELS_GEMM_DENSE_CONFIG", "m64_splitk")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert torch.ops.dskernels._sm90_gemm_dense_splits(m, n, k, sms) > 1
+    x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
+    w, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
+    b_wide = torch.full((n, k + 128), FP8_NAN, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    b_wide[:, :k] = b
+    out_wide = empty_out(m, n + 16, device="cuda")
+    out = out_wide[:, 8:8 + n]
+    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b_wide[:, :k], sb), out)
+    assert_close_to_oracle(out, a, sa, b, sb)
+    assert_close_to_bf16_product([(out, x, w)])
+    assert out_wide[:, :8].isnan().all() and out_wide[:, 8 + n:].isnan().all()
+    again = empty_out(m, n, device="cuda")
+    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), again)
+    assert torch.equal(again.view(torch.int16), out.contiguous().view(torch.int16))
 
 
 @pytest.mark.gpu

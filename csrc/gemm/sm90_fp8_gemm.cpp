@@ -165,6 +165,13 @@ std::string gemm_dense_config(int64_t m, int64_t n, int64_t k, int64_t sm_count)
   return fp8_gemm::dense_config_name(dense_config(m, n, k, sm_count));
 }
 
+// kM64SplitK's split count for a dense problem (used when that config runs).
+int64_t gemm_dense_splits(int64_t m, int64_t n, int64_t k, int64_t sm_count) {
+  TORCH_CHECK(m >= 0 && n >= 0 && k >= 0 && sm_count > 0, "_sm90_gemm_dense_splits: expected m, n, k >= 0 and ",
+              "sm_count > 0, got ", m, ", ", n, ", ", k, ", ", sm_count);
+  return fp8_gemm::dense_splits(m, n, k, sm_count);
+}
+
 std::string gemm_grouped_config(int64_t rows_per_group, int64_t n, int64_t sm_count) {
   TORCH_CHECK(n >= 0 && sm_count > 0, "_sm90_gemm_grouped_config: expected n >= 0 and sm_count > 0, got ", n, ", ",
               sm_count);
@@ -212,6 +219,7 @@ void gemm_fp8_fp8_bf16_nt(const at::Tensor& a, const at::Tensor& sa, const at::T
   p.device = a.get_device();
   p.sm_count = sm_count(p.device);
   p.config = dense_config(p.m, p.n, p.k, p.sm_count);
+  p.splits = fp8_gemm::dense_splits(p.m, p.n, p.k, p.sm_count);
   const c10::DataPtr ws = workspace(fp8_gemm::dense_workspace_bytes(p));
   const char* error = fp8_gemm::run_dense(p, ws.get(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(error == nullptr, "_sm90_gemm_fp8_fp8_bf16_nt: ", error);
@@ -329,6 +337,7 @@ TORCH_LIBRARY_IMPL(dskernels, CUDA, m) {
 // No tensor arguments: CompositeExplicitAutograd serves every device (no GPU needed to ask).
 TORCH_LIBRARY_IMPL(dskernels, CompositeExplicitAutograd, m) {
   m.impl("_sm90_gemm_dense_config", &gemm_dense_config);
+  m.impl("_sm90_gemm_dense_splits", &gemm_dense_splits);
   m.impl("_sm90_gemm_grouped_config", &gemm_grouped_config);
   m.impl("_sm90_gemm_set_num_sms", &gemm_set_num_sms);
 }

@@ -31,8 +31,12 @@ namespace dskernels::fp8_gemm {
 //                  (few tiles, or a last wave mostly idle), the K loops of the leftover tiles are
 //                  split over all SMs and the partial sums reduced through the workspace
 //                  (sm90_fp8_gemm_dense_streamk.cu).
-enum class DenseConfig : int32_t { kM64 = 0, kM128 = 1, kM128Multicast = 2, kM128StreamK = 3 };
-constexpr int kDenseConfigs = 4;
+//   kM64SplitK:    kM64 with K cut into dense_splits() equal runs, each a batch of the same kernel
+//                  writing fp32 partial tiles to the workspace, then one kernel sums them into
+//                  out: for small m with few N tiles, where kM64 leaves most SMs idle (m = 64,
+//                  n = 2112: 17 tiles on 132 SMs; sm90_fp8_gemm_dense_splitk.cu).
+enum class DenseConfig : int32_t { kM64 = 0, kM128 = 1, kM128Multicast = 2, kM128StreamK = 3, kM64SplitK = 4 };
+constexpr int kDenseConfigs = 5;
 
 // The names DSKERNELS_GEMM_DENSE_CONFIG accepts and the benchmarks print.
 inline const char* dense_config_name(DenseConfig c) {
@@ -41,9 +45,31 @@ inline const char* dense_config_name(DenseConfig c) {
     case DenseConfig::kM128: return "m128";
     case DenseConfig::kM128Multicast: return "m128_multicast";
     case DenseConfig::kM128StreamK: return "m128_streamk";
+    case DenseConfig::kM64SplitK: return "m64_splitk";
   }
   return "?";
 }
+
+// kM64SplitK's split count: the most equal runs of K blocks (at most kMaxSplits, each at least
+// kMinSplitKBlocks long, so the mainloop's pipeline still fills) whose 64 x 128 tiles fit in one
+// wave of sm_count CTAs; 1 where no split fits. m = 64, n = 2112, k = 7168: 17 tiles, 56 K blocks:
+// 7 runs of 8 (119 CTAs). The partial sums cost splits * m * n * 4 bytes of workspace, written
+// once and read once.
+constexpr int kMaxSplits = 16;
+constexpr int kMinSplitKBlocks = 4;
+inline int dense_splits(int64_t m, int64_t n, int64_t k, int64_t sm_count) {
+  const int64_t tiles = (m + 63) / 64 * ((n + 127) / 128), kblocks = k / 128;
+  int splits = 1;
+  for (int s = 2; s <= kMaxSplits; ++s) {
+    if (kblocks % s == 0 && kblocks / s >= kMinSplitKBlocks && tiles * s <= sm_count) splits = s;
+  }
+  return splits;
+}
+
+// Whether the dense rule may choose kM64SplitK: false until the GPU tests have passed it and the
+// benchmark's cuda[m64_splitk] rows have beaten cuda[m64] (written 2026-12-04 without a GPU; it is
+// reachable through DSKERNELS_GEMM_DENSE_CONFIG=m64_splitk meanwhile).
+constexpr bool kSplitKMeasured = false;
 
 // The fraction of the SMs' time a data-parallel schedule keeps busy: tiles / (waves * SMs).
 inline double wave_efficiency(int64_t tiles, int64_t sm_count) {
@@ -53,7 +79,8 @@ inline double wave_efficiency(int64_t tiles, int64_t sm_count) {
 
 // The dense selection rule (issue 9's device sweep, H200, 2026-12-04, benchmarks/bench_gemm.py):
 // - m <= 64: 64-row tiles, even where few tiles leave SMs idle (m = 64, n = 2112, k = 7168: 21.7 us,
-//   stream-K 28.0 us: its 128-row tiles do twice the MMA work and add a fixup pass);
+//   stream-K 28.0 us: its 128-row tiles do twice the MMA work and add a fixup pass); split over K
+//   (kM64SplitK) where dense_splits finds a split, once kSplitKMeasured;
 // - a data-parallel grid that leaves more than 10% of the SM time idle (fewer tiles than SMs, as
 //   for every m <= 128 with V3's n; or a ragged last wave, as m = 4096, n = 2112: 544 tiles, 4.1
 //   waves on 132 SMs) with a K loop long enough to split (>= 8 blocks): stream-K (that shape:
@@ -62,7 +89,9 @@ inline double wave_efficiency(int64_t tiles, int64_t sm_count) {
 //   would leave a CTA of the last cluster column idle; 2 SMs: one cluster, see set_num_sms);
 // - else plain 128-row tiles.
 inline DenseConfig pick_dense_config(int64_t m, int64_t n, int64_t k, int64_t sm_count) {
-  if (m <= 64) return DenseConfig::kM64;
+  if (m <= 64) {
+    return kSplitKMeasured && dense_splits(m, n, k, sm_count) > 1 ? DenseConfig::kM64SplitK : DenseConfig::kM64;
+  }
   const int64_t n_tiles = (n + 127) / 128;
   const int64_t tiles = (m + 127) / 128 * n_tiles;
   if (k / 128 >= 8 && wave_efficiency(tiles, sm_count) < 0.9) return DenseConfig::kM128StreamK;
@@ -118,6 +147,7 @@ struct DenseProblem {
   int32_t m, n, k;
   int device, sm_count;
   DenseConfig config;  // which instantiation runs (pick_dense_config, or DSKERNELS_GEMM_DENSE_CONFIG)
+  int32_t splits;      // kM64SplitK: dense_splits(m, n, k, sm_count); ignored by the other configs
 };
 
 // Masked (masked_m != nullptr): group g is rows [0, clamp(masked_m[g], 0, m_max)) of a[g].
@@ -155,6 +185,8 @@ size_t dense_multicast_workspace_bytes(const DenseProblem& p);
 const char* run_dense_multicast(const DenseProblem& p, void* workspace, cudaStream_t stream);
 size_t dense_streamk_workspace_bytes(const DenseProblem& p);
 const char* run_dense_streamk(const DenseProblem& p, void* workspace, cudaStream_t stream);
+size_t dense_splitk_workspace_bytes(const DenseProblem& p);
+const char* run_dense_splitk(const DenseProblem& p, void* workspace, cudaStream_t stream);
 size_t grouped_workspace_bytes(const GroupedProblem& p);
 const char* run_grouped(const GroupedProblem& p, void* workspace, cudaStream_t stream);
 
@@ -163,6 +195,7 @@ inline size_t dense_workspace_bytes(const DenseProblem& p) {
     case DenseConfig::kM64: return dense_m64_workspace_bytes(p);
     case DenseConfig::kM128Multicast: return dense_multicast_workspace_bytes(p);
     case DenseConfig::kM128StreamK: return dense_streamk_workspace_bytes(p);
+    case DenseConfig::kM64SplitK: return dense_splitk_workspace_bytes(p);
     default: return dense_m128_workspace_bytes(p);
   }
 }
@@ -171,6 +204,7 @@ inline const char* run_dense(const DenseProblem& p, void* workspace, cudaStream_
     case DenseConfig::kM64: return run_dense_m64(p, workspace, stream);
     case DenseConfig::kM128Multicast: return run_dense_multicast(p, workspace, stream);
     case DenseConfig::kM128StreamK: return run_dense_streamk(p, workspace, stream);
+    case DenseConfig::kM64SplitK: return run_dense_splitk(p, workspace, stream);
     default: return run_dense_m128(p, workspace, stream);
   }
 }

@@ -75,18 +75,19 @@ using ClusterShapeMulticast = Shape<_1, _2, _1>;
 //   SFB: ceil(n / 128) scales along n (stride 1), kblocks along K (stride k_stride).
 // The logical shape is in elements of the operand ((1 x rows) x (128 x kblocks)), stride 0 inside
 // a scale block: that is how the collective maps an operand coordinate to its scale.
-// The batch mode (l = 1 here) gets a non-zero stride as CUTLASS's tile_atom_to_shape_SFA gives it:
-// the dense kernel builds a TMA descriptor over this layout, and TMA strides must be 16-byte
-// multiples (k_stride is a multiple of 4 there).
-CUTE_HOST_DEVICE LayoutSFA make_layout_sfa(int32_t rows, int32_t kblocks, int32_t k_stride) {
-  const int32_t l = 1, l_stride = k_stride * kblocks;
+// The batch mode: l = 1 (stride as CUTLASS's tile_atom_to_shape_SFA gives it), or split-K's runs
+// of kblocks K blocks each (dense::arguments), the next run kblocks scales further along K. The
+// dense kernel builds a TMA descriptor over this layout, and TMA strides must be 16-byte multiples
+// (k_stride is a multiple of 4 there).
+CUTE_HOST_DEVICE LayoutSFA make_layout_sfa(int32_t rows, int32_t kblocks, int32_t k_stride, int32_t l = 1) {
+  const int32_t l_stride = k_stride * kblocks;
   return LayoutSFA{make_shape(make_shape(Int<1>{}, rows), make_shape(Int<kScaleBlock>{}, kblocks), l),
                    make_stride(make_stride(Int<0>{}, Int<1>{}), make_stride(Int<0>{}, k_stride), l_stride)};
 }
 
-CUTE_HOST_DEVICE LayoutSFB make_layout_sfb(int32_t n, int32_t kblocks, int32_t k_stride) {
+CUTE_HOST_DEVICE LayoutSFB make_layout_sfb(int32_t n, int32_t kblocks, int32_t k_stride, int32_t l = 1) {
   const int32_t nblocks = (n + kScaleBlock - 1) / kScaleBlock;
-  const int32_t l = 1, l_stride = k_stride * kblocks;
+  const int32_t l_stride = k_stride * kblocks;
   return LayoutSFB{make_shape(make_shape(Int<kScaleBlock>{}, nblocks), make_shape(Int<kScaleBlock>{}, kblocks), l),
                    make_stride(make_stride(Int<0>{}, Int<1>{}), make_stride(Int<0>{}, k_stride), l_stride)};
 }
