@@ -27,6 +27,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 import traceback
 
 import torch
@@ -83,6 +84,8 @@ def main() -> int:
     parser.add_argument("--backends", default="", help="comma-separated subset of ref,triton,cuda")
     parser.add_argument("--no-cuda", default="", help="families or ops whose cuda backend is not run (their "
                         "GPU tests failed: scripts/gpu_check.sh fills it in)")
+    parser.add_argument("--profile", default="", help="families or ops whose first case is also profiled once "
+                        "per backend (torch.profiler): where its time goes, kernel by kernel")
     args = parser.parse_args()
 
     on_gpu = torch.cuda.is_available()
@@ -91,7 +94,7 @@ def main() -> int:
     cases_by_family = {family: _family_cases(family, args.quick, device) for family in families()}
     names = {w for family, cases in cases_by_family.items() if cases for w in (family, *(c.op for c in cases))}
     for flag, value, known in (("--ops", args.ops, names), ("--no-cuda", args.no_cuda, names),
-                               ("--backends", args.backends, {"ref", "triton", "cuda"})):
+                               ("--profile", args.profile, names), ("--backends", args.backends, {"ref", "triton", "cuda"})):
         unknown = sorted(set(_words(value)) - known)
         if unknown:
             # A family without per-op cases (pipeline: schedules, not kernels) has its own script.
@@ -118,11 +121,14 @@ def main() -> int:
         print("no GPU: checking every backend against the oracle on tiny shapes and reporting CPU times; "
               "TFLOPS, GB/s and roofline figures need a Hopper GPU (run scripts/gpu_check.sh there)")
 
-    report, records, failures = Report(), [], []
-    no_cuda = set(_words(args.no_cuda))
+    report, records, failures, profiled = Report(), [], [], set()
+    no_cuda, to_profile = set(_words(args.no_cuda)), set(_words(args.profile))
     for family, case in selected_cases(args.ops, args.quick, device):
+        profile = case.op not in profiled and bool(to_profile & {family, case.op})
         run_case(case, device, available, ceilings, meta, report, records, failures,
-                 no_cuda=bool(no_cuda & {family, case.op}))
+                 no_cuda=bool(no_cuda & {family, case.op}), profile=profile)
+        if profile:
+            profiled.add(case.op)
         if args.json:  # after every case: a run stopped at a device call's time limit keeps what it measured
             write_json(args.json, meta, ceilings, records)
 
@@ -170,7 +176,7 @@ def write_json(path, meta, ceilings, records):
     os.replace(path + ".part", path)
 
 
-def run_case(case, device, available, ceilings, meta, report, records, failures, no_cuda=False):
+def run_case(case, device, available, ceilings, meta, report, records, failures, no_cuda=False, profile=False):
     shape = shape_text(case.params)
     # Inputs (FP8 casts of random data, a model's weights) and the oracle are set up off the CUDA
     # kernels, which `auto` picks on Hopper: those run last, checked, and only where not --no-cuda.
@@ -207,6 +213,10 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
         with dskernels.backend(others[0][0]), environment(others[0][2]):
             poison(case.run(*inputs))
     check_and_time(case, cuda_runs, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape)
+    if profile:
+        for backend in backends:
+            if not (problems.get(backend) or "").startswith("raised"):
+                print_profile(case, backend, inputs, shape, device)
 
     peers = {}  # peer name -> its record
     if device == "cuda":
@@ -255,6 +265,38 @@ def check_and_time(case, runs, inputs, expected, timer, problems, ours, ceilings
         if problem:
             failures.append(f"{case.op} [{label}] {shape}: {problem}")
         ours[label] = record(case, label, ms, ceilings, meta, problem)
+
+
+def print_profile(case, backend, inputs, shape, device, rows=20):
+    """One warm call of `backend` under torch.profiler: the kernels (CPU ops without a GPU) that
+    took the most time, how many ran, and how much of the call's wall time the device was busy: a
+    call far longer than its kernels waits on the host (launches, Python, syncs)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    on_gpu = device == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    try:
+        with dskernels.backend(backend):
+            case.run(*inputs)  # warm: autotuning, first-call setup
+            sync()
+            start = time.perf_counter()
+            with profiler(activities=activities) as prof:
+                case.run(*inputs)
+                sync()
+            wall_ms = (time.perf_counter() - start) * 1e3
+    except Exception as e:  # the numbers above stand without it
+        print(f"profile {case.op} {shape} [{backend}] failed: {type(e).__name__}: {e}")
+        return
+    summary = f"profile {case.op} {shape} [{backend}]: {wall_ms:.3f} ms wall (profiler on)"
+    if on_gpu:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_ms = sum(e.device_time for e in kernels) / 1e3
+        summary += f", {len(kernels)} kernels, device busy {busy_ms:.3f} ms"
+    print(summary)
+    sort = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70))
 
 
 def poison(result) -> None:

@@ -21,6 +21,17 @@ def test_run_py_checks_every_family(tmp_path):
     assert "op" in out.stdout and "backend" in out.stdout
 
 
+def test_profile_prints_where_the_time_goes():
+    """--profile: the named op's first case, once per backend, under torch.profiler."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick",
+                          "--ops", "per_token_cast_to_fp8", "--profile", "per_token_cast_to_fp8"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    profiles = [line for line in out.stdout.splitlines() if line.startswith("profile per_token_cast_to_fp8 ")]
+    assert len(profiles) == 2 and "[ref]" in profiles[0] and "[triton]" in profiles[1], profiles
+    assert "dskernels::per_token_cast_to_fp8" in out.stdout
+
+
 def test_variant_environment_is_restored(monkeypatch):
     """run.py forces a cuda variant's configuration through environment variables for the duration
     of its timing only: an unset variable is removed again, a set one gets its value back."""
