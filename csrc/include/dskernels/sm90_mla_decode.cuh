@@ -519,11 +519,10 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
       fence_all(s, std::make_index_sequence<32>{});
       fence_all(o, std::make_index_sequence<128>{});
       fence_all(pa, std::make_index_sequence<16>{});
-      if (start > w.lo) release_stage<kCluster>(&smem.kv_empty[stage ^ 1]);  // its P V is done
       if (start + kBlockN >= w.hi) cutlass::arch::ClusterBarrier::arrive(&smem.q_empty);  // last use of Q
 
       // Scale, mask, online softmax (log2 domain). Four lanes share a row: reduce over xor 1, 2.
-      // The stage stays ours until the next iteration releases it, so its kv_valid is current.
+      // The stage stays ours until the end of this iteration releases it, so its kv_valid is current.
       const uint64_t valid = smem.kv_valid[stage] >> (2 * q4);
       float alpha[2];
 #pragma unroll
@@ -605,6 +604,13 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
         const int next = block_count + 1;
         barrier_wait(&smem.kv_full[next & 1], (next >> 1) & 1);
         issue_qk<MmaT>(q_tile, smem_addr(smem.kv[next & 1]), s);
+        // Give this block's stage back as soon as its P V is done (wgmma groups complete in commit
+        // order: at most the QK^T just issued is still pending), not after the next QK^T: the
+        // producer's load of block + 2 then overlaps that QK^T instead of waiting for it. With two
+        // 72 KiB stages, the load's latency is otherwise exposed once per block in compute-bound
+        // calls. No register is touched here (the QK^T is still writing s).
+        cute::warpgroup_wait<1>();
+        release_stage<kCluster>(&smem.kv_empty[stage]);
       }
     }
     cute::warpgroup_wait<0>();
