@@ -33,8 +33,8 @@ GROUPED_NK = [(4096, 7168), (7168, 2048)]
 # Weight gradients dW [out, in] = dY.T @ X over 4096 tokens (k) for V3's projections.
 WGRAD_MNK = [(2112, 7168, 4096), (7168, 2048, 4096), (24576, 1536, 4096)]
 # The sm90 kernels' configs (docs/gemm.md "Configs"), each also timed forced: the plain "cuda" row
-# is the selection rule's pick, the cuda[...] rows are what the rule chooses among (m64_splitk at
-# decode sizes only: it is for m <= 64, and a forced one at m = 4096 would not split).
+# is the selection rule's pick, the cuda[...] rows are what the rule chooses among (m64_splitk on
+# the m <= 128 shapes only: it is meant for m <= 64, and at m = 4096 it would not split).
 DENSE_CONFIG_VARIANTS = {name: {"DSKERNELS_GEMM_DENSE_CONFIG": name}
                          for name in ("m64", "m128", "m128_multicast", "m128_streamk", "m64_splitk")}
 SMALL_M_ONLY = ("m64_splitk",)

@@ -29,7 +29,7 @@ FLOORS = {
     "per_block_cast_to_fp8_kernelI13__nv_bfloat16": 8,  # the block's 8 row steps (16 threads per row)
     "per_block_cast_to_fp8_kernelI6__half": 8,
     "per_block_cast_to_fp8_kernelIf": 16,  # 32 threads per row: 16 steps
-    "sum_partials_kernel": 8,  # split-K GEMM: every run's 16-byte load before the first add (16 here)
+    "sum_partials_kernel": 8,  # split-K GEMM: the runs' 16-byte loads before the first add (11 measured)
 }
 
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?P<text>[^;]*);")

@@ -102,7 +102,7 @@ def test_dense_split_count_rule():
     assert splits(1, 128, 7 * 128) == 1   # 7 K blocks: no equal runs of 4
     assert splits(1, 128, 1024 * 128) == 16  # at most 16
     assert splits(64, 2112, 7168, sm_count=16) == 1  # set_num_sms: 17 tiles already fill 16 SMs
-    assert splits(64, 2112, 0) == 1  # k = 0: no K blocks to split
+    assert splits(64, 2112, 0) == splits(0, 2112, 7168) == 1  # nothing to split (never run)
     with pytest.raises(RuntimeError, match="_sm90_gemm_dense_splits: expected m, n, k >= 0"):
         splits(-1, 2112, 7168)
 

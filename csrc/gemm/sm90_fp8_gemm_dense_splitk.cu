@@ -38,7 +38,9 @@ size_t partial_offset(const DenseProblem& p) {
 }
 
 // out[i, j] = bf16(sum over s of partial[s][i, j]), four columns per thread: all the runs' 16-byte
-// loads are issued before the first add (splits <= kMaxSplits, so the loop unrolls fully).
+// loads are issued before the first add (splits <= kMaxSplits, so the loop unrolls fully). The
+// last 1..3 columns of a row (n % 4 != 0) are read one by one: the row's padding up to ld was
+// never written. Not a persistent grid: at most 8 blocks per SM of the limit (set_num_sms).
 __global__ void __launch_bounds__(256) sum_partials_kernel(const float* __restrict__ partial, int splits, int m,
                                                            int n, int64_t ld, __nv_bfloat16* __restrict__ out,
                                                            int64_t out_row_stride) {
@@ -48,6 +50,15 @@ __global__ void __launch_bounds__(256) sum_partials_kernel(const float* __restri
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = q / quads_per_row, col = (q % quads_per_row) * 4;
     const float* src = partial + row * ld + col;
+    __nv_bfloat16* dst = out + row * out_row_stride + col;
+    if (col + 4 > n) {  // the last 1..3 columns of a row (col < n: ld < n + 4)
+      for (int c = 0; c < n - col; ++c) {
+        float sum = src[c];
+        for (int s = 1; s < splits; ++s) sum += src[s * split_stride + c];
+        dst[c] = __float2bfloat16_rn(sum);
+      }
+      continue;
+    }
     float4 run[kMaxSplits];
 #pragma unroll
     for (int s = 0; s < kMaxSplits; ++s) {
@@ -58,21 +69,17 @@ __global__ void __launch_bounds__(256) sum_partials_kernel(const float* __restri
     for (int s = 1; s < kMaxSplits; ++s) {
       if (s < splits) sum.x += run[s].x, sum.y += run[s].y, sum.z += run[s].z, sum.w += run[s].w;
     }
-    __nv_bfloat16* dst = out + row * out_row_stride + col;
-    if (col + 4 <= n) {  // out's rows and base are 16-byte aligned (TMA's checks), col % 4 == 0: 8 bytes
-      __nv_bfloat162 pair[2] = {__floats2bfloat162_rn(sum.x, sum.y), __floats2bfloat162_rn(sum.z, sum.w)};
-      *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<uint2*>(pair);
-    } else {  // the last 1..3 columns of a row
-      dst[0] = __float2bfloat16_rn(sum.x);
-      if (col + 1 < n) dst[1] = __float2bfloat16_rn(sum.y);
-      if (col + 2 < n) dst[2] = __float2bfloat16_rn(sum.z);
-    }
+    // out's rows and base are 16-byte aligned (TMA's checks) and col % 4 == 0: one 8-byte store
+    alignas(8) __nv_bfloat162 pair[2] = {__floats2bfloat162_rn(sum.x, sum.y), __floats2bfloat162_rn(sum.z, sum.w)};
+    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<uint2*>(pair);
   }
 }
 
 }  // namespace
 
+// splits == 1 (a forced config where no split fits) is the 64-row config itself.
 size_t dense_splitk_workspace_bytes(const DenseProblem& p) {
+  if (p.splits == 1) return dense_m64_workspace_bytes(p);
   return partial_offset(p) + static_cast<size_t>(p.splits) * p.m * partial_row_stride(p) * sizeof(float);
 }
 
@@ -80,6 +87,7 @@ const char* run_dense_splitk(const DenseProblem& p, void* workspace, cudaStream_
   if (p.splits < 1 || p.splits > kMaxSplits || (p.k / kScaleBlock) % p.splits != 0) {
     return "split-K: expected 1 <= splits <= 16 dividing the K blocks";
   }
+  if (p.splits == 1) return run_dense_m64(p, workspace, stream);
   float* partial = reinterpret_cast<float*>(static_cast<char*>(workspace) + partial_offset(p));
   const int64_t ld = partial_row_stride(p);
   // can_implement as dense::run: CUTLASS's extent checks only where the extents are aligned.

@@ -52,14 +52,15 @@ inline const char* dense_config_name(DenseConfig c) {
 
 // kM64SplitK's split count: the most equal runs of K blocks (at most kMaxSplits, each at least
 // kMinSplitKBlocks long, so the mainloop's pipeline still fills) whose 64 x 128 tiles fit in one
-// wave of sm_count CTAs; 1 where no split fits. m = 64, n = 2112, k = 7168: 17 tiles, 56 K blocks:
-// 7 runs of 8 (119 CTAs). The partial sums cost splits * m * n * 4 bytes of workspace, written
-// once and read once.
+// wave of sm_count CTAs; 1 where no split fits (kM64SplitK then runs kM64 itself). m = 64,
+// n = 2112, k = 7168: 17 tiles, 56 K blocks: 7 runs of 8 (119 CTAs). The partial sums cost
+// splits * m * n * 4 bytes of workspace, written once and read once.
 constexpr int kMaxSplits = 16;
 constexpr int kMinSplitKBlocks = 4;
 inline int dense_splits(int64_t m, int64_t n, int64_t k, int64_t sm_count) {
   const int64_t tiles = (m + 63) / 64 * ((n + 127) / 128), kblocks = k / 128;
   int splits = 1;
+  if (tiles == 0) return splits;  // nothing runs
   for (int s = 2; s <= kMaxSplits; ++s) {
     if (kblocks % s == 0 && kblocks / s >= kMinSplitKBlocks && tiles * s <= sm_count) splits = s;
   }
