@@ -78,6 +78,25 @@ def cases(quick: bool, device: str) -> list[Case]:
     return found
 
 
+def _channel_case(ks, h):
+    """per_channel_cast_to_fp8 over groups of tokens: one scale per column per 128 tokens of each."""
+    tokens = sum(ks)
+    blocks = sum(-(-k // 128) for k in ks)
+
+    def make_inputs(device):
+        return torch.randn(tokens, h, device=device).to(torch.bfloat16), torch.tensor(ks, dtype=torch.int32, device=device)
+
+    def run(x, ks_tensor):
+        return dskernels.per_channel_cast_to_fp8(x, ks, ks_tensor)
+
+    def reference(x, ks_tensor):
+        return python_ref.per_channel_cast_to_fp8(x, ks)
+
+    return Case(op="per_channel_cast_to_fp8", params={"tokens": tokens, "groups": len(ks), "h": h, "dtype": "bfloat16"},
+                make_inputs=make_inputs, run=run, reference=reference, check=_same_bits, flops=0.0,
+                bytes=tokens * h * 3 + blocks * h * 4, peers={"torch": reference})
+
+
 def _silu_and_mul_case(rows, inter, masked, groups=8):
     """silu_and_mul_cast_to_fp8: x [rows, 2I] bf16 (masked: [8, rows, 2I], 70% of each expert's rows
     valid) -> fp8 [.., I] + scales, against the unfused torch ops (silu, mul, cast: python_ref) and

@@ -406,7 +406,7 @@ def main() -> int:
               + " ".join(f"{k}={v}" for k, v in case.params.items())
               + f" | {ours * 1e3:.0f} | {peer_us[0]} | {peer_us[1]} | {speedup} | {tokens / ours * 1e3:.0f} | "
               + (problem or "ok"), flush=True)
-        del inputs
+        inputs = None  # the layer's caches: freed before the next case builds its own
         if device == "cuda":
             torch.cuda.empty_cache()
     return status

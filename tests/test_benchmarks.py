@@ -21,6 +21,20 @@ def test_run_py_checks_every_family(tmp_path):
     assert "op" in out.stdout and "backend" in out.stdout
 
 
+def test_every_grid_builds():
+    """Every family's case list, quick and full, for the CPU and for a GPU (built, not run): the
+    full grids run only on a device (QUICK=0), where a broken one would end the call. A full fp8
+    cast grid once named a case function a refactor had removed."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.run import _family_cases, families
+
+    for device in ("cpu", "cuda"):
+        for quick in (True, False):
+            for family in families():
+                cases = _family_cases(family, quick, device)
+                assert family == "pipeline" or cases, (family, quick, device)
+
+
 def test_profile_prints_where_the_time_goes():
     """--profile: the named op's first case, once per backend, under torch.profiler."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick",
