@@ -17,8 +17,10 @@
 #        QUICK=1 (default; 0 for the full grid), BENCH_BUDGET (s; default all that is left),
 #        NO_CUDA=mla,gemm (families benchmarked without their cuda backend; by default those whose
 #        CUDA tests failed in this call),
-#        PROFILE=deepseek_v3_layer_decode (ops whose first case run.py also profiles, kernel by
-#        kernel; empty: none), SANITIZER_BUDGET=120 (s per tool), DSKERNELS_MLA_FP8_TMA_TESTED=1 (the `cuda[fp8_tma]` MLA
+#        PROFILE=deepseek_v3_layer_decode,silu_and_mul (ops whose first case run.py also profiles,
+#        kernel by kernel; empty: none. The H200 run had the layer's eager decode 2.4x slower than
+#        transformers', and Triton's bf16 silu_and_mul 5x slower than the same kernel with the FP8
+#        cast), SANITIZER_BUDGET=120 (s per tool), DSKERNELS_MLA_FP8_TMA_TESTED=1 (the `cuda[fp8_tma]` MLA
 #        rows and that path's sanitizer case; set by the script itself when
 #        tests/test_mla_sm90_fp8_tma.py passed in this call).
 set -uo pipefail
@@ -158,7 +160,7 @@ if wants bench; then
   fi
   bench_args=(--json "$OUT/results.json" --ops "${BENCH_OPS:-mla,gemm,fp8_cast,ep,model,indexer}" --no-cuda "${NO_CUDA:-$no_cuda}")
   [ "${QUICK:-1}" = 1 ] && bench_args+=(--quick)
-  [ -n "${PROFILE-deepseek_v3_layer_decode}" ] && bench_args+=(--profile "${PROFILE-deepseek_v3_layer_decode}")
+  [ -n "${PROFILE-deepseek_v3_layer_decode,silu_and_mul}" ] && bench_args+=(--profile "${PROFILE-deepseek_v3_layer_decode,silu_and_mul}")
   timeout -s KILL "$(budget "${BENCH_BUDGET:-100000}")" python benchmarks/run.py "${bench_args[@]}" > "$LOGS/bench.log" 2>&1 || status=1
   sed -n '/^op /,$p' "$LOGS/bench.log"
   grep '^profile ' "$LOGS/bench.log"  # the tables under each line: bench.log in logs.tgz
