@@ -216,7 +216,10 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
     if profile:
         for backend in backends:
             if not (problems.get(backend) or "").startswith("raised"):
-                print_profile(case, backend, inputs, shape, device)
+                print_profile(case.op, shape, backend, lambda: case.run(*inputs), device, backend)
+        if device == "cuda":  # the peers too: where their time goes, beside ours
+            for name, peer in case.peers.items():
+                print_profile(case.op, shape, f"peer:{name}", lambda peer=peer: peer(*inputs), device)
 
     peers = {}  # peer name -> its record
     if device == "cuda":
@@ -267,10 +270,10 @@ def check_and_time(case, runs, inputs, expected, timer, problems, ours, ceilings
         ours[label] = record(case, label, ms, ceilings, meta, problem)
 
 
-def print_profile(case, backend, inputs, shape, device, rows=20):
-    """One warm call of `backend` under torch.profiler: the kernels (CPU ops without a GPU) that
-    took the most time, how many ran, and how much of the call's wall time the device was busy: a
-    call far longer than its kernels waits on the host (launches, Python, syncs)."""
+def print_profile(op, shape, label, call, device, backend=None, rows=20):
+    """One warm call (under `backend`, if given) profiled by torch.profiler: the kernels (CPU ops
+    without a GPU) that took the most time, how many ran, and how much of the call's wall time the
+    device was busy: a call far longer than its kernels waits on the host (launches, Python, syncs)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
@@ -278,18 +281,18 @@ def print_profile(case, backend, inputs, shape, device, rows=20):
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     try:
-        with dskernels.backend(backend):
-            case.run(*inputs)  # warm: autotuning, first-call setup
+        with dskernels.backend(backend) if backend else contextlib.nullcontext():
+            call()  # warm: autotuning, first-call setup
             sync()
             start = time.perf_counter()
             with profiler(activities=activities) as prof:
-                case.run(*inputs)
+                call()
                 sync()
             wall_ms = (time.perf_counter() - start) * 1e3
     except Exception as e:  # the numbers above stand without it
-        print(f"profile {case.op} {shape} [{backend}] failed: {type(e).__name__}: {e}")
+        print(f"profile {op} {shape} [{label}] failed: {type(e).__name__}: {e}")
         return
-    summary = f"profile {case.op} {shape} [{backend}]: {wall_ms:.3f} ms wall (profiler on)"
+    summary = f"profile {op} {shape} [{label}]: {wall_ms:.3f} ms wall (profiler on)"
     if on_gpu:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy_ms = sum(e.device_time for e in kernels) / 1e3
