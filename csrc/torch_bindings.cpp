@@ -126,6 +126,14 @@ TORCH_LIBRARY(dskernels, m) {
   m.def("fp8_paged_mqa_logits(Tensor q, Tensor kv_cache, Tensor weights, Tensor context_lens, "
         "Tensor block_table, SymInt max_context_len, bool clean_logits=False) -> Tensor");
 
+  // ---- DeepSeek-V3's router after its gate GEMM (one kernel for the ~15 torch ops) ----
+  m.set_python_module("dskernels.ops.moe");
+  // logits [T, E] -> (topk_idx int64 [T, topk], topk_weights fp32 [T, topk]): sigmoid scores,
+  // selection on scores + bias within the topk_groups best of num_groups groups (each scored by
+  // its two best), weights = the chosen scores (normalized to sum 1 if renormalize) * scaling_factor.
+  m.def("grouped_topk(Tensor logits, Tensor bias, int num_groups, int topk_groups, int topk, bool renormalize, "
+        "float scaling_factor) -> (Tensor, Tensor)");
+
   // ---- Expert-parallel dispatch/combine (API.md section 3) ----
   m.set_python_module("dskernels.ops.ep");
   m.def("ep_get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks) -> (Tensor, Tensor, Tensor)");

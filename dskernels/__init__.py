@@ -26,6 +26,7 @@ from dskernels._backend import available_backends, backend, current_backend  # n
 from dskernels.ops.einsum import einsum, fp8_einsum  # noqa: E402
 from dskernels.ops.fp8 import (per_block_cast_to_fp8, per_channel_cast_to_fp8, per_token_cast_to_fp8,  # noqa: E402
                                silu_and_mul, silu_and_mul_cast_to_fp8)
+from dskernels.ops.moe import grouped_topk  # noqa: E402
 from dskernels.ops.gemm import (  # noqa: E402
     fp8_gemm_nn,
     fp8_gemm_nt,
@@ -95,6 +96,7 @@ __all__ = [
     "get_mn_major_tma_aligned_tensor",
     "get_num_sms",
     "get_tma_aligned_size",
+    "grouped_topk",
     "k_grouped_bf16_gemm_tn_contiguous",
     "k_grouped_fp8_gemm_nt_contiguous",
     "k_grouped_fp8_gemm_tn_contiguous",

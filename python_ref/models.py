@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dskernels.models.rope import rope_inv_freq
+from python_ref.moe import grouped_topk
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -42,20 +43,9 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cfg, interleave: bool | None 
 
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, cfg):
-    """Sigmoid scores; selection on scores + bias among the topk_group groups with the largest sum
-    of their two best biased scores; weights = unbiased scores, normalized, * routed_scaling_factor."""
-    scores = (x.float() @ gate_weight.float().T).sigmoid()
-    biased = scores + bias.float()
-    per_group = biased.view(x.shape[0], cfg.n_group, -1)
-    group_score = per_group.topk(2, dim=-1).values.sum(-1)
-    keep = torch.zeros_like(group_score, dtype=torch.bool)
-    keep.scatter_(1, group_score.topk(cfg.topk_group, dim=-1).indices, True)
-    biased = per_group.masked_fill(~keep[..., None], float("-inf")).view(x.shape[0], -1)
-    idx = biased.topk(cfg.num_experts_per_tok, dim=-1).indices
-    weights = scores.gather(1, idx)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return idx, weights * cfg.routed_scaling_factor
+    """DeepSeek-V3's router on x [T, H]: grouped_topk of the fp32 logits x W_gate^T."""
+    return grouped_topk(x.float() @ gate_weight.float().T, bias, cfg.n_group, cfg.topk_group,
+                        cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
 
 
 def swiglu(x, gate, up, down):

@@ -402,6 +402,16 @@ def cast_cases(compiler: Compiler) -> None:
                                          _meta(groups, dtype=torch.int32) if masked else None)
 
 
+def moe_cases(compiler: Compiler) -> None:
+    from dskernels.triton import moe as triton_moe
+
+    compiler.context = "router"
+    for experts, groups, topk_groups, topk in ((256, 8, 4, 8), (160, 8, 3, 6)):  # V3; V2's groups of 20
+        triton_moe.grouped_topk(_meta(4096, experts, dtype=torch.float32), _meta(experts, dtype=torch.float32),
+                                _meta(4096, topk, dtype=torch.int64), _meta(4096, topk, dtype=torch.float32),
+                                groups, topk_groups, True, 2.5)
+
+
 def ep_cases(compiler: Compiler) -> None:
     from dskernels.triton import ep as triton_ep
 
@@ -454,7 +464,7 @@ def main() -> int:
             multi_processor_count=132)
         JITFunction.run = lambda fn, *a, c=compiler, **kw: c.run(fn, *a, **kw)
         try:
-            for cases in (mla_cases, mla_sparse_cases, indexer_cases, gemm_cases, cast_cases, ep_cases):
+            for cases in (mla_cases, mla_sparse_cases, indexer_cases, gemm_cases, cast_cases, moe_cases, ep_cases):
                 cases(compiler)
         finally:
             JITFunction.run = original

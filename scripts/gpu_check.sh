@@ -88,7 +88,7 @@ if wants tests; then
   # Only the files that hold gpu-selected tests (one collection instead of a pytest start per file).
   # The files the first device run (H200, 2026-12-04) did not reach go first, then those whose
   # kernels changed since (the fp8 MLA TMA path, the casts); the sm90 files, which passed there, next.
-  first="tests/test_gemm_general.py tests/test_indexer.py tests/test_mla_sparse.py tests/test_models_gpu.py
+  first="tests/test_gemm_general.py tests/test_indexer.py tests/test_mla_sparse.py tests/test_models_gpu.py tests/test_moe_router.py
 tests/test_mla_sm90_fp8_tma.py tests/test_fp8_cast.py tests/test_mla_sm90.py tests/test_gemm_sm90.py tests/test_ep_layout.py tests/test_mla.py tests/test_gemm.py"
   with_gpu=$(timeout 120 python -m pytest tests -m gpu --collect-only -q -p no:cacheprovider 2>/dev/null \
              | sed -n 's|^\(tests/[^:]*\.py\)::.*|\1|p' | sort -u)

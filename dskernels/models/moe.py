@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dskernels
+import python_ref.moe
 from dskernels._backend import current_backend
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.linear import FP8, MLP, device_moves_only
@@ -32,20 +33,16 @@ _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, cfg: DeepseekV3Config):
-    """x [T, H] -> (topk_idx int64 [T, K], topk_weights fp32 [T, K]); HF's math, see the module doc."""
-    num_experts, groups = cfg.n_routed_experts, cfg.n_group
-    scores = F.linear(x.float(), gate_weight.float()).sigmoid()
-    biased = scores + bias.float()
-    group_scores = biased.view(-1, groups, num_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
-    group_idx = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
-    expert_mask = group_mask.unsqueeze(-1).expand(-1, groups, num_experts // groups).reshape(-1, num_experts)
-    topk_idx = biased.masked_fill(~expert_mask, float("-inf")).topk(cfg.num_experts_per_tok, dim=-1,
-                                                                     sorted=False)[1]
-    weights = scores.gather(1, topk_idx)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return topk_idx, weights * cfg.routed_scaling_factor
+    """x [T, H] -> (topk_idx int64 [T, K], topk_weights fp32 [T, K]); HF's math, see the module doc.
+    After the fp32 gate GEMM, `grouped_topk` does the rest in one kernel; torch's ops (the same
+    math: python_ref.moe) where a gradient must flow or under a forced "cuda" backend."""
+    logits = F.linear(x.float(), gate_weight.float())
+    args = (bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+            cfg.routed_scaling_factor)
+    fits = cfg.n_routed_experts // cfg.n_group >= 2 and max(cfg.topk_group, cfg.num_experts_per_tok) <= 16
+    if _needs_grad(logits) or not _triton_only_ops() or not fits:
+        return python_ref.moe.grouped_topk(logits, *args)
+    return dskernels.grouped_topk(logits, *args)
 
 
 def _grouped_float_eager(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -94,10 +91,10 @@ def _grouped_float(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     return _grouped_float_eager(x, w, offsets)  # eager: same code, without the op's dispatch cost
 
 
-def _fused_swiglu() -> bool:
-    """The fused SwiGLU ops (silu_and_mul, its FP8-cast form) and the bf16 masked GEMM have no CUDA
-    kernel; under a forced "cuda" backend, which runs CUDA kernels only, the layer takes torch's
-    ops (and per_token_cast_to_fp8, which has one) instead."""
+def _triton_only_ops() -> bool:
+    """The fused SwiGLU ops (silu_and_mul, its FP8-cast form), grouped_topk and the bf16 masked GEMM
+    have no CUDA kernel; under a forced "cuda" backend, which runs CUDA kernels only, the layer
+    takes torch's ops (and per_token_cast_to_fp8, which has one) instead."""
     return current_backend() != "cuda"
 
 
@@ -108,8 +105,8 @@ def _needs_grad(t) -> bool:
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of h = [gate | up] for float experts: the fused op (fp32 inside, one pass),
     or torch's ops where a gradient must flow (the ops are inference kernels), for dtypes the op
-    does not take (float64), or under a forced "cuda" backend (_fused_swiglu)."""
-    if _needs_grad(h) or h.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not _fused_swiglu():
+    does not take (float64), or under a forced "cuda" backend (_triton_only_ops)."""
+    if _needs_grad(h) or h.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not _triton_only_ops():
         gate, up = h.split(h.shape[-1] // 2, dim=-1)
         return F.silu(gate) * up
     return dskernels.silu_and_mul(h)
@@ -173,7 +170,7 @@ class Experts(nn.Module):
             if _needs_grad(xs):  # torch._grouped_mm leaves rows past the last offset unspecified in its
                 xs = torch.where(valid[:, None], xs, 0)  # backward too: no gradient from padding rows
         h = self._gemm(xs, self.gate_up_proj, self.gate_up_proj_scale_inv, m_indices, offsets)
-        if self.is_fp8 and _fused_swiglu():  # SwiGLU in fp32 and the FP8 cast in one pass
+        if self.is_fp8 and _triton_only_ops():  # SwiGLU in fp32 and the FP8 cast in one pass
             act = dskernels.silu_and_mul_cast_to_fp8(h, round_scale=self.round_scale)
         elif self.is_fp8:  # cast by _gemm straight from fp32
             gate, up = h.float().split(self.intermediate, dim=-1)
@@ -195,7 +192,7 @@ class Experts(nn.Module):
         matmul over all M rows."""
         if not self.is_fp8 and isinstance(x, tuple):
             raise TypeError("x: FP8 activations need FP8 expert weights")
-        if self.gate_up_proj.dtype == torch.bfloat16 and _fused_swiglu() and not _needs_grad(x):
+        if self.gate_up_proj.dtype == torch.bfloat16 and _triton_only_ops() and not _needs_grad(x):
             return self._masked_bf16(x.to(torch.bfloat16), counts, expected_m).to(out_dtype)
         if not self.is_fp8:
             h = torch.bmm(x.to(self.gate_up_proj.dtype), self.gate_up_proj.transpose(1, 2))
@@ -205,7 +202,7 @@ class Experts(nn.Module):
         h = torch.empty(experts, rows, 2 * self.intermediate, dtype=torch.bfloat16, device=a.device)
         dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (self.gate_up_proj, self.gate_up_proj_scale_inv),
                                                         h, counts, expected_m)
-        if _fused_swiglu():
+        if _triton_only_ops():
             act = dskernels.silu_and_mul_cast_to_fp8(h, counts, self.round_scale)  # rows past counts skipped
         else:
             gate, up = h.float().split(self.intermediate, dim=-1)

@@ -1,0 +1,91 @@
+"""DeepSeek-V3's router after its gate GEMM, in one kernel: `grouped_topk` (what vLLM and SGLang
+call grouped / biased top-k; HF's DeepseekV3TopkRouter from the logits on)."""
+
+from __future__ import annotations
+
+import torch
+
+import python_ref
+from dskernels._backend import select_backend
+from dskernels._checks import check_tensor
+
+_MAX_SELECTED = 16  # topk and topk_groups: the kernel selects by repeated arg-max, unrolled
+
+
+def grouped_topk(logits: torch.Tensor, bias: torch.Tensor, num_groups: int, topk_groups: int, topk: int,
+                 renormalize: bool = True, scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited top-k routing (DeepSeek-V3) of router logits.
+
+    Args:
+        logits: [T, E] float32, bfloat16 or float16 (x @ W_gate.T; V3 computes it in fp32), any strides.
+        bias: [E] (e_score_correction_bias), any float dtype; it steers the selection only.
+        num_groups: n_group, dividing E into groups of at least two experts.
+        topk_groups: topk_group, 1..min(num_groups, 16): the groups whose experts may be chosen,
+            ranked by the sum of their two best biased scores.
+        topk: num_experts_per_tok, 1..16, at most topk_groups * E / num_groups.
+        renormalize: norm_topk_prob: divide the weights by their sum (+ 1e-20).
+        scaling_factor: routed_scaling_factor, multiplies the weights.
+
+    Returns:
+        topk_idx: [T, topk] int64, the chosen experts (s = sigmoid(logits), chosen on s + bias), in
+            no particular order (the Triton kernel gives them best first).
+        topk_weights: [T, topk] float32, s of each chosen expert (normalized), * scaling_factor.
+
+    An exact tie between two biased scores may be broken either way (the reference follows
+    torch.topk, the kernel takes the lower index). Raises TypeError / ValueError naming the argument.
+    """
+    _check_types(num_groups, topk_groups, topk, renormalize)  # before the schema's own, vaguer refusal
+    return torch.ops.dskernels.grouped_topk(logits, bias, num_groups, topk_groups, topk, renormalize,
+                                            float(scaling_factor))
+
+
+def _check_types(num_groups, topk_groups, topk, renormalize) -> None:
+    for name, value in (("num_groups", num_groups), ("topk_groups", topk_groups), ("topk", topk)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize: expected a bool, got {type(renormalize).__name__}")
+
+
+def _check(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor) -> None:
+    check_tensor("logits", logits, ndim=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    experts = logits.shape[1]
+    check_tensor("bias", bias, ndim=1, dtypes=(torch.float32, torch.bfloat16, torch.float16), device=logits.device)
+    if bias.shape[0] != experts:
+        raise ValueError(f"bias: expected shape ({experts},) (one per expert, logits' last dimension), got "
+                         f"{tuple(bias.shape)}")
+    _check_types(num_groups, topk_groups, topk, renormalize)
+    if num_groups < 1 or experts % num_groups or experts // num_groups < 2:
+        raise ValueError(f"num_groups: expected a divisor of the {experts} experts leaving at least two per group, "
+                         f"got {num_groups}")
+    if not 1 <= topk_groups <= min(num_groups, _MAX_SELECTED):
+        raise ValueError(f"topk_groups: expected 1..{min(num_groups, _MAX_SELECTED)}, got {topk_groups}")
+    if not 1 <= topk <= min(topk_groups * (experts // num_groups), _MAX_SELECTED):
+        raise ValueError(f"topk: expected 1..{min(topk_groups * (experts // num_groups), _MAX_SELECTED)} (at most "
+                         f"the experts of topk_groups groups, and 16), got {topk}")
+
+
+def _outputs(logits, topk):
+    return (torch.empty(logits.shape[0], topk, dtype=torch.int64, device=logits.device),
+            torch.empty(logits.shape[0], topk, dtype=torch.float32, device=logits.device))
+
+
+@torch.library.register_kernel("dskernels::grouped_topk", ("cpu", "cuda"))
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+def _grouped_topk(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor):
+    _check(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor)
+    if select_backend("grouped_topk", logits.device, has_cuda=False, has_triton=True) == "ref":
+        idx, weights = python_ref.grouped_topk(logits, bias, num_groups, topk_groups, topk, renormalize,
+                                               scaling_factor)
+        return idx, weights.float()
+    from dskernels.triton import moe
+
+    idx, weights = _outputs(logits, topk)
+    moe.grouped_topk(logits, bias, idx, weights, num_groups, topk_groups, renormalize, scaling_factor)
+    return idx, weights
+
+
+@torch.library.register_fake("dskernels::grouped_topk")
+def _grouped_topk_fake(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor):
+    _check(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor)
+    return _outputs(logits, topk)
