@@ -9,7 +9,18 @@ import python_ref
 
 # (experts, groups, topk_groups, topk): V3's 256 / 8 / 4 / 8; fewer and odd group sizes (160 / 8:
 # groups of 20, V2's shape); one group (no group limit); the tiny test model's 16 / 4 / 2 / 4.
-SHAPES = [(256, 8, 4, 8), (160, 8, 3, 6), (64, 1, 1, 16), (16, 4, 2, 4), (72, 6, 6, 5)]
+# topk = every expert of the kept groups: (16, 4, 2, 8).
+SHAPES = [(256, 8, 4, 8), (160, 8, 3, 6), (64, 1, 1, 16), (16, 4, 2, 4), (72, 6, 6, 5), (16, 4, 2, 8)]
+_ON_GPU = [pytest.mark.gpu] if torch.cuda.is_available() else []
+
+
+@pytest.fixture(params=[pytest.param("ref", marks=_ON_GPU), pytest.param("triton", marks=_ON_GPU)])
+def backend(request):
+    """The backends that implement grouped_topk (no CUDA kernel: test_cuda_backend_refuses)."""
+    if request.param not in dskernels.available_backends():
+        pytest.skip(f"backend {request.param!r} is not available here")
+    with dskernels.backend(request.param):
+        yield request.param, "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _logits(tokens, experts, device, dtype=torch.float32):
@@ -79,6 +90,56 @@ def test_bias_steers_selection_not_weights(backend):
     torch.testing.assert_close(weights, torch.full((1, 2), 0.5, device=device))  # sigmoid(0), unbiased
 
 
+@pytest.mark.parametrize("bias_layout", ["strided", "expanded"])
+def test_bias_in_any_strides(backend, bias_layout):
+    _, device = backend
+    logits, bias = _logits(37, 256, device)
+    bias = torch.randn(256, 3, device=device)[:, 1] if bias_layout == "strided" else bias[:1].expand(256)
+    idx, weights = dskernels.grouped_topk(logits, bias, 8, 4, 8, True, 2.5)
+    assert_routes_equal(idx, weights, logits, bias, 8, 4, 8, True, 2.5)
+
+
+def test_nan_ranks_first(backend):
+    """As torch.topk ranks it: a NaN logit's expert is chosen (its group too), its weight NaN."""
+    _, device = backend
+    logits, bias = _logits(3, 256, device)
+    logits = logits.contiguous()
+    logits[0, 37] = float("nan")
+    idx, weights = dskernels.grouped_topk(logits, bias, 8, 4, 8, False, 1.0)
+    ref_idx, _ = python_ref.grouped_topk(logits, bias, 8, 4, 8, False, 1.0)
+    assert torch.equal(idx.sort(-1).values.cpu(), ref_idx.sort(-1).values.cpu())
+    assert 37 in idx[0].tolist() and weights[0].isnan().sum() == 1 and not weights[1:].isnan().any()
+
+
+def test_all_minus_inf_still_distinct_experts(backend):
+    """Every biased score -inf (a -inf bias): still topk distinct ids in range, from kept groups."""
+    _, device = backend
+    for experts, groups, topk_groups, topk in [(16, 4, 2, 4), (12, 6, 3, 6), (160, 8, 3, 6)]:
+        logits, _ = _logits(5, experts, device)
+        idx, _ = dskernels.grouped_topk(logits, torch.full((experts,), float("-inf"), device=device), groups,
+                                        topk_groups, topk, True, 1.0)
+        for row in idx.tolist():
+            assert len(set(row)) == topk and all(0 <= e < experts for e in row), row
+            assert len({e // (experts // groups) for e in row}) <= topk_groups, row
+
+
+def test_float64(backend):
+    """A float64 layer's router: scores in fp32 on every backend (as the reference and HF compute)."""
+    _, device = backend
+    logits, bias = _logits(9, 64, device, torch.float64)
+    idx, weights = dskernels.grouped_topk(logits, bias.double(), 4, 2, 6, True, 2.5)
+    assert_routes_equal(idx, weights, logits, bias.double(), 4, 2, 6, True, 2.5)
+
+
+@pytest.mark.gpu
+def test_cuda_backend_refuses():
+    if "cuda" not in dskernels.available_backends():
+        pytest.skip("the CUDA kernels are not available here")
+    logits, bias = _logits(4, 256, "cuda")
+    with dskernels.backend("cuda"), pytest.raises(NotImplementedError, match="grouped_topk: no CUDA kernel"):
+        dskernels.grouped_topk(logits, bias, 8, 4, 8, True, 2.5)
+
+
 def test_no_tokens(backend):
     _, device = backend
     idx, weights = dskernels.grouped_topk(torch.empty(0, 256, device=device), torch.zeros(256, device=device),
@@ -102,8 +163,9 @@ def test_bad_arguments_are_named(args, error, match):
         dskernels.grouped_topk(*args)
 
 
-def test_opcheck_and_compile():
-    logits, bias = _logits(5, 64, "cpu")
+def test_opcheck_and_compile(backend):
+    _, device = backend
+    logits, bias = _logits(5, 64, device)
     logits = logits.contiguous()
     torch.library.opcheck(torch.ops.dskernels.grouped_topk, (logits, bias, 4, 2, 6, True, 2.5))
 

@@ -10,6 +10,8 @@ from dskernels._backend import select_backend
 from dskernels._checks import check_tensor
 
 _MAX_SELECTED = 16  # topk and topk_groups: the kernel selects by repeated arg-max, unrolled
+# float64 too (a float64 layer's bias): the router computes in fp32 in every backend, as HF's does
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def grouped_topk(logits: torch.Tensor, bias: torch.Tensor, num_groups: int, topk_groups: int, topk: int,
@@ -17,8 +19,9 @@ def grouped_topk(logits: torch.Tensor, bias: torch.Tensor, num_groups: int, topk
     """Group-limited top-k routing (DeepSeek-V3) of router logits.
 
     Args:
-        logits: [T, E] float32, bfloat16 or float16 (x @ W_gate.T; V3 computes it in fp32), any strides.
-        bias: [E] (e_score_correction_bias), any float dtype; it steers the selection only.
+        logits: [T, E] float32, bfloat16, float16 or float64 (x @ W_gate.T; V3 computes it in
+            fp32, and the scores are computed in fp32 in every case), any strides.
+        bias: [E] (e_score_correction_bias), any float dtype, any stride; it steers the selection only.
         num_groups: n_group, dividing E into groups of at least two experts.
         topk_groups: topk_group, 1..min(num_groups, 16): the groups whose experts may be chosen,
             ranked by the sum of their two best biased scores.
@@ -32,7 +35,8 @@ def grouped_topk(logits: torch.Tensor, bias: torch.Tensor, num_groups: int, topk
         topk_weights: [T, topk] float32, s of each chosen expert (normalized), * scaling_factor.
 
     An exact tie between two biased scores may be broken either way (the reference follows
-    torch.topk, the kernel takes the lower index). Raises TypeError / ValueError naming the argument.
+    torch.topk, the kernel takes the lower index); NaN ranks above everything, as in torch.topk.
+    Raises TypeError / ValueError naming the argument.
     """
     _check_types(num_groups, topk_groups, topk, renormalize)  # before the schema's own, vaguer refusal
     return torch.ops.dskernels.grouped_topk(logits, bias, num_groups, topk_groups, topk, renormalize,
@@ -48,9 +52,9 @@ def _check_types(num_groups, topk_groups, topk, renormalize) -> None:
 
 
 def _check(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor) -> None:
-    check_tensor("logits", logits, ndim=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    check_tensor("logits", logits, ndim=2, dtypes=_FLOAT_DTYPES)
     experts = logits.shape[1]
-    check_tensor("bias", bias, ndim=1, dtypes=(torch.float32, torch.bfloat16, torch.float16), device=logits.device)
+    check_tensor("bias", bias, ndim=1, dtypes=_FLOAT_DTYPES, device=logits.device)
     if bias.shape[0] != experts:
         raise ValueError(f"bias: expected shape ({experts},) (one per expert, logits' last dimension), got "
                          f"{tuple(bias.shape)}")
