@@ -158,7 +158,7 @@ if wants bench; then
     [ -n "$no_cuda" ] && [[ "$no_cuda" != *model* ]] && no_cuda+="model"  # the layer runs the kernels above
     [ -n "$no_cuda" ] && echo "cuda backend not benchmarked for: $no_cuda (its GPU tests failed or did not finish)"
   fi
-  bench_args=(--json "$OUT/results.json" --ops "${BENCH_OPS:-mla,gemm,fp8_cast,ep,model,indexer}" --no-cuda "${NO_CUDA:-$no_cuda}")
+  bench_args=(--json "$OUT/results.json" --ops "${BENCH_OPS:-mla,gemm,fp8_cast,moe,ep,model,indexer}" --no-cuda "${NO_CUDA:-$no_cuda}")
   [ "${QUICK:-1}" = 1 ] && bench_args+=(--quick)
   [ -n "${PROFILE-deepseek_v3_layer_decode,silu_and_mul}" ] && bench_args+=(--profile "${PROFILE-deepseek_v3_layer_decode,silu_and_mul}")
   timeout -s KILL "$(budget "${BENCH_BUDGET:-100000}")" python benchmarks/run.py "${bench_args[@]}" > "$LOGS/bench.log" 2>&1 || status=1
