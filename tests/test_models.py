@@ -12,7 +12,7 @@ import torch
 import dskernels
 import python_ref
 from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer, route
-from dskernels.models.linear import dequantize_block_fp8
+from dskernels.models.linear import Linear, dequantize_block_fp8
 from dskernels.testing import run_distributed
 
 # transformers (requirements-dev.txt) is imported lazily: the spawned EP ranks import this module
@@ -662,3 +662,31 @@ def test_expert_parallel_two_ranks_equals_single_process():
             expected[name] = layer(x.to(dtype), positions)
     run_distributed(_ep_body, 2, cfg, {"float": float_sd, "fp8": fp8_sd}, x, positions,
                                       expected)
+
+
+def test_fp8_linear_follows_its_scales():
+    """Linear hands the GEMM its weight scales transposed once and cached (BlockMajorScales): an
+    in-place change of weight_scale_inv (load_state_dict copies into the buffer), a new buffer, and
+    weights loaded under inference_mode must all reach the result."""
+    torch.manual_seed(0)
+    layer = Linear(256, 200, dtype=torch.float32)
+    layer.set_weight(torch.randn(200, 256), None, torch.float32, fp8=True)
+    x = torch.randn(3, 256)
+
+    def expected():
+        return x @ dequantize_block_fp8(layer.weight, layer.weight_scale_inv).T
+
+    def close(out):
+        # x is cast to FP8 per 128 columns: within e4m3's rounding of the dequantized product
+        return ((out - expected()).norm() / expected().norm()).item() < 0.05
+
+    assert close(layer(x))
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["weight_scale_inv"] *= 3
+    layer.load_state_dict(state)                 # in place: same tensor, new version
+    assert close(layer(x))
+    layer.weight_scale_inv = layer.weight_scale_inv * 0.5  # a new tensor
+    assert close(layer(x))
+    with torch.inference_mode():
+        layer.set_weight(torch.randn(200, 256), None, torch.float32, fp8=True)
+        assert close(layer(x))

@@ -41,6 +41,26 @@ def dequantize_block_fp8(w: torch.Tensor, scale: torch.Tensor, dtype=torch.float
     return (w.float() * s).to(dtype)
 
 
+class BlockMajorScales:
+    """Weight scales [..., ceil(n/128), k/128] in the layout the sm90 GEMMs read (unit stride along
+    the 128-row blocks; every backend takes any strides), transposed once per value of the buffer
+    instead of once per call (a kernel launch per Linear and expert GEMM saved in each decode step).
+    Cached against the buffer itself (held, so its memory cannot come back as another tensor) and its
+    version counter, so in-place loads (load_state_dict's copy_) refresh it. Under torch.compile, and
+    for inference tensors (no version counter), the buffer goes as it is and the op converts it."""
+
+    def __init__(self):
+        self.source, self.version, self.value = None, None, None
+
+    def __call__(self, scale: torch.Tensor | None) -> torch.Tensor | None:
+        if scale is None or torch.compiler.is_compiling() or scale.is_inference():
+            return scale
+        if scale is not self.source or scale._version != self.version:
+            self.source, self.version = scale, scale._version
+            self.value = scale.transpose(-1, -2).contiguous().transpose(-1, -2)
+        return self.value
+
+
 def device_moves_only(fn, exempt):
     """`fn` as nn.Module._apply passes it, applied to the tensors for which exempt(t) holds only as
     the device move it makes: a module cast (.float(), .to(torch.bfloat16)) must not turn FP8 weights
@@ -70,6 +90,7 @@ class Linear(nn.Module):
         self.round_scale = False
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
         self.register_buffer("weight_scale_inv", None)
+        self._gemm_scales = BlockMajorScales()
 
     @property
     def is_fp8(self) -> bool:
@@ -119,7 +140,7 @@ class Linear(nn.Module):
         out = torch.empty(x2.shape[0], self.out_features, dtype=torch.bfloat16, device=x.device)
         if x2.shape[0]:
             xq = dskernels.per_token_cast_to_fp8(x2.contiguous(), round_scale=self.round_scale)
-            dskernels.gemm_fp8_fp8_bf16_nt(xq, (self.weight, self.weight_scale_inv), out)
+            dskernels.gemm_fp8_fp8_bf16_nt(xq, (self.weight, self._gemm_scales(self.weight_scale_inv)), out)
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 

@@ -27,7 +27,7 @@ import dskernels
 import python_ref.moe
 from dskernels._backend import current_backend
 from dskernels.models.config import DeepseekV3Config
-from dskernels.models.linear import FP8, MLP, device_moves_only
+from dskernels.models.linear import FP8, MLP, BlockMajorScales, device_moves_only
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -128,6 +128,7 @@ class Experts(nn.Module):
                                                       device=device))
         self.register_buffer("gate_up_proj_scale_inv", None)
         self.register_buffer("down_proj_scale_inv", None)
+        self._gate_up_scales, self._down_scales = BlockMajorScales(), BlockMajorScales()
 
     @property
     def is_fp8(self) -> bool:
@@ -169,7 +170,7 @@ class Experts(nn.Module):
             xs = xs.to(self.gate_up_proj.dtype)
             if _needs_grad(xs):  # torch._grouped_mm leaves rows past the last offset unspecified in its
                 xs = torch.where(valid[:, None], xs, 0)  # backward too: no gradient from padding rows
-        h = self._gemm(xs, self.gate_up_proj, self.gate_up_proj_scale_inv, m_indices, offsets)
+        h = self._gemm(xs, self.gate_up_proj, self._gate_up_scales(self.gate_up_proj_scale_inv), m_indices, offsets)
         if self.is_fp8 and _triton_only_ops():  # SwiGLU in fp32 and the FP8 cast in one pass
             act = dskernels.silu_and_mul_cast_to_fp8(h, round_scale=self.round_scale)
         elif self.is_fp8:  # cast by _gemm straight from fp32
@@ -177,7 +178,7 @@ class Experts(nn.Module):
             act = F.silu(gate) * up
         else:
             act = _swiglu(h)
-        y = self._gemm(act, self.down_proj, self.down_proj_scale_inv, m_indices, offsets)
+        y = self._gemm(act, self.down_proj, self._down_scales(self.down_proj_scale_inv), m_indices, offsets)
         weights = topk_weights.reshape(-1)[order]
         y = torch.where(valid[:, None], y.float() * weights[:, None], 0.0)
         out = torch.zeros(num_tokens, self.hidden, dtype=torch.float32, device=y.device)
@@ -200,16 +201,16 @@ class Experts(nn.Module):
         a, sa = x if isinstance(x, tuple) else self._cast3d(x)
         experts, rows, _ = a.shape
         h = torch.empty(experts, rows, 2 * self.intermediate, dtype=torch.bfloat16, device=a.device)
-        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), (self.gate_up_proj, self.gate_up_proj_scale_inv),
-                                                        h, counts, expected_m)
+        gate_up = (self.gate_up_proj, self._gate_up_scales(self.gate_up_proj_scale_inv))
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), gate_up, h, counts, expected_m)
         if _triton_only_ops():
             act = dskernels.silu_and_mul_cast_to_fp8(h, counts, self.round_scale)  # rows past counts skipped
         else:
             gate, up = h.float().split(self.intermediate, dim=-1)
             act = self._cast3d(F.silu(gate) * up)
         y = torch.empty(experts, rows, self.hidden, dtype=torch.bfloat16, device=a.device)
-        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(act, (self.down_proj, self.down_proj_scale_inv), y, counts,
-                                                        expected_m)
+        down = (self.down_proj, self._down_scales(self.down_proj_scale_inv))
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(act, down, y, counts, expected_m)
         return y.to(out_dtype)
 
     def _masked_bf16(self, x: torch.Tensor, counts: torch.Tensor, expected_m: int) -> torch.Tensor:
