@@ -35,7 +35,8 @@ _GROUPED_MM = hasattr(torch, "_grouped_mm")
 def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, cfg: DeepseekV3Config):
     """x [T, H] -> (topk_idx int64 [T, K], topk_weights fp32 [T, K]); HF's math, see the module doc.
     After the fp32 gate GEMM, `grouped_topk` does the rest in one kernel; torch's ops (the same
-    math: python_ref.moe) where a gradient must flow or under a forced "cuda" backend."""
+    math: python_ref.moe) where a gradient must flow, under a forced "cuda" backend, or for a config
+    the kernel does not take (groups of one expert, more than 16 groups or experts chosen)."""
     logits = F.linear(x.float(), gate_weight.float())
     args = (bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob,
             cfg.routed_scaling_factor)
