@@ -18,6 +18,7 @@ rows only for the masked one), fp32 gradients for the K-grouped one; peers torch
 
 from __future__ import annotations
 
+import os
 import random
 
 import torch
@@ -33,11 +34,19 @@ GROUPED_NK = [(4096, 7168), (7168, 2048)]
 # Weight gradients dW [out, in] = dY.T @ X over 4096 tokens (k) for V3's projections.
 WGRAD_MNK = [(2112, 7168, 4096), (7168, 2048, 4096), (24576, 1536, 4096)]
 # The sm90 kernels' configs (docs/gemm.md "Configs"), each also timed forced: the plain "cuda" row
-# is the selection rule's pick, the cuda[...] rows are what the rule chooses among (m64_splitk on
-# the m <= 128 shapes only: it is meant for m <= 64, and at m = 4096 it would not split).
+# is the selection rule's pick, the cuda[...] rows are what the rule chooses among. m64_splitk: on
+# the m <= 128 shapes only (it is meant for m <= 64; at m = 4096 it would not split), and only once
+# its own tests passed in this device call (scripts/gpu_check.sh sets DSKERNELS_GEMM_SPLITK_TESTED
+# after tests/test_gemm_sm90_splitk.py): a config never run before may fault and end the CUDA context.
 DENSE_CONFIG_VARIANTS = {name: {"DSKERNELS_GEMM_DENSE_CONFIG": name}
                          for name in ("m64", "m128", "m128_multicast", "m128_streamk", "m64_splitk")}
 SMALL_M_ONLY = ("m64_splitk",)
+
+
+def _dense_variants(m: int) -> dict:
+    tested = os.environ.get("DSKERNELS_GEMM_SPLITK_TESTED") == "1"
+    return {name: env for name, env in DENSE_CONFIG_VARIANTS.items()
+            if name not in SMALL_M_ONLY or (m <= 128 and tested)}
 GROUPED_CONFIG_VARIANTS = {name: {"DSKERNELS_GEMM_GROUPED_CONFIG": name} for name in ("m64", "m128", "m128_multicast")}
 
 
@@ -164,8 +173,7 @@ def _dense_case(m, n, k, device):
                 reference=lambda a, sa, b, sb, out: ref.gemm_fp8_fp8_bf16_nt(a, sa, b, sb), check=_check,
                 flops=2 * m * n * k, bytes=_bytes(m, n, k), peers=peers, backends=("ref", "triton", "cuda"),
                 compute_dtype="fp8", triton_variants=graph,
-                cuda_variants={**{name: env for name, env in DENSE_CONFIG_VARIANTS.items()
-                                  if m <= 128 or name not in SMALL_M_ONLY}, **graph})
+                cuda_variants={**_dense_variants(m), **graph})
 
 
 def _weight_gradient_case(m, n, k, device):

@@ -20,7 +20,9 @@
 #        PROFILE=deepseek_v3_layer_decode,silu_and_mul (ops whose first case run.py also profiles,
 #        kernel by kernel; empty: none. The H200 run had the layer's eager decode 2.4x slower than
 #        transformers', and Triton's bf16 silu_and_mul 5x slower than the same kernel with the FP8
-#        cast), SANITIZER_BUDGET=120 (s per tool), DSKERNELS_MLA_FP8_TMA_TESTED=1 (the `cuda[fp8_tma]` MLA
+#        cast), SANITIZER_BUDGET=120 (s per tool), DSKERNELS_GEMM_SPLITK_TESTED=1 (the
+#        `cuda[m64_splitk]` GEMM rows and that config's sanitizer case; set by the script when
+#        tests/test_gemm_sm90_splitk.py passed in this call), DSKERNELS_MLA_FP8_TMA_TESTED=1 (the `cuda[fp8_tma]` MLA
 #        rows and that path's sanitizer case; set by the script itself when
 #        tests/test_mla_sm90_fp8_tma.py passed in this call).
 set -uo pipefail
@@ -89,7 +91,7 @@ if wants tests; then
   # The files the first device run (H200, 2026-12-04) did not reach go first, then those whose
   # kernels changed since (the fp8 MLA TMA path, the casts); the sm90 files, which passed there, next.
   first="tests/test_gemm_general.py tests/test_indexer.py tests/test_mla_sparse.py tests/test_models_gpu.py tests/test_moe_router.py
-tests/test_mla_sm90_fp8_tma.py tests/test_fp8_cast.py tests/test_mla_sm90.py tests/test_gemm_sm90.py tests/test_ep_layout.py tests/test_mla.py tests/test_gemm.py"
+tests/test_gemm_sm90_splitk.py tests/test_mla_sm90_fp8_tma.py tests/test_fp8_cast.py tests/test_mla_sm90.py tests/test_gemm_sm90.py tests/test_ep_layout.py tests/test_mla.py tests/test_gemm.py"
   with_gpu=$(timeout 120 python -m pytest tests -m gpu --collect-only -q -p no:cacheprovider 2>/dev/null \
              | sed -n 's|^\(tests/[^:]*\.py\)::.*|\1|p' | sort -u)
   [ -n "$with_gpu" ] || with_gpu=$(ls tests/test_*.py)  # collection failed: every file, each reports why
@@ -119,6 +121,8 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
   # The opt-in fp8 TMA path of the sm90 MLA decode is benchmarked (`cuda[fp8_tma]` rows) and
   # sanitized only once its own tests passed here (benchmarks/bench_mla.py, scripts/sanitize_cases.py).
   grep -q "^tests/test_mla_sm90_fp8_tma.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_MLA_FP8_TMA_TESTED=1
+  # Likewise the GEMM's split-K config (`cuda[m64_splitk]` rows, its sanitizer case).
+  grep -q "^tests/test_gemm_sm90_splitk.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_GEMM_SPLITK_TESTED=1
   grep -h -E '^(FAILED|ERROR) ' "$LOGS"/pytest_gpu_*.log | head -40
   if [ "${CPU_TESTS:-0}" = 1 ]; then  # the device's torch/triton versions differ from CI's
     step "CPU-side tests (not gpu-marked)"

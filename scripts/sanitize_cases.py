@@ -32,7 +32,7 @@ def fp8_casts():
 
 
 # The sm90 GEMM configs (docs/gemm.md "Configs"): each forced once, so every instantiation is checked.
-DENSE_CONFIGS = ("m64", "m128", "m128_multicast", "m128_streamk", "m64_splitk")
+DENSE_CONFIGS = ("m64", "m128", "m128_multicast", "m128_streamk")  # m64_splitk: gemm_split_k, last
 GROUPED_CONFIGS = ("m64", "m128", "m128_multicast")
 
 
@@ -132,6 +132,20 @@ def deepseek_v32():
     dskernels.fp8_paged_mqa_logits(q8, cache, torch.randn(6, 64, device="cuda"), lens, table, None, 250, True)
 
 
+def gemm_split_k():
+    """The dense GEMM's split-K config forced: 2 runs of K (61 x 300 x 1024: a 64-row tile past m),
+    7 (64 x 2112 x 7168), and 4 at n = 123 (the sum kernel's row tails of 1..3 columns, read one by
+    one: the partials' padding is never written)."""
+    os.environ["DSKERNELS_GEMM_DENSE_CONFIG"] = "m64_splitk"
+    try:
+        for m, n, k in ((61, 300, 1024), (64, 2112, 7168), (5, 123, 2048)):
+            a, sa = dskernels.per_token_cast_to_fp8(torch.randn(m, k, device="cuda"))
+            b, sb = dskernels.per_block_cast_to_fp8(torch.randn(n, k, device="cuda"))
+            dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), torch.empty(m, n, device="cuda", dtype=torch.bfloat16))
+    finally:
+        os.environ.pop("DSKERNELS_GEMM_DENSE_CONFIG")
+
+
 def mla_fp8_tma():
     """The sm90 MLA decode's opt-in fp8 TMA path (raw blocks widened in place): one sequence of
     several whole blocks (each stage used more than once: its kv_raw barrier's phase flips), one
@@ -159,10 +173,11 @@ if __name__ == "__main__":
                 case()
                 torch.cuda.synchronize()
                 print(f"ran {case.__name__} on {backend}", flush=True)
-    # Last, and only once its tests passed in this device call (scripts/gpu_check.sh): a path never
-    # run before may trap, and must not take the other cases with it.
-    if "cuda" in dskernels.available_backends() and os.environ.get("DSKERNELS_MLA_FP8_TMA_TESTED") == "1":
-        with dskernels.backend("cuda"):
-            mla_fp8_tma()
-            torch.cuda.synchronize()
-            print("ran mla_fp8_tma on cuda", flush=True)
+    # Last, and each only once its tests passed in this device call (scripts/gpu_check.sh): a path
+    # never run before may trap, and must not take the other cases with it.
+    for case, tested in ((gemm_split_k, "DSKERNELS_GEMM_SPLITK_TESTED"), (mla_fp8_tma, "DSKERNELS_MLA_FP8_TMA_TESTED")):
+        if "cuda" in dskernels.available_backends() and os.environ.get(tested) == "1":
+            with dskernels.backend("cuda"):
+                case()
+                torch.cuda.synchronize()
+                print(f"ran {case.__name__} on cuda", flush=True)

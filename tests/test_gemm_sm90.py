@@ -20,7 +20,9 @@ PUBLIC_OPS = ["gemm_fp8_fp8_bf16_nt", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous
               "m_grouped_gemm_fp8_fp8_bf16_nt_masked"]
 # The dense kernel's configs (fp8_gemm::DenseConfig, docs/gemm.md "Configs"), forced one at a time
 # through DSKERNELS_GEMM_DENSE_CONFIG; "auto" is the selection rule.
-DENSE_CONFIGS = ["auto", "m64", "m128", "m128_multicast", "m128_streamk", "m64_splitk"]
+# m64_splitk (never yet run on a GPU) has its own file, tests/test_gemm_sm90_splitk.py: a fault there
+# must not end this file's CUDA context and take the other configs' results (and benchmarks) with it.
+DENSE_CONFIGS = ["auto", "m64", "m128", "m128_multicast", "m128_streamk"]
 GROUPED_CONFIGS = ["auto", "m64", "m128", "m128_multicast"]  # DSKERNELS_GEMM_GROUPED_CONFIG
 cuda_built = pytest.mark.skipif(torch.ops.dskernels._build_info() != "cuda",
                                 reason="the CUDA kernels are not compiled into this build")
@@ -246,30 +248,6 @@ def test_dense_deepgemm_shapes(cuda_backend, dense_config_forced, m, n, k):
     dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
     assert_close_to_oracle(out, a, sa, b, sb)
     assert_close_to_bf16_product([(out, x, w)])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k", [(1, 123, 1024), (7, 129, 2048), (61, 200, 4096), (64, 2112, 7168),
-                                   (33, 576, 7168), (2, 1536, 7168), (100, 300, 2048)])
-def test_dense_split_k(cuda_backend, monkeypatch, m, n, k):
-    """m64_splitk where it really splits (2 to 14 runs of K): exact against the oracle, in NaN-padded
-    strided views, and the same bits on a second call (the runs are summed in a fixed order)."""
-    monkeypatch.setenv("DSKERNELS_GEMM_DENSE_CONFIG", "m64_splitk")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert torch.ops.dskernels._sm90_gemm_dense_splits(m, n, k, sms) > 1
-    x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
-    w, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
-    b_wide = torch.full((n, k + 128), FP8_NAN, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
-    b_wide[:, :k] = b
-    out_wide = empty_out(m, n + 16, device="cuda")
-    out = out_wide[:, 8:8 + n]
-    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b_wide[:, :k], sb), out)
-    assert_close_to_oracle(out, a, sa, b, sb)
-    assert_close_to_bf16_product([(out, x, w)])
-    assert out_wide[:, :8].isnan().all() and out_wide[:, 8 + n:].isnan().all()
-    again = empty_out(m, n, device="cuda")
-    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), again)
-    assert torch.equal(again.view(torch.int16), out.contiguous().view(torch.int16))
 
 
 @pytest.mark.gpu
