@@ -10,16 +10,9 @@ import torch
 import dskernels
 from test_gemm import (FP8_NAN, assert_close_to_bf16_product, assert_close_to_oracle, empty_out,
                        quantized_pair)
+from test_gemm_sm90 import cuda_backend  # noqa: F401  (the fixture: every test under the forced "cuda" backend)
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture
-def cuda_backend():
-    if "cuda" not in dskernels.available_backends():
-        pytest.skip(f"the sm90 CUDA kernels are not available here ({dskernels.available_backends()})")
-    with dskernels.backend("cuda"):
-        yield "cuda"
 
 
 # test_gemm_sm90.py's dense shapes with the config forced: where it does not split (one run, kM64
