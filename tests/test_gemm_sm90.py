@@ -242,6 +242,11 @@ def test_dense(cuda_backend, dense_config_forced, m, n, k, scale_layout):
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 7168), (64, 2112, 7168), (65, 2112, 7168), (128, 24576, 1536),
                                    (4096, 7168, 2048), (129, 4096, 7168), (4096, 2112, 7168)])
 def test_dense_deepgemm_shapes(cuda_backend, dense_config_forced, m, n, k):
+    check_dense_against_oracle(m, n, k)
+
+
+def check_dense_against_oracle(m, n, k):
+    """One dense call with DeepGEMM's layouts (TMA-aligned sa, row-major sb) against both bounds."""
     x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
     w, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
     out = empty_out(m, n, device="cuda")

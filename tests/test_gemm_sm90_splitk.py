@@ -10,6 +10,7 @@ import torch
 import dskernels
 from test_gemm import (FP8_NAN, assert_close_to_bf16_product, assert_close_to_oracle, empty_out,
                        quantized_pair)
+from test_gemm_sm90 import check_dense_against_oracle
 from test_gemm_sm90 import cuda_backend  # noqa: F401  (the fixture: every test under the forced "cuda" backend)
 
 pytestmark = pytest.mark.gpu
@@ -22,12 +23,7 @@ pytestmark = pytest.mark.gpu
                                    (1, 4096, 7168), (65, 2112, 7168), (128, 24576, 1536)])
 def test_forced_on_every_dense_shape(cuda_backend, monkeypatch, m, n, k):
     monkeypatch.setenv("DSKERNELS_GEMM_DENSE_CONFIG", "m64_splitk")
-    x, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
-    w, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
-    out = empty_out(m, n, device="cuda")
-    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
-    assert_close_to_oracle(out, a, sa, b, sb)
-    assert_close_to_bf16_product([(out, x, w)])
+    check_dense_against_oracle(m, n, k)
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 123, 1024), (7, 129, 2048), (61, 200, 4096), (64, 2112, 7168),
