@@ -32,7 +32,6 @@ LOGS="${LOGS:-/tmp/dskernels-gpu-logs}"
 rm -rf "$LOGS" && mkdir -p "$OUT" "$LOGS"
 exec > >(tee "$OUT/summary.log") 2>&1
 tee_pid=$!
-trap 'exec >&- 2>&-; wait "$tee_pid"' EXIT  # summary.log complete before the call returns
 DEADLINE="${DEADLINE:-570}"
 RESERVE=15  # seconds kept back for packing the logs
 status=0
@@ -40,8 +39,13 @@ step() { echo; echo "== $1 ($(date +%T), $(left) s left)"; }
 left() { echo $((DEADLINE - SECONDS)); }
 # budget N: N seconds, or less where the deadline (minus the reserve) comes first; 0 when it has passed
 budget() { local b=$(( $(left) - RESERVE )); (( b > $1 )) && b=$1; (( b < 0 )) && b=0; echo $b; }
-pack() { tar czf "$OUT/logs.tgz.part" -C "$LOGS" . && mv "$OUT/logs.tgz.part" "$OUT/logs.tgz"; }
+# pack: the logs so far into logs.tgz (a part file per process, renamed: concurrent packs are safe)
+pack() { tar czf "$OUT/logs.tgz.$BASHPID" -C "$LOGS" . && mv "$OUT/logs.tgz.$BASHPID" "$OUT/logs.tgz"; }
 wants() { [[ ",${STEPS:-tests,bench,sanitizer}," == *",$1,"* ]]; }
+# Should a step hang past the deadline, the device call is killed without our EXIT trap: pack once
+# more just before, so that the logs of what ran come back. (No stdout: tee must not wait for it.)
+( exec >/dev/null 2>&1; sleep $((DEADLINE > 10 ? DEADLINE - 5 : 5)); pack ) & watchdog=$!
+trap 'kill "$watchdog" 2>/dev/null; exec >&- 2>&-; wait "$tee_pid"' EXIT  # summary.log complete before the call returns
 
 step "environment"
 if ! command -v python >/dev/null; then  # the device image names its interpreter python3
@@ -109,14 +113,18 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
     [ $rc -eq 5 ] && return  # no gpu-marked tests in this file
     verdict=$(tail -1 "$LOGS/pytest_gpu_$name.log"); [ $rc -eq 137 ] && verdict="killed after $2 s"
     echo "$1: rc $rc: $verdict" | tee -a "$LOGS/pytest_gpu.log"
+    pack
   }
+  pids=()
   for f in $files; do
-    while (( $(jobs -rp | wc -l) >= ${TEST_JOBS:-4} )); do wait -n; done
+    while (( $(jobs -rp | grep -c -v -x "$watchdog") >= ${TEST_JOBS:-4} )); do wait -n; done
     t=$((tests_end - SECONDS)); (( t > ${TEST_TIMEOUT:-150} )) && t=${TEST_TIMEOUT:-150}
     if (( t < 10 )); then echo "$f: not run (the tests' time is spent)" | tee -a "$LOGS/pytest_gpu.log"; continue; fi
-    run_file "$f" "$t" &
+    run_file "$f" "$t" & pids+=($!)
   done
-  wait
+  # The files' own pids: a bare `wait` also waits for the summary's tee (a process substitution,
+  # bash 5.2), which ends only with the script. That hung the H200 call of 2026-12-04 after its tests.
+  wait "${pids[@]}"
   grep -q -v ": rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && status=1
   # The opt-in fp8 TMA path of the sm90 MLA decode is benchmarked (`cuda[fp8_tma]` rows) and
   # sanitized only once its own tests passed here (benchmarks/bench_mla.py, scripts/sanitize_cases.py).

@@ -2,10 +2,13 @@
 
     python scripts/perf_table.py          # rewrite the table between the README's markers
     python scripts/perf_table.py --check  # exit 1 if the README's table is stale (CI runs this)
+    python scripts/perf_table.py --merge results.json  # a device call's records into the device's file
 
 The results files are what `python benchmarks/run.py --json ...` wrote on a GPU; the table is
-never typed by hand. Records that failed their check or raised, the reference backend's, and CPU
-runs are left out.
+never typed by hand. A call that ran only some families is merged: its records replace those of the
+same (op, backend, params) and the others stay, each record keeping the git sha and torch version
+of the run that measured it. Records that failed their check or raised, the reference backend's,
+and CPU runs are left out of the table.
 """
 
 import argparse
@@ -40,7 +43,7 @@ def table() -> str:
             rows.append(f"| {r['op']} | {shape} | {r['backend']} | {r['ms'] * 1e3:.1f} | "
                         f"{fmt(r['tflops'], '{:.0f}')} | {fmt(r['gbps'], '{:.0f}')} | "
                         f"{fmt(r['roofline'] and 100 * r['roofline'], '{:.0f}%')} | "
-                        f"{fmt(r.get('x_peer'), '{:.2f}x')} | {meta['device']} | {meta['git_sha']} |")
+                        f"{fmt(r.get('x_peer'), '{:.2f}x')} | {meta['device']} | {r.get('git_sha', meta['git_sha'])} |")
     if not rows:
         return ("No GPU results recorded yet: run `bash scripts/gpu_check.sh` on a Hopper GPU and commit its "
                 "results.json as benchmarks/results/<device>.json.")
@@ -49,10 +52,41 @@ def table() -> str:
     return header + "\n" + "\n".join(rows)
 
 
+def _key(record) -> str:
+    return json.dumps([record["op"], record["backend"], record["params"]], sort_keys=True)
+
+
+def merge(new_path: str) -> str:
+    """Merges a run's results into benchmarks/results/<device>.json; returns that path."""
+    with open(new_path) as f:
+        new = json.load(f)
+    meta = new["meta"]
+    if not meta.get("ceilings"):
+        raise SystemExit(f"{new_path}: a CPU run (no ceilings measured); only GPU results are recorded")
+    path = os.path.join(ROOT, "benchmarks", "results", meta["device"].lower().replace(" ", "-") + ".json")
+    records = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        for r in old["records"]:  # stamp the older run's records with that run's sha and torch
+            r.setdefault("git_sha", old["meta"]["git_sha"])
+            r.setdefault("torch", old["meta"]["torch"])
+            records[_key(r)] = r
+    for r in new["records"]:
+        records[_key(r)] = dict(r, git_sha=meta["git_sha"], torch=meta["torch"])
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "records": list(records.values())}, f, indent=1)
+        f.write("\n")
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--merge", metavar="RESULTS_JSON", help="a device call's results.json to record first")
     args = parser.parse_args()
+    if args.merge:
+        print("merged into", merge(args.merge))
     readme_path = os.path.join(ROOT, "README.md")
     readme = open(readme_path).read()
     begin, end = readme.index(START) + len(START), readme.index(END)
