@@ -85,7 +85,8 @@ def main() -> int:
     parser.add_argument("--no-cuda", default="", help="families or ops whose cuda backend is not run (their "
                         "GPU tests failed: scripts/gpu_check.sh fills it in)")
     parser.add_argument("--profile", default="", help="families or ops whose first case is also profiled once "
-                        "per backend (torch.profiler): where its time goes, kernel by kernel")
+                        "per backend and variant (torch.profiler): where its time goes, kernel by kernel; "
+                        "NAME@TEXT profiles the first case whose shape contains TEXT (gemm_fp8_fp8_bf16_nt@m=64)")
     args = parser.parse_args()
 
     on_gpu = torch.cuda.is_available()
@@ -94,7 +95,8 @@ def main() -> int:
     cases_by_family = {family: _family_cases(family, args.quick, device) for family in families()}
     names = {w for family, cases in cases_by_family.items() if cases for w in (family, *(c.op for c in cases))}
     for flag, value, known in (("--ops", args.ops, names), ("--no-cuda", args.no_cuda, names),
-                               ("--profile", args.profile, names), ("--backends", args.backends, {"ref", "triton", "cuda"})):
+                               ("--profile", ",".join(w.split("@")[0] for w in _words(args.profile)), names),
+                               ("--backends", args.backends, {"ref", "triton", "cuda"})):
         unknown = sorted(set(_words(value)) - known)
         if unknown:
             # A family without per-op cases (pipeline: schedules, not kernels) has its own script.
@@ -122,9 +124,10 @@ def main() -> int:
               "TFLOPS, GB/s and roofline figures need a Hopper GPU (run scripts/gpu_check.sh there)")
 
     report, records, failures, profiled = Report(), [], [], set()
-    no_cuda, to_profile = set(_words(args.no_cuda)), set(_words(args.profile))
+    no_cuda, to_profile = set(_words(args.no_cuda)), [w.partition("@") for w in _words(args.profile)]
     for family, case in selected_cases(args.ops, args.quick, device):
-        profile = case.op not in profiled and bool(to_profile & {family, case.op})
+        profile = case.op not in profiled and any(name in (family, case.op) and text in shape_text(case.params)
+                                                  for name, _, text in to_profile)
         run_case(case, device, available, ceilings, meta, report, records, failures,
                  no_cuda=bool(no_cuda & {family, case.op}), profile=profile)
         if profile:
@@ -214,9 +217,10 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
             poison(case.run(*inputs))
     check_and_time(case, cuda_runs, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape)
     if profile:
-        for backend in backends:
-            if not (problems.get(backend) or "").startswith("raised"):
-                print_profile(case.op, shape, backend, lambda: case.run(*inputs), device, backend)
+        for backend, label, env in runs:
+            if not (problems.get(label) or "").startswith("raised"):
+                with environment(env):
+                    print_profile(case.op, shape, label, lambda: case.run(*inputs), device, backend)
         if device == "cuda":  # the peers too: where their time goes, beside ours
             for name, peer in case.peers.items():
                 print_profile(case.op, shape, f"peer:{name}", lambda peer=peer: peer(*inputs), device)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,14 +37,17 @@ def test_every_grid_builds():
                 assert family == "pipeline" or cases, (family, quick, device)
 
 
-def test_profile_prints_where_the_time_goes():
-    """--profile: the named op's first case, once per backend, under torch.profiler."""
+@pytest.mark.parametrize("asked,case", [("per_token_cast_to_fp8", "dtype=bfloat16 [ref]"),
+                                       ("per_token_cast_to_fp8@ue8m0", "ue8m0=True [ref]")])
+def test_profile_prints_where_the_time_goes(asked, case):
+    """--profile: the named op's first case (or first whose shape holds the text after @), once
+    per backend, under torch.profiler."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick",
-                          "--ops", "per_token_cast_to_fp8", "--profile", "per_token_cast_to_fp8"],
+                          "--ops", "per_token_cast_to_fp8", "--profile", asked],
                          capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     profiles = [line for line in out.stdout.splitlines() if line.startswith("profile per_token_cast_to_fp8 ")]
-    assert len(profiles) == 2 and "[ref]" in profiles[0] and "[triton]" in profiles[1], profiles
+    assert len(profiles) == 2 and case in profiles[0] and "[triton]" in profiles[1], profiles
     assert "dskernels::per_token_cast_to_fp8" in out.stdout
 
 

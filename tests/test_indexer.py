@@ -10,8 +10,12 @@ last key (ke > N) and block tables shorter than the lengths would read out of bo
 Tolerance from the math: each logit is sum_h w_h relu(scale_t * sum_d q_hd k_td); the kernel's
 products are exact (e4m3 x e4m3 fits fp32) and its fp32 sums over D and H and two products round
 at most (D + H + 2) times by 2^-24 relative to the same sum of absolute values, `magnitude` below.
-Hopper's fp8 tensor cores accumulate with fewer bits (DeepGEMM's README: about 14), so on a GPU the
-bound is 2^-12 of the magnitude instead."""
+Hopper's fp8 tensor cores accumulate with fewer bits (DeepGEMM's README: about 14), and Triton's
+fp8 tl.dot on sm_90 keeps the whole D = 128 sum in them (no fp32 promotion), so on a GPU the bound is
+test_gemm.assert_close_to_oracle's for one 128-wide K block: 2^-9 of the magnitude (4 MMA steps that
+each truncate, scripts/fp8_mma_error_models.py). relu and the fp32 sum over heads do not grow it:
+|relu(a) - relu(b)| <= |a - b|. (The bound was 2^-12 until the H200 run of 2026-12-04, which
+failed 5 of these tests; that run's logs were lost, so which bound they crossed is not known.)"""
 
 import math
 
@@ -41,7 +45,7 @@ def assert_logits_close(out, expected, mag, dim, heads):
     assert not out.isnan().any(), "NaN in the logits: a poisoned key was read"
     assert torch.equal(out.isneginf(), expected.isneginf()), "-inf (unseen keys) in different places"
     seen = expected.isfinite()
-    rel = 2.0**-12 if out.device.type == "cuda" else (dim + heads + 2) * 2.0**-24
+    rel = 2.0**-9 if out.device.type == "cuda" else (dim + heads + 2) * 2.0**-24
     bound = rel * mag[seen] + 1e-30
     err = (out[seen].double() - expected[seen].double()).abs()
     assert torch.all(err <= bound), f"max error {err.max().item():.3g} beyond the bound {bound.max().item():.3g}"
