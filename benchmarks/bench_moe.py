@@ -14,6 +14,11 @@ import python_ref
 from benchmarks.common import GRAPH_VARIANTS, Case, graph_or_eager
 
 V3 = dict(experts=256, groups=8, topk_groups=4, topk=8)
+# (tokens per program, warps) of the Triton kernel besides its default (8, 4): at decode sizes its
+# time is reduction latency, which fewer warps (shuffles, no shared-memory round trips) and fewer
+# idle rows may cut; at 8192 tokens, throughput. Timed as triton[tile=T,W] rows, or
+# triton[graph tile=T,W] where the case is graph-replayed.
+ROUTER_TILES = ("1,1", "1,2", "2,4", "4,2")
 
 
 def _case(tokens, experts, groups, topk_groups, topk):
@@ -43,12 +48,16 @@ def _case(tokens, experts, groups, topk_groups, topk):
         return compiled(logits, bias, groups, topk_groups, topk, True, 2.5)
 
     graph = GRAPH_VARIANTS if tokens <= 128 else {}
+    # the other tiles graph-replayed where the default is (decode: launch cost apart), else eager
+    replay = graph.get("graph", {})
+    variants = {**graph, **{("graph " if replay else "") + f"tile={tile}": {**replay, "DSKERNELS_ROUTER_TILE": tile}
+                            for tile in ROUTER_TILES}}
     return Case(op="grouped_topk", params={"T": tokens, "E": experts, "groups": groups, "topk_groups": topk_groups,
                                            "topk": topk},
                 make_inputs=make_inputs, run=graph_or_eager(step), reference=reference, check=check, flops=0.0,
                 bytes=4 * tokens * experts + 12 * tokens * topk,
                 peers={"torch": reference, "torch.compile": torch_compile_peer}, backends=("ref", "triton"),
-                triton_variants=graph)
+                triton_variants=variants)
 
 
 def cases(quick: bool, device: str) -> list[Case]:

@@ -403,13 +403,19 @@ def cast_cases(compiler: Compiler) -> None:
 
 
 def moe_cases(compiler: Compiler) -> None:
+    from benchmarks import bench_moe
     from dskernels.triton import moe as triton_moe
 
     compiler.context = "router"
-    for experts, groups, topk_groups, topk in ((256, 8, 4, 8), (160, 8, 3, 6)):  # V3; V2's groups of 20
-        triton_moe.grouped_topk(_meta(4096, experts, dtype=torch.float32), _meta(experts, dtype=torch.float32),
-                                _meta(4096, topk, dtype=torch.int64), _meta(4096, topk, dtype=torch.float32),
-                                groups, topk_groups, True, 2.5)
+    shapes = ((256, 8, 4, 8), (160, 8, 3, 6))  # V3; V2's groups of 20
+    # the default tile and bench_moe.py's other (tokens, warps) choices (DSKERNELS_ROUTER_TILE)
+    for tile in ("", *bench_moe.ROUTER_TILES):
+        os.environ["DSKERNELS_ROUTER_TILE"] = tile
+        for experts, groups, topk_groups, topk in shapes[:1] if tile else shapes:
+            triton_moe.grouped_topk(_meta(4096, experts, dtype=torch.float32), _meta(experts, dtype=torch.float32),
+                                    _meta(4096, topk, dtype=torch.int64), _meta(4096, topk, dtype=torch.float32),
+                                    groups, topk_groups, True, 2.5)
+    os.environ.pop("DSKERNELS_ROUTER_TILE")
 
 
 def ep_cases(compiler: Compiler) -> None:

@@ -178,7 +178,9 @@ if wants bench; then
   # fused cast's time), and the m = 64 GEMM's configs (m64_splitk took 50 us there, m64 22 us).
   profile_default=deepseek_v3_layer_decode,silu_and_mul,gemm_fp8_fp8_bf16_nt@m=64
   [ -n "${PROFILE-$profile_default}" ] && bench_args+=(--profile "${PROFILE-$profile_default}")
-  timeout -s KILL "$(budget "${BENCH_BUDGET:-100000}")" python benchmarks/run.py "${bench_args[@]}" > "$LOGS/bench.log" 2>&1 || status=1
+  # TRITON_PRINT_AUTOTUNING: the configs the autotuner chose go to bench.log (the Triton dense GEMM
+  # at m = 4096, n = 2112 took 183 us in one H200 run and 235 us in the next, same kernels)
+  TRITON_PRINT_AUTOTUNING=1 timeout -s KILL "$(budget "${BENCH_BUDGET:-100000}")" python benchmarks/run.py "${bench_args[@]}" > "$LOGS/bench.log" 2>&1 || status=1
   sed -n '/^op /,$p' "$LOGS/bench.log"
   grep '^profile ' "$LOGS/bench.log"  # the tables under each line: bench.log in logs.tgz
   [ -f "$OUT/results.json" ] && ! grep -q '^op ' "$LOGS/bench.log" && {

@@ -123,6 +123,30 @@ def test_all_minus_inf_still_distinct_experts(backend):
             assert len({e // (experts // groups) for e in row}) <= topk_groups, row
 
 
+@pytest.mark.parametrize("tile", [pytest.param(tile, marks=_ON_GPU) for tile in ("1,1", "2,4", "16,8")])
+def test_triton_tiles(tile, monkeypatch):
+    """The Triton kernel's other (tokens per program, warps) choices (benchmarks/bench_moe.py times
+    them): the same routes, rows past the tokens left alone."""
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("no Triton here")
+    monkeypatch.setenv("DSKERNELS_ROUTER_TILE", tile)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for tokens, (experts, groups, topk_groups, topk) in ((5, SHAPES[1]), (19, SHAPES[0])):
+        torch.manual_seed(tokens)
+        logits, bias = _logits(tokens, experts, device)
+        with dskernels.backend("triton"):
+            idx, weights = dskernels.grouped_topk(logits, bias, groups, topk_groups, topk, True, 2.5)
+        assert_routes_equal(idx, weights, logits, bias, groups, topk_groups, topk, True, 2.5)
+
+
+def test_triton_tile_knob_is_checked(monkeypatch):
+    from dskernels.triton import moe
+
+    monkeypatch.setenv("DSKERNELS_ROUTER_TILE", "3,4")
+    with pytest.raises(ValueError, match="DSKERNELS_ROUTER_TILE: expected"):
+        moe._tile()
+
+
 def test_float64(backend):
     """A float64 layer's router: scores in fp32 on every backend (as the reference and HF compute)."""
     _, device = backend
