@@ -245,7 +245,7 @@ def indexer_cases(compiler: Compiler) -> None:
             triton_indexer.mqa_logits(_meta(m, heads, dim, dtype=fp8), _meta(n, dim, dtype=fp8), _meta(n, dtype=f32),
                                       _meta(m, heads, dtype=f32), _meta(m, dtype=i32), _meta(m, dtype=i32), compressed,
                                       _meta(m, compressed or n, dtype=f32))
-        for next_n, lens_2d in [(1, False), (2, True)]:
+        for next_n, lens_2d in [(1, False), (2, True), (150, False)]:  # 150: a prefill through the paged cache
             compiler.context = f"indexer paged h={heads} d={dim} next_n={next_n}"
             b = 8
             triton_indexer.paged_mqa_logits(

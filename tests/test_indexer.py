@@ -140,6 +140,11 @@ PAGED_GRID = [
     ([200, 17], 3, 6, 48, 1, True, 230),
     ([150, 90], 2, 64, 128, 64, False, 100),        # V3.2's heads; max_context_len cuts the first
     ([33, 96, 5], 1, 3, 32, 16, True, 96),
+    # more query rows than one tile holds (rows x heads = 64 on CPU, 128 on a GPU): a prefill
+    # written through the paged cache (the model's V3.2 layer), in several row blocks
+    ([40, 75], 9, 16, 32, 16, False, 80),
+    ([30, 100], 7, 32, 32, 61, True, 110),
+    ([200], 150, 64, 128, 64, False, 200),          # V3.2's heads: all 150 rows in one tile is 2^21 values
 ]
 
 

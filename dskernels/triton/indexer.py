@@ -100,9 +100,13 @@ def _paged_mqa_logits_kernel(
         stride_om,
         LENS_2D: tl.constexpr, FP8_BYTES: tl.constexpr, FP32_DOT: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = (tl.program_id(0) // tl.cdiv(max_context_len, BLOCK_N)).to(tl.int64)  # one grid axis, as above
-    pid_n = tl.program_id(0) % tl.cdiv(max_context_len, BLOCK_N)
-    j = tl.arange(0, BLOCK_R)  # the sequence's query rows (MTP tokens)
+    # One grid axis, as above: (sequence, block of its query rows, key block), key blocks inner.
+    key_blocks = tl.cdiv(max_context_len, BLOCK_N)
+    row_blocks = tl.cdiv(next_n, BLOCK_R)
+    b = (tl.program_id(0) // (key_blocks * row_blocks)).to(tl.int64)
+    pid_r = tl.program_id(0) // key_blocks % row_blocks
+    pid_n = tl.program_id(0) % key_blocks
+    j = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # the sequence's query rows (MTP tokens; a prefill's)
     row_ok = j < next_n
     if LENS_2D:
         limit = tl.load(lens_ptr + b * stride_lb + j * stride_ln, mask=row_ok, other=0)
@@ -121,7 +125,7 @@ def _paged_mqa_logits_kernel(
         base = kv_ptr + page.to(tl.int64) * stride_page
         slot = keys % page_size
         flat = tl.arange(0, BLOCK_R * BLOCK_H)
-        row = flat // BLOCK_H
+        row = pid_r * BLOCK_R + flat // BLOCK_H
         head = flat % BLOCK_H
         rh_ok = (row < next_n) & (head < num_heads)
         d = tl.arange(0, BLOCK_D)
@@ -191,11 +195,13 @@ def paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, out) -> No
     if b == 0 or out.shape[1] == 0:
         return
     fp8_bytes, fp32_dot = _flags(q.device)
-    block_r = _pow2(next_n)
+    # Query rows x heads = 128 tensor-core rows on a GPU (64 heads: V3.2's 2 MTP rows per tile), as
+    # in mqa_logits; more rows (a prefill written through the paged cache) take more row blocks.
+    block_r = min(_pow2(next_n), max(1, (64 if q.device.type == "cpu" else 128) // _pow2(heads)))
     block_h = max(_pow2(heads), 16 // block_r)
     block_n = 64
     lens_2d = context_lens.dim() == 2
-    grid = (b * cdiv(out.shape[1], block_n),)
+    grid = (b * cdiv(next_n, block_r) * cdiv(out.shape[1], block_n),)
     _paged_mqa_logits_kernel[grid](
         _as_fp8(q, fp8_bytes), _as_fp8(kv_cache, fp8_bytes), weights, context_lens, block_table, out,
         next_n, heads, page_size, num_pages, block_table.shape[1], out.shape[1],
