@@ -103,7 +103,7 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
   # TEST_JOBS files at a time: a test file's time is mostly the host's (imports, Triton's compiles,
   # one core each) and the GPU has room for several; the first device run spent ~240 s on ten
   # files one after another. Each process has its own CUDA context, so a fault stays in its file.
-  run_file() {  # run_file FILE TIMEOUT -> one verdict line in pytest_gpu.log (none without gpu tests)
+  run_file() {  # run_file FILE TIMEOUT -> its verdict line (and failures) in pytest_gpu.log (none without gpu tests)
     local name rc verdict
     name=$(basename "$1" .py)
     timeout -s KILL "$2" python -m pytest "$1" -q -m gpu -p no:cacheprovider --maxfail=5 --tb=short -rfE \
@@ -111,7 +111,10 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
     rc=$?
     [ $rc -eq 5 ] && return  # no gpu-marked tests in this file
     verdict=$(tail -1 "$LOGS/pytest_gpu_$name.log"); [ $rc -eq 137 ] && verdict="killed after $2 s"
-    echo "$1: rc $rc: $verdict" | tee -a "$LOGS/pytest_gpu.log"
+    # the verdict and the failures' one-line reasons at once: the summary has them even if a later
+    # step hangs (the H200 call of 2026-12-04 lost its failures' details that way)
+    { echo "$1: rc $rc: $verdict"; grep -E '^(FAILED|ERROR) ' "$LOGS/pytest_gpu_$name.log" | head -8 | cut -c1-400 | sed 's/^/    /'; } \
+      | tee -a "$LOGS/pytest_gpu.log"
     pack
   }
   pids=()
@@ -133,7 +136,6 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
   grep -q "^tests/test_mla_sm90_fp8_tma.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_MLA_FP8_TMA_TESTED=1
   # Likewise the GEMM's split-K config (`cuda[m64_splitk]` rows, its sanitizer case).
   grep -q "^tests/test_gemm_sm90_splitk.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_GEMM_SPLITK_TESTED=1
-  grep -h -E '^(FAILED|ERROR) ' "$LOGS"/pytest_gpu_*.log | head -40
   if [ "${CPU_TESTS:-0}" = 1 ]; then  # the device's torch/triton versions differ from CI's
     step "CPU-side tests (not gpu-marked)"
     # Triton 3.6's interpreter fails on numpy >= 2.4 ("only 0-dimensional arrays can be converted
