@@ -44,11 +44,24 @@ GRAPH_ENV = "DSKERNELS_BENCH_CUDA_GRAPH"
 GRAPH_VARIANTS = {"graph": {GRAPH_ENV: "1"}}
 
 
+def graph_key(inputs) -> tuple:
+    """What a captured graph is kept for: the backend, the DSKERNELS_* knobs (a variant that forces a
+    tile or config, DSKERNELS_ROUTER_TILE or DSKERNELS_GEMM_DENSE_CONFIG, must capture its own
+    kernels, not replay the last variant's graph) and the input tensors."""
+    import torch
+
+    import dskernels
+
+    knobs = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("DSKERNELS_")))
+    return (dskernels.current_backend(), knobs,
+            *((t.data_ptr(), t.shape) if isinstance(t, torch.Tensor) else id(t) for t in inputs))
+
+
 def graph_or_eager(step: Callable[..., Any]) -> Callable[..., Any]:
     """run(*inputs): step(*inputs), or under GRAPH_ENV=1 on CUDA inputs the replay of a graph of it,
     captured after a warm-up call on a side stream (compiles and autotuning stay outside the
-    capture) and kept for the same backend and input tensors (one graph at a time: a new key frees
-    the last one's memory pool). Returns the graph's own output tensors. The warm-up leaves right
+    capture) and kept for the same graph_key (one graph at a time: a new key frees the last one's
+    memory pool). Returns the graph's own output tensors. The warm-up leaves right
     answers in outputs that are also inputs (a GEMM's out): the outputs are NaN-filled before the
     first replay, so a graph that writes nothing still fails run.py's check."""
     import torch
@@ -61,8 +74,7 @@ def graph_or_eager(step: Callable[..., Any]) -> Callable[..., Any]:
         tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
         if os.environ.get(GRAPH_ENV) != "1" or not tensors or not tensors[0].is_cuda:
             return step(*inputs)
-        key = (dskernels.current_backend(), *((t.data_ptr(), t.shape) if isinstance(t, torch.Tensor) else id(t)
-                                              for t in inputs))
+        key = graph_key(inputs)
         if key not in graphs:
             graphs.clear()
             side = torch.cuda.Stream()

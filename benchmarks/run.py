@@ -86,7 +86,7 @@ def main() -> int:
                         "GPU tests failed: scripts/gpu_check.sh fills it in)")
     parser.add_argument("--profile", default="", help="families or ops whose first case is also profiled once "
                         "per backend and variant (torch.profiler): where its time goes, kernel by kernel; "
-                        "NAME@TEXT profiles the first case whose shape contains TEXT (gemm_fp8_fp8_bf16_nt@m=64)")
+                        "NAME@TEXT profiles the first case whose shape has TEXT's words (gemm_fp8_fp8_bf16_nt@m=64)")
     args = parser.parse_args()
 
     on_gpu = torch.cuda.is_available()
@@ -95,7 +95,7 @@ def main() -> int:
     cases_by_family = {family: _family_cases(family, args.quick, device) for family in families()}
     names = {w for family, cases in cases_by_family.items() if cases for w in (family, *(c.op for c in cases))}
     for flag, value, known in (("--ops", args.ops, names), ("--no-cuda", args.no_cuda, names),
-                               ("--profile", ",".join(w.split("@")[0] for w in _words(args.profile)), names),
+                               ("--profile", ",".join(w.split("@")[0] or "(empty name)" for w in _words(args.profile)), names),
                                ("--backends", args.backends, {"ref", "triton", "cuda"})):
         unknown = sorted(set(_words(value)) - known)
         if unknown:
@@ -123,20 +123,26 @@ def main() -> int:
         print("no GPU: checking every backend against the oracle on tiny shapes and reporting CPU times; "
               "TFLOPS, GB/s and roofline figures need a Hopper GPU (run scripts/gpu_check.sh there)")
 
-    report, records, failures, profiled = Report(), [], [], set()
-    no_cuda, to_profile = set(_words(args.no_cuda)), [w.partition("@") for w in _words(args.profile)]
+    report, records, failures = Report(), [], []
+    no_cuda = set(_words(args.no_cuda))
+    # Each --profile request profiles the first case it matches (NAME: the family or op; TEXT: words
+    # of the shape, each a whole word: m=64 is not m=640), once.
+    unprofiled = {w: w.partition("@") for w in _words(args.profile)}
     for family, case in selected_cases(args.ops, args.quick, device):
-        profile = case.op not in profiled and any(name in (family, case.op) and text in shape_text(case.params)
-                                                  for name, _, text in to_profile)
+        shape_words = set(shape_text(case.params).split())
+        matched = [w for w, (name, _, text) in unprofiled.items()
+                   if name in (family, case.op) and set(text.split()) <= shape_words]
         run_case(case, device, available, ceilings, meta, report, records, failures,
-                 no_cuda=bool(no_cuda & {family, case.op}), profile=profile)
-        if profile:
-            profiled.add(case.op)
+                 no_cuda=bool(no_cuda & {family, case.op}), profile=bool(matched))
+        for w in matched:
+            del unprofiled[w]
         if args.json:  # after every case: a run stopped at a device call's time limit keeps what it measured
             write_json(args.json, meta, ceilings, records)
 
     print()
     print(report.table())
+    for w in unprofiled:  # a misspelt shape must not pass for a profile that showed nothing
+        print(f"--profile {w}: no case of this run matched it")
     if args.json:
         write_json(args.json, meta, ceilings, records)
         print(f"wrote {len(records)} records to {args.json}")

@@ -408,8 +408,9 @@ def moe_cases(compiler: Compiler) -> None:
 
     compiler.context = "router"
     shapes = ((256, 8, 4, 8), (160, 8, 3, 6))  # V3; V2's groups of 20
-    # the default tile and bench_moe.py's other (tokens, warps) choices (DSKERNELS_ROUTER_TILE)
-    for tile in ("", *bench_moe.ROUTER_TILES):
+    # the default tile, bench_moe.py's other (tokens, warps) choices (DSKERNELS_ROUTER_TILE) and the
+    # largest one test_moe_router.py launches
+    for tile in ("", *bench_moe.ROUTER_TILES, "16,8"):
         os.environ["DSKERNELS_ROUTER_TILE"] = tile
         for experts, groups, topk_groups, topk in shapes[:1] if tile else shapes:
             triton_moe.grouped_topk(_meta(4096, experts, dtype=torch.float32), _meta(experts, dtype=torch.float32),

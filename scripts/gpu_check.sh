@@ -18,7 +18,7 @@
 #        NO_CUDA=mla,gemm (families benchmarked without their cuda backend; by default those whose
 #        CUDA tests failed in this call),
 #        PROFILE=deepseek_v3_layer_decode,silu_and_mul,gemm_fp8_fp8_bf16_nt@m=64 (ops whose first
-#        case, or first case whose shape holds the text after @, run.py also profiles kernel by
+#        case, or first case whose shape has the words after @, run.py also profiles kernel by
 #        kernel, every backend and variant; empty: none), SANITIZER_BUDGET=120 (s per tool), DSKERNELS_GEMM_SPLITK_TESTED=1 (the
 #        `cuda[m64_splitk]` GEMM rows and that config's sanitizer case; set by the script when
 #        tests/test_gemm_sm90_splitk.py passed in this call), DSKERNELS_MLA_FP8_TMA_TESTED=1 (the `cuda[fp8_tma]` MLA
@@ -89,7 +89,7 @@ if wants tests; then
   # One pytest per file, killed at its timeout: a kernel that hangs (or traps and leaves a dead
   # context) costs its own file, not the whole call. The never-run files go first.
   tests_end=$((SECONDS + $(budget "${TESTS_BUDGET:-330}")))
-  step "GPU tests ($((tests_end - SECONDS)) s in all, ${TEST_TIMEOUT:-150} s per file at most)"
+  step "GPU tests ($((tests_end - SECONDS)) s in all, ${TEST_TIMEOUT:-150} s per file at most, test_gemm_general ${SLOW_TEST_TIMEOUT:-300})"
   # Only the files that hold gpu-selected tests (one collection instead of a pytest start per file).
   # Those that failed or did not finish on the H200 (2026-12-04, second run) go first, then the rest
   # (all passed there).
@@ -129,7 +129,7 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
   done
   # The files' own pids: a bare `wait` also waits for the summary's tee (a process substitution,
   # bash 5.2), which ends only with the script. That hung the H200 call of 2026-12-04 after its tests.
-  wait "${pids[@]}"
+  (( ${#pids[@]} )) && wait "${pids[@]}"  # no files started: a bare wait would hang the same way
   grep -q -v ": rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && status=1
   # The opt-in fp8 TMA path of the sm90 MLA decode is benchmarked (`cuda[fp8_tma]` rows) and
   # sanitized only once its own tests passed here (benchmarks/bench_mla.py, scripts/sanitize_cases.py).

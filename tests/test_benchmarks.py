@@ -37,18 +37,40 @@ def test_every_grid_builds():
                 assert family == "pipeline" or cases, (family, quick, device)
 
 
-@pytest.mark.parametrize("asked,case", [("per_token_cast_to_fp8", "dtype=bfloat16 [ref]"),
-                                       ("per_token_cast_to_fp8@ue8m0", "ue8m0=True [ref]")])
-def test_profile_prints_where_the_time_goes(asked, case):
-    """--profile: the named op's first case (or first whose shape holds the text after @), once
-    per backend, under torch.profiler."""
+@pytest.mark.parametrize("asked,cases", [
+    ("per_token_cast_to_fp8", ["dtype=bfloat16 [ref]"]),
+    ("per_token_cast_to_fp8@ue8m0=True", ["ue8m0=True [ref]"]),
+    ("per_token_cast_to_fp8,per_token_cast_to_fp8@ue8m0=True", ["dtype=bfloat16 [ref]", "ue8m0=True [ref]"]),
+])
+def test_profile_prints_where_the_time_goes(asked, cases):
+    """--profile: for each request the named op's first case (or the first whose shape has the
+    words after @), once per backend, under torch.profiler."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick",
                           "--ops", "per_token_cast_to_fp8", "--profile", asked],
                          capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     profiles = [line for line in out.stdout.splitlines() if line.startswith("profile per_token_cast_to_fp8 ")]
-    assert len(profiles) == 2 and case in profiles[0] and "[triton]" in profiles[1], profiles
+    assert len(profiles) == 2 * len(cases), profiles
+    for i, case in enumerate(cases):
+        assert case in profiles[2 * i] and "[triton]" in profiles[2 * i + 1], profiles
     assert "dskernels::per_token_cast_to_fp8" in out.stdout
+
+
+def test_graph_key_follows_the_variant_knobs(monkeypatch):
+    """A graph captured for one variant is not replayed for another that forces other kernels."""
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from benchmarks.common import graph_key
+
+    x = torch.zeros(3)
+    monkeypatch.delenv("DSKERNELS_ROUTER_TILE", raising=False)
+    default = graph_key((x, 2))
+    monkeypatch.setenv("DSKERNELS_ROUTER_TILE", "1,1")
+    forced = graph_key((x, 2))
+    assert forced != default
+    monkeypatch.setenv("SOME_OTHER_VARIABLE", "1")  # variables outside DSKERNELS_* do not matter
+    assert graph_key((x, 2)) == forced
 
 
 def test_variant_environment_is_restored(monkeypatch):

@@ -130,8 +130,8 @@ def _paged_mqa_logits_kernel(
         rh_ok = (row < next_n) & (head < num_heads)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        q = _load_fp8(q_ptr + b * stride_qb + row[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
-                      rh_ok[:, None] & d_ok[None, :], FP8_BYTES, FP32_DOT)
+        q_rows = q_ptr + b * stride_qb + row.to(tl.int64) * stride_qn + head * stride_qh
+        q = _load_fp8(q_rows[:, None] + d[None, :], rh_ok[:, None] & d_ok[None, :], FP8_BYTES, FP32_DOT)
         k = _load_fp8(base[:, None] + (slot * HEAD_DIM)[:, None] + d[None, :], key_ok[:, None] & d_ok[None, :],
                       FP8_BYTES, FP32_DOT)
         k_scale = tl.load((base + page_size * HEAD_DIM + slot * 4).to(tl.pointer_type(tl.float32)), mask=key_ok,
