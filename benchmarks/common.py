@@ -66,8 +66,6 @@ def graph_or_eager(step: Callable[..., Any]) -> Callable[..., Any]:
     first replay, so a graph that writes nothing still fails run.py's check."""
     import torch
 
-    import dskernels
-
     graphs = {}
 
     def run(*inputs):
