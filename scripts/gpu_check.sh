@@ -87,7 +87,7 @@ pack
 
 if wants tests; then
   # One pytest per file, killed at its timeout: a kernel that hangs (or traps and leaves a dead
-  # context) costs its own file, not the whole call. The never-run files go first.
+  # context) costs its own file, not the whole call. The files that failed last time go first.
   tests_end=$((SECONDS + $(budget "${TESTS_BUDGET:-330}")))
   step "GPU tests ($((tests_end - SECONDS)) s in all, ${TEST_TIMEOUT:-150} s per file at most, test_gemm_general ${SLOW_TEST_TIMEOUT:-300})"
   # Only the files that hold gpu-selected tests (one collection instead of a pytest start per file).
