@@ -126,7 +126,7 @@ def test_all_minus_inf_still_distinct_experts(backend):
 @pytest.mark.parametrize("tile", [pytest.param(tile, marks=_ON_GPU) for tile in ("1,1", "2,4", "16,8")])
 def test_triton_tiles(tile, monkeypatch):
     """The Triton kernel's other (tokens per program, warps) choices (benchmarks/bench_moe.py times
-    them): the same routes, rows past the tokens left alone."""
+    them): the same routes as the oracle."""
     if "triton" not in dskernels.available_backends():
         pytest.skip("no Triton here")
     monkeypatch.setenv("DSKERNELS_ROUTER_TILE", tile)
