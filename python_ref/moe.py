@@ -18,8 +18,12 @@ def grouped_topk(logits: torch.Tensor, bias: torch.Tensor, num_groups: int, topk
     group_score = per_group.topk(2, dim=-1).values.sum(-1)
     keep = torch.zeros_like(group_score, dtype=torch.bool)
     keep.scatter_(1, group_score.topk(topk_groups, dim=-1).indices, True)
-    biased = per_group.masked_fill(~keep[..., None], float("-inf")).view(tokens, experts)
-    idx = biased.topk(topk, dim=-1).indices
+    # The experts of dropped groups rank below every expert of a kept one, even a kept -inf: in
+    # float64, kept -inf becomes -1e300 (below any float32) and dropped experts -inf. (With fp32 -inf
+    # for both, torch.topk's order among the ties, which differs on CUDA, could pick a dropped group.)
+    kept = per_group.double().clamp(min=-1e300)  # NaN stays NaN, and ranks first as in torch.topk
+    choice = kept.masked_fill(~keep[..., None], float("-inf")).view(tokens, experts)
+    idx = choice.topk(topk, dim=-1).indices
     weights = scores.gather(1, idx)
     if renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

@@ -123,6 +123,19 @@ def test_all_minus_inf_still_distinct_experts(backend):
             assert len({e // (experts // groups) for e in row}) <= topk_groups, row
 
 
+def test_kept_groups_fill_topk_before_dropped_ones(backend):
+    """Two kept groups hold only four finite scores for topk = 6: the other two picks are -inf
+    experts of the kept groups, never of the dropped groups (-inf too; torch.topk's order among
+    such ties once made the oracle pick them)."""
+    _, device = backend
+    bias = torch.full((16,), float("-inf"), device=device)
+    bias[[0, 1, 4, 5]] = 0.0                    # groups 0 and 1 each have two finite scores
+    idx, _ = dskernels.grouped_topk(torch.zeros(3, 16, device=device), bias, 4, 2, 6, False, 1.0)
+    ref_idx, _ = python_ref.grouped_topk(torch.zeros(3, 16, device=device), bias, 4, 2, 6, False, 1.0)
+    for row in idx.tolist() + ref_idx.tolist():
+        assert {0, 1, 4, 5} <= set(row) and len(set(row)) == 6 and all(e < 8 for e in row), row
+
+
 @pytest.mark.parametrize("tile", [pytest.param(tile, marks=_ON_GPU) for tile in ("1,1", "2,4", "16,8")])
 def test_triton_tiles(tile, monkeypatch):
     """The Triton kernel's other (tokens per program, warps) choices (benchmarks/bench_moe.py times
