@@ -213,6 +213,10 @@ def mla_cases(compiler: Compiler) -> None:
             _meta(b + 1, dtype=torch.int32), d ** -0.5, causal,
             _meta(1, dtype=torch.float32) if cache_dtype == torch.float8_e4m3fn else None,
             _meta(b, s_q, h_q, dv, dtype=q_dtype), _meta(b, h_q, s_q, dtype=torch.float32))
+    for b, parts in [(1, 66), (300, 132)]:  # the split plan (get_mla_metadata's Triton path)
+        compiler.context = f"mla metadata b={b} parts={parts}"
+        triton_mla.get_mla_metadata(_meta(b, dtype=torch.int32), _meta(parts, 8, dtype=torch.int32),
+                                    _meta(b + 1, dtype=torch.int32), 64, 5)
 
 
 def mla_sparse_cases(compiler: Compiler) -> None:

@@ -222,9 +222,10 @@ def simulate_plan(meta, num_splits, lengths):
     ([0], 1, 1), ([5], 16, 1), ([0, 0, 0], 2, 2), ([4096] * 4, 128, 1),
     ([1, 70000, 3, 0, 129, 64, 65], 16, 1), (list(range(0, 3000, 37)), 32, 2), ([10] * 300, 64, 1),
 ])
-def test_split_plan_covers_every_key_once(lengths, q_rows, h_kv):
-    lens = torch.tensor(lengths, dtype=torch.int32)
+def test_split_plan_covers_every_key_once(backend, lengths, q_rows, h_kv):
+    lens = torch.tensor(lengths, dtype=torch.int32, device=backend[1])
     meta, num_splits = dskernels.get_mla_metadata(lens, q_rows, h_kv)
+    meta, num_splits = meta.cpu(), num_splits.cpu()
     b = len(lengths)
     parts = mla_ops.num_partitions(lens.device, q_rows, h_kv)
     assert meta.shape == (parts, 8) and meta.dtype == torch.int32
@@ -243,6 +244,26 @@ def test_split_plan_covers_every_key_once(lengths, q_rows, h_kv):
             assert covered[0] == 0 and covered[-1] == n
             assert all(covered[k] == covered[k + 1] for k in range(1, len(covered) - 1, 2))
             assert all(lo % mla_ops.BLOCK_TOKENS == 0 for _, lo, _ in got)
+
+
+@pytest.mark.parametrize("lengths", [[0], [7], [0, 0, 5], [1] * 300, [8192, 1, 3000] + [0] * 40,
+                                     list(range(0, 5000, 3)), [-5, 64, 65]])
+@pytest.mark.parametrize("parts", [pytest.param(p, marks=[pytest.mark.gpu] if torch.cuda.is_available() else [])
+                                   for p in (1, 7, 8, 66, 132)])
+def test_triton_metadata_kernel_equals_split_plan(lengths, parts):
+    """The Triton split plan (one program) is split_plan bit for bit: batches past its 256-sequence
+    chunks, more partitions than work, negative lengths (counted as 0); poisoned outputs."""
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("no Triton backend here")
+    from dskernels.triton import mla as triton_mla
+
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda" if torch.cuda.is_available() else "cpu")
+    meta = torch.full((parts, mla_ops.METADATA_SIZE), -7, dtype=torch.int32, device=lens.device)
+    num_splits = torch.full((len(lengths) + 1,), -7, dtype=torch.int32, device=lens.device)
+    triton_mla.get_mla_metadata(lens, meta, num_splits, mla_ops.BLOCK_TOKENS, mla_ops.FIXED_OVERHEAD_BLOCKS)
+    expected_meta, expected_splits = mla_ops.split_plan(lens, parts)
+    assert torch.equal(meta, expected_meta), (meta, expected_meta)
+    assert torch.equal(num_splits, expected_splits)
 
 
 def test_triton_tile_rule(monkeypatch):

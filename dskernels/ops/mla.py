@@ -36,8 +36,9 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
                      topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plans how the decode kernel splits the keys of a batch over the GPU's SMs.
 
-    Computed on the device with tensor ops only (no host synchronization), so it can be captured
-    in a CUDA graph together with `flash_mla_with_kvcache` and replayed with new lengths.
+    Computed on the device (one kernel on the Triton and CUDA backends, `split_plan`'s tensor ops
+    on the reference), with no host synchronization, so it can be captured in a CUDA graph
+    together with `flash_mla_with_kvcache` and replayed with new lengths.
 
     Args:
         cache_seqlens: [b] int32, the number of cached tokens of each sequence (0 allowed).
@@ -303,14 +304,20 @@ def _get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
     _check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
     device = cache_seqlens.device
     parts = num_partitions(device, num_q_tokens_per_head_k, num_heads_k)
-    if device.type == "cuda" and select_backend("get_mla_metadata", device, has_cuda=True, has_triton=True,
-                                                cuda_verified=_CUDA_MLA_VERIFIED) == "cuda":
-        meta = torch.empty(parts, METADATA_SIZE, dtype=torch.int32, device=device)
-        num_splits = torch.empty(cache_seqlens.shape[0] + 1, dtype=torch.int32, device=device)
+    b = cache_seqlens.shape[0]
+    chosen = select_backend("get_mla_metadata", device, has_cuda=True, has_triton=True,
+                            cuda_verified=_CUDA_MLA_VERIFIED)
+    if chosen == "ref" or b == 0:
+        return split_plan(cache_seqlens, parts)  # tensor ops on the device: the plan's definition
+    meta = torch.empty(parts, METADATA_SIZE, dtype=torch.int32, device=device)
+    num_splits = torch.empty(b + 1, dtype=torch.int32, device=device)
+    if chosen == "cuda":
         torch.ops.dskernels._sm90_get_mla_metadata(cache_seqlens.contiguous(), meta, num_splits)
-        return meta, num_splits
-    # Elsewhere: tensor ops on the device (the plan is a schedule, not math to check).
-    return split_plan(cache_seqlens, parts)
+    else:  # the same plan in one Triton program (split_plan is ~40 small kernels)
+        from dskernels.triton import mla as triton_mla
+
+        triton_mla.get_mla_metadata(cache_seqlens.contiguous(), meta, num_splits, BLOCK_TOKENS, FIXED_OVERHEAD_BLOCKS)
+    return meta, num_splits
 
 
 @torch.library.register_fake("dskernels::get_mla_metadata")

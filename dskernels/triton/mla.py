@@ -254,6 +254,90 @@ def _mla_combine_kernel(out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr, num_splits_p
         tl.store(lse_ptr + i.to(tl.int64) * stride_lb + head * stride_lh + token, lse, mask=row_ok)
 
 
+@triton.jit
+def _mla_metadata_kernel(seqlens_ptr, ends_ptr, meta_ptr, num_splits_ptr, b, num_parts, search_steps,
+                         BLOCK_TOKENS: tl.constexpr, OVERHEAD: tl.constexpr, META: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    """ops.mla.split_plan in one program (its docstring has the plan): the sequences' cost line in
+    chunks of BLOCK_B (a running prefix sum, kept in ends_ptr, int64 [b]), the splits per
+    sequence, then one row per partition found by binary search over the ends."""
+    offs = tl.arange(0, BLOCK_B)
+    total = tl.zeros((), dtype=tl.int64)
+    for chunk in range(0, b, BLOCK_B):
+        i = chunk + offs
+        ok = i < b
+        blocks = (tl.maximum(tl.load(seqlens_ptr + i, mask=ok, other=0), 0).to(tl.int64) + BLOCK_TOKENS - 1) \
+            // BLOCK_TOKENS
+        cost = tl.where(ok, blocks + OVERHEAD, 0)
+        tl.store(ends_ptr + i, total + tl.cumsum(cost, 0), mask=ok)
+        total += tl.sum(cost, 0)
+    per_part = tl.maximum((total + num_parts - 1) // num_parts, 1)
+    tl.debug_barrier()  # the ends stored above are read by other threads below
+    tl.store(num_splits_ptr, 0)
+    splits_before = tl.zeros((), dtype=tl.int64)
+    for chunk in range(0, b, BLOCK_B):
+        i = chunk + offs
+        ok = i < b
+        blocks = (tl.maximum(tl.load(seqlens_ptr + i, mask=ok, other=0), 0).to(tl.int64) + BLOCK_TOKENS - 1) \
+            // BLOCK_TOKENS
+        key_start = tl.load(ends_ptr + i, mask=ok, other=0) - blocks
+        splits = tl.where(ok & (blocks > 0), (key_start + blocks - 1) // per_part - key_start // per_part + 1, 0)
+        tl.store(num_splits_ptr + 1 + i, (splits_before + tl.cumsum(splits, 0)).to(tl.int32), mask=ok)
+        splits_before += tl.sum(splits, 0)
+    parts = tl.arange(0, BLOCK_P)
+    part_ok = parts < num_parts
+    first = parts.to(tl.int64) * per_part
+    last = tl.maximum(tl.minimum(first + per_part, total) - 1, 0)
+    idle = first >= total
+    # searchsorted(ends, x, right=True): the count of ends <= x, for first and last at once
+    lo_first = tl.zeros((BLOCK_P,), dtype=tl.int32)
+    hi_first = tl.zeros((BLOCK_P,), dtype=tl.int32) + b
+    lo_last = tl.zeros((BLOCK_P,), dtype=tl.int32)
+    hi_last = tl.zeros((BLOCK_P,), dtype=tl.int32) + b
+    for _ in range(search_steps):
+        mid = (lo_first + hi_first) // 2
+        on = part_ok & (lo_first < hi_first)
+        right = on & (tl.load(ends_ptr + mid, mask=on, other=0) <= first)
+        lo_first = tl.where(right, mid + 1, lo_first)
+        hi_first = tl.where(on & ~right, mid, hi_first)
+        mid = (lo_last + hi_last) // 2
+        on = part_ok & (lo_last < hi_last)
+        right = on & (tl.load(ends_ptr + mid, mask=on, other=0) <= last)
+        lo_last = tl.where(right, mid + 1, lo_last)
+        hi_last = tl.where(on & ~right, mid, hi_last)
+    begin_idx = tl.minimum(lo_first, b - 1)
+    end_idx = tl.minimum(lo_last, b - 1)
+    begin_len = tl.maximum(tl.load(seqlens_ptr + begin_idx, mask=part_ok, other=0), 0).to(tl.int64)
+    end_len = tl.maximum(tl.load(seqlens_ptr + end_idx, mask=part_ok, other=0), 0).to(tl.int64)
+    begin_blocks = (begin_len + BLOCK_TOKENS - 1) // BLOCK_TOKENS
+    end_blocks = (end_len + BLOCK_TOKENS - 1) // BLOCK_TOKENS
+    begin_key = tl.load(ends_ptr + begin_idx, mask=part_ok, other=0) - begin_blocks
+    end_key = tl.load(ends_ptr + end_idx, mask=part_ok, other=0) - end_blocks
+    begin_block = tl.minimum(tl.maximum(first - begin_key, 0), begin_blocks)
+    end_block = tl.minimum(tl.maximum(last + 1 - end_key, 0), end_blocks)
+    begin_split = tl.maximum(parts - begin_key // per_part, 0)
+    row = meta_ptr + parts * META
+    tl.store(row, tl.where(idle, b, begin_idx), mask=part_ok)
+    tl.store(row + 1, tl.where(idle, 0, begin_block * BLOCK_TOKENS).to(tl.int32), mask=part_ok)
+    tl.store(row + 2, tl.where(idle, b - 1, end_idx), mask=part_ok)
+    tl.store(row + 3, tl.where(idle, 0, tl.minimum(end_block * BLOCK_TOKENS, end_len)).to(tl.int32), mask=part_ok)
+    tl.store(row + 4, tl.where(idle, 0, begin_split).to(tl.int32), mask=part_ok)
+    for k in tl.static_range(5, META):
+        tl.store(row + k, tl.zeros((BLOCK_P,), dtype=tl.int32), mask=part_ok)
+
+
+def get_mla_metadata(cache_seqlens: torch.Tensor, meta: torch.Tensor, num_splits: torch.Tensor, block_tokens: int,
+                     overhead_blocks: int) -> None:
+    """Fills meta [num_parts, 8] and num_splits [b + 1] (int32, contiguous) with ops.mla.split_plan's
+    plan for cache_seqlens [b] (b >= 1): one launch instead of split_plan's ~40 small ones."""
+    b = cache_seqlens.shape[0]
+    num_parts = meta.shape[0]
+    ends = torch.empty(b, dtype=torch.int64, device=cache_seqlens.device)
+    _mla_metadata_kernel[(1,)](cache_seqlens, ends, meta, num_splits, b, num_parts, b.bit_length(),
+                               BLOCK_TOKENS=block_tokens, OVERHEAD=overhead_blocks, META=meta.shape[1],
+                               BLOCK_B=256, BLOCK_P=_pow2(num_parts), num_warps=4, num_stages=1)
+
+
 def _pow2(n: int, floor: int = 16) -> int:
     return max(next_power_of_2(max(n, 1)), floor)
 
