@@ -255,6 +255,21 @@ def _mla_combine_kernel(out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr, num_splits_p
 
 
 @triton.jit
+def _count_at_most(sorted_ptr, x, valid, n, steps):
+    """Per lane: how many of the n ascending values at sorted_ptr are <= x (searchsorted with
+    right=True), by binary search; steps >= n.bit_length()."""
+    lo = tl.zeros(x.shape, dtype=tl.int32)
+    hi = tl.zeros(x.shape, dtype=tl.int32) + n
+    for _ in range(steps):
+        mid = (lo + hi) // 2
+        on = valid & (lo < hi)
+        right = on & (tl.load(sorted_ptr + mid, mask=on, other=0) <= x)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(on & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
 def _mla_metadata_kernel(seqlens_ptr, ends_ptr, meta_ptr, num_splits_ptr, b, num_parts, search_steps,
                          BLOCK_TOKENS: tl.constexpr, OVERHEAD: tl.constexpr, META: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -289,24 +304,8 @@ def _mla_metadata_kernel(seqlens_ptr, ends_ptr, meta_ptr, num_splits_ptr, b, num
     first = parts.to(tl.int64) * per_part
     last = tl.maximum(tl.minimum(first + per_part, total) - 1, 0)
     idle = first >= total
-    # searchsorted(ends, x, right=True): the count of ends <= x, for first and last at once
-    lo_first = tl.zeros((BLOCK_P,), dtype=tl.int32)
-    hi_first = tl.zeros((BLOCK_P,), dtype=tl.int32) + b
-    lo_last = tl.zeros((BLOCK_P,), dtype=tl.int32)
-    hi_last = tl.zeros((BLOCK_P,), dtype=tl.int32) + b
-    for _ in range(search_steps):
-        mid = (lo_first + hi_first) // 2
-        on = part_ok & (lo_first < hi_first)
-        right = on & (tl.load(ends_ptr + mid, mask=on, other=0) <= first)
-        lo_first = tl.where(right, mid + 1, lo_first)
-        hi_first = tl.where(on & ~right, mid, hi_first)
-        mid = (lo_last + hi_last) // 2
-        on = part_ok & (lo_last < hi_last)
-        right = on & (tl.load(ends_ptr + mid, mask=on, other=0) <= last)
-        lo_last = tl.where(right, mid + 1, lo_last)
-        hi_last = tl.where(on & ~right, mid, hi_last)
-    begin_idx = tl.minimum(lo_first, b - 1)
-    end_idx = tl.minimum(lo_last, b - 1)
+    begin_idx = tl.minimum(_count_at_most(ends_ptr, first, part_ok, b, search_steps), b - 1)
+    end_idx = tl.minimum(_count_at_most(ends_ptr, last, part_ok, b, search_steps), b - 1)
     begin_len = tl.maximum(tl.load(seqlens_ptr + begin_idx, mask=part_ok, other=0), 0).to(tl.int64)
     end_len = tl.maximum(tl.load(seqlens_ptr + end_idx, mask=part_ok, other=0), 0).to(tl.int64)
     begin_blocks = (begin_len + BLOCK_TOKENS - 1) // BLOCK_TOKENS
