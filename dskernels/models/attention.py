@@ -27,7 +27,7 @@ from torch import nn
 import dskernels
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import Indexer
-from dskernels.models.linear import Linear, RMSNorm, device_moves_only
+from dskernels.models.linear import Linear, RMSNorm, device_moves_only, shared_cast
 from dskernels.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 _LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
@@ -78,14 +78,16 @@ class MLAttention(nn.Module):
         cfg = self.cfg
         b, s, _ = x.shape
         q_resid = None
+        q_in = self.q_a_proj if cfg.q_lora_rank else self.q_proj
+        x_fp8 = shared_cast(x, q_in, self.kv_a_proj_with_mqa)  # both read x: one FP8 cast
         if cfg.q_lora_rank:
-            q_resid = self.q_a_layernorm(self.q_a_proj(x))
+            q_resid = self.q_a_layernorm(self.q_a_proj(x, x_fp8))
             q = self.q_b_proj(q_resid)
         else:
-            q = self.q_proj(x)
+            q = self.q_proj(x, x_fp8)
         q = q.view(b, s, self.num_heads, cfg.qk_head_dim)
         q_nope, q_rope = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x, x_fp8).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_factor, x.dtype)
         q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dskernels
+from dskernels._backend import current_backend
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128  # the checkpoint's weight_block_size and our ops' scale granularity
@@ -130,28 +131,74 @@ class Linear(nn.Module):
             return dequantize_block_fp8(self.weight, self.weight_scale_inv, dtype)
         return self.weight.to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.is_fp8:
-            return F.linear(x, self.weight)
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+    def cast_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., k] -> the per-token (1x128) FP8 cast of its rows that this FP8 layer's GEMM reads,
+        (x_fp8 [rows, k], scales [rows, k / 128]); one cast can serve every FP8 Linear that reads
+        the same x with the same round_scale (shared_cast)."""
+        x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype not in (torch.bfloat16, torch.float32):
             x2 = x2.to(torch.bfloat16)
-        out = torch.empty(x2.shape[0], self.out_features, dtype=torch.bfloat16, device=x.device)
-        if x2.shape[0]:
-            xq = dskernels.per_token_cast_to_fp8(x2.contiguous(), round_scale=self.round_scale)
-            dskernels.gemm_fp8_fp8_bf16_nt(xq, (self.weight, self._gemm_scales(self.weight_scale_inv)), out)
-        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return dskernels.per_token_cast_to_fp8(x2.contiguous(), round_scale=self.round_scale)
+
+    def gemm_into(self, x_fp8: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> None:
+        """out [rows, out_features] (bfloat16, any strides) = the FP8 layer's product of cast_input's pair."""
+        if out.shape[0]:
+            dskernels.gemm_fp8_fp8_bf16_nt(x_fp8, (self.weight, self._gemm_scales(self.weight_scale_inv)), out)
+
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype. x_fp8: for an FP8 layer, x's
+        rows already cast (shared_cast's pair)."""
+        if not self.is_fp8:
+            return F.linear(x, self.weight)
+        if x_fp8 is None and x.shape[:-1].numel():
+            x_fp8 = self.cast_input(x)
+        return self.from_fp8(x_fp8, x.shape[:-1], x.dtype)
+
+    def from_fp8(self, x_fp8: tuple[torch.Tensor, torch.Tensor] | None, lead_shape, dtype: torch.dtype) -> torch.Tensor:
+        """The FP8 layer on rows already cast (x_fp8: cast_input's or silu_and_mul_cast_to_fp8's
+        pair; None for no rows) -> [*lead_shape, out_features] in dtype."""
+        out = torch.empty(lead_shape.numel(), self.out_features, dtype=torch.bfloat16, device=self.weight.device)
+        if x_fp8 is not None:
+            self.gemm_into(x_fp8, out)
+        return out.to(dtype).reshape(*lead_shape, self.out_features)
+
+
+def shared_cast(x: torch.Tensor, *layers: Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One FP8 cast of x for layers that all read it (q_a_proj and kv_a_proj_with_mqa, an MLP's
+    gate and up projections): a cast kernel fewer per extra layer. None where they are not all FP8
+    with the same round_scale (each then casts, or runs in float, on its own)."""
+    if all(layer.is_fp8 and layer.round_scale == layers[0].round_scale for layer in layers) and x.shape[:-1].numel():
+        return layers[0].cast_input(x)
+    return None
+
+
+def triton_only_ops() -> bool:
+    """The fused SwiGLU ops (silu_and_mul, its FP8-cast form), grouped_topk and the bf16 masked GEMM
+    have no CUDA kernel; under a forced "cuda" backend, which runs CUDA kernels only, the layer
+    takes torch's ops (and per_token_cast_to_fp8, which has one) instead."""
+    return current_backend() != "cuda"
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); the dense layers' MLP and the shared experts."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); the dense layers' MLP and the shared experts.
+
+    FP8 weights: x is cast once for both gate and up, whose GEMMs write the two halves of one
+    [rows, 2I] buffer, and `silu_and_mul_cast_to_fp8` turns it into the down projection's FP8 input
+    in one pass (the SwiGLU in fp32: no bf16 rounding of silu(gate) or of the product)."""
 
     def __init__(self, hidden: int, intermediate: int, dtype=None, device=None):
         super().__init__()
+        self.intermediate = intermediate
         self.gate_proj = Linear(hidden, intermediate, dtype, device)
         self.up_proj = Linear(hidden, intermediate, dtype, device)
         self.down_proj = Linear(intermediate, hidden, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        x_fp8 = shared_cast(x, self.gate_proj, self.up_proj)
+        if x_fp8 is None or not self.down_proj.is_fp8 or not triton_only_ops():
+            return self.down_proj(F.silu(self.gate_proj(x, x_fp8)) * self.up_proj(x, x_fp8))
+        h = torch.empty(x_fp8[0].shape[0], 2 * self.intermediate, dtype=torch.bfloat16, device=x.device)
+        self.gate_proj.gemm_into(x_fp8, h[:, :self.intermediate])
+        self.up_proj.gemm_into(x_fp8, h[:, self.intermediate:])
+        act = dskernels.silu_and_mul_cast_to_fp8(h, round_scale=self.down_proj.round_scale)
+        return self.down_proj.from_fp8(act, x.shape[:-1], x.dtype)

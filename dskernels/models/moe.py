@@ -25,9 +25,8 @@ from torch import nn
 
 import dskernels
 import python_ref.moe
-from dskernels._backend import current_backend
 from dskernels.models.config import DeepseekV3Config
-from dskernels.models.linear import FP8, MLP, BlockMajorScales, device_moves_only
+from dskernels.models.linear import FP8, MLP, BlockMajorScales, device_moves_only, triton_only_ops
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -41,7 +40,7 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, cfg: D
     args = (bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob,
             cfg.routed_scaling_factor)
     fits = cfg.n_routed_experts // cfg.n_group >= 2 and max(cfg.topk_group, cfg.num_experts_per_tok) <= 16
-    if _needs_grad(logits) or not _triton_only_ops() or not fits:
+    if _needs_grad(logits) or not triton_only_ops() or not fits:
         return python_ref.moe.grouped_topk(logits, *args)
     return dskernels.grouped_topk(logits, *args)
 
@@ -92,13 +91,6 @@ def _grouped_float(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     return _grouped_float_eager(x, w, offsets)  # eager: same code, without the op's dispatch cost
 
 
-def _triton_only_ops() -> bool:
-    """The fused SwiGLU ops (silu_and_mul, its FP8-cast form), grouped_topk and the bf16 masked GEMM
-    have no CUDA kernel; under a forced "cuda" backend, which runs CUDA kernels only, the layer
-    takes torch's ops (and per_token_cast_to_fp8, which has one) instead."""
-    return current_backend() != "cuda"
-
-
 def _needs_grad(t) -> bool:
     return torch.is_grad_enabled() and isinstance(t, torch.Tensor) and t.requires_grad
 
@@ -106,8 +98,8 @@ def _needs_grad(t) -> bool:
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of h = [gate | up] for float experts: the fused op (fp32 inside, one pass),
     or torch's ops where a gradient must flow (the ops are inference kernels), for dtypes the op
-    does not take (float64), or under a forced "cuda" backend (_triton_only_ops)."""
-    if _needs_grad(h) or h.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not _triton_only_ops():
+    does not take (float64), or under a forced "cuda" backend (triton_only_ops)."""
+    if _needs_grad(h) or h.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not triton_only_ops():
         gate, up = h.split(h.shape[-1] // 2, dim=-1)
         return F.silu(gate) * up
     return dskernels.silu_and_mul(h)
@@ -172,7 +164,7 @@ class Experts(nn.Module):
             if _needs_grad(xs):  # torch._grouped_mm leaves rows past the last offset unspecified in its
                 xs = torch.where(valid[:, None], xs, 0)  # backward too: no gradient from padding rows
         h = self._gemm(xs, self.gate_up_proj, self._gate_up_scales(self.gate_up_proj_scale_inv), m_indices, offsets)
-        if self.is_fp8 and _triton_only_ops():  # SwiGLU in fp32 and the FP8 cast in one pass
+        if self.is_fp8 and triton_only_ops():  # SwiGLU in fp32 and the FP8 cast in one pass
             act = dskernels.silu_and_mul_cast_to_fp8(h, round_scale=self.round_scale)
         elif self.is_fp8:  # cast by _gemm straight from fp32
             gate, up = h.float().split(self.intermediate, dim=-1)
@@ -194,7 +186,7 @@ class Experts(nn.Module):
         matmul over all M rows."""
         if not self.is_fp8 and isinstance(x, tuple):
             raise TypeError("x: FP8 activations need FP8 expert weights")
-        if self.gate_up_proj.dtype == torch.bfloat16 and _triton_only_ops() and not _needs_grad(x):
+        if self.gate_up_proj.dtype == torch.bfloat16 and triton_only_ops() and not _needs_grad(x):
             return self._masked_bf16(x.to(torch.bfloat16), counts, expected_m).to(out_dtype)
         if not self.is_fp8:
             h = torch.bmm(x.to(self.gate_up_proj.dtype), self.gate_up_proj.transpose(1, 2))
@@ -204,7 +196,7 @@ class Experts(nn.Module):
         h = torch.empty(experts, rows, 2 * self.intermediate, dtype=torch.bfloat16, device=a.device)
         gate_up = (self.gate_up_proj, self._gate_up_scales(self.gate_up_proj_scale_inv))
         dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked((a, sa), gate_up, h, counts, expected_m)
-        if _triton_only_ops():
+        if triton_only_ops():
             act = dskernels.silu_and_mul_cast_to_fp8(h, counts, self.round_scale)  # rows past counts skipped
         else:
             gate, up = h.float().split(self.intermediate, dim=-1)
