@@ -690,3 +690,31 @@ def test_fp8_linear_follows_its_scales():
     with torch.inference_mode():
         layer.set_weight(torch.randn(200, 256), None, torch.float32, fp8=True)
         assert close(layer(x))
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(dtype, marks=[pytest.mark.gpu] if torch.cuda.is_available() else [])
+                                   for dtype in (torch.bfloat16, torch.float16, torch.float32)])
+@pytest.mark.parametrize("interleave", [True, False])
+def test_fused_rope_matches_torch_ops(dtype, interleave):
+    """models.rope.rope_qk's one Triton kernel against its torch ops (the definition), on the
+    strided views the attention passes (q's and the latent projection's rope columns), 5 heads,
+    positions up to 160k. Same rounding steps on both sides, so they differ only where their fp32
+    cos / sin do (numpy's under the interpreter, libdevice and CUDA's on a GPU, both within an
+    ulp): at most a few ulps of the dtype."""
+    from dskernels.models import rope
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = DeepseekV3Config.tiny()
+    inv_freq, factor = rope.rope_inv_freq(cfg.rope_parameters, 64, cfg.max_position_embeddings)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 3, 5, 192, generator=g).to(device=device, dtype=dtype)[..., 128:]
+    k = torch.randn(2, 3, 576, generator=g).to(device=device, dtype=dtype)[..., 512:]
+    positions = torch.randint(0, 160000, (2, 3), generator=g).to(device)
+    with dskernels.backend("ref"):
+        expected = rope.rope_qk(q, k, positions, inv_freq.to(device), factor, interleave)
+    with dskernels.backend("triton"):
+        got = rope.rope_qk(q, k, positions, inv_freq.to(device), factor, interleave)
+    eps = torch.finfo(dtype).eps
+    for out, ref, x in zip(got, expected, (q, k)):
+        assert out.shape == ref.shape and out.dtype == dtype
+        torch.testing.assert_close(out, ref, rtol=4 * eps, atol=4 * eps * factor * x.abs().max().item())

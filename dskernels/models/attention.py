@@ -28,7 +28,7 @@ import dskernels
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import Indexer
 from dskernels.models.linear import Linear, RMSNorm, device_moves_only, shared_cast
-from dskernels.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from dskernels.models.rope import rope_cos_sin, rope_inv_freq, rope_qk
 
 _LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 FP8 = torch.float8_e4m3fn
@@ -77,27 +77,30 @@ class MLAttention(nn.Module):
     def _project(self, x: torch.Tensor, positions: torch.Tensor):
         cfg = self.cfg
         b, s, _ = x.shape
-        q_resid = None
-        q_in = self.q_a_proj if cfg.q_lora_rank else self.q_proj
-        x_fp8 = shared_cast(x, q_in, self.kv_a_proj_with_mqa)  # both read x: one FP8 cast
+        q_resid = q_resid_fp8 = None
+        # One FP8 cast of each input however many projections read it (V3.2: the indexer's too)
+        indexer = [self.indexer.wk, self.indexer.weights_proj] if self.indexer is not None else []
+        x_fp8 = shared_cast(x, self.q_a_proj if cfg.q_lora_rank else self.q_proj, self.kv_a_proj_with_mqa, *indexer)
         if cfg.q_lora_rank:
             q_resid = self.q_a_layernorm(self.q_a_proj(x, x_fp8))
-            q = self.q_b_proj(q_resid)
+            q_resid_fp8 = shared_cast(q_resid, self.q_b_proj, *([self.indexer.wq_b] if self.indexer is not None else []))
+            q = self.q_b_proj(q_resid, q_resid_fp8)
         else:
             q = self.q_proj(x, x_fp8)
         q = q.view(b, s, self.num_heads, cfg.qk_head_dim)
         q_nope, q_rope = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x, x_fp8).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_factor, x.dtype)
-        q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)
-        k_rope = apply_rope(k_rope, cos, sin, cfg.rope_interleave)
-        return q_nope, q_rope, latent, k_rope, q_resid, cos, sin
+        q_rope, k_rope = rope_qk(q_rope, k_rope, positions, self.inv_freq, self.attention_factor, cfg.rope_interleave)
+        cos = sin = None
+        if self.indexer is not None:  # the indexer rotates its own q and k by the same angles
+            cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_factor, x.dtype)
+        return q_nope, q_rope, latent, k_rope, (x, q_resid, cos, sin, x_fp8, q_resid_fp8)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor | None = None,
                 block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
                 index_cache: torch.Tensor | None = None, kv_cache_scale: torch.Tensor | None = None) -> torch.Tensor:
-        q_nope, q_rope, latent, k_rope, q_resid, cos, sin = self._project(x, positions)
+        q_nope, q_rope, latent, k_rope, indexer_inputs = self._project(x, positions)
         if index_cache is not None and (self.indexer is None or kv_cache is None):
             raise ValueError("index_cache: only a DeepSeek-V3.2 layer (config index_topk) reads one, "
                              "beside its kv_cache")
@@ -110,11 +113,11 @@ class MLAttention(nn.Module):
             elif q_nope.numel() == 0:  # no tokens: nothing to select from or attend to
                 out = q_nope.new_zeros(*q_nope.shape[:3], self.cfg.v_head_dim)
             else:
-                selected = self.indexer.select_new_tokens(x, q_resid, cos, sin)
+                selected = self.indexer.select_new_tokens(*indexer_inputs)
                 out = self._attend_selected_new_tokens(q_nope, q_rope, latent, k_rope, selected)
         else:
             out = self._attend_paged(q_nope, q_rope, latent, k_rope, kv_cache, block_table, cache_seqlens,
-                                     index_cache, (x, q_resid, cos, sin), kv_cache_scale)
+                                     index_cache, indexer_inputs, kv_cache_scale)
         return self.o_proj(out.flatten(2))
 
     @staticmethod

@@ -92,21 +92,23 @@ class Indexer(nn.Module):
         return self.head_dim + 4 if self.fp8 else self.head_dim
 
     # ---- projections ----
-    def project(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def project(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                x_fp8=None, q_resid_fp8=None):
         """x [B, S, hidden], q_resid [B, S, q_lora_rank], cos/sin [B, S, rope/2] ->
         q [B, S, H, D], k [B, S, D] (x's dtype, roped, rotated for fp8) and weights [B, S, H] fp32
-        (the head weights times n_heads**-0.5 * D**-0.5)."""
+        (the head weights times n_heads**-0.5 * D**-0.5). x_fp8, q_resid_fp8: the attention's FP8
+        casts of x and q_resid (models.linear.shared_cast), or None."""
         b, s, _ = x.shape
         rope = self.cfg.qk_rope_head_dim
-        q = self.wq_b(q_resid).view(b, s, self.num_heads, self.head_dim)
-        k = self.k_norm(self.wk(x))
+        q = self.wq_b(q_resid, q_resid_fp8).view(b, s, self.num_heads, self.head_dim)
+        k = self.k_norm(self.wk(x, x_fp8))
         q = torch.cat([apply_rope(q[..., :rope], cos, sin, interleave=False), q[..., rope:]], dim=-1)
         k = torch.cat([apply_rope(k[..., :rope], cos, sin, interleave=False), k[..., rope:]], dim=-1)
         if self.fp8:
             q = (q.float() @ self.hadamard).to(q.dtype)
             k = (k.float() @ self.hadamard).to(k.dtype)
         if self.weights_proj.is_fp8:
-            weights = self.weights_proj(x).float()
+            weights = self.weights_proj(x, x_fp8).float()
         else:  # transformers keeps weights_proj in fp32
             weights = F.linear(x.float(), self.weights_proj.weight.float())
         return q, k, weights * self.weight_scale
@@ -117,10 +119,10 @@ class Indexer(nn.Module):
         return q8, weights * q_scale
 
     # ---- selection ----
-    def select_new_tokens(self, x, q_resid, cos, sin) -> torch.Tensor:
+    def select_new_tokens(self, x, q_resid, cos, sin, x_fp8=None, q_resid_fp8=None) -> torch.Tensor:
         """Causal selection among the S tokens of x (prefill from scratch): int32 [B, S, topk]
         positions in the sequence (topk = min(index_topk, S)), -1 where a query sees fewer tokens."""
-        q, k, weights = self.project(x, q_resid, cos, sin)
+        q, k, weights = self.project(x, q_resid, cos, sin, x_fp8, q_resid_fp8)
         b, s = x.shape[:2]
         heads, dim = self.num_heads, self.head_dim
         first = torch.arange(b, device=x.device, dtype=torch.int32)[:, None] * s  # each sequence's first key
@@ -144,13 +146,13 @@ class Indexer(nn.Module):
             selected.append(self._top(logits))
         return torch.cat(selected, dim=1)
 
-    def select_paged(self, x, q_resid, cos, sin, index_cache: torch.Tensor, block_table: torch.Tensor,
-                     cache_seqlens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def select_paged(self, x, q_resid, cos, sin, x_fp8, q_resid_fp8, index_cache: torch.Tensor,
+                     block_table: torch.Tensor, cache_seqlens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Writes the S new keys at `slots` (flat cache slots [B * S]) of index_cache, then selects
         for token j of sequence b among positions [0, cache_seqlens[b] + j + 1): int32 [B, S, topk]
         positions (topk = min(index_topk, the block table's capacity)), -1 past what a query sees.
         No host sync: the logits span the whole block table; positions past a sequence are -inf."""
-        q, k, weights = self.project(x, q_resid, cos, sin)
+        q, k, weights = self.project(x, q_resid, cos, sin, x_fp8, q_resid_fp8)
         b, s = x.shape[:2]
         heads, dim = self.num_heads, self.head_dim
         page_size = index_cache.shape[1]

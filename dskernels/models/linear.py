@@ -146,8 +146,8 @@ class Linear(nn.Module):
             dskernels.gemm_fp8_fp8_bf16_nt(x_fp8, (self.weight, self._gemm_scales(self.weight_scale_inv)), out)
 
     def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x [..., in_features] -> [..., out_features] in x's dtype. x_fp8: for an FP8 layer, x's
-        rows already cast (shared_cast's pair)."""
+        """x [..., in_features] -> [..., out_features] in x's dtype. x_fp8: x's rows already cast
+        (shared_cast's pair), used by an FP8 layer, ignored by a float one."""
         if not self.is_fp8:
             return F.linear(x, self.weight)
         if x_fp8 is None and x.shape[:-1].numel():
@@ -164,12 +164,14 @@ class Linear(nn.Module):
 
 
 def shared_cast(x: torch.Tensor, *layers: Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One FP8 cast of x for layers that all read it (q_a_proj and kv_a_proj_with_mqa, an MLP's
-    gate and up projections): a cast kernel fewer per extra layer. None where they are not all FP8
-    with the same round_scale (each then casts, or runs in float, on its own)."""
-    if all(layer.is_fp8 and layer.round_scale == layers[0].round_scale for layer in layers) and x.shape[:-1].numel():
-        return layers[0].cast_input(x)
-    return None
+    """One FP8 cast of x for the layers that all read it (q_a_proj and kv_a_proj_with_mqa, an MLP's
+    gate and up projections): a cast kernel fewer per extra FP8 layer. Pass it to each of them
+    (Linear.forward ignores it in a float layer). None where none of them is FP8, their round_scale
+    differ, or x has no rows."""
+    fp8 = [layer for layer in layers if layer.is_fp8]
+    if not fp8 or any(layer.round_scale != fp8[0].round_scale for layer in fp8) or not x.shape[:-1].numel():
+        return None
+    return fp8[0].cast_input(x)
 
 
 def triton_only_ops() -> bool:
@@ -195,7 +197,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_fp8 = shared_cast(x, self.gate_proj, self.up_proj)
-        if x_fp8 is None or not self.down_proj.is_fp8 or not triton_only_ops():
+        if not (self.gate_proj.is_fp8 and self.up_proj.is_fp8 and self.down_proj.is_fp8) or x_fp8 is None \
+                or not triton_only_ops():
             return self.down_proj(F.silu(self.gate_proj(x, x_fp8)) * self.up_proj(x, x_fp8))
         h = torch.empty(x_fp8[0].shape[0], 2 * self.intermediate, dtype=torch.bfloat16, device=x.device)
         self.gate_proj.gemm_into(x_fp8, h[:, :self.intermediate])

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from dskernels._backend import current_backend, select_backend
+
 
 def _mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
@@ -73,3 +75,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+            attention_factor: float, interleave: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, S, heads, dim] and k [B, S, dim] (the attention's rope parts, any strides with a unit
+    last one) rotated at positions int64 [B, S]: apply_rope of each with rope_cos_sin's angles. One
+    Triton kernel (dskernels/triton/rope.py, the same bits) where it runs: CUDA tensors, or CPU
+    under the interpreter with the triton backend forced; torch's ops (~22 kernels) under
+    torch.compile (inductor fuses them), where a gradient must flow, on the reference backend and
+    under a forced "cuda" backend (no CUDA kernel)."""
+    if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+            or q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or k.dtype != q.dtype
+            or q.stride(-1) != 1 or k.stride(-1) != 1 or current_backend() == "cuda"
+            or select_backend("rope", q.device, has_cuda=False, has_triton=True) != "triton"):
+        cos, sin = rope_cos_sin(positions, inv_freq, attention_factor, q.dtype)
+        return apply_rope(q, cos, sin, interleave), apply_rope(k, cos, sin, interleave)
+    from dskernels.triton import rope as triton_rope
+
+    b, s, heads, dim = q.shape
+    q_out, k_out = triton_rope.rope_qk(q.reshape(b * s, heads, dim), k.reshape(b * s, dim),
+                                       positions.reshape(-1).contiguous(), inv_freq.contiguous(), attention_factor,
+                                       interleave)
+    return q_out.view(b, s, heads, dim), k_out.view(b, s, dim)
