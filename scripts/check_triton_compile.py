@@ -17,7 +17,7 @@ compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
 grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16,
 prefill), V3.2's indexer logits (prefill, compressed, paged; D = 16 to 128), the three FP8 GEMMs
-with every autotuning candidate and the heuristic tiles, the FP8 casts (per-channel and SwiGLU-fused too), the router, the model layer's rope and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels; fp8_einsum's general batched form on the masked kernel.)
+with every autotuning candidate and the heuristic tiles, the FP8 casts (per-channel and SwiGLU-fused too), the router, the model layer's RMSNorm and rope and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels; fp8_einsum's general batched form on the masked kernel.)
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
 """
@@ -423,8 +423,14 @@ def moe_cases(compiler: Compiler) -> None:
     os.environ.pop("DSKERNELS_ROUTER_TILE")
 
 
-def rope_cases(compiler: Compiler) -> None:
+def layer_cases(compiler: Compiler) -> None:
+    from dskernels.triton import rmsnorm
     from dskernels.triton import rope as triton_rope
+
+    # the model layer's norms: hidden 7168, q_lora_rank 1536, kv_lora_rank 512 (strided rows)
+    for dim, dtype in [(7168, torch.bfloat16), (1536, torch.float16), (512, torch.float32)]:
+        compiler.context = f"rmsnorm dim={dim} {str(dtype)[6:]}"
+        rmsnorm.rms_norm(_meta(64, dim + 64, dtype=dtype)[:, :dim], _meta(dim, dtype=dtype), 1e-6)
 
     # the model layer's q and k rope parts: V3's 128 heads and the test models' few, every dtype
     for heads, dtype, interleave in [(128, torch.bfloat16, True), (5, torch.float16, False), (16, torch.float32, True)]:
@@ -485,7 +491,7 @@ def main() -> int:
             multi_processor_count=132)
         JITFunction.run = lambda fn, *a, c=compiler, **kw: c.run(fn, *a, **kw)
         try:
-            for cases in (mla_cases, mla_sparse_cases, indexer_cases, gemm_cases, cast_cases, moe_cases, rope_cases,
+            for cases in (mla_cases, mla_sparse_cases, indexer_cases, gemm_cases, cast_cases, moe_cases, layer_cases,
                           ep_cases):
                 cases(compiler)
         finally:

@@ -718,3 +718,27 @@ def test_fused_rope_matches_torch_ops(dtype, interleave):
     for out, ref, x in zip(got, expected, (q, k)):
         assert out.shape == ref.shape and out.dtype == dtype
         torch.testing.assert_close(out, ref, rtol=4 * eps, atol=4 * eps * factor * x.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(dtype, marks=[pytest.mark.gpu] if torch.cuda.is_available() else [])
+                                   for dtype in (torch.bfloat16, torch.float16, torch.float32)])
+@pytest.mark.parametrize("dim", [96, 512, 7168])
+def test_fused_rmsnorm_matches_torch_ops(dtype, dim):
+    """RMSNorm's one Triton kernel against its torch ops (the definition) on strided rows (the
+    attention normalizes the latent columns of its kv_a projection in place): the same two roundings
+    to the dtype, the fp32 sum of squares in another order and rsqrt apart, so within an ulp of
+    the dtype (a few fp32 ulps for fp32)."""
+    from dskernels.models.linear import RMSNorm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(dim)
+    norm = RMSNorm(dim, 1e-6, dtype=dtype, device=device)
+    norm.weight.copy_(1 + 0.1 * torch.randn(dim, generator=g))
+    x = (3 * torch.randn(3, 5, dim + 64, generator=g)).to(device=device, dtype=dtype)[..., :dim]
+    with torch.no_grad():
+        with dskernels.backend("ref"):
+            expected = norm(x)
+        with dskernels.backend("triton"):
+            got = norm(x)
+    assert got.shape == expected.shape and got.dtype == dtype
+    torch.testing.assert_close(got, expected, rtol=2 * torch.finfo(dtype).eps + 1e-6, atol=0)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dskernels
-from dskernels._backend import current_backend
+from dskernels._backend import current_backend, select_backend
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128  # the checkpoint's weight_block_size and our ops' scale granularity
@@ -24,6 +24,10 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_fusable(x, self.weight):  # one kernel (dskernels/triton/rmsnorm.py) for the four below
+            from dskernels.triton import rmsnorm
+
+            return rmsnorm.rms_norm(x, self.weight, self.eps)
         # F.rms_norm: the same fp32 math as HF's pow / mean / rsqrt / mul (bit for bit on CPU), in one
         # op instead of five (four norms per layer: launches are most of a decode step's small ops)
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
@@ -172,6 +176,22 @@ def shared_cast(x: torch.Tensor, *layers: Linear) -> tuple[torch.Tensor, torch.T
     if not fp8 or any(layer.round_scale != fp8[0].round_scale for layer in fp8) or not x.shape[:-1].numel():
         return None
     return fp8[0].cast_input(x)
+
+
+def triton_fusable(*tensors: torch.Tensor) -> bool:
+    """Whether the layer's small fused Triton kernels (RMSNorm, rope) take these tensors in place
+    of their torch ops (the definition): eager (under torch.compile inductor fuses the torch ops
+    itself), no gradient to keep (inference kernels), one float dtype (bf16, fp16, fp32), unit last
+    stride, and the Triton backend chosen for their device (CUDA tensors under auto; CPU ones only
+    with the triton backend forced under the interpreter; not under a forced "cuda" backend)."""
+    first = tensors[0]
+    if torch.compiler.is_compiling() or first.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if any(t.dtype != first.dtype or t.stride(-1) != 1 for t in tensors) or not triton_only_ops():
+        return False
+    return select_backend("fused layer ops", first.device, has_cuda=False, has_triton=True) == "triton"
 
 
 def triton_only_ops() -> bool:

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from dskernels._backend import current_backend, select_backend
+from dskernels.models.linear import triton_fusable
+
 
 
 def _mscale(scale: float, mscale: float = 1.0) -> float:
@@ -82,13 +83,9 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
     """q [B, S, heads, dim] and k [B, S, dim] (the attention's rope parts, any strides with a unit
     last one) rotated at positions int64 [B, S]: apply_rope of each with rope_cos_sin's angles. One
     Triton kernel (dskernels/triton/rope.py, the same bits) where it runs: CUDA tensors, or CPU
-    under the interpreter with the triton backend forced; torch's ops (~22 kernels) under
-    torch.compile (inductor fuses them), where a gradient must flow, on the reference backend and
-    under a forced "cuda" backend (no CUDA kernel)."""
-    if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
-            or q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or k.dtype != q.dtype
-            or q.stride(-1) != 1 or k.stride(-1) != 1 or current_backend() == "cuda"
-            or select_backend("rope", q.device, has_cuda=False, has_triton=True) != "triton"):
+    under the interpreter with the triton backend forced (models.linear.triton_fusable); torch's ops
+    (~22 kernels) otherwise."""
+    if not triton_fusable(q, k):
         cos, sin = rope_cos_sin(positions, inv_freq, attention_factor, q.dtype)
         return apply_rope(q, cos, sin, interleave), apply_rope(k, cos, sin, interleave)
     from dskernels.triton import rope as triton_rope

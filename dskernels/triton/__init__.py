@@ -1,6 +1,11 @@
 """Triton kernels, one module per family. Imported lazily by dskernels.ops, so that TRITON_INTERPRET
 set by a test harness before the first op call still takes effect."""
 
+import torch
+import triton.language as tl
+
+TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
 
 # Host-side arithmetic for grids and block sizes. triton.cdiv and triton.next_power_of_2 are
 # ConstexprFunctions since Triton 3.7 (usable inside kernels too), and on the host each call costs

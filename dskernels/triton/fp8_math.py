@@ -148,3 +148,12 @@ def round_to_bf16(x):
     bits = x.to(tl.int32, bitcast=True)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 == 0xFFFF0000
     return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def rounded_to(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """fp32 x rounded to dtype (to nearest even), as fp32: the rounding of a torch elementwise op's
+    bf16/fp16 result. ROUND_BF16 under the interpreter (its bf16 conversion truncates)."""
+    if ROUND_BF16:
+        return round_to_bf16(x)
+    return x.to(dtype).to(tl.float32)

@@ -16,19 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels.triton import next_power_of_2
-from dskernels.triton.fp8_math import round_to_bf16
-
-
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
-
-@triton.jit
-def _rounded(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """fp32 x rounded to dtype (to nearest even), returned as fp32."""
-    if ROUND_BF16:  # the interpreter truncates fp32 -> bf16 conversions
-        return round_to_bf16(x)
-    return x.to(dtype).to(tl.float32)
+from dskernels.triton import TL_DTYPES, next_power_of_2
+from dskernels.triton.fp8_math import rounded_to
 
 
 @triton.jit
@@ -47,10 +36,10 @@ def _rotate(x_ptr, out_ptr, stride_xh, stride_oh, heads, cos, sin, INTERLEAVE: t
     x2 = tl.load(x_ptr + h * stride_xh + second, mask=ok, other=0.0)
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
     # every product and sum rounded to the data's dtype, as torch's bf16/fp16 ops round each result
-    a = _rounded(x1 * cos, DTYPE, ROUND_BF16) - _rounded(x2 * sin, DTYPE, ROUND_BF16)
-    b = _rounded(x2 * cos, DTYPE, ROUND_BF16) + _rounded(x1 * sin, DTYPE, ROUND_BF16)
-    tl.store(out_ptr + h * stride_oh + j, _rounded(a, DTYPE, ROUND_BF16).to(DTYPE), mask=ok)
-    tl.store(out_ptr + h * stride_oh + HALF + j, _rounded(b, DTYPE, ROUND_BF16).to(DTYPE), mask=ok)
+    a = rounded_to(x1 * cos, DTYPE, ROUND_BF16) - rounded_to(x2 * sin, DTYPE, ROUND_BF16)
+    b = rounded_to(x2 * cos, DTYPE, ROUND_BF16) + rounded_to(x1 * sin, DTYPE, ROUND_BF16)
+    tl.store(out_ptr + h * stride_oh + j, rounded_to(a, DTYPE, ROUND_BF16).to(DTYPE), mask=ok)
+    tl.store(out_ptr + h * stride_oh + HALF + j, rounded_to(b, DTYPE, ROUND_BF16).to(DTYPE), mask=ok)
 
 
 @triton.jit
@@ -62,8 +51,8 @@ def _rope_qk_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, inv_freq_
     t = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)[None, :]
     angle = tl.load(positions_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + j, mask=j < HALF, other=0.0)
-    cos = _rounded(tl.cos(angle) * attention_factor, DTYPE, ROUND_BF16)
-    sin = _rounded(tl.sin(angle) * attention_factor, DTYPE, ROUND_BF16)
+    cos = rounded_to(tl.cos(angle) * attention_factor, DTYPE, ROUND_BF16)
+    sin = rounded_to(tl.sin(angle) * attention_factor, DTYPE, ROUND_BF16)
     _rotate(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, stride_qh, stride_qoh, heads, cos, sin,
             INTERLEAVE, HALF, BLOCK_H, BLOCK_HALF, DTYPE, ROUND_BF16)
     _rotate(k_ptr + t * stride_kt, k_out_ptr + t * stride_kot, 0, 0, 1, cos, sin, INTERLEAVE, HALF, 1, BLOCK_HALF,
@@ -84,7 +73,7 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
     _rope_qk_kernel[(tokens,)](q, k, q_out, k_out, positions, inv_freq, float(attention_factor), heads,
                                q.stride(0), q.stride(1), k.stride(0), q_out.stride(0), q_out.stride(1), k_out.stride(0),
                                INTERLEAVE=interleave, HALF=half, BLOCK_H=next_power_of_2(heads),
-                               BLOCK_HALF=next_power_of_2(half), DTYPE=_TL_DTYPES[q.dtype],
+                               BLOCK_HALF=next_power_of_2(half), DTYPE=TL_DTYPES[q.dtype],
                                ROUND_BF16=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
                                num_warps=4, enable_fp_fusion=False)
     return q_out, k_out
