@@ -147,14 +147,16 @@ class Experts(nn.Module):
         experts = self.num_local_experts
         flat = topk_idx.reshape(-1)
         key = torch.where(flat >= 0, flat, experts)          # -1 sorts last, as padding rows
-        order = torch.argsort(key, stable=True)
-        sorted_key = key[order]
+        sorted_key, order = torch.sort(key, stable=True)
         valid = sorted_key < experts
-        m_indices = torch.where(valid, sorted_key, -1).to(torch.int32)
-        # scatter_add, not bincount: bincount on CUDA reads max(key) on the host
-        counts = torch.zeros(experts + 1, dtype=torch.int64, device=key.device).scatter_add_(
-            0, key, torch.ones_like(key))[:experts]
-        offsets = counts.cumsum(0).to(torch.int32)
+        # The grouped GEMMs take ids outside [0, experts) as padding rows, as they take -1.
+        m_indices = sorted_key.to(torch.int32)
+        offsets = None
+        if not self.is_fp8:  # the float GEMMs take each expert's row end instead
+            # scatter_add, not bincount: bincount on CUDA reads max(key) on the host
+            counts = torch.zeros(experts + 1, dtype=torch.int64, device=key.device).scatter_add_(
+                0, key, torch.ones_like(key))[:experts]
+            offsets = counts.cumsum(0).to(torch.int32)
         token = order // k
         xs = tuple(t[token] for t in x) if isinstance(x, tuple) else x[token]
         if not self.is_fp8 and isinstance(xs, tuple):
