@@ -17,7 +17,7 @@ compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
 grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16,
 prefill), V3.2's indexer logits (prefill, compressed, paged; D = 16 to 128), the three FP8 GEMMs
-with every autotuning candidate and the heuristic tiles, the FP8 casts (per-channel and SwiGLU-fused too), the router, the model layer's RMSNorm and rope and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels; fp8_einsum's general batched form on the masked kernel.)
+with every autotuning candidate and the heuristic tiles, the FP8 casts (per-channel and SwiGLU-fused too), the router, the model layer's RMSNorm, rope and cache write, and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels; fp8_einsum's general batched form on the masked kernel.)
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
 """
@@ -424,19 +424,25 @@ def moe_cases(compiler: Compiler) -> None:
 
 
 def layer_cases(compiler: Compiler) -> None:
-    from dskernels.triton import rmsnorm
-    from dskernels.triton import rope as triton_rope
+    from dskernels.triton import layer as triton_layer
 
     # the model layer's norms: hidden 7168, q_lora_rank 1536, kv_lora_rank 512 (strided rows)
     for dim, dtype in [(7168, torch.bfloat16), (1536, torch.float16), (512, torch.float32)]:
         compiler.context = f"rmsnorm dim={dim} {str(dtype)[6:]}"
-        rmsnorm.rms_norm(_meta(64, dim + 64, dtype=dtype)[:, :dim], _meta(dim, dtype=dtype), 1e-6)
+        triton_layer.rms_norm(_meta(64, dim + 64, dtype=dtype)[:, :dim], _meta(dim, dtype=dtype), 1e-6)
 
     # the model layer's q and k rope parts: V3's 128 heads and the test models' few, every dtype
     for heads, dtype, interleave in [(128, torch.bfloat16, True), (5, torch.float16, False), (16, torch.float32, True)]:
         compiler.context = f"rope heads={heads} {str(dtype)[6:]}"
-        triton_rope.rope_qk(_meta(64, heads, 192, dtype=dtype)[..., 128:], _meta(64, 576, dtype=dtype)[..., 512:],
-                            _meta(64, dtype=torch.int64), _meta(32, dtype=torch.float32), 1.2, interleave)
+        triton_layer.rope_qk(_meta(64, heads, 192, dtype=dtype)[..., 128:], _meta(64, 576, dtype=dtype)[..., 512:],
+                             _meta(64, dtype=torch.int64), _meta(32, dtype=torch.float32), 1.2, interleave)
+    # the paged latent cache write: V3's bf16 cache and its FP8 one (e4m3 with a scale)
+    for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        compiler.context = f"latent cache write {str(cache_dtype)[6:]}"
+        kv = _meta(8, 2, 576, dtype=torch.bfloat16)
+        triton_layer.write_latent_cache(kv[..., :512], kv[..., 512:], _meta(100, 64, 1, 576, dtype=cache_dtype),
+                                        _meta(8, 70, dtype=torch.int32), _meta(8, dtype=torch.int32),
+                                        _meta(1, dtype=torch.float32))
 
 
 def ep_cases(compiler: Compiler) -> None:

@@ -742,3 +742,57 @@ def test_fused_rmsnorm_matches_torch_ops(dtype, dim):
             got = norm(x)
     assert got.shape == expected.shape and got.dtype == dtype
     torch.testing.assert_close(got, expected, rtol=2 * torch.finfo(dtype).eps + 1e-6, atol=0)
+
+
+@pytest.mark.parametrize("cache_dtype", [pytest.param(dtype, marks=[pytest.mark.gpu] if torch.cuda.is_available() else [])
+                                         for dtype in (torch.bfloat16, torch.float16, torch.float32,
+                                                       torch.float8_e4m3fn)])
+@pytest.mark.parametrize("page_size,s", [(1, 1), (5, 3), (64, 2)])
+def test_fused_latent_cache_write_matches_torch_ops(cache_dtype, page_size, s):
+    """The paged cache write's one Triton kernel against MLAttention._write_cache (torch's ops, the
+    definition): NaN-poisoned caches under a shuffled block table, uneven lengths, latents as the
+    strided columns of the kv_a projection; an FP8 cache with a scale, values past 448 * scale
+    clamped. The same bytes everywhere, the unwritten slots untouched."""
+    from dskernels.models.attention import MLAttention
+    from dskernels.triton import layer as triton_layer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if cache_dtype == torch.float8_e4m3fn else cache_dtype
+    g = torch.Generator().manual_seed(page_size * 10 + s)
+    b, rank, rope = 3, 128, 32
+    pages_per_seq = -(-(40 + s) // page_size)
+    kv = (4 * torch.randn(b, s, rank + rope + 16, generator=g)).to(device=device, dtype=dtype)
+    latent, k_rope = kv[..., :rank], kv[..., rank + 16:]
+    kv[0, 0, 0] = 3000.0  # past 448 * scale: clamped in an FP8 cache
+    lens = torch.tensor([0, 17, 40], dtype=torch.int32, device=device)
+    table = torch.randperm(b * pages_per_seq + 2, generator=g)[:b * pages_per_seq].view(b, pages_per_seq)
+    table = table.to(device=device, dtype=torch.int32)
+    scale = torch.tensor([0.25], device=device) if cache_dtype == torch.float8_e4m3fn else None
+    poison = torch.full((b * pages_per_seq + 2, page_size, 1, rank + rope), float("nan"), device=device).to(cache_dtype)
+    caches = []
+    for write in ("torch", "triton"):
+        cache = poison.clone()
+        if write == "torch":
+            MLAttention._write_cache(latent, k_rope, cache, table, lens, scale, False)
+        else:
+            triton_layer.write_latent_cache(latent, k_rope, cache, table, lens, scale)
+        caches.append(cache)
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[cache_dtype.itemsize]
+    assert (caches[0].view(bits) != poison.view(bits)).sum() == b * s * (rank + rope)  # no value written is NaN
+    assert torch.equal(caches[0].view(bits), caches[1].view(bits))
+
+
+def test_fused_latent_cache_write_keeps_to_the_cache():
+    """A slot past the block table or a page id outside the cache is not written (the torch path
+    raises an index error there): nothing else in the cache changes."""
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("no Triton backend here")
+    from dskernels.triton import layer as triton_layer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = torch.zeros(4, 2, 1, 48, device=device)
+    table = torch.tensor([[0, 1], [2, 99]], dtype=torch.int32, device=device)  # 99: no such page
+    lens = torch.tensor([4, 2], dtype=torch.int32, device=device)  # sequence 0: slot 4 is past its 2 pages
+    latent, k_rope = torch.ones(2, 1, 32, device=device), torch.ones(2, 1, 16, device=device)
+    triton_layer.write_latent_cache(latent, k_rope, cache, table, lens, None)
+    assert cache.abs().sum() == 0

@@ -27,7 +27,7 @@ from torch import nn
 import dskernels
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import Indexer
-from dskernels.models.linear import Linear, RMSNorm, device_moves_only, shared_cast
+from dskernels.models.linear import Linear, RMSNorm, device_moves_only, shared_cast, triton_fusable
 from dskernels.models.rope import rope_cos_sin, rope_inv_freq, rope_qk
 
 _LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
@@ -204,18 +204,14 @@ class MLAttention(nn.Module):
         if s == 0:
             return q_nope.new_zeros(b, 0, h, cfg.v_head_dim)
         # 1. write [latent | k_rope] of the new tokens at slots lens[b] .. lens[b] + s - 1 (no host sync)
-        slots = cache_seqlens.long()[:, None] + torch.arange(s, device=kv_cache.device)
-        pages = block_table.long().gather(1, slots // page_size)
-        flat = (pages * page_size + slots % page_size).reshape(-1)
-        new = torch.cat([latent, k_rope], dim=-1).reshape(b * s, d)
-        if fp8_cache:
-            kv_cache.view(torch.uint8).view(-1, width)[flat] = dskernels.quantize_sparse_kv_cache(new).view(torch.uint8)
-        elif dense_fp8:
-            # e4m3 saturates at 448: a latent past 448 * scale is clamped rather than made NaN
-            values = (new.float() / kv_cache_scale).clamp(-448, 448).to(FP8)
-            kv_cache.view(torch.uint8).view(-1, d).index_copy_(0, flat, values.view(torch.uint8))
+        flat = None
+        if self.indexer is None and triton_fusable(latent, k_rope):
+            from dskernels.triton import layer as triton_layer  # one kernel for _write_cache's ~12
+
+            triton_layer.write_latent_cache(latent, k_rope, kv_cache, block_table, cache_seqlens,
+                                            kv_cache_scale if dense_fp8 else None)
         else:
-            kv_cache.view(-1, d).index_copy_(0, flat, new.to(kv_cache.dtype))
+            flat = self._write_cache(latent, k_rope, kv_cache, block_table, cache_seqlens, kv_cache_scale, fp8_cache)
         # 2. absorbed query: q_nope W_UK lives in the latent space, so scores = q_lat . latent + q_rope . k_rope
         q = self._absorbed_query(q_nope, q_rope)
         seqlens = (cache_seqlens + s).to(torch.int32)
@@ -234,6 +230,30 @@ class MLAttention(nn.Module):
                                                        self.softmax_scale, fp8_cache)
         # 3. the output latent through W_UV gives each head's value vector
         return torch.einsum("bshc,hvc->bshv", out.to(q_nope.dtype), self.w_uv)
+
+    @staticmethod
+    def _write_cache(latent, k_rope, kv_cache, block_table, cache_seqlens, kv_cache_scale,
+                     fp8_cache: bool) -> torch.Tensor:
+        """Token j of sequence b into slot cache_seqlens[b] + j (through the block table) of a float
+        cache, a float8_e4m3fn one with kv_cache_scale, or V3.2's FP8 layout (fp8_cache: 656 bytes
+        per token), in torch's ops (for the first two, the definition of the Triton
+        layer.write_latent_cache). Returns the flat slots [B * S]."""
+        b, s, _ = latent.shape
+        page_size = kv_cache.shape[1]
+        slots = cache_seqlens.long()[:, None] + torch.arange(s, device=kv_cache.device)
+        pages = block_table.long().gather(1, slots // page_size)
+        flat = (pages * page_size + slots % page_size).reshape(-1)
+        new = torch.cat([latent, k_rope], dim=-1).reshape(b * s, latent.shape[-1] + k_rope.shape[-1])
+        width = kv_cache.shape[-1]
+        if fp8_cache:
+            kv_cache.view(torch.uint8).view(-1, width)[flat] = dskernels.quantize_sparse_kv_cache(new).view(torch.uint8)
+        elif kv_cache.dtype == FP8:
+            # e4m3 saturates at 448: a latent past 448 * scale is clamped rather than made NaN
+            values = (new.float() / kv_cache_scale).clamp(-448, 448).to(FP8)
+            kv_cache.view(torch.uint8).view(-1, width).index_copy_(0, flat, values.view(torch.uint8))
+        else:
+            kv_cache.view(-1, width).index_copy_(0, flat, new.to(kv_cache.dtype))
+        return flat
 
     def _check_index_cache(self, index_cache, num_pages: int, page_size: int, dtype: torch.dtype) -> None:
         indexer = self.indexer

@@ -24,10 +24,10 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if triton_fusable(x, self.weight):  # one kernel (dskernels/triton/rmsnorm.py) for the four below
-            from dskernels.triton import rmsnorm
+        if triton_fusable(x, self.weight):  # one kernel (dskernels/triton/layer.py) for the four below
+            from dskernels.triton import layer as triton_layer
 
-            return rmsnorm.rms_norm(x, self.weight, self.eps)
+            return triton_layer.rms_norm(x, self.weight, self.eps)
         # F.rms_norm: the same fp32 math as HF's pow / mean / rsqrt / mul (bit for bit on CPU), in one
         # op instead of five (four norms per layer: launches are most of a decode step's small ops)
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)

@@ -82,16 +82,16 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
             attention_factor: float, interleave: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, S, heads, dim] and k [B, S, dim] (the attention's rope parts, any strides with a unit
     last one) rotated at positions int64 [B, S]: apply_rope of each with rope_cos_sin's angles. One
-    Triton kernel (dskernels/triton/rope.py, the same bits) where it runs: CUDA tensors, or CPU
+    Triton kernel (dskernels/triton/layer.py, the same bits) where it runs: CUDA tensors, or CPU
     under the interpreter with the triton backend forced (models.linear.triton_fusable); torch's ops
     (~22 kernels) otherwise."""
     if not triton_fusable(q, k):
         cos, sin = rope_cos_sin(positions, inv_freq, attention_factor, q.dtype)
         return apply_rope(q, cos, sin, interleave), apply_rope(k, cos, sin, interleave)
-    from dskernels.triton import rope as triton_rope
+    from dskernels.triton import layer as triton_layer
 
     b, s, heads, dim = q.shape
-    q_out, k_out = triton_rope.rope_qk(q.reshape(b * s, heads, dim), k.reshape(b * s, dim),
+    q_out, k_out = triton_layer.rope_qk(q.reshape(b * s, heads, dim), k.reshape(b * s, dim),
                                        positions.reshape(-1).contiguous(), inv_freq.contiguous(), attention_factor,
                                        interleave)
     return q_out.view(b, s, heads, dim), k_out.view(b, s, dim)

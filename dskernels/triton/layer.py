@@ -1,0 +1,185 @@
+"""The DeepSeek-V3 layer's small fused kernels (dskernels.models uses them where
+models.linear.triton_fusable allows; torch's ops are the definition):
+
+- RMSNorm (`rms_norm`): HF's DeepseekV3RMSNorm, weight * (x * rsqrt(mean(x^2) + eps)) with the
+  normalization in fp32 rounded to x's dtype, then the product with the weight rounded again: one
+  kernel for torch's four (fp32 copy, F.rms_norm, cast back, multiply). The sum of squares is a
+  tree reduction (torch's order differs: fp32 rounding apart, the same value).
+- Rotary embedding of the query and key rope parts (`rope_qk`): the angles from the positions,
+  cos and sin, both rotations, for torch's ~22 kernels. torch's arithmetic step by step: angle =
+  float(position) * inv_freq in fp32, cos and sin (libdevice) times attention_factor rounded to
+  the data's dtype, each product rounded to that dtype and the difference (sum) rounded again;
+  fp32 data without contracting a * b - c * d into an FMA (enable_fp_fusion=False).
+- The paged latent cache write (`write_latent_cache`): [latent | k_rope] of each new token into
+  its slot (cache_seqlens[b] + j through the block table), cast to the cache's dtype or, for a
+  float8_e4m3fn cache, clamp(value / scale, -448, 448) rounded to e4m3: one kernel for the ~12
+  of the slot arithmetic, concatenation and index_copy_.
+
+Under the interpreter (CI) bf16 results are rounded by round_to_bf16 first (its conversion
+truncates) and e4m3 ones by e4m3_bits (its fp8 cast rounds wrongly)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dskernels.triton import TL_DTYPES, next_power_of_2
+from dskernels.triton.fp8_math import native_fp8_cast, rounded_to, to_e4m3_bits
+
+
+def _round_bf16(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---- RMSNorm ----
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, dim, stride_x, stride_out, eps,
+                     BLOCK: tl.constexpr, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < dim
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
+    normed = rounded_to(x * inv_rms, DTYPE, ROUND_BF16)
+    weight = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, rounded_to(weight * normed, DTYPE, ROUND_BF16).to(DTYPE), mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., dim] (unit last stride, rows at any one stride), weight [dim] of x's dtype ->
+    a new contiguous tensor of x's shape and dtype."""
+    dim = x.shape[-1]
+    rows = x.reshape(-1, dim)  # a view for the attention's strided latents too
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    if rows.shape[0] == 0 or dim == 0:
+        return out.view(x.shape)
+    assert rows.stride(1) == 1 and weight.is_contiguous()
+    block = next_power_of_2(dim)
+    _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, dim, rows.stride(0), out.stride(0), float(eps),
+                                       BLOCK=block, DTYPE=TL_DTYPES[x.dtype],
+                                       ROUND_BF16=_round_bf16(x.dtype),
+                                       num_warps=8 if block >= 4096 else 4)
+    return out.view(x.shape)
+
+
+# ---- rotary embedding ----
+
+@triton.jit
+def _rotate(x_ptr, out_ptr, stride_xh, stride_oh, heads, cos, sin, INTERLEAVE: tl.constexpr,
+            HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, DTYPE: tl.constexpr,
+            ROUND_BF16: tl.constexpr):
+    """One token's [heads, 2 * HALF] rope values (unit stride along the last dimension) rotated
+    into out: pairs (2i, 2i + 1) with INTERLEAVE, else (i, i + HALF); out is [evens', odds'] either
+    way (models/rope.py's apply_rope)."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    j = tl.arange(0, BLOCK_HALF)[None, :]
+    ok = (h < heads) & (j < HALF)
+    first = 2 * j if INTERLEAVE else j
+    second = 2 * j + 1 if INTERLEAVE else j + HALF
+    x1 = tl.load(x_ptr + h * stride_xh + first, mask=ok, other=0.0)
+    x2 = tl.load(x_ptr + h * stride_xh + second, mask=ok, other=0.0)
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    # every product and sum rounded to the data's dtype, as torch's bf16/fp16 ops round each result
+    a = rounded_to(x1 * cos, DTYPE, ROUND_BF16) - rounded_to(x2 * sin, DTYPE, ROUND_BF16)
+    b = rounded_to(x2 * cos, DTYPE, ROUND_BF16) + rounded_to(x1 * sin, DTYPE, ROUND_BF16)
+    tl.store(out_ptr + h * stride_oh + j, rounded_to(a, DTYPE, ROUND_BF16).to(DTYPE), mask=ok)
+    tl.store(out_ptr + h * stride_oh + HALF + j, rounded_to(b, DTYPE, ROUND_BF16).to(DTYPE), mask=ok)
+
+
+@triton.jit
+def _rope_qk_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, inv_freq_ptr, attention_factor, heads,
+                    stride_qt, stride_qh, stride_kt, stride_qot, stride_qoh, stride_kot,
+                    INTERLEAVE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                    DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Program t: token t's query heads [heads, 2 * HALF] and its one key [2 * HALF]."""
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_HALF)[None, :]
+    angle = tl.load(positions_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + j, mask=j < HALF, other=0.0)
+    cos = rounded_to(tl.cos(angle) * attention_factor, DTYPE, ROUND_BF16)
+    sin = rounded_to(tl.sin(angle) * attention_factor, DTYPE, ROUND_BF16)
+    _rotate(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, stride_qh, stride_qoh, heads, cos, sin,
+            INTERLEAVE, HALF, BLOCK_H, BLOCK_HALF, DTYPE, ROUND_BF16)
+    _rotate(k_ptr + t * stride_kt, k_out_ptr + t * stride_kot, 0, 0, 1, cos, sin, INTERLEAVE, HALF, 1, BLOCK_HALF,
+            DTYPE, ROUND_BF16)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+            attention_factor: float, interleave: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, heads, dim], k [T, dim] (unit stride along dim, any other strides), positions int64 [T],
+    inv_freq fp32 [dim / 2] -> rotated (q [T, heads, dim], k [T, dim]), new contiguous tensors."""
+    tokens, heads, dim = q.shape
+    q_out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(tokens, dim, dtype=k.dtype, device=k.device)
+    if tokens == 0:
+        return q_out, k_out
+    assert q.stride(2) == 1 and k.stride(1) == 1 and positions.stride(0) == 1 and inv_freq.is_contiguous()
+    half = dim // 2
+    _rope_qk_kernel[(tokens,)](q, k, q_out, k_out, positions, inv_freq, float(attention_factor), heads,
+                               q.stride(0), q.stride(1), k.stride(0), q_out.stride(0), q_out.stride(1), k_out.stride(0),
+                               INTERLEAVE=interleave, HALF=half, BLOCK_H=next_power_of_2(heads),
+                               BLOCK_HALF=next_power_of_2(half), DTYPE=TL_DTYPES[q.dtype],
+                               ROUND_BF16=_round_bf16(q.dtype),
+                               num_warps=4, enable_fp_fusion=False)
+    return q_out, k_out
+
+# ---- the paged latent cache write ----
+
+@triton.jit
+def _write_latent_cache_kernel(latent_ptr, rope_ptr, cache_ptr, table_ptr, seqlens_ptr, scale_ptr, s, page_size,
+                               max_pages, num_pages, stride_lt, stride_rt, stride_tb, stride_te, stride_cp,
+                               RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                               FP8: tl.constexpr, NATIVE: tl.constexpr):
+    """Program t = (sequence b, new token j): its latent [RANK] and roped key [ROPE] into cache row
+    page * page_size + slot % page_size. A slot past the block table or a page id outside the
+    cache is not written (the torch path raises there; nothing else may be overwritten)."""
+    t = tl.program_id(0)
+    b = t // s
+    slot = tl.load(seqlens_ptr + b) + t % s
+    entry = slot // page_size
+    inside = entry < max_pages
+    page = tl.load(table_ptr + b.to(tl.int64) * stride_tb + tl.where(inside, entry, 0) * stride_te).to(tl.int64)
+    ok = inside & (page >= 0) & (page < num_pages)
+    row = cache_ptr + (page * page_size + slot % page_size) * stride_cp
+    r = tl.arange(0, BLOCK_R)
+    p = tl.arange(0, BLOCK_P)
+    latent = tl.load(latent_ptr + t.to(tl.int64) * stride_lt + r, mask=r < RANK, other=0.0)
+    rope = tl.load(rope_ptr + t.to(tl.int64) * stride_rt + p, mask=p < ROPE, other=0.0)
+    if FP8:  # the e4m3 cache stores clamp(value / scale) (div_rn: torch's IEEE division), as bytes
+        scale = tl.load(scale_ptr)
+        latent = tl.clamp(tl.math.div_rn(latent.to(tl.float32), tl.full((BLOCK_R,), 1.0, tl.float32) * scale),
+                          -448.0, 448.0)
+        rope = tl.clamp(tl.math.div_rn(rope.to(tl.float32), tl.full((BLOCK_P,), 1.0, tl.float32) * scale),
+                        -448.0, 448.0)
+        tl.store(row + r, to_e4m3_bits(latent, NATIVE), mask=ok & (r < RANK))
+        tl.store(row + RANK + p, to_e4m3_bits(rope, NATIVE), mask=ok & (p < ROPE))
+    else:
+        tl.store(row + r, latent.to(cache_ptr.dtype.element_ty), mask=ok & (r < RANK))
+        tl.store(row + RANK + p, rope.to(cache_ptr.dtype.element_ty), mask=ok & (p < ROPE))
+
+
+def write_latent_cache(latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                       cache_seqlens: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """latent [B, S, rank], k_rope [B, S, rope] (unit last stride, rows at one stride each) of the
+    cache's dtype (float caches) or any float dtype (a float8_e4m3fn cache, with scale: fp32 [1]
+    on the device, positive);
+    kv_cache [num_pages, page_size, 1, rank + rope] contiguous; block_table int32 [B, max_pages];
+    cache_seqlens int32 [B]. Token j of sequence b goes to slot
+    cache_seqlens[b] + j."""
+    b, s, rank = latent.shape
+    rope = k_rope.shape[-1]
+    if b * s == 0:
+        return
+    latent2, rope2 = latent.reshape(b * s, rank), k_rope.reshape(b * s, rope)
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    cache = kv_cache.view(torch.uint8) if fp8 else kv_cache
+    assert fp8 or latent.dtype == k_rope.dtype == kv_cache.dtype  # stored as they are, no rounding
+    assert latent2.stride(1) == 1 and rope2.stride(1) == 1 and kv_cache.is_contiguous()
+    _write_latent_cache_kernel[(b * s,)](
+        latent2, rope2, cache, block_table, cache_seqlens.contiguous(), scale if fp8 else cache_seqlens, s,
+        kv_cache.shape[1], block_table.shape[1], kv_cache.shape[0], latent2.stride(0), rope2.stride(0),
+        block_table.stride(0), block_table.stride(1), kv_cache.stride(1), RANK=rank, ROPE=rope, BLOCK_R=next_power_of_2(rank),
+        BLOCK_P=next_power_of_2(rope), FP8=fp8, NATIVE=fp8 and native_fp8_cast(kv_cache.device), num_warps=4)
