@@ -305,8 +305,9 @@ def decode_case(config: str, layer_idx: int, batch: int, context: int, fp8: bool
                         "batch": batch, "context": context, **({"kv_cache": "fp8"} if kv_fp8 else {})},
                 make_inputs=make_inputs, run=run, reference=reference, check=_rel_l2(limit), flops=flops,
                 bytes=moved, peers=_peers(device, cfg, plain_torch, transformers_peer),
-                backends=("ref", "triton") if device == "cpu" else ("triton", "cuda"),
-                compute_dtype="fp8" if fp8 else "bf16", triton_variants=GRAPH_VARIANTS, cuda_variants=GRAPH_VARIANTS)
+                backends=("ref", "triton") if device == "cpu" else ("triton", "cuda", "auto"),
+                compute_dtype="fp8" if fp8 else "bf16", triton_variants=GRAPH_VARIANTS, cuda_variants=GRAPH_VARIANTS,
+                auto_variants=GRAPH_VARIANTS)
 
 
 def _peers(device, cfg, plain_torch, transformers_peer) -> dict:

@@ -27,13 +27,16 @@ class Case:
     flops: float                             # as the anchor library counts them (say so where defined)
     bytes: float                             # bytes the op must move at least, as the anchor counts them
     peers: dict[str, Callable[..., Any]] = field(default_factory=dict)  # timed on GPU only
-    backends: tuple[str, ...] = ("ref", "triton", "cuda")  # the backends that implement the op
+    # The backends that implement the op; "auto" (no backend forced: each op's default, e.g. the
+    # model layer's CUDA GEMMs beside its Triton glue kernels on Hopper) is timed where listed.
+    backends: tuple[str, ...] = ("ref", "triton", "cuda")
     compute_dtype: str = "bf16"              # which matmul ceiling bounds it: "bf16" or "fp8"
     # Configurations of the cuda (triton) backend, each forced through environment variables
     # (label -> {variable: value}), timed and checked like a backend and recorded as "cuda[label]"
     # ("triton[label]"): one device run then answers the tuning questions.
     cuda_variants: dict[str, dict[str, str]] = field(default_factory=dict)
     triton_variants: dict[str, dict[str, str]] = field(default_factory=dict)
+    auto_variants: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 # A variant that times a case's run replayed from a CUDA graph (as servers run decode steps), beside

@@ -199,11 +199,15 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
         failures.append(f"{case.op} {shape}: inputs or reference raised {type(e).__name__}: {e}")
         return
     backends = [b for b in ("ref", "triton", "cuda") if b in available and b in case.backends]
-    if no_cuda and "cuda" in backends:  # its GPU tests failed: a fault would end the whole run
-        backends.remove("cuda")
-        print(f"{case.op} {shape}: cuda backend skipped (--no-cuda)")
+    if "auto" in case.backends and device == "cuda" and "triton" in available:  # the default choice
+        backends.append("auto")
+    for runs_cuda in ("cuda", "auto"):
+        if no_cuda and runs_cuda in backends:  # its GPU tests failed: a fault would end the whole run
+            backends.remove(runs_cuda)
+            print(f"{case.op} {shape}: {runs_cuda} backend skipped (--no-cuda)")
     runs = [(b, b, {}) for b in backends]
-    for backend, variants in (("triton", case.triton_variants), ("cuda", case.cuda_variants)):
+    for backend, variants in (("triton", case.triton_variants), ("cuda", case.cuda_variants),
+                              ("auto", case.auto_variants)):
         if backend in backends and device == "cuda":
             runs += [(backend, f"{backend}[{label}]", env) for label, env in variants.items()]
 
@@ -215,7 +219,8 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
     # kernel) ends the process's CUDA context, and must not take the Triton and reference numbers.
     problems, ours = {}, {}  # ours: backend (or "cuda[variant]") -> its record
     timer = bench.bench_gpu if device == "cuda" else bench.bench_cpu
-    others, cuda_runs = [r for r in runs if r[0] != "cuda"], [r for r in runs if r[0] == "cuda"]
+    # (auto runs the CUDA kernels on Hopper: it goes with them)
+    others, cuda_runs = [r for r in runs if r[0] not in ("cuda", "auto")], [r for r in runs if r[0] in ("cuda", "auto")]
     check_and_time(case, others, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape)
     if others and cuda_runs and not (problems[others[0][1]] or "").startswith("raised"):
         # The timed runs left correct outputs behind: one more run, poisoned, before the cuda checks.
