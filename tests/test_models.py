@@ -796,3 +796,54 @@ def test_fused_latent_cache_write_keeps_to_the_cache():
     latent, k_rope = torch.ones(2, 1, 32, device=device), torch.ones(2, 1, 16, device=device)
     triton_layer.write_latent_cache(latent, k_rope, cache, table, lens, None)
     assert cache.abs().sum() == 0
+
+
+def test_fp8_decode_step_kernel_count(monkeypatch):
+    """The FP8 MoE layer's decode step (batch 2) on the Triton backend launches 24 torch kernels and
+    26 Triton ones (the shared FP8 casts, the fused SwiGLU cast, RMSNorm, rope and cache write, one
+    Triton split plan; before them: ~98 and 21). Each launch is host time in eager mode and GPU time
+    even in a CUDA graph, so a change that adds some shows here. Counted, not timed: torch ops that
+    dispatch (views and allocations excluded) and Triton launches under the interpreter."""
+    if "triton" not in dskernels.available_backends() or torch.cuda.is_available():
+        pytest.skip("counts the interpreter's launches (CPU)")
+    import triton.runtime.interpreter as interpreter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cfg = CONFIGS["v3"]
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16)
+    layer.load_hf_state_dict(fp8_checkpoint(per_expert_names(make_reference(cfg, 1, seed=21).state_dict(), cfg))[0])
+    cache, table = paged_cache(cfg, 8, 4, 2, 4, dtype=torch.bfloat16)
+    step = dict(kv_cache=cache, block_table=table, cache_seqlens=torch.tensor([3, 9], dtype=torch.int32))
+    x, positions = torch.randn(2, 1, cfg.hidden_size).bfloat16(), torch.tensor([[3], [9]])
+    triton_launches, inside_launch = [], []
+    run = interpreter.InterpretedFunction.run
+
+    def counted_run(self, *args, **kwargs):  # the interpreter's own torch ops are not the layer's
+        triton_launches.append(self.fn.__name__)
+        inside_launch.append(True)
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            inside_launch.pop()
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", counted_run)
+    no_kernel = {"view", "_unsafe_view", "permute", "unsqueeze", "squeeze", "slice", "select", "t", "transpose",
+                 "expand", "split", "split_with_sizes", "as_strided", "alias", "empty", "scalar_tensor"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            namespace, name = str(func.overloadpacket).split(".")[-2:]
+            if namespace == "aten" and name not in no_kernel and not inside_launch:
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), dskernels.backend("triton"):
+        layer(x, positions, **step)  # absorbs W_UK / W_UV once
+        triton_launches.clear()
+        with Count() as count:
+            layer(x, positions, **step)
+    assert len(count.ops) <= 24, " ".join(sorted(count.ops))
+    assert len(triton_launches) <= 26, sorted(triton_launches)
