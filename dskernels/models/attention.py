@@ -205,7 +205,8 @@ class MLAttention(nn.Module):
             return q_nope.new_zeros(b, 0, h, cfg.v_head_dim)
         # 1. write [latent | k_rope] of the new tokens at slots lens[b] .. lens[b] + s - 1 (no host sync)
         flat = None
-        if self.indexer is None and triton_fusable(latent, k_rope):
+        # (the kernel stores a float cache's values as they are: its dtype must be the layer's)
+        if self.indexer is None and (dense_fp8 or kv_cache.dtype == latent.dtype) and triton_fusable(latent, k_rope):
             from dskernels.triton import layer as triton_layer  # one kernel for _write_cache's ~12
 
             triton_layer.write_latent_cache(latent, k_rope, kv_cache, block_table, cache_seqlens,

@@ -134,13 +134,13 @@ def _write_latent_cache_kernel(latent_ptr, rope_ptr, cache_ptr, table_ptr, seqle
                                RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                                FP8: tl.constexpr, NATIVE: tl.constexpr):
     """Program t = (sequence b, new token j): its latent [RANK] and roped key [ROPE] into cache row
-    page * page_size + slot % page_size. A slot past the block table or a page id outside the
-    cache is not written (the torch path raises there; nothing else may be overwritten)."""
+    page * page_size + slot % page_size. A negative slot, one past the block table or a page id
+    outside the cache is not written (the torch path raises there; nothing else may be overwritten)."""
     t = tl.program_id(0)
     b = t // s
     slot = tl.load(seqlens_ptr + b) + t % s
     entry = slot // page_size
-    inside = entry < max_pages
+    inside = (slot >= 0) & (entry < max_pages)  # (// and % truncate toward zero: a negative slot is out)
     page = tl.load(table_ptr + b.to(tl.int64) * stride_tb + tl.where(inside, entry, 0) * stride_te).to(tl.int64)
     ok = inside & (page >= 0) & (page < num_pages)
     row = cache_ptr + (page * page_size + slot % page_size) * stride_cp
@@ -150,10 +150,11 @@ def _write_latent_cache_kernel(latent_ptr, rope_ptr, cache_ptr, table_ptr, seqle
     rope = tl.load(rope_ptr + t.to(tl.int64) * stride_rt + p, mask=p < ROPE, other=0.0)
     if FP8:  # the e4m3 cache stores clamp(value / scale) (div_rn: torch's IEEE division), as bytes
         scale = tl.load(scale_ptr)
+        # NaN stays NaN (torch's clamp keeps it; e4m3's NaN byte), not +-448
         latent = tl.clamp(tl.math.div_rn(latent.to(tl.float32), tl.full((BLOCK_R,), 1.0, tl.float32) * scale),
-                          -448.0, 448.0)
+                          -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
         rope = tl.clamp(tl.math.div_rn(rope.to(tl.float32), tl.full((BLOCK_P,), 1.0, tl.float32) * scale),
-                        -448.0, 448.0)
+                        -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(row + r, to_e4m3_bits(latent, NATIVE), mask=ok & (r < RANK))
         tl.store(row + RANK + p, to_e4m3_bits(rope, NATIVE), mask=ok & (p < ROPE))
     else:
