@@ -91,10 +91,10 @@ if wants tests; then
   tests_end=$((SECONDS + $(budget "${TESTS_BUDGET:-330}")))
   step "GPU tests ($((tests_end - SECONDS)) s in all, ${TEST_TIMEOUT:-150} s per file at most, test_gemm_general ${SLOW_TEST_TIMEOUT:-300})"
   # Only the files that hold gpu-selected tests (one collection instead of a pytest start per file).
-  # Those that failed or did not finish on the H200 (2026-12-04, second run) go first, then the rest
-  # (all passed there).
+  # Those that failed or did not finish on the H200 (2026-12-04, second run) go first, then the
+  # layer's fused kernels never run on a GPU (test_models.py), then the rest (all passed there).
   first="tests/test_gemm_general.py tests/test_indexer.py tests/test_models_gpu.py tests/test_moe_router.py
-tests/test_gemm_sm90.py tests/test_gemm.py tests/test_mla.py tests/test_mla_sparse.py tests/test_fp8_cast.py"
+tests/test_models.py tests/test_gemm_sm90.py tests/test_gemm.py tests/test_mla.py tests/test_mla_sparse.py tests/test_fp8_cast.py"
   with_gpu=$(timeout 120 python -m pytest tests -m gpu --collect-only -q -p no:cacheprovider 2>/dev/null \
              | sed -n 's|^\(tests/[^:]*\.py\)::.*|\1|p' | sort -u)
   [ -n "$with_gpu" ] || with_gpu=$(ls tests/test_*.py)  # collection failed: every file, each reports why
