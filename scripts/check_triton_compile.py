@@ -17,7 +17,7 @@ compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
 grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16,
 prefill), V3.2's indexer logits (prefill, compressed, paged; D = 16 to 128), the three FP8 GEMMs
-with every autotuning candidate and the heuristic tiles, the FP8 casts (per-channel and SwiGLU-fused too), the router, the model layer's RMSNorm, rope and cache write, and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels; fp8_einsum's general batched form on the masked kernel.)
+with every autotuning candidate and the heuristic tiles, the FP8 casts (per-channel and SwiGLU-fused too), the router, the model layer's RMSNorm, rope, cache write and MoE combine, and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels; fp8_einsum's general batched form on the masked kernel.)
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
 """
@@ -436,6 +436,11 @@ def layer_cases(compiler: Compiler) -> None:
         compiler.context = f"rope heads={heads} {str(dtype)[6:]}"
         triton_layer.rope_qk(_meta(64, heads, 192, dtype=dtype)[..., 128:], _meta(64, 576, dtype=dtype)[..., 512:],
                              _meta(64, dtype=torch.int64), _meta(32, dtype=torch.float32), 1.2, interleave)
+    # the MoE combine: V3's hidden 7168, 8 slots per token, bf16 and fp32 outputs
+    for out_dtype in (torch.bfloat16, torch.float32):
+        compiler.context = f"moe combine {str(out_dtype)[6:]}"
+        triton_layer.moe_combine(_meta(64 * 8, 7168, dtype=torch.bfloat16), _meta(64 * 8, dtype=torch.int64),
+                                 _meta(64, 8, dtype=torch.int64), _meta(64, 8, dtype=torch.float32), out_dtype)
     # the paged latent cache write: V3's bf16 cache and its FP8 one (e4m3 with a scale)
     for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
         compiler.context = f"latent cache write {str(cache_dtype)[6:]}"

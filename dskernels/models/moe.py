@@ -26,7 +26,7 @@ from torch import nn
 import dskernels
 import python_ref.moe
 from dskernels.models.config import DeepseekV3Config
-from dskernels.models.linear import FP8, MLP, BlockMajorScales, device_moves_only, triton_only_ops
+from dskernels.models.linear import FP8, MLP, BlockMajorScales, device_moves_only, triton_fusable, triton_only_ops
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -174,6 +174,12 @@ class Experts(nn.Module):
         else:
             act = _swiglu(h)
         y = self._gemm(act, self.down_proj, self._down_scales(self.down_proj_scale_inv), m_indices, offsets)
+        if (out_dtype in (torch.bfloat16, torch.float16, torch.float32) and topk_weights.dtype == torch.float32
+                and triton_fusable(y)):  # one kernel for the seven below, and a fixed summation order
+            from dskernels.triton import layer as triton_layer
+
+            positions = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            return triton_layer.moe_combine(y, positions, topk_idx, topk_weights, out_dtype)
         weights = topk_weights.reshape(-1)[order]
         y = torch.where(valid[:, None], y.float() * weights[:, None], 0.0)
         out = torch.zeros(num_tokens, self.hidden, dtype=torch.float32, device=y.device)

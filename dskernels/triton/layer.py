@@ -10,6 +10,10 @@ models.linear.triton_fusable allows; torch's ops are the definition):
   float(position) * inv_freq in fp32, cos and sin (libdevice) times attention_factor rounded to
   the data's dtype, each product rounded to that dtype and the difference (sum) rounded again;
   fp32 data without contracting a * b - c * d into an FMA (enable_fp_fusion=False).
+- The MoE combine (`moe_combine`): each token's weighted sum of its experts' output rows (in the
+  experts' sorted order), summed in fp32 in the order of its top-k slots and rounded once: one
+  kernel for torch's seven (gather of the weights, fp32 copy, multiply, mask, zeros, index_add_,
+  cast), and deterministic where CUDA's index_add_ adds with atomics in any order.
 - The paged latent cache write (`write_latent_cache`): [latent | k_rope] of each new token into
   its slot (cache_seqlens[b] + j through the block table), cast to the cache's dtype or, for a
   float8_e4m3fn cache, clamp(value / scale, -448, 448) rounded to e4m3: one kernel for the ~12
@@ -184,3 +188,44 @@ def write_latent_cache(latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: tor
         kv_cache.shape[1], block_table.shape[1], kv_cache.shape[0], latent2.stride(0), rope2.stride(0),
         block_table.stride(0), block_table.stride(1), kv_cache.stride(1), RANK=rank, ROPE=rope, BLOCK_R=next_power_of_2(rank),
         BLOCK_P=next_power_of_2(rope), FP8=fp8, NATIVE=fp8 and native_fp8_cast(kv_cache.device), num_warps=4)
+
+
+# ---- the MoE combine ----
+
+@triton.jit
+def _moe_combine_kernel(y_ptr, position_ptr, idx_ptr, weight_ptr, out_ptr, hidden, stride_y, stride_idx,
+                        stride_w, stride_out, K: tl.constexpr, BLOCK_H: tl.constexpr, DTYPE: tl.constexpr,
+                        ROUND_BF16: tl.constexpr):
+    """Program (token t, column block): out[t] = sum over slots k with idx[t, k] >= 0 of
+    weight[t, k] * y[position[t * K + k]], in fp32, slot by slot."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = cols < hidden
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k in tl.static_range(K):
+        expert = tl.load(idx_ptr + t * stride_idx + k)
+        weight = tl.load(weight_ptr + t * stride_w + k)
+        row = tl.load(position_ptr + t * K + k).to(tl.int64)
+        if expert >= 0:  # a slot routed elsewhere (-1) adds nothing: its row holds no result
+            acc += tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32) * weight
+    tl.store(out_ptr + t * stride_out + cols, rounded_to(acc, DTYPE, ROUND_BF16).to(DTYPE), mask=ok)
+
+
+def moe_combine(y: torch.Tensor, positions: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """y [T * K, H] (the experts' output rows, unit last stride), positions int64 [T * K] (the row
+    of y holding slot t * K + k), topk_idx [T, K] (-1: no expert here), topk_weights fp32 [T, K]
+    -> out [T, H] in out_dtype (bf16, fp16 or fp32)."""
+    tokens, k = topk_idx.shape
+    hidden = y.shape[1]
+    out = torch.empty(tokens, hidden, dtype=out_dtype, device=y.device)
+    if tokens == 0 or hidden == 0:
+        return out
+    assert y.stride(1) == 1 and positions.is_contiguous() and topk_weights.dtype == torch.float32
+    topk_idx, topk_weights = topk_idx.contiguous(), topk_weights.contiguous()  # (views as they come: no copy)
+    block = min(1024, next_power_of_2(hidden))
+    _moe_combine_kernel[(tokens, -(-hidden // block))](
+        y, positions, topk_idx, topk_weights, out, hidden, y.stride(0), topk_idx.stride(0), topk_weights.stride(0),
+        out.stride(0), K=k, BLOCK_H=block, DTYPE=TL_DTYPES[out_dtype], ROUND_BF16=_round_bf16(out_dtype),
+        num_warps=4)
+    return out
