@@ -179,11 +179,12 @@ def shared_cast(x: torch.Tensor, *layers: Linear) -> tuple[torch.Tensor, torch.T
 
 
 def triton_fusable(*tensors: torch.Tensor) -> bool:
-    """Whether the layer's small fused Triton kernels (RMSNorm, rope) take these tensors in place
-    of their torch ops (the definition): eager (under torch.compile inductor fuses the torch ops
-    itself), no gradient to keep (inference kernels), one float dtype (bf16, fp16, fp32), unit last
-    stride, and the Triton backend chosen for their device (CUDA tensors under auto; CPU ones only
-    with the triton backend forced under the interpreter; not under a forced "cuda" backend)."""
+    """Whether the layer's small fused Triton kernels (dskernels/triton/layer.py: RMSNorm, rope, the
+    paged cache write, the MoE combine) take these tensors in place of their torch ops (the
+    definition): eager (under torch.compile inductor fuses the torch ops itself), no gradient to
+    keep (inference kernels), one float dtype (bf16, fp16, fp32), unit last stride, and the Triton
+    backend chosen for their device (CUDA tensors under auto; CPU ones only with the triton backend
+    forced under the interpreter; not under a forced "cuda" backend)."""
     first = tensors[0]
     if torch.compiler.is_compiling() or first.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
