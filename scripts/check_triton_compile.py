@@ -440,7 +440,7 @@ def layer_cases(compiler: Compiler) -> None:
     for out_dtype in (torch.bfloat16, torch.float32):
         compiler.context = f"moe combine {str(out_dtype)[6:]}"
         triton_layer.moe_combine(_meta(64 * 8, 7168, dtype=torch.bfloat16), _meta(64 * 8, dtype=torch.int64),
-                                 _meta(64, 8, dtype=torch.int64), _meta(64, 8, dtype=torch.float32), out_dtype)
+                                 _meta(64, 8, dtype=torch.int64), _meta(64, 8, dtype=torch.float32), 256, out_dtype)
     # the paged latent cache write: V3's bf16 cache and its FP8 one (e4m3 with a scale)
     for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
         compiler.context = f"latent cache write {str(cache_dtype)[6:]}"

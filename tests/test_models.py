@@ -882,9 +882,10 @@ def test_attention_with_a_cache_of_another_float_dtype():
                                        for dtype in (torch.bfloat16, torch.float32)])
 def test_fused_moe_combine_matches_torch_ops(out_dtype):
     """The MoE combine's one Triton kernel against Experts.forward's torch ops (gather the weights,
-    mask, index_add_ in fp32, cast): slots routed elsewhere (-1) whose rows hold NaN add nothing,
-    rows in expert-sorted order, hidden not a multiple of the column block. fp32 sums in another
-    order: within a few fp32 ulps, then one rounding."""
+    mask, index_add_ in fp32, cast), bit for bit: values on a 1/64 grid and weights on a 1/16 one
+    keep every fp32 sum exact in any order, so only the final rounding (to nearest even) shows.
+    Slots routed elsewhere (-1) or to an id past the last expert, whose rows hold NaN, add nothing;
+    experts 0 and the last one take part; hidden is not a multiple of the column block."""
     from dskernels.triton import layer as triton_layer
 
     if "triton" not in dskernels.available_backends():
@@ -893,14 +894,38 @@ def test_fused_moe_combine_matches_torch_ops(out_dtype):
     g = torch.Generator().manual_seed(8)
     tokens, k, experts, hidden = 5, 4, 6, 1100
     idx = torch.randint(0, experts, (tokens, k), generator=g)
+    idx[0, 0], idx[0, 1], idx[2, 3] = 0, experts - 1, experts  # the first, the last, one past them
     idx[1, 2] = idx[3, 0] = -1
-    weights = torch.rand(tokens, k, generator=g)
-    key = torch.where(idx.reshape(-1) >= 0, idx.reshape(-1), experts)
+    weights = torch.randint(1, 16, (tokens, k), generator=g) / 16
+    key = torch.where((idx >= 0) & (idx < experts), idx, experts).reshape(-1)
     sorted_key, order = torch.sort(key, stable=True)
-    y = torch.randn(tokens * k, hidden, generator=g).bfloat16()
+    y = (torch.randint(-255, 256, (tokens * k, hidden), generator=g) / 64).bfloat16()
     y[sorted_key == experts] = float("nan")  # rows of no expert: never written by the grouped GEMM
     expected = torch.zeros(tokens, hidden).index_add_(
         0, order // k, torch.where((sorted_key < experts)[:, None], y.float() * weights.reshape(-1)[order][:, None], 0.0))
     positions = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
-    got = triton_layer.moe_combine(y.to(device), positions.to(device), idx.to(device), weights.to(device), out_dtype)
-    torch.testing.assert_close(got.cpu(), expected.to(out_dtype), rtol=torch.finfo(out_dtype).eps + 2**-20, atol=1e-6)
+    got = triton_layer.moe_combine(y.to(device), positions.to(device), idx.to(device), weights.to(device), experts,
+                                   out_dtype)
+    assert torch.equal(got.cpu(), expected.to(out_dtype))
+
+
+def test_fused_moe_combine_keeps_the_router_gradient():
+    """Experts.forward with FP8 experts (no gradient of their own) and routing weights that need
+    one: the Triton backend leaves the combine to torch's ops, so the weights' gradient is the
+    reference backend's, not silently dropped."""
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("no Triton backend here")
+    cfg = CONFIGS["v3"]
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16)
+    layer.load_hf_state_dict(fp8_checkpoint(per_expert_names(make_reference(cfg, 1, seed=25).state_dict(), cfg))[0])
+    experts = layer.mlp.experts
+    x = torch.randn(3, cfg.hidden_size).bfloat16()
+    idx = torch.tensor([[0, 3, 5, 7], [1, 2, 3, 4], [6, 7, 0, 1]])
+    grads = []
+    for backend in ("ref", "triton"):
+        weights = torch.rand(3, 4, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        with forced_backend(backend):
+            experts(x, idx, weights, torch.bfloat16).float().sum().backward()
+        grads.append(weights.grad)
+    assert grads[1] is not None
+    torch.testing.assert_close(grads[1], grads[0], rtol=2e-2, atol=1e-2)

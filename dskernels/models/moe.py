@@ -174,12 +174,14 @@ class Experts(nn.Module):
         else:
             act = _swiglu(h)
         y = self._gemm(act, self.down_proj, self._down_scales(self.down_proj_scale_inv), m_indices, offsets)
+        # One kernel for the seven below, and a fixed summation order (no gradient to the weights
+        # through it: the router's, which x's gradient also flows through, keep torch's ops)
         if (out_dtype in (torch.bfloat16, torch.float16, torch.float32) and topk_weights.dtype == torch.float32
-                and triton_fusable(y)):  # one kernel for the seven below, and a fixed summation order
+                and not _needs_grad(topk_weights) and triton_fusable(y)):
             from dskernels.triton import layer as triton_layer
 
             positions = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-            return triton_layer.moe_combine(y, positions, topk_idx, topk_weights, out_dtype)
+            return triton_layer.moe_combine(y, positions, topk_idx, topk_weights, experts, out_dtype)
         weights = topk_weights.reshape(-1)[order]
         y = torch.where(valid[:, None], y.float() * weights[:, None], 0.0)
         out = torch.zeros(num_tokens, self.hidden, dtype=torch.float32, device=y.device)

@@ -193,10 +193,10 @@ def write_latent_cache(latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: tor
 # ---- the MoE combine ----
 
 @triton.jit
-def _moe_combine_kernel(y_ptr, position_ptr, idx_ptr, weight_ptr, out_ptr, hidden, stride_y, stride_idx,
+def _moe_combine_kernel(y_ptr, position_ptr, idx_ptr, weight_ptr, out_ptr, hidden, experts, stride_y, stride_idx,
                         stride_w, stride_out, K: tl.constexpr, BLOCK_H: tl.constexpr, DTYPE: tl.constexpr,
                         ROUND_BF16: tl.constexpr):
-    """Program (token t, column block): out[t] = sum over slots k with idx[t, k] >= 0 of
+    """Program (token t, column block): out[t] = sum over slots k with 0 <= idx[t, k] < experts of
     weight[t, k] * y[position[t * K + k]], in fp32, slot by slot."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -206,16 +206,17 @@ def _moe_combine_kernel(y_ptr, position_ptr, idx_ptr, weight_ptr, out_ptr, hidde
         expert = tl.load(idx_ptr + t * stride_idx + k)
         weight = tl.load(weight_ptr + t * stride_w + k)
         row = tl.load(position_ptr + t * K + k).to(tl.int64)
-        if expert >= 0:  # a slot routed elsewhere (-1) adds nothing: its row holds no result
+        if (expert >= 0) & (expert < experts):  # a slot routed elsewhere (-1) adds nothing: its row holds no result
             acc += tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32) * weight
     tl.store(out_ptr + t * stride_out + cols, rounded_to(acc, DTYPE, ROUND_BF16).to(DTYPE), mask=ok)
 
 
 def moe_combine(y: torch.Tensor, positions: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                out_dtype: torch.dtype) -> torch.Tensor:
+                num_experts: int, out_dtype: torch.dtype) -> torch.Tensor:
     """y [T * K, H] (the experts' output rows, unit last stride), positions int64 [T * K] (the row
-    of y holding slot t * K + k), topk_idx [T, K] (-1: no expert here), topk_weights fp32 [T, K]
-    -> out [T, H] in out_dtype (bf16, fp16 or fp32)."""
+    of y holding slot t * K + k), topk_idx [T, K] (ids outside [0, num_experts), e.g. -1: no expert
+    here, as Experts.forward's padding rows), topk_weights fp32 [T, K] -> out [T, H] in out_dtype
+    (bf16, fp16 or fp32)."""
     tokens, k = topk_idx.shape
     hidden = y.shape[1]
     out = torch.empty(tokens, hidden, dtype=out_dtype, device=y.device)
@@ -225,7 +226,8 @@ def moe_combine(y: torch.Tensor, positions: torch.Tensor, topk_idx: torch.Tensor
     topk_idx, topk_weights = topk_idx.contiguous(), topk_weights.contiguous()  # (views as they come: no copy)
     block = min(1024, next_power_of_2(hidden))
     _moe_combine_kernel[(tokens, -(-hidden // block))](
-        y, positions, topk_idx, topk_weights, out, hidden, y.stride(0), topk_idx.stride(0), topk_weights.stride(0),
+        y, positions, topk_idx, topk_weights, out, hidden, num_experts, y.stride(0), topk_idx.stride(0),
+        topk_weights.stride(0),
         out.stride(0), K=k, BLOCK_H=block, DTYPE=TL_DTYPES[out_dtype], ROUND_BF16=_round_bf16(out_dtype),
         num_warps=4)
     return out
