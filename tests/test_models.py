@@ -645,6 +645,14 @@ def _ep_body(rank, world_size, cfg, state_dicts, x, positions, expected):
         tol = TOL if name == "float" else 2e-2
         torch.testing.assert_close(got.float(), expected[name][mine].float(), atol=tol, rtol=tol,
                                    msg=lambda m: f"{name} low_latency={low_latency}: {m}")
+    # The Triton backend (the interpreter here): the layer's fused kernels around the exchange, the
+    # MoE combine of the received rows among them
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, ep_buffer=buffer)
+    layer.load_hf_state_dict(state_dicts["fp8"])
+    with torch.no_grad(), dskernels.backend("triton"):
+        got = layer(x[mine].bfloat16(), positions[mine])
+    torch.testing.assert_close(got.float(), expected["fp8"][mine].float(), atol=2e-2, rtol=2e-2,
+                               msg=lambda m: f"fp8 on the triton backend: {m}")
 
 
 def test_expert_parallel_two_ranks_equals_single_process():
