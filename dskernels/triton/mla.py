@@ -270,6 +270,12 @@ def _count_at_most(sorted_ptr, x, valid, n, steps):
 
 
 @triton.jit
+def _key_blocks(seqlens_ptr, i, mask, BLOCK_TOKENS: tl.constexpr):
+    """Key blocks of sequences i: ceil(max(length, 0) / BLOCK_TOKENS), int64 (0 where masked)."""
+    return (tl.maximum(tl.load(seqlens_ptr + i, mask=mask, other=0), 0).to(tl.int64) + BLOCK_TOKENS - 1) // BLOCK_TOKENS
+
+
+@triton.jit
 def _mla_metadata_kernel(seqlens_ptr, ends_ptr, meta_ptr, num_splits_ptr, b, num_parts, search_steps,
                          BLOCK_TOKENS: tl.constexpr, OVERHEAD: tl.constexpr, META: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -281,8 +287,7 @@ def _mla_metadata_kernel(seqlens_ptr, ends_ptr, meta_ptr, num_splits_ptr, b, num
     for chunk in range(0, b, BLOCK_B):
         i = chunk + offs
         ok = i < b
-        blocks = (tl.maximum(tl.load(seqlens_ptr + i, mask=ok, other=0), 0).to(tl.int64) + BLOCK_TOKENS - 1) \
-            // BLOCK_TOKENS
+        blocks = _key_blocks(seqlens_ptr, i, ok, BLOCK_TOKENS)
         cost = tl.where(ok, blocks + OVERHEAD, 0)
         tl.store(ends_ptr + i, total + tl.cumsum(cost, 0), mask=ok)
         total += tl.sum(cost, 0)
@@ -293,8 +298,7 @@ def _mla_metadata_kernel(seqlens_ptr, ends_ptr, meta_ptr, num_splits_ptr, b, num
     for chunk in range(0, b, BLOCK_B):
         i = chunk + offs
         ok = i < b
-        blocks = (tl.maximum(tl.load(seqlens_ptr + i, mask=ok, other=0), 0).to(tl.int64) + BLOCK_TOKENS - 1) \
-            // BLOCK_TOKENS
+        blocks = _key_blocks(seqlens_ptr, i, ok, BLOCK_TOKENS)
         key_start = tl.load(ends_ptr + i, mask=ok, other=0) - blocks
         splits = tl.where(ok & (blocks > 0), (key_start + blocks - 1) // per_part - key_start // per_part + 1, 0)
         tl.store(num_splits_ptr + 1 + i, (splits_before + tl.cumsum(splits, 0)).to(tl.int32), mask=ok)
@@ -306,10 +310,9 @@ def _mla_metadata_kernel(seqlens_ptr, ends_ptr, meta_ptr, num_splits_ptr, b, num
     idle = first >= total
     begin_idx = tl.minimum(_count_at_most(ends_ptr, first, part_ok, b, search_steps), b - 1)
     end_idx = tl.minimum(_count_at_most(ends_ptr, last, part_ok, b, search_steps), b - 1)
-    begin_len = tl.maximum(tl.load(seqlens_ptr + begin_idx, mask=part_ok, other=0), 0).to(tl.int64)
     end_len = tl.maximum(tl.load(seqlens_ptr + end_idx, mask=part_ok, other=0), 0).to(tl.int64)
-    begin_blocks = (begin_len + BLOCK_TOKENS - 1) // BLOCK_TOKENS
-    end_blocks = (end_len + BLOCK_TOKENS - 1) // BLOCK_TOKENS
+    begin_blocks = _key_blocks(seqlens_ptr, begin_idx, part_ok, BLOCK_TOKENS)
+    end_blocks = _key_blocks(seqlens_ptr, end_idx, part_ok, BLOCK_TOKENS)
     begin_key = tl.load(ends_ptr + begin_idx, mask=part_ok, other=0) - begin_blocks
     end_key = tl.load(ends_ptr + end_idx, mask=part_ok, other=0) - end_blocks
     begin_block = tl.minimum(tl.maximum(first - begin_key, 0), begin_blocks)
