@@ -168,11 +168,17 @@ def _dense_case(m, n, k, device):
     # Decode sizes also replayed from a CUDA graph: at m = 64 the H200 run timed Triton's split-K
     # call at 150 us for ~20 us of bytes, the host's share by the look of it (common.GRAPH_VARIANTS).
     graph = GRAPH_VARIANTS if m <= 128 else {}
+    # The Triton kernel's opt-in warp-specialized TMA candidates (dskernels/triton/gemm.py, TMA_WS)
+    # on their own and beside the pointer-load ones (the plain triton row: those alone), once their
+    # tests passed in this device call (scripts/gpu_check.sh sets DSKERNELS_GEMM_TMA_WS_TESTED after
+    # tests/test_gemm_tma_ws.py): a kernel never run before may fault and end the CUDA context.
+    tma_ws = ({"tma_ws": {"DSKERNELS_GEMM_TMA_WS": "only"}, "tma_ws_auto": {"DSKERNELS_GEMM_TMA_WS": "auto"}}
+              if m > 128 and os.environ.get("DSKERNELS_GEMM_TMA_WS_TESTED") == "1" else {})
     return Case(op="gemm_fp8_fp8_bf16_nt", params={"m": m, "n": n, "k": k}, make_inputs=make_inputs,
                 run=graph_or_eager(step),
                 reference=lambda a, sa, b, sb, out: ref.gemm_fp8_fp8_bf16_nt(a, sa, b, sb), check=_check,
                 flops=2 * m * n * k, bytes=_bytes(m, n, k), peers=peers, backends=("ref", "triton", "cuda"),
-                compute_dtype="fp8", triton_variants=graph,
+                compute_dtype="fp8", triton_variants={**graph, **tma_ws},
                 cuda_variants={**_dense_variants(m), **graph})
 
 

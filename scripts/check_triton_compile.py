@@ -125,6 +125,9 @@ class Compiler:
             record["tensor_cores"] = required is None or required in ptx
             # NATIVE fp8 casts (native_fp8_cast): the one-step conversion, never Triton's fp16 detour
             # (sm_89's cvt.rz.f16.f32 first: a double rounding that changes the bits).
+            # TMA_WS: Triton's Hopper warp specialization really split the loop (producer and
+            # consumer warp groups with rebalanced registers), not a silent fallback to one group.
+            record["warp_specialized"] = not named.get("TMA_WS") or "setmaxnreg" in ptx
             record["native_cvt"] = not named.get("NATIVE") or (
                 "cvt.rn.satfinite.e4m3x2.f32" in ptx and "cvt.rz.f16.f32" not in ptx)
             # Multi-buffered tiles: local_alloc of memdesc<N x rows x cols x ...> with N buffers.
@@ -163,6 +166,8 @@ def _dropped(r: dict) -> bool:
 def _bad(r: dict) -> bool:
     if "error" in r or (r["shared"] > r["target"].max_shared_bytes and not _dropped(r)) or not r["native_cvt"]:
         return True
+    if not r["warp_specialized"]:
+        return True
     # fp32 operands (FP32_DOT: IEEE dots, fp32 q or cache) are the exact path, not a fast one: only
     # the compile and the shared memory are checked there.
     fp32_path = r["constexprs"].get("FP32_DOT") is True
@@ -179,6 +184,8 @@ def _line(r: dict) -> str:
     notes = "" if r["tensor_cores"] or not r["target"].strict else f", no {REQUIRED_PTX[r['kernel']]}"
     if not r["native_cvt"]:
         notes += ", NATIVE without a one-step cvt.rn.satfinite.e4m3x2.f32"
+    if not r["warp_specialized"]:
+        notes += ", TMA_WS without warp specialization (no setmaxnreg)"
     if r["kernel"] in PIPELINED:
         notes += f", {r['buffers']} buffer{'s' if r['buffers'] != 1 else ''}"
     if _dropped(r):
@@ -370,6 +377,8 @@ def gemm_cases(compiler: Compiler) -> None:
             continue
         configs = (triton_gemm._bf16_gpu_configs(max_block_m, call is not bf16_masked) if call in bf16
                    else triton_gemm._gpu_configs(max_block_m, call in per_row))
+        if call in (dense, dense_nn):  # the warp-specialized candidates (sm_90a only: _tma_ws_ok)
+            configs = configs + triton_gemm._tma_ws_configs()
         for config in configs:  # the autotuning candidates
             compiler.context = f"gemm {name}, autotune candidate"
             meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)

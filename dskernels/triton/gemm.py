@@ -41,6 +41,7 @@ from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8, round_to_bf
 
 GROUP_SIZE = 128  # the K (and n) width of one scale
 TOKEN_MAJOR_KNOB = "DSKERNELS_GEMM_TOKEN_MAJOR"  # _token_major_direct
+TMA_WS_KNOB = "DSKERNELS_GEMM_TMA_WS"  # _tma_ws_mode
 
 
 @triton.jit
@@ -125,6 +126,37 @@ def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blo
 
 
 @triton.jit
+def _scaled_tile_tma_ws(a_ptr, sa_ptr, b_ptr, sb_ptr, m, n, k_blocks, stride_am, stride_bn,
+                        stride_sam, stride_sak, stride_sbn, stride_sbk,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """_scaled_tile's sum for this program's tile, warp-specialized (Hopper, TMA_WS): a producer
+    warp group loads the a and b tiles with the tensor copy engine into a num_stages ring guarded by
+    mbarriers, and two consumer warp groups each take 64 of the 128 rows (Triton's Hopper warp
+    specialization splits the tile; launched with num_warps=4, it adds the other warp groups and
+    rebalances registers with setmaxnreg). Each consumer waits for its own dot before promoting it,
+    as in _scaled_tile, but no CTA-wide barrier ties the two together: one promotes while the other's
+    dot runs, the overlap the pointer-load pipeline cannot give (docs/gemm.md). The scales stay
+    plain loads in any strides. a and b: K-major, rows 16-byte aligned (_tma_ws_ok); rows and
+    columns past m and n arrive as zeros."""
+    tl.static_assert(BLOCK_N <= BLOCK_K)  # one weight scale per K block
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N), GROUP_M)
+    k = k_blocks * BLOCK_K
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[m, k], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[n, k], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    sa_ptrs = sa_ptr + rows.to(tl.int64) * stride_sam
+    sb_ptrs = sb_ptr + (pid_n * BLOCK_N // BLOCK_K).to(tl.int64) * stride_sbn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in tl.range(0, k_blocks, warp_specialize=True):
+        a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
+        b = b_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
+        sa = tl.load(sa_ptrs + kb * stride_sak, mask=rows < m, other=0.0)
+        sb = tl.load(sb_ptrs + kb * stride_sbk)
+        acc += tl.dot(a, b.T) * (sa * sb)[:, None]
+    return acc
+
+
+@triton.jit
 def _dot_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, k, stride_am, stride_ak, stride_bn, stride_bk,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRETED: tl.constexpr):
     """a[rows, :k] @ b[cols, :k].T in fp32 for 16-bit operands (the bf16 GEMMs): one accumulator
@@ -194,11 +226,11 @@ def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr,
                  SB_PER_ROW: tl.constexpr, OUT_FP32: tl.constexpr, ACCUMULATE: tl.constexpr,
-                 SPLIT_K: tl.constexpr):
+                 SPLIT_K: tl.constexpr, TMA_WS: tl.constexpr = False):
     """SPLIT_K: grid axis 1 cuts the K blocks into contiguous ranges (_split_count); see _split_k_sum.
     One range goes straight to out, without the workspace (then empty): a guard only, since the
     autotuning key holds the split counts (split_key) and split candidates that would run one range
-    are pruned."""
+    are pruned. TMA_WS: the warp-specialized K loop (_scaled_tile_tma_ws; unsplit, 128x128 b scales)."""
     rows, cols, row_ok, col_ok = _tile(m, n, BLOCK_M, BLOCK_N, GROUP_M)
     mask = row_ok[:, None] & col_ok[None, :]
     if SPLIT_K:
@@ -209,9 +241,14 @@ def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
         b_ptr += first * BLOCK_K * stride_bk
         sa_ptr += first * stride_sak
         sb_ptr += first * stride_sbk
-    acc = _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
-                       stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
-                       stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, SB_PER_ROW)
+    if TMA_WS:
+        tl.static_assert(not SPLIT_K and not SB_PER_ROW and FP8_DOT)
+        acc = _scaled_tile_tma_ws(a_ptr, sa_ptr, b_ptr, sb_ptr, m, n, k_blocks, stride_am, stride_bn, stride_sam,
+                                  stride_sak, stride_sbn, stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        acc = _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
+                           stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
+                           stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, SB_PER_ROW)
     if SPLIT_K:
         last = tl.program_id(1) == 0  # the only range, unless there are more
         if tl.num_programs(1) > 1:
@@ -410,6 +447,50 @@ def _gpu_configs(max_block_m: int, sb_per_row: bool = False) -> list[triton.Conf
 _BF16_LEAN_KERNELS = ("_contiguous_kernel", "_k_grouped_kernel")
 
 
+# The warp-specialized dense candidates (TMA_WS; _tma_ws_ok): 128 x 128 tiles only. Triton splits
+# them into two 64-row consumer warp groups beside a producer one (num_warps=4 is the per-group
+# count its Hopper pass requires); 128 x 256 and 256 x 128 spill ~1 KB there (ptxas sm_90a through
+# Triton 3.8 and 3.6, 2026-12-04). Never run on a GPU so far: opt-in (_tma_ws_mode).
+_TMA_WS_SHAPES = [(128, 128, 4, 4), (128, 128, 3, 4), (128, 128, 5, 4)]
+
+
+def _tma_ws_mode() -> str:
+    """DSKERNELS_GEMM_TMA_WS: `off` (default until a device run has checked and timed them), never
+    the TMA_WS candidates; `auto`, the autotuner weighs them beside the others where _tma_ws_ok;
+    `only`, nothing else there (to time them on their own). A forced config (the tests' heuristic
+    stand-in, the interpreter's tile) with TMA_WS takes it unless the knob is `off` explicitly."""
+    return env_choice(TMA_WS_KNOB, ("auto", "off", "only")) or "off"
+
+
+def _tma_ws_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "SPLIT_K": False, "TMA_WS": True},
+                          num_stages=stages, num_warps=warps) for bm, bn, stages, warps in _TMA_WS_SHAPES]
+
+
+def _tma_ws_ok(a: torch.Tensor, b: torch.Tensor, fp8_dot: bool, sb_per_row: bool) -> bool:
+    """Whether the dense kernel may run the warp-specialized TMA loop (TMA_WS): on Hopper (the
+    warp specialization Triton does for sm_90; other GPUs keep the pointer loads), under a Triton
+    with device-side tensor descriptors, FP8 dots, 128x128 b scales, and a and b K-major with rows
+    and base 16-byte aligned (the tensor copy engine's rule). Under the interpreter wherever the
+    operands allow it (tests force the candidate there)."""
+    if not fp8_dot or sb_per_row or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if not _interpret() and torch.cuda.get_device_capability(a.device)[0] != 9:
+        return False
+    return all(t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
+
+
+def _descriptor_scratch(device: torch.device, size: int, alignment: int, stream) -> torch.Tensor:  # noqa: ARG001
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def _use_descriptor_scratch(device: torch.device) -> None:
+    """Device-side tensor descriptors are written to global scratch, which Triton asks its
+    allocator for at each launch (a few hundred bytes per program): torch's caching allocator, as
+    inductor sets it before its launches (inside a CUDA graph capture, from the graph's pool)."""
+    triton.set_allocator(functools.partial(_descriptor_scratch, device))
+
+
 def _bf16_gpu_configs(max_block_m: int, lean: bool = False) -> list[triton.Config]:
     """Candidate tiles of the bf16 grouped GEMMs (BLOCK_K 64: 128 bytes of a row, one swizzle span).
     One fp32 accumulator (no per-block product tile as in FP8), so the masked kernel fits 128 x 256
@@ -445,7 +526,7 @@ def _autotune_enabled() -> bool:
 
 @functools.cache
 def _tuned(kernel_name: str, max_block_m: int, accumulate: bool = False, sb_per_row: bool = False,
-           scaled: bool = True):
+           scaled: bool = True, tma_ws: str = "off"):
     kernel = globals()[kernel_name]
     # Keyed on the M bucket (next power of two, capped), so new batch sizes rarely retune; the dense
     # kernel's variants (names not in a kernel's arguments are left out of its key) tune apart.
@@ -459,6 +540,8 @@ def _tuned(kernel_name: str, max_block_m: int, accumulate: bool = False, sb_per_
     if kernel_name == "_gemm_kernel":  # every tile also split along K, where _split_count splits it
         configs = [triton.Config(dict(c.kwargs, SPLIT_K=split), num_stages=c.num_stages, num_warps=c.num_warps)
                    for split in (False, True) for c in configs]
+        # tma_ws (_tma_ws_mode where the operands allow it): a separate autotuner from the others
+        configs = {"off": configs, "auto": configs + _tma_ws_configs(), "only": _tma_ws_configs()}[tma_ws]
         prune = {"early_config_prune": _prune_unsplit}
     return triton.autotune(configs=configs, key=key, restore_value=restore, prune_configs_by=prune)(kernel)
 
@@ -488,11 +571,13 @@ def _operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_dot: bool,
-            max_block_m: int = 256, split_k: _SplitK | None = None, **variant) -> None:
+            max_block_m: int = 256, split_k: _SplitK | None = None, tma_ws: bool = False, **variant) -> None:
     """variant: the kernels' compile-time switches (SCALED: FP8 with scales, BLOCK_K 128, the
     default; False: bf16, BLOCK_K from the config; the dense and K-grouped kernels' SB_PER_ROW,
     OUT_FP32 and ACCUMULATE; the grouped kernels' own). split_k: the dense kernel's K splits, whose
-    workspace is appended to args once the candidate tiles are known."""
+    workspace is appended to args once the candidate tiles are known. tma_ws: the dense kernel's
+    operands allow its TMA_WS candidates (_tma_ws_ok); a forced config asking for TMA_WS without it
+    runs the pointer loop."""
     kernel = globals()[kernel_name]
     scaled = variant.get("SCALED", True)  # passed on only by the kernels that have the switch
     fixed = dict(ROUND_BF16=_interpret(), FP8_DOT=fp8_dot, **variant)
@@ -502,7 +587,10 @@ def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_
     if _interpret():
         meta = dict(_INTERPRETER_CONFIG, **({} if scaled else {"BLOCK_K": 32}), **fixed)
     elif _autotune_enabled():
-        tuned = _tuned(kernel_name, max_block_m, variant.get("ACCUMULATE", False), sb_per_row, scaled)
+        ws_mode = _tma_ws_mode() if tma_ws else "off"
+        tuned = _tuned(kernel_name, max_block_m, variant.get("ACCUMULATE", False), sb_per_row, scaled, ws_mode)
+        if ws_mode != "off":
+            _use_descriptor_scratch(args[0].device)
         if split_k is not None:
             metas = [c.kwargs for c in tuned.configs]
             args += (split_k.key(metas), *split_k.workspace(metas))
@@ -511,8 +599,12 @@ def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_
     else:
         meta = dict(_heuristic_config(m_hint, n, sb_per_row, scaled, kernel_name in _BF16_LEAN_KERNELS), **fixed)
         meta["BLOCK_M"] = min(meta["BLOCK_M"], max_block_m)
+    if meta.get("TMA_WS"):
+        meta["TMA_WS"] = tma_ws and env_choice(TMA_WS_KNOB, ("auto", "off", "only")) != "off"
+        if meta["TMA_WS"]:
+            _use_descriptor_scratch(args[0].device)
     if split_k is not None:
-        meta["SPLIT_K"] = split_k.count(dict(meta, SPLIT_K=True)) > 1
+        meta["SPLIT_K"] = not meta.get("TMA_WS") and split_k.count(dict(meta, SPLIT_K=True)) > 1
         args += (0, *split_k.workspace([meta]))  # (no autotuning key)
     kernel[grid_fn(meta)](*args, **meta)
 
@@ -625,7 +717,8 @@ def fp8_gemm_nt(a, sa, b, sb, out, accumulate: bool) -> None:
                          split_k.count(meta))
     # n = 1: one scale either way (the per-block path reads it once per K block).
     sb_per_row = n > 1 and sb.shape[0] == n
-    _launch("_gemm_kernel", grid, args, m, n, fp8_dot=fp8_dot, split_k=split_k, SB_PER_ROW=sb_per_row,
+    _launch("_gemm_kernel", grid, args, m, n, fp8_dot=fp8_dot, split_k=split_k,
+            tma_ws=_tma_ws_ok(a_op, b_op, fp8_dot, sb_per_row), SB_PER_ROW=sb_per_row,
             OUT_FP32=out.dtype == torch.float32, ACCUMULATE=accumulate)
 
 

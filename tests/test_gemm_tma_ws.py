@@ -1,0 +1,132 @@
+"""The Triton dense FP8 GEMM's warp-specialized TMA loop (TMA_WS, dskernels/triton/gemm.py):
+against the oracle under the interpreter (no warp specialization there: the same descriptor loads
+and math) and, on Hopper, every candidate forced. scripts/gpu_check.sh benchmarks the candidates
+(the triton[tma_ws] rows) only once this file passed on the device."""
+
+import pytest
+import torch
+
+import dskernels
+from test_gemm import FP8_NAN, K, assert_close_to_oracle, empty_out, quantized_pair
+
+
+def _record_tma_ws(monkeypatch):
+    """The launches that took the TMA_WS loop: each sets the descriptor scratch allocator first."""
+    from dskernels.triton import gemm as triton_gemm
+
+    used = []
+    real = triton_gemm._use_descriptor_scratch
+    monkeypatch.setattr(triton_gemm, "_use_descriptor_scratch", lambda device: (used.append(device), real(device)))
+    return used
+
+
+def _nan_framed_fp8(rows, k, q, device):
+    """q [rows, k] inside a NaN-filled [rows + 40, 3k] buffer at column k (16-byte aligned rows and
+    base, so the tensor copy engine may read it): whatever the loop reads past its rows or its K
+    range is NaN and shows."""
+    frame = torch.full((rows + 40, 3 * k), FP8_NAN, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+    view = frame[:rows, k:2 * k]
+    view.copy_(q)
+    return view
+
+
+@pytest.mark.parametrize("scale_layout", ["row", "tma"])
+def test_triton_tma_ws_loop_matches_oracle(scale_layout, monkeypatch):
+    """The TMA_WS loop (descriptor loads; the interpreter runs it without warp specialization) on
+    odd m and n, operands framed by NaN, both scale layouts, into bf16 and accumulating into fp32."""
+    from dskernels.triton import gemm as triton_gemm
+
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's tile; on a GPU test_triton_tma_ws_gpu_configs forces each candidate")
+    monkeypatch.setattr(triton_gemm, "_INTERPRETER_CONFIG", dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=2, TMA_WS=True))
+    used = _record_tma_ws(monkeypatch)
+    m, n = 70, 200  # a partial last row tile; column tiles in two weight scale blocks, the last partial
+    _, a, sa = quantized_pair(m, K, "cpu", per_block=False, scale_layout=scale_layout)
+    _, b, sb = quantized_pair(n, K, "cpu", per_block=True, scale_layout=scale_layout)
+    a, b = _nan_framed_fp8(m, K, a, "cpu"), _nan_framed_fp8(n, K, b, "cpu")
+    out = empty_out(m, n, device="cpu")
+    with dskernels.backend("triton"):
+        dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+        assert len(used) == 1
+        assert_close_to_oracle(out, a, sa, b, sb)
+        c = torch.randn(m, n)
+        acc = c.clone()
+        dskernels.fp8_gemm_nt((a, sa), (b, sb), acc, c=acc)
+        assert len(used) == 2
+    assert_close_to_oracle(acc, a, sa, b, sb, c=c)
+
+
+def test_triton_tma_ws_only_where_the_copy_engine_can_read(monkeypatch):
+    """Operands the tensor copy engine cannot address (a row start off 16 bytes; b scales per row)
+    run the pointer loop even when TMA_WS is asked for, with the same result; the knob turns it off
+    and names itself on a bad value."""
+    from dskernels.triton import gemm as triton_gemm
+
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's tile")
+    monkeypatch.setattr(triton_gemm, "_INTERPRETER_CONFIG", dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=2, TMA_WS=True))
+    used = _record_tma_ws(monkeypatch)
+    m, n = 21, 150
+    _, a, sa = quantized_pair(m, K, "cpu", per_block=False, scale_layout="row")
+    _, b, sb = quantized_pair(n, K, "cpu", per_block=True, scale_layout="row")
+    shifted = torch.empty(m, K + 1, dtype=torch.float8_e4m3fn)[:, 1:]  # base 1 byte past alignment
+    shifted.copy_(a)
+    _, b_rows, sb_rows = quantized_pair(n, K, "cpu", per_block=False, scale_layout="row")
+    with dskernels.backend("triton"):
+        out = empty_out(m, n, device="cpu")
+        dskernels.gemm_fp8_fp8_bf16_nt((shifted, sa), (b, sb), out)
+        assert_close_to_oracle(out, a, sa, b, sb)
+        out = torch.full((m, n), float("nan"))
+        dskernels.fp8_gemm_nt((a, sa), (b_rows, sb_rows), out)
+        assert_close_to_oracle(out, a, sa, b_rows, sb_rows)
+        assert used == []
+        monkeypatch.setenv("DSKERNELS_GEMM_TMA_WS", "off")
+        dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out := empty_out(m, n, device="cpu"))
+        assert used == []
+        assert_close_to_oracle(out, a, sa, b, sb)
+        monkeypatch.setenv("DSKERNELS_GEMM_TMA_WS", "yes")
+        with pytest.raises(ValueError, match="DSKERNELS_GEMM_TMA_WS"):
+            dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+
+
+
+def _tma_ws_gpu_configs():
+    from dskernels.triton.gemm import _tma_ws_configs
+
+    return [pytest.param(c, id=f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}-s{c.num_stages}") for c in _tma_ws_configs()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", _tma_ws_gpu_configs())
+def test_triton_tma_ws_gpu_configs(config, monkeypatch):
+    """Each warp-specialized candidate forced (the autotuner may pick any): odd shapes with operands
+    framed by NaN, a long K (56 blocks: the ring of stages wraps many times), both scale layouts,
+    fp32 accumulation, and a CUDA graph capture (the descriptor scratch comes from the graph's pool)."""
+    from dskernels.triton import gemm as triton_gemm
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("Hopper's warp specialization only")
+    meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
+    monkeypatch.setattr(triton_gemm, "_heuristic_config", lambda *_: dict(meta))
+    used = _record_tma_ws(monkeypatch)
+    with dskernels.backend("triton"):
+        for m, n, k, layout in [(203, 300, 384, "tma"), (130, 2112, 7168, "row"), (1, 129, 128, "row")]:
+            _, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout=layout)
+            _, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout=layout)
+            a, b = _nan_framed_fp8(m, k, a, "cuda"), _nan_framed_fp8(n, k, b, "cuda")
+            out = empty_out(m, n, device="cuda")
+            dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+            assert_close_to_oracle(out, a, sa, b, sb)
+        c = torch.randn(m, n, device="cuda")
+        acc = c.clone()
+        dskernels.fp8_gemm_nt((a, sa), (b, sb), acc, c=acc)
+        assert_close_to_oracle(acc, a, sa, b, sb, c=c)
+        assert len(used) == 4
+        out = empty_out(m, n, device="cuda")
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+        out.fill_(float("nan"))
+        graph.replay()
+        assert_close_to_oracle(out, a, sa, b, sb)
