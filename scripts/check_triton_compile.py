@@ -17,7 +17,7 @@ compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
 grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16,
 prefill), V3.2's indexer logits (prefill, compressed, paged; D = 16 to 128), the three FP8 GEMMs
-with every autotuning candidate and the heuristic tiles, the FP8 casts (per-channel and SwiGLU-fused too), the router, the model layer's RMSNorm, rope, cache write and MoE combine, and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels; fp8_einsum's general batched form on the masked kernel.)
+with every autotuning candidate (the dense kernel's warp-specialized ones too) and the heuristic tiles, the FP8 casts (per-channel and SwiGLU-fused too), the router, the model layer's RMSNorm, rope, cache write and MoE combine, and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels; fp8_einsum's general batched form on the masked kernel.)
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
 """
@@ -295,6 +295,11 @@ def gemm_cases(compiler: Compiler) -> None:
                                 _meta(n, k, dtype=f8), _meta(n, k // 128, dtype=torch.float32),
                                 _meta(m, n, dtype=torch.float32), accumulate=True)
 
+    def dense_fp32_accumulate(m):  # fp8_gemm_nt with 128x128 b scales adding to an fp32 out
+        triton_gemm.fp8_gemm_nt(_meta(m, k, dtype=f8), _meta(m, k // 128, dtype=torch.float32),
+                                _meta(n, k, dtype=f8), _meta(n // 128, k // 128, dtype=torch.float32),
+                                _meta(m, n, dtype=torch.float32), accumulate=True)
+
     def bmm(m, per_row, out_dtype, accumulate):  # fp8_einsum's general form on the masked kernel
         triton_gemm.fp8_bmm_nt(_meta(groups, m, k, dtype=f8), _meta(groups, m, k // 128, dtype=torch.float32),
                                _meta(groups, n, k, dtype=f8),
@@ -357,12 +362,14 @@ def gemm_cases(compiler: Compiler) -> None:
 
     heuristic = triton_gemm._heuristic_config
     per_row = (weight_gradient, k_grouped_nt, k_grouped_tn, bmm_general, bmm_bf16_rows)
-    split_k = (dense, dense_nn, weight_gradient)  # fp8_gemm_nt's kernel
+    split_k = (dense, dense_nn, weight_gradient, dense_fp32_accumulate)  # fp8_gemm_nt's kernel
+    tma_ws = (dense, dense_nn, dense_fp32_accumulate)  # its warp-specialized candidates (sm_90a: _tma_ws_ok)
     bf16 = (bf16_contiguous, bf16_contiguous_nn, bf16_masked, bf16_k_grouped)
     for name, call, max_block_m in [("dense", dense, 256), ("dense nn", dense_nn, 256),
                                     ("contiguous", contiguous, 128), ("masked", masked, 256),
                                     ("contiguous psum", contiguous_psum, 128),
-                                    ("weight gradient", weight_gradient, 256), ("bmm general", bmm_general, 256),
+                                    ("weight gradient", weight_gradient, 256),
+                                    ("dense fp32 accumulate", dense_fp32_accumulate, 256), ("bmm general", bmm_general, 256),
                                     ("bmm fp32 blocks", bmm_fp32_blocks, 256), ("bmm bf16 rows", bmm_bf16_rows, 256),
                                     ("k-grouped nt", k_grouped_nt, 256),
                                     ("k-grouped tn", k_grouped_tn, 256),
@@ -377,7 +384,7 @@ def gemm_cases(compiler: Compiler) -> None:
             continue
         configs = (triton_gemm._bf16_gpu_configs(max_block_m, call is not bf16_masked) if call in bf16
                    else triton_gemm._gpu_configs(max_block_m, call in per_row))
-        if call in (dense, dense_nn):  # the warp-specialized candidates (sm_90a only: _tma_ws_ok)
+        if call in tma_ws:
             configs = configs + triton_gemm._tma_ws_configs()
         for config in configs:  # the autotuning candidates
             compiler.context = f"gemm {name}, autotune candidate"

@@ -126,34 +126,41 @@ def _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blo
 
 
 @triton.jit
-def _scaled_tile_tma_ws(a_ptr, sa_ptr, b_ptr, sb_ptr, m, n, k_blocks, stride_am, stride_bn,
-                        stride_sam, stride_sak, stride_sbn, stride_sbk,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """_scaled_tile's sum for this program's tile, warp-specialized (Hopper, TMA_WS): a producer
-    warp group loads the a and b tiles with the tensor copy engine into a num_stages ring guarded by
-    mbarriers, and two consumer warp groups each take 64 of the 128 rows (Triton's Hopper warp
-    specialization splits the tile; launched with num_warps=4, it adds the other warp groups and
-    rebalances registers with setmaxnreg). Each consumer waits for its own dot before promoting it,
-    as in _scaled_tile, but no CTA-wide barrier ties the two together: one promotes while the other's
-    dot runs, the overlap the pointer-load pipeline cannot give (docs/gemm.md). The scales stay
-    plain loads in any strides. a and b: K-major, rows 16-byte aligned (_tma_ws_ok); rows and
-    columns past m and n arrive as zeros."""
+def _tiles_tma_ws(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks, stride_am, stride_bn,
+                  stride_sam, stride_sak, stride_sbn, stride_sbk, stride_om, stride_on,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                  ROUND_BF16: tl.constexpr, OUT_FP32: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """The dense kernel's TMA_WS form (Hopper): persistent programs, each taking every
+    num_programs-th output tile, warp-specialized by Triton's Hopper pass (launched with
+    num_warps=4, it adds the other warp groups and moves registers with setmaxnreg):
+    - a producer warp group loads the a and b tiles with the tensor copy engine into a num_stages
+      ring guarded by mbarriers, running on into the next tile while the consumers store this one;
+    - two consumer warp groups take 64 of the 128 rows each. Each waits for its own dot before
+      promoting it, as _scaled_tile does, but no CTA-wide barrier ties the two together: one
+      promotes while the other's dot runs, the overlap the pointer-load pipeline cannot give
+      (docs/gemm.md).
+    The scales stay plain loads in any strides. a and b: K-major, rows and base 16-byte aligned
+    (_tma_ws_ok); rows and columns past m and n arrive as zeros."""
     tl.static_assert(BLOCK_N <= BLOCK_K)  # one weight scale per K block
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N), GROUP_M)
     k = k_blocks * BLOCK_K
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[m, k], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[n, k], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    sa_ptrs = sa_ptr + rows.to(tl.int64) * stride_sam
-    sb_ptrs = sb_ptr + (pid_n * BLOCK_N // BLOCK_K).to(tl.int64) * stride_sbn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in tl.range(0, k_blocks, warp_specialize=True):
-        a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
-        b = b_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
-        sa = tl.load(sa_ptrs + kb * stride_sak, mask=rows < m, other=0.0)
-        sb = tl.load(sb_ptrs + kb * stride_sbk)
-        acc += tl.dot(a, b.T) * (sa * sb)[:, None]
-    return acc
+    num_pid_m, num_pid_n = tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), warp_specialize=True):
+        pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        sa_ptrs = sa_ptr + rows.to(tl.int64) * stride_sam
+        sb_ptrs = sb_ptr + (pid_n * BLOCK_N // BLOCK_K).to(tl.int64) * stride_sbn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(k_blocks):
+            a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
+            b = b_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
+            sa = tl.load(sa_ptrs + kb * stride_sak, mask=rows < m, other=0.0)
+            sb = tl.load(sb_ptrs + kb * stride_sbk)
+            acc += tl.dot(a, b.T) * (sa * sb)[:, None]
+        _store(out_ptr, acc, rows, cols, (rows < m)[:, None] & (cols < n)[None, :], stride_om, stride_on,
+               ROUND_BF16, OUT_FP32, ACCUMULATE)
 
 
 @triton.jit
@@ -230,7 +237,27 @@ def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
     """SPLIT_K: grid axis 1 cuts the K blocks into contiguous ranges (_split_count); see _split_k_sum.
     One range goes straight to out, without the workspace (then empty): a guard only, since the
     autotuning key holds the split counts (split_key) and split candidates that would run one range
-    are pruned. TMA_WS: the warp-specialized K loop (_scaled_tile_tma_ws; unsplit, 128x128 b scales)."""
+    are pruned. TMA_WS: persistent warp-specialized programs instead (_tiles_tma_ws; unsplit,
+    128x128 b scales, a grid of at most one program per SM)."""
+    if TMA_WS:
+        tl.static_assert(not SPLIT_K and not SB_PER_ROW and FP8_DOT)
+        _tiles_tma_ws(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks, stride_am, stride_bn, stride_sam,
+                      stride_sak, stride_sbn, stride_sbk, stride_om, stride_on, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                      ROUND_BF16, OUT_FP32, ACCUMULATE)
+    else:
+        _gemm_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks, stride_am, stride_ak, stride_sam,
+                   stride_sak, stride_bn, stride_bk, stride_sbn, stride_sbk, stride_om, stride_on, partial_ptr,
+                   arrived_ptr, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ROUND_BF16, FP8_DOT, SB_PER_ROW, OUT_FP32,
+                   ACCUMULATE, SPLIT_K)
+
+
+@triton.jit
+def _gemm_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks, stride_am, stride_ak, stride_sam, stride_sak,
+               stride_bn, stride_bk, stride_sbn, stride_sbk, stride_om, stride_on, partial_ptr, arrived_ptr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+               ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr, SB_PER_ROW: tl.constexpr, OUT_FP32: tl.constexpr,
+               ACCUMULATE: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The dense kernel's pointer-load form: this program's tile (and K range, SPLIT_K)."""
     rows, cols, row_ok, col_ok = _tile(m, n, BLOCK_M, BLOCK_N, GROUP_M)
     mask = row_ok[:, None] & col_ok[None, :]
     if SPLIT_K:
@@ -241,14 +268,9 @@ def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
         b_ptr += first * BLOCK_K * stride_bk
         sa_ptr += first * stride_sak
         sb_ptr += first * stride_sbk
-    if TMA_WS:
-        tl.static_assert(not SPLIT_K and not SB_PER_ROW and FP8_DOT)
-        acc = _scaled_tile_tma_ws(a_ptr, sa_ptr, b_ptr, sb_ptr, m, n, k_blocks, stride_am, stride_bn, stride_sam,
-                                  stride_sak, stride_sbn, stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
-    else:
-        acc = _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
-                           stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
-                           stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, SB_PER_ROW)
+    acc = _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
+                       stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
+                       stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, SB_PER_ROW)
     if SPLIT_K:
         last = tl.program_id(1) == 0  # the only range, unless there are more
         if tl.num_programs(1) > 1:
@@ -425,6 +447,8 @@ def _interpret() -> bool:
 
 # Under the interpreter every program is numpy work: small fixed tiles keep the CPU tests fast.
 _INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=2)
+# The TMA_WS programs there (no SMs to count): few, so that each walks several tiles.
+INTERPRETER_PERSISTENT_PROGRAMS = 3
 
 
 def _gpu_configs(max_block_m: int, sb_per_row: bool = False) -> list[triton.Config]:
@@ -468,7 +492,7 @@ def _tma_ws_configs() -> list[triton.Config]:
 
 
 def _tma_ws_ok(a: torch.Tensor, b: torch.Tensor, fp8_dot: bool, sb_per_row: bool) -> bool:
-    """Whether the dense kernel may run the warp-specialized TMA loop (TMA_WS): on Hopper (the
+    """Whether the dense kernel may run its warp-specialized TMA form (TMA_WS): on Hopper (the
     warp specialization Triton does for sm_90; other GPUs keep the pointer loads), under a Triton
     with device-side tensor descriptors, FP8 dots, 128x128 b scales, and a and b K-major with rows
     and base 16-byte aligned (the tensor copy engine's rule). Under the interpreter wherever the
@@ -713,8 +737,12 @@ def fp8_gemm_nt(a, sa, b, sb, out, accumulate: bool) -> None:
     args = (a_op, sa, b_op, sb, out, m, n, k // GROUP_SIZE,
             *a_op.stride(), *sa.stride(), *b_op.stride(), *sb.stride(), *out.stride(), _m_bucket(m))
     split_k = _SplitK(m, n, k // GROUP_SIZE, out)
-    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),  # noqa: E731
-                         split_k.count(meta))
+    def grid(meta):
+        tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
+        if meta.get("TMA_WS"):  # persistent programs
+            return (min(tiles, _sm_count(out.device) or INTERPRETER_PERSISTENT_PROGRAMS), 1)
+        return (tiles, split_k.count(meta))
+
     # n = 1: one scale either way (the per-block path reads it once per K block).
     sb_per_row = n > 1 and sb.shape[0] == n
     _launch("_gemm_kernel", grid, args, m, n, fp8_dot=fp8_dot, split_k=split_k,
