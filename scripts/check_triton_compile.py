@@ -295,6 +295,11 @@ def gemm_cases(compiler: Compiler) -> None:
                                 _meta(n, k, dtype=f8), _meta(n, k // 128, dtype=torch.float32),
                                 _meta(m, n, dtype=torch.float32), accumulate=True)
 
+    def dense_k128(m):  # one K block: k_blocks must stay a runtime value (TMA_WS's loop)
+        triton_gemm.gemm_fp8_fp8_bf16_nt(_meta(m, 128, dtype=f8), _meta(m, 1, dtype=torch.float32),
+                                         _meta(n, 128, dtype=f8), _meta(n // 128, 1, dtype=torch.float32),
+                                         _meta(m, n))
+
     def dense_fp32_accumulate(m):  # fp8_gemm_nt with 128x128 b scales adding to an fp32 out
         triton_gemm.fp8_gemm_nt(_meta(m, k, dtype=f8), _meta(m, k // 128, dtype=torch.float32),
                                 _meta(n, k, dtype=f8), _meta(n // 128, k // 128, dtype=torch.float32),
@@ -362,14 +367,15 @@ def gemm_cases(compiler: Compiler) -> None:
 
     heuristic = triton_gemm._heuristic_config
     per_row = (weight_gradient, k_grouped_nt, k_grouped_tn, bmm_general, bmm_bf16_rows)
-    split_k = (dense, dense_nn, weight_gradient, dense_fp32_accumulate)  # fp8_gemm_nt's kernel
-    tma_ws = (dense, dense_nn, dense_fp32_accumulate)  # its warp-specialized candidates (sm_90a: _tma_ws_ok)
+    split_k = (dense, dense_nn, weight_gradient, dense_fp32_accumulate, dense_k128)  # fp8_gemm_nt's kernel
+    tma_ws = (dense, dense_nn, dense_fp32_accumulate, dense_k128)  # its warp-specialized candidates (sm_90a: _tma_ws_ok)
     bf16 = (bf16_contiguous, bf16_contiguous_nn, bf16_masked, bf16_k_grouped)
     for name, call, max_block_m in [("dense", dense, 256), ("dense nn", dense_nn, 256),
                                     ("contiguous", contiguous, 128), ("masked", masked, 256),
                                     ("contiguous psum", contiguous_psum, 128),
                                     ("weight gradient", weight_gradient, 256),
-                                    ("dense fp32 accumulate", dense_fp32_accumulate, 256), ("bmm general", bmm_general, 256),
+                                    ("dense fp32 accumulate", dense_fp32_accumulate, 256), ("dense k128", dense_k128, 256),
+                                    ("bmm general", bmm_general, 256),
                                     ("bmm fp32 blocks", bmm_fp32_blocks, 256), ("bmm bf16 rows", bmm_bf16_rows, 256),
                                     ("k-grouped nt", k_grouped_nt, 256),
                                     ("k-grouped tn", k_grouped_tn, 256),

@@ -16,14 +16,21 @@ def _record_tma_ws(monkeypatch):
 
     used = []
     real = triton_gemm._use_descriptor_scratch
-    monkeypatch.setattr(triton_gemm, "_use_descriptor_scratch", lambda device: (used.append(device), real(device)))
+
+    def recording(enabled):
+        if enabled:
+            used.append(True)
+        return real(enabled)
+
+    monkeypatch.setattr(triton_gemm, "_use_descriptor_scratch", recording)
     return used
 
 
 def _nan_framed_fp8(rows, k, q, device):
     """q [rows, k] inside a NaN-filled [rows + 40, 3k] buffer at column k (16-byte aligned rows and
-    base, so the tensor copy engine may read it): whatever the loop reads past its rows or its K
-    range is NaN and shows."""
+    base, so the tensor copy engine may read it): whatever the loop reads outside its K range is NaN
+    and shows. (Rows read past m or n would only feed outputs that are never stored: that is for
+    compute-sanitizer on the device.)"""
     frame = torch.full((rows + 40, 3 * k), FP8_NAN, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
     view = frame[:rows, k:2 * k]
     view.copy_(q)
@@ -57,10 +64,32 @@ def test_triton_tma_ws_matches_oracle(scale_layout, monkeypatch):
     assert_close_to_oracle(acc, a, sa, b, sb, c=c)
 
 
-def test_triton_tma_ws_only_where_the_copy_engine_can_read(monkeypatch):
-    """Operands the tensor copy engine cannot address (a row start off 16 bytes; b scales per row)
-    run the pointer-load form even when TMA_WS is asked for, with the same result; the knob turns it off
-    and names itself on a bad value."""
+def _placed(q, *, offset=0, row_stride=None, column_major=False, column_step=1):
+    """q's values in a tensor placed as asked: its base `offset` bytes past a 16-byte aligned
+    buffer, rows `row_stride` bytes apart, column-major, or every column_step-th byte of a row."""
+    rows, k = q.shape
+    if column_major:
+        placed = torch.empty(k, rows, dtype=q.dtype).T
+    elif column_step > 1:
+        placed = torch.empty(rows, k * column_step, dtype=q.dtype)[:, ::column_step]
+    else:
+        stride = row_stride or k
+        placed = torch.empty(offset + rows * stride, dtype=torch.uint8)[offset:].as_strided((rows, k), (stride, 1))
+        placed = placed.view(q.dtype)
+    placed.copy_(q)
+    return placed
+
+
+# (which operand, how it is placed): each breaks one of the tensor copy engine's rules
+UNREADABLE = [("a", dict(offset=1)), ("b", dict(offset=8)), ("a", dict(offset=16, row_stride=K + 8)),
+              ("b", dict(row_stride=K + 1)), ("a", dict(column_major=True)), ("b", dict(column_step=2)),
+              ("b", dict(row_stride=0))]
+
+
+@pytest.mark.parametrize("operand,placement", UNREADABLE, ids=[f"{o}-{p}" for o, p in UNREADABLE])
+def test_triton_tma_ws_only_where_the_copy_engine_can_read(operand, placement, monkeypatch):
+    """Operands the tensor copy engine cannot address (base or rows off 16 bytes, not K-major,
+    rows overlapping) run the pointer-load form even when TMA_WS is asked for, with the same result."""
     from dskernels.triton import gemm as triton_gemm
 
     if torch.cuda.is_available():
@@ -70,25 +99,47 @@ def test_triton_tma_ws_only_where_the_copy_engine_can_read(monkeypatch):
     m, n = 21, 150
     _, a, sa = quantized_pair(m, K, "cpu", per_block=False, scale_layout="row")
     _, b, sb = quantized_pair(n, K, "cpu", per_block=True, scale_layout="row")
-    shifted = torch.empty(m, K + 1, dtype=torch.float8_e4m3fn)[:, 1:]  # base 1 byte past alignment
-    shifted.copy_(a)
-    _, b_rows, sb_rows = quantized_pair(n, K, "cpu", per_block=False, scale_layout="row")
+    if placement.get("row_stride") == 0:  # one row broadcast to all
+        b = b[:1].expand(n, K)
+        sb = sb[:1].expand(2, K // 128).contiguous()
+    x, y = (_placed(a, **placement), b) if operand == "a" else (a, _placed(b, **placement) if b.stride(0) else b)
+    out = empty_out(m, n, device="cpu")
     with dskernels.backend("triton"):
-        out = empty_out(m, n, device="cpu")
-        dskernels.gemm_fp8_fp8_bf16_nt((shifted, sa), (b, sb), out)
-        assert_close_to_oracle(out, a, sa, b, sb)
+        dskernels.gemm_fp8_fp8_bf16_nt((x, sa), (y, sb), out)
+    assert used == []
+    assert_close_to_oracle(out, a, sa, b, sb)
+
+
+def test_triton_tma_ws_knob_and_scale_rules(monkeypatch):
+    """Per-row b scales keep the pointer loads; DSKERNELS_GEMM_TMA_WS=off turns the form off and
+    names itself on a bad value; the caller's Triton allocator is back after each launch."""
+    from triton.runtime import _allocation
+
+    from dskernels.triton import gemm as triton_gemm
+
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's tile")
+    monkeypatch.setattr(triton_gemm, "_INTERPRETER_CONFIG", dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=2, TMA_WS=True))
+    used = _record_tma_ws(monkeypatch)
+    m, n = 21, 150
+    _, a, sa = quantized_pair(m, K, "cpu", per_block=False, scale_layout="row")
+    _, b, sb = quantized_pair(n, K, "cpu", per_block=True, scale_layout="row")
+    _, b_rows, sb_rows = quantized_pair(n, K, "cpu", per_block=False, scale_layout="row")
+    callers = _allocation._allocator.get()
+    with dskernels.backend("triton"):
         out = torch.full((m, n), float("nan"))
         dskernels.fp8_gemm_nt((a, sa), (b_rows, sb_rows), out)
         assert_close_to_oracle(out, a, sa, b_rows, sb_rows)
         assert used == []
+        dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out := empty_out(m, n, device="cpu"))
+        assert used == [True] and _allocation._allocator.get() is callers
         monkeypatch.setenv("DSKERNELS_GEMM_TMA_WS", "off")
         dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out := empty_out(m, n, device="cpu"))
-        assert used == []
+        assert used == [True]
         assert_close_to_oracle(out, a, sa, b, sb)
         monkeypatch.setenv("DSKERNELS_GEMM_TMA_WS", "yes")
         with pytest.raises(ValueError, match="DSKERNELS_GEMM_TMA_WS"):
             dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
-
 
 
 def _tma_ws_gpu_configs():
@@ -122,6 +173,10 @@ def test_triton_tma_ws_gpu_configs(config, monkeypatch):
             out = empty_out(m, n, device="cuda")
             dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
             assert_close_to_oracle(out, a, sa, b, sb)
+        # The fp32-accumulate form (its own build) and the graph capture on a 3-block K.
+        m, n, k = 203, 300, 384
+        _, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="row")
+        _, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="tma")
         c = torch.randn(m, n, device="cuda")
         acc = c.clone()
         dskernels.fp8_gemm_nt((a, sa), (b, sb), acc, c=acc)

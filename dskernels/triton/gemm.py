@@ -28,12 +28,15 @@ DeepGEMM's column-major TMA-aligned layout, and a, b, out may be strided views.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation as triton_allocation
 
 from dskernels._backend import env_choice
 from dskernels.triton import cdiv, next_power_of_2
@@ -146,6 +149,7 @@ def _tiles_tma_ws(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks, stride_
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[m, k], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[n, k], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
     num_pid_m, num_pid_n = tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N)
+    stride_sak, stride_sbk = tl.cast(stride_sak, tl.int64), tl.cast(stride_sbk, tl.int64)  # kb * stride: int64
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), warp_specialize=True):
         pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -225,7 +229,9 @@ def _store(out_ptr, acc, rows, cols, mask, stride_om, stride_on, ROUND_BF16: tl.
         tl.store(ptrs, acc.to(tl.bfloat16), mask=mask)
 
 
-@triton.jit(do_not_specialize=["split_key"])
+# k_blocks is never specialized: Triton would make a k_blocks of 1 (k = 128) a constant, folding the
+# TMA_WS tile's one-trip K loop, which its Hopper warp specialization then fails to compile.
+@triton.jit(do_not_specialize=["split_key", "k_blocks"])
 def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
                  stride_am, stride_ak, stride_sam, stride_sak,
                  stride_bn, stride_bk, stride_sbn, stride_sbk, stride_om, stride_on, m_bucket,
@@ -494,25 +500,53 @@ def _tma_ws_configs() -> list[triton.Config]:
 def _tma_ws_ok(a: torch.Tensor, b: torch.Tensor, fp8_dot: bool, sb_per_row: bool) -> bool:
     """Whether the dense kernel may run its warp-specialized TMA form (TMA_WS): on Hopper (the
     warp specialization Triton does for sm_90; other GPUs keep the pointer loads), under a Triton
-    with device-side tensor descriptors, FP8 dots, 128x128 b scales, and a and b K-major with rows
-    and base 16-byte aligned (the tensor copy engine's rule). Under the interpreter wherever the
-    operands allow it (tests force the candidate there)."""
-    if not fp8_dot or sb_per_row or not hasattr(tl, "make_tensor_descriptor"):
+    whose Hopper pass has been checked with it (_triton_version), FP8 dots, 128x128 b scales, and
+    a and b K-major with base and rows 16-byte aligned (the tensor copy engine's rule) and rows
+    that do not overlap. Under the interpreter wherever the operands allow it (tests force the
+    candidate there)."""
+    if not fp8_dot or sb_per_row or _triton_version() < TMA_WS_MIN_TRITON:
         return False
     if not _interpret() and torch.cuda.get_device_capability(a.device)[0] != 9:
         return False
-    return all(t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
+    return all(t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.stride(0) >= t.shape[1] and t.data_ptr() % 16 == 0
+               for t in (a, b))
 
 
-def _descriptor_scratch(device: torch.device, size: int, alignment: int, stream) -> torch.Tensor:  # noqa: ARG001
-    return torch.empty(size, dtype=torch.int8, device=device)
+# Triton 3.6 (the lent H200's) and 3.8 (CI's) compile the TMA_WS candidates warp-specialized; the
+# Hopper pass came in 3.5 and changed since, so older ones keep the pointer loads.
+TMA_WS_MIN_TRITON = (3, 6)
 
 
-def _use_descriptor_scratch(device: torch.device) -> None:
+@functools.cache
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:  # noqa: ARG001
+    return torch.empty(size, dtype=torch.int8, device="cuda" if not _interpret() else "cpu")
+
+
+@contextlib.contextmanager
+def _use_descriptor_scratch(enabled: bool):
     """Device-side tensor descriptors are written to global scratch, which Triton asks its
-    allocator for at each launch (a few hundred bytes per program): torch's caching allocator, as
-    inductor sets it before its launches (inside a CUDA graph capture, from the graph's pool)."""
-    triton.set_allocator(functools.partial(_descriptor_scratch, device))
+    allocator for at each launch (a few hundred bytes per program): torch's caching allocator on
+    the current device (Triton launches there; inside a CUDA graph capture, from the graph's pool),
+    set for our launch only and the caller's allocator put back after it (Triton keeps it in a
+    context variable; where it does not, it stays set, as inductor leaves its own)."""
+    if not enabled:
+        yield
+        return
+    current = getattr(triton_allocation, "_allocator", None)
+    if not isinstance(current, contextvars.ContextVar):
+        triton.set_allocator(_descriptor_scratch)
+        yield
+        return
+    token = current.set(_descriptor_scratch)
+    try:
+        yield
+    finally:
+        current.reset(token)
 
 
 def _bf16_gpu_configs(max_block_m: int, lean: bool = False) -> list[triton.Config]:
@@ -613,24 +647,22 @@ def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_
     elif _autotune_enabled():
         ws_mode = _tma_ws_mode() if tma_ws else "off"
         tuned = _tuned(kernel_name, max_block_m, variant.get("ACCUMULATE", False), sb_per_row, scaled, ws_mode)
-        if ws_mode != "off":
-            _use_descriptor_scratch(args[0].device)
         if split_k is not None:
             metas = [c.kwargs for c in tuned.configs]
             args += (split_k.key(metas), *split_k.workspace(metas))
-        tuned[grid_fn](*args, **fixed)
+        with _use_descriptor_scratch(ws_mode != "off"):
+            tuned[grid_fn](*args, **fixed)
         return
     else:
         meta = dict(_heuristic_config(m_hint, n, sb_per_row, scaled, kernel_name in _BF16_LEAN_KERNELS), **fixed)
         meta["BLOCK_M"] = min(meta["BLOCK_M"], max_block_m)
     if meta.get("TMA_WS"):
         meta["TMA_WS"] = tma_ws and env_choice(TMA_WS_KNOB, ("auto", "off", "only")) != "off"
-        if meta["TMA_WS"]:
-            _use_descriptor_scratch(args[0].device)
     if split_k is not None:
         meta["SPLIT_K"] = not meta.get("TMA_WS") and split_k.count(dict(meta, SPLIT_K=True)) > 1
         args += (0, *split_k.workspace([meta]))  # (no autotuning key)
-    kernel[grid_fn(meta)](*args, **meta)
+    with _use_descriptor_scratch(meta.get("TMA_WS", False)):
+        kernel[grid_fn(meta)](*args, **meta)
 
 
 # ---- split-K: the dense kernel on shapes of few output tiles (decode) ----
