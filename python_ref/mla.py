@@ -67,7 +67,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         visible = t[None, :] < limit[:, None]                             # [s_q, n]
         scores = scores.masked_fill(~visible, -math.inf)
         seq_lse = torch.logsumexp(scores, dim=-1)                         # [h_q, s_q], -inf if none
-        seen = torch.isfinite(seq_lse)
+        seen = seq_lse != -math.inf  # a NaN score stays NaN (in out and lse), not "no key seen"
         probs = torch.exp(scores - torch.where(seen, seq_lse, 0.0)[..., None])
         out[i] = torch.einsum("grjt,tgd->jgrd", probs.reshape(h_kv, group, s_q, n), values).reshape(
             s_q, h_q, head_dim_v)

@@ -409,6 +409,33 @@ def test_pages_outside_the_cache_are_never_read(backend):
                           None, False)
 
 
+def test_nan_inputs_give_nan_not_an_empty_result(backend):
+    """A NaN score (here a NaN query head, and a NaN in a key a sequence owns) makes out and lse NaN
+    for the rows that see it, in one split and across splits (the combine); only a query that sees
+    no key gets out = 0 and lse = +inf. (`l > 0` read NaN as "nothing seen" before.)"""
+    name, device = backend
+    skip_cuda_backend(name)
+    q, k_cache, block_table, lens, dv, _ = make_inputs([70, 0, 1000], 1, 4, 1, 16, torch.bfloat16,
+                                                       torch.bfloat16, device=device)
+    q[0, 0, 1, 3] = math.nan  # sequence 0, head 1: its row only
+    page, slot = block_table[2, 40].item(), 7  # key 647 of sequence 2: every head of it
+    k_cache[page, slot, 0, 5] = math.nan
+    meta, splits = dskernels.get_mla_metadata(lens, 4, 1)
+    if name == "triton":
+        assert (splits[1] - splits[0]).item() == 1 and (splits[3] - splits[2]).item() > 1  # both paths
+    out, lse = dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, splits)
+    out, lse = out.cpu().float(), lse.cpu()
+    nan_rows = torch.zeros(3, 4, dtype=torch.bool)  # [b, h_q], s_q = 1
+    nan_rows[0, 1] = True
+    nan_rows[2] = True
+    assert torch.equal(out[:, 0].isnan().all(-1), nan_rows) and not out[:, 0][~nan_rows].isnan().any()
+    assert torch.equal(lse[..., 0].isnan(), nan_rows)
+    assert (out[1] == 0).all() and (lse[1] == math.inf).all()  # the empty sequence
+    ref_out, ref_lse = python_ref.mla.flash_mla_with_kvcache(q.cpu(), k_cache.cpu(), block_table.cpu(),
+                                                             lens.cpu(), dv)
+    torch.testing.assert_close(out, ref_out.float(), rtol=2**-7, atol=2**-7, equal_nan=True)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=LSE_ATOL, equal_nan=True)
+
 def test_opcheck():
     args = _good_args()
     lens = args["cache_seqlens"]

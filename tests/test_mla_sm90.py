@@ -222,6 +222,27 @@ def test_metadata_is_64_row_tiles_under_cuda():
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+def test_nan_score_gives_nan_not_an_empty_result(cache_dtype):
+    """A NaN query head, and a NaN in a key a sequence owns, make out and lse NaN for the rows that
+    see them, in one split and across splits (the combine); the empty sequence keeps 0 and +inf."""
+    _need_cuda_backend()
+    lens = torch.tensor([70, 0, 8000], dtype=torch.int32, device="cuda")
+    k_cache, block_table, k_scale = make_cache(lens.tolist(), 1, 64, cache_dtype, seed=5)
+    q = torch.randn(3, 1, 16, D, dtype=torch.bfloat16, device="cuda")
+    q[0, 0, 1, 3] = math.nan
+    k_cache[block_table[2, 40].item(), 7, 0, 5] = math.nan
+    with dskernels.backend("cuda"):
+        meta, splits = dskernels.get_mla_metadata(lens, 16, 1)
+        assert (splits[1] - splits[0]).item() == 1 and (splits[3] - splits[2]).item() > 1
+        out, lse = dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, meta, splits, k_scale=k_scale)
+    nan_rows = torch.zeros(3, 16, dtype=torch.bool, device="cuda")
+    nan_rows[0, 1] = True
+    nan_rows[2] = True
+    assert torch.equal(out[:, 0].isnan().all(-1), nan_rows) and not out[:, 0][~nan_rows].isnan().any()
+    assert torch.equal(lse[..., 0].isnan(), nan_rows)
+    assert (out[1] == 0).all() and (lse[1] == math.inf).all()
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
 def test_cuda_graph_replay_with_new_lengths(cache_dtype):
     _need_cuda_backend()
     lengths = [1000, 0, 37, 4000]

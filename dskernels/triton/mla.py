@@ -194,7 +194,7 @@ def _mla_decode_splitkv_kernel(
                 visible = key_ok[None, :] & (keys[None, :] < limit[:, None])
                 s = tl.where(visible, s, float("-inf"))
                 m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, k_pv, FP32_DOT)
-            seen = l_i > 0.0
+            seen = l_i != 0.0  # NaN (a NaN score) stays NaN, not "no key seen"
             o = tl.where(seen[:, None], acc * k_scale / tl.where(seen, l_i, 1.0)[:, None], 0.0)
             lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
             if n_split == 1:
@@ -244,7 +244,7 @@ def _mla_combine_kernel(out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr, num_splits_p
                            mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
             total += w
             acc += w[:, None] * part
-        seen = total > 0.0
+        seen = total != 0.0  # NaN stays NaN, as in the decode kernel
         o = tl.where(seen[:, None], acc / tl.where(seen, total, 1.0)[:, None], 0.0)
         lse = tl.where(seen, (m_safe + tl.math.log2(tl.where(seen, total, 1.0))) * 0.6931471805599453,
                        float("inf"))

@@ -625,7 +625,7 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
       float l = l_run[h];
       l += __shfl_xor_sync(0xffffffff, l, 1);
       l += __shfl_xor_sync(0xffffffff, l, 2);
-      const bool seen = l > 0.0f;
+      const bool seen = l != 0.0f;  // NaN (a NaN score) stays NaN, not "no key seen"
       final_factor[h] = seen ? k_scale / l : 0.0f;
       lse2[h] = seen ? m_run[h] + __log2f(l) : -INFINITY;
     }
@@ -789,7 +789,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
       acc[c].w += wgt * v.w;
     }
   }
-  const bool seen = total > 0.0f;
+  const bool seen = total != 0.0f;  // NaN stays NaN, as in the decode kernel
   const float inv = seen ? 1.0f / total : 0.0f;
   const int head = flat / p.s_q, token = flat % p.s_q;
   Element* dst = static_cast<Element*>(p.out) + i * p.o_stride_b + token * p.o_stride_s + head * p.o_stride_h;
