@@ -311,6 +311,35 @@ def _check_bad_inputs(buf, world):
     _raises(TypeError, ["x[1]:", "float32"],
             lambda: buf.dispatch((x.to(torch.float8_e4m3fn), torch.rand(5, 2).half()), topk_idx=topk,
                                  num_experts=4 * world))
+    _raises(TypeError, ["x[1]:", "H/128", "(5, 5)"],  # HIDDEN / 128 = 2 scales per row
+            lambda: buf.dispatch((x.to(torch.float8_e4m3fn), torch.rand(5, 5)), topk_idx=topk, num_experts=4 * world))
+    _raises(TypeError, ["num_worst_tokens:", "2.5"],
+            lambda: buf.dispatch(x, topk_idx=topk, num_experts=4 * world, num_worst_tokens=2.5))
+    # get_dispatch_layout's outputs passed back wrong (each raises before any exchange, on every rank)
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(topk, 4 * world)
+    layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    for name, bad, error, words in [
+            ("num_tokens_per_rank", torch.cat([per_rank, per_rank]), ValueError, [f"({world},)", f"({2 * world},)"]),
+            ("num_tokens_per_rank", per_rank.float(), TypeError, ["int32 or int64", "float32"]),
+            ("num_tokens_per_rank", per_rank + 1, ValueError, ["is_token_in_rank sends"]),
+            ("num_tokens_per_expert", per_expert[:4 * world - world], ValueError, [f"{4 * world} counts"]),
+            ("is_token_in_rank", in_rank[:4], ValueError, [f"(5, {world})", f"(4, {world})"])]:
+        _raises(error, [f"{name}:"] + words,
+                lambda: buf.dispatch(x, topk_idx=topk, num_experts=4 * world, **dict(layout, **{name: bad})))
+    # combine's inputs: 1-D weights, a bias of another shape; low_latency_combine into an expanded out
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=topk, topk_weights=torch.rand(5, 2),
+                                                   num_experts=4 * world)
+    _raises(ValueError, ["topk_weights:", "2 dimensions"], lambda: buf.combine(recv_x, handle, topk_weights=recv_w[:, 0]))
+    _raises(ValueError, ["bias:", f"(5, {HIDDEN})", "(5, 1, 2)"],
+            lambda: buf.combine(recv_x, handle, bias=torch.zeros(5, 1, 2)))
+    ll_x, _, ll_handle, _, _ = buf.low_latency_dispatch(x, topk, 8, 4 * world, use_fp8=False)
+    weights = torch.rand(5, 2)
+    _raises(ValueError, ["out:", "share memory"],
+            lambda: buf.low_latency_combine(ll_x, topk, weights, ll_handle, out=torch.empty(1, HIDDEN).to(x.dtype).expand(5, HIDDEN)))
+    want, _, _ = buf.low_latency_combine(ll_x, topk, weights, ll_handle)
+    column_major = torch.empty(HIDDEN, 5, dtype=x.dtype).t()  # any strides: rows copied in
+    got, _, _ = buf.low_latency_combine(ll_x, topk, weights, ll_handle, out=column_major)
+    assert got.data_ptr() == column_major.data_ptr() and torch.equal(got, want)
 
 
 def _check_edge_routing(buf, rank, world, num_experts):
@@ -417,6 +446,7 @@ def _body_triton(rank, world, seed):
         buf = Buffer(dist.group.WORLD)
         _check_dispatch_combine(buf, rank, world, 8, seed)
         _check_edge_routing(buf, rank, world, 8)
+        _check_bad_inputs(buf, world)  # also low_latency_combine into an out of other strides
 
 
 def _body_gpu(rank, world, seed):

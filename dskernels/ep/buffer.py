@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dskernels._checks import check_no_overlap, check_tensor
 from dskernels.ep.events import EventOverlap, StreamScope, capture
 from dskernels.ops.ep import (copy_rows, ep_get_dispatch_layout, gather_reduce, low_latency_send, low_latency_slots,
                               pack_rows)
@@ -311,6 +312,29 @@ class Buffer:
             raise ValueError(f"topk_weights: expected shape {tuple(topk_idx.shape)} (that of topk_idx), "
                              f"got {tuple(topk_weights.shape)}")
 
+    def _check_layout(self, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_tokens: int,
+                      num_experts) -> None:
+        """get_dispatch_layout's outputs, where given: int32/int64 [R], bool [T, R], int32/int64 [E]
+        (E = num_experts where that is given too)."""
+        R = self.group_size
+        counts = (torch.int32, torch.int64)
+        for name, t, dtypes, shape in (("num_tokens_per_rank", num_tokens_per_rank, counts, (R,)),
+                                       ("is_token_in_rank", is_token_in_rank, (torch.bool,), (num_tokens, R)),
+                                       ("num_tokens_per_expert", num_tokens_per_expert, counts, None)):
+            if t is None:
+                continue
+            check_tensor(name, t, dtypes=dtypes)
+            if shape is not None and tuple(t.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+        if num_tokens_per_expert is not None:
+            if num_tokens_per_expert.dim() != 1:
+                raise ValueError(f"num_tokens_per_expert: expected 1 dimension [num_experts], got shape "
+                                 f"{tuple(num_tokens_per_expert.shape)}")
+            if num_experts is not None and num_tokens_per_expert.shape[0] != num_experts:
+                raise ValueError(f"num_tokens_per_expert: expected {num_experts} counts (num_experts), got "
+                                 f"{num_tokens_per_expert.shape[0]}")
+            self._check_num_experts(num_tokens_per_expert.shape[0])
+
     @staticmethod
     def _check_x(x) -> int:
         """x or (x_fp8, x_scales); returns T."""
@@ -323,7 +347,7 @@ class Buffer:
                 raise TypeError(f"x[0]: expected a float8_e4m3fn tensor [T, H], got "
                                 f"{getattr(data, 'dtype', type(data).__name__)} {tuple(getattr(data, 'shape', ()))}")
             if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.dim() != 2 \
-                    or scales.shape[0] != data.shape[0]:
+                    or scales.shape[0] != data.shape[0] or scales.shape[1] != -(-data.shape[1] // 128):
                 raise TypeError(f"x[1]: expected float32 scales [{data.shape[0]}, H/128], got "
                                 f"{getattr(scales, 'dtype', type(scales).__name__)} "
                                 f"{tuple(getattr(scales, 'shape', ()))}")
@@ -383,6 +407,9 @@ class Buffer:
         _check_int("expert_alignment", expert_alignment)
         if expert_alignment < 1:
             raise ValueError(f"expert_alignment: expected at least 1, got {expert_alignment}")
+        _check_int("num_worst_tokens", num_worst_tokens)
+        if num_worst_tokens < 0:
+            raise ValueError(f"num_worst_tokens: expected 0 (off) or a positive row count, got {num_worst_tokens}")
         with StreamScope(self, device, previous_event, async_finish, allocate_on_comm_stream) as scope:
             if handle is not None:
                 if not isinstance(handle, DispatchHandle):
@@ -396,6 +423,7 @@ class Buffer:
 
             if topk_idx is None:
                 raise ValueError("topk_idx: expected an int64 [T, K] tensor (or a handle for cached dispatch), got None")
+            self._check_layout(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_tokens, num_experts)
             if num_experts is None and num_tokens_per_expert is not None:
                 num_experts = num_tokens_per_expert.shape[0]
             if num_experts is None:
@@ -412,9 +440,6 @@ class Buffer:
             if is_token_in_rank is None or num_tokens_per_expert is None or num_tokens_per_rank is None:
                 num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = ep_get_dispatch_layout(
                     topk_idx, num_experts, self.group_size)
-            elif tuple(is_token_in_rank.shape) != (num_tokens, self.group_size):
-                raise ValueError(f"is_token_in_rank: expected shape ({num_tokens}, {self.group_size}), got "
-                                 f"{tuple(is_token_in_rank.shape)}")
             if num_worst_tokens:
                 # As DeepEP: no per-expert list in this mode (it would need the host).
                 handle, counts = self._plan_fixed(is_token_in_rank, num_tokens_per_rank, num_worst_tokens,
@@ -446,6 +471,11 @@ class Buffer:
         """Count exchange and the send order; the one host synchronization of a dispatch."""
         R = self.group_size
         num_tokens = is_token_in_rank.shape[0]
+        # Before the first collective (this rank then names the mistake; its peers time out).
+        in_rank = is_token_in_rank.sum(0).tolist()
+        if num_tokens_per_rank.tolist() != in_rank:
+            raise ValueError(f"num_tokens_per_rank: expected the tokens is_token_in_rank sends to each rank "
+                             f"({in_rank}), got {num_tokens_per_rank.tolist()}")
         send = torch.cat([num_tokens_per_rank.to(torch.int64).reshape(R, 1),
                           num_tokens_per_expert.to(torch.int64).reshape(R, num_experts // R)], dim=1)
         recv = self._exchange_counts(send, "dispatch (count exchange)")
@@ -528,6 +558,9 @@ class Buffer:
                              f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if topk_weights is not None:
             self._check_weights(topk_weights, None)
+            if topk_weights.dim() != 2:
+                raise ValueError(f"topk_weights: expected 2 dimensions [N, K] (dispatch's recv_topk_weights), got "
+                                 f"shape {tuple(topk_weights.shape)}")
             if topk_weights.shape[0] < handle.num_recv_tokens:
                 raise ValueError(f"topk_weights: expected {handle.num_recv_tokens} rows, got {topk_weights.shape[0]}")
         with StreamScope(self, x.device, previous_event, async_finish, allocate_on_comm_stream) as scope:
@@ -539,6 +572,9 @@ class Buffer:
             if bias is not None:
                 for b in (bias if isinstance(bias, tuple) else (bias,)):
                     if b is not None:
+                        if not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(outs[0].shape):
+                            raise ValueError(f"bias: expected tensors of the combined shape {tuple(outs[0].shape)}, got "
+                                             f"{tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__}")
                         outs[0] = outs[0] + b
             event = scope.finish(tuple(outs))
         return outs[0], (outs[1] if topk_weights is not None else None), event
@@ -703,6 +739,8 @@ class Buffer:
                    else type(out).__name__)
             raise ValueError(f"out: expected a {x.dtype} tensor of shape ({num_tokens}, {hidden}) on {x.device}, "
                              f"got {got}")
+        if out is not None:
+            check_no_overlap("out", out)
         with StreamScope(self, x.device, None, async_finish, False) as scope:
             # Every rank gets every rank's weights (rows past T: unused, their ids were -1).
             send_w = torch.zeros(R, M, K, dtype=torch.float32, device=x.device)
@@ -714,8 +752,12 @@ class Buffer:
             gather_reduce(x.reshape(num_local * cap, hidden), handle.return_slot, recv_w.reshape(R * M, K), partial)
             recv = torch.empty_like(partial)
             self._all_to_all(recv, partial, None, None, "low_latency_combine", poll=False)
-            combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+            # The reduce writes rows of unit stride: an out of other strides gets them copied in.
+            direct = out is not None and (out.stride(1) == 1 or hidden <= 1)
+            combined = out if direct else torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
             gather_reduce(recv, handle.combine_index, None, combined)
+            if out is not None and not direct:
+                combined = out.copy_(combined)
             event = scope.finish((combined,))
         return combined, event, (lambda: None)
 
