@@ -51,6 +51,8 @@ SCALE_FLOOR = 1e-4
 
 def quantize_sparse_kv_cache(kv: torch.Tensor) -> torch.Tensor:
     """kv [..., 576] (any float dtype) -> [..., 656] float8_e4m3fn bytes in V3.2's layout."""
+    if not isinstance(kv, torch.Tensor) or not kv.is_floating_point():
+        raise TypeError(f"kv: expected a floating-point tensor, got {getattr(kv, 'dtype', type(kv).__name__)}")
     if kv.shape[-1] != FP8_HEAD_DIM:
         raise ValueError(f"kv: expected last dimension {FP8_HEAD_DIM} (512 latent + 64 rope), got {tuple(kv.shape)}")
     lead = kv.shape[:-1]

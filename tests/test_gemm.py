@@ -508,6 +508,9 @@ def test_deepgemm_options_of_the_newer_names():
                                            numpy.int64(4), recipe=(1, 128, 128))  # a numpy int too
     assert dskernels.get_m_alignment_for_contiguous_layout() == 128
     assert dskernels.get_tma_aligned_size(130, 4) == 132
+    for bad in (0, 3, 2.0):
+        with pytest.raises(ValueError, match="element_size: expected a divisor of 16"):
+            dskernels.get_tma_aligned_size(5, bad)
     # DeepGEMM's newer and legacy names, and its per-operand recipe keywords
     assert dskernels.get_mk_alignment_for_contiguous_layout() == 128
     assert dskernels.get_mn_major_tma_aligned_tensor is dskernels.get_col_major_tma_aligned_tensor

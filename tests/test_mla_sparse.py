@@ -261,6 +261,8 @@ def test_fp8_layout_bytes():
     assert torch.equal(ref.quantize_sparse_kv_cache(back).view(torch.uint8), cache.view(torch.uint8))
     assert torch.equal(dskernels.quantize_sparse_kv_cache(x).view(torch.uint8),
                        ref.quantize_sparse_kv_cache(x).view(torch.uint8))
+    with pytest.raises(TypeError, match="kv: expected a floating-point tensor, got torch.int32"):
+        dskernels.quantize_sparse_kv_cache(torch.ones(2, 576, dtype=torch.int32))
 
 
 def test_fp8_byte_path(backend, monkeypatch):

@@ -38,7 +38,9 @@ def test_encoding_layout():
                                             ("dualpipe", 4, 9, r"N \(chunks\) must be even"),
                                             ("dualpipev", 4, 7, r"N \(chunks\) must be >= 2\*P = 8"),
                                             ("gpipe", 2, 4, "kind: expected one of"),
-                                            ("1f1b", 0, 4, "P and N")])
+                                            ("1f1b", 0, 4, "P and N"),
+                                            ("1f1b", 10**6, 10**6, r"P \* N <= 1048576"),
+                                            ("zb1p", 4096, 2**20, r"P \* N <= 1048576")])
 def test_bad_arguments(kind, P, N, match):
     with pytest.raises(ValueError, match=match):
         torch.ops.dskernels.dualpipe_schedule(kind, P, N)

@@ -95,6 +95,9 @@ def test_bad_sizes_name_the_constraint():
         S.one_f_one_b(0, 4)
     with pytest.raises(ValueError, match="N: expected at least 1"):
         S.zb1p(2, 0)
+    for generate in (S.one_f_one_b, S.zb1p, S.dualpipev, S.dualpipe):  # not minutes of string building
+        with pytest.raises(ValueError, match=r"P \* N <= 1048576, got P=1000000, N=1000000"):
+            generate(10**6, 10**6)
     with pytest.raises(TypeError, match="P: expected an int"):
         S.dualpipev(2.0, 4)
     with pytest.raises(ValueError, match="kind"):

@@ -120,7 +120,9 @@ at::Tensor dualpipe_schedule(c10::string_view kind_view, int64_t P, int64_t N) {
   TORCH_CHECK_VALUE(kind == "dualpipe" || kind == "dualpipev" || kind == "1f1b" || kind == "zb1p",
               "kind: expected one of dualpipe, dualpipev, 1f1b, zb1p, got '", kind, "'");
   TORCH_CHECK_VALUE(P >= 1 && N >= 1, "P and N: expected at least 1, got P=", P, " N=", N);
-  TORCH_CHECK_VALUE(P <= (1 << 12) && N <= (1 << 20), "P and N: too large (P=", P, ", N=", N, ")");
+  // A few rows per (rank, chunk): the bound keeps the table under ~100 MB (schedule.py: the same).
+  TORCH_CHECK_VALUE(P <= (1 << 20) && N <= (1 << 20) && P * N <= (1 << 20),
+                    "P and N: expected P * N <= 1048576, got P=", P, ", N=", N);
   std::vector<Row> rows;
   if (kind == "dualpipev") {
     TORCH_CHECK_VALUE(N >= 2 * P, "dualpipev: N (chunks) must be >= 2*P = ", 2 * P,

@@ -430,6 +430,9 @@ def get_num_sms(device: torch.device | int | None = None) -> int:
 
 def get_tma_aligned_size(x: int, element_size: int) -> int:
     """x rounded up so that x elements of element_size bytes fill whole 16-byte TMA units."""
+    if isinstance(element_size, bool) or not isinstance(element_size, int) or element_size < 1 or 16 % element_size:
+        raise ValueError(f"element_size: expected a divisor of 16 (bytes per element: 1, 2, 4, 8 or 16), got "
+                         f"{element_size!r}")
     alignment = 16 // element_size
     return (x + alignment - 1) // alignment * alignment
 

@@ -71,6 +71,16 @@ def _check_int(name, value, minimum):
         raise ValueError(f"{name}: expected at least {minimum}, got {value}")
 
 
+# A schedule holds a few actions per (rank, chunk): P * N past this would build hundreds of
+# millions of them (the C++ op, csrc/pipeline/schedule.cpp, has the same bound).
+MAX_RANKS_TIMES_CHUNKS = 1 << 20
+
+
+def _check_size(P, N):
+    if P * N > MAX_RANKS_TIMES_CHUNKS:
+        raise ValueError(f"P and N: expected P * N <= {MAX_RANKS_TIMES_CHUNKS}, got P={P}, N={N}")
+
+
 def _action(stage, kind, mb):
     return f"{stage}{kind}{mb}"
 
@@ -162,6 +172,7 @@ def dualpipev(P: int, N: int) -> Schedule:
     dualpipev.py and torch's ScheduleDualPipeV do."""
     _check_int("P", P, 1)
     _check_int("N", N, 1)
+    _check_size(P, N)
     if N < 2 * P:
         raise ValueError(f"dualpipev: N (chunks) must be >= 2*P = {2 * P} (number of stages), got N={N}")
     ranks = [_dual_rank_program(P, r, N, r, 2 * P - 1 - r, unoverlapped_first=(r == P - 1))
@@ -176,6 +187,7 @@ def dualpipe(P: int, N: int) -> Schedule:
     Requires P even and >= 2, N even and N >= 2P (DualPipe's dualpipe.py asserts the same)."""
     _check_int("P", P, 2)
     _check_int("N", N, 1)
+    _check_size(P, N)
     if P % 2:
         raise ValueError(f"dualpipe: P (ranks) must be even, got P={P}")
     if N % 2:
@@ -198,6 +210,7 @@ def one_f_one_b(P: int, N: int) -> Schedule:
     remaining backwards. Requires P >= 1, N >= 1."""
     _check_int("P", P, 1)
     _check_int("N", N, 1)
+    _check_size(P, N)
     ranks = []
     for r in range(P):
         warm = min(P - r - 1, N)
@@ -226,6 +239,7 @@ def zb1p(P: int, N: int) -> Schedule:
     Requires P >= 1, N >= 1."""
     _check_int("P", P, 1)
     _check_int("N", N, 1)
+    _check_size(P, N)
     ranks = [[] for _ in range(P)]
     f_done = [0] * P   # chunks each rank has run F for (in chunk order)
     i_done = [0] * P
