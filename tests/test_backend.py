@@ -179,3 +179,63 @@ def test_no_host_sync_flags_device_reads_only():
     with pytest.raises(HostSyncError):
         with no_host_sync():
             torch.ones(3).sum().item()
+
+
+# ---- kernels run on their tensors' GPU (dskernels/_device.py) ----
+
+class _OnCuda1(torch.Tensor):
+    """A CPU tensor that reports itself on cuda:1 (for the guard's logic, on any machine)."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+def test_kernels_make_their_tensors_device_current(monkeypatch):
+    """The guard enters the first CUDA tensor's device (found in lists too) when another is current,
+    and does nothing when it is current already or no argument is on a GPU."""
+    from dskernels import _device
+
+    entered = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    kernel = _device.on_tensor_device(lambda *args, **kwargs: "ran")
+    on_cuda1 = torch.zeros(2).as_subclass(_OnCuda1)
+    assert kernel(3, [torch.zeros(1), on_cuda1]) == "ran" and entered == [torch.device("cuda", 1), "exit"]
+    entered.clear()
+    assert kernel(torch.zeros(1), out=on_cuda1) == "ran" and entered == [torch.device("cuda", 1), "exit"]
+    entered.clear()
+    assert kernel(torch.zeros(1), 2) == "ran" and entered == []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert kernel(on_cuda1) == "ran" and entered == []
+
+
+def test_every_registered_kernel_is_guarded():
+    """Each Python kernel registered for CUDA goes through on_tensor_device (the dispatcher gives
+    custom ops no device guard, and Triton launches on the current device)."""
+    import glob
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    unguarded = []
+    for path in glob.glob(os.path.join(root, "dskernels", "ops", "*.py")):
+        with open(path) as f:
+            source = f.read()
+        for match in re.finditer(r'@torch\.library\.register_kernel\(([^\n]*)\)\n(?!@on_tensor_device\n)', source):
+            unguarded.append(f"{os.path.basename(path)}: {match.group(1)}")
+    assert not unguarded, unguarded

@@ -12,6 +12,7 @@ import torch
 
 from dskernels._backend import current_backend, select_backend, triton_installed
 from dskernels._checks import check_tensor
+from dskernels._device import on_tensor_device
 from python_ref import ep as ref_ep
 
 
@@ -45,6 +46,7 @@ def _check_layout_args(topk_idx, num_experts, num_ranks) -> None:
 
 
 @torch.library.register_kernel("dskernels::ep_get_dispatch_layout", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _ep_get_dispatch_layout(topk_idx, num_experts, num_ranks):
     _check_layout_args(topk_idx, num_experts, num_ranks)
@@ -100,6 +102,7 @@ def _mover_backend(op: str, device: torch.device) -> str:
     return select_backend(op, device, has_cuda=False, has_triton=True)
 
 
+@on_tensor_device
 def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor, dst_idx: torch.Tensor | None,
               num_rows: int | None = None) -> None:
     """dst[dst_idx[i]] = src[src_idx[i]] for i < num_rows (None: the identity); an i whose src_idx or
@@ -118,6 +121,7 @@ def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor
     triton_ep.copy_rows(src, src_idx, dst, dst_idx, num_rows)
 
 
+@on_tensor_device
 def pack_rows(segments: list[torch.Tensor], offsets: list[int], src_idx: torch.Tensor | None, dst: torch.Tensor,
               num_rows: int | None = None) -> None:
     """dst[i, offsets[j] : offsets[j] + w_j] = segments[j][src_idx[i]] for i < num_rows: a rank's whole
@@ -133,6 +137,7 @@ def pack_rows(segments: list[torch.Tensor], offsets: list[int], src_idx: torch.T
     triton_ep.pack_rows(segments, offsets, src_idx, dst, num_rows)
 
 
+@on_tensor_device
 def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
     """out[t] = sum_j weights[t, j] * y[index[t, j]] with index -1 skipped, fp32 sum in j order: the
     combine's fused un-permute and reduction back to token order."""
@@ -144,6 +149,7 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
     triton_ep.gather_reduce(y, index, weights, out)
 
 
+@on_tensor_device
 def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, use_fp8: bool, send: torch.Tensor,
                      offsets: list[int], round_scale: bool = False) -> None:
     """Fills the low-latency dispatch's send buffer `send` uint8 [R, M, row_bytes] (python_ref.ep.low_latency_send
@@ -166,6 +172,7 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(t.shape)
 
 
+@on_tensor_device
 def low_latency_slots(ids: torch.Tensor, base: int, num_local: int, cap: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The low-latency receiver's placement of every received (row, k) entry: (write_slot [N * K],

@@ -8,6 +8,7 @@ import torch
 import python_ref
 from dskernels._backend import select_backend
 from dskernels._checks import check_multiple, check_tensor
+from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 
 FP8 = torch.float8_e4m3fn
@@ -151,6 +152,7 @@ def _silu_and_mul_outputs(x):
 
 
 @torch.library.register_kernel("dskernels::silu_and_mul_cast_to_fp8", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _silu_and_mul_cast_to_fp8(x, masked_m=None, round_scale=False):
     _check_silu_and_mul(x, masked_m)
@@ -182,6 +184,7 @@ def _silu_and_mul_cast_to_fp8_fake(x, masked_m=None, round_scale=False):
 
 
 @torch.library.register_kernel("dskernels::silu_and_mul", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _silu_and_mul(x, masked_m=None):
     _check_silu_and_mul(x, masked_m, cast=False)
@@ -254,6 +257,7 @@ def _cast(op: str, src: torch.Tensor, scale_rows: int, ref, triton_kernel: str,
 
 
 @torch.library.register_kernel("dskernels::per_token_cast_to_fp8", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _per_token_cast_to_fp8(x, round_scale=False):
     _check_source("x", x)
@@ -262,6 +266,7 @@ def _per_token_cast_to_fp8(x, round_scale=False):
 
 
 @torch.library.register_kernel("dskernels::per_block_cast_to_fp8", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _per_block_cast_to_fp8(w, round_scale=False):
     _check_source("w", w)
@@ -285,6 +290,7 @@ def _per_block_cast_to_fp8_fake(w, round_scale=False):
 
 
 @torch.library.register_kernel("dskernels::per_channel_cast_to_fp8", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _per_channel_cast_to_fp8(x, ks=None, ks_tensor=None, round_scale=False):
     blocks = _check_channel_cast(x, ks, ks_tensor)

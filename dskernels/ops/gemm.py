@@ -14,6 +14,7 @@ import torch
 
 from dskernels._backend import env_choice, select_backend
 from dskernels._checks import check_multiple, check_no_overlap, check_tensor, may_share_memory
+from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from python_ref import gemm as ref
 
@@ -689,6 +690,7 @@ def _run_cuda(op, a, sa, b, sb, out, *rest):
 
 
 @torch.library.register_kernel("dskernels::gemm_fp8_fp8_bf16_nt", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out):
     _check_dense(a, sa, b, sb, out)
@@ -715,6 +717,7 @@ def _general_backend(device: torch.device, op: str = "fp8_gemm_nt") -> str:
 
 
 @torch.library.register_kernel("dskernels::fp8_gemm_nt", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _fp8_gemm_nt(a, sa, b, sb, out, accumulate):
     sb_per_row = _check_general(a, sa, b, sb, out)
@@ -731,6 +734,7 @@ def _fp8_gemm_nt(a, sa, b, sb, out, accumulate):
 
 
 @torch.library.register_kernel("dskernels::fp8_bmm_nt", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _fp8_bmm_nt(a, sa, b, sb, out, accumulate):
     sb_per_row = _check_batched(a, sa, b, sb, out)
@@ -749,6 +753,7 @@ def _fp8_bmm_nt(a, sa, b, sb, out, accumulate):
 
 
 @torch.library.register_kernel("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _m_grouped_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout=False, ensure_zero_padding=False,
                           expected_m=0):
@@ -770,6 +775,7 @@ def _m_grouped_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout=False, e
 
 
 @torch.library.register_kernel("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_masked", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _m_grouped_masked(a, sa, b, sb, out, masked_m, expected_m):
     _check_masked(a, sa, b, sb, out, masked_m, expected_m)
@@ -816,6 +822,7 @@ def _m_grouped_masked_fake(a, sa, b, sb, out, masked_m, expected_m):
 
 
 @torch.library.register_kernel("dskernels::k_grouped_fp8_gemm", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _k_grouped_fp8_gemm(a, sa, b, sb, out, ks, ks_tensor, k_major, accumulate):
     _check_k_grouped(a, sa, b, sb, out, ks, ks_tensor, k_major)

@@ -15,6 +15,7 @@ import torch
 
 from dskernels._backend import current_backend, select_backend
 from dskernels._checks import check_no_overlap, check_tensor, may_share_memory
+from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from dskernels.ops.gemm import _check_c, _check_expected_m, _check_shape, check_grouped_layout, psum_options
 from python_ref import gemm as ref
@@ -231,6 +232,7 @@ def _backend(op: str, device: torch.device) -> str:
 
 
 @torch.library.register_kernel("dskernels::m_grouped_bf16_gemm_nt_contiguous", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _contiguous(a, b, out, grouped_layout, use_psum_layout=False, ensure_zero_padding=False, expected_m=0):
     _check_contiguous(a, b, out, grouped_layout, use_psum_layout, expected_m)
@@ -250,6 +252,7 @@ def _contiguous_fake(a, b, out, grouped_layout, use_psum_layout=False, ensure_ze
 
 
 @torch.library.register_kernel("dskernels::m_grouped_bf16_gemm_nt_masked", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _masked(a, b, out, masked_m, expected_m):
     _check_masked(a, b, out, masked_m, expected_m)
@@ -267,6 +270,7 @@ def _masked_fake(a, b, out, masked_m, expected_m):
 
 
 @torch.library.register_kernel("dskernels::k_grouped_bf16_gemm_tn_contiguous", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _k_grouped(a, b, out, ks, ks_tensor, accumulate):
     _check_k_grouped(a, b, out, ks, ks_tensor)

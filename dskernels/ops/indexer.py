@@ -15,6 +15,7 @@ import torch
 import python_ref.indexer as ref
 from dskernels._backend import select_backend
 from dskernels._checks import check_multiple, check_tensor
+from dskernels._device import on_tensor_device
 from dskernels.ops.mla import check_int
 
 FP8 = torch.float8_e4m3fn
@@ -199,6 +200,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.register_kernel("dskernels::fp8_mqa_logits", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()
 def _fp8_mqa_logits(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits=True, max_seqlen_k=0):
     _check_mqa_args(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits, max_seqlen_k)
@@ -220,6 +222,7 @@ def _fp8_mqa_logits_fake(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, cle
 
 
 @torch.library.register_kernel("dskernels::fp8_paged_mqa_logits", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()
 def _fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits=False):
     _check_paged_args(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits)

@@ -11,6 +11,7 @@ import torch
 import python_ref.mla
 from dskernels._backend import cuda_kernels_built, current_backend, is_hopper, select_backend
 from dskernels._checks import check_multiple, check_tensor
+from dskernels._device import on_tensor_device
 
 FP8 = torch.float8_e4m3fn
 METADATA_SIZE = 8        # ints per partition row of tile_scheduler_metadata
@@ -299,6 +300,7 @@ def _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.register_kernel("dskernels::get_mla_metadata", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
     _check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
@@ -354,6 +356,7 @@ def _new_outputs(q, head_dim_v):
 
 
 @torch.library.register_kernel("dskernels::flash_mla_with_kvcache", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                             num_splits, softmax_scale=None, causal=False, k_scale=None):

@@ -16,6 +16,7 @@ import torch
 import python_ref.mla_sparse as ref
 from dskernels._backend import select_backend
 from dskernels._checks import check_multiple, check_tensor
+from dskernels._device import on_tensor_device
 from dskernels.ops.mla import check_cache_heads, check_int
 
 FP8 = torch.float8_e4m3fn
@@ -191,6 +192,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.register_kernel("dskernels::flash_mla_sparse_decode", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _flash_mla_sparse_decode(q, k_cache, indices, head_dim_v, softmax_scale=None, is_fp8_kvcache=False,
                              topk_length=None, attn_sink=None):
@@ -228,6 +230,7 @@ def _flash_mla_sparse_decode_fake(q, k_cache, indices, head_dim_v, softmax_scale
 
 
 @torch.library.register_kernel("dskernels::flash_mla_sparse_fwd", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()
 def _flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None):
     _check_prefill_args(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)

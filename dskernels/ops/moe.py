@@ -8,6 +8,7 @@ import torch
 import python_ref
 from dskernels._backend import select_backend
 from dskernels._checks import check_tensor
+from dskernels._device import on_tensor_device
 
 _MAX_SELECTED = 16  # topk and topk_groups: the kernel selects by repeated arg-max, unrolled
 # float64 too (a float64 layer's bias): the router computes in fp32 in every backend, as HF's does
@@ -75,6 +76,7 @@ def _outputs(logits, topk):
 
 
 @torch.library.register_kernel("dskernels::grouped_topk", ("cpu", "cuda"))
+@on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def _grouped_topk(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor):
     _check(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor)

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dskernels._device import on_tensor_device
 from dskernels.triton import TL_DTYPES, next_power_of_2
 from dskernels.triton.fp8_math import native_fp8_cast, rounded_to, to_e4m3_bits
 
@@ -53,6 +54,7 @@ def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, dim, stride_x, stride_out, eps,
     tl.store(out_ptr + row * stride_out + cols, rounded_to(weight * normed, DTYPE, ROUND_BF16).to(DTYPE), mask=ok)
 
 
+@on_tensor_device
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., dim] (unit last stride, rows at any one stride), weight [dim] of x's dtype ->
     a new contiguous tensor of x's shape and dtype."""
@@ -111,6 +113,7 @@ def _rope_qk_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, inv_freq_
             DTYPE, ROUND_BF16)
 
 
+@on_tensor_device
 def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
             attention_factor: float, interleave: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, heads, dim], k [T, dim] (unit stride along dim, any other strides), positions int64 [T],
@@ -166,6 +169,7 @@ def _write_latent_cache_kernel(latent_ptr, rope_ptr, cache_ptr, table_ptr, seqle
         tl.store(row + RANK + p, rope.to(cache_ptr.dtype.element_ty), mask=ok & (p < ROPE))
 
 
+@on_tensor_device
 def write_latent_cache(latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                        cache_seqlens: torch.Tensor, scale: torch.Tensor | None) -> None:
     """latent [B, S, rank], k_rope [B, S, rope] (unit last stride, rows at one stride each) of the
@@ -211,6 +215,7 @@ def _moe_combine_kernel(y_ptr, position_ptr, idx_ptr, weight_ptr, out_ptr, hidde
     tl.store(out_ptr + t * stride_out + cols, rounded_to(acc, DTYPE, ROUND_BF16).to(DTYPE), mask=ok)
 
 
+@on_tensor_device
 def moe_combine(y: torch.Tensor, positions: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                 num_experts: int, out_dtype: torch.dtype) -> torch.Tensor:
     """y [T * K, H] (the experts' output rows, unit last stride), positions int64 [T * K] (the row
