@@ -9,7 +9,8 @@ dequantize-then-multiply oracle up to fp32 rounding before the final bf16 roundi
 Three kernels share that K loop (`_scaled_tile`):
 - dense: one program per (BLOCK_M, BLOCK_N) tile, tiles visited in GROUP_M-row bands so that
   consecutive programs reuse the same b tiles from L2; also fp8_gemm_nt's general form (per-row b
-  scales, fp32 out, adding to out: compile-time switches);
+  scales, fp32 out, adding to out: compile-time switches); on Hopper, opt-in, also persistent
+  warp-specialized programs loading through the tensor copy engine (TMA_WS, _tiles_tma_ws);
 - contiguous grouped: the same grid over the M rows; each program reads its rows' m_indices on
   the device and walks the runs of equal group ids inside its tile (one run per tile in
   DeepGEMM's 128-aligned layout, a few at the edges of unaligned segments); runs of -1 (or of an id
