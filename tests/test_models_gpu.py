@@ -6,6 +6,8 @@ the decode step captured in a CUDA graph. No transformers needed here."""
 import pytest
 import torch
 
+import dskernels
+
 from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer
 from python_ref.models import decoder_layer
 
@@ -37,8 +39,37 @@ def rel_error(got, expected):
     return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
+def record_routes(monkeypatch):
+    """The expert sets the layer's router and the oracle's pick, call by call ([tokens, K], sorted)."""
+    import dskernels.models.moe as layer_moe
+    import python_ref.models as oracle
+
+    calls = {"layer": [], "oracle": []}
+    for name, module in (("layer", layer_moe), ("oracle", oracle)):
+        def recording(*args, real=module.route, name=name, **kwargs):
+            idx, weights = real(*args, **kwargs)
+            calls[name].append(idx.sort(dim=-1).values)
+            return idx, weights
+        monkeypatch.setattr(module, "route", recording)
+    return calls
+
+
+def rel_error_where(got, expected, keep):
+    """rel_error over the tokens [batch, seq] where keep holds."""
+    return rel_error(got[keep], expected[keep])
+
+
 @pytest.mark.parametrize("layer_idx", [0, 1], ids=["dense", "moe"])
-def test_prefill_and_paged_decode_match_oracle_bf16(layer_idx):
+def test_prefill_and_paged_decode_match_oracle_bf16(layer_idx, monkeypatch):
+    """bf16 prefill, then prefill through the paged cache and two decode steps, against the fp32
+    oracle over the whole sequence (2e-2 relative: bf16 weights and activations throughout).
+
+    MoE: the paged path's absorbed attention moves the router's input by ~0.5%, which flips a few
+    near-tied expert choices (2-8 of 216 tokens on CPU over 8 draws, each then 15-30% off: another
+    expert's output, not a kernel error; 0.020-0.044 over all tokens, 0.0052 over the rest). Tokens
+    whose expert set differs from the oracle's are left out of the bound, and at most 10% may
+    differ; a wrong kernel moves far more."""
+    routes = record_routes(monkeypatch)
     layer = make_layer(layer_idx, fp8=False)
     weights = layer.hf_state_dict()
     batch, prompt, page = 3, 70, 64
@@ -55,8 +86,18 @@ def test_prefill_and_paged_decode_match_oracle_bf16(layer_idx):
                       cache_seqlens=lens + prompt)
         step2 = layer(x[:, prompt + 1:], positions[:, prompt + 1:], kv_cache=cache, block_table=table,
                       cache_seqlens=lens + prompt + 1)
-    assert rel_error(prefill, expected[:, :prompt]) < 2e-2
-    assert rel_error(torch.cat([cached, step1, step2], 1), expected) < 2e-2
+    paged = torch.cat([cached, step1, step2], 1)
+    same_prefill = torch.ones(batch, prompt, dtype=torch.bool, device="cuda")
+    same_paged = torch.ones(batch, prompt + 2, dtype=torch.bool, device="cuda")
+    if layer_idx >= CFG.first_k_dense_replace:
+        want = routes["oracle"][0].view(batch, prompt + 2, -1)
+        got_prefill, got_cached, got_step1, got_step2 = (r.view(batch, -1, want.shape[-1]) for r in routes["layer"])
+        same_prefill = (got_prefill == want[:, :prompt]).all(-1)
+        same_paged = (torch.cat([got_cached, got_step1, got_step2], 1) == want).all(-1)
+        for same in (same_prefill, same_paged):
+            assert same.float().mean() >= 0.9, f"{(~same).sum().item()} of {same.numel()} tokens routed elsewhere"
+    assert rel_error_where(prefill, expected[:, :prompt], same_prefill) < 2e-2
+    assert rel_error_where(paged, expected, same_paged) < 2e-2
 
 
 def test_fp8_decode_step_in_a_cuda_graph():
@@ -210,8 +251,15 @@ def test_v32_fp8_decode_step_in_a_cuda_graph():
     layer = make_v32_layer(1, fp8=True, seed=2)
     batch = 4
     cache, index_cache, table = v32_caches(layer, batch, 4)
-    cache.view(torch.uint8).copy_(torch.randint(0, 120, cache.shape, device="cuda", dtype=torch.uint8))  # finite
-    index_cache.copy_(torch.randint(0, 120, index_cache.shape, device="cuda", dtype=torch.uint8))
+    # Finite contents of a realistic size (random bytes would put scales up to 1e33 into the FP8
+    # latent cache: outputs near 1e35, whose RMSNorm overflowed to a zero MoE input): the latent
+    # cache quantized from randn, the indexer's e4m3 bytes random with per-token scales near 1/448.
+    latent = torch.randn(*cache.shape[:-1], 576, device="cuda")
+    cache.view(torch.uint8).copy_(dskernels.quantize_sparse_kv_cache(latent).view(torch.uint8))
+    page, dim = index_cache.shape[1], layer.self_attn.indexer.head_dim
+    pages = index_cache.view(torch.uint8).view(index_cache.shape[0], -1)  # per page: e4m3 rows, then fp32 scales
+    pages[:, :page * dim] = torch.randint(0, 120, (pages.shape[0], page * dim), device="cuda", dtype=torch.uint8)
+    pages[:, page * dim:].view(torch.float32).copy_((1 + torch.rand(pages.shape[0], page, device="cuda")) / 448)
     x = torch.randn(batch, 1, CFG32.hidden_size, device="cuda").bfloat16()
     positions = torch.full((batch, 1), 100, device="cuda")
     lens = torch.tensor([5, 64, 100, 150], dtype=torch.int32, device="cuda")
