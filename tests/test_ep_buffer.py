@@ -326,6 +326,8 @@ def _check_bad_inputs(buf, world):
             ("is_token_in_rank", in_rank[:4], ValueError, [f"(5, {world})", f"(4, {world})"])]:
         _raises(error, [f"{name}:"] + words,
                 lambda: buf.dispatch(x, topk_idx=topk, num_experts=4 * world, **dict(layout, **{name: bad})))
+    _raises(ValueError, ["num_tokens_per_expert:", f"({world})", str(4 * world - 1)],  # E from its length
+            lambda: buf.dispatch(x, topk_idx=topk, **dict(layout, num_tokens_per_expert=per_expert[:-1])))
     # combine's inputs: 1-D weights, a bias of another shape; low_latency_combine into an expanded out
     recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=topk, topk_weights=torch.rand(5, 2),
                                                    num_experts=4 * world)

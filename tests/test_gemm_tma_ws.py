@@ -26,6 +26,17 @@ def _record_tma_ws(monkeypatch):
     return used
 
 
+@pytest.fixture
+def forced_tma_ws(monkeypatch):
+    """The interpreter's tile with TMA_WS asked for; the list of launches that took it."""
+    from dskernels.triton import gemm as triton_gemm
+
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's tile; on a GPU test_triton_tma_ws_gpu_configs forces each candidate")
+    monkeypatch.setattr(triton_gemm, "_INTERPRETER_CONFIG", dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=2, TMA_WS=True))
+    return _record_tma_ws(monkeypatch)
+
+
 def _nan_framed_fp8(rows, k, q, device):
     """q [rows, k] inside a NaN-filled [rows + 40, 3k] buffer at column k (16-byte aligned rows and
     base, so the tensor copy engine may read it): whatever the loop reads outside its K range is NaN
@@ -38,16 +49,11 @@ def _nan_framed_fp8(rows, k, q, device):
 
 
 @pytest.mark.parametrize("scale_layout", ["row", "tma"])
-def test_triton_tma_ws_matches_oracle(scale_layout, monkeypatch):
+def test_triton_tma_ws_matches_oracle(scale_layout, forced_tma_ws):
     """The TMA_WS form (descriptor loads; the interpreter runs it without warp specialization, 3
     programs walking 12 tiles) on odd m and n, operands framed by NaN, both scale layouts, into
     bf16 and accumulating into fp32."""
-    from dskernels.triton import gemm as triton_gemm
-
-    if torch.cuda.is_available():
-        pytest.skip("the interpreter's tile; on a GPU test_triton_tma_ws_gpu_configs forces each candidate")
-    monkeypatch.setattr(triton_gemm, "_INTERPRETER_CONFIG", dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=2, TMA_WS=True))
-    used = _record_tma_ws(monkeypatch)
+    used = forced_tma_ws
     m, n = 70, 200  # a partial last row tile; column tiles in two weight scale blocks, the last partial
     _, a, sa = quantized_pair(m, K, "cpu", per_block=False, scale_layout=scale_layout)
     _, b, sb = quantized_pair(n, K, "cpu", per_block=True, scale_layout=scale_layout)
@@ -87,15 +93,10 @@ UNREADABLE = [("a", dict(offset=1)), ("b", dict(offset=8)), ("a", dict(offset=16
 
 
 @pytest.mark.parametrize("operand,placement", UNREADABLE, ids=[f"{o}-{p}" for o, p in UNREADABLE])
-def test_triton_tma_ws_only_where_the_copy_engine_can_read(operand, placement, monkeypatch):
+def test_triton_tma_ws_only_where_the_copy_engine_can_read(operand, placement, forced_tma_ws):
     """Operands the tensor copy engine cannot address (base or rows off 16 bytes, not K-major,
     rows overlapping) run the pointer-load form even when TMA_WS is asked for, with the same result."""
-    from dskernels.triton import gemm as triton_gemm
-
-    if torch.cuda.is_available():
-        pytest.skip("the interpreter's tile")
-    monkeypatch.setattr(triton_gemm, "_INTERPRETER_CONFIG", dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=2, TMA_WS=True))
-    used = _record_tma_ws(monkeypatch)
+    used = forced_tma_ws
     m, n = 21, 150
     _, a, sa = quantized_pair(m, K, "cpu", per_block=False, scale_layout="row")
     _, b, sb = quantized_pair(n, K, "cpu", per_block=True, scale_layout="row")
@@ -110,17 +111,12 @@ def test_triton_tma_ws_only_where_the_copy_engine_can_read(operand, placement, m
     assert_close_to_oracle(out, a, sa, b, sb)
 
 
-def test_triton_tma_ws_knob_and_scale_rules(monkeypatch):
+def test_triton_tma_ws_knob_and_scale_rules(forced_tma_ws, monkeypatch):
     """Per-row b scales keep the pointer loads; DSKERNELS_GEMM_TMA_WS=off turns the form off and
     names itself on a bad value; the caller's Triton allocator is back after each launch."""
     from triton.runtime import _allocation
 
-    from dskernels.triton import gemm as triton_gemm
-
-    if torch.cuda.is_available():
-        pytest.skip("the interpreter's tile")
-    monkeypatch.setattr(triton_gemm, "_INTERPRETER_CONFIG", dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=2, TMA_WS=True))
-    used = _record_tma_ws(monkeypatch)
+    used = forced_tma_ws
     m, n = 21, 150
     _, a, sa = quantized_pair(m, K, "cpu", per_block=False, scale_layout="row")
     _, b, sb = quantized_pair(n, K, "cpu", per_block=True, scale_layout="row")

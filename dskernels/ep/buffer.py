@@ -333,7 +333,10 @@ class Buffer:
             if num_experts is not None and num_tokens_per_expert.shape[0] != num_experts:
                 raise ValueError(f"num_tokens_per_expert: expected {num_experts} counts (num_experts), got "
                                  f"{num_tokens_per_expert.shape[0]}")
-            self._check_num_experts(num_tokens_per_expert.shape[0])
+            experts = num_tokens_per_expert.shape[0]
+            if experts < 1 or experts % R:
+                raise ValueError(f"num_tokens_per_expert: expected one count per expert, a positive multiple of "
+                                 f"the number of ranks ({R}), got {experts}")
 
     @staticmethod
     def _check_x(x) -> int:
