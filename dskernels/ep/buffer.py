@@ -474,11 +474,13 @@ class Buffer:
         """Count exchange and the send order; the one host synchronization of a dispatch."""
         R = self.group_size
         num_tokens = is_token_in_rank.shape[0]
-        # Before the first collective (this rank then names the mistake; its peers time out).
-        in_rank = is_token_in_rank.sum(0).tolist()
-        if num_tokens_per_rank.tolist() != in_rank:
+        # The send counts read once with the mask's own, before the first collective (a rank whose
+        # layout arguments disagree then names the mistake; its peers time out).
+        send_splits, in_rank = torch.stack([num_tokens_per_rank.to(torch.int64),
+                                            is_token_in_rank.sum(0, dtype=torch.int64)]).tolist()
+        if send_splits != in_rank:
             raise ValueError(f"num_tokens_per_rank: expected the tokens is_token_in_rank sends to each rank "
-                             f"({in_rank}), got {num_tokens_per_rank.tolist()}")
+                             f"({in_rank}), got {send_splits}")
         send = torch.cat([num_tokens_per_rank.to(torch.int64).reshape(R, 1),
                           num_tokens_per_expert.to(torch.int64).reshape(R, num_experts // R)], dim=1)
         recv = self._exchange_counts(send, "dispatch (count exchange)")
@@ -487,7 +489,6 @@ class Buffer:
         # Destination-major, token order within a destination: nonzero of the transpose is sorted so.
         dest_token = is_token_in_rank.t().nonzero()
         send_src_idx = dest_token[:, 1].contiguous()
-        send_splits = num_tokens_per_rank.to(torch.int64).cpu().tolist()
         combine_index = torch.full((R, num_tokens), -1, dtype=torch.int64, device=device)
         combine_index[dest_token[:, 0], dest_token[:, 1]] = torch.arange(dest_token.shape[0], device=device)
         num_recv = sum(recv_splits)
