@@ -367,8 +367,11 @@ def gemm_cases(compiler: Compiler) -> None:
 
     heuristic = triton_gemm._heuristic_config
     per_row = (weight_gradient, k_grouped_nt, k_grouped_tn, bmm_general, bmm_bf16_rows)
-    split_k = (dense, dense_nn, weight_gradient, dense_fp32_accumulate, dense_k128)  # fp8_gemm_nt's kernel
-    tma_ws = (dense, dense_nn, dense_fp32_accumulate, dense_k128)  # its warp-specialized candidates (sm_90a: _tma_ws_ok)
+    split_k = (dense, dense_nn, weight_gradient)  # fp8_gemm_nt's kernel
+    # Its warp-specialized candidates, sm_90a only (_tma_ws_ok); the last two calls are there for
+    # them alone (the fp32-accumulate form's pointer loads get the heuristic tile only).
+    tma_ws = (dense, dense_nn, dense_fp32_accumulate, dense_k128)
+    tma_ws_only = (dense_fp32_accumulate, dense_k128)
     bf16 = (bf16_contiguous, bf16_contiguous_nn, bf16_masked, bf16_k_grouped)
     for name, call, max_block_m in [("dense", dense, 256), ("dense nn", dense_nn, 256),
                                     ("contiguous", contiguous, 128), ("masked", masked, 256),
@@ -384,13 +387,13 @@ def gemm_cases(compiler: Compiler) -> None:
                                     ("bf16 contiguous nn psum", bf16_contiguous_nn, 128),
                                     ("bf16 masked", bf16_masked, 256), ("bf16 k-grouped tn", bf16_k_grouped, 256)]:
         compiler.context = f"gemm {name}, heuristic"
-        for m in (64, 4096):
+        for m in (64, 4096) if call is not dense_k128 else ():
             call(m)
         if call is k_grouped_unaligned:
             continue
         configs = (triton_gemm._bf16_gpu_configs(max_block_m, call is not bf16_masked) if call in bf16
-                   else triton_gemm._gpu_configs(max_block_m, call in per_row))
-        if call in tma_ws:
+                   else [] if call in tma_ws_only else triton_gemm._gpu_configs(max_block_m, call in per_row))
+        if call in tma_ws and compiler.target.name == "90a":
             configs = configs + triton_gemm._tma_ws_configs()
         for config in configs:  # the autotuning candidates
             compiler.context = f"gemm {name}, autotune candidate"
