@@ -1,6 +1,6 @@
 """Runs the benchmark families (benchmarks/bench_<family>.py) and reports them.
 
-    python benchmarks/run.py [--ops fp8_cast,mla] [--quick] [--json results.json]
+    python benchmarks/run.py [--ops fp8_cast,mla] [--quick | --targets] [--json results.json]
 
 On a GPU: measures the two ceilings first (device-to-device copy bandwidth, 8192^3 bf16 and fp8
 matmul rates), then times every case on every backend that runs here (L2 flushed, median of CUDA
@@ -12,7 +12,8 @@ where % of roofline = the time the ceilings allow / the measured time, and x pee
 peer's time / ours. Without a GPU it runs each op on tiny shapes through every backend available
 (the reference, Triton's interpreter), checks it against the oracle and reports CPU times only:
 throughput needs a Hopper GPU. Every output is checked against python_ref; the exit status is 1
-if any is wrong.
+if any is wrong. On a GPU the report ends with the issues' performance targets
+(benchmarks/targets.py) as far as this run measured them; --targets runs just their shapes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton kernels are defined
 
 import dskernels  # noqa: E402
+from benchmarks import targets  # noqa: E402
 from dskernels.testing import bench  # noqa: E402
 
 
@@ -80,6 +82,8 @@ def main() -> int:
                         f"(default: all); families: {', '.join(f for f in families() if f != 'pipeline')} "
                         "(pipeline's schedule table: python benchmarks/bench_pipeline.py)")
     parser.add_argument("--quick", action="store_true", help="one or two shapes per op")
+    parser.add_argument("--targets", action="store_true", help="only the issues' target shapes and the backends, "
+                        "candidates and peers they are judged by (benchmarks/targets.py), then their table; GPU only")
     parser.add_argument("--json", default=None, help="write one record per op, backend and shape here")
     parser.add_argument("--backends", default="", help="comma-separated subset of ref,triton,cuda")
     parser.add_argument("--no-cuda", default="", help="families or ops whose cuda backend is not run (their "
@@ -104,6 +108,10 @@ def main() -> int:
                             for w in unknown if w in cases_by_family)
             print(f"{flag}: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}{hints}")
             return 2
+    if args.targets and not on_gpu:
+        print("--targets times the issues' target shapes, which needs a GPU; "
+              "python benchmarks/targets.py evaluates recorded results")
+        return 2
     available = dskernels.available_backends()
     if args.backends:
         available = [b for b in available if b in _words(args.backends)]
@@ -128,12 +136,14 @@ def main() -> int:
     # Each --profile request profiles the first case it matches (NAME: the family or op; TEXT: words
     # of the shape, each a whole word: m=64 is not m=640), once.
     unprofiled = {w: w.partition("@") for w in _words(args.profile)}
-    for family, case in selected_cases(args.ops, args.quick, device):
+    selection = (target_cases(args.ops, device) if args.targets
+                 else [(family, case, None) for family, case in selected_cases(args.ops, args.quick, device)])
+    for family, case, only in selection:
         shape_words = set(shape_text(case.params).split())
         matched = [w for w, (name, _, text) in unprofiled.items()
                    if name in (family, case.op) and set(text.split()) <= shape_words]
         run_case(case, device, available, ceilings, meta, report, records, failures,
-                 no_cuda=bool(no_cuda & {family, case.op}), profile=bool(matched))
+                 no_cuda=bool(no_cuda & {family, case.op}), profile=bool(matched), only=only)
         for w in matched:
             del unprofiled[w]
         if args.json:  # after every case: a run stopped at a device call's time limit keeps what it measured
@@ -141,6 +151,9 @@ def main() -> int:
 
     print()
     print(report.table())
+    if on_gpu:  # how far this run's numbers are from the issues' goals
+        print()
+        print(targets.table({device_name: records}))
     for w in unprofiled:  # a misspelt shape must not pass for a profile that showed nothing
         print(f"--profile {w}: no case of this run matched it")
     if args.json:
@@ -177,6 +190,23 @@ def selected_cases(ops: str, quick: bool, device: str):
     return [(family, case) for _, family, case in picked]
 
 
+def target_cases(ops: str, device: str):
+    """(family, case, labels) for every case of the full grids that a target of benchmarks/targets.py
+    names (and --ops, if given, also names), in the targets' order; labels: the backends, candidate
+    variants and peers those targets read (nothing else of the case is run)."""
+    wanted = set(_words(ops))
+    picked = {}
+    for family in families():
+        for case in _family_cases(family, False, device):
+            if wanted and not wanted & {family, case.op}:
+                continue
+            for rank, target in enumerate(targets.TARGETS):
+                if target.op == case.op and any(targets.matches(case.params, s) for s in target.shapes):
+                    entry = picked.setdefault(id(case), [rank, family, case, set()])
+                    entry[3] |= target.labels()
+    return [(family, case, labels) for _, family, case, labels in sorted(picked.values(), key=lambda e: e[0])]
+
+
 def write_json(path, meta, ceilings, records):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     strict = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()} for r in records]  # NaN: null
@@ -185,7 +215,10 @@ def write_json(path, meta, ceilings, records):
     os.replace(path + ".part", path)
 
 
-def run_case(case, device, available, ceilings, meta, report, records, failures, no_cuda=False, profile=False):
+def run_case(case, device, available, ceilings, meta, report, records, failures, no_cuda=False, profile=False,
+             only=None):
+    """Checks and times `case` on every backend, variant and peer available (only: the labels to run,
+    "triton", "cuda[m64]", "peer:torch._scaled_mm"; None: all)."""
     shape = shape_text(case.params)
     # Inputs (FP8 casts of random data, a model's weights) and the oracle are set up off the CUDA
     # kernels, which `auto` picks on Hopper: those run last, checked, and only where not --no-cuda.
@@ -210,6 +243,8 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
                               ("auto", case.auto_variants)):
         if backend in backends and device == "cuda":
             runs += [(backend, f"{backend}[{label}]", env) for label, env in variants.items()]
+    if only is not None:
+        runs = [run for run in runs if run[1] in only]
 
     # Every backend is checked before any is timed, and each checked output is poisoned before the
     # next runs: the next run's outputs reuse that memory (the caching allocator's freed blocks, or
@@ -239,6 +274,8 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
     peers = {}  # peer name -> its record
     if device == "cuda":
         for name, peer in case.peers.items():
+            if only is not None and f"peer:{name}" not in only:
+                continue
             try:
                 ms = bench.bench_gpu(lambda: peer(*inputs))
             except Exception as e:  # a peer that cannot run this shape is reported, not fatal

@@ -7,10 +7,13 @@
 # in order of value: STEPS (default tests,bench,sanitizer), each step capped by its own budget and
 # by the time left, the GPU tests ordered so that the files never run on a device go first. Whatever a
 # step had finished when its time ran out is kept.
-# Only 8 files come back from $OUT, so it holds three: summary.log (this script's output),
-# results.json (the benchmark records, rewritten after every case) and logs.tgz (every log,
-# repacked after every step: tar xzf logs.tgz).
+# Only 8 files come back from $OUT, so it holds four: summary.log (this script's output),
+# targets.json and results.json (the benchmark records of the target shapes, then of the quick or
+# full grid, each rewritten after every case) and logs.tgz (every log, repacked after every step:
+# tar xzf logs.tgz).
 # Knobs: DEADLINE=570, STEPS=tests,bench,sanitizer, TESTS_BUDGET=330 (s for all test files),
+#        TARGETS=1 (the bench step first times the issues' target shapes, benchmarks/targets.py; 0: not),
+#        TARGETS_BUDGET=240 (s for those),
 #        TEST_TIMEOUT=150 (s per file), SLOW_TEST_TIMEOUT=300 (tests/test_gemm_general.py's), TEST_JOBS=4 (test files run at once), GPU_TESTS="tests/test_mla_sm90.py ..." (default: the files
 #        with gpu-selected tests, never-run ones first), CPU_TESTS=1 (also the not-gpu suite, for the device's
 #        torch/triton versions), BENCH_OPS=mla,gemm (families or ops, run in that order),
@@ -178,6 +181,19 @@ if wants bench; then
     [ -n "$no_cuda" ] && [[ "$no_cuda" != *model* ]] && no_cuda+="model"  # the layer runs the kernels above
     [ -n "$no_cuda" ] && echo "cuda backend not benchmarked for: $no_cuda (its GPU tests failed or did not finish)"
   fi
+  t=$(budget "${TARGETS_BUDGET:-240}")  # (timeout 0 would mean no limit at all)
+  if [ "${TARGETS:-1}" = 1 ] && (( t < 10 )); then echo "target shapes: not run (no time left)"
+  elif [ "${TARGETS:-1}" = 1 ]; then
+    # First what decides the issues: their target shapes, on just the backends, candidates and peers
+    # they are judged by (the quick grid misses most of them: four of DeepGEMM's six dense shapes,
+    # the masked 1 x 1024 case, m = 128; and runs every forced config beside them).
+    step "the issues' target shapes ($t s at most)"
+    TRITON_PRINT_AUTOTUNING=1 timeout -s KILL "$t" python benchmarks/run.py --targets --json "$OUT/targets.json" \
+      --no-cuda "${NO_CUDA:-$no_cuda}" > "$LOGS/targets.log" 2>&1 || status=1
+    grep -F ' | ' "$LOGS/targets.log" | grep -v '^| ' | tail -60
+    [ -f "$OUT/targets.json" ] && python benchmarks/targets.py "$OUT/targets.json"  # also after a timeout
+    pack
+  fi
   bench_args=(--json "$OUT/results.json" --ops "${BENCH_OPS:-model,fp8_cast,indexer,moe,ep,gemm,mla}" --no-cuda "${NO_CUDA:-$no_cuda}")
   [ "${QUICK:-1}" = 1 ] && bench_args+=(--quick)
   # The layer's eager decode (2.4x transformers' on the H200), Triton's bf16 silu_and_mul (5x the
@@ -186,7 +202,9 @@ if wants bench; then
   [ -n "${PROFILE-$profile_default}" ] && bench_args+=(--profile "${PROFILE-$profile_default}")
   # TRITON_PRINT_AUTOTUNING: the configs the autotuner chose go to bench.log (the Triton dense GEMM
   # at m = 4096, n = 2112 took 183 us in one H200 run and 235 us in the next, same kernels)
-  TRITON_PRINT_AUTOTUNING=1 timeout -s KILL "$(budget "${BENCH_BUDGET:-100000}")" python benchmarks/run.py "${bench_args[@]}" > "$LOGS/bench.log" 2>&1 || status=1
+  t=$(budget "${BENCH_BUDGET:-100000}")
+  (( t < 10 )) && echo "benchmark grid: not run (no time left)" || \
+  TRITON_PRINT_AUTOTUNING=1 timeout -s KILL "$t" python benchmarks/run.py "${bench_args[@]}" > "$LOGS/bench.log" 2>&1 || status=1
   sed -n '/^op /,$p' "$LOGS/bench.log"
   grep '^profile ' "$LOGS/bench.log"  # the tables under each line: bench.log in logs.tgz
   [ -f "$OUT/results.json" ] && ! grep -q '^op ' "$LOGS/bench.log" && {
@@ -205,5 +223,7 @@ if wants sanitizer; then
   done
   pack
 fi
+results=$(ls "$OUT"/targets.json "$OUT"/results.json 2>/dev/null)
+[ -n "$results" ] && { step "against the issues' targets (all of this call's records)"; python benchmarks/targets.py $results; }
 step "done (status $status): $OUT holds $(ls "$OUT" | tr "\n" " ")"
 exit $status

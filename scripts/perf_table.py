@@ -4,6 +4,9 @@
     python scripts/perf_table.py --check  # exit 1 if the README's table is stale (CI runs this)
     python scripts/perf_table.py --merge results.json  # a device call's records into the device's file
 
+It also regenerates the table of the issues' performance targets (benchmarks/targets.py) from the
+same files, between its own markers.
+
 The results files are what `python benchmarks/run.py --json ...` wrote on a GPU; the table is
 never typed by hand. A call that ran only some families is merged: its records replace those of the
 same (op, backend, params) and the others stay, each record keeping the git sha and torch version
@@ -19,6 +22,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+TARGETS_START, TARGETS_END = "<!-- targets-table:start -->", "<!-- targets-table:end -->"
 
 
 def fmt(value, pattern):
@@ -50,6 +54,19 @@ def table() -> str:
     header = ("| op | shape | backend | us | TFLOPS | GB/s | roofline | x peer | device | git |\n"
               "|---|---|---|---|---|---|---|---|---|---|")
     return header + "\n" + "\n".join(rows)
+
+
+def targets_table() -> str:
+    sys.path.insert(0, ROOT)
+    from benchmarks import targets
+
+    by_device = targets.load(sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))))
+    return targets.table(by_device) if by_device else "No GPU results recorded yet."
+
+
+def _between(text: str, start: str, end: str, body: str) -> str:
+    begin, stop = text.index(start) + len(start), text.index(end)
+    return text[:begin] + "\n" + body + "\n" + text[stop:]
 
 
 def _key(record) -> str:
@@ -89,8 +106,8 @@ def main() -> int:
         print("merged into", merge(args.merge))
     readme_path = os.path.join(ROOT, "README.md")
     readme = open(readme_path).read()
-    begin, end = readme.index(START) + len(START), readme.index(END)
-    updated = readme[:begin] + "\n" + table() + "\n" + readme[end:]
+    updated = _between(readme, START, END, table())
+    updated = _between(updated, TARGETS_START, TARGETS_END, targets_table())
     if args.check:
         if updated != readme:
             print("README.md's performance table is stale: run python scripts/perf_table.py")

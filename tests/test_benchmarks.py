@@ -194,3 +194,93 @@ def test_scaled_mm_peer_finds_the_layout_torch_checks(monkeypatch):
     _, b, sb = bench_gemm._cast_pair(128, 256, "cpu", per_block=True)
     with pytest.raises(RuntimeError, match="no blockwise scale layout accepted"):
         bench_gemm._scaled_mm_peer()(a, sa[:, :1], b, sb, None)
+
+
+def test_every_target_names_one_case_of_the_full_grid():
+    """benchmarks/targets.py's shapes are cases of the families' full GPU grids (run.py --targets
+    times them): each shape matches exactly one case of its op, whose backends include the target's."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_gemm, targets
+    from benchmarks.run import target_cases
+
+    assert targets.DENSE_NK == bench_gemm.DENSE_NK
+    selected = target_cases("", "cuda")
+    for target in targets.TARGETS:
+        for shape in target.shapes:
+            found = [(case, labels) for _, case, labels in selected
+                     if case.op == target.op and targets.matches(case.params, shape)]
+            assert len(found) == 1, (target.what, shape, len(found))
+            case, labels = found[0]
+            assert target.backend in case.backends and target.labels() <= labels
+            if target.metric.startswith("x "):
+                assert target.metric[len("x peer:"):] in case.peers
+    assert [case.op for _, case, _ in target_cases("mla", "cuda")] == ["flash_mla_with_kvcache"] * 2
+
+
+def _record(op, backend, params, ms, **metrics):
+    return {"op": op, "backend": backend, "params": params, "ms": ms, "error": None, **metrics}
+
+
+def test_targets_combine_shapes_as_stated():
+    """Geometric mean over the shapes, or the minimum where every shape must reach the goal; a
+    ratio target divides the peer's time by ours per shape; failed records and unmeasured shapes
+    do not count (a partial geomean is no verdict, a partial minimum below the goal is)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.targets import Target, evaluate
+
+    geo = Target(0, "geo", "op", "cuda", ({"n": 1}, {"n": 2}), "tflops", 100.0)
+    records = [_record("op", "cuda", {"n": 1, "k": 5}, 1.0, tflops=50.0),
+               _record("op", "cuda", {"n": 2, "k": 5}, 1.0, tflops=200.0),
+               _record("op", "triton", {"n": 2, "k": 5}, 1.0, tflops=900.0),
+               dict(_record("op", "cuda", {"n": 2, "k": 5}, 1.0, tflops=1e6), error="wrong")]
+    assert evaluate(geo, "cuda", records) == {"value": 100.0, "measured": 2, "shapes": 2, "met": True}
+    assert evaluate(geo, "cuda", records[1:]) == {"value": 200.0, "measured": 1, "shapes": 2, "met": None}
+    assert evaluate(geo, "ref", records)["value"] is None
+
+    ratio = Target(0, "ratio", "op", "cuda", ({"n": 1}, {"n": 2}), "x peer:torch", 1.2, combine="min")
+    timed = [_record("op", "cuda", {"n": 1}, 1.0), _record("op", "peer:torch", {"n": 1}, 1.5),
+             _record("op", "cuda", {"n": 2}, 2.0), _record("op", "peer:torch", {"n": 2}, 2.2)]
+    result = evaluate(ratio, "cuda", timed)
+    assert abs(result["value"] - 1.1) < 1e-12 and result["met"] is False
+    assert evaluate(ratio, "cuda", timed[:2]) == {"value": 1.5, "measured": 1, "shapes": 2, "met": None}
+    assert evaluate(ratio, "cuda", timed[1:])["met"] is False  # n=2 alone is below the goal already
+
+
+def test_targets_need_a_gpu_to_run_and_read_recorded_results(tmp_path):
+    """run.py --targets refuses without a GPU (the shapes are the devices'); targets.py reads results files."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--targets"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 2 and "needs a GPU" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"meta": {"device": "GPU X", "ceilings": {"copy_gbps": 1.0}}, "records": [
+        _record("flash_mla_with_kvcache", "cuda", {"b": 128, "s_q": 2, "h_q": 128, "h_kv": 1, "seqlen": 4096,
+                                                   "varlen": False, "page": 64, "cache": "bfloat16", "causal": True},
+                0.5, tflops=600.0)]}))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "targets.py"), str(results)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    row = [line for line in out.stdout.splitlines() if "s_q=2 h_q=128" in line]
+    assert row and "| 600 |" in row[0] and "| yes | GPU X |" in row[0], out.stdout
+
+
+def test_only_runs_the_labels_asked_for():
+    """run_case(only=...): just those backends (and variants, peers); the rest is not run."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmarks.common import Case
+    from benchmarks.run import Report, run_case
+
+    ran = []
+
+    def run(x):
+        ran.append(__import__("dskernels").current_backend())
+        return x * 2
+
+    case = Case(op="double", params={"n": 4}, make_inputs=lambda device: (torch.arange(4.0),),
+                run=run, reference=lambda x: x * 2, check=lambda got, want: None if torch.equal(got, want) else "differs",
+                flops=0.0, bytes=32.0, backends=("ref", "triton"))
+    records = []
+    run_case(case, "cpu", ["ref", "triton"], {}, {"device": "cpu", "git_sha": "-", "torch": "-", "date": "-"},
+             Report(), records, [], only={"triton"})
+    assert set(ran) == {"triton"} and [r["backend"] for r in records] == ["triton"]

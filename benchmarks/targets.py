@@ -1,0 +1,161 @@
+"""The issues' performance targets, and how far the recorded results are from them.
+
+    python benchmarks/targets.py [results.json ...]   # default: benchmarks/results/*.json
+    python benchmarks/run.py --targets --json t.json  # on a GPU: time just the cases below
+
+Each target names an op, the backend whose number counts, the shapes (each a subset of a case's
+params in the families' full grid), a metric and a goal. Several shapes are combined by their
+geometric mean (DeepGEMM's way of summing up its grid), or by their minimum where every shape must
+reach the goal. A ratio metric divides a peer's time by ours, shape by shape. `candidates` are
+other labels of the same backend (opt-in variants) reported beside it: a candidate that meets the
+goal where the default does not is the case for making it the default.
+
+The issues state their goals for an H100; results from other devices are evaluated per device
+and say which one measured them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# DeepGEMM's dense (n, k) grid, as in benchmarks/bench_gemm.py (a test checks they agree).
+DENSE_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+MLA_BOUND_BY_MEMORY = {"b": 128, "s_q": 1, "h_q": 16, "h_kv": 1, "seqlen": 4096, "varlen": False, "page": 64,
+                       "cache": "bfloat16"}
+MLA_BOUND_BY_COMPUTE = {"b": 128, "s_q": 2, "h_q": 128, "h_kv": 1, "seqlen": 4096, "varlen": False, "page": 64,
+                        "cache": "bfloat16", "causal": True}
+
+
+@dataclass(frozen=True)
+class Target:
+    issue: int
+    what: str
+    op: str
+    backend: str                # the record label whose number counts ("triton", "cuda")
+    shapes: tuple[dict, ...]    # each a subset of one case's params
+    metric: str                 # "gbps", "tflops", or "x peer:<name>" (the peer's time / ours)
+    goal: float
+    combine: str = "geomean"    # over the shapes: "geomean" or "min" (every shape must reach the goal)
+    candidates: tuple[str, ...] = field(default_factory=tuple)
+
+    def labels(self) -> set[str]:
+        """Every record label this target reads: its backend, its candidates, its peer."""
+        peer = {self.metric[2:]} if self.metric.startswith("x ") else set()
+        return {self.backend, *self.candidates, *peer}
+
+
+TARGETS = (
+    Target(3, "Triton MLA decode, bf16 cache, b=128 s_q=1 h_q=16 seqlen 4096", "flash_mla_with_kvcache", "triton",
+           (MLA_BOUND_BY_MEMORY,), "gbps", 1800),
+    Target(8, "sm90 MLA decode, bf16 cache, b=128 s_q=1 h_q=16 seqlen 4096", "flash_mla_with_kvcache", "cuda",
+           (MLA_BOUND_BY_MEMORY,), "gbps", 2800),
+    Target(8, "sm90 MLA decode, causal b=128 s_q=2 h_q=128 seqlen 4096", "flash_mla_with_kvcache", "cuda",
+           (MLA_BOUND_BY_COMPUTE,), "tflops", 580),
+    Target(4, "Triton dense FP8 GEMM, m=4096, geomean of DeepGEMM's six (n, k)", "gemm_fp8_fp8_bf16_nt", "triton",
+           tuple({"m": 4096, "n": n, "k": k} for n, k in DENSE_NK), "tflops", 700,
+           candidates=("triton[tma_ws_auto]", "triton[tma_ws]")),
+    Target(9, "sm90 dense FP8 GEMM, m=4096, geomean of DeepGEMM's six (n, k)", "gemm_fp8_fp8_bf16_nt", "cuda",
+           tuple({"m": 4096, "n": n, "k": k} for n, k in DENSE_NK), "tflops", 1150),
+    Target(9, "sm90 contiguous grouped GEMM, 4 x 8192 rows, n=4096 k=7168",
+           "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", "cuda",
+           ({"groups": 4, "m_per_group": 8192, "n": 4096, "k": 7168},), "tflops", 1250),
+    Target(9, "sm90 masked grouped GEMM, 1 x 1024 rows, n=4096 k=7168", "m_grouped_gemm_fp8_fp8_bf16_nt_masked",
+           "cuda", ({"groups": 1, "expected_m": 1024, "n": 4096, "k": 7168},), "tflops", 1100),
+    Target(9, "sm90 dense FP8 GEMM, m=64 and 128, every one of the six (n, k), against torch._scaled_mm",
+           "gemm_fp8_fp8_bf16_nt", "cuda", tuple({"m": m, "n": n, "k": k} for m in (64, 128) for n, k in DENSE_NK),
+           "x peer:torch._scaled_mm", 1.2, combine="min", candidates=("cuda[m64_splitk]",)),
+)
+
+
+def matches(params: dict, shape: dict) -> bool:
+    return all(params.get(key) == value for key, value in shape.items())
+
+
+def _value(target: Target, label: str, shape: dict, records: list[dict]) -> float | None:
+    """The metric of one shape for one label from `records` (one device's), None if not measured."""
+    def find(name):
+        found = [r for r in records if r["op"] == target.op and r["backend"] == name and matches(r["params"], shape)
+                 and not r.get("error") and r.get("ms") is not None and r["ms"] == r["ms"] and r["ms"] > 0]
+        return found[-1] if found else None  # the latest record of the shape
+
+    ours = find(label)
+    if ours is None:
+        return None
+    if target.metric.startswith("x "):
+        peer = find(target.metric[2:])
+        return peer["ms"] / ours["ms"] if peer else None
+    return ours.get(target.metric)
+
+
+def evaluate(target: Target, label: str, records: list[dict]) -> dict:
+    """{"value": combined metric over the measured shapes or None, "measured": n, "shapes": total,
+    "met": True/False/None (None: not every shape measured)}."""
+    values = [_value(target, label, shape, records) for shape in target.shapes]
+    measured = [v for v in values if v is not None and v > 0]
+    if not measured:
+        value = None
+    elif target.combine == "min":
+        value = min(measured)
+    else:
+        value = math.prod(measured) ** (1 / len(measured))
+    complete = len(measured) == len(target.shapes)
+    met = (value >= target.goal) if complete else (False if target.combine == "min" and value is not None
+                                                  and value < target.goal else None)
+    return {"value": value, "measured": len(measured), "shapes": len(target.shapes), "met": met}
+
+
+def _unit(target: Target) -> str:
+    return {"gbps": "GB/s", "tflops": "TFLOPS"}.get(target.metric, "x " + target.metric.split(":", 1)[-1])
+
+
+def table(records_by_device: dict[str, list[dict]]) -> str:
+    """A markdown table: one row per target (and measured candidate) per device."""
+    lines = ["| issue | target | backend | measured | goal (H100) | met | device |", "|---|---|---|---|---|---|---|"]
+    for device, records in records_by_device.items():
+        for target in TARGETS:
+            for label in (target.backend, *target.candidates):
+                result = evaluate(target, label, records)
+                if label != target.backend and result["value"] is None:
+                    continue  # a candidate not timed in these results
+                value = "not measured" if result["value"] is None else f"{result['value']:.{2 if target.metric.startswith('x ') else 0}f}"
+                if result["value"] is not None and result["measured"] < result["shapes"]:
+                    value += f" ({result['measured']} of {result['shapes']} shapes)"
+                how = "min" if target.combine == "min" else ("geomean" if len(target.shapes) > 1 else "")
+                met = {True: "yes", False: "no", None: "-"}[result["met"]]
+                lines.append(f"| #{target.issue} | {target.what} | {label} | {value} | "
+                             f"{how + ' ' if how else ''}>= {target.goal:g} {_unit(target)} | {met} | {device} |")
+    return "\n".join(lines)
+
+
+def load(paths: list[str]) -> dict[str, list[dict]]:
+    """Records of GPU runs (results files with ceilings), by device."""
+    by_device: dict[str, list[dict]] = {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if not data["meta"].get("ceilings"):
+            continue  # a CPU run: no throughput
+        for r in data["records"]:
+            by_device.setdefault(r.get("device") or data["meta"]["device"], []).append(r)
+    return by_device
+
+
+def main(argv: list[str]) -> int:
+    paths = argv or sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json")))
+    by_device = load(paths)
+    if not by_device:
+        print("no GPU results in " + ", ".join(paths))
+        return 1
+    print(table(by_device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
