@@ -4,16 +4,18 @@
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl", ".prebuilt"], timeout_s=600)
 # A session has 15 minutes of device time, the machine's start included, and one call at most 600 s.
 # So the script works to a deadline (DEADLINE seconds after it starts, default 570) and spends it
-# in order of value: STEPS (default tests,bench,sanitizer), each step capped by its own budget and
-# by the time left, the GPU tests ordered so that the files never run on a device go first. Whatever a
-# step had finished when its time ran out is kept.
+# in order of value: STEPS (default tests,targets,profiles,bench,sanitizer: the GPU tests, the
+# issues' target shapes, Nsight Compute and host profiles of what misses its target, the quick
+# grid, compute-sanitizer), each step capped by its own budget and by the time left, the GPU tests
+# ordered so that the files never run on a device go first. Whatever a step had finished when its
+# time ran out is kept. What one call does not reach, a second short call with STEPS set does.
 # Only 8 files come back from $OUT, so it holds four: summary.log (this script's output),
 # targets.json and results.json (the benchmark records of the target shapes, then of the quick or
 # full grid, each rewritten after every case) and logs.tgz (every log, repacked after every step:
 # tar xzf logs.tgz).
-# Knobs: DEADLINE=570, STEPS=tests,bench,sanitizer, TESTS_BUDGET=330 (s for all test files),
-#        TARGETS=1 (the bench step first times the issues' target shapes, benchmarks/targets.py; 0: not),
-#        TARGETS_BUDGET=240 (s for those),
+# Knobs: DEADLINE=570, STEPS=tests,targets,profiles,bench,sanitizer, TESTS_BUDGET=330 (s for all
+#        test files), TARGETS_BUDGET=200 (s for `run.py --targets`), NCU_BUDGET=45 (s per
+#        scripts/ncu_cases.py case), HOST_PROFILE_BUDGET=45 (s for scripts/host_profile.py),
 #        TEST_TIMEOUT=150 (s per file), SLOW_TEST_TIMEOUT=300 (tests/test_gemm_general.py's), TEST_JOBS=4 (test files run at once), GPU_TESTS="tests/test_mla_sm90.py ..." (default: the files
 #        with gpu-selected tests, never-run ones first), CPU_TESTS=1 (also the not-gpu suite, for the device's
 #        torch/triton versions), BENCH_OPS=mla,gemm (families or ops, run in that order),
@@ -44,7 +46,7 @@ left() { echo $((DEADLINE - SECONDS)); }
 budget() { local b=$(( $(left) - RESERVE )); (( b > $1 )) && b=$1; (( b < 0 )) && b=0; echo $b; }
 # pack: the logs so far into logs.tgz (a part file per process, renamed: concurrent packs are safe)
 pack() { tar czf "$OUT/logs.tgz.$BASHPID" -C "$LOGS" . && mv "$OUT/logs.tgz.$BASHPID" "$OUT/logs.tgz"; }
-wants() { [[ ",${STEPS:-tests,bench,sanitizer}," == *",$1,"* ]]; }
+wants() { [[ ",${STEPS:-tests,targets,profiles,bench,sanitizer}," == *",$1,"* ]]; }
 # Should a step hang past the deadline, the device call is killed without our EXIT trap: pack once
 # more just before, so that the logs of what ran come back. (No stdout: tee must not wait for it.)
 ( exec >/dev/null 2>&1; sleep $((DEADLINE > 10 ? DEADLINE - 5 : 5)); pack ) & watchdog=$!
@@ -169,32 +171,65 @@ cuda_broken() {
   esac
 }
 
-if wants bench; then
-  step "benchmarks"
-  no_cuda=""
-  if wants tests; then
-    cuda_broken test_mla_sm90 || cuda_broken test_mla && no_cuda+="mla,"
-    cuda_broken test_gemm_sm90 || cuda_broken test_gemm || cuda_broken test_gemm_general && no_cuda+="gemm,"
-    cuda_broken test_fp8_cast && no_cuda+="fp8_cast,"
-    cuda_broken test_ep_layout && no_cuda+="ep,"
-    cuda_broken test_models_gpu && no_cuda+="model,"
-    [ -n "$no_cuda" ] && [[ "$no_cuda" != *model* ]] && no_cuda+="model"  # the layer runs the kernels above
-    [ -n "$no_cuda" ] && echo "cuda backend not benchmarked for: $no_cuda (its GPU tests failed or did not finish)"
-  fi
-  t=$(budget "${TARGETS_BUDGET:-240}")  # (timeout 0 would mean no limit at all)
-  if [ "${TARGETS:-1}" = 1 ] && (( t < 10 )); then echo "target shapes: not run (no time left)"
-  elif [ "${TARGETS:-1}" = 1 ]; then
-    # First what decides the issues: their target shapes, on just the backends, candidates and peers
-    # they are judged by (the quick grid misses most of them: four of DeepGEMM's six dense shapes,
-    # the masked 1 x 1024 case, m = 128; and runs every forced config beside them).
+no_cuda=""  # families benchmarked and profiled without their cuda backend
+if wants tests; then
+  cuda_broken test_mla_sm90 || cuda_broken test_mla && no_cuda+="mla,"
+  cuda_broken test_gemm_sm90 || cuda_broken test_gemm || cuda_broken test_gemm_general && no_cuda+="gemm,"
+  cuda_broken test_fp8_cast && no_cuda+="fp8_cast,"
+  cuda_broken test_ep_layout && no_cuda+="ep,"
+  cuda_broken test_models_gpu && no_cuda+="model,"
+  [ -n "$no_cuda" ] && [[ "$no_cuda" != *model* ]] && no_cuda+="model"  # the layer runs the kernels above
+  [ -n "$no_cuda" ] && echo "cuda backend not benchmarked for: $no_cuda (its GPU tests failed or did not finish)"
+fi
+no_cuda="${NO_CUDA:-$no_cuda}"
+
+if wants targets; then
+  # First what decides the issues: their target shapes, on just the backends, candidates and peers
+  # they are judged by (the quick grid misses most of them: four of DeepGEMM's six dense shapes,
+  # the masked 1 x 1024 case, m = 128; and runs every forced config beside them).
+  t=$(budget "${TARGETS_BUDGET:-200}")  # (timeout 0 would mean no limit at all)
+  if (( t < 10 )); then echo "target shapes: not run (no time left)"; else
     step "the issues' target shapes ($t s at most)"
     TRITON_PRINT_AUTOTUNING=1 timeout -s KILL "$t" python benchmarks/run.py --targets --json "$OUT/targets.json" \
-      --no-cuda "${NO_CUDA:-$no_cuda}" > "$LOGS/targets.log" 2>&1 || status=1
+      --no-cuda "$no_cuda" > "$LOGS/targets.log" 2>&1 || status=1
     grep -F ' | ' "$LOGS/targets.log" | grep -v '^| ' | tail -60
     [ -f "$OUT/targets.json" ] && python benchmarks/targets.py "$OUT/targets.json"  # also after a timeout
     pack
   fi
-  bench_args=(--json "$OUT/results.json" --ops "${BENCH_OPS:-model,fp8_cast,indexer,moe,ep,gemm,mla}" --no-cuda "${NO_CUDA:-$no_cuda}")
+fi
+
+if wants profiles; then
+  # Why the missed targets are missed: Nsight Compute on one call of each (scripts/ncu_cases.py),
+  # then where the host's time goes in the layer's eager decode step (scripts/host_profile.py).
+  # Reports in logs.tgz (ncu_<case>.txt, host_profile.txt); the headline lines here.
+  while IFS=$'\t' read -r name kernel what; do
+    family=${name%%_*}; [ "$family" = gemm ] || family=mla
+    [[ ",$no_cuda," == *",$family,"* && "$name" != gemm_triton_dense ]] && { echo "ncu $name: skipped (its cuda tests failed)"; continue; }
+    t=$(budget "${NCU_BUDGET:-45}")
+    if (( t < 20 )); then echo "ncu $name: not run (no time left)"; continue; fi
+    step "ncu $name: $what ($t s at most)"
+    timeout -s KILL "$t" ncu --profile-from-start off --clock-control none --kernel-name "regex:$kernel" --launch-count 1 \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
+      --section SourceCounters python scripts/ncu_cases.py "$name" < /dev/null > "$LOGS/ncu_$name.txt" 2>&1 \
+      || echo "ncu $name: rc $?"  # (stdin: the loop's case list, not theirs)
+    grep -E '^\s+(Duration|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|No Eligible|Warp Cycles Per Issued Instruction|Registers Per Thread|Achieved Occupancy|L2 Hit Rate|Mem Pipes Busy)\b' \
+      "$LOGS/ncu_$name.txt" | head -12
+    grep -E '^\s+(OPT|WRN)\s' "$LOGS/ncu_$name.txt" | cut -c1-300 | head -6  # the rules' findings (stalls, pipes)
+    pack
+  done < <(python scripts/ncu_cases.py --list)
+  t=$(budget "${HOST_PROFILE_BUDGET:-45}")
+  if [[ ",$no_cuda," == *",model,"* ]] || (( t < 20 )); then echo "host profile: not run (model's cuda tests failed, or no time left)"; else
+    step "host profile of the layer's eager decode step ($t s at most)"
+    timeout -s KILL "$t" python scripts/host_profile.py --steps 20 > "$LOGS/host_profile.txt" 2>&1 || echo "host profile: rc $?"
+    head -40 "$LOGS/host_profile.txt"
+    pack
+  fi
+fi
+
+if wants bench; then
+  step "benchmarks"
+  bench_args=(--json "$OUT/results.json" --ops "${BENCH_OPS:-model,fp8_cast,indexer,moe,ep,gemm,mla}" --no-cuda "$no_cuda")
   [ "${QUICK:-1}" = 1 ] && bench_args+=(--quick)
   # The layer's eager decode (2.4x transformers' on the H200), Triton's bf16 silu_and_mul (5x the
   # fused cast's time), and the m = 64 GEMM's configs (m64_splitk took 50 us there, m64 22 us).
@@ -203,12 +238,13 @@ if wants bench; then
   # TRITON_PRINT_AUTOTUNING: the configs the autotuner chose go to bench.log (the Triton dense GEMM
   # at m = 4096, n = 2112 took 183 us in one H200 run and 235 us in the next, same kernels)
   t=$(budget "${BENCH_BUDGET:-100000}")
-  (( t < 10 )) && echo "benchmark grid: not run (no time left)" || \
-  TRITON_PRINT_AUTOTUNING=1 timeout -s KILL "$t" python benchmarks/run.py "${bench_args[@]}" > "$LOGS/bench.log" 2>&1 || status=1
-  sed -n '/^op /,$p' "$LOGS/bench.log"
-  grep '^profile ' "$LOGS/bench.log"  # the tables under each line: bench.log in logs.tgz
-  [ -f "$OUT/results.json" ] && ! grep -q '^op ' "$LOGS/bench.log" && {
-    echo "benchmarks stopped at their time limit; the cases done so far:"; grep -F ' | ' "$LOGS/bench.log"; }
+  if (( t < 10 )); then echo "benchmark grid: not run (no time left)"; else
+    TRITON_PRINT_AUTOTUNING=1 timeout -s KILL "$t" python benchmarks/run.py "${bench_args[@]}" > "$LOGS/bench.log" 2>&1 || status=1
+    sed -n '/^op /,$p' "$LOGS/bench.log"
+    grep '^profile ' "$LOGS/bench.log"  # the tables under each line: bench.log in logs.tgz
+    [ -f "$OUT/results.json" ] && ! grep -q '^op ' "$LOGS/bench.log" && {
+      echo "benchmarks stopped at their time limit; the cases done so far:"; grep -F ' | ' "$LOGS/bench.log"; }
+  fi
   pack
 fi
 

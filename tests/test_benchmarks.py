@@ -284,3 +284,23 @@ def test_only_runs_the_labels_asked_for():
     run_case(case, "cpu", ["ref", "triton"], {}, {"device": "cpu", "git_sha": "-", "torch": "-", "date": "-"},
              Report(), records, [], only={"triton"})
     assert set(ran) == {"triton"} and [r["backend"] for r in records] == ["triton"]
+
+
+def test_profiling_scripts_run_here():
+    """scripts/host_profile.py runs the layer's decode step under cProfile (here: the tiny model on
+    CPU); scripts/ncu_cases.py's cases are target shapes (benchmarks/targets.py) it can build."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "host_profile.py"), "--steps", "2", "--rows", "5"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "ms per step" in out.stdout and "--- by tottime" in out.stdout and "layer.py" in out.stdout
+
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import ncu_cases
+
+    from benchmarks import targets
+
+    for name, (kernel, what, build) in ncu_cases.CASES.items():
+        case, backend = build()
+        assert any(t.op == case.op and t.backend == backend and any(targets.matches(case.params, s) for s in t.shapes)
+                   for t in targets.TARGETS), name
