@@ -42,6 +42,9 @@ MLA_CUDA_VARIANTS = {"no_tma": {"DSKERNELS_MLA_NO_TMA": "1"}, "cluster": {"DSKER
 # its tests passed in this device call (scripts/gpu_check.sh sets DSKERNELS_MLA_FP8_TMA_TESTED after
 # tests/test_mla_sm90_fp8_tma.py): a path never run before may trap and end the CUDA context.
 MLA_FP8_CUDA_VARIANTS = {"fp8_tma": {"DSKERNELS_MLA_FP8_TMA": "1", "DSKERNELS_MLA_REQUIRE_TMA": "1"}}
+# The opt-in seesaw consumers (both warp groups score alternate key blocks), likewise timed only once
+# tests/test_mla_sm90_seesaw.py passed in this device call (DSKERNELS_MLA_SEESAW_TESTED).
+MLA_SEESAW_CUDA_VARIANTS = {"seesaw": {"DSKERNELS_MLA_SEESAW": "1"}}
 # The Triton kernel's tile (dskernels/triton/mla.py tile_config; BLOCK_M 0 = the default rule's):
 # 32-key blocks (the default until an H200 measured 64 keys 1.4x faster, 2026-12-04), 64 keys in
 # one buffer, and 64 keys over 16 warps (twice the registers per tile: do the spills matter?).
@@ -151,7 +154,8 @@ def _case(b, s_q, h_q, h_kv, d, dv, seqlen, varlen, page_size, cache_dtype, caus
                 peers={"torch": torch_batched_decode},
                 backends=("ref", "triton", "cuda") if (d, dv) == (576, 512) else ("ref", "triton"),
                 cuda_variants=MLA_CUDA_VARIANTS | (MLA_FP8_CUDA_VARIANTS if cache_dtype == FP8 and
-                                                   os.environ.get("DSKERNELS_MLA_FP8_TMA_TESTED") == "1" else {}),
+                                                   os.environ.get("DSKERNELS_MLA_FP8_TMA_TESTED") == "1" else {})
+                | (MLA_SEESAW_CUDA_VARIANTS if os.environ.get("DSKERNELS_MLA_SEESAW_TESTED") == "1" else {}),
                 triton_variants=MLA_TRITON_VARIANTS if (d, dv) == (576, 512) else {})
 
 

@@ -39,20 +39,23 @@ def _triton_dense_gemm():
     return bench_gemm._dense_case(4096, 2112, 7168, "cuda"), "triton"
 
 
-# name -> (kernel name regex for ncu, what it is, the case builder)
+# name -> (kernel name regex for ncu, what it is, the case builder, environment for the call)
 CASES = {
     "mla_compute": ("decode_kernel", "sm90 MLA decode, causal b=128 s_q=2 h_q=128 seqlen 4096 (#8: 450 of 580 TFLOPS)",
-                    _mla_compute_bound),
+                    _mla_compute_bound, {}),
+    # only once tests/test_mla_sm90_seesaw.py passed in the same device call (scripts/gpu_check.sh)
+    "mla_compute_seesaw": ("decode_kernel", "the same with the opt-in seesaw consumers", _mla_compute_bound,
+                           {"DSKERNELS_MLA_SEESAW": "1"}),
     "gemm_contiguous": ("device_kernel", "sm90 contiguous grouped GEMM 4 x 8192, n=4096 k=7168 (#9: 1101 of 1250 TFLOPS)",
-                        _contiguous_gemm),
+                        _contiguous_gemm, {}),
     "gemm_triton_dense": ("_gemm_kernel|_tiles_tma_ws", "Triton dense GEMM m=4096 n=2112 k=7168 (#4: 529 TFLOPS, "
-                          "the weakest of the two shapes timed)", _triton_dense_gemm),
+                          "the weakest of the two shapes timed)", _triton_dense_gemm, {}),
 }
 
 
 def main(argv: list[str]) -> int:
     if argv == ["--list"]:
-        for name, (kernel, what, _) in CASES.items():
+        for name, (kernel, what, _, _) in CASES.items():
             print(f"{name}\t{kernel}\t{what}")
         return 0
     if len(argv) != 1 or argv[0] not in CASES:
@@ -61,7 +64,9 @@ def main(argv: list[str]) -> int:
     if not torch.cuda.is_available():
         print("ncu_cases.py profiles GPU kernels: no GPU here")
         return 2
-    case, backend = CASES[argv[0]][2]()
+    _, _, build, env = CASES[argv[0]]
+    os.environ.update(env)  # (this process runs one case)
+    case, backend = build()
     with dskernels.backend(backend):
         inputs = case.make_inputs("cuda")
         case.run(*inputs)  # compiles, autotuning, tensor maps: outside the profiled range

@@ -164,6 +164,23 @@ def mla_fp8_tma():
         os.environ.pop("DSKERNELS_MLA_REQUIRE_TMA")
 
 
+def mla_seesaw():
+    """The sm90 MLA decode's opt-in seesaw consumers: even and odd block counts (a pair without y),
+    one block, an empty sequence; two row tiles, causal MTP rows; the TMA and the register path."""
+    lens = torch.tensor([700, 0, 130, 64], dtype=torch.int32, device="cuda")
+    q = torch.randn(4, 2, 48, 576, device="cuda", dtype=torch.bfloat16)
+    meta, splits = dskernels.get_mla_metadata(lens, 2 * 48, 1)
+    os.environ["DSKERNELS_MLA_SEESAW"] = "1"
+    try:
+        for page in (64, 61):
+            pages = -(-700 // page)
+            block_table = torch.arange(4 * pages, dtype=torch.int32, device="cuda").reshape(4, pages)
+            k_cache = torch.randn(4 * pages, page, 1, 576, device="cuda", dtype=torch.bfloat16)
+            dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, 512, meta, splits, causal=True)
+    finally:
+        os.environ.pop("DSKERNELS_MLA_SEESAW")
+
+
 CASES = [fp8_casts, fp8_gemms, split_k_and_einsum, mla_decode, deepseek_v32]
 
 if __name__ == "__main__":
@@ -175,7 +192,8 @@ if __name__ == "__main__":
                 print(f"ran {case.__name__} on {backend}", flush=True)
     # Last, and each only once its tests passed in this device call (scripts/gpu_check.sh): a path
     # never run before may trap, and must not take the other cases with it.
-    for case, tested in ((gemm_split_k, "DSKERNELS_GEMM_SPLITK_TESTED"), (mla_fp8_tma, "DSKERNELS_MLA_FP8_TMA_TESTED")):
+    for case, tested in ((gemm_split_k, "DSKERNELS_GEMM_SPLITK_TESTED"), (mla_fp8_tma, "DSKERNELS_MLA_FP8_TMA_TESTED"),
+                         (mla_seesaw, "DSKERNELS_MLA_SEESAW_TESTED")):
         if "cuda" in dskernels.available_backends() and os.environ.get(tested) == "1":
             with dskernels.backend("cuda"):
                 case()

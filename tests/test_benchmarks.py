@@ -300,7 +300,7 @@ def test_profiling_scripts_run_here():
 
     from benchmarks import targets
 
-    for name, (kernel, what, build) in ncu_cases.CASES.items():
+    for name, (kernel, what, build, env) in ncu_cases.CASES.items():
         case, backend = build()
         assert any(t.op == case.op and t.backend == backend and any(targets.matches(case.params, s) for s in t.shapes)
                    for t in targets.TARGETS), name

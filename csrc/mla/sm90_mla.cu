@@ -253,7 +253,9 @@ void flash_mla_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache, cons
   // key blocks by multicast (off by default: 13% slower at h_q = 128, s_q = 2 on an H200);
   // DSKERNELS_MLA_FP8_TMA=1 loads an fp8 cache's whole blocks by TMA and widens them in place
   // (opt-in: written off the device, not yet run on a GPU); DSKERNELS_MLA_REQUIRE_TMA=1 makes a
-  // tensor map the driver refuses an error instead of the register path (tests, benchmark variants).
+  // tensor map the driver refuses an error instead of the register path (tests, benchmark variants);
+  // DSKERNELS_MLA_SEESAW=1 takes the seesaw consumers (both groups score alternate key blocks: opt-in,
+  // written off the device, not yet run on a GPU), never with clusters.
   CUtensorMap tmap{};
   const bool want_tma = !env_flag("DSKERNELS_MLA_NO_TMA") && (!fp8 || env_flag("DSKERNELS_MLA_FP8_TMA")) &&
                         page_size % mla::kBlockN == 0;
@@ -261,7 +263,8 @@ void flash_mla_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache, cons
   TORCH_CHECK(p.use_tma || !want_tma || !env_flag("DSKERNELS_MLA_REQUIRE_TMA"),
               "flash_mla_with_kvcache: DSKERNELS_MLA_REQUIRE_TMA=1, but the driver refused the cache's tensor map "
               "(shape ", k_cache.sizes(), ", strides ", k_cache.strides(), ", ", k_cache.scalar_type(), ")");
-  p.use_cluster = env_flag("DSKERNELS_MLA_CLUSTER");
+  p.use_seesaw = env_flag("DSKERNELS_MLA_SEESAW");
+  p.use_cluster = env_flag("DSKERNELS_MLA_CLUSTER") && !p.use_seesaw;
 
   mla::CombineParams c{};
   c.out = out.data_ptr();

@@ -19,6 +19,8 @@
 //     O[:, 0:256] += P V[:, 0:256] (wgmma 64x256x16, P from registers).
 //   second half (WG2, 208 registers): O[:, 256:512] += P V[:, 256:512] with P and the row rescale
 //     factors taken from shared memory. It overlaps WG1's QK^T and softmax of the next block.
+//   With DSKERNELS_MLA_SEESAW=1 (opt-in until timed on a GPU) both consumer groups instead score
+//   alternate key blocks and keep one half of O each (seesaw_group, below).
 //
 // Shared memory (all tiles 128-byte swizzled, the layout TMA's SWIZZLE_128B writes and wgmma's
 // descriptors read): Q [9 chunks][64 rows][128 B], two K stages of the same shape, P [64][128 B].
@@ -56,7 +58,12 @@ namespace dskernels::mla {
 struct alignas(1024) SharedStorage {
   uint8_t q[kTileBytes];
   uint8_t kv[2][kTileBytes];
-  uint8_t p[kChunkBytes];
+  union {
+    uint8_t p[kChunkBytes];           // WG1 -> WG2: P of the current block
+    // The seesaw consumers (which keep each block's P in its stage) exchange per-row values here
+    // instead: the max after block x and after block y, and each group's row sums (SeesawRow).
+    float seesaw_rows[4][kBlockM];
+  };
   float row_alpha[kBlockM];           // WG1 -> WG2: rescale of O for the current block
   // WG1 -> WG2: k_scale / l at the end of a sequence (0: no key), by item parity: after the
   // kBarConsumers barrier WG1 may finish a one-block item and write again before WG2 has read.
@@ -455,6 +462,24 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const WorkIt
   }
 }
 
+// Writes the LSE of rows r0 and r0 + 8 (log2 domain, -inf: no key): the natural-log lse (+inf for
+// no key) of a sequence in one split, or the split's slot of lse_acc.
+__device__ __forceinline__ void store_lse(const DecodeParams& p, const WorkItem& w, int kv_head, int m_tile, int r0,
+                                          bool split_out, const float* lse2) {
+  const int slot = p.num_splits[w.i] + w.split;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = m_tile * kBlockM + r0 + 8 * h;
+    if (r >= p.rows) continue;
+    const int tok = r / p.heads_per_kv, head = kv_head * p.heads_per_kv + r % p.heads_per_kv;
+    if (split_out) {
+      if (slot >= 0 && slot < p.max_slots) p.lse_acc[int64_t(slot) * p.h_q * p.s_q + head * p.s_q + tok] = lse2[h];
+    } else {
+      p.lse[w.i * p.lse_stride_b + head * p.lse_stride_h + tok] = lse2[h] == -INFINITY ? INFINITY : lse2[h] * kLn2;
+    }
+  }
+}
+
 // S = Q K^T for one key block (36 wgmma 64x64x16, both operands K-major in shared memory);
 // committed, not waited for.
 template <typename MmaT>
@@ -474,6 +499,100 @@ __device__ __forceinline__ void issue_qk(uint32_t q_tile, uint32_t kv_tile, floa
   cute::warpgroup_commit_batch();
 }
 
+// The query token of each of the thread's two rows (r0, r0 + 8 of the tile); rows past the last
+// (padding) take the last token.
+__device__ __forceinline__ void row_tokens(const DecodeParams& p, int m_tile, int r0, int* token) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = m_tile * kBlockM + r0 + 8 * h;
+    token[h] = r < p.rows ? r / p.heads_per_kv : p.s_q - 1;
+  }
+}
+
+// The end of the keys each row sees in item w: its split's end, and causally seqlen - s_q + token + 1.
+__device__ __forceinline__ void row_limits(const DecodeParams& p, const WorkItem& w, const int* token, int* limit) {
+  const int seqlen = p.seqlens[w.i];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) limit[h] = min(w.hi, p.causal ? seqlen - p.s_q + token[h] + 1 : seqlen);
+}
+
+// Scales this thread's 32 scores of a 64-key block into the log2 domain and masks the keys past each
+// row's limit or on a page outside the cache (-inf); row_max: the maxima of the thread's two rows
+// over their four lanes. `valid`: the stage's kv_valid shifted right by 2 * q4.
+__device__ __forceinline__ void scale_and_mask(float* s, const int* limit, int start, uint64_t valid, int q4,
+                                               float scale, float* row_max) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int visible = limit[h] - start;  // keys [start, start + visible) of the block
+    float m = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[4 * j + 2 * h + e];
+        x = 8 * j + 2 * q4 + e < visible && (valid >> (8 * j + e)) & 1 ? x * scale : -INFINITY;
+        m = fmaxf(m, x);
+      }
+    }
+    m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
+    row_max[h] = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
+  }
+}
+
+// s = 2^(s - m) in place for each of the two rows (m_safe: the row's max, 0 where it is -inf);
+// row_sum: this thread's part of each row's sum.
+__device__ __forceinline__ void exp_scores(float* s, const float* m_safe, float* row_sum) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[4 * j + 2 * h + e];
+        x = fast_exp2(x - m_safe[h]);
+        sum += x;
+      }
+    }
+    row_sum[h] = sum;
+  }
+}
+
+// P (this thread's 32 probabilities) as the A operand of the 64x256x16 wgmma (k-step kk: pa[4kk..]).
+template <typename MmaT>
+__device__ __forceinline__ void pack_p(const float* s, uint32_t* pa) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pa[4 * kk + i] = MmaT::pack(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+  }
+}
+
+// Stores P times a per-row factor into the swizzled 64 x 64 tile at `tile` (a K-major wgmma A
+// operand): columns 8j + 2 q4 (+1) of rows r0 and r0 + 8 are 4 bytes at q4 of 16-byte piece j.
+template <typename MmaT>
+__device__ __forceinline__ void store_p(uint32_t tile, const float* s, const float* factor, int r0, int q4) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t word = MmaT::pack(s[4 * j + 2 * h] * factor[h], s[4 * j + 2 * h + 1] * factor[h]);
+      asm volatile("st.shared.u32 [%0], %1;" :: "r"(tile + swizzled_offset(r0 + 8 * h, j) + 4 * q4), "r"(word));
+    }
+  }
+}
+
+// O (this thread's 128 accumulators of a 64 x 256 half) times a per-row factor.
+__device__ __forceinline__ void rescale_o(float* o, const float* factor) {
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    o[4 * j + 0] *= factor[0];
+    o[4 * j + 1] *= factor[0];
+    o[4 * j + 2] *= factor[1];
+    o[4 * j + 3] *= factor[1];
+  }
+}
+
 template <typename Element, bool kFp8, int kCluster>
 __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int part, int kv_head, int m_tile, int tid) {
   using MmaT = Mma<Element>;
@@ -483,19 +602,12 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
   const float scale = p.scale_log2 * k_scale;
   const uint32_t q_tile = smem_addr(smem.q);
   const uint32_t p_tile = smem_addr(smem.p);
-  // Query token of each of the thread's two rows (causal limit: seqlen - s_q + token + 1).
   int token[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = m_tile * kBlockM + r0 + 8 * h;
-    token[h] = r < p.rows ? r / p.heads_per_kv : p.s_q - 1;
-  }
+  row_tokens(p, m_tile, r0, token);
   int item_count = 0, block_count = 0;
   for_each_item(p, part, [&](const WorkItem& w) {
-    const int seqlen = p.seqlens[w.i];
     int limit[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) limit[h] = min(w.hi, p.causal ? seqlen - p.s_q + token[h] + 1 : seqlen);
+    row_limits(p, w, token, limit);
     float o[128];
 #pragma unroll
     for (int k = 0; k < 128; ++k) o[k] = 0.0f;
@@ -523,48 +635,20 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
 
       // Scale, mask, online softmax (log2 domain). Four lanes share a row: reduce over xor 1, 2.
       // The stage stays ours until the end of this iteration releases it, so its kv_valid is current.
-      const uint64_t valid = smem.kv_valid[stage] >> (2 * q4);
-      float alpha[2];
+      float row_max[2], m_safe[2], row_sum[2], alpha[2];
+      scale_and_mask(s, limit, start, smem.kv_valid[stage] >> (2 * q4), q4, scale, row_max);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int visible = limit[h] - start;  // keys [start, start + visible) of the block
-        float row_max = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = s[4 * j + 2 * h + e];
-            x = 8 * j + 2 * q4 + e < visible && (valid >> (8 * j + e)) & 1 ? x * scale : -INFINITY;
-            row_max = fmaxf(row_max, x);
-          }
-        }
-        row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 1));
-        row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 2));
-        const float m_new = fmaxf(m_run[h], row_max);
-        const float m_safe = m_new == -INFINITY ? 0.0f : m_new;
-        alpha[h] = fast_exp2(m_run[h] - m_safe);
-        float row_sum = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = s[4 * j + 2 * h + e];
-            x = fast_exp2(x - m_safe);
-            row_sum += x;
-          }
-        }
-        l_run[h] = l_run[h] * alpha[h] + row_sum;  // this thread's columns; reduced at the end
+        const float m_new = fmaxf(m_run[h], row_max[h]);
+        m_safe[h] = m_new == -INFINITY ? 0.0f : m_new;
+        alpha[h] = fast_exp2(m_run[h] - m_safe[h]);
         m_run[h] = m_new;
       }
-
-      // P in registers, laid out as the A operand of the 64x256x16 wgmma.
+      exp_scores(s, m_safe, row_sum);
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        pa[4 * kk + 0] = MmaT::pack(s[8 * kk + 0], s[8 * kk + 1]);
-        pa[4 * kk + 1] = MmaT::pack(s[8 * kk + 2], s[8 * kk + 3]);
-        pa[4 * kk + 2] = MmaT::pack(s[8 * kk + 4], s[8 * kk + 5]);
-        pa[4 * kk + 3] = MmaT::pack(s[8 * kk + 6], s[8 * kk + 7]);
-      }
+      for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * alpha[h] + row_sum[h];  // this thread's columns
+
+      pack_p<MmaT>(s, pa);  // P in registers, laid out as the A operand of the 64x256x16 wgmma
       // Hand P and the rescale factors to WG2 (its previous block must be done with them).
       barrier_wait(&smem.p_empty, (block_count & 1) ^ 1);
 #pragma unroll
@@ -583,14 +667,7 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
       cutlass::arch::fence_view_async_shared();
       cutlass::arch::ClusterBarrier::arrive(&smem.p_full);
 
-      // O[:, 0:256] = alpha * O + P V[:, 0:256]
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        o[4 * j + 0] *= alpha[0];
-        o[4 * j + 1] *= alpha[0];
-        o[4 * j + 2] *= alpha[1];
-        o[4 * j + 3] *= alpha[1];
-      }
+      rescale_o(o, alpha);  // O[:, 0:256] = alpha * O + P V[:, 0:256]
       fence_all(o, std::make_index_sequence<128>{});
       fence_all(pa, std::make_index_sequence<16>{});
       cute::warpgroup_arrive();
@@ -637,20 +714,7 @@ __device__ void softmax_group(const DecodeParams& p, SharedStorage& smem, int pa
     ++item_count;
     const bool split_out = p.num_splits[w.i + 1] - p.num_splits[w.i] != 1;
     store_output<Element>(p, w, o, 0, kv_head, m_tile, r0, q4, split_out, final_factor[0], final_factor[1]);
-    if (q4 == 0) {
-      const int slot = p.num_splits[w.i] + w.split;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = m_tile * kBlockM + r0 + 8 * h;
-        if (r >= p.rows) continue;
-        const int tok = r / p.heads_per_kv, head = kv_head * p.heads_per_kv + r % p.heads_per_kv;
-        if (split_out) {
-          if (slot >= 0 && slot < p.max_slots) p.lse_acc[int64_t(slot) * p.h_q * p.s_q + head * p.s_q + tok] = lse2[h];
-        } else {
-          p.lse[w.i * p.lse_stride_b + head * p.lse_stride_h + tok] = lse2[h] == -INFINITY ? INFINITY : lse2[h] * kLn2;
-        }
-      }
-    }
+    if (q4 == 0) store_lse(p, w, kv_head, m_tile, r0, split_out, lse2);
   });
 }
 
@@ -671,14 +735,8 @@ __device__ void second_half_group(const DecodeParams& p, SharedStorage& smem, in
       const uint32_t kv_tile = smem_addr(smem.kv[stage]);
       barrier_wait(&smem.kv_full[stage], (block_count >> 1) & 1);
       barrier_wait(&smem.p_full, block_count & 1);
-      const float alpha0 = smem.row_alpha[r0], alpha1 = smem.row_alpha[r0 + 8];
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        o[4 * j + 0] *= alpha0;
-        o[4 * j + 1] *= alpha0;
-        o[4 * j + 2] *= alpha1;
-        o[4 * j + 3] *= alpha1;
-      }
+      const float alpha[2] = {smem.row_alpha[r0], smem.row_alpha[r0 + 8]};
+      rescale_o(o, alpha);
       fence_all(o, std::make_index_sequence<128>{});
       cute::warpgroup_arrive();
 #pragma unroll
@@ -701,13 +759,289 @@ __device__ void second_half_group(const DecodeParams& p, SharedStorage& smem, in
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Seesaw consumers (opt-in: DSKERNELS_MLA_SEESAW=1; written 2026-12-05 without a GPU)
+// ---------------------------------------------------------------------------------------------
+//
+// The two-role consumers above leave the tensor cores idle while WG1 runs a block's softmax. Here
+// both groups compute S = Q K^T, for alternate blocks of a pair (WG1 the first, x; WG2 the second,
+// y), and each keeps one half of O (WG1 columns 0..255, WG2 256..511), into which it multiplies
+// both blocks' P, so one group's softmax runs under the other's wgmma:
+//   tensor cores: QK_x (WG1) | QK_y (WG2) | PV_x,L (WG1) | PV_x,R (WG2) | PV_y,L (WG1) | PV_y,R (WG2)
+// With m the rows' running max before the pair:
+//   WG1: m_x = max(m, rowmax S_x), a = 2^(m - m_x), P_x = 2^(S_x - m_x); O_L = a O_L + P_x V_x,L
+//   WG2: m_y = max(m_x, rowmax S_y), b = 2^(m_x - m_y), P_y = 2^(S_y - m_y);
+//        O_R = b (a O_R + P_x V_x,R) + P_y V_y,R   (b applied between its two P V groups)
+//   WG1: O_L = b O_L + P_y V_y,L;  then m = m_y in both; at the end l = l_WG1 + l_WG2.
+// A block's P goes into the rope chunk (chunk 8) of its own key stage, which only that block's
+// QK^T reads (all four warps of the group that scores it: they meet at a barrier before the P
+// stores), so no shared memory is added. The maxima and the final row sums cross in
+// smem.seesaw_rows; four named barriers (one group arrives, the other syncs) order each pair:
+//   WG1: arrive MaxX, arrive Px, sync MaxY, sync Py;   WG2: sync MaxX, arrive MaxY, arrive Py, sync Px
+// (WG1 cannot arrive on a barrier again before WG2 has synced on it: each next arrival waits for
+// something WG2 does after its sync, a stage release or a barrier, and likewise the other way.)
+// A sequence with an odd block count ends on a pair without y (`kHasY` false): WG2 scores nothing,
+// its max is m_x and both skip y's P V. Each group releases a stage once its last wgmma on it is
+// done (kv_empty counts the 8 warps of both).
+enum SeesawRow { kRowMaxX = 0, kRowMaxY = 1, kRowSumA = 2, kRowSumB = 3 };
+
+// What a seesaw group carries from pair to pair of one sequence.
+struct SeesawState {
+  float o[128];               // this group's 64 x 256 half of O, relative to m_run
+  float s[32];                // scores, then probabilities, of the block it scores
+  uint32_t pa[16];            // those probabilities as the A operand of P V
+  float m_run[2], l_run[2];   // running max (log2 domain) and this group's part of the row sums
+  int pending;                // WG1: the stage of the last pair's y, whose P V may still run (-1: none)
+};
+
+template <typename Element, bool kFp8, bool kSecond, bool kHasY>
+__device__ __forceinline__ void seesaw_pair(const DecodeParams& p, SharedStorage& smem, SeesawState& st,
+                                            const int* limit, int start_x, int bx, bool last_pair, float scale,
+                                            int r0, int q4) {
+  using MmaT = Mma<Element>;
+  constexpr int kPChunk = 8 * kChunkBytes;              // a stage's rope chunk: its block's P once scored
+  constexpr int kHalf = kSecond ? 4 * kChunkBytes : 0;  // this group's half of V
+  float (*rows)[kBlockM] = smem.seesaw_rows;
+  const uint32_t q_tile = smem_addr(smem.q);
+  const int stage_x = bx & 1, stage_y = (bx + 1) & 1;
+  const uint32_t tile_x = smem_addr(smem.kv[stage_x]), tile_y = smem_addr(smem.kv[stage_y]);
+  float row_max[2], row_sum[2];
+
+  if constexpr (!kSecond) {
+    // S_x, issued behind the last pair's P_y V_y,L, whose stage goes back as soon as that is done.
+    barrier_wait(&smem.kv_full[stage_x], (bx >> 1) & 1);
+    issue_qk<MmaT>(q_tile, tile_x, st.s);
+    if (st.pending >= 0) {
+      cute::warpgroup_wait<1>();
+      release_stage<1>(&smem.kv_empty[st.pending]);
+    }
+    st.pending = -1;
+    cute::warpgroup_wait<0>();
+    fence_all(st.s, std::make_index_sequence<32>{});
+    fence_all(st.o, std::make_index_sequence<128>{});
+    fence_all(st.pa, std::make_index_sequence<16>{});
+    if (last_pair) cutlass::arch::ClusterBarrier::arrive(&smem.q_empty);  // the last x: done with Q
+
+    float m_x_safe[2], a[2];
+    scale_and_mask(st.s, limit, start_x, smem.kv_valid[stage_x] >> (2 * q4), q4, scale, row_max);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float m_x = fmaxf(st.m_run[h], row_max[h]);
+      m_x_safe[h] = m_x == -INFINITY ? 0.0f : m_x;
+      a[h] = fast_exp2(st.m_run[h] - m_x_safe[h]);
+      st.m_run[h] = m_x;
+    }
+    if (q4 == 0) {
+      rows[kRowMaxX][r0] = st.m_run[0];
+      rows[kRowMaxX][r0 + 8] = st.m_run[1];
+    }
+    cutlass::arch::NamedBarrier::arrive(256, kBarMaxX);
+    // P_x goes over x's rope chunk below, which every warp of this group read for its QK_x slice:
+    // a warp's wait_group covers its own slice only, so all four must be past theirs first. (Here,
+    // not right before the stores: there ptxas spilled 56 bytes.) WG2's P_y needs no such barrier:
+    // its MaxX sync already waits for all its warps.
+    cutlass::arch::NamedBarrier::sync(128, kBarQkX);
+    exp_scores(st.s, m_x_safe, row_sum);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) st.l_run[h] = st.l_run[h] * a[h] + row_sum[h];
+    pack_p<MmaT>(st.s, st.pa);
+    const float one[2] = {1.0f, 1.0f};
+    store_p<MmaT>(tile_x + kPChunk, st.s, one, r0, q4);  // P_x for WG2's half (QK_x is done with the chunk)
+    cutlass::arch::fence_view_async_shared();            // generic-proxy stores -> WG2's wgmma reads
+    cutlass::arch::NamedBarrier::arrive(256, kBarPx);
+    rescale_o(st.o, a);
+    fence_all(st.o, std::make_index_sequence<128>{});
+    fence_all(st.pa, std::make_index_sequence<16>{});
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      mma_rs<typename MmaT::PVReg>(st.pa + 4 * kk, desc_mn_major(tile_x + kk * 2048), st.o,
+                                   std::make_index_sequence<128>{});
+    }
+    cute::warpgroup_commit_batch();
+
+    cutlass::arch::NamedBarrier::sync(256, kBarMaxY);  // y's max, from WG2
+    float b[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float m_y = rows[kRowMaxY][r0 + 8 * h];
+      b[h] = fast_exp2(st.m_run[h] - (m_y == -INFINITY ? 0.0f : m_y));
+      st.m_run[h] = m_y;
+      st.l_run[h] *= b[h];
+    }
+    cutlass::arch::NamedBarrier::sync(256, kBarPy);  // P_y is in y's rope chunk
+    cute::warpgroup_wait<0>();
+    fence_all(st.o, std::make_index_sequence<128>{});
+    fence_all(st.pa, std::make_index_sequence<16>{});
+    release_stage<1>(&smem.kv_empty[stage_x]);
+    // Without y, m_y = m_x: b is 1, or 0 where the row has seen no key (O_L is 0 there). Not
+    // rescaling then also keeps non-wgmma definitions of O off the path that joins the one where
+    // y's P V is still in flight (ptxas would serialize every wgmma: C7515).
+    if constexpr (kHasY) {
+      rescale_o(st.o, b);
+      barrier_wait(&smem.kv_full[stage_y], ((bx + 1) >> 1) & 1);  // WG2 saw it; this makes it ours to read
+      fence_all(st.o, std::make_index_sequence<128>{});
+      cute::warpgroup_arrive();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        mma_ss<typename MmaT::PVSmem>(desc_k_major(tile_y + kPChunk + kk * 32), desc_mn_major(tile_y + kk * 2048),
+                                      st.o, true, std::make_index_sequence<128>{});
+      }
+      cute::warpgroup_commit_batch();
+      st.pending = stage_y;
+    }
+  } else {
+    row_max[0] = row_max[1] = -INFINITY;
+    if constexpr (kHasY) {
+      barrier_wait(&smem.kv_full[stage_y], ((bx + 1) >> 1) & 1);
+      issue_qk<MmaT>(q_tile, tile_y, st.s);
+      cute::warpgroup_wait<0>();
+      fence_all(st.s, std::make_index_sequence<32>{});
+      fence_all(st.o, std::make_index_sequence<128>{});
+      fence_all(st.pa, std::make_index_sequence<16>{});
+      if (last_pair) cutlass::arch::ClusterBarrier::arrive(&smem.q_empty);  // the last y: done with Q
+      scale_and_mask(st.s, limit, start_x + kBlockN, smem.kv_valid[stage_y] >> (2 * q4), q4, scale, row_max);
+    }
+    cutlass::arch::NamedBarrier::sync(256, kBarMaxX);  // x's max, from WG1
+    float m_y_safe[2], a[2], b[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float m_x = rows[kRowMaxX][r0 + 8 * h];
+      const float m_y = fmaxf(m_x, row_max[h]);
+      m_y_safe[h] = m_y == -INFINITY ? 0.0f : m_y;
+      a[h] = fast_exp2(st.m_run[h] - (m_x == -INFINITY ? 0.0f : m_x));  // the same a and b as WG1's
+      b[h] = fast_exp2(m_x - m_y_safe[h]);
+      st.m_run[h] = m_y;
+    }
+    if (q4 == 0) {
+      rows[kRowMaxY][r0] = st.m_run[0];
+      rows[kRowMaxY][r0 + 8] = st.m_run[1];
+    }
+    cutlass::arch::NamedBarrier::arrive(256, kBarMaxY);
+    row_sum[0] = row_sum[1] = 0.0f;
+    if constexpr (kHasY) {
+      exp_scores(st.s, m_y_safe, row_sum);
+      pack_p<MmaT>(st.s, st.pa);
+      const float one[2] = {1.0f, 1.0f};
+      store_p<MmaT>(tile_y + kPChunk, st.s, one, r0, q4);  // P_y for WG1's half
+      cutlass::arch::fence_view_async_shared();
+    }
+    cutlass::arch::NamedBarrier::arrive(256, kBarPy);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) st.l_run[h] = st.l_run[h] * a[h] * b[h] + row_sum[h];
+    rescale_o(st.o, a);
+
+    cutlass::arch::NamedBarrier::sync(256, kBarPx);  // P_x is in x's rope chunk
+    barrier_wait(&smem.kv_full[stage_x], (bx >> 1) & 1);  // WG1 saw it; this makes it ours to read
+    fence_all(st.o, std::make_index_sequence<128>{});
+    fence_all(st.pa, std::make_index_sequence<16>{});
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      mma_ss<typename MmaT::PVSmem>(desc_k_major(tile_x + kPChunk + kk * 32), desc_mn_major(tile_x + kHalf + kk * 2048),
+                                    st.o, true, std::make_index_sequence<128>{});
+    }
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<0>();
+    fence_all(st.o, std::make_index_sequence<128>{});
+    fence_all(st.pa, std::make_index_sequence<16>{});
+    release_stage<1>(&smem.kv_empty[stage_x]);
+    if constexpr (kHasY) {  // (without y, b is 1 or multiplies zeros, as in WG1)
+      rescale_o(st.o, b);
+      fence_all(st.o, std::make_index_sequence<128>{});
+      cute::warpgroup_arrive();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        mma_rs<typename MmaT::PVReg>(st.pa + 4 * kk, desc_mn_major(tile_y + kHalf + kk * 2048), st.o,
+                                     std::make_index_sequence<128>{});
+      }
+      cute::warpgroup_commit_batch();
+      // Waited for here: y's stage is where the next pair's y is loaded.
+      cute::warpgroup_wait<0>();
+      fence_all(st.o, std::make_index_sequence<128>{});
+      fence_all(st.pa, std::make_index_sequence<16>{});
+      release_stage<1>(&smem.kv_empty[stage_y]);
+    }
+  }
+}
+
+template <typename Element, bool kFp8, bool kSecond>
+__device__ void seesaw_group(const DecodeParams& p, SharedStorage& smem, int part, int kv_head, int m_tile, int tid) {
+  const int warp = tid / 32, lane = tid % 32, q4 = lane % 4;
+  const int r0 = warp * 16 + lane / 4;  // and r0 + 8
+  const float k_scale = kFp8 ? *p.k_scale : 1.0f;
+  const float scale = p.scale_log2 * k_scale;
+  float (*rows)[kBlockM] = smem.seesaw_rows;
+  int token[2];
+  row_tokens(p, m_tile, r0, token);
+  int item_count = 0, block_count = 0;
+  for_each_item(p, part, [&](const WorkItem& w) {
+    int limit[2];
+    row_limits(p, w, token, limit);
+    SeesawState st;
+#pragma unroll
+    for (int k = 0; k < 128; ++k) st.o[k] = 0.0f;
+    st.m_run[0] = st.m_run[1] = -INFINITY;
+    st.l_run[0] = st.l_run[1] = 0.0f;
+    st.pending = -1;
+    fence_all(st.o, std::make_index_sequence<128>{});
+    fence_all(st.s, std::make_index_sequence<32>{});
+    const int blocks = (w.hi - w.lo + kBlockN - 1) / kBlockN, pairs = blocks / 2;
+    barrier_wait(&smem.q_full, item_count & 1);
+    if (kSecond && pairs == 0) cutlass::arch::ClusterBarrier::arrive(&smem.q_empty);  // no y: Q not read
+    for (int pair = 0; pair < pairs; ++pair, block_count += 2) {
+      seesaw_pair<Element, kFp8, kSecond, true>(p, smem, st, limit, w.lo + 2 * pair * kBlockN, block_count,
+                                                pair + 1 == pairs && (!kSecond ? blocks % 2 == 0 : true), scale, r0, q4);
+    }
+    if (blocks % 2 == 1) {  // the last block, x of a pair without y
+      seesaw_pair<Element, kFp8, kSecond, false>(p, smem, st, limit, w.lo + 2 * pairs * kBlockN, block_count,
+                                                 !kSecond, scale, r0, q4);
+      block_count += 1;
+    }
+    // Unconditionally: a wait on some paths only makes ptxas serialize every wgmma (C7518, C7520).
+    cute::warpgroup_wait<0>();
+    fence_all(st.o, std::make_index_sequence<128>{});
+    fence_all(st.pa, std::make_index_sequence<16>{});
+    if (!kSecond && st.pending >= 0) release_stage<1>(&smem.kv_empty[st.pending]);
+
+    // Epilogue: each group's row sums, added; the final factor and (WG1) the LSE.
+    float l_own[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float l = st.l_run[h];
+      l += __shfl_xor_sync(0xffffffff, l, 1);
+      l_own[h] = l + __shfl_xor_sync(0xffffffff, l, 2);
+    }
+    if (q4 == 0) {
+      rows[kSecond ? kRowSumB : kRowSumA][r0] = l_own[0];
+      rows[kSecond ? kRowSumB : kRowSumA][r0 + 8] = l_own[1];
+    }
+    cutlass::arch::NamedBarrier::sync(256, kBarConsumers);
+    float final_factor[2], lse2[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float l = l_own[h] + rows[kSecond ? kRowSumA : kRowSumB][r0 + 8 * h];
+      const bool seen = l != 0.0f;  // NaN (a NaN score) stays NaN, not "no key seen"
+      final_factor[h] = seen ? k_scale / l : 0.0f;
+      lse2[h] = seen ? st.m_run[h] + __log2f(l) : -INFINITY;
+    }
+    ++item_count;
+    const bool split_out = p.num_splits[w.i + 1] - p.num_splits[w.i] != 1;
+    store_output<Element>(p, w, st.o, kSecond ? 256 : 0, kv_head, m_tile, r0, q4, split_out, final_factor[0],
+                          final_factor[1]);
+    if (!kSecond && q4 == 0) store_lse(p, w, kv_head, m_tile, r0, split_out, lse2);
+  });
+}
+
 // grid (row tiles, h_kv, num_parts): the row tiles of one partition and kv head run side by side.
 // kCluster = 2 (16-bit caches on the TMA path, two or more row tiles): pairs of row tiles form a
 // cluster and share every key block through TMA multicast, so crossing a multiple of 64 rows does
 // not double the key traffic per SM (grid.x is rounded up to even; a padding tile has no rows).
-template <typename Element, bool kFp8, int kCluster>
+// kSeesaw: the seesaw consumers (above) instead of the softmax / second-half pair; never clustered.
+template <typename Element, bool kFp8, int kCluster, bool kSeesaw = false>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap tmap) {
+  static_assert(!kSeesaw || kCluster == 1, "the seesaw consumers release stages in their own CTA only");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
@@ -716,7 +1050,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x == 0) {
     cutlass::arch::ClusterBarrier::init(&smem.q_full, 128);
-    cutlass::arch::ClusterBarrier::init(&smem.q_empty, 128);
+    cutlass::arch::ClusterBarrier::init(&smem.q_empty, kSeesaw ? 256 : 128);  // the groups that read Q
     cutlass::arch::ClusterBarrier::init(&smem.p_full, 128);
     cutlass::arch::ClusterBarrier::init(&smem.p_empty, 128);
     for (int s = 0; s < 2; ++s) {
@@ -740,6 +1074,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     producer<Element, kFp8, kCluster>(p, &tmap, smem, part, kv_head, m_tile, tid);
+  } else if constexpr (kSeesaw) {
+    cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+    if (group == 1) {
+      seesaw_group<Element, kFp8, false>(p, smem, part, kv_head, m_tile, tid);
+    } else {
+      seesaw_group<Element, kFp8, true>(p, smem, part, kv_head, m_tile, tid);
+    }
   } else if (group == 1) {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
     softmax_group<Element, kFp8, kCluster>(p, smem, part, kv_head, m_tile, tid);
@@ -831,6 +1172,7 @@ cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& tmap, int nu
     config.numAttrs = 1;
     return cudaLaunchKernelEx(&config, kernel, p, tmap);
   };
+  if (p.use_seesaw) return launch(decode_kernel<Element, kFp8, 1, true>, 1);
   if constexpr (!kFp8) {
     if (p.use_tma && p.use_cluster && tiles >= 2) return launch(decode_kernel<Element, false, 2>, 2);
   }

@@ -32,6 +32,12 @@ constexpr float kLn2 = 0.6931471805599453f;
 // Named barriers (0 is __syncthreads).
 constexpr int kBarProducer = 1;           // the producer warp group
 constexpr int kBarConsumers = 2;          // WG1 + WG2 at the end of a sequence
+// The seesaw consumers (DSKERNELS_MLA_SEESAW=1): one group arrives, the other syncs, per key-block pair.
+constexpr int kBarMaxX = 3;               // WG1 -> WG2: the rows' max after block x
+constexpr int kBarMaxY = 4;               // WG2 -> WG1: the rows' max after block y
+constexpr int kBarPx = 5;                 // WG1 -> WG2: P of x stored (relative to x's max)
+constexpr int kBarPy = 6;                 // WG2 -> WG1: P of y stored
+constexpr int kBarQkX = 7;                // WG1's four warps: all done reading x's rope chunk (QK_x)
 
 struct DecodeParams {
   const void* q;              // [b, s_q, h_q, 576]
@@ -57,6 +63,7 @@ struct DecodeParams {
   bool use_tma;               // page_size % 64 == 0, TMA-compatible strides; a 16-bit cache, or an fp8
                               // one with DSKERNELS_MLA_FP8_TMA=1 (its raw tile widened in place)
   bool use_cluster;           // 2-CTA multicast clusters when the TMA path serves >= 2 row tiles (opt-in)
+  bool use_seesaw;            // seesaw consumers (opt-in, DSKERNELS_MLA_SEESAW=1; never with clusters)
 };
 
 struct CombineParams {
@@ -79,7 +86,8 @@ struct MetadataParams {
 
 // Launchers (the stream's device must be current). decode: grid (row tiles, h_kv, num_parts),
 // sizeof(SharedStorage) bytes of dynamic shared memory, 2-CTA clusters over the row tiles when
-// p.use_cluster is set and the TMA path serves two or more tiles. `tmap` is only read when p.use_tma.
+// p.use_cluster is set and the TMA path serves two or more tiles (not with p.use_seesaw, which
+// takes the seesaw consumers instead). `tmap` is only read when p.use_tma.
 template <typename Element, bool kFp8>
 cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& tmap, int num_parts, int h_kv,
                           cudaStream_t stream);

@@ -1,0 +1,120 @@
+"""The sm90 MLA decode's opt-in seesaw consumers (DSKERNELS_MLA_SEESAW=1) against python_ref.mla, on
+the device only: both consumer warp groups score alternate key blocks of a pair and each keeps one
+half of O (csrc/include/dskernels/sm90_mla_decode.cuh, seesaw_group), so a sequence's block count
+being odd or even, one block or none, matters to it in a way it does not to the default path.
+
+Never run on a GPU before its first device call, so kept apart: a trap there ends only this file's
+CUDA context. scripts/gpu_check.sh times the `cuda[seesaw]` rows and sanitizes the path once this
+file has passed in the same call.
+"""
+
+import pytest
+import torch
+
+import dskernels
+from test_mla_sm90 import D, FP8, TOLERANCES, _need_cuda_backend, check, decode, make_cache
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def seesaw(monkeypatch):
+    monkeypatch.setenv("DSKERNELS_MLA_SEESAW", "1")
+
+
+# Block counts per sequence (64 keys each): 1, 2, 3 (a pair and a lone x), an even and an odd run,
+# 0 (an empty sequence), partial last blocks; splits of the long ones start anywhere in a pair.
+LENGTHS = [64, 128, 129, 1000, 0, 4096, 65, 191]
+
+
+# (page size, h_q, h_kv, s_q, causal, cache dtype): the TMA path (page 64, 128) and the register
+# path (page 61, fp8), one and two row tiles (s_q * h_q / h_kv > 64), MTP rows, two kv heads.
+CASES = [(64, 16, 1, 1, False, torch.bfloat16), (64, 128, 1, 2, True, torch.bfloat16),
+         (128, 64, 2, 3, True, torch.bfloat16), (61, 32, 1, 2, True, torch.bfloat16),
+         (64, 16, 1, 1, False, FP8), (64, 48, 1, 4, True, FP8)]
+
+
+@pytest.mark.parametrize("page_size,h_q,h_kv,s_q,causal,cache_dtype", CASES)
+def test_seesaw_matches_oracle(page_size, h_q, h_kv, s_q, causal, cache_dtype):
+    _need_cuda_backend()
+    k_cache, block_table, k_scale = make_cache(LENGTHS, h_kv, page_size, cache_dtype, seed=page_size + h_q)
+    q = torch.randn(len(LENGTHS), s_q, h_q, D, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor(LENGTHS, dtype=torch.int32, device="cuda")
+    with dskernels.backend("cuda"):
+        out, lse = decode(q, k_cache, block_table, lens, k_scale, causal)
+    check(out, lse, q, k_cache, block_table, lens, k_scale, causal)
+
+
+def test_seesaw_float16_and_one_sequence_per_split():
+    """fp16 queries; a batch too small to split (each sequence in one partition, written directly)
+    and one long sequence split across many partitions (combined)."""
+    _need_cuda_backend()
+    for lengths in ([3, 70], [8192]):
+        k_cache, block_table, k_scale = make_cache(lengths, 1, 64, torch.float16, seed=len(lengths))
+        q = torch.randn(len(lengths), 2, 64, D, device="cuda").to(torch.float16)
+        lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+        with dskernels.backend("cuda"):
+            out, lse = decode(q, k_cache, block_table, lens, k_scale, True, softmax_scale=0.05)
+        check(out, lse, q, k_cache, block_table, lens, k_scale, True, softmax_scale=0.05)
+
+
+def test_seesaw_agrees_with_the_default_consumers(monkeypatch):
+    """The same products in the same order per half of O; only the row sums are added in another
+    order (each group's part, then both): out within one ulp of q's dtype, lse within fp32 rounding."""
+    _need_cuda_backend()
+    lengths = [640, 5, 2048, 130]
+    k_cache, block_table, k_scale = make_cache(lengths, 1, 64, torch.bfloat16, seed=11)
+    q = torch.randn(len(lengths), 2, 128, D, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    with dskernels.backend("cuda"):
+        out, lse = decode(q, k_cache, block_table, lens, k_scale, True)
+        monkeypatch.setenv("DSKERNELS_MLA_SEESAW", "0")
+        ref_out, ref_lse = decode(q, k_cache, block_table, lens, k_scale, True)
+    rtol, _ = TOLERANCES[torch.bfloat16]
+    assert torch.allclose(out.float(), ref_out.float(), rtol=rtol, atol=rtol * ref_out.float().abs().max().item())
+    assert torch.allclose(lse, ref_lse, rtol=1e-6, atol=1e-5)
+
+
+def test_seesaw_nan_score_gives_nan():
+    """A NaN in a key the query sees gives NaN out and lse, as on the default path."""
+    _need_cuda_backend()
+    k_cache, block_table, k_scale = make_cache([300], 1, 64, torch.bfloat16, seed=3)
+    k_cache[block_table[0, 2].long(), 5, 0, 0] = float("nan")  # key 133: block 2, x of the second pair
+    q = torch.randn(1, 1, 16, D, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor([300], dtype=torch.int32, device="cuda")
+    with dskernels.backend("cuda"):
+        out, lse = decode(q, k_cache, block_table, lens, k_scale, False)
+    assert out.isnan().all() and lse.isnan().all()
+
+
+def test_seesaw_cuda_graph_replay_with_new_lengths():
+    _need_cuda_backend()
+    lengths = [500, 64, 1300]
+    k_cache, block_table, k_scale = make_cache([1400, 1400, 1400], 1, 64, torch.bfloat16, seed=5)
+    q = torch.randn(3, 1, 16, D, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    with dskernels.backend("cuda"):
+        decode(q, k_cache, block_table, lens, k_scale, False)  # warm: tensor maps, first-call setup
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, lse = decode(q, k_cache, block_table, lens, k_scale, False)
+        for new in ([1400, 1, 777], [63, 1024, 65]):
+            lens.copy_(torch.tensor(new, dtype=torch.int32))
+            graph.replay()
+            torch.cuda.synchronize()
+            check(out, lse, q, k_cache, block_table, lens, k_scale, False)
+
+
+def test_seesaw_takes_precedence_over_clusters(monkeypatch):
+    """DSKERNELS_MLA_CLUSTER=1 beside it: the seesaw kernel runs unclustered (its stages are released
+    in its own CTA only), with two row tiles that would otherwise form a cluster."""
+    _need_cuda_backend()
+    monkeypatch.setenv("DSKERNELS_MLA_CLUSTER", "1")
+    lengths = [700, 0, 129]
+    k_cache, block_table, k_scale = make_cache(lengths, 1, 64, torch.bfloat16, seed=13)
+    q = torch.randn(len(lengths), 2, 48, D, device="cuda").to(torch.bfloat16)  # 96 rows: two tiles
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    with dskernels.backend("cuda"):
+        out, lse = decode(q, k_cache, block_table, lens, k_scale, True)
+    check(out, lse, q, k_cache, block_table, lens, k_scale, True)
