@@ -196,13 +196,16 @@ def test_scaled_mm_peer_finds_the_layout_torch_checks(monkeypatch):
         bench_gemm._scaled_mm_peer()(a, sa[:, :1], b, sb, None)
 
 
-def test_every_target_names_one_case_of_the_full_grid():
+def test_every_target_names_one_case_of_the_full_grid(monkeypatch):
     """benchmarks/targets.py's shapes are cases of the families' full GPU grids (run.py --targets
-    times them): each shape matches exactly one case of its op, whose backends include the target's."""
+    times them): each shape matches exactly one case of its op, whose backends, peers and (once
+    their tests passed: the *_TESTED flags gpu_check.sh sets) candidate variants are the target's."""
     sys.path.insert(0, ROOT)
     from benchmarks import bench_gemm, targets
     from benchmarks.run import target_cases
 
+    for flag in ("DSKERNELS_GEMM_TMA_WS_TESTED", "DSKERNELS_GEMM_SPLITK_TESTED", "DSKERNELS_MLA_SEESAW_TESTED"):
+        monkeypatch.setenv(flag, "1")
     assert targets.DENSE_NK == bench_gemm.DENSE_NK
     selected = target_cases("", "cuda")
     for target in targets.TARGETS:
@@ -212,6 +215,9 @@ def test_every_target_names_one_case_of_the_full_grid():
             assert len(found) == 1, (target.what, shape, len(found))
             case, labels = found[0]
             assert target.backend in case.backends and target.labels() <= labels
+            variants = {f"{backend}[{label}]" for backend, table in (("triton", case.triton_variants),
+                                                                     ("cuda", case.cuda_variants)) for label in table}
+            assert set(target.candidates) <= variants, (target.what, shape, target.candidates)
             if target.metric.startswith("x "):
                 assert target.metric[len("x peer:"):] in case.peers
     assert [case.op for _, case, _ in target_cases("mla", "cuda")] == ["flash_mla_with_kvcache"] * 2
