@@ -31,7 +31,8 @@
 #        (the `cuda[seesaw]` MLA rows and that path's sanitizer case; set when
 #        tests/test_mla_sm90_seesaw.py passed), DSKERNELS_MLA_FP8_TMA_TESTED=1 (the `cuda[fp8_tma]` MLA
 #        rows and that path's sanitizer case; set by the script itself when
-#        tests/test_mla_sm90_fp8_tma.py passed in this call).
+#        tests/test_mla_sm90_fp8_tma.py passed in this call), SKIP_BUILD=1 (use the library already
+#        built in place: tests/test_gpu_check.py's dry run of this script on CPU, with fake tools).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -81,6 +82,9 @@ if [ -f .prebuilt/stamp.txt ] && ls .prebuilt/_C*.so >/dev/null 2>&1; then
     cp ".prebuilt/$lib" dskernels/ && python -c "import dskernels._C" && prebuilt=1 || rm -f "dskernels/$lib"
   fi
   [ $prebuilt = 1 ] && echo "using the prebuilt library" || echo "prebuilt library not usable here: building"
+fi
+if [ $prebuilt = 0 ] && [ "${SKIP_BUILD:-0}" = 1 ] && python -c "import dskernels._C" 2>/dev/null; then
+  prebuilt=1 && echo "SKIP_BUILD=1: using the library already built in place"  # a dry run (tests/test_gpu_check.py)
 fi
 if [ $prebuilt = 0 ]; then
   python setup.py -q build_ext --inplace > "$LOGS/build.log" 2>&1 || { tail -60 "$LOGS/build.log"; pack; exit 1; }
