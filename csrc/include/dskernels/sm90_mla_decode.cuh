@@ -568,15 +568,15 @@ __device__ __forceinline__ void pack_p(const float* s, uint32_t* pa) {
   }
 }
 
-// Stores P times a per-row factor into the swizzled 64 x 64 tile at `tile` (a K-major wgmma A
-// operand): columns 8j + 2 q4 (+1) of rows r0 and r0 + 8 are 4 bytes at q4 of 16-byte piece j.
+// Stores P into the swizzled 64 x 64 tile at `tile` (a K-major wgmma A operand): columns
+// 8j + 2 q4 (+1) of rows r0 and r0 + 8 are 4 bytes at q4 of 16-byte piece j.
 template <typename MmaT>
-__device__ __forceinline__ void store_p(uint32_t tile, const float* s, const float* factor, int r0, int q4) {
+__device__ __forceinline__ void store_p(uint32_t tile, const float* s, int r0, int q4) {
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const uint32_t word = MmaT::pack(s[4 * j + 2 * h] * factor[h], s[4 * j + 2 * h + 1] * factor[h]);
+      const uint32_t word = MmaT::pack(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]);
       asm volatile("st.shared.u32 [%0], %1;" :: "r"(tile + swizzled_offset(r0 + 8 * h, j) + 4 * q4), "r"(word));
     }
   }
@@ -845,8 +845,7 @@ __device__ __forceinline__ void seesaw_pair(const DecodeParams& p, SharedStorage
 #pragma unroll
     for (int h = 0; h < 2; ++h) st.l_run[h] = st.l_run[h] * a[h] + row_sum[h];
     pack_p<MmaT>(st.s, st.pa);
-    const float one[2] = {1.0f, 1.0f};
-    store_p<MmaT>(tile_x + kPChunk, st.s, one, r0, q4);  // P_x for WG2's half (QK_x is done with the chunk)
+    store_p<MmaT>(tile_x + kPChunk, st.s, r0, q4);  // P_x for WG2's half (QK_x is done with the chunk)
     cutlass::arch::fence_view_async_shared();            // generic-proxy stores -> WG2's wgmma reads
     cutlass::arch::NamedBarrier::arrive(256, kBarPx);
     rescale_o(st.o, a);
@@ -922,8 +921,7 @@ __device__ __forceinline__ void seesaw_pair(const DecodeParams& p, SharedStorage
     if constexpr (kHasY) {
       exp_scores(st.s, m_y_safe, row_sum);
       pack_p<MmaT>(st.s, st.pa);
-      const float one[2] = {1.0f, 1.0f};
-      store_p<MmaT>(tile_y + kPChunk, st.s, one, r0, q4);  // P_y for WG1's half
+      store_p<MmaT>(tile_y + kPChunk, st.s, r0, q4);  // P_y for WG1's half
       cutlass::arch::fence_view_async_shared();
     }
     cutlass::arch::NamedBarrier::arrive(256, kBarPy);
@@ -989,9 +987,10 @@ __device__ void seesaw_group(const DecodeParams& p, SharedStorage& smem, int par
     const int blocks = (w.hi - w.lo + kBlockN - 1) / kBlockN, pairs = blocks / 2;
     barrier_wait(&smem.q_full, item_count & 1);
     if (kSecond && pairs == 0) cutlass::arch::ClusterBarrier::arrive(&smem.q_empty);  // no y: Q not read
+    // last_pair: this group's last QK^T of the sequence (WG2 scores none in a pair without y).
     for (int pair = 0; pair < pairs; ++pair, block_count += 2) {
       seesaw_pair<Element, kFp8, kSecond, true>(p, smem, st, limit, w.lo + 2 * pair * kBlockN, block_count,
-                                                pair + 1 == pairs && (!kSecond ? blocks % 2 == 0 : true), scale, r0, q4);
+                                                pair + 1 == pairs && (kSecond || blocks % 2 == 0), scale, r0, q4);
     }
     if (blocks % 2 == 1) {  // the last block, x of a pair without y
       seesaw_pair<Element, kFp8, kSecond, false>(p, smem, st, limit, w.lo + 2 * pairs * kBlockN, block_count,
