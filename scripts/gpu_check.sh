@@ -16,7 +16,8 @@
 # Knobs: DEADLINE=570, STEPS=tests,targets,profiles,bench,sanitizer, TESTS_BUDGET=330 (s for all
 #        test files), TARGETS_BUDGET=200 (s for `run.py --targets`), NCU_BUDGET=45 (s per
 #        scripts/ncu_cases.py case), HOST_PROFILE_BUDGET=45 (s for scripts/host_profile.py),
-#        TEST_TIMEOUT=150 (s per file), SLOW_TEST_TIMEOUT=300 (tests/test_gemm_general.py's), TEST_JOBS=4 (test files run at once), GPU_TESTS="tests/test_mla_sm90.py ..." (default: the files
+#        TEST_TIMEOUT=150 (s per file), SLOW_TEST_TIMEOUT=300 (tests/test_gemm_general.py's),
+#        SEESAW_TEST_TIMEOUT=75 (tests/test_mla_sm90_seesaw.py's), TEST_JOBS=4 (test files run at once), GPU_TESTS="tests/test_mla_sm90.py ..." (default: the files
 #        with gpu-selected tests, never-run ones first), CPU_TESTS=1 (also the not-gpu suite, for the device's
 #        torch/triton versions), BENCH_OPS=mla,gemm (families or ops, run in that order),
 #        QUICK=1 (default; 0 for the full grid), BENCH_BUDGET (s; default all that is left),
@@ -136,6 +137,9 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
     # test_gemm_general compiles every Triton GEMM config (one core, beside three other files): it
     # ran past 150 s on the H200 (2026-12-04), so it gets SLOW_TEST_TIMEOUT.
     limit=${TEST_TIMEOUT:-150}; [ "$f" = tests/test_gemm_general.py ] && limit=${SLOW_TEST_TIMEOUT:-300}
+    # The seesaw MLA tests take seconds (no Triton compiles), but a protocol bug there would hang in
+    # a named barrier, which has no trap (mbarrier waits trap after 10 s): they get less.
+    [ "$f" = tests/test_mla_sm90_seesaw.py ] && limit=${SEESAW_TEST_TIMEOUT:-75}
     t=$((tests_end - SECONDS)); (( t > limit )) && t=$limit
     if (( t < 10 )); then echo "$f: not run (the tests' time is spent)" | tee -a "$LOGS/pytest_gpu.log"; continue; fi
     run_file "$f" "$t" & pids+=($!)
