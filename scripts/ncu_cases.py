@@ -8,7 +8,7 @@ The cases are the issues' targets that their kernels miss (benchmarks/targets.py
 2026-12-04): what the kernel waits on (warp stall reasons, the stalls' source lines, tensor-pipe
 and shared-memory utilization) decides the next change, and the benchmark alone cannot say.
 The call is made once outside the range first (compiles, autotuning, tensor maps), then once in it.
-scripts/gpu_check.sh runs each case under ncu (`ncu` step) and keeps the reports in logs.tgz.
+scripts/gpu_check.sh runs each case under ncu (its `profiles` step) and keeps the reports in logs.tgz.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ def _contiguous_gemm():
     return bench_gemm._contiguous_case(4, 8192, 4096, 7168, "cuda"), "cuda"
 
 
+def _small_m_gemm():
+    from benchmarks import bench_gemm
+    return bench_gemm._dense_case(64, 2112, 7168, "cuda"), "cuda"
+
+
 def _triton_dense_gemm():
     from benchmarks import bench_gemm
     return bench_gemm._dense_case(4096, 2112, 7168, "cuda"), "triton"
@@ -48,6 +53,8 @@ CASES = {
                            {"DSKERNELS_MLA_SEESAW": "1"}),
     "gemm_contiguous": ("device_kernel", "sm90 contiguous grouped GEMM 4 x 8192, n=4096 k=7168 (#9: 1101 of 1250 TFLOPS)",
                         _contiguous_gemm, {}),
+    "gemm_small_m": ("device_kernel", "sm90 dense GEMM m=64 n=2112 k=7168 (#9: 1.17x of 1.2x torch._scaled_mm; "
+                     "17 output tiles for 132 SMs)", _small_m_gemm, {}),
     "gemm_triton_dense": ("_gemm_kernel|_tiles_tma_ws", "Triton dense GEMM m=4096 n=2112 k=7168 (#4: 529 TFLOPS, "
                           "the weakest of the two shapes timed)", _triton_dense_gemm, {}),
 }

@@ -45,6 +45,7 @@ def test_gpu_check_runs_every_step_off_the_device(tmp_path):
                 "== the issues' target shapes", "== ncu mla_compute: sm90 MLA decode, causal b=128 s_q=2 h_q=128 seqlen 4096",
                 "== ncu mla_compute_seesaw: the same with the opt-in seesaw consumers",
                 "== ncu gemm_contiguous: sm90 contiguous grouped GEMM 4 x 8192, n=4096 k=7168",
+                "== ncu gemm_small_m: sm90 dense GEMM m=64 n=2112 k=7168",
                 "== ncu gemm_triton_dense: Triton dense GEMM m=4096 n=2112 k=7168",
                 "== host profile of the layer's eager decode step", "== benchmarks",
                 "== compute-sanitizer memcheck", "== compute-sanitizer racecheck",
