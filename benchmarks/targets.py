@@ -81,9 +81,12 @@ def matches(params: dict, shape: dict) -> bool:
 def _value(target: Target, label: str, shape: dict, records: list[dict]) -> float | None:
     """The metric of one shape for one label from `records` (one device's), None if not measured."""
     def find(name):
-        found = [r for r in records if r["op"] == target.op and r["backend"] == name and matches(r["params"], shape)
-                 and not r.get("error") and r.get("ms") is not None and r["ms"] == r["ms"] and r["ms"] > 0]
-        return found[-1] if found else None  # the latest record of the shape
+        found = [r for r in records if r["op"] == target.op and r["backend"] == name and matches(r["params"], shape)]
+        if not found:
+            return None
+        latest = found[-1]  # the latest record of the shape: if that one failed, nothing counts
+        ok = not latest.get("error") and latest.get("ms") is not None and latest["ms"] == latest["ms"] and latest["ms"] > 0
+        return latest if ok else None
 
     ours = find(label)
     if ours is None:
