@@ -6,10 +6,11 @@ On a GPU: measures the two ceilings first (device-to-device copy bandwidth, 8192
 matmul rates), then times every case on every backend that runs here (L2 flushed, median of CUDA
 event timings) beside its peers (PyTorch eager and torch.compile of the same math), and prints
 
-    op | backend | shape | us | TFLOPS | GB/s | % of roofline | x peer
+    op | backend | shape | us | TFLOPS | GB/s | % of roofline | x peer | SM MHz
 
-where % of roofline = the time the ceilings allow / the measured time, and x peer = the fastest
-peer's time / ours. Without a GPU it runs each op on tiny shapes through every backend available
+where % of roofline = the time the ceilings allow / the measured time, x peer = the fastest
+peer's time / ours, and SM MHz the lowest SM clock NVML read during the timed runs, with the
+slowdown reasons it reported (power cap, thermal; records' "gpu" field; empty without pynvml). Without a GPU it runs each op on tiny shapes through every backend available
 (the reference, Triton's interpreter), checks it against the oracle and reports CPU times only:
 throughput needs a Hopper GPU. Every output is checked against python_ref; the exit status is 1
 if any is wrong. On a GPU the report ends with the issues' performance targets
@@ -60,7 +61,7 @@ def shape_text(params: dict) -> str:
 
 
 class Report:
-    COLUMNS = ("op", "backend", "shape", "us", "TFLOPS", "GB/s", "% roofline", "x peer")
+    COLUMNS = ("op", "backend", "shape", "us", "TFLOPS", "GB/s", "% roofline", "x peer", "SM MHz")
 
     def __init__(self):
         self.rows: list[tuple[str, ...]] = []
@@ -123,10 +124,14 @@ def main() -> int:
 
     ceilings = {}
     if on_gpu:
-        ceilings = {"copy_gbps": bench.measure_copy_gbps(), "bf16_tflops": bench.measure_matmul_tflops(),
-                    "fp8_tflops": bench.measure_fp8_matmul_tflops()}
+        states = {"bf16": {}, "fp8": {}}  # the matmul rates hold at the clock they ran at
+        ceilings = {"copy_gbps": bench.measure_copy_gbps(),
+                    "bf16_tflops": bench.measure_matmul_tflops(telemetry=states["bf16"]),
+                    "fp8_tflops": bench.measure_fp8_matmul_tflops(telemetry=states["fp8"])}
+        meta["ceilings_gpu"] = {k: v for k, v in states.items() if v}
         print(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, bf16 matmul {ceilings['bf16_tflops']:.0f} "
-              f"TFLOPS, fp8 matmul {ceilings['fp8_tflops'] or float('nan'):.0f} TFLOPS")
+              f"TFLOPS{clock_note(states['bf16'])}, fp8 matmul {ceilings['fp8_tflops'] or float('nan'):.0f} "
+              f"TFLOPS{clock_note(states['fp8'])}")
     else:
         print("no GPU: checking every backend against the oracle on tiny shapes and reporting CPU times; "
               "TFLOPS, GB/s and roofline figures need a Hopper GPU (run scripts/gpu_check.sh there)")
@@ -276,12 +281,13 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
         for name, peer in case.peers.items():
             if only is not None and f"peer:{name}" not in only:
                 continue
+            state = {}
             try:
-                ms = bench.bench_gpu(lambda: peer(*inputs))
+                ms = bench.bench_gpu(lambda: peer(*inputs), telemetry=state)
             except Exception as e:  # a peer that cannot run this shape is reported, not fatal
                 print(f"peer {name} failed on {case.op} {shape}: {type(e).__name__}: {e}")
                 continue
-            peers[name] = record(case, f"peer:{name}", ms, ceilings, meta, None)
+            peers[name] = record(case, f"peer:{name}", ms, ceilings, meta, None, state)
     best_peer_ms = min((r["ms"] for r in peers.values()), default=None)
 
     for rec in ours.values():
@@ -292,7 +298,7 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
         x_peer = fmt(rec["x_peer"], "{:.2f}x") if not rec["backend"].startswith("peer:") else (
             "1.00x" if rec["ms"] == best_peer_ms else "")
         report.add(case.op, label, shape, f"{rec['ms'] * 1e3:.1f}", fmt(rec["tflops"]), fmt(rec["gbps"]),
-                   fmt(rec["roofline"] and 100 * rec["roofline"]), x_peer)
+                   fmt(rec["roofline"] and 100 * rec["roofline"]), x_peer, clock_text(rec.get("gpu")))
         records.append(rec)
 
 
@@ -309,17 +315,17 @@ def check_and_time(case, runs, inputs, expected, timer, problems, ours, ceilings
             traceback.print_exc()
             problems[label] = f"raised {type(e).__name__}: {e}"
     for backend, label, env in runs:
-        problem, ms = problems[label], float("nan")
+        problem, ms, state = problems[label], float("nan"), {}
         if not (problem or "").startswith("raised"):
             try:
                 with dskernels.backend(backend), environment(env):
-                    ms = timer(lambda: case.run(*inputs))
+                    ms = timer(lambda: case.run(*inputs), telemetry=state)
             except Exception as e:
                 traceback.print_exc()
                 problem = f"raised {type(e).__name__} when timed: {e}"
         if problem:
             failures.append(f"{case.op} [{label}] {shape}: {problem}")
-        ours[label] = record(case, label, ms, ceilings, meta, problem)
+        ours[label] = record(case, label, ms, ceilings, meta, problem, state)
 
 
 def print_profile(op, shape, label, call, device, backend=None, rows=20):
@@ -386,7 +392,18 @@ def environment(overrides):
                 os.environ[name] = value
 
 
-def record(case, backend, ms, ceilings, meta, error):
+def clock_text(state: dict | None) -> str:
+    """A record's "gpu" field in the report: its lowest SM clock and any slowdown reasons."""
+    if not state:
+        return ""
+    return f"{state['sm_mhz']}" + (f" ({', '.join(state['slowdowns'])})" if state["slowdowns"] else "")
+
+
+def clock_note(state: dict | None) -> str:
+    return f" at {clock_text(state)} MHz" if state else ""
+
+
+def record(case, backend, ms, ceilings, meta, error, gpu=None):
     throughput = ceilings and ms == ms and ms > 0
     tflops = case.flops / ms / 1e9 if throughput and case.flops else None
     gbps = case.bytes / ms / 1e6 if throughput else None
@@ -397,7 +414,8 @@ def record(case, backend, ms, ceilings, meta, error):
         roofline = bound_ms / ms
     return {"op": case.op, "backend": backend, "device": meta["device"], "params": case.params,
             "ms": ms, "tflops": tflops, "gbps": gbps, "roofline": roofline, "x_peer": None,
-            "error": error, "git_sha": meta["git_sha"], "torch": meta["torch"], "date": meta["date"]}
+            "error": error, "git_sha": meta["git_sha"], "torch": meta["torch"], "date": meta["date"],
+            "gpu": gpu or None}
 
 
 def fmt(value, pattern="{:.1f}"):

@@ -78,28 +78,43 @@ def matches(params: dict, shape: dict) -> bool:
     return all(params.get(key) == value for key, value in shape.items())
 
 
+def _latest(target: Target, name: str, shape: dict, records: list[dict]) -> dict | None:
+    """The latest record of `name` (a backend label or "peer:...") on one shape, None if there is
+    none or that one failed (a later failed run is no measurement)."""
+    found = [r for r in records if r["op"] == target.op and r["backend"] == name and matches(r["params"], shape)]
+    if not found:
+        return None
+    latest = found[-1]
+    ok = not latest.get("error") and latest.get("ms") is not None and latest["ms"] == latest["ms"] and latest["ms"] > 0
+    return latest if ok else None
+
+
 def _value(target: Target, label: str, shape: dict, records: list[dict]) -> float | None:
     """The metric of one shape for one label from `records` (one device's), None if not measured."""
-    def find(name):
-        found = [r for r in records if r["op"] == target.op and r["backend"] == name and matches(r["params"], shape)]
-        if not found:
-            return None
-        latest = found[-1]  # the latest record of the shape: if that one failed, nothing counts
-        ok = not latest.get("error") and latest.get("ms") is not None and latest["ms"] == latest["ms"] and latest["ms"] > 0
-        return latest if ok else None
-
-    ours = find(label)
+    ours = _latest(target, label, shape, records)
     if ours is None:
         return None
     if target.metric.startswith("x "):
-        peer = find(target.metric[2:])
+        peer = _latest(target, target.metric[2:], shape, records)
         return peer["ms"] / ours["ms"] if peer else None
     return ours.get(target.metric)
 
 
+def _clocks(target: Target, label: str, records: list[dict]) -> str:
+    """The SM clocks (MHz) NVML read while the deciding records of `label` were timed, with any
+    slowdown reasons: "1755-1980 (sw_power_cap)"; "" where none was read."""
+    states = [r["gpu"] for r in (_latest(target, label, shape, records) for shape in target.shapes)
+              if r and r.get("gpu")]
+    if not states:
+        return ""
+    low, high = min(g["sm_mhz"] for g in states), max(g["sm_mhz"] for g in states)
+    slowdowns = sorted({reason for g in states for reason in g.get("slowdowns", ())})
+    return (f"{low}" if low == high else f"{low}-{high}") + (f" ({', '.join(slowdowns)})" if slowdowns else "")
+
+
 def evaluate(target: Target, label: str, records: list[dict]) -> dict:
     """{"value": combined metric over the measured shapes or None, "measured": n, "shapes": total,
-    "met": True/False/None (None: not every shape measured)}."""
+    "met": True/False/None (None: not every shape measured), "clocks": the SM clocks they ran at}."""
     values = [_value(target, label, shape, records) for shape in target.shapes]
     measured = [v for v in values if v is not None and v > 0]
     if not measured:
@@ -111,7 +126,8 @@ def evaluate(target: Target, label: str, records: list[dict]) -> dict:
     complete = len(measured) == len(target.shapes)
     met = (value >= target.goal) if complete else (False if target.combine == "min" and value is not None
                                                   and value < target.goal else None)
-    return {"value": value, "measured": len(measured), "shapes": len(target.shapes), "met": met}
+    return {"value": value, "measured": len(measured), "shapes": len(target.shapes), "met": met,
+            "clocks": _clocks(target, label, records)}
 
 
 def _unit(target: Target) -> str:
@@ -120,7 +136,8 @@ def _unit(target: Target) -> str:
 
 def table(records_by_device: dict[str, list[dict]]) -> str:
     """A markdown table: one row per target (and measured candidate) per device."""
-    lines = ["| issue | target | backend | measured | goal (H100) | met | device |", "|---|---|---|---|---|---|---|"]
+    lines = ["| issue | target | backend | measured | goal (H100) | met | SM MHz | device |",
+             "|---|---|---|---|---|---|---|---|"]
     for device, records in records_by_device.items():
         for target in TARGETS:
             for label in (target.backend, *target.candidates):
@@ -133,7 +150,8 @@ def table(records_by_device: dict[str, list[dict]]) -> str:
                 how = "min" if target.combine == "min" else ("geomean" if len(target.shapes) > 1 else "")
                 met = {True: "yes", False: "no", None: "-"}[result["met"]]
                 lines.append(f"| #{target.issue} | {target.what} | {label} | {value} | "
-                             f"{how + ' ' if how else ''}>= {target.goal:g} {_unit(target)} | {met} | {device} |")
+                             f"{how + ' ' if how else ''}>= {target.goal:g} {_unit(target)} | {met} | "
+                             f"{result['clocks'] or '-'} | {device} |")
     return "\n".join(lines)
 
 

@@ -64,12 +64,15 @@ fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$LOGS/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-step "CUTLASS headers from the carried wheel"
+step "carried wheels: CUTLASS headers, nvidia-ml-py (the benchmarks' SM clock readings)"
 if ! python -c "import cutlass_library" 2>/dev/null; then
   ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1 || { echo "carry .whl (nvidia-cutlass wheel): see ../shared/GPU.md"; exit 1; }
+fi
+if ls .whl/*.whl >/dev/null 2>&1; then
   python -m pip install -q --no-index --no-deps --target /tmp/dskernels-wheels .whl/*.whl
   export PYTHONPATH="/tmp/dskernels-wheels${PYTHONPATH:+:$PYTHONPATH}"
 fi
+python -c "import pynvml" 2>/dev/null || echo "no pynvml: the benchmarks record no SM clocks (docs/CONTRIBUTING.md: the nvidia-ml-py wheel in .whl)"
 
 step "build"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"

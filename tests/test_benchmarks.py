@@ -240,8 +240,8 @@ def test_targets_combine_shapes_as_stated():
                dict(_record("op", "cuda", {"n": 2, "k": 5}, 1.0, tflops=1e6), error="wrong"),
                _record("op", "cuda", {"n": 2, "k": 5}, 1.0, tflops=200.0),
                _record("op", "triton", {"n": 2, "k": 5}, 1.0, tflops=900.0)]
-    assert evaluate(geo, "cuda", records) == {"value": 100.0, "measured": 2, "shapes": 2, "met": True}
-    assert evaluate(geo, "cuda", records[2:]) == {"value": 200.0, "measured": 1, "shapes": 2, "met": None}
+    assert evaluate(geo, "cuda", records) == {"value": 100.0, "measured": 2, "shapes": 2, "met": True, "clocks": ""}
+    assert evaluate(geo, "cuda", records[2:]) == {"value": 200.0, "measured": 1, "shapes": 2, "met": None, "clocks": ""}
     # the latest record of a shape counts: a later failed run is no measurement, an earlier one is no credit
     failed_again = [*records, dict(_record("op", "cuda", {"n": 2, "k": 5}, 1.0, tflops=1e6), error="wrong")]
     assert evaluate(geo, "cuda", failed_again)["measured"] == 1
@@ -252,8 +252,70 @@ def test_targets_combine_shapes_as_stated():
              _record("op", "cuda", {"n": 2}, 2.0), _record("op", "peer:torch", {"n": 2}, 2.2)]
     result = evaluate(ratio, "cuda", timed)
     assert abs(result["value"] - 1.1) < 1e-12 and result["met"] is False
-    assert evaluate(ratio, "cuda", timed[:2]) == {"value": 1.5, "measured": 1, "shapes": 2, "met": None}
+    assert evaluate(ratio, "cuda", timed[:2]) == {"value": 1.5, "measured": 1, "shapes": 2, "met": None, "clocks": ""}
     assert evaluate(ratio, "cuda", timed[1:])["met"] is False  # n=2 alone is below the goal already
+
+
+def test_targets_show_the_clocks_their_runs_had():
+    """The SM clocks (lowest to highest) of the records that decide a target, with any slowdown
+    reason NVML gave; records without readings show none."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.targets import Target, evaluate
+
+    geo = Target(0, "geo", "op", "cuda", ({"n": 1}, {"n": 2}), "tflops", 100.0)
+    cold = {"sm_mhz": 1980, "max_sm_mhz": 1980, "power_w": 400.0, "temp_c": 50, "slowdowns": [], "readings": 3}
+    hot = {**cold, "sm_mhz": 1710, "slowdowns": ["sw_power_cap"]}
+    records = [dict(_record("op", "cuda", {"n": 1}, 1.0, tflops=90.0), gpu=hot),  # superseded below
+               dict(_record("op", "cuda", {"n": 1}, 1.0, tflops=100.0), gpu=cold),
+               dict(_record("op", "cuda", {"n": 2}, 1.0, tflops=100.0), gpu=hot)]
+    assert evaluate(geo, "cuda", records)["clocks"] == "1710-1980 (sw_power_cap)"
+    assert evaluate(geo, "cuda", records[:2])["clocks"] == "1980"
+    assert evaluate(geo, "cuda", [_record("op", "cuda", {"n": 1}, 1.0, tflops=1.0)])["clocks"] == ""
+
+
+def test_gpu_readings_summarize_the_timed_loop(monkeypatch):
+    """bench's NVML readings (faked here: no GPU): the loop's lowest SM clock, highest power and
+    temperature, and every slowdown reason any reading had; none where pynvml is missing."""
+    import types
+
+    from dskernels.testing import bench
+
+    class Done:  # the timed loop's last event: still running for the first two queries
+        def __init__(self):
+            self.queries = 0
+
+        def query(self):
+            self.queries += 1
+            return self.queries > 2
+
+    clocks = iter([1980, 1830, 1755])
+    fake = types.SimpleNamespace(
+        NVML_CLOCK_SM=1, NVML_TEMPERATURE_GPU=0, NVMLError=RuntimeError, nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByUUID=lambda uuid: ("handle", uuid),
+        nvmlDeviceGetClockInfo=lambda h, which: next(clocks), nvmlDeviceGetMaxClockInfo=lambda h, which: 1980,
+        nvmlDeviceGetPowerUsage=lambda h: 650_000, nvmlDeviceGetTemperature=lambda h, which: 71,
+        nvmlDeviceGetCurrentClocksEventReasons=lambda h: 0x4 | 0x1)  # power cap, and the idle bit (no slowdown)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid="abc"))
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    bench._nvml_device.cache_clear()
+    try:
+        assert bench._nvml_device(0) == (fake, ("handle", "GPU-abc"))
+        state = bench._readings_until(Done())
+        assert state == {"sm_mhz": 1755, "max_sm_mhz": 1980, "power_w": 650.0, "temp_c": 71,
+                         "slowdowns": ["sw_power_cap"], "readings": 3}
+        monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: import fails
+        bench._nvml_device.cache_clear()
+        assert bench.gpu_reading() is None and bench._readings_until(Done()) is None
+    finally:
+        bench._nvml_device.cache_clear()
+    assert bench.summarize_readings([None]) is None
+
+    sys.path.insert(0, ROOT)
+    from benchmarks.run import clock_text
+
+    assert clock_text(state) == "1755 (sw_power_cap)" and clock_text(None) == ""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU side of run.py --targets (on a GPU it times them)")
@@ -271,7 +333,7 @@ def test_targets_need_a_gpu_to_run_and_read_recorded_results(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     row = [line for line in out.stdout.splitlines() if "s_q=2 h_q=128" in line]
-    assert row and "| 600 |" in row[0] and "| yes | GPU X |" in row[0], out.stdout
+    assert row and "| 600 |" in row[0] and "| yes | - | GPU X |" in row[0], out.stdout
 
 
 def test_only_runs_the_labels_asked_for():

@@ -45,7 +45,7 @@ def test_gpu_check_runs_every_step_off_the_device(tmp_path):
     for problem in ("syntax error", "unbound variable", "command not found", "No such file"):
         assert problem not in summary + result.stderr, summary[-3000:]
     steps = [line.split(" (")[0] for line in summary.splitlines() if line.startswith("== ")]
-    expected = ["== environment", "== CUTLASS headers from the carried wheel", "== build", "== GPU tests",
+    expected = ["== environment", "== carried wheels: CUTLASS headers, nvidia-ml-py", "== build", "== GPU tests",
                 "== the issues' target shapes", "== ncu mla_compute: sm90 MLA decode, causal b=128 s_q=2 h_q=128 seqlen 4096",
                 "== ncu mla_compute_seesaw: the same with the opt-in seesaw consumers",
                 "== ncu gemm_contiguous: sm90 contiguous grouped GEMM 4 x 8192, n=4096 k=7168",
