@@ -102,6 +102,27 @@ def _check_dispatch_combine(buf, rank, world, num_experts, seed, avoid_last_rank
     _same(cached[0], ref_ep.dispatch_oracle(xs_new, topks, ws, num_experts, rank)[0], "cached recv_x")
     assert cached[1] is None and cached[2] is None and cached[3] is None
 
+    # Without top-k (DeepEP's intranode test does both): the layout alone routes the tokens; no ids
+    # or weights come back, the per-expert counts still do, and combine sums each token's copies.
+    config = dskernels.ep.Config(Buffer.num_sms, 8, 256)  # DeepEP's test builds one; nothing to tune here
+    assert config.get_nvl_buffer_size_hint(HIDDEN * 2, world) > 0 and config.get_rdma_buffer_size_hint(HIDDEN * 2, world) == 0
+    recv_x4, recv_idx4, recv_w4, counts4, handle4, event4 = buf.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        config=config, async_finish=False)
+    _same(recv_x4, want_x, "recv_x (no top-k)")
+    assert recv_idx4 is None and recv_w4 is None and isinstance(event4, EventOverlap)
+    assert counts4 == ref_ep.dispatch_oracle(xs, topks, ws, num_experts, rank)[3]
+    combined4, combined_w4, _ = buf.combine(recv_x4, handle4, config=Buffer.get_combine_config(world))
+    _same(combined4, (x_c.float() * hits).to(torch.bfloat16), "combine(dispatch(x)) without top-k")
+    assert combined_w4 is None
+    _raises(ValueError, ["topk_idx:", "num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert"],
+            lambda: buf.dispatch(x, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert))
+    _raises(TypeError, ["config:", "dskernels.ep.Config", "dict"],
+            lambda: buf.dispatch(x, topk_idx=topk, num_experts=num_experts, config={}))
+    _raises(ValueError, ["topk_weights:", "without topk_idx"],
+            lambda: buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                 num_tokens_per_expert=per_expert, topk_weights=w))
+
     # FP8 payload: bytes and scales arrive unchanged (random bytes, NaN patterns included).
     gen = torch.Generator().manual_seed(seed + 100)
     fp8s = [(torch.randint(0, 256, (d[0].shape[0], HIDDEN), generator=gen, dtype=torch.uint8).view(torch.float8_e4m3fn),
@@ -266,6 +287,24 @@ def _check_low_latency_sync_free(buf, rank, world, num_experts, seed):
         staged = buf.get_next_low_latency_combine_buffer(handle)
         staged.copy_(ll_x)
         out3, _, _ = buf.low_latency_combine(staged, topk, w, handle, zero_copy=True)
+        # DeepEP's current signature: the wait statistics (6th positional, and combine's keyword)
+        # are taken and left as they are; UE8M0 scales: the exponent bytes of the power-of-two
+        # scales, four to an int32.
+        waits = torch.full((world,), 7, dtype=torch.int64)
+        wide = torch.randn(x.shape[0], 512, generator=torch.Generator().manual_seed(seed + rank)).to(torch.bfloat16)
+        (f8r, scales), count_r, _, _, _ = buf.low_latency_dispatch(wide, topk, max_tokens, num_experts, None, waits,
+                                                                   use_fp8=True, round_scale=True)
+        (f8u, packed), count_u, _, _, _ = buf.low_latency_dispatch(wide, topk, max_tokens, num_experts, None, waits,
+                                                                   True, True, True)
+        buf.low_latency_combine(ll_x, topk, w, handle, combine_wait_recv_cost_stats=waits)
+    assert torch.equal(waits, torch.full((world,), 7, dtype=torch.int64))
+    assert packed.dtype == torch.int32 and packed.shape == (num_local, max_tokens * world, 1)
+    for local in range(num_local):
+        rows = count_u[local].item()
+        assert rows == count_r[local].item()
+        _same(f8u[local, :rows], f8r[local, :rows], "fp8 rows with use_ue8m0")
+        exponents = packed[local, :rows].view(torch.uint8).reshape(rows, 4).long()
+        assert torch.equal(torch.pow(2.0, exponents - 127), scales[local, :rows].double())
     for local in range(num_local):
         e = rank * num_local + local
         want = torch.cat([d[0][(d[1] == e).any(1)] for d in data])  # a repeated expert: one row
@@ -304,8 +343,14 @@ def _check_bad_inputs(buf, world):
             lambda: buf.low_latency_dispatch(torch.randn(5, 200), topk, 8, 4 * world, use_fp8=True))
     _raises(ValueError, ["round_scale:", "use_fp8=True"],
             lambda: buf.low_latency_dispatch(x, topk, 8, 4 * world, use_fp8=False, round_scale=True))
-    _raises(NotImplementedError, ["use_ue8m0:", "round_scale=True"],
+    _raises(ValueError, ["use_ue8m0:", "round_scale=True"],
+            lambda: buf.low_latency_dispatch(x, topk, 8, 4 * world, use_ue8m0=True))
+    _raises(ValueError, ["x:", "use_ue8m0", "512", str(HIDDEN)],
             lambda: buf.low_latency_dispatch(x, topk, 8, 4 * world, round_scale=True, use_ue8m0=True))
+    _raises(ValueError, ["dispatch_wait_recv_cost_stats:", "torch.int64", f"[{world}]", "torch.int32"],
+            lambda: buf.low_latency_dispatch(x, topk, 8, 4 * world, None, torch.zeros(world, dtype=torch.int32)))
+    _raises(ValueError, ["cumulative_local_expert_recv_stats:", "torch.int32", "[4]", "(3,)"],
+            lambda: buf.low_latency_dispatch(x, topk, 8, 4 * world, torch.zeros(3, dtype=torch.int32)))
     _raises(ValueError, ["x:", "use_fp8", "torch.int32"],
             lambda: buf.low_latency_dispatch(torch.ones(5, 128, dtype=torch.int32), topk, 8, 4 * world))
     _raises(TypeError, ["x[1]:", "float32"],

@@ -72,6 +72,37 @@ class LowLatencyHandle:
                                     # buffer [R * M] (r * M + t), -1 where t has no expert on r
 
 
+@dataclass(frozen=True)
+class Config:
+    """DeepEP's `deep_ep.Config`: the SM count and chunk sizes of its NVLink/RDMA kernels. Taken
+    wherever DeepEP takes one (`dispatch(config=)`, `combine(config=)`) and returned by
+    `Buffer.get_dispatch_config` / `get_combine_config`; the collectives here need no tuning, so
+    its values change nothing."""
+    num_sms: int = 20
+    num_max_nvl_chunked_send_tokens: int = 6
+    num_max_nvl_chunked_recv_tokens: int = 256
+    num_max_rdma_chunked_send_tokens: int = 6
+    num_max_rdma_chunked_recv_tokens: int = 256
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of DeepEP-style receive rings: one per channel (two SMs) and peer, of
+        num_max_nvl_chunked_recv_tokens rows, 128-byte aligned (any size works for our Buffer)."""
+        size = (self.num_sms // 2) * min(num_ranks, 8) * self.num_max_nvl_chunked_recv_tokens * hidden_bytes
+        return -(-size // 128) * 128
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """As get_nvl_buffer_size_hint for the rings between nodes (eight ranks a node): 0 on one node."""
+        if num_ranks <= 8:
+            return 0
+        size = 2 * (self.num_sms // 2) * (num_ranks // 8) * self.num_max_rdma_chunked_recv_tokens * hidden_bytes
+        return -(-size // 128) * 128
+
+
+def _check_config(config) -> None:
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(f"config: expected None or a dskernels.ep.Config, got {type(config).__name__}")
+
+
 class EPCommError(RuntimeError):
     """A collective failed: a peer is gone, or did not join in time."""
 
@@ -132,13 +163,13 @@ class Buffer:
         return 2 * 2 * num_max_dispatch_tokens_per_rank * num_experts * per_token
 
     @staticmethod
-    def get_dispatch_config(num_ranks: int):
-        """DeepEP's tuned kernel config; None here (the collectives need none)."""
-        return None
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """DeepEP's tuned kernel config for num_ranks; the defaults here (the collectives need none)."""
+        return Config(num_sms=Buffer.num_sms)
 
     @staticmethod
-    def get_combine_config(num_ranks: int):
-        return None
+    def get_combine_config(num_ranks: int) -> Config:
+        return Config(num_sms=Buffer.num_sms)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """DeepEP's zero-copy combine input: a bf16 [num_local_experts, num_ranks * M, hidden] tensor
@@ -385,7 +416,9 @@ class Buffer:
             handle: from an earlier dispatch: repeat its routing (no layout or topk arguments).
             num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: get_dispatch_layout's
                 outputs, or None with num_experts=E given (then computed here).
-            topk_idx: int64 [T, K], -1 for no expert. topk_weights: fp32 [T, K] (optional).
+            topk_idx: int64 [T, K], -1 for no expert. topk_weights: fp32 [T, K] (optional). Both may
+                be left out when all three layout arguments are given (DeepEP's dispatch without
+                top-k: each token goes to the ranks is_token_in_rank names).
             expert_alignment: each per-expert receive count is rounded up to a multiple of it.
             num_worst_tokens: if > 0, DeepEP's CUDA-graph mode: recv tensors get exactly that many
                 rows (rows past the received ones: x 0, topk_idx -1, weights 0), nothing is read on
@@ -398,7 +431,8 @@ class Buffer:
 
         Returns:
             recv_x [N, H] (or a tuple), source rank 0's tokens first, each source in token order;
-            recv_topk_idx int64 [N, K] local expert ids, -1 for experts on other ranks;
+            recv_topk_idx int64 [N, K] local expert ids, -1 for experts on other ranks (None
+                without topk_idx);
             recv_topk_weights fp32 [N, K], 0 where recv_topk_idx is -1 (None without weights);
             num_recv_tokens_per_expert_list: python list of num_local_experts ints (aligned; [] with
                 num_worst_tokens);
@@ -407,6 +441,7 @@ class Buffer:
         """
         num_tokens = self._check_x(x)
         device = (x[0] if isinstance(x, tuple) else x).device
+        _check_config(config)
         _check_int("expert_alignment", expert_alignment)
         if expert_alignment < 1:
             raise ValueError(f"expert_alignment: expected at least 1, got {expert_alignment}")
@@ -424,15 +459,22 @@ class Buffer:
                 event = scope.finish(recv_x if isinstance(recv_x, tuple) else (recv_x,))
                 return recv_x, None, None, None, handle, event
 
-            if topk_idx is None:
-                raise ValueError("topk_idx: expected an int64 [T, K] tensor (or a handle for cached dispatch), got None")
+            layout = (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)
+            if topk_idx is None and any(t is None for t in layout):
+                raise ValueError("topk_idx: expected an int64 [T, K] tensor, or all three layout arguments "
+                                 "(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert) to dispatch "
+                                 "without top-k, or a handle for cached dispatch; got None")
+            if topk_idx is None and topk_weights is not None:
+                raise ValueError("topk_weights: expected None without topk_idx (weights go with expert ids)")
             self._check_layout(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_tokens, num_experts)
             if num_experts is None and num_tokens_per_expert is not None:
                 num_experts = num_tokens_per_expert.shape[0]
             if num_experts is None:
                 raise ValueError("num_experts: expected an int (or the layout arguments num_tokens_per_rank, "
                                  "is_token_in_rank, num_tokens_per_expert), got None")
-            if num_worst_tokens:
+            if topk_idx is None:
+                self._check_num_experts(num_experts)
+            elif num_worst_tokens:
                 # Fixed-block mode reads nothing on the host: the id range is checked on the device.
                 self._check_topk(topk_idx, num_tokens, None, "dispatch")
                 self._check_num_experts(num_experts)
@@ -453,6 +495,10 @@ class Buffer:
                 counts = [-(-c // expert_alignment) * expert_alignment for c in per_expert]
 
             payload = [x] if not isinstance(x, tuple) else list(x)
+            if topk_idx is None:  # the tokens alone
+                recv_x = self._dispatch_payload(x, handle, "dispatch")
+                event = scope.finish(recv_x if isinstance(recv_x, tuple) else (recv_x,))
+                return recv_x, None, None, counts, handle, event
             payload += [topk_idx] + ([topk_weights] if topk_weights is not None else [])
             outs = self._route(handle, payload)
             recv_x = tuple(outs[:2]) if isinstance(x, tuple) else outs[0]
@@ -557,6 +603,7 @@ class Buffer:
         """
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle: expected the handle returned by dispatch, got {type(handle).__name__}")
+        _check_config(config)
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < handle.num_recv_tokens:
             raise ValueError(f"x: expected a [{handle.num_recv_tokens}, H] tensor (the rows dispatch delivered), "
                              f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -618,9 +665,9 @@ class Buffer:
                                 f"topk_idx: expected expert ids in [-1, {num_experts})")
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
-                             num_experts: int, cumulative_local_expert_recv_stats=None, use_fp8: bool = True,
-                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
-                             return_recv_hook: bool = False):
+                             num_experts: int, cumulative_local_expert_recv_stats=None,
+                             dispatch_wait_recv_cost_stats=None, use_fp8: bool = True, round_scale: bool = False,
+                             use_ue8m0: bool = False, async_finish: bool = False, return_recv_hook: bool = False):
         """Dispatch into the masked per-expert layout the masked grouped GEMM reads, without any host
         synchronization (capturable in a CUDA graph; shapes depend only on the arguments' shapes).
 
@@ -629,6 +676,14 @@ class Buffer:
             topk_idx: int64 [T, K], expert ids in [-1, num_experts), -1 for no expert. The range is
                 checked on the device (torch._assert_async): RuntimeError naming topk_idx for CPU
                 tensors, a device-side assert on CUDA.
+
+            cumulative_local_expert_recv_stats: optional int32 [L]; recv_count is added to it.
+            dispatch_wait_recv_cost_stats: optional int64 [R] (DeepEP's per-source wait cycles): taken
+                for DeepEP's signature and left unchanged, as one collective receives from every
+                rank at once (there is no wait per source to count).
+            use_ue8m0 (with round_scale, H % 512 == 0): the scales as DeepEP gives them for
+                Blackwell's GEMMs, each power of two's 8-bit exponent (UE8M0), four to an int32:
+                [L, M * R, H/512]; dskernels's GEMMs take the fp32 form (use_ue8m0=False).
 
         Each rank sends every rank (itself included) one fixed block of M rows over one equal-split
         all_to_all: R * M rows of (x or fp8 x + scales, K int64 ids) per rank, whatever the routing.
@@ -645,20 +700,25 @@ class Buffer:
             recv_count: int32 [L] on the device; handle; event; hook (a no-op callable: data is
                 ready on return).
         """
-        if use_ue8m0:
-            raise NotImplementedError("use_ue8m0: scales packed as 8-bit exponents are for Blackwell's "
-                                      "GEMMs; dskernels's GEMMs read fp32 scales: round_scale=True gives "
-                                      "them as powers of two")
+        if use_ue8m0 and not round_scale:
+            raise ValueError("use_ue8m0: packs each scale's exponent, so the scales must be powers of two: "
+                             "needs round_scale=True")
         if round_scale and not use_fp8:
             raise ValueError("round_scale: rounds the FP8 cast's scales, so it needs use_fp8=True")
         num_tokens = self._check_low_latency(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts)
         R, M, K, device = self.group_size, num_max_dispatch_tokens_per_rank, topk_idx.shape[1], x.device
+        self._check_stats("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, torch.int32,
+                          num_experts // R, device)
+        self._check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, torch.int64, R, device)
         num_local = num_experts // R
         cap = M * R
         hidden = x.shape[1]
         if use_fp8 and (x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or hidden % 128):
             raise ValueError(f"x: use_fp8 casts groups of 128 columns of a bfloat16, float16 or float32 tensor, got "
                              f"{x.dtype} with {hidden} columns")
+        if use_ue8m0 and hidden % 512:
+            raise ValueError(f"x: use_ue8m0 packs four 128-column scales to an int32, so it needs a multiple of 512 "
+                             f"columns, got {hidden}")
         # The received payloads' types: (fp8 x, fp32 scales) or x (empty: only dtype and width matter).
         payload = ([x.new_empty(0, hidden, dtype=_FP8), x.new_empty(0, hidden // 128, dtype=torch.float32)]
                    if use_fp8 else [x[:0]])
@@ -702,13 +762,28 @@ class Buffer:
                                       combine_index)
             if cumulative_local_expert_recv_stats is not None:
                 cumulative_local_expert_recv_stats += recv_count
+            if use_ue8m0:  # a power of two's fp32 exponent field is its UE8M0 byte
+                exponents = (outs[1].view(torch.int32) >> 23).to(torch.uint8)
+                outs[1] = exponents.view(torch.int32)
             recv_x = tuple(outs) if use_fp8 else outs[0]
             event = scope.finish(tuple(outs) + (recv_count,))
         return recv_x, recv_count, handle, event, (lambda: None)
 
+    @staticmethod
+    def _check_stats(name: str, stats, dtype: torch.dtype, length: int, device: torch.device) -> None:
+        """An optional statistics tensor DeepEP's low-latency calls take: dtype [length] on device."""
+        if stats is None:
+            return
+        if not isinstance(stats, torch.Tensor) or stats.dtype != dtype or tuple(stats.shape) != (length,) \
+                or stats.device != device:
+            got = (f"{stats.dtype} {tuple(stats.shape)} on {stats.device}" if isinstance(stats, torch.Tensor)
+                   else type(stats).__name__)
+            raise ValueError(f"{name}: expected a {dtype} tensor [{length}] on {device}, got {got}")
+
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
-                            async_finish: bool = False, return_recv_hook: bool = False, out=None):
+                            async_finish: bool = False, return_recv_hook: bool = False, out=None,
+                            combine_wait_recv_cost_stats=None):
         """x [L, cap, H] (bf16) expert outputs in low_latency_dispatch's layout ->
         combined_x [T, H]: combined_x[t] = sum_k topk_weights[t, k] * x[expert, row of t] (0 for a token
         with no expert); returns (combined_x, event, hook). The sum is fp32 throughout, rounded once:
@@ -720,6 +795,8 @@ class Buffer:
         outputs of its own experts into one fp32 row (gather_reduce) and returns R blocks of M such
         rows; the source's gather_reduce adds the partials of the ranks its token visited.
         `topk_idx` must be the dispatch's (only its shape is checked); `out` [T, H] is optional.
+        combine_wait_recv_cost_stats: optional int64 [R], taken for DeepEP's signature and left
+        unchanged (as dispatch_wait_recv_cost_stats).
         """
         if not isinstance(handle, LowLatencyHandle):
             raise TypeError(f"handle: expected the handle returned by low_latency_dispatch, got {type(handle).__name__}")
@@ -737,6 +814,7 @@ class Buffer:
             raise ValueError(f"x: expected shape ({num_local}, {cap}, H), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         hidden = x.shape[2]
+        self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, torch.int64, R, x.device)
         if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (num_tokens, hidden)
                                 or out.dtype != x.dtype or out.device != x.device):
             got = (f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor)
