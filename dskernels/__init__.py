@@ -28,6 +28,7 @@ from dskernels.ops.fp8 import (per_block_cast_to_fp8, per_channel_cast_to_fp8, p
                                silu_and_mul, silu_and_mul_cast_to_fp8)
 from dskernels.ops.moe import grouped_topk  # noqa: E402
 from dskernels.ops.gemm import (  # noqa: E402
+    ceil_div,
     fp8_gemm_nn,
     fp8_gemm_nt,
     fp8_gemm_tn,
@@ -50,6 +51,7 @@ from dskernels.ops.gemm import (  # noqa: E402
     m_grouped_gemm_fp8_fp8_bf16_nt_masked,
     set_num_sms,
     transform_sf_into_required_layout,
+    wgrad_gemm_fp8_fp8_fp32_nt,
 )
 from dskernels.ops.gemm_bf16 import (  # noqa: E402
     bf16_gemm_nn,
@@ -66,6 +68,7 @@ from dskernels.ops.indexer import (fp8_mqa_logits, fp8_paged_mqa_logits, get_pag
 from dskernels.ops.mla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 from dskernels.ops.mla_sparse import (dequantize_sparse_kv_cache, flash_mla_sparse_decode,  # noqa: E402
                                       flash_mla_sparse_fwd, quantize_sparse_kv_cache)
+from dskernels.testing.numeric import calc_diff  # noqa: E402  (DeepGEMM exports it too)
 
 __version__ = "0.1.0"
 
@@ -76,6 +79,8 @@ __all__ = [
     "bf16_gemm_nt",
     "bf16_gemm_tn",
     "bf16_gemm_tt",
+    "calc_diff",
+    "ceil_div",
     "current_backend",
     "dequantize_sparse_kv_cache",
     "einsum",
@@ -122,4 +127,5 @@ __all__ = [
     "silu_and_mul",
     "silu_and_mul_cast_to_fp8",
     "transform_sf_into_required_layout",
+    "wgrad_gemm_fp8_fp8_fp32_nt",
 ]

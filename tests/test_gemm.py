@@ -526,6 +526,21 @@ def test_deepgemm_options_of_the_newer_names():
                                            recipe_a=(1, 128), recipe_b=(128, 128))
     for group, rows in enumerate(masked_m.tolist()):
         assert torch.equal(out3[group, :rows], g["out"][group, :rows])
+    # DeepGEMM's newer keyword names (a, b, d, grouped_layout) for the newer entry points
+    out = torch.full_like(expected, float("nan"))
+    dskernels.fp8_gemm_nt(a=lhs, b=rhs, d=out, c=None)
+    assert torch.equal(out, expected)
+    out = torch.full_like(expected, float("nan"))
+    dskernels.m_grouped_fp8_gemm_nt_contiguous(a=lhs, b=(args["b"][None], args["sb"][None]), d=out,
+                                               grouped_layout=m_indices)
+    assert torch.equal(out, expected)
+    out4 = torch.full_like(g["out"], float("nan"))
+    dskernels.m_grouped_fp8_gemm_nt_masked(a=(g["a"], g["sa"]), b=(g["b"], g["sb"]), d=out4, masked_m=masked_m,
+                                           expected_m=4)
+    for group, rows in enumerate(masked_m.tolist()):
+        assert torch.equal(out4[group, :rows], g["out"][group, :rows])
+    with pytest.raises(TypeError, match="^a: expected a tuple"):
+        dskernels.fp8_gemm_nt(args["a"], rhs, out)
 
 
 def test_transform_sf_into_required_layout():

@@ -54,6 +54,24 @@ def test_fp8_gemm_nt_general(backend, m, n, out_dtype, sb_kind, c_kind):
         assert_close_to_bf16_product([(out, x, w)])
 
 
+def test_deepgemm_v1_wgrad_gemm_and_helpers(backend):
+    """DeepGEMM v1's wgrad_gemm_fp8_fp8_fp32_nt (out += A @ B.T, both 1x128, fp32 out), and the
+    helpers its tests import from the package (ceil_div, calc_diff)."""
+    name, device = backend
+    if name == "cuda":
+        pytest.skip("fp32 accumulation has no sm90 CUDA kernel (test_fp8_gemm_nt_general checks the refusal)")
+    _, a, sa = quantized_pair(7, K, device, per_block=False, scale_layout="tma")
+    _, b, sb = row_scaled_pair(129, K, device)
+    grad = torch.randn(7, 129, device=device)
+    before = grad.clone()
+    dskernels.wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), grad)
+    assert_close_to_oracle(grad, a, sa, b, sb, before)
+    with pytest.raises(TypeError, match="^out: expected the float32 gradient"):
+        dskernels.wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), grad.bfloat16())
+    assert dskernels.ceil_div(129, 128) == 2 and dskernels.ceil_div(128, 128) == 1
+    assert dskernels.calc_diff(grad, grad) == 0.0
+
+
 def test_fp8_gemm_nt_recipes_and_empty_k(backend):
     """An explicit recipe picks nothing (sb's shape does) but must agree with it; k = 0 leaves
     out = c (or zeros); n = 1 reads its one scale either way."""
@@ -168,7 +186,7 @@ def test_other_layouts_name_the_contraction_dimension():
         dskernels.fp8_gemm_tt(k_outer((a, sa)), (b, sb), out)
     with pytest.raises(ValueError, match="^sa: expected a tensor of at least 2 dimensions"):
         dskernels.fp8_gemm_tn((a.T, sa[:, 0]), (b, sb), out)
-    with pytest.raises(TypeError, match="^rhs: expected a tuple"):
+    with pytest.raises(TypeError, match="^b: expected a tuple"):
         dskernels.fp8_gemm_nn((a, sa), b, out)
 
 
@@ -224,6 +242,18 @@ def test_torch_compile_fullgraph():
         _, b, sb = row_scaled_pair(20, k, "cpu")
         eager_grad, compiled_grad = grad.clone(), grad.clone()
         assert torch.equal(compiled(a, sa, b, sb, compiled_grad), wgrad_step(a, sa, b, sb, eager_grad)), k
+    # 128x128 block scales with n symbolic: the shape check traces (its error text is built only on
+    # failure; formatting it unconditionally broke dynamo's trace)
+    torch._dynamo.reset()
+    plain = torch.compile(lambda lhs, rhs, out: dskernels.fp8_gemm_nt(lhs, rhs, out), fullgraph=True,
+                          backend="aot_eager", dynamic=True)
+    for n in (16, 24, 40):
+        lhs = dskernels.per_token_cast_to_fp8(torch.randn(8, 256))
+        rhs = dskernels.per_block_cast_to_fp8(torch.randn(n, 256))
+        got, want = torch.empty(8, n, dtype=torch.bfloat16), torch.empty(8, n, dtype=torch.bfloat16)
+        plain(lhs, rhs, got)
+        dskernels.fp8_gemm_nt(lhs, rhs, want)
+        assert torch.equal(got, want), n
 
 
 # ---- split-K: the dense kernel on few output tiles ----

@@ -130,19 +130,19 @@ def _deepgemm_options(recipe, allowed=(BLOCK_RECIPE,), recipe_a=None, recipe_b=N
     return recipe
 
 
-def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
+def fp8_gemm_nt(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
                 recipe_a=None, recipe_b=None) -> None:
-    """DeepGEMM's general dense GEMM, out = c + dequant(lhs) @ dequant(rhs).T: gemm_fp8_fp8_bf16_nt
-    when out is bf16, c is None and rhs has 128x128 block scales, and also:
+    """DeepGEMM's general dense GEMM (its argument names), d = c + dequant(a) @ dequant(b).T:
+    gemm_fp8_fp8_bf16_nt when d is bf16, c is None and b has 128x128 block scales, and also:
 
     Args:
-        lhs: (a, sa) as for gemm_fp8_fp8_bf16_nt: a [m, k] fp8, sa [m, k / 128] fp32.
-        rhs: (b, sb): b [n, k] fp8; sb [ceil(n / 128), k / 128] fp32 (128x128 blocks, recipe
+        a: (a, sa) as gemm_fp8_fp8_bf16_nt's lhs: a [m, k] fp8, sa [m, k / 128] fp32.
+        b: (b, sb): b [n, k] fp8; sb [ceil(n / 128), k / 128] fp32 (128x128 blocks, recipe
             (1, 128, 128)) or [n, k / 128] (1x128 per row, recipe (1, 1, 128): b is an activation
             or a gradient too, as in a weight gradient dy.T @ x). Any strides.
-        out: [m, n] bfloat16 or float32, any strides.
-        c: None (out is overwritten) or [m, n] of out's dtype, added in fp32 before the one rounding
-            to out's dtype; c may be out itself (accumulate in place: DeepGEMM's wgrad use).
+        d: the output [m, n], bfloat16 or float32, any strides (error messages call it out).
+        c: None (d is overwritten) or [m, n] of d's dtype, added in fp32 before the one rounding
+            to d's dtype; c may be d itself (accumulate in place: DeepGEMM's wgrad use).
         recipe: None (read from sb's shape), (1, 128, 128) or (1, 1, 128); checked against sb.
             Or DeepGEMM's newer per-operand spelling, keyword only: recipe_a (1, 128) and recipe_b
             (128, 128) or (1, 128).
@@ -152,8 +152,9 @@ def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_
     others run on Triton (any CUDA GPU) or the reference (CPU).
     """
     recipe = _deepgemm_options(recipe, (BLOCK_RECIPE, ROW_RECIPE), recipe_a, recipe_b)
-    a, sa = _unpack("lhs", lhs)
-    b, sb = _unpack("rhs", rhs)
+    a, sa = _unpack("a", a)
+    b, sb = _unpack("b", b)
+    out = d
     sb_per_row = _check_general(a, sa, b, sb, out, overlap=False)  # before out is written with c
     # `if` on sb_per_row, not a comparison of it with a python bool: under torch.compile with
     # symbolic shapes that comparison fails inside dynamo
@@ -170,39 +171,39 @@ def fp8_gemm_nt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_
     torch.ops.dskernels.fp8_gemm_nt(a, sa, b, sb, out, c is not None)
 
 
-def fp8_gemm_nn(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
+def fp8_gemm_nn(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
                 recipe_a=None, recipe_b=None) -> None:
-    """DeepGEMM's fp8_gemm_nn: out = c + A @ B with rhs = (b [k, n], sb [k / 128, ceil(n / 128)]
+    """DeepGEMM's fp8_gemm_nn: d = c + A @ B with b = (b [k, n], sb [k / 128, ceil(n / 128)]
     per 128x128 block, or [k / 128, n] per column per 128 rows), i.e. fp8_gemm_nt of (b.T, sb.T)
     (DeepGEMM's own definition). Other arguments as fp8_gemm_nt; shapes in its error messages are
     the nt form's (b.T). On Hopper the Triton path first copies b K-major (one pass over b: its FP8
     wgmma reads K-major tiles only); the sm90 CUDA path does the same. For a weight used across
     calls, make that copy once and call fp8_gemm_nt."""
-    a, _ = _unpack("lhs", lhs)
-    fp8_gemm_nt(lhs, _transposed("rhs", rhs, a.shape[-1] if isinstance(a, torch.Tensor) else None, "b"),
-                out, c, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
+    t, _ = _unpack("a", a)
+    fp8_gemm_nt(a, _transposed("b", b, t.shape[-1] if isinstance(t, torch.Tensor) else None, "b"),
+                d, c, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
 
 
-def fp8_gemm_tn(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
+def fp8_gemm_tn(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
                 recipe_a=None, recipe_b=None) -> None:
-    """DeepGEMM's fp8_gemm_tn: out = c + A.T @ B with lhs = (a [k, m], sa [k / 128, m]) and rhs =
+    """DeepGEMM's fp8_gemm_tn: d = c + A.T @ B with a = (a [k, m], sa [k / 128, m]) and b =
     (b [k, n], sb [k / 128, ceil(n / 128)] or [k / 128, n]): fp8_gemm_nt of (a.T, sa.T), (b.T, sb.T),
     e.g. a weight gradient from two token-major operands. As fp8_gemm_nn otherwise."""
-    a, sa = _transposed("lhs", lhs, None, "a")
-    fp8_gemm_nt((a, sa), _transposed("rhs", rhs, a.shape[-1], "b"), out, c, recipe, compiled_dims,
+    t, st = _transposed("a", a, None, "a")
+    fp8_gemm_nt((t, st), _transposed("b", b, t.shape[-1], "b"), d, c, recipe, compiled_dims,
                 disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
 
 
-def fp8_gemm_tt(lhs, rhs, out, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
+def fp8_gemm_tt(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
                 recipe_a=None, recipe_b=None) -> None:
-    """DeepGEMM's fp8_gemm_tt: out = c + A.T @ B.T with lhs = (a [k, m], sa [k / 128, m]) and rhs as
-    for fp8_gemm_nt: fp8_gemm_nt of (a.T, sa.T), rhs. As fp8_gemm_nn otherwise."""
-    a, sa = _transposed("lhs", lhs, None, "a")
-    b, _ = _unpack("rhs", rhs)
-    if isinstance(b, torch.Tensor) and b.dim() == 2 and b.shape[-1] != a.shape[-1]:
-        raise ValueError(f"b: expected k = {a.shape[-1]} (a's first dimension in this layout) as its last "
-                         f"dimension, got shape {tuple(b.shape)}")
-    fp8_gemm_nt((a, sa), rhs, out, c, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
+    """DeepGEMM's fp8_gemm_tt: d = c + A.T @ B.T with a = (a [k, m], sa [k / 128, m]) and b as
+    for fp8_gemm_nt: fp8_gemm_nt of (a.T, sa.T), b. As fp8_gemm_nn otherwise."""
+    t, st = _transposed("a", a, None, "a")
+    u, _ = _unpack("b", b)
+    if isinstance(u, torch.Tensor) and u.dim() == 2 and u.shape[-1] != t.shape[-1]:
+        raise ValueError(f"b: expected k = {t.shape[-1]} (a's first dimension in this layout) as its last "
+                         f"dimension, got shape {tuple(u.shape)}")
+    fp8_gemm_nt((t, st), b, d, c, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
 
 
 def _transposed(name: str, pair, k, operand: str):
@@ -324,15 +325,16 @@ def _k_grouped(a, sa, b, sb, out, ks, ks_tensor, c, *, k_major: bool, sizes_name
     torch.ops.dskernels.k_grouped_fp8_gemm(a, sa, b, sb, out, ks, ks_tensor, k_major, c is not None)
 
 
-def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, out, m_indices, recipe=None, compiled_dims="nk",
+def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout, recipe=None, compiled_dims="nk",
                                      disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None,
                                      use_psum_layout=False, ensure_zero_padding=False,
                                      expected_m_for_psum_layout=None) -> None:
-    """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_contiguous: the same arguments,
-    plus DeepGEMM's trailing options (block-scaled b only) and its psum layout:
+    """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_contiguous, under DeepGEMM's newer
+    argument names (a, b, d for lhs, rhs, out), plus its trailing options (block-scaled b only)
+    and its psum layout:
 
     Args:
-        m_indices: DeepGEMM's grouped_layout: one group id per row ([M] int32, -1 for none), or
+        grouped_layout: m_indices, one group id per row ([M] int32, -1 for none), or
             with use_psum_layout=True one cumulative row end per group ([G] int32, read on the
             device): group g owns rows align(ends[g - 1], 128) .. ends[g] - 1 (group 0 from row 0),
             the rows between a group's end and the next 128-aligned start, and any past the last
@@ -343,9 +345,9 @@ def m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, out, m_indices, recipe=None, comp
     """
     _deepgemm_options(recipe, recipe_a=recipe_a, recipe_b=recipe_b)
     expected_m = psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout)
-    a, sa = _unpack("lhs", lhs)
-    b, sb = _unpack("rhs", rhs)
-    torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout,
+    a, sa = _unpack("a", a)
+    b, sb = _unpack("b", b)
+    torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, d, grouped_layout, use_psum_layout,
                                                                   ensure_zero_padding, expected_m)
 
 
@@ -367,30 +369,30 @@ def psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layou
     return expected_m_for_psum_layout
 
 
-def m_grouped_fp8_gemm_nt_masked(lhs, rhs, out, masked_m, expected_m, recipe=None, compiled_dims="nk",
+def m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m, recipe=None, compiled_dims="nk",
                                  disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None) -> None:
-    """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_masked: the same arguments, plus
-    DeepGEMM's trailing options (block-scaled b only)."""
+    """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_masked, under DeepGEMM's newer
+    argument names (a, b, d for lhs, rhs, out), plus its trailing options (block-scaled b only)."""
     _deepgemm_options(recipe, recipe_a=recipe_a, recipe_b=recipe_b)
-    m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs, out, masked_m, expected_m)
+    m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, b, d, masked_m, expected_m)
 
 
 fp8_m_grouped_gemm_nt_masked = m_grouped_fp8_gemm_nt_masked  # DeepGEMM's legacy name (sglang imports it)
 
 
-def m_grouped_fp8_gemm_nn_contiguous(lhs, rhs, out, m_indices, recipe=None, compiled_dims="nk",
+def m_grouped_fp8_gemm_nn_contiguous(a, b, d, grouped_layout, recipe=None, compiled_dims="nk",
                                      disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None,
                                      use_psum_layout=False, ensure_zero_padding=False) -> None:
-    """DeepGEMM's m_grouped_fp8_gemm_nn_contiguous: as m_grouped_fp8_gemm_nt_contiguous with rhs =
+    """DeepGEMM's m_grouped_fp8_gemm_nn_contiguous: as m_grouped_fp8_gemm_nt_contiguous with b =
     (b [G, k, n], sb [G, k / 128, ceil(n / 128)]): row i is A[i] @ B[g] (the experts' input gradient
     from the forward weights' transposed copy), i.e. the nt form of (b, sb) with the last two
     dimensions swapped. On Hopper the Triton and CUDA paths copy b K-major first, on every call: for
     weights used across calls (all G experts' b, gigabytes for V3), make that copy once
     (b.transpose(1, 2).contiguous()) and call m_grouped_fp8_gemm_nt_contiguous instead."""
-    a, _ = _unpack("lhs", lhs)
-    m_grouped_fp8_gemm_nt_contiguous(lhs, _transposed("rhs", rhs, a.shape[-1] if isinstance(a, torch.Tensor) else None,
-                                                      "b"),
-                                     out, m_indices, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a,
+    t, _ = _unpack("a", a)
+    m_grouped_fp8_gemm_nt_contiguous(a, _transposed("b", b, t.shape[-1] if isinstance(t, torch.Tensor) else None,
+                                                    "b"),
+                                     d, grouped_layout, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a,
                                      recipe_b=recipe_b, use_psum_layout=use_psum_layout,
                                      ensure_zero_padding=ensure_zero_padding)
 
@@ -427,6 +429,22 @@ def get_num_sms(device: torch.device | int | None = None) -> int:
         return _num_sms
     total = torch.cuda.get_device_properties(device).multi_processor_count
     return total if _num_sms is None else min(total, _num_sms)
+
+
+def wgrad_gemm_fp8_fp8_fp32_nt(lhs, rhs, out) -> None:
+    """DeepGEMM's dense weight-gradient GEMM: out [m, n] float32 += dequant(lhs) @ dequant(rhs).T
+    with both operands cast 1x128 per row (lhs (a [m, k], sa [m, k / 128]), rhs (b [n, k], sb
+    [n, k / 128]), any scale strides), accumulated in place: fp8_gemm_nt(lhs, rhs, out, c=out,
+    recipe=(1, 1, 128))."""
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.float32:
+        got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"out: expected the float32 gradient accumulated into, got {got}")
+    fp8_gemm_nt(lhs, rhs, out, c=out, recipe=ROW_RECIPE)
+
+
+def ceil_div(x: int, y: int) -> int:
+    """DeepGEMM's helper: x / y rounded up."""
+    return (x + y - 1) // y
 
 
 def get_tma_aligned_size(x: int, element_size: int) -> int:
@@ -530,10 +548,13 @@ def _check_operands(a, sa, b, sb, out, *, grouped_a: bool, grouped_b: bool, gene
     check_tensor("sa", sa, dtypes=(torch.float32,), device=device)
     _check_shape("sa", sa, (*a.shape[:-1], k // GROUP_SIZE), "one scale per row per 128 columns of a")
     check_tensor("sb", sb, dtypes=(torch.float32,), device=device)
-    if not (general and tuple(sb.shape) == (*b.shape[:-2], n, k // GROUP_SIZE)):
-        _check_shape("sb", sb, (*b.shape[:-2], (n + GROUP_SIZE - 1) // GROUP_SIZE, k // GROUP_SIZE),
-                     "one scale per 128x128 block of b" + (f", or {(*b.shape[:-2], n, k // GROUP_SIZE)}: one per "
-                                                           "row of b per 128 columns" if general else ""))
+    per_block = (*b.shape[:-2], (n + GROUP_SIZE - 1) // GROUP_SIZE, k // GROUP_SIZE)
+    per_row = (*b.shape[:-2], n, k // GROUP_SIZE)
+    if tuple(sb.shape) != per_block and not (general and tuple(sb.shape) == per_row):
+        # (the message is built only here: torch.compile traces the check, not an unused string)
+        also = f", or {per_row}: one per row of b per 128 columns" if general else ""
+        raise ValueError(f"sb: expected shape {per_block} (one scale per 128x128 block of b{also}), "
+                         f"got {tuple(sb.shape)}")
     check_tensor("out", out, dtypes=(torch.bfloat16, torch.float32) if general else (torch.bfloat16,),
                  device=device)
     _check_shape("out", out, (*a.shape[:-1], n), "a's rows by b's rows")
