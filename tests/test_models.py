@@ -151,6 +151,19 @@ def test_prefill_matches_transformers(variant, layer_idx):
     torch.testing.assert_close(got, expected, atol=TOL, rtol=TOL)
 
 
+def test_more_experts_chosen_than_the_kept_groups_hold():
+    """num_experts_per_tok above topk_group's share of the experts (here every expert, one group of
+    two kept): transformers takes the rest from the dropped groups; so does the layer."""
+    cfg = DeepseekV3Config.tiny(n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=8)
+    ref = make_reference(cfg, 1)
+    x, positions = torch.randn(1, 5, cfg.hidden_size), spread_positions(1, 5)
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
+    layer.load_hf_state_dict(ref.state_dict())
+    with torch.no_grad():
+        got = layer(x, positions)
+    torch.testing.assert_close(got, reference_forward(ref, cfg, x, positions), atol=TOL, rtol=TOL)
+
+
 def test_dtype_follows_module_casts():
     """`.float()` / `.to(dtype)` change the layer's compute dtype, as for any nn.Module; FP8 weights,
     their fp32 scales and the rope frequencies are left as they are (a cast would turn FP8 weights
@@ -387,11 +400,68 @@ def test_bad_inputs():
     no_tokens = layer(x[:, :0], positions[:, :0], kv_cache=torch.zeros(4, 16, 1, cfg.kv_cache_dim),
                       block_table=torch.zeros(1, 1, dtype=torch.int32), cache_seqlens=torch.zeros(1, dtype=torch.int32))
     assert no_tokens.shape == (1, 0, cfg.hidden_size)
+    with pytest.raises(TypeError, match="^positions: expected an int64 tensor"):
+        layer(x, positions.float())
+    # The paged tables: dtypes, and on CPU (free to read) lengths and page ids, before any write
+    cache = torch.full((4, 3, 1, cfg.kv_cache_dim), float("nan"))
+    table, lens = torch.tensor([[2, 0]], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
+    for kwargs, error, words in (
+            (dict(block_table=table.long()), TypeError, "^block_table: expected dtype int32, got torch.int64"),
+            (dict(cache_seqlens=lens[:, None]), ValueError, r"^block_table, cache_seqlens: expected batch 1"),
+            (dict(cache_seqlens=lens.float()), TypeError, "^cache_seqlens: expected dtype int32"),
+            (dict(cache_seqlens=torch.tensor([5], dtype=torch.int32)), ValueError,
+             "^cache_seqlens: sequence 0 holds 5 tokens, so its 2 new ones need slots up to 6, past the block "
+             "table's 6"),
+            (dict(cache_seqlens=torch.tensor([-1], dtype=torch.int32)), ValueError,
+             "^cache_seqlens: expected lengths >= 0, got -1"),
+            (dict(block_table=table + 100), ValueError, r"^block_table: entry \[0, 0\] = 102 is not a page"),
+            (dict(block_table=torch.tensor([[2, -1]], dtype=torch.int32), cache_seqlens=torch.tensor([2], dtype=torch.int32)),
+             ValueError, r"^block_table: entry \[0, 1\] = -1")):
+        args = {"kv_cache": cache, "block_table": table, "cache_seqlens": lens, **kwargs}
+        with pytest.raises(error, match=words):
+            layer(x, positions, **args)
+        assert cache.isnan().all()  # nothing written
     odd = DeepseekV3Config.tiny(kv_lora_rank=40, qk_rope_head_dim=12)  # a latent cache 52 wide
     with pytest.raises(ValueError, match="^kv_cache: the paged path needs .* multiple of 16.*52"):
         DeepseekV3DecoderLayer(odd, 0, dtype=torch.float32)(
             x, positions, kv_cache=torch.zeros(4, 16, 1, 52), block_table=torch.zeros(1, 1, dtype=torch.int32),
             cache_seqlens=torch.zeros(1, dtype=torch.int32))
+
+
+def test_cache_rows_skip_slots_without_a_row():
+    """The device-side form of the slot rules (no host sync): a slot past the table, a negative
+    one or one on a page outside the cache gets row -1, and write_rows skips those entries: every
+    row no kept entry names keeps its bytes (a skipped entry repeats the first kept one's write),
+    row 0 included, with every entry skipped too."""
+    from dskernels.models.paged import cache_rows, write_rows
+
+    table = torch.tensor([[3, 1], [0, 9], [2, -5]], dtype=torch.int32)  # 4 pages of 2 slots
+    lens = torch.tensor([1, 1, -3], dtype=torch.int32)
+    rows = cache_rows(table, lens, 3, num_pages=4, page_size=2)
+    assert rows.tolist() == [7, 2, 3,   1, -1, -1,   -1, -1, -1]
+    for dtype in (torch.bfloat16, torch.float32, torch.uint8):
+        cache = torch.arange(8 * 5).view(8, 5).to(dtype)
+        values = torch.tensor([[float("nan"), -0.0, 1.5, -2.0, 3.0]] * rows.numel()).to(dtype)
+        values[:, -1] = torch.arange(rows.numel()).to(dtype)
+        expected = cache.clone()
+        for i, r in enumerate(rows.tolist()):
+            if r >= 0:
+                expected[r] = values[i]
+        write_rows(cache, rows, values)
+        assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8)), dtype
+    for index in (torch.tensor([-1, 0, -1, 5]), torch.tensor([-1, -1])):  # row 0 written / nothing kept
+        cache = torch.arange(8 * 5, dtype=torch.float32).view(8, 5)
+        expected = cache.clone()
+        values = -torch.ones(index.numel(), 5) * torch.arange(1, index.numel() + 1)[:, None]
+        for i, r in enumerate(index.tolist()):
+            if r >= 0:
+                expected[r] = values[i]
+        write_rows(cache, index, values)
+        assert torch.equal(cache, expected), index
+    pairs = torch.zeros(4, 2, 3, dtype=torch.uint8)  # (page, slot) indices, as the V3.2 key cache's
+    write_rows(pairs, (torch.tensor([1, -1, 3]), torch.tensor([0, 1, 1])), torch.full((3, 3), 7, dtype=torch.uint8))
+    assert pairs.sum() == 7 * 6 and pairs[1, 0].eq(7).all() and pairs[3, 1].eq(7).all()
+    assert cache_rows(table[:, :0], lens, 2, 4, 2).tolist() == [-1] * 6
 
 
 # ---- FP8 checkpoint ----

@@ -28,6 +28,7 @@ import dskernels
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import Indexer
 from dskernels.models.linear import Linear, RMSNorm, device_moves_only, shared_cast, triton_fusable
+from dskernels.models.paged import cache_rows, check_slots, check_tables, write_rows
 from dskernels.models.rope import rope_cos_sin, rope_inv_freq, rope_qk
 
 _LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
@@ -192,6 +193,7 @@ class MLAttention(nn.Module):
         if tuple(block_table.shape[:1]) != (b,) or tuple(cache_seqlens.shape) != (b,):
             raise ValueError(f"block_table, cache_seqlens: expected batch {b}, got {list(block_table.shape)} "
                              f"and {list(cache_seqlens.shape)}")
+        check_tables(block_table, cache_seqlens, b, kv_cache.device)
         if d % 16:
             raise ValueError(f"kv_cache: the paged path needs kv_lora_rank + qk_rope_head_dim to be a multiple "
                              f"of 16 (flash_mla_with_kvcache's head dimension), got {d}")
@@ -203,6 +205,9 @@ class MLAttention(nn.Module):
             self._check_index_cache(index_cache, kv_cache.shape[0], page_size, q_nope.dtype)
         if s == 0:
             return q_nope.new_zeros(b, 0, h, cfg.v_head_dim)
+        if kv_cache.device.type == "cpu" and not torch.compiler.is_compiling():  # free there: bad lengths
+            # or pages raise before any write (under torch.compile the graph cannot read values)
+            check_slots(block_table, cache_seqlens, s, kv_cache.shape[0], page_size)
         # 1. write [latent | k_rope] of the new tokens at slots lens[b] .. lens[b] + s - 1 (no host sync)
         flat = None
         # (the kernel stores a float cache's values as they are: its dtype must be the layer's)
@@ -238,22 +243,21 @@ class MLAttention(nn.Module):
         """Token j of sequence b into slot cache_seqlens[b] + j (through the block table) of a float
         cache, a float8_e4m3fn one with kv_cache_scale, or V3.2's FP8 layout (fp8_cache: 656 bytes
         per token), in torch's ops (for the first two, the definition of the Triton
-        layer.write_latent_cache). Returns the flat slots [B * S]."""
+        layer.write_latent_cache). Returns the flat cache rows [B * S] (-1: a slot with no row,
+        not written; models/paged.py)."""
         b, s, _ = latent.shape
-        page_size = kv_cache.shape[1]
-        slots = cache_seqlens.long()[:, None] + torch.arange(s, device=kv_cache.device)
-        pages = block_table.long().gather(1, slots // page_size)
-        flat = (pages * page_size + slots % page_size).reshape(-1)
+        flat = cache_rows(block_table, cache_seqlens, s, kv_cache.shape[0], kv_cache.shape[1])
         new = torch.cat([latent, k_rope], dim=-1).reshape(b * s, latent.shape[-1] + k_rope.shape[-1])
         width = kv_cache.shape[-1]
         if fp8_cache:
-            kv_cache.view(torch.uint8).view(-1, width)[flat] = dskernels.quantize_sparse_kv_cache(new).view(torch.uint8)
+            write_rows(kv_cache.view(torch.uint8).view(-1, width), flat,
+                       dskernels.quantize_sparse_kv_cache(new).view(torch.uint8))
         elif kv_cache.dtype == FP8:
             # e4m3 saturates at 448: a latent past 448 * scale is clamped rather than made NaN
             values = (new.float() / kv_cache_scale).clamp(-448, 448).to(FP8)
-            kv_cache.view(torch.uint8).view(-1, width).index_copy_(0, flat, values.view(torch.uint8))
+            write_rows(kv_cache.view(torch.uint8).view(-1, width), flat, values.view(torch.uint8))
         else:
-            kv_cache.view(-1, width).index_copy_(0, flat, new.to(kv_cache.dtype))
+            write_rows(kv_cache.view(-1, width), flat, new.to(kv_cache.dtype).contiguous())
         return flat
 
     def _check_index_cache(self, index_cache, num_pages: int, page_size: int, dtype: torch.dtype) -> None:

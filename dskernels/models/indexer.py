@@ -27,6 +27,7 @@ from torch import nn
 import dskernels
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.linear import Linear
+from dskernels.models.paged import write_rows
 from dskernels.models.rope import apply_rope
 
 _K_NORM_EPS = 1e-6  # HF: nn.LayerNorm(index_head_dim, eps=1e-6)
@@ -148,7 +149,7 @@ class Indexer(nn.Module):
 
     def select_paged(self, x, q_resid, cos, sin, x_fp8, q_resid_fp8, index_cache: torch.Tensor,
                      block_table: torch.Tensor, cache_seqlens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Writes the S new keys at `slots` (flat cache slots [B * S]) of index_cache, then selects
+        """Writes the S new keys at `slots` (flat cache rows [B * S], -1: not written) of index_cache, then selects
         for token j of sequence b among positions [0, cache_seqlens[b] + j + 1): int32 [B, S, topk]
         positions (topk = min(index_topk, the block table's capacity)), -1 past what a query sees.
         No host sync: the logits span the whole block table; positions past a sequence are -inf."""
@@ -162,14 +163,15 @@ class Indexer(nn.Module):
             pages = index_cache.view(torch.uint8).view(index_cache.shape[0], page_size * self.cache_width)
             keys = pages[:, :page_size * dim].view(-1, page_size, dim)
             scales = pages[:, page_size * dim:].view(-1, page_size, 4)
-            keys[slots // page_size, slots % page_size] = k8.view(torch.uint8)
-            scales[slots // page_size, slots % page_size] = k_scale.view(torch.uint8).view(-1, 4)
+            at = (torch.div(slots, page_size, rounding_mode="floor"), slots % page_size)  # -1 slots: skipped
+            write_rows(keys, at, k8.view(torch.uint8))
+            write_rows(scales, at, k_scale.view(torch.uint8).view(-1, 4))
             q8, weights = self._cast_query(q.reshape(b * s, heads, dim), weights.reshape(b * s, heads))
             q8, weights = q8.view(b, s, heads, dim), weights.view(b, s, heads)
             num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         else:
             flat = index_cache.view(-1, dim)
-            flat.index_copy_(0, slots, k.reshape(b * s, dim).to(index_cache.dtype))
+            write_rows(flat, slots, k.reshape(b * s, dim).to(index_cache.dtype))
             positions = torch.arange(capacity, device=x.device)
             table = block_table.long().clamp(0, index_cache.shape[0] - 1)  # entries past a sequence: masked below
             keys = flat[(table.gather(1, (positions // page_size).expand(b, -1)) * page_size

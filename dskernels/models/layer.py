@@ -103,8 +103,13 @@ class DeepseekV3DecoderLayer(nn.Module):
                 fp8 = (" or float8_e4m3fn (an FP8 cache with kv_cache_scale)" if self.cfg.index_topk is None
                        else " (or uint8 / float8_e4m3fn: V3.2's 656-byte FP8 layout)")
                 raise TypeError(f"kv_cache: expected the layer's dtype {self.dtype}{fp8}, got {kv_cache.dtype}")
+        if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int64, torch.int32):
+            got = positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__
+            raise TypeError(f"positions: expected an int64 tensor [B, S] (rope positions), got {got}")
         if tuple(positions.shape) != tuple(x.shape[:2]):
             raise ValueError(f"positions: expected shape {list(x.shape[:2])}, got {list(positions.shape)}")
+        if positions.device != x.device:
+            raise ValueError(f"positions: expected a tensor on {x.device} (x's device), got {positions.device}")
         h = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, block_table, cache_seqlens, index_cache,
                                kv_cache_scale)
         return h + self.mlp(self.post_attention_layernorm(h))

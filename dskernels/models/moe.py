@@ -35,11 +35,15 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, cfg: D
     """x [T, H] -> (topk_idx int64 [T, K], topk_weights fp32 [T, K]); HF's math, see the module doc.
     After the fp32 gate GEMM, `grouped_topk` does the rest in one kernel; torch's ops (the same
     math: python_ref.moe) where a gradient must flow, under a forced "cuda" backend, or for a config
-    the kernel does not take (groups of one expert, more than 16 groups or experts chosen)."""
+    the kernel does not take (groups of one expert, more than 16 groups or experts chosen, or more
+    experts chosen than the kept groups hold: then, as in transformers, the rest come from dropped
+    groups)."""
     logits = F.linear(x.float(), gate_weight.float())
     args = (bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob,
             cfg.routed_scaling_factor)
-    fits = cfg.n_routed_experts // cfg.n_group >= 2 and max(cfg.topk_group, cfg.num_experts_per_tok) <= 16
+    per_group = cfg.n_routed_experts // cfg.n_group
+    fits = (per_group >= 2 and max(cfg.topk_group, cfg.num_experts_per_tok) <= 16
+            and cfg.num_experts_per_tok <= cfg.topk_group * per_group)
     if _needs_grad(logits) or not triton_only_ops() or not fits:
         return python_ref.moe.grouped_topk(logits, *args)
     return dskernels.grouped_topk(logits, *args)
