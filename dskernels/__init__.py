@@ -28,6 +28,7 @@ from dskernels.ops.fp8 import (per_block_cast_to_fp8, per_channel_cast_to_fp8, p
                                silu_and_mul, silu_and_mul_cast_to_fp8)
 from dskernels.ops.moe import grouped_topk  # noqa: E402
 from dskernels.ops.gemm import (  # noqa: E402
+    calc_diff,
     ceil_div,
     fp8_gemm_nn,
     fp8_gemm_nt,
@@ -68,7 +69,6 @@ from dskernels.ops.indexer import (fp8_mqa_logits, fp8_paged_mqa_logits, get_pag
 from dskernels.ops.mla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 from dskernels.ops.mla_sparse import (dequantize_sparse_kv_cache, flash_mla_sparse_decode,  # noqa: E402
                                       flash_mla_sparse_fwd, quantize_sparse_kv_cache)
-from dskernels.testing.numeric import calc_diff  # noqa: E402  (DeepGEMM exports it too)
 
 __version__ = "0.1.0"
 

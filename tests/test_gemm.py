@@ -534,6 +534,12 @@ def test_deepgemm_options_of_the_newer_names():
     dskernels.m_grouped_fp8_gemm_nt_contiguous(a=lhs, b=(args["b"][None], args["sb"][None]), d=out,
                                                grouped_layout=m_indices)
     assert torch.equal(out, expected)
+    out = torch.full_like(expected, float("nan"))  # DeepGEMM 2.0 named it m_indices
+    dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, (args["b"][None], args["sb"][None]), out, m_indices=m_indices)
+    assert torch.equal(out, expected)
+    with pytest.raises(TypeError, match="^grouped_layout: expected the contiguous layout under exactly one"):
+        dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, (args["b"][None], args["sb"][None]), out, m_indices,
+                                                   m_indices=m_indices)
     out4 = torch.full_like(g["out"], float("nan"))
     dskernels.m_grouped_fp8_gemm_nt_masked(a=(g["a"], g["sa"]), b=(g["b"], g["sb"]), d=out4, masked_m=masked_m,
                                            expected_m=4)

@@ -69,7 +69,9 @@ def test_deepgemm_v1_wgrad_gemm_and_helpers(backend):
     with pytest.raises(TypeError, match="^out: expected the float32 gradient"):
         dskernels.wgrad_gemm_fp8_fp8_fp32_nt((a, sa), (b, sb), grad.bfloat16())
     assert dskernels.ceil_div(129, 128) == 2 and dskernels.ceil_div(128, 128) == 1
-    assert dskernels.calc_diff(grad, grad) == 0.0
+    diff = dskernels.calc_diff(grad, grad)  # DeepGEMM's form: a 0-d float64 tensor
+    assert isinstance(diff, torch.Tensor) and diff.dtype == torch.float64 and abs(diff.item()) < 1e-12
+    assert dskernels.calc_diff(torch.zeros(3), torch.zeros(3)).isnan()
 
 
 def test_fp8_gemm_nt_recipes_and_empty_k(backend):

@@ -99,8 +99,11 @@ class Config:
 
 
 def _check_config(config) -> None:
-    if config is not None and not isinstance(config, Config):
-        raise TypeError(f"config: expected None or a dskernels.ep.Config, got {type(config).__name__}")
+    """None, our Config or DeepEP's own (servers that build theirs with deep_ep.Config): by its
+    methods, not its class."""
+    if config is not None and not hasattr(config, "get_nvl_buffer_size_hint"):
+        raise TypeError(f"config: expected None or a Config (dskernels.ep's or deep_ep's), got "
+                        f"{type(config).__name__}")
 
 
 class EPCommError(RuntimeError):

@@ -67,7 +67,7 @@ def write_rows(rows: torch.Tensor, index, values: torch.Tensor) -> None:
     index is negative. index: an int64 tensor [N], or a tuple of them (rows[i0, i1] = ...); values
     [N, ...] of rows' dtype."""
     index = index if isinstance(index, tuple) else (index,)
-    if values.shape[0] == 0:
+    if values.shape[0] == 0 or rows.shape[0] == 0:  # (no rows: every entry is skipped)
         return
     keep = index[0] >= 0
     # index_put_ cannot skip an entry, so a skipped one repeats the first kept entry's write (the

@@ -325,16 +325,16 @@ def _k_grouped(a, sa, b, sb, out, ks, ks_tensor, c, *, k_major: bool, sizes_name
     torch.ops.dskernels.k_grouped_fp8_gemm(a, sa, b, sb, out, ks, ks_tensor, k_major, c is not None)
 
 
-def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout, recipe=None, compiled_dims="nk",
+def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout=None, recipe=None, compiled_dims="nk",
                                      disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None,
                                      use_psum_layout=False, ensure_zero_padding=False,
-                                     expected_m_for_psum_layout=None) -> None:
+                                     expected_m_for_psum_layout=None, m_indices=None) -> None:
     """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_contiguous, under DeepGEMM's newer
     argument names (a, b, d for lhs, rhs, out), plus its trailing options (block-scaled b only)
     and its psum layout:
 
     Args:
-        grouped_layout: m_indices, one group id per row ([M] int32, -1 for none), or
+        grouped_layout: (or m_indices=, DeepGEMM 2.0's keyword) one group id per row ([M] int32, -1 for none), or
             with use_psum_layout=True one cumulative row end per group ([G] int32, read on the
             device): group g owns rows align(ends[g - 1], 128) .. ends[g] - 1 (group 0 from row 0),
             the rows between a group's end and the next 128-aligned start, and any past the last
@@ -344,11 +344,20 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout, recipe=None, compi
         expected_m_for_psum_layout: rows per group to tune for (psum layout only; a hint).
     """
     _deepgemm_options(recipe, recipe_a=recipe_a, recipe_b=recipe_b)
+    grouped_layout = _layout_argument(grouped_layout, m_indices)
     expected_m = psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout)
     a, sa = _unpack("a", a)
     b, sb = _unpack("b", b)
     torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, d, grouped_layout, use_psum_layout,
                                                                   ensure_zero_padding, expected_m)
+
+
+def _layout_argument(grouped_layout, m_indices):
+    """The contiguous layout under either of DeepGEMM's names (grouped_layout; m_indices in 2.0)."""
+    if (grouped_layout is None) == (m_indices is None):
+        raise TypeError("grouped_layout: expected the contiguous layout under exactly one of the names "
+                        "grouped_layout and m_indices")
+    return m_indices if grouped_layout is None else grouped_layout
 
 
 def psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout) -> int:
@@ -380,9 +389,9 @@ def m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m, recipe=None, com
 fp8_m_grouped_gemm_nt_masked = m_grouped_fp8_gemm_nt_masked  # DeepGEMM's legacy name (sglang imports it)
 
 
-def m_grouped_fp8_gemm_nn_contiguous(a, b, d, grouped_layout, recipe=None, compiled_dims="nk",
+def m_grouped_fp8_gemm_nn_contiguous(a, b, d, grouped_layout=None, recipe=None, compiled_dims="nk",
                                      disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None,
-                                     use_psum_layout=False, ensure_zero_padding=False) -> None:
+                                     use_psum_layout=False, ensure_zero_padding=False, m_indices=None) -> None:
     """DeepGEMM's m_grouped_fp8_gemm_nn_contiguous: as m_grouped_fp8_gemm_nt_contiguous with b =
     (b [G, k, n], sb [G, k / 128, ceil(n / 128)]): row i is A[i] @ B[g] (the experts' input gradient
     from the forward weights' transposed copy), i.e. the nt form of (b, sb) with the last two
@@ -392,7 +401,8 @@ def m_grouped_fp8_gemm_nn_contiguous(a, b, d, grouped_layout, recipe=None, compi
     t, _ = _unpack("a", a)
     m_grouped_fp8_gemm_nt_contiguous(a, _transposed("b", b, t.shape[-1] if isinstance(t, torch.Tensor) else None,
                                                     "b"),
-                                     d, grouped_layout, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a,
+                                     d, _layout_argument(grouped_layout, m_indices), recipe, compiled_dims,
+                                     disable_ue8m0_cast, recipe_a=recipe_a,
                                      recipe_b=recipe_b, use_psum_layout=use_psum_layout,
                                      ensure_zero_padding=ensure_zero_padding)
 
@@ -445,6 +455,14 @@ def wgrad_gemm_fp8_fp8_fp32_nt(lhs, rhs, out) -> None:
 def ceil_div(x: int, y: int) -> int:
     """DeepGEMM's helper: x / y rounded up."""
     return (x + y - 1) // y
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """DeepGEMM's similarity measure as its package exports it: 1 - 2 sum(x y) / sum(x^2 + y^2) in
+    float64, a 0-d tensor on the inputs' device (NaN for two all-zero tensors). Our tests use
+    dskernels.testing.calc_diff, a python float with 0 for that case."""
+    x, y = x.double(), y.double()
+    return 1 - 2 * (x * y).sum() / (x * x + y * y).sum()
 
 
 def get_tma_aligned_size(x: int, element_size: int) -> int:

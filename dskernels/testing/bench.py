@@ -78,8 +78,9 @@ def summarize_readings(readings: list[dict | None]) -> dict | None:
 
 
 def _readings_until(done: torch.cuda.Event) -> dict | None:
-    """NVML readings every millisecond until `done` has run (the timed loop is queued ahead of the
-    device: the readings fall inside it), summarized."""
+    """NVML readings every millisecond until `done` has run, summarized: the timed loop is queued
+    ahead of the device, so they fall inside it (a loop shorter than one reading, or one bound by
+    the host, gets one taken just after it)."""
     readings = [gpu_reading()]
     while readings[0] is not None and len(readings) < _MAX_READINGS and not done.query():
         time.sleep(1e-3)

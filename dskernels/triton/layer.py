@@ -142,7 +142,7 @@ def _write_latent_cache_kernel(latent_ptr, rope_ptr, cache_ptr, table_ptr, seqle
                                FP8: tl.constexpr, NATIVE: tl.constexpr):
     """Program t = (sequence b, new token j): its latent [RANK] and roped key [ROPE] into cache row
     page * page_size + slot % page_size. A negative slot, one past the block table or a page id
-    outside the cache is not written (the torch path raises there; nothing else may be overwritten)."""
+    outside the cache is not written (as the torch path, models/paged.py; nothing else may be overwritten)."""
     t = tl.program_id(0)
     b = t // s
     slot = tl.load(seqlens_ptr + b) + t % s
