@@ -6,8 +6,12 @@ The H200 run of 2026-12-04 timed the FP8 layer's eager decode step at batch 1 at
 of bytes: the GPU waits on the host (launches, argument checks, Python). This runs the step of
 benchmarks/bench_model.py (`decode_case`) `--steps` times under cProfile, with no synchronization
 in between (as an eager server loop runs), and prints the wall time per step and the functions that took the most host time:
-their own time (tottime) and with what they call (cumtime). On CPU (`--config tiny`) it runs the
-same code path on the reference or Triton's interpreter: a smoke test of the script, not a profile.
+their own time (tottime) and with what they call (cumtime). On a GPU it first splits the step's
+time three ways, to tell a host-bound step from a GPU-bound one or one that waits on the device:
+the host's time to enqueue a step, the device's busy time per step (torch.profiler's kernels), and
+the synchronizing calls in one step (torch.cuda.set_sync_debug_mode). On CPU (`--config tiny`) it
+runs the same code path on the reference or Triton's interpreter: a smoke test of the script, not
+a profile.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import pstats
 import sys
 import time
+import warnings
 
 import torch
 
@@ -57,8 +62,15 @@ def main() -> int:
         began = time.perf_counter()
         for _ in range(args.steps):
             case.run(*inputs)
+        enqueue_ms = (time.perf_counter() - began) * 1e3 / args.steps
         sync()
         wall_ms = (time.perf_counter() - began) * 1e3 / args.steps
+        split = None
+        if on_gpu:
+            try:
+                split = split_step(lambda: case.run(*inputs), args.steps)
+            except Exception as e:  # never run on a GPU yet: the profile below stands without it
+                print(f"host profile: the device split failed: {type(e).__name__}: {e}")
 
         profiler = cProfile.Profile()
         profiler.enable()
@@ -70,6 +82,10 @@ def main() -> int:
     shape = " ".join(f"{k}={v}" for k, v in case.params.items())
     print(f"host profile: {case.op} {shape} backend={args.backend} on {device}: {wall_ms:.3f} ms per step "
           f"eagerly ({args.steps} steps, no sync between; run.py's --profile gives the kernels' own time)")
+    print(f"host profile: enqueueing a step took {enqueue_ms:.3f} ms of host time"
+          + (f"; the device was busy {split['busy_ms']:.3f} ms per step ({split['kernels']:.0f} kernels); "
+             f"{split['syncs']} synchronizing call(s) in one step{': ' + split['first'] if split['first'] else ''}"
+             if split else " (no device split: " + ("it failed)" if on_gpu else "GPU only)")))
     for order in ("tottime", "cumtime"):
         text = io.StringIO()
         stats = pstats.Stats(profiler, stream=text)
@@ -77,6 +93,32 @@ def main() -> int:
         print(f"--- by {order} (cProfile's overhead included; {args.steps} steps) ---")
         print("\n".join(line for line in text.getvalue().splitlines() if line.strip()))
     return 0
+
+
+def split_step(step, steps: int) -> dict:
+    """The device's busy time and kernel count per step (torch.profiler over `steps` steps), and the
+    host synchronizations of one step (torch.cuda.set_sync_debug_mode's warnings: .item(),
+    nonzero, a blocking copy...). A step far longer than both its enqueue time and its busy time
+    waits on such a call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(e.device_time for e in kernels) / 1e3 / steps
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    return {"busy_ms": busy_ms, "kernels": len(kernels) / steps, "syncs": len(syncs),
+            "first": syncs[0] if syncs else ""}
 
 
 if __name__ == "__main__":
