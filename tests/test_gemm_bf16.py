@@ -148,6 +148,21 @@ def test_m_grouped_nn_contiguous_and_strided_operands(backend):
     dskernels.m_grouped_bf16_gemm_nn_contiguous(a, b_kn, d, grouped_layout)
     for g, (lo, hi) in ranges.items():
         assert_close_to_product(d[lo:hi], a[lo:hi], b_kn[g].T)
+    again = torch.full_like(d, float("nan"))  # DeepGEMM 2.0's keyword for the layout
+    dskernels.m_grouped_bf16_gemm_nn_contiguous(a, b_kn, again, m_indices=grouped_layout)
+    for lo, hi in ranges.values():  # (rows of no group are left unspecified)
+        assert torch.equal(again[lo:hi], d[lo:hi])
+    with pytest.raises(TypeError, match="^grouped_layout: expected the contiguous layout under exactly one"):
+        dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b_kn.transpose(1, 2), again)
+
+
+def test_k_grouped_refusal_leaves_d_untouched():
+    """A backend that cannot run the op refuses before c is copied into d."""
+    tokens_a, tokens_b = bf16_randn(4, 5, device="cpu"), bf16_randn(4, 7, device="cpu")
+    d = torch.zeros(2, 5, 7)
+    with dskernels.backend("cuda"), pytest.raises((ValueError, NotImplementedError), match="k_grouped_bf16"):
+        dskernels.k_grouped_bf16_gemm_tn_contiguous(tokens_a, tokens_b, d, [1, 3], c=torch.ones(2, 5, 7))
+    assert d.eq(0).all()
 
 
 # ---- masked grouped ----

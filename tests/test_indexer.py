@@ -264,6 +264,19 @@ def test_per_custom_dims_cast_to_fp8():
     assert (torch.frexp(pow2)[0] == 0.5).all() and (pow2 >= scale).all() and (pow2 < 2 * scale).all()
     _, per_col = dskernels.per_custom_dims_cast_to_fp8(x, (-1,))
     assert per_col.shape == (40,)
+    for dims, error, words in ((0, TypeError, "^dims: expected a tuple of ints"),
+                               ((5,), ValueError, r"^dims: expected distinct dimensions of x \(2 dimensions\)"),
+                               ((0, -2), ValueError, "^dims: expected distinct"), ((0.0,), TypeError, "^dims:")):
+        with pytest.raises(error, match=words):
+            dskernels.per_custom_dims_cast_to_fp8(x, dims)
+    with pytest.raises(TypeError, match="^x: expected a torch.Tensor"):
+        dskernels.per_custom_dims_cast_to_fp8(x.tolist(), (0,))
+    with pytest.raises(ValueError, match="^k_cache: expected 4 dimensions"):
+        dskernels.paged_k_cache_cast_to_fp8(torch.randn(2, 4, 32))
+    with pytest.raises(TypeError, match="^k_cache: expected dtype"):
+        dskernels.paged_k_cache_cast_to_fp8(torch.ones(2, 4, 1, 32, dtype=torch.int32))
+    with pytest.raises(TypeError, match="^cache: expected dtype uint8 or float8_e4m3fn"):
+        dskernels.dequantize_sparse_kv_cache(torch.zeros(2, 656))
 
 
 def test_paged_metadata():
@@ -301,6 +314,22 @@ def test_mqa_validation(change, exc, match):
     change(args)
     with pytest.raises(exc, match=match):
         dskernels.fp8_mqa_logits(**args)
+
+
+def test_deepgemm_keyword_names():
+    """DeepGEMM's own keywords (cu_seq_len_k_start / _end, indices=None) as well as its tests'."""
+    q, k, k_scale, weights, ks, ke = mqa_inputs(5, 70, 4, 32, seed=1)
+    want = dskernels.fp8_mqa_logits(q, (k, k_scale), weights, ks, ke)
+    got = dskernels.fp8_mqa_logits(q=q, kv=(k, k_scale), weights=weights, cu_seq_len_k_start=ks, cu_seq_len_k_end=ke)
+    assert torch.equal(got, want)
+    assert torch.equal(dskernels.fp8_mqa_logits(q, (k, k_scale), weights, cu_seqlen_ks=ks, cu_seqlen_ke=ke), want)
+    with pytest.raises(TypeError, match="^cu_seq_len_k_start: expected a tensor under exactly one of the names"):
+        dskernels.fp8_mqa_logits(q, (k, k_scale), weights, ks, ke, cu_seqlen_ks=ks)
+    lens = torch.tensor([130, 5], dtype=torch.int32)
+    assert torch.equal(dskernels.get_paged_mqa_logits_metadata(lens, 64, 4, indices=None),
+                       dskernels.get_paged_mqa_logits_metadata(lens, 64, 4))
+    with pytest.raises(NotImplementedError, match="^indices: "):
+        dskernels.get_paged_mqa_logits_metadata(lens, 64, 4, indices=torch.zeros(2, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("change,exc,match", [

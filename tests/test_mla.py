@@ -178,6 +178,33 @@ def test_empty_batch(backend):
     assert out.shape == (0, 2, 4, dv) and lse.shape == (0, 4, 2)
 
 
+def test_flashmla_lazy_metadata_form(backend):
+    """FlashMLA's newest calls: get_mla_metadata() with no lengths, num_splits None, the second
+    sparse cache's arguments None: the first decode plans the batch, later ones reuse the plan."""
+    name, device = backend
+    skip_cuda_backend(name)
+    q, k_cache, block_table, lens, dv, _ = make_inputs([70, 0, 5], 2, 4, 2, 16, torch.bfloat16, torch.bfloat16,
+                                                       device=device)
+    want = run_op(q, k_cache, block_table, lens, dv, None, True)
+    meta, splits = dskernels.get_mla_metadata()
+    assert splits is None and meta.plan is None
+    for _ in range(2):  # planned, then reused (one plan per decode step, shared by its layers)
+        got = dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, causal=True,
+                                               extra_k_cache=None, extra_indices_in_kvcache=None,
+                                               extra_topk_length=None)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert meta.plan is not None
+    with pytest.raises(ValueError, match="^tile_scheduler_metadata: planned for"):
+        dskernels.flash_mla_with_kvcache(q[:2], k_cache, block_table[:2], lens[:2], dv, meta)
+    explicit, _ = dskernels.get_mla_metadata(lens, 4, 2)
+    with pytest.raises(TypeError, match="^num_splits: expected get_mla_metadata's second tensor"):
+        dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, explicit)
+    with pytest.raises(NotImplementedError, match="^extra_k_cache: "):
+        dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, extra_k_cache=k_cache)
+    with pytest.raises(TypeError, match="^num_heads_k: expected an int with cache_seqlens"):
+        dskernels.get_mla_metadata(lens, 4)
+
+
 def test_oracle_definition():
     """python_ref against the formulas of API.md on one sequence of two keys, by hand."""
     d, dv = 16, 8

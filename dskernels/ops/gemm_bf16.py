@@ -17,7 +17,8 @@ from dskernels._backend import current_backend, select_backend
 from dskernels._checks import check_no_overlap, check_tensor, may_share_memory
 from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
-from dskernels.ops.gemm import _check_c, _check_expected_m, _check_shape, check_grouped_layout, psum_options
+from dskernels.ops.gemm import (_check_c, _check_expected_m, _check_shape, _layout_argument, check_grouped_layout,
+                                psum_options)
 from python_ref import gemm as ref
 
 BF16 = torch.bfloat16
@@ -82,9 +83,10 @@ def bf16_gemm_tt(a, b, d, c=None, compiled_dims: str = "nk") -> None:
 
 
 def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
-                                      grouped_layout: torch.Tensor, compiled_dims: str = "nk",
+                                      grouped_layout: torch.Tensor | None = None, compiled_dims: str = "nk",
                                       use_psum_layout: bool = False, ensure_zero_padding: bool = False,
-                                      expected_m_for_psum_layout: int | None = None) -> None:
+                                      expected_m_for_psum_layout: int | None = None, *,
+                                      m_indices: torch.Tensor | None = None) -> None:
     """Grouped GEMM over rows stacked by group (MoE experts in bf16): d[i] = a[i] @ b[g].T for the
     rows i of group g, summed in fp32.
 
@@ -95,21 +97,24 @@ def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
         grouped_layout: int32 on a's device, read there (no host sync): one group id per row
             ([M], -1 for none; segments aligned to 128 rows or not), or with use_psum_layout one
             cumulative row end per group ([G]; group g owns rows align(ends[g - 1], 128) ..
-            ends[g] - 1), exactly as for m_grouped_fp8_gemm_nt_contiguous.
+            ends[g] - 1), exactly as for m_grouped_fp8_gemm_nt_contiguous (m_indices=: the same,
+            under DeepGEMM 2.0's keyword).
         compiled_dims: ignored. expected_m_for_psum_layout: rows per group to tune for (a hint).
     """
+    grouped_layout = _layout_argument(grouped_layout, m_indices)
     expected_m = psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout)
     torch.ops.dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b, d, grouped_layout, use_psum_layout,
                                                           ensure_zero_padding, expected_m)
 
 
-def m_grouped_bf16_gemm_nn_contiguous(a, b, d, grouped_layout, compiled_dims: str = "nk",
-                                      use_psum_layout: bool = False, ensure_zero_padding: bool = False) -> None:
+def m_grouped_bf16_gemm_nn_contiguous(a, b, d, grouped_layout=None, compiled_dims: str = "nk",
+                                      use_psum_layout: bool = False, ensure_zero_padding: bool = False,
+                                      expected_m_for_psum_layout: int | None = None, *, m_indices=None) -> None:
     """As m_grouped_bf16_gemm_nt_contiguous with b [G, k, n] (d[i] = a[i] @ b[g]: the input
     gradient of the experts, from the same weights)."""
     check_tensor("b", b, ndim=3)
-    m_grouped_bf16_gemm_nt_contiguous(a, b.transpose(1, 2), d, grouped_layout, compiled_dims, use_psum_layout,
-                                      ensure_zero_padding)
+    m_grouped_bf16_gemm_nt_contiguous(a, b.transpose(1, 2), d, _layout_argument(grouped_layout, m_indices),
+                                      compiled_dims, use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout)
 
 
 def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor,
@@ -147,6 +152,8 @@ def k_grouped_bf16_gemm_tn_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
     _check_k_grouped(a, b, d, ks, ks_tensor, overlap=not torch.compiler.is_compiling())
     _check_c(c, d, "d")
     if c is not None and c is not d:
+        if not torch.compiler.is_compiling():
+            _backend("k_grouped_bf16_gemm_tn_contiguous", d.device)  # eager: every refusal before d is written
         d.copy_(c)
     torch.ops.dskernels.k_grouped_bf16_gemm_tn_contiguous(a, b, d, ks, ks_tensor, c is not None)
 

@@ -19,13 +19,47 @@ from dskernels._device import on_tensor_device
 from dskernels.ops.mla import check_int
 
 FP8 = torch.float8_e4m3fn
-per_custom_dims_cast_to_fp8 = ref.per_custom_dims_cast_to_fp8
-paged_k_cache_cast_to_fp8 = ref.paged_k_cache_cast_to_fp8
+
+
+def paged_k_cache_cast_to_fp8(k_cache: torch.Tensor) -> torch.Tensor:
+    """k_cache [num_pages, page_size, 1, D] (bf16, fp16 or fp32) -> uint8 [num_pages, page_size, 1,
+    D + 4] in DeepGEMM's paged layout (per page: the e4m3 rows, then one fp32 scale per token);
+    python_ref.indexer's torch ops on every device."""
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(torch.bfloat16, torch.float16, torch.float32))
+    return ref.paged_k_cache_cast_to_fp8(k_cache)
+
+
+def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepGEMM's helper: one fp32 scale per index of the kept `dims` (a tuple of distinct
+    dimensions of x), over all other dimensions; scale = max(amax, 1e-4) / 448, rounded up to a
+    power of two with use_ue8m0. Returns (x in e4m3, shaped like x; scales shaped like x's kept
+    dims). python_ref.indexer's torch ops on every device."""
+    check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32))
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"dims: expected a tuple of ints (the dimensions that keep one scale per index), got {dims!r}")
+    if any(not -x.dim() <= d < x.dim() for d in dims) or len({d % x.dim() for d in dims}) != len(dims):
+        raise ValueError(f"dims: expected distinct dimensions of x ({x.dim()} dimensions), got {tuple(dims)}")
+    if not isinstance(use_ue8m0, bool):
+        raise TypeError(f"use_ue8m0: expected a bool, got {type(use_ue8m0).__name__}")
+    return ref.per_custom_dims_cast_to_fp8(x, tuple(dims), use_ue8m0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------------
+
+def _one_of(name: str, value, alias: str, alias_value):
+    """An argument given under DeepGEMM's name or its tests' (exactly one of the two)."""
+    if (value is None) == (alias_value is None):
+        raise TypeError(f"{name}: expected a tensor under exactly one of the names {name} and {alias}")
+    return alias_value if value is None else value
+
+
+def _no_indices(indices) -> None:
+    if indices is not None:
+        raise NotImplementedError("indices: newer DeepGEMM's key selection is not implemented here; pass None "
+                                  "(every key of the context)")
+
 
 def _plain_q(q):
     """Newer DeepGEMM passes q as (values, scales or None) (FP4 queries carry scales): the FP8 form
@@ -39,8 +73,9 @@ def _plain_q(q):
 
 
 def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor,
-                   cu_seqlen_ks: torch.Tensor, cu_seqlen_ke: torch.Tensor, clean_logits: bool = True,
-                   max_seqlen_k: int = 0) -> torch.Tensor:
+                   cu_seq_len_k_start: torch.Tensor | None = None, cu_seq_len_k_end: torch.Tensor | None = None,
+                   clean_logits: bool = True, max_seqlen_k: int = 0, *, cu_seqlen_ks: torch.Tensor | None = None,
+                   cu_seqlen_ke: torch.Tensor | None = None) -> torch.Tensor:
     """The indexer's prefill logits (DeepGEMM's `fp8_mqa_logits`).
 
     Args:
@@ -49,8 +84,9 @@ def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weigh
         kv: (k [N, D] float8_e4m3fn, k_scale [N] float32): key t is k[t] * k_scale[t]
             (`per_custom_dims_cast_to_fp8(k, (0,))` makes it).
         weights: [M, H] float32, the per-(query, head) weights.
-        cu_seqlen_ks, cu_seqlen_ke: [M] int32: query i sees keys [ks[i], ke[i]) (clamped to
-            [0, N); empty if ks >= ke).
+        cu_seq_len_k_start, cu_seq_len_k_end (DeepGEMM's names; or cu_seqlen_ks, cu_seqlen_ke,
+            those of its tests): [M] int32: query i sees keys [ks[i], ke[i]) (clamped to [0, N);
+            empty if ks >= ke).
         clean_logits: DeepGEMM leaves unseen positions unwritten when False; here they are -inf
             either way.
         max_seqlen_k: 0, or the compressed layout's width: out[i, c] is key ks[i] + c.
@@ -60,6 +96,8 @@ def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weigh
         -inf for keys query i does not see.
     """
     q = _plain_q(q)
+    cu_seqlen_ks = _one_of("cu_seq_len_k_start", cu_seq_len_k_start, "cu_seqlen_ks", cu_seqlen_ks)
+    cu_seqlen_ke = _one_of("cu_seq_len_k_end", cu_seq_len_k_end, "cu_seqlen_ke", cu_seqlen_ke)
     if not isinstance(kv, (tuple, list)) or len(kv) != 2:
         raise TypeError(f"kv: expected a tuple (k float8_e4m3fn [N, D], k_scale float32 [N]), got {type(kv).__name__}")
     if isinstance(max_seqlen_k, bool):
@@ -70,7 +108,7 @@ def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weigh
 
 def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
                          context_lens: torch.Tensor, block_table: torch.Tensor, schedule_meta,
-                         max_context_len: int, clean_logits: bool = False) -> torch.Tensor:
+                         max_context_len: int, clean_logits: bool = False, indices=None) -> torch.Tensor:
     """The indexer's decode logits over a paged FP8 key cache (DeepGEMM's `fp8_paged_mqa_logits`).
 
     Args:
@@ -88,10 +126,12 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
             kernel's grid covers every (sequence, key block) pair).
         max_context_len: the width of the result.
         clean_logits: as in fp8_mqa_logits (-inf for unseen keys either way).
+        indices: newer DeepGEMM's option; only None (every key) is taken here.
 
     Returns:
         logits: float32 [B * next_n, max_context_len].
     """
+    _no_indices(indices)
     q = _plain_q(q)
     if isinstance(max_context_len, bool):
         raise TypeError("max_context_len: expected an int, got bool")
@@ -99,8 +139,8 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
                                                      max_context_len, clean_logits)
 
 
-def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num_sms: int | None = None
-                                  ) -> torch.Tensor:
+def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num_sms: int | None = None,
+                                  indices=None) -> torch.Tensor:
     """A balanced schedule for `fp8_paged_mqa_logits`, computed on the device without a host sync.
 
     Called as DeepGEMM's (context_lens, block_kv, num_sms) or its older (context_lens, num_sms) (then
@@ -111,6 +151,7 @@ def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num
     that sees the most). Same shape and idea as DeepGEMM's plan, not its exact split (DeepGEMM's
     kernel reads its own); dskernels's kernel does not read it (see fp8_paged_mqa_logits).
     """
+    _no_indices(indices)
     if num_sms is None:
         block_kv, num_sms = 64, block_kv
     check_tensor("context_lens", context_lens, dtypes=(torch.int32,))

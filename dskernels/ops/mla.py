@@ -32,9 +32,20 @@ _Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Public functions
 # ---------------------------------------------------------------------------------------------
 
-def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int,
-                     num_heads_q: int | None = None, is_fp8_kvcache: bool = False,
-                     topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+class MLASchedulerMetadata:
+    """FlashMLA's newest form (its FlashMLASchedMeta): `get_mla_metadata()` with no lengths returns
+    this, empty, and the first `flash_mla_with_kvcache` call given it plans its batch (the same
+    device-side plan) and keeps the plan here; later calls with it reuse that plan. One per decode
+    step, shared by the step's layers, as in FlashMLA (the lengths must not change in between)."""
+
+    def __init__(self):
+        self.plan: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.key: tuple | None = None
+
+
+def get_mla_metadata(cache_seqlens: torch.Tensor | None = None, num_q_tokens_per_head_k: int | None = None,
+                     num_heads_k: int | None = None, num_heads_q: int | None = None, is_fp8_kvcache: bool = False,
+                     topk: int | None = None):
     """Plans how the decode kernel splits the keys of a batch over the GPU's SMs.
 
     Computed on the device (one kernel on the Triton and CUDA backends, `split_plan`'s tensor ops
@@ -69,17 +80,27 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
     num_heads_q, is_fp8_kvcache and topk are FlashMLA's arguments for its sparse kernels, accepted
     for drop-in use and not needed here: the sparse decode (flash_mla_with_kvcache with indices)
     plans its own splits from the shapes and does not read this metadata.
+
+    With no cache_seqlens (FlashMLA's newest call, `get_mla_metadata()`): returns
+    (MLASchedulerMetadata(), None), a plan filled by the first flash_mla_with_kvcache call.
     """
+    if cache_seqlens is None:
+        return MLASchedulerMetadata(), None
+    for name, value in (("num_q_tokens_per_head_k", num_q_tokens_per_head_k), ("num_heads_k", num_heads_k)):
+        if value is None:
+            raise TypeError(f"{name}: expected an int with cache_seqlens (or no arguments at all: the plan "
+                            f"is then made by the first flash_mla_with_kvcache call), got None")
     return torch.ops.dskernels.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
 
 
 def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
                            cache_seqlens: torch.Tensor, head_dim_v: int,
-                           tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor,
+                           tile_scheduler_metadata, num_splits: torch.Tensor | None = None,
                            softmax_scale: float | None = None, causal: bool = False,
                            k_scale: torch.Tensor | None = None, *, is_fp8_kvcache: bool = False,
                            indices: torch.Tensor | None = None, topk_length: torch.Tensor | None = None,
-                           attn_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           attn_sink: torch.Tensor | None = None, extra_k_cache=None,
+                           extra_indices_in_kvcache=None, extra_topk_length=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-head latent attention decode over a paged KV cache (FlashMLA's API).
 
     Args:
@@ -97,7 +118,9 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         head_dim_v: dv, the value width, 1 <= dv <= d (512 for V3).
         tile_scheduler_metadata, num_splits: from `get_mla_metadata(cache_seqlens,
             s_q * h_q // h_kv, h_kv)` for the same batch (the lengths may have changed since only
-            if the metadata was recomputed, e.g. inside the same CUDA graph).
+            if the metadata was recomputed, e.g. inside the same CUDA graph); or FlashMLA's newest
+            form, `get_mla_metadata()`'s MLASchedulerMetadata and None: planned by the first
+            call that gets it, reused by later ones.
         softmax_scale: scale of q.k, default d ** -0.5.
         causal: False: every query of sequence i sees keys [0, cache_seqlens[i]). True: query
             token j sees keys [0, cache_seqlens[i] - s_q + j + 1) (the queries are the last s_q
@@ -118,11 +141,19 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     `flash_mla_sparse_decode` (dskernels/ops/mla_sparse.py), whose docstring has the details.
     causal and k_scale do not apply there.
 
+    extra_k_cache, extra_indices_in_kvcache, extra_topk_length: FlashMLA's second sparse cache;
+    only None is taken here.
+
     Raises TypeError / ValueError whose message starts with the argument's name for wrong
     shapes, dtypes or devices.
     """
     if isinstance(head_dim_v, bool):  # checked here: the op's schema would pass it on as an int
         raise TypeError("head_dim_v: expected an int, got bool")
+    for name, value in (("extra_k_cache", extra_k_cache), ("extra_indices_in_kvcache", extra_indices_in_kvcache),
+                        ("extra_topk_length", extra_topk_length)):
+        if value is not None:
+            raise NotImplementedError(f"{name}: FlashMLA's second sparse KV cache is not implemented here; "
+                                      "pass None")
     if indices is not None:
         if causal:
             raise ValueError("causal: sparse attention (indices given) has no causal mask: the indices say "
@@ -137,9 +168,28 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                                           ("attn_sink", attn_sink)) if value is not None and value is not False]
         raise ValueError(f"{given[0]}: applies to sparse attention only (pass indices); dense decode reads an "
                          "fp8 cache with a per-tensor k_scale")
+    if isinstance(tile_scheduler_metadata, MLASchedulerMetadata):
+        tile_scheduler_metadata, num_splits = _lazy_plan(tile_scheduler_metadata, q, k_cache, cache_seqlens)
+    elif num_splits is None:
+        raise TypeError("num_splits: expected get_mla_metadata's second tensor with its tile_scheduler_metadata "
+                        "(None goes with get_mla_metadata()'s MLASchedulerMetadata only)")
     return torch.ops.dskernels.flash_mla_with_kvcache(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
         softmax_scale, causal, k_scale)
+
+
+def _lazy_plan(meta: MLASchedulerMetadata, q, k_cache, cache_seqlens) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan kept in `meta`, made on its first use (the batch's shapes must stay the same)."""
+    for name, t, ndim in (("q", q, 4), ("k_cache", k_cache, 4), ("cache_seqlens", cache_seqlens, 1)):
+        check_tensor(name, t, ndim=ndim)
+    rows, h_kv = q.shape[1] * q.shape[2] // max(k_cache.shape[2], 1), k_cache.shape[2]
+    key = (tuple(cache_seqlens.shape), rows, h_kv, cache_seqlens.device)
+    if meta.plan is None:
+        meta.plan, meta.key = get_mla_metadata(cache_seqlens, rows, h_kv), key
+    elif meta.key != key:
+        raise ValueError(f"tile_scheduler_metadata: planned for (batch, q rows per kv head, kv heads, device) = "
+                         f"{meta.key}, now used for {key}: call get_mla_metadata() again for this batch")
+    return meta.plan
 
 
 # ---------------------------------------------------------------------------------------------

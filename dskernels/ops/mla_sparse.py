@@ -22,7 +22,13 @@ from dskernels.ops.mla import check_cache_heads, check_int
 FP8 = torch.float8_e4m3fn
 _Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 quantize_sparse_kv_cache = ref.quantize_sparse_kv_cache
-dequantize_sparse_kv_cache = ref.dequantize_sparse_kv_cache
+
+
+def dequantize_sparse_kv_cache(cache: torch.Tensor) -> torch.Tensor:
+    """[..., 656] bytes of V3.2's FP8 layout (uint8 or float8_e4m3fn) -> float32 [..., 576], exactly
+    (python_ref.mla_sparse's torch ops on every device)."""
+    check_tensor("cache", cache, dtypes=(torch.uint8, torch.float8_e4m3fn))
+    return ref.dequantize_sparse_kv_cache(cache)
 
 
 # ---------------------------------------------------------------------------------------------
