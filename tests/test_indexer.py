@@ -307,6 +307,7 @@ def test_paged_metadata():
     (lambda a: a.update(cu_seqlen_ks=a["cu_seqlen_ks"].long()), TypeError, "cu_seqlen_ks"),
     (lambda a: a.update(cu_seqlen_ke=a["cu_seqlen_ke"][:2]), ValueError, "cu_seqlen_ke"),
     (lambda a: a.update(max_seqlen_k=-1), ValueError, "max_seqlen_k"),
+    (lambda a: a.update(max_seqlen_k=2.0), TypeError, "^max_seqlen_k: expected an int"),
 ])
 def test_mqa_validation(change, exc, match):
     q, k, k_scale, weights, ks, ke = mqa_inputs(5, 70, 4, 32, seed=1)
@@ -339,6 +340,8 @@ def test_deepgemm_keyword_names():
     (lambda a: a.update(context_lens=a["context_lens"][:1]), ValueError, "context_lens"),
     (lambda a: a.update(block_table=a["block_table"].long()), TypeError, "block_table"),
     (lambda a: a.update(max_context_len=True), TypeError, "max_context_len"),
+    (lambda a: a.update(max_context_len=None), TypeError, "^max_context_len: expected an int"),
+    (lambda a: a.update(clean_logits="yes"), TypeError, "^clean_logits: expected a bool"),
 ])
 def test_paged_validation(change, exc, match):
     q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 1, 4, 32, 16, seed=1)

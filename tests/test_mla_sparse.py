@@ -350,6 +350,8 @@ def _decode_args():
     (lambda a: a.update(indices=a["indices"][:, :1]), ValueError, "indices"),
     (lambda a: a.update(head_dim_v=200), ValueError, "head_dim_v"),
     (lambda a: a.update(head_dim_v=True), TypeError, "head_dim_v"),
+    (lambda a: a.update(head_dim_v=32.0), TypeError, "^head_dim_v: expected an int"),
+    (lambda a: a.update(softmax_scale="x"), TypeError, "^softmax_scale: expected a float"),
     (lambda a: a.update(k_cache=a["k_cache"].half()), TypeError, "k_cache"),
     (lambda a: a.update(is_fp8_kvcache=True), TypeError, "k_cache"),
     (lambda a: a.update(topk_length=torch.zeros(3, dtype=torch.int32)), ValueError, "topk_length"),
@@ -391,6 +393,7 @@ def test_flash_mla_with_kvcache_sparse_keywords_validation():
     (lambda a: a.update(kv=a["kv"].float()), TypeError, "kv"),
     (lambda a: a.update(kv=a["kv"][:, :, :32]), ValueError, "kv"),
     (lambda a: a.update(d_v=65), ValueError, "d_v"),
+    (lambda a: a.update(d_v=32.0), TypeError, "^d_v: expected an int"),
     (lambda a: a.update(topk_length=torch.zeros(2, dtype=torch.int64)), TypeError, "topk_length"),
 ])
 def test_prefill_validation(change, exc, match):

@@ -55,6 +55,11 @@ def _one_of(name: str, value, alias: str, alias_value):
     return alias_value if value is None else value
 
 
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+
+
 def _no_indices(indices) -> None:
     if indices is not None:
         raise NotImplementedError("indices: newer DeepGEMM's key selection is not implemented here; pass None "
@@ -100,8 +105,8 @@ def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weigh
     cu_seqlen_ke = _one_of("cu_seq_len_k_end", cu_seq_len_k_end, "cu_seqlen_ke", cu_seqlen_ke)
     if not isinstance(kv, (tuple, list)) or len(kv) != 2:
         raise TypeError(f"kv: expected a tuple (k float8_e4m3fn [N, D], k_scale float32 [N]), got {type(kv).__name__}")
-    if isinstance(max_seqlen_k, bool):
-        raise TypeError("max_seqlen_k: expected an int, got bool")
+    check_int("max_seqlen_k", max_seqlen_k, 0)  # (a wrong type: TypeError here, not the schema's RuntimeError)
+    _check_flag("clean_logits", clean_logits)
     return torch.ops.dskernels.fp8_mqa_logits(q, kv[0], kv[1], weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits,
                                                max_seqlen_k)
 
@@ -133,8 +138,8 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     """
     _no_indices(indices)
     q = _plain_q(q)
-    if isinstance(max_context_len, bool):
-        raise TypeError("max_context_len: expected an int, got bool")
+    check_int("max_context_len", max_context_len, 0)
+    _check_flag("clean_logits", clean_logits)
     return torch.ops.dskernels.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table,
                                                      max_context_len, clean_logits)
 

@@ -64,8 +64,9 @@ def flash_mla_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: tor
         sum of exp(scaled scores). A query with no valid index gets out = 0 and lse = +inf; one
         whose scores hold NaN (a NaN in q or in a listed cache row) gets NaN in both.
     """
-    if isinstance(head_dim_v, bool):
-        raise TypeError("head_dim_v: expected an int, got bool")
+    # The scalars checked here: the op's schema would refuse a wrong type with a RuntimeError
+    check_int("head_dim_v", head_dim_v, 1)
+    _check_scale("softmax_scale", softmax_scale, required=False)
     return torch.ops.dskernels.flash_mla_sparse_decode(q, k_cache, indices, head_dim_v, softmax_scale,
                                                        is_fp8_kvcache, topk_length, attn_sink)
 
@@ -92,8 +93,7 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
         score (-inf with no valid index); lse: [s_q, h_q] float32, natural log (+inf with no
         valid index, where out = 0).
     """
-    if isinstance(d_v, bool):
-        raise TypeError("d_v: expected an int, got bool")
+    check_int("d_v", d_v, 1)
     _check_scale("sm_scale", sm_scale, required=True)  # before the schema's own, unnamed complaint
     return torch.ops.dskernels.flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
 
