@@ -116,6 +116,19 @@ def test_deepgemm_keywords():
                 assert_same_bits(got, want)
 
 
+def test_deepgemm_utils_module():
+    """deep_gemm.utils's names under dskernels.utils: the same casts, align, ceil_to_ue8m0."""
+    import dskernels.utils as utils
+
+    assert utils.per_token_cast_to_fp8 is dskernels.per_token_cast_to_fp8
+    assert utils.per_custom_dims_cast_to_fp8 is dskernels.per_custom_dims_cast_to_fp8
+    assert (utils.align(130, 128), utils.align(128, 128), utils.ceil_div(5, 2)) == (256, 128, 3)
+    scales = torch.tensor([0.3, -3.0, 4.0, 1e-30, 2.0 ** -126])
+    assert utils.ceil_to_ue8m0(scales).tolist() == [0.5, 4.0, 4.0, 2.0 ** -99, 2.0 ** -126]
+    with pytest.raises(TypeError, match="^x: expected a float32 tensor"):
+        utils.ceil_to_ue8m0(scales.double())
+
+
 def _same_with_nan(actual, expected, what):
     """Equal values, NaN where the reference has NaN (its sign and payload bits aside)."""
     actual, expected = actual.cpu().float(), expected.float()
