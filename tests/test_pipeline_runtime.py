@@ -400,8 +400,25 @@ def test_weight_grad_store_class_level_api():
     w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     assert not WeightGradStore.enabled
-    with pytest.raises(RuntimeError, match="no active store"):
+    # Outside a runtime: DualPipe's process-wide class-level state, driven by the caller
+    WeightGradStore.enabled = True
+    try:
+        assert WeightGradStore.enabled and WeightGradStore.cache == []
+        DualPipeStyleLinearFn.apply(x, w).sum().backward()
+        assert w.grad is None and len(WeightGradStore.cache) == 1
+        WeightGradStore.flush()
+        assert WeightGradStore.cache == [] and WeightGradStore.funcs_queue.qsize() == 1
+        WeightGradStore.pop()
+        torch.testing.assert_close(w.grad, torch.ones(5, 3, dtype=torch.float64).t() @ x.detach())
+        with pytest.raises(RuntimeError, match="^WeightGradStore.pop: no deferred weight gradient"):
+            WeightGradStore.pop()
         WeightGradStore.put(lambda: None)
+        WeightGradStore.clear()
+        assert WeightGradStore.cache == [] and WeightGradStore.funcs_queue.empty()
+    finally:
+        WeightGradStore.enabled = False
+    assert not WeightGradStore.enabled
+    w.grad = None
     store = WeightGradStore()
     with store.activate():
         assert WeightGradStore.enabled

@@ -4,7 +4,10 @@ During an I action (input gradient only) the runtime makes its store the active 
 whose backward runs then computes the input gradient at once and puts a closure computing its
 weight (and bias) gradient into the store. `flush()` after the backward groups those closures as
 one chunk's W; the matching W action `pop()`s and runs them, in FIFO order (DualPipe's
-WeightGradStore, but one per runtime instead of class-level state).
+WeightGradStore, but one per runtime instead of class-level state). DualPipe's class-level calls
+(`WeightGradStore.enabled = True`, `.put`, `.flush`, `.pop`, `.clear`, `.cache`, `.funcs_queue`)
+reach the running I action's store, and outside one a process-wide store, as DualPipe's own
+class-level state (for code that drives its own schedule with it).
 
 Modules without a deferrable Linear still work: their weight gradients are simply computed during
 the I action, and the W action has nothing to run.
@@ -23,34 +26,51 @@ __all__ = ["WeightGradStore", "Linear"]
 
 
 class _StoreMeta(type):
+    """DualPipe's class-level attributes, on the store class-level calls reach (_target)."""
+
     @property
     def enabled(cls) -> bool:
-        """Class-level `WeightGradStore.enabled` (DualPipe's API): is an I action deferring now?"""
+        """Class-level `WeightGradStore.enabled` (DualPipe's API): is deferral on now?"""
         return cls.current() is not None
+
+    @enabled.setter
+    def enabled(cls, value: bool) -> None:
+        cls._target().enabled = bool(value)
+
+    @property
+    def cache(cls) -> list:
+        return cls._target().cache
+
+    @cache.setter
+    def cache(cls, value: list) -> None:
+        cls._target().cache = value
+
+    @property
+    def funcs_queue(cls) -> queue.Queue:
+        return cls._target().funcs_queue
+
+    @funcs_queue.setter
+    def funcs_queue(cls, value: queue.Queue) -> None:
+        cls._target().funcs_queue = value
 
 
 class _ActiveOrBound:
     """A method that, called on the class (DualPipe's class-level API, e.g.
-    `WeightGradStore.put(fn)` in a user's autograd Function), acts on the active store."""
+    `WeightGradStore.put(fn)` in a user's autograd Function), acts on the active store, or outside
+    an I action on the process-wide one."""
 
-    def __init__(self, func, idle_ok: bool = False):
-        self.func, self.idle_ok = func, idle_ok  # idle_ok: a class-level call with no active store does nothing
+    def __init__(self, func):
+        self.func = func
         self.__doc__ = func.__doc__
 
     def __get__(self, obj, cls):
         if obj is not None:
             return self.func.__get__(obj, cls)
-        func, idle_ok = self.func, self.idle_ok
+        func = self.func
 
-        def on_active(*args, **kwargs):
-            store = cls._active
-            if store is None:
-                if idle_ok:
-                    return None
-                raise RuntimeError(f"WeightGradStore.{func.__name__}: no active store (called "
-                                   "outside a pipeline runtime's I action)")
-            return func(store, *args, **kwargs)
-        return on_active
+        def on_target(*args, **kwargs):
+            return func(cls._target(), *args, **kwargs)
+        return on_target
 
 
 class WeightGradStore(metaclass=_StoreMeta):
@@ -60,6 +80,7 @@ class WeightGradStore(metaclass=_StoreMeta):
     `WeightGradStore.enabled` and `WeightGradStore.put(fn)` reach the active runtime's store."""
 
     _active: WeightGradStore | None = None  # the store of the I action now running, if any
+    _process_wide: WeightGradStore | None = None  # the class-level calls' store outside an I action
 
     def __init__(self):
         self.enabled = False
@@ -68,9 +89,18 @@ class WeightGradStore(metaclass=_StoreMeta):
 
     @classmethod
     def current(cls) -> WeightGradStore | None:
-        """The store that takes deferred work right now (None outside an I action)."""
-        store = cls._active
-        return store if store is not None and store.enabled else None
+        """The store that takes deferred work right now: the I action's, or the process-wide one
+        if `WeightGradStore.enabled = True` was set outside a runtime; None otherwise."""
+        store = cls._target()
+        return store if store.enabled else None
+
+    @classmethod
+    def _target(cls) -> WeightGradStore:
+        if cls._active is not None:
+            return cls._active
+        if cls._process_wide is None:
+            cls._process_wide = WeightGradStore()
+        return cls._process_wide
 
     @_ActiveOrBound
     def put(self, func: Callable[[], None]) -> None:
@@ -91,7 +121,7 @@ class WeightGradStore(metaclass=_StoreMeta):
         for func in self.funcs_queue.get():
             func()
 
-    @lambda f: _ActiveOrBound(f, idle_ok=True)  # class level: each runtime clears its own at every step
+    @_ActiveOrBound
     def clear(self) -> None:
         self.cache = []
         self.funcs_queue = queue.Queue()
