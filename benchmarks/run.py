@@ -10,7 +10,8 @@ event timings) beside its peers (PyTorch eager and torch.compile of the same mat
 
 where % of roofline = the time the ceilings allow / the measured time, x peer = the fastest
 peer's time / ours, and SM MHz the lowest SM clock NVML read during the timed runs, with the
-slowdown reasons it reported (power cap, thermal; records' "gpu" field; empty without pynvml). Without a GPU it runs each op on tiny shapes through every backend available
+slowdown reasons it reported (power cap, thermal; records' "gpu" field; empty without pynvml).
+Without a GPU it runs each op on tiny shapes through every backend available
 (the reference, Triton's interpreter), checks it against the oracle and reports CPU times only:
 throughput needs a Hopper GPU. Every output is checked against python_ref; the exit status is 1
 if any is wrong. On a GPU the report ends with the issues' performance targets
