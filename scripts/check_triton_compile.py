@@ -19,7 +19,10 @@ grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 c
 prefill), V3.2's indexer logits (prefill, compressed, paged; D = 16 to 128), the three FP8 GEMMs
 with every autotuning candidate (the dense kernel's warp-specialized ones too) and the heuristic tiles, the FP8 casts (per-channel and SwiGLU-fused too), the router, the model layer's RMSNorm, rope, cache write and MoE combine, and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels; fp8_einsum's general batched form on the masked kernel.)
 
-    python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80]
+    python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80] [--cache-dir DIR]
+
+--cache-dir keeps the compiled kernels in DIR as Triton's cache: run with the device's Triton
+(scripts/prebuild_device.sh does), a launch there of a specialization compiled here finds it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ os.environ["DSKERNELS_GEMM_AUTOTUNE"] = "0"  # candidates are compiled one by on
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.backends.nvidia  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
@@ -60,7 +64,9 @@ class Target:
 
     @property
     def gpu_target(self) -> GPUTarget:
-        return GPUTarget("cuda", self.capability[0] * 10 + self.capability[1], 64 if self.capability >= (9, 0) else 32)
+        # as the CUDA driver reports it on such a GPU (warp size 32): the same compile, and with
+        # --cache-dir the same cache entries, as a launch there
+        return GPUTarget("cuda", self.capability[0] * 10 + self.capability[1], 32)
 
 
 TARGETS = {
@@ -105,6 +111,8 @@ class Compiler:
         # Triton's own binder: the same specialization (16-byte divisibility of pointers and ints,
         # constexprs) and options a launch on the device would compute. Meta tensors report
         # data_ptr() 0, i.e. aligned, as the caching allocator's blocks are.
+        kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug  # as JITFunction.run adds them
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
         binder = create_function_from_signature(fn.signature, fn.params, self.backend)
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound, specialization, options)
@@ -513,7 +521,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per compiled kernel as it finishes")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
+    parser.add_argument("--cache-dir", help="Triton's cache directory for the compiled kernels (TRITON_CACHE_DIR): "
+                        "with the device's Triton, a launch there of a specialization compiled here is a cache hit "
+                        "(scripts/prebuild_device.sh)")
     args = parser.parse_args()
+    if args.cache_dir:
+        os.environ["TRITON_CACHE_DIR"] = os.path.abspath(args.cache_dir)
     original = JITFunction.run
     begin = time.time()
     records = []

@@ -9,6 +9,8 @@
 # grid, compute-sanitizer), each step capped by its own budget and by the time left, the GPU tests
 # ordered so that the files never run on a device go first. Whatever a step had finished when its
 # time ran out is kept. What one call does not reach, a second short call with STEPS set does.
+# Triton's kernels come compiled in .prebuilt/triton-cache.tgz where scripts/prebuild_device.sh made
+# one, and every process logs its Triton compiles (the "Triton compiles" step sums them up).
 # Only 8 files come back from $OUT, so it holds four: summary.log (this script's output),
 # targets.json and results.json (the benchmark records of the target shapes, then of the quick or
 # full grid, each rewritten after every case) and logs.tgz (every log, repacked after every step:
@@ -99,6 +101,15 @@ cuobjdump --list-elf "$so" > "$LOGS/elf.txt"
 cuobjdump -sass "$so" > "$LOGS/sass.txt" 2>&1 || true
 echo "SASS instruction mix: $(grep -c -E 'QGMMA' "$LOGS/sass.txt") QGMMA, $(grep -c -E 'HGMMA' "$LOGS/sass.txt") HGMMA, $(grep -c 'UTMALDG' "$LOGS/sass.txt") UTMALDG"
 python -c "import dskernels; print('backends:', dskernels.available_backends())"
+
+# Triton's kernels compiled ahead of time by scripts/prebuild_device.sh (its cache entries name
+# this absolute path), and every compile of a dskernels kernel logged by each process from here on
+# (dskernels/testing/triton_compiles.py): the last step reports how many were cache hits, and the
+# log (logs.tgz) goes to scripts/triton_launches/ for the next prebuild to replay.
+export TRITON_CACHE_DIR=/tmp/dskernels-triton-cache DSKERNELS_TRITON_COMPILE_LOG="$LOGS/triton_compiles.jsonl"
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f .prebuilt/triton-cache.tgz ] && tar xzf .prebuilt/triton-cache.tgz -C "$TRITON_CACHE_DIR"
+echo "Triton cache: $(ls "$TRITON_CACHE_DIR" | wc -l) kernels carried (.prebuilt/triton-cache.tgz)"
 pack
 
 if wants tests; then
@@ -283,6 +294,8 @@ if wants sanitizer; then
   done
   pack
 fi
+[ -f "$DSKERNELS_TRITON_COMPILE_LOG" ] && { step "Triton compiles in this call"
+  python -m dskernels.testing.triton_compiles summary "$DSKERNELS_TRITON_COMPILE_LOG"; pack; }
 results=$(ls "$OUT"/targets.json "$OUT"/results.json 2>/dev/null)
 [ -n "$results" ] && { step "against the issues' targets (all of this call's records)"; python benchmarks/targets.py $results; }
 step "done (status $status): $OUT holds $(ls "$OUT" | tr "\n" " ")"

@@ -6,7 +6,13 @@
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl", ".prebuilt"])
 # gpu_check.sh uses the carried library only if its stamp matches the device (source hash, Python
 # tag, torch version) and it imports; otherwise it builds as before.
-# Knobs: DEVICE_PYTHON (python3.12), DEVICE_TORCH (2.11.0), PREBUILD_DIR (/tmp/dskernels-prebuild).
+# It also fills Triton's cache for the device (.prebuilt/triton-cache.tgz): with the device's Triton
+# (the one torch 2.11 installs here), scripts/check_triton_compile.py compiles for sm_90 what the GPU
+# paths launch, and the compile logs of earlier device calls (scripts/triton_launches/*.jsonl:
+# dskernels/testing/triton_compiles.py) are replayed. On the device those compiles are cache hits;
+# gpu_check.sh reports how many there were and how many it still compiled.
+# Knobs: DEVICE_PYTHON (python3.12), DEVICE_TORCH (2.11.0), PREBUILD_DIR (/tmp/dskernels-prebuild),
+#        TRITON_PREWARM=1 (0: no Triton cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -28,7 +34,7 @@ fi
 # Build from a copy of the sources (the checkout's own build stays for this machine's Python).
 src="$work/src"
 rm -rf "$src" && mkdir -p "$src"
-cp -r setup.py csrc dskernels python_ref scripts "$src/"
+cp -r setup.py csrc dskernels python_ref scripts benchmarks "$src/"  # benchmarks: check_triton_compile.py reads bench_moe
 find "$src" -name '*.so' -delete
 (
   cd "$src"
@@ -43,3 +49,23 @@ cp "$so" "$root/.prebuilt/"
 "$venv/bin/python" scripts/prebuilt_stamp.py "$src" > "$root/.prebuilt/stamp.txt"
 echo "prebuilt $(basename "$so") ($(du -h "$so" | cut -f1)); stamp:"
 cat "$root/.prebuilt/stamp.txt"
+
+if [ "${TRITON_PREWARM:-1}" = 1 ]; then
+  # Entries record their absolute paths: the device unpacks them at the same place (gpu_check.sh).
+  cache=/tmp/dskernels-triton-cache
+  rm -rf "$cache" "$root/.prebuilt/triton-cache.tgz"
+  begin=$SECONDS
+  (cd "$src" && "$venv/bin/python" scripts/check_triton_compile.py --targets 90a --cache-dir "$cache" \
+     > "$work/triton_compile.log" 2>&1) || echo "check_triton_compile.py reported failures ($work/triton_compile.log;" \
+     "with the device's Triton, not CI's, its spill bounds may not hold): the cache keeps every kernel that compiled"
+  logs=$(ls "$root"/scripts/triton_launches/*.jsonl 2>/dev/null || true)
+  if [ -n "$logs" ]; then
+    (cd "$src" && TRITON_CACHE_DIR="$cache" "$venv/bin/python" -m dskernels.testing.triton_compiles replay $logs) \
+      || echo "some logged launches did not replay"
+  fi
+  # the cubins and their metadata are all a launch reads (Triton drops the group's missing files)
+  tar czf "$root/.prebuilt/triton-cache.tgz" -C "$cache" --exclude='*.llir' --exclude='*.ttir' --exclude='*.ttgir' \
+    --exclude='*.ptx' --exclude='*.source' .
+  echo "Triton cache: $(ls "$cache" | wc -l) kernels for sm_90 in $((SECONDS - begin)) s," \
+       "$(du -h "$root/.prebuilt/triton-cache.tgz" | cut -f1) packed"
+fi

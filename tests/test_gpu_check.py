@@ -5,6 +5,7 @@ and benchmarks run the CPU paths; what is checked is that every step runs, in or
 budget, and brings its logs back."""
 
 import os
+import re
 import stat
 import subprocess
 import tarfile
@@ -56,6 +57,7 @@ def test_gpu_check_runs_every_step_off_the_device(tmp_path):
                 "== against the issues' targets", "== done"]
     assert steps == expected, steps
     assert "SKIP_BUILD=1: using the library already built in place" in summary
+    assert re.search(r"Triton cache: \d+ kernels carried", summary), summary[-3000:]
     assert "tests/test_mla_sm90_seesaw.py: rc 0:" in summary  # (every test skips here: no GPU)
     assert "ms per step" in summary  # the host profile's headline (the tiny model on CPU)
     assert "--targets times the issues' target shapes, which needs a GPU" in (logs / "targets.log").read_text()

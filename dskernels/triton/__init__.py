@@ -1,8 +1,15 @@
 """Triton kernels, one module per family. Imported lazily by dskernels.ops, so that TRITON_INTERPRET
 set by a test harness before the first op call still takes effect."""
 
+import os
+
 import torch
 import triton.language as tl
+
+if os.environ.get("DSKERNELS_TRITON_COMPILE_LOG"):  # the device checks' compile log (dskernels/testing/triton_compiles.py)
+    from dskernels.testing import triton_compiles
+
+    triton_compiles.install_from_env()
 
 TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
