@@ -22,7 +22,9 @@ with every autotuning candidate (the dense kernel's warp-specialized ones too) a
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80] [--cache-dir DIR]
 
 --cache-dir keeps the compiled kernels in DIR as Triton's cache: run with the device's Triton
-(scripts/prebuild_device.sh does), a launch there of a specialization compiled here finds it.
+(scripts/prebuild_device.sh does), a launch there of a specialization compiled here finds it. It
+also compiles the GEMMs at 1 and 8 rows and the MLA benchmark grid's launches (specializations,
+no new code paths).
 """
 
 from __future__ import annotations
@@ -100,8 +102,9 @@ PTXAS_DIR = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin"
 class Compiler:
     """Stands in for JITFunction.run: compiles for one target and records what ptxas reports."""
 
-    def __init__(self, target: Target, verbose: bool):
+    def __init__(self, target: Target, verbose: bool, more_rows: tuple[int, ...] = ()):
         self.target = target
+        self.more_rows = more_rows  # forward GEMMs' row counts beside 64 and 4096 (--cache-dir: 1 and 8)
         self.backend = make_backend(target.gpu_target)
         self.verbose = verbose
         self.seen: dict[tuple, dict] = {}
@@ -395,7 +398,9 @@ def gemm_cases(compiler: Compiler) -> None:
                                     ("bf16 contiguous nn psum", bf16_contiguous_nn, 128),
                                     ("bf16 masked", bf16_masked, 256), ("bf16 k-grouped tn", bf16_k_grouped, 256)]:
         compiler.context = f"gemm {name}, heuristic"
-        for m in (64, 4096) if call is not dense_k128 else ():
+        # (--cache-dir: the forward GEMMs a decode step runs, at its row counts too)
+        more = compiler.more_rows if call in (dense, contiguous, masked) else ()
+        for m in (64, 4096, *more) if call is not dense_k128 else ():
             call(m)
         if call is k_grouped_unaligned:
             continue
@@ -408,7 +413,7 @@ def gemm_cases(compiler: Compiler) -> None:
             meta = dict(config.kwargs, num_stages=config.num_stages, num_warps=config.num_warps)
             triton_gemm._heuristic_config = lambda *_, meta=meta: dict(meta)
             try:
-                for m in (64, 4096) if call in split_k else (4096,):
+                for m in (64, 4096, *more) if call in split_k else (4096, *more):
                     call(m)
             finally:
                 triton_gemm._heuristic_config = heuristic
@@ -517,6 +522,34 @@ def ep_cases(compiler: Compiler) -> None:
                                    round_scale)
 
 
+def benchmark_mla_cases(compiler: Compiler) -> None:
+    """--cache-dir only: the Triton MLA launches of benchmarks/bench_mla.py's full grid (b = 128),
+    whose batch, table width and split count specialize other than mla_cases' (Triton specializes
+    integer arguments by divisibility by 16 and by the value 1): their compiles, not new checks."""
+    import dskernels
+    from benchmarks import bench_mla
+    from dskernels.ops import mla as ops_mla
+    from dskernels.triton import mla as triton_mla
+
+    i32, f32 = torch.int32, torch.float32
+    grid = [(s_q, h_q, seqlen, varlen, 64, torch.bfloat16) for s_q in (1, 2) for h_q in (16, 32, 64, 128)
+            for seqlen in (1024, 4096, 16384) for varlen in (False, True)]
+    grid += [(1, 16, 4096, False, 64, torch.float8_e4m3fn)] + [(1, 16, 4096, False, p, torch.bfloat16) for p in (16, 61)]
+    b = 128
+    for s_q, h_q, seqlen, varlen, page, cache_dtype in grid:
+        compiler.context = f"bench mla s_q={s_q} h_q={h_q} seqlen={seqlen}{' varlen' if varlen else ''} page={page}"
+        pages = [-(-n // page) for n in bench_mla._lengths(b, seqlen, varlen, 0)]
+        with dskernels.backend("triton"):
+            parts = int(ops_mla.num_partitions(torch.device("cuda", 0), s_q * h_q, 1))
+        lens, meta, splits = _meta(b, dtype=i32), _meta(parts, 8, dtype=i32), _meta(b + 1, dtype=i32)
+        triton_mla.get_mla_metadata(lens, meta, splits, ops_mla.BLOCK_TOKENS, ops_mla.FIXED_OVERHEAD_BLOCKS)
+        fp8 = cache_dtype == torch.float8_e4m3fn
+        triton_mla.flash_mla_with_kvcache(
+            _meta(b, s_q, h_q, 576), _meta(sum(pages), page, 1, 576, dtype=cache_dtype), _meta(b, max(pages), dtype=i32),
+            lens, 512, meta, splits, 576 ** -0.5, s_q > 1, _meta(1, dtype=f32) if fp8 else None,
+            _meta(b, s_q, h_q, 512), _meta(b, h_q, s_q, dtype=f32))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per compiled kernel as it finishes")
@@ -531,7 +564,9 @@ def main() -> int:
     begin = time.time()
     records = []
     for name in args.targets.split(","):
-        compiler = Compiler(TARGETS[name], args.verbose)
+        # Filling the device's cache: also the GEMMs at a decode's row counts (1, and one not a
+        # multiple of 16) and the MLA benchmark's launches, which specialize differently.
+        compiler = Compiler(TARGETS[name], args.verbose, (1, 8) if args.cache_dir else ())
         # The launchers ask the device's capability (the fp8 path: native e4m3 on sm_89+, bytes before)
         # and its shared memory (MLA decode's stage count).
         torch.cuda.get_device_capability = lambda *_, c=compiler: c.target.capability
@@ -541,7 +576,7 @@ def main() -> int:
         JITFunction.run = lambda fn, *a, c=compiler, **kw: c.run(fn, *a, **kw)
         try:
             for cases in (mla_cases, mla_sparse_cases, indexer_cases, gemm_cases, cast_cases, moe_cases, layer_cases,
-                          ep_cases):
+                          ep_cases, *((benchmark_mla_cases,) if args.cache_dir else ())):
                 cases(compiler)
         finally:
             JITFunction.run = original
