@@ -114,6 +114,11 @@ def test_deepgemm_keywords():
         for flag in (False, True):
             for got, want in zip(op(x, use_ue8m0=flag, gran_k=128), op(x, round_scale=flag)):
                 assert_same_bits(got, want)
+            for got, want in zip(op(x, flag, 128), op(x, round_scale=flag)):  # DeepGEMM's positional order
+                assert_same_bits(got, want)
+    dskernels.per_token_cast_to_fp8(x, use_packed_ue8m0=False)
+    with pytest.raises(ValueError, match="^use_packed_ue8m0: the scales are fp32 here"):
+        dskernels.per_token_cast_to_fp8(x, use_packed_ue8m0=True)
 
 
 def test_deepgemm_utils_module():

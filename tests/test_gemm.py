@@ -334,7 +334,7 @@ def test_psum_options_are_checked():
     g = _grouped_args()
     lhs, rhs = (g["a"], g["sa"]), (g["b"], g["sb"])
     ends = torch.tensor([4, 4, 4], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"^m_indices: expected shape \(3,\) \(use_psum_layout"):
+    with pytest.raises(ValueError, match=r"^grouped_layout: expected shape \(3,\) \(use_psum_layout"):
         dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, g["out"], ends[:2], use_psum_layout=True)
     with pytest.raises(ValueError, match="^expected_m_for_psum_layout: only with use_psum_layout=True"):
         dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, g["out"], torch.zeros(4, dtype=torch.int32),
@@ -511,6 +511,9 @@ def test_deepgemm_options_of_the_newer_names():
     for bad in (0, 3, 2.0):
         with pytest.raises(ValueError, match="element_size: expected a divisor of 16"):
             dskernels.get_tma_aligned_size(5, bad)
+    for bad in (5.5, -5, True):
+        with pytest.raises(ValueError, match="^x: expected a number of elements"):
+            dskernels.get_tma_aligned_size(bad, 4)
     # DeepGEMM's newer and legacy names, and its per-operand recipe keywords
     assert dskernels.get_mk_alignment_for_contiguous_layout() == 128
     assert dskernels.get_mn_major_tma_aligned_tensor is dskernels.get_col_major_tma_aligned_tensor
@@ -540,6 +543,15 @@ def test_deepgemm_options_of_the_newer_names():
     with pytest.raises(TypeError, match="^grouped_layout: expected the contiguous layout under exactly one"):
         dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, (args["b"][None], args["sb"][None]), out, m_indices,
                                                    m_indices=m_indices)
+    for keyword in ("grouped_layout", "m_indices"):  # a bad layout is named as the caller named it
+        with pytest.raises(ValueError, match=f"^{keyword}: expected shape"):
+            dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, (args["b"][None], args["sb"][None]), out,
+                                                       **{keyword: m_indices[1:]})
+    for keyword in ("recipe", "recipe_a", "recipe_b"):  # DeepGEMM's recipes are tuples
+        with pytest.raises(TypeError, match=f"^{keyword}: expected a tuple of ints"):
+            dskernels.fp8_gemm_nt(lhs, rhs, out, **{keyword: 128})
+    with pytest.raises(TypeError, match="^recipe: expected a tuple of ints"):
+        dskernels.transform_sf_into_required_layout(args["sa"], args["sa"].shape[0], 128, 128, is_sfa=True)
     out4 = torch.full_like(g["out"], float("nan"))
     dskernels.m_grouped_fp8_gemm_nt_masked(a=(g["a"], g["sa"]), b=(g["b"], g["sb"]), d=out4, masked_m=masked_m,
                                            expected_m=4)

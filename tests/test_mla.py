@@ -406,6 +406,8 @@ def test_bad_metadata_args_are_named():
         dskernels.get_mla_metadata(lens, 1, 0)
     with pytest.raises(ValueError, match="^num_q_tokens_per_head_k:"):
         dskernels.get_mla_metadata(lens, 0, 1)
+    with pytest.raises(TypeError, match="^num_heads_k: expected an int, got True"):
+        dskernels.get_mla_metadata(lens, 8, True)
     args = _good_args()
     with pytest.raises(ValueError, match="^k_scale:.*None"):
         dskernels.flash_mla_with_kvcache(**args, k_scale=torch.ones(1))
@@ -433,6 +435,24 @@ def test_pages_outside_the_cache_are_never_read(backend):
         return
     out, lse = run_op(q, k_cache, block_table, bad, dv, None, False)
     assert_matches_oracle(out, lse, q, k_cache, block_table, torch.tensor([20, 16], dtype=torch.int32), dv,
+                          None, False)
+
+
+def test_a_length_past_the_block_table_walks_only_the_table(backend):
+    """A garbage length of 2^30 keys over a block table of two pages: the reference names
+    cache_seqlens; the kernels drop the keys past the table without walking them (Triton's loops
+    used to run to the length: past an hour under the interpreter, for 2^31 - 1)."""
+    name, device = backend
+    skip_cuda_backend(name)
+    q, k_cache, block_table, _, dv, _ = make_inputs([32, 16], 1, 2, 1, 16, torch.bfloat16, torch.bfloat16,
+                                                    device=device, spare_slots=0)
+    bad = torch.tensor([2**30, 16], dtype=torch.int32, device=device)
+    if name == "ref":
+        with pytest.raises(ValueError, match="^cache_seqlens:"):
+            run_op(q, k_cache, block_table, bad, dv, None, False)
+        return
+    out, lse = run_op(q, k_cache, block_table, bad, dv, None, False)
+    assert_matches_oracle(out, lse, q, k_cache, block_table, torch.tensor([32, 16], dtype=torch.int32), dv,
                           None, False)
 
 

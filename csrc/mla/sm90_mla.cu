@@ -12,6 +12,8 @@
 #include <cudaTypedefs.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <optional>
@@ -244,6 +246,7 @@ void flash_mla_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache, cons
   p.num_pages = static_cast<int>(k_cache.size(0));
   p.page_size = static_cast<int>(page_size);
   p.max_pages = static_cast<int>(block_table.size(1));
+  p.table_keys = static_cast<int>(std::min<int64_t>(block_table.size(1) * page_size, INT_MAX / 2));
   p.max_slots = static_cast<int>(max_slots);
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   p.causal = causal;

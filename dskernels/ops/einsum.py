@@ -21,7 +21,7 @@ import torch
 
 from dskernels._backend import current_backend
 from dskernels._checks import check_no_overlap, check_tensor
-from dskernels.ops.gemm import BLOCK_RECIPE, FP8, GROUP_SIZE, ROW_RECIPE, _check_c, _general_backend, _unpack
+from dskernels.ops.gemm import BLOCK_RECIPE, FP8, GROUP_SIZE, ROW_RECIPE, _check_c, _general_backend, _unpack, recipe_tuple
 from python_ref import gemm as ref
 
 BF16 = torch.bfloat16
@@ -101,7 +101,8 @@ def fp8_einsum(expr: str, a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.T
     if len(roles["k"]) != 1 or len(roles["m"]) != 1 or len(roles["n"]) != 1 or len(roles["batch"]) > 1:
         raise ValueError(f"expr: fp8_einsum takes one contracted, one row (a and d), one column (b and d) and at "
                          f"most one batch letter (a, b and d), got {expr!r}")
-    if recipe is None or tuple(recipe) not in (BLOCK_RECIPE, ROW_RECIPE):
+    recipe = recipe_tuple("recipe", recipe)
+    if recipe is None or recipe not in (BLOCK_RECIPE, ROW_RECIPE):
         raise ValueError(f"recipe: expected {BLOCK_RECIPE} (128x128 scales on b) or {ROW_RECIPE} (1x128 on b), "
                          f"got {recipe!r}")
     for name, t in (("a", a), ("b", b)):

@@ -21,8 +21,9 @@ _CUDA_CAST_VERIFIED = True
 _SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False, *, use_ue8m0: bool | None = None,
-                          gran_k: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False, gran_k: int = GROUP_SIZE, *,
+                          use_ue8m0: bool | None = None, use_packed_ue8m0: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Casts activations to FP8 e4m3 with one scale per row per 128 columns.
 
     Args:
@@ -30,8 +31,9 @@ def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False, *, use_ue8
         round_scale: round each scale up to a power of two (UE8M0 scales: DeepSeek-V3.1's
             checkpoints, "scale_fmt": "ue8m0"; DeepEP's round_scale; DeepGEMM's use_ue8m0 casts):
             x_scale = 2^ceil(log2(amax / 448)), x_fp8 = round_to_nearest_even(x * (1 / x_scale)).
-        use_ue8m0, gran_k: DeepGEMM's helper's keywords: use_ue8m0 is round_scale (fp32 scales
-            here, never packed), gran_k must be 128.
+        use_ue8m0, gran_k, use_packed_ue8m0: DeepGEMM's helper's arguments (in its order: x,
+            use_ue8m0, gran_k): use_ue8m0 is round_scale, gran_k must be 128, and the scales are
+            fp32 here (use_packed_ue8m0=True, Blackwell's int32-packed exponents, is refused).
 
     Returns:
         x_fp8: [m, k] torch.float8_e4m3fn, contiguous.
@@ -42,12 +44,12 @@ def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False, *, use_ue8
 
     Raises TypeError / ValueError naming the argument for a wrong dtype, rank or k.
     """
-    round_scale = _deepgemm_keywords(round_scale, use_ue8m0, gran_k)
+    round_scale = _deepgemm_keywords(round_scale, use_ue8m0, gran_k, use_packed_ue8m0)
     return torch.ops.dskernels.per_token_cast_to_fp8(x, round_scale)
 
 
-def per_block_cast_to_fp8(w: torch.Tensor, round_scale: bool = False, *, use_ue8m0: bool | None = None,
-                          gran_k: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def per_block_cast_to_fp8(w: torch.Tensor, round_scale: bool = False, gran_k: int = GROUP_SIZE, *,
+                          use_ue8m0: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Casts weights to FP8 e4m3 with one scale per 128x128 block.
 
     Args:
@@ -216,9 +218,14 @@ def _check_flag(name: str, value) -> None:
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
 
 
-def _deepgemm_keywords(round_scale, use_ue8m0, gran_k) -> bool:
-    """round_scale, from it or from DeepGEMM's use_ue8m0 (the same rounding); gran_k must be 128."""
+def _deepgemm_keywords(round_scale, use_ue8m0, gran_k, use_packed_ue8m0=False) -> bool:
+    """round_scale, from it or from DeepGEMM's use_ue8m0 (the same rounding); gran_k must be 128,
+    and the scales fp32 (not packed)."""
     _check_flag("round_scale", round_scale)
+    _check_flag("use_packed_ue8m0", use_packed_ue8m0)
+    if use_packed_ue8m0:
+        raise ValueError("use_packed_ue8m0: the scales are fp32 here (1x128 groups); packed UE8M0 exponents "
+                         "are Blackwell's layout")
     if use_ue8m0 is not None:
         _check_flag("use_ue8m0", use_ue8m0)
         round_scale = round_scale or use_ue8m0

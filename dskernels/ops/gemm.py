@@ -108,11 +108,22 @@ BLOCK_RECIPE = (1, 128, 128)  # DeepGEMM's recipe names: (1x128 a scales, 128x12
 ROW_RECIPE = (1, 1, 128)  # 1x128 scales on both operands
 
 
+def recipe_tuple(name: str, value) -> tuple | None:
+    """A recipe argument (a tuple or list of ints, or None) as a tuple; TypeError naming it otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"{name}: expected a tuple of ints such as (1, 128, 128), got {value!r}")
+    return tuple(value)
+
+
 def _deepgemm_options(recipe, allowed=(BLOCK_RECIPE,), recipe_a=None, recipe_b=None):
     """The options of DeepGEMM's newer entry points: compiled_dims (a JIT hint) and
     disable_ue8m0_cast (Blackwell's packed scales) mean nothing here; recipe must be ours, or
     recipe_a (gran_m, gran_k) with recipe_b (gran_n, gran_k), DeepGEMM's per-operand spelling of
     the same. Returns the recipe asked for (None: read from sb's shape)."""
+    recipe, recipe_a, recipe_b = (recipe_tuple(name, v) for name, v in
+                                  (("recipe", recipe), ("recipe_a", recipe_a), ("recipe_b", recipe_b)))
     if recipe_a is not None or recipe_b is not None:
         split = (tuple(recipe_a) if recipe_a is not None else (1, 128),
                  tuple(recipe_b) if recipe_b is not None else None)
@@ -348,6 +359,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout=None, recipe=None, 
     expected_m = psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout)
     a, sa = _unpack("a", a)
     b, sb = _unpack("b", b)
+    check_layout_by_its_name(grouped_layout, m_indices, a, b, use_psum_layout, expected_m)
     torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, d, grouped_layout, use_psum_layout,
                                                                   ensure_zero_padding, expected_m)
 
@@ -358,6 +370,14 @@ def _layout_argument(grouped_layout, m_indices):
         raise TypeError("grouped_layout: expected the contiguous layout under exactly one of the names "
                         "grouped_layout and m_indices")
     return m_indices if grouped_layout is None else grouped_layout
+
+
+def check_layout_by_its_name(layout, m_indices, a, b, use_psum_layout, expected_m) -> None:
+    """The layout checked under the name the caller gave it (the op calls its argument m_indices),
+    where a and b have the ranks the check reads (else the op names them)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2 and b.dim() == 3:
+        name = "grouped_layout" if m_indices is None else "m_indices"
+        check_grouped_layout(name, layout, a.device, a.shape[0], b.shape[0], use_psum_layout, expected_m)
 
 
 def psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout) -> int:
@@ -470,6 +490,8 @@ def get_tma_aligned_size(x: int, element_size: int) -> int:
     if isinstance(element_size, bool) or not isinstance(element_size, int) or element_size < 1 or 16 % element_size:
         raise ValueError(f"element_size: expected a divisor of 16 (bytes per element: 1, 2, 4, 8 or 16), got "
                          f"{element_size!r}")
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise ValueError(f"x: expected a number of elements (an int >= 0), got {x!r}")
     alignment = 16 // element_size
     return (x + alignment - 1) // alignment * alignment
 
@@ -515,13 +537,10 @@ def transform_sf_into_required_layout(sf: torch.Tensor, mn: int, k: int, recipe,
         disable_ue8m0_cast: Blackwell's packed UE8M0 scales: never made here (fp32 stays fp32).
     """
     check_tensor("sf", sf, dtypes=(torch.float32,))
-    recipe = tuple(recipe)
-    if len(recipe) == 3:
-        gran = (recipe[0] if is_sfa else recipe[1], recipe[2])
-    elif len(recipe) == 2:
-        gran = recipe
-    else:
+    recipe = recipe_tuple("recipe", recipe)
+    if recipe is None or len(recipe) not in (2, 3):
         raise ValueError(f"recipe: expected (gran_m, gran_n, gran_k) or (gran_mn, gran_k), got {recipe!r}")
+    gran = (recipe[0] if is_sfa else recipe[1], recipe[2]) if len(recipe) == 3 else recipe
     if gran not in ((1, GROUP_SIZE), (GROUP_SIZE, GROUP_SIZE)):
         raise ValueError(f"recipe: only 1x128 and 128x128 scales exist here, got {gran[0]}x{gran[1]} for "
                          f"{'sfa' if is_sfa else 'sfb'} (recipe {recipe!r})")

@@ -18,7 +18,7 @@ from dskernels._checks import check_no_overlap, check_tensor, may_share_memory
 from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from dskernels.ops.gemm import (_check_c, _check_expected_m, _check_shape, _layout_argument, check_grouped_layout,
-                                psum_options)
+                                check_layout_by_its_name, psum_options)
 from python_ref import gemm as ref
 
 BF16 = torch.bfloat16
@@ -103,6 +103,7 @@ def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
     """
     grouped_layout = _layout_argument(grouped_layout, m_indices)
     expected_m = psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout)
+    check_layout_by_its_name(grouped_layout, m_indices, a, b, use_psum_layout, expected_m)
     torch.ops.dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b, d, grouped_layout, use_psum_layout,
                                                           ensure_zero_padding, expected_m)
 

@@ -90,6 +90,8 @@ def get_mla_metadata(cache_seqlens: torch.Tensor | None = None, num_q_tokens_per
         if value is None:
             raise TypeError(f"{name}: expected an int with cache_seqlens (or no arguments at all: the plan "
                             f"is then made by the first flash_mla_with_kvcache call), got None")
+        if isinstance(value, bool):  # an int to the schema, so True would mean 1
+            raise TypeError(f"{name}: expected an int, got {value!r}")
     return torch.ops.dskernels.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
 
 

@@ -130,6 +130,9 @@ def _mla_decode_splitkv_kernel(
         split_base = tl.load(num_splits_ptr + i)
         n_split = tl.load(num_splits_ptr + i + 1) - split_base
         if lo < hi:
+            # Keys past the block table are dropped: a garbage length costs no loop past it (the
+            # split is still written, empty where nothing is left)
+            hi = tl.minimum(hi, max_pages * page_size)
             # Keys from the first page id outside the cache on (a bad table or length) are dropped,
             # found before the key loop: a load mask on the loaded ids made Triton pipeline the key
             # loads into 4 buffers, past an sm_89's shared memory.

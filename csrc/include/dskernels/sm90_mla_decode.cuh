@@ -227,7 +227,9 @@ __device__ __forceinline__ void for_each_item(const DecodeParams& p, int part, F
     const int lo = max(i == begin_idx ? begin_tok : 0, 0);
     // The last bound keeps `start += kBlockN` from overflowing for a garbage length near INT_MAX.
     const int hi = min(min(i == end_idx ? end_tok : seqlen, seqlen), INT_MAX - kBlockN + 1);
-    if (lo < hi) fn(WorkItem{i, lo, hi, i == begin_idx ? begin_split : 0});
+    // Keys past the block table are masked anyway: an item of a garbage length (past the table)
+    // walks one masked block, not blocks up to its value. A valid length never exceeds the table.
+    if (lo < hi) fn(WorkItem{i, lo, max(min(hi, p.table_keys), lo + 1), i == begin_idx ? begin_split : 0});
   }
 }
 

@@ -58,6 +58,7 @@ struct DecodeParams {
   int64_t lse_stride_b, lse_stride_h;
   int batch, s_q, h_q, heads_per_kv, rows;                    // rows = s_q * heads_per_kv
   int num_pages, page_size, max_pages, max_slots;
+  int table_keys;             // keys the block table holds, max_pages * page_size (capped near INT_MAX)
   float scale_log2;           // softmax_scale * log2(e)
   bool causal;
   bool use_tma;               // page_size % 64 == 0, TMA-compatible strides; a 16-bit cache, or an fp8
