@@ -101,13 +101,19 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor | None = None,
                 block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
                 index_cache: torch.Tensor | None = None, kv_cache_scale: torch.Tensor | None = None) -> torch.Tensor:
-        q_nope, q_rope, latent, k_rope, indexer_inputs = self._project(x, positions)
+        # Cache arguments without a cache would be ignored by the prefill from scratch: refused instead
+        tables = [name for name, t in (("block_table", block_table), ("cache_seqlens", cache_seqlens))
+                  if t is not None]
+        if tables and kv_cache is None:
+            raise ValueError(f"{', '.join(tables)}: expected only with a kv_cache (the paged path; without one the "
+                             f"layer attends over x's tokens alone), got kv_cache=None")
         if index_cache is not None and (self.indexer is None or kv_cache is None):
             raise ValueError("index_cache: only a DeepSeek-V3.2 layer (config index_topk) reads one, "
                              "beside its kv_cache")
         if kv_cache_scale is not None and (kv_cache is None or kv_cache.dtype != FP8 or self.indexer is not None):
             raise ValueError("kv_cache_scale: only with a float8_e4m3fn kv_cache of a dense-attention (V3) layer "
                              "(its per-tensor scale; V3.2's FP8 layout carries its own scales)")
+        q_nope, q_rope, latent, k_rope, indexer_inputs = self._project(x, positions)
         if kv_cache is None:
             if self.indexer is None:
                 out = self._attend_new_tokens(q_nope, q_rope, latent, k_rope)

@@ -10,8 +10,34 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _int_field(cfg, name: str, minimum: int | None) -> int:
+    """cfg.<name> as a Python int (numpy ints too), else TypeError / ValueError naming it."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # bool is an int to Python
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    setattr(cfg, name, value)
+    return value
+
+
+def _number_field(cfg, name: str) -> float:
+    value = getattr(cfg, name)
+    if not _is_number(value):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -70,9 +96,14 @@ class DeepseekV3Config:
         self.__post_init__()
 
     def __post_init__(self):
+        for name in ("rope_parameters", "rope_scaling"):  # (checked before dict() turns a string into an error)
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                raise TypeError(f"{name}: expected a dict or None, got {type(value).__name__}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         params = dict(self.rope_parameters or self.rope_scaling or {})
+        self._rope_source = "rope_parameters" if self.rope_parameters else "rope_scaling"
         if "type" in params and "rope_type" not in params:
             params["rope_type"] = params.pop("type")
         params.setdefault("rope_type", "default")
@@ -81,19 +112,45 @@ class DeepseekV3Config:
         if params["rope_type"] == "yarn":
             params.setdefault("original_max_position_embeddings", self.max_position_embeddings)
         self.rope_parameters = params
-        if self.n_routed_experts % self.n_group:
-            raise ValueError(f"n_routed_experts: expected a multiple of n_group={self.n_group}, "
-                             f"got {self.n_routed_experts}")
+        self._validate()
+
+    def _validate(self, moe: bool | None = None) -> None:
+        """Raises TypeError / ValueError naming the first field that the layer cannot use. The
+        router's fields (n_group, topk_group, num_experts_per_tok, ...) are checked where a MoE
+        layer can be built: moe=None: where some layer below num_hidden_layers is one; the layer
+        passes moe=True for a MoE layer (the MTP layer sits past num_hidden_layers)."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim",
+                     "max_position_embeddings"):
+            _int_field(self, name, 1)
+        _int_field(self, "first_k_dense_replace", 0)
+        if self.q_lora_rank is not None:  # (0, like None, means q_proj without LoRA)
+            _int_field(self, "q_lora_rank", 0)
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim: expected an even number, got {self.qk_rope_head_dim}")
+        if _number_field(self, "rms_norm_eps") <= 0:
+            raise ValueError(f"rms_norm_eps: expected a number > 0, got {self.rms_norm_eps}")
+        for name in ("rope_interleave", "attention_bias", "norm_topk_prob"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {type(getattr(self, name)).__name__}")
         if self.hidden_act != "silu":  # the experts' SwiGLU and the dense MLP are written with silu
             raise ValueError(f"hidden_act: only 'silu' (DeepSeek-V3's) is supported, got {self.hidden_act!r}")
         if self.attention_bias:
             raise ValueError("attention_bias: projections with biases are not supported (DeepSeek-V3 has none)")
+        self._validate_rope()
+        if self.quantization_config is not None:
+            if not isinstance(self.quantization_config, Mapping):
+                raise TypeError(f"quantization_config: expected a dict or None, "
+                                f"got {type(self.quantization_config).__name__}")
+            block = self.quantization_config.get("weight_block_size")
+            if block is not None and list(block) != [128, 128]:  # the scales' shapes and our FP8 ops assume it
+                raise ValueError(f"quantization_config: expected weight_block_size [128, 128], got {block}")
         if self.index_topk is not None:
             if isinstance(self.index_topk, bool) or not isinstance(self.index_topk, int) or self.index_topk < 1:
                 raise ValueError(f"index_topk: expected a positive int (or None for dense attention), "
                                  f"got {self.index_topk!r}")
+            _int_field(self, "index_head_dim", 1)
+            _int_field(self, "index_n_heads", 1)
             if not self.q_lora_rank:
                 raise ValueError("q_lora_rank: DeepSeek-V3.2's indexer reads the q LoRA latent, expected a rank, "
                                  f"got {self.q_lora_rank!r}")
@@ -103,8 +160,57 @@ class DeepseekV3Config:
             if self.index_head_dim < self.qk_rope_head_dim:
                 raise ValueError(f"index_head_dim: expected at least qk_rope_head_dim={self.qk_rope_head_dim} "
                                  f"(the indexer ropes its first dims), got {self.index_head_dim}")
-        if self.mlp_layer_types is not None and any(t not in ("dense", "sparse") for t in self.mlp_layer_types):
-            raise ValueError(f"mlp_layer_types: expected 'dense' or 'sparse' per layer, got {self.mlp_layer_types}")
+        if self.mlp_layer_types is not None:
+            if not isinstance(self.mlp_layer_types, (list, tuple)):
+                raise TypeError(f"mlp_layer_types: expected a list or None, got {type(self.mlp_layer_types).__name__}")
+            if any(t not in ("dense", "sparse") for t in self.mlp_layer_types):
+                raise ValueError(f"mlp_layer_types: expected 'dense' or 'sparse' per layer, got {self.mlp_layer_types}")
+        if moe is None:
+            moe = ("sparse" in self.mlp_layer_types if self.mlp_layer_types is not None
+                   else self.first_k_dense_replace < self.num_hidden_layers)
+        if moe:
+            self._validate_moe()
+
+    def _validate_rope(self) -> None:
+        p, name = self.rope_parameters, getattr(self, "_rope_source", "rope_parameters")
+        if p.get("rope_type") not in ("default", "yarn"):
+            raise ValueError(f"{name}: expected rope_type 'default' or 'yarn' (what the layer implements), "
+                             f"got {p.get('rope_type')!r}")
+        theta = p["rope_theta"]
+        if not _is_number(theta):
+            raise TypeError(f"rope_theta: expected a number, got {type(theta).__name__}")
+        if theta <= 0:
+            raise ValueError(f"rope_theta: expected a number > 0, got {theta!r}")
+        if p["rope_type"] != "yarn":
+            return
+        # transformers requires factor too (softmax_scale's mscale and the frequencies read it)
+        if not _is_number(p.get("factor")) or p["factor"] <= 0:
+            raise ValueError(f"{name}: expected a number > 0 as YaRN's 'factor', got {p.get('factor')!r}")
+        original = p["original_max_position_embeddings"]
+        if isinstance(original, bool) or not isinstance(original, numbers.Integral) or original < 1:
+            raise ValueError(f"{name}: expected an int >= 1 as original_max_position_embeddings, got {original!r}")
+        for key in ("mscale", "mscale_all_dim", "beta_fast", "beta_slow", "attention_factor"):
+            if p.get(key) is not None and not _is_number(p[key]):
+                raise ValueError(f"{name}: expected a number or None as {key!r}, got {p[key]!r}")
+
+    def _validate_moe(self) -> None:
+        experts = _int_field(self, "n_routed_experts", 1)
+        groups = _int_field(self, "n_group", 1)
+        if experts % groups:
+            raise ValueError(f"n_routed_experts: expected a multiple of n_group={groups}, got {experts}")
+        if experts // groups < 2:  # each group is ranked by the sum of its two best experts (transformers too)
+            raise ValueError(f"n_group: expected groups of at least 2 experts (n_group <= n_routed_experts / 2 = "
+                             f"{experts // 2}), got {groups}")
+        topk_group = _int_field(self, "topk_group", None)
+        if not 1 <= topk_group <= groups:
+            raise ValueError(f"topk_group: expected 1 <= topk_group <= n_group={groups}, got {topk_group}")
+        k = _int_field(self, "num_experts_per_tok", None)
+        if not 1 <= k <= experts:
+            raise ValueError(f"num_experts_per_tok: expected 1 <= num_experts_per_tok <= n_routed_experts={experts}, "
+                             f"got {k}")
+        _int_field(self, "moe_intermediate_size", 1)
+        _int_field(self, "n_shared_experts", 0)
+        _number_field(self, "routed_scaling_factor")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """transformers' rule: mlp_layer_types[layer_idx] when given, else layer_idx >= first_k_dense_replace."""
@@ -149,12 +255,19 @@ class DeepseekV3Config:
     def from_hf(cls, hf_config) -> DeepseekV3Config:
         """From a transformers DeepseekV3Config or DeepseekV32Config (4.x or 5.x), a dict, or a
         config.json path. A V3.2 config (index_topk) gives layers with the sparse-attention indexer."""
-        if isinstance(hf_config, str):
+        given = type(hf_config).__name__
+        if isinstance(hf_config, (str, os.PathLike)):
             import json
             with open(hf_config) as f:
                 hf_config = json.load(f)
-        if not isinstance(hf_config, dict):
-            hf_config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else vars(hf_config)
+        elif not isinstance(hf_config, Mapping):
+            if callable(getattr(hf_config, "to_dict", None)):
+                hf_config = hf_config.to_dict()
+            elif hasattr(hf_config, "__dict__") and not isinstance(hf_config, type):  # a namespace of fields
+                hf_config = vars(hf_config)
+        if not isinstance(hf_config, Mapping):
+            raise TypeError(f"hf_config: expected a transformers config, a dict or a config.json path, got {given}"
+                            f"{'' if given == type(hf_config).__name__ else f' holding {type(hf_config).__name__}'}")
         names = {f.name for f in dataclasses.fields(cls)} | {"num_local_experts"}  # (the alias of n_routed_experts)
         kwargs = {k: v for k, v in hf_config.items() if k in names}
         if hf_config.get("rope_parameters"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 import re
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -23,6 +25,41 @@ def _check_weight_shape(key: str, value: torch.Tensor, shape, layer_idx: int) ->
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"state_dict: {key!r} of layer {layer_idx}: expected shape {tuple(shape)}, "
                          f"got {tuple(value.shape)}")
+
+
+def _check_tensor(key: str, value, kind: str, layer_idx: int, device: torch.device) -> None:
+    """A state-dict entry this layer loads. kind: "weight" (a projection: float or float8_e4m3fn),
+    "scale" (block scales: any float dtype, ue8m0's float8_e8m0fnu included) or "float" (norms,
+    router: float, not FP8)."""
+    where = f"state_dict: {key!r} of layer {layer_idx}"
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.is_meta and device.type != "meta":  # (no values to copy: fails half-way through otherwise)
+        raise ValueError(f"{where}: expected a tensor with data, got one on the meta device")
+    dtype = value.dtype
+    if kind == "weight" and not (dtype == FP8 or (dtype.is_floating_point and dtype.itemsize > 1)):
+        raise TypeError(f"{where}: expected a float tensor or float8_e4m3fn (an FP8 weight), got {dtype}")
+    if kind == "scale" and not dtype.is_floating_point:
+        raise TypeError(f"{where}: expected a float tensor (block scales), got {dtype}")
+    if kind == "float" and not (dtype.is_floating_point and dtype.itemsize > 1):
+        raise TypeError(f"{where}: expected a float tensor, got {dtype}")
+
+
+def _check_scale(key: str, scale, weight: torch.Tensor, weight_key: str, shape, layer_idx: int,
+                 device: torch.device) -> None:
+    """weight's block scales: there for an FP8 weight (KeyError otherwise, strict or not: the weight
+    means nothing without them), of the given shape, and absent for a float one (they would be
+    ignored: a float weight with scales is likely an FP8 one cast without them)."""
+    if scale is None:
+        if weight.dtype == FP8:
+            raise KeyError(f"state_dict: missing {key!r} for layer {layer_idx}: the block scales of its "
+                           f"float8_e4m3fn weight {weight_key!r}")
+        return
+    _check_tensor(key, scale, "scale", layer_idx, device)
+    _check_weight_shape(key, scale, shape, layer_idx)
+    if weight.dtype != FP8:
+        raise ValueError(f"state_dict: {key!r} of layer {layer_idx}: expected no scale for the {weight.dtype} weight "
+                         f"{weight_key!r} (block scales belong to float8_e4m3fn weights), got one")
 
 
 class DeepseekV3DecoderLayer(nn.Module):
@@ -53,8 +90,27 @@ class DeepseekV3DecoderLayer(nn.Module):
     def __init__(self, cfg: DeepseekV3Config, layer_idx: int, *, dtype: torch.dtype = torch.bfloat16,
                  device=None, ep_buffer=None, ep_low_latency_tokens: int | None = None, index_fp8: bool = True):
         super().__init__()
+        if not isinstance(cfg, DeepseekV3Config):  # (a dict or transformers' config has other attribute names)
+            raise TypeError(f"cfg: expected a DeepseekV3Config (DeepseekV3Config.from_hf converts a transformers "
+                            f"config, a dict or a config.json path), got {type(cfg).__name__}")
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, numbers.Integral):
+            raise TypeError(f"layer_idx: expected an int, got {type(layer_idx).__name__}")
+        layer_idx = int(layer_idx)
+        if layer_idx < 0:
+            raise ValueError(f"layer_idx: expected an int >= 0, got {layer_idx}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+            raise TypeError(f"dtype: expected a floating-point torch.dtype (torch.bfloat16, torch.float16, "
+                            f"torch.float32), got {dtype!r}")
+        if not isinstance(index_fp8, bool):
+            raise TypeError(f"index_fp8: expected a bool, got {type(index_fp8).__name__}")
+        if ep_low_latency_tokens is not None and (isinstance(ep_low_latency_tokens, bool) or not isinstance(
+                ep_low_latency_tokens, numbers.Integral) or ep_low_latency_tokens < 1):
+            raise ValueError(f"ep_low_latency_tokens: expected None or an int >= 1, got {ep_low_latency_tokens!r}")
+        cfg._validate(moe=False)  # again: a config's fields may have been changed since it was built
         self.cfg, self.layer_idx = cfg, layer_idx
         self.is_moe = cfg.is_moe_layer(layer_idx)
+        if self.is_moe:
+            cfg._validate(moe=True)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.self_attn = MLAttention(cfg, dtype, device, index_fp8)
@@ -94,6 +150,12 @@ class DeepseekV3DecoderLayer(nn.Module):
         kv_cache_scale a float32 tensor of one element, positive and finite (None: 1.0): the latents are stored as
         clamp(value / scale, -448, 448) in e4m3 and flash_mla_with_kvcache dequantizes them with
         k_scale = scale, at half a bf16 cache's memory and bytes read per decode step."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a tensor [B, S, {self.cfg.hidden_size}], got {type(x).__name__}")
+        for name, t in (("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens),
+                        ("index_cache", index_cache), ("kv_cache_scale", kv_cache_scale)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a tensor or None, got {type(t).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"x: expected [B, S, {self.cfg.hidden_size}], got {list(x.shape)}")
         if x.dtype != self.dtype:
@@ -156,9 +218,16 @@ class DeepseekV3DecoderLayer(nn.Module):
         False dequantizes FP8 weights to the layer's dtype. Norms, the router and the score bias stay
         float. strict: raise on missing or unexpected keys (without it, what is there is loaded, but
         the routed experts only when all of this layer's are there). A tensor of the wrong shape
-        raises ValueError naming its key."""
+        raises ValueError naming its key, an FP8 weight without its scale KeyError; everything is
+        checked before anything is copied, so a call that raises leaves the layer as it was."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
+        if fp8 is not None and not isinstance(fp8, bool):
+            raise TypeError(f"fp8: expected None, True or False, got {type(fp8).__name__}")
         sd = {}
         for key, value in state_dict.items():
+            if not isinstance(key, str):
+                raise TypeError(f"state_dict: expected str keys, got {type(key).__name__} {key!r}")
             m = _LAYER_KEY.match(key)
             if m:
                 if int(m.group(1)) != self.layer_idx:
@@ -167,39 +236,46 @@ class DeepseekV3DecoderLayer(nn.Module):
             if not _IGNORED.search(key):
                 sd[key] = value
         used: set[str] = set()
+        device = self.input_layernorm.weight.device
+        # Every check runs before the first of these: a state dict that raises leaves the layer as it was
+        steps = []
 
-        def take(key, shape=None):
+        def check(key, shape=None, kind="float"):
+            _check_tensor(key, sd[key], kind, self.layer_idx, device)
+            if shape is not None:
+                _check_weight_shape(key, sd[key], shape, self.layer_idx)
+            return sd[key]
+
+        def take(key, shape=None, kind="float"):
             if key not in sd:
                 if strict:
                     raise KeyError(f"state_dict: missing {key!r} for layer {self.layer_idx}")
                 return None
             used.add(key)
-            if shape is not None:
-                _check_weight_shape(key, sd[key], shape, self.layer_idx)
-            return sd[key]
+            return check(key, shape, kind)
 
-        def take_opt(key):
-            if key in sd:
+        def take_scale(key, weight, weight_key, shape):
+            scale = sd.get(key)
+            if scale is not None:
                 used.add(key)
-                return sd[key]
-            return None
+            _check_scale(key, scale, weight, weight_key, shape, self.layer_idx, device)
+            return scale
 
-        device = self.input_layernorm.weight.device
-
-        def norm(module: RMSNorm | LayerNorm, key):
-            w = take(key, module.weight.shape)
+        def norm(module: RMSNorm | LayerNorm, key, attr="weight"):
+            w = take(key, getattr(module, attr).shape)
             if w is not None:
-                module.weight = w.to(device=device, dtype=self.dtype).clone()
+                steps.append(lambda: setattr(module, attr, w.to(device=device, dtype=self.dtype).clone()))
 
         def linear(module: Linear, prefix, fp8=fp8):
-            w = take(prefix + ".weight", (module.out_features, module.in_features))
-            if w is not None:
-                scale = take_opt(prefix + ".weight_scale_inv")
-                if scale is not None:  # 128 x 128 blocks
-                    _check_weight_shape(prefix + ".weight_scale_inv", scale,
-                                        (-(-module.out_features // 128), -(-module.in_features // 128)),
-                                        self.layer_idx)
-                module.set_weight(w, scale, self.dtype, fp8)
+            w = take(prefix + ".weight", (module.out_features, module.in_features), kind="weight")
+            if w is None:
+                return
+            scale = take_scale(prefix + ".weight_scale_inv", w, prefix + ".weight",
+                               (-(-module.out_features // BLOCK), -(-module.in_features // BLOCK)))
+            if (w.dtype == FP8 if fp8 is None else fp8) and module.in_features % BLOCK:
+                raise ValueError(f"fp8: {prefix + '.weight'!r} of layer {self.layer_idx} as FP8 needs in_features "
+                                 f"to be a multiple of {BLOCK} (the FP8 GEMM's k), got {module.in_features}")
+            steps.append(lambda: module.set_weight(w, scale, self.dtype, fp8))
 
         norm(self.input_layernorm, "input_layernorm.weight")
         norm(self.post_attention_layernorm, "post_attention_layernorm.weight")
@@ -211,16 +287,13 @@ class DeepseekV3DecoderLayer(nn.Module):
         if self.cfg.q_lora_rank:
             norm(attn.q_a_layernorm, "self_attn.q_a_layernorm.weight")
         norm(attn.kv_a_layernorm, "self_attn.kv_a_layernorm.weight")
-        attn.w_uk = attn.w_uv = None
         if attn.indexer is not None:  # DeepSeek-V3.2
             for name in ("wq_b", "wk"):
                 linear(getattr(attn.indexer, name), f"self_attn.indexer.{name}")
             # the head weights stay float as the checkpoint has them (DeepSeek and transformers score in fp32)
             linear(attn.indexer.weights_proj, "self_attn.indexer.weights_proj", fp8=False if fp8 is False else None)
             norm(attn.indexer.k_norm, "self_attn.indexer.k_norm.weight")
-            bias = take("self_attn.indexer.k_norm.bias", attn.indexer.k_norm.bias.shape)
-            if bias is not None:
-                attn.indexer.k_norm.bias = bias.to(device=device, dtype=self.dtype).clone()
+            norm(attn.indexer.k_norm, "self_attn.indexer.k_norm.bias", attr="bias")
         if not self.is_moe:
             for name in ("gate_proj", "up_proj", "down_proj"):
                 linear(getattr(self.mlp, name), f"mlp.{name}")
@@ -228,84 +301,127 @@ class DeepseekV3DecoderLayer(nn.Module):
             moe = self.mlp
             w = take("mlp.gate.weight", moe.gate_weight.shape)
             if w is not None:
-                moe.gate_weight = w.to(device=device, dtype=torch.float32).clone()
-            b = take_opt("mlp.gate.e_score_correction_bias")
-            if b is not None:
-                _check_weight_shape("mlp.gate.e_score_correction_bias", b, moe.e_score_correction_bias.shape,
-                                    self.layer_idx)
-                moe.e_score_correction_bias = b.to(device=device, dtype=torch.float32).clone()
+                steps.append(lambda: setattr(moe, "gate_weight", w.to(device=device, dtype=torch.float32).clone()))
+            if "mlp.gate.e_score_correction_bias" in sd:
+                used.add("mlp.gate.e_score_correction_bias")
+                b = check("mlp.gate.e_score_correction_bias", moe.e_score_correction_bias.shape)
+                steps.append(lambda: setattr(moe, "e_score_correction_bias",
+                                             b.to(device=device, dtype=torch.float32).clone()))
             if moe.shared_experts is not None:
                 for name in ("gate_proj", "up_proj", "down_proj"):
                     linear(getattr(moe.shared_experts, name), f"mlp.shared_experts.{name}")
             else:  # n_shared_experts = 0: transformers still saves the (empty) module
-                used.update(k for k in sd if k.startswith("mlp.shared_experts.") and sd[k].numel() == 0)
-            self._load_experts(sd, used, fp8, strict)
+                used.update(k for k, v in sd.items() if k.startswith("mlp.shared_experts.")
+                            and isinstance(v, torch.Tensor) and v.numel() == 0)
+            experts = self._check_experts(sd, used, fp8, strict)
+            if experts is not None:
+                steps.append(lambda: self._load_experts(*experts, fp8))
         unexpected = sorted(set(sd) - used)
         if strict and unexpected:
             raise KeyError(f"state_dict: unexpected keys for layer {self.layer_idx}: {unexpected[:8]}"
                            f"{' ...' if len(unexpected) > 8 else ''}")
+        attn.w_uk = attn.w_uv = None
+        for step in steps:
+            step()
 
-    def _load_experts(self, sd: dict, used: set, fp8: bool | None, strict: bool) -> None:
-        moe, cfg = self.mlp, self.cfg
-        experts = moe.experts
+    def _check_experts(self, sd: dict, used: set, fp8: bool | None, strict: bool):
+        """Checks the routed experts' tensors (fused 5.x or per-expert names) and returns what
+        _load_experts takes: ((gate_up, gate_up scale), (down, down scale)), each a tensor [L, n, k]
+        or a list of L per-expert [n, k] parts ((gate, up) lists for gate_up); None when they are
+        missing and not strict."""
+        moe, cfg, idx = self.mlp, self.cfg, self.layer_idx
         lo, hi = moe.first_expert, moe.first_expert + moe.num_local_experts
-        inter = cfg.moe_intermediate_size
-        if "mlp.experts.gate_up_proj" in sd or "mlp.experts.down_proj" in sd:  # transformers 5.x: fused
-            used.update(k for k in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj",
-                                    "mlp.experts.gate_up_proj_scale_inv", "mlp.experts.down_proj_scale_inv")
-                        if k in sd)
-            for key, shape in (("mlp.experts.gate_up_proj", (cfg.n_routed_experts, 2 * inter, cfg.hidden_size)),
-                               ("mlp.experts.down_proj", (cfg.n_routed_experts, cfg.hidden_size, inter))):
+        inter, hidden, experts = cfg.moe_intermediate_size, cfg.hidden_size, cfg.n_routed_experts
+        device = self.input_layernorm.weight.device
+        first = None  # (key, dtype) of the first expert weight: the others must match it
+
+        def same_format(key, t, fp8_only):
+            nonlocal first
+            if first is None:
+                first = (key, t.dtype)
+            elif (t.dtype == FP8) != (first[1] == FP8) or (not fp8_only and t.dtype != first[1]):
+                # (FP8 next to float cannot be stacked or run as one grouped GEMM)
+                raise ValueError(f"state_dict: {key!r} of layer {idx}: expected {first[1]} like {first[0]!r} "
+                                 f"(the experts' weights share one format), got {t.dtype}")
+
+        def want_fp8(key, t):
+            if (t.dtype == FP8 if fp8 is None else fp8) and t.shape[-1] % BLOCK:
+                raise ValueError(f"fp8: {key!r} of layer {idx} as FP8 needs k % {BLOCK} == 0 for the expert GEMMs, "
+                                 f"got k={t.shape[-1]}")
+
+        fused = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+        if any(k in sd for k in fused):  # transformers 5.x
+            used.update(k for k in (*fused, *(k + "_scale_inv" for k in fused)) if k in sd)
+            out = []
+            for key, (n, k) in zip(fused, ((2 * inter, hidden), (hidden, inter))):
                 if key not in sd:
                     if strict:
-                        raise KeyError(f"state_dict: missing {key!r} for layer {self.layer_idx}")
-                    return
-                _check_weight_shape(key, sd[key], shape, self.layer_idx)
-            gate_up = sd["mlp.experts.gate_up_proj"][lo:hi]
-            down = sd["mlp.experts.down_proj"][lo:hi]
-            gate_up_s = sd.get("mlp.experts.gate_up_proj_scale_inv")
-            down_s = sd.get("mlp.experts.down_proj_scale_inv")
-            gate_up_s = gate_up_s[lo:hi] if gate_up_s is not None else None
-            down_s = down_s[lo:hi] if down_s is not None else None
-        else:  # 4.x / checkpoint files: one module per expert; other ranks' experts are skipped
-            for key in sd:
-                m = _EXPERT_KEY.match(key)
-                if m and not lo <= int(m.group(1)) < hi:
-                    used.add(key)
-            parts = {}
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                ws, ss = [], []
-                for e in range(lo, hi):
-                    prefix = f"mlp.experts.{e}.{name}"
-                    if prefix + ".weight" not in sd:
-                        if strict:
-                            raise KeyError(f"state_dict: missing {prefix + '.weight'!r} for layer {self.layer_idx}")
-                        return
-                    used.add(prefix + ".weight")
-                    shape = (cfg.hidden_size, inter) if name == "down_proj" else (inter, cfg.hidden_size)
-                    _check_weight_shape(prefix + ".weight", sd[prefix + ".weight"], shape, self.layer_idx)
-                    ws.append(sd[prefix + ".weight"])
-                    if prefix + ".weight_scale_inv" in sd:
-                        used.add(prefix + ".weight_scale_inv")
-                        ss.append(sd[prefix + ".weight_scale_inv"])
-                parts[name] = (torch.stack(ws), torch.stack(ss) if ss else None)
-            (g, gs), (u, us), (down, down_s) = parts["gate_proj"], parts["up_proj"], parts["down_proj"]
-            if g.dtype == FP8 and inter % BLOCK:  # gate and up blocks would straddle: go through float
-                g, u, gs, us = dequantize_block_fp8(g, gs), dequantize_block_fp8(u, us), None, None
-            gate_up = torch.cat([g, u], dim=1)
-            gate_up_s = torch.cat([gs, us], dim=1) if gs is not None else None
-        experts.gate_up_proj, experts.gate_up_proj_scale_inv = self._expert_weights(gate_up, gate_up_s, fp8)
-        experts.down_proj, experts.down_proj_scale_inv = self._expert_weights(down, down_s, fp8)
+                        raise KeyError(f"state_dict: missing {key!r} for layer {idx}")
+                    return None
+                w = sd[key]
+                _check_tensor(key, w, "weight", idx, device)
+                _check_weight_shape(key, w, (experts, n, k), idx)
+                same_format(key, w, fp8_only=True)
+                scale = sd.get(key + "_scale_inv")
+                _check_scale(key + "_scale_inv", scale, w, key, (experts, -(-n // BLOCK), -(-k // BLOCK)), idx, device)
+                want_fp8(key, w)
+                out.append((w[lo:hi], scale[lo:hi] if scale is not None else None))
+            return tuple(out)
+        # 4.x / checkpoint files: one module per expert; other ranks' experts are skipped
+        for key in sd:
+            m = _EXPERT_KEY.match(key)
+            if m and not lo <= int(m.group(1)) < hi:
+                used.add(key)
+        parts, scale_dtype = {}, None
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            shape = (hidden, inter) if name == "down_proj" else (inter, hidden)
+            ws, ss = [], []
+            for e in range(lo, hi):
+                key = f"mlp.experts.{e}.{name}.weight"
+                if key not in sd:
+                    if strict:
+                        raise KeyError(f"state_dict: missing {key!r} for layer {idx}")
+                    return None
+                used.add(key)
+                w = sd[key]
+                _check_tensor(key, w, "weight", idx, device)
+                _check_weight_shape(key, w, shape, idx)
+                same_format(key, w, fp8_only=False)
+                scale_key = key + "_scale_inv"
+                scale = sd.get(scale_key)
+                if scale is not None:
+                    used.add(scale_key)
+                _check_scale(scale_key, scale, w, key, (-(-shape[0] // BLOCK), -(-shape[1] // BLOCK)), idx, device)
+                if scale is not None:
+                    if scale_dtype is None:
+                        scale_dtype = (scale_key, scale.dtype)
+                    elif scale.dtype != scale_dtype[1]:  # (torch.stack cannot promote between FP8 kinds)
+                        raise ValueError(f"state_dict: {scale_key!r} of layer {idx}: expected {scale_dtype[1]} like "
+                                         f"{scale_dtype[0]!r} (the experts' scales share one dtype), got {scale.dtype}")
+                ws.append(w)
+                ss.append(scale)
+            want_fp8(f"mlp.experts.{lo}.{name}.weight", ws[0])
+            parts[name] = (ws, ss if ss[0] is not None else None)
+        return (parts["gate_proj"], parts["up_proj"]), parts["down_proj"]
+
+    def _load_experts(self, gate_up, down, fp8: bool | None) -> None:
+        """Stores _check_experts' tensors (checked already) in the experts' buffers."""
+        if isinstance(gate_up[0], tuple):  # per-expert parts
+            (g, gs), (u, us) = ((torch.stack(ws), torch.stack(ss) if ss is not None else None) for ws, ss in gate_up)
+            if g.dtype == FP8 and self.cfg.moe_intermediate_size % BLOCK:  # gate and up blocks would straddle:
+                g, u, gs, us = dequantize_block_fp8(g, gs), dequantize_block_fp8(u, us), None, None  # via float
+            gate_up = (torch.cat([g, u], dim=1), torch.cat([gs, us], dim=1) if gs is not None else None)
+            ws, ss = down
+            down = (torch.stack(ws), torch.stack(ss) if ss is not None else None)
+        experts = self.mlp.experts
+        experts.gate_up_proj, experts.gate_up_proj_scale_inv = self._expert_weights(*gate_up, fp8)
+        experts.down_proj, experts.down_proj_scale_inv = self._expert_weights(*down, fp8)
 
     def _expert_weights(self, w: torch.Tensor, scale: torch.Tensor | None, fp8: bool | None):
         import dskernels
         device = self.input_layernorm.weight.device
-        if w.dtype == FP8 and scale is None:
-            raise ValueError("state_dict: FP8 expert weights need their *_scale_inv block scales")
         want_fp8 = (w.dtype == FP8) if fp8 is None else fp8
         if want_fp8:
-            if w.shape[-1] % BLOCK:
-                raise ValueError(f"fp8: expert GEMMs need k % {BLOCK} == 0, got k={w.shape[-1]}")
             if w.dtype != FP8:
                 pairs = [dskernels.per_block_cast_to_fp8(e.to(device=device, dtype=torch.bfloat16).contiguous(),
                                                          round_scale=self.cfg.fp8_round_scale) for e in w]
