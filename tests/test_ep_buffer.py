@@ -243,7 +243,7 @@ def _check_fixed_block(buf, rank, world, num_experts, seed, avoid_last_rank=Fals
     # (On CPU these raise on every rank at once, after the count exchange, so the group stays usable;
     # a rank that did not raise would wait in the payload exchange until its timeout.)
     if device == "cpu" and world > 1:
-        _raises(RuntimeError, ["x:", "same number of tokens", f"rank {rank} has {11 + rank}"],
+        _raises(RuntimeError, ["num_worst_tokens:", "the number of tokens", f"rank {rank} has", f"tokens {11 + rank}"],
                 lambda: buf.dispatch(x_c.repeat(2, 1)[: 11 + rank], topk_idx=topk_c.repeat(2, 1)[: 11 + rank],
                                      num_experts=num_experts, num_worst_tokens=worst))
     received = [ref_ep.dispatch_oracle(xs, topks, ws, num_experts, r)[0].shape[0] for r in range(world)]
@@ -366,7 +366,7 @@ def _check_bad_inputs(buf, world):
     for name, bad, error, words in [
             ("num_tokens_per_rank", torch.cat([per_rank, per_rank]), ValueError, [f"({world},)", f"({2 * world},)"]),
             ("num_tokens_per_rank", per_rank.float(), TypeError, ["int32 or int64", "float32"]),
-            ("num_tokens_per_rank", per_rank + 1, ValueError, ["is_token_in_rank sends"]),
+            ("num_tokens_per_rank", per_rank + 1, ValueError, ["topk_idx sends"]),
             ("num_tokens_per_expert", per_expert[:4 * world - world], ValueError, [f"{4 * world} counts"]),
             ("is_token_in_rank", in_rank[:4], ValueError, [f"(5, {world})", f"(4, {world})"])]:
         _raises(error, [f"{name}:"] + words,

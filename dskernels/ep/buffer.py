@@ -2,8 +2,10 @@
 
 How a dispatch moves data (docs/ep.md has the byte counts):
   1. layout: `ep_get_dispatch_layout` (unless given) -> is_token_in_rank [T, R];
-  2. count exchange: one small all_to_all of [R, 1 + num_local_experts] int64 (tokens for rank r,
-     then tokens per expert of r), the only host synchronization (split sizes are host ints);
+  2. count exchange: one small all_to_all of [R, 1 + signature + num_local_experts] int64 (tokens
+     for rank r, this rank's dispatch signature, then tokens per expert of r), the only host
+     synchronization (split sizes are host ints); ranks whose signatures differ (hidden size,
+     dtype, top-k width, num_experts, ...: what sizes and reads the rows) all raise here;
   3. pack: the rows (x | x scales | topk_idx | topk_weights) of every (token, destination rank)
      pair, destination-major and in token order, are gathered by one kernel launch (pack_rows)
      into one buffer [S, row_bytes] (each payload 16-byte aligned within a row);
@@ -24,7 +26,9 @@ be captured in a CUDA graph (docs/ep.md, "Low latency").
 from __future__ import annotations
 
 import math
+import numbers
 import time
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +43,41 @@ _ALIGN = 16  # bytes: each payload starts 16-byte aligned within a packed row (v
 _FP8 = torch.float8_e4m3fn
 _DEFAULT_CPU_TIMEOUT_S = 300.0  # gloo waits without timeout_s
 _POLL_S = 2e-4
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    """The same int for a dtype in every process (the count exchange carries it)."""
+    return zlib.crc32(str(dtype).encode())
+
+
+_DTYPE_NAMES = {_dtype_code(d): str(d) for d in vars(torch).values() if isinstance(d, torch.dtype)}
+
+# The dispatch signature every rank sends in the count exchange: whatever sizes the exchanged rows or
+# says how to read them. Ranks that disagree on any of it would abort gloo (rows of other sizes) or
+# read each other's bytes as another type, so they raise first. Each field: (argument, what must
+# agree, how to show a value); the values travel as int64 columns in this order (see Buffer.dispatch).
+_SIGNATURE = (
+    ("num_worst_tokens", "0 on every rank or a positive count on every rank (the two modes exchange differently)",
+     str),
+    ("num_experts", "the same number of experts on every rank", str),
+    ("x", "the same hidden size on every rank", str),
+    ("x", "the same form on every rank", lambda v: "an (fp8, scales) tuple" if v else "a tensor"),
+    ("x", "the same dtype on every rank", lambda v: _DTYPE_NAMES.get(v, f"dtype code {v}")),
+    ("topk_idx", "the same number of columns (top-k) on every rank", lambda v: str(v) if v else "None"),
+    ("topk_weights", "weights on every rank or on none", lambda v: "a tensor" if v else "None"),
+    # T: checked only with num_worst_tokens (each rank pair exchanges a block of T rows)
+    ("x", "with num_worst_tokens every rank must dispatch the same number of tokens", str),
+)
+_SIG_WIDTH = len(_SIGNATURE)
+
+
+_SIGNATURE_LABELS = ("num_worst_tokens", "num_experts", "hidden size", "x", "dtype", "top-k", "topk_weights", "tokens")
+
+
+def _signature_words(values: list[int]) -> str:
+    """A dispatch signature in words, for messages."""
+    return ", ".join(f"{label} {show(v)}" for label, (_, _, show), v in zip(_SIGNATURE_LABELS, _SIGNATURE, values))
+_SIG_TOKENS = _SIG_WIDTH - 1  # the field checked only in fixed-block mode
 
 
 @dataclass
@@ -57,6 +96,10 @@ class DispatchHandle:
     # block row, -1 for the rows past what the source sent.
     block: int = 0
     recv_index: torch.Tensor | None = None
+    # What the dispatch's count exchange found equal on every rank, so that combine can check its
+    # input locally (a combine input of another size or type on one rank would break the exchange).
+    hidden: int = 0                 # H of x
+    num_topk: int = 0               # K of topk_idx, 0 without
 
 
 @dataclass
@@ -140,6 +183,14 @@ class Buffer:
                  explicitly_destroy: bool = False, timeout_s: float | None = None, **_unused):
         if not dist.is_initialized():
             raise RuntimeError("Buffer: torch.distributed is not initialized (call init_process_group first)")
+        # Checked here: a bad value would otherwise surface only at the first wait for peers.
+        if timeout_s is not None:
+            if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real):
+                raise TypeError(f"timeout_s: expected None or a number of seconds, got "
+                                f"{type(timeout_s).__name__} {timeout_s!r}")
+            if not timeout_s > 0:  # NaN too
+                raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s}")
+            timeout_s = float(timeout_s)
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.group_size = dist.get_world_size(self.group)
@@ -148,6 +199,9 @@ class Buffer:
         self.low_latency_mode = low_latency_mode
         self.timeout_s = timeout_s
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        # Per-expert columns of the count exchange: num_experts // R of the last normal dispatch.
+        # Every rank of a group runs the same dispatches, so they agree on it without asking.
+        self._expert_columns = 0
 
     # ---- DeepEP compatibility helpers ----
     @staticmethod
@@ -310,7 +364,8 @@ class Buffer:
         return outs
 
     # ---- validation ----
-    def _check_topk(self, topk_idx, num_tokens: int | None, num_experts: int | None, what: str) -> None:
+    def _check_topk(self, topk_idx, num_tokens: int | None, num_experts: int | None, what: str,
+                    device: torch.device | None = None) -> None:
         if not isinstance(topk_idx, torch.Tensor):
             raise TypeError(f"topk_idx: expected a torch.Tensor, got {type(topk_idx).__name__}")
         if topk_idx.dtype != torch.int64:
@@ -320,10 +375,12 @@ class Buffer:
                              f"{tuple(topk_idx.shape)}")
         if num_tokens is not None and topk_idx.shape[0] != num_tokens:
             raise ValueError(f"topk_idx: expected {num_tokens} rows (one per row of x), got {topk_idx.shape[0]}")
+        if device is not None and topk_idx.device != device:
+            raise ValueError(f"topk_idx: expected a tensor on {device} (that of x), got {topk_idx.device}")
         if num_experts is not None:
             self._check_num_experts(num_experts)
             if topk_idx.numel():
-                low, high = int(topk_idx.min()), int(topk_idx.max())
+                low, high = torch.stack([topk_idx.min(), topk_idx.max()]).tolist()  # one host read
                 if low < -1 or high >= num_experts:
                     raise ValueError(f"topk_idx: expected expert ids in [-1, {num_experts}), got values in "
                                      f"[{low}, {high}]")
@@ -335,7 +392,7 @@ class Buffer:
                              f"({self.group_size}), got {num_experts}")
 
     @staticmethod
-    def _check_weights(topk_weights, topk_idx) -> None:
+    def _check_weights(topk_weights, topk_idx, device: torch.device | None = None) -> None:
         if topk_weights is None:
             return
         if not isinstance(topk_weights, torch.Tensor):
@@ -345,11 +402,13 @@ class Buffer:
         if topk_idx is not None and topk_weights.shape != topk_idx.shape:
             raise ValueError(f"topk_weights: expected shape {tuple(topk_idx.shape)} (that of topk_idx), "
                              f"got {tuple(topk_weights.shape)}")
+        if device is not None and topk_weights.device != device:
+            raise ValueError(f"topk_weights: expected a tensor on {device} (that of x), got {topk_weights.device}")
 
     def _check_layout(self, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_tokens: int,
-                      num_experts) -> None:
+                      num_experts, device: torch.device) -> None:
         """get_dispatch_layout's outputs, where given: int32/int64 [R], bool [T, R], int32/int64 [E]
-        (E = num_experts where that is given too)."""
+        (E = num_experts where that is given too), on x's device."""
         R = self.group_size
         counts = (torch.int32, torch.int64)
         for name, t, dtypes, shape in (("num_tokens_per_rank", num_tokens_per_rank, counts, (R,)),
@@ -357,7 +416,7 @@ class Buffer:
                                        ("num_tokens_per_expert", num_tokens_per_expert, counts, None)):
             if t is None:
                 continue
-            check_tensor(name, t, dtypes=dtypes)
+            check_tensor(name, t, dtypes=dtypes, device=device)
             if shape is not None and tuple(t.shape) != shape:
                 raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
         if num_tokens_per_expert is not None:
@@ -383,6 +442,8 @@ class Buffer:
             if not isinstance(data, torch.Tensor) or data.dtype != _FP8 or data.dim() != 2:
                 raise TypeError(f"x[0]: expected a float8_e4m3fn tensor [T, H], got "
                                 f"{getattr(data, 'dtype', type(data).__name__)} {tuple(getattr(data, 'shape', ()))}")
+            if data.shape[1] == 0:
+                raise ValueError(f"x[0]: expected a hidden size of at least 1 column, got shape {tuple(data.shape)}")
             if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.dim() != 2 \
                     or scales.shape[0] != data.shape[0] or scales.shape[1] != -(-data.shape[1] // 128):
                 raise TypeError(f"x[1]: expected float32 scales [{data.shape[0]}, H/128], got "
@@ -393,6 +454,8 @@ class Buffer:
             raise TypeError(f"x: expected a torch.Tensor or a (fp8, scales) tuple, got {type(x).__name__}")
         if x.dim() != 2:
             raise ValueError(f"x: expected 2 dimensions [num_tokens, hidden], got shape {tuple(x.shape)}")
+        if x.shape[1] == 0:  # a row of 0 bytes cannot be packed
+            raise ValueError(f"x: expected a hidden size of at least 1 column, got shape {tuple(x.shape)}")
         return x.shape[0]
 
     # ---- the API ----
@@ -441,6 +504,15 @@ class Buffer:
                 num_worst_tokens);
             handle; event (EventOverlap).
             Cached dispatch returns (recv_x, None, None, None, handle, event).
+
+        Across ranks: the hidden size, x's dtype and form (tensor or (fp8, scales)), topk_idx's
+        width (or its absence), whether topk_weights is given, num_experts and whether
+        num_worst_tokens is 0 must be the same on every rank. The count exchange carries them, and
+        every rank raises the same ValueError naming the argument and each rank's value before any
+        data moves (with num_worst_tokens, checked on the device: RuntimeError for CPU tensors, a
+        device-side assert on CUDA). Layout arguments given with topk_idx must be its layout
+        (checked likewise). Cached dispatch has no exchange: x must have the handle's hidden size
+        (checked), and its dtype and form must agree on every rank (not checked).
         """
         num_tokens = self._check_x(x)
         device = (x[0] if isinstance(x, tuple) else x).device
@@ -458,6 +530,8 @@ class Buffer:
                 if num_tokens != handle.num_tokens:
                     raise ValueError(f"x: expected {handle.num_tokens} rows (those of the handle's dispatch), "
                                      f"got {num_tokens}")
+                # No count exchange here (as in DeepEP): x's hidden size and dtype may differ from the
+                # first dispatch's, but must agree on every rank (not checked).
                 recv_x = self._dispatch_payload(x, handle, "dispatch (cached)")
                 event = scope.finish(recv_x if isinstance(recv_x, tuple) else (recv_x,))
                 return recv_x, None, None, None, handle, event
@@ -469,7 +543,8 @@ class Buffer:
                                  "without top-k, or a handle for cached dispatch; got None")
             if topk_idx is None and topk_weights is not None:
                 raise ValueError("topk_weights: expected None without topk_idx (weights go with expert ids)")
-            self._check_layout(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_tokens, num_experts)
+            self._check_layout(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_tokens, num_experts,
+                               device)
             if num_experts is None and num_tokens_per_expert is not None:
                 num_experts = num_tokens_per_expert.shape[0]
             if num_experts is None:
@@ -479,23 +554,36 @@ class Buffer:
                 self._check_num_experts(num_experts)
             elif num_worst_tokens:
                 # Fixed-block mode reads nothing on the host: the id range is checked on the device.
-                self._check_topk(topk_idx, num_tokens, None, "dispatch")
+                self._check_topk(topk_idx, num_tokens, None, "dispatch", device)
                 self._check_num_experts(num_experts)
                 self._assert_ids_async(topk_idx, num_experts)
             else:
-                self._check_topk(topk_idx, num_tokens, num_experts, "dispatch")
-            self._check_weights(topk_weights, topk_idx)
-            if is_token_in_rank is None or num_tokens_per_expert is None or num_tokens_per_rank is None:
-                num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = ep_get_dispatch_layout(
-                    topk_idx, num_experts, self.group_size)
+                self._check_topk(topk_idx, num_tokens, num_experts, "dispatch", device)
+            self._check_weights(topk_weights, topk_idx, device)
+            # With topk_idx, the layout arguments given must be its layout (else tokens reach ranks that
+            # hold none of their experts): compared with the layout computed here, when the splits are
+            # read on the host (normal mode) or on the device (num_worst_tokens).
+            reference = None
+            if topk_idx is not None:
+                computed = ep_get_dispatch_layout(topk_idx, num_experts, self.group_size)
+                if any(t is not None for t in layout):
+                    reference = computed
+                num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = (
+                    t if t is not None else c
+                    for t, c in zip((num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank), computed))
+            data = x[0] if isinstance(x, tuple) else x
+            hidden, num_topk = data.shape[1], (topk_idx.shape[1] if topk_idx is not None else 0)
+            signature = [num_worst_tokens, num_experts, hidden, int(isinstance(x, tuple)), _dtype_code(data.dtype),
+                         num_topk, int(topk_weights is not None), num_tokens]
             if num_worst_tokens:
                 # As DeepEP: no per-expert list in this mode (it would need the host).
-                handle, counts = self._plan_fixed(is_token_in_rank, num_tokens_per_rank, num_worst_tokens,
-                                                  device), []
+                handle, counts = self._plan_fixed(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
+                                                  num_worst_tokens, device, signature, reference), []
             else:
                 handle, per_expert = self._plan(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
-                                                num_experts, device)
+                                                num_experts, device, signature, reference)
                 counts = [-(-c // expert_alignment) * expert_alignment for c in per_expert]
+            handle.hidden, handle.num_topk = hidden, num_topk
 
             payload = [x] if not isinstance(x, tuple) else list(x)
             if topk_idx is None:  # the tokens alone
@@ -518,23 +606,93 @@ class Buffer:
             event = scope.finish(tensors + ((recv_topk_weights,) if recv_topk_weights is not None else ()))
         return recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event
 
+    # ---- the count exchange ----
+    def _count_send(self, num_tokens_per_rank, signature: list[int], per_expert: torch.Tensor | None,
+                    device) -> torch.Tensor:
+        """[R, 1 + signature + self._expert_columns] int64: row r holds the tokens for rank r, this
+        rank's signature, and r's per-expert counts (zeros where per_expert is None)."""
+        R = self.group_size
+        sig = torch.empty(R, len(signature), dtype=torch.int64, device=device)
+        for column, value in enumerate(signature):
+            sig[:, column].fill_(value)  # a kernel argument (capturable), not a copy from host memory
+        if per_expert is None:
+            per_expert = torch.zeros(R, self._expert_columns, dtype=torch.int64, device=device)
+        return torch.cat([num_tokens_per_rank.to(torch.int64).reshape(R, 1), sig, per_expert], dim=1)
+
+    @staticmethod
+    def _check_signatures(signatures: list[list[int]]) -> None:
+        """signatures[s]: rank s's dispatch signature. Every rank receives all of them, so every rank
+        raises this same error, before any data moves."""
+        problems = []
+        for column, (name, what, show) in enumerate(_SIGNATURE[:_SIG_TOKENS]):
+            values = [sig[column] for sig in signatures]
+            keys = [v > 0 for v in values] if name == "num_worst_tokens" else values
+            if len(set(keys)) > 1:
+                got = ", ".join(f"{show(v)} on rank {r}" for r, v in enumerate(values))
+                problems.append(f"{name}: expected {what}, got {got}")
+        if problems:
+            raise ValueError("; ".join(problems) + " (found in dispatch's count exchange: every rank raises this)")
+
+    def _assert_signatures(self, signatures: torch.Tensor, own: torch.Tensor, signature: list[int]) -> None:
+        """The same check on the device (num_worst_tokens: nothing is read on the host), one assert
+        for all the fields (the CUDA-graph path: few launches): CPU tensors raise RuntimeError on
+        every rank (each compares all ranks' values with its own row `own`, `signature` on the
+        host), CUDA tensors trip a device-side assert."""
+        same = signatures == own
+        worst = signatures[:, 0] > 0  # num_worst_tokens: positive everywhere, any value
+        torch._assert_async(same[:, 1:].all() & worst.all(),
+                            "dispatch with num_worst_tokens: the ranks disagree on the mode, num_experts, x's hidden "
+                            "size, form or dtype, topk_idx's columns, topk_weights or the number of tokens, which "
+                            f"must be the same on every rank (rank {self.rank} has {_signature_words(signature)}; checked "
+                            "on the device)")
+
+    @staticmethod
+    def _layout_errors(given, computed) -> list[tuple[str, torch.Tensor]]:
+        """(name, 0-dim bool "differs") for each layout argument against topk_idx's layout."""
+        names = ("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank")
+        return [(name, (g.to(c.dtype) != c).any()) for name, g, c in zip(names, given, computed)]
+
     def _plan(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_experts,
-              device) -> tuple[DispatchHandle, list[int]]:
-        """Count exchange and the send order; the one host synchronization of a dispatch."""
+              device, signature: list[int], reference=None) -> tuple[DispatchHandle, list[int]]:
+        """Count exchange and the send order; the one host synchronization of a dispatch (two on a
+        Buffer's first normal dispatch and on a new num_experts: see below). reference: topk_idx's layout (num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank)
+        when layout arguments came with it, to compare them with."""
         R = self.group_size
         num_tokens = is_token_in_rank.shape[0]
-        # The send counts read once with the mask's own, before the first collective (a rank whose
-        # layout arguments disagree then names the mistake; its peers time out).
-        send_splits, in_rank = torch.stack([num_tokens_per_rank.to(torch.int64),
-                                            is_token_in_rank.sum(0, dtype=torch.int64)]).tolist()
+        layout = (num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank)
+        # The send counts read once with the mask's own (and whether each layout argument differs from
+        # topk_idx's), before the first collective: a rank whose layout arguments are wrong names the
+        # mistake (its peers time out).
+        reads = [num_tokens_per_rank.to(torch.int64), is_token_in_rank.sum(0, dtype=torch.int64)]
+        differs = self._layout_errors(layout, reference) if reference is not None else []
+        reads += [d.to(torch.int64).reshape(1) for _, d in differs]
+        values = torch.cat(reads).tolist()
+        send_splits, in_rank = values[:R], values[R: 2 * R]
+        for (name, _), wrong in zip(differs, values[2 * R:]):
+            if wrong:
+                raise self._layout_error(name, layout, reference)
         if send_splits != in_rank:
             raise ValueError(f"num_tokens_per_rank: expected the tokens is_token_in_rank sends to each rank "
                              f"({in_rank}), got {send_splits}")
-        send = torch.cat([num_tokens_per_rank.to(torch.int64).reshape(R, 1),
-                          num_tokens_per_expert.to(torch.int64).reshape(R, num_experts // R)], dim=1)
-        recv = self._exchange_counts(send, "dispatch (count exchange)")
-        recv_splits = recv[:, 0].tolist()
-        per_expert = recv[:, 1:].sum(dim=0).tolist()
+        # One exchange carries the splits, the signatures and (when its width is the agreed one) the
+        # per-expert counts. Its width may not depend on anything a peer could disagree on: the
+        # per-expert part is as wide as in the last normal dispatch (every rank's history is the same).
+        L = num_experts // R
+        per_expert = num_tokens_per_expert.to(torch.int64).reshape(R, L)
+        fits = L == self._expert_columns
+        recv = self._exchange_counts(self._count_send(num_tokens_per_rank, signature, per_expert if fits else None,
+                                                      device), "dispatch (count exchange)")
+        rows = recv.tolist()
+        self._check_signatures([row[1: 1 + _SIG_WIDTH] for row in rows])
+        recv_splits = [row[0] for row in rows]
+        if fits:
+            per_expert_recv = recv[:, 1 + _SIG_WIDTH:]
+        else:
+            # A new num_experts (or the first dispatch): every rank has just seen that all agree on it,
+            # so an exchange of that width is safe; later ones carry the counts in the first.
+            per_expert_recv = self._exchange_counts(per_expert, "dispatch (count exchange, per expert)")
+            self._expert_columns = L
+        per_expert = per_expert_recv.sum(dim=0).tolist()
         # Destination-major, token order within a destination: nonzero of the transpose is sorted so.
         dest_token = is_token_in_rank.t().nonzero()
         send_src_idx = dest_token[:, 1].contiguous()
@@ -545,7 +703,25 @@ class Buffer:
                                 is_token_in_rank, num_recv, num_recv)
         return handle, per_expert
 
-    def _plan_fixed(self, is_token_in_rank, num_tokens_per_rank, num_worst_tokens: int, device) -> DispatchHandle:
+    @staticmethod
+    def _layout_error(name: str, layout, reference) -> ValueError:
+        """The message for a layout argument that is not topk_idx's layout (an error path: reads freely)."""
+        source = "topk_idx's layout (get_dispatch_layout(topk_idx, num_experts))"
+        if name == "num_tokens_per_rank":
+            return ValueError(f"num_tokens_per_rank: expected the tokens topk_idx sends to each rank "
+                              f"({reference[0].tolist()}), got {layout[0].tolist()}")
+        if name == "num_tokens_per_expert":
+            got, want = layout[1].to(torch.int64), reference[1].to(torch.int64)
+            e = int((got != want).nonzero()[0, 0])
+            return ValueError(f"num_tokens_per_expert: expected {source}, got {int(got[e])} tokens for expert {e} "
+                              f"where topk_idx names it in {int(want[e])}")
+        got, want = layout[2], reference[2]
+        t = int((got != want).any(dim=1).nonzero()[0, 0])
+        return ValueError(f"is_token_in_rank: expected {source}, got {got[t].tolist()} for token {t} where "
+                          f"topk_idx sends it to {want[t].tolist()}")
+
+    def _plan_fixed(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_worst_tokens: int,
+                    device, signature: list[int], reference=None) -> DispatchHandle:
         """The fixed-block routing (num_worst_tokens > 0) from device tensors only.
 
         Each rank sends each rank a block of T rows: first the tokens that go there, in token order,
@@ -553,16 +729,21 @@ class Buffer:
         receiver how many rows of each block are real; they land in recv_x in source order.
         """
         R, T = self.group_size, is_token_in_rank.shape[0]
-        send = torch.cat([num_tokens_per_rank.to(torch.int64).reshape(R, 1),
-                          torch.full((R, 1), T, dtype=torch.int64, device=device)], dim=1)
+        if reference is not None:  # layout arguments against topk_idx's layout, on the device: one assert
+            layout = (num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank)
+            errors = self._layout_errors(layout, reference)
+            torch._assert_async(~torch.stack([differs for _, differs in errors]).any(),
+                                f"{', '.join(name for name, _ in errors)}: expected topk_idx's layout "
+                                "(get_dispatch_layout(topk_idx, num_experts)), got another (checked on the device)")
+        # The same count exchange as the normal mode (splits, signature; no per-expert counts), so a
+        # rank in the other mode finds out too.
+        send = self._count_send(num_tokens_per_rank, signature, None, device)
         recv = torch.empty_like(send)
         self._all_to_all(recv, send, None, None, "dispatch (count exchange)", poll=False)
         from_source = recv[:, 0]
-        # Checked on the device (CPU tensors raise here; on CUDA a device-side assert): a block size
-        # every rank agrees on is what makes the splits fixed.
-        torch._assert_async((recv[:, 1] == T).all(),
-                            f"x: with num_worst_tokens every rank must dispatch the same number of tokens "
-                            f"(rank {self.rank} has {T})")
+        # Checked on the device (CPU tensors raise here; on CUDA a device-side assert): the signatures,
+        # T among them (a block size every rank agrees on is what makes the splits fixed).
+        self._assert_signatures(recv[:, 1: 1 + _SIG_WIDTH], send[0, 1: 1 + _SIG_WIDTH], signature)
         torch._assert_async(from_source.sum() <= num_worst_tokens,
                             f"num_worst_tokens: expected at least the number of tokens rank {self.rank} "
                             f"receives, got {num_worst_tokens}")
@@ -595,8 +776,11 @@ class Buffer:
         """Returns each token's received rows back to its source rank, summed (unweighted).
 
         Args:
-            x: [N, H] (or [num_worst_tokens, H]) rows in dispatch's receive order.
-            handle: the dispatch's handle. topk_weights: fp32 [N, K] or None.
+            x: [N, H] (or [num_worst_tokens, H]) rows in dispatch's receive order: exactly the rows
+                dispatch delivered (checked); any H and float dtype (fp32 expert outputs of a bf16
+                dispatch, say), the same on every rank (not checked: that would take an exchange).
+            handle: the dispatch's handle. topk_weights: fp32 [N, K] (K of the dispatch's topk_idx)
+                or None (None if the dispatch had no topk_idx).
 
         Returns:
             combined_x [T, H] (x's dtype): combined_x[t] = sum over the ranks r that received t of
@@ -607,16 +791,26 @@ class Buffer:
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle: expected the handle returned by dispatch, got {type(handle).__name__}")
         _check_config(config)
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < handle.num_recv_tokens:
-            raise ValueError(f"x: expected a [{handle.num_recv_tokens}, H] tensor (the rows dispatch delivered), "
-                             f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if handle.combine_index.shape[1] != self.group_size:
+            raise ValueError(f"handle: expected one from a dispatch over {self.group_size} ranks, got one over "
+                             f"{handle.combine_index.shape[1]}")
+        # The rows must be exactly those the dispatch delivered (DeepEP's rule); the hidden size and
+        # dtype are free (fp32 expert outputs of a bf16 dispatch, say) but must agree on every rank
+        # (not checked: that would take an exchange).
+        rows = handle.num_out_rows
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != rows:
+            raise ValueError(f"x: expected a [{rows}, H] tensor (the rows dispatch delivered), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if topk_weights is not None:
-            self._check_weights(topk_weights, None)
+            self._check_weights(topk_weights, None, x.device)
+            if handle.num_topk == 0:
+                raise ValueError("topk_weights: expected None (the handle's dispatch had no topk_idx), got a tensor")
             if topk_weights.dim() != 2:
                 raise ValueError(f"topk_weights: expected 2 dimensions [N, K] (dispatch's recv_topk_weights), got "
                                  f"shape {tuple(topk_weights.shape)}")
-            if topk_weights.shape[0] < handle.num_recv_tokens:
-                raise ValueError(f"topk_weights: expected {handle.num_recv_tokens} rows, got {topk_weights.shape[0]}")
+            if tuple(topk_weights.shape) != (rows, handle.num_topk):
+                raise ValueError(f"topk_weights: expected a [{rows}, {handle.num_topk}] tensor (dispatch's "
+                                 f"recv_topk_weights), got shape {tuple(topk_weights.shape)}")
         with StreamScope(self, x.device, previous_event, async_finish, allocate_on_comm_stream) as scope:
             payload = [x] + ([topk_weights] if topk_weights is not None else [])
             if torch.is_grad_enabled() and any(p.requires_grad for p in payload):
@@ -690,8 +884,12 @@ class Buffer:
 
         Each rank sends every rank (itself included) one fixed block of M rows over one equal-split
         all_to_all: R * M rows of (x or fp8 x + scales, K int64 ids) per rank, whatever the routing.
-        So M, H, K and use_fp8 must be the same on every rank (they fix the block; as in DeepEP, a
-        mismatch fails or hangs the collective), while T may differ.
+        So M, H, K (topk_idx's columns), use_fp8, num_experts and, without use_fp8, x's dtype must be
+        the same on every rank, while T may differ. They are not checked across ranks: that would take
+        a host read or one more collective per call, and this path has neither (as in DeepEP, which
+        does not check them either). A mismatch that changes the rows' size (M, H, K, use_fp8, a dtype
+        of another width) aborts the process in gloo's size check, or fails or hangs NCCL's exchange
+        until its timeout; one that does not (num_experts, bf16 against fp16) gives wrong rows.
 
         Returns:
             recv_x: [L, M * R, H] bf16, or with use_fp8 a tuple (fp8 [L, M * R, H], fp32 scales
@@ -800,6 +998,8 @@ class Buffer:
         `topk_idx` must be the dispatch's (only its shape is checked); `out` [T, H] is optional.
         combine_wait_recv_cost_stats: optional int64 [R], taken for DeepEP's signature and left
         unchanged (as dispatch_wait_recv_cost_stats).
+        The handle fixes every size the combine exchanges (M, K, the experts, and the hidden size x
+        must have: checked), so it agrees on every rank wherever the dispatch did.
         """
         if not isinstance(handle, LowLatencyHandle):
             raise TypeError(f"handle: expected the handle returned by low_latency_dispatch, got {type(handle).__name__}")
@@ -813,10 +1013,10 @@ class Buffer:
         self._check_weights(topk_weights, topk_idx)
         num_local = handle.num_experts // R
         cap = M * R
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != (num_local, cap):
-            raise ValueError(f"x: expected shape ({num_local}, {cap}, H), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        hidden = x.shape[2]
+        hidden = handle.hidden  # the dispatch's: it sizes the exchanged rows, so it must agree everywhere
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (num_local, cap, hidden):
+            raise ValueError(f"x: expected shape ({num_local}, {cap}, {hidden}) (the dispatch's layout and hidden "
+                             f"size), got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, torch.int64, R, x.device)
         if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (num_tokens, hidden)
                                 or out.dtype != x.dtype or out.device != x.device):

@@ -1,0 +1,195 @@
+"""dskernels.ep.Buffer's input validation on 2 spawned gloo ranks: arguments the ranks disagree on,
+combine inputs that do not fit their handle, layout arguments that contradict topk_idx, and the
+smaller local checks. Every case must raise a clear error (never abort the process, hang, or
+return garbage), and the group must stay usable after a cross-rank error."""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from dskernels.ep import Buffer
+from dskernels.testing import run_distributed
+from python_ref import ep as ref_ep
+
+E = 8  # experts: 4 per rank
+
+
+def _raises(error, words, fn):
+    try:
+        fn()
+    except error as e:
+        for w in words:
+            assert w in str(e), f"{w!r} not in {e}"
+        return
+    raise AssertionError(f"expected {error.__name__} with {words}")
+
+
+def _args(rank, *, tokens=5, hidden=128, dtype=torch.bfloat16, topk=2, num_experts=E, weights=True, fp8=False,
+          worst=0):
+    """dispatch's keyword arguments on `rank`: token t names experts (t + rank + j) % num_experts."""
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    if fp8:
+        x = (x.to(torch.float8_e4m3fn), torch.rand(tokens, -(-hidden // 128), generator=g))
+    ids = (torch.arange(tokens)[:, None] + rank + torch.arange(topk)[None, :]) % num_experts
+    args = dict(x=x, topk_idx=ids, num_experts=num_experts, num_worst_tokens=worst)
+    if weights:
+        args["topk_weights"] = torch.rand(tokens, topk, generator=g)
+    return args
+
+
+def _still_usable(buf, rank, world):
+    """A matching dispatch + combine after an error: the group is in step, the data right."""
+    args = [_args(r) for r in range(world)]
+    recv_x, _, _, _, handle, _ = buf.dispatch(**args[rank])
+    want = ref_ep.dispatch_oracle([a["x"] for a in args], [a["topk_idx"] for a in args],
+                                  [a["topk_weights"] for a in args], E, rank)[0]
+    assert torch.equal(recv_x, want)
+    combined, _, _ = buf.combine(recv_x, handle)
+    assert combined.shape == args[rank]["x"].shape
+
+
+def _disagree_body(rank, world):
+    buf = Buffer(dist.group.WORLD, timeout_s=30)
+    first = rank == 0
+    # (per-rank arguments, the error on every rank) for normal dispatches the ranks disagree on
+    for kwargs, words in [
+            (dict(hidden=128 if first else 256), ["x:", "hidden", "128 on rank 0, 256 on rank 1"]),
+            (dict(topk=2 if first else 3), ["topk_idx:", "2 on rank 0, 3 on rank 1"]),
+            (dict(num_experts=E if first else 2 * E), ["num_experts:", f"{E} on rank 0, {2 * E} on rank 1"]),
+            (dict(dtype=torch.bfloat16 if first else torch.float16),  # same row bytes: was silent garbage
+             ["x:", "dtype", "torch.bfloat16 on rank 0, torch.float16 on rank 1"]),
+            (dict(fp8=not first), ["x:", "a tensor on rank 0, an (fp8, scales) tuple on rank 1"]),
+            (dict(weights=first), ["topk_weights:", "a tensor on rank 0, None on rank 1"])]:
+        _raises(ValueError, words + ["every rank"], lambda: buf.dispatch(**_args(rank, **kwargs)))
+        _still_usable(buf, rank, world)
+
+    # A new num_experts on every rank (the count exchange widens): agreed, so it just works.
+    args = [_args(r, num_experts=4 * E) for r in range(world)]
+    recv_x, _, _, counts, _, _ = buf.dispatch(**args[rank])
+    want_x, _, _, want_counts = ref_ep.dispatch_oracle([a["x"] for a in args], [a["topk_idx"] for a in args],
+                                                       [a["topk_weights"] for a in args], 4 * E, rank)
+    assert torch.equal(recv_x, want_x) and counts == want_counts
+    _still_usable(buf, rank, world)
+
+    # One rank in num_worst_tokens mode, the other not: the normal rank names it on the host, the
+    # fixed-block rank on the device (RuntimeError for CPU tensors), before any data moves.
+    if first:
+        _raises(ValueError, ["num_worst_tokens:", "0 on rank 0, 16 on rank 1"],
+                lambda: buf.dispatch(**_args(rank)))
+    else:
+        _raises(RuntimeError, ["num_worst_tokens:"], lambda: buf.dispatch(**_args(rank, worst=16)))
+    _still_usable(buf, rank, world)
+    # Both in fixed-block mode, different hidden sizes: each rank names its own on the device.
+    _raises(RuntimeError, ["num_worst_tokens:", "hidden size", f"rank {rank} has", f"hidden size {128 * (rank + 1)}"],
+            lambda: buf.dispatch(**_args(rank, hidden=128 * (rank + 1), worst=16)))
+    _still_usable(buf, rank, world)
+
+
+def test_dispatch_ranks_disagree_raise_on_every_rank():
+    run_distributed(_disagree_body, 2, timeout_s=240)
+
+
+def _combine_body(rank, world):
+    buf = Buffer(dist.group.WORLD, timeout_s=30)
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(**_args(rank))
+    n, hidden = recv_x.shape
+    assert n > 1
+    # Exactly the rows dispatch delivered (extra rows used to be ignored).
+    _raises(ValueError, ["x:", f"[{n}, H]", f"({n + 1}, {hidden})"],
+            lambda: buf.combine(torch.cat([recv_x, recv_x[:1]]), handle))
+    # Another hidden size or dtype than the dispatch's, the same on every rank, is DeepEP's to use
+    # (fp32 expert outputs of a bf16 dispatch): combined as it is.
+    assert buf.combine(recv_x[:, :64], handle)[0].shape == (5, 64)
+    assert buf.combine(recv_x.float(), handle)[0].dtype == torch.float32
+    _raises(ValueError, ["topk_weights:", f"[{n}, 2]", f"({n}, 1)"],
+            lambda: buf.combine(recv_x, handle, topk_weights=recv_w[:, :1]))
+    _raises(ValueError, ["topk_weights:", f"[{n}, 2]", f"({n + 1}, 2)"],
+            lambda: buf.combine(recv_x, handle, topk_weights=torch.cat([recv_w, recv_w[:1]])))
+    # A handle from another dispatch (fewer tokens).
+    _, _, _, _, other, _ = buf.dispatch(**_args(rank, tokens=2))
+    _raises(ValueError, ["x:", f"({n}, {hidden})"], lambda: buf.combine(recv_x, other))
+    # Cached dispatch: another hidden size, the same on every rank, too.
+    assert buf.dispatch(_args(rank, hidden=64)["x"], handle=handle)[0].shape == (n, 64)
+    combined, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+    assert combined.shape == (5, hidden) and combined_w.shape == (5, 2)
+    recv8, _, _, _, handle8, _ = buf.dispatch(**_args(rank, fp8=True))
+    buf.combine(recv_x.new_zeros(recv8[0].shape[0], hidden), handle8)
+
+    # low_latency_combine: the dispatch's hidden size.
+    args = _args(rank)
+    ll_x, _, ll_handle, _, _ = buf.low_latency_dispatch(args["x"], args["topk_idx"], 8, E, use_fp8=False)
+    _raises(ValueError, ["x:", f"{hidden}", "64"],
+            lambda: buf.low_latency_combine(ll_x[..., :64], args["topk_idx"], args["topk_weights"], ll_handle))
+    out, _, _ = buf.low_latency_combine(ll_x, args["topk_idx"], args["topk_weights"], ll_handle)
+    assert out.shape == (5, hidden)
+
+
+def test_combine_checks_its_input_against_the_handle():
+    run_distributed(_combine_body, 2, timeout_s=240)
+
+
+def _layout_body(rank, world):
+    buf = Buffer(dist.group.WORLD, timeout_s=30)
+    args = _args(rank, tokens=6)
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(args["topk_idx"], E)
+    layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    # is_token_in_rank with two tokens' rows swapped: the column sums still match num_tokens_per_rank.
+    token_a, token_b = next((a, b) for a in range(6) for b in range(6) if not torch.equal(in_rank[a], in_rank[b]))
+    swapped = in_rank.clone()
+    swapped[[token_a, token_b]] = in_rank[[token_b, token_a]]
+    # num_tokens_per_expert with two different counts swapped: same total.
+    e_a, e_b = next((a, b) for a in range(E) for b in range(E) if per_expert[a] != per_expert[b])
+    permuted = per_expert.clone()
+    permuted[[e_a, e_b]] = per_expert[[e_b, e_a]]
+    for worst in (0, 16):  # the normal dispatch (host check) and num_worst_tokens (device check)
+        error = ValueError if worst == 0 else RuntimeError
+        for name, bad, words in [
+                ("is_token_in_rank", swapped, [f"token {min(token_a, token_b)}"] if worst == 0 else []),
+                ("num_tokens_per_expert", permuted, [f"expert {min(e_a, e_b)}"] if worst == 0 else []),
+                ("num_tokens_per_rank", per_rank.flip(0) + torch.tensor([1, 0], dtype=per_rank.dtype),
+                 [str((per_rank.flip(0) + torch.tensor([1, 0])).tolist())] if worst == 0 else [])]:
+            given = dict(args, num_worst_tokens=worst, **layout)
+            given[name] = bad
+            # (the device check, one assert for the three, names them all)
+            named = f"{name}:" if worst == 0 else name
+            _raises(error, [named, "topk_idx"] + words, lambda: buf.dispatch(**given))
+            # Given alone (the others computed), it is checked too.
+            alone = dict(args, num_worst_tokens=worst)
+            alone[name] = bad
+            _raises(error, [named, "topk_idx"], lambda: buf.dispatch(**alone))
+    # The right layout passes.
+    buf.dispatch(**args, **layout)
+    _still_usable(buf, rank, world)
+
+
+def test_layout_arguments_must_match_topk_idx():
+    run_distributed(_layout_body, 2, timeout_s=240)
+
+
+def _local_body(rank, world):
+    for bad, error, words in [("2", TypeError, ["timeout_s:", "str"]), (True, TypeError, ["timeout_s:", "bool"]),
+                              (0, ValueError, ["timeout_s:", "positive", "0"]),
+                              (-1.5, ValueError, ["timeout_s:", "-1.5"]), (math.nan, ValueError, ["timeout_s:", "nan"])]:
+        _raises(error, words, lambda: Buffer(dist.group.WORLD, timeout_s=bad))
+    buf = Buffer(dist.group.WORLD, timeout_s=2)  # an int is a number of seconds
+    args = _args(rank)
+    _raises(ValueError, ["x:", "hidden", "(5, 0)"], lambda: buf.dispatch(**dict(args, x=args["x"][:, :0])))
+    _raises(ValueError, ["x[0]:", "hidden", "(5, 0)"],
+            lambda: buf.dispatch(**dict(args, x=(args["x"][:, :0].to(torch.float8_e4m3fn), torch.rand(5, 0)))))
+    _raises(ValueError, ["x:", "hidden", "(5, 0)"],
+            lambda: buf.low_latency_dispatch(args["x"][:, :0], args["topk_idx"], 8, E, use_fp8=False))
+    meta = torch.device("meta")
+    _raises(ValueError, ["topk_idx:", "cpu", "meta"],
+            lambda: buf.dispatch(**dict(args, topk_idx=args["topk_idx"].to(meta))))
+    _raises(ValueError, ["topk_weights:", "cpu", "meta"],
+            lambda: buf.dispatch(**dict(args, topk_weights=args["topk_weights"].to(meta))))
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(args["topk_idx"], E)
+    _raises(ValueError, ["is_token_in_rank:", "cpu", "meta"],
+            lambda: buf.dispatch(**args, is_token_in_rank=in_rank.to(meta)))
+    _still_usable(buf, rank, world)
+
+
+def test_local_argument_checks():
+    run_distributed(_local_body, 2, timeout_s=240)
