@@ -11,18 +11,9 @@ import torch.distributed as dist
 from dskernels.ep import Buffer
 from dskernels.testing import run_distributed
 from python_ref import ep as ref_ep
+from test_ep_buffer import _raises
 
 E = 8  # experts: 4 per rank
-
-
-def _raises(error, words, fn):
-    try:
-        fn()
-    except error as e:
-        for w in words:
-            assert w in str(e), f"{w!r} not in {e}"
-        return
-    raise AssertionError(f"expected {error.__name__} with {words}")
 
 
 def _args(rank, *, tokens=5, hidden=128, dtype=torch.bfloat16, topk=2, num_experts=E, weights=True, fp8=False,
