@@ -2,6 +2,7 @@
 and the grouped ones (contiguous with either layout, masked, K-grouped) on every backend against
 the fp64 product, with a bound from the math; poisoned rows that must not be read."""
 
+import numpy
 import pytest
 import torch
 
@@ -235,6 +236,7 @@ def test_bad_input_is_named():
         dskernels.m_grouped_bf16_gemm_nt_masked(a3, b, d3, torch.ones(2, dtype=torch.int32), 4)
     with pytest.raises(TypeError, match="^expected_m: expected a python int"):
         dskernels.m_grouped_bf16_gemm_nt_masked(a3, b, d3, torch.ones(3, dtype=torch.int32), 4.0)
+    dskernels.m_grouped_bf16_gemm_nt_masked(a3, b, d3, torch.ones(3, dtype=torch.int32), numpy.int64(4))  # as fp8's
     with pytest.raises(ValueError, match=r"^a: expected 3 groups .* \(2, 4, 16\)"):
         dskernels.m_grouped_bf16_gemm_nt_masked(a3[:2], b, d3, torch.ones(3, dtype=torch.int32), 4)
     tokens = bf16_randn(10, 4, device="cpu")

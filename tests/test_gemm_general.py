@@ -740,6 +740,10 @@ def test_k_grouped_fp8_gemm_validation():
     with pytest.raises(ValueError, match=r"^a: expected shape \(>= 168, 5\)"):  # one token short
         tn((a[:167], sa), (b, sb), d, ks)
     tn((a[:168], sa), (b[:168], sb), d, ks)  # exactly enough
+    memory = torch.zeros(2 * 5 * 3 + 168 * 5 // 4)  # a read from d's bytes (an fp8 view): refused
+    a_in_d = memory.view(torch.uint8)[-168 * 5:].view(torch.float8_e4m3fn).view(168, 5)
+    with pytest.raises(ValueError, match="^d: expected an output that shares no memory with a"):
+        tn((a_in_d, sa), (b, sb), memory[-30:].view(2, 5, 3), ks)
     with pytest.raises(ValueError, match="^ks: expected 2 sizes"):  # the op itself checks too (and its fake)
         torch.ops.dskernels.k_grouped_fp8_gemm(a, sa, b, sb, d, [168], None, False, False)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:

@@ -95,13 +95,19 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: tuple[torch.Tensor, torch.Tensor]
     """
     a, sa = _unpack("lhs", lhs)
     b, sb = _unpack("rhs", rhs)
-    # A numpy integer, as DeepGEMM's binding takes it. (Under torch.compile a symbolic int counts as
-    # an int here, and must stay symbolic: operator.index would specialize it. isinstance first:
-    # torch 2.11's dynamo cannot trace hasattr on a symbolic int.)
+    expected_m = expected_m_int(expected_m)
+    torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m)
+
+
+def expected_m_int(expected_m):
+    """expected_m as the ops take it: a Python int, from a numpy integer too (as DeepGEMM's binding
+    takes it). (Under torch.compile a symbolic int counts as an int here, and must stay symbolic:
+    operator.index would specialize it. isinstance first: torch 2.11's dynamo cannot trace hasattr
+    on a symbolic int.)"""
     if not isinstance(expected_m, (int, torch.SymInt, torch.Tensor)) and hasattr(expected_m, "__index__"):
         expected_m = operator.index(expected_m)
     _check_expected_m(expected_m)
-    torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m)
+    return expected_m
 
 
 BLOCK_RECIPE = (1, 128, 128)  # DeepGEMM's recipe names: (1x128 a scales, 128x128 b scales)
@@ -136,8 +142,8 @@ def _deepgemm_options(recipe, allowed=(BLOCK_RECIPE,), recipe_a=None, recipe_b=N
         recipe = recipe if joined is None else joined
     if recipe is not None and tuple(recipe) not in allowed:
         names = " or ".join(str(r) for r in allowed)
-        raise ValueError(f"recipe: only {names} (the a and b scales' granularity: 1x128 rows, 128x128 "
-                         f"blocks) is supported here, got {recipe!r}")
+        raise ValueError(f"recipe: only {names} (the a and b scales' granularity: (1, 1, 128) for 1x128 "
+                         f"scales on both, (1, 128, 128) for 128x128 blocks of b) is supported here, got {recipe!r}")
     return recipe
 
 
@@ -669,6 +675,9 @@ def _check_k_grouped(a, sa, b, sb, out, ks, ks_tensor, k_major: bool, *, sizes_n
         expected = (rows, total_blocks) if scales_transposed else (total_blocks, rows)
         _check_shape(f"s{name}", scales.T if scales_transposed else scales, expected,
                      f"one 1x128 scale per row of {name} per 128 tokens (started) of every group")
+        if overlap and may_share_memory(out, t):  # (an fp8 view of out's bytes: a race on a GPU)
+            raise ValueError(f"{out_name}: expected an output that shares no memory with {name} (the GEMM reads "
+                             f"{name} while it writes {out_name}), got overlapping tensors")
     check_sizes_tensor(ks_tensor, groups, out.device, sizes_name)
 
 

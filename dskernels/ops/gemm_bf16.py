@@ -18,7 +18,7 @@ from dskernels._checks import check_no_overlap, check_tensor, may_share_memory
 from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from dskernels.ops.gemm import (_check_c, _check_expected_m, _check_shape, _layout_argument, check_grouped_layout,
-                                check_layout_by_its_name, psum_options)
+                                check_layout_by_its_name, expected_m_int, psum_options)
 from python_ref import gemm as ref
 
 BF16 = torch.bfloat16
@@ -127,10 +127,10 @@ def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Ten
         a: [G, m_max, k] bfloat16; b: [G, n, k] bfloat16 (any strides).
         d: [G, m_max, n] bfloat16; rows i >= masked_m[g] are left unspecified.
         masked_m: [G] int32 on a's device (clamped to [0, m_max]), never read on the host.
-        expected_m: expected rows per group, a tuning hint only. compiled_dims: ignored.
+        expected_m: expected rows per group (a Python or numpy int), a tuning hint only.
+            compiled_dims: ignored.
     """
-    _check_expected_m(expected_m)
-    torch.ops.dskernels.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m)
+    torch.ops.dskernels.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m_int(expected_m))
 
 
 def k_grouped_bf16_gemm_tn_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks,
