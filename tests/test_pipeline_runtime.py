@@ -276,9 +276,12 @@ def _checks(rank, world_size):
         pipe = DualPipeV((Block(), Block()))
         with pytest.raises(ValueError, match="N \\(chunks\\) must be >= 2\\*P"):
             pipe.step(num_chunks=2 * P - 1)
-        if rank == 0:
+        if rank == 0:  # step is collective: the other rank learns of the rejection and raises too
             with pytest.raises(ValueError, match="criterion: required"):
                 pipe.step(torch.zeros(8, D, dtype=torch.float64), num_chunks=4)
+        else:
+            with pytest.raises(RuntimeError, match=r"pipeline ranks \[0\] rejected their step arguments"):
+                pipe.step(num_chunks=4)
         with pytest.raises(ValueError, match="must be even"):
             DualPipe((Block(), Block())).step(num_chunks=2 * P + 1)
 

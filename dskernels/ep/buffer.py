@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from dskernels._checks import check_no_overlap, check_tensor
+from dskernels._collectives import use_counts, wait_released
 from dskernels.ep.events import EventOverlap, StreamScope, capture
 from dskernels.ops.ep import (copy_rows, ep_get_dispatch_layout, gather_reduce, low_latency_send, low_latency_slots,
                               pack_rows)
@@ -261,6 +262,7 @@ class Buffer:
         timeout = self.timeout_s if self.timeout_s is not None else (_DEFAULT_CPU_TIMEOUT_S if on_cpu else None)
         if not (poll or on_cpu):
             timeout = None
+        counts = use_counts((out, inp))
         try:
             work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
             if timeout is not None:
@@ -273,6 +275,8 @@ class Buffer:
                             "not call the same op); the group cannot be used for this exchange any more")
                     time.sleep(_POLL_S)
             work.wait()
+            del work  # it holds out and inp too
+            wait_released((out, inp), counts)
         except (RuntimeError, dist.DistBackendError) as e:
             text = str(e)
             late = any(w in text.lower() for w in ("timeout", "timed out"))

@@ -7,6 +7,9 @@ Same constructor and `step` contract as deepseek-ai/DualPipe, but:
   tensor being sent or of the module's first parameter;
 - no global state: shapes and dtypes travel with the data (a small int64 header before each
   message), the weight-gradient store is per instance;
+- every rank's step arguments are compared before any P2P (one small all_gather per step), and
+  every wait for a peer is bounded by `timeout_s` (default: the process group's own timeout; an
+  error naming the peer and the action either way);
 - P2P with `torch.distributed.batch_isend_irecv` and no tags, in an exchange plan derived from
   the schedule (`_plan`): each message is sent and received at the same slot boundary on both
   ranks, in the same order, so matching in issue order per pair (NCCL, which ignores tags) is
@@ -15,12 +18,16 @@ Same constructor and `step` contract as deepseek-ai/DualPipe, but:
 
 from __future__ import annotations
 
+import datetime
+import time
+import zlib
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from dskernels._collectives import use_counts, wait_released
 from dskernels.pipeline import schedule as _schedule
 from dskernels.pipeline.weight_grad import WeightGradStore
 
@@ -47,33 +54,58 @@ _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.in
 _HEADER = 64          # int64 words per header
 _MAX_DIMS = 6
 _MAX_TENSORS = (_HEADER - 1) // (2 + _MAX_DIMS)
+_KIND_IDS = {"dualpipe": 0, "dualpipev": 1}  # travel in the start-of-step check
+_POLL_S = 2e-4
 
 
-def _scatter(inputs, num_chunks, dim):
+def _check_modules(modules) -> tuple[nn.Module, nn.Module]:
+    """The (module0, module1) pair of DualPipe's constructor, checked: a tuple or list, or a
+    container module of two (nn.ModuleList; nn.Sequential, as DualPipe's own example passes)."""
+    if not isinstance(modules, (tuple, list, nn.ModuleList, nn.Sequential)):
+        got = f"a single {type(modules).__name__}" if isinstance(modules, nn.Module) else type(modules).__name__
+        raise TypeError(f"modules: expected a pair (module0, module1) of nn.Module, one per stage of this "
+                        f"rank, got {got}")
+    if len(modules) != 2:
+        raise ValueError(f"modules: expected two modules (one per stage of this rank), got {len(modules)}")
+    for i, m in enumerate(modules):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"modules[{i}]: expected an nn.Module, got {type(m).__name__}")
+    return tuple(modules)
+
+
+def _scatter(inputs, num_chunks, dim, name="inputs"):
     """Splits each tensor of `inputs` (a tensor or a sequence of tensors and Nones) into num_chunks
-    chunks along dim: list of tuples; a None is None in every chunk (as DualPipe's scatter)."""
+    chunks along dim: list of tuples; a None is None in every chunk (as DualPipe's scatter).
+    `name` is the step argument they came from, for the errors."""
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
+    elif inputs is None and name == "labels":
+        inputs = ()
+    elif not isinstance(inputs, (tuple, list)):
+        raise TypeError(f"{name}: expected a tensor or a sequence of tensors (or None), got {type(inputs).__name__}")
     if not inputs:
         return [() for _ in range(num_chunks)]
     parts = []
-    for t in inputs:
+    for i, t in enumerate(inputs):
         if t is None:
             parts.append([None] * num_chunks)
             continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"inputs: expected tensors (or None), got {type(t).__name__}")
+            raise TypeError(f"{name}: expected tensors (or None), got {type(t).__name__} at position {i}")
+        if not -t.dim() <= dim < t.dim():
+            raise ValueError(f"batch_dim: expected a dimension of every tensor of {name}, got {dim} for the "
+                             f"{t.dim()}-d tensor at position {i} (dims {-t.dim()}..{t.dim() - 1})")
         if t.shape[dim] < num_chunks:
-            raise ValueError(f"inputs: dimension {dim} has {t.shape[dim]} rows, fewer than "
+            raise ValueError(f"{name}: dimension {dim} has {t.shape[dim]} rows, fewer than "
                              f"num_chunks={num_chunks}")
         parts.append(t.tensor_split(num_chunks, dim))
     return [tuple(p[i] for p in parts) for i in range(num_chunks)]
 
 
-def _as_tuple(x):
-    if isinstance(x, torch.Tensor):
-        return (x,)
-    return tuple(x)
+def _describe(key) -> str:
+    """A message key (kind, stage, chunk) in words, for the errors."""
+    kind, stage, mb = key
+    return f"{'output' if kind == 0 else 'input gradient'} of stage {stage} chunk {mb}"
 
 
 def _meta(tensors) -> tuple:
@@ -128,10 +160,21 @@ class _Runtime(nn.Module):
     _KIND = ""  # "dualpipe" or "dualpipev"
 
     def __init__(self, modules: tuple[nn.Module, nn.Module], batch_dim: int = 0,
-                 process_group: dist.ProcessGroup | None = None, rank_mapping: list[int] | None = None):
+                 process_group: dist.ProcessGroup | None = None, rank_mapping: list[int] | None = None,
+                 *, timeout_s: float | None = None):
+        """timeout_s: the longest this rank waits for a peer at one exchange (or for all ranks at
+        the start of a step) before raising TimeoutError naming the peer and the action; default
+        None: the process group's own timeout (init_process_group's; gloo's default is 30 minutes),
+        whose expiry raises naming them too. A bounded wait on CUDA holds the host at each exchange."""
         super().__init__()
-        if len(modules) != 2:
-            raise ValueError(f"modules: expected two modules (one per stage of this rank), got {len(modules)}")
+        modules = _check_modules(modules)
+        if not isinstance(batch_dim, int) or isinstance(batch_dim, bool):
+            raise TypeError(f"batch_dim: expected an int, got {type(batch_dim).__name__}")
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                      or not timeout_s > 0):
+            raise ValueError(f"timeout_s: expected a number of seconds > 0 (or None), got {timeout_s!r}")
+        self.timeout_s = timeout_s
+        self._failed: str | None = None  # why an earlier step failed mid-way (its P2P state is undefined)
         self.module = nn.ModuleList(modules)
         self.overlapped_forward_backward = (type(modules[0]) is type(modules[1])  # as DualPipe decides it
                                             and hasattr(type(modules[0]), "overlapped_forward_backward"))
@@ -205,8 +248,8 @@ class _Runtime(nn.Module):
         return ([(d, k) for d, k in sends if d != rank], [(s, k) for s, k in needs if s != rank])
 
     def _plan(self, order) -> list[tuple]:
-        """This rank's program in run order: ("x", sends, recvs, boundary) exchanges (sends and
-        recvs as sorted [(peer pipeline rank, key)]) and ("a", action)."""
+        """This rank's program in run order: ("x", sends, recvs, boundary, next action or None)
+        exchanges (sends and recvs as sorted [(peer pipeline rank, key)]) and ("a", action)."""
         P = len(order)
         produced: dict = {}  # key -> slot
         pos, t, slots = [0] * P, 0, [[] for _ in range(P)]
@@ -235,9 +278,13 @@ class _Runtime(nn.Module):
         for action, slot in zip(order[me], slots[me]):
             events[(slot, 1)] = ("a", action)
         program = [events[k] for k in sorted(events)]
-        for e in program:
-            if e[0] == "x":
-                e[1].sort(), e[2].sort()
+        upcoming = None  # the action an exchange comes before: named if the exchange times out
+        for i in reversed(range(len(program))):
+            if program[i][0] == "a":
+                upcoming = program[i][1]
+            else:
+                program[i][1].sort(), program[i][2].sort()
+                program[i] = (*program[i], upcoming)
         return program
 
     def _send(self, kind: int, stage: int, mb: int, tensors, dst_stage: int):
@@ -247,8 +294,19 @@ class _Runtime(nn.Module):
         if dst == self.rank:
             self._local[(kind, stage, mb)] = [None if t is None else t.detach() for t in tensors]
             return
+        # Checked here, before the header code reads dtypes and shapes: what the module returned
+        # and what a message can carry, rather than an error from deep inside the packing.
+        what = (f"modules[{self.local_stages[stage]}] (stage {stage}) output" if kind == 0
+                else f"input gradients of stage {stage}")
         if len(tensors) > _MAX_TENSORS:
-            raise ValueError(f"pipeline: at most {_MAX_TENSORS} tensors per message, got {len(tensors)}")
+            raise ValueError(f"{what}: expected at most {_MAX_TENSORS} tensors to send to pipeline rank {dst}, "
+                             f"got {len(tensors)}")
+        for j, t in enumerate(tensors):
+            if t is not None and (t.dtype not in _DTYPES or t.dim() > _MAX_DIMS):
+                names = ", ".join(str(d).removeprefix("torch.") for d in _DTYPES)
+                raise ValueError(f"{what}: expected tensors of at most {_MAX_DIMS} dims with a dtype among "
+                                 f"{names} to send to pipeline rank {dst}, got a {t.dim()}-d {t.dtype} "
+                                 f"tensor at position {j}")
         self._outbox[(kind, stage, mb)] = list(tensors)
 
     def _send_phases(self, key, tensors) -> list[list[torch.Tensor]]:
@@ -271,18 +329,56 @@ class _Runtime(nn.Module):
             if t is None:
                 header[base] = -1
                 continue
-            if t.dim() > _MAX_DIMS or t.dtype not in _DTYPES:
-                raise ValueError(f"pipeline: cannot send a {t.dim()}-d {t.dtype} tensor "
-                                 f"(at most {_MAX_DIMS} dims, dtypes {_DTYPES})")
-            header[base] = _DTYPES.index(t.dtype)
+            header[base] = _DTYPES.index(t.dtype)  # sendable: checked by _send
             header[base + 1] = t.dim()
             header[base + 2: base + 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
             payload.append(t.detach().contiguous())
         return phases + [[header.to(device)], payload]
 
-    def _exchange(self, sends, recvs):
+    def _wait(self, works, peers: str, where, poll: bool = False) -> None:
+        """Waits for async P2P (or, with poll, collective) works, at most timeout_s in all (None:
+        the process group's own timeout): a failed or hung peer raises TimeoutError naming `peers`
+        and `where` (words, or a function returning them, called only for the error). On expiry
+        the connection to the peer is unusable (gloo closes it), as is this runtime (it says so on
+        the next step)."""
+        limit = float("inf") if self.timeout_s is None else self.timeout_s
+        deadline = time.monotonic() + limit
+
+        def late():
+            return (f"pipeline rank {self.rank}: waited longer than timeout_s={limit:g} s for {peers} "
+                    f"{where() if callable(where) else where} (the peer failed, hung, or called step with "
+                    "other arguments)")
+        try:
+            for w in works:
+                if limit == float("inf"):  # the backend's own timeout
+                    w.wait()
+                elif poll:  # a collective: polled, as dskernels.ep.Buffer does (gloo's wait(timeout) is unreliable)
+                    while not w.is_completed():
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(late())
+                        time.sleep(_POLL_S)
+                    w.wait()
+                else:  # gloo's send/recv works report completion only through wait, so no polling here
+                    w.wait(datetime.timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+        except TimeoutError as e:
+            self._failed = str(e)
+            raise
+        except RuntimeError as e:  # dist.DistBackendError included; gloo's expired wait(timeout) too
+            text = str(e)
+            timed_out = any(word in text.lower() for word in ("timeout", "timed out"))
+            if timed_out and time.monotonic() >= deadline - 1e-2:
+                message = late()
+            else:
+                message = (f"pipeline rank {self.rank}: communication with {peers} "
+                           f"{where() if callable(where) else where} failed "
+                           f"({'the group timeout expired' if timed_out else 'most often the peer is gone'}); "
+                           f"backend said: {text.splitlines()[0] if text else type(e).__name__}")
+            self._failed = message
+            raise (TimeoutError if timed_out else RuntimeError)(message) from e
+
+    def _exchange(self, sends, recvs, upcoming=None):
         """Posts one boundary's messages, phase by phase (see the plan above), and waits for
-        them; received tensors go to self._arrived."""
+        them; received tensors go to self._arrived. upcoming: the action after it, for errors."""
         out = [(d, self._send_phases(k, self._outbox.pop(k))) for d, k in sends]
         dev = self._device()
         state = {}  # key -> (src, "flat" | "header" | "payload", buffers)
@@ -299,8 +395,13 @@ class _Runtime(nn.Module):
             ops += [dist.P2POp(dist.irecv, t, self._peer(src), self.group)
                     for _, (src, _, bufs) in incoming for t in bufs if t is not None]
             if ops:
-                for work in dist.batch_isend_irecv(ops):
-                    work.wait()
+                peers = sorted({d for d, p in out if phase < len(p)} | {src for _, (src, _, _) in incoming})
+
+                def where(keys=[k for k, _ in incoming]):  # words for an error only: built then
+                    waiting = ", ".join(_describe(k) for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
+                    return (f"at the exchange before {repr(upcoming) if upcoming else 'the end of step'}"
+                            + (f", receiving {waiting}" if keys else ""))
+                self._wait(dist.batch_isend_irecv(ops), f"pipeline rank(s) {peers}", where)
             for k, (src, what, bufs) in incoming:
                 if what == "flat" and int(bufs[0][:8].view(torch.int64)[0]) == 0:
                     self.fast_messages += 1
@@ -344,10 +445,24 @@ class _Runtime(nn.Module):
     def _labels_of(self, stage, mb):
         return tuple(self._label_chunks[stage][mb]) if stage in self._label_chunks else ()
 
+    @staticmethod
+    def _outputs_of(stage, outputs, source) -> tuple:
+        """A stage's forward outputs as a tuple, checked (DualPipe's convention: a tensor or a
+        sequence of tensors; None allowed, sent as absent). source: who returned them."""
+        if isinstance(outputs, torch.Tensor):
+            return (outputs,)
+        if isinstance(outputs, (tuple, list)) and all(o is None or isinstance(o, torch.Tensor) for o in outputs):
+            return tuple(outputs)
+        got = type(outputs).__name__
+        if isinstance(outputs, (tuple, list)):
+            others = sorted({type(o).__name__ for o in outputs if not (o is None or isinstance(o, torch.Tensor))})
+            got = f"a {got} holding {', '.join(others)}"
+        raise TypeError(f"{source}: expected a tensor or a tuple/list of tensors (None allowed) as the output "
+                        f"of stage {stage}, got {got}")
+
     def _post_forward(self, stage, mb, inputs, outputs, loss):
         _, nxt = self._neighbours
         self._inputs[(stage, mb)] = inputs
-        outputs = _as_tuple(outputs)
         if stage in nxt:
             self._outputs[(stage, mb)] = outputs
             self._send(0, stage, mb, outputs, nxt[stage])
@@ -356,12 +471,12 @@ class _Runtime(nn.Module):
                 self._losses[(stage, mb)] = loss
                 self._loss_values[(stage, mb)] = loss.detach()
             if self.return_outputs:
-                self._final_outputs[(stage, mb)] = tuple(o.detach() for o in outputs)
+                self._final_outputs[(stage, mb)] = tuple(None if o is None else o.detach() for o in outputs)
 
     def _forward(self, stage, mb):
         inputs = self._forward_inputs(stage, mb)
-        module = self.module[self.local_stages[stage]]
-        outputs = _as_tuple(module(*inputs))
+        index = self.local_stages[stage]
+        outputs = self._outputs_of(stage, self.module[index](*inputs), f"modules[{index}]")
         loss = None
         if stage in self._tails and self.criterion is not None:
             loss = self.criterion(*outputs, *self._labels_of(stage, mb))
@@ -409,10 +524,12 @@ class _Runtime(nn.Module):
         inputs0 = self._forward_inputs(fstage, fmb)
         is_tail0 = fstage in self._tails and self.criterion is not None
         loss1, outputs1, grads1 = self._backward_operands(bstage, bmb)
-        outputs0, loss0 = type(self.module[0]).overlapped_forward_backward(
+        hook = type(self.module[0]).overlapped_forward_backward
+        outputs0, loss0 = hook(
             self.module[self.local_stages[fstage]], inputs0,
             self.criterion if is_tail0 else None, list(self._labels_of(fstage, fmb)) if is_tail0 else [],
             self.module[self.local_stages[bstage]], loss1, outputs1, grads1)
+        outputs0 = self._outputs_of(fstage, outputs0, f"{hook.__qualname__} (outputs0)")
         self._post_forward(fstage, fmb, inputs0, outputs0, loss0)
         self._post_backward(bstage, bmb)
 
@@ -430,55 +547,50 @@ class _Runtime(nn.Module):
         of one chunk; each chunk's loss is back-propagated separately (gradients accumulate in
         .grad, as in DualPipe). Returns (loss, outputs): on a rank with a last stage the chunks'
         losses stacked [chunks] (detached) and, with return_outputs, that stage's outputs
-        concatenated along batch_dim; (None, None) elsewhere."""
-        order = self._order(num_chunks)  # raises ValueError for an impossible num_chunks
-        self._num_chunks = num_chunks
-        chains = self._chains()
-        self._neighbours = _schedule._neighbours(chains)
-        self._tails = {c[-1] for c in chains}
-        if criterion is None and torch.is_grad_enabled() and self._tails & set(self.local_stages):
-            raise ValueError("criterion: required on a rank holding a last stage in a training step "
-                             "(grad mode on); run under torch.no_grad() for forward only")
-        self.criterion = criterion
-        self.return_outputs = return_outputs
-        self._input_chunks, self._label_chunks = self._split_inputs(inputs, labels, num_chunks)
-        self._inputs, self._outputs, self._losses, self._final_outputs = {}, {}, {}, {}
-        self._loss_values = {}
-        self._local, self._outbox, self._arrived = {}, {}, {}
-        if getattr(self, "_meta_chunks", None) != num_chunks:  # layouts are cached per chunk count
-            self._sent_meta, self._recv_meta, self._meta_chunks = {}, {}, num_chunks
-        self.weight_grad_store.clear()
+        concatenated along batch_dim; (None, None) elsewhere.
+
+        Every rank must call it with the same num_chunks and grad mode: checked before any P2P
+        (a rank whose arguments are rejected makes every rank raise). A peer that does not answer
+        within timeout_s raises TimeoutError; after a step failed mid-way this runtime refuses to
+        run another (messages of the failed step may still be in flight)."""
+        if self._failed is not None:
+            raise RuntimeError(f"pipeline: an earlier step failed mid-way on this rank ({self._failed}); its "
+                               "messages may still be in flight, so this runtime cannot run another step: "
+                               "create a new process group and runtime")
         forward_only = not torch.is_grad_enabled()
-        if forward_only:
-            order = [[f"{s}F{m}" for a in acts for s, k, m in _schedule.parse_action(a) if k == "F"]
-                     for acts in order]
-        plans = self.__dict__.setdefault("_plans", {})
-        if (num_chunks, forward_only) not in plans:
-            plans[(num_chunks, forward_only)] = self._plan(order)
+        # An argument error is raised after the ranks compared their arguments, so that every rank
+        # raises at once instead of the others waiting for this one.
+        error, fingerprint = None, -1
         try:
-            for event in plans[(num_chunks, forward_only)]:
-                if event[0] == "x":
-                    self._exchange(event[1], event[2])
-                    continue
-                subs = _schedule.parse_action(event[1])
-                if len(subs) == 2:
-                    (fs, _, fm), (bs, _, bm) = subs
-                    self._forward_backward(fs, fm, bs, bm)
-                    continue
-                stage, kind, mb = subs[0]
-                if kind == "F":
-                    self._forward(stage, mb)
-                elif kind in "BI":
-                    self._backward(stage, mb, zero_bubble=(kind == "I"))
-                else:
-                    self.weight_grad_store.pop()
-            left = [*self._outbox, *self._arrived]
-            if left:
-                raise RuntimeError(f"pipeline: messages never received: {left}")
+            program, fingerprint = self._prepare_step(inputs, num_chunks, criterion, labels, return_outputs,
+                                                      forward_only)
+        except (TypeError, ValueError) as e:
+            error = e
+        try:
+            self._agree(num_chunks if error is None else -1, forward_only, fingerprint, failed=error is not None)
+        except Exception:
+            if error is None:
+                raise
+        if error is not None:
+            raise error
+        # Layouts are cached per chunk count; reset only once every rank agreed on it, so that
+        # the ranks' caches stay in step.
+        if getattr(self, "_meta_chunks", None) != num_chunks:
+            self._sent_meta, self._recv_meta, self._meta_chunks = {}, {}, num_chunks
+        try:
+            # The runtime's own store takes every class-level WeightGradStore call during the step,
+            # deferral on only in I actions (as DualPipe's step sets WeightGradStore.enabled): a
+            # process-wide `WeightGradStore.enabled = True` would otherwise take B actions' weight
+            # gradients, which no W of this step runs.
+            with self.weight_grad_store.activate(enabled=False):
+                self._run(program)
+        except BaseException as e:
+            if self._failed is None:
+                self._failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise
         finally:
             self._outbox, self._arrived = {}, {}
-        if not self.weight_grad_store.empty():
-            raise RuntimeError("pipeline: weight gradients left deferred after the step")
+        self._check_weight_grads_done()  # after the P2P: the other ranks' steps are not affected
         tails_here = sorted(s for s in self._tails if s in self.local_stages)
         loss, outputs = None, None
         if tails_here:
@@ -488,12 +600,119 @@ class _Runtime(nn.Module):
                                     for m in range(self._chunks_per_pipeline(num_chunks))])
             if return_outputs:
                 parts = [self._final_outputs[(stage, m)] for m in range(self._chunks_per_pipeline(num_chunks))]
-                cat = [torch.cat([p[i] for p in parts], dim=self.batch_dim) for i in range(len(parts[0]))]
+                cat = [None if parts[0][i] is None else torch.cat([p[i] for p in parts], dim=self.batch_dim)
+                       for i in range(len(parts[0]))]
                 outputs = cat[0] if len(cat) == 1 else tuple(cat)
         self._inputs = self._outputs = self._losses = self._final_outputs = self._local = {}
         self._loss_values = {}
         self._input_chunks = self._label_chunks = {}
         return loss, outputs
+
+    def _prepare_step(self, inputs, num_chunks, criterion, labels, return_outputs, forward_only):
+        """Checks step's arguments and sets up its state: (this rank's program, the schedule's
+        fingerprint). Raises TypeError / ValueError naming the argument."""
+        if not isinstance(num_chunks, int) or isinstance(num_chunks, bool):
+            raise TypeError(f"num_chunks: expected an int, got {type(num_chunks).__name__}")
+        if criterion is not None and not callable(criterion):
+            raise TypeError(f"criterion: expected a callable (outputs, labels) -> loss, got {type(criterion).__name__}")
+        try:
+            order = self._order(num_chunks)
+        except ValueError as e:  # the schedule's constraint on N, said of num_chunks
+            raise ValueError(f"num_chunks: {e}") from None
+        self._num_chunks = num_chunks
+        chains = self._chains()
+        self._neighbours = _schedule._neighbours(chains)
+        self._tails = {c[-1] for c in chains}
+        if criterion is None and not forward_only and self._tails & set(self.local_stages):
+            raise ValueError("criterion: required on a rank holding a last stage in a training step "
+                             "(grad mode on); run under torch.no_grad() for forward only")
+        self.criterion = criterion
+        self.return_outputs = return_outputs
+        self._input_chunks, self._label_chunks = self._split_inputs(inputs, labels, num_chunks)
+        self._inputs, self._outputs, self._losses, self._final_outputs = {}, {}, {}, {}
+        self._loss_values = {}
+        self._local, self._outbox, self._arrived = {}, {}, {}
+        self.weight_grad_store.clear()
+        plans = self.__dict__.setdefault("_plans", {})
+        if (num_chunks, forward_only) not in plans:
+            if forward_only:
+                order = [[f"{s}F{m}" for a in acts for s, k, m in _schedule.parse_action(a) if k == "F"]
+                         for acts in order]
+            # Of every rank's actions: ranks whose fingerprints differ would run different plans.
+            fingerprint = zlib.crc32("\n".join(" ".join(acts) for acts in order).encode())
+            plans[(num_chunks, forward_only)] = (self._plan(order), fingerprint)
+        return plans[(num_chunks, forward_only)]
+
+    def _agree(self, num_chunks, forward_only, fingerprint, failed):
+        """Compares the ranks' step arguments before any P2P, in one small all_gather per step:
+        ranks that run different plans would misparse each other's messages or wait forever.
+        failed: this rank rejected its arguments (it raises its own error after this)."""
+        if self.num_ranks == 1:
+            return
+        mine = torch.tensor([int(failed), _KIND_IDS[self._KIND], num_chunks, int(forward_only), fingerprint],
+                            dtype=torch.int64, device=self._device())
+        rows = [torch.empty_like(mine) for _ in range(self.num_ranks)]
+        counts = use_counts([mine, *rows])
+        work = dist.all_gather(rows, mine, group=self.group, async_op=True)
+        self._wait([work], "the other ranks", "at the start of step (comparing the ranks' step arguments)",
+                   poll=True)
+        del work  # it holds the tensors too
+        wait_released([mine, *rows], counts)  # else a rank returning right after may abort (see there)
+        if failed:
+            return
+        by_rank = {self.rank_mapping[i]: row.tolist() for i, row in enumerate(rows)}  # pipeline rank -> row
+
+        def who(column, words):
+            ranks: dict = {}
+            for r in sorted(by_rank):
+                ranks.setdefault(by_rank[r][column], []).append(r)
+            return ", ".join(f"{words(v)} on pipeline ranks {rs}" for v, rs in ranks.items()) if len(ranks) > 1 else ""
+
+        rejected = [r for r in sorted(by_rank) if by_rank[r][0]]
+        if rejected:
+            raise RuntimeError(f"pipeline: pipeline ranks {rejected} rejected their step arguments (the error "
+                               "there says why); no rank ran this step")
+        names = {v: k for k, v in _KIND_IDS.items()}
+        if differ := who(1, lambda v: {"dualpipe": "DualPipe", "dualpipev": "DualPipeV"}[names[v]]):
+            raise RuntimeError(f"modules: expected the same runtime on every rank, got {differ}")
+        if differ := who(2, str):
+            raise ValueError(f"num_chunks: expected the same value on every rank, got {differ}")
+        if differ := who(3, lambda v: "forward only (torch.no_grad())" if v else "training"):
+            raise RuntimeError(f"grad mode: expected the same on every rank, got {differ}")
+        if differ := who(4, lambda v: f"fingerprint {v:#x}"):
+            raise RuntimeError(f"pipeline: the ranks' schedules differ for the same arguments, {differ} "
+                               "(different dskernels versions?)")
+
+    def _run(self, program):
+        for event in program:
+            if event[0] == "x":
+                self._exchange(event[1], event[2], event[4])
+                continue
+            subs = _schedule.parse_action(event[1])
+            if len(subs) == 2:
+                (fs, _, fm), (bs, _, bm) = subs
+                self._forward_backward(fs, fm, bs, bm)
+                continue
+            stage, kind, mb = subs[0]
+            if kind == "F":
+                self._forward(stage, mb)
+            elif kind in "BI":
+                self._backward(stage, mb, zero_bubble=(kind == "I"))
+            else:
+                self.weight_grad_store.pop()
+        left = [*self._outbox, *self._arrived]
+        if left:
+            raise RuntimeError(f"pipeline: messages never received: {left}")
+
+    def _check_weight_grads_done(self):
+        store = self.weight_grad_store
+        if not store.empty():
+            # Work put outside an I action (a WeightGradStore.put while WeightGradStore.enabled was
+            # False) and never flushed, or an I whose W did not run: those gradients would be lost.
+            raise RuntimeError(f"pipeline: {len(store.cache)} weight-gradient closures put outside an I action "
+                               f"and {store.funcs_queue.qsize()} deferred groups never run by a W action are "
+                               "left in this runtime's WeightGradStore after the step (a WeightGradStore.put "
+                               "without checking WeightGradStore.enabled?); the weight gradients are incomplete")
 
     def _chunks_per_pipeline(self, num_chunks):
         return num_chunks
@@ -512,8 +731,11 @@ class DualPipeV(_Runtime):
     def _split_inputs(self, inputs, labels, num_chunks):
         heads, tails = {}, {}
         if self.rank == 0:
+            if not inputs:  # else the first module fails on a call without arguments
+                raise ValueError("inputs: expected the input tensors on pipeline rank 0 (where the V starts), "
+                                 "got none")
             heads[0] = _scatter(inputs, num_chunks, self.batch_dim)
-            tails[2 * self.num_ranks - 1] = _scatter(labels, num_chunks, self.batch_dim)
+            tails[2 * self.num_ranks - 1] = _scatter(labels, num_chunks, self.batch_dim, "labels")
         return heads, tails
 
 
@@ -540,12 +762,16 @@ class DualPipe(_Runtime):
     def _split_inputs(self, inputs, labels, num_chunks):
         P, half = self.num_ranks, num_chunks // 2
         heads, tails = {}, {}
+        if self.rank in (0, P - 1) and not inputs:  # else the first module fails on a call without arguments
+            direction = "forward direction" if self.rank == 0 else "reverse direction"
+            raise ValueError(f"inputs: expected the input tensors of the {direction} on pipeline rank "
+                             f"{self.rank} (DualPipe takes inputs on ranks 0 and P-1), got none")
         if self.rank == 0:
             heads[0] = _scatter(inputs, half, self.batch_dim)
-            tails[2 * P - 1] = _scatter(labels, half, self.batch_dim)
+            tails[2 * P - 1] = _scatter(labels, half, self.batch_dim, "labels")
         if self.rank == P - 1:
             heads[P] = _scatter(inputs, half, self.batch_dim)
-            tails[P - 1] = _scatter(labels, half, self.batch_dim)
+            tails[P - 1] = _scatter(labels, half, self.batch_dim, "labels")
         return heads, tails
 
     @staticmethod
@@ -557,7 +783,11 @@ class DualPipe(_Runtime):
         """Both copies of each layer (rank r's modules[0], rank P-1-r's modules[1]) end with the sum
         of their gradients. A gradient that is None on one copy counts as zeros; one that is None on
         both stays None. Both ranks of a pair must call it."""
-        peer = self._peer(self.num_ranks - 1 - self.rank)
+        if self._failed is not None:
+            raise RuntimeError(f"sync_mirrored_grads: an earlier step failed mid-way on this rank ({self._failed}); "
+                               "its messages may still be in flight: create a new process group and runtime")
+        peer_rank = self.num_ranks - 1 - self.rank
+        peer = self._peer(peer_rank)
         mine = [list(self.module[0].parameters()), list(self.module[1].parameters())]
         device = self._device()
 
@@ -567,8 +797,7 @@ class DualPipe(_Runtime):
             recvs = [torch.empty_like(sends[i ^ 1]) for i in range(len(sends))]
             ops = [dist.P2POp(dist.isend, t, peer, self.group) for t in sends]
             ops += [dist.P2POp(dist.irecv, t, peer, self.group) for t in recvs]
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            self._wait(dist.batch_isend_irecv(ops), f"pipeline rank {peer_rank}", "in sync_mirrored_grads")
             return recvs
 
         sizes = [torch.tensor([len(ps), sum(p.numel() for p in ps)], device=device) for ps in mine]

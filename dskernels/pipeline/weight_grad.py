@@ -6,8 +6,9 @@ weight (and bias) gradient into the store. `flush()` after the backward groups t
 one chunk's W; the matching W action `pop()`s and runs them, in FIFO order (DualPipe's
 WeightGradStore, but one per runtime instead of class-level state). DualPipe's class-level calls
 (`WeightGradStore.enabled = True`, `.put`, `.flush`, `.pop`, `.clear`, `.cache`, `.funcs_queue`)
-reach the running I action's store, and outside one a process-wide store, as DualPipe's own
-class-level state (for code that drives its own schedule with it).
+reach the running runtime's store during its `step` (enabled only during I actions, as DualPipe's
+step sets it), and outside a step a process-wide store, as DualPipe's own class-level state (for
+code that drives its own schedule with it). A step neither uses nor changes the process-wide store.
 
 Modules without a deferrable Linear still work: their weight gradients are simply computed during
 the I action, and the W action has nothing to run.
@@ -56,8 +57,8 @@ class _StoreMeta(type):
 
 class _ActiveOrBound:
     """A method that, called on the class (DualPipe's class-level API, e.g.
-    `WeightGradStore.put(fn)` in a user's autograd Function), acts on the active store, or outside
-    an I action on the process-wide one."""
+    `WeightGradStore.put(fn)` in a user's autograd Function), acts on the active store (a running
+    step's), or outside a step on the process-wide one."""
 
     def __init__(self, func):
         self.func = func
@@ -76,11 +77,11 @@ class _ActiveOrBound:
 class WeightGradStore(metaclass=_StoreMeta):
     """FIFO of deferred weight-gradient work, one group per I action.
 
-    Each runtime owns one. DualPipe's class-level calls still work inside an I action:
-    `WeightGradStore.enabled` and `WeightGradStore.put(fn)` reach the active runtime's store."""
+    Each runtime owns one. DualPipe's class-level calls still work inside a step:
+    `WeightGradStore.enabled` and `WeightGradStore.put(fn)` reach the running runtime's store."""
 
-    _active: WeightGradStore | None = None  # the store of the I action now running, if any
-    _process_wide: WeightGradStore | None = None  # the class-level calls' store outside an I action
+    _active: WeightGradStore | None = None  # the store of the step now running, if any
+    _process_wide: WeightGradStore | None = None  # the class-level calls' store outside a step
 
     def __init__(self):
         self.enabled = False
@@ -89,8 +90,9 @@ class WeightGradStore(metaclass=_StoreMeta):
 
     @classmethod
     def current(cls) -> WeightGradStore | None:
-        """The store that takes deferred work right now: the I action's, or the process-wide one
-        if `WeightGradStore.enabled = True` was set outside a runtime; None otherwise."""
+        """The store that takes deferred work right now: the running step's during an I action, or
+        the process-wide one if `WeightGradStore.enabled = True` was set and no step runs; None
+        otherwise."""
         store = cls._target()
         return store if store.enabled else None
 
@@ -104,6 +106,10 @@ class WeightGradStore(metaclass=_StoreMeta):
 
     @_ActiveOrBound
     def put(self, func: Callable[[], None]) -> None:
+        # Checked here: a bad item would otherwise only fail at the W action that pops it.
+        if not callable(func):
+            raise TypeError(f"func: expected a callable (the deferred weight-gradient work), "
+                            f"got {type(func).__name__}")
         self.cache.append(func)
 
     @_ActiveOrBound
@@ -129,20 +135,21 @@ class WeightGradStore(metaclass=_StoreMeta):
     def empty(self) -> bool:
         return not self.cache and self.funcs_queue.empty()
 
-    def activate(self):
-        """Context manager: deferral on, this store active, for the duration of one backward."""
+    def activate(self, enabled: bool = True):
+        """Context manager: this store is the one class-level calls reach, with deferral `enabled`
+        (on for one I action's backward; off for a whole step, so that nothing else, e.g. a
+        process-wide `WeightGradStore.enabled = True`, takes the step's weight gradients)."""
         store = self
 
         class _Scope:
             def __enter__(self):
-                self.previous = WeightGradStore._active
+                self.previous = WeightGradStore._active, store.enabled
                 WeightGradStore._active = store
-                store.enabled = True
+                store.enabled = enabled
                 return store
 
             def __exit__(self, *exc):
-                store.enabled = False
-                WeightGradStore._active = self.previous
+                WeightGradStore._active, store.enabled = self.previous
                 return False
 
         return _Scope()
