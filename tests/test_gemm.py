@@ -477,6 +477,30 @@ def test_bad_input_is_named(kind, args, error, name, words):
         assert word in message, message
 
 
+@pytest.mark.parametrize("kind", ["dense", "general", "contiguous", "masked"])
+def test_out_sharing_memory_with_an_operand_is_refused(kind):
+    """out written over an operand's bytes: the sm90 kernel stores tiles while other CTAs still
+    read that operand (a race), so every backend refuses it by name."""
+    args = _dense_args() if kind in ("dense", "general") else _grouped_args(masked=kind == "masked")
+    out_bytes = args["out"].numel() * 2
+    for name in ("a", "b", "sa", "sb"):
+        t = args[name]
+        buf = torch.zeros(max(t.numel() * t.element_size(), out_bytes), dtype=torch.uint8)
+        shared = buf[:t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        shared.copy_(t)
+        out = buf[:out_bytes].view(torch.bfloat16).view(args["out"].shape)
+        with pytest.raises(ValueError, match=f"^out: expected an output that shares no memory with {name} "):
+            _call(kind, {**args, name: shared, "out": out})
+
+
+def test_out_with_overlapping_rows_is_refused():
+    """Rows closer together than their length (torch's own overlap test cannot tell)."""
+    args = _dense_args()
+    out = torch.empty(64, dtype=torch.bfloat16).as_strided((4, 8), (4, 1))
+    with pytest.raises(ValueError, match="^out: expected an output whose elements do not share memory"):
+        _call("dense", {**args, "out": out})
+
+
 def test_tuple_arguments_are_checked():
     args = _dense_args()
     with pytest.raises(TypeError, match="^lhs: expected a tuple"):

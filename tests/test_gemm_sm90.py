@@ -192,9 +192,11 @@ def test_cuda_layout_conversions():
     odd = torch.empty(5, 129, dtype=torch.bfloat16)
     target, copy_back = gemm_ops._cuda_out(odd)
     assert copy_back and target.shape == (5, 129) and target.stride() == (136, 1)
-    odd3 = torch.empty(2, 3, 13, dtype=torch.bfloat16)
+    odd3 = torch.randn(2, 3, 13).to(torch.bfloat16)
     target3, copy_back3 = gemm_ops._cuda_out(odd3)
     assert copy_back3 and target3.stride() == (48, 16, 1)
+    # out's values come along: rows the GEMM leaves alone (masked, -1 padding) are copied back as they were
+    assert torch.equal(target3, odd3)
 
     a = torch.empty(4, 384, dtype=torch.uint8)[:, 8:264]  # rows 8 bytes off 16-byte alignment
     assert not gemm_ops._tma_ready(a)
@@ -203,6 +205,15 @@ def test_cuda_layout_conversions():
     assert shifted.is_contiguous() and not gemm_ops._tma_ready(shifted)
     moved = gemm_ops._cuda_operand(shifted)
     assert gemm_ops._tma_ready(moved) and torch.equal(moved, shifted)
+    # rows that overlap (an expanded row, or a row stride shorter than a row) are copied as well
+    row = torch.arange(256, dtype=torch.uint8)
+    for t in (row.expand(4, 256), torch.arange(8 * 256, dtype=torch.uint8).as_strided((4, 256), (128, 1)),
+              row.view(1, 1, 256).expand(3, 2, 256)):
+        assert not gemm_ops._tma_ready(t)
+        copied = gemm_ops._cuda_operand(t)
+        assert gemm_ops._tma_ready(copied) and torch.equal(copied, t)
+    assert gemm_ops._tma_ready(torch.empty(3, 2, 256, dtype=torch.uint8))
+    assert gemm_ops._tma_ready(torch.empty(3, 4, 384, dtype=torch.uint8)[:, :, :256])
 
 
 # ---- GPU: every variant on the cuda backend ----

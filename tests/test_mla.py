@@ -178,6 +178,19 @@ def test_empty_batch(backend):
     assert out.shape == (0, 2, 4, dv) and lse.shape == (0, 4, 2)
 
 
+def test_no_query_heads(backend):
+    """h_q = 0 (a multiple of any h_kv): empty outputs, no launch (a grid of no row tiles failed
+    on the sm90 kernel)."""
+    name, device = backend
+    d, dv = (576, 512) if name == "cuda" else (64, 48)
+    q, k_cache, block_table, lens, dv, _ = make_inputs([90, 7], 2, 1, 1, 64, torch.bfloat16, torch.bfloat16,
+                                                       d=d, dv=dv, device=device)
+    meta, splits = dskernels.get_mla_metadata(lens, 2, 1)
+    out, lse = dskernels.flash_mla_with_kvcache(q[:, :, :0], k_cache, block_table, lens, dv, meta, splits,
+                                                causal=True)
+    assert out.shape == (2, 2, 0, dv) and lse.shape == (2, 0, 2)
+
+
 def test_flashmla_lazy_metadata_form(backend):
     """FlashMLA's newest calls: get_mla_metadata() with no lengths, num_splits None, the second
     sparse cache's arguments None: the first decode plans the batch, later ones reuse the plan."""

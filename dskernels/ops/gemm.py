@@ -603,6 +603,10 @@ def _check_operands(a, sa, b, sb, out, *, grouped_a: bool, grouped_b: bool, gene
     _check_shape("out", out, (*a.shape[:-1], n), "a's rows by b's rows")
     if overlap:
         check_no_overlap("out", out)
+        for name, t in (("a", a), ("b", b), ("sa", sa), ("sb", sb)):
+            if may_share_memory(out, t):  # (a view of out's bytes: the GEMM would read what it writes)
+                raise ValueError(f"out: expected an output that shares no memory with {name} (the GEMM reads "
+                                 f"{name} while it writes out), got overlapping tensors")
     return groups, m, n, k
 
 
@@ -696,11 +700,19 @@ def _backend(op: str, device: torch.device) -> str:
 # ---- the sm90 CUDA kernels' operand layouts (docs/gemm.md, "The sm90 CUDA path") ----
 
 def _tma_ready(t: torch.Tensor) -> bool:
-    """Unit last stride, other strides and the base 16-byte aligned (what TMA needs)."""
+    """Unit last stride, other strides and the base 16-byte aligned (what TMA needs), and each
+    stride past the span of the dimensions inside it: rows that overlap (an expanded view's stride
+    0) are not what TMA boxes assume, so those views are copied too."""
     if t.stride(-1) != 1 or t.data_ptr() % 16:
         return False
-    return all(size <= 1 or stride * t.element_size() % 16 == 0
-               for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
+    span = t.shape[-1]
+    for size, stride in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):
+        if size <= 1:
+            continue
+        if stride * t.element_size() % 16 or stride < span:
+            return False
+        span = stride * (size - 1) + span
+    return True
 
 
 def _cuda_operand(t: torch.Tensor) -> torch.Tensor:
@@ -739,8 +751,10 @@ def _cuda_out(out: torch.Tensor):
     if _tma_ready(out):
         return out, False
     n = out.shape[-1]
-    padded = torch.empty(*out.shape[:-1], (n + 7) // 8 * 8, dtype=out.dtype, device=out.device)
-    return padded[..., :n], True
+    padded = torch.empty(*out.shape[:-1], (n + 7) // 8 * 8, dtype=out.dtype, device=out.device)[..., :n]
+    # out's own values first: rows the GEMM does not write (masked and -1 padding rows) are copied
+    # back too, and must come back as they were, as on the direct path.
+    return padded.copy_(out), True
 
 
 def _run_cuda(op, a, sa, b, sb, out, *rest):

@@ -415,6 +415,8 @@ def _flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, 
     _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                        num_splits, softmax_scale, causal, k_scale)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if q.numel() == 0:  # b = 0 or h_q = 0: empty outputs (a GPU grid of no rows is not a launch)
+        return _new_outputs(q, head_dim_v)
     unsupported = sm90_unsupported(q, k_cache, head_dim_v)
     if unsupported and q.device.type == "cuda" and current_backend() == "cuda":
         raise NotImplementedError(f"flash_mla_with_kvcache: the sm90 CUDA kernel {unsupported}; "
