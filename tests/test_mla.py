@@ -178,6 +178,56 @@ def test_empty_batch(backend):
     assert out.shape == (0, 2, 4, dv) and lse.shape == (0, 4, 2)
 
 
+def test_batch_offsets_past_int32():
+    """A q whose batch stride is below 2**31 elements (so Triton passes it as int32) but whose
+    last sequence starts past 2**31: the Triton decode's offsets must be int64 (in int32 the third
+    sequence's rows were read from 4 GiB before q). Only q's rows are touched, so the 4.4 GB
+    buffer stays virtual."""
+    b, s_q, h_q, d, dv = 3, 1, 4, 64, 48
+    stride = 1_100_000_000
+    try:
+        buf = torch.empty(2 * stride + s_q * h_q * d, dtype=torch.float16)
+    except RuntimeError as e:  # (an allocation refused outright: nothing to test here)
+        pytest.skip(f"cannot reserve {2 * stride * 2 / 1e9:.1f} GB of address space: {e}")
+    _, k_cache, block_table, lens, dv, _ = make_inputs([70, 33, 90], s_q, h_q, 1, 16, torch.float16,
+                                                       torch.float16, d=d, dv=dv)
+    q = buf.as_strided((b, s_q, h_q, d), (stride, h_q * d, d, 1))
+    for i in range(b):
+        q[i].copy_(torch.randn(s_q, h_q, d, generator=torch.Generator().manual_seed(i)))
+    with dskernels.backend("triton"):
+        out, lse = run_op(q, k_cache, block_table, lens, dv, None, True)
+    assert_matches_oracle(out, lse, q.clone(), k_cache, block_table, lens, dv, None, True)
+
+
+def test_block_table_offsets_past_int32():
+    """A block table whose rows lie 1.1e9 entries apart: its offsets pass 2**31 at the third
+    sequence, where the Triton kernel keeps them int32, so the launcher makes it dense first. The
+    8.8 GB buffer stays virtual."""
+    stride = 1_100_000_000
+    try:
+        buf = torch.empty(2 * stride + 16, dtype=torch.int32)
+    except RuntimeError as e:
+        pytest.skip(f"cannot reserve {2 * stride * 4 / 1e9:.1f} GB of address space: {e}")
+    q, k_cache, block_table, lens, dv, _ = make_inputs([70, 33, 90], 1, 4, 1, 16, torch.float16, torch.float16)
+    far = buf.as_strided(block_table.shape, (stride, 1))
+    far.copy_(block_table)
+    with dskernels.backend("triton"):
+        out, lse = run_op(q, k_cache, far, lens, dv, None, True)
+    assert_matches_oracle(out, lse, q, k_cache, block_table, lens, dv, None, True)
+
+
+def test_query_rows_past_the_grid_limits_are_refused():
+    """CUDA grids hold at most 65535 programs in y and z: the Triton path says so by name
+    instead of failing the launch."""
+    q = torch.zeros(1, 1, 1, 16, dtype=torch.float16).expand(1, 8200, 128, 16)  # 1.05M rows, no memory
+    k_cache = torch.zeros(1, 16, 1, 16, dtype=torch.float16)
+    lens = torch.tensor([5], dtype=torch.int32)
+    with dskernels.backend("triton"):
+        meta, splits = dskernels.get_mla_metadata(lens, 8200 * 128, 1)
+        with pytest.raises(ValueError, match="^q: expected at most 1048560 query rows per sequence"):
+            dskernels.flash_mla_with_kvcache(q, k_cache, torch.zeros(1, 1, dtype=torch.int32), lens, 16, meta, splits)
+
+
 def test_no_query_heads(backend):
     """h_q = 0 (a multiple of any h_kv): empty outputs, no launch (a grid of no row tiles failed
     on the sm90 kernel)."""

@@ -124,6 +124,9 @@ def _mla_decode_splitkv_kernel(
     # read or write out of bounds.
     for i in range(tl.maximum(begin_idx, 0), tl.minimum(end_idx, batch - 1) + 1):
         seqlen = tl.load(seqlens_ptr + i)
+        # q's and out's batch offsets in int64: they pass 2**31 elements at ~29K rows x 128 heads
+        # (the block table's stay int32, checked by the launcher)
+        i64 = tl.cast(i, tl.int64)
         lo = tl.maximum(tl.where(i == begin_idx, begin_tok, 0), 0)
         hi = tl.minimum(tl.where(i == end_idx, end_tok, seqlen), seqlen)
         split = tl.where(i == begin_idx, begin_split, 0)
@@ -142,7 +145,7 @@ def _mla_decode_splitkv_kernel(
                 ids = tl.load(block_table_ptr + i * stride_bt + idx, mask=in_range, other=0)
                 bad = in_range & ((ids < 0) | (ids >= num_pages))
                 hi = tl.minimum(hi, tl.min(tl.where(bad, idx, max_pages)) * page_size)
-            q_rows = q_ptr + i * stride_qb + token * stride_qs + head * stride_qh
+            q_rows = q_ptr + i64 * stride_qb + token * stride_qs + head * stride_qh
             q_v = tl.load(q_rows[:, None] + dv_offs[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
             q_r = tl.load(q_rows[:, None] + dr_offs[None, :], mask=row_ok[:, None] & dr_ok[None, :], other=0.0)
             if FP32_DOT:
@@ -201,11 +204,11 @@ def _mla_decode_splitkv_kernel(
             o = tl.where(seen[:, None], acc * k_scale / tl.where(seen, l_i, 1.0)[:, None], 0.0)
             lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
             if n_split == 1:
-                o_ptrs = out_ptr + i * stride_ob + token * stride_os + head * stride_oh
+                o_ptrs = out_ptr + i64 * stride_ob + token * stride_os + head * stride_oh
                 tl.store(o_ptrs[:, None] + dv_offs[None, :], o.to(out_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & dv_ok[None, :])
                 lse = tl.where(seen, lse2 * 0.6931471805599453, float("inf"))
-                tl.store(lse_ptr + i * stride_lb + head * stride_lh + token, lse, mask=row_ok)
+                tl.store(lse_ptr + i64 * stride_lb + head * stride_lh + token, lse, mask=row_ok)
             else:
                 flat = head * s_q + token
                 slot = (split_base + split).to(tl.int64)
@@ -437,6 +440,20 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     block_dr = _pow2(d - head_dim_v)
     wide = q.dtype == torch.float32 or k_cache.dtype == torch.float32
     block_m, block_n, num_warps, num_stages = tile_config(rows, block_dv, block_dr, q.device, 4 if wide else 2)
+    # The kernel's block-table offsets stay int32 (an int64 one spilled 40 more bytes in the
+    # h_q = 128 tile): a table whose offsets pass 2**31 is made dense, and past that refused.
+    if (b - 1) * block_table.stride(0) + block_table.shape[1] >= 2**31:
+        block_table = block_table.contiguous()
+        if b * block_table.shape[1] >= 2**31:
+            raise ValueError(f"block_table: expected fewer than 2**31 entries for the Triton kernel, got shape "
+                             f"{tuple(block_table.shape)}")
+    block_r = max(1, min(16, 4096 // block_dv))  # the combine's rows per program
+    # CUDA limits grid y and z to 65535 (else a bare "invalid argument" at launch): the decode's z
+    # counts row tiles per kv head, the combine's y row groups.
+    most = 65535 * min(block_m * h_kv, block_r)
+    if s_q * h_q > most:
+        raise ValueError(f"q: expected at most {most} query rows per sequence (s_q x h_q, for the Triton "
+                         f"kernels' grids), got s_q = {s_q}, h_q = {h_q}")
     # Partial outputs: at most one split per sequence plus one per cut between partitions.
     max_splits = b + num_parts
     out_acc = torch.empty(max_splits, h_q * s_q, head_dim_v, dtype=torch.float32, device=q.device)
@@ -461,7 +478,6 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         HEAD_DIM=d, HEAD_DIM_V=head_dim_v,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv, BLOCK_DR=block_dr,
         num_warps=num_warps, num_stages=num_stages)
-    block_r = max(1, min(16, 4096 // block_dv))
     _mla_combine_kernel[(b, cdiv(h_q * s_q, block_r))](
         out, lse, out_acc, lse_acc, num_splits, s_q, h_q, head_dim_v, max_splits,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
