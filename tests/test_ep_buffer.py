@@ -515,9 +515,9 @@ def _body_gpu(rank, world, seed):
 
 
 def _body_gpu_graph(rank, world, seed):
-    """Low-latency dispatch + combine and the normal ones with num_worst_tokens under sync debug mode
-    "error", then captured in a CUDA graph and replayed on new routings: each replay must equal an
-    eager run (same kernels, same order)."""
+    """Low-latency dispatch + combine, the normal ones with num_worst_tokens and the dispatch layout
+    under sync debug mode "error", then captured in a CUDA graph and replayed on new routings: each
+    replay must equal an eager run (same kernels, same order)."""
     torch.cuda.set_device(rank)
     buf = Buffer(dist.group.WORLD)
     num_tokens, num_topk, num_experts, max_tokens = 13, 4, 8, 16
@@ -540,7 +540,8 @@ def _body_gpu_graph(rank, world, seed):
         rx, _, rw, _, fixed_handle, _ = buf.dispatch(x, topk_idx=topk, topk_weights=w, num_experts=num_experts,
                                                      num_worst_tokens=num_tokens * world)
         combined, combined_w, _ = buf.combine(rx, fixed_handle, topk_weights=rw)
-        return count, deq, out, rx, combined, combined_w
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(topk, num_experts)  # no host read on CUDA
+        return count, deq, out, rx, combined, combined_w, per_rank, per_expert, in_rank
 
     side = torch.cuda.Stream()  # warm-up (Triton compiles, NCCL communicator) off the capture stream
     side.wait_stream(torch.cuda.current_stream())
@@ -567,8 +568,10 @@ def _body_gpu_graph(rank, world, seed):
             buf_t.copy_(new)
         graph.replay()
         torch.cuda.synchronize()
-        count, deq, out, rx, combined, combined_w = (t.clone() for t in captured)
-        want_count, want_deq, want_out, want_rx, want_combined, want_combined_w = step()
+        count, deq, out, rx, combined, combined_w, *layout = (t.clone() for t in captured)
+        want_count, want_deq, want_out, want_rx, want_combined, want_combined_w, *want_layout = step()
+        for got, want in zip(layout, want_layout):
+            _same(got, want, "replayed dispatch layout")
         _same(count, want_count, "replayed recv_count")
         for local in range(num_experts):
             n = want_count[local].item()

@@ -48,6 +48,22 @@ def test_per_token_cast_matches_oracle(backend, dtype, m, k, round_scale):
     assert_same_bits(x_scale, ref_scale)
 
 
+@pytest.mark.parametrize("pad_cols", [1, 3])
+@pytest.mark.parametrize("block", [False, True])
+def test_single_row_with_an_unaligned_row_stride(backend, block, pad_cols):
+    """A [1, k] view of a wider buffer (a decode step's one token): its row stride is not a multiple
+    of 16 bytes, which torch's contiguity ignores for one row; the sm90 kernel refused it."""
+    _, device = backend
+    x = random_source(1, 256, torch.bfloat16, device, pad_cols=pad_cols)
+    assert x.is_contiguous() and x.stride(0) * x.element_size() % 16
+    cast, ref = ((dskernels.per_block_cast_to_fp8, python_ref.per_block_cast_to_fp8) if block else
+                 (dskernels.per_token_cast_to_fp8, python_ref.per_token_cast_to_fp8))
+    x_fp8, x_scale = cast(x)
+    ref_fp8, ref_scale = ref(x.cpu(), False)
+    assert_same_bits(x_fp8, ref_fp8)
+    assert_same_bits(x_scale, ref_scale)
+
+
 @pytest.mark.parametrize("dtype,round_scale", DTYPES_AND_SCALE_FORMATS)
 @pytest.mark.parametrize("n,k", [(1, 128), (61, 256), (128, 128), (130, 384), (257, 128)])
 def test_per_block_cast_matches_oracle(backend, dtype, n, k, round_scale):

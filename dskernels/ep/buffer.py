@@ -467,8 +467,15 @@ class Buffer:
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
         """-> (num_tokens_per_rank int32 [R], None (one node: no RDMA ranks), num_tokens_per_expert int32 [E],
         is_token_in_rank bool [T, R], event)."""
-        self._check_topk(topk_idx, None, num_experts, "get_dispatch_layout")
-        with StreamScope(self, topk_idx.device, previous_event, async_finish, allocate_on_comm_stream) as scope:
+        # The ids' range is read on the host only for CPU tensors: on CUDA that read would sync, ahead
+        # of previous_event and inside a graph capture. The kernel skips ids out of range; dispatch,
+        # which reads counts on the host anyway, checks them.
+        on_cuda = isinstance(topk_idx, torch.Tensor) and topk_idx.is_cuda
+        self._check_topk(topk_idx, None, None if on_cuda else num_experts, "get_dispatch_layout")
+        if on_cuda:
+            self._check_num_experts(num_experts)
+        with StreamScope(self, topk_idx.device, previous_event, async_finish, allocate_on_comm_stream,
+                         (topk_idx,)) as scope:
             per_rank, per_expert, in_rank = ep_get_dispatch_layout(topk_idx, num_experts, self.group_size)
             event = scope.finish((per_rank, per_expert, in_rank))
         return per_rank, None, per_expert, in_rank, event
@@ -527,7 +534,8 @@ class Buffer:
         _check_int("num_worst_tokens", num_worst_tokens)
         if num_worst_tokens < 0:
             raise ValueError(f"num_worst_tokens: expected 0 (off) or a positive row count, got {num_worst_tokens}")
-        with StreamScope(self, device, previous_event, async_finish, allocate_on_comm_stream) as scope:
+        inputs = (x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights)
+        with StreamScope(self, device, previous_event, async_finish, allocate_on_comm_stream, inputs) as scope:
             if handle is not None:
                 if not isinstance(handle, DispatchHandle):
                     raise TypeError(f"handle: expected the handle returned by dispatch, got {type(handle).__name__}")
@@ -815,7 +823,8 @@ class Buffer:
             if tuple(topk_weights.shape) != (rows, handle.num_topk):
                 raise ValueError(f"topk_weights: expected a [{rows}, {handle.num_topk}] tensor (dispatch's "
                                  f"recv_topk_weights), got shape {tuple(topk_weights.shape)}")
-        with StreamScope(self, x.device, previous_event, async_finish, allocate_on_comm_stream) as scope:
+        with StreamScope(self, x.device, previous_event, async_finish, allocate_on_comm_stream,
+                         (x, handle, topk_weights, bias)) as scope:
             payload = [x] + ([topk_weights] if topk_weights is not None else [])
             if torch.is_grad_enabled() and any(p.requires_grad for p in payload):
                 outs = list(_Combine.apply(self, handle, *payload))
@@ -927,7 +936,8 @@ class Buffer:
         # The received payloads' types: (fp8 x, fp32 scales) or x (empty: only dtype and width matter).
         payload = ([x.new_empty(0, hidden, dtype=_FP8), x.new_empty(0, hidden // 128, dtype=torch.float32)]
                    if use_fp8 else [x[:0]])
-        with StreamScope(self, device, None, async_finish, False) as scope:
+        inputs = (x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
+        with StreamScope(self, device, None, async_finish, False, inputs) as scope:
             widths = [p.shape[1] * p.element_size() for p in payload] + [K * topk_idx.element_size()]
             word, offsets, row_words = self._layout(widths)
             size = torch.empty((), dtype=word).element_size()
@@ -1030,7 +1040,8 @@ class Buffer:
                              f"got {got}")
         if out is not None:
             check_no_overlap("out", out)
-        with StreamScope(self, x.device, None, async_finish, False) as scope:
+        inputs = (x, topk_idx, topk_weights, handle, out, combine_wait_recv_cost_stats)
+        with StreamScope(self, x.device, None, async_finish, False, inputs) as scope:
             # Every rank gets every rank's weights (rows past T: unused, their ids were -1).
             send_w = torch.zeros(R, M, K, dtype=torch.float32, device=x.device)
             send_w[:, :num_tokens] = topk_weights

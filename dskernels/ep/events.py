@@ -11,6 +11,7 @@ is a no-op (DeepEP has no CPU path; this keeps user code identical).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
@@ -20,14 +21,17 @@ class EventOverlap:
 
     `with event:` waits on exit, as DeepEP's EventOverlap does (for overlap-then-join code)."""
 
-    def __init__(self, event: torch.cuda.Event | None = None, extra_tensors: tuple | None = None):
+    def __init__(self, event: torch.cuda.Event | None = None, extra_tensors: tuple | None = None,
+                 device: torch.device | None = None):
         self.event = event
         self.extra_tensors = extra_tensors
+        self.device = device  # the op's: its tensors' next users run on that device's current stream
 
     def current_stream_wait(self) -> None:
-        """Makes the current CUDA stream wait for the op; a no-op on CPU."""
+        """Makes the current CUDA stream of the op's device wait for the op (the current device's
+        where the op named none); a no-op on CPU."""
         if self.event is not None:
-            torch.cuda.current_stream().wait_event(self.event)
+            torch.cuda.current_stream(self.device).wait_event(self.event)
 
     def __enter__(self):
         return self
@@ -42,18 +46,22 @@ def capture(device: torch.device | None = None) -> EventOverlap:
     if device is not None and device.type != "cuda" or not torch.cuda.is_available():
         return EventOverlap()
     event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream())
-    return EventOverlap(event)
+    event.record(torch.cuda.current_stream(device))
+    return EventOverlap(event, device=device)
 
 
 class StreamScope:
     """Runs a Buffer op on the comm stream when asked (see the module docstring)."""
 
     def __init__(self, comm_stream_owner, device: torch.device, previous_event: EventOverlap | None,
-                 async_finish: bool, allocate_on_comm_stream: bool):
+                 async_finish: bool, allocate_on_comm_stream: bool, inputs: tuple = ()):
+        """inputs: the op's arguments (tensors, tuples of them, handles): with async_finish the
+        comm stream may still read them after the op returns, so the caching allocator is told
+        (record_stream) not to hand their memory to the caller's stream before that."""
         self.use_stream = device.type == "cuda" and (async_finish or previous_event is not None
                                                      or allocate_on_comm_stream)
         self.device = device
+        self.inputs = inputs
         self.previous_event = previous_event
         self.async_finish = async_finish
         self.owner = comm_stream_owner
@@ -63,7 +71,7 @@ class StreamScope:
     def __enter__(self):
         if self.use_stream:
             self.caller = torch.cuda.current_stream(self.device)
-            stream = self.owner._comm_stream(self.device)
+            stream = self.stream = self.owner._comm_stream(self.device)
             if self.previous_event is not None and self.previous_event.event is not None:
                 stream.wait_event(self.previous_event.event)
             else:
@@ -82,11 +90,29 @@ class StreamScope:
                 t.record_stream(self.caller)
         event = torch.cuda.Event()
         event.record(stream)
-        self.event = EventOverlap(event, tuple(t for t in tensors if isinstance(t, torch.Tensor)))
+        self.event = EventOverlap(event, tuple(t for t in tensors if isinstance(t, torch.Tensor)), self.device)
         return self.event
 
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
-        if self.use_stream and not self.async_finish and self.event.event is not None:
-            self.event.current_stream_wait()
+        if not self.use_stream:
+            return False
+        if self.async_finish:
+            for t in _cuda_tensors(self.inputs):
+                t.record_stream(self.stream)
+        elif self.event.event is not None:
+            # The caller's stream itself: the current device may be another one than the op's.
+            self.caller.wait_event(self.event.event)
         return False
+
+
+def _cuda_tensors(values):
+    """The CUDA tensors in values: tensors, tuples and lists of them, and dataclasses (handles)."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            if v.is_cuda:
+                yield v
+        elif isinstance(v, (tuple, list)):
+            yield from _cuda_tensors(v)
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            yield from _cuda_tensors([getattr(v, f.name) for f in dataclasses.fields(v)])

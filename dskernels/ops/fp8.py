@@ -240,9 +240,11 @@ def _check_source(name: str, t: torch.Tensor) -> None:
 
 
 def _vectorizable(t: torch.Tensor) -> torch.Tensor:
-    """The CUDA and Triton kernels read whole rows with 16-byte loads: unit stride, aligned rows."""
+    """The CUDA and Triton kernels read whole rows with 16-byte loads: unit stride, aligned rows.
+    Otherwise a fresh row-major copy: contiguous() and clone() keep the stride of a single row
+    (torch ignores it), and the CUDA kernel refused a [1, k] view of a wider buffer."""
     if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-        return t.contiguous() if not t.is_contiguous() else t.clone()
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
     return t
 
 
