@@ -30,13 +30,13 @@ def check_no_overlap(name: str, out: torch.Tensor) -> None:
     """An output whose elements share memory (an expanded view) would be written by several
     programs at once: a race on a GPU, whatever the last write was elsewhere."""
     overlap = torch._debug_has_internal_overlap(out)  # 1: overlaps, 0: does not, 2: cannot tell
-    if overlap == 1 or (overlap == 2 and _strides_may_overlap(out)):
+    if overlap == 1 or (overlap == 2 and strides_may_overlap(out)):
         raise ValueError(f"{name}: expected an output whose elements do not share memory, got strides "
                          f"{tuple(out.stride())} for shape {tuple(out.shape)} (an expanded view, or rows "
                          "closer together than their length?)")
 
 
-def _strides_may_overlap(t: torch.Tensor) -> bool:
+def strides_may_overlap(t: torch.Tensor) -> bool:
     """Judged on the strides alone: some dimension's stride falls inside the span of the dimensions
     with smaller strides (a stride of 0 included). Layouts that interleave without overlapping
     also answer True; no output of ours needs one."""

@@ -213,6 +213,7 @@ def test_cuda_layout_conversions():
         copied = gemm_ops._cuda_operand(t)
         assert gemm_ops._tma_ready(copied) and torch.equal(copied, t)
     assert gemm_ops._tma_ready(torch.empty(3, 2, 256, dtype=torch.uint8))
+    assert gemm_ops._tma_ready(torch.empty(256, 4, 128, dtype=torch.uint8).transpose(0, 1))  # groups inside rows
     assert gemm_ops._tma_ready(torch.empty(3, 4, 384, dtype=torch.uint8)[:, :, :256])
 
 

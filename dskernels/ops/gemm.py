@@ -13,7 +13,7 @@ import operator
 import torch
 
 from dskernels._backend import env_choice, select_backend
-from dskernels._checks import check_multiple, check_no_overlap, check_tensor, may_share_memory
+from dskernels._checks import check_multiple, check_no_overlap, check_tensor, may_share_memory, strides_may_overlap
 from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from python_ref import gemm as ref
@@ -700,19 +700,12 @@ def _backend(op: str, device: torch.device) -> str:
 # ---- the sm90 CUDA kernels' operand layouts (docs/gemm.md, "The sm90 CUDA path") ----
 
 def _tma_ready(t: torch.Tensor) -> bool:
-    """Unit last stride, other strides and the base 16-byte aligned (what TMA needs), and each
-    stride past the span of the dimensions inside it: rows that overlap (an expanded view's stride
-    0) are not what TMA boxes assume, so those views are copied too."""
-    if t.stride(-1) != 1 or t.data_ptr() % 16:
+    """Unit last stride, other strides and the base 16-byte aligned (what TMA needs), and rows that
+    do not overlap (an expanded view's stride 0 is not what TMA boxes assume: copied too)."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or strides_may_overlap(t):
         return False
-    span = t.shape[-1]
-    for size, stride in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):
-        if size <= 1:
-            continue
-        if stride * t.element_size() % 16 or stride < span:
-            return False
-        span = stride * (size - 1) + span
-    return True
+    return all(size <= 1 or stride * t.element_size() % 16 == 0
+               for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
 
 
 def _cuda_operand(t: torch.Tensor) -> torch.Tensor:
