@@ -3,9 +3,11 @@
 Kernels (`cases`, driven by benchmarks/run.py): all memory-bound, so GB/s against the copy
 bandwidth is the figure of merit. Bytes are counted as read + written once:
   - ep_get_dispatch_layout: topk_idx read (T*K*8), is_token_in_rank (T*R) and the counts written;
-  - ep_pack (dispatch's one-launch gather into the send buffer): 2 * S * payload bytes, S =
-    (token, destination rank) pairs, payload = H fp8 bytes + H/128 fp32 scales + K int64 ids +
-    K fp32 weights (alignment padding not counted);
+  - ep_pack (dispatch's one-launch gather into the send buffer): (T + S) * payload bytes, each
+    token's payload read once and S = (token, destination rank) payloads written, payload = H fp8
+    bytes + H/128 fp32 scales + K int64 ids + K fp32 weights (alignment padding not counted). A
+    token read again for its next destination comes from L2 (T payloads: ~31 MB at DeepEP's
+    shape), so counting S reads would credit the kernel with traffic DRAM never sees;
   - ep_combine_reduce (combine's fused gather-sum back to token order): S*H*2 read + T*H*2 written;
   - ep_low_latency_send (low_latency_dispatch's send blocks, FP8 cast fused): M*H*2 read, and for
     each of the P (token, rank) pairs that carry a payload H fp8 + H/128 fp32 scale bytes written,
@@ -122,7 +124,7 @@ def _pack_case(num_tokens, hidden, num_topk, num_experts, num_ranks):
     return Case(op="ep_pack", params={"T": num_tokens, "H": hidden, "K": num_topk, "E": num_experts,
                                       "R": num_ranks, "S": sends, "row_bytes": row_bytes},
                 make_inputs=make_inputs, run=run, reference=reference, check=check, flops=0.0,
-                bytes=2.0 * sends * 4 * sum(words), peers={"torch index_select+cat": torch_peer},
+                bytes=float(num_tokens + sends) * 4 * sum(words), peers={"torch index_select+cat": torch_peer},
                 backends=("ref", "triton"))
 
 

@@ -26,7 +26,7 @@ def _same_bits(outputs, expected):
     return None
 
 
-def _case(op_name, op, ref, rows, k, dtype, scale_rows, compile_peer=True, round_scale=False):
+def _case(op_name, op, ref, rows, k, dtype, scale_rows, round_scale=False):
     element = torch.empty((), dtype=dtype).element_size()
     if round_scale:  # power-of-two (UE8M0) scales: the same bytes, a few more integer ops per group
         op, ref = functools.partial(op, round_scale=True), functools.partial(ref, round_scale=True)
@@ -47,7 +47,7 @@ def _case(op_name, op, ref, rows, k, dtype, scale_rows, compile_peer=True, round
         op=op_name, params={"m" if op_name.startswith("per_token") else "n": rows, "k": k,
                             "dtype": str(dtype).removeprefix("torch."), **({"ue8m0": True} if round_scale else {})},
         make_inputs=make_inputs, run=op, reference=ref, check=_same_bits, flops=0.0, bytes=moved,
-        peers={"torch": ref, **({"torch.compile": torch_compile_peer} if compile_peer else {})})
+        peers={"torch": ref, "torch.compile": torch_compile_peer})
 
 
 def cases(quick: bool, device: str) -> list[Case]:
@@ -61,13 +61,13 @@ def cases(quick: bool, device: str) -> list[Case]:
     found = []
     for m, k in token_shapes:
         found.append(_case("per_token_cast_to_fp8", dskernels.per_token_cast_to_fp8,
-                           python_ref.per_token_cast_to_fp8, m, k, torch.bfloat16, m, not quick))
+                           python_ref.per_token_cast_to_fp8, m, k, torch.bfloat16, m))
     m, k = token_shapes[-1 if device == "cpu" else 0]
     found.append(_case("per_token_cast_to_fp8", dskernels.per_token_cast_to_fp8, python_ref.per_token_cast_to_fp8,
-                       m, k, torch.bfloat16, m, not quick, round_scale=True))
+                       m, k, torch.bfloat16, m, round_scale=True))
     for n, k in block_shapes:
         found.append(_case("per_block_cast_to_fp8", dskernels.per_block_cast_to_fp8,
-                           python_ref.per_block_cast_to_fp8, n, k, torch.bfloat16, -(-n // 128), not quick))
+                           python_ref.per_block_cast_to_fp8, n, k, torch.bfloat16, -(-n // 128)))
     if not quick:  # the K-grouped weight gradient's operands: 8 experts' tokens, token-major
         found += [_channel_case(ks, h) for ks, h in
                   ([([40, 0, 88], 72)] if device == "cpu" else [([4096] * 8, 7168), ([3000, 5192] * 4, 2048)])]
@@ -115,12 +115,18 @@ def _silu_and_mul_case(rows, inter, masked, groups=8):
     def reference(x, masked_m):  # every row (those past masked_m are unspecified, and not checked)
         return python_ref.silu_and_mul_cast_to_fp8(x)
 
+    def valid_rows(x):  # the peers' share: each group's valid rows (the same count in every group), as ours
+        return x[:, :counts[0]] if masked else x
+
+    def torch_peer(x, masked_m):
+        return python_ref.silu_and_mul_cast_to_fp8(valid_rows(x))
+
     compiled = None
 
     def torch_compile_peer(x, masked_m):
         nonlocal compiled
         compiled = compiled or torch.compile(python_ref.silu_and_mul_cast_to_fp8)
-        return compiled(x)
+        return compiled(valid_rows(x))
 
     def dequantized(fp8, scale):
         return fp8.float() * scale.repeat_interleave(128, dim=-1), scale.repeat_interleave(128, dim=-1)
@@ -138,7 +144,7 @@ def _silu_and_mul_case(rows, inter, masked, groups=8):
     return Case(op="silu_and_mul_cast_to_fp8", params={"rows": rows, "I": inter, "masked": masked},
                 make_inputs=make_inputs, run=run, reference=reference, check=check, flops=0.0,
                 bytes=valid * (4 * inter + inter + 4 * inter // 128),
-                peers={"torch": reference, "torch.compile": torch_compile_peer},
+                peers={"torch": torch_peer, "torch.compile": torch_compile_peer},
                 backends=("ref", "triton"))  # no CUDA kernel for the fused SwiGLU casts
 
 
@@ -163,6 +169,9 @@ def _silu_and_mul_bf16_case(rows, inter, groups):
         off = ((got - want).abs() > 2**-7 * want.abs() + 2**-30).sum().item()
         return None if off == 0 else f"{off} values more than a bf16 rounding from python_ref"
 
+    def torch_peer(x, masked_m):  # the valid rows only (the same count in every group), as ours
+        return python_ref.silu_and_mul(x[:, :counts[0]])
+
     return Case(op="silu_and_mul", params={"rows": rows, "I": inter, "masked": True}, make_inputs=make_inputs,
                 run=run, reference=reference, check=check, flops=0.0, bytes=sum(counts) * 6 * inter,
-                peers={"torch": reference}, backends=("ref", "triton"))
+                peers={"torch": torch_peer}, backends=("ref", "triton"))

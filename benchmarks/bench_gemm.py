@@ -127,14 +127,36 @@ def _scaled_mm_peer():
             errors = []
             for call in candidates(a, sa, b, sb):
                 try:
-                    call()
-                    chosen[key] = call
-                    break
+                    result = call()
                 except (RuntimeError, TypeError, ValueError, AttributeError) as e:
                     errors.append(str(e).splitlines()[0][:120])
+                    continue
+                # A layout torch accepts but reads otherwise (scales transposed, say) would time
+                # another product: each accepted one must give a @ b.T.
+                diff = calc_diff(result, ref.fp8_gemm_nt(a, sa, b, sb, torch.float32))
+                if diff < 1e-3:
+                    chosen[key] = call
+                    break
+                errors.append(f"a layout accepted, but calc_diff {diff:.3g} against a @ b.T")
             else:
                 raise RuntimeError("no blockwise scale layout accepted: " + " | ".join(errors))
         return chosen[key]()
+
+    return run
+
+
+def _grouped_scaled_mm_peer(rows):
+    """torch's blockwise FP8 matmul (_scaled_mm_peer) once per group over that group's rows: the
+    same FP8 work as ours, a launch per group. rows: per group, the first row of its segment and
+    its count in a contiguous [m, k] a, or (g, valid rows) in a masked [G, m_max, k] one."""
+    dense = _scaled_mm_peer()
+
+    def run(a, sa, b, sb, out, *rest):
+        def group(x, at, count):
+            return x[at, :count] if a.dim() == 3 else x[at:at + count]
+
+        return [dense(group(a, at, count), group(sa, at, count), b[g], sb[g], None)
+                for g, (at, count) in enumerate(rows) if count]
 
     return run
 
@@ -148,6 +170,19 @@ def _bf16_mm_peer(shape_a, shape_b, batched=False):
             cache["a"] = torch.randn(shape_a, device="cuda", dtype=torch.bfloat16)
             cache["b"] = torch.randn(shape_b, device="cuda", dtype=torch.bfloat16)
         return torch.bmm(cache["a"], cache["b"]) if batched else torch.mm(cache["a"], cache["b"])
+
+    return run
+
+
+def _bf16_groups_peer(counts, n, k):
+    """A bf16 torch.mm per group over its count of rows: the masked layout's valid work, unfused."""
+    cache = {}
+
+    def run(*_):
+        if not cache:
+            cache["a"] = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for rows in counts]
+            cache["b"] = [torch.randn(k, n, device="cuda", dtype=torch.bfloat16) for _ in counts]
+        return [torch.mm(a, b) for a, b in zip(cache["a"], cache["b"]) if a.shape[0]]
 
     return run
 
@@ -264,7 +299,10 @@ def _contiguous_case(groups, m_per_group, n, k, device):
         expected[m_indices < 0] = float("nan")
         return expected
 
-    peers = {"torch.mm bf16": _bf16_mm_peer((m, k), (k, n))} if device == "cuda" else {}
+    peers = {}
+    if device == "cuda":
+        peers = {"torch._scaled_mm": _grouped_scaled_mm_peer([(g * m_per_group, m_per_group) for g in range(groups)]),
+                 "torch.mm bf16": _bf16_mm_peer((m, k), (k, n))}
     return Case(op="m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
                 params={"groups": groups, "m_per_group": m_per_group, "n": n, "k": k},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * m * n * k,
@@ -295,8 +333,9 @@ def _masked_case(groups, expected_m, n, k, device, m_max):
         return expected
 
     peers = {}
-    if device == "cuda":
-        peers = {"torch.bmm bf16": _bf16_mm_peer((groups, expected_m, k), (groups, k, n), batched=True)}
+    if device == "cuda":  # each group's valid rows, as ours computes (not expected_m of every group)
+        peers = {"torch._scaled_mm": _grouped_scaled_mm_peer(list(enumerate(counts))),
+                 "torch.mm bf16": _bf16_groups_peer(counts, n, k)}
     return Case(op="m_grouped_gemm_fp8_fp8_bf16_nt_masked",
                 params={"groups": groups, "expected_m": expected_m, "m_max": m_max, "n": n, "k": k},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * valid * n * k,

@@ -8,7 +8,9 @@ The metadata is computed once per case and backend (the sm90 kernel's tiles have
 Triton kernel's 32), outside the timed region (as FlashMLA does).
 
 Peer: a batched PyTorch decode (gather every page of the block table, masked softmax in fp32, two
-bf16 matmuls), not the per-sequence oracle.
+bf16 matmuls), not the per-sequence oracle. With variable lengths it pads every sequence to the
+longest, as a batched PyTorch decode must (about 2x the keys of sum(lengths) in FlashMLA's varlen
+draw): its "x peer" there includes that padding, which ours never reads.
 
 Sparse MLA (DeepSeek-V3.2; flash_mla_sparse_decode / flash_mla_sparse_fwd), counted per listed
 entry, with rows = b * s_q (decode) or s_q (prefill):
@@ -16,7 +18,8 @@ entry, with rows = b * s_q (decode) or s_q (prefill):
     bytes = rows * h_kv * topk * (bytes per cached token: 656 in V3.2's FP8 layout, 2 d in bf16)
             + rows * h_q * (d + dv) * 2
 i.e. every listed token read once per query row (rows that share a token read it again) and the
-list itself not counted. Peer: PyTorch gathers the listed rows (dequantizing the FP8 ones), masks
+list itself not counted. Each query row gets its own list (MTP's two rows of a sequence included),
+so that the counted reads are not served by L2. Peer: PyTorch gathers the listed rows (dequantizing the FP8 ones), masks
 and runs two bf16 matmuls.
 """
 
@@ -196,9 +199,11 @@ def _sparse_decode_case(b, s_q, h_q, topk, seqlen, fp8, d=576, dv=512, page_size
         k_cache = python_ref.mla_sparse.quantize_sparse_kv_cache(values) if fp8 else values.to(torch.bfloat16)
         q = torch.randn(b, s_q, h_q, d, generator=gen).to(torch.bfloat16)
         # Each sequence lists slots of its own pages (the block table already applied).
-        local = _sparse_lists(b, 1, topk, seqlen, gen).reshape(b, 1, topk)
+        # One list per query row (MTP's rows included): bytes count every row's gathers, so rows
+        # sharing a list would be credited with reads that L2 serves.
+        local = _sparse_lists(b * s_q, 1, topk, seqlen, gen).reshape(b, s_q, topk)
         first = (torch.arange(b) * -(-seqlen // page_size) * page_size).int()[:, None, None]
-        indices = torch.where(local >= 0, local + first, -1).expand(b, s_q, topk).contiguous()
+        indices = torch.where(local >= 0, local + first, -1)
         return q.to(device), k_cache.to(device), indices.to(device), dv, fp8
 
     def run(q, k_cache, indices, dv, fp8):

@@ -159,7 +159,7 @@ def main() -> int:
     print(report.table())
     if on_gpu:  # how far this run's numbers are from the issues' goals
         print()
-        print(targets.table({device_name: records}))
+        print(targets.table({device_name: records}, {device_name: ceilings.get("copy_gbps")}))
     for w in unprofiled:  # a misspelt shape must not pass for a profile that showed nothing
         print(f"--profile {w}: no case of this run matched it")
     if args.json:

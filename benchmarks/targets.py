@@ -11,7 +11,11 @@ other labels of the same backend (opt-in variants) reported beside it: a candida
 goal where the default does not is the case for making it the default.
 
 The issues state their goals for an H100; results from other devices are evaluated per device
-and say which one measured them.
+and say which one measured them. A bandwidth goal (GB/s) does not carry over to another memory
+system as it stands (an H200's HBM3e copies ~40% faster than an H100's HBM3), so on any other device
+it is scaled by that device's measured copy bandwidth over an H100's (H100_COPY_GBPS): the same
+fraction of what the memory can do. Compute goals (TFLOPS) stand as stated: the H200 has the H100's
+SMs and clocks.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # DeepGEMM's dense (n, k) grid, as in benchmarks/bench_gemm.py (a test checks they agree).
 DENSE_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+# Device-to-device copy (bytes read + written) measured on an H100 of the lent machines
+# (../shared/GPU.md: ~3.0 TB/s): the memory system the bandwidth goals were set for.
+H100_COPY_GBPS = 3000.0
 MLA_BOUND_BY_MEMORY = {"b": 128, "s_q": 1, "h_q": 16, "h_kv": 1, "seqlen": 4096, "varlen": False, "page": 64,
                        "cache": "bfloat16"}
 MLA_BOUND_BY_COMPUTE = {"b": 128, "s_q": 2, "h_q": 128, "h_kv": 1, "seqlen": 4096, "varlen": False, "page": 64,
@@ -112,9 +119,20 @@ def _clocks(target: Target, label: str, records: list[dict]) -> str:
     return (f"{low}" if low == high else f"{low}-{high}") + (f" ({', '.join(slowdowns)})" if slowdowns else "")
 
 
-def evaluate(target: Target, label: str, records: list[dict]) -> dict:
+def device_goal(target: Target, device: str, copy_gbps: float | None) -> float:
+    """The goal on `device`: as stated on an H100 (and for compute goals everywhere); a bandwidth
+    goal elsewhere scaled by the device's measured copy bandwidth over an H100's. A device whose
+    copy bandwidth was not measured keeps the stated goal."""
+    if target.metric != "gbps" or "H100" in device or not copy_gbps:
+        return target.goal
+    return target.goal * copy_gbps / H100_COPY_GBPS
+
+
+def evaluate(target: Target, label: str, records: list[dict], goal: float | None = None) -> dict:
     """{"value": combined metric over the measured shapes or None, "measured": n, "shapes": total,
-    "met": True/False/None (None: not every shape measured), "clocks": the SM clocks they ran at}."""
+    "met": True/False/None (None: not every shape measured), "clocks": the SM clocks they ran at}.
+    goal: the device's goal (device_goal), by default the stated one."""
+    goal = target.goal if goal is None else goal
     values = [_value(target, label, shape, records) for shape in target.shapes]
     measured = [v for v in values if v is not None and v > 0]
     if not measured:
@@ -124,8 +142,8 @@ def evaluate(target: Target, label: str, records: list[dict]) -> dict:
     else:
         value = math.prod(measured) ** (1 / len(measured))
     complete = len(measured) == len(target.shapes)
-    met = (value >= target.goal) if complete else (False if target.combine == "min" and value is not None
-                                                  and value < target.goal else None)
+    met = (value >= goal) if complete else (False if target.combine == "min" and value is not None
+                                           and value < goal else None)
     return {"value": value, "measured": len(measured), "shapes": len(target.shapes), "met": met,
             "clocks": _clocks(target, label, records)}
 
@@ -134,14 +152,18 @@ def _unit(target: Target) -> str:
     return {"gbps": "GB/s", "tflops": "TFLOPS"}.get(target.metric, "x " + target.metric.split(":", 1)[-1])
 
 
-def table(records_by_device: dict[str, list[dict]]) -> str:
-    """A markdown table: one row per target (and measured candidate) per device."""
+def table(records_by_device: dict[str, list[dict]], copy_gbps_by_device: dict[str, float] | None = None) -> str:
+    """A markdown table: one row per target (and measured candidate) per device; bandwidth goals
+    judged on each device's own copy bandwidth (device_goal) where it is given."""
     lines = ["| issue | target | backend | measured | goal (H100) | met | SM MHz | device |",
              "|---|---|---|---|---|---|---|---|"]
     for device, records in records_by_device.items():
+        copy_gbps = (copy_gbps_by_device or {}).get(device)
         for target in TARGETS:
+            goal = device_goal(target, device, copy_gbps)
+            scaled = f" ({goal:.0f} at this device's {copy_gbps:.0f} GB/s copy)" if goal != target.goal else ""
             for label in (target.backend, *target.candidates):
-                result = evaluate(target, label, records)
+                result = evaluate(target, label, records, goal)
                 if label != target.backend and result["value"] is None:
                     continue  # a candidate not timed in these results
                 value = "not measured" if result["value"] is None else f"{result['value']:.{2 if target.metric.startswith('x ') else 0}f}"
@@ -150,31 +172,36 @@ def table(records_by_device: dict[str, list[dict]]) -> str:
                 how = "min" if target.combine == "min" else ("geomean" if len(target.shapes) > 1 else "")
                 met = {True: "yes", False: "no", None: "-"}[result["met"]]
                 lines.append(f"| #{target.issue} | {target.what} | {label} | {value} | "
-                             f"{how + ' ' if how else ''}>= {target.goal:g} {_unit(target)} | {met} | "
+                             f"{how + ' ' if how else ''}>= {target.goal:g} {_unit(target)}{scaled} | {met} | "
                              f"{result['clocks'] or '-'} | {device} |")
     return "\n".join(lines)
 
 
-def load(paths: list[str]) -> dict[str, list[dict]]:
-    """Records of GPU runs (results files with ceilings), by device."""
+def load(paths: list[str]) -> tuple[dict[str, list[dict]], dict[str, float]]:
+    """Records of GPU runs (results files with ceilings) by device, and each device's measured copy
+    bandwidth (GB/s; its latest file's)."""
     by_device: dict[str, list[dict]] = {}
+    copy_gbps: dict[str, float] = {}
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        if not data["meta"].get("ceilings"):
+        ceilings = data["meta"].get("ceilings")
+        if not ceilings:
             continue  # a CPU run: no throughput
         for r in data["records"]:
             by_device.setdefault(r.get("device") or data["meta"]["device"], []).append(r)
-    return by_device
+        if ceilings.get("copy_gbps"):
+            copy_gbps[data["meta"]["device"]] = ceilings["copy_gbps"]
+    return by_device, copy_gbps
 
 
 def main(argv: list[str]) -> int:
     paths = argv or sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json")))
-    by_device = load(paths)
+    by_device, copy_gbps = load(paths)
     if not by_device:
         print("no GPU results in " + ", ".join(paths))
         return 1
-    print(table(by_device))
+    print(table(by_device, copy_gbps))
     return 0
 
 

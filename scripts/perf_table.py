@@ -11,7 +11,9 @@ The results files are what `python benchmarks/run.py --json ...` wrote on a GPU;
 never typed by hand. A call that ran only some families is merged: its records replace those of the
 same (op, backend, params) and the others stay, each record keeping the git sha and torch version
 of the run that measured it. Records that failed their check or raised, the reference backend's,
-and CPU runs are left out of the table.
+and CPU runs are left out of the table, and so are labels the benchmarks no longer define (a
+variant dropped or renamed since it was timed: its row would contradict today's meaning of the
+names beside it; the results file keeps it).
 """
 
 import argparse
@@ -29,7 +31,35 @@ def fmt(value, pattern):
     return "-" if value is None else pattern.format(value)
 
 
+def current_labels() -> set[tuple[str, str]]:
+    """(op, label) of every backend, variant and peer the benchmarks' GPU grids time today (the
+    opt-in variants included, as a device call whose tests passed times them)."""
+    sys.path.insert(0, ROOT)
+    flags = ("DSKERNELS_GEMM_TMA_WS_TESTED", "DSKERNELS_GEMM_SPLITK_TESTED", "DSKERNELS_MLA_SEESAW_TESTED",
+             "DSKERNELS_MLA_FP8_TMA_TESTED")
+    saved = {flag: os.environ.get(flag) for flag in flags}
+    os.environ.update({flag: "1" for flag in flags})
+    try:
+        from benchmarks.run import selected_cases
+
+        labels = set()
+        for quick in (False, True):
+            for _, case in selected_cases("", quick, "cuda"):
+                labels |= {(case.op, backend) for backend in case.backends}
+                labels |= {(case.op, f"{backend}[{name}]") for backend, variants in
+                           (("triton", case.triton_variants), ("cuda", case.cuda_variants)) for name in variants}
+                labels |= {(case.op, f"peer:{name}") for name in case.peers}
+        return labels
+    finally:
+        for flag, value in saved.items():
+            if value is None:
+                os.environ.pop(flag, None)
+            else:
+                os.environ[flag] = value
+
+
 def table() -> str:
+    labels = current_labels()
     files = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json")))
     rows = []
     for path in files:
@@ -43,6 +73,8 @@ def table() -> str:
                 continue
             if r.get("error") or r["ms"] is None or r["ms"] != r["ms"] or r["backend"] == "ref":
                 continue  # wrong or failed (its failure is in the run's log), or the oracle itself
+            if (r["op"], r["backend"]) not in labels:
+                continue  # a label the benchmarks no longer define
             shape = " ".join(f"{k}={v}" for k, v in r["params"].items())
             rows.append(f"| {r['op']} | {shape} | {r['backend']} | {r['ms'] * 1e3:.1f} | "
                         f"{fmt(r['tflops'], '{:.0f}')} | {fmt(r['gbps'], '{:.0f}')} | "
@@ -60,8 +92,8 @@ def targets_table() -> str:
     sys.path.insert(0, ROOT)
     from benchmarks import targets
 
-    by_device = targets.load(sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))))
-    return targets.table(by_device) if by_device else "No GPU results recorded yet."
+    by_device, copy_gbps = targets.load(sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))))
+    return targets.table(by_device, copy_gbps) if by_device else "No GPU results recorded yet."
 
 
 def _between(text: str, start: str, end: str, body: str) -> str:
