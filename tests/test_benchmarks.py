@@ -168,7 +168,7 @@ def _torch_blockwise_layout_check(newer: bool):
         if not blockwise_1x128(a, scale_a) or not (blockwise_128x128(b.t(), scale_b.t())
                                                    or blockwise_1x128(b.t(), scale_b.t())):
             raise RuntimeError("Invalid scaling configuration.")
-        (m, k), n = a.shape, b.shape[1]
+        k, n = a.shape[1], b.shape[1]
         expanded_b = scale_b.repeat_interleave(128, dim=0)[:k]  # [k, n / 128] or [k, n]
         if expanded_b.shape[1] != n:
             expanded_b = expanded_b.repeat_interleave(128, dim=1)[:, :n]
