@@ -212,9 +212,14 @@ def test_load_hf_names(names):
     sd = ref.state_dict()
     if names != "fused":
         sd = per_expert_names(sd, cfg)
-    if names == "model_prefix":  # a whole checkpoint's keys: other layers' are skipped
-        sd = {f"model.layers.1.{k}": v for k, v in sd.items()} | {"model.layers.0.mlp.gate_proj.weight": torch.ones(1),
-                                                                   "model.layers.1.eh_proj.weight": torch.ones(1)}
+    prefix = ""
+    if names == "model_prefix":  # a whole checkpoint's keys: other layers' and the model's own are skipped
+        prefix = "model.layers.1."
+        sd = {f"{prefix}{k}": v for k, v in sd.items()} | {"model.layers.0.mlp.gate_proj.weight": torch.ones(1),
+                                                           "model.layers.1.eh_proj.weight": torch.ones(1),
+                                                           "model.embed_tokens.weight": torch.ones(1),
+                                                           "model.norm.weight": torch.ones(1),
+                                                           "lm_head.weight": torch.ones(1)}
     layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
     layer.load_hf_state_dict(sd)
     torch.testing.assert_close(layer.mlp.experts.gate_up_proj, ref.mlp.experts.gate_up_proj, atol=0, rtol=0)
@@ -224,7 +229,72 @@ def test_load_hf_names(names):
             {k: v for k, v in sd.items() if "kv_b_proj" not in k})
     with pytest.raises(KeyError, match="unexpected"):
         DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32).load_hf_state_dict(
-            {**sd, "mlp.experts.typo": torch.ones(1)})
+            {**sd, prefix + "mlp.experts.typo": torch.ones(1)})
+    with pytest.raises(KeyError, match="missing 'mlp.gate.e_score_correction_bias'"):  # routing would differ
+        DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32).load_hf_state_dict(
+            {k: v for k, v in sd.items() if not k.endswith("e_score_correction_bias")})
+
+
+def test_loaded_layer_owns_its_weights():
+    """load_hf_state_dict copies what it keeps, as load_state_dict does: a loader that reuses or
+    frees its buffers (here: zeroes them) leaves the layer as it was, float and FP8, per-expert and
+    fused experts alike."""
+    cfg = CONFIGS["v3"]
+    x, positions = torch.randn(1, 3, cfg.hidden_size), spread_positions(1, 3, seed=2)
+    float_sd = make_reference(cfg, 1, seed=4).state_dict()
+    for sd, dtype in ((float_sd, torch.float32), (fp8_checkpoint(float_sd)[0], torch.bfloat16)):
+        layer = DeepseekV3DecoderLayer(cfg, 1, dtype=dtype)
+        layer.load_hf_state_dict(sd)
+        with torch.no_grad():
+            before = layer(x.to(dtype), positions)
+            for value in sd.values():
+                value.view(torch.uint8).zero_() if value.dtype == torch.float8_e4m3fn else value.zero_()
+            torch.testing.assert_close(layer(x.to(dtype), positions), before, atol=0, rtol=0)
+
+
+def test_absorbed_projections_follow_weight_updates():
+    """The paged path's W_UK / W_UV (absorbed from kv_b_proj on the first cached call) are built
+    again after kv_b_proj changes in place (load_state_dict's copy_, a trainer's weight sync) or is
+    replaced: the paged step then agrees with the prefill of the new weights."""
+    cfg = CONFIGS["v3"]
+    x, positions = torch.randn(1, 4, cfg.hidden_size), spread_positions(1, 4, seed=3)
+    layer, other = (DeepseekV3DecoderLayer(cfg, 0, dtype=torch.float32) for _ in range(2))
+    layer.load_hf_state_dict(make_reference(cfg, 0, seed=1).state_dict())
+    other.load_hf_state_dict(make_reference(cfg, 0, seed=2).state_dict())
+
+    def paged():
+        cache, table = paged_cache(cfg, 4, 4, 1, 2)
+        return layer(x, positions, kv_cache=cache, block_table=table, cache_seqlens=torch.zeros(1, dtype=torch.int32))
+
+    with torch.no_grad():
+        paged()  # absorbs the first weights
+        layer.load_state_dict(other.state_dict())  # in place
+        torch.testing.assert_close(paged(), layer(x, positions), atol=TOL, rtol=TOL)
+        layer.self_attn.kv_b_proj.weight = layer.self_attn.kv_b_proj.weight * 2  # replaced
+        torch.testing.assert_close(paged(), layer(x, positions), atol=TOL, rtol=TOL)
+
+
+def test_inference_only_paths_refuse_autograd():
+    """The paged attention, V3.2's sparse attention and FP8 weights run inference kernels (no
+    backward): with x requiring grad they raise, naming what and how to run it, instead of
+    returning gradients without their share. The float V3 prefill keeps its gradient."""
+    cfg = CONFIGS["v3"]
+    x, positions = torch.randn(1, 3, cfg.hidden_size, requires_grad=True), spread_positions(1, 3, seed=5)
+    float_sd = make_reference(cfg, 1, seed=6).state_dict()
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
+    layer.load_hf_state_dict(float_sd)
+    layer(x, positions).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    cache, table = paged_cache(cfg, 4, 4, 1, 2)
+    with pytest.raises(RuntimeError, match=r"^the paged \(kv_cache\) attention has no gradient .*torch.no_grad"):
+        layer(x, positions, kv_cache=cache, block_table=table, cache_seqlens=torch.zeros(1, dtype=torch.int32))
+    fp8 = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
+    fp8.load_hf_state_dict(fp8_checkpoint(float_sd)[0])
+    with pytest.raises(RuntimeError, match="^an FP8 Linear has no gradient"):
+        fp8(x, positions)
+    with torch.no_grad():
+        fp8(x, positions)  # the same calls without autograd
+        layer(x, positions, kv_cache=cache, block_table=table, cache_seqlens=torch.zeros(1, dtype=torch.int32))
 
 
 def paged_cache(cfg, num_pages, page_size, batch, pages_per_seq, dtype=torch.float32, seed=5):
@@ -715,6 +785,22 @@ def _ep_body(rank, world_size, cfg, state_dicts, x, positions, expected):
         tol = TOL if name == "float" else 2e-2
         torch.testing.assert_close(got.float(), expected[name][mine].float(), atol=tol, rtol=tol,
                                    msg=lambda m: f"{name} low_latency={low_latency}: {m}")
+    # Different token counts per rank (DP attention: 4 and 6 tokens, the causal prefixes of the
+    # sequences above): each rank's own count would pick different exchanges around a threshold of 5;
+    # ep_low_latency, the same on every rank, says which.
+    tokens = 4 if rank == 0 else 6
+    for threshold, ep_low_latency in ((5, False), (8, True)):
+        layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32, ep_buffer=buffer, ep_low_latency_tokens=threshold)
+        layer.load_hf_state_dict(state_dicts["float"])
+        with torch.no_grad():
+            got = layer(x[mine, :tokens], positions[mine, :tokens], ep_low_latency=ep_low_latency)
+        torch.testing.assert_close(got, expected["float"][mine, :tokens], atol=TOL, rtol=TOL,
+                                   msg=lambda m: f"ragged ranks, ep_low_latency={ep_low_latency}: {m}")
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32, ep_buffer=buffer, ep_low_latency_tokens=5)
+    layer.load_hf_state_dict(state_dicts["float"])
+    with pytest.raises(ValueError, match="^ep_low_latency: the low-latency exchange takes at most "
+                                         "ep_low_latency_tokens=5"), torch.no_grad():
+        layer(x[mine], positions[mine], ep_low_latency=True)  # 6 tokens: raised on both ranks, before any exchange
     # The Triton backend (the interpreter here): the layer's fused kernels around the exchange, the
     # MoE combine of the received rows among them
     layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, ep_buffer=buffer)

@@ -138,8 +138,12 @@ def test_config_from_hf_and_presets():
     mixed = DeepseekV3Config.tiny(mlp_layer_types=["sparse", "dense"])
     assert [mixed.is_moe_layer(i) for i in (0, 1)] == [True, False]
     assert DeepseekV3DecoderLayer(mixed, 0, dtype=torch.float32).is_moe
-    with pytest.raises(ValueError, match="^layer_idx: expected 0 <= layer_idx < 2"):
-        mixed.is_moe_layer(2)
+    # The MTP layer past the main ones (transformers' list covers num_hidden_layers): MoE, as DeepSeek's
+    assert ours.num_hidden_layers == len(ours.mlp_layer_types) == 61 and ours.is_moe_layer(61)
+    assert mixed.is_moe_layer(2) == (2 >= mixed.first_k_dense_replace)
+    assert DeepseekV3DecoderLayer(mixed, 2, dtype=torch.float32).is_moe == mixed.is_moe_layer(2)
+    with pytest.raises(ValueError, match="^layer_idx: expected >= 0"):
+        mixed.is_moe_layer(-1)
     with pytest.raises(ValueError, match="^mlp_layer_types:"):
         DeepseekV3Config.tiny(mlp_layer_types=["moe"])
     with pytest.raises(ValueError, match="^index_topk:"):

@@ -27,7 +27,7 @@ from torch import nn
 import dskernels
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import Indexer
-from dskernels.models.linear import Linear, RMSNorm, device_moves_only, shared_cast, triton_fusable
+from dskernels.models.linear import Linear, RMSNorm, device_moves_only, refuse_gradient, shared_cast, triton_fusable
 from dskernels.models.paged import cache_rows, check_slots, check_tables, write_rows
 from dskernels.models.rope import rope_cos_sin, rope_inv_freq, rope_qk
 
@@ -56,6 +56,7 @@ class MLAttention(nn.Module):
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.softmax_scale = cfg.softmax_scale
         self.w_uk = self.w_uv = None  # absorbed up-projections, built from kv_b_proj on first cached call
+        self._absorbed_from = ()  # kv_b_proj's tensors and version counters they were built from
         self.indexer = Indexer(cfg, dtype, device, index_fp8) if cfg.index_topk is not None else None
 
     def _apply(self, fn, recurse=True):
@@ -74,6 +75,24 @@ class MLAttention(nn.Module):
                                                    cfg.kv_lora_rank)
         self.w_uk = w[:, :cfg.qk_nope_head_dim].contiguous()
         self.w_uv = w[:, cfg.qk_nope_head_dim:].contiguous()
+        self._absorbed_from = () if torch.compiler.is_compiling() else self._kv_b_state()
+
+    def _kv_b_state(self) -> tuple:
+        """kv_b_proj's weight (and scale) with their version counters: what W_UK / W_UV were built
+        from. An in-place update (load_state_dict's copy_, a trainer's weight sync) bumps a counter, a
+        new tensor changes the identity; both make the next cached call absorb again. (Inference
+        tensors have no counter: only their identity counts.)"""
+        tensors = (self.kv_b_proj.weight, self.kv_b_proj.weight_scale_inv)
+        return tuple((t, None if t is None or t.is_inference() else t._version) for t in tensors)
+
+    def _absorbed_stale(self, dtype: torch.dtype, device: torch.device) -> bool:
+        if self.w_uk is None or self.w_uk.dtype != dtype or self.w_uk.device != device:
+            return True
+        if torch.compiler.is_compiling():  # a compiled step reads the weights it was traced with
+            return False
+        return not self._absorbed_from or any(
+            t is not old or version != old_version
+            for (t, version), (old, old_version) in zip(self._kv_b_state(), self._absorbed_from))
 
     def _project(self, x: torch.Tensor, positions: torch.Tensor):
         cfg = self.cfg
@@ -113,6 +132,9 @@ class MLAttention(nn.Module):
         if kv_cache_scale is not None and (kv_cache is None or kv_cache.dtype != FP8 or self.indexer is not None):
             raise ValueError("kv_cache_scale: only with a float8_e4m3fn kv_cache of a dense-attention (V3) layer "
                              "(its per-tensor scale; V3.2's FP8 layout carries its own scales)")
+        if kv_cache is not None or self.indexer is not None:
+            refuse_gradient("the paged (kv_cache) attention" if kv_cache is not None
+                            else "DeepSeek-V3.2's sparse attention", x)
         q_nope, q_rope, latent, k_rope, indexer_inputs = self._project(x, positions)
         if kv_cache is None:
             if self.indexer is None:
@@ -144,7 +166,7 @@ class MLAttention(nn.Module):
 
     def _absorbed_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
         """[q_nope W_UK | q_rope]: scores against [latent | k_rope] equal q_nope . k_nope + q_rope . k_rope."""
-        if self.w_uk is None or self.w_uk.dtype != q_nope.dtype or self.w_uk.device != q_nope.device:
+        if self._absorbed_stale(q_nope.dtype, q_nope.device):
             self.absorb(q_nope.dtype)
         return torch.cat([torch.einsum("bshn,hnc->bshc", q_nope, self.w_uk), q_rope], dim=-1)
 

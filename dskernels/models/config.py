@@ -213,11 +213,12 @@ class DeepseekV3Config:
         _number_field(self, "routed_scaling_factor")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """transformers' rule: mlp_layer_types[layer_idx] when given, else layer_idx >= first_k_dense_replace."""
-        if self.mlp_layer_types is not None:
-            if not 0 <= layer_idx < len(self.mlp_layer_types):
-                raise ValueError(f"layer_idx: expected 0 <= layer_idx < {len(self.mlp_layer_types)} "
-                                 f"(mlp_layer_types' length), got {layer_idx}")
+        """transformers' rule: mlp_layer_types[layer_idx] when given, else layer_idx >= first_k_dense_replace.
+        The list covers the num_hidden_layers main layers; the MTP layers past them (DeepSeek's
+        checkpoints number them on, e.g. layer 61) follow first_k_dense_replace: MoE."""
+        if layer_idx < 0:
+            raise ValueError(f"layer_idx: expected >= 0, got {layer_idx}")
+        if self.mlp_layer_types is not None and layer_idx < len(self.mlp_layer_types):
             return self.mlp_layer_types[layer_idx] == "sparse"
         return layer_idx >= self.first_k_dense_replace
 

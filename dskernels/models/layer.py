@@ -12,7 +12,7 @@ from torch import nn
 from dskernels.models.attention import MLAttention
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import LayerNorm
-from dskernels.models.linear import BLOCK, FP8, MLP, Linear, RMSNorm, dequantize_block_fp8
+from dskernels.models.linear import BLOCK, FP8, MLP, Linear, RMSNorm, dequantize_block_fp8, owned
 from dskernels.models.moe import Experts, MoE
 
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.*)$")
@@ -77,7 +77,11 @@ class DeepseekV3DecoderLayer(nn.Module):
             hold their experts and combines the results (attention and shared experts stay local).
         ep_low_latency_tokens: with ep_buffer, calls with at most this many tokens per rank (decode)
             use the buffer's low-latency dispatch/combine (DeepEP's num_max_dispatch_tokens_per_rank)
-            and the masked grouped GEMM; larger calls use the normal dispatch.
+            and the masked grouped GEMM; larger calls use the normal dispatch. The two are different
+            exchanges, so every rank must make the same choice in a step: by default each rank
+            decides from its own token count, right where every rank has as many tokens (a decode
+            batch padded to a fixed size, as CUDA graphs need); where counts differ across ranks
+            (DP attention), pass forward's ep_low_latency, the same on every rank.
         index_fp8: DeepSeek-V3.2 configs only (index_topk set): the indexer scores in FP8 as
             DeepSeek's inference code does (Hadamard-rotated q and k cast to FP8, DeepGEMM's
             fp8_mqa_logits / fp8_paged_mqa_logits; its key cache in DeepGEMM's paged FP8 layout),
@@ -129,7 +133,8 @@ class DeepseekV3DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor | None = None,
                 block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
-                index_cache: torch.Tensor | None = None, kv_cache_scale: torch.Tensor | None = None) -> torch.Tensor:
+                index_cache: torch.Tensor | None = None, kv_cache_scale: torch.Tensor | None = None,
+                ep_low_latency: bool | None = None) -> torch.Tensor:
         """x [B, S, hidden] (the layer's dtype), positions int64 [B, S] (rope positions).
 
         Without kv_cache: causal attention over the S tokens. With kv_cache
@@ -149,7 +154,11 @@ class DeepseekV3DecoderLayer(nn.Module):
         FP8 KV cache for dense attention (V3): kv_cache may be float8_e4m3fn of the same shape, with
         kv_cache_scale a float32 tensor of one element, positive and finite (None: 1.0): the latents are stored as
         clamp(value / scale, -448, 448) in e4m3 and flash_mla_with_kvcache dequantizes them with
-        k_scale = scale, at half a bf16 cache's memory and bytes read per decode step."""
+        k_scale = scale, at half a bf16 cache's memory and bytes read per decode step.
+
+        ep_low_latency (MoE layers with an EP buffer; ignored elsewhere): True sends this call's
+        tokens through the low-latency exchange (at most ep_low_latency_tokens of them), False through
+        the normal one, None picks by this rank's token count (see the class's ep_low_latency_tokens)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a tensor [B, S, {self.cfg.hidden_size}], got {type(x).__name__}")
         for name, t in (("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens),
@@ -172,9 +181,12 @@ class DeepseekV3DecoderLayer(nn.Module):
             raise ValueError(f"positions: expected shape {list(x.shape[:2])}, got {list(positions.shape)}")
         if positions.device != x.device:
             raise ValueError(f"positions: expected a tensor on {x.device} (x's device), got {positions.device}")
+        if ep_low_latency is not None and not isinstance(ep_low_latency, bool):
+            raise TypeError(f"ep_low_latency: expected None, True or False, got {type(ep_low_latency).__name__}")
         h = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, block_table, cache_seqlens, index_cache,
                                kv_cache_scale)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h2 = self.post_attention_layernorm(h)
+        return h + (self.mlp(h2, ep_low_latency) if self.is_moe else self.mlp(h2))
 
     # ---- weights ----
     def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict:
@@ -208,7 +220,8 @@ class DeepseekV3DecoderLayer(nn.Module):
         """Loads Hugging Face weights of this layer.
 
         Keys: a DeepseekV3DecoderLayer's own (`self_attn.q_a_proj.weight`, ...) or a whole model's
-        (`model.layers.{i}.…`; other layers' keys are skipped). Experts as transformers 4.x / the
+        (`model.layers.{i}.…`; other layers' keys and the model's own, such as `lm_head.weight`,
+        are skipped). The layer keeps copies: the caller's tensors can be reused or freed after. Experts as transformers 4.x / the
         checkpoint files name them (`mlp.experts.{e}.gate_proj.weight`, ...) or 5.x fused
         (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]). The FP8 checkpoint
         format is used as is: float8_e4m3fn `weight` plus fp32 `weight_scale_inv` per 128x128 block
@@ -225,14 +238,20 @@ class DeepseekV3DecoderLayer(nn.Module):
         if fp8 is not None and not isinstance(fp8, bool):
             raise TypeError(f"fp8: expected None, True or False, got {type(fp8).__name__}")
         sd = {}
-        for key, value in state_dict.items():
+        for key in state_dict:
             if not isinstance(key, str):
                 raise TypeError(f"state_dict: expected str keys, got {type(key).__name__} {key!r}")
+        # A whole model's dict (layer-prefixed keys) also holds the model's own tensors (embeddings,
+        # final norm, lm_head): they belong to no layer, so they are not this one's unexpected keys.
+        whole_model = any(_LAYER_KEY.match(key) for key in state_dict)
+        for key, value in state_dict.items():
             m = _LAYER_KEY.match(key)
             if m:
                 if int(m.group(1)) != self.layer_idx:
                     continue
                 key = m.group(2)
+            elif whole_model:
+                continue
             if not _IGNORED.search(key):
                 sd[key] = value
         used: set[str] = set()
@@ -302,9 +321,8 @@ class DeepseekV3DecoderLayer(nn.Module):
             w = take("mlp.gate.weight", moe.gate_weight.shape)
             if w is not None:
                 steps.append(lambda: setattr(moe, "gate_weight", w.to(device=device, dtype=torch.float32).clone()))
-            if "mlp.gate.e_score_correction_bias" in sd:
-                used.add("mlp.gate.e_score_correction_bias")
-                b = check("mlp.gate.e_score_correction_bias", moe.e_score_correction_bias.shape)
+            b = take("mlp.gate.e_score_correction_bias", moe.e_score_correction_bias.shape)
+            if b is not None:
                 steps.append(lambda: setattr(moe, "e_score_correction_bias",
                                              b.to(device=device, dtype=torch.float32).clone()))
             if moe.shared_experts is not None:
@@ -420,13 +438,15 @@ class DeepseekV3DecoderLayer(nn.Module):
     def _expert_weights(self, w: torch.Tensor, scale: torch.Tensor | None, fp8: bool | None):
         import dskernels
         device = self.input_layernorm.weight.device
+        source, source_scale = w, scale  # 5.x's fused tensors come as the caller's: copied, not kept
         want_fp8 = (w.dtype == FP8) if fp8 is None else fp8
         if want_fp8:
             if w.dtype != FP8:
                 pairs = [dskernels.per_block_cast_to_fp8(e.to(device=device, dtype=torch.bfloat16).contiguous(),
                                                          round_scale=self.cfg.fp8_round_scale) for e in w]
                 w, scale = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-            return w.to(device).contiguous(), scale.to(device=device, dtype=torch.float32).contiguous()
+            return (owned(w.to(device).contiguous(), source),
+                    owned(scale.to(device=device, dtype=torch.float32).contiguous(), source_scale))
         if w.dtype == FP8:
             w = dequantize_block_fp8(w, scale, self.dtype)
-        return w.to(device=device, dtype=self.dtype).contiguous(), None
+        return owned(w.to(device=device, dtype=self.dtype).contiguous(), source), None

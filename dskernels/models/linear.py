@@ -66,6 +66,15 @@ class BlockMajorScales:
         return self.value
 
 
+def owned(t: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+    """t, or a copy of it where it is still the caller's `source` memory (a `.to()` or
+    `.contiguous()` that had nothing to do): a loaded layer owns its weights, as load_state_dict's
+    copies do, so a loader that reuses or frees its buffers leaves the layer as it was."""
+    if source is not None and t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+        return t.clone()
+    return t
+
+
 def device_moves_only(fn, exempt):
     """`fn` as nn.Module._apply passes it, applied to the tensors for which exempt(t) holds only as
     the device move it makes: a module cast (.float(), .to(torch.bfloat16)) must not turn FP8 weights
@@ -110,6 +119,7 @@ class Linear(nn.Module):
         fp8=False dequantizes an FP8 one, None keeps the checkpoint's format."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight: expected [{self.out_features}, {self.in_features}], got {list(weight.shape)}")
+        weight_in, scale_in = weight, scale
         device = self.weight.device
         if weight.dtype == FP8 and scale is None:
             raise ValueError("weight_scale_inv: an FP8 weight needs its 128x128 block scales")
@@ -123,11 +133,12 @@ class Linear(nn.Module):
                                                             round_scale=self.round_scale)
         elif not fp8 and weight.dtype == FP8:
             weight, scale = dequantize_block_fp8(weight, scale, dtype), None
+        source, source_scale = weight_in, scale_in
         if fp8:
-            self.weight = weight.to(device).contiguous()
-            self.weight_scale_inv = scale.to(device=device, dtype=torch.float32).contiguous()
+            self.weight = owned(weight.to(device).contiguous(), source)
+            self.weight_scale_inv = owned(scale.to(device=device, dtype=torch.float32).contiguous(), source_scale)
         else:
-            self.weight = weight.to(device=device, dtype=dtype).contiguous()
+            self.weight = owned(weight.to(device=device, dtype=dtype).contiguous(), source)
             self.weight_scale_inv = None
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
@@ -139,6 +150,7 @@ class Linear(nn.Module):
         """x [..., k] -> the per-token (1x128) FP8 cast of its rows that this FP8 layer's GEMM reads,
         (x_fp8 [rows, k], scales [rows, k / 128]); one cast can serve every FP8 Linear that reads
         the same x with the same round_scale (shared_cast)."""
+        refuse_gradient("an FP8 Linear", x)
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype not in (torch.bfloat16, torch.float32):
             x2 = x2.to(torch.bfloat16)
@@ -176,6 +188,16 @@ def shared_cast(x: torch.Tensor, *layers: Linear) -> tuple[torch.Tensor, torch.T
     if not fp8 or any(layer.round_scale != fp8[0].round_scale for layer in fp8) or not x.shape[:-1].numel():
         return None
     return fp8[0].cast_input(x)
+
+
+def refuse_gradient(what: str, *tensors) -> None:
+    """Raises where autograd would record through inference kernels (the FP8 GEMMs and casts, MLA
+    decode, V3.2's sparse attention): they run under no_grad, so a backward would silently leave
+    their share out of the gradients."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{what} has no gradient (dskernels' ops are inference kernels): run it under "
+                           "torch.no_grad() or torch.inference_mode(); gradients flow through a layer with "
+                           "float weights in the prefill without a cache (V3's dense attention)")
 
 
 def triton_fusable(*tensors: torch.Tensor) -> bool:

@@ -26,7 +26,8 @@ from torch import nn
 import dskernels
 import python_ref.moe
 from dskernels.models.config import DeepseekV3Config
-from dskernels.models.linear import FP8, MLP, BlockMajorScales, device_moves_only, triton_fusable, triton_only_ops
+from dskernels.models.linear import (FP8, MLP, BlockMajorScales, device_moves_only, refuse_gradient, triton_fusable,
+                                     triton_only_ops)
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -147,6 +148,8 @@ class Experts(nn.Module):
     def forward(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """x [N, H] (or an FP8 (x, scales) pair), topk_idx int64 [N, K] local expert ids or -1,
         topk_weights fp32 [N, K] -> sum_k topk_weights[t, k] * expert_k(x[t]), [N, H] in out_dtype."""
+        if self.is_fp8:
+            refuse_gradient("FP8 experts", x)  # (the routing weights keep theirs: the combine is torch's)
         num_tokens, k = topk_idx.shape
         experts = self.num_local_experts
         flat = topk_idx.reshape(-1)
@@ -200,6 +203,8 @@ class Experts(nn.Module):
         matmul over all M rows."""
         if not self.is_fp8 and isinstance(x, tuple):
             raise TypeError("x: FP8 activations need FP8 expert weights")
+        if self.is_fp8:
+            refuse_gradient("FP8 experts", x)
         if self.gate_up_proj.dtype == torch.bfloat16 and triton_only_ops() and not _needs_grad(x):
             return self._masked_bf16(x.to(torch.bfloat16), counts, expected_m).to(out_dtype)
         if not self.is_fp8:
@@ -259,14 +264,21 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, device)
                                if cfg.n_shared_experts else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ep_low_latency: bool | None = None) -> torch.Tensor:
+        """ep_low_latency: with an EP buffer, which exchange this call takes (DeepseekV3DecoderLayer.forward)."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         topk_idx, topk_weights = route(x2, self.gate_weight, self.e_score_correction_bias, self.cfg)
         if self.ep_buffer is None:
             routed = self.experts(x2, topk_idx, topk_weights, x.dtype)
         else:
-            routed = self._routed_ep(x2, topk_idx, topk_weights)
+            low_latency = ep_low_latency
+            if low_latency is None:  # this rank's own count: right where every rank has as many tokens
+                low_latency = self.ep_low_latency_tokens is not None and x2.shape[0] <= self.ep_low_latency_tokens
+            elif low_latency and (self.ep_low_latency_tokens is None or x2.shape[0] > self.ep_low_latency_tokens):
+                raise ValueError(f"ep_low_latency: the low-latency exchange takes at most ep_low_latency_tokens="
+                                 f"{self.ep_low_latency_tokens} tokens per rank (the layer's), got {x2.shape[0]}")
+            routed = self._routed_ep(x2, topk_idx, topk_weights, low_latency)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(x2)
         return routed.reshape(shape)
@@ -275,8 +287,9 @@ class MoE(nn.Module):
     # are asynchronous torch.distributed calls waited on with a host-side deadline, and the normal
     # dispatch sizes its receive buffers from counts read on the host.
     @torch.compiler.disable(reason="expert parallelism: torch.distributed exchanges through dskernels.ep.Buffer")
-    def _routed_ep(self, x2: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        if self.ep_low_latency_tokens is not None and x2.shape[0] <= self.ep_low_latency_tokens:
+    def _routed_ep(self, x2: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                   low_latency: bool) -> torch.Tensor:
+        if low_latency:
             # decode: DeepEP's low-latency kernels into the per-expert masked layout (the tokens are
             # cast to FP8 before the send when the experts are FP8), weighted sum in the combine
             num_experts = self.cfg.n_routed_experts
