@@ -85,6 +85,20 @@ def test_cache_arguments_without_kv_cache(given, match):
         layer(x, positions, **{name: args[name] for name in given})
 
 
+def test_float64_layer_refuses_the_paged_path_before_writing():
+    """A float64 layer runs its prefill; the paged attention's kernels take no float64, which is
+    said up front, naming x, with the cache left as it was (not written, then refused by the op)."""
+    layer = DeepseekV3DecoderLayer(CFG, 0, dtype=torch.float64)
+    layer.load_hf_state_dict(float_state_dict(0))
+    x, positions = torch.randn(1, 2, CFG.hidden_size, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.long)
+    assert layer(x, positions).dtype == torch.float64
+    cache = torch.full((4, 16, 1, CFG.kv_cache_dim), float("nan"), dtype=torch.float64)
+    with pytest.raises(TypeError, match="^x: the paged attention's kernels take bfloat16, float16 or float32"):
+        layer(x, positions, kv_cache=cache, block_table=torch.zeros(1, 1, dtype=torch.int32),
+              cache_seqlens=torch.zeros(1, dtype=torch.int32))
+    assert cache.isnan().all()
+
+
 @pytest.mark.parametrize("name,value,error,match", [
     ("x", [[0.0]], TypeError, "^x: expected a tensor"),
     ("kv_cache", [0], TypeError, "^kv_cache: expected a tensor or None, got list"),

@@ -33,6 +33,7 @@ from dskernels.models.rope import rope_cos_sin, rope_inv_freq, rope_qk
 
 _LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 FP8 = torch.float8_e4m3fn
+_ATTENTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # flash_mla_with_kvcache's / the sparse ops' q
 _FP8_CACHE_BYTES = 656  # V3.2's FP8 latent cache: 512 e4m3, 4 fp32 tile scales, 64 bf16 rope values per token
 
 
@@ -132,6 +133,11 @@ class MLAttention(nn.Module):
         if kv_cache_scale is not None and (kv_cache is None or kv_cache.dtype != FP8 or self.indexer is not None):
             raise ValueError("kv_cache_scale: only with a float8_e4m3fn kv_cache of a dense-attention (V3) layer "
                              "(its per-tensor scale; V3.2's FP8 layout carries its own scales)")
+        if (kv_cache is not None or self.indexer is not None) and x.dtype not in _ATTENTION_DTYPES:
+            # checked before the cache write: a call that raises leaves the cache as it was
+            raise TypeError(f"x: the {'paged' if kv_cache is not None else 'V3.2 sparse'} attention's kernels take "
+                            f"bfloat16, float16 or float32, got a {x.dtype} layer (its prefill without a cache "
+                            f"runs in any float dtype)")
         if kv_cache is not None or self.indexer is not None:
             refuse_gradient("the paged (kv_cache) attention" if kv_cache is not None
                             else "DeepSeek-V3.2's sparse attention", x)
