@@ -53,6 +53,16 @@ def check_multiple(name: str, value: int, factor: int, what: str) -> None:
         raise ValueError(f"{name}: expected {what} to be a multiple of {factor}, got {value}")
 
 
+def check_reads_apart(out_name: str, out: torch.Tensor, **reads) -> None:
+    """out shares no memory with any tensor of `reads` (name=tensor; None is skipped): a kernel
+    that wrote out while reading one of them (an operand, its scales, a layout of group ids) would
+    read what it had already written."""
+    for name, t in reads.items():
+        if t is not None and may_share_memory(out, t):
+            raise ValueError(f"{out_name}: expected an output that shares no memory with {name} (the GEMM reads "
+                             f"{name} while it writes {out_name}), got overlapping tensors")
+
+
 def may_share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether writing a could change b: the same storage, intersecting byte ranges, and torch's
     overlap test not ruling it out (it answers "may" for any non-dense view; the byte ranges settle

@@ -98,6 +98,17 @@ def test_bf16_gemm_dense_empty_and_bad_input():
         dskernels.bf16_gemm_nt(a, b, torch.empty(4, 5), c=torch.empty(5, 4))
     with pytest.raises(ValueError, match="^b: expected 2 dimensions"):
         dskernels.bf16_gemm_nn(a, b[None], torch.empty(4, 5))
+    # the other layouts' messages speak of the tensors as the caller holds them
+    with pytest.raises(ValueError, match=r"^b: expected k = 16 \(a's rows\) as its first dimension \(bf16_gemm_tn: "
+                                         r"b is \[k, n\]\), got shape \(5, 16\)"):
+        dskernels.bf16_gemm_tn(a.T, b, torch.empty(4, 5))
+    with pytest.raises(ValueError, match=r"^d: expected shape \(4, 5\) \(m by n: a's columns by b's columns\)"):
+        dskernels.bf16_gemm_tn(a.T, b.T, torch.empty(5, 4))
+    with pytest.raises(ValueError, match=r"^b: expected k = 16 \(a's columns\) as its first dimension"):
+        dskernels.bf16_gemm_nn(a, b, torch.empty(4, 5))
+    with pytest.raises(ValueError, match=r"^b: expected k = 16 .* as dimension 1 \(this layout holds b as \[G, k, n\]\)"):
+        dskernels.m_grouped_bf16_gemm_nn_contiguous(a, bf16_randn(2, 5, 16, device="cpu"), torch.empty(4, 5),
+                                                    m_indices=torch.zeros(4, dtype=torch.int32))
 
 
 # ---- contiguous grouped ----

@@ -125,6 +125,56 @@ def test_fp8_gemm_nt_refuses_before_writing_c():
     assert_close_to_oracle(out, *lhs, *rhs, c)
 
 
+def test_outputs_that_share_memory_with_what_the_gemm_reads():
+    """An output overlapping a scale tensor or an int32 layout (a view of the same buffer) is
+    refused by name: the GEMM would read what it wrote (silently wrong rows). With c, the refusal
+    comes before c is copied into the output, so the caller's scales are left as they were."""
+    m, n, k = 4, 8, 128
+    _, a, sa = quantized_pair(m, k, "cpu", per_block=False, scale_layout="row")
+    rhs = row_scaled_pair(n, k, "cpu")[1:]
+    buf = torch.zeros(m * n + 64)
+    out, sa_view = buf[:m * n].view(m, n), buf[m * n - 2:m * n - 2 + m].view(m, 1)  # two floats shared
+    sa_view.copy_(sa)
+    before = sa_view.clone()
+    with pytest.raises(ValueError, match="^out: expected an output that shares no memory with sa"):
+        dskernels.fp8_gemm_nt((a, sa_view), rhs, out, c=torch.full((m, n), 7.0))
+    assert torch.equal(sa_view, before)
+    # fp8_einsum with c: the same, before its copy into d
+    with pytest.raises(ValueError, match="^d: expected an output that shares no memory with sa"):
+        dskernels.fp8_einsum("mk,nk->mn", (a, sa_view), rhs, out, c=torch.full((m, n), 9.0), recipe=(1, 1, 128))
+    assert torch.equal(sa_view, before)
+    # K-grouped: d over the scales of a
+    ks, groups, rows = [128, 128], 2, 2
+    x, y = torch.randn(sum(ks), rows), torch.randn(sum(ks), n)
+    (qa, sa_k), (qb, sb_k) = (dskernels.per_channel_cast_to_fp8(t, ks) for t in (x, y))
+    buf = torch.zeros(groups * rows * n + 16)
+    d, scales_view = buf[:groups * rows * n].view(groups, rows, n), buf[:2 * rows].view(2, rows)
+    scales_view.copy_(sa_k)
+    with pytest.raises(ValueError, match="^d: expected an output that shares no memory with sa"):
+        dskernels.k_grouped_fp8_gemm_tn_contiguous((qa, scales_view), (qb, sb_k), d, ks)
+    # the grouped GEMMs' int32 layouts: group ids, masked counts
+    b = grouped_weights(2, n, k, "cpu", "row")[1:]
+    raw = torch.zeros(m * n * 2, dtype=torch.uint8)
+    out_bf16, ids = raw.view(torch.bfloat16).view(m, n), raw[:m * 4].view(torch.int32)
+    ids.zero_()
+    with pytest.raises(ValueError, match="^out: expected an output that shares no memory with m_indices"):
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), b, out_bf16, ids)
+    bf = torch.randn(m, 16).bfloat16(), torch.randn(2, n, 16).bfloat16()
+    with pytest.raises(ValueError, match="^d: expected an output that shares no memory with grouped_layout"):
+        dskernels.m_grouped_bf16_gemm_nt_contiguous(*bf, out_bf16, ids)
+
+
+def test_bf16_gemms_record_no_gradient():
+    """bf16_gemm_* and einsum are inference kernels like every op: no gradient recorded into d on
+    any backend (the GPU's torch.mm(out=) would refuse one, the CPU path recorded it)."""
+    a, b = torch.randn(4, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    d = torch.empty(4, 8)
+    dskernels.bf16_gemm_nt(a.bfloat16(), b.bfloat16(), d)
+    assert d.grad_fn is None and not d.requires_grad
+    dskernels.einsum("mk,nk->mn", a.bfloat16(), b.bfloat16(), d)
+    assert d.grad_fn is None and not d.requires_grad
+
+
 # ---- DeepGEMM's other layouts: fp8_gemm_{nn,tn,tt}, m_grouped_fp8_gemm_nn_contiguous ----
 
 def k_outer(pair):
@@ -190,6 +240,10 @@ def test_other_layouts_name_the_contraction_dimension():
         dskernels.fp8_gemm_tn((a.T, sa[:, 0]), (b, sb), out)
     with pytest.raises(TypeError, match="^b: expected a tuple"):
         dskernels.fp8_gemm_nn((a, sa), b, out)
+    weights = grouped_weights(2, 8, K, "cpu", "row")[1:]
+    with pytest.raises(ValueError, match=r"^m_indices: expected shape \(4,\)"):  # the caller's name for it
+        dskernels.m_grouped_fp8_gemm_nn_contiguous((a, sa), tuple(t.transpose(1, 2) for t in weights), out,
+                                                   m_indices=torch.zeros(5, dtype=torch.int32))
 
 
 # ---- torch.library / torch.compile ----

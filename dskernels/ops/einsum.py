@@ -20,7 +20,7 @@ import re
 import torch
 
 from dskernels._backend import current_backend
-from dskernels._checks import check_no_overlap, check_tensor
+from dskernels._checks import check_no_overlap, check_reads_apart, check_tensor
 from dskernels.ops.gemm import BLOCK_RECIPE, FP8, GROUP_SIZE, ROW_RECIPE, _check_c, _general_backend, _unpack, recipe_tuple
 from python_ref import gemm as ref
 
@@ -28,6 +28,7 @@ BF16 = torch.bfloat16
 MAX_BATCH = 65535  # fp8_einsum's batches: grid dimension 1 of the masked kernels (CUDA's limit)
 
 
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None) -> None:
     """d = c + torch.einsum(expr, a, b) on bf16 operands, summed in fp32 and rounded once to d's dtype.
 
@@ -133,6 +134,7 @@ def fp8_einsum(expr: str, a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.T
     if c is not None:
         if not torch.compiler.is_compiling():  # eager: every refusal before d is written (c: the general form)
             _general_backend(d.device, "fp8_bmm_nt")
+            check_reads_apart("d", d, a=a, sa=sa, b=b, sb=sb)  # (the op checks too, after the copy)
         if c is not d:
             d.copy_(c)  # the kernel adds to d
     torch.ops.dskernels.fp8_bmm_nt(lhs, scales_a, rhs, scales_b, view(d), c is not None)

@@ -13,7 +13,8 @@ import operator
 import torch
 
 from dskernels._backend import env_choice, select_backend
-from dskernels._checks import check_multiple, check_no_overlap, check_tensor, may_share_memory, strides_may_overlap
+from dskernels._checks import (check_multiple, check_no_overlap, check_reads_apart, check_tensor, may_share_memory,
+                               strides_may_overlap)
 from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from python_ref import gemm as ref
@@ -172,7 +173,8 @@ def fp8_gemm_nt(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_
     a, sa = _unpack("a", a)
     b, sb = _unpack("b", b)
     out = d
-    sb_per_row = _check_general(a, sa, b, sb, out, overlap=False)  # before out is written with c
+    # before out is written with c (the overlap checks in eager mode: torch.compile leaves them to the op)
+    sb_per_row = _check_general(a, sa, b, sb, out, overlap=not torch.compiler.is_compiling())
     # `if` on sb_per_row, not a comparison of it with a python bool: under torch.compile with
     # symbolic shapes that comparison fails inside dynamo
     if recipe is not None and b.shape[0] > 1 and (not sb_per_row if tuple(recipe) == ROW_RECIPE else sb_per_row):
@@ -427,10 +429,9 @@ def m_grouped_fp8_gemm_nn_contiguous(a, b, d, grouped_layout=None, recipe=None, 
     t, _ = _unpack("a", a)
     m_grouped_fp8_gemm_nt_contiguous(a, _transposed("b", b, t.shape[-1] if isinstance(t, torch.Tensor) else None,
                                                     "b"),
-                                     d, _layout_argument(grouped_layout, m_indices), recipe, compiled_dims,
-                                     disable_ue8m0_cast, recipe_a=recipe_a,
-                                     recipe_b=recipe_b, use_psum_layout=use_psum_layout,
-                                     ensure_zero_padding=ensure_zero_padding)
+                                     d, grouped_layout, recipe, compiled_dims, disable_ue8m0_cast,
+                                     recipe_a=recipe_a, recipe_b=recipe_b, use_psum_layout=use_psum_layout,
+                                     ensure_zero_padding=ensure_zero_padding, m_indices=m_indices)
 
 
 def get_m_alignment_for_contiguous_layout() -> int:
@@ -603,10 +604,7 @@ def _check_operands(a, sa, b, sb, out, *, grouped_a: bool, grouped_b: bool, gene
     _check_shape("out", out, (*a.shape[:-1], n), "a's rows by b's rows")
     if overlap:
         check_no_overlap("out", out)
-        for name, t in (("a", a), ("b", b), ("sa", sa), ("sb", sb)):
-            if may_share_memory(out, t):  # (a view of out's bytes: the GEMM would read what it writes)
-                raise ValueError(f"out: expected an output that shares no memory with {name} (the GEMM reads "
-                                 f"{name} while it writes out), got overlapping tensors")
+        check_reads_apart("out", out, a=a, b=b, sa=sa, sb=sb)
     return groups, m, n, k
 
 
@@ -631,6 +629,7 @@ def _check_batched(a, sa, b, sb, out) -> bool:
 def _check_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout=False, expected_m=0):
     groups, m, _, _ = _check_operands(a, sa, b, sb, out, grouped_a=False, grouped_b=True)
     check_grouped_layout("m_indices", m_indices, a.device, m, groups, use_psum_layout, expected_m)
+    check_reads_apart("out", out, m_indices=m_indices)
 
 
 def check_grouped_layout(name: str, layout, device, m: int, groups: int, use_psum_layout: bool, expected_m) -> None:
@@ -647,6 +646,7 @@ def _check_masked(a, sa, b, sb, out, masked_m, expected_m):
     groups, _, _, _ = _check_operands(a, sa, b, sb, out, grouped_a=True, grouped_b=True)
     check_tensor("masked_m", masked_m, ndim=1, dtypes=(torch.int32,), device=a.device)
     _check_shape("masked_m", masked_m, (groups,), "one row count per group")
+    check_reads_apart("out", out, masked_m=masked_m)
     _check_expected_m(expected_m)
 
 
@@ -679,10 +679,11 @@ def _check_k_grouped(a, sa, b, sb, out, ks, ks_tensor, k_major: bool, *, sizes_n
         expected = (rows, total_blocks) if scales_transposed else (total_blocks, rows)
         _check_shape(f"s{name}", scales.T if scales_transposed else scales, expected,
                      f"one 1x128 scale per row of {name} per 128 tokens (started) of every group")
-        if overlap and may_share_memory(out, t):  # (an fp8 view of out's bytes: a race on a GPU)
-            raise ValueError(f"{out_name}: expected an output that shares no memory with {name} (the GEMM reads "
-                             f"{name} while it writes {out_name}), got overlapping tensors")
+        if overlap:  # (an fp8 view of out's bytes, or fp32 scales in it: a race on a GPU)
+            check_reads_apart(out_name, out, **{name: t, f"s{name}": scales})
     check_sizes_tensor(ks_tensor, groups, out.device, sizes_name)
+    if overlap:
+        check_reads_apart(out_name, out, ks_tensor=ks_tensor)
 
 
 # ---- registered kernels ----

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from dskernels._backend import current_backend, select_backend
-from dskernels._checks import check_no_overlap, check_tensor, may_share_memory
+from dskernels._checks import check_no_overlap, check_reads_apart, check_tensor
 from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from dskernels.ops.gemm import (_check_c, _check_expected_m, _check_shape, _layout_argument, check_grouped_layout,
@@ -26,6 +26,7 @@ BF16 = torch.bfloat16
 
 # ---- public functions ----
 
+@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None,
                  compiled_dims: str = "nk") -> None:
     """d = c + a @ b.T, summed in fp32 and rounded once to d's dtype (cuBLAS: see below).
@@ -43,7 +44,13 @@ def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Ten
     split-K partial sums rounded to bf16; set it False for fp32 sums throughout. On CPU, or with
     backend("ref"), the reference.
     """
-    _check_dense(a, b, d)
+    _check_dense(a, b, d, "nt")
+    _bf16_gemm(a, b, d, c)
+
+
+@torch.no_grad()
+def _bf16_gemm(a, b, d, c) -> None:
+    """bf16_gemm_nt's work on checked operands (the other layouts pass their nt views)."""
     _check_c(c, d, "d")
     if d.device.type != "cuda" or current_backend() == "ref":
         d.copy_(ref.bf16_gemm_nt(a, b, d.dtype, c))
@@ -65,21 +72,20 @@ def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Ten
 
 def bf16_gemm_nn(a, b, d, c=None, compiled_dims: str = "nk") -> None:
     """d = c + a @ b with b [k, n] (a [m, k]); otherwise as bf16_gemm_nt."""
-    _check_2d("b", b)
-    bf16_gemm_nt(a, b.T, d, c, compiled_dims)
+    _check_dense(a, b, d, "nn")
+    _bf16_gemm(a, b.T, d, c)
 
 
 def bf16_gemm_tn(a, b, d, c=None, compiled_dims: str = "nk") -> None:
     """d = c + a.T @ b with a [k, m] and b [k, n] (a weight gradient); otherwise as bf16_gemm_nt."""
-    _check_2d("a", a)
-    _check_2d("b", b)
-    bf16_gemm_nt(a.T, b.T, d, c, compiled_dims)
+    _check_dense(a, b, d, "tn")
+    _bf16_gemm(a.T, b.T, d, c)
 
 
 def bf16_gemm_tt(a, b, d, c=None, compiled_dims: str = "nk") -> None:
     """d = c + a.T @ b.T with a [k, m] and b [n, k]; otherwise as bf16_gemm_nt."""
-    _check_2d("a", a)
-    bf16_gemm_nt(a.T, b, d, c, compiled_dims)
+    _check_dense(a, b, d, "tt")
+    _bf16_gemm(a.T, b, d, c)
 
 
 def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
@@ -114,8 +120,11 @@ def m_grouped_bf16_gemm_nn_contiguous(a, b, d, grouped_layout=None, compiled_dim
     """As m_grouped_bf16_gemm_nt_contiguous with b [G, k, n] (d[i] = a[i] @ b[g]: the input
     gradient of the experts, from the same weights)."""
     check_tensor("b", b, ndim=3)
-    m_grouped_bf16_gemm_nt_contiguous(a, b.transpose(1, 2), d, _layout_argument(grouped_layout, m_indices),
-                                      compiled_dims, use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout)
+    if isinstance(a, torch.Tensor) and a.dim() == 2 and b.shape[1] != a.shape[1]:
+        raise ValueError(f"b: expected k = {a.shape[1]} (the last dimension of a) as dimension 1 (this layout "
+                         f"holds b as [G, k, n]), got shape {tuple(b.shape)}")
+    m_grouped_bf16_gemm_nt_contiguous(a, b.transpose(1, 2), d, grouped_layout, compiled_dims, use_psum_layout,
+                                      ensure_zero_padding, expected_m_for_psum_layout, m_indices=m_indices)
 
 
 def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor,
@@ -161,18 +170,21 @@ def k_grouped_bf16_gemm_tn_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
 
 # ---- validation (shared by the real and fake kernels) ----
 
-def _check_2d(name: str, t) -> None:
-    check_tensor(name, t, ndim=2)
-
-
-def _check_dense(a, b, d) -> None:
+def _check_dense(a, b, d, layout: str) -> None:
+    """The dense GEMM's operands as the caller holds them, in DeepGEMM's letters: a [m, k] ("n") or
+    [k, m] ("t"), b [n, k] ("t") or [k, n] ("n"); messages in those terms."""
     check_tensor("a", a, ndim=2, dtypes=(BF16,))
     check_tensor("b", b, ndim=2, dtypes=(BF16,), device=a.device)
-    if b.shape[1] != a.shape[1]:
-        raise ValueError(f"b: expected k = {a.shape[1]} (a's columns) as its contraction dimension, got shape "
+    a_k, b_k = (1 if layout[0] == "n" else 0), (1 if layout[1] == "t" else 0)  # where k is in each
+    a_rows = ("columns", "rows")[a_k]  # what m is of a: its rows when k is its columns
+    k = a.shape[a_k]
+    if b.shape[b_k] != k:
+        raise ValueError(f"b: expected k = {k} (a's {('rows', 'columns')[a_k]}) as its {('first', 'last')[b_k]} "
+                         f"dimension (bf16_gemm_{layout}: b is [{'n, k' if b_k else 'k, n'}]), got shape "
                          f"{tuple(b.shape)}")
     check_tensor("d", d, ndim=2, dtypes=(BF16, torch.float32), device=a.device)
-    _check_shape("d", d, (a.shape[0], b.shape[0]), "a's rows by b's rows")
+    _check_shape("d", d, (a.shape[1 - a_k], b.shape[1 - b_k]),
+                 f"m by n: a's {a_rows} by b's {('columns', 'rows')[b_k]}")
     if not torch.compiler.is_compiling():
         _check_output_apart("d", d, a, b)
 
@@ -182,10 +194,7 @@ def _check_output_apart(name: str, out, *inputs) -> None:
     have one dtype, so an in-place call is easy to write, and output tiles would overwrite rows
     other tiles still read (eager only: torch.compile cannot trace the test)."""
     check_no_overlap(name, out)
-    for input_name, t in zip("ab", inputs):
-        if may_share_memory(out, t):
-            raise ValueError(f"{name}: expected an output that shares no memory with {input_name} (the GEMM reads "
-                             f"{input_name} while it writes {name}), got overlapping tensors")
+    check_reads_apart(name, out, **dict(zip("ab", inputs)))
 
 
 def _check_grouped(a, b, out, *, grouped_a: bool) -> tuple[int, int, int]:
@@ -209,12 +218,14 @@ def _check_grouped(a, b, out, *, grouped_a: bool) -> tuple[int, int, int]:
 def _check_contiguous(a, b, out, grouped_layout, use_psum_layout, expected_m) -> None:
     groups, m, _ = _check_grouped(a, b, out, grouped_a=False)
     check_grouped_layout("grouped_layout", grouped_layout, a.device, m, groups, use_psum_layout, expected_m)
+    check_reads_apart("d", out, grouped_layout=grouped_layout)
 
 
 def _check_masked(a, b, out, masked_m, expected_m) -> None:
     groups, _, _ = _check_grouped(a, b, out, grouped_a=True)
     check_tensor("masked_m", masked_m, ndim=1, dtypes=(torch.int32,), device=a.device)
     _check_shape("masked_m", masked_m, (groups,), "one row count per group")
+    check_reads_apart("d", out, masked_m=masked_m)
     _check_expected_m(expected_m)
 
 
@@ -231,6 +242,7 @@ def _check_k_grouped(a, b, out, ks, ks_tensor, overlap: bool = True) -> None:
     check_sizes_tensor(ks_tensor, groups, out.device)
     if overlap:
         _check_output_apart("d", out, a, b)
+        check_reads_apart("d", out, ks_tensor=ks_tensor)
 
 
 # ---- registered kernels ----
