@@ -170,6 +170,10 @@ def test_state_dict_round_trip():
     quantized.load_hf_state_dict(ref.state_dict(), fp8=True)
     indexer = quantized.self_attn.indexer
     assert indexer.wq_b.is_fp8 and indexer.wk.is_fp8 and not indexer.weights_proj.is_fp8
+    # the head weights stay fp32 in a bf16 layer (transformers' _keep_in_fp32_modules): not rounded
+    key = "self_attn.indexer.weights_proj.weight"
+    assert indexer.weights_proj.weight.dtype == torch.float32
+    assert torch.equal(indexer.weights_proj.weight, ref.state_dict()[key].float())
     with pytest.raises(KeyError, match="missing 'self_attn.indexer.k_norm.bias'"):
         layer.load_hf_state_dict({k: v for k, v in ref.state_dict().items() if k != "self_attn.indexer.k_norm.bias"})
     with pytest.raises(ValueError, match="^state_dict: 'self_attn.indexer.wk.weight' of layer 1: expected shape"):

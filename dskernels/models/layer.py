@@ -285,7 +285,7 @@ class DeepseekV3DecoderLayer(nn.Module):
             if w is not None:
                 steps.append(lambda: setattr(module, attr, w.to(device=device, dtype=self.dtype).clone()))
 
-        def linear(module: Linear, prefix, fp8=fp8):
+        def linear(module: Linear, prefix, fp8=fp8, dtype=None):
             w = take(prefix + ".weight", (module.out_features, module.in_features), kind="weight")
             if w is None:
                 return
@@ -294,7 +294,7 @@ class DeepseekV3DecoderLayer(nn.Module):
             if (w.dtype == FP8 if fp8 is None else fp8) and module.in_features % BLOCK:
                 raise ValueError(f"fp8: {prefix + '.weight'!r} of layer {self.layer_idx} as FP8 needs in_features "
                                  f"to be a multiple of {BLOCK} (the FP8 GEMM's k), got {module.in_features}")
-            steps.append(lambda: module.set_weight(w, scale, self.dtype, fp8))
+            steps.append(lambda: module.set_weight(w, scale, dtype or self.dtype, fp8))
 
         norm(self.input_layernorm, "input_layernorm.weight")
         norm(self.post_attention_layernorm, "post_attention_layernorm.weight")
@@ -309,8 +309,10 @@ class DeepseekV3DecoderLayer(nn.Module):
         if attn.indexer is not None:  # DeepSeek-V3.2
             for name in ("wq_b", "wk"):
                 linear(getattr(attn.indexer, name), f"self_attn.indexer.{name}")
-            # the head weights stay float as the checkpoint has them (DeepSeek and transformers score in fp32)
-            linear(attn.indexer.weights_proj, "self_attn.indexer.weights_proj", fp8=False if fp8 is False else None)
+            # the head weights stay float, kept in fp32 as transformers keeps them (_keep_in_fp32_modules;
+            # DeepSeek and transformers score in fp32): an fp32 checkpoint's values are not rounded
+            linear(attn.indexer.weights_proj, "self_attn.indexer.weights_proj", fp8=False if fp8 is False else None,
+                   dtype=torch.float32)
             norm(attn.indexer.k_norm, "self_attn.indexer.k_norm.weight")
             norm(attn.indexer.k_norm, "self_attn.indexer.k_norm.bias", attr="bias")
         if not self.is_moe:
