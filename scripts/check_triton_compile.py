@@ -241,18 +241,23 @@ def mla_sparse_cases(compiler: Compiler) -> None:
     from dskernels.triton import mla_sparse as triton_sparse
 
     # DeepSeek-V3.2: decode over the FP8 cache (16 and 128 heads, MTP), over a bf16 cache, prefill;
-    # and the small heads of tests/test_mla_sparse.py's GPU runs (d = 64, dv = 48).
-    for d, dv, h_q, s_q, fp8, prefill in [(576, 512, 16, 1, True, False), (576, 512, 128, 2, True, False),
-                                          (576, 512, 64, 1, False, False), (576, 512, 128, 1, False, True),
-                                          (64, 48, 16, 2, False, False), (64, 48, 8, 1, False, True)]:
-        compiler.context = (f"mla_sparse d={d} h_q={h_q} s_q={s_q} {'fp8_v32' if fp8 else 'bf16'}"
+    # the small heads of tests/test_mla_sparse.py's GPU runs (d = 64, dv = 48); fp32 q (4-byte
+    # operands: the tile rule must leave them room in shared memory, on the 99 KB of an sm_89 too).
+    f32 = torch.float32
+    for d, dv, h_q, s_q, fp8, prefill, dtype in [
+            (576, 512, 16, 1, True, False, torch.bfloat16), (576, 512, 128, 2, True, False, torch.bfloat16),
+            (576, 512, 64, 1, False, False, torch.bfloat16), (576, 512, 128, 1, False, True, torch.bfloat16),
+            (64, 48, 16, 2, False, False, torch.bfloat16), (64, 48, 8, 1, False, True, torch.bfloat16),
+            (576, 512, 16, 1, False, False, f32)]:
+        compiler.context = (f"mla_sparse d={d} dv={dv} h_q={h_q} s_q={s_q} {'fp8_v32' if fp8 else str(dtype)[6:]}"
                             f"{' prefill' if prefill else ''}")
         rows, topk = 4 * s_q, 2048
-        kv = _meta(10, 64, 1, 656 if fp8 else d, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16)
+        kv = _meta(10, 64, 1, 656 if fp8 else d, dtype=torch.float8_e4m3fn if fp8 else dtype)
         triton_sparse.sparse_mla(
-            _meta(rows, h_q, d), kv, _meta(rows, 1, topk, dtype=torch.int32), _meta(rows, dtype=torch.int32),
-            _meta(h_q, dtype=torch.float32), d ** -0.5, dv, 64, 640, fp8, _meta(rows, h_q, dv),
-            _meta(rows, 1, h_q, dtype=torch.float32), 1, _meta(rows, h_q, dtype=torch.float32) if prefill else None)
+            _meta(rows, h_q, d, dtype=dtype), kv, _meta(rows, 1, topk, dtype=torch.int32),
+            _meta(rows, dtype=torch.int32), _meta(h_q, dtype=f32), d ** -0.5, dv, 64, 640, fp8,
+            _meta(rows, h_q, dv, dtype=dtype), _meta(rows, 1, h_q, dtype=f32), 1,
+            _meta(rows, h_q, dtype=f32) if prefill else None)
 
 
 def indexer_cases(compiler: Compiler) -> None:

@@ -292,6 +292,36 @@ def test_nan_in_a_listed_row_is_not_hidden(backend):
     out, lse = dskernels.flash_mla_sparse_decode(q.to(device), k_cache.to(device), indices.to(device), dv)
     assert out[0].isnan().all() and lse[0].isnan().all()
     assert not out[1].isnan().any() and not lse[1].isnan().any()
+    # The prefill's max_logits too (a max that drops NaN would report the other scores' maximum),
+    # single pass (20 entries) and split over blocks (200)
+    for topk in (20, 200):
+        kv = torch.randn(256, 1, 64).bfloat16()
+        kv[5, 0, 3] = math.nan
+        lists = torch.arange(topk, dtype=torch.int32).view(1, 1, topk).expand(2, 1, topk).clone()
+        lists[1] = torch.where(lists[1] == 5, -1, lists[1])  # row 1 does not list the NaN row
+        out, max_logits, lse = dskernels.flash_mla_sparse_fwd(torch.randn(2, 4, 64).bfloat16().to(device),
+                                                              kv.to(device), lists.to(device), 0.1, 48)
+        assert out[0].isnan().all() and max_logits[0].isnan().all() and lse[0].isnan().all(), topk
+        assert not (out[1].isnan().any() or max_logits[1].isnan().any() or lse[1].isnan().any()), topk
+
+
+def test_gpu_tiles_fit_shared_memory(monkeypatch):
+    """The GPU tile rule (no GPU needed to pick one): the first tile whose q tile and gathered
+    blocks fit the GPU's shared memory, at 4 bytes an element for fp32 queries (an sm_89's 99 KB
+    here); the V3.2 bf16 tile as before; heads too wide for any tile are refused naming q."""
+    from dskernels.triton import mla_sparse as triton_sparse
+
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(triton_sparse, "_shared_limit", lambda device: 101376)
+    assert triton_sparse.tile_config(16, 512, 64, False, gpu, 4) == (16, 16, 8, 2)
+    monkeypatch.setattr(triton_sparse, "_shared_limit", lambda device: 232448)  # an H100's
+    assert triton_sparse.tile_config(16, 512, 64, True, gpu) == (16, 32, 8, triton_sparse.DOUBLE_BUFFER_STAGES)
+    assert triton_sparse.tile_config(128, 512, 64, False, gpu) == (32, 32, 8, triton_sparse.DOUBLE_BUFFER_STAGES)
+    h, n, _, stages = triton_sparse.tile_config(64, 128, 512, False, gpu)  # dv = 128 of d = 576
+    assert h * 1280 + (2 if stages > 2 else 1) * n * 1280 + 8192 <= 232448
+    monkeypatch.setattr(triton_sparse, "_shared_limit", lambda device: 101376)
+    with pytest.raises(ValueError, match="^q: float32 queries with these head dimensions need at least"):
+        triton_sparse.tile_config(16, 1024, 16, False, gpu, 4)
 
 
 def test_empty_batches_and_lists(backend):

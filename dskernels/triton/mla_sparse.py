@@ -47,8 +47,8 @@ def _store_result(o, lse, max_logit, seen, out_ptr, lse_ptr, max_ptr, sink_ptr, 
              o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & dv_ok[None, :])
     tl.store(lse_ptr + (row // lse_div) * stride_l0 + (row % lse_div) * stride_l1 + head * stride_lh,
              tl.where(seen, lse, float("inf")), mask=head_ok)
-    if HAS_MAX:
-        tl.store(max_ptr + row * stride_mr + head * stride_mh, max_logit, mask=head_ok)
+    if HAS_MAX:  # NaN where lse is (a NaN score): the running maxima's tl.maximum drops NaN
+        tl.store(max_ptr + row * stride_mr + head * stride_mh, tl.where(lse == lse, max_logit, lse), mask=head_ok)
 
 
 @triton.jit
@@ -186,27 +186,40 @@ def _sm_count(device: torch.device) -> int:
     return CPU_SM_COUNT
 
 
-def tile_config(heads_per_kv: int, block_dv: int, fp8_v32: bool, device: torch.device) -> tuple[int, int, int, int]:
+def tile_config(heads_per_kv: int, block_dv: int, block_dr: int, fp8_v32: bool, device: torch.device,
+                element_bytes: int = 2) -> tuple[int, int, int, int]:
     """(BLOCK_H heads, BLOCK_N list entries, num_warps, num_stages).
 
     On a GPU the dense decode kernel's d = 576 tiles (dskernels/triton/mla.py tile_config: 16 or 32
     rows x 32 keys, 8 warps); more heads per kv head take more head tiles, each gathering the same
-    rows again (an L2 hit when the tiles run together). Not yet timed on a GPU.
+    rows again (an L2 hit when the tiles run together). The first tile whose shared memory fits the
+    GPU, estimated as the dense kernel's: the q tile and one or two gathered blocks of
+    (block_dv + block_dr) elements a row, at element_bytes each (4 for fp32 q: its operands stay
+    fp32), and 8 KB for the rest. Not yet timed on a GPU.
     """
     if device.type == "cpu":  # the interpreter: few, big tiles
         return min(_pow2(heads_per_kv), 64), 64, 4, 1
+    row = (block_dv + block_dr) * element_bytes
+    fits = lambda h, n, buffers: h * row + buffers * n * row + 8192 <= _shared_limit(device)  # noqa: E731
     if block_dv >= 256:
         # The FP8 layout's dequantization (an fp32 [32, 512] tile before the rounding) needs more
         # registers: 16 heads use 220 and do not spill; 32 heads spilled 476-504 bytes with 32 or 16
         # list entries per block, 1424 with 16 warps (ptxas sm_90a, triton 3.8, 2026-12-03).
-        block_h, block_n = (16 if heads_per_kv <= 16 or fp8_v32 else 32), 32
-        # Two gathered blocks in flight take 5 stages (the list load before every gather is a level
-        # of indirection that takes its share, as in the dense kernel): 94-113 KB of shared memory
-        # on sm_90a, else one buffer. Same estimate as the dense kernel's.
-        width = block_dv + 64
-        double_buffered = block_h * width * 2 + 2 * block_n * width * 2 + 8192
-        return block_h, block_n, 8, DOUBLE_BUFFER_STAGES if double_buffered <= _shared_limit(device) else 2
-    return min(_pow2(heads_per_kv), 64), 64, 4, DOUBLE_BUFFER_STAGES
+        first_h, warps = (16 if heads_per_kv <= 16 or fp8_v32 else 32), 8
+        blocks = ((32, 2), (32, 1), (16, 1))
+    else:
+        first_h, warps = min(_pow2(heads_per_kv), 64), 4
+        blocks = ((64, 2), (32, 2), (32, 1), (16, 1))
+    heads = dict.fromkeys(h for h in (first_h, first_h // 2, first_h // 4, 16) if 16 <= h <= first_h)
+    options = [(h, n, buffers) for h in heads for n, buffers in blocks]
+    block_h, block_n, buffers = next((o for o in options if fits(*o)), options[-1])
+    if 2 * 16 * row > _shared_limit(device):  # the smallest tile's operands alone (16 heads, 16 entries)
+        raise ValueError(f"q: {'float32' if element_bytes == 4 else '16-bit'} queries with these head dimensions "
+                         f"need at least {2 * 16 * row} bytes of shared memory per block, this GPU has "
+                         f"{_shared_limit(device)}; pass bfloat16 queries (and cache)")
+    # Two gathered blocks in flight take 5 stages (the list load before every gather is a level of
+    # indirection that takes its share, as in the dense kernel); one buffer, 2.
+    return block_h, block_n, warps, DOUBLE_BUFFER_STAGES if buffers == 2 else 2
 
 
 def num_splits_for(work: int, topk: int, block_n: int, device: torch.device) -> int:
@@ -231,7 +244,8 @@ def sparse_mla(q, kv, indices, topk_length, attn_sink, sm_scale, head_dim_v, pag
     fp8_bytes = fp8_v32 and not native_fp8(q.device)
     block_dv = 512 if fp8_v32 else _pow2(head_dim_v)
     block_dr = 64 if fp8_v32 else _pow2(d - head_dim_v)
-    block_h, block_n, num_warps, num_stages = tile_config(heads_per_kv, block_dv, fp8_v32, q.device)
+    block_h, block_n, num_warps, num_stages = tile_config(heads_per_kv, block_dv, block_dr, fp8_v32, q.device,
+                                                          4 if q.dtype == torch.float32 else 2)
     head_tiles = cdiv(heads_per_kv, block_h)
     splits = num_splits_for(rows * h_kv * head_tiles, topk, block_n, q.device)
     chunk = cdiv(cdiv(max(topk, 1), splits), block_n) * block_n
