@@ -53,7 +53,7 @@ def quantize_sparse_kv_cache(kv: torch.Tensor) -> torch.Tensor:
     """kv [..., 576] (any float dtype) -> [..., 656] float8_e4m3fn bytes in V3.2's layout."""
     if not isinstance(kv, torch.Tensor) or not kv.is_floating_point():
         raise TypeError(f"kv: expected a floating-point tensor, got {getattr(kv, 'dtype', type(kv).__name__)}")
-    if kv.shape[-1] != FP8_HEAD_DIM:
+    if kv.dim() == 0 or kv.shape[-1] != FP8_HEAD_DIM:
         raise ValueError(f"kv: expected last dimension {FP8_HEAD_DIM} (512 latent + 64 rope), got {tuple(kv.shape)}")
     lead = kv.shape[:-1]
     x = kv.float().reshape(-1, FP8_HEAD_DIM)
@@ -70,7 +70,7 @@ def quantize_sparse_kv_cache(kv: torch.Tensor) -> torch.Tensor:
 
 def dequantize_sparse_kv_cache(cache: torch.Tensor) -> torch.Tensor:
     """[..., 656] bytes of V3.2's layout (float8_e4m3fn or uint8) -> float32 [..., 576], exactly."""
-    if cache.shape[-1] != FP8_TOKEN_BYTES:
+    if cache.dim() == 0 or cache.shape[-1] != FP8_TOKEN_BYTES:
         raise ValueError(f"cache: expected last dimension {FP8_TOKEN_BYTES} (V3.2's FP8 layout), "
                          f"got {tuple(cache.shape)}")
     lead = cache.shape[:-1]

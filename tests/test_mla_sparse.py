@@ -407,6 +407,10 @@ def test_fp8_layout_validation():
     with pytest.raises(ValueError, match="k_cache.*aligned"):
         misaligned = torch.zeros(2, 4, 1, 657, dtype=FP8)[..., 1:]
         dskernels.flash_mla_sparse_decode(q, misaligned, indices, 512, is_fp8_kvcache=True)
+    with pytest.raises(ValueError, match=r"^cache: expected last dimension 656 .*got \(\)"):  # 0-d: named
+        dskernels.dequantize_sparse_kv_cache(torch.zeros((), dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"^kv: expected last dimension 576 .*got \(\)"):
+        dskernels.quantize_sparse_kv_cache(torch.zeros(()))
 
 
 def test_flash_mla_with_kvcache_sparse_keywords_validation():
