@@ -40,12 +40,13 @@ def magnitude(q, keys, weights):
 
 
 def assert_logits_close(out, expected, mag, dim, heads):
+    on_gpu = out.is_cuda  # (before the copy below: the bound is the GPU's fp8 MMA one there)
     out = out.cpu()
     assert out.dtype == torch.float32 and out.shape == expected.shape
     assert not out.isnan().any(), "NaN in the logits: a poisoned key was read"
     assert torch.equal(out.isneginf(), expected.isneginf()), "-inf (unseen keys) in different places"
     seen = expected.isfinite()
-    rel = 2.0**-9 if out.device.type == "cuda" else (dim + heads + 2) * 2.0**-24
+    rel = 2.0**-9 if on_gpu else (dim + heads + 2) * 2.0**-24
     bound = rel * mag[seen] + 1e-30
     err = (out[seen].double() - expected[seen].double()).abs()
     assert torch.all(err <= bound), f"max error {err.max().item():.3g} beyond the bound {bound.max().item():.3g}"
@@ -159,15 +160,21 @@ def test_paged_mqa_logits_matches_oracle(backend, lengths, next_n, heads, dim, p
                                          context_lens.to(device), block_table.to(device), meta, max_len,
                                          clean_logits=True)
     expected = ref.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_len)
-    # The magnitude per (row, key) through the block table (unowned slots count 0).
+    assert_logits_close(out, expected, paged_magnitude(q, kv_cache, weights, block_table, max_len), dim, heads)
+
+
+def paged_magnitude(q, kv_cache, weights, block_table, max_len):
+    """magnitude() per (row, key) through the block table (unowned slots count 0): q [B, next_n, H, D]."""
+    batch, next_n, _, dim = q.shape
+    page_size = kv_cache.shape[1]
     keys = torch.nan_to_num(ref.paged_k_cache_dequantize(kv_cache, dim), nan=0.0)
-    mag = torch.zeros(expected.shape, dtype=torch.float64)
-    for i in range(len(lengths)):
-        width = min(block_table.shape[1] * page_size, max_len)
+    mag = torch.zeros(batch * next_n, max_len, dtype=torch.float64)
+    width = min(block_table.shape[1] * page_size, max_len)
+    for i in range(batch):
         pages = block_table[i, : -(-width // page_size)].clamp(max=kv_cache.shape[0] - 1).long()
         seq_keys = keys[pages].reshape(-1, dim)[:width]
         mag[i * next_n:(i + 1) * next_n, :width] = magnitude(q[i], seq_keys, weights[i * next_n:(i + 1) * next_n])
-    assert_logits_close(out, expected, mag, dim, heads)
+    return mag
 
 
 def test_strided_inputs(backend):
@@ -192,9 +199,7 @@ def test_strided_inputs(backend):
     out = dskernels.fp8_paged_mqa_logits(q.to(device), kv_cache.to(device), weights_t.to(device), lens_t.to(device),
                                          table.to(device), None, 80, True)
     expected = ref.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, 80)
-    assert torch.equal(out.cpu().isneginf(), expected.isneginf())
-    seen = expected.isfinite()
-    torch.testing.assert_close(out.cpu()[seen], expected[seen], rtol=1e-5, atol=1e-4)
+    assert_logits_close(out, expected, paged_magnitude(q, kv_cache, weights, block_table, 80), 32, 4)
 
 
 def test_paged_keys_past_the_table_and_bad_pages(backend):
@@ -209,9 +214,12 @@ def test_paged_keys_past_the_table_and_bad_pages(backend):
     out = dskernels.fp8_paged_mqa_logits(q.to(device), kv_cache.to(device), weights.to(device), lens.to(device),
                                          short.to(device), None, 64, True)
     expected = ref.fp8_paged_mqa_logits(q, kv_cache, weights, lens, short, 64)
-    assert expected[0, 32:].isneginf().all() and torch.equal(out.cpu().isneginf(), expected.isneginf())
-    seen = expected.isfinite()
-    torch.testing.assert_close(out.cpu()[seen], expected[seen], rtol=1e-5, atol=1e-4)
+    assert expected[0, 32:].isneginf().all()
+    # keys 30, 31 of sequence 0: poisoned slots its claimed length reaches (NaN in the reference;
+    # the Triton kernel's relu, a max, may drop a NaN score): not compared
+    nan = expected.isnan()
+    assert_logits_close(out.masked_fill(nan.to(out.device), 0.0), expected.masked_fill(nan, 0.0),
+                        paged_magnitude(q, kv_cache, weights, short, 64), 32, 4)
     if name == "ref":
         bad = short.clone()
         bad[0, 1] = kv_cache.shape[0]
@@ -224,9 +232,7 @@ def test_paged_keys_past_the_table_and_bad_pages(backend):
                                          context_lens.to(device), bad.to(device), None, 32, True)
     expected = ref.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, short, 32)
     expected[0, 16:] = -math.inf
-    assert torch.equal(out.cpu().isneginf(), expected.isneginf())
-    seen = expected.isfinite()
-    torch.testing.assert_close(out.cpu()[seen], expected[seen], rtol=1e-5, atol=1e-4)
+    assert_logits_close(out, expected, paged_magnitude(q, kv_cache, weights, short, 32), 32, 4)
 
 
 def test_newer_deepgemm_query_pair():
@@ -358,15 +364,16 @@ OPCHECK_UTILS = ("test_autograd_registration", "test_faketensor", "test_aot_disp
 
 
 def test_opcheck(backend):
-    name, _ = backend
+    name, device = backend
     skip_cuda_backend(name)
-    q, k, k_scale, weights, ks, ke = mqa_inputs(3, 40, 4, 32, seed=4)
+    q, k, k_scale, weights, ks, ke = (t.to(device) for t in mqa_inputs(3, 40, 4, 32, seed=4))
     k_scale = torch.nan_to_num(k_scale)
     torch.library.opcheck(torch.ops.dskernels.fp8_mqa_logits, (q, k, k_scale, weights, ks, ke, True, 0),
                           test_utils=OPCHECK_UTILS)
     torch.library.opcheck(torch.ops.dskernels.fp8_mqa_logits, (q, k, k_scale, weights, ks, ke, False, 16),
                           test_utils=OPCHECK_UTILS)
-    q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 2, 4, 32, 16, seed=2)
+    q, kv_cache, weights, context_lens, block_table = (t.to(device) for t in
+                                                       paged_inputs([20, 9], 2, 4, 32, 16, seed=2))
     kv_cache = torch.where(kv_cache == 0x7F, 0, kv_cache)  # no NaN: opcheck compares runs
     raw = kv_cache.view(kv_cache.shape[0], -1)
     raw[:, 16 * 32:].view(torch.float32).nan_to_num_(0.0)
@@ -376,9 +383,10 @@ def test_opcheck(backend):
 
 
 def test_torch_compile_fullgraph(backend):
-    name, _ = backend
+    name, device = backend
     skip_cuda_backend(name)
-    q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 2, 4, 32, 16, seed=3)
+    q, kv_cache, weights, context_lens, block_table = (t.to(device) for t in
+                                                       paged_inputs([20, 9], 2, 4, 32, 16, seed=3))
 
     def top_keys(q, kv_cache, weights, context_lens, block_table):
         logits = dskernels.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, None, 24, True)

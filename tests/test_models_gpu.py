@@ -36,7 +36,9 @@ def make_layer(layer_idx: int, fp8: bool, seed: int = 0):
 
 
 def rel_error(got, expected):
-    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+    """On the CPU: a GPU result against a CPU oracle (or a replay of the layer there) too."""
+    got, expected = got.float().cpu(), expected.float().cpu()
+    return ((got - expected).norm() / expected.norm()).item()
 
 
 def record_routes(monkeypatch):
