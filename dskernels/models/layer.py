@@ -221,11 +221,11 @@ class DeepseekV3DecoderLayer(nn.Module):
 
         Keys: a DeepseekV3DecoderLayer's own (`self_attn.q_a_proj.weight`, ...) or a whole model's
         (`model.layers.{i}.…`; other layers' keys and the model's own, such as `lm_head.weight`,
-        are skipped). The layer keeps copies: the caller's tensors can be reused or freed after. Experts as transformers 4.x / the
-        checkpoint files name them (`mlp.experts.{e}.gate_proj.weight`, ...) or 5.x fused
-        (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]). The FP8 checkpoint
-        format is used as is: float8_e4m3fn `weight` plus fp32 `weight_scale_inv` per 128x128 block
-        (5.x fused: `gate_up_proj_scale_inv`, `down_proj_scale_inv`).
+        are skipped). Experts as transformers 4.x / the checkpoint files name them
+        (`mlp.experts.{e}.gate_proj.weight`, ...) or 5.x fused (`mlp.experts.gate_up_proj` [E, 2I, H],
+        `mlp.experts.down_proj` [E, H, I]). The FP8 checkpoint format is used as is: float8_e4m3fn
+        `weight` plus fp32 `weight_scale_inv` per 128x128 block (5.x fused: `gate_up_proj_scale_inv`,
+        `down_proj_scale_inv`). The layer keeps copies: the caller's tensors can be reused or freed.
 
         fp8: None keeps each weight's format, True quantizes float weights to FP8 (128x128 blocks),
         False dequantizes FP8 weights to the layer's dtype. Norms, the router and the score bias stay

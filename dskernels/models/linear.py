@@ -119,7 +119,7 @@ class Linear(nn.Module):
         fp8=False dequantizes an FP8 one, None keeps the checkpoint's format."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight: expected [{self.out_features}, {self.in_features}], got {list(weight.shape)}")
-        weight_in, scale_in = weight, scale
+        source, source_scale = weight, scale  # the caller's: what this layer must not keep
         device = self.weight.device
         if weight.dtype == FP8 and scale is None:
             raise ValueError("weight_scale_inv: an FP8 weight needs its 128x128 block scales")
@@ -133,7 +133,6 @@ class Linear(nn.Module):
                                                             round_scale=self.round_scale)
         elif not fp8 and weight.dtype == FP8:
             weight, scale = dequantize_block_fp8(weight, scale, dtype), None
-        source, source_scale = weight_in, scale_in
         if fp8:
             self.weight = owned(weight.to(device).contiguous(), source)
             self.weight_scale_inv = owned(scale.to(device=device, dtype=torch.float32).contiguous(), source_scale)
