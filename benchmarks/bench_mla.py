@@ -19,8 +19,8 @@ entry, with rows = b * s_q (decode) or s_q (prefill):
             + rows * h_q * (d + dv) * 2
 i.e. every listed token read once per query row (rows that share a token read it again) and the
 list itself not counted. Each query row gets its own list (MTP's two rows of a sequence included),
-so that the counted reads are not served by L2. Peer: PyTorch gathers the listed rows (dequantizing the FP8 ones), masks
-and runs two bf16 matmuls.
+so that the counted reads are not served by L2. Peer: PyTorch gathers the listed rows
+(dequantizing the FP8 ones), masks and runs two bf16 matmuls.
 """
 
 from __future__ import annotations
