@@ -289,6 +289,8 @@ class MoE(nn.Module):
     @torch.compiler.disable(reason="expert parallelism: torch.distributed exchanges through dskernels.ep.Buffer")
     def _routed_ep(self, x2: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                    low_latency: bool) -> torch.Tensor:
+        if self.experts.is_fp8:  # (both exchanges cast x2 before the send: its gradient would be cut unseen)
+            refuse_gradient("FP8 experts", x2)
         if low_latency:
             # decode: DeepEP's low-latency kernels into the per-expert masked layout (the tokens are
             # cast to FP8 before the send when the experts are FP8), weighted sum in the combine
