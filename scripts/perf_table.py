@@ -35,27 +35,20 @@ def current_labels() -> set[tuple[str, str]]:
     """(op, label) of every backend, variant and peer the benchmarks' GPU grids time today (the
     opt-in variants included, as a device call whose tests passed times them)."""
     sys.path.insert(0, ROOT)
+    from benchmarks.run import environment, selected_cases
+
     flags = ("DSKERNELS_GEMM_TMA_WS_TESTED", "DSKERNELS_GEMM_SPLITK_TESTED", "DSKERNELS_MLA_SEESAW_TESTED",
              "DSKERNELS_MLA_FP8_TMA_TESTED")
-    saved = {flag: os.environ.get(flag) for flag in flags}
-    os.environ.update({flag: "1" for flag in flags})
-    try:
-        from benchmarks.run import selected_cases
-
-        labels = set()
+    labels = set()
+    with environment({flag: "1" for flag in flags}):
         for quick in (False, True):
             for _, case in selected_cases("", quick, "cuda"):
                 labels |= {(case.op, backend) for backend in case.backends}
                 labels |= {(case.op, f"{backend}[{name}]") for backend, variants in
-                           (("triton", case.triton_variants), ("cuda", case.cuda_variants)) for name in variants}
+                           (("triton", case.triton_variants), ("cuda", case.cuda_variants),
+                            ("auto", case.auto_variants)) for name in variants}
                 labels |= {(case.op, f"peer:{name}") for name in case.peers}
-        return labels
-    finally:
-        for flag, value in saved.items():
-            if value is None:
-                os.environ.pop(flag, None)
-            else:
-                os.environ[flag] = value
+    return labels
 
 
 def table() -> str:

@@ -314,6 +314,22 @@ def test_bandwidth_goals_follow_the_devices_copy_bandwidth():
     assert "at this device's" not in row and "| yes |" in row, row
 
 
+def test_perf_table_shows_only_labels_the_benchmarks_define():
+    """scripts/perf_table.py leaves out records of variants dropped or renamed since they were
+    timed (their rows would contradict today's meaning of the labels beside them)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import perf_table
+
+    flags = {flag: os.environ.get(flag) for flag in ("DSKERNELS_MLA_SEESAW_TESTED", "DSKERNELS_GEMM_SPLITK_TESTED")}
+    labels = perf_table.current_labels()
+    for known in [("flash_mla_with_kvcache", "cuda[cluster]"), ("flash_mla_with_kvcache", "cuda[seesaw]"),
+                  ("gemm_fp8_fp8_bf16_nt", "cuda[m64_splitk]"), ("gemm_fp8_fp8_bf16_nt", "peer:torch._scaled_mm"),
+                  ("gemm_fp8_fp8_bf16_nt", "triton[graph]")]:
+        assert known in labels, known
+    assert ("flash_mla_with_kvcache", "cuda[no_cluster]") not in labels  # clusters are opt-in since 2026-12-04
+    assert {flag: os.environ.get(flag) for flag in flags} == flags  # the opt-in flags restored
+
+
 def test_targets_show_the_clocks_their_runs_had():
     """The SM clocks (lowest to highest) of the records that decide a target, with any slowdown
     reason NVML gave; records without readings show none."""
