@@ -48,6 +48,10 @@ MLA_FP8_CUDA_VARIANTS = {"fp8_tma": {"DSKERNELS_MLA_FP8_TMA": "1", "DSKERNELS_ML
 # The opt-in seesaw consumers (both warp groups score alternate key blocks), likewise timed only once
 # tests/test_mla_sm90_seesaw.py passed in this device call (DSKERNELS_MLA_SEESAW_TESTED).
 MLA_SEESAW_CUDA_VARIANTS = {"seesaw": {"DSKERNELS_MLA_SEESAW": "1"}}
+# The opt-in narrow kernel (keys on wgmma's M, for s_q * h_q / h_kv <= 32 rows; elsewhere the flag
+# changes nothing), likewise timed only once tests/test_mla_sm90_narrow.py passed in this device
+# call (DSKERNELS_MLA_NARROW_TESTED).
+MLA_NARROW_CUDA_VARIANTS = {"narrow": {"DSKERNELS_MLA_NARROW": "1"}}
 # The Triton kernel's tile (dskernels/triton/mla.py tile_config; BLOCK_M 0 = the default rule's):
 # 32-key blocks (the default until an H200 measured 64 keys 1.4x faster, 2026-12-04), 64 keys in
 # one buffer, and 64 keys over 16 warps (twice the registers per tile: do the spills matter?).
@@ -158,7 +162,9 @@ def _case(b, s_q, h_q, h_kv, d, dv, seqlen, varlen, page_size, cache_dtype, caus
                 backends=("ref", "triton", "cuda") if (d, dv) == (576, 512) else ("ref", "triton"),
                 cuda_variants=MLA_CUDA_VARIANTS | (MLA_FP8_CUDA_VARIANTS if cache_dtype == FP8 and
                                                    os.environ.get("DSKERNELS_MLA_FP8_TMA_TESTED") == "1" else {})
-                | (MLA_SEESAW_CUDA_VARIANTS if os.environ.get("DSKERNELS_MLA_SEESAW_TESTED") == "1" else {}),
+                | (MLA_SEESAW_CUDA_VARIANTS if os.environ.get("DSKERNELS_MLA_SEESAW_TESTED") == "1" else {})
+                | (MLA_NARROW_CUDA_VARIANTS if os.environ.get("DSKERNELS_MLA_NARROW_TESTED") == "1" and
+                   s_q * h_q // h_kv <= 32 else {}),
                 triton_variants=MLA_TRITON_VARIANTS if (d, dv) == (576, 512) else {})
 
 

@@ -62,7 +62,7 @@ TARGETS = (
     Target(3, "Triton MLA decode, bf16 cache, b=128 s_q=1 h_q=16 seqlen 4096", "flash_mla_with_kvcache", "triton",
            (MLA_BOUND_BY_MEMORY,), "gbps", 1800),
     Target(8, "sm90 MLA decode, bf16 cache, b=128 s_q=1 h_q=16 seqlen 4096", "flash_mla_with_kvcache", "cuda",
-           (MLA_BOUND_BY_MEMORY,), "gbps", 2800, candidates=("cuda[seesaw]",)),
+           (MLA_BOUND_BY_MEMORY,), "gbps", 2800, candidates=("cuda[narrow]", "cuda[seesaw]")),
     Target(8, "sm90 MLA decode, causal b=128 s_q=2 h_q=128 seqlen 4096", "flash_mla_with_kvcache", "cuda",
            (MLA_BOUND_BY_COMPUTE,), "tflops", 580, candidates=("cuda[seesaw]",)),
     Target(4, "Triton dense FP8 GEMM, m=4096, geomean of DeepGEMM's six (n, k)", "gemm_fp8_fp8_bf16_nt", "triton",

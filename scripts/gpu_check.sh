@@ -32,7 +32,9 @@
 #        tests/test_gemm_sm90_splitk.py passed in this call), DSKERNELS_GEMM_TMA_WS_TESTED=1 (the
 #        `triton[tma_ws]` GEMM rows; set when tests/test_gemm_tma_ws.py passed), DSKERNELS_MLA_SEESAW_TESTED=1
 #        (the `cuda[seesaw]` MLA rows and that path's sanitizer case; set when
-#        tests/test_mla_sm90_seesaw.py passed), DSKERNELS_MLA_FP8_TMA_TESTED=1 (the `cuda[fp8_tma]` MLA
+#        tests/test_mla_sm90_seesaw.py passed), DSKERNELS_MLA_NARROW_TESTED=1 (the `cuda[narrow]` MLA rows,
+#        their ncu and sanitizer cases; set when tests/test_mla_sm90_narrow.py passed; NARROW_TEST_TIMEOUT=75
+#        its file's limit), DSKERNELS_MLA_FP8_TMA_TESTED=1 (the `cuda[fp8_tma]` MLA
 #        rows and that path's sanitizer case; set by the script itself when
 #        tests/test_mla_sm90_fp8_tma.py passed in this call), SKIP_BUILD=1 (use the library already
 #        built in place: tests/test_gpu_check.py's dry run of this script on CPU, with fake tools).
@@ -118,10 +120,10 @@ if wants tests; then
   tests_end=$((SECONDS + $(budget "${TESTS_BUDGET:-330}")))
   step "GPU tests ($((tests_end - SECONDS)) s in all, ${TEST_TIMEOUT:-150} s per file at most, test_gemm_general ${SLOW_TEST_TIMEOUT:-300})"
   # Only the files that hold gpu-selected tests (one collection instead of a pytest start per file).
-  # The MLA decode's seesaw consumers and the Triton GEMM's warp-specialized candidates (never run
-  # on a device; they gate their benchmark rows) first, then those that failed or did not finish on the H200 (2026-12-04, second run), then the
+  # The MLA decode's narrow kernel (#8's bandwidth target) and seesaw consumers and the Triton GEMM's
+  # warp-specialized candidates (never run on a device; they gate their benchmark rows) first, then those that failed or did not finish on the H200 (2026-12-04, second run), then the
   # layer's fused kernels never run on a GPU (test_models.py), then the rest (all passed there).
-  first="tests/test_mla_sm90_seesaw.py tests/test_gemm_tma_ws.py tests/test_gemm_general.py tests/test_indexer.py tests/test_models_gpu.py tests/test_moe_router.py
+  first="tests/test_mla_sm90_narrow.py tests/test_mla_sm90_seesaw.py tests/test_gemm_tma_ws.py tests/test_gemm_general.py tests/test_indexer.py tests/test_models_gpu.py tests/test_moe_router.py
 tests/test_models.py tests/test_gemm_sm90.py tests/test_gemm.py tests/test_mla.py tests/test_mla_sparse.py tests/test_fp8_cast.py"
   with_gpu=$(timeout 120 python -m pytest tests -m gpu --collect-only -q -p no:cacheprovider 2>/dev/null \
              | sed -n 's|^\(tests/[^:]*\.py\)::.*|\1|p' | sort -u)
@@ -154,6 +156,7 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
     # The seesaw MLA tests take seconds (no Triton compiles), but a protocol bug there would hang in
     # a named barrier, which has no trap (mbarrier waits trap after 10 s): they get less.
     [ "$f" = tests/test_mla_sm90_seesaw.py ] && limit=${SEESAW_TEST_TIMEOUT:-75}
+    [ "$f" = tests/test_mla_sm90_narrow.py ] && limit=${NARROW_TEST_TIMEOUT:-75}  # (named barriers too)
     t=$((tests_end - SECONDS)); (( t > limit )) && t=$limit
     if (( t < 10 )); then echo "$f: not run (the tests' time is spent)" | tee -a "$LOGS/pytest_gpu.log"; continue; fi
     run_file "$f" "$t" & pids+=($!)
@@ -171,6 +174,8 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
   grep -q "^tests/test_gemm_tma_ws.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_GEMM_TMA_WS_TESTED=1
   # And the sm90 MLA decode's opt-in seesaw consumers (`cuda[seesaw]` rows, their sanitizer case).
   grep -q "^tests/test_mla_sm90_seesaw.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_MLA_SEESAW_TESTED=1
+  # And its narrow kernel (`cuda[narrow]` rows, their ncu and sanitizer cases).
+  grep -q "^tests/test_mla_sm90_narrow.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_MLA_NARROW_TESTED=1
   if [ "${CPU_TESTS:-0}" = 1 ]; then  # the device's torch/triton versions differ from CI's
     step "CPU-side tests (not gpu-marked)"
     # Triton 3.6's interpreter fails on numpy >= 2.4 ("only 0-dimensional arrays can be converted
@@ -239,6 +244,7 @@ if wants profiles; then
     family=${name%%_*}; [ "$family" = gemm ] || family=mla
     [[ ",$no_cuda," == *",$family,"* && "$name" != gemm_triton_dense ]] && { echo "ncu $name: skipped (its cuda tests failed)"; continue; }
     [[ "$name" == *seesaw* && "${DSKERNELS_MLA_SEESAW_TESTED:-0}" != 1 ]] && { echo "ncu $name: skipped (its tests did not pass here)"; continue; }
+    [[ "$name" == *narrow* && "${DSKERNELS_MLA_NARROW_TESTED:-0}" != 1 ]] && { echo "ncu $name: skipped (its tests did not pass here)"; continue; }
     t=$(budget "${NCU_BUDGET:-45}")
     if (( t < 20 )); then echo "ncu $name: not run (no time left)"; continue; fi
     step "ncu $name: $what ($t s at most)"

@@ -29,6 +29,11 @@ def _mla_compute_bound():
     return bench_mla._case(128, 2, 128, 1, 576, 512, 4096, False, 64, torch.bfloat16, True), "cuda"
 
 
+def _mla_memory_bound():
+    from benchmarks import bench_mla
+    return bench_mla._case(128, 1, 16, 1, 576, 512, 4096, False, 64, torch.bfloat16, False), "cuda"
+
+
 def _contiguous_gemm():
     from benchmarks import bench_gemm
     return bench_gemm._contiguous_case(4, 8192, 4096, 7168, "cuda"), "cuda"
@@ -51,6 +56,10 @@ CASES = {
     # only once tests/test_mla_sm90_seesaw.py passed in the same device call (scripts/gpu_check.sh)
     "mla_compute_seesaw": ("decode_kernel", "the same with the opt-in seesaw consumers", _mla_compute_bound,
                            {"DSKERNELS_MLA_SEESAW": "1"}),
+    # only once tests/test_mla_sm90_narrow.py passed in the same device call (scripts/gpu_check.sh)
+    "mla_memory_narrow": ("decode_kernel", "sm90 MLA decode b=128 s_q=1 h_q=16 seqlen 4096 with the opt-in narrow "
+                          "kernel (#8: the default 2967 GB/s, 70% of the H200's copy)", _mla_memory_bound,
+                          {"DSKERNELS_MLA_NARROW": "1"}),
     "gemm_contiguous": ("device_kernel", "sm90 contiguous grouped GEMM 4 x 8192, n=4096 k=7168 (#9: 1101 of 1250 TFLOPS)",
                         _contiguous_gemm, {}),
     "gemm_small_m": ("device_kernel", "sm90 dense GEMM m=64 n=2112 k=7168 (#9: 1.17x of 1.2x torch._scaled_mm; "

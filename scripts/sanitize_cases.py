@@ -181,6 +181,25 @@ def mla_seesaw():
         os.environ.pop("DSKERNELS_MLA_SEESAW")
 
 
+def mla_narrow():
+    """The sm90 MLA decode's opt-in narrow kernel: N = 16 (16 heads, one token) and N = 32 (causal MTP
+    rows, two kv heads of 16); one, two and three blocks per sequence (the groups take alternate
+    blocks), an empty sequence, a split one; the TMA and the register path."""
+    lens = torch.tensor([700, 0, 130, 64], dtype=torch.int32, device="cuda")
+    os.environ["DSKERNELS_MLA_NARROW"] = "1"
+    try:
+        for s_q, h_q, h_kv, causal in ((1, 16, 1, False), (2, 32, 2, True)):
+            q = torch.randn(4, s_q, h_q, 576, device="cuda", dtype=torch.bfloat16)
+            meta, splits = dskernels.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv)
+            for page in (64, 61):
+                pages = -(-700 // page)
+                block_table = torch.arange(4 * pages, dtype=torch.int32, device="cuda").reshape(4, pages)
+                k_cache = torch.randn(4 * pages, page, h_kv, 576, device="cuda", dtype=torch.bfloat16)
+                dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, 512, meta, splits, causal=causal)
+    finally:
+        os.environ.pop("DSKERNELS_MLA_NARROW")
+
+
 CASES = [fp8_casts, fp8_gemms, split_k_and_einsum, mla_decode, deepseek_v32]
 
 if __name__ == "__main__":
@@ -193,7 +212,7 @@ if __name__ == "__main__":
     # Last, and each only once its tests passed in this device call (scripts/gpu_check.sh): a path
     # never run before may trap, and must not take the other cases with it.
     for case, tested in ((gemm_split_k, "DSKERNELS_GEMM_SPLITK_TESTED"), (mla_fp8_tma, "DSKERNELS_MLA_FP8_TMA_TESTED"),
-                         (mla_seesaw, "DSKERNELS_MLA_SEESAW_TESTED")):
+                         (mla_seesaw, "DSKERNELS_MLA_SEESAW_TESTED"), (mla_narrow, "DSKERNELS_MLA_NARROW_TESTED")):
         if "cuda" in dskernels.available_backends() and os.environ.get(tested) == "1":
             with dskernels.backend("cuda"):
                 case()

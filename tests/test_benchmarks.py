@@ -240,7 +240,8 @@ def test_every_target_names_one_case_of_the_full_grid(monkeypatch):
     from benchmarks import bench_gemm, targets
     from benchmarks.run import target_cases
 
-    for flag in ("DSKERNELS_GEMM_TMA_WS_TESTED", "DSKERNELS_GEMM_SPLITK_TESTED", "DSKERNELS_MLA_SEESAW_TESTED"):
+    for flag in ("DSKERNELS_GEMM_TMA_WS_TESTED", "DSKERNELS_GEMM_SPLITK_TESTED", "DSKERNELS_MLA_SEESAW_TESTED",
+                 "DSKERNELS_MLA_NARROW_TESTED"):
         monkeypatch.setenv(flag, "1")
     assert targets.DENSE_NK == bench_gemm.DENSE_NK
     selected = target_cases("", "cuda")

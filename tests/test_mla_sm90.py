@@ -70,6 +70,25 @@ def decode(q, k_cache, block_table, lens, k_scale, causal, softmax_scale=None):
                                             softmax_scale=softmax_scale, causal=causal, k_scale=k_scale)
 
 
+def check_graph_replays(lengths, replays, *, capacity, seed):
+    """One decode (16 heads, one token, bf16 cache of `capacity` keys per sequence) captured in a
+    CUDA graph at `lengths`, replayed for each list of `replays` lengths, each checked."""
+    k_cache, block_table, k_scale = make_cache([capacity] * len(lengths), 1, 64, torch.bfloat16, seed=seed)
+    q = torch.randn(len(lengths), 1, 16, D, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    with dskernels.backend("cuda"):
+        decode(q, k_cache, block_table, lens, k_scale, False)  # warm: tensor maps, first-call setup
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, lse = decode(q, k_cache, block_table, lens, k_scale, False)
+        for new in replays:
+            lens.copy_(torch.tensor(new, dtype=torch.int32))
+            graph.replay()
+            torch.cuda.synchronize()
+            check(out, lse, q, k_cache, block_table, lens, k_scale, False)
+
+
 def check(out, lse, q, k_cache, block_table, lens, k_scale, causal, softmax_scale=None):
     ref_out, ref_lse = python_ref.mla.flash_mla_with_kvcache(
         q.float(), k_cache, block_table, lens, DV, softmax_scale, causal, k_scale)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dskernels
-from test_mla_sm90 import D, FP8, TOLERANCES, _need_cuda_backend, check, decode, make_cache
+from test_mla_sm90 import D, FP8, TOLERANCES, _need_cuda_backend, check, check_graph_replays, decode, make_cache
 
 pytestmark = pytest.mark.gpu
 
@@ -89,21 +89,7 @@ def test_seesaw_nan_score_gives_nan():
 
 def test_seesaw_cuda_graph_replay_with_new_lengths():
     _need_cuda_backend()
-    lengths = [500, 64, 1300]
-    k_cache, block_table, k_scale = make_cache([1400, 1400, 1400], 1, 64, torch.bfloat16, seed=5)
-    q = torch.randn(3, 1, 16, D, device="cuda").to(torch.bfloat16)
-    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
-    with dskernels.backend("cuda"):
-        decode(q, k_cache, block_table, lens, k_scale, False)  # warm: tensor maps, first-call setup
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out, lse = decode(q, k_cache, block_table, lens, k_scale, False)
-        for new in ([1400, 1, 777], [63, 1024, 65]):
-            lens.copy_(torch.tensor(new, dtype=torch.int32))
-            graph.replay()
-            torch.cuda.synchronize()
-            check(out, lse, q, k_cache, block_table, lens, k_scale, False)
+    check_graph_replays([500, 64, 1300], ([1400, 1, 777], [63, 1024, 65]), capacity=1400, seed=5)
 
 
 def test_seesaw_takes_precedence_over_clusters(monkeypatch):

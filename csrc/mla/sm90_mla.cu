@@ -258,7 +258,9 @@ void flash_mla_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache, cons
   // (opt-in: written off the device, not yet run on a GPU); DSKERNELS_MLA_REQUIRE_TMA=1 makes a
   // tensor map the driver refuses an error instead of the register path (tests, benchmark variants);
   // DSKERNELS_MLA_SEESAW=1 takes the seesaw consumers (both groups score alternate key blocks: opt-in,
-  // written off the device, not yet run on a GPU), never with clusters.
+  // written off the device, not yet run on a GPU), never with clusters; DSKERNELS_MLA_NARROW=1 takes
+  // the narrow kernel when s_q * h_q / h_kv <= 32 (keys on wgmma's M: a quarter of the tensor work
+  // at 16 rows; opt-in, written off the device, not yet run on a GPU), before either.
   CUtensorMap tmap{};
   const bool want_tma = !env_flag("DSKERNELS_MLA_NO_TMA") && (!fp8 || env_flag("DSKERNELS_MLA_FP8_TMA")) &&
                         page_size % mla::kBlockN == 0;
@@ -266,8 +268,9 @@ void flash_mla_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache, cons
   TORCH_CHECK(p.use_tma || !want_tma || !env_flag("DSKERNELS_MLA_REQUIRE_TMA"),
               "flash_mla_with_kvcache: DSKERNELS_MLA_REQUIRE_TMA=1, but the driver refused the cache's tensor map "
               "(shape ", k_cache.sizes(), ", strides ", k_cache.strides(), ", ", k_cache.scalar_type(), ")");
-  p.use_seesaw = env_flag("DSKERNELS_MLA_SEESAW");
-  p.use_cluster = env_flag("DSKERNELS_MLA_CLUSTER") && !p.use_seesaw;
+  p.use_narrow = env_flag("DSKERNELS_MLA_NARROW") && p.rows <= mla::kNarrowMaxRows;
+  p.use_seesaw = env_flag("DSKERNELS_MLA_SEESAW") && !p.use_narrow;
+  p.use_cluster = env_flag("DSKERNELS_MLA_CLUSTER") && !p.use_seesaw && !p.use_narrow;
 
   mla::CombineParams c{};
   c.out = out.data_ptr();

@@ -21,6 +21,8 @@
 //     factors taken from shared memory. It overlaps WG1's QK^T and softmax of the next block.
 //   With DSKERNELS_MLA_SEESAW=1 (opt-in until timed on a GPU) both consumer groups instead score
 //   alternate key blocks and keep one half of O each (seesaw_group, below).
+//   (DSKERNELS_MLA_NARROW=1, for up to 32 query rows: another kernel with keys on wgmma's M and
+//   this producer, sm90_mla_decode_narrow.cuh.)
 //
 // Shared memory (all tiles 128-byte swizzled, the layout TMA's SWIZZLE_128B writes and wgmma's
 // descriptors read): Q [9 chunks][64 rows][128 B], two K stages of the same shape, P [64][128 B].
@@ -56,6 +58,9 @@
 namespace dskernels::mla {
 
 struct alignas(1024) SharedStorage {
+  static constexpr int kQRows = kBlockM;           // rows of the Q tile the producer fills
+  static constexpr int kQChunkBytes = kChunkBytes;  // one [kQRows][128 B] region of it
+  static constexpr int kQLoadBatch = kLoadBatch;    // its 16-byte loads in flight per producer thread
   uint8_t q[kTileBytes];
   uint8_t kv[2][kTileBytes];
   union {
@@ -129,11 +134,17 @@ __host__ __device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr) {
   return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(kChunkBytes >> 4) << 16) | (uint64_t(1024 >> 4) << 32) |
          (uint64_t(1) << 62);
 }
+// MN-major over one 64-column region (an operand 64 wide in MN: the narrow kernel's V^T): LBO
+// unused, 0 as CuTe encodes it.
+__host__ __device__ __forceinline__ uint64_t desc_mn_major_region(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
 
-// Byte offset of 16-byte piece `piece` (0..71) of row `row` in a swizzled 64 x 576 tile (checked
-// against CuTe's SW128 K-major atom tiled to 64 x 576 by scripts/check_gmma_desc.cu).
-__host__ __device__ __forceinline__ uint32_t swizzled_offset(int row, int piece) {
-  return (piece >> 3) * kChunkBytes + row * 128 + (((piece & 7) ^ (row & 7)) << 4);
+// Byte offset of 16-byte piece `piece` (0..71) of row `row` in a swizzled rows x 576 tile whose
+// 64-column regions are `chunk_bytes` (rows x 128 B) apart (checked against CuTe's SW128 K-major
+// atom tiled to 64 x 576 and 16 x 576 by scripts/check_gmma_desc.cu).
+__host__ __device__ __forceinline__ uint32_t swizzled_offset(int row, int piece, int chunk_bytes = kChunkBytes) {
+  return (piece >> 3) * chunk_bytes + row * 128 + (((piece & 7) ^ (row & 7)) << 4);
 }
 
 // An mbarrier wait that traps after kWaitTimeoutNs instead of spinning forever: a handshake bug
@@ -237,12 +248,12 @@ __device__ __forceinline__ void for_each_item(const DecodeParams& p, int part, F
 // Producer
 // ---------------------------------------------------------------------------------------------
 
-// Loads the 64 rows named in smem.row_src (null: zeros), `kRowPieces` 16-byte pieces per row,
+// Loads the kRows rows named in smem.row_src (null: zeros), `kRowPieces` 16-byte pieces per row,
 // `kBatch` loads in flight per thread; consecutive threads take consecutive pieces (coalesced).
 // `store(row, piece, value)` puts each piece into the swizzled tile.
-template <int kRowPieces, int kBatch, typename Store>
-__device__ __forceinline__ void copy_rows(const SharedStorage& smem, int tid, Store&& store) {
-  constexpr int kTotal = kBlockN * kRowPieces;
+template <int kRowPieces, int kBatch, int kRows = kBlockN, typename Storage, typename Store>
+__device__ __forceinline__ void copy_rows(const Storage& smem, int tid, Store&& store) {
+  constexpr int kTotal = kRows * kRowPieces;
   static_assert(kTotal % (kBatch * 128) == 0);
 #pragma unroll 1
   for (int base = 0; base < kTotal; base += kBatch * 128) {
@@ -261,10 +272,12 @@ __device__ __forceinline__ void copy_rows(const SharedStorage& smem, int tid, St
   }
 }
 
-// 16-bit rows (1152 bytes: 72 pieces), stored as they are.
-__device__ __forceinline__ void copy_rows_16bit(const SharedStorage& smem, uint32_t tile, int tid) {
-  copy_rows<kPieces, kLoadBatch>(smem, tid, [&](int row, int piece, uint4 v) {
-    store_shared(tile + swizzled_offset(row, piece), v);
+// 16-bit rows (1152 bytes: 72 pieces), stored as they are: a key block (64 rows) by default, or
+// the Q tile (kRows rows, regions kChunkRegion bytes apart).
+template <int kRows = kBlockN, int kBatch = kLoadBatch, int kChunkRegion = kChunkBytes, typename Storage>
+__device__ __forceinline__ void copy_rows_16bit(const Storage& smem, uint32_t tile, int tid) {
+  copy_rows<kPieces, kBatch, kRows>(smem, tid, [&](int row, int piece, uint4 v) {
+    store_shared(tile + swizzled_offset(row, piece, kChunkRegion), v);
   });
 }
 
@@ -286,8 +299,8 @@ __device__ __forceinline__ void store_widened(uint32_t tile, int row, int piece,
 }
 
 // fp8 rows (576 bytes: 36 pieces), each piece widened to two 16-bit pieces.
-template <typename Element>
-__device__ __forceinline__ void copy_rows_fp8(const SharedStorage& smem, uint32_t tile, int tid) {
+template <typename Element, typename Storage>
+__device__ __forceinline__ void copy_rows_fp8(const Storage& smem, uint32_t tile, int tid) {
   copy_rows<kHeadDim / 16, 9>(smem, tid, [&](int row, int piece, uint4 v) { store_widened<Element>(tile, row, piece, v); });
 }
 
@@ -313,8 +326,10 @@ __device__ __forceinline__ void widen_fp8_tile(uint32_t tile, int tid) {
   }
 }
 
-template <typename Element, bool kFp8, int kCluster>
-__device__ void producer(const DecodeParams& p, const CUtensorMap* tmap, SharedStorage& smem, int part, int kv_head,
+// Storage: SharedStorage, or the narrow kernel's (sm90_mla_decode_narrow.cuh), whose Q tile has
+// fewer rows; the key stages are the same.
+template <typename Element, bool kFp8, int kCluster, typename Storage>
+__device__ void producer(const DecodeParams& p, const CUtensorMap* tmap, Storage& smem, int part, int kv_head,
                          int m_tile, int tid) {
   [[maybe_unused]] const int cluster_rank = kCluster > 1 ? int(cute::block_rank_in_cluster()) : 0;
   const uint8_t* q_base = static_cast<const uint8_t*>(p.q);
@@ -326,7 +341,7 @@ __device__ void producer(const DecodeParams& p, const CUtensorMap* tmap, SharedS
     // Q tile: rows (token, head) of this kv head; rows past s_q * h_q / h_kv are zeros.
     barrier_wait(&smem.q_empty, (item_count & 1) ^ 1);
     cutlass::arch::NamedBarrier::sync(128, kBarProducer);  // everyone is done with row_src
-    if (tid < kBlockM) {
+    if (tid < Storage::kQRows) {
       const int r = m_tile * kBlockM + tid;
       const uint8_t* src = nullptr;
       if (r < p.rows) {
@@ -336,7 +351,7 @@ __device__ void producer(const DecodeParams& p, const CUtensorMap* tmap, SharedS
       smem.row_src[tid] = src;
     }
     cutlass::arch::NamedBarrier::sync(128, kBarProducer);
-    copy_rows_16bit(smem, smem_addr(smem.q), tid);
+    copy_rows_16bit<Storage::kQRows, Storage::kQLoadBatch, Storage::kQChunkBytes>(smem, smem_addr(smem.q), tid);
     cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma reads
     cutlass::arch::ClusterBarrier::arrive(&smem.q_full);
     ++item_count;
@@ -1173,6 +1188,7 @@ cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& tmap, int nu
     config.numAttrs = 1;
     return cudaLaunchKernelEx(&config, kernel, p, tmap);
   };
+  if (p.use_narrow) return launch_narrow_decode<Element, kFp8>(p, tmap, num_parts, h_kv, stream);
   if (p.use_seesaw) return launch(decode_kernel<Element, kFp8, 1, true>, 1);
   if constexpr (!kFp8) {
     if (p.use_tma && p.use_cluster && tiles >= 2) return launch(decode_kernel<Element, false, 2>, 2);

@@ -38,6 +38,9 @@ constexpr int kBarMaxY = 4;               // WG2 -> WG1: the rows' max after blo
 constexpr int kBarPx = 5;                 // WG1 -> WG2: P of x stored (relative to x's max)
 constexpr int kBarPy = 6;                 // WG2 -> WG1: P of y stored
 constexpr int kBarQkX = 7;                // WG1's four warps: all done reading x's rope chunk (QK_x)
+// The narrow consumers (DSKERNELS_MLA_NARROW=1): each group's four warps, per key block.
+constexpr int kBarNarrow = 8;             // + group (0: WG1, 1: WG2)
+constexpr int kNarrowMaxRows = 32;        // query rows (s_q * h_q / h_kv) the narrow kernel serves
 
 struct DecodeParams {
   const void* q;              // [b, s_q, h_q, 576]
@@ -65,6 +68,7 @@ struct DecodeParams {
                               // one with DSKERNELS_MLA_FP8_TMA=1 (its raw tile widened in place)
   bool use_cluster;           // 2-CTA multicast clusters when the TMA path serves >= 2 row tiles (opt-in)
   bool use_seesaw;            // seesaw consumers (opt-in, DSKERNELS_MLA_SEESAW=1; never with clusters)
+  bool use_narrow;            // the narrow kernel, S^T = K Q^T (opt-in, DSKERNELS_MLA_NARROW=1; rows <= 32)
 };
 
 struct CombineParams {
@@ -92,6 +96,11 @@ struct MetadataParams {
 template <typename Element, bool kFp8>
 cudaError_t launch_decode(const DecodeParams& p, const CUtensorMap& tmap, int num_parts, int h_kv,
                           cudaStream_t stream);
+// The narrow kernel (sm90_mla_decode_narrow.cuh): rows = s_q * h_q / h_kv <= kNarrowMaxRows, grid
+// (1, h_kv, num_parts), no clusters; launch_decode hands p.use_narrow calls to it.
+template <typename Element, bool kFp8>
+cudaError_t launch_narrow_decode(const DecodeParams& p, const CUtensorMap& tmap, int num_parts, int h_kv,
+                                 cudaStream_t stream);
 template <typename Element>
 cudaError_t launch_combine(const CombineParams& p, int batch, cudaStream_t stream);
 void launch_metadata(const MetadataParams& p, cudaStream_t stream);  // csrc/mla/sm90_mla.cu
