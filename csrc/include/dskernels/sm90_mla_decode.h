@@ -29,7 +29,9 @@ constexpr int kRawChunkBytes = kBlockN * kChunkCols; // one raw [64 rows][64 B] 
 constexpr int kLoadBatch = 12;            // 16-byte loads in flight per producer thread (36 per 16-bit block)
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Named barriers (0 is __syncthreads).
+// Named barriers, as cutlass::arch::NamedBarrier numbers them: it adds its 8 reserved ids, so id n
+// is hardware barrier 8 + n, and n must stay below 8 (PTX has 16; ptxas wraps a larger id around
+// silently, onto __syncthreads' barrier 0 for 16).
 constexpr int kBarProducer = 1;           // the producer warp group
 constexpr int kBarConsumers = 2;          // WG1 + WG2 at the end of a sequence
 // The seesaw consumers (DSKERNELS_MLA_SEESAW=1): one group arrives, the other syncs, per key-block pair.
@@ -38,8 +40,10 @@ constexpr int kBarMaxY = 4;               // WG2 -> WG1: the rows' max after blo
 constexpr int kBarPx = 5;                 // WG1 -> WG2: P of x stored (relative to x's max)
 constexpr int kBarPy = 6;                 // WG2 -> WG1: P of y stored
 constexpr int kBarQkX = 7;                // WG1's four warps: all done reading x's rope chunk (QK_x)
-// The narrow consumers (DSKERNELS_MLA_NARROW=1): each group's four warps, per key block.
-constexpr int kBarNarrow = 8;             // + group (0: WG1, 1: WG2)
+// The narrow kernel (DSKERNELS_MLA_NARROW=1; another kernel, so the seesaw's ids are free there):
+// each consumer group's four warps, per key block.
+constexpr int kBarNarrow = 3;             // + group (0: WG1, 1: WG2)
+static_assert(kBarQkX < 8 && kBarNarrow + 1 < 8, "NamedBarrier ids above 7 leave the hardware's 16");
 constexpr int kNarrowMaxRows = 32;        // query rows (s_q * h_q / h_kv) the narrow kernel serves
 
 struct DecodeParams {
