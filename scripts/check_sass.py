@@ -1,5 +1,5 @@
 """Static checks on the compiled sm_90a code (no GPU needed): memory-bound kernels keep several
-global loads in flight per thread.
+global loads in flight per thread, and no named barrier wrapped around onto barrier 0.
 
 A thread that uses a loaded value before issuing its next load waits a full memory latency per
 load; on Hopper that caps a streaming kernel far below HBM bandwidth unless occupancy alone hides it
@@ -12,6 +12,11 @@ it cannot see the scoreboard waits that the listing does not print (DEPBAR, BAR,
 count as waiting for every load).
 
     python scripts/check_sass.py [path/to/_C.so]      # prints every kernel's number, checks the floors
+
+Named barriers: cutlass::arch::NamedBarrier adds 8 reserved ids to the one it is given, and ptxas
+takes a hardware id past 15 modulo 16 without a warning (2026-12-05: the MLA narrow kernel's ids 8
+and 9 became barriers 0 and 1, 0 being __syncthreads'). __syncthreads is BAR.SYNC 0x0 with no
+thread count; a BAR on 0x0 with a count is such a wrapped id, and fails the check.
 """
 
 from __future__ import annotations
@@ -110,6 +115,14 @@ def loads_in_flight(instructions: list[str]) -> int:
     return most
 
 
+_WRAPPED_BARRIER = re.compile(r"^(?:@!?U?P\w+\s+)?BAR\.\w+(?:\.\w+)*\s+0x0\s*,")
+
+
+def wrapped_barriers(instructions: list[str]) -> int:
+    """Named-barrier instructions on hardware barrier 0 with a thread count (see the docstring)."""
+    return sum(1 for instruction in instructions if _WRAPPED_BARRIER.match(instruction))
+
+
 def main() -> int:
     if len(sys.argv) > 1:
         library = sys.argv[1]
@@ -131,6 +144,10 @@ def main() -> int:
             print(f"{status}: {name}: {got} loads in flight per thread (floor {floor})")
             if got < floor:
                 failed.append(name)
+    wrapped = [name for name, instructions in kernels.items() if wrapped_barriers(instructions)]
+    print(f"{'FAIL' if wrapped else 'ok'}: named barriers of {len(kernels)} kernels"
+          + "".join(f"\n  {name}: on hardware barrier 0 with a thread count (an id past 15?)" for name in wrapped))
+    failed += wrapped
     if failed:
         print("FAIL: " + "; ".join(failed))
         return 1
