@@ -86,9 +86,9 @@ def test_wait_released_waits_for_the_last_outside_reference():
     assert t._use_count() > counts[0]
     released = threading.Event()
 
-    def drop():
-        holder.clear()
+    def drop():  # (the event first: the wait may return, and the assert run, right after the clear)
         released.set()
+        holder.clear()
     threading.Timer(0.05, drop).start()
     wait_released([t], counts)
     assert released.is_set() and t._use_count() == counts[0]

@@ -51,6 +51,14 @@ class TupleBlock(Block):
         return super().forward(x) * (1 + 0.01 * pos.unsqueeze(-1)), pos
 
 
+class InplaceTupleBlock(TupleBlock):
+    """Changes the received position tensor in place (a stage updating its mask or positions)."""
+
+    def forward(self, x, pos):
+        pos.add_(0)
+        return super().forward(x, pos)
+
+
 def tuple_criterion(out, pos, label):
     return ((out - label) ** 2).mean() + 0 * pos.sum()
 
@@ -165,33 +173,37 @@ def check_dualpipe(group_rank, P, num_chunks, block_cls, seed, rank_mapping=None
             pipe.step(num_chunks=num_chunks)
 
 
-def check_tuple_dualpipev(rank, P, num_chunks, seed):
-    """Multi-tensor messages (an int64 tensor whose gradient is None) and uneven chunks."""
+def check_tuple_dualpipev(rank, P, num_chunks, seed, block_cls=TupleBlock, steps=1):
+    """Multi-tensor messages (an int64 tensor whose gradient is None) and uneven chunks; `steps`
+    steps of one runtime (from the second on, each message arrives as one buffer)."""
     torch.manual_seed(seed)
-    blocks = [TupleBlock() for _ in range(2 * P)]
-    rows = num_chunks * 2 + 1  # tensor_split: the first chunk gets one more row
-    x = torch.randn(rows, D, dtype=torch.float64)
-    pos = torch.randint(0, 5, (rows,))
-    labels = torch.randn(rows, D, dtype=torch.float64)
-    ref = copy.deepcopy(blocks)
-    losses = []
-    for xc, pc, lc in zip(x.tensor_split(num_chunks), pos.tensor_split(num_chunks), labels.tensor_split(num_chunks)):
-        h = (xc, pc)
-        for m in ref:
-            h = m(*h)
-        loss = tuple_criterion(*h, lc)
-        loss.backward()
-        losses.append(loss.detach())
+    blocks = [block_cls() for _ in range(2 * P)]
     pipe = DualPipeV((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[2 * P - 1 - rank])))
-    if rank == 0:
-        loss, out = pipe.step(x, pos, num_chunks=num_chunks, criterion=tuple_criterion, labels=[labels],
-                              return_outputs=True)
-        torch.testing.assert_close(loss, torch.stack(losses), rtol=1e-12, atol=1e-14)
-        assert isinstance(out, tuple) and torch.equal(out[1], pos)
-    else:
-        pipe.step(num_chunks=num_chunks)
-    assert_grads(pipe.module[0], ref[rank])
-    assert_grads(pipe.module[1], ref[2 * P - 1 - rank])
+    rows = num_chunks * 2 + 1  # tensor_split: the first chunk gets one more row
+    for _ in range(steps):
+        x = torch.randn(rows, D, dtype=torch.float64)
+        pos = torch.randint(0, 5, (rows,))
+        labels = torch.randn(rows, D, dtype=torch.float64)
+        ref = copy.deepcopy(blocks)
+        losses = []
+        for xc, pc, lc in zip(x.tensor_split(num_chunks), pos.tensor_split(num_chunks),
+                              labels.tensor_split(num_chunks)):
+            h = (xc, pc.clone())
+            for m in ref:
+                h = m(*h)
+            loss = tuple_criterion(*h, lc)
+            loss.backward()
+            losses.append(loss.detach())
+        pipe.zero_grad(set_to_none=True)
+        if rank == 0:
+            loss, out = pipe.step(x, pos, num_chunks=num_chunks, criterion=tuple_criterion, labels=[labels],
+                                  return_outputs=True)
+            torch.testing.assert_close(loss, torch.stack(losses), rtol=1e-12, atol=1e-14)
+            assert isinstance(out, tuple) and torch.equal(out[1], pos)
+        else:
+            pipe.step(num_chunks=num_chunks)
+        assert_grads(pipe.module[0], ref[rank])
+        assert_grads(pipe.module[1], ref[2 * P - 1 - rank])
 
 
 def check_repeated_steps(rank, P, num_chunks, seed, runtime=DualPipeV, block_cls=Block):
@@ -272,6 +284,9 @@ def _checks(rank, world_size):
         check_dualpipev(rank, P, 2 * P + 1, Block, seed=5)
         check_dualpipe(rank, P, 2 * P + 4, HookBlock, seed=4)
         check_tuple_dualpipev(rank, P, 2 * P + 1, seed=6)
+        # Two steps: from the second on a message arrives as one buffer, whose tensors must not
+        # share a version counter (the in-place update of pos would fail x's backward).
+        check_tuple_dualpipev(rank, P, 2 * P + 1, seed=11, block_cls=InplaceTupleBlock, steps=2)
         check_repeated_steps(rank, P, 2 * P, seed=7)
         pipe = DualPipeV((Block(), Block()))
         with pytest.raises(ValueError, match="N \\(chunks\\) must be >= 2\\*P"):
@@ -432,6 +447,50 @@ def test_weight_grad_store_class_level_api():
     torch.testing.assert_close(w.grad, torch.ones(5, 3, dtype=torch.float64).t() @ x.detach())
     DualPipeStyleLinearFn.apply(x, w).sum().backward()  # no active store: computed at once
     torch.testing.assert_close(w.grad, 2 * torch.ones(5, 3, dtype=torch.float64).t() @ x.detach())
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_linear_under_autocast_computes_what_nn_linear_does(deferred):
+    torch.manual_seed(0)
+    ref, lin = nn.Linear(8, 8), Linear(8, 8)
+    lin.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 8, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, out_ref = lin(x), ref(xr)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, out_ref)
+    out_ref.float().square().sum().backward()
+    store = WeightGradStore()
+    with store.activate(enabled=deferred):
+        out.float().square().sum().backward()
+    if deferred:
+        store.flush()
+        assert lin.weight.grad is None
+        store.pop()
+    for ours, theirs in ((x.grad, xr.grad), (lin.weight.grad, ref.weight.grad), (lin.bias.grad, ref.bias.grad)):
+        assert ours.dtype == theirs.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, rtol=2**-7, atol=2**-7 * theirs.abs().max().item())
+
+
+def test_linear_gradients_go_through_autograd_where_they_cannot_wait():
+    """A computed weight (weight_norm's parametrization) and torch.autograd.grad get their
+    gradients from autograd, inside an I action's store too: nothing written to .grad on the side."""
+    torch.manual_seed(0)
+    ref = nn.utils.parametrizations.weight_norm(nn.Linear(5, 3, dtype=torch.float64))
+    lin = nn.utils.parametrizations.weight_norm(Linear(5, 3, dtype=torch.float64))
+    lin.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 5, dtype=torch.float64)
+    store = WeightGradStore()
+    with store.activate():
+        lin(x).square().sum().backward()
+    assert store.empty()  # nothing deferred: the weight is not a leaf
+    ref(x).square().sum().backward()
+    for (name, p), q in zip(lin.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    plain = Linear(5, 3, dtype=torch.float64)
+    (grad_w,) = torch.autograd.grad(plain(x).sum(), plain.weight)
+    torch.testing.assert_close(grad_w, torch.ones(4, 3, dtype=torch.float64).t() @ x)
+    assert plain.weight.grad is None
 
 
 def test_weight_grad_store_defers_linear():

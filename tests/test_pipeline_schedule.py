@@ -271,3 +271,12 @@ def test_render(tmp_path):
         return
     png = tmp_path / "dualpipe.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_checks_every_cost():
+    order = S.one_f_one_b(2, 4)
+    for name, value in (("F", -1), ("FB", -5), ("FB", float("nan")), ("FB", float("inf")), ("F", True),
+                        ("comm", float("inf"))):
+        with pytest.raises(ValueError, match=rf"^{name}: expected a finite number >= 0, got {value!r}"):
+            S.simulate(order, **{name: value})
+    assert S.simulate(order, FB=0).makespan > 0

@@ -152,13 +152,38 @@ def check_argument_errors(rank):
     expect_on(rank, 1, ValueError, "inputs: expected the input tensors of the reverse direction on pipeline rank 1",
               lambda: dual.step(*([x0] if rank == 0 else []), num_chunks=4, criterion=criterion,
                                 labels=[l1 if rank == 0 else l0]))
+    # Labels with other row counts than the inputs they go with: rejected on every rank before any
+    # P2P (chunk i of one would meet chunk i of the other). DualPipeV: both on rank 0; DualPipe:
+    # rank 0's labels go with rank 1's inputs; a label tuple whose tensors differ, on one rank.
+    with pytest.raises(ValueError, match=r"^labels: expected as many rows along batch_dim as the inputs they go "
+                                         r"with, got 6 on pipeline rank 0 for 8 input rows$"):
+        v_step(pipe, rank, x, labels[:6], 4)
+    with pytest.raises(ValueError, match=r"^labels: .* got 4 on pipeline rank 0 for 6 input rows \(their inputs "
+                                         r"enter on pipeline rank 1\)"):
+        dual.step(x0 if rank == 0 else rows(6), num_chunks=4, criterion=criterion, labels=[l1 if rank == 0 else l0])
+    expect_on(rank, 1, ValueError, r"labels: expected the same number of rows along batch_dim in every tensor, got \[3, 4\]",
+              lambda: dual.step(x0 if rank == 0 else x1, num_chunks=4, criterion=lambda o, a, b: criterion(o, a),
+                                labels=[l1, l1] if rank == 0 else [l0, l0[:3]]))
     # No P2P ran: both runtimes still work.
     v_step(pipe, rank, x, labels, 4)
     dual.step(x0 if rank == 0 else x1, num_chunks=4, criterion=criterion, labels=[l1 if rank == 0 else l0])
 
 
+def check_group_arguments(rank):
+    """DualPipe names the process group when it has an odd rank count (one rank here); rank_mapping
+    takes ints only."""
+    solo = [dist.new_group([r], backend="gloo") for r in range(P)][rank]  # (every rank creates both)
+    with pytest.raises(ValueError, match=r"^process_group: DualPipe needs an even number of ranks >= 2 .* got 1"):
+        DualPipe((Block(), Block()), process_group=solo)
+    DualPipeV((Block(), Block()), process_group=solo)  # one rank is a V
+    for mapping in ([0.0, 1.0], [True, False]):
+        with pytest.raises(ValueError, match=r"^rank_mapping: expected a permutation of 0..1"):
+            DualPipeV((Block(), Block()), rank_mapping=mapping)
+
+
 def _healthy_body(rank, world_size):
     torch.set_num_threads(1)
+    check_group_arguments(rank)
     check_process_wide_store_left_on(rank, DualPipeV, Block, seed=1)
     check_process_wide_store_left_on(rank, DualPipe, HookBlock, seed=2)  # B inside the hook too
     check_leftover_weight_grad_work_raises(rank)

@@ -102,6 +102,18 @@ def _scatter(inputs, num_chunks, dim, name="inputs"):
     return [tuple(p[i] for p in parts) for i in range(num_chunks)]
 
 
+def _batch_rows(tensors, dim: int, name: str) -> int:
+    """Rows along dim shared by every tensor of `tensors` (a tensor, a sequence or None; None
+    entries skipped), -1 when there is none. Tensors whose rows differ would be split into chunks
+    that do not line up: ValueError naming `name`."""
+    if isinstance(tensors, torch.Tensor):
+        tensors = (tensors,)
+    rows = {t.shape[dim] for t in (tensors or ()) if isinstance(t, torch.Tensor) and -t.dim() <= dim < t.dim()}
+    if len(rows) > 1:
+        raise ValueError(f"{name}: expected the same number of rows along batch_dim in every tensor, got {sorted(rows)}")
+    return rows.pop() if rows else -1
+
+
 def _describe(key) -> str:
     """A message key (kind, stage, chunk) in words, for the errors."""
     kind, stage, mb = key
@@ -144,15 +156,24 @@ def _pack(meta, tensors, device):
 
 
 def _unpack(meta, buf):
+    """The message's tensors, in `buf` without a copy, each with its own version counter: views of
+    one buffer would share one, and a stage that changes a received tensor in place (a mask, the
+    positions) would then invalidate another saved for backward ("modified by an inplace
+    operation" in the next backward)."""
     offsets, _ = _offsets(meta)
+    storage, base = buf.untyped_storage(), buf.storage_offset()  # uint8: bytes
     out = []
     for m, off in zip(meta, offsets):
         if m is None:
             out.append(None)
             continue
         dtype, shape = _DTYPES[m[0]], torch.Size(m[1])
-        n = shape.numel() * dtype.itemsize
-        out.append(buf[off:off + n].view(dtype).view(shape).detach())
+        start = base + off
+        if start % dtype.itemsize:  # (offsets are 16-byte aligned; a buffer slice might not be)
+            n = shape.numel() * dtype.itemsize
+            out.append(buf[off:off + n].view(torch.uint8).clone().view(dtype).view(shape))
+            continue
+        out.append(torch.empty(0, dtype=dtype, device=buf.device).set_(storage, start // dtype.itemsize, shape))
     return out
 
 
@@ -182,7 +203,8 @@ class _Runtime(nn.Module):
         self.group = process_group or dist.distributed_c10d._get_default_group()
         self.num_ranks = self.group.size()
         self.rank_mapping = list(rank_mapping) if rank_mapping is not None else list(range(self.num_ranks))
-        if sorted(self.rank_mapping) != list(range(self.num_ranks)):
+        if (not all(isinstance(r, int) and not isinstance(r, bool) for r in self.rank_mapping)
+                or sorted(self.rank_mapping) != list(range(self.num_ranks))):
             raise ValueError(f"rank_mapping: expected a permutation of 0..{self.num_ranks - 1}, "
                              f"got {self.rank_mapping}")
         # DualPipe's convention: rank_mapping[group rank] is that process's pipeline rank.
@@ -213,8 +235,12 @@ class _Runtime(nn.Module):
         return dist.get_global_rank(self.group, self._group_rank_of[pipeline_rank])
 
     def _device(self):
-        for p in self.module.parameters():
-            return p.device
+        """Where this rank's messages live: its modules' parameters' (or buffers') device; for
+        modules with neither, the group's: the current CUDA device under NCCL, else the CPU."""
+        for t in (*self.module.parameters(), *self.module.buffers()):
+            return t.device
+        if dist.get_backend(self.group) == "nccl" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
     # -- P2P --
@@ -538,6 +564,10 @@ class _Runtime(nn.Module):
         """{head stage: chunks} and {tail stage: label chunks} for this rank (subclasses)."""
         raise NotImplementedError
 
+    def _label_pairs(self) -> list[tuple[int, int]]:
+        """(pipeline rank given the inputs, pipeline rank given their labels) per pipeline."""
+        raise NotImplementedError
+
     def step(self, *inputs, num_chunks: int = 0, criterion=None, labels: list | tuple = [],
              return_outputs: bool = False) -> tuple[torch.Tensor | None, Any]:
         """Runs one pipelined forward (and backward, when grad mode is on) over num_chunks chunks.
@@ -629,6 +659,9 @@ class _Runtime(nn.Module):
         self.criterion = criterion
         self.return_outputs = return_outputs
         self._input_chunks, self._label_chunks = self._split_inputs(inputs, labels, num_chunks)
+        # (rows of this rank's inputs, of its labels): compared across ranks in _agree.
+        self._rows_here = (_batch_rows(inputs, self.batch_dim, "inputs") if self._input_chunks else -1,
+                           _batch_rows(labels, self.batch_dim, "labels") if self._label_chunks else -1)
         self._inputs, self._outputs, self._losses, self._final_outputs = {}, {}, {}, {}
         self._loss_values = {}
         self._local, self._outbox, self._arrived = {}, {}, {}
@@ -647,17 +680,19 @@ class _Runtime(nn.Module):
         """Compares the ranks' step arguments before any P2P, in one small all_gather per step:
         ranks that run different plans would misparse each other's messages or wait forever.
         failed: this rank rejected its arguments (it raises its own error after this)."""
+        in_rows, label_rows = (-1, -1) if failed else self._rows_here
+        mine = torch.tensor([int(failed), _KIND_IDS[self._KIND], num_chunks, int(forward_only), fingerprint,
+                             in_rows, label_rows], dtype=torch.int64, device=self._device())
         if self.num_ranks == 1:
-            return
-        mine = torch.tensor([int(failed), _KIND_IDS[self._KIND], num_chunks, int(forward_only), fingerprint],
-                            dtype=torch.int64, device=self._device())
-        rows = [torch.empty_like(mine) for _ in range(self.num_ranks)]
-        counts = use_counts([mine, *rows])
-        work = dist.all_gather(rows, mine, group=self.group, async_op=True)
-        self._wait([work], "the other ranks", "at the start of step (comparing the ranks' step arguments)",
-                   poll=True)
-        del work  # it holds the tensors too
-        wait_released([mine, *rows], counts)  # else a rank returning right after may abort (see there)
+            rows = [mine]
+        else:
+            rows = [torch.empty_like(mine) for _ in range(self.num_ranks)]
+            counts = use_counts([mine, *rows])
+            work = dist.all_gather(rows, mine, group=self.group, async_op=True)
+            self._wait([work], "the other ranks", "at the start of step (comparing the ranks' step arguments)",
+                       poll=True)
+            del work  # it holds the tensors too
+            wait_released([mine, *rows], counts)  # else a rank returning right after may abort (see there)
         if failed:
             return
         by_rank = {self.rank_mapping[i]: row.tolist() for i, row in enumerate(rows)}  # pipeline rank -> row
@@ -682,6 +717,13 @@ class _Runtime(nn.Module):
         if differ := who(4, lambda v: f"fingerprint {v:#x}"):
             raise RuntimeError(f"pipeline: the ranks' schedules differ for the same arguments, {differ} "
                                "(different dskernels versions?)")
+        # Chunk i of the labels goes with chunk i of the inputs: as many rows in both.
+        for src, dst in self._label_pairs():
+            inputs_rows, labels_rows = by_rank[src][5], by_rank[dst][6]
+            if inputs_rows >= 0 and labels_rows >= 0 and inputs_rows != labels_rows:
+                where = "" if src == dst else f" (their inputs enter on pipeline rank {src})"
+                raise ValueError(f"labels: expected as many rows along batch_dim as the inputs they go with, "
+                                 f"got {labels_rows} on pipeline rank {dst} for {inputs_rows} input rows{where}")
 
     def _run(self, program):
         for event in program:
@@ -728,6 +770,9 @@ class DualPipeV(_Runtime):
     def _chains(self):
         return [list(range(2 * self.num_ranks))]
 
+    def _label_pairs(self):
+        return [(0, 0)]
+
     def _split_inputs(self, inputs, labels, num_chunks):
         heads, tails = {}, {}
         if self.rank == 0:
@@ -751,6 +796,16 @@ class DualPipe(_Runtime):
     (the gradient-sync pairs: rank r's modules[0] with rank P-1-r's modules[1])."""
 
     _KIND = "dualpipe"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.num_ranks < 2 or self.num_ranks % 2:
+            raise ValueError(f"process_group: DualPipe needs an even number of ranks >= 2 (two pipelines in "
+                             f"opposite directions), got {self.num_ranks}; DualPipeV takes any number")
+
+    def _label_pairs(self):
+        P = self.num_ranks
+        return [(0, P - 1), (P - 1, 0)]
 
     def _chains(self):
         P = self.num_ranks

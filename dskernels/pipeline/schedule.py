@@ -488,8 +488,8 @@ def simulate(order, F: float = 1.0, B: float = 2.0, W: float = 1.0, FB: float | 
     W: weight-gradient part of B (so I takes B - W); FB: an OVERLAP_F_B action (default F + B, no
     overlap gain). Returns a SimResult (makespan, per-rank busy/idle, peak live activations and
     the event list `render` draws)."""
-    for name, v in (("F", F), ("B", B), ("W", W), ("comm", comm)):
-        if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+    for name, v in (("F", F), ("B", B), ("W", W), ("comm", comm)) + ((("FB", FB),) if FB is not None else ()):
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and math.isfinite(v)):
             raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
     if W > B:
         raise ValueError(f"W: expected W <= B (W is part of the full backward B), got W={W} > B={B}")

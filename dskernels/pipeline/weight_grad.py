@@ -162,41 +162,74 @@ def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
         param.grad += grad
 
 
+def _autocast_operands(x, weight, bias):
+    """The operands as torch.autocast would give them to F.linear (floating tensors other than
+    float64 in the autocast dtype), or unchanged outside autocast."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+    return cast(x), cast(weight), cast(bias)
+
+
 class _DeferrableLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.bias = bias
-        return F.linear(x, weight, bias)
+    def forward(ctx, x, weight, bias, deferrable):
+        # Under autocast the product runs in the autocast dtype, as nn.Linear's does; the operands
+        # are saved cast, so that the backward multiplies like types (its gradients go back in the
+        # parameters' dtype).
+        xc, wc, bc = _autocast_operands(x, weight, bias)
+        ctx.save_for_backward(xc, wc)
+        ctx.params = (weight, bias)  # where a deferred gradient accumulates (leaves, see Linear)
+        ctx.deferrable = deferrable
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(xc, wc, bc)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        bias = ctx.bias
+        weight_param, bias_param = ctx.params
+        need_weight = ctx.needs_input_grad[1]
+        need_bias = bias_param is not None and ctx.needs_input_grad[2]  # a frozen bias gets no .grad
+        grad_out = grad_out.to(weight.dtype)
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
 
-        need_bias = bias is not None and ctx.needs_input_grad[2]  # a frozen bias gets no .grad
-
-        def weight_grad():
+        def grads():
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            _accumulate(weight, g2.t() @ x.reshape(-1, x.shape[-1]))
-            if need_bias:
-                _accumulate(bias, g2.sum(0))
+            grad_w = (g2.t() @ x.reshape(-1, x.shape[-1])).to(weight_param.dtype) if need_weight else None
+            grad_b = g2.sum(0).to(bias_param.dtype) if need_bias else None
+            return grad_w, grad_b
 
         store = WeightGradStore.current()
-        if store is not None:
-            store.put(weight_grad)
-        else:
-            weight_grad()
-        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
-        return grad_x, None, None
+        if store is None or not ctx.deferrable:
+            return grad_x, *grads(), None
+
+        def weight_grad():
+            grad_w, grad_b = grads()
+            if grad_w is not None:
+                _accumulate(weight_param, grad_w)
+            if grad_b is not None:
+                _accumulate(bias_param, grad_b)
+
+        store.put(weight_grad)
+        return grad_x, None, None, None
 
 
 class Linear(nn.Linear):
     """nn.Linear whose weight gradient is deferred to the W action when run inside a pipeline
-    runtime's I action (it writes `.grad` itself, outside autograd's accumulation)."""
+    runtime's I action: it then writes `.grad` itself, outside autograd's accumulation. Elsewhere
+    (no I action, torch.autograd.grad) and for a weight or bias that is not a leaf (a
+    parametrization such as weight_norm, a tied or computed weight: its gradient must flow on
+    through autograd) the gradients go through autograd now, as nn.Linear's do. Under autocast it
+    computes what nn.Linear does."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() or not self.weight.requires_grad:
-            return F.linear(x, self.weight, self.bias)
-        return _DeferrableLinearFn.apply(x, self.weight, self.bias)
+        weight, bias = self.weight, self.bias  # (a parametrization computes them on each access)
+        if not torch.is_grad_enabled() or not (weight.requires_grad or (bias is not None and bias.requires_grad)):
+            return F.linear(x, weight, bias)
+        deferrable = weight.is_leaf and (bias is None or bias.is_leaf)
+        return _DeferrableLinearFn.apply(x, weight, bias, deferrable)
