@@ -240,8 +240,9 @@ def _check_fixed_block(buf, rank, world, num_experts, seed, avoid_last_rank=Fals
     _same(y.grad, rx.detach(), "fixed-block grad of combine")
 
     # Every rank must send the same T; too small a num_worst_tokens is caught (on every rank here).
-    # (On CPU these raise on every rank at once, after the count exchange, so the group stays usable;
-    # a rank that did not raise would wait in the payload exchange until its timeout.)
+    # (On CPU a different T raises on every rank at once, after the count exchange; too small a
+    # num_worst_tokens on the ranks that receive more, after the payload exchange, so the others
+    # complete theirs: tests/test_ep_validation.py's review cases. The group stays usable.)
     if device == "cpu" and world > 1:
         _raises(RuntimeError, ["num_worst_tokens:", "the number of tokens", f"rank {rank} has", f"tokens {11 + rank}"],
                 lambda: buf.dispatch(x_c.repeat(2, 1)[: 11 + rank], topk_idx=topk_c.repeat(2, 1)[: 11 + rank],

@@ -184,3 +184,63 @@ def _local_body(rank, world):
 
 def test_local_argument_checks():
     run_distributed(_local_body, 2, timeout_s=240)
+
+
+def _review_body(rank, world):
+    """Cases a review found (2026-12-05), each failing before its fix."""
+    import time
+
+    import dskernels
+
+    # low_latency_combine: a NaN weight at a -1 entry (a router's softmax over masked logits) is
+    # not read, on either backend (the Triton reduce multiplied it in: the token came back NaN).
+    x = torch.ones(2, 128, dtype=torch.bfloat16)
+    topk = torch.tensor([[0, -1], [0, E - 1]])
+    w = torch.tensor([[1.0, float("nan")], [1.0, 2.0]])
+    for backend in ("ref", "triton"):
+        with dskernels.backend(backend):
+            buf = Buffer(dist.group.WORLD, timeout_s=60)
+            recv, _, handle, _, _ = buf.low_latency_dispatch(x, topk, 4, E, use_fp8=False)
+            out, _, _ = buf.low_latency_combine(recv, topk, w, handle)
+            assert out[:, 0].tolist() == [1.0, 3.0], (backend, out[:, 0].tolist())
+            # Expert outputs stored H-major (a view whose rows are not unit-stride) combine the same.
+            strided = recv.transpose(1, 2).contiguous().transpose(1, 2)
+            assert strided.stride(-1) != 1
+            assert torch.equal(buf.low_latency_combine(strided, topk, w, handle)[0], out), backend
+    buf = Buffer(dist.group.WORLD, timeout_s=60)
+    _raises(TypeError, ["x:", "floating", "torch.int32"],
+            lambda: buf.low_latency_dispatch(x.to(torch.int32), topk, 4, E, use_fp8=False))
+
+    # Cached dispatch takes no topk or layout arguments, and num_worst_tokens only as its handle had it.
+    args = _args(rank)
+    recv_x, _, _, _, handle, _ = buf.dispatch(**args)
+    layout = buf.get_dispatch_layout(args["topk_idx"], E)
+    for name, value in (("topk_idx", args["topk_idx"]), ("topk_weights", args["topk_weights"]),
+                        ("num_tokens_per_rank", layout[0]), ("is_token_in_rank", layout[3]),
+                        ("num_tokens_per_expert", layout[2])):
+        _raises(ValueError, [f"{name}: expected None with a handle"],
+                lambda: buf.dispatch(args["x"], handle=handle, **{name: value}))
+    _raises(ValueError, ["num_worst_tokens: expected 0", "got 16"],
+            lambda: buf.dispatch(args["x"], handle=handle, num_worst_tokens=16))
+    assert torch.equal(buf.dispatch(args["x"], handle=handle)[0], recv_x)
+
+    # Fixed blocks: rank 0 receives 8 tokens, more than num_worst_tokens = 4, rank 1 none. Rank 0
+    # raises once the payload has moved; rank 1 completes instead of waiting out its timeout.
+    buf = Buffer(dist.group.WORLD, timeout_s=20)
+    tokens = torch.randn(4, 128).to(torch.bfloat16)
+    ids = torch.full((4, 1), rank)  # experts 0 and 1: both on rank 0
+
+    def overflowing():
+        return buf.dispatch(tokens, topk_idx=ids, num_experts=E, num_worst_tokens=4)
+
+    start = time.monotonic()
+    if rank == 0:
+        _raises(RuntimeError, ["num_worst_tokens:", "expected at least", "got 4"], overflowing)
+    else:
+        assert overflowing()[0].shape == (4, 128)
+    assert time.monotonic() - start < 15
+    _still_usable(buf, rank, world)
+
+
+def test_review_cases():
+    run_distributed(_review_body, 2, timeout_s=240)

@@ -101,6 +101,9 @@ class DispatchHandle:
     # input locally (a combine input of another size or type on one rank would break the exchange).
     hidden: int = 0                 # H of x
     num_topk: int = 0               # K of topk_idx, 0 without
+    # Fixed-block mode: (this rank received more than num_worst_tokens, the message), checked once
+    # the payload has moved (Buffer._check_overflow).
+    overflow: tuple | None = None
 
 
 @dataclass
@@ -522,8 +525,11 @@ class Buffer:
         every rank raises the same ValueError naming the argument and each rank's value before any
         data moves (with num_worst_tokens, checked on the device: RuntimeError for CPU tensors, a
         device-side assert on CUDA). Layout arguments given with topk_idx must be its layout
-        (checked likewise). Cached dispatch has no exchange: x must have the handle's hidden size
-        (checked), and its dtype and form must agree on every rank (not checked).
+        (checked likewise). Cached dispatch takes no topk or layout arguments (and num_worst_tokens
+        only as its handle's dispatch had it; both checked) and has no exchange: x's hidden size,
+        dtype and form (a tuple or not) may differ from the handle's dispatch's (a bf16 gradient
+        along an FP8 dispatch's routing) but must agree on every rank (not checked: that would take
+        an exchange; rows of another size on one rank abort gloo's exchange, or fail NCCL's).
         """
         num_tokens = self._check_x(x)
         device = (x[0] if isinstance(x, tuple) else x).device
@@ -542,8 +548,19 @@ class Buffer:
                 if num_tokens != handle.num_tokens:
                     raise ValueError(f"x: expected {handle.num_tokens} rows (those of the handle's dispatch), "
                                      f"got {num_tokens}")
-                # No count exchange here (as in DeepEP): x's hidden size and dtype may differ from the
-                # first dispatch's, but must agree on every rank (not checked).
+                for name, value in (("topk_idx", topk_idx), ("topk_weights", topk_weights),
+                                    ("num_tokens_per_rank", num_tokens_per_rank),
+                                    ("is_token_in_rank", is_token_in_rank),
+                                    ("num_tokens_per_expert", num_tokens_per_expert)):
+                    if value is not None:
+                        raise ValueError(f"{name}: expected None with a handle (cached dispatch repeats the "
+                                         "handle's routing), got a tensor")
+                handle_worst = handle.num_out_rows if handle.block else 0
+                if num_worst_tokens not in (0, handle_worst):
+                    raise ValueError(f"num_worst_tokens: expected {handle_worst} (the handle's dispatch's) or 0 with "
+                                     f"a handle, got {num_worst_tokens}")
+                # No count exchange here (as in DeepEP): x's hidden size, dtype and form may differ
+                # from the first dispatch's, but must agree on every rank (not checked).
                 recv_x = self._dispatch_payload(x, handle, "dispatch (cached)")
                 event = scope.finish(recv_x if isinstance(recv_x, tuple) else (recv_x,))
                 return recv_x, None, None, None, handle, event
@@ -600,10 +617,12 @@ class Buffer:
             payload = [x] if not isinstance(x, tuple) else list(x)
             if topk_idx is None:  # the tokens alone
                 recv_x = self._dispatch_payload(x, handle, "dispatch")
+                self._check_overflow(handle)
                 event = scope.finish(recv_x if isinstance(recv_x, tuple) else (recv_x,))
                 return recv_x, None, None, counts, handle, event
             payload += [topk_idx] + ([topk_weights] if topk_weights is not None else [])
             outs = self._route(handle, payload)
+            self._check_overflow(handle)
             recv_x = tuple(outs[:2]) if isinstance(x, tuple) else outs[0]
             rest = outs[2:] if isinstance(x, tuple) else outs[1:]
             num_local = num_experts // self.group_size
@@ -617,6 +636,15 @@ class Buffer:
             tensors = (recv_x if isinstance(recv_x, tuple) else (recv_x,)) + (recv_topk_idx,)
             event = scope.finish(tensors + ((recv_topk_weights,) if recv_topk_weights is not None else ()))
         return recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event
+
+    @staticmethod
+    def _check_overflow(handle: DispatchHandle) -> None:
+        """Fixed-block mode: raises (CPU tensors; a device-side assert on CUDA) if this rank received
+        more tokens than num_worst_tokens, once every rank's payload exchange is done."""
+        if handle.overflow is not None:
+            over, message = handle.overflow
+            handle.overflow = None
+            torch._assert_async(~over, message)
 
     # ---- the count exchange ----
     def _count_send(self, num_tokens_per_rank, signature: list[int], per_expert: torch.Tensor | None,
@@ -756,9 +784,12 @@ class Buffer:
         # Checked on the device (CPU tensors raise here; on CUDA a device-side assert): the signatures,
         # T among them (a block size every rank agrees on is what makes the splits fixed).
         self._assert_signatures(recv[:, 1: 1 + _SIG_WIDTH], send[0, 1: 1 + _SIG_WIDTH], signature)
-        torch._assert_async(from_source.sum() <= num_worst_tokens,
-                            f"num_worst_tokens: expected at least the number of tokens rank {self.rank} "
-                            f"receives, got {num_worst_tokens}")
+        # Checked once the payload has moved (dispatch, `overflow`): raised here, before the payload
+        # exchange, the other ranks would wait in it until their timeout. recv_index keeps the rows
+        # past recv_x out meanwhile.
+        overflow = (from_source.sum() > num_worst_tokens,
+                    f"num_worst_tokens: expected at least the number of tokens rank {self.rank} receives, "
+                    f"got {num_worst_tokens}")
 
         to_rank = is_token_in_rank.t()  # [R, T]
         # A stable sort of "not for r" lists r's tokens first, in token order.
@@ -769,8 +800,10 @@ class Buffer:
         first = from_source.cumsum(dim=0)[:, None] - from_source[:, None]
         recv_index = torch.where(row < from_source[:, None], first + row, -1).reshape(-1)
         recv_index = torch.where(recv_index < num_worst_tokens, recv_index, -1)  # never write past recv_x
-        return DispatchHandle(T, send_src_idx, [T] * R, [T] * R, combine_index, is_token_in_rank,
-                              num_worst_tokens, num_worst_tokens, block=T, recv_index=recv_index)
+        handle = DispatchHandle(T, send_src_idx, [T] * R, [T] * R, combine_index, is_token_in_rank,
+                                num_worst_tokens, num_worst_tokens, block=T, recv_index=recv_index)
+        handle.overflow = overflow
+        return handle
 
     def _route(self, handle: DispatchHandle, payload: list[torch.Tensor]) -> list[torch.Tensor]:
         """Dispatch of `payload` ([T, ...] each) along `handle`; differentiable in float payloads."""
@@ -790,7 +823,8 @@ class Buffer:
         Args:
             x: [N, H] (or [num_worst_tokens, H]) rows in dispatch's receive order: exactly the rows
                 dispatch delivered (checked); any H and float dtype (fp32 expert outputs of a bf16
-                dispatch, say), the same on every rank (not checked: that would take an exchange).
+                dispatch, say), the same on every rank (not checked: that would take an exchange;
+                rows of another size on one rank abort gloo's exchange, or fail NCCL's).
             handle: the dispatch's handle. topk_weights: fp32 [N, K] (K of the dispatch's topk_idx)
                 or None (None if the dispatch had no topk_idx).
 
@@ -927,6 +961,9 @@ class Buffer:
         num_local = num_experts // R
         cap = M * R
         hidden = x.shape[1]
+        if not use_fp8 and not x.is_floating_point():
+            raise TypeError(f"x: expected a floating tensor (bfloat16, as DeepEP sends; float16, float32) without "
+                            f"use_fp8, got {x.dtype}")
         if use_fp8 and (x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or hidden % 128):
             raise ValueError(f"x: use_fp8 casts groups of 128 columns of a bfloat16, float16 or float32 tensor, got "
                              f"{x.dtype} with {hidden} columns")

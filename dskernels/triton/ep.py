@@ -170,7 +170,8 @@ def _gather_reduce_kernel(y_ptr, index_ptr, weights_ptr, out_ptr, num_j, num_col
         values = tl.load(y_ptr + start + cols, mask=ok & (src >= 0), other=0.0)
         values = values.to(ACC)
         if HAS_WEIGHTS:
-            values = values * tl.load(weights_ptr + row * stride_weights + j).to(ACC)
+            # A skipped entry's weight is not read: a router may leave NaN or inf there (0 * inf is NaN).
+            values = values * tl.load(weights_ptr + row * stride_weights + j, mask=src >= 0, other=0.0).to(ACC)
         acc += values
     if OUT_BF16:
         out = round_to_bf16(acc).to(tl.bfloat16)  # by hand: the interpreter truncates in .to(bf16)
@@ -184,7 +185,9 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
     num_rows, num_cols = out.shape
     if num_rows == 0 or num_cols == 0:
         return
-    assert y.stride(1) == 1 and out.stride(1) == 1
+    if y.stride(1) != 1 and num_cols > 1:  # (a caller's rows of other strides: the kernel reads unit stride)
+        y = y.contiguous()
+    assert out.stride(1) == 1 or num_cols == 1, "gather_reduce: out must have unit stride in its rows"
     block_c = min(next_power_of_2(num_cols), 1024)
     grid = (num_rows, cdiv(num_cols, block_c))
     # y and out may differ in dtype (the low-latency combine reduces bf16 rows into fp32 partials).
