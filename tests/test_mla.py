@@ -268,6 +268,42 @@ def test_flashmla_lazy_metadata_form(backend):
         dskernels.get_mla_metadata(lens, 4)
 
 
+def test_lazy_metadata_form_names_q_and_k_cache(backend):
+    """The lazy form checks q and k_cache before it plans (its errors used to name
+    get_mla_metadata's arguments, computed from them), and takes h_q = 0 as the explicit form does."""
+    name, device = backend
+    skip_cuda_backend(name)
+    q, k_cache, block_table, lens, dv, _ = make_inputs([20, 3], 1, 2, 2, 16, torch.bfloat16, torch.bfloat16,
+                                                       device=device)
+    for bad_q, bad_cache, match in ((q[:, :, :1], k_cache, "^q: expected h_q to be a multiple of h_kv = 2"),
+                                    (q[:, :0], k_cache, r"^q: expected s_q \(dimension 1\) >= 1"),
+                                    (q, k_cache[:, :, :0], "^k_cache: expected page_size >= 1 and h_kv >= 1")):
+        with pytest.raises(ValueError, match=match):
+            dskernels.flash_mla_with_kvcache(bad_q, bad_cache, block_table, lens, dv, dskernels.get_mla_metadata()[0])
+    out, lse = dskernels.flash_mla_with_kvcache(q[:, :, :0], k_cache, block_table, lens, dv,
+                                                dskernels.get_mla_metadata()[0])
+    assert out.shape == (2, 1, 0, dv) and lse.shape == (2, 0, 1)
+
+
+def test_block_table_of_2_31_keys_or_more():
+    """max_pages * page_size past int32 (a wide table of large pages, unused entries huge): the
+    Triton kernel capped the keys at a product that wrapped negative and dropped every key."""
+    page, d, dv = 65536, 16, 16
+    k_cache = torch.randn(1, page, 1, d).bfloat16()
+    block_table = torch.full((1, 32769), HUGE_PAGE, dtype=torch.int32)
+    block_table[0, 0] = 0
+    lens = torch.tensor([100], dtype=torch.int32)
+    q = torch.randn(1, 1, 1, d).bfloat16()
+    ref_out, ref_lse = python_ref.mla.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv)
+    with dskernels.backend("triton"):
+        meta, splits = dskernels.get_mla_metadata(lens, 1, 1)
+        out, lse = dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, splits)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=LSE_ATOL)
+    tol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=tol["rtol"],
+                               atol=tol["atol_per_v"] * k_cache[0, :100].float().abs().max().item())
+
+
 def test_oracle_definition():
     """python_ref against the formulas of API.md on one sequence of two keys, by hand."""
     d, dv = 16, 8

@@ -108,7 +108,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     Args:
         q: [b, s_q, h_q, d] bfloat16 or float16 (float32 too; on the Triton path its dots are
             IEEE fp32). d = 576 for DeepSeek-V3 (512 latent + 64 rope); any d % 16 == 0 works.
-            The last dimension must have unit stride (other strides are free).
+            Any strides (one without unit stride in d is copied first).
         k_cache: [num_pages, page_size, h_kv, d], q's dtype or torch.float8_e4m3fn (then
             k_scale is required). Token t of sequence i is k_cache[block_table[i, t // page_size],
             t % page_size]. V is k_cache[..., :head_dim_v]: MLA keeps one latent per token.
@@ -171,7 +171,8 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         raise ValueError(f"{given[0]}: applies to sparse attention only (pass indices); dense decode reads an "
                          "fp8 cache with a per-tensor k_scale")
     if isinstance(tile_scheduler_metadata, MLASchedulerMetadata):
-        tile_scheduler_metadata, num_splits = _lazy_plan(tile_scheduler_metadata, q, k_cache, cache_seqlens)
+        tile_scheduler_metadata, num_splits = _lazy_plan(tile_scheduler_metadata, q, k_cache, cache_seqlens,
+                                                         head_dim_v)
     elif num_splits is None:
         raise TypeError("num_splits: expected get_mla_metadata's second tensor with its tile_scheduler_metadata "
                         "(None goes with get_mla_metadata()'s MLASchedulerMetadata only)")
@@ -180,11 +181,14 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         softmax_scale, causal, k_scale)
 
 
-def _lazy_plan(meta: MLASchedulerMetadata, q, k_cache, cache_seqlens) -> tuple[torch.Tensor, torch.Tensor]:
+def _lazy_plan(meta: MLASchedulerMetadata, q, k_cache, cache_seqlens, head_dim_v) -> tuple[torch.Tensor, torch.Tensor]:
     """The plan kept in `meta`, made on its first use (the batch's shapes must stay the same)."""
-    for name, t, ndim in (("q", q, 4), ("k_cache", k_cache, 4), ("cache_seqlens", cache_seqlens, 1)):
-        check_tensor(name, t, ndim=ndim)
-    rows, h_kv = q.shape[1] * q.shape[2] // max(k_cache.shape[2], 1), k_cache.shape[2]
+    # q's and the cache's shapes first: their errors name them, not get_mla_metadata's arguments
+    # computed from them.
+    _check_query_and_cache(q, k_cache, head_dim_v)
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1)
+    # (no query heads: an empty output, planned as one row)
+    rows, h_kv = max(q.shape[1] * q.shape[2] // k_cache.shape[2], 1), k_cache.shape[2]
     key = (tuple(cache_seqlens.shape), rows, h_kv, cache_seqlens.device)
     if meta.plan is None:
         meta.plan, meta.key = get_mla_metadata(cache_seqlens, rows, h_kv), key
@@ -307,22 +311,27 @@ def check_cache_heads(q, k_cache, head_dim_v) -> None:
         raise ValueError(f"head_dim_v: expected at most d = {d}, got {head_dim_v}")
 
 
-def _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                       num_splits, softmax_scale, causal, k_scale) -> None:
+def _check_query_and_cache(q, k_cache, head_dim_v) -> None:
     check_tensor("q", q, ndim=4, dtypes=_Q_DTYPES)
-    b, s_q, h_q, d = q.shape
-    device = q.device
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype, FP8), device=device)
-    check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=device)
-    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
-    check_tensor("tile_scheduler_metadata", tile_scheduler_metadata, ndim=2, dtypes=(torch.int32,), device=device)
-    check_tensor("num_splits", num_splits, ndim=1, dtypes=(torch.int32,), device=device)
+    s_q, d = q.shape[1], q.shape[3]
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype, FP8), device=q.device)
     check_multiple("q", d, 16, "the head dimension d (last dimension)")
     if s_q < 1:
         raise ValueError(f"q: expected s_q (dimension 1) >= 1, got shape {tuple(q.shape)}")
     if k_cache.shape[3] != d:
         raise ValueError(f"k_cache: expected head dimension {d} (q's d), got shape {tuple(k_cache.shape)}")
     check_cache_heads(q, k_cache, head_dim_v)
+
+
+def _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                       num_splits, softmax_scale, causal, k_scale) -> None:
+    _check_query_and_cache(q, k_cache, head_dim_v)
+    b = q.shape[0]
+    device = q.device
+    check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=device)
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
+    check_tensor("tile_scheduler_metadata", tile_scheduler_metadata, ndim=2, dtypes=(torch.int32,), device=device)
+    check_tensor("num_splits", num_splits, ndim=1, dtypes=(torch.int32,), device=device)
     if block_table.shape[0] != b:
         raise ValueError(f"block_table: expected {b} rows (q's batch), got shape {tuple(block_table.shape)}")
     if cache_seqlens.shape[0] != b:

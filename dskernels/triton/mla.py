@@ -85,7 +85,7 @@ def online_softmax_step(s, m_i, l_i, acc, v, FP32_DOT: tl.constexpr):
 def _mla_decode_splitkv_kernel(
         q_ptr, k_ptr, block_table_ptr, seqlens_ptr, meta_ptr, num_splits_ptr, k_scale_ptr,
         out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr,
-        qk_scale_log2, batch, s_q, heads_per_kv, page_size, max_pages, num_pages, max_slots,
+        qk_scale_log2, batch, s_q, heads_per_kv, page_size, max_pages, table_keys, num_pages, max_slots,
         stride_qb, stride_qs, stride_qh,
         stride_kp, stride_kt, stride_kh,
         stride_bt,
@@ -134,8 +134,9 @@ def _mla_decode_splitkv_kernel(
         n_split = tl.load(num_splits_ptr + i + 1) - split_base
         if lo < hi:
             # Keys past the block table are dropped: a garbage length costs no loop past it (the
-            # split is still written, empty where nothing is left)
-            hi = tl.minimum(hi, max_pages * page_size)
+            # split is still written, empty where nothing is left). table_keys: max_pages *
+            # page_size capped at 2**31 - 1 by the launcher (the int32 product would wrap).
+            hi = tl.minimum(hi, table_keys)
             # Keys from the first page id outside the cache on (a bad table or length) are dropped,
             # found before the key loop: a load mask on the loaded ids made Triton pipeline the key
             # loads into 4 buffers, past an sm_89's shared memory.
@@ -144,7 +145,9 @@ def _mla_decode_splitkv_kernel(
                 in_range = (idx <= (hi - 1) // page_size) & (idx < max_pages)
                 ids = tl.load(block_table_ptr + i * stride_bt + idx, mask=in_range, other=0)
                 bad = in_range & ((ids < 0) | (ids >= num_pages))
-                hi = tl.minimum(hi, tl.min(tl.where(bad, idx, max_pages)) * page_size)
+                first_bad = tl.min(tl.where(bad, idx, max_pages))
+                # (first_bad * page_size <= hi - 1 where there is one: no int32 wrap)
+                hi = tl.where(first_bad < max_pages, tl.minimum(hi, first_bad * page_size), hi)
             q_rows = q_ptr + i64 * stride_qb + token * stride_qs + head * stride_qh
             q_v = tl.load(q_rows[:, None] + dv_offs[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
             q_r = tl.load(q_rows[:, None] + dr_offs[None, :], mask=row_ok[:, None] & dr_ok[None, :], other=0.0)
@@ -467,7 +470,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         q, k_cache.view(torch.uint8) if fp8_bytes else k_cache, block_table, cache_seqlens,
         tile_scheduler_metadata, num_splits, k_scale_arg,
         out, lse, out_acc, lse_acc,
-        softmax_scale * LOG2E, b, s_q, heads_per_kv, page_size, block_table.shape[1], k_cache.shape[0], max_splits,
+        softmax_scale * LOG2E, b, s_q, heads_per_kv, page_size, block_table.shape[1],
+        torch.sym_min(block_table.shape[1] * page_size, 2**31 - 1), k_cache.shape[0], max_splits,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0),
