@@ -28,10 +28,15 @@ def _scale(amax: torch.Tensor) -> torch.Tensor:
 
 
 def ceil_to_power_of_two(scale: torch.Tensor) -> torch.Tensor:
-    """The smallest power of two >= scale, for positive fp32 scales (NaN and inf kept): in the bits,
-    a nonzero mantissa carries into the exponent and is then dropped."""
+    """The smallest power of two >= scale, for non-negative fp32 scales (NaN and inf kept): in the
+    bits, a nonzero mantissa carries into the exponent and is then dropped. Subnormals (below
+    2^-126; no cast scale is) are powers of two in their mantissa: the next one up, by bit smearing."""
     bits = scale.view(torch.int32)
-    rounded = ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+    rounded = (bits + 0x7FFFFF) & 0x7F800000
+    smear = (bits & 0x7FFFFF) - 1  # (0 -> -1 -> 0 below: zero stays zero)
+    for shift in (1, 2, 4, 8, 16):
+        smear = smear | (smear >> shift)
+    rounded = torch.where((bits & 0x7F800000) == 0, smear + 1, rounded).view(torch.float32)
     return torch.where(scale.isnan(), scale, rounded)
 
 

@@ -94,21 +94,33 @@ def test_every_schema_has_python_kernels():
 
 @pytest.mark.filterwarnings("ignore:.*autograd kernel was not registered")
 def test_no_gradient_flows_through_the_ops():
-    """Inference kernels on every backend: the reference on CPU gives no gradient either (its tensor
-    ops recorded one that Triton, CUDA and compiled graphs did not give)."""
+    """Inference kernels on every backend: outputs that do not require grad even where an input does
+    (a quantized Parameter), as under no_grad; torch's fallback for ops without an autograd kernel
+    used to mark them as requiring it (deepcopy and .numpy() of the fp8 copy failed, backward only
+    warned). The reference on CPU gives no gradient either (its tensor ops recorded one that
+    Triton, CUDA and compiled graphs did not give)."""
+    import copy
+    import warnings
+
     from test_mla import make_inputs
 
-    x = torch.randn(4, 128, requires_grad=True)
-    x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x)
-    w_fp8, w_scale = dskernels.per_block_cast_to_fp8(torch.randn(256, 128))
-    out = torch.empty(4, 256, dtype=torch.bfloat16)
-    dskernels.gemm_fp8_fp8_bf16_nt((x_fp8, x_scale), (w_fp8, w_scale), out)
-    q, k_cache, block_table, lens, dv, _ = make_inputs([20, 3], 1, 2, 1, 16, torch.float32, torch.float32)
-    q.requires_grad_()
-    meta, splits = dskernels.get_mla_metadata(lens, 2, 1)
-    o, lse = dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, splits)
-    (x_scale.sum() + out.float().sum() + o.nan_to_num().sum()).backward()
-    assert x.grad is None and q.grad is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the fallback's "autograd kernel was not registered")
+        x = torch.randn(4, 128, requires_grad=True)
+        x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x)
+        w = torch.nn.Parameter(torch.randn(256, 128))
+        w_fp8, w_scale = dskernels.per_block_cast_to_fp8(w)
+        out = torch.empty(4, 256, dtype=torch.bfloat16)
+        dskernels.gemm_fp8_fp8_bf16_nt((x_fp8, x_scale), (w_fp8, w_scale), out)
+        q, k_cache, block_table, lens, dv, _ = make_inputs([20, 3], 1, 2, 1, 16, torch.float32, torch.float32)
+        q.requires_grad_()
+        meta, splits = dskernels.get_mla_metadata(lens, 2, 1)
+        o, lse = dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, splits)
+        swiglu = dskernels.silu_and_mul_cast_to_fp8(torch.randn(4, 256, requires_grad=True))
+    assert not any(t.requires_grad for t in (x_fp8, x_scale, w_fp8, w_scale, out, o, lse, *swiglu))
+    copy.deepcopy(w_fp8)
+    w_scale.numpy()
+    w_scale.mul_(2)
 
 
 def test_import_without_triton_interpret_in_a_fresh_process():

@@ -1,5 +1,6 @@
 """per_token_cast_to_fp8 / per_block_cast_to_fp8 on every backend against python_ref."""
 
+import numpy
 import pytest
 import torch
 import torch._dynamo.testing
@@ -135,6 +136,10 @@ def test_deepgemm_keywords():
     dskernels.per_token_cast_to_fp8(x, use_packed_ue8m0=False)
     with pytest.raises(ValueError, match="^use_packed_ue8m0: the scales are fp32 here"):
         dskernels.per_token_cast_to_fp8(x, use_packed_ue8m0=True)
+    with pytest.raises(ValueError, match="^use_ue8m0: DeepGEMM's name for round_scale; got use_ue8m0=False"):
+        dskernels.per_token_cast_to_fp8(x, round_scale=True, use_ue8m0=False)  # (used to round anyway)
+    with pytest.raises(TypeError, match="^round_scale: expected a Python bool, got numpy.bool"):
+        dskernels.per_token_cast_to_fp8(x, round_scale=numpy.bool_(True))
 
 
 def test_deepgemm_utils_module():
@@ -146,6 +151,10 @@ def test_deepgemm_utils_module():
     assert (utils.align(130, 128), utils.align(128, 128), utils.ceil_div(5, 2)) == (256, 128, 3)
     scales = torch.tensor([0.3, -3.0, 4.0, 1e-30, 2.0 ** -126])
     assert utils.ceil_to_ue8m0(scales).tolist() == [0.5, 4.0, 4.0, 2.0 ** -99, 2.0 ** -126]
+    # Subnormals: their own powers of two (the exponent bits alone gave 2^-126 for all of them).
+    tiny = torch.tensor([2.0 ** -130, 2.0 ** -127, 1e-40, 3 * 2.0 ** -149, 2.0 ** -149, 0.0, 2.0 ** -126 * 0.75])
+    assert utils.ceil_to_ue8m0(tiny).tolist() == [2.0 ** -130, 2.0 ** -127, 2.0 ** -132, 2.0 ** -147, 2.0 ** -149,
+                                                  0.0, 2.0 ** -126]
     with pytest.raises(TypeError, match="^x: expected a float32 tensor"):
         utils.ceil_to_ue8m0(scales.double())
 
@@ -257,6 +266,12 @@ def test_empty_inputs(backend):
     assert x_fp8.shape == (0, 256) and x_scale.shape == (0, 2)
     w_fp8, w_scale = dskernels.per_block_cast_to_fp8(torch.empty(0, 128, device=device))
     assert w_fp8.shape == (0, 128) and w_scale.shape == (0, 1)
+    # k = 0 (torch gives [m, 0] strides (1, 1), which the CUDA launcher's row alignment refused)
+    for dtype in (torch.bfloat16, torch.float32):
+        x_fp8, x_scale = dskernels.per_token_cast_to_fp8(torch.empty(4, 0, device=device, dtype=dtype))
+        assert x_fp8.shape == (4, 0) and x_scale.shape == (4, 0)
+        w_fp8, w_scale = dskernels.per_block_cast_to_fp8(torch.empty(130, 0, device=device, dtype=dtype))
+        assert w_fp8.shape == (130, 0) and w_scale.shape == (2, 0)
 
 
 @pytest.mark.parametrize("op", [dskernels.per_token_cast_to_fp8, dskernels.per_block_cast_to_fp8])

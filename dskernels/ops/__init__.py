@@ -10,6 +10,17 @@ autograd (dskernels.ep)."""
 import importlib
 import pkgutil
 
+import torch
+
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
+
+# No op has an autograd kernel, and torch's fallback for such an op marks its outputs as requiring
+# grad (a grad_fn whose backward only warns) when an input does: the fp8 copy of a Parameter then
+# failed deepcopy, .numpy() and in-place updates. A fallthrough skips the autograd key for them:
+# outputs that need no grad, as under no_grad.
+_AUTOGRAD = torch.library.Library("dskernels", "IMPL")
+for _name in torch._C._dispatch_get_all_op_names():
+    if _name.startswith("dskernels::"):
+        _AUTOGRAD.impl(_name.split("::", 1)[1], torch.library.fallthrough_kernel, "Autograd")
