@@ -63,10 +63,17 @@ def with_cuda():
     if cpu_only():
         return False
     home = cpp_extension.CUDA_HOME
+    # torch guesses CUDA_HOME from the first nvcc on PATH; a wrapper script there gives a root
+    # without the toolkit's headers. Unless CUDA_HOME was set, the usual toolkit link is taken.
+    usual = "/usr/local/cuda"
+    if (not os.environ.get("CUDA_HOME") and home is not None
+            and not os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+            and os.path.exists(os.path.join(usual, "include", "cuda_runtime.h"))):
+        home = cpp_extension.CUDA_HOME = usual
+        os.environ["CUDA_HOME"] = usual
     if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
         return False
-    # torch guesses CUDA_HOME from the first nvcc on PATH; a wrapper script there gives a root
-    # without the toolkit's headers, and the compile then fails deep inside torch's headers.
+    # Without the headers the compile would fail deep inside torch's headers.
     if not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
         raise RuntimeError(
             f"dskernels: CUDA_HOME={home}{'' if os.environ.get('CUDA_HOME') else ' (torch guessed it from the nvcc on PATH)'} "
@@ -111,7 +118,9 @@ setup(
     description="DeepSeek-V3 kernels for Hopper: MLA decode, FP8 GEMMs, EP dispatch/combine, DualPipe",
     packages=find_packages(include=["dskernels", "dskernels.*", "python_ref", "python_ref.*"]),
     python_requires=">=3.10",
-    install_requires=["torch"],  # and its Triton; pip keeps the torch already installed
+    # torch and its Triton (pip keeps the torch already installed); numpy for Triton's interpreter
+    # (CPU runs of the Triton kernels) and torch's tensor <-> numpy conversions.
+    install_requires=["torch", "numpy"],
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

@@ -6,6 +6,13 @@
 // Python dispatcher after it has validated the inputs and allocated the outputs.
 #include <Python.h>
 #include <torch/library.h>
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#else
+#include <torch/version.h>
+#endif
+
+#include <string>
 
 // `import dskernels._C` loads this shared object; the registrations below run as it loads.
 // No pybind11: the module is empty and the ops are reached through torch.ops.dskernels.
@@ -155,5 +162,12 @@ TORCH_LIBRARY(dskernels, m) {
 #else
     return "cpu";
 #endif
+  });
+  // The torch this build was compiled against, "major.minor.patch": dskernels/__init__.py refuses
+  // to load under another major.minor (the C++ ABI differs between releases, and an isolated
+  // `pip install .` compiles against whatever torch the index has).
+  m.def("_built_torch_version() -> str", []() -> std::string {
+    return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+           std::to_string(TORCH_VERSION_PATCH);
   });
 }

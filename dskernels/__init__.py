@@ -21,6 +21,20 @@ except ImportError as e:  # pragma: no cover - only on a broken install
            if other_torch else
            "Build it with `bash scripts/build.sh` (see README.md); a CUDA toolkit is optional.")) from e
 
+def _check_torch_version() -> None:
+    """_C works with the torch release it was compiled against only (its C++ ABI): another one may
+    load without an undefined symbol and fail later, so it is refused here, saying what to do."""
+    built = torch.ops.dskernels._built_torch_version()
+    running = torch.__version__.split("+")[0]
+    if built.split(".")[:2] != running.split(".")[:2]:
+        raise ImportError(
+            f"dskernels._C was built against torch {built}, but this is torch {torch.__version__}: rebuild it "
+            "against the installed torch (`pip install --no-build-isolation .`, or `bash scripts/build.sh` in a "
+            "checkout; an isolated `pip install .` compiles against the torch its build environment fetched)")
+
+
+_check_torch_version()
+
 from dskernels import ops  # noqa: E402,F401  (registers the Python kernels)
 from dskernels._backend import available_backends, backend, current_backend  # noqa: E402
 from dskernels.ops.einsum import einsum, fp8_einsum  # noqa: E402

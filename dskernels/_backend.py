@@ -50,12 +50,19 @@ def triton_interpret() -> bool:
 
 
 @functools.cache
-def triton_installed() -> bool:
+def _triton_import_error() -> str | None:
+    """Why `import triton` fails here (None: it works). Its interpreter also needs numpy."""
     try:
         import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        if triton_interpret():
+            import numpy  # noqa: F401
+    except ImportError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def triton_installed() -> bool:
+    return _triton_import_error() is None
 
 
 @functools.cache
@@ -134,7 +141,8 @@ def _require_triton(op: str, has_triton: bool) -> None:
     if not has_triton:
         raise NotImplementedError(f"{op}: no Triton kernel; use the 'ref' backend")
     if not triton_installed():
-        raise RuntimeError(f"{op}: the 'triton' backend needs the triton package")
+        raise RuntimeError(f"{op}: the 'triton' backend needs the triton package (and numpy for its "
+                           f"interpreter, TRITON_INTERPRET=1); importing them here failed: {_triton_import_error()}")
 
 
 def env_choice(name: str, choices: tuple[str, ...]) -> str | None:

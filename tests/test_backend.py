@@ -251,3 +251,26 @@ def test_every_registered_kernel_is_guarded():
         for match in re.finditer(r'@torch\.library\.register_kernel\(([^\n]*)\)\n(?!@on_tensor_device\n)', source):
             unguarded.append(f"{os.path.basename(path)}: {match.group(1)}")
     assert not unguarded, unguarded
+
+
+def test_refuses_a_torch_release_it_was_not_built_against(monkeypatch):
+    """An isolated `pip install .` compiles against the torch its build environment fetched; the
+    library then says so at import instead of failing later (the C++ ABI differs between releases)."""
+    built = torch.ops.dskernels._built_torch_version()
+    assert built.split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
+    major, minor = built.split(".")[:2]
+    monkeypatch.setattr(torch, "__version__", f"{major}.{int(minor) + 1}.0+cpu")
+    with pytest.raises(ImportError, match=rf"^dskernels._C was built against torch {built}, but this is torch "):
+        dskernels._check_torch_version()
+    monkeypatch.setattr(torch, "__version__", f"{major}.{minor}.99")  # another patch release: fine
+    dskernels._check_torch_version()
+
+
+def test_triton_refusal_says_why(monkeypatch):
+    """A forced Triton backend that cannot import triton (or numpy, its interpreter's) says what
+    failed, not just that a package is missing."""
+    from dskernels import _backend
+
+    monkeypatch.setattr(_backend, "_triton_import_error", lambda: "ModuleNotFoundError: No module named 'numpy'")
+    with dskernels.backend("triton"), pytest.raises(RuntimeError, match="No module named 'numpy'"):
+        dskernels.per_token_cast_to_fp8(torch.randn(2, 128))
