@@ -24,7 +24,10 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 def _check_torch_version() -> None:
     """_C works with the torch release it was compiled against only (its C++ ABI): another one may
     load without an undefined symbol and fail later, so it is refused here, saying what to do."""
-    built = torch.ops.dskernels._built_torch_version()
+    try:
+        built = torch.ops.dskernels._built_torch_version()
+    except (AttributeError, RuntimeError):  # a _C built before it recorded this: nothing to compare
+        return
     running = torch.__version__.split("+")[0]
     if built.split(".")[:2] != running.split(".")[:2]:
         raise ImportError(
