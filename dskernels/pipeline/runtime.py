@@ -102,13 +102,16 @@ def _scatter(inputs, num_chunks, dim, name="inputs"):
     return [tuple(p[i] for p in parts) for i in range(num_chunks)]
 
 
-def _batch_rows(tensors, dim: int, name: str) -> int:
-    """Rows along dim shared by every tensor of `tensors` (a tensor, a sequence or None; None
-    entries skipped), -1 when there is none. Tensors whose rows differ would be split into chunks
-    that do not line up: ValueError naming `name`."""
+def _batch_rows(tensors, dim: int, name: str, same: bool) -> int:
+    """Rows along dim of the first tensor of `tensors` (a tensor, a sequence or None; None entries
+    skipped), -1 when there is none. same: every tensor must have them (labels: one whose rows
+    differ would be split into chunks that do not line up; ValueError naming `name`)."""
     if isinstance(tensors, torch.Tensor):
         tensors = (tensors,)
-    rows = {t.shape[dim] for t in (tensors or ()) if isinstance(t, torch.Tensor) and -t.dim() <= dim < t.dim()}
+    rows = [t.shape[dim] for t in (tensors or ()) if isinstance(t, torch.Tensor) and -t.dim() <= dim < t.dim()]
+    if not same:
+        return rows[0] if rows else -1
+    rows = set(rows)
     if len(rows) > 1:
         raise ValueError(f"{name}: expected the same number of rows along batch_dim in every tensor, got {sorted(rows)}")
     return rows.pop() if rows else -1
@@ -660,8 +663,8 @@ class _Runtime(nn.Module):
         self.return_outputs = return_outputs
         self._input_chunks, self._label_chunks = self._split_inputs(inputs, labels, num_chunks)
         # (rows of this rank's inputs, of its labels): compared across ranks in _agree.
-        self._rows_here = (_batch_rows(inputs, self.batch_dim, "inputs") if self._input_chunks else -1,
-                           _batch_rows(labels, self.batch_dim, "labels") if self._label_chunks else -1)
+        self._rows_here = (_batch_rows(inputs, self.batch_dim, "inputs", same=False) if self._input_chunks else -1,
+                           _batch_rows(labels, self.batch_dim, "labels", same=True) if self._label_chunks else -1)
         self._inputs, self._outputs, self._losses, self._final_outputs = {}, {}, {}, {}
         self._loss_values = {}
         self._local, self._outbox, self._arrived = {}, {}, {}
@@ -681,11 +684,11 @@ class _Runtime(nn.Module):
         ranks that run different plans would misparse each other's messages or wait forever.
         failed: this rank rejected its arguments (it raises its own error after this)."""
         in_rows, label_rows = (-1, -1) if failed else self._rows_here
-        mine = torch.tensor([int(failed), _KIND_IDS[self._KIND], num_chunks, int(forward_only), fingerprint,
-                             in_rows, label_rows], dtype=torch.int64, device=self._device())
-        if self.num_ranks == 1:
-            rows = [mine]
+        values = [int(failed), _KIND_IDS[self._KIND], num_chunks, int(forward_only), fingerprint, in_rows, label_rows]
+        if self.num_ranks == 1:  # (no tensor: nothing to gather, and no host read of one)
+            rows = [values]
         else:
+            mine = torch.tensor(values, dtype=torch.int64, device=self._device())
             rows = [torch.empty_like(mine) for _ in range(self.num_ranks)]
             counts = use_counts([mine, *rows])
             work = dist.all_gather(rows, mine, group=self.group, async_op=True)
@@ -695,7 +698,8 @@ class _Runtime(nn.Module):
             wait_released([mine, *rows], counts)  # else a rank returning right after may abort (see there)
         if failed:
             return
-        by_rank = {self.rank_mapping[i]: row.tolist() for i, row in enumerate(rows)}  # pipeline rank -> row
+        by_rank = {self.rank_mapping[i]: row if isinstance(row, list) else row.tolist()  # pipeline rank -> row
+                   for i, row in enumerate(rows)}
 
         def who(column, words):
             ranks: dict = {}
