@@ -3,23 +3,36 @@
 The public contract is docs/api.md; every op runs on the sm90 CUDA kernel, Triton or the
 pure-PyTorch reference (see `backend`)."""
 
+import os
+
 import torch  # (loads libc10/libtorch, which _C links against)
+
+
+def _load_error(e: ImportError) -> str:
+    """What a failed `import dskernels._C` means, and what to do."""
+    text = str(e)
+    here = os.path.dirname(os.path.abspath(__file__))
+    if "cannot import name '_C'" in text:  # Python calls this a circular import; it is a missing build
+        return (f"dskernels._C is not built in {here}: run `bash scripts/build.sh` (or scripts/install.sh) in the "
+                "checkout; a CUDA toolkit is optional (README.md, 'Building'). (If dskernels is installed, a "
+                "checkout on sys.path, e.g. the current directory, shadows it.)")
+    if "libc10_cuda" in text or "libcudart" in text:
+        return (f"dskernels._C could not be loaded ({text}): it was built with the CUDA kernels, and this torch "
+                f"({torch.__version__}) has no CUDA libraries. Install a CUDA build of torch, or rebuild "
+                "without the kernels (DSKERNELS_CPU_ONLY=1 bash scripts/build.sh).")
+    if "undefined symbol" in text:  # almost always a build against another torch (C++ ABI)
+        return (f"dskernels._C could not be loaded ({text}). It was built against another torch than this "
+                f"one ({torch.__version__}): rebuild it against the installed torch with "
+                "`pip install --no-build-isolation .` (`-e .` in a checkout) or `bash scripts/build.sh`.")
+    return (f"dskernels._C could not be loaded ({text}). Build it with `bash scripts/build.sh` (see README.md); "
+            "a CUDA toolkit is optional.")
+
 
 try:
     from dskernels import _C  # noqa: F401  (loads the schemas and the CUDA kernels)
 except ImportError as e:  # pragma: no cover - only on a broken install
-    # An undefined symbol almost always means a build against another torch (pip's isolated
-    # build environment fetches its own): the C++ ABI differs between torch releases.
-    other_torch = "undefined symbol" in str(e)
-    if "cannot import name '_C'" in str(e):  # Python calls this a circular import; it is a missing build
-        raise ImportError("dskernels._C is not built: run `bash scripts/build.sh` (or scripts/install.sh) in the "
-                          "checkout; a CUDA toolkit is optional (README.md, 'Building')") from e
-    raise ImportError(
-        f"dskernels._C could not be loaded ({e}). "
-        + (f"It was built against another torch than this one ({torch.__version__}): rebuild it "
-           "against the installed torch with `pip install --no-build-isolation -e .` or `bash scripts/build.sh`."
-           if other_torch else
-           "Build it with `bash scripts/build.sh` (see README.md); a CUDA toolkit is optional.")) from e
+    raise ImportError(_load_error(e)) from e
+
 
 def _check_torch_version() -> None:
     """_C works with the torch release it was compiled against only (its C++ ABI): another one may

@@ -274,3 +274,16 @@ def test_triton_refusal_says_why(monkeypatch):
     monkeypatch.setattr(_backend, "_triton_import_error", lambda: "ModuleNotFoundError: No module named 'numpy'")
     with dskernels.backend("triton"), pytest.raises(RuntimeError, match="No module named 'numpy'"):
         dskernels.per_token_cast_to_fp8(torch.randn(2, 128))
+
+
+def test_load_errors_say_what_to_do():
+    """A _C that fails to load: the message names the cause (no build, a CUDA build under a torch
+    without CUDA, another torch) and the command that mends it."""
+    cases = [("cannot import name '_C' from partially initialized module", ["not built in", "scripts/build.sh",
+                                                                              "shadows"]),
+             ("libc10_cuda.so: cannot open shared object file", ["no CUDA libraries", "DSKERNELS_CPU_ONLY=1"]),
+             ("_C.so: undefined symbol: _ZN3c10", ["another torch", "--no-build-isolation"]),
+             ("something else", ["scripts/build.sh"])]
+    for text, words in cases:
+        message = dskernels._load_error(ImportError(text))
+        assert all(w in message for w in words), (text, message)
