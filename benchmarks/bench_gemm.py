@@ -310,6 +310,46 @@ def _contiguous_case(groups, m_per_group, n, k, device):
                 cuda_variants=GROUPED_CONFIG_VARIANTS)
 
 
+def _routed_case(tokens, n, k, device, experts=256, topk=8):
+    """A decode step's routed experts through the contiguous layout, as the model lays them out
+    (V3: 8 of 256 experts per token, rows sorted by expert): one to a few rows per expert, so a
+    tile of rows meets dozens of experts (the Triton kernel's run slots). Weight-bound: bytes count
+    the weights of the experts chosen, all the step reads besides its few rows (GB/s against the
+    copy rate is the figure that matters here)."""
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(tokens)]).flatten().sort().values
+    counts = torch.bincount(ids, minlength=experts).tolist()
+    m, used = ids.numel(), sum(1 for c in counts if c)
+    firsts = [sum(counts[:e]) for e in range(experts)]
+
+    def make_inputs(dev):
+        _, a, sa = _cast_pair(m, k, dev, per_block=False)
+        # one expert at a time: 256 experts' bf16 draws at once would take 15 GB at V3's gate_up
+        b = torch.empty(experts, n, k, dtype=torch.float8_e4m3fn, device=dev)
+        sb = torch.empty(experts, k // 128, -(-n // 128), device=dev).transpose(1, 2)  # the weights' load-time layout
+        for e in range(experts):
+            _, q, s = _cast_pair(n, k, dev, per_block=True)
+            b[e], sb[e] = q, s
+        m_indices = ids.to(device=dev, dtype=torch.int32)
+        return a, sa, b, sb, torch.empty(m, n, device=dev, dtype=torch.bfloat16), m_indices
+
+    def run(a, sa, b, sb, out, m_indices):
+        dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)
+        return out
+
+    def reference(a, sa, b, sb, out, m_indices):
+        return ref.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, m_indices)
+
+    peers = {}
+    if device == "cuda":
+        peers = {"torch._scaled_mm": _grouped_scaled_mm_peer(list(zip(firsts, counts)))}
+    return Case(op="m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
+                params={"routing": "decode", "tokens": tokens, "experts": experts, "topk": topk, "n": n, "k": k},
+                make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * m * n * k,
+                bytes=_bytes(m, n, k, used), peers=peers, backends=("ref", "triton", "cuda"), compute_dtype="fp8",
+                cuda_variants=GROUPED_CONFIG_VARIANTS)
+
+
 def _masked_case(groups, expected_m, n, k, device, m_max):
     # DeepGEMM draws each group's rows around expected_m (0.7x to 1.3x); fixed here per shape.
     rng = random.Random(groups * 7919 + expected_m)
@@ -485,7 +525,8 @@ def cases(quick: bool, device: str) -> list[Case]:
         return [_dense_case(7, 200, 256, device), _dense_case(130, 144, 256, device),
                 _weight_gradient_case(7, 200, 256, device), _k_grouped_case(3, 128, 7, 200, device),
                 _k_grouped_case(3, 128, 7, 200, device, layout="tn"),
-                _contiguous_case(3, 64, 144, 256, device), _masked_case(2, 40, 144, 256, device, m_max=64),
+                _contiguous_case(3, 64, 144, 256, device), _routed_case(5, 144, 256, device, experts=16, topk=4),
+                _masked_case(2, 40, 144, 256, device, m_max=64),
                 _bf16_contiguous_case(3, 64, 144, 200, device, psum=True), _bf16_masked_case(2, 40, 144, 200, device, 64),
                 _bf16_k_grouped_case(3, 100, 7, 200, device),
                 _fp8_einsum_case("bhd,hdr->bhr", 3, 2, device, latent=256),
@@ -498,6 +539,9 @@ def cases(quick: bool, device: str) -> list[Case]:
         found.append(_dense_case(64, *DENSE_NK[0], device))
     for groups, m_per_group in ([(4, 8192)] if quick else [(4, 8192), (8, 4096)]):
         found += [_contiguous_case(groups, m_per_group, n, k, device) for n, k in GROUPED_NK]
+    # decode's routed experts (the model's layout): one to a few rows per expert
+    found += [_routed_case(tokens, n, k, device) for tokens in ((32,) if quick else (1, 32, 128))
+              for n, k in (GROUPED_NK[:1] if quick else GROUPED_NK)]
     for groups, expected_m in ([(4, 256)] if quick else [(1, 1024), (2, 512), (4, 256)]):
         # m_max = 4096 as DeepGEMM's masked test allocates it.
         found += [_masked_case(groups, expected_m, n, k, device, m_max=4096) for n, k in GROUPED_NK]

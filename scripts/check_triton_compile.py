@@ -410,7 +410,8 @@ def gemm_cases(compiler: Compiler) -> None:
         if call is k_grouped_unaligned:
             continue
         configs = (triton_gemm._bf16_gpu_configs(max_block_m, call is not bf16_masked) if call in bf16
-                   else [] if call in tma_ws_only else triton_gemm._gpu_configs(max_block_m, call in per_row))
+                   else [] if call in tma_ws_only
+                   else triton_gemm._gpu_configs(max_block_m, call in per_row, call in (contiguous, contiguous_psum)))
         if call in tma_ws and compiler.target.name == "90a":
             configs = configs + triton_gemm._tma_ws_configs()
         for config in configs:  # the autotuning candidates

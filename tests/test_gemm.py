@@ -283,6 +283,56 @@ def test_m_grouped_contiguous_matches_oracle_function(backend):
     assert calc_diff(out[valid], expected[valid]) < 2**-15
 
 
+def routed_layout(tokens: int, experts: int, topk: int, device, seed: int = 0):
+    """m_indices of a decode step's MoE: each token's topk distinct experts, rows sorted by expert
+    (the model's layout), some ids past the last expert (-1 rows of other ranks) at the end;
+    returns (m_indices, {g: (first, end)})."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(tokens)]).flatten()
+    ids = torch.where(ids >= experts - 2, -1, ids)  # the last two experts live elsewhere
+    ids = torch.where(ids >= 0, ids, experts).sort().values
+    m_indices = torch.where(ids < experts, ids, -1).int()
+    ranges = {}
+    for e in range(experts):
+        rows = (m_indices == e).nonzero().flatten().tolist()
+        if rows:
+            ranges[e] = (rows[0], rows[-1] + 1)
+    return m_indices.to(device), ranges
+
+
+@pytest.mark.parametrize("slots", [None, 1, 3], ids=["heuristic_slots", "one_slot", "three_slots"])
+def test_m_grouped_contiguous_decode_routing(backend, slots, monkeypatch):
+    """Decode routing (12 tokens x 4 of 20 experts): a tile holds many runs of one to a few rows.
+    The Triton kernel spreads a tile's runs over programs (_run_slots): its own count, one program
+    walking them all, and three each taking every third run, against the oracle per expert."""
+    name, device = backend
+    if slots is not None:
+        if name != "triton":
+            pytest.skip("the run slots are the Triton kernel's")
+        from dskernels.triton import gemm as triton_gemm
+
+        monkeypatch.setattr(triton_gemm, "_run_slots", lambda *_: slots)
+    experts, n = 20, 144
+    m_indices, ranges = routed_layout(12, experts, 4, device)
+    x, a, sa = quantized_pair(m_indices.numel(), K, device, per_block=False, scale_layout="row")
+    poison_rows(a, sa, m_indices == -1)
+    w, b, sb = grouped_weights(experts, n, K, device, "row")
+    out = empty_out(m_indices.numel(), n, device=device)
+    dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (b, sb), out, m_indices)
+    assert_segments_close(out, ranges, x, a, sa, w, b, sb)
+
+
+def test_run_slots():
+    """One program per tile in DeepGEMM's aligned layouts and the psum one; about a tile's runs in
+    decode routing; never more than the tile's rows or m."""
+    from dskernels.triton.gemm import _run_slots
+
+    assert _run_slots(4 * 8192, 4, 128, False) == 1 and _run_slots(8 * 4096, 8, 64, False) == 1
+    assert _run_slots(8, 256, 64, True) == 1 and _run_slots(0, 4, 64, False) == 1
+    assert [_run_slots(8 * t, 256, 64, False) for t in (1, 32, 128)] == [8, 64, 17]
+    assert _run_slots(3, 256, 64, False) == 3 and _run_slots(10_000, 10_000, 32, False) == 32
+
+
 def psum_layout(sizes, device, tail: int = 40):
     """DeepGEMM's psum layout for groups of `sizes` rows: each group starts at the previous end
     rounded up to 128; returns (ends int32 [G], {g: (first, end)}, total rows with `tail` rows past

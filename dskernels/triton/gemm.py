@@ -321,26 +321,37 @@ def _contiguous_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, idx_ptr, m, n, k, 
                        GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr,
                        SCALED: tl.constexpr, PSUM: tl.constexpr, ZERO_PAD: tl.constexpr, BLOCK_G: tl.constexpr):
     """SCALED: FP8 with scales (_scaled_tile), else bf16 (_dot_tile). idx: one group id per row,
-    or (PSUM) the groups' cumulative row ends (_psum_groups). ZERO_PAD: rows in no group get zeros."""
+    or (PSUM) the groups' cumulative row ends (_psum_groups). ZERO_PAD: rows in no group get zeros.
+
+    Grid (tiles, run slots): a tile's rows fall into runs of one group id, each a whole K loop
+    over its own b[g]; program (tile, slot) takes the tile's runs slot, slot + slots, ... In
+    DeepGEMM's 128-aligned layouts a tile holds one run (one slot); in decode shapes (a few rows
+    per expert, _run_slots) dozens, which one program would otherwise walk one after another."""
     num_pid_m = tl.cdiv(m, BLOCK_M)
     num_pid_n = tl.cdiv(n, BLOCK_N)
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
     offs = tl.arange(0, BLOCK_M)
     rows = pid_m * BLOCK_M + offs
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < m
     col_ok = cols < n
     if PSUM:
         tl.static_assert(128 % BLOCK_M == 0)  # a tile never straddles a group start
         group_of_row = _psum_groups(idx_ptr, rows, pid_m * BLOCK_M, groups, stride_idx, BLOCK_G)
+        group_before = _psum_groups(idx_ptr, rows - 1, pid_m * BLOCK_M, groups, stride_idx, BLOCK_G)
     else:
-        group_of_row = tl.load(idx_ptr + rows.to(tl.int64) * stride_idx, mask=rows < m, other=-1)
-    # Walk the runs of equal group ids in this tile; rows of one run share one b[g].
-    start = pid_m * 0
-    while start < BLOCK_M:
-        group = tl.sum(tl.where(offs == start, group_of_row, 0))
-        end = tl.min(tl.where((offs > start) & (group_of_row != group), offs, BLOCK_M))
+        group_of_row = tl.load(idx_ptr + rows.to(tl.int64) * stride_idx, mask=row_ok, other=-1)
+        group_before = tl.load(idx_ptr + (rows - 1).to(tl.int64) * stride_idx, mask=row_ok & (offs > 0), other=-1)
+    # Runs: maximal stretches of rows with one group id, numbered in row order (-1: rows past m).
+    # Each run's group is read off its first row, the only one where start_group keeps it.
+    starts = row_ok & ((offs == 0) | (group_of_row != group_before))
+    run_of_row = tl.where(row_ok, tl.cumsum(starts.to(tl.int32), 0) - 1, -1)
+    start_group = tl.where(starts, group_of_row, 0)
+    num_runs = tl.sum(starts.to(tl.int32), 0)
+    for r in range(tl.program_id(1), num_runs, tl.num_programs(1)):
+        in_run = run_of_row == r
+        group = tl.sum(tl.where(in_run, start_group, 0))
         valid = (group >= 0) & (group < groups)
-        in_run = (offs >= start) & (offs < end) & (rows < m)
         run = in_run & valid
         safe_group = tl.where(valid, group, 0).to(tl.int64)
         if SCALED:
@@ -355,7 +366,6 @@ def _contiguous_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, idx_ptr, m, n, k, 
         # A run in no group did no K-loop work: its acc is zeros, stored when ZERO_PAD asks for them.
         stored = in_run if ZERO_PAD else run
         _store_bf16(out_ptr, acc, rows, cols, stored[:, None] & col_ok[None, :], stride_om, stride_on, ROUND_BF16)
-        start = end
 
 
 @triton.jit
@@ -458,18 +468,24 @@ _INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=2)
 INTERPRETER_PERSISTENT_PROGRAMS = 3
 
 
-def _gpu_configs(max_block_m: int, sb_per_row: bool = False) -> list[triton.Config]:
+def _gpu_configs(max_block_m: int, sb_per_row: bool = False, lean: bool = False) -> list[triton.Config]:
     """Candidate tiles for Hopper-class GPUs (BLOCK_K is fixed at 128, the scale width).
 
     No 128 x 256 (8 warps) or 128 x 128 (4 warps): the accumulator and each K block's product are
     both fp32 tiles in registers, and those spill (ptxas sm_90a through Triton 3.8, 2026-11-23).
     With per-row b scales (sb_per_row) no 128 x 128 at all: each thread also holds the scales of its
-    32 accumulator columns, and 8 warps spill 12-36 bytes (same ptxas, 2026-12-03).
+    32 accumulator columns, and 8 warps spill 12-36 bytes (same ptxas, 2026-12-03). lean (the
+    contiguous kernel, _FP8_LEAN_KERNELS): no 128 x 64 in 4 warps either, at 255 registers there
+    without its run bookkeeping and 4 bytes spilled with it (same ptxas, 2026-12-05).
     """
     shapes = [(128, 128, 4, 8), (128, 128, 3, 8), (128, 128, 5, 8), (64, 256, 3, 8), (64, 128, 4, 4),
               (128, 64, 4, 4), (64, 64, 5, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
-            for bm, bn, stages, warps in shapes if bm <= max_block_m and not (sb_per_row and bm == bn == 128)]
+            for bm, bn, stages, warps in shapes if bm <= max_block_m and not (sb_per_row and bm == bn == 128)
+            and not (lean and (bm, bn, warps) == (128, 64, 4))]
+
+
+_FP8_LEAN_KERNELS = ("_contiguous_kernel",)
 
 
 # The bf16 kernels whose code around the dot holds more live values (the contiguous kernel's run
@@ -593,7 +609,7 @@ def _tuned(kernel_name: str, max_block_m: int, accumulate: bool = False, sb_per_
     key = ["m_bucket", "n", "k_blocks", "split_key", "SB_PER_ROW", "OUT_FP32", "ACCUMULATE", "K_MAJOR", "PSUM"]
     # A kernel that adds to out runs once per candidate while tuning: out is put back after each.
     restore = ["out_ptr"] if accumulate else None
-    configs = (_gpu_configs(max_block_m, sb_per_row) if scaled
+    configs = (_gpu_configs(max_block_m, sb_per_row, kernel_name in _FP8_LEAN_KERNELS) if scaled
                else _bf16_gpu_configs(max_block_m, kernel_name in _BF16_LEAN_KERNELS))
     prune = None
     if kernel_name == "_gemm_kernel":  # every tile also split along K, where _split_count splits it
@@ -813,10 +829,24 @@ def _contiguous(a, sa, b, sb, out, layout, psum: bool, zero_pad: bool, m_hint: i
     args = (a_op, sa_op, b_op, sb_op, out, layout, m, n, k, k // GROUP_SIZE, groups,
             *a_op.stride(), stride_sam, stride_sak, *b_op.stride(), *stride_sb, *out.stride(), layout.stride(0),
             _m_bucket(m_hint if m_hint > 0 else m))
-    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+                         _run_slots(m, groups, meta["BLOCK_M"], psum))
     # At most 128 rows per tile: in DeepGEMM's 128-aligned layouts every tile then holds one group.
     _launch("_contiguous_kernel", grid, args, m_hint if m_hint > 0 else m, n, fp8_dot=fp8_dot, max_block_m=128,
             SCALED=scaled, PSUM=psum, ZERO_PAD=zero_pad, BLOCK_G=next_power_of_2(max(groups, 1)) if psum else 1)
+
+
+def _run_slots(m: int, groups: int, block_m: int, psum: bool) -> int:
+    """Programs per tile of the contiguous kernel (its run slots): about the runs a tile of
+    block_m rows holds where the layout's segments (at most one per group and one of padding
+    rows between them) spread evenly over the m rows; at most block_m and m. One in DeepGEMM's
+    aligned layouts (4 x 8192 rows: 1) and the psum layout (a tile never holds two groups);
+    decode routing (8 rows per token over 256 experts, 64-row tiles): 8 at one token, 64 at 32,
+    17 at 128."""
+    if psum or m == 0:
+        return 1
+    segments = min(groups + 1, m)
+    return max(1, min(block_m, m, cdiv(block_m * segments, m)))
 
 
 def m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m: int) -> None:
