@@ -82,12 +82,15 @@ TARGETS = {
 # they ran 1.38x-1.44x faster than the spill-free 32-key tiles on every decode case
 # (benchmarks/results/nvidia-h200.json, the triton[keys64] rows): the spills stay in L1. The bound
 # catches a tile that spills far more than that measured one.
-ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 320}
+ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 320,
+                       # 64 heads' non-split form: two values stored before the main loop and
+                       # reloaded after it (no local memory access inside; SASS, Triton 3.8, 2026-12-05)
+                       "_sparse_mla_fp8_kernel": 8}
 # The tensor-core instruction each kernel must contain on sm_90a (PTX), absent which it would run
 # at a fraction of the speed: wgmma for the GEMMs; MLA's 16/32-row tiles are below wgmma's 64 rows.
 REQUIRED_PTX = {"_gemm_kernel": "wgmma.mma_async", "_contiguous_kernel": "wgmma.mma_async",
                 "_masked_kernel": "wgmma.mma_async", "_k_grouped_kernel": "wgmma.mma_async", "_mla_decode_splitkv_kernel": "mma.sync",
-                "_sparse_mla_kernel": "mma.sync",
+                "_sparse_mla_kernel": "mma.sync", "_sparse_mla_fp8_kernel": "mma",
                 # the indexer: wgmma at V3.2's 64 heads (128-row tiles), mma.sync for the tests' 16-row ones
                 "_mqa_logits_kernel": "mma", "_paged_mqa_logits_kernel": "mma"}
 # The kernels whose main loop must stream its tiles through at least two shared-memory buffers
@@ -95,7 +98,7 @@ REQUIRED_PTX = {"_gemm_kernel": "wgmma.mma_async", "_contiguous_kernel": "wgmma.
 # waits for the last read of the current tile and no load overlaps the math (MLA decode had that
 # with 2 stages, the block-table indirection taking one: dskernels/triton/mla.py).
 PIPELINED = {"_gemm_kernel", "_contiguous_kernel", "_masked_kernel", "_k_grouped_kernel", "_mla_decode_splitkv_kernel",
-             "_sparse_mla_kernel"}
+             "_sparse_mla_kernel", "_sparse_mla_fp8_kernel"}
 PTXAS_DIR = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
 
 
@@ -258,6 +261,21 @@ def mla_sparse_cases(compiler: Compiler) -> None:
             _meta(rows, dtype=torch.int32), _meta(h_q, dtype=f32), d ** -0.5, dv, 64, 640, fp8,
             _meta(rows, h_q, dv, dtype=dtype), _meta(rows, 1, h_q, dtype=f32), 1,
             _meta(rows, h_q, dtype=f32) if prefill else None)
+    # The opt-in wide FP8 tiles (DSKERNELS_SPARSE_MLA_TILE=wide): V3.2's 128 heads (64-head tiles),
+    # 16 (TP8), and 32 with MTP; one list of 64 entries per row (no split) as well.
+    os.environ[triton_sparse.TILE_KNOB] = "wide"
+    try:
+        for h_q, s_q, topk, dtype in [(128, 2, 2048, torch.bfloat16), (16, 1, 2048, torch.bfloat16),
+                                      (32, 2, 2048, torch.bfloat16), (128, 1, 64, torch.bfloat16)]:
+            compiler.context = f"mla_sparse wide fp8_v32 h_q={h_q} s_q={s_q} topk={topk} {str(dtype)[6:]}"
+            rows = 4 * s_q
+            triton_sparse.sparse_mla(
+                _meta(rows, h_q, 576, dtype=dtype), _meta(10, 64, 1, 656, dtype=torch.float8_e4m3fn),
+                _meta(rows, 1, topk, dtype=torch.int32), _meta(rows, dtype=torch.int32), _meta(h_q, dtype=f32),
+                576 ** -0.5, 512, 64, 640, True, _meta(rows, h_q, 512, dtype=dtype), _meta(rows, 1, h_q, dtype=f32),
+                1, None)
+    finally:
+        del os.environ[triton_sparse.TILE_KNOB]
 
 
 def indexer_cases(compiler: Compiler) -> None:

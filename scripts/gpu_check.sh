@@ -34,7 +34,8 @@
 #        (the `cuda[seesaw]` MLA rows and that path's sanitizer case; set when
 #        tests/test_mla_sm90_seesaw.py passed), DSKERNELS_MLA_NARROW_TESTED=1 (the `cuda[narrow]` MLA rows,
 #        their ncu and sanitizer cases; set when tests/test_mla_sm90_narrow.py passed; NARROW_TEST_TIMEOUT=75
-#        its file's limit), DSKERNELS_MLA_FP8_TMA_TESTED=1 (the `cuda[fp8_tma]` MLA
+#        its file's limit), DSKERNELS_SPARSE_MLA_WIDE_TESTED=1 (the `triton[wide]` sparse decode rows; set when
+#        tests/test_mla_sparse_wide.py passed), DSKERNELS_MLA_FP8_TMA_TESTED=1 (the `cuda[fp8_tma]` MLA
 #        rows and that path's sanitizer case; set by the script itself when
 #        tests/test_mla_sm90_fp8_tma.py passed in this call), SKIP_BUILD=1 (use the library already
 #        built in place: tests/test_gpu_check.py's dry run of this script on CPU, with fake tools).
@@ -120,10 +121,11 @@ if wants tests; then
   tests_end=$((SECONDS + $(budget "${TESTS_BUDGET:-330}")))
   step "GPU tests ($((tests_end - SECONDS)) s in all, ${TEST_TIMEOUT:-150} s per file at most, test_gemm_general ${SLOW_TEST_TIMEOUT:-300})"
   # Only the files that hold gpu-selected tests (one collection instead of a pytest start per file).
-  # The MLA decode's narrow kernel (#8's bandwidth target) and seesaw consumers and the Triton GEMM's
-  # warp-specialized candidates (never run on a device; they gate their benchmark rows) first, then those that failed or did not finish on the H200 (2026-12-04, second run), then the
+  # The MLA decode's narrow kernel (#8's bandwidth target) and seesaw consumers, the Triton GEMM's
+  # warp-specialized candidates and sparse MLA's wide tiles (never run on a device; they gate their
+  # benchmark rows) first, then those that failed or did not finish on the H200 (2026-12-04, second run), then the
   # layer's fused kernels never run on a GPU (test_models.py), then the rest (all passed there).
-  first="tests/test_mla_sm90_narrow.py tests/test_mla_sm90_seesaw.py tests/test_gemm_tma_ws.py tests/test_gemm_general.py tests/test_indexer.py tests/test_models_gpu.py tests/test_moe_router.py
+  first="tests/test_mla_sm90_narrow.py tests/test_mla_sm90_seesaw.py tests/test_gemm_tma_ws.py tests/test_mla_sparse_wide.py tests/test_gemm_general.py tests/test_indexer.py tests/test_models_gpu.py tests/test_moe_router.py
 tests/test_models.py tests/test_gemm_sm90.py tests/test_gemm.py tests/test_mla.py tests/test_mla_sparse.py tests/test_fp8_cast.py"
   with_gpu=$(timeout 120 python -m pytest tests -m gpu --collect-only -q -p no:cacheprovider 2>/dev/null \
              | sed -n 's|^\(tests/[^:]*\.py\)::.*|\1|p' | sort -u)
@@ -176,6 +178,8 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
   grep -q "^tests/test_mla_sm90_seesaw.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_MLA_SEESAW_TESTED=1
   # And its narrow kernel (`cuda[narrow]` rows, their ncu and sanitizer cases).
   grep -q "^tests/test_mla_sm90_narrow.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_MLA_NARROW_TESTED=1
+  # And sparse MLA's wide FP8 tiles (`triton[wide]` rows of the sparse decode).
+  grep -q "^tests/test_mla_sparse_wide.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_SPARSE_MLA_WIDE_TESTED=1
   if [ "${CPU_TESTS:-0}" = 1 ]; then  # the device's torch/triton versions differ from CI's
     step "CPU-side tests (not gpu-marked)"
     # Triton 3.6's interpreter fails on numpy >= 2.4 ("only 0-dimensional arrays can be converted

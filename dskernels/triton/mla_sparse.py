@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dskernels._backend import env_choice
 from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
 from dskernels.triton.mla import (DOUBLE_BUFFER_STAGES, _shared_limit, latent_scores, load_key_rows,
@@ -35,20 +36,74 @@ CPU_SM_COUNT = 8  # the interpreter's pretend SM count: small test shapes then t
 
 
 @triton.jit
+def _sink_share(lse, seen, sink_ptr, head, head_ok):
+    """The share of each head's output that attn_sink leaves (1 / (1 + exp(sink - lse)); 0 where
+    nothing was seen); lse natural."""
+    sink = tl.load(sink_ptr + head, mask=head_ok, other=0.0)
+    return tl.where(seen, 1.0 / (1.0 + tl.exp(sink - tl.where(seen, lse, 0.0))), 0.0)
+
+
+@triton.jit
+def _store_stats(lse, max_logit, seen, lse_ptr, max_ptr, row, head, head_ok, lse_div, stride_l0, stride_l1,
+                 stride_lh, stride_mr, stride_mh, HAS_MAX: tl.constexpr):
+    """lse (+inf where nothing was seen) and max_logits of one row's heads, both natural."""
+    tl.store(lse_ptr + (row // lse_div) * stride_l0 + (row % lse_div) * stride_l1 + head * stride_lh,
+             tl.where(seen, lse, float("inf")), mask=head_ok)
+    if HAS_MAX:  # NaN where lse is (a NaN score): the running maxima's tl.maximum drops NaN
+        tl.store(max_ptr + row * stride_mr + head * stride_mh, tl.where(lse == lse, max_logit, lse), mask=head_ok)
+
+
+@triton.jit
 def _store_result(o, lse, max_logit, seen, out_ptr, lse_ptr, max_ptr, sink_ptr, row, head, head_ok, dv_offs, dv_ok,
                   lse_div, stride_or, stride_oh, stride_l0, stride_l1, stride_lh, stride_mr, stride_mh,
                   HAS_SINK: tl.constexpr, HAS_MAX: tl.constexpr):
     """The final out (times the sink's share), lse (+inf where nothing was seen) and max_logits of
     one row's heads; lse and max_logit natural, o normalized."""
     if HAS_SINK:
-        sink = tl.load(sink_ptr + head, mask=head_ok, other=0.0)
-        o = o * tl.where(seen, 1.0 / (1.0 + tl.exp(sink - tl.where(seen, lse, 0.0))), 0.0)[:, None]
+        o = o * _sink_share(lse, seen, sink_ptr, head, head_ok)[:, None]
     tl.store(out_ptr + row * stride_or + head[:, None] * stride_oh + dv_offs[None, :],
              o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & dv_ok[None, :])
-    tl.store(lse_ptr + (row // lse_div) * stride_l0 + (row % lse_div) * stride_l1 + head * stride_lh,
-             tl.where(seen, lse, float("inf")), mask=head_ok)
-    if HAS_MAX:  # NaN where lse is (a NaN score): the running maxima's tl.maximum drops NaN
-        tl.store(max_ptr + row * stride_mr + head * stride_mh, tl.where(lse == lse, max_logit, lse), mask=head_ok)
+    _store_stats(lse, max_logit, seen, lse_ptr, max_ptr, row, head, head_ok, lse_div, stride_l0, stride_l1,
+                 stride_lh, stride_mr, stride_mh, HAS_MAX)
+
+
+@triton.jit
+def _program_rows(len_ptr, heads_per_kv, head_tiles, topk, chunk, rows_per_len, HAS_LEN: tl.constexpr,
+                  BLOCK_H: tl.constexpr):
+    """This program's query row, kv head, heads (and which of them exist), split, and the part
+    [lo, hi) of the row's list that split walks."""
+    row = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1) // head_tiles
+    local = (tl.program_id(1) % head_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = local < heads_per_kv
+    head = kv_head * heads_per_kv + local
+    split = tl.program_id(2)
+    n = topk
+    if HAS_LEN:
+        n = tl.minimum(tl.maximum(tl.load(len_ptr + row // rows_per_len), 0), topk)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n)
+    return row, kv_head, head, head_ok, split, lo, hi
+
+
+@triton.jit
+def _gathered_rows(idx_row, start, hi, num_slots, kv_ptr, page_size, stride_kp, stride_kt, kv_head, stride_kh,
+                   BLOCK_N: tl.constexpr):
+    """The cache rows of list entries start .. start + BLOCK_N - 1 (below hi), and which exist:
+    -1 and ids past the cache name no key and are never read (their rows point at slot 0)."""
+    pos = start + tl.arange(0, BLOCK_N)
+    slot = tl.load(idx_row + pos, mask=pos < hi, other=-1)
+    ok = (slot >= 0) & (slot < num_slots)
+    slot = tl.where(ok, slot, 0).to(tl.int64)
+    return kv_ptr + (slot // page_size) * stride_kp + (slot % page_size) * stride_kt + kv_head * stride_kh, ok
+
+
+@triton.jit
+def _store_partial_stats(stat_acc_ptr, split, stride_stat_split, flat, lse2, m_i, head_ok):
+    """A split's log2-LSE and maximum per head, for _sparse_mla_combine_kernel."""
+    base = stat_acc_ptr + split.to(tl.int64) * stride_stat_split + 2 * flat
+    tl.store(base, lse2, mask=head_ok)
+    tl.store(base + 1, m_i, mask=head_ok)
 
 
 @triton.jit
@@ -68,22 +123,12 @@ def _sparse_mla_kernel(
         HAS_LEN: tl.constexpr, HAS_SINK: tl.constexpr, HAS_MAX: tl.constexpr, SPLIT: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1) // head_tiles
-    local = (tl.program_id(1) % head_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
-    head_ok = local < heads_per_kv
-    head = kv_head * heads_per_kv + local
-    split = tl.program_id(2)
+    row, kv_head, head, head_ok, split, lo, hi = _program_rows(len_ptr, heads_per_kv, head_tiles, topk, chunk,
+                                                              rows_per_len, HAS_LEN, BLOCK_H)
     dv_offs = tl.arange(0, BLOCK_DV)
     dv_ok = dv_offs < HEAD_DIM_V
     dr_offs = HEAD_DIM_V + tl.arange(0, BLOCK_DR)
     dr_ok = dr_offs < HEAD_DIM
-
-    n = topk
-    if HAS_LEN:
-        n = tl.minimum(tl.maximum(tl.load(len_ptr + row // rows_per_len), 0), topk)
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, n)
 
     q_rows = q_ptr + row * stride_qr + head * stride_qh
     q_v = tl.load(q_rows[:, None] + dv_offs[None, :], mask=head_ok[:, None] & dv_ok[None, :], other=0.0)
@@ -96,11 +141,8 @@ def _sparse_mla_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
     idx_row = idx_ptr + row * stride_ir + kv_head * stride_ih
     for start in range(lo, hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        slot = tl.load(idx_row + pos, mask=pos < hi, other=-1)
-        ok = (slot >= 0) & (slot < num_slots)  # -1 and ids past the cache: no key, never read
-        slot = tl.where(ok, slot, 0).to(tl.int64)
-        k_rows = kv_ptr + (slot // page_size) * stride_kp + (slot % page_size) * stride_kt + kv_head * stride_kh
+        k_rows, ok = _gathered_rows(idx_row, start, hi, num_slots, kv_ptr, page_size, stride_kp, stride_kt, kv_head,
+                                    stride_kh, BLOCK_N)
         if FP8_V32:
             # k_rows points at bytes: [0, 512) e4m3 latent, [512, 528) 4 fp32 scales, [528, 656) bf16 rope.
             if FP8_BYTES:
@@ -128,15 +170,147 @@ def _sparse_mla_kernel(
     lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     if SPLIT:
         flat = row * h_q + head
-        base = split.to(tl.int64) * stride_stat_split
         tl.store(out_acc_ptr + split.to(tl.int64) * stride_acc_split + flat[:, None] * stride_acc_row
                  + dv_offs[None, :], o, mask=head_ok[:, None] & dv_ok[None, :])
-        tl.store(stat_acc_ptr + base + 2 * flat, lse2, mask=head_ok)
-        tl.store(stat_acc_ptr + base + 2 * flat + 1, m_i, mask=head_ok)
+        _store_partial_stats(stat_acc_ptr, split, stride_stat_split, flat, lse2, m_i, head_ok)
     else:
         _store_result(o, lse2 * LN2, m_i * LN2, seen, out_ptr, lse_ptr, max_ptr, sink_ptr, row, head, head_ok,
                       dv_offs, dv_ok, lse_div, stride_or, stride_oh, stride_l0, stride_l1, stride_lh, stride_mr,
                       stride_mh, HAS_SINK, HAS_MAX)
+
+
+@triton.jit
+def _fp8_tile(k_rows, ok, t: tl.constexpr, dtype: tl.constexpr, FP8_BYTES: tl.constexpr):
+    """Latent columns 128 t .. 128 t + 127 of the gathered rows of V3.2's FP8 layout, widened to
+    dtype (exact: e4m3 values are bf16, fp16 and fp32 values), and their tile scale [N] in fp32."""
+    cols = t * 128 + tl.arange(0, 128)
+    if FP8_BYTES:
+        k = e4m3_bits_to_fp16(tl.load(k_rows[:, None] + cols[None, :], mask=ok[:, None], other=0)).to(dtype)
+    else:
+        k = tl.load(k_rows[:, None] + cols[None, :], mask=ok[:, None], other=0.0).to(dtype)
+    scale = tl.load((k_rows + 512).to(tl.pointer_type(tl.float32)) + t, mask=ok, other=0.0)
+    return k, scale
+
+
+@triton.jit
+def _tile_scores(q_t, k_t, scale_t, FP32_DOT: tl.constexpr):
+    """q_t . dequant(k_t) over one 128-column tile: the product of the e4m3 values, times each
+    key's tile scale (the scale factors out of the tile's dot)."""
+    if FP32_DOT:
+        return tl.dot(q_t, tl.trans(k_t), input_precision="ieee") * scale_t[None, :]
+    return tl.dot(q_t, tl.trans(k_t)) * scale_t[None, :]
+
+
+@triton.jit
+def _tile_values(acc_t, alpha, p, k_t, scale_t, FP32_DOT: tl.constexpr):
+    """acc_t * alpha + p @ dequant(k_t) over one 128-column tile, the key's scale folded into p
+    (p * scale rounds as p does where the scale is a power of two, as the format's are)."""
+    if FP32_DOT:
+        return acc_t * alpha[:, None] + tl.dot(p * scale_t[None, :], k_t, input_precision="ieee")
+    return acc_t * alpha[:, None] + tl.dot((p * scale_t[None, :]).to(k_t.dtype), k_t)
+
+
+@triton.jit
+def _store_tile(o_t, t: tl.constexpr, ptr, row_offsets, head_ok, split_out: tl.constexpr):
+    cols = t * 128 + tl.arange(0, 128)
+    value = o_t if split_out else o_t.to(ptr.dtype.element_ty)
+    tl.store(ptr + row_offsets[:, None] + cols[None, :], value, mask=head_ok[:, None])
+
+
+@triton.jit
+def _sparse_mla_fp8_kernel(
+        q_ptr, kv_ptr, idx_ptr, len_ptr, sink_ptr,
+        out_ptr, lse_ptr, max_ptr, out_acc_ptr, stat_acc_ptr,
+        qk_scale_log2, heads_per_kv, head_tiles, topk, chunk, num_slots, page_size, rows_per_len, lse_div,
+        stride_qr, stride_qh,
+        stride_kp, stride_kt, stride_kh,
+        stride_ir, stride_ih,
+        stride_or, stride_oh,
+        stride_l0, stride_l1, stride_lh,
+        stride_mr, stride_mh,
+        stride_acc_split, stride_acc_row, stride_stat_split,
+        h_q,
+        FP8_BYTES: tl.constexpr, FP32_DOT: tl.constexpr,
+        HAS_LEN: tl.constexpr, HAS_SINK: tl.constexpr, HAS_MAX: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_sparse_mla_kernel for V3.2's FP8 layout (d = 576, dv = 512) with wide head tiles (the
+    "wide" tile, _wide_fp8): the latent is never dequantized as a tile. Its four 128-column tiles
+    go to the dots as e4m3 values widened to q's dtype, and each key's tile scale multiplies that
+    tile's scores (q . k) and the probabilities it weighs (p @ v) instead: no fp32 [N, 512]
+    tile in registers, whose pressure held _sparse_mla_kernel to 16 heads a program (each gathering
+    and dequantizing every row again, 8 times at V3.2's 128 heads). Four accumulators of
+    [BLOCK_H, 128] hold out. Arguments as _sparse_mla_kernel's."""
+    row, kv_head, head, head_ok, split, lo, hi = _program_rows(len_ptr, heads_per_kv, head_tiles, topk, chunk,
+                                                              rows_per_len, HAS_LEN, BLOCK_H)
+    q_rows = q_ptr + row * stride_qr + head * stride_qh
+    c128 = tl.arange(0, 128)
+    c64 = tl.arange(0, 64)
+    dtype = tl.float32 if FP32_DOT else q_ptr.dtype.element_ty  # the dots' operand type
+    q_mask = head_ok[:, None]
+    q0 = tl.load(q_rows[:, None] + c128[None, :], mask=q_mask, other=0.0).to(dtype)
+    q1 = tl.load(q_rows[:, None] + 128 + c128[None, :], mask=q_mask, other=0.0).to(dtype)
+    q2 = tl.load(q_rows[:, None] + 256 + c128[None, :], mask=q_mask, other=0.0).to(dtype)
+    q3 = tl.load(q_rows[:, None] + 384 + c128[None, :], mask=q_mask, other=0.0).to(dtype)
+    q_r = tl.load(q_rows[:, None] + 512 + c64[None, :], mask=q_mask, other=0.0).to(dtype)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_H, 128], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_H, 128], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_H, 128], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_H, 128], dtype=tl.float32)
+    idx_row = idx_ptr + row * stride_ir + kv_head * stride_ih
+    for start in range(lo, hi, BLOCK_N):
+        # bytes: [0, 512) e4m3 latent, [512, 528) 4 fp32 tile scales, [528, 656) bf16 rope
+        k_rows, ok = _gathered_rows(idx_row, start, hi, num_slots, kv_ptr, page_size, stride_kp, stride_kt, kv_head,
+                                    stride_kh, BLOCK_N)
+        k0, s0 = _fp8_tile(k_rows, ok, 0, dtype, FP8_BYTES)
+        k1, s1 = _fp8_tile(k_rows, ok, 1, dtype, FP8_BYTES)
+        k2, s2 = _fp8_tile(k_rows, ok, 2, dtype, FP8_BYTES)
+        k3, s3 = _fp8_tile(k_rows, ok, 3, dtype, FP8_BYTES)
+        k_r = tl.load((k_rows + 528).to(tl.pointer_type(tl.bfloat16))[:, None] + c64[None, :],
+                      mask=ok[:, None], other=0.0).to(dtype)
+        if FP32_DOT:
+            s = tl.dot(q_r, tl.trans(k_r), input_precision="ieee")
+        else:
+            s = tl.dot(q_r, tl.trans(k_r))
+        s += _tile_scores(q0, k0, s0, FP32_DOT)
+        s += _tile_scores(q1, k1, s1, FP32_DOT)
+        s += _tile_scores(q2, k2, s2, FP32_DOT)
+        s += _tile_scores(q3, k3, s3, FP32_DOT)
+        s = tl.where(ok[None, :], s * qk_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # online softmax as online_softmax_step's
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc0 = _tile_values(acc0, alpha, p, k0, s0, FP32_DOT)
+        acc1 = _tile_values(acc1, alpha, p, k1, s1, FP32_DOT)
+        acc2 = _tile_values(acc2, alpha, p, k2, s2, FP32_DOT)
+        acc3 = _tile_values(acc3, alpha, p, k3, s3, FP32_DOT)
+        m_i = m_new
+
+    seen = l_i != 0.0  # NaN counts as seen: a NaN score comes out as NaN, not as "no key"
+    inv = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    if SPLIT:
+        flat = row * h_q + head
+        rows = split.to(tl.int64) * stride_acc_split + flat * stride_acc_row
+        _store_tile(acc0 * inv[:, None], 0, out_acc_ptr, rows, head_ok, True)
+        _store_tile(acc1 * inv[:, None], 1, out_acc_ptr, rows, head_ok, True)
+        _store_tile(acc2 * inv[:, None], 2, out_acc_ptr, rows, head_ok, True)
+        _store_tile(acc3 * inv[:, None], 3, out_acc_ptr, rows, head_ok, True)
+        _store_partial_stats(stat_acc_ptr, split, stride_stat_split, flat, lse2, m_i, head_ok)
+    else:
+        lse = lse2 * LN2
+        if HAS_SINK:
+            inv *= _sink_share(lse, seen, sink_ptr, head, head_ok)
+        rows = row * stride_or + head * stride_oh
+        _store_tile(acc0 * inv[:, None], 0, out_ptr, rows, head_ok, False)
+        _store_tile(acc1 * inv[:, None], 1, out_ptr, rows, head_ok, False)
+        _store_tile(acc2 * inv[:, None], 2, out_ptr, rows, head_ok, False)
+        _store_tile(acc3 * inv[:, None], 3, out_ptr, rows, head_ok, False)
+        _store_stats(lse, m_i * LN2, seen, lse_ptr, max_ptr, row, head, head_ok, lse_div, stride_l0, stride_l1,
+                     stride_lh, stride_mr, stride_mh, HAS_MAX)
 
 
 @triton.jit
@@ -222,6 +396,30 @@ def tile_config(heads_per_kv: int, block_dv: int, block_dr: int, fp8_v32: bool, 
     return block_h, block_n, warps, DOUBLE_BUFFER_STAGES if buffers == 2 else 2
 
 
+TILE_KNOB = "DSKERNELS_SPARSE_MLA_TILE"
+
+
+def wide_fp8_tiles() -> bool:
+    """DSKERNELS_SPARSE_MLA_TILE: `narrow` (the default until a device run has checked and timed
+    the other) runs V3.2's FP8 cache on _sparse_mla_kernel's tiles (16 heads: its fp32 dequantized
+    tile takes the registers); `wide` on _sparse_mla_fp8_kernel's (up to 64 heads, scales applied
+    to the scores and probabilities: wide_tile_config)."""
+    return env_choice(TILE_KNOB, ("narrow", "wide")) == "wide"
+
+
+def wide_tile_config(heads_per_kv: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_H heads, BLOCK_N list entries, num_warps, num_stages) of _sparse_mla_fp8_kernel: up
+    to 64 heads (wgmma's rows on Hopper: V3.2's 128 heads in two tiles, each gathering the rows
+    once), 8 warps from 32 heads on, 16 entries a block, 5 stages (two gathered blocks in flight,
+    as tile_config's). At 32 entries 64 heads spill 12-32 bytes; at 16 they take 255 registers, the
+    non-split form keeping two values in local memory across the main loop (ptxas sm_90a through
+    Triton 3.8, 2026-12-05). Not yet run on a GPU."""
+    block_h = min(_pow2(heads_per_kv), 64)
+    if device.type == "cpu":  # the interpreter
+        return block_h, 64, 4, 1
+    return block_h, 16, 8 if block_h >= 32 else 4, DOUBLE_BUFFER_STAGES
+
+
 def num_splits_for(work: int, topk: int, block_n: int, device: torch.device) -> int:
     """Splits of each list: enough programs to fill the GPU about twice, at least one block each."""
     blocks = max(1, cdiv(topk, block_n))
@@ -244,8 +442,14 @@ def sparse_mla(q, kv, indices, topk_length, attn_sink, sm_scale, head_dim_v, pag
     fp8_bytes = fp8_v32 and not native_fp8(q.device)
     block_dv = 512 if fp8_v32 else _pow2(head_dim_v)
     block_dr = 64 if fp8_v32 else _pow2(d - head_dim_v)
-    block_h, block_n, num_warps, num_stages = tile_config(heads_per_kv, block_dv, block_dr, fp8_v32, q.device,
-                                                          4 if q.dtype == torch.float32 else 2)
+    # (fp32 queries keep _sparse_mla_kernel: IEEE dots without tensor cores, whose fp32 operands
+    # the wide tiles would spill by the kilobyte)
+    wide = fp8_v32 and q.dtype != torch.float32 and wide_fp8_tiles()
+    if wide:
+        block_h, block_n, num_warps, num_stages = wide_tile_config(heads_per_kv, q.device)
+    else:
+        block_h, block_n, num_warps, num_stages = tile_config(heads_per_kv, block_dv, block_dr, fp8_v32, q.device,
+                                                              4 if q.dtype == torch.float32 else 2)
     head_tiles = cdiv(heads_per_kv, block_h)
     splits = num_splits_for(rows * h_kv * head_tiles, topk, block_n, q.device)
     chunk = cdiv(cdiv(max(topk, 1), splits), block_n) * block_n
@@ -264,24 +468,27 @@ def sparse_mla(q, kv, indices, topk_length, attn_sink, sm_scale, head_dim_v, pag
     # FP8 bytes as e4m3 (or raw bytes where Triton has no fp8 type); the scales and rope part are
     # read through pointers cast to their types.
     kv_arg = kv.view(torch.uint8 if fp8_bytes else torch.float8_e4m3fn) if fp8_v32 else kv
-    _sparse_mla_kernel[(rows, h_kv * head_tiles, splits)](
-        q, kv_arg, indices, len_arg, sink_arg,
-        out, lse, max_arg, out_acc, stat_acc,
-        sm_scale * LOG2E, heads_per_kv, head_tiles, topk, chunk, num_slots, page_size, rows_per_len,
-        lse_div,
-        q.stride(0), q.stride(1),
-        kv_arg.stride(0), kv_arg.stride(1), kv_arg.stride(2),
-        indices.stride(0), indices.stride(1),
-        out.stride(0), out.stride(1),
-        lse.stride(0), lse.stride(1), lse.stride(2),
-        max_arg.stride(0), max_arg.stride(1),
-        out_acc.stride(0) if split else 0, out_acc.stride(1) if split else 0, stat_acc.stride(0) if split else 0,
-        h_q,
-        FP8_V32=fp8_v32, FP8_BYTES=fp8_bytes, FP32_DOT=fp32_dot,
-        HAS_LEN=topk_length is not None, HAS_SINK=attn_sink is not None, HAS_MAX=max_logits is not None,
-        SPLIT=split, HEAD_DIM=d, HEAD_DIM_V=head_dim_v,
-        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=block_dv, BLOCK_DR=block_dr,
-        num_warps=num_warps, num_stages=num_stages)
+    args = (q, kv_arg, indices, len_arg, sink_arg,
+            out, lse, max_arg, out_acc, stat_acc,
+            sm_scale * LOG2E, heads_per_kv, head_tiles, topk, chunk, num_slots, page_size, rows_per_len,
+            lse_div,
+            q.stride(0), q.stride(1),
+            kv_arg.stride(0), kv_arg.stride(1), kv_arg.stride(2),
+            indices.stride(0), indices.stride(1),
+            out.stride(0), out.stride(1),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            max_arg.stride(0), max_arg.stride(1),
+            out_acc.stride(0) if split else 0, out_acc.stride(1) if split else 0, stat_acc.stride(0) if split else 0,
+            h_q)
+    switches = dict(FP8_BYTES=fp8_bytes, FP32_DOT=fp32_dot, HAS_LEN=topk_length is not None,
+                    HAS_SINK=attn_sink is not None, HAS_MAX=max_logits is not None, SPLIT=split,
+                    BLOCK_H=block_h, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    if wide:
+        _sparse_mla_fp8_kernel[(rows, h_kv * head_tiles, splits)](*args, **switches)
+    else:
+        _sparse_mla_kernel[(rows, h_kv * head_tiles, splits)](
+            *args, FP8_V32=fp8_v32, HEAD_DIM=d, HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv, BLOCK_DR=block_dr,
+            **switches)
     if split:
         block_r = max(1, min(16, 4096 // block_dv))
         _sparse_mla_combine_kernel[(rows, cdiv(h_q, block_r))](

@@ -1,0 +1,157 @@
+"""Sparse MLA's opt-in wide FP8 tiles (DSKERNELS_SPARSE_MLA_TILE=wide: _sparse_mla_fp8_kernel in
+dskernels/triton/mla_sparse.py) against python_ref.mla_sparse, V3.2's FP8 cache only. The kernel
+keeps the e4m3 latent undequantized in its four 128-column tiles and applies each key's tile
+scales to the scores and probabilities, so up to 64 heads share one gathered block: the tile
+boundaries, head tiles (one, two, a partial one), splits of the list, lengths, sinks and NaN rows
+are what matter to it.
+
+Never run on a GPU before its first device call, so kept apart: a fault there ends only this
+file's CUDA context. scripts/gpu_check.sh times the `triton[wide]` rows once this file has passed
+in the same call. Poison and tolerances as tests/test_mla_sparse.py's."""
+
+import math
+
+import pytest
+import torch
+
+import dskernels
+import python_ref.mla_sparse as ref
+from dskernels.triton import mla_sparse as triton_sparse
+from test_mla_sparse import assert_close_to, decode_inputs, vmax_of
+
+
+@pytest.fixture(autouse=True)
+def wide(monkeypatch):
+    monkeypatch.setenv(triton_sparse.TILE_KNOB, "wide")
+
+
+# On a machine with a GPU every test here runs on it, so `pytest -m gpu` selects them all.
+pytestmark = [pytest.mark.gpu] if torch.cuda.is_available() else []
+
+
+@pytest.fixture
+def triton_device():
+    """The Triton backend forced (the wide tiles are its kernel's) on the GPU, else the interpreter."""
+    if "triton" not in dskernels.available_backends():
+        pytest.skip(f"the Triton backend is not available here (available: {dskernels.available_backends()})")
+    with dskernels.backend("triton"):
+        yield "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_and_check(device, b, s_q, h_q, page_size, num_pages, topk, dtype, lengths, sink, seed):
+    q, k_cache, indices, dv, _, topk_length, attn_sink = decode_inputs(b, s_q, h_q, 1, page_size, num_pages, topk,
+                                                                       dtype, True, lengths=lengths, sink=sink,
+                                                                       seed=seed)
+    moved = [t.to(device) if isinstance(t, torch.Tensor) else t for t in (topk_length, attn_sink)]
+    out, lse = dskernels.flash_mla_sparse_decode(q.to(device), k_cache.to(device), indices.to(device), dv,
+                                                 is_fp8_kvcache=True, topk_length=moved[0], attn_sink=moved[1])
+    assert out.shape == (b, s_q, h_q, dv) and lse.shape == (b, h_q, s_q)
+    ref_out, ref_lse = ref.flash_mla_sparse_decode(q, k_cache, indices, dv, None, True, topk_length, attn_sink)
+    assert_close_to(out, lse, ref_out, ref_lse, dtype, vmax_of(k_cache, dv, True))
+    if sink:
+        assert (out[:, :, 0].float() == 0).all(), "attn_sink = +inf must zero the head's output"
+
+
+# (b, s_q, h_q, page_size, num_pages, topk, q dtype, topk_length, attn_sink); on the interpreter a
+# block is 64 list entries, so 150 entries split the list and 80 heads make a full and a partial tile
+WIDE_GRID = [
+    (2, 1, 16, 3, 7, 64, torch.bfloat16, True, True),
+    (1, 2, 32, 64, 2, 100, torch.bfloat16, False, False),
+    (2, 2, 80, 16, 12, 150, torch.bfloat16, True, True),
+    (1, 1, 4, 16, 4, 40, torch.bfloat16, False, True),
+    (2, 1, 8, 16, 2, 0, torch.bfloat16, False, True),    # topk = 0: nothing to see
+]
+
+
+@pytest.mark.parametrize("b,s_q,h_q,page_size,num_pages,topk,dtype,lengths,sink", WIDE_GRID)
+def test_wide_fp8_decode_matches_oracle(triton_device, b, s_q, h_q, page_size, num_pages, topk, dtype, lengths, sink):
+    run_and_check(triton_device, b, s_q, h_q, page_size, num_pages, topk, dtype, lengths, sink, seed=b * 31 + topk)
+
+
+def test_wide_fp8_byte_path(triton_device, monkeypatch):
+    """The FP8 bytes widened in integer arithmetic (GPUs whose Triton has no e4m3 type), forced."""
+    monkeypatch.setenv("DSKERNELS_TRITON_NATIVE_FP8", "0")
+    run_and_check(triton_device, 2, 2, 16, 16, 4, 48, torch.bfloat16, True, False, seed=6)
+
+
+@pytest.mark.parametrize("where", ["latent", "scale", "rope"])
+def test_wide_fp8_nan_in_a_listed_row_is_not_hidden(triton_device, where, monkeypatch):
+    """A NaN in a row a query lists (in any of the three parts of the layout: a latent byte, a tile
+    scale, a rope value) makes that query's out and lse NaN, not "nothing seen". (Triton 3.8's
+    interpreter converts the e4m3 NaN byte to 480, so there the latent goes through the byte path,
+    which decodes it in integer arithmetic.)"""
+    if where == "latent" and triton_device == "cpu":
+        monkeypatch.setenv("DSKERNELS_TRITON_NATIVE_FP8", "0")
+    q, k_cache, indices, dv, _, _, _ = decode_inputs(2, 1, 4, 1, 16, 3, 20, torch.bfloat16, True, seed=7)
+    num_slots = 3 * 16
+    mine = {v for v in indices[0].flatten().tolist() if 0 <= v < num_slots}
+    slot = min(mine - set(indices[1].flatten().tolist()))  # listed by sequence 0 only
+    raw = k_cache.view(torch.uint8).view(num_slots, -1)
+    if where == "latent":
+        raw[slot, 130] = 0x7F  # e4m3 NaN in the second tile
+    elif where == "scale":
+        raw[slot, ref.FP8_SCALE_OFFSET + 8:ref.FP8_SCALE_OFFSET + 12] = 0xFF  # the third tile's scale
+    else:
+        raw[slot, ref.FP8_ROPE_OFFSET:ref.FP8_ROPE_OFFSET + 2] = torch.tensor([0xC0, 0x7F], dtype=torch.uint8)
+    out, lse = dskernels.flash_mla_sparse_decode(q.to(triton_device), k_cache.to(triton_device),
+                                                 indices.to(triton_device), dv, is_fp8_kvcache=True)
+    assert out[0].isnan().all() and lse[0].isnan().all()
+    assert not out[1].isnan().any() and not lse[1].isnan().any()
+
+
+def test_wide_tile_config():
+    """64 heads in 8 warps on a GPU (wgmma's rows on Hopper), 32 in 8, 16 in 4."""
+    gpu, stages = torch.device("cuda"), triton_sparse.DOUBLE_BUFFER_STAGES
+    assert triton_sparse.wide_tile_config(128, gpu) == (64, 16, 8, stages)
+    assert triton_sparse.wide_tile_config(20, gpu) == (32, 16, 8, stages)
+    assert triton_sparse.wide_tile_config(16, gpu) == (16, 16, 4, stages)
+    assert triton_sparse.wide_fp8_tiles()
+
+
+def test_fp32_queries_keep_the_narrow_kernel(triton_device, monkeypatch):
+    """fp32 queries run _sparse_mla_kernel whatever the knob (its IEEE dots; the wide tiles would
+    spill their fp32 operands), and still match the oracle."""
+    launched = []
+    for name in ("_sparse_mla_kernel", "_sparse_mla_fp8_kernel"):
+        kernel = getattr(triton_sparse, name)
+        monkeypatch.setattr(triton_sparse, name, _Recording(kernel, name, launched))
+    run_and_check(triton_device, 1, 1, 4, 16, 4, 40, torch.float32, False, True, seed=3)
+    run_and_check(triton_device, 1, 1, 4, 16, 4, 40, torch.bfloat16, False, True, seed=3)
+    assert launched == ["_sparse_mla_kernel", "_sparse_mla_fp8_kernel"]
+
+
+class _Recording:
+    """A kernel whose launches (kernel[grid](...)) are recorded by name."""
+
+    def __init__(self, kernel, name, launched):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
+
+
+def test_wide_knob_values(monkeypatch):
+    monkeypatch.setenv(triton_sparse.TILE_KNOB, "narrow")
+    assert not triton_sparse.wide_fp8_tiles()
+    monkeypatch.setenv(triton_sparse.TILE_KNOB, "")
+    assert not triton_sparse.wide_fp8_tiles()
+    monkeypatch.setenv(triton_sparse.TILE_KNOB, "wider")
+    with pytest.raises(ValueError, match="DSKERNELS_SPARSE_MLA_TILE: expected 'narrow' or 'wide', got 'wider'"):
+        triton_sparse.wide_fp8_tiles()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_q", [16, 64, 128])
+def test_wide_fp8_v32_shapes_on_gpu(triton_device, h_q):
+    """DeepSeek-V3.2 decode on the device: top-2048 of an FP8 cache of 64-token pages, 16 (TP8), 64
+    and 128 heads (one and two 64-head tiles), MTP s_q = 2, split lists."""
+    if triton_device != "cuda":
+        pytest.skip("needs a GPU (V3.2's sizes take minutes in the interpreter)")
+    run_and_check("cuda", 4, 2, h_q, 64, 160, 2048, torch.bfloat16, True, True, seed=h_q)
+
+
+def test_nan_constants():
+    """The byte patterns the NaN test writes are NaN in their formats."""
+    assert math.isnan(torch.tensor([0x7F], dtype=torch.uint8).view(torch.float8_e4m3fn).float().item())
+    assert math.isnan(torch.tensor([0xC0, 0x7F], dtype=torch.uint8).view(torch.bfloat16).float().item())
