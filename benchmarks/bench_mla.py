@@ -52,7 +52,7 @@ MLA_SEESAW_CUDA_VARIANTS = {"seesaw": {"DSKERNELS_MLA_SEESAW": "1"}}
 # changes nothing), likewise timed only once tests/test_mla_sm90_narrow.py passed in this device
 # call (DSKERNELS_MLA_NARROW_TESTED).
 MLA_NARROW_CUDA_VARIANTS = {"narrow": {"DSKERNELS_MLA_NARROW": "1"}}
-# Sparse decode over V3.2's FP8 cache: the opt-in wide Triton tiles (up to 64 heads, scales applied
+# Sparse MLA's opt-in wide Triton tiles (up to 64 heads; V3.2's FP8 cache with its scales applied
 # to scores and probabilities), timed only once tests/test_mla_sparse_wide.py passed in this device
 # call (DSKERNELS_SPARSE_MLA_WIDE_TESTED).
 SPARSE_WIDE_TRITON_VARIANTS = {"wide": {"DSKERNELS_SPARSE_MLA_TILE": "wide"}}
@@ -229,7 +229,7 @@ def _sparse_decode_case(b, s_q, h_q, topk, seqlen, fp8, d=576, dv=512, page_size
 
     params = {"b": b, "s_q": s_q, "h_q": h_q, "h_kv": 1, "d": d, "dv": dv, "topk": topk, "seqlen": seqlen,
               "page": page_size, "cache": "fp8_v32" if fp8 else "bfloat16"}
-    wide = fp8 and os.environ.get("DSKERNELS_SPARSE_MLA_WIDE_TESTED") == "1"
+    wide = d == 576 and os.environ.get("DSKERNELS_SPARSE_MLA_WIDE_TESTED") == "1"
     return Case(op="flash_mla_sparse_decode", params=params, make_inputs=make_inputs, run=run,
                 reference=reference, check=_check, flops=flops, bytes=moved, peers={"torch": peer},
                 backends=("ref", "triton"), triton_variants=SPARSE_WIDE_TRITON_VARIANTS if wide else {})
@@ -255,9 +255,10 @@ def _sparse_prefill_case(s_q, s_kv, h_q, topk, d=576, dv=512, seed=0):
         return torch_sparse(q, kv, indices, sm_scale, dv, False)
 
     params = {"s_q": s_q, "s_kv": s_kv, "h_q": h_q, "h_kv": 1, "d": d, "dv": dv, "topk": topk}
+    wide = d == 576 and os.environ.get("DSKERNELS_SPARSE_MLA_WIDE_TESTED") == "1"
     return Case(op="flash_mla_sparse_fwd", params=params, make_inputs=make_inputs, run=run,
                 reference=reference, check=_check, flops=flops, bytes=moved, peers={"torch": peer},
-                backends=("ref", "triton"))
+                backends=("ref", "triton"), triton_variants=SPARSE_WIDE_TRITON_VARIANTS if wide else {})
 
 
 def cases(quick: bool, device: str) -> list[Case]:

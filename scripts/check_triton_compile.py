@@ -90,7 +90,8 @@ ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 320,
 # at a fraction of the speed: wgmma for the GEMMs; MLA's 16/32-row tiles are below wgmma's 64 rows.
 REQUIRED_PTX = {"_gemm_kernel": "wgmma.mma_async", "_contiguous_kernel": "wgmma.mma_async",
                 "_masked_kernel": "wgmma.mma_async", "_k_grouped_kernel": "wgmma.mma_async", "_mla_decode_splitkv_kernel": "mma.sync",
-                "_sparse_mla_kernel": "mma.sync", "_sparse_mla_fp8_kernel": "mma",
+                # sparse MLA: mma.sync on 16/32-head tiles, wgmma on the wide tiles' 64 heads
+                "_sparse_mla_kernel": "mma", "_sparse_mla_fp8_kernel": "mma",
                 # the indexer: wgmma at V3.2's 64 heads (128-row tiles), mma.sync for the tests' 16-row ones
                 "_mqa_logits_kernel": "mma", "_paged_mqa_logits_kernel": "mma"}
 # The kernels whose main loop must stream its tiles through at least two shared-memory buffers
@@ -261,19 +262,22 @@ def mla_sparse_cases(compiler: Compiler) -> None:
             _meta(rows, dtype=torch.int32), _meta(h_q, dtype=f32), d ** -0.5, dv, 64, 640, fp8,
             _meta(rows, h_q, dv, dtype=dtype), _meta(rows, 1, h_q, dtype=f32), 1,
             _meta(rows, h_q, dtype=f32) if prefill else None)
-    # The opt-in wide FP8 tiles (DSKERNELS_SPARSE_MLA_TILE=wide): V3.2's 128 heads (64-head tiles),
-    # 16 (TP8), and 32 with MTP; one list of 64 entries per row (no split) as well.
+    # The opt-in wide tiles (DSKERNELS_SPARSE_MLA_TILE=wide): V3.2's FP8 cache at 128 heads (64-head
+    # tiles), 16 (TP8) and 32 with MTP, one list of 64 entries per row (no split) as well; a bf16
+    # cache's decode and prefill (max_logits) at 128 heads.
     os.environ[triton_sparse.TILE_KNOB] = "wide"
     try:
-        for h_q, s_q, topk, dtype in [(128, 2, 2048, torch.bfloat16), (16, 1, 2048, torch.bfloat16),
-                                      (32, 2, 2048, torch.bfloat16), (128, 1, 64, torch.bfloat16)]:
-            compiler.context = f"mla_sparse wide fp8_v32 h_q={h_q} s_q={s_q} topk={topk} {str(dtype)[6:]}"
+        for h_q, s_q, topk, fp8, prefill in [(128, 2, 2048, True, False), (16, 1, 2048, True, False),
+                                             (32, 2, 2048, True, False), (128, 1, 64, True, False),
+                                             (128, 1, 2048, False, False), (128, 1, 2048, False, True)]:
+            compiler.context = (f"mla_sparse wide {'fp8_v32' if fp8 else 'bfloat16'} h_q={h_q} s_q={s_q} "
+                                f"topk={topk}{' prefill' if prefill else ''}")
             rows = 4 * s_q
+            kv = _meta(10, 64, 1, 656, dtype=torch.float8_e4m3fn) if fp8 else _meta(10, 64, 1, 576)
             triton_sparse.sparse_mla(
-                _meta(rows, h_q, 576, dtype=dtype), _meta(10, 64, 1, 656, dtype=torch.float8_e4m3fn),
-                _meta(rows, 1, topk, dtype=torch.int32), _meta(rows, dtype=torch.int32), _meta(h_q, dtype=f32),
-                576 ** -0.5, 512, 64, 640, True, _meta(rows, h_q, 512, dtype=dtype), _meta(rows, 1, h_q, dtype=f32),
-                1, None)
+                _meta(rows, h_q, 576), kv, _meta(rows, 1, topk, dtype=torch.int32), _meta(rows, dtype=torch.int32),
+                _meta(h_q, dtype=f32), 576 ** -0.5, 512, 64, 640, fp8, _meta(rows, h_q, 512),
+                _meta(rows, 1, h_q, dtype=f32), 1, _meta(rows, h_q, dtype=f32) if prefill else None)
     finally:
         del os.environ[triton_sparse.TILE_KNOB]
 

@@ -1,9 +1,9 @@
-"""Sparse MLA's opt-in wide FP8 tiles (DSKERNELS_SPARSE_MLA_TILE=wide: _sparse_mla_fp8_kernel in
-dskernels/triton/mla_sparse.py) against python_ref.mla_sparse, V3.2's FP8 cache only. The kernel
-keeps the e4m3 latent undequantized in its four 128-column tiles and applies each key's tile
-scales to the scores and probabilities, so up to 64 heads share one gathered block: the tile
-boundaries, head tiles (one, two, a partial one), splits of the list, lengths, sinks and NaN rows
-are what matter to it.
+"""Sparse MLA's opt-in wide tiles (DSKERNELS_SPARSE_MLA_TILE=wide, dskernels/triton/mla_sparse.py)
+against python_ref.mla_sparse. For V3.2's FP8 cache they run _sparse_mla_fp8_kernel, which keeps
+the e4m3 latent undequantized in its four 128-column tiles and applies each key's tile scales to
+the scores and probabilities, so up to 64 heads share one gathered block: the tile boundaries,
+head tiles (one, two, a partial one), splits of the list, lengths, sinks and NaN rows are what
+matter to it. bf16 caches of d = 576 run _sparse_mla_kernel on 64-head tiles (decode, prefill).
 
 Never run on a GPU before its first device call, so kept apart: a fault there ends only this
 file's CUDA context. scripts/gpu_check.sh times the `triton[wide]` rows once this file has passed
@@ -74,12 +74,13 @@ def test_wide_fp8_byte_path(triton_device, monkeypatch):
     run_and_check(triton_device, 2, 2, 16, 16, 4, 48, torch.bfloat16, True, False, seed=6)
 
 
-@pytest.mark.parametrize("where", ["latent", "scale", "rope"])
+@pytest.mark.parametrize("where", ["latent", "scale", "rope", "inf_scale", "minus_inf_scale"])
 def test_wide_fp8_nan_in_a_listed_row_is_not_hidden(triton_device, where, monkeypatch):
     """A NaN in a row a query lists (in any of the three parts of the layout: a latent byte, a tile
-    scale, a rope value) makes that query's out and lse NaN, not "nothing seen". (Triton 3.8's
-    interpreter converts the e4m3 NaN byte to 480, so there the latent goes through the byte path,
-    which decodes it in integer arithmetic.)"""
+    scale, a rope value), or an infinite tile scale (whose dequantized values mix infinities of
+    both signs: NaN scores in the oracle), makes that query's out and lse NaN, not "nothing seen"
+    or a finite lse. (Triton 3.8's interpreter converts the e4m3 NaN byte to 480, so there the
+    latent goes through the byte path, which decodes it in integer arithmetic.)"""
     if where == "latent" and triton_device == "cpu":
         monkeypatch.setenv("DSKERNELS_TRITON_NATIVE_FP8", "0")
     q, k_cache, indices, dv, _, _, _ = decode_inputs(2, 1, 4, 1, 16, 3, 20, torch.bfloat16, True, seed=7)
@@ -91,6 +92,9 @@ def test_wide_fp8_nan_in_a_listed_row_is_not_hidden(triton_device, where, monkey
         raw[slot, 130] = 0x7F  # e4m3 NaN in the second tile
     elif where == "scale":
         raw[slot, ref.FP8_SCALE_OFFSET + 8:ref.FP8_SCALE_OFFSET + 12] = 0xFF  # the third tile's scale
+    elif where.endswith("inf_scale"):
+        inf = torch.tensor([-math.inf if where.startswith("minus") else math.inf]).view(torch.uint8)
+        raw[slot, ref.FP8_SCALE_OFFSET + 4:ref.FP8_SCALE_OFFSET + 8] = inf  # the second tile's scale
     else:
         raw[slot, ref.FP8_ROPE_OFFSET:ref.FP8_ROPE_OFFSET + 2] = torch.tensor([0xC0, 0x7F], dtype=torch.uint8)
     out, lse = dskernels.flash_mla_sparse_decode(q.to(triton_device), k_cache.to(triton_device),
@@ -99,13 +103,74 @@ def test_wide_fp8_nan_in_a_listed_row_is_not_hidden(triton_device, where, monkey
     assert not out[1].isnan().any() and not lse[1].isnan().any()
 
 
-def test_wide_tile_config():
-    """64 heads in 8 warps on a GPU (wgmma's rows on Hopper), 32 in 8, 16 in 4."""
+@pytest.mark.parametrize("capability,shared,widest", [((9, 0), 232448, 64), ((10, 0), 232448, 64),
+                                                      ((8, 9), 101376, 32), ((8, 0), 166912, 32),
+                                                      ((12, 0), 101376, 32)],
+                         ids=["h100", "b200", "l40s", "a100", "rtx5090"])
+def test_wide_tile_config(monkeypatch, capability, shared, widest):
+    """64 heads in 8 warps where the tensor cores take 64-row tiles and a block has the shared
+    memory (Hopper, B200), else at most 32 (8 warps); 16 heads in 4 warps. No GPU needed."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: capability)
+    monkeypatch.setattr(triton_sparse, "_shared_limit", lambda _: shared)
     gpu, stages = torch.device("cuda"), triton_sparse.DOUBLE_BUFFER_STAGES
-    assert triton_sparse.wide_tile_config(128, gpu) == (64, 16, 8, stages)
+    assert triton_sparse.wide_tile_config(128, gpu) == (widest, 16, 8, stages)
     assert triton_sparse.wide_tile_config(20, gpu) == (32, 16, 8, stages)
     assert triton_sparse.wide_tile_config(16, gpu) == (16, 16, 4, stages)
-    assert triton_sparse.wide_fp8_tiles()
+    assert triton_sparse.wide_tiles()
+
+
+def _exact_bf16_interpreter_dot(monkeypatch):
+    """Triton's interpreter with a bf16 tl.dot that widens its operands exactly and sums in fp32
+    (its own returns garbage, so bf16 dots widen to fp32 there: ieee_dots), and the kernels told to
+    keep bf16 operands: the code a GPU runs (the dots on rounded p and widened keys) on CPU."""
+    import numpy
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def widened(handle):
+        return (handle.data.view(numpy.uint16).astype(numpy.uint32) << 16).view(numpy.float32)
+
+    def create_dot(self, a, b, d, *rest):
+        if a.dtype.scalar == tl.bfloat16 and b.dtype.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(numpy.matmul(widened(a), widened(b)) + d.data, d.dtype.scalar)
+        return original(self, a, b, d, *rest)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    monkeypatch.setattr(triton_sparse, "ieee_dots", lambda dtype: dtype == torch.float32)
+
+
+@pytest.mark.parametrize("b,s_q,h_q,page_size,num_pages,topk,dtype,lengths,sink", WIDE_GRID[:3])
+def test_wide_fp8_bf16_dots(triton_device, monkeypatch, b, s_q, h_q, page_size, num_pages, topk, dtype, lengths,
+                            sink):
+    """The kernel's bf16 dots (elsewhere on CPU its operands widen to fp32) through an exact bf16
+    interpreter dot: the probabilities times each tile's scale rounded to bf16, as on a GPU."""
+    if triton_device != "cpu":
+        pytest.skip("on a GPU every test here runs the bf16 dots")
+    _exact_bf16_interpreter_dot(monkeypatch)
+    run_and_check(triton_device, b, s_q, h_q, page_size, num_pages, topk, dtype, lengths, sink, seed=b * 31 + topk)
+
+
+def test_wide_bf16_cache_decode_and_prefill(triton_device):
+    """A bf16 cache of d = 576 (V3.2's head without the FP8 layout) on the wide tiles: decode over
+    80 heads (a full and a partial 64-head tile) with a split list, and prefill with max_logits."""
+    q, k_cache, indices, dv, _, topk_length, attn_sink = decode_inputs(2, 1, 80, 1, 16, 12, 150, torch.bfloat16,
+                                                                       False, d=576, dv=512, lengths=True, sink=True,
+                                                                       seed=5)
+    moved = [t.to(triton_device) for t in (q, k_cache, indices, topk_length, attn_sink)]
+    out, lse = dskernels.flash_mla_sparse_decode(*moved[:3], dv, topk_length=moved[3], attn_sink=moved[4])
+    ref_out, ref_lse = ref.flash_mla_sparse_decode(q, k_cache, indices, dv, None, False, topk_length, attn_sink)
+    assert_close_to(out, lse, ref_out, ref_lse, torch.bfloat16, vmax_of(k_cache, dv, False))
+
+    gen = torch.Generator().manual_seed(9)
+    kv = torch.randn(40, 1, 576, generator=gen).to(torch.bfloat16)
+    q = torch.randn(3, 64, 576, generator=gen).to(torch.bfloat16)
+    indices = torch.randint(-1, 40, (3, 1, 70), generator=gen, dtype=torch.int32)
+    out, max_logits, lse = dskernels.flash_mla_sparse_fwd(q.to(triton_device), kv.to(triton_device),
+                                                          indices.to(triton_device), 576 ** -0.5, 512)
+    ref_out, ref_max, ref_lse = ref.flash_mla_sparse_fwd(q, kv, indices, 576 ** -0.5, 512)
+    assert_close_to(out, lse, ref_out, ref_lse, torch.bfloat16, vmax_of(kv, 512, False), max_logits, ref_max)
 
 
 def test_fp32_queries_keep_the_narrow_kernel(triton_device, monkeypatch):
@@ -133,12 +198,12 @@ class _Recording:
 
 def test_wide_knob_values(monkeypatch):
     monkeypatch.setenv(triton_sparse.TILE_KNOB, "narrow")
-    assert not triton_sparse.wide_fp8_tiles()
+    assert not triton_sparse.wide_tiles()
     monkeypatch.setenv(triton_sparse.TILE_KNOB, "")
-    assert not triton_sparse.wide_fp8_tiles()
+    assert not triton_sparse.wide_tiles()
     monkeypatch.setenv(triton_sparse.TILE_KNOB, "wider")
     with pytest.raises(ValueError, match="DSKERNELS_SPARSE_MLA_TILE: expected 'narrow' or 'wide', got 'wider'"):
-        triton_sparse.wide_fp8_tiles()
+        triton_sparse.wide_tiles()
 
 
 @pytest.mark.gpu

@@ -189,6 +189,9 @@ def _fp8_tile(k_rows, ok, t: tl.constexpr, dtype: tl.constexpr, FP8_BYTES: tl.co
     else:
         k = tl.load(k_rows[:, None] + cols[None, :], mask=ok[:, None], other=0.0).to(dtype)
     scale = tl.load((k_rows + 512).to(tl.pointer_type(tl.float32)) + t, mask=ok, other=0.0)
+    # An infinite scale dequantizes to infinities of both signs (and NaN at zeros), whose scores are
+    # NaN: applied to a tile's dot it would give one infinity and hide the row (-inf) instead.
+    scale = tl.where(tl.abs(scale) == float("inf"), float("nan"), scale)
     return k, scale
 
 
@@ -234,7 +237,7 @@ def _sparse_mla_fp8_kernel(
         HAS_LEN: tl.constexpr, HAS_SINK: tl.constexpr, HAS_MAX: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
     """_sparse_mla_kernel for V3.2's FP8 layout (d = 576, dv = 512) with wide head tiles (the
-    "wide" tile, _wide_fp8): the latent is never dequantized as a tile. Its four 128-column tiles
+    "wide" tiles, wide_tiles): the latent is never dequantized as a tile. Its four 128-column tiles
     go to the dots as e4m3 values widened to q's dtype, and each key's tile scale multiplies that
     tile's scores (q . k) and the probabilities it weighs (p @ v) instead: no fp32 [N, 512]
     tile in registers, whose pressure held _sparse_mla_kernel to 16 heads a program (each gathering
@@ -350,6 +353,12 @@ def _sparse_mla_combine_kernel(
                   HAS_SINK, HAS_MAX)
 
 
+def ieee_dots(dtype: torch.dtype) -> bool:
+    """Whether the kernels widen their dot operands to fp32 (FP32_DOT, IEEE products): for fp32
+    queries, and for bf16 ones under Triton's interpreter, whose bf16 tl.dot returns garbage."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def _pow2(n: int, floor: int = 16) -> int:
     return max(next_power_of_2(max(n, 1)), floor)
 
@@ -399,22 +408,29 @@ def tile_config(heads_per_kv: int, block_dv: int, block_dr: int, fp8_v32: bool, 
 TILE_KNOB = "DSKERNELS_SPARSE_MLA_TILE"
 
 
-def wide_fp8_tiles() -> bool:
+def wide_tiles() -> bool:
     """DSKERNELS_SPARSE_MLA_TILE: `narrow` (the default until a device run has checked and timed
-    the other) runs V3.2's FP8 cache on _sparse_mla_kernel's tiles (16 heads: its fp32 dequantized
-    tile takes the registers); `wide` on _sparse_mla_fp8_kernel's (up to 64 heads, scales applied
-    to the scores and probabilities: wide_tile_config)."""
+    the other) keeps tile_config's tiles; `wide` takes wide_tile_config's for d = 576 caches with
+    16-bit queries: V3.2's FP8 layout on _sparse_mla_fp8_kernel (scales applied to the scores and
+    probabilities), bf16 caches on _sparse_mla_kernel."""
     return env_choice(TILE_KNOB, ("narrow", "wide")) == "wide"
 
 
+WIDE_SHARED_BYTES = 160 * 1024  # 64 heads take 113-131 KB (sm_90a); GPUs of ~100 KB get 32 (45-75 KB)
+
+
 def wide_tile_config(heads_per_kv: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_H heads, BLOCK_N list entries, num_warps, num_stages) of _sparse_mla_fp8_kernel: up
-    to 64 heads (wgmma's rows on Hopper: V3.2's 128 heads in two tiles, each gathering the rows
-    once), 8 warps from 32 heads on, 16 entries a block, 5 stages (two gathered blocks in flight,
-    as tile_config's). At 32 entries 64 heads spill 12-32 bytes; at 16 they take 255 registers, the
-    non-split form keeping two values in local memory across the main loop (ptxas sm_90a through
-    Triton 3.8, 2026-12-05). Not yet run on a GPU."""
-    block_h = min(_pow2(heads_per_kv), 64)
+    """(BLOCK_H heads, BLOCK_N list entries, num_warps, num_stages) of the wide tiles: up to 64
+    heads where the tensor cores take 64-row tiles (wgmma, sm_90; sm_100 too) and a block has the
+    shared memory for them, so V3.2's 128 heads run in two tiles, each gathering the rows once
+    (tile_config's FP8 tiles: 8); 32 elsewhere (mma.sync's 64-head tiles spill 244-288 bytes). 8 warps from 32 heads on, 16 entries a block, 5
+    stages (two gathered blocks in flight, as tile_config's). On sm_90a (ptxas through Triton 3.8,
+    2026-12-05), 64 heads: the FP8 kernel 255 registers, 113 KB shared memory, its non-split form
+    keeping two values in local memory across the main loop (none inside; 32 entries spilled
+    12-32 bytes); bf16 caches 223-255 registers, 131 KB, no spills. Not yet run on a GPU."""
+    wide = device.type == "cpu" or (torch.cuda.get_device_capability(device)[0] >= 9
+                                    and _shared_limit(device) >= WIDE_SHARED_BYTES)
+    block_h = min(_pow2(heads_per_kv), 64 if wide else 32)
     if device.type == "cpu":  # the interpreter
         return block_h, 64, 4, 1
     return block_h, 16, 8 if block_h >= 32 else 4, DOUBLE_BUFFER_STAGES
@@ -442,9 +458,9 @@ def sparse_mla(q, kv, indices, topk_length, attn_sink, sm_scale, head_dim_v, pag
     fp8_bytes = fp8_v32 and not native_fp8(q.device)
     block_dv = 512 if fp8_v32 else _pow2(head_dim_v)
     block_dr = 64 if fp8_v32 else _pow2(d - head_dim_v)
-    # (fp32 queries keep _sparse_mla_kernel: IEEE dots without tensor cores, whose fp32 operands
+    # (fp32 queries keep tile_config's tiles: IEEE dots without tensor cores, whose fp32 operands
     # the wide tiles would spill by the kilobyte)
-    wide = fp8_v32 and q.dtype != torch.float32 and wide_fp8_tiles()
+    wide = q.dtype != torch.float32 and d == 576 and wide_tiles()
     if wide:
         block_h, block_n, num_warps, num_stages = wide_tile_config(heads_per_kv, q.device)
     else:
@@ -460,7 +476,7 @@ def sparse_mla(q, kv, indices, topk_length, attn_sink, sm_scale, head_dim_v, pag
         stat_acc = torch.empty(splits, rows * h_q, 2, dtype=torch.float32, device=q.device)
     else:
         out_acc = stat_acc = lse  # unread pointers
-    fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+    fp32_dot = ieee_dots(q.dtype)
     max_arg = max_logits if max_logits is not None else lse
     sink_arg = attn_sink if attn_sink is not None else lse
     len_arg = topk_length if topk_length is not None else indices
@@ -483,7 +499,7 @@ def sparse_mla(q, kv, indices, topk_length, attn_sink, sm_scale, head_dim_v, pag
     switches = dict(FP8_BYTES=fp8_bytes, FP32_DOT=fp32_dot, HAS_LEN=topk_length is not None,
                     HAS_SINK=attn_sink is not None, HAS_MAX=max_logits is not None, SPLIT=split,
                     BLOCK_H=block_h, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-    if wide:
+    if wide and fp8_v32:
         _sparse_mla_fp8_kernel[(rows, h_kv * head_tiles, splits)](*args, **switches)
     else:
         _sparse_mla_kernel[(rows, h_kv * head_tiles, splits)](
