@@ -22,7 +22,8 @@
 #        SEESAW_TEST_TIMEOUT=75 (tests/test_mla_sm90_seesaw.py's), TEST_JOBS=4 (test files run at once), GPU_TESTS="tests/test_mla_sm90.py ..." (default: the files
 #        with gpu-selected tests, never-run ones first), CPU_TESTS=1 (also the not-gpu suite, for the device's
 #        torch/triton versions), BENCH_OPS=mla,gemm (families or ops, run in that order),
-#        QUICK=1 (default; 0 for the full grid), BENCH_BUDGET (s; default all that is left),
+#        QUICK=1 (default; 0 for the full grid), BENCH_BACKENDS (run.py --backends: e.g. triton for #3's
+#        full FlashMLA grid on the Triton path alone; peers still run), BENCH_BUDGET (s; default all that is left),
 #        NO_CUDA=mla,gemm (families benchmarked without their cuda backend; by default those whose
 #        CUDA tests failed in this call),
 #        PROFILE=deepseek_v3_layer_decode,silu_and_mul,gemm_fp8_fp8_bf16_nt@m=64 (ops whose first
@@ -276,6 +277,7 @@ if wants bench; then
   step "benchmarks"
   bench_args=(--json "$OUT/results.json" --ops "${BENCH_OPS:-model,fp8_cast,indexer,moe,ep,gemm,mla}" --no-cuda "$no_cuda")
   [ "${QUICK:-1}" = 1 ] && bench_args+=(--quick)
+  [ -n "${BENCH_BACKENDS:-}" ] && bench_args+=(--backends "$BENCH_BACKENDS")
   # The layer's eager decode (2.4x transformers' on the H200), Triton's bf16 silu_and_mul (5x the
   # fused cast's time), and the m = 64 GEMM's configs (m64_splitk took 50 us there, m64 22 us).
   profile_default=deepseek_v3_layer_decode,silu_and_mul,gemm_fp8_fp8_bf16_nt@m=64
