@@ -56,6 +56,14 @@ MLA_NARROW_CUDA_VARIANTS = {"narrow": {"DSKERNELS_MLA_NARROW": "1"}}
 # to scores and probabilities), timed only once tests/test_mla_sparse_wide.py passed in this device
 # call (DSKERNELS_SPARSE_MLA_WIDE_TESTED).
 SPARSE_WIDE_TRITON_VARIANTS = {"wide": {"DSKERNELS_SPARSE_MLA_TILE": "wide"}}
+
+
+def _sparse_variants(d: int) -> dict:
+    """The sparse cases' Triton variants: the wide tiles (for d = 576) once their tests passed."""
+    tested = os.environ.get("DSKERNELS_SPARSE_MLA_WIDE_TESTED") == "1"
+    return SPARSE_WIDE_TRITON_VARIANTS if d == 576 and tested else {}
+
+
 # The Triton kernel's tile (dskernels/triton/mla.py tile_config; BLOCK_M 0 = the default rule's):
 # 32-key blocks (the default until an H200 measured 64 keys 1.4x faster, 2026-12-04), 64 keys in
 # one buffer, and 64 keys over 16 warps (twice the registers per tile: do the spills matter?).
@@ -229,10 +237,9 @@ def _sparse_decode_case(b, s_q, h_q, topk, seqlen, fp8, d=576, dv=512, page_size
 
     params = {"b": b, "s_q": s_q, "h_q": h_q, "h_kv": 1, "d": d, "dv": dv, "topk": topk, "seqlen": seqlen,
               "page": page_size, "cache": "fp8_v32" if fp8 else "bfloat16"}
-    wide = d == 576 and os.environ.get("DSKERNELS_SPARSE_MLA_WIDE_TESTED") == "1"
     return Case(op="flash_mla_sparse_decode", params=params, make_inputs=make_inputs, run=run,
                 reference=reference, check=_check, flops=flops, bytes=moved, peers={"torch": peer},
-                backends=("ref", "triton"), triton_variants=SPARSE_WIDE_TRITON_VARIANTS if wide else {})
+                backends=("ref", "triton"), triton_variants=_sparse_variants(d))
 
 
 def _sparse_prefill_case(s_q, s_kv, h_q, topk, d=576, dv=512, seed=0):
@@ -255,10 +262,9 @@ def _sparse_prefill_case(s_q, s_kv, h_q, topk, d=576, dv=512, seed=0):
         return torch_sparse(q, kv, indices, sm_scale, dv, False)
 
     params = {"s_q": s_q, "s_kv": s_kv, "h_q": h_q, "h_kv": 1, "d": d, "dv": dv, "topk": topk}
-    wide = d == 576 and os.environ.get("DSKERNELS_SPARSE_MLA_WIDE_TESTED") == "1"
     return Case(op="flash_mla_sparse_fwd", params=params, make_inputs=make_inputs, run=run,
                 reference=reference, check=_check, flops=flops, bytes=moved, peers={"torch": peer},
-                backends=("ref", "triton"), triton_variants=SPARSE_WIDE_TRITON_VARIANTS if wide else {})
+                backends=("ref", "triton"), triton_variants=_sparse_variants(d))
 
 
 def cases(quick: bool, device: str) -> list[Case]:
