@@ -368,19 +368,23 @@ def test_split_candidate_that_does_not_split(device, monkeypatch):
         assert_close_to_oracle(out, a, sa, b, sb, c)
 
 
-def test_split_key_follows_the_split_counts(monkeypatch):
+def test_split_key_follows_the_split_counts():
     """The autotuning key's split counts: equal where every tile shape splits alike (m = 33 and 64,
-    one row of tiles either way), different where the M bucket does not fix them (m = 160, 256)."""
+    one row of tiles either way), different where the M bucket does not fix them (m = 160, 256).
+    The workspace is the largest any candidate needs."""
+    import triton
+
     from dskernels.triton import gemm as triton_gemm
 
-    monkeypatch.setattr(triton_gemm, "NO_DEVICE_SMS", 132)
-    metas = [dict(c.kwargs, SPLIT_K=True) for c in triton_gemm._gpu_configs(256)]
+    tiles = triton_gemm._split_tiles([triton.Config(dict(c.kwargs, SPLIT_K=True)) for c in triton_gemm._gpu_configs(256)])
 
     def key(m):
-        return triton_gemm._SplitK(m, 2112, 56, torch.empty(0)).key(metas)
+        return triton_gemm._split_plan(m, 2112, 56, 132, tiles)[0]
 
     assert key(33) == key(64) != key(128)
     assert key(160) != key(256)
+    # m = 64: 64 x 256 tiles split 14 ways (9 tiles), the most; 64 x 64 ones have the most tiles (33)
+    assert triton_gemm._split_plan(64, 2112, 56, 132, tiles)[1:] == (14 * 64 * 2112, 33)
 
 
 def test_split_count():

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import cast_groups, native_fp8_cast, round_to_bf16
+from dskernels.triton.launch import fast
 
 
 @triton.jit
@@ -47,9 +48,9 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
     block_r = next_power_of_2(num_ranks)
     block_t = max(1, min(64, 8192 // (block_k * block_r)))
     grid = (cdiv(num_tokens, block_t),)
-    _layout_kernel[grid](topk_idx, per_rank, per_expert, in_rank.view(torch.int8), num_tokens, num_topk,
-                         num_experts, num_ranks, num_experts // num_ranks, topk_idx.stride(0),
-                         BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
+    fast(_layout_kernel)[grid](topk_idx, per_rank, per_expert, in_rank.view(torch.int8), num_tokens, num_topk,
+                               num_experts, num_ranks, num_experts // num_ranks, topk_idx.stride(0),
+                               BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
 
 
 def _vec(element_size: int, *tensors_and_strides) -> int:
@@ -92,9 +93,9 @@ def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor
     block_c = min(next_power_of_2(num_cols), 4096 // src.element_size())
     grid = (num_rows, cdiv(num_cols, block_c))
     vec = _vec(src.element_size(), src, dst, src.stride(0), dst.stride(0))
-    _copy_rows_kernel[grid](src, src if src_idx is None else src_idx, dst, dst if dst_idx is None else dst_idx,
-                            src.stride(0), dst.stride(0), NUM_COLS=num_cols, HAS_SRC_IDX=src_idx is not None,
-                            HAS_DST_IDX=dst_idx is not None, VEC=vec, BLOCK_C=block_c, num_warps=4)
+    fast(_copy_rows_kernel)[grid](src, src if src_idx is None else src_idx, dst, dst if dst_idx is None else dst_idx,
+                                  src.stride(0), dst.stride(0), NUM_COLS=num_cols, HAS_SRC_IDX=src_idx is not None,
+                                  HAS_DST_IDX=dst_idx is not None, VEC=vec, BLOCK_C=block_c, num_warps=4)
 
 
 @triton.jit
@@ -148,10 +149,10 @@ def pack_rows(segments: list[torch.Tensor], offsets: list[int], src_idx: torch.T
     W0, O0, W1, O1, W2, O2, W3, O3 = widths
     # Per-segment block: a 4 KB chunk of the hidden row per step, small fields without idle lanes.
     B0, B1, B2, B3 = (min(next_power_of_2(max(w, 1)), 4096 // dst.element_size()) for w in widths[0::2])
-    _pack_rows_kernel[(num_rows,)](dst, dst.stride(0), dst if src_idx is None else src_idx, *args,
-                                   W0=W0, O0=O0, W1=W1, O1=O1, W2=W2, O2=O2, W3=W3, O3=O3,
-                                   B0=B0, B1=B1, B2=B2, B3=B3, HAS_SRC_IDX=src_idx is not None, VEC=vec,
-                                   num_warps=4)
+    fast(_pack_rows_kernel)[(num_rows,)](dst, dst.stride(0), dst if src_idx is None else src_idx, *args,
+                                         W0=W0, O0=O0, W1=W1, O1=O1, W2=W2, O2=O2, W3=W3, O3=O3,
+                                         B0=B0, B1=B1, B2=B2, B3=B3, HAS_SRC_IDX=src_idx is not None, VEC=vec,
+                                         num_warps=4)
 
 
 @triton.jit
@@ -191,12 +192,14 @@ def gather_reduce(y: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | 
     block_c = min(next_power_of_2(num_cols), 1024)
     grid = (num_rows, cdiv(num_cols, block_c))
     # y and out may differ in dtype (the low-latency combine reduces bf16 rows into fp32 partials).
-    _gather_reduce_kernel[grid](y, index, y if weights is None else weights, out, index.shape[1], num_cols,
-                                y.stride(0), index.stride(0), 0 if weights is None else weights.stride(0),
-                                out.stride(0), HAS_WEIGHTS=weights is not None, OUT_BF16=out.dtype == torch.bfloat16,
-                                ACC=tl.float64 if torch.float64 in (y.dtype, out.dtype) else tl.float32,
-                                VEC_Y=_vec(y.element_size(), y, y.stride(0)),
-                                VEC_OUT=_vec(out.element_size(), out, out.stride(0)), BLOCK_C=block_c, num_warps=4)
+    fast(_gather_reduce_kernel)[grid](y, index, y if weights is None else weights, out, index.shape[1], num_cols,
+                                      y.stride(0), index.stride(0), 0 if weights is None else weights.stride(0),
+                                      out.stride(0), HAS_WEIGHTS=weights is not None,
+                                      OUT_BF16=out.dtype == torch.bfloat16,
+                                      ACC=tl.float64 if torch.float64 in (y.dtype, out.dtype) else tl.float32,
+                                      VEC_Y=_vec(y.element_size(), y, y.stride(0)),
+                                      VEC_OUT=_vec(out.element_size(), out, out.stride(0)), BLOCK_C=block_c,
+                                      num_warps=4)
 
 
 @triton.jit
@@ -242,9 +245,9 @@ def low_latency_slots(ids: torch.Tensor, base: int, num_local: int, cap: int
     assert ids.stride(1) == 1
     block_k = next_power_of_2(num_topk)
     block_r = max(1, min(256, 4096 // block_k))
-    _low_latency_slots_kernel[(num_local,)](ids, ids.stride(0), write_slot, return_slot, recv_count, num_rows,
-                                            num_topk, base, num_local, cap, BLOCK_R=block_r, BLOCK_K=block_k,
-                                            num_warps=4)
+    fast(_low_latency_slots_kernel)[(num_local,)](ids, ids.stride(0), write_slot, return_slot, recv_count, num_rows,
+                                                  num_topk, base, num_local, cap, BLOCK_R=block_r, BLOCK_K=block_k,
+                                                  num_warps=4)
     return write_slot, return_slot, recv_count
 
 
@@ -304,7 +307,7 @@ def low_latency_send(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, 
     scale_off = offsets[1] if use_fp8 else 0
     if num_tokens == 0:  # only the ids (all -1) are written: valid pointers stand in for x and topk_idx
         x_arg, topk_idx = send, send.view(torch.int64)
-    _low_latency_send_kernel[(block_rows, max(chunks, 1))](
+    fast(_low_latency_send_kernel)[(block_rows, max(chunks, 1))](
         x_arg, x_arg.stride(0), topk_idx, topk_idx.stride(0), send, send.view(torch.float32),
         send.view(torch.int64), num_tokens, num_topk, num_ranks, num_experts // num_ranks, num_experts, block_rows,
         row_bytes, X_OFF=offsets[0], SCALE_OFF=scale_off, IDS_OFF=offsets[-1], X_WIDTH=width, USE_FP8=use_fp8,

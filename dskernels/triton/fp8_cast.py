@@ -18,6 +18,7 @@ import triton.language as tl
 
 from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import cast_groups, max_nan, native_fp8_cast, round_to_bf16, scales_of, to_e4m3_bits
+from dskernels.triton.launch import fast
 
 GROUP_SIZE = 128
 BLOCK_ROWS = 32  # rows per program of the per-token and SwiGLU casts
@@ -137,30 +138,31 @@ def _silu_and_mul(x, out, scale, masked_m, round_scale: bool, cast: bool) -> Non
     assert x.stride(2) == 1 and out.stride(2) == 1 and (scale is None or scale.stride(2) == 1)
     grid = (cdiv(m, BLOCK_ROWS), cdiv(half, GROUP_SIZE), groups)
     scale_args = (scale, scale.stride(0), scale.stride(1)) if cast else (out, 0, 0)  # (unread without cast)
-    _silu_and_mul_kernel[grid](x, out, scale_args[0], x if masked_m is None else masked_m, m, half,
-                               x.stride(0), x.stride(1), out.stride(0), out.stride(1), *scale_args[1:],
-                               0 if masked_m is None else masked_m.stride(0), BLOCK_M=BLOCK_ROWS, GROUP=GROUP_SIZE,
-                               ROUND_SCALE=round_scale, MASKED=masked_m is not None, CAST=cast,
-                               ROUND_BF16=out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-                               NATIVE=cast and native_fp8_cast(x.device), num_warps=4)
+    fast(_silu_and_mul_kernel)[grid](x, out, scale_args[0], x if masked_m is None else masked_m, m, half,
+                                     x.stride(0), x.stride(1), out.stride(0), out.stride(1), *scale_args[1:],
+                                     0 if masked_m is None else masked_m.stride(0), BLOCK_M=BLOCK_ROWS,
+                                     GROUP=GROUP_SIZE, ROUND_SCALE=round_scale, MASKED=masked_m is not None, CAST=cast,
+                                     ROUND_BF16=out.dtype == torch.bfloat16
+                                     and os.environ.get("TRITON_INTERPRET") == "1",
+                                     NATIVE=cast and native_fp8_cast(x.device), num_warps=4)
 
 
 def per_token_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, round_scale: bool = False) -> None:
     m, k = x.shape
     assert x.stride(1) == 1 and out.stride(1) == 1
     grid = (cdiv(m, BLOCK_ROWS), k // GROUP_SIZE)
-    _per_token_cast_kernel[grid](x, out.view(torch.uint8), scale, m, x.stride(0), out.stride(0), scale.stride(0),
-                                 scale.stride(1), BLOCK_M=BLOCK_ROWS, GROUP=GROUP_SIZE, ROUND_SCALE=round_scale,
-                                 NATIVE=native_fp8_cast(x.device), num_warps=4)
+    fast(_per_token_cast_kernel)[grid](x, out.view(torch.uint8), scale, m, x.stride(0), out.stride(0), scale.stride(0),
+                                       scale.stride(1), BLOCK_M=BLOCK_ROWS, GROUP=GROUP_SIZE, ROUND_SCALE=round_scale,
+                                       NATIVE=native_fp8_cast(x.device), num_warps=4)
 
 
 def per_block_cast_to_fp8(w: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, round_scale: bool = False) -> None:
     n, k = w.shape
     assert w.stride(1) == 1 and out.stride(1) == 1
     grid = (cdiv(n, GROUP_SIZE), k // GROUP_SIZE)
-    _per_block_cast_kernel[grid](w, out.view(torch.uint8), scale, n, w.stride(0), out.stride(0), scale.stride(0),
-                                 scale.stride(1), BLOCK=GROUP_SIZE, ROUND_SCALE=round_scale,
-                                 NATIVE=native_fp8_cast(w.device), num_warps=8)
+    fast(_per_block_cast_kernel)[grid](w, out.view(torch.uint8), scale, n, w.stride(0), out.stride(0), scale.stride(0),
+                                       scale.stride(1), BLOCK=GROUP_SIZE, ROUND_SCALE=round_scale,
+                                       NATIVE=native_fp8_cast(w.device), num_warps=8)
 
 
 def per_channel_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, ks_tensor: torch.Tensor,
@@ -175,7 +177,7 @@ def per_channel_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Ten
     block_h = 64
     groups = ks_tensor.shape[0]
     grid = (blocks, cdiv(h, block_h))
-    _per_channel_cast_kernel[grid](x, out.view(torch.uint8), scale, ks_tensor, tokens, h, groups, x.stride(0),
-                                   out.stride(0), scale.stride(0), ks_tensor.stride(0), BLOCK_H=block_h,
-                                   BLOCK_G=next_power_of_2(groups), GROUP=GROUP_SIZE,
-                                   ROUND_SCALE=round_scale, NATIVE=native_fp8_cast(x.device), num_warps=8)
+    fast(_per_channel_cast_kernel)[grid](x, out.view(torch.uint8), scale, ks_tensor, tokens, h, groups, x.stride(0),
+                                         out.stride(0), scale.stride(0), ks_tensor.stride(0), BLOCK_H=block_h,
+                                         BLOCK_G=next_power_of_2(groups), GROUP=GROUP_SIZE,
+                                         ROUND_SCALE=round_scale, NATIVE=native_fp8_cast(x.device), num_warps=8)

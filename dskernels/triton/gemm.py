@@ -38,10 +38,12 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime import _allocation as triton_allocation
+from triton.runtime.jit import JITFunction
 
 from dskernels._backend import env_choice
 from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8, round_to_bf16
+from dskernels.triton.launch import fast
 
 GROUP_SIZE = 128  # the K (and n) width of one scale
 TOKEN_MAJOR_KNOB = "DSKERNELS_GEMM_TOKEN_MAJOR"  # _token_major_direct
@@ -459,7 +461,12 @@ def _k_grouped_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, ks_ptr, m, n, group
 # ---- block sizes ----
 
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether this module's kernels run on Triton's interpreter: fixed when they were defined
+    (TRITON_INTERPRET then), so read once, not from the environment at each of a GEMM's calls."""
+    return _INTERPRETED
+
+
+_INTERPRETED = not isinstance(_gemm_kernel, JITFunction)
 
 
 # Under the interpreter every program is numpy work: small fixed tiles keep the CPU tests fast.
@@ -621,6 +628,11 @@ def _tuned(kernel_name: str, max_block_m: int, accumulate: bool = False, sb_per_
     return triton.autotune(configs=configs, key=key, restore_value=restore, prune_configs_by=prune)(kernel)
 
 
+@functools.cache
+def _tuned_split_tiles(tuned) -> tuple[tuple[int, int], ...]:
+    return _split_tiles(tuned.configs)
+
+
 def _prune_unsplit(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
     """The dense kernel's candidates without the split ones that would not split this shape."""
     sms = _sm_count(named_args["out_ptr"].device)
@@ -665,10 +677,9 @@ def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_
         ws_mode = _tma_ws_mode() if tma_ws else "off"
         tuned = _tuned(kernel_name, max_block_m, variant.get("ACCUMULATE", False), sb_per_row, scaled, ws_mode)
         if split_k is not None:
-            metas = [c.kwargs for c in tuned.configs]
-            args += (split_k.key(metas), *split_k.workspace(metas))
+            args += split_k.key_and_workspace(_tuned_split_tiles(tuned))
         with _use_descriptor_scratch(ws_mode != "off"):
-            tuned[grid_fn](*args, **fixed)
+            fast(tuned)[grid_fn](*args, **fixed)
         return
     else:
         meta = dict(_heuristic_config(m_hint, n, sb_per_row, scaled, kernel_name in _BF16_LEAN_KERNELS), **fixed)
@@ -677,9 +688,9 @@ def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_
         meta["TMA_WS"] = tma_ws and env_choice(TMA_WS_KNOB, ("auto", "off", "only")) != "off"
     if split_k is not None:
         meta["SPLIT_K"] = not meta.get("TMA_WS") and split_k.count(dict(meta, SPLIT_K=True)) > 1
-        args += (0, *split_k.workspace([meta]))  # (no autotuning key)
+        args += (0, *split_k.workspace_for(meta))  # (no autotuning key)
     with _use_descriptor_scratch(meta.get("TMA_WS", False)):
-        kernel[grid_fn(meta)](*args, **meta)
+        fast(kernel)[grid_fn(meta)](*args, **meta)
 
 
 # ---- split-K: the dense kernel on shapes of few output tiles (decode) ----
@@ -724,28 +735,51 @@ class _SplitK:
             return 1
         return _split_count(self.m, self.n, self.k_blocks, meta["BLOCK_M"], meta["BLOCK_N"], self.sms)
 
-    def key(self, metas: list[dict]) -> int:
-        """The split counts of the candidate tiles metas, one 5-bit digit per tile shape (at most
-        MAX_SPLITS = 16 each; five shapes stay below 2^31): the autotuner retunes where they change.
-        Within an M bucket they can: 64 x 128 tiles split m = 160, n = 2112 but not m = 256."""
-        shapes = sorted({(meta["BLOCK_M"], meta["BLOCK_N"]) for meta in metas if meta["SPLIT_K"]})
-        key = 0
-        for block_m, block_n in shapes:
-            key = key * 32 + self.count(dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=True))
-        return key
+    def key_and_workspace(self, tiles: tuple[tuple[int, int], ...]) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """For the candidate tiles `tiles` ((BLOCK_M, BLOCK_N) of the splitting candidates, sorted;
+        _split_tiles): the autotuning key of their split counts and a workspace large enough for
+        any of them."""
+        key, partials, counters = _split_plan(self.m, self.n, self.k_blocks, self.sms, tiles)
+        return (key, *self._workspace(partials, counters))
 
-    def workspace(self, metas: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(partials, arrival counters) large enough for any of the candidate tiles metas (empty,
-        never read, where none splits: of the dtypes the split kernel is compiled for)."""
-        used = [(self.count(meta), cdiv(self.m, meta["BLOCK_M"]) * cdiv(self.n, meta["BLOCK_N"]))
-                for meta in metas]
-        used = [(splits, tiles) for splits, tiles in used if splits > 1]
-        if not used:
-            return (torch.empty(0, dtype=torch.float32, device=self.out.device),
-                    torch.empty(0, dtype=torch.int32, device=self.out.device))
-        partials = torch.empty(max(s for s, _ in used) * self.m * self.n, dtype=torch.float32,
-                               device=self.out.device)
-        return partials, _arrival_counters(self.out.device, max(t for _, t in used))
+    def workspace_for(self, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The workspace of one forced tile (no autotuning)."""
+        splits = self.count(meta)
+        if splits <= 1:
+            return self._workspace(0, 0)
+        return self._workspace(splits * self.m * self.n, cdiv(self.m, meta["BLOCK_M"]) * cdiv(self.n, meta["BLOCK_N"]))
+
+    def _workspace(self, partials: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(partials, arrival counters), empty (never read) where no candidate splits: of the
+        dtypes the split kernel is compiled for."""
+        device = self.out.device
+        if not partials:
+            return torch.empty(0, dtype=torch.float32, device=device), torch.empty(0, dtype=torch.int32, device=device)
+        return torch.empty(partials, dtype=torch.float32, device=device), _arrival_counters(device, counters)
+
+
+def _split_tiles(configs: list[triton.Config]) -> tuple[tuple[int, int], ...]:
+    """The distinct (BLOCK_M, BLOCK_N) of the splitting candidates among configs, sorted."""
+    return tuple(sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs if c.kwargs.get("SPLIT_K")}))
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_plan(m: int, n: int, k_blocks: int, sms: int, tiles: tuple[tuple[int, int], ...]) -> tuple[int, int, int]:
+    """(key, partial floats, arrival counters) of a dense call's splitting candidate tiles (computed
+    once per shape: a decode step calls the same few).
+
+    key: their split counts, one 5-bit digit per tile shape (at most MAX_SPLITS = 16 each; five
+    shapes stay below 2^31): the autotuner retunes where they change. Within an M bucket they can:
+    64 x 128 tiles split m = 160, n = 2112 but not m = 256. The workspace: the largest any of them
+    needs, none where none splits."""
+    key = partials = counters = 0
+    for block_m, block_n in tiles:
+        splits = _split_count(m, n, k_blocks, block_m, block_n, sms)
+        key = key * 32 + splits
+        if splits > 1:
+            partials = max(partials, splits * m * n)
+            counters = max(counters, cdiv(m, block_m) * cdiv(n, block_n))
+    return key, partials, counters
 
 
 _ARRIVALS: dict[tuple[int, int], torch.Tensor] = {}

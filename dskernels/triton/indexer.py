@@ -23,6 +23,7 @@ import triton.language as tl
 
 from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
+from dskernels.triton.launch import fast
 
 
 @triton.jit
@@ -176,7 +177,7 @@ def mqa_logits(q, k, k_scale, weights, ks, ke, max_seqlen_k, out) -> None:
     block_h = max(block_h, 16 // block_m)  # tl.dot wants 16 rows
     block_n = 64
     grid = (cdiv(m, block_m) * cdiv(out.shape[1], block_n),)
-    _mqa_logits_kernel[grid](
+    fast(_mqa_logits_kernel)[grid](
         _as_fp8(q, fp8_bytes), _as_fp8(k, fp8_bytes), k_scale, weights, ks, ke, out,
         m, n, heads, out.shape[1],
         q.stride(0), q.stride(1), k.stride(0), k_scale.stride(0), weights.stride(0), weights.stride(1),
@@ -202,7 +203,7 @@ def paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, out) -> No
     block_n = 64
     lens_2d = context_lens.dim() == 2
     grid = (b * cdiv(next_n, block_r) * cdiv(out.shape[1], block_n),)
-    _paged_mqa_logits_kernel[grid](
+    fast(_paged_mqa_logits_kernel)[grid](
         _as_fp8(q, fp8_bytes), _as_fp8(kv_cache, fp8_bytes), weights, context_lens, block_table, out,
         next_n, heads, page_size, num_pages, block_table.shape[1], out.shape[1],
         q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), weights.stride(0), weights.stride(1),

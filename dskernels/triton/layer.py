@@ -33,6 +33,7 @@ import triton.language as tl
 from dskernels._device import on_tensor_device
 from dskernels.triton import TL_DTYPES, next_power_of_2
 from dskernels.triton.fp8_math import native_fp8_cast, rounded_to, to_e4m3_bits
+from dskernels.triton.launch import fast
 
 
 def _round_bf16(dtype: torch.dtype) -> bool:
@@ -65,10 +66,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return out.view(x.shape)
     assert rows.stride(1) == 1 and weight.is_contiguous()
     block = next_power_of_2(dim)
-    _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, dim, rows.stride(0), out.stride(0), float(eps),
-                                       BLOCK=block, DTYPE=TL_DTYPES[x.dtype],
-                                       ROUND_BF16=_round_bf16(x.dtype),
-                                       num_warps=8 if block >= 4096 else 4)
+    fast(_rms_norm_kernel)[(rows.shape[0],)](rows, weight, out, dim, rows.stride(0), out.stride(0), float(eps),
+                                             BLOCK=block, DTYPE=TL_DTYPES[x.dtype],
+                                             ROUND_BF16=_round_bf16(x.dtype),
+                                             num_warps=8 if block >= 4096 else 4)
     return out.view(x.shape)
 
 
@@ -125,12 +126,12 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
         return q_out, k_out
     assert q.stride(2) == 1 and k.stride(1) == 1 and positions.stride(0) == 1 and inv_freq.is_contiguous()
     half = dim // 2
-    _rope_qk_kernel[(tokens,)](q, k, q_out, k_out, positions, inv_freq, float(attention_factor), heads,
-                               q.stride(0), q.stride(1), k.stride(0), q_out.stride(0), q_out.stride(1), k_out.stride(0),
-                               INTERLEAVE=interleave, HALF=half, BLOCK_H=next_power_of_2(heads),
-                               BLOCK_HALF=next_power_of_2(half), DTYPE=TL_DTYPES[q.dtype],
-                               ROUND_BF16=_round_bf16(q.dtype),
-                               num_warps=4, enable_fp_fusion=False)
+    fast(_rope_qk_kernel)[(tokens,)](q, k, q_out, k_out, positions, inv_freq, float(attention_factor), heads,
+                                     q.stride(0), q.stride(1), k.stride(0), q_out.stride(0), q_out.stride(1),
+                                     k_out.stride(0), INTERLEAVE=interleave, HALF=half, BLOCK_H=next_power_of_2(heads),
+                                     BLOCK_HALF=next_power_of_2(half), DTYPE=TL_DTYPES[q.dtype],
+                                     ROUND_BF16=_round_bf16(q.dtype),
+                                     num_warps=4, enable_fp_fusion=False)
     return q_out, k_out
 
 # ---- the paged latent cache write ----
@@ -187,7 +188,7 @@ def write_latent_cache(latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: tor
     cache = kv_cache.view(torch.uint8) if fp8 else kv_cache
     assert fp8 or latent.dtype == k_rope.dtype == kv_cache.dtype  # stored as they are, no rounding
     assert latent2.stride(1) == 1 and rope2.stride(1) == 1 and kv_cache.is_contiguous()
-    _write_latent_cache_kernel[(b * s,)](
+    fast(_write_latent_cache_kernel)[(b * s,)](
         latent2, rope2, cache, block_table, cache_seqlens.contiguous(), scale if fp8 else cache_seqlens, s,
         kv_cache.shape[1], block_table.shape[1], kv_cache.shape[0], latent2.stride(0), rope2.stride(0),
         block_table.stride(0), block_table.stride(1), kv_cache.stride(1), RANK=rank, ROPE=rope, BLOCK_R=next_power_of_2(rank),
@@ -230,7 +231,7 @@ def moe_combine(y: torch.Tensor, positions: torch.Tensor, topk_idx: torch.Tensor
     assert y.stride(1) == 1 and positions.is_contiguous() and topk_weights.dtype == torch.float32
     topk_idx, topk_weights = topk_idx.contiguous(), topk_weights.contiguous()  # (views as they come: no copy)
     block = min(1024, next_power_of_2(hidden))
-    _moe_combine_kernel[(tokens, -(-hidden // block))](
+    fast(_moe_combine_kernel)[(tokens, -(-hidden // block))](
         y, positions, topk_idx, topk_weights, out, hidden, num_experts, y.stride(0), topk_idx.stride(0),
         topk_weights.stride(0),
         out.stride(0), K=k, BLOCK_H=block, DTYPE=TL_DTYPES[out_dtype], ROUND_BF16=_round_bf16(out_dtype),

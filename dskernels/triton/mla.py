@@ -26,6 +26,7 @@ import triton.language as tl
 
 from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
+from dskernels.triton.launch import fast
 
 LOG2E = 1.4426950408889634
 METADATA_STRIDE = 8  # ints per partition in tile_scheduler_metadata
@@ -344,9 +345,9 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, meta: torch.Tensor, num_splits
     b = cache_seqlens.shape[0]
     num_parts = meta.shape[0]
     ends = torch.empty(b, dtype=torch.int64, device=cache_seqlens.device)
-    _mla_metadata_kernel[(1,)](cache_seqlens, ends, meta, num_splits, b, num_parts, b.bit_length(),
-                               BLOCK_TOKENS=block_tokens, OVERHEAD=overhead_blocks, META=meta.shape[1],
-                               BLOCK_B=256, BLOCK_P=_pow2(num_parts), num_warps=4, num_stages=1)
+    fast(_mla_metadata_kernel)[(1,)](cache_seqlens, ends, meta, num_splits, b, num_parts, b.bit_length(),
+                                     BLOCK_TOKENS=block_tokens, OVERHEAD=overhead_blocks, META=meta.shape[1],
+                                     BLOCK_B=256, BLOCK_P=_pow2(num_parts), num_warps=4, num_stages=1)
 
 
 def _pow2(n: int, floor: int = 16) -> int:
@@ -466,7 +467,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     # bf16 operands as garbage (triton 3.8: products off by 1e10); fp16 keeps the GPU's path there.
     fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
     grid = (num_parts, h_kv, cdiv(rows, block_m))
-    _mla_decode_splitkv_kernel[grid](
+    fast(_mla_decode_splitkv_kernel)[grid](
         q, k_cache.view(torch.uint8) if fp8_bytes else k_cache, block_table, cache_seqlens,
         tile_scheduler_metadata, num_splits, k_scale_arg,
         out, lse, out_acc, lse_acc,
@@ -482,7 +483,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         HEAD_DIM=d, HEAD_DIM_V=head_dim_v,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv, BLOCK_DR=block_dr,
         num_warps=num_warps, num_stages=num_stages)
-    _mla_combine_kernel[(b, cdiv(h_q * s_q, block_r))](
+    fast(_mla_combine_kernel)[(b, cdiv(h_q * s_q, block_r))](
         out, lse, out_acc, lse_acc, num_splits, s_q, h_q, head_dim_v, max_splits,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         out_acc.stride(0), out_acc.stride(1), lse_acc.stride(0),

@@ -29,6 +29,7 @@ from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
 from dskernels.triton.mla import (DOUBLE_BUFFER_STAGES, _shared_limit, latent_scores, load_key_rows,
                                   online_softmax_step)
+from dskernels.triton.launch import fast
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # read inside the kernels
@@ -501,14 +502,14 @@ def sparse_mla(q, kv, indices, topk_length, attn_sink, sm_scale, head_dim_v, pag
                     HAS_SINK=attn_sink is not None, HAS_MAX=max_logits is not None, SPLIT=split,
                     BLOCK_H=block_h, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     if wide and fp8_v32:
-        _sparse_mla_fp8_kernel[(rows, h_kv * head_tiles, splits)](*args, **switches)
+        fast(_sparse_mla_fp8_kernel)[(rows, h_kv * head_tiles, splits)](*args, **switches)
     else:
-        _sparse_mla_kernel[(rows, h_kv * head_tiles, splits)](
+        fast(_sparse_mla_kernel)[(rows, h_kv * head_tiles, splits)](
             *args, FP8_V32=fp8_v32, HEAD_DIM=d, HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv, BLOCK_DR=block_dr,
             **switches)
     if split:
         block_r = max(1, min(16, 4096 // block_dv))
-        _sparse_mla_combine_kernel[(rows, cdiv(h_q, block_r))](
+        fast(_sparse_mla_combine_kernel)[(rows, cdiv(h_q, block_r))](
             out, lse, max_arg, sink_arg, out_acc, stat_acc,
             h_q, head_dim_v, splits, lse_div,
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), lse.stride(2),

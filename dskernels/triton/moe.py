@@ -28,6 +28,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from dskernels.triton import next_power_of_2
+from dskernels.triton.launch import fast
 
 BLOCK_T = 8  # tokens per program: V3's 8 x 32 experts are 2048 values, 16 per thread of 4 warps
 NUM_WARPS = 4
@@ -157,10 +158,10 @@ def grouped_topk(logits, bias, idx, weight, num_groups: int, topk_groups: int, r
     block, warps = _tile()
     grid = ((tokens + block - 1) // block,)
     group_size = experts // num_groups
-    _grouped_topk_kernel[grid](logits, bias, idx, weight, tokens, logits.stride(0), logits.stride(1), bias.stride(0),
-                               idx.stride(0), weight.stride(0), float(scaling_factor), GROUP_SIZE=group_size,
-                               GROUP_PAD=next_power_of_2(group_size),
-                               GROUPS=num_groups, GROUPS_PAD=next_power_of_2(num_groups),
-                               TOPK_GROUPS=topk_groups, TOPK=topk, TOPK_PAD=next_power_of_2(topk),
-                               RENORMALIZE=renormalize, BLOCK=block,
-                               TORCH_SIGMOID=os.environ.get("TRITON_INTERPRET", "0") != "1", num_warps=warps)
+    fast(_grouped_topk_kernel)[grid](logits, bias, idx, weight, tokens, logits.stride(0), logits.stride(1),
+                                     bias.stride(0), idx.stride(0), weight.stride(0), float(scaling_factor),
+                                     GROUP_SIZE=group_size, GROUP_PAD=next_power_of_2(group_size),
+                                     GROUPS=num_groups, GROUPS_PAD=next_power_of_2(num_groups),
+                                     TOPK_GROUPS=topk_groups, TOPK=topk, TOPK_PAD=next_power_of_2(topk),
+                                     RENORMALIZE=renormalize, BLOCK=block,
+                                     TORCH_SIGMOID=os.environ.get("TRITON_INTERPRET", "0") != "1", num_warps=warps)

@@ -1,0 +1,142 @@
+"""Launching our Triton kernels again without Triton's per-launch Python.
+
+A decode step of the V3 layer launches ~27 Triton kernels that each run for microseconds on the
+GPU. Triton's launch path binds and specializes every argument, builds its cache key, reads its
+knobs and checks the kernel's globals on every call (JITFunction.run: ~13 us for a 35-argument
+kernel on this project's 2-core CI host), and an autotuned kernel adds the autotuner's own key
+(~20 us more); the launch itself, the compiled kernel's launcher, is a fraction of that. In an
+eager step that is host time the GPU waits for (the H200's Triton GEMM at m = 64: 91 us per call
+eager, 19 us replayed from a CUDA graph, 2026-12-04).
+
+`fast(kernel)[grid](*args, **kwargs)` takes the place of `kernel[grid](*args, **kwargs)` for a
+JITFunction or an autotuned one. Its first launch for each argument signature goes through Triton
+(compiling, tuning and launching as usual) and keeps the compiled kernel it returns; later launches
+with the same signature call that kernel's launcher directly, with the arguments and grid Triton
+would pass. The signature is finer than Triton's specialization, so it never reuses a kernel Triton
+would have specialized otherwise: each tensor's dtype and 16-byte alignment, each int by value (the
+autotuners' keys and the grids read them too), the type of the other scalars, every keyword by type
+and value, the current device, Triton's debug, instrumentation and stages-inspection knobs.
+Anything else (another argument type, a pre-run hook, a stages-inspection hook set) takes Triton's
+path every time.
+
+Under Triton's interpreter `fast` returns the kernel itself. DSKERNELS_TRITON_LAUNCH_CACHE=0 (read
+at import) turns the cache off.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import triton.language as tl
+from triton import knobs
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+ENABLED = os.environ.get("DSKERNELS_TRITON_LAUNCH_CACHE", "1") != "0"
+MAX_SIGNATURES = 1024  # per kernel; past it the cache starts over (ints keyed by value can vary)
+
+_SCALAR_KEYS = {float: float, type(None): None}
+
+
+def _signature(args: tuple, kwargs: dict):
+    """The launch's key (see the module docstring), or None where an argument is of a kind it
+    does not cover."""
+    key = []
+    for arg in args:
+        kind = type(arg)
+        if kind is int:
+            key.append(arg)
+        elif isinstance(arg, torch.Tensor):
+            key.append((arg.dtype, arg.data_ptr() % 16 == 0))
+        elif kind in _SCALAR_KEYS:
+            key.append(_SCALAR_KEYS[kind])
+        elif kind is bool or isinstance(arg, (tl.dtype, torch.dtype, str)):
+            key.append((kind, arg))
+        else:
+            return None
+    return (*key, *kwargs.items(), *map(type, kwargs.values()), driver.active.get_current_device(),
+            knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+            getattr(knobs.runtime, "add_stages_inspection_hook", None))  # (Triton 3.8's)
+
+
+class _Plan:
+    """What a cached launch reuses: the compiled kernel and the arguments past the positional ones
+    (keywords, the tuned config's values, defaults) in the kernel's parameter order."""
+
+    __slots__ = ("compiled", "tail")
+
+    def __init__(self, compiled, tail: tuple):
+        self.compiled, self.tail = compiled, tail
+
+
+class FastLauncher:
+    """One kernel's cached launches (see the module docstring)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.tuner = kernel if isinstance(kernel, Autotuner) else None
+        self.jit = kernel.fn if self.tuner is not None else kernel
+        self.names = self.jit.arg_names
+        self.defaults = {p.name: p.default for p in self.jit.params if p.default is not inspect.Parameter.empty}
+        self.plans: dict[tuple, _Plan] = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(grid, args, kwargs)
+
+    def run(self, grid, args: tuple, kwargs: dict):
+        key = _signature(args, kwargs)
+        try:
+            plan = self.plans.get(key) if key is not None else None
+        except TypeError:  # an unhashable keyword
+            key = plan = None
+        if plan is None or self.jit.pre_run_hooks:
+            compiled = self.kernel[grid](*args, **kwargs)
+            if key is not None:
+                self._keep(key, compiled, args, kwargs)
+            return compiled
+        compiled = plan.compiled
+        values = (*args, *plan.tail)
+        if callable(grid):
+            grid = grid(dict(zip(self.names, values)))
+        # As JITFunction.run launches (Triton 3.6 through 3.8).
+        device = driver.active.get_current_device()
+        stream = driver.active.get_current_stream(device)
+        metadata = compiled.launch_metadata(grid, stream, *values)
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                     compiled.function, compiled.packed_metadata, metadata, knobs.runtime.launch_enter_hook,
+                     knobs.runtime.launch_exit_hook, *values)
+        return compiled
+
+    def _keep(self, key: tuple, compiled, args: tuple, kwargs: dict) -> None:
+        """Caches the kernel Triton's path just compiled and launched, where a later launch can
+        pass the same arguments without it."""
+        if compiled is None or not hasattr(compiled, "packed_metadata") \
+                or getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None:
+            return
+        values = dict(self.defaults, **kwargs)
+        if self.tuner is not None:
+            config = self.tuner.best_config
+            if config is None or config.pre_hook is not None:
+                return
+            values.update(config.all_kwargs())
+        rest = self.names[len(args):]
+        if any(name not in values for name in rest):
+            return
+        if len(self.plans) >= MAX_SIGNATURES:
+            self.plans.clear()
+        self.plans[key] = _Plan(compiled, tuple(values[name] for name in rest))
+
+
+def fast(kernel):
+    """kernel (a JITFunction or triton.autotune's wrapper of one) with cached launches; the kernel
+    itself under the interpreter or with the cache off."""
+    launcher = getattr(kernel, "_dskernels_launcher", None)
+    if launcher is None:
+        # (the interpreter's kernels are InterpretedFunctions, autotuned or not)
+        base = kernel.fn if isinstance(kernel, Autotuner) else kernel
+        launcher = FastLauncher(kernel) if ENABLED and type(base) is JITFunction else kernel
+        kernel._dskernels_launcher = launcher
+    return launcher

@@ -1,0 +1,206 @@
+"""dskernels.triton.launch: a cached launch passes the launcher exactly what Triton's own launch path
+would (checked on CPU against Triton's real compiler and launch path for sm_90a with a recording
+driver, dskernels.testing.fake_gpu), a launch whose arguments specialize otherwise goes through
+Triton again, and on a GPU the kernels it launches compute what the first launch did."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+import dskernels
+import python_ref
+from dskernels.testing.fake_gpu import fake_gpu
+from dskernels.triton import launch
+from test_gemm import assert_close_to_oracle
+
+
+# The fake device compiles with Triton's real compiler, which an interpreted call of a @jit helper
+# straight from Python leaves unusable for the rest of that process (triton 3.8's interpreter patches
+# triton.language for good there; some CPU tests do that): under the interpreter this file's CPU
+# tests run in a process of their own, started by the first test.
+SHARED_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+compiles = pytest.mark.skipif(SHARED_INTERPRETER, reason="run in a process of its own by test_compiled_tests")
+
+
+def test_compiled_tests():
+    if not SHARED_INTERPRETER:
+        pytest.skip("this process runs them itself")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def _scale_rows(x_ptr, out_ptr, n, stride, factor, FLAG: tl.constexpr, BLOCK: tl.constexpr, EXTRA: tl.constexpr = 3):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    y = tl.load(x_ptr + row * stride + cols, mask=cols < n) * factor + EXTRA
+    if FLAG:
+        y = -y
+    tl.store(out_ptr + row * stride + cols, y, mask=cols < n)
+
+
+class _Counted:
+    """A fresh JITFunction of _scale_rows (the fake device's kernels stay in its own caches) whose
+    runs through Triton's path are counted."""
+
+    def __init__(self, monkeypatch):
+        self.kernel, self.slow = JITFunction(_scale_rows), 0
+        run = self.kernel.run
+
+        def counted(*args, **kwargs):
+            self.slow += 1
+            return run(*args, **kwargs)
+
+        monkeypatch.setattr(self.kernel, "run", counted)
+
+
+def _same_launch(a, b):
+    assert (a.kernel, a.grid, a.stream, a.function, a.num_warps) == (b.kernel, b.grid, b.stream, b.function, b.num_warps)
+    assert len(a.args) == len(b.args)
+    for x, y in zip(a.args, b.args):
+        assert x is y if isinstance(x, torch.Tensor) else (type(x), x) == (type(y), y)
+
+
+def _rows(rows=4, cols=40, offset=0):
+    """[rows, cols] fp32 tensors; offset (elements) moves their start off 16-byte alignment."""
+    return [torch.zeros(rows * cols + offset)[offset:].view(rows, cols) for _ in range(2)]
+
+
+@compiles
+def test_cached_launch_passes_what_triton_passes(monkeypatch):
+    k = _Counted(monkeypatch)
+    with fake_gpu() as gpu:
+        x, out = _rows()
+        launch.fast(k.kernel)[(4,)](x, out, 40, 40, 2.0, FLAG=True, BLOCK=64)
+        assert k.slow == 1
+        x, out = _rows()  # other tensors, another float: the same signature
+        launch.fast(k.kernel)[(4,)](x, out, 40, 40, 3.0, FLAG=True, BLOCK=64)
+        assert k.slow == 1
+        cached = gpu.launches[-1]
+        assert cached.args == (x, out, 40, 40, 3.0, True, 64, 3)  # the default filled in, in order
+        k.kernel[(4,)](x, out, 40, 40, 3.0, FLAG=True, BLOCK=64)  # Triton's own path, the same call
+        _same_launch(cached, gpu.launches[-1])
+
+
+@compiles
+@pytest.mark.parametrize("change", ["misaligned", "int", "int_one", "bool_as_int", "float_as_int", "keyword",
+                                    "option"])
+def test_other_signature_goes_through_triton(change, monkeypatch):
+    """Arguments Triton would specialize otherwise (or might: an int's value, a keyword's type)
+    take its path again, and the kernel it launches is then cached under their own signature."""
+    k = _Counted(monkeypatch)
+    args, kwargs = [*_rows(), 40, 40, 2.0], dict(FLAG=True, BLOCK=64)
+    with fake_gpu() as gpu:
+        launch.fast(k.kernel)[(4,)](*args, **kwargs)
+        first = gpu.launches[-1]
+        if change == "misaligned":  # 4-byte aligned pointers: Triton compiles another kernel
+            args[:2] = _rows(offset=1)
+        elif change == "int":
+            args[2] = 39
+        elif change == "int_one":  # Triton makes an int equal to 1 a constant
+            args[2] = 1
+        elif change == "bool_as_int":
+            kwargs["FLAG"] = 1
+        elif change == "float_as_int":
+            args[4] = 2
+        elif change == "keyword":
+            kwargs["EXTRA"] = 4
+        else:
+            kwargs["num_warps"] = 2
+        for expected_slow in (2, 2):  # the new signature's first launch, then its cached one
+            launch.fast(k.kernel)[(4,)](*args, **kwargs)
+            assert k.slow == expected_slow
+        k.kernel[(4,)](*args, **kwargs)
+        _same_launch(gpu.launches[-2], gpu.launches[-1])
+        if change in ("misaligned", "int_one", "float_as_int", "keyword", "option"):
+            assert gpu.launches[-1].function is not first.function
+
+
+@compiles
+def test_grid_function_sees_every_parameter(monkeypatch):
+    """A callable grid gets what Triton gives it: every parameter by name, defaults included."""
+    k = _Counted(monkeypatch)
+    seen = []
+
+    def grid(meta):
+        seen.append({name: meta[name] for name in ("n", "factor", "BLOCK", "EXTRA")})
+        return (meta["n"] // 10,)
+
+    with fake_gpu() as gpu:
+        for _ in range(2):
+            launch.fast(k.kernel)[grid](*_rows(), 40, 40, 2.0, FLAG=False, BLOCK=64)
+    assert k.slow == 1 and seen[0] == seen[1] == dict(n=40, factor=2.0, BLOCK=64, EXTRA=3)
+    assert gpu.launches[0].grid == gpu.launches[1].grid == (4, 1, 1)
+
+
+@compiles
+def test_autotuned_kernel_reuses_the_tuned_config(monkeypatch):
+    """An autotuned kernel's cached launch passes the winning config's values and runs its kernel;
+    another autotuning key (n) tunes again."""
+    jit = JITFunction(_scale_rows)
+    tuned = triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=4),
+                                     triton.Config({"BLOCK": 128}, num_warps=8)], key=["n"])(jit)
+    tunings = []
+    run = tuned.run
+    monkeypatch.setattr(tuned, "run", lambda *a, **kw: tunings.append(kw) or run(*a, **kw))
+    with fake_gpu(timing=lambda launched: 1.0 if launched.num_warps == 8 else 2.0) as gpu:
+        for _ in range(2):
+            launch.fast(tuned)[(4,)](*_rows(), 40, 40, 2.0, FLAG=True)
+        assert len(tunings) == 1
+        cached = gpu.launches[-1]
+        assert cached.num_warps == 8 and cached.args[5:] == (True, 128, 3)
+        tuned[(4,)](*cached.args[:5], FLAG=True)
+        _same_launch(cached, gpu.launches[-1])
+        launch.fast(tuned)[(4,)](*_rows(), 39, 40, 2.0, FLAG=True)
+        assert len(tunings) == 3  # (the direct call above, then the new key)
+
+
+@compiles
+def test_signature_covers_what_specializes():
+    x = torch.zeros(8)
+    with fake_gpu():  # (the key holds the current device)
+        _signatures_differ(x)
+
+
+def _signatures_differ(x):
+    assert launch._signature((x, 1, 2.0, True, None), {}) != launch._signature((x[1:], 1, 2.0, True, None), {})
+    assert launch._signature((True,), {}) != launch._signature((1,), {})
+    assert launch._signature((1,), {"A": True}) != launch._signature((1,), {"A": 1})
+    assert launch._signature(((1, 2),), {}) is None  # a tuple argument: Triton's path every time
+
+
+def test_interpreted_and_disabled_kernels_launch_directly(monkeypatch):
+    interpreted = InterpretedFunction(_scale_rows)
+    assert launch.fast(interpreted) is interpreted
+    monkeypatch.setattr(launch, "ENABLED", False)
+    jit = JITFunction(_scale_rows)
+    assert launch.fast(jit) is jit
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autotune", ["0", "1"])
+def test_cached_launches_compute_on_the_gpu(autotune, monkeypatch):
+    """The Triton cast and GEMM on a GPU (heuristic and autotuned tiles): the later calls (cached
+    launches, and an input off 16-byte alignment that specializes anew, then is cached too) match
+    the oracle as the first did."""
+    monkeypatch.setenv("DSKERNELS_GEMM_AUTOTUNE", autotune)
+    torch.manual_seed(0)
+    with dskernels.backend("triton"):
+        b, sb = dskernels.per_block_cast_to_fp8(torch.randn(200, 256, device="cuda", dtype=torch.bfloat16))
+        for start in (0, 0, 0, 4, 4):  # bf16 elements: 4 moves x off 16-byte alignment
+            x = torch.randn(33 * 256 + start, device="cuda", dtype=torch.bfloat16)[start:].view(33, 256)
+            a, sa = dskernels.per_token_cast_to_fp8(x)
+            ra, rsa = python_ref.per_token_cast_to_fp8(x)
+            assert torch.equal(a.view(torch.uint8), ra.view(torch.uint8)) and torch.equal(sa, rsa)
+            out = torch.full((33, 200), float("nan"), device="cuda", dtype=torch.bfloat16)
+            dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+            assert_close_to_oracle(out, a, sa, b, sb)
