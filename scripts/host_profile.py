@@ -41,7 +41,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-if not torch.cuda.is_available() and "--fake-gpu" not in sys.argv:
+if "--fake-gpu" in sys.argv:
+    os.environ.pop("TRITON_INTERPRET", None)  # Triton's compiler and launch path, not its interpreter
+elif not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dskernels  # noqa: E402
@@ -88,10 +90,12 @@ def main() -> int:
             step()
         sync()
 
+        launched = gpu.count if args.fake_gpu else 0
         began = time.perf_counter()
         for _ in range(args.steps):
             step()
         enqueue_ms = (time.perf_counter() - began) * 1e3 / args.steps
+        launched = (gpu.count - launched) / args.steps if args.fake_gpu else None
         sync()
         wall_ms = (time.perf_counter() - began) * 1e3 / args.steps
         split = None
@@ -114,7 +118,8 @@ def main() -> int:
     print(f"host profile: enqueueing a step took {enqueue_ms:.3f} ms of host time"
           + (f"; the device was busy {split['busy_ms']:.3f} ms per step ({split['kernels']:.0f} kernels); "
              f"{split['syncs']} synchronizing call(s) in one step{': ' + split['first'] if split['first'] else ''}"
-             if split else " (no device split: " + ("it failed)" if on_gpu else "GPU only)")))
+             if split else " (no device split: " + ("it failed)" if on_gpu else "GPU only)"))
+          + (f"; {launched:.0f} Triton launches per step" if launched is not None else ""))
     for order in ("tottime", "cumtime"):
         text = io.StringIO()
         stats = pstats.Stats(profiler, stream=text)

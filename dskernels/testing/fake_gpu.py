@@ -52,6 +52,7 @@ class _Launcher:
                  exit_hook, *args):
         launch = Launch(self.name, (grid_x, grid_y, grid_z), stream, function, self.num_warps, args)
         self.gpu.launches.append(launch)
+        self.gpu.count += 1
         for callback in self.gpu.on_launch:
             callback(launch)
 
@@ -81,6 +82,7 @@ class FakeGPU:
 
         self.target = GPUTarget("cuda", CAPABILITY[0] * 10 + CAPABILITY[1], 32)
         self.launches: collections.deque[Launch] = collections.deque(maxlen=keep)
+        self.count = 0  # launches so far, kept or not
         self.on_launch: list[Callable[[Launch], None]] = []
         self.timing = timing or (lambda launch: 1.0)
         self.utils = _Utils()
