@@ -178,12 +178,52 @@ def _signatures_differ(x):
     assert launch._signature(((1, 2),), {}) is None  # a tuple argument: Triton's path every time
 
 
-def test_interpreted_and_disabled_kernels_launch_directly(monkeypatch):
+def test_interpreted_kernels_launch_directly():
     interpreted = InterpretedFunction(_scale_rows)
     assert launch.fast(interpreted) is interpreted
+
+
+@compiles
+def test_cache_off_takes_triton_path(monkeypatch):
+    k = _Counted(monkeypatch)
     monkeypatch.setattr(launch, "ENABLED", False)
-    jit = JITFunction(_scale_rows)
-    assert launch.fast(jit) is jit
+    with fake_gpu():
+        for expected_slow in (1, 2):
+            launch.fast(k.kernel)[(4,)](*_rows(), 40, 40, 2.0, FLAG=True, BLOCK=64)
+            assert k.slow == expected_slow
+
+
+@compiles
+def test_decode_step_launches_as_triton_would(monkeypatch):
+    """Every launch of the tiny FP8 layer's decode step (27 launches of 12 kernels, two of them
+    autotuned GEMMs) through the GPU's Python path on CPU tensors: cached launches pass what
+    Triton's own path passes for the same step (the same compiled kernels, grids and arguments;
+    tensors alike in dtype, shape and strides)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import host_profile
+
+    monkeypatch.setenv("DSKERNELS_GEMM_AUTOTUNE", "1")
+    with fake_gpu(cpu_tensors=True) as gpu:
+        gpu.on_launch.append(host_profile._valid_router_ids)
+        *_, step = host_profile.fake_gpu_step(2, 37)
+        with dskernels.backend("triton"):
+            step()  # compiles and tunes
+            steps = {}
+            for cached in (True, False):
+                monkeypatch.setattr(launch, "ENABLED", cached)
+                gpu.launches.clear()
+                step()
+                steps[cached] = list(gpu.launches)
+    assert len(steps[True]) == len(steps[False]) == 27
+    for ours, triton_path in zip(steps[True], steps[False]):
+        assert (ours.kernel, ours.grid, ours.function, ours.num_warps) == \
+            (triton_path.kernel, triton_path.grid, triton_path.function, triton_path.num_warps)
+        assert len(ours.args) == len(triton_path.args)
+        for a, b in zip(ours.args, triton_path.args):
+            if isinstance(a, torch.Tensor):
+                assert (a.dtype, a.shape, a.stride()) == (b.dtype, b.shape, b.stride()), ours.kernel
+            else:
+                assert (type(a), a) == (type(b), b), ours.kernel
 
 
 @pytest.mark.gpu

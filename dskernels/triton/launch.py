@@ -20,7 +20,7 @@ Anything else (another argument type, a pre-run hook, a stages-inspection hook s
 path every time.
 
 Under Triton's interpreter `fast` returns the kernel itself. DSKERNELS_TRITON_LAUNCH_CACHE=0 (read
-at import) turns the cache off.
+at import; `ENABLED` after it) sends every launch through Triton's path.
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ class FastLauncher:
         return lambda *args, **kwargs: self.run(grid, args, kwargs)
 
     def run(self, grid, args: tuple, kwargs: dict):
+        if not ENABLED:
+            return self.kernel[grid](*args, **kwargs)
         key = _signature(args, kwargs)
         try:
             plan = self.plans.get(key) if key is not None else None
@@ -132,11 +134,11 @@ class FastLauncher:
 
 def fast(kernel):
     """kernel (a JITFunction or triton.autotune's wrapper of one) with cached launches; the kernel
-    itself under the interpreter or with the cache off."""
+    itself under the interpreter."""
     launcher = getattr(kernel, "_dskernels_launcher", None)
     if launcher is None:
         # (the interpreter's kernels are InterpretedFunctions, autotuned or not)
         base = kernel.fn if isinstance(kernel, Autotuner) else kernel
-        launcher = FastLauncher(kernel) if ENABLED and type(base) is JITFunction else kernel
+        launcher = FastLauncher(kernel) if type(base) is JITFunction else kernel
         kernel._dskernels_launcher = launcher
     return launcher
