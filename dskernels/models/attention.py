@@ -27,7 +27,8 @@ from torch import nn
 import dskernels
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import Indexer
-from dskernels.models.linear import Linear, RMSNorm, device_moves_only, refuse_gradient, shared_cast, triton_fusable
+from dskernels.models.linear import (Linear, RMSNorm, device_moves_only, norm_and_cast, refuse_gradient, shared_cast,
+                                      triton_fusable)
 from dskernels.models.paged import cache_rows, check_slots, check_tables, write_rows
 from dskernels.models.rope import rope_cos_sin, rope_inv_freq, rope_qk
 
@@ -95,16 +96,21 @@ class MLAttention(nn.Module):
             t is not old or version != old_version
             for (t, version), (old, old_version) in zip(self._kv_b_state(), self._absorbed_from))
 
-    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+    def input_layers(self) -> tuple[Linear, ...]:
+        """The projections that read the attention's input x (V3.2: the indexer's too)."""
+        indexer = (self.indexer.wk, self.indexer.weights_proj) if self.indexer is not None else ()
+        return self.q_a_proj if self.cfg.q_lora_rank else self.q_proj, self.kv_a_proj_with_mqa, *indexer
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor, x_fp8):
         cfg = self.cfg
         b, s, _ = x.shape
         q_resid = q_resid_fp8 = None
-        # One FP8 cast of each input however many projections read it (V3.2: the indexer's too)
-        indexer = [self.indexer.wk, self.indexer.weights_proj] if self.indexer is not None else []
-        x_fp8 = shared_cast(x, self.q_a_proj if cfg.q_lora_rank else self.q_proj, self.kv_a_proj_with_mqa, *indexer)
+        # One FP8 cast of each input however many projections read it, in the norm's kernel where it can
+        if x_fp8 is None:
+            x_fp8 = shared_cast(x, *self.input_layers())
         if cfg.q_lora_rank:
-            q_resid = self.q_a_layernorm(self.q_a_proj(x, x_fp8))
-            q_resid_fp8 = shared_cast(q_resid, self.q_b_proj, *([self.indexer.wq_b] if self.indexer is not None else []))
+            q_resid, q_resid_fp8 = norm_and_cast(self.q_a_layernorm, self.q_a_proj(x, x_fp8), self.q_b_proj,
+                                                 *([self.indexer.wq_b] if self.indexer is not None else []))
             q = self.q_b_proj(q_resid, q_resid_fp8)
         else:
             q = self.q_proj(x, x_fp8)
@@ -120,7 +126,9 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor | None = None,
                 block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
-                index_cache: torch.Tensor | None = None, kv_cache_scale: torch.Tensor | None = None) -> torch.Tensor:
+                index_cache: torch.Tensor | None = None, kv_cache_scale: torch.Tensor | None = None,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x_fp8: x's rows already cast for input_layers() (the layer's norm_and_cast), or None."""
         # Cache arguments without a cache would be ignored by the prefill from scratch: refused instead
         tables = [name for name, t in (("block_table", block_table), ("cache_seqlens", cache_seqlens))
                   if t is not None]
@@ -141,7 +149,7 @@ class MLAttention(nn.Module):
         if kv_cache is not None or self.indexer is not None:
             refuse_gradient("the paged (kv_cache) attention" if kv_cache is not None
                             else "DeepSeek-V3.2's sparse attention", x)
-        q_nope, q_rope, latent, k_rope, indexer_inputs = self._project(x, positions)
+        q_nope, q_rope, latent, k_rope, indexer_inputs = self._project(x, positions, x_fp8)
         if kv_cache is None:
             if self.indexer is None:
                 out = self._attend_new_tokens(q_nope, q_rope, latent, k_rope)

@@ -12,7 +12,7 @@ from torch import nn
 from dskernels.models.attention import MLAttention
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import LayerNorm
-from dskernels.models.linear import BLOCK, FP8, MLP, Linear, RMSNorm, dequantize_block_fp8, owned
+from dskernels.models.linear import BLOCK, FP8, MLP, Linear, RMSNorm, dequantize_block_fp8, norm_and_cast, owned
 from dskernels.models.moe import Experts, MoE
 
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.*)$")
@@ -183,10 +183,12 @@ class DeepseekV3DecoderLayer(nn.Module):
             raise ValueError(f"positions: expected a tensor on {x.device} (x's device), got {positions.device}")
         if ep_low_latency is not None and not isinstance(ep_low_latency, bool):
             raise TypeError(f"ep_low_latency: expected None, True or False, got {type(ep_low_latency).__name__}")
-        h = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, block_table, cache_seqlens, index_cache,
-                               kv_cache_scale)
-        h2 = self.post_attention_layernorm(h)
-        return h + (self.mlp(h2, ep_low_latency) if self.is_moe else self.mlp(h2))
+        # Each norm casts its output for the FP8 projections that read it, in its own kernel where it can
+        normed, x_fp8 = norm_and_cast(self.input_layernorm, x, *self.self_attn.input_layers())
+        h = x + self.self_attn(normed, positions, kv_cache, block_table, cache_seqlens, index_cache, kv_cache_scale,
+                               x_fp8)
+        h2, h2_fp8 = norm_and_cast(self.post_attention_layernorm, h, *self.mlp.input_layers())
+        return h + (self.mlp(h2, ep_low_latency, h2_fp8) if self.is_moe else self.mlp(h2, h2_fp8))
 
     # ---- weights ----
     def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict:

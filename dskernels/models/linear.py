@@ -189,6 +189,22 @@ def shared_cast(x: torch.Tensor, *layers: Linear) -> tuple[torch.Tensor, torch.T
     return fp8[0].cast_input(x)
 
 
+def norm_and_cast(norm: RMSNorm, x: torch.Tensor, *layers: Linear):
+    """(norm(x), shared_cast(norm(x), *layers)) in one kernel where the fused Triton norm takes x
+    (triton_fusable; a bf16 or fp32 x, as the FP8 cast reads them, dim % 128 == 0): its cast is
+    per_token_cast_to_fp8's bit for bit, of the values it stores. Else the two ops."""
+    fp8 = [layer for layer in layers if layer.is_fp8]
+    if (fp8 and all(layer.round_scale == fp8[0].round_scale for layer in fp8) and x.shape[:-1].numel()
+            and x.dtype in (torch.bfloat16, torch.float32) and x.shape[-1] % BLOCK == 0
+            and triton_fusable(x, norm.weight)):
+        from dskernels.triton import layer as triton_layer
+
+        normed, (x_fp8, scales) = triton_layer.rms_norm(x, norm.weight, norm.eps, cast_round_scale=fp8[0].round_scale)
+        return normed, (x_fp8, scales)
+    normed = norm(x)
+    return normed, shared_cast(normed, *layers)
+
+
 def refuse_gradient(what: str, *tensors) -> None:
     """Raises where autograd would record through inference kernels (the FP8 GEMMs and casts, MLA
     decode, V3.2's sparse attention): they run under no_grad, so a backward would silently leave
@@ -237,8 +253,14 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, intermediate, dtype, device)
         self.down_proj = Linear(intermediate, hidden, dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_fp8 = shared_cast(x, self.gate_proj, self.up_proj)
+    def input_layers(self) -> tuple[Linear, ...]:
+        """The projections that read the MLP's input (norm_and_cast's layers)."""
+        return self.gate_proj, self.up_proj
+
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x_fp8: x's rows already cast for input_layers() (norm_and_cast's), or None."""
+        if x_fp8 is None:
+            x_fp8 = shared_cast(x, self.gate_proj, self.up_proj)
         if not (self.gate_proj.is_fp8 and self.up_proj.is_fp8 and self.down_proj.is_fp8) or x_fp8 is None \
                 or not triton_only_ops():
             return self.down_proj(F.silu(self.gate_proj(x, x_fp8)) * self.up_proj(x, x_fp8))

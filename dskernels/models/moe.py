@@ -26,8 +26,8 @@ from torch import nn
 import dskernels
 import python_ref.moe
 from dskernels.models.config import DeepseekV3Config
-from dskernels.models.linear import (FP8, MLP, BlockMajorScales, device_moves_only, refuse_gradient, triton_fusable,
-                                     triton_only_ops)
+from dskernels.models.linear import (FP8, MLP, BlockMajorScales, Linear, device_moves_only, refuse_gradient,
+                                     triton_fusable, triton_only_ops)
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -264,8 +264,15 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, device)
                                if cfg.n_shared_experts else None)
 
-    def forward(self, x: torch.Tensor, ep_low_latency: bool | None = None) -> torch.Tensor:
-        """ep_low_latency: with an EP buffer, which exchange this call takes (DeepseekV3DecoderLayer.forward)."""
+    def input_layers(self) -> tuple[Linear, ...]:
+        """The projections that read x as it comes (the shared experts'; the routed ones read its
+        rows by expert), for the layer's norm_and_cast."""
+        return self.shared_experts.input_layers() if self.shared_experts is not None else ()
+
+    def forward(self, x: torch.Tensor, ep_low_latency: bool | None = None,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """ep_low_latency: with an EP buffer, which exchange this call takes (DeepseekV3DecoderLayer.forward).
+        x_fp8: x's rows already cast for input_layers(), or None."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         topk_idx, topk_weights = route(x2, self.gate_weight, self.e_score_correction_bias, self.cfg)
@@ -280,7 +287,7 @@ class MoE(nn.Module):
                                  f"{self.ep_low_latency_tokens} tokens per rank (the layer's), got {x2.shape[0]}")
             routed = self._routed_ep(x2, topk_idx, topk_weights, low_latency)
         if self.shared_experts is not None:
-            routed = routed + self.shared_experts(x2)
+            routed = routed + self.shared_experts(x2, x_fp8)
         return routed.reshape(shape)
 
     # torch.compile runs this part eagerly, between graphs: the buffer's exchanges

@@ -1,6 +1,6 @@
 """Launching our Triton kernels again without Triton's per-launch Python.
 
-A decode step of the V3 layer launches ~27 Triton kernels that each run for microseconds on the
+A decode step of the V3 layer launches ~24 Triton kernels that each run for microseconds on the
 GPU. Triton's launch path binds and specializes every argument, builds its cache key, reads its
 knobs and checks the kernel's globals on every call (JITFunction.run: ~13 us for a 35-argument
 kernel on this project's 2-core CI host), and an autotuned kernel adds the autotuner's own key

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from dskernels._device import on_tensor_device
 from dskernels.triton import TL_DTYPES, next_power_of_2
-from dskernels.triton.fp8_math import native_fp8_cast, rounded_to, to_e4m3_bits
+from dskernels.triton.fp8_math import cast_groups, native_fp8_cast, rounded_to, to_e4m3_bits
 from dskernels.triton.launch import fast
 
 
@@ -43,34 +43,69 @@ def _round_bf16(dtype: torch.dtype) -> bool:
 # ---- RMSNorm ----
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, dim, stride_x, stride_out, eps,
-                     BLOCK: tl.constexpr, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _normalized_row(x_ptr, weight_ptr, out_ptr, row, dim, stride_x, stride_out, eps,
+                    BLOCK: tl.constexpr, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Stores row `row` of the norm and returns it (fp32 values of DTYPE, [BLOCK], 0 past dim)."""
     cols = tl.arange(0, BLOCK)
     ok = cols < dim
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
     normed = rounded_to(x * inv_rms, DTYPE, ROUND_BF16)
     weight = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, rounded_to(weight * normed, DTYPE, ROUND_BF16).to(DTYPE), mask=ok)
+    y = rounded_to(weight * normed, DTYPE, ROUND_BF16)
+    tl.store(out_ptr + row * stride_out + cols, y.to(DTYPE), mask=ok)
+    return y
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, dim, stride_x, stride_out, eps,
+                     BLOCK: tl.constexpr, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    _normalized_row(x_ptr, weight_ptr, out_ptr, tl.program_id(0).to(tl.int64), dim, stride_x, stride_out, eps,
+                    BLOCK, DTYPE, ROUND_BF16)
+
+
+@triton.jit
+def _rms_norm_cast_kernel(x_ptr, weight_ptr, out_ptr, fp8_ptr, scale_ptr, dim, stride_x, stride_out, stride_fp8,
+                          stride_scale, eps, BLOCK: tl.constexpr, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+                          ROUND_SCALE: tl.constexpr, NATIVE: tl.constexpr):
+    # The norm's row, then per_token_cast_to_fp8 of the values stored (dim % 128 == 0): its 128-wide
+    # groups as the rows of cast_groups (those past dim are zeros, not stored).
+    row = tl.program_id(0).to(tl.int64)
+    y = _normalized_row(x_ptr, weight_ptr, out_ptr, row, dim, stride_x, stride_out, eps, BLOCK, DTYPE, ROUND_BF16)
+    bits, scale = cast_groups(tl.reshape(y, (BLOCK // 128, 128)), ROUND_SCALE, NATIVE)
+    cols = tl.reshape(tl.arange(0, BLOCK), (BLOCK // 128, 128))
+    tl.store(fp8_ptr + row * stride_fp8 + cols, bits, mask=cols < dim)
+    groups = tl.arange(0, BLOCK // 128)
+    tl.store(scale_ptr + row * stride_scale + groups, scale, mask=groups * 128 < dim)
 
 
 @on_tensor_device
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cast_round_scale: bool | None = None):
     """x [..., dim] (unit last stride, rows at any one stride), weight [dim] of x's dtype ->
-    a new contiguous tensor of x's shape and dtype."""
+    a new contiguous tensor of x's shape and dtype. cast_round_scale (not None; dim % 128 == 0):
+    also per_token_cast_to_fp8 of the result's rows with that round_scale, in the same kernel:
+    returns (result, (fp8 [rows, dim], scales [rows, dim / 128])), both contiguous."""
     dim = x.shape[-1]
     rows = x.reshape(-1, dim)  # a view for the attention's strided latents too
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    if rows.shape[0] == 0 or dim == 0:
-        return out.view(x.shape)
-    assert rows.stride(1) == 1 and weight.is_contiguous()
-    block = next_power_of_2(dim)
-    fast(_rms_norm_kernel)[(rows.shape[0],)](rows, weight, out, dim, rows.stride(0), out.stride(0), float(eps),
-                                             BLOCK=block, DTYPE=TL_DTYPES[x.dtype],
-                                             ROUND_BF16=_round_bf16(x.dtype),
-                                             num_warps=8 if block >= 4096 else 4)
-    return out.view(x.shape)
+    cast = cast_round_scale is not None
+    if cast:
+        assert dim % 128 == 0
+        fp8 = torch.empty(rows.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        scale = torch.empty(rows.shape[0], dim // 128, dtype=torch.float32, device=x.device)
+    if rows.shape[0] and dim:
+        assert rows.stride(1) == 1 and weight.is_contiguous()
+        block = next_power_of_2(dim)
+        meta = dict(BLOCK=block, DTYPE=TL_DTYPES[x.dtype], ROUND_BF16=_round_bf16(x.dtype),
+                    num_warps=8 if block >= 4096 else 4)
+        if cast:
+            fast(_rms_norm_cast_kernel)[(rows.shape[0],)](
+                rows, weight, out, fp8.view(torch.uint8), scale, dim, rows.stride(0), out.stride(0), fp8.stride(0),
+                scale.stride(0), float(eps), ROUND_SCALE=cast_round_scale, NATIVE=native_fp8_cast(x.device), **meta)
+        else:
+            fast(_rms_norm_kernel)[(rows.shape[0],)](rows, weight, out, dim, rows.stride(0), out.stride(0), float(eps),
+                                                     **meta)
+    return (out.view(x.shape), (fp8, scale)) if cast else out.view(x.shape)
 
 
 # ---- rotary embedding ----
