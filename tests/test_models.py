@@ -954,6 +954,26 @@ def test_norm_and_cast_is_norm_then_cast(dtype, dim, round_scale):
     assert got_fp8[1].isnan().sum() == dim // 128  # the NaN's row, throughout (its sum of squares)
 
 
+def test_norm_hooks_still_run():
+    """A forward hook on a norm whose output the layer casts in the norm's kernel: the layer calls
+    the norm module instead (the hook runs, and what it returns is what the projections read)."""
+    cfg = CONFIGS["v3"]
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16)
+    layer.load_hf_state_dict(fp8_checkpoint(per_expert_names(make_reference(cfg, 1, seed=21).state_dict(), cfg))[0])
+    x, positions = torch.randn(2, 3, cfg.hidden_size).bfloat16(), spread_positions(2, 3, seed=7)
+    norms = (layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn.q_a_layernorm)
+    with torch.no_grad(), dskernels.backend("triton"):
+        plain = layer(x, positions)
+        calls = []
+        handles = [norm.register_forward_hook(lambda module, args, out: calls.append(module) or out * 2)
+                   for norm in norms]
+        doubled = layer(x, positions)
+        for handle in handles:
+            handle.remove()
+    assert len(calls) == 3 and set(map(id, calls)) == set(map(id, norms))
+    assert not torch.equal(doubled, plain)
+
+
 @pytest.mark.parametrize("cache_dtype", [pytest.param(dtype, marks=[pytest.mark.gpu] if torch.cuda.is_available() else [])
                                          for dtype in (torch.bfloat16, torch.float16, torch.float32,
                                                        torch.float8_e4m3fn)])

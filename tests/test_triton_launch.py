@@ -82,18 +82,18 @@ def test_cached_launch_passes_what_triton_passes(monkeypatch):
         x, out = _rows()
         launch.fast(k.kernel)[(4,)](x, out, 40, 40, 2.0, FLAG=True, BLOCK=64)
         assert k.slow == 1
-        x, out = _rows()  # other tensors, another float: the same signature
-        launch.fast(k.kernel)[(4,)](x, out, 40, 40, 3.0, FLAG=True, BLOCK=64)
+        x, out = _rows()  # other tensors: the same signature
+        launch.fast(k.kernel)[(4,)](x, out, 40, 40, 2.0, FLAG=True, BLOCK=64)
         assert k.slow == 1
         cached = gpu.launches[-1]
-        assert cached.args == (x, out, 40, 40, 3.0, True, 64, 3)  # the default filled in, in order
-        k.kernel[(4,)](x, out, 40, 40, 3.0, FLAG=True, BLOCK=64)  # Triton's own path, the same call
+        assert cached.args == (x, out, 40, 40, 2.0, True, 64, 3)  # the default filled in, in order
+        k.kernel[(4,)](x, out, 40, 40, 2.0, FLAG=True, BLOCK=64)  # Triton's own path, the same call
         _same_launch(cached, gpu.launches[-1])
 
 
 @compiles
-@pytest.mark.parametrize("change", ["misaligned", "int", "int_one", "bool_as_int", "float_as_int", "keyword",
-                                    "option"])
+@pytest.mark.parametrize("change", ["misaligned", "int", "int_one", "bool_as_int", "float_as_int", "float",
+                                    "keyword", "option"])
 def test_other_signature_goes_through_triton(change, monkeypatch):
     """Arguments Triton would specialize otherwise (or might: an int's value, a keyword's type)
     take its path again, and the kernel it launches is then cached under their own signature."""
@@ -112,6 +112,8 @@ def test_other_signature_goes_through_triton(change, monkeypatch):
             kwargs["FLAG"] = 1
         elif change == "float_as_int":
             args[4] = 2
+        elif change == "float":
+            args[4] = 3.0
         elif change == "keyword":
             kwargs["EXTRA"] = 4
         else:
@@ -123,6 +125,34 @@ def test_other_signature_goes_through_triton(change, monkeypatch):
         _same_launch(gpu.launches[-2], gpu.launches[-1])
         if change in ("misaligned", "int_one", "float_as_int", "keyword", "option"):
             assert gpu.launches[-1].function is not first.function
+
+
+@compiles
+def test_constexpr_floats_and_keyword_arguments(monkeypatch):
+    """A float for a constexpr (EXTRA, positional here) is part of the signature by value, -0.0 apart
+    from 0.0 (Triton compiles each); arguments passed by keyword are keyed as positional ones and
+    the cached launch passes this call's (a tensor, a runtime float), keeping none of them."""
+    k = _Counted(monkeypatch)
+    with fake_gpu() as gpu:
+        x, out = _rows()
+        for extra, new in ((2.5, True), (3.5, True), (3.5, False), (-0.0, True), (0.0, True), (0.0, False)):
+            before = k.slow
+            launch.fast(k.kernel)[(4,)](x, out, 40, 40, 2.0, True, 64, extra)
+            assert k.slow == before + new
+            k.kernel[(4,)](x, out, 40, 40, 2.0, True, 64, extra)  # Triton's own path (counted too)
+            _same_launch(gpu.launches[-2], gpu.launches[-1])
+        k = _Counted(monkeypatch)
+        for factor, new in ((-0.0, True), (-0.0, False), (0.0, True)):
+            x, out = _rows()
+            kwargs = dict(x_ptr=x, out_ptr=out, n=40, stride=40, factor=factor, FLAG=True, BLOCK=64)
+            before = k.slow
+            launch.fast(k.kernel)[(4,)](**kwargs)
+            assert k.slow == before + new
+            k.kernel[(4,)](**kwargs)
+            _same_launch(gpu.launches[-2], gpu.launches[-1])
+            assert gpu.launches[-1].args[0] is x and str(gpu.launches[-1].args[4]) == str(factor)
+        plans = launch.fast(k.kernel).plans
+        assert len(plans) == 2 and not any(isinstance(v, torch.Tensor) for p in plans.values() for v in p.kept.values())
 
 
 @compiles

@@ -12,12 +12,15 @@ eager, 19 us replayed from a CUDA graph, 2026-12-04).
 JITFunction or an autotuned one. Its first launch for each argument signature goes through Triton
 (compiling, tuning and launching as usual) and keeps the compiled kernel it returns; later launches
 with the same signature call that kernel's launcher directly, with the arguments and grid Triton
-would pass. The signature is finer than Triton's specialization, so it never reuses a kernel Triton
-would have specialized otherwise: each tensor's dtype and 16-byte alignment, each int by value (the
-autotuners' keys and the grids read them too), the type of the other scalars, every keyword by type
-and value, the current device, Triton's debug, instrumentation and stages-inspection knobs.
-Anything else (another argument type, a pre-run hook, a stages-inspection hook set) takes Triton's
-path every time.
+would pass: this call's own arguments, and the tuned config's values and defaults it kept. The
+signature is finer than Triton's specialization, so it never reuses a kernel Triton would have
+specialized otherwise: each argument (positional or keyword) by kind, a tensor by dtype and 16-byte
+alignment, an int, bool, float (-0.0 apart from 0.0), str or dtype by type and value (the
+autotuners' keys, the grids and constexprs read them); the keywords' names, the current device,
+Triton's debug, instrumentation and stages-inspection knobs. Anything else (another argument type,
+a pre-run hook, a stages-inspection hook set) takes Triton's path every time, as does a launch
+whose int or float arguments take new values (our kernels' floats, eps and scales, are a model's
+constants; their ints, shapes and strides).
 
 Under Triton's interpreter `fast` returns the kernel itself. DSKERNELS_TRITON_LAUNCH_CACHE=0 (read
 at import; `ENABLED` after it) sends every launch through Triton's path.
@@ -38,38 +41,45 @@ from triton.runtime.jit import JITFunction
 ENABLED = os.environ.get("DSKERNELS_TRITON_LAUNCH_CACHE", "1") != "0"
 MAX_SIGNATURES = 1024  # per kernel; past it the cache starts over (ints keyed by value can vary)
 
-_SCALAR_KEYS = {float: float, type(None): None}
+def _keys(values, key: list) -> bool:
+    """Appends each value's key to key; False at a value of a kind the signature does not cover."""
+    for value in values:
+        kind = type(value)
+        if kind is int:
+            key.append(value)
+        elif isinstance(value, torch.Tensor):
+            key.append((value.dtype, value.data_ptr() % 16 == 0))
+        elif kind is float:
+            key.append(value.hex())  # a constexpr's value matters; -0.0 == 0.0 would merge them
+        elif value is None:
+            key.append(None)
+        elif kind is bool or isinstance(value, (tl.dtype, torch.dtype, str)):
+            key.append((kind, value))
+        else:
+            return False
+    return True
 
 
 def _signature(args: tuple, kwargs: dict):
     """The launch's key (see the module docstring), or None where an argument is of a kind it
     does not cover."""
     key = []
-    for arg in args:
-        kind = type(arg)
-        if kind is int:
-            key.append(arg)
-        elif isinstance(arg, torch.Tensor):
-            key.append((arg.dtype, arg.data_ptr() % 16 == 0))
-        elif kind in _SCALAR_KEYS:
-            key.append(_SCALAR_KEYS[kind])
-        elif kind is bool or isinstance(arg, (tl.dtype, torch.dtype, str)):
-            key.append((kind, arg))
-        else:
-            return None
-    return (*key, *kwargs.items(), *map(type, kwargs.values()), driver.active.get_current_device(),
-            knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+    if not _keys(args, key) or not _keys(kwargs.values(), key):
+        return None
+    return (*key, *kwargs, driver.active.get_current_device(), knobs.runtime.debug,
+            knobs.compilation.instrumentation_mode,
             getattr(knobs.runtime, "add_stages_inspection_hook", None))  # (Triton 3.8's)
 
 
 class _Plan:
-    """What a cached launch reuses: the compiled kernel and the arguments past the positional ones
-    (keywords, the tuned config's values, defaults) in the kernel's parameter order."""
+    """What a cached launch reuses: the compiled kernel, and for the parameters past the positional
+    arguments (in the kernel's order) the values the call does not pass as keywords: the tuned
+    config's and the defaults."""
 
-    __slots__ = ("compiled", "tail")
+    __slots__ = ("compiled", "rest", "kept")
 
-    def __init__(self, compiled, tail: tuple):
-        self.compiled, self.tail = compiled, tail
+    def __init__(self, compiled, rest: tuple[str, ...], kept: dict):
+        self.compiled, self.rest, self.kept = compiled, rest, kept
 
 
 class FastLauncher:
@@ -90,17 +100,14 @@ class FastLauncher:
         if not ENABLED:
             return self.kernel[grid](*args, **kwargs)
         key = _signature(args, kwargs)
-        try:
-            plan = self.plans.get(key) if key is not None else None
-        except TypeError:  # an unhashable keyword
-            key = plan = None
+        plan = self.plans.get(key) if key is not None else None
         if plan is None or self.jit.pre_run_hooks:
             compiled = self.kernel[grid](*args, **kwargs)
             if key is not None:
                 self._keep(key, compiled, args, kwargs)
             return compiled
-        compiled = plan.compiled
-        values = (*args, *plan.tail)
+        compiled, kept = plan.compiled, plan.kept
+        values = (*args, *[kwargs[name] if name in kwargs else kept[name] for name in plan.rest])
         if callable(grid):
             grid = grid(dict(zip(self.names, values)))
         # As JITFunction.run launches (Triton 3.6 through 3.8).
@@ -118,18 +125,18 @@ class FastLauncher:
         if compiled is None or not hasattr(compiled, "packed_metadata") \
                 or getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None:
             return
-        values = dict(self.defaults, **kwargs)
+        kept = dict(self.defaults)
         if self.tuner is not None:
             config = self.tuner.best_config
             if config is None or config.pre_hook is not None:
                 return
-            values.update(config.all_kwargs())
-        rest = self.names[len(args):]
-        if any(name not in values for name in rest):
+            kept.update(config.all_kwargs())
+        rest = tuple(self.names[len(args):])
+        if any(name not in kwargs and name not in kept for name in rest):
             return
         if len(self.plans) >= MAX_SIGNATURES:
             self.plans.clear()
-        self.plans[key] = _Plan(compiled, tuple(values[name] for name in rest))
+        self.plans[key] = _Plan(compiled, rest, {name: kept[name] for name in rest if name not in kwargs})
 
 
 def fast(kernel):
