@@ -498,9 +498,11 @@ def layer_cases(compiler: Compiler) -> None:
         compiler.context = f"rmsnorm dim={dim} {str(dtype)[6:]}"
         triton_layer.rms_norm(_meta(64, dim + 64, dtype=dtype)[:, :dim], _meta(dim, dtype=dtype), 1e-6)
     # the norms that also cast their output for the FP8 projections (bf16 and fp32 layers)
-    for dim, dtype, round_scale in [(7168, torch.bfloat16, False), (1536, torch.bfloat16, True), (7168, torch.float32, False)]:
+    for dim, dtype, round_scale in [(7168, torch.bfloat16, False), (1536, torch.bfloat16, True),
+                                    (7168, torch.float32, False)]:
         compiler.context = f"rmsnorm + fp8 cast dim={dim} {str(dtype)[6:]}"
-        triton_layer.rms_norm(_meta(64, dim, dtype=dtype), _meta(dim, dtype=dtype), 1e-6, cast_round_scale=round_scale)
+        triton_layer.rms_norm(_meta(64, dim, dtype=dtype), _meta(dim, dtype=dtype), 1e-6,
+                              cast_round_scale=round_scale)
 
     # the model layer's q and k rope parts: V3's 128 heads and the test models' few, every dtype
     for heads, dtype, interleave in [(128, torch.bfloat16, True), (5, torch.float16, False), (16, torch.float32, True)]:

@@ -200,8 +200,7 @@ def norm_and_cast(norm: RMSNorm, x: torch.Tensor, *layers: Linear):
             and _called_plainly(norm) and triton_fusable(x, norm.weight)):
         from dskernels.triton import layer as triton_layer
 
-        normed, (x_fp8, scales) = triton_layer.rms_norm(x, norm.weight, norm.eps, cast_round_scale=fp8[0].round_scale)
-        return normed, (x_fp8, scales)
+        return triton_layer.rms_norm(x, norm.weight, norm.eps, cast_round_scale=fp8[0].round_scale)
     normed = norm(x)
     return normed, shared_cast(normed, *layers)
 

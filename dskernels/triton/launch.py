@@ -41,6 +41,7 @@ from triton.runtime.jit import JITFunction
 ENABLED = os.environ.get("DSKERNELS_TRITON_LAUNCH_CACHE", "1") != "0"
 MAX_SIGNATURES = 1024  # per kernel; past it the cache starts over (ints keyed by value can vary)
 
+
 def _keys(values, key: list) -> bool:
     """Appends each value's key to key; False at a value of a kind the signature does not cover."""
     for value in values:
