@@ -27,16 +27,22 @@ from test_gemm import assert_close_to_oracle
 # tests run in a process of their own, started by the first test.
 SHARED_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 compiles = pytest.mark.skipif(SHARED_INTERPRETER, reason="run in a process of its own by test_compiled_tests")
+OWN_PROCESS = "DSKERNELS_TEST_OWN_PROCESS"  # set in the processes these tests start
+
+
+def _in_own_process(*selection: str) -> None:
+    """Runs pytest on this file's tests `selection` (pytest arguments) in a new process."""
+    env = dict(os.environ, TRITON_INTERPRET="0", **{OWN_PROCESS: "1"})
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
 
 
 def test_compiled_tests():
     if not SHARED_INTERPRETER:
         pytest.skip("this process runs them itself")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
+    _in_own_process("-m", "not gpu", __file__)
 
 
 def _scale_rows(x_ptr, out_ptr, n, stride, factor, FLAG: tl.constexpr, BLOCK: tl.constexpr, EXTRA: tl.constexpr = 3):
@@ -228,7 +234,12 @@ def test_decode_step_launches_as_triton_would(monkeypatch):
     """Every launch of the tiny FP8 layer's decode step (24 launches of 13 kernels, two of them
     autotuned GEMMs) through the GPU's Python path on CPU tensors: cached launches pass what
     Triton's own path passes for the same step (the same compiled kernels, grids and arguments;
-    tensors alike in dtype, shape and strides)."""
+    tensors alike in dtype, shape and strides). In a process of its own: the library's kernels keep
+    the fake device's compiled kernels (and its autotuning picks), which a GPU's launches in the same
+    process would then find."""
+    if not os.environ.get(OWN_PROCESS):
+        _in_own_process(f"{__file__}::test_decode_step_launches_as_triton_would")
+        return
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
     import host_profile
 
