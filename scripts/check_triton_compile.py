@@ -509,11 +509,20 @@ def layer_cases(compiler: Compiler) -> None:
         compiler.context = f"rope heads={heads} {str(dtype)[6:]}"
         triton_layer.rope_qk(_meta(64, heads, 192, dtype=dtype)[..., 128:], _meta(64, 576, dtype=dtype)[..., 512:],
                              _meta(64, dtype=torch.int64), _meta(32, dtype=torch.float32), 1.2, interleave)
-    # the MoE combine: V3's hidden 7168, 8 slots per token, bf16 and fp32 outputs
-    for out_dtype in (torch.bfloat16, torch.float32):
-        compiler.context = f"moe combine {str(out_dtype)[6:]}"
+    # the MoE combine: V3's hidden 7168, 8 slots per token, bf16 and fp32 outputs, with the shared
+    # experts' output and the residual added in it (the layer's decode) or without
+    for out_dtype, addends in ((torch.bfloat16, 2), (torch.float32, 0), (torch.float16, 1)):
+        compiler.context = f"moe combine {str(out_dtype)[6:]} + {addends}"
         triton_layer.moe_combine(_meta(64 * 8, 7168, dtype=torch.bfloat16), _meta(64 * 8, dtype=torch.int64),
-                                 _meta(64, 8, dtype=torch.int64), _meta(64, 8, dtype=torch.float32), 256, out_dtype)
+                                 _meta(64, 8, dtype=torch.int64), _meta(64, 8, dtype=torch.float32), 256, out_dtype,
+                                 (_meta(64, 7168, dtype=out_dtype),) * addends)
+    # the MoE's rows sorted by expert: V3's decode (8 of 256 experts, hidden 7168; up to the most
+    # pairs it takes) and a test model's 6 slots of hidden 256, scales in DeepGEMM's layout
+    for tokens, k, hidden in ((1, 8, 7168), (triton_layer.MAX_SORTED_PAIRS // 8, 8, 7168), (37, 6, 256)):
+        compiler.context = f"moe sort rows tokens={tokens} k={k} hidden={hidden}"
+        triton_layer.moe_sort_rows(_meta(tokens, hidden, dtype=torch.float8_e4m3fn),
+                                   _meta(hidden // 128, tokens, dtype=torch.float32).t(),
+                                   _meta(tokens, k, dtype=torch.int64), 256)
     # the paged latent cache write: V3's bf16 cache and its FP8 one (e4m3 with a scale)
     for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
         compiler.context = f"latent cache write {str(cache_dtype)[6:]}"

@@ -184,6 +184,19 @@ class MLAttention(nn.Module):
             self.absorb(q_nope.dtype)
         return torch.cat([torch.einsum("bshn,hnc->bshc", q_nope, self.w_uk), q_rope], dim=-1)
 
+    def _values(self, latents: torch.Tensor) -> torch.Tensor:
+        """Each head's output latent [b, s, h, r] through W_UV: its values [b, s, h, v], contiguous.
+        Eagerly one batched GEMM over the heads that writes them in that layout (o_proj reads them
+        flattened per token: the einsum's [h, b * s, v] product would be copied once more)."""
+        if torch.compiler.is_compiling():  # (inductor lays the product out itself)
+            return torch.einsum("bshc,hvc->bshv", latents, self.w_uv)
+        b, s, h, r = latents.shape
+        v = self.w_uv.shape[1]
+        values = torch.empty(b, s, h, v, dtype=latents.dtype, device=latents.device)
+        torch.bmm(latents.reshape(b * s, h, r).transpose(0, 1), self.w_uv.transpose(1, 2),
+                  out=values.view(b * s, h, v).transpose(0, 1))
+        return values
+
     def _attend_selected_new_tokens(self, q_nope, q_rope, latent, k_rope, selected) -> torch.Tensor:
         """V3.2 without a cache: token i of sequence b attends to the positions selected[b, i] (-1:
         none) among the S new tokens, with flash_mla_sparse_fwd over the batch's latents."""
@@ -195,7 +208,7 @@ class MLAttention(nn.Module):
         indices = torch.where(selected >= 0, selected + first, -1).reshape(b * s, 1, selected.shape[-1])
         out, _, _ = dskernels.flash_mla_sparse_fwd(q.contiguous(), kv, indices, self.softmax_scale,
                                                    d_v=cfg.kv_lora_rank)
-        return torch.einsum("bshc,hvc->bshv", out.view(b, s, h, cfg.kv_lora_rank).to(q_nope.dtype), self.w_uv)
+        return self._values(out.view(b, s, h, cfg.kv_lora_rank).to(q_nope.dtype))
 
     def _attend_new_tokens(self, q_nope, q_rope, latent, k_rope) -> torch.Tensor:
         cfg = self.cfg
@@ -277,7 +290,7 @@ class MLAttention(nn.Module):
             out, _ = dskernels.flash_mla_sparse_decode(q.contiguous(), kv_cache, indices, cfg.kv_lora_rank,
                                                        self.softmax_scale, fp8_cache)
         # 3. the output latent through W_UV gives each head's value vector
-        return torch.einsum("bshc,hvc->bshv", out.to(q_nope.dtype), self.w_uv)
+        return self._values(out.to(q_nope.dtype))
 
     @staticmethod
     def _write_cache(latent, k_rope, kv_cache, block_table, cache_seqlens, kv_cache_scale,

@@ -12,7 +12,8 @@ from torch import nn
 from dskernels.models.attention import MLAttention
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import LayerNorm
-from dskernels.models.linear import BLOCK, FP8, MLP, Linear, RMSNorm, dequantize_block_fp8, norm_and_cast, owned
+from dskernels.models.linear import (BLOCK, FP8, MLP, Linear, RMSNorm, dequantize_block_fp8, norm_and_cast, owned,
+                                     unhooked)
 from dskernels.models.moe import Experts, MoE
 
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.*)$")
@@ -188,7 +189,11 @@ class DeepseekV3DecoderLayer(nn.Module):
         h = x + self.self_attn(normed, positions, kv_cache, block_table, cache_seqlens, index_cache, kv_cache_scale,
                                x_fp8)
         h2, h2_fp8 = norm_and_cast(self.post_attention_layernorm, h, *self.mlp.input_layers())
-        return h + (self.mlp(h2, ep_low_latency, h2_fp8) if self.is_moe else self.mlp(h2, h2_fp8))
+        if self.is_moe and unhooked(self.mlp):  # the residual added in the MoE's combine kernel where it runs
+            return self.mlp(h2, ep_low_latency, h2_fp8, residual=h)
+        if self.is_moe:
+            return h + self.mlp(h2, ep_low_latency, h2_fp8)
+        return h + self.mlp(h2, h2_fp8)
 
     # ---- weights ----
     def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict:

@@ -206,13 +206,19 @@ def norm_and_cast(norm: RMSNorm, x: torch.Tensor, *layers: Linear):
 
 
 def _called_plainly(module: nn.Module) -> bool:
-    """Whether calling module runs its forward alone: an RMSNorm itself (not a subclass) with no
-    hooks of its own or global ones (torch's own test for its call's fast path)."""
+    """Whether calling module runs its forward alone: an RMSNorm itself (not a subclass) without
+    hooks (unhooked)."""
+    return type(module) is RMSNorm and unhooked(module)
+
+
+def unhooked(module: nn.Module) -> bool:
+    """Whether module has no hooks of its own and no global ones (torch's own test for its call's
+    fast path): a call of it that does more than its own work (a norm's kernel that also casts, an
+    MoE that also adds the residual) is seen by nothing."""
     hooks = torch.nn.modules.module
-    return type(module) is RMSNorm and not (
-        module._backward_hooks or module._backward_pre_hooks or module._forward_hooks or module._forward_pre_hooks
-        or hooks._global_backward_pre_hooks or hooks._global_backward_hooks or hooks._global_forward_hooks
-        or hooks._global_forward_pre_hooks)
+    return not (module._backward_hooks or module._backward_pre_hooks or module._forward_hooks
+                or module._forward_pre_hooks or hooks._global_backward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
 
 def refuse_gradient(what: str, *tensors) -> None:

@@ -145,13 +145,25 @@ class Experts(nn.Module):
             dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous((a, sa), (w, scale), out, m_indices)
         return out
 
-    def forward(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor, out_dtype: torch.dtype,
+                addends: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         """x [N, H] (or an FP8 (x, scales) pair), topk_idx int64 [N, K] local expert ids or -1,
-        topk_weights fp32 [N, K] -> sum_k topk_weights[t, k] * expert_k(x[t]), [N, H] in out_dtype."""
+        topk_weights fp32 [N, K] -> sum_k topk_weights[t, k] * expert_k(x[t]), [N, H] in out_dtype,
+        plus each of `addends` ([N, H] tensors of out_dtype: the shared experts' output, the
+        residual) in order, each sum rounded to out_dtype as torch's add rounds it."""
         if self.is_fp8:
-            refuse_gradient("FP8 experts", x)  # (the routing weights keep theirs: the combine is torch's)
+            refuse_gradient("FP8 experts", x)
         num_tokens, k = topk_idx.shape
         experts = self.num_local_experts
+        if self._sorts_in_kernels(x, topk_idx, topk_weights, out_dtype, addends):
+            # Decode: the sort, the row copies and the combine (with the additions) in Triton kernels,
+            # the same bits as the torch ops below (one cast of each token's row, not of each copy)
+            from dskernels.triton import layer as triton_layer
+
+            a = x if isinstance(x, tuple) else dskernels.per_token_cast_to_fp8(x.contiguous(), self.round_scale)
+            xs, m_indices, positions = triton_layer.moe_sort_rows(*a, topk_idx, experts)
+            y = self._expert_mlp(xs, m_indices, None)
+            return triton_layer.moe_combine(y, positions, topk_idx, topk_weights, experts, out_dtype, addends)
         flat = topk_idx.reshape(-1)
         key = torch.where(flat >= 0, flat, experts)          # -1 sorts last, as padding rows
         sorted_key, order = torch.sort(key, stable=True)
@@ -172,6 +184,26 @@ class Experts(nn.Module):
             xs = xs.to(self.gate_up_proj.dtype)
             if _needs_grad(xs):  # torch._grouped_mm leaves rows past the last offset unspecified in its
                 xs = torch.where(valid[:, None], xs, 0)  # backward too: no gradient from padding rows
+        y = self._expert_mlp(xs, m_indices, offsets)
+        # One kernel for the seven below, and a fixed summation order (no gradient to the weights
+        # through it: the router's, which x's gradient also flows through, keep torch's ops)
+        if self._combines_in_kernel(topk_weights, out_dtype, addends, y):
+            from dskernels.triton import layer as triton_layer
+
+            positions = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            return triton_layer.moe_combine(y, positions, topk_idx, topk_weights, experts, out_dtype, addends)
+        weights = topk_weights.reshape(-1)[order]
+        y = torch.where(valid[:, None], y.float() * weights[:, None], 0.0)
+        out = torch.zeros(num_tokens, self.hidden, dtype=torch.float32, device=y.device)
+        out = out.index_add_(0, token, y).to(out_dtype)
+        for addend in addends:
+            out = out + addend
+        return out
+
+    def _expert_mlp(self, xs, m_indices: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+        """Rows xs sorted by expert (m_indices: each row's expert, padding rows outside [0, experts);
+        offsets: each expert's row end, for float weights) -> each row's expert output [rows, H] (bf16
+        for FP8 weights; padding rows unspecified)."""
         h = self._gemm(xs, self.gate_up_proj, self._gate_up_scales(self.gate_up_proj_scale_inv), m_indices, offsets)
         if self.is_fp8 and triton_only_ops():  # SwiGLU in fp32 and the FP8 cast in one pass
             act = dskernels.silu_and_mul_cast_to_fp8(h, round_scale=self.round_scale)
@@ -180,20 +212,34 @@ class Experts(nn.Module):
             act = F.silu(gate) * up
         else:
             act = _swiglu(h)
-        y = self._gemm(act, self.down_proj, self._down_scales(self.down_proj_scale_inv), m_indices, offsets)
-        # One kernel for the seven below, and a fixed summation order (no gradient to the weights
-        # through it: the router's, which x's gradient also flows through, keep torch's ops)
-        if (out_dtype in (torch.bfloat16, torch.float16, torch.float32) and topk_weights.dtype == torch.float32
-                and not _needs_grad(topk_weights) and triton_fusable(y)):
-            from dskernels.triton import layer as triton_layer
+        return self._gemm(act, self.down_proj, self._down_scales(self.down_proj_scale_inv), m_indices, offsets)
 
-            positions = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-            return triton_layer.moe_combine(y, positions, topk_idx, topk_weights, experts, out_dtype)
-        weights = topk_weights.reshape(-1)[order]
-        y = torch.where(valid[:, None], y.float() * weights[:, None], 0.0)
-        out = torch.zeros(num_tokens, self.hidden, dtype=torch.float32, device=y.device)
-        return out.index_add_(0, token, y).to(out_dtype)
+    def _combines_in_kernel(self, topk_weights: torch.Tensor, out_dtype: torch.dtype, addends: tuple[torch.Tensor, ...],
+                            on: torch.Tensor) -> bool:
+        """Whether moe_combine takes the weighted sum and the additions after it (on: a tensor on
+        the device it would run on, for models.linear.triton_fusable)."""
+        shape = (topk_weights.shape[0], self.hidden)
+        return (out_dtype in (torch.bfloat16, torch.float16, torch.float32) and topk_weights.dtype == torch.float32
+                and not _needs_grad(topk_weights) and len(addends) <= 2
+                and all(t.dtype == out_dtype and tuple(t.shape) == shape and not _needs_grad(t) for t in addends)
+                and triton_fusable(on))
 
+    def _sorts_in_kernels(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor, out_dtype: torch.dtype,
+                          addends: tuple[torch.Tensor, ...]) -> bool:
+        """Whether forward takes the Triton path from the routing to the combine: FP8 experts, up to
+        MAX_SORTED_PAIRS (token, slot) pairs, x of their shape (else torch's ops, whose GEMMs name
+        what is wrong), and the combine's conditions."""
+        from dskernels.triton.layer import MAX_SORTED_PAIRS
+
+        if not self.is_fp8 or topk_idx.dtype not in (torch.int64, torch.int32) or topk_idx.numel() > MAX_SORTED_PAIRS:
+            return False
+        tokens, groups = topk_idx.shape[0], self.hidden // 128
+        if isinstance(x, tuple):
+            fits = (len(x) == 2 and x[0].dtype == FP8 and tuple(x[0].shape) == (tokens, self.hidden)
+                    and x[1].dtype == torch.float32 and tuple(x[1].shape) == (tokens, groups))
+        else:
+            fits = x.dim() == 2 and tuple(x.shape) == (tokens, self.hidden)
+        return fits and self.hidden % 128 == 0 and self._combines_in_kernel(topk_weights, out_dtype, addends, topk_weights)
 
     def forward_masked(self, x, counts: torch.Tensor, expected_m: int, out_dtype: torch.dtype) -> torch.Tensor:
         """The low-latency layout: x [L, M, H] (or an FP8 (x, scales [L, M, H/128]) pair), expert l's
@@ -270,25 +316,44 @@ class MoE(nn.Module):
         return self.shared_experts.input_layers() if self.shared_experts is not None else ()
 
     def forward(self, x: torch.Tensor, ep_low_latency: bool | None = None,
-                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         """ep_low_latency: with an EP buffer, which exchange this call takes (DeepseekV3DecoderLayer.forward).
-        x_fp8: x's rows already cast for input_layers(), or None."""
+        x_fp8: x's rows already cast for input_layers(), or None. residual: a tensor of x's shape and
+        dtype added last (the layer's residual connection: residual + (routed + shared), each sum
+        rounded as torch's add), in the combine's kernel where it runs."""
+        if self.experts.is_fp8:  # (said before the shared experts' own refusal, which names their Linear)
+            refuse_gradient("FP8 experts", x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         topk_idx, topk_weights = route(x2, self.gate_weight, self.e_score_correction_bias, self.cfg)
-        if self.ep_buffer is None:
-            routed = self.experts(x2, topk_idx, topk_weights, x.dtype)
-        else:
-            low_latency = ep_low_latency
-            if low_latency is None:  # this rank's own count: right where every rank has as many tokens
-                low_latency = self.ep_low_latency_tokens is not None and x2.shape[0] <= self.ep_low_latency_tokens
-            elif low_latency and (self.ep_low_latency_tokens is None or x2.shape[0] > self.ep_low_latency_tokens):
-                raise ValueError(f"ep_low_latency: the low-latency exchange takes at most ep_low_latency_tokens="
-                                 f"{self.ep_low_latency_tokens} tokens per rank (the layer's), got {x2.shape[0]}")
-            routed = self._routed_ep(x2, topk_idx, topk_weights, low_latency)
+        addends = ()
         if self.shared_experts is not None:
-            routed = routed + self.shared_experts(x2, x_fp8)
+            addends += (self.shared_experts(x2, x_fp8),)
+        if residual is not None:
+            addends += (residual.reshape(x2.shape),)
+        if self.ep_buffer is None:
+            return self.experts(self._routed_input(x2, x_fp8), topk_idx, topk_weights, x.dtype, addends).reshape(shape)
+        low_latency = ep_low_latency
+        if low_latency is None:  # this rank's own count: right where every rank has as many tokens
+            low_latency = self.ep_low_latency_tokens is not None and x2.shape[0] <= self.ep_low_latency_tokens
+        elif low_latency and (self.ep_low_latency_tokens is None or x2.shape[0] > self.ep_low_latency_tokens):
+            raise ValueError(f"ep_low_latency: the low-latency exchange takes at most ep_low_latency_tokens="
+                             f"{self.ep_low_latency_tokens} tokens per rank (the layer's), got {x2.shape[0]}")
+        routed = self._routed_ep(x2, topk_idx, topk_weights, low_latency)
+        for addend in addends:
+            routed = routed + addend
         return routed.reshape(shape)
+
+    def _routed_input(self, x2: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None):
+        """The routed experts' input: x_fp8 (the shared experts' cast of the same rows) where it is the
+        cast they would make themselves (FP8 experts, the same round_scale, a bf16 or fp32 x, which
+        Linear.cast_input casts as it is), else x2."""
+        fp8_inputs = [layer for layer in self.input_layers() if layer.is_fp8]
+        if (x_fp8 is not None and self.experts.is_fp8 and x2.dtype in (torch.bfloat16, torch.float32)
+                and fp8_inputs and all(layer.round_scale == self.experts.round_scale for layer in fp8_inputs)):
+            return x_fp8
+        return x2
 
     # torch.compile runs this part eagerly, between graphs: the buffer's exchanges
     # are asynchronous torch.distributed calls waited on with a host-side deadline, and the normal

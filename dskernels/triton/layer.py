@@ -10,10 +10,17 @@ models.linear.triton_fusable allows; torch's ops are the definition):
   float(position) * inv_freq in fp32, cos and sin (libdevice) times attention_factor rounded to
   the data's dtype, each product rounded to that dtype and the difference (sum) rounded again;
   fp32 data without contracting a * b - c * d into an FMA (enable_fp_fusion=False).
+- The MoE's rows sorted by expert (`moe_sort_rows`): each (token, slot) pair's row in the
+  layout the contiguous grouped GEMM reads (a stable sort by expert, experts elsewhere last), the
+  group of each row, and the token's FP8 row and scales copied there: one kernel for torch's ~10
+  (key, sort, group ids, token ids, the row gather, the per-row cast, the combine's inverse
+  permutation), for up to MAX_SORTED_PAIRS pairs (decode; its work grows with their square).
 - The MoE combine (`moe_combine`): each token's weighted sum of its experts' output rows (in the
   experts' sorted order), summed in fp32 in the order of its top-k slots and rounded once: one
   kernel for torch's seven (gather of the weights, fp32 copy, multiply, mask, zeros, index_add_,
-  cast), and deterministic where CUDA's index_add_ adds with atomics in any order.
+  cast), and deterministic where CUDA's index_add_ adds with atomics in any order; then, in the
+  same kernel, the tensors added after it (the shared experts' output, the residual), each sum
+  rounded as torch's add rounds it.
 - The paged latent cache write (`write_latent_cache`): [latent | k_rope] of each new token into
   its slot (cache_seqlens[b] + j through the block table), cast to the cache's dtype or, for a
   float8_e4m3fn cache, clamp(value / scale, -448, 448) rounded to e4m3: one kernel for the ~12
@@ -230,14 +237,87 @@ def write_latent_cache(latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: tor
         BLOCK_P=next_power_of_2(rope), FP8=fp8, NATIVE=fp8 and native_fp8_cast(kv_cache.device), num_warps=4)
 
 
+# ---- the MoE's rows sorted by expert ----
+
+MAX_SORTED_PAIRS = 8192  # (token, slot) pairs moe_sort_rows takes (1024 tokens of 8 experts)
+
+
+@triton.jit
+def _moe_sort_rows_kernel(idx_ptr, x_ptr, sx_ptr, a_ptr, sa_ptr, m_indices_ptr, position_ptr, pairs, experts,
+                          row_bytes, scale_cols, stride_it, stride_ik, stride_x, stride_sxt, stride_sxc, stride_a,
+                          stride_sat, stride_sac, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
+                          BLOCK_BYTES: tl.constexpr, BLOCK_SCALES: tl.constexpr):
+    """Program t: token t's K pairs p = t * K + k. A pair's key is its expert, or `experts` for an id
+    outside [0, experts); its row is the number of pairs ordered before it by (key, p): torch's
+    stable sort by key. Writes position[p] = row, m_indices[row] = key, and token t's FP8 row
+    (bytes) and scales (as int32 bits) into each of its K rows."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.arange(0, K_PAD)
+    in_token = slot < K
+    mine = t * K + slot
+    e = tl.load(idx_ptr + t * stride_it + slot * stride_ik, mask=in_token, other=-1)
+    key = tl.where((e >= 0) & (e < experts), e, experts)
+    row = tl.zeros((K_PAD,), dtype=tl.int64)
+    for start in range(0, pairs, BLOCK_PAIRS):
+        q = start + tl.arange(0, BLOCK_PAIRS).to(tl.int64)
+        e_q = tl.load(idx_ptr + (q // K) * stride_it + (q % K) * stride_ik, mask=q < pairs, other=-1)
+        key_q = tl.where((e_q >= 0) & (e_q < experts), e_q, experts)  # (lanes past the pairs: `experts`, after all)
+        before = (key_q[None, :] < key[:, None]) | ((key_q[None, :] == key[:, None]) & (q[None, :] < mine[:, None]))
+        row += tl.sum(before.to(tl.int64), axis=1)
+    tl.store(position_ptr + mine, row, mask=in_token)
+    tl.store(m_indices_ptr + row, key.to(tl.int32), mask=in_token)
+    for start in range(0, row_bytes, BLOCK_BYTES):
+        cols = start + tl.arange(0, BLOCK_BYTES)
+        ok = cols < row_bytes
+        values = tl.load(x_ptr + t * stride_x + cols, mask=ok, other=0)
+        tl.store(a_ptr + row[:, None] * stride_a + cols[None, :], tl.broadcast_to(values[None, :], (K_PAD, BLOCK_BYTES)),
+                 mask=in_token[:, None] & ok[None, :])
+    c = tl.arange(0, BLOCK_SCALES)
+    scales = tl.load(sx_ptr + t * stride_sxt + c * stride_sxc, mask=c < scale_cols, other=0)
+    tl.store(sa_ptr + row[:, None] * stride_sat + c[None, :] * stride_sac,
+             tl.broadcast_to(scales[None, :], (K_PAD, BLOCK_SCALES)), mask=in_token[:, None] & (c < scale_cols)[None, :])
+
+
+@on_tensor_device
+def moe_sort_rows(x_fp8: torch.Tensor, scales: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
+    """x_fp8 [T, H] float8_e4m3fn and its scales fp32 [T, H / 128] (any strides),
+    topk_idx int [T, K] (ids outside [0, num_experts), e.g. -1: no expert here), T * K <=
+    MAX_SORTED_PAIRS -> ((a [T * K, H], sa [T * K, H / 128]), m_indices int32 [T * K], positions
+    int64 [T * K]): what Experts.forward's torch ops make (models/moe.py): the pairs sorted stably
+    by expert, those of no expert last (m_indices: the expert, num_experts for those), each row
+    token t's cast row for pair (t, k) at row positions[t * K + k]. sa in DeepGEMM's column-major
+    TMA-aligned layout (get_col_major_tma_aligned_tensor's: the sm90 GEMMs take it without a copy)."""
+    tokens, k = topk_idx.shape
+    hidden, groups = x_fp8.shape[1], scales.shape[1]
+    pairs = tokens * k
+    assert pairs <= MAX_SORTED_PAIRS and x_fp8.dtype == torch.float8_e4m3fn and scales.dtype == torch.float32
+    x_fp8 = x_fp8 if x_fp8.stride(1) == 1 else x_fp8.contiguous()
+    device = x_fp8.device
+    a = torch.empty(pairs, hidden, dtype=torch.float8_e4m3fn, device=device)
+    aligned = -(-pairs // 4) * 4  # 16-byte columns of fp32
+    sa = torch.empty(groups, aligned, dtype=torch.float32, device=device).t()[:pairs]
+    m_indices = torch.empty(pairs, dtype=torch.int32, device=device)
+    positions = torch.empty(pairs, dtype=torch.int64, device=device)
+    if pairs:
+        a_bytes, sx_bits, sa_bits = a.view(torch.uint8), scales.view(torch.int32), sa.view(torch.int32)
+        fast(_moe_sort_rows_kernel)[(tokens,)](
+            topk_idx, x_fp8.view(torch.uint8), sx_bits, a_bytes, sa_bits, m_indices, positions, pairs, num_experts,
+            hidden, groups, topk_idx.stride(0), topk_idx.stride(1), x_fp8.stride(0), sx_bits.stride(0),
+            sx_bits.stride(1), a_bytes.stride(0), sa_bits.stride(0), sa_bits.stride(1), K=k,
+            K_PAD=next_power_of_2(k), BLOCK_PAIRS=min(256, next_power_of_2(pairs)),
+            BLOCK_BYTES=min(1024, next_power_of_2(hidden)), BLOCK_SCALES=next_power_of_2(groups), num_warps=4)
+    return (a, sa), m_indices, positions
+
+
 # ---- the MoE combine ----
 
 @triton.jit
-def _moe_combine_kernel(y_ptr, position_ptr, idx_ptr, weight_ptr, out_ptr, hidden, experts, stride_y, stride_idx,
-                        stride_w, stride_out, K: tl.constexpr, BLOCK_H: tl.constexpr, DTYPE: tl.constexpr,
-                        ROUND_BF16: tl.constexpr):
+def _moe_combine_kernel(y_ptr, position_ptr, idx_ptr, weight_ptr, first_ptr, second_ptr, out_ptr, hidden, experts,
+                        stride_y, stride_idx, stride_w, stride_first, stride_second, stride_out, K: tl.constexpr,
+                        ADDENDS: tl.constexpr, BLOCK_H: tl.constexpr, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
     """Program (token t, column block): out[t] = sum over slots k with 0 <= idx[t, k] < experts of
-    weight[t, k] * y[position[t * K + k]], in fp32, slot by slot."""
+    weight[t, k] * y[position[t * K + k]], in fp32, slot by slot, rounded to DTYPE; then plus
+    first[t] (ADDENDS >= 1) and second[t] (ADDENDS == 2), each sum rounded to DTYPE."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = cols < hidden
@@ -248,27 +328,37 @@ def _moe_combine_kernel(y_ptr, position_ptr, idx_ptr, weight_ptr, out_ptr, hidde
         row = tl.load(position_ptr + t * K + k).to(tl.int64)
         if (expert >= 0) & (expert < experts):  # a slot routed elsewhere (-1) adds nothing: its row holds no result
             acc += tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32) * weight
-    tl.store(out_ptr + t * stride_out + cols, rounded_to(acc, DTYPE, ROUND_BF16).to(DTYPE), mask=ok)
+    out = rounded_to(acc, DTYPE, ROUND_BF16)
+    if ADDENDS >= 1:
+        out = rounded_to(out + tl.load(first_ptr + t * stride_first + cols, mask=ok, other=0.0).to(tl.float32),
+                         DTYPE, ROUND_BF16)
+    if ADDENDS >= 2:
+        out = rounded_to(out + tl.load(second_ptr + t * stride_second + cols, mask=ok, other=0.0).to(tl.float32),
+                         DTYPE, ROUND_BF16)
+    tl.store(out_ptr + t * stride_out + cols, out.to(DTYPE), mask=ok)
 
 
 @on_tensor_device
 def moe_combine(y: torch.Tensor, positions: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                num_experts: int, out_dtype: torch.dtype) -> torch.Tensor:
+                num_experts: int, out_dtype: torch.dtype, addends: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """y [T * K, H] (the experts' output rows, unit last stride), positions int64 [T * K] (the row
     of y holding slot t * K + k), topk_idx [T, K] (ids outside [0, num_experts), e.g. -1: no expert
     here, as Experts.forward's padding rows), topk_weights fp32 [T, K] -> out [T, H] in out_dtype
-    (bf16, fp16 or fp32)."""
+    (bf16, fp16 or fp32). addends: up to two [T, H] tensors of out_dtype, added in order after the
+    weighted sum, each sum rounded to out_dtype (torch's `out + addend`)."""
     tokens, k = topk_idx.shape
     hidden = y.shape[1]
     out = torch.empty(tokens, hidden, dtype=out_dtype, device=y.device)
     if tokens == 0 or hidden == 0:
         return out
     assert y.stride(1) == 1 and positions.is_contiguous() and topk_weights.dtype == torch.float32
+    assert len(addends) <= 2 and all(t.dtype == out_dtype and t.shape == out.shape for t in addends)
+    addends = tuple(t if t.stride(1) == 1 else t.contiguous() for t in addends)
+    first, second = (*addends, out, out)[:2]  # (out: a placeholder the kernel does not read)
     topk_idx, topk_weights = topk_idx.contiguous(), topk_weights.contiguous()  # (views as they come: no copy)
     block = min(1024, next_power_of_2(hidden))
     fast(_moe_combine_kernel)[(tokens, -(-hidden // block))](
-        y, positions, topk_idx, topk_weights, out, hidden, num_experts, y.stride(0), topk_idx.stride(0),
-        topk_weights.stride(0),
-        out.stride(0), K=k, BLOCK_H=block, DTYPE=TL_DTYPES[out_dtype], ROUND_BF16=_round_bf16(out_dtype),
-        num_warps=4)
+        y, positions, topk_idx, topk_weights, first, second, out, hidden, num_experts, y.stride(0), topk_idx.stride(0),
+        topk_weights.stride(0), first.stride(0), second.stride(0), out.stride(0), K=k, ADDENDS=len(addends),
+        BLOCK_H=block, DTYPE=TL_DTYPES[out_dtype], ROUND_BF16=_round_bf16(out_dtype), num_warps=4)
     return out
