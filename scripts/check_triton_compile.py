@@ -503,6 +503,11 @@ def layer_cases(compiler: Compiler) -> None:
         compiler.context = f"rmsnorm + fp8 cast dim={dim} {str(dtype)[6:]}"
         triton_layer.rms_norm(_meta(64, dim, dtype=dtype), _meta(dim, dtype=dtype), 1e-6,
                               cast_round_scale=round_scale)
+    # the post-attention norm adding the residual first: cast for FP8 projections, or not (float ones)
+    for dtype, round_scale in [(torch.bfloat16, False), (torch.float32, None)]:
+        compiler.context = f"residual add + rmsnorm{' + fp8 cast' if round_scale is not None else ''} {str(dtype)[6:]}"
+        triton_layer.rms_norm(_meta(64, 7168, dtype=dtype), _meta(7168, dtype=dtype), 1e-6,
+                              cast_round_scale=round_scale, addend=_meta(64, 7168, dtype=dtype))
 
     # the model layer's q and k rope parts: V3's 128 heads and the test models' few, every dtype
     for heads, dtype, interleave in [(128, torch.bfloat16, True), (5, torch.float16, False), (16, torch.float32, True)]:

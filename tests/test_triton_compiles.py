@@ -56,8 +56,9 @@ def test_a_logged_compile_replays_into_the_same_cache_entry(tmp_path, monkeypatc
     kernel = layer._rms_norm_kernel
     fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)  # interpreted in CI
     x = torch.empty(4, 7168, dtype=torch.bfloat16, device="meta")
-    _compile_as_a_launch(fn, x, torch.empty(7168, dtype=torch.bfloat16, device="meta"), torch.empty_like(x), 7163,
-                         7168, 7168, 1e-6, BLOCK=8192, DTYPE=tl.bfloat16, ROUND_BF16=False, num_warps=8)
+    _compile_as_a_launch(fn, x, torch.empty(7168, dtype=torch.bfloat16, device="meta"), torch.empty_like(x), x, x,
+                         7163, 7168, 7168, 7168, 7168, 1e-6, BLOCK=8192, DTYPE=tl.bfloat16, ROUND_BF16=False,
+                         ADD=False, num_warps=8)
     entries = triton_compiles.read([log])
     assert len(entries) == 1 and not entries[0]["cache_hit"] and "unreplayable" not in entries[0]
     assert entries[0]["kernel"] == "dskernels.triton.layer:_rms_norm_kernel"

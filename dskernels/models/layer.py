@@ -12,8 +12,8 @@ from torch import nn
 from dskernels.models.attention import MLAttention
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import LayerNorm
-from dskernels.models.linear import (BLOCK, FP8, MLP, Linear, RMSNorm, dequantize_block_fp8, norm_and_cast, owned,
-                                     unhooked)
+from dskernels.models.linear import (BLOCK, FP8, MLP, Linear, RMSNorm, add_norm_and_cast, dequantize_block_fp8,
+                                     norm_and_cast, owned, unhooked)
 from dskernels.models.moe import Experts, MoE
 
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.*)$")
@@ -184,11 +184,12 @@ class DeepseekV3DecoderLayer(nn.Module):
             raise ValueError(f"positions: expected a tensor on {x.device} (x's device), got {positions.device}")
         if ep_low_latency is not None and not isinstance(ep_low_latency, bool):
             raise TypeError(f"ep_low_latency: expected None, True or False, got {type(ep_low_latency).__name__}")
-        # Each norm casts its output for the FP8 projections that read it, in its own kernel where it can
+        # Each norm casts its output for the FP8 projections that read it (the post-attention one also adds
+        # the residual first), in its own kernel where it can
         normed, x_fp8 = norm_and_cast(self.input_layernorm, x, *self.self_attn.input_layers())
-        h = x + self.self_attn(normed, positions, kv_cache, block_table, cache_seqlens, index_cache, kv_cache_scale,
-                               x_fp8)
-        h2, h2_fp8 = norm_and_cast(self.post_attention_layernorm, h, *self.mlp.input_layers())
+        attended = self.self_attn(normed, positions, kv_cache, block_table, cache_seqlens, index_cache, kv_cache_scale,
+                                  x_fp8)
+        h, h2, h2_fp8 = add_norm_and_cast(self.post_attention_layernorm, x, attended, *self.mlp.input_layers())
         if self.is_moe and unhooked(self.mlp):  # the residual added in the MoE's combine kernel where it runs
             return self.mlp(h2, ep_low_latency, h2_fp8, residual=h)
         if self.is_moe:

@@ -194,15 +194,35 @@ def norm_and_cast(norm: RMSNorm, x: torch.Tensor, *layers: Linear):
     (triton_fusable; a bf16 or fp32 x, as the FP8 cast reads them, dim % 128 == 0) and norm is a
     plain RMSNorm without hooks (the kernel stands in for its call): its cast is
     per_token_cast_to_fp8's bit for bit, of the values it stores. Else the two ops."""
+    return _norm_and_cast(norm, x, None, layers)
+
+
+def add_norm_and_cast(norm: RMSNorm, x: torch.Tensor, addend: torch.Tensor, *layers: Linear):
+    """(h, norm(h), shared_cast(norm(h), *layers)) with h = x + addend (the residual connection),
+    the add in the norm's kernel too where it runs (an addend of x's shape), rounded as torch's."""
+    return _norm_and_cast(norm, x, addend, layers)
+
+
+def _norm_and_cast(norm: RMSNorm, x: torch.Tensor, addend: torch.Tensor | None, layers: tuple[Linear, ...]):
     fp8 = [layer for layer in layers if layer.is_fp8]
-    if (fp8 and all(layer.round_scale == fp8[0].round_scale for layer in fp8) and x.shape[:-1].numel()
-            and x.dtype in (torch.bfloat16, torch.float32) and x.shape[-1] % BLOCK == 0
-            and _called_plainly(norm) and triton_fusable(x, norm.weight)):
+    castable = bool(fp8 and all(layer.round_scale == fp8[0].round_scale for layer in fp8) and x.shape[:-1].numel()
+                    and x.dtype in (torch.bfloat16, torch.float32) and x.shape[-1] % BLOCK == 0)
+    addends = () if addend is None else (addend,)
+    fusable = (_called_plainly(norm) and all(t.shape == x.shape for t in addends)
+               and triton_fusable(x, norm.weight, *addends))
+    if fusable and (castable or addends):
         from dskernels.triton import layer as triton_layer
 
-        return triton_layer.rms_norm(x, norm.weight, norm.eps, cast_round_scale=fp8[0].round_scale)
+        out = triton_layer.rms_norm(x, norm.weight, norm.eps, cast_round_scale=fp8[0].round_scale if castable else None,
+                                    addend=addend)
+        if castable:
+            return out
+        total, normed = out
+        return total, normed, shared_cast(normed, *layers)
+    if addends:
+        x = x + addend
     normed = norm(x)
-    return normed, shared_cast(normed, *layers)
+    return (*((x,) if addends else ()), normed, shared_cast(normed, *layers))
 
 
 def _called_plainly(module: nn.Module) -> bool:

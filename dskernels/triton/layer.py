@@ -4,7 +4,8 @@ models.linear.triton_fusable allows; torch's ops are the definition):
 - RMSNorm (`rms_norm`): HF's DeepseekV3RMSNorm, weight * (x * rsqrt(mean(x^2) + eps)) with the
   normalization in fp32 rounded to x's dtype, then the product with the weight rounded again: one
   kernel for torch's four (fp32 copy, F.rms_norm, cast back, multiply). The sum of squares is a
-  tree reduction (torch's order differs: fp32 rounding apart, the same value).
+  tree reduction (torch's order differs: fp32 rounding apart, the same value). Optionally the
+  residual add before it (the sum kept too) and the FP8 cast of its output after it.
 - Rotary embedding of the query and key rope parts (`rope_qk`): the angles from the positions,
   cos and sin, both rotations, for torch's ~22 kernels. torch's arithmetic step by step: angle =
   float(position) * inv_freq in fp32, cos and sin (libdevice) times attention_factor rounded to
@@ -50,12 +51,18 @@ def _round_bf16(dtype: torch.dtype) -> bool:
 # ---- RMSNorm ----
 
 @triton.jit
-def _normalized_row(x_ptr, weight_ptr, out_ptr, row, dim, stride_x, stride_out, eps,
-                    BLOCK: tl.constexpr, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """Stores row `row` of the norm and returns it (fp32 values of DTYPE, [BLOCK], 0 past dim)."""
+def _normalized_row(x_ptr, weight_ptr, out_ptr, addend_ptr, sum_ptr, row, dim, stride_x, stride_out, stride_addend,
+                    stride_sum, eps, BLOCK: tl.constexpr, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+                    ADD: tl.constexpr):
+    """Stores row `row` of the norm and returns it (fp32 values of DTYPE, [BLOCK], 0 past dim). ADD:
+    the norm of x + addend, rounded to DTYPE as torch's add rounds it, and that sum stored too."""
     cols = tl.arange(0, BLOCK)
     ok = cols < dim
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    if ADD:
+        x = rounded_to(x + tl.load(addend_ptr + row * stride_addend + cols, mask=ok, other=0.0).to(tl.float32),
+                       DTYPE, ROUND_BF16)
+        tl.store(sum_ptr + row * stride_sum + cols, x.to(DTYPE), mask=ok)
     inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
     normed = rounded_to(x * inv_rms, DTYPE, ROUND_BF16)
     weight = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
@@ -65,20 +72,23 @@ def _normalized_row(x_ptr, weight_ptr, out_ptr, row, dim, stride_x, stride_out, 
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, dim, stride_x, stride_out, eps,
-                     BLOCK: tl.constexpr, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
-    _normalized_row(x_ptr, weight_ptr, out_ptr, tl.program_id(0).to(tl.int64), dim, stride_x, stride_out, eps,
-                    BLOCK, DTYPE, ROUND_BF16)
+def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, addend_ptr, sum_ptr, dim, stride_x, stride_out, stride_addend,
+                     stride_sum, eps, BLOCK: tl.constexpr, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+                     ADD: tl.constexpr):
+    _normalized_row(x_ptr, weight_ptr, out_ptr, addend_ptr, sum_ptr, tl.program_id(0).to(tl.int64), dim, stride_x,
+                    stride_out, stride_addend, stride_sum, eps, BLOCK, DTYPE, ROUND_BF16, ADD)
 
 
 @triton.jit
-def _rms_norm_cast_kernel(x_ptr, weight_ptr, out_ptr, fp8_ptr, scale_ptr, dim, stride_x, stride_out, stride_fp8,
-                          stride_scale, eps, BLOCK: tl.constexpr, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+def _rms_norm_cast_kernel(x_ptr, weight_ptr, out_ptr, addend_ptr, sum_ptr, fp8_ptr, scale_ptr, dim, stride_x,
+                          stride_out, stride_addend, stride_sum, stride_fp8, stride_scale, eps, BLOCK: tl.constexpr,
+                          DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr, ADD: tl.constexpr,
                           ROUND_SCALE: tl.constexpr, NATIVE: tl.constexpr):
     # The norm's row, then per_token_cast_to_fp8 of the values stored (dim % 128 == 0): its 128-wide
     # groups as the rows of cast_groups (those past dim are zeros, not stored).
     row = tl.program_id(0).to(tl.int64)
-    y = _normalized_row(x_ptr, weight_ptr, out_ptr, row, dim, stride_x, stride_out, eps, BLOCK, DTYPE, ROUND_BF16)
+    y = _normalized_row(x_ptr, weight_ptr, out_ptr, addend_ptr, sum_ptr, row, dim, stride_x, stride_out,
+                        stride_addend, stride_sum, eps, BLOCK, DTYPE, ROUND_BF16, ADD)
     bits, scale = cast_groups(tl.reshape(y, (BLOCK // 128, 128)), ROUND_SCALE, NATIVE)
     cols = tl.reshape(tl.arange(0, BLOCK), (BLOCK // 128, 128))
     tl.store(fp8_ptr + row * stride_fp8 + cols, bits, mask=cols < dim)
@@ -87,32 +97,47 @@ def _rms_norm_cast_kernel(x_ptr, weight_ptr, out_ptr, fp8_ptr, scale_ptr, dim, s
 
 
 @on_tensor_device
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cast_round_scale: bool | None = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cast_round_scale: bool | None = None,
+             addend: torch.Tensor | None = None):
     """x [..., dim] (unit last stride, rows at any one stride), weight [dim] of x's dtype ->
     a new contiguous tensor of x's shape and dtype. cast_round_scale (not None; dim % 128 == 0):
     also per_token_cast_to_fp8 of the result's rows with that round_scale, in the same kernel:
-    returns (result, (fp8 [rows, dim], scales [rows, dim / 128])), both contiguous."""
+    returns (result, (fp8 [rows, dim], scales [rows, dim / 128])), both contiguous. addend (x's
+    shape and dtype, unit last stride, rows at any one stride): the norm of x + addend (torch's add,
+    rounded to x's dtype), that sum returned first, as a new contiguous tensor: (sum, result) or
+    (sum, result, (fp8, scales))."""
     dim = x.shape[-1]
     rows = x.reshape(-1, dim)  # a view for the attention's strided latents too
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    add = addend is not None
+    if add:
+        assert addend.shape == x.shape and addend.dtype == x.dtype
+        addend_rows = addend.reshape(-1, dim)
+        total = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    else:
+        addend_rows = total = out  # (placeholders the kernel does not touch)
     cast = cast_round_scale is not None
     if cast:
         assert dim % 128 == 0
         fp8 = torch.empty(rows.shape, dtype=torch.float8_e4m3fn, device=x.device)
         scale = torch.empty(rows.shape[0], dim // 128, dtype=torch.float32, device=x.device)
     if rows.shape[0] and dim:
-        assert rows.stride(1) == 1 and weight.is_contiguous()
+        assert rows.stride(1) == 1 and addend_rows.stride(1) == 1 and weight.is_contiguous()
         block = next_power_of_2(dim)
-        meta = dict(BLOCK=block, DTYPE=TL_DTYPES[x.dtype], ROUND_BF16=_round_bf16(x.dtype),
+        meta = dict(BLOCK=block, DTYPE=TL_DTYPES[x.dtype], ROUND_BF16=_round_bf16(x.dtype), ADD=add,
                     num_warps=8 if block >= 4096 else 4)
+        args = (rows, weight, out, addend_rows, total)
+        strides = (rows.stride(0), out.stride(0), addend_rows.stride(0), total.stride(0))
         if cast:
             fast(_rms_norm_cast_kernel)[(rows.shape[0],)](
-                rows, weight, out, fp8.view(torch.uint8), scale, dim, rows.stride(0), out.stride(0), fp8.stride(0),
-                scale.stride(0), float(eps), ROUND_SCALE=cast_round_scale, NATIVE=native_fp8_cast(x.device), **meta)
+                *args, fp8.view(torch.uint8), scale, dim, *strides, fp8.stride(0), scale.stride(0), float(eps),
+                ROUND_SCALE=cast_round_scale, NATIVE=native_fp8_cast(x.device), **meta)
         else:
-            fast(_rms_norm_kernel)[(rows.shape[0],)](rows, weight, out, dim, rows.stride(0), out.stride(0), float(eps),
-                                                     **meta)
-    return (out.view(x.shape), (fp8, scale)) if cast else out.view(x.shape)
+            fast(_rms_norm_kernel)[(rows.shape[0],)](*args, dim, *strides, float(eps), **meta)
+    result = (out.view(x.shape), (fp8, scale)) if cast else (out.view(x.shape),)
+    if add:
+        return (total.view(x.shape), *result)
+    return result if cast else result[0]
 
 
 # ---- rotary embedding ----
