@@ -40,7 +40,10 @@ def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims: tuple[int, ...], use_ue8m
     per_custom_dims_cast_to_fp8(k [N, D], (0,)) -> (k_fp8 [N, D], k_scale [N])."""
     dims = tuple(d % x.dim() for d in dims)
     reduce = tuple(d for d in range(x.dim()) if d not in dims)
-    amax = x.float().abs().amax(dim=reduce, keepdim=True).clamp(min=1e-4)
+    amax = x.float().abs()
+    if reduce:  # (none: one scale per element; amax over dim=() would reduce every dimension)
+        amax = amax.amax(dim=reduce, keepdim=True)
+    amax = amax.clamp(min=1e-4)
     scale = amax / torch.full_like(amax, FP8_MAX)
     if use_ue8m0:
         scale = ceil_to_power_of_two(scale)

@@ -471,6 +471,12 @@ def cast_cases(compiler: Compiler) -> None:
             if not round_scale:  # the same activation without the cast (bf16 experts)
                 triton_cast.silu_and_mul(_meta(groups, rows, 2 * inter), _meta(groups, rows, inter),
                                          _meta(groups, dtype=torch.int32) if masked else None)
+        # per_custom_dims_cast_to_fp8's rows: V3.2's indexer q (64 heads of 128 per token) and k,
+        # and the widest rows it takes (fp32)
+        for rows, cols, dtype in ((64 * 64, 128, torch.bfloat16), (4096, 128, torch.bfloat16),
+                                  (8, triton_cast.MAX_ROW_CAST_COLS, torch.float32)):
+            triton_cast.per_row_cast_to_fp8(_meta(rows, cols, dtype=dtype), _meta(rows, cols, dtype=torch.float8_e4m3fn),
+                                            _meta(rows, dtype=torch.float32), round_scale)
 
 
 def moe_cases(compiler: Compiler) -> None:

@@ -285,6 +285,38 @@ def test_per_custom_dims_cast_to_fp8():
         dskernels.dequantize_sparse_kv_cache(torch.zeros(2, 656))
 
 
+@pytest.mark.parametrize("shape,dims,dtype", [
+    pytest.param(*case, marks=[pytest.mark.gpu] if torch.cuda.is_available() else [])
+    for case in (((5, 3, 128), (0, 1), torch.bfloat16), ((37, 128), (0,), torch.float32), ((4, 6, 64), (0,), torch.float16),
+                 ((3, 5), (0, 1), torch.float32), ((2, 300), (-2,), torch.bfloat16), ((4, 3, 64), (1,), torch.float32),
+                 ((0, 128), (0,), torch.float32), ((2, 9000), (0,), torch.float32))])
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+def test_per_custom_dims_cast_kernel_matches_the_reference(shape, dims, dtype, use_ue8m0):
+    """The Triton row cast (kept dimensions leading: the indexer's q with (0, 1) and k with (0,))
+    against python_ref's torch ops, bit for bit: values over a wide range, a NaN (its row's scale
+    and values NaN), an all-zero row (the 1e-4 floor), a strided x; kept dimensions not leading,
+    no rows, and rows past the kernel's tile (9000 columns) take the reference; every dimension
+    kept: one scale per element (the reference reduced over all of them before)."""
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("no Triton backend here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(sum(shape))
+    values = torch.randn(*shape, generator=gen) * torch.exp(4 * torch.randn(*shape[:-1], 1, generator=gen))
+    x = torch.full((*shape[:-1], shape[-1] + 8), float("nan"), dtype=dtype)[..., 4:4 + shape[-1]]  # poisoned gaps
+    x.copy_(values)
+    if x.numel():
+        x[(0,) * x.dim()] = float("nan")
+        x[-1] = 0.0
+    expected, expected_scale = ref.per_custom_dims_cast_to_fp8(x, tuple(d % x.dim() for d in dims), use_ue8m0)
+    with dskernels.backend("triton"):
+        got, scale = dskernels.per_custom_dims_cast_to_fp8(x.to(device), dims, use_ue8m0)
+    assert got.shape == x.shape and scale.shape == expected_scale.shape
+    assert torch.equal(got.cpu().view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(scale.cpu().nan_to_num(7), expected_scale.nan_to_num(7))
+    if len(dims) == x.dim() and x.numel() and not use_ue8m0:
+        assert scale.shape == x.shape and scale.cpu()[-1].eq(torch.tensor(1e-4) / 448).all()
+
+
 def test_paged_metadata():
     """A device plan from tensor ops: num_sms + 1 rows of (sequence, block), ordered, equal shares,
     ending past the last sequence; both of DeepGEMM's call forms."""

@@ -10,10 +10,12 @@ Their top-k (`torch.topk(logits, 2048)`) is the `indices` of the sparse MLA deco
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import python_ref.indexer as ref
-from dskernels._backend import select_backend
+from dskernels._backend import current_backend, select_backend
 from dskernels._checks import check_multiple, check_tensor
 from dskernels._device import on_tensor_device
 from dskernels.ops.mla import check_int
@@ -33,7 +35,9 @@ def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims, use_ue8m0: bool = False) 
     """DeepGEMM's helper: one fp32 scale per index of the kept `dims` (a tuple of distinct
     dimensions of x), over all other dimensions; scale = max(amax, 1e-4) / 448, rounded up to a
     power of two with use_ue8m0. Returns (x in e4m3, shaped like x; scales shaped like x's kept
-    dims). python_ref.indexer's torch ops on every device."""
+    dims). One Triton kernel where the kept dimensions lead (the indexer's q [M, H, D] with (0, 1)
+    and k [N, D] with (0,)) and the Triton backend runs (eagerly); python_ref.indexer's torch ops
+    otherwise, the same bits."""
     check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32))
     if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
         raise TypeError(f"dims: expected a tuple of ints (the dimensions that keep one scale per index), got {dims!r}")
@@ -41,7 +45,37 @@ def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims, use_ue8m0: bool = False) 
         raise ValueError(f"dims: expected distinct dimensions of x ({x.dim()} dimensions), got {tuple(dims)}")
     if not isinstance(use_ue8m0, bool):
         raise TypeError(f"use_ue8m0: expected a bool, got {type(use_ue8m0).__name__}")
-    return ref.per_custom_dims_cast_to_fp8(x, tuple(dims), use_ue8m0)
+    dims = tuple(d % x.dim() for d in dims)
+    kept = x.shape[:len(dims)]
+    rows, cols = kept.numel(), math.prod(x.shape[len(dims):])
+    if (dims == tuple(range(len(dims))) and rows and cols and not torch.compiler.is_compiling()
+            and _row_cast_backend(x.device) == "triton"):
+        from dskernels.triton import fp8_cast as triton_fp8
+
+        if cols <= triton_fp8.MAX_ROW_CAST_COLS:
+            return _per_row_cast(x, rows, cols, kept, use_ue8m0)
+    return ref.per_custom_dims_cast_to_fp8(x, dims, use_ue8m0)
+
+
+def _row_cast_backend(device: torch.device) -> str:
+    """Triton or the reference (a helper beside the ops: under a forced "cuda" backend, which has no
+    kernel for it, the reference)."""
+    if current_backend() == "cuda":
+        return "ref"
+    return select_backend("per_custom_dims_cast_to_fp8", device, has_cuda=False, has_triton=True)
+
+
+@on_tensor_device
+def _per_row_cast(x: torch.Tensor, rows: int, cols: int, kept: torch.Size, use_ue8m0: bool):
+    from dskernels.triton import fp8_cast as triton_fp8
+
+    x2 = x.reshape(rows, cols)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    fp8 = torch.empty(x.shape, dtype=FP8, device=x.device)
+    scale = torch.empty(kept, dtype=torch.float32, device=x.device)
+    triton_fp8.per_row_cast_to_fp8(x2, fp8.view(rows, cols), scale.view(rows), use_ue8m0)
+    return fp8, scale
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from dskernels.triton import cdiv, next_power_of_2
-from dskernels.triton.fp8_math import cast_groups, max_nan, native_fp8_cast, round_to_bf16, scales_of, to_e4m3_bits
+from dskernels.triton.fp8_math import (cast_groups, ceil_to_power_of_two, max_nan, native_fp8_cast, round_to_bf16,
+                                      scales_of, to_e4m3_bits)
 from dskernels.triton.launch import fast
 
 GROUP_SIZE = 128
@@ -38,6 +39,25 @@ def _per_token_cast_kernel(x_ptr, out_ptr, scale_ptr, m, stride_xm, stride_om, s
     bits, scale = cast_groups(x, ROUND_SCALE, NATIVE)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], bits, mask=row_ok[:, None])
     tl.store(scale_ptr + rows.to(tl.int64) * stride_sm + group * stride_sg, scale, mask=row_ok)
+
+
+@triton.jit
+def _per_row_cast_kernel(x_ptr, out_ptr, scale_ptr, rows, cols, stride_x, stride_out, BLOCK_R: tl.constexpr,
+                         BLOCK_C: tl.constexpr, ROUND_SCALE: tl.constexpr, NATIVE: tl.constexpr):
+    # per_custom_dims_cast_to_fp8 with the kept dimensions leading: one scale per row of x [rows,
+    # cols] (cols <= BLOCK_C), DeepGEMM's multiplier 1 / scale (python_ref.indexer), not 448 / amax.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    ok = (r < rows)[:, None] & (c < cols)[None, :]
+    x = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_x + c[None, :], mask=ok, other=0.0).to(tl.float32)
+    amax = tl.maximum(max_nan(tl.abs(x), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    if ROUND_SCALE:
+        scale = ceil_to_power_of_two(scale)
+    multiplier = tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), scale)
+    tl.store(out_ptr + r[:, None].to(tl.int64) * stride_out + c[None, :], to_e4m3_bits(x * multiplier[:, None], NATIVE),
+             mask=ok)
+    tl.store(scale_ptr + r, scale, mask=r < rows)
 
 
 @triton.jit
@@ -154,6 +174,22 @@ def per_token_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tenso
     fast(_per_token_cast_kernel)[grid](x, out.view(torch.uint8), scale, m, x.stride(0), out.stride(0), scale.stride(0),
                                        scale.stride(1), BLOCK_M=BLOCK_ROWS, GROUP=GROUP_SIZE, ROUND_SCALE=round_scale,
                                        NATIVE=native_fp8_cast(x.device), num_warps=4)
+
+
+MAX_ROW_CAST_COLS = 8192  # per_row_cast_to_fp8 holds a row in one tile
+
+
+def per_row_cast_to_fp8(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, round_scale: bool = False) -> None:
+    """x [rows, cols] (unit last stride, cols <= MAX_ROW_CAST_COLS) -> out fp8 [rows, cols] (unit last
+    stride) and scale fp32 [rows] (contiguous): per_custom_dims_cast_to_fp8 over each row."""
+    rows, cols = x.shape
+    assert x.stride(1) == 1 and out.stride(1) == 1 and scale.is_contiguous() and cols <= MAX_ROW_CAST_COLS
+    block_c = next_power_of_2(cols)
+    block_r = max(1, min(32, 4096 // block_c))
+    fast(_per_row_cast_kernel)[(cdiv(rows, block_r),)](x, out.view(torch.uint8), scale, rows, cols, x.stride(0),
+                                                       out.stride(0), BLOCK_R=block_r, BLOCK_C=block_c,
+                                                       ROUND_SCALE=round_scale, NATIVE=native_fp8_cast(x.device),
+                                                       num_warps=4)
 
 
 def per_block_cast_to_fp8(w: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, round_scale: bool = False) -> None:
