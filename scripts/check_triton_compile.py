@@ -475,7 +475,8 @@ def cast_cases(compiler: Compiler) -> None:
         # and the widest rows it takes (fp32)
         for rows, cols, dtype in ((64 * 64, 128, torch.bfloat16), (4096, 128, torch.bfloat16),
                                   (8, triton_cast.MAX_ROW_CAST_COLS, torch.float32)):
-            triton_cast.per_row_cast_to_fp8(_meta(rows, cols, dtype=dtype), _meta(rows, cols, dtype=torch.float8_e4m3fn),
+            triton_cast.per_row_cast_to_fp8(_meta(rows, cols, dtype=dtype),
+                                            _meta(rows, cols, dtype=torch.float8_e4m3fn),
                                             _meta(rows, dtype=torch.float32), round_scale)
 
 
@@ -541,6 +542,16 @@ def layer_cases(compiler: Compiler) -> None:
         triton_layer.write_latent_cache(kv[..., :512], kv[..., 512:], _meta(100, 64, 1, 576, dtype=cache_dtype),
                                         _meta(8, 70, dtype=torch.int32), _meta(8, dtype=torch.int32),
                                         _meta(1, dtype=torch.float32))
+    # V3.2's cache writes: the 656-byte FP8 latents (bf16 and fp32 layers) and the indexer's FP8 keys
+    for dtype in (torch.bfloat16, torch.float32):
+        compiler.context = f"sparse latent cache write {str(dtype)[6:]}"
+        kv = _meta(8, 2, 576, dtype=dtype)
+        triton_layer.write_sparse_latent_cache(kv[..., :512], kv[..., 512:], _meta(100, 64, 1, 656, dtype=torch.uint8),
+                                               _meta(8, 70, dtype=torch.int32), _meta(8, dtype=torch.int32))
+    for round_scale in (False, True):
+        compiler.context = f"index key cache write round_scale={round_scale}"
+        triton_layer.write_index_keys(_meta(8, 2, 128), _meta(100, 64, 1, 132, dtype=torch.uint8),
+                                      _meta(8, 70, dtype=torch.int32), _meta(8, dtype=torch.int32), round_scale)
 
 
 def ep_cases(compiler: Compiler) -> None:

@@ -287,7 +287,8 @@ def test_per_custom_dims_cast_to_fp8():
 
 @pytest.mark.parametrize("shape,dims,dtype", [
     pytest.param(*case, marks=[pytest.mark.gpu] if torch.cuda.is_available() else [])
-    for case in (((5, 3, 128), (0, 1), torch.bfloat16), ((37, 128), (0,), torch.float32), ((4, 6, 64), (0,), torch.float16),
+    for case in (((5, 3, 128), (0, 1), torch.bfloat16), ((37, 128), (0,), torch.float32),
+                 ((4, 6, 64), (0,), torch.float16),
                  ((3, 5), (0, 1), torch.float32), ((2, 300), (-2,), torch.bfloat16), ((4, 3, 64), (1,), torch.float32),
                  ((0, 128), (0,), torch.float32), ((2, 9000), (0,), torch.float32))])
 @pytest.mark.parametrize("use_ue8m0", [False, True])

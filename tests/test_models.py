@@ -1281,24 +1281,33 @@ def test_experts_sorted_in_kernels_match_torch_ops(monkeypatch, fp8_x):
         for limit in (triton_layer.MAX_SORTED_PAIRS, 0):  # the kernels' path, then torch's
             monkeypatch.setattr(triton_layer, "MAX_SORTED_PAIRS", limit)
             outs.append(experts(inputs, idx, weights, torch.bfloat16, addends))
+        # and torch's combine and adds (their fp32 sums in another order: to rounding)
+        monkeypatch.setattr(type(experts), "_combines_in_kernel", lambda *args: False)
+        outs.append(experts(inputs, idx, weights, torch.bfloat16, addends))
     assert len(calls) == 1
     assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-2, atol=1e-2)
 
 
-def test_moe_adds_the_residual_unless_hooked():
-    """The layer hands the MoE its residual (added in the combine's kernel); a forward hook on the
-    MoE sees what it returns without one, and the layer's output is the same either way."""
+@pytest.mark.parametrize("hooked", ["mlp", "mlp.experts"])
+def test_moe_adds_the_residual_unless_hooked(hooked):
+    """The layer hands the MoE its residual, and the MoE hands its experts the shared experts' output
+    and the residual (added in the combine's kernel) and the shared cast of x; a forward hook on the
+    MoE or on its experts sees what that module computes itself (bf16 rows in, the routed sum out),
+    and the layer's output is the same either way."""
     if "triton" not in dskernels.available_backends():
         pytest.skip("no Triton backend here")
     cfg = CONFIGS["v3"]
     layer = fp8_moe_layer(cfg, seed=29)
     x, positions = torch.randn(2, 3, cfg.hidden_size).bfloat16(), spread_positions(2, 3, seed=3)
+    module = layer.get_submodule(hooked)
     seen = []
     with torch.no_grad(), forced_backend("triton"):
         plain = layer(x, positions)
-        handle = layer.mlp.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
-        hooked = layer(x, positions)
+        handle = module.register_forward_hook(lambda module, args, out: seen.append((args, out)))
+        hooked_out = layer(x, positions)
         handle.remove()
-        h2, mlp_out = seen[0]
-        assert torch.equal(mlp_out, layer.mlp(h2))  # the MLP's own output, no residual in it
-    assert torch.equal(hooked, plain)
+        args, out = seen[0]
+        assert isinstance(args[0], torch.Tensor) and len(args) == (3 if hooked == "mlp" else 4)
+        assert torch.equal(out, module(*args))  # that module's own output: no residual, no shared experts
+    assert torch.equal(hooked_out, plain)

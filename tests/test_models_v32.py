@@ -334,17 +334,92 @@ def test_fp8_indexer_logits_within_rounding_of_exact_scores():
 
 # ---- V3.2's FP8 latent cache ----
 
-def test_fp8_latent_cache():
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_fp8_latent_cache(backend):
     """Decode through V3.2's FP8 latent cache (656 bytes per token: e4m3 latents with a power-of-two
     scale per 128 values, bf16 rope): within FP8 rounding of HF's layer. e4m3 keeps 3 mantissa bits
-    (<= 6.25% per latent value, ~2% rms); scores and values both carry it."""
+    (<= 6.25% per latent value, ~2% rms); scores and values both carry it. (Triton: the cache
+    written by write_sparse_latent_cache.)"""
     ref = make_reference(WIDE, 0, seed=15)
     layer = make_layer(WIDE, 0, ref, index_fp8=False)  # transformers' selection: the same tokens
     attention_only = []
-    for x, positions, y in decode_through_cache(layer, WIDE, "ref", seed=6, fp8_latents=True):
+    for x, positions, y in decode_through_cache(layer, WIDE, backend, seed=6, fp8_latents=True):
         expected = reference_forward(ref, WIDE, x, positions)[0]
         attention_only.append(((y - expected).norm() / (expected - x[0]).norm()).item())
     assert max(attention_only) < 0.05, attention_only
+
+
+def _slot_rows(table, lens, s, num_pages, page_size):
+    from dskernels.models.paged import cache_rows
+
+    return cache_rows(table, lens, s, num_pages, page_size).tolist()
+
+
+def _write_case(seed, batch=3, s=2, num_pages=7, page_size=5):
+    """A block table and lengths whose new tokens land in pages, past the table (sequence 1's second
+    token) and nowhere (sequence 2, a negative length)."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randperm(num_pages, generator=g)[:batch * 2].view(batch, 2).int().contiguous()
+    lens = torch.tensor([3, 9, -4], dtype=torch.int32)
+    return g, table, lens
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(dtype, marks=[pytest.mark.gpu] if torch.cuda.is_available() else [])
+                                   for dtype in (torch.bfloat16, torch.float32)])
+def test_sparse_latent_cache_write_matches_quantize(dtype):
+    """write_sparse_latent_cache against quantize_sparse_kv_cache plus a write at each token's slot,
+    byte for byte: latents over a wide range, a NaN (its tile's scale and values), an all-zero tile
+    (the 1e-4 scale floor); random bytes elsewhere stay, slots past the table or negative are not
+    written; strided latent and rope views."""
+    from dskernels.triton import layer as triton_layer
+
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("no Triton backend here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g, table, lens = _write_case(1)
+    new = (torch.randn(3, 2, 576, generator=g) * torch.exp(3 * torch.randn(3, 2, 1, generator=g))).to(dtype)
+    new[0, 0, 5] = float("nan")
+    new[0, 1, 128:256] = 0
+    cache = torch.randint(0, 256, (7, 5, 1, 656), generator=g, dtype=torch.uint8)
+    expected = cache.clone()
+    quantized = dskernels.quantize_sparse_kv_cache(new).view(torch.uint8).reshape(6, 656)
+    for i, row in enumerate(_slot_rows(table, lens, 2, 7, 5)):
+        if row >= 0:
+            expected.view(-1, 656)[row] = quantized[i]
+    got = cache.to(device)
+    triton_layer.write_sparse_latent_cache(new[..., :512].to(device), new[..., 512:].to(device), got,
+                                           table.to(device), lens.to(device))
+    assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("round_scale", [pytest.param(flag, marks=[pytest.mark.gpu] if torch.cuda.is_available() else [])
+                                         for flag in (False, True)])
+def test_index_keys_write_matches_the_cast(round_scale):
+    """write_index_keys against per_custom_dims_cast_to_fp8(k, (0,)) written into DeepGEMM's paged
+    layout (a page's e4m3 rows, then its fp32 scales) at each token's slot, byte for byte: a NaN key,
+    an all-zero key, random bytes elsewhere kept, slots past the table or negative not written."""
+    from dskernels.triton import layer as triton_layer
+
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("no Triton backend here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g, table, lens = _write_case(2)
+    dim, page_size = 128, 5
+    k = (3 * torch.randn(3, 2, dim, generator=g)).bfloat16()
+    k[0, 1, 7] = float("nan")
+    k[1, 0] = 0
+    cache = torch.randint(0, 256, (7, page_size, 1, dim + 4), generator=g, dtype=torch.uint8)
+    expected = cache.clone()
+    k8, scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(6, dim), (0,), round_scale)
+    pages = expected.view(7, page_size * (dim + 4))
+    for i, row in enumerate(_slot_rows(table, lens, 2, 7, page_size)):
+        if row >= 0:
+            page, offset = divmod(row, page_size)
+            pages[page, offset * dim:(offset + 1) * dim] = k8[i].view(torch.uint8)
+            pages[page, page_size * dim + 4 * offset:page_size * dim + 4 * offset + 4] = scale[i:i + 1].view(torch.uint8)
+    got = cache.to(device)
+    triton_layer.write_index_keys(k.to(device), got, table.to(device), lens.to(device), round_scale)
+    assert torch.equal(got.cpu(), expected)
 
 
 # ---- bad input ----

@@ -188,7 +188,8 @@ class MLAttention(nn.Module):
         """Each head's output latent [b, s, h, r] through W_UV: its values [b, s, h, v], contiguous.
         Eagerly one batched GEMM over the heads that writes them in that layout (o_proj reads them
         flattened per token: the einsum's [h, b * s, v] product would be copied once more)."""
-        if torch.compiler.is_compiling():  # (inductor lays the product out itself)
+        needs_grad = torch.is_grad_enabled() and (latents.requires_grad or self.w_uv.requires_grad)
+        if torch.compiler.is_compiling() or needs_grad:  # (inductor lays it out itself; bmm's out= has no gradient)
             return torch.einsum("bshc,hvc->bshv", latents, self.w_uv)
         b, s, h, r = latents.shape
         v = self.w_uv.shape[1]
@@ -271,6 +272,10 @@ class MLAttention(nn.Module):
 
             triton_layer.write_latent_cache(latent, k_rope, kv_cache, block_table, cache_seqlens,
                                             kv_cache_scale if dense_fp8 else None)
+        elif fp8_cache and triton_fusable(latent, k_rope):  # V3.2's layout: quantized in the same kernel
+            from dskernels.triton import layer as triton_layer
+
+            triton_layer.write_sparse_latent_cache(latent, k_rope, kv_cache, block_table, cache_seqlens)
         else:
             flat = self._write_cache(latent, k_rope, kv_cache, block_table, cache_seqlens, kv_cache_scale, fp8_cache)
         # 2. absorbed query: q_nope W_UK lives in the latent space, so scores = q_lat . latent + q_rope . k_rope

@@ -26,8 +26,8 @@ from torch import nn
 
 import dskernels
 from dskernels.models.config import DeepseekV3Config
-from dskernels.models.linear import Linear
-from dskernels.models.paged import write_rows
+from dskernels.models.linear import Linear, triton_fusable
+from dskernels.models.paged import cache_rows, write_rows
 from dskernels.models.rope import apply_rope
 
 _K_NORM_EPS = 1e-6  # HF: nn.LayerNorm(index_head_dim, eps=1e-6)
@@ -148,8 +148,10 @@ class Indexer(nn.Module):
         return torch.cat(selected, dim=1)
 
     def select_paged(self, x, q_resid, cos, sin, x_fp8, q_resid_fp8, index_cache: torch.Tensor,
-                     block_table: torch.Tensor, cache_seqlens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Writes the S new keys at `slots` (flat cache rows [B * S], -1: not written) of index_cache, then selects
+                     block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                     slots: torch.Tensor | None) -> torch.Tensor:
+        """Writes the S new keys at `slots` (flat cache rows [B * S], -1: not written; None: computed
+        here from the block table where needed) of index_cache, then selects
         for token j of sequence b among positions [0, cache_seqlens[b] + j + 1): int32 [B, S, topk]
         positions (topk = min(index_topk, the block table's capacity)), -1 past what a query sees.
         No host sync: the logits span the whole block table; positions past a sequence are -inf."""
@@ -158,14 +160,23 @@ class Indexer(nn.Module):
         heads, dim = self.num_heads, self.head_dim
         page_size = index_cache.shape[1]
         capacity = block_table.shape[1] * page_size
+        write_in_kernel = self.fp8 and triton_fusable(k)  # the keys' cast and write, the same bytes
+        if slots is None and not write_in_kernel:
+            slots = cache_rows(block_table, cache_seqlens, s, index_cache.shape[0], page_size)
         if self.fp8:
-            k8, k_scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(b * s, dim), (0,), self.cfg.fp8_round_scale)
-            pages = index_cache.view(torch.uint8).view(index_cache.shape[0], page_size * self.cache_width)
-            keys = pages[:, :page_size * dim].view(-1, page_size, dim)
-            scales = pages[:, page_size * dim:].view(-1, page_size, 4)
-            at = (torch.div(slots, page_size, rounding_mode="floor"), slots % page_size)  # -1 slots: skipped
-            write_rows(keys, at, k8.view(torch.uint8))
-            write_rows(scales, at, k_scale.view(torch.uint8).view(-1, 4))
+            if write_in_kernel:
+                from dskernels.triton import layer as triton_layer
+
+                triton_layer.write_index_keys(k, index_cache, block_table, cache_seqlens, self.cfg.fp8_round_scale)
+            else:
+                k8, k_scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(b * s, dim), (0,),
+                                                                    self.cfg.fp8_round_scale)
+                pages = index_cache.view(torch.uint8).view(index_cache.shape[0], page_size * self.cache_width)
+                keys = pages[:, :page_size * dim].view(-1, page_size, dim)
+                scales = pages[:, page_size * dim:].view(-1, page_size, 4)
+                at = (torch.div(slots, page_size, rounding_mode="floor"), slots % page_size)  # -1 slots: skipped
+                write_rows(keys, at, k8.view(torch.uint8))
+                write_rows(scales, at, k_scale.view(torch.uint8).view(-1, 4))
             q8, weights = self._cast_query(q.reshape(b * s, heads, dim), weights.reshape(b * s, heads))
             q8, weights = q8.view(b, s, heads, dim), weights.view(b, s, heads)
             num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1

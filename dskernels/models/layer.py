@@ -190,7 +190,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         attended = self.self_attn(normed, positions, kv_cache, block_table, cache_seqlens, index_cache, kv_cache_scale,
                                   x_fp8)
         h, h2, h2_fp8 = add_norm_and_cast(self.post_attention_layernorm, x, attended, *self.mlp.input_layers())
-        if self.is_moe and unhooked(self.mlp):  # the residual added in the MoE's combine kernel where it runs
+        if self.is_moe and type(self.mlp) is MoE and unhooked(self.mlp):  # the residual added in the combine's kernel
             return self.mlp(h2, ep_low_latency, h2_fp8, residual=h)
         if self.is_moe:
             return h + self.mlp(h2, ep_low_latency, h2_fp8)

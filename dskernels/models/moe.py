@@ -27,7 +27,7 @@ import dskernels
 import python_ref.moe
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.linear import (FP8, MLP, BlockMajorScales, Linear, device_moves_only, refuse_gradient,
-                                     triton_fusable, triton_only_ops)
+                                     triton_fusable, triton_only_ops, unhooked)
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -221,7 +221,8 @@ class Experts(nn.Module):
         shape = (topk_weights.shape[0], self.hidden)
         return (out_dtype in (torch.bfloat16, torch.float16, torch.float32) and topk_weights.dtype == torch.float32
                 and not _needs_grad(topk_weights) and len(addends) <= 2
-                and all(t.dtype == out_dtype and tuple(t.shape) == shape and not _needs_grad(t) for t in addends)
+                and all(t.dtype == out_dtype and tuple(t.shape) == shape and t.device == on.device
+                        and not _needs_grad(t) for t in addends)
                 and triton_fusable(on))
 
     def _sorts_in_kernels(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor, out_dtype: torch.dtype,
@@ -234,12 +235,16 @@ class Experts(nn.Module):
         if not self.is_fp8 or topk_idx.dtype not in (torch.int64, torch.int32) or topk_idx.numel() > MAX_SORTED_PAIRS:
             return False
         tokens, groups = topk_idx.shape[0], self.hidden // 128
+        rows = x[0] if isinstance(x, tuple) else x
+        if not isinstance(rows, torch.Tensor) or rows.device != topk_idx.device:
+            return False
         if isinstance(x, tuple):
             fits = (len(x) == 2 and x[0].dtype == FP8 and tuple(x[0].shape) == (tokens, self.hidden)
                     and x[1].dtype == torch.float32 and tuple(x[1].shape) == (tokens, groups))
         else:
             fits = x.dim() == 2 and tuple(x.shape) == (tokens, self.hidden)
-        return fits and self.hidden % 128 == 0 and self._combines_in_kernel(topk_weights, out_dtype, addends, topk_weights)
+        return (fits and self.hidden % 128 == 0
+                and self._combines_in_kernel(topk_weights, out_dtype, addends, topk_weights))
 
     def forward_masked(self, x, counts: torch.Tensor, expected_m: int, out_dtype: torch.dtype) -> torch.Tensor:
         """The low-latency layout: x [L, M, H] (or an FP8 (x, scales [L, M, H/128]) pair), expert l's
@@ -332,18 +337,26 @@ class MoE(nn.Module):
             addends += (self.shared_experts(x2, x_fp8),)
         if residual is not None:
             addends += (residual.reshape(x2.shape),)
-        if self.ep_buffer is None:
+        plain_experts = type(self.experts) is Experts and unhooked(self.experts)
+        if self.ep_buffer is None and plain_experts:  # the additions and the shared cast handed to the experts
             return self.experts(self._routed_input(x2, x_fp8), topk_idx, topk_weights, x.dtype, addends).reshape(shape)
+        if self.ep_buffer is None:  # (a hook on the experts, or another module, sees only their own work)
+            routed = self.experts(x2, topk_idx, topk_weights, x.dtype)
+        else:
+            routed = self._routed_ep(x2, topk_idx, topk_weights, self._low_latency(x2, ep_low_latency))
+        for addend in addends:
+            routed = routed + addend
+        return routed.reshape(shape)
+
+    def _low_latency(self, x2: torch.Tensor, ep_low_latency: bool | None) -> bool:
+        """Which EP exchange this call takes (see forward)."""
         low_latency = ep_low_latency
         if low_latency is None:  # this rank's own count: right where every rank has as many tokens
             low_latency = self.ep_low_latency_tokens is not None and x2.shape[0] <= self.ep_low_latency_tokens
         elif low_latency and (self.ep_low_latency_tokens is None or x2.shape[0] > self.ep_low_latency_tokens):
             raise ValueError(f"ep_low_latency: the low-latency exchange takes at most ep_low_latency_tokens="
                              f"{self.ep_low_latency_tokens} tokens per rank (the layer's), got {x2.shape[0]}")
-        routed = self._routed_ep(x2, topk_idx, topk_weights, low_latency)
-        for addend in addends:
-            routed = routed + addend
-        return routed.reshape(shape)
+        return low_latency
 
     def _routed_input(self, x2: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None):
         """The routed experts' input: x_fp8 (the shared experts' cast of the same rows) where it is the

@@ -40,7 +40,8 @@ import triton.language as tl
 
 from dskernels._device import on_tensor_device
 from dskernels.triton import TL_DTYPES, next_power_of_2
-from dskernels.triton.fp8_math import cast_groups, native_fp8_cast, rounded_to, to_e4m3_bits
+from dskernels.triton.fp8_math import (cast_groups, ceil_to_power_of_two, max_nan, native_fp8_cast, rounded_to,
+                                      to_e4m3_bits)
 from dskernels.triton.launch import fast
 
 
@@ -201,7 +202,27 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
                                      num_warps=4, enable_fp_fusion=False)
     return q_out, k_out
 
-# ---- the paged latent cache write ----
+# ---- the paged cache writes ----
+
+@triton.jit
+def _cache_slot(table_ptr, seqlens_ptr, t, s, page_size, max_pages, num_pages, stride_tb, stride_te):
+    """New token t = (sequence b, j): (page, offset in it, whether it has a slot) of cache slot
+    cache_seqlens[b] + j through the block table. A negative slot, one past the block table or a
+    page id outside the cache has none (as the torch path, models/paged.py: nothing is written)."""
+    b = t // s
+    slot = tl.load(seqlens_ptr + b) + t % s
+    entry = slot // page_size
+    inside = (slot >= 0) & (entry < max_pages)  # (// and % truncate toward zero: a negative slot is out)
+    page = tl.load(table_ptr + b.to(tl.int64) * stride_tb + tl.where(inside, entry, 0) * stride_te).to(tl.int64)
+    return page, slot % page_size, inside & (page >= 0) & (page < num_pages)
+
+
+@triton.jit
+def _le_bytes(bits, WIDTH: tl.constexpr):
+    """int32 [n] -> their WIDTH low bytes, little-endian, as uint8 [n, WIDTH] (a value's bytes in memory)."""
+    shifts = 8 * tl.arange(0, WIDTH)
+    return ((bits[:, None] >> shifts[None, :]) & 0xFF).to(tl.uint8)
+
 
 @triton.jit
 def _write_latent_cache_kernel(latent_ptr, rope_ptr, cache_ptr, table_ptr, seqlens_ptr, scale_ptr, s, page_size,
@@ -209,16 +230,11 @@ def _write_latent_cache_kernel(latent_ptr, rope_ptr, cache_ptr, table_ptr, seqle
                                RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                                FP8: tl.constexpr, NATIVE: tl.constexpr):
     """Program t = (sequence b, new token j): its latent [RANK] and roped key [ROPE] into cache row
-    page * page_size + slot % page_size. A negative slot, one past the block table or a page id
-    outside the cache is not written (as the torch path, models/paged.py; nothing else may be overwritten)."""
+    page * page_size + offset (_cache_slot; nothing where it has no slot)."""
     t = tl.program_id(0)
-    b = t // s
-    slot = tl.load(seqlens_ptr + b) + t % s
-    entry = slot // page_size
-    inside = (slot >= 0) & (entry < max_pages)  # (// and % truncate toward zero: a negative slot is out)
-    page = tl.load(table_ptr + b.to(tl.int64) * stride_tb + tl.where(inside, entry, 0) * stride_te).to(tl.int64)
-    ok = inside & (page >= 0) & (page < num_pages)
-    row = cache_ptr + (page * page_size + slot % page_size) * stride_cp
+    page, offset, ok = _cache_slot(table_ptr, seqlens_ptr, t, s, page_size, max_pages, num_pages, stride_tb,
+                                   stride_te)
+    row = cache_ptr + (page * page_size + offset) * stride_cp
     r = tl.arange(0, BLOCK_R)
     p = tl.arange(0, BLOCK_P)
     latent = tl.load(latent_ptr + t.to(tl.int64) * stride_lt + r, mask=r < RANK, other=0.0)
@@ -262,6 +278,99 @@ def write_latent_cache(latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: tor
         BLOCK_P=next_power_of_2(rope), FP8=fp8, NATIVE=fp8 and native_fp8_cast(kv_cache.device), num_warps=4)
 
 
+# V3.2's FP8 latent cache (python_ref/mla_sparse.py): per token 512 e4m3 latents, 4 fp32 scales (one
+# per 128, powers of two, floored at 1e-4), 64 bf16 rope values: 656 bytes.
+SPARSE_RANK, SPARSE_ROPE, SPARSE_TILE, SPARSE_TOKEN_BYTES = 512, 64, 128, 656
+
+
+@triton.jit
+def _write_sparse_latent_kernel(latent_ptr, rope_ptr, cache_ptr, table_ptr, seqlens_ptr, s, page_size, max_pages,
+                                num_pages, stride_lt, stride_rt, stride_tb, stride_te, stride_cp, RANK: tl.constexpr,
+                                ROPE: tl.constexpr, TILE: tl.constexpr, ROUND_BF16: tl.constexpr,
+                                NATIVE: tl.constexpr):
+    """Program t: its [latent | rope] quantized into V3.2's layout (quantize_sparse_kv_cache's math)
+    at its cache row (_cache_slot; nothing where it has no slot)."""
+    t = tl.program_id(0)
+    page, offset, ok = _cache_slot(table_ptr, seqlens_ptr, t, s, page_size, max_pages, num_pages, stride_tb,
+                                   stride_te)
+    row = cache_ptr + (page * page_size + offset) * stride_cp
+    cols = tl.reshape(tl.arange(0, RANK), (RANK // TILE, TILE))
+    tiles = tl.load(latent_ptr + t.to(tl.int64) * stride_lt + cols).to(tl.float32)
+    scale = tl.math.div_rn(max_nan(tl.abs(tiles), 1), tl.full((RANK // TILE,), 448.0, tl.float32))
+    scale = ceil_to_power_of_two(tl.maximum(scale, 1e-4, propagate_nan=tl.PropagateNan.ALL))
+    multiplier = tl.math.div_rn(tl.full((RANK // TILE,), 1.0, tl.float32), scale)
+    tl.store(row + cols, to_e4m3_bits(tiles * multiplier[:, None], NATIVE), mask=ok)
+    tile_bytes = tl.arange(0, RANK // TILE)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    tl.store(row + RANK + tile_bytes, _le_bytes(scale.to(tl.int32, bitcast=True), 4), mask=ok)
+    p = tl.arange(0, ROPE)
+    rope = rounded_to(tl.load(rope_ptr + t.to(tl.int64) * stride_rt + p).to(tl.float32), tl.bfloat16, ROUND_BF16)
+    rope_bits = rope.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+    rope_bytes = p[:, None] * 2 + tl.arange(0, 2)[None, :]
+    tl.store(row + RANK + 4 * (RANK // TILE) + rope_bytes, _le_bytes(rope_bits, 2), mask=ok)
+
+
+@on_tensor_device
+def write_sparse_latent_cache(latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: torch.Tensor,
+                              block_table: torch.Tensor, cache_seqlens: torch.Tensor) -> None:
+    """V3.2's FP8 cache: latent [B, S, 512], k_rope [B, S, 64] (bf16, fp16 or fp32; unit last
+    stride, rows at one stride each) quantized as quantize_sparse_kv_cache does into kv_cache
+    [num_pages, page_size, 1, 656] (uint8 or float8_e4m3fn, contiguous) at slot cache_seqlens[b] + j
+    through block_table (int32 [B, max_pages]; cache_seqlens int32 [B])."""
+    b, s, rank = latent.shape
+    if b * s == 0:
+        return
+    assert rank == SPARSE_RANK and k_rope.shape[-1] == SPARSE_ROPE and kv_cache.shape[-1] == SPARSE_TOKEN_BYTES
+    latent2, rope2 = latent.reshape(b * s, rank), k_rope.reshape(b * s, SPARSE_ROPE)
+    assert latent2.stride(1) == 1 and rope2.stride(1) == 1 and kv_cache.is_contiguous()
+    fast(_write_sparse_latent_kernel)[(b * s,)](
+        latent2, rope2, kv_cache.view(torch.uint8), block_table, cache_seqlens.contiguous(), s, kv_cache.shape[1],
+        block_table.shape[1], kv_cache.shape[0], latent2.stride(0), rope2.stride(0), block_table.stride(0),
+        block_table.stride(1), kv_cache.stride(1), RANK=SPARSE_RANK, ROPE=SPARSE_ROPE, TILE=SPARSE_TILE,
+        ROUND_BF16=os.environ.get("TRITON_INTERPRET") == "1", NATIVE=native_fp8_cast(kv_cache.device), num_warps=4)
+
+
+@triton.jit
+def _write_index_keys_kernel(k_ptr, cache_ptr, table_ptr, seqlens_ptr, s, page_size, max_pages, num_pages, dim,
+                             stride_kt, stride_page, stride_tb, stride_te, BLOCK_D: tl.constexpr,
+                             ROUND_SCALE: tl.constexpr, NATIVE: tl.constexpr):
+    """Program t: its indexer key [dim] cast per_custom_dims_cast_to_fp8(k, (0,)) does it into
+    DeepGEMM's paged layout (per page: page_size rows of dim e4m3 bytes, then page_size fp32 scales)
+    at its slot (_cache_slot)."""
+    t = tl.program_id(0)
+    page, offset, ok = _cache_slot(table_ptr, seqlens_ptr, t, s, page_size, max_pages, num_pages, stride_tb,
+                                   stride_te)
+    d = tl.arange(0, BLOCK_D)
+    k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + d, mask=d < dim, other=0.0).to(tl.float32)
+    amax = tl.maximum(max_nan(tl.abs(k[None, :]), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)  # [1]
+    scale = tl.math.div_rn(amax, tl.full((1,), 448.0, tl.float32))
+    if ROUND_SCALE:
+        scale = ceil_to_power_of_two(scale)
+    multiplier = tl.math.div_rn(tl.full((1,), 1.0, tl.float32), scale)
+    base = cache_ptr + page * stride_page
+    tl.store(base + offset * dim + d, to_e4m3_bits(k * multiplier, NATIVE), mask=ok & (d < dim))
+    b = tl.arange(0, 4)
+    tl.store(base + page_size * dim + offset * 4 + b[None, :], _le_bytes(scale.to(tl.int32, bitcast=True), 4),
+             mask=ok)
+
+
+@on_tensor_device
+def write_index_keys(k: torch.Tensor, index_cache: torch.Tensor, block_table: torch.Tensor,
+                     cache_seqlens: torch.Tensor, round_scale: bool) -> None:
+    """V3.2's indexer keys k [B, S, D] (bf16, fp16 or fp32, unit last stride, rows at one stride)
+    cast to FP8 (one scale per key; round_scale: a power of two) into index_cache [num_pages,
+    page_size, 1, D + 4] (uint8, contiguous: DeepGEMM's paged layout) at slot cache_seqlens[b] + j."""
+    b, s, dim = k.shape
+    if b * s == 0:
+        return
+    k2 = k.reshape(b * s, dim)
+    assert k2.stride(1) == 1 and index_cache.is_contiguous() and index_cache.shape[-1] == dim + 4
+    fast(_write_index_keys_kernel)[(b * s,)](
+        k2, index_cache.view(torch.uint8), block_table, cache_seqlens.contiguous(), s, index_cache.shape[1],
+        block_table.shape[1], index_cache.shape[0], dim, k2.stride(0), index_cache.stride(0), block_table.stride(0),
+        block_table.stride(1), BLOCK_D=next_power_of_2(dim), ROUND_SCALE=round_scale,
+        NATIVE=native_fp8_cast(index_cache.device), num_warps=4)
+
+
 # ---- the MoE's rows sorted by expert ----
 
 MAX_SORTED_PAIRS = 8192  # (token, slot) pairs moe_sort_rows takes (1024 tokens of 8 experts)
@@ -295,12 +404,13 @@ def _moe_sort_rows_kernel(idx_ptr, x_ptr, sx_ptr, a_ptr, sa_ptr, m_indices_ptr, 
         cols = start + tl.arange(0, BLOCK_BYTES)
         ok = cols < row_bytes
         values = tl.load(x_ptr + t * stride_x + cols, mask=ok, other=0)
-        tl.store(a_ptr + row[:, None] * stride_a + cols[None, :], tl.broadcast_to(values[None, :], (K_PAD, BLOCK_BYTES)),
-                 mask=in_token[:, None] & ok[None, :])
+        tl.store(a_ptr + row[:, None] * stride_a + cols[None, :],
+                 tl.broadcast_to(values[None, :], (K_PAD, BLOCK_BYTES)), mask=in_token[:, None] & ok[None, :])
     c = tl.arange(0, BLOCK_SCALES)
     scales = tl.load(sx_ptr + t * stride_sxt + c * stride_sxc, mask=c < scale_cols, other=0)
     tl.store(sa_ptr + row[:, None] * stride_sat + c[None, :] * stride_sac,
-             tl.broadcast_to(scales[None, :], (K_PAD, BLOCK_SCALES)), mask=in_token[:, None] & (c < scale_cols)[None, :])
+             tl.broadcast_to(scales[None, :], (K_PAD, BLOCK_SCALES)),
+             mask=in_token[:, None] & (c < scale_cols)[None, :])
 
 
 @on_tensor_device
@@ -316,6 +426,8 @@ def moe_sort_rows(x_fp8: torch.Tensor, scales: torch.Tensor, topk_idx: torch.Ten
     hidden, groups = x_fp8.shape[1], scales.shape[1]
     pairs = tokens * k
     assert pairs <= MAX_SORTED_PAIRS and x_fp8.dtype == torch.float8_e4m3fn and scales.dtype == torch.float32
+    assert x_fp8.shape == (tokens, hidden) and scales.shape == (tokens, -(-hidden // 128)) and hidden % 128 == 0
+    assert topk_idx.dtype in (torch.int64, torch.int32)
     x_fp8 = x_fp8 if x_fp8.stride(1) == 1 else x_fp8.contiguous()
     device = x_fp8.device
     a = torch.empty(pairs, hidden, dtype=torch.float8_e4m3fn, device=device)
