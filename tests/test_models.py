@@ -1193,6 +1193,30 @@ def test_fused_moe_combine_matches_torch_ops(out_dtype, addends):
     assert torch.equal(got.cpu(), expected)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_experts_skip_ids_past_the_last(fp8):
+    """Ids past the last local expert are padding, as -1 is: the float experts' per-expert counts
+    took them as an index (out of bounds) before; each backend gives what dropping those slots gives."""
+    cfg = CONFIGS["v3"]
+    layer = fp8_moe_layer(cfg, seed=33) if fp8 else DeepseekV3DecoderLayer(cfg, 1)
+    if not fp8:
+        layer.load_hf_state_dict(make_reference(cfg, 1, seed=33).state_dict())
+    experts = layer.mlp.experts
+    x = torch.randn(3, cfg.hidden_size).to(layer.dtype)
+    idx = torch.tensor([[0, 3, 5, 7], [1, 2, 3, 4], [6, 7, 0, 1]])
+    weights = torch.rand(3, 4, generator=torch.Generator().manual_seed(2))
+    past = idx.clone()
+    past[0, 1], past[2, 3] = experts.num_local_experts, experts.num_local_experts + 5
+    dropped = idx.clone()
+    dropped[0, 1] = dropped[2, 3] = -1
+    for backend in ("ref", "triton"):
+        if backend not in dskernels.available_backends():
+            continue
+        with torch.no_grad(), forced_backend(backend):
+            torch.testing.assert_close(experts(x, past, weights, layer.dtype), experts(x, dropped, weights, layer.dtype),
+                                       rtol=0, atol=0)
+
+
 def test_fused_moe_combine_keeps_the_router_gradient():
     """Experts.forward with FP8 experts (no gradient of their own) and routing weights that need
     one: the Triton backend leaves the combine to torch's ops, so the weights' gradient is the

@@ -165,10 +165,10 @@ class Experts(nn.Module):
             y = self._expert_mlp(xs, m_indices, None)
             return triton_layer.moe_combine(y, positions, topk_idx, topk_weights, experts, out_dtype, addends)
         flat = topk_idx.reshape(-1)
-        key = torch.where(flat >= 0, flat, experts)          # -1 sorts last, as padding rows
+        # -1 (and ids past the last expert) sort last as `experts`: padding rows to every grouped GEMM
+        key = torch.where((flat >= 0) & (flat < experts), flat, experts)
         sorted_key, order = torch.sort(key, stable=True)
         valid = sorted_key < experts
-        # The grouped GEMMs take ids outside [0, experts) as padding rows, as they take -1.
         m_indices = sorted_key.to(torch.int32)
         offsets = None
         if not self.is_fp8:  # the float GEMMs take each expert's row end instead
