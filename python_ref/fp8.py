@@ -48,7 +48,7 @@ def _scales(amax: torch.Tensor, round_scale: bool) -> tuple[torch.Tensor, torch.
     return torch.full_like(amax, FP8_MAX) / amax, _scale(amax)
 
 
-def _quantize(x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+def quantize(x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
     """x fp32, multiplier broadcastable to x."""
     q = x * multiplier
     # inf * 0 (a group holding +-inf) gives the CPU's default NaN, which is negative on x86: one
@@ -62,7 +62,7 @@ def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False) -> tuple[t
     groups = x.float().contiguous().reshape(m, k // GROUP_SIZE, GROUP_SIZE)  # row-major out, as the fake kernel says
     amax = groups.abs().amax(dim=2, keepdim=True).clamp(min=AMAX_FLOOR)
     multiplier, scale = _scales(amax, round_scale)
-    return _quantize(groups, multiplier).reshape(m, k), scale.reshape(m, k // GROUP_SIZE)
+    return quantize(groups, multiplier).reshape(m, k), scale.reshape(m, k // GROUP_SIZE)
 
 
 def per_block_cast_to_fp8(w: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +77,7 @@ def per_block_cast_to_fp8(w: torch.Tensor, round_scale: bool = False) -> tuple[t
     blocks = padded.reshape(n_blocks, GROUP_SIZE, k // GROUP_SIZE, GROUP_SIZE)
     amax = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp(min=AMAX_FLOOR)
     multiplier, scale = _scales(amax, round_scale)
-    q = _quantize(blocks, multiplier).reshape(n_blocks * GROUP_SIZE, k)[:n]
+    q = quantize(blocks, multiplier).reshape(n_blocks * GROUP_SIZE, k)[:n]
     return q.contiguous(), scale.reshape(n_blocks, k // GROUP_SIZE)
 
 
@@ -96,7 +96,7 @@ def per_channel_cast_to_fp8(x: torch.Tensor, ks=None, round_scale: bool = False)
         grouped = padded.reshape(blocks, GROUP_SIZE, h)
         amax = grouped.abs().amax(dim=1, keepdim=True).clamp(min=AMAX_FLOOR)
         multiplier, scale = _scales(amax, round_scale)
-        values.append(_quantize(grouped, multiplier).reshape(blocks * GROUP_SIZE, h)[:k])
+        values.append(quantize(grouped, multiplier).reshape(blocks * GROUP_SIZE, h)[:k])
         scales.append(scale.reshape(blocks, h))
         first += k
     empty = x.new_empty(0, h, dtype=torch.float32)

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from python_ref.fp8 import FP8_MAX, ceil_to_power_of_two
+from python_ref.fp8 import FP8_MAX, ceil_to_power_of_two, quantize
 
 FP8 = torch.float8_e4m3fn
 
@@ -47,7 +47,7 @@ def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims: tuple[int, ...], use_ue8m
     scale = amax / torch.full_like(amax, FP8_MAX)
     if use_ue8m0:
         scale = ceil_to_power_of_two(scale)
-    fp8 = (x.float() * (torch.ones_like(scale) / scale)).to(FP8)
+    fp8 = quantize(x.float(), torch.ones_like(scale) / scale)
     return fp8, scale.reshape([x.shape[d] for d in dims])
 
 

@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from python_ref.fp8 import FP8_MAX, ceil_to_power_of_two
+from python_ref.fp8 import FP8_MAX, ceil_to_power_of_two, quantize
 
 FP8_NOPE_DIM = 512      # quantized latent values per token
 FP8_ROPE_DIM = 64       # bf16 rope values per token
@@ -60,7 +60,7 @@ def quantize_sparse_kv_cache(kv: torch.Tensor) -> torch.Tensor:
     tiles = x[:, :FP8_NOPE_DIM].reshape(-1, FP8_NUM_TILES, FP8_TILE)
     amax = tiles.abs().amax(dim=2)
     scale = ceil_to_power_of_two(torch.clamp(amax / torch.full_like(amax, FP8_MAX), min=SCALE_FLOOR))
-    nope = (tiles * (torch.ones_like(scale) / scale)[..., None]).to(torch.float8_e4m3fn)   # exact multiplier
+    nope = quantize(tiles, (torch.ones_like(scale) / scale)[..., None])   # exact multiplier
     out = torch.empty(x.shape[0], FP8_TOKEN_BYTES, dtype=torch.uint8, device=kv.device)
     out[:, :FP8_SCALE_OFFSET] = nope.reshape(-1, FP8_NOPE_DIM).view(torch.uint8)
     out[:, FP8_SCALE_OFFSET:FP8_ROPE_OFFSET] = scale.contiguous().view(torch.uint8)

@@ -308,6 +308,8 @@ def test_per_custom_dims_cast_kernel_matches_the_reference(shape, dims, dtype, u
     if x.numel():
         x[(0,) * x.dim()] = float("nan")
         x[-1] = 0.0
+        if x.shape[0] > 2:
+            x[(1,) * x.dim()] = float("inf")  # its row's scale inf: NaN values (e4m3's NaN byte)
     expected, expected_scale = ref.per_custom_dims_cast_to_fp8(x, tuple(d % x.dim() for d in dims), use_ue8m0)
     with dskernels.backend("triton"):
         got, scale = dskernels.per_custom_dims_cast_to_fp8(x.to(device), dims, use_ue8m0)
@@ -316,6 +318,13 @@ def test_per_custom_dims_cast_kernel_matches_the_reference(shape, dims, dtype, u
     assert torch.equal(scale.cpu().nan_to_num(7), expected_scale.nan_to_num(7))
     if len(dims) == x.dim() and x.numel() and not use_ue8m0:
         assert scale.shape == x.shape and scale.cpu()[-1].eq(torch.tensor(1e-4) / 448).all()
+    # one column whose stride is not 1 (a transposed row): contiguous() keeps such a stride
+    column = torch.randn(1, 5, generator=gen).to(dtype).t()
+    with dskernels.backend("triton"):
+        got, scale = dskernels.per_custom_dims_cast_to_fp8(column.to(device), (0,), use_ue8m0)
+    expected, expected_scale = ref.per_custom_dims_cast_to_fp8(column, (0,), use_ue8m0)
+    assert torch.equal(got.cpu().view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(scale.cpu(), expected_scale)
 
 
 def test_paged_metadata():

@@ -368,9 +368,9 @@ def _write_case(seed, batch=3, s=2, num_pages=7, page_size=5):
                                    for dtype in (torch.bfloat16, torch.float32)])
 def test_sparse_latent_cache_write_matches_quantize(dtype):
     """write_sparse_latent_cache against quantize_sparse_kv_cache plus a write at each token's slot,
-    byte for byte: latents over a wide range, a NaN (its tile's scale and values), an all-zero tile
-    (the 1e-4 scale floor); random bytes elsewhere stay, slots past the table or negative are not
-    written; strided latent and rope views."""
+    byte for byte: latents over a wide range, a NaN and an inf (their tiles' scales and values: e4m3's
+    NaN byte), an all-zero tile (the 1e-4 scale floor), a subnormal rope value; random bytes
+    elsewhere stay, slots past the table or negative are not written; strided latent and rope views."""
     from dskernels.triton import layer as triton_layer
 
     if "triton" not in dskernels.available_backends():
@@ -380,6 +380,8 @@ def test_sparse_latent_cache_write_matches_quantize(dtype):
     new = (torch.randn(3, 2, 576, generator=g) * torch.exp(3 * torch.randn(3, 2, 1, generator=g))).to(dtype)
     new[0, 0, 5] = float("nan")
     new[0, 1, 128:256] = 0
+    new[1, 0, 300] = float("inf")
+    new[0, 0, 520] = 1e-39
     cache = torch.randint(0, 256, (7, 5, 1, 656), generator=g, dtype=torch.uint8)
     expected = cache.clone()
     quantized = dskernels.quantize_sparse_kv_cache(new).view(torch.uint8).reshape(6, 656)
@@ -392,12 +394,13 @@ def test_sparse_latent_cache_write_matches_quantize(dtype):
     assert torch.equal(got.cpu(), expected)
 
 
-@pytest.mark.parametrize("round_scale", [pytest.param(flag, marks=[pytest.mark.gpu] if torch.cuda.is_available() else [])
-                                         for flag in (False, True)])
+@pytest.mark.parametrize("round_scale", [
+    pytest.param(flag, marks=[pytest.mark.gpu] if torch.cuda.is_available() else []) for flag in (False, True)])
 def test_index_keys_write_matches_the_cast(round_scale):
     """write_index_keys against per_custom_dims_cast_to_fp8(k, (0,)) written into DeepGEMM's paged
     layout (a page's e4m3 rows, then its fp32 scales) at each token's slot, byte for byte: a NaN key,
-    an all-zero key, random bytes elsewhere kept, slots past the table or negative not written."""
+    one holding -inf, an all-zero key, random bytes elsewhere kept, slots past the table or negative
+    not written."""
     from dskernels.triton import layer as triton_layer
 
     if "triton" not in dskernels.available_backends():
@@ -408,6 +411,7 @@ def test_index_keys_write_matches_the_cast(round_scale):
     k = (3 * torch.randn(3, 2, dim, generator=g)).bfloat16()
     k[0, 1, 7] = float("nan")
     k[1, 0] = 0
+    k[0, 0, 9] = float("-inf")
     cache = torch.randint(0, 256, (7, page_size, 1, dim + 4), generator=g, dtype=torch.uint8)
     expected = cache.clone()
     k8, scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(6, dim), (0,), round_scale)
@@ -416,10 +420,32 @@ def test_index_keys_write_matches_the_cast(round_scale):
         if row >= 0:
             page, offset = divmod(row, page_size)
             pages[page, offset * dim:(offset + 1) * dim] = k8[i].view(torch.uint8)
-            pages[page, page_size * dim + 4 * offset:page_size * dim + 4 * offset + 4] = scale[i:i + 1].view(torch.uint8)
+            at = page_size * dim + 4 * offset
+            pages[page, at:at + 4] = scale[i:i + 1].view(torch.uint8)
     got = cache.to(device)
     triton_layer.write_index_keys(k.to(device), got, table.to(device), lens.to(device), round_scale)
     assert torch.equal(got.cpu(), expected)
+
+
+def test_cache_writes_with_an_empty_block_table():
+    """A block table of no pages (accepted by the layer's checks) gives no token a slot: the three
+    write kernels write nothing and read no table entry (the table's pointer is then no memory)."""
+    from dskernels.triton import layer as triton_layer
+
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("no Triton backend here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    table, lens = torch.empty(2, 0, dtype=torch.int32, device=device), torch.zeros(2, dtype=torch.int32, device=device)
+    new = torch.randn(2, 1, 576, device=device)
+    for cache, write in (
+            (torch.zeros(3, 4, 1, 656, dtype=torch.uint8, device=device),
+             lambda c: triton_layer.write_sparse_latent_cache(new[..., :512], new[..., 512:], c, table, lens)),
+            (torch.zeros(3, 4, 1, 132, dtype=torch.uint8, device=device),
+             lambda c: triton_layer.write_index_keys(new[..., :128], c, table, lens, False)),
+            (torch.zeros(3, 4, 1, 576, device=device),
+             lambda c: triton_layer.write_latent_cache(new[..., :512], new[..., 512:], c, table, lens, None))):
+        write(cache)
+        assert not cache.any()
 
 
 # ---- bad input ----

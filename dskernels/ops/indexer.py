@@ -49,7 +49,7 @@ def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims, use_ue8m0: bool = False) 
     kept = x.shape[:len(dims)]
     rows, cols = kept.numel(), math.prod(x.shape[len(dims):])
     if (dims == tuple(range(len(dims))) and rows and cols and not torch.compiler.is_compiling()
-            and _row_cast_backend(x.device) == "triton"):
+            and not (torch.is_grad_enabled() and x.requires_grad) and _row_cast_backend(x.device) == "triton"):
         from dskernels.triton import fp8_cast as triton_fp8
 
         if cols <= triton_fp8.MAX_ROW_CAST_COLS:
@@ -72,6 +72,8 @@ def _per_row_cast(x: torch.Tensor, rows: int, cols: int, kept: torch.Size, use_u
     x2 = x.reshape(rows, cols)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
+    if x2.stride(1) != 1:  # one column: contiguous() keeps any stride of a size-1 dimension
+        x2 = x2.as_strided((rows, 1), (x2.stride(0), 1))
     fp8 = torch.empty(x.shape, dtype=FP8, device=x.device)
     scale = torch.empty(kept, dtype=torch.float32, device=x.device)
     triton_fp8.per_row_cast_to_fp8(x2, fp8.view(rows, cols), scale.view(rows), use_ue8m0)

@@ -40,8 +40,8 @@ import triton.language as tl
 
 from dskernels._device import on_tensor_device
 from dskernels.triton import TL_DTYPES, next_power_of_2
-from dskernels.triton.fp8_math import (cast_groups, ceil_to_power_of_two, max_nan, native_fp8_cast, rounded_to,
-                                      to_e4m3_bits)
+from dskernels.triton.fp8_math import (cast_groups, ceil_to_power_of_two, max_nan, native_fp8_cast, round_to_bf16,
+                                      rounded_to, to_e4m3_bits)
 from dskernels.triton.launch import fast
 
 
@@ -213,7 +213,7 @@ def _cache_slot(table_ptr, seqlens_ptr, t, s, page_size, max_pages, num_pages, s
     slot = tl.load(seqlens_ptr + b) + t % s
     entry = slot // page_size
     inside = (slot >= 0) & (entry < max_pages)  # (// and % truncate toward zero: a negative slot is out)
-    page = tl.load(table_ptr + b.to(tl.int64) * stride_tb + tl.where(inside, entry, 0) * stride_te).to(tl.int64)
+    page = tl.load(table_ptr + b.to(tl.int64) * stride_tb + entry * stride_te, mask=inside, other=-1).to(tl.int64)
     return page, slot % page_size, inside & (page >= 0) & (page < num_pages)
 
 
@@ -286,10 +286,11 @@ SPARSE_RANK, SPARSE_ROPE, SPARSE_TILE, SPARSE_TOKEN_BYTES = 512, 64, 128, 656
 @triton.jit
 def _write_sparse_latent_kernel(latent_ptr, rope_ptr, cache_ptr, table_ptr, seqlens_ptr, s, page_size, max_pages,
                                 num_pages, stride_lt, stride_rt, stride_tb, stride_te, stride_cp, RANK: tl.constexpr,
-                                ROPE: tl.constexpr, TILE: tl.constexpr, ROUND_BF16: tl.constexpr,
-                                NATIVE: tl.constexpr):
+                                ROPE: tl.constexpr, TILE: tl.constexpr, ROPE_BITS: tl.constexpr,
+                                ROUND_BF16: tl.constexpr, NATIVE: tl.constexpr):
     """Program t: its [latent | rope] quantized into V3.2's layout (quantize_sparse_kv_cache's math)
-    at its cache row (_cache_slot; nothing where it has no slot)."""
+    at its cache row (_cache_slot; nothing where it has no slot). ROPE_BITS: the rope is bf16
+    already, read as its int16 bits and stored as they are."""
     t = tl.program_id(0)
     page, offset, ok = _cache_slot(table_ptr, seqlens_ptr, t, s, page_size, max_pages, num_pages, stride_tb,
                                    stride_te)
@@ -303,8 +304,13 @@ def _write_sparse_latent_kernel(latent_ptr, rope_ptr, cache_ptr, table_ptr, seql
     tile_bytes = tl.arange(0, RANK // TILE)[:, None] * 4 + tl.arange(0, 4)[None, :]
     tl.store(row + RANK + tile_bytes, _le_bytes(scale.to(tl.int32, bitcast=True), 4), mask=ok)
     p = tl.arange(0, ROPE)
-    rope = rounded_to(tl.load(rope_ptr + t.to(tl.int64) * stride_rt + p).to(tl.float32), tl.bfloat16, ROUND_BF16)
-    rope_bits = rope.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
+    rope = tl.load(rope_ptr + t.to(tl.int64) * stride_rt + p)
+    if ROPE_BITS:
+        rope_bits = rope.to(tl.int32)
+    elif ROUND_BF16:  # the interpreter's bf16 conversion truncates: rounded by hand
+        rope_bits = round_to_bf16(rope.to(tl.float32)).to(tl.int32, bitcast=True) >> 16
+    else:
+        rope_bits = rope.to(tl.float32).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
     rope_bytes = p[:, None] * 2 + tl.arange(0, 2)[None, :]
     tl.store(row + RANK + 4 * (RANK // TILE) + rope_bytes, _le_bytes(rope_bits, 2), mask=ok)
 
@@ -322,11 +328,12 @@ def write_sparse_latent_cache(latent: torch.Tensor, k_rope: torch.Tensor, kv_cac
     assert rank == SPARSE_RANK and k_rope.shape[-1] == SPARSE_ROPE and kv_cache.shape[-1] == SPARSE_TOKEN_BYTES
     latent2, rope2 = latent.reshape(b * s, rank), k_rope.reshape(b * s, SPARSE_ROPE)
     assert latent2.stride(1) == 1 and rope2.stride(1) == 1 and kv_cache.is_contiguous()
+    rope_bits = rope2.dtype == torch.bfloat16  # (no conversion: the interpreter's loses bf16 subnormals)
     fast(_write_sparse_latent_kernel)[(b * s,)](
-        latent2, rope2, kv_cache.view(torch.uint8), block_table, cache_seqlens.contiguous(), s, kv_cache.shape[1],
+        latent2, rope2.view(torch.int16) if rope_bits else rope2, kv_cache.view(torch.uint8), block_table, cache_seqlens.contiguous(), s, kv_cache.shape[1],
         block_table.shape[1], kv_cache.shape[0], latent2.stride(0), rope2.stride(0), block_table.stride(0),
         block_table.stride(1), kv_cache.stride(1), RANK=SPARSE_RANK, ROPE=SPARSE_ROPE, TILE=SPARSE_TILE,
-        ROUND_BF16=os.environ.get("TRITON_INTERPRET") == "1", NATIVE=native_fp8_cast(kv_cache.device), num_warps=4)
+        ROPE_BITS=rope_bits, ROUND_BF16=os.environ.get("TRITON_INTERPRET") == "1", NATIVE=native_fp8_cast(kv_cache.device), num_warps=4)
 
 
 @triton.jit
