@@ -70,10 +70,8 @@ def _per_row_cast(x: torch.Tensor, rows: int, cols: int, kept: torch.Size, use_u
     from dskernels.triton import fp8_cast as triton_fp8
 
     x2 = x.reshape(rows, cols)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    if x2.stride(1) != 1:  # one column: contiguous() keeps any stride of a size-1 dimension
-        x2 = x2.as_strided((rows, 1), (x2.stride(0), 1))
+    if x2.stride(1) != 1:  # (one column: contiguous() would keep its stride, as a size-1 dimension's)
+        x2 = x2.contiguous() if cols > 1 else x2.as_strided((rows, 1), (x2.stride(0), 1))
     fp8 = torch.empty(x.shape, dtype=FP8, device=x.device)
     scale = torch.empty(kept, dtype=torch.float32, device=x.device)
     triton_fp8.per_row_cast_to_fp8(x2, fp8.view(rows, cols), scale.view(rows), use_ue8m0)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from dskernels.triton import cdiv, next_power_of_2
-from dskernels.triton.fp8_math import (cast_groups, ceil_to_power_of_two, max_nan, native_fp8_cast, round_to_bf16,
+from dskernels.triton.fp8_math import (cast_groups, max_nan, native_fp8_cast, reciprocal_scales, round_to_bf16,
                                       scales_of, to_e4m3_bits)
 from dskernels.triton.launch import fast
 
@@ -51,10 +51,7 @@ def _per_row_cast_kernel(x_ptr, out_ptr, scale_ptr, rows, cols, stride_x, stride
     ok = (r < rows)[:, None] & (c < cols)[None, :]
     x = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_x + c[None, :], mask=ok, other=0.0).to(tl.float32)
     amax = tl.maximum(max_nan(tl.abs(x), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)
-    scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
-    if ROUND_SCALE:
-        scale = ceil_to_power_of_two(scale)
-    multiplier = tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), scale)
+    multiplier, scale = reciprocal_scales(amax, ROUND_SCALE)
     tl.store(out_ptr + r[:, None].to(tl.int64) * stride_out + c[None, :], to_e4m3_bits(x * multiplier[:, None], NATIVE),
              mask=ok)
     tl.store(scale_ptr + r, scale, mask=r < rows)

@@ -116,6 +116,17 @@ def scales_of(amax, ROUND_SCALE: tl.constexpr):
 
 
 @triton.jit
+def reciprocal_scales(amax, ROUND_SCALE: tl.constexpr):
+    """DeepGEMM's per_custom_dims_cast_to_fp8 scales (python_ref.indexer): (multiplier, scale) with
+    scale = amax / 448 (a power of two with ROUND_SCALE) and multiplier = 1 / scale either way,
+    where scales_of's is 448 / amax without ROUND_SCALE."""
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    if ROUND_SCALE:
+        scale = ceil_to_power_of_two(scale)
+    return tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), scale), scale
+
+
+@triton.jit
 def cast_groups(x, ROUND_SCALE: tl.constexpr, NATIVE: tl.constexpr):
     """fp32 [groups, 128] -> (e4m3 bits [groups, 128], fp32 scales [groups]): per_token_cast_to_fp8's
     math bit for bit (amax floored at 1e-4, NaN kept). NATIVE: native_fp8_cast."""

@@ -40,8 +40,8 @@ import triton.language as tl
 
 from dskernels._device import on_tensor_device
 from dskernels.triton import TL_DTYPES, next_power_of_2
-from dskernels.triton.fp8_math import (cast_groups, ceil_to_power_of_two, max_nan, native_fp8_cast, round_to_bf16,
-                                      rounded_to, to_e4m3_bits)
+from dskernels.triton.fp8_math import (cast_groups, ceil_to_power_of_two, max_nan, native_fp8_cast,
+                                      reciprocal_scales, round_to_bf16, rounded_to, to_e4m3_bits)
 from dskernels.triton.launch import fast
 
 
@@ -349,10 +349,7 @@ def _write_index_keys_kernel(k_ptr, cache_ptr, table_ptr, seqlens_ptr, s, page_s
     d = tl.arange(0, BLOCK_D)
     k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + d, mask=d < dim, other=0.0).to(tl.float32)
     amax = tl.maximum(max_nan(tl.abs(k[None, :]), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)  # [1]
-    scale = tl.math.div_rn(amax, tl.full((1,), 448.0, tl.float32))
-    if ROUND_SCALE:
-        scale = ceil_to_power_of_two(scale)
-    multiplier = tl.math.div_rn(tl.full((1,), 1.0, tl.float32), scale)
+    multiplier, scale = reciprocal_scales(amax, ROUND_SCALE)
     base = cache_ptr + page * stride_page
     tl.store(base + offset * dim + d, to_e4m3_bits(k * multiplier, NATIVE), mask=ok & (d < dim))
     b = tl.arange(0, 4)
