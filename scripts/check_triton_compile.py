@@ -548,10 +548,25 @@ def layer_cases(compiler: Compiler) -> None:
         kv = _meta(8, 2, 576, dtype=dtype)
         triton_layer.write_sparse_latent_cache(kv[..., :512], kv[..., 512:], _meta(100, 64, 1, 656, dtype=torch.uint8),
                                                _meta(8, 70, dtype=torch.int32), _meta(8, dtype=torch.int32))
-    for round_scale in (False, True):
-        compiler.context = f"index key cache write round_scale={round_scale}"
-        triton_layer.write_index_keys(_meta(8, 2, 128), _meta(100, 64, 1, 132, dtype=torch.uint8),
-                                      _meta(8, 70, dtype=torch.int32), _meta(8, dtype=torch.int32), round_scale)
+    # V3.2's indexer q and k in one kernel (64 heads of 128, rope 64; a test model's 16 of 64, rope
+    # 32): its keys written into DeepGEMM's paged layout (decode) or returned (prefill)
+    for heads, dim, rope, dtype, write, round_scale in ((64, 128, 64, torch.bfloat16, True, False),
+                                                         (64, 128, 64, torch.bfloat16, False, True),
+                                                         (64, 128, 64, torch.float32, True, False),
+                                                         (16, 64, 32, torch.float32, True, False),
+                                                         (5, 64, 32, torch.float16, False, False)):
+        compiler.context = f"indexer q k heads={heads} dim={dim} {str(dtype)[6:]} write={write}"
+        cache = (_meta(100, 64, 1, dim + 4, dtype=torch.uint8), _meta(8, 70, dtype=torch.int32),
+                 _meta(8, dtype=torch.int32)) if write else ()
+        triton_layer.indexer_qk(_meta(8, 2, heads, dim, dtype=dtype), _meta(8, 2, dim, dtype=dtype),
+                                _meta(8, 2, heads, dtype=torch.float32), _meta(dim, dtype=dtype), _meta(dim, dtype=dtype),
+                                1e-6, _meta(8, 2, dtype=torch.int64), _meta(rope // 2, dtype=torch.float32), 1.2,
+                                _meta(dim, dim, dtype=torch.float32), 0.01, round_scale, *cache)
+    # the selection: V3.2's top-2048 positions, and into cache slots through the block table
+    compiler.context = "topk positions"
+    triton_layer.topk_positions(_meta(64, 2048, dtype=torch.float32), _meta(64, 2048, dtype=torch.int64))
+    compiler.context = "selected slots"
+    triton_layer.selected_slots(_meta(64, 1, 2048, dtype=torch.int32), _meta(64, 70, dtype=torch.int32), 64)
 
 
 def ep_cases(compiler: Compiler) -> None:

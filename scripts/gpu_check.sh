@@ -125,9 +125,9 @@ if wants tests; then
   # The MLA decode's narrow kernel (#8's bandwidth target) and seesaw consumers, the Triton GEMM's
   # warp-specialized candidates and sparse MLA's wide tiles (never run on a device; they gate their
   # benchmark rows) first, then those that failed or did not finish on the H200 (2026-12-04, second run), then the
-  # layer's fused kernels never run on a GPU (test_models.py), then the rest (all passed there).
+  # layer's fused kernels never run on a GPU (test_models.py, test_models_v32.py), then the rest (all passed there).
   first="tests/test_mla_sm90_narrow.py tests/test_mla_sm90_seesaw.py tests/test_gemm_tma_ws.py tests/test_mla_sparse_wide.py tests/test_gemm_general.py tests/test_indexer.py tests/test_models_gpu.py tests/test_moe_router.py
-tests/test_models.py tests/test_gemm_sm90.py tests/test_gemm.py tests/test_mla.py tests/test_mla_sparse.py tests/test_fp8_cast.py"
+tests/test_models.py tests/test_models_v32.py tests/test_gemm_sm90.py tests/test_gemm.py tests/test_mla.py tests/test_mla_sparse.py tests/test_fp8_cast.py"
   with_gpu=$(timeout 120 python -m pytest tests -m gpu --collect-only -q -p no:cacheprovider 2>/dev/null \
              | sed -n 's|^\(tests/[^:]*\.py\)::.*|\1|p' | sort -u)
   [ -n "$with_gpu" ] || with_gpu=$(ls tests/test_*.py)  # collection failed: every file, each reports why

@@ -121,23 +121,12 @@ def test_wide_tile_config(monkeypatch, capability, shared, widest):
 
 def _exact_bf16_interpreter_dot(monkeypatch):
     """Triton's interpreter with a bf16 tl.dot that widens its operands exactly and sums in fp32
-    (its own returns garbage, so bf16 dots widen to fp32 there: ieee_dots), and the kernels told to
-    keep bf16 operands: the code a GPU runs (the dots on rounded p and widened keys) on CPU."""
-    import numpy
-    import triton.language as tl
-    from triton.runtime import interpreter
+    (dskernels.testing.interpreter; its own returns garbage, so bf16 dots widen to fp32 there:
+    ieee_dots), and the kernels told to keep bf16 operands: the code a GPU runs (the dots on rounded
+    p and widened keys) on CPU."""
+    from dskernels.testing.interpreter import exact_bf16_dots
 
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def widened(handle):
-        return (handle.data.view(numpy.uint16).astype(numpy.uint32) << 16).view(numpy.float32)
-
-    def create_dot(self, a, b, d, *rest):
-        if a.dtype.scalar == tl.bfloat16 and b.dtype.scalar == tl.bfloat16:
-            return interpreter.TensorHandle(numpy.matmul(widened(a), widened(b)) + d.data, d.dtype.scalar)
-        return original(self, a, b, d, *rest)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    exact_bf16_dots(monkeypatch)
     monkeypatch.setattr(triton_sparse, "ieee_dots", lambda dtype: dtype == torch.float32)
 
 

@@ -1082,7 +1082,7 @@ def test_fused_latent_cache_write_keeps_to_the_cache():
     assert memory.abs().sum() == 0
 
 
-def test_fp8_decode_step_kernel_count(monkeypatch):
+def test_fp8_decode_step_kernel_count():
     """The FP8 MoE layer's decode step (batch 2) on the Triton backend launches 6 torch kernels and
     24 Triton ones (the shared FP8 casts, three of them in their norm's kernel, the fused SwiGLU
     cast, RMSNorm (the post-attention one adding the residual), rope, cache write, the MoE's sort
@@ -1092,47 +1092,19 @@ def test_fp8_decode_step_kernel_count(monkeypatch):
     excluded) and Triton launches under the interpreter."""
     if "triton" not in dskernels.available_backends() or torch.cuda.is_available():
         pytest.skip("counts the interpreter's launches (CPU)")
-    import triton.runtime.interpreter as interpreter
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from dskernels.testing.launches import count_launches
 
     cfg = CONFIGS["v3"]
     layer = fp8_moe_layer(cfg, seed=21)
     cache, table = paged_cache(cfg, 8, 4, 2, 4, dtype=torch.bfloat16)
     step = dict(kv_cache=cache, block_table=table, cache_seqlens=torch.tensor([3, 9], dtype=torch.int32))
     x, positions = torch.randn(2, 1, cfg.hidden_size).bfloat16(), torch.tensor([[3], [9]])
-    triton_launches, inside_launch = [], []
-    run = interpreter.InterpretedFunction.run
-
-    def counted_run(self, *args, **kwargs):  # the interpreter's own torch ops are not the layer's
-        triton_launches.append(self.fn.__name__)
-        inside_launch.append(True)
-        try:
-            return run(self, *args, **kwargs)
-        finally:
-            inside_launch.pop()
-    monkeypatch.setattr(interpreter.InterpretedFunction, "run", counted_run)
-    no_kernel = {"view", "_unsafe_view", "permute", "unsqueeze", "squeeze", "slice", "select", "t", "transpose",
-                 "expand", "split", "split_with_sizes", "as_strided", "alias", "empty", "empty_like", "scalar_tensor",
-                 "detach"}  # (an fp8 tensor's .view(torch.uint8) dispatches a detach too)
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            namespace, name = str(func.overloadpacket).split(".")[-2:]
-            if namespace == "aten" and name not in no_kernel and not inside_launch:
-                self.ops.append(name)
-            return func(*args, **(kwargs or {}))
-
     with torch.no_grad(), dskernels.backend("triton"):
         layer(x, positions, **step)  # absorbs W_UK / W_UV once
-        triton_launches.clear()
-        with Count() as count:
+        with count_launches() as launched:
             layer(x, positions, **step)
-    assert len(count.ops) <= 6, " ".join(sorted(count.ops))
-    assert len(triton_launches) <= 24, " ".join(sorted(triton_launches))
+    assert len(launched.torch) <= 6, " ".join(sorted(launched.torch))
+    assert len(launched.triton) <= 24, " ".join(sorted(launched.triton))
 
 
 def test_attention_with_a_cache_of_another_float_dtype():

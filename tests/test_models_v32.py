@@ -394,37 +394,179 @@ def test_sparse_latent_cache_write_matches_quantize(dtype):
     assert torch.equal(got.cpu(), expected)
 
 
-@pytest.mark.parametrize("round_scale", [
-    pytest.param(flag, marks=[pytest.mark.gpu] if torch.cuda.is_available() else []) for flag in (False, True)])
-def test_index_keys_write_matches_the_cast(round_scale):
-    """write_index_keys against per_custom_dims_cast_to_fp8(k, (0,)) written into DeepGEMM's paged
-    layout (a page's e4m3 rows, then its fp32 scales) at each token's slot, byte for byte: a NaN key,
-    one holding -inf, an all-zero key, random bytes elsewhere kept, slots past the table or negative
-    not written."""
+def _indexer_case(seed, dtype, heads, dim, rope, batch=3, s=2, round_scale=False):
+    """An FP8 indexer (random k_norm) and its projections' outputs for [batch, s] tokens: q over a
+    wide range per head, keys with an offset (k_norm removes it), one of them constant, the
+    attention's YaRN angles at spread positions."""
+    from dskernels.models.indexer import Indexer
+    from dskernels.models.rope import rope_inv_freq
+
+    cfg = DeepseekV3Config.tiny(index_topk=4, index_head_dim=dim, index_n_heads=heads, qk_rope_head_dim=rope,
+                                qk_nope_head_dim=32, quantization_config={"scale_fmt": "ue8m0"} if round_scale else None)
+    indexer = Indexer(cfg, dtype=dtype, fp8=True)
+    g = torch.Generator().manual_seed(seed)
+    indexer.k_norm.weight.copy_(1 + 0.2 * torch.randn(dim, generator=g))
+    indexer.k_norm.bias.copy_(0.2 * torch.randn(dim, generator=g))
+    q = (torch.randn(batch, s, heads, dim, generator=g) * torch.exp(2 * torch.randn(batch, s, heads, 1, generator=g)))
+    k = 3 * torch.randn(batch, s, dim, generator=g) + 2
+    k[-1, 0] = 2  # no variance: LayerNorm's eps alone keeps it finite (its output is k_norm's bias)
+    weights = torch.randn(batch, s, heads, generator=g)
+    inv_freq, attention_factor = rope_inv_freq(cfg.rope_parameters, rope, cfg.max_position_embeddings)
+    rope_args = (spread_positions(batch, s, seed=seed), inv_freq, attention_factor)
+    return indexer, q.to(dtype), k.to(dtype), weights, rope_args
+
+
+def _dequantized(fp8, scale):
+    return fp8.float() * scale.unsqueeze(-1)
+
+
+def _assert_fp8_close(got, got_scale, expected, expected_scale, what, scale_rtol=2 ** -7):
+    """Two FP8 casts of values computed in a different fp32 order (the rotation's sums, LayerNorm's
+    statistics): each rounding step agrees except where a value lies within fp32 rounding of a
+    rounding boundary, so almost all bytes are identical (a step left out or rounded otherwise makes
+    most of them differ), and the rest is within two e4m3 half-steps (2 * 2**-4 relative), the
+    dtype's rounding of the rotated value (2**-8 for bf16) and a subnormal step of the scale. The
+    scales (amax / 448) differ by the rounding of the largest value: scale_rtol (bf16's step, or
+    fp32's order of summation)."""
+    same = (got.view(torch.uint8) == expected.view(torch.uint8)).float().mean().item()
+    assert same > 0.99, (what, same)
+    torch.testing.assert_close(got_scale, expected_scale, rtol=scale_rtol, atol=0)
+    a, b = _dequantized(got, got_scale), _dequantized(expected, expected_scale)
+    bound = (2 * 2 ** -4 + 2 ** -7) * b.abs() + expected_scale.unsqueeze(-1) * 2 ** -8
+    assert ((a - b).abs() <= bound).all(), (what, ((a - b).abs() / bound).max())
+
+
+ON_GPU = [pytest.mark.gpu] if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("heads,dim,rope", [(64, 128, 64), (5, 64, 32)], ids=["v32", "odd-heads"])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=ON_GPU, id="bf16"),
+                                   pytest.param(torch.float32, marks=ON_GPU, id="fp32")])
+@pytest.mark.parametrize("round_scale", [False, True], ids=["fp32-scale", "ue8m0"])
+def test_indexer_qk_kernel_matches_the_torch_steps(heads, dim, rope, dtype, round_scale):
+    """The fused indexer kernel (k_norm, rope, Hadamard rotation, FP8 casts, the head weights' scale;
+    keys returned) against the torch steps it replaces (Indexer._rotate then _cast, on CPU) on the
+    same projections' outputs."""
+    check_indexer_qk_kernel(heads, dim, rope, dtype, round_scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_indexer_qk_kernel_gpu_products_on_cpu(monkeypatch, dtype):
+    """The rotation's products as a GPU computes them (bf16 operands; fp32 data as three bf16 parts)
+    through an exact bf16 interpreter dot (dskernels.testing.interpreter), against the torch steps."""
+    from dskernels.testing.interpreter import exact_bf16_dots
+    from dskernels.triton import layer as triton_layer
+
+    if "triton" not in dskernels.available_backends() or torch.cuda.is_available():
+        pytest.skip("the interpreter's (CPU); on a GPU the test above runs these products")
+    exact_bf16_dots(monkeypatch)
+    monkeypatch.setattr(triton_layer, "rotation_dots", lambda d: (torch.bfloat16, d == torch.float32))
+    check_indexer_qk_kernel(64, 128, 64, dtype, False)
+
+
+def check_indexer_qk_kernel(heads, dim, rope, dtype, round_scale):
     from dskernels.triton import layer as triton_layer
 
     if "triton" not in dskernels.available_backends():
         pytest.skip("no Triton backend here")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    indexer, q, k, weights, rope_args = _indexer_case(3, dtype, heads, dim, rope, round_scale=round_scale)
+    with torch.no_grad(), dskernels.backend("ref"):
+        q8, w, k8, k_scale = indexer._cast(*indexer._rotate(q, k, weights, rope_args), None)
+    positions, inv_freq, factor = rope_args
+    on = [t.to(device) for t in (q, k, weights, indexer.k_norm.weight, indexer.k_norm.bias)]
+    got = triton_layer.indexer_qk(*on, indexer.k_norm.eps, positions.to(device), inv_freq.to(device), factor,
+                                  indexer.hadamard.to(device), indexer.weight_scale, round_scale)
+    got_q8, got_w, got_k8, got_k_scale = (t.cpu() for t in got)
+    q_scale = w / (weights * indexer.weight_scale)
+    got_q_scale = got_w / (weights * indexer.weight_scale)
+    # (ue8m0 scales: a power of two apart where the amax straddles one)
+    scale_rtol = 1.0 if round_scale else 2 ** -7 if dtype == torch.bfloat16 else 2 ** -20
+    _assert_fp8_close(got_q8, got_q_scale, q8, q_scale, "q", scale_rtol)
+    torch.testing.assert_close(got_w, w, rtol=scale_rtol, atol=0)
+    _assert_fp8_close(got_k8, got_k_scale, k8, k_scale, "k", scale_rtol)
+    if round_scale:  # powers of two
+        assert (torch.frexp(got_k_scale).mantissa == 0.5).all() and (torch.frexp(got_q_scale).mantissa == 0.5).all()
+
+
+@pytest.mark.parametrize("round_scale", [pytest.param(False, marks=ON_GPU, id="fp32-scale"),
+                                         pytest.param(True, marks=ON_GPU, id="ue8m0")])
+def test_indexer_qk_kernel_writes_keys_into_the_paged_cache(round_scale):
+    """indexer_qk's cache form: each key in DeepGEMM's paged layout (a page's e4m3 rows, then its
+    fp32 scales) at its token's slot, as the torch steps write it (within _assert_fp8_close's bound);
+    random bytes elsewhere kept, slots past the table or negative not written. A NaN in a key's
+    projection spreads through the rotation: e4m3's NaN byte everywhere, a NaN scale."""
+    from dskernels.triton import layer as triton_layer
+
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("no Triton backend here")
     g, table, lens = _write_case(2)
     dim, page_size = 128, 5
-    k = (3 * torch.randn(3, 2, dim, generator=g)).bfloat16()
+    indexer, q, k, weights, rope_args = _indexer_case(4, torch.bfloat16, 16, dim, 64, round_scale=round_scale)
     k[0, 1, 7] = float("nan")
-    k[1, 0] = 0
-    k[0, 0, 9] = float("-inf")
     cache = torch.randint(0, 256, (7, page_size, 1, dim + 4), generator=g, dtype=torch.uint8)
     expected = cache.clone()
-    k8, scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(6, dim), (0,), round_scale)
-    pages = expected.view(7, page_size * (dim + 4))
-    for i, row in enumerate(_slot_rows(table, lens, 2, 7, page_size)):
-        if row >= 0:
-            page, offset = divmod(row, page_size)
-            pages[page, offset * dim:(offset + 1) * dim] = k8[i].view(torch.uint8)
-            at = page_size * dim + 4 * offset
-            pages[page, at:at + 4] = scale[i:i + 1].view(torch.uint8)
+    with torch.no_grad(), dskernels.backend("ref"):
+        indexer._cast(*indexer._rotate(q, k, weights, rope_args), (expected, table, lens, None))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     got = cache.to(device)
-    triton_layer.write_index_keys(k.to(device), got, table.to(device), lens.to(device), round_scale)
-    assert torch.equal(got.cpu(), expected)
+    positions, inv_freq, factor = rope_args
+    on = [t.to(device) for t in (q, k, weights, indexer.k_norm.weight, indexer.k_norm.bias)]
+    out = triton_layer.indexer_qk(*on, indexer.k_norm.eps, positions.to(device), inv_freq.to(device), factor,
+                                  indexer.hadamard.to(device), indexer.weight_scale, round_scale, got,
+                                  table.to(device), lens.to(device))
+    assert out[2] is None and out[3] is None
+    got = got.cpu()
+    rows = [row for row in _slot_rows(table, lens, 2, 7, page_size)]
+    assert sum(r >= 0 for r in rows) == 3  # sequence 1's second token (past the table) and sequence 2: none
+    written = torch.zeros(7, page_size * (dim + 4), dtype=torch.bool)
+    keys, scales = [], []
+    for cache_bytes in (got, expected):
+        pages = cache_bytes.view(7, page_size * (dim + 4))
+        keys.append(torch.stack([pages[r // page_size, r % page_size * dim:][:dim] for r in rows if r >= 0]))
+        at = [page_size * dim + 4 * (r % page_size) for r in rows if r >= 0]
+        scales.append(torch.stack([pages[r // page_size, a:a + 4] for r, a in zip([r for r in rows if r >= 0], at)]))
+    for r in rows:
+        if r >= 0:
+            written[r // page_size, r % page_size * dim:(r % page_size + 1) * dim] = True
+            written[r // page_size, page_size * dim + 4 * (r % page_size):][:4] = True
+    untouched = ~written
+    assert torch.equal(got.view(7, -1)[untouched], cache.view(7, -1)[untouched])
+    assert torch.equal(expected.view(7, -1)[untouched], cache.view(7, -1)[untouched])
+    got_keys, expected_keys = keys[0].view(torch.float8_e4m3fn), keys[1].view(torch.float8_e4m3fn)
+    got_scales, expected_scales = scales[0].contiguous().view(torch.float32)[:, 0], scales[1].contiguous().view(torch.float32)[:, 0]
+    assert (got_keys[1].view(torch.uint8) == 0x7F).all() and got_scales[1].isnan()  # token (0, 1): the NaN key
+    assert torch.equal(expected_keys[1].view(torch.uint8) & 0x7F, got_keys[1].view(torch.uint8))
+    finite = [0, 2]
+    _assert_fp8_close(got_keys[finite], got_scales[finite], expected_keys[finite], expected_scales[finite], "k",
+                      1.0 if round_scale else 2 ** -7)
+
+
+@pytest.mark.parametrize("k", [pytest.param(k, marks=ON_GPU) for k in (1, 5, 16)])
+def test_selection_kernels_match_torch(k):
+    """topk_positions and selected_slots (the V3.2 decode's selection into cache slots) against the
+    torch ops they replace, exactly: -inf scores give -1, NaN ones keep their position; -1
+    positions give -1 slots, others their page's slot through each sequence's block table."""
+    from dskernels.triton import layer as triton_layer
+
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("no Triton backend here")
+    g = torch.Generator().manual_seed(k)
+    b, s, capacity, page_size = 3, 2, 24, 5
+    logits = torch.randn(b, s, capacity, generator=g)
+    logits[0, 0, 3:] = float("-inf")
+    logits[1, 1, 7] = float("nan")
+    logits[2, 0] = float("-inf")
+    values, positions = logits.topk(k, dim=-1)
+    expected = torch.where(values == float("-inf"), -1, positions).to(torch.int32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    selected = triton_layer.topk_positions(values.to(device), positions.to(device)).cpu()
+    assert torch.equal(selected, expected)
+    table = torch.randperm(40, generator=g)[:b * 5].view(b, 5).int()
+    page = table.long().gather(1, (selected.long().clamp(min=0) // page_size).flatten(1))
+    slots = torch.where(selected >= 0, page.view(selected.shape) * page_size + selected % page_size, -1).int()
+    assert (slots == -1).any() and (slots >= 0).any()
+    assert torch.equal(triton_layer.selected_slots(selected.to(device), table.to(device), page_size).cpu(), slots)
 
 
 def test_cache_writes_with_an_empty_block_table():
@@ -437,15 +579,49 @@ def test_cache_writes_with_an_empty_block_table():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     table, lens = torch.empty(2, 0, dtype=torch.int32, device=device), torch.zeros(2, dtype=torch.int32, device=device)
     new = torch.randn(2, 1, 576, device=device)
+    indexer, q, k, weights, (positions, inv_freq, factor) = _indexer_case(5, torch.float32, 16, 128, 64, batch=2, s=1)
+    index_inputs = (q.to(device), k.to(device), weights.to(device), indexer.k_norm.weight.to(device),
+                    indexer.k_norm.bias.to(device), 1e-6, positions.to(device), inv_freq.to(device), factor,
+                    indexer.hadamard.to(device), indexer.weight_scale, False)
     for cache, write in (
             (torch.zeros(3, 4, 1, 656, dtype=torch.uint8, device=device),
              lambda c: triton_layer.write_sparse_latent_cache(new[..., :512], new[..., 512:], c, table, lens)),
             (torch.zeros(3, 4, 1, 132, dtype=torch.uint8, device=device),
-             lambda c: triton_layer.write_index_keys(new[..., :128], c, table, lens, False)),
+             lambda c: triton_layer.indexer_qk(*index_inputs, c, table, lens)),
             (torch.zeros(3, 4, 1, 576, device=device),
              lambda c: triton_layer.write_latent_cache(new[..., :512], new[..., 512:], c, table, lens, None))):
         write(cache)
         assert not cache.any()
+
+
+def test_fp8_decode_step_kernel_count():
+    """A V3.2 FP8 decode step (V3.2's latent and indexer widths, FP8 weights and caches, batch 2) on
+    the Triton backend launches at most 10 torch kernels and 28 Triton ones (before the fused
+    indexer kernel and the selection kernels: 81 and 27; the rope angles, k_norm, both ropes and
+    rotations, the head weights' scaling, DeepGEMM's unread schedule and the slot arithmetic ran in
+    torch). Counted as tests/test_models.py's V3 count is: torch ops that dispatch (views and
+    allocations excluded) and Triton launches under the interpreter."""
+    if "triton" not in dskernels.available_backends() or torch.cuda.is_available():
+        pytest.skip("counts the interpreter's launches (CPU)")
+    from dskernels.testing.launches import count_launches
+
+    cfg = DeepseekV3Config.tiny(index_topk=4, index_head_dim=128, index_n_heads=16, kv_lora_rank=512,
+                                qk_rope_head_dim=64, num_attention_heads=4, num_key_value_heads=4)
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16)
+    layer.load_hf_state_dict(make_reference(cfg, 1, seed=8).state_dict(), fp8=True)
+    page_size = 16
+    cache = dskernels.quantize_sparse_kv_cache(torch.randn(8, page_size, 1, cfg.kv_cache_dim))
+    index_cache = dskernels.paged_k_cache_cast_to_fp8(torch.randn(8, page_size, 1, cfg.index_head_dim))
+    step = dict(kv_cache=cache, index_cache=index_cache, block_table=torch.arange(8, dtype=torch.int32).view(2, 4),
+                cache_seqlens=torch.tensor([3, 9], dtype=torch.int32))
+    x, positions = torch.randn(2, 1, cfg.hidden_size).bfloat16(), torch.tensor([[3], [9]])
+    with torch.no_grad(), dskernels.backend("triton"):
+        layer(x, positions, **step)  # absorbs W_UK / W_UV once
+        with count_launches() as launched:
+            layer(x, positions, **step)
+    assert "_indexer_qk_kernel" in launched.triton and launched.triton.count("_selection_kernel") == 2
+    assert len(launched.torch) <= 10, " ".join(sorted(launched.torch))
+    assert len(launched.triton) <= 28, " ".join(sorted(launched.triton))
 
 
 # ---- bad input ----

@@ -30,7 +30,7 @@ from dskernels.models.indexer import Indexer
 from dskernels.models.linear import (Linear, RMSNorm, device_moves_only, norm_and_cast, refuse_gradient, shared_cast,
                                       triton_fusable)
 from dskernels.models.paged import cache_rows, check_slots, check_tables, write_rows
-from dskernels.models.rope import rope_cos_sin, rope_inv_freq, rope_qk
+from dskernels.models.rope import rope_inv_freq, rope_qk
 
 _LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 FP8 = torch.float8_e4m3fn
@@ -119,10 +119,8 @@ class MLAttention(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x, x_fp8).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         q_rope, k_rope = rope_qk(q_rope, k_rope, positions, self.inv_freq, self.attention_factor, cfg.rope_interleave)
-        cos = sin = None
-        if self.indexer is not None:  # the indexer rotates its own q and k by the same angles
-            cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_factor, x.dtype)
-        return q_nope, q_rope, latent, k_rope, (x, q_resid, cos, sin, x_fp8, q_resid_fp8)
+        rope = (positions, self.inv_freq, self.attention_factor)  # the indexer rotates its q and k by these angles
+        return q_nope, q_rope, latent, k_rope, (x, q_resid, rope, x_fp8, q_resid_fp8)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor | None = None,
                 block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
@@ -289,9 +287,14 @@ class MLAttention(nn.Module):
                                                       k_scale=kv_cache_scale if dense_fp8 else None)
         else:  # V3.2: the indexer's positions (causal by construction) become cache slots
             selected = self.indexer.select_paged(*indexer_inputs, index_cache, block_table, cache_seqlens, flat)
-            page = block_table.long().gather(1, (selected.long().clamp(min=0) // page_size).flatten(1))
-            cache_slots = page.view(selected.shape) * page_size + selected % page_size
-            indices = torch.where(selected >= 0, cache_slots, -1).to(torch.int32)
+            if triton_fusable(q_nope) and selected.is_contiguous():
+                from dskernels.triton import layer as triton_layer
+
+                indices = triton_layer.selected_slots(selected, block_table, page_size)
+            else:
+                page = block_table.long().gather(1, (selected.long().clamp(min=0) // page_size).flatten(1))
+                cache_slots = page.view(selected.shape) * page_size + selected % page_size
+                indices = torch.where(selected >= 0, cache_slots, -1).to(torch.int32)
             out, _ = dskernels.flash_mla_sparse_decode(q.contiguous(), kv_cache, indices, cfg.kv_lora_rank,
                                                        self.softmax_scale, fp8_cache)
         # 3. the output latent through W_UV gives each head's value vector

@@ -28,7 +28,7 @@ import dskernels
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.linear import Linear, triton_fusable
 from dskernels.models.paged import cache_rows, write_rows
-from dskernels.models.rope import apply_rope
+from dskernels.models.rope import apply_rope, rope_cos_sin
 
 _K_NORM_EPS = 1e-6  # HF: nn.LayerNorm(index_head_dim, eps=1e-6)
 # fp32 scores held at once (256 MiB): a long prompt is scored a chunk of its queries at a time
@@ -93,49 +93,95 @@ class Indexer(nn.Module):
         return self.head_dim + 4 if self.fp8 else self.head_dim
 
     # ---- projections ----
-    def project(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                x_fp8=None, q_resid_fp8=None):
-        """x [B, S, hidden], q_resid [B, S, q_lora_rank], cos/sin [B, S, rope/2] ->
-        q [B, S, H, D], k [B, S, D] (x's dtype, roped, rotated for fp8) and weights [B, S, H] fp32
-        (the head weights times n_heads**-0.5 * D**-0.5). x_fp8, q_resid_fp8: the attention's FP8
-        casts of x and q_resid (models.linear.shared_cast), or None."""
+    def _projections(self, x, q_resid, x_fp8, q_resid_fp8):
+        """wq_b's q [B, S, H, D], wk's k [B, S, D] (before k_norm) and weights_proj's head weights
+        [B, S, H] in fp32 (not yet scaled)."""
         b, s, _ = x.shape
-        rope = self.cfg.qk_rope_head_dim
         q = self.wq_b(q_resid, q_resid_fp8).view(b, s, self.num_heads, self.head_dim)
-        k = self.k_norm(self.wk(x, x_fp8))
-        q = torch.cat([apply_rope(q[..., :rope], cos, sin, interleave=False), q[..., rope:]], dim=-1)
-        k = torch.cat([apply_rope(k[..., :rope], cos, sin, interleave=False), k[..., rope:]], dim=-1)
-        if self.fp8:
-            q = (q.float() @ self.hadamard).to(q.dtype)
-            k = (k.float() @ self.hadamard).to(k.dtype)
         if self.weights_proj.is_fp8:
             weights = self.weights_proj(x, x_fp8).float()
         else:  # transformers keeps weights_proj in fp32
             weights = F.linear(x.float(), self.weights_proj.weight.float())
+        return q, self.wk(x, x_fp8), weights
+
+    def project(self, x: torch.Tensor, q_resid: torch.Tensor, rope: tuple, x_fp8=None, q_resid_fp8=None):
+        """x [B, S, hidden], q_resid [B, S, q_lora_rank], rope (positions int64 [B, S], inv_freq,
+        attention_factor: the attention's angles) -> q [B, S, H, D], k [B, S, D] (x's dtype, roped,
+        rotated for fp8) and weights [B, S, H] fp32 (the head weights times n_heads**-0.5 * D**-0.5).
+        x_fp8, q_resid_fp8: the attention's FP8 casts of x and q_resid (models.linear.shared_cast), or None."""
+        return self._rotate(*self._projections(x, q_resid, x_fp8, q_resid_fp8), rope)
+
+    def _rotate(self, q, k, weights, rope):
+        """The steps after the projections, in torch's ops: k_norm, the rope of q and k (rotate_half
+        pairs on their first qk_rope_head_dim columns), the Hadamard rotation (fp8), the head weights' scale."""
+        k = self.k_norm(k)
+        dim = self.cfg.qk_rope_head_dim
+        cos, sin = rope_cos_sin(*rope, q.dtype)
+        q = torch.cat([apply_rope(q[..., :dim], cos, sin, interleave=False), q[..., dim:]], dim=-1)
+        k = torch.cat([apply_rope(k[..., :dim], cos, sin, interleave=False), k[..., dim:]], dim=-1)
+        if self.fp8:
+            q = (q.float() @ self.hadamard).to(q.dtype)
+            k = (k.float() @ self.hadamard).to(k.dtype)
         return q, k, weights * self.weight_scale
 
-    def _cast_query(self, q: torch.Tensor, weights: torch.Tensor):
-        """q [M, H, D] -> FP8 q (one scale per token and head) and the weights with that scale folded in."""
-        q8, q_scale = dskernels.per_custom_dims_cast_to_fp8(q, (0, 1), self.cfg.fp8_round_scale)
-        return q8, weights * q_scale
+    def _fp8_inputs(self, x, q_resid, rope, x_fp8, q_resid_fp8, key_cache: tuple | None = None):
+        """The FP8 scoring's inputs: q8 [B, S, H, D], the head weights [B, S, H] with q's scales
+        folded in, and the keys per_custom_dims_cast_to_fp8(k, (0,)) as (k8 [B * S, D], k_scale
+        [B * S]), or, given key_cache = (index_cache, block_table, cache_seqlens, slots), written
+        into the cache (at `slots`: flat cache rows [B * S], -1 not written, None: at cache_seqlens[b]
+        + j through the block table) as (None, None). After the three projections one Triton kernel
+        where it runs (dskernels/triton/layer.py's indexer_qk: the same steps), torch's ops otherwise."""
+        if not triton_fusable(x):
+            return self._cast(*self.project(x, q_resid, rope, x_fp8, q_resid_fp8), key_cache)
+        q, k, weights = self._projections(x, q_resid, x_fp8, q_resid_fp8)
+        if not (triton_fusable(q, k) and self.hadamard.device == x.device):
+            return self._cast(*self._rotate(q, k, weights, rope), key_cache)
+        from dskernels.triton import layer as triton_layer
+
+        positions, inv_freq, attention_factor = rope
+        return triton_layer.indexer_qk(q, k, weights, self.k_norm.weight, self.k_norm.bias, self.k_norm.eps, positions,
+                                       inv_freq.to(device=x.device, dtype=torch.float32).contiguous(),
+                                       attention_factor, self.hadamard, self.weight_scale, self.cfg.fp8_round_scale,
+                                       *(key_cache[:3] if key_cache is not None else ()))
+
+    def _cast(self, q, k, weights, key_cache):
+        """_fp8_inputs' casts and key write from the rotated q [B, S, H, D], k [B, S, D] and the
+        scaled head weights [B, S, H], in torch's ops (and the row cast's kernel where it runs)."""
+        b, s, heads, dim = q.shape
+        q8, q_scale = dskernels.per_custom_dims_cast_to_fp8(q.reshape(b * s, heads, dim), (0, 1),
+                                                            self.cfg.fp8_round_scale)
+        weights = weights.reshape(b * s, heads) * q_scale
+        k8, k_scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(b * s, dim), (0,), self.cfg.fp8_round_scale)
+        if key_cache is not None:
+            index_cache, block_table, cache_seqlens, slots = key_cache
+            page_size = index_cache.shape[1]
+            if slots is None:
+                slots = cache_rows(block_table, cache_seqlens, s, index_cache.shape[0], page_size)
+            pages = index_cache.view(torch.uint8).view(index_cache.shape[0], page_size * self.cache_width)
+            keys = pages[:, :page_size * dim].view(-1, page_size, dim)
+            scales = pages[:, page_size * dim:].view(-1, page_size, 4)
+            at = (torch.div(slots, page_size, rounding_mode="floor"), slots % page_size)  # -1 slots: skipped
+            write_rows(keys, at, k8.view(torch.uint8))
+            write_rows(scales, at, k_scale.view(torch.uint8).view(-1, 4))
+            k8 = k_scale = None
+        return q8.view(b, s, heads, dim), weights.view(b, s, heads), k8, k_scale
 
     # ---- selection ----
-    def select_new_tokens(self, x, q_resid, cos, sin, x_fp8=None, q_resid_fp8=None) -> torch.Tensor:
+    def select_new_tokens(self, x, q_resid, rope, x_fp8=None, q_resid_fp8=None) -> torch.Tensor:
         """Causal selection among the S tokens of x (prefill from scratch): int32 [B, S, topk]
         positions in the sequence (topk = min(index_topk, S)), -1 where a query sees fewer tokens."""
-        q, k, weights = self.project(x, q_resid, cos, sin, x_fp8, q_resid_fp8)
         b, s = x.shape[:2]
-        heads, dim = self.num_heads, self.head_dim
+        heads = self.num_heads
         first = torch.arange(b, device=x.device, dtype=torch.int32)[:, None] * s  # each sequence's first key
         if self.fp8:
-            q8, weights = self._cast_query(q.reshape(b * s, heads, dim), weights.reshape(b * s, heads))
-            q8, weights = q8.view(b, s, heads, dim), weights.view(b, s, heads)
-            k8, k_scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(b * s, dim), (0,), self.cfg.fp8_round_scale)
+            q8, weights, k8, k_scale = self._fp8_inputs(x, q_resid, rope, x_fp8, q_resid_fp8)
+        else:
+            q, k, weights = self.project(x, q_resid, rope, x_fp8, q_resid_fp8)
         selected = []
         for lo, hi in _query_chunks(s, b * s * (1 if self.fp8 else heads)):
             if self.fp8:  # query j of sequence i sees keys [i s, i s + j] of the flattened batch
                 ends = first + torch.arange(lo + 1, hi + 1, device=x.device, dtype=torch.int32)
-                logits = dskernels.fp8_mqa_logits(q8[:, lo:hi].reshape(-1, heads, dim), (k8, k_scale),
+                logits = dskernels.fp8_mqa_logits(q8[:, lo:hi].reshape(-1, heads, self.head_dim), (k8, k_scale),
                                                   weights[:, lo:hi].reshape(-1, heads),
                                                   first.expand(b, hi - lo).reshape(-1), ends.reshape(-1), True, s)
                 logits = logits.view(b, hi - lo, s)
@@ -145,9 +191,9 @@ class Indexer(nn.Module):
                 unseen = torch.arange(s, device=x.device) > torch.arange(lo, hi, device=x.device)[:, None]
                 logits = logits.masked_fill(unseen, float("-inf"))
             selected.append(self._top(logits))
-        return torch.cat(selected, dim=1)
+        return selected[0] if len(selected) == 1 else torch.cat(selected, dim=1)
 
-    def select_paged(self, x, q_resid, cos, sin, x_fp8, q_resid_fp8, index_cache: torch.Tensor,
+    def select_paged(self, x, q_resid, rope, x_fp8, q_resid_fp8, index_cache: torch.Tensor,
                      block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                      slots: torch.Tensor | None) -> torch.Tensor:
         """Writes the S new keys at `slots` (flat cache rows [B * S], -1: not written; None: computed
@@ -155,32 +201,17 @@ class Indexer(nn.Module):
         for token j of sequence b among positions [0, cache_seqlens[b] + j + 1): int32 [B, S, topk]
         positions (topk = min(index_topk, the block table's capacity)), -1 past what a query sees.
         No host sync: the logits span the whole block table; positions past a sequence are -inf."""
-        q, k, weights = self.project(x, q_resid, cos, sin, x_fp8, q_resid_fp8)
         b, s = x.shape[:2]
         heads, dim = self.num_heads, self.head_dim
         page_size = index_cache.shape[1]
         capacity = block_table.shape[1] * page_size
-        write_in_kernel = self.fp8 and triton_fusable(k)  # the keys' cast and write, the same bytes
-        if slots is None and not write_in_kernel:
-            slots = cache_rows(block_table, cache_seqlens, s, index_cache.shape[0], page_size)
         if self.fp8:
-            if write_in_kernel:
-                from dskernels.triton import layer as triton_layer
-
-                triton_layer.write_index_keys(k, index_cache, block_table, cache_seqlens, self.cfg.fp8_round_scale)
-            else:
-                k8, k_scale = dskernels.per_custom_dims_cast_to_fp8(k.reshape(b * s, dim), (0,),
-                                                                    self.cfg.fp8_round_scale)
-                pages = index_cache.view(torch.uint8).view(index_cache.shape[0], page_size * self.cache_width)
-                keys = pages[:, :page_size * dim].view(-1, page_size, dim)
-                scales = pages[:, page_size * dim:].view(-1, page_size, 4)
-                at = (torch.div(slots, page_size, rounding_mode="floor"), slots % page_size)  # -1 slots: skipped
-                write_rows(keys, at, k8.view(torch.uint8))
-                write_rows(scales, at, k_scale.view(torch.uint8).view(-1, 4))
-            q8, weights = self._cast_query(q.reshape(b * s, heads, dim), weights.reshape(b * s, heads))
-            q8, weights = q8.view(b, s, heads, dim), weights.view(b, s, heads)
-            num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+            q8, weights, _, _ = self._fp8_inputs(x, q_resid, rope, x_fp8, q_resid_fp8,
+                                                 (index_cache, block_table, cache_seqlens, slots))
         else:
+            q, k, weights = self.project(x, q_resid, rope, x_fp8, q_resid_fp8)
+            if slots is None:
+                slots = cache_rows(block_table, cache_seqlens, s, index_cache.shape[0], page_size)
             flat = index_cache.view(-1, dim)
             write_rows(flat, slots, k.reshape(b * s, dim).to(index_cache.dtype))
             positions = torch.arange(capacity, device=x.device)
@@ -189,12 +220,12 @@ class Indexer(nn.Module):
                          + positions % page_size)]                                  # [B, capacity, D]
         selected = []
         for lo, hi in _query_chunks(s, b * capacity * (1 if self.fp8 else heads)):
-            if self.fp8:  # row j of the chunk sees [0, context - (hi - lo) + j + 1): causal
+            if self.fp8:  # row j of the chunk sees [0, context - (hi - lo) + j + 1): causal. (No schedule:
+                # get_paged_mqa_logits_metadata's plan is DeepGEMM's; our kernel does not read it.)
                 context = (cache_seqlens + hi).to(torch.int32)
-                schedule = dskernels.get_paged_mqa_logits_metadata(context, page_size, num_sms)
                 logits = dskernels.fp8_paged_mqa_logits(q8[:, lo:hi].contiguous(), index_cache,
                                                         weights[:, lo:hi].reshape(-1, heads), context, block_table,
-                                                        schedule, capacity, True)
+                                                        None, capacity, True)
                 logits = logits.view(b, hi - lo, capacity)
             else:
                 scores = torch.einsum("bshd,btd->bsht", q[:, lo:hi].float(), keys.float()).clamp(min=0)
@@ -202,9 +233,13 @@ class Indexer(nn.Module):
                 seen = cache_seqlens.long()[:, None, None] + torch.arange(lo + 1, hi + 1, device=x.device)[:, None]
                 logits = logits.masked_fill(positions >= seen, float("-inf"))
             selected.append(self._top(logits))
-        return torch.cat(selected, dim=1)
+        return selected[0] if len(selected) == 1 else torch.cat(selected, dim=1)
 
     def _top(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, S, T] (-inf: not seen) -> int32 [B, S, min(index_topk, T)] positions, -1 for -inf."""
         values, positions = logits.topk(min(self.cfg.index_topk, logits.shape[-1]), dim=-1)
+        if triton_fusable(values):
+            from dskernels.triton import layer as triton_layer
+
+            return triton_layer.topk_positions(values, positions)
         return torch.where(values == float("-inf"), -1, positions).to(torch.int32)

@@ -25,7 +25,12 @@ models.linear.triton_fusable allows; torch's ops are the definition):
 - The paged latent cache write (`write_latent_cache`): [latent | k_rope] of each new token into
   its slot (cache_seqlens[b] + j through the block table), cast to the cache's dtype or, for a
   float8_e4m3fn cache, clamp(value / scale, -448, 448) rounded to e4m3: one kernel for the ~12
-  of the slot arithmetic, concatenation and index_copy_.
+  of the slot arithmetic, concatenation and index_copy_. V3.2's FP8 latent layout likewise
+  (`write_sparse_latent_cache`).
+- V3.2's FP8 indexer after its projections (`indexer_qk`): k_norm, the rope of q and k, the
+  Hadamard rotation, the FP8 casts (q's scales folded into the head weights) and the key's write
+  into its cache slot, for torch's ~40 kernels; its selection's post-processing
+  (`topk_positions`, `selected_slots`: positions to cache slots through the block table).
 
 Under the interpreter (CI) bf16 results are rounded by round_to_bf16 first (its conversion
 truncates) and e4m3 ones by e4m3_bits (its fp8 cast rounds wrongly)."""
@@ -336,43 +341,272 @@ def write_sparse_latent_cache(latent: torch.Tensor, k_rope: torch.Tensor, kv_cac
         ROPE_BITS=rope_bits, ROUND_BF16=os.environ.get("TRITON_INTERPRET") == "1", NATIVE=native_fp8_cast(kv_cache.device), num_warps=4)
 
 
+# ---- V3.2's indexer: its FP8 queries and keys from the projections ----
+
 @triton.jit
-def _write_index_keys_kernel(k_ptr, cache_ptr, table_ptr, seqlens_ptr, s, page_size, max_pages, num_pages, dim,
-                             stride_kt, stride_page, stride_tb, stride_te, BLOCK_D: tl.constexpr,
-                             ROUND_SCALE: tl.constexpr, NATIVE: tl.constexpr):
-    """Program t: its indexer key [dim] cast per_custom_dims_cast_to_fp8(k, (0,)) does it into
-    DeepGEMM's paged layout (per page: page_size rows of dim e4m3 bytes, then page_size fp32 scales)
-    at its slot (_cache_slot)."""
-    t = tl.program_id(0)
-    page, offset, ok = _cache_slot(table_ptr, seqlens_ptr, t, s, page_size, max_pages, num_pages, stride_tb,
-                                   stride_te)
+def _rotation_signs(rotation_ptr, first, count, dim, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """The signs (+-1, exact in any float type) of rows [first, first + count) of the [dim, dim]
+    Hadamard rotation (entries +-dim**-0.5) as [BLOCK, BLOCK_D] in DOT, zero past them."""
+    r = tl.arange(0, BLOCK)[:, None]
+    c = tl.arange(0, BLOCK_D)[None, :]
+    entry = tl.load(rotation_ptr + (first + r) * dim + c, mask=(r < count) & (c < dim), other=0.0)
+    return tl.where(entry > 0, 1.0, tl.where(entry < 0, -1.0, 0.0)).to(DOT)
+
+
+@triton.jit
+def _signed_sum(x, signs, acc, DOT: tl.constexpr, SPLIT: tl.constexpr):
+    """acc + x @ signs on the tensor cores. Values times +-1 are exact in DOT (bf16 / fp16 data) and
+    summed in fp32; SPLIT: fp32 data as three bf16 parts (8 + 8 + 8 of its 24 bits, each exact)."""
+    if SPLIT:
+        high = x.to(DOT)
+        rest = x - high.to(tl.float32)
+        middle = rest.to(DOT)
+        acc = tl.dot(high, signs, acc, input_precision="ieee")
+        acc = tl.dot(middle, signs, acc, input_precision="ieee")
+        return tl.dot((rest - middle.to(tl.float32)).to(DOT), signs, acc, input_precision="ieee")
+    return tl.dot(x.to(DOT), signs, acc, input_precision="ieee")
+
+
+@triton.jit
+def _rotated(x1, x2, rest, signs1, signs2, signs3, norm, DOT: tl.constexpr, SPLIT: tl.constexpr):
+    """[x1 | x2 | rest] @ rotation: three products with its signs (_signed_sum), times its norm
+    (dim**-0.5, fp32): torch's fp32 product to rounding."""
+    out = _signed_sum(x1, signs1, None, DOT, SPLIT)
+    out = _signed_sum(x2, signs2, out, DOT, SPLIT)
+    return _signed_sum(rest, signs3, out, DOT, SPLIT) * norm
+
+
+@triton.jit
+def _rotate_half(x1, x2, cos, sin, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """apply_rope's rotate_half pairs (x1[i], x2[i]) as torch rounds them: each product, then the
+    difference (sum), rounded to the data's dtype."""
+    a = rounded_to(x1 * cos, DTYPE, ROUND_BF16) - rounded_to(x2 * sin, DTYPE, ROUND_BF16)
+    b = rounded_to(x2 * cos, DTYPE, ROUND_BF16) + rounded_to(x1 * sin, DTYPE, ROUND_BF16)
+    return rounded_to(a, DTYPE, ROUND_BF16), rounded_to(b, DTYPE, ROUND_BF16)
+
+
+@triton.jit
+def _layer_normed(k_ptr, w_ptr, b_ptr, at, ok, mean, rstd, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """k_norm's output (fp32 math, rounded to the data's dtype) at the columns `at` of one key."""
+    k = tl.load(k_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    return tl.where(ok, rounded_to((k - mean) * rstd * w + b, DTYPE, ROUND_BF16), 0.0)
+
+
+@triton.jit
+def _indexer_key(key, norm_w_ptr, norm_b_ptr, k8_ptr, k_scale_ptr, cache_ptr, table_ptr, seqlens_ptr, t, cos, sin,
+                 signs1, signs2, signs3, norm, eps, dim, s, page_size, max_pages, num_pages, stride_page, stride_tb,
+                 stride_te, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
+                 BLOCK_D: tl.constexpr, DTYPE: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr,
+                 ROUND_BF16: tl.constexpr, ROUND_SCALE: tl.constexpr, NATIVE: tl.constexpr, WRITE_CACHE: tl.constexpr):
+    """_indexer_qk_kernel's key of token t (wk's output row at `key`): LayerNorm's statistics over
+    the row, then the query's steps on one row, and its cast stored."""
+    i = tl.arange(0, BLOCK_HALF)
+    c = tl.arange(0, BLOCK_REST)
     d = tl.arange(0, BLOCK_D)
-    k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + d, mask=d < dim, other=0.0).to(tl.float32)
-    amax = tl.maximum(max_nan(tl.abs(k[None, :]), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)  # [1]
+    rest = dim - 2 * HALF
+    raw = tl.load(key + d[None, :], mask=d[None, :] < dim, other=0.0).to(tl.float32)  # [1, BLOCK_D]
+    width = tl.full((1,), dim, tl.float32)
+    mean = tl.math.div_rn(tl.sum(raw, 1), width)  # [1]
+    centered = tl.where(d[None, :] < dim, raw - mean[:, None], 0.0)
+    variance = tl.math.div_rn(tl.sum(centered * centered, 1), width)
+    rstd = tl.math.div_rn(tl.full((1,), 1.0, tl.float32), tl.math.sqrt_rn(variance + eps))
+    k1 = _layer_normed(key, norm_w_ptr, norm_b_ptr, i, i < HALF, mean, rstd, DTYPE, ROUND_BF16)
+    k2 = _layer_normed(key, norm_w_ptr, norm_b_ptr, HALF + i, i < HALF, mean, rstd, DTYPE, ROUND_BF16)
+    kr = _layer_normed(key, norm_w_ptr, norm_b_ptr, 2 * HALF + c, c < rest, mean, rstd, DTYPE, ROUND_BF16)
+    k1, k2 = _rotate_half(k1, k2, cos, sin, DTYPE, ROUND_BF16)
+    # rotated as q is: the key is row 0 of a 16-row tile (the tensor cores' least)
+    first = tl.arange(0, 16)[:, None] == 0
+    k = _rotated(tl.where(first, k1[None, :], 0.0), tl.where(first, k2[None, :], 0.0), tl.where(first, kr[None, :], 0.0),
+                 signs1, signs2, signs3, norm, DOT, SPLIT)
+    k = rounded_to(tl.sum(tl.where(first, k, 0.0), 0), DTYPE, ROUND_BF16)
+    k_amax = tl.maximum(max_nan(tl.abs(k[None, :]), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)  # [1]
+    k_multiplier, k_scale = reciprocal_scales(k_amax, ROUND_SCALE)
+    bits = to_e4m3_bits(k * k_multiplier, NATIVE)
+    if WRITE_CACHE:  # per page: page_size rows of dim e4m3 bytes, then page_size fp32 scales
+        page, offset, ok = _cache_slot(table_ptr, seqlens_ptr, t, s, page_size, max_pages, num_pages, stride_tb,
+                                       stride_te)
+        base = cache_ptr + page * stride_page
+        tl.store(base + offset * dim + d, bits, mask=ok & (d < dim))
+        b = tl.arange(0, 4)
+        tl.store(base + page_size * dim + offset * 4 + b[None, :], _le_bytes(k_scale.to(tl.int32, bitcast=True), 4),
+                 mask=ok)
+    else:
+        tl.store(k8_ptr + t.to(tl.int64) * dim + d, bits, mask=d < dim)
+        tl.store(k_scale_ptr + t.to(tl.int64) + tl.arange(0, 1), k_scale)
+
+
+@triton.jit
+def _indexer_qk_kernel(q_ptr, k_ptr, weights_ptr, norm_w_ptr, norm_b_ptr, positions_ptr, inv_freq_ptr, rotation_ptr,
+                       q8_ptr, weights_out_ptr, k8_ptr, k_scale_ptr, cache_ptr, table_ptr, seqlens_ptr,
+                       attention_factor, weight_scale, eps, heads, dim, s, page_size, max_pages, num_pages,
+                       stride_qt, stride_qh, stride_kt, stride_wt, stride_page, stride_tb, stride_te,
+                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
+                       BLOCK_D: tl.constexpr, DTYPE: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr,
+                       ROUND_BF16: tl.constexpr, ROUND_SCALE: tl.constexpr, NATIVE: tl.constexpr,
+                       WRITE_CACHE: tl.constexpr):
+    """Program (t, g): token t's indexer query heads [g * BLOCK_H, (g + 1) * BLOCK_H) and (g = 0)
+    its key from wq_b's and wk's outputs, the torch path's steps (models/indexer.py): k_norm (the
+    key; _indexer_key), rope on the first 2 * HALF columns
+    (rotate_half pairs), the rotation (q @ rotation in fp32, rounded to the data's dtype), then the
+    FP8 casts: q one scale per head (folded into the head weights, with weight_scale), the key one
+    scale, stored at its cache slot (WRITE_CACHE: DeepGEMM's paged layout, _cache_slot) or in k8 /
+    k_scale. The three column ranges (rope halves, the rest) are loaded apart, so that the rotation
+    is three products summed (_rotated: the same value as torch's one product, to fp32 rounding)."""
+    t = tl.program_id(0)
+    t64 = t.to(tl.int64)
+    rest = dim - 2 * HALF
+    i = tl.arange(0, BLOCK_HALF)
+    angle = tl.load(positions_ptr + t64).to(tl.float32) * tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
+    cos = rounded_to(tl.cos(angle) * attention_factor, DTYPE, ROUND_BF16)
+    sin = rounded_to(tl.sin(angle) * attention_factor, DTYPE, ROUND_BF16)
+    signs1 = _rotation_signs(rotation_ptr, 0, HALF, dim, BLOCK_HALF, BLOCK_D, DOT)
+    signs2 = _rotation_signs(rotation_ptr, HALF, HALF, dim, BLOCK_HALF, BLOCK_D, DOT)
+    signs3 = _rotation_signs(rotation_ptr, 2 * HALF, rest, dim, BLOCK_REST, BLOCK_D, DOT)
+    norm = tl.abs(tl.load(rotation_ptr))
+    d = tl.arange(0, BLOCK_D)
+    c = tl.arange(0, BLOCK_REST)
+
+    # this program's query heads [BLOCK_H, ...]
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    row = q_ptr + t64 * stride_qt + h * stride_qh
+    half_ok = (h < heads) & (i[None, :] < HALF)
+    q1 = tl.load(row + i[None, :], mask=half_ok, other=0.0).to(tl.float32)
+    q2 = tl.load(row + HALF + i[None, :], mask=half_ok, other=0.0).to(tl.float32)
+    qr = tl.load(row + 2 * HALF + c[None, :], mask=(h < heads) & (c[None, :] < rest), other=0.0).to(tl.float32)
+    q1, q2 = _rotate_half(q1, q2, cos[None, :], sin[None, :], DTYPE, ROUND_BF16)
+    q = rounded_to(_rotated(q1, q2, qr, signs1, signs2, signs3, norm, DOT, SPLIT), DTYPE, ROUND_BF16)
+    amax = tl.maximum(max_nan(tl.abs(q), 1), 1e-4, propagate_nan=tl.PropagateNan.ALL)  # [BLOCK_H]
     multiplier, scale = reciprocal_scales(amax, ROUND_SCALE)
-    base = cache_ptr + page * stride_page
-    tl.store(base + offset * dim + d, to_e4m3_bits(k * multiplier, NATIVE), mask=ok & (d < dim))
-    b = tl.arange(0, 4)
-    tl.store(base + page_size * dim + offset * 4 + b[None, :], _le_bytes(scale.to(tl.int32, bitcast=True), 4),
-             mask=ok)
+    tl.store(q8_ptr + (t64 * heads + h) * dim + d[None, :], to_e4m3_bits(q * multiplier[:, None], NATIVE),
+             mask=(h < heads) & (d[None, :] < dim))
+    head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    w = tl.load(weights_ptr + t64 * stride_wt + head, mask=head < heads, other=0.0)
+    tl.store(weights_out_ptr + t64 * heads + head, (w * weight_scale) * scale, mask=head < heads)
+    if tl.program_id(1) == 0:  # the key, once per token
+        _indexer_key(k_ptr + t64 * stride_kt, norm_w_ptr, norm_b_ptr, k8_ptr, k_scale_ptr, cache_ptr, table_ptr,
+                     seqlens_ptr, t, cos, sin, signs1, signs2, signs3, norm, eps, dim, s, page_size, max_pages,
+                     num_pages, stride_page, stride_tb, stride_te, HALF, BLOCK_HALF, BLOCK_REST, BLOCK_D, DTYPE, DOT,
+                     SPLIT, ROUND_BF16, ROUND_SCALE, NATIVE, WRITE_CACHE)
+
+
+def rotation_dots(dtype: torch.dtype) -> tuple[torch.dtype, bool]:
+    """indexer_qk's rotation products for dtype data: (their operands' dtype, whether fp32 data is
+    split into three bf16 parts). On a GPU the data's own dtype, fp32 as bf16 parts; fp32 products
+    under Triton's interpreter, whose bf16 and fp16 tl.dot return garbage."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.float32, False
+    return (torch.bfloat16, True) if dtype == torch.float32 else (dtype, False)
 
 
 @on_tensor_device
-def write_index_keys(k: torch.Tensor, index_cache: torch.Tensor, block_table: torch.Tensor,
-                     cache_seqlens: torch.Tensor, round_scale: bool) -> None:
-    """V3.2's indexer keys k [B, S, D] (bf16, fp16 or fp32, unit last stride, rows at one stride)
-    cast to FP8 (one scale per key; round_scale: a power of two) into index_cache [num_pages,
-    page_size, 1, D + 4] (uint8, contiguous: DeepGEMM's paged layout) at slot cache_seqlens[b] + j."""
-    b, s, dim = k.shape
-    if b * s == 0:
-        return
-    k2 = k.reshape(b * s, dim)
-    assert k2.stride(1) == 1 and index_cache.is_contiguous() and index_cache.shape[-1] == dim + 4
-    fast(_write_index_keys_kernel)[(b * s,)](
-        k2, index_cache.view(torch.uint8), block_table, cache_seqlens.contiguous(), s, index_cache.shape[1],
-        block_table.shape[1], index_cache.shape[0], dim, k2.stride(0), index_cache.stride(0), block_table.stride(0),
-        block_table.stride(1), BLOCK_D=next_power_of_2(dim), ROUND_SCALE=round_scale,
-        NATIVE=native_fp8_cast(index_cache.device), num_warps=4)
+def indexer_qk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, norm_weight: torch.Tensor,
+               norm_bias: torch.Tensor, eps: float, positions: torch.Tensor, inv_freq: torch.Tensor,
+               attention_factor: float, rotation: torch.Tensor, weight_scale: float, round_scale: bool,
+               index_cache: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
+               cache_seqlens: torch.Tensor | None = None):
+    """V3.2's FP8 indexer inputs in one kernel for the torch path's ~40 kernels (models/indexer.py:
+    k_norm, the rope of q and k, their rotation, the casts, the head weights' scaling).
+
+    q [B, S, H, D] (wq_b's output), k [B, S, D] (wk's, before k_norm), both of one float dtype with
+    a unit last stride and rows at one stride; weights [B, S, H] fp32 (weights_proj's, unscaled);
+    norm_weight, norm_bias [D] (k_norm's); positions int64 [B, S]; inv_freq fp32 [rope / 2] (the
+    first rope columns are rotated, rotate_half pairs); rotation fp32 [D, D] (the normalized
+    Hadamard matrix). Returns q8 [B, S, H, D] float8_e4m3fn and the head weights [B, S, H] fp32
+    (times weight_scale and q's scale per head), then the keys per_custom_dims_cast_to_fp8(k, (0,))
+    as (k8 [B * S, D], k_scale [B * S]), or, given index_cache [num_pages, page_size, 1, D + 4]
+    (uint8, contiguous: DeepGEMM's paged layout), block_table int32 [B, max_pages] and cache_seqlens
+    int32 [B], written at slot cache_seqlens[b] + j (none where it has no slot) as (None, None)."""
+    b, s, heads, dim = q.shape
+    tokens = b * s
+    half = inv_freq.shape[0]
+    q8 = torch.empty(b, s, heads, dim, dtype=torch.float8_e4m3fn, device=q.device)
+    weights_out = torch.empty(b, s, heads, dtype=torch.float32, device=q.device)
+    write = index_cache is not None
+    k8 = None if write else torch.empty(tokens, dim, dtype=torch.float8_e4m3fn, device=q.device)
+    k_scale = None if write else torch.empty(tokens, dtype=torch.float32, device=q.device)
+    if tokens == 0:
+        return q8, weights_out, k8, k_scale
+    q3, k2, w2 = q.reshape(tokens, heads, dim), k.reshape(tokens, dim), weights.reshape(tokens, heads)
+    assert q3.stride(2) == 1 and k2.stride(1) == 1 and w2.stride(1) == 1 and w2.dtype == torch.float32
+    assert rotation.shape == (dim, dim) and rotation.is_contiguous() and rotation.dtype == torch.float32
+    assert 2 * half <= dim and inv_freq.is_contiguous() and norm_weight.is_contiguous() and norm_bias.is_contiguous()
+    if write:
+        assert index_cache.is_contiguous() and index_cache.shape[-1] == dim + 4
+        cache, table, seqlens = index_cache.view(torch.uint8), block_table, cache_seqlens.contiguous()
+        page_size, max_pages, num_pages = index_cache.shape[1], block_table.shape[1], index_cache.shape[0]
+        stride_page, stride_tb, stride_te = index_cache.stride(0), block_table.stride(0), block_table.stride(1)
+    else:  # (placeholders the kernel never reads)
+        cache = table = seqlens = weights_out
+        page_size = max_pages = num_pages = stride_page = stride_tb = stride_te = 1
+    dot_dtype, split = rotation_dots(q.dtype)
+    block_h = min(max(16, next_power_of_2(heads)), 32 if split else 64)
+    fast(_indexer_qk_kernel)[(tokens, triton.cdiv(heads, block_h))](
+        q3, k2, w2, norm_weight, norm_bias, positions.reshape(tokens).contiguous(), inv_freq, rotation,
+        q8.view(torch.uint8), weights_out, k8.view(torch.uint8) if k8 is not None else cache, k_scale if k8 is not None
+        else weights_out, cache, table, seqlens, float(attention_factor), float(weight_scale), float(eps), heads, dim,
+        s, page_size, max_pages, num_pages, q3.stride(0), q3.stride(1), k2.stride(0), w2.stride(0), stride_page,
+        stride_tb, stride_te, HALF=half, BLOCK_H=block_h,
+        BLOCK_HALF=max(16, next_power_of_2(half)), BLOCK_REST=max(16, next_power_of_2(dim - 2 * half)),
+        BLOCK_D=max(16, next_power_of_2(dim)), DTYPE=TL_DTYPES[q.dtype], DOT=TL_DTYPES[dot_dtype],
+        SPLIT=split, ROUND_BF16=_round_bf16(q.dtype),
+        ROUND_SCALE=round_scale, NATIVE=native_fp8_cast(q.device), WRITE_CACHE=write, num_warps=8,
+        enable_fp_fusion=False)
+    return q8, weights_out, k8, k_scale
+
+
+@triton.jit
+def _selection_kernel(values_ptr, positions_ptr, table_ptr, out_ptr, k, s, page_size, max_pages, stride_v, stride_p,
+                      stride_tb, stride_te, BLOCK: tl.constexpr, SLOTS: tl.constexpr):
+    """Row r (query token (b, j) of a [B * S, k] top-k): its positions as int32, -1 where the score
+    is -inf (a position the query does not see); SLOTS: positions (-1: none) made cache slots
+    through sequence b's block table (page * page_size + offset), -1 where none."""
+    r = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK)
+    ok = i < k
+    position = tl.load(positions_ptr + r * stride_p + i, mask=ok, other=-1)
+    if SLOTS:
+        entry = tl.maximum(position, 0) // page_size
+        page = tl.load(table_ptr + (r // s) * stride_tb + entry * stride_te, mask=ok & (entry < max_pages),
+                       other=-1).to(tl.int64)
+        out = tl.where(position >= 0, page * page_size + position % page_size, -1)
+    else:
+        value = tl.load(values_ptr + r * stride_v + i, mask=ok, other=0.0)
+        out = tl.where(value == float("-inf"), -1, position)
+    tl.store(out_ptr + r * k + i, out.to(tl.int32), mask=ok)
+
+
+@on_tensor_device
+def topk_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """topk's (values, positions) [..., k] -> int32 positions, -1 where the value is -inf: one kernel
+    for torch's three (models/indexer.py's selection)."""
+    out = torch.empty(positions.shape, dtype=torch.int32, device=positions.device)
+    k = positions.shape[-1]
+    if out.numel() == 0:
+        return out
+    v2, p2 = values.reshape(-1, k), positions.reshape(-1, k)
+    assert v2.stride(1) == 1 and p2.stride(1) == 1
+    fast(_selection_kernel)[(p2.shape[0],)](v2, p2, p2, out, k, 1, 1, 1, v2.stride(0), p2.stride(0), 0, 0,
+                                            BLOCK=next_power_of_2(k), SLOTS=False, num_warps=4)
+    return out
+
+
+@on_tensor_device
+def selected_slots(selected: torch.Tensor, block_table: torch.Tensor, page_size: int) -> torch.Tensor:
+    """selected int32 [B, S, k] (positions in each sequence, -1: none) -> int32 cache slots
+    block_table[b, p // page_size] * page_size + p % page_size, -1 where none: one kernel for
+    torch's eleven (the sparse attention's indices, models/attention.py)."""
+    b, s, k = selected.shape
+    out = torch.empty(b, s, k, dtype=torch.int32, device=selected.device)
+    if out.numel() == 0:
+        return out
+    p2 = selected.reshape(b * s, k)
+    assert p2.stride(1) == 1
+    fast(_selection_kernel)[(b * s,)](p2, p2, block_table, out, k, s, page_size, block_table.shape[1], 0, p2.stride(0),
+                                      block_table.stride(0), block_table.stride(1), BLOCK=next_power_of_2(k),
+                                      SLOTS=True, num_warps=4)
+    return out
 
 
 # ---- the MoE's rows sorted by expert ----
