@@ -529,12 +529,14 @@ def layer_cases(compiler: Compiler) -> None:
                                  _meta(64, 8, dtype=torch.int64), _meta(64, 8, dtype=torch.float32), 256, out_dtype,
                                  (_meta(64, 7168, dtype=out_dtype),) * addends)
     # the MoE's rows sorted by expert: V3's decode (8 of 256 experts, hidden 7168; up to the most
-    # pairs it takes) and a test model's 6 slots of hidden 256, scales in DeepGEMM's layout
+    # pairs it takes) and a test model's 6 slots of hidden 256, scales in DeepGEMM's layout; bf16 rows
     for tokens, k, hidden in ((1, 8, 7168), (triton_layer.MAX_SORTED_PAIRS // 8, 8, 7168), (37, 6, 256)):
         compiler.context = f"moe sort rows tokens={tokens} k={k} hidden={hidden}"
         triton_layer.moe_sort_rows(_meta(tokens, hidden, dtype=torch.float8_e4m3fn),
                                    _meta(hidden // 128, tokens, dtype=torch.float32).t(),
                                    _meta(tokens, k, dtype=torch.int64), 256)
+    compiler.context = "moe sort rows bf16 tokens=1 k=8 hidden=7168"  # float experts' rows (no scales)
+    triton_layer.moe_sort_rows(_meta(1, 7168), None, _meta(1, 8, dtype=torch.int64), 256)
     # the paged latent cache write: V3's bf16 cache and its FP8 one (e4m3 with a scale)
     for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
         compiler.context = f"latent cache write {str(cache_dtype)[6:]}"

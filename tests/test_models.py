@@ -1082,20 +1082,27 @@ def test_fused_latent_cache_write_keeps_to_the_cache():
     assert memory.abs().sum() == 0
 
 
-def test_fp8_decode_step_kernel_count():
-    """The FP8 MoE layer's decode step (batch 2) on the Triton backend launches 6 torch kernels and
+@pytest.mark.parametrize("weights,torch_kernels,triton_launches", [("fp8", 6, 24), ("bf16", 18, 13)])
+def test_decode_step_kernel_count(weights, torch_kernels, triton_launches):
+    """The MoE layer's decode step (batch 2) on the Triton backend. FP8 weights: 6 torch kernels and
     24 Triton ones (the shared FP8 casts, three of them in their norm's kernel, the fused SwiGLU
     cast, RMSNorm (the post-attention one adding the residual), rope, cache write, the MoE's sort
     by expert and its combine with the shared experts' output and the residual added, one Triton
-    split plan; before them: ~98 and 21, then 19 and 24). Each launch is host time in eager mode and GPU time even in a CUDA graph, so a change
-    that adds some shows here. Counted, not timed: torch ops that dispatch (views and allocations
-    excluded) and Triton launches under the interpreter."""
+    split plan; before them: ~98 and 21, then 19 and 24). bf16 weights: 18 and 13 (torch's GEMMs,
+    the shared experts' silu and mul, one searchsorted for the experts' row ends; before the sort
+    kernel took float rows: 33 and 12). Each launch is host time in eager mode and GPU time even in
+    a CUDA graph, so a change that adds some shows here. Counted, not timed: torch ops that dispatch
+    (views and allocations excluded) and Triton launches under the interpreter."""
     if "triton" not in dskernels.available_backends() or torch.cuda.is_available():
         pytest.skip("counts the interpreter's launches (CPU)")
     from dskernels.testing.launches import count_launches
 
     cfg = CONFIGS["v3"]
-    layer = fp8_moe_layer(cfg, seed=21)
+    if weights == "fp8":
+        layer = fp8_moe_layer(cfg, seed=21)
+    else:
+        layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16)
+        layer.load_hf_state_dict(make_reference(cfg, 1, seed=21).state_dict())
     cache, table = paged_cache(cfg, 8, 4, 2, 4, dtype=torch.bfloat16)
     step = dict(kv_cache=cache, block_table=table, cache_seqlens=torch.tensor([3, 9], dtype=torch.int32))
     x, positions = torch.randn(2, 1, cfg.hidden_size).bfloat16(), torch.tensor([[3], [9]])
@@ -1103,8 +1110,8 @@ def test_fp8_decode_step_kernel_count():
         layer(x, positions, **step)  # absorbs W_UK / W_UV once
         with count_launches() as launched:
             layer(x, positions, **step)
-    assert len(launched.torch) <= 6, " ".join(sorted(launched.torch))
-    assert len(launched.triton) <= 24, " ".join(sorted(launched.triton))
+    assert len(launched.torch) <= torch_kernels, " ".join(sorted(launched.torch))
+    assert len(launched.triton) <= triton_launches, " ".join(sorted(launched.triton))
 
 
 def test_attention_with_a_cache_of_another_float_dtype():
@@ -1213,13 +1220,14 @@ def test_fused_moe_combine_keeps_the_router_gradient():
 @pytest.mark.parametrize("tokens,k,hidden,experts", [
     pytest.param(*shape, marks=[pytest.mark.gpu] if torch.cuda.is_available() else [])
     for shape in ((1, 8, 7168, 256), (3, 4, 384, 6), (70, 4, 256, 16), (37, 3, 128, 5), (0, 8, 256, 4))])
-def test_moe_sort_rows_matches_torch_sort(tokens, k, hidden, experts):
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16, torch.float32], ids=["fp8", "bf16", "fp32"])
+def test_moe_sort_rows_matches_torch_sort(tokens, k, hidden, experts, dtype):
     """moe_sort_rows against Experts.forward's torch ops, exactly: m_indices is torch.sort's stable
     order of the keys (ids outside [0, experts) as `experts`, last), positions its inverse, and row
-    positions[t * K + k] holds token t's FP8 row and scales. Ids -1, one past the last expert and
-    repeats within a token; more pairs than one block of the kernel's loop (70 x 4); K not a power
-    of two; no tokens. x and its scales are strided views of NaN-poisoned buffers (scales
-    column-major), and sa comes in DeepGEMM's column-major TMA-aligned layout."""
+    positions[t * K + k] holds token t's row (FP8 with its scales, or float). Ids -1, one past the
+    last expert and repeats within a token; more pairs than one block of the kernel's loop (70 x 4);
+    K not a power of two; no tokens. x and its scales are strided views of NaN-poisoned buffers
+    (scales column-major), and sa comes in DeepGEMM's column-major TMA-aligned layout."""
     from dskernels.triton import layer as triton_layer
 
     if "triton" not in dskernels.available_backends():
@@ -1230,18 +1238,23 @@ def test_moe_sort_rows_matches_torch_sort(tokens, k, hidden, experts):
     idx = torch.randint(0, experts, (tokens, k), generator=g)
     if tokens >= 3:
         idx[0, 0], idx[1, 1], idx[2, :2] = -1, experts, torch.tensor([experts - 1, experts - 1])
-    padded = torch.full((tokens, hidden + 32), float("nan")).to(torch.float8_e4m3fn)
+    padded = torch.full((tokens, hidden + 32), float("nan")).to(dtype)
     x = padded[:, 16:16 + hidden]
-    x.copy_(torch.randn(tokens, hidden, generator=g).to(torch.float8_e4m3fn))
+    x.copy_(torch.randn(tokens, hidden, generator=g).to(dtype))
     scale_buffer = torch.full((groups + 1, tokens + 3), float("nan"))
     scales = scale_buffer[1:, :tokens].t()
     scales.copy_(torch.rand(tokens, groups, generator=g) + 0.5)
-    (a, sa), m_indices, positions = triton_layer.moe_sort_rows(x.to(device), scales.to(device), idx.to(device),
-                                                               experts)
+    fp8 = dtype == torch.float8_e4m3fn
+    rows, m_indices, positions = triton_layer.moe_sort_rows(x.to(device), scales.to(device) if fp8 else None,
+                                                            idx.to(device), experts)
     key = torch.where((idx >= 0) & (idx < experts), idx, experts).reshape(-1)
     sorted_key, order = torch.sort(key, stable=True)
     assert torch.equal(m_indices.cpu(), sorted_key.to(torch.int32))
     assert torch.equal(positions.cpu(), torch.empty_like(order).scatter_(0, order, torch.arange(order.numel())))
+    if not fp8:
+        assert rows.dtype == dtype and torch.equal(rows.cpu().view(torch.uint8), x[order // k].view(torch.uint8))
+        return
+    a, sa = rows
     assert torch.equal(a.cpu().view(torch.uint8), x[order // k].view(torch.uint8))
     assert torch.equal(sa.cpu(), scales[order // k])
     assert sa.shape == (tokens * k, groups)
@@ -1250,25 +1263,33 @@ def test_moe_sort_rows_matches_torch_sort(tokens, k, hidden, experts):
         assert dskernels.get_col_major_tma_aligned_tensor(sa) is sa
 
 
-@pytest.mark.parametrize("fp8_x", [False, True])
-def test_experts_sorted_in_kernels_match_torch_ops(monkeypatch, fp8_x):
-    """FP8 experts on the Triton backend: the decode path (moe_sort_rows, the grouped GEMMs,
-    moe_combine with the additions) gives the bits of the torch-ops path (torch.sort, gather, cast,
-    the same GEMMs, torch's combine and adds), for bf16 rows or FP8 (rows, scales) pairs as the EP
-    exchange delivers them, with -1 ids (tokens of other ranks' experts) among them."""
+@pytest.mark.parametrize("kind,fp8_x", [("fp8", False), ("fp8", True), ("bf16", False), ("fp32", False)],
+                         ids=["fp8", "fp8-pairs", "bf16", "fp32"])
+def test_experts_sorted_in_kernels_match_torch_ops(monkeypatch, kind, fp8_x):
+    """Experts on the Triton backend: the decode path (moe_sort_rows, the grouped GEMMs, moe_combine
+    with the additions) gives the bits of the torch-ops path (torch.sort, gather, cast, the same
+    GEMMs, torch's combine and adds), with -1 ids (tokens of other ranks' experts) among them. FP8
+    experts: bf16 rows or FP8 (rows, scales) pairs as the EP exchange delivers them. Float experts:
+    their rows copied, each expert's row end from the sorted ids (the counts' cumsum on torch's
+    path); rows that need a gradient take torch's ops."""
     if "triton" not in dskernels.available_backends():
         pytest.skip("no Triton backend here")
     from dskernels.triton import layer as triton_layer
 
     cfg = CONFIGS["v3"]
-    layer = fp8_moe_layer(cfg, seed=27)
+    dtype = {"fp8": torch.bfloat16, "bf16": torch.bfloat16, "fp32": torch.float32}[kind]
+    if kind == "fp8":
+        layer = fp8_moe_layer(cfg, seed=27)
+    else:
+        layer = DeepseekV3DecoderLayer(cfg, 1, dtype=dtype)
+        layer.load_hf_state_dict(make_reference(cfg, 1, seed=33).state_dict())
     experts = layer.mlp.experts
     g = torch.Generator().manual_seed(4)
     tokens, hidden = 5, cfg.hidden_size
-    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
     idx, weights = route(x, layer.mlp.gate_weight, layer.mlp.e_score_correction_bias, cfg)
     idx[1, 0] = idx[3, 2] = -1
-    addends = (torch.randn(tokens, hidden, generator=g).bfloat16(), torch.randn(tokens, hidden, generator=g).bfloat16())
+    addends = (torch.randn(tokens, hidden, generator=g).to(dtype), torch.randn(tokens, hidden, generator=g).to(dtype))
     inputs = dskernels.per_token_cast_to_fp8(x) if fp8_x else x
     calls, sort_rows = [], triton_layer.moe_sort_rows
     monkeypatch.setattr(triton_layer, "moe_sort_rows", lambda *a: calls.append(1) or sort_rows(*a))
@@ -1276,13 +1297,19 @@ def test_experts_sorted_in_kernels_match_torch_ops(monkeypatch, fp8_x):
     with torch.no_grad(), forced_backend("triton"):
         for limit in (triton_layer.MAX_SORTED_PAIRS, 0):  # the kernels' path, then torch's
             monkeypatch.setattr(triton_layer, "MAX_SORTED_PAIRS", limit)
-            outs.append(experts(inputs, idx, weights, torch.bfloat16, addends))
+            outs.append(experts(inputs, idx, weights, dtype, addends))
+        monkeypatch.setattr(triton_layer, "MAX_SORTED_PAIRS", 8192)
         # and torch's combine and adds (their fp32 sums in another order: to rounding)
-        monkeypatch.setattr(type(experts), "_combines_in_kernel", lambda *args: False)
-        outs.append(experts(inputs, idx, weights, torch.bfloat16, addends))
+        with monkeypatch.context() as patched:
+            patched.setattr(type(experts), "_combines_in_kernel", lambda *args: False)
+            outs.append(experts(inputs, idx, weights, dtype, addends))
     assert len(calls) == 1
     assert torch.equal(outs[0], outs[1])
     torch.testing.assert_close(outs[2], outs[0], rtol=1e-2, atol=1e-2)
+    if kind != "fp8":  # (FP8 experts refuse a gradient)
+        with forced_backend("triton"):
+            experts(x.clone().requires_grad_(), idx, weights, dtype, addends)
+        assert len(calls) == 1
 
 
 @pytest.mark.parametrize("hooked", ["mlp", "mlp.experts"])

@@ -542,6 +542,53 @@ def test_indexer_qk_kernel_writes_keys_into_the_paged_cache(round_scale):
                       1.0 if round_scale else 2 ** -7)
 
 
+def test_fused_indexer_only_where_it_computes_the_same(monkeypatch):
+    """The Triton backend takes the fused indexer kernel only where it does the torch steps' work:
+    not with explicit slots (slots of -1 write nothing), not past MAX_INDEXER_DIM (index_head_dim
+    256 would not fit a GPU's shared memory), and not when k_norm has a hook (the hook runs and
+    changes the keys as on the reference backend)."""
+    from dskernels.models.indexer import Indexer
+    from dskernels.models.rope import rope_inv_freq
+    from dskernels.triton import layer as triton_layer
+
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("no Triton backend here")
+    fused, kernel = [], triton_layer.indexer_qk
+    monkeypatch.setattr(triton_layer, "indexer_qk", lambda *a: fused.append(1) or kernel(*a))
+
+    def case(dim, seed=0):
+        cfg = DeepseekV3Config.tiny(index_topk=4, index_head_dim=dim, index_n_heads=4, qk_rope_head_dim=32)
+        indexer = Indexer(cfg, dtype=torch.bfloat16, fp8=True)
+        g = torch.Generator().manual_seed(seed)
+        for name, buffer in indexer.named_buffers():
+            if not name.startswith("k_norm"):
+                buffer.copy_(0.05 * torch.randn(buffer.shape, generator=g))
+        x = torch.randn(2, 3, cfg.hidden_size, generator=g).bfloat16()
+        q_resid = torch.randn(2, 3, cfg.q_lora_rank, generator=g).bfloat16()
+        inv_freq, factor = rope_inv_freq(cfg.rope_parameters, cfg.qk_rope_head_dim, cfg.max_position_embeddings)
+        return indexer, x, q_resid, (torch.arange(3).expand(2, 3), inv_freq, factor)
+
+    indexer, x, q_resid, rope = case(64)
+    table, lens = torch.arange(4, dtype=torch.int32).view(2, 2), torch.tensor([1, 2], dtype=torch.int32)
+    cache = torch.zeros(4, 4, 1, 68, dtype=torch.uint8)
+    with torch.no_grad(), dskernels.backend("triton"):
+        indexer._fp8_inputs(x, q_resid, rope, None, None, (cache, table, lens, torch.full((6,), -1)))
+        assert not fused and not cache.any()
+        indexer._fp8_inputs(x, q_resid, rope, None, None, (cache, table, lens, None))
+        assert fused and cache.any()
+        fused.clear()
+        wide, *inputs = case(256)
+        wide._fp8_inputs(*inputs, None, None)  # (would fit no GPU's shared memory fused)
+        assert not fused
+        calls = []
+        indexer.k_norm.register_forward_hook(lambda module, args, out: calls.append(1) or -out)
+        _, _, k8, k_scale = indexer._fp8_inputs(x, q_resid, rope, None, None)
+        assert not fused and calls
+    with torch.no_grad(), dskernels.backend("ref"):
+        _, _, ref_k8, ref_scale = indexer._fp8_inputs(x, q_resid, rope, None, None)
+    assert torch.equal(k8.view(torch.uint8), ref_k8.view(torch.uint8)) and torch.equal(k_scale, ref_scale)
+
+
 @pytest.mark.parametrize("k", [pytest.param(k, marks=ON_GPU) for k in (1, 5, 16)])
 def test_selection_kernels_match_torch(k):
     """topk_positions and selected_slots (the V3.2 decode's selection into cache slots) against the

@@ -26,7 +26,7 @@ from torch import nn
 
 import dskernels
 from dskernels.models.config import DeepseekV3Config
-from dskernels.models.linear import Linear, triton_fusable
+from dskernels.models.linear import Linear, triton_fusable, unhooked
 from dskernels.models.paged import cache_rows, write_rows
 from dskernels.models.rope import apply_rope, rope_cos_sin
 
@@ -130,14 +130,18 @@ class Indexer(nn.Module):
         [B * S]), or, given key_cache = (index_cache, block_table, cache_seqlens, slots), written
         into the cache (at `slots`: flat cache rows [B * S], -1 not written, None: at cache_seqlens[b]
         + j through the block table) as (None, None). After the three projections one Triton kernel
-        where it runs (dskernels/triton/layer.py's indexer_qk: the same steps), torch's ops otherwise."""
-        if not triton_fusable(x):
+        where it runs (dskernels/triton/layer.py's indexer_qk: the same steps; slots None, a plain
+        k_norm without hooks, index_head_dim up to MAX_INDEXER_DIM), torch's ops otherwise."""
+        from dskernels.triton import layer as triton_layer
+
+        fused = (triton_fusable(x) and (key_cache is None or key_cache[3] is None)
+                 and self.head_dim <= triton_layer.MAX_INDEXER_DIM
+                 and type(self.k_norm) is LayerNorm and unhooked(self.k_norm))
+        if not fused:
             return self._cast(*self.project(x, q_resid, rope, x_fp8, q_resid_fp8), key_cache)
         q, k, weights = self._projections(x, q_resid, x_fp8, q_resid_fp8)
         if not (triton_fusable(q, k) and self.hadamard.device == x.device):
             return self._cast(*self._rotate(q, k, weights, rope), key_cache)
-        from dskernels.triton import layer as triton_layer
-
         positions, inv_freq, attention_factor = rope
         return triton_layer.indexer_qk(q, k, weights, self.k_norm.weight, self.k_norm.bias, self.k_norm.eps, positions,
                                        inv_freq.to(device=x.device, dtype=torch.float32).contiguous(),

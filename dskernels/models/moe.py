@@ -127,6 +127,7 @@ class Experts(nn.Module):
         self.register_buffer("gate_up_proj_scale_inv", None)
         self.register_buffer("down_proj_scale_inv", None)
         self._gate_up_scales, self._down_scales = BlockMajorScales(), BlockMajorScales()
+        self._expert_ids = None  # arange(num_local_experts) on the device last used (_row_ends)
 
     @property
     def is_fp8(self) -> bool:
@@ -160,9 +161,14 @@ class Experts(nn.Module):
             # the same bits as the torch ops below (one cast of each token's row, not of each copy)
             from dskernels.triton import layer as triton_layer
 
-            a = x if isinstance(x, tuple) else dskernels.per_token_cast_to_fp8(x.contiguous(), self.round_scale)
-            xs, m_indices, positions = triton_layer.moe_sort_rows(*a, topk_idx, experts)
-            y = self._expert_mlp(xs, m_indices, None)
+            if not self.is_fp8:
+                rows = (x, None)
+            elif isinstance(x, tuple):
+                rows = x
+            else:
+                rows = dskernels.per_token_cast_to_fp8(x.contiguous(), self.round_scale)
+            xs, m_indices, positions = triton_layer.moe_sort_rows(*rows, topk_idx, experts)
+            y = self._expert_mlp(xs, m_indices, None if self.is_fp8 else self._row_ends(m_indices))
             return triton_layer.moe_combine(y, positions, topk_idx, topk_weights, experts, out_dtype, addends)
         flat = topk_idx.reshape(-1)
         # -1 (and ids past the last expert) sort last as `experts`: padding rows to every grouped GEMM
@@ -200,6 +206,14 @@ class Experts(nn.Module):
             out = out + addend
         return out
 
+    def _row_ends(self, m_indices: torch.Tensor) -> torch.Tensor:
+        """Each expert's row end in rows sorted by expert (m_indices ascending, padding rows last as
+        `experts`): the float GEMMs' offsets, int32 [experts], as the counts' cumsum gives them."""
+        ids = self._expert_ids
+        if ids is None or ids.device != m_indices.device:
+            ids = self._expert_ids = torch.arange(self.num_local_experts, dtype=torch.int32, device=m_indices.device)
+        return torch.searchsorted(m_indices, ids, right=True, out_int32=True)
+
     def _expert_mlp(self, xs, m_indices: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
         """Rows xs sorted by expert (m_indices: each row's expert, padding rows outside [0, experts);
         offsets: each expert's row end, for float weights) -> each row's expert output [rows, H] (bf16
@@ -227,23 +241,27 @@ class Experts(nn.Module):
 
     def _sorts_in_kernels(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor, out_dtype: torch.dtype,
                           addends: tuple[torch.Tensor, ...]) -> bool:
-        """Whether forward takes the Triton path from the routing to the combine: FP8 experts, up to
+        """Whether forward takes the Triton path from the routing to the combine: up to
         MAX_SORTED_PAIRS (token, slot) pairs, x of their shape (else torch's ops, whose GEMMs name
-        what is wrong), and the combine's conditions."""
+        what is wrong), FP8 experts (x float or an FP8 pair) or float ones (x of their dtype, no
+        gradient), and the combine's conditions."""
         from dskernels.triton.layer import MAX_SORTED_PAIRS
 
-        if not self.is_fp8 or topk_idx.dtype not in (torch.int64, torch.int32) or topk_idx.numel() > MAX_SORTED_PAIRS:
+        if topk_idx.dtype not in (torch.int64, torch.int32) or topk_idx.numel() > MAX_SORTED_PAIRS:
             return False
         tokens, groups = topk_idx.shape[0], self.hidden // 128
         rows = x[0] if isinstance(x, tuple) else x
         if not isinstance(rows, torch.Tensor) or rows.device != topk_idx.device:
             return False
-        if isinstance(x, tuple):
-            fits = (len(x) == 2 and x[0].dtype == FP8 and tuple(x[0].shape) == (tokens, self.hidden)
-                    and x[1].dtype == torch.float32 and tuple(x[1].shape) == (tokens, groups))
+        if not self.is_fp8:
+            fits = (not isinstance(x, tuple) and x.dtype == self.gate_up_proj.dtype and not _needs_grad(x)
+                    and not _needs_grad(self.gate_up_proj) and not _needs_grad(self.down_proj))
+        elif isinstance(x, tuple):
+            fits = (len(x) == 2 and x[0].dtype == FP8 and x[1].dtype == torch.float32
+                    and tuple(x[1].shape) == (tokens, groups) and self.hidden % 128 == 0)
         else:
-            fits = x.dim() == 2 and tuple(x.shape) == (tokens, self.hidden)
-        return (fits and self.hidden % 128 == 0
+            fits = self.hidden % 128 == 0
+        return (fits and rows.dim() == 2 and tuple(rows.shape) == (tokens, self.hidden)
                 and self._combines_in_kernel(topk_weights, out_dtype, addends, topk_weights))
 
     def forward_masked(self, x, counts: torch.Tensor, expected_m: int, out_dtype: torch.dtype) -> torch.Tensor:

@@ -13,9 +13,9 @@ models.linear.triton_fusable allows; torch's ops are the definition):
   fp32 data without contracting a * b - c * d into an FMA (enable_fp_fusion=False).
 - The MoE's rows sorted by expert (`moe_sort_rows`): each (token, slot) pair's row in the
   layout the contiguous grouped GEMM reads (a stable sort by expert, experts elsewhere last), the
-  group of each row, and the token's FP8 row and scales copied there: one kernel for torch's ~10
-  (key, sort, group ids, token ids, the row gather, the per-row cast, the combine's inverse
-  permutation), for up to MAX_SORTED_PAIRS pairs (decode; its work grows with their square).
+  group of each row, and the token's row (FP8 with its scales, or float) copied there: one kernel
+  for torch's ~10 (key, sort, group ids, token ids, the row gather, the per-row cast, the combine's
+  inverse permutation), for up to MAX_SORTED_PAIRS pairs (decode; its work grows with their square).
 - The MoE combine (`moe_combine`): each token's weighted sum of its experts' output rows (in the
   experts' sorted order), summed in fp32 in the order of its top-k slots and rounded once: one
   kernel for torch's seven (gather of the weights, fp32 copy, multiply, mask, zeros, index_add_,
@@ -491,6 +491,11 @@ def _indexer_qk_kernel(q_ptr, k_ptr, weights_ptr, norm_w_ptr, norm_b_ptr, positi
                      SPLIT, ROUND_BF16, ROUND_SCALE, NATIVE, WRITE_CACHE)
 
 
+# indexer_qk holds the rotation's sign tiles [rows, index_head_dim] at once: V3.2's 128 fits every
+# GPU's shared memory without spills (scripts/check_triton_compile.py); 256 would not
+MAX_INDEXER_DIM = 128
+
+
 def rotation_dots(dtype: torch.dtype) -> tuple[torch.dtype, bool]:
     """indexer_qk's rotation products for dtype data: (their operands' dtype, whether fp32 data is
     split into three bf16 parts). On a GPU the data's own dtype, fp32 as bf16 parts; fp32 products
@@ -521,6 +526,7 @@ def indexer_qk(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, norm_wei
     b, s, heads, dim = q.shape
     tokens = b * s
     half = inv_freq.shape[0]
+    assert dim <= MAX_INDEXER_DIM and k.dtype == q.dtype and k.shape == (b, s, dim)
     q8 = torch.empty(b, s, heads, dim, dtype=torch.float8_e4m3fn, device=q.device)
     weights_out = torch.empty(b, s, heads, dtype=torch.float32, device=q.device)
     write = index_cache is not None
@@ -621,8 +627,8 @@ def _moe_sort_rows_kernel(idx_ptr, x_ptr, sx_ptr, a_ptr, sa_ptr, m_indices_ptr, 
                           BLOCK_BYTES: tl.constexpr, BLOCK_SCALES: tl.constexpr):
     """Program t: token t's K pairs p = t * K + k. A pair's key is its expert, or `experts` for an id
     outside [0, experts); its row is the number of pairs ordered before it by (key, p): torch's
-    stable sort by key. Writes position[p] = row, m_indices[row] = key, and token t's FP8 row
-    (bytes) and scales (as int32 bits) into each of its K rows."""
+    stable sort by key. Writes position[p] = row, m_indices[row] = key, and token t's row (bytes)
+    and its scales (as int32 bits; none where scale_cols is 0) into each of its K rows."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.arange(0, K_PAD)
     in_token = slot < K
@@ -652,36 +658,43 @@ def _moe_sort_rows_kernel(idx_ptr, x_ptr, sx_ptr, a_ptr, sa_ptr, m_indices_ptr, 
 
 
 @on_tensor_device
-def moe_sort_rows(x_fp8: torch.Tensor, scales: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
-    """x_fp8 [T, H] float8_e4m3fn and its scales fp32 [T, H / 128] (any strides),
-    topk_idx int [T, K] (ids outside [0, num_experts), e.g. -1: no expert here), T * K <=
-    MAX_SORTED_PAIRS -> ((a [T * K, H], sa [T * K, H / 128]), m_indices int32 [T * K], positions
-    int64 [T * K]): what Experts.forward's torch ops make (models/moe.py): the pairs sorted stably
-    by expert, those of no expert last (m_indices: the expert, num_experts for those), each row
-    token t's cast row for pair (t, k) at row positions[t * K + k]. sa in DeepGEMM's column-major
-    TMA-aligned layout (get_col_major_tma_aligned_tensor's: the sm90 GEMMs take it without a copy)."""
+def moe_sort_rows(x: torch.Tensor, scales: torch.Tensor | None, topk_idx: torch.Tensor, num_experts: int):
+    """x [T, H]: FP8 (float8_e4m3fn, with its scales fp32 [T, H / 128]) or float rows (scales None),
+    any strides; topk_idx int [T, K] (ids outside [0, num_experts), e.g. -1: no expert here), T * K
+    <= MAX_SORTED_PAIRS -> (the sorted rows, m_indices int32 [T * K], positions int64 [T * K]): what
+    Experts.forward's torch ops make (models/moe.py): the pairs sorted stably by expert, those of no
+    expert last (m_indices: the expert, num_experts for those), each row token t's row for pair
+    (t, k) at row positions[t * K + k]. The sorted rows: (a [T * K, H], sa [T * K, H / 128]) for FP8,
+    sa in DeepGEMM's column-major TMA-aligned layout (get_col_major_tma_aligned_tensor's: the sm90
+    GEMMs take it without a copy); [T * K, H] of x's dtype for float rows."""
     tokens, k = topk_idx.shape
-    hidden, groups = x_fp8.shape[1], scales.shape[1]
+    hidden = x.shape[1]
     pairs = tokens * k
-    assert pairs <= MAX_SORTED_PAIRS and x_fp8.dtype == torch.float8_e4m3fn and scales.dtype == torch.float32
-    assert x_fp8.shape == (tokens, hidden) and scales.shape == (tokens, -(-hidden // 128)) and hidden % 128 == 0
-    assert topk_idx.dtype in (torch.int64, torch.int32)
-    x_fp8 = x_fp8 if x_fp8.stride(1) == 1 else x_fp8.contiguous()
-    device = x_fp8.device
-    a = torch.empty(pairs, hidden, dtype=torch.float8_e4m3fn, device=device)
-    aligned = -(-pairs // 4) * 4  # 16-byte columns of fp32
-    sa = torch.empty(groups, aligned, dtype=torch.float32, device=device).t()[:pairs]
+    fp8 = scales is not None
+    assert pairs <= MAX_SORTED_PAIRS and x.shape == (tokens, hidden) and topk_idx.dtype in (torch.int64, torch.int32)
+    if fp8:
+        assert x.dtype == torch.float8_e4m3fn and scales.dtype == torch.float32 and hidden % 128 == 0
+        assert scales.shape == (tokens, hidden // 128)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    device = x.device
+    a = torch.empty(pairs, hidden, dtype=x.dtype, device=device)
     m_indices = torch.empty(pairs, dtype=torch.int32, device=device)
     positions = torch.empty(pairs, dtype=torch.int64, device=device)
+    groups = hidden // 128 if fp8 else 0
+    aligned = -(-pairs // 4) * 4  # 16-byte columns of fp32
+    sa = torch.empty(groups, aligned, dtype=torch.float32, device=device).t()[:pairs] if fp8 else None
     if pairs:
-        a_bytes, sx_bits, sa_bits = a.view(torch.uint8), scales.view(torch.int32), sa.view(torch.int32)
+        a_bytes, x_bytes = a.view(torch.uint8), x.view(torch.uint8)
+        # (float rows: no scales; the kernel's scale loop is masked off, its pointers any int32 tensor)
+        sx_bits, sa_bits = (scales.view(torch.int32), sa.view(torch.int32)) if fp8 else (m_indices, m_indices[:, None])
         fast(_moe_sort_rows_kernel)[(tokens,)](
-            topk_idx, x_fp8.view(torch.uint8), sx_bits, a_bytes, sa_bits, m_indices, positions, pairs, num_experts,
-            hidden, groups, topk_idx.stride(0), topk_idx.stride(1), x_fp8.stride(0), sx_bits.stride(0),
-            sx_bits.stride(1), a_bytes.stride(0), sa_bits.stride(0), sa_bits.stride(1), K=k,
+            topk_idx, x_bytes, sx_bits, a_bytes, sa_bits, m_indices, positions, pairs, num_experts, x_bytes.shape[1],
+            groups, topk_idx.stride(0), topk_idx.stride(1), x_bytes.stride(0), sx_bits.stride(0) if fp8 else 0,
+            sx_bits.stride(1) if fp8 else 0, a_bytes.stride(0), sa_bits.stride(0), sa_bits.stride(1), K=k,
             K_PAD=next_power_of_2(k), BLOCK_PAIRS=min(256, next_power_of_2(pairs)),
-            BLOCK_BYTES=min(1024, next_power_of_2(hidden)), BLOCK_SCALES=next_power_of_2(groups), num_warps=4)
-    return (a, sa), m_indices, positions
+            BLOCK_BYTES=min(1024, next_power_of_2(x_bytes.shape[1])), BLOCK_SCALES=next_power_of_2(max(groups, 1)),
+            num_warps=4)
+    return ((a, sa) if fp8 else a), m_indices, positions
 
 
 # ---- the MoE combine ----
