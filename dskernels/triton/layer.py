@@ -447,13 +447,13 @@ def _indexer_qk_kernel(q_ptr, k_ptr, weights_ptr, norm_w_ptr, norm_b_ptr, positi
                        ROUND_BF16: tl.constexpr, ROUND_SCALE: tl.constexpr, NATIVE: tl.constexpr,
                        WRITE_CACHE: tl.constexpr):
     """Program (t, g): token t's indexer query heads [g * BLOCK_H, (g + 1) * BLOCK_H) and (g = 0)
-    its key from wq_b's and wk's outputs, the torch path's steps (models/indexer.py): k_norm (the
-    key; _indexer_key), rope on the first 2 * HALF columns
-    (rotate_half pairs), the rotation (q @ rotation in fp32, rounded to the data's dtype), then the
-    FP8 casts: q one scale per head (folded into the head weights, with weight_scale), the key one
-    scale, stored at its cache slot (WRITE_CACHE: DeepGEMM's paged layout, _cache_slot) or in k8 /
-    k_scale. The three column ranges (rope halves, the rest) are loaded apart, so that the rotation
-    is three products summed (_rotated: the same value as torch's one product, to fp32 rounding)."""
+    its key (_indexer_key) from wq_b's and wk's outputs, the torch path's steps (models/indexer.py):
+    k_norm (the key), rope on the first 2 * HALF columns (rotate_half pairs), the rotation (q @
+    rotation in fp32, rounded to the data's dtype), then the FP8 casts: q one scale per head (folded
+    into the head weights, with weight_scale), the key one scale, stored at its cache slot
+    (WRITE_CACHE: DeepGEMM's paged layout, _cache_slot) or in k8 / k_scale. The three column ranges
+    (rope halves, the rest) are loaded apart, so that the rotation is three products summed
+    (_rotated: the same value as torch's one product, to fp32 rounding)."""
     t = tl.program_id(0)
     t64 = t.to(tl.int64)
     rest = dim - 2 * HALF
