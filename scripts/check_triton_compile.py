@@ -80,9 +80,11 @@ TARGETS = {
 # Spills tolerated on sm_90a, per kernel. MLA decode's 64-key tiles sit at 255 registers and spill
 # up to 260 bytes with triton 3.8 (CI's; 32-row fp8-cache causal tile), yet on an H200 (triton 3.6)
 # they ran 1.38x-1.44x faster than the spill-free 32-key tiles on every decode case
-# (benchmarks/results/nvidia-h200.json, the triton[keys64] rows): the spills stay in L1. The bound
-# catches a tile that spills far more than that measured one.
-ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 320,
+# (benchmarks/results/nvidia-h200.json, the triton[keys64] rows): the spills stay in L1. Since the
+# fp8 cache's fp16 dots (2026-12-06) that tile spills 344 bytes (3.8; 348 with the device's 3.6),
+# all of them before or after the key loop (SASS: no STL/LDL inside it, whose body lost 16% of its
+# instructions). The bound catches a tile that spills far more than these.
+ALLOWED_SPILL_BYTES = {"_mla_decode_splitkv_kernel": 352,
                        # 64 heads' non-split form: values stored before the main loop and reloaded
                        # after it, none accessed inside (SASS, 2026-12-05): two through Triton 3.8,
                        # four through 3.6 (the device's)

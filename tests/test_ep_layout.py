@@ -272,3 +272,11 @@ def test_low_latency_send(backend, use_fp8, dtype, T, M, H, K, E, R):
             for payload, at in zip(payloads, offsets):
                 field = want[r, t, at: at + payload.shape[1]]
                 assert torch.equal(field, payload[t] if goes else poison[r, t, at: at + payload.shape[1]]), (r, t)
+
+
+def test_deepep_module_helpers():
+    """What DeepEP's tests ask of the module before they dispatch: FP8 support (Buffer.is_sm90_compiled,
+    here on every device) and the dtype of topk_idx (deep_ep.topk_idx_t)."""
+    from dskernels.ep import Buffer, topk_idx_t
+    assert Buffer.is_sm90_compiled() is True
+    assert topk_idx_t == torch.int64

@@ -140,10 +140,10 @@ def test_decode_matches_oracle(backend, lengths, s_q, h_q, h_kv, page_size, cach
 @pytest.mark.parametrize("fp8_path", ["native", "bytes"])
 @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
 def test_decode_fp8_cache_paths(backend, q_dtype, fp8_path, monkeypatch):
-    """The Triton kernel's fp8 paths: native e4m3 loads (with fp16 queries: the separate P @ V
-    load; bf16 ones take the fp32 dots under the interpreter), and the path for GPUs whose Triton
-    has no e4m3 type (before sm_89): the cache read as bytes and widened in integer arithmetic
-    (e4m3_bits_to_fp16, checked on every byte value by tests/test_gemm.py)."""
+    """The Triton kernel's fp8 paths (fp16 dots, a bf16 q scaled into fp16's range): native e4m3
+    loads (with the separate P @ V load), and the path for GPUs whose Triton has no e4m3 type
+    (before sm_89): the cache read as bytes and widened in integer arithmetic (e4m3_bits_to_fp16,
+    checked on every byte value by tests/test_gemm.py)."""
     name, device = backend
     if name != "triton":
         pytest.skip("these paths are the Triton kernel's")
@@ -152,6 +152,25 @@ def test_decode_fp8_cache_paths(backend, q_dtype, fp8_path, monkeypatch):
     inputs = make_inputs([45, 2, 190], 3, 4, 2, 61, q_dtype, FP8, device=device, seed=5)
     out, lse = run_op(*inputs, True)
     assert_matches_oracle(out, lse, *inputs, True)
+
+
+@pytest.mark.parametrize("exponent", [40, -100])
+def test_decode_fp8_cache_bf16_queries_outside_fp16_range(backend, exponent):
+    """With an fp8 cache the Triton kernel's dots take fp16 operands, whose range a bf16 q can
+    leave (65504 and up, or below 2**-24): each row is scaled by its own power of two first. Here
+    head 0 is 2**exponent times larger than the others (2**40: every value overflows fp16; 2**-100:
+    every value is below its smallest), and the softmax scale undoes it for that head, so its
+    scores are ordinary ones; the other heads' scores become flat or peaked: any of them read
+    without the scaling gives inf, NaN or zeros."""
+    name, device = backend
+    skip_cuda_backend(name)
+    q, k_cache, block_table, cache_seqlens, dv, k_scale = make_inputs(
+        [45, 2, 190], 2, 4, 1, 16, torch.bfloat16, FP8, device=device, seed=11)
+    q[:, :, 0] *= 2.0 ** exponent
+    softmax_scale = q.shape[-1] ** -0.5 * 2.0 ** -exponent
+    out, lse = run_op(q, k_cache, block_table, cache_seqlens, dv, k_scale, True, softmax_scale=softmax_scale)
+    assert_matches_oracle(out, lse, q, k_cache, block_table, cache_seqlens, dv, k_scale, True,
+                          softmax_scale=softmax_scale)
 
 
 def test_decode_odd_head_dims_and_scale(backend):
@@ -266,6 +285,37 @@ def test_flashmla_lazy_metadata_form(backend):
         dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, extra_k_cache=k_cache)
     with pytest.raises(TypeError, match="^num_heads_k: expected an int with cache_seqlens"):
         dskernels.get_mla_metadata(lens, 4)
+
+
+def test_lazy_metadata_form_failed_call_keeps_no_plan(backend):
+    """FlashMLA's rule for its newest form: a first call that raises leaves the metadata empty, so a
+    valid call with another batch still plans (it used to keep the failed call's plan and refuse
+    the next batch); num_splits must be None with it (a tensor was silently ignored)."""
+    name, device = backend
+    skip_cuda_backend(name)
+    q, k_cache, block_table, lens, dv, _ = make_inputs([20, 3], 1, 4, 1, 16, torch.bfloat16, torch.bfloat16,
+                                                       device=device)
+    meta = dskernels.get_mla_metadata()[0]
+    with pytest.raises(TypeError, match="^block_table: "):
+        dskernels.flash_mla_with_kvcache(q[:1], k_cache, block_table[:1].long(), lens[:1], dv, meta)
+    assert meta.plan is None
+    want = run_op(q, k_cache, block_table, lens, dv, None, False)
+    got = dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and meta.plan is not None
+    _, splits = dskernels.get_mla_metadata(lens, 4, 1)
+    with pytest.raises(ValueError, match="^num_splits: must be None with get_mla_metadata"):
+        dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, splits)
+
+
+def test_get_mla_metadata_takes_flashmla_first_argument_name(backend):
+    """FlashMLA's first name for the query rows per kv head, num_heads_per_head_k, by keyword."""
+    name, device = backend
+    lens = torch.tensor([70, 0, 5], dtype=torch.int32, device=device)
+    want = dskernels.get_mla_metadata(lens, 8, 1)
+    got = dskernels.get_mla_metadata(lens, num_heads_per_head_k=8, num_heads_k=1)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(TypeError, match="^num_heads_per_head_k: "):
+        dskernels.get_mla_metadata(lens, 8, 1, num_heads_per_head_k=8)
 
 
 def test_lazy_metadata_form_names_q_and_k_cache(backend):

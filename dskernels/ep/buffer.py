@@ -217,6 +217,12 @@ class Buffer:
         return capture()
 
     @staticmethod
+    def is_sm90_compiled() -> bool:
+        """DeepEP's test for its FP8 (sm90) kernels, which its tests ask before FP8 dispatches: True,
+        the (fp8, scales) payloads travel on every device and backend here."""
+        return True
+
+    @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
         """Bytes DeepEP would reserve: two (send, receive) slabs of bf16 rows per expert slot."""

@@ -45,7 +45,7 @@ class MLASchedulerMetadata:
 
 def get_mla_metadata(cache_seqlens: torch.Tensor | None = None, num_q_tokens_per_head_k: int | None = None,
                      num_heads_k: int | None = None, num_heads_q: int | None = None, is_fp8_kvcache: bool = False,
-                     topk: int | None = None):
+                     topk: int | None = None, *, num_heads_per_head_k: int | None = None):
     """Plans how the decode kernel splits the keys of a batch over the GPU's SMs.
 
     Computed on the device (one kernel on the Triton and CUDA backends, `split_plan`'s tensor ops
@@ -81,9 +81,16 @@ def get_mla_metadata(cache_seqlens: torch.Tensor | None = None, num_q_tokens_per
     for drop-in use and not needed here: the sparse decode (flash_mla_with_kvcache with indices)
     plans its own splits from the shapes and does not read this metadata.
 
+    num_heads_per_head_k: FlashMLA's first name for num_q_tokens_per_head_k, still taken by keyword.
+
     With no cache_seqlens (FlashMLA's newest call, `get_mla_metadata()`): returns
     (MLASchedulerMetadata(), None), a plan filled by the first flash_mla_with_kvcache call.
     """
+    if num_heads_per_head_k is not None:
+        if num_q_tokens_per_head_k is not None:
+            raise TypeError("num_heads_per_head_k: FlashMLA's old name for num_q_tokens_per_head_k; pass one of "
+                            "the two, not both")
+        num_q_tokens_per_head_k = num_heads_per_head_k
     if cache_seqlens is None:
         return MLASchedulerMetadata(), None
     for name, value in (("num_q_tokens_per_head_k", num_q_tokens_per_head_k), ("num_heads_k", num_heads_k)):
@@ -170,19 +177,28 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                                           ("attn_sink", attn_sink)) if value is not None and value is not False]
         raise ValueError(f"{given[0]}: applies to sparse attention only (pass indices); dense decode reads an "
                          "fp8 cache with a per-tensor k_scale")
-    if isinstance(tile_scheduler_metadata, MLASchedulerMetadata):
-        tile_scheduler_metadata, num_splits = _lazy_plan(tile_scheduler_metadata, q, k_cache, cache_seqlens,
-                                                         head_dim_v)
-    elif num_splits is None:
-        raise TypeError("num_splits: expected get_mla_metadata's second tensor with its tile_scheduler_metadata "
-                        "(None goes with get_mla_metadata()'s MLASchedulerMetadata only)")
-    return torch.ops.dskernels.flash_mla_with_kvcache(
-        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
-        softmax_scale, causal, k_scale)
+    if not isinstance(tile_scheduler_metadata, MLASchedulerMetadata):
+        if num_splits is None:
+            raise TypeError("num_splits: expected get_mla_metadata's second tensor with its tile_scheduler_metadata "
+                            "(None goes with get_mla_metadata()'s MLASchedulerMetadata only)")
+        return torch.ops.dskernels.flash_mla_with_kvcache(
+            q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+            softmax_scale, causal, k_scale)
+    if num_splits is not None:
+        raise ValueError("num_splits: must be None with get_mla_metadata()'s MLASchedulerMetadata (its plan holds "
+                         f"the splits), got {type(num_splits).__name__}")
+    meta = tile_scheduler_metadata
+    plan, key = _lazy_plan(meta, q, k_cache, cache_seqlens, head_dim_v)
+    result = torch.ops.dskernels.flash_mla_with_kvcache(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, *plan, softmax_scale, causal, k_scale)
+    if meta.plan is None:  # kept once a call has taken it: a call that raised leaves meta empty (FlashMLA's rule)
+        meta.plan, meta.key = plan, key
+    return result
 
 
-def _lazy_plan(meta: MLASchedulerMetadata, q, k_cache, cache_seqlens, head_dim_v) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plan kept in `meta`, made on its first use (the batch's shapes must stay the same)."""
+def _lazy_plan(meta: MLASchedulerMetadata, q, k_cache, cache_seqlens, head_dim_v):
+    """(plan, key): the plan kept in `meta`, or a new one on its first use (the batch's shapes must
+    stay the same), and the shapes it is for."""
     # q's and the cache's shapes first: their errors name them, not get_mla_metadata's arguments
     # computed from them.
     _check_query_and_cache(q, k_cache, head_dim_v)
@@ -191,11 +207,11 @@ def _lazy_plan(meta: MLASchedulerMetadata, q, k_cache, cache_seqlens, head_dim_v
     rows, h_kv = max(q.shape[1] * q.shape[2] // k_cache.shape[2], 1), k_cache.shape[2]
     key = (tuple(cache_seqlens.shape), rows, h_kv, cache_seqlens.device)
     if meta.plan is None:
-        meta.plan, meta.key = get_mla_metadata(cache_seqlens, rows, h_kv), key
-    elif meta.key != key:
+        return get_mla_metadata(cache_seqlens, rows, h_kv), key
+    if meta.key != key:
         raise ValueError(f"tile_scheduler_metadata: planned for (batch, q rows per kv head, kv heads, device) = "
                          f"{meta.key}, now used for {key}: call get_mla_metadata() again for this batch")
-    return meta.plan
+    return meta.plan, key
 
 
 # ---------------------------------------------------------------------------------------------

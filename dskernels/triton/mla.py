@@ -12,10 +12,13 @@ of them (V3: h_kv = 1, so every head and MTP token shares each key load). The he
 split in the V part [0, dv) (padded to a power of two; the same registers serve as V for P @ V, so
 the latent is read once) and the rest [dv, d) (the rope part for V3).
 
-FP8 e4m3 caches: keys are loaded as fp8 and widened to q's dtype (exact: every e4m3 value is a
-bf16 and an fp16 value); the per-tensor scale multiplies the scores and the output instead of
-every key element. On GPUs whose Triton has no fp8 type (before sm_89) the keys are read as bytes
-and widened by e4m3_bits_to_fp16 (FP8_BYTES).
+FP8 e4m3 caches: keys are loaded as fp8 and widened to fp16 (exact: e4m3 is a subset of fp16), in
+one instruction per two values (cvt.rn.f16x2.e4m3x2; to bf16 it takes three). Both dots then take
+fp16 operands: a bf16 q is brought into fp16's range row by row by a power of two (`fp16_rows`;
+exact) whose inverse scales the scores, and P @ V reads P in fp16 (finer than bf16 on [0, 1]). The
+per-tensor scale multiplies the scores and the output instead of every key element. On GPUs whose
+Triton has no fp8 type (before sm_89) the keys are read as bytes and widened by e4m3_bits_to_fp16
+(FP8_BYTES).
 """
 
 import os
@@ -63,6 +66,28 @@ def latent_scores(q_v, q_r, k_v, k_r, FP32_DOT: tl.constexpr):
         s = tl.dot(q_v, tl.trans(k_v))
         s += tl.dot(q_r, tl.trans(k_r))
     return s
+
+
+@triton.jit
+def fp16_rows(q_v, q_r):
+    """q's two parts as fp16 dot operands, and per row the factor that undoes their scaling.
+
+    An fp16 q is returned as it is (factor 1). A bf16 row is multiplied by the power of two that
+    brings its largest |value| into [2**14, 2**15), below fp16's largest (65504): exact for every
+    value down to 2**-28 of that largest (fp16's normal range), and below that the products are too
+    small to move the fp32 sums. The exponent comes from the fp32 bits of the row's largest |value|:
+    clamped so that a zero row keeps a finite factor and an inf row a nonzero one (it stays inf).
+    """
+    if q_v.dtype == tl.float16:
+        return q_v, q_r, tl.full([q_v.shape[0]], 1.0, dtype=tl.float32)
+    q_v = q_v.to(tl.float32)
+    q_r = q_r.to(tl.float32)
+    largest = tl.maximum(tl.max(tl.abs(q_v), axis=1), tl.max(tl.abs(q_r), axis=1))
+    biased = (largest.to(tl.int32, bitcast=True) >> 23) & 0xFF  # fp32's biased exponent E
+    biased = tl.minimum(tl.maximum(biased, 15), 254)
+    up = ((268 - biased) << 23).to(tl.float32, bitcast=True)  # 2**(14 - (E - 127))
+    down = ((biased - 14) << 23).to(tl.float32, bitcast=True)  # its inverse, 2**(E - 141)
+    return (q_v * up[:, None]).to(tl.float16), (q_r * up[:, None]).to(tl.float16), down
 
 
 @triton.jit
@@ -155,6 +180,9 @@ def _mla_decode_splitkv_kernel(
             if FP32_DOT:
                 q_v = q_v.to(tl.float32)
                 q_r = q_r.to(tl.float32)
+            elif IS_FP8:  # fp16 dots (the module's docstring); row_scale: the scores' factor per row
+                q_v, q_r, row_scale = fp16_rows(q_v, q_r)
+                row_scale = row_scale * scale
             if CAUSAL:
                 limit = seqlen - s_q + token + 1
             else:
@@ -191,16 +219,20 @@ def _mla_decode_splitkv_kernel(
                     # cp.async pipelining; a second load for P @ V (an L2 hit: the first brought it
                     # in) keeps both pipelined for 512 more L2 bytes per key (PTX, sm_90a, triton 3.8).
                     k_pv = tl.load(k_rows[:, None] + dv_offs[None, :], mask=v_mask, other=0.0,
-                                   eviction_policy="evict_first").to(tl.float32).to(q_v.dtype)
-                    k_v = k_v.to(tl.float32).to(q_v.dtype)
-                    k_r = k_r.to(tl.float32).to(q_v.dtype)
+                                   eviction_policy="evict_first").to(tl.float16)
+                    k_v = k_v.to(tl.float16)
+                    k_r = k_r.to(tl.float16)
                 elif IS_FP8 or FP32_DOT:
                     k_v = k_v.to(tl.float32).to(q_v.dtype)
                     k_r = k_r.to(tl.float32).to(q_v.dtype)
                     k_pv = k_v
                 else:
                     k_pv = k_v
-                s = latent_scores(q_v, q_r, k_v, k_r, FP32_DOT) * scale
+                s = latent_scores(q_v, q_r, k_v, k_r, FP32_DOT)
+                if IS_FP8 and not FP32_DOT:
+                    s = s * row_scale[:, None]
+                else:
+                    s = s * scale
                 visible = key_ok[None, :] & (keys[None, :] < limit[:, None])
                 s = tl.where(visible, s, float("-inf"))
                 m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, k_pv, FP32_DOT)
@@ -464,8 +496,10 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     lse_acc = torch.empty(max_splits, h_q * s_q, dtype=torch.float32, device=q.device)
     k_scale_arg = k_scale if is_fp8 else lse_acc  # any pointer; unread unless IS_FP8
     # fp32 operands and IEEE dots for fp32 q, and for bf16 under the interpreter, whose tl.dot reads
-    # bf16 operands as garbage (triton 3.8: products off by 1e10); fp16 keeps the GPU's path there.
-    fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+    # bf16 operands as garbage (triton 3.8: products off by 1e10); fp16 keeps the GPU's path there,
+    # and so do fp8 caches (fp16 dots for a bf16 q too).
+    fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not is_fp8
+                                            and os.environ.get("TRITON_INTERPRET") == "1")
     grid = (num_parts, h_kv, cdiv(rows, block_m))
     fast(_mla_decode_splitkv_kernel)[grid](
         q, k_cache.view(torch.uint8) if fp8_bytes else k_cache, block_table, cache_seqlens,
