@@ -57,6 +57,7 @@ from dskernels.ops.einsum import einsum, fp8_einsum  # noqa: E402
 from dskernels.ops.fp8 import (per_block_cast_to_fp8, per_channel_cast_to_fp8, per_token_cast_to_fp8,  # noqa: E402
                                silu_and_mul, silu_and_mul_cast_to_fp8)
 from dskernels.ops.moe import grouped_topk  # noqa: E402
+from dskernels import testing, utils  # noqa: E402,F401  (attributes after `import dskernels`, as DeepGEMM's are)
 from dskernels.ops.gemm import (  # noqa: E402
     calc_diff,
     ceil_div,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
@@ -69,10 +70,14 @@ def may_share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     the common case of disjoint slices of one buffer)."""
     if a.numel() == 0 or b.numel() == 0:
         return False
+    # Fake tensors (fake kernels, tracing) have no memory to compare: the real call checks. (Their
+    # data_ptr() warns, an error under -W error, and is to raise in a later torch.)
+    if is_fake(a) or is_fake(b):
+        return False
     try:
         if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
             return False
-    except RuntimeError:  # fake or functional tensors (tracing): no memory to compare; the real call checks
+    except RuntimeError:  # functional tensors (tracing): likewise
         return False
 
     def extent(t):
