@@ -39,8 +39,11 @@ class HookBlock(Block):
         loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
         if loss1 is not None:
             loss1.backward()
-        else:
-            torch.autograd.backward(outputs1, grad_tensors=output_grads1)
+        else:  # autograd's engine itself, as DualPipe's run_backward calls it: tuples only
+            assert isinstance(outputs1, tuple) and isinstance(output_grads1, tuple)
+            torch.autograd.Variable._execution_engine.run_backward(
+                outputs1, output_grads1, keep_graph=False, create_graph=False, allow_unreachable=True,
+                accumulate_grad=True)
         return outputs0, loss0
 
 
@@ -513,3 +516,16 @@ def test_weight_grad_store_defers_linear():
     assert store.empty() and WeightGradStore.current() is None
     with pytest.raises(RuntimeError, match="no deferred"):
         store.pop()
+
+
+def test_run_backward_is_dualpipes():
+    """dskernels.pipeline.run_backward (DualPipe's utils.run_backward, for hooks): gradients of
+    outputs given their output gradients, accumulated into .grad; tuples or lists; none: nothing."""
+    from dskernels.pipeline import run_backward
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    g = torch.randn(2, 3, dtype=torch.float64)
+    run_backward((x @ w,), (g,))
+    run_backward([x @ w], [g])
+    torch.testing.assert_close(w.grad, 2 * x.T @ g)
+    run_backward((), ())

@@ -8,8 +8,8 @@ nn.Linear whose weight gradient the runtimes defer into their WeightGradStore (z
 """
 
 from dskernels.pipeline import schedule  # noqa: F401
-from dskernels.pipeline.runtime import DualPipe, DualPipeV, set_p2p_tensor_dtype, set_p2p_tensor_shapes
+from dskernels.pipeline.runtime import DualPipe, DualPipeV, run_backward, set_p2p_tensor_dtype, set_p2p_tensor_shapes
 from dskernels.pipeline.weight_grad import Linear, WeightGradStore
 
-__all__ = ["DualPipe", "DualPipeV", "Linear", "WeightGradStore", "schedule", "set_p2p_tensor_dtype",
-           "set_p2p_tensor_shapes"]
+__all__ = ["DualPipe", "DualPipeV", "Linear", "WeightGradStore", "run_backward", "schedule",
+           "set_p2p_tensor_dtype", "set_p2p_tensor_shapes"]

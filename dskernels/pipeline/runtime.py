@@ -37,6 +37,14 @@ _compat_shapes: list | None = None
 _compat_dtype: torch.dtype | None = None
 
 
+def run_backward(tensors, grad_tensors) -> None:
+    """Back-propagates grad_tensors through tensors, accumulating into the leaves' .grad: DualPipe's
+    `utils.run_backward`, for `overlapped_forward_backward` hooks (which get the backward's outputs
+    and output gradients as tuples). Lists work too; nothing to do for none."""
+    if len(tensors):
+        torch.autograd.backward(tuple(tensors), grad_tensors=tuple(grad_tensors))
+
+
 def set_p2p_tensor_shapes(shapes) -> None:
     """DualPipe compatibility: accepted and recorded, not needed (shapes travel with the data)."""
     global _compat_shapes
@@ -519,7 +527,9 @@ class _Runtime(nn.Module):
         outputs = self._outputs.pop((stage, mb))
         grads = self._recv(1, nxt[stage], mb, nxt[stage])
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
-        return None, [o for o, _ in pairs], [g for _, g in pairs]
+        # tuples, as DualPipe hands them to overlapped_forward_backward (its run_backward, through
+        # autograd's engine, takes tuples only)
+        return None, tuple(o for o, _ in pairs), tuple(g for _, g in pairs)
 
     def _post_backward(self, stage, mb):
         prev, _ = self._neighbours
@@ -532,8 +542,8 @@ class _Runtime(nn.Module):
     def _run_backward(loss, outputs, output_grads):
         if loss is not None:
             loss.backward()
-        elif outputs:
-            torch.autograd.backward(outputs, grad_tensors=output_grads)
+        else:
+            run_backward(outputs, output_grads)
 
     def _backward(self, stage, mb, zero_bubble):
         loss, outputs, grads = self._backward_operands(stage, mb)
@@ -556,7 +566,7 @@ class _Runtime(nn.Module):
         hook = type(self.module[0]).overlapped_forward_backward
         outputs0, loss0 = hook(
             self.module[self.local_stages[fstage]], inputs0,
-            self.criterion if is_tail0 else None, list(self._labels_of(fstage, fmb)) if is_tail0 else [],
+            self.criterion if is_tail0 else None, tuple(self._labels_of(fstage, fmb)) if is_tail0 else [],
             self.module[self.local_stages[bstage]], loss1, outputs1, grads1)
         outputs0 = self._outputs_of(fstage, outputs0, f"{hook.__qualname__} (outputs0)")
         self._post_forward(fstage, fmb, inputs0, outputs0, loss0)
