@@ -95,8 +95,9 @@ from dskernels.ops.gemm_bf16 import (  # noqa: E402
     m_grouped_bf16_gemm_nt_contiguous,
     m_grouped_bf16_gemm_nt_masked,
 )
-from dskernels.ops.indexer import (fp8_mqa_logits, fp8_paged_mqa_logits, get_paged_mqa_logits_metadata,  # noqa: E402
-                                   paged_k_cache_cast_to_fp8, per_custom_dims_cast_to_fp8)
+from dskernels.ops.indexer import (fp8_fp4_mqa_logits, fp8_fp4_paged_mqa_logits, fp8_mqa_logits,  # noqa: E402
+                                   fp8_paged_mqa_logits, get_paged_mqa_logits_metadata, paged_k_cache_cast_to_fp8,
+                                   per_custom_dims_cast_to_fp8)
 from dskernels.ops.mla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 from dskernels.ops.mla_sparse import (dequantize_sparse_kv_cache, flash_mla_sparse_decode,  # noqa: E402
                                       flash_mla_sparse_fwd, quantize_sparse_kv_cache)
@@ -123,6 +124,8 @@ __all__ = [
     "fp8_gemm_tn",
     "fp8_gemm_tt",
     "fp8_m_grouped_gemm_nt_masked",
+    "fp8_fp4_mqa_logits",
+    "fp8_fp4_paged_mqa_logits",
     "fp8_mqa_logits",
     "fp8_paged_mqa_logits",
     "gemm_fp8_fp8_bf16_nt",

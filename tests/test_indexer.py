@@ -390,6 +390,9 @@ def test_deepgemm_keyword_names():
     (lambda a: a.update(max_context_len=True), TypeError, "max_context_len"),
     (lambda a: a.update(max_context_len=None), TypeError, "^max_context_len: expected an int"),
     (lambda a: a.update(clean_logits="yes"), TypeError, "^clean_logits: expected a bool"),
+    (lambda a: a.update(schedule_meta="plan"), TypeError, "^schedule_meta: "),
+    (lambda a: a.update(schedule_meta=torch.zeros(5, 2)), TypeError, "^schedule_meta: "),
+    (lambda a: a.update(schedule_meta=torch.zeros(5, dtype=torch.int32)), ValueError, "^schedule_meta: "),
 ])
 def test_paged_validation(change, exc, match):
     q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 1, 4, 32, 16, seed=1)
@@ -398,6 +401,33 @@ def test_paged_validation(change, exc, match):
     change(args)
     with pytest.raises(exc, match=match):
         dskernels.fp8_paged_mqa_logits(**args)
+
+
+def test_deepgemm_current_names():
+    """DeepGEMM's current entries, fp8_fp4_mqa_logits / fp8_fp4_paged_mqa_logits: (q, None) queries
+    and logits_dtype (bfloat16: the float32 logits rounded once); numpy integers where its bindings
+    take ints; errors name cu_seq_len_k_start / _end as the caller spelled them."""
+    numpy = pytest.importorskip("numpy")
+    q, k, k_scale, weights, ks, ke = mqa_inputs(5, 70, 4, 32, seed=1)
+    want = dskernels.fp8_mqa_logits(q, (k, k_scale), weights, ks, ke, False, 40)
+    got = dskernels.fp8_fp4_mqa_logits((q, None), (k, k_scale), weights, ks, ke, False, numpy.int64(40))
+    assert torch.equal(got, want)
+    got = dskernels.fp8_fp4_mqa_logits((q, None), (k, k_scale), weights, ks, ke, False, 40, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="^logits_dtype: "):
+        dskernels.fp8_fp4_mqa_logits(q, (k, k_scale), weights, ks, ke, logits_dtype=torch.float16)
+    with pytest.raises(TypeError, match="^cu_seq_len_k_start: expected dtype int32"):
+        dskernels.fp8_mqa_logits(q, (k, k_scale), weights, cu_seq_len_k_start=ks.long(), cu_seq_len_k_end=ke)
+    with pytest.raises(ValueError, match=r"^cu_seqlen_ke: expected shape \(5,\)"):
+        dskernels.fp8_mqa_logits(q, (k, k_scale), weights, cu_seqlen_ks=ks, cu_seqlen_ke=ke[:3])
+
+    q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 1, 4, 32, 16, seed=11)
+    plan = dskernels.get_paged_mqa_logits_metadata(context_lens, numpy.int32(16), numpy.int64(4))
+    assert torch.equal(plan, dskernels.get_paged_mqa_logits_metadata(context_lens, 16, 4))
+    want = dskernels.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, plan, 32, True)
+    got = dskernels.fp8_fp4_paged_mqa_logits((q, None), kv_cache, weights, context_lens, block_table, plan,
+                                             numpy.int64(32), True, torch.bfloat16)
+    assert torch.equal(got, want.to(torch.bfloat16))
 
 
 # test_schema compares the inputs with allclose, which fp8 tensors lack (as in tests/test_gemm.py);

@@ -190,6 +190,42 @@ def test_through_flash_mla_with_kvcache(backend):
     assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
 
 
+def test_flashmla_positional_form_and_int8_cache(backend):
+    """FlashMLA's tests pass all 16 arguments by position (is_fp8_kvcache where dskernels' k_scale
+    is, then indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length,
+    extra_topk_length), and take the FP8 bytes as int8 too."""
+    name, device = backend
+    skip_cuda_backend(name)
+    q, k_cache, indices, dv, fp8, topk_length, attn_sink = [
+        t.to(device) if isinstance(t, torch.Tensor) else t
+        for t in decode_inputs(2, 1, 16, 1, 64, 2, 40, torch.bfloat16, True, lengths=True, sink=True, seed=5)]
+    expected = dskernels.flash_mla_sparse_decode(q, k_cache, indices, dv, is_fp8_kvcache=True,
+                                                 topk_length=topk_length, attn_sink=attn_sink)
+    meta = dskernels.get_mla_metadata()[0]
+    for cache in (k_cache, k_cache.view(torch.int8)):
+        out, lse = dskernels.flash_mla_with_kvcache(q, cache, None, None, dv, meta, None, None, False, True, indices,
+                                                    attn_sink, None, None, topk_length, None)
+        assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+    with pytest.raises(TypeError, match="^indices: given twice"):
+        dskernels.flash_mla_with_kvcache(q, k_cache, None, None, dv, meta, None, None, False, True, indices,
+                                         indices=indices)
+    with pytest.raises(TypeError, match="^k_scale: expected a tensor or None"):
+        dskernels.flash_mla_with_kvcache(q, k_cache, None, None, dv, meta, None, None, False, 1.0, indices)
+
+
+def test_flashmla_positional_dense_form():
+    """The dense decode in FlashMLA's positional order: is_fp8_kvcache=False after causal."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 1, 4, 64, generator=gen).to(torch.bfloat16)
+    k_cache = torch.randn(4, 16, 1, 64, generator=gen).to(torch.bfloat16)
+    table = torch.arange(4, dtype=torch.int32).view(2, 2)
+    lens = torch.tensor([20, 7], dtype=torch.int32)
+    meta, splits = dskernels.get_mla_metadata(lens, 4, 1)
+    want = dskernels.flash_mla_with_kvcache(q, k_cache, table, lens, 48, meta, splits, None, True)
+    got = dskernels.flash_mla_with_kvcache(q, k_cache, table, lens, 48, meta, splits, None, True, False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_flashmla_metadata_call_for_sparse():
     """vLLM-style FlashMLA calls pass the sparse arguments to get_mla_metadata; its result is then
     handed to the sparse decode, which does not need it."""

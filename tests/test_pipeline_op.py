@@ -25,6 +25,14 @@ def test_cpp_equals_python():
         assert torch.equal(ops_pipeline.encode_schedule(expected), rows), (kind, P, N)
 
 
+def test_one_f_one_b_alias():
+    """The Python helper's name works as the kind too, in the op, its fake and generate."""
+    assert torch.equal(torch.ops.dskernels.dualpipe_schedule("one_f_one_b", 3, 5),
+                       torch.ops.dskernels.dualpipe_schedule("1f1b", 3, 5))
+    assert S.generate("one_f_one_b", 3, 5) == S.one_f_one_b(3, 5)
+    torch.library.opcheck(torch.ops.dskernels.dualpipe_schedule.default, ("one_f_one_b", 3, 5))
+
+
 def test_encoding_layout():
     rows = torch.ops.dskernels.dualpipe_schedule("dualpipev", 2, 4)
     # rank 0 starts with 0F0, 0F1, 0F2, 3F0, 3I0, 3W0 and its 8th action is (0F3;3B1)OVERLAP_F_B

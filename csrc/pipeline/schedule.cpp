@@ -116,9 +116,10 @@ void zb1p(std::vector<Row>& out, int64_t P, int64_t N) {
 }
 
 at::Tensor dualpipe_schedule(c10::string_view kind_view, int64_t P, int64_t N) {
-  const std::string kind(kind_view);
+  // (one_f_one_b: the Python helper's name, schedule.one_f_one_b)
+  const std::string kind = kind_view == "one_f_one_b" ? std::string("1f1b") : std::string(kind_view);
   TORCH_CHECK_VALUE(kind == "dualpipe" || kind == "dualpipev" || kind == "1f1b" || kind == "zb1p",
-              "kind: expected one of dualpipe, dualpipev, 1f1b, zb1p, got '", kind, "'");
+              "kind: expected one of dualpipe, dualpipev, 1f1b (or one_f_one_b), zb1p, got '", kind, "'");
   TORCH_CHECK_VALUE(P >= 1 && N >= 1, "P and N: expected at least 1, got P=", P, " N=", N);
   // A few rows per (rank, chunk): the bound keeps the table under ~100 MB (schedule.py: the same).
   TORCH_CHECK_VALUE(P <= (1 << 20) && N <= (1 << 20) && P * N <= (1 << 20),

@@ -11,6 +11,7 @@ Their top-k (`torch.topk(logits, 2048)`) is the `indices` of the sparse MLA deco
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -82,11 +83,42 @@ def _per_row_cast(x: torch.Tensor, rows: int, cols: int, kept: torch.Size, use_u
 # Public functions
 # ---------------------------------------------------------------------------------------------
 
-def _one_of(name: str, value, alias: str, alias_value):
-    """An argument given under DeepGEMM's name or its tests' (exactly one of the two)."""
+def _one_of(name: str, value, alias: str, alias_value, rows: int):
+    """An argument given under DeepGEMM's name or its tests' (exactly one of the two): [rows] int32,
+    checked here so that an error names the argument as the caller spelled it."""
     if (value is None) == (alias_value is None):
         raise TypeError(f"{name}: expected a tensor under exactly one of the names {name} and {alias}")
-    return alias_value if value is None else value
+    given, t = (alias, alias_value) if value is None else (name, value)
+    check_tensor(given, t, ndim=1, dtypes=(torch.int32,))
+    if t.shape[0] != rows:
+        raise ValueError(f"{given}: expected shape ({rows},) (one per query), got {tuple(t.shape)}")
+    return t
+
+
+def _integer(value):
+    """A numpy integer (or any other Integral but bool) as the int the op schemas take; DeepGEMM's
+    bindings accept them. Anything else is left for check_int to name."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        return int(value)
+    return value
+
+
+def _logits_dtype(logits_dtype) -> torch.dtype:
+    """DeepGEMM's logits_dtype (its fp8_fp4_* entries): float32 (computed as such) or bfloat16 (the
+    float32 logits rounded once)."""
+    if logits_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"logits_dtype: expected torch.float32 or torch.bfloat16, got {logits_dtype}")
+    return logits_dtype
+
+
+def _check_schedule_meta(schedule_meta) -> None:
+    """Not read (see fp8_paged_mqa_logits), but what DeepGEMM takes there or None: an int32 [n, 2]."""
+    if schedule_meta is None:
+        return
+    check_tensor("schedule_meta", schedule_meta, ndim=2, dtypes=(torch.int32,))
+    if schedule_meta.shape[1] != 2:
+        raise ValueError(f"schedule_meta: expected get_paged_mqa_logits_metadata's int32 [num_sms + 1, 2], got "
+                         f"shape {tuple(schedule_meta.shape)}")
 
 
 def _check_flag(name: str, value) -> None:
@@ -135,14 +167,32 @@ def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weigh
         -inf for keys query i does not see.
     """
     q = _plain_q(q)
-    cu_seqlen_ks = _one_of("cu_seq_len_k_start", cu_seq_len_k_start, "cu_seqlen_ks", cu_seqlen_ks)
-    cu_seqlen_ke = _one_of("cu_seq_len_k_end", cu_seq_len_k_end, "cu_seqlen_ke", cu_seqlen_ke)
+    _check_fp8("q", q, 3)
+    cu_seqlen_ks = _one_of("cu_seq_len_k_start", cu_seq_len_k_start, "cu_seqlen_ks", cu_seqlen_ks, q.shape[0])
+    cu_seqlen_ke = _one_of("cu_seq_len_k_end", cu_seq_len_k_end, "cu_seqlen_ke", cu_seqlen_ke, q.shape[0])
     if not isinstance(kv, (tuple, list)) or len(kv) != 2:
         raise TypeError(f"kv: expected a tuple (k float8_e4m3fn [N, D], k_scale float32 [N]), got {type(kv).__name__}")
+    max_seqlen_k = _integer(max_seqlen_k)
     check_int("max_seqlen_k", max_seqlen_k, 0)  # (a wrong type: TypeError here, not the schema's RuntimeError)
     _check_flag("clean_logits", clean_logits)
     return torch.ops.dskernels.fp8_mqa_logits(q, kv[0], kv[1], weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits,
                                                max_seqlen_k)
+
+
+def fp8_fp4_mqa_logits(q, kv: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor,
+                       cu_seq_len_k_start: torch.Tensor | None = None, cu_seq_len_k_end: torch.Tensor | None = None,
+                       clean_logits: bool = True, max_seqlen_k: int = 0, logits_dtype: torch.dtype = torch.float32,
+                       schedule_meta=None, *, cu_seqlen_ks: torch.Tensor | None = None,
+                       cu_seqlen_ke: torch.Tensor | None = None) -> torch.Tensor:
+    """DeepGEMM's current name of `fp8_mqa_logits`: q as (q, None) (FP8; its FP4 form with scales
+    is not implemented) or a bare tensor, and the logits in logits_dtype (float32 or bfloat16).
+    schedule_meta (DeepGEMM's SM100 plan) is accepted and not read."""
+    logits_dtype = _logits_dtype(logits_dtype)
+    if schedule_meta is not None and not isinstance(schedule_meta, torch.Tensor):
+        raise TypeError(f"schedule_meta: expected None or a tensor, got {type(schedule_meta).__name__}")
+    logits = fp8_mqa_logits(q, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k,
+                            cu_seqlen_ks=cu_seqlen_ks, cu_seqlen_ke=cu_seqlen_ke)
+    return logits if logits_dtype == torch.float32 else logits.to(logits_dtype)
 
 
 def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
@@ -172,10 +222,24 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     """
     _no_indices(indices)
     q = _plain_q(q)
+    _check_schedule_meta(schedule_meta)
+    max_context_len = _integer(max_context_len)
     check_int("max_context_len", max_context_len, 0)
     _check_flag("clean_logits", clean_logits)
     return torch.ops.dskernels.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table,
                                                      max_context_len, clean_logits)
+
+
+def fp8_fp4_paged_mqa_logits(q, kv_cache: torch.Tensor, weights: torch.Tensor, context_lens: torch.Tensor,
+                             block_table: torch.Tensor, schedule_meta, max_context_len: int,
+                             clean_logits: bool = False, logits_dtype: torch.dtype = torch.float32,
+                             indices=None) -> torch.Tensor:
+    """DeepGEMM's current name of `fp8_paged_mqa_logits`: q as (q, None) or a bare tensor, and the
+    logits in logits_dtype (float32 or bfloat16)."""
+    logits_dtype = _logits_dtype(logits_dtype)
+    logits = fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
+                                  clean_logits, indices)
+    return logits if logits_dtype == torch.float32 else logits.to(logits_dtype)
 
 
 def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num_sms: int | None = None,
@@ -191,6 +255,7 @@ def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num
     kernel reads its own); dskernels's kernel does not read it (see fp8_paged_mqa_logits).
     """
     _no_indices(indices)
+    block_kv, num_sms = _integer(block_kv), _integer(num_sms)
     if num_sms is None:
         block_kv, num_sms = 64, block_kv
     check_tensor("context_lens", context_lens, dtypes=(torch.int32,))

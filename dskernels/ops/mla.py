@@ -106,7 +106,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                            cache_seqlens: torch.Tensor, head_dim_v: int,
                            tile_scheduler_metadata, num_splits: torch.Tensor | None = None,
                            softmax_scale: float | None = None, causal: bool = False,
-                           k_scale: torch.Tensor | None = None, *, is_fp8_kvcache: bool = False,
+                           k_scale: torch.Tensor | None = None, *flashmla_args, is_fp8_kvcache: bool = False,
                            indices: torch.Tensor | None = None, topk_length: torch.Tensor | None = None,
                            attn_sink: torch.Tensor | None = None, extra_k_cache=None,
                            extra_indices_in_kvcache=None, extra_topk_length=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,11 +153,21 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     extra_k_cache, extra_indices_in_kvcache, extra_topk_length: FlashMLA's second sparse cache;
     only None is taken here.
 
+    FlashMLA's own positional form works too: a bool after causal is its is_fp8_kvcache (where
+    k_scale sits here), and what follows it is indices, attn_sink, extra_k_cache,
+    extra_indices_in_kvcache, topk_length, extra_topk_length, in FlashMLA's order.
+
     Raises TypeError / ValueError whose message starts with the argument's name for wrong
     shapes, dtypes or devices.
     """
     if isinstance(head_dim_v, bool):  # checked here: the op's schema would pass it on as an int
         raise TypeError("head_dim_v: expected an int, got bool")
+    if isinstance(k_scale, bool) or flashmla_args:  # FlashMLA's positional form (docstring)
+        given = dict(indices=indices, attn_sink=attn_sink, extra_k_cache=extra_k_cache,
+                     extra_indices_in_kvcache=extra_indices_in_kvcache, topk_length=topk_length,
+                     extra_topk_length=extra_topk_length)
+        k_scale, is_fp8_kvcache, given = _flashmla_positional(k_scale, flashmla_args, is_fp8_kvcache, given)
+        indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length = given.values()
     for name, value in (("extra_k_cache", extra_k_cache), ("extra_indices_in_kvcache", extra_indices_in_kvcache),
                         ("extra_topk_length", extra_topk_length)):
         if value is not None:
@@ -170,8 +180,9 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         if k_scale is not None:
             raise ValueError("k_scale: sparse attention reads V3.2's FP8 layout (is_fp8_kvcache=True), whose "
                              "scales are in the cache; expected None")
-        return torch.ops.dskernels.flash_mla_sparse_decode(q, k_cache, indices, head_dim_v, softmax_scale,
-                                                           is_fp8_kvcache, topk_length, attn_sink)
+        from dskernels.ops.mla_sparse import flash_mla_sparse_decode  # (it imports this module)
+        return flash_mla_sparse_decode(q, k_cache, indices, head_dim_v, softmax_scale, is_fp8_kvcache, topk_length,
+                                       attn_sink)
     if is_fp8_kvcache or topk_length is not None or attn_sink is not None:
         given = [name for name, value in (("is_fp8_kvcache", is_fp8_kvcache), ("topk_length", topk_length),
                                           ("attn_sink", attn_sink)) if value is not None and value is not False]
@@ -194,6 +205,25 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     if meta.plan is None:  # kept once a call has taken it: a call that raised leaves meta empty (FlashMLA's rule)
         meta.plan, meta.key = plan, key
     return result
+
+
+def _flashmla_positional(is_fp8, rest: tuple, is_fp8_keyword: bool, given: dict):
+    """FlashMLA's positional arguments after causal: is_fp8_kvcache (a bool, where k_scale sits
+    in dskernels' order), then the sparse ones in `given`'s order. Returns (k_scale None, the bool,
+    given with the positional values in)."""
+    if not isinstance(is_fp8, bool):
+        raise TypeError(f"k_scale: expected a tensor or None, got {type(is_fp8).__name__} followed by {len(rest)} "
+                        "more positional arguments (FlashMLA's positional form has is_fp8_kvcache, a bool, here)")
+    if is_fp8_keyword:
+        raise TypeError("is_fp8_kvcache: given twice, by position (after causal) and by keyword")
+    if len(rest) > len(given):
+        raise TypeError(f"flash_mla_with_kvcache: takes at most {10 + len(given)} positional arguments, got "
+                        f"{10 + len(rest)}")
+    for name, value in zip(given, rest):
+        if given[name] is not None:
+            raise TypeError(f"{name}: given twice, by position and by keyword")
+        given[name] = value
+    return None, is_fp8, given
 
 
 def _lazy_plan(meta: MLASchedulerMetadata, q, k_cache, cache_seqlens, head_dim_v):

@@ -45,7 +45,7 @@ def flash_mla_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: tor
         q: [b, s_q, h_q, d] bfloat16 or float16 (float32 too; not float16 with the FP8 cache),
             unit stride in the last dimension.
         k_cache: [num_pages, page_size, h_kv, d] in q's dtype, or with is_fp8_kvcache V3.2's FP8
-            layout [num_pages, page_size, h_kv, 656] (float8_e4m3fn or uint8 bytes; d = 576,
+            layout [num_pages, page_size, h_kv, 656] (float8_e4m3fn, uint8 or int8 bytes; d = 576,
             head_dim_v = 512): per token 512 e4m3 latent values, 4 float32 scales (one per 128
             values: value = fp8 * scale), 64 bfloat16 rope values; `quantize_sparse_kv_cache`
             writes it. Any page_size and page stride (FlashMLA pads pages); unit last stride.
@@ -64,6 +64,8 @@ def flash_mla_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: tor
         sum of exp(scaled scores). A query with no valid index gets out = 0 and lse = +inf; one
         whose scores hold NaN (a NaN in q or in a listed cache row) gets NaN in both.
     """
+    if is_fp8_kvcache is True and isinstance(k_cache, torch.Tensor) and k_cache.dtype == torch.int8:
+        k_cache = k_cache.view(torch.uint8)  # FlashMLA takes the bytes as int8 too
     # The scalars checked here: the op's schema would refuse a wrong type with a RuntimeError
     check_int("head_dim_v", head_dim_v, 1)
     _check_scale("softmax_scale", softmax_scale, required=False)

@@ -3,7 +3,7 @@
     rows = torch.ops.dskernels.dualpipe_schedule(kind, P, N)   # int32 [A, 6] on the CPU
     order = decode_schedule(rows)                              # per-rank action strings
 
-`kind` is "dualpipe", "dualpipev", "1f1b" or "zb1p"; the op is the C++ twin (csrc/pipeline/
+`kind` is "dualpipe", "dualpipev", "1f1b" (or "one_f_one_b") or "zb1p"; the op is the C++ twin (csrc/pipeline/
 schedule.cpp) of `dskernels.pipeline.schedule.generate(kind, P, N)`. Each row is
 
     (rank, kind, stage, mb, stage2, mb2)

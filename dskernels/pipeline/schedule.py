@@ -273,10 +273,12 @@ def zb1p(P: int, N: int) -> Schedule:
 
 
 def generate(kind: str, P: int, N: int) -> Schedule:
-    """The schedule named kind ("dualpipe", "dualpipev", "1f1b" or "zb1p")."""
+    """The schedule named kind ("dualpipe", "dualpipev", "1f1b" or "zb1p"; "one_f_one_b" too,
+    the helper's name)."""
     table = {"dualpipe": dualpipe, "dualpipev": dualpipev, "1f1b": one_f_one_b, "zb1p": zb1p}
+    kind = "1f1b" if kind == "one_f_one_b" else kind
     if kind not in table:
-        raise ValueError(f"kind: expected one of {list(table)}, got {kind!r}")
+        raise ValueError(f"kind: expected one of {list(table)} (or one_f_one_b), got {kind!r}")
     return table[kind](P, N)
 
 
