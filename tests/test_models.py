@@ -127,8 +127,10 @@ def test_config_from_hf_and_presets():
     # A V3.2 config keeps its indexer (sparse attention over the top-k; tests/test_models_v32.py)
     assert DeepseekV3Config.from_hf({**hf_config(v3).to_dict(), "model_type": "deepseek_v32",
                                      "index_topk": 2048}).index_topk == 2048
-    with pytest.raises(ValueError, match="^attention_bias:"):
-        DeepseekV3Config.tiny(attention_bias=True)
+    # transformers' config takes None for these two flags, and its layer reads None as False
+    loose = DeepseekV3Config.from_hf(hf_config(DeepseekV3Config.tiny()).to_dict() | dict(rope_interleave=None,
+                                                                                          norm_topk_prob=None))
+    assert loose.rope_interleave is False and loose.norm_topk_prob is False
     tiny = CONFIGS["v3"]  # the checkpoint's YaRN parameters: HF scales the softmax by mscale**2
     assert tiny.softmax_scale == pytest.approx(hf_module().DeepseekV3Attention(hf_config(tiny), 0).scaling, rel=1e-12)
     assert tiny.softmax_scale > tiny.qk_head_dim ** -0.5
@@ -144,11 +146,67 @@ def test_prefill_matches_transformers(variant, layer_idx):
     x = torch.randn(2, 9, cfg.hidden_size)
     positions = spread_positions(2, 9)
     expected = reference_forward(ref, cfg, x, positions)
-    layer = DeepseekV3DecoderLayer(cfg, layer_idx, dtype=torch.float32)
+    layer = DeepseekV3DecoderLayer(cfg, layer_idx)  # API.md's call: torch's default dtype, as transformers'
+    assert layer.dtype == torch.float32
     layer.load_hf_state_dict(ref.state_dict())
     with torch.no_grad():
         got = layer(x, positions)
     torch.testing.assert_close(got, expected, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("q_lora", [True, False])
+def test_attention_bias_matches_transformers(q_lora):
+    """config.attention_bias (V3's checkpoints leave it False): transformers' q_a_proj,
+    kv_a_proj_with_mqa and o_proj then add biases. Prefill, and decode through the paged cache;
+    the FP8 form adds them after its GEMM (test_fp8_linear_adds_its_bias)."""
+    cfg = DeepseekV3Config.tiny(attention_bias=True, **({} if q_lora else dict(q_lora_rank=None)))
+    ref = make_reference(cfg, 1, seed=4)
+    assert all(getattr(getattr(ref.self_attn, name), "bias", None) is not None
+               for name in ("kv_a_proj_with_mqa", "o_proj", *(("q_a_proj",) if q_lora else ())))
+    with torch.no_grad():  # biases large enough to matter
+        for name, p in ref.named_parameters():
+            if name.endswith(".bias") and "self_attn" in name:
+                p.copy_(torch.randn_like(p))
+    x, positions = torch.randn(2, 7, cfg.hidden_size), spread_positions(2, 7)
+    expected = reference_forward(ref, cfg, x, positions)
+    layer = DeepseekV3DecoderLayer(cfg, 1)
+    layer.load_hf_state_dict(ref.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, positions), expected, atol=TOL, rtol=TOL)
+        # the first 4 tokens prefilled into a paged cache, the other 3 decoded one at a time
+        cache, table = paged_cache(cfg, num_pages=6, page_size=5, batch=2, pages_per_seq=2)
+        lens = torch.zeros(2, dtype=torch.int32)
+        outs = [layer(x[:, :4], positions[:, :4], kv_cache=cache, block_table=table, cache_seqlens=lens)]
+        for t in range(4, 7):
+            outs.append(layer(x[:, t:t + 1], positions[:, t:t + 1], kv_cache=cache, block_table=table,
+                              cache_seqlens=torch.full((2,), t, dtype=torch.int32)))
+    torch.testing.assert_close(torch.cat(outs, dim=1), expected, atol=TOL, rtol=TOL)
+    assert set(layer.hf_state_dict()) == set(ref.state_dict())
+    with pytest.raises(KeyError, match="self_attn.o_proj.bias"):
+        DeepseekV3DecoderLayer(cfg, 1).load_hf_state_dict(
+            {k: v for k, v in ref.state_dict().items() if k != "self_attn.o_proj.bias"})
+
+
+def test_fp8_linear_adds_its_bias():
+    """An FP8 projection with a bias: the FP8 product (bf16) in the layer's dtype, plus the bias kept
+    in that dtype; a module cast moves the bias with the dtype, not the FP8 weight or its scales."""
+    from dskernels.models.linear import Linear
+    g = torch.Generator().manual_seed(6)
+    weight, bias = torch.randn(48, 256, generator=g) / 16, torch.randn(48, generator=g)
+    lin, plain = Linear(256, 48, dtype=torch.float32, bias=True), Linear(256, 48, dtype=torch.float32)
+    for module in (lin, plain):
+        module.set_weight(weight, None, torch.float32, fp8=True)
+    lin.set_bias(bias)
+    x = torch.randn(3, 5, 256, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), plain(x) + bias, rtol=0, atol=0)
+    lin.to(torch.bfloat16)
+    assert lin.bias.dtype == torch.bfloat16 and lin.weight.dtype == torch.float8_e4m3fn
+    assert lin.weight_scale_inv.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"^bias: expected \[48\]"):
+        lin.set_bias(torch.zeros(47))
+    with pytest.raises(ValueError, match="^bias: this projection has none"):
+        Linear(256, 48).set_bias(bias)
 
 
 def test_more_experts_chosen_than_the_kept_groups_hold():
@@ -174,7 +232,7 @@ def test_dtype_follows_module_casts():
     positions = spread_positions(1, 5)
     layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
     layer.load_hf_state_dict(sd)
-    cast = DeepseekV3DecoderLayer(cfg, 1)  # bf16
+    cast = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16)
     cast.load_hf_state_dict(sd)
     with pytest.raises(TypeError, match="x: expected the layer's dtype torch.bfloat16"):
         cast(x, positions)
@@ -184,7 +242,7 @@ def test_dtype_follows_module_casts():
         assert rel_error(cast(x, positions), layer(x, positions)) < 2**-6
 
     checkpoint = fp8_checkpoint(per_expert_names(sd, cfg))[0]
-    fp8 = DeepseekV3DecoderLayer(cfg, 1)
+    fp8 = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16)
     fp8.load_hf_state_dict(checkpoint)
     fp8.to(torch.float16).float()
     q_b, experts = fp8.self_attn.q_b_proj, fp8.mlp.experts
@@ -1177,7 +1235,7 @@ def test_experts_skip_ids_past_the_last(fp8):
     """Ids past the last local expert are padding, as -1 is: the float experts' per-expert counts
     took them as an index (out of bounds) before; each backend gives what dropping those slots gives."""
     cfg = CONFIGS["v3"]
-    layer = fp8_moe_layer(cfg, seed=33) if fp8 else DeepseekV3DecoderLayer(cfg, 1)
+    layer = fp8_moe_layer(cfg, seed=33) if fp8 else DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16)
     if not fp8:
         layer.load_hf_state_dict(make_reference(cfg, 1, seed=33).state_dict())
     experts = layer.mlp.experts

@@ -44,15 +44,15 @@ class MLAttention(nn.Module):
         self.cfg = cfg
         self.num_heads = h = cfg.num_attention_heads
         if cfg.q_lora_rank:
-            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, dtype, device)
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, dtype, device, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, _LORA_NORM_EPS, dtype, device)
             self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, dtype, device)
         else:
             self.q_proj = Linear(cfg.hidden_size, h * cfg.qk_head_dim, dtype, device)
-        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_cache_dim, dtype, device)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_cache_dim, dtype, device, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, _LORA_NORM_EPS, dtype, device)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype, device)
-        self.o_proj = Linear(h * cfg.v_head_dim, cfg.hidden_size, dtype, device)
+        self.o_proj = Linear(h * cfg.v_head_dim, cfg.hidden_size, dtype, device, bias=cfg.attention_bias)
         inv_freq, self.attention_factor = rope_inv_freq(cfg.rope_parameters, cfg.qk_rope_head_dim,
                                                         cfg.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)

@@ -102,6 +102,9 @@ class DeepseekV3Config:
                 raise TypeError(f"{name}: expected a dict or None, got {type(value).__name__}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        for name in ("rope_interleave", "norm_topk_prob"):  # transformers' config allows None: its layer reads False
+            if getattr(self, name) is None:
+                setattr(self, name, False)
         params = dict(self.rope_parameters or self.rope_scaling or {})
         self._rope_source = "rope_parameters" if self.rope_parameters else "rope_scaling"
         if "type" in params and "rope_type" not in params:
@@ -135,8 +138,6 @@ class DeepseekV3Config:
                 raise TypeError(f"{name}: expected a bool, got {type(getattr(self, name)).__name__}")
         if self.hidden_act != "silu":  # the experts' SwiGLU and the dense MLP are written with silu
             raise ValueError(f"hidden_act: only 'silu' (DeepSeek-V3's) is supported, got {self.hidden_act!r}")
-        if self.attention_bias:
-            raise ValueError("attention_bias: projections with biases are not supported (DeepSeek-V3 has none)")
         self._validate_rope()
         if self.quantization_config is not None:
             if not isinstance(self.quantization_config, Mapping):

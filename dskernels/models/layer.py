@@ -70,8 +70,10 @@ class DeepseekV3DecoderLayer(nn.Module):
         cfg: DeepseekV3Config.
         layer_idx: the MoE replaces the dense MLP when layer_idx >= cfg.first_k_dense_replace (or
             where cfg.mlp_layer_types says "sparse").
-        dtype: compute dtype of activations and float weights (bf16 by default; fp32 works, and is
-            what the tests compare with transformers in). FP8 weights stay FP8 (see load_hf_state_dict).
+        dtype: compute dtype of activations and float weights: by default torch's default dtype
+            (float32 unless changed), as torch's and transformers' modules are built, so the layer
+            matches transformers' built the same way; serving passes torch.bfloat16. FP8 weights
+            stay FP8 (see load_hf_state_dict).
         device: where the weights live.
         ep_buffer: a `dskernels.ep.Buffer`: this rank then holds experts
             [rank * E/R, (rank + 1) * E/R) and each MoE call dispatches its tokens to the ranks that
@@ -92,7 +94,7 @@ class DeepseekV3DecoderLayer(nn.Module):
     see `forward`.
     """
 
-    def __init__(self, cfg: DeepseekV3Config, layer_idx: int, *, dtype: torch.dtype = torch.bfloat16,
+    def __init__(self, cfg: DeepseekV3Config, layer_idx: int, *, dtype: torch.dtype | None = None,
                  device=None, ep_buffer=None, ep_low_latency_tokens: int | None = None, index_fp8: bool = True):
         super().__init__()
         if not isinstance(cfg, DeepseekV3Config):  # (a dict or transformers' config has other attribute names)
@@ -103,6 +105,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         layer_idx = int(layer_idx)
         if layer_idx < 0:
             raise ValueError(f"layer_idx: expected an int >= 0, got {layer_idx}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
             raise TypeError(f"dtype: expected a floating-point torch.dtype (torch.bfloat16, torch.float16, "
                             f"torch.float32), got {dtype!r}")
@@ -207,6 +210,8 @@ class DeepseekV3DecoderLayer(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, Linear):
                 out[f"{name}.weight"] = module.dequantized(dtype)
+                if module.bias is not None:
+                    out[f"{name}.bias"] = module.bias.to(dtype)
             elif isinstance(module, RMSNorm) and name.startswith("self_attn."):
                 out[f"{name}.weight"] = module.weight.to(dtype)
             elif isinstance(module, LayerNorm):  # the V3.2 indexer's k_norm
@@ -303,6 +308,10 @@ class DeepseekV3DecoderLayer(nn.Module):
                 raise ValueError(f"fp8: {prefix + '.weight'!r} of layer {self.layer_idx} as FP8 needs in_features "
                                  f"to be a multiple of {BLOCK} (the FP8 GEMM's k), got {module.in_features}")
             steps.append(lambda: module.set_weight(w, scale, dtype or self.dtype, fp8))
+            if module.bias is not None:  # config.attention_bias
+                b = take(prefix + ".bias", (module.out_features,))
+                if b is not None:
+                    steps.append(lambda: module.set_bias(b))
 
         norm(self.input_layernorm, "input_layernorm.weight")
         norm(self.post_attention_layernorm, "post_attention_layernorm.weight")

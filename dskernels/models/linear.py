@@ -90,7 +90,8 @@ def device_moves_only(fn, exempt):
 
 
 class Linear(nn.Module):
-    """y = x @ W.T (no bias: V3 has attention_bias=False).
+    """y = x @ W.T (+ b where bias: the attention's projections under config.attention_bias, which
+    V3's checkpoints leave False). The bias stays in the layer's dtype and is added to the product.
 
     Float: `weight` [n, k] in the layer's dtype. FP8: `weight` [n, k] float8_e4m3fn and
     `weight_scale_inv` [ceil(n/128), k/128] fp32 (the checkpoint's names and meaning: dequantized
@@ -98,12 +99,13 @@ class Linear(nn.Module):
     `gemm_fp8_fp8_bf16_nt` into bf16, which is then cast to x's dtype. round_scale: power-of-two
     FP8 scales for those casts and for float weights quantized here (config.fp8_round_scale)."""
 
-    def __init__(self, in_features: int, out_features: int, dtype=None, device=None):
+    def __init__(self, in_features: int, out_features: int, dtype=None, device=None, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.round_scale = False
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
         self.register_buffer("weight_scale_inv", None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._gemm_scales = BlockMajorScales()
 
     @property
@@ -111,8 +113,15 @@ class Linear(nn.Module):
         return self.weight.dtype == FP8
 
     def _apply(self, fn, recurse=True):
-        fp8 = self.is_fp8
-        return super()._apply(device_moves_only(fn, lambda t: fp8), recurse)
+        fp8, bias = self.is_fp8, self.bias
+        return super()._apply(device_moves_only(fn, lambda t: fp8 and t is not bias), recurse)
+
+    def set_bias(self, bias: torch.Tensor) -> None:
+        if self.bias is None:
+            raise ValueError("bias: this projection has none (config.attention_bias is False)")
+        if tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias: expected [{self.out_features}], got {list(bias.shape)}")
+        self.bias = bias.to(device=self.bias.device, dtype=self.bias.dtype).clone()
 
     def set_weight(self, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, fp8: bool | None):
         """Loads a float weight or an FP8 (weight, scale) pair; fp8=True quantizes a float weight,
@@ -164,18 +173,21 @@ class Linear(nn.Module):
         """x [..., in_features] -> [..., out_features] in x's dtype. x_fp8: x's rows already cast
         (shared_cast's pair), used by an FP8 layer, ignored by a float one."""
         if not self.is_fp8:
-            return F.linear(x, self.weight)
+            return F.linear(x, self.weight, self.bias)
         if x_fp8 is None and x.shape[:-1].numel():
             x_fp8 = self.cast_input(x)
         return self.from_fp8(x_fp8, x.shape[:-1], x.dtype)
 
     def from_fp8(self, x_fp8: tuple[torch.Tensor, torch.Tensor] | None, lead_shape, dtype: torch.dtype) -> torch.Tensor:
         """The FP8 layer on rows already cast (x_fp8: cast_input's or silu_and_mul_cast_to_fp8's
-        pair; None for no rows) -> [*lead_shape, out_features] in dtype."""
+        pair; None for no rows) -> [*lead_shape, out_features] in dtype (plus the bias)."""
         out = torch.empty(lead_shape.numel(), self.out_features, dtype=torch.bfloat16, device=self.weight.device)
         if x_fp8 is not None:
             self.gemm_into(x_fp8, out)
-        return out.to(dtype).reshape(*lead_shape, self.out_features)
+        out = out.to(dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(dtype)
+        return out.reshape(*lead_shape, self.out_features)
 
 
 def shared_cast(x: torch.Tensor, *layers: Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
