@@ -6,8 +6,9 @@ local expert e % (E // R). `topk_idx` is int64 [T, K] with -1 meaning "no expert
     get_dispatch_layout(topk_idx, E, R):
         is_token_in_rank[t, r]   = any_k topk_idx[t, k] is an expert of rank r
         num_tokens_per_rank[r]   = sum_t is_token_in_rank[t, r]
-        num_tokens_per_expert[e] = number of tokens t with e in topk_idx[t, :]   (a token that
-                                   names e twice counts once)
+        num_tokens_per_expert[e] = number of entries (t, k) with topk_idx[t, k] = e  (a token
+                                   that names e twice counts twice, as DeepEP's layout counts and
+                                   as recv_topk_idx's entries are)
 
 The row movers the Buffer is built from (the Triton kernels reproduce them bit for bit):
     copy_rows(src, src_idx, dst, dst_idx):     dst[dst_idx[i]] = src[src_idx[i]], i skipped where
@@ -32,14 +33,16 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
     is_token_in_rank bool [T, R])."""
     num_tokens = topk_idx.shape[0]
     valid = topk_idx >= 0
-    # One-hot over experts, then "any" over k: duplicates within a token count once.
+    ids = torch.where(valid, topk_idx, num_experts)
+    # One-hot over experts, then "any" over k: a token goes to a rank once however many of its experts
+    # live there; the per-expert counts count every entry.
     token_has_expert = torch.zeros(num_tokens, num_experts + 1, dtype=torch.bool, device=topk_idx.device)
-    token_has_expert.scatter_(1, torch.where(valid, topk_idx, num_experts), True)
+    token_has_expert.scatter_(1, ids, True)
     token_has_expert = token_has_expert[:, :num_experts]
     is_token_in_rank = token_has_expert.reshape(num_tokens, num_ranks, num_experts // num_ranks).any(dim=2)
-    return (is_token_in_rank.sum(dim=0, dtype=torch.int32),
-            token_has_expert.sum(dim=0, dtype=torch.int32),
-            is_token_in_rank)
+    entries = torch.zeros(num_experts + 1, dtype=torch.int32, device=topk_idx.device)
+    entries.scatter_add_(0, ids.reshape(-1), torch.ones(ids.numel(), dtype=torch.int32, device=topk_idx.device))
+    return (is_token_in_rank.sum(dim=0, dtype=torch.int32), entries[:num_experts], is_token_in_rank)
 
 
 def copy_rows(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor,
@@ -176,6 +179,6 @@ def dispatch_oracle(xs: list, topk_idxs: list[torch.Tensor], topk_weights: list[
     else:
         recv_x = rows(xs)
     recv_idx, recv_w = local_topk(rows(topk_idxs), rows(topk_weights), rank, num_local)
-    counts = [int(((recv_idx == e).any(dim=1)).sum()) for e in range(num_local)]
+    counts = [int((recv_idx == e).sum()) for e in range(num_local)]  # entries, as the layout counts
     counts = [-(-c // expert_alignment) * expert_alignment for c in counts]
     return recv_x, recv_idx, recv_w, counts

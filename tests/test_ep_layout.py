@@ -33,11 +33,13 @@ def test_layout_matches_oracle(backend, T, K, E, R):
         assert torch.equal(a.cpu(), b), name
 
 
-def test_layout_repeated_expert_counts_once(backend):
+def test_layout_repeated_expert_counts_every_entry(backend):
+    """DeepEP's counts: every (token, k) entry (its test's (topk_idx == e).sum()), while a token goes
+    to each rank once."""
     _, device = backend
     topk = torch.tensor([[3, 3, -1, 5], [-1, -1, -1, -1], [0, 7, 3, 7]], device=device)
     per_rank, per_expert, in_rank = ep_get_dispatch_layout(topk, 8, 2)
-    assert per_expert.cpu().tolist() == [1, 0, 0, 2, 0, 1, 0, 1]
+    assert per_expert.cpu().tolist() == [(topk == e).sum().item() for e in range(8)] == [1, 0, 0, 3, 0, 1, 0, 2]
     assert in_rank.cpu().tolist() == [[True, True], [False, False], [True, True]]
     assert per_rank.cpu().tolist() == [2, 2]
 

@@ -27,7 +27,8 @@ def ep_get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: 
 
     Returns:
         num_tokens_per_rank: [R] int32, tokens with at least one expert on rank r.
-        num_tokens_per_expert: [E] int32, tokens that name expert e (a repeated id counts once).
+        num_tokens_per_expert: [E] int32, the (token, k) entries that name expert e (a token
+            naming it twice counts twice, as in DeepEP).
         is_token_in_rank: [T, R] bool.
 
     Runs without a host synchronization on CUDA (ids are not range-checked there; the CPU kernel

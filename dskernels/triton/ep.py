@@ -23,11 +23,8 @@ def _layout_kernel(topk_ptr, per_rank_ptr, per_expert_ptr, in_rank_ptr, num_toke
     in_block = token_ok[:, None] & (ks[None, :] < num_topk)
     expert = tl.load(topk_ptr + tokens[:, None].to(tl.int64) * stride_t + ks[None, :], mask=in_block, other=-1)
     valid = in_block & (expert >= 0) & (expert < num_experts)
-    # A token naming an expert twice counts once: drop an entry equal to an earlier one.
-    same = (expert[:, :, None] == expert[:, None, :]) & (ks[None, None, :] < ks[None, :, None])
-    repeated = tl.max(same.to(tl.int32), axis=2) > 0
-    first = valid & (repeated == 0)
-    tl.atomic_add(per_expert_ptr + tl.where(first, expert, 0), tl.full(expert.shape, 1, tl.int32), mask=first)
+    # Every (token, k) entry counts (a token naming an expert twice: twice), as DeepEP counts
+    tl.atomic_add(per_expert_ptr + tl.where(valid, expert, 0), tl.full(expert.shape, 1, tl.int32), mask=valid)
     owner = tl.where(valid, expert // experts_per_rank, -1)
     hit = tl.max((owner[:, :, None] == ranks[None, None, :]).to(tl.int32), axis=1)  # [BLOCK_T, BLOCK_R]
     rank_ok = ranks < num_ranks

@@ -1,9 +1,10 @@
 // Expert-parallel dispatch layout (DeepEP's get_dispatch_layout): device code only, no torch.
 //
-// One thread per token: it walks the token's top-k ids once, counts each distinct expert and each
-// distinct destination rank into block-local shared-memory histograms (a repeated id counts once,
-// as in python_ref.ep), writes its is_token_in_rank row, and the block adds its histograms to the
-// global counts with integer atomics (order-independent, so the result is deterministic).
+// One thread per token: it walks the token's top-k ids once, counts each (token, k) entry's expert
+// (a repeated id counts each time, as DeepEP's layout and recv_topk_idx's entries do; python_ref.ep)
+// and each distinct destination rank into block-local shared-memory histograms, writes its
+// is_token_in_rank row, and the block adds its histograms to the global counts with integer
+// atomics (order-independent, so the result is deterministic).
 #pragma once
 
 #include <cstdint>
@@ -38,14 +39,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_layout_kernel(const Params 
       const int64_t e = ids[k];
       if (e < 0 || e >= p.num_experts) continue;
       const int64_t r = e / p.experts_per_rank;
-      bool new_expert = true, new_rank = true;
+      bool new_rank = true;
       for (int j = 0; j < k; ++j) {  // K is small (8): a quadratic scan beats any set structure
         const int64_t f = ids[j];
         if (f < 0 || f >= p.num_experts) continue;
-        new_expert &= f != e;
         new_rank &= f / p.experts_per_rank != r;
       }
-      if (new_expert) atomicAdd(&expert_count[e], 1);
+      atomicAdd(&expert_count[e], 1);
       if (new_rank) {
         atomicAdd(&rank_count[r], 1);
         in_rank[r] = true;
