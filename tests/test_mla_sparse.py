@@ -209,7 +209,7 @@ def test_flashmla_positional_form_and_int8_cache(backend):
     with pytest.raises(TypeError, match="^indices: given twice"):
         dskernels.flash_mla_with_kvcache(q, k_cache, None, None, dv, meta, None, None, False, True, indices,
                                          indices=indices)
-    with pytest.raises(TypeError, match="^k_scale: expected a tensor or None"):
+    with pytest.raises(TypeError, match="^k_scale: 1 more positional arguments follow it, FlashMLA's order"):
         dskernels.flash_mla_with_kvcache(q, k_cache, None, None, dv, meta, None, None, False, 1.0, indices)
 
 

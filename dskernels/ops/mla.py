@@ -212,8 +212,8 @@ def _flashmla_positional(is_fp8, rest: tuple, is_fp8_keyword: bool, given: dict)
     in dskernels' order), then the sparse ones in `given`'s order. Returns (k_scale None, the bool,
     given with the positional values in)."""
     if not isinstance(is_fp8, bool):
-        raise TypeError(f"k_scale: expected a tensor or None, got {type(is_fp8).__name__} followed by {len(rest)} "
-                        "more positional arguments (FlashMLA's positional form has is_fp8_kvcache, a bool, here)")
+        raise TypeError(f"k_scale: {len(rest)} more positional arguments follow it, FlashMLA's order, whose "
+                        f"is_fp8_kvcache (a bool) sits here; got {type(is_fp8).__name__}")
     if is_fp8_keyword:
         raise TypeError("is_fp8_kvcache: given twice, by position (after causal) and by keyword")
     if len(rest) > len(given):
