@@ -416,6 +416,8 @@ def test_deepgemm_current_names():
     assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
     with pytest.raises(ValueError, match="^logits_dtype: "):
         dskernels.fp8_fp4_mqa_logits(q, (k, k_scale), weights, ks, ke, logits_dtype=torch.float16)
+    with pytest.raises(TypeError, match="^logits_dtype: "):
+        dskernels.fp8_fp4_mqa_logits(q, (k, k_scale), weights, ks, ke, logits_dtype="float32")
     with pytest.raises(TypeError, match="^cu_seq_len_k_start: expected dtype int32"):
         dskernels.fp8_mqa_logits(q, (k, k_scale), weights, cu_seq_len_k_start=ks.long(), cu_seq_len_k_end=ke)
     with pytest.raises(ValueError, match=r"^cu_seqlen_ke: expected shape \(5,\)"):

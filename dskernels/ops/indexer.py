@@ -106,6 +106,8 @@ def _integer(value):
 def _logits_dtype(logits_dtype) -> torch.dtype:
     """DeepGEMM's logits_dtype (its fp8_fp4_* entries): float32 (computed as such) or bfloat16 (the
     float32 logits rounded once)."""
+    if not isinstance(logits_dtype, torch.dtype):
+        raise TypeError(f"logits_dtype: expected torch.float32 or torch.bfloat16, got {type(logits_dtype).__name__}")
     if logits_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"logits_dtype: expected torch.float32 or torch.bfloat16, got {logits_dtype}")
     return logits_dtype

@@ -74,9 +74,13 @@ def fp16_rows(q_v, q_r):
 
     An fp16 q is returned as it is (factor 1). A bf16 row is multiplied by the power of two that
     brings its largest |value| into [2**14, 2**15), below fp16's largest (65504): exact for every
-    value down to 2**-28 of that largest (fp16's normal range), and below that the products are too
-    small to move the fp32 sums. The exponent comes from the fp32 bits of the row's largest |value|:
-    clamped so that a zero row keeps a finite factor and an inf row a nonzero one (it stays inf).
+    value down to 2**-28 of that largest (fp16's normal range); smaller ones keep fewer bits and
+    those below ~2**-38 of it become 0. That is below the rounding of any score the largest value
+    takes part in, but a score it does not take part in (its key's channel an exact 0) is then made
+    of the lost values alone: a row spanning more than ~2**20 in magnitude can change such scores
+    (a review's repro: 2**30 moved lse by 1e-3, 2**45 flattened it). Real query rows span far less;
+    a bf16 cache keeps bf16 dots. The exponent comes from the fp32 bits of the row's largest
+    |value|: clamped so that a zero row keeps a finite factor and an inf row a nonzero one.
     """
     if q_v.dtype == tl.float16:
         return q_v, q_r, tl.full([q_v.shape[0]], 1.0, dtype=tl.float32)
