@@ -15,7 +15,7 @@ the latent is read once) and the rest [dv, d) (the rope part for V3).
 FP8 e4m3 caches: keys are loaded as fp8 and widened to fp16 (exact: e4m3 is a subset of fp16), in
 one instruction per two values (cvt.rn.f16x2.e4m3x2; to bf16 it takes three). Both dots then take
 fp16 operands: a bf16 q is brought into fp16's range row by row by a power of two (`fp16_rows`;
-exact) whose inverse scales the scores, and P @ V reads P in fp16 (finer than bf16 on [0, 1]). The
+exact except in rows spanning over ~2**20, see there) whose inverse scales the scores, and P @ V reads P in fp16 (finer than bf16 on [0, 1]). The
 per-tensor scale multiplies the scores and the output instead of every key element. On GPUs whose
 Triton has no fp8 type (before sm_89) the keys are read as bytes and widened by e4m3_bits_to_fp16
 (FP8_BYTES).
