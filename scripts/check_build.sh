@@ -3,7 +3,9 @@
 #  1. the extension that setup.py built holds sm_90a code (when built with CUDA), and its
 #     memory-bound kernels keep their loads in flight (scripts/check_sass.py);
 #  2. CMakeLists.txt builds the same sources into a library that registers the same ops;
-#  3. the Triton kernels compile for sm_90a, sm_100a, sm_89 and sm_80 (scripts/check_triton_compile.py).
+#  3. the Triton kernels compile for sm_90a, sm_100a, sm_89 and sm_80 (scripts/check_triton_compile.py);
+#  4. `pip install .` from the sdist gives a package that imports and runs outside the checkout
+#     (scripts/check_sdist.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -78,3 +80,5 @@ fi
 #    sm_90a no spills and tensor-core instructions where they belong.
 python scripts/check_triton_compile.py > build-triton.log 2>&1 || { grep -v "^ok" build-triton.log; exit 1; }
 tail -1 build-triton.log
+# 4. The sdist carries every tracked source, and installed from it (CPU only) the package works.
+python scripts/check_sdist.py

@@ -22,6 +22,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one; run on the device)")
 
 
+def pytest_xdist_auto_num_workers(config):  # noqa: ARG001
+    """`-n auto` (the README's command): one worker per core without a GPU, where the suite is
+    Triton's interpreter and torch's CPU ops; one with a GPU, whose tests share the device and
+    size their inputs for it alone (scripts/gpu_check.sh runs files side by side itself)."""
+    return 1 if torch.cuda.is_available() else (os.cpu_count() or 1)
+
+
+# Workers share the cores: torch's intra-op threads split them rather than each taking all.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,0 +1,93 @@
+"""Checks that a user's `pip install .` gets a working package (CI runs it from check_build.sh):
+
+1. the sdist carries every source the build and the package need: each file git tracks under
+   csrc/, dskernels/ and python_ref/ (MANIFEST.in and setup.py's package list decide that, and
+   nothing else tests them: the in-place build reads the checkout);
+2. installed from that sdist, outside the checkout (`pip install --no-build-isolation --target`,
+   CPU only: the CUDA build is checked by check_build.sh itself), the package imports from where
+   it was installed and runs an op on the reference and Triton backends against its oracle.
+
+    python scripts/check_sdist.py [--keep DIR]
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGED = ("csrc/", "dskernels/", "python_ref/")
+
+# Run from outside the checkout, on the installed copy only.
+SMOKE = r"""
+import os, sys
+import torch
+import dskernels, python_ref
+site = os.path.realpath(sys.argv[1])
+for module in (dskernels, python_ref):
+    assert os.path.realpath(module.__file__).startswith(site + os.sep), f"{module.__name__} from {module.__file__}"
+assert torch.ops.dskernels._build_info() == "cpu", torch.ops.dskernels._build_info()
+from python_ref.fp8 import per_token_cast_to_fp8 as oracle
+x = torch.randn(3, 256) * 10
+want_q, want_s = oracle(x)
+for name in ("ref", "triton"):
+    with dskernels.backend(name):
+        q, s = dskernels.per_token_cast_to_fp8(x)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s), name
+print("ok: installed from the sdist, dskernels imports from", site, "and its cast matches the oracle")
+"""
+
+
+def tracked_sources() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", *PACKAGED], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        sys.exit(f"check_sdist: git ls-files failed (run from a git checkout): {listed.stderr.strip()}")
+    return [path for path in listed.stdout.split() if "/tests/" not in path]
+
+
+def build_sdist(out_dir: str) -> str:
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", out_dir], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (name,) = [n for n in os.listdir(out_dir) if n.endswith(".tar.gz")]
+    return os.path.join(out_dir, name)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", help="work in this directory and keep it (default: a temporary one)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dskernels-sdist-") as scratch:
+        work = os.path.abspath(args.keep) if args.keep else scratch
+        os.makedirs(work, exist_ok=True)
+        sdist = build_sdist(os.path.join(work, "dist"))
+        with tarfile.open(sdist) as archive:
+            root = os.path.commonpath(archive.getnames())
+            carried = {os.path.relpath(name, root) for name in archive.getnames()}
+        missing = [path for path in tracked_sources() if path not in carried]
+        if missing:
+            print(f"FAIL: {os.path.basename(sdist)} lacks {len(missing)} tracked file(s) (MANIFEST.in, setup.py's "
+                  f"packages): {', '.join(missing[:10])}")
+            return 1
+        print(f"ok: {os.path.basename(sdist)} carries all {len(tracked_sources())} tracked sources")
+
+        site = os.path.join(work, "site")
+        env = dict(os.environ, DSKERNELS_CPU_ONLY="1")
+        install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                                  "--no-build-isolation", "--no-deps", "--target", site, sdist],
+                                 cwd=work, env=env, capture_output=True, text=True)
+        if install.returncode != 0:
+            print("FAIL: pip install of the sdist:\n" + install.stdout[-3000:] + install.stderr[-3000:])
+            return 1
+        env = dict(os.environ, PYTHONPATH=site, TRITON_INTERPRET="1")
+        smoke = subprocess.run([sys.executable, "-c", SMOKE, site], cwd=work, env=env, capture_output=True, text=True)
+        print(smoke.stdout.strip())
+        if smoke.returncode != 0:
+            print("FAIL: the installed package:\n" + smoke.stderr[-3000:])
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
