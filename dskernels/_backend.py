@@ -118,7 +118,6 @@ def select_backend(op: str, device: torch.device, *, has_cuda: bool, has_triton:
     if asked == "triton":
         _require_triton(op, has_triton)
         return "triton"
-    cuda_ready = has_cuda and cuda_kernels_built() and is_hopper(device)
     if asked == "cuda":
         if not has_cuda:
             raise NotImplementedError(f"{op}: no CUDA kernel yet; use the 'triton' or 'ref' backend")
@@ -126,15 +125,30 @@ def select_backend(op: str, device: torch.device, *, has_cuda: bool, has_triton:
             raise RuntimeError(f"{op}: dskernels was built without its CUDA kernels (no CUDA toolkit found, or "
                                "DSKERNELS_CPU_ONLY set); rebuild with CUDA_HOME naming the toolkit and "
                                "DSKERNELS_CPU_ONLY unset")
-        if not cuda_ready:
+        if not is_hopper(device):
             raise RuntimeError(f"{op}: the CUDA kernels need a Hopper (sm_90) GPU, got "
                                f"{torch.cuda.get_device_name(device)}")
         return "cuda"
-    if cuda_ready and cuda_verified:
-        return "cuda"
+    hopper = has_cuda and cuda_kernels_built() and is_hopper(device)  # (only asked when it matters)
+    return auto_choice(has_cuda=has_cuda, has_triton=has_triton, cuda_verified=cuda_verified, hopper=hopper)[0]
+
+
+def auto_choice(*, has_cuda: bool, has_triton: bool, cuda_verified: bool, hopper: bool) -> tuple[str, str]:
+    """What `auto` runs on a GPU's tensors (hopper: whether it is sm_90), and why: the rule of
+    select_backend, also behind `python -m dskernels`'s report."""
+    if has_cuda and cuda_kernels_built() and hopper and cuda_verified:
+        return "cuda", "the sm90 CUDA kernel"
+    if not has_cuda:
+        why = "no CUDA kernel for it"
+    elif not cuda_kernels_built():
+        why = "this build has no CUDA kernels (built without a CUDA toolkit, or with DSKERNELS_CPU_ONLY)"
+    elif not hopper:
+        why = "its CUDA kernel needs a Hopper (sm_90) GPU"
+    else:
+        why = "its CUDA kernel has not yet passed its tests on a GPU (forcing the 'cuda' backend runs it)"
     if has_triton and triton_installed():
-        return "triton"
-    return "ref"
+        return "triton", why
+    return "ref", why + ("; no Triton kernel" if not has_triton else f"; triton not importable: {_triton_import_error()}")
 
 
 def _require_triton(op: str, has_triton: bool) -> None:

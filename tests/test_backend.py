@@ -289,3 +289,43 @@ def test_load_errors_say_what_to_do():
     for text, words in cases:
         message = dskernels._load_error(ImportError(text))
         assert all(w in message for w in words), (text, message)
+
+
+def test_python_m_dskernels_reports_the_install():
+    """`python -m dskernels` (for bug reports): versions, the build, the backends, and without a GPU
+    what `auto` would run on a Hopper GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "dskernels"], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert f"torch {torch.__version__}" in out.stdout
+    assert f"built against torch {torch.ops.dskernels._built_torch_version()}" in out.stdout
+    assert "flash_mla_with_kvcache" in out.stdout and "gemm_fp8_fp8_bf16_nt" in out.stdout
+
+
+def test_report_says_why_auto_does_not_run_a_cuda_kernel(monkeypatch):
+    """On fake GPUs: an sm_90 GPU runs the verified CUDA kernels and says why the others run on Triton;
+    an sm_80 one runs Triton everywhere, because of its architecture; a CPU build says so."""
+    from types import SimpleNamespace
+
+    from dskernels.__main__ import report
+
+    gpus = [SimpleNamespace(name="H100", major=9, minor=0, multi_processor_count=132, total_memory=80 * 2**30),
+            SimpleNamespace(name="A100", major=8, minor=0, multi_processor_count=108, total_memory=80 * 2**30)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: gpus[i])
+    monkeypatch.setattr(dskernels, "available_backends", lambda: ["ref", "triton", "cuda"])
+    monkeypatch.setattr(_backend, "triton_installed", lambda: True)
+    monkeypatch.setattr(_backend, "cuda_kernels_built", lambda: True)
+    hopper, ampere = report().split("GPU 1: ")
+    gemm_line = next(line for line in hopper.splitlines() if "gemm_fp8_fp8_bf16_nt" in line)
+    assert gemm_line.split()[0] == "cuda" and "[" not in gemm_line
+    other = next(line for line in hopper.splitlines() if "the other ops" in line)
+    assert other.split()[0] == "triton" and "no CUDA kernel for it" in other
+    choices = [line for line in ampere.splitlines() if line.startswith("  ")]
+    assert len(choices) == 5 and all(line.split()[0] == "triton" for line in choices)
+    assert sum("needs a Hopper (sm_90) GPU" in line for line in choices) == 4
+    monkeypatch.setattr(_backend, "cuda_kernels_built", lambda: False)
+    gemm_line = next(line for line in report().splitlines() if "gemm_fp8_fp8_bf16_nt" in line)
+    assert gemm_line.split()[0] == "triton" and "this build has no CUDA kernels" in gemm_line
