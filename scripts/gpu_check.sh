@@ -104,7 +104,7 @@ so=$(python -c "import dskernels._C as c; print(c.__file__)")
 cuobjdump --list-elf "$so" > "$LOGS/elf.txt"
 cuobjdump -sass "$so" > "$LOGS/sass.txt" 2>&1 || true
 echo "SASS instruction mix: $(grep -c -E 'QGMMA' "$LOGS/sass.txt") QGMMA, $(grep -c -E 'HGMMA' "$LOGS/sass.txt") HGMMA, $(grep -c 'UTMALDG' "$LOGS/sass.txt") UTMALDG"
-python -c "import dskernels; print('backends:', dskernels.available_backends())"
+python -m dskernels  # versions, the build, and what `auto` runs on this GPU for each family
 
 # Triton's kernels compiled ahead of time by scripts/prebuild_device.sh (its cache entries name
 # this absolute path), and every compile of a dskernels kernel logged by each process from here on
