@@ -19,6 +19,7 @@
 #        test files), TARGETS_BUDGET=200 (s for `run.py --targets`), NCU_BUDGET=45 (s per
 #        scripts/ncu_cases.py case), HOST_PROFILE_BUDGET=45 (s for scripts/host_profile.py),
 #        TEST_TIMEOUT=150 (s per file), SLOW_TEST_TIMEOUT=300 (tests/test_gemm_general.py's),
+#        TEST_WORKERS=2 (pytest-xdist processes per test file, where its wheels came in .whl; 1: one),
 #        SEESAW_TEST_TIMEOUT=75 (tests/test_mla_sm90_seesaw.py's), TEST_JOBS=4 (test files run at once), GPU_TESTS="tests/test_mla_sm90.py ..." (default: the files
 #        with gpu-selected tests, never-run ones first), CPU_TESTS=1 (also the not-gpu suite, for the device's
 #        torch/triton versions), BENCH_OPS=mla,gemm (families or ops, run in that order),
@@ -79,6 +80,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH="/tmp/dskernels-wheels${PYTHONPATH:+:$PYTHONPATH}"
 fi
 python -c "import pynvml" 2>/dev/null || echo "no pynvml: the benchmarks record no SM clocks (docs/CONTRIBUTING.md: the nvidia-ml-py wheel in .whl)"
+python -c "import xdist" 2>/dev/null || echo "no pytest-xdist: each GPU test file runs in one process (docs/CONTRIBUTING.md: its wheels in .whl)"
 
 step "build"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
@@ -136,10 +138,15 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
   # TEST_JOBS files at a time: a test file's time is mostly the host's (imports, Triton's compiles,
   # one core each) and the GPU has room for several; the first device run spent ~240 s on ten
   # files one after another. Each process has its own CUDA context, so a fault stays in its file.
+  # Within a file, TEST_WORKERS pytest-xdist processes share its tests (the H200's second call ran out
+  # of test time with four files at a time on 16 cores; the long files were host-bound). timeout
+  # kills the file's whole process group, workers included.
+  xdist=()
+  (( ${TEST_WORKERS:-2} > 1 )) && python -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-2}")
   run_file() {  # run_file FILE TIMEOUT -> its verdict line (and failures) in pytest_gpu.log (none without gpu tests)
     local name rc verdict
     name=$(basename "$1" .py)
-    timeout -s KILL "$2" python -m pytest "$1" -q -m gpu -p no:cacheprovider --maxfail=5 --tb=short -rfE \
+    timeout -s KILL "$2" python -m pytest "$1" "${xdist[@]}" -q -m gpu -p no:cacheprovider --maxfail=5 --tb=short -rfE \
       --junitxml="$LOGS/junit_$name.xml" > "$LOGS/pytest_gpu_$name.log" 2>&1
     rc=$?
     [ $rc -eq 5 ] && return  # no gpu-marked tests in this file
