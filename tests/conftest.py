@@ -24,9 +24,10 @@ def pytest_configure(config):
 
 def pytest_xdist_auto_num_workers(config):  # noqa: ARG001
     """`-n auto` (the README's command): one worker per core without a GPU, where the suite is
-    Triton's interpreter and torch's CPU ops; one with a GPU, whose tests share the device and
-    size their inputs for it alone (scripts/gpu_check.sh runs files side by side itself)."""
-    return 1 if torch.cuda.is_available() else (os.cpu_count() or 1)
+    Triton's interpreter and torch's CPU ops; with a GPU at most 4 (the GPU tests are sized to
+    share the device: scripts/gpu_check.sh runs four files at a time, each in TEST_WORKERS processes)."""
+    cores = os.cpu_count() or 1
+    return min(4, cores) if torch.cuda.is_available() else cores
 
 
 # Workers share the cores: torch's intra-op threads split them rather than each taking all.
