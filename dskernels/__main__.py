@@ -21,12 +21,13 @@ def families() -> list[tuple[str, bool, bool]]:
     """(ops, has a CUDA kernel in a CUDA build, that kernel passed its GPU tests): the flags each
     family's ops hand to select_backend (the shape rules some add are in their docs)."""
     return [
-        ("per_token_cast_to_fp8, per_block_cast_to_fp8, silu_and_mul_cast_to_fp8", True, fp8._CUDA_CAST_VERIFIED),
+        ("per_token_cast_to_fp8, per_block_cast_to_fp8", True, fp8._CUDA_CAST_VERIFIED),
         ("gemm_fp8_fp8_bf16_nt, m_grouped_gemm_fp8_fp8_bf16_nt_{contiguous,masked} (bf16 out)", True,
          gemm._CUDA_GEMM_VERIFIED),
         ("get_mla_metadata, flash_mla_with_kvcache (d = 576, dv = 512)", True, mla._CUDA_MLA_VERIFIED),
         ("ep_get_dispatch_layout", True, True),
-        ("the other ops: fp32-out and k-grouped FP8 GEMMs, bf16 GEMMs, per_channel_cast_to_fp8, sparse MLA, "
+        ("the other ops: fp32-out and k-grouped FP8 GEMMs, bf16 GEMMs, per_channel_cast_to_fp8, silu_and_mul "
+         "(and its cast), sparse MLA, "
          "indexer logits, grouped_topk, EP row movers, the model layer's fused kernels", False, False),
     ]
 

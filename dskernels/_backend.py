@@ -129,7 +129,7 @@ def select_backend(op: str, device: torch.device, *, has_cuda: bool, has_triton:
             raise RuntimeError(f"{op}: the CUDA kernels need a Hopper (sm_90) GPU, got "
                                f"{torch.cuda.get_device_name(device)}")
         return "cuda"
-    hopper = has_cuda and cuda_kernels_built() and is_hopper(device)  # (only asked when it matters)
+    hopper = has_cuda and cuda_kernels_built() and is_hopper(device)  # (asked for ops with a built CUDA kernel only)
     return auto_choice(has_cuda=has_cuda, has_triton=has_triton, cuda_verified=cuda_verified, hopper=hopper)[0]
 
 

@@ -78,7 +78,16 @@ fi
 # 3. every Triton kernel compiles for sm_90a, sm_100a, sm_89 and sm_80 the way the GPU paths launch it (CI
 #    runs Triton only through the interpreter): no compile errors or shared-memory overruns; on
 #    sm_90a no spills and tensor-core instructions where they belong.
-python scripts/check_triton_compile.py > build-triton.log 2>&1 || { grep -v "^ok" build-triton.log; exit 1; }
-tail -1 build-triton.log
+#    Two processes, two targets each, keep both cores of a CI machine busy (measured here, 2 cores:
+#    185 s -> 130 s with Triton's cache warm; cold, ~16 CPU-minutes in ~10 minutes).
+pids=()
+for targets in 90a,89 100,80; do
+  python scripts/check_triton_compile.py --targets "$targets" > "build-triton-$targets.log" 2>&1 & pids+=($!)
+done
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+cat build-triton-90a,89.log build-triton-100,80.log > build-triton.log && rm -f build-triton-*,*.log
+[ $failed = 0 ] || { grep -v "^ok" build-triton.log; exit 1; }
+grep "kernel specializations compiled" build-triton.log
 # 4. The sdist carries every tracked source, and installed from it (CPU only) the package works.
 python scripts/check_sdist.py

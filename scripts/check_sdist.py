@@ -12,6 +12,7 @@
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -41,15 +42,26 @@ print("ok: installed from the sdist, dskernels imports from", site, "and its cas
 
 
 def tracked_sources() -> list[str]:
-    listed = subprocess.run(["git", "ls-files", *PACKAGED], cwd=ROOT, capture_output=True, text=True)
+    """The files git tracks under PACKAGED that exist (a tracked file deleted in a dirty tree is
+    no longer the sdist's to carry)."""
+    try:
+        listed = subprocess.run(["git", "ls-files", *PACKAGED], cwd=ROOT, capture_output=True, text=True)
+    except FileNotFoundError:
+        sys.exit("check_sdist: needs git (it compares the sdist with the files git tracks)")
     if listed.returncode != 0:
         sys.exit(f"check_sdist: git ls-files failed (run from a git checkout): {listed.stderr.strip()}")
-    return [path for path in listed.stdout.split() if "/tests/" not in path]
+    return [path for path in listed.stdout.split() if os.path.exists(os.path.join(ROOT, path))]
 
 
-def build_sdist(out_dir: str) -> str:
-    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", out_dir], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def build_sdist(work: str) -> str:
+    """The sdist, built from the checkout. The egg-info goes to the scratch folder: setuptools reads a
+    SOURCES.txt it finds back in, so an old one in the checkout would keep files in the sdist that
+    MANIFEST.in no longer names."""
+    out_dir = os.path.join(work, "dist")
+    built = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", work, "sdist", "-d", out_dir],
+                           cwd=ROOT, capture_output=True, text=True)
+    if built.returncode != 0:
+        sys.exit("check_sdist: building the sdist failed:\n" + built.stdout[-3000:] + built.stderr[-3000:])
     (name,) = [n for n in os.listdir(out_dir) if n.endswith(".tar.gz")]
     return os.path.join(out_dir, name)
 
@@ -60,17 +72,20 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dskernels-sdist-") as scratch:
         work = os.path.abspath(args.keep) if args.keep else scratch
+        for old in ("dist", "site", "dskernels.egg-info"):  # a kept folder's last run
+            shutil.rmtree(os.path.join(work, old), ignore_errors=True)
         os.makedirs(work, exist_ok=True)
-        sdist = build_sdist(os.path.join(work, "dist"))
+        sources = tracked_sources()
+        sdist = build_sdist(work)
         with tarfile.open(sdist) as archive:
             root = os.path.commonpath(archive.getnames())
             carried = {os.path.relpath(name, root) for name in archive.getnames()}
-        missing = [path for path in tracked_sources() if path not in carried]
+        missing = [path for path in sources if path not in carried]
         if missing:
             print(f"FAIL: {os.path.basename(sdist)} lacks {len(missing)} tracked file(s) (MANIFEST.in, setup.py's "
                   f"packages): {', '.join(missing[:10])}")
             return 1
-        print(f"ok: {os.path.basename(sdist)} carries all {len(tracked_sources())} tracked sources")
+        print(f"ok: {os.path.basename(sdist)} carries all {len(sources)} tracked sources")
 
         site = os.path.join(work, "site")
         env = dict(os.environ, DSKERNELS_CPU_ONLY="1")
@@ -80,7 +95,8 @@ def main() -> int:
         if install.returncode != 0:
             print("FAIL: pip install of the sdist:\n" + install.stdout[-3000:] + install.stderr[-3000:])
             return 1
-        env = dict(os.environ, PYTHONPATH=site, TRITON_INTERPRET="1")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")])),
+                   TRITON_INTERPRET="1")
         smoke = subprocess.run([sys.executable, "-c", SMOKE, site], cwd=work, env=env, capture_output=True, text=True)
         print(smoke.stdout.strip())
         if smoke.returncode != 0:

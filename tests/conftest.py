@@ -26,14 +26,20 @@ def pytest_xdist_auto_num_workers(config):  # noqa: ARG001
     """`-n auto` (the README's command): one worker per core without a GPU, where the suite is
     Triton's interpreter and torch's CPU ops; with a GPU at most 4 (the GPU tests are sized to
     share the device: scripts/gpu_check.sh runs four files at a time, each in TEST_WORKERS processes)."""
-    cores = os.cpu_count() or 1
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):  # xdist's own override keeps working
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    cores = _usable_cores()
     return min(4, cores) if torch.cuda.is_available() else cores
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # Workers share the cores: torch's intra-op threads split them rather than each taking all.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+    torch.set_num_threads(max(1, _usable_cores() // _workers))
 
 
 def pytest_collection_modifyitems(config, items):

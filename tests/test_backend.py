@@ -1,6 +1,7 @@
 """Backend choice, the build, and the shared test helpers."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -329,3 +330,37 @@ def test_report_says_why_auto_does_not_run_a_cuda_kernel(monkeypatch):
     monkeypatch.setattr(_backend, "cuda_kernels_built", lambda: False)
     gemm_line = next(line for line in report().splitlines() if "gemm_fp8_fp8_bf16_nt" in line)
     assert gemm_line.split()[0] == "triton" and "this build has no CUDA kernels" in gemm_line
+
+
+def test_report_families_match_what_the_ops_ask_for(monkeypatch):
+    """The report's rows say what each op hands to select_backend: every op named in a row, called
+    here on CPU, asks with that row's has_cuda and cuda_verified (a row that grouped a Triton-only
+    op with CUDA ones printed a wrong reason for it)."""
+    from dskernels import ops
+    from dskernels.__main__ import families
+
+    asked = {}
+
+    def recording(op, device, *, has_cuda, has_triton, cuda_verified=True):
+        asked[op] = (has_cuda, cuda_verified)
+        return "ref"
+
+    for module in (ops.fp8, ops.gemm, ops.mla, ops.ep):
+        monkeypatch.setattr(module, "select_backend", recording)
+    x = torch.randn(4, 256)
+    x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x)
+    w_fp8, w_scale = dskernels.per_block_cast_to_fp8(torch.randn(128, 256))
+    dskernels.silu_and_mul_cast_to_fp8(torch.randn(4, 256))
+    dskernels.gemm_fp8_fp8_bf16_nt((x_fp8, x_scale), (w_fp8, w_scale), torch.empty(4, 128, dtype=torch.bfloat16))
+    lengths = torch.tensor([5, 0], dtype=torch.int32)
+    metadata, splits = dskernels.get_mla_metadata(lengths, 16, 1)
+    dskernels.flash_mla_with_kvcache(torch.randn(2, 1, 16, 576, dtype=torch.bfloat16),
+                                     torch.randn(1, 64, 1, 576, dtype=torch.bfloat16),
+                                     torch.zeros(2, 1, dtype=torch.int32), lengths, 512, metadata, splits)
+    torch.ops.dskernels.ep_get_dispatch_layout(torch.zeros(3, 2, dtype=torch.int64), 8, 2)
+    for op, flags in asked.items():
+        rows = [(has_cuda, verified) for names, has_cuda, verified in families()
+                if re.search(rf"\b{op}\b", names)] or [families()[-1][1:]]  # unnamed: "the other ops"
+        assert rows == [flags] or (not flags[0] and rows == [(False, False)]), (op, flags, rows)
+    assert {"per_token_cast_to_fp8", "silu_and_mul_cast_to_fp8", "gemm_fp8_fp8_bf16_nt", "get_mla_metadata",
+            "flash_mla_with_kvcache", "ep_get_dispatch_layout"} <= set(asked), asked

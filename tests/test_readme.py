@@ -1,5 +1,6 @@
-"""The README's usage example runs as printed (on CPU tensors: the reference, and Triton through
-its interpreter), so it cannot drift from the API."""
+"""The README's usage example runs as printed, so it cannot drift from the API: with `auto` (the
+reference without a GPU, the GPU's kernels with one) and with Triton through its interpreter on CPU
+tensors."""
 
 import os
 import re
@@ -21,7 +22,7 @@ def usage_example() -> str:
 def test_readme_usage_example_runs(backend):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if backend == "triton":
-        env.update(TRITON_INTERPRET="1", DSKERNELS_BACKEND="triton")
+        env.update(TRITON_INTERPRET="1", DSKERNELS_BACKEND="triton", CUDA_VISIBLE_DEVICES="")
     # The example's own names, checked after it ran: the shapes its comments promise.
     check = ("\nassert o.shape == (b, s_q, h_q, 512) and lse.shape == (b, h_q, s_q)"
              "\nassert out.shape == (m, n) and bool(out.float().isfinite().all())"
