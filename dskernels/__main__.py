@@ -27,8 +27,8 @@ def families() -> list[tuple[str, bool, bool]]:
         ("get_mla_metadata, flash_mla_with_kvcache (d = 576, dv = 512)", True, mla._CUDA_MLA_VERIFIED),
         ("ep_get_dispatch_layout", True, True),
         ("the other ops: fp32-out and k-grouped FP8 GEMMs, bf16 GEMMs, per_channel_cast_to_fp8, silu_and_mul "
-         "(and its cast), sparse MLA, "
-         "indexer logits, grouped_topk, EP row movers, the model layer's fused kernels", False, False),
+         "(and its cast), sparse MLA, indexer logits, grouped_topk, EP row movers, the model layer's fused kernels",
+         False, False),
     ]
 
 
@@ -49,8 +49,7 @@ def report() -> str:
     lines.append(f"backends that run here: {', '.join(dskernels.available_backends())}; asked: "
                  f"{_backend.current_backend()} (dskernels.backend(...) or DSKERNELS_BACKEND)")
     lines.append("knobs set: " + (", ".join(_knobs()) or "none"))
-    cpu = "the reference (auto); Triton when forced, under TRITON_INTERPRET=1"
-    lines.append(f"CPU tensors: {cpu}")
+    lines.append("CPU tensors: the reference (auto); Triton when forced, under TRITON_INTERPRET=1")
     if not gpus:
         lines.append("GPUs: none visible to torch (torch.cuda.is_available() is False); on a Hopper GPU's tensors "
                      "`auto` would run:")
