@@ -81,7 +81,7 @@ def _version() -> str:
 
 def _triton_version() -> str:
     if not _backend.triton_installed():
-        return f"not importable ({_backend._triton_import_error()})"
+        return f"not usable here ({_backend._triton_import_error()})"
     import triton
 
     return triton.__version__

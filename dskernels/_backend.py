@@ -13,12 +13,18 @@ import contextlib
 import contextvars
 import functools
 import os
+import re
 
 import torch
 
 BACKENDS = ("auto", "ref", "triton", "cuda")
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dskernels_backend", default=None)
+# The same choice as a module global, read in its place while torch.compile traces: the Dynamo of
+# torch 2.11 (the GPU machine's) cannot trace ContextVar.get (a graph break, an error under
+# fullgraph=True), and a global it reads becomes a guard, so a call under another backend recompiles. Unlike the ContextVar it is
+# shared by threads: a thread that compiles while another is inside a `backend(...)` block sees that choice.
+_forced_while_tracing: str | None = None
 
 
 def _check_name(name: str, source: str) -> str:
@@ -30,16 +36,19 @@ def _check_name(name: str, source: str) -> str:
 @contextlib.contextmanager
 def backend(name: str):
     """Runs the ops inside the `with` block on backend `name` ("auto", "ref", "triton", "cuda")."""
+    global _forced_while_tracing
     token = _forced.set(_check_name(name, "dskernels.backend"))
+    outer, _forced_while_tracing = _forced_while_tracing, name
     try:
         yield
     finally:
         _forced.reset(token)
+        _forced_while_tracing = outer
 
 
 def current_backend() -> str:
     """The backend asked for: the innermost `dskernels.backend(...)`, else DSKERNELS_BACKEND, else auto."""
-    forced = _forced.get()
+    forced = _forced_while_tracing if torch.compiler.is_compiling() else _forced.get()
     if forced is not None:
         return forced
     return _check_name(os.environ.get("DSKERNELS_BACKEND", "auto") or "auto", "DSKERNELS_BACKEND")
@@ -51,14 +60,25 @@ def triton_interpret() -> bool:
 
 @functools.cache
 def _triton_import_error() -> str | None:
-    """Why `import triton` fails here (None: it works). Its interpreter also needs numpy."""
+    """Why the Triton backend cannot run here (None: it can): `import triton` fails, or, under
+    TRITON_INTERPRET=1, numpy is missing or too new for this Triton's interpreter."""
     try:
-        import triton  # noqa: F401
+        import triton
         if triton_interpret():
-            import numpy  # noqa: F401
+            import numpy
     except ImportError as e:
         return f"{type(e).__name__}: {e}"
+    if triton_interpret() and _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        # Triton <= 3.6's interpreter reads a loop bound with int() of a one-element array, which
+        # numpy 2.4 refuses (triton-lang/triton#9171): every kernel with a run-time loop would fail.
+        return (f"Triton {triton.__version__}'s interpreter does not work with numpy {numpy.__version__} "
+                "(triton-lang/triton#9171); install numpy<2.4 or triton>=3.7")
     return None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1'."""
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in text.split(".")[:2])
 
 
 def triton_installed() -> bool:
@@ -148,15 +168,15 @@ def auto_choice(*, has_cuda: bool, has_triton: bool, cuda_verified: bool, hopper
         why = "its CUDA kernel has not yet passed its tests on a GPU (forcing the 'cuda' backend runs it)"
     if has_triton and triton_installed():
         return "triton", why
-    return "ref", why + ("; no Triton kernel" if not has_triton else f"; triton not importable: {_triton_import_error()}")
+    return "ref", why + ("; no Triton kernel" if not has_triton else f"; triton not usable here: {_triton_import_error()}")
 
 
 def _require_triton(op: str, has_triton: bool) -> None:
     if not has_triton:
         raise NotImplementedError(f"{op}: no Triton kernel; use the 'ref' backend")
     if not triton_installed():
-        raise RuntimeError(f"{op}: the 'triton' backend needs the triton package (and numpy for its "
-                           f"interpreter, TRITON_INTERPRET=1); importing them here failed: {_triton_import_error()}")
+        raise RuntimeError(f"{op}: the 'triton' backend cannot run here (it needs the triton package, and numpy "
+                           f"for its interpreter, TRITON_INTERPRET=1): {_triton_import_error()}")
 
 
 def env_choice(name: str, choices: tuple[str, ...]) -> str | None:

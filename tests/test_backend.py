@@ -279,6 +279,50 @@ def test_triton_refusal_says_why(monkeypatch):
         dskernels.per_token_cast_to_fp8(torch.randn(2, 128))
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, usable",
+                         [("3.6.0", "2.4.6", False), ("3.6.0", "2.3.5", True), ("3.7.1", "2.5.0", True)])
+def test_interpreter_refused_with_a_numpy_it_cannot_use(monkeypatch, triton_version, numpy_version, usable):
+    """Triton 3.6's interpreter fails every kernel with a run-time loop under numpy >= 2.4
+    (triton-lang/triton#9171, fixed in 3.7): the backend is refused with the fix named, instead of
+    an InterpreterError from deep inside the first kernel."""
+    numpy = pytest.importorskip("numpy")
+    triton = pytest.importorskip("triton")
+    from dskernels import _backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    _backend._triton_import_error.cache_clear()
+    try:
+        assert ("triton" in dskernels.available_backends()) == usable
+        if not usable:
+            with dskernels.backend("triton"), pytest.raises(RuntimeError, match=r"numpy<2.4 or triton>=3.7"):
+                dskernels.per_token_cast_to_fp8(torch.randn(2, 128))
+    finally:
+        monkeypatch.undo()
+        _backend._triton_import_error.cache_clear()
+
+
+def test_backend_choice_traced_by_torch_compile(monkeypatch):
+    """A compiled function follows `dskernels.backend(...)` (the block's choice is guarded on, so a
+    call under another backend recompiles) and the choice traces under fullgraph=True: torch 2.11's
+    Dynamo could not trace the ContextVar holding it."""
+    monkeypatch.delenv("DSKERNELS_BACKEND", raising=False)
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def tagged(x):
+        return x + {"ref": 1, "triton": 2, "cuda": 3, "auto": 4}[dskernels.current_backend()]
+
+    x = torch.zeros(3)
+    with dskernels.backend("ref"):
+        assert tagged(x).tolist() == [1, 1, 1]
+        with dskernels.backend("triton"):
+            assert tagged(x).tolist() == [2, 2, 2]
+        assert tagged(x).tolist() == [1, 1, 1]
+    assert tagged(x).tolist() == [4, 4, 4]
+
+
 def test_load_errors_say_what_to_do():
     """A _C that fails to load: the message names the cause (no build, a CUDA build under a torch
     without CUDA, another torch) and the command that mends it."""
