@@ -11,8 +11,10 @@
 # paths launch, and the compile logs of earlier device calls (scripts/triton_launches/*.jsonl:
 # dskernels/testing/triton_compiles.py) are replayed. On the device those compiles are cache hits;
 # gpu_check.sh reports how many there were and how many it still compiled.
+# DEVICE_CPU_TESTS=1 also runs the CPU suite (TRITON_INTERPRET=1) with the device's Python, torch and
+# Triton and this library: ~13 minutes on two cores, and version skew found before device time is spent.
 # Knobs: DEVICE_PYTHON (python3.12), DEVICE_TORCH (2.11.0), PREBUILD_DIR (/tmp/dskernels-prebuild),
-#        TRITON_PREWARM=1 (0: no Triton cache).
+#        TRITON_PREWARM=1 (0: no Triton cache), DEVICE_CPU_TESTS=0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -68,4 +70,19 @@ if [ "${TRITON_PREWARM:-1}" = 1 ]; then
     --exclude='*.ptx' --exclude='*.source' .
   echo "Triton cache: $(ls "$cache" | wc -l) kernels for sm_90 in $((SECONDS - begin)) s," \
        "$(du -h "$root/.prebuilt/triton-cache.tgz" | cut -f1) packed"
+fi
+
+if [ "${DEVICE_CPU_TESTS:-0}" = 1 ]; then
+  # The CPU suite under the device's Python, torch and Triton (its interpreter), with the library just
+  # built: what breaks with versions other than CI's fails here, not on the device's clock (torch 2.11's
+  # Dynamo, say). numpy < 2.4: Triton 3.6's interpreter fails under newer ones (triton-lang/triton#9171).
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check pytest pytest-xdist 'numpy<2.4' \
+    'transformers>=5.0,<6' matplotlib
+  tree="$work/tests-tree"
+  rm -rf "$tree" && mkdir -p "$tree"
+  git ls-files -z | xargs -0 tar cf - | tar xf - -C "$tree"
+  cp "$root"/.prebuilt/_C*.so "$tree/dskernels/"
+  (cd "$tree" && PYTHONPATH="$tree" TRITON_INTERPRET=1 "$venv/bin/python" -m pytest tests -n auto -q -p no:cacheprovider \
+     > "$work/cpu_tests.log" 2>&1) && echo "CPU suite with the device's versions: $(tail -1 "$work/cpu_tests.log")" \
+    || { echo "CPU suite with the device's versions FAILED ($work/cpu_tests.log):"; grep -E '^(FAILED|ERROR)' "$work/cpu_tests.log" | head -20; tail -1 "$work/cpu_tests.log"; exit 1; }
 fi
