@@ -201,9 +201,9 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
   grep -q "^tests/test_mla_sparse_wide.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_SPARSE_MLA_WIDE_TESTED=1
   if [ "${CPU_TESTS:-0}" = 1 ]; then  # the device's torch/triton versions differ from CI's
     step "CPU-side tests (not gpu-marked)"
-    # Triton 3.6's interpreter fails on numpy >= 2.4 ("only 0-dimensional arrays can be converted
-    # to Python scalars" at a loop over a runtime bound); seen off-device with torch 2.11 + triton
-    # 3.6, where numpy 2.2 passes all CPU tests. Such failures here are the interpreter's, not ours.
+    # Triton 3.6's interpreter fails on numpy >= 2.4 (triton-lang/triton#9171): there the library
+    # refuses the interpreted Triton backend and its CPU tests skip, saying why. The same suite runs
+    # off the device with the device's versions: DEVICE_CPU_TESTS=1 bash scripts/prebuild_device.sh.
     python -c "import numpy; print('numpy', numpy.__version__)"
     t=$(budget 300)  # (timeout 0 would mean no limit at all)
     if (( t < 10 )); then echo "CPU-side tests: not run (no time left)"; else
