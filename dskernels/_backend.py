@@ -22,8 +22,9 @@ BACKENDS = ("auto", "ref", "triton", "cuda")
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dskernels_backend", default=None)
 # The same choice as a module global, read in its place while torch.compile traces: the Dynamo of
 # torch 2.11 (the GPU machine's) cannot trace ContextVar.get (a graph break, an error under
-# fullgraph=True), and a global it reads becomes a guard, so a call under another backend recompiles. Unlike the ContextVar it is
-# shared by threads: a thread that compiles while another is inside a `backend(...)` block sees that choice.
+# fullgraph=True), and a global it reads becomes a guard, so a call under another backend
+# recompiles. Unlike the ContextVar it is shared by threads: a thread that compiles while another
+# is inside a `backend(...)` block sees that block's choice.
 _forced_while_tracing: str | None = None
 
 
@@ -168,7 +169,8 @@ def auto_choice(*, has_cuda: bool, has_triton: bool, cuda_verified: bool, hopper
         why = "its CUDA kernel has not yet passed its tests on a GPU (forcing the 'cuda' backend runs it)"
     if has_triton and triton_installed():
         return "triton", why
-    return "ref", why + ("; no Triton kernel" if not has_triton else f"; triton not usable here: {_triton_import_error()}")
+    return "ref", why + ("; no Triton kernel" if not has_triton
+                         else f"; triton not usable here: {_triton_import_error()}")
 
 
 def _require_triton(op: str, has_triton: bool) -> None:

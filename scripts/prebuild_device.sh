@@ -14,7 +14,8 @@
 # DEVICE_CPU_TESTS=1 also runs the CPU suite (TRITON_INTERPRET=1) with the device's Python, torch and
 # Triton and this library: ~13 minutes on two cores, and version skew found before device time is spent.
 # Knobs: DEVICE_PYTHON (python3.12), DEVICE_TORCH (2.11.0), PREBUILD_DIR (/tmp/dskernels-prebuild),
-#        TRITON_PREWARM=1 (0: no Triton cache), DEVICE_CPU_TESTS=0.
+#        TRITON_PREWARM=1 (0: no Triton cache), DEVICE_CPU_TESTS=0, PREBUILD_FORCE=0 (1: build even when
+#        .prebuilt's stamp already matches the sources).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -38,18 +39,26 @@ src="$work/src"
 rm -rf "$src" && mkdir -p "$src"
 cp -r setup.py csrc dskernels python_ref scripts benchmarks "$src/"  # benchmarks: check_triton_compile.py reads bench_moe
 find "$src" -name '*.so' -delete
-(
-  cd "$src"
-  export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
-  export MAX_JOBS="${MAX_JOBS:-$(nproc)}" CCACHE_BASEDIR="$src"
-  "$venv/bin/python" setup.py -q build_ext --inplace > "$work/build.log" 2>&1 || { tail -40 "$work/build.log"; exit 1; }
-)
-so=$(ls "$src"/dskernels/_C*.so)
-mkdir -p "$root/.prebuilt"
-rm -f "$root"/.prebuilt/_C*.so
-cp "$so" "$root/.prebuilt/"
-"$venv/bin/python" scripts/prebuilt_stamp.py "$src" > "$root/.prebuilt/stamp.txt"
-echo "prebuilt $(basename "$so") ($(du -h "$so" | cut -f1)); stamp:"
+stamp=$("$venv/bin/python" scripts/prebuilt_stamp.py "$src")
+if [ "${PREBUILD_FORCE:-0}" != 1 ] && [ "$stamp" = "$(cat "$root/.prebuilt/stamp.txt" 2>/dev/null)" ] \
+   && ls "$root"/.prebuilt/_C*.so > /dev/null 2>&1; then
+  # same sources, Python and torch: the ~10-minute build would give the same library (PREBUILD_FORCE=1 redoes it)
+  cp "$root"/.prebuilt/_C*.so "$src/dskernels/"
+  echo "prebuilt library up to date: $(basename "$root"/.prebuilt/_C*.so); stamp:"
+else
+  (
+    cd "$src"
+    export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
+    export MAX_JOBS="${MAX_JOBS:-$(nproc)}" CCACHE_BASEDIR="$src"
+    "$venv/bin/python" setup.py -q build_ext --inplace > "$work/build.log" 2>&1 || { tail -40 "$work/build.log"; exit 1; }
+  )
+  so=$(ls "$src"/dskernels/_C*.so)
+  mkdir -p "$root/.prebuilt"
+  rm -f "$root"/.prebuilt/_C*.so
+  cp "$so" "$root/.prebuilt/"
+  echo "$stamp" > "$root/.prebuilt/stamp.txt"
+  echo "prebuilt $(basename "$so") ($(du -h "$so" | cut -f1)); stamp:"
+fi
 cat "$root/.prebuilt/stamp.txt"
 
 if [ "${TRITON_PREWARM:-1}" = 1 ]; then
@@ -80,9 +89,16 @@ if [ "${DEVICE_CPU_TESTS:-0}" = 1 ]; then
     'transformers>=5.0,<6' matplotlib
   tree="$work/tests-tree"
   rm -rf "$tree" && mkdir -p "$tree"
-  git ls-files -z | xargs -0 tar cf - | tar xf - -C "$tree"
+  git ls-files -z | tar cf - --null -T - | tar xf - -C "$tree"
   cp "$root"/.prebuilt/_C*.so "$tree/dskernels/"
-  (cd "$tree" && PYTHONPATH="$tree" TRITON_INTERPRET=1 "$venv/bin/python" -m pytest tests -n auto -q -p no:cacheprovider \
-     > "$work/cpu_tests.log" 2>&1) && echo "CPU suite with the device's versions: $(tail -1 "$work/cpu_tests.log")" \
-    || { echo "CPU suite with the device's versions FAILED ($work/cpu_tests.log):"; grep -E '^(FAILED|ERROR)' "$work/cpu_tests.log" | head -20; tail -1 "$work/cpu_tests.log"; exit 1; }
+  log="$work/cpu_tests.log"
+  if (cd "$tree" && PYTHONPATH="$tree" TRITON_INTERPRET=1 "$venv/bin/python" -m pytest tests -n auto -q \
+        -p no:cacheprovider > "$log" 2>&1); then
+    echo "CPU suite with the device's versions: $(tail -1 "$log")"
+  else
+    echo "CPU suite with the device's versions FAILED ($log):"
+    grep -E '^(FAILED|ERROR)' "$log" | head -20
+    tail -1 "$log"
+    exit 1
+  fi
 fi
