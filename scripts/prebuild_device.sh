@@ -50,7 +50,8 @@ else
     cd "$src"
     export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
     export MAX_JOBS="${MAX_JOBS:-$(nproc)}" CCACHE_BASEDIR="$src"
-    "$venv/bin/python" setup.py -q build_ext --inplace > "$work/build.log" 2>&1 || { tail -40 "$work/build.log"; exit 1; }
+    "$venv/bin/python" setup.py -q build_ext --inplace > "$work/build.log" 2>&1 \
+      || { tail -40 "$work/build.log"; exit 1; }
   )
   so=$(ls "$src"/dskernels/_C*.so)
   mkdir -p "$root/.prebuilt"
@@ -92,7 +93,7 @@ if [ "${DEVICE_CPU_TESTS:-0}" = 1 ]; then
   git ls-files -z | tar cf - --null -T - | tar xf - -C "$tree"
   cp "$root"/.prebuilt/_C*.so "$tree/dskernels/"
   log="$work/cpu_tests.log"
-  if (cd "$tree" && PYTHONPATH="$tree" TRITON_INTERPRET=1 "$venv/bin/python" -m pytest tests -n auto -q \
+  if (cd "$tree" && PATH="$venv/bin:$PATH" PYTHONPATH="$tree" TRITON_INTERPRET=1 python -m pytest tests -n auto -q \
         -p no:cacheprovider > "$log" 2>&1); then
     echo "CPU suite with the device's versions: $(tail -1 "$log")"
   else
