@@ -12,7 +12,7 @@
 # dskernels/testing/triton_compiles.py) are replayed. On the device those compiles are cache hits;
 # gpu_check.sh reports how many there were and how many it still compiled.
 # DEVICE_CPU_TESTS=1 also runs the CPU suite (TRITON_INTERPRET=1) with the device's Python, torch and
-# Triton and this library: ~13 minutes on two cores, and version skew found before device time is spent.
+# Triton and this library: ~10 minutes on two cores, and version skew found before device time is spent.
 # Knobs: DEVICE_PYTHON (python3.12), DEVICE_TORCH (2.11.0), PREBUILD_DIR (/tmp/dskernels-prebuild),
 #        TRITON_PREWARM=1 (0: no Triton cache), DEVICE_CPU_TESTS=0, PREBUILD_FORCE=0 (1: build even when
 #        .prebuilt's stamp already matches the sources).
