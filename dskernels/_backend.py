@@ -69,7 +69,8 @@ def _triton_import_error() -> str | None:
             import numpy
     except ImportError as e:
         return f"{type(e).__name__}: {e}"
-    if triton_interpret() and _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+    too_new_numpy = triton_interpret() and version_tuple(numpy.__version__) >= (2, 4)
+    if too_new_numpy and version_tuple(triton.__version__) < (3, 7):
         # Triton <= 3.6's interpreter reads a loop bound with int() of a one-element array, which
         # numpy 2.4 refuses (triton-lang/triton#9171): every kernel with a run-time loop would fail.
         return (f"Triton {triton.__version__}'s interpreter does not work with numpy {numpy.__version__} "
@@ -77,7 +78,7 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def _version(text: str) -> tuple[int, ...]:
+def version_tuple(text: str) -> tuple[int, ...]:
     """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1'."""
     return tuple(int(re.match(r"\d*", part).group() or 0) for part in text.split(".")[:2])
 

@@ -40,7 +40,7 @@ import triton.language as tl
 from triton.runtime import _allocation as triton_allocation
 from triton.runtime.jit import JITFunction
 
-from dskernels._backend import env_choice
+from dskernels._backend import env_choice, version_tuple
 from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8, round_to_bf16
 from dskernels.triton.launch import fast
@@ -542,9 +542,8 @@ TMA_WS_MIN_TRITON = (3, 6)
 
 
 @functools.cache
-def _triton_version() -> tuple[int, int]:
-    major, minor = triton.__version__.split(".")[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+def _triton_version() -> tuple[int, ...]:
+    return version_tuple(triton.__version__)
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:  # noqa: ARG001
