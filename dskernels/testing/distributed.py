@@ -30,6 +30,11 @@ def _rank_main(rank, body, world_size, port, backend, timeout_s, args):
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores shared by all ranks
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    if backend == "gloo":
+        # Gloo connects every pair inside init; a rank that returns first and leaves (a body with nothing
+        # to do) closes its sockets while a slower peer is still connecting, and that peer fails with
+        # "connectFullMesh ... Connection closed by peer" instead of the body's own error.
+        dist.barrier()
     try:
         body(rank, world_size, *args)
     finally:
