@@ -4,7 +4,8 @@
         ...uses torch.distributed...
     run_distributed(body, 4, x, backend="gloo", timeout_s=120)
 
-Every rank joins over TCP on 127.0.0.1 at a free port. A rank that raises makes the call raise
+The ranks meet at a TCPStore that this process serves on 127.0.0.1 at a port the OS picks when the
+store binds it (no window in which a parallel test could take it). A rank that raises makes the call raise
 (with that rank's traceback); a run that does not finish in `timeout_s` is killed and raises
 TimeoutError naming the ranks still alive, instead of hanging the caller.
 """
@@ -13,23 +14,17 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank, body, world_size, port, backend, timeout_s, args):
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores shared by all ranks
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     if backend == "gloo":
         # Gloo connects every pair inside init; a rank that returns first and leaves (a body with nothing
         # to do) closes its sockets while a slower peer is still connecting, and that peer fails with
@@ -45,8 +40,10 @@ def run_distributed(body, world_size: int, *args, backend: str = "gloo", timeout
     """Runs body(rank, world_size, *args) on world_size spawned ranks; see the module docstring."""
     if world_size < 1:
         raise ValueError(f"world_size: expected at least 1, got {world_size}")
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
     context = mp.start_processes(
-        _rank_main, args=(body, world_size, free_port(), backend, timeout_s, args),
+        _rank_main, args=(body, world_size, store.port, backend, timeout_s, args),
         nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=0.5):  # raises ProcessRaisedException if a rank failed
