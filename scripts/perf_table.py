@@ -7,13 +7,14 @@
 It also regenerates the table of the issues' performance targets (benchmarks/targets.py) from the
 same files, between its own markers.
 
-The results files are what `python benchmarks/run.py --json ...` wrote on a GPU; the table is
-never typed by hand. A call that ran only some families is merged: its records replace those of the
-same (op, backend, params) and the others stay, each record keeping the git sha and torch version
-of the run that measured it. Records that failed their check or raised, the reference backend's,
-and CPU runs are left out of the table, and so are labels the benchmarks no longer define (a
-variant dropped or renamed since it was timed: its row would contradict today's meaning of the
-names beside it; the results file keeps it).
+The results files are what `python benchmarks/run.py --json ...` wrote on a GPU; the table is never
+typed by hand. Every peer's rows are shown: a row's "x peer" is against the fastest peer of its
+shape, which must be in the table to be checked. A call that ran only some families is merged: its
+records replace those of the same (op, backend, params) and the others stay, each record keeping the
+git sha and torch version of the run that measured it. Records that failed their check or raised,
+the reference backend's, and CPU runs are left out of the table, and so are labels the benchmarks no
+longer define (a variant dropped or renamed since it was timed: its row would contradict today's
+meaning of the names beside it; the results file keeps it).
 """
 
 import argparse
@@ -62,8 +63,6 @@ def table() -> str:
         if not meta.get("ceilings"):  # a CPU run (no ceilings measured): interpreter times, not performance
             continue
         for r in data["records"]:
-            if r["backend"].startswith("peer:") and r["backend"] != "peer:torch":
-                continue
             if r.get("error") or r["ms"] is None or r["ms"] != r["ms"] or r["backend"] == "ref":
                 continue  # wrong or failed (its failure is in the run's log), or the oracle itself
             if (r["op"], r["backend"]) not in labels:

@@ -1,6 +1,7 @@
 """The main job, `python benchmarks/run.py`, on this machine: every family's cases run on every
 backend available and agree with the oracle (on CPU: tiny shapes, Triton through its interpreter)."""
 
+import glob
 import json
 import os
 import subprocess
@@ -329,6 +330,23 @@ def test_perf_table_shows_only_labels_the_benchmarks_define():
         assert known in labels, known
     assert ("flash_mla_with_kvcache", "cuda[no_cluster]") not in labels  # clusters are opt-in since 2026-12-04
     assert {flag: os.environ.get(flag) for flag in flags} == flags  # the opt-in flags restored
+
+
+def test_perf_table_shows_the_peer_each_x_peer_is_against():
+    """A row's "x peer" is its time against the fastest peer of its shape, so that peer's row is in
+    the table too, whichever peer it is (transformers' layer, _scaled_mm, a bf16 mm ...)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import perf_table
+
+    table, labels = perf_table.table(), perf_table.current_labels()
+    for path in glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json")):
+        with open(path) as f:
+            records = json.load(f)["records"]
+        for r in records:
+            timed = not r.get("error") and r["ms"] is not None and r["ms"] == r["ms"]
+            if r["backend"].startswith("peer:") and timed and (r["op"], r["backend"]) in labels:
+                shape = " ".join(f"{k}={v}" for k, v in r["params"].items())
+                assert f"| {r['op']} | {shape} | {r['backend']} | {r['ms'] * 1e3:.1f} |" in table, (r["op"], shape)
 
 
 def test_targets_show_the_clocks_their_runs_had():
