@@ -20,7 +20,7 @@
 #        scripts/ncu_cases.py case), HOST_PROFILE_BUDGET=45 (s for scripts/host_profile.py),
 #        TEST_TIMEOUT=150 (s per file), SLOW_TEST_TIMEOUT=300 (tests/test_gemm_general.py's),
 #        TEST_WORKERS=2 (pytest-xdist processes per test file, where its wheels came in .whl; 1: one),
-#        SEESAW_TEST_TIMEOUT=75 (tests/test_mla_sm90_seesaw.py's), TEST_JOBS=4 (test files run at once), GPU_TESTS="tests/test_mla_sm90.py ..." (default: the files
+#        SEESAW_TEST_TIMEOUT=90 (tests/test_mla_sm90_seesaw.py's), TEST_JOBS=4 (test files run at once), GPU_TESTS="tests/test_mla_sm90.py ..." (default: the files
 #        with gpu-selected tests, never-run ones first), CPU_TESTS=1 (also the not-gpu suite, for the device's
 #        torch/triton versions), BENCH_OPS=mla,gemm (families or ops, run in that order),
 #        QUICK=1 (default; 0 for the full grid), BENCH_BACKENDS (run.py --backends: e.g. triton for #3's
@@ -176,7 +176,7 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
     limit=${TEST_TIMEOUT:-150}; [ "$f" = tests/test_gemm_general.py ] && limit=${SLOW_TEST_TIMEOUT:-300}
     # The seesaw MLA tests take seconds (no Triton compiles), but a protocol bug there would hang in
     # a named barrier, which has no trap (mbarrier waits trap after 10 s): they get less.
-    [ "$f" = tests/test_mla_sm90_seesaw.py ] && limit=${SEESAW_TEST_TIMEOUT:-75}
+    [ "$f" = tests/test_mla_sm90_seesaw.py ] && limit=${SEESAW_TEST_TIMEOUT:-90}
     [ "$f" = tests/test_mla_sm90_narrow.py ] && limit=${NARROW_TEST_TIMEOUT:-75}  # (named barriers too)
     t=$((tests_end - SECONDS)); (( t > limit )) && t=$limit
     if (( t < 10 )); then echo "$f: not run (the tests' time is spent)" | tee -a "$LOGS/pytest_gpu.log"; continue; fi

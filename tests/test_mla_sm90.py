@@ -89,6 +89,14 @@ def check_graph_replays(lengths, replays, *, capacity, seed):
             check(out, lse, q, k_cache, block_table, lens, k_scale, False)
 
 
+def kernels_launched(fn):
+    """(fn(), the names of the CUDA kernels it launched): which instantiation an opt-in switch ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    return result, {event.name for event in prof.events()}
+
+
 def check(out, lse, q, k_cache, block_table, lens, k_scale, causal, softmax_scale=None):
     ref_out, ref_lse = python_ref.mla.flash_mla_with_kvcache(
         q.float(), k_cache, block_table, lens, DV, softmax_scale, causal, k_scale)

@@ -16,7 +16,7 @@ import torch
 
 import dskernels
 from dskernels.ops import mla as mla_ops
-from test_mla_sm90 import D, DV, FP8, _need_cuda_backend, check, check_graph_replays, decode, make_cache
+from test_mla_sm90 import D, DV, FP8, _need_cuda_backend, check, check_graph_replays, decode, kernels_launched, make_cache
 
 pytestmark = pytest.mark.gpu
 
@@ -111,13 +111,6 @@ def test_narrow_cuda_graph_replay_with_new_lengths():
     check_graph_replays([500, 64, 1300], ([1400, 1, 777], [63, 1024, 65], [0, 128, 129]), capacity=1400, seed=5)
 
 
-def _kernels_launched(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        result = fn()
-        torch.cuda.synchronize()
-    return result, {event.name for event in prof.events()}
-
-
 @pytest.mark.parametrize("h_q,s_q", [(16, 1), (16, 2), (33, 1)])
 def test_narrow_runs_where_it_serves_and_takes_precedence(monkeypatch, h_q, s_q):
     """16 and 32 rows run the narrow kernel even with the seesaw and cluster switches set; 33 rows
@@ -133,7 +126,7 @@ def test_narrow_runs_where_it_serves_and_takes_precedence(monkeypatch, h_q, s_q)
     q = torch.randn(len(lengths), s_q, h_q, D, device="cuda").to(torch.bfloat16)
     lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     with dskernels.backend("cuda"):
-        (out, lse), names = _kernels_launched(lambda: decode(q, k_cache, block_table, lens, k_scale, True))
+        (out, lse), names = kernels_launched(lambda: decode(q, k_cache, block_table, lens, k_scale, True))
     check(out, lse, q, k_cache, block_table, lens, k_scale, True)
     narrow_ran = any("narrow_decode_kernel" in name for name in names)
     assert narrow_ran == (s_q * h_q <= 32), sorted(names)

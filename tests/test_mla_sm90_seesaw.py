@@ -8,11 +8,15 @@ CUDA context. scripts/gpu_check.sh times the `cuda[seesaw]` rows and sanitizes t
 file has passed in the same call.
 """
 
+import re
+
 import pytest
 import torch
 
 import dskernels
-from test_mla_sm90 import D, FP8, TOLERANCES, _need_cuda_backend, check, check_graph_replays, decode, make_cache
+from test_mla_sm90 import (D, FP8, TOLERANCES, _need_cuda_backend, check, check_graph_replays, decode, kernels_launched,
+                           make_cache)
+from test_mla_sm90 import test_keys_outside_the_cache_add_nothing as keys_outside_the_cache_add_nothing
 
 pytestmark = pytest.mark.gpu
 
@@ -20,6 +24,23 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(autouse=True)
 def seesaw(monkeypatch):
     monkeypatch.setenv("DSKERNELS_MLA_SEESAW", "1")
+
+
+def decode_instantiations(names) -> set[tuple[str, ...]]:
+    """The template arguments (Element, kFp8, kCluster, kSeesaw) of every decode_kernel among the
+    launched kernels' names (the narrow kernel is another template)."""
+    found = set()
+    for name in names:
+        for args in re.findall(r"(?<![\w])decode_kernel<([^>]*)>", name):
+            found.add(tuple(arg.strip() for arg in args.split(",")))
+    return found
+
+
+def assert_seesaw_ran(names):
+    """The seesaw instantiation ran, unclustered, and no other decode_kernel did: a switch whose
+    plumbing broke would otherwise pass every test here on the default consumers."""
+    ran = decode_instantiations(names)
+    assert ran and all(args[-1] == "true" and args[2] == "1" for args in ran), sorted(names)
 
 
 # Block counts per sequence (64 keys each): 1, 2, 3 (a pair and a lone x), an even and an odd run,
@@ -41,7 +62,8 @@ def test_seesaw_matches_oracle(page_size, h_q, h_kv, s_q, causal, cache_dtype):
     q = torch.randn(len(LENGTHS), s_q, h_q, D, device="cuda").to(torch.bfloat16)
     lens = torch.tensor(LENGTHS, dtype=torch.int32, device="cuda")
     with dskernels.backend("cuda"):
-        out, lse = decode(q, k_cache, block_table, lens, k_scale, causal)
+        (out, lse), names = kernels_launched(lambda: decode(q, k_cache, block_table, lens, k_scale, causal))
+    assert_seesaw_ran(names)
     check(out, lse, q, k_cache, block_table, lens, k_scale, causal)
 
 
@@ -67,24 +89,42 @@ def test_seesaw_agrees_with_the_default_consumers(monkeypatch):
     q = torch.randn(len(lengths), 2, 128, D, device="cuda").to(torch.bfloat16)
     lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     with dskernels.backend("cuda"):
-        out, lse = decode(q, k_cache, block_table, lens, k_scale, True)
+        (out, lse), seesaw_names = kernels_launched(lambda: decode(q, k_cache, block_table, lens, k_scale, True))
         monkeypatch.setenv("DSKERNELS_MLA_SEESAW", "0")
-        ref_out, ref_lse = decode(q, k_cache, block_table, lens, k_scale, True)
+        (ref_out, ref_lse), default_names = kernels_launched(
+            lambda: decode(q, k_cache, block_table, lens, k_scale, True))
+    assert_seesaw_ran(seesaw_names)
+    assert all(args[-1] == "false" for args in decode_instantiations(default_names)), sorted(default_names)
+    # One bf16 ulp (2^-7 of the value) apart, with an absolute floor far below the values' scale, so a
+    # half of O scaled wrongly cannot hide among the small outputs. (This assumes wgmma gives the same
+    # bits for P from registers as from shared memory; the oracle tests above do not depend on it.)
     rtol, _ = TOLERANCES[torch.bfloat16]
-    assert torch.allclose(out.float(), ref_out.float(), rtol=rtol, atol=rtol * ref_out.float().abs().max().item())
+    apart = (out.float() - ref_out.float()).abs() / ref_out.float().abs().clamp(min=2**-20)
+    assert torch.allclose(out.float(), ref_out.float(), rtol=rtol, atol=2**-20), \
+        f"up to {apart.max().item():.2e} of the value apart (one bf16 ulp: up to {rtol:.2e})"
     assert torch.allclose(lse, ref_lse, rtol=1e-6, atol=1e-5)
 
 
-def test_seesaw_nan_score_gives_nan():
+@pytest.mark.parametrize("block", [2, 3])  # the two blocks of the second pair: one per consumer group
+def test_seesaw_nan_score_gives_nan(block):
     """A NaN in a key the query sees gives NaN out and lse, as on the default path."""
     _need_cuda_backend()
     k_cache, block_table, k_scale = make_cache([300], 1, 64, torch.bfloat16, seed=3)
-    k_cache[block_table[0, 2].long(), 5, 0, 0] = float("nan")  # key 133: block 2, x of the second pair
+    k_cache[block_table[0, block].long(), 5, 0, 0] = float("nan")  # key 64 * block + 5
     q = torch.randn(1, 1, 16, D, device="cuda").to(torch.bfloat16)
     lens = torch.tensor([300], dtype=torch.int32, device="cuda")
     with dskernels.backend("cuda"):
         out, lse = decode(q, k_cache, block_table, lens, k_scale, False)
     assert out.isnan().all() and lse.isnan().all()
+
+
+@pytest.mark.parametrize("h_q", [16, 128])
+@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
+def test_seesaw_keys_outside_the_cache_add_nothing(page_size, cache_dtype, h_q):
+    """test_mla_sm90's case under the seesaw consumers: keys on pages outside the cache are masked
+    in whichever group scores their block."""
+    keys_outside_the_cache_add_nothing(page_size, cache_dtype, h_q)
 
 
 def test_seesaw_cuda_graph_replay_with_new_lengths():
@@ -102,5 +142,6 @@ def test_seesaw_takes_precedence_over_clusters(monkeypatch):
     q = torch.randn(len(lengths), 2, 48, D, device="cuda").to(torch.bfloat16)  # 96 rows: two tiles
     lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     with dskernels.backend("cuda"):
-        out, lse = decode(q, k_cache, block_table, lens, k_scale, True)
+        (out, lse), names = kernels_launched(lambda: decode(q, k_cache, block_table, lens, k_scale, True))
+    assert_seesaw_ran(names)
     check(out, lse, q, k_cache, block_table, lens, k_scale, True)
