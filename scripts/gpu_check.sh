@@ -35,7 +35,7 @@
 #        `triton[tma_ws]` GEMM rows; set when tests/test_gemm_tma_ws.py passed), DSKERNELS_MLA_SEESAW_TESTED=1
 #        (the `cuda[seesaw]` MLA rows and that path's sanitizer case; set when
 #        tests/test_mla_sm90_seesaw.py passed), DSKERNELS_MLA_NARROW_TESTED=1 (the `cuda[narrow]` MLA rows,
-#        their ncu and sanitizer cases; set when tests/test_mla_sm90_narrow.py passed; NARROW_TEST_TIMEOUT=75
+#        their ncu and sanitizer cases; set when tests/test_mla_sm90_narrow.py passed; NARROW_TEST_TIMEOUT=90
 #        its file's limit), DSKERNELS_SPARSE_MLA_WIDE_TESTED=1 (the `triton[wide]` sparse decode rows; set when
 #        tests/test_mla_sparse_wide.py passed), DSKERNELS_MLA_FP8_TMA_TESTED=1 (the `cuda[fp8_tma]` MLA
 #        rows and that path's sanitizer case; set by the script itself when
@@ -177,7 +177,7 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
     # The seesaw MLA tests take seconds (no Triton compiles), but a protocol bug there would hang in
     # a named barrier, which has no trap (mbarrier waits trap after 10 s): they get less.
     [ "$f" = tests/test_mla_sm90_seesaw.py ] && limit=${SEESAW_TEST_TIMEOUT:-90}
-    [ "$f" = tests/test_mla_sm90_narrow.py ] && limit=${NARROW_TEST_TIMEOUT:-75}  # (named barriers too)
+    [ "$f" = tests/test_mla_sm90_narrow.py ] && limit=${NARROW_TEST_TIMEOUT:-90}  # (named barriers too)
     t=$((tests_end - SECONDS)); (( t > limit )) && t=$limit
     if (( t < 10 )); then echo "$f: not run (the tests' time is spent)" | tee -a "$LOGS/pytest_gpu.log"; continue; fi
     run_file "$f" "$t" & pids+=($!)

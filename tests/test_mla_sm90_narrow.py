@@ -16,7 +16,8 @@ import torch
 
 import dskernels
 from dskernels.ops import mla as mla_ops
-from test_mla_sm90 import D, DV, FP8, _need_cuda_backend, check, check_graph_replays, decode, kernels_launched, make_cache
+from test_mla_sm90 import (D, DV, FP8, _need_cuda_backend, check, check_graph_replays, decode, kernels_launched,
+                           make_cache)
 
 pytestmark = pytest.mark.gpu
 
@@ -29,7 +30,8 @@ def narrow(monkeypatch):
 def decode_in_parts(q, k_cache, block_table, lens, k_scale, causal, parts, softmax_scale=None):
     """decode() with the split plan of `parts` partitions (None: the device's, one per SM). On the
     device's plan these small batches give most partitions a block or two, so most items have one
-    block and only WG1 scores; a few partitions give long items, where both groups take turns."""
+    block and only one group scores it (the one whose turn it is by block parity); a few partitions
+    give long items, where both groups take turns."""
     if parts is None:
         return decode(q, k_cache, block_table, lens, k_scale, causal, softmax_scale)
     meta, splits = mla_ops.split_plan(lens, parts)
@@ -43,11 +45,15 @@ LENGTHS = [64, 128, 129, 1000, 0, 4096, 65, 191, 1]
 
 
 # (page size, h_q, h_kv, s_q, causal, cache dtype): N = 16 (16 heads; 12 rows of two kv heads;
-# 15 rows of 5 heads x 3 tokens) and N = 32 (MTP rows; 32 heads); the TMA path (page 64, 128), the
-# register path (page 61, 1; fp8).
+# 15 rows of 5 heads x 3 tokens; 8 heads, V3 at 16-way tensor parallelism; 2 rows) and N = 32 (MTP
+# rows; 32 heads; 24 and 20 rows, padded to 32; 32 rows of each of two kv heads); the TMA path
+# (page 64, 128), the register path (page 61, 1; fp8).
 CASES = [(64, 16, 1, 1, False, torch.bfloat16), (64, 16, 1, 2, True, torch.bfloat16),
          (61, 16, 1, 1, False, torch.bfloat16), (128, 8, 2, 3, True, torch.bfloat16),
          (64, 5, 1, 3, True, torch.bfloat16), (1, 16, 1, 1, True, torch.bfloat16),
+         (64, 8, 1, 1, False, torch.bfloat16), (64, 1, 1, 2, True, torch.bfloat16),
+         (64, 8, 1, 3, True, torch.bfloat16), (61, 20, 1, 1, False, torch.bfloat16),
+         (64, 64, 2, 1, False, torch.bfloat16),
          (64, 16, 1, 1, False, FP8), (64, 32, 1, 1, False, FP8)]
 
 
@@ -63,14 +69,16 @@ def test_narrow_matches_oracle(page_size, h_q, h_kv, s_q, causal, cache_dtype):
             check(out, lse, q, k_cache, block_table, lens, k_scale, causal)
 
 
-def test_narrow_float16_and_one_sequence_per_split():
-    """fp16 queries, 32 rows; two short sequences (on the device's plan the second is split in
-    two, on two partitions neither is: written directly) and one long sequence split across many
-    partitions (combined)."""
+@pytest.mark.parametrize("h_q", [16, 8])  # N = 32 and 16
+@pytest.mark.parametrize("cache_dtype", [torch.float16, FP8])
+def test_narrow_float16_and_one_sequence_per_split(h_q, cache_dtype):
+    """fp16 queries, 2 tokens of h_q heads, on an fp16 or fp8 cache; two short sequences (on the
+    device's plan the second is split in two, on two partitions neither is: written directly) and
+    one long sequence split across many partitions (combined)."""
     _need_cuda_backend()
     for lengths in ([3, 70], [8192]):
-        k_cache, block_table, k_scale = make_cache(lengths, 1, 64, torch.float16, seed=len(lengths))
-        q = torch.randn(len(lengths), 2, 16, D, device="cuda").to(torch.float16)
+        k_cache, block_table, k_scale = make_cache(lengths, 1, 64, cache_dtype, seed=len(lengths) + h_q)
+        q = torch.randn(len(lengths), 2, h_q, D, device="cuda").to(torch.float16)
         lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
         with dskernels.backend("cuda"):
             for parts in (None, 2):
@@ -78,13 +86,14 @@ def test_narrow_float16_and_one_sequence_per_split():
                 check(out, lse, q, k_cache, block_table, lens, k_scale, True, softmax_scale=0.05)
 
 
-def test_narrow_fp8_tma_path(monkeypatch):
+@pytest.mark.parametrize("h_q", [16, 32])  # N = 16 and 32
+def test_narrow_fp8_tma_path(monkeypatch, h_q):
     """An fp8 cache's whole blocks by TMA, widened in place (the producer's opt-in path)."""
     _need_cuda_backend()
     monkeypatch.setenv("DSKERNELS_MLA_FP8_TMA", "1")
     monkeypatch.setenv("DSKERNELS_MLA_REQUIRE_TMA", "1")
     k_cache, block_table, k_scale = make_cache(LENGTHS, 1, 64, FP8, seed=17)
-    q = torch.randn(len(LENGTHS), 1, 16, D, device="cuda").to(torch.bfloat16)
+    q = torch.randn(len(LENGTHS), 1, h_q, D, device="cuda").to(torch.bfloat16)
     lens = torch.tensor(LENGTHS, dtype=torch.int32, device="cuda")
     with dskernels.backend("cuda"):
         for parts in (None, 3):
