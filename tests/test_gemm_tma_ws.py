@@ -64,10 +64,21 @@ def test_triton_tma_ws_matches_oracle(scale_layout, forced_tma_ws):
         assert len(used) == 1
         assert_close_to_oracle(out, a, sa, b, sb)
         c = torch.randn(m, n)
-        acc = c.clone()
+        acc = _fp32_rows_of(c, 208)  # fp32 out: rows a multiple of 16 elements apart (_tma_ws_ok)
         dskernels.fp8_gemm_nt((a, sa), (b, sb), acc, c=acc)
         assert len(used) == 2
+        odd = c.clone()  # rows 200 apart: the pointer loads (the warp-specialized epilogue would spill)
+        dskernels.fp8_gemm_nt((a, sa), (b, sb), odd, c=odd)
+        assert len(used) == 2
     assert_close_to_oracle(acc, a, sa, b, sb, c=c)
+    assert_close_to_oracle(odd, a, sa, b, sb, c=c)
+
+
+def _fp32_rows_of(c, row_stride):
+    """A copy of c [m, n] whose rows are row_stride elements apart (the padding NaN)."""
+    padded = torch.full((c.shape[0], row_stride), float("nan"), device=c.device)[:, :c.shape[1]]
+    padded.copy_(c)
+    return padded
 
 
 def _placed(q, *, offset=0, row_stride=None, column_major=False, column_step=1):
@@ -141,7 +152,8 @@ def test_triton_tma_ws_knob_and_scale_rules(forced_tma_ws, monkeypatch):
 def _tma_ws_gpu_configs():
     from dskernels.triton.gemm import _tma_ws_configs
 
-    return [pytest.param(c, id=f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}-s{c.num_stages}") for c in _tma_ws_configs()]
+    return [pytest.param(c, id=f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}-s{c.num_stages}")
+            for c in _tma_ws_configs()]
 
 
 @pytest.mark.gpu
@@ -166,23 +178,54 @@ def test_triton_tma_ws_gpu_configs(config, monkeypatch):
             _, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout=layout)
             _, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout=layout)
             a, b = _nan_framed_fp8(m, k, a, "cuda"), _nan_framed_fp8(n, k, b, "cuda")
-            out = empty_out(m, n, device="cuda")
-            dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
-            assert_close_to_oracle(out, a, sa, b, sb)
-        # The fp32-accumulate form (its own build) and the graph capture on a 3-block K.
+            # twice: the second call is the launch cache's (dskernels/triton/launch.py), as in a benchmark
+            for _ in range(2):
+                out = empty_out(m, n, device="cuda")
+                dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+                assert_close_to_oracle(out, a, sa, b, sb)
+        assert len(used) == 8
+        # The fp32-accumulate form (its own build; rows a multiple of 16 elements apart, else the
+        # pointer loads: _tma_ws_ok) and the graph capture on a 3-block K.
         m, n, k = 203, 300, 384
         _, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="row")
         _, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="tma")
         c = torch.randn(m, n, device="cuda")
-        acc = c.clone()
+        acc = _fp32_rows_of(c, 304)
         dskernels.fp8_gemm_nt((a, sa), (b, sb), acc, c=acc)
         assert_close_to_oracle(acc, a, sa, b, sb, c=c)
-        assert len(used) == 5
+        assert len(used) == 9
+        odd = c.clone()
+        dskernels.fp8_gemm_nt((a, sa), (b, sb), odd, c=odd)
+        assert_close_to_oracle(odd, a, sa, b, sb, c=c)
+        assert len(used) == 9
         out = empty_out(m, n, device="cuda")
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+        assert len(used) == 10
         out.fill_(float("nan"))
         graph.replay()
         assert_close_to_oracle(out, a, sa, b, sb)
+
+
+@pytest.mark.gpu
+def test_triton_tma_ws_autotuned(monkeypatch):
+    """The autotuned path the `triton[tma_ws]` benchmark rows take (the other tests force one
+    candidate with autotuning off): tuning over the warp-specialized candidates alone, then a repeat
+    call through the launch cache, both checked (out NaN-filled before each). One of the benchmark's
+    (n, k) at fewer rows; `auto` (all candidates) is left to the benchmark: it compiles ~25."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("Hopper's warp specialization only")
+    monkeypatch.setenv("DSKERNELS_GEMM_AUTOTUNE", "1")
+    monkeypatch.setenv("DSKERNELS_GEMM_TMA_WS", "only")
+    used = _record_tma_ws(monkeypatch)
+    m, n, k = 256, 2112, 7168
+    _, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="row")
+    _, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
+    with dskernels.backend("triton"):
+        for _ in range(2):
+            out = empty_out(m, n, device="cuda")
+            dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
+            assert_close_to_oracle(out, a, sa, b, sb)
+    assert len(used) == 2

@@ -521,14 +521,18 @@ def _tma_ws_configs() -> list[triton.Config]:
                           num_stages=stages, num_warps=warps) for bm, bn, stages, warps in _TMA_WS_SHAPES]
 
 
-def _tma_ws_ok(a: torch.Tensor, b: torch.Tensor, fp8_dot: bool, sb_per_row: bool) -> bool:
+def _tma_ws_ok(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, fp8_dot: bool, sb_per_row: bool) -> bool:
     """Whether the dense kernel may run its warp-specialized TMA form (TMA_WS): on Hopper (the
     warp specialization Triton does for sm_90; other GPUs keep the pointer loads), under a Triton
     whose Hopper pass has been checked with it (_triton_version), FP8 dots, 128x128 b scales, and
     a and b K-major with base and rows 16-byte aligned (the tensor copy engine's rule) and rows
-    that do not overlap. Under the interpreter wherever the operands allow it (tests force the
-    candidate there)."""
+    that do not overlap. An fp32 out also needs a row stride that is a multiple of 16 elements:
+    otherwise its load-add-store epilogue cannot be vectorized and spills 672-816 bytes (ptxas for
+    sm_90a under Triton 3.6 and 3.8, 203 x 300 x 384; none at a row stride of 304, nor for a bf16
+    out). Under the interpreter wherever the operands allow it (tests force the candidate there)."""
     if not fp8_dot or sb_per_row or _triton_version() < TMA_WS_MIN_TRITON:
+        return False
+    if out.dtype == torch.float32 and out.stride(0) % 16:
         return False
     if not _interpret() and torch.cuda.get_device_capability(a.device)[0] != 9:
         return False
@@ -828,7 +832,7 @@ def fp8_gemm_nt(a, sa, b, sb, out, accumulate: bool) -> None:
     # n = 1: one scale either way (the per-block path reads it once per K block).
     sb_per_row = n > 1 and sb.shape[0] == n
     _launch("_gemm_kernel", grid, args, m, n, fp8_dot=fp8_dot, split_k=split_k,
-            tma_ws=_tma_ws_ok(a_op, b_op, fp8_dot, sb_per_row), SB_PER_ROW=sb_per_row,
+            tma_ws=_tma_ws_ok(a_op, b_op, out, fp8_dot, sb_per_row), SB_PER_ROW=sb_per_row,
             OUT_FP32=out.dtype == torch.float32, ACCUMULATE=accumulate)
 
 
