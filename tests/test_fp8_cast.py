@@ -65,6 +65,59 @@ def test_single_row_with_an_unaligned_row_stride(backend, block, pad_cols):
     assert_same_bits(x_scale, ref_scale)
 
 
+def _laid_out(x, layout):
+    """x's values in a source of another layout, several rows (the single-row case is above)."""
+    m, k = x.shape
+    if layout == "base-2-bytes":  # base 2 bytes past an aligned one, rows 16-byte aligned
+        buf = torch.full((m, k + 8), float("nan"), dtype=x.dtype, device=x.device)
+        placed = buf[:, 1:1 + k]
+    elif layout == "row-stride-259":  # (k <= 259) rows an odd count of elements apart
+        placed = torch.full((m, 259), float("nan"), dtype=x.dtype, device=x.device)[:, :k]
+    elif layout == "column-major":
+        placed = torch.empty(k, m, dtype=x.dtype, device=x.device).T
+    else:  # "expanded": one row read m times (stride 0)
+        return x[:1].expand(m, k)
+    placed.copy_(x)
+    return placed
+
+
+@pytest.mark.parametrize("layout", ["base-2-bytes", "row-stride-259", "column-major", "expanded"])
+@pytest.mark.parametrize("block", [False, True])
+def test_sources_of_any_layout(backend, block, layout):
+    """Sources with several rows in layouts the vectorized CUDA loads cannot take as they are (a base
+    only 2-byte aligned, an odd row stride, column-major, a row expanded): the same bits as the
+    oracle on every backend (copied first, or read in place where the kernel allows it)."""
+    _, device = backend
+    x = _laid_out(random_source(5, 256, torch.bfloat16, device), layout)
+    cast, ref = ((dskernels.per_block_cast_to_fp8, python_ref.per_block_cast_to_fp8) if block else
+                 (dskernels.per_token_cast_to_fp8, python_ref.per_token_cast_to_fp8))
+    x_fp8, x_scale = cast(x)
+    ref_fp8, ref_scale = ref(x.cpu(), False)
+    assert_same_bits(x_fp8, ref_fp8)
+    assert_same_bits(x_scale, ref_scale)
+
+
+@pytest.mark.parametrize("round_scale", [False, True], ids=["scale", "ue8m0"])
+def test_zero_and_tiny_groups_bit_exact(backend, round_scale):
+    """Groups whose amax is under the 1e-4 floor (all +0, all -0, tiny values) and zeros of both
+    signs inside ordinary groups: scales and e4m3 bytes (the sign of zero included) as the oracle's."""
+    _, device = backend
+    x = random_source(6, 512, torch.float32, device).contiguous()
+    x[0, :128] = 0.0
+    x[1, 128:256] = -0.0
+    x[2, 256:384] = 3e-5 * torch.linspace(-1, 1, 128, device=device)
+    x[3, 5], x[3, 6] = 0.0, -0.0
+    x[4, :] = -0.0
+    for dtype in (torch.float32, torch.bfloat16):
+        for cast, ref in ((dskernels.per_token_cast_to_fp8, python_ref.per_token_cast_to_fp8),
+                          (dskernels.per_block_cast_to_fp8, python_ref.per_block_cast_to_fp8)):
+            got, got_scale = cast(x.to(dtype), round_scale=round_scale)
+            want, want_scale = ref(x.to(dtype).cpu(), round_scale)
+            assert (want.view(torch.uint8) == 0x80).any()  # the oracle keeps -0's sign
+            assert_same_bits(got, want)
+            assert_same_bits(got_scale, want_scale)
+
+
 @pytest.mark.parametrize("dtype,round_scale", DTYPES_AND_SCALE_FORMATS)
 @pytest.mark.parametrize("n,k", [(1, 128), (61, 256), (128, 128), (130, 384), (257, 128)])
 def test_per_block_cast_matches_oracle(backend, dtype, n, k, round_scale):
@@ -320,12 +373,17 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture():
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_cuda_graph_capture(name):
+    """Each GPU backend forced (`auto` takes one of them: the other's launcher would go uncaptured)."""
+    if name not in dskernels.available_backends():
+        pytest.skip(f"backend {name!r} is not available here")
     x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
-    dskernels.per_token_cast_to_fp8(x)  # warm up (Triton compile, lazy init) outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x)
+    with dskernels.backend(name):
+        dskernels.per_token_cast_to_fp8(x)  # warm up (Triton compile, lazy init) outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x)
     x.copy_(torch.randn_like(x))
     graph.replay()
     ref_fp8, ref_scale = python_ref.per_token_cast_to_fp8(x.cpu())
