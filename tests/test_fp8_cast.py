@@ -35,6 +35,16 @@ def assert_same_bits(actual, expected):
     assert mismatch == 0, f"{mismatch} of {actual.numel()} values differ"
 
 
+def assert_cast_matches_oracle(x, block):
+    """The per-block (block) or per-token cast of x: the oracle's bits, scales included."""
+    cast, ref = ((dskernels.per_block_cast_to_fp8, python_ref.per_block_cast_to_fp8) if block else
+                 (dskernels.per_token_cast_to_fp8, python_ref.per_token_cast_to_fp8))
+    x_fp8, x_scale = cast(x)
+    ref_fp8, ref_scale = ref(x.cpu(), False)
+    assert_same_bits(x_fp8, ref_fp8)
+    assert_same_bits(x_scale, ref_scale)
+
+
 @pytest.mark.parametrize("dtype,round_scale", DTYPES_AND_SCALE_FORMATS)
 @pytest.mark.parametrize("m,k", [(1, 128), (7, 256), (61, 384), (130, 128)])
 def test_per_token_cast_matches_oracle(backend, dtype, m, k, round_scale):
@@ -57,12 +67,7 @@ def test_single_row_with_an_unaligned_row_stride(backend, block, pad_cols):
     _, device = backend
     x = random_source(1, 256, torch.bfloat16, device, pad_cols=pad_cols)
     assert x.is_contiguous() and x.stride(0) * x.element_size() % 16
-    cast, ref = ((dskernels.per_block_cast_to_fp8, python_ref.per_block_cast_to_fp8) if block else
-                 (dskernels.per_token_cast_to_fp8, python_ref.per_token_cast_to_fp8))
-    x_fp8, x_scale = cast(x)
-    ref_fp8, ref_scale = ref(x.cpu(), False)
-    assert_same_bits(x_fp8, ref_fp8)
-    assert_same_bits(x_scale, ref_scale)
+    assert_cast_matches_oracle(x, block)
 
 
 def _laid_out(x, layout):
@@ -89,12 +94,7 @@ def test_sources_of_any_layout(backend, block, layout):
     oracle on every backend (copied first, or read in place where the kernel allows it)."""
     _, device = backend
     x = _laid_out(random_source(5, 256, torch.bfloat16, device), layout)
-    cast, ref = ((dskernels.per_block_cast_to_fp8, python_ref.per_block_cast_to_fp8) if block else
-                 (dskernels.per_token_cast_to_fp8, python_ref.per_token_cast_to_fp8))
-    x_fp8, x_scale = cast(x)
-    ref_fp8, ref_scale = ref(x.cpu(), False)
-    assert_same_bits(x_fp8, ref_fp8)
-    assert_same_bits(x_scale, ref_scale)
+    assert_cast_matches_oracle(x, block)
 
 
 @pytest.mark.parametrize("round_scale", [False, True], ids=["scale", "ue8m0"])
