@@ -141,9 +141,11 @@ def test_wide_fp8_bf16_dots(triton_device, monkeypatch, b, s_q, h_q, page_size, 
     run_and_check(triton_device, b, s_q, h_q, page_size, num_pages, topk, dtype, lengths, sink, seed=b * 31 + topk)
 
 
-def test_wide_bf16_cache_decode_and_prefill(triton_device):
+def test_wide_bf16_cache_decode_and_prefill(triton_device, monkeypatch):
     """A bf16 cache of d = 576 (V3.2's head without the FP8 layout) on the wide tiles: decode over
-    80 heads (a full and a partial 64-head tile) with a split list, and prefill with max_logits."""
+    80 heads (a full and a partial 64-head tile) with a split list, and prefill with max_logits;
+    both launches take the wide tile (64 heads; 8 warps on a GPU)."""
+    _, recorders = _record_sparse_launches(monkeypatch)
     q, k_cache, indices, dv, _, topk_length, attn_sink = decode_inputs(2, 1, 80, 1, 16, 12, 150, torch.bfloat16,
                                                                        False, d=576, dv=512, lengths=True, sink=True,
                                                                        seed=5)
@@ -160,29 +162,45 @@ def test_wide_bf16_cache_decode_and_prefill(triton_device):
                                                           indices.to(triton_device), 576 ** -0.5, 512)
     ref_out, ref_max, ref_lse = ref.flash_mla_sparse_fwd(q, kv, indices, 576 ** -0.5, 512)
     assert_close_to(out, lse, ref_out, ref_lse, torch.bfloat16, vmax_of(kv, 512, False), max_logits, ref_max)
+    wide = triton_sparse.wide_tile_config(64, torch.device(triton_device))
+    calls = recorders["_sparse_mla_kernel"].calls
+    assert len(calls) == 2 and all((c["BLOCK_H"], c["num_warps"]) == (64, wide[2]) for c in calls), calls
 
 
 def test_fp32_queries_keep_the_narrow_kernel(triton_device, monkeypatch):
     """fp32 queries run _sparse_mla_kernel whatever the knob (its IEEE dots; the wide tiles would
     spill their fp32 operands), and still match the oracle."""
-    launched = []
-    for name in ("_sparse_mla_kernel", "_sparse_mla_fp8_kernel"):
-        kernel = getattr(triton_sparse, name)
-        monkeypatch.setattr(triton_sparse, name, _Recording(kernel, name, launched))
+    launched, _ = _record_sparse_launches(monkeypatch)
     run_and_check(triton_device, 1, 1, 4, 16, 4, 40, torch.float32, False, True, seed=3)
     run_and_check(triton_device, 1, 1, 4, 16, 4, 40, torch.bfloat16, False, True, seed=3)
     assert launched == ["_sparse_mla_kernel", "_sparse_mla_fp8_kernel"]
 
 
 class _Recording:
-    """A kernel whose launches (kernel[grid](...)) are recorded by name."""
+    """A kernel whose launches (kernel[grid](...)) are recorded: its name in `launched`, each
+    launch's keyword arguments (the tile, warps and switches) in `calls`."""
 
     def __init__(self, kernel, name, launched):
-        self.kernel, self.name, self.launched = kernel, name, launched
+        self.kernel, self.name, self.launched, self.calls = kernel, name, launched, []
 
     def __getitem__(self, grid):
         self.launched.append(self.name)
-        return self.kernel[grid]
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.calls.append(kwargs)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+def _record_sparse_launches(monkeypatch):
+    """(the names launched in order, a _Recording per sparse MLA kernel) for this test."""
+    launched, recorders = [], {}
+    for name in ("_sparse_mla_kernel", "_sparse_mla_fp8_kernel"):
+        recorders[name] = _Recording(getattr(triton_sparse, name), name, launched)
+        monkeypatch.setattr(triton_sparse, name, recorders[name])
+    return launched, recorders
 
 
 def test_wide_knob_values(monkeypatch):
@@ -203,6 +221,22 @@ def test_wide_fp8_v32_shapes_on_gpu(triton_device, h_q):
     if triton_device != "cuda":
         pytest.skip("needs a GPU (V3.2's sizes take minutes in the interpreter)")
     run_and_check("cuda", 4, 2, h_q, 64, 160, 2048, torch.bfloat16, True, True, seed=h_q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,s_q,h_q,topk,split", [(4, 2, 128, 2048, True), (4, 1, 64, 2048, True),
+                                                  (80, 2, 128, 256, False), (2, 1, 128, 16, False)])
+def test_wide_fp8_tiles_ran_split_or_not(triton_device, monkeypatch, b, s_q, h_q, topk, split):
+    """On the device, V3.2's FP8 cache through the wide FP8 kernel with 64-head tiles in 8 warps
+    (not tile_config's), its lists split where few programs would run and whole where the batch
+    fills the GPU (160 rows x 2 tiles) or the list is one block: the non-split form (its own
+    attn_sink step and direct stores) is V3.2 decode's at serving batch sizes."""
+    if triton_device != "cuda":
+        pytest.skip("the GPU's tile and split counts")
+    _, recorders = _record_sparse_launches(monkeypatch)
+    run_and_check("cuda", b, s_q, h_q, 64, 160, topk, torch.bfloat16, True, True, seed=b + topk)
+    calls = recorders["_sparse_mla_fp8_kernel"].calls
+    assert calls and all((c["BLOCK_H"], c["num_warps"], c["SPLIT"]) == (64, 8, split) for c in calls), calls
 
 
 def test_nan_constants():

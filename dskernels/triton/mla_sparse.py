@@ -429,7 +429,9 @@ def wide_tile_config(heads_per_kv: int, device: torch.device) -> tuple[int, int,
     tile_config's). On sm_90a (ptxas through Triton 3.8, 2026-12-05), 64 heads: the FP8 kernel
     255 registers, 113 KB shared memory, its non-split form keeping two values in local memory
     across the main loop (four through Triton 3.6; none accessed inside; 32 entries spilled 12-32
-    bytes); bf16 caches 223-255 registers, 131 KB, no spills. Not yet run on a GPU."""
+    bytes); bf16 caches 223-255 registers, 131 KB, no spills in the split form (a review compiled
+    the non-split bf16 form, sparse prefill's, under Triton 3.6 on 2026-12-06: 8 bytes spilled
+    outside the main loop; the compile check does not build that form). Not yet run on a GPU."""
     wide = device.type == "cpu" or (torch.cuda.get_device_capability(device)[0] >= 9
                                     and _shared_limit(device) >= WIDE_SHARED_BYTES)
     block_h = min(_pow2(heads_per_kv), 64 if wide else 32)
