@@ -52,6 +52,11 @@ def current_labels() -> set[tuple[str, str]]:
     return labels
 
 
+def shape_text(params: dict) -> str:
+    """A record's shape as its table row shows it."""
+    return " ".join(f"{k}={v}" for k, v in params.items())
+
+
 def table() -> str:
     labels = current_labels()
     files = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json")))
@@ -67,7 +72,7 @@ def table() -> str:
                 continue  # wrong or failed (its failure is in the run's log), or the oracle itself
             if (r["op"], r["backend"]) not in labels:
                 continue  # a label the benchmarks no longer define
-            shape = " ".join(f"{k}={v}" for k, v in r["params"].items())
+            shape = shape_text(r["params"])
             rows.append(f"| {r['op']} | {shape} | {r['backend']} | {r['ms'] * 1e3:.1f} | "
                         f"{fmt(r['tflops'], '{:.0f}')} | {fmt(r['gbps'], '{:.0f}')} | "
                         f"{fmt(r['roofline'] and 100 * r['roofline'], '{:.0f}%')} | "

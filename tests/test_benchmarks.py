@@ -345,7 +345,7 @@ def test_perf_table_shows_the_peer_each_x_peer_is_against():
         for r in records:
             timed = not r.get("error") and r["ms"] is not None and r["ms"] == r["ms"]
             if r["backend"].startswith("peer:") and timed and (r["op"], r["backend"]) in labels:
-                shape = " ".join(f"{k}={v}" for k, v in r["params"].items())
+                shape = perf_table.shape_text(r["params"])
                 assert f"| {r['op']} | {shape} | {r['backend']} | {r['ms'] * 1e3:.1f} |" in table, (r["op"], shape)
 
 

@@ -35,10 +35,14 @@ def assert_same_bits(actual, expected):
     assert mismatch == 0, f"{mismatch} of {actual.numel()} values differ"
 
 
+# (ours, the oracle) of the per-token (False) and per-block (True) casts
+CASTS = {False: (dskernels.per_token_cast_to_fp8, python_ref.per_token_cast_to_fp8),
+         True: (dskernels.per_block_cast_to_fp8, python_ref.per_block_cast_to_fp8)}
+
+
 def assert_cast_matches_oracle(x, block):
     """The per-block (block) or per-token cast of x: the oracle's bits, scales included."""
-    cast, ref = ((dskernels.per_block_cast_to_fp8, python_ref.per_block_cast_to_fp8) if block else
-                 (dskernels.per_token_cast_to_fp8, python_ref.per_token_cast_to_fp8))
+    cast, ref = CASTS[block]
     x_fp8, x_scale = cast(x)
     ref_fp8, ref_scale = ref(x.cpu(), False)
     assert_same_bits(x_fp8, ref_fp8)
@@ -109,8 +113,7 @@ def test_zero_and_tiny_groups_bit_exact(backend, round_scale):
     x[3, 5], x[3, 6] = 0.0, -0.0
     x[4, :] = -0.0
     for dtype in (torch.float32, torch.bfloat16):
-        for cast, ref in ((dskernels.per_token_cast_to_fp8, python_ref.per_token_cast_to_fp8),
-                          (dskernels.per_block_cast_to_fp8, python_ref.per_block_cast_to_fp8)):
+        for cast, ref in CASTS.values():
             got, got_scale = cast(x.to(dtype), round_scale=round_scale)
             want, want_scale = ref(x.to(dtype).cpu(), round_scale)
             assert (want.view(torch.uint8) == 0x80).any()  # the oracle keeps -0's sign
