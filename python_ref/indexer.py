@@ -36,19 +36,25 @@ def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims: tuple[int, ...], use_ue8m
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepGEMM's helper: one fp32 scale per index of the kept `dims`, over all other dims:
     scale = max(amax, 1e-4) / 448 (rounded up to a power of two with use_ue8m0), fp8 = x / scale.
-    Returns (fp8 tensor shaped like x, scales shaped like x's kept dims). For the indexer's keys:
+    Returns (fp8 tensor shaped like x, scales [x.shape[d] for d in dims], indexed in the order of
+    `dims`: with dims (1, 0), scale[j, i] is that of x[i, j]). Where nothing is reduced over (an
+    empty dimension), the amax is 0, as for an all-zero slice. For the indexer's keys:
     per_custom_dims_cast_to_fp8(k [N, D], (0,)) -> (k_fp8 [N, D], k_scale [N])."""
     dims = tuple(d % x.dim() for d in dims)
     reduce = tuple(d for d in range(x.dim()) if d not in dims)
     amax = x.float().abs()
-    if reduce:  # (none: one scale per element; amax over dim=() would reduce every dimension)
+    if reduce and math.prod(x.shape[d] for d in reduce) == 0:  # (torch's amax refuses an empty reduction)
+        amax = amax.new_zeros([1 if d in reduce else size for d, size in enumerate(x.shape)])
+    elif reduce:  # (none: one scale per element; amax over dim=() would reduce every dimension)
         amax = amax.amax(dim=reduce, keepdim=True)
     amax = amax.clamp(min=1e-4)
     scale = amax / torch.full_like(amax, FP8_MAX)
     if use_ue8m0:
         scale = ceil_to_power_of_two(scale)
     fp8 = quantize(x.float(), torch.ones_like(scale) / scale)
-    return fp8, scale.reshape([x.shape[d] for d in dims])
+    kept = sorted(dims)  # scale's kept dimensions, in x's order
+    scale = scale.reshape([x.shape[d] for d in kept]).permute([kept.index(d) for d in dims])
+    return fp8, scale.contiguous()
 
 
 def paged_k_cache_cast_to_fp8(k_cache: torch.Tensor) -> torch.Tensor:

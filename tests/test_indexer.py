@@ -270,6 +270,16 @@ def test_per_custom_dims_cast_to_fp8():
     assert (torch.frexp(pow2)[0] == 0.5).all() and (pow2 >= scale).all() and (pow2 < 2 * scale).all()
     _, per_col = dskernels.per_custom_dims_cast_to_fp8(x, (-1,))
     assert per_col.shape == (40,)
+    # kept dims out of x's order: the scales are indexed in the order of dims (they were x's order
+    # reshaped to dims' shape before, a fuzzer's find: scale[j, i] held another slice's scale)
+    y = torch.randn(4, 6, 8, generator=gen)
+    _, kept_2_0 = dskernels.per_custom_dims_cast_to_fp8(y, (2, 0))
+    assert torch.equal(kept_2_0, (y.abs().amax(dim=1).clamp(min=1e-4) / 448).T)
+    _, kept_1_0 = dskernels.per_custom_dims_cast_to_fp8(x, (1, 0))
+    assert torch.equal(kept_1_0, dskernels.per_custom_dims_cast_to_fp8(x, (0, 1))[1].T)
+    # nothing to reduce over: the floor's scale, as for an all-zero row (torch's amax raised)
+    empty, floor = dskernels.per_custom_dims_cast_to_fp8(torch.zeros(3, 0), (0,))
+    assert empty.shape == (3, 0) and torch.equal(floor, torch.full((3,), 1e-4) / 448)
     for dims, error, words in ((0, TypeError, "^dims: expected a tuple of ints"),
                                ((5,), ValueError, r"^dims: expected distinct dimensions of x \(2 dimensions\)"),
                                ((0, -2), ValueError, "^dims: expected distinct"), ((0.0,), TypeError, "^dims:")):
