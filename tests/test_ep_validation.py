@@ -244,3 +244,61 @@ def _review_body(rank, world):
 
 def test_review_cases():
     run_distributed(_review_body, 2, timeout_s=240)
+
+
+def _fuzzer_body(rank, world):
+    """Cases a fuzzer found (2026-12-06), each failing before its fix."""
+    buf = Buffer(dist.group.WORLD, timeout_s=30)
+    # Fixed blocks without topk_idx: num_tokens_per_rank must count what is_token_in_rank sends
+    # (rows of tokens never sent arrived instead). Here only token 0 goes anywhere.
+    x = torch.arange(32, dtype=torch.float32).reshape(4, 8) + 100 * rank
+    mask = torch.zeros(4, world, dtype=torch.bool)
+    mask[0] = True
+    per_expert = torch.zeros(2 * world, dtype=torch.int32)
+    _raises(RuntimeError, ["num_tokens_per_rank: expected the tokens is_token_in_rank sends"],
+            lambda: buf.dispatch(x, num_tokens_per_rank=torch.full((world,), 3, dtype=torch.int32),
+                                 is_token_in_rank=mask, num_tokens_per_expert=per_expert, num_worst_tokens=16))
+    recv = buf.dispatch(x, num_tokens_per_rank=torch.ones(world, dtype=torch.int32), is_token_in_rank=mask,
+                        num_tokens_per_expert=per_expert, num_worst_tokens=16)[0]
+    assert recv[:world, 0].tolist() == [100.0 * r for r in range(world)]
+
+    # A fixed-block handle of a dispatch of no tokens takes its own num_worst_tokens again.
+    empty, no_ids = torch.empty(0, 8), torch.empty(0, 1, dtype=torch.int64)
+    handle = buf.dispatch(empty, topk_idx=no_ids, num_experts=4, num_worst_tokens=4)[4]
+    assert buf.dispatch(empty, handle=handle, num_worst_tokens=4)[0].shape == (4, 8)
+
+    # One element of stride 0 (an expanded scalar; autograd's gradient of a sum) as the payload,
+    # forward and backward: torch calls it contiguous, and viewing its bytes failed.
+    ids = torch.full((1, 1), 2 * rank, dtype=torch.int64)  # rank r's token to rank r: recv_x [1, 1]
+    assert buf.dispatch(torch.tensor(3.0).expand(1, 1), topk_idx=ids, num_experts=4)[0].tolist() == [[3.0]]
+    leaf = torch.ones(1, 1, requires_grad=True)
+    buf.dispatch(leaf, topk_idx=ids, num_experts=4)[0].sum().backward()
+    assert leaf.grad.tolist() == [[1.0]]
+
+    # combine's bias: added to the fp32 sum before its one rounding (DeepEP's), in x's dtype
+    # whatever the bias's: 1 + 2^-7 plus two quarter ulps rounded once is 1 + 2^-6 (each add
+    # rounded to bf16 lost both); an fp32 bias made the result fp32.
+    x = torch.full((1, 2), 1 + 2**-7, dtype=torch.bfloat16)
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, topk_idx=torch.zeros(1, 1, dtype=torch.int64), num_experts=2)
+    quarter = torch.full((1, 2), 2**-9, dtype=torch.bfloat16)
+    assert buf.combine(recv_x, handle, bias=(quarter, quarter))[0].tolist() == [[1 + 2**-6] * 2]
+    assert buf.combine(recv_x, handle, bias=torch.zeros(1, 2))[0].dtype == torch.bfloat16
+    leaf = recv_x.float().requires_grad_()
+    out = buf.combine(leaf, handle, bias=(quarter, None))[0]
+    out.sum().backward()
+    assert out.dtype == torch.float32 and torch.equal(leaf.grad, torch.ones_like(leaf))
+    _raises(TypeError, ["bias: expected a float dtype", "torch.int32"],
+            lambda: buf.combine(recv_x, handle, bias=torch.zeros(1, 2, dtype=torch.int32)))
+    # Only float rows are summed: integer or fp8 ones wrapped or lost their scale.
+    _raises(TypeError, ["x: expected a float dtype", "torch.int32"],
+            lambda: buf.combine(recv_x.to(torch.int32), handle))
+    args = _args(rank)
+    ll_x, _, ll_handle, _, _ = buf.low_latency_dispatch(args["x"], args["topk_idx"], 8, E, use_fp8=False)
+    _raises(TypeError, ["x: expected a float dtype", "torch.float8_e4m3fn"],
+            lambda: buf.low_latency_combine(ll_x.to(torch.float8_e4m3fn), args["topk_idx"], args["topk_weights"],
+                                            ll_handle))
+    _still_usable(buf, rank, world)
+
+
+def test_fuzzer_cases():
+    run_distributed(_fuzzer_body, 2, timeout_s=240)

@@ -163,10 +163,19 @@ def _check_int(name: str, value) -> None:
                         f"{value!r}")
 
 
+def _check_summable(name: str, t: torch.Tensor) -> None:
+    """What combine adds: float rows (an fp8 or integer sum would wrap or lose its scale)."""
+    if not t.dtype.is_floating_point or t.element_size() == 1:
+        raise TypeError(f"{name}: expected a float dtype (bfloat16, float16, float32 or float64), got {t.dtype}")
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[T, ...] -> contiguous [T, bytes] uint8 view."""
     t = t.contiguous()  # flattened first: [N, 1] or [0, K] count as contiguous with any last stride
-    return t.reshape(-1).view(torch.uint8).reshape(t.shape[0], math.prod(t.shape[1:]) * t.element_size())
+    flat = t.reshape(-1)
+    if flat.numel() == 1 and flat.stride(0) != 1:  # one element is "contiguous" with any stride (an
+        flat = flat.as_strided((1,), (1,))  # expanded scalar, autograd's gradient of a sum): its one element
+    return flat.view(torch.uint8).reshape(t.shape[0], math.prod(t.shape[1:]) * t.element_size())
 
 
 class Buffer:
@@ -357,8 +366,11 @@ class Buffer:
                               handle.recv_splits, what, poll=handle.recv_index is None)
         return self._unpack(views, payloads, handle.num_out_rows, fills, handle.recv_index)
 
-    def _route_backward(self, handle: DispatchHandle, payloads: list[torch.Tensor], what: str):
-        """Rows received by dispatch -> their sum per source token (rank order), [T, ...] each."""
+    def _route_backward(self, handle: DispatchHandle, payloads: list[torch.Tensor], what: str,
+                        first_dtype: torch.dtype | None = None):
+        """Rows received by dispatch -> their sum per source token (rank order), [T, ...] each, in the
+        payload's dtype (the first payload's sum in first_dtype where given: combine's fp32 sum, for
+        its bias)."""
         payloads = [p[: handle.num_recv_tokens] for p in payloads]
         if handle.recv_index is not None:  # fixed blocks: block row (s, i) returns recv_x row recv_index[s, i]
             # (filler rows send row 0)
@@ -368,10 +380,11 @@ class Buffer:
             views, _ = self._send(payloads, None, handle.num_recv_tokens, handle.recv_splits, handle.send_splits,
                                   what)
         outs = []
-        for view, like in zip(views, payloads):
+        for i, (view, like) in enumerate(zip(views, payloads)):
             y = self._as(view, like).reshape(view.shape[0], -1) if view.shape[0] else \
                 torch.empty(0, math.prod(like.shape[1:]), dtype=like.dtype, device=like.device)
-            out = torch.empty(handle.num_tokens, y.shape[1], dtype=like.dtype, device=like.device)
+            dtype = first_dtype if i == 0 and first_dtype is not None else like.dtype
+            out = torch.empty(handle.num_tokens, y.shape[1], dtype=dtype, device=like.device)
             gather_reduce(y, handle.combine_index, None, out)
             outs.append(out.reshape(handle.num_tokens, *like.shape[1:]))
         return outs
@@ -561,7 +574,7 @@ class Buffer:
                     if value is not None:
                         raise ValueError(f"{name}: expected None with a handle (cached dispatch repeats the "
                                          "handle's routing), got a tensor")
-                handle_worst = handle.num_out_rows if handle.block else 0
+                handle_worst = handle.num_out_rows if handle.recv_index is not None else 0  # (block is T: 0 too)
                 if num_worst_tokens not in (0, handle_worst):
                     raise ValueError(f"num_worst_tokens: expected {handle_worst} (the handle's dispatch's) or 0 with "
                                      f"a handle, got {num_worst_tokens}")
@@ -781,6 +794,12 @@ class Buffer:
             torch._assert_async(~torch.stack([differs for _, differs in errors]).any(),
                                 f"{', '.join(name for name, _ in errors)}: expected topk_idx's layout "
                                 "(get_dispatch_layout(topk_idx, num_experts)), got another (checked on the device)")
+        # The receivers place num_tokens_per_rank rows of each block, which the mask fills: they must
+        # agree (with topk_idx, checked above; without it, rows of tokens never sent arrived).
+        in_rank = is_token_in_rank.sum(0, dtype=torch.int64)
+        torch._assert_async((num_tokens_per_rank.to(torch.int64) == in_rank).all(),
+                            "num_tokens_per_rank: expected the tokens is_token_in_rank sends to each rank, got "
+                            "other counts (checked on the device)")
         # The same count exchange as the normal mode (splits, signature; no per-expert counts), so a
         # rank in the other mode finds out too.
         send = self._count_send(num_tokens_per_rank, signature, None, device)
@@ -833,10 +852,13 @@ class Buffer:
                 rows of another size on one rank abort gloo's exchange, or fail NCCL's).
             handle: the dispatch's handle. topk_weights: fp32 [N, K] (K of the dispatch's topk_idx)
                 or None (None if the dispatch had no topk_idx).
+            bias: None, a [T, H] float tensor or a tuple of two (DeepEP's bias_0, bias_1; None
+                entries skipped), added to the fp32 sum before its one rounding, as DeepEP adds them.
 
         Returns:
             combined_x [T, H] (x's dtype): combined_x[t] = sum over the ranks r that received t of
-            the row r returned for t (fp32 sum in rank order); 0 for a token sent nowhere.
+            the row r returned for t (fp32 sum in rank order; fp64 for fp64 rows), plus the biases;
+            0 for a token sent nowhere.
             combined_topk_weights fp32 [T, K] the same sum of weight rows (None without weights).
             event.
         """
@@ -853,6 +875,7 @@ class Buffer:
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != rows:
             raise ValueError(f"x: expected a [{rows}, H] tensor (the rows dispatch delivered), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        _check_summable("x", x)
         if topk_weights is not None:
             self._check_weights(topk_weights, None, x.device)
             if handle.num_topk == 0:
@@ -863,20 +886,27 @@ class Buffer:
             if tuple(topk_weights.shape) != (rows, handle.num_topk):
                 raise ValueError(f"topk_weights: expected a [{rows}, {handle.num_topk}] tensor (dispatch's "
                                  f"recv_topk_weights), got shape {tuple(topk_weights.shape)}")
+        biases = [b for b in (bias if isinstance(bias, tuple) else (bias,)) if b is not None]
+        # With a bias, DeepEP's sum: the rows and the biases added in fp32 (fp64 rows: fp64), rounded once
+        wide = (torch.float64 if x.dtype == torch.float64 else torch.float32) if biases else None
         with StreamScope(self, x.device, previous_event, async_finish, allocate_on_comm_stream,
                          (x, handle, topk_weights, bias)) as scope:
             payload = [x] + ([topk_weights] if topk_weights is not None else [])
             if torch.is_grad_enabled() and any(p.requires_grad for p in payload):
-                outs = list(_Combine.apply(self, handle, *payload))
+                outs = list(_Combine.apply(self, handle, wide, *payload))
             else:
-                outs = self._route_backward(handle, payload, "combine")
-            if bias is not None:
-                for b in (bias if isinstance(bias, tuple) else (bias,)):
-                    if b is not None:
-                        if not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(outs[0].shape):
-                            raise ValueError(f"bias: expected tensors of the combined shape {tuple(outs[0].shape)}, got "
-                                             f"{tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__}")
-                        outs[0] = outs[0] + b
+                outs = self._route_backward(handle, payload, "combine", wide)
+            if biases:  # checked once the rows have moved: a rank's bad bias does not leave its peers waiting
+                shape = (handle.num_tokens, x.shape[1])
+                for b in biases:
+                    if not isinstance(b, torch.Tensor) or tuple(b.shape) != shape:
+                        raise ValueError(f"bias: expected tensors of the combined shape {shape}, got "
+                                         f"{tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__}")
+                    _check_summable("bias", b)
+                    if b.device != x.device:
+                        raise ValueError(f"bias: expected tensors on {x.device} (that of x), got {b.device}")
+                    outs[0] = outs[0] + b.to(wide)
+                outs[0] = outs[0].to(x.dtype)
             event = scope.finish(tuple(outs))
         return outs[0], (outs[1] if topk_weights is not None else None), event
 
@@ -1074,6 +1104,7 @@ class Buffer:
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != (num_local, cap, hidden):
             raise ValueError(f"x: expected shape ({num_local}, {cap}, {hidden}) (the dispatch's layout and hidden "
                              f"size), got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        _check_summable("x", x)
         self._check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, torch.int64, R, x.device)
         if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (num_tokens, hidden)
                                 or out.dtype != x.dtype or out.device != x.device):
@@ -1138,16 +1169,16 @@ class _Combine(torch.autograd.Function):
     """combine's backward is a cached dispatch of the output gradient."""
 
     @staticmethod
-    def forward(ctx, buffer, handle, *payload):
+    def forward(ctx, buffer, handle, first_dtype, *payload):
         ctx.buffer, ctx.handle = buffer, handle
-        ctx.shapes = [p.shape for p in payload]
-        return tuple(buffer._route_backward(handle, list(payload), "combine"))
+        ctx.shapes, ctx.dtypes = [p.shape for p in payload], [p.dtype for p in payload]
+        return tuple(buffer._route_backward(handle, list(payload), "combine", first_dtype))
 
     @staticmethod
     def backward(ctx, *grads):
         grads = [g if g is not None else torch.zeros(ctx.handle.num_tokens, *s[1:], device=ctx.handle.combine_index.device)
                  for g, s in zip(grads, ctx.shapes)]
         outs = ctx.buffer._route_forward(ctx.handle, grads, [0] * len(grads), "combine backward (dispatch)")
-        outs = [o[: s[0]] if o.shape[0] >= s[0] else torch.cat([o, o.new_zeros(s[0] - o.shape[0], *s[1:])])
-                for o, s in zip(outs, ctx.shapes)]
-        return (None, None, *outs)
+        outs = [(o[: s[0]] if o.shape[0] >= s[0] else torch.cat([o, o.new_zeros(s[0] - o.shape[0], *s[1:])])).to(d)
+                for o, s, d in zip(outs, ctx.shapes, ctx.dtypes)]
+        return (None, None, None, *outs)
