@@ -626,7 +626,8 @@ class Buffer:
             if num_worst_tokens:
                 # As DeepEP: no per-expert list in this mode (it would need the host).
                 handle, counts = self._plan_fixed(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
-                                                  num_worst_tokens, device, signature, reference), []
+                                                  num_worst_tokens, device, signature, reference,
+                                                  layout_alone=topk_idx is None), []
             else:
                 handle, per_expert = self._plan(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
                                                 num_experts, device, signature, reference)
@@ -780,8 +781,10 @@ class Buffer:
                           f"topk_idx sends it to {want[t].tolist()}")
 
     def _plan_fixed(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, num_worst_tokens: int,
-                    device, signature: list[int], reference=None) -> DispatchHandle:
-        """The fixed-block routing (num_worst_tokens > 0) from device tensors only.
+                    device, signature: list[int], reference=None, layout_alone: bool = False) -> DispatchHandle:
+        """The fixed-block routing (num_worst_tokens > 0) from device tensors only. reference: as
+        _plan's; layout_alone: the layout arguments came without topk_idx (nothing to check them
+        against but themselves).
 
         Each rank sends each rank a block of T rows: first the tokens that go there, in token order,
         then filler rows the receiver ignores. The count exchange (also on the device) tells the
@@ -794,12 +797,12 @@ class Buffer:
             torch._assert_async(~torch.stack([differs for _, differs in errors]).any(),
                                 f"{', '.join(name for name, _ in errors)}: expected topk_idx's layout "
                                 "(get_dispatch_layout(topk_idx, num_experts)), got another (checked on the device)")
-        # The receivers place num_tokens_per_rank rows of each block, which the mask fills: they must
-        # agree (with topk_idx, checked above; without it, rows of tokens never sent arrived).
-        in_rank = is_token_in_rank.sum(0, dtype=torch.int64)
-        torch._assert_async((num_tokens_per_rank.to(torch.int64) == in_rank).all(),
-                            "num_tokens_per_rank: expected the tokens is_token_in_rank sends to each rank, got "
-                            "other counts (checked on the device)")
+        if layout_alone:  # the receivers place num_tokens_per_rank rows of each block, which the mask
+            # fills: they must agree (unchecked, rows of tokens never sent arrived)
+            in_rank = is_token_in_rank.sum(0, dtype=torch.int64)
+            torch._assert_async((num_tokens_per_rank.to(torch.int64) == in_rank).all(),
+                                "num_tokens_per_rank: expected the tokens is_token_in_rank sends to each rank, got "
+                                "other counts (checked on the device)")
         # The same count exchange as the normal mode (splits, signature; no per-expert counts), so a
         # rank in the other mode finds out too.
         send = self._count_send(num_tokens_per_rank, signature, None, device)
