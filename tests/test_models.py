@@ -288,6 +288,12 @@ def test_load_hf_names(names):
     with pytest.raises(KeyError, match="unexpected"):
         DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32).load_hf_state_dict(
             {**sd, prefix + "mlp.experts.typo": torch.ones(1)})
+    # An expert id past the config's experts is no other rank's to skip (a fuzzer's find: it was
+    # dropped silently, whatever its shape)
+    stray = f"mlp.experts.{cfg.n_routed_experts}.down_proj.weight"
+    with pytest.raises(KeyError, match=f"unexpected keys for layer 1: .*'{stray}'"):
+        DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32).load_hf_state_dict(
+            {**sd, prefix + stray: torch.ones(3, 3)})
     with pytest.raises(KeyError, match="missing 'mlp.gate.e_score_correction_bias'"):  # routing would differ
         DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32).load_hf_state_dict(
             {k: v for k, v in sd.items() if not k.endswith("e_score_correction_bias")})

@@ -404,10 +404,11 @@ class DeepseekV3DecoderLayer(nn.Module):
                 want_fp8(key, w)
                 out.append((w[lo:hi], scale[lo:hi] if scale is not None else None))
             return tuple(out)
-        # 4.x / checkpoint files: one module per expert; other ranks' experts are skipped
+        # 4.x / checkpoint files: one module per expert; other ranks' experts are skipped (ids past
+        # the config's experts are not another rank's: left unused, so strict loading refuses them)
         for key in sd:
             m = _EXPERT_KEY.match(key)
-            if m and not lo <= int(m.group(1)) < hi:
+            if m and int(m.group(1)) < experts and not lo <= int(m.group(1)) < hi:
                 used.add(key)
         parts, scale_dtype = {}, None
         for name in ("gate_proj", "up_proj", "down_proj"):
