@@ -62,6 +62,18 @@ class InplaceTupleBlock(TupleBlock):
         return super().forward(x, pos)
 
 
+class NoneBlock(Block):
+    """A second output that is None (an optional side input passed on), sent as absent."""
+
+    def forward(self, x, extra=None):
+        assert extra is None
+        return super().forward(x), None
+
+
+def none_criterion(out, extra, label):
+    return criterion(out, label)
+
+
 def tuple_criterion(out, pos, label):
     return ((out - label) ** 2).mean() + 0 * pos.sum()
 
@@ -209,6 +221,30 @@ def check_tuple_dualpipev(rank, P, num_chunks, seed, block_cls=TupleBlock, steps
         assert_grads(pipe.module[1], ref[2 * P - 1 - rank])
 
 
+def check_none_messages(rank, P, num_chunks, seed):
+    """Stages whose outputs hold a None (the contract allows it): the receiving stage crashed on it
+    (a fuzzer's find), whether the hand-over crossed ranks or stayed on one at the turn of the V."""
+    torch.manual_seed(seed)
+    blocks = [NoneBlock() for _ in range(2 * P)]
+    pipe = DualPipeV((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[2 * P - 1 - rank])))
+    x, labels = torch.randn(2, 2 * num_chunks, D, dtype=torch.float64)
+    ref, losses = copy.deepcopy(blocks), []
+    for xc, lc in zip(x.tensor_split(num_chunks), labels.tensor_split(num_chunks)):
+        h = (xc,)
+        for m in ref:
+            h = m(*h)
+        loss = none_criterion(*h, lc)
+        loss.backward()
+        losses.append(loss.detach())
+    if rank == 0:
+        loss = pipe.step(x, num_chunks=num_chunks, criterion=none_criterion, labels=[labels])[0]
+        torch.testing.assert_close(loss, torch.stack(losses), rtol=1e-12, atol=1e-14)
+    else:
+        pipe.step(num_chunks=num_chunks)
+    assert_grads(pipe.module[0], ref[rank])
+    assert_grads(pipe.module[1], ref[2 * P - 1 - rank])
+
+
 def check_repeated_steps(rank, P, num_chunks, seed, runtime=DualPipeV, block_cls=Block):
     """Later steps reuse the message layouts of the first (one flat message each); a changed
     batch size falls back to a header. Every step must still match the reference."""
@@ -287,6 +323,7 @@ def _checks(rank, world_size):
         check_dualpipev(rank, P, 2 * P + 1, Block, seed=5)
         check_dualpipe(rank, P, 2 * P + 4, HookBlock, seed=4)
         check_tuple_dualpipev(rank, P, 2 * P + 1, seed=6)
+        check_none_messages(rank, P, 2 * P, seed=13)
         # Two steps: from the second on a message arrives as one buffer, whose tensors must not
         # share a version counter (the in-place update of pos would fail x's backward).
         check_tuple_dualpipev(rank, P, 2 * P + 1, seed=11, block_cls=InplaceTupleBlock, steps=2)

@@ -477,7 +477,7 @@ class _Runtime(nn.Module):
         if stage not in prev:
             return tuple(self._input_chunks[stage][mb])
         received = self._recv(0, prev[stage], mb, prev[stage])
-        return tuple(t.requires_grad_() if t.is_floating_point() else t for t in received)
+        return tuple(t.requires_grad_() if t is not None and t.is_floating_point() else t for t in received)
 
     def _labels_of(self, stage, mb):
         return tuple(self._label_chunks[stage][mb]) if stage in self._label_chunks else ()

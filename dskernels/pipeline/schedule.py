@@ -235,7 +235,8 @@ def zb1p(P: int, N: int) -> Schedule:
     each free rank runs, in this priority, an I whose output gradient has arrived; its oldest W
     if more than P - 1 are deferred; an F whose input has arrived and the activation limit allows;
     its oldest deferred W. With N >= P the bubble is (P-1)(F+B-2W) for F = W = B/2 (tested), at
-    most P - 1 deferred W's per rank (their GEMM inputs stay alive until then).
+    most P deferred W's per rank (their GEMM inputs stay alive until then: P, not P - 1, as an I
+    that can run goes before the W that P - 1 held ones call for).
     Requires P >= 1, N >= 1."""
     _check_int("P", P, 1)
     _check_int("N", N, 1)
