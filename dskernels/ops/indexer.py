@@ -38,9 +38,10 @@ def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims, use_ue8m0: bool = False) 
     power of two with use_ue8m0. Returns (x in e4m3, shaped like x; scales [x.shape[d] for d in
     dims], indexed in the order of `dims`: with (1, 0), scale[j, i] is x[i, j]'s; DeepGEMM's helper
     returns them in x's order, the same for dims in increasing order, as its callers pass them).
-    An empty reduced dimension gives the 1e-4 floor's scale, as an all-zero slice. One Triton kernel where the kept dimensions lead (the indexer's q [M, H, D] with (0, 1)
-    and k [N, D] with (0,)) and the Triton backend runs (eagerly); python_ref.indexer's torch ops
-    otherwise, the same bits."""
+    An empty reduced dimension gives the 1e-4 floor's scale, as an all-zero slice. One Triton
+    kernel where the kept dimensions lead (the indexer's q [M, H, D] with (0, 1) and k [N, D] with
+    (0,)) and the Triton backend runs (eagerly); python_ref.indexer's torch ops otherwise, the same
+    bits."""
     check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32))
     if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
         raise TypeError(f"dims: expected a tuple of ints (the dimensions that keep one scale per index), got {dims!r}")
