@@ -43,7 +43,7 @@ def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims: tuple[int, ...], use_ue8m
     dims = tuple(d % x.dim() for d in dims)
     reduce = tuple(d for d in range(x.dim()) if d not in dims)
     amax = x.float().abs()
-    if reduce and math.prod(x.shape[d] for d in reduce) == 0:  # (torch's amax refuses an empty reduction)
+    if 0 in [x.shape[d] for d in reduce]:  # (torch's amax refuses an empty reduction; a list: Dynamo traces it)
         amax = amax.new_zeros([1 if d in reduce else size for d, size in enumerate(x.shape)])
     elif reduce:  # (none: one scale per element; amax over dim=() would reduce every dimension)
         amax = amax.amax(dim=reduce, keepdim=True)
