@@ -25,6 +25,14 @@ def test_cpp_equals_python():
         assert torch.equal(ops_pipeline.encode_schedule(expected), rows), (kind, P, N)
 
 
+def test_zb1p_many_ranks():
+    # P^2 unit steps would take hours at this size; both generators step only ranks that can act.
+    P = 1 << 14
+    rows = torch.ops.dskernels.dualpipe_schedule("zb1p", P, 2)
+    assert rows.shape == (6 * P, 6)
+    assert ops_pipeline.decode_schedule(rows) == S.zb1p(P, 2)
+
+
 def test_one_f_one_b_alias():
     """The Python helper's name works as the kind too, in the op, its fake and generate."""
     assert torch.equal(torch.ops.dskernels.dualpipe_schedule("one_f_one_b", 3, 5),

@@ -238,6 +238,46 @@ def test_zb1p_bubble_formula(P):
         assert max(r.peak_deferred_w) <= P
 
 
+def _zb1p_every_rank_every_step(P, N):
+    """The greedy stated in zb1p's docstring, literally: every rank decides at every unit step."""
+    ranks, f_done, i_done, pending = [[] for _ in range(P)], [0] * P, [0] * P, [[] for _ in range(P)]
+    while any(i_done[r] < N or pending[r] for r in range(P)):
+        picks = []
+        for r in range(P):
+            up_f = N if r == 0 else f_done[r - 1]
+            down_i = f_done[r] if r == P - 1 else i_done[r + 1]
+            if i_done[r] < f_done[r] and i_done[r] < down_i:
+                picks.append("I")
+            elif len(pending[r]) > P - 1:
+                picks.append("W")
+            elif f_done[r] < up_f and f_done[r] - i_done[r] < P - r:
+                picks.append("F")
+            else:
+                picks.append("W" if pending[r] else None)
+        for r, pick in enumerate(picks):
+            if pick == "I":
+                pending[r].append(i_done[r])
+                ranks[r].append(f"{r}I{i_done[r]}")
+                i_done[r] += 1
+            elif pick == "F":
+                ranks[r].append(f"{r}F{f_done[r]}")
+                f_done[r] += 1
+            elif pick == "W":
+                ranks[r].append(f"{r}W{pending[r].pop(0)}")
+    return ranks
+
+
+def test_zb1p_steps_only_ranks_that_can_act():
+    # zb1p steps only the ranks next to one that acted; the result is the every-rank greedy's.
+    for P in range(1, 25):
+        for N in sorted({1, 2, 3, 5, P - 1, P, P + 1, 2 * P, 3 * P + 1} - {0}):
+            assert S.zb1p(P, N) == _zb1p_every_rank_every_step(P, N), (P, N)
+    # Many ranks, one chunk: the every-rank greedy makes O(P^2) rank decisions (minutes here).
+    order = S.zb1p(1 << 14, 1)
+    assert [len(acts) for acts in order] == [3] * (1 << 14)
+    assert order[-1] == [f"{(1 << 14) - 1}F0", f"{(1 << 14) - 1}I0", f"{(1 << 14) - 1}W0"]
+
+
 def test_simulator_comm_and_overlap():
     base = S.simulate(S.one_f_one_b(4, 8))
     slow = S.simulate(S.one_f_one_b(4, 8), comm=0.5)

@@ -79,38 +79,48 @@ void one_f_one_b(std::vector<Row>& out, int64_t P, int64_t N) {
   }
 }
 
-// ZB-H1 by the unit-step greedy of schedule.py's zb1p (same priorities, same tie-breaks).
+// ZB-H1 by the unit-step greedy of schedule.py's zb1p (same priorities, same tie-breaks, the same
+// active set: only ranks that acted or whose neighbour acted are stepped, O(P * N) in all).
 void zb1p(std::vector<Row>& out, int64_t P, int64_t N) {
   std::vector<std::vector<Row>> ranks(P);
   std::vector<int32_t> f_done(P, 0), i_done(P, 0);
   std::vector<std::deque<int32_t>> pending(P);
-  auto unfinished = [&]() {
-    for (int64_t r = 0; r < P; ++r)
-      if (i_done[r] < N || !pending[r].empty()) return true;
-    return false;
-  };
-  std::vector<int> picks(P);
-  while (unfinished()) {
-    for (int64_t r = 0; r < P; ++r) {
+  int64_t left = 2 * P * N;  // I's and W's still to run
+  std::vector<int32_t> active{0}, next;
+  std::vector<int64_t> queued_at(P, -1);  // the step a rank was last queued for
+  std::vector<std::pair<int32_t, int>> picks;
+  for (int64_t step = 0; left > 0; ++step) {
+    TORCH_CHECK(!active.empty(), "dualpipe_schedule: internal error, zb1p has no rank that can act");
+    picks.clear();
+    for (int32_t r : active) {
       const int64_t up_f = r == 0 ? N : f_done[r - 1];
       const int64_t down_i = r == P - 1 ? f_done[r] : i_done[r + 1];
-      if (i_done[r] < f_done[r] && i_done[r] < down_i) picks[r] = kI;
-      else if (static_cast<int64_t>(pending[r].size()) > P - 1) picks[r] = kW;
-      else if (f_done[r] < up_f && f_done[r] - i_done[r] < P - r) picks[r] = kF;
-      else if (!pending[r].empty()) picks[r] = kW;
-      else picks[r] = -1;
+      if (i_done[r] < f_done[r] && i_done[r] < down_i) picks.emplace_back(r, kI);
+      else if (static_cast<int64_t>(pending[r].size()) > P - 1) picks.emplace_back(r, kW);
+      else if (f_done[r] < up_f && f_done[r] - i_done[r] < P - r) picks.emplace_back(r, kF);
+      else if (!pending[r].empty()) picks.emplace_back(r, kW);
     }
-    for (int32_t r = 0; r < P; ++r) {
-      if (picks[r] == kI) {
+    next.clear();
+    for (auto [r, pick] : picks) {
+      if (pick == kI) {
         ranks[r].push_back({r, kI, r, i_done[r], -1, -1});
         pending[r].push_back(i_done[r]++);
-      } else if (picks[r] == kF) {
+        --left;
+      } else if (pick == kF) {
         ranks[r].push_back({r, kF, r, f_done[r]++, -1, -1});
-      } else if (picks[r] == kW) {
+      } else {
         ranks[r].push_back({r, kW, r, pending[r].front(), -1, -1});
         pending[r].pop_front();
+        --left;
+      }
+      for (int32_t t = r - 1; t <= r + 1; ++t) {
+        if (t >= 0 && t < P && queued_at[t] != step) {
+          queued_at[t] = step;
+          next.push_back(t);
+        }
       }
     }
+    active.swap(next);
   }
   for (auto& rows : ranks) out.insert(out.end(), rows.begin(), rows.end());
 }

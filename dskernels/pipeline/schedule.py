@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import deque
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -244,32 +245,41 @@ def zb1p(P: int, N: int) -> Schedule:
     ranks = [[] for _ in range(P)]
     f_done = [0] * P   # chunks each rank has run F for (in chunk order)
     i_done = [0] * P
-    pending = [[] for _ in range(P)]
-    while any(i_done[r] < N or pending[r] for r in range(P)):
+    pending = [deque() for _ in range(P)]
+    left = 2 * P * N   # I's and W's still to run
+    # Only a rank that acted, or whose neighbour acted, can pick differently from the last step:
+    # stepping just those keeps the cost O(P * N) (all P ranks every step was O(P * (N + P))).
+    active = [0]
+    while left:
+        if not active:
+            raise RuntimeError("zb1p: internal error, no rank can act")
         picks = []
-        for r in range(P):
+        for r in active:
             up_f = N if r == 0 else f_done[r - 1]          # chunks whose input has arrived
             down_i = f_done[r] if r == P - 1 else i_done[r + 1]
             if i_done[r] < f_done[r] and i_done[r] < down_i:
-                picks.append("I")
+                picks.append((r, "I"))
             elif len(pending[r]) > P - 1:
-                picks.append("W")
+                picks.append((r, "W"))
             elif f_done[r] < up_f and f_done[r] - i_done[r] < P - r:
-                picks.append("F")
+                picks.append((r, "F"))
             elif pending[r]:
-                picks.append("W")
-            else:
-                picks.append(None)
-        for r, pick in enumerate(picks):
+                picks.append((r, "W"))
+        touched = set()
+        for r, pick in picks:
             if pick == "I":
                 ranks[r].append(_action(r, "I", i_done[r]))
                 pending[r].append(i_done[r])
                 i_done[r] += 1
+                left -= 1
             elif pick == "F":
                 ranks[r].append(_action(r, "F", f_done[r]))
                 f_done[r] += 1
-            elif pick == "W":
-                ranks[r].append(_action(r, "W", pending[r].pop(0)))
+            else:
+                ranks[r].append(_action(r, "W", pending[r].popleft()))
+                left -= 1
+            touched.update((r - 1, r, r + 1))
+        active = [t for t in touched if 0 <= t < P]
     return Schedule(ranks, [list(range(P))])
 
 
