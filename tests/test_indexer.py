@@ -256,6 +256,8 @@ def test_paged_layout_bytes():
     torch.testing.assert_close(scales, k[1, :, 0].abs().amax(dim=1) / 448)
     values = page[:5 * 32].view(FP8).float().reshape(5, 32)
     torch.testing.assert_close(values * scales[:, None], k[1, :, 0], rtol=2**-4, atol=1e-3)
+    with pytest.raises(ValueError, match="^k_cache: expected the head dimension D .* multiple of 16, got 7"):
+        dskernels.paged_k_cache_cast_to_fp8(k[..., :7])  # its scales would not be 4-byte aligned
 
 
 def test_per_custom_dims_cast_to_fp8():
@@ -349,6 +351,14 @@ def test_paged_metadata():
     lens_2d = torch.stack([lens // 2, lens], dim=1)  # the last column counts
     assert torch.equal(dskernels.get_paged_mqa_logits_metadata(lens_2d, 64, 4), meta)
     assert torch.equal(dskernels.get_paged_mqa_logits_metadata(lens, 4), meta)
+    # by keyword: block_kv= is not the older form's num_sms (it used to give 16 shares of 64 keys)
+    assert torch.equal(dskernels.get_paged_mqa_logits_metadata(lens, block_kv=64, num_sms=4), meta)
+    assert torch.equal(dskernels.get_paged_mqa_logits_metadata(lens, num_sms=4), meta)
+    assert torch.equal(dskernels.get_paged_mqa_logits_metadata(lens, 64, num_sms=4), meta)
+    with pytest.raises(TypeError, match="^num_sms: required"):
+        dskernels.get_paged_mqa_logits_metadata(lens, block_kv=16)
+    with pytest.raises(TypeError, match="multiple values for argument 'block_kv'"):
+        dskernels.get_paged_mqa_logits_metadata(lens, 64, 4, block_kv=64)
     assert dskernels.get_paged_mqa_logits_metadata(torch.zeros(0, dtype=torch.int32), 64, 2).tolist() == [[0, 0]] * 3
 
 
@@ -366,6 +376,8 @@ def test_paged_metadata():
     (lambda a: a.update(cu_seqlen_ke=a["cu_seqlen_ke"][:2]), ValueError, "cu_seqlen_ke"),
     (lambda a: a.update(max_seqlen_k=-1), ValueError, "max_seqlen_k"),
     (lambda a: a.update(max_seqlen_k=2.0), TypeError, "^max_seqlen_k: expected an int"),
+    (lambda a: a.update(q=a["q"][..., :0], kv=(a["kv"][0][:, :0], a["kv"][1])), ValueError, "^q: .* at least 16"),
+    (lambda a: a.update(cu_seqlen_ke=a["cu_seqlen_ke"].to("meta")), ValueError, "^cu_seqlen_ke: expected a tensor on"),
 ])
 def test_mqa_validation(change, exc, match):
     q, k, k_scale, weights, ks, ke = mqa_inputs(5, 70, 4, 32, seed=1)
@@ -403,6 +415,7 @@ def test_deepgemm_keyword_names():
     (lambda a: a.update(schedule_meta="plan"), TypeError, "^schedule_meta: "),
     (lambda a: a.update(schedule_meta=torch.zeros(5, 2)), TypeError, "^schedule_meta: "),
     (lambda a: a.update(schedule_meta=torch.zeros(5, dtype=torch.int32)), ValueError, "^schedule_meta: "),
+    (lambda a: a.update(q=a["q"][..., :0], kv_cache=a["kv_cache"][..., :4]), ValueError, "^q: .* at least 16"),
 ])
 def test_paged_validation(change, exc, match):
     q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 1, 4, 32, 16, seed=1)
@@ -432,6 +445,12 @@ def test_deepgemm_current_names():
         dskernels.fp8_mqa_logits(q, (k, k_scale), weights, cu_seq_len_k_start=ks.long(), cu_seq_len_k_end=ke)
     with pytest.raises(ValueError, match=r"^cu_seqlen_ke: expected shape \(5,\)"):
         dskernels.fp8_mqa_logits(q, (k, k_scale), weights, cu_seqlen_ks=ks, cu_seqlen_ke=ke[:3])
+    with pytest.raises(ValueError, match="^cu_seq_len_k_end: expected a tensor on"):
+        dskernels.fp8_mqa_logits(q, (k, k_scale), weights, cu_seq_len_k_start=ks, cu_seq_len_k_end=ke.to("meta"))
+    for bad in (torch.zeros(5), torch.zeros(5, 3, dtype=torch.int32)):  # not read, but checked as on the paged op
+        with pytest.raises((TypeError, ValueError), match="^schedule_meta: "):
+            dskernels.fp8_fp4_mqa_logits((q, None), (k, k_scale), weights, ks, ke, schedule_meta=bad)
+    assert torch.equal(dskernels.fp8_mqa_logits(q, (k, k_scale), weights, ks, ke, numpy.bool_(False), 40), want)
 
     q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 1, 4, 32, 16, seed=11)
     plan = dskernels.get_paged_mqa_logits_metadata(context_lens, numpy.int32(16), numpy.int64(4))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy
 import torch
 
 import python_ref.indexer as ref
@@ -29,6 +30,8 @@ def paged_k_cache_cast_to_fp8(k_cache: torch.Tensor) -> torch.Tensor:
     D + 4] in DeepGEMM's paged layout (per page: the e4m3 rows, then one fp32 scale per token);
     python_ref.indexer's torch ops on every device."""
     check_tensor("k_cache", k_cache, ndim=4, dtypes=(torch.bfloat16, torch.float16, torch.float32))
+    # fp8_paged_mqa_logits takes D in multiples of 16 (its scales then stay 4-byte aligned)
+    check_multiple("k_cache", k_cache.shape[-1], 16, "the head dimension D (last dimension)")
     return ref.paged_k_cache_cast_to_fp8(k_cache)
 
 
@@ -86,13 +89,13 @@ def _per_row_cast(x: torch.Tensor, rows: int, cols: int, kept: torch.Size, use_u
 # Public functions
 # ---------------------------------------------------------------------------------------------
 
-def _one_of(name: str, value, alias: str, alias_value, rows: int):
-    """An argument given under DeepGEMM's name or its tests' (exactly one of the two): [rows] int32,
-    checked here so that an error names the argument as the caller spelled it."""
+def _one_of(name: str, value, alias: str, alias_value, rows: int, device: torch.device):
+    """An argument given under DeepGEMM's name or its tests' (exactly one of the two): [rows] int32
+    on q's device, checked here so that an error names the argument as the caller spelled it."""
     if (value is None) == (alias_value is None):
         raise TypeError(f"{name}: expected a tensor under exactly one of the names {name} and {alias}")
     given, t = (alias, alias_value) if value is None else (name, value)
-    check_tensor(given, t, ndim=1, dtypes=(torch.int32,))
+    check_tensor(given, t, ndim=1, dtypes=(torch.int32,), device=device)
     if t.shape[0] != rows:
         raise ValueError(f"{given}: expected shape ({rows},) (one per query), got {tuple(t.shape)}")
     return t
@@ -126,9 +129,13 @@ def _check_schedule_meta(schedule_meta) -> None:
                          f"shape {tuple(schedule_meta.shape)}")
 
 
-def _check_flag(name: str, value) -> None:
+def _flag(name: str, value) -> bool:
+    """A bool, or numpy's (DeepGEMM's bindings take both), as the bool the op schemas take."""
+    if isinstance(value, numpy.bool_):
+        return bool(value)
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
 
 
 def _no_indices(indices) -> None:
@@ -173,13 +180,14 @@ def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weigh
     """
     q = _plain_q(q)
     _check_fp8("q", q, 3)
-    cu_seqlen_ks = _one_of("cu_seq_len_k_start", cu_seq_len_k_start, "cu_seqlen_ks", cu_seqlen_ks, q.shape[0])
-    cu_seqlen_ke = _one_of("cu_seq_len_k_end", cu_seq_len_k_end, "cu_seqlen_ke", cu_seqlen_ke, q.shape[0])
+    cu_seqlen_ks = _one_of("cu_seq_len_k_start", cu_seq_len_k_start, "cu_seqlen_ks", cu_seqlen_ks, q.shape[0],
+                           q.device)
+    cu_seqlen_ke = _one_of("cu_seq_len_k_end", cu_seq_len_k_end, "cu_seqlen_ke", cu_seqlen_ke, q.shape[0], q.device)
     if not isinstance(kv, (tuple, list)) or len(kv) != 2:
         raise TypeError(f"kv: expected a tuple (k float8_e4m3fn [N, D], k_scale float32 [N]), got {type(kv).__name__}")
     max_seqlen_k = _integer(max_seqlen_k)
     check_int("max_seqlen_k", max_seqlen_k, 0)  # (a wrong type: TypeError here, not the schema's RuntimeError)
-    _check_flag("clean_logits", clean_logits)
+    clean_logits = _flag("clean_logits", clean_logits)
     return torch.ops.dskernels.fp8_mqa_logits(q, kv[0], kv[1], weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits,
                                                max_seqlen_k)
 
@@ -193,8 +201,7 @@ def fp8_fp4_mqa_logits(q, kv: tuple[torch.Tensor, torch.Tensor], weights: torch.
     is not implemented) or a bare tensor, and the logits in logits_dtype (float32 or bfloat16).
     schedule_meta (DeepGEMM's SM100 plan) is accepted and not read."""
     logits_dtype = _logits_dtype(logits_dtype)
-    if schedule_meta is not None and not isinstance(schedule_meta, torch.Tensor):
-        raise TypeError(f"schedule_meta: expected None or a tensor, got {type(schedule_meta).__name__}")
+    _check_schedule_meta(schedule_meta)
     logits = fp8_mqa_logits(q, kv, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k,
                             cu_seqlen_ks=cu_seqlen_ks, cu_seqlen_ke=cu_seqlen_ke)
     return logits if logits_dtype == torch.float32 else logits.to(logits_dtype)
@@ -230,7 +237,7 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     _check_schedule_meta(schedule_meta)
     max_context_len = _integer(max_context_len)
     check_int("max_context_len", max_context_len, 0)
-    _check_flag("clean_logits", clean_logits)
+    clean_logits = _flag("clean_logits", clean_logits)
     return torch.ops.dskernels.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table,
                                                      max_context_len, clean_logits)
 
@@ -247,22 +254,22 @@ def fp8_fp4_paged_mqa_logits(q, kv_cache: torch.Tensor, weights: torch.Tensor, c
     return logits if logits_dtype == torch.float32 else logits.to(logits_dtype)
 
 
-def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num_sms: int | None = None,
-                                  indices=None) -> torch.Tensor:
+def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, *args, block_kv: int | None = None,
+                                  num_sms: int | None = None, indices=None) -> torch.Tensor:
     """A balanced schedule for `fp8_paged_mqa_logits`, computed on the device without a host sync.
 
     Called as DeepGEMM's (context_lens, block_kv, num_sms) or its older (context_lens, num_sms) (then
-    block_kv = 64). The key blocks (block_kv keys) of all sequences, in order, are cut into num_sms
-    shares that differ by at most one block (share s starts at s * q + min(s, r) for total = q *
-    num_sms + r); returns int32 [num_sms + 1, 2]: row s = (sequence, key block within it) where
+    block_kv = 64), by position or by keyword (a lone second argument by position is the older
+    form's num_sms, so block_kv by keyword needs num_sms too). The key blocks (block_kv keys) of
+    all sequences, in order, are cut into num_sms shares that differ by at most one block (share s
+    starts at s * q + min(s, r) for total = q * num_sms + r); returns int32 [num_sms + 1, 2]: row s = (sequence, key block within it) where
     share s starts, row num_sms the end. A [B, next_n] context_lens counts its last column (the row
     that sees the most). Same shape and idea as DeepGEMM's plan, not its exact split (DeepGEMM's
     kernel reads its own); dskernels's kernel does not read it (see fp8_paged_mqa_logits).
     """
+    block_kv, num_sms, indices = _metadata_args(args, block_kv, num_sms, indices)
     _no_indices(indices)
     block_kv, num_sms = _integer(block_kv), _integer(num_sms)
-    if num_sms is None:
-        block_kv, num_sms = 64, block_kv
     check_tensor("context_lens", context_lens, dtypes=(torch.int32,))
     if context_lens.dim() not in (1, 2) or (context_lens.dim() == 2 and context_lens.shape[1] < 1):
         raise ValueError(f"context_lens: expected [B] or [B, next_n >= 1], got shape {tuple(context_lens.shape)}")
@@ -278,6 +285,25 @@ def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num
     seq = torch.searchsorted(ends, start, right=True)                 # b: past the last sequence
     first_block = torch.cat([ends - blocks, total])[seq]              # where sequence seq's blocks start
     return torch.stack([seq, start - first_block], dim=1).int()
+
+
+def _metadata_args(args: tuple, block_kv, num_sms, indices):
+    """get_paged_mqa_logits_metadata's (block_kv, num_sms, indices) from its positional and keyword
+    arguments, in either of DeepGEMM's two signatures."""
+    if len(args) > 3:
+        raise TypeError(f"get_paged_mqa_logits_metadata: expected at most 4 arguments, got {1 + len(args)}")
+    if len(args) == 1 and block_kv is None and num_sms is None:
+        return 64, args[0], indices                       # the older (context_lens, num_sms)
+    keywords = {"block_kv": block_kv, "num_sms": num_sms, "indices": indices}
+    for name, value in zip(keywords, args):
+        if keywords[name] is not None:
+            raise TypeError(f"get_paged_mqa_logits_metadata: got multiple values for argument {name!r}")
+        keywords[name] = value
+    if keywords["num_sms"] is None:
+        raise TypeError("num_sms: required (DeepGEMM's (context_lens, block_kv, num_sms)), got None")
+    if keywords["block_kv"] is None:
+        keywords["block_kv"] = 64                         # the older form, by keyword
+    return keywords["block_kv"], keywords["num_sms"], keywords["indices"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,11 +322,17 @@ def _check_weights(weights, rows: int, heads: int, device) -> None:
         raise ValueError(f"weights: expected shape ({rows}, {heads}), got {tuple(weights.shape)}")
 
 
+def _check_head_dim(dim: int) -> None:
+    check_multiple("q", dim, 16, "the head dimension D (last dimension)")
+    if dim == 0:
+        raise ValueError("q: expected a head dimension D (last dimension) of at least 16, got 0")
+
+
 def _check_mqa_args(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits, max_seqlen_k):
     _check_fp8("q", q, 3)
     m, heads, dim = q.shape
     device = q.device
-    check_multiple("q", dim, 16, "the head dimension D (last dimension)")
+    _check_head_dim(dim)
     _check_fp8("k", k, 2, device)
     if k.shape[1] != dim:
         raise ValueError(f"k: expected shape (N, {dim}) (q's D), got {tuple(k.shape)}")
@@ -319,7 +351,7 @@ def _check_paged_args(q, kv_cache, weights, context_lens, block_table, max_conte
     _check_fp8("q", q, 4)
     b, next_n, heads, dim = q.shape
     device = q.device
-    check_multiple("q", dim, 16, "the head dimension D (last dimension)")
+    _check_head_dim(dim)
     if next_n < 1:
         raise ValueError(f"q: expected next_n (dimension 1) >= 1, got shape {tuple(q.shape)}")
     check_tensor("kv_cache", kv_cache, ndim=4, dtypes=(torch.uint8, FP8), device=device)
