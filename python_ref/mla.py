@@ -11,6 +11,7 @@ For sequence i, query token j (0 <= j < s_q) and query head h (kv head g = h // 
     lse       = log(sum_t exp(score_t))                 natural log
     out       = sum_t exp(score_t - lse) * V_i[t, g]
     no visible key: out = 0, lse = +inf
+    a NaN or +inf score: out and lse NaN (never "no visible key")
 
 An fp8 cache is dequantized first: k = k_cache.float() * k_scale. Everything is computed in fp32;
 `out` is then rounded to q's dtype.
@@ -67,6 +68,8 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         visible = t[None, :] < limit[:, None]                             # [s_q, n]
         scores = scores.masked_fill(~visible, -math.inf)
         seq_lse = torch.logsumexp(scores, dim=-1)                         # [h_q, s_q], -inf if none
+        # A +inf score (an infinity in q or a key) has no finite softmax: NaN, as for a NaN score.
+        seq_lse = seq_lse.masked_fill(seq_lse == math.inf, math.nan)
         seen = seq_lse != -math.inf  # a NaN score stays NaN (in out and lse), not "no key seen"
         probs = torch.exp(scores - torch.where(seen, seq_lse, 0.0)[..., None])
         out[i] = torch.einsum("grjt,tgd->jgrd", probs.reshape(h_kv, group, s_q, n), values).reshape(

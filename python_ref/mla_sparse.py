@@ -7,9 +7,10 @@ head h (kv head g = h // (h_q // h_kv)) and list position k < topk:
     valid_k   = 0 <= indices[r, g, k] < num_slots and k < topk_length[r] (if given)
     score_k   = sm_scale * <q[r, h], kv[indices[r, g, k], g]>     for valid k (a repeated index
                                                                    counts as often as it is listed)
-    lse       = log(sum_k exp(score_k))          natural log; +inf if no k is valid (a NaN score,
-                                                 from NaN in q or in a listed row, gives NaN)
-    max_logit = max_k score_k                    -inf if no k is valid
+    lse       = log(sum_k exp(score_k))          natural log; +inf if no k is valid (a NaN or +inf
+                                                 score, from NaN or inf in q or in a listed row,
+                                                 gives NaN)
+    max_logit = max_k score_k                    -inf if no k is valid; NaN as lse
     out       = sum_k exp(score_k - lse) * kv[indices[r, g, k], g, :d_v]    0 if no k is valid
     attn_sink (fp32 [h_q], optional): out *= 1 / (1 + exp(attn_sink[h] - lse)), i.e. one more
               logit that takes probability but adds no value; lse and max_logit ignore it.
@@ -106,6 +107,9 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     scores = scores.masked_fill(~valid[:, :, None, :], -math.inf)
     lse = torch.logsumexp(scores, dim=-1)                                    # -inf where nothing is valid
     max_logits = scores.amax(dim=-1) if topk else torch.full_like(lse, -math.inf)
+    # A +inf score (an infinity in q or a listed row) has no finite softmax: NaN, as for a NaN score.
+    lse = lse.masked_fill(lse == math.inf, math.nan)
+    max_logits = max_logits.masked_fill(max_logits == math.inf, math.nan)
     seen = lse != -math.inf  # a NaN score stays NaN (in out and lse), not "nothing valid"
     probs = torch.exp(scores - torch.where(seen, lse, 0.0)[..., None])
     out = torch.einsum("rgjk,rgkd->rgjd", probs, gathered[..., :d_v])

@@ -632,6 +632,28 @@ def test_nan_inputs_give_nan_not_an_empty_result(backend):
     torch.testing.assert_close(out, ref_out.float(), rtol=2**-7, atol=2**-7, equal_nan=True)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=LSE_ATOL, equal_nan=True)
 
+
+def test_infinite_score_gives_nan_not_an_empty_result(backend):
+    """A +inf score (an inf in a visible key, times a query entry of the same sign) has no finite
+    softmax: out and lse NaN on every backend and in the oracle (which said lse = +inf, the "no key
+    seen" value, with out NaN); a -inf score only drops its key."""
+    name, device = backend
+    skip_cuda_backend(name)
+    q, k_cache, block_table, lens, dv, _ = make_inputs([70, 0, 40], 1, 2, 1, 16, torch.bfloat16,
+                                                       torch.bfloat16, device=device)
+    q[:, 0, :, 60] = torch.tensor([1.0, -1.0], dtype=q.dtype)
+    page = block_table[0, 2].item()  # keys 32..47 of sequence 0
+    k_cache[page, 5, 0, 60] = math.inf  # past dv (in V, 0 * inf would be NaN): +inf for head 0, -inf for head 1
+    meta, splits = dskernels.get_mla_metadata(lens, 2, 1)
+    outs = [dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, splits)]
+    outs.append(python_ref.mla.flash_mla_with_kvcache(q.cpu(), k_cache.cpu(), block_table.cpu(), lens.cpu(), dv))
+    for out, lse in outs:
+        out, lse = out.cpu().float(), lse.cpu()
+        assert out[0, 0, 0].isnan().all() and lse[0, 0].isnan().all()
+        assert not out[0, 0, 1].isnan().any() and lse[0, 1].isfinite().all() and lse[2].isfinite().all()
+        assert (out[1] == 0).all() and (lse[1] == math.inf).all()
+
+
 def test_opcheck():
     args = _good_args()
     lens = args["cache_seqlens"]

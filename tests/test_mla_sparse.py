@@ -341,6 +341,34 @@ def test_nan_in_a_listed_row_is_not_hidden(backend):
         assert not (out[1].isnan().any() or max_logits[1].isnan().any() or lse[1].isnan().any()), topk
 
 
+def test_infinite_score_in_a_listed_row_gives_nan(backend):
+    """A +inf score (an inf in a listed row's rope part, which the FP8 cache keeps in bf16) makes
+    out, lse and max_logits NaN on every backend and in the oracle (which said lse = +inf, the
+    "nothing valid" value, with out NaN); a -inf score only drops its key."""
+    name, device = backend
+    skip_cuda_backend(name)
+    kv = torch.randn(2, 1, 576)
+    kv[:, 0, 550] = math.inf
+    q = torch.randn(1, 1, 2, 576).bfloat16()
+    q[0, 0, :, 550] = torch.tensor([1.0, -1.0])   # head 0: +inf scores, head 1: -inf (nothing valid)
+    indices = torch.tensor([[[0, 1]]], dtype=torch.int32)
+    for fp8 in (False, True):
+        cache = ref.quantize_sparse_kv_cache(kv.view(1, 2, 1, 576)) if fp8 else kv.view(1, 2, 1, 576).bfloat16()
+        results = [dskernels.flash_mla_sparse_decode(q.to(device), cache.to(device), indices.to(device), 512,
+                                                     is_fp8_kvcache=fp8),
+                   ref.flash_mla_sparse_decode(q, cache, indices, 512, None, fp8)]
+        for out, lse in results:
+            out, lse = out.cpu().float(), lse.cpu()
+            assert out[0, 0, 0].isnan().all() and lse[0, 0].isnan().all(), fp8
+            assert (out[0, 0, 1] == 0).all() and (lse[0, 1] == math.inf).all(), fp8
+    flat = kv.bfloat16()
+    results = [dskernels.flash_mla_sparse_fwd(q[0].to(device), flat.to(device), indices[0][None].to(device), 0.1),
+               ref.flash_mla_sparse_fwd(q[0], flat, indices[0][None], 0.1)]
+    for out, max_logits, lse in results:
+        assert out[0, 0].isnan().all() and max_logits[0, 0].isnan() and lse[0, 0].isnan()
+        assert (out[0, 1] == 0).all() and max_logits[0, 1] == -math.inf and lse[0, 1] == math.inf
+
+
 def test_gpu_tiles_fit_shared_memory(monkeypatch):
     """The GPU tile rule (no GPU needed to pick one): the first tile whose q tile and gathered
     blocks fit the GPU's shared memory, at 4 bytes an element for fp32 queries (an sm_89's 99 KB
