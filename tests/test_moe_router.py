@@ -194,6 +194,7 @@ def test_no_tokens(backend):
     ((torch.zeros(2, 16), torch.zeros(16), 4, 2, 9), ValueError, r"topk: expected 1..8"),
     ((torch.zeros(2, 64), torch.zeros(64), 1, 1, 17), ValueError, r"topk: expected 1..16"),
     ((torch.zeros(2, 16), torch.zeros(16), 4.0, 2, 4), TypeError, "num_groups: expected an int"),
+    ((torch.zeros(2, 16), torch.zeros(16), 4, 2, 4, True, "2.5"), TypeError, "scaling_factor: expected a number"),
 ])
 def test_bad_arguments_are_named(args, error, match):
     with pytest.raises(error, match=match):

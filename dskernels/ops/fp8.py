@@ -117,8 +117,9 @@ def silu_and_mul_cast_to_fp8(x: torch.Tensor, masked_m: torch.Tensor | None = No
 
     Returns:
         act_fp8: [..., I] torch.float8_e4m3fn and act_scale: [..., I / 128] float32, row-major:
-        per_token_cast_to_fp8's output for act = silu(gate) * up (up to the last bit of silu's
-        exponential on a GPU).
+        per_token_cast_to_fp8's output for act = silu(gate) * up, up to the last bits of silu
+        (the kernel forms gate * sigmoid(gate) * up, torch gate / (1 + exp(-gate)) * up: a scale
+        may differ by an ulp, an e4m3 value rarely by one step).
     """
     _check_flag("round_scale", round_scale)
     return torch.ops.dskernels.silu_and_mul_cast_to_fp8(x, masked_m, round_scale)

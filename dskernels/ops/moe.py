@@ -3,6 +3,8 @@ call grouped / biased top-k; HF's DeepseekV3TopkRouter from the logits on)."""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 import python_ref
@@ -40,6 +42,8 @@ def grouped_topk(logits: torch.Tensor, bias: torch.Tensor, num_groups: int, topk
     Raises TypeError / ValueError naming the argument.
     """
     _check_types(num_groups, topk_groups, topk, renormalize)  # before the schema's own, vaguer refusal
+    if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, numbers.Real):
+        raise TypeError(f"scaling_factor: expected a number, got {type(scaling_factor).__name__}")
     return torch.ops.dskernels.grouped_topk(logits, bias, num_groups, topk_groups, topk, renormalize,
                                             float(scaling_factor))
 
