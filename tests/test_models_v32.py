@@ -9,6 +9,7 @@ transformers made to attend where our indexer selected."""
 
 import importlib.util
 
+import numpy
 import pytest
 import torch
 
@@ -148,6 +149,9 @@ def test_config_from_hf_and_presets():
         DeepseekV3Config.tiny(mlp_layer_types=["moe"])
     with pytest.raises(ValueError, match="^index_topk:"):
         DeepseekV3Config.tiny(index_topk=0)
+    with pytest.raises(TypeError, match="^index_topk:"):
+        DeepseekV3Config.tiny(index_topk=4.0)
+    assert DeepseekV3Config.tiny(index_topk=numpy.int64(4)).index_topk == 4  # as every other int field
     with pytest.raises(ValueError, match="^q_lora_rank: DeepSeek-V3.2's indexer"):
         DeepseekV3Config.tiny(index_topk=8, q_lora_rank=None)
     with pytest.raises(ValueError, match="^index_head_dim: expected at least qk_rope_head_dim=32"):
@@ -156,6 +160,10 @@ def test_config_from_hf_and_presets():
         DeepseekV3Config.tiny(index_topk=8, rope_interleave=False)
     with pytest.raises(ValueError, match="^index_head_dim: the FP8 indexer's Hadamard rotation needs a power of two"):
         DeepseekV3DecoderLayer(DeepseekV3Config.tiny(index_topk=8, index_head_dim=96), 0)
+    small = DeepseekV3Config.tiny(index_topk=8, index_head_dim=8, qk_rope_head_dim=8)
+    with pytest.raises(ValueError, match="^index_head_dim: the FP8 indexer's logits .* at least 16, got 8"):
+        DeepseekV3DecoderLayer(small, 0)  # (it failed at the first forward, naming q)
+    DeepseekV3DecoderLayer(small, 0, index_fp8=False)
 
 
 def test_state_dict_round_trip():

@@ -147,9 +147,7 @@ class DeepseekV3Config:
             if block is not None and list(block) != [128, 128]:  # the scales' shapes and our FP8 ops assume it
                 raise ValueError(f"quantization_config: expected weight_block_size [128, 128], got {block}")
         if self.index_topk is not None:
-            if isinstance(self.index_topk, bool) or not isinstance(self.index_topk, int) or self.index_topk < 1:
-                raise ValueError(f"index_topk: expected a positive int (or None for dense attention), "
-                                 f"got {self.index_topk!r}")
+            _int_field(self, "index_topk", 1)  # (None: dense attention, V3)
             _int_field(self, "index_head_dim", 1)
             _int_field(self, "index_n_heads", 1)
             if not self.q_lora_rank:

@@ -72,6 +72,9 @@ class Indexer(nn.Module):
         super().__init__()
         self.cfg, self.fp8 = cfg, fp8
         self.num_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        if fp8 and self.head_dim < 16:  # (then a power of two: a multiple of 16, as fp8_mqa_logits wants)
+            raise ValueError(f"index_head_dim: the FP8 indexer's logits (fp8_mqa_logits) take at least 16, got "
+                             f"{self.head_dim} (index_fp8=False takes any)")
         self.wq_b = Linear(cfg.q_lora_rank, self.num_heads * self.head_dim, dtype, device)
         self.wk = Linear(cfg.hidden_size, self.head_dim, dtype, device)
         self.k_norm = LayerNorm(self.head_dim, _K_NORM_EPS, dtype, device)
