@@ -4,6 +4,7 @@ smaller local checks. Every case must raise a clear error (never abort the proce
 return garbage), and the group must stay usable after a cross-rank error."""
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -302,3 +303,36 @@ def _fuzzer_body(rank, world):
 
 def test_fuzzer_cases():
     run_distributed(_fuzzer_body, 2, timeout_s=240)
+
+
+def _check_exchanges_body(rank, world):
+    """Sizes that no exchange carries: without check_exchanges they abort gloo (or leave a rank with
+    partly written rows); with it every rank raises ValueError and the group stays usable."""
+    os.environ["DSKERNELS_EP_CHECK"] = "1"  # the environment's default, as a launcher would set it
+    buf = Buffer(dist.group.WORLD, timeout_s=30)
+    assert buf.check_exchanges and not Buffer(dist.group.WORLD, check_exchanges=False).check_exchanges
+    _still_usable(buf, rank, world)  # matching calls: the same results as without the check
+    args = _args(rank)
+    recv_x, _, _, _, handle, _ = buf.dispatch(**args)
+    wide = torch.zeros(recv_x.shape[0], 256 if rank == 1 else 128, dtype=recv_x.dtype)
+    _raises(ValueError, ["Buffer.combine: the ranks disagree", "bytes to rank", "combine's hidden size"],
+            lambda: buf.combine(wide, handle))
+    _still_usable(buf, rank, world)
+    x = torch.zeros(args["x"].shape[0], 256 if rank == 0 else 128, dtype=args["x"].dtype)
+    _raises(ValueError, ["Buffer.dispatch (cached): the ranks disagree", "a cached dispatch's x"],
+            lambda: buf.dispatch((x.to(torch.float8_e4m3fn), torch.ones(x.shape[0], x.shape[1] // 128)),
+                                 handle=handle))
+    _still_usable(buf, rank, world)
+    _raises(ValueError, ["Buffer.low_latency_dispatch: the ranks disagree", "low-latency M"],
+            lambda: buf.low_latency_dispatch(args["x"], args["topk_idx"], 8 if rank == 0 else 16, E, use_fp8=False))
+    _still_usable(buf, rank, world)
+    # different ops: every rank names the odd one out, whichever op it is in itself
+    call = (lambda: buf.combine(recv_x, handle)) if rank == 0 else (lambda: buf.dispatch(**args))
+    _raises(ValueError, ["the ranks disagree", "rank 1 runs another exchange than rank 0"], call)
+    _still_usable(buf, rank, world)
+    _raises(TypeError, ["check_exchanges: expected None or a bool"],
+            lambda: Buffer(dist.group.WORLD, check_exchanges="yes"))
+
+
+def test_check_exchanges_catches_sizes_no_exchange_carries():
+    run_distributed(_check_exchanges_body, 2, timeout_s=240)

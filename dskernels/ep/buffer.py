@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -186,14 +187,20 @@ class Buffer:
     CPU tensors, NCCL for CUDA tensors), so any sizes work. `timeout_s` bounds every wait for peers
     (default: 300 s for CPU tensors, the group's NCCL timeout for CUDA tensors); a peer that is
     late raises `TimeoutError`, one that is gone `EPCommError`, naming the operation, instead of
-    hanging.
+    hanging. `check_exchanges` (default: the environment's DSKERNELS_EP_CHECK=1, so set on every
+    rank alike) runs a small all_to_all before every exchange that compares what each rank sends
+    with what its peers expect: ranks that disagree on a size no exchange carries (combine's hidden
+    size, a cached dispatch's x, low-latency M / H / K) or run different ops raise ValueError on
+    every rank instead of aborting in gloo or returning partly written rows. A debugging aid: one
+    more collective and a host read per exchange (not CUDA-graph safe).
     """
 
     num_sms = 20
 
     def __init__(self, group: dist.ProcessGroup | None = None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24, allow_nvlink_for_low_latency_mode=True,
-                 explicitly_destroy: bool = False, timeout_s: float | None = None, **_unused):
+                 explicitly_destroy: bool = False, timeout_s: float | None = None,
+                 check_exchanges: bool | None = None, **_unused):
         if not dist.is_initialized():
             raise RuntimeError("Buffer: torch.distributed is not initialized (call init_process_group first)")
         # Checked here: a bad value would otherwise surface only at the first wait for peers.
@@ -204,6 +211,11 @@ class Buffer:
             if not timeout_s > 0:  # NaN too
                 raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s}")
             timeout_s = float(timeout_s)
+        if check_exchanges is None:
+            check_exchanges = os.environ.get("DSKERNELS_EP_CHECK", "0").strip().lower() in ("1", "true", "yes")
+        if not isinstance(check_exchanges, bool):
+            raise TypeError(f"check_exchanges: expected None or a bool, got {type(check_exchanges).__name__}")
+        self.check_exchanges = check_exchanges
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.group_size = dist.get_world_size(self.group)
@@ -272,6 +284,40 @@ class Buffer:
     # ---- collectives with bounded waits ----
     def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str,
                     poll: bool = True) -> None:
+        if self.check_exchanges:
+            self._check_exchange(out, inp, out_splits, in_splits, what)
+        self._exchange(out, inp, out_splits, in_splits, what, poll)
+
+    def _check_exchange(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str) -> None:
+        """check_exchanges: every rank learns every rank's (op, bytes sent to each peer, bytes expected
+        from each peer) through an all_to_all of equal sizes (gloo cannot abort on it), and all of
+        them raise the same error if any pair disagrees."""
+        R = self.group_size
+
+        def per_peer(t: torch.Tensor, splits) -> list[int]:
+            row = math.prod(t.shape[1:]) * t.element_size()
+            return [n * row for n in (splits if splits is not None else [t.shape[0] // R] * R)]
+
+        mine = [zlib.crc32(what.encode()), *per_peer(inp, in_splits), *per_peer(out, out_splits)]
+        send = torch.tensor(mine, dtype=torch.int64).repeat(R, 1).to(out.device)
+        recv = torch.empty_like(send)
+        self._exchange(recv, send, None, None, f"{what} (check_exchanges)", poll=True)
+        table = recv.cpu().tolist()  # row s: rank s's op, bytes to each rank, bytes from each rank
+        prefix = f"dskernels.ep.Buffer.{what}: the ranks disagree on this exchange (check_exchanges): "
+        for s, row in enumerate(table):
+            if row[0] != table[0][0]:
+                raise ValueError(prefix + f"rank {s} runs another exchange than rank 0 (every rank must call the "
+                                 f"same ops in the same order; rank {self.rank} is in {what})")
+        for s, row in enumerate(table):
+            for r in range(R):
+                sent, expected = row[1 + r], table[r][1 + R + s]
+                if sent != expected:
+                    raise ValueError(prefix + f"rank {s} sends {sent} bytes to rank {r}, which expects {expected} "
+                                     "(a size that no exchange carries differs between the ranks: combine's hidden "
+                                     "size or dtype, a cached dispatch's x, low-latency M, H, K or use_fp8)")
+
+    def _exchange(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str,
+                  poll: bool = True) -> None:
         # A monitored wait: gloo's own timeout does not reliably fire while a peer is alive but absent
         # (measured: a 3 s group timeout still waited 6 s, until the peer exited). On CUDA tensors
         # the wait is only monitored when timeout_s is given and poll is set (polling blocks the
