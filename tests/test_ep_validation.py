@@ -326,6 +326,14 @@ def _check_exchanges_body(rank, world):
     _raises(ValueError, ["Buffer.low_latency_dispatch: the ranks disagree", "low-latency M"],
             lambda: buf.low_latency_dispatch(args["x"], args["topk_idx"], 8 if rank == 0 else 16, E, use_fp8=False))
     _still_usable(buf, rank, world)
+    # mismatches of the same bytes (wrong rows without the check): num_experts, bf16 against fp16
+    _raises(ValueError, ["Buffer.low_latency_dispatch: the ranks disagree", "other arguments", "num_experts"],
+            lambda: buf.low_latency_dispatch(args["x"], args["topk_idx"], 8, E * (rank + 1), use_fp8=False))
+    _still_usable(buf, rank, world)
+    y = recv_x.to(torch.float16) if rank == 1 else recv_x
+    _raises(ValueError, ["Buffer.combine: the ranks disagree", "other arguments", "dtypes"],
+            lambda: buf.combine(y, handle))
+    _still_usable(buf, rank, world)
     # different ops: every rank names the odd one out, whichever op it is in itself
     call = (lambda: buf.combine(recv_x, handle)) if rank == 0 else (lambda: buf.dispatch(**args))
     _raises(ValueError, ["the ranks disagree", "rank 1 runs another exchange than rank 0"], call)

@@ -190,8 +190,9 @@ class Buffer:
     hanging. `check_exchanges` (default: the environment's DSKERNELS_EP_CHECK=1, so set on every
     rank alike) runs a small all_to_all before every exchange that compares what each rank sends
     with what its peers expect: ranks that disagree on a size no exchange carries (combine's hidden
-    size, a cached dispatch's x, low-latency M / H / K) or run different ops raise ValueError on
-    every rank instead of aborting in gloo or returning partly written rows. A debugging aid: one
+    size, a cached dispatch's x, low-latency M / H / K), on the rows' dtypes or the low-latency
+    num_experts, or run different ops raise ValueError on every rank instead of aborting in gloo,
+    returning partly written rows or reading bytes as another type. A debugging aid: one
     more collective and a host read per exchange (not CUDA-graph safe).
     """
 
@@ -283,14 +284,17 @@ class Buffer:
 
     # ---- collectives with bounded waits ----
     def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str,
-                    poll: bool = True) -> None:
+                    poll: bool = True, agree: tuple = ()) -> None:
+        """out <- inp across the group; `agree`: what the ranks must agree on and the sizes do not
+        show (dtypes of one width, num_experts), compared only under check_exchanges."""
         if self.check_exchanges:
-            self._check_exchange(out, inp, out_splits, in_splits, what)
+            self._check_exchange(out, inp, out_splits, in_splits, what, agree)
         self._exchange(out, inp, out_splits, in_splits, what, poll)
 
-    def _check_exchange(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str) -> None:
-        """check_exchanges: every rank learns every rank's (op, bytes sent to each peer, bytes expected
-        from each peer) through an all_to_all of equal sizes (gloo cannot abort on it), and all of
+    def _check_exchange(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str,
+                        agree: tuple) -> None:
+        """check_exchanges: every rank learns every rank's (op and `agree`, bytes sent to each peer,
+        bytes expected from each peer) through an all_to_all of equal sizes (gloo cannot abort on it), and all of
         them raise the same error if any pair disagrees."""
         R = self.group_size
 
@@ -298,7 +302,8 @@ class Buffer:
             row = math.prod(t.shape[1:]) * t.element_size()
             return [n * row for n in (splits if splits is not None else [t.shape[0] // R] * R)]
 
-        mine = [zlib.crc32(what.encode()), *per_peer(inp, in_splits), *per_peer(out, out_splits)]
+        op = f"{what} ({', '.join(map(str, agree))})" if agree else what
+        mine = [zlib.crc32(op.encode()), *per_peer(inp, in_splits), *per_peer(out, out_splits)]
         send = torch.tensor(mine, dtype=torch.int64).repeat(R, 1).to(out.device)
         recv = torch.empty_like(send)
         self._exchange(recv, send, None, None, f"{what} (check_exchanges)", poll=True)
@@ -306,8 +311,9 @@ class Buffer:
         prefix = f"dskernels.ep.Buffer.{what}: the ranks disagree on this exchange (check_exchanges): "
         for s, row in enumerate(table):
             if row[0] != table[0][0]:
-                raise ValueError(prefix + f"rank {s} runs another exchange than rank 0 (every rank must call the "
-                                 f"same ops in the same order; rank {self.rank} is in {what})")
+                raise ValueError(prefix + f"rank {s} runs another exchange than rank 0, or the same with other "
+                                 "arguments (every rank must call the same ops in the same order, with the same "
+                                 f"dtypes and num_experts; rank {self.rank} is in {op})")
         for s, row in enumerate(table):
             for r in range(R):
                 sent, expected = row[1 + r], table[r][1 + R + s]
@@ -381,7 +387,8 @@ class Buffer:
         send = torch.empty(num_send, row_words, dtype=word, device=device)
         pack_rows([r.view(word) for r in rows], offsets, src_idx, send, num_send)
         recv = torch.empty(sum(recv_splits), row_words, dtype=word, device=device)
-        self._all_to_all(recv, send, recv_splits, send_splits, what, poll=poll)
+        self._all_to_all(recv, send, recv_splits, send_splits, what, poll=poll,
+                         agree=tuple(p.dtype for p in payloads))
         return [recv[:, off: off + w // size] for off, w in zip(offsets, widths)], word
 
     @staticmethod
@@ -1072,7 +1079,8 @@ class Buffer:
                              [off * size for off in offsets], round_scale)
             id_off, id_words = offsets[-1], widths[-1] // size
             recv = torch.empty_like(send).reshape(R * M, row_words)
-            self._all_to_all(recv, send.reshape(R * M, row_words), None, None, "low_latency_dispatch", poll=False)
+            self._all_to_all(recv, send.reshape(R * M, row_words), None, None, "low_latency_dispatch", poll=False,
+                             agree=(f"num_experts {num_experts}", f"use_fp8 {use_fp8}") + (() if use_fp8 else (x.dtype,)))
 
             # recv row s * M + t is token t of source s. Each (row, k) entry naming a local expert
             # gets its slot: the row's position within that expert in (source, token) order, so
