@@ -294,8 +294,8 @@ class Buffer:
     def _check_exchange(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str,
                         agree: tuple) -> None:
         """check_exchanges: every rank learns every rank's (op and `agree`, bytes sent to each peer,
-        bytes expected from each peer) through an all_to_all of equal sizes (gloo cannot abort on it), and all of
-        them raise the same error if any pair disagrees."""
+        bytes expected from each peer) through an all_to_all of equal sizes (gloo cannot abort on
+        it), and all of them raise the same error if any pair disagrees."""
         R = self.group_size
 
         def per_peer(t: torch.Tensor, splits) -> list[int]:
@@ -1079,8 +1079,9 @@ class Buffer:
                              [off * size for off in offsets], round_scale)
             id_off, id_words = offsets[-1], widths[-1] // size
             recv = torch.empty_like(send).reshape(R * M, row_words)
+            agree = (f"num_experts {num_experts}", f"use_fp8 {use_fp8}") + (() if use_fp8 else (x.dtype,))
             self._all_to_all(recv, send.reshape(R * M, row_words), None, None, "low_latency_dispatch", poll=False,
-                             agree=(f"num_experts {num_experts}", f"use_fp8 {use_fp8}") + (() if use_fp8 else (x.dtype,)))
+                             agree=agree)
 
             # recv row s * M + t is token t of source s. Each (row, k) entry naming a local expert
             # gets its slot: the row's position within that expert in (source, token) order, so

@@ -30,8 +30,7 @@ def paged_k_cache_cast_to_fp8(k_cache: torch.Tensor) -> torch.Tensor:
     D + 4] in DeepGEMM's paged layout (per page: the e4m3 rows, then one fp32 scale per token);
     python_ref.indexer's torch ops on every device."""
     check_tensor("k_cache", k_cache, ndim=4, dtypes=(torch.bfloat16, torch.float16, torch.float32))
-    # fp8_paged_mqa_logits takes D in multiples of 16 (its scales then stay 4-byte aligned)
-    check_multiple("k_cache", k_cache.shape[-1], 16, "the head dimension D (last dimension)")
+    _check_head_dim("k_cache", k_cache.shape[-1])  # as fp8_paged_mqa_logits (its scales stay 4-byte aligned)
     return ref.paged_k_cache_cast_to_fp8(k_cache)
 
 
@@ -258,14 +257,15 @@ def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, *args, block_kv: i
                                   num_sms: int | None = None, indices=None) -> torch.Tensor:
     """A balanced schedule for `fp8_paged_mqa_logits`, computed on the device without a host sync.
 
-    Called as DeepGEMM's (context_lens, block_kv, num_sms) or its older (context_lens, num_sms) (then
-    block_kv = 64), by position or by keyword (a lone second argument by position is the older
-    form's num_sms, so block_kv by keyword needs num_sms too). The key blocks (block_kv keys) of
-    all sequences, in order, are cut into num_sms shares that differ by at most one block (share s
-    starts at s * q + min(s, r) for total = q * num_sms + r); returns int32 [num_sms + 1, 2]: row s = (sequence, key block within it) where
-    share s starts, row num_sms the end. A [B, next_n] context_lens counts its last column (the row
-    that sees the most). Same shape and idea as DeepGEMM's plan, not its exact split (DeepGEMM's
-    kernel reads its own); dskernels's kernel does not read it (see fp8_paged_mqa_logits).
+    Called as DeepGEMM's (context_lens, block_kv, num_sms) or its older (context_lens, num_sms)
+    (then block_kv = 64), by position or by keyword (a lone second argument by position is the older
+    form's num_sms, so block_kv by keyword needs num_sms too). The key blocks (block_kv keys) of all
+    sequences, in order, are cut into num_sms shares that differ by at most one block (share s
+    starts at s * q + min(s, r) for total = q * num_sms + r); returns int32 [num_sms + 1, 2]: row s
+    = (sequence, key block within it) where share s starts, row num_sms the end. A [B, next_n]
+    context_lens counts its last column (the row that sees the most). Same shape and idea as
+    DeepGEMM's plan, not its exact split (DeepGEMM's kernel reads its own); dskernels's kernel does
+    not read it (see fp8_paged_mqa_logits).
     """
     block_kv, num_sms, indices = _metadata_args(args, block_kv, num_sms, indices)
     _no_indices(indices)
@@ -322,17 +322,17 @@ def _check_weights(weights, rows: int, heads: int, device) -> None:
         raise ValueError(f"weights: expected shape ({rows}, {heads}), got {tuple(weights.shape)}")
 
 
-def _check_head_dim(dim: int) -> None:
-    check_multiple("q", dim, 16, "the head dimension D (last dimension)")
+def _check_head_dim(name: str, dim: int) -> None:
+    check_multiple(name, dim, 16, "the head dimension D (last dimension)")
     if dim == 0:
-        raise ValueError("q: expected a head dimension D (last dimension) of at least 16, got 0")
+        raise ValueError(f"{name}: expected a head dimension D (last dimension) of at least 16, got 0")
 
 
 def _check_mqa_args(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits, max_seqlen_k):
     _check_fp8("q", q, 3)
     m, heads, dim = q.shape
     device = q.device
-    _check_head_dim(dim)
+    _check_head_dim("q", dim)
     _check_fp8("k", k, 2, device)
     if k.shape[1] != dim:
         raise ValueError(f"k: expected shape (N, {dim}) (q's D), got {tuple(k.shape)}")
@@ -351,7 +351,7 @@ def _check_paged_args(q, kv_cache, weights, context_lens, block_table, max_conte
     _check_fp8("q", q, 4)
     b, next_n, heads, dim = q.shape
     device = q.device
-    _check_head_dim(dim)
+    _check_head_dim("q", dim)
     if next_n < 1:
         raise ValueError(f"q: expected next_n (dimension 1) >= 1, got shape {tuple(q.shape)}")
     check_tensor("kv_cache", kv_cache, ndim=4, dtypes=(torch.uint8, FP8), device=device)
