@@ -74,6 +74,13 @@ def none_criterion(out, extra, label):
     return criterion(out, label)
 
 
+class ScalarBlock(Block):
+    """A second output that is 0-d (a per-chunk statistic): passed on, not joinable by return_outputs."""
+
+    def forward(self, x, stat=None):
+        return super().forward(x), x.detach().square().mean()
+
+
 def tuple_criterion(out, pos, label):
     return ((out - label) ** 2).mean() + 0 * pos.sum()
 
@@ -237,12 +244,21 @@ def check_none_messages(rank, P, num_chunks, seed):
         loss.backward()
         losses.append(loss.detach())
     if rank == 0:
-        loss = pipe.step(x, num_chunks=num_chunks, criterion=none_criterion, labels=[labels])[0]
+        loss, out = pipe.step(x, num_chunks=num_chunks, criterion=none_criterion, labels=[labels],
+                              return_outputs=True)
         torch.testing.assert_close(loss, torch.stack(losses), rtol=1e-12, atol=1e-14)
+        assert out[1] is None and out[0].shape == x.shape  # a None output stays None
     else:
         pipe.step(num_chunks=num_chunks)
     assert_grads(pipe.module[0], ref[rank])
     assert_grads(pipe.module[1], ref[2 * P - 1 - rank])
+    # A 0-d output of the last stage cannot be joined along batch_dim: named (torch.cat's error before)
+    pipe = DualPipeV((ScalarBlock(), ScalarBlock()))
+    if rank == 0:
+        with pytest.raises(ValueError, match="^return_outputs: .* output 1 is a 0-d tensor"):
+            pipe.step(x, num_chunks=num_chunks, criterion=none_criterion, labels=[labels], return_outputs=True)
+    else:
+        pipe.step(num_chunks=num_chunks)
 
 
 def check_repeated_steps(rank, P, num_chunks, seed, runtime=DualPipeV, block_cls=Block):

@@ -643,13 +643,24 @@ class _Runtime(nn.Module):
                                     for m in range(self._chunks_per_pipeline(num_chunks))])
             if return_outputs:
                 parts = [self._final_outputs[(stage, m)] for m in range(self._chunks_per_pipeline(num_chunks))]
-                cat = [None if parts[0][i] is None else torch.cat([p[i] for p in parts], dim=self.batch_dim)
-                       for i in range(len(parts[0]))]
+                cat = [self._concat_outputs([p[i] for p in parts], i) for i in range(len(parts[0]))]
                 outputs = cat[0] if len(cat) == 1 else tuple(cat)
         self._inputs = self._outputs = self._losses = self._final_outputs = self._local = {}
         self._loss_values = {}
         self._input_chunks = self._label_chunks = {}
         return loss, outputs
+
+    def _concat_outputs(self, chunks: list, index: int):
+        """return_outputs: output `index` of the last stage, its chunks joined along batch_dim."""
+        if all(c is None for c in chunks):
+            return None
+        for c in chunks:
+            if c is None or c.dim() <= self.batch_dim:
+                got = "None" if c is None else f"a {c.dim()}-d tensor"
+                raise ValueError(f"return_outputs: step() joins each chunk's outputs of the last stage along "
+                                 f"batch_dim={self.batch_dim}, but its output {index} is {got} in some chunk "
+                                 "(a per-chunk scalar such as a loss goes through criterion instead)")
+        return torch.cat(chunks, dim=self.batch_dim)
 
     def _prepare_step(self, inputs, num_chunks, criterion, labels, return_outputs, forward_only):
         """Checks step's arguments and sets up its state: (this rank's program, the schedule's
