@@ -38,6 +38,8 @@ _SCORE_BUDGET = 1 << 26
 def _query_chunks(s: int, per_query: int) -> list[tuple[int, int]]:
     """[lo, hi) ranges covering the S queries, each holding at most _SCORE_BUDGET scores (one query at least)."""
     step = max(1, _SCORE_BUDGET // max(1, per_query))
+    if s <= step:  # the usual case, and under torch.compile(dynamic=True) one guard, not S itself
+        return [(0, s)]
     return [(lo, min(s, lo + step)) for lo in range(0, s, step)]
 
 

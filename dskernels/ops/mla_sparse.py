@@ -107,9 +107,13 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
 def _check_scale(name: str, value, required: bool) -> None:
     if value is None and not required:
         return
+    if isinstance(value, torch.SymFloat):  # a fake kernel's under torch.compile(dynamic=True)
+        return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    if not math.isfinite(value):
+    # Traced with dynamic=True, a float is a symbol math.isfinite cannot read: the op's kernel
+    # checks the value it is called with.
+    if not torch.compiler.is_compiling() and not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite float, got {value}")
 
 
