@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
@@ -47,6 +48,27 @@ def strides_may_overlap(t: torch.Tensor) -> bool:
             return True
         span += stride * (size - 1)
     return False
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if isinstance(value, torch.SymInt):  # a compare would guard (fails on data-dependent sizes)
+        torch._check(value >= minimum, lambda: f"{name}: expected an int >= {minimum}, got {value}")
+        return
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def as_flag(name: str, value) -> bool:
+    """A bool, or numpy's (DeepGEMM's bindings and helpers take both), as the Python bool the op
+    schemas take. Anything else is refused, 0 and 1 too (those bindings would take them: a count
+    passed for a flag is more likely a mistake than a spelling of False or True)."""
+    if isinstance(value, numpy.bool_):
+        return bool(value)
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
 
 
 def check_multiple(name: str, value: int, factor: int, what: str) -> None:

@@ -194,8 +194,11 @@ def test_deepgemm_keywords():
         dskernels.per_token_cast_to_fp8(x, use_packed_ue8m0=True)
     with pytest.raises(ValueError, match="^use_ue8m0: DeepGEMM's name for round_scale; got use_ue8m0=False"):
         dskernels.per_token_cast_to_fp8(x, round_scale=True, use_ue8m0=False)  # (used to round anyway)
-    with pytest.raises(TypeError, match="^round_scale: expected a Python bool, got numpy.bool"):
-        dskernels.per_token_cast_to_fp8(x, round_scale=numpy.bool_(True))
+    for got, want in zip(dskernels.per_token_cast_to_fp8(x, round_scale=numpy.bool_(True)),
+                         dskernels.per_token_cast_to_fp8(x, round_scale=True)):  # numpy's bool, as DeepGEMM takes it
+        assert_same_bits(got, want)
+    with pytest.raises(TypeError, match="^round_scale: expected a bool, got int"):
+        dskernels.per_token_cast_to_fp8(x, round_scale=1)
 
 
 def test_deepgemm_utils_module():

@@ -7,7 +7,7 @@ import torch
 
 import python_ref
 from dskernels._backend import select_backend
-from dskernels._checks import check_multiple, check_tensor
+from dskernels._checks import as_flag, check_multiple, check_tensor
 from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 
@@ -121,7 +121,7 @@ def silu_and_mul_cast_to_fp8(x: torch.Tensor, masked_m: torch.Tensor | None = No
         (the kernel forms gate * sigmoid(gate) * up, torch gate / (1 + exp(-gate)) * up: a scale
         may differ by an ulp, an e4m3 value rarely by one step).
     """
-    _check_flag("round_scale", round_scale)
+    round_scale = as_flag("round_scale", round_scale)
     return torch.ops.dskernels.silu_and_mul_cast_to_fp8(x, masked_m, round_scale)
 
 
@@ -216,23 +216,15 @@ def _check_channel_cast(x, ks, ks_tensor) -> int:
     return sum((k + GROUP_SIZE - 1) // GROUP_SIZE for k in ks)
 
 
-def _check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):  # (numpy's bool is not one: the op schemas take Python bools)
-        kind = type(value)
-        raise TypeError(f"{name}: expected a Python bool, got {kind.__module__}.{kind.__qualname__}"
-                        if kind.__module__ != "builtins" else f"{name}: expected a bool, got {kind.__name__}")
-
-
 def _deepgemm_keywords(round_scale, use_ue8m0, gran_k, use_packed_ue8m0=False) -> bool:
     """round_scale, from it or from DeepGEMM's use_ue8m0 (the same rounding); gran_k must be 128,
     and the scales fp32 (not packed)."""
-    _check_flag("round_scale", round_scale)
-    _check_flag("use_packed_ue8m0", use_packed_ue8m0)
-    if use_packed_ue8m0:
+    round_scale = as_flag("round_scale", round_scale)
+    if as_flag("use_packed_ue8m0", use_packed_ue8m0):
         raise ValueError("use_packed_ue8m0: the scales are fp32 here (1x128 groups); packed UE8M0 exponents "
                          "are Blackwell's layout")
     if use_ue8m0 is not None:
-        _check_flag("use_ue8m0", use_ue8m0)
+        use_ue8m0 = as_flag("use_ue8m0", use_ue8m0)
         if round_scale and not use_ue8m0:
             raise ValueError("use_ue8m0: DeepGEMM's name for round_scale; got use_ue8m0=False with round_scale=True")
         round_scale = use_ue8m0

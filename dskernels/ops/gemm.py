@@ -13,7 +13,7 @@ import operator
 import torch
 
 from dskernels._backend import env_choice, select_backend
-from dskernels._checks import (check_multiple, check_no_overlap, check_reads_apart, check_tensor, may_share_memory,
+from dskernels._checks import (as_flag, check_multiple, check_no_overlap, check_reads_apart, check_tensor, may_share_memory,
                                strides_may_overlap)
 from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
@@ -364,7 +364,8 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout=None, recipe=None, 
     """
     _deepgemm_options(recipe, recipe_a=recipe_a, recipe_b=recipe_b)
     grouped_layout = _layout_argument(grouped_layout, m_indices)
-    expected_m = psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout)
+    use_psum_layout, ensure_zero_padding, expected_m = psum_options(use_psum_layout, ensure_zero_padding,
+                                                                    expected_m_for_psum_layout)
     a, sa = _unpack("a", a)
     b, sb = _unpack("b", b)
     check_layout_by_its_name(grouped_layout, m_indices, a, b, use_psum_layout, expected_m)
@@ -388,13 +389,13 @@ def check_layout_by_its_name(layout, m_indices, a, b, use_psum_layout, expected_
         check_grouped_layout(name, layout, a.device, a.shape[0], b.shape[0], use_psum_layout, expected_m)
 
 
-def psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout) -> int:
-    """Checks DeepGEMM's contiguous-layout options; returns the op's expected_m hint (0: none)."""
-    for name, flag in (("use_psum_layout", use_psum_layout), ("ensure_zero_padding", ensure_zero_padding)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+def psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout) -> tuple[bool, bool, int]:
+    """Checks DeepGEMM's contiguous-layout options; returns them as the op takes them (the flags as
+    Python bools, the expected_m hint an int, 0: none)."""
+    use_psum_layout = as_flag("use_psum_layout", use_psum_layout)
+    ensure_zero_padding = as_flag("ensure_zero_padding", ensure_zero_padding)
     if expected_m_for_psum_layout is None:
-        return 0
+        return use_psum_layout, ensure_zero_padding, 0
     if not use_psum_layout:
         raise ValueError("expected_m_for_psum_layout: only with use_psum_layout=True (DeepGEMM's rule), got "
                          f"{expected_m_for_psum_layout!r} with the per-row layout")
@@ -403,7 +404,7 @@ def psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layou
                         f"{type(expected_m_for_psum_layout).__name__}")
     if expected_m_for_psum_layout < 1:
         raise ValueError(f"expected_m_for_psum_layout: expected a positive row count, got {expected_m_for_psum_layout}")
-    return expected_m_for_psum_layout
+    return use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout
 
 
 def m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m, recipe=None, compiled_dims="nk",

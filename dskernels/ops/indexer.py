@@ -13,14 +13,12 @@ from __future__ import annotations
 import math
 import numbers
 
-import numpy
 import torch
 
 import python_ref.indexer as ref
 from dskernels._backend import current_backend, select_backend
-from dskernels._checks import check_multiple, check_tensor
+from dskernels._checks import as_flag, check_int, check_multiple, check_tensor
 from dskernels._device import on_tensor_device
-from dskernels.ops.mla import check_int
 
 FP8 = torch.float8_e4m3fn
 
@@ -49,8 +47,7 @@ def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims, use_ue8m0: bool = False) 
         raise TypeError(f"dims: expected a tuple of ints (the dimensions that keep one scale per index), got {dims!r}")
     if any(not -x.dim() <= d < x.dim() for d in dims) or len({d % x.dim() for d in dims}) != len(dims):
         raise ValueError(f"dims: expected distinct dimensions of x ({x.dim()} dimensions), got {tuple(dims)}")
-    if not isinstance(use_ue8m0, bool):
-        raise TypeError(f"use_ue8m0: expected a bool, got {type(use_ue8m0).__name__}")
+    use_ue8m0 = as_flag("use_ue8m0", use_ue8m0)
     dims = tuple(d % x.dim() for d in dims)
     kept = x.shape[:len(dims)]
     rows, cols = kept.numel(), math.prod(x.shape[len(dims):])
@@ -128,15 +125,6 @@ def _check_schedule_meta(schedule_meta) -> None:
                          f"shape {tuple(schedule_meta.shape)}")
 
 
-def _flag(name: str, value) -> bool:
-    """A bool, or numpy's (DeepGEMM's bindings take both), as the bool the op schemas take."""
-    if isinstance(value, numpy.bool_):
-        return bool(value)
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-    return value
-
-
 def _no_indices(indices) -> None:
     if indices is not None:
         raise NotImplementedError("indices: newer DeepGEMM's key selection is not implemented here; pass None "
@@ -186,7 +174,7 @@ def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weigh
         raise TypeError(f"kv: expected a tuple (k float8_e4m3fn [N, D], k_scale float32 [N]), got {type(kv).__name__}")
     max_seqlen_k = _integer(max_seqlen_k)
     check_int("max_seqlen_k", max_seqlen_k, 0)  # (a wrong type: TypeError here, not the schema's RuntimeError)
-    clean_logits = _flag("clean_logits", clean_logits)
+    clean_logits = as_flag("clean_logits", clean_logits)
     return torch.ops.dskernels.fp8_mqa_logits(q, kv[0], kv[1], weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits,
                                                max_seqlen_k)
 
@@ -236,7 +224,7 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     _check_schedule_meta(schedule_meta)
     max_context_len = _integer(max_context_len)
     check_int("max_context_len", max_context_len, 0)
-    clean_logits = _flag("clean_logits", clean_logits)
+    clean_logits = as_flag("clean_logits", clean_logits)
     return torch.ops.dskernels.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table,
                                                      max_context_len, clean_logits)
 

@@ -10,7 +10,7 @@ import torch
 
 import python_ref.mla
 from dskernels._backend import cuda_kernels_built, current_backend, is_hopper, select_backend
-from dskernels._checks import check_multiple, check_tensor
+from dskernels._checks import check_int, check_multiple, check_tensor
 from dskernels._device import on_tensor_device
 
 FP8 = torch.float8_e4m3fn
@@ -324,16 +324,6 @@ def split_plan(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
-
-def check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if isinstance(value, torch.SymInt):  # a compare would guard (fails on data-dependent sizes)
-        torch._check(value >= minimum, lambda: f"{name}: expected an int >= {minimum}, got {value}")
-        return
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-
 
 def _check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k) -> None:
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,))

@@ -15,9 +15,9 @@ import torch
 
 import python_ref.mla_sparse as ref
 from dskernels._backend import select_backend
-from dskernels._checks import check_multiple, check_tensor
+from dskernels._checks import as_flag, check_int, check_multiple, check_tensor
 from dskernels._device import on_tensor_device
-from dskernels.ops.mla import check_cache_heads, check_int
+from dskernels.ops.mla import check_cache_heads
 
 FP8 = torch.float8_e4m3fn
 _Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -64,9 +64,10 @@ def flash_mla_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: tor
         sum of exp(scaled scores). A query with no valid index gets out = 0 and lse = +inf; one
         whose scores hold NaN (a NaN in q or in a listed cache row) gets NaN in both.
     """
-    if is_fp8_kvcache is True and isinstance(k_cache, torch.Tensor) and k_cache.dtype == torch.int8:
-        k_cache = k_cache.view(torch.uint8)  # FlashMLA takes the bytes as int8 too
     # The scalars checked here: the op's schema would refuse a wrong type with a RuntimeError
+    is_fp8_kvcache = as_flag("is_fp8_kvcache", is_fp8_kvcache)
+    if is_fp8_kvcache and isinstance(k_cache, torch.Tensor) and k_cache.dtype == torch.int8:
+        k_cache = k_cache.view(torch.uint8)  # FlashMLA takes the bytes as int8 too
     check_int("head_dim_v", head_dim_v, 1)
     _check_scale("softmax_scale", softmax_scale, required=False)
     return torch.ops.dskernels.flash_mla_sparse_decode(q, k_cache, indices, head_dim_v, softmax_scale,
@@ -142,9 +143,7 @@ def _check_decode_args(q, k_cache, indices, head_dim_v, softmax_scale, is_fp8_kv
     device = q.device
     if s_q < 1:
         raise ValueError(f"q: expected s_q (dimension 1) >= 1, got shape {tuple(q.shape)}")
-    if not isinstance(is_fp8_kvcache, bool):
-        raise TypeError(f"is_fp8_kvcache: expected a bool, got {type(is_fp8_kvcache).__name__}")
-    if is_fp8_kvcache:
+    if as_flag("is_fp8_kvcache", is_fp8_kvcache):
         check_tensor("k_cache", k_cache, ndim=4, dtypes=(FP8, torch.uint8), device=device)
         if k_cache.shape[3] != ref.FP8_TOKEN_BYTES or d != ref.FP8_HEAD_DIM:
             raise ValueError(f"k_cache: is_fp8_kvcache reads DeepSeek-V3.2's layout, {ref.FP8_TOKEN_BYTES} bytes "
