@@ -60,14 +60,15 @@ def check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
 
 
-def as_flag(name: str, value) -> bool:
+def as_flag(name: str, value, none_ok: bool = False) -> bool | None:
     """A bool, or numpy's (DeepGEMM's bindings and helpers take both), as the Python bool the op
     schemas take. Anything else is refused, 0 and 1 too (those bindings would take them: a count
     passed for a flag is more likely a mistake than a spelling of False or True)."""
     if isinstance(value, numpy.bool_):
         return bool(value)
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    if not (isinstance(value, bool) or (none_ok and value is None)):
+        expected = "None, True or False" if none_ok else "a bool"
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
     return value
 
 

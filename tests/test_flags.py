@@ -8,6 +8,7 @@ import torch
 
 import dskernels
 from test_gemm import _grouped_args
+from test_mla import make_inputs
 from test_mla_sparse import decode_inputs
 
 
@@ -28,6 +29,20 @@ def _sparse_decode(value):
     return dskernels.flash_mla_sparse_decode(q, k_cache, indices, dv, is_fp8_kvcache=value)
 
 
+def _dense_decode(value):
+    q, k_cache, block_table, cache_seqlens, dv, _ = make_inputs([5, 9], 2, 4, 1, 16, torch.float32, torch.float32)
+    meta, num_splits = dskernels.get_mla_metadata(cache_seqlens, 2 * 4, 1)
+    return dskernels.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, dv, meta, num_splits,
+                                            causal=value)
+
+
+def _sparse_decode_flashmla_order(value):
+    """FlashMLA's positional form: is_fp8_kvcache where dskernels' k_scale is."""
+    q, k_cache, indices, dv, _, _, _ = decode_inputs(1, 1, 16, 1, 64, 2, 40, torch.bfloat16, True, seed=5)
+    return dskernels.flash_mla_with_kvcache(q, k_cache, None, None, dv, dskernels.get_mla_metadata()[0], None,
+                                            None, False, value, indices)
+
+
 def _router(value):
     gen = torch.Generator().manual_seed(0)
     logits, bias = torch.randn(3, 16, generator=gen), torch.randn(16, generator=gen)
@@ -42,9 +57,11 @@ CALLS = {
     "use_psum_layout": _gemm_contiguous("use_psum_layout"),
     "ensure_zero_padding": _gemm_contiguous("ensure_zero_padding"),
     "is_fp8_kvcache": _sparse_decode,
+    "causal": _dense_decode,
+    "is_fp8_kvcache (FlashMLA's positional form)": _sparse_decode_flashmla_order,
     "renormalize": _router,
 }
-ONLY_TRUE = {"use_psum_layout": (True,), "is_fp8_kvcache": (True,)}  # (the inputs are for True)
+ONLY_TRUE = {flag: (True,) for flag in CALLS if flag.startswith(("use_psum_layout", "is_fp8_kvcache"))}  # (inputs for True)
 
 
 def _as_tuple(result):
@@ -62,6 +79,8 @@ def test_numpy_bool_is_a_bool(flag):
 
 @pytest.mark.parametrize("flag", CALLS)
 def test_int_is_not_a_bool(flag):
-    name = flag.split(" ")[0]
-    with dskernels.backend("ref"), pytest.raises(TypeError, match=f"^{name}: expected a bool, got int"):
+    name, expected = flag.split(" ")[0], "expected a bool, got int"
+    if flag.endswith("positional form)"):  # (an int there is read as k_scale, which is then refused)
+        name, expected = "k_scale", "1 more positional arguments follow it"
+    with dskernels.backend("ref"), pytest.raises(TypeError, match=f"^{name}: {expected}"):
         CALLS[flag](1)

@@ -276,8 +276,8 @@ def test_bad_state_dict_leaves_the_layer_untouched(moe_sd, bad, error, match):
 
 
 def test_numpy_scalars_and_good_inputs_still_load(moe_sd):
-    cfg = DeepseekV3Config.tiny(num_attention_heads=np.int64(4))  # e.g. read through numpy
-    assert type(cfg.num_attention_heads) is int
-    layer = DeepseekV3DecoderLayer(CFG, np.int64(1), dtype=torch.float32)
-    layer.load_hf_state_dict(per_expert(moe_sd))
+    cfg = DeepseekV3Config.tiny(num_attention_heads=np.int64(4), norm_topk_prob=np.bool_(False))  # read through numpy
+    assert type(cfg.num_attention_heads) is int and cfg.norm_topk_prob is False
+    layer = DeepseekV3DecoderLayer(CFG, np.int64(1), dtype=torch.float32, index_fp8=np.bool_(False))
+    layer.load_hf_state_dict(per_expert(moe_sd), fp8=np.bool_(False))
     torch.testing.assert_close(layer.mlp.experts.down_proj, moe_sd["mlp.experts.down_proj"], atol=0, rtol=0)

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dskernels._checks import as_flag
+
 
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -134,8 +136,7 @@ class DeepseekV3Config:
         if _number_field(self, "rms_norm_eps") <= 0:
             raise ValueError(f"rms_norm_eps: expected a number > 0, got {self.rms_norm_eps}")
         for name in ("rope_interleave", "attention_bias", "norm_topk_prob"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name}: expected a bool, got {type(getattr(self, name)).__name__}")
+            setattr(self, name, as_flag(name, getattr(self, name)))  # (a numpy bool as Python's, like the ints)
         if self.hidden_act != "silu":  # the experts' SwiGLU and the dense MLP are written with silu
             raise ValueError(f"hidden_act: only 'silu' (DeepSeek-V3's) is supported, got {self.hidden_act!r}")
         self._validate_rope()

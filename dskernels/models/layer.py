@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from dskernels._checks import as_flag
 from dskernels.models.attention import MLAttention
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import LayerNorm
@@ -109,8 +110,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
             raise TypeError(f"dtype: expected a floating-point torch.dtype (torch.bfloat16, torch.float16, "
                             f"torch.float32), got {dtype!r}")
-        if not isinstance(index_fp8, bool):
-            raise TypeError(f"index_fp8: expected a bool, got {type(index_fp8).__name__}")
+        index_fp8 = as_flag("index_fp8", index_fp8)
         if ep_low_latency_tokens is not None and (isinstance(ep_low_latency_tokens, bool) or not isinstance(
                 ep_low_latency_tokens, numbers.Integral) or ep_low_latency_tokens < 1):
             raise ValueError(f"ep_low_latency_tokens: expected None or an int >= 1, got {ep_low_latency_tokens!r}")
@@ -185,8 +185,7 @@ class DeepseekV3DecoderLayer(nn.Module):
             raise ValueError(f"positions: expected shape {list(x.shape[:2])}, got {list(positions.shape)}")
         if positions.device != x.device:
             raise ValueError(f"positions: expected a tensor on {x.device} (x's device), got {positions.device}")
-        if ep_low_latency is not None and not isinstance(ep_low_latency, bool):
-            raise TypeError(f"ep_low_latency: expected None, True or False, got {type(ep_low_latency).__name__}")
+        ep_low_latency = as_flag("ep_low_latency", ep_low_latency, none_ok=True)
         # Each norm casts its output for the FP8 projections that read it (the post-attention one also adds
         # the residual first), in its own kernel where it can
         normed, x_fp8 = norm_and_cast(self.input_layernorm, x, *self.self_attn.input_layers())
@@ -248,8 +247,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         checked before anything is copied, so a call that raises leaves the layer as it was."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
-        if fp8 is not None and not isinstance(fp8, bool):
-            raise TypeError(f"fp8: expected None, True or False, got {type(fp8).__name__}")
+        fp8 = as_flag("fp8", fp8, none_ok=True)
         sd = {}
         for key in state_dict:
             if not isinstance(key, str):

@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 import os
 
+import numpy
 import torch
 
 import python_ref.mla
 from dskernels._backend import cuda_kernels_built, current_backend, is_hopper, select_backend
-from dskernels._checks import check_int, check_multiple, check_tensor
+from dskernels._checks import as_flag, check_int, check_multiple, check_tensor
 from dskernels._device import on_tensor_device
 
 FP8 = torch.float8_e4m3fn
@@ -162,7 +163,9 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
     """
     if isinstance(head_dim_v, bool):  # checked here: the op's schema would pass it on as an int
         raise TypeError("head_dim_v: expected an int, got bool")
-    if isinstance(k_scale, bool) or flashmla_args:  # FlashMLA's positional form (docstring)
+    causal = as_flag("causal", causal)
+    is_fp8_kvcache = as_flag("is_fp8_kvcache", is_fp8_kvcache)
+    if isinstance(k_scale, (bool, numpy.bool_)) or flashmla_args:  # FlashMLA's positional form (docstring)
         given = dict(indices=indices, attn_sink=attn_sink, extra_k_cache=extra_k_cache,
                      extra_indices_in_kvcache=extra_indices_in_kvcache, topk_length=topk_length,
                      extra_topk_length=extra_topk_length)
@@ -211,7 +214,7 @@ def _flashmla_positional(is_fp8, rest: tuple, is_fp8_keyword: bool, given: dict)
     """FlashMLA's positional arguments after causal: is_fp8_kvcache (a bool, where k_scale sits
     in dskernels' order), then the sparse ones in `given`'s order. Returns (k_scale None, the bool,
     given with the positional values in)."""
-    if not isinstance(is_fp8, bool):
+    if not isinstance(is_fp8, (bool, numpy.bool_)):
         raise TypeError(f"k_scale: {len(rest)} more positional arguments follow it, FlashMLA's order, whose "
                         f"is_fp8_kvcache (a bool) sits here; got {type(is_fp8).__name__}")
     if is_fp8_keyword:
@@ -223,7 +226,7 @@ def _flashmla_positional(is_fp8, rest: tuple, is_fp8_keyword: bool, given: dict)
         if given[name] is not None:
             raise TypeError(f"{name}: given twice, by position and by keyword")
         given[name] = value
-    return None, is_fp8, given
+    return None, bool(is_fp8), given
 
 
 def _lazy_plan(meta: MLASchedulerMetadata, q, k_cache, cache_seqlens, head_dim_v):
