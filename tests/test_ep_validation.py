@@ -6,6 +6,7 @@ return garbage), and the group must stay usable after a cross-rank error."""
 import math
 import os
 
+import numpy
 import torch
 import torch.distributed as dist
 
@@ -163,7 +164,8 @@ def test_layout_arguments_must_match_topk_idx():
 def _local_body(rank, world):
     for bad, error, words in [("2", TypeError, ["timeout_s:", "str"]), (True, TypeError, ["timeout_s:", "bool"]),
                               (0, ValueError, ["timeout_s:", "positive", "0"]),
-                              (-1.5, ValueError, ["timeout_s:", "-1.5"]), (math.nan, ValueError, ["timeout_s:", "nan"])]:
+                              (-1.5, ValueError, ["timeout_s:", "-1.5"]),
+                              (math.nan, ValueError, ["timeout_s:", "nan"])]:
         _raises(error, words, lambda: Buffer(dist.group.WORLD, timeout_s=bad))
     buf = Buffer(dist.group.WORLD, timeout_s=2)  # an int is a number of seconds
     args = _args(rank)
@@ -180,6 +182,19 @@ def _local_body(rank, world):
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(args["topk_idx"], E)
     _raises(ValueError, ["is_token_in_rank:", "cpu", "meta"],
             lambda: buf.dispatch(**args, is_token_in_rank=in_rank.to(meta)))
+    # Flags: a numpy bool is a bool (as DeepEP's bindings take it), anything else is refused by name
+    # before any exchange ("no" was True to the old truthiness test).
+    _raises(TypeError, ["async_finish: expected a bool, got str"], lambda: buf.dispatch(**args, async_finish="no"))
+    _raises(TypeError, ["allocate_on_comm_stream: expected a bool, got int"],
+            lambda: buf.get_dispatch_layout(args["topk_idx"], E, allocate_on_comm_stream=1))
+    _raises(TypeError, ["use_fp8: expected a bool, got str"],
+            lambda: buf.low_latency_dispatch(args["x"], args["topk_idx"], 8, E, use_fp8="no"))
+    recv, _, handle, _, _ = buf.low_latency_dispatch(args["x"], args["topk_idx"], 8, E, use_fp8=numpy.bool_(False),
+                                                     async_finish=numpy.bool_(False))
+    assert recv.dtype == args["x"].dtype  # (not the FP8 pair)
+    _raises(TypeError, ["use_logfmt: expected a bool, got int"],
+            lambda: buf.low_latency_combine(recv, args["topk_idx"], args["topk_weights"], handle, use_logfmt=0))
+    buf.low_latency_combine(recv, args["topk_idx"], args["topk_weights"], handle, use_logfmt=numpy.bool_(True))
     _still_usable(buf, rank, world)
 
 
@@ -338,7 +353,7 @@ def _check_exchanges_body(rank, world):
     call = (lambda: buf.combine(recv_x, handle)) if rank == 0 else (lambda: buf.dispatch(**args))
     _raises(ValueError, ["the ranks disagree", "rank 1 runs another exchange than rank 0"], call)
     _still_usable(buf, rank, world)
-    _raises(TypeError, ["check_exchanges: expected None or a bool"],
+    _raises(TypeError, ["check_exchanges: expected None, True or False"],
             lambda: Buffer(dist.group.WORLD, check_exchanges="yes"))
 
 

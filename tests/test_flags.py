@@ -61,7 +61,8 @@ CALLS = {
     "is_fp8_kvcache (FlashMLA's positional form)": _sparse_decode_flashmla_order,
     "renormalize": _router,
 }
-ONLY_TRUE = {flag: (True,) for flag in CALLS if flag.startswith(("use_psum_layout", "is_fp8_kvcache"))}  # (inputs for True)
+# the inputs of these are for True only
+ONLY_TRUE = {flag: (True,) for flag in CALLS if flag.startswith(("use_psum_layout", "is_fp8_kvcache"))}
 
 
 def _as_tuple(result):

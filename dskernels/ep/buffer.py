@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dskernels._checks import check_no_overlap, check_tensor
+from dskernels._checks import as_flag, check_no_overlap, check_tensor
 from dskernels._collectives import use_counts, wait_released
 from dskernels.ep.events import EventOverlap, StreamScope, capture
 from dskernels.ops.ep import (copy_rows, ep_get_dispatch_layout, gather_reduce, low_latency_send, low_latency_slots,
@@ -212,10 +212,9 @@ class Buffer:
             if not timeout_s > 0:  # NaN too
                 raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s}")
             timeout_s = float(timeout_s)
+        check_exchanges = as_flag("check_exchanges", check_exchanges, none_ok=True)
         if check_exchanges is None:
             check_exchanges = os.environ.get("DSKERNELS_EP_CHECK", "0").strip().lower() in ("1", "true", "yes")
-        if not isinstance(check_exchanges, bool):
-            raise TypeError(f"check_exchanges: expected None or a bool, got {type(check_exchanges).__name__}")
         self.check_exchanges = check_exchanges
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
@@ -1040,6 +1039,9 @@ class Buffer:
             recv_count: int32 [L] on the device; handle; event; hook (a no-op callable: data is
                 ready on return).
         """
+        use_fp8, round_scale, use_ue8m0, return_recv_hook = (
+            as_flag(name, value) for name, value in (("use_fp8", use_fp8), ("round_scale", round_scale),
+                                                     ("use_ue8m0", use_ue8m0), ("return_recv_hook", return_recv_hook)))
         if use_ue8m0 and not round_scale:
             raise ValueError("use_ue8m0: packs each scale's exponent, so the scales must be powers of two: "
                              "needs round_scale=True")
@@ -1148,6 +1150,9 @@ class Buffer:
         """
         if not isinstance(handle, LowLatencyHandle):
             raise TypeError(f"handle: expected the handle returned by low_latency_dispatch, got {type(handle).__name__}")
+        for name, value in (("use_logfmt", use_logfmt), ("zero_copy", zero_copy),
+                            ("return_recv_hook", return_recv_hook)):
+            as_flag(name, value)  # (none of them changes what this combine does: docs/ep.md)
         R, M, K = self.group_size, handle.num_max_dispatch_tokens_per_rank, handle.num_topk
         num_tokens = handle.num_tokens
         self._check_topk(topk_idx, num_tokens, None, "low_latency_combine")

@@ -15,6 +15,8 @@ import dataclasses
 
 import torch
 
+from dskernels._checks import as_flag
+
 
 class EventOverlap:
     """A CUDA event (or nothing) plus tensors to keep alive until it has been waited on.
@@ -58,6 +60,8 @@ class StreamScope:
         """inputs: the op's arguments (tensors, tuples of them, handles): with async_finish the
         comm stream may still read them after the op returns, so the caching allocator is told
         (record_stream) not to hand their memory to the caller's stream before that."""
+        async_finish = as_flag("async_finish", async_finish)
+        allocate_on_comm_stream = as_flag("allocate_on_comm_stream", allocate_on_comm_stream)
         self.use_stream = device.type == "cuda" and (async_finish or previous_event is not None
                                                      or allocate_on_comm_stream)
         self.device = device
