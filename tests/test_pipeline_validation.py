@@ -144,6 +144,8 @@ def check_argument_errors(rank):
                                 labels=[labels]))
     with pytest.raises(TypeError, match="^num_chunks: expected an int, got float"):  # on both ranks
         v_step(pipe, rank, x, labels, 4.0)
+    with pytest.raises(TypeError, match="^return_outputs: expected a bool, got str"):  # ("no" was True)
+        v_step(pipe, rank, x, labels, 4, return_outputs="no")
     with pytest.raises(ValueError, match=r"^num_chunks: dualpipev: N \(chunks\) must be >= 2\*P = 4"):
         v_step(pipe, rank, x, labels, 3)
     dual = DualPipe((Block(), Block()))

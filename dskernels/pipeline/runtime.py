@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dskernels._checks import as_flag
 from dskernels._collectives import use_counts, wait_released
 from dskernels.pipeline import schedule as _schedule
 from dskernels.pipeline.weight_grad import WeightGradStore
@@ -681,7 +682,7 @@ class _Runtime(nn.Module):
             raise ValueError("criterion: required on a rank holding a last stage in a training step "
                              "(grad mode on); run under torch.no_grad() for forward only")
         self.criterion = criterion
-        self.return_outputs = return_outputs
+        self.return_outputs = as_flag("return_outputs", return_outputs)
         self._input_chunks, self._label_chunks = self._split_inputs(inputs, labels, num_chunks)
         # (rows of this rank's inputs, of its labels): compared across ranks in _agree.
         self._rows_here = (_batch_rows(inputs, self.batch_dim, "inputs", same=False) if self._input_chunks else -1,
