@@ -273,6 +273,8 @@ def test_bad_state_dict_leaves_the_layer_untouched(moe_sd, bad, error, match):
     assert_untouched(layer, before)
     with pytest.raises(TypeError, match="^fp8: expected None, True or False, got str"):
         layer.load_hf_state_dict(moe_sd, fp8="yes")
+    with pytest.raises(TypeError, match="^strict: expected a bool, got str"):  # ("no" was True)
+        layer.load_hf_state_dict(moe_sd, strict="no")
 
 
 def test_numpy_scalars_and_good_inputs_still_load(moe_sd):

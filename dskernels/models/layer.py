@@ -248,6 +248,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
         fp8 = as_flag("fp8", fp8, none_ok=True)
+        strict = as_flag("strict", strict)
         sd = {}
         for key in state_dict:
             if not isinstance(key, str):
