@@ -61,9 +61,10 @@ def check_int(name: str, value, minimum: int) -> None:
 
 
 def as_flag(name: str, value, none_ok: bool = False) -> bool | None:
-    """A bool, or numpy's (DeepGEMM's bindings and helpers take both), as the Python bool the op
-    schemas take. Anything else is refused, 0 and 1 too (those bindings would take them: a count
-    passed for a flag is more likely a mistake than a spelling of False or True)."""
+    """A bool, or numpy's (DeepGEMM's, FlashMLA's and DeepEP's bindings take both), as the Python
+    bool the op schemas take; with none_ok, None too. Anything else is refused, 0 and 1 included
+    (those bindings would take them: a count passed for a flag is more likely a mistake than a
+    spelling of False or True)."""
     if isinstance(value, numpy.bool_):
         return bool(value)
     if not (isinstance(value, bool) or (none_ok and value is None)):
