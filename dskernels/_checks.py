@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 
 import numpy
@@ -50,14 +51,18 @@ def strides_may_overlap(t: torch.Tensor) -> bool:
     return False
 
 
-def check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+def check_int(name: str, value, minimum: int):
+    """value as the int the op schemas take: a Python int, numpy's (the DeepSeek libraries' bindings
+    take them), or a symbolic int under torch.compile (kept symbolic); never a bool."""
     if isinstance(value, torch.SymInt):  # a compare would guard (fails on data-dependent sizes)
         torch._check(value >= minimum, lambda: f"{name}: expected an int >= {minimum}, got {value}")
-        return
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
 
 
 def as_flag(name: str, value, none_ok: bool = False) -> bool | None:

@@ -7,6 +7,7 @@ entries past topk_length point at poisoned slots. A kernel that reads any of the
 
 import math
 
+import numpy
 import pytest
 import torch
 
@@ -410,6 +411,23 @@ def test_fp16_queries_with_the_fp8_cache_are_refused():
     with pytest.raises(TypeError, match="q: .*float16"):
         dskernels.flash_mla_sparse_decode(q, torch.zeros(2, 4, 1, 656, dtype=FP8),
                                           torch.zeros(1, 1, 4, dtype=torch.int32), 512, is_fp8_kvcache=True)
+
+
+def test_numpy_ints_are_ints():
+    """head_dim_v and d_v take numpy's ints as FlashMLA's bindings do (TypeError before)."""
+    q, k_cache, indices, dv, _, _, _ = decode_inputs(1, 1, 16, 1, 64, 2, 40, torch.bfloat16, True, seed=5)
+    with dskernels.backend("ref"):
+        decode = dskernels.flash_mla_sparse_decode
+        for got, want in zip(decode(q, k_cache, indices, numpy.int64(dv), is_fp8_kvcache=True),
+                             decode(q, k_cache, indices, dv, is_fp8_kvcache=True)):
+            assert torch.equal(got, want)
+        q, kv = torch.randn(2, 4, 64).bfloat16(), torch.randn(30, 1, 64).bfloat16()
+        lists = torch.arange(20, dtype=torch.int32).view(1, 1, 20).expand(2, 1, 20)
+        for got, want in zip(dskernels.flash_mla_sparse_fwd(q, kv, lists, 0.1, numpy.int32(48)),
+                             dskernels.flash_mla_sparse_fwd(q, kv, lists, 0.1, 48)):
+            assert torch.equal(got, want)
+        with pytest.raises(TypeError, match="^d_v: expected an int, got float"):
+            dskernels.flash_mla_sparse_fwd(q, kv, lists, 0.1, 48.0)
 
 
 def test_fp8_padded_pages(backend):

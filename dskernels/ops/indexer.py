@@ -11,7 +11,6 @@ Their top-k (`torch.topk(logits, 2048)`) is the `indices` of the sparse MLA deco
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
@@ -97,14 +96,6 @@ def _one_of(name: str, value, alias: str, alias_value, rows: int, device: torch.
     return t
 
 
-def _integer(value):
-    """A numpy integer (or any other Integral but bool) as the int the op schemas take; DeepGEMM's
-    bindings accept them. Anything else is left for check_int to name."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
-        return int(value)
-    return value
-
-
 def _logits_dtype(logits_dtype) -> torch.dtype:
     """DeepGEMM's logits_dtype (its fp8_fp4_* entries): float32 (computed as such) or bfloat16 (the
     float32 logits rounded once)."""
@@ -172,8 +163,8 @@ def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weigh
     cu_seqlen_ke = _one_of("cu_seq_len_k_end", cu_seq_len_k_end, "cu_seqlen_ke", cu_seqlen_ke, q.shape[0], q.device)
     if not isinstance(kv, (tuple, list)) or len(kv) != 2:
         raise TypeError(f"kv: expected a tuple (k float8_e4m3fn [N, D], k_scale float32 [N]), got {type(kv).__name__}")
-    max_seqlen_k = _integer(max_seqlen_k)
-    check_int("max_seqlen_k", max_seqlen_k, 0)  # (a wrong type: TypeError here, not the schema's RuntimeError)
+    # (a wrong type: TypeError here, not the schema's RuntimeError)
+    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, 0)
     clean_logits = as_flag("clean_logits", clean_logits)
     return torch.ops.dskernels.fp8_mqa_logits(q, kv[0], kv[1], weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits,
                                                max_seqlen_k)
@@ -222,8 +213,7 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     _no_indices(indices)
     q = _plain_q(q)
     _check_schedule_meta(schedule_meta)
-    max_context_len = _integer(max_context_len)
-    check_int("max_context_len", max_context_len, 0)
+    max_context_len = check_int("max_context_len", max_context_len, 0)
     clean_logits = as_flag("clean_logits", clean_logits)
     return torch.ops.dskernels.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table,
                                                      max_context_len, clean_logits)
@@ -257,12 +247,10 @@ def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, *args, block_kv: i
     """
     block_kv, num_sms, indices = _metadata_args(args, block_kv, num_sms, indices)
     _no_indices(indices)
-    block_kv, num_sms = _integer(block_kv), _integer(num_sms)
     check_tensor("context_lens", context_lens, dtypes=(torch.int32,))
     if context_lens.dim() not in (1, 2) or (context_lens.dim() == 2 and context_lens.shape[1] < 1):
         raise ValueError(f"context_lens: expected [B] or [B, next_n >= 1], got shape {tuple(context_lens.shape)}")
-    check_int("block_kv", block_kv, 1)
-    check_int("num_sms", num_sms, 1)
+    block_kv, num_sms = check_int("block_kv", block_kv, 1), check_int("num_sms", num_sms, 1)
     lens = context_lens if context_lens.dim() == 1 else context_lens[:, -1]
     blocks = (lens.long().clamp(min=0) + block_kv - 1) // block_kv
     ends = torch.cumsum(blocks, 0)

@@ -68,7 +68,7 @@ def flash_mla_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: tor
     is_fp8_kvcache = as_flag("is_fp8_kvcache", is_fp8_kvcache)
     if is_fp8_kvcache and isinstance(k_cache, torch.Tensor) and k_cache.dtype == torch.int8:
         k_cache = k_cache.view(torch.uint8)  # FlashMLA takes the bytes as int8 too
-    check_int("head_dim_v", head_dim_v, 1)
+    head_dim_v = check_int("head_dim_v", head_dim_v, 1)
     _check_scale("softmax_scale", softmax_scale, required=False)
     return torch.ops.dskernels.flash_mla_sparse_decode(q, k_cache, indices, head_dim_v, softmax_scale,
                                                        is_fp8_kvcache, topk_length, attn_sink)
@@ -96,7 +96,7 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
         score (-inf with no valid index); lse: [s_q, h_q] float32, natural log (+inf with no
         valid index, where out = 0).
     """
-    check_int("d_v", d_v, 1)
+    d_v = check_int("d_v", d_v, 1)
     _check_scale("sm_scale", sm_scale, required=True)  # before the schema's own, unnamed complaint
     return torch.ops.dskernels.flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
 
