@@ -51,16 +51,18 @@ def strides_may_overlap(t: torch.Tensor) -> bool:
     return False
 
 
-def check_int(name: str, value, minimum: int):
+def check_int(name: str, value, minimum: int | None = None):
     """value as the int the op schemas take: a Python int, numpy's (the DeepSeek libraries' bindings
-    take them), or a symbolic int under torch.compile (kept symbolic); never a bool."""
+    take them), or a symbolic int under torch.compile (kept symbolic); never a bool. minimum: the
+    least value allowed (None: no bound, the caller checks the range)."""
     if isinstance(value, torch.SymInt):  # a compare would guard (fails on data-dependent sizes)
-        torch._check(value >= minimum, lambda: f"{name}: expected an int >= {minimum}, got {value}")
+        if minimum is not None:
+            torch._check(value >= minimum, lambda: f"{name}: expected an int >= {minimum}, got {value}")
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     value = int(value)
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     return value
 

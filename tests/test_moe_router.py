@@ -1,6 +1,7 @@
 """dskernels.grouped_topk (DeepSeek-V3's router after the gate GEMM) on every backend against
 python_ref.moe.grouped_topk, which the model's layer tests hold to transformers' router."""
 
+import numpy
 import pytest
 import torch
 
@@ -199,6 +200,17 @@ def test_no_tokens(backend):
 def test_bad_arguments_are_named(args, error, match):
     with pytest.raises(error, match=match):
         dskernels.grouped_topk(*args)
+
+
+def test_numpy_scalars(backend):
+    """num_groups, topk_groups, topk and renormalize from numpy (a config read through it), as the
+    DeepSeek bindings take them (a TypeError before)."""
+    _, device = backend
+    gen = torch.Generator().manual_seed(3)
+    logits, bias = torch.randn(5, 16, generator=gen).to(device), torch.randn(16, generator=gen).to(device)
+    got = dskernels.grouped_topk(logits, bias, numpy.int64(4), numpy.int32(2), numpy.int64(4), numpy.bool_(True))
+    want = dskernels.grouped_topk(logits, bias, 4, 2, 4, True)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_opcheck_and_compile(backend):

@@ -9,7 +9,7 @@ import torch
 
 import python_ref
 from dskernels._backend import select_backend
-from dskernels._checks import as_flag, check_tensor
+from dskernels._checks import as_flag, check_int, check_tensor
 from dskernels._device import on_tensor_device
 
 _MAX_SELECTED = 16  # topk and topk_groups: the kernel selects by repeated arg-max, unrolled
@@ -41,19 +41,18 @@ def grouped_topk(logits: torch.Tensor, bias: torch.Tensor, num_groups: int, topk
     torch.topk, the kernel takes the lower index); NaN ranks above everything, as in torch.topk.
     Raises TypeError / ValueError naming the argument.
     """
-    renormalize = as_flag("renormalize", renormalize)
-    _check_types(num_groups, topk_groups, topk, renormalize)  # before the schema's own, vaguer refusal
+    # before the schema's own, vaguer refusal
+    num_groups, topk_groups, topk, renormalize = _check_types(num_groups, topk_groups, topk, renormalize)
     if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, numbers.Real):
         raise TypeError(f"scaling_factor: expected a number, got {type(scaling_factor).__name__}")
     return torch.ops.dskernels.grouped_topk(logits, bias, num_groups, topk_groups, topk, renormalize,
                                             float(scaling_factor))
 
 
-def _check_types(num_groups, topk_groups, topk, renormalize) -> None:
-    for name, value in (("num_groups", num_groups), ("topk_groups", topk_groups), ("topk", topk)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    as_flag("renormalize", renormalize)
+def _check_types(num_groups, topk_groups, topk, renormalize) -> tuple[int, int, int, bool]:
+    """The arguments as the op takes them (numpy's ints and bools too); TypeError naming one that is not."""
+    return (check_int("num_groups", num_groups), check_int("topk_groups", topk_groups), check_int("topk", topk),
+            as_flag("renormalize", renormalize))
 
 
 def _check(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor) -> None:

@@ -43,6 +43,8 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
+from dskernels._checks import check_int
+
 __all__ = [
     "dualpipe", "dualpipev", "one_f_one_b", "zb1p", "generate", "parse_action", "validate",
     "simulate", "SimResult", "render", "KINDS",
@@ -63,13 +65,6 @@ class Schedule(list):
     def __init__(self, ranks, chains):
         super().__init__(ranks)
         self.chains = [list(c) for c in chains]
-
-
-def _check_int(name, value, minimum):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected at least {minimum}, got {value}")
 
 
 # A schedule holds a few actions per (rank, chunk): P * N past this would build hundreds of
@@ -171,8 +166,8 @@ def dualpipev(P: int, N: int) -> Schedule:
 
     Requires P >= 1 and N >= 2P (the steady state needs every stage busy), as DualPipe's
     dualpipev.py and torch's ScheduleDualPipeV do."""
-    _check_int("P", P, 1)
-    _check_int("N", N, 1)
+    P = check_int("P", P, 1)
+    N = check_int("N", N, 1)
     _check_size(P, N)
     if N < 2 * P:
         raise ValueError(f"dualpipev: N (chunks) must be >= 2*P = {2 * P} (number of stages), got N={N}")
@@ -186,8 +181,8 @@ def dualpipe(P: int, N: int) -> Schedule:
     all (N/2 per direction).
 
     Requires P even and >= 2, N even and N >= 2P (DualPipe's dualpipe.py asserts the same)."""
-    _check_int("P", P, 2)
-    _check_int("N", N, 1)
+    P = check_int("P", P, 2)
+    N = check_int("N", N, 1)
     _check_size(P, N)
     if P % 2:
         raise ValueError(f"dualpipe: P (ranks) must be even, got P={P}")
@@ -209,8 +204,8 @@ def dualpipe(P: int, N: int) -> Schedule:
 def one_f_one_b(P: int, N: int) -> Schedule:
     """1F1B (PipeDream-flush): P - r - 1 warm-up forwards on rank r, then F/B pairs, then the
     remaining backwards. Requires P >= 1, N >= 1."""
-    _check_int("P", P, 1)
-    _check_int("N", N, 1)
+    P = check_int("P", P, 1)
+    N = check_int("N", N, 1)
     _check_size(P, N)
     ranks = []
     for r in range(P):
@@ -239,8 +234,8 @@ def zb1p(P: int, N: int) -> Schedule:
     most P deferred W's per rank (their GEMM inputs stay alive until then: P, not P - 1, as an I
     that can run goes before the W that P - 1 held ones call for).
     Requires P >= 1, N >= 1."""
-    _check_int("P", P, 1)
-    _check_int("N", N, 1)
+    P = check_int("P", P, 1)
+    N = check_int("N", N, 1)
     _check_size(P, N)
     ranks = [[] for _ in range(P)]
     f_done = [0] * P   # chunks each rank has run F for (in chunk order)
