@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dskernels._checks import as_flag
+from dskernels._checks import as_flag, check_int
 
 
 def _is_number(value) -> bool:
@@ -25,12 +25,7 @@ def _is_number(value) -> bool:
 
 def _int_field(cfg, name: str, minimum: int | None) -> int:
     """cfg.<name> as a Python int (numpy ints too), else TypeError / ValueError naming it."""
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # bool is an int to Python
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    value = check_int(name, getattr(cfg, name), minimum)
     setattr(cfg, name, value)
     return value
 

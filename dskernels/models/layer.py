@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from dskernels._checks import as_flag
+from dskernels._checks import as_flag, check_int
 from dskernels.models.attention import MLAttention
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import LayerNorm
@@ -101,11 +101,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         if not isinstance(cfg, DeepseekV3Config):  # (a dict or transformers' config has other attribute names)
             raise TypeError(f"cfg: expected a DeepseekV3Config (DeepseekV3Config.from_hf converts a transformers "
                             f"config, a dict or a config.json path), got {type(cfg).__name__}")
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, numbers.Integral):
-            raise TypeError(f"layer_idx: expected an int, got {type(layer_idx).__name__}")
-        layer_idx = int(layer_idx)
-        if layer_idx < 0:
-            raise ValueError(f"layer_idx: expected an int >= 0, got {layer_idx}")
+        layer_idx = check_int("layer_idx", layer_idx, 0)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
             raise TypeError(f"dtype: expected a floating-point torch.dtype (torch.bfloat16, torch.float16, "
