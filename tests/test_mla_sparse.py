@@ -414,17 +414,18 @@ def test_fp16_queries_with_the_fp8_cache_are_refused():
 
 
 def test_numpy_ints_are_ints():
-    """head_dim_v and d_v take numpy's ints as FlashMLA's bindings do (TypeError before)."""
+    """head_dim_v and d_v take numpy's ints, the scales numpy's float32, as FlashMLA's bindings do
+    (TypeError before)."""
     q, k_cache, indices, dv, _, _, _ = decode_inputs(1, 1, 16, 1, 64, 2, 40, torch.bfloat16, True, seed=5)
     with dskernels.backend("ref"):
         decode = dskernels.flash_mla_sparse_decode
-        for got, want in zip(decode(q, k_cache, indices, numpy.int64(dv), is_fp8_kvcache=True),
-                             decode(q, k_cache, indices, dv, is_fp8_kvcache=True)):
+        for got, want in zip(decode(q, k_cache, indices, numpy.int64(dv), numpy.float32(0.125), is_fp8_kvcache=True),
+                             decode(q, k_cache, indices, dv, 0.125, is_fp8_kvcache=True)):
             assert torch.equal(got, want)
         q, kv = torch.randn(2, 4, 64).bfloat16(), torch.randn(30, 1, 64).bfloat16()
         lists = torch.arange(20, dtype=torch.int32).view(1, 1, 20).expand(2, 1, 20)
-        for got, want in zip(dskernels.flash_mla_sparse_fwd(q, kv, lists, 0.1, numpy.int32(48)),
-                             dskernels.flash_mla_sparse_fwd(q, kv, lists, 0.1, 48)):
+        for got, want in zip(dskernels.flash_mla_sparse_fwd(q, kv, lists, numpy.float32(0.125), numpy.int32(48)),
+                             dskernels.flash_mla_sparse_fwd(q, kv, lists, 0.125, 48)):
             assert torch.equal(got, want)
         with pytest.raises(TypeError, match="^d_v: expected an int, got float"):
             dskernels.flash_mla_sparse_fwd(q, kv, lists, 0.1, 48.0)

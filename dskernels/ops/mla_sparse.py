@@ -10,6 +10,7 @@ FlashMLA's does; both ops are public under their own names as well.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -69,7 +70,7 @@ def flash_mla_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, indices: tor
     if is_fp8_kvcache and isinstance(k_cache, torch.Tensor) and k_cache.dtype == torch.int8:
         k_cache = k_cache.view(torch.uint8)  # FlashMLA takes the bytes as int8 too
     head_dim_v = check_int("head_dim_v", head_dim_v, 1)
-    _check_scale("softmax_scale", softmax_scale, required=False)
+    softmax_scale = _check_scale("softmax_scale", softmax_scale, required=False)
     return torch.ops.dskernels.flash_mla_sparse_decode(q, k_cache, indices, head_dim_v, softmax_scale,
                                                        is_fp8_kvcache, topk_length, attn_sink)
 
@@ -97,7 +98,7 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
         valid index, where out = 0).
     """
     d_v = check_int("d_v", d_v, 1)
-    _check_scale("sm_scale", sm_scale, required=True)  # before the schema's own, unnamed complaint
+    sm_scale = _check_scale("sm_scale", sm_scale, required=True)  # before the schema's own, unnamed complaint
     return torch.ops.dskernels.flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
 
 
@@ -105,17 +106,20 @@ def flash_mla_sparse_fwd(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
 # Validation
 # ---------------------------------------------------------------------------------------------
 
-def _check_scale(name: str, value, required: bool) -> None:
+def _check_scale(name: str, value, required: bool):
+    """value as the float the op schemas take (any real number but a bool: numpy's too, as
+    FlashMLA's bindings take them), None where not required, a traced float as it is."""
     if value is None and not required:
-        return
+        return None
     if isinstance(value, torch.SymFloat):  # a fake kernel's under torch.compile(dynamic=True)
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     # Traced with dynamic=True, a float is a symbol math.isfinite cannot read: the op's kernel
     # checks the value it is called with.
     if not torch.compiler.is_compiling() and not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite float, got {value}")
+    return value if isinstance(value, float) else float(value)
 
 
 def _check_extras(topk_length, attn_sink, rows: int, rows_name: str, h_q: int, device) -> None:
