@@ -70,7 +70,7 @@ def quantize_sparse_kv_cache(kv: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_sparse_kv_cache(cache: torch.Tensor) -> torch.Tensor:
-    """[..., 656] bytes of V3.2's layout (float8_e4m3fn or uint8) -> float32 [..., 576], exactly."""
+    """[..., 656] bytes of V3.2's layout (float8_e4m3fn, uint8 or int8) -> float32 [..., 576], exactly."""
     if cache.dim() == 0 or cache.shape[-1] != FP8_TOKEN_BYTES:
         raise ValueError(f"cache: expected last dimension {FP8_TOKEN_BYTES} (V3.2's FP8 layout), "
                          f"got {tuple(cache.shape)}")

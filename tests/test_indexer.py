@@ -293,7 +293,7 @@ def test_per_custom_dims_cast_to_fp8():
         dskernels.paged_k_cache_cast_to_fp8(torch.randn(2, 4, 32))
     with pytest.raises(TypeError, match="^k_cache: expected dtype"):
         dskernels.paged_k_cache_cast_to_fp8(torch.ones(2, 4, 1, 32, dtype=torch.int32))
-    with pytest.raises(TypeError, match="^cache: expected dtype uint8 or float8_e4m3fn"):
+    with pytest.raises(TypeError, match="^cache: expected dtype uint8 or int8 or float8_e4m3fn"):
         dskernels.dequantize_sparse_kv_cache(torch.zeros(2, 656))
 
 

@@ -26,9 +26,9 @@ quantize_sparse_kv_cache = ref.quantize_sparse_kv_cache
 
 
 def dequantize_sparse_kv_cache(cache: torch.Tensor) -> torch.Tensor:
-    """[..., 656] bytes of V3.2's FP8 layout (uint8 or float8_e4m3fn) -> float32 [..., 576], exactly
-    (python_ref.mla_sparse's torch ops on every device)."""
-    check_tensor("cache", cache, dtypes=(torch.uint8, torch.float8_e4m3fn))
+    """[..., 656] bytes of V3.2's FP8 layout (uint8, int8 as FlashMLA's tests hold them, or
+    float8_e4m3fn) -> float32 [..., 576], exactly (python_ref.mla_sparse's torch ops on every device)."""
+    check_tensor("cache", cache, dtypes=(torch.uint8, torch.int8, torch.float8_e4m3fn))
     return ref.dequantize_sparse_kv_cache(cache)
 
 
