@@ -2,6 +2,7 @@
 gradient against the same model run unpipelined, chunk by chunk."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -378,6 +379,16 @@ def check_dualpipe_routed(rank, P):
     pipe.sync_mirrored_grads()
     assert_grads(pipe.module[0], ref[rank])
     assert_grads(pipe.module[1], ref[P - 1 - rank])
+
+
+def test_constructor_signatures():
+    """API.md: DualPipe(modules=(m0, m1), batch_dim=0, process_group=None, rank_mapping=None), and
+    DualPipeV(...) the same (DualPipe's showed (*args, **kwargs) before)."""
+    expected = ["modules", "batch_dim", "process_group", "rank_mapping", "timeout_s"]
+    for cls in (DualPipe, DualPipeV):
+        parameters = inspect.signature(cls).parameters
+        assert list(parameters) == expected, cls
+        assert [parameters[name].default for name in expected[1:4]] == [0, None, None], cls
 
 
 def test_local_pieces():

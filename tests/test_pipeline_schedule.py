@@ -1,6 +1,7 @@
 """Schedule generators, validator, simulator and renderer (dskernels.pipeline.schedule)."""
 
 import json
+import sys
 
 import pytest
 
@@ -311,6 +312,30 @@ def test_render(tmp_path):
         return
     png = tmp_path / "dualpipe.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the path as given, in the format its suffix names (an svg was drawn as <root>.png before)
+    assert S.render(S.dualpipe(4, 8), tmp_path / "v.svg") == [str(tmp_path / "v.json"), str(tmp_path / "v.svg")]
+    assert (tmp_path / "v.svg").read_text().lstrip().startswith("<?xml")
+    assert S.render(S.one_f_one_b(2, 4), tmp_path / "t.json") == [str(tmp_path / "t.json")]
+    assert S.render(S.one_f_one_b(2, 4), tmp_path / "plain")[1] == str(tmp_path / "plain")  # PNG, no suffix
+    assert (tmp_path / "plain").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="^path: expected .json or an image suffix"):
+        S.render(S.one_f_one_b(2, 4), tmp_path / "x.txt")
+    assert not (tmp_path / "x.json").exists()  # refused before anything was written
+
+
+def test_render_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with pytest.raises(ImportError, match="^path: drawing .* needs matplotlib"):
+        S.render(S.one_f_one_b(2, 4), tmp_path / "x.png")
+    assert (tmp_path / "x.json").exists()  # the trace is written first
+    assert S.render(S.one_f_one_b(2, 4), tmp_path / "y.json") == [str(tmp_path / "y.json")]
+
+
+def test_simulate_unpacks_in_api_order():
+    """API.md: simulate "returns per-rank busy and idle time, the makespan and peak live activations"."""
+    result = S.simulate(S.dualpipe(4, 8))
+    busy, idle, makespan, peak = result
+    assert (busy, idle, makespan, peak) == (result.busy, result.idle, result.makespan, result.peak_activations)
 
 
 def test_simulate_checks_every_cost():

@@ -823,8 +823,10 @@ class DualPipe(_Runtime):
 
     _KIND = "dualpipe"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, modules: tuple[nn.Module, nn.Module], batch_dim: int = 0,
+                 process_group: dist.ProcessGroup | None = None, rank_mapping: list[int] | None = None,
+                 *, timeout_s: float | None = None):
+        super().__init__(modules, batch_dim, process_group, rank_mapping, timeout_s=timeout_s)
         if self.num_ranks < 2 or self.num_ranks % 2:
             raise ValueError(f"process_group: DualPipe needs an even number of ranks >= 2 (two pipelines in "
                              f"opposite directions), got {self.num_ranks}; DualPipeV takes any number")

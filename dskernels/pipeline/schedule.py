@@ -397,6 +397,10 @@ class SimResult:
         """The largest per-rank idle time (the pipeline bubble of the slowest rank)."""
         return max(self.idle)
 
+    def __iter__(self):
+        """`busy, idle, makespan, peak_activations = simulate(...)`: API.md's order."""
+        return iter((self.busy, self.idle, self.makespan, self.peak_activations))
+
 
 def _timeline(parsed, stage_rank, chains, cost, fb_cost, comm):
     prev, nxt = _neighbours(chains)
@@ -516,16 +520,32 @@ def _kind(name):
     return "O" if name.startswith("(") else parse_action(name)[0][1]
 
 
-def render(order, path: str, **costs) -> list[str]:
-    """Draws the simulated timeline of `order` (costs as in `simulate`).
-
-    Writes a Chrome trace (chrome://tracing, Perfetto) to `path` with the suffix replaced by
-    ".json", and a PNG to `path` with ".png" when matplotlib is installed. Returns the paths
-    written."""
+def render(order, path, **costs) -> list[str]:
+    """Draws the simulated timeline of `order` (costs as in `simulate`) to `path` (a str or a
+    path-like), in the format its suffix names: ".json" a Chrome trace (chrome://tracing,
+    Perfetto), else an image through matplotlib (".png", ".svg", ".pdf", ...; PNG without a
+    suffix), with the Chrome trace beside it (the suffix replaced by ".json"). Returns the paths
+    written. Where an image is asked for and matplotlib is not installed: the trace, then an
+    ImportError naming matplotlib; a suffix matplotlib does not write: ValueError, nothing written."""
     import os
+    path = os.fspath(path)
     result = simulate(order, **costs)
-    root = os.path.splitext(path)[0]
-    written = []
+    root, suffix = os.path.splitext(path)
+    trace_path = path if suffix.lower() == ".json" else root + ".json"
+    plt = None
+    if trace_path != path:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:
+            pass
+        else:
+            image_format = suffix[1:].lower() if suffix else "png"
+            if image_format not in FigureCanvasBase.get_supported_filetypes():
+                raise ValueError(f"path: expected .json or an image suffix matplotlib writes "
+                                 f"({', '.join(sorted(FigureCanvasBase.get_supported_filetypes()))}), got {path!r}")
     trace = {"traceEvents": [], "displayTimeUnit": "ms"}
     for r, evs in enumerate(result.events):
         trace["traceEvents"].append({"name": "thread_name", "ph": "M", "pid": 0, "tid": r,
@@ -533,15 +553,14 @@ def render(order, path: str, **costs) -> list[str]:
         for start, end, name in evs:
             trace["traceEvents"].append({"name": name, "cat": _kind(name), "ph": "X", "pid": 0,
                                          "tid": r, "ts": start * 1000.0, "dur": (end - start) * 1000.0})
-    with open(root + ".json", "w") as f:
+    with open(trace_path, "w") as f:
         json.dump(trace, f)
-    written.append(root + ".json")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    written = [trace_path]
+    if trace_path == path:
         return written
+    if plt is None:
+        raise ImportError(f"path: drawing {path!r} needs matplotlib (pip install matplotlib); the Chrome "
+                          f"trace is in {trace_path!r}, or pass a .json path for the trace alone")
     P = len(result.events)
     fig, ax = plt.subplots(figsize=(max(6.0, result.makespan * 0.35), 0.5 * P + 1.2))
     for r, evs in enumerate(result.events):
@@ -555,7 +574,7 @@ def render(order, path: str, **costs) -> list[str]:
     ax.set_xlabel("time")
     ax.set_title(f"makespan {result.makespan:g}, bubble {result.bubble:g}")
     fig.tight_layout()
-    fig.savefig(root + ".png", dpi=150)
+    fig.savefig(path, dpi=150, format=image_format)
     plt.close(fig)
-    written.append(root + ".png")
+    written.append(path)
     return written
