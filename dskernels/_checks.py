@@ -60,11 +60,19 @@ def check_int(name: str, value, minimum: int | None = None):
             torch._check(value >= minimum, lambda: f"{name}: expected an int >= {minimum}, got {value}")
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+        raise TypeError(f"{name}: expected an int{_traced_numpy_hint(value)}, got {type(value).__name__}")
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     return value
+
+
+def _traced_numpy_hint(value) -> str:
+    """Dynamo traces a numpy scalar as an array (torch._numpy's ndarray), so under torch.compile
+    numpy's ints and bools cannot be read as Python's: say so where one is refused."""
+    if torch.compiler.is_compiling() and type(value).__name__ == "ndarray":
+        return " (Python's under torch.compile, which traces numpy's scalars as arrays)"
+    return ""
 
 
 def as_flag(name: str, value, none_ok: bool = False) -> bool | None:
@@ -76,7 +84,7 @@ def as_flag(name: str, value, none_ok: bool = False) -> bool | None:
         return bool(value)
     if not (isinstance(value, bool) or (none_ok and value is None)):
         expected = "None, True or False" if none_ok else "a bool"
-        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+        raise TypeError(f"{name}: expected {expected}{_traced_numpy_hint(value)}, got {type(value).__name__}")
     return value
 
 

@@ -85,3 +85,14 @@ def test_int_is_not_a_bool(flag):
         name, expected = "k_scale", "1 more positional arguments follow it"
     with dskernels.backend("ref"), pytest.raises(TypeError, match=f"^{name}: {expected}"):
         CALLS[flag](1)
+
+
+def test_numpy_scalars_under_compile_are_named():
+    """Dynamo traces numpy's scalars as arrays, so inside torch.compile they cannot be read as
+    Python's: the refusal says so (it said "got ndarray" alone)."""
+    torch._dynamo.reset()
+    with dskernels.backend("ref"):
+        for call in (lambda: dskernels.per_token_cast_to_fp8(X, round_scale=numpy.bool_(True)),
+                     lambda: dskernels.grouped_topk(torch.zeros(3, 16), torch.zeros(16), numpy.int64(4), 2, 4)):
+            with pytest.raises(Exception, match=r"Python's under torch.compile, which traces numpy's scalars"):
+                torch.compile(call, backend="aot_eager", fullgraph=True)()
