@@ -396,6 +396,10 @@ def test_psum_options_are_checked():
                                                    expected_m_for_psum_layout=0)
     with pytest.raises(TypeError, match="^use_psum_layout: expected a bool"):
         dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, g["out"], ends, use_psum_layout=1)
+    with pytest.raises(TypeError, match="^disable_ue8m0_cast: expected a bool"):  # (ignored, still checked)
+        dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, g["out"], ends, None, "nk", "no")
+    with pytest.raises(TypeError, match="^compiled_dims: expected a str"):
+        dskernels.fp8_gemm_nt(lhs, rhs, g["out"], None, None, True)
 
 
 # ---- masked grouped ----

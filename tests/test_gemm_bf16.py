@@ -241,6 +241,11 @@ def test_bad_input_is_named():
         dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b, d, rows, use_psum_layout=True)
     with pytest.raises(ValueError, match="^expected_m_for_psum_layout: only with use_psum_layout=True"):
         dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b, d, rows, expected_m_for_psum_layout=8)
+    # DeepGEMM's order puts compiled_dims 5th: a positional True meant for use_psum_layout was dropped
+    with pytest.raises(TypeError, match="^compiled_dims: expected a str such as 'nk'"):
+        dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b, d, rows, True)
+    with pytest.raises(TypeError, match="^compiled_dims: expected a str"):
+        dskernels.bf16_gemm_nt(a, b[0], torch.empty(4, 8, dtype=BF16), None, 1)
     a3 = bf16_randn(3, 4, 16, device="cpu")
     d3 = torch.empty(3, 4, 8, dtype=BF16)
     with pytest.raises(ValueError, match=r"^masked_m: expected shape \(3,\)"):

@@ -13,8 +13,8 @@ import operator
 import torch
 
 from dskernels._backend import env_choice, select_backend
-from dskernels._checks import (as_flag, check_multiple, check_no_overlap, check_reads_apart, check_tensor, may_share_memory,
-                               strides_may_overlap)
+from dskernels._checks import (as_flag, check_multiple, check_no_overlap, check_reads_apart, check_tensor,
+                               may_share_memory, strides_may_overlap)
 from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from python_ref import gemm as ref
@@ -124,6 +124,17 @@ def recipe_tuple(name: str, value) -> tuple | None:
     return tuple(value)
 
 
+def check_jit_hints(compiled_dims, disable_ue8m0_cast=False) -> None:
+    """DeepGEMM's compiled_dims (a str naming the dims its JIT compiles in, such as "nk") and
+    disable_ue8m0_cast (a bool) change nothing here, but are still checked: a value of another type
+    is an argument given in the wrong place (a 5th positional True meant for use_psum_layout lands
+    in compiled_dims), which would otherwise be dropped without a word."""
+    if not isinstance(compiled_dims, str):
+        raise TypeError(f"compiled_dims: expected a str such as 'nk' (DeepGEMM's JIT hint, ignored here; an "
+                        f"argument given in its place?), got {type(compiled_dims).__name__}")
+    as_flag("disable_ue8m0_cast", disable_ue8m0_cast)
+
+
 def _deepgemm_options(recipe, allowed=(BLOCK_RECIPE,), recipe_a=None, recipe_b=None):
     """The options of DeepGEMM's newer entry points: compiled_dims (a JIT hint) and
     disable_ue8m0_cast (Blackwell's packed scales) mean nothing here; recipe must be ours, or
@@ -169,6 +180,7 @@ def fp8_gemm_nt(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_
     Returns None. The sm90 CUDA kernel covers the bf16, block-scaled, non-accumulating case; the
     others run on Triton (any CUDA GPU) or the reference (CPU).
     """
+    check_jit_hints(compiled_dims, disable_ue8m0_cast)
     recipe = _deepgemm_options(recipe, (BLOCK_RECIPE, ROW_RECIPE), recipe_a, recipe_b)
     a, sa = _unpack("a", a)
     b, sb = _unpack("b", b)
@@ -198,6 +210,7 @@ def fp8_gemm_nn(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_
     the nt form's (b.T). On Hopper the Triton path first copies b K-major (one pass over b: its FP8
     wgmma reads K-major tiles only); the sm90 CUDA path does the same. For a weight used across
     calls, make that copy once and call fp8_gemm_nt."""
+    check_jit_hints(compiled_dims, disable_ue8m0_cast)
     t, _ = _unpack("a", a)
     fp8_gemm_nt(a, _transposed("b", b, t.shape[-1] if isinstance(t, torch.Tensor) else None, "b"),
                 d, c, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
@@ -208,6 +221,7 @@ def fp8_gemm_tn(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_
     """DeepGEMM's fp8_gemm_tn: d = c + A.T @ B with a = (a [k, m], sa [k / 128, m]) and b =
     (b [k, n], sb [k / 128, ceil(n / 128)] or [k / 128, n]): fp8_gemm_nt of (a.T, sa.T), (b.T, sb.T),
     e.g. a weight gradient from two token-major operands. As fp8_gemm_nn otherwise."""
+    check_jit_hints(compiled_dims, disable_ue8m0_cast)
     t, st = _transposed("a", a, None, "a")
     fp8_gemm_nt((t, st), _transposed("b", b, t.shape[-1], "b"), d, c, recipe, compiled_dims,
                 disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
@@ -217,6 +231,7 @@ def fp8_gemm_tt(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_
                 recipe_a=None, recipe_b=None) -> None:
     """DeepGEMM's fp8_gemm_tt: d = c + A.T @ B.T with a = (a [k, m], sa [k / 128, m]) and b as
     for fp8_gemm_nt: fp8_gemm_nt of (a.T, sa.T), b. As fp8_gemm_nn otherwise."""
+    check_jit_hints(compiled_dims, disable_ue8m0_cast)
     t, st = _transposed("a", a, None, "a")
     u, _ = _unpack("b", b)
     if isinstance(u, torch.Tensor) and u.dim() == 2 and u.shape[-1] != t.shape[-1]:
@@ -302,6 +317,7 @@ def k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, ks_tensor=None, c=None, recipe
             [G, m, n] tensor of d's dtype sharing no memory with d.
         recipe: (1, 1, 128) only (1x128 scales on both operands). compiled_dims: ignored.
     """
+    check_jit_hints(compiled_dims)
     _deepgemm_options(recipe, (ROW_RECIPE,))
     (a, sa), (b, sb) = _unpack("a", a), _unpack("b", b)
     check_tensor("sa", sa, ndim=2)
@@ -324,6 +340,7 @@ def k_grouped_fp8_gemm_tn_contiguous(a, b, d, ks, ks_tensor=None, c=None, recipe
         b: (data, scales) likewise with n.
         d, ks, ks_tensor, c, recipe, compiled_dims: as for k_grouped_fp8_gemm_nt_contiguous.
     """
+    check_jit_hints(compiled_dims)
     _deepgemm_options(recipe, (ROW_RECIPE,))
     (a, sa), (b, sb) = _unpack("a", a), _unpack("b", b)
     _k_grouped(a, sa, b, sb, d, ks, ks_tensor, c, k_major=False)
@@ -362,6 +379,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout=None, recipe=None, 
         ensure_zero_padding: write zeros into the rows of no group (else they are left unspecified).
         expected_m_for_psum_layout: rows per group to tune for (psum layout only; a hint).
     """
+    check_jit_hints(compiled_dims, disable_ue8m0_cast)
     _deepgemm_options(recipe, recipe_a=recipe_a, recipe_b=recipe_b)
     grouped_layout = _layout_argument(grouped_layout, m_indices)
     use_psum_layout, ensure_zero_padding, expected_m = psum_options(use_psum_layout, ensure_zero_padding,
@@ -411,6 +429,7 @@ def m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m, recipe=None, com
                                  disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None) -> None:
     """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_masked, under DeepGEMM's newer
     argument names (a, b, d for lhs, rhs, out), plus its trailing options (block-scaled b only)."""
+    check_jit_hints(compiled_dims, disable_ue8m0_cast)
     _deepgemm_options(recipe, recipe_a=recipe_a, recipe_b=recipe_b)
     m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, b, d, masked_m, expected_m)
 
@@ -427,6 +446,7 @@ def m_grouped_fp8_gemm_nn_contiguous(a, b, d, grouped_layout=None, recipe=None, 
     dimensions swapped. On Hopper the Triton and CUDA paths copy b K-major first, on every call: for
     weights used across calls (all G experts' b, gigabytes for V3), make that copy once
     (b.transpose(1, 2).contiguous()) and call m_grouped_fp8_gemm_nt_contiguous instead."""
+    check_jit_hints(compiled_dims, disable_ue8m0_cast)
     t, _ = _unpack("a", a)
     m_grouped_fp8_gemm_nt_contiguous(a, _transposed("b", b, t.shape[-1] if isinstance(t, torch.Tensor) else None,
                                                     "b"),

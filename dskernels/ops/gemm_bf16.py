@@ -18,7 +18,7 @@ from dskernels._checks import check_no_overlap, check_reads_apart, check_tensor
 from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from dskernels.ops.gemm import (_check_c, _check_expected_m, _check_shape, _layout_argument, check_grouped_layout,
-                                check_layout_by_its_name, expected_m_int, psum_options)
+                                check_jit_hints, check_layout_by_its_name, expected_m_int, psum_options)
 from python_ref import gemm as ref
 
 BF16 = torch.bfloat16
@@ -44,6 +44,7 @@ def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Ten
     split-K partial sums rounded to bf16; set it False for fp32 sums throughout. On CPU, or with
     backend("ref"), the reference.
     """
+    check_jit_hints(compiled_dims)
     _check_dense(a, b, d, "nt")
     _bf16_gemm(a, b, d, c)
 
@@ -72,18 +73,21 @@ def _bf16_gemm(a, b, d, c) -> None:
 
 def bf16_gemm_nn(a, b, d, c=None, compiled_dims: str = "nk") -> None:
     """d = c + a @ b with b [k, n] (a [m, k]); otherwise as bf16_gemm_nt."""
+    check_jit_hints(compiled_dims)
     _check_dense(a, b, d, "nn")
     _bf16_gemm(a, b.T, d, c)
 
 
 def bf16_gemm_tn(a, b, d, c=None, compiled_dims: str = "nk") -> None:
     """d = c + a.T @ b with a [k, m] and b [k, n] (a weight gradient); otherwise as bf16_gemm_nt."""
+    check_jit_hints(compiled_dims)
     _check_dense(a, b, d, "tn")
     _bf16_gemm(a.T, b.T, d, c)
 
 
 def bf16_gemm_tt(a, b, d, c=None, compiled_dims: str = "nk") -> None:
     """d = c + a.T @ b.T with a [k, m] and b [n, k]; otherwise as bf16_gemm_nt."""
+    check_jit_hints(compiled_dims)
     _check_dense(a, b, d, "tt")
     _bf16_gemm(a.T, b, d, c)
 
@@ -107,6 +111,7 @@ def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
             under DeepGEMM 2.0's keyword).
         compiled_dims: ignored. expected_m_for_psum_layout: rows per group to tune for (a hint).
     """
+    check_jit_hints(compiled_dims)
     grouped_layout = _layout_argument(grouped_layout, m_indices)
     use_psum_layout, ensure_zero_padding, expected_m = psum_options(use_psum_layout, ensure_zero_padding,
                                                                     expected_m_for_psum_layout)
@@ -120,6 +125,7 @@ def m_grouped_bf16_gemm_nn_contiguous(a, b, d, grouped_layout=None, compiled_dim
                                       expected_m_for_psum_layout: int | None = None, *, m_indices=None) -> None:
     """As m_grouped_bf16_gemm_nt_contiguous with b [G, k, n] (d[i] = a[i] @ b[g]: the input
     gradient of the experts, from the same weights)."""
+    check_jit_hints(compiled_dims)
     check_tensor("b", b, ndim=3)
     if isinstance(a, torch.Tensor) and a.dim() == 2 and b.shape[1] != a.shape[1]:
         raise ValueError(f"b: expected k = {a.shape[1]} (the last dimension of a) as dimension 1 (this layout "
@@ -140,6 +146,7 @@ def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Ten
         expected_m: expected rows per group (a Python or numpy int), a tuning hint only.
             compiled_dims: ignored.
     """
+    check_jit_hints(compiled_dims)
     torch.ops.dskernels.m_grouped_bf16_gemm_nt_masked(a, b, d, masked_m, expected_m_int(expected_m))
 
 
@@ -159,6 +166,7 @@ def k_grouped_bf16_gemm_tn_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
         c: None (d = the product; an empty group gives zeros), d itself (accumulate) or a [G, m, n]
             tensor of d's dtype sharing no memory with d. compiled_dims: ignored.
     """
+    check_jit_hints(compiled_dims)
     ks = as_sizes("ks", ks)
     _check_k_grouped(a, b, d, ks, ks_tensor, overlap=not torch.compiler.is_compiling())
     _check_c(c, d, "d")
