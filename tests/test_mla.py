@@ -5,6 +5,7 @@ V part of 48 padded to 64 plus a 16-wide "rope" part, the same split as V3's 512
 
 import math
 
+import numpy
 import pytest
 import torch
 
@@ -555,8 +556,16 @@ def test_bad_metadata_args_are_named():
         dskernels.get_mla_metadata(lens, 1, 0)
     with pytest.raises(ValueError, match="^num_q_tokens_per_head_k:"):
         dskernels.get_mla_metadata(lens, 0, 1)
-    with pytest.raises(TypeError, match="^num_heads_k: expected an int, got True"):
+    with pytest.raises(TypeError, match="^num_heads_k: expected an int, got bool"):
         dskernels.get_mla_metadata(lens, 8, True)
+    # FlashMLA's sparse arguments are not read, but checked (a wrong type is an argument out of place)
+    with pytest.raises(TypeError, match="^is_fp8_kvcache: expected a bool, got int"):
+        dskernels.get_mla_metadata(lens, 8, 1, 16, 2048)
+    with pytest.raises(TypeError, match="^topk: expected an int, got bool"):
+        dskernels.get_mla_metadata(lens, 8, 1, 16, True, True)
+    for got, want in zip(dskernels.get_mla_metadata(lens, numpy.int64(8), numpy.int64(1), 16, numpy.bool_(True), 2048),
+                         dskernels.get_mla_metadata(lens, 8, 1)):
+        assert torch.equal(got, want)
     args = _good_args()
     with pytest.raises(ValueError, match="^k_scale:.*None"):
         dskernels.flash_mla_with_kvcache(**args, k_scale=torch.ones(1))

@@ -92,14 +92,20 @@ def get_mla_metadata(cache_seqlens: torch.Tensor | None = None, num_q_tokens_per
             raise TypeError("num_heads_per_head_k: FlashMLA's old name for num_q_tokens_per_head_k; pass one of "
                             "the two, not both")
         num_q_tokens_per_head_k = num_heads_per_head_k
+    # FlashMLA's sparse arguments change nothing here, but a wrong type is an argument out of place
+    for name, value in (("num_heads_q", num_heads_q), ("topk", topk)):
+        if value is not None:
+            check_int(name, value, 1)
+    as_flag("is_fp8_kvcache", is_fp8_kvcache)
     if cache_seqlens is None:
         return MLASchedulerMetadata(), None
     for name, value in (("num_q_tokens_per_head_k", num_q_tokens_per_head_k), ("num_heads_k", num_heads_k)):
         if value is None:
             raise TypeError(f"{name}: expected an int with cache_seqlens (or no arguments at all: the plan "
                             f"is then made by the first flash_mla_with_kvcache call), got None")
-        if isinstance(value, bool):  # an int to the schema, so True would mean 1
-            raise TypeError(f"{name}: expected an int, got {value!r}")
+    # (checked here: the schema takes a bool as an int, so True would mean 1)
+    num_q_tokens_per_head_k = check_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k)
+    num_heads_k = check_int("num_heads_k", num_heads_k)
     return torch.ops.dskernels.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
 
 
