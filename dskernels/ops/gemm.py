@@ -210,7 +210,6 @@ def fp8_gemm_nn(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_
     the nt form's (b.T). On Hopper the Triton path first copies b K-major (one pass over b: its FP8
     wgmma reads K-major tiles only); the sm90 CUDA path does the same. For a weight used across
     calls, make that copy once and call fp8_gemm_nt."""
-    check_jit_hints(compiled_dims, disable_ue8m0_cast)
     t, _ = _unpack("a", a)
     fp8_gemm_nt(a, _transposed("b", b, t.shape[-1] if isinstance(t, torch.Tensor) else None, "b"),
                 d, c, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
@@ -221,7 +220,6 @@ def fp8_gemm_tn(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_
     """DeepGEMM's fp8_gemm_tn: d = c + A.T @ B with a = (a [k, m], sa [k / 128, m]) and b =
     (b [k, n], sb [k / 128, ceil(n / 128)] or [k / 128, n]): fp8_gemm_nt of (a.T, sa.T), (b.T, sb.T),
     e.g. a weight gradient from two token-major operands. As fp8_gemm_nn otherwise."""
-    check_jit_hints(compiled_dims, disable_ue8m0_cast)
     t, st = _transposed("a", a, None, "a")
     fp8_gemm_nt((t, st), _transposed("b", b, t.shape[-1], "b"), d, c, recipe, compiled_dims,
                 disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
@@ -231,7 +229,6 @@ def fp8_gemm_tt(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_
                 recipe_a=None, recipe_b=None) -> None:
     """DeepGEMM's fp8_gemm_tt: d = c + A.T @ B.T with a = (a [k, m], sa [k / 128, m]) and b as
     for fp8_gemm_nt: fp8_gemm_nt of (a.T, sa.T), b. As fp8_gemm_nn otherwise."""
-    check_jit_hints(compiled_dims, disable_ue8m0_cast)
     t, st = _transposed("a", a, None, "a")
     u, _ = _unpack("b", b)
     if isinstance(u, torch.Tensor) and u.dim() == 2 and u.shape[-1] != t.shape[-1]:
@@ -446,7 +443,6 @@ def m_grouped_fp8_gemm_nn_contiguous(a, b, d, grouped_layout=None, recipe=None, 
     dimensions swapped. On Hopper the Triton and CUDA paths copy b K-major first, on every call: for
     weights used across calls (all G experts' b, gigabytes for V3), make that copy once
     (b.transpose(1, 2).contiguous()) and call m_grouped_fp8_gemm_nt_contiguous instead."""
-    check_jit_hints(compiled_dims, disable_ue8m0_cast)
     t, _ = _unpack("a", a)
     m_grouped_fp8_gemm_nt_contiguous(a, _transposed("b", b, t.shape[-1] if isinstance(t, torch.Tensor) else None,
                                                     "b"),

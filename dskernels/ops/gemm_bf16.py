@@ -125,7 +125,6 @@ def m_grouped_bf16_gemm_nn_contiguous(a, b, d, grouped_layout=None, compiled_dim
                                       expected_m_for_psum_layout: int | None = None, *, m_indices=None) -> None:
     """As m_grouped_bf16_gemm_nt_contiguous with b [G, k, n] (d[i] = a[i] @ b[g]: the input
     gradient of the experts, from the same weights)."""
-    check_jit_hints(compiled_dims)
     check_tensor("b", b, ndim=3)
     if isinstance(a, torch.Tensor) and a.dim() == 2 and b.shape[1] != a.shape[1]:
         raise ValueError(f"b: expected k = {a.shape[1]} (the last dimension of a) as dimension 1 (this layout "
