@@ -1039,9 +1039,9 @@ class Buffer:
             recv_count: int32 [L] on the device; handle; event; hook (a no-op callable: data is
                 ready on return).
         """
-        use_fp8, round_scale, use_ue8m0, return_recv_hook = (
-            as_flag(name, value) for name, value in (("use_fp8", use_fp8), ("round_scale", round_scale),
-                                                     ("use_ue8m0", use_ue8m0), ("return_recv_hook", return_recv_hook)))
+        use_fp8, round_scale = as_flag("use_fp8", use_fp8), as_flag("round_scale", round_scale)
+        use_ue8m0 = as_flag("use_ue8m0", use_ue8m0)
+        as_flag("return_recv_hook", return_recv_hook)  # (the hook is a no-op either way: data is ready)
         if use_ue8m0 and not round_scale:
             raise ValueError("use_ue8m0: packs each scale's exponent, so the scales must be powers of two: "
                              "needs round_scale=True")

@@ -642,7 +642,7 @@ class _Runtime(nn.Module):
             if criterion is not None:
                 loss = torch.stack([self._loss_values[(stage, m)]
                                     for m in range(self._chunks_per_pipeline(num_chunks))])
-            if return_outputs:
+            if self.return_outputs:  # (as _prepare_step checked it)
                 parts = [self._final_outputs[(stage, m)] for m in range(self._chunks_per_pipeline(num_chunks))]
                 cat = [self._concat_outputs([p[i] for p in parts], i) for i in range(len(parts[0]))]
                 outputs = cat[0] if len(cat) == 1 else tuple(cat)
