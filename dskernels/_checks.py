@@ -60,11 +60,19 @@ def check_int(name: str, value, minimum: int | None = None):
             torch._check(value >= minimum, lambda: f"{name}: expected an int >= {minimum}, got {value}")
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int{_traced_numpy_hint(value)}, got {type(value).__name__}")
+        raise TypeError(f"{name}: expected an int{_traced_numpy_hint(value)}, got "
+                        f"{type(value).__name__} {_short_repr(value)}".rstrip())
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     return value
+
+
+def _short_repr(value) -> str:
+    if torch.compiler.is_compiling():
+        return ""  # (Dynamo cannot repr what it traces as a tensor: numpy's scalars)
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _traced_numpy_hint(value) -> str:

@@ -334,7 +334,7 @@ def _check_bad_inputs(buf, world):
     _raises(ValueError, ["topk_weights:", "(5, 2)", "(5, 3)"],
             lambda: buf.dispatch(x, topk_idx=topk, topk_weights=torch.rand(5, 3), num_experts=4 * world))
     _raises(ValueError, ["x:", "at most", "4"], lambda: buf.low_latency_dispatch(x, topk, 4, 4 * world))
-    _raises(ValueError, ["num_max_dispatch_tokens_per_rank:", "positive", "0"],
+    _raises(ValueError, ["num_max_dispatch_tokens_per_rank:", ">= 1", "got 0"],
             lambda: buf.low_latency_dispatch(x, topk, 0, 4 * world))
     _raises(RuntimeError, ["topk_idx:", f"[-1, {4 * world})"],
             lambda: buf.low_latency_dispatch(x, topk + 4 * world, 8, 4 * world))
@@ -415,15 +415,35 @@ def _check_edge_routing(buf, rank, world, num_experts):
     assert px.shape == (4, 8) and back.shape == (0, 8)
     back.sum().backward()
 
-    _raises(TypeError, ["num_experts:", "python int", "numpy.int64"],
-            lambda: buf.dispatch(x, topk_idx=topk, num_experts=numpy.int64(num_experts)))
-    _raises(TypeError, ["expert_alignment:", "python int", "NoneType"],
+    # Ints: numpy's are ints (as DeepEP's bindings take them), read as Python's; floats, bools and
+    # None are refused by name.
+    np_rx, _, _, _, np_handle, _ = buf.dispatch(x, topk_idx=topk, num_experts=numpy.int64(num_experts),
+                                                expert_alignment=numpy.int32(1), num_worst_tokens=numpy.int64(0))
+    assert torch.equal(np_rx, rx) and np_handle.num_recv_tokens == handle.num_recv_tokens
+    layout = buf.get_dispatch_layout(topk, numpy.int16(num_experts))
+    assert torch.equal(layout[2], buf.get_dispatch_layout(topk, num_experts)[2])
+    _raises(TypeError, ["num_experts:", "expected an int", "float"],
+            lambda: buf.dispatch(x, topk_idx=topk, num_experts=float(num_experts)))
+    _raises(TypeError, ["num_experts:", "expected an int", "bool"],
+            lambda: buf.get_dispatch_layout(topk, True))
+    _raises(TypeError, ["expert_alignment:", "expected an int", "NoneType"],
             lambda: buf.dispatch(x, topk_idx=topk, num_experts=num_experts, expert_alignment=None))
+    _raises(ValueError, ["expert_alignment:", ">= 1", "got 0"],
+            lambda: buf.dispatch(x, topk_idx=topk, num_experts=num_experts, expert_alignment=0))
     _raises(ValueError, ["topk_idx:", "num_topk >= 1", "(5, 0)"],
             lambda: buf.dispatch(torch.ones(5, 8), topk_idx=torch.empty(5, 0, dtype=torch.int64),
                                  num_experts=num_experts))
     with no_host_sync():
-        ll_x, _, ll_handle, _, _ = buf.low_latency_dispatch(x.float(), topk, 8, num_experts, use_fp8=False)
+        ll_x, ll_count, ll_handle, _, _ = buf.low_latency_dispatch(x.float(), topk, 8, num_experts, use_fp8=False)
+        np_ll, np_count, np_ll_handle, _, _ = buf.low_latency_dispatch(x.float(), topk, numpy.int64(8),
+                                                                      numpy.int32(num_experts), use_fp8=False)
+    assert torch.equal(np_count, ll_count)
+    for expert, count in enumerate(ll_count.tolist()):  # (rows past the count are not written)
+        assert torch.equal(np_ll[expert, :count], ll_x[expert, :count])
+    assert type(np_ll_handle.num_max_dispatch_tokens_per_rank) is int and type(np_ll_handle.num_experts) is int
+    for bad, error, words in ((8.0, TypeError, ["num_max_dispatch_tokens_per_rank:", "float"]),
+                              (0, ValueError, ["num_max_dispatch_tokens_per_rank:", ">= 1", "got 0"])):
+        _raises(error, words, lambda: buf.low_latency_dispatch(x.float(), topk, bad, num_experts, use_fp8=False))
     _raises(TypeError, ["topk_weights:", "None"], lambda: buf.low_latency_combine(ll_x, topk, None, ll_handle))
 
 

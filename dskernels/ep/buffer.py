@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dskernels._checks import as_flag, check_no_overlap, check_tensor
+from dskernels._checks import as_flag, check_int, check_no_overlap, check_tensor
 from dskernels._collectives import use_counts, wait_released
 from dskernels.ep.events import EventOverlap, StreamScope, capture
 from dskernels.ops.ep import (copy_rows, ep_get_dispatch_layout, gather_reduce, low_latency_send, low_latency_slots,
@@ -156,12 +156,6 @@ def _check_config(config) -> None:
 
 class EPCommError(RuntimeError):
     """A collective failed: a peer is gone, or did not join in time."""
-
-
-def _check_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected a python int, got {type(value).__module__}.{type(value).__name__} "
-                        f"{value!r}")
 
 
 def _check_summable(name: str, t: torch.Tensor) -> None:
@@ -464,7 +458,7 @@ class Buffer:
                                      f"[{low}, {high}]")
 
     def _check_num_experts(self, num_experts) -> None:
-        _check_int("num_experts", num_experts)
+        check_int("num_experts", num_experts)
         if num_experts < 1 or num_experts % self.group_size:
             raise ValueError(f"num_experts: expected a positive multiple of the number of ranks "
                              f"({self.group_size}), got {num_experts}")
@@ -544,6 +538,7 @@ class Buffer:
         # The ids' range is read on the host only for CPU tensors: on CUDA that read would sync, ahead
         # of previous_event and inside a graph capture. The kernel skips ids out of range; dispatch,
         # which reads counts on the host anyway, checks them.
+        num_experts = check_int("num_experts", num_experts)
         on_cuda = isinstance(topk_idx, torch.Tensor) and topk_idx.is_cuda
         self._check_topk(topk_idx, None, None if on_cuda else num_experts, "get_dispatch_layout")
         if on_cuda:
@@ -605,12 +600,12 @@ class Buffer:
         num_tokens = self._check_x(x)
         device = (x[0] if isinstance(x, tuple) else x).device
         _check_config(config)
-        _check_int("expert_alignment", expert_alignment)
-        if expert_alignment < 1:
-            raise ValueError(f"expert_alignment: expected at least 1, got {expert_alignment}")
-        _check_int("num_worst_tokens", num_worst_tokens)
+        expert_alignment = check_int("expert_alignment", expert_alignment, minimum=1)
+        num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens)
         if num_worst_tokens < 0:
             raise ValueError(f"num_worst_tokens: expected 0 (off) or a positive row count, got {num_worst_tokens}")
+        if num_experts is not None:
+            num_experts = check_int("num_experts", num_experts)
         inputs = (x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights)
         with StreamScope(self, device, previous_event, async_finish, allocate_on_comm_stream, inputs) as scope:
             if handle is not None:
@@ -982,9 +977,6 @@ class Buffer:
         if topk_idx.device != x.device:
             raise ValueError(f"topk_idx: expected device {x.device} (that of x), got {topk_idx.device}")
         M = num_max_dispatch_tokens_per_rank
-        _check_int("num_max_dispatch_tokens_per_rank", M)
-        if M < 1:
-            raise ValueError(f"num_max_dispatch_tokens_per_rank: expected a positive int, got {M!r}")
         if num_tokens > M:
             raise ValueError(f"x: expected at most num_max_dispatch_tokens_per_rank={M} rows, got {num_tokens}")
         self._assert_ids_async(topk_idx, num_experts)
@@ -1047,6 +1039,9 @@ class Buffer:
                              "needs round_scale=True")
         if round_scale and not use_fp8:
             raise ValueError("round_scale: rounds the FP8 cast's scales, so it needs use_fp8=True")
+        num_max_dispatch_tokens_per_rank = check_int("num_max_dispatch_tokens_per_rank",
+                                                     num_max_dispatch_tokens_per_rank, minimum=1)
+        num_experts = check_int("num_experts", num_experts)
         num_tokens = self._check_low_latency(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts)
         R, M, K, device = self.group_size, num_max_dispatch_tokens_per_rank, topk_idx.shape[1], x.device
         self._check_stats("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, torch.int32,
