@@ -102,6 +102,9 @@ def extension():
         "--expt-relaxed-constexpr",
         "--expt-extended-lambda",
         "-Xptxas=--warn-on-spills",
+        # ptxas's report (registers, spills, wgmma serialization notes) for every kernel, in the build's
+        # output: scripts/build.sh keeps it in build-setup.log, scripts/check_build.sh reads it.
+        "-Xptxas=-v",
         "-DDSKERNELS_WITH_CUDA",
     ]
     return cpp_extension.CUDAExtension(

@@ -17,5 +17,15 @@ case "${DSKERNELS_CPU_ONLY:-}" in
   1|true|TRUE|True|yes|YES|Yes) echo "building dskernels._C, CPU only (DSKERNELS_CPU_ONLY): schemas, no CUDA kernels" ;;
   *) echo "building dskernels._C (CUDA_HOME=${CUDA_HOME:-none}, arch ${TORCH_CUDA_ARCH_LIST}, ${MAX_JOBS} jobs)" ;;
 esac
-flock "${TMPDIR:-/tmp}/dskernels-build.lock" \
-  python -m pip install --no-build-isolation --no-deps -e . -q
+# The build's whole output (ptxas's report of every kernel among it, read by scripts/check_build.sh)
+# goes to build-setup.log; its end is shown if it fails. pip builds in a fresh temporary directory
+# each time, so every kernel is compiled (torch runs nvcc through ccache when it is on PATH: hits
+# for the unchanged sources, their ptxas report replayed) and the log is always whole.
+exec 9>"${TMPDIR:-/tmp}/dskernels-build.lock"
+flock 9
+if ! python -m pip install --no-build-isolation --no-deps -e . -v > build-setup.log 2>&1; then
+  tail -60 build-setup.log
+  echo "FAIL: the build failed (its whole output: build-setup.log)"
+  exit 1
+fi
+echo "built dskernels._C (the build's output: build-setup.log)"
