@@ -18,13 +18,18 @@ case "${DSKERNELS_CPU_ONLY:-}" in
   *) echo "building dskernels._C (CUDA_HOME=${CUDA_HOME:-none}, arch ${TORCH_CUDA_ARCH_LIST}, ${MAX_JOBS} jobs)" ;;
 esac
 # The build's whole output (ptxas's report of every kernel among it, read by scripts/check_build.sh)
-# goes to build-setup.log; its end is shown if it fails. pip builds in a fresh temporary directory
-# each time, so every kernel is compiled (torch runs nvcc through ccache when it is on PATH: hits
-# for the unchanged sources, their ptxas report replayed) and the log is always whole.
+# goes to build-setup.log; if it fails, the compilers' messages are shown (ninja's failed steps;
+# else the log's end: pip's traceback says little). pip builds in a fresh temporary directory each
+# time, so every kernel is compiled (torch runs nvcc through ccache when it is on PATH: hits for
+# the unchanged sources, their ptxas report replayed) and the log is always whole.
 exec 9>"${TMPDIR:-/tmp}/dskernels-build.lock"
 flock 9
 if ! python -m pip install --no-build-isolation --no-deps -e . -v > build-setup.log 2>&1; then
-  tail -60 build-setup.log
+  if grep -q "FAILED:" build-setup.log; then
+    grep -A 30 "FAILED:" build-setup.log | head -120
+  else
+    tail -60 build-setup.log
+  fi
   echo "FAIL: the build failed (its whole output: build-setup.log)"
   exit 1
 fi
