@@ -44,11 +44,6 @@ if [ "$built" = "cuda" ]; then
   rm -f build-cmake-gemm-grid
   # Memory-bound kernels keep several loads in flight per thread (read off the SASS).
   python scripts/check_sass.py "$so"
-else
-  echo "note: extension built without CUDA (no nvcc); skipping the sm_90a check"
-fi
-
-if [ "$built" = "cuda" ]; then
   # ptxas's report of every kernel, from setup.py's build (-Xptxas=-v; scripts/build.sh keeps its
   # output): no register spills and no serialized wgmma pipeline (notes C7510..C7520), either of
   # which silently costs much speed. One report per kernel in the library, or the log is not this
@@ -64,6 +59,8 @@ if [ "$built" = "cuda" ]; then
     echo "FAIL: spills or serialized wgmma in the kernels (the lines above; full report: $log)"; exit 1
   fi
   echo "ok: $kernels kernels compiled: no spills, no serialized wgmma"
+else
+  echo "note: extension built without CUDA (no nvcc); skipping the sm_90a and ptxas checks"
 fi
 
 # 2. CMakeLists.txt: its C++ sources build into a library that registers the same ops (configured
