@@ -29,6 +29,21 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Iterable[torc
     return t
 
 
+def check_one_device(**tensors) -> None:
+    """The tensors among the named arguments all on one device. The odd one out is named against
+    the device most of them are on (with a tie, the first's), so a misplaced first argument is
+    named itself rather than every argument after it."""
+    present = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    devices = [t.device for t in present.values()]
+    if len(set(devices)) <= 1:
+        return
+    usual = max(devices, key=devices.count)  # (max keeps the first of equal counts)
+    name, odd = next((n, t) for n, t in present.items() if t.device != usual)
+    others = ", ".join(n for n, t in present.items() if t.device == usual)
+    raise ValueError(f"{name}: expected a tensor on {usual} (where {others} {'is' if ',' not in others else 'are'}), "
+                     f"got {odd.device}")
+
+
 def check_no_overlap(name: str, out: torch.Tensor) -> None:
     """An output whose elements share memory (an expanded view) would be written by several
     programs at once: a race on a GPU, whatever the last write was elsewhere."""

@@ -32,6 +32,22 @@ def gather_sequence(k_cache: torch.Tensor, block_table_row: torch.Tensor, length
     return k_cache[pages].reshape(num_pages * page_size, *k_cache.shape[2:])[:length]
 
 
+def check_pages(k_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor) -> list[int]:
+    """The lengths as Python ints, after checking (reads the values: a host sync on a GPU) that each
+    fits its block-table row and that every page it uses is one of the cache's."""
+    lengths = cache_seqlens.tolist()
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    for i, n in enumerate(lengths):
+        if n < 0 or n > capacity:
+            raise ValueError(f"cache_seqlens: expected values in [0, {capacity}] (block_table has "
+                             f"{block_table.shape[1]} pages of {k_cache.shape[1]}), got {n} for sequence {i}")
+        pages = block_table[i, : -(-n // k_cache.shape[1])]
+        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]):
+            raise ValueError(f"block_table: sequence {i} (length {n}) names pages outside the cache's "
+                             f"{k_cache.shape[0]}: {pages.tolist()}")
+    return lengths
+
+
 def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
                            cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float | None = None,
                            causal: bool = False, k_scale: torch.Tensor | None = None
@@ -45,16 +61,8 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         softmax_scale = d ** -0.5
     out = torch.zeros(b, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
     lse = torch.full((b, h_q, s_q), math.inf, dtype=torch.float32, device=q.device)
-    lengths = cache_seqlens.tolist()
-    capacity = block_table.shape[1] * k_cache.shape[1]
+    lengths = check_pages(k_cache, block_table, cache_seqlens)
     for i, n in enumerate(lengths):
-        if n < 0 or n > capacity:
-            raise ValueError(f"cache_seqlens: expected values in [0, {capacity}] (block_table has "
-                             f"{block_table.shape[1]} pages of {k_cache.shape[1]}), got {n} for sequence {i}")
-        pages = block_table[i, : -(-n // k_cache.shape[1])]
-        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]):
-            raise ValueError(f"block_table: sequence {i} (length {n}) names pages outside the cache's "
-                             f"{k_cache.shape[0]}: {pages.tolist()}")
         keys = gather_sequence(k_cache, block_table[i], n).float()
         if k_scale is not None:
             keys = keys * k_scale.float().reshape(())

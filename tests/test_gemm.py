@@ -520,6 +520,11 @@ BAD = [
      "a:", ["3 groups", "(2, 4, 256)"]),
     ("masked", dict(_grouped_args(masked=True), sa=torch.rand(3, 4, 3)), ValueError, "sa:", ["(3, 4, 2)"]),
     ("masked", dict(_grouped_args(masked=True), expected_m=4.5), TypeError, "expected_m:", ["int", "float"]),
+    # a misplaced tensor is named itself, the first argument included (against where the others are)
+    ("dense", dict(_dense_args(), a=_dense_args()["a"].to("meta")), ValueError, "a:",
+     ["on cpu (where sa, b, sb, out are)", "meta"]),
+    ("masked", dict(_grouped_args(masked=True), sb=_grouped_args(masked=True)["sb"].to("meta")), ValueError, "sb:",
+     ["on cpu", "meta"]),
 ]
 
 

@@ -84,6 +84,23 @@ def run_op(q, k_cache, block_table, cache_seqlens, dv, k_scale, causal, softmax_
                                             softmax_scale=softmax_scale, causal=causal, k_scale=k_scale)
 
 
+def run_unchecked(q, k_cache, block_table, cache_seqlens, dv):
+    """The kernels as a GPU runs them, without the host-side check of lengths and page ids: on CPU
+    tensors the op reads those values first (free there) and raises as the reference does, so
+    here the Triton launcher is called directly."""
+    if q.device.type != "cpu":
+        return run_op(q, k_cache, block_table, cache_seqlens, dv, None, False)
+    from dskernels.triton import mla as triton_mla
+
+    meta, splits = dskernels.get_mla_metadata(cache_seqlens, q.shape[1] * q.shape[2] // k_cache.shape[2],
+                                              k_cache.shape[2])
+    out = q.new_empty(*q.shape[:3], dv)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+    triton_mla.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, dv, meta, splits,
+                                      q.shape[-1] ** -0.5, False, None, out, lse)
+    return out, lse
+
+
 def assert_matches_oracle(out, lse, q, k_cache, block_table, cache_seqlens, dv, k_scale, causal,
                           softmax_scale=None):
     ref_out, ref_lse = python_ref.mla.flash_mla_with_kvcache(
@@ -529,6 +546,8 @@ BAD = [
     ("cache_seqlens", lambda a: a["cache_seqlens"][:1], ValueError, ["(2,)", "(1,)"]),
     ("num_splits", lambda a: a["num_splits"][:2], ValueError, ["(3,)", "(2,)"]),
     ("tile_scheduler_metadata", lambda a: a["tile_scheduler_metadata"][:, :4], ValueError, ["8"]),
+    ("q", lambda a: a["q"].to("meta"), ValueError, ["on cpu (where k_cache, block_table", "meta"]),
+    ("cache_seqlens", lambda a: a["cache_seqlens"].to("meta"), ValueError, ["on cpu", "meta"]),
 ]
 
 
@@ -579,37 +598,40 @@ def test_bad_metadata_args_are_named():
 
 def test_pages_outside_the_cache_are_never_read(backend):
     """A length that reaches block-table slots past a sequence's pages (here filled with 2^31 - 1):
-    the reference names block_table; Triton drops the keys from the first page outside the cache on
-    instead of reading there (a fault on a GPU), so here it computes the sequence over its valid
-    pages."""
+    the reference, and any backend on CPU tensors, names block_table; Triton's kernel drops the keys
+    from the first page outside the cache on instead of reading there (a fault on a GPU), so it
+    computes the sequence over its valid pages."""
     name, device = backend
     skip_cuda_backend(name)
     q, k_cache, block_table, lens, dv, _ = make_inputs([20, 16], 1, 2, 1, 16, torch.bfloat16, torch.bfloat16,
                                                        device=device)
     bad = torch.tensor([20, 40], dtype=torch.int32, device=device)  # sequence 1 owns one full page of 16
-    if name == "ref":
+    if name == "ref" or device == "cpu":
         with pytest.raises(ValueError, match="^block_table: sequence 1 .*2147483647"):
             run_op(q, k_cache, block_table, bad, dv, None, False)
+    if name == "ref":
         return
-    out, lse = run_op(q, k_cache, block_table, bad, dv, None, False)
+    out, lse = run_unchecked(q, k_cache, block_table, bad, dv)
     assert_matches_oracle(out, lse, q, k_cache, block_table, torch.tensor([20, 16], dtype=torch.int32), dv,
                           None, False)
 
 
 def test_a_length_past_the_block_table_walks_only_the_table(backend):
-    """A garbage length of 2^30 keys over a block table of two pages: the reference names
-    cache_seqlens; the kernels drop the keys past the table without walking them (Triton's loops
-    used to run to the length: past an hour under the interpreter, for 2^31 - 1)."""
+    """A garbage length of 2^30 keys over a block table of two pages: the reference (and any
+    backend on CPU tensors) names cache_seqlens; the kernels drop the keys past the table without
+    walking them (Triton's loops used to run to the length: past an hour under the interpreter,
+    for 2^31 - 1)."""
     name, device = backend
     skip_cuda_backend(name)
     q, k_cache, block_table, _, dv, _ = make_inputs([32, 16], 1, 2, 1, 16, torch.bfloat16, torch.bfloat16,
                                                     device=device, spare_slots=0)
     bad = torch.tensor([2**30, 16], dtype=torch.int32, device=device)
-    if name == "ref":
+    if name == "ref" or device == "cpu":
         with pytest.raises(ValueError, match="^cache_seqlens:"):
             run_op(q, k_cache, block_table, bad, dv, None, False)
+    if name == "ref":
         return
-    out, lse = run_op(q, k_cache, block_table, bad, dv, None, False)
+    out, lse = run_unchecked(q, k_cache, block_table, bad, dv)
     assert_matches_oracle(out, lse, q, k_cache, block_table, torch.tensor([32, 16], dtype=torch.int32), dv,
                           None, False)
 

@@ -485,6 +485,13 @@ def test_plain_torch_oracle_matches_transformers():
         round_trip = ours.hf_state_dict()
         assert set(round_trip) == set(ref.state_dict())
         assert all(torch.equal(round_trip[k], v) for k, v in ref.state_dict().items())
+        # the module's own state_dict has transformers 5.x's names (the router as `mlp.gate`), so
+        # torch's load_state_dict takes a float layer's as is
+        plain = DeepseekV3DecoderLayer(cfg, layer_idx, dtype=torch.float32)
+        plain.load_state_dict(ref.state_dict(), strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x, positions), reference_forward(ref, cfg, x, positions),
+                                       atol=TOL, rtol=TOL)
 
 
 def test_no_shared_experts():
@@ -541,7 +548,8 @@ def test_bad_inputs():
     cache = torch.full((4, 3, 1, cfg.kv_cache_dim), float("nan"))
     table, lens = torch.tensor([[2, 0]], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
     for kwargs, error, words in (
-            (dict(block_table=table.long()), TypeError, "^block_table: expected dtype int32, got torch.int64"),
+            (dict(block_table=table.short()), TypeError,
+             r"^block_table: expected dtype int32 \(or int64\), got torch.int16"),
             (dict(cache_seqlens=lens[:, None]), ValueError, r"^block_table, cache_seqlens: expected batch 1"),
             (dict(cache_seqlens=lens.float()), TypeError, "^cache_seqlens: expected dtype int32"),
             (dict(cache_seqlens=torch.tensor([5], dtype=torch.int32)), ValueError,
@@ -561,6 +569,35 @@ def test_bad_inputs():
         DeepseekV3DecoderLayer(odd, 0, dtype=torch.float32)(
             x, positions, kv_cache=torch.zeros(4, 16, 1, 52), block_table=torch.zeros(1, 1, dtype=torch.int32),
             cache_seqlens=torch.zeros(1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_int64_tables(backend):
+    """int64 block tables and lengths (torch's default integer) give the int32 ones' results; on CPU
+    their values are checked before the conversion, so an id past int32's range is not wrapped
+    into a page of the cache (as_int32 clamps it on the GPU, where nothing reads it)."""
+    from dskernels.models.paged import as_int32
+
+    cfg = CONFIGS["v3"]
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
+    layer.load_hf_state_dict(make_reference(cfg, 1, seed=23).state_dict())
+    x, positions = torch.randn(2, 3, cfg.hidden_size), spread_positions(2, 3)
+    outs = []
+    with forced_backend(backend), torch.no_grad():
+        for index_dtype in (torch.int32, torch.int64):
+            _, table = paged_cache(cfg, num_pages=6, page_size=5, batch=2, pages_per_seq=3)
+            cache = torch.randn(6, 5, 1, cfg.kv_cache_dim, generator=torch.Generator().manual_seed(2))  # a history
+            lens = torch.tensor([0, 4], dtype=index_dtype)
+            outs.append(layer(x, positions, kv_cache=cache, block_table=table.to(index_dtype), cache_seqlens=lens))
+            outs.append(cache)
+        torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0)
+        torch.testing.assert_close(outs[1], outs[3], rtol=0, atol=0)
+        wrapped = table.long()
+        wrapped[0, 0] += 2 ** 32  # an int32 conversion would make it the same page
+        with pytest.raises(ValueError, match=r"^block_table: entry \[0, 0\] = 4294967"):
+            layer(x, positions, kv_cache=cache, block_table=wrapped, cache_seqlens=lens)
+    assert as_int32(wrapped)[0, 0] == 2 ** 31 - 1 and as_int32(-wrapped)[0, 0] == -2 ** 31
+    assert torch.equal(as_int32(wrapped)[:, 1:], table[:, 1:])
 
 
 def test_cache_rows_skip_slots_without_a_row():
@@ -668,7 +705,7 @@ def test_fp8_checkpoint_path(layer_idx, backend):
         assert rel_error(torch.cat([y1, y2], 1), expected) < FP8_TOL
         h = torch.randn(1, 16, cfg.hidden_size).bfloat16()
         if layer_idx:  # same input, same routing: both routers run in fp32 on the same fp32 weights
-            ours = route(h[0], layer.mlp.gate_weight, layer.mlp.e_score_correction_bias, cfg)[0]
+            ours = route(h[0], layer.mlp.gate.weight, layer.mlp.gate.e_score_correction_bias, cfg)[0]
             theirs = ref.mlp.gate(h[0].float())[2]
             assert torch.equal(ours.sort(1)[0], theirs.sort(1)[0])
         assert rel_error(layer.mlp(h), ref.mlp(h.float())) < FP8_TOL
@@ -1352,7 +1389,7 @@ def test_experts_sorted_in_kernels_match_torch_ops(monkeypatch, kind, fp8_x):
     g = torch.Generator().manual_seed(4)
     tokens, hidden = 5, cfg.hidden_size
     x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    idx, weights = route(x, layer.mlp.gate_weight, layer.mlp.e_score_correction_bias, cfg)
+    idx, weights = route(x, layer.mlp.gate.weight, layer.mlp.gate.e_score_correction_bias, cfg)
     idx[1, 0] = idx[3, 2] = -1
     addends = (torch.randn(tokens, hidden, generator=g).to(dtype), torch.randn(tokens, hidden, generator=g).to(dtype))
     inputs = dskernels.per_token_cast_to_fp8(x) if fp8_x else x

@@ -99,8 +99,10 @@ def test_bad_sizes_name_the_constraint():
     for generate in (S.one_f_one_b, S.zb1p, S.dualpipev, S.dualpipe):  # not minutes of string building
         with pytest.raises(ValueError, match=r"P \* N <= 1048576, got P=1000000, N=1000000"):
             generate(10**6, 10**6)
-    with pytest.raises(TypeError, match="P: expected an int"):
-        S.dualpipev(2.0, 4)
+    for P, N in ((2.0, 4), (True, 4), (2, "4")):  # a TypeError, and the ValueError API.md names for a bad (P, N)
+        for error in (TypeError, ValueError):
+            with pytest.raises(error, match="^[PN]: expected an int"):
+                S.dualpipev(P, N)
     with pytest.raises(ValueError, match="kind"):
         S.generate("gpipe", 2, 4)
 

@@ -29,7 +29,7 @@ from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import Indexer
 from dskernels.models.linear import (Linear, RMSNorm, device_moves_only, norm_and_cast, refuse_gradient, shared_cast,
                                       triton_fusable)
-from dskernels.models.paged import cache_rows, check_slots, check_tables, write_rows
+from dskernels.models.paged import as_int32, cache_rows, check_slots, check_tables, write_rows
 from dskernels.models.rope import rope_inv_freq, rope_qk
 
 _LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
@@ -262,6 +262,7 @@ class MLAttention(nn.Module):
         if kv_cache.device.type == "cpu" and not torch.compiler.is_compiling():  # free there: bad lengths
             # or pages raise before any write (under torch.compile the graph cannot read values)
             check_slots(block_table, cache_seqlens, s, kv_cache.shape[0], page_size)
+        block_table, cache_seqlens = as_int32(block_table), as_int32(cache_seqlens)
         # 1. write [latent | k_rope] of the new tokens at slots lens[b] .. lens[b] + s - 1 (no host sync)
         flat = None
         # (the kernel stores a float cache's values as they are: its dtype must be the layer's)

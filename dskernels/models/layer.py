@@ -139,7 +139,8 @@ class DeepseekV3DecoderLayer(nn.Module):
 
         Without kv_cache: causal attention over the S tokens. With kv_cache
         [num_pages, page_size, 1, kv_lora_rank + qk_rope_head_dim] (the layer's dtype),
-        block_table int32 [B, max_pages] and cache_seqlens int32 [B]: the latents of the S tokens
+        block_table int32 [B, max_pages] and cache_seqlens int32 [B] (int64 ones are converted, one
+        small kernel each: int32 saves it): the latents of the S tokens
         are written at slots cache_seqlens[b] .. + S - 1 of sequence b, and token j attends over
         slots [0, cache_seqlens[b] + j + 1) with flash_mla_with_kvcache. cache_seqlens is not
         modified. Returns [B, S, hidden].
@@ -216,8 +217,8 @@ class DeepseekV3DecoderLayer(nn.Module):
             for name in ("gate_up_proj", "down_proj"):
                 w, s = getattr(experts, name), getattr(experts, f"{name}_scale_inv")
                 out[f"mlp.experts.{name}"] = dequantize_block_fp8(w, s, dtype) if s is not None else w.to(dtype)
-            out["mlp.gate.weight"] = self.mlp.gate_weight
-            out["mlp.gate.e_score_correction_bias"] = self.mlp.e_score_correction_bias
+            out["mlp.gate.weight"] = self.mlp.gate.weight
+            out["mlp.gate.e_score_correction_bias"] = self.mlp.gate.e_score_correction_bias
             if self.mlp.shared_experts is None:  # transformers keeps the module, 0 wide
                 hidden, device = self.cfg.hidden_size, self.input_layernorm.weight.device
                 for name, shape in (("gate_proj", (0, hidden)), ("up_proj", (0, hidden)), ("down_proj", (hidden, 0))):
@@ -332,12 +333,12 @@ class DeepseekV3DecoderLayer(nn.Module):
                 linear(getattr(self.mlp, name), f"mlp.{name}")
         else:
             moe = self.mlp
-            w = take("mlp.gate.weight", moe.gate_weight.shape)
+            w = take("mlp.gate.weight", moe.gate.weight.shape)
             if w is not None:
-                steps.append(lambda: setattr(moe, "gate_weight", w.to(device=device, dtype=torch.float32).clone()))
-            b = take("mlp.gate.e_score_correction_bias", moe.e_score_correction_bias.shape)
+                steps.append(lambda: setattr(moe.gate, "weight", w.to(device=device, dtype=torch.float32).clone()))
+            b = take("mlp.gate.e_score_correction_bias", moe.gate.e_score_correction_bias.shape)
             if b is not None:
-                steps.append(lambda: setattr(moe, "e_score_correction_bias",
+                steps.append(lambda: setattr(moe.gate, "e_score_correction_bias",
                                              b.to(device=device, dtype=torch.float32).clone()))
             if moe.shared_experts is not None:
                 for name in ("gate_proj", "up_proj", "down_proj"):

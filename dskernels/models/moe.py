@@ -50,6 +50,23 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, cfg: D
     return dskernels.grouped_topk(logits, *args)
 
 
+class Router(nn.Module):
+    """HF's DeepseekV3TopkRouter, under its name in the MoE (`gate`), so the layer's state_dict keys
+    are transformers': `weight` [E, H] and `e_score_correction_bias` [E], loaded in fp32 (a module
+    cast such as .bfloat16() rounds them, as it rounds transformers' router weight)."""
+
+    def __init__(self, cfg: DeepseekV3Config, device=None):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("weight", torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32,
+                                                   device=device))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, device=device))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (topk_idx int64 [T, K], topk_weights fp32 [T, K])."""
+        return route(x, self.weight, self.e_score_correction_bias, self.cfg)
+
+
 def _grouped_float_eager(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows [offsets[g-1], offsets[g]) of x times w[g].T; rows past offsets[-1] unspecified."""
     if _GROUPED_MM and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
@@ -325,10 +342,7 @@ class MoE(nn.Module):
                              f"{self.num_ranks} ranks of the group")
         self.num_local_experts = cfg.n_routed_experts // self.num_ranks
         self.first_expert = self.rank * self.num_local_experts
-        # the router runs in fp32 (HF's math); its weight is kept in fp32 whatever the layer's dtype
-        self.register_buffer("gate_weight", torch.empty(cfg.n_routed_experts, cfg.hidden_size,
-                                                        dtype=torch.float32, device=device))
-        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, device=device))
+        self.gate = Router(cfg, device)
         self.experts = Experts(self.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype, device)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, device)
                                if cfg.n_shared_experts else None)
@@ -349,7 +363,7 @@ class MoE(nn.Module):
             refuse_gradient("FP8 experts", x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        topk_idx, topk_weights = route(x2, self.gate_weight, self.e_score_correction_bias, self.cfg)
+        topk_idx, topk_weights = self.gate(x2)
         addends = ()
         if self.shared_experts is not None:
             addends += (self.shared_experts(x2, x_fp8),)

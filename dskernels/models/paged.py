@@ -14,17 +14,26 @@ import torch
 
 
 def check_tables(block_table, cache_seqlens, batch: int, device: torch.device) -> None:
-    """block_table int32 [batch, max_pages] and cache_seqlens int32 [batch] on the cache's device."""
+    """block_table [batch, max_pages] and cache_seqlens [batch], int32 (or int64: as_int32), on the
+    cache's device."""
     for name, t, ndim in (("block_table", block_table, 2), ("cache_seqlens", cache_seqlens, 1)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected an int32 tensor, got {type(t).__name__}")
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name}: expected dtype int32, got {t.dtype}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}: expected dtype int32 (or int64), got {t.dtype}")
         if t.dim() != ndim or t.shape[0] != batch:
             want = f"[{batch}, max_pages]" if ndim == 2 else f"[{batch}]"
             raise ValueError(f"{name}: expected shape {want} (batch {batch}), got {list(t.shape)}")
         if t.device != device:
             raise ValueError(f"{name}: expected a tensor on {device} (the cache's device), got {t.device}")
+
+
+def as_int32(t: torch.Tensor) -> torch.Tensor:
+    """An int64 table or length tensor as the int32 the kernels take; values past int32's range
+    become its ends (still no page of the cache, and a length past any block table), not wrapped."""
+    if t.dtype == torch.int32:
+        return t
+    return t.clamp(-2 ** 31, 2 ** 31 - 1).to(torch.int32)
 
 
 def check_slots(block_table: torch.Tensor, cache_seqlens: torch.Tensor, new_tokens: int, num_pages: int,

@@ -13,8 +13,8 @@ import operator
 import torch
 
 from dskernels._backend import env_choice, select_backend
-from dskernels._checks import (as_flag, check_multiple, check_no_overlap, check_reads_apart, check_tensor,
-                               may_share_memory, strides_may_overlap)
+from dskernels._checks import (as_flag, check_multiple, check_no_overlap, check_one_device, check_reads_apart,
+                               check_tensor, may_share_memory, strides_may_overlap)
 from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from python_ref import gemm as ref
@@ -593,6 +593,7 @@ def _check_operands(a, sa, b, sb, out, *, grouped_a: bool, grouped_b: bool, gene
     """a [(G,) m, k], sa, b [(G,) n, k], sb, out [(G,) m, n]; returns (groups or None, m, n, k).
     general (fp8_gemm_nt): sb may also be [n, k / 128] and out float32. overlap=False leaves out's
     self-overlap to the op (a check torch.compile cannot trace outside one)."""
+    check_one_device(a=a, sa=sa, b=b, sb=sb, out=out)
     check_tensor("a", a, ndim=3 if grouped_a else 2, dtypes=(FP8,))
     device = a.device
     m, k = a.shape[-2], a.shape[-1]

@@ -11,7 +11,7 @@ import torch
 
 import python_ref.mla
 from dskernels._backend import cuda_kernels_built, current_backend, is_hopper, select_backend
-from dskernels._checks import as_flag, check_int, check_multiple, check_tensor
+from dskernels._checks import as_flag, check_int, check_multiple, check_one_device, check_tensor
 from dskernels._device import on_tensor_device
 
 FP8 = torch.float8_e4m3fn
@@ -370,6 +370,8 @@ def _check_query_and_cache(q, k_cache, head_dim_v) -> None:
 
 def _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                        num_splits, softmax_scale, causal, k_scale) -> None:
+    check_one_device(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+                     tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits, k_scale=k_scale)
     _check_query_and_cache(q, k_cache, head_dim_v)
     b = q.shape[0]
     device = q.device
@@ -493,6 +495,8 @@ def _flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, 
                                                      scale, causal, k_scale)
     from dskernels.triton import mla as triton_mla
 
+    if q.device.type == "cpu":  # (the interpreter) reading the values is free here: bad lengths or
+        python_ref.mla.check_pages(k_cache, block_table, cache_seqlens)  # pages raise, as on the reference
     if q.stride(3) != 1:
         q = q.contiguous()
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()

@@ -72,6 +72,18 @@ class Schedule(list):
 MAX_RANKS_TIMES_CHUNKS = 1 << 20
 
 
+class ScheduleSizeError(ValueError, TypeError):
+    """A P or N that is not an int: a TypeError as for any op's argument, and the ValueError that
+    API.md promises for every bad (P, N)."""
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    try:
+        return check_int(name, value, minimum)
+    except TypeError as e:
+        raise ScheduleSizeError(str(e)) from None
+
+
 def _check_size(P, N):
     if P * N > MAX_RANKS_TIMES_CHUNKS:
         raise ValueError(f"P and N: expected P * N <= {MAX_RANKS_TIMES_CHUNKS}, got P={P}, N={N}")
@@ -166,8 +178,8 @@ def dualpipev(P: int, N: int) -> Schedule:
 
     Requires P >= 1 and N >= 2P (the steady state needs every stage busy), as DualPipe's
     dualpipev.py and torch's ScheduleDualPipeV do."""
-    P = check_int("P", P, 1)
-    N = check_int("N", N, 1)
+    P = _check_count("P", P, 1)
+    N = _check_count("N", N, 1)
     _check_size(P, N)
     if N < 2 * P:
         raise ValueError(f"dualpipev: N (chunks) must be >= 2*P = {2 * P} (number of stages), got N={N}")
@@ -181,8 +193,8 @@ def dualpipe(P: int, N: int) -> Schedule:
     all (N/2 per direction).
 
     Requires P even and >= 2, N even and N >= 2P (DualPipe's dualpipe.py asserts the same)."""
-    P = check_int("P", P, 2)
-    N = check_int("N", N, 1)
+    P = _check_count("P", P, 2)
+    N = _check_count("N", N, 1)
     _check_size(P, N)
     if P % 2:
         raise ValueError(f"dualpipe: P (ranks) must be even, got P={P}")
@@ -204,8 +216,8 @@ def dualpipe(P: int, N: int) -> Schedule:
 def one_f_one_b(P: int, N: int) -> Schedule:
     """1F1B (PipeDream-flush): P - r - 1 warm-up forwards on rank r, then F/B pairs, then the
     remaining backwards. Requires P >= 1, N >= 1."""
-    P = check_int("P", P, 1)
-    N = check_int("N", N, 1)
+    P = _check_count("P", P, 1)
+    N = _check_count("N", N, 1)
     _check_size(P, N)
     ranks = []
     for r in range(P):
@@ -234,8 +246,8 @@ def zb1p(P: int, N: int) -> Schedule:
     most P deferred W's per rank (their GEMM inputs stay alive until then: P, not P - 1, as an I
     that can run goes before the W that P - 1 held ones call for).
     Requires P >= 1, N >= 1."""
-    P = check_int("P", P, 1)
-    N = check_int("N", N, 1)
+    P = _check_count("P", P, 1)
+    N = _check_count("N", N, 1)
     _check_size(P, N)
     ranks = [[] for _ in range(P)]
     f_done = [0] * P   # chunks each rank has run F for (in chunk order)
