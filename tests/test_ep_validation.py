@@ -5,12 +5,13 @@ return garbage), and the group must stay usable after a cross-rank error."""
 
 import math
 import os
+import time
 
 import numpy
 import torch
 import torch.distributed as dist
 
-from dskernels.ep import Buffer
+from dskernels.ep import Buffer, EPCommError
 from dskernels.testing import run_distributed
 from python_ref import ep as ref_ep
 from test_ep_buffer import _raises
@@ -167,6 +168,15 @@ def _local_body(rank, world):
                               (-1.5, ValueError, ["timeout_s:", "-1.5"]),
                               (math.nan, ValueError, ["timeout_s:", "nan"])]:
         _raises(error, words, lambda: Buffer(dist.group.WORLD, timeout_s=bad))
+    _raises(TypeError, ["group: expected a torch.distributed ProcessGroup", "list"], lambda: Buffer([0, 1]))
+    _raises(ValueError, ["num_nvl_bytes: expected an int >= 0", "-1"], lambda: Buffer(None, -1))
+    _raises(TypeError, ["num_rdma_bytes: expected an int", "float"], lambda: Buffer(None, 0, 1.5))
+    alone = dist.new_group([0])  # every rank must call new_group; rank 1 gets a placeholder
+    if rank == 0:
+        assert Buffer(alone).group_size == 1
+    else:
+        _raises(ValueError, ["group: expected a group this process belongs to", f"global rank {rank}"],
+                lambda: Buffer(alone))
     buf = Buffer(dist.group.WORLD, timeout_s=2)  # an int is a number of seconds
     args = _args(rank)
     _raises(ValueError, ["x:", "hidden", "(5, 0)"], lambda: buf.dispatch(**dict(args, x=args["x"][:, :0])))
@@ -322,10 +332,17 @@ def test_fuzzer_cases():
 
 def _check_exchanges_body(rank, world):
     """Sizes that no exchange carries: without check_exchanges they abort gloo (or leave a rank with
-    partly written rows); with it every rank raises ValueError and the group stays usable."""
-    os.environ["DSKERNELS_EP_CHECK"] = "1"  # the environment's default, as a launcher would set it
+    partly written rows); with it (a gloo group's default) every rank raises ValueError and the
+    group stays usable."""
     buf = Buffer(dist.group.WORLD, timeout_s=30)
     assert buf.check_exchanges and not Buffer(dist.group.WORLD, check_exchanges=False).check_exchanges
+    os.environ["DSKERNELS_EP_CHECK"] = "0"  # the environment's word, as a launcher would set it
+    assert not Buffer(dist.group.WORLD).check_exchanges
+    assert Buffer(dist.group.WORLD, check_exchanges=True).check_exchanges
+    os.environ["DSKERNELS_EP_CHECK"] = "on"
+    _raises(ValueError, ["DSKERNELS_EP_CHECK: expected 1/0", "'on'"], lambda: Buffer(dist.group.WORLD))
+    os.environ["DSKERNELS_EP_CHECK"] = "1"
+    assert Buffer(dist.group.WORLD).check_exchanges
     _still_usable(buf, rank, world)  # matching calls: the same results as without the check
     args = _args(rank)
     recv_x, _, _, _, handle, _ = buf.dispatch(**args)
@@ -359,3 +376,49 @@ def _check_exchanges_body(rank, world):
 
 def test_check_exchanges_catches_sizes_no_exchange_carries():
     run_distributed(_check_exchanges_body, 2, timeout_s=240)
+
+
+def _one_rank_refuses_body(rank, world):
+    """Arguments refused on one rank only (a gloo group checks its exchanges by default): that rank
+    raises its own error, the others EPCommError naming it, at once (not after timeout_s), in every
+    op, and the group stays usable; without the check the others wait out the timeout."""
+    buf = Buffer(dist.group.WORLD, timeout_s=120)
+    args = _args(rank)
+    recv_x, _, _, _, handle, _ = buf.dispatch(**args)
+    ll_x, _, ll_handle, _, _ = buf.low_latency_dispatch(args["x"], args["topk_idx"], 8, E, use_fp8=False)
+    bad = rank == world - 1
+    calls = {
+        "dispatch": (TypeError, ["topk_idx: expected dtype int64"],
+                     lambda: buf.dispatch(**dict(args, topk_idx=args["topk_idx"].int() if bad else args["topk_idx"]))),
+        "dispatch (cached)": (ValueError, ["topk_idx: expected None with a handle"],
+                              lambda: buf.dispatch(args["x"], handle=handle,
+                                                   topk_idx=args["topk_idx"] if bad else None)),
+        "combine": (ValueError, ["x: expected"], lambda: buf.combine(recv_x[:-1] if bad else recv_x, handle)),
+        "low_latency_dispatch": (ValueError, ["x: use_fp8 casts groups of 128 columns"],
+                                 lambda: buf.low_latency_dispatch(args["x"][:, :100] if bad else args["x"],
+                                                                  args["topk_idx"], 8, E, use_fp8=True)),
+        "low_latency_combine": (TypeError, ["topk_weights:"],
+                                lambda: buf.low_latency_combine(ll_x, args["topk_idx"],
+                                                                None if bad else args["topk_weights"], ll_handle)),
+    }
+    for op, (error, words, call) in calls.items():
+        begin = time.monotonic()
+        if bad:
+            _raises(error, words, call)
+        else:
+            _raises(EPCommError, [f"Buffer.{op.split()[0]}", f"rank {world - 1} of {world} refused its arguments",
+                                  "the group stays usable"], call)
+        assert time.monotonic() - begin < 60, op  # not the 120 s timeout
+        _still_usable(buf, rank, world)
+    quiet = Buffer(dist.new_group(backend="gloo"), timeout_s=2, check_exchanges=False)  # (left mid-exchange)
+    if bad:
+        _raises(TypeError, ["topk_idx: expected dtype int64"],
+                lambda: quiet.dispatch(**dict(args, topk_idx=args["topk_idx"].int())))
+    else:
+        _raises(TimeoutError, ["longer than 2 s"], lambda: quiet.dispatch(**args))
+    dist.barrier()  # the refusing rank waits here (were it gone, the others would see EPCommError instead)
+
+
+def test_one_rank_refusing_its_arguments_stops_every_rank():
+    for world in (2, 4):
+        run_distributed(_one_rank_refuses_body, world, timeout_s=240)

@@ -25,6 +25,7 @@ be captured in a CUDA graph (docs/ep.md, "Low latency").
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -155,7 +156,41 @@ def _check_config(config) -> None:
 
 
 class EPCommError(RuntimeError):
-    """A collective failed: a peer is gone, or did not join in time."""
+    """A collective failed: a peer is gone, did not join in time, or refused its arguments."""
+
+
+# The op code of a check_exchanges row from a rank that refused its own arguments (the others are
+# crc32 values, never negative).
+_REFUSED = -1
+
+
+def _env_check_exchanges() -> bool | None:
+    """DSKERNELS_EP_CHECK: 1 (or true, yes) checks every exchange, 0 (false, no) none, unset: the
+    group's default."""
+    value = os.environ.get("DSKERNELS_EP_CHECK", "").strip().lower()
+    if value not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"DSKERNELS_EP_CHECK: expected 1/0 (or true/false, yes/no), got {value!r}")
+    return None if value == "" else value in ("1", "true", "yes")
+
+
+def _shares_refusals(what: str):
+    """An op whose argument checks may fail on some ranks only: under check_exchanges, a rank that
+    raises before its first exchange of the call still joins that exchange's check (a refusal row),
+    so its peers raise at once instead of waiting out the timeout, and the group stays usable."""
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            started = self._exchanges_started
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as e:
+                told = getattr(e, "_dskernels_peers_told", False)  # (by an op this one called)
+                if self.check_exchanges and self._exchanges_started == started and not told:
+                    e._dskernels_peers_told = True
+                    self._refuse(what, e)
+                raise
+        return run
+    return wrap
 
 
 def _check_summable(name: str, t: torch.Tensor) -> None:
@@ -181,13 +216,16 @@ class Buffer:
     CPU tensors, NCCL for CUDA tensors), so any sizes work. `timeout_s` bounds every wait for peers
     (default: 300 s for CPU tensors, the group's NCCL timeout for CUDA tensors); a peer that is
     late raises `TimeoutError`, one that is gone `EPCommError`, naming the operation, instead of
-    hanging. `check_exchanges` (default: the environment's DSKERNELS_EP_CHECK=1, so set on every
-    rank alike) runs a small all_to_all before every exchange that compares what each rank sends
-    with what its peers expect: ranks that disagree on a size no exchange carries (combine's hidden
-    size, a cached dispatch's x, low-latency M / H / K), on the rows' dtypes or the low-latency
-    num_experts, or run different ops raise ValueError on every rank instead of aborting in gloo,
-    returning partly written rows or reading bytes as another type. A debugging aid: one
-    more collective and a host read per exchange (not CUDA-graph safe).
+    hanging. `check_exchanges` runs a small all_to_all before every exchange that compares what
+    each rank sends with what its peers expect: ranks that disagree on a size no exchange carries
+    (combine's hidden size, a cached dispatch's x, low-latency M / H / K), on the rows' dtypes or
+    the low-latency num_experts, or run different ops raise ValueError on every rank instead of
+    aborting in gloo, returning partly written rows or reading bytes as another type; and a rank
+    whose own arguments are refused (on that rank only) tells its peers there, so they raise
+    EPCommError at once instead of waiting out the timeout. It costs one more collective and a
+    host read per exchange (not CUDA-graph safe). Default: on for gloo groups (CPU tensors, where
+    both are cheap), off otherwise; DSKERNELS_EP_CHECK=1 or 0 in the environment (set alike on
+    every rank) overrides the default.
     """
 
     num_sms = 20
@@ -207,12 +245,24 @@ class Buffer:
                 raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s}")
             timeout_s = float(timeout_s)
         check_exchanges = as_flag("check_exchanges", check_exchanges, none_ok=True)
-        if check_exchanges is None:
-            check_exchanges = os.environ.get("DSKERNELS_EP_CHECK", "0").strip().lower() in ("1", "true", "yes")
-        self.check_exchanges = check_exchanges
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            check_int(name, value, minimum=0)
+        if group is dist.GroupMember.NON_GROUP_MEMBER or (isinstance(group, dist.ProcessGroup)
+                                                         and dist.get_rank(group) < 0):
+            raise ValueError(f"group: expected a group this process belongs to, but global rank {dist.get_rank()} "
+                             "is not one of its members (dist.new_group returns a placeholder to the others)")
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group: expected a torch.distributed ProcessGroup (or None: the default group), "
+                            f"got {type(group).__name__}")
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.group_size = dist.get_world_size(self.group)
+        if check_exchanges is None:
+            check_exchanges = _env_check_exchanges()
+        if check_exchanges is None:  # gloo: the host read is free, and its size check aborts the process
+            check_exchanges = dist.get_backend(self.group) == "gloo"
+        self.check_exchanges = check_exchanges
+        self._exchanges_started = 0  # _all_to_all calls so far: which refusals peers still wait for
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
         self.low_latency_mode = low_latency_mode
@@ -280,9 +330,28 @@ class Buffer:
                     poll: bool = True, agree: tuple = ()) -> None:
         """out <- inp across the group; `agree`: what the ranks must agree on and the sizes do not
         show (dtypes of one width, num_experts), compared only under check_exchanges."""
+        self._exchanges_started += 1
         if self.check_exchanges:
             self._check_exchange(out, inp, out_splits, in_splits, what, agree)
         self._exchange(out, inp, out_splits, in_splits, what, poll)
+
+    def _check_rows(self, op_code: int, sent: list[int], expected: list[int], device, what: str) -> list[list[int]]:
+        """The check_exchanges all_to_all: every rank's (op code, bytes to each peer, bytes from
+        each peer), of equal sizes on every rank (gloo cannot abort on it), read on the host."""
+        send = torch.tensor([op_code, *sent, *expected], dtype=torch.int64).repeat(self.group_size, 1).to(device)
+        recv = torch.empty_like(send)
+        self._exchange(recv, send, None, None, f"{what} (check_exchanges)", poll=True)
+        return recv.cpu().tolist()
+
+    def _refuse(self, what: str, error: Exception) -> None:
+        """This rank's arguments were refused before its first exchange: its peers learn it in that
+        exchange's check. Where that check cannot run either (a peer gone), the error says so."""
+        backend = dist.get_backend(self.group)
+        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        try:
+            self._check_rows(_REFUSED, [0] * self.group_size, [0] * self.group_size, device, what)
+        except Exception as failed:  # the caller's error is the one to see
+            error.add_note(f"(its peers were not told: {failed})")
 
     def _check_exchange(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str,
                         agree: tuple) -> None:
@@ -296,11 +365,15 @@ class Buffer:
             return [n * row for n in (splits if splits is not None else [t.shape[0] // R] * R)]
 
         op = f"{what} ({', '.join(map(str, agree))})" if agree else what
-        mine = [zlib.crc32(op.encode()), *per_peer(inp, in_splits), *per_peer(out, out_splits)]
-        send = torch.tensor(mine, dtype=torch.int64).repeat(R, 1).to(out.device)
-        recv = torch.empty_like(send)
-        self._exchange(recv, send, None, None, f"{what} (check_exchanges)", poll=True)
-        table = recv.cpu().tolist()  # row s: rank s's op, bytes to each rank, bytes from each rank
+        # row s: rank s's op, bytes to each rank, bytes from each rank
+        table = self._check_rows(zlib.crc32(op.encode()), per_peer(inp, in_splits), per_peer(out, out_splits),
+                                 out.device, what)
+        refused = [s for s, row in enumerate(table) if row[0] == _REFUSED]
+        if refused:
+            raise EPCommError(f"dskernels.ep.Buffer.{what}: rank{'s' if len(refused) > 1 else ''} "
+                              f"{', '.join(map(str, refused))} of {R} refused {'their' if len(refused) > 1 else 'its'} "
+                              f"arguments to this call (the error there names them); rank {self.rank} stops "
+                              "too, before any data moves (check_exchanges: the group stays usable)")
         prefix = f"dskernels.ep.Buffer.{what}: the ranks disagree on this exchange (check_exchanges): "
         for s, row in enumerate(table):
             if row[0] != table[0][0]:
@@ -516,11 +589,13 @@ class Buffer:
                                 f"{getattr(data, 'dtype', type(data).__name__)} {tuple(getattr(data, 'shape', ()))}")
             if data.shape[1] == 0:
                 raise ValueError(f"x[0]: expected a hidden size of at least 1 column, got shape {tuple(data.shape)}")
-            if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.dim() != 2 \
-                    or scales.shape[0] != data.shape[0] or scales.shape[1] != -(-data.shape[1] // 128):
-                raise TypeError(f"x[1]: expected float32 scales [{data.shape[0]}, H/128], got "
-                                f"{getattr(scales, 'dtype', type(scales).__name__)} "
-                                f"{tuple(getattr(scales, 'shape', ()))}")
+            want = (data.shape[0], -(-data.shape[1] // 128))
+            if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
+                raise TypeError(f"x[1]: expected float32 scales {list(want)}, got "
+                                f"{getattr(scales, 'dtype', type(scales).__name__)}")
+            if tuple(scales.shape) != want:
+                raise ValueError(f"x[1]: expected scales of shape {list(want)} (one per 128 columns of x[0]'s "
+                                 f"{data.shape[1]}), got {list(scales.shape)}")
             return data.shape[0]
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor or a (fp8, scales) tuple, got {type(x).__name__}")
@@ -549,6 +624,7 @@ class Buffer:
             event = scope.finish((per_rank, per_expert, in_rank))
         return per_rank, None, per_expert, in_rank, event
 
+    @_shares_refusals("dispatch")
     def dispatch(self, x, handle: DispatchHandle | None = None, num_tokens_per_rank=None,
                  num_tokens_per_rdma_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
                  topk_idx=None, topk_weights=None, expert_alignment: int = 1, num_worst_tokens: int = 0,
@@ -891,6 +967,7 @@ class Buffer:
             return tuple(self._route_forward(handle, list(x), [0, 0], what))
         return self._route(handle, [x])[0]
 
+    @_shares_refusals("combine")
     def combine(self, x, handle: DispatchHandle, topk_weights=None, bias=None, config=None, previous_event=None,
                 async_finish: bool = False, allocate_on_comm_stream: bool = False):
         """Returns each token's received rows back to its source rank, summed (unweighted).
@@ -991,6 +1068,7 @@ class Buffer:
             torch._assert_async(((topk_idx >= -1) & (topk_idx < num_experts)).all(),
                                 f"topk_idx: expected expert ids in [-1, {num_experts})")
 
+    @_shares_refusals("low_latency_dispatch")
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, cumulative_local_expert_recv_stats=None,
                              dispatch_wait_recv_cost_stats=None, use_fp8: bool = True, round_scale: bool = False,
@@ -1123,6 +1201,7 @@ class Buffer:
                    else type(stats).__name__)
             raise ValueError(f"{name}: expected a {dtype} tensor [{length}] on {device}, got {got}")
 
+    @_shares_refusals("low_latency_combine")
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
                             async_finish: bool = False, return_recv_hook: bool = False, out=None,
