@@ -20,7 +20,7 @@ import re
 import torch
 
 from dskernels._backend import current_backend
-from dskernels._checks import check_no_overlap, check_reads_apart, check_tensor
+from dskernels._checks import check_no_overlap, check_one_device, check_reads_apart, check_tensor
 from dskernels.ops.gemm import BLOCK_RECIPE, FP8, GROUP_SIZE, ROW_RECIPE, _check_c, _general_backend, _unpack, recipe_tuple
 from python_ref import gemm as ref
 
@@ -45,6 +45,7 @@ def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torc
     backend("ref"), the reference.
     """
     roles = _parse(expr, (a, b, d), ("a", "b", "d"))
+    check_one_device(a=a, b=b, d=d, c=c)
     for name, t in (("a", a), ("b", b)):
         check_tensor(name, t, dtypes=(BF16,), device=d.device)
     check_tensor("d", d, dtypes=(BF16, torch.float32))
@@ -106,6 +107,7 @@ def fp8_einsum(expr: str, a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.T
     if recipe is None or recipe not in (BLOCK_RECIPE, ROW_RECIPE):
         raise ValueError(f"recipe: expected {BLOCK_RECIPE} (128x128 scales on b) or {ROW_RECIPE} (1x128 on b), "
                          f"got {recipe!r}")
+    check_one_device(a=a, sa=sa, b=b, sb=sb, d=d, c=c)
     for name, t in (("a", a), ("b", b)):
         check_tensor(name, t, dtypes=(FP8,), device=d.device)
     check_tensor("d", d, dtypes=(BF16, torch.float32))

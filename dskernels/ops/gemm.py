@@ -661,6 +661,7 @@ def check_grouped_layout(name: str, layout, device, m: int, groups: int, use_psu
 
 
 def _check_masked(a, sa, b, sb, out, masked_m, expected_m):
+    check_one_device(a=a, sa=sa, b=b, sb=sb, out=out, masked_m=masked_m)
     groups, _, _, _ = _check_operands(a, sa, b, sb, out, grouped_a=True, grouped_b=True)
     check_tensor("masked_m", masked_m, ndim=1, dtypes=(torch.int32,), device=a.device)
     _check_shape("masked_m", masked_m, (groups,), "one row count per group")
@@ -677,6 +678,7 @@ def _check_k_grouped(a, sa, b, sb, out, ks, ks_tensor, k_major: bool, *, sizes_n
                      dtypes=(torch.float32, torch.bfloat16), overlap: bool = True,
                      scales_transposed: bool = False, out_name: str = "out") -> None:
     """The K-grouped GEMM's operands (k_grouped_fp8_gemm in csrc/torch_bindings.cpp)."""
+    check_one_device(a=a, sa=sa, b=b, sb=sb, **{out_name: out}, ks_tensor=ks_tensor)
     check_tensor(out_name, out, ndim=3, dtypes=dtypes)
     if overlap:
         check_no_overlap(out_name, out)

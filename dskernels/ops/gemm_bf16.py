@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from dskernels._backend import current_backend, select_backend
-from dskernels._checks import check_no_overlap, check_reads_apart, check_tensor
+from dskernels._checks import check_no_overlap, check_one_device, check_reads_apart, check_tensor
 from dskernels._device import on_tensor_device
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from dskernels.ops.gemm import (_check_c, _check_expected_m, _check_shape, _layout_argument, check_grouped_layout,
@@ -181,6 +181,7 @@ def k_grouped_bf16_gemm_tn_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
 def _check_dense(a, b, d, layout: str) -> None:
     """The dense GEMM's operands as the caller holds them, in DeepGEMM's letters: a [m, k] ("n") or
     [k, m] ("t"), b [n, k] ("t") or [k, n] ("n"); messages in those terms."""
+    check_one_device(a=a, b=b, d=d)
     check_tensor("a", a, ndim=2, dtypes=(BF16,))
     check_tensor("b", b, ndim=2, dtypes=(BF16,), device=a.device)
     a_k, b_k = (1 if layout[0] == "n" else 0), (1 if layout[1] == "t" else 0)  # where k is in each
@@ -207,6 +208,7 @@ def _check_output_apart(name: str, out, *inputs) -> None:
 
 def _check_grouped(a, b, out, *, grouped_a: bool) -> tuple[int, int, int]:
     """a [(G,) m, k], b [G, n, k], out [(G,) m, n], all bf16; returns (G, m, n)."""
+    check_one_device(a=a, b=b, d=out)
     check_tensor("a", a, ndim=3 if grouped_a else 2, dtypes=(BF16,))
     check_tensor("b", b, ndim=3, dtypes=(BF16,), device=a.device)
     groups, n, k = b.shape
@@ -230,6 +232,7 @@ def _check_contiguous(a, b, out, grouped_layout, use_psum_layout, expected_m) ->
 
 
 def _check_masked(a, b, out, masked_m, expected_m) -> None:
+    check_one_device(a=a, b=b, d=out, masked_m=masked_m)
     groups, _, _ = _check_grouped(a, b, out, grouped_a=True)
     check_tensor("masked_m", masked_m, ndim=1, dtypes=(torch.int32,), device=a.device)
     _check_shape("masked_m", masked_m, (groups,), "one row count per group")
@@ -238,6 +241,7 @@ def _check_masked(a, b, out, masked_m, expected_m) -> None:
 
 
 def _check_k_grouped(a, b, out, ks, ks_tensor, overlap: bool = True) -> None:
+    check_one_device(a=a, b=b, d=out, ks_tensor=ks_tensor)
     check_tensor("d", out, ndim=3, dtypes=(torch.float32, BF16))
     groups, m, n = out.shape
     check_sizes("ks", ks, groups, "d's groups")

@@ -16,7 +16,7 @@ import torch
 
 import python_ref.indexer as ref
 from dskernels._backend import current_backend, select_backend
-from dskernels._checks import as_flag, check_int, check_multiple, check_tensor
+from dskernels._checks import as_flag, check_int, check_multiple, check_one_device, check_tensor
 from dskernels._device import on_tensor_device
 
 FP8 = torch.float8_e4m3fn
@@ -305,6 +305,7 @@ def _check_head_dim(name: str, dim: int) -> None:
 
 
 def _check_mqa_args(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits, max_seqlen_k):
+    check_one_device(q=q, k=k, k_scale=k_scale, weights=weights, cu_seqlen_ks=cu_seqlen_ks, cu_seqlen_ke=cu_seqlen_ke)
     _check_fp8("q", q, 3)
     m, heads, dim = q.shape
     device = q.device
@@ -324,6 +325,7 @@ def _check_mqa_args(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, clean_lo
 
 
 def _check_paged_args(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits):
+    check_one_device(q=q, kv_cache=kv_cache, weights=weights, context_lens=context_lens, block_table=block_table)
     _check_fp8("q", q, 4)
     b, next_n, heads, dim = q.shape
     device = q.device

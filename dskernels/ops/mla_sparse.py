@@ -16,7 +16,7 @@ import torch
 
 import python_ref.mla_sparse as ref
 from dskernels._backend import select_backend
-from dskernels._checks import as_flag, check_int, check_multiple, check_tensor
+from dskernels._checks import as_flag, check_int, check_multiple, check_one_device, check_tensor
 from dskernels._device import on_tensor_device
 from dskernels.ops.mla import check_cache_heads
 
@@ -142,6 +142,7 @@ def _check_q(q, ndim: int) -> None:
 
 
 def _check_decode_args(q, k_cache, indices, head_dim_v, softmax_scale, is_fp8_kvcache, topk_length, attn_sink):
+    check_one_device(q=q, k_cache=k_cache, indices=indices, topk_length=topk_length, attn_sink=attn_sink)
     _check_q(q, 4)
     b, s_q, h_q, d = q.shape
     device = q.device
@@ -176,6 +177,7 @@ def _check_decode_args(q, k_cache, indices, head_dim_v, softmax_scale, is_fp8_kv
 
 
 def _check_prefill_args(q, kv, indices, sm_scale, d_v, attn_sink, topk_length):
+    check_one_device(q=q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
     _check_q(q, 3)
     s_q, h_q, d = q.shape
     device = q.device

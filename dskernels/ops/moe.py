@@ -9,7 +9,7 @@ import torch
 
 import python_ref
 from dskernels._backend import select_backend
-from dskernels._checks import as_flag, check_int, check_tensor
+from dskernels._checks import as_flag, check_int, check_one_device, check_tensor
 from dskernels._device import on_tensor_device
 
 _MAX_SELECTED = 16  # topk and topk_groups: the kernel selects by repeated arg-max, unrolled
@@ -56,6 +56,7 @@ def _check_types(num_groups, topk_groups, topk, renormalize) -> tuple[int, int, 
 
 
 def _check(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor) -> None:
+    check_one_device(logits=logits, bias=bias)
     check_tensor("logits", logits, ndim=2, dtypes=_FLOAT_DTYPES)
     experts = logits.shape[1]
     check_tensor("bias", bias, ndim=1, dtypes=_FLOAT_DTYPES, device=logits.device)
