@@ -75,10 +75,10 @@ TORCH_LIBRARY(dskernels, m) {
   // DeepGEMM's general dense form, D = C + A @ B.T: out bf16 or fp32, sb per 128x128 block or per
   // row of b (1x128, recipe (1, 1, 128): both operands activations, as in a weight gradient);
   // accumulate adds to out's values (the public fp8_gemm_nt copies c there first).
-  m.def("fp8_gemm_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out, bool accumulate) -> ()");
+  m.def("fp8_gemm_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out, bool accumulate=False) -> ()");
   // fp8_gemm_nt per batch (fp8_einsum): a [B, m, k], b [B, n, k], out [B, m, n], sb per 128x128
   // block or per row of each b[g]; any strides.
-  m.def("fp8_bmm_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out, bool accumulate) -> ()");
+  m.def("fp8_bmm_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out, bool accumulate=False) -> ()");
   // m_indices: one group id per row (-1: none), or with use_psum_layout DeepGEMM's [G] cumulative
   // row ends (group g owns rows align(ends[g-1], 128) .. ends[g] - 1). ensure_zero_padding: rows in
   // no group are written as zeros; expected_m: rows per group, a tuning hint (0: unknown).
@@ -122,8 +122,8 @@ TORCH_LIBRARY(dskernels, m) {
   m.def("m_grouped_bf16_gemm_nt_masked(Tensor a, Tensor b, Tensor(a!) out, Tensor masked_m, "
         "SymInt expected_m) -> ()");
   // out[g] (fp32 or bf16) (+)= a[tokens of g].T @ b[tokens of g]: a [tokens, m], b [tokens, n].
-  m.def("k_grouped_bf16_gemm_tn_contiguous(Tensor a, Tensor b, Tensor(a!) out, SymInt[] ks, Tensor? ks_tensor, "
-        "bool accumulate) -> ()");
+  m.def("k_grouped_bf16_gemm_tn_contiguous(Tensor a, Tensor b, Tensor(a!) out, SymInt[] ks, "
+        "Tensor? ks_tensor=None, bool accumulate=False) -> ()");
 
   // ---- DeepSeek-V3.2's indexer logits (DeepGEMM's fp8_mqa_logits / fp8_paged_mqa_logits) ----
   m.set_python_module("dskernels.ops.indexer");
@@ -138,8 +138,8 @@ TORCH_LIBRARY(dskernels, m) {
   // logits [T, E] -> (topk_idx int64 [T, topk], topk_weights fp32 [T, topk]): sigmoid scores,
   // selection on scores + bias within the topk_groups best of num_groups groups (each scored by
   // its two best), weights = the chosen scores (normalized to sum 1 if renormalize) * scaling_factor.
-  m.def("grouped_topk(Tensor logits, Tensor bias, int num_groups, int topk_groups, int topk, bool renormalize, "
-        "float scaling_factor) -> (Tensor, Tensor)");
+  m.def("grouped_topk(Tensor logits, Tensor bias, int num_groups, int topk_groups, int topk, "
+        "bool renormalize=True, float scaling_factor=1.0) -> (Tensor, Tensor)");
 
   // ---- Expert-parallel dispatch/combine (API.md section 3) ----
   m.set_python_module("dskernels.ops.ep");

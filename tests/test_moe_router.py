@@ -240,3 +240,22 @@ def test_cuda_graph_replay():
     logits.copy_(torch.randn_like(logits) * 2)
     graph.replay()
     assert_routes_equal(g_idx, g_weights, logits, bias, 8, 4, 8, True, 2.5)
+
+
+def test_op_schema_has_the_functions_defaults():
+    """torch.ops.dskernels.grouped_topk takes the Python function's defaults (renormalize=True,
+    scaling_factor=1.0), as do the other ops whose functions have them (fp8_gemm_nt's and
+    fp8_bmm_nt's accumulate, k_grouped_bf16_gemm_tn_contiguous's ks_tensor and accumulate)."""
+    g = torch.Generator().manual_seed(3)
+    logits, bias = torch.randn(5, 16, generator=g), torch.randn(16, generator=g)
+    for got, want in zip(torch.ops.dskernels.grouped_topk(logits, bias, 4, 2, 3),
+                         dskernels.grouped_topk(logits, bias, 4, 2, 3)):
+        assert torch.equal(got, want)
+    schemas = {name: str(getattr(torch.ops.dskernels, name).default._schema)
+               for name in ("fp8_gemm_nt", "fp8_bmm_nt", "k_grouped_bf16_gemm_tn_contiguous")}
+    assert all("bool accumulate=False" in s for s in schemas.values()), schemas
+    assert "Tensor? ks_tensor=None" in schemas["k_grouped_bf16_gemm_tn_contiguous"]
+    a, b = torch.randn(10, 8, generator=g).bfloat16(), torch.randn(10, 6, generator=g).bfloat16()
+    out = torch.full((2, 8, 6), float("nan"))
+    torch.ops.dskernels.k_grouped_bf16_gemm_tn_contiguous(a, b, out, [4, 6])
+    torch.testing.assert_close(out[1], a[4:].double().T.mm(b[4:].double()).float(), rtol=1e-5, atol=1e-5)

@@ -814,7 +814,7 @@ def _general_backend(device: torch.device, op: str = "fp8_gemm_nt") -> str:
 @torch.library.register_kernel("dskernels::fp8_gemm_nt", ("cpu", "cuda"))
 @on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
-def _fp8_gemm_nt(a, sa, b, sb, out, accumulate):
+def _fp8_gemm_nt(a, sa, b, sb, out, accumulate=False):
     sb_per_row = _check_general(a, sa, b, sb, out)
     if out.dtype == torch.bfloat16 and not accumulate and not sb_per_row:
         _run_dense(a, sa, b, sb, out)  # gemm_fp8_fp8_bf16_nt, with its sm90 CUDA kernel
@@ -831,7 +831,7 @@ def _fp8_gemm_nt(a, sa, b, sb, out, accumulate):
 @torch.library.register_kernel("dskernels::fp8_bmm_nt", ("cpu", "cuda"))
 @on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
-def _fp8_bmm_nt(a, sa, b, sb, out, accumulate):
+def _fp8_bmm_nt(a, sa, b, sb, out, accumulate=False):
     sb_per_row = _check_batched(a, sa, b, sb, out)
     if out.dtype == torch.bfloat16 and not accumulate and not sb_per_row:
         # The masked grouped GEMM with every row valid (and its sm90 CUDA kernel).
@@ -896,12 +896,12 @@ def _gemm_fp8_fp8_bf16_nt_fake(a, sa, b, sb, out):
 
 
 @torch.library.register_fake("dskernels::fp8_gemm_nt")
-def _fp8_gemm_nt_fake(a, sa, b, sb, out, accumulate):
+def _fp8_gemm_nt_fake(a, sa, b, sb, out, accumulate=False):
     _check_general(a, sa, b, sb, out)
 
 
 @torch.library.register_fake("dskernels::fp8_bmm_nt")
-def _fp8_bmm_nt_fake(a, sa, b, sb, out, accumulate):
+def _fp8_bmm_nt_fake(a, sa, b, sb, out, accumulate=False):
     _check_batched(a, sa, b, sb, out)
 
 

@@ -304,7 +304,7 @@ def _masked_fake(a, b, out, masked_m, expected_m):
 @torch.library.register_kernel("dskernels::k_grouped_bf16_gemm_tn_contiguous", ("cpu", "cuda"))
 @on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
-def _k_grouped(a, b, out, ks, ks_tensor, accumulate):
+def _k_grouped(a, b, out, ks, ks_tensor=None, accumulate=False):
     _check_k_grouped(a, b, out, ks, ks_tensor)
     if _backend("k_grouped_bf16_gemm_tn_contiguous", a.device) == "ref":
         out.copy_(ref.k_grouped_bf16_gemm(a, b, ks, c=out if accumulate else None))
@@ -317,5 +317,5 @@ def _k_grouped(a, b, out, ks, ks_tensor, accumulate):
 
 
 @torch.library.register_fake("dskernels::k_grouped_bf16_gemm_tn_contiguous")
-def _k_grouped_fake(a, b, out, ks, ks_tensor, accumulate):
+def _k_grouped_fake(a, b, out, ks, ks_tensor=None, accumulate=False):
     _check_k_grouped(a, b, out, ks, ks_tensor)

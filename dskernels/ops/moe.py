@@ -82,7 +82,7 @@ def _outputs(logits, topk):
 @torch.library.register_kernel("dskernels::grouped_topk", ("cpu", "cuda"))
 @on_tensor_device
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
-def _grouped_topk(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor):
+def _grouped_topk(logits, bias, num_groups, topk_groups, topk, renormalize=True, scaling_factor=1.0):
     _check(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor)
     if select_backend("grouped_topk", logits.device, has_cuda=False, has_triton=True) == "ref":
         idx, weights = python_ref.grouped_topk(logits, bias, num_groups, topk_groups, topk, renormalize,
@@ -96,6 +96,6 @@ def _grouped_topk(logits, bias, num_groups, topk_groups, topk, renormalize, scal
 
 
 @torch.library.register_fake("dskernels::grouped_topk")
-def _grouped_topk_fake(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor):
+def _grouped_topk_fake(logits, bias, num_groups, topk_groups, topk, renormalize=True, scaling_factor=1.0):
     _check(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor)
     return _outputs(logits, topk)
