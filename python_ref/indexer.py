@@ -104,6 +104,25 @@ def fp8_mqa_logits(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, weig
     return torch.where(inside, gathered, -math.inf).float()
 
 
+def check_pages(num_pages: int, page_size: int, context_lens: torch.Tensor, block_table: torch.Tensor,
+                max_context_len: int) -> list[int]:
+    """Each sequence's key count that its rows read (at most max_context_len and the block
+    table's span), after checking (a host read: free on CPU tensors) that every page those keys
+    lie on is one of the cache's."""
+    lens = [max(row) if isinstance(row, list) else row for row in context_lens.tolist()]  # [B] or [B, next_n]
+    span = block_table.shape[1] * page_size
+    widths = []
+    for i, length in enumerate(lens):
+        width = min(length, max_context_len, span)  # (1-D lengths: the last of the next_n rows sees them all)
+        if width > 0:
+            pages = block_table[i, : -(-width // page_size)]
+            if int(pages.min()) < 0 or int(pages.max()) >= num_pages:
+                raise ValueError(f"block_table: sequence {i} names pages outside the cache's {num_pages}: "
+                                 f"{pages.tolist()}")
+        widths.append(width)
+    return widths
+
+
 def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
                          context_lens: torch.Tensor, block_table: torch.Tensor, max_context_len: int,
                          clean_logits: bool = True) -> torch.Tensor:
@@ -112,18 +131,16 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     num_pages, page_size = kv_cache.shape[:2]
     keys_all = paged_k_cache_dequantize(kv_cache, dim)                          # [pages, page_size, D]
     out = torch.full((b * next_n, max_context_len), -math.inf, dtype=torch.float64, device=q.device)
+    widths = check_pages(num_pages, page_size, context_lens, block_table, max_context_len)
     lens = context_lens.long()
-    for i in range(b):
+    for i, width in enumerate(widths):
+        if width <= 0:
+            continue
         if context_lens.dim() == 1:
             limits = lens[i] - next_n + 1 + torch.arange(next_n, device=q.device)   # row j sees [0, limit_j)
         else:
             limits = lens[i]
-        width = min(int(limits.max()), max_context_len, block_table.shape[1] * page_size)
-        if width <= 0:
-            continue
         pages = block_table[i, : -(-width // page_size)].long()
-        if int(pages.min()) < 0 or int(pages.max()) >= num_pages:
-            raise ValueError(f"block_table: sequence {i} names pages outside the cache's {num_pages}: {pages.tolist()}")
         keys = keys_all[pages].reshape(-1, dim)[:width]
         logits = _logits(q[i].double(), keys, weights[i * next_n:(i + 1) * next_n])  # [next_n, width]
         visible = torch.arange(width, device=q.device)[None, :] < limits[:, None]

@@ -204,8 +204,9 @@ def test_strided_inputs(backend):
 
 def test_paged_keys_past_the_table_and_bad_pages(backend):
     """Lengths past what the block table holds: those keys are -inf on both backends. A page id
-    outside the cache inside a sequence's range: the reference raises; the Triton kernel gives its
-    keys -inf and reads nothing there."""
+    outside the cache inside a sequence's range: the reference, and any backend on CPU tensors,
+    raises; the Triton kernel (called directly here on CPU) gives its keys -inf and reads nothing
+    there."""
     name, device = backend
     skip_cuda_backend(name)
     q, kv_cache, weights, context_lens, block_table = paged_inputs([30, 20], 1, 4, 32, 16, seed=10)
@@ -220,16 +221,23 @@ def test_paged_keys_past_the_table_and_bad_pages(backend):
     nan = expected.isnan()
     assert_logits_close(out.masked_fill(nan.to(out.device), 0.0), expected.masked_fill(nan, 0.0),
                         paged_magnitude(q, kv_cache, weights, short, 64), 32, 4)
-    if name == "ref":
+    if name == "ref" or device == "cpu":
         bad = short.clone()
         bad[0, 1] = kv_cache.shape[0]
-        with pytest.raises(ValueError, match="block_table"):
+        with pytest.raises(ValueError, match="^block_table: sequence 0 names pages outside the cache's"):
             dskernels.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, bad, None, 32, True)
+    if name == "ref":
         return
     bad = short.clone()
     bad[0, 1] = HUGE_PAGE                               # keys 16..29 of sequence 0
-    out = dskernels.fp8_paged_mqa_logits(q.to(device), kv_cache.to(device), weights.to(device),
-                                         context_lens.to(device), bad.to(device), None, 32, True)
+    if device == "cpu":
+        from dskernels.triton import indexer as triton_indexer
+
+        out = torch.empty(q.shape[0] * q.shape[1], 32)
+        triton_indexer.paged_mqa_logits(q, kv_cache, weights, context_lens, bad, out)
+    else:
+        out = dskernels.fp8_paged_mqa_logits(q.to(device), kv_cache.to(device), weights.to(device),
+                                             context_lens.to(device), bad.to(device), None, 32, True)
     expected = ref.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, short, 32)
     expected[0, 16:] = -math.inf
     assert_logits_close(out, expected, paged_magnitude(q, kv_cache, weights, short, 32), 32, 4)

@@ -199,8 +199,9 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
         context_lens: [B] int32 (row j of sequence b sees keys [0, context_lens[b] - next_n + j + 1))
             or [B, next_n] int32 (row j sees [0, context_lens[b, j])).
         block_table: [B, max_pages] int32: key t of sequence b is in page block_table[b, t //
-            page_size]. Entries past the keys a sequence's rows see are never read; a key on a page
-            id outside the cache gets -inf.
+            page_size]. Entries past the keys a sequence's rows see are never read. A page id
+            outside the cache raises ValueError on CPU tensors (any backend: reading the table is
+            free there); on a GPU, where that check would synchronize, its keys get -inf.
         schedule_meta: `get_paged_mqa_logits_metadata`'s plan, for drop-in use; not read (the Triton
             kernel's grid covers every (sequence, key block) pair).
         max_context_len: the width of the result.
@@ -394,6 +395,9 @@ def _fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_c
         return ref.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits)
     from dskernels.triton import indexer as triton_indexer
 
+    if q.device.type == "cpu":  # (the interpreter) reading the values is free here: pages outside
+        # the cache raise, as on the reference
+        ref.check_pages(kv_cache.shape[0], kv_cache.shape[1], context_lens, block_table, max_context_len)
     out = q.new_empty(q.shape[0] * q.shape[1], max_context_len, dtype=torch.float32)
     triton_indexer.paged_mqa_logits(q, kv_cache, weights, context_lens, _unit_last(block_table), out)
     return out
