@@ -494,6 +494,40 @@ def test_plain_torch_oracle_matches_transformers():
                                        atol=TOL, rtol=TOL)
 
 
+def test_torch_load_state_dict_paths():
+    """torch's own load_state_dict: it refreshes the absorbed W_UK / W_UV also for inference tensors
+    (no version counter), and refuses FP8 weights for a float layer and the reverse (it would copy
+    the bytes as values, whatever `strict` says; load_hf_state_dict converts). A meta-built MoE
+    layer with fp32 experts runs on meta tensors (shapes only)."""
+    cfg = CONFIGS["v3"]
+    refs = [make_reference(cfg, 1, seed=s) for s in (31, 32)]
+    x, positions = torch.randn(2, 3, cfg.hidden_size), spread_positions(2, 3)
+
+    def paged(layer):
+        cache, table = paged_cache(cfg, num_pages=4, page_size=5, batch=2, pages_per_seq=2)
+        return layer(x, positions, kv_cache=cache, block_table=table, cache_seqlens=torch.zeros(2, dtype=torch.int32))
+
+    with torch.inference_mode():
+        layers = [DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32) for _ in refs]
+        for layer, ref in zip(layers, refs):
+            layer.load_hf_state_dict(ref.state_dict())
+        paged(layers[0])  # absorbs refs[0]'s kv_b_proj
+        layers[0].load_state_dict(layers[1].state_dict())
+        torch.testing.assert_close(paged(layers[0]), paged(layers[1]), atol=0, rtol=0)
+    fp8 = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16)
+    fp8.load_hf_state_dict(refs[0].state_dict(), fp8=True)
+    plain = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16)
+    for source, target, words in ((fp8, plain, "float8_e4m3fn tensor for a float weight"),
+                                  (plain, fp8, "bfloat16 tensor for an FP8 weight")):
+        with pytest.raises(RuntimeError, match=f"self_attn.q_a_proj.weight: a torch.{words}"):
+            target.load_state_dict(source.state_dict(), strict=False)
+        with pytest.raises(RuntimeError, match="mlp.experts.gate_up_proj: a torch."):
+            target.load_state_dict(source.state_dict(), strict=False)
+    meta = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32, device="meta")
+    out = meta(torch.empty(2, 3, cfg.hidden_size, device="meta"), torch.empty(2, 3, dtype=torch.long, device="meta"))
+    assert out.shape == (2, 3, cfg.hidden_size) and out.device.type == "meta"
+
+
 def test_no_shared_experts():
     """n_shared_experts = 0: transformers keeps an empty shared-experts module; its weights load
     (strictly) and come back."""

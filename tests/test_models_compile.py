@@ -56,6 +56,26 @@ def new_cache(dtype, seed=2):
     return torch.randn(8, PAGE_SIZE, 1, CFG.kv_cache_dim, generator=g).to(dtype)
 
 
+def test_compiled_layer_sees_new_weights():
+    """W_UK / W_UV are absorbed from kv_b_proj once; a compiled step cannot read the version
+    counters that tell eager mode of an in-place change, so load_state_dict drops them itself (a
+    hook) and an in-place change made otherwise is followed by drop_absorbed()."""
+    torch._dynamo.reset()
+    layer, other = make_layer(0, "fp32"), make_layer(0, "fp32", seed=5)
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=False)
+    (x, positions, paged), = steps(torch.float32)[2:3]
+    with torch.no_grad():
+        for _ in range(2):
+            compiled(x, positions, kv_cache=new_cache(torch.float32), **paged)
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(compiled(x, positions, kv_cache=new_cache(torch.float32), **paged),
+                                   other(x, positions, kv_cache=new_cache(torch.float32), **paged), atol=0, rtol=0)
+        layer.self_attn.kv_b_proj.weight.mul_(2)
+        layer.self_attn.drop_absorbed()
+        torch.testing.assert_close(compiled(x, positions, kv_cache=new_cache(torch.float32), **paged),
+                                   layer(x, positions, kv_cache=new_cache(torch.float32), **paged), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "fp8"])
 @pytest.mark.parametrize("layer_idx", [0, 1], ids=["dense", "moe"])
 def test_compiled_layer_equals_eager(layer_idx, weights):

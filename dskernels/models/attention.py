@@ -60,6 +60,16 @@ class MLAttention(nn.Module):
         self.w_uk = self.w_uv = None  # absorbed up-projections, built from kv_b_proj on first cached call
         self._absorbed_from = ()  # kv_b_proj's tensors and version counters they were built from
         self.indexer = Indexer(cfg, dtype, device, index_fp8) if cfg.index_topk is not None else None
+        # load_state_dict copies into kv_b_proj in place: a compiled step (which cannot read the version
+        # counters) and inference tensors (which have none) would keep the old W_UK / W_UV
+        self.register_load_state_dict_post_hook(lambda module, keys: module.drop_absorbed())
+
+    def drop_absorbed(self) -> None:
+        """Forget W_UK / W_UV: the next cached call builds them from kv_b_proj again. Needed only after
+        an in-place change to kv_b_proj that the version counters cannot show (a compiled layer's
+        steps, an inference tensor); load_state_dict and load_hf_state_dict call it themselves."""
+        self.w_uk = self.w_uv = None
+        self._absorbed_from = ()
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(device_moves_only(fn, lambda t: t is self.inv_freq), recurse)  # rope stays fp32

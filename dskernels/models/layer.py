@@ -353,7 +353,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         if strict and unexpected:
             raise KeyError(f"state_dict: unexpected keys for layer {self.layer_idx}: {unexpected[:8]}"
                            f"{' ...' if len(unexpected) > 8 else ''}")
-        attn.w_uk = attn.w_uv = None
+        attn.drop_absorbed()
         for step in steps:
             step()
 

@@ -89,6 +89,17 @@ def device_moves_only(fn, exempt):
     return apply
 
 
+def refuse_format_change(state_dict, prefix: str, names, fp8: bool, error_msgs: list) -> None:
+    """torch's load_state_dict copies values into the buffers as they are: FP8 bytes into a float
+    weight (its scales dropped), or float values into an FP8 one (under the old scales), whatever
+    `strict` says. Refused (load_hf_state_dict converts between the formats)."""
+    for name in names:
+        given = state_dict.get(prefix + name)
+        if isinstance(given, torch.Tensor) and (given.dtype == FP8) != fp8:
+            error_msgs.append(f"{prefix}{name}: a {given.dtype} tensor for a{'n FP8' if fp8 else ' float'} weight "
+                              f"(load_state_dict keeps each buffer's format; load_hf_state_dict converts)")
+
+
 class Linear(nn.Module):
     """y = x @ W.T (+ b where bias: the attention's projections under config.attention_bias, which
     V3's checkpoints leave False). The bias stays in the layer's dtype and is added to the product.
@@ -115,6 +126,12 @@ class Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         fp8, bias = self.is_fp8, self.bias
         return super()._apply(device_moves_only(fn, lambda t: fp8 and t is not bias), recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        refuse_format_change(state_dict, prefix, ("weight",), self.is_fp8, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def set_bias(self, bias: torch.Tensor) -> None:
         if self.bias is None:

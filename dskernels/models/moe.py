@@ -26,8 +26,8 @@ from torch import nn
 import dskernels
 import python_ref.moe
 from dskernels.models.config import DeepseekV3Config
-from dskernels.models.linear import (FP8, MLP, BlockMajorScales, Linear, device_moves_only, refuse_gradient,
-                                     triton_fusable, triton_only_ops, unhooked)
+from dskernels.models.linear import (FP8, MLP, BlockMajorScales, Linear, device_moves_only, refuse_format_change,
+                                     refuse_gradient, triton_fusable, triton_only_ops, unhooked)
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -69,6 +69,8 @@ class Router(nn.Module):
 
 def _grouped_float_eager(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows [offsets[g-1], offsets[g]) of x times w[g].T; rows past offsets[-1] unspecified."""
+    if x.device.type == "meta":  # (the loop below reads the offsets; torch._grouped_mm's meta takes bf16 only)
+        return x.new_empty(x.shape[0], w.shape[1])
     if _GROUPED_MM and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
         try:
             return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
@@ -153,6 +155,12 @@ class Experts(nn.Module):
     def _apply(self, fn, recurse=True):
         fp8 = self.is_fp8
         return super()._apply(device_moves_only(fn, lambda t: fp8), recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        refuse_format_change(state_dict, prefix, ("gate_up_proj", "down_proj"), self.is_fp8, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _gemm(self, x, w, scale, m_indices, offsets) -> torch.Tensor:
         if scale is None:
