@@ -169,6 +169,7 @@ def _local_body(rank, world):
                               (math.nan, ValueError, ["timeout_s:", "nan"])]:
         _raises(error, words, lambda: Buffer(dist.group.WORLD, timeout_s=bad))
     _raises(TypeError, ["group: expected a torch.distributed ProcessGroup", "list"], lambda: Buffer([0, 1]))
+    _raises(TypeError, ["num_sms: expected an int", "str"], lambda: Buffer.set_num_sms("lots"))
     _raises(ValueError, ["num_nvl_bytes: expected an int >= 0", "-1"], lambda: Buffer(None, -1))
     _raises(TypeError, ["num_rdma_bytes: expected an int", "float"], lambda: Buffer(None, 0, 1.5))
     alone = dist.new_group([0])  # every rank must call new_group; rank 1 gets a placeholder

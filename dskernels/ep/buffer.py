@@ -275,10 +275,13 @@ class Buffer:
     # ---- DeepEP compatibility helpers ----
     @staticmethod
     def set_num_sms(num_sms: int) -> None:
-        Buffer.num_sms = num_sms
+        """DeepEP's SM budget for its kernels: kept (get_dispatch_config reports it); the collectives
+        here take no SM count."""
+        Buffer.num_sms = check_int("num_sms", num_sms, minimum=1)
 
     @staticmethod
     def capture() -> EventOverlap:
+        """An event on the current stream (DeepEP's `Buffer.capture`), for `previous_event`."""
         return capture()
 
     @staticmethod
@@ -301,6 +304,7 @@ class Buffer:
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
+        """As get_dispatch_config."""
         return Config(num_sms=Buffer.num_sms)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
@@ -318,6 +322,7 @@ class Buffer:
         """Nothing to clean: low-latency buffers are allocated per call."""
 
     def destroy(self) -> None:
+        """DeepEP's explicit release: drops the communication streams (no buffers are held)."""
         self._streams.clear()
 
     def _comm_stream(self, device: torch.device) -> torch.cuda.Stream:

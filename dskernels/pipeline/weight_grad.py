@@ -133,6 +133,7 @@ class WeightGradStore(metaclass=_StoreMeta):
         self.funcs_queue = queue.Queue()
 
     def empty(self) -> bool:
+        """No weight-gradient work cached or queued."""
         return not self.cache and self.funcs_queue.empty()
 
     def activate(self, enabled: bool = True):
@@ -228,6 +229,7 @@ class Linear(nn.Linear):
     computes what nn.Linear does."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T + bias, as nn.Linear (see the class docstring for the weight gradient)."""
         weight, bias = self.weight, self.bias  # (a parametrization computes them on each access)
         if not torch.is_grad_enabled() or not (weight.requires_grad or (bias is not None and bias.requires_grad)):
             return F.linear(x, weight, bias)
