@@ -33,10 +33,17 @@ def check_one_device(**tensors) -> None:
     """The tensors among the named arguments all on one device. The odd one out is named against
     the device most of them are on (with a tie, the first's), so a misplaced first argument is
     named itself rather than every argument after it."""
+    first = None
+    for t in tensors.values():  # (per GEMM call on the host: the plain loop, until a device differs)
+        if isinstance(t, torch.Tensor):
+            if first is None:
+                first = t.device
+            elif t.device != first:
+                break
+    else:
+        return
     present = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     devices = [t.device for t in present.values()]
-    if len(set(devices)) <= 1:
-        return
     usual = max(devices, key=devices.count)  # (max keeps the first of equal counts)
     name, odd = next((n, t) for n, t in present.items() if t.device != usual)
     others = ", ".join(n for n, t in present.items() if t.device == usual)

@@ -247,8 +247,9 @@ class Buffer:
         check_exchanges = as_flag("check_exchanges", check_exchanges, none_ok=True)
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             check_int(name, value, minimum=0)
-        if group is dist.GroupMember.NON_GROUP_MEMBER or (isinstance(group, dist.ProcessGroup)
-                                                         and dist.get_rank(group) < 0):
+        non_member = dist.GroupMember.NON_GROUP_MEMBER  # (what dist.new_group returns to the others)
+        if (isinstance(group, int) and group == non_member) or (isinstance(group, dist.ProcessGroup)
+                                                                and dist.get_rank(group) < 0):
             raise ValueError(f"group: expected a group this process belongs to, but global rank {dist.get_rank()} "
                              "is not one of its members (dist.new_group returns a placeholder to the others)")
         if group is not None and not isinstance(group, dist.ProcessGroup):
