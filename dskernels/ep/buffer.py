@@ -184,10 +184,8 @@ def _shares_refusals(what: str):
             try:
                 return method(self, *args, **kwargs)
             except Exception as e:
-                told = getattr(e, "_dskernels_peers_told", False)  # (by an op this one called)
-                if self.check_exchanges and self._exchanges_started == started and not told:
-                    e._dskernels_peers_told = True
-                    self._refuse(what, e)
+                if self.check_exchanges and self._exchanges_started == started:
+                    self._refuse(what, e, (*args, *kwargs.values()))
                 raise
         return run
     return wrap
@@ -349,11 +347,18 @@ class Buffer:
         self._exchange(recv, send, None, None, f"{what} (check_exchanges)", poll=True)
         return recv.cpu().tolist()
 
-    def _refuse(self, what: str, error: Exception) -> None:
+    def _refuse(self, what: str, error: Exception, arguments: tuple) -> None:
         """This rank's arguments were refused before its first exchange: its peers learn it in that
-        exchange's check. Where that check cannot run either (a peer gone), the error says so."""
-        backend = dist.get_backend(self.group)
-        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        exchange's check, on the device of the call's first tensor (where the peers' check runs),
+        else the group's. Where that check cannot run either (a peer gone), the error says so."""
+        tensors = [a for a in arguments if isinstance(a, torch.Tensor)]
+        tensors += [t for a in arguments if isinstance(a, tuple) for t in a if isinstance(t, torch.Tensor)]
+        if tensors and tensors[0].device.type in ("cpu", "cuda"):
+            device = tensors[0].device
+        elif "nccl" in dist.get_backend(self.group):
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
         try:
             self._check_rows(_REFUSED, [0] * self.group_size, [0] * self.group_size, device, what)
         except Exception as failed:  # the caller's error is the one to see
