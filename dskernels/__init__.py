@@ -54,6 +54,7 @@ _check_torch_version()
 from dskernels import ops  # noqa: E402,F401  (registers the Python kernels)
 from dskernels._backend import available_backends, backend, current_backend  # noqa: E402
 from dskernels.ops.einsum import einsum, fp8_einsum  # noqa: E402
+from dskernels.ops.ep import ep_get_dispatch_layout  # noqa: E402
 from dskernels.ops.fp8 import (per_block_cast_to_fp8, per_channel_cast_to_fp8, per_token_cast_to_fp8,  # noqa: E402
                                silu_and_mul, silu_and_mul_cast_to_fp8)
 from dskernels.ops.moe import grouped_topk  # noqa: E402
@@ -99,6 +100,7 @@ from dskernels.ops.indexer import (fp8_fp4_mqa_logits, fp8_fp4_paged_mqa_logits,
                                    fp8_paged_mqa_logits, get_paged_mqa_logits_metadata, paged_k_cache_cast_to_fp8,
                                    per_custom_dims_cast_to_fp8)
 from dskernels.ops.mla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
+from dskernels.ops.pipeline import dualpipe_schedule  # noqa: E402  (decoded to action strings)
 from dskernels.ops.mla_sparse import (dequantize_sparse_kv_cache, flash_mla_sparse_decode,  # noqa: E402
                                       flash_mla_sparse_fwd, quantize_sparse_kv_cache)
 
@@ -115,7 +117,9 @@ __all__ = [
     "ceil_div",
     "current_backend",
     "dequantize_sparse_kv_cache",
+    "dualpipe_schedule",
     "einsum",
+    "ep_get_dispatch_layout",
     "flash_mla_sparse_decode",
     "flash_mla_sparse_fwd",
     "fp8_einsum",

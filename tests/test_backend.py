@@ -93,6 +93,17 @@ def test_every_schema_has_python_kernels():
             assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"dskernels::{name}", key), (name, key)
 
 
+def test_contract_ops_are_public_functions():
+    """API.md: the registered op names are the public function names, so each op it lists is both
+    torch.ops.dskernels.<name> and dskernels.<name>."""
+    contract = ["get_mla_metadata", "flash_mla_with_kvcache", "per_token_cast_to_fp8", "per_block_cast_to_fp8",
+                "gemm_fp8_fp8_bf16_nt", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
+                "m_grouped_gemm_fp8_fp8_bf16_nt_masked", "ep_get_dispatch_layout", "dualpipe_schedule"]
+    for name in contract:
+        assert hasattr(torch.ops.dskernels, name), name
+        assert callable(getattr(dskernels, name, None)) and name in dskernels.__all__, name
+
+
 @pytest.mark.filterwarnings("ignore:.*autograd kernel was not registered")
 def test_no_gradient_flows_through_the_ops():
     """Inference kernels on every backend: outputs that do not require grad even where an input does

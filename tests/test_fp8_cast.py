@@ -617,6 +617,7 @@ def test_silu_and_mul_cast_bad_input_opcheck_and_compile():
     masked_m = torch.tensor([1, 2], dtype=torch.int32)
     torch.library.opcheck(torch.ops.dskernels.silu_and_mul_cast_to_fp8, (x.bfloat16(),))
     torch.library.opcheck(torch.ops.dskernels.silu_and_mul_cast_to_fp8, (x.view(2, 2, 256), masked_m, True))
+    torch.library.opcheck(torch.ops.dskernels.silu_and_mul_cast_to_fp8, (torch.randn(256, 5).T,))
     compiled = torch.compile(dskernels.silu_and_mul_cast_to_fp8, fullgraph=True, backend="aot_eager")
     for actual, expected in zip(compiled(x), dskernels.silu_and_mul_cast_to_fp8(x)):
         assert_same_bits(actual, expected)
@@ -674,5 +675,7 @@ def test_silu_and_mul_bad_input_opcheck_and_compile():
         dskernels.silu_and_mul(x.view(2, 2, 6), torch.ones(3, dtype=torch.int32))
     torch.library.opcheck(torch.ops.dskernels.silu_and_mul, (x.bfloat16(),))
     torch.library.opcheck(torch.ops.dskernels.silu_and_mul, (x.view(2, 2, 6), torch.tensor([1, 2], dtype=torch.int32)))
+    # a column-major x: the output is row-major on every backend, as the fake kernel says
+    torch.library.opcheck(torch.ops.dskernels.silu_and_mul, (torch.randn(12, 5).T,))
     compiled = torch.compile(dskernels.silu_and_mul, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), dskernels.silu_and_mul(x))

@@ -394,6 +394,28 @@ def test_oracle_definition():
     assert (out == 0).all() and (lse == math.inf).all()
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_bf16_out_rounds_to_nearest_on_cpu(backend, split):
+    """On CPU tensors both paths keep P in fp32 (IEEE dots under the interpreter), so a bf16 out is
+    the fp64 result rounded once: within half an ulp (plus fp32's ~2^-24 relative error). The
+    interpreter truncates fp32 -> bf16 conversions, which gave up to one ulp, biased toward zero.
+    split: a long sequence cut into several splits, so the combine kernel writes out."""
+    name, device = backend
+    skip_cuda_backend(name)
+    if device != "cpu":
+        pytest.skip("a GPU's Triton path rounds P to bf16 before P @ V (TOLERANCES covers it)")
+    lengths = [700, 37] if split else [37, 70]
+    q, k_cache, block_table, lens, dv, _ = make_inputs(lengths, 2, 4, 1, 16, torch.bfloat16, torch.bfloat16,
+                                                       d=48, dv=32)
+    out, _ = run_op(q, k_cache, block_table, lens, dv, None, False)
+    if split:
+        _, splits = dskernels.get_mla_metadata(lens, 2 * 4, 1)
+        assert splits[1] - splits[0] > 1, "the long sequence should be split for this test"
+    expected, _ = python_ref.mla.flash_mla_with_kvcache(q.double(), k_cache.double(), block_table, lens, dv)
+    ulp = 2.0 ** (torch.floor(torch.log2(expected.abs())) - 7)
+    assert ((out.double() - expected).abs() <= ulp * (0.5 + 2**-10)).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # The split plan
 # ---------------------------------------------------------------------------------------------

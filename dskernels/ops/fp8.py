@@ -168,7 +168,10 @@ def _run_silu_and_mul(op: str, x, masked_m, round_scale: bool, cast: bool):
     """Both SwiGLU ops: the reference (every row: those past masked_m are unspecified) or the Triton
     kernel, on a 3-dimensional view of x with unit column stride."""
     if select_backend(op, x.device, has_cuda=False, has_triton=True) == "ref":
-        return python_ref.silu_and_mul_cast_to_fp8(x, round_scale) if cast else python_ref.silu_and_mul(x)
+        # contiguous: the fake's row-major layout whatever x's strides (the oracle follows x's)
+        if cast:
+            return tuple(t.contiguous() for t in python_ref.silu_and_mul_cast_to_fp8(x, round_scale))
+        return python_ref.silu_and_mul(x).contiguous()
     from dskernels.triton import fp8_cast
 
     if x.stride(-1) != 1:

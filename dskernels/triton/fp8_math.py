@@ -161,6 +161,21 @@ def round_to_bf16(x):
     return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
 
 
+# Read once, as Triton itself reads it when @triton.jit decorates (a constexpr global: a GPU build
+# drops the branch below).
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def as_element_type(x, ptr):
+    """fp32 x converted for a store at ptr, rounded to nearest even as a GPU's conversion rounds
+    (round_to_bf16 under the interpreter, which truncates fp32 -> bf16)."""
+    if INTERPRETED:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            x = round_to_bf16(x)
+    return x.to(ptr.dtype.element_ty)
+
+
 @triton.jit
 def rounded_to(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
     """fp32 x rounded to dtype (to nearest even), as fp32: the rounding of a torch elementwise op's

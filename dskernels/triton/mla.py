@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from dskernels.triton import cdiv, next_power_of_2
-from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
+from dskernels.triton.fp8_math import as_element_type, e4m3_bits_to_fp16, native_fp8
 from dskernels.triton.launch import fast
 
 LOG2E = 1.4426950408889634
@@ -245,7 +245,7 @@ def _mla_decode_splitkv_kernel(
             lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
             if n_split == 1:
                 o_ptrs = out_ptr + i64 * stride_ob + token * stride_os + head * stride_oh
-                tl.store(o_ptrs[:, None] + dv_offs[None, :], o.to(out_ptr.dtype.element_ty),
+                tl.store(o_ptrs[:, None] + dv_offs[None, :], as_element_type(o, out_ptr),
                          mask=row_ok[:, None] & dv_ok[None, :])
                 lse = tl.where(seen, lse2 * 0.6931471805599453, float("inf"))
                 tl.store(lse_ptr + i64 * stride_lb + head * stride_lh + token, lse, mask=row_ok)
@@ -295,7 +295,7 @@ def _mla_combine_kernel(out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr, num_splits_p
         lse = tl.where(seen, (m_safe + tl.math.log2(tl.where(seen, total, 1.0))) * 0.6931471805599453,
                        float("inf"))
         o_ptrs = out_ptr + i.to(tl.int64) * stride_ob + token * stride_os + head * stride_oh
-        tl.store(o_ptrs[:, None] + dv_offs[None, :], o.to(out_ptr.dtype.element_ty),
+        tl.store(o_ptrs[:, None] + dv_offs[None, :], as_element_type(o, out_ptr),
                  mask=row_ok[:, None] & dv_ok[None, :])
         tl.store(lse_ptr + i.to(tl.int64) * stride_lb + head * stride_lh + token, lse, mask=row_ok)
 

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from dskernels._backend import env_choice
 from dskernels.triton import cdiv, next_power_of_2
-from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8
+from dskernels.triton.fp8_math import as_element_type, e4m3_bits_to_fp16, native_fp8
 from dskernels.triton.mla import (DOUBLE_BUFFER_STAGES, _shared_limit, latent_scores, load_key_rows,
                                   online_softmax_step)
 from dskernels.triton.launch import fast
@@ -63,7 +63,7 @@ def _store_result(o, lse, max_logit, seen, out_ptr, lse_ptr, max_ptr, sink_ptr, 
     if HAS_SINK:
         o = o * _sink_share(lse, seen, sink_ptr, head, head_ok)[:, None]
     tl.store(out_ptr + row * stride_or + head[:, None] * stride_oh + dv_offs[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & dv_ok[None, :])
+             as_element_type(o, out_ptr), mask=head_ok[:, None] & dv_ok[None, :])
     _store_stats(lse, max_logit, seen, lse_ptr, max_ptr, row, head, head_ok, lse_div, stride_l0, stride_l1,
                  stride_lh, stride_mr, stride_mh, HAS_MAX)
 
@@ -217,7 +217,7 @@ def _tile_values(acc_t, alpha, p, k_t, scale_t, FP32_DOT: tl.constexpr):
 @triton.jit
 def _store_tile(o_t, t: tl.constexpr, ptr, row_offsets, head_ok, split_out: tl.constexpr):
     cols = t * 128 + tl.arange(0, 128)
-    value = o_t if split_out else o_t.to(ptr.dtype.element_ty)
+    value = o_t if split_out else as_element_type(o_t, ptr)
     tl.store(ptr + row_offsets[:, None] + cols[None, :], value, mask=head_ok[:, None])
 
 
