@@ -7,6 +7,8 @@ GIL. If the interpreter is shutting down by then (a rank that returns right afte
 that thread exits in the middle of a destructor and the process aborts with "terminate called
 without an active exception". Seen on 2 gloo ranks in 1 of about 6 runs of the pipeline tests, and
 in about 1 of 3 runs of a 2-rank script that exits right after an async all_gather.
+
+Also the group argument check that EP's Buffer and the pipeline runtimes share.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 _POLL_S = 1e-4
 _RELEASE_LIMIT_S = 1.0  # the worker drops its reference microseconds after completing; this is slack
@@ -36,3 +39,16 @@ def wait_released(tensors: Sequence[torch.Tensor], counts: Sequence[int]) -> Non
     deadline = time.monotonic() + _RELEASE_LIMIT_S
     while any(t._use_count() > c for t, c in host) and time.monotonic() < deadline:
         time.sleep(_POLL_S)
+
+
+def check_member_group(name: str, group) -> None:
+    """Raises ValueError / TypeError naming `name` unless `group` is None (the default group) or a
+    ProcessGroup this process belongs to: dist.new_group gives the processes it leaves out a
+    placeholder (an int), which would otherwise fail later with an unrelated error."""
+    if (isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER) or (
+            isinstance(group, dist.ProcessGroup) and dist.get_rank(group) < 0):
+        raise ValueError(f"{name}: expected a group this process belongs to, but global rank {dist.get_rank()} "
+                         "is not one of its members (dist.new_group returns a placeholder to the others)")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name}: expected a torch.distributed ProcessGroup (or None: the default group), "
+                        f"got {type(group).__name__}")

@@ -105,9 +105,10 @@ class RoutedBlock(nn.Module):
 
 
 def reference(blocks, x, labels, num_chunks):
-    """Per-chunk loss and backward through the whole model (grads accumulate in blocks)."""
+    """Per-chunk loss and backward through the whole model (grads accumulate in blocks); chunks as
+    DualPipe cuts them (Tensor.chunk)."""
     losses, outs = [], []
-    for xc, lc in zip(x.tensor_split(num_chunks), labels.tensor_split(num_chunks)):
+    for xc, lc in zip(x.chunk(num_chunks), labels.chunk(num_chunks)):
         h = xc
         for m in blocks:
             h = m(h)
@@ -202,15 +203,14 @@ def check_tuple_dualpipev(rank, P, num_chunks, seed, block_cls=TupleBlock, steps
     torch.manual_seed(seed)
     blocks = [block_cls() for _ in range(2 * P)]
     pipe = DualPipeV((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[2 * P - 1 - rank])))
-    rows = num_chunks * 2 + 1  # tensor_split: the first chunk gets one more row
+    rows = num_chunks * 3 - 1  # Tensor.chunk (DualPipe's split): chunks of 3 rows, the last of 2
     for _ in range(steps):
         x = torch.randn(rows, D, dtype=torch.float64)
         pos = torch.randint(0, 5, (rows,))
         labels = torch.randn(rows, D, dtype=torch.float64)
         ref = copy.deepcopy(blocks)
         losses = []
-        for xc, pc, lc in zip(x.tensor_split(num_chunks), pos.tensor_split(num_chunks),
-                              labels.tensor_split(num_chunks)):
+        for xc, pc, lc in zip(x.chunk(num_chunks), pos.chunk(num_chunks), labels.chunk(num_chunks)):
             h = (xc, pc.clone())
             for m in ref:
                 h = m(*h)
@@ -237,7 +237,7 @@ def check_none_messages(rank, P, num_chunks, seed):
     pipe = DualPipeV((copy.deepcopy(blocks[rank]), copy.deepcopy(blocks[2 * P - 1 - rank])))
     x, labels = torch.randn(2, 2 * num_chunks, D, dtype=torch.float64)
     ref, losses = copy.deepcopy(blocks), []
-    for xc, lc in zip(x.tensor_split(num_chunks), labels.tensor_split(num_chunks)):
+    for xc, lc in zip(x.chunk(num_chunks), labels.chunk(num_chunks)):
         h = (xc,)
         for m in ref:
             h = m(*h)
@@ -275,11 +275,14 @@ def check_repeated_steps(rank, P, num_chunks, seed, runtime=DualPipeV, block_cls
         x = torch.randn(rows, D, dtype=torch.float64)
         labels = torch.randn(rows, D, dtype=torch.float64)
         ref = copy.deepcopy(blocks)
-        loss_ref, _ = reference(ref, x, labels, num_chunks)
+        # rank 0 feeds the first half, rank P-1 the second, each cut into `half` chunks there
+        xs, ls = x.tensor_split(2), labels.tensor_split(2)
+        if dual:  # (3 * num_chunks + 2 rows: halves of 3P + 1 rows, chunks of 4, the last shorter)
+            loss_ref = torch.cat([reference(ref, xs[d], ls[d], half)[0] for d in (0, 1)])
+        else:  # (chunks of 4, the last of 2)
+            loss_ref, _ = reference(ref, x, labels, num_chunks)
         pipe.zero_grad(set_to_none=True)
-        if dual and rank in (0, P - 1):  # rank 0 feeds the first half, rank P-1 the second
-            cut = [sum(c.shape[0] for c in x.tensor_split(num_chunks)[:half])]
-            xs, ls = x.tensor_split(cut), labels.tensor_split(cut)
+        if dual and rank in (0, P - 1):
             mine, theirs = (0, 1) if rank == 0 else (1, 0)
             loss, _ = pipe.step(xs[mine], num_chunks=num_chunks, criterion=criterion, labels=[ls[theirs]])
             torch.testing.assert_close(loss, loss_ref[half:] if rank == 0 else loss_ref[:half],

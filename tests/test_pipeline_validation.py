@@ -148,6 +148,10 @@ def check_argument_errors(rank):
         v_step(pipe, rank, x, labels, 4, return_outputs="no")
     with pytest.raises(ValueError, match=r"^num_chunks: dualpipev: N \(chunks\) must be >= 2\*P = 4"):
         v_step(pipe, rank, x, labels, 3)
+    # DualPipe's split (Tensor.chunk): 6 rows in chunks of 2 make 3 micro-batches, not 4
+    expect_on(rank, 0, ValueError, r"^inputs: dimension 0 has 6 rows, which DualPipe's split \(Tensor.chunk: pieces "
+                                   r"of ceil\(6 / 4\) rows\) makes 3 micro-batches, not num_chunks=4",
+              lambda: v_step(pipe, rank, rows(6), rows(6), 4))
     dual = DualPipe((Block(), Block()))
     x0, x1 = x.tensor_split(2)
     l0, l1 = labels.tensor_split(2)
@@ -158,8 +162,8 @@ def check_argument_errors(rank):
     # P2P (chunk i of one would meet chunk i of the other). DualPipeV: both on rank 0; DualPipe:
     # rank 0's labels go with rank 1's inputs; a label tuple whose tensors differ, on one rank.
     with pytest.raises(ValueError, match=r"^labels: expected as many rows along batch_dim as the inputs they go "
-                                         r"with, got 6 on pipeline rank 0 for 8 input rows$"):
-        v_step(pipe, rank, x, labels[:6], 4)
+                                         r"with, got 7 on pipeline rank 0 for 8 input rows$"):
+        v_step(pipe, rank, x, labels[:7], 4)
     with pytest.raises(ValueError, match=r"^labels: .* got 4 on pipeline rank 0 for 6 input rows \(their inputs "
                                          r"enter on pipeline rank 1\)"):
         dual.step(x0 if rank == 0 else rows(6), num_chunks=4, criterion=criterion, labels=[l1 if rank == 0 else l0])
@@ -172,9 +176,16 @@ def check_argument_errors(rank):
 
 
 def check_group_arguments(rank):
-    """DualPipe names the process group when it has an odd rank count (one rank here); rank_mapping
-    takes ints only."""
-    solo = [dist.new_group([r], backend="gloo") for r in range(P)][rank]  # (every rank creates both)
+    """DualPipe names the process group when it has an odd rank count (one rank here), and a group
+    this rank is not in, or not a group at all; rank_mapping takes ints only."""
+    solos = [dist.new_group([r], backend="gloo") for r in range(P)]  # (every rank creates both)
+    solo = solos[rank]
+    for runtime in (DualPipe, DualPipeV):
+        with pytest.raises(ValueError, match=rf"^process_group: expected a group this process belongs to, but "
+                                             rf"global rank {rank} is not one of its members"):
+            runtime((Block(), Block()), process_group=solos[1 - rank])
+        with pytest.raises(TypeError, match="^process_group: expected a torch.distributed ProcessGroup .* got str"):
+            runtime((Block(), Block()), process_group="world")
     with pytest.raises(ValueError, match=r"^process_group: DualPipe needs an even number of ranks >= 2 .* got 1"):
         DualPipe((Block(), Block()), process_group=solo)
     DualPipeV((Block(), Block()), process_group=solo)  # one rank is a V

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from dskernels._checks import as_flag, check_int, check_no_overlap, check_tensor
-from dskernels._collectives import use_counts, wait_released
+from dskernels._collectives import check_member_group, use_counts, wait_released
 from dskernels.ep.events import EventOverlap, StreamScope, capture
 from dskernels.ops.ep import (copy_rows, ep_get_dispatch_layout, gather_reduce, low_latency_send, low_latency_slots,
                               pack_rows)
@@ -245,14 +245,7 @@ class Buffer:
         check_exchanges = as_flag("check_exchanges", check_exchanges, none_ok=True)
         for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             check_int(name, value, minimum=0)
-        non_member = dist.GroupMember.NON_GROUP_MEMBER  # (what dist.new_group returns to the others)
-        if (isinstance(group, int) and group == non_member) or (isinstance(group, dist.ProcessGroup)
-                                                                and dist.get_rank(group) < 0):
-            raise ValueError(f"group: expected a group this process belongs to, but global rank {dist.get_rank()} "
-                             "is not one of its members (dist.new_group returns a placeholder to the others)")
-        if group is not None and not isinstance(group, dist.ProcessGroup):
-            raise TypeError(f"group: expected a torch.distributed ProcessGroup (or None: the default group), "
-                            f"got {type(group).__name__}")
+        check_member_group("group", group)
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.group_size = dist.get_world_size(self.group)

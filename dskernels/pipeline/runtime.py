@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dskernels._checks import as_flag
-from dskernels._collectives import use_counts, wait_released
+from dskernels._collectives import check_member_group, use_counts, wait_released
 from dskernels.pipeline import schedule as _schedule
 from dskernels.pipeline.weight_grad import WeightGradStore
 
@@ -104,10 +104,16 @@ def _scatter(inputs, num_chunks, dim, name="inputs"):
         if not -t.dim() <= dim < t.dim():
             raise ValueError(f"batch_dim: expected a dimension of every tensor of {name}, got {dim} for the "
                              f"{t.dim()}-d tensor at position {i} (dims {-t.dim()}..{t.dim() - 1})")
-        if t.shape[dim] < num_chunks:
-            raise ValueError(f"{name}: dimension {dim} has {t.shape[dim]} rows, fewer than "
-                             f"num_chunks={num_chunks}")
-        parts.append(t.tensor_split(num_chunks, dim))
+        # Tensor.chunk, as DualPipe splits them (so a batch that num_chunks does not divide gives the
+        # anchor's micro-batches, and losses): pieces of ceil(rows / num_chunks) rows, the last
+        # one shorter; where that makes fewer than num_chunks pieces (the anchor fails), an error.
+        pieces = t.chunk(num_chunks, dim)
+        if len(pieces) < num_chunks:
+            rows = t.shape[dim]
+            raise ValueError(f"{name}: dimension {dim} has {rows} rows, which DualPipe's split (Tensor.chunk: "
+                             f"pieces of ceil({rows} / {num_chunks}) rows) makes {len(pieces)} micro-batches, "
+                             f"not num_chunks={num_chunks}; a multiple of num_chunks rows always works")
+        parts.append(pieces)
     return [tuple(p[i] for p in parts) for i in range(num_chunks)]
 
 
@@ -212,6 +218,7 @@ class _Runtime(nn.Module):
         self.overlapped_forward_backward = (type(modules[0]) is type(modules[1])  # as DualPipe decides it
                                             and hasattr(type(modules[0]), "overlapped_forward_backward"))
         self.batch_dim = batch_dim
+        check_member_group("process_group", process_group)
         self.group = process_group or dist.distributed_c10d._get_default_group()
         self.num_ranks = self.group.size()
         self.rank_mapping = list(rank_mapping) if rank_mapping is not None else list(range(self.num_ranks))
