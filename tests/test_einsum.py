@@ -225,6 +225,9 @@ def test_einsum_validation():
         dskernels.einsum("bhr,hdr->bhd", a, b[..., :4], d)
     with pytest.raises(ValueError, match="c: expected d itself or a tensor that shares no memory"):
         dskernels.einsum("bhr,hdr->bhd", a, b, d, c=d[:, :1].expand(3, 2, 5))
+    dskernels.einsum("bhr,hdr->bhd", a, b, d, use_cublaslt=True)  # DeepGEMM's choice of kernel: the same here
+    with pytest.raises(TypeError, match="^use_cublaslt: expected a bool"):
+        dskernels.einsum("bhr,hdr->bhd", a, b, d, None, "yes")
 
 
 def test_fp8_bmm_nt_opcheck():

@@ -189,6 +189,13 @@ def test_deepgemm_keywords():
                 assert_same_bits(got, want)
             for got, want in zip(op(x, flag, 128), op(x, round_scale=flag)):  # DeepGEMM's positional order
                 assert_same_bits(got, want)
+    tokens = random_source(256, 200, torch.bfloat16, "cpu")
+    for flag in (False, True):  # per_channel: DeepGEMM's helper takes (x, use_ue8m0, gran_k)
+        for got, want in zip(dskernels.per_channel_cast_to_fp8(tokens, flag, 128),
+                             dskernels.per_channel_cast_to_fp8(tokens, round_scale=flag)):
+            assert_same_bits(got, want)
+    with pytest.raises(TypeError, match="^use_ue8m0: given twice"):
+        dskernels.per_channel_cast_to_fp8(tokens, True, use_ue8m0=True)
     dskernels.per_token_cast_to_fp8(x, use_packed_ue8m0=False)
     with pytest.raises(ValueError, match="^use_packed_ue8m0: the scales are fp32 here"):
         dskernels.per_token_cast_to_fp8(x, use_packed_ue8m0=True)

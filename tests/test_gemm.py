@@ -382,6 +382,20 @@ def test_m_grouped_contiguous_psum_layout(backend, zero_pad):
         assert (out[owner == -1] == float("-inf")).all()
 
 
+def test_deepgemm_name_zeroes_rows_of_no_group_by_default(backend):
+    """m_grouped_fp8_gemm_nt_contiguous (and nn) take DeepGEMM's default, ensure_zero_padding=True."""
+    _, device = backend
+    ends, _, total = psum_layout([7, 0, 130, 1], device)
+    owner = ref.psum_to_m_indices(ends, total)
+    _, a, sa = quantized_pair(total, K, device, per_block=False, scale_layout="row")
+    _, b, sb = grouped_weights(4, 144, K, device, "row")
+    for name in ("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nn_contiguous"):
+        rhs = (b, sb) if name.endswith("nt_contiguous") else (b.transpose(1, 2), sb.transpose(1, 2))
+        out = torch.full((total, 144), float("-inf"), dtype=torch.bfloat16, device=device)
+        getattr(dskernels, name)((a, sa), rhs, out, ends, use_psum_layout=True)
+        assert not out[owner == -1].any(), name
+
+
 def test_psum_options_are_checked():
     g = _grouped_args()
     lhs, rhs = (g["a"], g["sa"]), (g["b"], g["sb"])
@@ -397,9 +411,12 @@ def test_psum_options_are_checked():
     with pytest.raises(TypeError, match="^use_psum_layout: expected a bool"):
         dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, g["out"], ends, use_psum_layout=1)
     with pytest.raises(TypeError, match="^disable_ue8m0_cast: expected a bool"):  # (ignored, still checked)
-        dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, g["out"], ends, None, "nk", "no")
+        dskernels.m_grouped_fp8_gemm_nt_contiguous(lhs, rhs, g["out"], ends, None, None, None, "nk", "no")
     with pytest.raises(TypeError, match="^compiled_dims: expected a str"):
-        dskernels.fp8_gemm_nt(lhs, rhs, g["out"], None, None, True)
+        dskernels.fp8_gemm_nt(lhs, rhs, g["out"], None, None, None, None, True)
+    # DeepGEMM's order before recipe_a / recipe_b: compiled_dims lands in recipe_a, named
+    with pytest.raises(TypeError, match=r"^recipe_a: expected a tuple of ints .* \(DeepGEMM's current order"):
+        dskernels.fp8_gemm_nt(lhs, rhs, g["out"], None, None, "nk")
 
 
 # ---- masked grouped ----
@@ -578,7 +595,10 @@ def test_deepgemm_options_of_the_newer_names():
     expected = args["out"].clone()
     dskernels.gemm_fp8_fp8_bf16_nt(lhs, rhs, expected)
     out = torch.full_like(expected, float("nan"))
-    dskernels.fp8_gemm_nt(lhs, rhs, out, None, (1, 128, 128), "nk", True)
+    dskernels.fp8_gemm_nt(lhs, rhs, out, None, (1, 128, 128), None, None, "nk", True)  # DeepGEMM's 9, by position
+    assert torch.equal(out, expected)
+    out = torch.full_like(expected, float("nan"))
+    dskernels.fp8_gemm_nt(lhs, rhs, out, None, None, (1, 128), (128, 128))  # recipe_a, recipe_b by position
     assert torch.equal(out, expected)
     m_indices = torch.zeros(out.shape[0], dtype=torch.int32)
     with pytest.raises(ValueError, match="^recipe: only \\(1, 128, 128\\) \\("):  # grouped: block scales only

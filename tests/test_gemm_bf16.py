@@ -148,6 +148,20 @@ def test_m_grouped_contiguous(backend, layout, zero_pad):
         assert (d[owner == -1] == float("-inf")).all()
 
 
+def test_m_grouped_contiguous_zeroes_rows_of_no_group_by_default(backend):
+    """DeepGEMM's default, ensure_zero_padding=True, in both layouts."""
+    _, device = backend
+    grouped_layout, _ = contiguous_layout([7, 0, 130, 1], False, device)
+    owner = grouped_layout
+    a = poisoned_rows(owner.numel(), 128, owner == -1, device)
+    b = bf16_randn(4, 40, 128, device=device)
+    for name, weights in (("m_grouped_bf16_gemm_nt_contiguous", b), ("m_grouped_bf16_gemm_nn_contiguous",
+                                                                     b.transpose(1, 2))):
+        d = torch.full((owner.numel(), 40), float("-inf"), dtype=BF16, device=device)
+        getattr(dskernels, name)(a, weights, d, grouped_layout)
+        assert not d[owner == -1].any(), name
+
+
 def test_m_grouped_nn_contiguous_and_strided_operands(backend):
     """The "nn" form (b [G, k, n], as the experts' input gradient reads the same weights) and
     strided a and d: every operand is read through its strides."""

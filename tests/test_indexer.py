@@ -19,6 +19,8 @@ failed 5 of these tests; that run's logs were lost, so which bound they crossed 
 
 import math
 
+import numpy
+
 import pytest
 import torch
 
@@ -287,6 +289,7 @@ def test_per_custom_dims_cast_to_fp8():
     assert torch.equal(kept_2_0, (y.abs().amax(dim=1).clamp(min=1e-4) / 448).T)
     _, kept_1_0 = dskernels.per_custom_dims_cast_to_fp8(x, (1, 0))
     assert torch.equal(kept_1_0, dskernels.per_custom_dims_cast_to_fp8(x, (0, 1))[1].T)
+    assert torch.equal(kept_1_0, dskernels.per_custom_dims_cast_to_fp8(x, [numpy.int64(1), numpy.int32(0)])[1])
     # nothing to reduce over: the floor's scale, as for an all-zero row (torch's amax raised)
     empty, floor = dskernels.per_custom_dims_cast_to_fp8(torch.zeros(3, 0), (0,))
     assert empty.shape == (3, 0) and torch.equal(floor, torch.full((3,), 1e-4) / 448)

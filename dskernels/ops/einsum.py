@@ -20,7 +20,7 @@ import re
 import torch
 
 from dskernels._backend import current_backend
-from dskernels._checks import check_no_overlap, check_one_device, check_reads_apart, check_tensor
+from dskernels._checks import as_flag, check_no_overlap, check_one_device, check_reads_apart, check_tensor
 from dskernels.ops.gemm import BLOCK_RECIPE, FP8, GROUP_SIZE, ROW_RECIPE, _check_c, _general_backend, _unpack, recipe_tuple
 from python_ref import gemm as ref
 
@@ -29,7 +29,8 @@ MAX_BATCH = 65535  # fp8_einsum's batches: grid dimension 1 of the masked kernel
 
 
 @torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
-def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None) -> None:
+def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None,
+           use_cublaslt: bool = False) -> None:
     """d = c + torch.einsum(expr, a, b) on bf16 operands, summed in fp32 and rounded once to d's dtype.
 
     Args:
@@ -39,11 +40,14 @@ def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torc
         d: bfloat16 or float32, with d_letters' sizes, overwritten.
         c: None, d itself (accumulate in place) or a tensor of d's shape and dtype sharing no
             memory with d.
+        use_cublaslt: DeepGEMM's choice between its own kernel and cuBLASLt; accepted for a drop-in,
+            and the same either way here (below).
 
     On a GPU this is cuBLAS (torch.bmm with fp32 accumulation; torch's
     allow_bf16_reduced_precision_reduction applies to a bf16 d, as for bf16_gemm_nt). On CPU, or with
     backend("ref"), the reference.
     """
+    as_flag("use_cublaslt", use_cublaslt)
     roles = _parse(expr, (a, b, d), ("a", "b", "d"))
     check_one_device(a=a, b=b, d=d, c=c)
     for name, t in (("a", a), ("b", b)):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy
 import torch
 
 import python_ref
@@ -86,7 +87,8 @@ def per_channel_cast_to_fp8(x: torch.Tensor, ks=None, ks_tensor: torch.Tensor | 
             a read or write outside x and the outputs, but rows of x_fp8 that its blocks do not
             cover are left unwritten.
         round_scale: power-of-two (UE8M0) scales, as for per_token_cast_to_fp8 (use_ue8m0, gran_k:
-            DeepGEMM's helper keywords, gran_k 128 only).
+            DeepGEMM's helper keywords, gran_k 128 only). DeepGEMM's helper takes them by position,
+            (x, use_ue8m0, gran_k): a bool where ks goes is read that way.
 
     Returns:
         x_fp8: [tokens, h] torch.float8_e4m3fn, contiguous.
@@ -94,6 +96,12 @@ def per_channel_cast_to_fp8(x: torch.Tensor, ks=None, ks_tensor: torch.Tensor | 
             column c, max(max |x[t, c]|, 1e-4) / 448 over that block's tokens t, and
             x ~= x_fp8.float() * x_scale (each scale broadcast over its block's tokens).
     """
+    if isinstance(ks, (bool, numpy.bool_)):  # DeepGEMM's (x, use_ue8m0, gran_k=128)
+        if use_ue8m0 is not None:
+            raise TypeError("use_ue8m0: given twice (also as the second positional argument, DeepGEMM's place for it)")
+        if ks_tensor is not None and not isinstance(ks_tensor, torch.Tensor):
+            ks_tensor, gran_k = None, ks_tensor
+        ks, use_ue8m0 = None, bool(ks)
     round_scale = _deepgemm_keywords(round_scale, use_ue8m0, gran_k)
     if ks is not None:
         ks = as_sizes("ks", ks)

@@ -120,7 +120,9 @@ def recipe_tuple(name: str, value) -> tuple | None:
     if value is None:
         return None
     if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise TypeError(f"{name}: expected a tuple of ints such as (1, 128, 128), got {value!r}")
+        # (a str here is compiled_dims given by position in DeepGEMM's order before recipe_a/recipe_b)
+        hint = " (DeepGEMM's current order: recipe, recipe_a, recipe_b, compiled_dims)" if isinstance(value, str) else ""
+        raise TypeError(f"{name}: expected a tuple of ints such as (1, 128, 128){hint}, got {value!r}")
     return tuple(value)
 
 
@@ -159,8 +161,8 @@ def _deepgemm_options(recipe, allowed=(BLOCK_RECIPE,), recipe_a=None, recipe_b=N
     return recipe
 
 
-def fp8_gemm_nt(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
-                recipe_a=None, recipe_b=None) -> None:
+def fp8_gemm_nt(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims="nk",
+                disable_ue8m0_cast=False) -> None:
     """DeepGEMM's general dense GEMM (its argument names), d = c + dequant(a) @ dequant(b).T:
     gemm_fp8_fp8_bf16_nt when d is bf16, c is None and b has 128x128 block scales, and also:
 
@@ -202,8 +204,8 @@ def fp8_gemm_nt(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_
     torch.ops.dskernels.fp8_gemm_nt(a, sa, b, sb, out, c is not None)
 
 
-def fp8_gemm_nn(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
-                recipe_a=None, recipe_b=None) -> None:
+def fp8_gemm_nn(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims="nk",
+                disable_ue8m0_cast=False) -> None:
     """DeepGEMM's fp8_gemm_nn: d = c + A @ B with b = (b [k, n], sb [k / 128, ceil(n / 128)]
     per 128x128 block, or [k / 128, n] per column per 128 rows), i.e. fp8_gemm_nt of (b.T, sb.T)
     (DeepGEMM's own definition). Other arguments as fp8_gemm_nt; shapes in its error messages are
@@ -212,21 +214,21 @@ def fp8_gemm_nn(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_
     calls, make that copy once and call fp8_gemm_nt."""
     t, _ = _unpack("a", a)
     fp8_gemm_nt(a, _transposed("b", b, t.shape[-1] if isinstance(t, torch.Tensor) else None, "b"),
-                d, c, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
+                d, c, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast)
 
 
-def fp8_gemm_tn(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
-                recipe_a=None, recipe_b=None) -> None:
+def fp8_gemm_tn(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims="mn",
+                disable_ue8m0_cast=False) -> None:
     """DeepGEMM's fp8_gemm_tn: d = c + A.T @ B with a = (a [k, m], sa [k / 128, m]) and b =
     (b [k, n], sb [k / 128, ceil(n / 128)] or [k / 128, n]): fp8_gemm_nt of (a.T, sa.T), (b.T, sb.T),
     e.g. a weight gradient from two token-major operands. As fp8_gemm_nn otherwise."""
     t, st = _transposed("a", a, None, "a")
-    fp8_gemm_nt((t, st), _transposed("b", b, t.shape[-1], "b"), d, c, recipe, compiled_dims,
-                disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
+    fp8_gemm_nt((t, st), _transposed("b", b, t.shape[-1], "b"), d, c, recipe, recipe_a, recipe_b, compiled_dims,
+                disable_ue8m0_cast)
 
 
-def fp8_gemm_tt(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_cast=False, *,
-                recipe_a=None, recipe_b=None) -> None:
+def fp8_gemm_tt(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, compiled_dims="mn",
+                disable_ue8m0_cast=False) -> None:
     """DeepGEMM's fp8_gemm_tt: d = c + A.T @ B.T with a = (a [k, m], sa [k / 128, m]) and b as
     for fp8_gemm_nt: fp8_gemm_nt of (a.T, sa.T), b. As fp8_gemm_nn otherwise."""
     t, st = _transposed("a", a, None, "a")
@@ -234,7 +236,7 @@ def fp8_gemm_tt(a, b, d, c=None, recipe=None, compiled_dims="nk", disable_ue8m0_
     if isinstance(u, torch.Tensor) and u.dim() == 2 and u.shape[-1] != t.shape[-1]:
         raise ValueError(f"b: expected k = {t.shape[-1]} (a's first dimension in this layout) as its last "
                          f"dimension, got shape {tuple(u.shape)}")
-    fp8_gemm_nt((t, st), b, d, c, recipe, compiled_dims, disable_ue8m0_cast, recipe_a=recipe_a, recipe_b=recipe_b)
+    fp8_gemm_nt((t, st), b, d, c, recipe, recipe_a, recipe_b, compiled_dims, disable_ue8m0_cast)
 
 
 def _transposed(name: str, pair, k, operand: str):
@@ -358,10 +360,10 @@ def _k_grouped(a, sa, b, sb, out, ks, ks_tensor, c, *, k_major: bool, sizes_name
     torch.ops.dskernels.k_grouped_fp8_gemm(a, sa, b, sb, out, ks, ks_tensor, k_major, c is not None)
 
 
-def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout=None, recipe=None, compiled_dims="nk",
-                                     disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None,
-                                     use_psum_layout=False, ensure_zero_padding=False,
-                                     expected_m_for_psum_layout=None, m_indices=None) -> None:
+def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout=None, recipe=None, recipe_a=None, recipe_b=None,
+                                     compiled_dims="nk", disable_ue8m0_cast=False, use_psum_layout=False,
+                                     ensure_zero_padding=True, expected_m_for_psum_layout=None, *,
+                                     m_indices=None) -> None:
     """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_contiguous, under DeepGEMM's newer
     argument names (a, b, d for lhs, rhs, out), plus its trailing options (block-scaled b only)
     and its psum layout:
@@ -373,7 +375,8 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout=None, recipe=None, 
             the rows between a group's end and the next 128-aligned start, and any past the last
             end, belong to none (DeepEP v2's receive layout; python_ref.gemm.psum_to_m_indices).
             The ends must not decrease (else the rows' groups are unspecified, reads stay inside).
-        ensure_zero_padding: write zeros into the rows of no group (else they are left unspecified).
+        ensure_zero_padding: write zeros into the rows of no group (True by default, as in DeepGEMM;
+            False leaves them unspecified, as the core op does, for one pass less over them).
         expected_m_for_psum_layout: rows per group to tune for (psum layout only; a hint).
     """
     check_jit_hints(compiled_dims, disable_ue8m0_cast)
@@ -422,8 +425,8 @@ def psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layou
     return use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout
 
 
-def m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m, recipe=None, compiled_dims="nk",
-                                 disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None) -> None:
+def m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m, recipe=None, recipe_a=None, recipe_b=None,
+                                 compiled_dims="nk", disable_ue8m0_cast=False) -> None:
     """DeepGEMM's newer name for m_grouped_gemm_fp8_fp8_bf16_nt_masked, under DeepGEMM's newer
     argument names (a, b, d for lhs, rhs, out), plus its trailing options (block-scaled b only)."""
     check_jit_hints(compiled_dims, disable_ue8m0_cast)
@@ -434,9 +437,9 @@ def m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m, recipe=None, com
 fp8_m_grouped_gemm_nt_masked = m_grouped_fp8_gemm_nt_masked  # DeepGEMM's legacy name (sglang imports it)
 
 
-def m_grouped_fp8_gemm_nn_contiguous(a, b, d, grouped_layout=None, recipe=None, compiled_dims="nk",
-                                     disable_ue8m0_cast=False, *, recipe_a=None, recipe_b=None,
-                                     use_psum_layout=False, ensure_zero_padding=False, m_indices=None) -> None:
+def m_grouped_fp8_gemm_nn_contiguous(a, b, d, grouped_layout=None, recipe=None, recipe_a=None, recipe_b=None,
+                                     compiled_dims="nk", disable_ue8m0_cast=False, use_psum_layout=False,
+                                     ensure_zero_padding=True, *, m_indices=None) -> None:
     """DeepGEMM's m_grouped_fp8_gemm_nn_contiguous: as m_grouped_fp8_gemm_nt_contiguous with b =
     (b [G, k, n], sb [G, k / 128, ceil(n / 128)]): row i is A[i] @ B[g] (the experts' input gradient
     from the forward weights' transposed copy), i.e. the nt form of (b, sb) with the last two
@@ -446,9 +449,8 @@ def m_grouped_fp8_gemm_nn_contiguous(a, b, d, grouped_layout=None, recipe=None, 
     t, _ = _unpack("a", a)
     m_grouped_fp8_gemm_nt_contiguous(a, _transposed("b", b, t.shape[-1] if isinstance(t, torch.Tensor) else None,
                                                     "b"),
-                                     d, grouped_layout, recipe, compiled_dims, disable_ue8m0_cast,
-                                     recipe_a=recipe_a, recipe_b=recipe_b, use_psum_layout=use_psum_layout,
-                                     ensure_zero_padding=ensure_zero_padding, m_indices=m_indices)
+                                     d, grouped_layout, recipe, recipe_a, recipe_b, compiled_dims,
+                                     disable_ue8m0_cast, use_psum_layout, ensure_zero_padding, m_indices=m_indices)
 
 
 def get_m_alignment_for_contiguous_layout() -> int:

@@ -94,7 +94,7 @@ def bf16_gemm_tt(a, b, d, c=None, compiled_dims: str = "nk") -> None:
 
 def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
                                       grouped_layout: torch.Tensor | None = None, compiled_dims: str = "nk",
-                                      use_psum_layout: bool = False, ensure_zero_padding: bool = False,
+                                      use_psum_layout: bool = False, ensure_zero_padding: bool = True,
                                       expected_m_for_psum_layout: int | None = None, *,
                                       m_indices: torch.Tensor | None = None) -> None:
     """Grouped GEMM over rows stacked by group (MoE experts in bf16): d[i] = a[i] @ b[g].T for the
@@ -103,7 +103,8 @@ def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
     Args:
         a: [M, k] bfloat16 (any strides).
         b: [G, n, k] bfloat16, one weight per group (any strides).
-        d: [M, n] bfloat16; rows of no group are left unspecified, or zeros with ensure_zero_padding.
+        d: [M, n] bfloat16; rows of no group get zeros (ensure_zero_padding, True by default as in
+            DeepGEMM; False leaves them unspecified).
         grouped_layout: int32 on a's device, read there (no host sync): one group id per row
             ([M], -1 for none; segments aligned to 128 rows or not), or with use_psum_layout one
             cumulative row end per group ([G]; group g owns rows align(ends[g - 1], 128) ..
@@ -121,7 +122,7 @@ def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
 
 
 def m_grouped_bf16_gemm_nn_contiguous(a, b, d, grouped_layout=None, compiled_dims: str = "nk",
-                                      use_psum_layout: bool = False, ensure_zero_padding: bool = False,
+                                      use_psum_layout: bool = False, ensure_zero_padding: bool = True,
                                       expected_m_for_psum_layout: int | None = None, *, m_indices=None) -> None:
     """As m_grouped_bf16_gemm_nt_contiguous with b [G, k, n] (d[i] = a[i] @ b[g]: the input
     gradient of the experts, from the same weights)."""

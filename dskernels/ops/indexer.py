@@ -11,6 +11,7 @@ Their top-k (`torch.topk(logits, 2048)`) is the `indices` of the sparse MLA deco
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -42,8 +43,10 @@ def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims, use_ue8m0: bool = False) 
     (0,)) and the Triton backend runs (eagerly); python_ref.indexer's torch ops otherwise, the same
     bits."""
     check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32))
-    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
+                                                      for d in dims):
         raise TypeError(f"dims: expected a tuple of ints (the dimensions that keep one scale per index), got {dims!r}")
+    dims = [int(d) for d in dims]  # (numpy's too, as the other integer arguments)
     if any(not -x.dim() <= d < x.dim() for d in dims) or len({d % x.dim() for d in dims}) != len(dims):
         raise ValueError(f"dims: expected distinct dimensions of x ({x.dim()} dimensions), got {tuple(dims)}")
     use_ue8m0 = as_flag("use_ue8m0", use_ue8m0)
