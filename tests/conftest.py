@@ -86,3 +86,16 @@ def garbage_in_free_gpu_memory():
                  for _ in range(64)]
         del large, small
     yield
+
+
+@pytest.fixture
+def sizes_tensor_unread(monkeypatch):
+    """On CPU tensors the K-grouped ops read ks_tensor's values and refuse one that disagrees with
+    ks (free there; on a GPU it would sync, so a GPU call does not): this turns that read off, for
+    tests of what the kernels themselves do with such a ks_tensor, as on a GPU."""
+    from dskernels.ops import fp8, gemm, gemm_bf16
+
+    for module in (fp8, gemm, gemm_bf16):
+        checked = module.check_sizes_tensor
+        monkeypatch.setattr(module, "check_sizes_tensor", lambda *args, ks=None, _checked=checked, **kw:
+                            _checked(*args, **kw))

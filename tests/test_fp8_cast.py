@@ -451,11 +451,12 @@ def test_per_channel_oracle_definition():
 
 
 @pytest.mark.parametrize("claimed", [[300, 300], [-200, 368]], ids=["too-many", "negative"])
-def test_per_channel_sizes_tensor_cannot_reach_past_x(backend, claimed):
-    """ks_tensor must equal ks; one claiming 300 + 300 tokens of 168 is cut at x's end, a negative
-    size counts as 0: the NaN-poisoned rows before and after x (a view into a longer buffer) are
-    never read, and here the blocks happen to line up with the true groups, so the result is the
-    oracle's. (The ks_tensor is strided, too.)"""
+def test_per_channel_sizes_tensor_cannot_reach_past_x(backend, claimed, sizes_tensor_unread):
+    """ks_tensor must equal ks (on CPU tensors the op checks it; not here: sizes_tensor_unread);
+    one claiming 300 + 300 tokens of 168 is cut at x's end, a negative size counts as 0: the
+    NaN-poisoned rows before and after x (a view into a longer buffer) are never read, and here the
+    blocks happen to line up with the true groups, so the result is the oracle's. (The ks_tensor
+    is strided, too.)"""
     name, device = backend
     if name == "cuda":
         pytest.skip("no CUDA kernel (test_per_channel_cast_matches_oracle checks the refusal)")
@@ -488,6 +489,8 @@ def test_per_channel_bad_input_is_named():
              ((x, None, torch.tensor([168], dtype=torch.int32)), ValueError, "^ks_tensor: expected None when ks"),
              ((x, [128, 40], torch.tensor([128, 40])), TypeError, "^ks_tensor: expected dtype int32"),
              ((x, [128, 40], torch.tensor([168], dtype=torch.int32)), ValueError, r"^ks_tensor: expected shape \(2,\)"),
+             ((x, [128, 40], torch.tensor([40, 128], dtype=torch.int32)), ValueError,
+              r"^ks_tensor: expected ks's values \[128, 40\]"),
              ((x, [128, 40], torch.tensor([128, 40], dtype=torch.int32, device="meta")), ValueError,
               "^ks_tensor: expected a tensor on cpu"), ((x, [True, 167]), TypeError, "^ks: expected a list of ints"),
              ((x.int(),), TypeError, "^x: expected dtype"), ((x[None],), ValueError, "^x: expected 2 dimensions")]

@@ -279,6 +279,8 @@ def test_bad_input_is_named():
         dskernels.k_grouped_bf16_gemm_tn_contiguous(tokens, tokens, out, [5, -1])
     with pytest.raises(ValueError, match=r"^ks_tensor: expected shape \(2,\)"):
         dskernels.k_grouped_bf16_gemm_tn_contiguous(tokens, tokens, out, [5, 5], torch.ones(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"^ks_tensor: expected ks's values \[5, 5\]"):
+        dskernels.k_grouped_bf16_gemm_tn_contiguous(tokens, tokens, out, [5, 5], torch.ones(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="^d: expected an output whose elements do not share memory"):
         dskernels.k_grouped_bf16_gemm_tn_contiguous(tokens, tokens, torch.empty(1, 4, 4).expand(2, 4, 4), [5, 5])
     # an output sharing memory with an operand (same dtype: an in-place call) is refused

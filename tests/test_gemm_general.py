@@ -651,9 +651,10 @@ def test_k_grouped_fp8_gemm(backend, layout, out_dtype, c_kind, fp8_path, device
         assert_close_to_oracle(d[g], qa, s_a, qb, s_b, c=None if c is None else c[g])
 
 
-def test_k_grouped_fp8_gemm_sizes_tensor_cannot_reach_past_the_operands(backend, monkeypatch):
-    """ks_tensor must equal ks. One that disagrees is cut at the operands' ends (the host's sum(ks)
-    tokens and scale rows), never read past them: claiming 300 + 300 tokens of 168 gives group 0
+def test_k_grouped_fp8_gemm_sizes_tensor_cannot_reach_past_the_operands(backend, monkeypatch, sizes_tensor_unread):
+    """ks_tensor must equal ks (on CPU tensors the op checks it; not here: sizes_tensor_unread).
+    One that disagrees is cut at the operands' ends (the host's sum(ks) tokens and scale rows),
+    never read past them: claiming 300 + 300 tokens of 168 gives group 0
     all 168 (the blocks line up) and group 1 none; 1 + 167 would reach a third scale row, of two,
     and poisoned fp32 scales there (NaN) would show. (The kernel reading token-major operands
     itself: on Hopper the launcher would copy them, up to sum(ks), first.)"""
@@ -782,6 +783,9 @@ def test_k_grouped_fp8_gemm_validation():
         tn((a, sa), (b, sb), d, ks, torch.tensor(ks))
     with pytest.raises(ValueError, match=r"^ks_tensor: expected shape \(2,\)"):
         tn((a, sa), (b, sb), d, ks, torch.tensor([128, 40, 0], dtype=torch.int32))
+    if d.device.type == "cpu":  # (read on CPU tensors only: on a GPU it would sync)
+        with pytest.raises(ValueError, match=r"^ks_tensor: expected ks's values \[128, 40\] .* got \[128, 10\]"):
+            tn((a, sa), (b, sb), d, ks, torch.tensor([128, 10], dtype=torch.int32))
     with pytest.raises(ValueError, match="^ks: expected 2 sizes"):
         tn((a, sa), (b, sb), d, [168])
     with pytest.raises(ValueError, match="^ks: expected sizes >= 0, got -40 for group 1"):

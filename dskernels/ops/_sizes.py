@@ -6,6 +6,7 @@ from __future__ import annotations
 import operator
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from dskernels._checks import check_tensor
 
@@ -31,12 +32,19 @@ def check_sizes(name: str, ks: list, groups: int | None = None, groups_of: str =
             raise ValueError(f"{name}: expected sizes >= 0, got {k} for group {g}")
 
 
-def check_sizes_tensor(ks_tensor, groups: int, device: torch.device, sizes_name: str = "ks") -> None:
+def check_sizes_tensor(ks_tensor, groups: int, device: torch.device, sizes_name: str = "ks", ks=None) -> None:
+    """ks_tensor's type and shape; on CPU tensors its values too (reading them is free there; on a
+    GPU it would sync): one that disagrees with ks would make the backends differ, as the reference
+    reads ks and the Triton kernel ks_tensor."""
     if ks_tensor is not None:
         check_tensor("ks_tensor", ks_tensor, ndim=1, dtypes=(torch.int32,), device=device)
         if tuple(ks_tensor.shape) != (groups,):
             raise ValueError(f"ks_tensor: expected shape ({groups},) ({sizes_name} on the device, one size per "
                              f"group), got {tuple(ks_tensor.shape)}")
+        if (ks is not None and ks_tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not is_fake(ks_tensor) and ks_tensor.tolist() != list(ks)):
+            raise ValueError(f"ks_tensor: expected {sizes_name}'s values {list(ks)} (the same sizes on the device), "
+                             f"got {ks_tensor.tolist()}")
 
 
 def sizes_on_device(ks: list[int], device: torch.device) -> torch.Tensor:

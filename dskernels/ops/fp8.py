@@ -82,10 +82,10 @@ def per_channel_cast_to_fp8(x: torch.Tensor, ks=None, ks_tensor: torch.Tensor | 
         ks: None (one group of all the tokens) or a list of python ints >= 0 summing to tokens: the
             groups (experts' tokens, one after another). Each group's first token starts a new
             128-token scale block; its last block may be partial (amax over the tokens it has).
-        ks_tensor: ks as int32 [G] on x's device (the kernel reads it; must equal ks), or None
-            (made from ks by one asynchronous copy). Only with ks. One that disagrees never makes
-            a read or write outside x and the outputs, but rows of x_fp8 that its blocks do not
-            cover are left unwritten.
+        ks_tensor: ks as int32 [G] on x's device (the kernel reads it; must equal ks, checked on CPU
+            tensors), or None (made from ks by one asynchronous copy). Only with ks. One that
+            disagrees (on a GPU, where it is not checked) never makes a read or write outside x
+            and the outputs, but rows of x_fp8 that its blocks do not cover are left unwritten.
         round_scale: power-of-two (UE8M0) scales, as for per_token_cast_to_fp8 (use_ue8m0, gran_k:
             DeepGEMM's helper keywords, gran_k 128 only). DeepGEMM's helper takes them by position,
             (x, use_ue8m0, gran_k): a bool where ks goes is read that way.
@@ -223,7 +223,7 @@ def _check_channel_cast(x, ks, ks_tensor) -> int:
     check_sizes("ks", ks)
     if sum(ks) != x.shape[0]:
         raise ValueError(f"ks: expected sizes summing to x's {x.shape[0]} tokens, got {sum(ks)}")
-    check_sizes_tensor(ks_tensor, len(ks), x.device)
+    check_sizes_tensor(ks_tensor, len(ks), x.device, ks=ks)
     return sum((k + GROUP_SIZE - 1) // GROUP_SIZE for k in ks)
 
 

@@ -311,7 +311,8 @@ def k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, ks_tensor=None, c=None, recipe
         d: [G, m, n] float32 (or bfloat16: the sum in fp32, rounded once).
         ks: k_g >= 0 per group (python ints; any k_g, a last partial block counts its k_g tokens).
         ks_tensor: ks as int32 [G] on d's device, read by the kernel (DeepGEMM's argument); must
-            equal ks. None: made from ks by one asynchronous copy.
+            equal ks (checked on CPU tensors, where reading it is free). None: made from ks by one
+            asynchronous copy.
         c: None (d = the product; an empty group gives zeros), d itself (accumulate in place) or a
             [G, m, n] tensor of d's dtype sharing no memory with d.
         recipe: (1, 1, 128) only (1x128 scales on both operands). compiled_dims: ignored.
@@ -703,7 +704,7 @@ def _check_k_grouped(a, sa, b, sb, out, ks, ks_tensor, k_major: bool, *, sizes_n
                      f"one 1x128 scale per row of {name} per 128 tokens (started) of every group")
         if overlap:  # (an fp8 view of out's bytes, or fp32 scales in it: a race on a GPU)
             check_reads_apart(out_name, out, **{name: t, f"s{name}": scales})
-    check_sizes_tensor(ks_tensor, groups, out.device, sizes_name)
+    check_sizes_tensor(ks_tensor, groups, out.device, sizes_name, ks=ks)
     if overlap:
         check_reads_apart(out_name, out, ks_tensor=ks_tensor)
 

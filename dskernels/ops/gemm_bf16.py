@@ -161,8 +161,8 @@ def k_grouped_bf16_gemm_tn_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
         a: [>= sum(ks), m] bfloat16, b: [>= sum(ks), n] bfloat16 (rows past sum(ks) unread).
         d: [G, m, n] float32 or bfloat16 (the sum in fp32, rounded once).
         ks: tokens per group (python ints >= 0; any sizes).
-        ks_tensor: ks as int32 [G] on d's device (DeepGEMM's grouped_layout), must equal ks; None:
-            one asynchronous copy of ks.
+        ks_tensor: ks as int32 [G] on d's device (DeepGEMM's grouped_layout), must equal ks
+            (checked on CPU tensors); None: one asynchronous copy of ks.
         c: None (d = the product; an empty group gives zeros), d itself (accumulate) or a [G, m, n]
             tensor of d's dtype sharing no memory with d. compiled_dims: ignored.
     """
@@ -252,7 +252,7 @@ def _check_k_grouped(a, b, out, ks, ks_tensor, overlap: bool = True) -> None:
         if t.shape[1] != cols or t.shape[0] < total:
             raise ValueError(f"{name}: expected shape (>= {total}, {cols}) (the groups' sum(ks) tokens by d's "
                              f"{'m' if name == 'a' else 'n'}), got {tuple(t.shape)}")
-    check_sizes_tensor(ks_tensor, groups, out.device)
+    check_sizes_tensor(ks_tensor, groups, out.device, ks=ks)
     if overlap:
         _check_output_apart("d", out, a, b)
         check_reads_apart("d", out, ks_tensor=ks_tensor)
