@@ -253,6 +253,8 @@ def test_newer_deepgemm_query_pair():
     assert torch.equal(plain, paired)
     with pytest.raises(NotImplementedError, match="^q: "):
         dskernels.fp8_paged_mqa_logits((q, torch.ones(1)), kv_cache, weights, context_lens, block_table, None, 32)
+    with pytest.raises(TypeError, match=r"^q: expected a float8_e4m3fn tensor .* got a list of 1 items"):
+        dskernels.fp8_paged_mqa_logits([[1]], kv_cache, weights, context_lens, block_table, None, 32)
 
 
 def test_paged_layout_bytes():

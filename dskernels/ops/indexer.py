@@ -129,7 +129,10 @@ def _plain_q(q):
     """Newer DeepGEMM passes q as (values, scales or None) (FP4 queries carry scales): the FP8 form
     (q, None) is taken; scaled queries are not implemented."""
     if isinstance(q, (tuple, list)):
-        if len(q) != 2 or q[1] is not None:
+        if len(q) != 2 or not isinstance(q[0], torch.Tensor):
+            raise TypeError(f"q: expected a float8_e4m3fn tensor (or DeepGEMM's (q, None)), got a {type(q).__name__} "
+                            f"of {len(q)} items")
+        if q[1] is not None:
             raise NotImplementedError("q: a (values, scales) pair is DeepGEMM's FP4 query form; dskernels takes "
                                       "float8_e4m3fn q (or (q, None))")
         return q[0]
