@@ -312,6 +312,10 @@ def _check_low_latency_sync_free(buf, rank, world, num_experts, seed):
         (f8u, packed), count_u, _, _, _ = buf.low_latency_dispatch(wide, topk, max_tokens, num_experts, None, waits,
                                                                    True, True, True)
         buf.low_latency_combine(ll_x, topk, w, handle, combine_wait_recv_cost_stats=waits)
+        # An entry set to -1 at the combine is left out, as DeepEP skips it
+        masked = topk.clone()
+        masked[:, -1] = -1
+        out4, _, _ = buf.low_latency_combine(ll_x, masked, w, handle)
     assert torch.equal(waits, torch.full((world,), 7, dtype=torch.int64))
     assert packed.dtype == torch.int32 and packed.shape == (num_local, max_tokens * world, 1)
     for local in range(num_local):
@@ -330,6 +334,7 @@ def _check_low_latency_sync_free(buf, rank, world, num_experts, seed):
     _same(out2, out, "low-latency combine into out=")
     assert staged.shape == ll_x.shape and staged.dtype == torch.bfloat16
     _same(out3, out, "low-latency combine from get_next_low_latency_combine_buffer (zero_copy)")
+    _same(out4, _weighted_sum(x, masked, w, num_local, world), "low-latency combine with an entry masked there")
 
 
 def _check_bad_inputs(buf, world):

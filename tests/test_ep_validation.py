@@ -8,6 +8,7 @@ import os
 import time
 
 import numpy
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -172,6 +173,13 @@ def _local_body(rank, world):
     _raises(TypeError, ["num_sms: expected an int", "str"], lambda: Buffer.set_num_sms("lots"))
     _raises(ValueError, ["num_nvl_bytes: expected an int >= 0", "-1"], lambda: Buffer(None, -1))
     _raises(TypeError, ["num_rdma_bytes: expected an int", "float"], lambda: Buffer(None, 0, 1.5))
+    # DeepEP's constructor by position (group .. allow_mnnvl, use_fabric, explicitly_destroy, enable_shrink),
+    # and its set_num_sms keyword; unknown keywords are said, a communicator instead of a group refused
+    assert Buffer(dist.group.WORLD, 0, 0, False, 24, True, False, False, True, False).group_size == world
+    Buffer.set_num_sms(new_num_sms=24)
+    with pytest.warns(RuntimeWarning, match=r"ignoring keyword arguments it does not know: \['low_latancy_mode'\]"):
+        Buffer(dist.group.WORLD, low_latancy_mode=True)
+    _raises(ValueError, ["comm: an mpi4py communicator is not supported"], lambda: Buffer(None, comm=object()))
     alone = dist.new_group([0])  # every rank must call new_group; rank 1 gets a placeholder
     if rank == 0:
         assert Buffer(alone).group_size == 1

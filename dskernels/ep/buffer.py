@@ -30,6 +30,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -230,10 +231,18 @@ class Buffer:
 
     def __init__(self, group: dist.ProcessGroup | None = None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24, allow_nvlink_for_low_latency_mode=True,
-                 explicitly_destroy: bool = False, timeout_s: float | None = None,
-                 check_exchanges: bool | None = None, **_unused):
+                 allow_mnnvl: bool = False, use_fabric: bool = False, explicitly_destroy: bool = False,
+                 enable_shrink: bool = False, comm=None, *, timeout_s: float | None = None,
+                 check_exchanges: bool | None = None, **deepep_options):
+        """DeepEP's arguments in DeepEP's order (those after num_rdma_bytes select its NVSHMEM and
+        NVLink machinery and change nothing here), then ours by keyword (the class docstring)."""
         if not dist.is_initialized():
             raise RuntimeError("Buffer: torch.distributed is not initialized (call init_process_group first)")
+        if comm is not None and group is None:
+            raise ValueError("comm: an mpi4py communicator is not supported here; pass a torch.distributed group")
+        if deepep_options:  # (other DeepEP versions' options, or a misspelling: said, not refused)
+            warnings.warn(f"Buffer: ignoring keyword arguments it does not know: {sorted(deepep_options)}",
+                          RuntimeWarning, stacklevel=2)
         # Checked here: a bad value would otherwise surface only at the first wait for peers.
         if timeout_s is not None:
             if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real):
@@ -266,10 +275,10 @@ class Buffer:
 
     # ---- DeepEP compatibility helpers ----
     @staticmethod
-    def set_num_sms(num_sms: int) -> None:
+    def set_num_sms(new_num_sms: int) -> None:
         """DeepEP's SM budget for its kernels: kept (get_dispatch_config reports it); the collectives
         here take no SM count."""
-        Buffer.num_sms = check_int("num_sms", num_sms, minimum=1)
+        Buffer.num_sms = check_int("new_num_sms", new_num_sms, minimum=1)
 
     @staticmethod
     def capture() -> EventOverlap:
@@ -1220,7 +1229,8 @@ class Buffer:
         [M, K] fp32 to every rank; then each rank reduces, for every (source, token), the weighted
         outputs of its own experts into one fp32 row (gather_reduce) and returns R blocks of M such
         rows; the source's gather_reduce adds the partials of the ranks its token visited.
-        `topk_idx` must be the dispatch's (only its shape is checked); `out` [T, H] is optional.
+        `topk_idx` must be the dispatch's, except that an entry may be -1 here (as DeepEP skips it,
+        its term is left out: its weight is sent as 0); `out` [T, H] is optional.
         combine_wait_recv_cost_stats: optional int64 [R], taken for DeepEP's signature and left
         unchanged (as dispatch_wait_recv_cost_stats).
         The handle fixes every size the combine exchanges (M, K, the experts, and the hidden size x
@@ -1259,7 +1269,7 @@ class Buffer:
         with StreamScope(self, x.device, None, async_finish, False, inputs) as scope:
             # Every rank gets every rank's weights (rows past T: unused, their ids were -1).
             send_w = torch.zeros(R, M, K, dtype=torch.float32, device=x.device)
-            send_w[:, :num_tokens] = topk_weights
+            send_w[:, :num_tokens] = topk_weights.masked_fill(topk_idx < 0, 0)
             recv_w = torch.empty_like(send_w)
             self._all_to_all(recv_w, send_w, None, None, "low_latency_combine (weights)", poll=False)
             # Row s * M + t: sum over t's experts here of weight * output, 0 if it has none here.
