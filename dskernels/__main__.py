@@ -46,8 +46,7 @@ def report() -> str:
                  + ("with the sm_90a CUDA kernels" if built == "cuda"
                     else "schemas only (no CUDA kernels: built without a CUDA toolkit or with DSKERNELS_CPU_ONLY)"))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    lines.append(f"backends that run here: {', '.join(dskernels.available_backends())}; asked: "
-                 f"{_backend.current_backend()} (dskernels.backend(...) or DSKERNELS_BACKEND)")
+    lines.append(f"backends that run here: {', '.join(dskernels.available_backends())}; asked: {_asked()}")
     lines.append("knobs set: " + (", ".join(_knobs()) or "none"))
     lines.append("CPU tensors: the reference (auto); Triton when forced, under TRITON_INTERPRET=1")
     if not gpus:
@@ -60,6 +59,17 @@ def report() -> str:
                      f"{props.total_memory / 2**30:.0f} GiB; what `auto` runs on its tensors:")
         lines += _choices(hopper=(props.major, props.minor) == (9, 0))
     return "\n".join(lines)
+
+
+def _asked() -> str:
+    """The backend asked for, and whether it can run here (a bad DSKERNELS_BACKEND is reported,
+    not raised: this report is what a user pastes when something is wrong)."""
+    try:
+        asked = _backend.current_backend()
+    except ValueError as e:
+        return f"none valid: {e} (every op raises this until it is fixed)"
+    note = "" if asked == "auto" or asked in dskernels.available_backends() else ", which cannot run here"
+    return f"{asked} (dskernels.backend(...) or DSKERNELS_BACKEND){note}"
 
 
 def _choices(hopper: bool) -> list[str]:

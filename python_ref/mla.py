@@ -48,6 +48,29 @@ def check_pages(k_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens:
     return lengths
 
 
+def check_plan(tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor, lengths: list[int]) -> None:
+    """Checks (reading the values: a host sync on a GPU) that get_mla_metadata's split plan covers
+    the keys of these lengths as the kernels walk it: per sequence, pieces numbered 0, 1, .. (as
+    num_splits counts them) that tile [0, length). A plan made for other lengths (lengths that moved
+    on without a new get_mla_metadata) drops or repeats keys, which the kernels cannot see."""
+    splits = num_splits.tolist()
+    pieces = [[] for _ in lengths]
+    for begin_idx, begin_tok, end_idx, end_tok, begin_split, *_ in tile_scheduler_metadata.tolist():
+        for i in range(max(begin_idx, 0), min(end_idx, len(lengths) - 1) + 1):
+            lo = begin_tok if i == begin_idx else 0
+            hi = end_tok if i == end_idx else lengths[i]
+            if lo < hi:
+                pieces[i].append((begin_split if i == begin_idx else 0, lo, hi))
+    for i, n in enumerate(lengths):
+        got = sorted(pieces[i])
+        ends = [0] + [hi for _, _, hi in got]
+        if ([s for s, _, _ in got] != list(range(splits[i + 1] - splits[i]) if n else [])
+                or [lo for _, lo, _ in got] != ends[:-1] or ends[-1] != n):
+            raise ValueError(f"tile_scheduler_metadata: the split plan does not cover the {n} keys of sequence {i} "
+                             f"(its pieces: {[(lo, hi) for _, lo, hi in got]}): it was made for other "
+                             "cache_seqlens; call get_mla_metadata again whenever they change")
+
+
 def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
                            cache_seqlens: torch.Tensor, head_dim_v: int, softmax_scale: float | None = None,
                            causal: bool = False, k_scale: torch.Tensor | None = None

@@ -359,6 +359,19 @@ def test_python_m_dskernels_reports_the_install():
     assert "flash_mla_with_kvcache" in out.stdout and "gemm_fp8_fp8_bf16_nt" in out.stdout
 
 
+
+def test_python_m_dskernels_reports_a_bad_backend_setting(monkeypatch):
+    """The report is what a user pastes when something is wrong: a bad DSKERNELS_BACKEND is reported
+    there, not raised, and a backend that cannot run here is said to be one."""
+    from dskernels import __main__ as report
+
+    monkeypatch.setenv("DSKERNELS_BACKEND", "bogus")
+    assert "asked: none valid: DSKERNELS_BACKEND: expected one of" in report.report()
+    if "cuda" not in dskernels.available_backends():
+        monkeypatch.setenv("DSKERNELS_BACKEND", "cuda")
+        assert "asked: cuda (dskernels.backend(...) or DSKERNELS_BACKEND), which cannot run here" in report.report()
+
+
 def test_report_says_why_auto_does_not_run_a_cuda_kernel(monkeypatch):
     """On fake GPUs: an sm_90 GPU runs the verified CUDA kernels and says why the others run on Triton;
     an sm_80 one runs Triton everywhere, because of its architecture; a CPU build says so."""

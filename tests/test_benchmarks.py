@@ -142,6 +142,7 @@ def test_model_prefill_flops_match_the_operations_run():
     cfg = DeepseekV3Config.tiny()
     assert cfg.first_k_dense_replace >= 1  # layer 0 is dense: no custom ops the counter cannot see
     layer = DeepseekV3DecoderLayer(cfg, 0).float()
+    layer.weights_loaded = True  # (FLOPs need no weights)
     batch, tokens = 2, 7
     x = torch.randn(batch, tokens, cfg.hidden_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():

@@ -638,6 +638,22 @@ def test_pages_outside_the_cache_are_never_read(backend):
                           None, False)
 
 
+def test_a_plan_made_for_other_lengths_is_refused_on_cpu(backend):
+    """Lengths that moved on (the next decode step) without a new get_mla_metadata: the plan drops
+    the new key (or repeats old ones). On CPU tensors reading it is free, so every backend refuses
+    it, the reference too (which needs no plan), so that the mistake shows before a GPU run."""
+    name, device = backend
+    skip_cuda_backend(name)
+    if device != "cpu":
+        pytest.skip("checked on CPU tensors only (on a GPU it would sync)")
+    q, k_cache, block_table, lens, dv, _ = make_inputs([100, 37], 1, 4, 1, 16, torch.bfloat16, torch.bfloat16)
+    meta, splits = dskernels.get_mla_metadata(lens, 4, 1)
+    for moved in (lens + 1, lens - 1):
+        with pytest.raises(ValueError, match="^tile_scheduler_metadata: the split plan does not cover the .* keys "
+                                             "of sequence .* call get_mla_metadata again"):
+            dskernels.flash_mla_with_kvcache(q, k_cache, block_table, moved, dv, meta, splits)
+
+
 def test_a_length_past_the_block_table_walks_only_the_table(backend):
     """A garbage length of 2^30 keys over a block table of two pages: the reference (and any
     backend on CPU tensors) names cache_seqlens; the kernels drop the keys past the table without

@@ -2,6 +2,8 @@
 construction, load_hf_state_dict (per-expert FP8 checkpoints among them) and the forward's cache
 arguments. Weights come from the layer's own hf_state_dict (no transformers needed)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -283,3 +285,21 @@ def test_numpy_scalars_and_good_inputs_still_load(moe_sd):
     layer = DeepseekV3DecoderLayer(CFG, np.int64(1), dtype=torch.float32, index_fp8=np.bool_(False))
     layer.load_hf_state_dict(per_expert(moe_sd), fp8=np.bool_(False))
     torch.testing.assert_close(layer.mlp.experts.down_proj, moe_sd["mlp.experts.down_proj"], atol=0, rtol=0)
+
+
+def test_forward_before_loading_weights_says_so_once():
+    """The weights are torch.empty until loaded: a forward before that warns (once) rather than
+    returning garbage without a word; after load_hf_state_dict or torch's load_state_dict, none."""
+    x, positions = torch.randn(1, 3, CFG.hidden_size), torch.arange(3)[None]
+    unloaded = DeepseekV3DecoderLayer(CFG, 0)
+    with pytest.warns(RuntimeWarning, match="forward before any weights were loaded"):
+        unloaded(x, positions)
+    loaded = DeepseekV3DecoderLayer(CFG, 0)
+    loaded.load_hf_state_dict(float_state_dict(0))
+    copied = DeepseekV3DecoderLayer(CFG, 0)
+    copied.load_state_dict(loaded.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unloaded(x, positions)  # (said once)
+        loaded(x, positions)
+        copied(x, positions)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -92,7 +93,9 @@ class DeepseekV3DecoderLayer(nn.Module):
             or with False in fp32 over keys cached in the layer's dtype, as transformers does.
 
     Forward: `layer(x, positions)` or `layer(x, positions, kv_cache=, block_table=, cache_seqlens=)`,
-    see `forward`.
+    see `forward`. The weights are uninitialized until `load_hf_state_dict` (or torch's
+    `load_state_dict`) fills them. `DeepseekV3Config()` is the 671B model's (one MoE layer: ~46 GB
+    in fp32); `DeepseekV3Config.tiny()` builds a small one that exercises every path.
     """
 
     def __init__(self, cfg: DeepseekV3Config, layer_idx: int, *, dtype: torch.dtype | None = None,
@@ -125,6 +128,10 @@ class DeepseekV3DecoderLayer(nn.Module):
         for module in self.modules():  # every FP8 cast of the layer follows the checkpoint's scale format
             if isinstance(module, (Linear, Experts)):
                 module.round_scale = cfg.fp8_round_scale
+        # The weights are torch.empty until loaded (load_hf_state_dict, or torch's load_state_dict):
+        # a forward before that says so once instead of returning NaN or garbage without a word.
+        self.weights_loaded = False
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "weights_loaded", True))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -190,10 +197,19 @@ class DeepseekV3DecoderLayer(nn.Module):
                                   x_fp8)
         h, h2, h2_fp8 = add_norm_and_cast(self.post_attention_layernorm, x, attended, *self.mlp.input_layers())
         if self.is_moe and type(self.mlp) is MoE and unhooked(self.mlp):  # the residual added in the combine's kernel
-            return self.mlp(h2, ep_low_latency, h2_fp8, residual=h)
-        if self.is_moe:
-            return h + self.mlp(h2, ep_low_latency, h2_fp8)
-        return h + self.mlp(h2, h2_fp8)
+            out = self.mlp(h2, ep_low_latency, h2_fp8, residual=h)
+        elif self.is_moe:
+            out = h + self.mlp(h2, ep_low_latency, h2_fp8)
+        else:
+            out = h + self.mlp(h2, h2_fp8)
+        if not self.weights_loaded and x.device.type != "meta" and not torch.compiler.is_compiling():
+            # (after the arguments' checks, which come first)
+            warnings.warn(f"DeepseekV3DecoderLayer {self.layer_idx}: forward before any weights were loaded: they "
+                          "are uninitialized memory (call load_hf_state_dict, or load_state_dict, first; after "
+                          "filling the buffers another way, set layer.weights_loaded = True)", RuntimeWarning,
+                          stacklevel=2)
+            self.weights_loaded = True  # (said once)
+        return out
 
     # ---- weights ----
     def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict:
@@ -356,6 +372,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         attn.drop_absorbed()
         for step in steps:
             step()
+        self.weights_loaded = True
 
     def _check_experts(self, sd: dict, used: set, fp8: bool | None, strict: bool):
         """Checks the routed experts' tensors (fused 5.x or per-expert names) and returns what

@@ -490,13 +490,17 @@ def _flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, 
             q, k_cache, block_table, cache_seqlens.contiguous(), tile_scheduler_metadata.contiguous(),
             num_splits.contiguous(), scale, causal, k_scale, out, lse)
         return out, lse
+    if q.device.type == "cpu" and (backend == "ref" or os.environ.get("TRITON_INTERPRET") == "1"):
+        # Reading the values is free here: bad lengths or pages raise, as on the reference, and so
+        # does a plan made for other lengths. (Not on dskernels.testing.fake_gpu's CPU tensors, which
+        # stand in for a GPU's: its plan was never computed, and a GPU call reads no values.)
+        lengths = python_ref.mla.check_pages(k_cache, block_table, cache_seqlens)
+        python_ref.mla.check_plan(tile_scheduler_metadata, num_splits, lengths)
     if backend == "ref":
         return python_ref.mla.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                                      scale, causal, k_scale)
     from dskernels.triton import mla as triton_mla
 
-    if q.device.type == "cpu":  # (the interpreter) reading the values is free here: bad lengths or
-        python_ref.mla.check_pages(k_cache, block_table, cache_seqlens)  # pages raise, as on the reference
     if q.stride(3) != 1:
         q = q.contiguous()
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
