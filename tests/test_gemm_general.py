@@ -114,9 +114,9 @@ def test_fp8_gemm_nt_refuses_before_writing_c():
         dskernels.fp8_gemm_nt(lhs, rhs, out, c=torch.ones(4, 8))
     assert not out.any()
     rows = torch.zeros(6, 8)
-    with pytest.raises(ValueError, match="^c: expected out itself or a tensor that shares no memory with out"):
+    with pytest.raises(ValueError, match="^c: expected d itself or a tensor that shares no memory with d"):
         dskernels.fp8_gemm_nt(lhs, rhs, rows[:4], c=rows[2:])
-    with pytest.raises(ValueError, match="^out: expected an output whose elements do not share memory"):
+    with pytest.raises(ValueError, match="^d: expected an output whose elements do not share memory"):
         dskernels.fp8_gemm_nt(lhs, rhs, torch.zeros(1, 8).expand(4, 8), c=torch.ones(4, 8))
     assert not rows.any()
     c = torch.randn(4, 8)
@@ -136,7 +136,7 @@ def test_outputs_that_share_memory_with_what_the_gemm_reads():
     out, sa_view = buf[:m * n].view(m, n), buf[m * n - 2:m * n - 2 + m].view(m, 1)  # two floats shared
     sa_view.copy_(sa)
     before = sa_view.clone()
-    with pytest.raises(ValueError, match="^out: expected an output that shares no memory with sa"):
+    with pytest.raises(ValueError, match="^d: expected an output that shares no memory with sa"):
         dskernels.fp8_gemm_nt((a, sa_view), rhs, out, c=torch.full((m, n), 7.0))
     assert torch.equal(sa_view, before)
     # fp8_einsum with c: the same, before its copy into d

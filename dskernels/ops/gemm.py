@@ -171,12 +171,12 @@ def fp8_gemm_nt(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, comp
         b: (b, sb): b [n, k] fp8; sb [ceil(n / 128), k / 128] fp32 (128x128 blocks, recipe
             (1, 128, 128)) or [n, k / 128] (1x128 per row, recipe (1, 1, 128): b is an activation
             or a gradient too, as in a weight gradient dy.T @ x). Any strides.
-        d: the output [m, n], bfloat16 or float32, any strides (error messages call it out).
+        d: the output [m, n], bfloat16 or float32, any strides.
         c: None (d is overwritten) or [m, n] of d's dtype, added in fp32 before the one rounding
             to d's dtype; c may be d itself (accumulate in place: DeepGEMM's wgrad use).
         recipe: None (read from sb's shape), (1, 128, 128) or (1, 1, 128); checked against sb.
-            Or DeepGEMM's newer per-operand spelling, keyword only: recipe_a (1, 128) and recipe_b
-            (128, 128) or (1, 128).
+            Or DeepGEMM's newer per-operand spelling (the next two, in DeepGEMM's order): recipe_a
+            (1, 128) and recipe_b (128, 128) or (1, 128).
         compiled_dims, disable_ue8m0_cast: DeepGEMM's JIT and Blackwell options, ignored.
 
     Returns None. The sm90 CUDA kernel covers the bf16, block-scaled, non-accumulating case; the
@@ -188,14 +188,14 @@ def fp8_gemm_nt(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, comp
     b, sb = _unpack("b", b)
     out = d
     # before out is written with c (the overlap checks in eager mode: torch.compile leaves them to the op)
-    sb_per_row = _check_general(a, sa, b, sb, out, overlap=not torch.compiler.is_compiling())
+    sb_per_row = _check_general(a, sa, b, sb, out, overlap=not torch.compiler.is_compiling(), out_name="d")
     # `if` on sb_per_row, not a comparison of it with a python bool: under torch.compile with
     # symbolic shapes that comparison fails inside dynamo
     if recipe is not None and b.shape[0] > 1 and (not sb_per_row if tuple(recipe) == ROW_RECIPE else sb_per_row):
         per = "row of b per 128 columns" if tuple(recipe) == ROW_RECIPE else "128x128 block of b"
         raise ValueError(f"sb: recipe {tuple(recipe)} means one scale per {per}, got shape {tuple(sb.shape)} "
                          f"for b of shape {tuple(b.shape)}")
-    _check_c(c, out)
+    _check_c(c, out, "d")
     if c is not None:
         if not torch.compiler.is_compiling():
             _general_backend(a.device)  # eager: every refusal before out is written
@@ -592,11 +592,12 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple, why: str) -> None:
 
 
 def _check_operands(a, sa, b, sb, out, *, grouped_a: bool, grouped_b: bool, general: bool = False,
-                    overlap: bool = True):
+                    overlap: bool = True, out_name: str = "out"):
     """a [(G,) m, k], sa, b [(G,) n, k], sb, out [(G,) m, n]; returns (groups or None, m, n, k).
     general (fp8_gemm_nt): sb may also be [n, k / 128] and out float32. overlap=False leaves out's
-    self-overlap to the op (a check torch.compile cannot trace outside one)."""
-    check_one_device(a=a, sa=sa, b=b, sb=sb, out=out)
+    self-overlap to the op (a check torch.compile cannot trace outside one). out_name: what the
+    caller calls out (DeepGEMM's names: d)."""
+    check_one_device(a=a, sa=sa, b=b, sb=sb, **{out_name: out})
     check_tensor("a", a, ndim=3 if grouped_a else 2, dtypes=(FP8,))
     device = a.device
     m, k = a.shape[-2], a.shape[-1]
@@ -620,12 +621,12 @@ def _check_operands(a, sa, b, sb, out, *, grouped_a: bool, grouped_b: bool, gene
         also = f", or {per_row}: one per row of b per 128 columns" if general else ""
         raise ValueError(f"sb: expected shape {per_block} (one scale per 128x128 block of b{also}), "
                          f"got {tuple(sb.shape)}")
-    check_tensor("out", out, dtypes=(torch.bfloat16, torch.float32) if general else (torch.bfloat16,),
+    check_tensor(out_name, out, dtypes=(torch.bfloat16, torch.float32) if general else (torch.bfloat16,),
                  device=device)
-    _check_shape("out", out, (*a.shape[:-1], n), "a's rows by b's rows")
+    _check_shape(out_name, out, (*a.shape[:-1], n), "a's rows by b's rows")
     if overlap:
-        check_no_overlap("out", out)
-        check_reads_apart("out", out, a=a, b=b, sa=sa, sb=sb)
+        check_no_overlap(out_name, out)
+        check_reads_apart(out_name, out, a=a, b=b, sa=sa, sb=sb)
     return groups, m, n, k
 
 
@@ -633,11 +634,11 @@ def _check_dense(a, sa, b, sb, out):
     _check_operands(a, sa, b, sb, out, grouped_a=False, grouped_b=False)
 
 
-def _check_general(a, sa, b, sb, out, overlap: bool = True) -> bool:
+def _check_general(a, sa, b, sb, out, overlap: bool = True, out_name: str = "out") -> bool:
     """fp8_gemm_nt's operands; returns whether sb holds one scale per row of b (n > 1: for n = 1
     the two layouts are the same)."""
     _, _, n, k = _check_operands(a, sa, b, sb, out, grouped_a=False, grouped_b=False, general=True,
-                                 overlap=overlap)
+                                 overlap=overlap, out_name=out_name)
     return n > 1 and tuple(sb.shape) == (n, k // GROUP_SIZE)
 
 
