@@ -426,9 +426,10 @@ def test_report_families_match_what_the_ops_ask_for(monkeypatch):
                                      torch.randn(1, 64, 1, 576, dtype=torch.bfloat16),
                                      torch.zeros(2, 1, dtype=torch.int32), lengths, 512, metadata, splits)
     torch.ops.dskernels.ep_get_dispatch_layout(torch.zeros(3, 2, dtype=torch.int64), 8, 2)
+    cuda_build = torch.ops.dskernels._build_info() == "cuda"  # (a CPU-only build: no CUDA kernel to ask for)
     for op, flags in asked.items():
         rows = [(has_cuda, verified) for names, has_cuda, verified in families()
                 if re.search(rf"\b{op}\b", names)] or [families()[-1][1:]]  # unnamed: "the other ops"
-        assert rows == [flags] or (not flags[0] and rows == [(False, False)]), (op, flags, rows)
+        assert rows == [flags] or (not flags[0] and (rows == [(False, False)] or not cuda_build)), (op, flags, rows)
     assert {"per_token_cast_to_fp8", "silu_and_mul_cast_to_fp8", "gemm_fp8_fp8_bf16_nt", "get_mla_metadata",
             "flash_mla_with_kvcache", "ep_get_dispatch_layout"} <= set(asked), asked
