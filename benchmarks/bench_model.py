@@ -385,13 +385,16 @@ def main() -> int:
     timer = bench.bench_gpu if device == "cuda" else bench.bench_cpu
     print(f"DeepSeek-V3 / V3.2 layer on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, backends {dskernels.available_backends()}")
-    print("case | shape | ours us | plain torch us | transformers us | speedup vs fastest | ours tokens/s | check")
+    print("case | shape | ours us | ours host us | plain torch us | transformers us | speedup vs fastest | "
+          "ours tokens/s | check")
     status = 0
     for case in cases(args.quick, device):
         inputs = case.make_inputs(device)
         problem = case.check(case.run(*inputs), case.reference(*inputs))
         status |= problem is not None
-        ours = timer(lambda: case.run(*inputs))
+        state = {}  # on a GPU: the host's time per step beside the device's (bench_gpu)
+        ours = timer(lambda: case.run(*inputs), telemetry=state)
+        host = f"{state['host_ms'] * 1e3:.0f}" if "host_ms" in state else "-"
         theirs = {}
         for name in ("torch", "transformers"):
             peer = case.peers.get(name)
@@ -405,7 +408,7 @@ def main() -> int:
         speedup = f"{fastest / ours:.2f}x" if fastest == fastest else "-"  # NaN: no peer ran
         print(f"{case.op.removeprefix('deepseek_v3_layer_')} | "
               + " ".join(f"{k}={v}" for k, v in case.params.items())
-              + f" | {ours * 1e3:.0f} | {peer_us[0]} | {peer_us[1]} | {speedup} | {tokens / ours * 1e3:.0f} | "
+              + f" | {ours * 1e3:.0f} | {host} | {peer_us[0]} | {peer_us[1]} | {speedup} | {tokens / ours * 1e3:.0f} | "
               + (problem or "ok"), flush=True)
         inputs = None  # the layer's caches: freed before the next case builds its own
         if device == "cuda":

@@ -6,9 +6,12 @@ On a GPU: measures the two ceilings first (device-to-device copy bandwidth, 8192
 matmul rates), then times every case on every backend that runs here (L2 flushed, median of CUDA
 event timings) beside its peers (PyTorch eager and torch.compile of the same math), and prints
 
-    op | backend | shape | us | TFLOPS | GB/s | % of roofline | x peer | SM MHz
+    op | backend | shape | us | host us | TFLOPS | GB/s | % of roofline | x peer | SM MHz
 
-where % of roofline = the time the ceilings allow / the measured time, x peer = the fastest
+where us is the device's time (each run queued behind a spin that keeps the host ahead of the
+device, dskernels/testing/bench.py: what a CUDA graph's replay or a server's queued steps see),
+host us the host's time per call (an eager caller waits for the longer of the two; "(syncs)": a
+call that waits on the device, timed as it runs), % of roofline = the time the ceilings allow / the measured time, x peer = the fastest
 peer's time / ours, and SM MHz the lowest SM clock NVML read during the timed runs, with the
 slowdown reasons it reported (power cap, thermal; records' "gpu" field; empty without pynvml).
 Without a GPU it runs each op on tiny shapes through every backend available
@@ -62,7 +65,7 @@ def shape_text(params: dict) -> str:
 
 
 class Report:
-    COLUMNS = ("op", "backend", "shape", "us", "TFLOPS", "GB/s", "% roofline", "x peer", "SM MHz")
+    COLUMNS = ("op", "backend", "shape", "us", "host us", "TFLOPS", "GB/s", "% roofline", "x peer", "SM MHz")
 
     def __init__(self):
         self.rows: list[tuple[str, ...]] = []
@@ -298,7 +301,7 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
         label = ("WRONG " if rec["error"] else "") + rec["backend"]
         x_peer = fmt(rec["x_peer"], "{:.2f}x") if not rec["backend"].startswith("peer:") else (
             "1.00x" if rec["ms"] == best_peer_ms else "")
-        report.add(case.op, label, shape, f"{rec['ms'] * 1e3:.1f}", fmt(rec["tflops"]), fmt(rec["gbps"]),
+        report.add(case.op, label, shape, f"{rec['ms'] * 1e3:.1f}", host_text(rec), fmt(rec["tflops"]), fmt(rec["gbps"]),
                    fmt(rec["roofline"] and 100 * rec["roofline"]), x_peer, clock_text(rec.get("gpu")))
         records.append(rec)
 
@@ -395,16 +398,28 @@ def environment(overrides):
 
 def clock_text(state: dict | None) -> str:
     """A record's "gpu" field in the report: its lowest SM clock and any slowdown reasons."""
-    if not state:
+    if not state or "sm_mhz" not in state:  # no NVML readings (the state may hold bench_gpu's host time)
         return ""
     return f"{state['sm_mhz']}" + (f" ({', '.join(state['slowdowns'])})" if state["slowdowns"] else "")
 
 
 def clock_note(state: dict | None) -> str:
-    return f" at {clock_text(state)} MHz" if state else ""
+    return f" at {clock_text(state)} MHz" if clock_text(state) else ""
+
+
+def host_text(rec: dict) -> str:
+    """A record's host time per call in the report; "(syncs)" where the call could not be queued
+    ahead of the device (it waits on it), so its "us" is the eager time, host included."""
+    if rec.get("host_ms") is None:
+        return "-"
+    return f"{rec['host_ms'] * 1e3:.1f}" + ("" if rec.get("queued", True) else " (syncs)")
 
 
 def record(case, backend, ms, ceilings, meta, error, gpu=None):
+    """One timed run as the JSON keeps it. gpu: bench_gpu's telemetry (its host time and queueing
+    go to fields of their own, the device's state to "gpu")."""
+    gpu = dict(gpu or {})
+    host_ms, queued = gpu.pop("host_ms", None), gpu.pop("queued", None)
     throughput = ceilings and ms == ms and ms > 0
     tflops = case.flops / ms / 1e9 if throughput and case.flops else None
     gbps = case.bytes / ms / 1e6 if throughput else None
@@ -416,7 +431,7 @@ def record(case, backend, ms, ceilings, meta, error, gpu=None):
     return {"op": case.op, "backend": backend, "device": meta["device"], "params": case.params,
             "ms": ms, "tflops": tflops, "gbps": gbps, "roofline": roofline, "x_peer": None,
             "error": error, "git_sha": meta["git_sha"], "torch": meta["torch"], "date": meta["date"],
-            "gpu": gpu or None}
+            "gpu": gpu or None, "host_ms": host_ms, "queued": queued}
 
 
 def fmt(value, pattern="{:.1f}"):

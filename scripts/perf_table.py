@@ -73,15 +73,16 @@ def table() -> str:
             if (r["op"], r["backend"]) not in labels:
                 continue  # a label the benchmarks no longer define
             shape = shape_text(r["params"])
-            rows.append(f"| {r['op']} | {shape} | {r['backend']} | {r['ms'] * 1e3:.1f} | "
+            host = r.get("host_ms") and f"{r['host_ms'] * 1e3:.1f}" + ("" if r.get("queued", True) else " (syncs)")
+            rows.append(f"| {r['op']} | {shape} | {r['backend']} | {r['ms'] * 1e3:.1f} | {host or '-'} | "
                         f"{fmt(r['tflops'], '{:.0f}')} | {fmt(r['gbps'], '{:.0f}')} | "
                         f"{fmt(r['roofline'] and 100 * r['roofline'], '{:.0f}%')} | "
                         f"{fmt(r.get('x_peer'), '{:.2f}x')} | {meta['device']} | {r.get('git_sha', meta['git_sha'])} |")
     if not rows:
         return ("No GPU results recorded yet: run `bash scripts/gpu_check.sh` on a Hopper GPU and commit its "
                 "results.json as benchmarks/results/<device>.json.")
-    header = ("| op | shape | backend | us | TFLOPS | GB/s | roofline | x peer | device | git |\n"
-              "|---|---|---|---|---|---|---|---|---|---|")
+    header = ("| op | shape | backend | us | host us | TFLOPS | GB/s | roofline | x peer | device | git |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|")
     return header + "\n" + "\n".join(rows)
 
 

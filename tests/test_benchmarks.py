@@ -4,8 +4,10 @@ backend available and agree with the oracle (on CPU: tiny shapes, Triton through
 import glob
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -367,6 +369,129 @@ def test_targets_show_the_clocks_their_runs_had():
     assert evaluate(geo, "cuda", [_record("op", "cuda", {"n": 1}, 1.0, tflops=1.0)])["clocks"] == ""
 
 
+class SimulatedTimeline:
+    """A host and a device in simulated milliseconds, for bench.timed_loop: the device runs queued
+    work in order, each piece when queued and the previous one done; events take the device's time
+    as it reaches them; the driver holds at most `queue_limit` pieces, a full queue blocking the
+    host until the oldest is done (as a real launch queue does)."""
+
+    def __init__(self, queue_limit=1024):
+        self.now, self.device_free, self.pending, self.queue_limit = 0.0, 0.0, [], queue_limit
+
+    def clock(self):
+        return self.now / 1e3
+
+    def host(self, ms):
+        self.now += ms
+
+    def launch(self, ms, host_ms=0.002):
+        self.host(host_ms)
+        self.pending = sorted(t for t in self.pending if t > self.now)
+        if len(self.pending) >= self.queue_limit:
+            self.now = self.pending[len(self.pending) - self.queue_limit]
+        self.device_free = max(self.now, self.device_free) + ms
+        self.pending.append(self.device_free)
+        return self.device_free
+
+    def spin(self, ms):
+        self.launch(ms)
+
+    def synchronize(self):
+        self.now = max(self.now, self.device_free)
+
+    def readings(self, done, begin):
+        return []
+
+    def event(self):
+        timeline = self
+
+        class Event:
+            def record(self):
+                self.at = timeline.launch(0.0)
+
+            def query(self):
+                return self.at <= timeline.now
+
+            def elapsed_time(self, end):
+                return end.at - self.at
+
+        return Event()
+
+
+def test_timed_loop_times_the_device_not_the_host():
+    """bench.timed_loop against a simulated device: a call whose host work (0.1 ms) outlasts its
+    kernel (0.02 ms) and the flush (0.08 ms) is timed at its kernel's 0.02 ms, with its host time
+    beside it; the same loop without the spin (the old timing) reports ~0.03, host time. A call of
+    100 launches, more than the launch queue holds over 30 runs, is queued in shorter stretches.
+    A call that synchronizes cannot be queued: timed as it runs and said so."""
+    from dskernels.testing import bench
+
+    sim = SimulatedTimeline()
+    flush = lambda: sim.launch(0.08)  # noqa: E731
+
+    def host_bound():
+        sim.host(0.1)
+        sim.launch(0.02)
+
+    loop = bench.timed_loop(host_bound, flush, 30, sim)
+    assert loop["queued"] and len(loop["device_ms"]) == 30
+    assert all(abs(ms - 0.02) < 1e-9 for ms in loop["device_ms"])
+    assert all(0.1 <= ms < 0.11 for ms in loop["host_ms"])
+
+    unqueued = []  # the timing before the spins: events around each call, behind the flush only
+    for _ in range(30):
+        flush()
+        start, end = sim.event(), sim.event()
+        start.record()
+        host_bound()
+        end.record()
+        unqueued.append((start, end))
+    sim.synchronize()
+    assert statistics.median(s.elapsed_time(e) for s, e in unqueued) > 0.025
+
+    def many_launches():
+        for _ in range(100):
+            sim.launch(0.001)
+
+    loop = bench.timed_loop(many_launches, flush, 30, sim)
+    assert loop["queued"] and len(loop["device_ms"]) == 30
+    assert all(abs(ms - 0.1) < 1e-9 for ms in loop["device_ms"])
+
+    def synchronizing():
+        sim.launch(0.02)
+        sim.synchronize()  # e.g. .item() on its result
+        sim.host(0.01)
+
+    loop = bench.timed_loop(synchronizing, flush, 30, sim)
+    assert not loop["queued"] and len(loop["device_ms"]) == 30
+    assert all(ms >= 0.03 for ms in loop["device_ms"])
+
+
+@pytest.mark.gpu
+def test_bench_gpu_times_the_device_behind_a_slow_host():
+    """On the device: a call that spends 300 us on the host before a ~10 us kernel is timed at its
+    kernel (well under the host's time, which is reported beside it); one that reads its result on
+    the host cannot be queued and says so."""
+    from dskernels.testing import bench
+
+    x = torch.randn(1 << 20, device="cuda")
+
+    def slow_host():
+        until = time.perf_counter() + 300e-6
+        while time.perf_counter() < until:
+            pass
+        return x.mul(2.0)
+
+    state = {}
+    ms = bench.bench_gpu(slow_host, telemetry=state)
+    assert state["queued"] and state["host_ms"] >= 0.3
+    assert ms < 0.1, (ms, state)
+
+    state = {}
+    bench.bench_gpu(lambda: x.sum().item(), telemetry=state)
+    assert not state["queued"]
+
+
 def test_gpu_readings_summarize_the_timed_loop(monkeypatch):
     """bench's NVML readings (faked here: no GPU): the loop's lowest SM clock, highest power and
     temperature, and every slowdown reason any reading had; none where pynvml is missing."""
@@ -396,12 +521,12 @@ def test_gpu_readings_summarize_the_timed_loop(monkeypatch):
     bench._nvml_device.cache_clear()
     try:
         assert bench._nvml_device(0) == (fake, ("handle", "GPU-abc"))
-        state = bench._readings_until(Done())
+        state = bench.summarize_readings(bench._readings_until(Done()))
         assert state == {"sm_mhz": 1755, "max_sm_mhz": 1980, "power_w": 650.0, "temp_c": 71,
                          "slowdowns": ["sw_power_cap"], "readings": 3}
         monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: import fails
         bench._nvml_device.cache_clear()
-        assert bench.gpu_reading() is None and bench._readings_until(Done()) is None
+        assert bench.gpu_reading() is None and bench.summarize_readings(bench._readings_until(Done())) is None
     finally:
         bench._nvml_device.cache_clear()
     assert bench.summarize_readings([None]) is None

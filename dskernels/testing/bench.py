@@ -3,6 +3,18 @@
 DeepGEMM and flashinfer time the same way; the flush keeps a kernel from reading what the
 previous run left in the 50 MB L2, which would overstate memory-bound kernels.
 
+The events time the device only while the host stays ahead of it. A call whose host work (Python,
+argument checks, launches) outlasts its kernels leaves the device idle between them, and the events
+then time the host: the H200 run of 2026-12-04 timed a Triton GEMM at m = 64 at 91 us eagerly and
+19 us replayed from a CUDA graph, when only the 256 MB flush (~80 us of device time) kept the host
+ahead. So the timed loop is queued behind a spin kernel (`torch.cuda._sleep`) sized to outlast the
+host's queuing of it, and an event after the spin proves it did (still pending once the loop is
+queued); otherwise the loop is queued again in shorter stretches behind longer spins. The time
+reported is the device's, as a CUDA graph's replay or a server's queued steps see it, and each
+call's host time is measured in the same loop and reported beside it (`host_ms`): an eager caller
+waits for the longer of the two. A call that waits on the device itself (a host sync) cannot be
+queued: it is timed as it runs, host included, and said so (`queued` False).
+
 The GPU's state while it runs the timed loop goes with the time where NVML can be read
 (nvidia-ml-py's pynvml): Hopper lowers its SM clock under its power or thermal limits, so a
 kernel timed cold and the same kernel timed after heavy GEMMs may differ. (The H200 run of
@@ -77,36 +89,123 @@ def summarize_readings(readings: list[dict | None]) -> dict | None:
             "readings": len(readings)}
 
 
-def _readings_until(done: torch.cuda.Event) -> dict | None:
-    """NVML readings every millisecond until `done` has run, summarized: the timed loop is queued
-    ahead of the device, so they fall inside it (a loop shorter than one reading, or one bound by
-    the host, gets one taken just after it)."""
+def _readings_until(done, begin=None) -> list[dict | None]:
+    """NVML readings every millisecond from when `begin` has run (the spin ahead of a timed loop)
+    until `done` has run (the loop's last event): the loop is queued ahead of the device, so they
+    fall inside it (a loop shorter than one reading gets one taken just after it)."""
+    while begin is not None and not begin.query():
+        time.sleep(1e-4)
     readings = [gpu_reading()]
     while readings[0] is not None and len(readings) < _MAX_READINGS and not done.query():
         time.sleep(1e-3)
         readings.append(gpu_reading())
-    return summarize_readings(readings)
+    return readings
+
+
+class _CudaTimeline:
+    """The device and host clocks `timed_loop` works with (the tests give it a simulated one)."""
+
+    clock = staticmethod(time.perf_counter)  # host seconds
+
+    @staticmethod
+    def event():
+        return torch.cuda.Event(enable_timing=True)
+
+    @staticmethod
+    def spin(ms: float):
+        """Queues a kernel that keeps the device busy for about `ms` milliseconds."""
+        torch.cuda._sleep(max(1, int(ms * _spin_cycles_per_ms(torch.cuda.current_device()))))
+
+    @staticmethod
+    def synchronize():
+        torch.cuda.synchronize()
+
+    @staticmethod
+    def readings(done, begin) -> list[dict | None]:
+        return _readings_until(done, begin)
+
+
+@functools.lru_cache(maxsize=None)
+def _spin_cycles_per_ms(index: int) -> float:
+    """Clock cycles torch.cuda._sleep spins per millisecond on device `index` (its SM clock; a
+    lower clock under load only makes a spin longer, which is the safe side)."""
+    cycles, ms = 1 << 20, 0.0
+    for _ in range(2):  # the first run may include loading the kernel
+        start, end = _CudaTimeline.event(), _CudaTimeline.event()
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end)
+    return cycles / ms
+
+
+# (iterations queued behind one spin: a fraction of the loop, the spin's margin over the host's
+# estimated queuing time) for each try. Shorter stretches stay within the driver's queue of
+# pending launches (a full queue blocks the host until the spin ends); longer margins cover a host
+# slower than its estimate. A call that fails even the last waits on the device itself.
+_QUEUE_TRIES = ((1, 2.0), (8, 8.0), (None, 32.0))  # None: one call per spin
+_MAX_SPIN_MS = 2000.0
+
+
+def timed_loop(fn: Callable[[], object], before: Callable[[], object], iters: int,
+               timeline=_CudaTimeline) -> dict:
+    """Times `iters` runs of fn() (each after before(), untimed) queued behind spins, as the module's
+    docstring says. Returns {"device_ms": [...], "host_ms": [...], "queued": bool, "readings": [...]}:
+    each run's device time between its events and host time of the call."""
+    begin = timeline.clock()
+    for _ in range(2):  # the host's time per run, to size the spins
+        before()
+        fn()
+    host_estimate_ms = (timeline.clock() - begin) * 1e3 / 2
+    timeline.synchronize()
+    result = {"device_ms": [], "host_ms": [], "queued": True, "readings": []}
+    tries = list(_QUEUE_TRIES)
+    while len(result["device_ms"]) < iters:
+        fraction, margin = tries[0] if tries else (None, 0.0)
+        left = iters - len(result["device_ms"])
+        n = left if not tries else min(left, 1 if fraction is None else max(1, iters // fraction))
+        spun = None
+        if tries:
+            timeline.spin(min(_MAX_SPIN_MS, margin * n * host_estimate_ms + 0.2))
+            spun = timeline.event()
+            spun.record()
+        events, host_ms = [], []
+        for _ in range(n):
+            before()
+            start, end = timeline.event(), timeline.event()
+            start.record()
+            call = timeline.clock()
+            fn()
+            host_ms.append((timeline.clock() - call) * 1e3)
+            end.record()
+            events.append((start, end))
+        if spun is not None and spun.query():  # the device caught up with the host: times not the device's
+            timeline.synchronize()
+            tries.pop(0)
+            result["queued"] = bool(tries)
+            continue
+        result["readings"] += timeline.readings(events[-1][1], spun)
+        timeline.synchronize()
+        result["device_ms"] += [start.elapsed_time(end) for start, end in events]
+        result["host_ms"] += host_ms
+    return result
 
 
 def bench_gpu(fn: Callable[[], object], *, warmup: int = 5, iters: int = 30, flush_l2: bool = True,
               telemetry: dict | None = None) -> float:
-    """Median milliseconds of fn() on the current CUDA device. telemetry: a dict that receives the
-    device's state over the timed runs (summarize_readings' fields), where NVML can be read."""
+    """Median milliseconds of fn() on the current CUDA device (the device's time: see the module's
+    docstring). telemetry: a dict that receives the median host time of a call ("host_ms"),
+    whether the loop stayed queued behind the host ("queued"), and the device's state over the timed
+    runs (summarize_readings' fields) where NVML can be read."""
     flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if flush_l2 else None
     for _ in range(warmup):
         fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for start, end in zip(starts, ends):
-        if flush is not None:
-            flush.zero_()
-        start.record()
-        fn()
-        end.record()
+    loop = timed_loop(fn, flush.zero_ if flush is not None else (lambda: None), iters)
     if telemetry is not None:
-        telemetry.update(_readings_until(ends[-1]) or {})
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+        telemetry.update(summarize_readings(loop["readings"]) or {})
+        telemetry.update(host_ms=statistics.median(loop["host_ms"]), queued=loop["queued"])
+    return statistics.median(loop["device_ms"])
 
 
 def bench_cpu(fn: Callable[[], object], *, warmup: int = 1, iters: int = 3, telemetry: dict | None = None) -> float:
