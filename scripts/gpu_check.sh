@@ -22,7 +22,7 @@
 #        TEST_WORKERS=2 (pytest-xdist processes per test file, where its wheels came in .whl; 1: one),
 #        SEESAW_TEST_TIMEOUT=90 (tests/test_mla_sm90_seesaw.py's), TEST_JOBS=4 (test files run at once), GPU_TESTS="tests/test_mla_sm90.py ..." (default: the files
 #        with gpu-selected tests, never-run ones first), CPU_TESTS=1 (also the not-gpu suite, for the device's
-#        torch/triton versions), BENCH_OPS=mla,gemm (families or ops, run in that order),
+#        torch/triton versions), BENCH_OPS=model,fp8_cast,indexer,moe,ep,gemm,mla (families or ops, run in that order),
 #        QUICK=1 (default; 0 for the full grid), BENCH_BACKENDS (run.py --backends: e.g. triton for #3's
 #        full FlashMLA grid on the Triton path alone; peers still run), BENCH_BUDGET (s; default all that is left),
 #        NO_CUDA=mla,gemm (families benchmarked without their cuda backend; by default those whose
