@@ -105,31 +105,56 @@ def test_contract_ops_are_public_functions():
 
 
 @pytest.mark.filterwarnings("ignore:.*autograd kernel was not registered")
-def test_no_gradient_flows_through_the_ops():
+def test_no_gradient_flows_through_the_ops(monkeypatch):
     """Inference kernels on every backend: outputs that do not require grad even where an input does
     (a quantized Parameter), as under no_grad; torch's fallback for ops without an autograd kernel
     used to mark them as requiring it (deepcopy and .numpy() of the fp8 copy failed, backward only
     warned). The reference on CPU gives no gradient either (its tensor ops recorded one that
-    Triton, CUDA and compiled graphs did not give)."""
+    Triton, CUDA and compiled graphs did not give). A call that would have needed a gradient warns
+    once per op (it was lost without a word); under no_grad, or with no input requiring grad, none."""
     import copy
     import warnings
 
     from test_mla import make_inputs
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # (the fallback's "autograd kernel was not registered")
-        x = torch.randn(4, 128, requires_grad=True)
+    from dskernels import _inference
+
+    def run_ops(requires_grad: bool):
+        x = torch.randn(4, 128, requires_grad=requires_grad)
         x_fp8, x_scale = dskernels.per_token_cast_to_fp8(x)
-        w = torch.nn.Parameter(torch.randn(256, 128))
+        w = torch.nn.Parameter(torch.randn(256, 128), requires_grad=requires_grad)
         w_fp8, w_scale = dskernels.per_block_cast_to_fp8(w)
         out = torch.empty(4, 256, dtype=torch.bfloat16)
         dskernels.gemm_fp8_fp8_bf16_nt((x_fp8, x_scale), (w_fp8, w_scale), out)
         q, k_cache, block_table, lens, dv, _ = make_inputs([20, 3], 1, 2, 1, 16, torch.float32, torch.float32)
-        q.requires_grad_()
+        q.requires_grad_(requires_grad)
         meta, splits = dskernels.get_mla_metadata(lens, 2, 1)
         o, lse = dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, splits)
-        swiglu = dskernels.silu_and_mul_cast_to_fp8(torch.randn(4, 256, requires_grad=True))
-    assert not any(t.requires_grad for t in (x_fp8, x_scale, w_fp8, w_scale, out, o, lse, *swiglu))
+        swiglu = dskernels.silu_and_mul_cast_to_fp8(torch.randn(4, 256, requires_grad=requires_grad))
+        d = torch.empty(4, 256, dtype=torch.bfloat16)
+        dskernels.bf16_gemm_nn(x.detach().bfloat16().requires_grad_(requires_grad),
+                               torch.randn(128, 256, dtype=torch.bfloat16), d)
+        outputs = (x_fp8, x_scale, w_fp8, w_scale, out, o, lse, *swiglu, d)
+        assert not any(t.requires_grad for t in outputs)
+        return outputs
+
+    monkeypatch.setattr(_inference, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = run_ops(True)
+        run_ops(True)  # once per op
+    said = sorted(str(w.message).split(":")[0] for w in caught)
+    assert said == ["dskernels.bf16_gemm_{nt,nn,tn,tt}", "dskernels.flash_mla_with_kvcache",
+                    "dskernels.per_block_cast_to_fp8", "dskernels.per_token_cast_to_fp8",
+                    "dskernels.silu_and_mul_cast_to_fp8"], said
+    assert all("no gradient flows through it" in str(w.message) for w in caught)
+    monkeypatch.setattr(_inference, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (also the fallback's "autograd kernel was not registered")
+        run_ops(False)
+        with torch.no_grad():
+            run_ops(True)
+    w_fp8, w_scale = outputs[2:4]
     copy.deepcopy(w_fp8)
     w_scale.numpy()
     w_scale.mul_(2)

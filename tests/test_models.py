@@ -299,6 +299,46 @@ def test_load_hf_names(names):
             {k: v for k, v in sd.items() if not k.endswith("e_score_correction_bias")})
 
 
+@pytest.mark.parametrize("names", ["per_expert_fp8", "fused"])
+def test_shard_by_shard_loading(names):
+    """A checkpoint loaded one file at a time (strict=False per file) whose files split a layer's
+    experts: the experts' tensors of each call are kept until a later call completes them (they
+    were dropped without a word: 43% off, an auditor's find). Each call returns torch's
+    (missing, unexpected) keys; a forward in between warns; torch.save of the whole layer works (it
+    failed on a lambda hook)."""
+    import io
+    import warnings
+
+    cfg = CONFIGS["v3"]
+    sd = make_reference(cfg, 1, seed=3).state_dict()
+    sd = fp8_checkpoint(per_expert_names(sd, cfg))[0] if names == "per_expert_fp8" else sd
+    whole = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
+    whole.load_hf_state_dict(sd)
+    # the files split the experts (fused: gate_up and down), each weight beside its scale
+    modules = sorted({k.removesuffix("_scale_inv") for k in sd})
+    first = [k for m in modules[::2] for k in (m, m + "_scale_inv") if k in sd]
+    second = [k for m in modules[1::2] for k in (m, m + "_scale_inv") if k in sd]
+    assert any(k.startswith("mlp.experts.") for k in first) and any(k.startswith("mlp.experts.") for k in second)
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
+    missing, unexpected = layer.load_hf_state_dict({k: sd[k] for k in first}, strict=False)
+    assert not unexpected and any(k.startswith("mlp.experts.") for k in missing)
+    x, positions = torch.randn(2, 3, cfg.hidden_size), spread_positions(2, 3)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(x, positions)
+    assert any("routed experts loaded in part" in str(w.message) for w in caught)
+    missing, unexpected = layer.load_hf_state_dict({k: sd[k].clone() for k in second}, strict=False)
+    assert not unexpected and not [k for k in missing if k.startswith("mlp.experts.")]  # (others: the first's)
+    assert not layer._expert_parts
+    saved = io.BytesIO()
+    torch.save(layer, saved)
+    saved.seek(0)
+    layer = torch.load(saved, weights_only=False)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        torch.testing.assert_close(layer(x, positions), whole(x, positions), atol=0, rtol=0)
+
+
 def test_loaded_layer_owns_its_weights():
     """load_hf_state_dict copies what it keeps, as load_state_dict does: a loader that reuses or
     frees its buffers (here: zeroes them) leaves the layer as it was, float and FP8, per-expert and
@@ -340,8 +380,9 @@ def test_absorbed_projections_follow_weight_updates():
 
 def test_inference_only_paths_refuse_autograd():
     """The paged attention, V3.2's sparse attention and FP8 weights run inference kernels (no
-    backward): with x requiring grad they raise, naming what and how to run it, instead of
-    returning gradients without their share. The float V3 prefill keeps its gradient."""
+    backward): with x (or, for the attention, a weight) requiring grad they raise, naming what and
+    how to run it, instead of returning gradients without their share. The float V3 prefill keeps
+    its gradient."""
     cfg = CONFIGS["v3"]
     x, positions = torch.randn(1, 3, cfg.hidden_size, requires_grad=True), spread_positions(1, 3, seed=5)
     float_sd = make_reference(cfg, 1, seed=6).state_dict()
@@ -359,6 +400,12 @@ def test_inference_only_paths_refuse_autograd():
     with torch.no_grad():
         fp8(x, positions)  # the same calls without autograd
         layer(x, positions, kv_cache=cache, block_table=table, cache_seqlens=torch.zeros(1, dtype=torch.int32))
+    # A weight that requires grad when x does not: its gradient would lack the decode kernel's share
+    # (q_b_proj's came as None, kv_b_proj's 54% off: an auditor's find)
+    layer.self_attn.q_b_proj.weight.requires_grad_()
+    with pytest.raises(RuntimeError, match=r"^the paged \(kv_cache\) attention has no gradient"):
+        layer(x.detach(), positions, kv_cache=cache, block_table=table,
+              cache_seqlens=torch.zeros(1, dtype=torch.int32))
 
 
 def paged_cache(cfg, num_pages, page_size, batch, pages_per_seq, dtype=torch.float32, seed=5):

@@ -38,6 +38,10 @@ _ATTENTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # flash_mla_
 _FP8_CACHE_BYTES = 656  # V3.2's FP8 latent cache: 512 e4m3, 4 fp32 tile scales, 64 bf16 rope values per token
 
 
+def _drop_absorbed_after_load(module: "MLAttention", incompatible_keys) -> None:
+    module.drop_absorbed()
+
+
 class MLAttention(nn.Module):
     def __init__(self, cfg: DeepseekV3Config, dtype=None, device=None, index_fp8: bool = True):
         super().__init__()
@@ -62,7 +66,7 @@ class MLAttention(nn.Module):
         self.indexer = Indexer(cfg, dtype, device, index_fp8) if cfg.index_topk is not None else None
         # load_state_dict copies into kv_b_proj in place: a compiled step (which cannot read the version
         # counters) and inference tensors (which have none) would keep the old W_UK / W_UV
-        self.register_load_state_dict_post_hook(lambda module, keys: module.drop_absorbed())
+        self.register_load_state_dict_post_hook(_drop_absorbed_after_load)  # (no lambda: the layer pickles)
 
     def drop_absorbed(self) -> None:
         """Forget W_UK / W_UV: the next cached call builds them from kv_b_proj again. Needed only after
@@ -154,9 +158,10 @@ class MLAttention(nn.Module):
             raise TypeError(f"x: the {'paged' if kv_cache is not None else 'V3.2 sparse'} attention's kernels take "
                             f"bfloat16, float16 or float32, got a {x.dtype} layer (its prefill without a cache "
                             f"runs in any float dtype)")
-        if kv_cache is not None or self.indexer is not None:
+        if (kv_cache is not None or self.indexer is not None) and torch.is_grad_enabled():
+            # the weights too: one that requires grad (x does not) lost the decode kernel's share
             refuse_gradient("the paged (kv_cache) attention" if kv_cache is not None
-                            else "DeepSeek-V3.2's sparse attention", x)
+                            else "DeepSeek-V3.2's sparse attention", x, *self.buffers())
         q_nope, q_rope, latent, k_rope, indexer_inputs = self._project(x, positions, x_fp8)
         if kv_cache is None:
             if self.indexer is None:

@@ -20,6 +20,15 @@ from dskernels.models.moe import Experts, MoE
 
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.*)$")
 _EXPERT_KEY = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
+_FUSED_EXPERT_KEY = re.compile(r"^mlp\.experts\.(gate_up_proj|down_proj)(_scale_inv)?$")
+
+
+def _mark_weights_loaded(module, incompatible_keys) -> None:
+    """load_state_dict's post hook (a function, not a lambda: the layer pickles). Experts loaded
+    that way replace what a shard-by-shard load_hf_state_dict kept of them."""
+    module.weights_loaded = True
+    if not any(".experts." in key for key in incompatible_keys.missing_keys):
+        module._expert_parts = {}
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.activation_scale)$"
                       r"|^(embed_tokens|enorm|hnorm|eh_proj|shared_head)\.")  # the MTP layer's extra modules
 
@@ -131,7 +140,12 @@ class DeepseekV3DecoderLayer(nn.Module):
         # The weights are torch.empty until loaded (load_hf_state_dict, or torch's load_state_dict):
         # a forward before that says so once instead of returning NaN or garbage without a word.
         self.weights_loaded = False
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "weights_loaded", True))
+        self.register_load_state_dict_post_hook(_mark_weights_loaded)
+        # A shard-by-shard load_hf_state_dict(strict=False) keeps the routed experts' tensors of the
+        # shards so far (copies) until the last one completes them: checkpoints split a layer's
+        # experts across files.
+        self._expert_parts: dict[str, torch.Tensor] = {}
+        self._expert_parts_said = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -209,6 +223,11 @@ class DeepseekV3DecoderLayer(nn.Module):
                           "filling the buffers another way, set layer.weights_loaded = True)", RuntimeWarning,
                           stacklevel=2)
             self.weights_loaded = True  # (said once)
+        if self._expert_parts and not self._expert_parts_said and not torch.compiler.is_compiling():
+            warnings.warn(f"DeepseekV3DecoderLayer {self.layer_idx}: forward with its routed experts loaded in part "
+                          f"({len(self._expert_parts)} of their tensors came; the experts are uninitialized memory "
+                          "until load_hf_state_dict gets the rest)", RuntimeWarning, stacklevel=2)
+            self._expert_parts_said = True
         return out
 
     # ---- weights ----
@@ -241,7 +260,7 @@ class DeepseekV3DecoderLayer(nn.Module):
                     out[f"mlp.shared_experts.{name}.weight"] = torch.empty(shape, dtype=dtype, device=device)
         return out
 
-    def load_hf_state_dict(self, state_dict: dict, fp8: bool | None = None, strict: bool = True) -> None:
+    def load_hf_state_dict(self, state_dict: dict, fp8: bool | None = None, strict: bool = True):
         """Loads Hugging Face weights of this layer.
 
         Keys: a DeepseekV3DecoderLayer's own (`self_attn.q_a_proj.weight`, ...) or a whole model's
@@ -254,10 +273,16 @@ class DeepseekV3DecoderLayer(nn.Module):
 
         fp8: None keeps each weight's format, True quantizes float weights to FP8 (128x128 blocks),
         False dequantizes FP8 weights to the layer's dtype. Norms, the router and the score bias stay
-        float. strict: raise on missing or unexpected keys (without it, what is there is loaded, but
-        the routed experts only when all of this layer's are there). A tensor of the wrong shape
-        raises ValueError naming its key, an FP8 weight without its scale KeyError; everything is
-        checked before anything is copied, so a call that raises leaves the layer as it was."""
+        float. strict: raise on missing or unexpected keys. Without it what is there is loaded, and
+        the routed experts once all of this layer's have come: a shard-by-shard load (one call per
+        checkpoint file, strict=False) keeps copies of the experts' tensors of each call until a later
+        call completes them (a forward before then warns). A tensor of the wrong shape raises
+        ValueError naming its key, an FP8 weight without its scale KeyError; everything is checked
+        before anything is copied, so a call that raises leaves the layer as it was.
+
+        Returns torch's (missing_keys, unexpected_keys) named tuple, as load_state_dict does: the
+        layer's keys this call left unloaded (experts kept for a later call among them) and the keys
+        it did not use."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
         fp8 = as_flag("fp8", fp8, none_ok=True)
@@ -280,7 +305,10 @@ class DeepseekV3DecoderLayer(nn.Module):
             if not _IGNORED.search(key):
                 sd[key] = value
         used: set[str] = set()
+        missing: list[str] = []
         device = self.input_layernorm.weight.device
+        if self.is_moe:  # the experts' tensors of earlier shards (this call's win)
+            sd = {**self._expert_parts, **sd}
         # Every check runs before the first of these: a state dict that raises leaves the layer as it was
         steps = []
 
@@ -294,6 +322,7 @@ class DeepseekV3DecoderLayer(nn.Module):
             if key not in sd:
                 if strict:
                     raise KeyError(f"state_dict: missing {key!r} for layer {self.layer_idx}")
+                missing.append(key)
                 return None
             used.add(key)
             return check(key, shape, kind)
@@ -362,9 +391,14 @@ class DeepseekV3DecoderLayer(nn.Module):
             else:  # n_shared_experts = 0: transformers still saves the (empty) module
                 used.update(k for k, v in sd.items() if k.startswith("mlp.shared_experts.")
                             and isinstance(v, torch.Tensor) and v.numel() == 0)
-            experts = self._check_experts(sd, used, fp8, strict)
+            experts = self._check_experts(sd, used, fp8, strict, missing)
             if experts is not None:
                 steps.append(lambda: self._load_experts(*experts, fp8))
+                steps.append(lambda: self._keep_expert_parts({}))
+            else:  # some not there (strict=False): this call's are kept for the call that completes them
+                parts = {k: v if self._expert_parts.get(k) is v else v.detach().to(device, copy=True)
+                         for k, v in sd.items() if k in used and self._own_expert_key(k)}
+                steps.append(lambda: self._keep_expert_parts(parts))
         unexpected = sorted(set(sd) - used)
         if strict and unexpected:
             raise KeyError(f"state_dict: unexpected keys for layer {self.layer_idx}: {unexpected[:8]}"
@@ -373,12 +407,25 @@ class DeepseekV3DecoderLayer(nn.Module):
         for step in steps:
             step()
         self.weights_loaded = True
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
-    def _check_experts(self, sd: dict, used: set, fp8: bool | None, strict: bool):
+    def _keep_expert_parts(self, parts: dict) -> None:
+        self._expert_parts, self._expert_parts_said = parts, False
+
+    def _own_expert_key(self, key: str) -> bool:
+        """Whether key names a routed expert tensor this layer keeps (fused, or one of its experts'
+        on this EP rank)."""
+        if _FUSED_EXPERT_KEY.match(key):
+            return True
+        m = _EXPERT_KEY.match(key)
+        return m is not None and self.mlp.first_expert <= int(m.group(1)) < self.mlp.first_expert + \
+            self.mlp.num_local_experts
+
+    def _check_experts(self, sd: dict, used: set, fp8: bool | None, strict: bool, missing: list):
         """Checks the routed experts' tensors (fused 5.x or per-expert names) and returns what
         _load_experts takes: ((gate_up, gate_up scale), (down, down scale)), each a tensor [L, n, k]
-        or a list of L per-expert [n, k] parts ((gate, up) lists for gate_up); None when they are
-        missing and not strict."""
+        or a list of L per-expert [n, k] parts ((gate, up) lists for gate_up); None when some are
+        missing and not strict (their keys appended to missing; those there marked used)."""
         moe, cfg, idx = self.mlp, self.cfg, self.layer_idx
         lo, hi = moe.first_expert, moe.first_expert + moe.num_local_experts
         inter, hidden, experts = cfg.moe_intermediate_size, cfg.hidden_size, cfg.n_routed_experts
@@ -403,11 +450,13 @@ class DeepseekV3DecoderLayer(nn.Module):
         if any(k in sd for k in fused):  # transformers 5.x
             used.update(k for k in (*fused, *(k + "_scale_inv" for k in fused)) if k in sd)
             out = []
+            absent = [key for key in fused if key not in sd]
+            if absent and strict:
+                raise KeyError(f"state_dict: missing {absent[0]!r} for layer {idx}")
+            if absent:
+                missing.extend(absent)
+                return None
             for key, (n, k) in zip(fused, ((2 * inter, hidden), (hidden, inter))):
-                if key not in sd:
-                    if strict:
-                        raise KeyError(f"state_dict: missing {key!r} for layer {idx}")
-                    return None
                 w = sd[key]
                 _check_tensor(key, w, "weight", idx, device)
                 _check_weight_shape(key, w, (experts, n, k), idx)
@@ -423,16 +472,20 @@ class DeepseekV3DecoderLayer(nn.Module):
             m = _EXPERT_KEY.match(key)
             if m and int(m.group(1)) < experts and not lo <= int(m.group(1)) < hi:
                 used.add(key)
+        absent = [f"mlp.experts.{e}.{name}.weight" for name in ("gate_proj", "up_proj", "down_proj")
+                  for e in range(lo, hi) if f"mlp.experts.{e}.{name}.weight" not in sd]
+        if absent and strict:
+            raise KeyError(f"state_dict: missing {absent[0]!r} for layer {idx}")
+        if absent:
+            missing.extend(absent)
+            used.update(k for k in sd if (m := _EXPERT_KEY.match(k)) and lo <= int(m.group(1)) < hi)
+            return None
         parts, scale_dtype = {}, None
         for name in ("gate_proj", "up_proj", "down_proj"):
             shape = (hidden, inter) if name == "down_proj" else (inter, hidden)
             ws, ss = [], []
             for e in range(lo, hi):
                 key = f"mlp.experts.{e}.{name}.weight"
-                if key not in sd:
-                    if strict:
-                        raise KeyError(f"state_dict: missing {key!r} for layer {idx}")
-                    return None
                 used.add(key)
                 w = sd[key]
                 _check_tensor(key, w, "weight", idx, device)

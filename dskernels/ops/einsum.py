@@ -21,6 +21,7 @@ import torch
 
 from dskernels._backend import current_backend
 from dskernels._checks import as_flag, check_no_overlap, check_one_device, check_reads_apart, check_tensor
+from dskernels._inference import inference_kernel
 from dskernels.ops.gemm import BLOCK_RECIPE, FP8, GROUP_SIZE, ROW_RECIPE, _check_c, _general_backend, _unpack, recipe_tuple
 from python_ref import gemm as ref
 
@@ -28,7 +29,7 @@ BF16 = torch.bfloat16
 MAX_BATCH = 65535  # fp8_einsum's batches: grid dimension 1 of the masked kernels (CUDA's limit)
 
 
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+@inference_kernel("einsum")
 def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None,
            use_cublaslt: bool = False) -> None:
     """d = c + torch.einsum(expr, a, b) on bf16 operands, summed in fp32 and rounded once to d's dtype.

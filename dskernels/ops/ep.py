@@ -13,6 +13,7 @@ import torch
 from dskernels._backend import current_backend, select_backend, triton_installed
 from dskernels._checks import check_tensor
 from dskernels._device import on_tensor_device
+from dskernels._inference import inference_kernel
 from python_ref import ep as ref_ep
 
 
@@ -48,7 +49,7 @@ def _check_layout_args(topk_idx, num_experts, num_ranks) -> None:
 
 @torch.library.register_kernel("dskernels::ep_get_dispatch_layout", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+@inference_kernel("ep_get_dispatch_layout")
 def _ep_get_dispatch_layout(topk_idx, num_experts, num_ranks):
     _check_layout_args(topk_idx, num_experts, num_ranks)
     device = topk_idx.device

@@ -10,6 +10,7 @@ import python_ref
 from dskernels._backend import select_backend
 from dskernels._checks import as_flag, check_multiple, check_tensor
 from dskernels._device import on_tensor_device
+from dskernels._inference import inference_kernel
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 
 FP8 = torch.float8_e4m3fn
@@ -166,7 +167,7 @@ def _silu_and_mul_outputs(x):
 
 @torch.library.register_kernel("dskernels::silu_and_mul_cast_to_fp8", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+@inference_kernel("silu_and_mul_cast_to_fp8")
 def _silu_and_mul_cast_to_fp8(x, masked_m=None, round_scale=False):
     _check_silu_and_mul(x, masked_m)
     return _run_silu_and_mul("silu_and_mul_cast_to_fp8", x, masked_m, round_scale, cast=True)
@@ -201,7 +202,7 @@ def _silu_and_mul_cast_to_fp8_fake(x, masked_m=None, round_scale=False):
 
 @torch.library.register_kernel("dskernels::silu_and_mul", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+@inference_kernel("silu_and_mul")
 def _silu_and_mul(x, masked_m=None):
     _check_silu_and_mul(x, masked_m, cast=False)
     return _run_silu_and_mul("silu_and_mul", x, masked_m, False, cast=False)
@@ -279,7 +280,7 @@ def _cast(op: str, src: torch.Tensor, scale_rows: int, ref, triton_kernel: str,
 
 @torch.library.register_kernel("dskernels::per_token_cast_to_fp8", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+@inference_kernel("per_token_cast_to_fp8")
 def _per_token_cast_to_fp8(x, round_scale=False):
     _check_source("x", x)
     return _cast("per_token_cast_to_fp8", x, x.shape[0], python_ref.per_token_cast_to_fp8,
@@ -288,7 +289,7 @@ def _per_token_cast_to_fp8(x, round_scale=False):
 
 @torch.library.register_kernel("dskernels::per_block_cast_to_fp8", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+@inference_kernel("per_block_cast_to_fp8")
 def _per_block_cast_to_fp8(w, round_scale=False):
     _check_source("w", w)
     return _cast("per_block_cast_to_fp8", w, -(-w.shape[0] // GROUP_SIZE),
@@ -312,7 +313,7 @@ def _per_block_cast_to_fp8_fake(w, round_scale=False):
 
 @torch.library.register_kernel("dskernels::per_channel_cast_to_fp8", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+@inference_kernel("per_channel_cast_to_fp8")
 def _per_channel_cast_to_fp8(x, ks=None, ks_tensor=None, round_scale=False):
     blocks = _check_channel_cast(x, ks, ks_tensor)
     backend = select_backend("per_channel_cast_to_fp8", x.device, has_cuda=False, has_triton=True)

@@ -16,6 +16,7 @@ import torch
 from dskernels._backend import current_backend, select_backend
 from dskernels._checks import check_no_overlap, check_one_device, check_reads_apart, check_tensor
 from dskernels._device import on_tensor_device
+from dskernels._inference import inference_kernel
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from dskernels.ops.gemm import (_check_c, _check_expected_m, _check_shape, _layout_argument, check_grouped_layout,
                                 check_jit_hints, check_layout_by_its_name, expected_m_int, psum_options)
@@ -26,7 +27,6 @@ BF16 = torch.bfloat16
 
 # ---- public functions ----
 
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
 def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None,
                  compiled_dims: str = "nk") -> None:
     """d = c + a @ b.T, summed in fp32 and rounded once to d's dtype (cuBLAS: see below).
@@ -49,7 +49,7 @@ def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Ten
     _bf16_gemm(a, b, d, c)
 
 
-@torch.no_grad()
+@inference_kernel("bf16_gemm_{nt,nn,tn,tt}")
 def _bf16_gemm(a, b, d, c) -> None:
     """bf16_gemm_nt's work on checked operands (the other layouts pass their nt views)."""
     _check_c(c, d, "d")
@@ -266,7 +266,7 @@ def _backend(op: str, device: torch.device) -> str:
 
 @torch.library.register_kernel("dskernels::m_grouped_bf16_gemm_nt_contiguous", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+@inference_kernel("m_grouped_bf16_gemm_nt_contiguous")
 def _contiguous(a, b, out, grouped_layout, use_psum_layout=False, ensure_zero_padding=False, expected_m=0):
     _check_contiguous(a, b, out, grouped_layout, use_psum_layout, expected_m)
     if _backend("m_grouped_bf16_gemm_nt_contiguous", a.device) == "ref":
@@ -286,7 +286,7 @@ def _contiguous_fake(a, b, out, grouped_layout, use_psum_layout=False, ensure_ze
 
 @torch.library.register_kernel("dskernels::m_grouped_bf16_gemm_nt_masked", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+@inference_kernel("m_grouped_bf16_gemm_nt_masked")
 def _masked(a, b, out, masked_m, expected_m):
     _check_masked(a, b, out, masked_m, expected_m)
     if _backend("m_grouped_bf16_gemm_nt_masked", a.device) == "ref":
@@ -304,7 +304,7 @@ def _masked_fake(a, b, out, masked_m, expected_m):
 
 @torch.library.register_kernel("dskernels::k_grouped_bf16_gemm_tn_contiguous", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+@inference_kernel("k_grouped_bf16_gemm_tn_contiguous")
 def _k_grouped(a, b, out, ks, ks_tensor=None, accumulate=False):
     _check_k_grouped(a, b, out, ks, ks_tensor)
     if _backend("k_grouped_bf16_gemm_tn_contiguous", a.device) == "ref":

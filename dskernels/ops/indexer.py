@@ -19,6 +19,7 @@ import python_ref.indexer as ref
 from dskernels._backend import current_backend, select_backend
 from dskernels._checks import as_flag, check_int, check_multiple, check_one_device, check_tensor
 from dskernels._device import on_tensor_device
+from dskernels._inference import inference_kernel
 
 FP8 = torch.float8_e4m3fn
 
@@ -368,7 +369,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_kernel("dskernels::fp8_mqa_logits", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()
+@inference_kernel("fp8_mqa_logits")
 def _fp8_mqa_logits(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits=True, max_seqlen_k=0):
     _check_mqa_args(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, clean_logits, max_seqlen_k)
     backend = select_backend("fp8_mqa_logits", q.device, has_cuda=False, has_triton=True)
@@ -390,7 +391,7 @@ def _fp8_mqa_logits_fake(q, k, k_scale, weights, cu_seqlen_ks, cu_seqlen_ke, cle
 
 @torch.library.register_kernel("dskernels::fp8_paged_mqa_logits", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()
+@inference_kernel("fp8_paged_mqa_logits")
 def _fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits=False):
     _check_paged_args(q, kv_cache, weights, context_lens, block_table, max_context_len, clean_logits)
     if kv_cache.data_ptr() % 4:  # here, not in the fake: a fake tensor has no address

@@ -13,6 +13,7 @@ import python_ref.mla
 from dskernels._backend import cuda_kernels_built, current_backend, is_hopper, select_backend
 from dskernels._checks import as_flag, check_int, check_multiple, check_one_device, check_tensor
 from dskernels._device import on_tensor_device
+from dskernels._inference import inference_kernel
 
 FP8 = torch.float8_e4m3fn
 METADATA_SIZE = 8        # ints per partition row of tile_scheduler_metadata
@@ -409,7 +410,7 @@ def _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_
 
 @torch.library.register_kernel("dskernels::get_mla_metadata", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+@inference_kernel("get_mla_metadata")
 def _get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
     _check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
     device = cache_seqlens.device
@@ -465,7 +466,7 @@ def _new_outputs(q, head_dim_v):
 
 @torch.library.register_kernel("dskernels::flash_mla_with_kvcache", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+@inference_kernel("flash_mla_with_kvcache")
 def _flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                             num_splits, softmax_scale=None, causal=False, k_scale=None):
     _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,

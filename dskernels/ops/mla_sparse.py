@@ -18,6 +18,7 @@ import python_ref.mla_sparse as ref
 from dskernels._backend import select_backend
 from dskernels._checks import as_flag, check_int, check_multiple, check_one_device, check_tensor
 from dskernels._device import on_tensor_device
+from dskernels._inference import inference_kernel
 from dskernels.ops.mla import check_cache_heads
 
 FP8 = torch.float8_e4m3fn
@@ -210,7 +211,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_kernel("dskernels::flash_mla_sparse_decode", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+@inference_kernel("flash_mla_sparse_decode")
 def _flash_mla_sparse_decode(q, k_cache, indices, head_dim_v, softmax_scale=None, is_fp8_kvcache=False,
                              topk_length=None, attn_sink=None):
     _check_decode_args(q, k_cache, indices, head_dim_v, softmax_scale, is_fp8_kvcache, topk_length, attn_sink)
@@ -248,7 +249,7 @@ def _flash_mla_sparse_decode_fake(q, k_cache, indices, head_dim_v, softmax_scale
 
 @torch.library.register_kernel("dskernels::flash_mla_sparse_fwd", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()
+@inference_kernel("flash_mla_sparse_fwd")
 def _flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None):
     _check_prefill_args(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)
     topk_length = None if topk_length is None else topk_length.contiguous()

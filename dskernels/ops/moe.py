@@ -11,6 +11,7 @@ import python_ref
 from dskernels._backend import select_backend
 from dskernels._checks import as_flag, check_int, check_one_device, check_tensor
 from dskernels._device import on_tensor_device
+from dskernels._inference import inference_kernel
 
 _MAX_SELECTED = 16  # topk and topk_groups: the kernel selects by repeated arg-max, unrolled
 # float64 too (a float64 layer's bias): the router computes in fp32 in every backend, as HF's does
@@ -81,7 +82,7 @@ def _outputs(logits, topk):
 
 @torch.library.register_kernel("dskernels::grouped_topk", ("cpu", "cuda"))
 @on_tensor_device
-@torch.no_grad()  # inference kernels: no gradient on any backend (dskernels/ops/__init__.py)
+@inference_kernel("grouped_topk")
 def _grouped_topk(logits, bias, num_groups, topk_groups, topk, renormalize=True, scaling_factor=1.0):
     _check(logits, bias, num_groups, topk_groups, topk, renormalize, scaling_factor)
     if select_backend("grouped_topk", logits.device, has_cuda=False, has_triton=True) == "ref":
