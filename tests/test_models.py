@@ -122,6 +122,14 @@ def test_config_from_hf_and_presets():
     assert legacy.n_routed_experts == 64  # transformers' alias
     from transformers import DeepseekV3Config as HFConfig
     assert DeepseekV3Config().max_position_embeddings == HFConfig().max_position_embeddings  # defaults agree
+    for key, value in (("scoring_func", "softmax"), ("topk_method", "greedy"), ("moe_layer_freq", 2)):
+        with pytest.raises(ValueError, match=f"^{key}: the layer implements DeepSeek-V3's MoE"):  # (V2's)
+            DeepseekV3Config.from_hf({key: value})
+    with pytest.raises(ValueError, match="^quantization_config: expected fmt 'e4m3'"):
+        DeepseekV3Config.from_hf({"quantization_config": {"fmt": "e5m2", "weight_block_size": [128, 128]}})
+    v3_json = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1, "quantization_config": {
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}}
+    DeepseekV3Config.from_hf(v3_json)
     with pytest.raises(ValueError, match="^hidden_act: only 'silu'"):
         DeepseekV3Config.tiny(hidden_act="gelu")
     # A V3.2 config keeps its indexer (sparse attention over the top-k; tests/test_models_v32.py)
@@ -545,7 +553,8 @@ def test_torch_load_state_dict_paths():
     """torch's own load_state_dict: it refreshes the absorbed W_UK / W_UV also for inference tensors
     (no version counter), and refuses FP8 weights for a float layer and the reverse (it would copy
     the bytes as values, whatever `strict` says; load_hf_state_dict converts). A meta-built MoE
-    layer with fp32 experts runs on meta tensors (shapes only)."""
+    layer with fp32 experts runs on meta tensors (shapes only), and takes a state dict with
+    assign=True; load_hf_state_dict, which copies, refuses a meta layer."""
     cfg = CONFIGS["v3"]
     refs = [make_reference(cfg, 1, seed=s) for s in (31, 32)]
     x, positions = torch.randn(2, 3, cfg.hidden_size), spread_positions(2, 3)
@@ -573,6 +582,14 @@ def test_torch_load_state_dict_paths():
     meta = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32, device="meta")
     out = meta(torch.empty(2, 3, cfg.hidden_size, device="meta"), torch.empty(2, 3, dtype=torch.long, device="meta"))
     assert out.shape == (2, 3, cfg.hidden_size) and out.device.type == "meta"
+    # accelerate's way: load_state_dict(assign=True) into the meta-built layer; the rope frequencies
+    # (in no state dict) stayed on meta and its forward failed deep in the rope (an auditor's find)
+    meta.load_state_dict(layers[1].state_dict(), assign=True)
+    assert not [name for name, t in meta.named_buffers() if t.is_meta]
+    with torch.no_grad():
+        torch.testing.assert_close(meta(x, positions), layers[1](x, positions), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="on the meta device, where loaded values are not kept"):
+        DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32, device="meta").load_hf_state_dict(refs[0].state_dict())
 
 
 def test_no_shared_experts():

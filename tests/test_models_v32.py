@@ -186,6 +186,13 @@ def test_state_dict_round_trip():
         layer.load_hf_state_dict({k: v for k, v in ref.state_dict().items() if k != "self_attn.indexer.k_norm.bias"})
     with pytest.raises(ValueError, match="^state_dict: 'self_attn.indexer.wk.weight' of layer 1: expected shape"):
         layer.load_hf_state_dict({**ref.state_dict(), "self_attn.indexer.wk.weight": torch.ones(3, 3)})
+    # built on meta and loaded with assign=True: the Hadamard matrix (in no state dict) is made again
+    meta = DeepseekV3DecoderLayer(CFG, 1, dtype=torch.float32, index_fp8=True, device="meta")
+    meta.load_state_dict(layer.state_dict(), assign=True)
+    assert not meta.self_attn.indexer.hadamard.is_meta and not meta.self_attn.inv_freq.is_meta
+    x, positions = torch.randn(2, 3, CFG.hidden_size), spread_positions(2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(meta(x, positions), layer(x, positions), atol=0, rtol=0)
 
 
 # ---- the float indexer: transformers' math, selection included ----

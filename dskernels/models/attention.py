@@ -38,8 +38,15 @@ _ATTENTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # flash_mla_
 _FP8_CACHE_BYTES = 656  # V3.2's FP8 latent cache: 512 e4m3, 4 fp32 tile scales, 64 bf16 rope values per token
 
 
-def _drop_absorbed_after_load(module: "MLAttention", incompatible_keys) -> None:
+def _after_load(module: "MLAttention", incompatible_keys) -> None:
+    """load_state_dict's post hook (a function, not a lambda: the layer pickles)."""
     module.drop_absorbed()
+    if module.inv_freq.is_meta and not module.kv_b_proj.weight.is_meta:
+        # load_state_dict(assign=True) into a meta-built layer (accelerate's way) gives the loaded
+        # tensors; the rope frequencies are in no state dict: made again where the weights went
+        module.reset_inv_freq(module.kv_b_proj.weight.device)
+        if module.indexer is not None:
+            module.indexer.rebuild_hadamard(module.kv_b_proj.weight.device)
 
 
 class MLAttention(nn.Module):
@@ -66,7 +73,7 @@ class MLAttention(nn.Module):
         self.indexer = Indexer(cfg, dtype, device, index_fp8) if cfg.index_topk is not None else None
         # load_state_dict copies into kv_b_proj in place: a compiled step (which cannot read the version
         # counters) and inference tensors (which have none) would keep the old W_UK / W_UV
-        self.register_load_state_dict_post_hook(_drop_absorbed_after_load)  # (no lambda: the layer pickles)
+        self.register_load_state_dict_post_hook(_after_load)
 
     def drop_absorbed(self) -> None:
         """Forget W_UK / W_UV: the next cached call builds them from kv_b_proj again. Needed only after
@@ -78,10 +85,13 @@ class MLAttention(nn.Module):
     def _apply(self, fn, recurse=True):
         module = super()._apply(device_moves_only(fn, lambda t: t is self.inv_freq), recurse)  # rope stays fp32
         # not in the state dict: recomputed where it went, so to_empty() of a meta-built layer leaves it exact
+        self.reset_inv_freq(self.inv_freq.device)
+        return module
+
+    def reset_inv_freq(self, device: torch.device) -> None:
         inv_freq, _ = rope_inv_freq(self.cfg.rope_parameters, self.cfg.qk_rope_head_dim,
                                     self.cfg.max_position_embeddings)
-        self.inv_freq = inv_freq.to(self.inv_freq.device)
-        return module
+        self.inv_freq = inv_freq.to(device)
 
     def absorb(self, dtype: torch.dtype) -> None:
         """W_UK [h, nope, r] and W_UV [h, v, r] from kv_b_proj (dequantized for an FP8 checkpoint, as

@@ -37,6 +37,13 @@ def _number_field(cfg, name: str) -> float:
     return value
 
 
+# config.json fields that name another model's MoE (DeepSeek-V2's softmax and greedy routing, MoE
+# layers every n-th only) or FP8 format: present with another value, the config is refused rather
+# than run as V3's.
+_ROUTING_KINDS = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}
+_QUANTIZATION_KINDS = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+
+
 @dataclass
 class DeepseekV3Config:
     vocab_size: int = 129280
@@ -142,6 +149,15 @@ class DeepseekV3Config:
             block = self.quantization_config.get("weight_block_size")
             if block is not None and list(block) != [128, 128]:  # the scales' shapes and our FP8 ops assume it
                 raise ValueError(f"quantization_config: expected weight_block_size [128, 128], got {block}")
+            for key, value in _QUANTIZATION_KINDS.items():  # what the FP8 path implements (V3's checkpoint)
+                if self.quantization_config.get(key, value) != value:
+                    raise ValueError(f"quantization_config: expected {key} {value!r} (DeepSeek-V3's FP8 format: "
+                                     f"e4m3 weights, activations cast per token at run time), got "
+                                     f"{self.quantization_config[key]!r}")
+        for key, value in _ROUTING_KINDS.items():  # config.json's keys the layer has no field for
+            if self.extra.get(key, value) != value:
+                kinds = ", ".join(f"{k}={v!r}" for k, v in _ROUTING_KINDS.items())
+                raise ValueError(f"{key}: the layer implements DeepSeek-V3's MoE ({kinds}), got {self.extra[key]!r}")
         if self.index_topk is not None:
             _int_field(self, "index_topk", 1)  # (None: dense attention, V3)
             _int_field(self, "index_head_dim", 1)
@@ -265,6 +281,7 @@ class DeepseekV3Config:
             raise TypeError(f"hf_config: expected a transformers config, a dict or a config.json path, got {given}"
                             f"{'' if given == type(hf_config).__name__ else f' holding {type(hf_config).__name__}'}")
         names = {f.name for f in dataclasses.fields(cls)} | {"num_local_experts"}  # (the alias of n_routed_experts)
+        names |= _ROUTING_KINDS.keys()  # (kept in extra, checked)
         kwargs = {k: v for k, v in hf_config.items() if k in names}
         if hf_config.get("rope_parameters"):
             kwargs.pop("rope_scaling", None)

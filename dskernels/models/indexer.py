@@ -85,11 +85,14 @@ class Indexer(nn.Module):
         self.weight_scale = self.num_heads ** -0.5 * self.head_dim ** -0.5
         self.hadamard = hadamard_matrix(self.head_dim).to(device) if fp8 else None
 
+    def rebuild_hadamard(self, device: torch.device) -> None:
+        if self.hadamard is not None:
+            self.hadamard = hadamard_matrix(self.head_dim).to(device)
+
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
         if self.hadamard is not None:  # not in the state dict: rebuilt where fn moves it (exact fp32, also
-            device = fn(self.hadamard.new_empty(0)).device  # after to_empty() of a meta-built layer)
-            self.hadamard = hadamard_matrix(self.head_dim).to(device)
+            self.rebuild_hadamard(fn(self.hadamard.new_empty(0)).device)  # after to_empty() of a meta-built layer)
         return module
 
     @property

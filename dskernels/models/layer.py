@@ -307,6 +307,9 @@ class DeepseekV3DecoderLayer(nn.Module):
         used: set[str] = set()
         missing: list[str] = []
         device = self.input_layernorm.weight.device
+        if device.type == "meta":  # (the values would be dropped: meta tensors hold none)
+            raise ValueError("state_dict: this layer is on the meta device, where loaded values are not kept: give "
+                             "it memory first (layer.to_empty(device=...)), or use load_state_dict(..., assign=True)")
         if self.is_moe:  # the experts' tensors of earlier shards (this call's win)
             sd = {**self._expert_parts, **sd}
         # Every check runs before the first of these: a state dict that raises leaves the layer as it was
