@@ -272,10 +272,11 @@ def test_no_query_heads(backend):
     d, dv = (576, 512) if name == "cuda" else (64, 48)
     q, k_cache, block_table, lens, dv, _ = make_inputs([90, 7], 2, 1, 1, 64, torch.bfloat16, torch.bfloat16,
                                                        d=d, dv=dv, device=device)
-    meta, splits = dskernels.get_mla_metadata(lens, 2, 1)
-    out, lse = dskernels.flash_mla_with_kvcache(q[:, :, :0], k_cache, block_table, lens, dv, meta, splits,
-                                                causal=True)
-    assert out.shape == (2, 2, 0, dv) and lse.shape == (2, 0, 2)
+    for rows in (2, 0):  # (0: s_q * h_q // h_kv of this q, the documented argument; it was refused)
+        meta, splits = dskernels.get_mla_metadata(lens, rows, 1)
+        out, lse = dskernels.flash_mla_with_kvcache(q[:, :, :0], k_cache, block_table, lens, dv, meta, splits,
+                                                    causal=True)
+        assert out.shape == (2, 2, 0, dv) and lse.shape == (2, 0, 2)
 
 
 def test_flashmla_lazy_metadata_form(backend):
@@ -595,8 +596,8 @@ def test_bad_metadata_args_are_named():
         dskernels.get_mla_metadata(lens.long(), 1, 1)
     with pytest.raises(ValueError, match="^num_heads_k:.*>= 1.*0"):
         dskernels.get_mla_metadata(lens, 1, 0)
-    with pytest.raises(ValueError, match="^num_q_tokens_per_head_k:"):
-        dskernels.get_mla_metadata(lens, 0, 1)
+    with pytest.raises(ValueError, match="^num_q_tokens_per_head_k: expected an int >= 0, got -1"):
+        dskernels.get_mla_metadata(lens, -1, 1)
     with pytest.raises(TypeError, match="^num_heads_k: expected an int, got bool"):
         dskernels.get_mla_metadata(lens, 8, True)
     # FlashMLA's sparse arguments are not read, but checked (a wrong type is an argument out of place)

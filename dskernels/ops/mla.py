@@ -56,8 +56,8 @@ def get_mla_metadata(cache_seqlens: torch.Tensor | None = None, num_q_tokens_per
 
     Args:
         cache_seqlens: [b] int32, the number of cached tokens of each sequence (0 allowed).
-        num_q_tokens_per_head_k: query rows that share one kv head: s_q * h_q // h_kv
-            (FlashMLA's name; for V3, h_kv = 1, it is s_q * h_q).
+        num_q_tokens_per_head_k: query rows that share one kv head: s_q * h_q // h_kv (0 allowed: an
+            empty q). FlashMLA's name; for V3, h_kv = 1, it is s_q * h_q.
         num_heads_k: h_kv, the number of kv heads.
 
     Returns:
@@ -279,6 +279,7 @@ def num_partitions(device: torch.device, num_q_tokens_per_head_k: int, num_heads
     Tiles have 64 rows in the sm90 kernel (FlashMLA's; with its opt-in 2-CTA clusters,
     DSKERNELS_MLA_CLUSTER=1, an odd count above one is padded to pairs), 32 in the Triton kernel (16 when s_q * h_q / h_kv <= 16). Any partition
     count works with either kernel; this one fills the GPU."""
+    num_q_tokens_per_head_k = torch.sym_max(1, num_q_tokens_per_head_k)  # (an empty q's plan: any works)
     if _sm90_runs(device):
         tiles = -(-num_q_tokens_per_head_k // SM90_TILE_ROWS)
         if os.environ.get("DSKERNELS_MLA_CLUSTER") == "1":  # 2-CTA clusters: tiles padded to pairs
@@ -337,7 +338,7 @@ def split_plan(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
 
 def _check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k) -> None:
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,))
-    check_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k, 1)
+    check_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k, 0)  # (0: an empty q, h_q = 0)
     check_int("num_heads_k", num_heads_k, 1)
 
 
