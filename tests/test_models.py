@@ -382,8 +382,34 @@ def test_absorbed_projections_follow_weight_updates():
         paged()  # absorbs the first weights
         layer.load_state_dict(other.state_dict())  # in place
         torch.testing.assert_close(paged(), layer(x, positions), atol=TOL, rtol=TOL)
-        layer.self_attn.kv_b_proj.weight = layer.self_attn.kv_b_proj.weight * 2  # replaced
+        layer.self_attn.kv_b_proj.weight = torch.nn.Parameter(layer.self_attn.kv_b_proj.weight * 2)  # replaced
         torch.testing.assert_close(paged(), layer(x, positions), atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("layer_idx", [0, 1])
+def test_weights_are_parameters_that_train(layer_idx):
+    """The weights are Parameters, as transformers' are (layer.parameters() listed nothing: an
+    optimizer over the layer raised "empty parameter list"; an auditor's find), with
+    requires_grad False (inference kernels). After requires_grad_(), the float prefill without a
+    cache gives transformers' gradients."""
+    cfg = CONFIGS["v3"]
+    ref = make_reference(cfg, layer_idx, seed=4)
+    layer = DeepseekV3DecoderLayer(cfg, layer_idx, dtype=torch.float32)
+    layer.load_hf_state_dict(ref.state_dict())
+    assert {n for n, _ in layer.named_parameters()} == {n for n, _ in ref.named_parameters()}
+    assert not any(p.requires_grad for p in layer.parameters())
+    layer.requires_grad_()
+    x, positions = torch.randn(2, 3, cfg.hidden_size), spread_positions(2, 3, seed=6)
+    rotary = hf_module().DeepseekV3RotaryEmbedding(hf_config(cfg))
+    mask = torch.full((3, 3), float("-inf")).triu(1)[None, None]
+    weights = torch.randn(2, 3, cfg.hidden_size)  # a loss that weighs every output differently
+    (layer(x, positions) * weights).sum().backward()
+    expected = ref(x, attention_mask=mask, position_ids=positions, position_embeddings=rotary(x, positions))
+    (expected * weights).sum().backward()
+    ours = dict(layer.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(ours[name].grad, p.grad, atol=1e-4, rtol=1e-4, msg=name)
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
 
 
 def test_inference_only_paths_refuse_autograd():
@@ -865,7 +891,7 @@ def _record_round_scale(monkeypatch, calls):
 
 
 def _power_of_two_scales(layer) -> bool:
-    scales = [t for name, t in layer.named_buffers() if name.endswith("scale_inv")]
+    scales = [t for name, t in layer.named_parameters() if name.endswith("scale_inv")]
     return bool(scales) and all(torch.equal(s, python_ref.fp8.ceil_to_power_of_two(s)) for s in scales)
 
 
@@ -1059,7 +1085,7 @@ def test_fp8_linear_follows_its_scales():
     state["weight_scale_inv"] *= 3
     layer.load_state_dict(state)                 # in place: same tensor, new version
     assert close(layer(x))
-    layer.weight_scale_inv = layer.weight_scale_inv * 0.5  # a new tensor
+    layer.weight_scale_inv = torch.nn.Parameter(layer.weight_scale_inv * 0.5, requires_grad=False)  # a new tensor
     assert close(layer(x))
     with torch.inference_mode():
         layer.set_weight(torch.randn(200, 256), None, torch.float32, fp8=True)

@@ -171,7 +171,7 @@ class MLAttention(nn.Module):
         if (kv_cache is not None or self.indexer is not None) and torch.is_grad_enabled():
             # the weights too: one that requires grad (x does not) lost the decode kernel's share
             refuse_gradient("the paged (kv_cache) attention" if kv_cache is not None
-                            else "DeepSeek-V3.2's sparse attention", x, *self.buffers())
+                            else "DeepSeek-V3.2's sparse attention", x, *self.parameters())
         q_nope, q_rope, latent, k_rope, indexer_inputs = self._project(x, positions, x_fp8)
         if kv_cache is None:
             if self.indexer is None:

@@ -26,7 +26,7 @@ from torch import nn
 
 import dskernels
 from dskernels.models.config import DeepseekV3Config
-from dskernels.models.linear import Linear, triton_fusable, unhooked
+from dskernels.models.linear import Linear, triton_fusable, unhooked, weight_parameter
 from dskernels.models.paged import cache_rows, write_rows
 from dskernels.models.rope import apply_rope, rope_cos_sin
 
@@ -59,8 +59,8 @@ class LayerNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype=None, device=None):
         super().__init__()
         self.eps = eps
-        self.register_buffer("weight", torch.ones(dim, dtype=dtype, device=device))
-        self.register_buffer("bias", torch.zeros(dim, dtype=dtype, device=device))
+        self.weight = weight_parameter(torch.ones(dim, dtype=dtype, device=device))
+        self.bias = weight_parameter(torch.zeros(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(x.dtype)

@@ -15,7 +15,7 @@ from dskernels.models.attention import MLAttention
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import LayerNorm
 from dskernels.models.linear import (BLOCK, FP8, MLP, Linear, RMSNorm, add_norm_and_cast, dequantize_block_fp8,
-                                     norm_and_cast, owned, unhooked)
+                                     norm_and_cast, owned, unhooked, weight_parameter)
 from dskernels.models.moe import Experts, MoE
 
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.*)$")
@@ -340,7 +340,8 @@ class DeepseekV3DecoderLayer(nn.Module):
         def norm(module: RMSNorm | LayerNorm, key, attr="weight"):
             w = take(key, getattr(module, attr).shape)
             if w is not None:
-                steps.append(lambda: setattr(module, attr, w.to(device=device, dtype=self.dtype).clone()))
+                steps.append(lambda: setattr(module, attr,
+                                             weight_parameter(w.to(device=device, dtype=self.dtype).clone())))
 
         def linear(module: Linear, prefix, fp8=fp8, dtype=None):
             w = take(prefix + ".weight", (module.out_features, module.in_features), kind="weight")
@@ -383,7 +384,8 @@ class DeepseekV3DecoderLayer(nn.Module):
             moe = self.mlp
             w = take("mlp.gate.weight", moe.gate.weight.shape)
             if w is not None:
-                steps.append(lambda: setattr(moe.gate, "weight", w.to(device=device, dtype=torch.float32).clone()))
+                steps.append(lambda: setattr(moe.gate, "weight",
+                                             weight_parameter(w.to(device=device, dtype=torch.float32).clone())))
             b = take("mlp.gate.e_score_correction_bias", moe.gate.e_score_correction_bias.shape)
             if b is not None:
                 steps.append(lambda: setattr(moe.gate, "e_score_correction_bias",
@@ -521,8 +523,8 @@ class DeepseekV3DecoderLayer(nn.Module):
             ws, ss = down
             down = (torch.stack(ws), torch.stack(ss) if ss is not None else None)
         experts = self.mlp.experts
-        experts.gate_up_proj, experts.gate_up_proj_scale_inv = self._expert_weights(*gate_up, fp8)
-        experts.down_proj, experts.down_proj_scale_inv = self._expert_weights(*down, fp8)
+        (experts.gate_up_proj, experts.gate_up_proj_scale_inv), (experts.down_proj, experts.down_proj_scale_inv) = (
+            map(weight_parameter, self._expert_weights(*pair, fp8)) for pair in (gate_up, down))
 
     def _expert_weights(self, w: torch.Tensor, scale: torch.Tensor | None, fp8: bool | None):
         import dskernels

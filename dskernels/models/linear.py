@@ -15,13 +15,20 @@ FP8 = torch.float8_e4m3fn
 BLOCK = 128  # the checkpoint's weight_block_size and our ops' scale granularity
 
 
+def weight_parameter(t: torch.Tensor | None) -> nn.Parameter | None:
+    """How the layer keeps a weight: a Parameter, as transformers keeps its (layer.parameters()
+    lists it: optimizers, FSDP, device and size queries), that needs no grad (the ops are inference
+    kernels; requires_grad_() it to train a float path)."""
+    return None if t is None else nn.Parameter(t, requires_grad=False)
+
+
 class RMSNorm(nn.Module):
     """HF's DeepseekV3RMSNorm: normalize in fp32, round to the input dtype, then scale."""
 
     def __init__(self, dim: int, eps: float, dtype=None, device=None):
         super().__init__()
         self.eps = eps
-        self.register_buffer("weight", torch.ones(dim, dtype=dtype, device=device))
+        self.weight = weight_parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if triton_fusable(x, self.weight):  # one kernel (dskernels/triton/layer.py) for the four below
@@ -114,9 +121,10 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.round_scale = False
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
-        self.register_buffer("weight_scale_inv", None)
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.weight = weight_parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.register_parameter("weight_scale_inv", None)
+        self.register_parameter("bias", weight_parameter(torch.zeros(out_features, dtype=dtype, device=device))
+                                if bias else None)
         self._gemm_scales = BlockMajorScales()
 
     @property
@@ -138,7 +146,7 @@ class Linear(nn.Module):
             raise ValueError("bias: this projection has none (config.attention_bias is False)")
         if tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias: expected [{self.out_features}], got {list(bias.shape)}")
-        self.bias = bias.to(device=self.bias.device, dtype=self.bias.dtype).clone()
+        self.bias = weight_parameter(bias.to(device=self.bias.device, dtype=self.bias.dtype).clone())
 
     def set_weight(self, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, fp8: bool | None):
         """Loads a float weight or an FP8 (weight, scale) pair; fp8=True quantizes a float weight,
@@ -160,10 +168,11 @@ class Linear(nn.Module):
         elif not fp8 and weight.dtype == FP8:
             weight, scale = dequantize_block_fp8(weight, scale, dtype), None
         if fp8:
-            self.weight = owned(weight.to(device).contiguous(), source)
-            self.weight_scale_inv = owned(scale.to(device=device, dtype=torch.float32).contiguous(), source_scale)
+            self.weight = weight_parameter(owned(weight.to(device).contiguous(), source))
+            self.weight_scale_inv = weight_parameter(owned(scale.to(device=device, dtype=torch.float32).contiguous(),
+                                                           source_scale))
         else:
-            self.weight = owned(weight.to(device=device, dtype=dtype).contiguous(), source)
+            self.weight = weight_parameter(owned(weight.to(device=device, dtype=dtype).contiguous(), source))
             self.weight_scale_inv = None
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:

@@ -27,7 +27,7 @@ import dskernels
 import python_ref.moe
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.linear import (FP8, MLP, BlockMajorScales, Linear, device_moves_only, refuse_format_change,
-                                     refuse_gradient, triton_fusable, triton_only_ops, unhooked)
+                                     refuse_gradient, triton_fusable, triton_only_ops, unhooked, weight_parameter)
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -58,7 +58,7 @@ class Router(nn.Module):
     def __init__(self, cfg: DeepseekV3Config, device=None):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("weight", torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32,
+        self.weight = weight_parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32,
                                                    device=device))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, device=device))
 
@@ -139,12 +139,12 @@ class Experts(nn.Module):
         super().__init__()
         self.num_local_experts, self.hidden, self.intermediate = num_local_experts, hidden, intermediate
         self.round_scale = False
-        self.register_buffer("gate_up_proj", torch.empty(num_local_experts, 2 * intermediate, hidden,
+        self.gate_up_proj = weight_parameter(torch.empty(num_local_experts, 2 * intermediate, hidden,
                                                          dtype=dtype, device=device))
-        self.register_buffer("down_proj", torch.empty(num_local_experts, hidden, intermediate, dtype=dtype,
+        self.down_proj = weight_parameter(torch.empty(num_local_experts, hidden, intermediate, dtype=dtype,
                                                       device=device))
-        self.register_buffer("gate_up_proj_scale_inv", None)
-        self.register_buffer("down_proj_scale_inv", None)
+        self.register_parameter("gate_up_proj_scale_inv", None)
+        self.register_parameter("down_proj_scale_inv", None)
         self._gate_up_scales, self._down_scales = BlockMajorScales(), BlockMajorScales()
         self._expert_ids = None  # arange(num_local_experts) on the device last used (_row_ends)
 
