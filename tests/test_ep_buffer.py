@@ -525,7 +525,15 @@ def _timeout_body(rank, world):
                 lambda: buf.dispatch(torch.ones(2, 128), topk_idx=torch.ones(2, 1, dtype=torch.int64),
                                      num_experts=2))
         assert time.monotonic() - begin < 25  # the first op call imports torch._dynamo: seconds on CI
+        # A retry would pair with the abandoned exchange (gloo aborted the process: an auditor's find)
+        _raises(RuntimeError, ["dskernels.ep.Buffer.dispatch", "cannot be used any more", "timed out after 1.5 s"],
+                lambda: buf.dispatch(torch.ones(2, 128), topk_idx=torch.ones(2, 1, dtype=torch.int64),
+                                     num_experts=2))
     dist.barrier()  # rank 1 never joins the dispatch: it waits here for rank 0 to give up
+    other = Buffer(group)
+    other.destroy()  # DeepEP's explicit release: the Buffer refuses later calls
+    _raises(RuntimeError, ["cannot be used any more: destroy() was called"],
+            lambda: other.dispatch(torch.ones(2, 128), topk_idx=torch.ones(2, 1, dtype=torch.int64), num_experts=2))
 
 
 def _body_triton(rank, world, seed):

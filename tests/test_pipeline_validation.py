@@ -115,6 +115,14 @@ def check_disagreement(rank):
     with pytest.raises(RuntimeError, match=r"modules: expected the same runtime on every rank, got DualPipe on "
                                            r"pipeline ranks \[0\], DualPipeV on pipeline ranks \[1\]"):
         other.step(*([x] if rank == 0 else []), num_chunks=4, criterion=criterion, labels=[labels])
+    # rank_mapping read differently: both processes took pipeline rank 0 and waited out the timeout
+    # for a pipeline rank 1 that nothing ran (an auditor's find)
+    swapped = DualPipeV((Block(), Block()), rank_mapping=[0, 1] if rank == 0 else [1, 0])
+    with pytest.raises(ValueError, match=r"^rank_mapping: expected the same on every rank, got "
+                                         + (r"\[0, 1\] on group rank 0, while group rank 1 runs as pipeline rank 0"
+                                            if rank == 0 else
+                                            r"\[1, 0\] on group rank 1, while group rank 0 runs as pipeline rank 0")):
+        swapped.step(*([x] if swapped.rank == 0 else []), num_chunks=4, criterion=criterion, labels=[labels])
     # Nothing ran: the runtime goes on, its layout caches still in step with the peer's.
     pipe.zero_grad(set_to_none=True)
     ref = copy.deepcopy(blocks)

@@ -272,6 +272,10 @@ class Buffer:
         # Per-expert columns of the count exchange: num_experts // R of the last normal dispatch.
         # Every rank of a group runs the same dispatches, so they agree on it without asking.
         self._expert_columns = 0
+        # Why the Buffer refuses every further exchange: an exchange that timed out or failed leaves
+        # a collective pending (a later one would pair with it: gloo aborted the process on a retry),
+        # or destroy() was called.
+        self._unusable: str | None = None
 
     # ---- DeepEP compatibility helpers ----
     @staticmethod
@@ -323,8 +327,10 @@ class Buffer:
         """Nothing to clean: low-latency buffers are allocated per call."""
 
     def destroy(self) -> None:
-        """DeepEP's explicit release: drops the communication streams (no buffers are held)."""
+        """DeepEP's explicit release: drops the communication streams (no buffers are held); the
+        Buffer refuses every later call, as DeepEP's does."""
         self._streams.clear()
+        self._unusable = "destroy() was called"
 
     def _comm_stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._streams:
@@ -399,7 +405,10 @@ class Buffer:
                 if sent != expected:
                     raise ValueError(prefix + f"rank {s} sends {sent} bytes to rank {r}, which expects {expected} "
                                      "(a size that no exchange carries differs between the ranks: combine's hidden "
-                                     "size or dtype, a cached dispatch's x, low-latency M, H, K or use_fp8)")
+                                     "size or dtype, a cached dispatch's x, low-latency M, H, K or use_fp8; or "
+                                     "the ranks' Buffers have other histories, e.g. one re-created on some ranks "
+                                     "only: a normal dispatch's count exchange is as wide as the last one's "
+                                     "experts per rank)")
 
     def _exchange(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str,
                   poll: bool = True) -> None:
@@ -407,21 +416,27 @@ class Buffer:
         # (measured: a 3 s group timeout still waited 6 s, until the peer exited). On CUDA tensors
         # the wait is only monitored when timeout_s is given and poll is set (polling blocks the
         # host on the device, so the low-latency path never polls CUDA work).
+        if self._unusable is not None:
+            raise RuntimeError(f"dskernels.ep.Buffer.{what}: this Buffer cannot be used any more: {self._unusable} "
+                               "(after a failed exchange: build a new process group and Buffer on every rank)")
         on_cpu = out.device.type == "cpu"
         timeout = self.timeout_s if self.timeout_s is not None else (_DEFAULT_CPU_TIMEOUT_S if on_cpu else None)
         if not (poll or on_cpu):
             timeout = None
         counts = use_counts((out, inp))
+        work = None
         try:
             work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
             if timeout is not None:
                 deadline = time.monotonic() + timeout
                 while not work.is_completed():
                     if time.monotonic() > deadline:
+                        self._unusable = f"its {what} timed out after {timeout:g} s"
                         raise TimeoutError(
                             f"dskernels.ep.Buffer.{what}: rank {self.rank} of {self.group_size} waited longer "
                             f"than {timeout:g} s for its peers in all_to_all (a peer rank is gone, hung, or did "
-                            "not call the same op); the group cannot be used for this exchange any more")
+                            "not call the same op); this Buffer and its group cannot be used any more (gloo: "
+                            "destroy_process_group may wait for the group's own timeout, see docs/ep.md)")
                     time.sleep(_POLL_S)
             work.wait()
             del work  # it holds out and inp too
@@ -434,6 +449,8 @@ class Buffer:
                        + " in all_to_all (most often a peer rank is gone, crashed, or did not call the same "
                        "op; the backend's words below say if the cause is local); "
                        f"backend said: {text.splitlines()[0] if text else type(e).__name__}")
+            if work is not None or late:  # (an error raised before the collective began leaves none pending)
+                self._unusable = f"its {what} failed ({'timed out' if late else 'backend error'})"
             raise (TimeoutError(message) if late else EPCommError(message)) from e
 
     def _exchange_counts(self, send: torch.Tensor, what: str) -> torch.Tensor:

@@ -713,7 +713,8 @@ class _Runtime(nn.Module):
         ranks that run different plans would misparse each other's messages or wait forever.
         failed: this rank rejected its arguments (it raises its own error after this)."""
         in_rows, label_rows = (-1, -1) if failed else self._rows_here
-        values = [int(failed), _KIND_IDS[self._KIND], num_chunks, int(forward_only), fingerprint, in_rows, label_rows]
+        values = [int(failed), _KIND_IDS[self._KIND], num_chunks, int(forward_only), fingerprint, in_rows, label_rows,
+                  self.rank]
         if self.num_ranks == 1:  # (no tensor: nothing to gather, and no host read of one)
             rows = [values]
         else:
@@ -727,8 +728,14 @@ class _Runtime(nn.Module):
             wait_released([mine, *rows], counts)  # else a rank returning right after may abort (see there)
         if failed:
             return
-        by_rank = {self.rank_mapping[i]: row if isinstance(row, list) else row.tolist()  # pipeline rank -> row
-                   for i, row in enumerate(rows)}
+        rows = [row if isinstance(row, list) else row.tolist() for row in rows]
+        # Each rank's own pipeline rank against this rank's rank_mapping (two ranks that both took
+        # pipeline rank 0 waited out the timeout for a rank 1 that no process ran)
+        if differ := [i for i, row in enumerate(rows) if row[7] != self.rank_mapping[i]]:
+            raise ValueError(f"rank_mapping: expected the same on every rank, got {self.rank_mapping} on group rank "
+                             f"{self.group_rank}, while group rank{'s' if len(differ) > 1 else ''} "
+                             + ", ".join(f"{i} runs as pipeline rank {rows[i][7]}" for i in differ))
+        by_rank = {self.rank_mapping[i]: row for i, row in enumerate(rows)}  # pipeline rank -> row
 
         def who(column, words):
             ranks: dict = {}
