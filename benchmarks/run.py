@@ -11,7 +11,8 @@ event timings) beside its peers (PyTorch eager and torch.compile of the same mat
 where us is the device's time (each run queued behind a spin that keeps the host ahead of the
 device, dskernels/testing/bench.py: what a CUDA graph's replay or a server's queued steps see),
 host us the host's time per call (an eager caller waits for the longer of the two; "(syncs)": a
-call that waits on the device, timed as it runs), % of roofline = the time the ceilings allow / the measured time, x peer = the fastest
+call that waits on the device, or launches more than the driver queues, timed as it runs),
+% of roofline = the time the ceilings allow / the measured time, x peer = the fastest
 peer's time / ours, and SM MHz the lowest SM clock NVML read during the timed runs, with the
 slowdown reasons it reported (power cap, thermal; records' "gpu" field; empty without pynvml).
 Without a GPU it runs each op on tiny shapes through every backend available
@@ -301,7 +302,8 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
         label = ("WRONG " if rec["error"] else "") + rec["backend"]
         x_peer = fmt(rec["x_peer"], "{:.2f}x") if not rec["backend"].startswith("peer:") else (
             "1.00x" if rec["ms"] == best_peer_ms else "")
-        report.add(case.op, label, shape, f"{rec['ms'] * 1e3:.1f}", host_text(rec), fmt(rec["tflops"]), fmt(rec["gbps"]),
+        report.add(case.op, label, shape, f"{rec['ms'] * 1e3:.1f}", host_text(rec), fmt(rec["tflops"]),
+                   fmt(rec["gbps"]),
                    fmt(rec["roofline"] and 100 * rec["roofline"]), x_peer, clock_text(rec.get("gpu")))
         records.append(rec)
 

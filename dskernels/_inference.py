@@ -1,9 +1,10 @@
 """The ops are inference kernels, as FlashMLA's and DeepGEMM's: each runs under no_grad, so no
 gradient flows through an op on any backend. (Without it the reference's tensor ops recorded one on
 CPU that Triton, CUDA and compiled graphs did not give.) A call made with grad mode on and an input
-that requires grad warns, once per op and process: its outputs do not require grad, so a gradient
-that should reach that input would be lost without a word (a training loop whose weights behind
-the op never move). EP's dispatch/combine have their own autograd (dskernels.ep)."""
+that requires grad warns, once per op and process (in eager mode; not under torch.compile): its
+outputs do not require grad, so a gradient that should reach that input would be lost without a
+word (a training loop whose weights behind the op never move). EP's dispatch/combine have their
+own autograd (dskernels.ep)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import warnings
 import torch
 
 _warned: set[str] = set()
-_INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+_INTERNAL = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], torch))
 
 
 def _caller_stacklevel() -> int:
@@ -46,12 +47,16 @@ def inference_kernel(op: str):
         def run(*args, **kwargs):
             if not torch.is_grad_enabled():
                 return fn(*args, **kwargs)
-            if op not in _warned and (_requires_grad(args) or _requires_grad(kwargs.values())):
+            # (not under torch.compile: Dynamo would break the graph on it, and a compiled graph runs
+            # the registered kernels with grad off, so it cannot tell)
+            if not torch.compiler.is_compiling() and op not in _warned and (
+                    _requires_grad(args) or _requires_grad(kwargs.values())):
                 _warned.add(op)
                 warnings.warn(f"dskernels.{op}: an input requires grad, but this op is an inference kernel: no "
                               "gradient flows through it (its outputs do not require grad). Call it under "
                               "torch.no_grad() or torch.inference_mode(), or detach its inputs, to say that this is "
-                              "meant (this warning is given once per op).", UserWarning, stacklevel=_caller_stacklevel())
+                              "meant (this warning is given once per op).", UserWarning,
+                              stacklevel=_caller_stacklevel())
             with torch.no_grad():
                 return fn(*args, **kwargs)
 

@@ -73,7 +73,8 @@ def table() -> str:
             if (r["op"], r["backend"]) not in labels:
                 continue  # a label the benchmarks no longer define
             shape = shape_text(r["params"])
-            host = r.get("host_ms") and f"{r['host_ms'] * 1e3:.1f}" + ("" if r.get("queued", True) else " (syncs)")
+            host = (f"{r['host_ms'] * 1e3:.1f}" + ("" if r.get("queued", True) else " (syncs)")
+                    if r.get("host_ms") is not None else None)
             rows.append(f"| {r['op']} | {shape} | {r['backend']} | {r['ms'] * 1e3:.1f} | {host or '-'} | "
                         f"{fmt(r['tflops'], '{:.0f}')} | {fmt(r['gbps'], '{:.0f}')} | "
                         f"{fmt(r['roofline'] and 100 * r['roofline'], '{:.0f}%')} | "

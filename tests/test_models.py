@@ -1066,8 +1066,9 @@ def test_expert_parallel_two_ranks_equals_single_process():
 
 def test_fp8_linear_follows_its_scales():
     """Linear hands the GEMM its weight scales transposed once and cached (BlockMajorScales): an
-    in-place change of weight_scale_inv (load_state_dict copies into the buffer), a new buffer, and
-    weights loaded under inference_mode must all reach the result."""
+    in-place change of weight_scale_inv (load_state_dict copies into the Parameter), a new one, a
+    module move or cast (new memory) and weights loaded under inference_mode must all reach the
+    result."""
     torch.manual_seed(0)
     layer = Linear(256, 200, dtype=torch.float32)
     layer.set_weight(torch.randn(200, 256), None, torch.float32, fp8=True)
@@ -1086,6 +1087,10 @@ def test_fp8_linear_follows_its_scales():
     layer.load_state_dict(state)                 # in place: same tensor, new version
     assert close(layer(x))
     layer.weight_scale_inv = torch.nn.Parameter(layer.weight_scale_inv * 0.5, requires_grad=False)  # a new tensor
+    assert close(layer(x))
+    # A module move or cast keeps the Parameter and its version, with new memory (param.data = ...):
+    # the cached scales were stale (found in review when the weights became Parameters)
+    layer._apply(lambda t: t * 2 if t.dtype == torch.float32 else t.clone())
     assert close(layer(x))
     with torch.inference_mode():
         layer.set_weight(torch.randn(200, 256), None, torch.float32, fp8=True)

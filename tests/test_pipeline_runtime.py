@@ -121,6 +121,9 @@ def reference(blocks, x, labels, num_chunks):
 
 def assert_grads(local, ref):
     for (name, p), q in zip(local.named_parameters(), ref.parameters()):
+        if not p.requires_grad:  # (a frozen one has none)
+            assert p.grad is None and q.grad is None, name
+            continue
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
 
@@ -363,9 +366,12 @@ def _checks(rank, world_size):
 
 def check_dualpipe_routed(rank, P):
     """sync_mirrored_grads when the copies of a layer got gradients for different parameters
-    (positive inputs one way use p, negative ones the other way use q); labels as a bare tensor."""
+    (positive inputs one way use p, negative ones the other way use q), beside a frozen FP8 one
+    (its zeros were concatenated with the float grads: an error); labels as a bare tensor."""
     torch.manual_seed(12)
     blocks = [RoutedBlock() for _ in range(P)]
+    for block in blocks:  # frozen weights (an inference layer's FP8 ones) are left out of the sync
+        block.frozen = torch.nn.Parameter(torch.zeros(1 << 10, dtype=torch.float8_e4m3fn), requires_grad=False)
     x = torch.cat([torch.randn(2 * P, D, dtype=torch.float64) + 5, torch.randn(2 * P, D, dtype=torch.float64) - 5])
     labels = torch.randn(4 * P, D, dtype=torch.float64)
     ref = copy.deepcopy(blocks)

@@ -439,7 +439,7 @@ class Buffer:
                             "destroy_process_group may wait for the group's own timeout, see docs/ep.md)")
                     time.sleep(_POLL_S)
             work.wait()
-            del work  # it holds out and inp too
+            work = None  # it holds out and inp too
             wait_released((out, inp), counts)
         except (RuntimeError, dist.DistBackendError) as e:
             text = str(e)

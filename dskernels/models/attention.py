@@ -104,12 +104,13 @@ class MLAttention(nn.Module):
         self._absorbed_from = () if torch.compiler.is_compiling() else self._kv_b_state()
 
     def _kv_b_state(self) -> tuple:
-        """kv_b_proj's weight (and scale) with their version counters: what W_UK / W_UV were built
-        from. An in-place update (load_state_dict's copy_, a trainer's weight sync) bumps a counter, a
-        new tensor changes the identity; both make the next cached call absorb again. (Inference
-        tensors have no counter: only their identity counts.)"""
+        """kv_b_proj's weight (and scale) with their version counters and memory: what W_UK / W_UV
+        were built from. An in-place update (load_state_dict's copy_, a trainer's weight sync) bumps
+        a counter, a module move or cast gives the Parameter new memory, a new Parameter changes the
+        identity; each makes the next cached call absorb again. (Inference tensors have no counter.)"""
         tensors = (self.kv_b_proj.weight, self.kv_b_proj.weight_scale_inv)
-        return tuple((t, None if t is None or t.is_inference() else t._version) for t in tensors)
+        return tuple((t, None if t is None else (None if t.is_inference() else t._version,
+                                                 t.untyped_storage().data_ptr())) for t in tensors)
 
     def _absorbed_stale(self, dtype: torch.dtype, device: torch.device) -> bool:
         if self.w_uk is None or self.w_uk.dtype != dtype or self.w_uk.device != device:

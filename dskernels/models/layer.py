@@ -401,7 +401,9 @@ class DeepseekV3DecoderLayer(nn.Module):
                 steps.append(lambda: self._load_experts(*experts, fp8))
                 steps.append(lambda: self._keep_expert_parts({}))
             else:  # some not there (strict=False): this call's are kept for the call that completes them
-                parts = {k: v if self._expert_parts.get(k) is v else v.detach().to(device, copy=True)
+                # (copies where the caller's tensors are, host memory for a CPU checkpoint: a fused
+                # tensor holds every rank's experts)
+                parts = {k: v if self._expert_parts.get(k) is v else v.detach().clone()
                          for k, v in sd.items() if k in used and self._own_expert_key(k)}
                 steps.append(lambda: self._keep_expert_parts(parts))
         unexpected = sorted(set(sd) - used)

@@ -57,18 +57,21 @@ class BlockMajorScales:
     """Weight scales [..., ceil(n/128), k/128] in the layout the sm90 GEMMs read (unit stride along
     the 128-row blocks; every backend takes any strides), transposed once per value of the buffer
     instead of once per call (a kernel launch per Linear and expert GEMM saved in each decode step).
-    Cached against the buffer itself (held, so its memory cannot come back as another tensor) and its
-    version counter, so in-place loads (load_state_dict's copy_) refresh it. Under torch.compile, and
-    for inference tensors (no version counter), the buffer goes as it is and the op converts it."""
+    Cached against the Parameter itself (held, so its memory cannot come back as another tensor),
+    its memory and its version counter: in-place loads (load_state_dict's copy_) bump the counter,
+    module moves and casts (`.to()`, `_apply`) give the same Parameter new memory. Under
+    torch.compile, and for inference tensors (no version counter), the scale goes as it is and the
+    op converts it."""
 
     def __init__(self):
-        self.source, self.version, self.value = None, None, None
+        self.source, self.state, self.value = None, None, None
 
     def __call__(self, scale: torch.Tensor | None) -> torch.Tensor | None:
         if scale is None or torch.compiler.is_compiling() or scale.is_inference():
             return scale
-        if scale is not self.source or scale._version != self.version:
-            self.source, self.version = scale, scale._version
+        state = (scale._version, scale.untyped_storage().data_ptr(), scale.device)
+        if scale is not self.source or state != self.state:
+            self.source, self.state = scale, state
             self.value = scale.transpose(-1, -2).contiguous().transpose(-1, -2)
         return self.value
 

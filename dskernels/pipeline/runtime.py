@@ -714,7 +714,7 @@ class _Runtime(nn.Module):
         failed: this rank rejected its arguments (it raises its own error after this)."""
         in_rows, label_rows = (-1, -1) if failed else self._rows_here
         values = [int(failed), _KIND_IDS[self._KIND], num_chunks, int(forward_only), fingerprint, in_rows, label_rows,
-                  self.rank]
+                  self.rank, zlib.crc32(str(self.rank_mapping).encode())]
         if self.num_ranks == 1:  # (no tensor: nothing to gather, and no host read of one)
             rows = [values]
         else:
@@ -729,12 +729,16 @@ class _Runtime(nn.Module):
         if failed:
             return
         rows = [row if isinstance(row, list) else row.tolist() for row in rows]
-        # Each rank's own pipeline rank against this rank's rank_mapping (two ranks that both took
-        # pipeline rank 0 waited out the timeout for a rank 1 that no process ran)
-        if differ := [i for i, row in enumerate(rows) if row[7] != self.rank_mapping[i]]:
+        # rank_mapping, compared whole (two ranks that both took pipeline rank 0 waited out the
+        # timeout for a rank 1 that no process ran); the ranks' own pipeline ranks name the culprits
+        if len({row[8] for row in rows}) > 1:
+            differ = [i for i, row in enumerate(rows) if row[7] != self.rank_mapping[i]]
             raise ValueError(f"rank_mapping: expected the same on every rank, got {self.rank_mapping} on group rank "
-                             f"{self.group_rank}, while group rank{'s' if len(differ) > 1 else ''} "
-                             + ", ".join(f"{i} runs as pipeline rank {rows[i][7]}" for i in differ))
+                             f"{self.group_rank}, "
+                             + (f"while group rank{'s' if len(differ) > 1 else ''} "
+                                + ", ".join(f"{i} runs as pipeline rank {rows[i][7]}" for i in differ) if differ else
+                                "and another on group ranks "
+                                + str([i for i, row in enumerate(rows) if row[8] != rows[self.group_rank][8]])))
         by_rank = {self.rank_mapping[i]: row for i, row in enumerate(rows)}  # pipeline rank -> row
 
         def who(column, words):
@@ -879,13 +883,16 @@ class DualPipe(_Runtime):
     def sync_mirrored_grads(self) -> None:
         """Both copies of each layer (rank r's modules[0], rank P-1-r's modules[1]) end with the sum
         of their gradients. A gradient that is None on one copy counts as zeros; one that is None on
-        both stays None. Both ranks of a pair must call it."""
+        both stays None. Parameters that do not require grad are left out. Both ranks of a pair
+        must call it."""
         if self._failed is not None:
             raise RuntimeError(f"sync_mirrored_grads: an earlier step failed mid-way on this rank ({self._failed}); "
                                "its messages may still be in flight: create a new process group and runtime")
         peer_rank = self.num_ranks - 1 - self.rank
         peer = self._peer(peer_rank)
-        mine = [list(self.module[0].parameters()), list(self.module[1].parameters())]
+        # Trainable parameters only: frozen ones (an inference layer's FP8 weights) have no gradient,
+        # and their zeros would be sent for nothing (and FP8 cannot be concatenated with float)
+        mine = [[p for p in self.module[i].parameters() if p.requires_grad] for i in (0, 1)]
         device = self._device()
 
         def exchange(sends):

@@ -127,8 +127,9 @@ class _CudaTimeline:
 
 @functools.lru_cache(maxsize=None)
 def _spin_cycles_per_ms(index: int) -> float:
-    """Clock cycles torch.cuda._sleep spins per millisecond on device `index` (its SM clock; a
-    lower clock under load only makes a spin longer, which is the safe side)."""
+    """Clock cycles torch.cuda._sleep spins per millisecond on device `index`: its SM clock, at
+    least the highest NVML reports (a spin sized at a throttled clock would be short once the clock
+    rises; a lower clock only makes a spin longer, the safe side)."""
     cycles, ms = 1 << 20, 0.0
     for _ in range(2):  # the first run may include loading the kernel
         start, end = _CudaTimeline.event(), _CudaTimeline.event()
@@ -137,7 +138,8 @@ def _spin_cycles_per_ms(index: int) -> float:
         end.record()
         end.synchronize()
         ms = start.elapsed_time(end)
-    return cycles / ms
+    reading = gpu_reading(index)
+    return max(cycles / ms, reading["max_sm_mhz"] * 1e3 if reading else 0.0)
 
 
 # (iterations queued behind one spin: a fraction of the loop, the spin's margin over the host's
@@ -160,7 +162,7 @@ def timed_loop(fn: Callable[[], object], before: Callable[[], object], iters: in
     host_estimate_ms = (timeline.clock() - begin) * 1e3 / 2
     timeline.synchronize()
     result = {"device_ms": [], "host_ms": [], "queued": True, "readings": []}
-    tries = list(_QUEUE_TRIES)
+    tries, confirming = list(_QUEUE_TRIES), False
     while len(result["device_ms"]) < iters:
         fraction, margin = tries[0] if tries else (None, 0.0)
         left = iters - len(result["device_ms"])
@@ -181,14 +183,21 @@ def timed_loop(fn: Callable[[], object], before: Callable[[], object], iters: in
             end.record()
             events.append((start, end))
             if len(events) == 1 and spun is not None and spun.query():
-                tries = [None]  # one call outlasted a spin sized for n of them: it waited on the device
+                # One call outlasted a spin sized for n of them: it waits on the device (a host sync),
+                # or the host stalled once (a GC pause, preemption). One call behind a long spin
+                # tells them apart, then queuing goes on or gives up.
+                tries = [None] if confirming else [None, (None, max(64.0, 10.0 / max(host_estimate_ms, 1e-3)))]
+                confirming = True
                 break
         if spun is not None and spun.query():  # the device caught up with the host: times not the device's
             timeline.synchronize()
             tries.pop(0)
-            result["queued"] = bool(tries)
+            if not tries:  # timed as it runs from here on: no mix with the queued times of before
+                result.update(device_ms=[], host_ms=[], queued=False)
             continue
         result["readings"] += timeline.readings(events[-1][1], spun)
+        if confirming:  # it was a stall: queue as before
+            tries, confirming = list(_QUEUE_TRIES), False
         timeline.synchronize()
         result["device_ms"] += [start.elapsed_time(end) for start, end in events]
         result["host_ms"] += host_ms
