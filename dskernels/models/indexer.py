@@ -140,11 +140,12 @@ class Indexer(nn.Module):
         + j through the block table) as (None, None). After the three projections one Triton kernel
         where it runs (dskernels/triton/layer.py's indexer_qk: the same steps; slots None, a plain
         k_norm without hooks, index_head_dim up to MAX_INDEXER_DIM), torch's ops otherwise."""
-        from dskernels.triton import layer as triton_layer
-
         fused = (triton_fusable(x) and (key_cache is None or key_cache[3] is None)
-                 and self.head_dim <= triton_layer.MAX_INDEXER_DIM
                  and type(self.k_norm) is LayerNorm and unhooked(self.k_norm))
+        if fused:  # (imported only where Triton runs: the reference path needs no Triton installed)
+            from dskernels.triton import layer as triton_layer
+
+            fused = self.head_dim <= triton_layer.MAX_INDEXER_DIM
         if not fused:
             return self._cast(*self.project(x, q_resid, rope, x_fp8, q_resid_fp8), key_cache)
         q, k, weights = self._projections(x, q_resid, x_fp8, q_resid_fp8)

@@ -25,6 +25,7 @@ from torch import nn
 
 import dskernels
 import python_ref.moe
+from dskernels._backend import triton_installed
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.linear import (FP8, MLP, BlockMajorScales, Linear, device_moves_only, refuse_format_change,
                                      refuse_gradient, triton_fusable, triton_only_ops, unhooked, weight_parameter)
@@ -270,6 +271,8 @@ class Experts(nn.Module):
         MAX_SORTED_PAIRS (token, slot) pairs, x of their shape (else torch's ops, whose GEMMs name
         what is wrong), FP8 experts (x float or an FP8 pair) or float ones (x of their dtype, no
         gradient), and the combine's conditions."""
+        if not triton_installed():  # (the reference path needs no Triton installed)
+            return False
         from dskernels.triton.layer import MAX_SORTED_PAIRS
 
         if topk_idx.dtype not in (torch.int64, torch.int32) or topk_idx.numel() > MAX_SORTED_PAIRS:
