@@ -14,16 +14,36 @@ Knobs (environment):
   CUTLASS_HOME          a CUTLASS checkout (else the headers of the nvidia-cutlass package)
   MAX_JOBS              parallel compile jobs (ninja)
   DSKERNELS_CPU_ONLY=1  skip the CUDA sources (also true/yes; 0, false, no or unset: build them)
+  DSKERNELS_ALLOW_ISOLATED_BUILD=1  build in an isolated environment anyway (a wheel for the torch
+                        installed there, e.g. for a pinned distribution build)
 """
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
 from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def refuse_isolated_build() -> None:
+    """pip's default isolated build (`pip install .`) installs a torch of its own choosing into a
+    temporary environment and compiles against it: the install then succeeds and `import dskernels`
+    fails ("built against torch X, but this is torch Y"), and CUTLASS installed beside torch is not
+    seen. Refused at once instead, saying what to run."""
+    import torch
+
+    where = os.path.abspath(torch.__file__)
+    isolated = any(mark in where for mark in ("pip-build-env", f"{os.sep}build-env-", f"{os.sep}builds-v"))
+    if isolated and os.environ.get("DSKERNELS_ALLOW_ISOLATED_BUILD", "") not in ("1", "true", "yes"):
+        raise RuntimeError(
+            f"dskernels: this is an isolated build (torch {torch.__version__} from {os.path.dirname(where)}, not "
+            "the torch you run): the library would be compiled against it and fail to load. Install torch first, "
+            "then `pip install --no-build-isolation .` (or `bash scripts/install.sh`); "
+            "DSKERNELS_ALLOW_ISOLATED_BUILD=1 builds against the isolated torch anyway.")
 
 
 # The CUTLASS release the kernels are written and checked against (scripts/install.sh installs it).
@@ -72,6 +92,14 @@ def with_cuda():
         home = cpp_extension.CUDA_HOME = usual
         os.environ["CUDA_HOME"] = usual
     if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        if os.environ.get("CUDA_HOME"):  # asked for a toolkit that is not there: a typo, not a CPU build
+            raise RuntimeError(
+                f"dskernels: CUDA_HOME={os.environ['CUDA_HOME']} has no bin/nvcc, so it is not a CUDA toolkit root. "
+                "Set CUDA_HOME to the toolkit (usually /usr/local/cuda), or unset it with DSKERNELS_CPU_ONLY=1 to "
+                "build without the CUDA kernels.")
+        print("dskernels: no CUDA toolkit found (CUDA_HOME unset, no nvcc on PATH): building WITHOUT the CUDA "
+              "kernels (the Triton and reference backends only; DSKERNELS_CPU_ONLY=1 says this is meant)",
+              file=sys.stderr)
         return False
     # Without the headers the compile would fail deep inside torch's headers.
     if not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
@@ -115,6 +143,7 @@ def extension():
     )
 
 
+refuse_isolated_build()
 setup(
     name="dskernels",
     version="0.1.0",

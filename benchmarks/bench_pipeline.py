@@ -169,6 +169,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-wall", action="store_true", help="only the simulated table")
     args = parser.parse_args(argv)
+    for name in ("ranks", "chunks", "dim", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected an int >= 1, got {getattr(args, name)}")
     print_table()
     if not args.no_wall:
         print(f"\nwall time per step, CPU/gloo, {args.ranks} ranks, {args.chunks} chunks of 16 rows, "

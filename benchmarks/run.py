@@ -120,7 +120,11 @@ def main() -> int:
         return 2
     available = dskernels.available_backends()
     if args.backends:
-        available = [b for b in available if b in _words(args.backends)]
+        if not (usable := [b for b in available if b in _words(args.backends)]):
+            print(f"--backends {args.backends}: none of them runs here (this machine has: {', '.join(available)}; "
+                  "cuda needs a Hopper GPU and a CUDA build, triton a GPU or TRITON_INTERPRET=1)")
+            return 2
+        available = usable
     device_name = torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()})"
     meta = {"device": device_name, "git_sha": git_sha(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv])}

@@ -17,9 +17,13 @@ def _load_error(e: ImportError) -> str:
                 "checkout; a CUDA toolkit is optional (README.md, 'Building'). (If dskernels is installed, a "
                 "checkout on sys.path, e.g. the current directory, shadows it.)")
     if "libc10_cuda" in text or "libcudart" in text:
-        return (f"dskernels._C could not be loaded ({text}): it was built with the CUDA kernels, and this torch "
-                f"({torch.__version__}) has no CUDA libraries. Install a CUDA build of torch, or rebuild "
-                "without the kernels (DSKERNELS_CPU_ONLY=1 bash scripts/build.sh).")
+        if torch.version.cuda is None:
+            return (f"dskernels._C could not be loaded ({text}): it was built with the CUDA kernels, and this torch "
+                    f"({torch.__version__}) has no CUDA libraries. Install a CUDA build of torch, or rebuild "
+                    "without the kernels (DSKERNELS_CPU_ONLY=1 bash scripts/build.sh).")
+        return (f"dskernels._C could not be loaded ({text}): it was built with the CUDA kernels against another CUDA "
+                f"runtime than this torch's (CUDA {torch.version.cuda}, torch {torch.__version__}). Rebuild it with "
+                "the toolkit of torch's CUDA major version (CUDA_HOME), e.g. `bash scripts/build.sh`.")
     if "undefined symbol" in text:  # almost always a build against another torch (C++ ABI)
         return (f"dskernels._C could not be loaded ({text}). It was built against another torch than this "
                 f"one ({torch.__version__}): rebuild it against the installed torch with "

@@ -27,6 +27,15 @@ def test_run_py_checks_every_family(tmp_path):
     assert "op" in out.stdout and "backend" in out.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU side: cuda cannot run here")
+def test_run_py_names_backends_that_cannot_run_here():
+    """--backends cuda on a machine without a GPU said "no benchmark case matched --ops/--backends"
+    (an auditor's find): it now says that the backend does not run here."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--ops", "fp8_cast",
+                          "--backends", "cuda"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 2 and "--backends cuda: none of them runs here" in out.stdout, out.stdout + out.stderr
+
+
 def test_every_grid_builds():
     """Every family's case list, quick and full, for the CPU and for a GPU (built, not run): the
     full grids run only on a device (QUICK=0), where a broken one would end the call. A full fp8

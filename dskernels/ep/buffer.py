@@ -370,7 +370,8 @@ class Buffer:
         try:
             self._check_rows(_REFUSED, [0] * self.group_size, [0] * self.group_size, device, what)
         except Exception as failed:  # the caller's error is the one to see
-            error.add_note(f"(its peers were not told: {failed})")
+            if hasattr(error, "add_note"):  # (Python 3.11+; 3.10 raises the error without the note)
+                error.add_note(f"(its peers were not told: {failed})")
 
     def _check_exchange(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, what: str,
                         agree: tuple) -> None:
