@@ -17,7 +17,7 @@ def _load_error(e: ImportError) -> str:
                 "checkout; a CUDA toolkit is optional (README.md, 'Building'). (If dskernels is installed, a "
                 "checkout on sys.path, e.g. the current directory, shadows it.)")
     if "libc10_cuda" in text or "libcudart" in text:
-        if torch.version.cuda is None:
+        if "libc10_cuda" in text or torch.version.cuda is None:  # (a CUDA torch has its libc10_cuda)
             return (f"dskernels._C could not be loaded ({text}): it was built with the CUDA kernels, and this torch "
                     f"({torch.__version__}) has no CUDA libraries. Install a CUDA build of torch, or rebuild "
                     "without the kernels (DSKERNELS_CPU_ONLY=1 bash scripts/build.sh).")

@@ -398,9 +398,9 @@ def test_backend_choice_traced_by_torch_compile(monkeypatch):
     assert tagged(x).tolist() == [4, 4, 4]
 
 
-def test_load_errors_say_what_to_do():
+def test_load_errors_say_what_to_do(monkeypatch):
     """A _C that fails to load: the message names the cause (no build, a CUDA build under a torch
-    without CUDA, another torch) and the command that mends it."""
+    without CUDA or with another CUDA runtime, another torch) and the command that mends it."""
     cases = [("cannot import name '_C' from partially initialized module", ["not built in", "scripts/build.sh",
                                                                               "shadows"]),
              ("libc10_cuda.so: cannot open shared object file", ["no CUDA libraries", "DSKERNELS_CPU_ONLY=1"]),
@@ -409,6 +409,11 @@ def test_load_errors_say_what_to_do():
     for text, words in cases:
         message = dskernels._load_error(ImportError(text))
         assert all(w in message for w in words), (text, message)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # a CUDA 12 torch under a build for CUDA 13
+    message = dskernels._load_error(ImportError("libcudart.so.13: cannot open shared object file"))
+    assert "another CUDA runtime than this torch's (CUDA 12.8" in message, message
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "no CUDA libraries" in dskernels._load_error(ImportError("libcudart.so.13: cannot open shared object"))
 
 
 def test_python_m_dskernels_reports_the_install():
