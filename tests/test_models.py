@@ -611,7 +611,7 @@ def test_torch_load_state_dict_paths():
     # accelerate's way: load_state_dict(assign=True) into the meta-built layer; the rope frequencies
     # (in no state dict) stayed on meta and its forward failed deep in the rope (an auditor's find)
     meta.load_state_dict(layers[1].state_dict(), assign=True)
-    assert not [name for name, t in meta.named_buffers() if t.is_meta]
+    assert not [name for name, t in [*meta.named_parameters(), *meta.named_buffers()] if t.is_meta]
     with torch.no_grad():
         torch.testing.assert_close(meta(x, positions), layers[1](x, positions), atol=0, rtol=0)
     with pytest.raises(ValueError, match="on the meta device, where loaded values are not kept"):

@@ -575,9 +575,9 @@ def test_fused_indexer_only_where_it_computes_the_same(monkeypatch):
         cfg = DeepseekV3Config.tiny(index_topk=4, index_head_dim=dim, index_n_heads=4, qk_rope_head_dim=32)
         indexer = Indexer(cfg, dtype=torch.bfloat16, fp8=True)
         g = torch.Generator().manual_seed(seed)
-        for name, buffer in indexer.named_buffers():
+        for name, weight in indexer.named_parameters():  # (the weights are Parameters, not buffers)
             if not name.startswith("k_norm"):
-                buffer.copy_(0.05 * torch.randn(buffer.shape, generator=g))
+                weight.copy_(0.05 * torch.randn(weight.shape, generator=g))
         x = torch.randn(2, 3, cfg.hidden_size, generator=g).bfloat16()
         q_resid = torch.randn(2, 3, cfg.q_lora_rank, generator=g).bfloat16()
         inv_freq, factor = rope_inv_freq(cfg.rope_parameters, cfg.qk_rope_head_dim, cfg.max_position_embeddings)
