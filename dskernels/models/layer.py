@@ -21,6 +21,8 @@ from dskernels.models.moe import Experts, MoE
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.*)$")
 _EXPERT_KEY = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
 _FUSED_EXPERT_KEY = re.compile(r"^mlp\.experts\.(gate_up_proj|down_proj)(_scale_inv)?$")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.activation_scale)$"
+                      r"|^(embed_tokens|enorm|hnorm|eh_proj|shared_head)\.")  # the MTP layer's extra modules
 
 
 def _mark_weights_loaded(module, incompatible_keys) -> None:
@@ -29,8 +31,6 @@ def _mark_weights_loaded(module, incompatible_keys) -> None:
     module.weights_loaded = True
     if not any(".experts." in key for key in incompatible_keys.missing_keys):
         module._expert_parts = {}
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.activation_scale)$"
-                      r"|^(embed_tokens|enorm|hnorm|eh_proj|shared_head)\.")  # the MTP layer's extra modules
 
 
 def _check_weight_shape(key: str, value: torch.Tensor, shape, layer_idx: int) -> None:
@@ -220,7 +220,7 @@ class DeepseekV3DecoderLayer(nn.Module):
             # (after the arguments' checks, which come first)
             warnings.warn(f"DeepseekV3DecoderLayer {self.layer_idx}: forward before any weights were loaded: they "
                           "are uninitialized memory (call load_hf_state_dict, or load_state_dict, first; after "
-                          "filling the buffers another way, set layer.weights_loaded = True)", RuntimeWarning,
+                          "filling the weights another way, set layer.weights_loaded = True)", RuntimeWarning,
                           stacklevel=2)
             self.weights_loaded = True  # (said once)
         if self._expert_parts and not self._expert_parts_said and not torch.compiler.is_compiling():
