@@ -172,6 +172,56 @@ def test_no_gradient_flows_through_the_ops(monkeypatch):
     w_scale.mul_(2)
 
 
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_outputs_allocated_under_inference_mode(backend):
+    """A server allocates its buffers under torch.inference_mode and runs steps under no_grad (or
+    with grad on): every op that writes into a caller's tensor takes an inference tensor there, on
+    every backend, with the values a normal tensor gets. The reference path used to raise torch's
+    "Inplace update to inference tensor outside InferenceMode" where Triton wrote through pointers,
+    and a k = 0 GEMM raised on Triton too (its zero fill)."""
+    if backend == "triton" and "triton" not in dskernels.available_backends():
+        pytest.skip("Triton backend not available here")
+    torch.manual_seed(0)
+    x = torch.randn(5, 256)
+    a, sa = dskernels.per_token_cast_to_fp8(x)
+    b, sb = dskernels.per_block_cast_to_fp8(torch.randn(130, 256))
+    grouped_b = torch.stack([b, b.flip(0)]), torch.stack([sb, sb.flip(0)])
+    m_indices = torch.tensor([0, 0, 1, 1, -1], dtype=torch.int32)
+    masked_m = torch.tensor([2, 5], dtype=torch.int32)
+    a3, sa3 = torch.stack([a, a]), torch.stack([sa, sa])
+    xb, wb = x.bfloat16(), torch.randn(130, 256, dtype=torch.bfloat16)
+    empty_k = torch.empty(5, 0, dtype=torch.float8_e4m3fn), torch.empty(5, 0)
+    calls = {  # name: (out's shape and dtype, the call writing it)
+        "gemm_fp8_fp8_bf16_nt": ((5, 130), lambda out: dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)),
+        "fp8_gemm_nt accumulate": ((5, 130, torch.float32),
+                                   lambda out: dskernels.fp8_gemm_nt((a, sa), (b, sb), out, c=out)),
+        "contiguous": ((5, 130), lambda out: dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(
+            (a, sa), grouped_b, out, m_indices)),
+        "masked": ((2, 5, 130), lambda out: dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(
+            (a3, sa3), grouped_b, out, masked_m, 5)),
+        "bf16_gemm_nt": ((5, 130), lambda out: dskernels.bf16_gemm_nt(xb, wb, out)),
+        "k = 0": ((5, 130), lambda out: dskernels.fp8_gemm_nt(
+            empty_k, (torch.empty(130, 0, dtype=torch.float8_e4m3fn), torch.empty(2, 0)), out)),
+    }
+    with dskernels.backend(backend):
+        for name, (shape, call) in calls.items():
+            dtype = shape[-1] if isinstance(shape[-1], torch.dtype) else torch.bfloat16
+            shape = shape[:-1] if isinstance(shape[-1], torch.dtype) else shape
+            init = torch.randn(shape).to(dtype)
+            want = init.clone()
+            call(want)
+            for grad in (False, True):
+                with torch.inference_mode():
+                    out = init.clone()
+                with torch.set_grad_enabled(grad):
+                    call(out)
+                assert out.is_inference(), name
+                # (rows past masked_m are unspecified)
+                rows = [(g, slice(0, int(n))) for g, n in enumerate(masked_m)] if name == "masked" else [...]
+                for index in rows:
+                    assert torch.equal(out[index], want[index]), (name, grad)
+
+
 def test_reference_paths_need_no_triton():
     """Without Triton installed (torch's CPU wheels do not bring it), the decoder layer runs on the
     reference backend: the MoE and V3.2's indexer imported the Triton module before asking whether

@@ -29,7 +29,7 @@ BF16 = torch.bfloat16
 MAX_BATCH = 65535  # fp8_einsum's batches: grid dimension 1 of the masked kernels (CUDA's limit)
 
 
-@inference_kernel("einsum")
+@inference_kernel("einsum", writes=("d",))
 def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None = None,
            use_cublaslt: bool = False) -> None:
     """d = c + torch.einsum(expr, a, b) on bf16 operands, summed in fp32 and rounded once to d's dtype.

@@ -791,7 +791,7 @@ def _run_cuda(op, a, sa, b, sb, out, *rest):
 
 @torch.library.register_kernel("dskernels::gemm_fp8_fp8_bf16_nt", ("cpu", "cuda"))
 @on_tensor_device
-@inference_kernel("gemm_fp8_fp8_bf16_nt")
+@inference_kernel("gemm_fp8_fp8_bf16_nt", writes=("out",))
 def _gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out):
     _check_dense(a, sa, b, sb, out)
     _run_dense(a, sa, b, sb, out)
@@ -818,7 +818,7 @@ def _general_backend(device: torch.device, op: str = "fp8_gemm_nt") -> str:
 
 @torch.library.register_kernel("dskernels::fp8_gemm_nt", ("cpu", "cuda"))
 @on_tensor_device
-@inference_kernel("fp8_gemm_nt")
+@inference_kernel("fp8_gemm_nt", writes=("out",))
 def _fp8_gemm_nt(a, sa, b, sb, out, accumulate=False):
     sb_per_row = _check_general(a, sa, b, sb, out)
     if out.dtype == torch.bfloat16 and not accumulate and not sb_per_row:
@@ -835,7 +835,7 @@ def _fp8_gemm_nt(a, sa, b, sb, out, accumulate=False):
 
 @torch.library.register_kernel("dskernels::fp8_bmm_nt", ("cpu", "cuda"))
 @on_tensor_device
-@inference_kernel("fp8_bmm_nt")
+@inference_kernel("fp8_bmm_nt", writes=("out",))
 def _fp8_bmm_nt(a, sa, b, sb, out, accumulate=False):
     sb_per_row = _check_batched(a, sa, b, sb, out)
     if out.dtype == torch.bfloat16 and not accumulate and not sb_per_row:
@@ -854,7 +854,7 @@ def _fp8_bmm_nt(a, sa, b, sb, out, accumulate=False):
 
 @torch.library.register_kernel("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", ("cpu", "cuda"))
 @on_tensor_device
-@inference_kernel("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous")
+@inference_kernel("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", writes=("out",))
 def _m_grouped_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout=False, ensure_zero_padding=False,
                           expected_m=0):
     _check_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout, expected_m)
@@ -876,7 +876,7 @@ def _m_grouped_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout=False, e
 
 @torch.library.register_kernel("dskernels::m_grouped_gemm_fp8_fp8_bf16_nt_masked", ("cpu", "cuda"))
 @on_tensor_device
-@inference_kernel("m_grouped_gemm_fp8_fp8_bf16_nt_masked")
+@inference_kernel("m_grouped_gemm_fp8_fp8_bf16_nt_masked", writes=("out",))
 def _m_grouped_masked(a, sa, b, sb, out, masked_m, expected_m):
     _check_masked(a, sa, b, sb, out, masked_m, expected_m)
     _run_masked(a, sa, b, sb, out, masked_m, expected_m)
@@ -923,7 +923,7 @@ def _m_grouped_masked_fake(a, sa, b, sb, out, masked_m, expected_m):
 
 @torch.library.register_kernel("dskernels::k_grouped_fp8_gemm", ("cpu", "cuda"))
 @on_tensor_device
-@inference_kernel("k_grouped_fp8_gemm")
+@inference_kernel("k_grouped_fp8_gemm", writes=("out",))
 def _k_grouped_fp8_gemm(a, sa, b, sb, out, ks, ks_tensor, k_major, accumulate):
     _check_k_grouped(a, sa, b, sb, out, ks, ks_tensor, k_major)
     chosen = _k_grouped_backend(a.device)

@@ -49,7 +49,7 @@ def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Ten
     _bf16_gemm(a, b, d, c)
 
 
-@inference_kernel("bf16_gemm_{nt,nn,tn,tt}")
+@inference_kernel("bf16_gemm_{nt,nn,tn,tt}", writes=("d",))
 def _bf16_gemm(a, b, d, c) -> None:
     """bf16_gemm_nt's work on checked operands (the other layouts pass their nt views)."""
     _check_c(c, d, "d")
@@ -266,7 +266,7 @@ def _backend(op: str, device: torch.device) -> str:
 
 @torch.library.register_kernel("dskernels::m_grouped_bf16_gemm_nt_contiguous", ("cpu", "cuda"))
 @on_tensor_device
-@inference_kernel("m_grouped_bf16_gemm_nt_contiguous")
+@inference_kernel("m_grouped_bf16_gemm_nt_contiguous", writes=("out",))
 def _contiguous(a, b, out, grouped_layout, use_psum_layout=False, ensure_zero_padding=False, expected_m=0):
     _check_contiguous(a, b, out, grouped_layout, use_psum_layout, expected_m)
     if _backend("m_grouped_bf16_gemm_nt_contiguous", a.device) == "ref":
@@ -286,7 +286,7 @@ def _contiguous_fake(a, b, out, grouped_layout, use_psum_layout=False, ensure_ze
 
 @torch.library.register_kernel("dskernels::m_grouped_bf16_gemm_nt_masked", ("cpu", "cuda"))
 @on_tensor_device
-@inference_kernel("m_grouped_bf16_gemm_nt_masked")
+@inference_kernel("m_grouped_bf16_gemm_nt_masked", writes=("out",))
 def _masked(a, b, out, masked_m, expected_m):
     _check_masked(a, b, out, masked_m, expected_m)
     if _backend("m_grouped_bf16_gemm_nt_masked", a.device) == "ref":
@@ -304,7 +304,7 @@ def _masked_fake(a, b, out, masked_m, expected_m):
 
 @torch.library.register_kernel("dskernels::k_grouped_bf16_gemm_tn_contiguous", ("cpu", "cuda"))
 @on_tensor_device
-@inference_kernel("k_grouped_bf16_gemm_tn_contiguous")
+@inference_kernel("k_grouped_bf16_gemm_tn_contiguous", writes=("out",))
 def _k_grouped(a, b, out, ks, ks_tensor=None, accumulate=False):
     _check_k_grouped(a, b, out, ks, ks_tensor)
     if _backend("k_grouped_bf16_gemm_tn_contiguous", a.device) == "ref":
