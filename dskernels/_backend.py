@@ -26,6 +26,10 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dskernels_
 # recompiles. Unlike the ContextVar it is shared by threads: a thread that compiles while another
 # is inside a `backend(...)` block sees that block's choice.
 _forced_while_tracing: str | None = None
+# The open `backend(...)` blocks of every thread, oldest first: each exit removes its own, and the
+# global is the newest one still open. (Restoring the value seen at entry went wrong where two
+# threads' blocks overlapped without nesting: "ref" stayed after both had exited.)
+_open_blocks: list[tuple[object, str]] = []
 
 
 def _check_name(name: str, source: str) -> str:
@@ -39,12 +43,15 @@ def backend(name: str):
     """Runs the ops inside the `with` block on backend `name` ("auto", "ref", "triton", "cuda")."""
     global _forced_while_tracing
     token = _forced.set(_check_name(name, "dskernels.backend"))
-    outer, _forced_while_tracing = _forced_while_tracing, name
+    block = (object(), name)
+    _open_blocks.append(block)
+    _forced_while_tracing = name
     try:
         yield
     finally:
         _forced.reset(token)
-        _forced_while_tracing = outer
+        _open_blocks.remove(block)
+        _forced_while_tracing = _open_blocks[-1][1] if _open_blocks else None
 
 
 def current_backend() -> str:

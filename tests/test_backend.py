@@ -172,6 +172,40 @@ def test_no_gradient_flows_through_the_ops(monkeypatch):
     w_scale.mul_(2)
 
 
+def test_backend_blocks_of_two_threads_overlapping():
+    """Two threads' `backend(...)` blocks that overlap without nesting (A enters, B enters, A exits,
+    B exits): once both have exited, torch.compile traces (which read the choice from a module
+    global, not the per-thread ContextVar) see no forced backend again. Each exit used to restore
+    the value seen at its entry, so "ref" stayed for good."""
+    import threading
+
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with dskernels.backend("ref"):
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def thread_b():
+        a_in.wait(10)
+        with dskernels.backend("triton"):
+            b_in.set()
+            a_out.wait(10)
+            seen["inside"] = _backend._forced_while_tracing
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen["inside"] == "triton"  # the open block's, after the other one's exit
+    assert _backend._forced_while_tracing is None and not _backend._open_blocks
+    traced = torch.compile(lambda x: x + len(_backend.current_backend()), backend="eager", fullgraph=True)
+    assert traced(torch.zeros(1)).item() == len("auto")
+
+
 @pytest.mark.parametrize("backend", ["ref", "triton"])
 def test_outputs_allocated_under_inference_mode(backend):
     """A server allocates its buffers under torch.inference_mode and runs steps under no_grad (or

@@ -13,6 +13,7 @@ import dskernels
 import python_ref
 from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer, route
 from dskernels.models.linear import Linear, dequantize_block_fp8
+from dskernels.models.moe import Experts
 from dskernels.testing import run_distributed
 
 # transformers (requirements-dev.txt) is imported lazily: the spawned EP ranks import this module
@@ -1095,6 +1096,58 @@ def test_fp8_linear_follows_its_scales():
     with torch.inference_mode():
         layer.set_weight(torch.randn(200, 256), None, torch.float32, fp8=True)
         assert close(layer(x))
+
+
+def _derived_copies(layer):
+    """The tensors the layer derives from its weights: W_UK, W_UV and every block-major scale copy."""
+    copies = [layer.self_attn.w_uk, layer.self_attn.w_uv]
+    for module in layer.modules():
+        if isinstance(module, Linear):
+            copies.append(module._gemm_scales.value)
+        elif isinstance(module, Experts):
+            copies += [module._gate_up_scales.value, module._down_scales.value]
+    return copies
+
+
+def test_derived_weights_follow_unseen_writes_in_place():
+    """W_UK / W_UV and the FP8 GEMMs' block-major scales are copies derived from the weights. A write
+    their version counters do not show (param.data.copy_, as serving engines' weight loaders write,
+    or dist.broadcast into the Parameters in an RL weight sync) reaches the output after
+    refresh_derived_weights(); torch's load_state_dict and load_hf_state_dict refresh them
+    themselves. All rebuild them in the memory they had, and a reload of the same format writes the
+    weights in place: CUDA graphs captured before keep reading the right memory. A module move or
+    cast drops them (not left on the old device)."""
+    cfg = CONFIGS["v3"]
+    layer, other = fp8_moe_layer(cfg, seed=1), fp8_moe_layer(cfg, seed=2)
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    x, positions = torch.randn(1, 2, cfg.hidden_size).bfloat16(), spread_positions(1, 2, seed=3)
+
+    def paged(module):
+        cache, table = paged_cache(cfg, 4, 4, 1, 2, dtype=torch.bfloat16)
+        return module(x, positions, kv_cache=cache, block_table=table, cache_seqlens=torch.zeros(1, dtype=torch.int32))
+
+    with torch.no_grad(), forced_backend("triton"):  # (the GPU's code path)
+        first = paged(layer)
+        copies = _derived_copies(layer)  # (kv_b_proj's scales: none, the paged step reads W_UK / W_UV instead)
+        assert sum(t is not None for t in copies) == len(copies) - 1 and copies[0] is not None
+        addresses = [t.data_ptr() if t is not None else None for t in copies]
+        for mine, theirs in zip(layer.state_dict().values(), other.state_dict().values()):
+            mine.data.copy_(theirs)  # no version bump
+        layer.refresh_derived_weights()
+        assert [t.data_ptr() if t is not None else None for t in _derived_copies(layer)] == addresses
+        torch.testing.assert_close(paged(layer), paged(other), atol=0, rtol=0)
+        layer.load_state_dict(original)
+        assert [t.data_ptr() if t is not None else None for t in _derived_copies(layer)] == addresses
+        torch.testing.assert_close(paged(layer), first, atol=0, rtol=0)
+        # load_hf_state_dict of the same format writes the weights in place too
+        weights = {name: p.data_ptr() for name, p in layer.named_parameters()}
+        layer.load_hf_state_dict(fp8_checkpoint(per_expert_names(make_reference(cfg, 1, seed=2).state_dict(), cfg))[0])
+        assert {name: p.data_ptr() for name, p in layer.named_parameters()} == weights
+        assert [t.data_ptr() if t is not None else None for t in _derived_copies(layer)] == addresses
+        torch.testing.assert_close(paged(layer), paged(other), atol=0, rtol=0)
+        layer._apply(lambda t: t.clone())  # a move: new memory for every tensor
+        assert all(t is None for t in _derived_copies(layer))
+        torch.testing.assert_close(paged(layer), paged(other), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(dtype, marks=[pytest.mark.gpu] if torch.cuda.is_available() else [])

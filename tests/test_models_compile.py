@@ -59,7 +59,7 @@ def new_cache(dtype, seed=2):
 def test_compiled_layer_sees_new_weights():
     """W_UK / W_UV are absorbed from kv_b_proj once; a compiled step cannot read the version
     counters that tell eager mode of an in-place change, so load_state_dict drops them itself (a
-    hook) and an in-place change made otherwise is followed by drop_absorbed()."""
+    hook) and an in-place change made otherwise is followed by refresh_derived()."""
     torch._dynamo.reset()
     layer, other = make_layer(0, "fp32"), make_layer(0, "fp32", seed=5)
     compiled = torch.compile(layer, backend="aot_eager", dynamic=False)
@@ -71,7 +71,7 @@ def test_compiled_layer_sees_new_weights():
         torch.testing.assert_close(compiled(x, positions, kv_cache=new_cache(torch.float32), **paged),
                                    other(x, positions, kv_cache=new_cache(torch.float32), **paged), atol=0, rtol=0)
         layer.self_attn.kv_b_proj.weight.mul_(2)
-        layer.self_attn.drop_absorbed()
+        layer.self_attn.refresh_derived()
         torch.testing.assert_close(compiled(x, positions, kv_cache=new_cache(torch.float32), **paged),
                                    layer(x, positions, kv_cache=new_cache(torch.float32), **paged), atol=0, rtol=0)
 

@@ -201,6 +201,46 @@ def test_autotuned_kernel_reuses_the_tuned_config(monkeypatch):
 
 
 @compiles
+def test_autotuned_first_launches_from_two_threads():
+    """Two threads' first launches of one autotuned kernel with other keys: each key's cached launch
+    keeps its own tuned config. (The autotuner's best_config is the kernel's shared state: the other
+    thread's launch in between left one key's plan with the other key's config, a grid for the wrong
+    BLOCK that left part of the output unwritten; two first calls at once broke Triton's tuner.)"""
+    import threading
+
+    jit = JITFunction(_scale_rows)
+    tuned = triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=4),
+                                     triton.Config({"BLOCK": 128}, num_warps=8)], key=["n"])(jit)
+    grid = lambda meta: (triton.cdiv(meta["n"], meta["BLOCK"]),)  # noqa: E731
+    main, other = threading.current_thread(), []
+
+    def timing(launched):  # n = 40 is fastest with BLOCK 64, n = 100 with BLOCK 128
+        return 1.0 if (launched.args[2] == 40) == (launched.args[6] == 64) else 2.0
+
+    def on_launch(launched):  # main's real launch of n = 40 (after its two timed ones): the other thread now
+        if threading.current_thread() is main and launched.args[2] == 40 and not other:
+            on_launch.seen = getattr(on_launch, "seen", 0) + 1
+            if on_launch.seen == 3:
+                other.append(threading.Thread(target=lambda: launch.fast(tuned)[grid](*_rows(cols=100), 100, 100,
+                                                                                     2.0, FLAG=True)))
+                other[0].start()
+                other[0].join(timeout=0.5)  # (it waits for main's first launch to end: it may not finish here)
+
+    with fake_gpu(timing=timing) as gpu:
+        gpu.on_launch.append(on_launch)
+        rows = _rows()
+        launch.fast(tuned)[grid](*rows, 40, 40, 2.0, FLAG=True)
+        other[0].join(timeout=60)
+        assert not other[0].is_alive()
+        for n, tensors in ((40, rows), (100, _rows(cols=100))):
+            launch.fast(tuned)[grid](*tensors, n, n, 2.0, FLAG=True)
+            cached = gpu.launches[-1]
+            tuned[grid](*tensors, n, n, 2.0, FLAG=True)  # Triton's own path
+            _same_launch(cached, gpu.launches[-1])
+            assert cached.args[6] == (64 if n == 40 else 128)
+
+
+@compiles
 def test_signature_covers_what_specializes():
     x = torch.zeros(8)
     with fake_gpu():  # (the key holds the current device)

@@ -735,7 +735,7 @@ class Buffer:
                 # No count exchange here (as in DeepEP): x's hidden size, dtype and form may differ
                 # from the first dispatch's, but must agree on every rank (not checked).
                 recv_x = self._dispatch_payload(x, handle, "dispatch (cached)")
-                event = scope.finish(recv_x if isinstance(recv_x, tuple) else (recv_x,))
+                event = scope.finish(recv_x if isinstance(recv_x, tuple) else (recv_x,), handle)
                 return recv_x, None, None, None, handle, event
 
             layout = (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)
@@ -792,7 +792,7 @@ class Buffer:
             if topk_idx is None:  # the tokens alone
                 recv_x = self._dispatch_payload(x, handle, "dispatch")
                 self._check_overflow(handle)
-                event = scope.finish(recv_x if isinstance(recv_x, tuple) else (recv_x,))
+                event = scope.finish(recv_x if isinstance(recv_x, tuple) else (recv_x,), handle)
                 return recv_x, None, None, counts, handle, event
             payload += [topk_idx] + ([topk_weights] if topk_weights is not None else [])
             outs = self._route(handle, payload)
@@ -808,7 +808,7 @@ class Buffer:
             if topk_weights is not None:
                 recv_topk_weights = torch.where(here, rest[1], torch.zeros((), device=device))
             tensors = (recv_x if isinstance(recv_x, tuple) else (recv_x,)) + (recv_topk_idx,)
-            event = scope.finish(tensors + ((recv_topk_weights,) if recv_topk_weights is not None else ()))
+            event = scope.finish(tensors + ((recv_topk_weights,) if recv_topk_weights is not None else ()), handle)
         return recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event
 
     @staticmethod
@@ -1218,7 +1218,7 @@ class Buffer:
                 exponents = (outs[1].view(torch.int32) >> 23).to(torch.uint8)
                 outs[1] = exponents.view(torch.int32)
             recv_x = tuple(outs) if use_fp8 else outs[0]
-            event = scope.finish(tuple(outs) + (recv_count,))
+            event = scope.finish(tuple(outs) + (recv_count,), handle)
         return recv_x, recv_count, handle, event, (lambda: None)
 
     @staticmethod

@@ -84,14 +84,14 @@ class StreamScope:
             self._ctx.__enter__()
         return self
 
-    def finish(self, tensors) -> EventOverlap:
-        """Records the end of the op; keeps `tensors` valid for the caller's stream."""
+    def finish(self, tensors, handle=None) -> EventOverlap:
+        """Records the end of the op; keeps `tensors`, and the tensors of the handle it made (on
+        the comm stream, read later by a combine on the caller's), valid for the caller's stream."""
         if not self.use_stream:
             return EventOverlap()
         stream = torch.cuda.current_stream(self.device)
-        for t in tensors:
-            if isinstance(t, torch.Tensor) and t.is_cuda:
-                t.record_stream(self.caller)
+        for t in _cuda_tensors((tensors, handle)):
+            t.record_stream(self.caller)
         event = torch.cuda.Event()
         event.record(stream)
         self.event = EventOverlap(event, tuple(t for t in tensors if isinstance(t, torch.Tensor)), self.device)

@@ -40,7 +40,7 @@ _FP8_CACHE_BYTES = 656  # V3.2's FP8 latent cache: 512 e4m3, 4 fp32 tile scales,
 
 def _after_load(module: "MLAttention", incompatible_keys) -> None:
     """load_state_dict's post hook (a function, not a lambda: the layer pickles)."""
-    module.drop_absorbed()
+    module.refresh_derived()
     if module.inv_freq.is_meta and not module.kv_b_proj.weight.is_meta:
         # load_state_dict(assign=True) into a meta-built layer (accelerate's way) gives the loaded
         # tensors; the rope frequencies are in no state dict: made again where the weights went
@@ -72,18 +72,27 @@ class MLAttention(nn.Module):
         self._absorbed_from = ()  # kv_b_proj's tensors and version counters they were built from
         self.indexer = Indexer(cfg, dtype, device, index_fp8) if cfg.index_topk is not None else None
         # load_state_dict copies into kv_b_proj in place: a compiled step (which cannot read the version
-        # counters) and inference tensors (which have none) would keep the old W_UK / W_UV
+        # counters), inference tensors (which have none) and a captured CUDA graph would keep the old
+        # W_UK / W_UV
         self.register_load_state_dict_post_hook(_after_load)
 
-    def drop_absorbed(self) -> None:
-        """Forget W_UK / W_UV: the next cached call builds them from kv_b_proj again. Needed only after
-        an in-place change to kv_b_proj that the version counters cannot show (a compiled layer's
-        steps, an inference tensor); load_state_dict and load_hf_state_dict call it themselves."""
-        self.w_uk = self.w_uv = None
-        self._absorbed_from = ()
+    def refresh_derived(self) -> None:
+        """Builds W_UK / W_UV from kv_b_proj again: now and in place where they exist (a CUDA graph
+        captured with them reads the new values), else at the next cached call. Needed only after an
+        in-place change to kv_b_proj that the version counters cannot show (a write through `.data`,
+        a collective into the Parameter, a compiled layer's steps, an inference tensor):
+        load_state_dict and load_hf_state_dict call it themselves."""
+        w = self.kv_b_proj.weight
+        if self.w_uk is not None and not w.is_meta and w.device == self.w_uk.device:
+            self.absorb(self.w_uk.dtype)
+        else:
+            self.w_uk = self.w_uv = None
+            self._absorbed_from = ()
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(device_moves_only(fn, lambda t: t is self.inv_freq), recurse)  # rope stays fp32
+        self.w_uk = self.w_uv = None  # (derived copies: not left behind on the old device or in the old dtype)
+        self._absorbed_from = ()
         # not in the state dict: recomputed where it went, so to_empty() of a meta-built layer leaves it exact
         self.reset_inv_freq(self.inv_freq.device)
         return module
@@ -99,8 +108,14 @@ class MLAttention(nn.Module):
         cfg = self.cfg
         w = self.kv_b_proj.dequantized(dtype).view(self.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim,
                                                    cfg.kv_lora_rank)
-        self.w_uk = w[:, :cfg.qk_nope_head_dim].contiguous()
-        self.w_uv = w[:, cfg.qk_nope_head_dim:].contiguous()
+        uk, uv = w[:, :cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
+        old = self.w_uk
+        if (old is not None and not torch.compiler.is_compiling() and old.shape == uk.shape and old.dtype == uk.dtype
+                and old.device == uk.device):  # in place: a CUDA graph captured with them reads the new values
+            self.w_uk.copy_(uk)
+            self.w_uv.copy_(uv)
+        else:
+            self.w_uk, self.w_uv = uk.contiguous(), uv.contiguous()
         self._absorbed_from = () if torch.compiler.is_compiling() else self._kv_b_state()
 
     def _kv_b_state(self) -> tuple:

@@ -15,7 +15,7 @@ from dskernels.models.attention import MLAttention
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import LayerNorm
 from dskernels.models.linear import (BLOCK, FP8, MLP, Linear, RMSNorm, add_norm_and_cast, dequantize_block_fp8,
-                                     norm_and_cast, owned, unhooked, weight_parameter)
+                                     norm_and_cast, store_weight, unhooked)
 from dskernels.models.moe import Experts, MoE
 
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.*)$")
@@ -340,8 +340,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         def norm(module: RMSNorm | LayerNorm, key, attr="weight"):
             w = take(key, getattr(module, attr).shape)
             if w is not None:
-                steps.append(lambda: setattr(module, attr,
-                                             weight_parameter(w.to(device=device, dtype=self.dtype).clone())))
+                steps.append(lambda: store_weight(module, attr, w.to(device=device, dtype=self.dtype), w))
 
         def linear(module: Linear, prefix, fp8=fp8, dtype=None):
             w = take(prefix + ".weight", (module.out_features, module.in_features), kind="weight")
@@ -384,12 +383,11 @@ class DeepseekV3DecoderLayer(nn.Module):
             moe = self.mlp
             w = take("mlp.gate.weight", moe.gate.weight.shape)
             if w is not None:
-                steps.append(lambda: setattr(moe.gate, "weight",
-                                             weight_parameter(w.to(device=device, dtype=torch.float32).clone())))
+                steps.append(lambda: store_weight(moe.gate, "weight", w.to(device=device, dtype=torch.float32), w))
             b = take("mlp.gate.e_score_correction_bias", moe.gate.e_score_correction_bias.shape)
             if b is not None:
-                steps.append(lambda: setattr(moe.gate, "e_score_correction_bias",
-                                             b.to(device=device, dtype=torch.float32).clone()))
+                steps.append(lambda: store_weight(moe.gate, "e_score_correction_bias",
+                                                  b.to(device=device, dtype=torch.float32), b))
             if moe.shared_experts is not None:
                 for name in ("gate_proj", "up_proj", "down_proj"):
                     linear(getattr(moe.shared_experts, name), f"mlp.shared_experts.{name}")
@@ -410,11 +408,22 @@ class DeepseekV3DecoderLayer(nn.Module):
         if strict and unexpected:
             raise KeyError(f"state_dict: unexpected keys for layer {self.layer_idx}: {unexpected[:8]}"
                            f"{' ...' if len(unexpected) > 8 else ''}")
-        attn.drop_absorbed()
         for step in steps:
             step()
+        self.refresh_derived_weights()
         self.weights_loaded = True
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def refresh_derived_weights(self) -> None:
+        """Rebuilds, now and in place, the copies the layer derives from its weights: the absorbed
+        W_UK / W_UV and the FP8 GEMMs' block-major scales. The layer notices in-place changes
+        through the weights' version counters, and load_state_dict and load_hf_state_dict refresh
+        them themselves; call this after writes the counters do not show (through `param.data`,
+        a collective such as dist.broadcast into the Parameters, inference tensors, a compiled
+        layer's steps), and before replaying CUDA graphs captured with the old weights."""
+        for module in self.modules():
+            if isinstance(module, (Linear, Experts, MLAttention)):
+                module.refresh_derived()
 
     def _keep_expert_parts(self, parts: dict) -> None:
         self._expert_parts, self._expert_parts_said = parts, False
@@ -517,6 +526,7 @@ class DeepseekV3DecoderLayer(nn.Module):
 
     def _load_experts(self, gate_up, down, fp8: bool | None) -> None:
         """Stores _check_experts' tensors (checked already) in the experts' buffers."""
+        given = True  # the caller's tensors (5.x's fused ones), which the layer must not keep
         if isinstance(gate_up[0], tuple):  # per-expert parts
             (g, gs), (u, us) = ((torch.stack(ws), torch.stack(ss) if ss is not None else None) for ws, ss in gate_up)
             if g.dtype == FP8 and self.cfg.moe_intermediate_size % BLOCK:  # gate and up blocks would straddle:
@@ -524,22 +534,25 @@ class DeepseekV3DecoderLayer(nn.Module):
             gate_up = (torch.cat([g, u], dim=1), torch.cat([gs, us], dim=1) if gs is not None else None)
             ws, ss = down
             down = (torch.stack(ws), torch.stack(ss) if ss is not None else None)
+            given = False
         experts = self.mlp.experts
-        (experts.gate_up_proj, experts.gate_up_proj_scale_inv), (experts.down_proj, experts.down_proj_scale_inv) = (
-            map(weight_parameter, self._expert_weights(*pair, fp8)) for pair in (gate_up, down))
+        for name, (w, scale) in (("gate_up_proj", gate_up), ("down_proj", down)):
+            stored_w, stored_scale = self._expert_weights(w, scale, fp8)
+            store_weight(experts, name, stored_w, w if given else None)
+            store_weight(experts, name + "_scale_inv", stored_scale, scale if given else None)
 
     def _expert_weights(self, w: torch.Tensor, scale: torch.Tensor | None, fp8: bool | None):
+        """(weights, scales) in the stored format on the layer's device; w's own memory where it
+        already is that (store_weight copies)."""
         import dskernels
         device = self.input_layernorm.weight.device
-        source, source_scale = w, scale  # 5.x's fused tensors come as the caller's: copied, not kept
         want_fp8 = (w.dtype == FP8) if fp8 is None else fp8
         if want_fp8:
             if w.dtype != FP8:
                 pairs = [dskernels.per_block_cast_to_fp8(e.to(device=device, dtype=torch.bfloat16).contiguous(),
                                                          round_scale=self.cfg.fp8_round_scale) for e in w]
                 w, scale = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-            return (owned(w.to(device).contiguous(), source),
-                    owned(scale.to(device=device, dtype=torch.float32).contiguous(), source_scale))
+            return w.to(device).contiguous(), scale.to(device=device, dtype=torch.float32).contiguous()
         if w.dtype == FP8:
             w = dequantize_block_fp8(w, scale, self.dtype)
-        return owned(w.to(device=device, dtype=self.dtype).contiguous(), source), None
+        return w.to(device=device, dtype=self.dtype).contiguous(), None

@@ -59,9 +59,11 @@ class BlockMajorScales:
     instead of once per call (a kernel launch per Linear and expert GEMM saved in each decode step).
     Cached against the Parameter itself (held, so its memory cannot come back as another tensor),
     its memory and its version counter: in-place loads (load_state_dict's copy_) bump the counter,
-    module moves and casts (`.to()`, `_apply`) give the same Parameter new memory. Under
-    torch.compile, and for inference tensors (no version counter), the scale goes as it is and the
-    op converts it."""
+    module moves and casts (`.to()`, `_apply`) give the same Parameter new memory. Writes the
+    counter does not see (through `.data`, a collective into the Parameter) need `refresh`. Rebuilt
+    into the same memory where the layout allows: a CUDA graph captured with the copy reads the
+    new scales. Under torch.compile, and for inference tensors (no version counter), the scale goes
+    as it is and the op converts it."""
 
     def __init__(self):
         self.source, self.state, self.value = None, None, None
@@ -71,9 +73,30 @@ class BlockMajorScales:
             return scale
         state = (scale._version, scale.untyped_storage().data_ptr(), scale.device)
         if scale is not self.source or state != self.state:
+            self._build(scale)
             self.source, self.state = scale, state
-            self.value = scale.transpose(-1, -2).contiguous().transpose(-1, -2)
         return self.value
+
+    def _build(self, scale: torch.Tensor) -> None:
+        old = self.value
+        if scale.transpose(-1, -2).is_contiguous():  # already block-major: no copy
+            self.value = scale
+        elif (old is not None and old is not self.source and old.shape == scale.shape and old.dtype == scale.dtype
+              and old.device == scale.device):
+            old.copy_(scale)  # (old is block-major: copy_ transposes)
+        else:
+            self.value = scale.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    def refresh(self, scale: torch.Tensor | None) -> None:
+        """Rebuilds the copy now (in place where it can) if there is one: after a write to `scale`
+        its version counter does not show, or before replaying a CUDA graph captured with it."""
+        if self.value is not None and scale is not None and not scale.is_inference():
+            self.state = None
+            self(scale)
+
+    def clear(self) -> None:
+        """Forgets the copy (a module move or cast: not left behind on the old device)."""
+        self.source, self.state, self.value = None, None, None
 
 
 def owned(t: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
@@ -83,6 +106,22 @@ def owned(t: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
     if source is not None and t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
         return t.clone()
     return t
+
+
+def store_weight(module: nn.Module, name: str, value: torch.Tensor | None, source: torch.Tensor | None = None) -> None:
+    """module.<name> (a Parameter or buffer, or None) given value's values: written into the tensor
+    it holds where that has value's shape, dtype and device (a reload keeps the weights' memory, so
+    a CUDA graph captured with them reads the new values), else a new one (a Parameter for a
+    parameter) owning its memory (owned: never source's, the caller's tensor)."""
+    current = getattr(module, name)
+    if (value is not None and isinstance(current, torch.Tensor) and current.shape == value.shape
+            and current.dtype == value.dtype and current.device == value.device and current.is_contiguous()
+            and (torch.is_inference_mode_enabled() or not current.is_inference())):
+        with torch.no_grad():
+            current.copy_(value)
+        return
+    value = None if value is None else owned(value, source)
+    setattr(module, name, weight_parameter(value) if name in module._parameters else value)
 
 
 def device_moves_only(fn, exempt):
@@ -136,20 +175,27 @@ class Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         fp8, bias = self.is_fp8, self.bias
-        return super()._apply(device_moves_only(fn, lambda t: fp8 and t is not bias), recurse)
+        module = super()._apply(device_moves_only(fn, lambda t: fp8 and t is not bias), recurse)
+        self._gemm_scales.clear()
+        return module
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         refuse_format_change(state_dict, prefix, ("weight",), self.is_fp8, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self.refresh_derived()  # (now, not at the next call: a CUDA graph may be replayed first)
+
+    def refresh_derived(self) -> None:
+        """Rebuilds what this layer derives from its weights (the GEMM's block-major scales)."""
+        self._gemm_scales.refresh(self.weight_scale_inv)
 
     def set_bias(self, bias: torch.Tensor) -> None:
         if self.bias is None:
             raise ValueError("bias: this projection has none (config.attention_bias is False)")
         if tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias: expected [{self.out_features}], got {list(bias.shape)}")
-        self.bias = weight_parameter(bias.to(device=self.bias.device, dtype=self.bias.dtype).clone())
+        store_weight(self, "bias", bias.to(device=self.bias.device, dtype=self.bias.dtype), bias)
 
     def set_weight(self, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, fp8: bool | None):
         """Loads a float weight or an FP8 (weight, scale) pair; fp8=True quantizes a float weight,
@@ -171,11 +217,11 @@ class Linear(nn.Module):
         elif not fp8 and weight.dtype == FP8:
             weight, scale = dequantize_block_fp8(weight, scale, dtype), None
         if fp8:
-            self.weight = weight_parameter(owned(weight.to(device).contiguous(), source))
-            self.weight_scale_inv = weight_parameter(owned(scale.to(device=device, dtype=torch.float32).contiguous(),
-                                                           source_scale))
+            store_weight(self, "weight", weight.to(device).contiguous(), source)
+            store_weight(self, "weight_scale_inv", scale.to(device=device, dtype=torch.float32).contiguous(),
+                         source_scale)
         else:
-            self.weight = weight_parameter(owned(weight.to(device=device, dtype=dtype).contiguous(), source))
+            store_weight(self, "weight", weight.to(device=device, dtype=dtype).contiguous(), source)
             self.weight_scale_inv = None
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:

@@ -155,13 +155,23 @@ class Experts(nn.Module):
 
     def _apply(self, fn, recurse=True):
         fp8 = self.is_fp8
-        return super()._apply(device_moves_only(fn, lambda t: fp8), recurse)
+        module = super()._apply(device_moves_only(fn, lambda t: fp8), recurse)
+        self._gate_up_scales.clear()
+        self._down_scales.clear()
+        self._expert_ids = None
+        return module
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         refuse_format_change(state_dict, prefix, ("gate_up_proj", "down_proj"), self.is_fp8, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self.refresh_derived()
+
+    def refresh_derived(self) -> None:
+        """Rebuilds the grouped GEMMs' block-major scales now (see linear.BlockMajorScales)."""
+        self._gate_up_scales.refresh(self.gate_up_proj_scale_inv)
+        self._down_scales.refresh(self.down_proj_scale_inv)
 
     def _gemm(self, x, w, scale, m_indices, offsets) -> torch.Tensor:
         if scale is None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 
 import torch
 import triton.language as tl
@@ -93,6 +94,11 @@ class FastLauncher:
         self.names = self.jit.arg_names
         self.defaults = {p.name: p.default for p in self.jit.params if p.default is not inspect.Parameter.empty}
         self.plans: dict[tuple, _Plan] = {}
+        # Triton's path and the autotuner's best_config that _keep reads right after it are the
+        # kernel's shared state: a thread launching with another key in between would pair one
+        # config's compiled kernel with the other's values (and two first calls of one autotuned
+        # kernel break Triton's own tuner). First launches only: the cached ones take no lock.
+        self.lock = threading.RLock()
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.run(grid, args, kwargs)
@@ -103,9 +109,10 @@ class FastLauncher:
         key = _signature(args, kwargs)
         plan = self.plans.get(key) if key is not None else None
         if plan is None or self.jit.pre_run_hooks:
-            compiled = self.kernel[grid](*args, **kwargs)
-            if key is not None:
-                self._keep(key, compiled, args, kwargs)
+            with self.lock:
+                compiled = self.kernel[grid](*args, **kwargs)
+                if key is not None:
+                    self._keep(key, compiled, args, kwargs)
             return compiled
         compiled, kept = plan.compiled, plan.kept
         values = (*args, *[kwargs[name] if name in kwargs else kept[name] for name in plan.rest])
