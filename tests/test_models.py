@@ -1148,6 +1148,10 @@ def test_derived_weights_follow_unseen_writes_in_place():
         layer._apply(lambda t: t.clone())  # a move: new memory for every tensor
         assert all(t is None for t in _derived_copies(layer))
         torch.testing.assert_close(paged(layer), paged(other), atol=0, rtol=0)
+        with torch.inference_mode():
+            paged(layer)  # copies made as inference tensors, which torch lets no one write outside it:
+        layer.load_state_dict(original)  # rebuilt as new tensors
+        torch.testing.assert_close(paged(layer), first, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(dtype, marks=[pytest.mark.gpu] if torch.cuda.is_available() else [])

@@ -81,8 +81,7 @@ class BlockMajorScales:
         old = self.value
         if scale.transpose(-1, -2).is_contiguous():  # already block-major: no copy
             self.value = scale
-        elif (old is not None and old is not self.source and old.shape == scale.shape and old.dtype == scale.dtype
-              and old.device == scale.device):
+        elif old is not None and old is not self.source and can_overwrite(old, scale):
             old.copy_(scale)  # (old is block-major: copy_ transposes)
         else:
             self.value = scale.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -108,15 +107,20 @@ def owned(t: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
     return t
 
 
+def can_overwrite(current, value: torch.Tensor) -> bool:
+    """Whether value can be copied into the tensor `current` in place (same shape, dtype and device;
+    an inference tensor only inside inference mode, where torch allows writing it)."""
+    return (isinstance(current, torch.Tensor) and current.shape == value.shape and current.dtype == value.dtype
+            and current.device == value.device and (torch.is_inference_mode_enabled() or not current.is_inference()))
+
+
 def store_weight(module: nn.Module, name: str, value: torch.Tensor | None, source: torch.Tensor | None = None) -> None:
     """module.<name> (a Parameter or buffer, or None) given value's values: written into the tensor
     it holds where that has value's shape, dtype and device (a reload keeps the weights' memory, so
     a CUDA graph captured with them reads the new values), else a new one (a Parameter for a
     parameter) owning its memory (owned: never source's, the caller's tensor)."""
     current = getattr(module, name)
-    if (value is not None and isinstance(current, torch.Tensor) and current.shape == value.shape
-            and current.dtype == value.dtype and current.device == value.device and current.is_contiguous()
-            and (torch.is_inference_mode_enabled() or not current.is_inference())):
+    if value is not None and can_overwrite(current, value) and current.is_contiguous():
         with torch.no_grad():
             current.copy_(value)
         return
