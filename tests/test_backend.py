@@ -512,7 +512,6 @@ def test_python_m_dskernels_reports_the_install():
     assert "flash_mla_with_kvcache" in out.stdout and "gemm_fp8_fp8_bf16_nt" in out.stdout
 
 
-
 def test_python_m_dskernels_reports_a_bad_backend_setting(monkeypatch):
     """The report is what a user pastes when something is wrong: a bad DSKERNELS_BACKEND is reported
     there, not raised, and a backend that cannot run here is said to be one."""
@@ -586,3 +585,10 @@ def test_report_families_match_what_the_ops_ask_for(monkeypatch):
         assert rows == [flags] or (not flags[0] and (rows == [(False, False)] or not cuda_build)), (op, flags, rows)
     assert {"per_token_cast_to_fp8", "silu_and_mul_cast_to_fp8", "gemm_fp8_fp8_bf16_nt", "get_mla_metadata",
             "flash_mla_with_kvcache", "ep_get_dispatch_layout"} <= set(asked), asked
+
+
+def test_long_values_are_shortened_in_type_errors():
+    from dskernels._checks import check_int
+
+    with pytest.raises(TypeError, match=r"^n: expected an int, got str 'x{36}\.\.\.$"):
+        check_int("n", "x" * 100)

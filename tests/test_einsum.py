@@ -137,6 +137,7 @@ def test_fp8_einsum_validation():
     d = torch.full((3, 2, 20), 7.0, dtype=torch.bfloat16)
     bad = [
         (dict(expr="bhr,hdr"), ValueError, "expr: expected 'a_letters,b_letters->d_letters'"),
+        (dict(expr=3), TypeError, "expr: expected a str 'a_letters,b_letters->d_letters', got int"),
         (dict(expr="bhh,hdr->bhd"), ValueError, "expr: expected distinct letters for a"),
         (dict(expr="bhr,hdr->bhq"), ValueError, "expr: every letter must name"),
         (dict(expr="bhr,hdr->bd"), ValueError, "d: expected a 2-d tensor|d: expected 2 dim"),

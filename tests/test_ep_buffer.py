@@ -663,3 +663,16 @@ def test_buffer_distributed(world):
 
 def test_buffer_peer_gone_times_out():
     run_distributed(_timeout_body, 2, timeout_s=60)
+
+
+def test_event_overlap_is_a_noop_on_cpu():
+    """EventOverlap and capture() (DeepEP's event API) do nothing on CPU tensors and raise nothing."""
+    from dskernels.ep.events import capture
+
+    event = capture(torch.device("cpu"))
+    assert isinstance(event, EventOverlap) and event.event is None
+    event.current_stream_wait()
+    with event as same:
+        assert same is event
+    if not torch.cuda.is_available():
+        assert Buffer.capture().event is None

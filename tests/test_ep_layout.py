@@ -8,6 +8,7 @@ from dskernels.ops.ep import (_mover_backend, copy_rows, ep_get_dispatch_layout,
                               low_latency_slots, pack_rows)
 from python_ref import ep as ref_ep
 from python_ref.fp8 import per_token_cast_to_fp8
+import python_ref
 
 
 def random_topk(num_tokens, num_topk, num_experts, *, device="cpu", seed=0, none_rate=0.2):
@@ -282,3 +283,32 @@ def test_deepep_module_helpers():
     from dskernels.ep import Buffer, topk_idx_t
     assert Buffer.is_sm90_compiled() is True
     assert topk_idx_t == torch.int64
+
+
+def test_triton_dispatch_layout_of_a_column_strided_topk_idx():
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("needs the Triton backend (TRITON_INTERPRET=1 on CPU)")
+    ids = torch.tensor([[0, 5, -1, 3], [7, 7, 2, -1], [-1, -1, -1, -1]], dtype=torch.int64)
+    strided = torch.empty(3, 8, dtype=torch.int64)[:, ::2]
+    strided.copy_(ids)
+    want = python_ref.ep.get_dispatch_layout(ids, 8, 4)
+    with dskernels.backend("triton"):
+        got = dskernels.ep_get_dispatch_layout(strided, 8, 4)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_dispatch_layout_float_counts_are_refused_by_name():
+    with pytest.raises((TypeError, RuntimeError), match="num_experts"):
+        dskernels.ep_get_dispatch_layout(torch.tensor([[0, 1]]), 2.0, 1)
+    with pytest.raises((TypeError, RuntimeError), match="num_ranks"):
+        dskernels.ep_get_dispatch_layout(torch.tensor([[0, 1]]), 2, 1.0)
+
+
+@pytest.mark.parametrize("num_experts, num_ranks, name", [(True, 1, "num_experts"), (2, True, "num_ranks")])
+def test_dispatch_layout_refuses_bool_counts(num_experts, num_ranks, name):
+    """The op schema takes a bool as an int, so True ran as 1 (num_experts=True gave a layout for one
+    expert, or the misleading "topk_idx: expected expert ids in [-1, 1)"): refused by name, as
+    get_mla_metadata, grouped_topk and Buffer.get_dispatch_layout refuse them."""
+    with pytest.raises(TypeError, match=f"^{name}: expected an int"):
+        dskernels.ep_get_dispatch_layout(torch.tensor([[0, 0]]), num_experts, num_ranks)

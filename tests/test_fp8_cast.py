@@ -689,3 +689,30 @@ def test_silu_and_mul_bad_input_opcheck_and_compile():
     torch.library.opcheck(torch.ops.dskernels.silu_and_mul, (torch.randn(12, 5).T,))
     compiled = torch.compile(dskernels.silu_and_mul, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), dskernels.silu_and_mul(x))
+
+
+def test_triton_silu_and_mul_on_a_column_strided_input():
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("needs the Triton backend (TRITON_INTERPRET=1 on CPU)")
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(3, 16, generator=g)
+    x = wide[:, ::2]  # [3, 8], last stride 2: copied before the kernel
+    with dskernels.backend("triton"):
+        got = dskernels.silu_and_mul(x)
+    gate, up = x[:, :4], x[:, 4:]
+    torch.testing.assert_close(got, torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+
+def test_triton_per_token_cast_of_unaligned_rows_equals_reference():
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("needs the Triton backend (TRITON_INTERPRET=1 on CPU)")
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(5 * 256 + 1, generator=g)
+    x = base[1:].view(5, 256)  # 4-byte offset: not 16-byte aligned, copied by _vectorizable
+    assert x.data_ptr() % 16
+    with dskernels.backend("ref"):
+        want = dskernels.per_token_cast_to_fp8(x)
+    with dskernels.backend("triton"):
+        got = dskernels.per_token_cast_to_fp8(x)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))

@@ -139,8 +139,11 @@ def restore_num_sms():
 def test_set_num_sms(restore_num_sms):
     """DeepGEMM's knob: a positive int limits the sm90 GEMMs' SMs, None gives them all back;
     anything else is refused by name."""
-    for bad in (0, -3, 2.5, True, "8"):
-        with pytest.raises(ValueError, match="num_sms: expected a positive int or None"):
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="^num_sms: expected an int >= 1"):
+            dskernels.set_num_sms(bad)
+    for bad in (2.5, True, "8"):
+        with pytest.raises(TypeError, match="^num_sms: expected an int"):
             dskernels.set_num_sms(bad)
     dskernels.set_num_sms(17)
     if torch.cuda.is_available():

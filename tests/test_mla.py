@@ -807,3 +807,48 @@ def test_cuda_graph_replay_with_new_lengths(cache_dtype):
     graph.replay()
     torch.cuda.synchronize()
     assert_matches_oracle(out, lse, q, k_cache, block_table, lens, dv, k_scale, True)
+
+
+def _mla_inputs(d=32, h_q=2, page=4, seqlen=6, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 1, h_q, d, generator=g).to(dtype)
+    k_cache = torch.randn(2, page, 1, d, generator=g).to(dtype)
+    block_table = torch.tensor([[1, 0]], dtype=torch.int32)
+    lens = torch.tensor([seqlen], dtype=torch.int32)
+    meta, splits = dskernels.get_mla_metadata(lens, h_q, 1)
+    return q, k_cache, block_table, lens, meta, splits
+
+
+@pytest.mark.parametrize("case, error, name", [
+    ("k_cache_stride", ValueError, "k_cache"),
+    ("softmax_scale_inf", ValueError, "softmax_scale"),
+    ("k_scale_two", ValueError, "k_scale"),
+])
+def test_mla_decode_refusals(case, error, name):
+    q, k_cache, bt, lens, meta, splits = _mla_inputs()
+    kwargs = {}
+    if case == "k_cache_stride":
+        k_cache = torch.randn(2, 4, 1, 64)[..., ::2]
+    elif case == "softmax_scale_inf":
+        kwargs["softmax_scale"] = float("inf")
+    else:
+        k_cache = k_cache.to(torch.float8_e4m3fn)
+        kwargs["k_scale"] = torch.ones(2)
+    with pytest.raises(error, match=f"^{name}: "):
+        dskernels.flash_mla_with_kvcache(q, k_cache, bt, lens, 16, meta, splits, **kwargs)
+
+
+def test_mla_triton_takes_a_query_without_unit_stride():
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("needs the Triton backend (TRITON_INTERPRET=1 on CPU)")
+    q, k_cache, bt, lens, meta, splits = _mla_inputs(dtype=torch.bfloat16)
+    q_strided = torch.empty(*q.shape[:3], 2 * q.shape[3], dtype=q.dtype)[..., ::2]
+    q_strided.copy_(q)
+    assert q_strided.stride(3) == 2
+    with dskernels.backend("ref"):
+        out_ref, lse_ref = dskernels.flash_mla_with_kvcache(q, k_cache, bt, lens, 16, meta, splits)
+    with dskernels.backend("triton"):
+        out, lse = dskernels.flash_mla_with_kvcache(q_strided, k_cache, bt, lens, 16, meta, splits)
+    # fp32 accumulation of bf16 inputs on both; out is rounded once to bf16 (2^-8 relative)
+    torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.float(), out_ref.float(), rtol=2 ** -7, atol=2 ** -7)

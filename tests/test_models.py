@@ -15,6 +15,9 @@ from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer, route
 from dskernels.models.linear import Linear, dequantize_block_fp8
 from dskernels.models.moe import Experts
 from dskernels.testing import run_distributed
+from dskernels.models import moe as moe_mod
+from dskernels.models.rope import rope_inv_freq
+from python_ref.models import decoder_layer
 
 # transformers (requirements-dev.txt) is imported lazily: the spawned EP ranks import this module
 # and need not pay for it.
@@ -1622,3 +1625,117 @@ def test_moe_adds_the_residual_unless_hooked(hooked):
         assert isinstance(args[0], torch.Tensor) and len(args) == (3 if hooked == "mlp" else 4)
         assert torch.equal(out, module(*args))  # that module's own output: no residual, no shared experts
     assert torch.equal(hooked_out, plain)
+
+
+@pytest.mark.parametrize("extra", [{"attention_factor": 0.7}, {"mscale": 0.8}, {"truncate": False},
+                                   {"beta_fast": 8, "beta_slow": 2}])
+def test_yarn_variants_match_transformers(extra):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = DeepseekV3Config.tiny(max_position_embeddings=256,
+                                rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                              **extra})
+    hf_inv, hf_factor = ROPE_INIT_FUNCTIONS["yarn"](transformers.DeepseekV3Config(**cfg.to_hf_dict()), "cpu")
+    inv, factor = rope_inv_freq(cfg.rope_parameters, cfg.qk_rope_head_dim, cfg.max_position_embeddings)
+    torch.testing.assert_close(inv, hf_inv.float(), rtol=1e-6, atol=0)  # the same fp32 formula
+    assert factor == pytest.approx(hf_factor, rel=1e-12)
+
+
+def test_rope_inv_freq_refuses_other_rope_types():
+    with pytest.raises(ValueError, match="^rope_parameters: rope_type 'linear'"):
+        rope_inv_freq({"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}, 32, 4096)
+
+
+def random_state_dict(layer, seed=0):
+    """Float HF-5.x weights of a realistic scale for `layer` (norms near 1, projections ~1/sqrt(k))."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in layer.hf_state_dict(torch.float32).items():
+        if "norm" in k:
+            out[k] = 1 + 0.1 * torch.randn(v.shape, generator=g)
+        elif "e_score" in k:
+            out[k] = 0.1 * torch.randn(v.shape, generator=g)
+        elif v.numel():
+            out[k] = torch.randn(v.shape, generator=g) * v.shape[-1] ** -0.5
+        else:
+            out[k] = v
+    return out
+
+
+def test_layer_without_q_lora_matches_the_oracle_with_and_without_cache():
+    cfg = DeepseekV3Config.tiny(q_lora_rank=None, rope_scaling=None)
+    layer = DeepseekV3DecoderLayer(cfg, 0)
+    sd = random_state_dict(layer)
+    assert "self_attn.q_proj.weight" in sd
+    layer.load_hf_state_dict(sd)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, cfg.hidden_size, generator=g)
+    pos = torch.arange(3).expand(2, 3)
+    want, _ = decoder_layer(sd, cfg, 0, x, pos)
+    with torch.no_grad():
+        got = layer(x, pos)
+        cache = torch.zeros(4, 4, 1, cfg.kv_cache_dim)
+        bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+        paged = layer(x, pos, kv_cache=cache, block_table=bt, cache_seqlens=torch.zeros(2, dtype=torch.int32))
+    # fp32 throughout: differences are summation order (k = 256) only
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(paged, want, rtol=1e-4, atol=1e-4)
+
+
+def test_float64_moe_layer_matches_the_oracle():
+    cfg = DeepseekV3Config.tiny(rope_scaling=None)
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float64)
+    sd = random_state_dict(layer, seed=4)
+    layer.load_hf_state_dict(sd)
+    x = torch.randn(2, 3, cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(3).expand(2, 3)
+    with torch.no_grad():
+        got = layer(x, pos)
+    want, _ = decoder_layer({k: v.double() for k, v in sd.items()}, cfg, 1, x, pos)
+    # the norms and rope run in fp32 in both (HF's rule), everything else in fp64
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_float_gemm_fallback_and_its_checks():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 8, dtype=torch.float64, generator=g)
+    w = torch.randn(3, 4, 8, dtype=torch.float64, generator=g)
+    offsets = torch.tensor([2, 2, 5], dtype=torch.int32)  # an expert with no rows in the middle
+    got = moe_mod._moe_grouped_mm_float(x, w, offsets)
+    want = torch.cat([x[:2] @ w[0].T, x[2:5] @ w[2].T])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="^w: expected x's dtype"):
+        moe_mod._moe_grouped_mm_float(x, w.float(), offsets)
+    with pytest.raises(ValueError, match="^x, w: expected"):
+        moe_mod._moe_grouped_mm_float(x, w[..., :4], offsets)
+    with pytest.raises(ValueError, match="^offsets: expected int32"):
+        moe_mod._moe_grouped_mm_float(x, w, offsets.long())
+
+
+def test_float_experts_refuse_fp8_activations():
+    cfg = DeepseekV3Config.tiny()
+    experts = DeepseekV3DecoderLayer(cfg, 1).mlp.experts
+    pair = (torch.zeros(4, cfg.hidden_size, dtype=torch.float8_e4m3fn), torch.ones(4, cfg.hidden_size // 128))
+    with pytest.raises(TypeError, match="^x: FP8 activations need FP8 expert weights"):
+        experts(pair, torch.zeros(4, 1, dtype=torch.int64), torch.ones(4, 1), torch.float32)
+    with pytest.raises(TypeError, match="^x: FP8 activations need FP8 expert weights"):
+        experts.forward_masked(pair, torch.ones(experts.num_local_experts, dtype=torch.int32), 1, torch.float32)
+
+
+def test_moe_layer_with_a_hook_on_its_experts_gives_the_same_output():
+    """A hooked Experts module takes MoE.forward's other branch (the additions outside the experts)."""
+    cfg = DeepseekV3Config.tiny(rope_scaling=None)
+    layer = DeepseekV3DecoderLayer(cfg, 1)
+    layer.load_hf_state_dict(random_state_dict(layer, seed=7))
+    x = torch.randn(1, 4, cfg.hidden_size, generator=torch.Generator().manual_seed(8))
+    pos = torch.arange(4)[None]
+    calls = []
+    with torch.no_grad():
+        plain = layer(x, pos)
+        handle = layer.mlp.experts.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+        hooked = layer(x, pos)
+        handle.remove()
+    assert calls == [torch.Size([4, cfg.hidden_size])]
+    # same math, additions in another order: fp32 rounding only
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-5)

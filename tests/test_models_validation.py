@@ -10,6 +10,9 @@ import torch
 
 import dskernels
 from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer
+import json
+import types
+from dskernels.models.paged import check_tables
 
 CFG = DeepseekV3Config.tiny()
 FP8 = torch.float8_e4m3fn
@@ -239,7 +242,8 @@ def test_from_hf_of_something_else(value):
     ((CFG, 0), {"dtype": "float32"}, TypeError, "^dtype: expected a floating-point torch.dtype"),
     ((CFG, 0), {"dtype": torch.int32}, TypeError, "^dtype: expected a floating-point torch.dtype"),
     ((CFG, 0), {"index_fp8": "no"}, TypeError, "^index_fp8: expected a bool, got str"),
-    ((CFG, 1), {"ep_low_latency_tokens": 0}, ValueError, "^ep_low_latency_tokens: expected None or an int >= 1"),
+    ((CFG, 1), {"ep_low_latency_tokens": 0}, ValueError, "^ep_low_latency_tokens: expected an int >= 1"),
+    ((CFG, 1), {"ep_low_latency_tokens": True}, TypeError, "^ep_low_latency_tokens: expected an int, got bool"),
 ])
 def test_bad_layer_arguments(args, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -303,3 +307,60 @@ def test_forward_before_loading_weights_says_so_once():
         unloaded(x, positions)  # (said once)
         loaded(x, positions)
         copied(x, positions)
+
+
+def test_config_from_hf_json_path_and_plain_namespace(tmp_path):
+    cfg = DeepseekV3Config.tiny(mlp_layer_types=["dense", "sparse"])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_hf_dict()))
+    from_path = DeepseekV3Config.from_hf(str(path))
+    namespace = types.SimpleNamespace(**cfg.to_hf_dict())  # no to_dict(): read through vars()
+    from_ns = DeepseekV3Config.from_hf(namespace)
+    for got in (from_path, from_ns):
+        assert got.to_hf_dict() == cfg.to_hf_dict()
+        assert got.mlp_layer_types == ["dense", "sparse"]
+        assert got.is_moe_layer(1) and not got.is_moe_layer(0)
+
+
+def test_config_defaults_kv_heads_and_yarn_without_mscale_boost():
+    cfg = DeepseekV3Config.tiny(num_key_value_heads=None,
+                                rope_scaling={"type": "yarn", "factor": 1.0, "mscale_all_dim": 1.0,
+                                              "original_max_position_embeddings": 4096})
+    assert cfg.num_key_value_heads == cfg.num_attention_heads
+    # factor 1: mscale = 0.1 * mscale_all_dim * log(1) + 1 = 1, so the plain qk_head_dim ** -0.5
+    assert cfg.softmax_scale == cfg.qk_head_dim ** -0.5
+    boosted = DeepseekV3Config.tiny()  # factor 40, mscale_all_dim 1
+    m = 0.1 * np.log(40) + 1
+    assert boosted.softmax_scale == pytest.approx(boosted.qk_head_dim ** -0.5 * m * m, rel=1e-12)
+
+
+@pytest.mark.parametrize("overrides, error, name", [
+    (dict(rms_norm_eps=0), ValueError, "rms_norm_eps"),
+    (dict(rms_norm_eps="1e-6"), TypeError, "rms_norm_eps"),
+    (dict(qk_rope_head_dim=31), ValueError, "qk_rope_head_dim"),
+    (dict(hidden_act="gelu"), ValueError, "hidden_act"),
+    (dict(quantization_config=[128, 128]), TypeError, "quantization_config"),
+    (dict(rope_scaling=None, rope_theta="1e4"), TypeError, "rope_theta"),
+    (dict(mlp_layer_types="dense"), TypeError, "mlp_layer_types"),
+    (dict(mlp_layer_types=["dense", "moe"]), ValueError, "mlp_layer_types"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": True}), ValueError,
+     "rope_scaling"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 64, "mscale": "1"}),
+     ValueError, "rope_scaling"),
+    (dict(hidden_size=256.0), TypeError, "hidden_size"),
+])
+def test_config_refusals_name_the_field(overrides, error, name):
+    with pytest.raises(error, match=f"^{name}: "):
+        DeepseekV3Config.tiny(**overrides)
+
+
+@pytest.mark.parametrize("block_table, cache_seqlens, error, name", [
+    ([[0, 1]], torch.zeros(1, dtype=torch.int32), TypeError, "block_table"),
+    (torch.zeros(1, 2, dtype=torch.int32), torch.zeros(1, dtype=torch.float32), TypeError, "cache_seqlens"),
+    (torch.zeros(1, 2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32), ValueError, "cache_seqlens"),
+    (torch.zeros(1, 2, dtype=torch.int32, device="meta"), torch.zeros(1, dtype=torch.int32), ValueError,
+     "block_table"),
+])
+def test_check_tables_names_the_table(block_table, cache_seqlens, error, name):
+    with pytest.raises(error, match=f"^{name}: "):
+        check_tables(block_table, cache_seqlens, 1, torch.device("cpu"))

@@ -72,3 +72,16 @@ def test_opcheck_and_compile():
 
     x = torch.zeros(())
     assert f(x).item() == torch.ops.dskernels.dualpipe_schedule("dualpipev", 2, 4).sum().item()
+
+
+def test_decode_schedule_refuses_bad_rows():
+    from dskernels.ops.pipeline import decode_schedule, encode_schedule
+
+    rows = encode_schedule([["0F0", "(0F1;1B0)OVERLAP_F_B"], ["1F0"]])
+    assert decode_schedule(rows) == [["0F0", "(0F1;1B0)OVERLAP_F_B"], ["1F0"]]
+    with pytest.raises(ValueError, match=r"^rows: expected shape \[A, 6\]"):
+        decode_schedule(rows[:, :5])
+    bad = rows.clone()
+    bad[0, 1] = 9
+    with pytest.raises(ValueError, match="^rows: unknown action kind 9"):
+        decode_schedule(bad)

@@ -602,3 +602,18 @@ def test_run_backward_is_dualpipes():
     run_backward([x @ w], [g])
     torch.testing.assert_close(w.grad, 2 * x.T @ g)
     run_backward((), ())
+
+
+def test_weight_grad_store_class_attributes_are_settable():
+    from dskernels.pipeline import WeightGradStore
+
+    saved = (WeightGradStore.cache, WeightGradStore.funcs_queue)
+    try:
+        WeightGradStore.cache = []
+        assert WeightGradStore.cache == []
+        import queue
+        q = queue.Queue()
+        WeightGradStore.funcs_queue = q
+        assert WeightGradStore.funcs_queue is q
+    finally:
+        WeightGradStore.cache, WeightGradStore.funcs_queue = saved

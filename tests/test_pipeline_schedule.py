@@ -350,3 +350,15 @@ def test_simulate_checks_every_cost():
         with pytest.raises(ValueError, match=rf"^{name}: expected a finite number >= 0, got {value!r}"):
             S.simulate(order, **{name: value})
     assert S.simulate(order, FB=0).makespan > 0
+
+
+@pytest.mark.parametrize("order, match", [
+    ([], "^order: expected a non-empty list"),
+    ([["0F0", "0B0"], ["2F0", "2B0"]], "^order: stages must be 0..S-1"),
+    ([["0F0", "0B0", "0F2", "0B2"], ["1F0", "1B0", "1F2", "1B2"]], r"^stage \d: expected chunks 0..1"),
+])
+def test_schedule_validate_names_the_problem(order, match):
+    from dskernels.pipeline import schedule
+
+    with pytest.raises(ValueError, match=match):
+        schedule.validate(order)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import re
 import warnings
 from collections.abc import Mapping
@@ -119,9 +118,8 @@ class DeepseekV3DecoderLayer(nn.Module):
             raise TypeError(f"dtype: expected a floating-point torch.dtype (torch.bfloat16, torch.float16, "
                             f"torch.float32), got {dtype!r}")
         index_fp8 = as_flag("index_fp8", index_fp8)
-        if ep_low_latency_tokens is not None and (isinstance(ep_low_latency_tokens, bool) or not isinstance(
-                ep_low_latency_tokens, numbers.Integral) or ep_low_latency_tokens < 1):
-            raise ValueError(f"ep_low_latency_tokens: expected None or an int >= 1, got {ep_low_latency_tokens!r}")
+        if ep_low_latency_tokens is not None:
+            ep_low_latency_tokens = check_int("ep_low_latency_tokens", ep_low_latency_tokens, 1)
         cfg._validate(moe=False)  # again: a config's fields may have been changed since it was built
         self.cfg, self.layer_idx = cfg, layer_idx
         self.is_moe = cfg.is_moe_layer(layer_idx)

@@ -153,7 +153,9 @@ def _parse(expr, tensors, names) -> dict:
     """Letters of each operand, their sizes, and the roles of the letters: batch (in a, b, d), m (a, d),
     n (b, d), k (a, b), in d's order for batch, m, n and a's for k. Checks each tensor's rank and
     that a letter has one size wherever it appears."""
-    if not isinstance(expr, str) or expr.count(",") != 1 or expr.count("->") != 1:
+    if not isinstance(expr, str):
+        raise TypeError(f"expr: expected a str 'a_letters,b_letters->d_letters', got {type(expr).__name__}")
+    if expr.count(",") != 1 or expr.count("->") != 1:
         raise ValueError(f"expr: expected 'a_letters,b_letters->d_letters', got {expr!r}")
     inputs, out = expr.replace(" ", "").split("->")
     letters = dict(zip(names, (*inputs.split(","), out)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from dskernels._backend import current_backend, select_backend, triton_installed
-from dskernels._checks import check_tensor
+from dskernels._checks import check_int, check_tensor
 from dskernels._device import on_tensor_device
 from dskernels._inference import inference_kernel
 from python_ref import ep as ref_ep
@@ -35,6 +35,8 @@ def ep_get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: 
     Runs without a host synchronization on CUDA (ids are not range-checked there; the CPU kernel
     checks them).
     """
+    # (checked here: the schema takes a bool as an int, so True would mean 1)
+    num_experts, num_ranks = check_int("num_experts", num_experts), check_int("num_ranks", num_ranks)
     return torch.ops.dskernels.ep_get_dispatch_layout(topk_idx, num_experts, num_ranks)
 
 

@@ -13,8 +13,8 @@ import operator
 import torch
 
 from dskernels._backend import env_choice, select_backend
-from dskernels._checks import (as_flag, check_multiple, check_no_overlap, check_one_device, check_reads_apart,
-                               check_tensor, may_share_memory, strides_may_overlap)
+from dskernels._checks import (as_flag, check_int, check_multiple, check_no_overlap, check_one_device,
+                               check_reads_apart, check_tensor, may_share_memory, strides_may_overlap)
 from dskernels._device import on_tensor_device
 from dskernels._inference import inference_kernel
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
@@ -470,8 +470,8 @@ def set_num_sms(num_sms: int | None) -> None:
     all-to-all overlapped with the experts' GEMMs). None: every SM again. Process-wide, read at
     each launch (a CUDA graph keeps the value it was captured with). The Triton GEMMs launch one
     program per output tile and leave the sharing to the hardware, so they are not affected."""
-    if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
-        raise ValueError(f"num_sms: expected a positive int or None, got {num_sms!r}")
+    if num_sms is not None:
+        num_sms = check_int("num_sms", num_sms, 1)
     global _num_sms
     _num_sms = num_sms
     if torch.ops.dskernels._build_info() == "cuda":
