@@ -676,3 +676,16 @@ def test_event_overlap_is_a_noop_on_cpu():
         assert same is event
     if not torch.cuda.is_available():
         assert Buffer.capture().event is None
+
+
+def test_rdma_buffer_size_hint_past_one_node():
+    """Config.get_rdma_buffer_size_hint: 0 on one node (<= 8 ranks); past it, two rings per channel
+    (two SMs) and remote node of num_max_rdma_chunked_recv_tokens rows, rounded up to 128 bytes."""
+    config = dskernels.ep.Config()  # 20 SMs (10 channels), 256 rows
+    hidden_bytes = 7168 * 2         # V3's hidden size in bf16
+    assert config.get_rdma_buffer_size_hint(hidden_bytes, 8) == 0
+    assert config.get_rdma_buffer_size_hint(hidden_bytes, 16) == 2 * 10 * 2 * 256 * hidden_bytes
+    assert config.get_rdma_buffer_size_hint(hidden_bytes, 64) == 2 * 10 * 8 * 256 * hidden_bytes
+    small = dskernels.ep.Config(num_sms=2, num_max_rdma_chunked_recv_tokens=3)
+    assert small.get_rdma_buffer_size_hint(5, 16) == 128  # 2 * 1 * 2 * 3 * 5 = 60 bytes, rounded up
+    assert small.get_rdma_buffer_size_hint(5, 64) == 256  # 240 bytes

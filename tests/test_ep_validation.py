@@ -431,3 +431,44 @@ def _one_rank_refuses_body(rank, world):
 def test_one_rank_refusing_its_arguments_stops_every_rank():
     for world in (2, 4):
         run_distributed(_one_rank_refuses_body, world, timeout_s=240)
+
+
+def test_buffer_needs_an_initialized_process_group():
+    """No process group in this (pytest) process: the constructor says so before anything else."""
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(RuntimeError, match=r"^Buffer: torch.distributed is not initialized \(call "
+                                           r"init_process_group first\)"):
+        Buffer()
+    with pytest.raises(RuntimeError, match="^Buffer: torch.distributed is not initialized"):
+        Buffer(None, -1)  # (before the argument checks, which need the group)
+
+
+def _low_latency_combine_checks_body(rank, world):
+    """low_latency_combine's local checks: the handle, topk_idx's columns (the dispatch's K), and
+    out's dtype / shape / type. Each raises on every rank (before any exchange), and the group
+    stays usable."""
+    buf = Buffer(dist.group.WORLD, timeout_s=30)
+    args = _args(rank)
+    topk, weights = args["topk_idx"], args["topk_weights"]  # T = 5, K = 2, H = 128
+    recv, _, handle, _, _ = buf.low_latency_dispatch(args["x"], topk, 8, E, use_fp8=False)
+    with pytest.raises(TypeError, match="^handle: expected the handle returned by low_latency_dispatch, got tuple"):
+        buf.low_latency_combine(recv, topk, weights, (recv, topk))
+    with pytest.raises(ValueError, match=r"^topk_idx: expected 2 columns \(those of the dispatch\), got 1"):
+        buf.low_latency_combine(recv, topk[:, :1], weights[:, :1], handle)
+    for bad, got in ((torch.empty(5, 128), r"torch.float32 \(5, 128\) on cpu"),
+                     (torch.empty(4, 128, dtype=torch.bfloat16), r"torch.bfloat16 \(4, 128\) on cpu"),
+                     (torch.empty(5, 128, dtype=torch.bfloat16, device="meta"), r"torch.bfloat16 \(5, 128\) on meta"),
+                     ([[0.0] * 128] * 5, "list")):
+        with pytest.raises(ValueError, match=r"^out: expected a torch.bfloat16 tensor of shape \(5, 128\) on cpu, "
+                                             rf"got {got}$"):
+            buf.low_latency_combine(recv, topk, weights, handle, out=bad)
+    out = torch.empty(5, 128, dtype=torch.bfloat16)
+    got, _, _ = buf.low_latency_combine(recv, topk, weights, handle, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(got, buf.low_latency_combine(recv, topk, weights, handle)[0])
+    _still_usable(buf, rank, world)
+
+
+def test_low_latency_combine_local_checks():
+    run_distributed(_low_latency_combine_checks_body, 2, timeout_s=120)

@@ -543,3 +543,94 @@ def test_v32_paged_shapes_on_gpu(next_n):
         mag[i * next_n:(i + 1) * next_n, :n] = magnitude(q[i], keys[pages].reshape(-1, 128)[:n],
                                                          weights[i * next_n:(i + 1) * next_n])
     assert_logits_close(out, expected, mag, 128, 64)
+
+
+def test_metadata_refuses_bad_lengths_and_extra_arguments():
+    """get_paged_mqa_logits_metadata: context_lens neither [B] nor [B, next_n >= 1], and more
+    arguments than DeepGEMM's (context_lens, block_kv, num_sms, indices)."""
+    lens = torch.tensor([130, 5], dtype=torch.int32)
+    for bad, shape in ((lens.view(1, 1, 2), r"\(1, 1, 2\)"), (lens.view(2, 1)[:, :0], r"\(2, 0\)"),
+                       (torch.tensor(7, dtype=torch.int32), r"\(\)")):
+        with pytest.raises(ValueError, match=r"^context_lens: expected \[B\] or \[B, next_n >= 1\], got shape "
+                                             + shape):
+            dskernels.get_paged_mqa_logits_metadata(bad, 64, 4)
+    with pytest.raises(TypeError, match="^get_paged_mqa_logits_metadata: expected at most 4 arguments, got 5"):
+        dskernels.get_paged_mqa_logits_metadata(lens, 64, 4, None, 1)
+    with pytest.raises(TypeError, match="^context_lens: expected dtype int32, got torch.int64"):
+        dskernels.get_paged_mqa_logits_metadata(lens.long(), 64, 4)
+
+
+def test_mqa_refuses_fp8_inputs_without_unit_last_stride():
+    """q and k are read in 16-byte pieces along D: a view whose last stride is not 1 is refused by
+    name (not read at the wrong addresses)."""
+    q, k, k_scale, weights, ks, ke = mqa_inputs(5, 70, 4, 32, seed=1)
+    q_strided = torch.empty(5, 4, 64, dtype=FP8)[..., ::2]
+    q_strided.copy_(q)
+    with pytest.raises(ValueError, match=r"^q: expected unit stride in the last dimension, got strides \(256, 64, 2\)"):
+        dskernels.fp8_mqa_logits(q_strided, (k, k_scale), weights, ks, ke)
+    k_strided = torch.empty(70, 64, dtype=FP8)[:, ::2]
+    k_strided.copy_(k)
+    with pytest.raises(ValueError, match=r"^k: expected unit stride in the last dimension, got strides \(64, 2\)"):
+        dskernels.fp8_mqa_logits(q, (k_strided, k_scale), weights, ks, ke)
+    q4, kv_cache, weights4, context_lens, block_table = paged_inputs([20, 9], 1, 4, 32, 16, seed=1)
+    q4_strided = torch.empty(2, 1, 4, 64, dtype=FP8)[..., ::2]
+    q4_strided.copy_(q4)
+    with pytest.raises(ValueError, match="^q: expected unit stride in the last dimension"):
+        dskernels.fp8_paged_mqa_logits(q4_strided, kv_cache, weights4, context_lens, block_table, None, 32)
+
+
+def test_mqa_registered_op_checks_the_windows():
+    """torch.ops.dskernels.fp8_mqa_logits (public too) checks the windows itself: the Python entry's
+    checks of cu_seq_len_k_start / _end do not guard a direct call."""
+    q, k, k_scale, weights, ks, ke = mqa_inputs(5, 70, 4, 32, seed=1)
+    for name, args in (("cu_seqlen_ks", (ks[:3], ke)), ("cu_seqlen_ke", (ks, ke[:4]))):
+        rows = args[0 if name == "cu_seqlen_ks" else 1].shape[0]
+        with pytest.raises(ValueError, match=rf"^{name}: expected shape \(5,\) \(one per query\), got \({rows},\)"):
+            torch.ops.dskernels.fp8_mqa_logits(q, k, k_scale, weights, *args, True, 0)
+    with pytest.raises(TypeError, match="^cu_seqlen_ke: expected dtype int32, got torch.int64"):
+        torch.ops.dskernels.fp8_mqa_logits(q, k, k_scale, weights, ks, ke.long(), True, 0)
+
+
+def _padded_rows(cache):
+    """The same pages with each row padded by 4 bytes: pages no longer contiguous."""
+    padded = torch.zeros(*cache.shape[:3], cache.shape[3] + 4, dtype=cache.dtype)[..., :cache.shape[3]]
+    return padded.copy_(cache)
+
+
+def _odd_page_stride(cache):
+    """The same pages one byte apart more: page stride 577, its float32 scales misaligned."""
+    pages, page_bytes = cache.shape[0], cache[0].numel()
+    spread = torch.zeros(pages * (page_bytes + 1), dtype=cache.dtype).as_strided(
+        cache.shape, (page_bytes + 1, *cache.stride()[1:]))
+    return spread.copy_(cache)
+
+
+def _misaligned_start(cache):
+    """The same bytes, contiguous, starting 1 byte past an aligned address."""
+    raw = torch.zeros(cache.numel() + 4, dtype=cache.dtype)[1:cache.numel() + 1].view(cache.shape)
+    return raw.copy_(cache)
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda a: a.update(q=a["q"][:, :0], weights=a["weights"][:0]), ValueError,  # next_n = 0
+     r"^q: expected next_n \(dimension 1\) >= 1, got shape \(2, 0, 4, 32\)"),
+    (lambda a: a.update(kv_cache=_padded_rows(a["kv_cache"])), ValueError,
+     r"^kv_cache: expected every page contiguous and 4-byte aligned .*got strides \(640, 40, 40, 1\)"),
+    (lambda a: a.update(kv_cache=_odd_page_stride(a["kv_cache"])), ValueError,
+     r"^kv_cache: expected every page contiguous and 4-byte aligned .*got strides \(577, 36, 36, 1\)"),
+    (lambda a: a.update(kv_cache=_misaligned_start(a["kv_cache"])), ValueError,  # strides fine: the kernel's check
+     r"^kv_cache: expected a 4-byte aligned start \(its scales are float32\), got address 0x"),
+    (lambda a: a.update(block_table=a["block_table"][:1]), ValueError,
+     r"^block_table: expected 2 rows \(q's batch\), got shape \(1, 4\)"),
+    (lambda a: a.update(context_lens=a["context_lens"].view(2, 1).expand(2, 3)), ValueError,
+     r"^context_lens: expected shape \(2,\) or \(2, 1\), got \(2, 3\)"),
+])
+def test_paged_layout_validation(change, exc, match):
+    """The cache's page layout and alignment, next_n, the table's and the lengths' shapes (checked
+    before the backend is chosen; CPU tensors keep the odd layouts, a copy to a GPU would not)."""
+    q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 1, 4, 32, 16, seed=1)
+    args = dict(q=q, kv_cache=kv_cache, weights=weights, context_lens=context_lens, block_table=block_table,
+                schedule_meta=None, max_context_len=32)
+    change(args)
+    with pytest.raises(exc, match=match):
+        dskernels.fp8_paged_mqa_logits(**args)

@@ -852,3 +852,41 @@ def test_mla_triton_takes_a_query_without_unit_stride():
     # fp32 accumulation of bf16 inputs on both; out is rounded once to bf16 (2^-8 relative)
     torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.float(), out_ref.float(), rtol=2 ** -7, atol=2 ** -7)
+
+
+def _v3(*shape, dtype=torch.bfloat16):
+    """A tensor of V3's head dimension and the given leading shape, expanded from one element per
+    row of 576 (no memory for the large shapes)."""
+    return torch.zeros(1, 1, 1, 576, dtype=dtype).expand(*shape, 576)
+
+
+def test_sm90_unsupported_says_why():
+    """sm90_unsupported (which picks the sm90 kernel or says why not; CPU-testable): V3's shape in
+    bf16/fp16 queries over an aligned bf16/fp16/fp8 cache is taken; every other case is named."""
+    q, k_cache = torch.zeros(2, 1, 16, 576, dtype=torch.bfloat16), torch.zeros(3, 64, 1, 576, dtype=torch.bfloat16)
+    assert mla_ops.sm90_unsupported(q, k_cache, 512) is None
+    assert mla_ops.sm90_unsupported(q.half(), k_cache.half(), 512) is None
+    assert mla_ops.sm90_unsupported(q, k_cache.to(FP8), 512) is None
+    # the shape the kernel is built for
+    for q_d, dv in ((64, 48), (576, 448), (512, 512)):
+        with_d = torch.zeros(1, 1, 16, q_d, dtype=torch.bfloat16)
+        assert mla_ops.sm90_unsupported(with_d, k_cache, dv) == (
+            f"is built for d = 576, dv = 512 (DeepSeek-V3), got d = {q_d}, dv = {dv}")
+    assert mla_ops.sm90_unsupported(q.float(), k_cache.float(), 512) == (
+        "takes bfloat16 or float16 queries, got torch.float32")
+    # grid limits: kv heads (grid.y of the decode) and s_q x h_q rows (grid.y of the combine, 4 a CTA)
+    rows_limit = "supports at most 65535 kv heads and row tiles, and 262140 s_q x h_q rows"
+    assert mla_ops.sm90_unsupported(_v3(1, 1, 65536), _v3(1, 1, 65536), 512).startswith(rows_limit)
+    assert mla_ops.sm90_unsupported(_v3(1, 4, 65535), k_cache, 512) is None         # 262140 rows: the most
+    got = mla_ops.sm90_unsupported(_v3(1, 1, 262141), k_cache, 512)
+    assert got == f"{rows_limit}, got q (1, 1, 262141, 576), k_cache (3, 64, 1, 576)"
+    # 16-byte aligned rows: the start, and the page / token strides where there is more than one
+    padded = torch.zeros(3, 64, 1, 580, dtype=torch.bfloat16)[..., :576]            # rows 1160 bytes apart
+    assert mla_ops.sm90_unsupported(q, padded, 512) == (
+        "needs 16-byte aligned cache rows, got strides (37120, 580, 580, 1) of torch.bfloat16")
+    offset = torch.zeros(3 * 64 * 576 + 8, dtype=torch.bfloat16)[1:3 * 64 * 576 + 1].view(3, 64, 1, 576)
+    assert mla_ops.sm90_unsupported(q, offset, 512).startswith("needs 16-byte aligned cache rows")
+    one_page = torch.zeros(64 * 576 + 8, dtype=torch.bfloat16).as_strided((1, 64, 1, 576), (12345, 576, 576, 1))
+    assert mla_ops.sm90_unsupported(q, one_page, 512) is None                       # a stride never stepped
+    fp8_rows = torch.zeros(3, 64, 1, 584, dtype=FP8)[..., :576]                     # 584 bytes: 8 past 16
+    assert mla_ops.sm90_unsupported(q, fp8_rows, 512).startswith("needs 16-byte aligned cache rows")

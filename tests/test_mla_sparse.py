@@ -622,3 +622,61 @@ def test_cuda_graph_replay_with_new_indices():
     ref_out, ref_lse = ref.flash_mla_sparse_decode(q.cpu(), k_cache.cpu(), indices.cpu(), dv, None, True,
                                                    topk_length.cpu())
     assert_close_to(out, lse, ref_out, ref_lse, torch.bfloat16, vmax_of(k_cache.cpu(), dv, True))
+
+
+def _misaligned_fp8_cache(pages, page_size):
+    """A contiguous FP8-layout cache (16-byte multiple strides) whose first byte is 1 past an
+    aligned address: its float32 scales could not be read as such."""
+    count = pages * page_size * ref.FP8_TOKEN_BYTES
+    return torch.zeros(count + 16, dtype=torch.uint8)[1:count + 1].view(pages, page_size, 1, ref.FP8_TOKEN_BYTES)
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda a: a.update(attn_sink=torch.zeros(3)), ValueError,
+     r"^attn_sink: expected shape \(4,\) \(one per query head\), got \(3,\)"),
+    (lambda a: a.update(q=torch.empty(1, 2, 4, 128, dtype=torch.bfloat16)[..., ::2].copy_(a["q"])), ValueError,
+     r"^q: expected unit stride in the last dimension, got strides \(1024, 512, 128, 2\)"),
+    (lambda a: a.update(q=a["q"][:, :0], indices=a["indices"][:, :0]), ValueError,  # s_q = 0
+     r"^q: expected s_q \(dimension 1\) >= 1, got shape \(1, 0, 4, 64\)"),
+    (lambda a: a.update(k_cache=torch.zeros(2, 16, 1, 48, dtype=torch.bfloat16)), ValueError,
+     r"^k_cache: expected head dimension 64 \(q's d\), got shape \(2, 16, 1, 48\)"),
+])
+def test_decode_validation_more(change, exc, match):
+    q, k_cache, indices, dv = _decode_args()
+    args = dict(q=q, k_cache=k_cache, indices=indices, head_dim_v=dv)
+    change(args)
+    with pytest.raises(exc, match=match):
+        dskernels.flash_mla_sparse_decode(**args)
+
+
+def test_fp8_cache_with_a_misaligned_start_is_refused():
+    """Strides of 16-byte multiples but a start 1 byte off: refused by the kernel (a fake tensor has
+    no address, so only the real kernel checks it); the same bytes aligned are taken."""
+    q = torch.randn(1, 1, 4, 576, dtype=torch.bfloat16)
+    indices = torch.zeros(1, 1, 4, dtype=torch.int32)
+    cache = _misaligned_fp8_cache(2, 4)
+    assert cache.data_ptr() % 16 and all(s % 16 == 0 for s in cache.stride()[:3])
+    with pytest.raises(ValueError, match="^k_cache: expected a 16-byte aligned start in the FP8 layout, got address"):
+        dskernels.flash_mla_sparse_decode(q, cache, indices, 512, is_fp8_kvcache=True)
+    out, lse = dskernels.flash_mla_sparse_decode(q, cache.clone(), indices, 512, is_fp8_kvcache=True)
+    assert out.shape == (1, 1, 4, 512) and lse.isfinite().all()
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(kv=torch.randn(9, 3, 64, dtype=torch.bfloat16), indices=a["indices"][:, :1].expand(3, 3, 5)),
+     r"^kv: expected h_kv >= 1 dividing h_q = 4, got shape \(9, 3, 64\)"),
+    (lambda a: a.update(kv=torch.randn(9, 0, 64, dtype=torch.bfloat16), indices=a["indices"][:, :0]),
+     r"^kv: expected h_kv >= 1 dividing h_q = 4, got shape \(9, 0, 64\)"),
+    (lambda a: a.update(kv=torch.empty(9, 2, 128, dtype=torch.bfloat16)[..., ::2]),
+     r"^kv: expected unit stride in the last dimension, got strides \(256, 128, 2\)"),
+    (lambda a: a.update(attn_sink=torch.zeros(2)),
+     r"^attn_sink: expected shape \(4,\) \(one per query head\), got \(2,\)"),
+    (lambda a: a.update(topk_length=torch.zeros(2, dtype=torch.int32)),
+     r"^topk_length: expected shape \(3,\) \(one per query token\), got \(2,\)"),
+])
+def test_prefill_validation_more(change, match):
+    args = dict(q=torch.randn(3, 4, 64, dtype=torch.bfloat16), kv=torch.randn(9, 2, 64, dtype=torch.bfloat16),
+                indices=torch.zeros(3, 2, 5, dtype=torch.int32), sm_scale=0.1, d_v=48)
+    change(args)
+    with pytest.raises(ValueError, match=match):
+        dskernels.flash_mla_sparse_fwd(**args)

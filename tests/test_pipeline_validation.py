@@ -307,3 +307,85 @@ def test_weight_grad_store_put_checks_callable():
     with pytest.raises(TypeError, match="^func: expected a callable"):
         WeightGradStore().put(None)
     assert WeightGradStore.cache == []
+
+
+# -- 6. a schedule that differs between ranks, mirrored copies that differ, an oversized message --
+
+def check_schedule_fingerprints_differ(rank):
+    """Ranks whose schedules differ for the same arguments (another dskernels version on one rank,
+    imitated by changing rank 1's cached fingerprint): both raise before any P2P, naming each
+    rank's fingerprint; nothing ran, so the runtime goes on once they agree."""
+    torch.manual_seed(22)
+    pipe = DualPipeV((Block(), Block()))
+    x, labels = rows(8), rows(8)
+    v_step(pipe, rank, x, labels, 4)  # caches this rank's plan and its fingerprint
+    program, fingerprint = pipe._plans[(4, False)]
+    if rank == 1:
+        pipe._plans[(4, False)] = (program, fingerprint ^ 1)
+    with pytest.raises(RuntimeError, match=rf"^pipeline: the ranks' schedules differ for the same arguments, "
+                                           rf"fingerprint {fingerprint:#x} on pipeline ranks \[0\], fingerprint "
+                                           rf"{fingerprint ^ 1:#x} on pipeline ranks \[1\] \(different dskernels "
+                                           r"versions\?\)$"):
+        v_step(pipe, rank, x, labels, 4)
+    pipe._plans[(4, False)] = (program, fingerprint)
+    v_step(pipe, rank, x, labels, 4)
+
+
+def check_mirrored_copies_differ(rank):
+    """DualPipe's sync_mirrored_grads pairs rank 0's modules[0] with rank 1's modules[1]: a pair
+    with other parameter counts raises on both ranks (no transfer of mismatched sizes)."""
+    other = nn.Linear(D, D, dtype=torch.float64)  # 2 parameters, 42 elements; a Block has 4 and 84
+    pipe = DualPipe((Block(), Block()) if rank == 0 else (Block(), other))
+    here, there = ("[4, 84] / [4, 84]", r"\[2, 42\] / \[4, 84\]") if rank == 0 else \
+        ("[4, 84] / [2, 42]", r"\[4, 84\] / \[4, 84\]")
+    with pytest.raises(RuntimeError, match=rf"^sync_mirrored_grads: the copies of a layer differ between ranks {rank} "
+                                           rf"and its peer: \(parameters, elements\) {re_list(here)} here, {there} "
+                                           r"there$"):
+        pipe.sync_mirrored_grads()
+
+
+def re_list(text):
+    return text.replace("[", r"\[").replace("]", r"\]")
+
+
+class ManyOutputs(nn.Module):
+    """Returns one tensor more than a message carries (runtime._MAX_TENSORS)."""
+
+    def forward(self, x):
+        return (x,) * (runtime._MAX_TENSORS + 1)
+
+
+def _disagreement_body(rank, world_size):
+    torch.set_num_threads(1)
+    check_schedule_fingerprints_differ(rank)
+    check_mirrored_copies_differ(rank)
+    x, labels = rows(8), rows(8)
+    check_failure(rank, ManyOutputs(), lambda pipe: pipe.step(x, num_chunks=4, criterion=criterion, labels=[labels]),
+                  ValueError, rf"^modules\[0\] \(stage 0\) output: expected at most {runtime._MAX_TENSORS} tensors "
+                              rf"to send to pipeline rank 1, got {runtime._MAX_TENSORS + 1}$",
+                  r"'1F0', receiving output of stage 0 chunk 0")
+
+
+def test_schedule_and_mirror_disagreements_and_oversized_messages():
+    run_distributed(_disagreement_body, P, timeout_s=90)
+
+
+def _mirror_layouts_body(rank, world_size):
+    """Copies with the same parameter and element counts but other shapes, or other dtypes: the
+    copies of a layer differ, and sync_mirrored_grads must say so on both ranks, as it does for
+    other counts. (Before: shapes Linear(4, 2) / Linear(1, 5), 8 + 2 and 5 + 5 elements, added
+    the peer's bias gradient into this rank's weight; dtypes float32 / float64 aborted rank 0 in
+    gloo, "gloo::EnforceNotMet", and gave rank 1 float32 bytes read as float64.)"""
+    for mine in ((nn.Linear(4, 2), nn.Linear(1, 5)),
+                 (nn.Linear(3, 3), nn.Linear(3, 3, dtype=torch.float64))):
+        mine = mine[rank]
+        pipe = DualPipe((mine, nn.Linear(3, 3)) if rank == 0 else (nn.Linear(3, 3), mine))  # the other pair matches
+        for p in pipe.parameters():
+            p.grad = torch.ones_like(p)
+        with pytest.raises(RuntimeError, match="^sync_mirrored_grads: the copies of a layer differ"):
+            pipe.sync_mirrored_grads()
+        assert all(torch.equal(p.grad, torch.ones_like(p)) for p in pipe.parameters())  # left as they were
+
+
+def test_mirrored_copies_of_other_shapes_or_dtypes_are_refused():
+    run_distributed(_mirror_layouts_body, P, timeout_s=60)

@@ -905,11 +905,19 @@ class DualPipe(_Runtime):
             return recvs
 
         sizes = [torch.tensor([len(ps), sum(p.numel() for p in ps)], device=device) for ps in mine]
-        peer0, peer1 = exchange(sizes)
+        # and a checksum of every parameter's shape and dtype: equal counts do not make equal
+        # layouts (the sums below would add into the wrong elements, or exchange other byte counts)
+        layouts = [torch.tensor([zlib.crc32(repr([(tuple(p.shape), str(p.dtype)) for p in ps]).encode())],
+                                dtype=torch.int64, device=device) for ps in mine]
+        peer0, peer1, peer_layout0, peer_layout1 = exchange(sizes + layouts)
         if not (torch.equal(sizes[1], peer0) and torch.equal(sizes[0], peer1)):
             raise RuntimeError(f"sync_mirrored_grads: the copies of a layer differ between ranks {self.group_rank} "
                                f"and its peer: (parameters, elements) {sizes[0].tolist()} / {sizes[1].tolist()} "
                                f"here, {peer1.tolist()} / {peer0.tolist()} there")
+        if not (torch.equal(layouts[1], peer_layout0) and torch.equal(layouts[0], peer_layout1)):
+            raise RuntimeError(f"sync_mirrored_grads: the copies of a layer differ between ranks {self.group_rank} "
+                               "and its peer: the same parameter and element counts, but other parameter shapes "
+                               "or dtypes")
         has = [torch.tensor([p.grad is not None for p in ps], dtype=torch.uint8, device=device) for ps in mine]
         grads = [torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
                  if ps else torch.zeros(0, device=device) for ps in mine]
