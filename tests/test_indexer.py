@@ -416,6 +416,26 @@ def test_deepgemm_keyword_names():
         dskernels.get_paged_mqa_logits_metadata(lens, 64, 4, indices=torch.zeros(2, dtype=torch.int32))
 
 
+def _padded_rows(cache):
+    """The same pages with each row padded by 4 bytes: pages no longer contiguous."""
+    padded = torch.zeros(*cache.shape[:3], cache.shape[3] + 4, dtype=cache.dtype)[..., :cache.shape[3]]
+    return padded.copy_(cache)
+
+
+def _odd_page_stride(cache):
+    """The same pages one byte apart more: page stride 577, its float32 scales misaligned."""
+    pages, page_bytes = cache.shape[0], cache[0].numel()
+    spread = torch.zeros(pages * (page_bytes + 1), dtype=cache.dtype).as_strided(
+        cache.shape, (page_bytes + 1, *cache.stride()[1:]))
+    return spread.copy_(cache)
+
+
+def _misaligned_start(cache):
+    """The same bytes, contiguous, starting 1 byte past an aligned address."""
+    raw = torch.zeros(cache.numel() + 4, dtype=cache.dtype)[1:cache.numel() + 1].view(cache.shape)
+    return raw.copy_(cache)
+
+
 @pytest.mark.parametrize("change,exc,match", [
     (lambda a: a.update(kv_cache=a["kv_cache"][..., :-1]), ValueError, "kv_cache"),
     (lambda a: a.update(kv_cache=a["kv_cache"].float()), TypeError, "kv_cache"),
@@ -429,6 +449,18 @@ def test_deepgemm_keyword_names():
     (lambda a: a.update(schedule_meta=torch.zeros(5, 2)), TypeError, "^schedule_meta: "),
     (lambda a: a.update(schedule_meta=torch.zeros(5, dtype=torch.int32)), ValueError, "^schedule_meta: "),
     (lambda a: a.update(q=a["q"][..., :0], kv_cache=a["kv_cache"][..., :4]), ValueError, "^q: .* at least 16"),
+    (lambda a: a.update(q=a["q"][:, :0], weights=a["weights"][:0]), ValueError,  # next_n = 0
+     r"^q: expected next_n \(dimension 1\) >= 1, got shape \(2, 0, 4, 32\)"),
+    (lambda a: a.update(kv_cache=_padded_rows(a["kv_cache"])), ValueError,
+     r"^kv_cache: expected every page contiguous and 4-byte aligned .*got strides \(640, 40, 40, 1\)"),
+    (lambda a: a.update(kv_cache=_odd_page_stride(a["kv_cache"])), ValueError,
+     r"^kv_cache: expected every page contiguous and 4-byte aligned .*got strides \(577, 36, 36, 1\)"),
+    (lambda a: a.update(kv_cache=_misaligned_start(a["kv_cache"])), ValueError,  # strides fine: the kernel's check
+     r"^kv_cache: expected a 4-byte aligned start \(its scales are float32\), got address 0x"),
+    (lambda a: a.update(block_table=a["block_table"][:1]), ValueError,
+     r"^block_table: expected 2 rows \(q's batch\), got shape \(1, 4\)"),
+    (lambda a: a.update(context_lens=a["context_lens"].view(2, 1).expand(2, 3)), ValueError,
+     r"^context_lens: expected shape \(2,\) or \(2, 1\), got \(2, 3\)"),
 ])
 def test_paged_validation(change, exc, match):
     q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 1, 4, 32, 16, seed=1)
@@ -589,48 +621,3 @@ def test_mqa_registered_op_checks_the_windows():
             torch.ops.dskernels.fp8_mqa_logits(q, k, k_scale, weights, *args, True, 0)
     with pytest.raises(TypeError, match="^cu_seqlen_ke: expected dtype int32, got torch.int64"):
         torch.ops.dskernels.fp8_mqa_logits(q, k, k_scale, weights, ks, ke.long(), True, 0)
-
-
-def _padded_rows(cache):
-    """The same pages with each row padded by 4 bytes: pages no longer contiguous."""
-    padded = torch.zeros(*cache.shape[:3], cache.shape[3] + 4, dtype=cache.dtype)[..., :cache.shape[3]]
-    return padded.copy_(cache)
-
-
-def _odd_page_stride(cache):
-    """The same pages one byte apart more: page stride 577, its float32 scales misaligned."""
-    pages, page_bytes = cache.shape[0], cache[0].numel()
-    spread = torch.zeros(pages * (page_bytes + 1), dtype=cache.dtype).as_strided(
-        cache.shape, (page_bytes + 1, *cache.stride()[1:]))
-    return spread.copy_(cache)
-
-
-def _misaligned_start(cache):
-    """The same bytes, contiguous, starting 1 byte past an aligned address."""
-    raw = torch.zeros(cache.numel() + 4, dtype=cache.dtype)[1:cache.numel() + 1].view(cache.shape)
-    return raw.copy_(cache)
-
-
-@pytest.mark.parametrize("change,exc,match", [
-    (lambda a: a.update(q=a["q"][:, :0], weights=a["weights"][:0]), ValueError,  # next_n = 0
-     r"^q: expected next_n \(dimension 1\) >= 1, got shape \(2, 0, 4, 32\)"),
-    (lambda a: a.update(kv_cache=_padded_rows(a["kv_cache"])), ValueError,
-     r"^kv_cache: expected every page contiguous and 4-byte aligned .*got strides \(640, 40, 40, 1\)"),
-    (lambda a: a.update(kv_cache=_odd_page_stride(a["kv_cache"])), ValueError,
-     r"^kv_cache: expected every page contiguous and 4-byte aligned .*got strides \(577, 36, 36, 1\)"),
-    (lambda a: a.update(kv_cache=_misaligned_start(a["kv_cache"])), ValueError,  # strides fine: the kernel's check
-     r"^kv_cache: expected a 4-byte aligned start \(its scales are float32\), got address 0x"),
-    (lambda a: a.update(block_table=a["block_table"][:1]), ValueError,
-     r"^block_table: expected 2 rows \(q's batch\), got shape \(1, 4\)"),
-    (lambda a: a.update(context_lens=a["context_lens"].view(2, 1).expand(2, 3)), ValueError,
-     r"^context_lens: expected shape \(2,\) or \(2, 1\), got \(2, 3\)"),
-])
-def test_paged_layout_validation(change, exc, match):
-    """The cache's page layout and alignment, next_n, the table's and the lengths' shapes (checked
-    before the backend is chosen; CPU tensors keep the odd layouts, a copy to a GPU would not)."""
-    q, kv_cache, weights, context_lens, block_table = paged_inputs([20, 9], 1, 4, 32, 16, seed=1)
-    args = dict(q=q, kv_cache=kv_cache, weights=weights, context_lens=context_lens, block_table=block_table,
-                schedule_meta=None, max_context_len=32)
-    change(args)
-    with pytest.raises(exc, match=match):
-        dskernels.fp8_paged_mqa_logits(**args)

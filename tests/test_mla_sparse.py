@@ -473,6 +473,14 @@ def _decode_args():
     (lambda a: a.update(attn_sink=torch.zeros(4, dtype=torch.float16)), TypeError, "attn_sink"),
     (lambda a: a.update(softmax_scale=math.inf), ValueError, "softmax_scale"),
     (lambda a: a.update(q=a["q"][..., :40]), ValueError, "q"),
+    (lambda a: a.update(attn_sink=torch.zeros(3)), ValueError,
+     r"^attn_sink: expected shape \(4,\) \(one per query head\), got \(3,\)"),
+    (lambda a: a.update(q=torch.empty(1, 2, 4, 128, dtype=torch.bfloat16)[..., ::2].copy_(a["q"])), ValueError,
+     r"^q: expected unit stride in the last dimension, got strides \(1024, 512, 128, 2\)"),
+    (lambda a: a.update(q=a["q"][:, :0], indices=a["indices"][:, :0]), ValueError,  # s_q = 0
+     r"^q: expected s_q \(dimension 1\) >= 1, got shape \(1, 0, 4, 64\)"),
+    (lambda a: a.update(k_cache=torch.zeros(2, 16, 1, 48, dtype=torch.bfloat16)), ValueError,
+     r"^k_cache: expected head dimension 64 \(q's d\), got shape \(2, 16, 1, 48\)"),
 ])
 def test_decode_validation(change, exc, match):
     q, k_cache, indices, dv = _decode_args()
@@ -629,24 +637,6 @@ def _misaligned_fp8_cache(pages, page_size):
     aligned address: its float32 scales could not be read as such."""
     count = pages * page_size * ref.FP8_TOKEN_BYTES
     return torch.zeros(count + 16, dtype=torch.uint8)[1:count + 1].view(pages, page_size, 1, ref.FP8_TOKEN_BYTES)
-
-
-@pytest.mark.parametrize("change,exc,match", [
-    (lambda a: a.update(attn_sink=torch.zeros(3)), ValueError,
-     r"^attn_sink: expected shape \(4,\) \(one per query head\), got \(3,\)"),
-    (lambda a: a.update(q=torch.empty(1, 2, 4, 128, dtype=torch.bfloat16)[..., ::2].copy_(a["q"])), ValueError,
-     r"^q: expected unit stride in the last dimension, got strides \(1024, 512, 128, 2\)"),
-    (lambda a: a.update(q=a["q"][:, :0], indices=a["indices"][:, :0]), ValueError,  # s_q = 0
-     r"^q: expected s_q \(dimension 1\) >= 1, got shape \(1, 0, 4, 64\)"),
-    (lambda a: a.update(k_cache=torch.zeros(2, 16, 1, 48, dtype=torch.bfloat16)), ValueError,
-     r"^k_cache: expected head dimension 64 \(q's d\), got shape \(2, 16, 1, 48\)"),
-])
-def test_decode_validation_more(change, exc, match):
-    q, k_cache, indices, dv = _decode_args()
-    args = dict(q=q, k_cache=k_cache, indices=indices, head_dim_v=dv)
-    change(args)
-    with pytest.raises(exc, match=match):
-        dskernels.flash_mla_sparse_decode(**args)
 
 
 def test_fp8_cache_with_a_misaligned_start_is_refused():
