@@ -455,6 +455,23 @@ def _split_k_on_gpu(m, n, k):
 
 
 @pytest.mark.gpu
+def test_split_k_counters_of_many_streams_stay_bounded(monkeypatch):
+    """The split-K arrival counters are kept per stream: a server that makes a stream per request
+    keeps at most _MAX_ARRIVAL_STREAMS sets (the oldest dropped), and every stream's result holds."""
+    from dskernels.triton import gemm as triton_gemm
+
+    monkeypatch.setattr(triton_gemm, "_MAX_ARRIVAL_STREAMS", 4)
+    for _ in range(6):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            _split_k_on_gpu(37, 300, 13 * 128)
+        torch.cuda.current_stream().wait_stream(stream)
+    assert len(triton_gemm._ARRIVALS) <= 4
+    assert not any(counters.any() for counters in triton_gemm._ARRIVALS.values())
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("config", _triton_gpu_configs())
 def test_triton_every_config_split_k(config, monkeypatch):
     """Each autotuning tile, forced, with its K blocks split (m = 37, n = 300 is 2 to 5 tiles of

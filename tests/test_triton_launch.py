@@ -241,6 +241,24 @@ def test_autotuned_first_launches_from_two_threads():
 
 
 @compiles
+def test_signatures_past_the_bound_drop_the_oldest(monkeypatch):
+    """A kernel launched with more signatures than the cache holds (a server's batch sizes times its
+    table widths) keeps the most recent ones: the oldest goes first. (Clearing it all at the bound
+    sent every launch of a server cycling through a few more than it back through Triton's path.)"""
+    monkeypatch.setattr(launch, "MAX_SIGNATURES", 3)
+    k = _Counted(monkeypatch)
+    with fake_gpu():
+        for n in (31, 32, 33, 34):
+            launch.fast(k.kernel)[(4,)](*_rows(), n, 40, 2.0, FLAG=True, BLOCK=64)
+        assert k.slow == 4 and len(launch.fast(k.kernel).plans) == 3
+        for n in (32, 33, 34):  # the three most recent: cached
+            launch.fast(k.kernel)[(4,)](*_rows(), n, 40, 2.0, FLAG=True, BLOCK=64)
+        assert k.slow == 4
+        launch.fast(k.kernel)[(4,)](*_rows(), 31, 40, 2.0, FLAG=True, BLOCK=64)  # the first: dropped
+        assert k.slow == 5
+
+
+@compiles
 def test_signature_covers_what_specializes():
     x = torch.zeros(8)
     with fake_gpu():  # (the key holds the current device)

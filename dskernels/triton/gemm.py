@@ -786,6 +786,7 @@ def _split_plan(m: int, n: int, k_blocks: int, sms: int, tiles: tuple[tuple[int,
 
 
 _ARRIVALS: dict[tuple[int, int], torch.Tensor] = {}
+_MAX_ARRIVAL_STREAMS = 64  # past it the oldest stream's go (a server making streams per request)
 
 
 def _arrival_counters(device: torch.device, size: int) -> torch.Tensor:
@@ -798,6 +799,10 @@ def _arrival_counters(device: torch.device, size: int) -> torch.Tensor:
     key = (device.index, torch.cuda.current_stream(device).cuda_stream)
     counters = _ARRIVALS.get(key)
     if counters is None or counters.numel() < size:
+        # (dropping a stream's counters is safe: they are zero between launches, and their memory
+        # goes back to the caching allocator in that stream's order)
+        while key not in _ARRIVALS and len(_ARRIVALS) >= _MAX_ARRIVAL_STREAMS:
+            del _ARRIVALS[next(iter(_ARRIVALS))]
         counters = _ARRIVALS[key] = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
     return counters
 

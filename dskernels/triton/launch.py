@@ -40,7 +40,7 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
 ENABLED = os.environ.get("DSKERNELS_TRITON_LAUNCH_CACHE", "1") != "0"
-MAX_SIGNATURES = 1024  # per kernel; past it the cache starts over (ints keyed by value can vary)
+MAX_SIGNATURES = 1024  # per kernel; past it the oldest go (ints keyed by value vary: batch sizes, table widths)
 
 
 def _keys(values, key: list) -> bool:
@@ -142,8 +142,8 @@ class FastLauncher:
         rest = tuple(self.names[len(args):])
         if any(name not in kwargs and name not in kept for name in rest):
             return
-        if len(self.plans) >= MAX_SIGNATURES:
-            self.plans.clear()
+        while len(self.plans) >= MAX_SIGNATURES:  # the oldest first (dicts keep their insertion order): a
+            del self.plans[next(iter(self.plans))]   # server past the bound keeps its recent signatures
         self.plans[key] = _Plan(compiled, rest, {name: kept[name] for name in rest if name not in kwargs})
 
 
