@@ -120,6 +120,47 @@ def test_fp8_decode_step_in_a_cuda_graph():
     replays_equal_eager(step, x, positions, lens, ([7, 1, 120, 160], [0, 63, 64, 190]))
 
 
+def test_fp8_decode_graph_follows_weight_updates():
+    """A decode step captured in a CUDA graph reads the layer's weights and the copies derived from
+    them (W_UK / W_UV, the GEMMs' block-major scales) where they are: after torch's load_state_dict,
+    after writes through .data and refresh_derived_weights(), and after a load_hf_state_dict in the
+    format the layer holds (written in place), a replay equals the eager step of the new weights."""
+    layer, other = make_layer(1, fp8=True, seed=1), make_layer(1, fp8=True, seed=3)
+    batch, page, pages = 4, 64, 3
+    cache = torch.randn(batch * pages, page, 1, CFG.kv_cache_dim, device="cuda").bfloat16()
+    table = torch.arange(batch * pages, device="cuda").view(batch, pages).int()
+    x = torch.randn(batch, 1, CFG.hidden_size, device="cuda").bfloat16()
+    positions = torch.full((batch, 1), 100, device="cuda")
+    lens = torch.tensor([5, 64, 100, 150], dtype=torch.int32, device="cuda")
+
+    def step():
+        with torch.no_grad():
+            return layer(x, positions, kv_cache=cache, block_table=table, cache_seqlens=lens)
+
+    graph, out = captured(step)
+    first = out.clone()
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    hf_weights = make_layer(1, fp8=False, seed=4).hf_state_dict(torch.float32)
+
+    def updates():
+        layer.load_state_dict(other.state_dict())
+        yield
+        with torch.no_grad():
+            for mine, theirs in zip(layer.state_dict().values(), original.values()):
+                mine.data.copy_(theirs)
+        layer.refresh_derived_weights()
+        yield
+        layer.load_hf_state_dict(hf_weights, fp8=True)
+        yield
+
+    for _ in updates():
+        graph.replay()
+        expected = step()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    assert rel_error(out, first) > 0.1  # (the weights did change)
+
+
 def test_fp8_kv_cache_decode_step_in_a_cuda_graph():
     """V3 with an FP8 KV cache (float8_e4m3fn, kv_cache_scale): the decode step (quantizing write,
     flash_mla_with_kvcache with k_scale) captured once and replayed with new tokens and lengths
@@ -140,10 +181,9 @@ def test_fp8_kv_cache_decode_step_in_a_cuda_graph():
         replays_equal_eager(step, x, positions, lens, ([7, 1, 120, 160], [0, 63, 64, 190]))
 
 
-def replays_equal_eager(step, x, positions, lens, new_lens_list):
-    """Captures step() in a CUDA graph (after two warm-up calls: absorbed weights, Triton
-    compilation / autotuning), then for each new lengths: new tokens at positions = lens, one
-    replay, compared with the eager step on the same inputs."""
+def captured(step):
+    """(graph, its output) of step() captured in a CUDA graph after two warm-up calls (absorbed
+    weights, Triton compilation / autotuning)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -153,6 +193,13 @@ def replays_equal_eager(step, x, positions, lens, new_lens_list):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()
+    return graph, out
+
+
+def replays_equal_eager(step, x, positions, lens, new_lens_list):
+    """Captures step() in a CUDA graph, then for each new lengths: new tokens at positions = lens,
+    one replay, compared with the eager step on the same inputs."""
+    graph, out = captured(step)
     for new_lens in new_lens_list:
         x.copy_(torch.randn_like(x))
         lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
