@@ -105,7 +105,13 @@ def test_prefill_and_paged_decode_match_oracle_bf16(layer_idx, monkeypatch):
 def test_fp8_decode_step_in_a_cuda_graph():
     """The FP8 MoE layer's decode step has no host sync: captured once, replayed with new tokens
     and new cache_seqlens, it equals the eager step."""
-    layer = make_layer(1, fp8=True, seed=1)
+    step, x, positions, lens = decode_step(make_layer(1, fp8=True, seed=1))
+    replays_equal_eager(step, x, positions, lens, ([7, 1, 120, 160], [0, 63, 64, 190]))
+
+
+def decode_step(layer):
+    """(step, x, positions, lens): one decode token for each of 4 sequences of a bf16 paged cache
+    (pages of 64); step() runs the layer on them, the others are its inputs to change."""
     batch, page, pages = 4, 64, 3
     cache = torch.randn(batch * pages, page, 1, CFG.kv_cache_dim, device="cuda").bfloat16()
     table = torch.arange(batch * pages, device="cuda").view(batch, pages).int()
@@ -117,7 +123,7 @@ def test_fp8_decode_step_in_a_cuda_graph():
         with torch.no_grad():
             return layer(x, positions, kv_cache=cache, block_table=table, cache_seqlens=lens)
 
-    replays_equal_eager(step, x, positions, lens, ([7, 1, 120, 160], [0, 63, 64, 190]))
+    return step, x, positions, lens
 
 
 def test_fp8_decode_graph_follows_weight_updates():
@@ -126,34 +132,21 @@ def test_fp8_decode_graph_follows_weight_updates():
     after writes through .data and refresh_derived_weights(), and after a load_hf_state_dict in the
     format the layer holds (written in place), a replay equals the eager step of the new weights."""
     layer, other = make_layer(1, fp8=True, seed=1), make_layer(1, fp8=True, seed=3)
-    batch, page, pages = 4, 64, 3
-    cache = torch.randn(batch * pages, page, 1, CFG.kv_cache_dim, device="cuda").bfloat16()
-    table = torch.arange(batch * pages, device="cuda").view(batch, pages).int()
-    x = torch.randn(batch, 1, CFG.hidden_size, device="cuda").bfloat16()
-    positions = torch.full((batch, 1), 100, device="cuda")
-    lens = torch.tensor([5, 64, 100, 150], dtype=torch.int32, device="cuda")
-
-    def step():
-        with torch.no_grad():
-            return layer(x, positions, kv_cache=cache, block_table=table, cache_seqlens=lens)
-
+    step, *_ = decode_step(layer)
     graph, out = captured(step)
     first = out.clone()
     original = {k: v.clone() for k, v in layer.state_dict().items()}
     hf_weights = make_layer(1, fp8=False, seed=4).hf_state_dict(torch.float32)
 
-    def updates():
-        layer.load_state_dict(other.state_dict())
-        yield
+    def restore_through_data():  # (no version counter moves)
         with torch.no_grad():
             for mine, theirs in zip(layer.state_dict().values(), original.values()):
                 mine.data.copy_(theirs)
         layer.refresh_derived_weights()
-        yield
-        layer.load_hf_state_dict(hf_weights, fp8=True)
-        yield
 
-    for _ in updates():
+    for update in (lambda: layer.load_state_dict(other.state_dict()), restore_through_data,
+                   lambda: layer.load_hf_state_dict(hf_weights, fp8=True)):
+        update()
         graph.replay()
         expected = step()
         torch.cuda.synchronize()
