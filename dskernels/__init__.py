@@ -77,6 +77,9 @@ from dskernels.ops.gemm import (  # noqa: E402
     get_mk_alignment_for_contiguous_layout,
     get_mn_major_tma_aligned_tensor,
     get_num_sms,
+    get_pdl,
+    get_tc_util,
+    get_theoretical_mk_alignment_for_contiguous_layout,
     get_tma_aligned_size,
     k_grouped_fp8_gemm_nt_contiguous,
     k_grouped_fp8_gemm_tn_contiguous,
@@ -86,7 +89,10 @@ from dskernels.ops.gemm import (  # noqa: E402
     m_grouped_fp8_gemm_nt_masked,
     m_grouped_gemm_fp8_fp8_bf16_nt_contiguous,
     m_grouped_gemm_fp8_fp8_bf16_nt_masked,
+    set_mk_alignment_for_contiguous_layout,
     set_num_sms,
+    set_pdl,
+    set_tc_util,
     transform_sf_into_required_layout,
     wgrad_gemm_fp8_fp8_fp32_nt,
 )
@@ -103,7 +109,7 @@ from dskernels.ops.gemm_bf16 import (  # noqa: E402
 from dskernels.ops.indexer import (fp8_fp4_mqa_logits, fp8_fp4_paged_mqa_logits, fp8_mqa_logits,  # noqa: E402
                                    fp8_paged_mqa_logits, get_paged_mqa_logits_metadata, paged_k_cache_cast_to_fp8,
                                    per_custom_dims_cast_to_fp8)
-from dskernels.ops.mla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
+from dskernels.ops.mla import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 from dskernels.ops.pipeline import dualpipe_schedule  # noqa: E402  (decoded to action strings)
 from dskernels.ops.mla_sparse import (dequantize_sparse_kv_cache, flash_mla_sparse_decode,  # noqa: E402
                                       flash_mla_sparse_fwd, quantize_sparse_kv_cache)
@@ -158,6 +164,7 @@ __all__ = [
     "m_grouped_gemm_fp8_fp8_bf16_nt_masked",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
+    "FlashMLASchedMeta",
     "get_paged_mqa_logits_metadata",
     "paged_k_cache_cast_to_fp8",
     "per_custom_dims_cast_to_fp8",
@@ -166,6 +173,12 @@ __all__ = [
     "per_token_cast_to_fp8",
     "quantize_sparse_kv_cache",
     "set_num_sms",
+    "set_tc_util",
+    "set_pdl",
+    "set_mk_alignment_for_contiguous_layout",
+    "get_theoretical_mk_alignment_for_contiguous_layout",
+    "get_tc_util",
+    "get_pdl",
     "silu_and_mul",
     "silu_and_mul_cast_to_fp8",
     "transform_sf_into_required_layout",

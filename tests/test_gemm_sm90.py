@@ -154,8 +154,7 @@ def test_set_num_sms(restore_num_sms):
     else:
         assert dskernels.get_num_sms() == 17
         dskernels.set_num_sms(None)
-        with pytest.raises(RuntimeError, match="no CUDA device here"):
-            dskernels.get_num_sms()
+        assert dskernels.get_num_sms() == 8  # the count the CPU paths plan with
 
 
 @cuda_built

@@ -3,6 +3,7 @@
 import torch
 
 from dskernels.ep.buffer import Buffer, Config, DispatchHandle, EPCommError, LowLatencyHandle
+from dskernels.ep import utils  # noqa: F401  (DeepEP's deep_ep.utils names)
 from dskernels.ep.events import EventOverlap
 
 # DeepEP's dtype for topk_idx (its tests cast with it): int64, as API.md fixes.

@@ -32,7 +32,11 @@ class EventOverlap:
     def current_stream_wait(self) -> None:
         """Makes the current CUDA stream of the op's device wait for the op (the current device's
         where the op named none); a no-op on CPU."""
-        if self.event is not None:
+        if self.event is None:
+            return
+        if isinstance(self.event, EventHandle) or not isinstance(self.event, torch.cuda.Event):
+            self.event.current_stream_wait()  # DeepEP's EventHandle (or an object like it)
+        else:
             torch.cuda.current_stream(self.device).wait_event(self.event)
 
     def __enter__(self):
@@ -41,6 +45,30 @@ class EventOverlap:
     def __exit__(self, *exc):
         self.current_stream_wait()
         return False
+
+
+class EventHandle:
+    """DeepEP's `deep_ep.utils.EventHandle` (its C++ `EventHandle()`): an event recorded on the
+    current CUDA stream when made (nothing to record without a CUDA device: then a no-op), with
+    `current_stream_wait()`. Training code builds `EventOverlap(EventHandle())` as the
+    `previous_event` of a Buffer op (Megatron's fused dispatch); the op's stream waits for it."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device
+        self.event: torch.cuda.Event | None = None
+        if torch.cuda.is_available():
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(device))
+
+    def current_stream_wait(self) -> None:
+        """Makes the current CUDA stream wait for the recorded point; a no-op without CUDA."""
+        if self.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.event)
+
+
+def cuda_event(event):
+    """The torch.cuda.Event behind an EventOverlap's event (an EventHandle's, or itself), or None."""
+    return event.event if isinstance(event, EventHandle) else event
 
 
 def capture(device: torch.device | None = None) -> EventOverlap:
@@ -76,8 +104,9 @@ class StreamScope:
         if self.use_stream:
             self.caller = torch.cuda.current_stream(self.device)
             stream = self.stream = self.owner._comm_stream(self.device)
-            if self.previous_event is not None and self.previous_event.event is not None:
-                stream.wait_event(self.previous_event.event)
+            previous = None if self.previous_event is None else cuda_event(self.previous_event.event)
+            if previous is not None:
+                stream.wait_event(previous)
             else:
                 stream.wait_stream(self.caller)
             self._ctx = torch.cuda.stream(stream)

@@ -22,6 +22,7 @@ from python_ref import gemm as ref
 
 FP8 = torch.float8_e4m3fn
 GROUP_SIZE = 128
+CPU_SM_COUNT = 8  # get_num_sms() without a CUDA device (dskernels.ops.mla.CPU_SM_COUNT)
 _num_sms: int | None = None  # set_num_sms: the SM limit of the sm90 GEMMs (None: all)
 
 
@@ -464,6 +465,51 @@ def get_m_alignment_for_contiguous_layout() -> int:
 get_mk_alignment_for_contiguous_layout = get_m_alignment_for_contiguous_layout  # DeepGEMM's newer name
 
 
+def set_mk_alignment_for_contiguous_layout(new_value: int) -> None:
+    """DeepGEMM's cap on the contiguous layout's alignment (its BLOCK_M), which serving code sets
+    to the padding it chose from `get_theoretical_mk_alignment_for_contiguous_layout` (vLLM's
+    `mk_alignment_scope`). The m-grouped GEMMs here take any segment alignment and the psum
+    layout's groups start at multiples of 128, so 128 is the one value: another raises."""
+    new_value = check_int("new_value", new_value, 1)
+    if new_value != 128:
+        raise ValueError(f"new_value: the contiguous layouts here align groups to 128 rows (the m-grouped "
+                         f"GEMMs also take unaligned segments), got {new_value}")
+
+
+def get_theoretical_mk_alignment_for_contiguous_layout(expected_m: int | None = None,
+                                                       num_groups: int | None = None) -> int:
+    """DeepGEMM's per-call padding hint for the contiguous layout: the alignment to pad each
+    group's rows to. Here always the layout's 128 (the kernels have no smaller block to prefer)."""
+    for name, value in (("expected_m", expected_m), ("num_groups", num_groups)):
+        if value is not None:
+            check_int(name, value, 0)
+    return 128
+
+
+# DeepGEMM's runtime switches: programmatic dependent launch and the tensor-core utilisation cap.
+# Kept and reported, so code that sets them and reads them back works; the kernels here do not
+# read them (their launches are plain; the SM limit is set_num_sms).
+_runtime_flags = {"pdl": False, "tc_util": 100}
+
+
+def set_pdl(new_enable_pdl: bool) -> None:
+    """DeepGEMM's PDL switch (kept; changes nothing here)."""
+    _runtime_flags["pdl"] = as_flag("new_enable_pdl", new_enable_pdl)
+
+
+def get_pdl() -> bool:
+    return _runtime_flags["pdl"]
+
+
+def set_tc_util(new_tc_util: int) -> None:
+    """DeepGEMM's tensor-core utilisation cap in percent (kept; changes nothing here)."""
+    _runtime_flags["tc_util"] = check_int("new_tc_util", new_tc_util, 1)
+
+
+def get_tc_util() -> int:
+    return _runtime_flags["tc_util"]
+
+
 def set_num_sms(num_sms: int | None) -> None:
     """Limits the SMs the sm90 CUDA GEMMs use, as DeepGEMM's set_num_sms does: their persistent
     grids get at most num_sms CTAs, leaving the other SMs to kernels that run beside them (an
@@ -480,11 +526,12 @@ def set_num_sms(num_sms: int | None) -> None:
 
 def get_num_sms(device: torch.device | int | None = None) -> int:
     """The SMs the sm90 CUDA GEMMs use on device (default: the current CUDA device): the device's
-    count, or less after set_num_sms."""
+    count, or less after set_num_sms. Without a CUDA device: the set_num_sms value, else 8 (the
+    count the CPU paths plan with)."""
     if not torch.cuda.is_available():
-        if _num_sms is None:
-            raise RuntimeError("get_num_sms: no CUDA device here, and no limit set with set_num_sms")
-        return _num_sms
+        # No GPU: the count the CPU (reference / interpreter) paths plan with, the MLA split plan's
+        # CPU_SM_COUNT, so code that sizes schedules with get_num_sms() runs unchanged on CPU.
+        return CPU_SM_COUNT if _num_sms is None else _num_sms
     total = torch.cuda.get_device_properties(device).multi_processor_count
     return total if _num_sms is None else min(total, _num_sms)
 

@@ -44,6 +44,44 @@ class MLASchedulerMetadata:
         self.plan: tuple[torch.Tensor, torch.Tensor] | None = None
         self.key: tuple | None = None
 
+    # FlashMLA's FlashMLASchedMeta fields, which serving code reads and resets (vLLM assigns None
+    # to both to have the next call plan again): views of the plan. Assigning None drops the plan;
+    # a tensor is refused, since a table made elsewhere (FlashMLA's own planner) does not describe
+    # this library's partitions.
+    @property
+    def have_initialized(self) -> bool:
+        return self.plan is not None
+
+    @property
+    def config(self) -> tuple | None:
+        return self.key
+
+    @property
+    def tile_scheduler_metadata(self) -> torch.Tensor | None:
+        return None if self.plan is None else self.plan[0]
+
+    @tile_scheduler_metadata.setter
+    def tile_scheduler_metadata(self, value) -> None:
+        self._reset("tile_scheduler_metadata", value)
+
+    @property
+    def num_splits(self) -> torch.Tensor | None:
+        return None if self.plan is None else self.plan[1]
+
+    @num_splits.setter
+    def num_splits(self, value) -> None:
+        self._reset("num_splits", value)
+
+    def _reset(self, name: str, value) -> None:
+        if value is not None:
+            raise NotImplementedError(f"{name}: only None may be assigned (the next flash_mla_with_kvcache call "
+                                      f"then plans again); got {type(value).__name__}: this library plans its own "
+                                      "splits, and a table made elsewhere does not describe them")
+        self.plan = self.key = None
+
+
+FlashMLASchedMeta = MLASchedulerMetadata  # FlashMLA's name (flash_mla.flash_mla_interface)
+
 
 def get_mla_metadata(cache_seqlens: torch.Tensor | None = None, num_q_tokens_per_head_k: int | None = None,
                      num_heads_k: int | None = None, num_heads_q: int | None = None, is_fp8_kvcache: bool = False,
@@ -137,7 +175,9 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
             s_q * h_q // h_kv, h_kv)` for the same batch (the lengths may have changed since only
             if the metadata was recomputed, e.g. inside the same CUDA graph); or FlashMLA's newest
             form, `get_mla_metadata()`'s MLASchedulerMetadata and None: planned by the first
-            call that gets it, reused by later ones.
+            call that gets it, reused by later ones. Code written for that form may also pass
+            get_mla_metadata(cache_seqlens, ...)'s first tensor with num_splits left None: the
+            batch is then planned in this call.
         softmax_scale: scale of q.k, default d ** -0.5.
         causal: False: every query of sequence i sees keys [0, cache_seqlens[i]). True: query
             token j sees keys [0, cache_seqlens[i] - s_q + j + 1) (the queries are the last s_q
@@ -200,8 +240,16 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
                          "fp8 cache with a per-tensor k_scale")
     if not isinstance(tile_scheduler_metadata, MLASchedulerMetadata):
         if num_splits is None:
-            raise TypeError("num_splits: expected get_mla_metadata's second tensor with its tile_scheduler_metadata "
-                            "(None goes with get_mla_metadata()'s MLASchedulerMetadata only)")
+            # FlashMLA's newest interface: its get_mla_metadata returns (FlashMLASchedMeta, None)
+            # whatever it is given, and callers written for it (vLLM's FlashMLA backend) pass the
+            # first element as tile_scheduler_metadata with no num_splits. Ours returned the
+            # tensors for those arguments: plan this batch here (on the device, no host sync).
+            if not isinstance(tile_scheduler_metadata, torch.Tensor):
+                raise TypeError("tile_scheduler_metadata: expected get_mla_metadata's tensor (with num_splits) or "
+                                f"its MLASchedulerMetadata, got {type(tile_scheduler_metadata).__name__}")
+            plan, _ = _lazy_plan(MLASchedulerMetadata(), q, k_cache, cache_seqlens, head_dim_v)
+            return torch.ops.dskernels.flash_mla_with_kvcache(
+                q, k_cache, block_table, cache_seqlens, head_dim_v, *plan, softmax_scale, causal, k_scale)
         return torch.ops.dskernels.flash_mla_with_kvcache(
             q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
             softmax_scale, causal, k_scale)

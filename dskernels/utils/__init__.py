@@ -1,5 +1,8 @@
 """DeepGEMM's `deep_gemm.utils` names, for code that imports its helpers from there: the casts and
-layout helpers (the same functions as `dskernels.<name>`), and its small integer and scale helpers."""
+layout helpers (the same functions as `dskernels.<name>`), and its small integer and scale helpers.
+As in DeepGEMM, they are also importable from the submodules `layout` (alignment and scale-layout
+helpers: SGLang's `from deep_gemm.utils.layout import get_mn_major_tma_aligned_tensor`) and `math`
+(the casts and integer helpers)."""
 
 from __future__ import annotations
 
@@ -29,3 +32,6 @@ def ceil_to_ue8m0(x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
         raise TypeError(f"x: expected a float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     return ceil_to_power_of_two(x.abs())
+
+
+from dskernels.utils import layout, math  # noqa: E402,F401  (DeepGEMM's submodules; after the helpers they import)
