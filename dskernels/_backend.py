@@ -90,13 +90,21 @@ def version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(re.match(r"\d*", part).group() or 0) for part in text.split(".")[:2])
 
 
+# Constant for the process: torch.compile calls these while tracing and keeps the result, instead of
+# tracing into their cached helpers (which it would do, warning that it ignores the cache).
+@torch.compiler.assume_constant_result
 def triton_installed() -> bool:
     return _triton_import_error() is None
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
 def cuda_kernels_built() -> bool:
     """Whether dskernels._C was compiled with the sm_90a kernels (needs nvcc at build time)."""
+    return _cuda_kernels_built()
+
+
+@functools.cache
+def _cuda_kernels_built() -> bool:
     from dskernels import _C  # noqa: F401
 
     return torch.ops.dskernels._build_info() == "cuda"
@@ -107,6 +115,7 @@ def _is_sm90(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
+@torch.compiler.assume_constant_result
 def is_hopper(device: torch.device) -> bool:
     return device.type == "cuda" and _is_sm90(device.index if device.index is not None else torch.cuda.current_device())
 

@@ -85,7 +85,8 @@ def test_every_schema_has_python_kernels():
     through a composite kernel, as for ops without tensor inputs)."""
     import re
 
-    source = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "torch_bindings.cpp")).read()
+    with open(os.path.join(os.path.dirname(__file__), "..", "csrc", "torch_bindings.cpp")) as f:
+        source = f.read()
     names = [n for n in re.findall(r'm\.def\("(\w+)\(', source) if not n.startswith("_")]
     assert "per_token_cast_to_fp8" in names
     for name in names:
@@ -592,3 +593,21 @@ def test_long_values_are_shortened_in_type_errors():
 
     with pytest.raises(TypeError, match=r"^n: expected an int, got str 'x{36}\.\.\.$"):
         check_int("n", "x" * 100)
+
+
+def test_backend_probes_are_constants_under_compile():
+    # torch.compile takes the installation probes' results as constants instead of tracing into
+    # their functools caches (it warned at each, for every compiled layer)
+    import warnings
+
+    from dskernels._backend import cuda_kernels_built, is_hopper, triton_installed
+
+    def probe(x):
+        return x + 1 if triton_installed() or cuda_kernels_built() or is_hopper(x.device) else x - 1
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = torch.compile(probe, fullgraph=True, backend="eager")(torch.zeros(2))
+    assert [str(w.message) for w in seen if "lru_cache" in str(w.message)] == []
+    assert torch.equal(out, probe(torch.zeros(2)))

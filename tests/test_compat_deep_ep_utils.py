@@ -24,6 +24,7 @@ def _megatron_body(rank, world):
     idx = torch.stack([torch.randperm(num_experts, generator=g)[:topk] for _ in range(5)])
     w = torch.rand(5, topk, generator=g)
     buf = Buffer(dist.group.WORLD)
+    assert buf.get_comm_stream() is None  # (DeepEP's; no CUDA device here)
     layout = buf.get_dispatch_layout(idx, num_experts, previous_event=EventOverlap(EventHandle()),
                                      async_finish=True, allocate_on_comm_stream=True)
     recv = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=layout[0],

@@ -412,8 +412,35 @@ def test_deepgemm_keyword_names():
     lens = torch.tensor([130, 5], dtype=torch.int32)
     assert torch.equal(dskernels.get_paged_mqa_logits_metadata(lens, 64, 4, indices=None),
                        dskernels.get_paged_mqa_logits_metadata(lens, 64, 4))
-    with pytest.raises(NotImplementedError, match="^indices: "):
-        dskernels.get_paged_mqa_logits_metadata(lens, 64, 4, indices=torch.zeros(2, dtype=torch.int32))
+    assert torch.equal(dskernels.get_paged_mqa_logits_metadata(lens, 64, 4, indices=torch.zeros(2, dtype=torch.int32)),
+                       dskernels.get_paged_mqa_logits_metadata(lens, 64, 4))
+    with pytest.raises(ValueError, match="^indices: expected one request per row of context_lens"):
+        dskernels.get_paged_mqa_logits_metadata(lens, 64, 4, indices=torch.zeros(3, dtype=torch.int32))
+
+
+def test_paged_varlen_indices(backend):
+    """DeepGEMM's varlen form (vLLM's MTP with a per-request token count): `indices` names each query
+    row's request, whose block-table row it reads, with its own context length."""
+    name, device = backend
+    skip_cuda_backend(name)
+    lengths, heads, dim, page, max_len = [70, 5, 130], 4, 32, 16, 140
+    q3, kv_cache, w3, _, block_table = paged_inputs(lengths, 1, heads, dim, page, seed=7)
+    requests = torch.tensor([2, 0, 2, 1, 2], dtype=torch.int32)     # 3 rows of request 2 (MTP), one each
+    context_lens = torch.tensor([[128], [70], [129], [5], [130]], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(5, 1, heads, dim, generator=gen).to(FP8)
+    weights = torch.randn(5, heads, generator=gen)
+    on = [t.to(device) for t in (q, kv_cache, weights, context_lens, block_table, requests)]
+    meta = dskernels.get_paged_mqa_logits_metadata(on[3], page, 4, indices=on[5])
+    out = dskernels.fp8_paged_mqa_logits(*on[:5], meta, max_len, clean_logits=True, indices=on[5])
+    rows_table = block_table[requests.long()]                      # each row's own request's pages
+    expected = ref.fp8_paged_mqa_logits(q, kv_cache, weights, context_lens, rows_table, max_len)
+    assert_logits_close(out, expected, paged_magnitude(q, kv_cache, weights, rows_table, max_len), dim, heads)
+    assert torch.isinf(out[3, 5:]).all() and torch.isfinite(out[3, :5]).all()
+    with pytest.raises(ValueError, match=r"^indices: expected requests in \[0, 3\)"):
+        dskernels.fp8_paged_mqa_logits(*on[:5], meta, max_len, indices=torch.tensor([0, 3, 0, 0, 0], dtype=torch.int32))
+    with pytest.raises(TypeError, match="^indices: "):
+        dskernels.fp8_paged_mqa_logits(*on[:5], meta, max_len, indices=requests.long())
 
 
 def _padded_rows(cache):

@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def usage_example() -> str:
-    text = open(os.path.join(ROOT, "README.md")).read()
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
     section = text[text.index("## Using it"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 

@@ -332,6 +332,14 @@ class Buffer:
         self._streams.clear()
         self._unusable = "destroy() was called"
 
+    def get_comm_stream(self) -> torch.cuda.Stream | None:
+        """DeepEP's `get_comm_stream()`: the stream the ops run on with `async_finish` or
+        `previous_event` (the current CUDA device's; callers `record_stream` their tensors on it).
+        None without a CUDA device (the ops then run on the host's thread)."""
+        if not torch.cuda.is_available():
+            return None
+        return self._comm_stream(torch.device("cuda", torch.cuda.current_device()))
+
     def _comm_stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._streams:
             self._streams[device] = torch.cuda.Stream(device)

@@ -220,7 +220,20 @@ class MLAttention(nn.Module):
         """[q_nope W_UK | q_rope]: scores against [latent | k_rope] equal q_nope . k_nope + q_rope . k_rope."""
         if self._absorbed_stale(q_nope.dtype, q_nope.device):
             self.absorb(q_nope.dtype)
-        return torch.cat([torch.einsum("bshn,hnc->bshc", q_nope, self.w_uk), q_rope], dim=-1)
+        needs_grad = torch.is_grad_enabled() and (q_nope.requires_grad or q_rope.requires_grad
+                                                  or self.w_uk.requires_grad)
+        if torch.compiler.is_compiling() or needs_grad:  # (inductor plans the buffers itself)
+            return torch.cat([torch.einsum("bshn,hnc->bshc", q_nope, self.w_uk), q_rope], dim=-1)
+        # Eagerly the batched GEMM writes its [b, s, h, r] product straight into the first r columns
+        # of the result, and q_rope is copied behind it: no [h, b * s, r] temporary beside the
+        # concatenation (4 GiB next to its 4.5 GiB at a 32K-token prefill chunk of 128 heads).
+        b, s, h, n = q_nope.shape
+        r = self.w_uk.shape[-1]
+        q = torch.empty(b, s, h, r + q_rope.shape[-1], dtype=q_nope.dtype, device=q_nope.device)
+        torch.bmm(q_nope.reshape(b * s, h, n).transpose(0, 1), self.w_uk,
+                  out=q[..., :r].view(b * s, h, r).transpose(0, 1))
+        q[..., r:].copy_(q_rope)
+        return q
 
     def _values(self, latents: torch.Tensor) -> torch.Tensor:
         """Each head's output latent [b, s, h, r] through W_UV: its values [b, s, h, v], contiguous.

@@ -207,7 +207,9 @@ class DeepseekV3DecoderLayer(nn.Module):
         normed, x_fp8 = norm_and_cast(self.input_layernorm, x, *self.self_attn.input_layers())
         attended = self.self_attn(normed, positions, kv_cache, block_table, cache_seqlens, index_cache, kv_cache_scale,
                                   x_fp8)
+        del normed, x_fp8  # (dead from here: not kept through the MLP, 3 bytes per hidden value)
         h, h2, h2_fp8 = add_norm_and_cast(self.post_attention_layernorm, x, attended, *self.mlp.input_layers())
+        del attended
         if self.is_moe and type(self.mlp) is MoE and unhooked(self.mlp):  # the residual added in the combine's kernel
             out = self.mlp(h2, ep_low_latency, h2_fp8, residual=h)
         elif self.is_moe:

@@ -183,11 +183,15 @@ class Experts(nn.Module):
         return out
 
     def forward(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor, out_dtype: torch.dtype,
-                addends: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+                addends: tuple[torch.Tensor, ...] = (), valid_pairs: int | None = None) -> torch.Tensor:
         """x [N, H] (or an FP8 (x, scales) pair), topk_idx int64 [N, K] local expert ids or -1,
         topk_weights fp32 [N, K] -> sum_k topk_weights[t, k] * expert_k(x[t]), [N, H] in out_dtype,
         plus each of `addends` ([N, H] tensors of out_dtype: the shared experts' output, the
-        residual) in order, each sum rounded to out_dtype as torch's add rounds it."""
+        residual) in order, each sum rounded to out_dtype as torch's add rounds it.
+        valid_pairs: the number of topk_idx entries in [0, num_local_experts), where the caller
+        knows it on the host (EP's normal dispatch returns it): the grouped GEMMs then get those
+        rows only, not N * K rows of which the -1 ones are padding (with 8 EP ranks about 3 in 4 of
+        a received token's slots name experts elsewhere)."""
         if self.is_fp8:
             refuse_gradient("FP8 experts", x)
         num_tokens, k = topk_idx.shape
@@ -204,12 +208,20 @@ class Experts(nn.Module):
             else:
                 rows = dskernels.per_token_cast_to_fp8(x.contiguous(), self.round_scale)
             xs, m_indices, positions = triton_layer.moe_sort_rows(*rows, topk_idx, experts)
-            y = self._expert_mlp(xs, m_indices, None if self.is_fp8 else self._row_ends(m_indices))
+            del rows
+            if valid_pairs is not None:  # the padding rows sort last: the GEMMs and their outputs skip them
+                xs = tuple(t[:valid_pairs] for t in xs) if isinstance(xs, tuple) else xs[:valid_pairs]
+                m_indices = m_indices[:valid_pairs]
+            sorted_rows = [xs]  # handed over: freed once the first GEMM has read them (_expert_mlp)
+            del xs
+            y = self._expert_mlp(sorted_rows, m_indices, None if self.is_fp8 else self._row_ends(m_indices))
             return triton_layer.moe_combine(y, positions, topk_idx, topk_weights, experts, out_dtype, addends)
         flat = topk_idx.reshape(-1)
         # -1 (and ids past the last expert) sort last as `experts`: padding rows to every grouped GEMM
         key = torch.where((flat >= 0) & (flat < experts), flat, experts)
         sorted_key, order = torch.sort(key, stable=True)
+        if valid_pairs is not None:  # the padding pairs sort last: no rows for them
+            sorted_key, order = sorted_key[:valid_pairs], order[:valid_pairs]
         valid = sorted_key < experts
         m_indices = sorted_key.to(torch.int32)
         offsets = None
@@ -226,13 +238,17 @@ class Experts(nn.Module):
             xs = xs.to(self.gate_up_proj.dtype)
             if _needs_grad(xs):  # torch._grouped_mm leaves rows past the last offset unspecified in its
                 xs = torch.where(valid[:, None], xs, 0)  # backward too: no gradient from padding rows
-        y = self._expert_mlp(xs, m_indices, offsets)
+        sorted_rows = [xs]  # handed over: freed once the first GEMM has read them (_expert_mlp)
+        del xs
+        y = self._expert_mlp(sorted_rows, m_indices, offsets)
         # One kernel for the seven below, and a fixed summation order (no gradient to the weights
         # through it: the router's, which x's gradient also flows through, keep torch's ops)
         if self._combines_in_kernel(topk_weights, out_dtype, addends, y):
             from dskernels.triton import layer as triton_layer
 
-            positions = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            # (pairs left out by valid_pairs name no expert here: the combine never reads their row)
+            positions = torch.zeros(flat.numel(), dtype=torch.int64, device=order.device).scatter_(
+                0, order, torch.arange(order.numel(), device=order.device))
             return triton_layer.moe_combine(y, positions, topk_idx, topk_weights, experts, out_dtype, addends)
         weights = topk_weights.reshape(-1)[order]
         y = torch.where(valid[:, None], y.float() * weights[:, None], 0.0)
@@ -250,18 +266,24 @@ class Experts(nn.Module):
             ids = self._expert_ids = torch.arange(self.num_local_experts, dtype=torch.int32, device=m_indices.device)
         return torch.searchsorted(m_indices, ids, right=True, out_int32=True)
 
-    def _expert_mlp(self, xs, m_indices: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
-        """Rows xs sorted by expert (m_indices: each row's expert, padding rows outside [0, experts);
-        offsets: each expert's row end, for float weights) -> each row's expert output [rows, H] (bf16
-        for FP8 weights; padding rows unspecified)."""
-        h = self._gemm(xs, self.gate_up_proj, self._gate_up_scales(self.gate_up_proj_scale_inv), m_indices, offsets)
+    def _expert_mlp(self, sorted_rows: list, m_indices: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+        """sorted_rows: [xs], rows sorted by expert (m_indices: each row's expert, padding rows outside
+        [0, experts); offsets: each expert's row end, for float weights) -> each row's expert output
+        [rows, H] (bf16 for FP8 weights; padding rows unspecified). The list is emptied, and the
+        intermediate freed, as soon as each is read: at the down GEMM only its input and output are
+        live ([rows, H] FP8 rows and [rows, 2I] bf16 were kept through it: 15 KiB per (token, expert)
+        pair at V3's widths, 3.75 GiB for a 32K-token prefill)."""
+        h = self._gemm(sorted_rows.pop(), self.gate_up_proj, self._gate_up_scales(self.gate_up_proj_scale_inv),
+                       m_indices, offsets)
         if self.is_fp8 and triton_only_ops():  # SwiGLU in fp32 and the FP8 cast in one pass
             act = dskernels.silu_and_mul_cast_to_fp8(h, round_scale=self.round_scale)
         elif self.is_fp8:  # cast by _gemm straight from fp32
             gate, up = h.float().split(self.intermediate, dim=-1)
             act = F.silu(gate) * up
+            del gate, up
         else:
             act = _swiglu(h)
+        del h
         return self._gemm(act, self.down_proj, self._down_scales(self.down_proj_scale_inv), m_indices, offsets)
 
     def _combines_in_kernel(self, topk_weights: torch.Tensor, out_dtype: torch.dtype, addends: tuple[torch.Tensor, ...],
@@ -446,8 +468,12 @@ class MoE(nn.Module):
         # FP8 experts: send the 1x128-cast tokens (half the bytes; the first GEMM takes them as is)
         payload = (dskernels.per_token_cast_to_fp8(x2.contiguous(), self.experts.round_scale) if self.experts.is_fp8
                    else x2)
-        recv_x, recv_idx, recv_weights, _, handle, _ = self.ep_buffer.dispatch(
+        recv_x, recv_idx, recv_weights, per_expert, handle, _ = self.ep_buffer.dispatch(
             payload, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=self.cfg.n_routed_experts)
-        y = self.experts(recv_x, recv_idx, recv_weights, x2.dtype)
+        del payload
+        # (the host has the counts already: the pairs that name a local expert, with expert_alignment 1)
+        rows = {"valid_pairs": sum(per_expert)} if type(self.experts) is Experts else {}
+        y = self.experts(recv_x, recv_idx, recv_weights, x2.dtype, **rows)
+        del recv_x
         routed, _, _ = self.ep_buffer.combine(y, handle)
         return routed

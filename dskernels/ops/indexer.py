@@ -120,10 +120,31 @@ def _check_schedule_meta(schedule_meta) -> None:
                          f"shape {tuple(schedule_meta.shape)}")
 
 
-def _no_indices(indices) -> None:
-    if indices is not None:
-        raise NotImplementedError("indices: newer DeepGEMM's key selection is not implemented here; pass None "
-                                  "(every key of the context)")
+def _check_indices(indices, batch: int, device) -> None:
+    """DeepGEMM's varlen `indices`: int32 [B], the request (block-table row) of each of the B rows of
+    context_lens."""
+    check_tensor("indices", indices, ndim=1, dtypes=(torch.int32,), device=device)
+    if indices.shape[0] != batch:
+        raise ValueError(f"indices: expected one request per row of context_lens ({batch}), got shape "
+                         f"{tuple(indices.shape)}")
+
+
+def _request_block_table(indices, block_table: torch.Tensor, batch: int) -> torch.Tensor:
+    """block_table's rows in the order of `indices` (each query row's request), gathered on the
+    device. An index outside the table raises ValueError on CPU tensors (reading them is free); on a
+    GPU its row gets page -1, whose keys the kernel gives -inf, as for any page id out of range."""
+    _check_indices(indices, batch, block_table.device)
+    rows = block_table.shape[0]
+    if indices.device.type == "cpu" and indices.numel():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= rows:
+            raise ValueError(f"indices: expected requests in [0, {rows}) (block_table's rows), got values in "
+                             f"[{low}, {high}]")
+    if rows == 0:
+        return block_table.new_full((batch, block_table.shape[1]), -1)
+    valid = (indices >= 0) & (indices < rows)
+    gathered = block_table.index_select(0, indices.clamp(0, rows - 1))
+    return torch.where(valid[:, None], gathered, -1)
 
 
 def _plain_q(q):
@@ -213,13 +234,19 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
             kernel's grid covers every (sequence, key block) pair).
         max_context_len: the width of the result.
         clean_logits: as in fp8_mqa_logits (-inf for unseen keys either way).
-        indices: newer DeepGEMM's option; only None (every key) is taken here.
+        indices: None, or newer DeepGEMM's varlen form: int32 [B], the request of each of the B
+            sequences of q and context_lens: sequence b reads its keys through block_table row
+            indices[b] (several query rows of one request, each with its own context length, as
+            vLLM's varlen MTP passes them).
 
     Returns:
         logits: float32 [B * next_n, max_context_len].
     """
-    _no_indices(indices)
     q = _plain_q(q)
+    if indices is not None:
+        check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
+        check_tensor("context_lens", context_lens, dtypes=(torch.int32,))
+        block_table = _request_block_table(indices, block_table, context_lens.shape[0] if context_lens.dim() else 0)
     _check_schedule_meta(schedule_meta)
     max_context_len = check_int("max_context_len", max_context_len, 0)
     clean_logits = as_flag("clean_logits", clean_logits)
@@ -254,10 +281,11 @@ def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, *args, block_kv: i
     not read it (see fp8_paged_mqa_logits).
     """
     block_kv, num_sms, indices = _metadata_args(args, block_kv, num_sms, indices)
-    _no_indices(indices)
     check_tensor("context_lens", context_lens, dtypes=(torch.int32,))
     if context_lens.dim() not in (1, 2) or (context_lens.dim() == 2 and context_lens.shape[1] < 1):
         raise ValueError(f"context_lens: expected [B] or [B, next_n >= 1], got shape {tuple(context_lens.shape)}")
+    if indices is not None:  # (the plan counts keys per row of context_lens, whichever request they are of)
+        _check_indices(indices, context_lens.shape[0], context_lens.device)
     block_kv, num_sms = check_int("block_kv", block_kv, 1), check_int("num_sms", num_sms, 1)
     lens = context_lens if context_lens.dim() == 1 else context_lens[:, -1]
     blocks = (lens.long().clamp(min=0) + block_kv - 1) // block_kv

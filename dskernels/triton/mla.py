@@ -272,17 +272,20 @@ def _mla_combine_kernel(out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr, num_splits_p
     dv_offs = tl.arange(0, BLOCK_DV)
     dv_ok = dv_offs < dv
     split_base = tl.maximum(tl.load(num_splits_ptr + i), 0)
-    n_split = tl.minimum(tl.load(num_splits_ptr + i + 1), max_slots) - split_base
-    if n_split != 1:  # one split: the decode kernel wrote out/lse itself
+    split_end = tl.load(num_splits_ptr + i + 1)
+    # n_read: the splits read back, cut to the slots allocated (none where the plan has one
+    # partition: then no sequence splits, and the launcher allocates no slots)
+    n_read = tl.minimum(split_end, max_slots) - split_base
+    if split_end - split_base != 1:  # one split: the decode kernel wrote out/lse itself
         m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-        for k in range(0, n_split):
+        for k in range(0, n_read):
             part_lse = tl.load(lse_acc_ptr + (split_base + k).to(tl.int64) * stride_lacc_split + flat,
                                mask=row_ok, other=float("-inf"))
             m = tl.maximum(m, part_lse)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         total = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
-        for k in range(0, n_split):
+        for k in range(0, n_read):
             slot = (split_base + k).to(tl.int64)
             part_lse = tl.load(lse_acc_ptr + slot * stride_lacc_split + flat, mask=row_ok, other=float("-inf"))
             w = tl.math.exp2(part_lse - m_safe)
@@ -494,8 +497,11 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     if s_q * h_q > most:
         raise ValueError(f"q: expected at most {most} query rows per sequence (s_q x h_q, for the Triton "
                          f"kernels' grids), got s_q = {s_q}, h_q = {h_q}")
-    # Partial outputs: at most one split per sequence plus one per cut between partitions.
-    max_splits = b + num_parts
+    # Partial outputs: at most one split per sequence plus one per cut between partitions. A plan of
+    # one partition (s_q * h_q past ~4 * SMs row tiles: every prefill chunk at 128 heads) splits no
+    # sequence: every one is written straight to out, so no slots (at s_q = 4096, h_q = 128, b = 1
+    # the two slots were 2 GiB of fp32 for a 512 MiB output, never written).
+    max_splits = b + num_parts if num_parts > 1 else 0
     out_acc = torch.empty(max_splits, h_q * s_q, head_dim_v, dtype=torch.float32, device=q.device)
     lse_acc = torch.empty(max_splits, h_q * s_q, dtype=torch.float32, device=q.device)
     k_scale_arg = k_scale if is_fp8 else lse_acc  # any pointer; unread unless IS_FP8

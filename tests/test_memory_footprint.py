@@ -1,0 +1,199 @@
+"""What the ops and the layer allocate, beyond their results (CPU, the Triton path under the
+interpreter): buffers that are never written, temporaries beside the result, intermediates kept
+alive past their last read. At V3's widths each was gigabytes in a long prefill chunk (docs/models.md,
+"Memory")."""
+
+import os
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dskernels
+import dskernels.triton.layer as triton_layer
+from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer
+from dskernels.models.attention import MLAttention
+from dskernels.models.moe import Experts
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton path on CPU tensors")
+
+
+# ---- MLA decode: no split-KV buffers where the plan splits no sequence ----
+
+def _decode(b, s_q, h_q, lens, d=64, dv=32, page=16):
+    torch.manual_seed(0)
+    pages_per_seq = -(-max(lens) // page) + 1
+    cache = torch.randn(b * pages_per_seq + 1, page, 1, d, dtype=torch.float16)
+    table = torch.randperm(b * pages_per_seq).view(b, pages_per_seq).to(torch.int32)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(b, s_q, h_q, d, dtype=torch.float16)
+    meta, splits = dskernels.get_mla_metadata(seqlens, s_q * h_q, 1)
+    return q, cache, table, seqlens, dv, meta, splits
+
+
+def _largest_alloc(monkeypatch, fn):
+    sizes = []
+    real = torch.empty
+
+    def spy(*shape, **kw):
+        t = real(*shape, **kw)
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    monkeypatch.setattr(torch, "empty", spy)
+    out = fn()
+    monkeypatch.setattr(torch, "empty", real)
+    return out, max(sizes, default=0)
+
+
+@pytest.mark.parametrize("lens", [[40, 0, 5], [70]])
+def test_one_partition_plan_allocates_no_split_buffers(monkeypatch, lens):
+    """A plan of one partition (every prefill chunk of 128 heads) splits no sequence: the decode
+    kernel writes every output itself, and no split-KV partials are allocated (they were
+    [b + 1, h_q * s_q, dv] fp32: 2 GiB at a 4096-token chunk, 4x the output)."""
+    b, s_q, h_q = len(lens), 2, 136  # 272 query rows: 9 row tiles of 32 > CPU_SM_COUNT = 8 -> one partition
+    q, cache, table, seqlens, dv, meta, splits = _decode(b, s_q, h_q, lens)
+    assert meta.shape[0] == 1
+    with torch.no_grad(), dskernels.backend("triton"):
+        (out, lse), largest = _largest_alloc(monkeypatch, lambda: dskernels.flash_mla_with_kvcache(
+            q, cache, table, seqlens, dv, meta, splits, causal=True))
+    out_bytes = out.numel() * out.element_size()
+    assert largest <= out_bytes, f"largest allocation {largest} B > the output's {out_bytes} B"
+    with torch.no_grad(), dskernels.backend("ref"):
+        ref_out, ref_lse = dskernels.flash_mla_with_kvcache(q, cache, table, seqlens, dv, meta, splits, causal=True)
+    # fp16 out: half an ulp of values below 4 is 1e-3, the two sums' orders differ by about as much
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_split_plans_still_combine():
+    """Several partitions (few rows): sequences split and their partials are merged as before."""
+    lens = [300, 0, 7, 129]
+    q, cache, table, seqlens, dv, meta, splits = _decode(len(lens), 1, 4, lens)
+    assert meta.shape[0] > 1 and int(splits[-1]) > len([n for n in lens if n])  # some sequence splits
+    with torch.no_grad(), dskernels.backend("triton"):
+        out, lse = dskernels.flash_mla_with_kvcache(q, cache, table, seqlens, dv, meta, splits, causal=False)
+    with torch.no_grad(), dskernels.backend("ref"):
+        ref_out, ref_lse = dskernels.flash_mla_with_kvcache(q, cache, table, seqlens, dv, meta, splits)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+# ---- the layer: intermediates freed after their last read; the absorbed query in one buffer ----
+
+def _layer(seed=0):
+    torch.manual_seed(seed)
+    cfg = DeepseekV3Config.tiny()
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16)
+    sd = {}
+    for k, v in layer.state_dict().items():
+        if "norm" in k:
+            sd[k] = 1 + 0.1 * torch.randn(v.shape)
+        elif k.endswith("e_score_correction_bias"):
+            sd[k] = -0.2 * torch.rand(v.shape)
+        else:
+            sd[k] = torch.randn(v.shape) * max(v.shape[-1], 1) ** -0.5
+    layer.load_hf_state_dict(sd, fp8=True)
+    return cfg, layer
+
+
+@pytest.mark.parametrize("sort_in_kernel", [True, False], ids=["triton_sort", "torch_sort"])
+def test_moe_intermediates_are_freed_before_the_down_gemm(monkeypatch, sort_in_kernel):
+    cfg, layer = _layer()
+    if not sort_in_kernel:
+        monkeypatch.setattr(triton_layer, "MAX_SORTED_PAIRS", 0)
+    calls, seen = [], {}
+    real = dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous
+
+    def spy(lhs, rhs, out, m_indices):
+        if calls:  # the down GEMM: what the first one read and wrote, and the attention's output
+            seen["up_input"] = calls[0][0]() is not None
+            seen["up_output"] = calls[0][1]() is not None
+            seen["attended"] = attended[0]() is not None
+        calls.append((weakref.ref(lhs[0]), weakref.ref(out)))
+        return real(lhs, rhs, out, m_indices)
+
+    attended = []
+    layer.self_attn.o_proj.register_forward_hook(lambda m, i, o: attended.append(weakref.ref(o)))
+    monkeypatch.setattr(dskernels, "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", spy)
+    x = torch.randn(3, 5, cfg.hidden_size, dtype=torch.bfloat16)
+    positions = torch.arange(5).expand(3, 5).contiguous()
+    with torch.no_grad(), dskernels.backend("triton"):
+        layer(x, positions)
+    assert len(calls) == 2
+    assert seen == {"up_input": False, "up_output": False, "attended": False}, seen
+
+
+class _Allocations(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs or {}))
+                  if isinstance(a, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
+                inputs.add(o.untyped_storage().data_ptr())
+                self.bytes += o.untyped_storage().nbytes()
+        return out
+
+
+def test_absorbed_query_allocates_only_its_result():
+    cfg, layer = _layer()
+    attn = layer.self_attn
+    b, s, h = 3, 4, cfg.num_attention_heads
+    q = torch.randn(b, s, h, cfg.qk_head_dim, dtype=torch.bfloat16)
+    q_nope, _ = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+    q_rope = torch.randn(b, s, h, cfg.qk_rope_head_dim, dtype=torch.bfloat16)
+    with torch.no_grad():
+        attn.absorb(torch.bfloat16)
+        expected = torch.cat([torch.einsum("bshn,hnc->bshc", q_nope, attn.w_uk), q_rope], dim=-1)
+        mode = _Allocations()
+        with mode:
+            got = MLAttention._absorbed_query(attn, q_nope, q_rope)
+    assert torch.equal(got, expected)
+    assert mode.bytes <= got.numel() * got.element_size(), (mode.bytes, got.numel() * got.element_size())
+
+
+# ---- expert parallelism: the experts get the valid (token, expert) pairs only ----
+
+@pytest.mark.parametrize("sort_in_kernel", [True, False], ids=["triton_sort", "torch_sort"])
+def test_experts_take_only_the_valid_pairs(monkeypatch, sort_in_kernel):
+    """With expert parallelism most of a received token's K slots name experts elsewhere (-1); given
+    the valid count the dispatch returns, the grouped GEMMs get those rows only, same output."""
+    torch.manual_seed(0)
+    if not sort_in_kernel:
+        monkeypatch.setattr(triton_layer, "MAX_SORTED_PAIRS", 0)
+    L, H, I, N, K = 4, 256, 128, 12, 8
+    experts = Experts(L, H, I, dtype=torch.bfloat16)
+    with torch.no_grad():
+        gu, sgu = zip(*(dskernels.per_block_cast_to_fp8(torch.randn(2 * I, H, dtype=torch.bfloat16) / 16)
+                        for _ in range(L)))
+        dn, sdn = zip(*(dskernels.per_block_cast_to_fp8(torch.randn(H, I, dtype=torch.bfloat16) / 11)
+                        for _ in range(L)))
+        experts.gate_up_proj = torch.nn.Parameter(torch.stack(gu), requires_grad=False)
+        experts.gate_up_proj_scale_inv = torch.nn.Parameter(torch.stack(sgu), requires_grad=False)
+        experts.down_proj = torch.nn.Parameter(torch.stack(dn), requires_grad=False)
+        experts.down_proj_scale_inv = torch.nn.Parameter(torch.stack(sdn), requires_grad=False)
+    x = torch.randn(N, H, dtype=torch.bfloat16)
+    idx = torch.randint(0, 4 * L, (N, K))  # 4 ranks' experts: 3 in 4 elsewhere
+    idx = torch.where(idx < L, idx, -1)
+    weights = torch.rand(N, K)
+    valid = int((idx >= 0).sum())
+    rows = []
+    real = dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous
+
+    def spy(lhs, rhs, out, m_indices):
+        rows.append(out.shape[0])
+        return real(lhs, rhs, out, m_indices)
+
+    monkeypatch.setattr(dskernels, "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", spy)
+    with torch.no_grad(), dskernels.backend("triton"):
+        full = experts(x, idx, weights, torch.bfloat16)
+        rows.clear()
+        got = experts(x, idx, weights, torch.bfloat16, valid_pairs=valid)
+    assert rows == [valid, valid]
+    assert torch.equal(got, full)
