@@ -3,6 +3,7 @@ interpreter): buffers that are never written, temporaries beside the result, int
 alive past their last read. At V3's widths each was gigabytes in a long prefill chunk (docs/models.md,
 "Memory")."""
 
+import gc
 import os
 import weakref
 
@@ -108,14 +109,16 @@ def test_moe_intermediates_are_freed_before_the_down_gemm(monkeypatch, sort_in_k
 
     def spy(lhs, rhs, out, m_indices):
         if calls:  # the down GEMM: what the first one read and wrote, and the attention's output
+            gc.collect()  # (Triton's interpreter leaves numpy views of its arguments in reference cycles)
             seen["up_input"] = calls[0][0]() is not None
             seen["up_output"] = calls[0][1]() is not None
             seen["attended"] = attended[0]() is not None
-        calls.append((weakref.ref(lhs[0]), weakref.ref(out)))
+        # (storages: a view of a tensor keeps its storage alive, not its Python object)
+        calls.append((weakref.ref(lhs[0].untyped_storage()), weakref.ref(out.untyped_storage())))
         return real(lhs, rhs, out, m_indices)
 
     attended = []
-    layer.self_attn.o_proj.register_forward_hook(lambda m, i, o: attended.append(weakref.ref(o)))
+    layer.self_attn.o_proj.register_forward_hook(lambda m, i, o: attended.append(weakref.ref(o.untyped_storage())))
     monkeypatch.setattr(dskernels, "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", spy)
     x = torch.randn(3, 5, cfg.hidden_size, dtype=torch.bfloat16)
     positions = torch.arange(5).expand(3, 5).contiguous()
@@ -124,6 +127,32 @@ def test_moe_intermediates_are_freed_before_the_down_gemm(monkeypatch, sort_in_k
     assert len(calls) == 2
     assert seen == {"up_input": False, "up_output": False, "attended": False}, seen
 
+
+
+def test_query_projection_is_freed_before_the_paged_attention(monkeypatch):
+    # prefill into the cache: q_b_proj's output [b, s, h, 192] must not stay alive beside the MLA
+    # decode op's buffers once the absorbed query is built (1.6 GiB at a 32768-token chunk)
+    cfg, layer = _layer()
+    b, s, page = 2, 7, 16
+    seen, projected = [], []
+    # (the storage: views of the output keep it alive, not the output tensor object)
+    layer.self_attn.q_b_proj.register_forward_hook(lambda m, i, o: projected.append(weakref.ref(o.untyped_storage())))
+    real = dskernels.flash_mla_with_kvcache
+
+    def spy(*args, **kwargs):
+        gc.collect()  # (as above)
+        seen.append(projected[0]() is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dskernels, "flash_mla_with_kvcache", spy)
+    kv_cache = torch.zeros(2 * b, page, 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype=torch.bfloat16)
+    block_table = torch.arange(2 * b, dtype=torch.int32).view(b, 2)
+    lens = torch.zeros(b, dtype=torch.int32)
+    x = torch.randn(b, s, cfg.hidden_size, dtype=torch.bfloat16)
+    positions = torch.arange(s).expand(b, s).contiguous()
+    with torch.no_grad(), dskernels.backend("triton"):
+        layer(x, positions, kv_cache=kv_cache, block_table=block_table, cache_seqlens=lens)
+    assert seen == [False]
 
 class _Allocations(TorchDispatchMode):
     def __init__(self):

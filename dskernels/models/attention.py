@@ -187,18 +187,18 @@ class MLAttention(nn.Module):
             # the weights too: one that requires grad (x does not) lost the decode kernel's share
             refuse_gradient("the paged (kv_cache) attention" if kv_cache is not None
                             else "DeepSeek-V3.2's sparse attention", x, *self.parameters())
+        if kv_cache is not None:
+            out = self._attend_paged(x, positions, x_fp8, kv_cache, block_table, cache_seqlens, index_cache,
+                                     kv_cache_scale)
+            return self.o_proj(out.flatten(2))
         q_nope, q_rope, latent, k_rope, indexer_inputs = self._project(x, positions, x_fp8)
-        if kv_cache is None:
-            if self.indexer is None:
-                out = self._attend_new_tokens(q_nope, q_rope, latent, k_rope)
-            elif q_nope.numel() == 0:  # no tokens: nothing to select from or attend to
-                out = q_nope.new_zeros(*q_nope.shape[:3], self.cfg.v_head_dim)
-            else:
-                selected = self.indexer.select_new_tokens(*indexer_inputs)
-                out = self._attend_selected_new_tokens(q_nope, q_rope, latent, k_rope, selected)
+        if self.indexer is None:
+            out = self._attend_new_tokens(q_nope, q_rope, latent, k_rope)
+        elif q_nope.numel() == 0:  # no tokens: nothing to select from or attend to
+            out = q_nope.new_zeros(*q_nope.shape[:3], self.cfg.v_head_dim)
         else:
-            out = self._attend_paged(q_nope, q_rope, latent, k_rope, kv_cache, block_table, cache_seqlens,
-                                     index_cache, indexer_inputs, kv_cache_scale)
+            selected = self.indexer.select_new_tokens(*indexer_inputs)
+            out = self._attend_selected_new_tokens(q_nope, q_rope, latent, k_rope, selected)
         return self.o_proj(out.flatten(2))
 
     @staticmethod
@@ -273,8 +273,12 @@ class MLAttention(nn.Module):
                                              is_causal=True, scale=self.softmax_scale)
         return out.transpose(1, 2)  # [b, s, h, v]
 
-    def _attend_paged(self, q_nope, q_rope, latent, k_rope, kv_cache, block_table, cache_seqlens,
-                      index_cache, indexer_inputs, kv_cache_scale=None) -> torch.Tensor:
+    def _attend_paged(self, x, positions, x_fp8, kv_cache, block_table, cache_seqlens, index_cache,
+                      kv_cache_scale=None) -> torch.Tensor:
+        # The projections are this frame's alone (not the caller's, not an argument tuple's), so they
+        # are dropped once the cache is written and the absorbed query built: a long prefill chunk's
+        # q is [b, s, h, 192] beside the attention's own buffers (1.6 GiB at 32768 tokens, 128 heads)
+        q_nope, q_rope, latent, k_rope, indexer_inputs = self._project(x, positions, x_fp8)
         cfg = self.cfg
         b, s, h, _ = q_nope.shape
         d = cfg.kv_cache_dim
@@ -332,6 +336,10 @@ class MLAttention(nn.Module):
             flat = self._write_cache(latent, k_rope, kv_cache, block_table, cache_seqlens, kv_cache_scale, fp8_cache)
         # 2. absorbed query: q_nope W_UK lives in the latent space, so scores = q_lat . latent + q_rope . k_rope
         q = self._absorbed_query(q_nope, q_rope)
+        out_dtype = q_nope.dtype
+        del q_nope, q_rope, latent, k_rope  # (dead from here: see the top)
+        if self.indexer is None:
+            del indexer_inputs  # (q_resid and its FP8 cast)
         seqlens = (cache_seqlens + s).to(torch.int32)
         if self.indexer is None:
             metadata, num_splits = dskernels.get_mla_metadata(seqlens, s * h, 1)
@@ -341,7 +349,7 @@ class MLAttention(nn.Module):
                                                       k_scale=kv_cache_scale if dense_fp8 else None)
         else:  # V3.2: the indexer's positions (causal by construction) become cache slots
             selected = self.indexer.select_paged(*indexer_inputs, index_cache, block_table, cache_seqlens, flat)
-            if triton_fusable(q_nope) and selected.is_contiguous():
+            if triton_fusable(q) and selected.is_contiguous():
                 from dskernels.triton import layer as triton_layer
 
                 indices = triton_layer.selected_slots(selected, block_table, page_size)
@@ -352,7 +360,7 @@ class MLAttention(nn.Module):
             out, _ = dskernels.flash_mla_sparse_decode(q.contiguous(), kv_cache, indices, cfg.kv_lora_rank,
                                                        self.softmax_scale, fp8_cache)
         # 3. the output latent through W_UV gives each head's value vector
-        return self._values(out.to(q_nope.dtype))
+        return self._values(out.to(out_dtype))
 
     @staticmethod
     def _write_cache(latent, k_rope, kv_cache, block_table, cache_seqlens, kv_cache_scale,
