@@ -311,6 +311,39 @@ def test_load_hf_names(names):
             {k: v for k, v in sd.items() if not k.endswith("e_score_correction_bias")})
 
 
+def test_whole_model_mapping_reads_only_its_layer():
+    """A lazy whole-checkpoint mapping (safetensors' files behind a Mapping, as loaders hand them out)
+    gives load_hf_state_dict its keys; only this layer's values are read (every tensor of every
+    layer was: a whole model per layer). A whole-model dict without this layer's keys (a layer
+    built with a pipeline stage's local index) names the layers it holds."""
+    from collections.abc import Mapping
+
+    cfg = CONFIGS["v3"]
+    sd = make_reference(cfg, 1, seed=3).state_dict()
+    model = {f"model.layers.{i}.{k}": v for i in (1, 2) for k, v in sd.items()} | {"lm_head.weight": torch.ones(1)}
+
+    class Lazy(Mapping):
+        def __init__(self):
+            self.reads = []
+
+        def __getitem__(self, key):
+            self.reads.append(key)
+            return model[key]
+
+        def __iter__(self):
+            return iter(model)
+
+        def __len__(self):
+            return len(model)
+
+    lazy = Lazy()
+    DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32).load_hf_state_dict(lazy)
+    assert lazy.reads and all(k.startswith("model.layers.1.") for k in lazy.reads)
+    shifted = {k.replace("model.layers.1.", "model.layers.5."): v for k, v in model.items() if ".layers.1." in k}
+    with pytest.raises(KeyError, match=r"no keys of layer 1 \(its layer keys are of layers \[5\]\)"):
+        DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32).load_hf_state_dict(shifted)
+
+
 @pytest.mark.parametrize("names", ["per_expert_fp8", "fused"])
 def test_shard_by_shard_loading(names):
     """A checkpoint loaded one file at a time (strict=False per file) whose files split a layer's
@@ -839,6 +872,35 @@ def test_fp8_checkpoint_path(layer_idx, backend):
         assert rel_error(layer.mlp(h), ref.mlp(h.float())) < FP8_TOL
         if not layer_idx:
             assert rel_error(layer(x, positions), reference_forward(ref, cfg, x.float(), positions)) < FP8_TOL
+
+
+def test_fp8_config_builds_fp8_weights_that_load_in_place():
+    """A config with the FP8 checkpoint's quantization_config builds its projections and experts FP8
+    (with fp32 scales), so that loading the FP8 checkpoint writes into them: no float weights of
+    twice their size first (a 671B MoE layer held 21.4 GiB of bf16 placeholders, then 10.7 of FP8
+    beside them), and a meta-built layer takes the checkpoint with load_state_dict(assign=True),
+    which refused FP8 weights for the float ones it was built with."""
+    cfg = DeepseekV3Config.tiny(quantization_config={"quant_method": "fp8", "fmt": "e4m3",
+                                                     "activation_scheme": "dynamic", "weight_block_size": [128, 128]})
+    fp8_sd = fp8_checkpoint(per_expert_names(make_reference(cfg, 1, seed=11).state_dict(), cfg))[0]
+    meta = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, device="meta")
+    assert meta.self_attn.kv_a_proj_with_mqa.weight.dtype == torch.float8_e4m3fn
+    assert meta.self_attn.kv_a_proj_with_mqa.weight_scale_inv.shape == (2, 2)  # 160 rows: ceil(160 / 128)
+    assert meta.mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    layer = meta.to_empty(device="cpu")
+    kept = {name: p.data_ptr() for name, p in layer.named_parameters()}
+    layer.load_hf_state_dict(fp8_sd)
+    assert {name: p.data_ptr() for name, p in layer.named_parameters()} == kept  # written in place
+    built_float = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, fp8=False)
+    assert built_float.self_attn.q_b_proj.weight.dtype == torch.bfloat16
+    built_float.load_hf_state_dict(fp8_sd)
+    x, positions = torch.randn(1, 4, cfg.hidden_size).bfloat16(), spread_positions(1, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, positions), built_float(x, positions), atol=0, rtol=0)
+    fused = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, device="meta")
+    fused.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, positions), built_float(x, positions), atol=0, rtol=0)
 
 
 UE8M0 = DeepseekV3Config.tiny(quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3",

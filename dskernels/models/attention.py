@@ -50,27 +50,29 @@ def _after_load(module: "MLAttention", incompatible_keys) -> None:
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: DeepseekV3Config, dtype=None, device=None, index_fp8: bool = True):
+    def __init__(self, cfg: DeepseekV3Config, dtype=None, device=None, index_fp8: bool = True,
+                 fp8_weights: bool = False):
         super().__init__()
         self.cfg = cfg
         self.num_heads = h = cfg.num_attention_heads
+        fp8, bias = fp8_weights, cfg.attention_bias
         if cfg.q_lora_rank:
-            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, dtype, device, bias=cfg.attention_bias)
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, dtype, device, bias=bias, fp8=fp8)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, _LORA_NORM_EPS, dtype, device)
-            self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, dtype, device)
+            self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, dtype, device, fp8=fp8)
         else:
-            self.q_proj = Linear(cfg.hidden_size, h * cfg.qk_head_dim, dtype, device)
-        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_cache_dim, dtype, device, bias=cfg.attention_bias)
+            self.q_proj = Linear(cfg.hidden_size, h * cfg.qk_head_dim, dtype, device, fp8=fp8)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_cache_dim, dtype, device, bias=bias, fp8=fp8)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, _LORA_NORM_EPS, dtype, device)
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype, device)
-        self.o_proj = Linear(h * cfg.v_head_dim, cfg.hidden_size, dtype, device, bias=cfg.attention_bias)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype, device, fp8=fp8)
+        self.o_proj = Linear(h * cfg.v_head_dim, cfg.hidden_size, dtype, device, bias=bias, fp8=fp8)
         inv_freq, self.attention_factor = rope_inv_freq(cfg.rope_parameters, cfg.qk_rope_head_dim,
                                                         cfg.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.softmax_scale = cfg.softmax_scale
         self.w_uk = self.w_uv = None  # absorbed up-projections, built from kv_b_proj on first cached call
         self._absorbed_from = ()  # kv_b_proj's tensors and version counters they were built from
-        self.indexer = Indexer(cfg, dtype, device, index_fp8) if cfg.index_topk is not None else None
+        self.indexer = Indexer(cfg, dtype, device, index_fp8, fp8) if cfg.index_topk is not None else None
         # load_state_dict copies into kv_b_proj in place: a compiled step (which cannot read the version
         # counters), inference tensors (which have none) and a captured CUDA graph would keep the old
         # W_UK / W_UV

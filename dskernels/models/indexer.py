@@ -70,15 +70,15 @@ class Indexer(nn.Module):
     """The indexer of one V3.2 attention layer: projections, scoring (fp8 or float, see the module
     docstring) and top-k selection, prefill from scratch or over its paged key cache."""
 
-    def __init__(self, cfg: DeepseekV3Config, dtype=None, device=None, fp8: bool = True):
+    def __init__(self, cfg: DeepseekV3Config, dtype=None, device=None, fp8: bool = True, fp8_weights: bool = False):
         super().__init__()
         self.cfg, self.fp8 = cfg, fp8
         self.num_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
         if fp8 and self.head_dim < 16:  # (then a power of two: a multiple of 16, as fp8_mqa_logits wants)
             raise ValueError(f"index_head_dim: the FP8 indexer's logits (fp8_mqa_logits) take at least 16, got "
                              f"{self.head_dim} (index_fp8=False takes any)")
-        self.wq_b = Linear(cfg.q_lora_rank, self.num_heads * self.head_dim, dtype, device)
-        self.wk = Linear(cfg.hidden_size, self.head_dim, dtype, device)
+        self.wq_b = Linear(cfg.q_lora_rank, self.num_heads * self.head_dim, dtype, device, fp8=fp8_weights)
+        self.wk = Linear(cfg.hidden_size, self.head_dim, dtype, device, fp8=fp8_weights)
         self.k_norm = LayerNorm(self.head_dim, _K_NORM_EPS, dtype, device)
         self.weights_proj = Linear(cfg.hidden_size, self.num_heads, dtype, device)
         # sum_h w_h relu(q.k s) with s = D**-0.5 > 0 equals sum_h (w_h s) relu(q.k): both factors go in the weights

@@ -95,6 +95,13 @@ class DeepseekV3DecoderLayer(nn.Module):
             decides from its own token count, right where every rank has as many tokens (a decode
             batch padded to a fixed size, as CUDA graphs need); where counts differ across ranks
             (DP attention), pass forward's ep_low_latency, the same on every rank.
+        fp8: build the projections and experts in the FP8 checkpoint's format (float8_e4m3fn weights,
+            fp32 128x128 block scales, where their k is a multiple of 128), so that loading an FP8
+            checkpoint writes into them in place instead of replacing float weights of twice the
+            size (a 671B MoE layer: 10.7 GiB instead of 21.4 + 10.7 at the load's peak); a
+            `device="meta"` layer's `to_empty` + load, or `load_state_dict(..., assign=True)`, then
+            never holds float ones. None (default): where cfg.quantization_config is an FP8 one
+            (DeepSeek's FP8 checkpoints). load_hf_state_dict's fp8 still decides the loaded format.
         index_fp8: DeepSeek-V3.2 configs only (index_topk set): the indexer scores in FP8 as
             DeepSeek's inference code does (Hadamard-rotated q and k cast to FP8, DeepGEMM's
             fp8_mqa_logits / fp8_paged_mqa_logits; its key cache in DeepGEMM's paged FP8 layout),
@@ -107,7 +114,8 @@ class DeepseekV3DecoderLayer(nn.Module):
     """
 
     def __init__(self, cfg: DeepseekV3Config, layer_idx: int, *, dtype: torch.dtype | None = None,
-                 device=None, ep_buffer=None, ep_low_latency_tokens: int | None = None, index_fp8: bool = True):
+                 device=None, ep_buffer=None, ep_low_latency_tokens: int | None = None, index_fp8: bool = True,
+                 fp8: bool | None = None):
         super().__init__()
         if not isinstance(cfg, DeepseekV3Config):  # (a dict or transformers' config has other attribute names)
             raise TypeError(f"cfg: expected a DeepseekV3Config (DeepseekV3Config.from_hf converts a transformers "
@@ -118,6 +126,7 @@ class DeepseekV3DecoderLayer(nn.Module):
             raise TypeError(f"dtype: expected a floating-point torch.dtype (torch.bfloat16, torch.float16, "
                             f"torch.float32), got {dtype!r}")
         index_fp8 = as_flag("index_fp8", index_fp8)
+        fp8 = as_flag("fp8", fp8, none_ok=True)
         if ep_low_latency_tokens is not None:
             ep_low_latency_tokens = check_int("ep_low_latency_tokens", ep_low_latency_tokens, 1)
         cfg._validate(moe=False)  # again: a config's fields may have been changed since it was built
@@ -127,11 +136,13 @@ class DeepseekV3DecoderLayer(nn.Module):
             cfg._validate(moe=True)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = MLAttention(cfg, dtype, device, index_fp8)
+        if fp8 is None:
+            fp8 = (cfg.quantization_config or {}).get("quant_method") == "fp8"
+        self.self_attn = MLAttention(cfg, dtype, device, index_fp8, fp8_weights=fp8)
         if self.is_moe:
-            self.mlp = MoE(cfg, dtype, device, ep_buffer, ep_low_latency_tokens)
+            self.mlp = MoE(cfg, dtype, device, ep_buffer, ep_low_latency_tokens, fp8_weights=fp8)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, fp8=fp8)
         for module in self.modules():  # every FP8 cast of the layer follows the checkpoint's scale format
             if isinstance(module, (Linear, Experts)):
                 module.round_scale = cfg.fp8_round_scale
@@ -265,7 +276,9 @@ class DeepseekV3DecoderLayer(nn.Module):
 
         Keys: a DeepseekV3DecoderLayer's own (`self_attn.q_a_proj.weight`, ...) or a whole model's
         (`model.layers.{i}.…`; other layers' keys and the model's own, such as `lm_head.weight`,
-        are skipped). Experts as transformers 4.x / the checkpoint files name them
+        are skipped, and only this layer's values are read: a lazy mapping over a whole checkpoint
+        reads no other layer's tensors; strict: KeyError where no key is this layer's).
+        Experts as transformers 4.x / the checkpoint files name them
         (`mlp.experts.{e}.gate_proj.weight`, ...) or 5.x fused (`mlp.experts.gate_up_proj` [E, 2I, H],
         `mlp.experts.down_proj` [E, H, I]). The FP8 checkpoint format is used as is: float8_e4m3fn
         `weight` plus fp32 `weight_scale_inv` per 128x128 block (5.x fused: `gate_up_proj_scale_inv`,
@@ -294,16 +307,23 @@ class DeepseekV3DecoderLayer(nn.Module):
         # A whole model's dict (layer-prefixed keys) also holds the model's own tensors (embeddings,
         # final norm, lm_head): they belong to no layer, so they are not this one's unexpected keys.
         whole_model = any(_LAYER_KEY.match(key) for key in state_dict)
-        for key, value in state_dict.items():
-            m = _LAYER_KEY.match(key)
+        layers_given = set()
+        for given in state_dict:  # (keys first: a lazy mapping reads only this layer's tensors)
+            key, m = given, _LAYER_KEY.match(given)
             if m:
+                layers_given.add(int(m.group(1)))
                 if int(m.group(1)) != self.layer_idx:
                     continue
                 key = m.group(2)
             elif whole_model:
                 continue
             if not _IGNORED.search(key):
-                sd[key] = value
+                sd[key] = state_dict[given]
+        if strict and whole_model and self.layer_idx not in layers_given:
+            shown = sorted(layers_given)
+            raise KeyError(f"state_dict: no keys of layer {self.layer_idx} (its layer keys are of layers "
+                           f"{shown[:8]}{' ...' if len(shown) > 8 else ''}): the layer's layer_idx must be the "
+                           f"checkpoint's index, model.layers.{{layer_idx}}.")
         used: set[str] = set()
         missing: list[str] = []
         device = self.input_layernorm.weight.device

@@ -150,7 +150,8 @@ def refuse_format_change(state_dict, prefix: str, names, fp8: bool, error_msgs: 
         given = state_dict.get(prefix + name)
         if isinstance(given, torch.Tensor) and (given.dtype == FP8) != fp8:
             error_msgs.append(f"{prefix}{name}: a {given.dtype} tensor for a{'n FP8' if fp8 else ' float'} weight "
-                              f"(load_state_dict keeps each buffer's format; load_hf_state_dict converts)")
+                              f"(load_state_dict keeps each buffer's format; load_hf_state_dict converts, and "
+                              f"DeepseekV3DecoderLayer(..., fp8=False) builds float weights for an FP8 config)")
 
 
 class Linear(nn.Module):
@@ -161,14 +162,22 @@ class Linear(nn.Module):
     `weight_scale_inv` [ceil(n/128), k/128] fp32 (the checkpoint's names and meaning: dequantized
     = weight * scale); x is cast per token (1x128) with `per_token_cast_to_fp8` and multiplied by
     `gemm_fp8_fp8_bf16_nt` into bf16, which is then cast to x's dtype. round_scale: power-of-two
-    FP8 scales for those casts and for float weights quantized here (config.fp8_round_scale)."""
+    FP8 scales for those casts and for float weights quantized here (config.fp8_round_scale). fp8:
+    built in the FP8 format (float8_e4m3fn weight, fp32 scales, unfilled) where in_features is a
+    multiple of 128, so that an FP8 checkpoint loads into it in place (no float weight of twice its
+    size first)."""
 
-    def __init__(self, in_features: int, out_features: int, dtype=None, device=None, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, dtype=None, device=None, bias: bool = False,
+                 fp8: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.round_scale = False
-        self.weight = weight_parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
-        self.register_parameter("weight_scale_inv", None)
+        fp8 = fp8 and in_features % BLOCK == 0
+        self.weight = weight_parameter(torch.empty(out_features, in_features, dtype=FP8 if fp8 else dtype,
+                                                   device=device))
+        self.register_parameter("weight_scale_inv", weight_parameter(
+            torch.empty(-(-out_features // BLOCK), in_features // BLOCK, dtype=torch.float32, device=device))
+            if fp8 else None)
         self.register_parameter("bias", weight_parameter(torch.zeros(out_features, dtype=dtype, device=device))
                                 if bias else None)
         self._gemm_scales = BlockMajorScales()
@@ -373,12 +382,12 @@ class MLP(nn.Module):
     [rows, 2I] buffer, and `silu_and_mul_cast_to_fp8` turns it into the down projection's FP8 input
     in one pass (the SwiGLU in fp32: no bf16 rounding of silu(gate) or of the product)."""
 
-    def __init__(self, hidden: int, intermediate: int, dtype=None, device=None):
+    def __init__(self, hidden: int, intermediate: int, dtype=None, device=None, fp8: bool = False):
         super().__init__()
         self.intermediate = intermediate
-        self.gate_proj = Linear(hidden, intermediate, dtype, device)
-        self.up_proj = Linear(hidden, intermediate, dtype, device)
-        self.down_proj = Linear(intermediate, hidden, dtype, device)
+        self.gate_proj = Linear(hidden, intermediate, dtype, device, fp8=fp8)
+        self.up_proj = Linear(hidden, intermediate, dtype, device, fp8=fp8)
+        self.down_proj = Linear(intermediate, hidden, dtype, device, fp8=fp8)
 
     def input_layers(self) -> tuple[Linear, ...]:
         """The projections that read the MLP's input (norm_and_cast's layers)."""

@@ -27,7 +27,7 @@ import dskernels
 import python_ref.moe
 from dskernels._backend import triton_installed
 from dskernels.models.config import DeepseekV3Config
-from dskernels.models.linear import (FP8, MLP, BlockMajorScales, Linear, device_moves_only, refuse_format_change,
+from dskernels.models.linear import (BLOCK, FP8, MLP, BlockMajorScales, Linear, device_moves_only, refuse_format_change,
                                      refuse_gradient, triton_fusable, triton_only_ops, unhooked, weight_parameter)
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -136,16 +136,21 @@ class Experts(nn.Module):
     128x128 block ([L, 2I/128, H/128] and [L, H/128, I/128]). round_scale: power-of-two scales for
     the activation casts (config.fp8_round_scale)."""
 
-    def __init__(self, num_local_experts: int, hidden: int, intermediate: int, dtype=None, device=None):
+    def __init__(self, num_local_experts: int, hidden: int, intermediate: int, dtype=None, device=None,
+                 fp8: bool = False):
         super().__init__()
         self.num_local_experts, self.hidden, self.intermediate = num_local_experts, hidden, intermediate
         self.round_scale = False
+        fp8 = fp8 and hidden % BLOCK == 0 and intermediate % BLOCK == 0  # (the FP8 format the loader keeps)
+        wdtype = FP8 if fp8 else dtype
         self.gate_up_proj = weight_parameter(torch.empty(num_local_experts, 2 * intermediate, hidden,
-                                                         dtype=dtype, device=device))
-        self.down_proj = weight_parameter(torch.empty(num_local_experts, hidden, intermediate, dtype=dtype,
+                                                         dtype=wdtype, device=device))
+        self.down_proj = weight_parameter(torch.empty(num_local_experts, hidden, intermediate, dtype=wdtype,
                                                       device=device))
-        self.register_parameter("gate_up_proj_scale_inv", None)
-        self.register_parameter("down_proj_scale_inv", None)
+        for name, (n, k) in (("gate_up_proj", (2 * intermediate, hidden)), ("down_proj", (hidden, intermediate))):
+            self.register_parameter(f"{name}_scale_inv", weight_parameter(
+                torch.empty(num_local_experts, n // BLOCK, k // BLOCK, dtype=torch.float32, device=device))
+                if fp8 else None)
         self._gate_up_scales, self._down_scales = BlockMajorScales(), BlockMajorScales()
         self._expert_ids = None  # arange(num_local_experts) on the device last used (_row_ends)
 
@@ -373,7 +378,7 @@ class MoE(nn.Module):
     """Routed experts (this rank's share with an EP buffer) plus the shared experts."""
 
     def __init__(self, cfg: DeepseekV3Config, dtype=None, device=None, ep_buffer=None,
-                 ep_low_latency_tokens: int | None = None):
+                 ep_low_latency_tokens: int | None = None, fp8_weights: bool = False):
         super().__init__()
         self.cfg = cfg
         self.ep_buffer = ep_buffer
@@ -386,9 +391,10 @@ class MoE(nn.Module):
         self.num_local_experts = cfg.n_routed_experts // self.num_ranks
         self.first_expert = self.rank * self.num_local_experts
         self.gate = Router(cfg, device)
-        self.experts = Experts(self.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype, device)
-        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, device)
-                               if cfg.n_shared_experts else None)
+        self.experts = Experts(self.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype, device,
+                               fp8=fp8_weights)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, device,
+                                   fp8=fp8_weights) if cfg.n_shared_experts else None)
 
     def input_layers(self) -> tuple[Linear, ...]:
         """The projections that read x as it comes (the shared experts'; the routed ones read its

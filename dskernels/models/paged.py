@@ -78,6 +78,12 @@ def write_rows(rows: torch.Tensor, index, values: torch.Tensor) -> None:
     index = index if isinstance(index, tuple) else (index,)
     if values.shape[0] == 0 or rows.shape[0] == 0:  # (no rows: every entry is skipped)
         return
+    if not torch.compiler.is_compiling() and rows.is_inference() and not torch.is_inference_mode_enabled():
+        # A cache a server allocated under torch.inference_mode, written by a step under no_grad
+        # (docs/models.md, "Serving"): torch allows the in-place write only in inference mode (the
+        # Triton write kernels store through pointers and never asked)
+        with torch.inference_mode():
+            return write_rows(rows, index, values)
     keep = index[0] >= 0
     # index_put_ cannot skip an entry, so a skipped one repeats the first kept entry's write (the
     # same row, the same values: duplicates that agree), or, with none kept, rewrites row 0 as it is.
