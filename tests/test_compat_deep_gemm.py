@@ -14,6 +14,14 @@ def test_deep_gemm_utils_submodules():
     assert dskernels.utils.ceil_to_ue8m0 is ceil_to_ue8m0
 
 
+def test_cublaslt_names():
+    a, b = torch.randn(5, 32, dtype=torch.bfloat16), torch.randn(7, 32, dtype=torch.bfloat16)
+    d, want = torch.empty(5, 7, dtype=torch.bfloat16), torch.empty(5, 7, dtype=torch.bfloat16)
+    dskernels.cublaslt_gemm_nt(a, b, d)
+    dskernels.bf16_gemm_nt(a, b, want)
+    assert torch.equal(d, want) and dskernels.cublaslt_gemm_tt is dskernels.bf16_gemm_tt
+
+
 def test_deep_gemm_runtime_knobs():
     if not torch.cuda.is_available():
         assert dskernels.get_num_sms() == 8  # SGLang's configure_deep_gemm_num_sms round trip

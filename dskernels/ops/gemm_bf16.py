@@ -92,6 +92,11 @@ def bf16_gemm_tt(a, b, d, c=None, compiled_dims: str = "nk") -> None:
     _bf16_gemm(a.T, b, d, c)
 
 
+# DeepGEMM's names for the dense bf16 GEMMs it hands to cuBLASLt (a, b, d, c=None): the same calls here
+cublaslt_gemm_nt, cublaslt_gemm_nn = bf16_gemm_nt, bf16_gemm_nn
+cublaslt_gemm_tn, cublaslt_gemm_tt = bf16_gemm_tn, bf16_gemm_tt
+
+
 def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
                                       grouped_layout: torch.Tensor | None = None, compiled_dims: str = "nk",
                                       use_psum_layout: bool = False, ensure_zero_padding: bool = True,
