@@ -573,6 +573,6 @@ class DeepseekV3DecoderLayer(nn.Module):
                                                          round_scale=self.cfg.fp8_round_scale) for e in w]
                 w, scale = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
             return w.to(device).contiguous(), scale.to(device=device, dtype=torch.float32).contiguous()
-        if w.dtype == FP8:
-            w = dequantize_block_fp8(w, scale, self.dtype)
+        if w.dtype == FP8:  # on the layer's device: the FP8 bytes travel, not the float values, and a
+            w = dequantize_block_fp8(w.to(device), scale.to(device), self.dtype)  # GPU does the math
         return w.to(device=device, dtype=self.dtype).contiguous(), None

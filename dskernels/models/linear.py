@@ -227,8 +227,8 @@ class Linear(nn.Module):
         if fp8 and weight.dtype != FP8:
             weight, scale = dskernels.per_block_cast_to_fp8(weight.to(device=device, dtype=torch.bfloat16).contiguous(),
                                                             round_scale=self.round_scale)
-        elif not fp8 and weight.dtype == FP8:
-            weight, scale = dequantize_block_fp8(weight, scale, dtype), None
+        elif not fp8 and weight.dtype == FP8:  # on the layer's device (the bytes travel, the GPU computes)
+            weight, scale = dequantize_block_fp8(weight.to(device), scale.to(device), dtype), None
         if fp8:
             store_weight(self, "weight", weight.to(device).contiguous(), source)
             store_weight(self, "weight_scale_inv", scale.to(device=device, dtype=torch.float32).contiguous(),
