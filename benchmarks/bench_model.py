@@ -135,7 +135,9 @@ def build(config: str, layer_idx: int, device: str, fp8: bool):
                                        index_fp8=False)
         layer.load_hf_state_dict(_checkpoint(config, layer_idx, device, False))
         return layer, layer.hf_state_dict()
-    layer = DeepseekV3DecoderLayer(_config(config), layer_idx, dtype=torch.bfloat16, device=device)
+    # (built float, so that the FP8 load takes the checkpoint's tensors instead of copying them into
+    # FP8 weights of its own, as an FP8-config layer built fp8 would)
+    layer = DeepseekV3DecoderLayer(_config(config), layer_idx, dtype=torch.bfloat16, device=device, fp8=False)
     layer.load_hf_state_dict(_checkpoint(config, layer_idx, device, True), fp8=fp8)
     return layer, (build(config, layer_idx, device, False)[1] if fp8 else layer.hf_state_dict())
 

@@ -91,7 +91,10 @@ def version_tuple(text: str) -> tuple[int, ...]:
 
 
 # Constant for the process: torch.compile calls these while tracing and keeps the result, instead of
-# tracing into their cached helpers (which it would do, warning that it ignores the cache).
+# tracing into their cached helpers (which it would do, warning that it ignores the cache). The result
+# is baked in without a guard: code that changes what they read (a test monkeypatching
+# _triton_import_error or calling its cache_clear(), _is_sm90) must torch._dynamo.reset() before
+# compiling again; is_hopper of a device without an index reads the current device at trace time.
 @torch.compiler.assume_constant_result
 def triton_installed() -> bool:
     return _triton_import_error() is None

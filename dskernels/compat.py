@@ -26,7 +26,8 @@ ALIASES: dict[str, dict[str, str]] = {
                   "deep_gemm.utils.layout": "dskernels.utils.layout", "deep_gemm.utils.math": "dskernels.utils.math",
                   "deep_gemm.testing": "dskernels.testing"},
     "flash_mla": {"flash_mla": "dskernels", "flash_mla.flash_mla_interface": "dskernels"},
-    "deep_ep": {"deep_ep": "dskernels.ep", "deep_ep.utils": "dskernels.ep.utils", "deep_ep.buffer": "dskernels.ep.buffer"},
+    "deep_ep": {"deep_ep": "dskernels.ep", "deep_ep.utils": "dskernels.ep.utils",
+                "deep_ep.buffer": "dskernels.ep.buffer"},
 }
 
 

@@ -58,3 +58,23 @@ def test_flashmla_sched_meta_fields():
     # a table made elsewhere is refused (it would not describe this library's splits)
     with pytest.raises(NotImplementedError, match="^num_splits: only None may be assigned"):
         sched.num_splits = torch.zeros(4, dtype=torch.int32)
+
+
+def test_flashmla_sched_meta_reset_as_sglang_does():
+    """FlashMLA's FlashMLASchedMeta is a dataclass: SGLang resets a plan before a CUDA-graph capture
+    with `have_initialized = False` (others also assign config = None); the next call plans again."""
+    q, kc, bt, lens = _mla_inputs()
+    sched, _ = dskernels.get_mla_metadata()
+    want, _ = dskernels.flash_mla_with_kvcache(q, kc, bt, lens, 512, sched, None, causal=True)
+    sched.have_initialized = True  # (already planned: nothing changes)
+    assert sched.have_initialized
+    sched.have_initialized = False
+    sched.config = None
+    assert not sched.have_initialized and sched.tile_scheduler_metadata is None
+    got, _ = dskernels.flash_mla_with_kvcache(q[:2], kc, bt[:2], lens[:2], 512, sched, None, causal=True)
+    torch.testing.assert_close(got, want[:2])
+    fresh, _ = dskernels.get_mla_metadata()
+    with pytest.raises(ValueError, match="^have_initialized: True is set by"):
+        fresh.have_initialized = True
+    with pytest.raises(NotImplementedError, match="^config: only None may be assigned"):
+        sched.config = ("b", 1)

@@ -441,6 +441,9 @@ def test_paged_varlen_indices(backend):
         dskernels.fp8_paged_mqa_logits(*on[:5], meta, max_len, indices=torch.tensor([0, 3, 0, 0, 0], dtype=torch.int32))
     with pytest.raises(TypeError, match="^indices: "):
         dskernels.fp8_paged_mqa_logits(*on[:5], meta, max_len, indices=requests.long())
+    for bad in (on[3][0, 0], on[3][:4], on[3][:, :, None]):  # context_lens' errors name it, not indices
+        with pytest.raises(ValueError, match="^context_lens: expected"):
+            dskernels.fp8_paged_mqa_logits(on[0], on[1], on[2], bad, on[4], meta, max_len, indices=on[5])
 
 
 def _padded_rows(cache):

@@ -128,7 +128,6 @@ def test_moe_intermediates_are_freed_before_the_down_gemm(monkeypatch, sort_in_k
     assert seen == {"up_input": False, "up_output": False, "attended": False}, seen
 
 
-
 def test_query_projection_is_freed_before_the_paged_attention(monkeypatch):
     # prefill into the cache: q_b_proj's output [b, s, h, 192] must not stay alive beside the MLA
     # decode op's buffers once the absorbed query is built (1.6 GiB at a 32768-token chunk)
@@ -153,6 +152,7 @@ def test_query_projection_is_freed_before_the_paged_attention(monkeypatch):
     with torch.no_grad(), dskernels.backend("triton"):
         layer(x, positions, kv_cache=kv_cache, block_table=block_table, cache_seqlens=lens)
     assert seen == [False]
+
 
 class _Allocations(TorchDispatchMode):
     def __init__(self):
@@ -226,3 +226,16 @@ def test_experts_take_only_the_valid_pairs(monkeypatch, sort_in_kernel):
         got = experts(x, idx, weights, torch.bfloat16, valid_pairs=valid)
     assert rows == [valid, valid]
     assert torch.equal(got, full)
+
+
+def test_experts_refuse_a_wrong_valid_pair_count():
+    """valid_pairs cuts the sorted rows: a count below the real one would leave pairs whose rows the
+    combine still reads (past the end of the experts' output on a GPU)."""
+    experts = Experts(4, 256, 128, dtype=torch.float32)
+    idx = torch.tensor([[0, -1], [3, 1], [-1, -1]])
+    x, weights = torch.randn(3, 256), torch.rand(3, 2)
+    for wrong, match in ((2, r"^valid_pairs: expected the number of topk_idx entries in \[0, 4\) \(3\), got 2"),
+                         (7, "^valid_pairs: expected at most topk_idx's 6 entries, got 7"),
+                         (-1, "^valid_pairs: expected an int >= 0")):
+        with pytest.raises(ValueError, match=match), torch.no_grad():
+            experts(x, idx, weights, torch.float32, valid_pairs=wrong)

@@ -22,7 +22,7 @@ CFG = DeepseekV3Config.deepseek_v3_671b(hidden_size=1024, intermediate_size=1024
 
 def make_layer(layer_idx: int, fp8: bool, seed: int = 0):
     torch.manual_seed(seed)
-    layer = DeepseekV3DecoderLayer(CFG, layer_idx, dtype=torch.bfloat16, device="cuda")
+    layer = DeepseekV3DecoderLayer(CFG, layer_idx, dtype=torch.bfloat16, device="cuda", fp8=fp8)
     sd = {}
     for name, t in layer.hf_state_dict(torch.float32).items():  # names and shapes of an empty layer
         if name.endswith("norm.weight"):
@@ -212,7 +212,7 @@ CFG32 = DeepseekV3Config.deepseek_v32_671b(hidden_size=1024, intermediate_size=1
 
 def make_v32_layer(layer_idx: int, fp8: bool, seed: int = 0, device="cuda", dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
-    layer = DeepseekV3DecoderLayer(CFG32, layer_idx, dtype=dtype, device=device)
+    layer = DeepseekV3DecoderLayer(CFG32, layer_idx, dtype=dtype, device=device, fp8=fp8)
     sd = {}
     for name, t in layer.hf_state_dict(torch.float32).items():
         if name.endswith("norm.weight"):
@@ -240,7 +240,7 @@ def v32_caches(layer, batch, pages_per_seq, page=64):
 def replayed_on_cpu(layer, selected, x, positions):
     """The same weights in an fp32 CPU layer whose indexer is made to select `selected` (positions
     [B, S, k], -1 none): its attention block over all tokens of x, selection aside."""
-    cpu = DeepseekV3DecoderLayer(CFG32, layer.layer_idx, dtype=torch.float32)
+    cpu = DeepseekV3DecoderLayer(CFG32, layer.layer_idx, dtype=torch.float32, fp8=False)
     cpu.load_hf_state_dict(layer.hf_state_dict(torch.float32), fp8=False)
     cpu.self_attn.indexer.select_new_tokens = lambda *args: selected.cpu()
     with torch.no_grad():

@@ -26,6 +26,7 @@ from torch import nn
 import dskernels
 import python_ref.moe
 from dskernels._backend import triton_installed
+from dskernels._checks import check_int
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.linear import (BLOCK, FP8, MLP, BlockMajorScales, Linear, device_moves_only, refuse_format_change,
                                      refuse_gradient, triton_fusable, triton_only_ops, unhooked, weight_parameter)
@@ -201,6 +202,16 @@ class Experts(nn.Module):
             refuse_gradient("FP8 experts", x)
         num_tokens, k = topk_idx.shape
         experts = self.num_local_experts
+        if valid_pairs is not None:  # (rows past it are dropped: too small a count loses pairs the combine reads)
+            valid_pairs = check_int("valid_pairs", valid_pairs, 0)
+            if valid_pairs > num_tokens * k:
+                raise ValueError(f"valid_pairs: expected at most topk_idx's {num_tokens * k} entries, "
+                                 f"got {valid_pairs}")
+            if topk_idx.device.type == "cpu" and not torch.compiler.is_compiling():  # (free there)
+                named = int(((topk_idx >= 0) & (topk_idx < experts)).sum())
+                if named != valid_pairs:
+                    raise ValueError(f"valid_pairs: expected the number of topk_idx entries in [0, {experts}) "
+                                     f"({named}), got {valid_pairs}")
         if self._sorts_in_kernels(x, topk_idx, topk_weights, out_dtype, addends):
             # Decode: the sort, the row copies and the combine (with the additions) in Triton kernels,
             # the same bits as the torch ops below (one cast of each token's row, not of each copy)

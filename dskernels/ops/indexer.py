@@ -246,7 +246,11 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     if indices is not None:
         check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,))
         check_tensor("context_lens", context_lens, dtypes=(torch.int32,))
-        block_table = _request_block_table(indices, block_table, context_lens.shape[0] if context_lens.dim() else 0)
+        b = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
+        if context_lens.dim() not in (1, 2) or b is not None and context_lens.shape[0] != b:
+            raise ValueError(f"context_lens: expected [B] or [B, next_n] with B = {b} (q's batch), got shape "
+                             f"{tuple(context_lens.shape)}")
+        block_table = _request_block_table(indices, block_table, context_lens.shape[0])
     _check_schedule_meta(schedule_meta)
     max_context_len = check_int("max_context_len", max_context_len, 0)
     clean_logits = as_flag("clean_logits", clean_logits)

@@ -44,17 +44,32 @@ class MLASchedulerMetadata:
         self.plan: tuple[torch.Tensor, torch.Tensor] | None = None
         self.key: tuple | None = None
 
-    # FlashMLA's FlashMLASchedMeta fields, which serving code reads and resets (vLLM assigns None
-    # to both to have the next call plan again): views of the plan. Assigning None drops the plan;
-    # a tensor is refused, since a table made elsewhere (FlashMLA's own planner) does not describe
-    # this library's partitions.
+    # FlashMLA's FlashMLASchedMeta fields, which serving code reads and resets (None to the tensors
+    # or config, False to have_initialized, to have the next call plan again): views of the plan.
+    # Such a reset drops the plan; a tensor is refused, since a table made elsewhere (FlashMLA's own
+    # planner) does not describe this library's partitions.
     @property
     def have_initialized(self) -> bool:
         return self.plan is not None
 
+    @have_initialized.setter
+    def have_initialized(self, value) -> None:
+        # FlashMLA's fields are plain attributes: SGLang resets a plan with `have_initialized = False`
+        # (before a CUDA-graph capture, so that the plan is made inside it), others also set config
+        if as_flag("have_initialized", value):
+            if self.plan is None:
+                raise ValueError("have_initialized: True is set by the flash_mla_with_kvcache call that plans; "
+                                 "only False (drop the plan) may be assigned to an empty one")
+        else:
+            self.plan = self.key = None
+
     @property
     def config(self) -> tuple | None:
         return self.key
+
+    @config.setter
+    def config(self, value) -> None:
+        self._reset("config", value)
 
     @property
     def tile_scheduler_metadata(self) -> torch.Tensor | None:
