@@ -17,12 +17,12 @@ from dskernels._checks import (as_flag, check_int, check_multiple, check_no_over
                                check_reads_apart, check_tensor, may_share_memory, strides_may_overlap)
 from dskernels._device import on_tensor_device
 from dskernels._inference import inference_kernel
+from dskernels.ops.mla import CPU_SM_COUNT  # (get_num_sms() without a CUDA device: the CPU plans' count)
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from python_ref import gemm as ref
 
 FP8 = torch.float8_e4m3fn
 GROUP_SIZE = 128
-CPU_SM_COUNT = 8  # get_num_sms() without a CUDA device (dskernels.ops.mla.CPU_SM_COUNT)
 _num_sms: int | None = None  # set_num_sms: the SM limit of the sm90 GEMMs (None: all)
 
 
