@@ -56,6 +56,7 @@ def test_caches_made_in_inference_mode_written_under_no_grad(backend, case):
         for p in layer.parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if p.dim() == 1 else torch.randn_like(p) * p.shape[-1] ** -0.5)
     layer.refresh_derived_weights()
+    layer.weights_loaded = True  # (filled above, not loaded)
     kind = "fp8" if case == "v3-fp8" else "float"
     with dskernels.backend(backend):
         expected = steps(layer, cfg, caches(cfg, layer, kind))
