@@ -32,12 +32,9 @@ class EventOverlap:
     def current_stream_wait(self) -> None:
         """Makes the current CUDA stream of the op's device wait for the op (the current device's
         where the op named none); a no-op on CPU."""
-        if self.event is None:
-            return
-        if isinstance(self.event, EventHandle) or not isinstance(self.event, torch.cuda.Event):
-            self.event.current_stream_wait()  # DeepEP's EventHandle (or an object like it)
-        else:
-            torch.cuda.current_stream(self.device).wait_event(self.event)
+        event = cuda_event(self.event)  # (DeepEP's EventHandle wraps one)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
 
     def __enter__(self):
         return self
