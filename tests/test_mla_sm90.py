@@ -269,6 +269,33 @@ def test_nan_score_gives_nan_not_an_empty_result(cache_dtype):
     assert torch.equal(lse[..., 0].isnan(), nan_rows)
     assert (out[1] == 0).all() and (lse[1] == math.inf).all()
 
+def test_one_partition_plan_writes_out_directly_with_no_partials():
+    """More 64-row tiles than SMs (a prefill chunk at 128 heads) plans one partition, which splits
+    no sequence: every result goes straight to out, and the launcher allocates no split partials
+    (they were b + 1 slots of [s_q * h_q, 512] fp32, never written)."""
+    _need_cuda_backend()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    s_q, h_q = 64 * sms // 128 + 8, 128
+    lengths = [300, 0, 2 * s_q + 900]
+    k_cache, block_table, k_scale = make_cache(lengths, 1, 64, torch.bfloat16, seed=11)
+    q = torch.randn(len(lengths), s_q, h_q, D, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    with dskernels.backend("cuda"):
+        meta, splits = dskernels.get_mla_metadata(lens, s_q * h_q, 1)
+        assert meta.shape[0] == 1 and (splits.diff() <= 1).all()
+        decode(q, k_cache, block_table, lens, k_scale, True)  # warm: tensor maps, allocator pools
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out, lse = dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, DV, meta, splits,
+                                                    causal=True, k_scale=k_scale)
+        torch.cuda.synchronize()
+    results = out.numel() * out.element_size() + lse.numel() * lse.element_size()
+    one_slot = s_q * h_q * (DV + 1) * 4
+    assert torch.cuda.max_memory_allocated() - before < results + one_slot // 4
+    check(out, lse, q, k_cache, block_table, lens, k_scale, True)
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])
 def test_cuda_graph_replay_with_new_lengths(cache_dtype):
     _need_cuda_backend()

@@ -209,7 +209,10 @@ void flash_mla_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache, cons
 
   const c10::cuda::OptionalCUDAGuard guard(device);
   const int num_parts = static_cast<int>(meta.size(0));
-  const int64_t max_slots = b + num_parts;  // one split per sequence plus one per cut between partitions
+  // Partial outputs: one split per sequence plus one per cut between partitions. A one-partition
+  // plan (every prefill chunk at 128 heads) splits no sequence, so it gets no slots: at s_q = 4096,
+  // h_q = 128 the two would be 2 GiB of fp32 never written. The kernels skip slots past max_slots.
+  const int64_t max_slots = num_parts > 1 ? b + num_parts : 0;
   const int64_t flat_rows = s_q * h_q;
   const c10::DataPtr out_acc = workspace(max_slots * flat_rows * kHeadDimV * sizeof(float));
   const c10::DataPtr lse_acc = workspace(max_slots * flat_rows * sizeof(float));

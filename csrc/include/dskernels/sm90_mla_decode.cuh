@@ -1124,9 +1124,11 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   const int flat = blockIdx.y * kCombineWarps + threadIdx.x / 32;  // head * s_q + token
   const int lane = threadIdx.x % 32;
   if (flat >= p.h_q * p.s_q) return;
-  const int base = max(p.num_splits[i], 0);
-  const int n = min(p.num_splits[i + 1], p.max_slots) - base;
-  if (n == 1) return;  // the decode kernel wrote this sequence itself
+  const int base = max(p.num_splits[i], 0), end = p.num_splits[i + 1];
+  if (end - base == 1) return;  // the decode kernel wrote this sequence itself
+  // The splits read back, cut to the slots allocated (none for a one-partition plan, which splits
+  // no sequence: see the launcher).
+  const int n = min(end, p.max_slots) - base;
   const int64_t rows = int64_t(p.h_q) * p.s_q;
   float m = -INFINITY;
   for (int k = 0; k < n; ++k) m = fmaxf(m, p.lse_acc[(base + k) * rows + flat]);
