@@ -110,6 +110,21 @@ def test_mqa_logits_definition():
     assert out.item() == 2.0 * (24 * 0.5) + 3.0 * 0.0  # head 1's score -8 * 0.5 is cut by relu
 
 
+def test_mqa_logits_nan_key_scale_of_a_seen_key_stays_nan(backend):
+    """relu(NaN) is NaN, as the oracle's clamp gives: a plain max turned a seen key's NaN scale into
+    a plausible finite logit (0 from every head), which top-k would then rank as a real score."""
+    name, device = backend
+    skip_cuda_backend(name)
+    q, k, k_scale, weights, _, _ = mqa_inputs(2, 8, 4, 32, seed=3)
+    ks, ke = torch.zeros(2, dtype=torch.int32), torch.full((2,), 8, dtype=torch.int32)
+    k_scale[3] = math.nan
+    out = dskernels.fp8_mqa_logits(q.to(device), (k.to(device), k_scale.to(device)), weights.to(device),
+                                   ks.to(device), ke.to(device)).cpu()
+    expected = ref.fp8_mqa_logits(q, k, k_scale, weights, ks, ke)
+    assert expected[:, 3].isnan().all() and out[:, 3].isnan().all()
+    assert out[:, [0, 1, 2, 4, 5, 6, 7]].isfinite().all()
+
+
 # ---------------------------------------------------------------------------------------------
 # fp8_paged_mqa_logits
 # ---------------------------------------------------------------------------------------------

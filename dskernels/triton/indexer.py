@@ -47,7 +47,9 @@ def _weighted_head_sum(q, k, k_scale, w, ROWS: tl.constexpr, BLOCK_H: tl.constex
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = tl.maximum(s * k_scale[None, :], 0.0) * w[:, None]
+    # relu keeps NaN, as the oracle's clamp does: the default maximum (GPU max.f32, the interpreter's
+    # fmax) drops it, turning a NaN key scale into a plausible 0 for that head
+    s = tl.maximum(s * k_scale[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL) * w[:, None]
     return tl.sum(tl.reshape(s, (ROWS, BLOCK_H, BLOCK_N)), axis=1)
 
 
