@@ -46,8 +46,9 @@ def _requires_grad(values) -> bool:
     return False
 
 
-def _grad_lost_warning(op: str, args, kwargs) -> None:
-    """Warns (once per op) where an input requires grad and grad mode is on: see the docstring."""
+def _grad_lost_warning(op: str, args, kwargs, hint: str = "") -> None:
+    """Warns (once per op) where an input requires grad and grad mode is on: see the docstring.
+    hint: a sentence added to the message (where a differentiable alternative exists)."""
     # (not under torch.compile: Dynamo would break the graph on it, and a compiled graph runs the
     # registered kernels with grad off, so it cannot tell)
     if not torch.compiler.is_compiling() and op not in _warned and (
@@ -56,7 +57,7 @@ def _grad_lost_warning(op: str, args, kwargs) -> None:
         warnings.warn(f"dskernels.{op}: an input requires grad, but this op is an inference kernel: no "
                       "gradient flows through it (its outputs do not require grad). Call it under "
                       "torch.no_grad() or torch.inference_mode(), or detach its inputs, to say that this is "
-                      "meant (this warning is given once per op).", UserWarning,
+                      "meant (this warning is given once per op)." + (f" {hint}" if hint else ""), UserWarning,
                       stacklevel=_caller_stacklevel())
 
 

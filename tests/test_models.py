@@ -1130,6 +1130,60 @@ def test_expert_parallel_two_ranks_equals_single_process():
                                       expected)
 
 
+def _ep_training_body(rank, world_size, cfg, state_dict, x, positions, weights, expected):
+    import warnings
+
+    import torch.distributed as dist
+
+    from dskernels.ep import Buffer
+    buffer = Buffer(dist.group.WORLD)
+    mine = slice(rank, rank + 1)  # each rank trains on its own sequence
+    # 6 tokens per rank, under ep_low_latency_tokens=8: the low-latency exchange has no backward, so a
+    # training step takes the normal one (it took the low-latency one: the router and experts got no
+    # gradient, every other one lost the routed share, with no warning; an auditor's find)
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32, ep_buffer=buffer, ep_low_latency_tokens=8)
+    layer.load_hf_state_dict(state_dict)
+    layer.requires_grad_()
+    xr = x[mine].clone().requires_grad_()
+    (layer(xr, positions[mine]) * weights[mine]).sum().backward()
+    local = cfg.n_routed_experts // world_size
+    for name, p in layer.named_parameters():
+        want = expected[name]
+        if name.startswith("mlp.experts."):
+            want = want[rank * local: (rank + 1) * local]
+        else:  # replicated: the single-process gradient is the sum of the ranks'
+            dist.all_reduce(p.grad)
+        torch.testing.assert_close(p.grad, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(xr.grad, expected["x"][mine], atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match=r"^the low-latency EP exchange \(ep_low_latency=True\) has no gradient"):
+        layer(xr, positions[mine], ep_low_latency=True)  # raised on both ranks, before any exchange
+    # The buffer's low-latency calls say so themselves (they returned detached outputs silently)
+    topk = torch.tensor([[0, 9], [3, -1]])
+    with pytest.warns(UserWarning, match="low_latency_dispatch: an input requires grad.*dispatch and Buffer.combine"):
+        recv, _, handle, _, _ = buffer.low_latency_dispatch(xr[0, :2], topk, 4, cfg.n_routed_experts, use_fp8=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            buffer.low_latency_combine(recv.requires_grad_(), topk, torch.rand(2, 2), handle)
+        assert not caught  # (under no_grad nothing is lost)
+    with pytest.warns(UserWarning, match="low_latency_combine: an input requires grad"):
+        buffer.low_latency_combine(recv, topk, torch.rand(2, 2), handle)
+
+
+def test_expert_parallel_training_equals_single_process():
+    cfg = CONFIGS["v3"]
+    state_dict = make_reference(cfg, 1, seed=13).state_dict()
+    x, positions = torch.randn(2, 6, cfg.hidden_size), spread_positions(2, 6, seed=6)
+    weights = torch.randn(2, 6, cfg.hidden_size)
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
+    layer.load_hf_state_dict(state_dict)
+    layer.requires_grad_()
+    xg = x.clone().requires_grad_()
+    (layer(xg, positions) * weights).sum().backward()
+    expected = {"x": xg.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    run_distributed(_ep_training_body, 2, cfg, state_dict, x, positions, weights, expected)
+
+
 def test_fp8_linear_follows_its_scales():
     """Linear hands the GEMM its weight scales transposed once and cached (BlockMajorScales): an
     in-place change of weight_scale_inv (load_state_dict copies into the Parameter), a new one, a

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from dskernels._checks import as_flag, check_int, check_no_overlap, check_tensor
 from dskernels._collectives import check_member_group, use_counts, wait_released
+from dskernels._inference import _grad_lost_warning
 from dskernels.ep.events import EventOverlap, StreamScope, capture
 from dskernels.ops.ep import (copy_rows, ep_get_dispatch_layout, gather_reduce, low_latency_send, low_latency_slots,
                               pack_rows)
@@ -1160,6 +1161,9 @@ class Buffer:
                                                      num_max_dispatch_tokens_per_rank, minimum=1)
         num_experts = check_int("num_experts", num_experts)
         num_tokens = self._check_low_latency(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts)
+        # No backward (DeepEP's low-latency kernels have none): recv_x came back detached without a word
+        if torch.is_grad_enabled():
+            _grad_lost_warning("ep.Buffer.low_latency_dispatch", (x,), {}, _LOW_LATENCY_HINT)
         R, M, K, device = self.group_size, num_max_dispatch_tokens_per_rank, topk_idx.shape[1], x.device
         self._check_stats("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, torch.int32,
                           num_experts // R, device)
@@ -1269,6 +1273,8 @@ class Buffer:
             as_flag(name, value)  # (none of them changes what this combine does: docs/ep.md)
         R, M, K = self.group_size, handle.num_max_dispatch_tokens_per_rank, handle.num_topk
         num_tokens = handle.num_tokens
+        if torch.is_grad_enabled():  # (no backward either: see low_latency_dispatch)
+            _grad_lost_warning("ep.Buffer.low_latency_combine", (x, topk_weights), {}, _LOW_LATENCY_HINT)
         self._check_topk(topk_idx, num_tokens, None, "low_latency_combine")
         if topk_idx.shape[1] != K:
             raise ValueError(f"topk_idx: expected {K} columns (those of the dispatch), got {topk_idx.shape[1]}")
@@ -1311,6 +1317,9 @@ class Buffer:
                 combined = out.copy_(combined)
             event = scope.finish((combined,))
         return combined, event, (lambda: None)
+
+
+_LOW_LATENCY_HINT = "Buffer.dispatch and Buffer.combine are differentiable: train through those."
 
 
 def _fill(p: torch.Tensor):

@@ -94,7 +94,9 @@ class DeepseekV3DecoderLayer(nn.Module):
             exchanges, so every rank must make the same choice in a step: by default each rank
             decides from its own token count, right where every rank has as many tokens (a decode
             batch padded to a fixed size, as CUDA graphs need); where counts differ across ranks
-            (DP attention), pass forward's ep_low_latency, the same on every rank.
+            (DP attention), pass forward's ep_low_latency, the same on every rank. The low-latency
+            exchange has no backward: where a gradient must flow the normal one is taken (and
+            ep_low_latency=True raises).
         fp8: build the projections and experts in the FP8 checkpoint's format (float8_e4m3fn weights,
             fp32 128x128 block scales, where their k is a multiple of 128), so that loading an FP8
             checkpoint writes into them in place instead of replacing float weights of twice the

@@ -111,6 +111,53 @@ def _(x, w, offsets):
     return x.new_empty(x.shape[0], w.shape[1])
 
 
+def _grouped_float_weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, groups: int) -> torch.Tensor:
+    """[G, N, K]: grad[rows of g].T @ x[rows of g] for each group (0 for a group without rows)."""
+    if _GROUPED_MM and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        try:
+            return torch._grouped_mm(grad.t(), x, offs=offsets)
+        except (RuntimeError, NotImplementedError):
+            pass
+    out = x.new_zeros(groups, grad.shape[1], x.shape[1])
+    start = 0
+    for g, end in enumerate(offsets.tolist()):  # host sync: fallback only
+        if end > start:
+            out[g] = grad[start:end].t() @ x[start:end]
+        start = end
+    return out
+
+
+# Its backward, opaque for the same reasons: a compiled training step (float experts keep their
+# gradient, models.md) failed with "no autograd formula was registered" for the op above.
+@torch.library.custom_op("dskernels::_moe_grouped_mm_float_backward", mutates_args=())
+def _moe_grouped_mm_float_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                                   offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_x = _grouped_float_eager(grad, w.transpose(1, 2), offsets)
+    # rows past the last offset have no output (unspecified): no gradient, whatever the GEMM left there
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    grad_x = torch.where(rows < offsets[-1:].to(torch.int64), grad_x, 0) if offsets.numel() else grad_x.zero_()
+    return grad_x, _grouped_float_weight_grad(grad, x, offsets, w.shape[0])
+
+
+@_moe_grouped_mm_float_backward.register_fake
+def _(grad, x, w, offsets):
+    return x.new_empty(x.shape), w.new_empty(w.shape)
+
+
+def _grouped_mm_float_setup(ctx, inputs, output):
+    x, w, offsets = inputs
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _grouped_mm_float_grad(ctx, grad):
+    x, w, offsets = ctx.saved_tensors
+    grad_x, grad_w = _moe_grouped_mm_float_backward(grad.contiguous(), x, w, offsets)
+    return grad_x, grad_w, None
+
+
+_moe_grouped_mm_float.register_autograd(_grouped_mm_float_grad, setup_context=_grouped_mm_float_setup)
+
+
 def _grouped_float(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _moe_grouped_mm_float(x, w, offsets)
@@ -435,19 +482,27 @@ class MoE(nn.Module):
         if self.ep_buffer is None:  # (a hook on the experts, or another module, sees only their own work)
             routed = self.experts(x2, topk_idx, topk_weights, x.dtype)
         else:
-            routed = self._routed_ep(x2, topk_idx, topk_weights, self._low_latency(x2, ep_low_latency))
+            routed = self._routed_ep(x2, topk_idx, topk_weights, self._low_latency(x2, ep_low_latency, topk_weights))
         for addend in addends:
             routed = routed + addend
         return routed.reshape(shape)
 
-    def _low_latency(self, x2: torch.Tensor, ep_low_latency: bool | None) -> bool:
-        """Which EP exchange this call takes (see forward)."""
+    def _low_latency(self, x2: torch.Tensor, ep_low_latency: bool | None, topk_weights: torch.Tensor) -> bool:
+        """Which EP exchange this call takes (see forward). The low-latency one has no backward
+        (DeepEP's neither): where a gradient must flow (x, the routing weights or the experts' weights
+        require grad; the same on every rank in a training step) the choice by token count takes the
+        normal one, and ep_low_latency=True raises. (A training step of few tokens lost the routed
+        share of every gradient without a word.)"""
         low_latency = ep_low_latency
         if low_latency is None:  # this rank's own count: right where every rank has as many tokens
             low_latency = self.ep_low_latency_tokens is not None and x2.shape[0] <= self.ep_low_latency_tokens
-        elif low_latency and (self.ep_low_latency_tokens is None or x2.shape[0] > self.ep_low_latency_tokens):
+            return low_latency and not any(_needs_grad(t) for t in (x2, topk_weights, *self.experts.parameters()))
+        if low_latency and (self.ep_low_latency_tokens is None or x2.shape[0] > self.ep_low_latency_tokens):
             raise ValueError(f"ep_low_latency: the low-latency exchange takes at most ep_low_latency_tokens="
                              f"{self.ep_low_latency_tokens} tokens per rank (the layer's), got {x2.shape[0]}")
+        if low_latency:
+            refuse_gradient("the low-latency EP exchange (ep_low_latency=True)", x2, topk_weights,
+                            *self.experts.parameters())
         return low_latency
 
     def _routed_input(self, x2: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None):
