@@ -95,12 +95,19 @@ def version_tuple(text: str) -> tuple[int, ...]:
 # is baked in without a guard: code that changes what they read (a test monkeypatching
 # _triton_import_error or calling its cache_clear(), _is_sm90) must torch._dynamo.reset() before
 # compiling again; is_hopper of a device without an index reads the current device at trace time.
-@torch.compiler.assume_constant_result
+def _constant_while_compiling(fn):
+    """torch.compiler.assume_constant_result without its import of torch._dynamo (2 of the 4 s of
+    `import dskernels`): the mark it sets, which tests/test_backend.py checks is still all it does."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_while_compiling
 def triton_installed() -> bool:
     return _triton_import_error() is None
 
 
-@torch.compiler.assume_constant_result
+@_constant_while_compiling
 def cuda_kernels_built() -> bool:
     """Whether dskernels._C was compiled with the sm_90a kernels (needs nvcc at build time)."""
     return _cuda_kernels_built()
@@ -118,7 +125,7 @@ def _is_sm90(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
-@torch.compiler.assume_constant_result
+@_constant_while_compiling
 def is_hopper(device: torch.device) -> bool:
     return device.type == "cuda" and _is_sm90(device.index if device.index is not None else torch.cuda.current_device())
 

@@ -295,6 +295,15 @@ def test_import_without_triton_interpret_in_a_fresh_process():
     assert "ref" in out.stdout
 
 
+def test_import_leaves_torch_dynamo_unimported():
+    """torch._dynamo is 2 of the 4 s of `import dskernels` when imported eagerly (assume_constant_result
+    imports it to set one attribute): it waits for the first torch.compile."""
+    code = "import sys, dskernels; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "False"
+
+
 def test_calc_diff():
     x = torch.randn(64, 64)
     assert calc_diff(x, x) == pytest.approx(0.0, abs=1e-12)
@@ -611,3 +620,6 @@ def test_backend_probes_are_constants_under_compile():
         out = torch.compile(probe, fullgraph=True, backend="eager")(torch.zeros(2))
     assert [str(w.message) for w in seen if "lru_cache" in str(w.message)] == []
     assert torch.equal(out, probe(torch.zeros(2)))
+    # the mark set without importing dynamo is all that torch's decorator sets
+    marked, ours = (lambda: 0), (lambda: 0)
+    assert vars(torch.compiler.assume_constant_result(marked)) == vars(_backend._constant_while_compiling(ours))
