@@ -24,7 +24,14 @@ import sys
 
 from setuptools import find_packages, setup
 
-from torch.utils import cpp_extension  # noqa: E402
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError as e:  # else a bare "No module named 'torch'" from inside pip's traceback
+    raise RuntimeError(
+        "dskernels: building it needs torch installed first (the extension is compiled against it): "
+        "`pip install torch` (scripts/install.sh installs 2.14.1), then `pip install --no-build-isolation .`"
+    ) from e
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -44,6 +51,14 @@ def refuse_isolated_build() -> None:
             "the torch you run): the library would be compiled against it and fail to load. Install torch first, "
             "then `pip install --no-build-isolation .` (or `bash scripts/install.sh`); "
             "DSKERNELS_ALLOW_ISOLATED_BUILD=1 builds against the isolated torch anyway.")
+
+
+def torch_requirement() -> str:
+    """_C is compiled against this torch's C++ ABI and refuses another major.minor at import: the
+    wheel's metadata says so, so that pip keeps (or fetches) a torch it loads under, and warns when a
+    later `pip install -U torch` breaks it, instead of an install that fails at import."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return f"torch=={major}.{minor}.*"
 
 
 # The CUTLASS release the kernels are written and checked against (scripts/install.sh installs it).
@@ -150,9 +165,9 @@ setup(
     description="DeepSeek-V3 kernels for Hopper: MLA decode, FP8 GEMMs, EP dispatch/combine, DualPipe",
     packages=find_packages(include=["dskernels", "dskernels.*", "python_ref", "python_ref.*"]),
     python_requires=">=3.10",
-    # torch and its Triton (pip keeps the torch already installed); numpy for Triton's interpreter
-    # (CPU runs of the Triton kernels) and torch's tensor <-> numpy conversions.
-    install_requires=["torch", "numpy"],
+    # torch (the release built against) and its Triton; numpy for Triton's interpreter (CPU runs of
+    # the Triton kernels) and torch's tensor <-> numpy conversions.
+    install_requires=[torch_requirement(), "numpy"],
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

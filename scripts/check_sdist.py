@@ -1,8 +1,8 @@
 """Checks that a user's `pip install .` gets a working package (CI runs it from check_build.sh):
 
-1. the sdist carries every source the build and the package need: each file git tracks under
-   csrc/, dskernels/ and python_ref/ (MANIFEST.in and setup.py's package list decide that, and
-   nothing else tests them: the in-place build reads the checkout);
+1. the sdist carries every source the build and the package need, and what the README's commands
+   run from it: each file git tracks under PACKAGED (MANIFEST.in and setup.py's package list decide
+   that, and nothing else tests them: the in-place build reads the checkout);
 2. installed from that sdist, outside the checkout (`pip install --no-build-isolation --target`,
    CPU only: the CUDA build is checked by check_build.sh itself), the package imports from where
    it was installed and runs an op on the reference and Triton backends against its oracle.
@@ -19,7 +19,8 @@ import tarfile
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGED = ("csrc/", "dskernels/", "python_ref/")
+# The build and the package; the tests (conftest.py too), the benchmarks and scripts they run, the docs.
+PACKAGED = ("csrc/", "dskernels/", "python_ref/", "tests/", "benchmarks/", "scripts/", "docs/")
 
 # Run from outside the checkout, on the installed copy only.
 SMOKE = r"""
