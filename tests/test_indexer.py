@@ -325,6 +325,25 @@ def test_per_custom_dims_cast_to_fp8():
         dskernels.dequantize_sparse_kv_cache(torch.zeros(2, 656))
 
 
+def test_per_custom_dims_cast_to_fp8_exports_with_dynamic_rows():
+    """The kept dimensions' product was torch.Size.numel(), which under torch.export (non-strict)
+    turns symbolic sizes into constants: the V3.2 layer's exported step silently held b * s fixed
+    (its runtime assert failed on a new batch). math.prod keeps them symbolic."""
+    from torch.export import Dim
+
+    class Cast(torch.nn.Module):
+        def forward(self, q):
+            return dskernels.per_custom_dims_cast_to_fp8(q, (0, 1))
+
+    gen = torch.Generator().manual_seed(3)
+    exported = torch.export.export(Cast(), (torch.randn(6, 4, 64, generator=gen),),
+                                   dynamic_shapes=({0: Dim("m", min=2, max=1024)},))
+    q = torch.randn(9, 4, 64, generator=gen)
+    for got, want in zip(exported.module()(q), dskernels.per_custom_dims_cast_to_fp8(q, (0, 1))):
+        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+                           want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want)
+
+
 @pytest.mark.parametrize("shape,dims,dtype", [
     pytest.param(*case, marks=[pytest.mark.gpu] if torch.cuda.is_available() else [])
     for case in (((5, 3, 128), (0, 1), torch.bfloat16), ((37, 128), (0,), torch.float32),

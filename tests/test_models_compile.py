@@ -310,3 +310,49 @@ def _ep_body(rank, world_size, weights):
 
 def test_expert_parallel_compiles_with_graph_breaks():
     run_distributed(_ep_body, 2, "fp32")  # FP8 experts change nothing about the breaks
+
+
+def test_dynamic_moe_graph_has_no_token_bound():
+    """The MoE's choice of its Triton sort kernels (up to MAX_SORTED_PAIRS (token, expert) pairs) is
+    an eager one: compiled, it read the pair count first, a guard on the token count, so a dynamic
+    graph recompiled for a batch past 8192 pairs (a long prefill chunk)."""
+    from dskernels.triton.layer import MAX_SORTED_PAIRS
+    torch._dynamo.reset()
+    layer = make_layer(1, "fp32")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for s in (2, 3, MAX_SORTED_PAIRS // CFG.num_experts_per_tok // 2 + 1):  # the last: past the pair limit
+            x = torch.randn(2, s, CFG.hidden_size, generator=g)
+            compiled(x, torch.arange(s).expand(2, s))
+            if s == 3:
+                graphs = counter.frame_count
+    assert counter.frame_count == graphs
+
+
+def test_export_fp8_layer_keeps_dynamic_tokens():
+    """torch.export (non-strict, its default) of a layer with FP8 weights, batch and token count
+    dynamic: torch.Size.numel() of symbolic sizes made them constants there (a constraint error
+    naming both), where math.prod keeps them symbolic. The exported program equals eager on a new
+    shape."""
+    from torch.export import Dim
+    torch._dynamo.reset()
+    layer = make_layer(0, "fp8")
+
+    class Prefill(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, positions):
+            return self.layer(x, positions)
+
+    g = torch.Generator().manual_seed(8)
+    dims = {0: Dim("b", min=2, max=64), 1: Dim("s", min=2, max=64)}
+    x = torch.randn(3, 2, CFG.hidden_size, generator=g).to(layer.dtype)
+    with torch.no_grad():
+        exported = torch.export.export(Prefill(), (x, torch.arange(2).expand(3, 2)), dynamic_shapes=(dims, dims))
+        x = torch.randn(2, 5, CFG.hidden_size, generator=g).to(layer.dtype)
+        positions = torch.arange(5).expand(2, 5)
+        torch.testing.assert_close(exported.module()(x, positions), layer(x, positions), atol=0, rtol=0)

@@ -4,6 +4,8 @@ weight + weight_scale_inv) through our casts and `gemm_fp8_fp8_bf16_nt`, and the
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -262,14 +264,15 @@ class Linear(nn.Module):
         (shared_cast's pair), used by an FP8 layer, ignored by a float one."""
         if not self.is_fp8:
             return F.linear(x, self.weight, self.bias)
-        if x_fp8 is None and x.shape[:-1].numel():
+        # math.prod, not torch.Size.numel(): that one makes symbolic sizes constants under torch.export
+        if x_fp8 is None and math.prod(x.shape[:-1]):
             x_fp8 = self.cast_input(x)
         return self.from_fp8(x_fp8, x.shape[:-1], x.dtype)
 
     def from_fp8(self, x_fp8: tuple[torch.Tensor, torch.Tensor] | None, lead_shape, dtype: torch.dtype) -> torch.Tensor:
         """The FP8 layer on rows already cast (x_fp8: cast_input's or silu_and_mul_cast_to_fp8's
         pair; None for no rows) -> [*lead_shape, out_features] in dtype (plus the bias)."""
-        out = torch.empty(lead_shape.numel(), self.out_features, dtype=torch.bfloat16, device=self.weight.device)
+        out = torch.empty(math.prod(lead_shape), self.out_features, dtype=torch.bfloat16, device=self.weight.device)
         if x_fp8 is not None:
             self.gemm_into(x_fp8, out)
         out = out.to(dtype)
@@ -284,7 +287,7 @@ def shared_cast(x: torch.Tensor, *layers: Linear) -> tuple[torch.Tensor, torch.T
     (Linear.forward ignores it in a float layer). None where none of them is FP8, their round_scale
     differ, or x has no rows."""
     fp8 = [layer for layer in layers if layer.is_fp8]
-    if not fp8 or any(layer.round_scale != fp8[0].round_scale for layer in fp8) or not x.shape[:-1].numel():
+    if not fp8 or any(layer.round_scale != fp8[0].round_scale for layer in fp8) or not math.prod(x.shape[:-1]):
         return None
     return fp8[0].cast_input(x)
 
@@ -305,7 +308,7 @@ def add_norm_and_cast(norm: RMSNorm, x: torch.Tensor, addend: torch.Tensor, *lay
 
 def _norm_and_cast(norm: RMSNorm, x: torch.Tensor, addend: torch.Tensor | None, layers: tuple[Linear, ...]):
     fp8 = [layer for layer in layers if layer.is_fp8]
-    castable = bool(fp8 and all(layer.round_scale == fp8[0].round_scale for layer in fp8) and x.shape[:-1].numel()
+    castable = bool(fp8 and all(layer.round_scale == fp8[0].round_scale for layer in fp8) and math.prod(x.shape[:-1])
                     and x.dtype in (torch.bfloat16, torch.float32) and x.shape[-1] % BLOCK == 0)
     addends = () if addend is None else (addend,)
     fusable = (_called_plainly(norm) and all(t.shape == x.shape for t in addends)

@@ -368,6 +368,10 @@ class Experts(nn.Module):
         gradient), and the combine's conditions."""
         if not triton_installed():  # (the reference path needs no Triton installed)
             return False
+        # Compiled, triton_fusable says no anyway: asked first, the pair count below would be a guard on the
+        # token count (a recompile of a dynamic graph past MAX_SORTED_PAIRS).
+        if torch.compiler.is_compiling():
+            return False
         from dskernels.triton.layer import MAX_SORTED_PAIRS
 
         if topk_idx.dtype not in (torch.int64, torch.int32) or topk_idx.numel() > MAX_SORTED_PAIRS:

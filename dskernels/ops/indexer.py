@@ -53,7 +53,7 @@ def per_custom_dims_cast_to_fp8(x: torch.Tensor, dims, use_ue8m0: bool = False) 
     use_ue8m0 = as_flag("use_ue8m0", use_ue8m0)
     dims = tuple(d % x.dim() for d in dims)
     kept = x.shape[:len(dims)]
-    rows, cols = kept.numel(), math.prod(x.shape[len(dims):])
+    rows, cols = math.prod(kept), math.prod(x.shape[len(dims):])  # (Size.numel() would specialize under export)
     if (dims == tuple(range(len(dims))) and rows and cols and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and x.requires_grad) and _row_cast_backend(x.device) == "triton"):
         from dskernels.triton import fp8_cast as triton_fp8
