@@ -159,14 +159,19 @@ def test_compiled_v32_layer_equals_eager(index_fp8, weights):
     assert counter.frame_count == 3
 
 
+def compiled_dynamic(layer_idx, weights):
+    """(layer, its graph counter, the layer compiled with dynamic shapes and fullgraph), Dynamo reset."""
+    torch._dynamo.reset()
+    layer = make_layer(layer_idx, weights)
+    counter = CompileCounterWithBackend("aot_eager")
+    return layer, counter, torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+
+
 def test_dynamic_shapes_serve_every_batch_from_one_graph():
     """Under torch.compile(dynamic=True) a decode step through the paged cache keeps one graph for
     every batch size and token count (MTP): nothing in the layer or its ops specializes on them.
     (The first call absorbs W_UK / W_UV and the second traces once more without that.)"""
-    torch._dynamo.reset()
-    layer = make_layer(1, "fp8")
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+    layer, counter, compiled = compiled_dynamic(1, "fp8")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for i, (b, s) in enumerate(((2, 2), (3, 2), (4, 3), (5, 2), (3, 4))):
@@ -317,10 +322,7 @@ def test_dynamic_moe_graph_has_no_token_bound():
     an eager one: compiled, it read the pair count first, a guard on the token count, so a dynamic
     graph recompiled for a batch past 8192 pairs (a long prefill chunk)."""
     from dskernels.triton.layer import MAX_SORTED_PAIRS
-    torch._dynamo.reset()
-    layer = make_layer(1, "fp32")
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+    layer, counter, compiled = compiled_dynamic(1, "fp32")
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for s in (2, 3, MAX_SORTED_PAIRS // CFG.num_experts_per_tok // 2 + 1):  # the last: past the pair limit
