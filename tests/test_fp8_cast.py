@@ -716,3 +716,24 @@ def test_triton_per_token_cast_of_unaligned_rows_equals_reference():
         got = dskernels.per_token_cast_to_fp8(x)
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
     assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+
+
+def test_triton_silu_and_mul_grid_within_cuda_limits(monkeypatch):
+    """CUDA grids hold at most 65535 programs in y and z: a [G, M, 2I] x of more entries (no
+    masked_m) keeps them on grid axis 0, which holds 2**31 - 1 (axis 2 failed the launch)."""
+    from dskernels.triton import fp8_cast
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(fp8_cast, "fast", lambda kernel: Recorder())
+    x = torch.zeros(1, 1, 256, dtype=torch.bfloat16).expand(70_000, 3, 256)  # (no memory)
+    fp8_cast.silu_and_mul(x, torch.empty(70_000, 3, 128, dtype=torch.bfloat16), None)
+    fp8_cast.silu_and_mul_cast_to_fp8(x, torch.empty(70_000, 3, 128, dtype=torch.float8_e4m3fn),
+                                      torch.empty(70_000, 3, 1), None, False)
+    assert len(grids) == 2 and all(max(grid[1:], default=1) <= 65535 for grid in grids), grids
+    assert all(grid[0] == 70_000 for grid in grids)  # one 32-row block per entry

@@ -110,12 +110,15 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, scale_ptr, masked_m_ptr, m, half,
                          BLOCK_M: tl.constexpr, GROUP: tl.constexpr, ROUND_SCALE: tl.constexpr,
                          MASKED: tl.constexpr, CAST: tl.constexpr, ROUND_BF16: tl.constexpr,
                          NATIVE: tl.constexpr):
-    # One program: BLOCK_M rows x one 128-wide group of the output, of batch entry program_id(2);
-    # gate at columns c, up at half + c. MASKED: the rows past masked_m[g] are skipped (not read,
-    # not written), as the masked grouped GEMM leaves them. CAST: per_token_cast_to_fp8 of the
-    # activation (half % 128 == 0); else the activation itself in out's dtype (any half).
-    batch = tl.program_id(2).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # One program: BLOCK_M rows x one 128-wide group of the output; gate at columns c, up at half + c.
+    # Grid axis 0 holds (batch entry, row block): CUDA caps axes 1 and 2 at 65535 programs, and a
+    # [G, M, 2I] x without masked_m may have more entries. MASKED: the rows past masked_m[g] are
+    # skipped (not read, not written), as the masked grouped GEMM leaves them. CAST:
+    # per_token_cast_to_fp8 of the activation (half % 128 == 0); else the activation itself in out's
+    # dtype (any half).
+    row_blocks = tl.cdiv(m, BLOCK_M)
+    batch = (tl.program_id(0) // row_blocks).to(tl.int64)
+    rows = tl.program_id(0) % row_blocks * BLOCK_M + tl.arange(0, BLOCK_M)
     group = tl.program_id(1)
     cols = group * GROUP + tl.arange(0, GROUP)
     rows_here = m
@@ -153,7 +156,7 @@ def _silu_and_mul(x, out, scale, masked_m, round_scale: bool, cast: bool) -> Non
     if groups == 0 or m == 0 or half == 0:
         return
     assert x.stride(2) == 1 and out.stride(2) == 1 and (scale is None or scale.stride(2) == 1)
-    grid = (cdiv(m, BLOCK_ROWS), cdiv(half, GROUP_SIZE), groups)
+    grid = (cdiv(m, BLOCK_ROWS) * groups, cdiv(half, GROUP_SIZE))
     scale_args = (scale, scale.stride(0), scale.stride(1)) if cast else (out, 0, 0)  # (unread without cast)
     fast(_silu_and_mul_kernel)[grid](x, out, scale_args[0], x if masked_m is None else masked_m, m, half,
                                      x.stride(0), x.stride(1), out.stride(0), out.stride(1), *scale_args[1:],
