@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import time
+import weakref
 import zlib
 from typing import Any
 
@@ -628,6 +629,8 @@ class _Runtime(nn.Module):
         # the ranks' caches stay in step.
         if getattr(self, "_meta_chunks", None) != num_chunks:
             self._sent_meta, self._recv_meta, self._meta_chunks = {}, {}, num_chunks
+        if not forward_only:
+            self._before_backward()
         try:
             # The runtime's own store takes every class-level WeightGradStore call during the step,
             # deferral on only in I actions (as DualPipe's step sets WeightGradStore.enabled): a
@@ -790,6 +793,9 @@ class _Runtime(nn.Module):
         if left:
             raise RuntimeError(f"pipeline: messages never received: {left}")
 
+    def _before_backward(self):
+        """Called before a training step adds to .grad (DualPipe: see sync_mirrored_grads)."""
+
     def _check_weight_grads_done(self):
         store = self.weight_grad_store
         if not store.empty():
@@ -875,6 +881,20 @@ class DualPipe(_Runtime):
             tails[P - 1] = _scatter(labels, half, self.batch_dim, "labels")
         return heads, tails
 
+    def _before_backward(self):
+        self._drop_synced_share()
+
+    def _drop_synced_share(self):
+        """After a sync both copies of a layer hold the sum S. A later step or sync that found S
+        still in both would add it twice (2S + ...: gradient accumulation over steps, synced after
+        each). So where modules[1]'s .grad is still the synced tensor, unchanged, it is dropped
+        (None: zeros to the sync); the peer's modules[0] keeps S, and the next sum counts it once.
+        A .grad changed in place since (zero_grad(set_to_none=False), clipping) is kept."""
+        for p, (grad, version) in getattr(self, "_synced", {}).items():
+            if p.grad is not None and p.grad is grad() and p.grad._version == version:
+                p.grad = None
+        self._synced = {}
+
     @staticmethod
     def grad_sync_pairs(num_ranks: int) -> list[tuple[int, int]]:
         """(rank, rank) pairs whose modules[0] / modules[1] hold the same layer."""
@@ -884,10 +904,13 @@ class DualPipe(_Runtime):
         """Both copies of each layer (rank r's modules[0], rank P-1-r's modules[1]) end with the sum
         of their gradients. A gradient that is None on one copy counts as zeros; one that is None on
         both stays None. Parameters that do not require grad are left out. Both ranks of a pair
-        must call it."""
+        must call it. It may follow every step of a gradient accumulation or only the last: what
+        was summed before counts once (the next training step or sync drops modules[1]'s copy of
+        it while unchanged; the peer's modules[0] keeps it)."""
         if self._failed is not None:
             raise RuntimeError(f"sync_mirrored_grads: an earlier step failed mid-way on this rank ({self._failed}); "
                                "its messages may still be in flight: create a new process group and runtime")
+        self._drop_synced_share()  # (a second sync with no step between: S once, not twice)
         peer_rank = self.num_ranks - 1 - self.rank
         peer = self._peer(peer_rank)
         # Trainable parameters only: frozen ones (an inference layer's FP8 weights) have no gradient,
@@ -933,3 +956,5 @@ class DualPipe(_Runtime):
                     else:
                         p.grad += g
                 offset += n
+        # weakly: a .grad the optimizer's zero_grad drops must be freed
+        self._synced = {p: (weakref.ref(p.grad), p.grad._version) for p in mine[1] if p.grad is not None}
