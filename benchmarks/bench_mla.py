@@ -180,7 +180,7 @@ def _case(b, s_q, h_q, h_kv, d, dv, seqlen, varlen, page_size, cache_dtype, caus
                 triton_variants=MLA_TRITON_VARIANTS if (d, dv) == (576, 512) else {})
 
 
-def torch_sparse(q, kv, indices, sm_scale, dv, fp8, rows_per_kv_list=1):
+def torch_sparse(q, kv, indices, sm_scale, dv, fp8):
     """The plain PyTorch way: gather every listed row (q [R, h_q, d], kv [S, h_kv, width],
     indices [R, h_kv, topk]), dequantize, masked softmax in fp32, two bf16 matmuls."""
     rows, h_q, d = q.shape

@@ -249,7 +249,7 @@ def decode_case(config: str, layer_idx: int, batch: int, context: int, fp8: bool
     run = graph_or_eager(step)
     history = {}
 
-    def past_of(layer, caches, table, lens, rows):
+    def past_of(layer, caches, table, rows):
         """The context's cached latents as contiguous [b, context, r] and [b, context, rope] (the
         peers' own cache layout; gathered once, outside their timing), for V3.2 also its indexer
         keys [b, context, index_head_dim] (FP8 caches dequantized, the keys rotated back)."""
@@ -277,17 +277,17 @@ def decode_case(config: str, layer_idx: int, batch: int, context: int, fp8: bool
         """transformers' algorithm: the whole batch at once, the latent history expanded per head."""
         with torch.no_grad():
             return ref_models.decoder_layer(weights, layer.cfg, layer_idx, x, positions,
-                                            past_of(layer, caches, table, lens, slice(None)))[0]
+                                            past_of(layer, caches, table, slice(None)))[0]
 
     def transformers_peer(layer, weights, x, positions, caches, table, lens):
         return transformers_step(config, layer_idx, x.to(weights["mlp.experts.down_proj"].dtype), positions,
-                                 past_of(layer, caches, table, lens, slice(None)))
+                                 past_of(layer, caches, table, slice(None)))
 
     def reference(layer, weights, x, positions, caches, table, lens):
         """The oracle one sequence at a time (bounded memory at batch 128)."""
         with torch.no_grad():
             outs = [ref_models.decoder_layer(weights, layer.cfg, layer_idx, x[b:b + 1], positions[b:b + 1],
-                                             past_of(layer, caches, table, lens, slice(b, b + 1)))[0]
+                                             past_of(layer, caches, table, slice(b, b + 1)))[0]
                     for b in range(batch)]
         return torch.cat(outs)
 

@@ -296,7 +296,7 @@ def test_fp8_layout_bytes():
     assert torch.equal(rope, x.reshape(-1, 576)[:, 512:].to(torch.bfloat16))
     back = ref.dequantize_sparse_kv_cache(cache)
     assert torch.equal(ref.quantize_sparse_kv_cache(back).view(torch.uint8), cache.view(torch.uint8))
-    for raw_bytes in (cache.view(torch.uint8), cache.view(torch.int8)):  # the byte views decode_sparse takes
+    for raw_bytes in (cache.view(torch.uint8), cache.view(torch.int8)):  # the sparse decode's byte views
         assert torch.equal(dskernels.dequantize_sparse_kv_cache(raw_bytes), back)
     assert torch.equal(dskernels.quantize_sparse_kv_cache(x).view(torch.uint8),
                        ref.quantize_sparse_kv_cache(x).view(torch.uint8))

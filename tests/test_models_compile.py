@@ -9,7 +9,6 @@ import torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import dskernels
 from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer
 from dskernels.testing import run_distributed
 

@@ -258,8 +258,9 @@ void flash_mla_with_kvcache(const at::Tensor& q, const at::Tensor& k_cache, cons
   // register path; DSKERNELS_MLA_CLUSTER=1 runs two or more row tiles as 2-CTA clusters sharing the
   // key blocks by multicast (off by default: 13% slower at h_q = 128, s_q = 2 on an H200);
   // DSKERNELS_MLA_FP8_TMA=1 loads an fp8 cache's whole blocks by TMA and widens them in place
-  // (opt-in: written off the device, not yet run on a GPU); DSKERNELS_MLA_REQUIRE_TMA=1 makes a
-  // tensor map the driver refuses an error instead of the register path (tests, benchmark variants);
+  // (opt-in: its tests passed on an H200, 2026-12-04, docs/mla.md); DSKERNELS_MLA_REQUIRE_TMA=1
+  // makes a tensor map the driver refuses an error instead of the register path (tests, benchmark
+  // variants);
   // DSKERNELS_MLA_SEESAW=1 takes the seesaw consumers (both groups score alternate key blocks: opt-in,
   // written off the device, not yet run on a GPU), never with clusters; DSKERNELS_MLA_NARROW=1 takes
   // the narrow kernel when s_q * h_q / h_kv <= 32 (keys on wgmma's M: a quarter of the tensor work

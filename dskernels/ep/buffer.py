@@ -549,7 +549,7 @@ class Buffer:
         return outs
 
     # ---- validation ----
-    def _check_topk(self, topk_idx, num_tokens: int | None, num_experts: int | None, what: str,
+    def _check_topk(self, topk_idx, num_tokens: int | None, num_experts: int | None,
                     device: torch.device | None = None) -> None:
         if not isinstance(topk_idx, torch.Tensor):
             raise TypeError(f"topk_idx: expected a torch.Tensor, got {type(topk_idx).__name__}")
@@ -655,7 +655,7 @@ class Buffer:
         # which reads counts on the host anyway, checks them.
         num_experts = check_int("num_experts", num_experts)
         on_cuda = isinstance(topk_idx, torch.Tensor) and topk_idx.is_cuda
-        self._check_topk(topk_idx, None, None if on_cuda else num_experts, "get_dispatch_layout")
+        self._check_topk(topk_idx, None, None if on_cuda else num_experts)
         if on_cuda:
             self._check_num_experts(num_experts)
         with StreamScope(self, topk_idx.device, previous_event, async_finish, allocate_on_comm_stream,
@@ -765,11 +765,11 @@ class Buffer:
                 self._check_num_experts(num_experts)
             elif num_worst_tokens:
                 # Fixed-block mode reads nothing on the host: the id range is checked on the device.
-                self._check_topk(topk_idx, num_tokens, None, "dispatch", device)
+                self._check_topk(topk_idx, num_tokens, None, device)
                 self._check_num_experts(num_experts)
                 self._assert_ids_async(topk_idx, num_experts)
             else:
-                self._check_topk(topk_idx, num_tokens, num_experts, "dispatch", device)
+                self._check_topk(topk_idx, num_tokens, num_experts, device)
             self._check_weights(topk_weights, topk_idx, device)
             # With topk_idx, the layout arguments given must be its layout (else tokens reach ranks that
             # hold none of their experts): compared with the layout computed here, when the splits are
@@ -1090,7 +1090,7 @@ class Buffer:
             raise TypeError(f"x: expected a torch.Tensor [T, H], got {type(x).__name__}")
         num_tokens = self._check_x(x)
         self._check_num_experts(num_experts)
-        self._check_topk(topk_idx, num_tokens, None, "low_latency_dispatch")
+        self._check_topk(topk_idx, num_tokens, None)
         if topk_idx.device != x.device:
             raise ValueError(f"topk_idx: expected device {x.device} (that of x), got {topk_idx.device}")
         M = num_max_dispatch_tokens_per_rank
@@ -1275,7 +1275,7 @@ class Buffer:
         num_tokens = handle.num_tokens
         if torch.is_grad_enabled():  # (no backward either: see low_latency_dispatch)
             _grad_lost_warning("ep.Buffer.low_latency_combine", (x, topk_weights), {}, _LOW_LATENCY_HINT)
-        self._check_topk(topk_idx, num_tokens, None, "low_latency_combine")
+        self._check_topk(topk_idx, num_tokens, None)
         if topk_idx.shape[1] != K:
             raise ValueError(f"topk_idx: expected {K} columns (those of the dispatch), got {topk_idx.shape[1]}")
         if topk_weights is None:

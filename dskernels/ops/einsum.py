@@ -65,7 +65,7 @@ def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torc
 
 def _einsum_bmm(roles, a, b, d, c) -> None:
     """einsum's GPU path: one torch.bmm (cuBLAS) over the operands permuted and reshaped by role."""
-    lhs, rhs, view = _as_bmm(roles, a, b, d)
+    lhs, rhs, view = _as_bmm(roles, a, b)
     batch, m, n, k = (math.prod(roles["sizes"][x] for x in roles[role]) for role in ("batch", "m", "n", "k"))
     lhs, rhs = lhs.reshape(batch, m, k), rhs.reshape(batch, n, k).transpose(1, 2)  # several letters: a copy
     if d.dtype == BF16 and c is None:
@@ -136,8 +136,8 @@ def fp8_einsum(expr: str, a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.T
         what = f"recipe {ROW_RECIPE}: 1x128 scales along {k_letter!r}"
     _check_scales("sb", sb, b, roles["b"], blocks, what, d.device)
     _check_c(c, d, "d")
-    lhs, rhs, view = _as_bmm(roles, a, b, d)
-    scales_a, scales_b, _ = _as_bmm(roles, sa, sb, d)
+    lhs, rhs, view = _as_bmm(roles, a, b)
+    scales_a, scales_b, _ = _as_bmm(roles, sa, sb)
     if c is not None:
         if not torch.compiler.is_compiling():  # eager: every refusal before d is written (c: the general form)
             _general_backend(d.device, "fp8_bmm_nt")
@@ -180,7 +180,7 @@ def _parse(expr, tensors, names) -> dict:
             "n": [x for x in d if x in b and x not in a], "k": [x for x in a if x in b and x not in d]}
 
 
-def _as_bmm(roles, a, b, d):
+def _as_bmm(roles, a, b):
     """a as [batch..., m..., k...], b as [batch..., n..., k...] (permuted views) and a function giving
     a tensor of d's letters as [batch..., m..., n...]; with no batch letter, a batch of one."""
     def permuted(t, word, order):

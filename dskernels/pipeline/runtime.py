@@ -684,7 +684,6 @@ class _Runtime(nn.Module):
             order = self._order(num_chunks)
         except ValueError as e:  # the schedule's constraint on N, said of num_chunks
             raise ValueError(f"num_chunks: {e}") from None
-        self._num_chunks = num_chunks
         chains = self._chains()
         self._neighbours = _schedule._neighbours(chains)
         self._tails = {c[-1] for c in chains}

@@ -6,7 +6,7 @@ of up to 128 columns has one, a tile of 256 two; n need not be a multiple of 128
 the fp32 accumulator: DeepGEMM's "promotion" math, so the results agree with the
 dequantize-then-multiply oracle up to fp32 rounding before the final bf16 rounding.
 
-Three kernels share that K loop (`_scaled_tile`):
+Four kernels share that K loop (`_scaled_tile`):
 - dense: one program per (BLOCK_M, BLOCK_N) tile, tiles visited in GROUP_M-row bands so that
   consecutive programs reuse the same b tiles from L2; also fp8_gemm_nt's general form (per-row b
   scales, fp32 out, adding to out: compile-time switches); on Hopper, opt-in, also persistent
@@ -18,7 +18,9 @@ Three kernels share that K loop (`_scaled_tile`):
   DeepGEMM's psum layout (one cumulative row end per group, groups starting at multiples of 128)
   is read the same way: each tile finds its group among the G ends;
 - masked grouped: a (tiles, G) grid; each program reads masked_m[g] on the device and does no
-  K-loop work when its tile starts at or beyond it. CUDA-graph safe.
+  K-loop work when its tile starts at or beyond it. CUDA-graph safe;
+- K-grouped (weight gradients, _k_grouped_kernel): a (tiles, G) grid; each program sums ks before
+  its group on the device and runs the K loop over that group's own tokens.
 
 The grouped kernels also run DeepGEMM's bf16 GEMMs (SCALED=False): the same grids and group
 logic around a plain bf16 dot with one fp32 accumulator (`_dot_tile`, any k).

@@ -32,7 +32,6 @@ from dskernels.triton.fp8_math import as_element_type, e4m3_bits_to_fp16, native
 from dskernels.triton.launch import fast
 
 LOG2E = 1.4426950408889634
-METADATA_STRIDE = 8  # ints per partition in tile_scheduler_metadata
 # Block-table entries checked per step before a sequence's key loop (with 16, 64 or 128, ptxas
 # spilled 64-148 bytes more in the 32-row d = 576 tiles on sm_90a; 32 leaves them as they were).
 PAGE_SCAN = tl.constexpr(32)

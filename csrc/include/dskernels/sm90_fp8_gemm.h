@@ -116,11 +116,11 @@ inline const char* grouped_config_name(GroupedConfig c) {
   return "?";
 }
 
-// The grouped rule (not yet measured): rows_per_group is the masked call's expected_m, or <= 0
-// when unknown (contiguous: the segment sizes are only on the device, and DeepGEMM-style callers
-// align them to 128 rows). 64-row tiles when 1..64 rows are expected (decode: a few tokens per
-// expert); else multicast clusters for an even count of N tiles and at least 2 SMs (as the dense
-// rule), else kM128.
+// The grouped rule (timed once, H200 2026-12-04, only at 256+ rows per group: docs/gemm.md):
+// rows_per_group is the masked call's expected_m, or <= 0 when unknown (contiguous: the segment
+// sizes are only on the device, and DeepGEMM-style callers align them to 128 rows). 64-row tiles
+// when 1..64 rows are expected (decode: a few tokens per expert); else multicast clusters for an
+// even count of N tiles and at least 2 SMs (as the dense rule), else kM128.
 inline GroupedConfig pick_grouped_config(int64_t rows_per_group, int64_t n, int64_t sm_count) {
   if (rows_per_group > 0 && rows_per_group <= 64) return GroupedConfig::kM64;
   return (n + 127) / 128 % 2 == 0 && sm_count >= 2 ? GroupedConfig::kM128Multicast : GroupedConfig::kM128;
