@@ -1,6 +1,7 @@
 """Serving-engine scenarios for dskernels: a page allocator with a free list, arrivals, chunked prefill,
-decode (1 token or MTP-style s > 1), finish / preemption (pages freed and reused without clearing,
-sometimes poisoned), batches that change every step, block tables padded with garbage.
+decode (1 token or MTP-style s > 1, some drafts rejected: the length rolled back over them), finish /
+preemption (pages freed and reused without clearing, sometimes poisoned), batches that change every step,
+block tables padded with garbage.
 Each step's outputs are compared to an oracle computed from scratch over the sequence's whole history."""
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ class Scenario:
     persistent: float = 0.0      # chance per step of the block table being a view of a larger persistent buffer
     inference_cache: bool = False  # caches allocated under torch.inference_mode(), steps under no_grad
     self_oracle: bool = False    # oracle: this layer (same weights, dtype) run from scratch without a cache
+    reject: float = 0.0          # chance per multi-token step that a sequence's last tokens were wrong drafts: its
+    #                              length moves past the accepted ones only, the rejected entries stay in the cache
 
 
 def build(sc: Scenario):
@@ -315,6 +318,13 @@ def run_scenario(sc: Scenario, log=print, stop_on_first=False):
                 table = persistent_view(table, rng)
             xs = torch.stack([s.x[s.length:s.length + S] for s in batch])
             ps = torch.stack([s.pos[s.length:s.length + S] for s in batch])
+            accepted = [S] * len(batch)
+            if sc.reject and S > 1:  # speculative: draft tokens past the accepted ones are others' (random) inputs
+                for b in range(len(batch)):
+                    if rng.random() < sc.reject:
+                        accepted[b] = rng.randrange(1, S)
+                        xs[b, accepted[b]:] = torch.randn(S - accepted[b], hidden, generator=gen).to(sc.dtype)
+                stats["rejected"] = stats.get("rejected", 0) + S * len(batch) - sum(accepted)
             if npad:
                 xs = torch.cat([xs, torch.randn(npad, S, hidden, generator=gen).to(sc.dtype)])
                 ps = torch.cat([ps, torch.randint(0, 1000, (npad, S), generator=gen)])
@@ -325,9 +335,10 @@ def run_scenario(sc: Scenario, log=print, stop_on_first=False):
             stats["batches"].append(len(batch))
             stats["s_hist"][S] = stats["s_hist"].get(S, 0) + 1
             for b, s in enumerate(batch):
-                exp = s.expected[s.length:s.length + S]
-                err = token_errors(y[b], exp, s.x[s.length:s.length + S])
-                stats["checked"] += S
+                n = accepted[b]  # (the rejected drafts' outputs are discarded, as an engine does)
+                exp = s.expected[s.length:s.length + n]
+                err = token_errors(y[b, :n], exp, s.x[s.length:s.length + n])
+                stats["checked"] += n
                 if not torch.isfinite(y[b]).all():
                     stats["nan"] += 1
                 e = float(err.nan_to_num(float("inf")).max())
@@ -335,15 +346,15 @@ def run_scenario(sc: Scenario, log=print, stop_on_first=False):
                 bad = (err.nan_to_num(float("inf")) > tol)
                 if bad.any():
                     stats["over"] += int(bad.sum())
-                    info = dict(step=step, sid=s.sid, length=s.length, S=S, pages=list(s.pages), err=e,
+                    info = dict(step=step, sid=s.sid, length=s.length, S=S, accepted=n, pages=list(s.pages), err=e,
                                 batch=[(t.sid, t.length) for t in batch], table=table.tolist(), lens=lens.tolist())
                     stats["fails"].append(info)
                     if len(stats["fails"]) <= 3:
                         log(f"  [{sc.name}] step {step}: seq {s.sid} len {s.length} S {S} err {e:.3g} > {tol:.3g}")
                     if stop_on_first:
                         return stats
-                s.length += S
-                stats["tokens"] += S
+                s.length += n  # rolled back over the rejected drafts: their entries stay past the length
+                stats["tokens"] += n
             for s in list(batch):
                 if s.length == s.target:
                     running.remove(s)
@@ -544,6 +555,10 @@ LAYER_SCENARIOS = [
     Scenario("v32-dense-fp32-ref-inference-mode-cache", 105, 12, v32=True, inference_cache=True),
     Scenario("dense-fp32-triton-p5", 106, 8, backend="triton", max_len=16, max_batch=4, pad_rows=0.3,
              persistent=0.3),
+    Scenario("dense-fp32-ref-reject", 107, 30, reject=0.7, fork=0.1, max_len=20),
+    Scenario("v32-dense-fp32-ref-reject", 108, 16, v32=True, reject=0.7, max_len=16),
+    Scenario("v32-dense-fp32-triton-reject", 109, 10, v32=True, backend="triton", max_len=16, max_batch=4,
+             reject=0.6),
 ]
 OPS_SCENARIOS = [
     OpsScenario("ops-bf16-ref-p64-new-form", 201, 12, backend="ref", new_form=True, persistent=0.3),
@@ -564,6 +579,7 @@ def test_layer_serving_scenario(sc):
     _skip_without(sc.backend)
     stats = run_scenario(sc, log=lambda *a: None)
     assert stats["steps"] >= sc.steps // 2 and stats["tokens"] > 0, stats
+    assert not sc.reject or stats.get("rejected"), stats
     assert not stats["fails"], (stats["fails"][:2], stats["max_err"])
 
 
