@@ -941,3 +941,14 @@ def test_k_grouped_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(d, eager)
+
+
+def test_token_major_typo_raises_on_k_major_operands(monkeypatch):
+    """The Triton launcher skips the token-major rule (a capability query) for K-major operands,
+    the decode path's: a typo in its knob still raises there, as it does for transposed ones."""
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("needs the Triton backend (TRITON_INTERPRET=1 on CPU)")
+    args = _dense_args()
+    monkeypatch.setenv("DSKERNELS_GEMM_TOKEN_MAJOR", "Direct")
+    with dskernels.backend("triton"), pytest.raises(ValueError, match="^DSKERNELS_GEMM_TOKEN_MAJOR: expected"):
+        dskernels.gemm_fp8_fp8_bf16_nt((args["a"], args["sa"]), (args["b"], args["sb"]), args["out"])

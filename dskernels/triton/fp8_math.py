@@ -32,8 +32,11 @@ def native_fp8_cast(device: torch.device) -> bool:
     rounded toward zero first (`cvt.rz.f16.f32`), a double rounding that moves values just above a
     tie. Never under the interpreter (its fp8 cast rounds wrongly) nor with DSKERNELS_TRITON_NATIVE_FP8=0;
     scripts/check_triton_compile.py checks the instruction in every NATIVE kernel."""
-    return (os.environ.get("TRITON_INTERPRET", "0") != "1" and native_fp8(device)
-            and torch.cuda.get_device_capability(device) >= (9, 0))
+    # native_fp8's rule inlined: on the GPU path of every cast, one environment read and one capability
+    # query (torch's, a few us of host time) less than calling it
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("DSKERNELS_TRITON_NATIVE_FP8", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 @triton.jit

@@ -656,7 +656,9 @@ def _operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     Where the kernels do not read MN-major FP8 tiles themselves (_token_major_direct: Hopper's FP8
     wgmma takes K-major tiles only, others go through registers unpipelined), an operand whose K
     stride is not 1 (fp8_gemm_nn/tn/tt's transposed views) is first copied K-major: one pass."""
-    if not _token_major_direct(a.device):
+    if all(t.stride(-1) == 1 or t.shape[-1] <= 1 for t in (a, b)):  # K-major (decode): no capability query
+        env_choice(TOKEN_MAJOR_KNOB, ("direct", "transpose"))  # (a typo still raises on every path)
+    elif not _token_major_direct(a.device):
         a, b = (t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in (a, b))
     fp8_dot = native_fp8(a.device)
     return (a, b, True) if fp8_dot else (a.view(torch.uint8), b.view(torch.uint8), False)

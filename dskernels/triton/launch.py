@@ -45,18 +45,21 @@ MAX_SIGNATURES = 1024  # per kernel; past it the oldest go (ints keyed by value 
 
 def _keys(values, key: list) -> bool:
     """Appends each value's key to key; False at a value of a kind the signature does not cover."""
+    append = key.append  # (per argument of every launch: the common kinds first, by identity)
     for value in values:
         kind = type(value)
         if kind is int:
-            key.append(value)
-        elif isinstance(value, torch.Tensor):
-            key.append((value.dtype, value.data_ptr() % 16 == 0))
+            append(value)
+        elif kind is torch.Tensor or isinstance(value, torch.Tensor):
+            append((value.dtype, value.data_ptr() % 16 == 0))
+        elif kind is bool:
+            append((kind, value))
         elif kind is float:
-            key.append(value.hex())  # a constexpr's value matters; -0.0 == 0.0 would merge them
+            append(value.hex())  # a constexpr's value matters; -0.0 == 0.0 would merge them
         elif value is None:
-            key.append(None)
-        elif kind is bool or isinstance(value, (tl.dtype, torch.dtype, str)):
-            key.append((kind, value))
+            append(None)
+        elif isinstance(value, (tl.dtype, torch.dtype, str)):
+            append((kind, value))
         else:
             return False
     return True
