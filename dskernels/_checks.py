@@ -127,16 +127,29 @@ def check_reads_apart(out_name: str, out: torch.Tensor, **reads) -> None:
     """out shares no memory with any tensor of `reads` (name=tensor; None is skipped): a kernel
     that wrote out while reading one of them (an operand, its scales, a layout of group ids) would
     read what it had already written."""
+    # out's side of may_share_memory once, not per read (a GEMM call checks four): its answer is
+    # False for every read where out is empty, fake or has no storage to compare
+    if out.numel() == 0 or _maybe_fake(out):
+        return
+    try:
+        out_storage = out.untyped_storage().data_ptr()
+    except RuntimeError:
+        return
     for name, t in reads.items():
-        if t is not None and may_share_memory(out, t):
+        if t is not None and _may_share_memory_with(out, out_storage, t):
             raise ValueError(f"{out_name}: expected an output that shares no memory with {name} (the GEMM reads "
                              f"{name} while it writes {out_name}), got overlapping tensors")
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _maybe_fake(t: torch.Tensor) -> bool:
     """is_fake(t), without its ~2 us for the eager case: a plain tensor is fake only when
-    functionalization wraps a fake one (a GEMM's checks ask this of ~70 tensor pairs per decode step)."""
-    if type(t) is torch.Tensor and not torch._is_functional_tensor(t):
+    functionalization wraps a fake one (a GEMM's checks ask this of ~70 tensor pairs per decode step).
+    An nn.Parameter likewise (a model's weights): one made of a fake tensor is a FakeTensor itself
+    (Parameter.__new__ keeps a non-plain tensor's type)."""
+    if type(t) in _PLAIN_TENSOR_TYPES and not torch._is_functional_tensor(t):
         return False
     return is_fake(t)
 
@@ -152,7 +165,19 @@ def may_share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     if _maybe_fake(a) or _maybe_fake(b):
         return False
     try:
-        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        a_storage = a.untyped_storage().data_ptr()
+    except RuntimeError:  # functional tensors (tracing): likewise
+        return False
+    return _may_share_memory_with(a, a_storage, b)
+
+
+def _may_share_memory_with(a: torch.Tensor, a_storage: int, b: torch.Tensor) -> bool:
+    """may_share_memory(a, b) for an a already found non-empty and real, its storage's address
+    a_storage."""
+    if b.numel() == 0 or _maybe_fake(b):
+        return False
+    try:
+        if a_storage != b.untyped_storage().data_ptr():
             return False
     except RuntimeError:  # functional tensors (tracing): likewise
         return False

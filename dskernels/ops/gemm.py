@@ -663,9 +663,11 @@ def _check_operands(a, sa, b, sb, out, *, grouped_a: bool, grouped_b: bool, gene
     _check_shape("sa", sa, (*a.shape[:-1], k // GROUP_SIZE), "one scale per row per 128 columns of a")
     check_tensor("sb", sb, dtypes=(torch.float32,), device=device)
     per_block = (*b.shape[:-2], (n + GROUP_SIZE - 1) // GROUP_SIZE, k // GROUP_SIZE)
-    per_row = (*b.shape[:-2], n, k // GROUP_SIZE)
-    if tuple(sb.shape) != per_block and not (general and tuple(sb.shape) == per_row):
+    sb_shape = tuple(sb.shape)
+    # (per_row only where general takes it: one tuple less on the other GEMMs' calls)
+    if sb_shape != per_block and not (general and sb_shape == (*b.shape[:-2], n, k // GROUP_SIZE)):
         # (the message is built only here: torch.compile traces the check, not an unused string)
+        per_row = (*b.shape[:-2], n, k // GROUP_SIZE)
         also = f", or {per_row}: one per row of b per 128 columns" if general else ""
         raise ValueError(f"sb: expected shape {per_block} (one scale per 128x128 block of b{also}), "
                          f"got {tuple(sb.shape)}")

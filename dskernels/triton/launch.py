@@ -40,6 +40,7 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
 ENABLED = os.environ.get("DSKERNELS_TRITON_LAUNCH_CACHE", "1") != "0"
+_Tensor = torch.Tensor  # (one global lookup per argument, not torch's and then its attribute)
 MAX_SIGNATURES = 1024  # per kernel; past it the oldest go (ints keyed by value vary: batch sizes, table widths)
 
 
@@ -50,10 +51,12 @@ def _keys(values, key: list) -> bool:
         kind = type(value)
         if kind is int:
             append(value)
-        elif kind is torch.Tensor or isinstance(value, torch.Tensor):
+        elif kind is _Tensor:
             append((value.dtype, value.data_ptr() % 16 == 0))
         elif kind is bool:
             append((kind, value))
+        elif isinstance(value, _Tensor):  # (a subclass: after the exact kinds, no bool is a tensor)
+            append((value.dtype, value.data_ptr() % 16 == 0))
         elif kind is float:
             append(value.hex())  # a constexpr's value matters; -0.0 == 0.0 would merge them
         elif value is None:
@@ -65,13 +68,15 @@ def _keys(values, key: list) -> bool:
     return True
 
 
-def _signature(args: tuple, kwargs: dict):
+def _signature(args: tuple, kwargs: dict, device=None):
     """The launch's key (see the module docstring), or None where an argument is of a kind it
-    does not cover."""
+    does not cover. device: the current device, where the caller has read it already."""
     key = []
     if not _keys(args, key) or not _keys(kwargs.values(), key):
         return None
-    return (*key, *kwargs, driver.active.get_current_device(), knobs.runtime.debug,
+    if device is None:
+        device = driver.active.get_current_device()
+    return (*key, *kwargs, device, knobs.runtime.debug,
             knobs.compilation.instrumentation_mode,
             getattr(knobs.runtime, "add_stages_inspection_hook", None))  # (Triton 3.8's)
 
@@ -109,7 +114,8 @@ class FastLauncher:
     def run(self, grid, args: tuple, kwargs: dict):
         if not ENABLED:
             return self.kernel[grid](*args, **kwargs)
-        key = _signature(args, kwargs)
+        device = driver.active.get_current_device()  # (read once: the key's and the launch's)
+        key = _signature(args, kwargs, device)
         plan = self.plans.get(key) if key is not None else None
         if plan is None or self.jit.pre_run_hooks:
             with self.lock:
@@ -122,7 +128,6 @@ class FastLauncher:
         if callable(grid):
             grid = grid(dict(zip(self.names, values)))
         # As JITFunction.run launches (Triton 3.6 through 3.8).
-        device = driver.active.get_current_device()
         stream = driver.active.get_current_stream(device)
         metadata = compiled.launch_metadata(grid, stream, *values)
         compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,

@@ -21,6 +21,7 @@ Triton has no fp8 type (before sm_89) the keys are read as bytes and widened by 
 (FP8_BYTES).
 """
 
+import functools
 import os
 
 import torch
@@ -388,6 +389,11 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, meta: torch.Tensor, num_splits
                                      BLOCK_B=256, BLOCK_P=_pow2(num_parts), num_warps=4, num_stages=1)
 
 
+def _min_int32_max(n):
+    """min(n, 2**31 - 1), symbolic for a symbolic n (torch.sym_min: ~0.6 us of host time on an int)."""
+    return min(n, 2**31 - 1) if type(n) is int else torch.sym_min(n, 2**31 - 1)
+
+
 def _pow2(n: int, floor: int = 16) -> int:
     return max(next_power_of_2(max(n, 1)), floor)
 
@@ -444,11 +450,23 @@ def tile_config(rows: int, block_dv: int, block_dr: int, device: torch.device,
     """
     if device.type == "cpu":  # the interpreter: few, big tiles (its cost is per operation)
         return min(_pow2(rows), 64), 64, 4, 1
+    # The rule's answer per shape and shared-memory limit (both read on every call, the forced tile too)
+    tile = _default_tile(rows, block_dv, block_dr, element_bytes, _shared_limit(device))
+    forced = _forced_tile()
+    if forced is not None:
+        tile = (forced[0] or tile[0], *forced[1:])
+    return tile
+
+
+@functools.lru_cache(maxsize=1024)  # (decode calls the same few shapes; ~2 us of host time per call)
+def _default_tile(rows: int, block_dv: int, block_dr: int, element_bytes: int,
+                  shared_limit: int) -> tuple[int, int, int, int]:
+    """tile_config's rule for a GPU of shared_limit bytes of shared memory per block."""
     # Shared memory at element_bytes per element (2; 4 where q or the cache is fp32, whose operands
     # stay fp32): the Q tile, and two key buffers (an fp8 cache's second V load for P @ V makes its
     # two about as big); 8 KB for the rest (measured: 1-3 KB).
     row = (block_dv + block_dr) * element_bytes
-    fits = lambda m, n, buffers: m * row + buffers * n * row + 8192 <= _shared_limit(device)  # noqa: E731
+    fits = lambda m, n, buffers: m * row + buffers * n * row + 8192 <= shared_limit  # noqa: E731
     if block_dv >= 256:
         # The first that fits: 64 keys twice, 32 keys twice, 32 once, 16 once; then 16 query rows.
         options = [(m, n, buffers) for m in dict.fromkeys((16 if rows <= 16 else 32, 16))
@@ -458,9 +476,6 @@ def tile_config(rows: int, block_dv: int, block_dr: int, device: torch.device,
     else:
         block_m, block_n = min(_pow2(rows), 64), 64
         tile = block_m, block_n, 4, DOUBLE_BUFFER_STAGES if fits(block_m, block_n, 2) else 2
-    forced = _forced_tile()
-    if forced is not None:
-        tile = (forced[0] or tile[0], *forced[1:])
     return tile
 
 
@@ -515,7 +530,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         tile_scheduler_metadata, num_splits, k_scale_arg,
         out, lse, out_acc, lse_acc,
         softmax_scale * LOG2E, b, s_q, heads_per_kv, page_size, block_table.shape[1],
-        torch.sym_min(block_table.shape[1] * page_size, 2**31 - 1), k_cache.shape[0], max_splits,
+        _min_int32_max(block_table.shape[1] * page_size), k_cache.shape[0], max_splits,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0),
