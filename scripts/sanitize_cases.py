@@ -166,17 +166,22 @@ def mla_fp8_tma():
 
 def mla_seesaw():
     """The sm90 MLA decode's opt-in seesaw consumers: even and odd block counts (a pair without y),
-    one block, an empty sequence; two row tiles, causal MTP rows; the TMA and the register path."""
+    one block, an empty sequence; two row tiles, causal MTP rows; the TMA and the register path.
+    The device's plan gives these lengths items of one block (no pair); split_plan's 3 partitions
+    give items of 7, 4, 3 and 1 blocks (runs of pairs, an item starting on stage 1, a split)."""
+    from dskernels.ops import mla as mla_ops
+
     lens = torch.tensor([700, 0, 130, 64], dtype=torch.int32, device="cuda")
     q = torch.randn(4, 2, 48, 576, device="cuda", dtype=torch.bfloat16)
-    meta, splits = dskernels.get_mla_metadata(lens, 2 * 48, 1)
+    plans = (dskernels.get_mla_metadata(lens, 2 * 48, 1), mla_ops.split_plan(lens, 3))
     os.environ["DSKERNELS_MLA_SEESAW"] = "1"
     try:
         for page in (64, 61):
             pages = -(-700 // page)
             block_table = torch.arange(4 * pages, dtype=torch.int32, device="cuda").reshape(4, pages)
             k_cache = torch.randn(4 * pages, page, 1, 576, device="cuda", dtype=torch.bfloat16)
-            dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, 512, meta, splits, causal=True)
+            for meta, splits in plans:
+                dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, 512, meta, splits, causal=True)
     finally:
         os.environ.pop("DSKERNELS_MLA_SEESAW")
 
@@ -184,18 +189,24 @@ def mla_seesaw():
 def mla_narrow():
     """The sm90 MLA decode's opt-in narrow kernel: N = 16 (16 heads, one token) and N = 32 (causal MTP
     rows, two kv heads of 16); one, two and three blocks per sequence (the groups take alternate
-    blocks), an empty sequence, a split one; the TMA and the register path."""
+    blocks), an empty sequence, a split one; the TMA and the register path. The device's plan gives
+    items of one block (one group works); split_plan's 3 partitions give items of 7, 4, 3 and 1
+    blocks, where both groups take turns within an item."""
+    from dskernels.ops import mla as mla_ops
+
     lens = torch.tensor([700, 0, 130, 64], dtype=torch.int32, device="cuda")
     os.environ["DSKERNELS_MLA_NARROW"] = "1"
     try:
         for s_q, h_q, h_kv, causal in ((1, 16, 1, False), (2, 32, 2, True)):
             q = torch.randn(4, s_q, h_q, 576, device="cuda", dtype=torch.bfloat16)
-            meta, splits = dskernels.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv)
+            plans = (dskernels.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv), mla_ops.split_plan(lens, 3))
             for page in (64, 61):
                 pages = -(-700 // page)
                 block_table = torch.arange(4 * pages, dtype=torch.int32, device="cuda").reshape(4, pages)
                 k_cache = torch.randn(4 * pages, page, h_kv, 576, device="cuda", dtype=torch.bfloat16)
-                dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, 512, meta, splits, causal=causal)
+                for meta, splits in plans:
+                    dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, 512, meta, splits,
+                                                     causal=causal)
     finally:
         os.environ.pop("DSKERNELS_MLA_NARROW")
 

@@ -269,6 +269,7 @@ def test_nan_score_gives_nan_not_an_empty_result(cache_dtype):
     assert torch.equal(lse[..., 0].isnan(), nan_rows)
     assert (out[1] == 0).all() and (lse[1] == math.inf).all()
 
+
 def test_one_partition_plan_writes_out_directly_with_no_partials():
     """More 64-row tiles than SMs (a prefill chunk at 128 heads) plans one partition, which splits
     no sequence: every result goes straight to out, and the launcher allocates no split partials

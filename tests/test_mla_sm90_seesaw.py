@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import dskernels
-from test_mla_sm90 import (D, FP8, TOLERANCES, _need_cuda_backend, check, check_graph_replays, decode, kernels_launched,
-                           make_cache)
+from dskernels.ops import mla as mla_ops
+from test_mla_sm90 import (D, DV, FP8, TOLERANCES, _need_cuda_backend, check, check_graph_replays, decode,
+                           kernels_launched, make_cache)
 from test_mla_sm90 import test_keys_outside_the_cache_add_nothing as keys_outside_the_cache_add_nothing
 
 pytestmark = pytest.mark.gpu
@@ -65,6 +66,26 @@ def test_seesaw_matches_oracle(page_size, h_q, h_kv, s_q, causal, cache_dtype):
         (out, lse), names = kernels_launched(lambda: decode(q, k_cache, block_table, lens, k_scale, causal))
     assert_seesaw_ran(names)
     check(out, lse, q, k_cache, block_table, lens, k_scale, causal)
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8])  # the TMA path (page 64), the register path
+def test_seesaw_few_partitions_walk_many_items(parts, cache_dtype):
+    """The device's plan gives these batches items of one to four blocks. split_plan's few partitions
+    make each CTA walk several sequences back to back instead: long runs of pairs, items of an odd
+    block count followed by another item (whose pairs then start on stage 1), a split of 36 blocks
+    and one of 28 (3 partitions), and with one partition no split at all, every sequence written
+    straight to out with no partial slots allocated (the launcher's max_slots = 0)."""
+    _need_cuda_backend()
+    k_cache, block_table, k_scale = make_cache(LENGTHS, 1, 64, cache_dtype, seed=parts)
+    q = torch.randn(len(LENGTHS), 2, 32, D, device="cuda").to(torch.bfloat16)  # 64 rows: one tile
+    lens = torch.tensor(LENGTHS, dtype=torch.int32, device="cuda")
+    meta, splits = mla_ops.split_plan(lens, parts)
+    with dskernels.backend("cuda"):
+        (out, lse), names = kernels_launched(lambda: dskernels.flash_mla_with_kvcache(
+            q, k_cache, block_table, lens, DV, meta, splits, causal=True, k_scale=k_scale))
+    assert_seesaw_ran(names)
+    check(out, lse, q, k_cache, block_table, lens, k_scale, True)
 
 
 def test_seesaw_float16_and_one_sequence_per_split():
