@@ -322,6 +322,37 @@ def test_dense_raw_op_rejects_bad_layouts(cuda_backend):
 
 
 @pytest.mark.gpu
+def test_raw_ops_reject_an_out_with_overlapping_rows(cuda_backend):
+    """check_tma_operand takes a stride of 0 (an expanded row or group) and rows closer than their
+    length for 16-byte aligned: the raw ops must refuse such an out by name before launching (the
+    persistent CTAs would store several tiles to one address). The public ops refuse it in Python.
+    Interleaved layouts that do not overlap (groups inside rows) still run."""
+    m, n, k, groups = 8, 64, 256, 2
+    _, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
+    _, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
+    sb = gemm_ops._cuda_sb(sb)
+    message = "out: expected every element at its own address"
+    expanded = empty_out(1, n, device="cuda").expand(m, n)  # row stride 0
+    short_rows = empty_out(m * n, device="cuda").as_strided((m, n), (8, 1))  # rows 8 apart, 64 long
+    for out in (expanded, short_rows):
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.dskernels._sm90_gemm_fp8_fp8_bf16_nt(a, sa, b, sb, out)
+    bg, sbg = b[None].expand(groups, n, k), sb[None].expand(groups, *sb.shape)
+    m_indices = torch.tensor([0] * 4 + [1] * 4, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.dskernels._sm90_m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, bg, sbg, short_rows, m_indices)
+    a3, sa3 = a.view(groups, m // groups, k), sa.view(groups, m // groups, k // 128)
+    masked_m = torch.full((groups,), m // groups, dtype=torch.int32, device="cuda")
+    raw_masked = torch.ops.dskernels._sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked
+    with pytest.raises(RuntimeError, match=message):
+        raw_masked(a3, sa3, bg, sbg, empty_out(1, m // groups, n, device="cuda").expand(groups, -1, -1), masked_m, 4)
+    inside_rows = empty_out(m // groups, groups, n, device="cuda").transpose(0, 1)  # strides (n, 2n, 1)
+    raw_masked(a3, sa3, bg, sbg, inside_rows, masked_m, 4)
+    for g in range(groups):
+        assert_close_to_oracle(inside_rows[g], a3[g], sa3[g], b, sb)
+
+
+@pytest.mark.gpu
 def test_k0_is_an_empty_sum(cuda_backend):
     """k = 0 passes the k % 128 check; CUTLASS's mainloop would wait forever for a first K tile."""
     fp8, dev = torch.float8_e4m3fn, "cuda"
@@ -431,6 +462,18 @@ def test_masked_decode_small_expected_m(cuda_backend, grouped_config_forced, exp
     """Decode-like masked call (DeepGEMM's masked layout: many experts, a few tokens each, m_max
     padded beyond them) with counts on both sides of the 64-row tile, under every config."""
     run_masked_against_oracle([1, 0, 63, 64, 65, 17, 128, 3], 192, 512, 1024, "tma", expected_m)
+
+
+@pytest.mark.gpu
+def test_masked_many_experts_few_rows(cuda_backend, grouped_config_forced):
+    """Decode in DeepEP's low-latency layout: many local experts, most without a row this step (the
+    first included), a few with 1..9 (the last included). The grouped tile scheduler reads every
+    group's shape on the device and must skip the empty ones under every config."""
+    counts = [0] * 96
+    for g, rows in zip(range(5, 96, 9), [1, 9, 4, 2, 7, 3, 1, 8, 5, 6, 2]):
+        counts[g] = rows
+    counts[-1] = 3
+    run_masked_against_oracle(counts, 16, 256, 256, "tma", 4)
 
 
 @pytest.mark.gpu

@@ -16,11 +16,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dskernels/sm90_fp8_gemm.h"
@@ -51,6 +53,26 @@ void check_tma_operand(const at::Tensor& t, const char* name, int64_t ndim, at::
                 "-byte elements (for the bf16 out: a row stride that is a multiple of 8)");
   }
   TORCH_CHECK(aligned16(t), name, ": TMA needs a 16-byte aligned base address");
+}
+
+// out: each element at an address of its own. check_tma_operand passes an expanded row or group
+// (stride 0 is a multiple of 16 bytes) and rows shorter than their stride; the persistent CTAs
+// would then store several tiles to one address, in no fixed order. Judged on the strides alone, by
+// the Python layer's rule (dskernels._checks.strides_may_overlap): whatever it hands over passes.
+void check_out_apart(const at::Tensor& out) {
+  if (out.numel() == 0) return;  // nothing is written; torch gives empty dimensions any strides
+  std::vector<std::pair<int64_t, int64_t>> steps;  // (stride, size) of the dimensions that are stepped
+  for (int64_t d = 0; d < out.dim(); ++d) {
+    if (out.size(d) > 1) steps.emplace_back(out.stride(d), out.size(d));
+  }
+  std::sort(steps.begin(), steps.end());
+  int64_t span = 1;  // elements covered by the dimensions with smaller strides
+  for (const auto& [stride, size] : steps) {
+    TORCH_CHECK(stride >= span, "out: expected every element at its own address (no expanded or overlapping "
+                "rows: several tiles would be stored to one), got shape ", out.sizes(), " and strides ",
+                out.strides());
+    span += stride * (size - 1);
+  }
 }
 
 // sa: a's shape with k -> k / 128, fp32, unit stride along the rows; `tma`: the dense kernel's
@@ -192,6 +214,7 @@ void gemm_fp8_fp8_bf16_nt(const at::Tensor& a, const at::Tensor& sa, const at::T
   check_sa(sa, a, /*tma=*/true);
   check_sb(sb, b, /*packed=*/false);
   check_tma_operand(out, "out", 2, at::kBFloat16, a.device());
+  check_out_apart(out);
   TORCH_CHECK(out.size(0) == a.size(0) && out.size(1) == b.size(0), "out: expected shape [", a.size(0), ", ",
               b.size(0), "], got ", out.sizes());
   if (a.size(0) == 0 || b.size(0) == 0) return;
@@ -265,6 +288,7 @@ void m_grouped_masked(const at::Tensor& a, const at::Tensor& sa, const at::Tenso
   check_sa(sa, a, /*tma=*/false);
   check_sb(sb, b, /*packed=*/true);
   check_tma_operand(out, "out", 3, at::kBFloat16, a.device());
+  check_out_apart(out);
   TORCH_CHECK(out.size(0) == a.size(0) && out.size(1) == a.size(1) && out.size(2) == b.size(1), "out: expected shape [",
               a.size(0), ", ", a.size(1), ", ", b.size(1), "], got ", out.sizes());
   check_group_ids(masked_m, "masked_m", a, a.size(0));
@@ -302,6 +326,7 @@ void m_grouped_contiguous(const at::Tensor& a, const at::Tensor& sa, const at::T
   check_sa(sa, a, /*tma=*/false);
   check_sb(sb, b, /*packed=*/true);
   check_tma_operand(out, "out", 2, at::kBFloat16, a.device());
+  check_out_apart(out);
   TORCH_CHECK(out.size(0) == a.size(0) && out.size(1) == b.size(1), "out: expected shape [", a.size(0), ", ",
               b.size(1), "], got ", out.sizes());
   check_group_ids(m_indices, "m_indices", a, a.size(0));
