@@ -1579,6 +1579,46 @@ def test_fused_moe_combine_matches_torch_ops(out_dtype, addends):
     assert torch.equal(got.cpu(), expected)
 
 
+
+@pytest.mark.parametrize("valid_pairs", [False, True])
+def test_experts_torch_combine_sums_slot_by_slot(valid_pairs, monkeypatch):
+    """Experts.forward's torch combine (the reference backend's, torch.compile's, a forced "cuda"
+    backend's) adds each token's weighted expert rows in fp32 in the order of its top-k slots, as
+    moe_combine does: the same bits as that order on arbitrary values. It used index_add_ over the
+    rows sorted by expert (another order; on CUDA atomics in any order: bits that changed from run
+    to run). The expert MLP is replaced by a known function of (row, expert) to isolate the sum;
+    slots of no expert (-1, an id past the last) add nothing, and valid_pairs drops their rows."""
+    tokens, k, experts, hidden = 6, 5, 7, 96
+    g = torch.Generator().manual_seed(21)
+    idx = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])  # not sorted by id
+    idx[1, 3], idx[4, 0], idx[2, 2] = -1, -1, experts + 2
+    weights = torch.rand(tokens, k, generator=g)
+    x = torch.randn(tokens, hidden, generator=g)
+
+    def expert_out(rows, ids):  # row r of expert e; bf16, as the grouped GEMMs return it
+        return (torch.sin(rows * (ids[:, None].float() + 1.5)) * 1e3).bfloat16()
+
+    def mlp(self, sorted_rows, m_indices, offsets):
+        out = expert_out(sorted_rows.pop(), m_indices)
+        out[m_indices >= experts] = float("nan")  # padding rows are unspecified
+        return out
+
+    module = Experts(experts, hidden, 16, dtype=torch.float32)
+    monkeypatch.setattr(Experts, "_expert_mlp", mlp)
+    named = (idx >= 0) & (idx < experts)
+    want = torch.zeros(tokens, hidden)
+    for slot in range(k):
+        term = expert_out(x, idx[:, slot].clamp(0, experts - 1)).float() * weights[:, slot, None]
+        want = want + torch.where(named[:, slot, None], term, 0.0)
+    for backend in ("ref", "triton"):  # torch's ops; Triton's sort and combine kernels (the same order)
+        if backend not in dskernels.available_backends():
+            continue
+        with torch.no_grad(), forced_backend(backend):
+            got = module(x, idx, weights, torch.float32, valid_pairs=int(named.sum()) if valid_pairs else None)
+            rounded = module(x, idx, weights, torch.bfloat16)
+        assert torch.equal(got, want), backend
+        assert torch.equal(rounded, want.bfloat16()), backend
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_experts_skip_ids_past_the_last(fp8):
     """Ids past the last local expert are padding, as -1 is: the float experts' per-expert counts

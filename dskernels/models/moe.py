@@ -304,19 +304,24 @@ class Experts(nn.Module):
         sorted_rows = [xs]  # handed over: freed once the first GEMM has read them (_expert_mlp)
         del xs
         y = self._expert_mlp(sorted_rows, m_indices, offsets)
-        # One kernel for the seven below, and a fixed summation order (no gradient to the weights
+        # (pairs left out by valid_pairs name no expert here: the combine never reads their row)
+        positions = torch.zeros(flat.numel(), dtype=torch.int64, device=order.device).scatter_(
+            0, order, torch.arange(order.numel(), device=order.device))
+        # One kernel for the ops below, and the same summation order (no gradient to the weights
         # through it: the router's, which x's gradient also flows through, keep torch's ops)
         if self._combines_in_kernel(topk_weights, out_dtype, addends, y):
             from dskernels.triton import layer as triton_layer
 
-            # (pairs left out by valid_pairs name no expert here: the combine never reads their row)
-            positions = torch.zeros(flat.numel(), dtype=torch.int64, device=order.device).scatter_(
-                0, order, torch.arange(order.numel(), device=order.device))
             return triton_layer.moe_combine(y, positions, topk_idx, topk_weights, experts, out_dtype, addends)
-        weights = topk_weights.reshape(-1)[order]
-        y = torch.where(valid[:, None], y.float() * weights[:, None], 0.0)
+        # fp32, slot by slot (moe_combine's order, so its bits): index_add_ added in the sorted rows'
+        # order, and on CUDA with atomics in any order (a token's bits could change from run to run)
+        named = (topk_idx >= 0) & (topk_idx < experts)
+        rows = positions.view(num_tokens, k)
         out = torch.zeros(num_tokens, self.hidden, dtype=torch.float32, device=y.device)
-        out = out.index_add_(0, token, y).to(out_dtype)
+        for slot in range(k):
+            term = y[rows[:, slot]].float() * topk_weights[:, slot, None].float()
+            out = out + torch.where(named[:, slot, None], term, 0.0)
+        out = out.to(out_dtype)
         for addend in addends:
             out = out + addend
         return out

@@ -18,8 +18,8 @@ models.linear.triton_fusable allows; torch's ops are the definition):
   inverse permutation), for up to MAX_SORTED_PAIRS pairs (decode; its work grows with their square).
 - The MoE combine (`moe_combine`): each token's weighted sum of its experts' output rows (in the
   experts' sorted order), summed in fp32 in the order of its top-k slots and rounded once: one
-  kernel for torch's seven (gather of the weights, fp32 copy, multiply, mask, zeros, index_add_,
-  cast), and deterministic where CUDA's index_add_ adds with atomics in any order; then, in the
+  kernel for torch's gathers, multiplies, masks and adds in the same order (Experts.forward's
+  fallback, which used index_add_: on CUDA atomics in any order); then, in the
   same kernel, the tensors added after it (the shared experts' output, the residual), each sum
   rounded as torch's add rounds it.
 - The paged latent cache write (`write_latent_cache`): [latent | k_rope] of each new token into
