@@ -15,6 +15,7 @@ import dskernels
 import dskernels.triton.layer as triton_layer
 from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer
 from dskernels.models.attention import MLAttention
+from dskernels.models.linear import dequantize_block_fp8
 from dskernels.models.moe import Experts
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton path on CPU tensors")
@@ -239,3 +240,156 @@ def test_experts_refuse_a_wrong_valid_pair_count():
                          (-1, "^valid_pairs: expected an int >= 0")):
         with pytest.raises(ValueError, match=match), torch.no_grad():
             experts(x, idx, weights, torch.float32, valid_pairs=wrong)
+
+
+# ---- loading checkpoints: no copy of all the experts beside the weights ----
+
+class _LiveBytes(TorchDispatchMode):
+    """The peak of the bytes that ops run inside the mode allocate and that are still alive (each
+    storage counted once, from its first op to its release)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.sizes = {}
+
+    def _free(self, ptr):
+        self.live -= self.sizes.pop(ptr, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs or {}))
+                  if isinstance(a, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor):
+                storage = o.untyped_storage()
+                ptr, size = storage.data_ptr(), storage.nbytes()
+                if size and ptr not in inputs and ptr not in self.sizes:
+                    self.sizes[ptr] = size
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, ptr)
+        return out
+
+
+def _checkpoint(cfg, fmt, dtype):
+    """A random checkpoint of MoE layer 1: fmt "fused" (transformers 5.x) or "per_expert" (4.x and
+    the checkpoint files), "_fp8" for float8_e4m3fn weights with their block scales."""
+    gen = torch.Generator().manual_seed(0)
+    fp8 = fmt.endswith("_fp8")
+    sd = {}
+    for k, v in DeepseekV3DecoderLayer(cfg, 1, dtype=dtype, fp8=fp8, device="meta").state_dict().items():
+        if v.dtype == torch.float8_e4m3fn:  # any finite e4m3 bytes (NaN is 0x7f / 0xff)
+            sd[k] = torch.randint(-126, 126, v.shape, dtype=torch.int8, generator=gen).view(v.dtype)
+        elif k.endswith("scale_inv"):
+            sd[k] = torch.rand(v.shape, generator=gen) * 1e-3 + 1e-4
+        else:
+            sd[k] = (torch.randn(v.shape, generator=gen) * 0.1 + ("norm" in k)).to(v.dtype)
+    fused = {k: sd[k] for k in sd if k.startswith("mlp.experts.")}
+    if fmt.startswith("per_expert"):
+        inter = cfg.moe_intermediate_size
+        for key, t in fused.items():
+            del sd[key]
+            name, suffix = key[len("mlp.experts."):].partition("_scale_inv")[:2]
+            cut = inter if not suffix else inter // 128
+            for e in range(t.shape[0]):
+                if name == "down_proj":
+                    sd[f"mlp.experts.{e}.down_proj.weight{suffix}"] = t[e].clone()
+                else:
+                    sd[f"mlp.experts.{e}.gate_proj.weight{suffix}"] = t[e, :cut].clone()
+                    sd[f"mlp.experts.{e}.up_proj.weight{suffix}"] = t[e, cut:].clone()
+    return sd, fused
+
+
+@pytest.mark.parametrize("fmt, checkpoint_dtype, fp8", [
+    ("per_expert_fp8", None, None), ("fused_fp8", None, None), ("per_expert", torch.bfloat16, None),
+    ("fused", torch.bfloat16, None), ("per_expert", torch.float32, None), ("fused", torch.float32, None),
+    ("per_expert", torch.bfloat16, True), ("per_expert_fp8", None, False)])
+def test_checkpoint_load_allocates_at_most_one_expert(fmt, checkpoint_dtype, fp8):
+    """load_hf_state_dict into a layer built in the format it keeps writes each expert straight into
+    the fused weights: what it allocates beside them stays under one expert plus a tenth of the
+    layer. The per-expert names were torch.stack-ed and then cat-ed (gate | up): 1.4x the layer at
+    the peak (3.7x from an fp32 checkpoint, whose values were also converted whole before the copy),
+    10.7 GiB per layer of V3's FP8 experts."""
+    cfg = DeepseekV3Config.tiny()
+    sd, fused = _checkpoint(cfg, fmt, checkpoint_dtype or torch.bfloat16)
+    keeps_fp8 = fmt.endswith("_fp8") if fp8 is None else fp8
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, fp8=keeps_fp8)
+    weights = {name: t.untyped_storage().data_ptr() for name, t in layer.named_parameters()}
+    gc.collect()
+    mode = _LiveBytes()
+    with mode, torch.no_grad():
+        layer.load_hf_state_dict(sd, fp8=fp8)
+    gc.collect()
+    assert {name: t.untyped_storage().data_ptr() for name, t in layer.named_parameters()} == weights  # in place
+    experts = layer.mlp.experts
+    total = sum(t.nbytes for t in layer.parameters())
+    one_expert = sum(t[0].nbytes for t in (experts.gate_up_proj, experts.down_proj))
+    one_expert *= 4 // experts.gate_up_proj.element_size()  # a conversion's fp32 temporary
+    assert mode.peak <= total // 10 + one_expert, (mode.peak, total, one_expert)
+    # each expert's rows where they belong, converted as .to() / dequantization converts
+    for name in ("gate_up_proj", "down_proj"):
+        want, scale = fused[f"mlp.experts.{name}"], fused.get(f"mlp.experts.{name}_scale_inv")
+        got = getattr(experts, name)
+        if fp8 is True:  # quantized per expert here: the same blocks as the whole matrix's cast
+            want, scale = map(torch.stack, zip(*(dskernels.per_block_cast_to_fp8(w) for w in want)))
+        if fp8 is False:
+            want = dequantize_block_fp8(want, scale, torch.bfloat16)
+        assert torch.equal(got.view(torch.uint8), want.to(got.dtype).view(torch.uint8)), name
+        if keeps_fp8:
+            assert torch.equal(getattr(experts, f"{name}_scale_inv"), scale)
+
+
+class _WeightCopies(TorchDispatchMode):
+    """Ops that read one of `weights` (storage pointer -> name) and allocate at least half its
+    bytes: a copy, cast or transpose of the weight (a few tokens' GEMM outputs are far smaller)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights, self.copies = weights, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {a.untyped_storage(): None for a in torch.utils._pytree.tree_leaves((args, kwargs or {}))
+                  if isinstance(a, torch.Tensor)}
+        read = [(self.weights[s.data_ptr()], s.nbytes()) for s in inputs if s.data_ptr() in self.weights]
+        out = func(*args, **(kwargs or {}))
+        ptrs = {s.data_ptr() for s in inputs}
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in ptrs:
+                self.copies += [(str(func), name) for name, size in read if o.untyped_storage().nbytes() >= size // 2]
+        return out
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("cached", [True, False], ids=["paged", "no_cache"])
+def test_forward_copies_no_weights(fp8, cached):
+    """A step reads the weights as they are stored: no per-call cast, transpose or contiguous copy of
+    a weight (the FP8 GEMMs' block-major scales and W_UK / W_UV are built once, at the first call,
+    and kept; the router's weight is kept in fp32)."""
+    cfg = DeepseekV3Config.tiny()
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, fp8=fp8)
+    layer.load_hf_state_dict(_checkpoint(cfg, "fused_fp8" if fp8 else "fused", torch.bfloat16)[0])
+    b = 2
+    x = torch.randn(b, 1, cfg.hidden_size, dtype=torch.bfloat16)
+    positions = torch.full((b, 1), 5)
+    kwargs = {}
+    if cached:
+        kwargs = dict(kv_cache=torch.zeros(2 * b, 16, 1, cfg.kv_cache_dim, dtype=torch.bfloat16),
+                      block_table=torch.arange(2 * b, dtype=torch.int32).view(b, 2),
+                      cache_seqlens=torch.full((b,), 5, dtype=torch.int32))
+    with torch.no_grad(), dskernels.backend("triton"):
+        layer(x, positions, **kwargs)  # builds the derived copies
+        weights = {t.untyped_storage().data_ptr(): name for name, t in [*layer.named_parameters(),
+                                                                        *layer.named_buffers()]}
+        derived = [("w_uk", layer.self_attn.w_uk), ("w_uv", layer.self_attn.w_uv)]
+        derived += [(f"{name}'s block-major scales", cache.value) for name, module in layer.named_modules()
+                    for cache in (getattr(module, attr, None) for attr in ("_gemm_scales", "_gate_up_scales",
+                                                                            "_down_scales"))
+                    if cache is not None and cache.value is not None]
+        assert len(derived) > 2 or not fp8
+        weights.update({t.untyped_storage().data_ptr(): name for name, t in derived if t is not None})
+        mode = _WeightCopies({p: n for p, n in weights.items()})
+        with mode:
+            layer(x, positions, **kwargs)
+    # (the score-correction bias, [E] fp32, is as small as grouped_topk's [tokens, k] outputs)
+    assert [c for c in mode.copies if c[1] != "mlp.gate.e_score_correction_bias"] == []

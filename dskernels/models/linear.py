@@ -130,6 +130,21 @@ def store_weight(module: nn.Module, name: str, value: torch.Tensor | None, sourc
     setattr(module, name, weight_parameter(value) if name in module._parameters else value)
 
 
+def load_weight(module: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype, device,
+                source: torch.Tensor | None = None) -> None:
+    """module.<name> given value's values in dtype on device: copied straight into the tensor it
+    holds where that has value's shape, the dtype and the device (copy_ converts as .to() rounds,
+    with no converted copy of the whole weight first), else store_weight of the converted value
+    (source: the caller's tensor, which the layer must not keep)."""
+    current = getattr(module, name)
+    if (isinstance(current, torch.Tensor) and current.shape == value.shape and current.dtype == dtype
+            and current.device == torch.device(device) and current.is_contiguous() and can_overwrite(current, current)):
+        with torch.no_grad():
+            current.copy_(value)
+        return
+    store_weight(module, name, value.to(device=device, dtype=dtype).contiguous(), source)
+
+
 def device_moves_only(fn, exempt):
     """`fn` as nn.Module._apply passes it, applied to the tensors for which exempt(t) holds only as
     the device move it makes: a module cast (.float(), .to(torch.bfloat16)) must not turn FP8 weights
@@ -210,7 +225,7 @@ class Linear(nn.Module):
             raise ValueError("bias: this projection has none (config.attention_bias is False)")
         if tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias: expected [{self.out_features}], got {list(bias.shape)}")
-        store_weight(self, "bias", bias.to(device=self.bias.device, dtype=self.bias.dtype), bias)
+        load_weight(self, "bias", bias, self.bias.dtype, self.bias.device, bias)
 
     def set_weight(self, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, fp8: bool | None):
         """Loads a float weight or an FP8 (weight, scale) pair; fp8=True quantizes a float weight,
@@ -232,11 +247,10 @@ class Linear(nn.Module):
         elif not fp8 and weight.dtype == FP8:  # on the layer's device (the bytes travel, the GPU computes)
             weight, scale = dequantize_block_fp8(weight.to(device), scale.to(device), dtype), None
         if fp8:
-            store_weight(self, "weight", weight.to(device).contiguous(), source)
-            store_weight(self, "weight_scale_inv", scale.to(device=device, dtype=torch.float32).contiguous(),
-                         source_scale)
+            load_weight(self, "weight", weight, FP8, device, source)
+            load_weight(self, "weight_scale_inv", scale, torch.float32, device, source_scale)
         else:
-            store_weight(self, "weight", weight.to(device=device, dtype=dtype).contiguous(), source)
+            load_weight(self, "weight", weight, dtype, device, source)
             self.weight_scale_inv = None
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
