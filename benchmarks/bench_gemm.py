@@ -161,14 +161,19 @@ def _grouped_scaled_mm_peer(rows):
     return run
 
 
+def _device_of(inputs) -> torch.device:
+    """The device of a case's first tensor input: where its bf16 peers put their operands."""
+    return next(t.device for t in inputs if isinstance(t, torch.Tensor))
+
+
 def _bf16_mm_peer(shape_a, shape_b, batched=False):
     """A bf16 torch.mm (or bmm) of the same shape: the non-FP8 baseline."""
     cache = {}
 
-    def run(*_):
+    def run(*inputs):
         if not cache:
-            cache["a"] = torch.randn(shape_a, device="cuda", dtype=torch.bfloat16)
-            cache["b"] = torch.randn(shape_b, device="cuda", dtype=torch.bfloat16)
+            cache["a"] = torch.randn(shape_a, device=_device_of(inputs), dtype=torch.bfloat16)
+            cache["b"] = torch.randn(shape_b, device=_device_of(inputs), dtype=torch.bfloat16)
         return torch.bmm(cache["a"], cache["b"]) if batched else torch.mm(cache["a"], cache["b"])
 
     return run
@@ -178,10 +183,11 @@ def _bf16_groups_peer(counts, n, k):
     """A bf16 torch.mm per group over its count of rows: the masked layout's valid work, unfused."""
     cache = {}
 
-    def run(*_):
+    def run(*inputs):
         if not cache:
-            cache["a"] = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for rows in counts]
-            cache["b"] = [torch.randn(k, n, device="cuda", dtype=torch.bfloat16) for _ in counts]
+            device = _device_of(inputs)
+            cache["a"] = [torch.randn(rows, k, device=device, dtype=torch.bfloat16) for rows in counts]
+            cache["b"] = [torch.randn(k, n, device=device, dtype=torch.bfloat16) for _ in counts]
         return [torch.mm(a, b) for a, b in zip(cache["a"], cache["b"]) if a.shape[0]]
 
     return run
@@ -496,9 +502,10 @@ def _bf16_masked_case(groups, expected_m, n, k, device, m_max):
         return expected
 
     peers = {}
-    if device == "cuda":  # a batched matmul over every row: what the model's float path did
+    if device == "cuda":  # a batched matmul over every row: what the model's float path did; and the
+        # valid rows' own work, group by group (not expected_m rows per group: the draw has 908 of 1024)
         peers = {"torch.bmm bf16 (all rows)": lambda a, b, d, masked_m: torch.bmm(a, b.transpose(1, 2)),
-                 "torch.bmm bf16": _bf16_mm_peer((groups, expected_m, k), (groups, k, n), batched=True)}
+                 "torch.mm bf16": _bf16_groups_peer(counts, n, k)}
     return Case(op="m_grouped_bf16_gemm_nt_masked",
                 params={"groups": groups, "expected_m": expected_m, "m_max": m_max, "n": n, "k": k},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * valid * n * k,

@@ -4,8 +4,8 @@ Counted as FlashMLA's tests/test_flash_mla.py counts them, with total = sum of t
     FLOPs = 2 * s_q * h_q * (d + dv) * total          (= b*h_q*s_q*(2d + 2dv)*seqlen for fixed lengths)
     bytes = (total * h_kv * d + b * s_q * h_q * d + b * s_q * h_q * dv) * element size
 i.e. the KV cache read once, q read once, out written once (LSE and the split buffers not counted).
-The metadata is computed once per case and backend (the sm90 kernel's tiles have 64 rows, the
-Triton kernel's 32), outside the timed region (as FlashMLA does).
+The metadata is computed once per case, backend and variant (the sm90 kernel's tiles have 64 rows,
+the Triton kernel's 32), outside the timed region (as FlashMLA does).
 
 Peer: a batched PyTorch decode (gather every page of the block table, masked softmax in fp32, two
 bf16 matmuls), not the per-sequence oracle. With variable lengths it pads every sequence to the
@@ -152,13 +152,15 @@ def _case(b, s_q, h_q, h_kv, d, dv, seqlen, varlen, page_size, cache_dtype, caus
         lens = torch.tensor(lengths, dtype=torch.int32, device=device)
         return q, k_cache, block_table.to(device), lens, dv, causal, k_scale
 
-    plans = {}  # backend -> (metadata, num_splits): planned once per backend (its tile size), untimed
+    # (metadata, num_splits), planned once (untimed) per backend and variant: the plan follows the
+    # backend's tile rows and a variant's knobs (DSKERNELS_MLA_CLUSTER pads the tiles to pairs)
+    plans = {}
 
     def run(q, k_cache, block_table, lens, dv, causal, k_scale):
-        backend = dskernels.current_backend()
-        if backend not in plans:
-            plans[backend] = dskernels.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv)
-        meta, splits = plans[backend]
+        key = (dskernels.current_backend(), *(os.environ.get(name) for name in knobs))
+        if key not in plans:
+            plans[key] = dskernels.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv)
+        meta, splits = plans[key]
         return dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, splits,
                                                 causal=causal, k_scale=k_scale)
 
@@ -168,16 +170,19 @@ def _case(b, s_q, h_q, h_kv, d, dv, seqlen, varlen, page_size, cache_dtype, caus
     params = {"b": b, "s_q": s_q, "h_q": h_q, "h_kv": h_kv, "d": d, "dv": dv, "seqlen": seqlen,
               "varlen": varlen, "page": page_size, "cache": str(cache_dtype).removeprefix("torch."),
               "causal": causal}
+    cuda_variants = (MLA_CUDA_VARIANTS | (MLA_FP8_CUDA_VARIANTS if cache_dtype == FP8 and
+                                          os.environ.get("DSKERNELS_MLA_FP8_TMA_TESTED") == "1" else {})
+                     | (MLA_SEESAW_CUDA_VARIANTS if os.environ.get("DSKERNELS_MLA_SEESAW_TESTED") == "1" else {})
+                     | (MLA_NARROW_CUDA_VARIANTS if os.environ.get("DSKERNELS_MLA_NARROW_TESTED") == "1" and
+                        s_q * h_q // h_kv <= 32 else {}))
+    triton_variants = MLA_TRITON_VARIANTS if (d, dv) == (576, 512) else {}
+    # the variables the variants set (a few lookups per call, not a scan of the environment)
+    knobs = sorted({name for env in (*cuda_variants.values(), *triton_variants.values()) for name in env})
     return Case(op="flash_mla_with_kvcache", params=params, make_inputs=make_inputs, run=run,
                 reference=reference, check=_check, flops=flops, bytes=moved,
                 peers={"torch": torch_batched_decode},
                 backends=("ref", "triton", "cuda") if (d, dv) == (576, 512) else ("ref", "triton"),
-                cuda_variants=MLA_CUDA_VARIANTS | (MLA_FP8_CUDA_VARIANTS if cache_dtype == FP8 and
-                                                   os.environ.get("DSKERNELS_MLA_FP8_TMA_TESTED") == "1" else {})
-                | (MLA_SEESAW_CUDA_VARIANTS if os.environ.get("DSKERNELS_MLA_SEESAW_TESTED") == "1" else {})
-                | (MLA_NARROW_CUDA_VARIANTS if os.environ.get("DSKERNELS_MLA_NARROW_TESTED") == "1" and
-                   s_q * h_q // h_kv <= 32 else {}),
-                triton_variants=MLA_TRITON_VARIANTS if (d, dv) == (576, 512) else {})
+                cuda_variants=cuda_variants, triton_variants=triton_variants)
 
 
 def torch_sparse(q, kv, indices, sm_scale, dv, fp8):

@@ -54,11 +54,18 @@ def families() -> list[str]:
                   for p in glob.glob(os.path.join(ROOT, "benchmarks", "bench_*.py")))
 
 
-def git_sha() -> str:
+def git_sha(root: str = ROOT) -> str:
+    """HEAD's short sha, "+dirty" where tracked files differ from it: a device call runs the working
+    tree it was given, uncommitted edits included, and the records must not credit HEAD with them."""
+    def git(*args):
+        return subprocess.check_output(["git", *args], cwd=root, text=True, stderr=subprocess.DEVNULL).strip()
+
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        sha = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return sha + ("+dirty" if dirty else "")
 
 
 def shape_text(params: dict) -> str:

@@ -99,6 +99,28 @@ def test_variant_environment_is_restored(monkeypatch):
     assert "DSKERNELS_GEMM_DENSE_CONFIG" not in os.environ and os.environ["DSKERNELS_MLA_NO_TMA"] == "0"
 
 
+def test_records_say_when_the_tree_was_not_head(tmp_path):
+    """The records' git sha is HEAD's, marked +dirty where tracked files were edited since (a device
+    call runs the working tree it was sent); untracked files (build outputs) do not count."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.run import git_sha
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "kernel.py").write_text("a = 1\n")
+    git("add", "kernel.py")
+    git("commit", "-q", "-m", "one")
+    head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, text=True).strip()
+    (tmp_path / "build.so").write_text("")
+    assert git_sha(str(tmp_path)) == head
+    (tmp_path / "kernel.py").write_text("a = 2\n")
+    assert git_sha(str(tmp_path)) == head + "+dirty"
+    assert git_sha(str(tmp_path / "no-such-dir")) == "unknown"
+
+
 def test_ops_run_in_the_order_named():
     """A device call short of time names what matters first in --ops (scripts/gpu_check.sh):
     run.py keeps that order, by family or op name, and takes everything when --ops is empty."""
@@ -160,6 +182,32 @@ def test_model_prefill_flops_match_the_operations_run():
         layer(x, torch.arange(tokens).expand(batch, tokens))
     flops, _ = _flops_bytes(cfg, 0, batch * tokens, tokens, 0, 4, prefill=True)
     assert flops == counter.get_total_flops()
+
+
+def test_model_decode_bytes_count_the_experts_a_batch_touches():
+    """bench_model's decode bytes read the routed experts the batch's tokens pick: V3's router
+    (python_ref.grouped_topk: 8 of 256 experts, 4 of 8 groups) on random logits touches
+    256 * (1 - (1 - 8/256)^B) experts on average; min(256, 8B) counted 256 at B = 32 for ~163.
+    The mean of 64 draws is within 3 experts (about 4 of its standard errors) of the count."""
+    sys.path.insert(0, ROOT)
+    import python_ref
+    from benchmarks.bench_model import _config, _flops_bytes
+
+    cfg = _config("v3")
+    assert cfg.is_moe_layer(3)
+    experts, expert_bytes = cfg.n_routed_experts, 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    gen = torch.Generator().manual_seed(0)
+    for tokens in (1, 8, 32, 128):
+        touched = [python_ref.grouped_topk(torch.randn(tokens, experts, generator=gen), torch.zeros(experts),
+                                           cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, True, 1.0)[0]
+                   .unique().numel() for _ in range(64)]
+        def weights(layer):  # the weight bytes at one byte per weight (the cache's bytes taken out)
+            return (_flops_bytes(cfg, layer, tokens, 4096, tokens, 1)[1]
+                    - _flops_bytes(cfg, layer, tokens, 4096, tokens, 0)[1])
+
+        attention = weights(0) - 3 * cfg.hidden_size * cfg.intermediate_size  # layer 0: dense, the same attention
+        counted = (weights(3) - attention) / expert_bytes - cfg.n_shared_experts
+        assert abs(counted - statistics.mean(touched)) < 3, (tokens, counted, statistics.mean(touched))
 
 
 def _torch_blockwise_layout_check(newer: bool):
@@ -243,6 +291,58 @@ def test_grouped_scaled_mm_peer_does_our_rows(monkeypatch):
     flat, flat_scales = a.reshape(-1, k), sa.reshape(-1, sa.shape[-1])  # the contiguous layout
     outs = bench_gemm._grouped_scaled_mm_peer([(0, 50), (50, 86), (136, 0)])(flat, flat_scales, b, sb, None)
     assert torch.equal(outs[1], ref.gemm_fp8_fp8_bf16_nt(flat[50:136], flat_scales[50:136], b[1], sb[1]))
+
+
+def test_gemm_peers_do_the_work_counted(monkeypatch):
+    """Each peer of a GEMM case (but the masked layout's all-rows bmm, there by design) multiplies
+    as many rows as the case counts FLOPs for: its "x peer" compares the same work. The bf16 masked
+    case's bmm peer multiplied expected_m rows per group (1 x 1024 where the draw has 908)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_gemm
+
+    monkeypatch.delattr(torch.nn.functional, "scaled_mm", raising=False)
+    monkeypatch.setattr(torch, "_scaled_mm", _torch_blockwise_layout_check(True))
+    cases = [bench_gemm._dense_case(64, 256, 384, "cuda"), bench_gemm._contiguous_case(2, 128, 256, 384, "cuda"),
+             bench_gemm._masked_case(3, 40, 256, 384, "cuda", m_max=64),
+             bench_gemm._bf16_masked_case(3, 40, 256, 384, "cuda", m_max=64),
+             bench_gemm._weight_gradient_case(64, 256, 384, "cuda"),
+             bench_gemm._k_grouped_case(2, 128, 64, 256, "cuda"),
+             bench_gemm._fp8_einsum_case("bhr,hdr->bhd", 3, 2, "cuda")]
+    for case in cases:
+        inputs = case.make_inputs("cpu")
+        for name, peer in case.peers.items():
+            if name == "torch.bmm bf16 (all rows)":
+                continue
+            peer(*inputs)  # the first call picks _scaled_mm's scale layout (checked against the oracle)
+            with FlopCounterMode(display=False) as counter:
+                peer(*inputs)
+            assert counter.get_total_flops() == case.flops, (case.op, case.params, name)
+
+
+def test_mla_plans_follow_the_variant(monkeypatch):
+    """bench_mla plans the split once per backend and variant, outside the timing: a variant that
+    changes the plan (DSKERNELS_MLA_CLUSTER pads the sm90 tiles to pairs) gets its own, not the
+    plain backend's (the plan was cached by backend alone)."""
+    import dskernels
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_mla
+    from benchmarks.run import environment
+
+    planned = []
+    real = dskernels.get_mla_metadata
+    monkeypatch.setattr(dskernels, "get_mla_metadata", lambda *args: planned.append(
+        os.environ.get("DSKERNELS_MLA_CLUSTER")) or real(*args))
+    monkeypatch.delenv("DSKERNELS_MLA_CLUSTER", raising=False)
+    case = bench_mla._case(2, 1, 4, 1, 64, 48, 90, False, 16, torch.bfloat16, False)
+    inputs = case.make_inputs("cpu")
+    with dskernels.backend("ref"):
+        for env in ({}, bench_mla.MLA_CUDA_VARIANTS["cluster"], {}, bench_mla.MLA_CUDA_VARIANTS["cluster"]):
+            with environment(env):
+                case.run(*inputs)
+    assert planned == [None, "1"]
 
 
 def test_every_target_names_one_case_of_the_full_grid(monkeypatch):

@@ -325,6 +325,53 @@ def test_decode_step_launches_as_triton_would(monkeypatch):
                 assert (type(a), a) == (type(b), b), ours.kernel
 
 
+@compiles
+def test_decode_step_launches_on_its_tensors_device(monkeypatch):
+    """Every launch of the tiny FP8 layer's decode step (autotuning runs included) happens with its
+    tensors' GPU current, cuda:1 here while cuda:0 is current around the step: Triton launches on
+    the current device, so a launcher outside dskernels._device.on_tensor_device would show up as a
+    launch on cuda:0. Two GPUs on the fake one: its CPU tensors count as cuda:1 (the guard's
+    cuda_device_of), and the current device is a variable that torch.cuda.device sets and the fake
+    driver reads. In a process of its own, as test_decode_step_launches_as_triton_would."""
+    if not os.environ.get(OWN_PROCESS):
+        _in_own_process(f"{__file__}::test_decode_step_launches_on_its_tensors_device")
+        return
+    import contextlib
+
+    from dskernels import _device
+    from dskernels.testing.fake_gpu import FakeGPU
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import host_profile
+
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(d):
+        before, current[0] = current[0], torch.device(d).index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    def has_tensor(values):
+        return any(isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and has_tensor(v)) for v in values)
+
+    monkeypatch.setattr(_device, "cuda_device_of",
+                        lambda values: torch.device("cuda", 1) if has_tensor(values) else None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(FakeGPU, "get_current_device", lambda self: current[0])
+    on = []
+    with fake_gpu(cpu_tensors=True) as gpu:
+        gpu.on_launch += [host_profile._valid_router_ids, lambda launched: on.append((launched.kernel, current[0]))]
+        *_, step = host_profile.fake_gpu_step(2, 37)
+        with dskernels.backend("triton"):
+            step()  # compiles and tunes
+            step()
+    assert current[0] == 0 and len(on) >= 2 * 24
+    assert all(index == 1 for _, index in on), sorted({launched for launched in on if launched[1] != 1})
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("autotune", ["0", "1"])
 def test_cached_launches_compute_on_the_gpu(autotune, monkeypatch):

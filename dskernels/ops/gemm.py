@@ -389,7 +389,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout=None, recipe=None, 
                                                                     expected_m_for_psum_layout)
     a, sa = _unpack("a", a)
     b, sb = _unpack("b", b)
-    check_layout_by_its_name(grouped_layout, m_indices, a, b, use_psum_layout, expected_m)
+    check_layout_by_its_name(grouped_layout, m_indices, a, b, use_psum_layout, expected_m, sa=sa, sb=sb, d=d)
     torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, d, grouped_layout, use_psum_layout,
                                                                   ensure_zero_padding, expected_m)
 
@@ -402,12 +402,19 @@ def _layout_argument(grouped_layout, m_indices):
     return m_indices if grouped_layout is None else grouped_layout
 
 
-def check_layout_by_its_name(layout, m_indices, a, b, use_psum_layout, expected_m) -> None:
+def check_layout_by_its_name(layout, m_indices, a, b, use_psum_layout, expected_m, **others) -> None:
     """The layout checked under the name the caller gave it (the op calls its argument m_indices),
-    where a and b have the ranks the check reads (else the op names them)."""
+    where a and b have the ranks the check reads (else the op names them). others: the call's other
+    tensors by name, for the message of a device mismatch."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2 and b.dim() == 3:
         name = "grouped_layout" if m_indices is None else "m_indices"
-        check_grouped_layout(name, layout, a.device, a.shape[0], b.shape[0], use_psum_layout, expected_m)
+        try:
+            check_grouped_layout(name, layout, a.device, a.shape[0], b.shape[0], use_psum_layout, expected_m)
+        except ValueError:
+            # The layout is compared with a's device: where a is the tensor on another GPU, name a
+            # (the odd one out), not the layout. (Only on a refusal: no cost on valid calls.)
+            check_one_device(a=a, b=b, **{name: layout}, **others)
+            raise
 
 
 def psum_options(use_psum_layout, ensure_zero_padding, expected_m_for_psum_layout) -> tuple[bool, bool, int]:

@@ -121,7 +121,7 @@ def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
     grouped_layout = _layout_argument(grouped_layout, m_indices)
     use_psum_layout, ensure_zero_padding, expected_m = psum_options(use_psum_layout, ensure_zero_padding,
                                                                     expected_m_for_psum_layout)
-    check_layout_by_its_name(grouped_layout, m_indices, a, b, use_psum_layout, expected_m)
+    check_layout_by_its_name(grouped_layout, m_indices, a, b, use_psum_layout, expected_m, d=d)
     torch.ops.dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b, d, grouped_layout, use_psum_layout,
                                                           ensure_zero_padding, expected_m)
 

@@ -186,11 +186,18 @@ def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weigh
     """
     q = _plain_q(q)
     _check_fp8("q", q, 3)
-    cu_seqlen_ks = _one_of("cu_seq_len_k_start", cu_seq_len_k_start, "cu_seqlen_ks", cu_seqlen_ks, q.shape[0],
-                           q.device)
-    cu_seqlen_ke = _one_of("cu_seq_len_k_end", cu_seq_len_k_end, "cu_seqlen_ke", cu_seqlen_ke, q.shape[0], q.device)
     if not isinstance(kv, (tuple, list)) or len(kv) != 2:
         raise TypeError(f"kv: expected a tuple (k float8_e4m3fn [N, D], k_scale float32 [N]), got {type(kv).__name__}")
+    try:
+        ks = _one_of("cu_seq_len_k_start", cu_seq_len_k_start, "cu_seqlen_ks", cu_seqlen_ks, q.shape[0], q.device)
+        ke = _one_of("cu_seq_len_k_end", cu_seq_len_k_end, "cu_seqlen_ke", cu_seqlen_ke, q.shape[0], q.device)
+    except ValueError:
+        # The bounds are compared with q's device: where q is the tensor on another GPU, name q (the
+        # odd one out), not the bounds. (Only on a refusal: no cost on valid calls.)
+        check_one_device(q=q, k=kv[0], k_scale=kv[1], weights=weights, cu_seq_len_k_start=cu_seq_len_k_start,
+                         cu_seqlen_ks=cu_seqlen_ks, cu_seq_len_k_end=cu_seq_len_k_end, cu_seqlen_ke=cu_seqlen_ke)
+        raise
+    cu_seqlen_ks, cu_seqlen_ke = ks, ke
     # (a wrong type: TypeError here, not the schema's RuntimeError)
     max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, 0)
     clean_logits = as_flag("clean_logits", clean_logits)
@@ -250,7 +257,14 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
         if context_lens.dim() not in (1, 2) or b is not None and context_lens.shape[0] != b:
             raise ValueError(f"context_lens: expected [B] or [B, next_n] with B = {b} (q's batch), got shape "
                              f"{tuple(context_lens.shape)}")
-        block_table = _request_block_table(indices, block_table, context_lens.shape[0])
+        try:
+            block_table = _request_block_table(indices, block_table, context_lens.shape[0])
+        except ValueError:
+            # indices is compared with block_table's device: where block_table (or another tensor)
+            # is the one on another GPU, name it rather than indices. (Only on a refusal.)
+            check_one_device(q=q, kv_cache=kv_cache, weights=weights, context_lens=context_lens,
+                             block_table=block_table, indices=indices)
+            raise
     _check_schedule_meta(schedule_meta)
     max_context_len = check_int("max_context_len", max_context_len, 0)
     clean_logits = as_flag("clean_logits", clean_logits)

@@ -262,7 +262,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
             if not isinstance(tile_scheduler_metadata, torch.Tensor):
                 raise TypeError("tile_scheduler_metadata: expected get_mla_metadata's tensor (with num_splits) or "
                                 f"its MLASchedulerMetadata, got {type(tile_scheduler_metadata).__name__}")
-            plan, _ = _lazy_plan(MLASchedulerMetadata(), q, k_cache, cache_seqlens, head_dim_v)
+            plan, _ = _lazy_plan(MLASchedulerMetadata(), q, k_cache, block_table, cache_seqlens, head_dim_v, k_scale)
             return torch.ops.dskernels.flash_mla_with_kvcache(
                 q, k_cache, block_table, cache_seqlens, head_dim_v, *plan, softmax_scale, causal, k_scale)
         return torch.ops.dskernels.flash_mla_with_kvcache(
@@ -272,7 +272,7 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         raise ValueError("num_splits: must be None with get_mla_metadata()'s MLASchedulerMetadata (its plan holds "
                          f"the splits), got {type(num_splits).__name__}")
     meta = tile_scheduler_metadata
-    plan, key = _lazy_plan(meta, q, k_cache, cache_seqlens, head_dim_v)
+    plan, key = _lazy_plan(meta, q, k_cache, block_table, cache_seqlens, head_dim_v, k_scale)
     result = torch.ops.dskernels.flash_mla_with_kvcache(
         q, k_cache, block_table, cache_seqlens, head_dim_v, *plan, softmax_scale, causal, k_scale)
     if meta.plan is None:  # kept once a call has taken it: a call that raised leaves meta empty (FlashMLA's rule)
@@ -299,12 +299,18 @@ def _flashmla_positional(is_fp8, rest: tuple, is_fp8_keyword: bool, given: dict)
     return None, bool(is_fp8), given
 
 
-def _lazy_plan(meta: MLASchedulerMetadata, q, k_cache, cache_seqlens, head_dim_v):
+def _lazy_plan(meta: MLASchedulerMetadata, q, k_cache, block_table, cache_seqlens, head_dim_v, k_scale):
     """(plan, key): the plan kept in `meta`, or a new one on its first use (the batch's shapes must
     stay the same), and the shapes it is for."""
     # q's and the cache's shapes first: their errors name them, not get_mla_metadata's arguments
     # computed from them.
-    _check_query_and_cache(q, k_cache, head_dim_v)
+    try:
+        _check_query_and_cache(q, k_cache, head_dim_v)
+    except ValueError:
+        # The cache is compared with q's device: where q is the tensor on another GPU, name q (the
+        # odd one out), not k_cache. (Only on a refusal: no cost on this per-step path.)
+        check_one_device(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens, k_scale=k_scale)
+        raise
     check_tensor("cache_seqlens", cache_seqlens, ndim=1)
     # (no query heads: an empty output, planned as one row)
     rows, h_kv = max(q.shape[1] * q.shape[2] // k_cache.shape[2], 1), k_cache.shape[2]
