@@ -730,7 +730,8 @@ def test_host_profile_on_a_fake_gpu():
     tensors, every launch recorded: it runs end to end, each step launching the same 24 kernels."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "host_profile.py"), "--fake-gpu", "--steps", "3",
-                          "--rows", "5"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+                          "--rows", "30"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "fake sm_90a" in out.stdout and "; 24 Triton launches per step" in out.stdout, out.stdout[:2000]
-    assert "launch.py" in out.stdout  # the cached launches, in the profile
+    # the cached launches, in the profile: 4th-5th by own time on an idle machine, lower on a loaded one
+    assert "launch.py" in out.stdout
