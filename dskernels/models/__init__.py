@@ -2,7 +2,7 @@
 
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.layer import DeepseekV3DecoderLayer
-from dskernels.models.linear import RMSNorm
+from dskernels.models.linear import Linear, RMSNorm
 from dskernels.models.moe import route
 
-__all__ = ["DeepseekV3Config", "DeepseekV3DecoderLayer", "RMSNorm", "route"]
+__all__ = ["DeepseekV3Config", "DeepseekV3DecoderLayer", "Linear", "RMSNorm", "route"]
