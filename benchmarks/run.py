@@ -4,7 +4,9 @@
 
 On a GPU: measures the two ceilings first (device-to-device copy bandwidth, 8192^3 bf16 and fp8
 matmul rates), then times every case on every backend that runs here (L2 flushed, median of CUDA
-event timings) beside its peers (PyTorch eager and torch.compile of the same math), and prints
+event timings; a case's backends and variants in alternating rounds, so that none is always timed
+last on a GPU whose clocks sink as it heats) beside its peers (PyTorch eager and torch.compile of
+the same math), and prints
 
     op | backend | shape | us | host us | TFLOPS | GB/s | % of roofline | x peer | SM MHz
 
@@ -32,6 +34,7 @@ import importlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -47,6 +50,10 @@ if not torch.cuda.is_available():
 import dskernels  # noqa: E402
 from benchmarks import targets  # noqa: E402
 from dskernels.testing import bench  # noqa: E402
+
+# A case's runs on a GPU are timed in 4 rounds (forward, backward, backward, forward: timing_orders)
+# of 8 calls each: about bench_gpu's 30 calls per run, as before the rounds.
+TIMING_ROUNDS, ITERS_PER_ROUND = 4, 8
 
 
 def families() -> list[str]:
@@ -277,12 +284,14 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
     timer = bench.bench_gpu if device == "cuda" else bench.bench_cpu
     # (auto runs the CUDA kernels on Hopper: it goes with them)
     others, cuda_runs = [r for r in runs if r[0] not in ("cuda", "auto")], [r for r in runs if r[0] in ("cuda", "auto")]
-    check_and_time(case, others, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape)
+    rounds = TIMING_ROUNDS if device == "cuda" else 1  # (CPU times are the interpreter's: no clocks to drift)
+    check_and_time(case, others, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape, rounds)
     if others and cuda_runs and not (problems[others[0][1]] or "").startswith("raised"):
         # The timed runs left correct outputs behind: one more run, poisoned, before the cuda checks.
         with dskernels.backend(others[0][0]), environment(others[0][2]):
             poison(case.run(*inputs))
-    check_and_time(case, cuda_runs, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape)
+    check_and_time(case, cuda_runs, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape,
+                   rounds)
     if profile:
         for backend, label, env in runs:
             if not (problems.get(label) or "").startswith("raised"):
@@ -319,8 +328,37 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
         records.append(rec)
 
 
-def check_and_time(case, runs, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape):
-    """Checks every run of `runs`, then times those that did not raise; fills problems and ours."""
+def timing_orders(n: int, rounds: int) -> list[list[int]]:
+    """The order the n runs of a case are timed in, per round: forward, backward, backward, forward,
+    ... With a multiple of 4 rounds every run has the same mean position (and the same mean square
+    position), so a clock that drifts linearly (or quadratically) over the case biases none of them;
+    one round is just the runs in order."""
+    return [list(range(n)) if r % 4 in (0, 3) else list(range(n))[::-1] for r in range(rounds)]
+
+
+def merge_telemetry(states: list[dict]) -> dict:
+    """One run's telemetry over its rounds: the median host time, queued only if every round was,
+    and the device's state over them all (lowest SM clock, highest power and temperature, every
+    slowdown reason)."""
+    states = [s for s in states if s]
+    if len(states) <= 1:
+        return dict(states[0]) if states else {}
+    merged = {}
+    for key, pick in (("host_ms", statistics.median), ("queued", all), ("sm_mhz", min), ("max_sm_mhz", max),
+                      ("power_w", max), ("temp_c", max), ("readings", sum)):
+        values = [s[key] for s in states if key in s]
+        if values:
+            merged[key] = pick(values)
+    if any("slowdowns" in s for s in states):
+        merged["slowdowns"] = sorted({reason for s in states for reason in s.get("slowdowns", ())})
+    return merged
+
+
+def check_and_time(case, runs, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape, rounds=1):
+    """Checks every run of `runs`, then times those that did not raise; fills problems and ours.
+    rounds > 1: the runs are timed in alternating rounds (timing_orders) of ITERS_PER_ROUND calls each
+    and a run's time is the mean of its rounds' medians, so that none of them (the variants after the
+    default) is always timed last, on a GPU whose clocks have sunk as it heated."""
     for backend, label, env in runs:
         try:
             with dskernels.backend(backend), environment(env):
@@ -331,15 +369,27 @@ def check_and_time(case, runs, inputs, expected, timer, problems, ours, ceilings
         except Exception as e:  # report and go on: one broken backend must not hide the others
             traceback.print_exc()
             problems[label] = f"raised {type(e).__name__}: {e}"
-    for backend, label, env in runs:
-        problem, ms, state = problems[label], float("nan"), {}
-        if not (problem or "").startswith("raised"):
+    timed = [run for run in runs if not (problems[run[1]] or "").startswith("raised")]
+    times, states, raised = {label: [] for _, label, _ in timed}, {label: [] for _, label, _ in timed}, {}
+    options = {"iters": ITERS_PER_ROUND} if rounds > 1 else {}
+    for order in timing_orders(len(timed), rounds):
+        for backend, label, env in (timed[j] for j in order):
+            if label in raised:
+                continue
+            state = {}
             try:
                 with dskernels.backend(backend), environment(env):
-                    ms = timer(lambda: case.run(*inputs), telemetry=state)
+                    times[label].append(timer(lambda: case.run(*inputs), telemetry=state, **options))
+                    states[label].append(state)
             except Exception as e:
                 traceback.print_exc()
-                problem = f"raised {type(e).__name__} when timed: {e}"
+                raised[label] = f"raised {type(e).__name__} when timed: {e}"
+    for backend, label, env in runs:
+        problem, ms, state = problems[label], float("nan"), {}
+        if label in raised:
+            problem = raised[label]
+        elif label in times:
+            ms, state = statistics.mean(times[label]), merge_telemetry(states[label])
         if problem:
             failures.append(f"{case.op} [{label}] {shape}: {problem}")
         ours[label] = record(case, label, ms, ceilings, meta, problem, state)

@@ -10,12 +10,12 @@ reach the goal. A ratio metric divides a peer's time by ours, shape by shape. `c
 other labels of the same backend (opt-in variants) reported beside it: a candidate that meets the
 goal where the default does not is the case for making it the default.
 
-The issues state their goals for an H100; results from other devices are evaluated per device
+The issues state their goals for an H100 (SXM); results from other devices are evaluated per device
 and say which one measured them. A bandwidth goal (GB/s) does not carry over to another memory
 system as it stands (an H200's HBM3e copies ~40% faster than an H100's HBM3), so on any other device
 it is scaled by that device's measured copy bandwidth over an H100's (H100_COPY_GBPS): the same
-fraction of what the memory can do. Compute goals (TFLOPS) stand as stated: the H200 has the H100's
-SMs and clocks.
+fraction of what the memory can do. The H100 PCIe and NVL are other devices here (is_goal_device).
+Compute goals (TFLOPS) stand as stated: the H200 has the H100's SMs and clocks.
 """
 
 from __future__ import annotations
@@ -119,11 +119,20 @@ def _clocks(target: Target, label: str, records: list[dict]) -> str:
     return (f"{low}" if low == high else f"{low}-{high}") + (f" ({', '.join(slowdowns)})" if slowdowns else "")
 
 
+def is_goal_device(device: str) -> bool:
+    """Whether `device` (torch's name for it) is the H100 the goals were stated for: the SXM5 board
+    with HBM3 ("NVIDIA H100 80GB HBM3"), not the H100 PCIe (HBM2e, ~2.0 TB/s, lower clocks) or NVL
+    (~3.9 TB/s), which share the "H100" in their names but not its memory system."""
+    name = device.upper()
+    return "H100" in name and ("HBM3" in name or "SXM" in name) and not any(w in name for w in ("PCIE", "NVL"))
+
+
 def device_goal(target: Target, device: str, copy_gbps: float | None) -> float:
-    """The goal on `device`: as stated on an H100 (and for compute goals everywhere); a bandwidth
-    goal elsewhere scaled by the device's measured copy bandwidth over an H100's. A device whose
-    copy bandwidth was not measured keeps the stated goal."""
-    if target.metric != "gbps" or "H100" in device or not copy_gbps:
+    """The goal on `device`: as stated on the H100 SXM (is_goal_device; and for compute goals
+    everywhere); a bandwidth goal elsewhere, other H100 models included, scaled by the device's
+    measured copy bandwidth over that H100's. A device whose copy bandwidth was not measured keeps
+    the stated goal."""
+    if target.metric != "gbps" or is_goal_device(device) or not copy_gbps:
         return target.goal
     return target.goal * copy_gbps / H100_COPY_GBPS
 

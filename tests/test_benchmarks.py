@@ -423,9 +423,24 @@ def test_bandwidth_goals_follow_the_devices_copy_bandwidth():
     row = [line for line in table({"NVIDIA H200": records}, {"NVIDIA H200": 2 * H100_COPY_GBPS}).splitlines()
            if line.startswith(f"| #8 | {bandwidth.what} | cuda |")][0]
     assert f"({2 * bandwidth.goal:.0f} at this device's" in row and "| no |" in row, row
-    row = [line for line in table({"NVIDIA H100": records}, {"NVIDIA H100": 2 * H100_COPY_GBPS}).splitlines()
+    sxm = "NVIDIA H100 80GB HBM3"
+    row = [line for line in table({sxm: records}, {sxm: 2 * H100_COPY_GBPS}).splitlines()
            if line.startswith(f"| #8 | {bandwidth.what} | cuda |")][0]
     assert "at this device's" not in row and "| yes |" in row, row
+
+
+@pytest.mark.parametrize("device,scaled", [("NVIDIA H100 80GB HBM3", False), ("NVIDIA H100 SXM5 80GB", False),
+                                           ("NVIDIA H100 PCIe", True), ("NVIDIA H100 NVL", True),
+                                           ("NVIDIA H200", True)])
+def test_only_the_h100_sxm_keeps_the_bandwidth_goals_as_stated(device, scaled):
+    """The H100 PCIe (HBM2e, ~2 TB/s) and NVL (~3.9 TB/s) are named "H100" too, but not the memory
+    system the GB/s goals were set for: their goals follow their measured copy bandwidth."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.targets import H100_COPY_GBPS, TARGETS, device_goal
+
+    bandwidth = next(t for t in TARGETS if t.issue == 8 and t.metric == "gbps")
+    expected = bandwidth.goal * 2000.0 / H100_COPY_GBPS if scaled else bandwidth.goal
+    assert device_goal(bandwidth, device, 2000.0) == pytest.approx(expected)
 
 
 def test_perf_table_shows_only_labels_the_benchmarks_define():
@@ -735,3 +750,60 @@ def test_host_profile_on_a_fake_gpu():
     assert "fake sm_90a" in out.stdout and "; 24 Triton launches per step" in out.stdout, out.stdout[:2000]
     # the cached launches, in the profile: 4th-5th by own time on an idle machine, lower on a loaded one
     assert "launch.py" in out.stdout
+
+
+def test_variants_are_timed_in_alternating_rounds():
+    """On a GPU a case's runs (the default, then its forced configs and variants) are timed in
+    rounds, forward and backward, and each gets the mean of its rounds: a clock that sinks steadily
+    as the GPU heats (here each call 1 ms slower than the last) biases none of them. Timed one after
+    the other, the last variant came out slowest for the same work."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmarks.common import Case
+    from benchmarks.run import TIMING_ROUNDS, check_and_time
+
+    case = Case(op="double", params={"n": 4}, make_inputs=lambda device: (torch.arange(4.0),),
+                run=lambda x: x * 2, reference=lambda x: x * 2,
+                check=lambda got, want: None if torch.equal(got, want) else "differs",
+                flops=0.0, bytes=32.0, backends=("triton",))
+    calls = []
+
+    def drifting_timer(fn, telemetry, iters=None):
+        fn()
+        calls.append(iters)
+        telemetry.update(host_ms=0.01 * len(calls), queued=True, sm_mhz=2000 - len(calls), slowdowns=[])
+        return float(len(calls))  # the clock sinks: every call takes longer than the one before
+
+    runs = [("triton", "triton", {}), ("triton", "triton[a]", {}), ("triton", "triton[b]", {})]
+    problems, ours, failures = {}, {}, []
+    meta = {"device": "gpu", "git_sha": "-", "torch": "-", "date": "-"}
+    check_and_time(case, runs, (torch.arange(4.0),), torch.arange(4.0) * 2, drifting_timer, problems, ours, {},
+                   meta, failures, "n=4", TIMING_ROUNDS)
+    assert not failures and len(calls) == 3 * TIMING_ROUNDS
+    assert len({ours[label]["ms"] for _, label, _ in runs}) == 1, {label: r["ms"] for label, r in ours.items()}
+    assert ours["triton"]["gpu"]["sm_mhz"] == 2000 - len(calls) + 2  # its lowest clock over its rounds
+
+
+def test_perf_table_x_peer_is_against_the_peer_rows_shown(tmp_path, monkeypatch):
+    """A row's "x peer" comes from the peer rows shown beside it: after a merge the record's own
+    x_peer can be from an older run, whose peer time a later run replaced."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import perf_table
+
+    params = {"m": 128}
+    ours = {"op": "gemm", "backend": "cuda", "params": params, "ms": 0.010, "tflops": None, "gbps": None,
+            "roofline": None, "x_peer": 5.0, "error": None, "git_sha": "old"}  # 5.0: against the old run's peer
+    peers = [{"op": "gemm", "backend": name, "params": params, "ms": ms, "tflops": None, "gbps": None,
+              "roofline": None, "x_peer": None, "error": None, "git_sha": "new"}
+             for name, ms in (("peer:a", 0.030), ("peer:b", 0.020), ("peer:gone", 0.001))]
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    with open(tmp_path / "benchmarks" / "results" / "gpu.json", "w") as f:
+        json.dump({"meta": {"device": "GPU", "git_sha": "new", "ceilings": {"copy_gbps": 1.0}},
+                   "records": [ours, *peers]}, f)
+    monkeypatch.setattr(perf_table, "ROOT", str(tmp_path))
+    shown = {("gemm", "cuda"), ("gemm", "peer:a"), ("gemm", "peer:b")}
+    monkeypatch.setattr(perf_table, "current_labels", lambda: shown)
+    rows = {line.split(" | ")[2]: line for line in perf_table.table().splitlines()[2:]}
+    assert set(rows) == {"cuda", "peer:a", "peer:b"}  # peer:gone: a label no longer defined, not shown
+    assert "| 2.00x |" in rows["cuda"], rows["cuda"]  # the fastest peer shown (b, 20 us) over our 10 us

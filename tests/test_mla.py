@@ -892,3 +892,45 @@ def test_sm90_unsupported_says_why():
     assert mla_ops.sm90_unsupported(q, one_page, 512) is None                       # a stride never stepped
     fp8_rows = torch.zeros(3, 64, 1, 584, dtype=FP8)[..., :576]                     # 584 bytes: 8 past 16
     assert mla_ops.sm90_unsupported(q, fp8_rows, 512).startswith("needs 16-byte aligned cache rows")
+
+
+def _decode_with_splits(q, k_cache, block_table, lens, dv, num_splits):
+    """The Triton launcher with out and lse filled with NaN first (so a row neither kernel writes
+    shows) and the caller's num_splits with get_mla_metadata's partitions."""
+    from dskernels.triton import mla as triton_mla
+
+    meta, _ = dskernels.get_mla_metadata(lens, q.shape[1] * q.shape[2] // k_cache.shape[2], k_cache.shape[2])
+    out = torch.full((*q.shape[:3], dv), math.nan, dtype=q.dtype, device=q.device)
+    lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), math.nan, device=q.device)
+    triton_mla.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, meta, num_splits.to(q.device),
+                                      q.shape[-1] ** -0.5, False, None, out, lse)
+    return out, lse
+
+
+def test_negative_num_splits_entry_leaves_no_row_unwritten(backend):
+    """A caller's num_splits whose first entry is negative (outside API.md's contract: it starts at
+    0): both kernels count sequence i's splits as num_splits[i + 1] - num_splits[i] (python_ref's
+    reading), so every row is written by one of them. The combine counted from max(entry, 0): a
+    sequence of n >= 2 splits given [1 - n, 1] was left to the decode's partials (neither wrote
+    out), and one of 1 split given [-1, 0] had its out overwritten with zeros. (The launcher is
+    called directly: on CPU tensors the op refuses such a plan, see check_plan.)"""
+    name, device = backend
+    if name != "triton":
+        pytest.skip("the Triton kernels (the reference reads no plan; sm90: tests/test_mla_sm90.py)")
+    # one sequence in n >= 2 splits: partials at slots 1 - n .. 0, all but the last dropped; the
+    # combine merges slot 0
+    q, k_cache, block_table, lens, dv, _ = make_inputs([100], 1, 4, 1, 16, torch.float32, torch.float32,
+                                                       device=device)
+    _, splits = dskernels.get_mla_metadata(lens, 4, 1)
+    n = int(splits[1])
+    assert n >= 2
+    out, lse = _decode_with_splits(q, k_cache, block_table, lens, dv, torch.tensor([1 - n, 1], dtype=torch.int32))
+    assert not out.isnan().any() and lse.isfinite().all()
+    # one sequence in one split: the decode writes out itself, as with the plan's own [0, 1]
+    q, k_cache, block_table, lens, dv, _ = make_inputs([50], 1, 4, 1, 16, torch.float32, torch.float32,
+                                                       device=device)
+    _, splits = dskernels.get_mla_metadata(lens, 4, 1)
+    assert splits.tolist() == [0, 1]
+    expected = _decode_with_splits(q, k_cache, block_table, lens, dv, splits)
+    got = _decode_with_splits(q, k_cache, block_table, lens, dv, torch.tensor([-1, 0], dtype=torch.int32))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -367,3 +367,35 @@ def test_opcheck_under_cuda_backend():
         lse = torch.empty(len(lengths), 40, 2, device="cuda")
         torch.library.opcheck(torch.ops.dskernels._sm90_flash_mla_with_kvcache,
                               (q, k_cache, block_table, lens, meta, splits, 0.04, True, k_scale, out, lse))
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+def test_negative_num_splits_entry_leaves_no_row_unwritten(narrow, monkeypatch):
+    """A caller's num_splits with a negative first entry (outside API.md's contract): the decode
+    kernels and the combine both count num_splits[i + 1] - num_splits[i] splits (python_ref's
+    reading), so one of them writes every row. The combine counted from max(entry, 0): [1 - n, 1]
+    for n >= 2 splits left out unwritten, [-1, 0] for one split overwrote it with zeros."""
+    _need_cuda_backend()
+    monkeypatch.setenv("DSKERNELS_MLA_NARROW", "1" if narrow else "0")
+    raw = torch.ops.dskernels._sm90_flash_mla_with_kvcache
+    for length in (4096, 50):
+        k_cache, block_table, _ = make_cache([length], 1, 64, torch.bfloat16, seed=3)
+        lens = torch.tensor([length], dtype=torch.int32, device="cuda")
+        q = torch.randn(1, 1, 16, D, device="cuda", dtype=torch.bfloat16)
+        with dskernels.backend("cuda"):
+            meta, splits = dskernels.get_mla_metadata(lens, 16, 1)
+        n = int(splits[1])
+        assert (n >= 2) == (length == 4096)
+
+        def run(num_splits):
+            out = torch.full((1, 1, 16, DV), math.nan, device="cuda", dtype=torch.bfloat16)
+            lse = torch.full((1, 16, 1), math.nan, device="cuda")
+            raw(q, k_cache, block_table, lens, meta, num_splits, D ** -0.5, False, None, out, lse)
+            return out, lse
+
+        out, lse = run(torch.tensor([1 - n, 1], dtype=torch.int32, device="cuda"))
+        assert not out.isnan().any() and lse.isfinite().all()
+        if n == 1:
+            expected = run(splits)
+            got = run(torch.tensor([-1, 0], dtype=torch.int32, device="cuda"))
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)

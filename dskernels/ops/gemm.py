@@ -186,18 +186,24 @@ def fp8_gemm_nt(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, comp
     """
     check_jit_hints(compiled_dims, disable_ue8m0_cast)
     recipe = _deepgemm_options(recipe, (BLOCK_RECIPE, ROW_RECIPE), recipe_a, recipe_b)
-    a, sa = _unpack("a", a)
-    b, sb = _unpack("b", b)
-    out = d
+    _general_gemm(a, b, d, c, recipe)
+
+
+def _general_gemm(lhs, rhs, out, c, recipe, names: tuple[str, str, str] = ("a", "b", "d")) -> None:
+    """fp8_gemm_nt's work; names: what the caller calls lhs, rhs and out (DeepGEMM's newer entries
+    a, b, d; wgrad_gemm_fp8_fp8_fp32_nt lhs, rhs, out)."""
+    a, sa = _unpack(names[0], lhs)
+    b, sb = _unpack(names[1], rhs)
+    out_name = names[2]
     # before out is written with c (the overlap checks in eager mode: torch.compile leaves them to the op)
-    sb_per_row = _check_general(a, sa, b, sb, out, overlap=not torch.compiler.is_compiling(), out_name="d")
+    sb_per_row = _check_general(a, sa, b, sb, out, overlap=not torch.compiler.is_compiling(), out_name=out_name)
     # `if` on sb_per_row, not a comparison of it with a python bool: under torch.compile with
     # symbolic shapes that comparison fails inside dynamo
     if recipe is not None and b.shape[0] > 1 and (not sb_per_row if tuple(recipe) == ROW_RECIPE else sb_per_row):
         per = "row of b per 128 columns" if tuple(recipe) == ROW_RECIPE else "128x128 block of b"
         raise ValueError(f"sb: recipe {tuple(recipe)} means one scale per {per}, got shape {tuple(sb.shape)} "
                          f"for b of shape {tuple(b.shape)}")
-    _check_c(c, out, "d")
+    _check_c(c, out, out_name)
     if c is not None:
         if not torch.compiler.is_compiling():
             _general_backend(a.device)  # eager: every refusal before out is written
@@ -390,8 +396,15 @@ def m_grouped_fp8_gemm_nt_contiguous(a, b, d, grouped_layout=None, recipe=None, 
     a, sa = _unpack("a", a)
     b, sb = _unpack("b", b)
     check_layout_by_its_name(grouped_layout, m_indices, a, b, use_psum_layout, expected_m, sa=sa, sb=sb, d=d)
-    torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, d, grouped_layout, use_psum_layout,
-                                                                  ensure_zero_padding, expected_m)
+    try:
+        torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(a, sa, b, sb, d, grouped_layout,
+                                                                      use_psum_layout, ensure_zero_padding, expected_m)
+    except (TypeError, ValueError):
+        # The op calls d "out": a refusal is checked again under the caller's name, which raises
+        # the same error naming d. (Only on a refusal: no cost on valid calls.)
+        _check_contiguous(a, sa, b, sb, d, grouped_layout, use_psum_layout, expected_m, out_name="d",
+                          layout_name="grouped_layout" if m_indices is None else "m_indices")
+        raise
 
 
 def _layout_argument(grouped_layout, m_indices):
@@ -441,7 +454,14 @@ def m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m, recipe=None, rec
     argument names (a, b, d for lhs, rhs, out), plus its trailing options (block-scaled b only)."""
     check_jit_hints(compiled_dims, disable_ue8m0_cast)
     _deepgemm_options(recipe, recipe_a=recipe_a, recipe_b=recipe_b)
-    m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, b, d, masked_m, expected_m)
+    a, sa = _unpack("a", a)  # (not through the older entry: it calls them lhs, rhs and out)
+    b, sb = _unpack("b", b)
+    expected_m = expected_m_int(expected_m)
+    try:
+        torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, d, masked_m, expected_m)
+    except (TypeError, ValueError):
+        _check_masked(a, sa, b, sb, d, masked_m, expected_m, out_name="d")  # names d, as above
+        raise
 
 
 fp8_m_grouped_gemm_nt_masked = m_grouped_fp8_gemm_nt_masked  # DeepGEMM's legacy name (sglang imports it)
@@ -551,7 +571,7 @@ def wgrad_gemm_fp8_fp8_fp32_nt(lhs, rhs, out) -> None:
     if not isinstance(out, torch.Tensor) or out.dtype != torch.float32:
         got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
         raise TypeError(f"out: expected the float32 gradient accumulated into, got {got}")
-    fp8_gemm_nt(lhs, rhs, out, c=out, recipe=ROW_RECIPE)
+    _general_gemm(lhs, rhs, out, out, ROW_RECIPE, names=("lhs", "rhs", "out"))  # (errors name its arguments)
 
 
 def ceil_div(x: int, y: int) -> int:
@@ -705,10 +725,13 @@ def _check_batched(a, sa, b, sb, out) -> bool:
     return n > 1 and tuple(sb.shape) == (b.shape[0], n, k // GROUP_SIZE)
 
 
-def _check_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout=False, expected_m=0):
-    groups, m, _, _ = _check_operands(a, sa, b, sb, out, grouped_a=False, grouped_b=True)
-    check_grouped_layout("m_indices", m_indices, a.device, m, groups, use_psum_layout, expected_m)
-    check_reads_apart("out", out, m_indices=m_indices)
+def _check_contiguous(a, sa, b, sb, out, m_indices, use_psum_layout=False, expected_m=0, out_name: str = "out",
+                      layout_name: str = "m_indices"):
+    """out_name, layout_name: what the caller calls out and m_indices (DeepGEMM's newer names: d,
+    grouped_layout)."""
+    groups, m, _, _ = _check_operands(a, sa, b, sb, out, grouped_a=False, grouped_b=True, out_name=out_name)
+    check_grouped_layout(layout_name, m_indices, a.device, m, groups, use_psum_layout, expected_m)
+    check_reads_apart(out_name, out, **{layout_name: m_indices})
 
 
 def check_grouped_layout(name: str, layout, device, m: int, groups: int, use_psum_layout: bool, expected_m) -> None:
@@ -721,12 +744,12 @@ def check_grouped_layout(name: str, layout, device, m: int, groups: int, use_psu
     _check_expected_m(expected_m)
 
 
-def _check_masked(a, sa, b, sb, out, masked_m, expected_m):
-    check_one_device(a=a, sa=sa, b=b, sb=sb, out=out, masked_m=masked_m)
-    groups, _, _, _ = _check_operands(a, sa, b, sb, out, grouped_a=True, grouped_b=True)
+def _check_masked(a, sa, b, sb, out, masked_m, expected_m, out_name: str = "out"):
+    check_one_device(a=a, sa=sa, b=b, sb=sb, **{out_name: out}, masked_m=masked_m)
+    groups, _, _, _ = _check_operands(a, sa, b, sb, out, grouped_a=True, grouped_b=True, out_name=out_name)
     check_tensor("masked_m", masked_m, ndim=1, dtypes=(torch.int32,), device=a.device)
     _check_shape("masked_m", masked_m, (groups,), "one row count per group")
-    check_reads_apart("out", out, masked_m=masked_m)
+    check_reads_apart(out_name, out, masked_m=masked_m)
     _check_expected_m(expected_m)
 
 

@@ -271,12 +271,16 @@ def _mla_combine_kernel(out_ptr, lse_ptr, out_acc_ptr, lse_acc_ptr, num_splits_p
     token = flat % s_q
     dv_offs = tl.arange(0, BLOCK_DV)
     dv_ok = dv_offs < dv
-    split_base = tl.maximum(tl.load(num_splits_ptr + i), 0)
+    split_start = tl.load(num_splits_ptr + i)
     split_end = tl.load(num_splits_ptr + i + 1)
+    # Slots below 0 are never written (the decode kernel drops them), so never read.
+    split_base = tl.maximum(split_start, 0)
     # n_read: the splits read back, cut to the slots allocated (none where the plan has one
     # partition: then no sequence splits, and the launcher allocates no slots)
     n_read = tl.minimum(split_end, max_slots) - split_base
-    if split_end - split_base != 1:  # one split: the decode kernel wrote out/lse itself
+    # One split: the decode kernel wrote out/lse itself. The same test as its (the raw difference,
+    # python_ref's count): with a clamped start a caller's negative entry left rows to neither.
+    if split_end - split_start != 1:
         m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
         for k in range(0, n_read):
             part_lse = tl.load(lse_acc_ptr + (split_base + k).to(tl.int64) * stride_lacc_split + flat,

@@ -1124,8 +1124,11 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   const int flat = blockIdx.y * kCombineWarps + threadIdx.x / 32;  // head * s_q + token
   const int lane = threadIdx.x % 32;
   if (flat >= p.h_q * p.s_q) return;
-  const int base = max(p.num_splits[i], 0), end = p.num_splits[i + 1];
-  if (end - base == 1) return;  // the decode kernel wrote this sequence itself
+  const int start = p.num_splits[i], end = p.num_splits[i + 1];
+  // The decode kernels wrote this sequence themselves: their test (the raw difference; with a
+  // clamped start a caller's negative entry left the rows to neither kernel).
+  if (end - start == 1) return;
+  const int base = max(start, 0);  // slots below 0 are never written (the decode kernels drop them)
   // The splits read back, cut to the slots allocated (none for a one-partition plan, which splits
   // no sequence: see the launcher).
   const int n = min(end, p.max_slots) - base;
