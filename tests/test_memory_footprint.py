@@ -6,6 +6,7 @@ alive past their last read. At V3's widths each was gigabytes in a long prefill 
 import gc
 import os
 import weakref
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -393,3 +394,285 @@ def test_forward_copies_no_weights(fp8, cached):
             layer(x, positions, **kwargs)
     # (the score-correction bias, [E] fp32, is as small as grouped_topk's [tokens, k] outputs)
     assert [c for c in mode.copies if c[1] != "mlp.gate.e_score_correction_bias"] == []
+
+
+@pytest.mark.parametrize("v32", [False, True], ids=["v3", "v32"])
+def test_forward_after_a_module_cast_copies_no_weights(v32):
+    """A layer built in fp32 (torch's default) and cast with .to(torch.bfloat16): the router's weight
+    and bias, and V3.2's head weights (weights_proj), stay fp32 (only moved by module casts, as
+    transformers keeps them in a bf16 model), so the fp32 gate / head GEMMs read them as stored.
+    The cast rounded them before, and every step cast them back to fp32 (7.3 MiB per V3 layer)."""
+    cfg = DeepseekV3Config.tiny(**(dict(index_topk=4, index_head_dim=64, index_n_heads=16) if v32 else {}))
+    layer = DeepseekV3DecoderLayer(cfg, 1, index_fp8=False)
+    layer.load_hf_state_dict(_checkpoint(cfg, "fused", torch.float32)[0])
+    layer.to(torch.bfloat16)
+    assert layer.dtype == torch.bfloat16 and layer.mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    fp32 = [layer.mlp.gate.weight, layer.mlp.gate.e_score_correction_bias]
+    fp32 += [layer.self_attn.indexer.weights_proj.weight] if v32 else []
+    assert all(t.dtype == torch.float32 for t in fp32)
+    b = 2
+    x = torch.randn(b, 1, cfg.hidden_size, dtype=torch.bfloat16)
+    positions = torch.full((b, 1), 5)
+    with torch.no_grad(), dskernels.backend("triton"):
+        layer(x, positions)  # builds the derived copies (W_UK / W_UV)
+        weights = {t.untyped_storage().data_ptr(): name for name, t in [*layer.named_parameters(),
+                                                                        *layer.named_buffers()]}
+        weights.update({t.untyped_storage().data_ptr(): name for name, t in (
+            ("w_uk", layer.self_attn.w_uk), ("w_uv", layer.self_attn.w_uv)) if t is not None})
+        mode = _WeightCopies(weights)
+        with mode:
+            layer(x, positions)
+    # (vectors of a few hundred bytes, as small as the step's outputs: the score bias [E], V3.2's
+    # key-norm weight and bias [index_head_dim] and rope frequencies [qk_rope_head_dim / 2])
+    small = {"mlp.gate.e_score_correction_bias", "self_attn.indexer.k_norm.weight", "self_attn.indexer.k_norm.bias",
+             "self_attn.inv_freq"}
+    assert [c for c in mode.copies if c[1] not in small] == []
+    # .float() and back: the fp32 weights keep their values (nothing rounded them)
+    gate = layer.mlp.gate.weight.clone()
+    layer.half().float()
+    assert torch.equal(layer.mlp.gate.weight, gate)
+
+
+# ---- loading from safetensors files: each tensor read right before its copy ----
+
+class _ReadMeter:
+    """The bytes of the checkpoint's tensors read from the files and still alive, and their peak."""
+
+    def __init__(self):
+        self.live = self.peak = self.reads = 0
+
+    def _free(self, size):
+        self.live -= size
+
+    def read(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        self.reads += 1
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, storage.nbytes())
+        return t
+
+
+class _CountedSlice:
+    """A real safetensors slice whose reads the meter counts (duck-typed as one: get_shape, get_dtype,
+    [index])."""
+
+    def __init__(self, inner, meter):
+        self.inner, self.meter = inner, meter
+
+    def get_shape(self):
+        return self.inner.get_shape()
+
+    def get_dtype(self):
+        return self.inner.get_dtype()
+
+    def __getitem__(self, index):
+        return self.meter.read(self.inner[index])
+
+
+class _Files(Mapping):
+    """A lazy mapping over a checkpoint's safetensors files: a value is read on access (get_tensor),
+    get_slice(key) gives it unread."""
+
+    def __init__(self, handles, meter):
+        self.where = {k: h for h in handles for k in h.keys()}
+        self.meter = meter
+
+    def __getitem__(self, key):
+        return self.meter.read(self.where[key].get_tensor(key))
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self):
+        return len(self.where)
+
+    def get_slice(self, key):
+        return _CountedSlice(self.where[key].get_slice(key), self.meter)
+
+
+def _save_files(sd: dict, directory, files: int, prefix="model.layers.1."):
+    """sd in `files` safetensors files under directory, module by module in turn (a weight beside its
+    scale; the experts spread over the files); returns their paths."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    modules = sorted({k.removesuffix("_scale_inv") for k in sd})
+    paths = []
+    for i in range(files):
+        mine = {prefix + k: sd[k].contiguous() for m in modules[i::files] for k in (m, m + "_scale_inv") if k in sd}
+        paths.append(os.path.join(directory, f"model-{i + 1:05d}-of-{files:05d}.safetensors"))
+        safetensors_torch.save_file(mine, paths[-1])
+    return paths
+
+
+def _open(paths):
+    safetensors = pytest.importorskip("safetensors")
+    # pread: a read allocates the tensor (as a GPU device= does); the default mmap maps the whole file
+    return [safetensors.safe_open(p, "pt", backend="pread") for p in paths]
+
+
+def _medium():
+    return DeepseekV3Config.tiny(hidden_size=1024, moe_intermediate_size=256, n_routed_experts=64, n_group=8,
+                                 topk_group=4, num_experts_per_tok=8, q_lora_rank=256, kv_lora_rank=256)
+
+
+def _largest_read(sd: dict) -> int:
+    """The most checkpoint bytes one step of a load reads at once: a weight and its scale."""
+    pairs = {k: v.nbytes + (sd[k + "_scale_inv"].nbytes if k + "_scale_inv" in sd else 0)
+             for k, v in sd.items() if not k.endswith("_scale_inv")}
+    return max(pairs.values())
+
+
+@pytest.mark.parametrize("how", ["lazy_mapping", "slices", "handle_per_file"])
+@pytest.mark.parametrize("size", ["tiny", "medium"])
+def test_safetensors_load_reads_each_tensor_before_its_copy(tmp_path, how, size):
+    """Loading from safetensors files, the values are checked from the files' headers (shape, dtype)
+    and each tensor is read right before its copy and dropped after it: the checkpoint bytes alive at
+    once stay under the largest weight and its scale (one expert's matrix for the experts), not the
+    whole layer's (a lazy mapping's values were all read, then checked, before the first copy: ~2x
+    the layer at the peak, 11 GB of V3's FP8 MoE layer). how: a lazy mapping over the files that
+    offers get_slice, a dict of safetensors slices, or each file's safe_open handle in turn
+    (strict=False, the experts split across the files)."""
+    cfg = DeepseekV3Config.tiny() if size == "tiny" else _medium()
+    sd, _ = _checkpoint(cfg, "per_expert_fp8", torch.bfloat16)
+    paths = _save_files(sd, tmp_path, 3)
+    whole = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, fp8=True)
+    whole.load_hf_state_dict(sd)
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, fp8=True)
+    layer_bytes = sum(t.nbytes for t in sd.values())
+    meter, handles = _ReadMeter(), _open(paths)
+    gc.collect()
+    if how == "lazy_mapping":
+        layer.load_hf_state_dict(_Files(handles, meter))
+    elif how == "slices":
+        layer.load_hf_state_dict({k: _CountedSlice(h.get_slice(k), meter) for h in handles for k in h.keys()})
+    else:
+        for h in handles:
+            layer.load_hf_state_dict(_Files([h], meter), strict=False)
+            gc.collect()
+            assert meter.live == 0  # (nothing of the file kept: each expert's matrix went in with its scale)
+        assert not layer._expert_parts
+    gc.collect()
+    assert meter.reads >= len(sd) and meter.live == 0
+    assert meter.peak <= _largest_read(sd) < layer_bytes // 4, (meter.peak, _largest_read(sd), layer_bytes)
+    for (name, got), want in zip(layer.state_dict().items(), whole.state_dict().values()):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
+
+
+_RSS_SCRIPT = """
+import gc, sys, torch
+sys.path.insert(0, sys.argv[1])
+import test_memory_footprint as t
+cfg, paths = t._medium(), sys.argv[2:]
+layer = t.DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, fp8=True)
+handles = t._open(paths)
+layer.load_hf_state_dict(t._Files(handles, t._ReadMeter()))  # (first: the weights' pages touched)
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM back to the current RSS
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+before = status("VmRSS:")
+layer.load_hf_state_dict(t._Files(handles, t._ReadMeter()))
+print(status("VmHWM:") - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's peak RSS reset")
+def test_safetensors_load_peak_resident_memory(tmp_path):
+    """The same in the process's resident memory (a medium layer, 52 MB of FP8 checkpoint): a
+    second load's peak above its start (the weights' pages already touched) stays under a quarter of
+    the checkpoint's bytes: 0.4 MB measured (it was 53 MB: every tensor read first). In a process
+    of its own whose malloc gives freed buffers back (a fixed mmap threshold: glibc's moving one
+    keeps them in the heap, where the peak would not show)."""
+    import subprocess
+    import sys
+
+    cfg = _medium()
+    sd, _ = _checkpoint(cfg, "per_expert_fp8", torch.bfloat16)
+    paths = _save_files(sd, tmp_path, 2)
+    layer_bytes = sum(t.nbytes for t in sd.values())
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
+    run = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, os.path.dirname(__file__), *paths], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak = int(run.stdout.split()[-1])
+    assert peak < layer_bytes // 4, (peak, layer_bytes)
+
+
+def _kept_bytes(layer) -> int:
+    """The bytes of expert tensors a shard-by-shard load keeps between calls (written ones are notes)."""
+    return sum(v.nbytes for v in layer._expert_parts.values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("fmt, fp8, split", [
+    ("per_expert_fp8", None, "modules"), ("fused_fp8", None, "modules"), ("per_expert", True, "modules"),
+    ("per_expert", None, "modules"), ("per_expert_fp8", False, "modules"), ("per_expert_fp8", None, "scales_apart")])
+def test_shard_by_shard_load_writes_the_experts_straight_in(fmt, fp8, split):
+    """strict=False per file, the experts split across the files: each expert matrix goes into the
+    fused weights in the call that brings it (with its scale; converted where the format changes),
+    so nothing of the experts is kept between calls (copies of them were, up to the layer's experts
+    in host memory). A weight whose scale is in another file waits for it (kept), then goes in. The
+    result is the whole load's."""
+    cfg = DeepseekV3Config.tiny()
+    sd, _ = _checkpoint(cfg, fmt, torch.bfloat16)
+    keeps_fp8 = fmt.endswith("_fp8") if fp8 is None else fp8
+    whole = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, fp8=keeps_fp8)
+    whole.load_hf_state_dict(sd, fp8=fp8)
+    modules = sorted({k.removesuffix("_scale_inv") for k in sd})
+    if split == "modules":  # 3 files, a weight beside its scale
+        files = [[k for m in modules[i::3] for k in (m, m + "_scale_inv") if k in sd] for i in range(3)]
+    else:  # expert e's weights in file e % 2, their scales in the other (other FP8 weights need theirs beside them)
+        def file_of(k):
+            parts = k.split(".")
+            return 0 if not k.startswith("mlp.experts.") else (int(parts[2]) + k.endswith("_scale_inv")) % 2
+        files = [[k for k in sd if file_of(k) == i] for i in range(2)]
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, fp8=keeps_fp8)
+    for i, keys in enumerate(files):
+        layer.load_hf_state_dict({k: sd[k].clone() for k in keys}, fp8=fp8, strict=False)
+        last = i == len(files) - 1
+        if split == "modules" or last:
+            assert _kept_bytes(layer) == 0, _kept_bytes(layer)
+        else:  # the FP8 weights, waiting for their scales
+            assert 0 < _kept_bytes(layer) <= sum(sd[k].nbytes for k in keys if k.startswith("mlp.experts."))
+    assert not layer._expert_parts
+    for (name, got), want in zip(layer.state_dict().items(), whole.state_dict().values()):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
+
+
+def test_shard_by_shard_load_keeps_one_format():
+    """Expert matrices written by an earlier call were converted to its format: a later call asking
+    for another (fp8 changed half-way) raises, naming fp8, and leaves the layer as it was."""
+    cfg = DeepseekV3Config.tiny()
+    sd, _ = _checkpoint(cfg, "per_expert_fp8", torch.bfloat16)
+    modules = sorted({k.removesuffix("_scale_inv") for k in sd})
+    first = {k: sd[k] for m in modules[::2] for k in (m, m + "_scale_inv") if k in sd}
+    second = {k: sd[k] for m in modules[1::2] for k in (m, m + "_scale_inv") if k in sd}
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, fp8=True)
+    layer.load_hf_state_dict(first, strict=False)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^fp8: 'mlp\.experts\.\d+\.\w+\.weight' of layer 1 was loaded by an "
+                                         r"earlier call as FP8; a shard-by-shard load passes every call the same fp8"):
+        layer.load_hf_state_dict(second, fp8=False, strict=False)
+    assert all(torch.equal(v.view(torch.uint8), before[k].view(torch.uint8)) for k, v in layer.state_dict().items())
+    layer.load_hf_state_dict(second, strict=False)
+    assert not layer._expert_parts
+
+
+def test_load_from_safe_open_handles(tmp_path):
+    """Each file's safetensors handle itself (keys() and get_slice(), not a Mapping), the default mmap
+    backend, strict=False per file, 5.x fused experts split across the files: the whole load's layer."""
+    safetensors = pytest.importorskip("safetensors")
+    cfg = DeepseekV3Config.tiny()
+    sd, _ = _checkpoint(cfg, "fused_fp8", torch.bfloat16)
+    whole = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, fp8=True)
+    whole.load_hf_state_dict(sd)
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, fp8=True)
+    for path in _save_files(sd, tmp_path, 3):
+        with safetensors.safe_open(path, "pt") as handle:
+            missing, unexpected = layer.load_hf_state_dict(handle, strict=False)
+        assert not unexpected
+    assert not missing or not any(k.startswith("mlp.experts.") for k in missing)
+    assert not layer._expert_parts and layer.weights_loaded
+    for (name, got), want in zip(layer.state_dict().items(), whole.state_dict().values()):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name

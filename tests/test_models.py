@@ -262,12 +262,11 @@ def test_dtype_follows_module_casts():
     assert q_b.weight.dtype == experts.gate_up_proj.dtype == torch.float8_e4m3fn
     assert q_b.weight_scale_inv.dtype == experts.down_proj_scale_inv.dtype == torch.float32
     assert fp8.self_attn.inv_freq.dtype == torch.float32
+    assert fp8.mlp.gate.weight.dtype == fp8.mlp.gate.e_score_correction_bias.dtype == torch.float32
     # Against a float32 layer holding the same weights as they went through the casts: the norms
-    # through bf16 (the layer's dtype) and fp16, the router's fp32 weight and bias through fp16.
+    # through bf16 (the layer's dtype) and fp16; the router's weight and bias stay fp32 (not rounded).
     def as_cast(key, value):
-        if "layernorm" in key:
-            return value.bfloat16().half().float()
-        return value.half().float() if key.startswith("mlp.gate.") else value
+        return value.bfloat16().half().float() if "layernorm" in key else value
     through_casts = {k: as_cast(k, v) for k, v in checkpoint.items()}
     fp8_float = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.float32)
     fp8_float.load_hf_state_dict(through_casts)

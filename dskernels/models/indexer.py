@@ -80,7 +80,9 @@ class Indexer(nn.Module):
         self.wq_b = Linear(cfg.q_lora_rank, self.num_heads * self.head_dim, dtype, device, fp8=fp8_weights)
         self.wk = Linear(cfg.hidden_size, self.head_dim, dtype, device, fp8=fp8_weights)
         self.k_norm = LayerNorm(self.head_dim, _K_NORM_EPS, dtype, device)
-        self.weights_proj = Linear(cfg.hidden_size, self.num_heads, dtype, device)
+        # fp32 whatever the layer's dtype, through module casts too (see Linear.keep_fp32)
+        self.weights_proj = Linear(cfg.hidden_size, self.num_heads, torch.float32, device)
+        self.weights_proj.keep_fp32 = True
         # sum_h w_h relu(q.k s) with s = D**-0.5 > 0 equals sum_h (w_h s) relu(q.k): both factors go in the weights
         self.weight_scale = self.num_heads ** -0.5 * self.head_dim ** -0.5
         self.hadamard = hadamard_matrix(self.head_dim).to(device) if fp8 else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -13,8 +14,8 @@ from dskernels._checks import as_flag, check_int
 from dskernels.models.attention import MLAttention
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import LayerNorm
-from dskernels.models.linear import (BLOCK, FP8, MLP, Linear, RMSNorm, add_norm_and_cast, dequantize_block_fp8,
-                                     load_weight, norm_and_cast, store_weight, unhooked)
+from dskernels.models.linear import (BLOCK, FP8, MLP, Linear, RMSNorm, add_norm_and_cast, can_overwrite,
+                                     dequantize_block_fp8, load_weight, norm_and_cast, store_weight, unhooked)
 from dskernels.models.moe import Experts, MoE
 
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.*)$")
@@ -24,12 +25,107 @@ _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.activation_scale)$"
                       r"|^(embed_tokens|enorm|hnorm|eh_proj|shared_head)\.")  # the MTP layer's extra modules
 
 
+# safetensors' dtype names (a slice's get_dtype()) -> torch's
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _Unread:
+    """A checkpoint tensor not read yet: a safetensors slice (`safe_open(...).get_slice(name)`),
+    whose shape and dtype come from the file's header. load_hf_state_dict checks it from those and
+    reads it (read()) right before its copy into the layer, so only one tensor of the checkpoint is
+    in memory at a time. [i] / [a:b] on the first dimension give the unread rows (one expert of a
+    fused tensor, one rank's experts)."""
+
+    is_meta = False
+
+    def __init__(self, source, key: str, rows=None, shape=None, dtype=None):
+        self.source, self.rows = source, rows
+        if shape is None:
+            name = source.get_dtype()
+            if name not in _SAFETENSORS_DTYPES:
+                raise TypeError(f"state_dict: {key!r}: a safetensors slice of an unknown dtype {name!r}")
+            shape, dtype = torch.Size(source.get_shape()), _SAFETENSORS_DTYPES[name]
+        self.shape, self.dtype = shape, dtype
+
+    def __getitem__(self, index):
+        start = 0 if self.rows is None else self.rows.start  # (only row ranges take an index)
+        if isinstance(index, int) and 0 <= index < self.shape[0]:
+            return type(self)(self.source, "", start + index, self.shape[1:], self.dtype)
+        if isinstance(index, slice) and index.step is None:
+            lo, hi, _ = index.indices(self.shape[0])
+            return type(self)(self.source, "", slice(start + lo, start + max(lo, hi)),
+                              (max(hi - lo, 0), *self.shape[1:]), self.dtype)
+        raise IndexError(f"an unread checkpoint tensor takes an int or a row range, got {index!r}")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self) -> torch.Tensor:
+        t = self.source[self.rows if self.rows is not None else slice(None)]
+        if tuple(t.shape) != tuple(self.shape) or t.dtype != self.dtype:  # (a file changed since it was opened)
+            raise ValueError(f"state_dict: a safetensors slice read as {t.dtype} {list(t.shape)}, its header said "
+                             f"{self.dtype} {list(self.shape)}")
+        return t
+
+
+class _Written(_Unread):
+    """An expert tensor of an earlier shard-by-shard call (strict=False), already copied into the
+    layer's fused weights (its shape and dtype kept for the checks of the call that completes the
+    experts, which copies it no more)."""
+
+    as_fp8 = False  # (the format it was written in)
+
+    def __init__(self, source, key: str = "", rows=None, shape=None, dtype=None):
+        super().__init__(None, key, rows, shape, dtype)
+        self.as_fp8 = getattr(source, "as_fp8", False)
+
+    def __getitem__(self, index):
+        rows = super().__getitem__(index)
+        rows.as_fp8 = self.as_fp8
+        return rows
+
+    @classmethod
+    def of(cls, value, as_fp8: bool) -> _Written:
+        written = cls(None, "", None, torch.Size(value.shape), value.dtype)
+        written.as_fp8 = as_fp8
+        return written
+
+    def read(self):
+        raise AssertionError("an expert tensor already written is not read again")
+
+
+def _read(value):
+    """value's tensor: read now where it is an _Unread one."""
+    return value.read() if isinstance(value, _Unread) else value
+
+
+def _stored_value(state_dict, key: str):
+    """state_dict's value of key, unread where it can be: a safetensors slice, or the mapping's (or
+    safe_open handle's) get_slice(key) where it has one (a mapping over a checkpoint's files)."""
+    get_slice = getattr(state_dict, "get_slice", None)
+    value = get_slice(key) if callable(get_slice) else state_dict[key]
+    if (not isinstance(value, torch.Tensor) and callable(getattr(value, "get_shape", None))
+            and callable(getattr(value, "get_dtype", None)) and hasattr(value, "__getitem__")):
+        return _Unread(value, key)
+    return value
+
+
 def _mark_weights_loaded(module, incompatible_keys) -> None:
     """load_state_dict's post hook (a function, not a lambda: the layer pickles). Experts loaded
     that way replace what a shard-by-shard load_hf_state_dict kept of them."""
     module.weights_loaded = True
     if not any(".experts." in key for key in incompatible_keys.missing_keys):
         module._expert_parts = {}
+
+
+def _load_read(module, name: str, value, dtype: torch.dtype, device) -> None:
+    """load_weight of value, read first where it is unread (the layer must not keep the caller's
+    tensor: source)."""
+    value = _read(value)
+    load_weight(module, name, value, dtype, device, value)
 
 
 def _check_weight_shape(key: str, value: torch.Tensor, shape, layer_idx: int) -> None:
@@ -43,7 +139,7 @@ def _check_tensor(key: str, value, kind: str, layer_idx: int, device: torch.devi
     "scale" (block scales: any float dtype, ue8m0's float8_e8m0fnu included) or "float" (norms,
     router: float, not FP8)."""
     where = f"state_dict: {key!r} of layer {layer_idx}"
-    if not isinstance(value, torch.Tensor):
+    if not isinstance(value, (torch.Tensor, _Unread)):
         raise TypeError(f"{where}: expected a torch.Tensor, got {type(value).__name__}")
     if value.is_meta and device.type != "meta":  # (no values to copy: fails half-way through otherwise)
         raise ValueError(f"{where}: expected a tensor with data, got one on the meta device")
@@ -285,32 +381,41 @@ class DeepseekV3DecoderLayer(nn.Module):
         `mlp.experts.down_proj` [E, H, I]). The FP8 checkpoint format is used as is: float8_e4m3fn
         `weight` plus fp32 `weight_scale_inv` per 128x128 block (5.x fused: `gate_up_proj_scale_inv`,
         `down_proj_scale_inv`). The layer keeps copies: the caller's tensors can be reused or freed.
+        Values may also be unread safetensors slices (`safe_open(...).get_slice(key)`), and
+        state_dict a mapping with a `get_slice(key)` method or a `safe_open` handle itself: then
+        the checks read the files' headers only, and each tensor is read right before its copy and
+        dropped after it (one weight and its scale in memory at a time, not the layer's checkpoint).
 
         fp8: None keeps each weight's format, True quantizes float weights to FP8 (128x128 blocks),
         False dequantizes FP8 weights to the layer's dtype. Norms, the router and the score bias stay
-        float. strict: raise on missing or unexpected keys. Without it what is there is loaded, and
-        the routed experts once all of this layer's have come: a shard-by-shard load (one call per
-        checkpoint file, strict=False) keeps copies of the experts' tensors of each call until a later
-        call completes them (a forward before then warns). A tensor of the wrong shape raises
-        ValueError naming its key, an FP8 weight without its scale KeyError; everything is checked
-        before anything is copied, so a call that raises leaves the layer as it was.
+        float. strict: raise on missing or unexpected keys. Without it what is there is loaded: in a
+        shard-by-shard load (one call per checkpoint file, strict=False) each routed expert matrix
+        goes into the fused weights in the call that brings it with its scale (a weight whose scale
+        has not come yet is kept, a copy, until it does; every call must want the same format, fp8),
+        and the experts are complete once all of this layer's have come (a forward before then
+        warns). A tensor of the wrong shape raises ValueError naming its key, an FP8 weight without
+        its scale KeyError; everything is checked before anything is copied, so a call that raises
+        leaves the layer as it was (save for a file's read failing half-way through).
 
         Returns torch's (missing_keys, unexpected_keys) named tuple, as load_state_dict does: the
         layer's keys this call left unloaded (experts kept for a later call among them) and the keys
         it did not use."""
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
+        if not isinstance(state_dict, Mapping) and not (callable(getattr(state_dict, "keys", None))
+                                                       and callable(getattr(state_dict, "get_slice", None))):
+            raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__} "
+                            f"(or an object with keys() and get_slice(), such as safetensors' safe_open handle)")
+        names = list(state_dict.keys())  # (a safe_open handle is not iterable)
         fp8 = as_flag("fp8", fp8, none_ok=True)
         strict = as_flag("strict", strict)
         sd = {}
-        for key in state_dict:
+        for key in names:
             if not isinstance(key, str):
                 raise TypeError(f"state_dict: expected str keys, got {type(key).__name__} {key!r}")
         # A whole model's dict (layer-prefixed keys) also holds the model's own tensors (embeddings,
         # final norm, lm_head): they belong to no layer, so they are not this one's unexpected keys.
-        whole_model = any(_LAYER_KEY.match(key) for key in state_dict)
+        whole_model = any(_LAYER_KEY.match(key) for key in names)
         layers_given = set()
-        for given in state_dict:  # (keys first: a lazy mapping reads only this layer's tensors)
+        for given in names:  # (keys first: a lazy mapping reads only this layer's tensors)
             key, m = given, _LAYER_KEY.match(given)
             if m:
                 layers_given.add(int(m.group(1)))
@@ -320,7 +425,7 @@ class DeepseekV3DecoderLayer(nn.Module):
             elif whole_model:
                 continue
             if not _IGNORED.search(key):
-                sd[key] = state_dict[given]
+                sd[key] = _stored_value(state_dict, given)  # (a safetensors slice: not read yet)
         if strict and whole_model and self.layer_idx not in layers_given:
             shown = sorted(layers_given)
             raise KeyError(f"state_dict: no keys of layer {self.layer_idx} (its layer keys are of layers "
@@ -362,7 +467,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         def norm(module: RMSNorm | LayerNorm, key, attr="weight"):
             w = take(key, getattr(module, attr).shape)
             if w is not None:
-                steps.append(lambda: load_weight(module, attr, w, self.dtype, device, w))
+                steps.append(lambda: _load_read(module, attr, w, self.dtype, device))
 
         def linear(module: Linear, prefix, fp8=fp8, dtype=None):
             w = take(prefix + ".weight", (module.out_features, module.in_features), kind="weight")
@@ -373,11 +478,11 @@ class DeepseekV3DecoderLayer(nn.Module):
             if (w.dtype == FP8 if fp8 is None else fp8) and module.in_features % BLOCK:
                 raise ValueError(f"fp8: {prefix + '.weight'!r} of layer {self.layer_idx} as FP8 needs in_features "
                                  f"to be a multiple of {BLOCK} (the FP8 GEMM's k), got {module.in_features}")
-            steps.append(lambda: module.set_weight(w, scale, dtype or self.dtype, fp8))
+            steps.append(lambda: module.set_weight(_read(w), _read(scale), dtype or self.dtype, fp8))
             if module.bias is not None:  # config.attention_bias
                 b = take(prefix + ".bias", (module.out_features,))
                 if b is not None:
-                    steps.append(lambda: module.set_bias(b))
+                    steps.append(lambda: module.set_bias(_read(b)))
 
         norm(self.input_layernorm, "input_layernorm.weight")
         norm(self.post_attention_layernorm, "post_attention_layernorm.weight")
@@ -405,26 +510,31 @@ class DeepseekV3DecoderLayer(nn.Module):
             moe = self.mlp
             w = take("mlp.gate.weight", moe.gate.weight.shape)
             if w is not None:
-                steps.append(lambda: load_weight(moe.gate, "weight", w, torch.float32, device, w))
+                steps.append(lambda: _load_read(moe.gate, "weight", w, torch.float32, device))
             b = take("mlp.gate.e_score_correction_bias", moe.gate.e_score_correction_bias.shape)
             if b is not None:
-                steps.append(lambda: load_weight(moe.gate, "e_score_correction_bias", b, torch.float32, device, b))
+                steps.append(lambda: _load_read(moe.gate, "e_score_correction_bias", b, torch.float32, device))
             if moe.shared_experts is not None:
                 for name in ("gate_proj", "up_proj", "down_proj"):
                     linear(getattr(moe.shared_experts, name), f"mlp.shared_experts.{name}")
             else:  # n_shared_experts = 0: transformers still saves the (empty) module
                 used.update(k for k, v in sd.items() if k.startswith("mlp.shared_experts.")
-                            and isinstance(v, torch.Tensor) and v.numel() == 0)
+                            and isinstance(v, (torch.Tensor, _Unread)) and math.prod(v.shape) == 0)
+            self._check_written_format(sd, fp8)
             experts = self._check_experts(sd, used, fp8, strict, missing)
             if experts is not None:
                 steps.append(lambda: self._load_experts(*experts, fp8))
                 steps.append(lambda: self._keep_expert_parts({}))
-            else:  # some not there (strict=False): this call's are kept for the call that completes them
-                # (copies where the caller's tensors are, host memory for a CPU checkpoint: a fused
-                # tensor holds every rank's experts)
-                parts = {k: v if self._expert_parts.get(k) is v else v.detach().clone()
-                         for k, v in sd.items() if k in used and self._own_expert_key(k)}
-                steps.append(lambda: self._keep_expert_parts(parts))
+            else:  # some not there (strict=False): each matrix whose scale is there too goes straight into
+                # the fused weights now (the parts bookkeeping notes it), the others are kept (copies, host
+                # memory for a CPU checkpoint) for the call that completes them
+                writes, want_fp8 = self._plan_expert_writes(sd, fp8)
+                written = {key for unit in writes for key in unit[:2]}
+                kept = {k: v for k, v in sd.items() if k in used and self._own_expert_key(k)}
+                steps.append(lambda: self._write_experts(writes, want_fp8))
+                steps.append(lambda: self._keep_expert_parts({
+                    k: _Written.of(v, want_fp8) if k in written else v if self._expert_parts.get(k) is v
+                    else v.read() if isinstance(v, _Unread) else v.detach().clone() for k, v in kept.items()}))
         unexpected = sorted(set(sd) - used)
         if strict and unexpected:
             raise KeyError(f"state_dict: unexpected keys for layer {self.layer_idx}: {unexpected[:8]}"
@@ -448,6 +558,94 @@ class DeepseekV3DecoderLayer(nn.Module):
 
     def _keep_expert_parts(self, parts: dict) -> None:
         self._expert_parts, self._expert_parts_said = parts, False
+
+    def _expert_units(self, sd: dict) -> list:
+        """The routed experts' matrices in sd, this rank's: (weight key, scale key, fused name, local
+        expert or None for a fused tensor of all, first row in the fused matrix, expected shape)."""
+        moe, cfg = self.mlp, self.cfg
+        inter, hidden = cfg.moe_intermediate_size, cfg.hidden_size
+        units = []
+        for key in sd:
+            m = _EXPERT_KEY.match(key)
+            if m and m.group(3) == "weight" and self._own_expert_key(key):
+                name = m.group(2)
+                units.append((key, key + "_scale_inv", "down_proj" if name == "down_proj" else "gate_up_proj",
+                              int(m.group(1)) - moe.first_expert, inter if name == "up_proj" else 0,
+                              (hidden, inter) if name == "down_proj" else (inter, hidden)))
+            elif key in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+                units.append((key, key + "_scale_inv", key[len("mlp.experts."):], None, 0,
+                              (cfg.n_routed_experts, *((2 * inter, hidden) if "gate_up" in key else (hidden, inter)))))
+        return units
+
+    def _check_written_format(self, sd: dict, fp8: bool | None) -> None:
+        """Expert tensors an earlier strict=False call wrote into the fused weights were converted
+        to that call's format: this call must want the same (fp8 may not change half-way)."""
+        for key, v in sd.items():
+            if isinstance(v, _Written) and not key.endswith("_scale_inv"):
+                want = (v.dtype == FP8) if fp8 is None else fp8
+                if want != v.as_fp8:
+                    raise ValueError(f"fp8: {key!r} of layer {self.layer_idx} was loaded by an earlier call "
+                                     f"{'as' if v.as_fp8 else 'without'} FP8; a shard-by-shard load passes every "
+                                     f"call the same fp8, got {fp8}")
+                return
+
+    def _plan_expert_writes(self, sd: dict, fp8: bool | None):
+        """Of the experts' matrices in sd (this call's and those kept from earlier ones), those that can
+        be written into the fused weights now: every check passes, an FP8 one's scale is there, and
+        all the experts' weights so far share one dtype (else all are kept: the call that completes
+        them raises as a strict one would). Returns (writes, want_fp8)."""
+        idx, device = self.layer_idx, self.input_layernorm.weight.device
+        units = [u for u in self._expert_units(sd) if not isinstance(sd[u[0]], _Written)]
+        dtypes = {v.dtype for k, v in sd.items() if self._own_expert_key(k) and not k.endswith("_scale_inv")}
+        if not units or len(dtypes) != 1:
+            return [], False
+        (dtype,) = dtypes
+        want_fp8 = dtype == FP8 if fp8 is None else fp8
+        writes = []
+        for key, scale_key, name, expert, row, shape in units:
+            w, scale = sd[key], sd.get(scale_key)
+            if want_fp8 and shape[-1] % BLOCK or (dtype == FP8 and scale is None):
+                continue  # (k: the call that completes them raises; the scale: a later call brings it)
+            try:
+                _check_tensor(key, w, "weight", idx, device)
+                _check_weight_shape(key, w, shape, idx)
+                _check_scale(scale_key, scale, w, key, (*shape[:-2], -(-shape[-2] // BLOCK), -(-shape[-1] // BLOCK)),
+                             idx, device)
+            except (TypeError, ValueError, KeyError):
+                continue  # (kept: the call that completes the experts raises, naming it)
+            if expert is None:  # fused: this rank's experts
+                lo, hi = self.mlp.first_expert, self.mlp.first_expert + self.mlp.num_local_experts
+                w, scale = w[lo:hi], None if scale is None else scale[lo:hi]
+            writes.append((key, scale_key if scale is not None else None, name, expert, row, w, scale))
+        return writes, want_fp8
+
+    def _write_experts(self, writes: list, want_fp8: bool) -> None:
+        """_plan_expert_writes' matrices into the fused weights (made in the format first where the
+        layer holds another: the experts are incomplete until the last shard anyway)."""
+        if not writes:
+            return
+        experts, device, cfg = self.mlp.experts, self.input_layernorm.weight.device, self.cfg
+        inter, hidden, count = cfg.moe_intermediate_size, cfg.hidden_size, self.mlp.num_local_experts
+        dtype = FP8 if want_fp8 else self.dtype
+        targets = {}
+        for name, shape in (("gate_up_proj", (count, 2 * inter, hidden)), ("down_proj", (count, hidden, inter))):
+            scale_shape = (count, -(-shape[1] // BLOCK), -(-shape[2] // BLOCK))
+            scale = (name + "_scale_inv", scale_shape, torch.float32)
+            for attr, want_shape, want_dtype in ((name, shape, dtype), scale):
+                t = getattr(experts, attr)
+                if attr.endswith("_scale_inv") and not want_fp8:
+                    continue
+                if not (isinstance(t, torch.Tensor) and tuple(t.shape) == want_shape and t.dtype == want_dtype
+                        and t.device == device and t.is_contiguous() and can_overwrite(t, t)):
+                    store_weight(experts, attr, torch.empty(want_shape, dtype=want_dtype, device=device))
+            targets[name] = (getattr(experts, name), getattr(experts, name + "_scale_inv") if want_fp8 else None)
+        if not want_fp8:
+            for name in ("gate_up_proj_scale_inv", "down_proj_scale_inv"):
+                store_weight(experts, name, None)
+        for _, _, name, expert, row, w, scale in writes:
+            one = expert is not None  # (one expert's matrix, or a fused tensor of all)
+            self._copy_experts([(row, [w] if one else w, None if scale is None else ([scale] if one else scale))],
+                               *targets[name], want_fp8, experts=[expert] if one else None)
 
     def _own_expert_key(self, key: str) -> bool:
         """Whether key names a routed expert tensor this layer keeps (fused, or one of its experts'
@@ -564,7 +762,6 @@ class DeepseekV3DecoderLayer(nn.Module):
     def _store_expert_parts(self, name: str, parts: list, fp8: bool | None) -> None:
         """parts: (first row, weights, scales or None) whose rows fill experts.<name>; weights [L, n, k]
         (a tensor, or a list of L [n, k] tensors) in the checkpoint's format."""
-        import dskernels
         experts, device = self.mlp.experts, self.input_layernorm.weight.device
         src = parts[0][1][0]
         want_fp8 = (src.dtype == FP8) if fp8 is None else fp8
@@ -582,17 +779,33 @@ class DeepseekV3DecoderLayer(nn.Module):
 
         out = reuse(current, shape, dtype)
         out_scale = reuse(current_scale, scale_shape, torch.float32) if want_fp8 else None
+        self._copy_experts(parts, out, out_scale, want_fp8)
+        if out is not current:
+            store_weight(experts, name, out)
+        if out_scale is not current_scale:
+            store_weight(experts, name + "_scale_inv", out_scale)
+
+    def _copy_experts(self, parts: list, out: torch.Tensor, out_scale: torch.Tensor | None, want_fp8: bool,
+                      experts=None) -> None:
+        """Copies parts (as _store_expert_parts takes them) into out / out_scale, the fused weights in
+        their final format; experts: the local experts parts hold (default: all of out's, in order);
+        tensors already written (_Written) are skipped."""
+        import dskernels
+        device = out.device
         with torch.no_grad():
             for row, ws, ss in parts:
                 # fused, the stored format: one copy (converted without a temporary on one device)
                 if (isinstance(ws, torch.Tensor) and row == 0 and ws.shape == out.shape
-                        and want_fp8 == (ws.dtype == FP8) and (ws.dtype == dtype or ws.device == device)):
+                        and want_fp8 == (ws.dtype == FP8) and (ws.dtype == out.dtype or ws.device == device)):
                     out.copy_(ws)
                     if want_fp8:
                         out_scale.copy_(ss)
                     continue
-                for e in range(count):
-                    w, scale = ws[e], None if ss is None else ss[e]
+                for i, e in enumerate(range(out.shape[0]) if experts is None else experts):
+                    if isinstance(ws[i], _Written):
+                        continue
+                    # (an unread one read here: one expert's matrix of the checkpoint in memory at a time)
+                    w, scale = _read(ws[i]), None if ss is None else _read(ss[i])
                     n = w.shape[0]
                     if want_fp8 and w.dtype != FP8:  # quantized per expert (row % 128 == 0: the same blocks)
                         w, scale = dskernels.per_block_cast_to_fp8(w.to(device=device, dtype=torch.bfloat16)
@@ -603,7 +816,3 @@ class DeepseekV3DecoderLayer(nn.Module):
                     if want_fp8:
                         out_scale[e, row // BLOCK:row // BLOCK + scale.shape[0]].copy_(scale)
                     del w, scale
-        if out is not current:
-            store_weight(experts, name, out)
-        if out_scale is not current_scale:
-            store_weight(experts, name + "_scale_inv", out_scale)

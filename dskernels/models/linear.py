@@ -189,6 +189,9 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.round_scale = False
+        # True: a float weight stays fp32 through module casts (V3.2's head weights, computed in fp32:
+        # a rounded copy would be cast back at every call)
+        self.keep_fp32 = False
         fp8 = fp8 and in_features % BLOCK == 0
         self.weight = weight_parameter(torch.empty(out_features, in_features, dtype=FP8 if fp8 else dtype,
                                                    device=device))
@@ -204,8 +207,9 @@ class Linear(nn.Module):
         return self.weight.dtype == FP8
 
     def _apply(self, fn, recurse=True):
-        fp8, bias = self.is_fp8, self.bias
-        module = super()._apply(device_moves_only(fn, lambda t: fp8 and t is not bias), recurse)
+        fp8, bias, keep = self.is_fp8, self.bias, getattr(self, "keep_fp32", False)
+        module = super()._apply(device_moves_only(fn, lambda t: t is not bias and (
+            fp8 or (keep and t.dtype == torch.float32))), recurse)
         self._gemm_scales.clear()
         return module
 

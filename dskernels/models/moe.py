@@ -54,8 +54,10 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, cfg: D
 
 class Router(nn.Module):
     """HF's DeepseekV3TopkRouter, under its name in the MoE (`gate`), so the layer's state_dict keys
-    are transformers': `weight` [E, H] and `e_score_correction_bias` [E], loaded in fp32 (a module
-    cast such as .bfloat16() rounds them, as it rounds transformers' router weight)."""
+    are transformers': `weight` [E, H] and `e_score_correction_bias` [E], kept in fp32 whatever the
+    layer's dtype: module casts (.bfloat16(), .to(dtype)) only move them, as transformers'
+    _keep_in_fp32_modules_strict keeps them in a bf16 / fp16 model (a rounded copy would be cast
+    back to fp32 for the gate GEMM at every call: 7.3 MiB per V3 layer and step)."""
 
     def __init__(self, cfg: DeepseekV3Config, device=None):
         super().__init__()
@@ -63,6 +65,9 @@ class Router(nn.Module):
         self.weight = weight_parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32,
                                                    device=device))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, device=device))
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(device_moves_only(fn, lambda t: t.dtype == torch.float32), recurse)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_idx int64 [T, K], topk_weights fp32 [T, K])."""
