@@ -330,9 +330,9 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
 
 def timing_orders(n: int, rounds: int) -> list[list[int]]:
     """The order the n runs of a case are timed in, per round: forward, backward, backward, forward,
-    ... With a multiple of 4 rounds every run has the same mean position (and the same mean square
-    position), so a clock that drifts linearly (or quadratically) over the case biases none of them;
-    one round is just the runs in order."""
+    ... With a multiple of 4 rounds every run has the same mean position, so a clock that drifts
+    linearly over the case biases none of them (a curved drift still can: the mean square position
+    differs between runs); one round is just the runs in order."""
     return [list(range(n)) if r % 4 in (0, 3) else list(range(n))[::-1] for r in range(rounds)]
 
 

@@ -1618,6 +1618,27 @@ def test_experts_torch_combine_sums_slot_by_slot(valid_pairs, monkeypatch):
         assert torch.equal(got, want), backend
         assert torch.equal(rounded, want.bfloat16()), backend
 
+
+def test_experts_with_no_valid_pairs_give_the_addends():
+    """valid_pairs=0 (a rank none of whose received slots names one of its experts): no rows go to
+    the GEMMs, and the output is the addends alone. The torch combine gathered row 0 of the empty
+    expert output for the unnamed slots (IndexError) before."""
+    tokens, k, experts, hidden = 3, 2, 4, 16
+    g = torch.Generator().manual_seed(3)
+    module = Experts(experts, hidden, 8, dtype=torch.float32)
+    for p in module.parameters():
+        if p is not None:
+            p.data.normal_(generator=g)
+    x, residual = torch.randn(tokens, hidden, generator=g), torch.randn(tokens, hidden, generator=g)
+    idx = torch.tensor([[-1, experts], [-1, -1], [experts + 1, -1]])  # no slot names a local expert
+    weights = torch.rand(tokens, k, generator=g)
+    for backend in ("ref", "triton"):
+        if backend not in dskernels.available_backends():
+            continue
+        with torch.no_grad(), forced_backend(backend):
+            got = module(x, idx, weights, torch.float32, (residual,), valid_pairs=0)
+        assert torch.equal(got, residual), backend
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_experts_skip_ids_past_the_last(fp8):
     """Ids past the last local expert are padding, as -1 is: the float experts' per-expert counts

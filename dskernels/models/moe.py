@@ -323,7 +323,7 @@ class Experts(nn.Module):
         named = (topk_idx >= 0) & (topk_idx < experts)
         rows = positions.view(num_tokens, k)
         out = torch.zeros(num_tokens, self.hidden, dtype=torch.float32, device=y.device)
-        for slot in range(k):
+        for slot in range(k if y.shape[0] else 0):  # (no rows, valid_pairs=0: no pair to gather, nothing to add)
             term = y[rows[:, slot]].float() * topk_weights[:, slot, None].float()
             out = out + torch.where(named[:, slot, None], term, 0.0)
         out = out.to(out_dtype)
