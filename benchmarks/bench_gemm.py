@@ -47,6 +47,8 @@ def _dense_variants(m: int) -> dict:
     tested = os.environ.get("DSKERNELS_GEMM_SPLITK_TESTED") == "1"
     return {name: env for name, env in DENSE_CONFIG_VARIANTS.items()
             if name not in SMALL_M_ONLY or (m <= 128 and tested)}
+
+
 GROUPED_CONFIG_VARIANTS = {name: {"DSKERNELS_GEMM_GROUPED_CONFIG": name} for name in ("m64", "m128", "m128_multicast")}
 
 

@@ -29,6 +29,7 @@ def hf_module():
     from transformers.models.deepseek_v3 import modeling_deepseek_v3
     return modeling_deepseek_v3
 
+
 TOL = 1e-4  # fp32: the absorbed decode reorders sums, prefill uses SDPA; both far inside this
 
 
@@ -1578,7 +1579,6 @@ def test_fused_moe_combine_matches_torch_ops(out_dtype, addends):
     assert torch.equal(got.cpu(), expected)
 
 
-
 @pytest.mark.parametrize("valid_pairs", [False, True])
 def test_experts_torch_combine_sums_slot_by_slot(valid_pairs, monkeypatch):
     """Experts.forward's torch combine (the reference backend's, torch.compile's, a forced "cuda"
@@ -1638,6 +1638,7 @@ def test_experts_with_no_valid_pairs_give_the_addends():
         with torch.no_grad(), forced_backend(backend):
             got = module(x, idx, weights, torch.float32, (residual,), valid_pairs=0)
         assert torch.equal(got, residual), backend
+
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_experts_skip_ids_past_the_last(fp8):

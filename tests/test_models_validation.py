@@ -364,3 +364,38 @@ def test_config_refusals_name_the_field(overrides, error, name):
 def test_check_tables_names_the_table(block_table, cache_seqlens, error, name):
     with pytest.raises(error, match=f"^{name}: "):
         check_tables(block_table, cache_seqlens, 1, torch.device("cpu"))
+
+
+class _Slice:
+    """A safetensors slice, duck-typed over a tensor (get_shape, get_dtype, [index])."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def get_shape(self):
+        return list(self.t.shape)
+
+    def get_dtype(self):
+        return "F32"
+
+    def __getitem__(self, index):
+        return self.t[index]
+
+
+def test_unread_tensor_indexing():
+    """An unread checkpoint tensor (a written one too) takes [i] or [a:b] on its first dimension, a
+    row range again; other indices raise the IndexError it promises: a row indexed again (was an
+    AttributeError), a step, a tuple, a row past the end."""
+    from dskernels.models.layer import _Unread, _Written
+
+    t = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
+    unread = _Unread(_Slice(t), "w")
+    assert torch.equal(unread[1].read(), t[1]) and torch.equal(unread[1:][0].read(), t[1])
+    written = _Written(t.shape, t.dtype, as_fp8=True)
+    assert written[1:][0].as_fp8 and written[1].shape == t.shape[1:]
+    for tensor in (unread, written):
+        for index in ((1, 0), (slice(None, None, 2),), ((0, 1),), (2,)):
+            got = tensor
+            with pytest.raises(IndexError, match="^an unread checkpoint tensor"):
+                for i in index:
+                    got = got[i]

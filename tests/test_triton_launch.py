@@ -372,6 +372,7 @@ def test_decode_step_launches_on_its_tensors_device(monkeypatch):
     assert current[0] == 0 and len(on) >= 2 * 24
     assert all(index == 1 for _, index in on), sorted({launched for launched in on if launched[1] != 1})
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("autotune", ["0", "1"])
 def test_cached_launches_compute_on_the_gpu(autotune, monkeypatch):

@@ -27,8 +27,8 @@ from torch import nn
 import dskernels
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import Indexer
-from dskernels.models.linear import (Linear, RMSNorm, can_overwrite, device_moves_only, norm_and_cast, refuse_gradient,
-                                      shared_cast, triton_fusable)
+from dskernels.models.linear import (Linear, RMSNorm, device_moves_only, norm_and_cast, refuse_gradient,
+                                      shared_cast, triton_fusable, writable_in_place)
 from dskernels.models.paged import as_int32, cache_rows, check_slots, check_tables, write_rows
 from dskernels.models.rope import rope_inv_freq, rope_qk
 
@@ -111,7 +111,9 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.dequantized(dtype).view(self.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim,
                                                    cfg.kv_lora_rank)
         uk, uv = w[:, :cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
-        if not torch.compiler.is_compiling() and can_overwrite(self.w_uk, uk) and can_overwrite(self.w_uv, uv):
+        if (not torch.compiler.is_compiling()
+                and writable_in_place(self.w_uk, uk.shape, uk.dtype, uk.device, contiguous=False)
+                and writable_in_place(self.w_uv, uv.shape, uv.dtype, uv.device, contiguous=False)):
             # in place: a CUDA graph captured with them reads the new values
             self.w_uk.copy_(uk)
             self.w_uv.copy_(uv)

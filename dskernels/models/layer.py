@@ -14,8 +14,8 @@ from dskernels._checks import as_flag, check_int
 from dskernels.models.attention import MLAttention
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.indexer import LayerNorm
-from dskernels.models.linear import (BLOCK, FP8, MLP, Linear, RMSNorm, add_norm_and_cast, can_overwrite,
-                                     dequantize_block_fp8, load_weight, norm_and_cast, store_weight, unhooked)
+from dskernels.models.linear import (BLOCK, FP8, MLP, Linear, RMSNorm, add_norm_and_cast, dequantize_block_fp8,
+                                     load_weight, norm_and_cast, store_weight, unhooked, writable_in_place)
 from dskernels.models.moe import Experts, MoE
 
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.*)$")
@@ -51,14 +51,19 @@ class _Unread:
         self.shape, self.dtype = shape, dtype
 
     def __getitem__(self, index):
-        start = 0 if self.rows is None else self.rows.start  # (only row ranges take an index)
+        if isinstance(self.rows, int):  # (only row ranges take an index)
+            raise IndexError(f"an unread checkpoint tensor's row [i] takes no further index, got {index!r}")
+        start = 0 if self.rows is None else self.rows.start
         if isinstance(index, int) and 0 <= index < self.shape[0]:
-            return type(self)(self.source, "", start + index, self.shape[1:], self.dtype)
+            return self._part(start + index, self.shape[1:])
         if isinstance(index, slice) and index.step is None:
             lo, hi, _ = index.indices(self.shape[0])
-            return type(self)(self.source, "", slice(start + lo, start + max(lo, hi)),
-                              (max(hi - lo, 0), *self.shape[1:]), self.dtype)
+            return self._part(slice(start + lo, start + max(lo, hi)), (max(hi - lo, 0), *self.shape[1:]))
         raise IndexError(f"an unread checkpoint tensor takes an int or a row range, got {index!r}")
+
+    def _part(self, rows, shape) -> _Unread:
+        """The source's rows (an int: one; a slice: a range), of that shape, unread."""
+        return _Unread(self.source, "", rows, shape, self.dtype)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -76,22 +81,12 @@ class _Written(_Unread):
     layer's fused weights (its shape and dtype kept for the checks of the call that completes the
     experts, which copies it no more)."""
 
-    as_fp8 = False  # (the format it was written in)
+    def __init__(self, shape, dtype: torch.dtype, as_fp8: bool, rows=None):
+        super().__init__(None, "", rows, torch.Size(shape), dtype)
+        self.as_fp8 = as_fp8  # (the format it was written in)
 
-    def __init__(self, source, key: str = "", rows=None, shape=None, dtype=None):
-        super().__init__(None, key, rows, shape, dtype)
-        self.as_fp8 = getattr(source, "as_fp8", False)
-
-    def __getitem__(self, index):
-        rows = super().__getitem__(index)
-        rows.as_fp8 = self.as_fp8
-        return rows
-
-    @classmethod
-    def of(cls, value, as_fp8: bool) -> _Written:
-        written = cls(None, "", None, torch.Size(value.shape), value.dtype)
-        written.as_fp8 = as_fp8
-        return written
+    def _part(self, rows, shape) -> _Written:
+        return _Written(shape, self.dtype, self.as_fp8, rows)
 
     def read(self):
         raise AssertionError("an expert tensor already written is not read again")
@@ -533,7 +528,7 @@ class DeepseekV3DecoderLayer(nn.Module):
                 kept = {k: v for k, v in sd.items() if k in used and self._own_expert_key(k)}
                 steps.append(lambda: self._write_experts(writes, want_fp8))
                 steps.append(lambda: self._keep_expert_parts({
-                    k: _Written.of(v, want_fp8) if k in written else v if self._expert_parts.get(k) is v
+                    k: _Written(v.shape, v.dtype, want_fp8) if k in written else v if self._expert_parts.get(k) is v
                     else v.read() if isinstance(v, _Unread) else v.detach().clone() for k, v in kept.items()}))
         unexpected = sorted(set(sd) - used)
         if strict and unexpected:
@@ -635,8 +630,7 @@ class DeepseekV3DecoderLayer(nn.Module):
                 t = getattr(experts, attr)
                 if attr.endswith("_scale_inv") and not want_fp8:
                     continue
-                if not (isinstance(t, torch.Tensor) and tuple(t.shape) == want_shape and t.dtype == want_dtype
-                        and t.device == device and t.is_contiguous() and can_overwrite(t, t)):
+                if not writable_in_place(t, want_shape, want_dtype, device):
                     store_weight(experts, attr, torch.empty(want_shape, dtype=want_dtype, device=device))
             targets[name] = (getattr(experts, name), getattr(experts, name + "_scale_inv") if want_fp8 else None)
         if not want_fp8:
@@ -773,9 +767,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         scale_shape = (count, -(-rows // BLOCK), -(-shape[2] // BLOCK))
 
         def reuse(t, shape, dtype):  # the tensor the layer holds, where the values can go into it
-            ok = (t is not None and tuple(t.shape) == shape and t.dtype == dtype and t.device == device
-                  and t.is_contiguous() and (torch.is_inference_mode_enabled() or not t.is_inference()))
-            return t if ok else torch.empty(shape, dtype=dtype, device=device)
+            return t if writable_in_place(t, shape, dtype, device) else torch.empty(shape, dtype=dtype, device=device)
 
         out = reuse(current, shape, dtype)
         out_scale = reuse(current_scale, scale_shape, torch.float32) if want_fp8 else None

@@ -83,7 +83,8 @@ class BlockMajorScales:
         old = self.value
         if scale.transpose(-1, -2).is_contiguous():  # already block-major: no copy
             self.value = scale
-        elif old is not None and old is not self.source and can_overwrite(old, scale):
+        elif old is not self.source and writable_in_place(old, scale.shape, scale.dtype, scale.device,
+                                                          contiguous=False):
             old.copy_(scale)  # (old is block-major: copy_ transposes)
         else:
             self.value = scale.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -109,11 +110,14 @@ def owned(t: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
     return t
 
 
-def can_overwrite(current, value: torch.Tensor) -> bool:
-    """Whether value can be copied into the tensor `current` in place (same shape, dtype and device;
-    an inference tensor only inside inference mode, where torch allows writing it)."""
-    return (isinstance(current, torch.Tensor) and current.shape == value.shape and current.dtype == value.dtype
-            and current.device == value.device and (torch.is_inference_mode_enabled() or not current.is_inference()))
+def writable_in_place(current, shape, dtype: torch.dtype, device, contiguous: bool = True) -> bool:
+    """Whether values of this shape, dtype and device can be copied into `current` in place: a tensor
+    of that shape, dtype and device, contiguous unless contiguous=False (a layer's weight: any
+    strides for a derived copy), and an inference tensor only inside inference mode (where torch
+    allows writing it)."""
+    return (isinstance(current, torch.Tensor) and tuple(current.shape) == tuple(shape) and current.dtype == dtype
+            and current.device == torch.device(device) and (not contiguous or current.is_contiguous())
+            and (torch.is_inference_mode_enabled() or not current.is_inference()))
 
 
 def store_weight(module: nn.Module, name: str, value: torch.Tensor | None, source: torch.Tensor | None = None) -> None:
@@ -122,7 +126,7 @@ def store_weight(module: nn.Module, name: str, value: torch.Tensor | None, sourc
     a CUDA graph captured with them reads the new values), else a new one (a Parameter for a
     parameter) owning its memory (owned: never source's, the caller's tensor)."""
     current = getattr(module, name)
-    if value is not None and can_overwrite(current, value) and current.is_contiguous():
+    if value is not None and writable_in_place(current, value.shape, value.dtype, value.device):
         with torch.no_grad():
             current.copy_(value)
         return
@@ -137,8 +141,7 @@ def load_weight(module: nn.Module, name: str, value: torch.Tensor, dtype: torch.
     with no converted copy of the whole weight first), else store_weight of the converted value
     (source: the caller's tensor, which the layer must not keep)."""
     current = getattr(module, name)
-    if (isinstance(current, torch.Tensor) and current.shape == value.shape and current.dtype == dtype
-            and current.device == torch.device(device) and current.is_contiguous() and can_overwrite(current, current)):
+    if writable_in_place(current, value.shape, dtype, device):
         with torch.no_grad():
             current.copy_(value)
         return

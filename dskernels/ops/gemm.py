@@ -96,10 +96,21 @@ def m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs: tuple[torch.Tensor, torch.Tensor]
 
     Returns None.
     """
-    a, sa = _unpack("lhs", lhs)
-    b, sb = _unpack("rhs", rhs)
+    _masked_gemm(lhs, rhs, out, masked_m, expected_m)
+
+
+def _masked_gemm(lhs, rhs, out, masked_m, expected_m, names: tuple[str, str, str] = ("lhs", "rhs", "out")) -> None:
+    """m_grouped_gemm_fp8_fp8_bf16_nt_masked's work; names: what the caller calls lhs, rhs and out
+    (DeepGEMM's newer entry: a, b, d)."""
+    a, sa = _unpack(names[0], lhs)
+    b, sb = _unpack(names[1], rhs)
     expected_m = expected_m_int(expected_m)
-    torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m)
+    try:
+        torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, out, masked_m, expected_m)
+    except (TypeError, ValueError):
+        if names[2] != "out":  # the op calls it out: a refusal checked again raises it under the caller's name
+            _check_masked(a, sa, b, sb, out, masked_m, expected_m, out_name=names[2])
+        raise
 
 
 def expected_m_int(expected_m):
@@ -454,14 +465,7 @@ def m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, expected_m, recipe=None, rec
     argument names (a, b, d for lhs, rhs, out), plus its trailing options (block-scaled b only)."""
     check_jit_hints(compiled_dims, disable_ue8m0_cast)
     _deepgemm_options(recipe, recipe_a=recipe_a, recipe_b=recipe_b)
-    a, sa = _unpack("a", a)  # (not through the older entry: it calls them lhs, rhs and out)
-    b, sb = _unpack("b", b)
-    expected_m = expected_m_int(expected_m)
-    try:
-        torch.ops.dskernels.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, d, masked_m, expected_m)
-    except (TypeError, ValueError):
-        _check_masked(a, sa, b, sb, d, masked_m, expected_m, out_name="d")  # names d, as above
-        raise
+    _masked_gemm(a, b, d, masked_m, expected_m, names=("a", "b", "d"))
 
 
 fp8_m_grouped_gemm_nt_masked = m_grouped_fp8_gemm_nt_masked  # DeepGEMM's legacy name (sglang imports it)
