@@ -520,17 +520,23 @@ def test_dense_cuda_graph_replay_with_new_inputs(cuda_backend, monkeypatch, conf
     """Stream-K zeroes its reduction flags with a memset inside the call, and the multicast config
     launches clusters: both must capture and replay (new values in the same buffers)."""
     monkeypatch.setenv("DSKERNELS_GEMM_DENSE_CONFIG", config)
-    m, n, k = 130, 2112, 1024
+    check_dense_graph_replays(130, 2112, 1024)
+
+
+def check_dense_graph_replays(m, n, k):
+    """The dense GEMM (the config the caller forced) captured in a CUDA graph, then replayed twice
+    with new values in a and sa (the same buffers): out matches the oracle each time (twice: what a
+    first replay leaves behind, reduction flags or partials, must not leak into the next)."""
     _, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
     _, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
-    sb = gemm_ops._cuda_sb(sb)
+    sb = gemm_ops._cuda_sb(sb)  # the kernel's sb layout: no conversion inside the graph
     out = empty_out(m, n, device="cuda")
     dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
-    for _ in range(2):  # twice: the flags the first replay leaves behind must not leak into the next
+    for _ in range(2):
         _, a_new, sa_new = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
         a.copy_(a_new)
         sa.copy_(sa_new)

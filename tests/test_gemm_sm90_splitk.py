@@ -10,7 +10,7 @@ import torch
 import dskernels
 from test_gemm import (FP8_NAN, assert_close_to_bf16_product, assert_close_to_oracle, empty_out,
                        quantized_pair)
-from test_gemm_sm90 import check_dense_against_oracle
+from test_gemm_sm90 import check_dense_against_oracle, check_dense_graph_replays
 from test_gemm_sm90 import cuda_backend  # noqa: F401  (the fixture: every test under the forced "cuda" backend)
 
 pytestmark = pytest.mark.gpu
@@ -57,19 +57,4 @@ def test_split_k_cuda_graph_replay_with_new_inputs(cuda_backend, monkeypatch):
     m, n, k = 7, 576, 2048  # 5 tiles, 16 K blocks: 4 runs of 4
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert torch.ops.dskernels._sm90_gemm_dense_splits(m, n, k, sms) > 1
-    _, a, sa = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
-    _, b, sb = quantized_pair(n, k, "cuda", per_block=True, scale_layout="row")
-    sb = sb.t().contiguous().t()  # the kernel's sb layout: no conversion inside the graph
-    out = empty_out(m, n, device="cuda")
-    dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
-    for _ in range(2):
-        _, a_new, sa_new = quantized_pair(m, k, "cuda", per_block=False, scale_layout="tma")
-        a.copy_(a_new)
-        sa.copy_(sa_new)
-        out.fill_(float("nan"))
-        graph.replay()
-        assert_close_to_oracle(out, a, sa, b, sb)
+    check_dense_graph_replays(m, n, k)

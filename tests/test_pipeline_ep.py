@@ -15,6 +15,8 @@ from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer, RMSNorm
 from dskernels.pipeline import DualPipe, DualPipeV, Linear, run_backward
 from dskernels.testing import run_distributed
 
+import test_pipeline_models as pipeline_models
+
 P, EP = 2, 2  # pipeline ranks, EP ranks per stage: global rank p * EP + e
 # Every layer MoE (first_k_dense_replace=0), so every stage exchanges tokens; 8 experts, 4 per EP rank;
 # grouped routing (4 groups, 2 kept), a shared expert, q LoRA and YaRN as in test_pipeline_models.
@@ -53,11 +55,7 @@ class Stage(nn.Module):
         self.norm = RMSNorm(CFG.hidden_size, CFG.rms_norm_eps, torch.float32, None) if last else None
         self.head = Linear(CFG.hidden_size, CFG.vocab_size, bias=False) if last else None
 
-    def forward(self, x, positions):
-        h = self.embed(x) if self.embed is not None else x
-        for layer in self.layers:
-            h = layer(h, positions)
-        return self.head(self.norm(h)) if self.head is not None else (h, positions)
+    forward = pipeline_models.Stage.forward  # (the same parts: embed, layers, norm, head)
 
 
 class OverlappedStage(Stage):
@@ -65,18 +63,8 @@ class OverlappedStage(Stage):
     both exchanging over the same EP Buffer."""
 
     calls = 0
-
-    @classmethod
-    def overlapped_forward_backward(cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
-                                    output_grads1):
-        cls.calls += 1
-        outputs0 = module0(*inputs0)
-        loss0 = criterion0(outputs0, *labels0) if criterion0 is not None else None
-        if loss1 is not None:
-            loss1.backward()
-        else:
-            run_backward(outputs1, output_grads1)
-        return outputs0, loss0
+    # test_pipeline_models' hook (counting into this class's calls)
+    overlapped_forward_backward = classmethod(pipeline_models.OverlappedStage.overlapped_forward_backward.__func__)
 
 
 class RankDependentStage(Stage):
@@ -100,8 +88,7 @@ class RankDependentStage(Stage):
                                                            outputs1, output_grads1)
 
 
-def criterion(logits, labels):
-    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+criterion = pipeline_models.criterion
 
 
 def build_reference(num_stages):
