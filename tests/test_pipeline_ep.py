@@ -98,15 +98,7 @@ def build_reference(num_stages):
     stages = [Stage(range(s * per, (s + 1) * per), s == 0, s == num_stages - 1) for s in range(num_stages)]
     for stage in stages:
         for layer in stage.layers:
-            state = {}
-            for name, value in layer.hf_state_dict().items():
-                if "norm" in name:
-                    state[name] = 1 + 0.1 * torch.randn(value.shape)
-                elif "e_score_correction_bias" in name:
-                    state[name] = -0.2 * torch.rand(value.shape)
-                else:
-                    state[name] = torch.randn(value.shape) * value.shape[-1] ** -0.5
-            layer.load_hf_state_dict(state)
+            pipeline_models.randomize(layer)
         if stage.norm is not None:
             nn.init.normal_(stage.norm.weight, 1, 0.1)
         stage.requires_grad_()  # the decoder layers' weights come frozen (inference kernels)

@@ -23,7 +23,11 @@ EPS = torch.finfo(torch.float32).eps
 
 
 def random_layer(layer_idx):
-    layer = DeepseekV3DecoderLayer(CFG, layer_idx, dtype=torch.float32)
+    return randomize(DeepseekV3DecoderLayer(CFG, layer_idx, dtype=torch.float32))
+
+
+def randomize(layer):
+    """Random weights for a decoder layer: norms near 1, a negative score bias, projections of unit gain."""
     state = {}
     for name, value in layer.hf_state_dict().items():
         if "norm" in name:
