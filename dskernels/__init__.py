@@ -56,7 +56,8 @@ def _check_torch_version() -> None:
 _check_torch_version()
 
 from dskernels import ops  # noqa: E402,F401  (registers the Python kernels)
-from dskernels._backend import available_backends, backend, current_backend  # noqa: E402
+from dskernels._backend import (available_backends, backend, batch_invariant,  # noqa: E402
+                                batch_invariant_enabled, current_backend)
 from dskernels.ops.einsum import einsum, fp8_einsum  # noqa: E402
 from dskernels.ops.ep import ep_get_dispatch_layout  # noqa: E402
 from dskernels.ops.fp8 import (per_block_cast_to_fp8, per_channel_cast_to_fp8, per_token_cast_to_fp8,  # noqa: E402
@@ -123,6 +124,8 @@ __version__ = "0.1.0"
 __all__ = [
     "available_backends",
     "backend",
+    "batch_invariant",
+    "batch_invariant_enabled",
     "bf16_gemm_nn",
     "bf16_gemm_nt",
     "bf16_gemm_tn",

@@ -19,17 +19,43 @@ import torch
 
 BACKENDS = ("auto", "ref", "triton", "cuda")
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dskernels_backend", default=None)
-# The same choice as a module global, read in its place while torch.compile traces: the Dynamo of
-# torch 2.11 (the GPU machine's) cannot trace ContextVar.get (a graph break, an error under
-# fullgraph=True), and a global it reads becomes a guard, so a call under another backend
-# recompiles. Unlike the ContextVar it is shared by threads: a thread that compiles while another
-# is inside a `backend(...)` block sees that block's choice.
-_forced_while_tracing: str | None = None
-# The open `backend(...)` blocks of every thread, oldest first: each exit removes its own, and the
-# global is the newest one still open. (Restoring the value seen at entry went wrong where two
-# threads' blocks overlapped without nesting: "ref" stayed after both had exited.)
-_open_blocks: list[tuple[object, str]] = []
+
+class _ScopedSetting:
+    """A choice made by the innermost open `with` block of the calling thread, else read from an
+    environment variable (by `default`).
+
+    While torch.compile traces, `while_tracing` is read in place of the ContextVar: the Dynamo of
+    torch 2.11 (the GPU machine's) cannot trace ContextVar.get (a graph break, an error under
+    fullgraph=True), and an attribute it reads becomes a guard, so a call under another choice
+    recompiles. Unlike the ContextVar it is shared by threads: a thread that compiles while another
+    is inside a block sees that block's choice. `open_blocks` holds every thread's open blocks,
+    oldest first: each exit removes its own and `while_tracing` is the newest one still open.
+    (Restoring the value seen at entry went wrong where two threads' blocks overlapped without
+    nesting: the older value stayed after both had exited.)
+    """
+
+    def __init__(self, name: str, default):
+        self._forced = contextvars.ContextVar(name, default=None)
+        self._default = default
+        self.while_tracing = None
+        self.open_blocks: list[tuple[object, object]] = []
+
+    @contextlib.contextmanager
+    def scope(self, value):
+        token = self._forced.set(value)
+        block = (object(), value)
+        self.open_blocks.append(block)
+        self.while_tracing = value
+        try:
+            yield
+        finally:
+            self._forced.reset(token)
+            self.open_blocks.remove(block)
+            self.while_tracing = self.open_blocks[-1][1] if self.open_blocks else None
+
+    def get(self):
+        forced = self.while_tracing if torch.compiler.is_compiling() else self._forced.get()
+        return forced if forced is not None else self._default()
 
 
 def _check_name(name: str, source: str) -> str:
@@ -38,28 +64,45 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
-@contextlib.contextmanager
+_BACKEND = _ScopedSetting("dskernels_backend", lambda: _check_name(
+    os.environ.get("DSKERNELS_BACKEND", "auto") or "auto", "DSKERNELS_BACKEND"))
+
+
 def backend(name: str):
     """Runs the ops inside the `with` block on backend `name` ("auto", "ref", "triton", "cuda")."""
-    global _forced_while_tracing
-    token = _forced.set(_check_name(name, "dskernels.backend"))
-    block = (object(), name)
-    _open_blocks.append(block)
-    _forced_while_tracing = name
-    try:
-        yield
-    finally:
-        _forced.reset(token)
-        _open_blocks.remove(block)
-        _forced_while_tracing = _open_blocks[-1][1] if _open_blocks else None
+    return _BACKEND.scope(_check_name(name, "dskernels.backend"))
 
 
 def current_backend() -> str:
     """The backend asked for: the innermost `dskernels.backend(...)`, else DSKERNELS_BACKEND, else auto."""
-    forced = _forced_while_tracing if torch.compiler.is_compiling() else _forced.get()
-    if forced is not None:
-        return forced
-    return _check_name(os.environ.get("DSKERNELS_BACKEND", "auto") or "auto", "DSKERNELS_BACKEND")
+    return _BACKEND.get()
+
+
+def _invariance_from_environment() -> bool:
+    text = os.environ.get("DSKERNELS_BATCH_INVARIANT", "0") or "0"
+    if text not in ("0", "1"):
+        raise ValueError(f"DSKERNELS_BATCH_INVARIANT: expected 0 or 1, got {text!r}")
+    return text == "1"
+
+
+_BATCH_INVARIANT = _ScopedSetting("dskernels_batch_invariant", _invariance_from_environment)
+
+
+def batch_invariant(enabled: bool = True):
+    """Inside the `with` block (or everywhere with DSKERNELS_BATCH_INVARIANT=1) the ops whose work
+    split follows the batch (MLA decode's split plan, the dense FP8 GEMM's K split and tile choice)
+    split each row's work by that row alone, so a token's or a sequence's output keeps its bits
+    whatever else is in the batch. It costs some speed: docs/api.md, "Determinism and batch
+    invariance", has what each op does and what it costs."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"dskernels.batch_invariant: enabled must be a bool, got {type(enabled).__name__}")
+    return _BATCH_INVARIANT.scope(enabled)
+
+
+def batch_invariant_enabled() -> bool:
+    """Whether batch-invariant mode is on: the innermost `dskernels.batch_invariant(...)`, else
+    DSKERNELS_BATCH_INVARIANT=1."""
+    return _BATCH_INVARIANT.get()
 
 
 def triton_interpret() -> bool:

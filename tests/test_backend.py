@@ -194,7 +194,7 @@ def test_backend_blocks_of_two_threads_overlapping():
         with dskernels.backend("triton"):
             b_in.set()
             a_out.wait(10)
-            seen["inside"] = _backend._forced_while_tracing
+            seen["inside"] = _backend._BACKEND.while_tracing
 
     threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
     for t in threads:
@@ -202,7 +202,7 @@ def test_backend_blocks_of_two_threads_overlapping():
     for t in threads:
         t.join(20)
     assert seen["inside"] == "triton"  # the open block's, after the other one's exit
-    assert _backend._forced_while_tracing is None and not _backend._open_blocks
+    assert _backend._BACKEND.while_tracing is None and not _backend._BACKEND.open_blocks
     traced = torch.compile(lambda x: x + len(_backend.current_backend()), backend="eager", fullgraph=True)
     assert traced(torch.zeros(1)).item() == len("auto")
 
@@ -623,3 +623,37 @@ def test_backend_probes_are_constants_under_compile():
     # the mark set without importing dynamo is all that torch's decorator sets
     marked, ours = (lambda: 0), (lambda: 0)
     assert vars(torch.compiler.assume_constant_result(marked)) == vars(_backend._constant_while_compiling(ours))
+
+
+def test_batch_invariant_switch(monkeypatch):
+    """dskernels.batch_invariant: off by default, on inside its block (nested blocks restore the
+    outer choice), DSKERNELS_BATCH_INVARIANT=1 turns it on outside any block, and bad values are
+    named."""
+    monkeypatch.delenv("DSKERNELS_BATCH_INVARIANT", raising=False)
+    assert not dskernels.batch_invariant_enabled()
+    with dskernels.batch_invariant():
+        assert dskernels.batch_invariant_enabled()
+        with dskernels.batch_invariant(False):
+            assert not dskernels.batch_invariant_enabled()
+        assert dskernels.batch_invariant_enabled()
+    assert not dskernels.batch_invariant_enabled()
+    monkeypatch.setenv("DSKERNELS_BATCH_INVARIANT", "1")
+    assert dskernels.batch_invariant_enabled()
+    with dskernels.batch_invariant(False):
+        assert not dskernels.batch_invariant_enabled()
+    monkeypatch.setenv("DSKERNELS_BATCH_INVARIANT", "yes")
+    with pytest.raises(ValueError, match="DSKERNELS_BATCH_INVARIANT: expected 0 or 1"):
+        dskernels.batch_invariant_enabled()
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        dskernels.batch_invariant(1)
+
+
+def test_batch_invariant_switch_while_compiling(monkeypatch):
+    """A compiled function reads the switch of the block it runs in (a guard: it recompiles when the
+    switch changes), not the one it was first traced in."""
+    monkeypatch.delenv("DSKERNELS_BATCH_INVARIANT", raising=False)
+    traced = torch.compile(lambda x: x + int(_backend.batch_invariant_enabled()), backend="eager", fullgraph=True)
+    assert traced(torch.zeros(1)).item() == 0
+    with dskernels.batch_invariant():
+        assert traced(torch.zeros(1)).item() == 1
+    assert traced(torch.zeros(1)).item() == 0
