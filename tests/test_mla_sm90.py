@@ -399,3 +399,58 @@ def test_negative_num_splits_entry_leaves_no_row_unwritten(narrow, monkeypatch):
             expected = run(splits)
             got = run(torch.tensor([-1, 0], dtype=torch.int32, device="cuda"))
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# Batch-invariant mode on each sm90 variant: (switches, h_q, s_q, causal, page size, cache dtype).
+# The narrow kernel takes <= 32 rows; clusters pair the two row tiles of 128 heads (TMA path, 16-bit
+# cache); the fp8 TMA path widens whole blocks in place; page 61 takes the register path.
+INVARIANT_VARIANTS = {
+    "default": ({}, 128, 1, False, 64, torch.bfloat16),
+    "default-mtp-fp8": ({}, 16, 2, True, 61, FP8),
+    "seesaw": ({"DSKERNELS_MLA_SEESAW": "1"}, 64, 1, True, 64, torch.bfloat16),
+    "narrow": ({"DSKERNELS_MLA_NARROW": "1"}, 16, 2, True, 64, torch.bfloat16),
+    "narrow-fp8": ({"DSKERNELS_MLA_NARROW": "1"}, 16, 1, False, 61, FP8),
+    "cluster": ({"DSKERNELS_MLA_CLUSTER": "1"}, 128, 1, False, 64, torch.float16),
+    "fp8-tma": ({"DSKERNELS_MLA_FP8_TMA": "1", "DSKERNELS_MLA_REQUIRE_TMA": "1"}, 64, 1, False, 64, FP8),
+}
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("variant", list(INVARIANT_VARIANTS))
+def test_invariant_plan_is_batch_invariant(variant, k, monkeypatch):
+    """The batch-invariant plan (b * K partitions, one piece each, many idle) on each kernel variant:
+    a 9000-key sequence alone and inside batches with other lengths (0, 1, odd, long; its pages
+    elsewhere, NaN in every unowned cache slot) gives the same out and lse bits, within the oracle's
+    tolerance, and the variant's kernel is the one that ran."""
+    _need_cuda_backend()
+    switches, h_q, s_q, causal, page_size, cache_dtype = INVARIANT_VARIANTS[variant]
+    for name, value in switches.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(mla_ops.INVARIANT_SPLITS_ENV, str(k))
+    q_dtype = torch.float16 if variant == "cluster" else torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(k)
+    n = 9000  # K = 4 cuts it into 4 pieces at 16 to 64 rows, 2 at 128 (invariant_min_piece)
+    q_t = torch.randn(s_q, h_q, D, generator=gen, device="cuda").to(q_dtype)
+    keys_t = torch.randn(n, 1, D, generator=gen, device="cuda")
+    keys_t = (keys_t * 16).to(FP8) if cache_dtype == FP8 else keys_t.to(cache_dtype)
+    results = []
+    with dskernels.backend("cuda"), dskernels.batch_invariant():
+        for lengths, pos in (([n], 0), ([0, n, 1], 1), ([777, 1, 20000, 0, 64, n], 5), ([n] + [129] * 40, 0)):
+            k_cache, block_table, k_scale = make_cache(lengths, 1, page_size, cache_dtype, seed=len(results))
+            t = torch.arange(n, device="cuda")
+            pages = block_table[pos, t // page_size].long()
+            k_cache.view(torch.uint8)[pages, t % page_size] = keys_t.view(torch.uint8)
+            q = torch.randn(len(lengths), s_q, h_q, D, device="cuda").to(q_dtype)
+            q[pos] = q_t
+            lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+            (out, lse), names = kernels_launched(lambda: decode(q, k_cache, block_table, lens, k_scale, causal))
+            check(out, lse, q, k_cache, block_table, lens, k_scale, causal)
+            results.append((out[pos], lse[pos]))
+            if "NARROW" in str(switches):
+                assert any("narrow" in name for name in names), sorted(names)
+            elif "SEESAW" in str(switches):
+                assert any("decode_kernel<" in name and "true>" in name for name in names), sorted(names)
+            elif "CLUSTER" in str(switches):
+                assert any("decode_kernel<" in name and ", 2" in name for name in names), sorted(names)
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])

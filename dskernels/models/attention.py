@@ -31,6 +31,7 @@ from dskernels.models.linear import (Linear, RMSNorm, device_moves_only, norm_an
                                       shared_cast, triton_fusable, writable_in_place)
 from dskernels.models.paged import as_int32, cache_rows, check_slots, check_tables, write_rows
 from dskernels.models.rope import rope_inv_freq, rope_qk
+from dskernels.ops.invariant import FLOAT_DTYPES, invariant_mm, invariant_path
 
 _LORA_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 FP8 = torch.float8_e4m3fn
@@ -226,16 +227,28 @@ class MLAttention(nn.Module):
             self.absorb(q_nope.dtype)
         needs_grad = torch.is_grad_enabled() and (q_nope.requires_grad or q_rope.requires_grad
                                                   or self.w_uk.requires_grad)
+        b, s, h, n = q_nope.shape
+        r = self.w_uk.shape[-1]
+        # dskernels.batch_invariant(): the per-head GEMM on the fixed-tile kernel (bmm's follows b * s)
+        invariant = q_nope.dtype in FLOAT_DTYPES and invariant_path(q_nope.device, q_nope, q_rope, self.w_uk)
+        if invariant and torch.compiler.is_compiling():
+            latent_q = invariant_mm(q_nope.reshape(b * s, h, n).transpose(0, 1), self.w_uk.transpose(1, 2),
+                                    q_nope.dtype)
+            return torch.cat([latent_q.transpose(0, 1).reshape(b, s, h, r), q_rope], dim=-1)
         if torch.compiler.is_compiling() or needs_grad:  # (inductor plans the buffers itself)
             return torch.cat([torch.einsum("bshn,hnc->bshc", q_nope, self.w_uk), q_rope], dim=-1)
         # Eagerly the batched GEMM writes its [b, s, h, r] product straight into the first r columns
         # of the result, and q_rope is copied behind it: no [h, b * s, r] temporary beside the
         # concatenation (4 GiB next to its 4.5 GiB at a 32K-token prefill chunk of 128 heads).
-        b, s, h, n = q_nope.shape
-        r = self.w_uk.shape[-1]
         q = torch.empty(b, s, h, r + q_rope.shape[-1], dtype=q_nope.dtype, device=q_nope.device)
-        torch.bmm(q_nope.reshape(b * s, h, n).transpose(0, 1), self.w_uk,
-                  out=q[..., :r].view(b * s, h, r).transpose(0, 1))
+        if invariant:
+            from dskernels.triton import matmul as triton_matmul
+
+            triton_matmul.matmul_nt(q_nope.reshape(b * s, h, n).transpose(0, 1), self.w_uk.transpose(1, 2),
+                                    q[..., :r].view(b * s, h, r).transpose(0, 1))
+        else:
+            torch.bmm(q_nope.reshape(b * s, h, n).transpose(0, 1), self.w_uk,
+                      out=q[..., :r].view(b * s, h, r).transpose(0, 1))
         q[..., r:].copy_(q_rope)
         return q
 
@@ -244,13 +257,23 @@ class MLAttention(nn.Module):
         Eagerly one batched GEMM over the heads that writes them in that layout (o_proj reads them
         flattened per token: the einsum's [h, b * s, v] product would be copied once more)."""
         needs_grad = torch.is_grad_enabled() and (latents.requires_grad or self.w_uv.requires_grad)
-        if torch.compiler.is_compiling() or needs_grad:  # (inductor lays it out itself; bmm's out= has no gradient)
-            return torch.einsum("bshc,hvc->bshv", latents, self.w_uv)
         b, s, h, r = latents.shape
         v = self.w_uv.shape[1]
+        invariant = latents.dtype in FLOAT_DTYPES and invariant_path(latents.device, latents, self.w_uv)
+        if invariant and torch.compiler.is_compiling():  # dskernels.batch_invariant(), as in _absorbed_query
+            values = invariant_mm(latents.reshape(b * s, h, r).transpose(0, 1), self.w_uv, latents.dtype)
+            return values.transpose(0, 1).reshape(b, s, h, v)
+        if torch.compiler.is_compiling() or needs_grad:  # (inductor lays it out itself; bmm's out= has no gradient)
+            return torch.einsum("bshc,hvc->bshv", latents, self.w_uv)
         values = torch.empty(b, s, h, v, dtype=latents.dtype, device=latents.device)
-        torch.bmm(latents.reshape(b * s, h, r).transpose(0, 1), self.w_uv.transpose(1, 2),
-                  out=values.view(b * s, h, v).transpose(0, 1))
+        if invariant:
+            from dskernels.triton import matmul as triton_matmul
+
+            triton_matmul.matmul_nt(latents.reshape(b * s, h, r).transpose(0, 1), self.w_uv,
+                                    values.view(b * s, h, v).transpose(0, 1))
+        else:
+            torch.bmm(latents.reshape(b * s, h, r).transpose(0, 1), self.w_uv.transpose(1, 2),
+                      out=values.view(b * s, h, v).transpose(0, 1))
         return values
 
     def _attend_selected_new_tokens(self, q_nope, q_rope, latent, k_rope, selected) -> torch.Tensor:

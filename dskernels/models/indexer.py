@@ -29,6 +29,7 @@ from dskernels.models.config import DeepseekV3Config
 from dskernels.models.linear import Linear, triton_fusable, unhooked, weight_parameter
 from dskernels.models.paged import cache_rows, write_rows
 from dskernels.models.rope import apply_rope, rope_cos_sin
+from dskernels.ops.invariant import invariant_linear, invariant_mm, invariant_path
 
 _K_NORM_EPS = 1e-6  # HF: nn.LayerNorm(index_head_dim, eps=1e-6)
 # fp32 scores held at once (256 MiB): a long prompt is scored a chunk of its queries at a time
@@ -51,6 +52,22 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / n ** 0.5
+
+
+def _float_logits(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The float indexer's logits [B, S, T] = sum_h weights[b, s, h] relu(q[b, s, h] . keys[b, t]) in
+    fp32 (q [B, S, H, D], keys [B, T, D], weights [B, S, H]): torch's einsums, or under
+    dskernels.batch_invariant() the same two products on its fixed-tile kernel."""
+    if not invariant_path(q.device, q, keys, weights):
+        scores = torch.einsum("bshd,btd->bsht", q.float(), keys.float()).clamp(min=0)
+        return torch.einsum("bsht,bsh->bst", scores, weights)
+    b, s, heads, dim = q.shape
+    t = keys.shape[1]
+    scores = invariant_mm(q.float().reshape(b, s * heads, dim), keys.float(), torch.float32).clamp(min=0)
+    # the sum over heads as a product of one row: weights [B * S, 1, H] times scores [B * S, T, H]
+    logits = invariant_mm(weights.float().reshape(b * s, 1, heads), scores.view(b * s, heads, t).transpose(1, 2),
+                          torch.float32)
+    return logits.view(b, s, t)
 
 
 class LayerNorm(nn.Module):
@@ -110,6 +127,8 @@ class Indexer(nn.Module):
         q = self.wq_b(q_resid, q_resid_fp8).view(b, s, self.num_heads, self.head_dim)
         if self.weights_proj.is_fp8:
             weights = self.weights_proj(x, x_fp8).float()
+        elif invariant_path(x.device, x, self.weights_proj.weight):  # dskernels.batch_invariant()
+            weights = invariant_linear(x.float(), self.weights_proj.weight.float())
         else:  # transformers keeps weights_proj in fp32
             weights = F.linear(x.float(), self.weights_proj.weight.float())
         return q, self.wk(x, x_fp8), weights
@@ -129,7 +148,10 @@ class Indexer(nn.Module):
         cos, sin = rope_cos_sin(*rope, q.dtype)
         q = torch.cat([apply_rope(q[..., :dim], cos, sin, interleave=False), q[..., dim:]], dim=-1)
         k = torch.cat([apply_rope(k[..., :dim], cos, sin, interleave=False), k[..., dim:]], dim=-1)
-        if self.fp8:
+        if self.fp8 and invariant_path(q.device, q, k):  # dskernels.batch_invariant(); H is symmetric: x @ H = x @ H.T
+            q = invariant_linear(q.float(), self.hadamard, out_dtype=q.dtype)
+            k = invariant_linear(k.float(), self.hadamard, out_dtype=k.dtype)
+        elif self.fp8:
             q = (q.float() @ self.hadamard).to(q.dtype)
             k = (k.float() @ self.hadamard).to(k.dtype)
         return q, k, weights * self.weight_scale
@@ -201,8 +223,7 @@ class Indexer(nn.Module):
                                                   first.expand(b, hi - lo).reshape(-1), ends.reshape(-1), True, s)
                 logits = logits.view(b, hi - lo, s)
             else:
-                scores = torch.einsum("bshd,btd->bsht", q[:, lo:hi].float(), k.float()).clamp(min=0)
-                logits = torch.einsum("bsht,bsh->bst", scores, weights[:, lo:hi])
+                logits = _float_logits(q[:, lo:hi], k, weights[:, lo:hi])
                 unseen = torch.arange(s, device=x.device) > torch.arange(lo, hi, device=x.device)[:, None]
                 logits = logits.masked_fill(unseen, float("-inf"))
             selected.append(self._top(logits))
@@ -243,8 +264,7 @@ class Indexer(nn.Module):
                                                         None, capacity, True)
                 logits = logits.view(b, hi - lo, capacity)
             else:
-                scores = torch.einsum("bshd,btd->bsht", q[:, lo:hi].float(), keys.float()).clamp(min=0)
-                logits = torch.einsum("bsht,bsh->bst", scores, weights[:, lo:hi])
+                logits = _float_logits(q[:, lo:hi], keys, weights[:, lo:hi])
                 seen = cache_seqlens.long()[:, None, None] + torch.arange(lo + 1, hi + 1, device=x.device)[:, None]
                 logits = logits.masked_fill(positions >= seen, float("-inf"))
             selected.append(self._top(logits))

@@ -30,6 +30,7 @@ from dskernels._checks import check_int
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.linear import (BLOCK, FP8, MLP, BlockMajorScales, Linear, device_moves_only, refuse_format_change,
                                      refuse_gradient, triton_fusable, triton_only_ops, unhooked, weight_parameter)
+from dskernels.ops.invariant import FLOAT_DTYPES, invariant_linear, invariant_mm, invariant_path
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -41,7 +42,10 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, cfg: D
     the kernel does not take (groups of one expert, more than 16 groups or experts chosen, or more
     experts chosen than the kept groups hold: then, as in transformers, the rest come from dropped
     groups)."""
-    logits = F.linear(x.float(), gate_weight.float())
+    if invariant_path(x.device, x, gate_weight):  # dskernels.batch_invariant(): an IEEE fp32 dot, fixed tile
+        logits = invariant_linear(x.float(), gate_weight.float())
+    else:
+        logits = F.linear(x.float(), gate_weight.float())
     args = (bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob,
             cfg.routed_scaling_factor)
     per_group = cfg.n_routed_experts // cfg.n_group
@@ -164,6 +168,9 @@ _moe_grouped_mm_float.register_autograd(_grouped_mm_float_grad, setup_context=_g
 
 
 def _grouped_float(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if x.dtype in FLOAT_DTYPES and x.dtype == w.dtype and invariant_path(x.device, x, w):
+        # dskernels.batch_invariant(): torch._grouped_mm's per-expert GEMMs follow each expert's row count
+        return invariant_mm(x, w, x.dtype, ends=offsets)
     if torch.compiler.is_compiling():
         return _moe_grouped_mm_float(x, w, offsets)
     return _grouped_float_eager(x, w, offsets)  # eager: same code, without the op's dispatch cost
@@ -414,7 +421,11 @@ class Experts(nn.Module):
         if self.gate_up_proj.dtype == torch.bfloat16 and triton_only_ops() and not _needs_grad(x):
             return self._masked_bf16(x.to(torch.bfloat16), counts, expected_m).to(out_dtype)
         if not self.is_fp8:
-            h = torch.bmm(x.to(self.gate_up_proj.dtype), self.gate_up_proj.transpose(1, 2))
+            x = x.to(self.gate_up_proj.dtype)
+            if x.dtype in FLOAT_DTYPES and invariant_path(x.device, x, self.gate_up_proj, self.down_proj):
+                h = invariant_mm(x, self.gate_up_proj, x.dtype)  # dskernels.batch_invariant()
+                return invariant_mm(_swiglu(h), self.down_proj, x.dtype).to(out_dtype)
+            h = torch.bmm(x, self.gate_up_proj.transpose(1, 2))
             return torch.bmm(_swiglu(h), self.down_proj.transpose(1, 2)).to(out_dtype)
         a, sa = x if isinstance(x, tuple) else self._cast3d(x)
         experts, rows, _ = a.shape

@@ -22,6 +22,7 @@ import torch
 from dskernels._backend import current_backend
 from dskernels._checks import as_flag, check_no_overlap, check_one_device, check_reads_apart, check_tensor
 from dskernels._inference import inference_kernel
+from dskernels.ops.invariant import invariant_mm, invariant_path
 from dskernels.ops.gemm import BLOCK_RECIPE, FP8, GROUP_SIZE, ROW_RECIPE, _check_c, _general_backend, _unpack, recipe_tuple
 from python_ref import gemm as ref
 
@@ -46,7 +47,9 @@ def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torc
 
     On a GPU this is cuBLAS (torch.bmm with fp32 accumulation; torch's
     allow_bf16_reduced_precision_reduction applies to a bf16 d, as for bf16_gemm_nt). On CPU, or with
-    backend("ref"), the reference.
+    backend("ref"), the reference. Under dskernels.batch_invariant() (not on the "ref" backend) the
+    same batched GEMM on a Triton kernel of one fixed tile with K summed in order: a row's bits do
+    not depend on the other rows or batches (as bf16_gemm_nt).
     """
     as_flag("use_cublaslt", use_cublaslt)
     roles = _parse(expr, (a, b, d), ("a", "b", "d"))
@@ -57,6 +60,9 @@ def einsum(expr: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torc
     if not torch.compiler.is_compiling():  # eager (not traceable); compiled, torch's copy_ into d refuses it
         check_no_overlap("d", d)
     _check_c(c, d, "d")
+    if invariant_path(d.device):
+        _einsum_invariant(roles, a, b, d, c)
+        return
     if d.device.type != "cuda" or current_backend() == "ref":
         d.copy_(ref.einsum(expr, a, b, d.dtype, c))
         return
@@ -74,6 +80,16 @@ def _einsum_bmm(roles, a, b, d, c) -> None:
         product = torch.bmm(lhs, rhs, out_dtype=torch.float32)
         if c is not None:  # in fp32, before the one rounding to d's dtype
             product = product + view(c).reshape(batch, m, n)
+    view(d).copy_(product.reshape(view(d).shape))
+
+
+def _einsum_invariant(roles, a, b, d, c) -> None:
+    """einsum under dskernels.batch_invariant(): the batched GEMM of _einsum_bmm on the fixed-tile
+    kernel (dskernels/ops/invariant.py), c added in fp32 before the one rounding to d's dtype."""
+    lhs, rhs, view = _as_bmm(roles, a, b)
+    batch, m, n, k = (math.prod(roles["sizes"][x] for x in roles[role]) for role in ("batch", "m", "n", "k"))
+    c3 = None if c is None else view(c).reshape(batch, m, n)  # (read before d is written: c may be d)
+    product = invariant_mm(lhs.reshape(batch, m, k), rhs.reshape(batch, n, k), d.dtype, c3)
     view(d).copy_(product.reshape(view(d).shape))
 
 

@@ -17,6 +17,7 @@ from dskernels._backend import current_backend, select_backend
 from dskernels._checks import check_no_overlap, check_one_device, check_reads_apart, check_tensor
 from dskernels._device import on_tensor_device
 from dskernels._inference import inference_kernel
+from dskernels.ops.invariant import invariant_mm, invariant_path
 from dskernels.ops._sizes import as_sizes, check_sizes, check_sizes_tensor, sizes_on_device
 from dskernels.ops.gemm import (_check_c, _check_expected_m, _check_shape, _layout_argument, check_grouped_layout,
                                 check_jit_hints, check_layout_by_its_name, expected_m_int, psum_options)
@@ -42,7 +43,9 @@ def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Ten
     On a GPU this is cuBLAS (torch.mm / addmm) as torch configures it: with torch's default
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True a bf16 d may come from
     split-K partial sums rounded to bf16; set it False for fp32 sums throughout. On CPU, or with
-    backend("ref"), the reference.
+    backend("ref"), the reference. Under dskernels.batch_invariant() (not on the "ref" backend) a
+    Triton kernel of one fixed tile with K summed in order instead: a row's bits do not depend on
+    m (dskernels/ops/invariant.py; on CPU tensors with the Triton backend forced, interpreted).
     """
     check_jit_hints(compiled_dims)
     _check_dense(a, b, d, "nt")
@@ -53,6 +56,15 @@ def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Ten
 def _bf16_gemm(a, b, d, c) -> None:
     """bf16_gemm_nt's work on checked operands (the other layouts pass their nt views)."""
     _check_c(c, d, "d")
+    if invariant_path(d.device):  # batch-invariant mode: one fixed tile, K in order (dskernels/ops/invariant.py)
+        c3 = None if c is None else c.unsqueeze(0)
+        if torch.compiler.is_compiling():  # (an opaque op there)
+            d.copy_(invariant_mm(a.unsqueeze(0), b.unsqueeze(0), d.dtype, c3)[0])
+            return
+        from dskernels.triton import matmul as triton_matmul
+
+        triton_matmul.matmul_nt(a.unsqueeze(0), b.unsqueeze(0), d.unsqueeze(0), c3)  # straight into d
+        return
     if d.device.type != "cuda" or current_backend() == "ref":
         d.copy_(ref.bf16_gemm_nt(a, b, d.dtype, c))
         return

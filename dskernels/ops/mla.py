@@ -10,7 +10,8 @@ import numpy
 import torch
 
 import python_ref.mla
-from dskernels._backend import cuda_kernels_built, current_backend, is_hopper, select_backend
+from dskernels._backend import (batch_invariant_enabled, cuda_kernels_built, current_backend, is_hopper,
+                                select_backend)
 from dskernels._checks import as_flag, check_int, check_multiple, check_one_device, check_tensor
 from dskernels._device import on_tensor_device
 from dskernels._inference import inference_kernel
@@ -27,6 +28,11 @@ SM90_COMBINE_ROWS_PER_CTA = 4  # the sm90 combine kernel's warps per CTA (mla::k
 # (2026-12-04): `auto` runs them (and their split plan) on Hopper. False would keep Triton.
 _CUDA_MLA_VERIFIED = True
 CPU_SM_COUNT = 8         # partitions on CPU tensors: fixed, so the fake kernel knows the shape
+# Batch-invariant mode (`invariant_split_plan`; the reasoning behind the numbers: docs/mla.md).
+INVARIANT_SPLITS_ENV = "DSKERNELS_MLA_INVARIANT_SPLITS"  # K, the most pieces of one sequence
+DEFAULT_INVARIANT_SPLITS = 4
+INVARIANT_MIN_PIECE = 1024      # keys: a sequence is cut into pieces of at least this many keys ...
+INVARIANT_ROW_KEYS = 32         # ... and this many per query row (a split's combine traffic: <= 1/9)
 _Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -132,6 +138,12 @@ def get_mla_metadata(cache_seqlens: torch.Tensor | None = None, num_q_tokens_per
     concatenated costs are cut into num_parts equal slices (FlashMLA's balancing), so a long
     sequence is spread over many SMs and many short ones share one.
 
+    In batch-invariant mode (`dskernels.batch_invariant()`), on every backend: num_parts =
+    max(1, b * K), K = DSKERNELS_MLA_INVARIANT_SPLITS (default 4), and partition i * K + j is
+    piece j of sequence i, cut by that sequence's length alone (`invariant_split_plan`), so a
+    sequence's output bits do not depend on the rest of the batch. Plan inside the mode (a
+    MLASchedulerMetadata planned outside it is refused inside it).
+
     num_heads_q, is_fp8_kvcache and topk are FlashMLA's arguments for its sparse kernels, accepted
     for drop-in use and not needed here: the sparse decode (flash_mla_with_kvcache with indices)
     plans its own splits from the shapes and does not read this metadata.
@@ -160,6 +172,8 @@ def get_mla_metadata(cache_seqlens: torch.Tensor | None = None, num_q_tokens_per
     # (checked here: the schema takes a bool as an int, so True would mean 1)
     num_q_tokens_per_head_k = check_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k)
     num_heads_k = check_int("num_heads_k", num_heads_k)
+    if batch_invariant_enabled():  # (read here as well: under torch.compile a guard, so a switch recompiles)
+        invariant_max_splits()  # a bad knob is named here, before any kernel
     return torch.ops.dskernels.get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
 
 
@@ -314,12 +328,14 @@ def _lazy_plan(meta: MLASchedulerMetadata, q, k_cache, block_table, cache_seqlen
     check_tensor("cache_seqlens", cache_seqlens, ndim=1)
     # (no query heads: an empty output, planned as one row)
     rows, h_kv = max(q.shape[1] * q.shape[2] // k_cache.shape[2], 1), k_cache.shape[2]
-    key = (tuple(cache_seqlens.shape), rows, h_kv, cache_seqlens.device)
+    # (the mode too: a plan kept from outside batch-invariant mode would follow the batch inside it)
+    key = (tuple(cache_seqlens.shape), rows, h_kv, cache_seqlens.device, batch_invariant_enabled())
     if meta.plan is None:
         return get_mla_metadata(cache_seqlens, rows, h_kv), key
     if meta.key != key:
-        raise ValueError(f"tile_scheduler_metadata: planned for (batch, q rows per kv head, kv heads, device) = "
-                         f"{meta.key}, now used for {key}: call get_mla_metadata() again for this batch")
+        raise ValueError(f"tile_scheduler_metadata: planned for (batch, q rows per kv head, kv heads, device, "
+                         f"batch-invariant mode) = {meta.key}, now used for {key}: call get_mla_metadata() again "
+                         "for this batch")
     return meta.plan, key
 
 
@@ -397,6 +413,73 @@ def split_plan(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
     meta[:, 4] = torch.where(idle, 0, begin_split).int()
     splits = torch.where(blocks > 0, (key_start + blocks - 1) // per_part - key_start // per_part + 1, 0)
     num_splits = torch.zeros(b + 1, dtype=torch.int32, device=device)
+    num_splits[1:] = torch.cumsum(splits, 0).int()
+    return meta, num_splits
+
+
+def invariant_max_splits() -> int:
+    """K: the most pieces one sequence is cut into in batch-invariant mode (DSKERNELS_MLA_INVARIANT_SPLITS,
+    default DEFAULT_INVARIANT_SPLITS; 1 is FlashAttention-3's num_splits = 1, vLLM's batch-invariant
+    choice). The sparse decode takes it for the splits of a top-k list too."""
+    text = os.environ.get(INVARIANT_SPLITS_ENV, "")
+    if not text:
+        return DEFAULT_INVARIANT_SPLITS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:  # (the sm90 decode's grid.z holds b * K partitions)
+        raise ValueError(f"{INVARIANT_SPLITS_ENV}: expected an integer from 1 to 65535, got {text!r}")
+    return value
+
+
+def invariant_min_piece(num_q_tokens_per_head_k: int) -> int:
+    """The shortest piece (in keys, a multiple of BLOCK_TOKENS) of the batch-invariant plan for
+    this many query rows per kv head: a shape of every row, never of the batch."""
+    keys = max(INVARIANT_MIN_PIECE, INVARIANT_ROW_KEYS * num_q_tokens_per_head_k)
+    return -(-keys // BLOCK_TOKENS) * BLOCK_TOKENS
+
+
+def invariant_partitions(batch, max_splits: int):
+    """The batch-invariant plan's partition count: K per sequence (one, idle, for an empty batch)."""
+    return torch.sym_max(1, batch * max_splits)
+
+
+def invariant_split_plan(cache_seqlens: torch.Tensor, max_splits: int,
+                         min_piece: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """get_mla_metadata's plan in batch-invariant mode: each sequence cut by its own length alone.
+
+    Partition p = i * K + j (K = max_splits) is piece j of sequence i. A sequence of n > 0 keys
+    is cut into S = clamp(n // min_piece, 1, K) pieces of P = ceil(n / S) keys rounded up to a
+    multiple of BLOCK_TOKENS (so no piece but the last is shorter than min_piece; ceil(n / P) <= S
+    of them are busy, none for n = 0); the other partitions are idle (begin_idx = b, end_idx =
+    b - 1). So the keys a split covers, the number of splits and the order the combine merges them
+    in depend on n only: the sequence's bits do not change with the rest of the batch. Same table
+    format as split_plan (every kernel walks it as it is), tensor ops on cache_seqlens' device (no
+    sync), shapes fixed by b and K."""
+    device = cache_seqlens.device
+    b = cache_seqlens.shape[0]
+    parts = invariant_partitions(b, max_splits)
+    meta = torch.zeros(parts, METADATA_SIZE, dtype=torch.int32, device=device)
+    num_splits = torch.zeros(b + 1, dtype=torch.int32, device=device)
+    if b == 0:
+        meta[:, 2] = -1
+        return meta, num_splits
+    lengths = cache_seqlens.long().clamp(min=0)
+    wanted = torch.clamp(lengths // min_piece, min=1, max=max_splits)                      # S (n > 0)
+    per_piece = (lengths + wanted - 1) // wanted                                           # ceil(n / S)
+    per_piece = ((per_piece + BLOCK_TOKENS - 1) // BLOCK_TOKENS * BLOCK_TOKENS).clamp(min=BLOCK_TOKENS)
+    splits = (lengths + per_piece - 1) // per_piece                                        # busy pieces
+    piece = torch.arange(max_splits, device=device)
+    begin = piece[None, :] * per_piece[:, None]                                            # [b, K]
+    end = torch.minimum(begin + per_piece[:, None], lengths[:, None])
+    busy = piece[None, :] < splits[:, None]
+    seq = torch.arange(b, device=device)[:, None].expand(b, max_splits)
+    meta[:, 0] = torch.where(busy, seq, b).reshape(-1).int()
+    meta[:, 1] = torch.where(busy, begin, 0).reshape(-1).int()
+    meta[:, 2] = torch.where(busy, seq, b - 1).reshape(-1).int()
+    meta[:, 3] = torch.where(busy, end, 0).reshape(-1).int()
+    meta[:, 4] = torch.where(busy, piece[None, :], 0).reshape(-1).int()
     num_splits[1:] = torch.cumsum(splits, 0).int()
     return meta, num_splits
 
@@ -483,6 +566,9 @@ def _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_
 @inference_kernel("get_mla_metadata")
 def _get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
     _check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+    if batch_invariant_enabled():  # every backend: a few tensor ops, the kernels walk it unchanged
+        return invariant_split_plan(cache_seqlens, invariant_max_splits(),
+                                    invariant_min_piece(num_q_tokens_per_head_k))
     device = cache_seqlens.device
     parts = num_partitions(device, num_q_tokens_per_head_k, num_heads_k)
     b = cache_seqlens.shape[0]
@@ -504,8 +590,11 @@ def _get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
 @torch.library.register_fake("dskernels::get_mla_metadata")
 def _get_mla_metadata_fake(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
     _check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
-    parts = num_partitions(cache_seqlens.device, num_q_tokens_per_head_k, num_heads_k)
     b = cache_seqlens.shape[0]
+    if batch_invariant_enabled():
+        parts = invariant_partitions(b, invariant_max_splits())
+    else:
+        parts = num_partitions(cache_seqlens.device, num_q_tokens_per_head_k, num_heads_k)
     return (cache_seqlens.new_empty(parts, METADATA_SIZE, dtype=torch.int32),
             cache_seqlens.new_empty(b + 1, dtype=torch.int32))
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels._backend import env_choice
+from dskernels._backend import batch_invariant_enabled, env_choice
 from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import as_element_type, e4m3_bits_to_fp16, native_fp8
 from dskernels.triton.mla import (DOUBLE_BUFFER_STAGES, _shared_limit, latent_scores, load_key_rows,
@@ -440,9 +440,23 @@ def wide_tile_config(heads_per_kv: int, device: torch.device) -> tuple[int, int,
     return block_h, 16, 8 if block_h >= 32 else 4, DOUBLE_BUFFER_STAGES
 
 
-def num_splits_for(work: int, topk: int, block_n: int, device: torch.device) -> int:
-    """Splits of each list: enough programs to fill the GPU about twice, at least one block each."""
+# Batch-invariant mode: no split of fewer list entries than this, nor than 32 per head of a kv head
+# (dskernels.ops.mla.INVARIANT_ROW_KEYS): a split's combine traffic, heads x dv fp32 written and read
+# back per row (4 KiB a head), then stays under ~1/5 of its 656-byte FP8 rows' bytes.
+INVARIANT_MIN_CHUNK = 512
+
+
+def num_splits_for(work: int, topk: int, block_n: int, device: torch.device, invariant_heads: int = 0) -> int:
+    """Splits of each list: enough programs to fill the GPU about twice, at least one block each.
+    With invariant_heads (batch-invariant mode: the heads per kv head) a function of the list
+    length and that alone, never of the row count `work` follows: clamp(topk // min_chunk, 1, K),
+    min_chunk = max(INVARIANT_MIN_CHUNK, 32 x heads), K = DSKERNELS_MLA_INVARIANT_SPLITS."""
     blocks = max(1, cdiv(topk, block_n))
+    if invariant_heads:
+        from dskernels.ops import mla as ops_mla  # (the ops import these modules, not the reverse)
+
+        min_chunk = max(INVARIANT_MIN_CHUNK, ops_mla.INVARIANT_ROW_KEYS * invariant_heads)
+        return max(1, min(blocks, ops_mla.invariant_max_splits(), topk // min_chunk))
     return max(1, min(blocks, cdiv(2 * _sm_count(device), max(work, 1))))
 
 
@@ -471,7 +485,8 @@ def sparse_mla(q, kv, indices, topk_length, attn_sink, sm_scale, head_dim_v, pag
         block_h, block_n, num_warps, num_stages = tile_config(heads_per_kv, block_dv, block_dr, fp8_v32, q.device,
                                                               4 if q.dtype == torch.float32 else 2)
     head_tiles = cdiv(heads_per_kv, block_h)
-    splits = num_splits_for(rows * h_kv * head_tiles, topk, block_n, q.device)
+    splits = num_splits_for(rows * h_kv * head_tiles, topk, block_n, q.device,
+                            max(heads_per_kv, 1) if batch_invariant_enabled() else 0)
     chunk = cdiv(cdiv(max(topk, 1), splits), block_n) * block_n
     splits = cdiv(max(topk, 1), chunk)
     split = splits > 1
