@@ -50,6 +50,9 @@ def _dense_variants(m: int) -> dict:
 
 
 GROUPED_CONFIG_VARIANTS = {name: {"DSKERNELS_GEMM_GROUPED_CONFIG": name} for name in ("m64", "m128", "m128_multicast")}
+# Batch-invariant mode (docs/gemm.md "Batch invariance"): its fixed tile or config, no K split, timed
+# beside the default to measure what the mode costs (the triton[invariant] / cuda[invariant] rows).
+INVARIANT_VARIANT = {"invariant": {"DSKERNELS_BATCH_INVARIANT": "1"}}
 
 
 def _cast_pair(rows, k, device, per_block, groups=None):
@@ -221,8 +224,8 @@ def _dense_case(m, n, k, device):
                 run=graph_or_eager(step),
                 reference=lambda a, sa, b, sb, out: ref.gemm_fp8_fp8_bf16_nt(a, sa, b, sb), check=_check,
                 flops=2 * m * n * k, bytes=_bytes(m, n, k), peers=peers, backends=("ref", "triton", "cuda"),
-                compute_dtype="fp8", triton_variants={**graph, **tma_ws},
-                cuda_variants={**_dense_variants(m), **graph})
+                compute_dtype="fp8", triton_variants={**graph, **tma_ws, **INVARIANT_VARIANT},
+                cuda_variants={**_dense_variants(m), **graph, **INVARIANT_VARIANT})
 
 
 def _weight_gradient_case(m, n, k, device):
@@ -398,7 +401,7 @@ def _masked_case(groups, expected_m, n, k, device, m_max):
                 params={"groups": groups, "expected_m": expected_m, "m_max": m_max, "n": n, "k": k},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * valid * n * k,
                 bytes=_bytes(valid, n, k, groups), peers=peers, backends=("ref", "triton", "cuda"), compute_dtype="fp8",
-                cuda_variants=GROUPED_CONFIG_VARIANTS)
+                triton_variants=INVARIANT_VARIANT, cuda_variants={**GROUPED_CONFIG_VARIANTS, **INVARIANT_VARIANT})
 
 
 def _fp8_einsum_case(expr, batch, heads, device, latent=512, head_dim=128):

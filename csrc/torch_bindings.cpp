@@ -97,7 +97,9 @@ TORCH_LIBRARY(dskernels, m) {
   // Raw sm90 kernels (csrc/gemm/): sa column-major ([.., m, k/128] with unit row stride; the dense
   // kernel also needs DeepGEMM's TMA alignment), sb with unit stride along the n blocks, a, b and
   // out with 16-byte aligned rows. dskernels/ops/gemm.py converts and checks before calling.
-  m.def("_sm90_gemm_fp8_fp8_bf16_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out) -> ()");
+  // batch_invariant: dskernels.batch_invariant's mode, one config for every m (no stream-K or split-K).
+  m.def("_sm90_gemm_fp8_fp8_bf16_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out, "
+        "bool batch_invariant=False) -> ()");
   m.def("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_contiguous(Tensor a, Tensor sa, Tensor b, Tensor sb, "
         "Tensor(a!) out, Tensor m_indices) -> ()");
   m.def("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked(Tensor a, Tensor sa, Tensor b, Tensor sb, "
@@ -107,7 +109,7 @@ TORCH_LIBRARY(dskernels, m) {
   // when that config runs); the grouped kernels' for rows_per_group (masked: expected_m;
   // <= 0: unknown, as contiguous), n and sm_count: "m64", "m128" or "m128_multicast". When set,
   // DSKERNELS_GEMM_DENSE_CONFIG / DSKERNELS_GEMM_GROUPED_CONFIG win (docs/gemm.md, "Configs").
-  m.def("_sm90_gemm_dense_config(int m, int n, int k, int sm_count) -> str");
+  m.def("_sm90_gemm_dense_config(int m, int n, int k, int sm_count, bool batch_invariant=False) -> str");
   m.def("_sm90_gemm_dense_splits(int m, int n, int k, int sm_count) -> int");
   m.def("_sm90_gemm_grouped_config(int rows_per_group, int n, int sm_count) -> str");
   // The SMs the sm90 GEMMs' persistent grids may use from now on (0: all); dskernels.set_num_sms.

@@ -166,8 +166,27 @@ int forced_config(const char* variable, int n, const char* (*name)(Config)) {
   TORCH_CHECK(false, variable, ": expected one of ", names, ", got '", forced, "'");
 }
 
-fp8_gemm::DenseConfig dense_config(int64_t m, int64_t n, int64_t k, int64_t sm_count) {
+// Batch-invariant mode (dskernels.batch_invariant; the Python layer passes it down): one config
+// for every m, so a row's bits do not depend on the rows beside it. kM128: 24.3 us against kM64's
+// 21.9 at m = 64 (n = 2112, k = 7168), 0-7% behind the rule's pick at m = 4096, where kM64 is
+// 23-50% behind (H200, docs/gemm.md "Batch invariance"). Stream-K and split-K cut K by m and the
+// SM count.
+constexpr fp8_gemm::DenseConfig kInvariantDenseConfig = fp8_gemm::DenseConfig::kM128;
+
+bool cuts_k_by_m(fp8_gemm::DenseConfig c) {
+  return c == fp8_gemm::DenseConfig::kM128StreamK || c == fp8_gemm::DenseConfig::kM64SplitK;
+}
+
+fp8_gemm::DenseConfig dense_config(int64_t m, int64_t n, int64_t k, int64_t sm_count, bool batch_invariant) {
   const int forced = forced_config("DSKERNELS_GEMM_DENSE_CONFIG", fp8_gemm::kDenseConfigs, fp8_gemm::dense_config_name);
+  if (batch_invariant) {  // a forced config is one config for every m too, unless it cuts K by m
+    if (forced < 0) return kInvariantDenseConfig;
+    const auto config = static_cast<fp8_gemm::DenseConfig>(forced);
+    TORCH_CHECK(!cuts_k_by_m(config), "DSKERNELS_GEMM_DENSE_CONFIG: '", fp8_gemm::dense_config_name(config),
+                "' cuts K by m and the SM count, which batch-invariant mode rules out: expected auto, m64, m128 or ",
+                "m128_multicast under it");
+    return config;
+  }
   return forced >= 0 ? static_cast<fp8_gemm::DenseConfig>(forced) : fp8_gemm::pick_dense_config(m, n, k, sm_count);
 }
 
@@ -179,12 +198,12 @@ fp8_gemm::GroupedConfig grouped_config(int64_t rows_per_group, int64_t n, int64_
 }
 
 // The configs the launchers would run (benchmarks print them; a CPU test pins the rules): dense
-// for (m, n, k) on sm_count SMs; grouped for rows_per_group (the masked expected_m, <= 0 when
-// unknown: contiguous), n and sm_count.
-std::string gemm_dense_config(int64_t m, int64_t n, int64_t k, int64_t sm_count) {
+// for (m, n, k) on sm_count SMs (batch_invariant: under batch-invariant mode); grouped for
+// rows_per_group (the masked expected_m, <= 0 when unknown: contiguous), n and sm_count.
+std::string gemm_dense_config(int64_t m, int64_t n, int64_t k, int64_t sm_count, bool batch_invariant) {
   TORCH_CHECK(m >= 0 && n >= 0 && k >= 0 && sm_count > 0, "_sm90_gemm_dense_config: expected m, n, k >= 0 and ",
               "sm_count > 0, got ", m, ", ", n, ", ", k, ", ", sm_count);
-  return fp8_gemm::dense_config_name(dense_config(m, n, k, sm_count));
+  return fp8_gemm::dense_config_name(dense_config(m, n, k, sm_count, batch_invariant));
 }
 
 // kM64SplitK's split count for a dense problem (used when that config runs).
@@ -206,7 +225,7 @@ c10::DataPtr workspace(size_t bytes) {
 }
 
 void gemm_fp8_fp8_bf16_nt(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
-                          const at::Tensor& out) {
+                          const at::Tensor& out, bool batch_invariant) {
   TORCH_CHECK(a.is_cuda(), "a: expected a CUDA tensor, got device ", a.device());
   check_tma_operand(a, "a", 2, at::kFloat8_e4m3fn, a.device());
   check_tma_operand(b, "b", 2, at::kFloat8_e4m3fn, a.device());
@@ -241,8 +260,8 @@ void gemm_fp8_fp8_bf16_nt(const at::Tensor& a, const at::Tensor& sa, const at::T
   p.k = static_cast<int32_t>(a.size(1));
   p.device = a.get_device();
   p.sm_count = sm_count(p.device);
-  p.config = dense_config(p.m, p.n, p.k, p.sm_count);
-  p.splits = fp8_gemm::dense_splits(p.m, p.n, p.k, p.sm_count);
+  p.config = dense_config(p.m, p.n, p.k, p.sm_count, batch_invariant);
+  p.splits = batch_invariant ? 1 : fp8_gemm::dense_splits(p.m, p.n, p.k, p.sm_count);
   const c10::DataPtr ws = workspace(fp8_gemm::dense_workspace_bytes(p));
   const char* error = fp8_gemm::run_dense(p, ws.get(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(error == nullptr, "_sm90_gemm_fp8_fp8_bf16_nt: ", error);

@@ -12,7 +12,7 @@ import operator
 
 import torch
 
-from dskernels._backend import env_choice, select_backend
+from dskernels._backend import batch_invariant_enabled, env_choice, select_backend
 from dskernels._checks import (as_flag, check_int, check_multiple, check_no_overlap, check_one_device,
                                check_reads_apart, check_tensor, may_share_memory, strides_may_overlap)
 from dskernels._device import on_tensor_device
@@ -886,7 +886,9 @@ def _run_dense(a, sa, b, sb, out):
         out.copy_(ref.gemm_fp8_fp8_bf16_nt(a, sa, b, sb))
         return
     if chosen == "cuda":
-        _run_cuda("_sm90_gemm_fp8_fp8_bf16_nt", a, sa, b, sb, out)
+        # Batch-invariant mode reaches the config choice in C++ (one config for every m, no K cut);
+        # off, the call is the one it always was.
+        _run_cuda("_sm90_gemm_fp8_fp8_bf16_nt", a, sa, b, sb, out, *((True,) if batch_invariant_enabled() else ()))
         return
     from dskernels.triton import gemm as triton_gemm
 
@@ -971,7 +973,10 @@ def _run_masked(a, sa, b, sb, out, masked_m, expected_m):
         out.copy_(ref.m_grouped_gemm_fp8_fp8_bf16_nt_masked(a, sa, b, sb, masked_m))
         return
     if chosen == "cuda":
-        _run_cuda("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked", a, sa, b, sb, out, masked_m, expected_m)
+        # expected_m picks the config (64-row tiles for 1..64); batch-invariant mode drops the hint,
+        # leaving the contiguous kernel's rule (by n): one config whatever the batch.
+        hint = 0 if batch_invariant_enabled() else expected_m
+        _run_cuda("_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked", a, sa, b, sb, out, masked_m, hint)
         return
     from dskernels.triton import gemm as triton_gemm
 

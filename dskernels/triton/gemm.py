@@ -42,7 +42,7 @@ import triton.language as tl
 from triton.runtime import _allocation as triton_allocation
 from triton.runtime.jit import JITFunction
 
-from dskernels._backend import env_choice, version_tuple
+from dskernels._backend import batch_invariant_enabled, env_choice, version_tuple
 from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import e4m3_bits_to_fp16, native_fp8, round_to_bf16
 from dskernels.triton.launch import fast
@@ -614,6 +614,23 @@ def _autotune_enabled() -> bool:
     return os.environ.get("DSKERNELS_GEMM_AUTOTUNE", "1") != "0"
 
 
+# The kernels whose rows are tokens: under batch-invariant mode (dskernels.batch_invariant) their
+# tile is _invariant_config's, whatever m, expected_m or the SM count, and the dense one never
+# splits K. (The K-grouped kernel's rows are weight rows: the batch is its K.)
+_TOKEN_ROW_KERNELS = ("_gemm_kernel", "_contiguous_kernel", "_masked_kernel")
+# The rows _invariant_config asks the heuristic for: its prefill tile (128 rows) at every m.
+INVARIANT_M_HINT = 4096
+
+
+def _invariant_config(n: int, sb_per_row: bool, scaled: bool, lean: bool) -> dict:
+    """The one tile of batch-invariant mode (docs/gemm.md, "Batch invariance"): two tiles may sum a
+    row's K block in different orders (Triton's interpreter does: numpy's matmul by tile shape), so
+    the tile must not follow m. The heuristic's prefill tile: 128 x 128 in 8 warps (64 x 256 with
+    per-row b scales; bf16: 128 x 256 or the lean kernels' 128 x 128), which the sm90 numbers
+    (README) put ~10% behind 64-row tiles at m <= 64 and ahead by 23-50% at m = 4096."""
+    return _heuristic_config(INVARIANT_M_HINT, n, sb_per_row, scaled, lean)
+
+
 @functools.cache
 def _tuned(kernel_name: str, max_block_m: int, accumulate: bool = False, sb_per_row: bool = False,
            scaled: bool = True, tma_ws: str = "off"):
@@ -681,8 +698,12 @@ def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_
     if scaled:
         fixed["BLOCK_K"] = GROUP_SIZE
     sb_per_row = variant.get("SB_PER_ROW", False)
-    if _interpret():
+    invariant = kernel_name in _TOKEN_ROW_KERNELS and batch_invariant_enabled()
+    if _interpret():  # (one tile for every m already)
         meta = dict(_INTERPRETER_CONFIG, **({} if scaled else {"BLOCK_K": 32}), **fixed)
+    elif invariant:  # no autotuning: the first call's timings would pick the tile
+        meta = dict(_invariant_config(n, sb_per_row, scaled, kernel_name in _BF16_LEAN_KERNELS), **fixed)
+        meta["BLOCK_M"] = min(meta["BLOCK_M"], max_block_m)
     elif _autotune_enabled():
         ws_mode = _tma_ws_mode() if tma_ws else "off"
         tuned = _tuned(kernel_name, max_block_m, variant.get("ACCUMULATE", False), sb_per_row, scaled, ws_mode)
@@ -699,8 +720,8 @@ def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_
         meta["BLOCK_M"] = min(meta["BLOCK_M"], max_block_m)
     if meta.get("TMA_WS"):
         meta["TMA_WS"] = tma_ws and env_choice(TMA_WS_KNOB, ("auto", "off", "only")) != "off"
-    if split_k is not None:
-        meta["SPLIT_K"] = not meta.get("TMA_WS") and split_k.count(dict(meta, SPLIT_K=True)) > 1
+    if split_k is not None:  # (never under batch-invariant mode: the count follows m and the SMs)
+        meta["SPLIT_K"] = not invariant and not meta.get("TMA_WS") and split_k.count(dict(meta, SPLIT_K=True)) > 1
         args += (0, *split_k.workspace_for(meta))  # (no autotuning key)
     with _use_descriptor_scratch(meta.get("TMA_WS", False)):
         fast(kernel)[grid_fn(meta)](*args, **meta)
