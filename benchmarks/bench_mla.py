@@ -5,7 +5,8 @@ Counted as FlashMLA's tests/test_flash_mla.py counts them, with total = sum of t
     bytes = (total * h_kv * d + b * s_q * h_q * d + b * s_q * h_q * dv) * element size
 i.e. the KV cache read once, q read once, out written once (LSE and the split buffers not counted).
 The metadata is computed once per case, backend and variant (the sm90 kernel's tiles have 64 rows,
-the Triton kernel's 32), outside the timed region (as FlashMLA does).
+the Triton kernel's 32; batch-invariant mode and its K plan b * K partitions), outside the timed
+region (as FlashMLA does).
 
 Peer: a batched PyTorch decode (gather every page of the block table, masked softmax in fp32, two
 bf16 matmuls), not the per-sequence oracle. With variable lengths it pads every sequence to the
@@ -34,6 +35,7 @@ import dskernels
 import python_ref.mla
 import python_ref.mla_sparse
 from benchmarks.common import Case
+from dskernels.ops import mla as mla_ops
 
 FP8 = torch.float8_e4m3fn
 
@@ -52,6 +54,13 @@ MLA_SEESAW_CUDA_VARIANTS = {"seesaw": {"DSKERNELS_MLA_SEESAW": "1"}}
 # changes nothing), likewise timed only once tests/test_mla_sm90_narrow.py passed in this device
 # call (DSKERNELS_MLA_NARROW_TESTED).
 MLA_NARROW_CUDA_VARIANTS = {"narrow": {"DSKERNELS_MLA_NARROW": "1"}}
+# Batch-invariant mode (docs/mla.md "Batch invariance"): each sequence cut by its own length into
+# at most K pieces, K = 4 (the default) and K = 1 (one split per sequence, vLLM's choice), timed
+# beside the default plan to measure what the mode costs (the triton[invariant] / cuda[invariant] rows).
+MLA_INVARIANT_VARIANTS = {"invariant": {"DSKERNELS_BATCH_INVARIANT": "1"},
+                          "invariant_k1": {"DSKERNELS_BATCH_INVARIANT": "1", "DSKERNELS_MLA_INVARIANT_SPLITS": "1"}}
+# The sparse decode in the mode: its splits follow topk and the heads, not the rows (K at its default).
+SPARSE_INVARIANT_VARIANT = {"invariant": {"DSKERNELS_BATCH_INVARIANT": "1"}}
 # Sparse MLA's opt-in wide Triton tiles (up to 64 heads; V3.2's FP8 cache with its scales applied
 # to scores and probabilities), timed only once tests/test_mla_sparse_wide.py passed in this device
 # call (DSKERNELS_SPARSE_MLA_WIDE_TESTED).
@@ -157,7 +166,10 @@ def _case(b, s_q, h_q, h_kv, d, dv, seqlen, varlen, page_size, cache_dtype, caus
     plans = {}
 
     def run(q, k_cache, block_table, lens, dv, causal, k_scale):
-        key = (dskernels.current_backend(), *(os.environ.get(name) for name in knobs))
+        # (the mode and its K: however the mode was switched on, a plan of the other kind is not reused)
+        invariant = dskernels.batch_invariant_enabled()
+        key = (dskernels.current_backend(), invariant, invariant and mla_ops.invariant_max_splits(),
+               *(os.environ.get(name) for name in knobs))
         if key not in plans:
             plans[key] = dskernels.get_mla_metadata(lens, s_q * h_q // h_kv, h_kv)
         meta, splits = plans[key]
@@ -175,7 +187,8 @@ def _case(b, s_q, h_q, h_kv, d, dv, seqlen, varlen, page_size, cache_dtype, caus
                      | (MLA_SEESAW_CUDA_VARIANTS if os.environ.get("DSKERNELS_MLA_SEESAW_TESTED") == "1" else {})
                      | (MLA_NARROW_CUDA_VARIANTS if os.environ.get("DSKERNELS_MLA_NARROW_TESTED") == "1" and
                         s_q * h_q // h_kv <= 32 else {}))
-    triton_variants = MLA_TRITON_VARIANTS if (d, dv) == (576, 512) else {}
+    cuda_variants |= MLA_INVARIANT_VARIANTS
+    triton_variants = (MLA_TRITON_VARIANTS if (d, dv) == (576, 512) else {}) | MLA_INVARIANT_VARIANTS
     # the variables the variants set (a few lookups per call, not a scan of the environment)
     knobs = sorted({name for env in (*cuda_variants.values(), *triton_variants.values()) for name in env})
     return Case(op="flash_mla_with_kvcache", params=params, make_inputs=make_inputs, run=run,
@@ -244,7 +257,7 @@ def _sparse_decode_case(b, s_q, h_q, topk, seqlen, fp8, d=576, dv=512, page_size
               "page": page_size, "cache": "fp8_v32" if fp8 else "bfloat16"}
     return Case(op="flash_mla_sparse_decode", params=params, make_inputs=make_inputs, run=run,
                 reference=reference, check=_check, flops=flops, bytes=moved, peers={"torch": peer},
-                backends=("ref", "triton"), triton_variants=_sparse_variants(d))
+                backends=("ref", "triton"), triton_variants=_sparse_variants(d) | SPARSE_INVARIANT_VARIANT)
 
 
 def _sparse_prefill_case(s_q, s_kv, h_q, topk, d=576, dv=512, seed=0):

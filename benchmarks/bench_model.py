@@ -43,6 +43,15 @@ from python_ref import models as ref_models  # noqa: E402
 from python_ref.indexer import paged_k_cache_dequantize  # noqa: E402
 
 CONTEXT = 4096
+# Batch-invariant mode (docs/models.md "Batch-invariant decoding"): the default choice's decode step
+# (FP8 weights) in the mode, eager and replayed from a CUDA graph, beside auto and auto[graph]: what
+# the mode costs a step (the MLA plan per sequence, the fixed-tile matmuls, the GEMMs' one tile).
+# Timed only once the mode's GPU tests passed in this device call (scripts/gpu_check.sh sets
+# INVARIANT_TESTED_ENV after tests/test_mla_batch_invariant.py and tests/test_gemm_batch_invariant.py):
+# the layer runs first in a device call, and a fault there would end the CUDA context for every family.
+INVARIANT_TESTED_ENV = "DSKERNELS_BATCH_INVARIANT_TESTED"
+INVARIANT_VARIANTS = {"invariant": {"DSKERNELS_BATCH_INVARIANT": "1"},
+                      "invariant_graph": {"DSKERNELS_BATCH_INVARIANT": "1", **GRAPH_VARIANTS["graph"]}}
 LONG_CONTEXT = 32768  # V3.2 reads 2048 of these latents per query, and indexes all of them
 PAGE = 64
 
@@ -216,9 +225,10 @@ def _rel_l2(limit):
 
 
 def decode_case(config: str, layer_idx: int, batch: int, context: int, fp8: bool, device: str,
-                kv_fp8: bool = False) -> Case:
+                kv_fp8: bool = False, invariant_rows: bool = False) -> Case:
     """kv_fp8: V3 with a float8_e4m3fn latent cache and a per-tensor scale (kv_cache_scale); the
-    peers and the oracle read the dequantized cache."""
+    peers and the oracle read the dequantized cache. invariant_rows: the auto[invariant] and
+    auto[invariant_graph] rows too (INVARIANT_VARIANTS), once the mode's GPU tests passed."""
     def make_inputs(dev):
         layer, weights = build(config, layer_idx, dev, fp8)
         cfg = layer.cfg
@@ -315,7 +325,8 @@ def decode_case(config: str, layer_idx: int, batch: int, context: int, fp8: bool
                 bytes=moved, peers=_peers(device, cfg, plain_torch, transformers_peer),
                 backends=("ref", "triton") if device == "cpu" else ("triton", "cuda", "auto"),
                 compute_dtype="fp8" if fp8 else "bf16", triton_variants=GRAPH_VARIANTS, cuda_variants=GRAPH_VARIANTS,
-                auto_variants=GRAPH_VARIANTS)
+                auto_variants=GRAPH_VARIANTS | (INVARIANT_VARIANTS if invariant_rows and
+                                                os.environ.get(INVARIANT_TESTED_ENV) == "1" else {}))
 
 
 def _peers(device, cfg, plain_torch, transformers_peer) -> dict:
@@ -369,10 +380,11 @@ def cases(quick: bool, device: str) -> list[Case]:
                 prefill_case("tiny", 1, 2, 23, False, device), decode_case("tiny32", 1, 3, 37, False, device),
                 prefill_case("tiny32", 0, 2, 23, False, device)]
     if quick:  # a short device call: the FP8 layer only (each new GEMM shape autotunes 7 tiles)
-        return [decode_case("v3", 3, b, CONTEXT, True, device) for b in (1, 64)] + \
+        return [decode_case("v3", 3, b, CONTEXT, True, device, invariant_rows=True) for b in (1, 64)] + \
             [prefill_case("v3", 3, 1, CONTEXT, True, device)]
     batches = [1, 2, 4, 8, 16, 32, 64, 128]
-    found = [decode_case("v3", 3, b, CONTEXT, fp8, device) for fp8 in (True, False) for b in batches]
+    found = [decode_case("v3", 3, b, CONTEXT, fp8, device, invariant_rows=fp8) for fp8 in (True, False)
+             for b in batches]
     found += [prefill_case("v3", 3, 1, CONTEXT, fp8, device) for fp8 in (True, False)]
     # the FP8 KV cache (e4m3 latents, one scale): half the cache bytes each decode step reads
     found += [decode_case("v3", 3, b, CONTEXT, True, device, kv_fp8=True) for b in (1, 32, 128)]

@@ -258,6 +258,10 @@ def mla_cases(compiler: Compiler) -> None:
         compiler.context = f"mla metadata b={b} parts={parts}"
         triton_mla.get_mla_metadata(_meta(b, dtype=torch.int32), _meta(parts, 8, dtype=torch.int32),
                                     _meta(b + 1, dtype=torch.int32), 64, 5)
+    for b, k, min_piece in [(1, 4, 1024), (7, 3, 1024), (300, 1, 4096)]:  # the batch-invariant plan
+        compiler.context = f"mla invariant plan b={b} K={k}"
+        triton_mla.invariant_split_plan(_meta(b, dtype=torch.int32), _meta(b * k, 8, dtype=torch.int32),
+                                        _meta(b + 1, dtype=torch.int32), k, min_piece, 64)
 
 
 def mla_sparse_cases(compiler: Compiler) -> None:
@@ -644,6 +648,9 @@ def benchmark_mla_cases(compiler: Compiler) -> None:
             parts = int(ops_mla.num_partitions(torch.device("cuda", 0), s_q * h_q, 1))
         lens, meta, splits = _meta(b, dtype=i32), _meta(parts, 8, dtype=i32), _meta(b + 1, dtype=i32)
         triton_mla.get_mla_metadata(lens, meta, splits, ops_mla.BLOCK_TOKENS, ops_mla.FIXED_OVERHEAD_BLOCKS)
+        for k in (1, ops_mla.DEFAULT_INVARIANT_SPLITS):  # the invariant variants' plans
+            triton_mla.invariant_split_plan(lens, _meta(b * k, 8, dtype=i32), splits, k,
+                                            ops_mla.invariant_min_piece(s_q * h_q), ops_mla.BLOCK_TOKENS)
         fp8 = cache_dtype == torch.float8_e4m3fn
         triton_mla.flash_mla_with_kvcache(
             _meta(b, s_q, h_q, 576), _meta(sum(pages), page, 1, 576, dtype=cache_dtype), _meta(b, max(pages), dtype=i32),

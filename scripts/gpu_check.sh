@@ -39,7 +39,9 @@
 #        its file's limit), DSKERNELS_SPARSE_MLA_WIDE_TESTED=1 (the `triton[wide]` sparse decode rows; set when
 #        tests/test_mla_sparse_wide.py passed), DSKERNELS_MLA_FP8_TMA_TESTED=1 (the `cuda[fp8_tma]` MLA
 #        rows and that path's sanitizer case; set by the script itself when
-#        tests/test_mla_sm90_fp8_tma.py passed in this call), SKIP_BUILD=1 (use the library already
+#        tests/test_mla_sm90_fp8_tma.py passed in this call), DSKERNELS_BATCH_INVARIANT_TESTED=1 (the
+#        `auto[invariant]` layer rows; set when tests/test_mla_batch_invariant.py and
+#        tests/test_gemm_batch_invariant.py passed), SKIP_BUILD=1 (use the library already
 #        built in place: tests/test_gpu_check.py's dry run of this script on CPU, with fake tools).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -199,6 +201,11 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
   grep -q "^tests/test_mla_sm90_narrow.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_MLA_NARROW_TESTED=1
   # And sparse MLA's wide FP8 tiles (`triton[wide]` rows of the sparse decode).
   grep -q "^tests/test_mla_sparse_wide.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_SPARSE_MLA_WIDE_TESTED=1
+  # And the layer's decode in batch-invariant mode (`auto[invariant]` model rows): the mode's MLA and
+  # GEMM paths passed their GPU tests here (the layer runs first: a fault would end every family's run).
+  grep -q "^tests/test_mla_batch_invariant.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null &&
+    grep -q "^tests/test_gemm_batch_invariant.py: rc 0:" "$LOGS/pytest_gpu.log" &&
+    export DSKERNELS_BATCH_INVARIANT_TESTED=1
   if [ "${CPU_TESTS:-0}" = 1 ]; then  # the device's torch/triton versions differ from CI's
     step "CPU-side tests (not gpu-marked)"
     # Triton 3.6's interpreter fails on numpy >= 2.4 (triton-lang/triton#9171): there the library

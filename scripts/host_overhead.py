@@ -90,7 +90,8 @@ def capturing(calls: list):
 
 def v3_cases() -> list[tuple[str, object]]:
     """gemm_fp8_fp8_bf16_nt (q_a / kv_a's n = 2112 at k = 7168, m = 1) and flash_mla_with_kvcache
-    (128 heads, d 576, a 4096-token context in pages of 64) at V3's shapes, batch 1."""
+    (128 heads, d 576, a 4096-token context in pages of 64) at V3's shapes, batch 1; the split plan
+    at batch 1, and in batch-invariant mode at batch 1 and 128."""
     fp8 = torch.float8_e4m3fn
     a = torch.randn(1, 7168).to(fp8)
     sa = torch.rand(1, 56)
@@ -103,11 +104,18 @@ def v3_cases() -> list[tuple[str, object]]:
     lens = torch.tensor([4097], dtype=torch.int32)
     meta, splits = dskernels.get_mla_metadata(lens, 128, 1)
     x = torch.randn(1, 7168).bfloat16()
+    lens_128 = torch.randint(1, 8192, (128,), dtype=torch.int32)
+
+    def invariant_plan(lengths):  # the mode's plan (dskernels.batch_invariant(): the `with` included)
+        with dskernels.batch_invariant():
+            return dskernels.get_mla_metadata(lengths, 128, 1)
     return [("gemm_fp8_fp8_bf16_nt v3 m=1 n=2112 k=7168",
              lambda: dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)),
             ("flash_mla_with_kvcache v3 h=128 ctx=4096",
              lambda: dskernels.flash_mla_with_kvcache(q, cache, table, lens, 512, meta, splits, causal=True)),
             ("get_mla_metadata v3 b=1", lambda: dskernels.get_mla_metadata(lens, 128, 1)),
+            ("get_mla_metadata v3 b=1 batch-invariant", lambda: invariant_plan(lens)),
+            ("get_mla_metadata v3 b=128 batch-invariant", lambda: invariant_plan(lens_128)),
             ("per_token_cast_to_fp8 v3 [1, 7168]", lambda: dskernels.per_token_cast_to_fp8(x))]
 
 

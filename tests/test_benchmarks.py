@@ -1,6 +1,7 @@
 """The main job, `python benchmarks/run.py`, on this machine: every family's cases run on every
 backend available and agree with the oracle (on CPU: tiny shapes, Triton through its interpreter)."""
 
+import contextlib
 import glob
 import json
 import os
@@ -345,6 +346,73 @@ def test_mla_plans_follow_the_variant(monkeypatch):
     assert planned == [None, "1"]
 
 
+def test_mla_invariant_rows_plan_in_the_mode(monkeypatch):
+    """bench_mla's invariant variants (triton[invariant], cuda[invariant], K = 4 and K = 1) time the
+    decode on the mode's own plan: the plan cache is keyed by the mode and K (however the mode is
+    switched on), so neither reuses the default plan nor one of another K; each run checks against
+    the oracle. Runs here on CPU through the interpreter (run.py times variants on a GPU only)."""
+    import dskernels
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_mla
+    from benchmarks.run import environment
+
+    planned = []
+    real = dskernels.get_mla_metadata
+
+    def plan(*args):
+        meta, num_splits = real(*args)
+        planned.append(meta.shape[0])
+        return meta, num_splits
+
+    monkeypatch.setattr(dskernels, "get_mla_metadata", plan)
+    for name in ("DSKERNELS_BATCH_INVARIANT", "DSKERNELS_MLA_INVARIANT_SPLITS"):
+        monkeypatch.delenv(name, raising=False)
+    b = 3
+    case = bench_mla._case(b, 2, 4, 1, 64, 48, 70, True, 16, torch.bfloat16, True)
+    assert {"invariant", "invariant_k1"} <= set(case.triton_variants) & set(case.cuda_variants)
+    inputs = case.make_inputs("cpu")
+    expected = case.reference(*inputs)
+    default_parts = real(inputs[3], 8, 1)[0].shape[0]
+    variants = bench_mla.MLA_INVARIANT_VARIANTS
+    with dskernels.backend("triton"):
+        for env, scoped in [({}, False), (variants["invariant"], False), (variants["invariant_k1"], False),
+                            ({}, False), ({}, True), (variants["invariant"], False), ({}, True)]:
+            with environment(env), dskernels.batch_invariant() if scoped else contextlib.nullcontext():
+                assert case.check(case.run(*inputs), expected) is None, (env, scoped)
+    assert planned == [default_parts, b * 4, b * 1, b * 4], planned
+    sparse = bench_mla.cases(False, "cuda")[-3]
+    assert sparse.op == "flash_mla_sparse_decode" and "invariant" in sparse.triton_variants
+
+
+def test_model_invariant_rows_run_here(monkeypatch):
+    """bench_model's auto[invariant] / auto[invariant_graph] rows (the FP8-weight V3 decode in the
+    mode, beside auto and auto[graph]): on the GPU grids, quick and full, once the mode's GPU tests
+    passed (the flag gpu_check.sh sets); their environment runs the CPU decode case (the graph one
+    eager: CPU tensors) within the case's check."""
+    import dskernels
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_model
+    from benchmarks.run import environment
+
+    monkeypatch.delenv(bench_model.INVARIANT_TESTED_ENV, raising=False)
+    assert not any("invariant" in case.auto_variants for case in bench_model.cases(True, "cuda"))
+    monkeypatch.setenv(bench_model.INVARIANT_TESTED_ENV, "1")
+    for quick in (True, False):
+        rows = [case for case in bench_model.cases(quick, "cuda") if "invariant" in case.auto_variants]
+        assert rows and all(c.op == "deepseek_v3_layer_decode" and c.params["weights"] == "fp8"
+                            and "kv_cache" not in c.params and "invariant_graph" in c.auto_variants for c in rows)
+    case = bench_model.decode_case("tiny", 0, 2, 20, False, "cpu", invariant_rows=True)
+    inputs = case.make_inputs("cpu")
+    expected = case.reference(*inputs)
+    with dskernels.backend("triton"):
+        for env in bench_model.INVARIANT_VARIANTS.values():
+            with environment(env):
+                assert dskernels.batch_invariant_enabled()
+                assert case.check(case.run(*inputs), expected) is None, env
+
+
 def test_every_target_names_one_case_of_the_full_grid(monkeypatch):
     """benchmarks/targets.py's shapes are cases of the families' full GPU grids (run.py --targets
     times them): each shape matches exactly one case of its op, whose backends, peers and (once
@@ -453,7 +521,8 @@ def test_perf_table_shows_only_labels_the_benchmarks_define():
     labels = perf_table.current_labels()
     for known in [("flash_mla_with_kvcache", "cuda[cluster]"), ("flash_mla_with_kvcache", "cuda[seesaw]"),
                   ("gemm_fp8_fp8_bf16_nt", "cuda[m64_splitk]"), ("gemm_fp8_fp8_bf16_nt", "peer:torch._scaled_mm"),
-                  ("gemm_fp8_fp8_bf16_nt", "triton[graph]")]:
+                  ("gemm_fp8_fp8_bf16_nt", "triton[graph]"), ("flash_mla_with_kvcache", "cuda[invariant]"),
+                  ("flash_mla_with_kvcache", "triton[invariant_k1]"), ("deepseek_v3_layer_decode", "auto[invariant]")]:
         assert known in labels, known
     assert ("flash_mla_with_kvcache", "cuda[no_cluster]") not in labels  # clusters are opt-in since 2026-12-04
     assert {flag: os.environ.get(flag) for flag in flags} == flags  # the opt-in flags restored

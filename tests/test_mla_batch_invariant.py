@@ -197,6 +197,87 @@ def test_lazy_metadata_plans_in_the_mode(invariant):
         dskernels.flash_mla_with_kvcache(q, k_cache, block_table, lens, dv, sched, None)
 
 
+def _edge_lengths(min_piece, k):
+    """Lengths where the plan's rules turn: empty, one key, block edges, each piece count's
+    min_piece boundary, the largest int32, negative ones (planned as empty)."""
+    edges = [0, 1, 63, 64, 65, 127, 128, 129, 2**31 - 1, -1, -5, -2**31]
+    for pieces in range(1, k + 2):
+        edges += [pieces * min_piece + delta for delta in (-65, -64, -1, 0, 1, 63, 64)]
+    return edges
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+@pytest.mark.parametrize("b", [1, 7, 300, 1100])  # 300 * 4 and 1100 pass the kernel's 512 lanes: several chunks
+@pytest.mark.parametrize("min_piece", [64, 1024, 4160])
+def test_triton_plan_kernel_equals_the_definition(k, b, min_piece):
+    """The one-launch Triton plan is invariant_split_plan tensor for tensor: random and edge lengths
+    (the edges spread over the batch, and the whole edge list as one batch), poisoned outputs."""
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("no Triton backend here")
+    gen = torch.Generator().manual_seed(b * 10 + k)
+    edges = _edge_lengths(min_piece, k)
+    lengths = torch.randint(-100, 6 * min_piece, (b,), generator=gen, dtype=torch.int32)
+    spots = torch.randperm(b, generator=gen)[:len(edges)]
+    lengths[spots] = torch.tensor(edges[:len(spots)], dtype=torch.int32)
+    for lens in (lengths, torch.tensor(edges, dtype=torch.int32)):
+        lens = lens.to(DEVICE)
+        meta = torch.full((lens.shape[0] * k, mla_ops.METADATA_SIZE), -7, dtype=torch.int32, device=DEVICE)
+        num_splits = torch.full((lens.shape[0] + 1,), -7, dtype=torch.int32, device=DEVICE)
+        triton_mla.invariant_split_plan(lens, meta, num_splits, k, min_piece, mla_ops.BLOCK_TOKENS)
+        expected_meta, expected_splits = mla_ops.invariant_split_plan(lens, k, min_piece)
+        assert torch.equal(meta, expected_meta), (lens, meta, expected_meta)
+        assert torch.equal(num_splits, expected_splits), (lens, num_splits, expected_splits)
+
+
+def test_mode_plans_in_one_launch_on_the_kernel_backends(invariant, monkeypatch):
+    """In the mode get_mla_metadata runs the Triton plan on the triton backend and (on a Hopper GPU)
+    the cuda one, not invariant_split_plan's ~30 tensor ops (~0.3 ms of host time), with no host
+    sync; the ref backend and the empty batch keep the definition."""
+    if "triton" not in dskernels.available_backends():
+        pytest.skip("no Triton backend here")
+    invariant(3)
+    definition = mla_ops.invariant_split_plan
+    called = []
+    monkeypatch.setattr(mla_ops, "invariant_split_plan", lambda *a: called.append(a[0].shape[0]) or definition(*a))
+    lens = torch.tensor([0, 1, 300, 129, 64, 5000], dtype=torch.int32, device=DEVICE)
+    expected = definition(lens, 3, mla_ops.invariant_min_piece(16))
+    kernels = ["triton"] + (["cuda"] if DEVICE == "cuda" and "cuda" in dskernels.available_backends() else [])
+    plans = []
+    with dskernels.batch_invariant():
+        for name in kernels:
+            with dskernels.backend(name), no_host_sync():
+                plans.append(dskernels.get_mla_metadata(lens, 16, 1))
+        assert called == []
+        with dskernels.backend("ref"):
+            plans.append(dskernels.get_mla_metadata(lens, 16, 1))
+        with dskernels.backend("triton"):
+            empty, _ = dskernels.get_mla_metadata(lens[:0], 16, 1)
+    assert called == [6, 0] and empty.tolist() == [[0, 0, -1, 0, 0, 0, 0, 0]]
+    for got in plans:
+        assert all(torch.equal(a, e) for a, e in zip(got, expected))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_plan_kernel_replays_in_a_cuda_graph(invariant, name):
+    """The mode's one-launch plan captured in a CUDA graph follows new lengths on replay."""
+    if name not in dskernels.available_backends() or not torch.cuda.is_available():
+        pytest.skip(f"backend {name!r} on a GPU is not available here")
+    invariant(4)
+    lens = torch.tensor([1000, 0, 37, 4000, 70001], dtype=torch.int32, device="cuda")
+    with dskernels.backend(name), dskernels.batch_invariant():
+        dskernels.get_mla_metadata(lens, 16, 1)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            meta, num_splits = dskernels.get_mla_metadata(lens, 16, 1)
+    lens.copy_(torch.tensor([5, 129, 0, 2**31 - 1, 300], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = mla_ops.invariant_split_plan(lens, 4, mla_ops.invariant_min_piece(16))
+    assert torch.equal(meta, expected[0]) and torch.equal(num_splits, expected[1])
+
+
 def _place(target, lengths, pos, page_size, cache_dtype, s_q, seed):
     """A batch of `lengths` (make_inputs': scattered pages, NaN in every unowned cache slot, a huge
     page id in unused table slots) whose sequence `pos` holds the target's q and keys."""

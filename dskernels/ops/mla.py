@@ -11,7 +11,7 @@ import torch
 
 import python_ref.mla
 from dskernels._backend import (batch_invariant_enabled, cuda_kernels_built, current_backend, is_hopper,
-                                select_backend)
+                                select_backend, triton_installed)
 from dskernels._checks import as_flag, check_int, check_multiple, check_one_device, check_tensor
 from dskernels._device import on_tensor_device
 from dskernels._inference import inference_kernel
@@ -566,14 +566,23 @@ def _check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_
 @inference_kernel("get_mla_metadata")
 def _get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
     _check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
-    if batch_invariant_enabled():  # every backend: a few tensor ops, the kernels walk it unchanged
-        return invariant_split_plan(cache_seqlens, invariant_max_splits(),
-                                    invariant_min_piece(num_q_tokens_per_head_k))
     device = cache_seqlens.device
-    parts = num_partitions(device, num_q_tokens_per_head_k, num_heads_k)
     b = cache_seqlens.shape[0]
     chosen = select_backend("get_mla_metadata", device, has_cuda=True, has_triton=True,
                             cuda_verified=_CUDA_MLA_VERIFIED)
+    if batch_invariant_enabled():  # every backend's kernels walk this plan unchanged
+        max_splits, min_piece = invariant_max_splits(), invariant_min_piece(num_q_tokens_per_head_k)
+        if chosen == "ref" or b == 0 or not triton_installed():
+            return invariant_split_plan(cache_seqlens, max_splits, min_piece)  # the definition: ~30 tensor ops
+        from dskernels.triton import mla as triton_mla
+
+        # the same plan in one Triton program, for the sm90 kernels too (it has no CUDA twin)
+        meta = torch.empty(invariant_partitions(b, max_splits), METADATA_SIZE, dtype=torch.int32, device=device)
+        num_splits = torch.empty(b + 1, dtype=torch.int32, device=device)
+        triton_mla.invariant_split_plan(cache_seqlens.contiguous(), meta, num_splits, max_splits, min_piece,
+                                        BLOCK_TOKENS)
+        return meta, num_splits
+    parts = num_partitions(device, num_q_tokens_per_head_k, num_heads_k)
     if chosen == "ref" or b == 0:
         return split_plan(cache_seqlens, parts)  # tensor ops on the device: the plan's definition
     meta = torch.empty(parts, METADATA_SIZE, dtype=torch.int32, device=device)

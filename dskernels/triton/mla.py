@@ -36,6 +36,9 @@ LOG2E = 1.4426950408889634
 # Block-table entries checked per step before a sequence's key loop (with 16, 64 or 128, ptxas
 # spilled 64-148 bytes more in the 32-row d = 576 tiles on sm_90a; 32 leaves them as they were).
 PAGE_SCAN = tl.constexpr(32)
+# Lanes of the batch-invariant plan kernel: sequences per prefix-sum step, partitions per row step
+# (b = 128 at K = 4 in one step; more loop in the one program, as the balanced plan's chunks do).
+INVARIANT_PLAN_BLOCK = 512
 
 
 @triton.jit
@@ -391,6 +394,61 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, meta: torch.Tensor, num_splits
     fast(_mla_metadata_kernel)[(1,)](cache_seqlens, ends, meta, num_splits, b, num_parts, b.bit_length(),
                                      BLOCK_TOKENS=block_tokens, OVERHEAD=overhead_blocks, META=meta.shape[1],
                                      BLOCK_B=256, BLOCK_P=_pow2(num_parts), num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _invariant_pieces(seqlens_ptr, i, mask, max_splits, min_piece, BLOCK_TOKENS: tl.constexpr):
+    """Sequences i's length n (negative as 0, int64), piece length P and busy pieces ceil(n / P)
+    (0 where masked), as ops.mla.invariant_split_plan defines them."""
+    n = tl.maximum(tl.load(seqlens_ptr + i, mask=mask, other=0), 0).to(tl.int64)
+    wanted = tl.minimum(tl.maximum(n // min_piece, 1), max_splits)
+    per_piece = (n + wanted - 1) // wanted
+    per_piece = tl.maximum((per_piece + BLOCK_TOKENS - 1) // BLOCK_TOKENS * BLOCK_TOKENS, BLOCK_TOKENS)
+    return n, per_piece, (n + per_piece - 1) // per_piece
+
+
+@triton.jit
+def _mla_invariant_plan_kernel(seqlens_ptr, meta_ptr, num_splits_ptr, b, num_parts, max_splits, min_piece,
+                               BLOCK_TOKENS: tl.constexpr, META: tl.constexpr, BLOCK: tl.constexpr):
+    """ops.mla.invariant_split_plan in one program (its docstring has the plan): num_splits' prefix
+    sum over chunks of BLOCK sequences, then the b * K partition rows in chunks of BLOCK
+    (partition p: piece p % K of sequence p // K, each lane reading its sequence's length)."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(num_splits_ptr, 0)
+    splits_before = tl.zeros((), dtype=tl.int64)
+    for chunk in range(0, b, BLOCK):
+        i = chunk + offs
+        ok = i < b
+        _, _, splits = _invariant_pieces(seqlens_ptr, i, ok, max_splits, min_piece, BLOCK_TOKENS)
+        tl.store(num_splits_ptr + 1 + i, (splits_before + tl.cumsum(splits, 0)).to(tl.int32), mask=ok)
+        splits_before += tl.sum(splits, 0)
+    for chunk in range(0, num_parts, BLOCK):
+        parts = chunk + offs.to(tl.int64)  # (int64: parts * META passes 2**31 from b * K = 2**28 on)
+        part_ok = parts < num_parts
+        seq = parts // max_splits
+        piece = parts - seq * max_splits
+        n, per_piece, splits = _invariant_pieces(seqlens_ptr, seq, part_ok, max_splits, min_piece, BLOCK_TOKENS)
+        begin = piece * per_piece
+        busy = piece < splits
+        row = meta_ptr + parts * META
+        tl.store(row, tl.where(busy, seq, b).to(tl.int32), mask=part_ok)
+        tl.store(row + 1, tl.where(busy, begin, 0).to(tl.int32), mask=part_ok)
+        tl.store(row + 2, tl.where(busy, seq, b - 1).to(tl.int32), mask=part_ok)
+        tl.store(row + 3, tl.where(busy, tl.minimum(begin + per_piece, n), 0).to(tl.int32), mask=part_ok)
+        tl.store(row + 4, tl.where(busy, piece, 0).to(tl.int32), mask=part_ok)
+        for k in tl.static_range(5, META):
+            tl.store(row + k, tl.zeros((BLOCK,), dtype=tl.int32), mask=part_ok)
+
+
+def invariant_split_plan(cache_seqlens: torch.Tensor, meta: torch.Tensor, num_splits: torch.Tensor, max_splits: int,
+                         min_piece: int, block_tokens: int) -> None:
+    """Fills meta [b * max_splits, 8] and num_splits [b + 1] (int32, contiguous) with
+    ops.mla.invariant_split_plan's plan for cache_seqlens [b] (b >= 1): one launch instead of its
+    ~30 small ones (~0.3 ms of host time per eager call)."""
+    b = cache_seqlens.shape[0]
+    fast(_mla_invariant_plan_kernel)[(1,)](cache_seqlens, meta, num_splits, b, meta.shape[0], max_splits, min_piece,
+                                           BLOCK_TOKENS=block_tokens, META=meta.shape[1], BLOCK=INVARIANT_PLAN_BLOCK,
+                                           num_warps=4, num_stages=1)
 
 
 def _min_int32_max(n):
