@@ -296,8 +296,16 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(b, s, h, cfg.qk_rope_head_dim)], dim=-1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, scale=self.softmax_scale)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if b > 1 and invariant_path(q.device, q, k, v):
+            # dskernels.batch_invariant(): one call per sequence. The kernel SDPA runs (and how it
+            # splits its work) may follow the batch: CPU's gives a sequence other bits beside others.
+            out = v.new_empty(b, h, s, cfg.v_head_dim)
+            for i in range(b):
+                out[i:i + 1] = F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], is_causal=True,
+                                                               scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         return out.transpose(1, 2)  # [b, s, h, v]
 
     def _attend_paged(self, x, positions, x_fp8, kv_cache, block_table, cache_seqlens, index_cache,

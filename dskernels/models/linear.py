@@ -12,7 +12,7 @@ from torch import nn
 
 import dskernels
 from dskernels._backend import current_backend, select_backend
-from dskernels.ops.invariant import invariant_linear, invariant_path
+from dskernels.ops.invariant import FLOAT_DTYPES, invariant_linear, invariant_path
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128  # the checkpoint's weight_block_size and our ops' scale granularity
@@ -285,7 +285,9 @@ class Linear(nn.Module):
         """x [..., in_features] -> [..., out_features] in x's dtype. x_fp8: x's rows already cast
         (shared_cast's pair), used by an FP8 layer, ignored by a float one."""
         if not self.is_fp8:
-            if invariant_path(x.device, x, self.weight, self.bias):  # dskernels.batch_invariant()
+            # dskernels.batch_invariant(): the kernel's dtypes (a float64 layer keeps F.linear, as the
+            # layer's other float matmuls do)
+            if x.dtype in FLOAT_DTYPES and invariant_path(x.device, x, self.weight, self.bias):
                 return invariant_linear(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         # math.prod, not torch.Size.numel(): that one makes symbolic sizes constants under torch.export
