@@ -173,6 +173,39 @@ def test_v32_float_indexer_decode_step_is_batch_invariant(layer_idx, monkeypatch
         assert torch.equal(y, outs[0]), f"batch {order}: the target's output changed"
 
 
+def test_v32_paged_selection_does_not_follow_the_table_width(monkeypatch):
+    """The sparse decode splits a top-k list by its width (mla_sparse.num_splits_for), and the
+    indexer's width over the paged cache is min(index_topk, the block table's capacity): a batch
+    whose longest sequence widens the table would change a short sequence's splits (a review's
+    repro: 1400 entries at widths 1408 and 2048 gave lse 1e-6 apart). With the mode the list is
+    index_topk wide whatever the table, in position order, and the target's bits stay."""
+    from tests.test_models_v32 import make_layer as make_v32_layer
+    from tests.test_models_v32 import make_reference as make_v32_reference
+
+    cfg = DeepseekV3Config.tiny(index_topk=64, index_head_dim=64, index_n_heads=16)
+    layer = make_v32_layer(cfg, 0, make_v32_reference(cfg, 0, seed=5), index_fp8=False)
+    cache, table, lens, x, positions = decode_inputs(torch.float32, **SHORT)  # capacity 5 x 8 < 64
+    g = torch.Generator().manual_seed(23)
+    index_cache = torch.randn(*cache.shape[:3], cfg.index_head_dim, generator=g)
+    lists = []
+    sparse_decode = dskernels.flash_mla_sparse_decode
+
+    def spy(q, kv_cache, indices, *args, **kwargs):
+        lists.append(indices.clone())
+        return sparse_decode(q, kv_cache, indices, *args, **kwargs)
+
+    monkeypatch.setattr(dskernels, "flash_mla_sparse_decode", spy)
+    outs = []
+    with torch.no_grad(), dskernels.backend("triton"), dskernels.batch_invariant():
+        for extra_pages in (0, 3):  # the same sequence, its table 3 unused (NaN) pages wider
+            wide = torch.cat([table[:1], table[1:2, :extra_pages]], dim=1).contiguous()
+            outs.append(layer(x[:1], positions[:1], kv_cache=cache.clone(), block_table=wide,
+                              cache_seqlens=lens[:1].contiguous(), index_cache=index_cache.clone()))
+    assert [tuple(t.shape[-1:]) for t in lists] == [(64,), (64,)]
+    assert torch.equal(lists[0], lists[1])  # the same cache slots in the same order, -1 past them
+    assert torch.equal(outs[0], outs[1]) and not outs[0].isnan().any()
+
+
 # ---- beyond the eager decode step: torch.compile, prefill, expert parallelism ----
 
 def test_invariant_mm_op_passes_opcheck():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dskernels
+from dskernels._backend import batch_invariant_enabled
 from dskernels.models.config import DeepseekV3Config
 from dskernels.models.linear import Linear, triton_fusable, unhooked, weight_parameter
 from dskernels.models.paged import cache_rows, write_rows
@@ -235,7 +236,8 @@ class Indexer(nn.Module):
         """Writes the S new keys at `slots` (flat cache rows [B * S], -1: not written; None: computed
         here from the block table where needed) of index_cache, then selects
         for token j of sequence b among positions [0, cache_seqlens[b] + j + 1): int32 [B, S, topk]
-        positions (topk = min(index_topk, the block table's capacity)), -1 past what a query sees.
+        positions (topk = min(index_topk, the block table's capacity); index_topk under
+        dskernels.batch_invariant()), -1 past what a query sees.
         No host sync: the logits span the whole block table; positions past a sequence are -inf."""
         b, s = x.shape[:2]
         heads, dim = self.num_heads, self.head_dim
@@ -268,7 +270,13 @@ class Indexer(nn.Module):
                 seen = cache_seqlens.long()[:, None, None] + torch.arange(lo + 1, hi + 1, device=x.device)[:, None]
                 logits = logits.masked_fill(positions >= seen, float("-inf"))
             selected.append(self._top(logits))
-        return selected[0] if len(selected) == 1 else torch.cat(selected, dim=1)
+        selected = selected[0] if len(selected) == 1 else torch.cat(selected, dim=1)
+        if batch_invariant_enabled() and selected.shape[-1] < self.cfg.index_topk:
+            # dskernels.batch_invariant(): the sparse decode splits a list by its width, and the width
+            # here is the batch's block-table capacity: padded with -1 (skipped) to index_topk, a
+            # model constant, a sequence's lists split the same way beside longer sequences.
+            selected = F.pad(selected, (0, self.cfg.index_topk - selected.shape[-1]), value=-1)
+        return selected
 
     def _top(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, S, T] (-inf: not seen) -> int32 [B, S, min(index_topk, T)] positions, -1 for -inf."""
@@ -276,5 +284,14 @@ class Indexer(nn.Module):
         if triton_fusable(values):
             from dskernels.triton import layer as triton_layer
 
-            return triton_layer.topk_positions(values, positions)
-        return torch.where(values == float("-inf"), -1, positions).to(torch.int32)
+            selected = triton_layer.topk_positions(values, positions)
+        else:
+            selected = torch.where(values == float("-inf"), -1, positions).to(torch.int32)
+        if batch_invariant_enabled():
+            # dskernels.batch_invariant(): equal scores are common (the ReLU's zeros), and topk may
+            # order ties by the row count or width; the sparse attention sums its list in order, so
+            # the list goes in position order (-1 last).
+            last = torch.iinfo(torch.int32).max
+            selected = torch.where(selected < 0, last, selected).sort(dim=-1).values
+            selected = torch.where(selected == last, -1, selected)
+        return selected

@@ -36,6 +36,7 @@ BLOCK_M, BLOCK_N = 64, 64
 BLOCK_K = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 32}
 NUM_WARPS = 4
 DTYPES = tuple(BLOCK_K)
+MAX_GRID_Z = 65535  # CUDA's limit on grid dimension 2: groups per launch
 
 
 @triton.jit
@@ -90,8 +91,6 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, out_ptr, ends_ptr, m, n, k,
 _INTERPRETED = not isinstance(_matmul_kernel, JITFunction)
 
 
-MAX_GRID_Z = 65535  # CUDA's limit on grid dimension 2: groups per launch
-
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, c: torch.Tensor | None = None,
               ends: torch.Tensor | None = None) -> None:
@@ -120,6 +119,7 @@ def _launch(a3, b, out3, c3, ends, groups: int, m: int, n: int, k: int) -> None:
         strides = [(0, *s[1:]) for s in strides]
     (a_strides, out_strides, c_strides) = strides
     grid = (cdiv(m, BLOCK_M), cdiv(n, BLOCK_N), groups)
+    # (out3 stands in for c and ends where there are none: unread unless HAS_C / GROUPED)
     fast(_matmul_kernel)[grid](a3, b, out3 if c3 is None else c3, out3, out3 if ends is None else ends, m, n, k,
                                *a_strides, *b.stride(), *c_strides, *out_strides,
                                0 if ends is None else ends.stride(0),

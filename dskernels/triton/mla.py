@@ -398,7 +398,7 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, meta: torch.Tensor, num_splits
 
 @triton.jit
 def _invariant_pieces(seqlens_ptr, i, mask, max_splits, min_piece, BLOCK_TOKENS: tl.constexpr):
-    """Sequences i's length n (negative as 0, int64), piece length P and busy pieces ceil(n / P)
+    """Sequence i's length n (negative as 0, int64), piece length P and busy pieces ceil(n / P)
     (0 where masked), as ops.mla.invariant_split_plan defines them."""
     n = tl.maximum(tl.load(seqlens_ptr + i, mask=mask, other=0), 0).to(tl.int64)
     wanted = tl.minimum(tl.maximum(n // min_piece, 1), max_splits)
