@@ -50,6 +50,36 @@ def _after_load(module: "MLAttention", incompatible_keys) -> None:
             module.indexer.rebuild_hadamard(module.kv_b_proj.weight.device)
 
 
+def _in_place(*tensors: torch.Tensor) -> bool:
+    """Whether _per_head_nt may write into a caller's buffer: eagerly, and no tensor needs a
+    gradient (bmm's out= has none; under torch.compile inductor plans the buffers itself)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return not (torch.compiler.is_compiling() or needs_grad)
+
+
+def _per_head_nt(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per head h: x[:, :, h] @ w[h].T, x [b, s, h, k], w [h, n, k] -> [b, s, h, n] (the absorbed
+    W_UK and W_UV). With `out` (a [b, s, h, n] view whose b and s merge; only where _in_place): one
+    batched GEMM over the heads that writes the product there, in the layout the caller reads.
+    dskernels.batch_invariant(): the fixed-tile kernel, whose row sums don't follow b * s as bmm's do."""
+    b, s, h, k = x.shape
+    n = w.shape[1]
+    heads_first = x.reshape(b * s, h, k).transpose(0, 1)  # [h, b * s, k]
+    invariant = x.dtype in FLOAT_DTYPES and invariant_path(x.device, x, w)
+    if out is None:
+        if invariant:
+            return invariant_mm(heads_first, w, x.dtype).transpose(0, 1).reshape(b, s, h, n)
+        return torch.einsum("bshk,hnk->bshn", x, w)
+    out_heads_first = out.view(b * s, h, n).transpose(0, 1)
+    if invariant:
+        from dskernels.triton import matmul as triton_matmul
+
+        triton_matmul.matmul_nt(heads_first, w, out_heads_first)
+    else:
+        torch.bmm(heads_first, w.transpose(1, 2), out=out_heads_first)
+    return out
+
+
 class MLAttention(nn.Module):
     def __init__(self, cfg: DeepseekV3Config, dtype=None, device=None, index_fp8: bool = True,
                  fp8_weights: bool = False):
@@ -225,56 +255,27 @@ class MLAttention(nn.Module):
         """[q_nope W_UK | q_rope]: scores against [latent | k_rope] equal q_nope . k_nope + q_rope . k_rope."""
         if self._absorbed_stale(q_nope.dtype, q_nope.device):
             self.absorb(q_nope.dtype)
-        needs_grad = torch.is_grad_enabled() and (q_nope.requires_grad or q_rope.requires_grad
-                                                  or self.w_uk.requires_grad)
-        b, s, h, n = q_nope.shape
-        r = self.w_uk.shape[-1]
-        # dskernels.batch_invariant(): the per-head GEMM on the fixed-tile kernel (bmm's follows b * s)
-        invariant = q_nope.dtype in FLOAT_DTYPES and invariant_path(q_nope.device, q_nope, q_rope, self.w_uk)
-        if invariant and torch.compiler.is_compiling():
-            latent_q = invariant_mm(q_nope.reshape(b * s, h, n).transpose(0, 1), self.w_uk.transpose(1, 2),
-                                    q_nope.dtype)
-            return torch.cat([latent_q.transpose(0, 1).reshape(b, s, h, r), q_rope], dim=-1)
-        if torch.compiler.is_compiling() or needs_grad:  # (inductor plans the buffers itself)
-            return torch.cat([torch.einsum("bshn,hnc->bshc", q_nope, self.w_uk), q_rope], dim=-1)
-        # Eagerly the batched GEMM writes its [b, s, h, r] product straight into the first r columns
-        # of the result, and q_rope is copied behind it: no [h, b * s, r] temporary beside the
-        # concatenation (4 GiB next to its 4.5 GiB at a 32K-token prefill chunk of 128 heads).
+        w = self.w_uk.transpose(1, 2)  # [h, r, n]
+        if not _in_place(q_nope, q_rope, w):
+            return torch.cat([_per_head_nt(q_nope, w), q_rope], dim=-1)
+        # The product goes straight into the first r columns of the result, q_rope behind it: no
+        # [h, b * s, r] temporary beside the concatenation (4 GiB next to its 4.5 GiB at a 32K-token
+        # prefill chunk of 128 heads).
+        b, s, h, _ = q_nope.shape
+        r = w.shape[1]
         q = torch.empty(b, s, h, r + q_rope.shape[-1], dtype=q_nope.dtype, device=q_nope.device)
-        if invariant:
-            from dskernels.triton import matmul as triton_matmul
-
-            triton_matmul.matmul_nt(q_nope.reshape(b * s, h, n).transpose(0, 1), self.w_uk.transpose(1, 2),
-                                    q[..., :r].view(b * s, h, r).transpose(0, 1))
-        else:
-            torch.bmm(q_nope.reshape(b * s, h, n).transpose(0, 1), self.w_uk,
-                      out=q[..., :r].view(b * s, h, r).transpose(0, 1))
+        _per_head_nt(q_nope, w, out=q[..., :r])
         q[..., r:].copy_(q_rope)
         return q
 
     def _values(self, latents: torch.Tensor) -> torch.Tensor:
-        """Each head's output latent [b, s, h, r] through W_UV: its values [b, s, h, v], contiguous.
-        Eagerly one batched GEMM over the heads that writes them in that layout (o_proj reads them
-        flattened per token: the einsum's [h, b * s, v] product would be copied once more)."""
-        needs_grad = torch.is_grad_enabled() and (latents.requires_grad or self.w_uv.requires_grad)
-        b, s, h, r = latents.shape
-        v = self.w_uv.shape[1]
-        invariant = latents.dtype in FLOAT_DTYPES and invariant_path(latents.device, latents, self.w_uv)
-        if invariant and torch.compiler.is_compiling():  # dskernels.batch_invariant(), as in _absorbed_query
-            values = invariant_mm(latents.reshape(b * s, h, r).transpose(0, 1), self.w_uv, latents.dtype)
-            return values.transpose(0, 1).reshape(b, s, h, v)
-        if torch.compiler.is_compiling() or needs_grad:  # (inductor lays it out itself; bmm's out= has no gradient)
-            return torch.einsum("bshc,hvc->bshv", latents, self.w_uv)
-        values = torch.empty(b, s, h, v, dtype=latents.dtype, device=latents.device)
-        if invariant:
-            from dskernels.triton import matmul as triton_matmul
-
-            triton_matmul.matmul_nt(latents.reshape(b * s, h, r).transpose(0, 1), self.w_uv,
-                                    values.view(b * s, h, v).transpose(0, 1))
-        else:
-            torch.bmm(latents.reshape(b * s, h, r).transpose(0, 1), self.w_uv.transpose(1, 2),
-                      out=values.view(b * s, h, v).transpose(0, 1))
-        return values
+        """Each head's output latent [b, s, h, r] through W_UV: its values [b, s, h, v], contiguous
+        (o_proj reads them flattened per token)."""
+        if not _in_place(latents, self.w_uv):
+            return _per_head_nt(latents, self.w_uv)
+        b, s, h, _ = latents.shape
+        values = torch.empty(b, s, h, self.w_uv.shape[1], dtype=latents.dtype, device=latents.device)
+        return _per_head_nt(latents, self.w_uv, out=values)
 
     def _attend_selected_new_tokens(self, q_nope, q_rope, latent, k_rope, selected) -> torch.Tensor:
         """V3.2 without a cache: token i of sequence b attends to the positions selected[b, i] (-1:
