@@ -18,8 +18,9 @@ latent path, FlashMLA's count) and 2 * heads * (tokens / 2) * (192 + 128) in pre
 and values from kv_b_proj, causal: half the square).
 Bytes: the weights that must be read once (attention and shared weights, and the experts B tokens
 touch: 256 * (1 - (1 - 8/256)^B) on average, each token missing a given expert with probability
-1 - 8/256 where routing is even, as V3's balancing bias keeps it) plus the latent cache read once
-(FlashMLA's count).
+1 - 8/256 where routing is even, as V3's balancing bias keeps it), each in the dtype the layer keeps
+it (W_UK / W_UV absorbed in bf16 beside FP8 weights, the router's gate in fp32), plus the latent
+cache read once (FlashMLA's count).
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ def transformers_step(config, layer_idx, x, positions, past=None):
 
 def _flops_bytes(cfg, layer_idx, tokens, context, batch, weight_bytes, prefill=False):
     """context: keys per query (decode: the cache length; prefill: the mean causal length, tokens / 2).
-    V3.2 attends to min(index_topk, context) of them in the absorbed form (decode and prefill alike),
+    V3.2 attends in the absorbed form to min(index_topk, context) of them in decode, and in prefill
+    to min(index_topk, p + 1) at position p (averaged over the sequence's 2 * context positions),
     reads those latents from its FP8 cache (656 bytes per token) and scores the whole context with
     the indexer (2 * index_n_heads * index_head_dim per key, its cache read once in decode)."""
     h, heads, r = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
@@ -200,7 +202,15 @@ def _flops_bytes(cfg, layer_idx, tokens, context, batch, weight_bytes, prefill=F
     attended, index_flops = context, 0
     if sparse:
         attn_w += cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim + h * (cfg.index_head_dim + cfg.index_n_heads)
-        attended = min(cfg.index_topk, context)
+        # Decode: each query selects min(index_topk, context) cached tokens. Prefill (context = the
+        # mean causal length, tokens / 2): the query at position p sees p + 1 tokens and selects
+        # min(index_topk, p + 1) of them; min(index_topk, tokens / 2) overstated the mean by a third
+        # at 4096 tokens (2048 for 1536).
+        if prefill:
+            tokens_per_sequence = round(2 * context)
+            attended = sum(min(cfg.index_topk, p + 1) for p in range(tokens_per_sequence)) / tokens_per_sequence
+        else:
+            attended = min(cfg.index_topk, context)
         index_flops = 2 * tokens * cfg.index_n_heads * cfg.index_head_dim * context
     if not cfg.is_moe_layer(layer_idx):
         mlp_active = mlp_read = 3 * h * cfg.intermediate_size
@@ -214,7 +224,17 @@ def _flops_bytes(cfg, layer_idx, tokens, context, batch, weight_bytes, prefill=F
         mlp_read = (touched + cfg.n_shared_experts) * expert
     flops = 2 * tokens * (attn_w + mlp_active) + 2 * tokens * heads * attended * attn_width + index_flops
     cache = batch * (attended * 656 + context * (cfg.index_head_dim + 4)) if sparse else batch * context * cfg.kv_cache_dim * 2
-    return float(flops), float((attn_w + mlp_read) * weight_bytes + cache)
+    # Weights the layer keeps in another dtype than the checkpoint's: W_UK / W_UV, absorbed from
+    # kv_b_proj in the compute dtype (bf16 beside FP8 weights), wherever attention runs absorbed; the
+    # router's gate and V3.2's weights_proj in fp32.
+    other_dtypes = 0
+    if not prefill or sparse:
+        other_dtypes += r * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * (max(weight_bytes, 2) - weight_bytes)
+    if sparse:
+        other_dtypes += h * cfg.index_n_heads * (4 - weight_bytes)
+    if cfg.is_moe_layer(layer_idx):
+        other_dtypes += 4 * h * cfg.n_routed_experts
+    return float(flops), float((attn_w + mlp_read) * weight_bytes + other_dtypes + cache)
 
 
 def _rel_l2(limit):

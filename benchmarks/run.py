@@ -4,9 +4,9 @@
 
 On a GPU: measures the two ceilings first (device-to-device copy bandwidth, 8192^3 bf16 and fp8
 matmul rates), then times every case on every backend that runs here (L2 flushed, median of CUDA
-event timings; a case's backends and variants in alternating rounds, so that none is always timed
-last on a GPU whose clocks sink as it heats) beside its peers (PyTorch eager and torch.compile of
-the same math), and prints
+event timings; a case's backends, variants and peers (PyTorch eager and torch.compile of the same
+math) in alternating rounds, so that none is always timed last on a GPU whose clocks sink as it
+heats; the peers in the CUDA runs' rounds where the case has them), and prints
 
     op | backend | shape | us | host us | TFLOPS | GB/s | % of roofline | x peer | SM MHz
 
@@ -285,13 +285,21 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
     # (auto runs the CUDA kernels on Hopper: it goes with them)
     others, cuda_runs = [r for r in runs if r[0] not in ("cuda", "auto")], [r for r in runs if r[0] in ("cuda", "auto")]
     rounds = TIMING_ROUNDS if device == "cuda" else 1  # (CPU times are the interpreter's: no clocks to drift)
-    check_and_time(case, others, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape, rounds)
+    # The peers (timed on a GPU only) go in the alternating rounds too, with the CUDA runs where there
+    # are any (else with the others): timed after every run of ours, on a GPU whose clocks had sunk,
+    # they came out slower than they are and flattered "x peer".
+    peers = {}  # peer name -> its record
+    peer_calls = {name: peer for name, peer in case.peers.items()
+                  if device == "cuda" and (only is None or f"peer:{name}" in only)}
+    with_peers = {"peers": peer_calls, "peer_records": peers}
+    check_and_time(case, others, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape, rounds,
+                   **({} if cuda_runs else with_peers))
     if others and cuda_runs and not (problems[others[0][1]] or "").startswith("raised"):
         # The timed runs left correct outputs behind: one more run, poisoned, before the cuda checks.
         with dskernels.backend(others[0][0]), environment(others[0][2]):
             poison(case.run(*inputs))
     check_and_time(case, cuda_runs, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape,
-                   rounds)
+                   rounds, **(with_peers if cuda_runs else {}))
     if profile:
         for backend, label, env in runs:
             if not (problems.get(label) or "").startswith("raised"):
@@ -301,18 +309,6 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
             for name, peer in case.peers.items():
                 print_profile(case.op, shape, f"peer:{name}", lambda peer=peer: peer(*inputs), device)
 
-    peers = {}  # peer name -> its record
-    if device == "cuda":
-        for name, peer in case.peers.items():
-            if only is not None and f"peer:{name}" not in only:
-                continue
-            state = {}
-            try:
-                ms = bench.bench_gpu(lambda: peer(*inputs), telemetry=state)
-            except Exception as e:  # a peer that cannot run this shape is reported, not fatal
-                print(f"peer {name} failed on {case.op} {shape}: {type(e).__name__}: {e}")
-                continue
-            peers[name] = record(case, f"peer:{name}", ms, ceilings, meta, None, state)
     best_peer_ms = min((r["ms"] for r in peers.values()), default=None)
 
     for rec in ours.values():
@@ -354,11 +350,14 @@ def merge_telemetry(states: list[dict]) -> dict:
     return merged
 
 
-def check_and_time(case, runs, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape, rounds=1):
+def check_and_time(case, runs, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape, rounds=1,
+                   peers=None, peer_records=None):
     """Checks every run of `runs`, then times those that did not raise; fills problems and ours.
     rounds > 1: the runs are timed in alternating rounds (timing_orders) of ITERS_PER_ROUND calls each
     and a run's time is the mean of its rounds' medians, so that none of them (the variants after the
-    default) is always timed last, on a GPU whose clocks have sunk as it heated."""
+    default) is always timed last, on a GPU whose clocks have sunk as it heated. peers: name ->
+    callable, timed in the same rounds (not checked: each returns its own form) into peer_records;
+    one that raises is reported and left out."""
     for backend, label, env in runs:
         try:
             with dskernels.backend(backend), environment(env):
@@ -369,21 +368,31 @@ def check_and_time(case, runs, inputs, expected, timer, problems, ours, ceilings
         except Exception as e:  # report and go on: one broken backend must not hide the others
             traceback.print_exc()
             problems[label] = f"raised {type(e).__name__}: {e}"
-    timed = [run for run in runs if not (problems[run[1]] or "").startswith("raised")]
-    times, states, raised = {label: [] for _, label, _ in timed}, {label: [] for _, label, _ in timed}, {}
+    timed = [(backend, label, env, lambda: case.run(*inputs)) for backend, label, env in runs
+             if not (problems[label] or "").startswith("raised")]
+    timed += [(None, f"peer:{name}", {}, lambda peer=peer: peer(*inputs)) for name, peer in (peers or {}).items()]
+    times, states, raised = {t[1]: [] for t in timed}, {t[1]: [] for t in timed}, {}
     options = {"iters": ITERS_PER_ROUND} if rounds > 1 else {}
     for order in timing_orders(len(timed), rounds):
-        for backend, label, env in (timed[j] for j in order):
+        for backend, label, env, call in (timed[j] for j in order):
             if label in raised:
                 continue
             state = {}
             try:
-                with dskernels.backend(backend), environment(env):
-                    times[label].append(timer(lambda: case.run(*inputs), telemetry=state, **options))
+                with dskernels.backend(backend) if backend else contextlib.nullcontext(), environment(env):
+                    times[label].append(timer(call, telemetry=state, **options))
                     states[label].append(state)
             except Exception as e:
-                traceback.print_exc()
+                if backend is None:  # a peer that cannot run this shape is reported, not fatal
+                    print(f"{label} failed on {case.op} {shape}: {type(e).__name__}: {e}")
+                else:
+                    traceback.print_exc()
                 raised[label] = f"raised {type(e).__name__} when timed: {e}"
+    for name in peers or {}:
+        label = f"peer:{name}"
+        if label not in raised and times[label]:
+            peer_records[name] = record(case, label, statistics.mean(times[label]), ceilings, meta, None,
+                                        merge_telemetry(states[label]))
     for backend, label, env in runs:
         problem, ms, state = problems[label], float("nan"), {}
         if label in raised:

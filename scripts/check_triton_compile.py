@@ -17,7 +17,7 @@ compile there.
 Covered: the V3 shapes of MLA decode (bf16/fp16/fp8 caches, page sizes on and off the key-block
 grid, causal) and the small heads its GPU tests launch, sparse MLA (V3.2's FP8 cache, bf16,
 prefill), V3.2's indexer logits (prefill, compressed, paged; D = 16 to 128), the three FP8 GEMMs
-with every autotuning candidate (the dense kernel's warp-specialized ones too) and the heuristic tiles, the FP8 casts (per-channel and SwiGLU-fused too), the router, the model layer's RMSNorm, rope, cache write and MoE combine, and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels; fp8_einsum's general batched form on the masked kernel.)
+with every autotuning candidate (the dense kernel's warp-specialized ones too) and the heuristic tiles, the FP8 casts (per-channel and SwiGLU-fused too), the router, batch-invariant mode's float matmul (batched and row-grouped with its tile map), the model layer's RMSNorm, rope, cache write and MoE combine, and the EP row movers. (fp8_gemm_nt's variants: the per-row-scaled, accumulating fp32 one; the K-grouped weight gradient in both layouts; the psum contiguous layout; the bf16 grouped GEMMs on the same kernels; fp8_einsum's general batched form on the masked kernel.)
 
     python scripts/check_triton_compile.py [-v] [--targets 90a,100,89,80] [--cache-dir DIR]
 
@@ -519,6 +519,21 @@ def moe_cases(compiler: Compiler) -> None:
     os.environ.pop("DSKERNELS_ROUTER_TILE")
 
 
+def matmul_cases(compiler: Compiler) -> None:
+    from dskernels.triton import matmul as triton_matmul
+
+    # batch-invariant mode's float matmul: batched (a Linear, einsum's heads) and row-grouped (V3's
+    # 256 float experts; one group), 16-bit tensor-core and IEEE fp32 dots, with c and without
+    for dtype in (torch.bfloat16, torch.float32):
+        compiler.context = f"invariant matmul {dtype}"
+        a, b = _meta(4096, 7168, dtype=dtype), _meta(256, 2048, 7168, dtype=dtype)
+        out = _meta(4096, 2048, dtype=dtype)
+        triton_matmul.matmul_nt(a.unsqueeze(0), b[:1], out.unsqueeze(0))
+        triton_matmul.matmul_nt(a.unsqueeze(0), b[:1], out.unsqueeze(0), out.unsqueeze(0))
+        for groups in (256, 1):
+            triton_matmul.matmul_nt(a, b[:groups], out, ends=_meta(groups, dtype=torch.int32))
+
+
 def layer_cases(compiler: Compiler) -> None:
     from dskernels.triton import layer as triton_layer
 
@@ -687,8 +702,8 @@ def main() -> int:
             multi_processor_count=132)
         JITFunction.run = lambda fn, *a, c=compiler, **kw: c.run(fn, *a, **kw)
         try:
-            for cases in (mla_cases, mla_sparse_cases, indexer_cases, gemm_cases, cast_cases, moe_cases, layer_cases,
-                          ep_cases, *((benchmark_mla_cases,) if args.cache_dir else ())):
+            for cases in (mla_cases, mla_sparse_cases, indexer_cases, gemm_cases, cast_cases, moe_cases, matmul_cases,
+                          layer_cases, ep_cases, *((benchmark_mla_cases,) if args.cache_dir else ())):
                 cases(compiler)
         finally:
             JITFunction.run = original

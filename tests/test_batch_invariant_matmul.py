@@ -192,3 +192,180 @@ def test_gpu_rows_keep_their_bits(dtype):
             dskernels.bf16_gemm_nt(x[17:18], w, row)
             assert torch.equal(row, d[17:18])
             torch.testing.assert_close(d, x.float() @ w.float().T, atol=1e-2, rtol=1e-3)
+
+
+# ---- the row-grouped form (float MoE experts): a tile map on the device, one flat grid axis ----
+
+def _grouped(x, experts, ends, out, c=None):
+    """matmul_nt's row-grouped form into out as given (rows past ends[-1] must stay as they are)."""
+    from dskernels.triton import matmul as triton_matmul
+
+    triton_matmul.matmul_nt(x, experts, out, c, ends=torch.tensor(ends, dtype=torch.int32))
+    return out
+
+
+def _assert_within_fp32_sum(got, x, w, c=None):
+    """got = c + x @ w.T summed in fp32 in any order, rounded once to fp32: within (k + 1) * 2**-24
+    of the sum of |products| (and |c|) per element (the exact sum in float64: 16-bit values widen
+    exactly, their products are exact in float64)."""
+    exact = x.double() @ w.double().T + (0 if c is None else c.double())
+    scale = x.double().abs() @ w.double().abs().T + (0 if c is None else c.double().abs())
+    bound = (x.shape[-1] + 1) * 2.0 ** -24 * scale + 1e-30
+    err = (got.double() - exact).abs()
+    assert bool((err <= bound).all()), f"max error / bound {(err / bound).max().item():.3g}"
+
+
+# (ends, rows in a): tile edges (64, 65, 127 rows), empty groups first / in the middle / last, one
+# group holding every row, rows past ends[-1] (never written)
+GROUPINGS = [
+    ([0, 64, 129, 129, 256], 256),
+    ([1, 1, 128, 200, 200], 203),
+    ([0, 0, 150, 150, 150], 150),
+    ([77], 80),
+    ([5, 6, 7, 8, 9, 10, 11, 12], 12),
+]
+
+
+@pytest.mark.parametrize("ends,m", GROUPINGS)
+@pytest.mark.parametrize("dtype,with_c", [(torch.bfloat16, False), (torch.float32, True)])
+def test_row_groups_against_the_reference(ends, m, dtype, with_c):
+    """Each group's rows are a @ b[g].T (+ c) within fp32 summation; rows past ends[-1] and the
+    buffer's columns past n (NaN) stay as they were."""
+    k, n = 70, 72  # a K tail and a column tail
+    x, experts = poisoned((m, k), dtype, 20), poisoned((len(ends), n, k), dtype, 21)
+    c = poisoned((m, n), torch.float32, 22) if with_c else None
+    out = poisoned((m, n), torch.float32, 23)
+    out.fill_(float("nan"))
+    _grouped(x, experts, ends, out, c)
+    for g, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends)):
+        _assert_within_fp32_sum(out[lo:hi], x[lo:hi], experts[g], None if c is None else c[lo:hi])
+    assert out[ends[-1]:].isnan().all()
+    assert out._base[:, n:].isnan().all()
+
+
+def test_row_groups_never_write_past_the_rows_of_a():
+    """ends past a's M rows are cut at M (no read or write past the operands): the buffer's rows
+    after out's stay NaN. The former grid ran cdiv(M, 64) row tiles from each group's start."""
+    k, n, m = 16, 8, 70
+    x = poisoned((m, k), torch.bfloat16, 24)
+    experts = poisoned((3, n, k), torch.bfloat16, 25)
+    buf = torch.full((m + 100, n), float("nan"))
+    out = _grouped(x, experts, [30, 60, 150], buf[:m])
+    assert buf[m:].isnan().all()
+    for g, (lo, hi) in enumerate([(0, 30), (30, 60), (60, 70)]):
+        _assert_within_fp32_sum(out[lo:hi], x[lo:hi], experts[g])
+
+
+def test_row_group_keeps_its_bits_when_the_others_grow():
+    """A group's rows have the same bits whatever the sizes of the groups before and after it
+    (other tile maps, other M, other grids)."""
+    k, n = 200, 96
+    mine = poisoned((23, k), torch.bfloat16, 26)
+    experts = poisoned((3, n, k), torch.bfloat16, 27)
+    results = []
+    for before, after in [(0, 0), (1, 0), (64, 5), (130, 200)]:
+        x = torch.cat([poisoned((before, k), torch.bfloat16, 28), mine, poisoned((after, k), torch.bfloat16, 29)])
+        ends = [before, before + 23, before + 23 + after]
+        out = _grouped(x, experts, ends, torch.full((x.shape[0], n), float("nan")))
+        results.append(out[before:before + 23])
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+    _assert_within_fp32_sum(results[0], mine, experts[1])
+
+
+def _record_grids(monkeypatch, launch: bool):
+    """The grids of matmul.py's launches (the tile map's and the matmul's), launched or not."""
+    from dskernels.triton import matmul as triton_matmul
+
+    grids, real = [], triton_matmul.fast
+
+    def recording(kernel):
+        class Recorder:
+            def __getitem__(_, grid):
+                grids.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, tuple(grid)))
+                return real(kernel)[grid] if launch else (lambda *args, **kwargs: None)
+        return Recorder()
+
+    monkeypatch.setattr(triton_matmul, "fast", recording)
+    return grids
+
+
+def test_row_grouped_grid_follows_the_rows_not_groups_times_rows(monkeypatch):
+    """256 experts, 300 rows: at most cdiv(M, 64) + one partial tile per group with rows (the host's
+    bound), times the column tiles, not cdiv(M, 64) x column tiles x G (1280 row tiles)."""
+    grids = _record_grids(monkeypatch, launch=True)
+    k, n, m, groups = 8, 96, 300, 256
+    x, experts = poisoned((m, k), torch.float32, 30), poisoned((groups, n, k), torch.float32, 31)
+    sizes = torch.zeros(groups, dtype=torch.int64)
+    singles = [g for g in torch.randperm(groups, generator=torch.Generator().manual_seed(0)).tolist()
+               if g not in (7, 100, 255)][:40]
+    sizes[singles] = 1
+    sizes[7], sizes[100], sizes[255] = 70, 64, m - 70 - 64 - 40  # (the last 126 rows: a partial tile)
+    ends = sizes.cumsum(0).tolist()
+    out = _grouped(x, experts, ends, torch.full((m, n), float("nan")))
+    (_, map_grid), (_, grid) = grids
+    assert map_grid == (1,) and len(grid) == 1
+    assert grid[0] == (m + 63 * min(groups, m)) // 64 * 2 <= (5 + 256) * 2
+    for g, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends)):
+        _assert_within_fp32_sum(out[lo:hi], x[lo:hi], experts[g])
+    assert out[ends[-1]:].isnan().all()
+
+
+def test_row_groups_past_the_grid_dimension_limit():
+    """70000 groups (more than CUDA's 65535 of a grid's y or z: the former limit of this form), a
+    few with rows, the first, a middle and the last among them."""
+    k, n, groups = 4, 8, 70_000
+    x = poisoned((9, k), torch.float32, 32)
+    experts = poisoned((groups, n, k), torch.float32, 33)
+    sizes = torch.zeros(groups, dtype=torch.int64)
+    sizes[0], sizes[40_000], sizes[groups - 1] = 2, 3, 4
+    ends = sizes.cumsum(0).tolist()
+    out = _grouped(x, experts, ends, torch.full((9, n), float("nan")))
+    for g, lo, hi in [(0, 0, 2), (40_000, 2, 5), (groups - 1, 5, 9)]:
+        _assert_within_fp32_sum(out[lo:hi], x[lo:hi], experts[g])
+
+
+def test_column_tiles_past_the_grid_dimension_limit(monkeypatch):
+    """n past 65535 column tiles of 64 (CUDA's limit on grid y, where the column tiles were): row
+    tiles x column tiles on grid axis 0 (2**31 - 1), in both forms; grids checked, not launched."""
+    grids = _record_grids(monkeypatch, launch=False)
+    from dskernels.triton import matmul as triton_matmul
+
+    n, k = 65536 * 64 + 1, 8
+    b = torch.zeros(1, 1, k).expand(1, n, k)  # (no memory)
+    a = torch.zeros(100, k)
+    out = torch.zeros(1, 1).expand(100, n)
+    triton_matmul.matmul_nt(a.unsqueeze(0), b, out.unsqueeze(0))
+    triton_matmul.matmul_nt(a, b, out, ends=torch.tensor([100], dtype=torch.int32))
+    assert [name for name, _ in grids] == ["_matmul_kernel", "_tile_map_kernel", "_matmul_kernel"]
+    assert all(max(grid[1:], default=1) <= 65535 for _, grid in grids), grids
+    assert grids[0][1][0] == 2 * 65537 and grids[2][1][0] == 2 * 65537
+
+
+def test_more_tiles_than_a_grid_holds_are_refused_by_name(monkeypatch):
+    """Past 2**31 - 1 tiles (grid axis 0) a clear error, not a failed launch."""
+    _record_grids(monkeypatch, launch=False)
+    from dskernels.triton import matmul as triton_matmul
+
+    n, m = 2**31, 64 * 65
+    b = torch.zeros(1, 1, 8).expand(1, n, 8)
+    out = torch.zeros(1, 1).expand(m, n)
+    with pytest.raises(ValueError, match=r"a, b: at most 2147483647 tiles"):
+        triton_matmul.matmul_nt(torch.zeros(1, m, 8), b, out.unsqueeze(0))
+
+
+@pytest.mark.gpu
+def test_gpu_row_groups_keep_their_bits():
+    """On a GPU: 256 experts (bf16 tensor-core dots), a group's rows with the same bits alone and
+    beside other groups' rows (other tile maps, grids and M); within fp32 summation of the exact."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    experts = torch.randn(256, 512, 7168, device="cuda", generator=g).bfloat16()
+    x = torch.randn(700, 7168, device="cuda", generator=g).bfloat16()
+    sizes = torch.zeros(256, dtype=torch.int64)
+    sizes[[0, 3, 100, 101, 255]] = torch.tensor([1, 130, 64, 300, 205])
+    ends = sizes.cumsum(0).to(torch.int32).cuda()
+    with dskernels.batch_invariant():
+        full = invariant_mm(x, experts, torch.float32, ends=ends)
+        alone = invariant_mm(x[131:195], experts, torch.float32,
+                             ends=torch.tensor([0] * 100 + [64] * 156, dtype=torch.int32, device="cuda"))
+    assert torch.equal(alone, full[131:195])  # expert 100's rows
+    _assert_within_fp32_sum(full[195:495].cpu(), x[195:495].cpu(), experts[101].cpu())

@@ -185,6 +185,38 @@ def test_model_prefill_flops_match_the_operations_run():
     assert flops == counter.get_total_flops()
 
 
+def test_model_v32_prefill_counts_the_tokens_each_query_selects(monkeypatch):
+    """V3.2's prefill attends, at position p, to min(index_topk, p + 1) tokens (the indexer's -1
+    entries are skipped): bench_model's attention FLOPs follow the lists the layer passes to
+    flash_mla_sparse_fwd, not min(index_topk, tokens / 2) (2048 for a mean of 1536 at 4096 tokens).
+    The count's other terms do not depend on index_topk: a top-1 config takes them out."""
+    import dataclasses
+
+    sys.path.insert(0, ROOT)
+    import dskernels
+    from benchmarks import bench_model
+
+    selected = []
+    sparse_fwd = dskernels.flash_mla_sparse_fwd
+
+    def counting(q, kv, indices, *args, **kwargs):
+        selected.append(int((indices >= 0).sum()))
+        return sparse_fwd(q, kv, indices, *args, **kwargs)
+
+    monkeypatch.setattr(dskernels, "flash_mla_sparse_fwd", counting)
+    layer, _ = bench_model.build("tiny32", 0, "cpu", False)
+    cfg, batch, tokens = layer.cfg, 2, 23
+    assert cfg.index_topk < tokens
+    with torch.no_grad():
+        layer(torch.randn(batch, tokens, cfg.hidden_size), torch.arange(tokens).expand(batch, tokens))
+    assert len(selected) == 1 and selected[0] < batch * tokens * cfg.index_topk
+    top1 = dataclasses.replace(cfg, index_topk=1)
+    flops, top1_flops = (bench_model._flops_bytes(c, 0, batch * tokens, tokens / 2, 0, 4, prefill=True)[0]
+                         for c in (cfg, top1))
+    per_token = 2 * cfg.num_attention_heads * (cfg.kv_cache_dim + cfg.kv_lora_rank)
+    assert flops - top1_flops == pytest.approx(per_token * (selected[0] - batch * tokens), rel=1e-12)
+
+
 def test_model_decode_bytes_count_the_experts_a_batch_touches():
     """bench_model's decode bytes read the routed experts the batch's tokens pick: V3's router
     (python_ref.grouped_topk: 8 of 256 experts, 4 of 8 groups) on random logits touches
@@ -209,6 +241,29 @@ def test_model_decode_bytes_count_the_experts_a_batch_touches():
         attention = weights(0) - 3 * cfg.hidden_size * cfg.intermediate_size  # layer 0: dense, the same attention
         counted = (weights(3) - attention) / expert_bytes - cfg.n_shared_experts
         assert abs(counted - statistics.mean(touched)) < 3, (tokens, counted, statistics.mean(touched))
+
+
+@pytest.mark.parametrize("config", ["tiny", "tiny32"])
+@pytest.mark.parametrize("fp8", [True, False])
+def test_model_decode_bytes_read_each_weight_in_its_dtype(config, fp8):
+    """A decode step's weight bytes are those of the tensors the benchmark's layer reads (built as
+    bench_model.build does on a GPU): W_UK / W_UV absorbed in bf16 instead of kv_b_proj (FP8 in
+    the FP8 layer), the router's gate and V3.2's weights_proj in fp32, one token's 8 experts.
+    Norms and the FP8 block scales (4 bytes per 128 x 128 weights) are left out of both."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_model
+    from dskernels.models import DeepseekV3DecoderLayer
+
+    cfg = bench_model._config(config)
+    layer = DeepseekV3DecoderLayer(cfg, 1, dtype=torch.bfloat16, device="cpu", fp8=False)
+    layer.load_hf_state_dict(bench_model.random_checkpoint(cfg, 1, "cpu", True), fp8=fp8)
+    layer.self_attn.absorb(torch.bfloat16)  # as the first cached call does
+    assert layer.self_attn.w_uk.dtype == torch.bfloat16
+    read = sum(t.nbytes for name, t in layer.named_parameters() if t.dim() >= 2 and "scale" not in name
+               and "kv_b_proj" not in name and "mlp.experts." not in name)
+    read += layer.self_attn.w_uk.nbytes + layer.self_attn.w_uv.nbytes
+    read += cfg.num_experts_per_tok * (layer.mlp.experts.gate_up_proj[0].nbytes + layer.mlp.experts.down_proj[0].nbytes)
+    assert bench_model._flops_bytes(cfg, 1, 1, 4096, 0, 1 if fp8 else 2)[1] == read
 
 
 def _torch_blockwise_layout_check(newer: bool):
@@ -852,6 +907,40 @@ def test_variants_are_timed_in_alternating_rounds():
     assert not failures and len(calls) == 3 * TIMING_ROUNDS
     assert len({ours[label]["ms"] for _, label, _ in runs}) == 1, {label: r["ms"] for label, r in ours.items()}
     assert ours["triton"]["gpu"]["sm_mhz"] == 2000 - len(calls) + 2  # its lowest clock over its rounds
+
+
+@pytest.mark.parametrize("backends", [("triton",), ("triton", "cuda")])
+def test_peers_are_timed_in_the_rounds_of_ours(monkeypatch, backends):
+    """On a GPU a case's peers are timed in the same alternating rounds as our runs (with the CUDA
+    runs where the case has them), the same calls per round: timed once after all of ours, on a
+    clock that sinks as the GPU heats (each call here 1 ms slower than the last), the same work
+    came out slower for the peer and "x peer" above 1."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import run as bench_run
+    from benchmarks.common import Case
+
+    calls = []
+
+    def drifting_timer(fn, telemetry=None, iters=None, **_):
+        fn()
+        calls.append(iters)
+        return float(len(calls))
+
+    monkeypatch.setattr(bench_run.bench, "bench_gpu", drifting_timer)
+    case = Case(op="double", params={"n": 4}, make_inputs=lambda device: (torch.arange(4.0),),
+                run=lambda x: x * 2, reference=lambda x: x * 2,
+                check=lambda got, want: None if torch.equal(got, want) else "differs",
+                flops=0.0, bytes=32.0, peers={"torch": lambda x: x * 2}, backends=backends)
+    records, failures = [], []
+    meta = {"device": "gpu", "git_sha": "-", "torch": "-", "date": "-"}
+    bench_run.run_case(case, "cuda", list(backends), {}, meta, bench_run.Report(), records, failures)
+    assert not failures
+    ms = {r["backend"]: r["ms"] for r in records}
+    assert set(ms) == {*backends, "peer:torch"} and set(calls) == {bench_run.ITERS_PER_ROUND}
+    assert ms["peer:torch"] == ms[backends[-1]]  # timed beside the last group's runs
+    assert next(r for r in records if r["backend"] == backends[-1])["x_peer"] == 1.0
 
 
 def test_perf_table_x_peer_is_against_the_peer_rows_shown(tmp_path, monkeypatch):
