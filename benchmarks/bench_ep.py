@@ -14,6 +14,8 @@ bandwidth is the figure of merit. Bytes are counted as read + written once:
     plus R*M*K int64 ids written. Decode shape: M = 128 tokens per rank (DeepEP's low-latency
     benchmark), the same routing.
 Shapes: DeepEP's settings (4096 tokens, hidden 7168, top-8 of 256 experts, 8 ranks) on CUDA.
+Peers (eager PyTorch) are checked against python_ref before they are timed: exactly, but for the
+combine's, whose sums run in another order (a bf16 rounding apart).
 
 The network part cannot be measured on one GPU, so `main()` prints an analytic model (see
 `traffic_model`): bytes each rank sends for EP8/16/32/64 under DeepEP's routing settings, the time
@@ -121,10 +123,20 @@ def _pack_case(num_tokens, hidden, num_topk, num_experts, num_ranks):
         *segments, src_idx = args
         return torch.cat([s.index_select(0, src_idx) for s in segments], dim=1)
 
+    def peer_check(packed, expected, *args):  # the peer's fields side by side, unpadded: placed, then compared
+        if tuple(packed.shape) != (sends, sum(words)):
+            return f"shape {tuple(packed.shape)}, expected {(sends, sum(words))}"
+        starts = [sum(words[:i]) for i in range(len(words))]
+        for off, start, w in zip(offsets, starts, words):
+            if not torch.equal(packed[:, start: start + w].cpu(), expected[:, off: off + w]):
+                return f"field at word {off} differs from python_ref"
+        return None
+
     return Case(op="ep_pack", params={"T": num_tokens, "H": hidden, "K": num_topk, "E": num_experts,
                                       "R": num_ranks, "S": sends, "row_bytes": row_bytes},
                 make_inputs=make_inputs, run=run, reference=reference, check=check, flops=0.0,
                 bytes=float(num_tokens + sends) * 4 * sum(words), peers={"torch index_select+cat": torch_peer},
+                peer_checks={"torch index_select+cat": peer_check},
                 backends=("ref", "triton"))
 
 
@@ -153,9 +165,22 @@ def _combine_case(num_tokens, hidden, num_topk, num_experts, num_ranks):
         rows = y[idx.clamp(min=0)].float() * (idx >= 0)[..., None]
         return rows.sum(1).to(y.dtype)
 
+    def peer_check(out, expected, y, idx):
+        """torch's sum(1) adds a token's rows in another order than python_ref's (in order, fp32):
+        each fp32 sum is within (R - 1) * 2^-24 * sum|y| of the exact one, and each is rounded to
+        bf16 once (half an ulp: <= 2^-9 relative), so |out - expected| <= 2 * 2^-9 |sum| + 2 (R - 1)
+        2^-24 sum|y|; bounded by 2^-7 |expected| + R * 2^-23 sum|y| (|sum| <= (1 + 2^-8) |expected|)."""
+        if out.shape != expected.shape or out.dtype != expected.dtype:
+            return f"{out.dtype} {tuple(out.shape)}, expected {expected.dtype} {tuple(expected.shape)}"
+        magnitude = (y.float().abs()[idx.clamp(min=0)] * (idx >= 0)[..., None]).sum(1).cpu()
+        err = (out.float().cpu() - expected.float()).abs()
+        off = (err > 2**-7 * expected.float().abs() + idx.shape[1] * 2**-23 * magnitude).sum().item()
+        return None if off == 0 else f"{off} values beyond the bf16 rounding of python_ref's sums"
+
     return Case(op="ep_combine_reduce", params={"T": num_tokens, "H": hidden, "R": num_ranks, "S": sends},
                 make_inputs=make_inputs, run=run, reference=reference, check=_same, flops=0.0,
                 bytes=2.0 * (sends + num_tokens) * hidden, peers={"torch": torch_peer},
+                peer_checks={"torch": peer_check},
                 backends=("ref", "triton"))
 
 

@@ -14,6 +14,10 @@ timed and counted (16 * m * n per group with the kernel's own read and write).
 DeepGEMM's bf16 grouped GEMMs (compute_dtype bf16): 2 bytes per operand and output element (valid
 rows only for the masked one), fp32 gradients for the K-grouped one; peers torch._grouped_mm
 (CUTLASS, sm90+) and a bf16 bmm.
+
+Peers reading our operands are checked against python_ref before they are timed (the case's bound;
+the weight-gradient case's _scaled_mm peer leaves out c: compared with expected - c); the bf16
+torch.mm/bmm peers of the FP8 cases run on random operands and are declared unchecked.
 """
 
 from __future__ import annotations
@@ -166,6 +170,36 @@ def _grouped_scaled_mm_peer(rows):
     return run
 
 
+# Peers of the GEMM cases, checked against the oracle before they are timed (benchmarks/common.py):
+# torch._scaled_mm reads our FP8 operands and scales, accumulates in fp32 and rounds to bf16 once,
+# as ours does, so the case's own bound holds (_check: calc_diff <= 2^-15); the bf16 peers that
+# read our bf16 operands likewise (fp32 sums rounded to bf16 once). The bf16 torch.mm/bmm peers of
+# the FP8 cases run on random bf16 operands of the same shapes (the non-FP8 baseline's time, not
+# our numbers): nothing to compare.
+RANDOM_OPERANDS = "random bf16 operands of the same shapes (a timing baseline): no answer to compare"
+
+
+def _grouped_as_output(rows):
+    """check(peer_output, expected, *inputs) for _grouped_scaled_mm_peer(rows): its per-group outputs
+    placed where the case's output keeps those rows (NaN elsewhere, as expected's unspecified rows:
+    a row the peer did not compute then fails the check), then the case's check."""
+    used = [(at, count) for at, count in rows if count]
+
+    def check(parts, expected, *inputs):
+        if len(parts) != len(used):
+            return f"{len(parts)} group outputs, expected {len(used)}"
+        placed = torch.full(expected.shape, float("nan"), dtype=torch.bfloat16, device=expected.device)
+        for (at, count), part in zip(used, parts):
+            if tuple(part.shape) != (count, expected.shape[-1]):
+                return f"group output shape {tuple(part.shape)}, expected {(count, expected.shape[-1])}"
+            if expected.dim() == 3:
+                placed[at, :count] = part
+            else:
+                placed[at:at + count] = part
+        return _check(placed, expected)  # (a specified row left NaN: calc_diff NaN, which fails)
+    return check
+
+
 def _device_of(inputs) -> torch.device:
     """The device of a case's first tensor input: where its bf16 peers put their operands."""
     return next(t.device for t in inputs if isinstance(t, torch.Tensor))
@@ -208,9 +242,7 @@ def _dense_case(m, n, k, device):
         dskernels.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)
         return out
 
-    peers = {}
-    if device == "cuda":
-        peers = {"torch._scaled_mm": _scaled_mm_peer(), "torch.mm bf16": _bf16_mm_peer((m, k), (k, n))}
+    peers = {"torch._scaled_mm": _scaled_mm_peer(), "torch.mm bf16": _bf16_mm_peer((m, k), (k, n))}
     # Decode sizes also replayed from a CUDA graph: at m = 64 the H200 run timed Triton's split-K
     # call at 150 us for ~20 us of bytes, the host's share by the look of it (common.GRAPH_VARIANTS).
     graph = GRAPH_VARIANTS if m <= 128 else {}
@@ -223,7 +255,8 @@ def _dense_case(m, n, k, device):
     return Case(op="gemm_fp8_fp8_bf16_nt", params={"m": m, "n": n, "k": k}, make_inputs=make_inputs,
                 run=graph_or_eager(step),
                 reference=lambda a, sa, b, sb, out: ref.gemm_fp8_fp8_bf16_nt(a, sa, b, sb), check=_check,
-                flops=2 * m * n * k, bytes=_bytes(m, n, k), peers=peers, backends=("ref", "triton", "cuda"),
+                flops=2 * m * n * k, bytes=_bytes(m, n, k), peers=peers,
+                peer_checks={"torch.mm bf16": RANDOM_OPERANDS}, backends=("ref", "triton", "cuda"),
                 compute_dtype="fp8", triton_variants={**graph, **tma_ws, **INVARIANT_VARIANT},
                 cuda_variants={**_dense_variants(m), **graph, **INVARIANT_VARIANT})
 
@@ -241,13 +274,18 @@ def _weight_gradient_case(m, n, k, device):
         dskernels.fp8_gemm_nt((a, sa), (b, sb), out, c=c)
         return out
 
-    peers = {}
-    if device == "cuda":
-        peers = {"torch._scaled_mm": _scaled_mm_peer(), "torch.mm bf16": _bf16_mm_peer((m, k), (k, n))}
+    peers = {"torch._scaled_mm": _scaled_mm_peer(), "torch.mm bf16": _bf16_mm_peer((m, k), (k, n))}
+
+    def product_check(product, expected, a, sa, b, sb, out, c):
+        """The _scaled_mm peer gives a @ b.T in bf16 without adding c (less than ours does: no fp32
+        accumulate into c): compared with expected - c, a bf16 rounding of fp32 sums as _check bounds."""
+        return _check(product, expected - c.to(expected.device))
+
     scale_bytes = 4 * (m + n) * k // 128
     return Case(op="fp8_gemm_nt", params={"m": m, "n": n, "k": k, "variant": "wgrad"}, make_inputs=make_inputs,
                 run=run, reference=lambda a, sa, b, sb, out, c: ref.fp8_gemm_nt(a, sa, b, sb, torch.float32, c),
                 check=_check, flops=2 * m * n * k, bytes=m * k + n * k + scale_bytes + 8 * m * n, peers=peers,
+                peer_checks={"torch._scaled_mm": product_check, "torch.mm bf16": RANDOM_OPERANDS},
                 backends=("ref", "triton"), compute_dtype="fp8")
 
 
@@ -283,13 +321,12 @@ def _k_grouped_case(groups, k_per_group, m, n, device, layout="nt"):
     def reference(a, sa, b, sb, start, out):
         return ref.k_grouped_fp8_gemm(a, sa, b, sb, batch_sizes, k_major=layout == "nt", c=start)
 
-    peers = {"torch.bmm bf16": _bf16_mm_peer((groups, m, k_per_group), (groups, k_per_group, n), batched=True)} \
-        if device == "cuda" else {}
+    peers = {"torch.bmm bf16": _bf16_mm_peer((groups, m, k_per_group), (groups, k_per_group, n), batched=True)}
     op = "k_grouped_fp8_gemm_tn_contiguous" if layout == "tn" else "k_grouped_wgrad_gemm_fp8_fp8_fp32_nt"
     return Case(op=op, params={"groups": groups, "k_per_group": k_per_group, "m": m, "n": n},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * m * n * tokens,
                 bytes=(m + n) * tokens + 4 * (m + n) * tokens // 128 + 16 * groups * m * n, peers=peers,
-                backends=("ref", "triton"), compute_dtype="fp8")
+                peer_checks={"torch.bmm bf16": RANDOM_OPERANDS}, backends=("ref", "triton"), compute_dtype="fp8")
 
 
 def _contiguous_case(groups, m_per_group, n, k, device):
@@ -310,15 +347,14 @@ def _contiguous_case(groups, m_per_group, n, k, device):
         expected[m_indices < 0] = float("nan")
         return expected
 
-    peers = {}
-    if device == "cuda":
-        peers = {"torch._scaled_mm": _grouped_scaled_mm_peer([(g * m_per_group, m_per_group) for g in range(groups)]),
-                 "torch.mm bf16": _bf16_mm_peer((m, k), (k, n))}
+    rows = [(g * m_per_group, m_per_group) for g in range(groups)]
+    peers = {"torch._scaled_mm": _grouped_scaled_mm_peer(rows), "torch.mm bf16": _bf16_mm_peer((m, k), (k, n))}
+    peer_checks = {"torch._scaled_mm": _grouped_as_output(rows), "torch.mm bf16": RANDOM_OPERANDS}
     return Case(op="m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
                 params={"groups": groups, "m_per_group": m_per_group, "n": n, "k": k},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * m * n * k,
-                bytes=_bytes(m, n, k, groups), peers=peers, backends=("ref", "triton", "cuda"), compute_dtype="fp8",
-                cuda_variants=GROUPED_CONFIG_VARIANTS)
+                bytes=_bytes(m, n, k, groups), peers=peers, peer_checks=peer_checks, backends=("ref", "triton", "cuda"),
+                compute_dtype="fp8", cuda_variants=GROUPED_CONFIG_VARIANTS)
 
 
 def _routed_case(tokens, n, k, device, experts=256, topk=8):
@@ -360,13 +396,12 @@ def _routed_case(tokens, n, k, device, experts=256, topk=8):
                     a[rows], sa[rows], b[e:e + 1], sb[e:e + 1], m_indices[rows] - e)
         return expected
 
-    peers = {}
-    if device == "cuda":
-        peers = {"torch._scaled_mm": _grouped_scaled_mm_peer(list(zip(firsts, counts)))}
+    peers = {"torch._scaled_mm": _grouped_scaled_mm_peer(list(zip(firsts, counts)))}
     return Case(op="m_grouped_gemm_fp8_fp8_bf16_nt_contiguous",
                 params={"routing": "decode", "tokens": tokens, "experts": experts, "topk": topk, "n": n, "k": k},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * m * n * k,
                 bytes=_bytes(m, n, k, used), peers=peers,
+                peer_checks={"torch._scaled_mm": _grouped_as_output(list(zip(firsts, counts)))},
                 backends=("ref", "triton", "cuda") if device == "cpu" else ("triton", "cuda"), compute_dtype="fp8",
                 cuda_variants=GROUPED_CONFIG_VARIANTS)
 
@@ -393,15 +428,17 @@ def _masked_case(groups, expected_m, n, k, device, m_max):
             expected[g, rows:] = float("nan")
         return expected
 
-    peers = {}
-    if device == "cuda":  # each group's valid rows, as ours computes (not expected_m of every group)
-        peers = {"torch._scaled_mm": _grouped_scaled_mm_peer(list(enumerate(counts))),
-                 "torch.mm bf16": _bf16_groups_peer(counts, n, k)}
+    # each group's valid rows, as ours computes (not expected_m of every group)
+    peers = {"torch._scaled_mm": _grouped_scaled_mm_peer(list(enumerate(counts))),
+             "torch.mm bf16": _bf16_groups_peer(counts, n, k)}
+    peer_checks = {"torch._scaled_mm": _grouped_as_output(list(enumerate(counts))),
+                   "torch.mm bf16": RANDOM_OPERANDS}
     return Case(op="m_grouped_gemm_fp8_fp8_bf16_nt_masked",
                 params={"groups": groups, "expected_m": expected_m, "m_max": m_max, "n": n, "k": k},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * valid * n * k,
-                bytes=_bytes(valid, n, k, groups), peers=peers, backends=("ref", "triton", "cuda"), compute_dtype="fp8",
-                triton_variants=INVARIANT_VARIANT, cuda_variants={**GROUPED_CONFIG_VARIANTS, **INVARIANT_VARIANT})
+                bytes=_bytes(valid, n, k, groups), peers=peers, peer_checks=peer_checks,
+                backends=("ref", "triton", "cuda"), compute_dtype="fp8", triton_variants=INVARIANT_VARIANT,
+                cuda_variants={**GROUPED_CONFIG_VARIANTS, **INVARIANT_VARIANT})
 
 
 def _fp8_einsum_case(expr, batch, heads, device, latent=512, head_dim=128):
@@ -426,15 +463,14 @@ def _fp8_einsum_case(expr, batch, heads, device, latent=512, head_dim=128):
         dskernels.fp8_einsum(expr, (a, sa), (w, sw), out)
         return out
 
-    peers = {}
-    if device == "cuda":
-        peers = {"torch.bmm bf16": _bf16_mm_peer((heads, batch, k), (heads, k, n), batched=True)}
+    peers = {"torch.bmm bf16": _bf16_mm_peer((heads, batch, k), (heads, k, n), batched=True)}
     scale_bytes = 4 * (batch * heads * k // 128 + heads * -(-head_dim // 128) * -(-latent // 128))
     return Case(op="fp8_einsum", params={"expr": expr, "b": batch, "h": heads, "k": k, "n": n}, make_inputs=make_inputs,
                 run=run, reference=lambda a, sa, w, sw, out: ref.fp8_einsum(expr, a, sa, w, sw, torch.bfloat16),
                 check=_check, flops=2 * batch * heads * k * n,
                 bytes=batch * heads * k + heads * head_dim * latent + 2 * batch * heads * n + scale_bytes,
-                peers=peers, backends=("ref", "triton", "cuda"), compute_dtype="fp8")
+                peers=peers, peer_checks={"torch.bmm bf16": RANDOM_OPERANDS}, backends=("ref", "triton", "cuda"),
+                compute_dtype="fp8")
 
 
 def _grouped_mm_peer(how):
@@ -471,18 +507,18 @@ def _bf16_contiguous_case(groups, m_per_group, n, k, device, psum=False):
         expected[owner < 0] = float("nan")  # rows of no group: unspecified
         return expected
 
-    peers = {}
-    if device == "cuda":
-        def grouped_mm_operands(a, b, d, layout):  # gaps count as rows of the group before them
-            offs = torch.arange(1, groups + 1, device=a.device, dtype=torch.int32) * stride
-            return a, b.transpose(1, 2), offs
-        peers = {"torch._grouped_mm": _grouped_mm_peer(grouped_mm_operands),
-                 "torch.mm bf16": _bf16_mm_peer((m, k), (k, n))}
+    def grouped_mm_operands(a, b, d, layout):  # gaps count as rows of the group before them
+        offs = torch.arange(1, groups + 1, device=a.device, dtype=torch.int32) * stride
+        return a, b.transpose(1, 2), offs
+    # (torch._grouped_mm: our operands, fp32 sums rounded to bf16 once; the gap rows it also
+    # computes are unspecified in expected: _check leaves them out)
+    peers = {"torch._grouped_mm": _grouped_mm_peer(grouped_mm_operands), "torch.mm bf16": _bf16_mm_peer((m, k), (k, n))}
     return Case(op="m_grouped_bf16_gemm_nt_contiguous",
                 params={"groups": groups, "m_per_group": m_per_group, "n": n, "k": k, "psum": psum},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check,
                 flops=2 * groups * m_per_group * n * k,
-                bytes=2 * (groups * m_per_group * (k + n) + groups * n * k), peers=peers, backends=("ref", "triton"))
+                bytes=2 * (groups * m_per_group * (k + n) + groups * n * k), peers=peers,
+                peer_checks={"torch.mm bf16": RANDOM_OPERANDS}, backends=("ref", "triton"))
 
 
 def _bf16_masked_case(groups, expected_m, n, k, device, m_max):
@@ -506,15 +542,16 @@ def _bf16_masked_case(groups, expected_m, n, k, device, m_max):
             expected[g, rows:] = float("nan")
         return expected
 
-    peers = {}
-    if device == "cuda":  # a batched matmul over every row: what the model's float path did; and the
-        # valid rows' own work, group by group (not expected_m rows per group: the draw has 908 of 1024)
-        peers = {"torch.bmm bf16 (all rows)": lambda a, b, d, masked_m: torch.bmm(a, b.transpose(1, 2)),
-                 "torch.mm bf16": _bf16_groups_peer(counts, n, k)}
+    # a batched matmul over every row: what the model's float path did (its valid rows checked: the
+    # rest are unspecified in expected); and the valid rows' own work, group by group (not
+    # expected_m rows per group: the draw has 908 of 1024), on random operands
+    peers = {"torch.bmm bf16 (all rows)": lambda a, b, d, masked_m: torch.bmm(a, b.transpose(1, 2)),
+             "torch.mm bf16": _bf16_groups_peer(counts, n, k)}
     return Case(op="m_grouped_bf16_gemm_nt_masked",
                 params={"groups": groups, "expected_m": expected_m, "m_max": m_max, "n": n, "k": k},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * valid * n * k,
-                bytes=2 * (valid * k + groups * n * k + valid * n), peers=peers, backends=("ref", "triton"))
+                bytes=2 * (valid * k + groups * n * k + valid * n), peers=peers,
+                peer_checks={"torch.mm bf16": RANDOM_OPERANDS}, backends=("ref", "triton"))
 
 
 def _bf16_k_grouped_case(groups, k_per_group, m, n, device):
@@ -532,9 +569,8 @@ def _bf16_k_grouped_case(groups, k_per_group, m, n, device):
         dskernels.k_grouped_bf16_gemm_tn_contiguous(a, b, d, ks, ks_tensor)
         return d
 
-    peers = {}
-    if device == "cuda":
-        peers = {"torch._grouped_mm": _grouped_mm_peer(lambda a, b, d, ks_tensor, ends: (a.T, b, ends))}
+    # (bf16 out of fp32 sums against python_ref's fp32: within _check's bound, a rounding of one side)
+    peers = {"torch._grouped_mm": _grouped_mm_peer(lambda a, b, d, ks_tensor, ends: (a.T, b, ends))}
     return Case(op="k_grouped_bf16_gemm_tn_contiguous", params={"groups": groups, "k_per_group": k_per_group,
                                                                 "m": m, "n": n},
                 make_inputs=make_inputs, run=run, reference=lambda a, b, d, *_: ref.k_grouped_bf16_gemm(a, b, ks),

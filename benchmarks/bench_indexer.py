@@ -8,6 +8,7 @@ pairs a query sees:
                           bytes = q + weights + context_lens + sum(lens) * (D + 4) + 4 * sum(lens) /
                                   page_size (the block table) + 4 * sum(lens) * next_n (logits)
 Peer: PyTorch widens the fp8 operands to bf16, one einsum over all heads, relu, weights, sum.
+Checked against python_ref before it is timed (_peer_check): its bf16 einsum rounds each score.
 """
 
 from __future__ import annotations
@@ -35,9 +36,33 @@ def _check(out, expected):
     return None if diff < 1e-5 else f"calc_diff {diff:.3g} >= 1e-5"
 
 
-def torch_mqa(q, kv, weights, ks, ke):
+def _peer_check(relative):
+    """check(peer_output, expected, *inputs) for a torch peer whose bf16 einsum rounds each score
+    (and, relative = 2^-7, whose keys are also rounded to bf16 first): score h of a logit moves by at
+    most 2^-9 * sum_d |q_hd k_d| per rounding, so the logit by relative * sum_h |w_h| sum_d |q_hd k_d|
+    (the peer's own math on |q|, |k|, |w| in fp32: magnitude=True), the bound doubled for the fp32
+    sums' order; -inf (unseen keys) in the same places."""
+    def check(out, expected, *inputs):
+        peer = torch_mqa if len(inputs) == 5 else torch_paged
+        if out.shape != expected.shape:
+            return f"shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
+        out, expected = out.float(), expected.float().to(out.device)
+        unseen = expected.isneginf()
+        if not torch.equal(out.isneginf(), unseen):
+            return "-inf (unseen keys) in different places than python_ref"
+        bound = relative * peer(*inputs, magnitude=True).masked_fill(unseen, 0.0)
+        off = ((out - expected).masked_fill(unseen, 0.0).abs() > bound).sum().item()
+        return None if off == 0 else f"{off} logits beyond the bf16 scores' rounding of python_ref's"
+    return check
+
+
+def torch_mqa(q, kv, weights, ks, ke, magnitude=False):
+    """magnitude: sum_h |w_h| * k_scale * sum_d |q_hd k_d| in fp32 instead (the check's bound)."""
     k, k_scale = kv
-    scores = torch.einsum("mhd,nd->mhn", q.to(torch.bfloat16), k.to(torch.bfloat16)).float() * k_scale
+    dtype = torch.float32 if magnitude else torch.bfloat16
+    if magnitude:
+        q, k, weights = q.float().abs(), k.float().abs(), weights.abs()
+    scores = torch.einsum("mhd,nd->mhn", q.to(dtype), k.to(dtype)).float() * k_scale
     logits = (scores.relu_() * weights[..., None]).sum(dim=1)
     cols = torch.arange(k.shape[0], device=q.device)
     return logits.masked_fill((cols < ks[:, None]) | (cols >= ke[:, None]), -math.inf)
@@ -70,15 +95,20 @@ def _mqa_case(m, n, heads, dim, seed=0):
 
     return Case(op="fp8_mqa_logits", params={"m": m, "n": n, "h": heads, "d": dim}, make_inputs=make_inputs,
                 run=run, reference=reference, check=_check, flops=flops, bytes=moved, peers={"torch": torch_mqa},
+                peer_checks={"torch": _peer_check(2**-8)},
                 backends=("ref", "triton"), compute_dtype="fp8")
 
 
-def torch_paged(q, kv_cache, weights, context_lens, block_table, max_len):
+def torch_paged(q, kv_cache, weights, context_lens, block_table, max_len, magnitude=False):
+    """magnitude: as torch_mqa's (the check's bound)."""
     b, next_n, heads, dim = q.shape
     page_size = kv_cache.shape[1]
     pages = block_table[:, : -(-max_len // page_size)].long().clamp(0, kv_cache.shape[0] - 1)
     keys = ref.paged_k_cache_dequantize(kv_cache, dim)[pages].reshape(b, -1, dim)[:, :max_len]
-    scores = torch.einsum("bjhd,btd->bjht", q.to(torch.bfloat16), keys.to(torch.bfloat16)).float()
+    dtype = torch.float32 if magnitude else torch.bfloat16
+    if magnitude:
+        q, keys, weights = q.float().abs(), keys.float().abs(), weights.abs()
+    scores = torch.einsum("bjhd,btd->bjht", q.to(dtype), keys.to(dtype)).float()
     logits = (scores.relu_() * weights.reshape(b, next_n, heads, 1)).sum(dim=2)
     limit = context_lens[:, None] - next_n + 1 + torch.arange(next_n, device=q.device)
     logits = logits.masked_fill(torch.arange(keys.shape[1], device=q.device) >= limit[..., None], -math.inf)
@@ -118,7 +148,8 @@ def _paged_case(b, next_n, heads, dim, avg_len, page_size, seed=0):
 
     params = {"b": b, "next_n": next_n, "h": heads, "d": dim, "avg_len": avg_len, "page": page_size}
     return Case(op="fp8_paged_mqa_logits", params=params, make_inputs=make_inputs, run=run, reference=reference,
-                check=_check, flops=flops, bytes=moved, peers={"torch": torch_paged}, backends=("ref", "triton"),
+                check=_check, flops=flops, bytes=moved, peers={"torch": torch_paged},
+                peer_checks={"torch": _peer_check(2**-7)}, backends=("ref", "triton"),
                 compute_dtype="fp8")
 
 

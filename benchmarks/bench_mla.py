@@ -11,7 +11,9 @@ region (as FlashMLA does).
 Peer: a batched PyTorch decode (gather every page of the block table, masked softmax in fp32, two
 bf16 matmuls), not the per-sequence oracle. With variable lengths it pads every sequence to the
 longest, as a batched PyTorch decode must (about 2x the keys of sum(lengths) in FlashMLA's varlen
-draw): its "x peer" there includes that padding, which ours never reads.
+draw): its "x peer" there includes that padding, which ours never reads. The peers are checked
+against python_ref before they are timed, within bounds that follow from their bf16 scores
+(_attend_bounds).
 
 Sparse MLA (DeepSeek-V3.2; flash_mla_sparse_decode / flash_mla_sparse_fwd), counted per listed
 entry, with rows = b * s_q (decode) or s_q (prefill):
@@ -81,8 +83,75 @@ MLA_TRITON_VARIANTS = {name: {"DSKERNELS_MLA_TRITON_TILE": tile} for name, tile 
                        [("keys32", "0,32,8,5"), ("keys64_one_buffer", "0,64,8,2"), ("keys64_16_warps", "0,64,16,5")]}
 
 
-def torch_batched_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, causal=False, k_scale=None):
-    """The plain PyTorch way: pad every sequence to the block table's width."""
+def _attend(queries, keys, hidden, scale, dv, keys_rounded=False):
+    """The peers' attention: scores of bf16 matmuls (rounded to bf16), masked softmax in fp32, P
+    rounded to bf16, times V (keys[..., :dv]). queries [..., rows, d], keys [..., L, d], hidden:
+    broadcast to the scores [..., rows, L], True where a key is not seen. -> (out, lse; +inf where
+    no key is seen). keys_rounded: for _attend_bounds (keys dequantized and rounded to bf16)."""
+    scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(hidden, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num_(0.0)
+    out = torch.matmul(probs.to(queries.dtype), keys[..., :dv])
+    return out, lse.masked_fill(lse == -math.inf, math.inf)
+
+
+def _attend_bounds(queries, keys, hidden, scale, dv, keys_rounded=False):
+    """How far _attend's answer may be from the exact one, per output element and per lse, in the
+    shapes _attend returns. Score j, summed in fp32 (error <= d 2^-24 A_j, A_j = sum_d |q_d k_jd|)
+    and rounded to bf16 (<= 2^-9 |s_j|), moves by at most delta_j = scale * (2^-9 |s_j| + d 2^-23
+    A_j) (the fp32 term doubled: second-order and margin). keys_rounded (keys given in fp32, which
+    the peer rounds to bf16 first): plus the exact change that rounding makes, |q . (bf16(k_j) -
+    k_j)|, times 1 + 2^-8 (its share of the score's own rounding). So lse moves by at most D =
+    max_j delta_j over the seen keys, each p_j by a factor within e^(+-2D), and out by
+    (e^(2D) - 1) sum_j p_j |v_j|, plus P's bf16 rounding and a rounded V's (2^-9 sum_j p_j |v_j|
+    each: 2^-7 here, with margin). In fp32 from the same gathered operands, a few rows of the
+    leading dimension at a time (fp32 scores of a whole V3 batch at 32K keys take GBs each)."""
+    hidden = hidden.expand(*queries.shape[:-1], keys.shape[-2])
+    step = max(1, 2**27 // max(1, hidden[0].numel()))
+    parts = [_attend_bounds_rows(queries[i:i + step], keys[i:i + step], hidden[i:i + step], scale, dv, keys_rounded)
+             for i in range(0, queries.shape[0], step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _attend_bounds_rows(queries, keys, hidden, scale, dv, keys_rounded):
+    q32, k32 = queries.float(), keys.float()
+    exact = q32 @ k32.transpose(-1, -2)
+    magnitude = q32.abs() @ k32.abs().transpose(-1, -2)
+    delta = 2**-9 * exact.abs() + q32.shape[-1] * 2**-23 * magnitude
+    if keys_rounded:
+        delta += (q32 @ (k32.to(torch.bfloat16).float() - k32).transpose(-1, -2)).abs() * (1 + 2**-8)
+    delta = (scale * delta).masked_fill(hidden, 0.0).amax(-1)
+    probs = torch.softmax((exact * scale).masked_fill(hidden, -math.inf), dim=-1).nan_to_num_(0.0)
+    spread = probs @ k32[..., :dv].abs()
+    return (torch.expm1(2 * delta)[..., None] + 2**-7) * spread, delta
+
+
+def _peer_check(peer):
+    """check(peer_output, expected, *inputs) for a peer built on _attend: lse within the case's 1e-3
+    plus its score rounding's bound, out within a bf16 rounding of python_ref's (2^-7 relative) plus
+    its bound (_attend_bounds), +inf lse (no key seen) in the same places."""
+    def check(outputs, expected, *inputs):
+        out, lse = (t.float().cpu() for t in outputs)
+        ref_out, ref_lse = (t.float().cpu() for t in expected)
+        if out.shape != ref_out.shape or lse.shape != ref_lse.shape:
+            return (f"shape {tuple(out.shape)}/{tuple(lse.shape)}, expected "
+                    f"{tuple(ref_out.shape)}/{tuple(ref_lse.shape)}")
+        out_bound, lse_bound = (t.cpu() for t in peer(*inputs, attend=_attend_bounds))
+        if not torch.equal(lse.isinf(), ref_lse.isinf()):
+            return "lse: +inf (no visible key) in different places than python_ref"
+        finite = ref_lse.isfinite()
+        if not torch.all((lse - ref_lse).abs()[finite] <= 1e-3 + lse_bound[finite]):
+            return "lse: beyond its bf16 scores' bound of python_ref's"
+        off = ((out - ref_out).abs() > 2**-7 * ref_out.abs() + out_bound).sum().item()
+        return None if off == 0 else f"out: {off} values beyond their bf16 bound of python_ref's"
+    return check
+
+
+def torch_batched_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, causal=False, k_scale=None,
+                         attend=_attend):
+    """The plain PyTorch way: pad every sequence to the block table's width. attend: _attend, or
+    _attend_bounds for its check."""
     b, s_q, h_q, d = q.shape
     num_pages, page_size, h_kv, _ = k_cache.shape
     group = h_q // h_kv
@@ -91,17 +160,13 @@ def torch_batched_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, cau
     if k_cache.dtype == FP8:
         keys = (keys.float() * k_scale).to(q.dtype)
     queries = q.reshape(b, s_q, h_kv, group, d).permute(0, 2, 1, 3, 4).reshape(b, h_kv, s_q * group, d)
-    scores = torch.matmul(queries, keys.transpose(2, 3)).float() * d ** -0.5  # [b, h_kv, s_q*group, L]
     t = torch.arange(keys.shape[2], device=q.device)
     j = torch.arange(s_q, device=q.device).repeat_interleave(group)
     limit = cache_seqlens[:, None].long() - (s_q - 1 - j[None, :] if causal else 0)  # [b, s_q*group]
-    scores = scores.masked_fill(t[None, None, None, :] >= limit[:, None, :, None], -math.inf)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None]).nan_to_num_(0.0)
-    out = torch.matmul(probs.to(q.dtype), keys[..., :head_dim_v])      # [b, h_kv, s_q*group, dv]
+    hidden = t[None, None, None, :] >= limit[:, None, :, None]
+    out, lse = attend(queries, keys, hidden, d ** -0.5, head_dim_v)    # [b, h_kv, s_q*group, dv], [.., s_q*group]
     out = out.reshape(b, h_kv, s_q, group, head_dim_v).permute(0, 2, 1, 3, 4).reshape(b, s_q, h_q, head_dim_v)
-    lse = lse.reshape(b, h_kv, s_q, group).permute(0, 1, 3, 2).reshape(b, h_q, s_q)
-    return out, lse.masked_fill(lse == -math.inf, math.inf)
+    return out, lse.reshape(b, h_kv, s_q, group).permute(0, 1, 3, 2).reshape(b, h_q, s_q)
 
 
 def _check(outputs, expected):
@@ -193,26 +258,25 @@ def _case(b, s_q, h_q, h_kv, d, dv, seqlen, varlen, page_size, cache_dtype, caus
     knobs = sorted({name for env in (*cuda_variants.values(), *triton_variants.values()) for name in env})
     return Case(op="flash_mla_with_kvcache", params=params, make_inputs=make_inputs, run=run,
                 reference=reference, check=_check, flops=flops, bytes=moved,
-                peers={"torch": torch_batched_decode},
+                peers={"torch": torch_batched_decode}, peer_checks={"torch": _peer_check(torch_batched_decode)},
                 backends=("ref", "triton", "cuda") if (d, dv) == (576, 512) else ("ref", "triton"),
                 cuda_variants=cuda_variants, triton_variants=triton_variants)
 
 
-def torch_sparse(q, kv, indices, sm_scale, dv, fp8):
+def torch_sparse(q, kv, indices, sm_scale, dv, fp8, attend=_attend):
     """The plain PyTorch way: gather every listed row (q [R, h_q, d], kv [S, h_kv, width],
-    indices [R, h_kv, topk]), dequantize, masked softmax in fp32, two bf16 matmuls."""
+    indices [R, h_kv, topk]), dequantize, masked softmax in fp32, two bf16 matmuls (attend: as
+    torch_batched_decode's)."""
     rows, h_q, d = q.shape
     num_slots, h_kv, _ = kv.shape
     valid = (indices >= 0) & (indices < num_slots)
     rows_kv = kv[indices.long().clamp(0, max(num_slots - 1, 0)), torch.arange(h_kv, device=q.device)[None, :, None]]
-    keys = (python_ref.mla_sparse.dequantize_sparse_kv_cache(rows_kv) if fp8 else rows_kv).to(q.dtype)
+    keys = python_ref.mla_sparse.dequantize_sparse_kv_cache(rows_kv) if fp8 else rows_kv
+    if attend is _attend or not fp8:  # (the bounds read the fp32 keys the peer rounds to bf16)
+        keys = keys.to(q.dtype)
     queries = q.reshape(rows, h_kv, h_q // h_kv, d)
-    scores = torch.matmul(queries, keys.transpose(2, 3)).float() * sm_scale           # [R, h_kv, group, topk]
-    scores = scores.masked_fill(~valid[:, :, None, :], -math.inf)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None]).nan_to_num_(0.0)
-    out = torch.matmul(probs.to(q.dtype), keys[..., :dv]).reshape(rows, h_q, dv)
-    return out, lse.reshape(rows, h_q).masked_fill(lse.reshape(rows, h_q) == -math.inf, math.inf)
+    out, lse = attend(queries, keys, ~valid[:, :, None, :], sm_scale, dv, keys_rounded=fp8)  # [R, h_kv, group, ..]
+    return out.reshape(rows, h_q, dv), lse.reshape(rows, h_q)
 
 
 def _sparse_lists(rows, h_kv, topk, num_slots, gen):
@@ -248,16 +312,18 @@ def _sparse_decode_case(b, s_q, h_q, topk, seqlen, fp8, d=576, dv=512, page_size
     def reference(q, k_cache, indices, dv, fp8):
         return python_ref.mla_sparse.flash_mla_sparse_decode(q, k_cache, indices, dv, None, fp8)
 
-    def peer(q, k_cache, indices, dv, fp8):
+    def peer(q, k_cache, indices, dv, fp8, attend=_attend):
         flat = k_cache.reshape(-1, 1, k_cache.shape[-1])
-        out, lse = torch_sparse(q.reshape(rows, h_q, d), flat, indices.reshape(rows, 1, topk), d ** -0.5, dv, fp8)
+        out, lse = torch_sparse(q.reshape(rows, h_q, d), flat, indices.reshape(rows, 1, topk), d ** -0.5, dv, fp8,
+                                attend)
         return out.reshape(b, s_q, h_q, dv), lse.reshape(b, s_q, h_q).transpose(1, 2)
 
     params = {"b": b, "s_q": s_q, "h_q": h_q, "h_kv": 1, "d": d, "dv": dv, "topk": topk, "seqlen": seqlen,
               "page": page_size, "cache": "fp8_v32" if fp8 else "bfloat16"}
     return Case(op="flash_mla_sparse_decode", params=params, make_inputs=make_inputs, run=run,
                 reference=reference, check=_check, flops=flops, bytes=moved, peers={"torch": peer},
-                backends=("ref", "triton"), triton_variants=_sparse_variants(d) | SPARSE_INVARIANT_VARIANT)
+                peer_checks={"torch": _peer_check(peer)}, backends=("ref", "triton"),
+                triton_variants=_sparse_variants(d) | SPARSE_INVARIANT_VARIANT)
 
 
 def _sparse_prefill_case(s_q, s_kv, h_q, topk, d=576, dv=512, seed=0):
@@ -276,13 +342,14 @@ def _sparse_prefill_case(s_q, s_kv, h_q, topk, d=576, dv=512, seed=0):
     def reference(q, kv, indices, sm_scale, dv):
         return python_ref.mla_sparse.flash_mla_sparse_fwd(q, kv, indices, sm_scale, dv)[::2]
 
-    def peer(q, kv, indices, sm_scale, dv):
-        return torch_sparse(q, kv, indices, sm_scale, dv, False)
+    def peer(q, kv, indices, sm_scale, dv, attend=_attend):
+        return torch_sparse(q, kv, indices, sm_scale, dv, False, attend)
 
     params = {"s_q": s_q, "s_kv": s_kv, "h_q": h_q, "h_kv": 1, "d": d, "dv": dv, "topk": topk}
     return Case(op="flash_mla_sparse_fwd", params=params, make_inputs=make_inputs, run=run,
                 reference=reference, check=_check, flops=flops, bytes=moved, peers={"torch": peer},
-                backends=("ref", "triton"), triton_variants=_sparse_variants(d))
+                peer_checks={"torch": _peer_check(peer)}, backends=("ref", "triton"),
+                triton_variants=_sparse_variants(d))
 
 
 def cases(quick: bool, device: str) -> list[Case]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -172,6 +173,12 @@ def hf_layer(config: str, layer_idx: int, device: str):
     return module.eval(), hf.DeepseekV3RotaryEmbedding(hf_cfg).to(device), hf_cfg
 
 
+def _float_dtype(weights: dict) -> torch.dtype:
+    """The dtype of the weights HF's layer is built from, MoE or dense (a dense layer has no
+    mlp.experts.down_proj: its transformers peer raised KeyError)."""
+    return weights.get("mlp.experts.down_proj", weights.get("mlp.down_proj.weight")).dtype
+
+
 def transformers_step(config, layer_idx, x, positions, past=None):
     """One call of HF's layer: a DynamicCache holding `past` (latent [B, T, r], k_rope [B, T, rope])
     gets the new tokens appended (torch.cat, as in HF generation), then attention over all of it."""
@@ -181,9 +188,11 @@ def transformers_step(config, layer_idx, x, positions, past=None):
     if past is not None:
         cache = DynamicCache(config=hf_cfg)
         cache.update(past[0][:, None], past[1][:, None], layer_idx)
+    # (transformers 5.x renamed the argument past_key_values to cache, the old name deprecated)
+    cache_arg = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
     with torch.no_grad():
-        return module(x, position_ids=positions, past_key_values=cache, use_cache=past is not None,
-                      position_embeddings=rotary(x, positions))
+        return module(x, position_ids=positions, use_cache=past is not None, position_embeddings=rotary(x, positions),
+                      **{cache_arg: cache})
 
 
 def _flops_bytes(cfg, layer_idx, tokens, context, batch, weight_bytes, prefill=False):
@@ -316,7 +325,7 @@ def decode_case(config: str, layer_idx: int, batch: int, context: int, fp8: bool
                                             past_of(layer, caches, table, slice(None)))[0]
 
     def transformers_peer(layer, weights, x, positions, caches, table, lens):
-        return transformers_step(config, layer_idx, x.to(weights["mlp.experts.down_proj"].dtype), positions,
+        return transformers_step(config, layer_idx, x.to(_float_dtype(weights)), positions,
                                  past_of(layer, caches, table, slice(None)))
 
     def reference(layer, weights, x, positions, caches, table, lens):
@@ -351,9 +360,8 @@ def decode_case(config: str, layer_idx: int, batch: int, context: int, fp8: bool
 
 def _peers(device, cfg, plain_torch, transformers_peer) -> dict:
     """Plain PyTorch, and transformers' V3 layer (not its V3.2 one: its indexer cache lives in
-    transformers' own Cache classes, which this benchmark does not build)."""
-    if device == "cpu":
-        return {}
+    transformers' own Cache classes, which this benchmark does not build). Declared on every
+    device (checked against the oracle in tests on CPU), timed on a GPU only."""
     peers = {"torch": plain_torch}
     if importlib.util.find_spec("transformers") is not None and cfg.index_topk is None:
         peers["transformers"] = transformers_peer
@@ -377,7 +385,7 @@ def prefill_case(config: str, layer_idx: int, batch: int, tokens: int, fp8: bool
             return ref_models.decoder_layer(weights, layer.cfg, layer_idx, x, positions)[0]
 
     def transformers_peer(layer, weights, x, positions):
-        return transformers_step(config, layer_idx, x.to(weights["mlp.experts.down_proj"].dtype), positions)
+        return transformers_step(config, layer_idx, x.to(_float_dtype(weights)), positions)
 
     cfg = _config(config)
     flops, moved = _flops_bytes(cfg, layer_idx, batch * tokens, tokens / 2, 0, 1 if fp8 else 2, prefill=True)
@@ -437,7 +445,7 @@ def main() -> int:
         host = f"{state['host_ms'] * 1e3:.0f}" if "host_ms" in state else "-"
         theirs = {}
         for name in ("torch", "transformers"):
-            peer = case.peers.get(name)
+            peer = case.peers.get(name) if device == "cuda" else None  # (CPU: ours checked only, as before)
             try:
                 theirs[name] = timer(lambda: peer(*inputs)) if peer else float("nan")
             except torch.OutOfMemoryError:  # the expanded cache of a large batch

@@ -3,7 +3,7 @@ groups, top-8 experts, at decode (1 and 128 tokens) and prefill (8192) sizes.
 
 Memory-bound: bytes = the fp32 logits read (4 * T * E) and the ids and weights written (12 * T * K);
 no FLOPs counted. Peers: the same math as torch ops (python_ref.moe, HF's router) eager and under
-torch.compile. Decode sizes are also replayed from a CUDA graph (launch cost apart)."""
+torch.compile, checked as ours are before they are timed. Decode sizes are also replayed from a CUDA graph (launch cost apart)."""
 
 from __future__ import annotations
 

@@ -6,6 +6,14 @@ A family is a module benchmarks/bench_<family>.py with a function
 
 returning the shapes to run: on "cuda" the shapes the issues name (fewer with quick), on "cpu"
 tiny ones that check every backend against the oracle through Triton's interpreter.
+
+Peers (other implementations of the same math, timed beside ours for "x peer") are checked against
+the oracle before they are timed, as ours are: a peer that computed less, or something else, would
+make "x peer" meaningless. Case.peer_checks says, per peer, either how to check its output
+(check(peer_output, expected, *inputs) -> None if right, else why not: an adapter to the expected
+form and a tolerance that follows from the peer's own rounding) or, as a string, why it is not
+checked (a peer timed on random operands of the same shape). A peer not named there is checked by
+the case's own check on its output as it is (a peer that runs the oracle's own math).
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ class Case:
     flops: float                             # as the anchor library counts them (say so where defined)
     bytes: float                             # bytes the op must move at least, as the anchor counts them
     peers: dict[str, Callable[..., Any]] = field(default_factory=dict)  # timed on GPU only
+    # peer name -> its check (peer_output, expected, *inputs) -> None | why wrong, or the reason it is
+    # not checked (str); peers not named: case.check(peer_output, expected). See the module's docstring.
+    peer_checks: dict[str, Callable[..., str | None] | str] = field(default_factory=dict)
     # The backends that implement the op; "auto" (no backend forced: each op's default, e.g. the
     # model layer's CUDA GEMMs beside its Triton glue kernels on Hopper) is timed where listed.
     backends: tuple[str, ...] = ("ref", "triton", "cuda")

@@ -15,8 +15,10 @@ device, dskernels/testing/bench.py: what a CUDA graph's replay or a server's que
 host us the host's time per call (an eager caller waits for the longer of the two; "(syncs)": a
 call that waits on the device, or launches more than the driver queues, timed as it runs),
 % of roofline = the time the ceilings allow / the measured time, x peer = the fastest
-peer's time / ours, and SM MHz the lowest SM clock NVML read during the timed runs, with the
-slowdown reasons it reported (power cap, thermal; records' "gpu" field; empty without pynvml).
+peer's time / ours (each peer is checked against the oracle first, where its case says how: a wrong
+one is reported as WRONG and left out of x peer; records' peer_unchecked says why one was not),
+and SM MHz the lowest SM clock NVML read during the timed runs, with the slowdown reasons it
+reported (power cap, thermal; records' "gpu" field; empty without pynvml).
 Without a GPU it runs each op on tiny shapes through every backend available
 (the reference, Triton's interpreter), checks it against the oracle and reports CPU times only:
 throughput needs a Hopper GPU. Every output is checked against python_ref; the exit status is 1
@@ -291,6 +293,16 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
     peers = {}  # peer name -> its record
     peer_calls = {name: peer for name, peer in case.peers.items()
                   if device == "cuda" and (only is None or f"peer:{name}" in only)}
+    # Each peer is checked against the oracle once before any run is timed (as ours are, and its
+    # output poisoned likewise): a wrong one is timed and reported (WRONG) but left out of x peer;
+    # one that raises is reported and not timed.
+    peer_problems, peer_unchecked = {}, {}
+    for name in list(peer_calls):
+        peer_problems[name], peer_unchecked[name] = check_peer(case, name, inputs, expected)
+        if (peer_problems[name] or "").startswith("raised"):
+            del peer_calls[name]
+        if peer_problems[name]:
+            print(f"peer:{name} on {case.op} {shape}: {peer_problems[name]} (left out of x peer)")
     with_peers = {"peers": peer_calls, "peer_records": peers}
     check_and_time(case, others, inputs, expected, timer, problems, ours, ceilings, meta, failures, shape, rounds,
                    **({} if cuda_runs else with_peers))
@@ -309,7 +321,13 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
             for name, peer in case.peers.items():
                 print_profile(case.op, shape, f"peer:{name}", lambda peer=peer: peer(*inputs), device)
 
-    best_peer_ms = min((r["ms"] for r in peers.values()), default=None)
+    for name, problem in peer_problems.items():
+        if name not in peers and problem:  # raised when checked (one that raised when timed: printed there)
+            peers[name] = record(case, f"peer:{name}", float("nan"), ceilings, meta, problem)
+        if name in peers:
+            peers[name]["error"] = problem
+            peers[name]["peer_unchecked"] = peer_unchecked[name]  # the reason it was not checked, if so
+    best_peer_ms = min((r["ms"] for r in peers.values() if not r["error"] and r["ms"] == r["ms"]), default=None)
 
     for rec in ours.values():
         ms = rec["ms"]
@@ -317,11 +335,27 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
     for rec in [*ours.values(), *peers.values()]:
         label = ("WRONG " if rec["error"] else "") + rec["backend"]
         x_peer = fmt(rec["x_peer"], "{:.2f}x") if not rec["backend"].startswith("peer:") else (
-            "1.00x" if rec["ms"] == best_peer_ms else "")
+            "1.00x" if rec["ms"] == best_peer_ms and not rec["error"] else "")
         report.add(case.op, label, shape, f"{rec['ms'] * 1e3:.1f}", host_text(rec), fmt(rec["tflops"]),
                    fmt(rec["gbps"]),
                    fmt(rec["roofline"] and 100 * rec["roofline"]), x_peer, clock_text(rec.get("gpu")))
         records.append(rec)
+
+
+def check_peer(case, name: str, inputs: tuple, expected) -> tuple[str | None, str | None]:
+    """(problem, unchecked): runs peer `name` once on `inputs` and checks its output as
+    case.peer_checks says (problem: None if right, else why not; "raised ..." if it raised), or
+    (None, the reason) for a peer declared unchecked (not run)."""
+    how = case.peer_checks.get(name)
+    if isinstance(how, str):
+        return None, how
+    try:
+        out = case.peers[name](*inputs)
+        problem = case.check(out, expected) if how is None else how(out, expected, *inputs)
+    except Exception as e:  # reported beside the peer, never fatal
+        return f"raised {type(e).__name__}: {e}", None
+    poison(out)  # an output it shares with ours (an out argument) must not pass ours a right answer
+    return problem, None
 
 
 def timing_orders(n: int, rounds: int) -> list[list[int]]:

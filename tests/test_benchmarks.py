@@ -965,3 +965,163 @@ def test_perf_table_x_peer_is_against_the_peer_rows_shown(tmp_path, monkeypatch)
     rows = {line.split(" | ")[2]: line for line in perf_table.table().splitlines()[2:]}
     assert set(rows) == {"cuda", "peer:a", "peer:b"}  # peer:gone: a label no longer defined, not shown
     assert "| 2.00x |" in rows["cuda"], rows["cuda"]  # the fastest peer shown (b, 20 us) over our 10 us
+
+
+def _expected(case, inputs):
+    import dskernels
+
+    with dskernels.backend("ref"):
+        return case.reference(*inputs)
+
+
+def _peer_cases(monkeypatch):
+    """The CPU cases run.py builds (the full CPU grid: every family's case kinds, tiny shapes) with
+    torch._scaled_mm's stand-in (the GEMM peers') and torch.compile as eager (its peers' checks,
+    without minutes of compiling here), and the bf16 K-grouped case at m = 8 (torch._grouped_mm wants
+    16-byte strides: the CPU grid's m = 7 has 14)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_gemm
+    from benchmarks.run import _family_cases, families
+
+    monkeypatch.delattr(torch.nn.functional, "scaled_mm", raising=False)
+    monkeypatch.setattr(torch, "_scaled_mm", _torch_blockwise_layout_check(True))
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)
+    found = [(family, case) for family in families() for case in _family_cases(family, False, "cpu")
+             if not (case.op == "k_grouped_bf16_gemm_tn_contiguous")]
+    return found + [("gemm", bench_gemm._bf16_k_grouped_case(3, 100, 8, 200, "cpu"))]
+
+
+def test_every_peer_is_checked_or_says_why(monkeypatch):
+    """Every peer of every CPU case passes its check against the oracle (benchmarks/common.py
+    peer_checks), or is declared unchecked with a reason; the GPU grids' peers are those of the CPU
+    grid's cases of the same op (so that this covers every peer a device run times)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.run import _family_cases, check_peer
+
+    cases = _peer_cases(monkeypatch)
+    checked, unchecked = set(), set()
+    for family, case in cases:
+        inputs = case.make_inputs("cpu")
+        expected = _expected(case, inputs)
+        for name in case.peers:
+            problem, reason = check_peer(case, name, inputs, expected)
+            assert problem is None, (case.op, case.params, name, problem)
+            (unchecked if reason else checked).add((case.op, name))
+            assert reason is None or len(reason) > 20, (case.op, name, reason)
+    on_gpu = {(case.op, name) for family in {f for f, _ in cases} for quick in (True, False)
+              for case in _family_cases(family, quick, "cuda") for name in case.peers}
+    assert on_gpu <= checked | unchecked, on_gpu - checked - unchecked
+    assert {op for op, _ in checked} >= {"gemm_fp8_fp8_bf16_nt", "flash_mla_with_kvcache", "fp8_mqa_logits",
+                                         "ep_combine_reduce", "deepseek_v3_layer_decode", "grouped_topk",
+                                         "per_token_cast_to_fp8", "m_grouped_gemm_fp8_fp8_bf16_nt_masked"}
+    assert unchecked <= {(op, name) for op, name in on_gpu if name in ("torch.mm bf16", "torch.bmm bf16")}
+
+
+def _wrong_peers():
+    """(case builder, peer, wrong version of it): each computes less or something else."""
+    import math
+
+    from benchmarks import bench_ep, bench_fp8_cast, bench_gemm, bench_indexer, bench_mla
+
+    def mla(**change):  # the dense decode peer with some arguments changed, its bounds left alone
+        def wrong(*args, attend=bench_mla._attend):
+            args = list(args)
+            if attend is bench_mla._attend:
+                for at, value in change.items():
+                    args[int(at[1:])] = value(args[int(at[1:])])
+            return bench_mla.torch_batched_decode(*args, attend=attend)
+        return wrong
+
+    def half_output(peer):
+        def wrong(*args, **kwargs):
+            out, lse = peer(*args, **kwargs)
+            return (out * 0.5, lse) if not kwargs else (out, lse)
+        return wrong
+
+    fp8_mla = lambda: bench_mla._case(2, 1, 4, 2, 64, 48, 90, False, 61, bench_mla.FP8, False)  # noqa: E731
+    sparse = lambda: bench_mla._sparse_prefill_case(3, 50, 4, 24, d=64, dv=48)  # noqa: E731
+    masked = lambda: bench_gemm._masked_case(2, 40, 144, 256, "cpu", m_max=64)  # noqa: E731
+    return [
+        # keys past each length (the last page's padding) attended to
+        (fp8_mla, "torch", mla(a3=lambda lens: lens + 20)),
+        (fp8_mla, "torch", mla(a6=lambda k_scale: k_scale * 2)),  # the cache's scale doubled
+        (sparse, "torch", half_output(sparse().peers["torch"])),
+        (lambda: bench_indexer._mqa_case(6, 70, 4, 32), "torch",
+         lambda q, kv, w, ks, ke, magnitude=False: bench_indexer.torch_mqa(q, kv, w if magnitude else w.abs(), ks, ke,
+                                                                           magnitude)),
+        (lambda: bench_indexer._paged_case(3, 2, 4, 32, 60, 16), "torch",  # every key seen (no length mask)
+         lambda q, cache, w, lens, table, max_len, magnitude=False: bench_indexer.torch_paged(
+             q, cache, w, lens if magnitude else lens + 64, table, max_len, magnitude)),
+        (lambda: bench_ep._combine_case(37, 256, 4, 32, 4), "torch",  # the -1 (not sent) entries summed too
+         lambda y, idx: y[idx.clamp(min=0)].float().sum(1).to(y.dtype)),
+        (lambda: bench_ep._pack_case(37, 256, 4, 32, 4), "torch index_select+cat",  # a field left out
+         lambda *args: torch.cat([s.index_select(0, args[-1]) for s in args[:-2]], dim=1)),
+        (lambda: bench_fp8_cast._silu_and_mul_case(20, 256, True), "torch",  # half the valid rows
+         lambda x, masked_m: bench_fp8_cast.python_ref.silu_and_mul_cast_to_fp8(x[:, :7])),
+        (lambda: bench_fp8_cast._silu_and_mul_bf16_case(20, 256, 8), "torch",  # no SiLU
+         lambda x, masked_m: (x[:, :14, :256] * x[:, :14, 256:])),
+        (lambda: bench_fp8_cast._case("per_token_cast_to_fp8", None, bench_fp8_cast.python_ref.per_token_cast_to_fp8,
+                                      61, 384, torch.bfloat16, 61), "torch.compile",  # a scale off by 2^-8
+         lambda x: (lambda q, s: (q, s * (1 + 2**-8)))(*bench_fp8_cast.python_ref.per_token_cast_to_fp8(x))),
+        (masked, "torch._scaled_mm",  # the first group only
+         lambda *args: masked().peers["torch._scaled_mm"](*args)[:1]),
+        (lambda: bench_gemm._dense_case(7, 200, 256, "cpu"), "torch._scaled_mm",  # the scales left out
+         lambda a, sa, b, sb, out: (a.float() @ b.float().T).to(torch.bfloat16)),
+        (lambda: bench_gemm._bf16_masked_case(2, 40, 144, 200, "cpu", 64), "torch.bmm bf16 (all rows)",
+         lambda a, b, d, masked_m: torch.bmm(a, b.transpose(1, 2))[:, :math.ceil(a.shape[1] / 2)]),
+    ]
+
+
+@pytest.mark.parametrize("index", range(13))
+def test_a_wrong_peer_fails_its_check(monkeypatch, index):
+    """Each family's peer checks flag a peer that computes less or something else (a mask, a scale,
+    a field, rows or groups left out), within the bounds that its right version passes."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.run import check_peer
+
+    monkeypatch.delattr(torch.nn.functional, "scaled_mm", raising=False)
+    monkeypatch.setattr(torch, "_scaled_mm", _torch_blockwise_layout_check(True))
+    build, name, wrong = _wrong_peers()[index]
+    case = build()
+    inputs = case.make_inputs("cpu")
+    expected = _expected(case, inputs)
+    case.peers[name] = wrong
+    problem, reason = check_peer(case, name, inputs, expected)
+    assert problem and not problem.startswith("raised") and reason is None, (case.op, name, problem)
+
+
+def test_a_wrong_peer_is_reported_and_left_out_of_x_peer(monkeypatch):
+    """On a GPU run every peer is checked before it is timed: a wrong one (here the fastest, having
+    done half the work) is timed but reported WRONG, with its error in the records, and left out of
+    "x peer"; one that raises when checked is reported and not timed; an unchecked one (its reason
+    in the records) still counts."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import run as bench_run
+    from benchmarks.common import Case
+
+    def timer(fn, telemetry=None, iters=None, **_):  # a "time" of the work done: the output's size
+        return float(fn().numel())
+
+    def broken(x):
+        raise RuntimeError("no kernel for this shape")
+
+    monkeypatch.setattr(bench_run.bench, "bench_gpu", timer)
+    case = Case(op="double", params={"n": 4}, make_inputs=lambda device: (torch.arange(4.0),),
+                run=lambda x: x * 2, reference=lambda x: x * 2,
+                check=lambda got, want: None if torch.equal(got, want) else "differs",
+                flops=0.0, bytes=32.0, backends=("triton",),
+                peers={"right": lambda x: x * 2, "half": lambda x: x[:2] * 2, "raises": broken,
+                       "baseline": lambda x: torch.ones(8)},
+                peer_checks={"baseline": "random operands of twice the size: nothing to compare"})
+    records, failures, report = [], [], bench_run.Report()
+    meta = {"device": "gpu", "git_sha": "-", "torch": "-", "date": "-"}
+    bench_run.run_case(case, "cuda", ["triton"], {}, meta, report, records, failures)
+    by = {r["backend"]: r for r in records}
+    assert not failures
+    assert by["peer:half"]["error"] == "differs" and by["peer:half"]["ms"] == 2.0
+    raised = by["peer:raises"]
+    assert raised["error"].startswith("raised RuntimeError") and raised["ms"] != raised["ms"]  # NaN: not timed
+    assert by["peer:right"]["error"] is None and by["peer:right"]["peer_unchecked"] is None
+    assert by["peer:baseline"]["peer_unchecked"].startswith("random operands")
+    assert by["triton"]["x_peer"] == 4.0 / 4.0  # the right peer's 4, not the wrong one's 2 (nor 8)
+    assert any(row[1] == "WRONG peer:half" for row in report.rows)
