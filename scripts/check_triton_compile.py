@@ -468,6 +468,22 @@ def gemm_cases(compiler: Compiler) -> None:
                     call(m)
             finally:
                 triton_gemm._heuristic_config = heuristic
+    # Batch-invariant mode's dense launches (its fixed tiles): n = 4096 cuts K into 4 ranges, run by
+    # 4 programs per tile at m = 64 and looped in one program (K_RANGES) at m = 4096; one range (one
+    # K loop) with per-row b scales or accumulating.
+    import dskernels
+
+    def dense_fp32(m):
+        triton_gemm.fp8_gemm_nt(_meta(m, k, dtype=f8), _meta(m, k // 128, dtype=torch.float32),
+                                _meta(n, k, dtype=f8), _meta(n // 128, k // 128, dtype=torch.float32),
+                                _meta(m, n, dtype=torch.float32), accumulate=False)
+
+    with dskernels.batch_invariant():
+        for name, call in [("dense", dense), ("dense fp32", dense_fp32), ("weight gradient", weight_gradient),
+                           ("dense fp32 accumulate", dense_fp32_accumulate)]:
+            compiler.context = f"gemm {name}, batch-invariant"
+            for m in (64, 4096):
+                call(m)
 
 
 def cast_cases(compiler: Compiler) -> None:
@@ -530,6 +546,8 @@ def matmul_cases(compiler: Compiler) -> None:
         out = _meta(4096, 2048, dtype=dtype)
         triton_matmul.matmul_nt(a.unsqueeze(0), b[:1], out.unsqueeze(0))
         triton_matmul.matmul_nt(a.unsqueeze(0), b[:1], out.unsqueeze(0), out.unsqueeze(0))
+        # decode: 32 column tiles fill few of 132 SMs, K's 4 ranges split over programs (SPLIT)
+        triton_matmul.matmul_nt(a[:64].unsqueeze(0), b[:1], out[:64].unsqueeze(0))
         for groups in (256, 1):
             triton_matmul.matmul_nt(a, b[:groups], out, ends=_meta(groups, dtype=torch.int32))
 

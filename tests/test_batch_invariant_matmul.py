@@ -369,3 +369,53 @@ def test_gpu_row_groups_keep_their_bits():
                              ends=torch.tensor([0] * 100 + [64] * 156, dtype=torch.int32, device="cuda"))
     assert torch.equal(alone, full[131:195])  # expert 100's rows
     _assert_within_fp32_sum(full[195:495].cpu(), x[195:495].cpu(), experts[101].cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_k_ranges_split_or_looped_keep_a_rows_bits(dtype, monkeypatch):
+    """K cut into ranges fixed by n and k (n = 96: 2 column tiles; k = 808: 13 steps of 64 values,
+    the last partial, in 3 uneven ranges): 8 SMs split m = 1 and 64 into one program per range (2
+    and 4 tiles fill at most half of them), m = 300 loops over the ranges in one program. A row
+    keeps its bits, with c added in place too, within fp32's summation bound. fp32 operands: one
+    range (their looped ranges spill)."""
+    from dskernels.triton import gemm as triton_gemm
+    from dskernels.triton import matmul as triton_matmul
+
+    monkeypatch.setattr(triton_gemm, "NO_DEVICE_SMS", 8)
+    launches = []
+    real = triton_matmul.fast
+
+    def recording(kernel):
+        launcher = real(kernel)
+
+        class Recorder:
+            def __getitem__(_, grid):
+                def launch(*args, **meta):
+                    launches.append((grid, meta.get("K_RANGES"), meta.get("SPLIT")))
+                    return launcher[grid](*args, **meta)
+                return launch
+        return Recorder()
+
+    monkeypatch.setattr(triton_matmul, "fast", recording)
+    n, k = 96, 808
+    a = poisoned((300, k), dtype, 1)
+    b = poisoned((n, k), dtype, 2)
+    c = torch.randn(300, n, generator=torch.Generator().manual_seed(3))
+    ranges = 3
+    assert triton_matmul._k_ranges(n, k, dtype) == ranges
+    assert triton_matmul._k_ranges(n, k, torch.float32) == 1
+    rows, rows_c = [], []
+    for m in (1, 64, 300):
+        out = torch.full((1, m, n), float("nan"))
+        triton_matmul.matmul_nt(a[None, :m], b[None], out)
+        rows.append(out[0, 0].clone())
+        assert launches[-1][1:] == (ranges, m < 300)
+        assert launches[-1][0][1] == (ranges if m < 300 else 1)
+        d = c[None, :m].clone()
+        triton_matmul.matmul_nt(a[None, :m], b[None], d, d)  # c is out itself
+        rows_c.append(d[0, 0].clone())
+        exact = a[:m].double() @ b.double().T
+        bound = (k + 2) * 2.0**-24 * (a[:m].double().abs() @ b.double().abs().T)
+        assert ((out[0].double() - exact).abs() <= bound).all()
+    assert all(torch.equal(row, rows[0]) for row in rows[1:])
+    assert all(torch.equal(row, rows_c[0]) for row in rows_c[1:])

@@ -4,7 +4,8 @@ stay the same when other rows join the call (docs/gemm.md, "Batch invariance"). 
 
 What differs without the mode, and how the CPU tests reach it:
 - the Triton dense kernel's K split follows m and the SM count: the interpreter's SM count is
-  patched (NO_DEVICE_SMS), as tests/test_determinism.py does;
+  patched (NO_DEVICE_SMS), as tests/test_determinism.py does; under the mode its K ranges follow
+  n and k alone, run by split programs at small m and by one program's loop at large m;
 - the Triton tile follows m (the heuristic; autotuning by m bucket) on a GPU, while the interpreter
   runs one fixed tile: `_interpret` is patched to False so that the GPU's rule picks the tile of a
   kernel that still runs interpreted (byte path: DSKERNELS_TRITON_NATIVE_FP8=0 keeps the GPU
@@ -23,7 +24,7 @@ triton_only = pytest.mark.skipif("triton" not in dskernels.available_backends(),
 cuda_built = pytest.mark.skipif(torch.ops.dskernels._build_info() != "cuda",
                                 reason="the CUDA kernels are not compiled into this build")
 
-K = 12 * 128  # 12 K blocks: 16 SMs give m = 1 three splits of 4 (MIN_SPLIT_BLOCKS)
+K = 12 * 128  # 12 K blocks: 16 SMs give m = 1 three splits of 4 (MIN_SPLIT_BLOCKS); the mode's ranges: 3
 N = 200  # odd tile counts: the last 64- or 128-column tile is partial
 SIZES = (1, 7, 130, 300)  # the row alone, then in batches of odd sizes (300: more than 2 row tiles)
 
@@ -69,7 +70,8 @@ class _Launches:
             class Recorder:
                 def __getitem__(_, grid):
                     def launch(*args, **meta):
-                        self.metas.append({key: meta.get(key) for key in ("BLOCK_M", "BLOCK_N", "SPLIT_K")})
+                        self.metas.append({key: meta.get(key) for key in ("BLOCK_M", "BLOCK_N", "SPLIT_K",
+                                                                          "K_RANGES")})
                         return launcher[grid](*args, **meta)
                     return launch
             return Recorder()
@@ -93,19 +95,25 @@ def _gpu_tile_rule(monkeypatch, sms=8):
 # ---- Triton dense ----
 
 @triton_only
-def test_triton_dense_row_without_k_split(dense_inputs, monkeypatch):
+def test_triton_dense_row_split_or_looped(dense_inputs, monkeypatch):
     """The interpreter's fixed tile, 16 SMs: without the mode m = 1 splits K three ways and m = 300
-    does not, so the row's bits differ; with it no call splits and the row keeps its bits in every
-    batch, within the oracle's bound."""
+    does not, so the row's bits differ. With it K is cut into the same 3 ranges at every m (n, k
+    and the tile fix them): m = 1 and 7 run them as 3 programs per tile, 130 and 300 (20 and 40
+    tiles) loop over them in one program, and the row keeps its bits, within the oracle's bound."""
     from dskernels.triton import gemm as triton_gemm
 
     monkeypatch.setattr(triton_gemm, "NO_DEVICE_SMS", 16)
+    launches = _Launches(monkeypatch, triton_gemm)
     assert triton_gemm._split_count(1, N, 12, 32, 64, 16) == 3
     assert triton_gemm._split_count(300, N, 12, 32, 64, 16) == 1
     assert not torch.equal(_dense_row0(dense_inputs, 1), _dense_row0(dense_inputs, 300))
     with dskernels.batch_invariant():
-        rows = [_dense_row0(dense_inputs, m) for m in SIZES]
+        rows, metas = [], []
+        for m in SIZES:
+            rows.append(_dense_row0(dense_inputs, m))
+            metas.append((launches.last()["SPLIT_K"], launches.last()["K_RANGES"]))
         bf16_rows = [_dense_row0(dense_inputs, m, torch.bfloat16) for m in (1, 300)]
+    assert metas == [(True, 1), (True, 1), (False, 3), (False, 3)]
     assert all(torch.equal(row, rows[0]) for row in rows[1:])
     assert torch.equal(bf16_rows[0], bf16_rows[1])
     a, sa, b, sb = dense_inputs
@@ -117,29 +125,32 @@ def test_triton_dense_row_without_k_split(dense_inputs, monkeypatch):
 @pytest.mark.parametrize("autotune", ["0", "1"])
 def test_triton_dense_tile_ignores_m(dense_inputs, monkeypatch, autotune):
     """The GPU's rule without the mode (8 SMs): 64-row tiles split three ways at m = 1, 128-row
-    tiles unsplit at m = 300 (autotuning: chosen by timing per m bucket). With the mode: one tile (128 x 128, the
-    heuristic's prefill tile) and no split at every m, autotuning or not, and the same bits."""
+    tiles unsplit at m = 300 (autotuning: chosen by timing per m bucket). With the mode: one tile
+    (128 x 128, the heuristic's prefill tile) and K in 3 ranges at every m, autotuning or not: split
+    programs where the tiles fill at most half the SMs (m <= 256 here), one program's loop beyond,
+    and the same bits."""
     monkeypatch.setenv("DSKERNELS_GEMM_AUTOTUNE", autotune)
     launches = _gpu_tile_rule(monkeypatch)
     if autotune == "0":
         _dense_row0(dense_inputs, 1)
         alone = launches.last()
         _dense_row0(dense_inputs, 300)
-        assert alone == {"BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": True}
-        assert launches.last() == {"BLOCK_M": 128, "BLOCK_N": 128, "SPLIT_K": False}
+        assert alone == {"BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": True, "K_RANGES": None}
+        assert launches.last() == {"BLOCK_M": 128, "BLOCK_N": 128, "SPLIT_K": False, "K_RANGES": None}
     rows, metas = [], []
     with dskernels.batch_invariant():
         for m in SIZES:
             rows.append(_dense_row0(dense_inputs, m))
             metas.append(launches.last())
-    assert metas == [{"BLOCK_M": 128, "BLOCK_N": 128, "SPLIT_K": False}] * len(SIZES)
+    split = {"BLOCK_M": 128, "BLOCK_N": 128, "SPLIT_K": True, "K_RANGES": 1}
+    assert metas == [split, split, split, dict(split, SPLIT_K=False, K_RANGES=3)]
     assert all(torch.equal(row, rows[0]) for row in rows[1:])
 
 
 @triton_only
 def test_triton_dense_per_row_b_scales_tile_ignores_m(monkeypatch):
     """fp8_gemm_nt with 1x128 scales on b too (its general form): one tile (64 x 256, where
-    128 x 128 spills) at every m under the mode."""
+    128 x 128 spills) and one K loop (the ranged loop spills there) at every m under the mode."""
     launches = _gpu_tile_rule(monkeypatch)
     torch.manual_seed(3)
     _, a, sa = quantized_pair(130, 256, "cpu", per_block=False, scale_layout="row")
@@ -150,18 +161,74 @@ def test_triton_dense_per_row_b_scales_tile_ignores_m(monkeypatch):
             out = torch.empty(m, 72)
             dskernels.fp8_gemm_nt((a[:m], sa[:m]), (b, sb), out)
             rows.append(out[0])
-            assert launches.last() == {"BLOCK_M": 64, "BLOCK_N": 256, "SPLIT_K": False}
+            assert launches.last() == {"BLOCK_M": 64, "BLOCK_N": 256, "SPLIT_K": False, "K_RANGES": 1}
     assert torch.equal(rows[0], rows[1])
+
+
+@triton_only
+@pytest.mark.parametrize("n, k_blocks, out_dtype", [(129, 13, torch.float32), (61, 9, torch.bfloat16)])
+def test_triton_dense_odd_k_ranges(n, k_blocks, out_dtype, monkeypatch):
+    """Odd n and K blocks that do not divide evenly (13 in ranges of 4, 4, 5 with 3 column tiles;
+    9 in 4 and 5 with 1): a row's bits alone (m = 1, split programs: 8 SMs) and inside batches of
+    9 to 200 rows (looped, or split again where the tiles still fill at most half the SMs), within
+    the oracle's bound."""
+    from dskernels.triton import gemm as triton_gemm
+
+    monkeypatch.setattr(triton_gemm, "NO_DEVICE_SMS", 8)
+    launches = _Launches(monkeypatch, triton_gemm)
+    torch.manual_seed(n + k_blocks)
+    _, a, sa = quantized_pair(200, k_blocks * 128, "cpu", per_block=False, scale_layout="row")
+    _, b, sb = quantized_pair(n, k_blocks * 128, "cpu", per_block=True, scale_layout="row")
+    ranges = 3 if n == 129 else 2
+    rows, plans = [], []
+    with dskernels.batch_invariant(), dskernels.backend("triton"):
+        for m in (1, 9, 33, 200):
+            out = torch.full((m, n), float("nan"), dtype=out_dtype)
+            dskernels.fp8_gemm_nt((a[:m], sa[:m]), (b, sb), out)
+            rows.append(out[0].clone())
+            plans.append((launches.last()["SPLIT_K"], launches.last()["K_RANGES"]))
+            assert_close_to_oracle(out, a[:m], sa[:m], b, sb)
+    if n == 129:  # 3 column tiles: split up to 1 row tile (6 of 8 SMs would be more than half)
+        assert plans == [(True, 1), (True, 1), (False, ranges), (False, ranges)]
+    else:  # 1 column tile: split up to 4 row tiles
+        assert plans == [(True, 1), (True, 1), (True, 1), (False, ranges)]
+    assert all(torch.equal(row, rows[0]) for row in rows[1:])
+
+
+def test_invariant_k_ranges_follow_n_and_k():
+    """The mode's K ranges for V3's dense GEMMs (128 x 128 tiles, k = 7168 unless said): the splits
+    of one row tile on 132 SMs, whatever m and the GPU's SMs; which m split (S programs per tile)
+    follows the SMs. None with per-row b scales or accumulating (that loop spills)."""
+    from dskernels.triton import gemm as triton_gemm
+
+    def plan(m, n, k_blocks, sms=132, **variant):
+        split_k = triton_gemm._SplitK(m, n, k_blocks, torch.empty(0))
+        split_k.sms = sms
+        meta = dict(BLOCK_M=128, BLOCK_N=128, **variant)
+        triton_gemm._invariant_k_ranges(split_k, meta)
+        return split_k.fixed_count, meta["SPLIT_K"], meta["K_RANGES"]
+
+    # fused q_a/kv_a (n = 2112: 17 tiles), the shared expert's gate/up (4096: 32), o_proj (7168, k = 16384: 56)
+    assert [plan(m, 2112, 56) for m in (1, 64, 128, 129, 512, 4096)] == \
+        [(7, True, 1)] * 3 + [(7, True, 1), (7, False, 7), (7, False, 7)]
+    assert [plan(m, 4096, 56) for m in (1, 129, 257, 4096)] == [(4, True, 1)] * 2 + [(4, False, 4)] * 2
+    assert [plan(m, 7168, 128) for m in (1, 128, 129)] == [(2, True, 1), (2, True, 1), (2, False, 2)]
+    # q_b (24576: 192 tiles), kv_b (k = 512: 4 K blocks): one range, one loop, as before the change
+    assert {plan(m, 24576, 12) for m in (1, 4096)} == {plan(m, 32768, 4) for m in (1, 4096)} == {(1, False, 1)}
+    # the ranges ignore the GPU's SMs (and m); only the choice to split follows them
+    assert {plan(1, 2112, 56, sms)[0] for sms in (0, 16, 78, 114, 132, 144)} == {7}
+    assert plan(1, 2112, 56, sms=0) == (7, False, 7)
+    assert plan(1, 2112, 56, SB_PER_ROW=True) == plan(1, 2112, 56, ACCUMULATE=True) == (1, False, 1)
 
 
 @triton_only
 def test_mode_off_keeps_the_old_choice(dense_inputs, monkeypatch):
     """dskernels.batch_invariant(False) inside an open block turns the mode off again: the split
-    comes back (the default path, unchanged)."""
+    comes back (the default path, unchanged: no K_RANGES passed, the kernel's default 1)."""
     launches = _gpu_tile_rule(monkeypatch)
     with dskernels.batch_invariant(), dskernels.batch_invariant(False):
         _dense_row0(dense_inputs, 1)
-    assert launches.last() == {"BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": True}
+    assert launches.last() == {"BLOCK_M": 64, "BLOCK_N": 128, "SPLIT_K": True, "K_RANGES": None}
 
 
 # ---- Triton grouped ----
@@ -247,7 +314,7 @@ def test_triton_grouped_tile_ignores_m(monkeypatch):
         for masked, expected in MASKED_BATCHES:
             rows.append(_masked_token0(mine, b, sb, masked, expected))
             metas.append(launches.last())
-    assert metas == [{"BLOCK_M": 128, "BLOCK_N": 128, "SPLIT_K": None}] * len(metas)
+    assert metas == [{"BLOCK_M": 128, "BLOCK_N": 128, "SPLIT_K": None, "K_RANGES": None}] * len(metas)
     assert all(torch.equal(row, rows[0]) for row in rows[1:])
 
 

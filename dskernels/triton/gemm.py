@@ -244,14 +244,16 @@ def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr,
                  SB_PER_ROW: tl.constexpr, OUT_FP32: tl.constexpr, ACCUMULATE: tl.constexpr,
-                 SPLIT_K: tl.constexpr, TMA_WS: tl.constexpr = False):
+                 SPLIT_K: tl.constexpr, TMA_WS: tl.constexpr = False, K_RANGES: tl.constexpr = 1):
     """SPLIT_K: grid axis 1 cuts the K blocks into contiguous ranges (_split_count); see _split_k_sum.
     One range goes straight to out, without the workspace (then empty): a guard only, since the
     autotuning key holds the split counts (split_key) and split candidates that would run one range
     are pruned. TMA_WS: persistent warp-specialized programs instead (_tiles_tma_ws; unsplit,
-    128x128 b scales, a grid of at most one program per SM)."""
+    128x128 b scales, a grid of at most one program per SM). K_RANGES > 1 (batch-invariant mode,
+    unsplit): one program sums the K ranges a split into K_RANGES would run, as _split_k_sum adds
+    them (_invariant_k_ranges)."""
     if TMA_WS:
-        tl.static_assert(not SPLIT_K and not SB_PER_ROW and FP8_DOT)
+        tl.static_assert(not SPLIT_K and not SB_PER_ROW and FP8_DOT and K_RANGES == 1)
         _tiles_tma_ws(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks, stride_am, stride_bn, stride_sam,
                       stride_sak, stride_sbn, stride_sbk, stride_om, stride_on, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
                       ROUND_BF16, OUT_FP32, ACCUMULATE)
@@ -259,7 +261,7 @@ def _gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks,
         _gemm_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks, stride_am, stride_ak, stride_sam,
                    stride_sak, stride_bn, stride_bk, stride_sbn, stride_sbk, stride_om, stride_on, partial_ptr,
                    arrived_ptr, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ROUND_BF16, FP8_DOT, SB_PER_ROW, OUT_FP32,
-                   ACCUMULATE, SPLIT_K)
+                   ACCUMULATE, SPLIT_K, K_RANGES)
 
 
 @triton.jit
@@ -267,8 +269,9 @@ def _gemm_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks, stride_am,
                stride_bn, stride_bk, stride_sbn, stride_sbk, stride_om, stride_on, partial_ptr, arrived_ptr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                ROUND_BF16: tl.constexpr, FP8_DOT: tl.constexpr, SB_PER_ROW: tl.constexpr, OUT_FP32: tl.constexpr,
-               ACCUMULATE: tl.constexpr, SPLIT_K: tl.constexpr):
-    """The dense kernel's pointer-load form: this program's tile (and K range, SPLIT_K)."""
+               ACCUMULATE: tl.constexpr, SPLIT_K: tl.constexpr, K_RANGES: tl.constexpr):
+    """The dense kernel's pointer-load form: this program's tile (and K range, SPLIT_K; or the
+    K_RANGES ranges one after another)."""
     rows, cols, row_ok, col_ok = _tile(m, n, BLOCK_M, BLOCK_N, GROUP_M)
     mask = row_ok[:, None] & col_ok[None, :]
     if SPLIT_K:
@@ -279,9 +282,22 @@ def _gemm_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, out_ptr, m, n, k_blocks, stride_am,
         b_ptr += first * BLOCK_K * stride_bk
         sa_ptr += first * stride_sak
         sb_ptr += first * stride_sbk
-    acc = _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
-                       stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
-                       stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, SB_PER_ROW)
+    if K_RANGES > 1:
+        tl.static_assert(not SPLIT_K)
+        # The split programs' ranges (same bounds), each summed from zero and added in range order
+        # as _split_k_sum adds the partials: the same bits whether the launch splits or not.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r in range(0, K_RANGES):
+            first = (r * k_blocks // K_RANGES).to(tl.int64)
+            acc += _scaled_tile(a_ptr + first * BLOCK_K * stride_ak, sa_ptr + first * stride_sak,
+                                b_ptr + first * BLOCK_K * stride_bk, sb_ptr + first * stride_sbk, rows, cols,
+                                row_ok, col_ok, (r + 1) * k_blocks // K_RANGES - first, stride_am, stride_ak,
+                                stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn, stride_sbk,
+                                BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, SB_PER_ROW)
+    else:
+        acc = _scaled_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, rows, cols, row_ok, col_ok, k_blocks,
+                           stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk, stride_sbn,
+                           stride_sbk, BLOCK_M, BLOCK_N, BLOCK_K, FP8_DOT, SB_PER_ROW)
     if SPLIT_K:
         last = tl.program_id(1) == 0  # the only range, unless there are more
         if tl.num_programs(1) > 1:
@@ -615,8 +631,9 @@ def _autotune_enabled() -> bool:
 
 
 # The kernels whose rows are tokens: under batch-invariant mode (dskernels.batch_invariant) their
-# tile is _invariant_config's, whatever m, expected_m or the SM count, and the dense one never
-# splits K. (The K-grouped kernel's rows are weight rows: the batch is its K.)
+# tile is _invariant_config's, whatever m, expected_m or the SM count, and the dense one cuts K
+# into ranges fixed by n and k (_invariant_k_ranges). (The K-grouped kernel's rows are weight
+# rows: the batch is its K.)
 _TOKEN_ROW_KERNELS = ("_gemm_kernel", "_contiguous_kernel", "_masked_kernel")
 # The rows _invariant_config asks the heuristic for: its prefill tile (128 rows) at every m.
 INVARIANT_M_HINT = 4096
@@ -720,8 +737,11 @@ def _launch(kernel_name: str, grid_fn, args: tuple, m_hint: int, n: int, *, fp8_
         meta["BLOCK_M"] = min(meta["BLOCK_M"], max_block_m)
     if meta.get("TMA_WS"):
         meta["TMA_WS"] = tma_ws and env_choice(TMA_WS_KNOB, ("auto", "off", "only")) != "off"
-    if split_k is not None:  # (never under batch-invariant mode: the count follows m and the SMs)
-        meta["SPLIT_K"] = not invariant and not meta.get("TMA_WS") and split_k.count(dict(meta, SPLIT_K=True)) > 1
+    if split_k is not None and invariant:
+        _invariant_k_ranges(split_k, meta)
+        args += (0, *split_k.workspace_for(meta))
+    elif split_k is not None:
+        meta["SPLIT_K"] = not meta.get("TMA_WS") and split_k.count(dict(meta, SPLIT_K=True)) > 1
         args += (0, *split_k.workspace_for(meta))  # (no autotuning key)
     with _use_descriptor_scratch(meta.get("TMA_WS", False)):
         fast(kernel)[grid_fn(meta)](*args, **meta)
@@ -747,6 +767,30 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Batch-invariant mode's K ranges are the splits of one row tile on this many SMs (an H100 SXM's and
+# H200's; _invariant_k_ranges), whatever the GPU: a row then gets the same bits on every Hopper part.
+INVARIANT_SMS = 132
+
+
+def _invariant_k_ranges(split_k: _SplitK, meta: dict) -> None:
+    """Batch-invariant mode's K association (docs/gemm.md, "Batch invariance"): S contiguous K
+    ranges, each summed from zero, added in range order, S from n, k and the mode's fixed tile alone
+    (the splits _split_count gives one row tile on INVARIANT_SMS). Where this call's tiles fill few
+    SMs (_split_count splits it) S programs per tile run them (SPLIT_K: _split_k_sum adds them in
+    that order), else one program loops over them (K_RANGES): the same bits either way. The
+    persistent TMA_WS form sums K in one loop: off here. One range (one K loop, never split) for
+    per-row b scales or an accumulating call: the loop's third fp32 tile (the running total beside
+    a range's sum and a block's product) spills 8-36 bytes there at 255 registers, none in the plain
+    and fp32-out forms (ptxas sm_90a, Triton 3.8, 2026-12-07; scripts/check_triton_compile.py)."""
+    ranges = 1
+    if not meta.get("SB_PER_ROW") and not meta.get("ACCUMULATE"):
+        ranges = _split_count(1, split_k.n, split_k.k_blocks, meta["BLOCK_M"], meta["BLOCK_N"], INVARIANT_SMS)
+    split = ranges > 1 and _split_count(split_k.m, split_k.n, split_k.k_blocks, meta["BLOCK_M"], meta["BLOCK_N"],
+                                        split_k.sms) > 1
+    meta.update(TMA_WS=False, SPLIT_K=split, K_RANGES=1 if split else ranges)
+    split_k.fixed_count = ranges
+
+
 def _split_count(m: int, n: int, k_blocks: int, block_m: int, block_n: int, sms: int) -> int:
     """K splits of the dense kernel: none while its output tiles fill more than half the SMs (decode
     GEMMs fill a few: m = 64, n = 2112 is 17 tiles of 64 x 128 for 132 SMs, each reading 56 K
@@ -763,10 +807,13 @@ class _SplitK:
     def __init__(self, m: int, n: int, k_blocks: int, out: torch.Tensor):
         self.m, self.n, self.k_blocks, self.out = m, n, k_blocks, out
         self.sms = _sm_count(out.device)
+        self.fixed_count = 0  # batch-invariant mode's K ranges (_invariant_k_ranges), else by m and SMs
 
     def count(self, meta: dict) -> int:
         if not meta["SPLIT_K"]:
             return 1
+        if self.fixed_count:
+            return self.fixed_count
         return _split_count(self.m, self.n, self.k_blocks, meta["BLOCK_M"], meta["BLOCK_N"], self.sms)
 
     def key_and_workspace(self, tiles: tuple[tuple[int, int], ...]) -> tuple[int, torch.Tensor, torch.Tensor]:

@@ -2,9 +2,13 @@
 bf16, fp16 or fp32 operands, summed in fp32 and rounded once to out's dtype.
 
 A row's bits do not depend on how many rows come with it: one tile shape whatever m (no choice by
-shape, no autotuning, no split-K), each output element summed over K in BLOCK_K steps in order
-into one fp32 accumulator. torch's matmuls (cuBLAS on a GPU, MKL on CPU) pick their kernel, and so
-their summation order, by shape: a token's row changes its last bits when the batch grows.
+shape, no autotuning), each output element summed over K in BLOCK_K steps in order, in K_RANGES
+contiguous ranges fixed by n and k (_k_ranges), each into its own fp32 accumulator from zero,
+added in range order. Where a plain matmul's tiles fill few SMs (decode) one program per tile and
+range runs them and the last to arrive adds them in that order (gemm.py's _split_k_sum); elsewhere
+one program loops over them: the same bits either way. torch's matmuls (cuBLAS on a GPU, MKL on
+CPU) pick their kernel, and so their summation order, by shape: a token's row changes its last
+bits when the batch grows.
 
 Two layouts:
 - batched: a [G, m, k], b [G, n, k], out [G, m, n] (G = 1 for a plain matmul; einsum's batch);
@@ -37,7 +41,8 @@ from triton.runtime.jit import JITFunction
 
 from dskernels.triton import cdiv, next_power_of_2
 from dskernels.triton.fp8_math import as_element_type
-from dskernels.triton.gemm import _swizzle
+from dskernels.triton import gemm as triton_gemm
+from dskernels.triton.gemm import _split_k_sum, _swizzle
 from dskernels.triton.launch import fast
 
 # One tile for every m (the invariance): 64 x 64 fills a decode step's few rows without much waste
@@ -77,18 +82,45 @@ def _tile_map_kernel(ends_ptr, tile_ends_ptr, groups, m, stride_ends, BLOCK_M: t
 
 
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, out_ptr, ends_ptr, tile_ends_ptr, m, n, k, groups, row_tiles,
+def _k_steps(a_ptrs, b_ptrs, row_ok, col_ok, ks, k, first, stop, stride_ak, stride_bk,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+             INTERPRETED: tl.constexpr):
+    """The fp32 sum, from zero, of K steps first .. stop - 1 (BLOCK_K each, in order) of a tile."""
+    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_ptrs += tl.cast(first, tl.int64) * BLOCK_K * stride_ak
+    b_ptrs += tl.cast(first, tl.int64) * BLOCK_K * stride_bk
+    for k_step in range(first, stop):
+        k0 = k_step * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & (ks[None, :] < k - k0), other=0.0)
+        b = tl.load(b_ptrs, mask=col_ok[None, :] & (ks[:, None] < k - k0), other=0.0)
+        if INTERPRETED:  # (its tl.dot is numpy's matmul, whose BLAS sums a row by its place in the tile)
+            part += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+        elif IEEE:
+            part = tl.dot(a.to(tl.float32), b.to(tl.float32), part, input_precision="ieee")
+        else:
+            part = tl.dot(a, b, part)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return part
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, out_ptr, ends_ptr, tile_ends_ptr, partial_ptr, arrived_ptr,
+                   m, n, k, groups, row_tiles,
                    stride_ag, stride_am, stride_ak, stride_bg, stride_bn, stride_bk,
                    stride_cg, stride_cm, stride_cn, stride_og, stride_om, stride_on, stride_ends,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   SEARCH_STEPS: tl.constexpr,
+                   SEARCH_STEPS: tl.constexpr, K_RANGES: tl.constexpr, SPLIT: tl.constexpr,
                    IEEE: tl.constexpr, HAS_C: tl.constexpr, GROUPED: tl.constexpr, INTERPRETED: tl.constexpr):
     """Grid axis 0: row_tiles x column tiles, in gemm.py's swizzled order (GROUP_M row tiles per
-    band: a band's rows of a and columns of b are read while in L2). Batched: row tiles of m, axis 2 the group. GROUPED: row tile t is
-    tile i of group g, where tile_ends[g - 1] <= t < tile_ends[g] (found by a binary search of
-    SEARCH_STEPS probes, 2**SEARCH_STEPS > G), its rows ends[g - 1] + i * BLOCK_M .. of a and out
-    (b[g]); the grid's bound past the real tiles (tile_ends[-1]) leaves programs of no rows, which
-    do no work (no early return: one code path for every Triton)."""
+    band: a band's rows of a and columns of b are read while in L2). Batched: row tiles of m, axis
+    2 the group. GROUPED: row tile t is tile i of group g, where tile_ends[g - 1] <= t <
+    tile_ends[g] (found by a binary search of SEARCH_STEPS probes, 2**SEARCH_STEPS > G), its rows
+    ends[g - 1] + i * BLOCK_M .. of a and out (b[g]); the grid's bound past the real tiles
+    (tile_ends[-1]) leaves programs of no rows, which do no work (no early return: one code path
+    for every Triton). K: K_RANGES ranges of BLOCK_K steps, all in this program, or (SPLIT:
+    batched, one group) range program_id(1) only, summed across the programs by _split_k_sum
+    (partials [K_RANGES, m, n], one arrival counter per tile)."""
     tile, col_tile = _swizzle(tl.program_id(0), row_tiles, tl.cdiv(n, BLOCK_N), GROUP_M)
     offs = tl.arange(0, BLOCK_M)
     if GROUPED:
@@ -116,25 +148,29 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, out_ptr, ends_ptr, tile_ends_ptr, m, n, 
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
     b_ptrs = b_ptr + cols[None, :].to(tl.int64) * stride_bn + ks[:, None] * stride_bk
-    k_here = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, k, 0)  # no K loop for a tile of no rows
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k_here, BLOCK_K):  # K in order, one accumulator: the same sum for every row
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & (ks[None, :] < k - k0), other=0.0)
-        b = tl.load(b_ptrs, mask=col_ok[None, :] & (ks[:, None] < k - k0), other=0.0)
-        if INTERPRETED:  # (its tl.dot is numpy's matmul, whose BLAS sums a row by its place in the tile)
-            acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
-        elif IEEE:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    steps = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, tl.cdiv(k, BLOCK_K), 0)  # none for a tile of no rows
+    if K_RANGES == 1:  # one K loop, one accumulator (no running total beside it: fewer registers)
+        acc = _k_steps(a_ptrs, b_ptrs, row_ok, col_ok, ks, k, 0, steps, stride_ak, stride_bk,
+                       BLOCK_M, BLOCK_N, BLOCK_K, IEEE, INTERPRETED)
+    else:
+        # K in order within a range, from zero per range, ranges added in order: the same sum for
+        # every row, split or not (_split_k_sum adds the split programs' ranges the same way)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        first_range = tl.program_id(1) if SPLIT else 0
+        for r in range(first_range, first_range + 1 if SPLIT else K_RANGES):
+            acc += _k_steps(a_ptrs, b_ptrs, row_ok, col_ok, ks, k, r * steps // K_RANGES,
+                            (r + 1) * steps // K_RANGES, stride_ak, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, IEEE,
+                            INTERPRETED)
     mask = row_ok[:, None] & col_ok[None, :]
-    if HAS_C:  # added in fp32 before the one rounding
-        c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :].to(tl.int64) * stride_cn
-        acc += tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
-    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :].to(tl.int64) * stride_on
-    tl.store(out_ptrs, as_element_type(acc, out_ptrs), mask=mask)
+    last = True
+    if SPLIT:
+        acc, last = _split_k_sum(acc, partial_ptr, arrived_ptr, rows, cols, mask, m, n)
+    if last:
+        if HAS_C:  # added in fp32 before the one rounding
+            c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :].to(tl.int64) * stride_cn
+            acc += tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
+        out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :].to(tl.int64) * stride_on
+        tl.store(out_ptrs, as_element_type(acc, out_ptrs), mask=mask)
 
 
 _INTERPRETED = not isinstance(_matmul_kernel, JITFunction)
@@ -168,6 +204,16 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, c: torch.Tens
                 (1, part.stop - first), m, n, k)
 
 
+def _k_ranges(n: int, k: int, dtype: torch.dtype) -> int:
+    """The K ranges of every call of this n, k and dtype, whatever m: the splits gemm.py's
+    _split_count gives one row tile on INVARIANT_SMS (132) SMs, in BLOCK_K steps. One for fp32
+    operands: the IEEE dot's looped ranges spill 28 bytes at 255 registers (ptxas sm_90a, Triton
+    3.8, 2026-12-07; 16-bit ones 166 registers, no spill)."""
+    if dtype == torch.float32:
+        return 1
+    return triton_gemm._split_count(1, n, cdiv(k, BLOCK_K[dtype]), BLOCK_M, BLOCK_N, triton_gemm.INVARIANT_SMS)
+
+
 def _launch(a3, b, out3, c3, ends, tile_ends, row_tiles: int, grid_yz: tuple, m: int, n: int, k: int) -> None:
     grouped = ends is not None
     strides = [t.stride() if t is not None else (0, 0, 0) for t in (a3, out3, c3)]
@@ -179,11 +225,24 @@ def _launch(a3, b, out3, c3, ends, tile_ends, row_tiles: int, grid_yz: tuple, m:
         raise ValueError(f"a, b: at most {MAX_GRID_X} tiles of {BLOCK_M} x {BLOCK_N} per launch (CUDA's grid "
                          f"dimension 0), got {row_tiles} x {cdiv(n, BLOCK_N)} for m = {m}, n = {n}")
     groups = b.shape[0]
+    ranges = _k_ranges(n, k, a3.dtype)
+    # Split where a plain matmul's tiles fill few SMs (decode; gemm.py's rule with this GPU's SMs);
+    # the row-grouped and many-group forms loop over the ranges.
+    split = (ranges > 1 and not grouped and groups == 1 and
+             triton_gemm._split_count(m, n, cdiv(k, BLOCK_K[a3.dtype]), BLOCK_M, BLOCK_N,
+                                      triton_gemm._sm_count(out3.device)) > 1)
+    if split:
+        grid_yz = (ranges, 1)
+        partials = torch.empty(ranges * m * n, dtype=torch.float32, device=out3.device)
+        arrived = triton_gemm._arrival_counters(out3.device, programs)
+    else:
+        partials = arrived = out3  # unread
     # (out3 stands in for c, ends and tile_ends where there are none: unread unless HAS_C / GROUPED)
     fast(_matmul_kernel)[(programs, *grid_yz)](
         a3, b, out3 if c3 is None else c3, out3, out3 if ends is None else ends,
-        out3 if tile_ends is None else tile_ends, m, n, k, groups, row_tiles,
+        out3 if tile_ends is None else tile_ends, partials, arrived, m, n, k, groups, row_tiles,
         *a_strides, *b.stride(), *c_strides, *out_strides, 0 if ends is None else ends.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K[a3.dtype], GROUP_M=GROUP_M, SEARCH_STEPS=groups.bit_length() if grouped else 0,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K[a3.dtype], GROUP_M=GROUP_M,
+        SEARCH_STEPS=groups.bit_length() if grouped else 0, K_RANGES=ranges, SPLIT=split,
         IEEE=a3.dtype == torch.float32, HAS_C=c3 is not None, GROUPED=grouped, INTERPRETED=_INTERPRETED,
         num_warps=NUM_WARPS)
