@@ -36,6 +36,17 @@ except ImportError as e:  # else a bare "No module named 'torch'" from inside pi
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def refuse_old_torch() -> None:
+    """The oldest torch dskernels runs on is dskernels/_requirements.py's (read without importing the
+    package, which would load torch's ops): an older one is refused before compiling against it."""
+    import runpy
+
+    message = runpy.run_path(os.path.join(ROOT, "dskernels", "_requirements.py"))["too_old_message"](
+        torch.__version__)
+    if message:
+        raise RuntimeError(message)
+
+
 def refuse_isolated_build() -> None:
     """pip's default isolated build (`pip install .`) installs a torch of its own choosing into a
     temporary environment and compiles against it: the install then succeeds and `import dskernels`
@@ -158,6 +169,7 @@ def extension():
     )
 
 
+refuse_old_torch()
 refuse_isolated_build()
 setup(
     name="dskernels",

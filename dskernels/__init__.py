@@ -7,6 +7,13 @@ import os
 
 import torch  # (loads libc10/libtorch, which _C links against)
 
+from dskernels._requirements import too_old_message
+
+# Before _C: on an older torch its load (or a later Python registration) fails with a message that
+# does not say the release is the cause.
+if too_old_message(torch.__version__):
+    raise ImportError(too_old_message(torch.__version__))
+
 
 def _load_error(e: ImportError) -> str:
     """What a failed `import dskernels._C` means, and what to do."""

@@ -438,6 +438,46 @@ def test_refuses_a_torch_release_it_was_not_built_against(monkeypatch):
     dskernels._check_torch_version()
 
 
+def test_refuses_a_torch_older_than_the_minimum():
+    """Older torch releases fail in ways that do not name the release (README.md, "Two commands"):
+    `import dskernels` says which torch it needs instead, before loading _C."""
+    from dskernels._requirements import MIN_TORCH, too_old_message, torch_release
+
+    major, minor = MIN_TORCH
+    assert torch_release(torch.__version__) >= MIN_TORCH  # (the torch running the tests is supported)
+    assert torch_release("2.10.0+cu128") == (2, 10) and torch_release("2.12.0a0+git1a2b") == (2, 12)
+    assert torch_release("2.13.0.dev20260101+cpu") == (2, 13) and torch_release("3.0") == (3, 0)
+    for supported in (f"{major}.{minor}.0", f"{major}.{minor}.1+cu128", f"{major}.{minor + 1}.0a0", f"{major + 1}.0.0"):
+        assert too_old_message(supported) is None, supported
+    old = f"{major}.{minor - 1}.1+cu128"
+    assert too_old_message(old) == (
+        f"dskernels needs torch >= {major}.{minor}, and this is torch {old}: install a newer one "
+        f"(`pip install 'torch>={major}.{minor}'`), then build dskernels against it (`bash scripts/build.sh`, "
+        "or `pip install --no-build-isolation .`)")
+    code = f"import torch; torch.__version__ = {old!r}; import dskernels"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and f"ImportError: dskernels needs torch >= {major}.{minor}" in out.stderr, \
+        out.stderr[-3000:]
+
+
+def test_imports_where_torch_refuses_a_second_python_kernel():
+    """torch 2.11 and older refuse a Python kernel for a dispatch key that one was registered for
+    already (Library.impl's allow_override defaults to False there; True from 2.13): the autograd
+    fallthrough over every op hit torch.library.custom_op's own autograd kernel, and `import
+    dskernels` failed on those releases. Checked here by giving Library.impl that default."""
+    code = ("import torch\n"
+            "impl = torch.library.Library.impl\n"
+            "def strict(self, *args, allow_override=False, **kwargs):\n"
+            "    return impl(self, *args, allow_override=allow_override, **kwargs)\n"
+            "torch.library.Library.impl = strict\n"
+            "import dskernels\n"
+            "print('imported')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "imported" in out.stdout, out.stderr[-3000:]
+
+
 def test_triton_refusal_says_why(monkeypatch):
     """A forced Triton backend that cannot import triton (or numpy, its interpreter's) says what
     failed, not just that a package is missing."""

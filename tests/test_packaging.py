@@ -53,3 +53,15 @@ def test_build_without_torch_says_what_to_install():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "needs torch installed first" in out.stderr and "--no-build-isolation" in out.stderr, out.stderr[-2000:]
+
+
+def test_build_refuses_a_torch_older_than_the_minimum():
+    """setup.py refuses to compile against a torch older than dskernels/_requirements.py's minimum
+    (the wheel would pin that release, and `import dskernels` would refuse it)."""
+    code = ("import runpy, torch; torch.__version__ = '2.1.2+cu121'; "
+            "runpy.run_path('setup.py', run_name='__main__')")
+    env = dict(os.environ, DSKERNELS_CPU_ONLY="1")
+    out = subprocess.run([sys.executable, "-c", code, "egg_info"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0
+    assert "dskernels needs torch >= " in out.stderr and "this is torch 2.1.2+cu121" in out.stderr, out.stderr[-2000:]
