@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import dskernels
+from dskernels._requirements import torch_release
 from dskernels.models import DeepseekV3Config, DeepseekV3DecoderLayer
 from dskernels.ops import mla as mla_ops
 
@@ -315,8 +316,11 @@ def test_inductor_decode_step_is_batch_invariant_without_cpu_vectors():
     alone, *batched = results[1]
     for order, y in zip(BATCHES[1:], batched):
         assert torch.equal(y, alone), f"batch {order}: the target's output changed"
-    assert any(not torch.equal(y, results[None][0]) for y in results[None][1:]), \
-        "inductor's vectorized CPU code no longer changes the bits by batch: update docs/models.md"
+    changed = any(not torch.equal(y, results[None][0]) for y in results[None][1:])
+    # Seen with torch 2.14's inductor; 2.11's happens to keep this graph's bits (2.12, 2.13 untried):
+    # checked where it was seen, so that docs/models.md's note stays true there.
+    if torch_release(torch.__version__) >= (2, 14):
+        assert changed, "inductor's vectorized CPU code no longer changes the bits by batch: update docs/models.md"
 
 
 def prefill_outputs(layer, dtype, s, paged=None, index_cache=None):
