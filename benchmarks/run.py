@@ -108,6 +108,9 @@ def main() -> int:
                         "candidates and peers they are judged by (benchmarks/targets.py), then their table; GPU only")
     parser.add_argument("--json", default=None, help="write one record per op, backend and shape here")
     parser.add_argument("--backends", default="", help="comma-separated subset of ref,triton,cuda")
+    parser.add_argument("--variants", default="", help="comma-separated variant labels to time besides each "
+                        "backend's default run (graph: the triton[graph] and cuda[graph] rows); none: no variants; "
+                        "default: all (a full grid's variants cost several times its default runs' device time)")
     parser.add_argument("--no-cuda", default="", help="families or ops whose cuda backend is not run (their "
                         "GPU tests failed: scripts/gpu_check.sh fills it in)")
     parser.add_argument("--profile", default="", help="families or ops whose first case is also profiled once "
@@ -166,6 +169,7 @@ def main() -> int:
     # Each --profile request profiles the first case it matches (NAME: the family or op; TEXT: words
     # of the shape, each a whole word: m=64 is not m=640), once.
     unprofiled = {w: w.partition("@") for w in _words(args.profile)}
+    variants = set(_words(args.variants)) - {"none"} if args.variants else None
     selection = (target_cases(args.ops, device) if args.targets
                  else [(family, case, None) for family, case in selected_cases(args.ops, args.quick, device)])
     for family, case, only in selection:
@@ -173,7 +177,7 @@ def main() -> int:
         matched = [w for w, (name, _, text) in unprofiled.items()
                    if name in (family, case.op) and set(text.split()) <= shape_words]
         run_case(case, device, available, ceilings, meta, report, records, failures,
-                 no_cuda=bool(no_cuda & {family, case.op}), profile=bool(matched), only=only)
+                 no_cuda=bool(no_cuda & {family, case.op}), profile=bool(matched), only=only, variants=variants)
         for w in matched:
             del unprofiled[w]
         if args.json:  # after every case: a run stopped at a device call's time limit keeps what it measured
@@ -186,6 +190,8 @@ def main() -> int:
         print(targets.table({device_name: records}, {device_name: ceilings.get("copy_gbps")}))
     for w in unprofiled:  # a misspelt shape must not pass for a profile that showed nothing
         print(f"--profile {w}: no case of this run matched it")
+    for label in sorted((variants or set()) - seen_variants(selection)):  # nor a misspelt variant
+        print(f"--variants {label}: no case of this run has it")
     if args.json:
         write_json(args.json, meta, ceilings, records)
         print(f"wrote {len(records)} records to {args.json}")
@@ -200,6 +206,12 @@ def main() -> int:
 
 def _words(value: str) -> list[str]:
     return [w.strip() for w in value.split(",") if w.strip()]
+
+
+def seen_variants(selection) -> set[str]:
+    """The variant labels (the words in brackets: "graph" of "cuda[graph]") the selected cases have."""
+    return {label for _, case, _ in selection
+            for label in (*case.triton_variants, *case.cuda_variants, *case.auto_variants)}
 
 
 def _family_cases(family: str, quick: bool, device: str):
@@ -246,9 +258,10 @@ def write_json(path, meta, ceilings, records):
 
 
 def run_case(case, device, available, ceilings, meta, report, records, failures, no_cuda=False, profile=False,
-             only=None):
+             only=None, variants=None):
     """Checks and times `case` on every backend, variant and peer available (only: the labels to run,
-    "triton", "cuda[m64]", "peer:torch._scaled_mm"; None: all)."""
+    "triton", "cuda[m64]", "peer:torch._scaled_mm"; None: all; variants: the variant labels to run,
+    "graph" for triton[graph] and cuda[graph]; None: all)."""
     shape = shape_text(case.params)
     # Inputs (FP8 casts of random data, a model's weights) and the oracle are set up off the CUDA
     # kernels, which `auto` picks on Hopper: those run last, checked, and only where not --no-cuda.
@@ -269,10 +282,11 @@ def run_case(case, device, available, ceilings, meta, report, records, failures,
             backends.remove(runs_cuda)
             print(f"{case.op} {shape}: {runs_cuda} backend skipped (--no-cuda)")
     runs = [(b, b, {}) for b in backends]
-    for backend, variants in (("triton", case.triton_variants), ("cuda", case.cuda_variants),
-                              ("auto", case.auto_variants)):
+    for backend, backend_variants in (("triton", case.triton_variants), ("cuda", case.cuda_variants),
+                                      ("auto", case.auto_variants)):
         if backend in backends and device == "cuda":
-            runs += [(backend, f"{backend}[{label}]", env) for label, env in variants.items()]
+            runs += [(backend, f"{backend}[{label}]", env) for label, env in backend_variants.items()
+                     if variants is None or label in variants]
     if only is not None:
         runs = [run for run in runs if run[1] in only]
 

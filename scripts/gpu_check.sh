@@ -24,7 +24,8 @@
 #        with gpu-selected tests, never-run ones first), CPU_TESTS=1 (also the not-gpu suite, for the device's
 #        torch/triton versions), BENCH_OPS=model,fp8_cast,indexer,moe,ep,gemm,mla (families or ops, run in that order),
 #        QUICK=1 (default; 0 for the full grid), BENCH_BACKENDS (run.py --backends: e.g. triton for #3's
-#        full FlashMLA grid on the Triton path alone; peers still run), BENCH_BUDGET (s; default all that is left),
+#        full FlashMLA grid on the Triton path alone; peers still run), BENCH_VARIANTS (run.py --variants:
+#        none for a full grid's default rows alone, graph for those and the CUDA-graph rows), BENCH_BUDGET (s; default all that is left),
 #        NO_CUDA=mla,gemm (families benchmarked without their cuda backend; by default those whose
 #        CUDA tests failed in this call),
 #        PROFILE=deepseek_v3_layer_decode,silu_and_mul,gemm_fp8_fp8_bf16_nt@m=64 (ops whose first
@@ -303,6 +304,7 @@ if wants bench; then
   bench_args=(--json "$OUT/results.json" --ops "${BENCH_OPS:-model,fp8_cast,indexer,moe,ep,gemm,mla}" --no-cuda "$no_cuda")
   [ "${QUICK:-1}" = 1 ] && bench_args+=(--quick)
   [ -n "${BENCH_BACKENDS:-}" ] && bench_args+=(--backends "$BENCH_BACKENDS")
+  [ -n "${BENCH_VARIANTS:-}" ] && bench_args+=(--variants "$BENCH_VARIANTS")
   # The layer's eager decode (2.4x transformers' on the H200), Triton's bf16 silu_and_mul (5x the
   # fused cast's time), and the m = 64 GEMM's configs (m64_splitk took 50 us there, m64 22 us).
   profile_default=deepseek_v3_layer_decode,silu_and_mul,gemm_fp8_fp8_bf16_nt@m=64

@@ -943,6 +943,31 @@ def test_peers_are_timed_in_the_rounds_of_ours(monkeypatch, backends):
     assert next(r for r in records if r["backend"] == backends[-1])["x_peer"] == 1.0
 
 
+@pytest.mark.parametrize("variants, expected", [(None, {"triton", "triton[graph]", "triton[other]"}),
+                                                 ({"graph"}, {"triton", "triton[graph]"}), (set(), {"triton"})])
+def test_run_case_times_only_the_variants_asked_for(monkeypatch, variants, expected):
+    """--variants: a full grid's variants cost several times its default runs' device time, so a
+    device call can keep just the rows an issue reads (none, or the CUDA-graph ones); the peers stay."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import run as bench_run
+    from benchmarks.common import Case
+
+    monkeypatch.setattr(bench_run.bench, "bench_gpu", lambda fn, telemetry=None, iters=None, **_: (fn(), 1.0)[1])
+    case = Case(op="double", params={"n": 4}, make_inputs=lambda device: (torch.arange(4.0),),
+                run=lambda x: x * 2, reference=lambda x: x * 2,
+                check=lambda got, want: None if torch.equal(got, want) else "differs",
+                flops=0.0, bytes=32.0, peers={"torch": lambda x: x * 2}, backends=("triton",),
+                triton_variants={"graph": {}, "other": {}})
+    records, failures = [], []
+    meta = {"device": "gpu", "git_sha": "-", "torch": "-", "date": "-"}
+    bench_run.run_case(case, "cuda", ["triton"], {}, meta, bench_run.Report(), records, failures, variants=variants)
+    assert not failures
+    assert {r["backend"] for r in records} == expected | {"peer:torch"}
+    assert bench_run.seen_variants([("f", case, None)]) == {"graph", "other"}
+
+
 def test_perf_table_x_peer_is_against_the_peer_rows_shown(tmp_path, monkeypatch):
     """A row's "x peer" comes from the peer rows shown beside it: after a merge the record's own
     x_peer can be from an older run, whose peer time a later run replaced."""
