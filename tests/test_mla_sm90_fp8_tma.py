@@ -1,6 +1,6 @@
 """The sm90 MLA decode's opt-in fp8 TMA path (DSKERNELS_MLA_FP8_TMA=1) against python_ref.mla, on
 the device only: whole 64-key blocks of a float8_e4m3fn cache come raw by TMA into the upper half of
-the stage and are widened there in place (csrc/include/dskernels/sm90_mla_decode.cuh,
+the stage and are widened there in place (csrc/include/dskernels/sm90_mla_decode_producer.cuh,
 widen_fp8_tile); partial blocks keep the register path.
 
 A file of its own: written off the device, this path may fault or trap the first time it runs,

@@ -1,6 +1,6 @@
 """The sm90 MLA decode's opt-in seesaw consumers (DSKERNELS_MLA_SEESAW=1) against python_ref.mla, on
 the device only: both consumer warp groups score alternate key blocks of a pair and each keeps one
-half of O (csrc/include/dskernels/sm90_mla_decode.cuh, seesaw_group), so a sequence's block count
+half of O (csrc/include/dskernels/sm90_mla_decode_seesaw.cuh, seesaw_group), so a sequence's block count
 being odd or even, one block or none, matters to it in a way it does not to the default path.
 
 Never run on a GPU before its first device call, so kept apart: a trap there ends only this file's
