@@ -25,7 +25,9 @@ SM90_TILE_ROWS = 64      # ... and of the sm90 CUDA kernel
 SM90_HEAD_DIM, SM90_HEAD_DIM_V = 576, 512  # the one shape the sm90 kernel is built for (V3's)
 SM90_COMBINE_ROWS_PER_CTA = 4  # the sm90 combine kernel's warps per CTA (mla::kCombineWarps)
 # The sm90 kernels (csrc/mla/) passed tests/test_mla_sm90.py and compute-sanitizer on an H200
-# (2026-12-04): `auto` runs them (and their split plan) on Hopper. False would keep Triton.
+# (2026-12-04): `auto` runs them (and their split plan) on Hopper. False would keep Triton. Changed
+# since, not yet rerun on a GPU: NaN scores give NaN, no split buffers for a one-partition plan, the
+# combine's single-split test (checked in a thread-level emulation, 2026-12-07; README "Status").
 _CUDA_MLA_VERIFIED = True
 CPU_SM_COUNT = 8         # partitions on CPU tensors: fixed, so the fake kernel knows the shape
 # Batch-invariant mode (`invariant_split_plan`; the reasoning behind the numbers: docs/mla.md).
