@@ -54,6 +54,15 @@ def _dense_variants(m: int) -> dict:
 
 
 GROUPED_CONFIG_VARIANTS = {name: {"DSKERNELS_GEMM_GROUPED_CONFIG": name} for name in ("m64", "m128", "m128_multicast")}
+# The grouped kernels' tiles walked along N (the rule's config; CUTLASS's default walks along M),
+# timed only once tests/test_gemm_sm90_raster.py passed in this device call (scripts/gpu_check.sh
+# sets DSKERNELS_GEMM_RASTER_TESTED): never run before, it might fault and end the CUDA context.
+RASTER_VARIANT = {"raster_n": {"DSKERNELS_GEMM_GROUPED_RASTER": "along_n"}}
+
+
+def _grouped_variants() -> dict:
+    tested = os.environ.get("DSKERNELS_GEMM_RASTER_TESTED") == "1"
+    return {**GROUPED_CONFIG_VARIANTS, **(RASTER_VARIANT if tested else {})}
 # Batch-invariant mode (docs/gemm.md "Batch invariance"): its fixed tile or config, no K split, timed
 # beside the default to measure what the mode costs (the triton[invariant] / cuda[invariant] rows).
 INVARIANT_VARIANT = {"invariant": {"DSKERNELS_BATCH_INVARIANT": "1"}}
@@ -354,7 +363,7 @@ def _contiguous_case(groups, m_per_group, n, k, device):
                 params={"groups": groups, "m_per_group": m_per_group, "n": n, "k": k},
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * m * n * k,
                 bytes=_bytes(m, n, k, groups), peers=peers, peer_checks=peer_checks, backends=("ref", "triton", "cuda"),
-                compute_dtype="fp8", cuda_variants=GROUPED_CONFIG_VARIANTS)
+                compute_dtype="fp8", cuda_variants=_grouped_variants())
 
 
 def _routed_case(tokens, n, k, device, experts=256, topk=8):
@@ -403,7 +412,7 @@ def _routed_case(tokens, n, k, device, experts=256, topk=8):
                 bytes=_bytes(m, n, k, used), peers=peers,
                 peer_checks={"torch._scaled_mm": _grouped_as_output(list(zip(firsts, counts)))},
                 backends=("ref", "triton", "cuda") if device == "cpu" else ("triton", "cuda"), compute_dtype="fp8",
-                cuda_variants=GROUPED_CONFIG_VARIANTS)
+                cuda_variants=_grouped_variants())
 
 
 def _masked_case(groups, expected_m, n, k, device, m_max):
@@ -438,7 +447,7 @@ def _masked_case(groups, expected_m, n, k, device, m_max):
                 make_inputs=make_inputs, run=run, reference=reference, check=_check, flops=2 * valid * n * k,
                 bytes=_bytes(valid, n, k, groups), peers=peers, peer_checks=peer_checks,
                 backends=("ref", "triton", "cuda"), compute_dtype="fp8", triton_variants=INVARIANT_VARIANT,
-                cuda_variants={**GROUPED_CONFIG_VARIANTS, **INVARIANT_VARIANT})
+                cuda_variants={**_grouped_variants(), **INVARIANT_VARIANT})
 
 
 def _fp8_einsum_case(expr, batch, heads, device, latent=512, head_dim=128):

@@ -112,6 +112,9 @@ TORCH_LIBRARY(dskernels, m) {
   m.def("_sm90_gemm_dense_config(int m, int n, int k, int sm_count, bool batch_invariant=False) -> str");
   m.def("_sm90_gemm_dense_splits(int m, int n, int k, int sm_count) -> int");
   m.def("_sm90_gemm_grouped_config(int rows_per_group, int n, int sm_count) -> str");
+  // The order the grouped kernels walk a group's tiles for rows_per_group (masked: expected_m;
+  // contiguous: rows / groups) and n: "along_m" or "along_n" (DSKERNELS_GEMM_GROUPED_RASTER wins).
+  m.def("_sm90_gemm_grouped_raster(int rows_per_group, int n) -> str");
   // The SMs the sm90 GEMMs' persistent grids may use from now on (0: all); dskernels.set_num_sms.
   m.def("_sm90_gemm_set_num_sms(int num_sms) -> ()");
 

@@ -32,7 +32,8 @@
 #        case, or first case whose shape has the words after @, run.py also profiles kernel by
 #        kernel, every backend and variant; empty: none), SANITIZER_BUDGET=120 (s per tool), DSKERNELS_GEMM_SPLITK_TESTED=1 (the
 #        `cuda[m64_splitk]` GEMM rows and that config's sanitizer case; set by the script when
-#        tests/test_gemm_sm90_splitk.py passed in this call), DSKERNELS_GEMM_TMA_WS_TESTED=1 (the
+#        tests/test_gemm_sm90_splitk.py passed in this call), DSKERNELS_GEMM_RASTER_TESTED=1 (the grouped
+#        GEMMs' `cuda[raster_n]` rows; set when tests/test_gemm_sm90_raster.py passed), DSKERNELS_GEMM_TMA_WS_TESTED=1 (the
 #        `triton[tma_ws]` GEMM rows; set when tests/test_gemm_tma_ws.py passed), DSKERNELS_MLA_SEESAW_TESTED=1
 #        (the `cuda[seesaw]` MLA rows and that path's sanitizer case; set when
 #        tests/test_mla_sm90_seesaw.py passed), DSKERNELS_MLA_NARROW_TESTED=1 (the `cuda[narrow]` MLA rows,
@@ -128,10 +129,10 @@ if wants tests; then
   step "GPU tests ($((tests_end - SECONDS)) s in all, ${TEST_TIMEOUT:-150} s per file at most, test_gemm_general ${SLOW_TEST_TIMEOUT:-300})"
   # Only the files that hold gpu-selected tests (one collection instead of a pytest start per file).
   # The MLA decode's narrow kernel (#8's bandwidth target) and seesaw consumers, the Triton GEMM's
-  # warp-specialized candidates and sparse MLA's wide tiles (never run on a device; they gate their
-  # benchmark rows) first, then those that failed or did not finish on the H200 (2026-12-04, second run), then the
+  # warp-specialized candidates, sparse MLA's wide tiles and the grouped GEMMs' order along N (never
+  # run on a device; they gate their benchmark rows) first, then those that failed or did not finish on the H200 (2026-12-04, second run), then the
   # layer's fused kernels never run on a GPU (test_models.py, test_models_v32.py), then the rest (all passed there).
-  first="tests/test_mla_sm90_narrow.py tests/test_mla_sm90_seesaw.py tests/test_gemm_tma_ws.py tests/test_mla_sparse_wide.py tests/test_gemm_general.py tests/test_indexer.py tests/test_models_gpu.py tests/test_moe_router.py
+  first="tests/test_mla_sm90_narrow.py tests/test_mla_sm90_seesaw.py tests/test_gemm_tma_ws.py tests/test_mla_sparse_wide.py tests/test_gemm_sm90_raster.py tests/test_gemm_general.py tests/test_indexer.py tests/test_models_gpu.py tests/test_moe_router.py
 tests/test_models.py tests/test_models_v32.py tests/test_gemm_sm90.py tests/test_gemm.py tests/test_mla.py tests/test_mla_sparse.py tests/test_fp8_cast.py"
   with_gpu=$(timeout 120 python -m pytest tests -m gpu --collect-only -q -p no:cacheprovider 2>/dev/null \
              | sed -n 's|^\(tests/[^:]*\.py\)::.*|\1|p' | sort -u)
@@ -200,6 +201,8 @@ $(echo "$with_gpu" | grep -v -F -x -f <(tr ' ' '\n' <<< "$first"))}"
   grep -q "^tests/test_mla_sm90_seesaw.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_MLA_SEESAW_TESTED=1
   # And its narrow kernel (`cuda[narrow]` rows, their ncu and sanitizer cases).
   grep -q "^tests/test_mla_sm90_narrow.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_MLA_NARROW_TESTED=1
+  # And the grouped GEMMs' tile order along N (`cuda[raster_n]` rows of the grouped cases).
+  grep -q "^tests/test_gemm_sm90_raster.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_GEMM_RASTER_TESTED=1
   # And sparse MLA's wide FP8 tiles (`triton[wide]` rows of the sparse decode).
   grep -q "^tests/test_mla_sparse_wide.py: rc 0:" "$LOGS/pytest_gpu.log" 2>/dev/null && export DSKERNELS_SPARSE_MLA_WIDE_TESTED=1
   # And the layer's decode in batch-invariant mode (`auto[invariant]` model rows): the mode's MLA and

@@ -40,7 +40,7 @@ def current_labels() -> set[tuple[str, str]]:
 
     flags = ("DSKERNELS_GEMM_TMA_WS_TESTED", "DSKERNELS_GEMM_SPLITK_TESTED", "DSKERNELS_MLA_SEESAW_TESTED",
              "DSKERNELS_MLA_FP8_TMA_TESTED", "DSKERNELS_MLA_NARROW_TESTED", "DSKERNELS_SPARSE_MLA_WIDE_TESTED",
-             "DSKERNELS_BATCH_INVARIANT_TESTED")
+             "DSKERNELS_BATCH_INVARIANT_TESTED", "DSKERNELS_GEMM_RASTER_TESTED")
     labels = set()
     with environment({flag: "1" for flag in flags}):
         for quick in (False, True):

@@ -477,7 +477,7 @@ def test_every_target_names_one_case_of_the_full_grid(monkeypatch):
     from benchmarks.run import target_cases
 
     for flag in ("DSKERNELS_GEMM_TMA_WS_TESTED", "DSKERNELS_GEMM_SPLITK_TESTED", "DSKERNELS_MLA_SEESAW_TESTED",
-                 "DSKERNELS_MLA_NARROW_TESTED"):
+                 "DSKERNELS_MLA_NARROW_TESTED", "DSKERNELS_GEMM_RASTER_TESTED"):
         monkeypatch.setenv(flag, "1")
     assert targets.DENSE_NK == bench_gemm.DENSE_NK
     selected = target_cases("", "cuda")
@@ -577,7 +577,8 @@ def test_perf_table_shows_only_labels_the_benchmarks_define():
     for known in [("flash_mla_with_kvcache", "cuda[cluster]"), ("flash_mla_with_kvcache", "cuda[seesaw]"),
                   ("gemm_fp8_fp8_bf16_nt", "cuda[m64_splitk]"), ("gemm_fp8_fp8_bf16_nt", "peer:torch._scaled_mm"),
                   ("gemm_fp8_fp8_bf16_nt", "triton[graph]"), ("flash_mla_with_kvcache", "cuda[invariant]"),
-                  ("flash_mla_with_kvcache", "triton[invariant_k1]"), ("deepseek_v3_layer_decode", "auto[invariant]")]:
+                  ("flash_mla_with_kvcache", "triton[invariant_k1]"), ("deepseek_v3_layer_decode", "auto[invariant]"),
+                  ("m_grouped_gemm_fp8_fp8_bf16_nt_contiguous", "cuda[raster_n]")]:
         assert known in labels, known
     assert ("flash_mla_with_kvcache", "cuda[no_cluster]") not in labels  # clusters are opt-in since 2026-12-04
     assert {flag: os.environ.get(flag) for flag in flags} == flags  # the opt-in flags restored

@@ -130,6 +130,26 @@ def test_grouped_config_rule(monkeypatch):
         config(1, 4096)
 
 
+@cuda_built
+def test_grouped_raster_rule(monkeypatch):
+    """pick_grouped_raster: along M (CUTLASS's default) until the order along N has run on a GPU
+    (kGroupedRasterMeasured; tests/test_gemm_sm90_raster.py), whatever the shape; the variable
+    forces either, and a misspelt value names the choices."""
+    monkeypatch.delenv("DSKERNELS_GEMM_GROUPED_RASTER", raising=False)
+    def raster(rows, n):
+        return torch.ops.dskernels._sm90_gemm_grouped_raster(rows, n)
+
+    assert raster(8192, 4096) == raster(256, 4096) == raster(0, 7168) == "along_m"
+    monkeypatch.setenv("DSKERNELS_GEMM_GROUPED_RASTER", "along_n")
+    assert raster(1, 4096) == "along_n"
+    monkeypatch.setenv("DSKERNELS_GEMM_GROUPED_RASTER", "auto")
+    assert raster(8192, 4096) == "along_m"
+    monkeypatch.setenv("DSKERNELS_GEMM_GROUPED_RASTER", "n")
+    with pytest.raises(RuntimeError, match="DSKERNELS_GEMM_GROUPED_RASTER: expected one of auto, along_m, along_n, "
+                                           "got 'n'"):
+        raster(8192, 4096)
+
+
 @pytest.fixture
 def restore_num_sms():
     yield

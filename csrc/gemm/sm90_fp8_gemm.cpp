@@ -197,6 +197,14 @@ fp8_gemm::GroupedConfig grouped_config(int64_t rows_per_group, int64_t n, int64_
                      : fp8_gemm::pick_grouped_config(rows_per_group, n, sm_count);
 }
 
+// The grouped kernels' tile order: pick_grouped_raster, or DSKERNELS_GEMM_GROUPED_RASTER (along_m,
+// along_n; read per call).
+fp8_gemm::GroupedRaster grouped_raster(int64_t rows_per_group, int64_t n) {
+  const int forced =
+      forced_config("DSKERNELS_GEMM_GROUPED_RASTER", fp8_gemm::kGroupedRasters, fp8_gemm::grouped_raster_name);
+  return forced >= 0 ? static_cast<fp8_gemm::GroupedRaster>(forced) : fp8_gemm::pick_grouped_raster(rows_per_group, n);
+}
+
 // The configs the launchers would run (benchmarks print them; a CPU test pins the rules): dense
 // for (m, n, k) on sm_count SMs (batch_invariant: under batch-invariant mode); grouped for
 // rows_per_group (the masked expected_m, <= 0 when unknown: contiguous), n and sm_count.
@@ -217,6 +225,11 @@ std::string gemm_grouped_config(int64_t rows_per_group, int64_t n, int64_t sm_co
   TORCH_CHECK(n >= 0 && sm_count > 0, "_sm90_gemm_grouped_config: expected n >= 0 and sm_count > 0, got ", n, ", ",
               sm_count);
   return fp8_gemm::grouped_config_name(grouped_config(rows_per_group, n, sm_count));
+}
+
+std::string gemm_grouped_raster(int64_t rows_per_group, int64_t n) {
+  TORCH_CHECK(n >= 0, "_sm90_gemm_grouped_raster: expected n >= 0, got ", n);
+  return fp8_gemm::grouped_raster_name(grouped_raster(rows_per_group, n));
 }
 
 c10::DataPtr workspace(size_t bytes) {
@@ -332,6 +345,7 @@ void m_grouped_masked(const at::Tensor& a, const at::Tensor& sa, const at::Tenso
   // expected_m is only a hint (masked_m stays on the device): any value is correct, it only picks
   // the configuration. Non-positive values mean "unknown".
   p.config = grouped_config(expected_m, b.size(1), sm_count(a.get_device()));
+  p.raster = grouped_raster(expected_m, b.size(1));
   fill_grouped(p, sa, b, sb, out);
   run_grouped(p, "_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_masked");
 }
@@ -366,6 +380,7 @@ void m_grouped_contiguous(const at::Tensor& a, const at::Tensor& sa, const at::T
   p.m_indices = ids.data_ptr<int32_t>();
   // Segment sizes are only on the device; DeepGEMM-style callers align them to 128 rows.
   p.config = grouped_config(/*rows_per_group=*/0, b.size(1), sm_count(a.get_device()));
+  p.raster = grouped_raster(/*rows_per_group=*/a.size(0) / b.size(0), b.size(1));  // the mean segment
   fill_grouped(p, sa, b, sb, out);
   run_grouped(p, "_sm90_m_grouped_gemm_fp8_fp8_bf16_nt_contiguous");
 }
@@ -383,6 +398,7 @@ TORCH_LIBRARY_IMPL(dskernels, CompositeExplicitAutograd, m) {
   m.impl("_sm90_gemm_dense_config", &gemm_dense_config);
   m.impl("_sm90_gemm_dense_splits", &gemm_dense_splits);
   m.impl("_sm90_gemm_grouped_config", &gemm_grouped_config);
+  m.impl("_sm90_gemm_grouped_raster", &gemm_grouped_raster);
   m.impl("_sm90_gemm_set_num_sms", &gemm_set_num_sms);
 }
 

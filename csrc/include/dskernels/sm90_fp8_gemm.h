@@ -126,6 +126,33 @@ inline GroupedConfig pick_grouped_config(int64_t rows_per_group, int64_t n, int6
   return (n + 127) / 128 % 2 == 0 && sm_count >= 2 ? GroupedConfig::kM128Multicast : GroupedConfig::kM128;
 }
 
+// The order in which the grouped kernels' persistent CTAs walk a group's output tiles (CUTLASS's
+// group scheduler; without host problem shapes, which the device-side segment sizes rule out, it
+// has no swizzle). kAlongM, CUTLASS's default: consecutive tiles go down a column of row tiles, so a
+// wave of 132 CTAs spans few N tiles and many row tiles, and a group's whole a is read again for
+// every few N tiles: at 8192 rows per group, n = 4096, k = 7168 (64 x 32 tiles), each wave holds 2
+// N tiles and all of a (59 MB, more than L2), so a may cross from HBM up to ~16 times. kAlongN: a wave spans
+// ~4 row tiles and every N tile, so b (29 MB there) is what must stay in L2 between waves.
+enum class GroupedRaster : int32_t { kAlongM = 0, kAlongN = 1 };
+constexpr int kGroupedRasters = 2;
+
+inline const char* grouped_raster_name(GroupedRaster r) {
+  return r == GroupedRaster::kAlongN ? "along_n" : "along_m";
+}
+
+// Whether the rule may choose kAlongN: false until the GPU tests (tests/test_gemm_sm90_raster.py)
+// have passed it and the benchmark's cuda[raster_n] rows have beaten the default ones (written
+// 2026-12-07 without a GPU; DSKERNELS_GEMM_GROUPED_RASTER=along_n forces it meanwhile).
+constexpr bool kGroupedRasterMeasured = false;
+
+// Along N where a group has more row tiles than N tiles (a is then the operand worth reading once,
+// as CUTLASS's dense heuristic decides), along M otherwise. rows_per_group: the masked call's
+// expected_m or the contiguous call's mean segment (rows / groups).
+inline GroupedRaster pick_grouped_raster(int64_t rows_per_group, int64_t n) {
+  const bool along_n = (rows_per_group + 127) / 128 > (n + 127) / 128;
+  return kGroupedRasterMeasured && along_n ? GroupedRaster::kAlongN : GroupedRaster::kAlongM;
+}
+
 // The SM count a persistent grid of clusters of cluster_size CTAs is sized from. CUTLASS assumes
 // the count holds whole clusters: an odd one (possible under dskernels.set_num_sms) gives a grid
 // that is no multiple of a 1 x 2 cluster, which fails to launch (scripts/check_gemm_grid.cu). So:
@@ -172,6 +199,7 @@ struct GroupedProblem {
   const int32_t* m_indices;
   int device, sm_count;
   GroupedConfig config;  // which instantiation runs (pick_grouped_config, or DSKERNELS_GEMM_GROUPED_CONFIG)
+  GroupedRaster raster;  // the tile order (pick_grouped_raster, or DSKERNELS_GEMM_GROUPED_RASTER)
 };
 
 // Each returns nullptr on success, else a static message. The workspace (device memory, 16-byte

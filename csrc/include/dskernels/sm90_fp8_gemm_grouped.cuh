@@ -105,6 +105,9 @@ typename Gemm::Arguments arguments(const GroupedProblem& p, const GroupedArgs& a
       hw_info};
   args.epilogue.thread.alpha = 1.f;
   args.epilogue.thread.beta = 0.f;
+  using RasterOrderOptions = cutlass::gemm::kernel::detail::RasterOrderOptions;
+  args.scheduler.raster_order =
+      p.raster == GroupedRaster::kAlongN ? RasterOrderOptions::AlongN : RasterOrderOptions::AlongM;
   return args;
 }
 
