@@ -13,15 +13,10 @@ import dskernels
 from test_gemm import (assert_segments_close, contiguous_layout, empty_out, grouped_weights, poison_rows,
                        quantized_pair)
 from test_gemm_sm90 import cuda_backend  # noqa: F401  (the fixture: every test under the forced "cuda" backend)
-from test_gemm_sm90 import GROUPED_CONFIGS, run_masked_against_oracle
+from test_gemm_sm90 import grouped_config_forced  # noqa: F401  (the fixture: each grouped config and the rule)
+from test_gemm_sm90 import run_masked_against_oracle
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(params=GROUPED_CONFIGS)
-def grouped_config_forced(request, monkeypatch):
-    monkeypatch.setenv("DSKERNELS_GEMM_GROUPED_CONFIG", request.param)
-    return request.param
 
 
 def contiguous_in_both_orders(monkeypatch, sizes, aligned, n, k):
